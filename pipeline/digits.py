@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def split(data: DigitsSplit, sizes: list[int]) -> list[DigitsSplit]:
     if sum(sizes) > len(data):
         raise ValueError(f"asked for {sum(sizes)} rows, have {len(data)}")
     bounds = np.cumsum([0, *sizes])
-    return [DigitsSplit(data.x[a:b], data.y[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    return [DigitsSplit(data.x[a:b], data.y[a:b]) for a, b in itertools.pairwise(bounds)]
 
 
 def write_shard(data: DigitsSplit, path: Path) -> Path:
@@ -57,6 +58,4 @@ def write_shard(data: DigitsSplit, path: Path) -> Path:
 
 def frame_to_arrays(frame: pd.DataFrame) -> DigitsSplit:
     """The inverse of `DigitsSplit.to_frame`."""
-    return DigitsSplit(
-        x=frame[list(FEATURES)].to_numpy(dtype=np.float32), y=frame[LABEL].to_numpy(dtype=np.int64)
-    )
+    return DigitsSplit(x=frame[list(FEATURES)].to_numpy(dtype=np.float32), y=frame[LABEL].to_numpy(dtype=np.int64))

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 
 def demo(
-    work_dir: Path = typer.Option(Path("demo-work"), help="Where the demo writes data, keys and models."),
-    epochs: int = typer.Option(5, min=1, help="Training epochs."),
+    work_dir: Annotated[Path, typer.Option(help="Where the demo writes data, keys and models.")] = Path("demo-work"),
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 5,
 ) -> None:
     """Prepare digits shards, train a small Lightning classifier, log it all to MLflow."""
     from pipeline.demo import run_demo
