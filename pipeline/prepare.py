@@ -1,13 +1,19 @@
-"""Writes the embedded default data set: digits split into parquet shards from several simulated contributors."""
+"""Writes the embedded default data set: digits as parquet shards from a trusted curator and several contributors.
+
+Layout under the data root: `trusted/base.parquet` (trusted training data) and `trusted/holdout.parquet` (the
+held-out set, never trained on), signed by the curator; `train/<source>/b<batch>-shard-NN.parquet` from each
+contributor. Batches draw disjoint rows, so each retraining cycle can bring new shards.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.digits import load_digits_split, split, write_shard
+from pipeline.digits import DigitsSplit, load_digits_split, split, write_shard
 
 DEFAULT_SOURCES = ("alice", "bob", "carol", "dave")
+TRUSTED_SOURCE = "curator"
 
 
 @dataclass(frozen=True)
@@ -25,29 +31,49 @@ class PreparedData:
     root: Path
     shards: tuple[PreparedShard, ...]
 
-    def sources_map(self) -> dict[str, str]:
-        """Shard name -> contributor id, as the signer's `--sources` map takes it."""
-        return {shard.name: shard.source for shard in self.shards}
+    def contributed(self) -> dict[str, str]:
+        """Contributed shard name (relative to `root/train`) -> contributor id, as `sign --sources` takes it."""
+        return {
+            shard.name.removeprefix("train/"): shard.source for shard in self.shards if shard.source != TRUSTED_SOURCE
+        }
 
 
-def prepare_digits(
-    root: Path,
-    sources: tuple[str, ...] = DEFAULT_SOURCES,
-    shards_per_source: int = 4,
-    shard_size: int = 50,
-    holdout_size: int = 400,
-    seed: int = 0,
-) -> PreparedData:
-    """Writes `holdout/holdout.parquet` (trusted, never trained on) and `train/<source>/shard-NN.parquet`."""
+@dataclass(frozen=True)
+class Layout:
+    """How many rows go where; batches of contributed shards come after the trusted rows."""
+
+    sources: tuple[str, ...] = DEFAULT_SOURCES
+    shards_per_source: int = 3
+    shard_size: int = 50
+    holdout_size: int = 350
+    base_size: int = 200
+
+    @property
+    def batch_rows(self) -> int:
+        return len(self.sources) * self.shards_per_source * self.shard_size
+
+
+def _contributed_batch(data: DigitsSplit, layout: Layout, batch: int) -> list[DigitsSplit]:
+    start = layout.holdout_size + layout.base_size + batch * layout.batch_rows
+    if start + layout.batch_rows > len(data):
+        raise ValueError(f"batch {batch} needs rows up to {start + layout.batch_rows}; digits has {len(data)}")
+    sizes = [start] + [layout.shard_size] * (len(layout.sources) * layout.shards_per_source)
+    return split(data, sizes)[1:]
+
+
+def prepare_digits(root: Path, layout: Layout = Layout(), batch: int = 0, seed: int = 0) -> PreparedData:
+    """Writes the trusted shards (if missing) and contributed batch `batch`; returns what it wrote."""
     data = load_digits_split(seed)
-    train_sizes = [shard_size] * (len(sources) * shards_per_source)
-    pieces = split(data, [holdout_size, *train_sizes])
-    holdout, train_pieces = pieces[0], pieces[1:]
-    written = [PreparedShard("holdout/holdout.parquet", "trusted", "holdout", len(holdout))]
-    write_shard(holdout, root / "holdout" / "holdout.parquet")
-    for index, piece in enumerate(train_pieces):
-        source = sources[index // shards_per_source]
-        name = f"train/{source}/shard-{index % shards_per_source:02d}.parquet"
+    holdout, base = split(data, [layout.holdout_size, layout.base_size])
+    written = [
+        PreparedShard("trusted/holdout.parquet", TRUSTED_SOURCE, "holdout", len(holdout)),
+        PreparedShard("trusted/base.parquet", TRUSTED_SOURCE, "train", len(base)),
+    ]
+    write_shard(holdout, root / written[0].name)
+    write_shard(base, root / written[1].name)
+    for index, piece in enumerate(_contributed_batch(data, layout, batch)):
+        source = layout.sources[index // layout.shards_per_source]
+        name = f"train/{source}/b{batch}-shard-{index % layout.shards_per_source:02d}.parquet"
         write_shard(piece, root / name)
         written.append(PreparedShard(name, source, "train", len(piece)))
     return PreparedData(root=root, shards=tuple(written))

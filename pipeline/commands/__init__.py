@@ -7,9 +7,9 @@ import typer
 
 def register_all(app: typer.Typer) -> None:
     """Adds every sub-command to the root app."""
-    from pipeline.commands import demo
+    from pipeline.commands import demo, prepare
 
-    for module in (demo,):
+    for module in (demo, prepare):
         module.register(app)
 
 
