@@ -7,3 +7,31 @@ class DefenseError(Exception):
     """Base of every defense failure; `exit_code` 1 = failed check, 2 = bad input."""
 
     exit_code = 1
+
+
+class AttackConfigError(DefenseError):
+    """An attack or adversarial-training callback was configured with unusable values (eps, norm, bounds...)."""
+
+    exit_code = 2
+
+
+class AttackInputError(DefenseError):
+    """A batch cannot be attacked as given: non-float inputs, values outside the bounds, mismatched bound shapes."""
+
+    exit_code = 2
+
+
+class BatchFormatError(DefenseError):
+    """A training or validation batch does not have the layout the callback was told to expect (keys, indices)."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, key: object = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class ScreeningInputError(DefenseError):
+    """RONI screening cannot run on what it was given (no candidates, empty held-out set, bad config)."""
+
+    exit_code = 2

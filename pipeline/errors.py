@@ -17,3 +17,33 @@ class ConfigError(PipelineError):
     def __init__(self, message: str, key: str | None = None) -> None:
         super().__init__(message)
         self.key = key
+
+
+class ModelSignatureError(PipelineError):
+    """A model's OpenSSF model-signing signature is missing, unreadable or does not match its files."""
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class AttestationError(PipelineError):
+    """A model attestation is unreadable, malformed or not signed by a trusted key."""
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class AttestationMismatchError(AttestationError):
+    """A validly signed attestation names a different model than the one on disk (swapped or edited file)."""
+
+
+class StateError(PipelineError):
+    """The persisted cycle state is unreadable or malformed; it is never silently reset."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path

@@ -46,8 +46,8 @@ class DigitsClassifier(pl.LightningModule):
         logits = self(x)
         loss = F.cross_entropy(logits, y)
         acc = (logits.argmax(dim=1) == y).float().mean()
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", on_epoch=True, on_step=False)
-        self.log(f"{stage}/acc", acc, prog_bar=stage == "val", on_epoch=True, on_step=False)
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", on_epoch=True, on_step=False, sync_dist=True)
+        self.log(f"{stage}/acc", acc, prog_bar=stage == "val", on_epoch=True, on_step=False, sync_dist=True)
         return loss
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -7,9 +7,9 @@ import typer
 
 def register_all(app: typer.Typer) -> None:
     """Adds every sub-command to the root app."""
-    from pipeline.commands import demo, prepare
+    from pipeline.commands import demo, model, prepare
 
-    for module in (demo, prepare):
+    for module in (demo, prepare, model):
         module.register(app)
 
 

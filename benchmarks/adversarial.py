@@ -1,0 +1,237 @@
+"""Adversarial training on digits: efficacy and cost of the `AdversarialTraining` callback, measured side by side.
+
+Prints (1) clean and PGD-20 accuracy at eps 0.1/0.2/0.3 on a held-out split for a clean-trained CNN, the
+callback-driven PGD-7 AT CNN and a hand-written PGD-7 AT loop; (2) the cost ratio AT fit time / clean fit time
+for the callback in a Lightning Trainer vs a hand-written torch loop doing the same work (same model, same batches,
+PGD-7), interleaved so that other load on the machine hits both alike; (3) ART's AdversarialTrainerMadryPGD on the
+same model, per-epoch cost relative to the hand-written loop. `--quick` runs a smoke version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import time
+import warnings
+from dataclasses import dataclass
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from defenses import AdversarialTraining
+from defenses.attacks import PGD
+from pipeline.digits import load_digits_split, split
+from pipeline.models import DigitsClassifier, DigitsCNN
+
+EVAL_EPS = (0.1, 0.2, 0.3)
+
+
+@dataclass(frozen=True)
+class Setup:
+    epochs: int
+    train_size: int
+    test_size: int
+    batch_size: int
+    train_eps: float
+    train_steps: int
+    art_epochs: int
+    timing_epochs: int
+    timing_rounds: int
+
+
+FULL = Setup(
+    epochs=30, train_size=1297, test_size=500, batch_size=64, train_eps=0.2, train_steps=7, art_epochs=3,
+    timing_epochs=5, timing_rounds=3,
+)  # fmt: skip
+QUICK = Setup(
+    epochs=2, train_size=400, test_size=200, batch_size=64, train_eps=0.2, train_steps=7, art_epochs=1,
+    timing_epochs=1, timing_rounds=1,
+)  # fmt: skip
+
+
+def loaders(setup: Setup, seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
+    train, test = split(load_digits_split(seed), [setup.train_size, setup.test_size])
+    return (
+        TensorDataset(torch.from_numpy(train.x), torch.from_numpy(train.y)),
+        TensorDataset(torch.from_numpy(test.x), torch.from_numpy(test.y)),
+    )
+
+
+def train_loader(data: TensorDataset, setup: Setup, seed: int) -> DataLoader:
+    return DataLoader(data, batch_size=setup.batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+
+
+def trainer(epochs: int, callbacks: list[pl.Callback]) -> pl.Trainer:
+    return pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+
+
+def fit_lightning(data: TensorDataset, setup: Setup, epochs: int, adversarial: bool, seed: int) -> tuple[nn.Module, float]:
+    """The digits LightningModule as is, plus the callback for AT; returns the network and the fit wall time."""
+    pl.seed_everything(seed, verbose=False)
+    module = DigitsClassifier()
+    callbacks: list[pl.Callback] = []
+    if adversarial:
+        callbacks.append(AdversarialTraining("pgd", eps=setup.train_eps, steps=setup.train_steps, seed=seed))
+    loader = train_loader(data, setup, seed)
+    run = trainer(epochs, callbacks)
+    start = time.perf_counter()
+    run.fit(module, train_dataloaders=loader)
+    return module.net, time.perf_counter() - start
+
+
+def hand_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, gen: torch.Generator) -> torch.Tensor:
+    """The hand-written reference: L-inf PGD from a random start, step 2.5 eps / steps, eval mode, input gradients."""
+    alpha = 2.5 * eps / steps
+    model.eval()
+    x_adv = (x + (torch.rand(x.shape, generator=gen) * 2 - 1) * eps).clamp(0, 1)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        loss = F.cross_entropy(model(x_adv), y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x_adv)
+        x_adv = torch.min(torch.max(x_adv.detach() + alpha * grad.sign(), x - eps), x + eps).clamp(0, 1)
+    model.train()
+    return x_adv
+
+
+def fit_hand(data: TensorDataset, setup: Setup, epochs: int, adversarial: bool, seed: int) -> tuple[nn.Module, float]:
+    """A plain torch loop with the same model, optimizer and batches; PGD-7 crafted by `hand_pgd` for AT."""
+    pl.seed_everything(seed, verbose=False)
+    module = DigitsClassifier()
+    model = module.net
+    optimizer = module.configure_optimizers()
+    loader = train_loader(data, setup, seed)
+    gen = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    model.train()
+    for _ in range(epochs):
+        for x, y in loader:
+            if adversarial:
+                x = hand_pgd(model, x, y, setup.train_eps, setup.train_steps, gen)
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    return model, time.perf_counter() - start
+
+
+def fit_art(data: TensorDataset, setup: Setup, epochs: int, seed: int) -> tuple[nn.Module, float]:
+    """ART's AdversarialTrainerMadryPGD (PGD-7, same eps and step) on the same CNN and optimizer."""
+    from art.defences.trainer import AdversarialTrainerMadryPGD
+    from art.estimators.classification import PyTorchClassifier
+
+    pl.seed_everything(seed, verbose=False)
+    model = DigitsCNN()
+    classifier = PyTorchClassifier(
+        model=model,
+        loss=nn.CrossEntropyLoss(),
+        optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+        input_shape=(64,),
+        nb_classes=10,
+        clip_values=(0.0, 1.0),
+        device_type="cpu",
+    )
+    trainer_ = AdversarialTrainerMadryPGD(
+        classifier,
+        nb_epochs=epochs,
+        batch_size=setup.batch_size,
+        eps=setup.train_eps,
+        eps_step=2.5 * setup.train_eps / setup.train_steps,
+        max_iter=setup.train_steps,
+        num_random_init=1,
+    )
+    x, y = data.tensors
+    start = time.perf_counter()
+    trainer_.fit(x.numpy(), y.numpy())
+    return model, time.perf_counter() - start
+
+
+def accuracy(model: nn.Module, data: TensorDataset, eps: float, seed: int) -> float:
+    x, y = data.tensors
+    model.eval()
+    if eps > 0:
+        x = PGD(model, eps=eps, steps=20, seed=seed)(x, y)
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+def robustness_row(name: str, model: nn.Module, test: TensorDataset, seconds: float) -> str:
+    cells = [f"{accuracy(model, test, eps, seed=1):.3f}" for eps in (0.0, *EVAL_EPS)]
+    return f"| {name} | " + " | ".join(cells) + f" | {seconds:.1f} |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: few epochs, small splits")
+    parser.add_argument("--no-art", action="store_true", help="skip ART's AdversarialTrainerMadryPGD")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: stable timings when other jobs share the cores)"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    setup = QUICK if args.quick else FULL
+    warnings.filterwarnings("ignore")
+    train, test = loaders(setup)
+    print(f"# adversarial training on digits ({'quick' if args.quick else 'full'}): {setup}")
+    print(f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, load before: {os.getloadavg()}\n")
+
+    print(f"## efficacy ({setup.epochs} epochs, PGD-{setup.train_steps} AT at eps {setup.train_eps}; PGD-20 eval)\n")
+    print("| model | clean | PGD-20 @0.1 | PGD-20 @0.2 | PGD-20 @0.3 | fit s |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    clean, clean_s = fit_lightning(train, setup, setup.epochs, adversarial=False, seed=0)
+    print(robustness_row("clean-trained (Lightning)", clean, test, clean_s), flush=True)
+    at, at_s = fit_lightning(train, setup, setup.epochs, adversarial=True, seed=0)
+    print(robustness_row("PGD-AT, AdversarialTraining callback", at, test, at_s), flush=True)
+    hand, hand_s = fit_hand(train, setup, setup.epochs, adversarial=True, seed=0)
+    print(robustness_row("PGD-AT, hand-written torch loop", hand, test, hand_s), flush=True)
+
+    print(f"\n## cost: AT / clean fit time, {setup.timing_rounds} interleaved rounds of {setup.timing_epochs} epochs\n")
+    print("| round | callback clean s | callback AT s | callback ratio | hand clean s | hand AT s | hand ratio |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    callback_ratios, hand_ratios, hand_at_times = [], [], []
+    for r in range(setup.timing_rounds):
+        _, lc = fit_lightning(train, setup, setup.timing_epochs, adversarial=False, seed=r)
+        _, hc = fit_hand(train, setup, setup.timing_epochs, adversarial=False, seed=r)
+        _, la = fit_lightning(train, setup, setup.timing_epochs, adversarial=True, seed=r)
+        _, ha = fit_hand(train, setup, setup.timing_epochs, adversarial=True, seed=r)
+        callback_ratios.append(la / lc)
+        hand_ratios.append(ha / hc)
+        hand_at_times.append(ha / setup.timing_epochs)
+        print(f"| {r} | {lc:.2f} | {la:.2f} | {la / lc:.2f} | {hc:.2f} | {ha:.2f} | {ha / hc:.2f} |", flush=True)
+    cb, hd = statistics.median(callback_ratios), statistics.median(hand_ratios)
+    print(f"\nmedian ratio: callback {cb:.2f}x, hand-written {hd:.2f}x -> callback / hand = {cb / hd:.3f} (goal <= 1.05)")
+
+    if not args.no_art:
+        print(f"\n## ART AdversarialTrainerMadryPGD ({setup.art_epochs} epochs, same CNN, PGD-{setup.train_steps})\n")
+        art_model, art_s = fit_art(train, setup, setup.art_epochs, seed=0)
+        _, hand_short = fit_hand(train, setup, setup.art_epochs, adversarial=True, seed=0)
+        per_epoch, hand_per_epoch = art_s / setup.art_epochs, hand_short / setup.art_epochs
+        print("| trainer | s / epoch | vs hand-written |")
+        print("| --- | --- | --- |")
+        print(f"| hand-written PGD-AT loop | {hand_per_epoch:.2f} | 1.00x |")
+        print(f"| ART AdversarialTrainerMadryPGD | {per_epoch:.2f} | {per_epoch / hand_per_epoch:.2f}x |")
+        row = robustness_row(f"ART PGD-AT after {setup.art_epochs} epochs", art_model, test, art_s)
+        print("\n| model | clean | PGD-20 @0.1 | PGD-20 @0.2 | PGD-20 @0.3 | fit s |\n| --- | --- | --- | --- | --- | --- |")
+        print(row)
+    print(f"\nload after: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""Evasion attacks in torch, batched on the model's device: FGSM, PGD (L-inf / L2), FGSM with random start."""
+
+from __future__ import annotations
+
+from defenses.attacks.base import Attack, crafting_mode, parse_norm, sum_cross_entropy
+from defenses.attacks.fgsm import FGSM
+from defenses.attacks.fgsm_rs import FGSMRandomStart
+from defenses.attacks.pgd import PGD
+from defenses.attacks.registry import ATTACKS, make_attack
+
+__all__ = [
+    "ATTACKS",
+    "FGSM",
+    "PGD",
+    "Attack",
+    "FGSMRandomStart",
+    "crafting_mode",
+    "make_attack",
+    "parse_norm",
+    "sum_cross_entropy",
+]

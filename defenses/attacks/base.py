@@ -1,0 +1,209 @@
+"""The contract every attack shares: eps-ball and bounds projection, eval-mode crafting, input-only gradients.
+
+An attack is bound to a model (torchattacks style) and called on a batch: `x_adv = attack(x, y)`. Results stay
+within `eps` of `x` (L-inf or L2) and within `bounds`; the model is crafted against in eval mode and restored
+afterwards; gradients are taken w.r.t. the input only, so parameter `.grad` (e.g. accumulated by Lightning) and
+BatchNorm statistics are left untouched. Random starts draw from a seedable `torch.Generator` on the input's device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from defenses.errors import AttackConfigError, AttackInputError
+
+Norm = Literal["inf", "2"]
+Bound = float | torch.Tensor
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ForwardFn = Callable[[torch.Tensor], torch.Tensor]
+
+_TINY = 1e-12
+
+
+def parse_norm(norm: str | float) -> Norm:
+    """Normalises `"inf"`, `"linf"`, `float("inf")`, `2`, `"l2"` to `"inf"` or `"2"`."""
+    text = str(norm).lower().removeprefix("l")
+    if text in ("inf", "infinity"):
+        return "inf"
+    if text in ("2", "2.0"):
+        return "2"
+    raise AttackConfigError(f"norm must be 'inf' or '2', got {norm!r}")
+
+
+def sum_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy: per-sample input gradients that do not shrink with the batch size."""
+    return F.cross_entropy(logits, target, reduction="sum")
+
+
+@contextlib.contextmanager
+def crafting_mode(model: nn.Module) -> Iterator[None]:
+    """Puts every submodule in eval mode (BatchNorm uses running stats, Dropout is off), restores each flag after."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+class Attack(ABC):
+    """An evasion attack bound to `model`; subclasses implement `_perturb` on a detached, in-bounds batch."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        eps: float,
+        norm: str | float = "inf",
+        bounds: tuple[Bound, Bound] = (0.0, 1.0),
+        loss: LossFn | None = None,
+        targeted: bool = False,
+        forward: ForwardFn | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if not math.isfinite(eps) or eps < 0:
+            raise AttackConfigError(f"eps must be a finite number >= 0, got {eps!r}")
+        self.model = model
+        self.eps = float(eps)
+        self.norm = parse_norm(norm)
+        self.bounds = _check_bounds(bounds)
+        self.loss = loss or sum_cross_entropy
+        self.targeted = targeted
+        self.forward = forward or model
+        self.seed = seed
+        self._generator = generator
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, *, eps: float | None = None) -> torch.Tensor:
+        """Adversarial version of `x` (same shape, dtype, device); `y` are true labels, or targets if `targeted`."""
+        eps = self.eps if eps is None else float(eps)
+        if not math.isfinite(eps) or eps < 0:
+            raise AttackConfigError(f"eps must be a finite number >= 0, got {eps!r}")
+        x = x.detach()
+        lower, upper = self._bounds_like(x)
+        _check_input(x, lower, upper)
+        if eps == 0 or x.numel() == 0:
+            return x.clone()
+        with crafting_mode(self.model), torch.autocast(x.device.type, enabled=False), torch.enable_grad():
+            x_adv = self._perturb(x, y.detach(), eps, lower, upper)
+        return x_adv.detach()
+
+    @abstractmethod
+    def _perturb(
+        self, x: torch.Tensor, y: torch.Tensor, eps: float, lower: torch.Tensor, upper: torch.Tensor
+    ) -> torch.Tensor:
+        """Crafts the adversarial batch; `x` is detached and within [lower, upper]."""
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """The attack's random generator on `device` (created from `seed`, or from torch's global RNG, on first use)."""
+        if self._generator is None or self._generator.device != device:
+            seed = self.seed if self.seed is not None else int(torch.randint(2**62, (1,)).item())
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(seed)
+        return self._generator
+
+    def reset_generator(self) -> None:
+        """Forgets the generator: the next random start draws again from `seed` (same starts at every evaluation)."""
+        self._generator = None
+
+    def input_gradient(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradient of the crafting loss w.r.t. `x` only (ascent direction; descent if targeted), and the logits."""
+        x = x.detach().requires_grad_(True)
+        logits = self.forward(x)
+        loss = self.loss(logits, y)
+        if loss.dim() > 0:
+            loss = loss.sum()
+        (grad,) = torch.autograd.grad(loss, x)
+        return (-grad if self.targeted else grad), logits.detach()
+
+    def step(self, x_adv: torch.Tensor, grad: torch.Tensor, step_size: float) -> torch.Tensor:
+        """One steepest-ascent step of the attack's norm: sign for L-inf, unit L2 direction for L2."""
+        if self.norm == "inf":
+            return x_adv + step_size * grad.sign()
+        return x_adv + step_size * grad / _per_sample_l2(grad).clamp_min(_TINY)
+
+    def project(
+        self, x_adv: torch.Tensor, x: torch.Tensor, eps: float, lower: torch.Tensor, upper: torch.Tensor
+    ) -> torch.Tensor:
+        """Into the eps-ball around `x`, then into bounds (clamping never moves a point away from an in-bounds `x`)."""
+        delta = x_adv - x
+        if self.norm == "inf":
+            delta = delta.clamp(-eps, eps)
+        else:
+            delta = delta * (eps / _per_sample_l2(delta).clamp_min(_TINY)).clamp(max=1.0)
+        return torch.minimum(torch.maximum(x + delta, lower), upper)
+
+    def random_start(
+        self, x: torch.Tensor, eps: float, lower: torch.Tensor, upper: torch.Tensor, scale: float = 1.0
+    ) -> torch.Tensor:
+        """A uniform random point of the `scale * eps` ball around `x`, clamped into bounds."""
+        gen = self.generator(x.device)
+        radius = scale * eps
+        if self.norm == "inf":
+            delta = (torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) * 2 - 1) * radius
+        else:
+            direction = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+            direction = direction / _per_sample_l2(direction).clamp_min(_TINY)
+            dims = x[0].numel()
+            u = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=gen, device=x.device, dtype=x.dtype)
+            delta = direction * radius * u.pow(1.0 / dims)
+        return torch.minimum(torch.maximum(x + delta, lower), upper)
+
+    def _bounds_like(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lower, upper = (torch.as_tensor(b, dtype=x.dtype, device=x.device) for b in self.bounds)
+        try:
+            torch.broadcast_shapes(lower.shape, x.shape[1:])
+            torch.broadcast_shapes(upper.shape, x.shape[1:])
+        except RuntimeError:
+            raise AttackInputError(
+                f"bounds of shape {tuple(lower.shape)}/{tuple(upper.shape)} do not broadcast to a sample "
+                f"of shape {tuple(x.shape[1:])}"
+            ) from None
+        return lower, upper
+
+    def state_dict(self) -> dict[str, object]:
+        """The generator state (None before first use), so a resumed run draws the same random starts."""
+        if self._generator is None:
+            return {"generator": None, "device": None}
+        return {"generator": self._generator.get_state(), "device": str(self._generator.device)}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restores a generator saved by `state_dict`."""
+        if state.get("generator") is None:
+            return
+        device = torch.device(str(state["device"]))
+        self._generator = torch.Generator(device=device)
+        self._generator.set_state(state["generator"])
+
+
+def _per_sample_l2(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
+
+
+def _check_bounds(bounds: tuple[Bound, Bound]) -> tuple[Bound, Bound]:
+    if len(bounds) != 2:
+        raise AttackConfigError(f"bounds must be a (lower, upper) pair, got {bounds!r}")
+    lower, upper = bounds
+    if not bool(torch.all(torch.as_tensor(lower) <= torch.as_tensor(upper))):
+        raise AttackConfigError("bounds: lower must be <= upper everywhere")
+    return lower, upper
+
+
+def _check_input(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> None:
+    if not x.is_floating_point():
+        raise AttackInputError(f"attacks perturb float inputs, got dtype {x.dtype} (embed token ids first)")
+    outside = (x < lower) | (x > upper)
+    if bool(outside.any()):
+        raise AttackInputError(
+            f"{int(outside.sum())} input values lie outside the attack bounds "
+            f"(batch min {x.min().item():.4g}, max {x.max().item():.4g}): pass bounds= that match the data"
+        )

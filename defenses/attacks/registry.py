@@ -1,0 +1,34 @@
+"""Attacks by name (`"fgsm"`, `"pgd"`, `"fgsm-rs"`), as the callbacks and configs refer to them."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from defenses.attacks.base import Attack
+from defenses.attacks.fgsm import FGSM
+from defenses.attacks.fgsm_rs import FGSMRandomStart
+from defenses.attacks.pgd import PGD
+from defenses.errors import AttackConfigError
+
+ATTACKS: dict[str, type[Attack]] = {"fgsm": FGSM, "pgd": PGD, "fgsm-rs": FGSMRandomStart}
+
+
+def make_attack(
+    name: str,
+    model: nn.Module,
+    *,
+    eps: float,
+    steps: int = 10,
+    step_size: float | None = None,
+    random_start: bool = True,
+    **common: object,
+) -> Attack:
+    """Builds the named attack; `steps`/`step_size`/`random_start` only concern PGD, `step_size` FGSM-RS's alpha."""
+    kind = ATTACKS.get(name.lower())
+    if kind is None:
+        raise AttackConfigError(f"unknown attack {name!r}: choose one of {', '.join(ATTACKS)}")
+    if kind is PGD:
+        return PGD(model, eps=eps, steps=steps, step_size=step_size, random_start=random_start, **common)
+    if kind is FGSMRandomStart and step_size is not None:
+        return FGSMRandomStart(model, eps=eps, alpha=step_size / eps if eps > 0 else 1.25, **common)
+    return kind(model, eps=eps, **common)

@@ -1,0 +1,256 @@
+"""SLSA v1 provenance for a trained model: an in-toto Statement in a DSSE envelope, signed with provenance's keys.
+
+The subject is the signed model's files (name + sha256). `resolvedDependencies` are the signed data manifests (by
+digest), the code commit and the config file (and the model the cycle started from); `externalParameters` holds
+the resolved config. A `trainguard` byproduct records every shard decision with its reason, the RONI summary, the
+gate's figures and the sha256 of the exact log of shards training read, so the model can be traced to its data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import AttestationError
+from pipeline.state import ShardDecision
+
+STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
+PAYLOAD_TYPE = "application/vnd.in-toto+json"
+BUILD_TYPE = "https://github.com/trainguard/trainguard/cycle/v1"
+BUILDER_ID = "https://github.com/trainguard/trainguard/trainguard-cycle"
+RECORD_NAME = "trainguard-cycle-record"
+
+
+@dataclass(frozen=True)
+class Resource:
+    """A SLSA ResourceDescriptor: where something is, its digests, and free-form annotations."""
+
+    uri: str
+    digest: Mapping[str, str]
+    name: str | None = None
+    annotations: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"uri": self.uri, "digest": dict(self.digest)}
+        if self.name:
+            out["name"] = self.name
+        if self.annotations:
+            out["annotations"] = dict(self.annotations)
+        return out
+
+
+@dataclass(frozen=True)
+class CycleFacts:
+    """Everything the attestation states about one cycle; build with the cycle's results, then `build_statement`."""
+
+    model_digests: Mapping[str, str]  # signed file name -> sha256 (ModelFiles.digests)
+    manifests: Sequence[Resource]
+    config: Resource
+    resolved_config: Mapping[str, Any]
+    shards: Sequence[ShardDecision]
+    read_log_sha256: str
+    read_log_entries: int
+    invocation_id: str
+    started: str
+    finished: str
+    code: Resource | None = None
+    base_model: Resource | None = None
+    roni: Mapping[str, Any] = field(default_factory=dict)
+    gate: Mapping[str, Any] = field(default_factory=dict)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as stream:
+        while block := stream.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_resource(path: Path, name: str | None = None, annotations: Mapping[str, Any] | None = None) -> Resource:
+    """A local file as a dependency: `file:` URI of the path as given, and its sha256."""
+    return Resource(f"file:{Path(path).as_posix()}", {"sha256": sha256_file(path)}, name, annotations or {})
+
+
+def git_resource(directory: Path) -> Resource | None:
+    """The checkout's HEAD commit as `git+<origin>@<commit>` (annotated when dirty), None outside git."""
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=directory, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return None
+    origin = git("remote", "get-url", "origin") or f"file://{Path(directory).resolve().as_posix()}"
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    return Resource(f"git+{origin}@{commit}", {"gitCommit": commit}, "code", {"dirty": dirty} if dirty else {})
+
+
+def read_log_digest(entries: Sequence[tuple[str, str]]) -> str:
+    """sha256 of a read log given as (shard name, shard sha256) pairs in read order, one JSON array per line."""
+    lines = "".join(json.dumps([name, digest]) + "\n" for name, digest in entries)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def build_statement(facts: CycleFacts) -> dict[str, Any]:
+    """The in-toto Statement v1 with a SLSA v1 provenance predicate (pure: same facts, same statement)."""
+    if not facts.model_digests:
+        raise AttestationError("an attestation needs at least one model file as subject")
+    dependencies = [m.to_json() for m in facts.manifests] + [facts.config.to_json()]
+    dependencies += [r.to_json() for r in (facts.code, facts.base_model) if r is not None]
+    accepted = [_shard(d) for d in facts.shards if d.accepted]
+    rejected = [_shard(d) for d in facts.shards if not d.accepted]
+    record = {
+        "shards": {"accepted": accepted, "rejected": rejected},
+        "readLog": {"sha256": facts.read_log_sha256, "entries": facts.read_log_entries},
+        "roni": dict(facts.roni),
+        "gate": dict(facts.gate),
+    }
+    return {
+        "_type": STATEMENT_TYPE,
+        "subject": [
+            {"name": name, "digest": {"sha256": digest}} for name, digest in sorted(facts.model_digests.items())
+        ],
+        "predicateType": PREDICATE_TYPE,
+        "predicate": {
+            "buildDefinition": {
+                "buildType": BUILD_TYPE,
+                "externalParameters": {"config": dict(facts.resolved_config), "configUri": facts.config.uri},
+                "internalParameters": {"versions": _versions()},
+                "resolvedDependencies": dependencies,
+            },
+            "runDetails": {
+                "builder": {"id": BUILDER_ID, "version": {"trainguard": _version("trainguard")}},
+                "metadata": {
+                    "invocationId": facts.invocation_id,
+                    "startedOn": facts.started,
+                    "finishedOn": facts.finished,
+                },
+                "byproducts": [
+                    {"name": RECORD_NAME, "mediaType": "application/json", "annotations": record},
+                    {"name": "read-log", "digest": {"sha256": facts.read_log_sha256}},
+                ],
+            },
+        },
+    }
+
+
+def statement_bytes(statement: Mapping[str, Any]) -> bytes:
+    """Canonical JSON (sorted keys, no spaces) of a statement: the DSSE payload."""
+    return json.dumps(statement, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def cycle_record(statement: Mapping[str, Any]) -> dict[str, Any]:
+    """The trainguard byproduct (shard decisions, read log, RONI, gate) of a statement."""
+    for product in statement["predicate"]["runDetails"].get("byproducts", []):
+        if product.get("name") == RECORD_NAME:
+            return product.get("annotations", {})
+    raise AttestationError(f"the statement has no {RECORD_NAME} byproduct")
+
+
+def _shard(decision: ShardDecision) -> dict[str, Any]:
+    out = {"name": decision.shard, "sha256": decision.sha256, "source": decision.source, "check": decision.check}
+    if decision.reason:
+        out["reason"] = decision.reason
+    return out
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _versions() -> dict[str, str]:
+    packages = ("trainguard", "torch", "pytorch-lightning", "model-signing", "mlflow", "cryptography")
+    return {package: _version(package) for package in packages}
+
+
+@dataclass(frozen=True)
+class VerifiedAttestation:
+    """An attestation whose DSSE signature a trusted key made, and the statement it carries."""
+
+    path: Path
+    statement: dict[str, Any]
+    keyids: tuple[str, ...]
+
+    @property
+    def subjects(self) -> dict[str, str]:
+        """Subject name -> sha256."""
+        return {s["name"]: s["digest"]["sha256"] for s in self.statement["subject"]}
+
+
+def sign_statement(statement: Mapping[str, Any], signing_key: Path) -> bytes:
+    """The statement in a DSSE envelope signed with a provenance key file (PEM), as JSON bytes."""
+    from provenance.dsse import sign_envelope
+    from provenance.errors import ProvenanceError
+    from provenance.keys import load_signing_key
+
+    try:
+        key = load_signing_key(signing_key)
+    except ProvenanceError as error:
+        raise AttestationError(f"cannot load attestation key {signing_key}: {error}", path=str(signing_key)) from None
+    envelope = sign_envelope(PAYLOAD_TYPE, statement_bytes(statement), key)
+    return _as_bytes(envelope.to_json())
+
+
+def verify_attestation(path: Path, trusted: Sequence[Path], threshold: int = 1) -> VerifiedAttestation:
+    """Checks the envelope's signatures against the trusted public keys and parses the SLSA statement."""
+    from provenance.dsse import Envelope, verify_envelope
+    from provenance.errors import ProvenanceError
+    from provenance.keys import load_verifying_key
+
+    path = Path(path)
+    try:
+        keys = [load_verifying_key(key) for key in trusted]
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise AttestationInputError(f"{getattr(error, 'filename', None) or path}: cannot read: {error}") from None
+    except ProvenanceError as error:
+        raise AttestationInputError(f"cannot load a trusted key: {error}") from None
+    try:
+        envelope = Envelope.from_json(text)
+        keyids = tuple(verify_envelope(envelope, keys, threshold))
+    except ProvenanceError as error:
+        raise AttestationError(f"{path}: attestation signature check failed: {error}", path=str(path)) from None
+    if envelope.payload_type != PAYLOAD_TYPE:
+        raise AttestationError(f"{path}: payloadType is {envelope.payload_type!r}, not {PAYLOAD_TYPE}", path=str(path))
+    return VerifiedAttestation(path, _parse_statement(envelope.payload, path), keyids)
+
+
+class AttestationInputError(AttestationError):
+    """The attestation or a key file cannot be read (unusable input, not a failed check)."""
+
+    exit_code = 2
+
+
+def _parse_statement(payload: bytes, path: Path) -> dict[str, Any]:
+    try:
+        statement = json.loads(payload)
+        if statement["_type"] != STATEMENT_TYPE or statement["predicateType"] != PREDICATE_TYPE:
+            raise ValueError(f"not an in-toto v1 SLSA provenance statement ({statement['predicateType']!r})")
+        subjects = statement["subject"]
+        if not isinstance(subjects, list) or not subjects:
+            raise ValueError("no subject")
+        for subject in subjects:
+            if not (isinstance(subject["name"], str) and isinstance(subject["digest"]["sha256"], str)):
+                raise ValueError("a subject lacks a name or sha256")
+    except (ValueError, KeyError, TypeError) as error:
+        raise AttestationError(f"{path}: malformed statement: {error}", path=str(path)) from None
+    return statement
+
+
+def _as_bytes(data: str | bytes) -> bytes:
+    return data.encode() if isinstance(data, str) else data

@@ -1,0 +1,229 @@
+"""Signed model directories: safetensors weights signed in the OpenSSF Model Signing format (`model-signing`).
+
+A model directory holds `model.safetensors` (weights, never a pickle), `model.json` (how to rebuild the module),
+`model.sig` (a Sigstore bundle made with an EC key; the library's own `model_signing verify key` accepts it) and
+`attestation.intoto.json` (the DSSE-signed SLSA provenance, bound to the weights by digest). The signature covers
+every file but itself and the attestation, and refuses any other file, so a swapped, edited or added file fails.
+The directory is built beside its destination and renamed into place: a crash never leaves half a model.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.errors import ModelSignatureError
+
+if TYPE_CHECKING:
+    import torch
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "model.json"
+SIGNATURE_FILE = "model.sig"
+ATTESTATION_FILE = "attestation.intoto.json"
+UNSIGNED_FILES = (SIGNATURE_FILE, ATTESTATION_FILE)
+PASSPHRASE_ENV = "TRAINGUARD_KEY_PASSPHRASE"
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """A model directory and the sha256 (hex) of each signed file, by name relative to the directory."""
+
+    directory: Path
+    digests: Mapping[str, str]
+
+    @property
+    def model_file(self) -> Path:
+        return self.directory / MODEL_FILE
+
+    @property
+    def signature(self) -> Path:
+        return self.directory / SIGNATURE_FILE
+
+    @property
+    def attestation(self) -> Path:
+        return self.directory / ATTESTATION_FILE
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file, streamed in large reads."""
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while block := stream.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_signed_model(
+    model: torch.nn.Module | Mapping[str, torch.Tensor],
+    directory: Path,
+    signing_key: Path,
+    *,
+    class_path: str | None = None,
+    init_args: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, str] | None = None,
+    attest: Callable[[ModelFiles], bytes] | None = None,
+) -> ModelFiles:
+    """Saves `model` as safetensors, signs the directory and (with `attest`) writes its attestation, atomically.
+
+    `attest` gets the signed files and returns the attestation bytes to store beside them. An existing
+    `directory` (a re-run of the same cycle) is replaced only once the new one is complete.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    staging.chmod(0o755)
+    try:
+        _save_weights(model, staging / MODEL_FILE, metadata or {})
+        description = {"format": "safetensors", "class_path": class_path, "init_args": dict(init_args or {})}
+        description["metadata"] = dict(metadata or {})
+        (staging / CONFIG_FILE).write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
+        sign_model(staging, signing_key)
+        files = ModelFiles(directory, {name: file_sha256(staging / name) for name in (CONFIG_FILE, MODEL_FILE)})
+        if attest is not None:
+            (staging / ATTESTATION_FILE).write_bytes(attest(files))
+        _fsync_tree(staging)
+        _replace_directory(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return files
+
+
+def sign_model(directory: Path, signing_key: Path) -> Path:
+    """Signs every file of `directory` but the signature and attestation; returns the signature path."""
+    import model_signing
+
+    try:
+        config = model_signing.signing.Config().use_elliptic_key_signer(
+            private_key=signing_key, password=_passphrase(signing_key)
+        )
+        config.set_hashing_config(model_signing.hashing.Config().set_ignored_paths(paths=list(UNSIGNED_FILES)))
+        config.sign(directory, directory / SIGNATURE_FILE)
+    except (OSError, ValueError, TypeError) as error:
+        raise ModelSignatureError(
+            f"cannot sign {directory} with {signing_key}: {_one_line(error)}", path=str(signing_key)
+        ) from None
+    return directory / SIGNATURE_FILE
+
+
+def verify_model_signature(directory: Path, public_key: Path) -> ModelFiles:
+    """Checks `model.sig` against `public_key` and every file of `directory`; returns the signed digests.
+
+    The signature is read once into memory: the digests returned are those of the bytes that were verified.
+    """
+    import model_signing
+
+    directory = Path(directory)
+    signature = directory / SIGNATURE_FILE
+    if not directory.is_dir():
+        raise ModelNotFoundError(f"{directory}: no such model directory", path=str(directory))
+    if not signature.is_file():
+        raise ModelSignatureError(f"{signature}: the model is not signed (no {SIGNATURE_FILE})", path=str(signature))
+    if not Path(public_key).is_file():
+        raise ModelNotFoundError(f"{public_key}: no such public key file", path=str(public_key))
+    bundle = signature.read_bytes()
+    with tempfile.TemporaryDirectory() as scratch:
+        pinned = Path(scratch) / SIGNATURE_FILE
+        pinned.write_bytes(bundle)
+        try:
+            model_signing.verifying.Config().use_elliptic_key_verifier(public_key=public_key).set_hashing_config(
+                model_signing.hashing.Config().set_ignored_paths(paths=list(UNSIGNED_FILES))
+            ).verify(directory, pinned)
+        except Exception as error:  # the library raises ValueError, InvalidSignature, protobuf and JSON errors
+            raise ModelSignatureError(
+                f"{directory}: model signature check failed against {public_key}: {_one_line(error)}",
+                path=str(directory),
+            ) from None
+    return ModelFiles(directory, _signed_digests(bundle))
+
+
+def load_verified_state_dict(directory: Path, public_key: Path) -> dict[str, torch.Tensor]:
+    """The weights of a signed model: verifies the signature, then parses the weights from bytes whose digest
+    matches the signed one (read once, so nothing can swap the file between check and use)."""
+    from safetensors.torch import load
+
+    files = verify_model_signature(directory, public_key)
+    data = files.model_file.read_bytes()
+    if hashlib.sha256(data).hexdigest() != files.digests.get(MODEL_FILE):
+        raise ModelSignatureError(f"{files.model_file}: changed after its signature was checked", path=str(directory))
+    return load(data)
+
+
+def read_model_description(directory: Path) -> dict[str, Any]:
+    """The contents of `model.json` (class_path, init_args, metadata); check the signature first."""
+    return json.loads((Path(directory) / CONFIG_FILE).read_text())
+
+
+class ModelNotFoundError(ModelSignatureError):
+    """The model directory or key named on the command line does not exist (unusable input)."""
+
+    exit_code = 2
+
+
+def _save_weights(model: Any, path: Path, metadata: Mapping[str, str]) -> None:
+    from safetensors.torch import save_file, save_model
+    from torch import nn
+
+    if isinstance(model, nn.Module):
+        save_model(model, str(path), metadata=dict(metadata))
+    else:
+        tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.items()}
+        save_file(tensors, str(path), metadata=dict(metadata))
+
+
+def _signed_digests(bundle: bytes) -> dict[str, str]:
+    """Resource name -> sha256 from a model-signing bundle's in-toto payload (call only once it verified)."""
+    envelope = json.loads(bundle)["dsseEnvelope"]
+    statement = json.loads(base64.b64decode(envelope["payload"]))
+    return {item["name"]: item["digest"] for item in statement["predicate"]["resources"]}
+
+
+def _passphrase(key: Path) -> bytes | None:
+    """The key's passphrase from TRAINGUARD_KEY_PASSPHRASE, only when the PEM is encrypted."""
+    if b"ENCRYPTED" not in Path(key).read_bytes():
+        return None
+    secret = os.environ.get(PASSPHRASE_ENV)
+    if not secret:
+        raise ModelSignatureError(f"{key} is encrypted: set {PASSPHRASE_ENV}", path=str(key))
+    return secret.encode()
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in directory.iterdir():
+        with path.open("rb") as stream:
+            os.fsync(stream.fileno())
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_directory(staging: Path, directory: Path) -> None:
+    """Renames `staging` to `directory`; an existing one is moved aside first and removed after."""
+    aside = None
+    if directory.exists():
+        aside = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        os.replace(directory, aside)
+    os.replace(staging, directory)
+    _fsync_dir(directory.parent)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 400 else text[:397] + "..."

@@ -1,0 +1,101 @@
+"""Checking a released model: its model-signing signature, its attestation's signature, and that both name the
+same bytes (the attestation's subjects are exactly the signed files, digest for digest)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.attestation import cycle_record, verify_attestation
+from pipeline.errors import AttestationMismatchError
+from pipeline.model_sign import ATTESTATION_FILE, MODEL_FILE, file_sha256, verify_model_signature
+
+
+@dataclass(frozen=True)
+class ModelVerification:
+    """What was checked and what the attestation says about the model's making."""
+
+    model_dir: Path
+    model_sha256: str
+    files: dict[str, str]
+    attestation: Path
+    attestation_keyids: tuple[str, ...]
+    invocation_id: str
+    dependencies: tuple[dict[str, Any], ...]
+    accepted_shards: int
+    rejected_shards: int
+    read_log_sha256: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": True,
+            "model_dir": str(self.model_dir),
+            "model_sha256": self.model_sha256,
+            "files": self.files,
+            "attestation": str(self.attestation),
+            "attestation_keyids": list(self.attestation_keyids),
+            "invocation_id": self.invocation_id,
+            "dependencies": list(self.dependencies),
+            "accepted_shards": self.accepted_shards,
+            "rejected_shards": self.rejected_shards,
+            "read_log_sha256": self.read_log_sha256,
+        }
+
+
+def verify_model(
+    model_dir: Path,
+    attestation_path: Path | None,
+    trusted_key: Path,
+    attestation_keys: Sequence[Path] | None = None,
+    threshold: int = 1,
+) -> ModelVerification:
+    """Verifies a model directory; raises ModelSignatureError, AttestationError or AttestationMismatchError.
+
+    `trusted_key` is the model-signing public key (PEM); the attestation is checked against `attestation_keys`
+    (default: the same key). The attestation defaults to the one inside the model directory.
+    """
+    model_dir = Path(model_dir)
+    signed = verify_model_signature(model_dir, trusted_key)
+    attestation = verify_attestation(
+        Path(attestation_path) if attestation_path else model_dir / ATTESTATION_FILE,
+        list(attestation_keys or [trusted_key]),
+        threshold,
+    )
+    subjects = attestation.subjects
+    for name, digest in sorted(signed.digests.items()):
+        if name not in subjects:
+            raise AttestationMismatchError(
+                f"{attestation.path}: does not attest {model_dir / name} (attests {', '.join(sorted(subjects))})",
+                path=str(model_dir / name),
+            )
+        if subjects[name] != digest:
+            raise AttestationMismatchError(
+                f"{attestation.path}: attests {name} sha256 {subjects[name][:16]}..., but {model_dir / name} has "
+                f"{digest[:16]}...: the model or the attestation was swapped",
+                path=str(model_dir / name),
+            )
+    unsigned = sorted(set(subjects) - set(signed.digests))
+    if unsigned:
+        raise AttestationMismatchError(
+            f"{attestation.path}: attests {unsigned[0]}, which the model signature does not cover",
+            path=str(model_dir / unsigned[0]),
+        )
+    model_sha256 = file_sha256(model_dir / MODEL_FILE)
+    if model_sha256 != subjects.get(MODEL_FILE):
+        raise AttestationMismatchError(f"{model_dir / MODEL_FILE}: changed during verification", path=str(model_dir))
+    record = cycle_record(attestation.statement)
+    predicate = attestation.statement["predicate"]
+    return ModelVerification(
+        model_dir=model_dir,
+        model_sha256=model_sha256,
+        files=dict(signed.digests),
+        attestation=attestation.path,
+        attestation_keyids=attestation.keyids,
+        invocation_id=str(predicate["runDetails"]["metadata"].get("invocationId", "")),
+        dependencies=tuple(predicate["buildDefinition"]["resolvedDependencies"]),
+        accepted_shards=len(record.get("shards", {}).get("accepted", [])),
+        rejected_shards=len(record.get("shards", {}).get("rejected", [])),
+        read_log_sha256=str(record.get("readLog", {}).get("sha256", "")),
+    )

@@ -1,0 +1,295 @@
+"""MLflow tracking for a retraining cycle: one parent run, a nested run per stage, batched logging, and an
+offline mode so an unreachable server never blocks a decision.
+
+Runs are created through `MlflowClient` (no global active run), so Lightning's `MLFlowLogger` can write into a
+stage's run by id. Any tracking failure switches the tracker offline: later calls are no-ops and `offline_reason`
+says why; the caller writes its local report first and tells the user. The model is registered only when the
+caller says the gate accepted it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
+MAX_PARAM_VALUE = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
+MAX_KEY = 250  # MAX_ENTITY_KEY_LENGTH
+MAX_TAG_VALUE = 8000  # MAX_TAG_VAL_LENGTH
+MAX_DATASET_DIGEST = 36  # MAX_DATASET_DIGEST_SIZE: the full sha256 goes in an input tag and the source
+PARAMS_PER_BATCH = 100
+METRICS_PER_BATCH = 1000
+PROBE_TIMEOUT = 3.0
+# Fail fast instead of MLflow's default 7 retries with exponential backoff (minutes on a dead server).
+_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+}
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """A dataset input: a signed manifest by name, its full sha256, where it is, and how it was used."""
+
+    name: str
+    sha256: str
+    source: str
+    context: str = "training"
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+
+def resolve_tracking_uri(configured: str | None = None) -> str:
+    """MLFLOW_TRACKING_URI wins, then the config's URI, then the local sqlite default."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or configured or DEFAULT_TRACKING_URI
+
+
+def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"training.max_epochs": "5", ...}; lists as JSON; values and keys cut to MLflow's limits."""
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_params(value, f"{name}."))
+            continue
+        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+        flat[_cut(name, MAX_KEY)] = _cut(text, MAX_PARAM_VALUE)
+    return flat
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def probe(uri: str, timeout: float = PROBE_TIMEOUT) -> str | None:
+    """None if an http(s) tracking server answers /health within `timeout`, else why not (other schemes: None)."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            return None if response.status == 200 else f"{uri}/health answered {response.status}"
+    except urllib.error.HTTPError as error:
+        return f"{uri}/health answered {error.code}"
+    except (OSError, ValueError) as error:
+        reason = getattr(error, "reason", error)
+        return f"{uri} unreachable: {reason}"
+
+
+class CycleTracker:
+    """Connection to one experiment; `offline` once anything failed (then every call is a no-op)."""
+
+    def __init__(self, uri: str, experiment_name: str, registered_model_name: str) -> None:
+        self.uri = uri
+        self.experiment_name = experiment_name
+        self.registered_model_name = registered_model_name
+        self.offline_reason: str | None = None
+        self._client: Any = None
+        self._experiment_id: str | None = None
+
+    @classmethod
+    def connect(
+        cls,
+        experiment_name: str,
+        registered_model_name: str,
+        uri: str | None = None,
+        probe_timeout: float = PROBE_TIMEOUT,
+    ) -> CycleTracker:
+        """Resolves the URI, probes the server and opens the experiment; never raises for tracking problems."""
+        for name, value in _HTTP_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+        tracker = cls(resolve_tracking_uri(uri), experiment_name, registered_model_name)
+        unreachable = probe(tracker.uri, probe_timeout)
+        if unreachable is not None:
+            tracker.offline_reason = unreachable
+            return tracker
+        with tracker._guard("open the experiment"):
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(tracking_uri=tracker.uri, registry_uri=tracker.uri)
+            experiment = client.get_experiment_by_name(experiment_name)
+            tracker._experiment_id = (
+                experiment.experiment_id if experiment is not None else client.create_experiment(experiment_name)
+            )
+            tracker._client = client
+        return tracker
+
+    @property
+    def offline(self) -> bool:
+        return self.offline_reason is not None
+
+    @property
+    def client(self) -> Any:
+        """The MlflowClient (None offline), for the caller's own reads."""
+        return None if self.offline else self._client
+
+    @contextmanager
+    def cycle(
+        self, run_name: str, params: Mapping[str, Any] | None = None, tags: Mapping[str, str] | None = None
+    ) -> Iterator[TrackedRun]:
+        """The parent run of one cycle; logs the resolved config as params. FAILED if the block raises."""
+        with self._run(run_name, None, tags) as run:
+            if params:
+                run.log_params(params)
+            yield run
+
+    @contextmanager
+    def _run(self, name: str, parent: str | None, tags: Mapping[str, str] | None) -> Iterator[TrackedRun]:
+        run = TrackedRun(self, None, name)
+        if not self.offline:
+            with self._guard(f"start run {name}"):
+                start_tags = {**(tags or {}), **({"mlflow.parentRunId": parent} if parent else {})}
+                start_tags = {tag.key: tag.value for tag in _tags(start_tags)}
+                created = self._client.create_run(self._experiment_id, tags=start_tags, run_name=name)
+                run.run_id = created.info.run_id
+        status = "FAILED"
+        try:
+            yield run
+            status = "FINISHED"
+        finally:
+            run.flush()
+            if run.active:
+                with self._guard(f"end run {name}"):
+                    self._client.set_terminated(run.run_id, status)
+
+    @contextmanager
+    def _guard(self, what: str) -> Iterator[None]:
+        """Runs a tracking call; any failure switches the tracker offline with a one-line reason."""
+        try:
+            yield
+        except Exception as error:  # MlflowException, requests' and sqlalchemy's errors, OSError ...
+            detail = " ".join(str(error).split())[:300] or type(error).__name__
+            if self.offline_reason is None:
+                self.offline_reason = f"tracking at {self.uri} failed to {what}: {detail}"
+
+
+@dataclass
+class TrackedRun:
+    """One MLflow run (parent or stage); `run_id` is None offline. Metrics are buffered and sent with log_batch."""
+
+    tracker: CycleTracker
+    run_id: str | None
+    name: str
+    _metrics: list[Any] = field(default_factory=list)
+
+    @property
+    def active(self) -> bool:
+        return self.run_id is not None and not self.tracker.offline
+
+    @contextmanager
+    def stage(self, name: str, tags: Mapping[str, str] | None = None) -> Iterator[TrackedRun]:
+        """A nested run (verification, screening, training, gate) under this one."""
+        with self.tracker._run(name, self.run_id if self.active else None, tags) as run:
+            yield run
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        """Buffers metrics; they go out in batches of up to 1000 (on flush, stage end, or a full buffer)."""
+        if not self.active:
+            return
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        self._metrics += [Metric(_cut(k, MAX_KEY), float(v), stamp, step) for k, v in metrics.items()]
+        if len(self._metrics) >= METRICS_PER_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        pending, self._metrics = self._metrics, []
+        for start in range(0, len(pending), METRICS_PER_BATCH):
+            if not self.active:
+                return
+            with self.tracker._guard(f"log metrics to {self.name}"):
+                self.tracker._client.log_batch(self.run_id, metrics=pending[start : start + METRICS_PER_BATCH])
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Logs a (nested) mapping as flattened params, 100 per batch."""
+        if not self.active:
+            return
+        from mlflow.entities import Param
+
+        flat = sorted(flatten_params(params).items())
+        for start in range(0, len(flat), PARAMS_PER_BATCH):
+            chunk = [Param(k, v) for k, v in flat[start : start + PARAMS_PER_BATCH]]
+            if not self.active:
+                return
+            with self.tracker._guard(f"log params to {self.name}"):
+                self.tracker._client.log_batch(self.run_id, params=chunk)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        if not self.active:
+            return
+        items = _tags(tags)
+        for start in range(0, len(items), PARAMS_PER_BATCH):
+            if not self.active:
+                return
+            with self.tracker._guard(f"set tags on {self.name}"):
+                self.tracker._client.log_batch(self.run_id, tags=items[start : start + PARAMS_PER_BATCH])
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Uploads a file or a whole directory."""
+        if not self.active:
+            return
+        with self.tracker._guard(f"upload {path}"):
+            if Path(path).is_dir():
+                self.tracker._client.log_artifacts(self.run_id, str(path), artifact_path)
+            else:
+                self.tracker._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
+        if not self.active:
+            return
+        with self.tracker._guard(f"upload {artifact_file}"):
+            self.tracker._client.log_dict(self.run_id, dict(data), artifact_file)
+
+    def log_datasets(self, datasets: Sequence[DatasetRef]) -> None:
+        """Records signed datasets as MLflow dataset inputs; the full sha256 is in a tag and in the source."""
+        if not self.active or not datasets:
+            return
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = []
+        for ref in datasets:
+            source = json.dumps({"uri": ref.source, "sha256": ref.sha256}, sort_keys=True)
+            dataset = Dataset(ref.name, ref.sha256[:MAX_DATASET_DIGEST], "trainguard-manifest", source)
+            tags = {"mlflow.data.context": ref.context, "trainguard.sha256": ref.sha256, **ref.tags}
+            inputs.append(DatasetInput(dataset, [InputTag(k, _cut(str(v), 500)) for k, v in tags.items()]))
+        with self.tracker._guard(f"log dataset inputs to {self.name}"):
+            self.tracker._client.log_inputs(self.run_id, datasets=inputs)
+
+    def register_model(self, model_dir: Path, tags: Mapping[str, str] | None = None) -> str | None:
+        """Uploads the signed model directory and registers it as a new version; call only on acceptance.
+
+        Returns the version number, or None offline.
+        """
+        if not self.active:
+            return None
+        self.log_artifact(model_dir, "model")
+        if not self.active:
+            return None
+        client = self.tracker._client
+        name = self.tracker.registered_model_name
+        version = None
+        with self.tracker._guard(f"register model {name}"):
+            from mlflow.exceptions import MlflowException
+
+            try:
+                client.get_registered_model(name)
+            except MlflowException:
+                client.create_registered_model(name)
+            source = f"{client.get_run(self.run_id).info.artifact_uri}/model"
+            created = client.create_model_version(name, source, run_id=self.run_id, tags=dict(tags or {}))
+            version = str(created.version)
+        return None if self.tracker.offline else version
+
+
+def _tags(tags: Mapping[str, str]) -> list[Any]:
+    from mlflow.entities import RunTag
+
+    return [RunTag(_cut(k, MAX_KEY), _cut(str(v), MAX_TAG_VALUE)) for k, v in tags.items()]

@@ -1,0 +1,124 @@
+"""The SLSA v1 provenance statement of a cycle: subject, dependencies, parameters and the shard record."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pipeline.attestation import (
+    PREDICATE_TYPE,
+    STATEMENT_TYPE,
+    CycleFacts,
+    Resource,
+    build_statement,
+    cycle_record,
+    file_resource,
+    git_resource,
+    read_log_digest,
+    statement_bytes,
+)
+from pipeline.errors import AttestationError
+from pipeline.state import ShardDecision
+
+MODEL = {"model.safetensors": "aa" * 32, "model.json": "bb" * 32}
+
+
+def _facts(tmp_path: Path, **changes: object) -> CycleFacts:
+    config = tmp_path / "cycle.yaml"
+    config.write_text("name: digits\n")
+    manifest = tmp_path / "train.manifest.json"
+    manifest.write_text("{}")
+    shards = [
+        ShardDecision(shard="alice/s0.parquet", sha256="01", source="alice", accepted=True, check="roni"),
+        ShardDecision(
+            shard="bob/s0.parquet",
+            sha256="02",
+            source="bob",
+            accepted=False,
+            check="roni",
+            reason="held-out loss impact 0.41 > threshold 0.12",
+        ),
+        ShardDecision(
+            shard="carol/s1.parquet",
+            sha256="03",
+            source="carol",
+            accepted=False,
+            check="verify",
+            reason="sha256 mismatch",
+        ),
+    ]
+    values = {
+        "model_digests": MODEL,
+        "manifests": [file_resource(manifest, "train", {"signerKeyids": ["k1"]})],
+        "config": file_resource(config, "config"),
+        "resolved_config": {"name": "digits", "training": {"max_epochs": 3}},
+        "shards": shards,
+        "read_log_sha256": read_log_digest([("alice/s0.parquet", "01")]),
+        "read_log_entries": 1,
+        "invocation_id": "cycle-1",
+        "started": "2026-01-01T00:00:00Z",
+        "finished": "2026-01-01T00:01:00Z",
+        "code": Resource("git+https://example.invalid/repo@abc", {"gitCommit": "abc"}, "code"),
+        "roni": {"threshold": 0.12, "rejected": 1},
+        "gate": {"accepted": True, "clean_accuracy": 0.93},
+    }
+    values.update(changes)
+    return CycleFacts(**values)
+
+
+def test_the_statement_is_slsa_provenance_about_the_model_files(tmp_path: Path) -> None:
+    statement = build_statement(_facts(tmp_path))
+    assert statement["_type"] == STATEMENT_TYPE and statement["predicateType"] == PREDICATE_TYPE
+    assert {s["name"]: s["digest"]["sha256"] for s in statement["subject"]} == MODEL
+    build = statement["predicate"]["buildDefinition"]
+    assert build["externalParameters"]["config"]["training"] == {"max_epochs": 3}
+    deps = {d["name"]: d for d in build["resolvedDependencies"]}
+    assert deps["train"]["digest"]["sha256"] == file_resource(tmp_path / "train.manifest.json").digest["sha256"]
+    assert deps["train"]["annotations"] == {"signerKeyids": ["k1"]}
+    assert deps["config"]["uri"].startswith("file:") and len(deps["config"]["digest"]["sha256"]) == 64
+    assert deps["code"]["digest"] == {"gitCommit": "abc"}
+    assert statement["predicate"]["runDetails"]["metadata"]["invocationId"] == "cycle-1"
+
+
+def test_the_record_lists_every_shard_decision_with_its_reason(tmp_path: Path) -> None:
+    facts = _facts(tmp_path)
+    record = cycle_record(json.loads(statement_bytes(build_statement(facts))))
+    assert [s["name"] for s in record["shards"]["accepted"]] == ["alice/s0.parquet"]
+    rejected = {s["name"]: s for s in record["shards"]["rejected"]}
+    assert rejected["bob/s0.parquet"]["reason"].startswith("held-out loss impact")
+    assert rejected["carol/s1.parquet"]["check"] == "verify"
+    assert record["readLog"] == {"sha256": facts.read_log_sha256, "entries": 1}
+    assert record["roni"]["threshold"] == 0.12 and record["gate"]["accepted"] is True
+
+
+def test_the_statement_is_deterministic_and_changes_with_any_fact(tmp_path: Path) -> None:
+    first = statement_bytes(build_statement(_facts(tmp_path)))
+    assert statement_bytes(build_statement(_facts(tmp_path))) == first
+    other_log = read_log_digest([("alice/s0.parquet", "01"), ("bob/s0.parquet", "02")])
+    assert statement_bytes(build_statement(_facts(tmp_path, read_log_sha256=other_log))) != first
+
+
+def test_the_read_log_digest_depends_on_order_and_content() -> None:
+    a, b = ("a", "01"), ("b", "02")
+    assert read_log_digest([a, b]) != read_log_digest([b, a])
+    assert read_log_digest([a, b]) != read_log_digest([a, ("b", "03")])
+
+
+def test_a_statement_needs_a_model(tmp_path: Path) -> None:
+    with pytest.raises(AttestationError, match="at least one model file"):
+        build_statement(_facts(tmp_path, model_digests={}))
+
+
+def test_the_code_dependency_is_the_checked_out_commit(dvc_repo: Path, tmp_path: Path) -> None:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=dvc_repo, capture_output=True, text=True).stdout.strip()
+    code = git_resource(dvc_repo)
+    assert code is not None and code.digest == {"gitCommit": commit}
+    assert code.uri == f"git+file://{dvc_repo.resolve().as_posix()}@{commit}" and not code.annotations
+    (dvc_repo / ".dvcignore").write_text("# edited\n")
+    assert git_resource(dvc_repo).annotations == {"dirty": True}
+    outside = tmp_path / "not-a-repo"
+    outside.mkdir()
+    assert git_resource(outside) is None

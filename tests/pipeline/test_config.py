@@ -1,0 +1,211 @@
+"""Cycle configs: the digits default loads, and every kind of mistake fails before anything runs, naming the key."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline.config import DEFAULT_TRACKING_URI, CycleConfig, load_config
+from pipeline.errors import ConfigError
+
+DIGITS = Path(__file__).resolve().parents[2] / "configs" / "digits.yaml"
+BASE: dict[str, Any] = yaml.safe_load(DIGITS.read_text())
+
+
+def _write(tmp_path: Path, data: Any, name: str = "cycle.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+def _with(change: dict[tuple[str | int, ...], Any]) -> dict[str, Any]:
+    data = copy.deepcopy(BASE)
+    for keys, value in change.items():
+        node = data
+        for key in keys[:-1]:
+            node = node[key]
+        node[keys[-1]] = value
+    return data
+
+
+def _error(tmp_path: Path, data: Any) -> ConfigError:
+    with pytest.raises(ConfigError) as caught:
+        load_config(_write(tmp_path, data))
+    assert "\n" not in str(caught.value)
+    return caught.value
+
+
+def test_the_digits_default_loads_and_builds_its_model() -> None:
+    config = load_config(DIGITS)
+    assert config.model.class_path == "pipeline.models.DigitsClassifier"
+    model = config.model.instantiate()
+    assert model.hparams.channels == BASE["model"]["init_args"]["channels"]
+    resolved = config.resolved()
+    assert resolved["training"]["max_epochs"] == BASE["training"]["max_epochs"]
+    assert resolved["output"]["state_file"] is None and config.output.state_path.name == "state.json"
+
+
+def test_a_wrong_type_names_its_key_path(tmp_path: Path) -> None:
+    error = _error(tmp_path, _with({("training", "max_epochs"): "many"}))
+    assert error.key == "training.max_epochs"
+    assert "training.max_epochs: Input should be a valid integer" in str(error)
+    assert str(tmp_path / "cycle.yaml") in str(error)
+
+
+def test_an_unknown_key_is_refused_by_name(tmp_path: Path) -> None:
+    data = _with({("training", "max_epoch"): 3})
+    assert _error(tmp_path, data).key == "training.max_epoch"
+
+
+def test_a_missing_section_is_named(tmp_path: Path) -> None:
+    data = copy.deepcopy(BASE)
+    del data["output"]
+    error = _error(tmp_path, data)
+    assert error.key == "output" and "Field required" in str(error)
+
+
+def test_a_union_field_error_names_the_field_not_the_union_member(tmp_path: Path) -> None:
+    error = _error(tmp_path, _with({("training", "devices"): -3}))
+    assert error.key == "training.devices"
+
+
+def test_cross_field_rules_are_checked(tmp_path: Path) -> None:
+    error = _error(tmp_path, _with({("adversarial", "bounds"): [1.0, 0.0]}))
+    assert error.key == "adversarial" and "low < high" in str(error)
+
+
+def test_a_class_that_does_not_exist_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    error = _error(tmp_path, _with({("model", "class_path"): "pipeline.models.NoSuchModel"}))
+    assert error.key == "model.class_path" and "NoSuchModel" in str(error)
+    error = _error(tmp_path, _with({("model", "class_path"): "no_such_package.Model"}))
+    assert error.key == "model.class_path" and "cannot import" in str(error)
+
+
+def test_a_class_of_the_wrong_kind_is_refused(tmp_path: Path) -> None:
+    error = _error(tmp_path, _with({("model", "class_path"): "pipeline.models.DigitsCNN"}))
+    assert "is not a pytorch_lightning.LightningModule" in str(error)
+
+
+def test_init_args_must_bind_to_the_constructor(tmp_path: Path) -> None:
+    error = _error(tmp_path, _with({("model", "init_args"): {"chanels": 8}}))
+    assert error.key == "model.init_args.chanels"
+    error = _error(tmp_path, _with({("model", "init_args"): {"lr": "fast"}}))
+    assert error.key == "model.init_args.lr" and "valid number" in str(error)
+
+
+def test_yaml_scientific_notation_is_coerced_to_the_annotated_type(tmp_path: Path) -> None:
+    config = load_config(_write(tmp_path, _with({("model", "init_args"): {"lr": "1e-3"}})))
+    assert config.model.instantiate().hparams.lr == pytest.approx(1e-3)
+
+
+def test_callbacks_are_checked_with_their_index(tmp_path: Path) -> None:
+    good = {"class_path": "pytorch_lightning.callbacks.EarlyStopping", "init_args": {"monitor": "val/loss"}}
+    bad = {"class_path": "pytorch_lightning.callbacks.EarlyStopping", "init_args": {"monitor": "m", "patience": "x"}}
+    config = load_config(_write(tmp_path, _with({("callbacks",): [good]})))
+    assert config.callbacks[0].instantiate().monitor == "val/loss"
+    error = _error(tmp_path, _with({("callbacks",): [good, bad]}))
+    assert error.key == "callbacks[1].init_args.patience"
+
+
+def test_arguments_the_cycle_injects_must_not_be_configured(tmp_path: Path) -> None:
+    path = _write(tmp_path, _with({("model", "init_args", "lr"): 0.1}))
+    with pytest.raises(ConfigError, match=r"model\.init_args\.lr: supplied by the cycle"):
+        load_config(path, injected={"model": ["lr"]})
+
+
+def test_mlflow_tracking_uri_from_the_environment_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = load_config(_write(tmp_path, _with({("tracking", "uri"): "http://configured:5000"})))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert config.tracking.resolved_uri() == "http://configured:5000"
+    assert load_config(DIGITS).tracking.resolved_uri() == DEFAULT_TRACKING_URI
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
+    assert config.tracking.resolved_uri() == "http://env:5000"
+
+
+def test_unreadable_empty_and_invalid_yaml_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="empty"):
+        load_config(_write(tmp_path, ""))
+    with pytest.raises(ConfigError, match="not valid YAML at line 1"):
+        load_config(_write(tmp_path, "training: [unclosed"))
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_config(_write(tmp_path, "- a list\n"))
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+def _paths(data: Any, prefix: tuple = ()) -> list[tuple]:
+    """Every key path into the config except class paths (importing random module names runs random code)."""
+    found = []
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if key != "class_path":
+                found.append((*prefix, key))
+                found += _paths(value, (*prefix, key))
+    elif isinstance(data, list):
+        for index, value in enumerate(data):
+            found.append((*prefix, index))
+            found += _paths(value, (*prefix, index))
+    return found
+
+
+_PATHS = _paths(BASE)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(max_size=200))
+def test_random_text_only_ever_raises_config_error(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "random.yaml"
+    path.write_text(text, encoding="utf-8")
+    try:
+        load_config(path)
+    except ConfigError as error:
+        assert "\n" not in str(error)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(st.tuples(st.sampled_from(_PATHS), _json, st.booleans()), min_size=1, max_size=3))
+def test_malformed_configs_only_ever_raise_config_error(tmp_path: Path, edits: list) -> None:
+    data = copy.deepcopy(BASE)
+    for keys, value, delete in edits:
+        node = data
+        try:
+            for key in keys[:-1]:
+                node = node[key]
+            if delete:
+                del node[keys[-1]]
+            else:
+                node[keys[-1]] = value
+        except (KeyError, IndexError, TypeError):
+            continue
+    path = tmp_path / "mutated.yaml"
+    path.write_text(yaml.safe_dump(data))
+    try:
+        assert isinstance(load_config(path), CycleConfig)
+    except ConfigError as error:
+        assert "\n" not in str(error) and error.key
+
+
+def test_a_missing_required_init_arg_is_named(tmp_path: Path) -> None:
+    early = {"class_path": "pytorch_lightning.callbacks.EarlyStopping", "init_args": {"patience": 2}}
+    error = _error(tmp_path, _with({("callbacks",): [early]}))
+    assert error.key == "callbacks[0].init_args" and "monitor" in str(error)
+
+
+def test_roni_options_are_checked_against_the_screening_config(tmp_path: Path) -> None:
+    error = _error(tmp_path, _with({("roni", "options"): {"kk": 3}}))
+    assert error.key == "roni.options.kk"
+    error = _error(tmp_path, _with({("roni", "options"): {"k": "big"}}))
+    assert error.key == "roni.options.k"

@@ -1,0 +1,72 @@
+"""The DVC pipeline (prepare -> sign -> cycle) parses in a real DVC repository and tracks the config's params."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _dvc(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run([str(BIN / "dvc"), *args], cwd=repo, capture_output=True, text=True, env=env, timeout=600)
+
+
+def _install(repo: Path) -> None:
+    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    (repo / "configs").mkdir()
+    shutil.copy(ROOT / "configs" / "digits.yaml", repo / "configs" / "digits.yaml")
+
+
+def test_dvc_lists_the_three_stages_in_order(dvc_repo: Path) -> None:
+    _install(dvc_repo)
+    done = _dvc(dvc_repo, "stage", "list", "--name-only")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["prepare", "sign", "cycle"]
+    dag = _dvc(dvc_repo, "dag", "--dot")
+    assert dag.returncode == 0, dag.stderr
+    assert '"prepare" -> "sign"' in dag.stdout and '"sign" -> "cycle"' in dag.stdout
+
+
+def test_the_cycle_stage_tracks_params_that_exist_in_the_config() -> None:
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    (entry,) = stages["cycle"]["params"]
+    ((params_file, keys),) = entry.items()
+    config = load_config(ROOT / params_file, check_components=False)
+    assert set(keys) <= set(config.model_fields_set)
+    assert f"--config {params_file}" in stages["cycle"]["cmd"]
+    report = f"{config.output.work_dir.as_posix()}/report.json"
+    assert stages["cycle"]["metrics"] == [{report: {"cache": False}}]
+
+
+def _commands() -> set[str]:
+    from pipeline.cli import app
+
+    return {command.name for command in app.registered_commands}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not {"cycle", "sign", "keygen"} <= _commands(), reason="needs trainguard keygen/sign/cycle")
+def test_dvc_repro_runs_the_pipeline_then_reruns_only_what_changed(dvc_repo: Path) -> None:
+    _install(dvc_repo)
+    first = _dvc(dvc_repo, "repro")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert (dvc_repo / "demo-work" / "cycle" / "report.json").is_file()
+    again = _dvc(dvc_repo, "repro")
+    assert again.returncode == 0 and "Running stage" not in again.stdout
+    config = dvc_repo / "configs" / "digits.yaml"
+    config.write_text(re.sub(r"max_epochs: \d+", "max_epochs: 1", config.read_text()))
+    changed = _dvc(dvc_repo, "repro")
+    assert changed.returncode == 0, changed.stdout + changed.stderr
+    assert "Running stage 'cycle'" in changed.stdout and "Running stage 'prepare'" not in changed.stdout
