@@ -35,3 +35,25 @@ class ScreeningInputError(DefenseError):
     """RONI screening cannot run on what it was given (no candidates, empty held-out set, bad config)."""
 
     exit_code = 2
+
+
+class ModelRejectedError(DefenseError):
+    """The RONI gate rejected a retrained model: its held-out metrics dropped; the previous weights were restored."""
+
+
+class QuarantinedShardError(DefenseError):
+    """A shard failed input validation and was quarantined; `shard` and `source` name it, `check` the failed rule."""
+
+    def __init__(self, message: str, shard: str | None = None, source: str | None = None, check: str | None = None):
+        super().__init__(message)
+        self.shard = shard
+        self.source = source
+        self.check = check
+
+
+class SourceCapError(DefenseError):
+    """A source contributes more than its allowed fraction of a cycle's training data; `source` names it."""
+
+    def __init__(self, message: str, source: str | None = None) -> None:
+        super().__init__(message)
+        self.source = source

@@ -71,7 +71,9 @@ def heldout_metrics(model: nn.Module, data: LabeledData, num_classes: int, batch
     model.eval()
     try:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        logits = torch.cat([model(data.x[i : i + batch_size].to(device)).cpu() for i in range(0, len(data), batch_size)])
+        logits = torch.cat(
+            [model(data.x[i : i + batch_size].to(device)).cpu() for i in range(0, len(data), batch_size)]
+        )
     finally:
         model.train(was_training)
     losses = F.cross_entropy(logits.float(), data.y, reduction="none")

@@ -65,7 +65,7 @@ class RobustAccuracy(pl.Callback):
         self.seed = seed
         self.name = name
         self.attack: PGD | None = None
-        self._correct = torch.zeros(len(self.eps), dtype=torch.long)
+        self._correct: torch.Tensor | None = None
         self._seen = 0
 
     def metric_names(self) -> list[str]:
@@ -87,7 +87,7 @@ class RobustAccuracy(pl.Callback):
         )
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._correct = torch.zeros(len(self.eps), dtype=torch.long, device=pl_module.device)
+        self._correct = None
         self._seen = 0
         if self.attack is not None:
             self.attack.reset_generator()
@@ -107,9 +107,11 @@ class RobustAccuracy(pl.Callback):
         if room is not None and room <= 0:
             return
         x, y = self.keys.get(batch)
-        # Validation runs under inference mode; attacks need autograd on ordinary (cloned) tensors.
+        # `Trainer.validate` runs under inference mode; attacks need autograd on ordinary (cloned) tensors.
         with torch.inference_mode(False), torch.enable_grad():
             x, y = x[:room].clone(), y[:room].clone()
+            if self._correct is None:
+                self._correct = torch.zeros(len(self.eps), dtype=torch.long, device=x.device)
             for i, eps in enumerate(self.eps):
                 x_adv = self.attack(x, y, eps=eps)
                 with torch.no_grad(), crafting_mode(pl_module):
@@ -120,7 +122,8 @@ class RobustAccuracy(pl.Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        counts = torch.cat([self._correct, self._correct.new_tensor([self._seen])]).float()
+        correct = self._correct if self._correct is not None else torch.zeros(len(self.eps), device=pl_module.device)
+        counts = torch.cat([correct.float(), correct.new_tensor([self._seen]).float()])
         counts = trainer.strategy.reduce(counts, reduce_op="sum")
         seen = counts[-1]
         if seen == 0:

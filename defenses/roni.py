@@ -1,9 +1,11 @@
 """Reject On Negative Impact (Nelson et al.) per candidate shard or source, calibrated on known-good data.
 
-Each candidate fine-tunes a copy of the current model for a fixed budget; its impact is how much the held-out loss
-(overall and per class) rises. Calibration shards of the same size drawn from trusted data give the distribution of
-clean impacts; a candidate is rejected when an impact exceeds median + k * MAD of that distribution. All copies
-(calibration and candidates) train together: stacked parameters, `torch.func.functional_call` under `vmap`.
+Each candidate fine-tunes a copy of the current model for a fixed budget; its impact is how much the held-out soft
+accuracy (mean probability of the true class, overall and per class) drops. The soft accuracy is bounded per row, so
+a few hard held-out rows cannot dominate it as they dominate the cross-entropy. Calibration shards of the same size
+drawn from trusted data give the distribution of clean impacts; a candidate is rejected when an impact exceeds
+median + k * MAD of that distribution. All copies (calibration and candidates) train together: stacked parameters,
+`torch.func.functional_call` under `vmap`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -38,15 +40,18 @@ class Candidate:
 class ScreeningConfig:
     """Fine-tuning budget and decision rule of the screening.
 
-    `k` and `class_k` are how many robust standard deviations (1.4826 * MAD) above the median calibration impact
-    an overall or per-class impact may lie. `calibration_shards` clean shards are drawn (without replacement inside a
-    shard) from the trusted data, each as large as the smallest candidate unless `calibration_size` is set.
+    `k` is how many robust standard deviations (1.4826 * MAD) above the median calibration impact the overall impact
+    may lie; `class_k` the same per class, in units of the median per-class robust deviation (pooled over classes,
+    since a class whose calibration impacts barely vary would otherwise flag every small change).
+    `calibration_shards` clean shards are drawn (without replacement inside a shard) from the trusted data, each as
+    large as the smallest candidate unless `calibration_size` is set. `chunk_size` bounds how many copies train at
+    once (memory); `batched=False` trains them one after another (same results, for comparison).
     """
 
     steps: int = 20
     lr: float = 0.5
-    k: float = 4.0
-    class_k: float = 6.0
+    k: float = 5.0
+    class_k: float = 18.0
     per_class: bool = True
     calibration_shards: int = 40
     calibration_size: int | None = None
@@ -59,14 +64,16 @@ class ScreeningConfig:
         if self.steps < 1 or self.lr <= 0 or self.k <= 0 or self.class_k <= 0:
             raise ScreeningInputError("screening config: steps >= 1, lr > 0, k > 0 and class_k > 0 are required")
         if self.calibration_shards < 5:
-            raise ScreeningInputError("screening config: at least 5 calibration shards are needed for robust statistics")
+            raise ScreeningInputError(
+                "screening config: at least 5 calibration shards are needed for robust statistics"
+            )
         if self.chunk_size < 1:
             raise ScreeningInputError("screening config: chunk_size must be >= 1")
 
 
 @dataclass(frozen=True)
 class CandidateDecision:
-    """Impact of one candidate on the held-out loss, the thresholds it was held to, and the verdict."""
+    """Drop of the held-out soft accuracy caused by one candidate, the thresholds it was held to, and the verdict."""
 
     name: str
     source: str
@@ -91,8 +98,7 @@ class ScreeningReport:
     calibration_size: int
     config: ScreeningConfig
     seconds: float
-    base_loss: float
-    extra: dict[str, object] = field(default_factory=dict)
+    base_soft_accuracy: float
 
     @property
     def accepted(self) -> tuple[CandidateDecision, ...]:
@@ -108,7 +114,7 @@ class ScreeningReport:
             "class_thresholds": list(self.class_thresholds),
             "calibration_impacts": list(self.calibration_impacts),
             "calibration_size": self.calibration_size,
-            "base_loss": self.base_loss,
+            "base_soft_accuracy": self.base_soft_accuracy,
             "seconds": self.seconds,
             "config": asdict(self.config),
             "decisions": [asdict(d) for d in self.decisions],
@@ -174,10 +180,12 @@ def _step_function(
     return step
 
 
-def finetune_heldout_losses(
+def finetune_heldout_probabilities(
     model: nn.Module, shards: Sequence[LabeledData], holdout: LabeledData, config: ScreeningConfig
 ) -> torch.Tensor:
-    """Per held-out row losses (K x H) of K copies of `model`, copy i fine-tuned on shard i for `config.steps` steps.
+    """True-class probabilities per held-out row (K x H) of K copies of `model`, copy i fine-tuned on shard i.
+
+    Each copy takes `config.steps` full-batch gradient steps of size `config.lr` on its shard.
 
     The model is used in eval mode (no dropout, frozen normalisation statistics) and left unchanged.
     """
@@ -189,9 +197,9 @@ def finetune_heldout_losses(
         buffers = {n: b.detach() for n, b in model.named_buffers()}
         step = _step_function(model, buffers, config.lr)
 
-        def heldout_loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        def heldout_prob(p: dict[str, torch.Tensor]) -> torch.Tensor:
             logits = functional_call(model, (p, buffers), (holdout.x.to(device),))
-            return F.cross_entropy(logits, holdout.y.to(device), reduction="none")
+            return _true_class_probability(logits, holdout.y.to(device))
 
         out = []
         for start in range(0, len(shards), config.chunk_size):
@@ -202,27 +210,30 @@ def finetune_heldout_losses(
                 for _ in range(config.steps):
                     stacked = batched_step(stacked, xs, ys, ws)
                 with torch.no_grad():
-                    out.append(vmap(heldout_loss)(stacked).cpu())
+                    out.append(vmap(heldout_prob)(stacked).cpu())
             else:
                 for x, y, w in zip(xs, ys, ws, strict=True):
                     copy = dict(params)
                     for _ in range(config.steps):
                         copy = step(copy, x, y, w)
                     with torch.no_grad():
-                        out.append(heldout_loss(copy).unsqueeze(0).cpu())
+                        out.append(heldout_prob(copy).unsqueeze(0).cpu())
         return torch.cat(out)
     finally:
         model.train(was_training)
 
 
+def _true_class_probability(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return logits.softmax(-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+
 
 @torch.no_grad()
-def _heldout_losses(model: nn.Module, holdout: LabeledData) -> torch.Tensor:
+def _heldout_probabilities(model: nn.Module, holdout: LabeledData) -> torch.Tensor:
     was_training = model.training
     model.eval()
     try:
         device = next(model.parameters()).device
-        return F.cross_entropy(model(holdout.x.to(device)), holdout.y.to(device), reduction="none").cpu()
+        return _true_class_probability(model(holdout.x.to(device)), holdout.y.to(device)).cpu()
     finally:
         model.train(was_training)
 
@@ -238,26 +249,31 @@ def _calibration_shards(trusted: LabeledData, size: int, count: int, seed: int) 
     return shards
 
 
-def _nan_robust_thresholds(values: np.ndarray, k: float) -> np.ndarray:
-    """Column-wise robust thresholds ignoring NaN (a class absent from the held-out set gets +inf)."""
+def class_thresholds_of(values: np.ndarray, k: float) -> np.ndarray:
+    """Per-class thresholds from calibration impacts (shards x classes): median_c + k * pooled robust scale.
+
+    The scale is the median over classes of each class's robust scale; a class absent from the held-out set (NaN)
+    gets +inf.
+    """
+    present = ~np.isnan(values).all(0)
     out = np.full(values.shape[1], math.inf)
-    for c in range(values.shape[1]):
-        column = values[:, c][~np.isnan(values[:, c])]
-        if len(column):
-            out[c] = robust_threshold(column, k)
+    if present.any():
+        medians = np.array([np.median(values[:, c]) for c in np.flatnonzero(present)])
+        scale = float(np.median([robust_scale(values[:, c]) for c in np.flatnonzero(present)]))
+        out[present] = medians + k * scale
     return out
 
 
 def _decide(impact: float, threshold: float, class_impacts: np.ndarray, class_thresholds: np.ndarray) -> str:
     """'' when clean, else a one-line reason naming the metric that rose too much."""
     if impact > threshold:
-        return f"held-out loss rose by {impact:.4f}, above the calibrated threshold {threshold:.4f}"
+        return f"held-out soft accuracy dropped by {impact:.4f}, above the calibrated threshold {threshold:.4f}"
     with np.errstate(invalid="ignore"):
         over = np.nan_to_num(class_impacts - class_thresholds, nan=-math.inf)
     worst = int(np.argmax(over))
     if over[worst] > 0:
         return (
-            f"held-out loss of class {worst} rose by {class_impacts[worst]:.4f}, "
+            f"held-out soft accuracy of class {worst} dropped by {class_impacts[worst]:.4f}, "
             f"above its calibrated threshold {class_thresholds[worst]:.4f}"
         )
     return ""
@@ -284,20 +300,24 @@ def screen_candidates(
         if len(candidate.data) == 0:
             raise ScreeningInputError(f"candidate {candidate.name!r} from source {candidate.source!r} is empty")
     started = time.perf_counter()
-    num_classes = config.num_classes or int(max(holdout.y.max(), base_data.y.max(), *(c.data.y.max() for c in candidates))) + 1
+    num_classes = (
+        config.num_classes or int(max(holdout.y.max(), base_data.y.max(), *(c.data.y.max() for c in candidates))) + 1
+    )
     size = config.calibration_size or min(len(c.data) for c in candidates)
     calibration = _calibration_shards(base_data, size, config.calibration_shards, config.seed)
 
-    base_losses = _heldout_losses(model, holdout)
-    losses = finetune_heldout_losses(model, [*calibration, *(c.data for c in candidates)], holdout, config)
-    impacts = (losses.mean(1) - base_losses.mean()).double().numpy()
-    class_impacts = (per_class_mean(losses, holdout.y, num_classes) - per_class_mean(base_losses, holdout.y, num_classes))
-    class_impacts = class_impacts.double().numpy()
+    base = _heldout_probabilities(model, holdout).double()
+    probs = finetune_heldout_probabilities(model, [*calibration, *(c.data for c in candidates)], holdout, config)
+    probs = probs.double()
+    impacts = (base.mean() - probs.mean(1)).numpy()
+    class_impacts = (
+        per_class_mean(base, holdout.y, num_classes) - per_class_mean(probs, holdout.y, num_classes)
+    ).numpy()
 
     n_cal = len(calibration)
     threshold = robust_threshold(impacts[:n_cal], config.k)
     class_thresholds = (
-        _nan_robust_thresholds(class_impacts[:n_cal], config.class_k)
+        class_thresholds_of(class_impacts[:n_cal], config.class_k)
         if config.per_class
         else np.full(num_classes, math.inf)
     )
@@ -328,5 +348,5 @@ def screen_candidates(
         calibration_size=size,
         config=config,
         seconds=time.perf_counter() - started,
-        base_loss=float(base_losses.mean()),
+        base_soft_accuracy=float(base.mean()),
     )

@@ -35,7 +35,9 @@ def _kl_to_clean(logits_adv: torch.Tensor, clean_probs: torch.Tensor) -> torch.T
 class TradesAttack(Attack):
     """TRADES' inner maximisation: PGD on KL(f(x) || f(x')) from a Gaussian start of 0.001 eps (the KL is flat at x)."""
 
-    def __init__(self, model: torch.nn.Module, *, eps: float, steps: int = 10, step_size: float | None = None, **kw: Any):
+    def __init__(
+        self, model: torch.nn.Module, *, eps: float, steps: int = 10, step_size: float | None = None, **kw: Any
+    ) -> None:
         super().__init__(model, eps=eps, loss=_kl_to_clean, **kw)
         if steps < 1:
             raise AttackConfigError(f"steps must be >= 1, got {steps!r}")

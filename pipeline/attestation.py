@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import AttestationError
+from pipeline.model_sign import ModelFiles
 from pipeline.state import ShardDecision
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
@@ -176,6 +177,15 @@ def _version(package: str) -> str:
 def _versions() -> dict[str, str]:
     packages = ("trainguard", "torch", "pytorch-lightning", "model-signing", "mlflow", "cryptography")
     return {package: _version(package) for package in packages}
+
+
+def attestor(facts: CycleFacts, signing_key: Path) -> Callable[[ModelFiles], bytes]:
+    """The `attest` hook of `write_signed_model`: states `facts` about the files just signed, signed with the key."""
+
+    def attest(files: ModelFiles) -> bytes:
+        return sign_statement(build_statement(replace(facts, model_digests=dict(files.digests))), signing_key)
+
+    return attest
 
 
 @dataclass(frozen=True)

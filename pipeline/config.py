@@ -252,7 +252,11 @@ def check_config_components(
         _check_component(component, key, _COMPONENT_BASES[kind], supplied, source)
     if config.roni.options:
         screening = Component(class_path=_SCREENING_CONFIG, init_args=config.roni.options)
-        _bind_init_args(screening.resolve(), screening, "roni.options", (), source)
+        try:
+            screening_class = screening.resolve()
+        except (ImportError, AttributeError) as error:
+            raise ConfigError(f"{source}: roni.options: cannot check: {error}", key="roni.options") from None
+        _bind_init_args(screening_class, screening, "roni.options", (), source)
 
 
 def _read_yaml(path: Path) -> Any:

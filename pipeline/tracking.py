@@ -52,6 +52,15 @@ def resolve_tracking_uri(configured: str | None = None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or configured or DEFAULT_TRACKING_URI
 
 
+def cycle_tags(git_commit: str | None, manifests: Mapping[str, str], signer_keyids: Sequence[str]) -> dict[str, str]:
+    """The tags every cycle run carries: code commit, manifest digests (name -> sha256) and signer keyids."""
+    tags = {f"trainguard.manifest.{name}.sha256": digest for name, digest in manifests.items()}
+    tags["trainguard.signer_keyids"] = ",".join(sorted(set(signer_keyids)))
+    if git_commit:
+        tags["mlflow.source.git.commit"] = git_commit
+    return tags
+
+
 def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested config -> {"training.max_epochs": "5", ...}; lists as JSON; values and keys cut to MLflow's limits."""
     flat: dict[str, str] = {}
@@ -262,6 +271,16 @@ class TrackedRun:
             inputs.append(DatasetInput(dataset, [InputTag(k, _cut(str(v), 500)) for k, v in tags.items()]))
         with self.tracker._guard(f"log dataset inputs to {self.name}"):
             self.tracker._client.log_inputs(self.run_id, datasets=inputs)
+
+    def lightning_logger(self) -> Any:
+        """A Lightning `MLFlowLogger` writing into this run (None offline: train with `logger=False`)."""
+        if not self.active:
+            return None
+        from pytorch_lightning.loggers import MLFlowLogger
+
+        return MLFlowLogger(
+            experiment_name=self.tracker.experiment_name, tracking_uri=self.tracker.uri, run_id=self.run_id
+        )
 
     def register_model(self, model_dir: Path, tags: Mapping[str, str] | None = None) -> str | None:
         """Uploads the signed model directory and registers it as a new version; call only on acceptance.

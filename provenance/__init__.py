@@ -1,0 +1,80 @@
+"""Signed, hash-verified training-data shards: keys, DSSE envelopes, in-toto manifests, verify and verify-on-read.
+
+Torch- and Lightning-backed names (datasets, data module, callback) are imported lazily so `import provenance`
+stays cheap.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from provenance.dsse import Envelope, Signature, add_signature, pae, sign_envelope, verify_envelope
+from provenance.errors import (
+    AlreadySignedError,
+    BadSignatureError,
+    DataDirError,
+    DvcMismatchError,
+    ExpiredError,
+    KeyFileError,
+    MalformedError,
+    PayloadTypeError,
+    PolicyError,
+    ProvenanceError,
+    RollbackError,
+    ShardError,
+    SignatureError,
+    ThresholdError,
+    UntrustedSignerError,
+    VerificationFailed,
+)
+from provenance.keys import (
+    KeyType,
+    SigningKey,
+    VerifyingKey,
+    generate_signing_key,
+    load_signing_key,
+    load_verifying_key,
+    write_keypair,
+)
+
+_LAZY = {}
+
+__all__ = [
+    "AlreadySignedError",
+    "BadSignatureError",
+    "DataDirError",
+    "DvcMismatchError",
+    "Envelope",
+    "ExpiredError",
+    "KeyFileError",
+    "KeyType",
+    "MalformedError",
+    "PayloadTypeError",
+    "PolicyError",
+    "ProvenanceError",
+    "RollbackError",
+    "ShardError",
+    "Signature",
+    "SignatureError",
+    "SigningKey",
+    "ThresholdError",
+    "UntrustedSignerError",
+    "VerificationFailed",
+    "VerifyingKey",
+    "add_signature",
+    "generate_signing_key",
+    "load_signing_key",
+    "load_verifying_key",
+    "pae",
+    "sign_envelope",
+    "verify_envelope",
+    "write_keypair",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'provenance' has no attribute {name!r}")

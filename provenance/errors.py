@@ -8,3 +8,124 @@ class ProvenanceError(Exception):
 
     reason = "provenance"
     exit_code = 1
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        shard: str | None = None,
+        keyid: str | None = None,
+        path: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.shard = shard
+        self.keyid = keyid
+        self.path = path
+        if reason is not None:
+            self.reason = reason
+
+
+# Unusable input (exit 2)
+
+
+class MalformedError(ProvenanceError):
+    """An envelope, statement, policy or state file cannot be parsed or breaks the format."""
+
+    reason = "malformed"
+    exit_code = 2
+
+
+class KeyFileError(ProvenanceError):
+    """A key file is missing, unreadable, of an unsupported type or needs a passphrase that was not given."""
+
+    reason = "key-file"
+    exit_code = 2
+
+
+class PolicyError(ProvenanceError):
+    """A trust policy is unusable (no keys, threshold out of range, unreadable key)."""
+
+    reason = "policy"
+    exit_code = 2
+
+
+class AlreadySignedError(ProvenanceError):
+    """The envelope already carries a signature of this key."""
+
+    reason = "already-signed"
+    exit_code = 2
+
+
+class DataDirError(ProvenanceError):
+    """The data directory to sign is unusable (missing, empty, holds unsafe entries)."""
+
+    reason = "data-dir"
+    exit_code = 2
+
+
+# Failed checks (exit 1)
+
+
+class SignatureError(ProvenanceError):
+    """The envelope's signatures do not meet the trust policy."""
+
+    reason = "signature"
+
+
+class BadSignatureError(SignatureError):
+    """A signature claiming a trusted key does not verify: the payload or payloadType was changed after signing."""
+
+    reason = "bad-signature"
+
+
+class UntrustedSignerError(SignatureError):
+    """No signature comes from a trusted key."""
+
+    reason = "untrusted-signer"
+
+
+class ThresholdError(SignatureError):
+    """Fewer distinct trusted keys signed than the policy's threshold."""
+
+    reason = "below-threshold"
+
+
+class PayloadTypeError(ProvenanceError):
+    """The envelope's payloadType is not the in-toto one."""
+
+    reason = "payload-type"
+
+
+class ExpiredError(ProvenanceError):
+    """The manifest's `expires` time has passed."""
+
+    reason = "expired"
+
+
+class RollbackError(ProvenanceError):
+    """The manifest is older than (or reuses the version of) one already accepted for this dataset."""
+
+    reason = "rollback"
+
+
+class ShardError(ProvenanceError):
+    """One shard failed a check; `reason` says which (digest-mismatch, missing, symlink, ...)."""
+
+    reason = "shard"
+
+
+class DvcMismatchError(ProvenanceError):
+    """A shard's md5 differs from what DVC tracks for it (cross-check beside sha256)."""
+
+    reason = "dvc-mismatch"
+
+
+class VerificationFailed(ProvenanceError):
+    """Verification of a dataset found failures; `report` lists every one of them."""
+
+    reason = "verification-failed"
+
+    def __init__(self, message: str, report: object) -> None:
+        super().__init__(message)
+        self.report = report

@@ -7,9 +7,9 @@ import typer
 
 def register_all(app: typer.Typer) -> None:
     """Adds every sub-command to the root app."""
-    from pipeline.commands import demo, model, prepare
+    from pipeline.commands import data, demo, model, prepare
 
-    for module in (demo, prepare, model):
+    for module in (demo, prepare, model, data):
         module.register(app)
 
 

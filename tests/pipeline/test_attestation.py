@@ -11,6 +11,7 @@ import pytest
 from pipeline.attestation import (
     PREDICATE_TYPE,
     STATEMENT_TYPE,
+    AttestationInputError,
     CycleFacts,
     Resource,
     build_statement,
@@ -18,7 +19,9 @@ from pipeline.attestation import (
     file_resource,
     git_resource,
     read_log_digest,
+    sign_statement,
     statement_bytes,
+    verify_attestation,
 )
 from pipeline.errors import AttestationError
 from pipeline.state import ShardDecision
@@ -122,3 +125,27 @@ def test_the_code_dependency_is_the_checked_out_commit(dvc_repo: Path, tmp_path:
     outside = tmp_path / "not-a-repo"
     outside.mkdir()
     assert git_resource(outside) is None
+
+
+def test_a_signed_statement_verifies_only_against_its_key(tmp_path: Path) -> None:
+    from provenance.dsse import Envelope, sign_envelope
+    from provenance.keys import generate_signing_key, load_signing_key, write_keypair
+
+    private, public = write_keypair(generate_signing_key("ed25519"), tmp_path / "attest")
+    _, other = write_keypair(generate_signing_key("ecdsa-p256"), tmp_path / "other")
+    statement = build_statement(_facts(tmp_path))
+    path = tmp_path / "attestation.json"
+    path.write_bytes(sign_statement(statement, private))
+
+    verified = verify_attestation(path, [public])
+    assert verified.statement == statement and verified.subjects == MODEL
+    assert verified.keyids == (load_signing_key(private).keyid,)
+    with pytest.raises(AttestationError, match="no signature from a trusted key"):
+        verify_attestation(path, [other])
+
+    envelope = Envelope.from_json(path.read_bytes())
+    path.write_bytes(sign_envelope("application/json", envelope.payload, load_signing_key(private)).to_json())
+    with pytest.raises(AttestationError, match="payloadType"):
+        verify_attestation(path, [public])
+    with pytest.raises(AttestationInputError):
+        verify_attestation(tmp_path / "absent.json", [public])

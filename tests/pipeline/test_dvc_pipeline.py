@@ -50,6 +50,20 @@ def test_the_cycle_stage_tracks_params_that_exist_in_the_config() -> None:
     assert stages["cycle"]["metrics"] == [{report: {"cache": False}}]
 
 
+def test_dvc_repro_reruns_the_prepare_stage_only_when_its_params_change(dvc_repo: Path) -> None:
+    _install(dvc_repo)
+    first = _dvc(dvc_repo, "repro", "prepare")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert sorted(p.name for p in (dvc_repo / "demo-work/data/train/alice").iterdir())[0] == "b0-shard-00.parquet"
+    again = _dvc(dvc_repo, "repro", "prepare")
+    assert again.returncode == 0 and "didn't change" in again.stdout
+    pipeline = dvc_repo / "dvc.yaml"
+    pipeline.write_text(pipeline.read_text().replace("batch: 0", "batch: 1", 1))
+    changed = _dvc(dvc_repo, "repro", "prepare")
+    assert changed.returncode == 0 and "Running stage 'prepare'" in changed.stdout
+    assert (dvc_repo / "demo-work/data/train/alice/b1-shard-00.parquet").is_file()
+
+
 def _commands() -> set[str]:
     from pipeline.cli import app
 

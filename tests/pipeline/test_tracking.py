@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import load_config
-from pipeline.tracking import CycleTracker, DatasetRef, flatten_params, resolve_tracking_uri
+from pipeline.tracking import CycleTracker, DatasetRef, cycle_tags, flatten_params, resolve_tracking_uri
 
 DIGITS = Path(__file__).resolve().parents[2] / "configs" / "digits.yaml"
 SHA = "ab" * 32
@@ -23,6 +23,25 @@ SHA = "ab" * 32
 def _names() -> tuple[str, str]:
     tag = uuid.uuid4().hex[:8]
     return f"exp-{tag}", f"model-{tag}"
+
+
+def _fit_briefly(logger: object) -> None:
+    """One epoch of the digits classifier on a few rows, logging through the given Lightning logger."""
+    import pytorch_lightning as pl
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pipeline.models import DigitsClassifier
+
+    data = TensorDataset(torch.rand(32, 64), torch.randint(0, 10, (32,)))
+    trainer = pl.Trainer(
+        max_epochs=1,
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(DigitsClassifier(channels=2), DataLoader(data, batch_size=16))
 
 
 def test_a_cycle_lands_as_a_parent_run_with_nested_stage_runs(mlflow_uri: str, tmp_path: Path) -> None:
@@ -37,7 +56,8 @@ def test_a_cycle_lands_as_a_parent_run_with_nested_stage_runs(mlflow_uri: str, t
     tracker = CycleTracker.connect(experiment, registered)
     assert not tracker.offline, tracker.offline_reason
     assert tracker.uri == mlflow_uri
-    with tracker.cycle("cycle-1", params=config.resolved(), tags={"trainguard.git_commit": "abc"}) as parent:
+    tags = cycle_tags("abc", {"train": SHA}, ["k2", "k1", "k2"])
+    with tracker.cycle("cycle-1", params=config.resolved(), tags=tags) as parent:
         with parent.stage("verification") as verification:
             verification.log_datasets([DatasetRef("train", SHA, "file:///data/train.manifest.json")])
             verification.set_tags({"trainguard.manifest.train.sha256": SHA})
@@ -45,6 +65,7 @@ def test_a_cycle_lands_as_a_parent_run_with_nested_stage_runs(mlflow_uri: str, t
         with parent.stage("training") as training:
             for step in range(300):  # 1,200 points: two log_batch calls, not 1,200 calls
                 training.log_metrics({"a": step, "b": 2 * step, "c": 0.5, "d": 1.0}, step=step)
+            _fit_briefly(training.lightning_logger())
         with parent.stage("gate") as gate:
             gate.log_metrics({"gate/clean_accuracy": 0.91})
         parent.log_artifact(report)
@@ -55,12 +76,15 @@ def test_a_cycle_lands_as_a_parent_run_with_nested_stage_runs(mlflow_uri: str, t
     assert parent_run.info.status == "FINISHED"
     assert parent_run.data.params["training.max_epochs"] == str(config.training.max_epochs)
     assert parent_run.data.params["model.class_path"] == "pipeline.models.DigitsClassifier"
-    assert parent_run.data.tags["trainguard.git_commit"] == "abc"
+    assert parent_run.data.tags["mlflow.source.git.commit"] == "abc"
+    assert parent_run.data.tags["trainguard.signer_keyids"] == "k1,k2"
+    assert parent_run.data.tags["trainguard.manifest.train.sha256"] == SHA
     children = client.search_runs(
         [parent_run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}'"
     )
     assert sorted(run.info.run_name for run in children) == ["gate", "training", "verification"]
     assert len(client.get_metric_history(training.run_id, "b")) == 300
+    assert "train/loss" in client.get_run(training.run_id).data.metrics
     verified = client.get_run(verification.run_id)
     assert verified.data.metrics["verify/failed"] == 1
     (dataset_input,) = verified.inputs.dataset_inputs

@@ -1,0 +1,81 @@
+"""Per-source caps: no single source may contribute more than a configured fraction of a cycle's training data."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from defenses.errors import ScreeningInputError, SourceCapError
+
+
+@dataclass(frozen=True)
+class SourceShare:
+    source: str
+    rows: int
+    fraction: float
+    allowed: bool
+
+
+@dataclass(frozen=True)
+class CapCheck:
+    """Each source's share of the cycle's rows against `max_fraction`."""
+
+    shares: tuple[SourceShare, ...]
+    max_fraction: float
+
+    @property
+    def over(self) -> tuple[str, ...]:
+        return tuple(s.source for s in self.shares if not s.allowed)
+
+
+def _validated(rows_by_source: Mapping[str, int], max_fraction: float) -> int:
+    if not 0 < max_fraction <= 1:
+        raise ScreeningInputError(f"source cap must be a fraction in (0, 1], got {max_fraction}")
+    if any(n < 0 for n in rows_by_source.values()):
+        raise ScreeningInputError("row counts per source must not be negative")
+    return sum(rows_by_source.values())
+
+
+def check_source_caps(rows_by_source: Mapping[str, int], max_fraction: float) -> CapCheck:
+    """Each source's fraction of all rows, and whether it is within `max_fraction`."""
+    total = _validated(rows_by_source, max_fraction)
+    shares = tuple(
+        SourceShare(source, n, n / total if total else 0.0, n <= max_fraction * total)
+        for source, n in rows_by_source.items()
+    )
+    return CapCheck(shares, max_fraction)
+
+
+def enforce_source_caps(rows_by_source: Mapping[str, int], max_fraction: float) -> CapCheck:
+    """Like `check_source_caps`, but raises `SourceCapError` naming the largest source over the cap."""
+    result = check_source_caps(rows_by_source, max_fraction)
+    over = [s for s in result.shares if not s.allowed]
+    if over:
+        worst = max(over, key=lambda s: s.fraction)
+        raise SourceCapError(
+            f"source {worst.source} contributes {worst.fraction:.1%} of this cycle's rows "
+            f"({worst.rows} rows), more than the cap of {max_fraction:.1%}",
+            source=worst.source,
+        )
+    return result
+
+
+def capped_rows(rows_by_source: Mapping[str, int], max_fraction: float) -> dict[str, int]:
+    """Rows each source may keep so that none exceeds `max_fraction` of the kept total; small sources keep all.
+
+    Finds the largest per-source ceiling c with c <= max_fraction * sum(min(rows, c)). The slack of that inequality
+    is concave in c and zero at c = 0, so the feasible ceilings form an interval and bisection finds its end.
+    """
+    _validated(rows_by_source, max_fraction)
+
+    def feasible(c: int) -> bool:
+        return c <= max_fraction * sum(min(n, c) for n in rows_by_source.values())
+
+    low, high = 0, max(rows_by_source.values(), default=0)
+    while low < high:
+        mid = (low + high + 1) // 2
+        if feasible(mid):
+            low = mid
+        else:
+            high = mid - 1
+    return {source: min(n, low) for source, n in rows_by_source.items()}

@@ -1,0 +1,136 @@
+"""Schema checks on training shards (pandera) and duplicate rows across sources; failing shards are quarantined.
+
+Each shard gets one verdict naming the first failed check (`columns`, `dtype`, `nulls`, `labels`, `range`,
+`duplicates`) and where, so the quarantine record says what to fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+import pandera.pandas as pa
+
+CHECK_ORDER = ("columns", "dtype", "nulls", "labels", "range", "duplicates")
+
+
+@dataclass(frozen=True)
+class ShardSchema:
+    """What a shard must look like: feature columns of one float dtype within bounds, an integer label column."""
+
+    features: tuple[str, ...]
+    label: str = "label"
+    allowed_labels: tuple[int, ...] = tuple(range(10))
+    min_value: float = 0.0
+    max_value: float = 1.0
+    feature_dtype: str = "float32"
+    label_dtype: str = "int64"
+
+    def pandera(self) -> pa.DataFrameSchema:
+        columns = {
+            name: pa.Column(self.feature_dtype, pa.Check.in_range(self.min_value, self.max_value), nullable=False)
+            for name in self.features
+        }
+        columns[self.label] = pa.Column(self.label_dtype, pa.Check.isin(list(self.allowed_labels)), nullable=False)
+        return pa.DataFrameSchema(columns, strict=True)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A shard's rows with the source that signed it and its name in the manifest."""
+
+    name: str
+    source: str
+    frame: pd.DataFrame
+
+
+@dataclass(frozen=True)
+class ShardVerdict:
+    """Accepted, or quarantined because of `check` (one of CHECK_ORDER), with a one-line reason."""
+
+    name: str
+    source: str
+    accepted: bool
+    check: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    verdicts: tuple[ShardVerdict, ...]
+
+    @property
+    def accepted(self) -> tuple[str, ...]:
+        return tuple(v.name for v in self.verdicts if v.accepted)
+
+    @property
+    def quarantined(self) -> tuple[ShardVerdict, ...]:
+        return tuple(v for v in self.verdicts if not v.accepted)
+
+
+def _kind(check: str) -> str:
+    if check in ("column_in_schema", "column_in_dataframe"):
+        return "columns"
+    if check.startswith("dtype("):
+        return "dtype"
+    if check == "not_nullable":
+        return "nulls"
+    if check.startswith("isin("):
+        return "labels"
+    if check.startswith("in_range("):
+        return "range"
+    return check
+
+
+def check_schema(shard: Shard, schema: ShardSchema) -> ShardVerdict:
+    """Validates one shard against `schema`; the verdict names the first failed kind of check and its columns."""
+    try:
+        schema.pandera().validate(shard.frame, lazy=True)
+    except pa.errors.SchemaErrors as error:
+        cases = error.failure_cases
+        kinds = cases["check"].astype(str).map(_kind)
+        kind = min(kinds, key=lambda k: CHECK_ORDER.index(k) if k in CHECK_ORDER else len(CHECK_ORDER))
+        hits = cases[kinds == kind]
+        where = sorted({str(c) for c in hits["column"].fillna(hits["failure_case"]).astype(str)})
+        shown = ", ".join(where[:5]) + (f" and {len(where) - 5} more" if len(where) > 5 else "")
+        reason = f"shard {shard.name} from {shard.source}: {kind} check failed ({len(hits)} cases) in {shown}"
+        return ShardVerdict(shard.name, shard.source, False, kind, reason)
+    return ShardVerdict(shard.name, shard.source, True, "", "schema checks passed")
+
+
+def _duplicates_across_sources(shards: Sequence[Shard], features: Sequence[str]) -> dict[str, str]:
+    """Shard name -> reason, for shards sharing a feature row with a shard of another source."""
+    owner: dict[int, Shard] = {}
+    found: dict[str, str] = {}
+    for shard in shards:
+        clashes: dict[str, tuple[Shard, int]] = {}
+        for h in set(pd.util.hash_pandas_object(shard.frame[list(features)], index=False).tolist()):
+            first = owner.setdefault(h, shard)
+            if first.source != shard.source:
+                other, count = clashes.get(first.name, (first, 0))
+                clashes[first.name] = (other, count + 1)
+        for other, count in clashes.values():
+            found.setdefault(
+                shard.name,
+                f"shard {shard.name} from {shard.source}: duplicates check failed "
+                f"({count} rows also in shard {other.name} from {other.source})",
+            )
+            found.setdefault(
+                other.name,
+                f"shard {other.name} from {other.source}: duplicates check failed "
+                f"({count} rows also in shard {shard.name} from {shard.source})",
+            )
+    return found
+
+
+def validate_shards(shards: Sequence[Shard], schema: ShardSchema) -> ValidationResult:
+    """Schema checks per shard, then duplicate feature rows across sources among the shards that passed them.
+
+    Both shards of a cross-source duplicate are quarantined: which copy is the original is not knowable here.
+    """
+    verdicts = {s.name: check_schema(s, schema) for s in shards}
+    passed = [s for s in shards if verdicts[s.name].accepted]
+    for name, reason in _duplicates_across_sources(passed, schema.features).items():
+        verdicts[name] = ShardVerdict(name, verdicts[name].source, False, "duplicates", reason)
+    return ValidationResult(tuple(verdicts[s.name] for s in shards))

@@ -1,0 +1,92 @@
+"""DVC cross-check: the md5 DVC records for each file of a tracked data dir (`DIR.dvc` or `dvc.lock` outs).
+
+md5 is never a security decision here: it is only compared beside the signed SHA-256, to catch a data dir that
+drifted from what DVC tracks (or a manifest signed over different files than the ones DVC versions).
+"""
+
+from __future__ import annotations
+
+import configparser
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from provenance.errors import DataDirError, DvcMismatchError
+
+
+def find_repo_root(start: Path) -> Path:
+    for folder in (start, *start.parents):
+        if (folder / ".dvc").is_dir():
+            return folder
+    raise DataDirError(f"{start} is not inside a DVC repository (no .dvc folder above it)", path=str(start))
+
+
+def dvc_tracked_md5(data_dir: Path) -> dict[str, str]:
+    """Relative POSIX name -> md5 of every file DVC tracks under `data_dir`; refuses disagreeing records."""
+    data_dir = Path(data_dir).resolve()
+    root = find_repo_root(data_dir)
+    dir_md5s = {md5 for _, md5 in _records(data_dir, root)}
+    if not dir_md5s:
+        raise DataDirError(f"{data_dir} is not tracked by DVC (no {data_dir.name}.dvc nor dvc.lock out)")
+    if len(dir_md5s) > 1:
+        raise DvcMismatchError(f"DVC records of {data_dir} disagree ({', '.join(sorted(dir_md5s))}): run `dvc status`")
+    return _listing(root, dir_md5s.pop())
+
+
+def _records(data_dir: Path, root: Path) -> list[tuple[Path, str]]:
+    found = []
+    dvc_file = data_dir.parent / f"{data_dir.name}.dvc"
+    if dvc_file.is_file():
+        found += _outs(_yaml(dvc_file).get("outs"), dvc_file, data_dir)
+    for folder in (data_dir.parent, *data_dir.parent.parents):
+        lock = folder / "dvc.lock"
+        if lock.is_file():
+            for stage in (_yaml(lock).get("stages") or {}).values():
+                found += _outs((stage or {}).get("outs"), lock, data_dir)
+        if folder == root:
+            break
+    return found
+
+
+def _outs(outs: Any, record: Path, data_dir: Path) -> list[tuple[Path, str]]:
+    found = []
+    for out in outs or []:
+        if not isinstance(out, dict) or not isinstance(out.get("path"), str):
+            continue
+        if (record.parent / out["path"]).resolve() == data_dir:
+            md5 = out.get("md5")
+            if not isinstance(md5, str) or not md5.endswith(".dir"):
+                raise DataDirError(f"{record}: {out['path']} is not tracked as a directory by DVC", path=str(record))
+            found.append((record, md5))
+    return found
+
+
+def _yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise DataDirError(f"cannot read DVC file {path}: {error}", path=str(path)) from None
+    return document if isinstance(document, dict) else {}
+
+
+def _cache_dir(root: Path) -> Path:
+    config = configparser.ConfigParser()
+    config.read([root / ".dvc" / "config", root / ".dvc" / "config.local"])
+    configured = config.get("cache", "dir", fallback=None)
+    return (root / ".dvc" / configured).resolve() if configured else root / ".dvc" / "cache"
+
+
+def _listing(root: Path, dir_md5: str) -> dict[str, str]:
+    digest = dir_md5.removesuffix(".dir")
+    cache = _cache_dir(root)
+    for candidate in (cache / "files" / "md5" / digest[:2] / (digest[2:] + ".dir"), cache / digest[:2] / digest[2:]):
+        if candidate.is_file():
+            data = candidate.read_bytes()
+            if hashlib.md5(data, usedforsecurity=False).hexdigest() != digest:
+                raise DvcMismatchError(f"DVC cache listing {candidate} does not match its md5 {digest}")
+            entries = json.loads(data)
+            return {entry["relpath"]: entry["md5"] for entry in entries}
+    raise DataDirError(f"DVC cache has no listing for {dir_md5} under {cache}: run `dvc checkout` or `dvc pull`")

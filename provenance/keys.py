@@ -1,0 +1,189 @@
+"""Signing keys: Ed25519 (default) and ECDSA P-256 in PEM files; keyid = hex SHA-256 of the DER SubjectPublicKeyInfo.
+
+ECDSA signatures are DER-encoded over SHA-256, as Sigstore and OpenSSF model-signing make them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+from provenance.errors import KeyFileError
+
+KeyType = Literal["ed25519", "ecdsa-p256"]
+KEY_TYPES: tuple[str, ...] = get_args(KeyType)
+PASSPHRASE_ENV = "TRAINGUARD_KEY_PASSPHRASE"
+
+
+@dataclass(frozen=True)
+class VerifyingKey:
+    """A public key that checks signatures; equal keys have equal keyids."""
+
+    keyid: str
+    key_type: KeyType
+    _key: Any = field(repr=False, compare=False)
+
+    @classmethod
+    def from_public_key(cls, key: Any) -> VerifyingKey:
+        return cls(keyid=_keyid(key), key_type=_key_type(key), _key=key)
+
+    def verify(self, signature: bytes, data: bytes) -> bool:
+        """True when `signature` is this key's signature over `data`; False for any bad or malformed signature."""
+        try:
+            if self.key_type == "ed25519":
+                self._key.verify(signature, data)
+            else:
+                self._key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+        except (InvalidSignature, ValueError, TypeError):
+            return False
+        return True
+
+    def to_pem(self) -> bytes:
+        return self._key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+@dataclass(frozen=True, repr=False)
+class SigningKey:
+    """A private key. Its repr and str show the keyid only, never key material."""
+
+    public: VerifyingKey
+    _key: Any = field(compare=False)
+
+    @property
+    def keyid(self) -> str:
+        return self.public.keyid
+
+    @property
+    def key_type(self) -> KeyType:
+        return self.public.key_type
+
+    def sign(self, data: bytes) -> bytes:
+        if self.key_type == "ed25519":
+            return self._key.sign(data)
+        return self._key.sign(data, ec.ECDSA(hashes.SHA256()))
+
+    def __repr__(self) -> str:
+        return f"SigningKey(keyid={self.keyid!r}, key_type={self.key_type!r})"
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a SigningKey is not picklable: it would copy private key material")
+
+
+def generate_signing_key(key_type: KeyType = "ed25519") -> SigningKey:
+    """A fresh private key of the given type."""
+    if key_type == "ed25519":
+        private: Any = ed25519.Ed25519PrivateKey.generate()
+    elif key_type == "ecdsa-p256":
+        private = ec.generate_private_key(ec.SECP256R1())
+    else:
+        raise KeyFileError(f"unsupported key type {key_type!r}; choose one of {', '.join(KEY_TYPES)}")
+    return SigningKey(public=VerifyingKey.from_public_key(private.public_key()), _key=private)
+
+
+def write_keypair(
+    key: SigningKey, out_prefix: Path, passphrase: bytes | None = None, *, overwrite: bool = False
+) -> tuple[Path, Path]:
+    """Writes `NAME.key` (PKCS#8 PEM, mode 0600, encrypted when a passphrase is given) and `NAME.pub`."""
+    out_prefix = Path(out_prefix)
+    private_path = out_prefix.with_name(out_prefix.name + ".key")
+    public_path = out_prefix.with_name(out_prefix.name + ".pub")
+    if not overwrite:
+        for path in (private_path, public_path):
+            if path.exists() or path.is_symlink():
+                raise KeyFileError(f"{path} exists; refusing to overwrite a key", path=str(path))
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
+    )
+    pem = key._key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
+    try:
+        private_path.parent.mkdir(parents=True, exist_ok=True)
+        _write_private(private_path, pem)
+        public_path.write_bytes(key.public.to_pem())
+    except OSError as error:
+        raise KeyFileError(f"cannot write key pair {out_prefix}: {error.strerror}", path=str(out_prefix)) from None
+    return private_path, public_path
+
+
+def _write_private(path: Path, pem: bytes) -> None:
+    """Creates the file 0600 from the start (no window with wider permissions)."""
+    if path.is_symlink():
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, pem)
+    finally:
+        os.close(fd)
+
+
+def load_signing_key(path: Path, passphrase: bytes | None = None) -> SigningKey:
+    """Reads a PEM private key; the passphrase defaults to $TRAINGUARD_KEY_PASSPHRASE."""
+    path = Path(path)
+    from_env = passphrase is None
+    if from_env and os.environ.get(PASSPHRASE_ENV):
+        passphrase = os.environ[PASSPHRASE_ENV].encode()
+    data = _read(path, "private key")
+    try:
+        private = serialization.load_pem_private_key(data, password=passphrase or None)
+    except TypeError as error:
+        if "not encrypted" in str(error) and from_env:
+            private = _load_unencrypted(data, path)
+        elif "not encrypted" in str(error):
+            raise KeyFileError(f"{path}: a passphrase was given but the key is not encrypted", path=str(path)) from None
+        else:
+            raise KeyFileError(f"{path}: key is encrypted: set {PASSPHRASE_ENV}", path=str(path)) from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise KeyFileError(
+            f"{path}: not a PEM private key, or wrong passphrase (${PASSPHRASE_ENV})", path=str(path)
+        ) from None
+    _key_type(private.public_key(), path)
+    return SigningKey(public=VerifyingKey.from_public_key(private.public_key()), _key=private)
+
+
+def _load_unencrypted(data: bytes, path: Path) -> Any:
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise KeyFileError(f"{path}: not a PEM private key", path=str(path)) from None
+
+
+def load_verifying_key(path: Path) -> VerifyingKey:
+    """Reads a PEM public key (SubjectPublicKeyInfo)."""
+    path = Path(path)
+    return verifying_key_from_pem(_read(path, "public key"), str(path))
+
+
+def verifying_key_from_pem(data: bytes, where: str = "public key") -> VerifyingKey:
+    try:
+        public = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise KeyFileError(f"{where}: not a PEM public key", path=where) from None
+    _key_type(public, where)
+    return VerifyingKey.from_public_key(public)
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise KeyFileError(f"cannot read {what} {path}: {error.strerror}", path=str(path)) from None
+
+
+def _keyid(public: Any) -> str:
+    der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()
+
+
+def _key_type(public: Any, where: object = "key") -> KeyType:
+    if isinstance(public, ed25519.Ed25519PublicKey):
+        return "ed25519"
+    if isinstance(public, ec.EllipticCurvePublicKey) and isinstance(public.curve, ec.SECP256R1):
+        return "ecdsa-p256"
+    raise KeyFileError(f"{where}: unsupported key type; use {' or '.join(KEY_TYPES)}", path=str(where))

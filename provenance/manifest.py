@@ -1,0 +1,206 @@
+"""The dataset manifest: an in-toto Statement v1 with one subject per shard and a trainguard dataset predicate.
+
+Pure logic: building the statement from shard facts, canonical bytes, and strict parsing back (MalformedError).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from provenance.errors import MalformedError
+
+STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+PAYLOAD_TYPE = "application/vnd.in-toto+json"
+PREDICATE_TYPE = "https://trainguard.dev/dataset-manifest/v1"
+ROLES = ("train", "holdout")
+DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_SOURCE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:+-]{0,127}")
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One signed shard. `chunks` are SHA-256 digests of consecutive `chunk_size` pieces (large shards only)."""
+
+    name: str
+    sha256: str
+    size: int
+    source: str
+    role: str
+    records: int | None = None
+    chunks: tuple[str, ...] = ()
+
+    def chunk_count(self, chunk_size: int) -> int:
+        return math.ceil(self.size / chunk_size)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    dataset: str
+    version: int
+    created: datetime
+    expires: datetime
+    shards: tuple[ShardEntry, ...]
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+
+    def select(
+        self, roles: Iterable[str] | None = None, sources: Iterable[str] | None = None
+    ) -> tuple[ShardEntry, ...]:
+        """Shards with one of `roles` and `sources` (None: any), in manifest order."""
+        role_set = None if roles is None else set(roles)
+        source_set = None if sources is None else set(sources)
+        return tuple(
+            s
+            for s in self.shards
+            if (role_set is None or s.role in role_set) and (source_set is None or s.source in source_set)
+        )
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.size for s in self.shards)
+
+
+def rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_rfc3339(text: str, what: str = "time") -> datetime:
+    """An RFC 3339 time with a zone (Z or +hh:mm); naive times are refused."""
+    try:
+        moment = datetime.fromisoformat(text.replace("z", "Z"))
+    except (ValueError, TypeError, AttributeError):
+        raise MalformedError(f"{what} {text!r} is not an RFC 3339 time") from None
+    if moment.tzinfo is None:
+        raise MalformedError(f"{what} {text!r} has no time zone")
+    return moment.astimezone(UTC)
+
+
+def to_statement(manifest: Manifest) -> dict[str, Any]:
+    shards = []
+    for shard in manifest.shards:
+        entry: dict[str, Any] = {
+            "name": shard.name,
+            "size": shard.size,
+            "records": shard.records,
+            "source": shard.source,
+            "role": shard.role,
+        }
+        if shard.chunks:
+            entry["chunks"] = list(shard.chunks)
+        shards.append(entry)
+    return {
+        "_type": STATEMENT_TYPE,
+        "subject": [{"name": s.name, "digest": {"sha256": s.sha256}} for s in manifest.shards],
+        "predicateType": PREDICATE_TYPE,
+        "predicate": {
+            "dataset": manifest.dataset,
+            "version": manifest.version,
+            "created": rfc3339(manifest.created),
+            "expires": rfc3339(manifest.expires),
+            "chunkSize": manifest.chunk_size,
+            "shards": shards,
+        },
+    }
+
+
+def statement_bytes(manifest: Manifest) -> bytes:
+    """Canonical JSON (sorted keys, compact): the payload that is signed."""
+    return json.dumps(to_statement(manifest), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def parse_statement(payload: bytes) -> Manifest:
+    """The manifest in a signed payload; anything off-format raises MalformedError (exit 2).
+
+    Subject names are kept as written: unsafe or duplicate names are reported per shard by the verifier.
+    """
+    try:
+        statement = json.loads(payload)
+    except (ValueError, UnicodeDecodeError, TypeError) as error:
+        raise MalformedError(f"statement is not JSON: {error}") from None
+    document = _mapping(statement, "statement")
+    if document.get("_type") != STATEMENT_TYPE:
+        raise MalformedError(f"statement _type is {document.get('_type')!r}, not {STATEMENT_TYPE}")
+    if document.get("predicateType") != PREDICATE_TYPE:
+        raise MalformedError(f"predicateType is {document.get('predicateType')!r}, not {PREDICATE_TYPE}")
+    subjects = _list(document.get("subject"), "subject")
+    predicate = _mapping(document.get("predicate"), "predicate")
+    chunk_size = _int(predicate.get("chunkSize"), "predicate.chunkSize", minimum=1)
+    described = _list(predicate.get("shards"), "predicate.shards")
+    if len(described) != len(subjects):
+        raise MalformedError(f"{len(subjects)} subjects but {len(described)} predicate shards")
+    shards = tuple(
+        _shard(subject, facts, index, chunk_size)
+        for index, (subject, facts) in enumerate(zip(subjects, described, strict=True))
+    )
+    dataset = predicate.get("dataset")
+    if not isinstance(dataset, str) or not _SOURCE.fullmatch(dataset):
+        raise MalformedError(f"predicate.dataset {dataset!r} is not a simple name")
+    return Manifest(
+        dataset=dataset,
+        version=_int(predicate.get("version"), "predicate.version", minimum=0),
+        created=parse_rfc3339(_str(predicate.get("created"), "predicate.created"), "predicate.created"),
+        expires=parse_rfc3339(_str(predicate.get("expires"), "predicate.expires"), "predicate.expires"),
+        shards=shards,
+        chunk_size=chunk_size,
+    )
+
+
+def _shard(subject: object, facts: object, index: int, chunk_size: int) -> ShardEntry:
+    where = f"subject[{index}]"
+    subject_map, facts_map = _mapping(subject, where), _mapping(facts, f"predicate.shards[{index}]")
+    name = _str(subject_map.get("name"), f"{where}.name")
+    digest = _mapping(subject_map.get("digest"), f"{where}.digest").get("sha256")
+    if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
+        raise MalformedError(f"{where} ({name!r}) has no lowercase hex sha256 digest")
+    if facts_map.get("name") != name:
+        raise MalformedError(f"predicate.shards[{index}] names {facts_map.get('name')!r}, subject names {name!r}")
+    where = f"shard {name!r}"
+    size = _int(facts_map.get("size"), f"{where} size", minimum=0)
+    records = facts_map.get("records")
+    if records is not None:
+        records = _int(records, f"{where} records", minimum=0)
+    source = facts_map.get("source")
+    if not isinstance(source, str) or not _SOURCE.fullmatch(source):
+        raise MalformedError(f"{where} source {source!r} is not a simple id")
+    role = facts_map.get("role")
+    if role not in ROLES:
+        raise MalformedError(f"{where} role {role!r} is not one of {', '.join(ROLES)}")
+    chunks = tuple(_list(facts_map.get("chunks", []), f"{where} chunks"))
+    if chunks:
+        if len(chunks) != math.ceil(size / chunk_size):
+            raise MalformedError(
+                f"{where} has {len(chunks)} chunk digests for {size} bytes in {chunk_size}-byte chunks"
+            )
+        if not all(isinstance(c, str) and _HEX64.fullmatch(c) for c in chunks):
+            raise MalformedError(f"{where} has a chunk digest that is not lowercase hex sha256")
+    return ShardEntry(name, digest, size, source, str(role), records, chunks)
+
+
+def _mapping(value: object, what: str) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise MalformedError(f"{what} is not a JSON object")
+    return value
+
+
+def _list(value: object, what: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise MalformedError(f"{what} is not a JSON list")
+    return value
+
+
+def _str(value: object, what: str) -> str:
+    if not isinstance(value, str):
+        raise MalformedError(f"{what} is not a string")
+    return value
+
+
+def _int(value: object, what: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise MalformedError(f"{what} is not an integer >= {minimum}")
+    return value

@@ -1,0 +1,68 @@
+"""Path safety: shard names are relative, normalized POSIX paths; symlinks and non-regular files are refused."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import stat
+from collections.abc import Collection, Iterator
+from pathlib import Path
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` is not a safe shard name (a short phrase), or None when it is safe."""
+    if not name:
+        return "empty name"
+    if "\x00" in name or "\\" in name:
+        return "contains NUL or backslash"
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        return "absolute path"
+    parts = name.split("/")
+    if ".." in parts:
+        return "contains '..'"
+    if posixpath.normpath(name) != name or "." in parts:
+        return "not normalized"
+    return None
+
+
+def entry_problem(root: Path, name: str) -> tuple[str, str] | None:
+    """(reason, detail) if `root/name` is missing, reached through a symlink, or not a regular file; else None."""
+    current = root
+    parts = name.split("/")
+    for index, part in enumerate(parts):
+        current = current / part
+        try:
+            mode = os.lstat(current).st_mode
+        except FileNotFoundError:
+            return "missing", "the shard file does not exist"
+        except NotADirectoryError:
+            return "missing", f"{'/'.join(parts[:index])} is not a directory"
+        if stat.S_ISLNK(mode):
+            where = "the shard" if index == len(parts) - 1 else f"folder {'/'.join(parts[: index + 1])}"
+            return "symlink", f"{where} is a symbolic link"
+        if index < len(parts) - 1 and not stat.S_ISDIR(mode):
+            return "missing", f"{'/'.join(parts[: index + 1])} is not a directory"
+    if not stat.S_ISREG(mode):
+        return "not-regular", "the shard is not a regular file"
+    return None
+
+
+def walk_entries(root: Path, skip: Collection[Path] = ()) -> Iterator[tuple[str, str]]:
+    """(relative POSIX name, kind) of every entry under `root`, not following symlinks; kind: file, symlink, other."""
+    skipped = {os.path.abspath(p) for p in skip}
+    stack = [(root, "")]
+    while stack:
+        folder, prefix = stack.pop()
+        with os.scandir(folder) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                name = prefix + entry.name
+                if os.path.abspath(entry.path) in skipped:
+                    continue
+                if entry.is_symlink():
+                    yield name, "symlink"
+                elif entry.is_dir(follow_symlinks=False):
+                    stack.append((Path(entry.path), name + "/"))
+                elif entry.is_file(follow_symlinks=False):
+                    yield name, "file"
+                else:
+                    yield name, "other"

@@ -1,0 +1,206 @@
+"""Verify-on-read: a shard's bytes are read once, hashed, and parsed from that same buffer only if the digest
+matches, so nothing can change between check and use. Every verified read is appended to an exact read log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import threading
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from provenance.errors import ShardError
+from provenance.hashing import open_regular
+from provenance.manifest import ShardEntry
+from provenance.paths import entry_problem, name_problem
+from provenance.verify import VerifiedManifest
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+
+
+@dataclass(frozen=True)
+class ReadRecord:
+    dataset: str
+    name: str
+    sha256: str
+    size: int
+
+
+class ReadLog:
+    """The shards actually read, in order (thread-safe); its digest goes into the model attestation."""
+
+    def __init__(self) -> None:
+        self._records: list[ReadRecord] = []
+        self._lock = threading.Lock()
+
+    def append(self, record: ReadRecord) -> None:
+        with self._lock:
+            self._records.append(record)
+
+    @property
+    def records(self) -> tuple[ReadRecord, ...]:
+        with self._lock:
+            return tuple(self._records)
+
+    def to_json_lines(self) -> bytes:
+        """One canonical JSON object per read, in read order."""
+        lines = [json.dumps(vars(r), sort_keys=True, separators=(",", ":")) for r in self.records]
+        return "".join(line + "\n" for line in lines).encode()
+
+    def digest(self) -> str:
+        """SHA-256 of `to_json_lines()`."""
+        return hashlib.sha256(self.to_json_lines()).hexdigest()
+
+
+class ShardReader:
+    """Reads the shards of one verified manifest from its data dir, each checked against its signed digest."""
+
+    def __init__(self, verified: VerifiedManifest, log: ReadLog | None = None) -> None:
+        self.verified = verified
+        self.log = log if log is not None else ReadLog()
+        self._entries: dict[str, ShardEntry | None] = {}
+        for shard in verified.manifest.shards:
+            self._entries[shard.name] = None if shard.name in self._entries else shard
+
+    @property
+    def root(self) -> Path:
+        return self.verified.data_dir
+
+    def entry(self, name: str) -> ShardEntry:
+        """The signed entry for `name`; refuses unlisted, duplicate and unsafe names."""
+        if name not in self._entries:
+            raise ShardError(f"shard {name}: not listed in the manifest", shard=name, reason="unlisted")
+        shard = self._entries[name]
+        if shard is None:
+            raise ShardError(f"shard {name}: listed more than once", shard=name, reason="duplicate-name")
+        problem = name_problem(name)
+        if problem is not None:
+            raise ShardError(f"shard {name}: unsafe name: {problem}", shard=name, reason="unsafe-path")
+        return shard
+
+    def _open(self, shard: ShardEntry) -> int:
+        problem = entry_problem(self.root, shard.name)
+        if problem is not None:
+            raise ShardError(f"shard {shard.name}: {problem[1]}", shard=shard.name, reason=problem[0])
+        fd = open_regular(self.root / shard.name, shard.name)
+        size = os.fstat(fd).st_size
+        if size != shard.size:
+            os.close(fd)
+            reason = "truncated" if size < shard.size else "appended"
+            raise ShardError(f"shard {shard.name}: {size} bytes, signed {shard.size}", shard=shard.name, reason=reason)
+        return fd
+
+    def read_bytes(self, name: str) -> bytes:
+        """The shard's bytes, read once and returned only if their SHA-256 matches the signed digest."""
+        shard = self.entry(name)
+        with os.fdopen(self._open(shard), "rb") as stream:
+            data = stream.read(shard.size + 1)
+        if len(data) != shard.size:
+            raise ShardError(
+                f"shard {name}: changed while reading ({len(data)} bytes, signed {shard.size})",
+                shard=name,
+                reason="truncated" if len(data) < shard.size else "appended",
+            )
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != shard.sha256:
+            raise ShardError(
+                f"shard {name}: sha256 {digest} differs from the signed {shard.sha256}",
+                shard=name,
+                reason="digest-mismatch",
+            )
+        self.log.append(ReadRecord(self.verified.manifest.dataset, name, digest, shard.size))
+        return data
+
+    def read_chunk(self, name: str, index: int) -> bytes:
+        """Chunk `index` of a large shard, checked against its signed chunk digest (random access)."""
+        shard = self.entry(name)
+        chunk_size = self.verified.manifest.chunk_size
+        if not shard.chunks:
+            raise ShardError(f"shard {name}: has no chunk digests (smaller than one chunk)", shard=name, reason="chunk")
+        if not 0 <= index < len(shard.chunks):
+            raise ShardError(f"shard {name}: no chunk {index}", shard=name, reason="chunk")
+        fd = self._open(shard)
+        try:
+            data = os.pread(fd, chunk_size, index * chunk_size)
+        finally:
+            os.close(fd)
+        expected = min(chunk_size, shard.size - index * chunk_size)
+        if len(data) != expected or hashlib.sha256(data).hexdigest() != shard.chunks[index]:
+            raise ShardError(f"shard {name}: chunk {index} differs from its signed digest", shard=name, reason="chunk")
+        return data
+
+    def iter_chunks(self, name: str) -> Iterator[bytes]:
+        """The shard streamed chunk by chunk, each verified before it is yielded; logged once fully read."""
+        shard = self.entry(name)
+        if not shard.chunks:
+            yield self.read_bytes(name)
+            return
+        chunk_size = self.verified.manifest.chunk_size
+        whole = hashlib.sha256()
+        with os.fdopen(self._open(shard), "rb") as stream:
+            for index, expected in enumerate(shard.chunks):
+                data = stream.read(chunk_size)
+                if hashlib.sha256(data).hexdigest() != expected:
+                    raise ShardError(
+                        f"shard {name}: chunk {index} differs from its signed digest", shard=name, reason="chunk"
+                    )
+                whole.update(data)
+                yield data
+            if stream.read(1):
+                raise ShardError(f"shard {name}: grew while reading", shard=name, reason="appended")
+        self.log.append(ReadRecord(self.verified.manifest.dataset, name, whole.hexdigest(), shard.size))
+
+    def read_frame(self, name: str, columns: list[str] | None = None) -> pd.DataFrame:
+        return parse_frame(name, self.read_bytes(name), columns)
+
+    def read_array(self, name: str) -> np.ndarray:
+        return parse_array(name, self.read_bytes(name))
+
+    def frames(self, names: Iterable[str], columns: list[str] | None = None) -> Iterator[tuple[str, pd.DataFrame]]:
+        """Parsed shards in order; the next shard is read and hashed in a thread while this one is parsed."""
+        ordered = list(names)
+        if not ordered:
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainguard-read") as pool:
+            pending = pool.submit(self.read_bytes, ordered[0])
+            for index, name in enumerate(ordered):
+                data = pending.result()
+                if index + 1 < len(ordered):
+                    pending = pool.submit(self.read_bytes, ordered[index + 1])
+                yield name, parse_frame(name, data, columns)
+
+
+def parse_frame(name: str, data: bytes, columns: list[str] | None = None) -> pd.DataFrame:
+    """A data frame from verified parquet (or npy) bytes."""
+    if name.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(pa.BufferReader(data), columns=columns).to_pandas()
+        except (pa.ArrowException, ValueError) as error:
+            raise ShardError(f"shard {name}: not readable as parquet: {error}", shard=name, reason="format") from None
+    if name.endswith(".npy"):
+        import pandas as pd
+
+        frame = pd.DataFrame(parse_array(name, data))
+        return frame if columns is None else frame[columns]
+    raise ShardError(f"shard {name}: unsupported format (use .parquet or .npy)", shard=name, reason="format")
+
+
+def parse_array(name: str, data: bytes) -> np.ndarray:
+    """A numpy array from verified npy bytes; never unpickles."""
+    import numpy as np
+
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise ShardError(f"shard {name}: not a readable .npy array: {error}", shard=name, reason="format") from None

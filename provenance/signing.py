@@ -1,0 +1,209 @@
+"""Signing a dataset directory: hash every shard, build the manifest, sign it in a DSSE envelope; co-signing."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from provenance.dsse import Envelope, add_signature, sign_envelope
+from provenance.errors import DataDirError, MalformedError, ProvenanceError
+from provenance.hashing import FileDigest, ProgressCallback, digest_files
+from provenance.keys import SigningKey
+from provenance.manifest import (
+    DEFAULT_CHUNK_SIZE,
+    PAYLOAD_TYPE,
+    ROLES,
+    Manifest,
+    ShardEntry,
+    parse_rfc3339,
+    parse_statement,
+    statement_bytes,
+)
+from provenance.paths import name_problem, walk_entries
+from provenance.verify import read_envelope
+
+_DURATION = re.compile(r"(\d+)([mhdw])")
+_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_expiry(text: str, now: datetime) -> datetime:
+    """`30d`, `12h`, `2w`, `90m` from now, or an RFC 3339 time; must lie in the future."""
+    match = _DURATION.fullmatch(text.strip())
+    moment = now + timedelta(**{_UNITS[match[2]]: int(match[1])}) if match else parse_rfc3339(text, "--expires")
+    if moment <= now:
+        raise MalformedError(f"--expires {text!r} is not in the future")
+    return moment
+
+
+def load_map(value: str | Mapping[str, str] | None, what: str) -> dict[str, str]:
+    """A name-or-glob -> value map given as a mapping, inline JSON, or a JSON file path."""
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        document: object = dict(value)
+    else:
+        try:
+            text = value if value.lstrip().startswith("{") else Path(value).read_text(encoding="utf-8")
+            document = json.loads(text)
+        except (OSError, ValueError) as error:
+            raise MalformedError(f"{what} {value!r}: not a JSON object or JSON file: {error}") from None
+    if not isinstance(document, dict) or not all(isinstance(v, str) for v in document.values()):
+        raise MalformedError(f"{what} must map shard names or globs to strings")
+    return document
+
+
+def lookup(name: str, mapping: Mapping[str, str]) -> str | None:
+    """Exact name first, then the longest matching glob (`alice/*`), then the first folder prefix (`alice/`)."""
+    if name in mapping:
+        return mapping[name]
+    globs = [p for p in mapping if fnmatch.fnmatchcase(name, p) or (p.endswith("/") and name.startswith(p))]
+    return mapping[max(globs, key=len)] if globs else None
+
+
+def previous_version(out: Path) -> int | None:
+    """The version of an existing manifest at `out` (so re-signing grows it), or None."""
+    if not out.exists():
+        return None
+    try:
+        _, envelope = read_envelope(out)
+        return parse_statement(envelope.payload).version
+    except ProvenanceError:
+        return None
+
+
+def sign_dataset(
+    data_dir: Path,
+    key: SigningKey,
+    *,
+    dataset: str | None = None,
+    version: int | None = None,
+    expires: str = "30d",
+    source: str | None = None,
+    sources: str | Mapping[str, str] | None = None,
+    role: str = "train",
+    roles: str | Mapping[str, str] | None = None,
+    previous: Path | None = None,
+    exclude: tuple[Path, ...] = (),
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    workers: int | None = None,
+    on_bytes: ProgressCallback | None = None,
+    dvc_md5: Mapping[str, str] | None = None,
+    now: datetime | None = None,
+) -> tuple[Envelope, Manifest]:
+    """Hashes every regular file under `data_dir` and signs the manifest; refuses symlinks and special files.
+
+    Sources and roles come from `sources`/`roles` maps (names or globs) with `source`/`role` as the fallback.
+    The version defaults to one more than the manifest at `previous`, else 1.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataDirError(f"data dir {data_dir} does not exist or is not a directory", path=str(data_dir))
+    moment = (now or datetime.now(UTC)).replace(microsecond=0)
+    expiry = parse_expiry(expires, moment)
+    name = dataset or data_dir.resolve().name
+    source_map, role_map = load_map(sources, "--sources"), load_map(roles, "--roles")
+    files: dict[str, Path] = {}
+    for relative, kind in walk_entries(data_dir, exclude):
+        if kind != "file":
+            raise DataDirError(f"{data_dir / relative}: a {kind} cannot be signed as a shard", path=relative)
+        problem = name_problem(relative)
+        if problem is not None:
+            raise DataDirError(f"{data_dir / relative}: unsafe shard name: {problem}", path=relative)
+        files[relative] = data_dir / relative
+    if not files:
+        raise DataDirError(f"data dir {data_dir} holds no files to sign", path=str(data_dir))
+    digests = digest_files(files, workers=workers, chunk_size=chunk_size, md5=dvc_md5 is not None, on_bytes=on_bytes)
+    shards = []
+    for relative in sorted(files):
+        digest = digests[relative]
+        if isinstance(digest, ProvenanceError):
+            raise DataDirError(str(digest), path=relative)
+        if dvc_md5 is not None:
+            _cross_check(relative, digest, dvc_md5)
+        shards.append(_entry(relative, files[relative], digest, source_map, source, role_map, role, chunk_size))
+    if version is None:
+        last = previous_version(previous) if previous is not None else None
+        version = 1 if last is None else last + 1
+    manifest = Manifest(name, version, moment, expiry, tuple(shards), chunk_size)
+    payload = statement_bytes(manifest)
+    parse_statement(payload)  # what we sign must parse back: names, sources and roles are valid
+    return sign_envelope(PAYLOAD_TYPE, payload, key), manifest
+
+
+def _entry(
+    relative: str,
+    path: Path,
+    digest: FileDigest,
+    source_map: Mapping[str, str],
+    source: str | None,
+    role_map: Mapping[str, str],
+    role: str,
+    chunk_size: int,
+) -> ShardEntry:
+    shard_source = lookup(relative, source_map) or source
+    if shard_source is None:
+        raise MalformedError(f"shard {relative} has no source: pass --source ID or list it in --sources")
+    shard_role = lookup(relative, role_map) or role
+    if shard_role not in ROLES:
+        raise MalformedError(f"shard {relative}: role {shard_role!r} is not one of {', '.join(ROLES)}")
+    chunks = digest.chunks if digest.size > chunk_size else ()
+    return ShardEntry(relative, digest.sha256, digest.size, shard_source, shard_role, record_count(path), chunks)
+
+
+def _cross_check(relative: str, digest: FileDigest, dvc_md5: Mapping[str, str]) -> None:
+    from provenance.errors import DvcMismatchError
+
+    tracked = dvc_md5.get(relative)
+    if tracked is None:
+        raise DvcMismatchError(f"shard {relative}: not tracked by DVC (run `dvc add` first)", shard=relative)
+    if tracked != digest.md5:
+        raise DvcMismatchError(
+            f"shard {relative}: md5 {digest.md5} differs from DVC's {tracked}: data changed since `dvc add`",
+            shard=relative,
+        )
+
+
+def record_count(path: Path) -> int | None:
+    """Rows of a parquet file or first-axis length of an npy file, read from metadata; None for other formats."""
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return int(pq.ParquetFile(path).metadata.num_rows)
+        if path.suffix == ".npy":
+            import numpy as np
+
+            with path.open("rb") as stream:
+                major, _ = np.lib.format.read_magic(stream)
+                reader = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                shape = reader(stream)[0]
+            return int(shape[0]) if shape else 1
+    except Exception as error:  # a shard we cannot parse is still signed; its format is the owner's business
+        del error
+    return None
+
+
+def cosign_manifest(path: Path, key: SigningKey) -> Envelope:
+    """Adds `key`'s signature to the manifest at `path` (rewritten atomically)."""
+    _, envelope = read_envelope(path)
+    if envelope.payload_type != PAYLOAD_TYPE:
+        raise MalformedError(f"{path}: payloadType is {envelope.payload_type!r}, not {PAYLOAD_TYPE}")
+    parse_statement(envelope.payload)
+    signed = add_signature(envelope, key)
+    write_manifest(signed, path)
+    return signed
+
+
+def write_manifest(envelope: Envelope, out: Path) -> Path:
+    """Writes the envelope atomically (temp file + rename)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    temporary.write_bytes(envelope.to_json())
+    os.replace(temporary, out)
+    return out

@@ -1,0 +1,313 @@
+"""Verifying a signed dataset: envelope signatures against a trust policy, payload type, expiry, rollback, then
+every shard (path safety, type, size, SHA-256) and every unlisted file. The report names each failure and its reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from provenance.dsse import Envelope, verify_envelope
+from provenance.errors import (
+    DataDirError,
+    ExpiredError,
+    MalformedError,
+    PayloadTypeError,
+    ProvenanceError,
+    RollbackError,
+    ShardError,
+    SignatureError,
+    VerificationFailed,
+)
+from provenance.hashing import FileDigest, ProgressCallback, digest_files
+from provenance.manifest import PAYLOAD_TYPE, Manifest, ShardEntry, parse_statement, rfc3339
+from provenance.paths import entry_problem, name_problem, walk_entries
+from provenance.policy import TrustPolicy, load_trust
+from provenance.state import RollbackState, default_state_path
+
+MANIFEST_LEVEL = (PayloadTypeError, SignatureError, ExpiredError, RollbackError)
+
+
+@dataclass(frozen=True)
+class ShardFailure:
+    """One failed check: `shard` None means the manifest itself."""
+
+    shard: str | None
+    reason: str
+    detail: str
+
+    def line(self) -> str:
+        return f"{self.shard if self.shard is not None else 'manifest'}: {self.reason}: {self.detail}"
+
+
+@dataclass(frozen=True)
+class VerifiedManifest:
+    """A manifest whose signatures meet the policy, unexpired and not rolled back (shards not yet hashed)."""
+
+    path: Path
+    manifest: Manifest
+    manifest_sha256: str
+    statement_sha256: str
+    signers: tuple[str, ...]
+    data_dir: Path
+
+
+@dataclass(frozen=True)
+class VerificationReport:
+    manifest_path: str
+    data_dir: str
+    manifest_sha256: str
+    dataset: str | None = None
+    version: int | None = None
+    statement_sha256: str | None = None
+    signers: tuple[str, ...] = ()
+    shards: int = 0
+    bytes_checked: int = 0
+    seconds: float = 0.0
+    failures: tuple[ShardFailure, ...] = field(default=())
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        document = asdict(self)
+        document["ok"] = self.ok
+        document["signers"] = list(self.signers)
+        document["failures"] = [asdict(f) for f in self.failures]
+        return document
+
+    def raise_for_failures(self) -> None:
+        if self.failures:
+            raise VerificationFailed(
+                f"{self.manifest_path}: {len(self.failures)} check(s) failed; first: {self.failures[0].line()}",
+                report=self,
+            )
+
+
+def read_envelope(path: Path) -> tuple[bytes, Envelope]:
+    """The manifest file's bytes (read once) and the envelope parsed from them."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise MalformedError(f"cannot read manifest {path}: {error.strerror}", path=str(path)) from None
+    try:
+        return data, Envelope.from_json(data)
+    except MalformedError as error:
+        raise MalformedError(f"{path}: {error}", path=str(path)) from None
+
+
+def open_manifest(
+    path: Path,
+    trust: TrustPolicy | Path,
+    *,
+    data_dir: Path | None = None,
+    state: RollbackState | Path | None = None,
+    now: datetime | None = None,
+) -> VerifiedManifest:
+    """Checks payloadType, signatures (k of n), expiry and rollback; raises the failing check's error."""
+    path = Path(path)
+    policy = trust if isinstance(trust, TrustPolicy) else load_trust(trust)
+    data, envelope = read_envelope(path)
+    if envelope.payload_type != PAYLOAD_TYPE:
+        raise PayloadTypeError(f"{path}: payloadType is {envelope.payload_type!r}, not {PAYLOAD_TYPE}", path=str(path))
+    signers = verify_envelope(envelope, policy.keys, policy.threshold)
+    try:
+        manifest = parse_statement(envelope.payload)
+    except MalformedError as error:
+        raise MalformedError(f"{path}: {error}", path=str(path)) from None
+    moment = now or datetime.now(UTC)
+    if moment >= manifest.expires:
+        raise ExpiredError(f"{path}: manifest expired at {rfc3339(manifest.expires)}", path=str(path))
+    statement_sha256 = hashlib.sha256(envelope.payload).hexdigest()
+    _state(state).check(manifest, statement_sha256)
+    return VerifiedManifest(
+        path=path,
+        manifest=manifest,
+        manifest_sha256=hashlib.sha256(data).hexdigest(),
+        statement_sha256=statement_sha256,
+        signers=signers,
+        data_dir=Path(data_dir) if data_dir is not None else path.parent,
+    )
+
+
+def verify_dataset(
+    path: Path,
+    trust: TrustPolicy | Path,
+    *,
+    data_dir: Path | None = None,
+    state: RollbackState | Path | None = None,
+    allow_extra: bool = False,
+    now: datetime | None = None,
+    workers: int | None = None,
+    on_bytes: ProgressCallback | None = None,
+    record: bool = True,
+    dvc: bool = False,
+) -> VerificationReport:
+    """Every check on a manifest and its data dir; failed checks go into the report, unusable input raises.
+
+    When everything passes and `record` is set, the manifest's version is recorded in the rollback state.
+    """
+    started = time.perf_counter()
+    path = Path(path)
+    rollback = _state(state)
+    folder = Path(data_dir) if data_dir is not None else path.parent
+    try:
+        verified = open_manifest(path, trust, data_dir=folder, state=rollback, now=now)
+    except MANIFEST_LEVEL as error:
+        data, _ = read_envelope(path)
+        failure = ShardFailure(None, error.reason, str(error).removeprefix(f"{path}: "))
+        return VerificationReport(
+            str(path),
+            str(folder),
+            hashlib.sha256(data).hexdigest(),
+            failures=(failure,),
+            seconds=time.perf_counter() - started,
+        )
+    if not folder.is_dir():
+        raise DataDirError(f"data dir {folder} does not exist or is not a directory", path=str(folder))
+    dvc_md5 = None
+    if dvc:
+        from provenance.dvc import dvc_tracked_md5
+
+        dvc_md5 = dvc_tracked_md5(folder)
+    skip = [path, rollback.path, rollback.path.with_name(rollback.path.name + ".lock")]
+    failures, hashed = check_shards(
+        verified.manifest,
+        folder,
+        allow_extra=allow_extra,
+        workers=workers,
+        on_bytes=on_bytes,
+        skip=skip,
+        dvc_md5=dvc_md5,
+    )
+    manifest = verified.manifest
+    report = VerificationReport(
+        manifest_path=str(path),
+        data_dir=str(folder),
+        manifest_sha256=verified.manifest_sha256,
+        dataset=manifest.dataset,
+        version=manifest.version,
+        statement_sha256=verified.statement_sha256,
+        signers=verified.signers,
+        shards=len(manifest.shards),
+        bytes_checked=hashed,
+        seconds=time.perf_counter() - started,
+        failures=tuple(failures),
+    )
+    if report.ok and record:
+        rollback.record(manifest, verified.statement_sha256)
+    return report
+
+
+def check_shards(
+    manifest: Manifest,
+    root: Path,
+    *,
+    allow_extra: bool = False,
+    workers: int | None = None,
+    on_bytes: ProgressCallback | None = None,
+    skip: list[Path] | None = None,
+    dvc_md5: Mapping[str, str] | None = None,
+) -> tuple[list[ShardFailure], int]:
+    """Failures of the shards under `root` against the manifest (in manifest order, then unlisted entries)."""
+    failures: dict[str, ShardFailure] = {}
+    counts = Counter(s.name for s in manifest.shards)
+    sizes = Counter(s.size for s in manifest.shards)
+    to_hash: dict[str, Path] = {}
+    size_failures: dict[str, ShardFailure] = {}
+    for shard in manifest.shards:
+        if shard.name in failures:
+            continue
+        problem = name_problem(shard.name)
+        if problem is not None:
+            failures[shard.name] = ShardFailure(shard.name, "unsafe-path", f"subject name is unsafe: {problem}")
+            continue
+        if counts[shard.name] > 1:
+            failures[shard.name] = ShardFailure(shard.name, "duplicate-name", f"listed {counts[shard.name]} times")
+            continue
+        entry = entry_problem(root, shard.name)
+        if entry is not None:
+            failures[shard.name] = ShardFailure(shard.name, *entry)
+            continue
+        size = os.lstat(root / shard.name).st_size
+        if size != shard.size:
+            size_failures[shard.name] = _size_failure(shard, size)
+            if sizes[size] == 0:
+                continue
+        to_hash[shard.name] = root / shard.name
+    digests = digest_files(to_hash, workers=workers, md5=dvc_md5 is not None, on_bytes=on_bytes)
+    owner = {s.sha256: s.name for s in manifest.shards}
+    for shard in manifest.shards:
+        if shard.name in failures:
+            continue
+        if shard.name in to_hash:
+            failure = _digest_failure(shard, digests[shard.name], owner, size_failures.get(shard.name), dvc_md5)
+        else:
+            failure = size_failures.get(shard.name)
+        if failure is not None:
+            failures[shard.name] = failure
+    ordered = list(failures.values())
+    if not allow_extra:
+        listed = set(counts)
+        for name, kind in walk_entries(root, skip or ()):
+            if name not in listed:
+                ordered.append(ShardFailure(name, "unlisted", f"{_KIND[kind]} in the data dir is not in the manifest"))
+    hashed = sum(d.size for d in digests.values() if isinstance(d, FileDigest))
+    return ordered, hashed
+
+
+_KIND = {"file": "file", "symlink": "symbolic link", "other": "non-regular file"}
+
+
+def _size_failure(shard: ShardEntry, size: int) -> ShardFailure:
+    if size < shard.size:
+        return ShardFailure(shard.name, "truncated", f"{size} bytes, signed {shard.size} ({shard.size - size} missing)")
+    return ShardFailure(shard.name, "appended", f"{size} bytes, signed {shard.size} ({size - shard.size} appended)")
+
+
+def _digest_failure(
+    shard: ShardEntry,
+    result: FileDigest | ShardError,
+    owner: Mapping[str, str],
+    size_failure: ShardFailure | None,
+    dvc_md5: Mapping[str, str] | None,
+) -> ShardFailure | None:
+    if isinstance(result, ProvenanceError):
+        return ShardFailure(shard.name, result.reason, str(result).removeprefix(f"shard {shard.name}: "))
+    other = owner.get(result.sha256)
+    if result.sha256 != shard.sha256 and other is not None and other != shard.name:
+        return ShardFailure(shard.name, "swapped", f"holds the signed content of shard {other}")
+    if size_failure is not None:
+        return size_failure
+    if result.size != shard.size:
+        return _size_failure(shard, result.size)
+    if result.sha256 != shard.sha256:
+        return ShardFailure(shard.name, "digest-mismatch", f"sha256 {result.sha256}, signed {shard.sha256}")
+    if dvc_md5 is not None:
+        tracked = dvc_md5.get(shard.name)
+        if tracked is None:
+            return ShardFailure(shard.name, "dvc-untracked", "the shard is not in DVC's record of the data dir")
+        if tracked != result.md5:
+            return ShardFailure(shard.name, "dvc-mismatch", f"md5 {result.md5}, DVC tracks {tracked}")
+    return None
+
+
+def _state(state: RollbackState | Path | None) -> RollbackState:
+    if isinstance(state, RollbackState):
+        return state
+    return RollbackState(Path(state) if state is not None else default_state_path())
+
+
+def verify_or_raise(path: Path, trust: TrustPolicy | Path, **options: Any) -> VerificationReport:
+    """`verify_dataset`, raising VerificationFailed (with the report) when anything fails."""
+    report = verify_dataset(path, trust, **options)
+    report.raise_for_failures()
+    return report

@@ -1,0 +1,209 @@
+"""The AdversarialTraining callback: an unmodified module really trains on adversarial inputs, safely and resumably."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from defenses import AdversarialTraining
+from defenses.errors import AttackConfigError, BatchFormatError
+
+N, FEATURES = 48, 16
+
+
+def data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(N, FEATURES, generator=gen)
+    return x, (x[:, :8].sum(1) > x[:, 8:].sum(1)).long()
+
+
+class Recorder(pl.LightningModule):
+    """An ordinary classifier that records what `training_step` received (and the loss on it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(FEATURES, 16), nn.ReLU(), nn.Linear(16, 2))
+        self.seen: list[dict[str, torch.Tensor]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = (batch["x"], batch["y"]) if isinstance(batch, dict) else (batch[0], batch[1])
+        loss = F.cross_entropy(self(x), y)
+        record = {"x": x.detach().clone(), "loss": loss.detach()}
+        if isinstance(batch, dict):
+            with torch.no_grad():
+                record["clean_loss"] = F.cross_entropy(self(batch["clean"]), y)
+            record["clean"] = batch["clean"]
+        self.seen.append(record)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class DictDigits(Dataset):
+    def __init__(self) -> None:
+        self.x, self.y = data()
+
+    def __len__(self) -> int:
+        return N
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[i], "y": self.y[i], "clean": self.x[i].clone()}
+
+
+def fit(module: pl.LightningModule, loader: DataLoader, callbacks: list, **kwargs) -> pl.Trainer:
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        **{"max_epochs": 1, **kwargs},
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    return trainer
+
+
+def test_training_step_receives_adversarial_inputs_from_dict_batches() -> None:
+    module = Recorder()
+    callback = AdversarialTraining("pgd", eps=0.2, steps=5, input_key="x", target_key="y", seed=0)
+    trainer = fit(module, DataLoader(DictDigits(), batch_size=16), [callback], max_epochs=2)
+
+    assert len(module.seen) == 6
+    for record in module.seen:
+        delta = record["x"] - record["clean"]
+        assert delta.abs().max() <= 0.2 + 1e-6 and delta.abs().max() > 0.19
+        assert record["x"].min() >= 0 and record["x"].max() <= 1
+        assert record["loss"] > record["clean_loss"], "the module must train on inputs that raise its loss"
+    assert trainer.callback_metrics["adv/eps"] == pytest.approx(0.2)
+    assert 0.0 <= trainer.callback_metrics["adv/success"].item() <= 1.0
+
+
+def test_ratio_replaces_that_fraction_of_each_batch() -> None:
+    x, y = data()
+    module = Recorder()
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    fit(module, loader, [AdversarialTraining("fgsm-rs", eps=0.1, ratio=0.25, seed=0)])
+    for i, record in enumerate(module.seen):
+        changed = (record["x"] != x[16 * i : 16 * (i + 1)]).any(dim=1)
+        assert int(changed.sum()) == 4
+
+
+def test_tuple_batches_are_overwritten_in_place() -> None:
+    x, y = data()
+    module = Recorder()
+    loader = DataLoader(
+        TensorDataset(x, y),
+        batch_size=16,
+        collate_fn=lambda rows: tuple(torch.stack(c) for c in zip(*rows, strict=True)),
+    )
+    fit(module, loader, [AdversarialTraining("fgsm", eps=0.1)])
+    assert all((r["x"] - x[16 * i : 16 * (i + 1)]).abs().max() > 0.09 for i, r in enumerate(module.seen))
+    assert torch.equal(loader.dataset.tensors[0], x), "the dataset itself must stay clean"
+
+
+class GradProbe(pl.Callback):
+    """Snapshots parameter grads after each backward, and compares them when the next batch starts (after crafting)."""
+
+    def __init__(self) -> None:
+        self.snapshot: list[torch.Tensor] | None = None
+        self.checked = 0
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        self.snapshot = [p.grad.clone() for p in pl_module.parameters()]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx % 2 == 1:
+            assert self.snapshot is not None
+            for p, g in zip(pl_module.parameters(), self.snapshot, strict=True):
+                assert torch.equal(p.grad, g), "crafting changed gradients Lightning is accumulating"
+            self.checked += 1
+
+
+def test_gradient_accumulation_is_not_disturbed_by_crafting() -> None:
+    x, y = data()
+    probe = GradProbe()
+    callbacks = [AdversarialTraining("pgd", eps=0.1, steps=3, seed=0), probe]
+    fit(Recorder(), DataLoader(TensorDataset(x, y), batch_size=8), callbacks, accumulate_grad_batches=2)
+    assert probe.checked == 3
+
+
+class DtypeRecorder(Recorder):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        self.dtypes.append((self.net.training, out.dtype))
+        return out
+
+
+def test_mixed_precision_crafts_in_float32_and_trains_under_autocast() -> None:
+    x, y = data()
+    module = DtypeRecorder()
+    module.dtypes = []
+    fit(module, DataLoader(TensorDataset(x, y), batch_size=16), [AdversarialTraining("pgd", eps=0.1, steps=2)],
+        precision="bf16-mixed")  # fmt: skip
+    crafting = {dtype for training, dtype in module.dtypes if not training}
+    training = {dtype for training, dtype in module.dtypes if training}
+    assert crafting == {torch.float32} and training == {torch.bfloat16}
+    assert all(r["x"].dtype == torch.float32 for r in module.seen)
+
+
+def _max_perturbation(module: Recorder, x: torch.Tensor, batch: int) -> list[float]:
+    per_epoch = N // batch
+    return [(r["x"] - x[batch * (i % per_epoch) : batch * (i % per_epoch + 1)]).abs().max().item()
+            for i, r in enumerate(module.seen)]  # fmt: skip
+
+
+def test_eps_warms_up_and_a_resumed_run_repeats_the_uninterrupted_schedule(tmp_path: Path) -> None:
+    x, y = data()
+
+    def loader() -> DataLoader:
+        return DataLoader(TensorDataset(x, y), batch_size=16)
+
+    def callback() -> AdversarialTraining:
+        return AdversarialTraining("pgd", eps=0.3, steps=4, warmup_epochs=2, seed=11)
+
+    whole = Recorder()
+    fit(whole, loader(), [callback()], max_epochs=3)
+    expected = [0.3 * min(1.0, (e + (b + 1) / 3) / 2) for e in range(3) for b in range(3)]
+    assert _max_perturbation(whole, x, 16) == pytest.approx(expected, abs=1e-5)
+
+    first = Recorder()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, callbacks=[callback(), checkpoint],
+                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(first, train_dataloaders=loader())
+    resumed = Recorder()
+    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, callbacks=[callback()],
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)  # fmt: skip
+    trainer.fit(resumed, train_dataloaders=loader(), ckpt_path=str(tmp_path / "last.ckpt"))
+
+    assert len(resumed.seen) == 6
+    for got, want in zip(resumed.seen, whole.seen[3:], strict=True):
+        assert torch.allclose(got["x"], want["x"], atol=1e-6)
+
+
+def test_dict_batches_without_keys_fail_with_a_clear_error() -> None:
+    with pytest.raises(BatchFormatError, match="input_key= and target_key="):
+        fit(Recorder(), DataLoader(DictDigits(), batch_size=16), [AdversarialTraining("fgsm", eps=0.1)])
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [({"attack": "cw", "eps": 0.1}, "unknown attack"), ({"eps": 0.1, "ratio": 1.5}, "ratio"), ({"eps": -0.1}, "eps")],
+)
+def test_unusable_settings_are_refused_at_construction(kwargs, match) -> None:
+    with pytest.raises(AttackConfigError, match=match):
+        AdversarialTraining(**kwargs)

@@ -1,0 +1,142 @@
+"""RONIGate with real Lightning Trainers: bad retraining is rejected and rolled back, good retraining accepted."""
+
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from mlflow import MlflowClient
+from pytorch_lightning.loggers import MLFlowLogger
+from torch.utils.data import DataLoader, TensorDataset
+
+from defenses.errors import ModelRejectedError
+from defenses.gate import RONIGate, judge
+from defenses.heldout import HeldoutMetrics, LabeledData, heldout_metrics
+from pipeline.digits import load_digits_split
+from pipeline.models import DigitsClassifier
+
+
+@pytest.fixture(scope="module")
+def data() -> dict[str, LabeledData]:
+    digits = load_digits_split(seed=1)
+    x, y = torch.tensor(digits.x), torch.tensor(digits.y)
+    return {
+        "pretrain": LabeledData(x[:700], y[:700]),
+        "retrain": LabeledData(x[700:1200], y[700:1200]),
+        "holdout": LabeledData(x[1200:1560], y[1200:1560]),
+    }
+
+
+def _trainer(epochs: int, callbacks: list[pl.Callback], logger: object = False) -> pl.Trainer:
+    return pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=logger,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
+def _loader(data: LabeledData) -> DataLoader:
+    return DataLoader(TensorDataset(data.x, data.y), batch_size=64, shuffle=True)
+
+
+@pytest.fixture(scope="module")
+def pretrained(data: dict[str, LabeledData]) -> dict[str, torch.Tensor]:
+    """Weights of the previous cycle's accepted model."""
+    torch.manual_seed(0)
+    model = DigitsClassifier(channels=8, lr=3e-3)
+    _trainer(8, []).fit(model, _loader(data["pretrain"]))
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _model(weights: dict[str, torch.Tensor]) -> DigitsClassifier:
+    model = DigitsClassifier(channels=8, lr=3e-3)
+    model.load_state_dict(weights)
+    return model
+
+
+def _relabelled(data: LabeledData, mapping: dict[int, int]) -> LabeledData:
+    y = data.y.clone()
+    for old, new in mapping.items():
+        y[data.y == old] = new
+    return LabeledData(data.x, y)
+
+
+def _same_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+def test_good_retraining_is_accepted_and_becomes_the_new_record(data, pretrained) -> None:
+    model = _model(pretrained)
+    gate = RONIGate(data["holdout"], num_classes=10)
+    _trainer(2, [gate]).fit(model, _loader(data["retrain"]))
+    assert gate.verdict is not None and gate.verdict.accepted, gate.verdict
+    assert not _same_weights(model, pretrained)
+    assert gate.record == gate.verdict.after
+
+
+def test_poisoned_retraining_is_rejected_and_previous_weights_restored(data, pretrained) -> None:
+    model = _model(pretrained)
+    gate = RONIGate(data["holdout"], num_classes=10)
+    shifted = LabeledData(data["retrain"].x, (data["retrain"].y + 1) % 10)
+    with pytest.raises(ModelRejectedError, match="held-out accuracy dropped"):
+        _trainer(2, [gate]).fit(model, _loader(shifted))
+    assert gate.verdict is not None and not gate.verdict.accepted
+    assert _same_weights(model, pretrained)
+    assert heldout_metrics(model, data["holdout"], 10) == gate.verdict.before
+
+
+def test_class_targeted_retraining_is_rejected_by_the_per_class_threshold(data, pretrained) -> None:
+    model = _model(pretrained)
+    gate = RONIGate(data["holdout"], num_classes=10, max_drop=0.15, raise_on_reject=False)
+    _trainer(3, [gate]).fit(model, _loader(_relabelled(data["retrain"], {3: 8})))
+    verdict = gate.verdict
+    assert verdict is not None and not verdict.accepted
+    assert verdict.before.accuracy - verdict.after.accuracy <= 0.15
+    assert "class 3" in verdict.reason
+    assert _same_weights(model, pretrained)
+
+
+def test_the_previous_cycles_record_is_the_bar(data, pretrained) -> None:
+    model = _model(pretrained)
+    measured = heldout_metrics(model, data["holdout"], 10)
+    better = HeldoutMetrics(1.0, 1.0, measured.class_loss, tuple(1.0 for _ in measured.class_accuracy))
+    gate = RONIGate(data["holdout"], num_classes=10, max_drop=0.001, previous=better, raise_on_reject=False)
+    _trainer(1, [gate]).fit(model, _loader(data["retrain"]))
+    assert gate.verdict is not None and not gate.verdict.accepted
+    assert gate.verdict.before == better
+
+
+def test_gate_state_survives_a_weights_only_checkpoint_round_trip(data, pretrained, tmp_path) -> None:
+    gate = RONIGate(data["holdout"], num_classes=10)
+    gate.record = heldout_metrics(_model(pretrained), data["holdout"], 10)
+    gate.previous_weights = dict(pretrained)
+    torch.save(gate.state_dict(), tmp_path / "gate.pt")
+    restored = RONIGate(data["holdout"], num_classes=10)
+    restored.load_state_dict(torch.load(tmp_path / "gate.pt", weights_only=True))
+    assert restored.record == gate.record
+    assert all(torch.equal(restored.previous_weights[k], v) for k, v in pretrained.items())
+
+
+def test_rejection_marks_the_mlflow_run_failed_with_the_reason(data, pretrained, mlflow_uri) -> None:
+    model = _model(pretrained)
+    gate = RONIGate(data["holdout"], num_classes=10)
+    logger = MLFlowLogger(experiment_name="gate-tests", tracking_uri=mlflow_uri)
+    shifted = LabeledData(data["retrain"].x, (data["retrain"].y + 1) % 10)
+    with pytest.raises(ModelRejectedError):
+        _trainer(1, [gate], logger=logger).fit(model, _loader(shifted))
+    run = MlflowClient(mlflow_uri).get_run(logger.run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["trainguard.gate"] == "rejected"
+    assert run.data.tags["trainguard.gate.reason"] == gate.verdict.reason
+
+
+def test_judge_ignores_classes_absent_from_the_holdout() -> None:
+    nan = float("nan")
+    before = HeldoutMetrics(0.1, 0.9, (0.1, nan), (0.9, nan))
+    after = HeldoutMetrics(0.1, 0.9, (0.1, nan), (0.9, nan))
+    assert judge(before, after, 0.02, 0.1).accepted

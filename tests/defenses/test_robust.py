@@ -1,0 +1,122 @@
+"""RobustAccuracy: PGD accuracy per eps on the validation set, logged through the trainer (and to MLflow)."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import MLFlowLogger
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from defenses import RobustAccuracy
+from defenses.errors import AttackConfigError
+
+
+class Classifier(pl.LightningModule):
+    """An ordinary classifier that logs its own validation accuracy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val/acc", (self(x).argmax(1) == y).float().mean(), on_epoch=True, batch_size=len(y))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[TensorDataset, TensorDataset]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.tensor(bunch.data / 16.0, dtype=torch.float32)
+    y = torch.tensor(bunch.target, dtype=torch.long)
+    return TensorDataset(x[:600], y[:600]), TensorDataset(x[600:800], y[600:800])
+
+
+def fit(callback: RobustAccuracy, digits, epochs: int = 3, **kwargs) -> tuple[pl.Trainer, Classifier]:
+    train, val = digits
+    module = Classifier()
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        callbacks=[callback],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **{"logger": False, **kwargs},
+    )
+    trainer.fit(
+        module,
+        train_dataloaders=DataLoader(train, batch_size=50, shuffle=True, generator=torch.Generator().manual_seed(0)),
+        val_dataloaders=DataLoader(val, batch_size=50),
+    )
+    return trainer, module
+
+
+def independent_pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int) -> float:
+    """PGD written in the test: sign steps of 2.5 eps / steps from the clean input, loss.backward on a leaf."""
+    adv = x.clone()
+    for _ in range(steps):
+        leaf = adv.clone().requires_grad_(True)
+        F.cross_entropy(model(leaf), y).backward()
+        adv = torch.min(torch.max(adv + 2.5 * eps / steps * leaf.grad.sign(), x - eps), x + eps).clamp(0, 1)
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        return (model(adv).argmax(1) == y).float().mean().item()
+
+
+def test_robust_accuracy_is_logged_per_eps_and_is_at_least_as_strong_as_a_reference(digits) -> None:
+    callback = RobustAccuracy(eps=(0.0, 0.05, 0.2), steps=5, max_samples=None)
+    trainer, module = fit(callback, digits)
+    metrics = trainer.callback_metrics
+    at_0, at_05, at_2 = (metrics[f"val/robust_acc@{e}"].item() for e in ("0", "0.05", "0.2"))
+
+    assert at_0 == pytest.approx(metrics["val/acc"].item(), abs=1e-6)
+    assert at_0 > 0.7 and at_2 < at_05 < at_0
+    x, y = digits[1].tensors
+    module.eval()
+    assert at_05 <= independent_pgd_accuracy(module, x, y, 0.05, 5) + 0.01
+
+
+def test_max_samples_limits_the_evaluation_to_the_first_validation_rows(digits) -> None:
+    trainer, module = fit(RobustAccuracy(eps=(0.0, 0.1), steps=2, max_samples=30), digits, epochs=1)
+    x, y = digits[1].tensors
+    with torch.no_grad():
+        expected = (module(x[:30]).argmax(1) == y[:30]).float().mean().item()
+    assert trainer.callback_metrics["val/robust_acc@0"].item() == pytest.approx(expected, abs=1e-6)
+
+    during_fit = trainer.callback_metrics["val/robust_acc@0.1"].item()
+    (standalone,) = trainer.validate(module, DataLoader(digits[1], batch_size=50), verbose=False)
+    assert standalone["val/robust_acc@0.1"] == pytest.approx(during_fit, abs=1e-6), "same seed, same starts"
+
+
+def test_robust_accuracy_reaches_mlflow_through_the_lightning_logger(digits, mlflow_uri: str) -> None:
+    logger = MLFlowLogger(experiment_name="robust-accuracy", tracking_uri=mlflow_uri)
+    fit(RobustAccuracy(eps=(0.1,), steps=3, max_samples=100), digits, epochs=2, logger=logger)
+
+    history = mlflow.MlflowClient(mlflow_uri).get_metric_history(logger.run_id, "val/robust_acc0.1")
+    assert len(history) == 2
+    assert all(0.0 <= m.value <= 1.0 for m in history)
+
+
+def test_unusable_settings_are_refused() -> None:
+    with pytest.raises(AttackConfigError, match="eps"):
+        RobustAccuracy(eps=(-0.1,))
+    with pytest.raises(AttackConfigError, match="max_samples"):
+        RobustAccuracy(eps=0.1, max_samples=0)

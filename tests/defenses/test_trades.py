@@ -1,0 +1,113 @@
+"""TRADES as a wrapper: an unmodified module trains on the TRADES objective and keeps its own validation logging."""
+
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from defenses import TRADES
+from defenses.errors import AttackConfigError
+from defenses.trades import TradesAttack
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val/acc", (self(x).argmax(1) == y).float().mean(), batch_size=len(y))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[TensorDataset, TensorDataset]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.tensor(bunch.data / 16.0, dtype=torch.float32)
+    y = torch.tensor(bunch.target, dtype=torch.long)
+    return TensorDataset(x[:500], y[:500]), TensorDataset(x[500:700], y[500:700])
+
+
+def fit(module: pl.LightningModule, digits, epochs: int) -> pl.Trainer:
+    train, val = digits
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    loader = DataLoader(train, batch_size=50, shuffle=True, generator=torch.Generator().manual_seed(0))
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=DataLoader(val, batch_size=100))
+    return trainer
+
+
+def kl(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor) -> float:
+    with torch.no_grad():
+        return F.kl_div(F.log_softmax(model(x_adv), 1), F.softmax(model(x), 1), reduction="batchmean").item()
+
+
+def test_the_wrapped_module_trains_on_the_trades_objective_and_keeps_its_validation(digits) -> None:
+    inner = Classifier()
+    before = [p.detach().clone() for p in inner.parameters()]
+    trainer = fit(TRADES(inner, eps=0.1, beta=6.0, steps=3, seed=0), digits, epochs=3)
+    metrics = trainer.callback_metrics
+
+    assert metrics["train/trades_robust"] > 0
+    assert metrics["train/loss"].item() == pytest.approx(
+        metrics["train/trades_natural"].item() + 6.0 * metrics["train/trades_robust"].item(), rel=1e-4
+    )
+    assert metrics["val/acc"] > 0.6, "the wrapped module's own validation_step and self.log still run"
+    assert any(not torch.equal(a, b) for a, b in zip(before, inner.parameters(), strict=True))
+
+
+def test_trades_attack_raises_the_divergence_within_eps_and_bounds(digits) -> None:
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    x, y = digits[0].tensors
+    x = x[:100]
+    adv = TradesAttack(model, eps=0.1, steps=5, seed=0)(x, y[:100])
+    assert (adv - x).abs().max() <= 0.1 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    noise = (x + (torch.rand(x.shape, generator=torch.Generator().manual_seed(2)) * 2 - 1) * 0.1).clamp(0, 1)
+    assert kl(model, x, adv) > 2 * kl(model, x, noise)
+
+
+def test_trades_is_more_robust_than_clean_training(digits) -> None:
+    clean = Classifier()
+    fit(clean, digits, epochs=4)
+    trades = TRADES(Classifier(), eps=0.15, beta=6.0, steps=3, seed=0)
+    fit(trades, digits, epochs=4)
+    x, y = digits[1].tensors
+
+    def robust(model: nn.Module) -> float:
+        from defenses.attacks import PGD
+
+        model.eval()
+        adv = PGD(model, eps=0.15, steps=10, seed=0)(x, y)
+        with torch.no_grad():
+            return (model(adv).argmax(1) == y).float().mean().item()
+
+    assert robust(trades.module) > robust(clean) + 0.1
+
+
+def test_negative_beta_is_refused() -> None:
+    with pytest.raises(AttackConfigError, match="beta"):
+        TRADES(Classifier(), eps=0.1, beta=-1.0)

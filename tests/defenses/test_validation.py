@@ -1,0 +1,88 @@
+"""Input validation: each kind of bad shard is quarantined with its own check and reason; good shards pass."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from defenses.validation import Shard, ShardSchema, validate_shards
+from pipeline.digits import FEATURES, load_digits_split, split
+
+SCHEMA = ShardSchema(features=FEATURES)
+
+
+@pytest.fixture(scope="module")
+def frames() -> list[pd.DataFrame]:
+    return [part.to_frame() for part in split(load_digits_split(seed=2), [40] * 8)]
+
+
+def _only_verdict(shards: list[Shard], name: str):
+    return next(v for v in validate_shards(shards, SCHEMA).verdicts if v.name == name)
+
+
+def test_well_formed_shards_from_distinct_sources_pass(frames) -> None:
+    result = validate_shards([Shard(f"s{i}", f"src{i}", f) for i, f in enumerate(frames[:3])], SCHEMA)
+    assert result.accepted == ("s0", "s1", "s2")
+    assert result.quarantined == ()
+
+
+def _bad(frames, kind: str) -> pd.DataFrame:
+    frame = frames[0].copy()
+    if kind == "columns":
+        return frame.drop(columns=[FEATURES[5]])
+    if kind == "dtype":
+        return frame.astype({FEATURES[0]: np.float64})
+    if kind == "nulls":
+        frame.loc[3, FEATURES[10]] = np.nan
+        return frame
+    if kind == "labels":
+        frame.loc[4, "label"] = 11
+        return frame
+    if kind == "range":
+        frame.loc[5, FEATURES[20]] = np.float32(1.5)
+        return frame
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    ("kind", "where"),
+    [
+        ("columns", FEATURES[5]),
+        ("dtype", FEATURES[0]),
+        ("nulls", FEATURES[10]),
+        ("labels", "label"),
+        ("range", FEATURES[20]),
+    ],
+)
+def test_each_kind_of_bad_shard_is_quarantined_with_its_reason(frames, kind: str, where: str) -> None:
+    shards = [Shard("bad", "mallory", _bad(frames, kind)), Shard("good", "alice", frames[1])]
+    result = validate_shards(shards, SCHEMA)
+    (verdict,) = result.quarantined
+    assert (verdict.name, verdict.source, verdict.check) == ("bad", "mallory", kind)
+    assert f"{kind} check failed" in verdict.reason
+    assert where in verdict.reason
+    assert result.accepted == ("good",)
+
+
+def test_rows_duplicated_across_sources_quarantine_both_shards(frames) -> None:
+    copied = pd.concat([frames[2], frames[0].iloc[:3]], ignore_index=True)
+    shards = [Shard("orig", "alice", frames[0]), Shard("copy", "mallory", copied), Shard("other", "bob", frames[1])]
+    result = validate_shards(shards, SCHEMA)
+    reasons = {v.name: v for v in result.quarantined}
+    assert set(reasons) == {"orig", "copy"}
+    assert all(v.check == "duplicates" for v in reasons.values())
+    assert "3 rows also in shard orig from alice" in reasons["copy"].reason
+    assert result.accepted == ("other",)
+
+
+def test_duplicates_within_one_source_are_allowed(frames) -> None:
+    shards = [Shard("a1", "alice", frames[0]), Shard("a2", "alice", frames[0].iloc[:5])]
+    assert validate_shards(shards, SCHEMA).accepted == ("a1", "a2")
+
+
+def test_relabelled_copy_of_anothers_rows_is_a_duplicate(frames) -> None:
+    relabelled = frames[0].iloc[:4].copy()
+    relabelled["label"] = (relabelled["label"] + 1) % 10
+    shards = [Shard("orig", "alice", frames[0]), Shard("flip", "mallory", relabelled)]
+    assert _only_verdict(shards, "flip").check == "duplicates"

@@ -1,0 +1,136 @@
+"""`verify_model` / `trainguard verify-model`: a signed model with its attestation passes; any swap is refused."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from pipeline.attestation import CycleFacts, build_statement, file_resource, read_log_digest, sign_statement
+from pipeline.errors import AttestationError, AttestationMismatchError, ModelSignatureError
+from pipeline.model_sign import ATTESTATION_FILE, MODEL_FILE, ModelFiles, write_signed_model
+from pipeline.model_verification import verify_model
+from pipeline.state import ShardDecision
+
+TRAINGUARD = str(Path(sys.executable).parent / "trainguard")
+
+
+def _keypair(directory: Path, name: str) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    private, public = directory / f"{name}.key", directory / f"{name}.pub"
+    private.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    return private, public
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return _keypair(tmp_path_factory.mktemp("keys"), "model")
+
+
+def _release(tmp_path: Path, key: Path, name: str, value: float, attestation_key: Path | None = None) -> Path:
+    """A signed model directory with its signed attestation, as a cycle writes it."""
+    config = tmp_path / "cycle.yaml"
+    config.write_text("name: test\n")
+
+    def attest(files: ModelFiles) -> bytes:
+        facts = CycleFacts(
+            model_digests=files.digests,
+            manifests=[],
+            config=file_resource(config, "config"),
+            resolved_config={"name": "test"},
+            shards=[ShardDecision(shard="a", sha256="01", source="s", accepted=True, check="roni")],
+            read_log_sha256=read_log_digest([("a", "01")]),
+            read_log_entries=1,
+            invocation_id=name,
+            started="2026-01-01T00:00:00Z",
+            finished="2026-01-01T00:00:01Z",
+        )
+        return sign_statement(build_statement(facts), attestation_key or key)
+
+    directory = tmp_path / name
+    write_signed_model({"w": torch.full((4,), value)}, directory, key, attest=attest)
+    return directory
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([TRAINGUARD, "verify-model", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_a_released_model_verifies(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    model = _release(tmp_path, keys[0], "cycle-1", 1.0)
+    result = verify_model(model, None, keys[1])
+    assert result.invocation_id == "cycle-1" and result.accepted_shards == 1
+    assert result.model_sha256 == result.files[MODEL_FILE]
+    done = _cli(str(model), "--key", str(keys[1]), "--attestation", str(model / ATTESTATION_FILE), "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["model_sha256"] == result.model_sha256
+
+
+def test_an_edited_weights_file_fails_the_model_signature(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    model = _release(tmp_path, keys[0], "cycle-1", 1.0)
+    data = bytearray((model / MODEL_FILE).read_bytes())
+    data[-1] ^= 0x01
+    (model / MODEL_FILE).write_bytes(bytes(data))
+    with pytest.raises(ModelSignatureError):
+        verify_model(model, None, keys[1])
+    done = _cli(str(model), "--key", str(keys[1]))
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and MODEL_FILE in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_whole_other_signed_model_under_this_attestation_is_a_mismatch(
+    tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    accepted = _release(tmp_path, keys[0], "accepted", 1.0)
+    rejected = _release(tmp_path, keys[0], "rejected", 2.0)
+    shutil.copy(accepted / ATTESTATION_FILE, rejected / ATTESTATION_FILE)  # validly signed model, wrong record
+    with pytest.raises(AttestationMismatchError, match=MODEL_FILE):
+        verify_model(rejected, None, keys[1])
+    done = _cli(str(rejected), "--key", str(keys[1]), "--json")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert json.loads(done.stdout)["error"] == "AttestationMismatchError" and "swapped" in done.stdout
+
+
+def test_an_edited_or_foreign_attestation_is_refused(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    model = _release(tmp_path, keys[0], "cycle-1", 1.0)
+    envelope = json.loads((model / ATTESTATION_FILE).read_text())
+    statement = json.loads(base64.b64decode(envelope["payload"]))
+    statement["predicate"]["runDetails"]["metadata"]["invocationId"] = "forged"
+    envelope["payload"] = base64.b64encode(json.dumps(statement).encode()).decode()
+    (model / ATTESTATION_FILE).write_text(json.dumps(envelope))
+    with pytest.raises(AttestationError, match="signature check failed"):
+        verify_model(model, None, keys[1])
+
+    stranger, _ = _keypair(tmp_path, "stranger")
+    foreign = _release(tmp_path, keys[0], "foreign", 1.0, attestation_key=stranger)
+    with pytest.raises(
+        AttestationError, match=rf"{ATTESTATION_FILE}: attestation signature check failed: no signature"
+    ):
+        verify_model(foreign, None, keys[1])
+
+
+def test_missing_inputs_exit_2_without_a_traceback(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    missing_dir = _cli(str(tmp_path / "nowhere"), "--key", str(keys[1]), "--json")
+    assert missing_dir.returncode == 2 and "nowhere" in missing_dir.stdout
+    model = _release(tmp_path, keys[0], "cycle-1", 1.0)
+    missing_key = _cli(str(model), "--key", str(tmp_path / "absent.pub"), "--json")
+    assert missing_key.returncode == 2 and "absent.pub" in missing_key.stdout
+    (model / ATTESTATION_FILE).unlink()
+    missing_attestation = _cli(str(model), "--key", str(keys[1]), "--json")
+    assert missing_attestation.returncode == 2
+    assert json.loads(missing_attestation.stdout)["ok"] is False
+    for done in (missing_dir, missing_key, missing_attestation):
+        assert "Traceback" not in done.stderr

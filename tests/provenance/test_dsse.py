@@ -1,0 +1,128 @@
+"""DSSE envelopes: PAE, JSON round trip, thresholds and the reasons signatures are refused."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from provenance import (
+    AlreadySignedError,
+    BadSignatureError,
+    Envelope,
+    MalformedError,
+    PolicyError,
+    ProvenanceError,
+    ThresholdError,
+    UntrustedSignerError,
+    add_signature,
+    generate_signing_key,
+    pae,
+    sign_envelope,
+    verify_envelope,
+)
+
+TYPE = "application/vnd.in-toto+json"
+
+
+def test_pae_matches_the_dsse_specification() -> None:
+    assert pae("http://example.com/HelloWorld", b"hello world") == (
+        b"DSSEv1 29 http://example.com/HelloWorld 11 hello world"
+    )
+
+
+def test_envelope_round_trips_through_json() -> None:
+    key = generate_signing_key("ecdsa-p256")
+    envelope = add_signature(sign_envelope(TYPE, b'{"a": 1}', generate_signing_key()), key)
+    assert Envelope.from_json(envelope.to_json()) == envelope
+    assert Envelope.from_json(envelope.to_json().decode()) == envelope
+    document = json.loads(envelope.to_json())
+    assert base64.b64decode(document["payload"]) == b'{"a": 1}'
+    assert document["payloadType"] == TYPE
+
+
+def test_two_of_three_threshold_needs_two_trusted_signers() -> None:
+    a, b, c = (generate_signing_key() for _ in range(3))
+    trusted = [a.public, b.public, c.public]
+    one = sign_envelope(TYPE, b"x", a)
+    with pytest.raises(ThresholdError):
+        verify_envelope(one, trusted, 2)
+    assert verify_envelope(add_signature(one, c), trusted, 2) == (a.keyid, c.keyid)
+
+
+def test_the_same_key_twice_counts_once() -> None:
+    a, b = generate_signing_key(), generate_signing_key()
+    envelope = sign_envelope(TYPE, b"x", a)
+    with pytest.raises(AlreadySignedError):
+        add_signature(envelope, a)
+    forged = Envelope(envelope.payload_type, envelope.payload, envelope.signatures * 2)
+    with pytest.raises(ThresholdError):
+        verify_envelope(forged, [a.public, b.public], 2)
+
+
+def test_edited_payload_or_payload_type_is_a_bad_signature() -> None:
+    key = generate_signing_key()
+    envelope = sign_envelope(TYPE, b"x", key)
+    for edited in (
+        Envelope(envelope.payload_type, b"y", envelope.signatures),
+        Envelope("text/plain", envelope.payload, envelope.signatures),
+    ):
+        with pytest.raises(BadSignatureError) as caught:
+            verify_envelope(edited, [key.public], 1)
+        assert caught.value.reason == "bad-signature"
+
+
+def test_untrusted_signer_is_refused() -> None:
+    trusted, other = generate_signing_key(), generate_signing_key()
+    with pytest.raises(UntrustedSignerError):
+        verify_envelope(sign_envelope(TYPE, b"x", other), [trusted.public], 1)
+
+
+def test_untrusted_key_claiming_a_trusted_keyid_is_refused() -> None:
+    trusted, other = generate_signing_key(), generate_signing_key()
+    envelope = sign_envelope(TYPE, b"x", other)
+    forged = Envelope(TYPE, b"x", (type(envelope.signatures[0])(trusted.keyid, envelope.signatures[0].sig),))
+    with pytest.raises(BadSignatureError):
+        verify_envelope(forged, [trusted.public], 1)
+
+
+def test_threshold_out_of_range_is_a_policy_error() -> None:
+    key = generate_signing_key()
+    envelope = sign_envelope(TYPE, b"x", key)
+    for threshold in (0, 2):
+        with pytest.raises(PolicyError):
+            verify_envelope(envelope, [key.public], threshold)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=10), inner, max_size=3),
+    max_leaves=10,
+)
+envelope_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "payload": st.one_of(st.text(max_size=20), json_values),
+        "payloadType": st.one_of(st.just(TYPE), json_values),
+        "signatures": st.one_of(
+            st.lists(st.fixed_dictionaries({}, optional={"keyid": json_values, "sig": st.text(max_size=30)})),
+            json_values,
+        ),
+    },
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.one_of(st.binary(max_size=64), envelope_like.map(lambda d: json.dumps(d).encode())))
+def test_malformed_envelopes_raise_only_the_project_error(data: bytes) -> None:
+    key = generate_signing_key()
+    try:
+        envelope = Envelope.from_json(data)
+    except ProvenanceError as error:
+        assert isinstance(error, MalformedError)
+        return
+    with pytest.raises(ProvenanceError):
+        verify_envelope(envelope, [key.public], 1)
