@@ -17,7 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import AttestationError
+from pipeline.errors import AttestationError, AttestationInputError
 from pipeline.model_sign import ModelFiles
 from pipeline.state import ShardDecision
 
@@ -238,12 +238,6 @@ def verify_attestation(path: Path, trusted: Sequence[Path], threshold: int = 1) 
     if envelope.payload_type != PAYLOAD_TYPE:
         raise AttestationError(f"{path}: payloadType is {envelope.payload_type!r}, not {PAYLOAD_TYPE}", path=str(path))
     return VerifiedAttestation(path, _parse_statement(envelope.payload, path), keyids)
-
-
-class AttestationInputError(AttestationError):
-    """The attestation or a key file cannot be read (unusable input, not a failed check)."""
-
-    exit_code = 2
 
 
 def _parse_statement(payload: bytes, path: Path) -> dict[str, Any]:

@@ -27,12 +27,24 @@ class ModelSignatureError(PipelineError):
         self.path = path
 
 
+class ModelNotFoundError(ModelSignatureError):
+    """The model directory or public key named does not exist (unusable input, not a failed check)."""
+
+    exit_code = 2
+
+
 class AttestationError(PipelineError):
     """A model attestation is unreadable, malformed or not signed by a trusted key."""
 
     def __init__(self, message: str, path: str | None = None) -> None:
         super().__init__(message)
         self.path = path
+
+
+class AttestationInputError(AttestationError):
+    """The attestation or a trusted key file cannot be read (unusable input, not a failed check)."""
+
+    exit_code = 2
 
 
 class AttestationMismatchError(AttestationError):
@@ -47,3 +59,11 @@ class StateError(PipelineError):
     def __init__(self, message: str, path: str | None = None) -> None:
         super().__init__(message)
         self.path = path
+
+
+class CycleAbortedError(PipelineError):
+    """A check stopped the retraining cycle before it had effect; `check` names it (verify, gate, ...)."""
+
+    def __init__(self, message: str, check: str) -> None:
+        super().__init__(message)
+        self.check = check

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.errors import ModelSignatureError
+from pipeline.errors import ModelNotFoundError, ModelSignatureError
 
 if TYPE_CHECKING:
     import torch
@@ -31,6 +31,7 @@ SIGNATURE_FILE = "model.sig"
 ATTESTATION_FILE = "attestation.intoto.json"
 UNSIGNED_FILES = (SIGNATURE_FILE, ATTESTATION_FILE)
 PASSPHRASE_ENV = "TRAINGUARD_KEY_PASSPHRASE"
+_MODEL_SIGNING_CURVES = ("secp256r1", "secp384r1", "secp521r1")
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ def write_signed_model(
     `directory` (a re-run of the same cycle) is replaced only once the new one is complete.
     """
     directory = Path(directory)
+    _check_signing_key(Path(signing_key))
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     staging.chmod(0o755)
@@ -102,10 +104,9 @@ def sign_model(directory: Path, signing_key: Path) -> Path:
     """Signs every file of `directory` but the signature and attestation; returns the signature path."""
     import model_signing
 
+    password = _check_signing_key(Path(signing_key))
     try:
-        config = model_signing.signing.Config().use_elliptic_key_signer(
-            private_key=signing_key, password=_passphrase(signing_key)
-        )
+        config = model_signing.signing.Config().use_elliptic_key_signer(private_key=signing_key, password=password)
         config.set_hashing_config(model_signing.hashing.Config().set_ignored_paths(paths=list(UNSIGNED_FILES)))
         config.sign(directory, directory / SIGNATURE_FILE)
     except (OSError, ValueError, TypeError) as error:
@@ -163,12 +164,6 @@ def read_model_description(directory: Path) -> dict[str, Any]:
     return json.loads((Path(directory) / CONFIG_FILE).read_text())
 
 
-class ModelNotFoundError(ModelSignatureError):
-    """The model directory or key named on the command line does not exist (unusable input)."""
-
-    exit_code = 2
-
-
 def _save_weights(model: Any, path: Path, metadata: Mapping[str, str]) -> None:
     from safetensors.torch import save_file, save_model
     from torch import nn
@@ -187,14 +182,32 @@ def _signed_digests(bundle: bytes) -> dict[str, str]:
     return {item["name"]: item["digest"] for item in statement["predicate"]["resources"]}
 
 
-def _passphrase(key: Path) -> bytes | None:
-    """The key's passphrase from TRAINGUARD_KEY_PASSPHRASE, only when the PEM is encrypted."""
-    if b"ENCRYPTED" not in Path(key).read_bytes():
-        return None
-    secret = os.environ.get(PASSPHRASE_ENV)
-    if not secret:
-        raise ModelSignatureError(f"{key} is encrypted: set {PASSPHRASE_ENV}", path=str(key))
-    return secret.encode()
+def _check_signing_key(key: Path) -> bytes | None:
+    """Refuses, by name, a key model-signing cannot use; returns its passphrase (TRAINGUARD_KEY_PASSPHRASE) if any."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        pem = key.read_bytes()
+    except OSError as error:
+        raise ModelNotFoundError(f"cannot read model signing key {key}: {error.strerror}", path=str(key)) from None
+    password = None
+    if b"ENCRYPTED" in pem:
+        secret = os.environ.get(PASSPHRASE_ENV)
+        if not secret:
+            raise ModelSignatureError(f"{key} is encrypted: set {PASSPHRASE_ENV}", path=str(key))
+        password = secret.encode()
+    try:
+        private = load_pem_private_key(pem, password)
+    except (ValueError, TypeError) as error:
+        raise ModelSignatureError(f"{key}: not a usable PEM private key: {_one_line(error)}", path=str(key)) from None
+    if not isinstance(private, ec.EllipticCurvePrivateKey) or private.curve.name not in _MODEL_SIGNING_CURVES:
+        raise ModelSignatureError(
+            f"{key}: model signing needs an ECDSA P-256/P-384/P-521 key "
+            "(make one with `trainguard keygen --type ecdsa-p256`)",
+            path=str(key),
+        )
+    return password
 
 
 def _fsync_tree(directory: Path) -> None:

@@ -37,10 +37,51 @@ from provenance.keys import (
     load_verifying_key,
     write_keypair,
 )
+from provenance.manifest import PAYLOAD_TYPE, PREDICATE_TYPE, STATEMENT_TYPE, Manifest, ShardEntry, parse_statement
+from provenance.policy import TrustPolicy, load_trust
+from provenance.reader import ReadLog, ReadRecord, ShardReader
+from provenance.signing import cosign_manifest, sign_dataset, write_manifest
+from provenance.state import RollbackState, default_state_path
+from provenance.verify import (
+    ShardFailure,
+    VerificationReport,
+    VerifiedManifest,
+    open_manifest,
+    verify_dataset,
+    verify_or_raise,
+)
 
-_LAZY = {}
+_LAZY = {
+    "ManifestSpec": "provenance.dataset",
+    "ShardDataset": "provenance.dataset",
+    "VerifiedDataModule": "provenance.dataset",
+    "VerifyDatasetCallback": "provenance.callback",
+    "dvc_tracked_md5": "provenance.dvc",
+}
 
 __all__ = [
+    "PAYLOAD_TYPE",
+    "PREDICATE_TYPE",
+    "STATEMENT_TYPE",
+    "Manifest",
+    "ReadLog",
+    "ReadRecord",
+    "RollbackState",
+    "ShardEntry",
+    "ShardFailure",
+    "ShardReader",
+    "TrustPolicy",
+    "VerificationReport",
+    "VerifiedManifest",
+    "cosign_manifest",
+    "default_state_path",
+    "load_trust",
+    "open_manifest",
+    "parse_statement",
+    "sign_dataset",
+    "verify_dataset",
+    "verify_or_raise",
+    "write_manifest",
     "AlreadySignedError",
     "BadSignatureError",
     "DataDirError",

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from provenance.errors import MalformedError, RollbackError
-from provenance.manifest import Manifest
 
 STATE_NAME = "provenance-state.json"
 
@@ -57,28 +56,28 @@ class RollbackState:
                 path=str(self.path),
             ) from None
 
-    def check(self, manifest: Manifest, statement_sha256: str) -> None:
+    def check(self, dataset: str, version: int, statement_sha256: str) -> None:
         """Refuses a version lower than the one accepted, or the accepted version with a different statement."""
-        accepted = self.load().get(manifest.dataset)
+        accepted = self.load().get(dataset)
         if accepted is None:
             return
-        if manifest.version < accepted.version:
+        if version < accepted.version:
             raise RollbackError(
-                f"dataset {manifest.dataset!r}: manifest version {manifest.version} is older than accepted version "
+                f"dataset {dataset!r}: manifest version {version} is older than accepted version "
                 f"{accepted.version} (rollback)"
             )
-        if manifest.version == accepted.version and statement_sha256 != accepted.statement_sha256:
+        if version == accepted.version and statement_sha256 != accepted.statement_sha256:
             raise RollbackError(
-                f"dataset {manifest.dataset!r}: version {manifest.version} was already accepted with different "
-                "content; a re-signed manifest needs a higher version"
+                f"dataset {dataset!r}: version {version} was already accepted with different content; "
+                "a re-signed manifest needs a higher version"
             )
 
-    def record(self, manifest: Manifest, statement_sha256: str) -> None:
+    def record(self, dataset: str, version: int, statement_sha256: str) -> None:
         """Records the manifest as accepted (after checking again under the lock)."""
         with self._locked():
-            self.check(manifest, statement_sha256)
+            self.check(dataset, version, statement_sha256)
             datasets = {name: vars(entry) for name, entry in self.load().items()}
-            datasets[manifest.dataset] = vars(Accepted(manifest.version, statement_sha256))
+            datasets[dataset] = vars(Accepted(version, statement_sha256))
             temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
             with temporary.open("w", encoding="utf-8") as stream:
                 json.dump({"datasets": datasets}, stream, indent=2, sort_keys=True)

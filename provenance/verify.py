@@ -127,7 +127,7 @@ def open_manifest(
     if moment >= manifest.expires:
         raise ExpiredError(f"{path}: manifest expired at {rfc3339(manifest.expires)}", path=str(path))
     statement_sha256 = hashlib.sha256(envelope.payload).hexdigest()
-    _state(state).check(manifest, statement_sha256)
+    _state(state).check(manifest.dataset, manifest.version, statement_sha256)
     return VerifiedManifest(
         path=path,
         manifest=manifest,
@@ -203,7 +203,7 @@ def verify_dataset(
         failures=tuple(failures),
     )
     if report.ok and record:
-        rollback.record(manifest, verified.statement_sha256)
+        rollback.record(manifest.dataset, manifest.version, verified.statement_sha256)
     return report
 
 

@@ -65,13 +65,12 @@ class DictDigits(Dataset):
 def fit(module: pl.LightningModule, loader: DataLoader, callbacks: list, **kwargs) -> pl.Trainer:
     trainer = pl.Trainer(
         accelerator="cpu",
-        devices=1,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=callbacks,
-        **{"max_epochs": 1, **kwargs},
+        **{"max_epochs": 1, "devices": 1, **kwargs},
     )
     trainer.fit(module, train_dataloaders=loader)
     return trainer
@@ -207,3 +206,12 @@ def test_dict_batches_without_keys_fail_with_a_clear_error() -> None:
 def test_unusable_settings_are_refused_at_construction(kwargs, match) -> None:
     with pytest.raises(AttackConfigError, match=match):
         AdversarialTraining(**kwargs)
+
+
+def test_ddp_ranks_craft_locally_and_log_success_summed_over_ranks() -> None:
+    x, y = data()
+    callback = AdversarialTraining("pgd", eps=0.2, steps=2, seed=0)
+    trainer = fit(Recorder(), DataLoader(TensorDataset(x, y), batch_size=8), [callback], max_epochs=1,
+                  strategy="ddp_spawn", devices=2)  # fmt: skip
+    assert trainer.callback_metrics["adv/eps"] == pytest.approx(0.2)
+    assert 0.0 <= trainer.callback_metrics["adv/success"].item() <= 1.0

@@ -11,7 +11,6 @@ import pytest
 from pipeline.attestation import (
     PREDICATE_TYPE,
     STATEMENT_TYPE,
-    AttestationInputError,
     CycleFacts,
     Resource,
     build_statement,
@@ -23,7 +22,7 @@ from pipeline.attestation import (
     statement_bytes,
     verify_attestation,
 )
-from pipeline.errors import AttestationError
+from pipeline.errors import AttestationError, AttestationInputError
 from pipeline.state import ShardDecision
 
 MODEL = {"model.safetensors": "aa" * 32, "model.json": "bb" * 32}

@@ -209,3 +209,10 @@ def test_roni_options_are_checked_against_the_screening_config(tmp_path: Path) -
     assert error.key == "roni.options.kk"
     error = _error(tmp_path, _with({("roni", "options"): {"k": "big"}}))
     assert error.key == "roni.options.k"
+
+
+def test_a_datamodule_is_checked_like_the_model(tmp_path: Path) -> None:
+    data = _with({("datamodule",): {"class_path": "pytorch_lightning.LightningDataModule"}})
+    assert load_config(_write(tmp_path, data)).datamodule.class_path == "pytorch_lightning.LightningDataModule"
+    error = _error(tmp_path, _with({("datamodule",): {"class_path": "pipeline.models.DigitsClassifier"}}))
+    assert error.key == "datamodule.class_path" and "LightningDataModule" in str(error)

@@ -12,13 +12,12 @@ import torch
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from pipeline.errors import ModelSignatureError
+from pipeline.errors import ModelNotFoundError, ModelSignatureError
 from pipeline.model_sign import (
     ATTESTATION_FILE,
     CONFIG_FILE,
     MODEL_FILE,
     SIGNATURE_FILE,
-    ModelNotFoundError,
     file_sha256,
     load_verified_state_dict,
     read_model_description,
@@ -151,3 +150,14 @@ def test_an_encrypted_key_needs_the_passphrase(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setenv("TRAINGUARD_KEY_PASSPHRASE", "correct horse")
     files = write_signed_model({"w": torch.zeros(2)}, tmp_path / "m", private)
     assert verify_model_signature(files.directory, public).digests == files.digests
+
+
+def test_a_key_model_signing_cannot_use_is_refused_by_name(tmp_path: Path) -> None:
+    from provenance.keys import generate_signing_key, write_keypair
+
+    ed25519, _ = write_keypair(generate_signing_key("ed25519"), tmp_path / "ed")
+    with pytest.raises(ModelSignatureError, match=r"ed\.key: model signing needs an ECDSA"):
+        write_signed_model({"w": torch.zeros(2)}, tmp_path / "m", ed25519)
+    with pytest.raises(ModelNotFoundError, match=r"absent\.key"):
+        write_signed_model({"w": torch.zeros(2)}, tmp_path / "m", tmp_path / "absent.key")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ed.key", "ed.pub"]

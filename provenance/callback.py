@@ -1,0 +1,122 @@
+"""A Lightning callback that verifies the signed manifests when the fit starts and stops it before any training
+step if anything fails; it logs what it checked and records each dataset as an MLflow dataset input.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_warn
+
+from provenance.dataset import ManifestLike, as_spec
+from provenance.errors import MalformedError, ProvenanceError
+from provenance.state import RollbackState, default_state_path
+from provenance.verify import VerificationReport, verify_dataset
+
+
+class VerifyDatasetCallback(pl.Callback):
+    """Verifies every manifest (signatures, expiry, rollback, all shards) in `setup("fit")`, on every rank.
+
+    All ranks must pass (one boolean reduction), so a failure on any rank stops all of them with a ProvenanceError.
+    """
+
+    def __init__(
+        self,
+        manifests: Sequence[ManifestLike],
+        trust: Path | str | None = None,
+        *,
+        state_file: Path | str | None = None,
+        allow_extra: bool = False,
+        dvc: bool = False,
+        workers: int | None = None,
+        mlflow_context: str = "training",
+    ) -> None:
+        self.specs = tuple(as_spec(m) for m in manifests)
+        self.trust = Path(trust) if trust is not None else None
+        self.state = RollbackState(Path(state_file) if state_file is not None else default_state_path())
+        self.allow_extra, self.dvc, self.workers = allow_extra, dvc, workers
+        self.mlflow_context = mlflow_context
+        self.reports: tuple[VerificationReport, ...] = ()
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.reports:
+            return
+        reports = tuple(self._verify(spec) for spec in self.specs)
+        failed = [r for r in reports if not r.ok]
+        if not trainer.strategy.reduce_boolean_decision(not failed, all=True):
+            if failed:
+                failed[0].raise_for_failures()
+            raise ProvenanceError("dataset verification failed on another rank; training stopped")
+        for report in reports:
+            self._record(report)
+        self.reports = reports
+        self._log(trainer, reports)
+
+    def _verify(self, spec: Any) -> VerificationReport:
+        trust = spec.trust or self.trust
+        if trust is None:
+            raise MalformedError(f"no trust policy for manifest {spec.manifest}")
+        return verify_dataset(
+            spec.manifest,
+            trust,
+            data_dir=spec.data_dir,
+            state=self.state,
+            allow_extra=self.allow_extra,
+            workers=self.workers,
+            record=False,
+            dvc=self.dvc,
+        )
+
+    def _record(self, report: VerificationReport) -> None:
+        assert report.dataset is not None and report.version is not None and report.statement_sha256 is not None
+        self.state.record(report.dataset, report.version, report.statement_sha256)
+
+    def _log(self, trainer: pl.Trainer, reports: Sequence[VerificationReport]) -> None:
+        if trainer.logger is None:
+            return
+        metrics = {
+            "provenance/shards": float(sum(r.shards for r in reports)),
+            "provenance/bytes": float(sum(r.bytes_checked for r in reports)),
+            "provenance/seconds": float(sum(r.seconds for r in reports)),
+        }
+        trainer.logger.log_metrics(metrics, step=0)
+        from pytorch_lightning.loggers import MLFlowLogger
+
+        if isinstance(trainer.logger, MLFlowLogger):
+            if trainer.is_global_zero:
+                self._log_mlflow(trainer.logger, reports)
+        else:
+            trainer.logger.log_hyperparams({"provenance": {r.dataset: _facts(r) for r in reports}})
+
+    def _log_mlflow(self, logger: Any, reports: Sequence[VerificationReport]) -> None:
+        """One batch of tags and one `log_inputs` call; tracking trouble is warned about, never fatal."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag, RunTag
+
+        tags, inputs = [], []
+        for report in reports:
+            for key, value in _facts(report).items():
+                tags.append(RunTag(f"trainguard.data.{report.dataset}.{key}", str(value)))
+            source = json.dumps({"uri": Path(report.manifest_path).resolve().as_uri()})
+            profile = json.dumps({k: v for k, v in _facts(report).items() if k != "manifest_sha256"})
+            dataset = Dataset(str(report.dataset), report.manifest_sha256, "local", source, None, profile)
+            inputs.append(DatasetInput(dataset, [InputTag("mlflow.data.context", self.mlflow_context)]))
+        try:
+            logger.experiment.log_batch(logger.run_id, tags=tags)
+            logger.experiment.log_inputs(logger.run_id, datasets=inputs)
+        except Exception as error:  # the tracking server is not a security check; the verification already passed
+            rank_zero_warn(f"trainguard: could not log dataset verification to MLflow: {error}")
+
+
+def _facts(report: VerificationReport) -> dict[str, Any]:
+    return {
+        "manifest_sha256": report.manifest_sha256,
+        "statement_sha256": report.statement_sha256,
+        "version": report.version,
+        "shards": report.shards,
+        "bytes": report.bytes_checked,
+        "signers": ",".join(report.signers),
+    }

@@ -1,0 +1,192 @@
+"""A torch Dataset and a LightningDataModule over signed manifests: only listed shards, each verified on read.
+
+Shards are parquet (or npy) tables with numeric feature columns and an integer label column. The read log of
+every shard actually read (dataset, name, sha256, in order) is exact, and its digest can go into an attestation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from provenance.errors import MalformedError, ShardError
+from provenance.manifest import ShardEntry
+from provenance.policy import TrustPolicy
+from provenance.reader import ReadLog, ShardReader
+from provenance.state import RollbackState
+from provenance.verify import VerifiedManifest, open_manifest
+
+
+@dataclass(frozen=True)
+class ManifestSpec:
+    """A manifest, the folder of its shards (default: the manifest's) and its trust (default: the caller's)."""
+
+    manifest: Path
+    data_dir: Path | None = None
+    trust: Path | None = None
+
+
+ManifestLike = ManifestSpec | Path | str | Mapping[str, str]
+
+
+def as_spec(item: ManifestLike) -> ManifestSpec:
+    if isinstance(item, ManifestSpec):
+        return item
+    if isinstance(item, Mapping):
+        unknown = set(item) - {"manifest", "data_dir", "trust"}
+        if "manifest" not in item or unknown:
+            raise MalformedError(f"a manifest entry needs 'manifest' (and optional data_dir, trust); got {dict(item)}")
+        return ManifestSpec(
+            Path(item["manifest"]),
+            Path(item["data_dir"]) if item.get("data_dir") else None,
+            Path(item["trust"]) if item.get("trust") else None,
+        )
+    return ManifestSpec(Path(item))
+
+
+def open_verified(
+    specs: Iterable[ManifestLike], trust: TrustPolicy | Path | None, state: RollbackState | Path | None = None
+) -> tuple[VerifiedManifest, ...]:
+    """Each manifest checked for signatures, payload type, expiry and rollback (shards are checked on read)."""
+    opened = []
+    for spec in map(as_spec, specs):
+        policy = spec.trust or trust
+        if policy is None:
+            raise MalformedError(f"no trust policy for manifest {spec.manifest}")
+        opened.append(open_manifest(spec.manifest, policy, data_dir=spec.data_dir, state=state))
+    return tuple(opened)
+
+
+class ShardDataset(Dataset):
+    """Rows of the selected shards as (float32 features, int64 label), held in memory after a verified read."""
+
+    def __init__(
+        self,
+        readers: Sequence[ShardReader],
+        *,
+        roles: Collection[str] | None = ("train",),
+        sources: Collection[str] | None = None,
+        exclude: Collection[str] = (),
+        feature_columns: Sequence[str] | None = None,
+        label_column: str = "label",
+    ) -> None:
+        features: list[np.ndarray] = []
+        labels: list[np.ndarray] = []
+        shards: list[tuple[str, ShardEntry]] = []
+        for reader in readers:
+            dataset = reader.verified.manifest.dataset
+            selected = [
+                s
+                for s in reader.verified.manifest.select(roles, sources)
+                if s.name not in exclude and f"{dataset}:{s.name}" not in exclude
+            ]
+            entries = {s.name: s for s in selected}
+            for name, frame in reader.frames(entries):
+                x, y = _columns(name, frame, feature_columns, label_column)
+                features.append(x)
+                labels.append(y)
+                shards.append((dataset, entries[name]))
+        self.shards = tuple(shards)
+        self.row_shard = np.repeat(np.arange(len(labels)), [len(y) for y in labels]).astype(np.int64)
+        width = features[0].shape[1] if features else len(feature_columns or ())
+        self.features = torch.from_numpy(np.concatenate(features) if features else np.zeros((0, width), np.float32))
+        self.labels = torch.from_numpy(np.concatenate(labels) if labels else np.zeros(0, np.int64))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.features[index], self.labels[index]
+
+
+def _columns(
+    name: str, frame: pd.DataFrame, feature_columns: Sequence[str] | None, label_column: str
+) -> tuple[np.ndarray, np.ndarray]:
+    if label_column not in frame.columns:
+        raise ShardError(f"shard {name}: no label column {label_column!r}", shard=name, reason="format")
+    columns = list(feature_columns) if feature_columns else [c for c in frame.columns if c != label_column]
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ShardError(f"shard {name}: missing feature columns {missing[:3]}", shard=name, reason="format")
+    table = frame[columns]
+    if not all(pd.api.types.is_numeric_dtype(t) for t in table.dtypes):
+        raise ShardError(f"shard {name}: feature columns must be numeric", shard=name, reason="format")
+    if not pd.api.types.is_integer_dtype(frame[label_column].dtype):
+        raise ShardError(f"shard {name}: label column {label_column!r} is not integer", shard=name, reason="format")
+    return table.to_numpy(np.float32), frame[label_column].to_numpy(np.int64)
+
+
+class VerifiedDataModule(pl.LightningDataModule):
+    """Train on role `train` shards and validate on role `holdout` shards of signed manifests, verified on read.
+
+    `exclude` drops shards by name (or `dataset:name`), e.g. those a poisoning screen rejected.
+    """
+
+    def __init__(
+        self,
+        manifests: Sequence[ManifestLike],
+        trust: Path | str | None = None,
+        *,
+        state_file: Path | str | None = None,
+        train_roles: Sequence[str] = ("train",),
+        val_roles: Sequence[str] | None = ("holdout",),
+        sources: Sequence[str] | None = None,
+        exclude: Collection[str] = (),
+        feature_columns: Sequence[str] | None = None,
+        label_column: str = "label",
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.specs = tuple(as_spec(m) for m in manifests)
+        self.trust = Path(trust) if trust is not None else None
+        self.state_file = Path(state_file) if state_file is not None else None
+        self.train_roles, self.val_roles = tuple(train_roles), None if val_roles is None else tuple(val_roles)
+        self.sources = None if sources is None else tuple(sources)
+        self.exclude = frozenset(exclude)
+        self.feature_columns, self.label_column = feature_columns, label_column
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.read_log = ReadLog()
+        self.verified: tuple[VerifiedManifest, ...] = ()
+        self.train_set: ShardDataset | None = None
+        self.val_set: ShardDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        self.verified = open_verified(self.specs, self.trust, self.state_file)
+        readers = [ShardReader(v, self.read_log) for v in self.verified]
+        options = {
+            "sources": self.sources,
+            "exclude": self.exclude,
+            "feature_columns": self.feature_columns,
+            "label_column": self.label_column,
+        }
+        self.train_set = ShardDataset(readers, roles=self.train_roles, **options)
+        if len(self.train_set) == 0:
+            raise MalformedError("no shard of the manifests matches the training selection (roles, sources, exclude)")
+        if self.val_roles:
+            self.val_set = ShardDataset(readers, roles=self.val_roles, **options)
+
+    def read_log_digest(self) -> str:
+        return self.read_log.digest()
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_set is not None, "setup() first"
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator, num_workers=self.num_workers
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_set is None or len(self.val_set) == 0:
+            return []
+        return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)

@@ -1,0 +1,69 @@
+"""Screening records: local JSON and PNG first, then MLflow; a dead tracking server loses nothing."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from defenses.report import record_screening
+from defenses.roni import CandidateDecision, ScreeningConfig, ScreeningReport
+
+
+def _report() -> ScreeningReport:
+    def decision(name: str, source: str, impact: float, accepted: bool) -> CandidateDecision:
+        reason = "impact within calibrated thresholds" if accepted else f"held-out soft accuracy dropped by {impact}"
+        return CandidateDecision(
+            name, source, 50, impact, 0.05, (impact, 0.0), (0.3, 0.3), impact / 0.01, accepted, reason
+        )
+
+    return ScreeningReport(
+        decisions=(decision("shard-a", "alice", 0.01, True), decision("shard-m", "mallory", 0.2, False)),
+        threshold=0.05,
+        class_thresholds=(0.3, 0.3),
+        calibration_impacts=(0.0, 0.01, 0.02, 0.015, 0.005),
+        calibration_size=50,
+        config=ScreeningConfig(),
+        seconds=0.1,
+        base_soft_accuracy=0.9,
+    )
+
+
+def test_decisions_are_logged_to_mlflow_and_kept_locally(mlflow_uri: str, tmp_path: Path) -> None:
+    outcome = record_screening(_report(), tmp_path / "cycle-1", experiment="roni-tests", run_name="cycle-1")
+    assert outcome.logged_to_mlflow, outcome.mlflow_error
+    local = json.loads(outcome.json_path.read_text())
+    assert [d["accepted"] for d in local["decisions"]] == [True, False]
+    assert outcome.plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["roni.impact.shard-m"] == 0.2
+    assert run.data.metrics["roni.class_impact.shard-a.0"] == 0.01
+    assert run.data.params["roni.threshold"] == "0.05"
+    assert run.data.params["roni.k"] == str(ScreeningConfig().k)
+    assert run.data.tags["roni.decision.shard-a"] == "accepted"
+    assert run.data.tags["roni.decision.shard-m"] == "rejected"
+    assert run.data.tags["roni.reason.shard-m"].startswith("held-out soft accuracy dropped")
+    assert run.data.tags["roni.rejected"] == "1"
+    artifacts = {a.path for a in client.list_artifacts(outcome.run_id, "roni")}
+    assert artifacts == {"roni/roni-report.json", "roni/roni-impacts.png"}
+    logged = json.loads(
+        Path(client.download_artifacts(outcome.run_id, "roni/roni-report.json", str(tmp_path))).read_text()
+    )
+    assert logged == local
+
+
+def test_dead_tracking_server_keeps_the_local_report_and_says_so(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    outcome = record_screening(_report(), tmp_path / "cycle-2", tracking_uri=f"http://127.0.0.1:{port}")
+    assert not outcome.logged_to_mlflow
+    assert outcome.mlflow_error is not None and "unreachable" in outcome.mlflow_error
+    assert f"127.0.0.1:{port}" in outcome.mlflow_error
+    assert json.loads(outcome.json_path.read_text())["decisions"][1]["name"] == "shard-m"
+    assert outcome.plot_path.exists()
