@@ -149,10 +149,9 @@ class AdversarialTraining(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # One log call per metric and epoch: per-step `self.log` costs more than a forward pass of a small model.
-        if self._rows == 0:
-            return
-        pl_module.log("adv/eps", self._eps_sum / self._rows, on_step=False, on_epoch=True)
-        hits = trainer.strategy.reduce(self._hits, reduce_op="sum")
+        hits = trainer.strategy.reduce(self._hits, reduce_op="sum")  # every rank joins, even one without batches
+        if self._rows > 0:
+            pl_module.log("adv/eps", self._eps_sum / self._rows, on_step=False, on_epoch=True)
         if hits[1] > 0:
             pl_module.log("adv/success", hits[0] / hits[1], on_step=False, on_epoch=True)
 

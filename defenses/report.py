@@ -96,7 +96,7 @@ def _log_to_mlflow(
         metrics = [Metric("roni.threshold", report.threshold, now, 0)]
         params = [
             Param("roni.threshold", repr(report.threshold)),
-            Param("roni.calibration_size", str(report.calibration_size)),
+            Param("roni.calibration_rows", str(report.calibration_size)),
         ]
         params += [Param(f"roni.{k}", str(v)) for k, v in asdict(report.config).items()]
         tags = [

@@ -139,6 +139,7 @@ class GateSection(_Section):
     min_robust_accuracy: Fraction = 0.0
     robust_eps: Annotated[float, Field(ge=0.0)] | None = Field(default=None, description="None: largest eval eps.")
     max_accuracy_drop: Fraction = 0.02
+    max_class_drop: Fraction = 0.1
 
 
 class TrainingSection(_Section):
@@ -150,6 +151,7 @@ class TrainingSection(_Section):
     strategy: str = "auto"
     deterministic: bool = True
     num_workers: Annotated[int, Field(ge=0)] = 0
+    bootstrap_epochs: Annotated[int, Field(ge=1, description="First cycle: epochs on the trusted data.")] = 5
 
 
 class OutputSection(_Section):

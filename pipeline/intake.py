@@ -37,8 +37,8 @@ class SignedShard:
 
     @property
     def key(self) -> str:
-        """Unique across manifests: the dataset name and the shard's path in it."""
-        return f"{self.dataset}/{self.name}"
+        """Unique across manifests: `dataset:name`, as `VerifiedDataModule(exclude=...)` takes it."""
+        return f"{self.dataset}:{self.name}"
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ def verify_and_read(config: CycleConfig, log: ReadLog | None = None) -> Intake:
             shard = listed[failure.shard]
             refused.append(
                 ShardDecision(
-                    shard=f"{verified.manifest.dataset}/{shard.name}",
+                    shard=f"{verified.manifest.dataset}:{shard.name}",
                     sha256=shard.sha256,
                     source=shard.source,
                     accepted=False,

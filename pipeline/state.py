@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -64,6 +64,7 @@ class HeldoutRecord(_Record):
     manifest_sha256: str
     clean_accuracy: float
     robust_accuracy: dict[str, float] = Field(default_factory=dict, description="eps (as text) -> accuracy")
+    metrics: dict[str, Any] = Field(default_factory=dict, description="loss and accuracy, overall and per class")
 
 
 class CycleRecord(_Record):

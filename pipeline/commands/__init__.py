@@ -7,9 +7,9 @@ import typer
 
 def register_all(app: typer.Typer) -> None:
     """Adds every sub-command to the root app."""
-    from pipeline.commands import data, demo, model, prepare
+    from pipeline.commands import cycle, data, demo, model, prepare
 
-    for module in (demo, prepare, model, data):
+    for module in (demo, prepare, data, cycle, model):
         module.register(app)
 
 

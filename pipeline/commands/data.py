@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -161,6 +162,25 @@ def _progress(label: str, quiet: bool) -> Iterator[Callable[[int], None] | None]
         yield lambda count: progress.advance(task, count)
 
 
+def _one_line_errors(command: Callable[..., None]) -> Callable[..., None]:
+    """Provenance errors leave as the CLI's one line and exit code, without the root handler's import of every
+    package's errors (which would import torch on the failure path)."""
+
+    @functools.wraps(command)
+    def run(*args: object, **kwargs: object) -> None:
+        from provenance.errors import ProvenanceError
+
+        try:
+            command(*args, **kwargs)
+        except ProvenanceError as error:
+            if "--verbose" in sys.argv or "-v" in sys.argv:
+                raise
+            typer.echo(f"trainguard: error: {error}", err=True)
+            raise typer.Exit(error.exit_code) from None
+
+    return run
+
+
 def register(app: typer.Typer) -> None:
     for command in (keygen, sign, cosign, verify):
-        app.command(command.__name__)(command)
+        app.command(command.__name__)(_one_line_errors(command))

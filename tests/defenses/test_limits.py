@@ -17,7 +17,7 @@ def test_a_source_over_the_cap_is_reported() -> None:
 
 
 def test_enforcing_the_cap_names_the_largest_offender() -> None:
-    with pytest.raises(SourceCapError, match="source mallory contributes 60.0%") as error:
+    with pytest.raises(SourceCapError, match=r"source mallory contributes 60\.0%") as error:
         enforce_source_caps({"alice": 100, "eve": 300, "mallory": 600}, max_fraction=0.25)
     assert error.value.source == "mallory"
     assert error.value.exit_code == 1

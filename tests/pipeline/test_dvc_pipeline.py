@@ -23,10 +23,14 @@ def _dvc(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(BIN / "dvc"), *args], cwd=repo, capture_output=True, text=True, env=env, timeout=600)
 
 
-def _install(repo: Path) -> None:
+def _install(repo: Path, with_code: bool = False) -> None:
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    shutil.copy(ROOT / ".dvcignore", repo / ".dvcignore")
     (repo / "configs").mkdir()
     shutil.copy(ROOT / "configs" / "digits.yaml", repo / "configs" / "digits.yaml")
+    if with_code:  # the cycle stage depends on the code, so a code change reruns it
+        for package in ("pipeline", "defenses", "provenance"):
+            shutil.copytree(ROOT / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
 
 
 def test_dvc_lists_the_three_stages_in_order(dvc_repo: Path) -> None:
@@ -73,7 +77,7 @@ def _commands() -> set[str]:
 @pytest.mark.slow
 @pytest.mark.skipif(not {"cycle", "sign", "keygen"} <= _commands(), reason="needs trainguard keygen/sign/cycle")
 def test_dvc_repro_runs_the_pipeline_then_reruns_only_what_changed(dvc_repo: Path) -> None:
-    _install(dvc_repo)
+    _install(dvc_repo, with_code=True)
     first = _dvc(dvc_repo, "repro")
     assert first.returncode == 0, first.stdout + first.stderr
     assert (dvc_repo / "demo-work" / "cycle" / "report.json").is_file()

@@ -11,28 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from pipeline.attestation import CycleFacts, build_statement, file_resource, read_log_digest, sign_statement
 from pipeline.errors import AttestationError, AttestationMismatchError, ModelSignatureError
 from pipeline.model_sign import ATTESTATION_FILE, MODEL_FILE, ModelFiles, write_signed_model
 from pipeline.model_verification import verify_model
 from pipeline.state import ShardDecision
+from provenance.keys import generate_signing_key, write_keypair
 
 TRAINGUARD = str(Path(sys.executable).parent / "trainguard")
 
 
 def _keypair(directory: Path, name: str) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    private, public = directory / f"{name}.key", directory / f"{name}.pub"
-    private.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    public.write_bytes(
-        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    )
-    return private, public
+    """A P-256 pair made by trainguard's own key code: one key signs both the model and its attestation."""
+    return write_keypair(generate_signing_key("ecdsa-p256"), directory / name)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,408 @@
+"""One defended retraining cycle: verify -> validate -> cap -> screen -> train -> gate -> sign and attest.
+
+Every decision goes into the cross-cycle state as soon as it is made and into a local JSON report before anything
+is sent to MLflow, so neither a crash nor an unreachable tracking server loses it. A failed check stops the cycle
+with `CycleAbortedError`; a rejected model leaves the last accepted one in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+
+from defenses.heldout import HeldoutMetrics, LabeledData
+from pipeline.attestation import CycleFacts, Resource, attestor, file_resource, git_resource
+from pipeline.config import CycleConfig, load_config
+from pipeline.errors import CycleAbortedError
+from pipeline.intake import (
+    Intake,
+    SignedShard,
+    accepted,
+    cap_sources,
+    concat,
+    feature_columns,
+    manifest_refs,
+    validate,
+    verify_and_read,
+)
+from pipeline.model_sign import load_verified_state_dict, write_signed_model
+from pipeline.state import CycleState, HeldoutRecord, ModelRecord, ShardDecision, StateStore, utc_now
+from pipeline.tracking import CycleTracker, DatasetRef, TrackedRun, cycle_tags
+from pipeline.training import TrainingResult, bootstrap, train
+from provenance.dataset import ManifestSpec
+
+
+@dataclass(frozen=True)
+class CycleOutcome:
+    """How a cycle ended, where its report and model are, and whether MLflow has it."""
+
+    cycle: int
+    status: str
+    reason: str
+    report: Path
+    model_dir: Path | None
+    tracking: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    shards: tuple[ShardDecision, ...] = ()
+
+
+@dataclass
+class _Cycle:
+    """The mutable context of one running cycle: config, persisted state and tracking."""
+
+    config: CycleConfig
+    config_path: Path
+    config_sha256: str
+    store: StateStore
+    state: CycleState
+    tracker: CycleTracker
+    report: dict[str, Any]
+
+    @property
+    def number(self) -> int:
+        assert self.state.current is not None
+        return self.state.current.cycle
+
+    def decide(self, decisions: Sequence[ShardDecision]) -> None:
+        self.state = self.store.update(self.state.decide(decisions))
+
+    def step(self, name: str, metrics: dict[str, float] | None = None) -> None:
+        self.state = self.store.update(self.state.step_done(name, metrics))
+
+    @property
+    def report_path(self) -> Path:
+        return self.config.output.work_dir / "reports" / f"cycle-{self.number:04d}.json"
+
+    def write_report(self) -> Path:
+        """Writes the report atomically (temp file + rename): the local record never depends on MLflow."""
+        path = self.report_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_name(f".{path.name}.tmp")
+        temp.write_text(json.dumps(self.report, indent=2, sort_keys=True, default=str) + "\n")
+        temp.replace(path)
+        return path
+
+
+def run_cycle(config_path: Path) -> CycleOutcome:
+    """Runs one cycle of the config at `config_path`; raises CycleAbortedError when a check stops it."""
+    config = load_config(config_path)
+    config_sha256 = hashlib.sha256(Path(config_path).read_bytes()).hexdigest()
+    store = StateStore(config.output.state_path)
+    with store.locked():
+        state = store.update(store.load().begin(config_sha256))
+        tracker = CycleTracker.connect(
+            config.tracking.experiment_name, config.tracking.registered_model_name, config.tracking.uri
+        )
+        cycle = _Cycle(config, Path(config_path), config_sha256, store, state, tracker, {})
+        cycle.report = {"cycle": cycle.number, "config": str(config_path), "config_sha256": config_sha256}
+        pl.seed_everything(config.training.seed, workers=True, verbose=False)
+        with tracker.cycle(f"{config.name}-cycle-{cycle.number}", params=config.resolved()) as parent:
+            try:
+                return _run(cycle, parent)
+            except CycleAbortedError as error:
+                cycle.state = store.update(cycle.state.fail(str(error)))
+                cycle.report.update(status="failed", reason=str(error), failed_check=error.check)
+                cycle.write_report()
+                parent.set_tags({"trainguard.status": "failed", "trainguard.reason": str(error)[:4000]})
+                raise
+
+
+def _tracking_status(tracker: CycleTracker) -> str:
+    if tracker.offline:
+        return f"MLflow unreachable ({tracker.offline_reason}); decisions kept in the local report and state"
+    return f"logged to MLflow at {tracker.uri}"
+
+
+def _run(cycle: _Cycle, parent: TrackedRun) -> CycleOutcome:
+    config = cycle.config
+    with parent.stage("verification") as stage:
+        intake = verify_and_read(config)
+        cycle.decide(intake.refused)
+        _log_verification(cycle, intake, parent, stage)
+    columns = feature_columns(intake.holdout[0].frame, config.validation)
+    holdout = _labeled(intake.holdout, columns, config)
+    trusted_names = set(config.dataset.trusted_sources)
+    trusted = [s for s in intake.train if s.source in trusted_names]
+    if not trusted:
+        raise CycleAbortedError("no trusted training shard (dataset.trusted_sources) to calibrate RONI on", "verify")
+
+    with parent.stage("screening") as stage:
+        candidates = _screen_inputs(cycle, intake, stage)
+        model, previous = _incoming_model(cycle, _labeled(trusted, columns, config))
+        _screen(cycle, model, _labeled(trusted, columns, config), holdout, candidates, columns, stage)
+
+    refused = [d.shard for d in cycle.state.current.shards if not d.accepted]
+    specs = [ManifestSpec(ref.manifest, ref.data_dir, ref.trust) for ref in config.dataset.training]
+    with parent.stage("training") as stage:
+        result = train(model, config, specs, refused, holdout, previous, columns, stage.lightning_logger())
+        cycle.step("training", result.metrics)
+        cycle.report["training"] = {
+            "metrics": result.metrics,
+            "robust_accuracy": result.robust_accuracy,
+            "read_log": {"sha256": result.read_log_sha256, "entries": result.read_log_entries},
+        }
+    with parent.stage("gate") as stage:
+        accepted_model, reason = _judge(config, result)
+        stage.log_metrics({"gate/accuracy_before": result.verdict.before.accuracy})
+        stage.log_metrics({"gate/accuracy_after": result.verdict.after.accuracy})
+        stage.set_tags({"trainguard.gate": "accepted" if accepted_model else "rejected", "trainguard.reason": reason})
+        cycle.report["gate"] = {**result.verdict.to_dict(), "accepted": accepted_model, "reason": reason}
+        model_dir = _release(cycle, model, intake, result, parent) if accepted_model else None
+        if not accepted_model:
+            cycle.state = cycle.store.update(cycle.state.reject(reason))
+    status = "accepted" if accepted_model else "rejected"
+    cycle.report.update(
+        status=status, reason=reason, model_dir=str(model_dir) if model_dir else None, tracking=_tracking_status(cycle.tracker)
+    )
+    report = cycle.write_report()
+    parent.log_artifact(report, "report")
+    parent.set_tags({"trainguard.status": status, "trainguard.reason": reason[:4000]})
+    parent.flush()
+    cycle.report["tracking"] = _tracking_status(cycle.tracker)
+    cycle.write_report()
+    return CycleOutcome(
+        cycle=cycle.number,
+        status=status,
+        reason=reason,
+        report=report,
+        model_dir=model_dir,
+        tracking=_tracking_status(cycle.tracker),
+        metrics=result.metrics,
+        shards=cycle.state.cycles[-1].shards,
+    )
+
+
+def _labeled(shards: Sequence[SignedShard], columns: Sequence[str], config: CycleConfig) -> LabeledData:
+    frame = concat(shards)
+    return LabeledData.of(frame[list(columns)].to_numpy(np.float32), frame[config.validation.label_column].to_numpy())
+
+
+def _log_verification(cycle: _Cycle, intake: Intake, parent: TrackedRun, stage: TrackedRun) -> None:
+    digests = {m.manifest.dataset: m.manifest_sha256 for m in intake.manifests}
+    commit = git_resource(Path.cwd())
+    tags = cycle_tags(commit.digest.get("gitCommit") if commit else None, digests, intake.signer_keyids)
+    parent.set_tags(tags)
+    stage.set_tags(tags)
+    stage.log_metrics(
+        {
+            "verify/manifests": len(intake.manifests),
+            "verify/shards": sum(r.shards for r in intake.reports),
+            "verify/bytes": sum(r.bytes_checked for r in intake.reports),
+            "verify/refused": len(intake.refused),
+        }
+    )
+    parent.log_datasets(
+        [
+            DatasetRef(m.manifest.dataset, m.manifest_sha256, str(m.path), context="training")
+            for m in intake.manifests
+        ]
+    )
+    cycle.report["verification"] = {
+        "manifests": [r.to_dict() for r in intake.reports],
+        "signers": list(intake.signer_keyids),
+        "refused": [d.model_dump() for d in intake.refused],
+    }
+    cycle.step("verification")
+
+
+def _screen_inputs(cycle: _Cycle, intake: Intake, stage: TrackedRun) -> list[SignedShard]:
+    """Validation and source caps; returns the shards RONI must still judge (new content, not yet decided)."""
+    config = cycle.config
+    trusted_names = set(config.dataset.trusted_sources)
+    valid, invalid = validate(list(intake.train), config.validation)
+    if any(d.source in trusted_names for d in invalid):
+        bad = next(d for d in invalid if d.source in trusted_names)
+        raise CycleAbortedError(f"trusted shard {bad.shard} is invalid: {bad.reason}", "validate")
+    kept, capped = cap_sources(valid, config.limits.max_fraction_per_source)
+    cycle.decide([*invalid, *capped])
+    stage.log_metrics({"validate/quarantined": len(invalid), "limits/refused": len(capped)})
+    cycle.report["validation"] = [d.model_dump() for d in invalid]
+    cycle.report["limits"] = [d.model_dump() for d in capped]
+    new = []
+    reused = []
+    for shard in kept:
+        if shard.source in trusted_names:
+            reused.append(accepted(shard, "trusted", f"signed by trusted source {shard.source}"))
+            continue
+        earlier = cycle.state.decided(shard.key, shard.sha256)
+        if earlier is not None and earlier.check in ("roni", "trusted"):
+            reused.append(earlier)
+        else:
+            new.append(shard)
+    cycle.decide(reused)
+    cycle.step("validation")
+    return new
+
+
+def _incoming_model(cycle: _Cycle, trusted: LabeledData) -> tuple[pl.LightningModule, HeldoutMetrics | None]:
+    """The last accepted model (its signature checked before its weights are read), or on the first cycle a
+    model fitted on the trusted data; with the held-out record to gate against, when it is comparable."""
+    config = cycle.config
+    model = config.model.instantiate()
+    record = cycle.state.accepted_model
+    if record is None:
+        bootstrap(model, config, trusted)
+        return model, None
+    model.load_state_dict(load_verified_state_dict(Path(record.path), _public_key(config.output.model_signing_key)))
+    heldout = cycle.state.heldout
+    holdout_sha = cycle.report["verification"]["manifests"]
+    comparable = heldout is not None and heldout.metrics and any(
+        m["manifest_sha256"] == heldout.manifest_sha256 for m in holdout_sha
+    )
+    return model, HeldoutMetrics.from_dict(heldout.metrics) if comparable else None
+
+
+def _public_key(private_key: Path) -> Path:
+    return private_key.with_suffix(".pub")
+
+
+def _screen(
+    cycle: _Cycle,
+    model: pl.LightningModule,
+    trusted: LabeledData,
+    holdout: LabeledData,
+    shards: Sequence[SignedShard],
+    columns: Sequence[str],
+    stage: TrackedRun,
+) -> None:
+    """RONI on the new shards (per shard, or per source) and the margin check; records every decision."""
+    from defenses.margin import check_margins
+    from defenses.report import record_screening
+    from defenses.roni import Candidate, ScreeningConfig, group_by_source, screen_candidates
+
+    config = cycle.config
+    if not shards:
+        cycle.report["roni"] = {"candidates": 0}
+        return
+    label = config.validation.label_column
+    candidates = [
+        Candidate(s.key, s.source, LabeledData.of(s.frame[list(columns)].to_numpy(np.float32), s.frame[label].to_numpy()))
+        for s in shards
+    ]
+    if not config.roni.enabled:
+        cycle.decide([accepted(s, "roni", "RONI screening disabled in the config") for s in shards])
+        return
+    if config.roni.group_by_source:
+        candidates = group_by_source(candidates)
+    options = {"num_classes": len(config.validation.labels), **config.roni.options}
+    screening = screen_candidates(model, trusted, holdout, candidates, ScreeningConfig(**options))
+    verdict = {d.name: d for d in screening.decisions}
+    decisions = []
+    for shard in shards:
+        decision = verdict.get(shard.key) or verdict[shard.source]
+        decisions.append(
+            ShardDecision(
+                shard=shard.key,
+                sha256=shard.sha256,
+                source=shard.source,
+                accepted=decision.accepted,
+                check="roni",
+                reason=decision.reason,
+            )
+        )
+    cycle.decide(decisions)
+    outcome = record_screening(screening, cycle.config.output.work_dir / "roni" / f"cycle-{cycle.number:04d}", run_id=stage.run_id, tracking_uri=cycle.tracker.uri)
+    kept = [s for s in shards if verdict.get(s.key, verdict.get(s.source)).accepted]
+    margins = []
+    if kept:
+        rows = concat(kept)
+        sources = [s.source for s in kept for _ in range(len(s.frame))]
+        import torch
+
+        margins = check_margins(model, torch.as_tensor(rows[list(columns)].to_numpy(np.float32)), sources)
+    flagged = [m for m in margins if m.flagged]
+    stage.set_tags({f"trainguard.margin.{m.source}": m.reason[:4000] for m in flagged})
+    cycle.report["roni"] = {
+        **screening.to_dict(),
+        "local_report": str(outcome.json_path),
+        "plot": str(outcome.plot_path),
+        "margin": [vars(m) for m in margins],
+        "flagged_for_review": [m.source for m in flagged],
+    }
+    cycle.step("screening", {"roni/rejected": float(len(screening.rejected))})
+
+
+def _judge(config: CycleConfig, result: TrainingResult) -> tuple[bool, str]:
+    """The RONI gate's verdict, then the config's absolute floors on clean and robust held-out accuracy."""
+    if not result.verdict.accepted:
+        return False, result.verdict.reason
+    gate = config.gate
+    clean = result.verdict.after.accuracy
+    if clean < gate.min_clean_accuracy:
+        return False, f"held-out accuracy {clean:.4f} is below the floor {gate.min_clean_accuracy}"
+    eps = gate.robust_eps if gate.robust_eps is not None else max(config.robust_eval.eps)
+    robust = result.robust_accuracy.get(f"{eps:g}", float("nan"))
+    if not robust >= gate.min_robust_accuracy:
+        return False, f"robust accuracy {robust:.4f} at eps {eps:g} is below the floor {gate.min_robust_accuracy}"
+    return True, result.verdict.reason
+
+
+def _release(
+    cycle: _Cycle, model: pl.LightningModule, intake: Intake, result: TrainingResult, parent: TrackedRun
+) -> Path:
+    """Signs the accepted model with its SLSA attestation, makes it the model the next cycle starts from, and
+    registers it in MLflow."""
+    config = cycle.config
+    started = cycle.state.current.started
+    manifests: list[Resource] = [
+        Resource(uri=m.path.resolve().as_uri(), digest={"sha256": m.manifest_sha256}, name=m.manifest.dataset)
+        for m in intake.manifests
+    ]
+    base = cycle.state.accepted_model
+    facts = CycleFacts(
+        model_digests={},
+        manifests=manifests,
+        config=file_resource(cycle.config_path),
+        resolved_config=config.resolved(),
+        shards=cycle.state.current.shards,
+        read_log_sha256=result.read_log_sha256,
+        read_log_entries=result.read_log_entries,
+        invocation_id=str(uuid.uuid4()),
+        started=started,
+        finished=utc_now(),
+        code=git_resource(Path.cwd()),
+        base_model=Resource(uri=Path(base.path).resolve().as_uri(), digest={"sha256": base.sha256}) if base else None,
+        roni={k: v for k, v in cycle.report.get("roni", {}).items() if k in ("threshold", "calibration_size", "decisions")},
+        gate=cycle.report["gate"],
+    )
+    directory = config.output.work_dir / "models" / f"cycle-{cycle.number:04d}"
+    files = write_signed_model(
+        model,
+        directory,
+        config.output.model_signing_key,
+        class_path=config.model.class_path,
+        init_args=config.model.init_args,
+        attest=attestor(facts, config.output.attestation_key_path),
+    )
+    record = ModelRecord(
+        path=str(directory), sha256=files.digests["model.safetensors"], attestation=str(files.attestation)
+    )
+    holdout_sha = next(
+        m.manifest_sha256 for m in intake.manifests if m.path.resolve() == config.dataset.holdout.manifest.resolve()
+    )
+    heldout = HeldoutRecord(
+        manifest_sha256=holdout_sha,
+        clean_accuracy=result.verdict.after.accuracy,
+        robust_accuracy=result.robust_accuracy,
+        metrics=result.verdict.after.to_dict(),
+    )
+    cycle.state = cycle.store.update(cycle.state.accept(record, heldout))
+    version = parent.register_model(directory, tags={"trainguard.cycle": str(cycle.number)})
+    cycle.report["model"] = {
+        "dir": str(directory),
+        "digests": dict(files.digests),
+        "attestation": str(files.attestation),
+        "registered_version": version,
+    }
+    return directory
+
+
+__all__ = ["CycleOutcome", "manifest_refs", "run_cycle"]

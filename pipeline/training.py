@@ -1,0 +1,136 @@
+"""The cycle's training step: the user's LightningModule, trained on verified shards with trainguard's callbacks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from defenses import AdversarialTraining, RobustAccuracy
+from defenses.gate import GateVerdict, RONIGate
+from defenses.heldout import HeldoutMetrics, LabeledData
+from pipeline.config import CycleConfig
+from provenance.callback import VerifyDatasetCallback
+from provenance.dataset import ManifestSpec, VerifiedDataModule
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    """What the fit produced: the gate's verdict, the logged metrics and the digest of the shards it read."""
+
+    verdict: GateVerdict
+    metrics: dict[str, float]
+    read_log_sha256: str
+    read_log_entries: int
+    robust_accuracy: dict[str, float]
+
+
+def trainer(config: CycleConfig, callbacks: Sequence[pl.Callback], logger: Any, max_epochs: int) -> pl.Trainer:
+    """A Trainer built from the config's training section (no checkpoints: the cycle saves signed models)."""
+    section = config.training
+    return pl.Trainer(
+        max_epochs=max_epochs,
+        accelerator=section.accelerator,
+        devices=section.devices,
+        strategy=section.strategy,
+        deterministic=section.deterministic,
+        callbacks=list(callbacks),
+        logger=logger if logger is not None else False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
+
+
+def bootstrap(model: pl.LightningModule, config: CycleConfig, trusted: LabeledData) -> None:
+    """First cycle only: fits `model` on the curator's trusted training data, so RONI has a model to measure
+    candidates against and the gate has a baseline."""
+    loader = DataLoader(
+        TensorDataset(trusted.x, trusted.y),
+        batch_size=config.training.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(config.training.seed),
+    )
+    trainer(config, [], None, config.training.bootstrap_epochs).fit(model, loader)
+
+
+def defense_callbacks(config: CycleConfig, holdout: LabeledData, previous: HeldoutMetrics | None) -> list[pl.Callback]:
+    """Adversarial training, robust accuracy and the RONI gate, as the config sets them."""
+    adversarial, robust, gate = config.adversarial, config.robust_eval, config.gate
+    callbacks: list[pl.Callback] = []
+    if adversarial.enabled and adversarial.attack != "trades":
+        callbacks.append(
+            AdversarialTraining(
+                adversarial.attack,
+                eps=adversarial.eps,
+                steps=adversarial.steps,
+                step_size=adversarial.step_size,
+                norm=adversarial.norm,
+                ratio=adversarial.ratio,
+                bounds=adversarial.bounds,
+                warmup_epochs=adversarial.warmup_epochs,
+                seed=config.training.seed,
+            )
+        )
+    callbacks.append(
+        RobustAccuracy(
+            robust.eps, steps=robust.steps, bounds=adversarial.bounds, max_samples=robust.subset_size, seed=0
+        )
+    )
+    callbacks.append(
+        RONIGate(
+            holdout,
+            num_classes=len(config.validation.labels),
+            max_drop=gate.max_accuracy_drop,
+            max_class_drop=gate.max_class_drop,
+            previous=previous,
+            raise_on_reject=False,
+        )
+    )
+    return callbacks
+
+
+def train(
+    model: pl.LightningModule,
+    config: CycleConfig,
+    specs: Sequence[ManifestSpec],
+    exclude: Sequence[str],
+    holdout: LabeledData,
+    previous: HeldoutMetrics | None,
+    feature_columns: Sequence[str],
+    logger: Any,
+) -> TrainingResult:
+    """Fits `model` on every role=train shard but `exclude`, verified at fit start and again on read."""
+    common = {"trust": config.dataset.trust, "state_file": config.dataset.state_file}
+    data = VerifiedDataModule(
+        specs,
+        exclude=exclude,
+        feature_columns=feature_columns,
+        label_column=config.validation.label_column,
+        batch_size=config.training.batch_size,
+        num_workers=config.training.num_workers,
+        seed=config.training.seed,
+        **common,
+    )
+    verify = VerifyDatasetCallback(specs, exclude=exclude, allow_extra=config.dataset.allow_extra, **common)
+    defenses = defense_callbacks(config, holdout, previous)
+    user = [component.instantiate() for component in config.callbacks]
+    fit = trainer(config, [verify, *defenses, *user], logger, config.training.max_epochs)
+    fit.fit(model, datamodule=data)
+    gate = next(c for c in defenses if isinstance(c, RONIGate))
+    robust = next(c for c in defenses if isinstance(c, RobustAccuracy))
+    metrics = {k: float(v) for k, v in fit.callback_metrics.items() if v.numel() == 1}
+    assert gate.verdict is not None, "the gate decides at fit end"
+    return TrainingResult(
+        verdict=gate.verdict,
+        metrics=metrics,
+        read_log_sha256=data.read_log_digest(),
+        read_log_entries=len(data.read_log.records),
+        robust_accuracy={f"{e:g}": metrics.get(n, float("nan")) for e, n in zip(robust.eps, robust.metric_names(), strict=True)},
+    )

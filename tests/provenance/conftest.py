@@ -1,0 +1,86 @@
+"""Fixtures for provenance tests: key pairs on disk and a small signed dataset of digits parquet shards."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from provenance import SigningKey, generate_signing_key, sign_dataset, write_keypair, write_manifest
+
+
+@dataclass(frozen=True)
+class Keys:
+    alice: SigningKey
+    bob: SigningKey
+    carol: SigningKey
+    folder: Path
+
+    def pub(self, name: str) -> Path:
+        return self.folder / f"{name}.pub"
+
+    def private(self, name: str) -> Path:
+        return self.folder / f"{name}.key"
+
+
+@pytest.fixture(scope="session")
+def key_pairs(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    folder = tmp_path_factory.mktemp("keys")
+    keys = {
+        name: generate_signing_key(kind)
+        for name, kind in [("alice", "ed25519"), ("bob", "ecdsa-p256"), ("carol", "ed25519")]
+    }
+    for name, key in keys.items():
+        write_keypair(key, folder / name)
+    return Keys(folder=folder, **keys)
+
+
+def digits_frame(rows: slice) -> pd.DataFrame:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    frame = pd.DataFrame((bunch.data[rows] / 16.0).astype(np.float32), columns=[f"pixel_{i:02d}" for i in range(64)])
+    frame["label"] = bunch.target[rows].astype(np.int64)
+    return frame
+
+
+SHARDS = {
+    "alice/shard-00.parquet": slice(0, 120),
+    "alice/shard-01.parquet": slice(120, 240),
+    "bob/shard-00.parquet": slice(240, 360),
+    "holdout.parquet": slice(360, 560),
+}
+SOURCES = {"alice/": "alice", "bob/": "bob", "holdout.parquet": "curator"}
+ROLES = {"holdout.parquet": "holdout"}
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    """Four parquet shards (two contributors in sub-folders, one holdout) and a raw binary shard."""
+    root = tmp_path / "data"
+    for name, rows in SHARDS.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        digits_frame(rows).to_parquet(root / name, index=False)
+    (root / "raw.bin").write_bytes(np.random.default_rng(0).bytes(3000))
+    return root
+
+
+def sign(data_dir: Path, key: SigningKey, out: Path, **options: object) -> Path:
+    settings = {"sources": SOURCES, "source": "curator", "roles": ROLES, "exclude": (out,)} | options
+    envelope, _ = sign_dataset(data_dir, key, **settings)  # type: ignore[arg-type]
+    return write_manifest(envelope, out)
+
+
+@pytest.fixture
+def signer() -> object:
+    """`sign(data_dir, key, out, **options)`: signs with the test sources and roles."""
+    return sign
+
+
+@pytest.fixture
+def manifest(data_dir: Path, key_pairs: Keys) -> Path:
+    """The dataset signed by alice, written in the data dir (the default data dir of `verify`)."""
+    return sign(data_dir, key_pairs.alice, data_dir / "manifest.json", dataset="digits")

@@ -1,0 +1,242 @@
+"""Each attack on a signed dataset is refused with its own reason; untouched data passes."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from provenance import (
+    PAYLOAD_TYPE,
+    Envelope,
+    Manifest,
+    ShardEntry,
+    add_signature,
+    sign_envelope,
+    verify_dataset,
+    write_manifest,
+)
+from provenance.manifest import statement_bytes
+from provenance.verify import read_envelope
+
+if TYPE_CHECKING:
+    from conftest import Keys
+
+
+@pytest.fixture
+def sign(signer: Any) -> Any:
+    return signer
+
+
+def reasons(report) -> dict[str | None, str]:
+    return {f.shard: f.reason for f in report.failures}
+
+
+def test_untouched_data_passes(manifest: Path, key_pairs: Keys) -> None:
+    report = verify_dataset(manifest, key_pairs.pub("alice"))
+    assert report.ok, report.failures
+    assert report.shards == 5
+    assert report.signers == (key_pairs.alice.keyid,)
+    assert report.bytes_checked == sum(p.stat().st_size for p in manifest.parent.rglob("*") if p.is_file()) - (
+        manifest.stat().st_size
+    )
+
+
+def test_bit_flip_is_a_digest_mismatch(manifest: Path, key_pairs: Keys) -> None:
+    shard = manifest.parent / "raw.bin"
+    data = bytearray(shard.read_bytes())
+    data[1000] ^= 0x01
+    shard.write_bytes(bytes(data))
+    assert reasons(verify_dataset(manifest, key_pairs.pub("alice"))) == {"raw.bin": "digest-mismatch"}
+
+
+def test_truncated_shard_is_refused(manifest: Path, key_pairs: Keys) -> None:
+    shard = manifest.parent / "alice" / "shard-01.parquet"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    assert reasons(verify_dataset(manifest, key_pairs.pub("alice"))) == {"alice/shard-01.parquet": "truncated"}
+
+
+def test_appended_bytes_are_refused(manifest: Path, key_pairs: Keys) -> None:
+    with (manifest.parent / "bob" / "shard-00.parquet").open("ab") as stream:
+        stream.write(b"\x00")
+    assert reasons(verify_dataset(manifest, key_pairs.pub("alice"))) == {"bob/shard-00.parquet": "appended"}
+
+
+def test_removed_shard_is_missing(manifest: Path, key_pairs: Keys) -> None:
+    (manifest.parent / "holdout.parquet").unlink()
+    assert reasons(verify_dataset(manifest, key_pairs.pub("alice"))) == {"holdout.parquet": "missing"}
+
+
+def test_extra_unlisted_file_is_refused_unless_allowed(manifest: Path, key_pairs: Keys) -> None:
+    (manifest.parent / "bob" / "new.parquet").write_bytes(b"unsigned")
+    assert reasons(verify_dataset(manifest, key_pairs.pub("alice"))) == {"bob/new.parquet": "unlisted"}
+    assert verify_dataset(manifest, key_pairs.pub("alice"), allow_extra=True).ok
+
+
+def test_two_swapped_shards_are_refused(manifest: Path, key_pairs: Keys) -> None:
+    a, b = manifest.parent / "alice" / "shard-00.parquet", manifest.parent / "bob" / "shard-00.parquet"
+    data_a, data_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(data_b)
+    b.write_bytes(data_a)
+    report = verify_dataset(manifest, key_pairs.pub("alice"))
+    assert reasons(report) == {"alice/shard-00.parquet": "swapped", "bob/shard-00.parquet": "swapped"}
+    assert "bob/shard-00.parquet" in report.failures[0].detail
+
+
+def test_manifest_edited_without_resigning_is_a_bad_signature(manifest: Path, key_pairs: Keys) -> None:
+    document = json.loads(manifest.read_bytes())
+    payload = json.loads(read_envelope(manifest)[1].payload)
+    payload["predicate"]["shards"][0]["source"] = "mallory"
+    import base64
+
+    document["payload"] = base64.b64encode(json.dumps(payload).encode()).decode()
+    manifest.write_text(json.dumps(document))
+    assert reasons(verify_dataset(manifest, key_pairs.pub("alice"))) == {None: "bad-signature"}
+
+
+def test_manifest_resigned_by_untrusted_key_is_refused(sign: Any, data_dir: Path, key_pairs: Keys) -> None:
+    manifest = sign(data_dir, key_pairs.carol, data_dir / "manifest.json")
+    assert reasons(verify_dataset(manifest, key_pairs.pub("alice"))) == {None: "untrusted-signer"}
+
+
+def _policy(key_pairs: Keys, threshold: int) -> Path:
+    path = key_pairs.folder / f"policy-{threshold}.json"
+    path.write_text(json.dumps({"threshold": threshold, "keys": ["alice.pub", "bob.pub", {"path": "carol.pub"}]}))
+    return path
+
+
+def test_below_threshold_signatures_are_refused_until_cosigned(manifest: Path, key_pairs: Keys) -> None:
+    from provenance import cosign_manifest
+
+    policy = _policy(key_pairs, 2)
+    assert reasons(verify_dataset(manifest, policy)) == {None: "below-threshold"}
+    cosign_manifest(manifest, key_pairs.bob)
+    report = verify_dataset(manifest, policy)
+    assert report.ok
+    assert set(report.signers) == {key_pairs.alice.keyid, key_pairs.bob.keyid}
+
+
+def test_changed_payload_type_is_refused(manifest: Path, key_pairs: Keys) -> None:
+    _, envelope = read_envelope(manifest)
+    write_manifest(Envelope("application/json", envelope.payload, envelope.signatures), manifest)
+    assert reasons(verify_dataset(manifest, key_pairs.pub("alice"))) == {None: "payload-type"}
+    resigned = sign_envelope("application/json", envelope.payload, key_pairs.alice)
+    write_manifest(resigned, manifest)
+    assert reasons(verify_dataset(manifest, key_pairs.pub("alice"))) == {None: "payload-type"}
+
+
+def test_rollback_to_older_version_is_refused(sign: Any, data_dir: Path, key_pairs: Keys, tmp_path: Path) -> None:
+    state = tmp_path / "state.json"
+    old = sign(data_dir, key_pairs.alice, tmp_path / "v1.json", version=1, exclude=())
+    new = sign(data_dir, key_pairs.alice, tmp_path / "v2.json", version=2, exclude=())
+    assert verify_dataset(old, key_pairs.pub("alice"), data_dir=data_dir, state=state).ok
+    assert verify_dataset(new, key_pairs.pub("alice"), data_dir=data_dir, state=state).ok
+    report = verify_dataset(old, key_pairs.pub("alice"), data_dir=data_dir, state=state)
+    assert reasons(report) == {None: "rollback"}
+    assert "older than accepted version 2" in report.failures[0].detail
+
+
+def test_reused_version_with_other_content_is_refused(
+    sign: Any, data_dir: Path, key_pairs: Keys, tmp_path: Path
+) -> None:
+    state = tmp_path / "state.json"
+    first = sign(data_dir, key_pairs.alice, tmp_path / "a.json", version=3, exclude=())
+    assert verify_dataset(first, key_pairs.pub("alice"), data_dir=data_dir, state=state).ok
+    (data_dir / "raw.bin").write_bytes(b"other data")
+    second = sign(data_dir, key_pairs.alice, tmp_path / "b.json", version=3, exclude=())
+    assert reasons(verify_dataset(second, key_pairs.pub("alice"), data_dir=data_dir, state=state)) == {None: "rollback"}
+
+
+def test_default_state_lives_under_trainguard_home(manifest: Path, key_pairs: Keys) -> None:
+    assert verify_dataset(manifest, key_pairs.pub("alice")).ok
+    state = Path(os.environ["TRAINGUARD_HOME"]) / "provenance-state.json"
+    assert json.loads(state.read_text())["datasets"]["digits"]["version"] == 1
+
+
+def test_expired_manifest_is_refused(sign: Any, data_dir: Path, key_pairs: Keys) -> None:
+    manifest = sign(data_dir, key_pairs.alice, data_dir / "manifest.json", expires="1h")
+    assert verify_dataset(manifest, key_pairs.pub("alice")).ok
+    later = datetime.now(UTC) + timedelta(hours=2)
+    assert reasons(verify_dataset(manifest, key_pairs.pub("alice"), now=later)) == {None: "expired"}
+
+
+def _crafted(data_dir: Path, key_pairs: Keys, names: list[str]) -> Path:
+    """A manifest a trusted key signed over hostile subject names (pointing at real bytes)."""
+    data = (data_dir / "raw.bin").read_bytes()
+    import hashlib
+
+    digest = hashlib.sha256(data).hexdigest()
+    now = datetime.now(UTC).replace(microsecond=0)
+    shards = tuple(ShardEntry(n, digest, len(data), "alice", "train") for n in names)
+    manifest = Manifest("digits", 1, now, now + timedelta(days=1), shards)
+    envelope = sign_envelope(PAYLOAD_TYPE, statement_bytes(manifest), key_pairs.alice)
+    return write_manifest(envelope, data_dir.parent / "crafted.json")
+
+
+def test_dotdot_absolute_and_duplicate_names_are_refused(data_dir: Path, key_pairs: Keys) -> None:
+    names = ["../data/raw.bin", "/etc/hostname", "raw.bin", "raw.bin", "./raw.bin", "alice//shard-00.parquet"]
+    report = verify_dataset(
+        _crafted(data_dir, key_pairs, names), key_pairs.pub("alice"), data_dir=data_dir, allow_extra=True
+    )
+    assert reasons(report) == {
+        "../data/raw.bin": "unsafe-path",
+        "/etc/hostname": "unsafe-path",
+        "raw.bin": "duplicate-name",
+        "./raw.bin": "unsafe-path",
+        "alice//shard-00.parquet": "unsafe-path",
+    }
+
+
+def test_shard_replaced_by_symlink_is_refused(manifest: Path, key_pairs: Keys, tmp_path: Path) -> None:
+    shard = manifest.parent / "raw.bin"
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(shard.read_bytes())
+    shard.unlink()
+    shard.symlink_to(outside)
+    assert reasons(verify_dataset(manifest, key_pairs.pub("alice"))) == {"raw.bin": "symlink"}
+
+
+def test_folder_replaced_by_symlink_is_refused(manifest: Path, key_pairs: Keys, tmp_path: Path) -> None:
+    folder = manifest.parent / "bob"
+    folder.rename(tmp_path / "bob-elsewhere")
+    folder.symlink_to(tmp_path / "bob-elsewhere")
+    report = verify_dataset(manifest, key_pairs.pub("alice"))
+    assert reasons(report) == {"bob/shard-00.parquet": "symlink", "bob": "unlisted"}
+
+
+def test_fifo_in_place_of_a_shard_is_not_regular(manifest: Path, key_pairs: Keys) -> None:
+    shard = manifest.parent / "raw.bin"
+    shard.unlink()
+    os.mkfifo(shard)
+    assert reasons(verify_dataset(manifest, key_pairs.pub("alice"))) == {"raw.bin": "not-regular"}
+
+
+def test_every_failing_shard_is_listed(manifest: Path, key_pairs: Keys) -> None:
+    root = manifest.parent
+    (root / "raw.bin").write_bytes(b"x" * 3000)
+    (root / "holdout.parquet").unlink()
+    (root / "extra.txt").write_text("?")
+    assert reasons(verify_dataset(manifest, key_pairs.pub("alice"))) == {
+        "raw.bin": "digest-mismatch",
+        "holdout.parquet": "missing",
+        "extra.txt": "unlisted",
+    }
+
+
+def test_cosigned_manifest_keeps_both_signatures(manifest: Path, key_pairs: Keys) -> None:
+    _, envelope = read_envelope(manifest)
+    write_manifest(add_signature(envelope, key_pairs.carol), manifest)
+    assert len(read_envelope(manifest)[1].signatures) == 2
+    assert verify_dataset(manifest, key_pairs.pub("carol")).ok
+
+
+def test_signing_refuses_symlinks_in_the_data_dir(sign: Any, data_dir: Path, key_pairs: Keys, tmp_path: Path) -> None:
+    from provenance import DataDirError
+
+    (data_dir / "link").symlink_to(tmp_path)
+    with pytest.raises(DataDirError, match="symlink"):
+        sign(data_dir, key_pairs.alice, tmp_path / "m.json")
