@@ -82,15 +82,24 @@ def _chunks(items: list, size: int) -> list[list]:
 
 
 def _log_to_mlflow(
-    report: ScreeningReport, json_path: Path, plot_path: Path, uri: str, experiment: str, run_name: str
+    report: ScreeningReport,
+    json_path: Path,
+    plot_path: Path,
+    uri: str,
+    experiment: str,
+    run_name: str,
+    run_id: str | None = None,
 ) -> str:
+    """Logs into `run_id` when given (the caller owns that run), else into a new run it finishes itself."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
 
     client = MlflowClient(tracking_uri=uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-    run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
+    owned = run_id is None
+    if owned:
+        found = client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+        run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
     try:
         now = int(time.time() * 1000)
         metrics = [Metric("roni.threshold", report.threshold, now, 0)]
@@ -124,9 +133,11 @@ def _log_to_mlflow(
         client.log_artifact(run_id, str(json_path), artifact_path="roni")
         client.log_artifact(run_id, str(plot_path), artifact_path="roni")
     except BaseException:
-        client.set_terminated(run_id, "FAILED")
+        if owned:
+            client.set_terminated(run_id, "FAILED")
         raise
-    client.set_terminated(run_id, "FINISHED")
+    if owned:
+        client.set_terminated(run_id, "FINISHED")
     return run_id
 
 
@@ -136,11 +147,13 @@ def record_screening(
     tracking_uri: str | None = None,
     experiment: str = "trainguard-roni",
     run_name: str = "roni-screening",
+    run_id: str | None = None,
 ) -> ReportOutcome:
     """Writes `roni-report.json` and `roni-impacts.png` into `directory`, then logs both to MLflow.
 
     MLflow being unreachable or failing does not raise: the outcome says why and the local files remain.
-    `tracking_uri` defaults to MLflow's own resolution (MLFLOW_TRACKING_URI).
+    `tracking_uri` defaults to MLflow's own resolution (MLFLOW_TRACKING_URI); with `run_id` the results go into
+    that existing run (e.g. a pipeline's screening stage), which is left open for its owner.
     """
     directory.mkdir(parents=True, exist_ok=True)
     json_path = directory / "roni-report.json"
@@ -155,7 +168,7 @@ def record_screening(
             json_path, plot_path, None, f"MLflow at {uri} unreachable ({problem}); report kept locally"
         )
     try:
-        run_id = _log_to_mlflow(report, json_path, plot_path, uri, experiment, run_name)
+        run_id = _log_to_mlflow(report, json_path, plot_path, uri, experiment, run_name, run_id)
     except Exception as error:
         return ReportOutcome(
             json_path, plot_path, None, f"MLflow logging to {uri} failed ({error}); report kept locally"

@@ -68,8 +68,8 @@ class _Cycle:
 
     @property
     def number(self) -> int:
-        assert self.state.current is not None
-        return self.state.current.cycle
+        """This cycle's number (the last cycle of the state: running, or just finished)."""
+        return self.state.latest.cycle
 
     def decide(self, decisions: Sequence[ShardDecision]) -> None:
         self.state = self.store.update(self.state.decide(decisions))
@@ -82,13 +82,15 @@ class _Cycle:
         return self.config.output.work_dir / "reports" / f"cycle-{self.number:04d}.json"
 
     def write_report(self) -> Path:
-        """Writes the report atomically (temp file + rename): the local record never depends on MLflow."""
-        path = self.report_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_name(f".{path.name}.tmp")
-        temp.write_text(json.dumps(self.report, indent=2, sort_keys=True, default=str) + "\n")
-        temp.replace(path)
-        return path
+        """Writes the report atomically (temp file + rename), as `reports/cycle-NNNN.json` and as the latest
+        `report.json` (DVC's metrics file): the local record never depends on MLflow."""
+        text = json.dumps(self.report, indent=2, sort_keys=True, default=str) + "\n"
+        for path in (self.report_path, self.config.output.work_dir / "report.json"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temp = path.with_name(f".{path.name}.tmp")
+            temp.write_text(text)
+            temp.replace(path)
+        return self.report_path
 
 
 def run_cycle(config_path: Path) -> CycleOutcome:

@@ -93,6 +93,11 @@ class CycleState(_Record):
         """The running (unfinished) cycle, if any."""
         return self.cycles[-1] if self.cycles and self.cycles[-1].status == "running" else None
 
+    @property
+    def latest(self) -> CycleRecord | None:
+        """The most recent cycle, running or finished."""
+        return self.cycles[-1] if self.cycles else None
+
     def begin(self, config_sha256: str, now: str | None = None) -> CycleState:
         """Starts a cycle, or resumes the running one if it ran the same config (else abandons it)."""
         running = self.current

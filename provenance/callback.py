@@ -5,7 +5,8 @@ step if anything fails; it logs what it checked and records each dataset as an M
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,17 @@ from provenance.errors import MalformedError, ProvenanceError
 from provenance.state import RollbackState, default_state_path
 from provenance.verify import VerificationReport, verify_dataset
 
+# MLflow caps a dataset digest at 36 characters (its store column is VARCHAR(36)): the input's digest is the first
+# 36 hex digits (144 bits) of the manifest's SHA-256; the full digest is in the input's source, profile and run tags.
+MLFLOW_DIGEST_CHARS = 36
+
 
 class VerifyDatasetCallback(pl.Callback):
     """Verifies every manifest (signatures, expiry, rollback, all shards) in `setup("fit")`, on every rank.
 
     All ranks must pass (one boolean reduction), so a failure on any rank stops all of them with a ProvenanceError.
+    `exclude` names shards (`name` or `dataset:name`) the training will not read, e.g. ones a cycle already
+    refused: their shard-level failures are tolerated; signature, expiry and rollback failures never are.
     """
 
     def __init__(
@@ -34,8 +41,10 @@ class VerifyDatasetCallback(pl.Callback):
         dvc: bool = False,
         workers: int | None = None,
         mlflow_context: str = "training",
+        exclude: Collection[str] = (),
     ) -> None:
         self.specs = tuple(as_spec(m) for m in manifests)
+        self.exclude = frozenset(exclude)
         self.trust = Path(trust) if trust is not None else None
         self.state = RollbackState(Path(state_file) if state_file is not None else default_state_path())
         self.allow_extra, self.dvc, self.workers = allow_extra, dvc, workers
@@ -45,7 +54,7 @@ class VerifyDatasetCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.reports:
             return
-        reports = tuple(self._verify(spec) for spec in self.specs)
+        reports = tuple(self._without_excluded(self._verify(spec)) for spec in self.specs)
         failed = [r for r in reports if not r.ok]
         if not trainer.strategy.reduce_boolean_decision(not failed, all=True):
             if failed:
@@ -70,6 +79,14 @@ class VerifyDatasetCallback(pl.Callback):
             record=False,
             dvc=self.dvc,
         )
+
+    def _without_excluded(self, report: VerificationReport) -> VerificationReport:
+        kept = tuple(
+            f
+            for f in report.failures
+            if f.shard is None or (f.shard not in self.exclude and f"{report.dataset}:{f.shard}" not in self.exclude)
+        )
+        return replace(report, failures=kept)
 
     def _record(self, report: VerificationReport) -> None:
         assert report.dataset is not None and report.version is not None and report.statement_sha256 is not None
@@ -100,9 +117,11 @@ class VerifyDatasetCallback(pl.Callback):
         for report in reports:
             for key, value in _facts(report).items():
                 tags.append(RunTag(f"trainguard.data.{report.dataset}.{key}", str(value)))
-            source = json.dumps({"uri": Path(report.manifest_path).resolve().as_uri()})
-            profile = json.dumps({k: v for k, v in _facts(report).items() if k != "manifest_sha256"})
-            dataset = Dataset(str(report.dataset), report.manifest_sha256, "local", source, None, profile)
+            uri = Path(report.manifest_path).resolve().as_uri()
+            source = json.dumps({"uri": uri, "sha256": report.manifest_sha256})
+            profile = json.dumps(_facts(report))
+            digest = report.manifest_sha256[:MLFLOW_DIGEST_CHARS]
+            dataset = Dataset(str(report.dataset), digest, "local", source, None, profile)
             inputs.append(DatasetInput(dataset, [InputTag("mlflow.data.context", self.mlflow_context)]))
         try:
             logger.experiment.log_batch(logger.run_id, tags=tags)

@@ -50,7 +50,7 @@ class Envelope:
         """Parses a DSSE JSON envelope; anything malformed raises MalformedError (exit 2)."""
         try:
             document = json.loads(data)
-        except (ValueError, UnicodeDecodeError, TypeError) as error:
+        except (ValueError, TypeError, RecursionError) as error:
             raise MalformedError(f"envelope is not JSON: {error}") from None
         if not isinstance(document, dict):
             raise MalformedError("envelope is not a JSON object")

@@ -121,7 +121,7 @@ def parse_statement(payload: bytes) -> Manifest:
     """
     try:
         statement = json.loads(payload)
-    except (ValueError, UnicodeDecodeError, TypeError) as error:
+    except (ValueError, TypeError, RecursionError) as error:
         raise MalformedError(f"statement is not JSON: {error}") from None
     document = _mapping(statement, "statement")
     if document.get("_type") != STATEMENT_TYPE:

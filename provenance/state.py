@@ -50,7 +50,7 @@ class RollbackState:
                 name: Accepted(int(entry["version"]), str(entry["statement_sha256"]))
                 for name, entry in document["datasets"].items()
             }
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise MalformedError(
                 f"rollback state {self.path} is corrupt; it is never reset silently: inspect or remove it",
                 path=str(self.path),

@@ -14,14 +14,10 @@ def register_all(app: typer.Typer) -> None:
 
 
 def project_errors() -> tuple[type[Exception], ...]:
-    """The base error of every trainguard package, for the CLI's exit-code mapping."""
-    from pipeline.errors import PipelineError
+    """The base error of every trainguard package already imported (one never imported raised nothing), for the
+    CLI's exit-code mapping; importing `defenses` here would pull in torch on every error path."""
+    import sys
 
-    errors: list[type[Exception]] = [PipelineError]
-    from provenance.errors import ProvenanceError
-
-    errors.append(ProvenanceError)
-    from defenses.errors import DefenseError
-
-    errors.append(DefenseError)
-    return tuple(errors)
+    modules = ("pipeline.errors", "provenance.errors", "defenses.errors")
+    bases = ("PipelineError", "ProvenanceError", "DefenseError")
+    return tuple(getattr(sys.modules[m], b) for m, b in zip(modules, bases, strict=True) if m in sys.modules)

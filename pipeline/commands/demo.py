@@ -1,4 +1,4 @@
-"""`trainguard demo`: the main job on the embedded default (digits shards from several contributors)."""
+"""`trainguard demo`: the defended retraining cycle on the embedded default (digits), with two attacks."""
 
 from __future__ import annotations
 
@@ -9,13 +9,16 @@ import typer
 
 
 def demo(
-    work_dir: Annotated[Path, typer.Option(help="Where the demo writes data, keys and models.")] = Path("demo-work"),
-    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 5,
+    config: Annotated[Path, typer.Option("--config", "-c", help="The demo's cycle config.")] = Path(
+        "configs/digits.yaml"
+    ),
 ) -> None:
-    """Prepare digits shards, train a small Lightning classifier, log it all to MLflow."""
+    """Sign digits shards (one poisoned, one tampered), then run one defended cycle and sign the model."""
     from pipeline.demo import run_demo
 
-    run_demo(work_dir, epochs)
+    code = run_demo(config)
+    if code:
+        raise typer.Exit(code)
 
 
 def register(app: typer.Typer) -> None:

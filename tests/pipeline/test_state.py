@@ -43,6 +43,7 @@ def test_an_accepted_cycle_becomes_the_starting_point_and_a_rejected_one_changes
     loaded = store.load()
     assert loaded.accepted_model == MODEL_1 and loaded.heldout == HELDOUT_1
     assert [c.status for c in loaded.cycles] == ["accepted", "rejected"]
+    assert loaded.current is None and loaded.latest.cycle == 2
     assert [c.cycle for c in loaded.cycles] == [1, 2]
     assert loaded.cycles[0].metrics == {"val/acc": 0.93}
     assert loaded.decided("b.parquet", "aa").reason.startswith("RONI")

@@ -53,7 +53,7 @@ SHARDS = {
     "bob/shard-00.parquet": slice(240, 360),
     "holdout.parquet": slice(360, 560),
 }
-SOURCES = {"alice/": "alice", "bob/": "bob", "holdout.parquet": "curator"}
+SOURCES = {"alice/": "alice", "bob/": "bob", "holdout.parquet": "curator", "raw.bin": "sensor"}
 ROLES = {"holdout.parquet": "holdout"}
 
 

@@ -126,3 +126,8 @@ def test_malformed_envelopes_raise_only_the_project_error(data: bytes) -> None:
         return
     with pytest.raises(ProvenanceError):
         verify_envelope(envelope, [key.public], 1)
+
+
+def test_deeply_nested_json_is_malformed_not_a_crash() -> None:
+    with pytest.raises(MalformedError):
+        Envelope.from_json(b"[" * 100_000)

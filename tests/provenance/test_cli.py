@@ -1,0 +1,121 @@
+"""The data commands as a user runs them: `trainguard keygen | sign | cosign | verify` (exit 0 / 1 / 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+TRAINGUARD = str(Path(sys.executable).parent / "trainguard")
+
+
+def run(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [TRAINGUARD, *map(str, args)], capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})}
+    )
+    assert "Traceback" not in done.stderr, done.stderr
+    return done
+
+
+def test_keygen_sign_cosign_verify_round_trip(data_dir: Path, tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    done = run("keygen", "--out", keys / "owner", env={"TRAINGUARD_KEY_PASSPHRASE": "pw"})
+    assert done.returncode == 0, done.stderr
+    private = (keys / "owner.key").read_bytes()
+    assert b"ENCRYPTED" in private and stat.S_IMODE((keys / "owner.key").stat().st_mode) == 0o600
+    assert run("keygen", "--out", keys / "second", "--type", "ecdsa-p256").returncode == 0
+    assert private.decode().splitlines()[1] not in done.stdout + done.stderr
+    (keys / "policy.json").write_text(json.dumps({"threshold": 2, "keys": ["owner.pub", "second.pub"]}))
+
+    sources = tmp_path / "sources.json"
+    sources.write_text(json.dumps({"alice/*": "alice", "bob/": "bob"}))
+    manifest = tmp_path / "digits.manifest.json"
+    signed = run(
+        "sign",
+        data_dir,
+        "--key",
+        keys / "owner.key",
+        "--out",
+        manifest,
+        "--sources",
+        sources,
+        "--source",
+        "curator",
+        "--roles",
+        '{"holdout.parquet": "holdout"}',
+        "--expires",
+        "2d",
+        env={"TRAINGUARD_KEY_PASSPHRASE": "pw"},
+    )
+    assert signed.returncode == 0, signed.stderr
+    assert "signed 5 shards" in signed.stdout and "version 1" in signed.stdout
+
+    below = run("verify", manifest, "--trust", keys / "policy.json", "--data-dir", data_dir)
+    assert below.returncode == 1
+    assert "manifest: below-threshold" in below.stderr
+    assert below.stderr.strip().splitlines()[-1].startswith("trainguard: error: ")
+
+    assert run("cosign", manifest, "--key", keys / "second.key").returncode == 0
+    report = run("verify", manifest, "--trust", keys / "policy.json", "--data-dir", data_dir, "--json")
+    assert report.returncode == 0, report.stderr
+    document = json.loads(report.stdout)
+    assert document["ok"] and document["shards"] == 5 and len(document["signers"]) == 2
+    assert report.stderr == ""
+
+
+def test_tampered_data_exits_1_listing_every_failing_shard(data_dir: Path, tmp_path: Path) -> None:
+    run("keygen", "--out", tmp_path / "k")
+    manifest = tmp_path / "m.json"
+    assert run("sign", data_dir, "--key", tmp_path / "k.key", "--out", manifest, "--source", "alice").returncode == 0
+    (data_dir / "raw.bin").write_bytes(b"tampered")
+    (data_dir / "bob" / "shard-00.parquet").unlink()
+    done = run("verify", manifest, "--trust", tmp_path / "k.pub", "--data-dir", data_dir)
+    assert done.returncode == 1
+    assert "FAIL raw.bin: truncated" in done.stderr
+    assert "FAIL bob/shard-00.parquet: missing" in done.stderr
+    as_json = run("verify", manifest, "--trust", tmp_path / "k.pub", "--data-dir", data_dir, "--json")
+    assert as_json.returncode == 1
+    failures = {f["shard"]: f["reason"] for f in json.loads(as_json.stdout)["failures"]}
+    assert failures == {"raw.bin": "truncated", "bob/shard-00.parquet": "missing"}
+
+
+def test_unusable_input_exits_2_with_one_line(tmp_path: Path, manifest: Path, key_pairs) -> None:
+    (tmp_path / "garbage.json").write_text("{not json")
+    cases = [
+        ("verify", tmp_path / "garbage.json", "--trust", key_pairs.pub("alice")),
+        ("verify", manifest, "--trust", tmp_path / "missing.pub"),
+        ("verify", tmp_path / "missing.json", "--trust", key_pairs.pub("alice")),
+        ("sign", tmp_path / "no-such-dir", "--key", key_pairs.private("alice"), "--out", tmp_path / "m.json"),
+        (
+            "sign",
+            manifest.parent,
+            "--key",
+            key_pairs.private("alice"),
+            "--out",
+            tmp_path / "m.json",
+            "--source",
+            "a",
+            "--expires",
+            "yesterday",
+        ),
+        ("cosign", tmp_path / "garbage.json", "--key", key_pairs.private("bob")),
+    ]
+    for args in cases:
+        done = run(*args)
+        assert done.returncode == 2, (args, done.stderr)
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("trainguard: error: "), (args, done.stderr)
+
+
+def test_verify_command_does_not_import_torch(manifest: Path, key_pairs) -> None:
+    code = (
+        "import sys; from pipeline.cli import main; code = main(['verify', sys.argv[1], '--trust', sys.argv[2]]);"
+        "print('torch' in sys.modules, code)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(manifest), str(key_pairs.pub("alice"))], capture_output=True, text=True
+    )
+    assert done.stdout.split()[-2:] == ["False", "0"], done.stderr

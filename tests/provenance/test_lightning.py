@@ -1,0 +1,118 @@
+"""The torch / Lightning side: a data module over verified manifests and a callback that stops a tampered fit."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from provenance import ProvenanceError, VerificationFailed, VerifiedDataModule, VerifyDatasetCallback
+
+
+class Tiny(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(64, 10)
+        self.steps = 0
+
+    def training_step(self, batch: Any, _: int) -> torch.Tensor:
+        self.steps += 1
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.layer(x), y)
+
+    def validation_step(self, batch: Any, _: int) -> None:
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.cross_entropy(self.layer(x), y))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def trainer(**options: Any) -> pl.Trainer:
+    settings = {
+        "max_epochs": 1,
+        "limit_train_batches": 2,
+        "limit_val_batches": 1,
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    return pl.Trainer(**(settings | options))
+
+
+def plain_loader() -> DataLoader:
+    return DataLoader(TensorDataset(torch.rand(32, 64), torch.randint(0, 10, (32,))), batch_size=16)
+
+
+def test_data_module_reads_only_selected_shards_and_logs_them(manifest: Path, key_pairs: Any) -> None:
+    module = VerifiedDataModule([manifest], key_pairs.pub("alice"), sources=["alice", "curator"], batch_size=32)
+    model = Tiny()
+    trainer().fit(model, datamodule=module)
+    assert model.steps == 2
+    assert len(module.train_set) == 240 and len(module.val_set) == 200
+    read = [r.name for r in module.read_log.records]
+    assert read == ["alice/shard-00.parquet", "alice/shard-01.parquet", "holdout.parquet"]
+    assert module.read_log_digest() == hashlib.sha256(module.read_log.to_json_lines()).hexdigest()
+
+
+def test_data_module_excludes_rejected_shards(manifest: Path, key_pairs: Any) -> None:
+    module = VerifiedDataModule(
+        [{"manifest": str(manifest)}],
+        key_pairs.pub("alice"),
+        exclude=["digits:alice/shard-01.parquet"],
+        sources=["alice", "bob"],
+        val_roles=None,
+    )
+    module.setup("fit")
+    assert [name for _, name in ((d, s.name) for d, s in module.train_set.shards)] == [
+        "alice/shard-00.parquet",
+        "bob/shard-00.parquet",
+    ]
+    assert module.train_set.features.dtype == torch.float32 and module.train_set.labels.dtype == torch.int64
+
+
+def test_callback_stops_the_fit_before_any_training_step(manifest: Path, key_pairs: Any) -> None:
+    (manifest.parent / "alice" / "shard-00.parquet").write_bytes(b"poisoned rows")
+    model = Tiny()
+    callback = VerifyDatasetCallback([manifest], key_pairs.pub("alice"))
+    with pytest.raises(VerificationFailed, match=r"alice/shard-00\.parquet: truncated") as caught:
+        trainer(callbacks=[callback]).fit(model, plain_loader())
+    assert isinstance(caught.value, ProvenanceError)
+    assert model.steps == 0
+
+
+def test_callback_stops_an_untrusted_manifest(manifest: Path, key_pairs: Any) -> None:
+    model = Tiny()
+    with pytest.raises(VerificationFailed, match="untrusted-signer"):
+        trainer(callbacks=[VerifyDatasetCallback([manifest], key_pairs.pub("bob"))]).fit(model, plain_loader())
+    assert model.steps == 0
+
+
+def test_callback_records_the_dataset_as_mlflow_input_with_the_manifest_digest(
+    manifest: Path, key_pairs: Any, mlflow_uri: str
+) -> None:
+    from mlflow import MlflowClient
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    logger = MLFlowLogger(experiment_name="provenance-callback", tracking_uri=mlflow_uri)
+    callback = VerifyDatasetCallback([manifest], key_pairs.pub("alice"))
+    trainer(callbacks=[callback], logger=logger).fit(Tiny(), plain_loader())
+    run = MlflowClient(mlflow_uri).get_run(logger.run_id)
+    digest = hashlib.sha256(manifest.read_bytes()).hexdigest()
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert dataset_input.dataset.name == "digits"
+    assert dataset_input.dataset.digest == digest[:36]  # MLflow's limit; the full digest is beside it
+    assert json.loads(dataset_input.dataset.source)["sha256"] == digest
+    assert json.loads(dataset_input.dataset.profile)["manifest_sha256"] == digest
+    assert run.data.tags["trainguard.data.digits.manifest_sha256"] == digest
+    assert run.data.tags["trainguard.data.digits.signers"] == key_pairs.alice.keyid
+    assert run.data.metrics["provenance/shards"] == 5
+    assert run.data.metrics["provenance/bytes"] == callback.reports[0].bytes_checked > 0

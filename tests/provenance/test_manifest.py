@@ -1,0 +1,165 @@
+"""The manifest statement: round trip, strict parsing (only MalformedError), safe names, policies, state."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import string
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from provenance import (
+    PREDICATE_TYPE,
+    STATEMENT_TYPE,
+    Manifest,
+    ProvenanceError,
+    ShardEntry,
+    load_trust,
+    parse_statement,
+)
+from provenance.errors import MalformedError, PolicyError
+from provenance.manifest import statement_bytes, to_statement
+from provenance.paths import name_problem
+
+segment = st.text(alphabet=string.ascii_letters + string.digits + "_-", min_size=1, max_size=8)
+names = st.lists(segment, min_size=1, max_size=3).map("/".join)
+hexes = st.binary(min_size=1, max_size=8).map(lambda b: hashlib.sha256(b).hexdigest())
+shards = st.builds(
+    ShardEntry,
+    name=names,
+    sha256=hexes,
+    size=st.integers(0, 10**6),
+    source=st.sampled_from(["alice", "bob", "curator"]),
+    role=st.sampled_from(["train", "holdout"]),
+    records=st.none() | st.integers(0, 1000),
+)
+manifests = st.builds(
+    Manifest,
+    dataset=st.sampled_from(["digits", "data-1"]),
+    version=st.integers(0, 10**6),
+    created=st.just(datetime(2026, 1, 1, tzinfo=UTC)),
+    expires=st.just(datetime(2026, 2, 1, tzinfo=UTC)),
+    shards=st.lists(shards, max_size=4).map(tuple),
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(manifests)
+def test_statement_round_trips(manifest: Manifest) -> None:
+    assert parse_statement(statement_bytes(manifest)) == manifest
+
+
+def test_statement_is_in_toto_v1_with_one_subject_per_shard() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    shard = ShardEntry("a/b.parquet", "0" * 64, 10, "alice", "train", 5)
+    statement = to_statement(Manifest("digits", 2, now, now + timedelta(days=1), (shard,)))
+    assert statement["_type"] == STATEMENT_TYPE
+    assert statement["predicateType"] == PREDICATE_TYPE
+    assert statement["subject"] == [{"name": "a/b.parquet", "digest": {"sha256": "0" * 64}}]
+    assert statement["predicate"]["expires"] == "2026-01-02T00:00:00Z"
+    assert statement["predicate"]["shards"][0] == {
+        "name": "a/b.parquet",
+        "size": 10,
+        "records": 5,
+        "source": "alice",
+        "role": "train",
+    }
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=12,
+)
+
+
+def _mutations(manifest: Manifest) -> st.SearchStrategy[bytes]:
+    statement = to_statement(manifest)
+
+    def mutate(path_and_value: tuple[int, object]) -> bytes:
+        index, value = path_and_value
+        document = json.loads(json.dumps(statement))
+        targets = [
+            (document, "_type"),
+            (document, "predicateType"),
+            (document, "subject"),
+            (document, "predicate"),
+            (document["predicate"], "version"),
+            (document["predicate"], "expires"),
+            (document["predicate"], "shards"),
+            (document["predicate"], "chunkSize"),
+            (document["predicate"], "dataset"),
+        ]
+        if document["subject"]:
+            targets += [
+                (document["subject"][0], "name"),
+                (document["subject"][0], "digest"),
+                (document["predicate"]["shards"][0], "size"),
+                (document["predicate"]["shards"][0], "role"),
+                (document["predicate"]["shards"][0], "chunks"),
+            ]
+        parent, key = targets[index % len(targets)]
+        parent[key] = value
+        return json.dumps(document).encode()
+
+    return st.tuples(st.integers(0, 50), json_values).map(mutate)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.one_of(st.binary(max_size=40), json_values.map(lambda v: json.dumps(v).encode()), manifests.flatmap(_mutations))
+)
+def test_malformed_statements_raise_only_the_project_error(payload: bytes) -> None:
+    try:
+        parse_statement(payload)
+    except ProvenanceError as error:
+        assert isinstance(error, MalformedError)
+        assert error.exit_code == 2
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(alphabet="ab./\\:\x00", max_size=10))
+def test_safe_names_are_relative_normalized_and_never_escape(name: str) -> None:
+    if name_problem(name) is None:
+        assert not name.startswith("/") and ".." not in name.split("/")
+        assert Path("/root", name).resolve().is_relative_to("/root")
+        assert "//" not in name and not name.endswith("/") and "." not in name.split("/")
+
+
+def test_chunk_digest_count_is_bound_to_the_size() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    shard = ShardEntry("big.bin", "0" * 64, 10, "alice", "train", None, ("1" * 64,) * 2)
+    with pytest.raises(MalformedError, match="chunk digests"):
+        parse_statement(statement_bytes(Manifest("digits", 1, now, now, (shard,), chunk_size=4)))
+
+
+def test_single_pub_is_a_one_of_one_policy_and_bad_policies_are_bad_input(key_pairs, tmp_path: Path) -> None:
+    policy = load_trust(key_pairs.pub("alice"))
+    assert (policy.keyids, policy.threshold) == ((key_pairs.alice.keyid,), 1)
+    bad = {
+        "threshold-too-high.json": {"threshold": 3, "keys": [str(key_pairs.pub("alice"))]},
+        "duplicate.json": {"threshold": 1, "keys": [str(key_pairs.pub("alice"))] * 2},
+        "pinned-wrong.json": {"keys": [{"path": str(key_pairs.pub("alice")), "keyid": "0" * 64}]},
+        "no-keys.json": {"threshold": 1},
+    }
+    for name, document in bad.items():
+        (tmp_path / name).write_text(json.dumps(document))
+        with pytest.raises(PolicyError) as caught:
+            load_trust(tmp_path / name)
+        assert caught.value.exit_code == 2, name
+    (tmp_path / "policy.yaml").write_text(f"threshold: 1\nkeys:\n  - {key_pairs.pub('bob')}\n")
+    assert load_trust(tmp_path / "policy.yaml").keyids == (key_pairs.bob.keyid,)
+
+
+def test_corrupt_state_file_is_never_reset_silently(tmp_path: Path) -> None:
+    from provenance import RollbackState
+
+    path = tmp_path / "state.json"
+    path.write_text("{not json")
+    with pytest.raises(MalformedError, match="never reset silently"):
+        RollbackState(path).check("digits", 1, "0" * 64)
+    assert path.read_text() == "{not json"
