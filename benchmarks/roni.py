@@ -14,21 +14,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from defenses.heldout import LabeledData  # noqa: E402
-from defenses.roni import Candidate, ScreeningConfig, screen_candidates  # noqa: E402
-from pipeline.digits import load_digits_split  # noqa: E402
-from pipeline.models import DigitsCNN  # noqa: E402
+from defenses.heldout import LabeledData
+from defenses.roni import Candidate, ScreeningConfig, screen_candidates
+from pipeline.digits import load_digits_split
+from pipeline.models import DigitsCNN
 
 FLIP_RATES = (0.1, 0.2, 0.3)
 SHARD = 50
@@ -71,7 +67,9 @@ class Repeat:
         self.trusted = LabeledData(x[500:800], y[500:800])
         self.holdout = LabeledData(x[800:1160], y[800:1160])
         self.pool = np.arange(1160, len(y))
-        self.model = fit(mlp() if arch == "mlp" else DigitsCNN(channels=8), self.train, 60 if arch == "mlp" else 30, seed)
+        self.model = fit(
+            mlp() if arch == "mlp" else DigitsCNN(channels=8), self.train, 60 if arch == "mlp" else 30, seed
+        )
         self.candidates: list[Candidate] = []
         self.truth: list[tuple[float, bool]] = []
         for rate in FLIP_RATES:
@@ -99,12 +97,16 @@ def print_efficacy(title: str, counts: dict[float, list[int]], seconds: list[flo
     print(f"{'flip rate':>9} | {'TPR':>5} {'(caught/poisoned)':>17} | {'FPR':>6} {'(flagged/clean)':>15} | goal")
     for rate, (tp, fn, fp, tn) in counts.items():
         goal = "TPR>=0.90" if rate == 0.1 else "TPR>=0.95, FPR<=0.02"
-        print(f"{rate:>9.0%} | {tp / (tp + fn):5.3f} {f'({tp}/{tp + fn})':>17} | {fp / (fp + tn):6.3f} {f'({fp}/{fp + tn})':>15} | {goal}")
-    print(f"screening time: {np.mean(seconds):.3f} s per screening of {copies} model copies (median {np.median(seconds):.3f} s)")
+        caught, flagged = f"({tp}/{tp + fn})", f"({fp}/{fp + tn})"
+        print(f"{rate:>9.0%} | {tp / (tp + fn):5.3f} {caught:>17} | {fp / (fp + tn):6.3f} {flagged:>15} | {goal}")
+    print(f"screening time: {np.mean(seconds):.3f} s per screening of {copies} model copies", end="")
+    print(f" (median {np.median(seconds):.3f} s)")
 
 
 def scaling(rep: Repeat, sizes: list[int], config: ScreeningConfig) -> None:
-    print(f"\ncost vs number of candidates (+{config.calibration_shards} calibration copies, {config.steps} steps each)")
+    print(
+        f"\ncost vs number of candidates (+{config.calibration_shards} calibration copies, {config.steps} steps each)"
+    )
     print(f"{'candidates':>10} | {'batched vmap s':>14} | {'sequential s':>12} | {'ratio':>5}")
     pool = [c.data for c in rep.candidates]
     for n in sizes:
@@ -176,7 +178,11 @@ def art_comparison(rep: Repeat, points: int, flipped: int) -> None:
         f"{'trainguard, per 50-row shard':>26} | {f'{rejected[bad].sum()}/{bad.sum()} shards':>13} | "
         f"{f'{rejected[~bad].sum()}/{(~bad).sum()} shards':>13} | {seconds:>7.1f}"
     )
-    print("  (flipped points per shard: " + ", ".join(str(int(poison[i : i + SHARD].sum())) for i in range(0, points, SHARD)) + ")")
+    print(
+        "  (flipped points per shard: "
+        + ", ".join(str(int(poison[i : i + SHARD].sum())) for i in range(0, points, SHARD))
+        + ")"
+    )
 
 
 def main() -> None:

@@ -124,7 +124,7 @@ def bench_verify(root: Path, gib: float, files: int, repeats: int) -> list[tuple
 def bench_read(root: Path, shards: int, rows: int, repeats: int) -> list[tuple[str, str, str, str]]:
     import pandas as pd
 
-    from provenance import ShardReader, generate_signing_key, open_manifest, sign_dataset, write_manifest
+    from provenance import ShardReader, TrustPolicy, generate_signing_key, open_manifest, sign_dataset, write_manifest
 
     data = root / "parquet"
     data.mkdir()
@@ -137,7 +137,7 @@ def bench_read(root: Path, shards: int, rows: int, repeats: int) -> list[tuple[s
     key = generate_signing_key()
     envelope, manifest = sign_dataset(data, key, source="bench")
     path = write_manifest(envelope, root / "parquet.manifest.json")
-    verified = open_manifest(path, _policy(key), data_dir=data, state=root / "read-state.json")
+    verified = open_manifest(path, TrustPolicy((key.public,)), data_dir=data, state=root / "read-state.json")
     names = [s.name for s in manifest.shards]
 
     def plain() -> float:
@@ -170,12 +170,6 @@ def bench_read(root: Path, shards: int, rows: int, repeats: int) -> list[tuple[s
         ("verify-on-read, sequential read_frame()", f"{s:.3f} s", "", f"ratio {s / p:.3f}"),
         ("ratio d/c (goal <= 1.10)", f"{v / p:.3f}", "", f"median ratio {median_ratio:.3f}"),
     ]  # fmt: skip
-
-
-def _policy(key: object) -> object:
-    from provenance import TrustPolicy
-
-    return TrustPolicy((key.public,))  # type: ignore[attr-defined]
 
 
 def main() -> None:

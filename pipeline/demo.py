@@ -15,7 +15,7 @@ from pathlib import Path
 from pipeline.config import load_config
 from pipeline.prepare import TRUSTED_SOURCE, prepare_digits
 from pipeline.threats import poison_shards, tamper_file
-from provenance.keys import generate_signing_key, write_keypair
+from provenance.keys import generate_signing_key, load_signing_key, write_keypair
 from provenance.signing import sign_dataset, write_manifest
 
 POISONED_SOURCE = "dave"
@@ -27,34 +27,46 @@ def _say(text: str) -> None:
     print(f"[demo] {text}", flush=True)
 
 
-def stage_data(root: Path) -> dict[str, Path]:
+def create_keys(keys: Path) -> None:
+    """The curator's and the data owner's Ed25519 keys, and the ECDSA P-256 key models are signed with."""
+    for name, kind in (("curator", "ed25519"), ("owner", "ed25519"), ("model", "ecdsa-p256")):
+        write_keypair(generate_signing_key(kind), keys / name)
+
+
+def sign_trusted(data: Path, keys: Path) -> Path:
+    """The curator signs `trusted/`: the base set (role train) and the held-out set (role holdout)."""
+    roles = {"holdout.parquet": "holdout", "base.parquet": "train"}
+    key = load_signing_key(keys / "curator.key")
+    envelope, _ = sign_dataset(data / "trusted", key, dataset="digits-trusted", source=TRUSTED_SOURCE, roles=roles)
+    return write_manifest(envelope, data / "trusted.manifest.json")
+
+
+def sign_contributions(data: Path, keys: Path, sources: dict[str, str]) -> Path:
+    """The data owner signs `train/` with each shard's contributor; a re-sign bumps the manifest version."""
+    out = data / "train.manifest.json"
+    key = load_signing_key(keys / "owner.key")
+    envelope, _ = sign_dataset(
+        data / "train", key, dataset="digits-contributed", sources=sources, previous=out if out.exists() else None
+    )
+    return write_manifest(envelope, out)
+
+
+def stage_data(root: Path) -> None:
     """Writes keys, shards (one source poisoned before signing), both signed manifests, then tampers a shard."""
     if root.exists():
         shutil.rmtree(root)
-    keys = root / "keys"
-    for name, kind in (("curator", "ed25519"), ("owner", "ed25519"), ("model", "ecdsa-p256")):
-        write_keypair(generate_signing_key(kind), keys / name)
+    create_keys(root / "keys")
     data = root / "data"
-    prepared = prepare_digits(data)
-    contributed = prepared.contributed()
+    contributed = prepare_digits(data).contributed()
     _say(f"prepared {len(contributed)} contributed shards from {len(set(contributed.values()))} sources")
     poisoned = [data / "train" / name for name, source in contributed.items() if source == POISONED_SOURCE]
     poison_shards(poisoned, POISON_FRACTION, seed=1)
     _say(f"source {POISONED_SOURCE} flipped {POISON_FRACTION:.0%} of the labels in {len(poisoned)} shards (before signing)")
-
-    from provenance.keys import load_signing_key
-
-    roles = {"holdout.parquet": "holdout", "base.parquet": "train"}
-    envelope, _ = sign_dataset(
-        data / "trusted", load_signing_key(keys / "curator.key"), dataset="digits-trusted", source=TRUSTED_SOURCE, roles=roles
-    )
-    write_manifest(envelope, data / "trusted.manifest.json")
-    envelope, _ = sign_dataset(data / "train", load_signing_key(keys / "owner.key"), dataset="digits-contributed", sources=contributed)
-    write_manifest(envelope, data / "train.manifest.json")
-    _say("curator signed the trusted base and held-out set; the data owner signed the contributions")
+    sign_trusted(data, root / "keys")
+    sign_contributions(data, root / "keys", contributed)
+    _say("the curator signed the trusted base and held-out set; the data owner signed the contributions")
     tamper_file(data / "train" / TAMPERED_SHARD)
     _say(f"an attacker flipped one byte of train/{TAMPERED_SHARD} after signing")
-    return {"model_pub": keys / "model.pub"}
 
 
 def run_demo(config_path: Path) -> int:
@@ -64,7 +76,8 @@ def run_demo(config_path: Path) -> int:
 
     config = load_config(config_path)
     root = config.output.work_dir.parent
-    keys = stage_data(root)
+    stage_data(root)
+    public_key = root / "keys" / "model.pub"
     _say(f"running the retraining cycle: trainguard cycle --config {config_path}")
     outcome = run_cycle(config_path)
     print_outcome(outcome)
@@ -73,8 +86,8 @@ def run_demo(config_path: Path) -> int:
     _say(f"clean held-out accuracy {clean:.3f}; robust accuracy " + ", ".join(f"{v:.3f} at eps {k}" for k, v in robust.items()))
     if outcome.model_dir:
         attestation = outcome.model_dir / "attestation.intoto.json"
-        _say(f"check it: trainguard verify-model {outcome.model_dir} --attestation {attestation} --key {keys['model_pub']}")
-        _say(f"or with OpenSSF's tool: model_signing verify key {outcome.model_dir} --signature {outcome.model_dir / 'model.sig'} --public_key {keys['model_pub']}")
+        _say(f"check it: trainguard verify-model {outcome.model_dir} --attestation {attestation} --key {public_key}")
+        _say(f"or with OpenSSF's tool: model_signing verify key {outcome.model_dir} --signature {outcome.model_dir / 'model.sig'} --public_key {public_key}")
     uri = config.tracking.resolved_uri()
     _say(f"open the MLflow UI: .venv/bin/mlflow ui --backend-store-uri {uri}")
     return 0 if outcome.status == "accepted" else 1

@@ -16,7 +16,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from provenance.dataset import ManifestLike, as_spec
 from provenance.errors import MalformedError, ProvenanceError
 from provenance.state import RollbackState, default_state_path
-from provenance.verify import VerificationReport, verify_dataset
+from provenance.verify import ShardFailure, VerificationReport, verify_dataset
 
 # MLflow caps a dataset digest at 36 characters (its store column is VARCHAR(36)): the input's digest is the first
 # 36 hex digits (144 bits) of the manifest's SHA-256; the full digest is in the input's source, profile and run tags.
@@ -38,23 +38,25 @@ class VerifyDatasetCallback(pl.Callback):
         *,
         state_file: Path | str | None = None,
         allow_extra: bool = False,
+        exclude: Collection[str] = (),
         dvc: bool = False,
         workers: int | None = None,
         mlflow_context: str = "training",
-        exclude: Collection[str] = (),
     ) -> None:
         self.specs = tuple(as_spec(m) for m in manifests)
-        self.exclude = frozenset(exclude)
         self.trust = Path(trust) if trust is not None else None
         self.state = RollbackState(Path(state_file) if state_file is not None else default_state_path())
         self.allow_extra, self.dvc, self.workers = allow_extra, dvc, workers
+        self.exclude = frozenset(exclude)
         self.mlflow_context = mlflow_context
         self.reports: tuple[VerificationReport, ...] = ()
+        self.tolerated: tuple[ShardFailure, ...] = ()
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.reports:
             return
-        reports = tuple(self._without_excluded(self._verify(spec)) for spec in self.specs)
+        full = [self._verify(spec) for spec in self.specs]
+        reports = tuple(self._without_excluded(r) for r in full)
         failed = [r for r in reports if not r.ok]
         if not trainer.strategy.reduce_boolean_decision(not failed, all=True):
             if failed:
@@ -63,6 +65,7 @@ class VerifyDatasetCallback(pl.Callback):
         for report in reports:
             self._record(report)
         self.reports = reports
+        self.tolerated = tuple(f for r in full for f in r.failures if f not in self._without_excluded(r).failures)
         self._log(trainer, reports)
 
     def _verify(self, spec: Any) -> VerificationReport:
@@ -99,6 +102,7 @@ class VerifyDatasetCallback(pl.Callback):
             "provenance/shards": float(sum(r.shards for r in reports)),
             "provenance/bytes": float(sum(r.bytes_checked for r in reports)),
             "provenance/seconds": float(sum(r.seconds for r in reports)),
+            "provenance/excluded_failures": float(len(self.tolerated)),
         }
         trainer.logger.log_metrics(metrics, step=0)
         from pytorch_lightning.loggers import MLFlowLogger

@@ -119,3 +119,25 @@ def test_verify_command_does_not_import_torch(manifest: Path, key_pairs) -> None
         [sys.executable, "-c", code, str(manifest), str(key_pairs.pub("alice"))], capture_output=True, text=True
     )
     assert done.stdout.split()[-2:] == ["False", "0"], done.stderr
+
+
+def test_progress_bar_only_on_a_terminal_and_never_with_json(manifest: Path, key_pairs) -> None:
+    import pty
+
+    def stderr_on_tty(*extra: str) -> bytes:
+        master, slave = pty.openpty()
+        args = [TRAINGUARD, "verify", str(manifest), "--trust", str(key_pairs.pub("alice")), *extra]
+        done = subprocess.run(args, stdout=subprocess.PIPE, stderr=slave, timeout=120)
+        os.close(slave)
+        chunks = []
+        try:
+            while chunk := os.read(master, 65536):
+                chunks.append(chunk)
+        except OSError:
+            pass
+        os.close(master)
+        assert done.returncode == 0
+        return b"".join(chunks)
+
+    assert b"verifying" in stderr_on_tty()
+    assert stderr_on_tty("--json") == b""

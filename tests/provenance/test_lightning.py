@@ -116,3 +116,16 @@ def test_callback_records_the_dataset_as_mlflow_input_with_the_manifest_digest(
     assert run.data.tags["trainguard.data.digits.signers"] == key_pairs.alice.keyid
     assert run.data.metrics["provenance/shards"] == 5
     assert run.data.metrics["provenance/bytes"] == callback.reports[0].bytes_checked > 0
+
+
+def test_callback_tolerates_only_failures_of_excluded_shards(manifest: Path, key_pairs: Any) -> None:
+    (manifest.parent / "bob" / "shard-00.parquet").write_bytes(b"refused earlier")
+    excluded = VerifyDatasetCallback([manifest], key_pairs.pub("alice"), exclude=["digits:bob/shard-00.parquet"])
+    model = Tiny()
+    trainer(callbacks=[excluded]).fit(model, plain_loader())
+    assert model.steps == 2
+    assert [(f.shard, f.reason) for f in excluded.tolerated] == [("bob/shard-00.parquet", "truncated")]
+    (manifest.parent / "raw.bin").write_bytes(b"tampered too")
+    again = VerifyDatasetCallback([manifest], key_pairs.pub("alice"), exclude=["bob/shard-00.parquet"])
+    with pytest.raises(VerificationFailed, match=r"raw\.bin"):
+        trainer(callbacks=[again]).fit(Tiny(), plain_loader())

@@ -1,0 +1,149 @@
+"""Two consecutive defended cycles against a real MLflow server: the second brings a poisoned source and a shard
+tampered after signing; everything is read back through MlflowClient and checked on disk."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from pipeline.cycle import run_cycle
+from pipeline.demo import create_keys, sign_contributions, sign_trusted
+from pipeline.errors import CycleAbortedError
+from pipeline.prepare import prepare_digits
+from pipeline.threats import poison_shards, tamper_file
+
+REPO = Path(__file__).resolve().parents[2]
+TRAINGUARD = str(Path(sys.executable).parent / "trainguard")
+
+
+def _config(workdir: Path, experiment: str) -> Path:
+    """The digits demo config, shortened for tests and pointed at this test's experiment."""
+    config = yaml.safe_load((REPO / "configs" / "digits.yaml").read_text())
+    config["training"].update(max_epochs=3, bootstrap_epochs=25)
+    config["robust_eval"].update(subset_size=100, steps=3)
+    config["gate"].update(min_robust_accuracy=0.0)
+    config["tracking"] = {"experiment_name": experiment, "registered_model_name": experiment}
+    path = workdir / "cycle.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _contributed(data: Path, source: str, batch: int) -> list[Path]:
+    return sorted((data / "train" / source).glob(f"b{batch}-shard-*.parquet"))
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh directory to run cycles in (config paths are relative to it), with keys and signed batch 0."""
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "demo-work"
+    create_keys(root / "keys")
+    data = root / "data"
+    contributed = prepare_digits(data).contributed()
+    sign_trusted(data, root / "keys")
+    sign_contributions(data, root / "keys", contributed)
+    return tmp_path
+
+
+def test_two_cycles_refuse_tampered_and_poisoned_shards_and_log_everything(workdir: Path, mlflow_uri: str) -> None:
+    config = _config(workdir, "cycle-e2e")
+    data = workdir / "demo-work" / "data"
+
+    first = run_cycle(config)
+    assert first.status == "accepted", first.reason
+    assert all(d.accepted for d in first.shards), [d for d in first.shards if not d.accepted]
+
+    contributed = prepare_digits(data, batch=1).contributed()
+    poisoned = _contributed(data, "dave", 1)
+    poison_shards(poisoned, 0.3, seed=3)
+    sign_contributions(data, workdir / "demo-work" / "keys", contributed)
+    tampered = _contributed(data, "carol", 1)[0]
+    tamper_file(tampered)
+
+    second = run_cycle(config)
+    decisions = {d.shard.split(":", 1)[1]: d for d in second.shards}
+    tampered_name = tampered.relative_to(data / "train").as_posix()
+    assert decisions[tampered_name].check == "verify" and not decisions[tampered_name].accepted
+    assert "digest-mismatch" in decisions[tampered_name].reason
+    for path in poisoned:
+        decision = decisions[path.relative_to(data / "train").as_posix()]
+        assert (decision.check, decision.accepted) == ("roni", False), decision
+    clean_new = [n for n, d in decisions.items() if n.split("/")[0] in ("alice", "bob") and "/b1-" in n]
+    assert clean_new and all(decisions[n].accepted for n in clean_new)
+    batch0 = [d for n, d in decisions.items() if "/b0-" in n]
+    assert batch0 and all(d.accepted for d in batch0), "cycle 1's accepted shards are not screened again"
+
+    client = mlflow.MlflowClient(mlflow_uri)
+    experiment = client.get_experiment_by_name("cycle-e2e")
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 2
+    for parent, status in zip(parents, ("accepted", second.status), strict=True):
+        children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+        assert {"verification", "screening", "training", "gate"} <= children
+        assert parent.data.params["training.max_epochs"] == "3"
+        assert parent.data.tags["trainguard.status"] == status
+        assert any(a.path == "report" for a in client.list_artifacts(parent.info.run_id))
+        assert any(t.startswith("trainguard.manifest.") for t in parent.data.tags)
+    screening = next(
+        r for r in runs if r.info.run_name == "screening" and r.data.tags["mlflow.parentRunId"] == parents[1].info.run_id
+    )
+    assert any(k.startswith("roni.impact.") for k in screening.data.metrics)
+    rejected_tags = [v for k, v in screening.data.tags.items() if k.startswith("roni.decision.") and v == "rejected"]
+    assert len(rejected_tags) == len(poisoned)
+    training = next(
+        r for r in runs if r.info.run_name == "training" and r.data.tags["mlflow.parentRunId"] == parents[1].info.run_id
+    )
+    assert "val/acc" in training.data.metrics
+    assert any(k.startswith("val/robust_acc") for k in training.data.metrics)
+    versions = client.search_model_versions("name='cycle-e2e'")
+    assert len(versions) == (2 if second.status == "accepted" else 1)
+
+    report = json.loads(second.report.read_text())
+    assert report["status"] == second.status
+    assert report["training"]["read_log"]["entries"] > 0
+    state = json.loads((workdir / "demo-work" / "cycle" / "state.json").read_text())
+    assert [c["status"] for c in state["cycles"]] == ["accepted", second.status]
+
+
+def test_signed_model_verifies_and_a_swapped_model_is_refused(workdir: Path, tmp_path: Path) -> None:
+    config = _config(workdir, "cycle-model")
+    outcome = run_cycle(config)
+    assert outcome.status == "accepted" and outcome.model_dir is not None
+    public = workdir / "demo-work" / "keys" / "model.pub"
+    attestation = outcome.model_dir / "attestation.intoto.json"
+    command = [TRAINGUARD, "verify-model", str(outcome.model_dir), "--attestation", str(attestation), "--key", str(public)]
+    assert subprocess.run(command, capture_output=True, text=True, timeout=120).returncode == 0
+
+    statement = json.loads(__import__("base64").b64decode(json.loads(attestation.read_text())["payload"]))
+    dependencies = statement["predicate"]["buildDefinition"]["resolvedDependencies"]
+    assert any(d.get("name") == "digits-contributed" for d in dependencies)
+    record = json.dumps(statement)
+    assert "readLog" in record
+
+    weights = outcome.model_dir / "model.safetensors"
+    swapped = bytearray(weights.read_bytes())
+    swapped[-1] ^= 0x01
+    weights.write_bytes(bytes(swapped))
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr and "model" in done.stderr
+
+
+def test_a_manifest_signed_by_an_untrusted_key_stops_the_cycle_before_training(workdir: Path) -> None:
+    config = _config(workdir, "cycle-untrusted")
+    keys = workdir / "demo-work" / "keys"
+    shutil.copy(keys / "curator.pub", keys / "owner.pub")  # the trust anchor no longer matches the owner's key
+    with pytest.raises(CycleAbortedError, match="untrusted|signature|threshold"):
+        run_cycle(config)
+    state = json.loads((workdir / "demo-work" / "cycle" / "state.json").read_text())
+    assert state["cycles"][-1]["status"] == "failed"
+    assert state["accepted_model"] is None
+    assert json.loads((workdir / "demo-work" / "cycle" / "report.json").read_text())["failed_check"] == "verify"
