@@ -157,7 +157,7 @@ def record_screening(
     """
     directory.mkdir(parents=True, exist_ok=True)
     json_path = directory / "roni-report.json"
-    _write_atomic(json_path, json.dumps(report.to_dict(), indent=2, allow_nan=True).encode())
+    _write_atomic(json_path, json.dumps(report.to_dict(), indent=2, allow_nan=False).encode())
     plot_path = plot_impacts(report, directory / "roni-impacts.png")
     import mlflow
 

@@ -109,16 +109,25 @@ class ScreeningReport:
         return tuple(d for d in self.decisions if not d.accepted)
 
     def to_dict(self) -> dict[str, object]:
+        """Plain JSON-ready data; non-finite numbers (classes absent from the held-out set) become None."""
+        decisions = [
+            {**asdict(d), "class_impacts": _finite(d.class_impacts), "class_thresholds": _finite(d.class_thresholds)}
+            for d in self.decisions
+        ]
         return {
             "threshold": self.threshold,
-            "class_thresholds": list(self.class_thresholds),
+            "class_thresholds": _finite(self.class_thresholds),
             "calibration_impacts": list(self.calibration_impacts),
             "calibration_size": self.calibration_size,
             "base_soft_accuracy": self.base_soft_accuracy,
             "seconds": self.seconds,
             "config": asdict(self.config),
-            "decisions": [asdict(d) for d in self.decisions],
+            "decisions": decisions,
         }
+
+
+def _finite(values: Sequence[float]) -> list[float | None]:
+    return [v if math.isfinite(v) else None for v in values]
 
 
 def robust_scale(values: Sequence[float]) -> float:
@@ -265,7 +274,9 @@ def class_thresholds_of(values: np.ndarray, k: float) -> np.ndarray:
 
 
 def _decide(impact: float, threshold: float, class_impacts: np.ndarray, class_thresholds: np.ndarray) -> str:
-    """'' when clean, else a one-line reason naming the metric that rose too much."""
+    """'' when clean, else a one-line reason naming the metric that dropped too much (non-finite fails closed)."""
+    if not math.isfinite(impact):
+        return "held-out metrics became non-finite when fine-tuning on this candidate"
     if impact > threshold:
         return f"held-out soft accuracy dropped by {impact:.4f}, above the calibrated threshold {threshold:.4f}"
     with np.errstate(invalid="ignore"):
@@ -315,6 +326,11 @@ def screen_candidates(
     ).numpy()
 
     n_cal = len(calibration)
+    if not np.isfinite(impacts[:n_cal]).all():
+        raise ScreeningInputError(
+            f"screening diverged: fine-tuning with lr={config.lr} for {config.steps} steps gave non-finite held-out "
+            "metrics on known-good calibration shards; lower ScreeningConfig.lr"
+        )
     threshold = robust_threshold(impacts[:n_cal], config.k)
     class_thresholds = (
         class_thresholds_of(class_impacts[:n_cal], config.class_k)

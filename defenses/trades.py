@@ -8,8 +8,9 @@ classifier module and is what you pass to `Trainer.fit`:
 
 The wrapper's `training_step` computes the TRADES loss from `module(x)` logits; `validation_step`, `test_step`,
 `predict_step` and `configure_optimizers` are the wrapped module's own (its `self.log` calls work). Other hooks of
-the wrapped module are not called. Its weights live under `module.` in the wrapper's checkpoint; save
-`wrapper.module.state_dict()` to get the bare model.
+the wrapped module are not called. Its weights live under `module.` in the wrapper's checkpoint (with the
+attack's generator state, so a resumed run draws the same starts); save `wrapper.module.state_dict()` to get the
+bare model.
 """
 
 from __future__ import annotations
@@ -125,3 +126,10 @@ class TRADES(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         return self.module.configure_optimizers()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["trades_attack"] = self.attack.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "trades_attack" in checkpoint:
+            self.attack.load_state_dict(checkpoint["trades_attack"])

@@ -100,6 +100,11 @@ class RoniSection(_Section):
 
     enabled: bool = True
     group_by_source: bool = False
+    calibration_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
+        default=0.4,
+        description="Share of the held-out rows the clean-impact calibration draws from; RONI measures impacts on "
+        "the rest. Both are never trained on, so clean candidates and calibration shards are alike to the model.",
+    )
     options: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
+import torch
 
 from defenses.heldout import HeldoutMetrics, LabeledData
 from pipeline.attestation import CycleFacts, Resource, attestor, file_resource, git_resource
@@ -139,7 +140,7 @@ def _run(cycle: _Cycle, parent: TrackedRun) -> CycleOutcome:
     with parent.stage("screening") as stage:
         candidates = _screen_inputs(cycle, intake, stage)
         model, previous = _incoming_model(cycle, _labeled(trusted, columns, config))
-        _screen(cycle, model, _labeled(trusted, columns, config), holdout, candidates, columns, stage)
+        _screen(cycle, model, holdout, candidates, columns, stage)
 
     refused = [d.shard for d in cycle.state.current.shards if not d.accepted]
     specs = [ManifestSpec(ref.manifest, ref.data_dir, ref.trust) for ref in config.dataset.training]
@@ -266,10 +267,17 @@ def _public_key(private_key: Path) -> Path:
     return private_key.with_suffix(".pub")
 
 
+def split_holdout(holdout: LabeledData, fraction: float, seed: int) -> tuple[LabeledData, LabeledData]:
+    """A seeded `fraction` of the held-out rows for RONI's calibration, the rest to measure impacts on."""
+    order = torch.randperm(len(holdout), generator=torch.Generator().manual_seed(seed))
+    cut = round(fraction * len(holdout))
+    pick = order[:cut], order[cut:]
+    return LabeledData(holdout.x[pick[0]], holdout.y[pick[0]]), LabeledData(holdout.x[pick[1]], holdout.y[pick[1]])
+
+
 def _screen(
     cycle: _Cycle,
     model: pl.LightningModule,
-    trusted: LabeledData,
     holdout: LabeledData,
     shards: Sequence[SignedShard],
     columns: Sequence[str],
@@ -295,7 +303,8 @@ def _screen(
     if config.roni.group_by_source:
         candidates = group_by_source(candidates)
     options = {"num_classes": len(config.validation.labels), **config.roni.options}
-    screening = screen_candidates(model, trusted, holdout, candidates, ScreeningConfig(**options))
+    calibration, impact_set = split_holdout(holdout, config.roni.calibration_fraction, config.training.seed)
+    screening = screen_candidates(model, calibration, impact_set, candidates, ScreeningConfig(**options))
     verdict = {d.name: d for d in screening.decisions}
     decisions = []
     for shard in shards:
@@ -317,8 +326,6 @@ def _screen(
     if kept:
         rows = concat(kept)
         sources = [s.source for s in kept for _ in range(len(s.frame))]
-        import torch
-
         margins = check_margins(model, torch.as_tensor(rows[list(columns)].to_numpy(np.float32)), sources)
     flagged = [m for m in margins if m.flagged]
     stage.set_tags({f"trainguard.margin.{m.source}": m.reason[:4000] for m in flagged})

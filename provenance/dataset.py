@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from provenance.errors import MalformedError, ShardError
+from provenance.errors import MalformedError, ProvenanceError, ShardError
 from provenance.manifest import ShardEntry
 from provenance.policy import TrustPolicy
 from provenance.reader import ReadLog, ShardReader
@@ -162,6 +162,21 @@ class VerifiedDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
+        try:
+            self._read()
+        except ProvenanceError:
+            self.train_set = self.val_set = None
+            self._agree(False)
+            raise
+        self._agree(True)
+
+    def _agree(self, ok: bool) -> None:
+        """Under DDP every rank learns whether all ranks read their shards: a failure on one stops all of them
+        (rather than leaving the others blocked in the next collective)."""
+        if self.trainer is not None and not self.trainer.strategy.reduce_boolean_decision(ok, all=True) and ok:
+            raise ProvenanceError("shard verification failed on another rank; training stopped")
+
+    def _read(self) -> None:
         self.verified = open_verified(self.specs, self.trust, self.state_file)
         readers = [ShardReader(v, self.read_log) for v in self.verified]
         options = {

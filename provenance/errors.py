@@ -122,10 +122,10 @@ class DvcMismatchError(ProvenanceError):
 
 
 class VerificationFailed(ProvenanceError):
-    """Verification of a dataset found failures; `report` lists every one of them."""
+    """Verification of a dataset found failures; `report` lists every one of them, `reason`/`shard` the first."""
 
     reason = "verification-failed"
 
-    def __init__(self, message: str, report: object) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, report: object, *, shard: str | None = None, reason: str | None = None) -> None:
+        super().__init__(message, shard=shard, reason=reason)
         self.report = report

@@ -89,6 +89,8 @@ class VerificationReport:
             raise VerificationFailed(
                 f"{self.manifest_path}: {len(self.failures)} check(s) failed; first: {self.failures[0].line()}",
                 report=self,
+                shard=self.failures[0].shard,
+                reason=self.failures[0].reason,
             )
 
 

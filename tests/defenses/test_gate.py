@@ -6,6 +6,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from mlflow import MlflowClient
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -120,6 +121,30 @@ def test_gate_state_survives_a_weights_only_checkpoint_round_trip(data, pretrain
     restored.load_state_dict(torch.load(tmp_path / "gate.pt", weights_only=True))
     assert restored.record == gate.record
     assert all(torch.equal(restored.previous_weights[k], v) for k, v in pretrained.items())
+
+
+def test_a_resumed_fit_is_judged_against_the_cycles_starting_model(data, pretrained, tmp_path) -> None:
+    shifted = _loader(LabeledData(data["retrain"].x, (data["retrain"].y + 1) % 10))
+    first_gate = RONIGate(data["holdout"], num_classes=10, raise_on_reject=False)
+    saver = ModelCheckpoint(dirpath=tmp_path, filename="mid-cycle", save_last=False)
+    interrupted = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        callbacks=[first_gate, saver],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    interrupted.fit(_model(pretrained), shifted)
+    resumed_gate = RONIGate(data["holdout"], num_classes=10, raise_on_reject=False)
+    model = _model(pretrained)
+    with torch.no_grad():  # a different starting point: the gate must take the cycle's start from the checkpoint
+        for p in model.parameters():
+            p.add_(0.05)
+    _trainer(2, [resumed_gate]).fit(model, shifted, ckpt_path=saver.best_model_path)
+    assert resumed_gate.verdict is not None and not resumed_gate.verdict.accepted
+    assert resumed_gate.verdict.before == first_gate.verdict.before
+    assert _same_weights(model, pretrained)
 
 
 def test_rejection_marks_the_mlflow_run_failed_with_the_reason(data, pretrained, mlflow_uri) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import socket
 from pathlib import Path
 
@@ -16,13 +17,13 @@ def _report() -> ScreeningReport:
     def decision(name: str, source: str, impact: float, accepted: bool) -> CandidateDecision:
         reason = "impact within calibrated thresholds" if accepted else f"held-out soft accuracy dropped by {impact}"
         return CandidateDecision(
-            name, source, 50, impact, 0.05, (impact, 0.0), (0.3, 0.3), impact / 0.01, accepted, reason
+            name, source, 50, impact, 0.05, (impact, math.nan), (0.3, math.inf), impact / 0.01, accepted, reason
         )
 
     return ScreeningReport(
         decisions=(decision("shard-a", "alice", 0.01, True), decision("shard-m", "mallory", 0.2, False)),
         threshold=0.05,
-        class_thresholds=(0.3, 0.3),
+        class_thresholds=(0.3, math.inf),
         calibration_impacts=(0.0, 0.01, 0.02, 0.015, 0.005),
         calibration_size=50,
         config=ScreeningConfig(),
@@ -36,6 +37,7 @@ def test_decisions_are_logged_to_mlflow_and_kept_locally(mlflow_uri: str, tmp_pa
     assert outcome.logged_to_mlflow, outcome.mlflow_error
     local = json.loads(outcome.json_path.read_text())
     assert [d["accepted"] for d in local["decisions"]] == [True, False]
+    assert local["decisions"][0]["class_thresholds"] == [0.3, None]  # strict JSON: no Infinity/NaN
     assert outcome.plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     client = MlflowClient(mlflow_uri)

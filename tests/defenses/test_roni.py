@@ -164,6 +164,12 @@ def test_unusable_inputs_are_refused_with_exit_code_2(digits: Split, model: nn.M
         ScreeningConfig(calibration_shards=2)
 
 
+def test_diverging_fine_tuning_fails_closed(digits: Split, model: nn.Module) -> None:
+    candidate = Candidate("s", "a", digits.shard(digits.pool[:30]))
+    with pytest.raises(ScreeningInputError, match="screening diverged"):
+        screen_candidates(model, digits.trusted, digits.holdout, [candidate], ScreeningConfig(lr=1e30, steps=3))
+
+
 finite = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False)
 
 

@@ -65,10 +65,11 @@ def kl(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor) -> float:
         return F.kl_div(F.log_softmax(model(x_adv), 1), F.softmax(model(x), 1), reduction="batchmean").item()
 
 
-def test_the_wrapped_module_trains_on_the_trades_objective_and_keeps_its_validation(digits) -> None:
+def test_the_wrapped_module_trains_on_the_trades_objective_and_keeps_its_validation(digits, tmp_path) -> None:
     inner = Classifier()
     before = [p.detach().clone() for p in inner.parameters()]
-    trainer = fit(TRADES(inner, eps=0.1, beta=6.0, steps=3, seed=0), digits, epochs=3)
+    wrapper = TRADES(inner, eps=0.1, beta=6.0, steps=3, seed=0)
+    trainer = fit(wrapper, digits, epochs=3)
     metrics = trainer.callback_metrics
 
     assert metrics["train/trades_robust"] > 0
@@ -77,6 +78,11 @@ def test_the_wrapped_module_trains_on_the_trades_objective_and_keeps_its_validat
     )
     assert metrics["val/acc"] > 0.6, "the wrapped module's own validation_step and self.log still run"
     assert any(not torch.equal(a, b) for a, b in zip(before, inner.parameters(), strict=True))
+
+    trainer.save_checkpoint(tmp_path / "trades.ckpt")
+    restored = TRADES(Classifier(), eps=0.1, seed=1)
+    restored.on_load_checkpoint(torch.load(tmp_path / "trades.ckpt", weights_only=True))
+    assert torch.equal(restored.attack.state_dict()["generator"], wrapper.attack.state_dict()["generator"])
 
 
 def test_trades_attack_raises_the_divergence_within_eps_and_bounds(digits) -> None:

@@ -141,3 +141,9 @@ def test_progress_bar_only_on_a_terminal_and_never_with_json(manifest: Path, key
 
     assert b"verifying" in stderr_on_tty()
     assert stderr_on_tty("--json") == b""
+
+
+def test_importing_provenance_does_not_import_torch() -> None:
+    code = "import sys, provenance; provenance.verify_dataset; print('torch' in sys.modules, 'pandas' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False", "False"]

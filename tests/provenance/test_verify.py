@@ -240,3 +240,14 @@ def test_signing_refuses_symlinks_in_the_data_dir(sign: Any, data_dir: Path, key
     (data_dir / "link").symlink_to(tmp_path)
     with pytest.raises(DataDirError, match="symlink"):
         sign(data_dir, key_pairs.alice, tmp_path / "m.json")
+
+
+def test_raising_api_carries_the_first_failure_and_the_whole_report(manifest: Path, key_pairs: Keys) -> None:
+    from provenance import VerificationFailed, verify_or_raise
+
+    assert verify_or_raise(manifest, key_pairs.pub("alice")).ok
+    (manifest.parent / "raw.bin").write_bytes(b"?" * 3000)
+    with pytest.raises(VerificationFailed) as caught:
+        verify_or_raise(manifest, key_pairs.pub("alice"))
+    assert (caught.value.reason, caught.value.shard, caught.value.exit_code) == ("digest-mismatch", "raw.bin", 1)
+    assert not caught.value.report.ok

@@ -1,0 +1,178 @@
+"""The Lightning callbacks under DDP: 2 CPU processes (gloo) with verification, adversarial training, robust
+accuracy and the RONI gate on; both ranks must agree on metrics, the gate's decision, the verification results and
+the final weights, and a tampered shard must stop both ranks before any training step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.prepare import Layout, prepare_digits
+from provenance import generate_signing_key, load_verifying_key, sign_dataset, write_keypair, write_manifest
+
+JOB = Path(__file__).with_name("ddp_job.py")
+TIMEOUT = 240  # seconds; a hung collective must fail the test, not the suite
+RANKS = (0, 1)
+# 200 training rows (curator base + two contributed shards) and 100 held-out rows.
+LAYOUT = Layout(sources=("alice",), shards_per_source=2, shard_size=50, holdout_size=100, base_size=100)
+TAMPERED = "train/alice/b0-shard-01.parquet"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _signed_digits(root: Path) -> tuple[Path, Path]:
+    """Digits shards under root/data, signed; returns the manifest and the trusted public key."""
+    prepare_digits(root / "data", LAYOUT)
+    key = generate_signing_key()
+    _, public = write_keypair(key, root / "keys" / "curator")
+    envelope, _ = sign_dataset(
+        root / "data",
+        key,
+        dataset="digits",
+        source="curator",
+        sources={"train/alice/": "alice"},
+        roles={"trusted/holdout.parquet": "holdout"},
+    )
+    return write_manifest(envelope, root / "manifest.json"), public
+
+
+def _job_environment(tmp_path: Path) -> dict[str, str]:
+    """This machine only (loopback, a free port), no inherited cluster settings, one thread per rank."""
+    inherited = ("SLURM_", "TORCHELASTIC_", "LSB_", "OMPI_", "PMI_")
+    cluster = {"RANK", "LOCAL_RANK", "GROUP_RANK", "NODE_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "PL_GLOBAL_SEED"}
+    env = {k: v for k, v in os.environ.items() if k not in cluster and not k.startswith(inherited)}
+    return env | {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "GLOO_SOCKET_IFNAME": "lo",
+        "PL_DISABLE_FORK": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "TRAINGUARD_HOME": str(tmp_path / "trainguard-home"),
+    }
+
+
+def _run_job(tmp_path: Path, manifest: Path, trust: Path, *options: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """Runs the DDP job in its own process group; on timeout the whole group (rank 0 and rank 1) is killed."""
+    out = tmp_path / "out"
+    out.mkdir()
+    command = [
+        sys.executable,
+        str(JOB),
+        str(out),
+        str(manifest),
+        str(tmp_path / "data"),
+        str(trust),
+        str(tmp_path / "state.json"),
+        *options,
+    ]
+    proc = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        env=_job_environment(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"DDP job did not finish within {TIMEOUT} s (hung collective?)\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr), out
+
+
+def _rank_documents(out: Path, result: subprocess.CompletedProcess) -> list[dict[str, Any]]:
+    missing = [r for r in RANKS if not (out / f"rank{r}.json").exists()]
+    assert not missing, f"ranks {missing} wrote no result (exit {result.returncode})\n{result.stderr[-3000:]}"
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in RANKS]
+
+
+def _without_timing(report: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in report.items() if k != "seconds"}
+
+
+def test_ddp_ranks_agree_on_metrics_gate_verification_and_weights(tmp_path: Path) -> None:
+    manifest, trust = _signed_digits(tmp_path)
+    result, out = _run_job(tmp_path, manifest, trust, "--epochs", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    zero, one = _rank_documents(out, result)
+    assert (zero["rank"], one["rank"]) == RANKS and zero["world_size"] == one["world_size"] == 2
+    assert zero["steps"] == one["steps"] > 0
+
+    metrics = zero["callback_metrics"]
+    assert {"train/loss", "val/acc", "adv/eps", "adv/success", "val/robust_acc@0.05"} <= metrics.keys()
+    assert metrics.keys() == one["callback_metrics"].keys()
+    for name, value in metrics.items():
+        assert math.isclose(value, one["callback_metrics"][name], rel_tol=1e-5, abs_tol=1e-6), name
+
+    # Each rank's gate holds a different held-out subset; the verdict is rank 0's measurement on every rank.
+    assert zero["holdout_rows"] != one["holdout_rows"] and zero["local_holdout"] != one["local_holdout"]
+    assert zero["verdict"] == one["verdict"]
+    assert zero["verdict"]["after"] == zero["local_holdout"]
+    assert zero["verdict"]["accepted"], zero["verdict"]["reason"]
+
+    assert [_without_timing(r) for r in zero["reports"]] == [_without_timing(r) for r in one["reports"]]
+    (report,) = zero["reports"]
+    assert report["ok"] and report["failures"] == []
+    assert report["shards"] == 4 and report["signers"] == [load_verifying_key(trust).keyid]
+    assert report["manifest_sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
+
+    shards = {path.relative_to(tmp_path / "data").as_posix() for path in (tmp_path / "data").rglob("*.parquet")}
+    assert zero["read_log"] == one["read_log"] and set(zero["read_log"]) == shards
+    assert zero["read_log_sha256"] == one["read_log_sha256"]
+
+    assert zero["parameters_sha256"] == one["parameters_sha256"]
+    assert (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("copies", ["shared", "rank1"])
+def test_ddp_tampered_shard_stops_both_ranks_before_training(tmp_path: Path, copies: str) -> None:
+    """`shared`: both ranks read the tampered folder. `rank1`: each rank has its own copy of the shards (as nodes
+    pulling from a DVC remote do) and only rank 1's is tampered: rank 0 must stop too, saying why, not hang."""
+    manifest, trust = _signed_digits(tmp_path)
+    options = ["--epochs", "1"]
+    data = tmp_path / "data"
+    if copies == "rank1":
+        shutil.copytree(data, tmp_path / "data-rank1")
+        data = tmp_path / "data-rank1"
+        options += ["--rank1-data-dir", str(data)]
+    shard = data / TAMPERED
+    content = bytearray(shard.read_bytes())
+    content[len(content) // 2] ^= 0xFF  # same size, other bytes
+    shard.write_bytes(bytes(content))
+
+    result, out = _run_job(tmp_path, manifest, trust, *options)
+    assert result.returncode == 1, result.stderr[-3000:]
+    zero, one = _rank_documents(out, result)
+    assert zero["steps"] == one["steps"] == 0
+    tampered = [zero, one] if copies == "shared" else [one]
+    for document in tampered:
+        assert document["error_type"] == "ShardError" and TAMPERED in document["error"], document
+    if copies == "rank1":
+        assert zero["error"] == "shard verification failed on another rank; training stopped"
+    reasons = dict(re.findall(r"trainguard \(rank (\d)\): ([^\n]*)", result.stderr))
+    assert reasons == {"0": zero["error"], "1": one["error"]}, result.stderr[-3000:]
+    assert all("\n" not in d["error"] for d in (zero, one))
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert not (out / "model.safetensors").exists()
