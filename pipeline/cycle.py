@@ -163,7 +163,10 @@ def _run(cycle: _Cycle, parent: TrackedRun) -> CycleOutcome:
             cycle.state = cycle.store.update(cycle.state.reject(reason))
     status = "accepted" if accepted_model else "rejected"
     cycle.report.update(
-        status=status, reason=reason, model_dir=str(model_dir) if model_dir else None, tracking=_tracking_status(cycle.tracker)
+        status=status,
+        reason=reason,
+        model_dir=str(model_dir) if model_dir else None,
+        tracking=_tracking_status(cycle.tracker),
     )
     report = cycle.write_report()
     parent.log_artifact(report, "report")
@@ -203,10 +206,7 @@ def _log_verification(cycle: _Cycle, intake: Intake, parent: TrackedRun, stage: 
         }
     )
     parent.log_datasets(
-        [
-            DatasetRef(m.manifest.dataset, m.manifest_sha256, str(m.path), context="training")
-            for m in intake.manifests
-        ]
+        [DatasetRef(m.manifest.dataset, m.manifest_sha256, str(m.path), context="training") for m in intake.manifests]
     )
     cycle.report["verification"] = {
         "manifests": [r.to_dict() for r in intake.reports],
@@ -257,8 +257,10 @@ def _incoming_model(cycle: _Cycle, trusted: LabeledData) -> tuple[pl.LightningMo
     model.load_state_dict(load_verified_state_dict(Path(record.path), _public_key(config.output.model_signing_key)))
     heldout = cycle.state.heldout
     holdout_sha = cycle.report["verification"]["manifests"]
-    comparable = heldout is not None and heldout.metrics and any(
-        m["manifest_sha256"] == heldout.manifest_sha256 for m in holdout_sha
+    comparable = (
+        heldout is not None
+        and heldout.metrics
+        and any(m["manifest_sha256"] == heldout.manifest_sha256 for m in holdout_sha)
     )
     return model, HeldoutMetrics.from_dict(heldout.metrics) if comparable else None
 
@@ -294,7 +296,9 @@ def _screen(
         return
     label = config.validation.label_column
     candidates = [
-        Candidate(s.key, s.source, LabeledData.of(s.frame[list(columns)].to_numpy(np.float32), s.frame[label].to_numpy()))
+        Candidate(
+            s.key, s.source, LabeledData.of(s.frame[list(columns)].to_numpy(np.float32), s.frame[label].to_numpy())
+        )
         for s in shards
     ]
     if not config.roni.enabled:
@@ -320,7 +324,12 @@ def _screen(
             )
         )
     cycle.decide(decisions)
-    outcome = record_screening(screening, cycle.config.output.work_dir / "roni" / f"cycle-{cycle.number:04d}", run_id=stage.run_id, tracking_uri=cycle.tracker.uri)
+    outcome = record_screening(
+        screening,
+        cycle.config.output.work_dir / "roni" / f"cycle-{cycle.number:04d}",
+        run_id=stage.run_id,
+        tracking_uri=cycle.tracker.uri,
+    )
     kept = [s for s in shards if verdict.get(s.key, verdict.get(s.source)).accepted]
     margins = []
     if kept:
@@ -379,7 +388,9 @@ def _release(
         finished=utc_now(),
         code=git_resource(Path.cwd()),
         base_model=Resource(uri=Path(base.path).resolve().as_uri(), digest={"sha256": base.sha256}) if base else None,
-        roni={k: v for k, v in cycle.report.get("roni", {}).items() if k in ("threshold", "calibration_size", "decisions")},
+        roni={
+            k: v for k, v in cycle.report.get("roni", {}).items() if k in ("threshold", "calibration_size", "decisions")
+        },
         gate=cycle.report["gate"],
     )
     directory = config.output.work_dir / "models" / f"cycle-{cycle.number:04d}"

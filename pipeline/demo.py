@@ -61,7 +61,10 @@ def stage_data(root: Path) -> None:
     _say(f"prepared {len(contributed)} contributed shards from {len(set(contributed.values()))} sources")
     poisoned = [data / "train" / name for name, source in contributed.items() if source == POISONED_SOURCE]
     poison_shards(poisoned, POISON_FRACTION, seed=1)
-    _say(f"source {POISONED_SOURCE} flipped {POISON_FRACTION:.0%} of the labels in {len(poisoned)} shards (before signing)")
+    _say(
+        f"source {POISONED_SOURCE} flipped {POISON_FRACTION:.0%} of the labels in {len(poisoned)} shards "
+        "(before signing)"
+    )
     sign_trusted(data, root / "keys")
     sign_contributions(data, root / "keys", contributed)
     _say("the curator signed the trusted base and held-out set; the data owner signed the contributions")
@@ -83,11 +86,17 @@ def run_demo(config_path: Path) -> int:
     print_outcome(outcome)
     robust = json.loads(outcome.report.read_text()).get("training", {}).get("robust_accuracy", {})
     clean = outcome.metrics.get("val/acc", float("nan"))
-    _say(f"clean held-out accuracy {clean:.3f}; robust accuracy " + ", ".join(f"{v:.3f} at eps {k}" for k, v in robust.items()))
+    _say(
+        f"clean held-out accuracy {clean:.3f}; robust accuracy "
+        + ", ".join(f"{v:.3f} at eps {k}" for k, v in robust.items())
+    )
     if outcome.model_dir:
         attestation = outcome.model_dir / "attestation.intoto.json"
         _say(f"check it: trainguard verify-model {outcome.model_dir} --attestation {attestation} --key {public_key}")
-        _say(f"or with OpenSSF's tool: model_signing verify key {outcome.model_dir} --signature {outcome.model_dir / 'model.sig'} --public_key {public_key}")
+        _say(
+            f"or with OpenSSF's tool: model_signing verify key {outcome.model_dir} "
+            f"--signature {outcome.model_dir / 'model.sig'} --public_key {public_key}"
+        )
     uri = config.tracking.resolved_uri()
     _say(f"open the MLflow UI: .venv/bin/mlflow ui --backend-store-uri {uri}")
     return 0 if outcome.status == "accepted" else 1

@@ -135,7 +135,9 @@ def verify_and_read(config: CycleConfig, log: ReadLog | None = None) -> Intake:
     return Intake(tuple(manifests), tuple(reports), tuple(train), tuple(holdout), tuple(refused))
 
 
-def validate(shards: Sequence[SignedShard], section: ValidationSection) -> tuple[list[SignedShard], list[ShardDecision]]:
+def validate(
+    shards: Sequence[SignedShard], section: ValidationSection
+) -> tuple[list[SignedShard], list[ShardDecision]]:
     """Schema checks (dtypes, ranges, nulls, labels, cross-source duplicates): invalid shards are quarantined."""
     from defenses.validation import Shard, ShardSchema, validate_shards
 
@@ -187,12 +189,16 @@ def cap_sources(shards: Sequence[SignedShard], max_fraction: float) -> tuple[lis
 
 
 def _refusal(shard: SignedShard, check: str, reason: str) -> ShardDecision:
-    return ShardDecision(shard=shard.key, sha256=shard.sha256, source=shard.source, accepted=False, check=check, reason=reason)
+    return ShardDecision(
+        shard=shard.key, sha256=shard.sha256, source=shard.source, accepted=False, check=check, reason=reason
+    )
 
 
 def accepted(shard: SignedShard, check: str, reason: str) -> ShardDecision:
     """The decision that `shard` may be trained on, after `check`."""
-    return ShardDecision(shard=shard.key, sha256=shard.sha256, source=shard.source, accepted=True, check=check, reason=reason)
+    return ShardDecision(
+        shard=shard.key, sha256=shard.sha256, source=shard.source, accepted=True, check=check, reason=reason
+    )
 
 
 def concat(shards: Iterable[SignedShard]) -> pd.DataFrame:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -132,5 +131,7 @@ def train(
         metrics=metrics,
         read_log_sha256=data.read_log_digest(),
         read_log_entries=len(data.read_log.records),
-        robust_accuracy={f"{e:g}": metrics.get(n, float("nan")) for e, n in zip(robust.eps, robust.metric_names(), strict=True)},
+        robust_accuracy={
+            f"{e:g}": metrics.get(n, float("nan")) for e, n in zip(robust.eps, robust.metric_names(), strict=True)
+        },
     )
