@@ -6,7 +6,6 @@ Commands that do not train must not import torch or Lightning: each command modu
 from __future__ import annotations
 
 import sys
-from importlib.metadata import version
 
 import typer
 
@@ -27,6 +26,8 @@ class _State:
 
 def _print_version(value: bool) -> None:
     if value:
+        from importlib.metadata import version
+
         typer.echo(f"trainguard {version('trainguard')}")
         raise typer.Exit()
 
