@@ -98,12 +98,6 @@ def git_resource(directory: Path) -> Resource | None:
     return Resource(f"git+{origin}@{commit}", {"gitCommit": commit}, "code", {"dirty": dirty} if dirty else {})
 
 
-def read_log_digest(entries: Sequence[tuple[str, str]]) -> str:
-    """sha256 of a read log given as (shard name, shard sha256) pairs in read order, one JSON array per line."""
-    lines = "".join(json.dumps([name, digest]) + "\n" for name, digest in entries)
-    return hashlib.sha256(lines.encode()).hexdigest()
-
-
 def build_statement(facts: CycleFacts) -> dict[str, Any]:
     """The in-toto Statement v1 with a SLSA v1 provenance predicate (pure: same facts, same statement)."""
     if not facts.model_digests:

@@ -21,7 +21,7 @@ from pipeline.state import ShardDecision
 from provenance.errors import ProvenanceError
 from provenance.reader import ReadLog, ShardReader
 from provenance.state import RollbackState, default_state_path
-from provenance.verify import VerificationReport, VerifiedManifest, check_shards, open_manifest
+from provenance.verify import VerificationReport, VerifiedManifest, open_manifest, verify_dataset
 
 
 @dataclass(frozen=True)
@@ -71,32 +71,22 @@ def feature_columns(frame: pd.DataFrame, section: ValidationSection) -> list[str
     return [c for c in frame.columns if c != section.label_column and fnmatch(str(c), section.feature_pattern or "")]
 
 
-def _verify(ref: ManifestRef, config: CycleConfig, rollback: RollbackState) -> tuple[VerifiedManifest, list]:
+def _verify(
+    ref: ManifestRef, config: CycleConfig, rollback: RollbackState
+) -> tuple[VerifiedManifest, VerificationReport]:
+    """Every check on one manifest; a manifest-level failure (or unusable input) aborts the cycle."""
     trust = ref.trust or config.dataset.trust
     data_dir = ref.data_dir or ref.manifest.parent
     try:
-        verified = open_manifest(ref.manifest, trust, data_dir=data_dir, state=rollback)
+        report = verify_dataset(
+            ref.manifest, trust, data_dir=data_dir, state=rollback, allow_extra=config.dataset.allow_extra, record=False
+        )
+        failed = next((f for f in report.failures if f.shard is None), None)
+        if failed is not None:
+            raise CycleAbortedError(f"verify {ref.manifest}: {failed.line()}", check="verify")
+        return open_manifest(ref.manifest, trust, data_dir=data_dir, state=rollback), report
     except ProvenanceError as error:
         raise CycleAbortedError(f"verify {ref.manifest}: {error.reason}: {error}", check="verify") from None
-    skip = [ref.manifest, rollback.path]
-    failures, _ = check_shards(verified.manifest, data_dir, allow_extra=config.dataset.allow_extra, skip=skip)
-    return verified, failures
-
-
-def _report(verified: VerifiedManifest, failures: Sequence) -> VerificationReport:
-    manifest = verified.manifest
-    return VerificationReport(
-        manifest_path=str(verified.path),
-        data_dir=str(verified.data_dir),
-        manifest_sha256=verified.manifest_sha256,
-        dataset=manifest.dataset,
-        version=manifest.version,
-        statement_sha256=verified.statement_sha256,
-        signers=verified.signers,
-        shards=len(manifest.shards),
-        bytes_checked=manifest.total_bytes,
-        failures=tuple(failures),
-    )
 
 
 def verify_and_read(config: CycleConfig, log: ReadLog | None = None) -> Intake:
@@ -105,9 +95,10 @@ def verify_and_read(config: CycleConfig, log: ReadLog | None = None) -> Intake:
     holdout_path = config.dataset.holdout.manifest.resolve()
     manifests, reports, train, holdout, refused = [], [], [], [], []
     for ref in manifest_refs(config):
-        verified, failures = _verify(ref, config, rollback)
+        verified, report = _verify(ref, config, rollback)
+        failures = report.failures
         manifests.append(verified)
-        reports.append(_report(verified, failures))
+        reports.append(report)
         listed = {s.name: s for s in verified.manifest.shards}
         for failure in failures:
             if failure.shard not in listed or ref.manifest.resolve() == holdout_path:

@@ -12,14 +12,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.attestation import CycleFacts, build_statement, file_resource, read_log_digest, sign_statement
+from pipeline.attestation import CycleFacts, build_statement, file_resource, sign_statement
 from pipeline.errors import AttestationError, AttestationMismatchError, ModelSignatureError
 from pipeline.model_sign import ATTESTATION_FILE, MODEL_FILE, ModelFiles, write_signed_model
 from pipeline.model_verification import verify_model
 from pipeline.state import ShardDecision
 from provenance.keys import generate_signing_key, write_keypair
+from provenance.reader import ReadLog, ReadRecord
 
 TRAINGUARD = str(Path(sys.executable).parent / "trainguard")
+
+
+def _log_digest(entries: list[tuple[str, str]]) -> str:
+    """The digest of a read log, as `provenance.reader.ReadLog.digest` makes it."""
+    log = ReadLog()
+    for name, digest in entries:
+        log.append(ReadRecord("digits", name, digest, 1))
+    return log.digest()
 
 
 def _keypair(directory: Path, name: str) -> tuple[Path, Path]:
@@ -44,7 +53,7 @@ def _release(tmp_path: Path, key: Path, name: str, value: float, attestation_key
             config=file_resource(config, "config"),
             resolved_config={"name": "test"},
             shards=[ShardDecision(shard="a", sha256="01", source="s", accepted=True, check="roni")],
-            read_log_sha256=read_log_digest([("a", "01")]),
+            read_log_sha256=_log_digest([("a", "01")]),
             read_log_entries=1,
             invocation_id=name,
             started="2026-01-01T00:00:00Z",
