@@ -5,7 +5,12 @@ Commands that do not train must not import torch or Lightning: each command modu
 
 from __future__ import annotations
 
+import os
 import sys
+
+# typer imports pydantic, whose plugin loader scans every installed distribution's entry points (~60 ms of each
+# start). trainguard uses no pydantic plugin; a user who does can set this variable to a plugin list.
+os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
 import typer
 
