@@ -158,3 +158,21 @@ def test_a_manifest_signed_by_an_untrusted_key_stops_the_cycle_before_training(w
     assert state["cycles"][-1]["status"] == "failed"
     assert state["accepted_model"] is None
     assert json.loads((workdir / "demo-work" / "cycle" / "report.json").read_text())["failed_check"] == "verify"
+
+
+def test_an_unreachable_tracking_server_still_decides_and_keeps_the_local_report(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
+    outcome = run_cycle(_config(workdir, "cycle-offline"))
+    assert outcome.status == "accepted" and outcome.model_dir is not None
+    assert "unreachable" in outcome.tracking
+    report = json.loads(outcome.report.read_text())
+    assert report["status"] == "accepted" and "unreachable" in report["tracking"]
+    state = json.loads((workdir / "demo-work" / "cycle" / "state.json").read_text())
+    assert state["accepted_model"]["path"] == str(outcome.model_dir)
