@@ -139,7 +139,7 @@ def _run(cycle: _Cycle, parent: TrackedRun) -> CycleOutcome:
 
     with parent.stage("screening") as stage:
         candidates = _screen_inputs(cycle, intake, stage)
-        model, previous = _incoming_model(cycle, _labeled(trusted, columns, config))
+        model, previous = _incoming_model(cycle, _labeled(trusted, columns, config), intake.holdout_sha256)
         _screen(cycle, model, holdout, candidates, columns, stage)
 
     refused = [d.shard for d in cycle.state.current.shards if not d.accepted]
@@ -245,7 +245,9 @@ def _screen_inputs(cycle: _Cycle, intake: Intake, stage: TrackedRun) -> list[Sig
     return new
 
 
-def _incoming_model(cycle: _Cycle, trusted: LabeledData) -> tuple[pl.LightningModule, HeldoutMetrics | None]:
+def _incoming_model(
+    cycle: _Cycle, trusted: LabeledData, holdout_sha256: str
+) -> tuple[pl.LightningModule, HeldoutMetrics | None]:
     """The last accepted model (its signature checked before its weights are read), or on the first cycle a
     model fitted on the trusted data; with the held-out record to gate against, when it is comparable."""
     config = cycle.config
@@ -256,12 +258,7 @@ def _incoming_model(cycle: _Cycle, trusted: LabeledData) -> tuple[pl.LightningMo
         return model, None
     model.load_state_dict(load_verified_state_dict(Path(record.path), _public_key(config.output.model_signing_key)))
     heldout = cycle.state.heldout
-    holdout_sha = cycle.report["verification"]["manifests"]
-    comparable = (
-        heldout is not None
-        and heldout.metrics
-        and any(m["manifest_sha256"] == heldout.manifest_sha256 for m in holdout_sha)
-    )
+    comparable = heldout is not None and heldout.metrics and heldout.manifest_sha256 == holdout_sha256
     return model, HeldoutMetrics.from_dict(heldout.metrics) if comparable else None
 
 
@@ -405,11 +402,8 @@ def _release(
     record = ModelRecord(
         path=str(directory), sha256=files.digests["model.safetensors"], attestation=str(files.attestation)
     )
-    holdout_sha = next(
-        m.manifest_sha256 for m in intake.manifests if m.path.resolve() == config.dataset.holdout.manifest.resolve()
-    )
     heldout = HeldoutRecord(
-        manifest_sha256=holdout_sha,
+        manifest_sha256=intake.holdout_sha256,
         clean_accuracy=result.verdict.after.accuracy,
         robust_accuracy=result.robust_accuracy,
         metrics=result.verdict.after.to_dict(),

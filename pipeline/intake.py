@@ -49,6 +49,7 @@ class Intake:
     reports: tuple[VerificationReport, ...]
     train: tuple[SignedShard, ...]
     holdout: tuple[SignedShard, ...]
+    holdout_sha256: str
     refused: tuple[ShardDecision, ...] = field(default=())
 
     @property
@@ -123,7 +124,8 @@ def verify_and_read(config: CycleConfig, log: ReadLog | None = None) -> Intake:
         rollback.record(verified.manifest.dataset, verified.manifest.version, verified.statement_sha256)
     if not holdout:
         raise CycleAbortedError(f"{config.dataset.holdout.manifest}: lists no role=holdout shard", check="verify")
-    return Intake(tuple(manifests), tuple(reports), tuple(train), tuple(holdout), tuple(refused))
+    holdout_sha256 = next(m.manifest_sha256 for m in manifests if m.path.resolve() == holdout_path)
+    return Intake(tuple(manifests), tuple(reports), tuple(train), tuple(holdout), holdout_sha256, tuple(refused))
 
 
 def validate(
