@@ -168,19 +168,21 @@ def _run(cycle: _Cycle, parent: TrackedRun) -> CycleOutcome:
         model_dir=str(model_dir) if model_dir else None,
         tracking=_tracking_status(cycle.tracker),
     )
-    report = cycle.write_report()
+    report = cycle.write_report()  # before any upload: the local record never waits on the server
     parent.log_artifact(report, "report")
     parent.set_tags({"trainguard.status": status, "trainguard.reason": reason[:4000]})
     parent.flush()
-    cycle.report["tracking"] = _tracking_status(cycle.tracker)
-    cycle.write_report()
+    tracking = _tracking_status(cycle.tracker)
+    if tracking != cycle.report["tracking"]:  # the uploads just now found the server gone
+        cycle.report["tracking"] = tracking
+        cycle.write_report()
     return CycleOutcome(
         cycle=cycle.number,
         status=status,
         reason=reason,
         report=report,
         model_dir=model_dir,
-        tracking=_tracking_status(cycle.tracker),
+        tracking=tracking,
         metrics=result.metrics,
         shards=cycle.state.cycles[-1].shards,
     )

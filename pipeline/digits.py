@@ -54,8 +54,3 @@ def write_shard(data: DigitsSplit, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     data.to_frame().to_parquet(path, index=False)
     return path
-
-
-def frame_to_arrays(frame: pd.DataFrame) -> DigitsSplit:
-    """The inverse of `DigitsSplit.to_frame`."""
-    return DigitsSplit(x=frame[list(FEATURES)].to_numpy(dtype=np.float32), y=frame[LABEL].to_numpy(dtype=np.int64))
