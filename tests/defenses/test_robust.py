@@ -15,29 +15,6 @@ from defenses import RobustAccuracy
 from defenses.errors import AttackConfigError
 
 
-class Classifier(pl.LightningModule):
-    """An ordinary classifier that logs its own validation accuracy."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val/acc", (self(x).argmax(1) == y).float().mean(), on_epoch=True, batch_size=len(y))
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-2)
-
-
 @pytest.fixture(scope="module")
 def digits() -> tuple[TensorDataset, TensorDataset]:
     from sklearn.datasets import load_digits
@@ -48,9 +25,11 @@ def digits() -> tuple[TensorDataset, TensorDataset]:
     return TensorDataset(x[:600], y[:600]), TensorDataset(x[600:800], y[600:800])
 
 
-def fit(callback: RobustAccuracy, digits, epochs: int = 3, **kwargs) -> tuple[pl.Trainer, Classifier]:
+def fit(
+    classifier: type[pl.LightningModule], callback: RobustAccuracy, digits, epochs: int = 3, **kwargs
+) -> tuple[pl.Trainer, pl.LightningModule]:
     train, val = digits
-    module = Classifier()
+    module = classifier()
     trainer = pl.Trainer(
         max_epochs=epochs,
         accelerator="cpu",
@@ -81,9 +60,9 @@ def independent_pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         return (model(adv).argmax(1) == y).float().mean().item()
 
 
-def test_robust_accuracy_is_logged_per_eps_and_is_at_least_as_strong_as_a_reference(digits) -> None:
+def test_robust_accuracy_is_logged_per_eps_and_is_at_least_as_strong_as_a_reference(classifier, digits) -> None:
     callback = RobustAccuracy(eps=(0.0, 0.05, 0.2), steps=5, max_samples=None)
-    trainer, module = fit(callback, digits)
+    trainer, module = fit(classifier, callback, digits)
     metrics = trainer.callback_metrics
     at_0, at_05, at_2 = (metrics[f"val/robust_acc@{e}"].item() for e in ("0", "0.05", "0.2"))
 
@@ -94,8 +73,8 @@ def test_robust_accuracy_is_logged_per_eps_and_is_at_least_as_strong_as_a_refere
     assert at_05 <= independent_pgd_accuracy(module, x, y, 0.05, 5) + 0.01
 
 
-def test_max_samples_limits_the_evaluation_to_the_first_validation_rows(digits) -> None:
-    trainer, module = fit(RobustAccuracy(eps=(0.0, 0.1), steps=2, max_samples=30), digits, epochs=1)
+def test_max_samples_limits_the_evaluation_to_the_first_validation_rows(classifier, digits) -> None:
+    trainer, module = fit(classifier, RobustAccuracy(eps=(0.0, 0.1), steps=2, max_samples=30), digits, epochs=1)
     x, y = digits[1].tensors
     with torch.no_grad():
         expected = (module(x[:30]).argmax(1) == y[:30]).float().mean().item()
@@ -106,9 +85,9 @@ def test_max_samples_limits_the_evaluation_to_the_first_validation_rows(digits) 
     assert standalone["val/robust_acc@0.1"] == pytest.approx(during_fit, abs=1e-6), "same seed, same starts"
 
 
-def test_robust_accuracy_reaches_mlflow_through_the_lightning_logger(digits, mlflow_uri: str) -> None:
+def test_robust_accuracy_reaches_mlflow_through_the_lightning_logger(classifier, digits, mlflow_uri: str) -> None:
     logger = MLFlowLogger(experiment_name="robust-accuracy", tracking_uri=mlflow_uri)
-    fit(RobustAccuracy(eps=(0.1,), steps=3, max_samples=100), digits, epochs=2, logger=logger)
+    fit(classifier, RobustAccuracy(eps=(0.1,), steps=3, max_samples=100), digits, epochs=2, logger=logger)
 
     history = mlflow.MlflowClient(mlflow_uri).get_metric_history(logger.run_id, "val/robust_acc0.1")
     assert len(history) == 2

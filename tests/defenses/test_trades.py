@@ -14,27 +14,6 @@ from defenses.errors import AttackConfigError
 from defenses.trades import TradesAttack
 
 
-class Classifier(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val/acc", (self(x).argmax(1) == y).float().mean(), batch_size=len(y))
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-2)
-
-
 @pytest.fixture(scope="module")
 def digits() -> tuple[TensorDataset, TensorDataset]:
     from sklearn.datasets import load_digits
@@ -65,8 +44,10 @@ def kl(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor) -> float:
         return F.kl_div(F.log_softmax(model(x_adv), 1), F.softmax(model(x), 1), reduction="batchmean").item()
 
 
-def test_the_wrapped_module_trains_on_the_trades_objective_and_keeps_its_validation(digits, tmp_path) -> None:
-    inner = Classifier()
+def test_the_wrapped_module_trains_on_the_trades_objective_and_keeps_its_validation(
+    classifier, digits, tmp_path
+) -> None:
+    inner = classifier()
     before = [p.detach().clone() for p in inner.parameters()]
     wrapper = TRADES(inner, eps=0.1, beta=6.0, steps=3, seed=0)
     trainer = fit(wrapper, digits, epochs=3)
@@ -80,7 +61,7 @@ def test_the_wrapped_module_trains_on_the_trades_objective_and_keeps_its_validat
     assert any(not torch.equal(a, b) for a, b in zip(before, inner.parameters(), strict=True))
 
     trainer.save_checkpoint(tmp_path / "trades.ckpt")
-    restored = TRADES(Classifier(), eps=0.1, seed=1)
+    restored = TRADES(classifier(), eps=0.1, seed=1)
     restored.on_load_checkpoint(torch.load(tmp_path / "trades.ckpt", weights_only=True))
     assert torch.equal(restored.attack.state_dict()["generator"], wrapper.attack.state_dict()["generator"])
 
@@ -96,10 +77,10 @@ def test_trades_attack_raises_the_divergence_within_eps_and_bounds(digits) -> No
     assert kl(model, x, adv) > 2 * kl(model, x, noise)
 
 
-def test_trades_is_more_robust_than_clean_training(digits) -> None:
-    clean = Classifier()
+def test_trades_is_more_robust_than_clean_training(classifier, digits) -> None:
+    clean = classifier()
     fit(clean, digits, epochs=4)
-    trades = TRADES(Classifier(), eps=0.15, beta=6.0, steps=3, seed=0)
+    trades = TRADES(classifier(), eps=0.15, beta=6.0, steps=3, seed=0)
     fit(trades, digits, epochs=4)
     x, y = digits[1].tensors
 
@@ -114,6 +95,6 @@ def test_trades_is_more_robust_than_clean_training(digits) -> None:
     assert robust(trades.module) > robust(clean) + 0.1
 
 
-def test_negative_beta_is_refused() -> None:
+def test_negative_beta_is_refused(classifier) -> None:
     with pytest.raises(AttackConfigError, match="beta"):
-        TRADES(Classifier(), eps=0.1, beta=-1.0)
+        TRADES(classifier(), eps=0.1, beta=-1.0)
