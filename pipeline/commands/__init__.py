@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-import typer
+from pathlib import Path
+
+import click
+
+PATH = click.Path(path_type=Path)
+"""A path option or argument, as a `pathlib.Path`; existence is checked where the path is used."""
 
 
-def register_all(app: typer.Typer) -> None:
-    """Adds every sub-command to the root app."""
+def register_all(app: click.Group) -> None:
+    """Adds every sub-command to the root group."""
     from pipeline.commands import cycle, data, demo, model, prepare
 
     for module in (demo, prepare, data, cycle, model):

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
 
-import typer
+import click
+
+from pipeline.commands import PATH
 
 
-def cycle(
-    config: Annotated[Path, typer.Option("--config", "-c", help="Cycle config (YAML), e.g. configs/digits.yaml.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the outcome as JSON.")] = False,
-) -> None:
+@click.command()
+@click.option(
+    "--config",
+    "-c",
+    type=PATH,
+    required=True,
+    help="Cycle config (YAML), e.g. configs/digits.yaml.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+def cycle(config: Path, as_json: bool) -> None:
     """Verify -> validate -> screen (RONI) -> train (adversarially) -> gate -> sign the model and its attestation."""
     from pipeline.config import load_config
     from pipeline.errors import CycleAbortedError
@@ -24,10 +31,10 @@ def cycle(
         outcome = run_cycle(config)
     except CycleAbortedError as error:
         if as_json:
-            typer.echo(json.dumps({"status": "failed", "check": error.check, "reason": str(error)}))
+            click.echo(json.dumps({"status": "failed", "check": error.check, "reason": str(error)}))
         raise
     if as_json:
-        typer.echo(
+        click.echo(
             json.dumps(
                 {
                     "cycle": outcome.cycle,
@@ -44,7 +51,7 @@ def cycle(
     else:
         print_outcome(outcome)
     if outcome.status != "accepted":
-        raise typer.Exit(1)
+        raise SystemExit(1)
 
 
 def print_outcome(outcome: object) -> None:
@@ -54,14 +61,14 @@ def print_outcome(outcome: object) -> None:
     assert isinstance(outcome, CycleOutcome)
     for decision in outcome.shards:
         if not decision.accepted:
-            typer.echo(f"  refused {decision.shard} ({decision.source}) by {decision.check}: {decision.reason}")
+            click.echo(f"  refused {decision.shard} ({decision.source}) by {decision.check}: {decision.reason}")
     accepted = sum(d.accepted for d in outcome.shards)
-    typer.echo(f"cycle {outcome.cycle}: {accepted} shards accepted, {len(outcome.shards) - accepted} refused")
-    typer.echo(f"cycle {outcome.cycle} {outcome.status}: {outcome.reason}")
+    click.echo(f"cycle {outcome.cycle}: {accepted} shards accepted, {len(outcome.shards) - accepted} refused")
+    click.echo(f"cycle {outcome.cycle} {outcome.status}: {outcome.reason}")
     if outcome.model_dir:
-        typer.echo(f"signed model and attestation: {outcome.model_dir}")
-    typer.echo(f"report: {outcome.report}; {outcome.tracking}")
+        click.echo(f"signed model and attestation: {outcome.model_dir}")
+    click.echo(f"report: {outcome.report}; {outcome.tracking}")
 
 
-def register(app: typer.Typer) -> None:
-    app.command("cycle")(cycle)
+def register(app: click.Group) -> None:
+    app.add_command(cycle)

@@ -2,58 +2,78 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
 
-import typer
+import click
 
-
-class KeyTypeChoice(StrEnum):
-    ed25519 = "ed25519"
-    ecdsa_p256 = "ecdsa-p256"
+from pipeline.commands import PATH
 
 
-def keygen(
-    out: Annotated[Path, typer.Option("--out", help="Writes OUT.key (mode 0600) and OUT.pub, e.g. keys/alice.")],
-    key_type: Annotated[
-        KeyTypeChoice, typer.Option("--type", help="ecdsa-p256 for Sigstore / OpenSSF model-signing tooling.")
-    ] = KeyTypeChoice.ed25519,
-    force: Annotated[bool, typer.Option(help="Overwrite an existing key pair.")] = False,
-) -> None:
+@click.command()
+@click.option("--out", type=PATH, required=True, help="Writes OUT.key (mode 0600) and OUT.pub, e.g. keys/alice.")
+@click.option(
+    "--type",
+    "key_type",
+    type=click.Choice(["ed25519", "ecdsa-p256"]),
+    default="ed25519",
+    show_default=True,
+    help="ecdsa-p256 for Sigstore / OpenSSF model-signing tooling.",
+)
+@click.option("--force", is_flag=True, help="Overwrite an existing key pair.")
+def keygen(out: Path, key_type: str, force: bool) -> None:
     """Generate a signing key pair; the private key is encrypted when $TRAINGUARD_KEY_PASSPHRASE is set."""
     from provenance.keys import PASSPHRASE_ENV, generate_signing_key, write_keypair
 
-    key = generate_signing_key(key_type.value)
+    key = generate_signing_key(key_type)
     passphrase = os.environ.get(PASSPHRASE_ENV, "").encode() or None
     private, public = write_keypair(key, out, passphrase, overwrite=force)
     encrypted = "encrypted" if passphrase else "unencrypted"
-    typer.echo(f"wrote {private} ({encrypted}, mode 0600) and {public}; keyid {key.keyid}")
+    click.echo(f"wrote {private} ({encrypted}, mode 0600) and {public}; keyid {key.keyid}")
 
 
+@click.command()
+@click.argument("data_dir", type=PATH)
+@click.option("--key", type=PATH, required=True, help="Private key (PEM).")
+@click.option("--out", type=PATH, required=True, help="Manifest to write (DSSE envelope, in-toto Statement v1).")
+@click.option("--dataset", help="Dataset name (default: the data dir's name).")
+@click.option(
+    "--version",
+    type=click.IntRange(min=0),
+    help="Manifest version (default: the one at --out plus 1, else 1).",
+)
+@click.option("--expires", default="30d", show_default=True, help="Lifetime (30d, 12h, 2w) or an RFC 3339 time.")
+@click.option("--source", help="Contributor id of every shard not in --sources.")
+@click.option("--sources", help="JSON file or inline JSON: shard name, glob or folder/ -> contributor id.")
+@click.option(
+    "--role", default="train", show_default=True, help="Role of every shard not in --roles: train or holdout."
+)
+@click.option("--roles", help="JSON file or inline JSON: shard name or glob -> role.")
+@click.option(
+    "--chunk-mib",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Chunk size (MiB) for chunk digests of large shards.",
+)
+@click.option("--dvc", is_flag=True, help="Cross-check every shard against DVC's md5 (.dvc / dvc.lock).")
 def sign(
-    data_dir: Annotated[Path, typer.Argument(help="Dataset root: every file below it becomes a shard.")],
-    key: Annotated[Path, typer.Option("--key", help="Private key (PEM).")],
-    out: Annotated[Path, typer.Option("--out", help="Manifest to write (DSSE envelope, in-toto Statement v1).")],
-    dataset: Annotated[str | None, typer.Option(help="Dataset name (default: the data dir's name).")] = None,
-    version: Annotated[
-        int | None, typer.Option(min=0, help="Manifest version (default: the one at --out plus 1, else 1).")
-    ] = None,
-    expires: Annotated[str, typer.Option(help="Lifetime (30d, 12h, 2w) or an RFC 3339 time.")] = "30d",
-    source: Annotated[str | None, typer.Option(help="Contributor id of every shard not in --sources.")] = None,
-    sources: Annotated[
-        str | None, typer.Option(help="JSON file or inline JSON: shard name, glob or folder/ -> contributor id.")
-    ] = None,
-    role: Annotated[str, typer.Option(help="Role of every shard not in --roles: train or holdout.")] = "train",
-    roles: Annotated[str | None, typer.Option(help="JSON file or inline JSON: shard name or glob -> role.")] = None,
-    chunk_mib: Annotated[int, typer.Option(min=1, help="Chunk size (MiB) for chunk digests of large shards.")] = 8,
-    dvc: Annotated[bool, typer.Option(help="Cross-check every shard against DVC's md5 (.dvc / dvc.lock).")] = False,
+    data_dir: Path,
+    key: Path,
+    out: Path,
+    dataset: str | None,
+    version: int | None,
+    expires: str,
+    source: str | None,
+    sources: str | None,
+    role: str,
+    roles: str | None,
+    chunk_mib: int,
+    dvc: bool,
 ) -> None:
     """Hash every shard under DATA_DIR and write a signed manifest."""
     from provenance.keys import load_signing_key
@@ -83,36 +103,43 @@ def sign(
             dvc_md5=dvc_md5,
         )
     write_manifest(envelope, out)
-    typer.echo(
+    click.echo(
         f"signed {len(manifest.shards)} shards ({manifest.total_bytes} bytes) of dataset {manifest.dataset!r} "
         f"version {manifest.version} -> {out}; keyid {signing_key.keyid}"
     )
 
 
-def cosign(
-    manifest: Annotated[Path, typer.Argument(help="Manifest to add a signature to.")],
-    key: Annotated[Path, typer.Option("--key", help="The co-signer's private key (PEM).")],
-) -> None:
+@click.command()
+@click.argument("manifest", type=PATH)
+@click.option("--key", type=PATH, required=True, help="The co-signer's private key (PEM).")
+def cosign(manifest: Path, key: Path) -> None:
     """Add a signature to an existing manifest (for k-of-n trust policies)."""
     from provenance.keys import load_signing_key
     from provenance.signing import cosign_manifest
 
     signing_key = load_signing_key(key)
     envelope = cosign_manifest(manifest, signing_key)
-    typer.echo(f"added signature of keyid {signing_key.keyid} to {manifest} ({len(envelope.signatures)} signatures)")
+    click.echo(f"added signature of keyid {signing_key.keyid} to {manifest} ({len(envelope.signatures)} signatures)")
 
 
+@click.command()
+@click.argument("manifest", type=PATH)
+@click.option("--trust", type=PATH, required=True, help="Trust policy file (k of n) or a single .pub (1 of 1).")
+@click.option("--data-dir", type=PATH, help="Shards root (default: the manifest's folder).")
+@click.option("--state", type=PATH, help="Anti-rollback state file (default under $TRAINGUARD_HOME).")
+@click.option("--allow-extra", is_flag=True, help="Ignore files the manifest does not list.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
+@click.option("--dvc", is_flag=True, help="Also cross-check md5 against DVC's record of the data dir.")
+@click.option("--workers", type=click.IntRange(min=1), help="Hashing threads (default: one per core).")
 def verify(
-    manifest: Annotated[Path, typer.Argument(help="Signed manifest.")],
-    trust: Annotated[Path, typer.Option("--trust", help="Trust policy file (k of n) or a single .pub (1 of 1).")],
-    data_dir: Annotated[Path | None, typer.Option(help="Shards root (default: the manifest's folder).")] = None,
-    state: Annotated[
-        Path | None, typer.Option(help="Anti-rollback state file (default under $TRAINGUARD_HOME).")
-    ] = None,
-    allow_extra: Annotated[bool, typer.Option(help="Ignore files the manifest does not list.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable report on stdout.")] = False,
-    dvc: Annotated[bool, typer.Option(help="Also cross-check md5 against DVC's record of the data dir.")] = False,
-    workers: Annotated[int | None, typer.Option(min=1, help="Hashing threads (default: one per core).")] = None,
+    manifest: Path,
+    trust: Path,
+    data_dir: Path | None,
+    state: Path | None,
+    allow_extra: bool,
+    as_json: bool,
+    dvc: bool,
+    workers: int | None,
 ) -> None:
     """Verify signatures, expiry, rollback and every shard; exit 1 listing each failing shard and its reason."""
     from provenance.verify import verify_dataset
@@ -129,12 +156,12 @@ def verify(
             dvc=dvc,
         )
     if as_json:
-        typer.echo(json.dumps(report.to_dict(), indent=2))
+        click.echo(json.dumps(report.to_dict(), indent=2))
     else:
         for failure in report.failures:
-            typer.echo(f"FAIL {failure.line()}", err=True)
+            click.echo(f"FAIL {failure.line()}", err=True)
         if report.ok:
-            typer.echo(
+            click.echo(
                 f"OK dataset {report.dataset!r} version {report.version}: {report.shards} shards, "
                 f"{report.bytes_checked} bytes in {report.seconds:.2f} s; signed by {', '.join(report.signers)}"
             )
@@ -162,25 +189,6 @@ def _progress(label: str, quiet: bool) -> Iterator[Callable[[int], None] | None]
         yield lambda count: progress.advance(task, count)
 
 
-def _one_line_errors(command: Callable[..., None]) -> Callable[..., None]:
-    """Provenance errors leave as the CLI's one line and exit code, without the root handler's import of every
-    package's errors (which would import torch on the failure path)."""
-
-    @functools.wraps(command)
-    def run(*args: object, **kwargs: object) -> None:
-        from provenance.errors import ProvenanceError
-
-        try:
-            command(*args, **kwargs)
-        except ProvenanceError as error:
-            if "--verbose" in sys.argv or "-v" in sys.argv:
-                raise
-            typer.echo(f"trainguard: error: {error}", err=True)
-            raise typer.Exit(error.exit_code) from None
-
-    return run
-
-
-def register(app: typer.Typer) -> None:
+def register(app: click.Group) -> None:
     for command in (keygen, sign, cosign, verify):
-        app.command(command.__name__)(_one_line_errors(command))
+        app.add_command(command)

@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
 
-import typer
+import click
+
+from pipeline.commands import PATH
 
 
-def demo(
-    config: Annotated[Path, typer.Option("--config", "-c", help="The demo's cycle config.")] = Path(
-        "configs/digits.yaml"
-    ),
-) -> None:
+@click.command()
+@click.option(
+    "--config",
+    "-c",
+    type=PATH,
+    default=Path("configs/digits.yaml"),
+    show_default=True,
+    help="The demo's cycle config.",
+)
+def demo(config: Path) -> None:
     """Sign digits shards (one poisoned, one tampered), then run one defended cycle and sign the model."""
     from pipeline.demo import run_demo
 
     code = run_demo(config)
     if code:
-        raise typer.Exit(code)
+        raise SystemExit(code)
 
 
-def register(app: typer.Typer) -> None:
-    app.command("demo")(demo)
+def register(app: click.Group) -> None:
+    app.add_command(demo)

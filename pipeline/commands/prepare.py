@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
 
-import typer
+import click
+
+from pipeline.commands import PATH
 
 
-def prepare(
-    out: Annotated[Path, typer.Argument(help="Data root: writes trusted/, train/<source>/ and train-sources.json.")],
-    sources: Annotated[str, typer.Option(help="Comma-separated contributor ids.")] = "alice,bob,carol,dave",
-    shards_per_source: Annotated[int, typer.Option(min=1)] = 3,
-    shard_size: Annotated[int, typer.Option(min=1)] = 50,
-    batch: Annotated[int, typer.Option(min=0, help="Which batch of new contributions (one per cycle).")] = 0,
-    seed: int = 0,
-) -> None:
+@click.command()
+@click.argument("out", type=PATH)
+@click.option("--sources", default="alice,bob,carol,dave", show_default=True, help="Comma-separated contributor ids.")
+@click.option("--shards-per-source", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--shard-size", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option(
+    "--batch",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Which batch of new contributions (one per cycle).",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+def prepare(out: Path, sources: str, shards_per_source: int, shard_size: int, batch: int, seed: int) -> None:
     """Write digits shards: a trusted base and held-out set, and one batch of contributed shards."""
     from pipeline.errors import ConfigError
     from pipeline.prepare import Layout, prepare_digits
@@ -32,8 +39,8 @@ def prepare(
     sources_file = out / "train-sources.json"
     known = json.loads(sources_file.read_text()) if sources_file.exists() else {}
     sources_file.write_text(json.dumps(known | prepared.contributed(), indent=2, sort_keys=True) + "\n")
-    typer.echo(f"wrote {len(prepared.shards)} shards under {out} (contributors in {sources_file})")
+    click.echo(f"wrote {len(prepared.shards)} shards under {out} (contributors in {sources_file})")
 
 
-def register(app: typer.Typer) -> None:
-    app.command("prepare")(prepare)
+def register(app: click.Group) -> None:
+    app.add_command(prepare)
