@@ -5,8 +5,8 @@ Goals (issue 3), measured side by side in one run and printed as ratios:
   bytes on a 2-core machine; peak RSS of verify < 200 MB;
 - verify-on-read of parquet shards <= 1.10 x reading the same shards with `pandas.read_parquet`, unverified.
 
-Run: `.venv/bin/python benchmarks/verify.py [--gib 2] [--files 16] [--repeats 3]`. The ratios need a quiet machine:
-the script prints the load average before and after.
+Run: `.venv/bin/python benchmarks/verify.py [--gib 2] [--files 16] [--repeats 3] [--read-repeats 15]`. The ratios
+need a quiet machine: the script prints the load average before and after.
 """
 
 from __future__ import annotations
@@ -179,11 +179,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--parquet-shards", type=int, default=16)
     parser.add_argument("--parquet-rows", type=int, default=50_000)
+    parser.add_argument("--read-repeats", type=int, default=15, help="reads are short (~0.1 s): more repeats")
     options = parser.parse_args()
     print(f"cores: {os.cpu_count()}, load average before: {os.getloadavg()}")
     with tempfile.TemporaryDirectory(prefix="trainguard-bench-") as folder:
         rows = bench_verify(Path(folder), options.gib, options.files, options.repeats)
-        rows += bench_read(Path(folder), options.parquet_shards, options.parquet_rows, options.repeats)
+        rows += bench_read(Path(folder), options.parquet_shards, options.parquet_rows, options.read_repeats)
     print(f"load average after: {os.getloadavg()}")
     width = max(len(r[0]) for r in rows)
     for name, value, rate, note in rows:
