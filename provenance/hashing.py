@@ -8,19 +8,23 @@ fails closed. Training never parses mapped bytes: `reader.ShardReader` copies a 
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import mmap
 import os
 import stat
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from provenance.errors import ShardError
 
 WINDOW = 16 * 1024 * 1024
 ProgressCallback = Callable[[int], None]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -84,13 +88,12 @@ def digest_file(
     on_bytes: ProgressCallback | None = None,
 ) -> FileDigest:
     """SHA-256 of the whole file, plus per-chunk SHA-256 when `chunk_size` is given and md5 when asked (DVC)."""
-    fd = open_regular(path, name)
     whole = hashlib.sha256()
     weak = hashlib.md5(usedforsecurity=False) if md5 else None
     chunks = ChunkDigests(chunk_size) if chunk_size else None
     size = 0
-    try:
-        for span in _spans(fd):
+    with _mapped(path, name) as fd:
+        for span in _spans(fd, 0, os.fstat(fd).st_size):
             whole.update(span)
             if weak is not None:
                 weak.update(span)
@@ -99,24 +102,77 @@ def digest_file(
             size += len(span)
             if on_bytes is not None:
                 on_bytes(len(span))
+    return FileDigest(whole.hexdigest(), size, chunks.digests() if chunks else (), weak.hexdigest() if weak else None)
+
+
+def digest_range(
+    path: Path, name: str, offset: int, length: int, *, size: int, on_bytes: ProgressCallback | None = None
+) -> str:
+    """SHA-256 of `length` bytes at `offset` (one signed chunk) of a file that must be `size` bytes long, so the
+    chunks of one large shard can be hashed on every core."""
+    digest = hashlib.sha256()
+    with _mapped(path, name) as fd:
+        actual = os.fstat(fd).st_size
+        if actual != size:
+            reason = "truncated" if actual < size else "appended"
+            raise ShardError(f"shard {name}: {actual} bytes while hashed, signed {size}", shard=name, reason=reason)
+        for span in _spans(fd, offset, length):
+            digest.update(span)
+            if on_bytes is not None:
+                on_bytes(len(span))
+    return digest.hexdigest()
+
+
+@contextmanager
+def _mapped(path: Path, name: str) -> Iterator[int]:
+    """A descriptor of the regular file `path`, closed after use; read failures become the shard's ShardError."""
+    fd = open_regular(path, name)
+    try:
+        yield fd
     except OSError as error:
         raise ShardError(f"shard {name}: read failed: {error.strerror}", shard=name, reason="unreadable") from None
     except ValueError:  # mmap refuses a window past the end: the file shrank after it was opened
         raise ShardError(f"shard {name}: truncated while it was hashed", shard=name, reason="truncated") from None
     finally:
         os.close(fd)
-    return FileDigest(whole.hexdigest(), size, chunks.digests() if chunks else (), weak.hexdigest() if weak else None)
 
 
-def _spans(fd: int) -> Iterator[memoryview]:
-    """The file's bytes as read-only views of memory-mapped windows: hashlib reads the page cache directly (no copy
-    into a buffer, ~12% faster on 2 cores) and one window per thread at most is mapped (constant memory). The size is
-    fixed at open: bytes appended later are not hashed, and the verifier compares that size with the signed one."""
-    size = os.fstat(fd).st_size
-    for offset in range(0, size, WINDOW):
-        length = min(WINDOW, size - offset)
-        with mmap.mmap(fd, length, prot=mmap.PROT_READ, offset=offset) as window, memoryview(window) as view:
+def _spans(fd: int, offset: int, length: int) -> Iterator[memoryview]:
+    """Bytes [offset, offset + length) as read-only views of memory-mapped windows: hashlib reads the page cache
+    directly (no copy into a buffer, ~12% faster on 2 cores) and one window per thread at most is mapped (constant
+    memory). Bytes appended after the caller read the size are not hashed; the verifier compares sizes itself."""
+    position, end = offset, offset + length
+    while position < end:
+        base = position - position % mmap.ALLOCATIONGRANULARITY
+        stop = min(base + WINDOW, end)
+        with (
+            mmap.mmap(fd, stop - base, prot=mmap.PROT_READ, offset=base) as window,
+            memoryview(window) as mapped,
+            mapped[position - base :] as view,
+        ):
             yield view
+        position = stop
+
+
+def hash_in_threads(tasks: Sequence[tuple[int, Callable[[], T]]], workers: int | None = None) -> list[T | ShardError]:
+    """Runs (bytes, task) pairs in threads, largest first for balance; a task's ShardError becomes its result.
+    Results come back in the order of `tasks`."""
+
+    def run(index: int) -> T | ShardError:
+        try:
+            return tasks[index][1]()
+        except ShardError as error:
+            return error
+
+    order = sorted(range(len(tasks)), key=lambda index: tasks[index][0], reverse=True)
+    workers = max(1, min(workers or os.cpu_count() or 1, len(order) or 1))
+    if workers == 1:
+        outcomes = [run(index) for index in order]
+    else:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="trainguard-hash") as pool:
+            outcomes = list(pool.map(run, order))
+    by_index = dict(zip(order, outcomes, strict=True))
+    return [by_index[index] for index in range(len(tasks))]
 
 
 def digest_files(
@@ -127,13 +183,7 @@ def digest_files(
     md5: bool = False,
     on_bytes: ProgressCallback | None = None,
 ) -> dict[str, FileDigest | ShardError]:
-    """Digests of many files in parallel threads (largest first, for balance); a failing file yields its error."""
-
-    def one(name: str) -> FileDigest | ShardError:
-        try:
-            return digest_file(files[name], name, chunk_size=chunk_size, md5=md5, on_bytes=on_bytes)
-        except ShardError as error:
-            return error
+    """Digests of many files in parallel threads; a failing file yields its error."""
 
     def size_of(name: str) -> int:
         try:
@@ -141,9 +191,12 @@ def digest_files(
         except OSError:
             return 0
 
-    order = sorted(files, key=size_of, reverse=True)
-    workers = max(1, min(workers or os.cpu_count() or 1, len(order) or 1))
-    if workers == 1:
-        return {name: one(name) for name in order}
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="trainguard-hash") as pool:
-        return dict(zip(order, pool.map(one, order), strict=True))
+    names = list(files)
+    tasks = [
+        (
+            size_of(name),
+            functools.partial(digest_file, files[name], name, chunk_size=chunk_size, md5=md5, on_bytes=on_bytes),
+        )
+        for name in names
+    ]
+    return dict(zip(names, hash_in_threads(tasks, workers), strict=True))

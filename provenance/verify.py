@@ -4,11 +4,12 @@ every shard (path safety, type, size, SHA-256) and every unlisted file. The repo
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +27,7 @@ from provenance.errors import (
     SignatureError,
     VerificationFailed,
 )
-from provenance.hashing import FileDigest, ProgressCallback, digest_files
+from provenance.hashing import FileDigest, ProgressCallback, digest_file, digest_range, hash_in_threads
 from provenance.manifest import PAYLOAD_TYPE, Manifest, ShardEntry, parse_statement, rfc3339
 from provenance.paths import entry_problem, name_problem, walk_entries
 from provenance.policy import TrustPolicy, load_trust
@@ -223,7 +224,8 @@ def check_shards(
     failures: dict[str, ShardFailure] = {}
     counts = Counter(s.name for s in manifest.shards)
     sizes = Counter(s.size for s in manifest.shards)
-    to_hash: dict[str, Path] = {}
+    whole: dict[str, int] = {}
+    chunked: list[ShardEntry] = []
     size_failures: dict[str, ShardFailure] = {}
     for shard in manifest.shards:
         if shard.name in failures:
@@ -244,14 +246,22 @@ def check_shards(
             size_failures[shard.name] = _size_failure(shard, size)
             if sizes[size] == 0:
                 continue
-        to_hash[shard.name] = root / shard.name
-    digests = digest_files(to_hash, workers=workers, md5=dvc_md5 is not None, on_bytes=on_bytes)
+        if shard.chunks and dvc_md5 is None and size == shard.size:
+            chunked.append(shard)
+        else:
+            whole[shard.name] = size
+    digests, chunk_digests = _hash(
+        root, whole, chunked, manifest.chunk_size, workers=workers, md5=dvc_md5 is not None, on_bytes=on_bytes
+    )
     owner = {s.sha256: s.name for s in manifest.shards}
+    chunk_owner = {s.chunks: s.name for s in manifest.shards if s.chunks}
     for shard in manifest.shards:
         if shard.name in failures:
             continue
-        if shard.name in to_hash:
+        if shard.name in digests:
             failure = _digest_failure(shard, digests[shard.name], owner, size_failures.get(shard.name), dvc_md5)
+        elif shard.name in chunk_digests:
+            failure = _chunk_failure(shard, chunk_digests[shard.name], chunk_owner)
         else:
             failure = size_failures.get(shard.name)
         if failure is not None:
@@ -263,7 +273,38 @@ def check_shards(
             if name not in listed:
                 ordered.append(ShardFailure(name, "unlisted", f"{_KIND[kind]} in the data dir is not in the manifest"))
     hashed = sum(d.size for d in digests.values() if isinstance(d, FileDigest))
+    hashed += sum(s.size for s in chunked if not any(isinstance(d, ShardError) for d in chunk_digests[s.name]))
     return ordered, hashed
+
+
+def _hash(
+    root: Path,
+    whole: Mapping[str, int],
+    chunked: list[ShardEntry],
+    chunk_size: int,
+    *,
+    workers: int | None,
+    md5: bool,
+    on_bytes: ProgressCallback | None,
+) -> tuple[dict[str, FileDigest | ShardError], dict[str, list[str | ShardError]]]:
+    """Whole-file digests of the `whole` shards (name -> size) and every signed chunk's digest of the `chunked` ones,
+    in one pool: the chunks of a single huge shard are hashed on every core. Matching chunk digests and size prove
+    the same content as the whole-file digest (both are signed)."""
+    tasks: list[tuple[int, Callable[[], FileDigest | str]]] = [
+        (size, functools.partial(digest_file, root / name, name, md5=md5, on_bytes=on_bytes))
+        for name, size in whole.items()
+    ]
+    for shard in chunked:
+        for offset in range(0, shard.size, chunk_size):
+            length = min(chunk_size, shard.size - offset)
+            task = functools.partial(
+                digest_range, root / shard.name, shard.name, offset, length, size=shard.size, on_bytes=on_bytes
+            )
+            tasks.append((length, task))
+    results = iter(hash_in_threads(tasks, workers))
+    digests = {name: next(results) for name in whole}
+    chunks = {shard.name: [next(results) for _ in shard.chunks] for shard in chunked}
+    return digests, chunks  # type: ignore[return-value]
 
 
 _KIND = {"file": "file", "symlink": "symbolic link", "other": "non-regular file"}
@@ -275,6 +316,10 @@ def _size_failure(shard: ShardEntry, size: int) -> ShardFailure:
     return ShardFailure(shard.name, "appended", f"{size} bytes, signed {shard.size} ({size - shard.size} appended)")
 
 
+def _error_failure(shard: ShardEntry, error: ProvenanceError) -> ShardFailure:
+    return ShardFailure(shard.name, error.reason, str(error).removeprefix(f"shard {shard.name}: "))
+
+
 def _digest_failure(
     shard: ShardEntry,
     result: FileDigest | ShardError,
@@ -283,7 +328,7 @@ def _digest_failure(
     dvc_md5: Mapping[str, str] | None,
 ) -> ShardFailure | None:
     if isinstance(result, ProvenanceError):
-        return ShardFailure(shard.name, result.reason, str(result).removeprefix(f"shard {shard.name}: "))
+        return _error_failure(shard, result)
     other = owner.get(result.sha256)
     if result.sha256 != shard.sha256 and other is not None and other != shard.name:
         return ShardFailure(shard.name, "swapped", f"holds the signed content of shard {other}")
@@ -300,6 +345,23 @@ def _digest_failure(
         if tracked != result.md5:
             return ShardFailure(shard.name, "dvc-mismatch", f"md5 {result.md5}, DVC tracks {tracked}")
     return None
+
+
+def _chunk_failure(
+    shard: ShardEntry, results: list[str | ShardError], owner: Mapping[tuple[str, ...], str]
+) -> ShardFailure | None:
+    for result in results:
+        if isinstance(result, ProvenanceError):
+            return _error_failure(shard, result)
+    digests = tuple(str(r) for r in results)
+    if digests == shard.chunks:
+        return None
+    other = owner.get(digests)
+    if other is not None and other != shard.name:
+        return ShardFailure(shard.name, "swapped", f"holds the signed content of shard {other}")
+    index = next(i for i, (got, signed) in enumerate(zip(digests, shard.chunks, strict=True)) if got != signed)
+    detail = f"chunk {index} sha256 {digests[index]}, signed {shard.chunks[index]}"
+    return ShardFailure(shard.name, "digest-mismatch", detail)
 
 
 def _state(state: RollbackState | Path | None) -> RollbackState:

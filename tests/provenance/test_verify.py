@@ -251,3 +251,52 @@ def test_raising_api_carries_the_first_failure_and_the_whole_report(manifest: Pa
         verify_or_raise(manifest, key_pairs.pub("alice"))
     assert (caught.value.reason, caught.value.shard, caught.value.exit_code) == ("digest-mismatch", "raw.bin", 1)
     assert not caught.value.report.ok
+
+
+def test_chunk_signed_shards_verify_chunk_by_chunk(sign: Any, data_dir: Path, key_pairs: Keys) -> None:
+    manifest = sign(data_dir, key_pairs.alice, data_dir / "manifest.json", chunk_size=1024)
+    report = verify_dataset(manifest, key_pairs.pub("alice"))
+    assert report.ok, report.failures
+    assert report.bytes_checked == sum(p.stat().st_size for p in data_dir.rglob("*.*") if p != manifest)
+
+    shard = data_dir / "raw.bin"
+    data = bytearray(shard.read_bytes())
+    data[2100] ^= 0x01
+    shard.write_bytes(bytes(data))
+    failure = verify_dataset(manifest, key_pairs.pub("alice")).failures[0]
+    assert (failure.shard, failure.reason) == ("raw.bin", "digest-mismatch")
+    assert failure.detail.startswith("chunk 2 sha256 ")
+
+
+def test_swapped_chunk_signed_shards_of_one_size_are_refused(sign: Any, data_dir: Path, key_pairs: Keys) -> None:
+    first, second = data_dir / "raw-a.bin", data_dir / "raw-b.bin"
+    first.write_bytes(os.urandom(5000))
+    second.write_bytes(os.urandom(5000))
+    manifest = sign(data_dir, key_pairs.alice, data_dir / "manifest.json", chunk_size=1024)
+    data = first.read_bytes()
+    first.write_bytes(second.read_bytes())
+    second.write_bytes(data)
+    report = verify_dataset(manifest, key_pairs.pub("alice"))
+    assert reasons(report) == {"raw-a.bin": "swapped", "raw-b.bin": "swapped"}
+
+
+def test_one_large_shard_is_hashed_on_two_threads_at_once(tmp_path: Path, key_pairs: Keys) -> None:
+    import threading
+
+    from provenance import sign_dataset
+
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "huge.bin").write_bytes(os.urandom(8 * 64 * 1024))
+    envelope, _ = sign_dataset(root, key_pairs.alice, source="a", chunk_size=64 * 1024)
+    manifest = write_manifest(envelope, tmp_path / "m.json")
+    both_hashing = threading.Barrier(2, timeout=30)
+    threads: set[str] = set()
+
+    def on_bytes(count: int) -> None:
+        if threading.current_thread().name not in threads:  # each thread's first chunk waits for the other's
+            threads.add(threading.current_thread().name)
+            both_hashing.wait()
+
+    report = verify_dataset(manifest, key_pairs.pub("alice"), data_dir=root, workers=2, on_bytes=on_bytes)
+    assert report.ok and len(threads) == 2
