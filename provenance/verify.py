@@ -303,7 +303,7 @@ def _hash(
             tasks.append((length, task))
     results = iter(hash_in_threads(tasks, workers))
     digests = {name: next(results) for name in whole}
-    chunks = {shard.name: [next(results) for _ in shard.chunks] for shard in chunked}
+    chunks = {shard.name: [next(results) for _ in range(shard.chunk_count(chunk_size))] for shard in chunked}
     return digests, chunks  # type: ignore[return-value]
 
 
