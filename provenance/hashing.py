@@ -105,22 +105,29 @@ def digest_file(
     return FileDigest(whole.hexdigest(), size, chunks.digests() if chunks else (), weak.hexdigest() if weak else None)
 
 
-def digest_range(
-    path: Path, name: str, offset: int, length: int, *, size: int, on_bytes: ProgressCallback | None = None
-) -> str:
-    """SHA-256 of `length` bytes at `offset` (one signed chunk) of a file that must be `size` bytes long, so the
-    chunks of one large shard can be hashed on every core."""
-    digest = hashlib.sha256()
+def digest_chunks(
+    path: Path,
+    name: str,
+    offset: int,
+    length: int,
+    chunk_size: int,
+    *,
+    size: int,
+    on_bytes: ProgressCallback | None = None,
+) -> tuple[str, ...]:
+    """SHA-256 of each `chunk_size` chunk in `length` bytes at `offset` (a run of signed chunks) of a file that must
+    be `size` bytes long, so the chunks of one large shard can be hashed on every core."""
+    chunks = ChunkDigests(chunk_size)
     with _mapped(path, name) as fd:
         actual = os.fstat(fd).st_size
         if actual != size:
             reason = "truncated" if actual < size else "appended"
             raise ShardError(f"shard {name}: {actual} bytes while hashed, signed {size}", shard=name, reason=reason)
         for span in _spans(fd, offset, length):
-            digest.update(span)
+            chunks.update(span)
             if on_bytes is not None:
                 on_bytes(len(span))
-    return digest.hexdigest()
+    return chunks.digests()
 
 
 @contextmanager

@@ -27,13 +27,15 @@ from provenance.errors import (
     SignatureError,
     VerificationFailed,
 )
-from provenance.hashing import FileDigest, ProgressCallback, digest_file, digest_range, hash_in_threads
+from provenance.hashing import FileDigest, ProgressCallback, digest_chunks, digest_file, hash_in_threads
 from provenance.manifest import PAYLOAD_TYPE, Manifest, ShardEntry, parse_statement, rfc3339
 from provenance.paths import entry_problem, name_problem, walk_entries
 from provenance.policy import TrustPolicy, load_trust
 from provenance.state import RollbackState, default_state_path
 
 MANIFEST_LEVEL = (PayloadTypeError, SignatureError, ExpiredError, RollbackError)
+CHUNK_RUN_BYTES = 64 * 1024 * 1024
+"""Consecutive signed chunks of a shard are hashed as one task of about this size (fewer, larger tasks)."""
 
 
 @dataclass(frozen=True)
@@ -273,7 +275,7 @@ def check_shards(
             if name not in listed:
                 ordered.append(ShardFailure(name, "unlisted", f"{_KIND[kind]} in the data dir is not in the manifest"))
     hashed = sum(d.size for d in digests.values() if isinstance(d, FileDigest))
-    hashed += sum(s.size for s in chunked if not any(isinstance(d, ShardError) for d in chunk_digests[s.name]))
+    hashed += sum(s.size for s in chunked if not isinstance(chunk_digests[s.name], ShardError))
     return ordered, hashed
 
 
@@ -286,25 +288,32 @@ def _hash(
     workers: int | None,
     md5: bool,
     on_bytes: ProgressCallback | None,
-) -> tuple[dict[str, FileDigest | ShardError], dict[str, list[str | ShardError]]]:
+) -> tuple[dict[str, FileDigest | ShardError], dict[str, tuple[str, ...] | ShardError]]:
     """Whole-file digests of the `whole` shards (name -> size) and every signed chunk's digest of the `chunked` ones,
     in one pool: the chunks of a single huge shard are hashed on every core. Matching chunk digests and size prove
     the same content as the whole-file digest (both are signed)."""
-    tasks: list[tuple[int, Callable[[], FileDigest | str]]] = [
+    tasks: list[tuple[int, Callable[[], FileDigest | tuple[str, ...]]]] = [
         (size, functools.partial(digest_file, root / name, name, md5=md5, on_bytes=on_bytes))
         for name, size in whole.items()
     ]
+    run = max(1, CHUNK_RUN_BYTES // chunk_size) * chunk_size
     for shard in chunked:
-        for offset in range(0, shard.size, chunk_size):
-            length = min(chunk_size, shard.size - offset)
-            task = functools.partial(
-                digest_range, root / shard.name, shard.name, offset, length, size=shard.size, on_bytes=on_bytes
-            )
-            tasks.append((length, task))
+        for offset in range(0, shard.size, run):
+            length = min(run, shard.size - offset)
+            hash_run = functools.partial(digest_chunks, root / shard.name, shard.name, offset, length, chunk_size)
+            tasks.append((length, functools.partial(hash_run, size=shard.size, on_bytes=on_bytes)))
     results = iter(hash_in_threads(tasks, workers))
     digests = {name: next(results) for name in whole}
-    chunks = {shard.name: [next(results) for _ in range(shard.chunk_count(chunk_size))] for shard in chunked}
+    chunks = {shard.name: _joined([next(results) for _ in range(0, shard.size, run)]) for shard in chunked}
     return digests, chunks  # type: ignore[return-value]
+
+
+def _joined(runs: list[tuple[str, ...] | ShardError]) -> tuple[str, ...] | ShardError:
+    """One shard's chunk digests from its runs, or the first run's error."""
+    for result in runs:
+        if isinstance(result, ShardError):
+            return result
+    return tuple(digest for result in runs for digest in result)  # type: ignore[union-attr]
 
 
 _KIND = {"file": "file", "symlink": "symbolic link", "other": "non-regular file"}
@@ -348,20 +357,19 @@ def _digest_failure(
 
 
 def _chunk_failure(
-    shard: ShardEntry, results: list[str | ShardError], owner: Mapping[tuple[str, ...], str]
+    shard: ShardEntry, result: tuple[str, ...] | ShardError, owner: Mapping[tuple[str, ...], str]
 ) -> ShardFailure | None:
-    for result in results:
-        if isinstance(result, ProvenanceError):
-            return _error_failure(shard, result)
-    digests = tuple(str(r) for r in results)
-    if digests == shard.chunks:
+    if isinstance(result, ProvenanceError):
+        return _error_failure(shard, result)
+    if result == shard.chunks:
         return None
-    other = owner.get(digests)
+    other = owner.get(result)
     if other is not None and other != shard.name:
         return ShardFailure(shard.name, "swapped", f"holds the signed content of shard {other}")
-    index = next(i for i, (got, signed) in enumerate(zip(digests, shard.chunks, strict=True)) if got != signed)
-    detail = f"chunk {index} sha256 {digests[index]}, signed {shard.chunks[index]}"
-    return ShardFailure(shard.name, "digest-mismatch", detail)
+    index = next(i for i, (got, signed) in enumerate(zip(result, shard.chunks, strict=True)) if got != signed)
+    return ShardFailure(
+        shard.name, "digest-mismatch", f"chunk {index} sha256 {result[index]}, signed {shard.chunks[index]}"
+    )
 
 
 def _state(state: RollbackState | Path | None) -> RollbackState:

@@ -21,7 +21,7 @@ from provenance import (
     write_manifest,
 )
 from provenance.manifest import statement_bytes
-from provenance.verify import read_envelope
+from provenance.verify import CHUNK_RUN_BYTES, read_envelope
 
 if TYPE_CHECKING:
     from conftest import Keys
@@ -287,8 +287,8 @@ def test_one_large_shard_is_hashed_on_two_threads_at_once(tmp_path: Path, key_pa
 
     root = tmp_path / "data"
     root.mkdir()
-    (root / "huge.bin").write_bytes(os.urandom(8 * 64 * 1024))
-    envelope, _ = sign_dataset(root, key_pairs.alice, source="a", chunk_size=64 * 1024)
+    (root / "huge.bin").write_bytes(os.urandom(CHUNK_RUN_BYTES + 1024 * 1024))
+    envelope, _ = sign_dataset(root, key_pairs.alice, source="a", chunk_size=1024 * 1024)
     manifest = write_manifest(envelope, tmp_path / "m.json")
     both_hashing = threading.Barrier(2, timeout=30)
     threads: set[str] = set()
