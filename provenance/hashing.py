@@ -1,4 +1,5 @@
-"""Streaming SHA-256 of shard files: memory-mapped windows (constant memory, no copy), files hashed in threads.
+"""Streaming SHA-256 of shard files: memory-mapped windows (constant memory, no copy), hashed in threads by file or
+by run of a large file's chunks.
 
 hashlib releases the GIL on large updates, so threads use every core. Like git and b3sum, hashing reads mapped
 pages: a file truncated by another process *while* it is hashed kills the process with SIGBUS (exit 135), which
