@@ -178,7 +178,7 @@ def main() -> None:
     parser.add_argument("--gib", type=float, default=2.0)
     parser.add_argument("--files", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--parquet-shards", type=int, default=16)
+    parser.add_argument("--parquet-shards", type=int, default=48, help="48 x ~2 MB: long enough runs to time")
     parser.add_argument("--parquet-rows", type=int, default=50_000)
     parser.add_argument("--read-repeats", type=int, default=15, help="reads are short (~0.1 s): more repeats")
     options = parser.parse_args()
