@@ -14,8 +14,17 @@ def register_all(app: click.Group) -> None:
     """Adds every sub-command to the root group."""
     from pipeline.commands import cycle, data, demo, model, prepare
 
-    for module in (demo, prepare, data, cycle, model):
-        module.register(app)
+    for command in (
+        data.keygen,
+        data.sign,
+        data.cosign,
+        data.verify,
+        prepare.prepare,
+        cycle.cycle,
+        demo.demo,
+        model.verify_model,
+    ):
+        app.add_command(command)
 
 
 def project_errors() -> tuple[type[Exception], ...]:

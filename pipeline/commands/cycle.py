@@ -68,7 +68,3 @@ def print_outcome(outcome: object) -> None:
     if outcome.model_dir:
         click.echo(f"signed model and attestation: {outcome.model_dir}")
     click.echo(f"report: {outcome.report}; {outcome.tracking}")
-
-
-def register(app: click.Group) -> None:
-    app.add_command(cycle)

@@ -187,8 +187,3 @@ def _progress(label: str, quiet: bool) -> Iterator[Callable[[int], None] | None]
     ) as progress:
         task = progress.add_task(label, total=None)
         yield lambda count: progress.advance(task, count)
-
-
-def register(app: click.Group) -> None:
-    for command in (keygen, sign, cosign, verify):
-        app.add_command(command)

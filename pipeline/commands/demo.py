@@ -25,7 +25,3 @@ def demo(config: Path) -> None:
     code = run_demo(config)
     if code:
         raise SystemExit(code)
-
-
-def register(app: click.Group) -> None:
-    app.add_command(demo)

@@ -45,7 +45,3 @@ def verify_model(
     click.echo(f"   signed files: {', '.join(sorted(result.files))}; attestation {result.attestation}")
     click.echo(f"   attestation keyids: {', '.join(k[:16] for k in result.attestation_keyids)}")
     click.echo(f"   trained on {result.accepted_shards} accepted shards ({result.rejected_shards} rejected)")
-
-
-def register(app: click.Group) -> None:
-    app.add_command(verify_model)

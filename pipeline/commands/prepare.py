@@ -40,7 +40,3 @@ def prepare(out: Path, sources: str, shards_per_source: int, shard_size: int, ba
     known = json.loads(sources_file.read_text()) if sources_file.exists() else {}
     sources_file.write_text(json.dumps(known | prepared.contributed(), indent=2, sort_keys=True) + "\n")
     click.echo(f"wrote {len(prepared.shards)} shards under {out} (contributors in {sources_file})")
-
-
-def register(app: click.Group) -> None:
-    app.add_command(prepare)
