@@ -25,10 +25,10 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from defenses import AdversarialTraining
-from defenses.attacks import PGD
-from pipeline.digits import load_digits_split, split
-from pipeline.models import DigitsClassifier, DigitsCNN
+from trainguard.defenses import AdversarialTraining
+from trainguard.defenses.attacks import PGD
+from trainguard.pipeline.digits import load_digits_split, split
+from trainguard.pipeline.models import DigitsClassifier, DigitsCNN
 
 EVAL_EPS = (0.1, 0.2, 0.3)
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from defenses.heldout import LabeledData
-from defenses.roni import Candidate, ScreeningConfig, screen_candidates
-from pipeline.digits import load_digits_split
-from pipeline.models import DigitsCNN
+from trainguard.defenses.heldout import LabeledData
+from trainguard.defenses.roni import Candidate, ScreeningConfig, screen_candidates
+from trainguard.pipeline.digits import load_digits_split
+from trainguard.pipeline.models import DigitsCNN
 
 FLIP_RATES = (0.1, 0.2, 0.3)
 SHARD = 50

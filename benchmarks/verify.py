@@ -81,7 +81,7 @@ def best_of(repeats: int, *measures: Callable[[], float]) -> list[list[float]]:
 
 
 def bench_verify(root: Path, gib: float, files: int, repeats: int) -> list[tuple[str, str, str, str]]:
-    from provenance import generate_signing_key, sign_dataset, write_keypair, write_manifest
+    from trainguard.provenance import generate_signing_key, sign_dataset, write_keypair, write_manifest
 
     data = root / "shards"
     paths = write_random_shards(data, files, int(gib * 1024**3))
@@ -125,7 +125,14 @@ def bench_verify(root: Path, gib: float, files: int, repeats: int) -> list[tuple
 def bench_read(root: Path, shards: int, rows: int, repeats: int) -> list[tuple[str, str, str, str]]:
     import pandas as pd
 
-    from provenance import ShardReader, TrustPolicy, generate_signing_key, open_manifest, sign_dataset, write_manifest
+    from trainguard.provenance import (
+        ShardReader,
+        TrustPolicy,
+        generate_signing_key,
+        open_manifest,
+        sign_dataset,
+        write_manifest,
+    )
 
     data = root / "parquet"
     data.mkdir()

@@ -1,7 +1,7 @@
 """Training-time defenses: attacks and adversarial training, robust accuracy, RONI screening and gate, shard
 validation, per-source caps and margin checks.
 
-Names are imported on first use, so `import defenses.errors` (the CLI's error mapping) does not load torch.
+Names are imported on first use, so `import trainguard.defenses.errors` (the CLI's error mapping) does not load torch.
 """
 
 from __future__ import annotations
@@ -10,30 +10,30 @@ from importlib import import_module
 from typing import Any
 
 _LAZY = {
-    "AdversarialTraining": "defenses.adversarial",
-    "RobustAccuracy": "defenses.robust",
-    "TRADES": "defenses.trades",
-    "GateVerdict": "defenses.gate",
-    "RONIGate": "defenses.gate",
-    "HeldoutMetrics": "defenses.heldout",
-    "LabeledData": "defenses.heldout",
-    "heldout_metrics": "defenses.heldout",
-    "capped_rows": "defenses.limits",
-    "check_source_caps": "defenses.limits",
-    "enforce_source_caps": "defenses.limits",
-    "check_margins": "defenses.margin",
-    "compare_margins": "defenses.margin",
-    "ReportOutcome": "defenses.report",
-    "record_screening": "defenses.report",
-    "Candidate": "defenses.roni",
-    "CandidateDecision": "defenses.roni",
-    "ScreeningConfig": "defenses.roni",
-    "ScreeningReport": "defenses.roni",
-    "screen_candidates": "defenses.roni",
-    "Shard": "defenses.validation",
-    "ShardSchema": "defenses.validation",
-    "ShardVerdict": "defenses.validation",
-    "validate_shards": "defenses.validation",
+    "AdversarialTraining": "trainguard.defenses.adversarial",
+    "RobustAccuracy": "trainguard.defenses.robust",
+    "TRADES": "trainguard.defenses.trades",
+    "GateVerdict": "trainguard.defenses.gate",
+    "RONIGate": "trainguard.defenses.gate",
+    "HeldoutMetrics": "trainguard.defenses.heldout",
+    "LabeledData": "trainguard.defenses.heldout",
+    "heldout_metrics": "trainguard.defenses.heldout",
+    "capped_rows": "trainguard.defenses.limits",
+    "check_source_caps": "trainguard.defenses.limits",
+    "enforce_source_caps": "trainguard.defenses.limits",
+    "check_margins": "trainguard.defenses.margin",
+    "compare_margins": "trainguard.defenses.margin",
+    "ReportOutcome": "trainguard.defenses.report",
+    "record_screening": "trainguard.defenses.report",
+    "Candidate": "trainguard.defenses.roni",
+    "CandidateDecision": "trainguard.defenses.roni",
+    "ScreeningConfig": "trainguard.defenses.roni",
+    "ScreeningReport": "trainguard.defenses.roni",
+    "screen_candidates": "trainguard.defenses.roni",
+    "Shard": "trainguard.defenses.validation",
+    "ShardSchema": "trainguard.defenses.validation",
+    "ShardVerdict": "trainguard.defenses.validation",
+    "validate_shards": "trainguard.defenses.validation",
 }
 
 __all__ = sorted(_LAZY)
@@ -42,4 +42,4 @@ __all__ = sorted(_LAZY)
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'defenses' has no attribute {name!r}")
+    raise AttributeError(f"module 'trainguard.defenses' has no attribute {name!r}")

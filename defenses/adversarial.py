@@ -16,10 +16,10 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from defenses.attacks import ATTACKS, crafting_mode, make_attack, parse_norm
-from defenses.attacks.base import Attack, Bound, LossFn
-from defenses.attacks.batches import BatchKeys, Key
-from defenses.errors import AttackConfigError
+from trainguard.defenses.attacks import ATTACKS, crafting_mode, make_attack, parse_norm
+from trainguard.defenses.attacks.base import Attack, Bound, LossFn
+from trainguard.defenses.attacks.batches import BatchKeys, Key
+from trainguard.defenses.errors import AttackConfigError
 
 ModuleForward = Callable[[pl.LightningModule, torch.Tensor], torch.Tensor]
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import pytorch_lightning as pl
 import torch
 
-from defenses.errors import ModelRejectedError
-from defenses.heldout import HeldoutMetrics, LabeledData, heldout_metrics
+from trainguard.defenses.errors import ModelRejectedError
+from trainguard.defenses.heldout import HeldoutMetrics, LabeledData, heldout_metrics
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from defenses.errors import ScreeningInputError, SourceCapError
+from trainguard.defenses.errors import ScreeningInputError, SourceCapError
 
 
 @dataclass(frozen=True)

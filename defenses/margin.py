@@ -15,7 +15,7 @@ import torch
 from scipy.stats import mannwhitneyu
 from torch import nn
 
-from defenses.errors import ScreeningInputError
+from trainguard.defenses.errors import ScreeningInputError
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from defenses.roni import ScreeningReport
+from trainguard.defenses.roni import ScreeningReport
 
 _KEY = re.compile(r"[^A-Za-z0-9_\-./ ]")
 

@@ -14,10 +14,10 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from defenses.attacks import PGD, crafting_mode
-from defenses.attacks.base import Bound, LossFn
-from defenses.attacks.batches import BatchKeys, Key
-from defenses.errors import AttackConfigError
+from trainguard.defenses.attacks import PGD, crafting_mode
+from trainguard.defenses.attacks.base import Bound, LossFn
+from trainguard.defenses.attacks.batches import BatchKeys, Key
+from trainguard.defenses.errors import AttackConfigError
 
 ModuleForward = Callable[[pl.LightningModule, torch.Tensor], torch.Tensor]
 

@@ -21,8 +21,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 
-from defenses.errors import ScreeningInputError
-from defenses.heldout import LabeledData, per_class_mean
+from trainguard.defenses.errors import ScreeningInputError
+from trainguard.defenses.heldout import LabeledData, per_class_mean
 
 MAD_TO_SIGMA = 1.4826  # makes the MAD a consistent estimate of a normal standard deviation
 

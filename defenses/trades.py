@@ -22,9 +22,9 @@ import pytorch_lightning as pl
 import torch
 from torch.nn import functional as F
 
-from defenses.attacks.base import Attack, Bound
-from defenses.attacks.batches import BatchKeys, Key
-from defenses.errors import AttackConfigError
+from trainguard.defenses.attacks.base import Attack, Bound
+from trainguard.defenses.attacks.batches import BatchKeys, Key
+from trainguard.defenses.errors import AttackConfigError
 
 ModuleForward = Callable[[pl.LightningModule, torch.Tensor], torch.Tensor]
 

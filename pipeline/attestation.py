@@ -17,9 +17,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import AttestationError, AttestationInputError
-from pipeline.model_sign import ModelFiles
-from pipeline.state import ShardDecision
+from trainguard.pipeline.errors import AttestationError, AttestationInputError
+from trainguard.pipeline.model_sign import ModelFiles
+from trainguard.pipeline.state import ShardDecision
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
@@ -198,9 +198,9 @@ class VerifiedAttestation:
 
 def sign_statement(statement: Mapping[str, Any], signing_key: Path) -> bytes:
     """The statement in a DSSE envelope signed with a provenance key file (PEM), as JSON bytes."""
-    from provenance.dsse import sign_envelope
-    from provenance.errors import ProvenanceError
-    from provenance.keys import load_signing_key
+    from trainguard.provenance.dsse import sign_envelope
+    from trainguard.provenance.errors import ProvenanceError
+    from trainguard.provenance.keys import load_signing_key
 
     try:
         key = load_signing_key(signing_key)
@@ -212,9 +212,9 @@ def sign_statement(statement: Mapping[str, Any], signing_key: Path) -> bytes:
 
 def verify_attestation(path: Path, trusted: Sequence[Path], threshold: int = 1) -> VerifiedAttestation:
     """Checks the envelope's signatures against the trusted public keys and parses the SLSA statement."""
-    from provenance.dsse import Envelope, verify_envelope
-    from provenance.errors import ProvenanceError
-    from provenance.keys import load_verifying_key
+    from trainguard.provenance.dsse import Envelope, verify_envelope
+    from trainguard.provenance.errors import ProvenanceError
+    from trainguard.provenance.keys import load_verifying_key
 
     path = Path(path)
     try:

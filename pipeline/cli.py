@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from pipeline.commands import register_all
+from trainguard.pipeline.commands import register_all
 
 
 class _State:
@@ -34,7 +34,7 @@ register_all(app)
 
 def _exit_code(error: BaseException) -> int | None:
     """The exit code for a project error (its `exit_code`), 2 for unusable input, None if not ours."""
-    from pipeline.commands import project_errors
+    from trainguard.pipeline.commands import project_errors
 
     if isinstance(error, project_errors()):
         return int(getattr(error, "exit_code", 1))

@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from pipeline.errors import ConfigError
+from trainguard.pipeline.errors import ConfigError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 _DOTTED = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$"
@@ -95,8 +95,8 @@ class LimitsSection(_Section):
 
 
 class RoniSection(_Section):
-    """RONI screening of new shards. `options` are `defenses.roni.ScreeningConfig` fields (steps, lr, k, class_k,
-    calibration_shards, ...), checked against that signature with the components."""
+    """RONI screening of new shards. `options` are `trainguard.defenses.roni.ScreeningConfig` fields (steps, lr, k,
+    class_k, calibration_shards, ...), checked against that signature with the components."""
 
     enabled: bool = True
     group_by_source: bool = False
@@ -109,7 +109,8 @@ class RoniSection(_Section):
 
 
 class AdversarialSection(_Section):
-    """Adversarial training (`defenses.adversarial.AdversarialTraining`, or the TRADES module with `trades`)."""
+    """Adversarial training (`trainguard.defenses.adversarial.AdversarialTraining`, or the TRADES module with
+    `trades`)."""
 
     enabled: bool = True
     attack: Literal["fgsm", "pgd", "fgsm-rs", "trades"] = "pgd"
@@ -130,7 +131,8 @@ class AdversarialSection(_Section):
 
 
 class RobustEvalSection(_Section):
-    """Robust accuracy (`defenses.robust.RobustAccuracy`): PGD at each eps on up to `subset_size` held-out rows."""
+    """Robust accuracy (`trainguard.defenses.robust.RobustAccuracy`): PGD at each eps on up to `subset_size`
+    held-out rows."""
 
     eps: Annotated[tuple[Annotated[float, Field(ge=0.0)], ...], Field(min_length=1)] = (0.0, 0.05, 0.1)
     subset_size: Annotated[int, Field(ge=1)] = 256
@@ -213,7 +215,7 @@ _COMPONENT_BASES = {
     "datamodule": ("pytorch_lightning", "LightningDataModule"),
     "callbacks": ("pytorch_lightning", "Callback"),
 }
-_SCREENING_CONFIG = "defenses.roni.ScreeningConfig"
+_SCREENING_CONFIG = "trainguard.defenses.roni.ScreeningConfig"
 
 
 def load_config(

@@ -19,11 +19,11 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from defenses.heldout import HeldoutMetrics, LabeledData
-from pipeline.attestation import CycleFacts, Resource, attestor, file_resource, git_resource
-from pipeline.config import CycleConfig, load_config
-from pipeline.errors import CycleAbortedError
-from pipeline.intake import (
+from trainguard.defenses.heldout import HeldoutMetrics, LabeledData
+from trainguard.pipeline.attestation import CycleFacts, Resource, attestor, file_resource, git_resource
+from trainguard.pipeline.config import CycleConfig, load_config
+from trainguard.pipeline.errors import CycleAbortedError
+from trainguard.pipeline.intake import (
     Intake,
     SignedShard,
     accepted,
@@ -34,11 +34,11 @@ from pipeline.intake import (
     validate,
     verify_and_read,
 )
-from pipeline.model_sign import load_verified_state_dict, write_signed_model
-from pipeline.state import CycleState, HeldoutRecord, ModelRecord, ShardDecision, StateStore, utc_now
-from pipeline.tracking import CycleTracker, DatasetRef, TrackedRun, cycle_tags
-from pipeline.training import TrainingResult, bootstrap, train
-from provenance.dataset import ManifestSpec
+from trainguard.pipeline.model_sign import load_verified_state_dict, write_signed_model
+from trainguard.pipeline.state import CycleState, HeldoutRecord, ModelRecord, ShardDecision, StateStore, utc_now
+from trainguard.pipeline.tracking import CycleTracker, DatasetRef, TrackedRun, cycle_tags
+from trainguard.pipeline.training import TrainingResult, bootstrap, train
+from trainguard.provenance.dataset import ManifestSpec
 
 
 @dataclass(frozen=True)
@@ -285,9 +285,9 @@ def _screen(
     stage: TrackedRun,
 ) -> None:
     """RONI on the new shards (per shard, or per source) and the margin check; records every decision."""
-    from defenses.margin import check_margins
-    from defenses.report import record_screening
-    from defenses.roni import Candidate, ScreeningConfig, group_by_source, screen_candidates
+    from trainguard.defenses.margin import check_margins
+    from trainguard.defenses.report import record_screening
+    from trainguard.defenses.roni import Candidate, ScreeningConfig, group_by_source, screen_candidates
 
     config = cycle.config
     if not shards:

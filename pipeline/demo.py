@@ -12,11 +12,11 @@ import json
 import shutil
 from pathlib import Path
 
-from pipeline.config import load_config
-from pipeline.prepare import TRUSTED_SOURCE, prepare_digits
-from pipeline.threats import poison_shards, tamper_file
-from provenance.keys import generate_signing_key, load_signing_key, write_keypair
-from provenance.signing import sign_dataset, write_manifest
+from trainguard.pipeline.config import load_config
+from trainguard.pipeline.prepare import TRUSTED_SOURCE, prepare_digits
+from trainguard.pipeline.threats import poison_shards, tamper_file
+from trainguard.provenance.keys import generate_signing_key, load_signing_key, write_keypair
+from trainguard.provenance.signing import sign_dataset, write_manifest
 
 POISONED_SOURCE = "dave"
 POISON_FRACTION = 0.3
@@ -74,8 +74,8 @@ def stage_data(root: Path) -> None:
 
 def run_demo(config_path: Path) -> int:
     """Runs the demo end to end; returns the exit code (0 when the cycle accepted a model)."""
-    from pipeline.commands.cycle import print_outcome
-    from pipeline.cycle import run_cycle
+    from trainguard.pipeline.commands.cycle import print_outcome
+    from trainguard.pipeline.cycle import run_cycle
 
     config = load_config(config_path)
     root = config.output.work_dir.parent

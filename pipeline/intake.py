@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.config import CycleConfig, ManifestRef, ValidationSection
-from pipeline.errors import CycleAbortedError
-from pipeline.state import ShardDecision
-from provenance.errors import ProvenanceError
-from provenance.reader import ReadLog, ShardReader
-from provenance.state import RollbackState, default_state_path
-from provenance.verify import VerificationReport, VerifiedManifest, open_manifest, verify_dataset
+from trainguard.pipeline.config import CycleConfig, ManifestRef, ValidationSection
+from trainguard.pipeline.errors import CycleAbortedError
+from trainguard.pipeline.state import ShardDecision
+from trainguard.provenance.errors import ProvenanceError
+from trainguard.provenance.reader import ReadLog, ShardReader
+from trainguard.provenance.state import RollbackState, default_state_path
+from trainguard.provenance.verify import VerificationReport, VerifiedManifest, open_manifest, verify_dataset
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ def validate(
     shards: Sequence[SignedShard], section: ValidationSection
 ) -> tuple[list[SignedShard], list[ShardDecision]]:
     """Schema checks (dtypes, ranges, nulls, labels, cross-source duplicates): invalid shards are quarantined."""
-    from defenses.validation import Shard, ShardSchema, validate_shards
+    from trainguard.defenses.validation import Shard, ShardSchema, validate_shards
 
     if not shards:
         return [], []
@@ -159,7 +159,7 @@ def validate(
 
 def cap_sources(shards: Sequence[SignedShard], max_fraction: float) -> tuple[list[SignedShard], list[ShardDecision]]:
     """Drops a source's latest shards beyond what `max_fraction` of the cycle's rows allows it."""
-    from defenses.limits import capped_rows
+    from trainguard.defenses.limits import capped_rows
 
     rows: dict[str, int] = defaultdict(int)
     for shard in shards:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.errors import ModelNotFoundError, ModelSignatureError
+from trainguard.pipeline.errors import ModelNotFoundError, ModelSignatureError
 
 if TYPE_CHECKING:
     import torch

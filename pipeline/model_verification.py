@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.attestation import cycle_record, verify_attestation
-from pipeline.errors import AttestationMismatchError
-from pipeline.model_sign import ATTESTATION_FILE, MODEL_FILE, file_sha256, verify_model_signature
+from trainguard.pipeline.attestation import cycle_record, verify_attestation
+from trainguard.pipeline.errors import AttestationMismatchError
+from trainguard.pipeline.model_sign import ATTESTATION_FILE, MODEL_FILE, file_sha256, verify_model_signature
 
 
 @dataclass(frozen=True)

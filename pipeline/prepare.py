@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.digits import DigitsSplit, load_digits_split, split, write_shard
+from trainguard.pipeline.digits import DigitsSplit, load_digits_split, split, write_shard
 
 DEFAULT_SOURCES = ("alice", "bob", "carol", "dave")
 TRUSTED_SOURCE = "curator"

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.errors import StateError
+from trainguard.pipeline.errors import StateError
 
 SCHEMA_VERSION = 1
 Status = Literal["running", "accepted", "rejected", "failed", "abandoned"]

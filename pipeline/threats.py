@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.digits import LABEL, NUM_CLASSES
+from trainguard.pipeline.digits import LABEL, NUM_CLASSES
 
 
 def flip_labels(frame: pd.DataFrame, fraction: float, rng: np.random.Generator) -> pd.DataFrame:

@@ -10,12 +10,12 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from defenses import AdversarialTraining, RobustAccuracy
-from defenses.gate import GateVerdict, RONIGate
-from defenses.heldout import HeldoutMetrics, LabeledData
-from pipeline.config import CycleConfig
-from provenance.callback import VerifyDatasetCallback
-from provenance.dataset import ManifestSpec, VerifiedDataModule
+from trainguard.defenses import AdversarialTraining, RobustAccuracy
+from trainguard.defenses.gate import GateVerdict, RONIGate
+from trainguard.defenses.heldout import HeldoutMetrics, LabeledData
+from trainguard.pipeline.config import CycleConfig
+from trainguard.provenance.callback import VerifyDatasetCallback
+from trainguard.provenance.dataset import ManifestSpec, VerifiedDataModule
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Signed, hash-verified training-data shards: keys, DSSE envelopes, in-toto manifests, verify and verify-on-read.
 
-Torch- and Lightning-backed names (datasets, data module, callback) are imported lazily so `import provenance`
-stays cheap.
+Torch- and Lightning-backed names (datasets, data module, callback) are imported lazily so
+`import trainguard.provenance` stays cheap.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from provenance.dsse import Envelope, Signature, add_signature, pae, sign_envelope, verify_envelope
-from provenance.errors import (
+from trainguard.provenance.dsse import Envelope, Signature, add_signature, pae, sign_envelope, verify_envelope
+from trainguard.provenance.errors import (
     AlreadySignedError,
     BadSignatureError,
     DataDirError,
@@ -28,7 +28,7 @@ from provenance.errors import (
     UntrustedSignerError,
     VerificationFailed,
 )
-from provenance.keys import (
+from trainguard.provenance.keys import (
     KeyType,
     SigningKey,
     VerifyingKey,
@@ -37,12 +37,19 @@ from provenance.keys import (
     load_verifying_key,
     write_keypair,
 )
-from provenance.manifest import PAYLOAD_TYPE, PREDICATE_TYPE, STATEMENT_TYPE, Manifest, ShardEntry, parse_statement
-from provenance.policy import TrustPolicy, load_trust
-from provenance.reader import ReadLog, ReadRecord, ShardReader
-from provenance.signing import cosign_manifest, sign_dataset, write_manifest
-from provenance.state import RollbackState, default_state_path
-from provenance.verify import (
+from trainguard.provenance.manifest import (
+    PAYLOAD_TYPE,
+    PREDICATE_TYPE,
+    STATEMENT_TYPE,
+    Manifest,
+    ShardEntry,
+    parse_statement,
+)
+from trainguard.provenance.policy import TrustPolicy, load_trust
+from trainguard.provenance.reader import ReadLog, ReadRecord, ShardReader
+from trainguard.provenance.signing import cosign_manifest, sign_dataset, write_manifest
+from trainguard.provenance.state import RollbackState, default_state_path
+from trainguard.provenance.verify import (
     ShardFailure,
     VerificationReport,
     VerifiedManifest,
@@ -52,11 +59,11 @@ from provenance.verify import (
 )
 
 _LAZY = {
-    "ManifestSpec": "provenance.dataset",
-    "ShardDataset": "provenance.dataset",
-    "VerifiedDataModule": "provenance.dataset",
-    "VerifyDatasetCallback": "provenance.callback",
-    "dvc_tracked_md5": "provenance.dvc",
+    "ManifestSpec": "trainguard.provenance.dataset",
+    "ShardDataset": "trainguard.provenance.dataset",
+    "VerifiedDataModule": "trainguard.provenance.dataset",
+    "VerifyDatasetCallback": "trainguard.provenance.callback",
+    "dvc_tracked_md5": "trainguard.provenance.dvc",
 }
 
 __all__ = [
@@ -118,4 +125,4 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'provenance' has no attribute {name!r}")
+    raise AttributeError(f"module 'trainguard.provenance' has no attribute {name!r}")

@@ -13,10 +13,10 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_warn
 
-from provenance.dataset import ManifestLike, as_spec
-from provenance.errors import MalformedError, ProvenanceError
-from provenance.state import RollbackState, default_state_path
-from provenance.verify import ShardFailure, VerificationReport, verify_dataset
+from trainguard.provenance.dataset import ManifestLike, as_spec
+from trainguard.provenance.errors import MalformedError, ProvenanceError
+from trainguard.provenance.state import RollbackState, default_state_path
+from trainguard.provenance.verify import ShardFailure, VerificationReport, verify_dataset
 
 # MLflow caps a dataset digest at 36 characters (its store column is VARCHAR(36)): the input's digest is the first
 # 36 hex digits (144 bits) of the manifest's SHA-256; the full digest is in the input's source, profile and run tags.

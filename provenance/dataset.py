@@ -16,12 +16,12 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from provenance.errors import MalformedError, ProvenanceError, ShardError
-from provenance.manifest import ShardEntry
-from provenance.policy import TrustPolicy
-from provenance.reader import ReadLog, ShardReader
-from provenance.state import RollbackState
-from provenance.verify import VerifiedManifest, open_manifest
+from trainguard.provenance.errors import MalformedError, ProvenanceError, ShardError
+from trainguard.provenance.manifest import ShardEntry
+from trainguard.provenance.policy import TrustPolicy
+from trainguard.provenance.reader import ReadLog, ShardReader
+from trainguard.provenance.state import RollbackState
+from trainguard.provenance.verify import VerifiedManifest, open_manifest
 
 
 @dataclass(frozen=True)

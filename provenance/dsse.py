@@ -8,7 +8,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from provenance.errors import (
+from trainguard.provenance.errors import (
     AlreadySignedError,
     BadSignatureError,
     MalformedError,
@@ -16,7 +16,7 @@ from provenance.errors import (
     ThresholdError,
     UntrustedSignerError,
 )
-from provenance.keys import SigningKey, VerifyingKey
+from trainguard.provenance.keys import SigningKey, VerifyingKey
 
 
 def pae(payload_type: str, payload: bytes) -> bytes:

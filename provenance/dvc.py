@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from provenance.errors import DataDirError, DvcMismatchError
+from trainguard.provenance.errors import DataDirError, DvcMismatchError
 
 
 def find_repo_root(start: Path) -> Path:

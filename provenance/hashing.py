@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from provenance.errors import ShardError
+from trainguard.provenance.errors import ShardError
 
 WINDOW = 16 * 1024 * 1024
 ProgressCallback = Callable[[int], None]

@@ -15,7 +15,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from provenance.errors import KeyFileError
+from trainguard.provenance.errors import KeyFileError
 
 KeyType = Literal["ed25519", "ecdsa-p256"]
 KEY_TYPES: tuple[str, ...] = get_args(KeyType)

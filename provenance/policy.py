@@ -10,8 +10,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from provenance.errors import KeyFileError, PolicyError
-from provenance.keys import VerifyingKey, load_verifying_key, verifying_key_from_pem
+from trainguard.provenance.errors import KeyFileError, PolicyError
+from trainguard.provenance.keys import VerifyingKey, load_verifying_key, verifying_key_from_pem
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from provenance.errors import ShardError
-from provenance.hashing import open_regular
-from provenance.manifest import ShardEntry
-from provenance.paths import entry_problem, name_problem
-from provenance.verify import VerifiedManifest
+from trainguard.provenance.errors import ShardError
+from trainguard.provenance.hashing import open_regular
+from trainguard.provenance.manifest import ShardEntry
+from trainguard.provenance.paths import entry_problem, name_problem
+from trainguard.provenance.verify import VerifiedManifest
 
 if TYPE_CHECKING:
     import numpy as np

@@ -10,11 +10,11 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from provenance.dsse import Envelope, add_signature, sign_envelope
-from provenance.errors import DataDirError, MalformedError, ProvenanceError
-from provenance.hashing import FileDigest, ProgressCallback, digest_files
-from provenance.keys import SigningKey
-from provenance.manifest import (
+from trainguard.provenance.dsse import Envelope, add_signature, sign_envelope
+from trainguard.provenance.errors import DataDirError, MalformedError, ProvenanceError
+from trainguard.provenance.hashing import FileDigest, ProgressCallback, digest_files
+from trainguard.provenance.keys import SigningKey
+from trainguard.provenance.manifest import (
     DEFAULT_CHUNK_SIZE,
     PAYLOAD_TYPE,
     ROLES,
@@ -24,8 +24,8 @@ from provenance.manifest import (
     parse_statement,
     statement_bytes,
 )
-from provenance.paths import name_problem, walk_entries
-from provenance.verify import read_envelope
+from trainguard.provenance.paths import name_problem, walk_entries
+from trainguard.provenance.verify import read_envelope
 
 _DURATION = re.compile(r"(\d+)([mhdw])")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -156,7 +156,7 @@ def _entry(
 
 
 def _cross_check(relative: str, digest: FileDigest, dvc_md5: Mapping[str, str]) -> None:
-    from provenance.errors import DvcMismatchError
+    from trainguard.provenance.errors import DvcMismatchError
 
     tracked = dvc_md5.get(relative)
     if tracked is None:

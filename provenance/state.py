@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from provenance.errors import MalformedError, RollbackError
+from trainguard.provenance.errors import MalformedError, RollbackError
 
 STATE_NAME = "provenance-state.json"
 

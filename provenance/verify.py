@@ -15,8 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from provenance.dsse import Envelope, verify_envelope
-from provenance.errors import (
+from trainguard.provenance.dsse import Envelope, verify_envelope
+from trainguard.provenance.errors import (
     DataDirError,
     ExpiredError,
     MalformedError,
@@ -27,11 +27,11 @@ from provenance.errors import (
     SignatureError,
     VerificationFailed,
 )
-from provenance.hashing import FileDigest, ProgressCallback, digest_chunks, digest_file, hash_in_threads
-from provenance.manifest import PAYLOAD_TYPE, Manifest, ShardEntry, parse_statement, rfc3339
-from provenance.paths import entry_problem, name_problem, walk_entries
-from provenance.policy import TrustPolicy, load_trust
-from provenance.state import RollbackState, default_state_path
+from trainguard.provenance.hashing import FileDigest, ProgressCallback, digest_chunks, digest_file, hash_in_threads
+from trainguard.provenance.manifest import PAYLOAD_TYPE, Manifest, ShardEntry, parse_statement, rfc3339
+from trainguard.provenance.paths import entry_problem, name_problem, walk_entries
+from trainguard.provenance.policy import TrustPolicy, load_trust
+from trainguard.provenance.state import RollbackState, default_state_path
 
 MANIFEST_LEVEL = (PayloadTypeError, SignatureError, ExpiredError, RollbackError)
 CHUNK_RUN_BYTES = 64 * 1024 * 1024
@@ -180,7 +180,7 @@ def verify_dataset(
         raise DataDirError(f"data dir {folder} does not exist or is not a directory", path=str(folder))
     dvc_md5 = None
     if dvc:
-        from provenance.dvc import dvc_tracked_md5
+        from trainguard.provenance.dvc import dvc_tracked_md5
 
         dvc_md5 = dvc_tracked_md5(folder)
     skip = [path, rollback.path, rollback.path.with_name(rollback.path.name + ".lock")]

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from defenses.attacks.base import Attack, crafting_mode, parse_norm, sum_cross_entropy
-from defenses.attacks.fgsm import FGSM
-from defenses.attacks.fgsm_rs import FGSMRandomStart
-from defenses.attacks.pgd import PGD
-from defenses.attacks.registry import ATTACKS, make_attack
+from trainguard.defenses.attacks.base import Attack, crafting_mode, parse_norm, sum_cross_entropy
+from trainguard.defenses.attacks.fgsm import FGSM
+from trainguard.defenses.attacks.fgsm_rs import FGSMRandomStart
+from trainguard.defenses.attacks.pgd import PGD
+from trainguard.defenses.attacks.registry import ATTACKS, make_attack
 
 __all__ = [
     "ATTACKS",

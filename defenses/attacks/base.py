@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from defenses.errors import AttackConfigError, AttackInputError
+from trainguard.defenses.errors import AttackConfigError, AttackInputError
 
 Norm = Literal["inf", "2"]
 Bound = float | torch.Tensor

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from defenses.errors import BatchFormatError
+from trainguard.defenses.errors import BatchFormatError
 
 Key = int | str
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from defenses.attacks.base import Attack
+from trainguard.defenses.attacks.base import Attack
 
 
 class FGSM(Attack):

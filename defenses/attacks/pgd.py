@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from defenses.attacks.base import Attack
-from defenses.errors import AttackConfigError
+from trainguard.defenses.attacks.base import Attack
+from trainguard.defenses.errors import AttackConfigError
 
 
 class PGD(Attack):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from defenses.attacks.base import Attack
-from defenses.attacks.fgsm import FGSM
-from defenses.attacks.fgsm_rs import FGSMRandomStart
-from defenses.attacks.pgd import PGD
-from defenses.errors import AttackConfigError
+from trainguard.defenses.attacks.base import Attack
+from trainguard.defenses.attacks.fgsm import FGSM
+from trainguard.defenses.attacks.fgsm_rs import FGSMRandomStart
+from trainguard.defenses.attacks.pgd import PGD
+from trainguard.defenses.errors import AttackConfigError
 
 ATTACKS: dict[str, type[Attack]] = {"fgsm": FGSM, "pgd": PGD, "fgsm-rs": FGSMRandomStart}
 

@@ -12,7 +12,7 @@ PATH = click.Path(path_type=Path)
 
 def register_all(app: click.Group) -> None:
     """Adds every sub-command to the root group."""
-    from pipeline.commands import cycle, data, demo, model, prepare
+    from trainguard.pipeline.commands import cycle, data, demo, model, prepare
 
     for command in (
         data.keygen,
@@ -32,6 +32,6 @@ def project_errors() -> tuple[type[Exception], ...]:
     CLI's exit-code mapping; importing `defenses` here would pull in torch on every error path."""
     import sys
 
-    modules = ("pipeline.errors", "provenance.errors", "defenses.errors")
+    modules = ("trainguard.pipeline.errors", "trainguard.provenance.errors", "trainguard.defenses.errors")
     bases = ("PipelineError", "ProvenanceError", "DefenseError")
     return tuple(getattr(sys.modules[m], b) for m, b in zip(modules, bases, strict=True) if m in sys.modules)

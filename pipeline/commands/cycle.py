@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.commands import PATH
+from trainguard.pipeline.commands import PATH
 
 
 @click.command()
@@ -21,11 +21,11 @@ from pipeline.commands import PATH
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
 def cycle(config: Path, as_json: bool) -> None:
     """Verify -> validate -> screen (RONI) -> train (adversarially) -> gate -> sign the model and its attestation."""
-    from pipeline.config import load_config
-    from pipeline.errors import CycleAbortedError
+    from trainguard.pipeline.config import load_config
+    from trainguard.pipeline.errors import CycleAbortedError
 
     load_config(config)  # a bad config fails here, before torch is even imported
-    from pipeline.cycle import run_cycle
+    from trainguard.pipeline.cycle import run_cycle
 
     try:
         outcome = run_cycle(config)
@@ -56,7 +56,7 @@ def cycle(config: Path, as_json: bool) -> None:
 
 def print_outcome(outcome: object) -> None:
     """A short human summary of a cycle: refused shards by check, the gate's verdict, where things are."""
-    from pipeline.cycle import CycleOutcome
+    from trainguard.pipeline.cycle import CycleOutcome
 
     assert isinstance(outcome, CycleOutcome)
     for decision in outcome.shards:

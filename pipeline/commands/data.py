@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.commands import PATH
+from trainguard.pipeline.commands import PATH
 
 
 @click.command()
@@ -27,7 +27,7 @@ from pipeline.commands import PATH
 @click.option("--force", is_flag=True, help="Overwrite an existing key pair.")
 def keygen(out: Path, key_type: str, force: bool) -> None:
     """Generate a signing key pair; the private key is encrypted when $TRAINGUARD_KEY_PASSPHRASE is set."""
-    from provenance.keys import PASSPHRASE_ENV, generate_signing_key, write_keypair
+    from trainguard.provenance.keys import PASSPHRASE_ENV, generate_signing_key, write_keypair
 
     key = generate_signing_key(key_type)
     passphrase = os.environ.get(PASSPHRASE_ENV, "").encode() or None
@@ -76,13 +76,13 @@ def sign(
     dvc: bool,
 ) -> None:
     """Hash every shard under DATA_DIR and write a signed manifest."""
-    from provenance.keys import load_signing_key
-    from provenance.signing import sign_dataset, write_manifest
+    from trainguard.provenance.keys import load_signing_key
+    from trainguard.provenance.signing import sign_dataset, write_manifest
 
     signing_key = load_signing_key(key)
     dvc_md5 = None
     if dvc:
-        from provenance.dvc import dvc_tracked_md5
+        from trainguard.provenance.dvc import dvc_tracked_md5
 
         dvc_md5 = dvc_tracked_md5(data_dir)
     with _progress("hashing", quiet=False) as advance:
@@ -114,8 +114,8 @@ def sign(
 @click.option("--key", type=PATH, required=True, help="The co-signer's private key (PEM).")
 def cosign(manifest: Path, key: Path) -> None:
     """Add a signature to an existing manifest (for k-of-n trust policies)."""
-    from provenance.keys import load_signing_key
-    from provenance.signing import cosign_manifest
+    from trainguard.provenance.keys import load_signing_key
+    from trainguard.provenance.signing import cosign_manifest
 
     signing_key = load_signing_key(key)
     envelope = cosign_manifest(manifest, signing_key)
@@ -142,7 +142,7 @@ def verify(
     workers: int | None,
 ) -> None:
     """Verify signatures, expiry, rollback and every shard; exit 1 listing each failing shard and its reason."""
-    from provenance.verify import verify_dataset
+    from trainguard.provenance.verify import verify_dataset
 
     with _progress("verifying", quiet=as_json) as advance:
         report = verify_dataset(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.commands import PATH
+from trainguard.pipeline.commands import PATH
 
 
 @click.command()
@@ -20,7 +20,7 @@ from pipeline.commands import PATH
 )
 def demo(config: Path) -> None:
     """Sign digits shards (one poisoned, one tampered), then run one defended cycle and sign the model."""
-    from pipeline.demo import run_demo
+    from trainguard.pipeline.demo import run_demo
 
     code = run_demo(config)
     if code:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.commands import PATH
+from trainguard.pipeline.commands import PATH
 
 
 @click.command("verify-model")
@@ -28,8 +28,8 @@ def verify_model(
     as_json: bool,
 ) -> None:
     """Exit 0 when the model signature, the attestation signature and the attested digests all check out."""
-    from pipeline.errors import PipelineError
-    from pipeline.model_verification import verify_model as verify
+    from trainguard.pipeline.errors import PipelineError
+    from trainguard.pipeline.model_verification import verify_model as verify
 
     try:
         result = verify(model_dir, attestation, key, list(attestation_key) or None, threshold)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.commands import PATH
+from trainguard.pipeline.commands import PATH
 
 
 @click.command()
@@ -25,8 +25,8 @@ from pipeline.commands import PATH
 @click.option("--seed", type=int, default=0, show_default=True)
 def prepare(out: Path, sources: str, shards_per_source: int, shard_size: int, batch: int, seed: int) -> None:
     """Write digits shards: a trusted base and held-out set, and one batch of contributed shards."""
-    from pipeline.errors import ConfigError
-    from pipeline.prepare import Layout, prepare_digits
+    from trainguard.pipeline.errors import ConfigError
+    from trainguard.pipeline.prepare import Layout, prepare_digits
 
     names = tuple(s.strip() for s in sources.split(",") if s.strip())
     if not names:

@@ -12,8 +12,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from defenses import AdversarialTraining
-from defenses.errors import AttackConfigError, BatchFormatError
+from trainguard.defenses import AdversarialTraining
+from trainguard.defenses.errors import AttackConfigError, BatchFormatError
 
 N, FEATURES = 48, 16
 

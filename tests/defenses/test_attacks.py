@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn import functional as F
 
-from defenses.attacks import FGSM, PGD, FGSMRandomStart, make_attack
-from defenses.errors import AttackConfigError, AttackInputError, DefenseError
+from trainguard.defenses.attacks import FGSM, PGD, FGSMRandomStart, make_attack
+from trainguard.defenses.errors import AttackConfigError, AttackInputError, DefenseError
 
 
 def reference_pgd(

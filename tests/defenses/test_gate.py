@@ -10,11 +10,11 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-from defenses.errors import ModelRejectedError
-from defenses.gate import RONIGate, judge
-from defenses.heldout import HeldoutMetrics, LabeledData, heldout_metrics
-from pipeline.digits import load_digits_split
-from pipeline.models import DigitsClassifier
+from trainguard.defenses.errors import ModelRejectedError
+from trainguard.defenses.gate import RONIGate, judge
+from trainguard.defenses.heldout import HeldoutMetrics, LabeledData, heldout_metrics
+from trainguard.pipeline.digits import load_digits_split
+from trainguard.pipeline.models import DigitsClassifier
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from defenses.errors import ScreeningInputError, SourceCapError
-from defenses.limits import capped_rows, check_source_caps, enforce_source_caps
+from trainguard.defenses.errors import ScreeningInputError, SourceCapError
+from trainguard.defenses.limits import capped_rows, check_source_caps, enforce_source_caps
 
 
 def test_a_source_over_the_cap_is_reported() -> None:

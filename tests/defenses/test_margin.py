@@ -8,9 +8,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from defenses.errors import ScreeningInputError
-from defenses.margin import check_margins, compare_margins, sample_margins
-from pipeline.digits import load_digits_split
+from trainguard.defenses.errors import ScreeningInputError
+from trainguard.defenses.margin import check_margins, compare_margins, sample_margins
+from trainguard.pipeline.digits import load_digits_split
 
 
 @pytest.fixture(scope="module")

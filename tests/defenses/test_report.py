@@ -9,8 +9,8 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from defenses.report import record_screening
-from defenses.roni import CandidateDecision, ScreeningConfig, ScreeningReport
+from trainguard.defenses.report import record_screening
+from trainguard.defenses.roni import CandidateDecision, ScreeningConfig, ScreeningReport
 
 
 def _report() -> ScreeningReport:

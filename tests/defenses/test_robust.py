@@ -11,8 +11,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from defenses import RobustAccuracy
-from defenses.errors import AttackConfigError
+from trainguard.defenses import RobustAccuracy
+from trainguard.defenses.errors import AttackConfigError
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn import functional as F
 
-from defenses.errors import ScreeningInputError
-from defenses.heldout import LabeledData
-from defenses.roni import (
+from trainguard.defenses.errors import ScreeningInputError
+from trainguard.defenses.heldout import LabeledData
+from trainguard.defenses.roni import (
     Candidate,
     ScreeningConfig,
     class_thresholds_of,
@@ -23,7 +23,7 @@ from defenses.roni import (
     robust_threshold,
     screen_candidates,
 )
-from pipeline.digits import load_digits_split
+from trainguard.pipeline.digits import load_digits_split
 
 
 class Split:

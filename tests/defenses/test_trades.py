@@ -9,9 +9,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from defenses import TRADES
-from defenses.errors import AttackConfigError
-from defenses.trades import TradesAttack
+from trainguard.defenses import TRADES
+from trainguard.defenses.errors import AttackConfigError
+from trainguard.defenses.trades import TradesAttack
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_trades_is_more_robust_than_clean_training(classifier, digits) -> None:
     x, y = digits[1].tensors
 
     def robust(model: nn.Module) -> float:
-        from defenses.attacks import PGD
+        from trainguard.defenses.attacks import PGD
 
         model.eval()
         adv = PGD(model, eps=0.15, steps=10, seed=0)(x, y)

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from defenses.validation import Shard, ShardSchema, validate_shards
-from pipeline.digits import FEATURES, load_digits_split, split
+from trainguard.defenses.validation import Shard, ShardSchema, validate_shards
+from trainguard.pipeline.digits import FEATURES, load_digits_split, split
 
 SCHEMA = ShardSchema(features=FEATURES)
 

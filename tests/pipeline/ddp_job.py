@@ -22,15 +22,15 @@ import torch
 from pytorch_lightning.loggers import CSVLogger
 from safetensors.torch import save_file
 
-from defenses import AdversarialTraining, LabeledData, RobustAccuracy, heldout_metrics
-from defenses.errors import DefenseError
-from defenses.gate import RONIGate
-from pipeline.digits import FEATURES, LABEL, NUM_CLASSES
-from pipeline.models import DigitsClassifier
-from provenance.callback import VerifyDatasetCallback
-from provenance.dataset import ManifestSpec, VerifiedDataModule, open_verified
-from provenance.errors import ProvenanceError
-from provenance.reader import ShardReader
+from trainguard.defenses import AdversarialTraining, LabeledData, RobustAccuracy, heldout_metrics
+from trainguard.defenses.errors import DefenseError
+from trainguard.defenses.gate import RONIGate
+from trainguard.pipeline.digits import FEATURES, LABEL, NUM_CLASSES
+from trainguard.pipeline.models import DigitsClassifier
+from trainguard.provenance.callback import VerifyDatasetCallback
+from trainguard.provenance.dataset import ManifestSpec, VerifiedDataModule, open_verified
+from trainguard.provenance.errors import ProvenanceError
+from trainguard.provenance.reader import ShardReader
 
 MODEL_FILE = "model.safetensors"
 HOLDOUT_SKIP = 15  # rows of the held-out set rank r leaves out: HOLDOUT_SKIP * r

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.attestation import (
+from trainguard.pipeline.attestation import (
     PREDICATE_TYPE,
     STATEMENT_TYPE,
     CycleFacts,
@@ -21,15 +21,15 @@ from pipeline.attestation import (
     statement_bytes,
     verify_attestation,
 )
-from pipeline.errors import AttestationError, AttestationInputError
-from pipeline.state import ShardDecision
-from provenance.reader import ReadLog, ReadRecord
+from trainguard.pipeline.errors import AttestationError, AttestationInputError
+from trainguard.pipeline.state import ShardDecision
+from trainguard.provenance.reader import ReadLog, ReadRecord
 
 MODEL = {"model.safetensors": "aa" * 32, "model.json": "bb" * 32}
 
 
 def _log_digest(entries: list[tuple[str, str]]) -> str:
-    """The digest of a read log, as `provenance.reader.ReadLog.digest` makes it."""
+    """The digest of a read log, as `trainguard.provenance.reader.ReadLog.digest` makes it."""
     log = ReadLog()
     for name, digest in entries:
         log.append(ReadRecord("digits", name, digest, 1))
@@ -129,8 +129,8 @@ def test_the_code_dependency_is_the_checked_out_commit(dvc_repo: Path, tmp_path:
 
 
 def test_a_signed_statement_verifies_only_against_its_key(tmp_path: Path) -> None:
-    from provenance.dsse import Envelope, sign_envelope
-    from provenance.keys import generate_signing_key, load_signing_key, write_keypair
+    from trainguard.provenance.dsse import Envelope, sign_envelope
+    from trainguard.provenance.keys import generate_signing_key, load_signing_key, write_keypair
 
     private, public = write_keypair(generate_signing_key("ed25519"), tmp_path / "attest")
     _, other = write_keypair(generate_signing_key("ecdsa-p256"), tmp_path / "other")

@@ -26,6 +26,6 @@ def test_unknown_command_is_a_usage_error_with_exit_2() -> None:
 
 
 def test_cli_starts_without_importing_torch() -> None:
-    code = "import sys, pipeline.cli; print('torch' in sys.modules, 'pytorch_lightning' in sys.modules)"
+    code = "import sys, trainguard.pipeline.cli; print('torch' in sys.modules, 'pytorch_lightning' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["False", "False"]

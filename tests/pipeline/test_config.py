@@ -11,8 +11,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.config import DEFAULT_TRACKING_URI, CycleConfig, load_config
-from pipeline.errors import ConfigError
+from trainguard.pipeline.config import DEFAULT_TRACKING_URI, CycleConfig, load_config
+from trainguard.pipeline.errors import ConfigError
 
 DIGITS = Path(__file__).resolve().parents[2] / "configs" / "digits.yaml"
 BASE: dict[str, Any] = yaml.safe_load(DIGITS.read_text())
@@ -43,7 +43,7 @@ def _error(tmp_path: Path, data: Any) -> ConfigError:
 
 def test_the_digits_default_loads_and_builds_its_model() -> None:
     config = load_config(DIGITS)
-    assert config.model.class_path == "pipeline.models.DigitsClassifier"
+    assert config.model.class_path == "trainguard.pipeline.models.DigitsClassifier"
     model = config.model.instantiate()
     assert model.hparams.channels == BASE["model"]["init_args"]["channels"]
     resolved = config.resolved()
@@ -81,14 +81,14 @@ def test_cross_field_rules_are_checked(tmp_path: Path) -> None:
 
 
 def test_a_class_that_does_not_exist_is_refused_before_anything_runs(tmp_path: Path) -> None:
-    error = _error(tmp_path, _with({("model", "class_path"): "pipeline.models.NoSuchModel"}))
+    error = _error(tmp_path, _with({("model", "class_path"): "trainguard.pipeline.models.NoSuchModel"}))
     assert error.key == "model.class_path" and "NoSuchModel" in str(error)
     error = _error(tmp_path, _with({("model", "class_path"): "no_such_package.Model"}))
     assert error.key == "model.class_path" and "cannot import" in str(error)
 
 
 def test_a_class_of_the_wrong_kind_is_refused(tmp_path: Path) -> None:
-    error = _error(tmp_path, _with({("model", "class_path"): "pipeline.models.DigitsCNN"}))
+    error = _error(tmp_path, _with({("model", "class_path"): "trainguard.pipeline.models.DigitsCNN"}))
     assert "is not a pytorch_lightning.LightningModule" in str(error)
 
 
@@ -214,5 +214,5 @@ def test_roni_options_are_checked_against_the_screening_config(tmp_path: Path) -
 def test_a_datamodule_is_checked_like_the_model(tmp_path: Path) -> None:
     data = _with({("datamodule",): {"class_path": "pytorch_lightning.LightningDataModule"}})
     assert load_config(_write(tmp_path, data)).datamodule.class_path == "pytorch_lightning.LightningDataModule"
-    error = _error(tmp_path, _with({("datamodule",): {"class_path": "pipeline.models.DigitsClassifier"}}))
+    error = _error(tmp_path, _with({("datamodule",): {"class_path": "trainguard.pipeline.models.DigitsClassifier"}}))
     assert error.key == "datamodule.class_path" and "LightningDataModule" in str(error)

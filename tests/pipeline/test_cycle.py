@@ -13,11 +13,11 @@ import mlflow
 import pytest
 import yaml
 
-from pipeline.cycle import run_cycle
-from pipeline.demo import create_keys, sign_contributions, sign_trusted
-from pipeline.errors import CycleAbortedError
-from pipeline.prepare import prepare_digits
-from pipeline.threats import poison_shards, tamper_file
+from trainguard.pipeline.cycle import run_cycle
+from trainguard.pipeline.demo import create_keys, sign_contributions, sign_trusted
+from trainguard.pipeline.errors import CycleAbortedError
+from trainguard.pipeline.prepare import prepare_digits
+from trainguard.pipeline.threats import poison_shards, tamper_file
 
 REPO = Path(__file__).resolve().parents[2]
 TRAINGUARD = str(Path(sys.executable).parent / "trainguard")

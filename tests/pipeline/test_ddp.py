@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from pipeline.prepare import Layout, prepare_digits
-from provenance import generate_signing_key, load_verifying_key, sign_dataset, write_keypair, write_manifest
+from trainguard.pipeline.prepare import Layout, prepare_digits
+from trainguard.provenance import generate_signing_key, load_verifying_key, sign_dataset, write_keypair, write_manifest
 
 JOB = Path(__file__).with_name("ddp_job.py")
 TIMEOUT = 240  # seconds; a hung collective must fail the test, not the suite

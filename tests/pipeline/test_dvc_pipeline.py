@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import load_config
+from trainguard.pipeline.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -30,7 +30,7 @@ def _install(repo: Path, with_code: bool = False) -> None:
     (repo / "configs").mkdir()
     shutil.copy(ROOT / "configs" / "digits.yaml", repo / "configs" / "digits.yaml")
     if with_code:  # the cycle stage depends on the code, so a code change reruns it
-        for package in ("pipeline", "defenses", "provenance"):
+        for package in ("trainguard", "pipeline", "defenses", "provenance"):
             shutil.copytree(ROOT / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
 
 
@@ -56,7 +56,7 @@ def test_the_cycle_stage_tracks_params_that_exist_in_the_config() -> None:
 
 
 def _manifest_version(path: Path) -> int:
-    from provenance.dsse import Envelope
+    from trainguard.provenance.dsse import Envelope
 
     statement = json.loads(Envelope.from_json(path.read_bytes()).payload)
     return statement["predicate"]["version"]

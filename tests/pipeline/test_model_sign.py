@@ -12,8 +12,8 @@ import torch
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from pipeline.errors import ModelNotFoundError, ModelSignatureError
-from pipeline.model_sign import (
+from trainguard.pipeline.errors import ModelNotFoundError, ModelSignatureError
+from trainguard.pipeline.model_sign import (
     ATTESTATION_FILE,
     CONFIG_FILE,
     MODEL_FILE,
@@ -24,7 +24,7 @@ from pipeline.model_sign import (
     verify_model_signature,
     write_signed_model,
 )
-from pipeline.models import DigitsCNN
+from trainguard.pipeline.models import DigitsCNN
 
 MODEL_SIGNING = str(Path(sys.executable).parent / "model_signing")
 
@@ -59,7 +59,7 @@ def _signed(tmp_path: Path, keys: tuple[Path, Path], name: str = "model", seed: 
         DigitsCNN(channels=2),
         directory,
         keys[0],
-        class_path="pipeline.models.DigitsCNN",
+        class_path="trainguard.pipeline.models.DigitsCNN",
         init_args={"channels": 2},
         attest=lambda files: f'{{"model": "{files.digests[MODEL_FILE]}"}}'.encode(),
     )
@@ -153,7 +153,7 @@ def test_an_encrypted_key_needs_the_passphrase(tmp_path: Path, monkeypatch: pyte
 
 
 def test_a_key_model_signing_cannot_use_is_refused_by_name(tmp_path: Path) -> None:
-    from provenance.keys import generate_signing_key, write_keypair
+    from trainguard.provenance.keys import generate_signing_key, write_keypair
 
     ed25519, _ = write_keypair(generate_signing_key("ed25519"), tmp_path / "ed")
     with pytest.raises(ModelSignatureError, match=r"ed\.key: model signing needs an ECDSA"):

@@ -12,19 +12,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.attestation import CycleFacts, build_statement, file_resource, sign_statement
-from pipeline.errors import AttestationError, AttestationMismatchError, ModelSignatureError
-from pipeline.model_sign import ATTESTATION_FILE, MODEL_FILE, ModelFiles, write_signed_model
-from pipeline.model_verification import verify_model
-from pipeline.state import ShardDecision
-from provenance.keys import generate_signing_key, write_keypair
-from provenance.reader import ReadLog, ReadRecord
+from trainguard.pipeline.attestation import CycleFacts, build_statement, file_resource, sign_statement
+from trainguard.pipeline.errors import AttestationError, AttestationMismatchError, ModelSignatureError
+from trainguard.pipeline.model_sign import ATTESTATION_FILE, MODEL_FILE, ModelFiles, write_signed_model
+from trainguard.pipeline.model_verification import verify_model
+from trainguard.pipeline.state import ShardDecision
+from trainguard.provenance.keys import generate_signing_key, write_keypair
+from trainguard.provenance.reader import ReadLog, ReadRecord
 
 TRAINGUARD = str(Path(sys.executable).parent / "trainguard")
 
 
 def _log_digest(entries: list[tuple[str, str]]) -> str:
-    """The digest of a read log, as `provenance.reader.ReadLog.digest` makes it."""
+    """The digest of a read log, as `trainguard.provenance.reader.ReadLog.digest` makes it."""
     log = ReadLog()
     for name, digest in entries:
         log.append(ReadRecord("digits", name, digest, 1))

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.errors import StateError
-from pipeline.state import (
+from trainguard.pipeline.errors import StateError
+from trainguard.pipeline.state import (
     CycleState,
     HeldoutRecord,
     ModelRecord,
@@ -54,7 +54,7 @@ def test_a_cycle_killed_mid_way_resumes_with_its_decisions(tmp_path: Path) -> No
     path = tmp_path / "state.json"
     script = textwrap.dedent(f"""
         import os, signal
-        from pipeline.state import StateStore, ShardDecision
+        from trainguard.pipeline.state import StateStore, ShardDecision
         store = StateStore({str(path)!r})
         state = store.update(store.load().begin("cfg"))
         for i in range(3):

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import load_config
-from pipeline.tracking import CycleTracker, DatasetRef, cycle_tags, flatten_params, resolve_tracking_uri
+from trainguard.pipeline.config import load_config
+from trainguard.pipeline.tracking import CycleTracker, DatasetRef, cycle_tags, flatten_params, resolve_tracking_uri
 
 DIGITS = Path(__file__).resolve().parents[2] / "configs" / "digits.yaml"
 SHA = "ab" * 32
@@ -31,7 +31,7 @@ def _fit_briefly(logger: object) -> None:
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from pipeline.models import DigitsClassifier
+    from trainguard.pipeline.models import DigitsClassifier
 
     data = TensorDataset(torch.rand(32, 64), torch.randint(0, 10, (32,)))
     trainer = pl.Trainer(
@@ -75,7 +75,7 @@ def test_a_cycle_lands_as_a_parent_run_with_nested_stage_runs(mlflow_uri: str, t
     parent_run = client.get_run(parent.run_id)
     assert parent_run.info.status == "FINISHED"
     assert parent_run.data.params["training.max_epochs"] == str(config.training.max_epochs)
-    assert parent_run.data.params["model.class_path"] == "pipeline.models.DigitsClassifier"
+    assert parent_run.data.params["model.class_path"] == "trainguard.pipeline.models.DigitsClassifier"
     assert parent_run.data.tags["mlflow.source.git.commit"] == "abc"
     assert parent_run.data.tags["trainguard.signer_keyids"] == "k1,k2"
     assert parent_run.data.tags["trainguard.manifest.train.sha256"] == SHA

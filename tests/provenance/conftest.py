@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from provenance import SigningKey, generate_signing_key, sign_dataset, write_keypair, write_manifest
+from trainguard.provenance import SigningKey, generate_signing_key, sign_dataset, write_keypair, write_manifest
 
 
 @dataclass(frozen=True)

@@ -112,7 +112,8 @@ def test_unusable_input_exits_2_with_one_line(tmp_path: Path, manifest: Path, ke
 
 def test_verify_command_does_not_import_torch(manifest: Path, key_pairs) -> None:
     code = (
-        "import sys; from pipeline.cli import main; code = main(['verify', sys.argv[1], '--trust', sys.argv[2]]);"
+        "import sys; from trainguard.pipeline.cli import main;"
+        "code = main(['verify', sys.argv[1], '--trust', sys.argv[2]]);"
         "print('torch' in sys.modules, code)"
     )
     done = subprocess.run(
@@ -144,6 +145,9 @@ def test_progress_bar_only_on_a_terminal_and_never_with_json(manifest: Path, key
 
 
 def test_importing_provenance_does_not_import_torch() -> None:
-    code = "import sys, provenance; provenance.verify_dataset; print('torch' in sys.modules, 'pandas' in sys.modules)"
+    code = (
+        "import sys; from trainguard import provenance; provenance.verify_dataset;"
+        "print('torch' in sys.modules, 'pandas' in sys.modules)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["False", "False"]

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from provenance import (
+from trainguard.provenance import (
     AlreadySignedError,
     BadSignatureError,
     Envelope,

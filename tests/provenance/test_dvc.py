@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from provenance import DvcMismatchError, dvc_tracked_md5, load_signing_key, verify_dataset
+from trainguard.provenance import DvcMismatchError, dvc_tracked_md5, load_signing_key, verify_dataset
 
 DVC = str(Path(sys.executable).parent / "dvc")
 

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from provenance.errors import ShardError
-from provenance.hashing import WINDOW, ChunkDigests, digest_file, digest_files
+from trainguard.provenance.errors import ShardError
+from trainguard.provenance.hashing import WINDOW, ChunkDigests, digest_file, digest_files
 
 
 def reference_chunks(data: bytes, chunk_size: int) -> tuple[str, ...]:

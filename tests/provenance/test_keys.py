@@ -10,7 +10,13 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from provenance import KeyFileError, generate_signing_key, load_signing_key, load_verifying_key, write_keypair
+from trainguard.provenance import (
+    KeyFileError,
+    generate_signing_key,
+    load_signing_key,
+    load_verifying_key,
+    write_keypair,
+)
 
 KEY_TYPES = ["ed25519", "ecdsa-p256"]
 

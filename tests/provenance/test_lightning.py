@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from provenance import ProvenanceError, VerificationFailed, VerifiedDataModule, VerifyDatasetCallback
+from trainguard.provenance import ProvenanceError, VerificationFailed, VerifiedDataModule, VerifyDatasetCallback
 
 
 class Tiny(pl.LightningModule):

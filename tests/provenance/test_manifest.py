@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from provenance import (
+from trainguard.provenance import (
     PREDICATE_TYPE,
     STATEMENT_TYPE,
     Manifest,
@@ -21,9 +21,9 @@ from provenance import (
     load_trust,
     parse_statement,
 )
-from provenance.errors import MalformedError, PolicyError
-from provenance.manifest import statement_bytes, to_statement
-from provenance.paths import name_problem
+from trainguard.provenance.errors import MalformedError, PolicyError
+from trainguard.provenance.manifest import statement_bytes, to_statement
+from trainguard.provenance.paths import name_problem
 
 segment = st.text(alphabet=string.ascii_letters + string.digits + "_-", min_size=1, max_size=8)
 names = st.lists(segment, min_size=1, max_size=3).map("/".join)
@@ -156,7 +156,7 @@ def test_single_pub_is_a_one_of_one_policy_and_bad_policies_are_bad_input(key_pa
 
 
 def test_corrupt_state_file_is_never_reset_silently(tmp_path: Path) -> None:
-    from provenance import RollbackState
+    from trainguard.provenance import RollbackState
 
     path = tmp_path / "state.json"
     path.write_text("{not json")

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from provenance import ShardError, ShardReader, open_manifest
+from trainguard.provenance import ShardError, ShardReader, open_manifest
 
 
 def test_reading_untouched_shards_logs_each_read_in_order(manifest: Path, key_pairs: Any) -> None:

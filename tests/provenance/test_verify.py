@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from provenance import (
+from trainguard.provenance import (
     PAYLOAD_TYPE,
     Envelope,
     Manifest,
@@ -20,8 +20,8 @@ from provenance import (
     verify_dataset,
     write_manifest,
 )
-from provenance.manifest import statement_bytes
-from provenance.verify import CHUNK_RUN_BYTES, read_envelope
+from trainguard.provenance.manifest import statement_bytes
+from trainguard.provenance.verify import CHUNK_RUN_BYTES, read_envelope
 
 if TYPE_CHECKING:
     from conftest import Keys
@@ -110,7 +110,7 @@ def _policy(key_pairs: Keys, threshold: int) -> Path:
 
 
 def test_below_threshold_signatures_are_refused_until_cosigned(manifest: Path, key_pairs: Keys) -> None:
-    from provenance import cosign_manifest
+    from trainguard.provenance import cosign_manifest
 
     policy = _policy(key_pairs, 2)
     assert reasons(verify_dataset(manifest, policy)) == {None: "below-threshold"}
@@ -235,7 +235,7 @@ def test_cosigned_manifest_keeps_both_signatures(manifest: Path, key_pairs: Keys
 
 
 def test_signing_refuses_symlinks_in_the_data_dir(sign: Any, data_dir: Path, key_pairs: Keys, tmp_path: Path) -> None:
-    from provenance import DataDirError
+    from trainguard.provenance import DataDirError
 
     (data_dir / "link").symlink_to(tmp_path)
     with pytest.raises(DataDirError, match="symlink"):
@@ -243,7 +243,7 @@ def test_signing_refuses_symlinks_in_the_data_dir(sign: Any, data_dir: Path, key
 
 
 def test_raising_api_carries_the_first_failure_and_the_whole_report(manifest: Path, key_pairs: Keys) -> None:
-    from provenance import VerificationFailed, verify_or_raise
+    from trainguard.provenance import VerificationFailed, verify_or_raise
 
     assert verify_or_raise(manifest, key_pairs.pub("alice")).ok
     (manifest.parent / "raw.bin").write_bytes(b"?" * 3000)
@@ -283,7 +283,7 @@ def test_swapped_chunk_signed_shards_of_one_size_are_refused(sign: Any, data_dir
 def test_one_large_shard_is_hashed_on_two_threads_at_once(tmp_path: Path, key_pairs: Keys) -> None:
     import threading
 
-    from provenance import sign_dataset
+    from trainguard.provenance import sign_dataset
 
     root = tmp_path / "data"
     root.mkdir()

@@ -1,0 +1,45 @@
+"""trainguard: defense in depth inside the training loop — signed data shards, adversarial training, RONI checks.
+
+The installed packages are `trainguard.provenance`, `trainguard.defenses` and `trainguard.pipeline`; the names users
+need most are re-exported here and imported on first use, so `import trainguard` loads neither torch nor Lightning.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_LAZY = {
+    "AdversarialTraining": "trainguard.defenses",
+    "DefenseError": "trainguard.defenses.errors",
+    "RONIGate": "trainguard.defenses",
+    "RobustAccuracy": "trainguard.defenses",
+    "ScreeningConfig": "trainguard.defenses",
+    "TRADES": "trainguard.defenses",
+    "screen_candidates": "trainguard.defenses",
+    "ProvenanceError": "trainguard.provenance",
+    "ShardDataset": "trainguard.provenance",
+    "ShardReader": "trainguard.provenance",
+    "TrustPolicy": "trainguard.provenance",
+    "VerifiedDataModule": "trainguard.provenance",
+    "VerifyDatasetCallback": "trainguard.provenance",
+    "load_trust": "trainguard.provenance",
+    "sign_dataset": "trainguard.provenance",
+    "verify_dataset": "trainguard.provenance",
+    "CycleConfig": "trainguard.pipeline.config",
+    "PipelineError": "trainguard.pipeline.errors",
+    "load_config": "trainguard.pipeline.config",
+    "run_cycle": "trainguard.pipeline.cycle",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'trainguard' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
