@@ -56,8 +56,8 @@ class CycleFacts:
     config: Resource
     resolved_config: Mapping[str, Any]
     shards: Sequence[ShardDecision]
-    read_log_sha256: str
-    read_log_entries: int
+    read_log: Resource
+    allowed: Sequence[Resource]
     invocation_id: str
     started: str
     finished: str
@@ -65,6 +65,11 @@ class CycleFacts:
     base_model: Resource | None = None
     roni: Mapping[str, Any] = field(default_factory=dict)
     gate: Mapping[str, Any] = field(default_factory=dict)
+
+
+def read_log_resource(path: Path, sha256: str, entries: int) -> Resource:
+    """The training read log, written beside the cycle's report, as an attested byproduct."""
+    return Resource(Path(path).resolve().as_uri(), {"sha256": sha256}, "read-log", {"entries": entries})
 
 
 def sha256_file(path: Path) -> str:
@@ -104,11 +109,12 @@ def build_statement(facts: CycleFacts) -> dict[str, Any]:
         raise AttestationError("an attestation needs at least one model file as subject")
     dependencies = [m.to_json() for m in facts.manifests] + [facts.config.to_json()]
     dependencies += [r.to_json() for r in (facts.code, facts.base_model) if r is not None]
+    dependencies += [shard.to_json() for shard in facts.allowed]
     accepted = [_shard(d) for d in facts.shards if d.accepted]
     rejected = [_shard(d) for d in facts.shards if not d.accepted]
     record = {
         "shards": {"accepted": accepted, "rejected": rejected},
-        "readLog": {"sha256": facts.read_log_sha256, "entries": facts.read_log_entries},
+        "readLog": {"sha256": facts.read_log.digest["sha256"], **facts.read_log.annotations},
         "roni": dict(facts.roni),
         "gate": dict(facts.gate),
     }
@@ -134,7 +140,7 @@ def build_statement(facts: CycleFacts) -> dict[str, Any]:
                 },
                 "byproducts": [
                     {"name": RECORD_NAME, "mediaType": "application/json", "annotations": record},
-                    {"name": "read-log", "digest": {"sha256": facts.read_log_sha256}},
+                    {**facts.read_log.to_json(), "mediaType": "application/jsonl"},
                 ],
             },
         },

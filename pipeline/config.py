@@ -52,20 +52,40 @@ class Component(_Section):
 
 
 class ManifestRef(_Section):
-    """A signed data manifest, the directory its shards live in (default: the manifest's folder) and its trust."""
+    """A signed data manifest, the dataset it must be, the directory its shards live in (default: the manifest's
+    folder) and its trust. The dataset name is checked before anything else is believed: a validly signed manifest
+    of another dataset copied over this path is refused."""
 
     manifest: Path
+    dataset: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@:+-]{0,127}$")]
     data_dir: Path | None = None
     trust: Path | None = Field(default=None, description="Policy or .pub for this manifest; default dataset.trust.")
 
 
+_REMOVED_DATASET_KEYS = {
+    "trusted_sources": "trust comes from keys: grant the role `trusted` to the curator's key set in the trust "
+    "policy and sign the base shards with that role",
+    "state_file": "anti-rollback records live in the cycle's signed state (output.state_file)",
+}
+
+
 class DatasetSection(_Section):
+    """The signed manifests a cycle reads. What a shard may be used for (screened training data, trusted base,
+    held-out set) comes from the key set that signed it, as the trust policy grants it."""
+
     training: Annotated[tuple[ManifestRef, ...], Field(min_length=1)]
     holdout: ManifestRef
-    trust: Path = Field(description="Trust policy file (k of n keys) or a single .pub.")
-    state_file: Path | None = Field(default=None, description="Anti-rollback state; default: provenance's.")
+    trust: Path = Field(description="Trust policy file (key sets and their grants) or a single .pub (train only).")
     allow_extra: bool = False
-    trusted_sources: tuple[str, ...] = Field(default=("curator",), description="Sources exempt from RONI.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key, hint in _REMOVED_DATASET_KEYS.items():
+                if key in data:
+                    raise ValueError(f"{key} was removed: {hint}")
+        return data
 
 
 class ValidationSection(_Section):

@@ -1,8 +1,10 @@
 """One defended retraining cycle: verify -> validate -> cap -> screen -> train -> gate -> sign and attest.
 
-Every decision goes into the cross-cycle state as soon as it is made and into a local JSON report before anything
-is sent to MLflow, so neither a crash nor an unreachable tracking server loses it. A failed check stops the cycle
-with `CycleAbortedError`; a rejected model leaves the last accepted one in place.
+Every decision goes into the cross-cycle state (signed with the cycle's key) as soon as it is made and into a local
+JSON report before anything is sent to MLflow, so neither a crash nor an unreachable tracking server loses it.
+The manifests are read once: training reads through the intake's verified statements and the allow-list of the
+shards accepted, and its read log must equal that list before anything is signed. A failed check, or any other
+error, stops the cycle as `failed` with a one-line reason; a rejected model leaves the last accepted one in place.
 """
 
 from __future__ import annotations
@@ -20,9 +22,17 @@ import pytorch_lightning as pl
 import torch
 
 from trainguard.defenses.heldout import HeldoutMetrics, LabeledData
-from trainguard.pipeline.attestation import CycleFacts, Resource, attestor, file_resource, git_resource
+from trainguard.files import atomic_write
+from trainguard.pipeline.attestation import (
+    CycleFacts,
+    Resource,
+    attestor,
+    file_resource,
+    git_resource,
+    read_log_resource,
+)
 from trainguard.pipeline.config import CycleConfig, load_config
-from trainguard.pipeline.errors import CycleAbortedError
+from trainguard.pipeline.errors import CycleAbortedError, StateError, TamperedStateError
 from trainguard.pipeline.intake import (
     Intake,
     SignedShard,
@@ -38,7 +48,10 @@ from trainguard.pipeline.model_sign import load_verified_state_dict, write_signe
 from trainguard.pipeline.state import CycleState, HeldoutRecord, ModelRecord, ShardDecision, StateStore, utc_now
 from trainguard.pipeline.tracking import CycleTracker, DatasetRef, TrackedRun, cycle_tags
 from trainguard.pipeline.training import TrainingResult, bootstrap, train
-from trainguard.provenance.dataset import ManifestSpec
+from trainguard.provenance.allowlist import AllowList
+from trainguard.provenance.dataset import VerifiedDataModule
+from trainguard.provenance.errors import ProvenanceError
+from trainguard.provenance.keys import load_signing_key
 
 
 @dataclass(frozen=True)
@@ -83,24 +96,26 @@ class _Cycle:
         return self.config.output.work_dir / "reports" / f"cycle-{self.number:04d}.json"
 
     def write_report(self) -> Path:
-        """Writes the report atomically (temp file + rename), as `reports/cycle-NNNN.json` and as the latest
-        `report.json` (DVC's metrics file): the local record never depends on MLflow."""
-        text = json.dumps(self.report, indent=2, sort_keys=True, default=str) + "\n"
+        """Writes the report atomically, as `reports/cycle-NNNN.json` and as the latest `report.json` (DVC's metrics
+        file): the local record never depends on MLflow."""
+        text = (json.dumps(self.report, indent=2, sort_keys=True, default=str) + "\n").encode()
         for path in (self.report_path, self.config.output.work_dir / "report.json"):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temp = path.with_name(f".{path.name}.tmp")
-            temp.write_text(text)
-            temp.replace(path)
+            atomic_write(path, text)
         return self.report_path
 
 
-def run_cycle(config_path: Path) -> CycleOutcome:
-    """Runs one cycle of the config at `config_path`; raises CycleAbortedError when a check stops it."""
+def run_cycle(config_path: Path, *, reinit: bool = False) -> CycleOutcome:
+    """Runs one cycle of the config at `config_path`; raises CycleAbortedError when a check (or anything else)
+    stops it. `reinit` starts a new state where none exists beside released models, numbering after them."""
     config = load_config(config_path)
     config_sha256 = hashlib.sha256(Path(config_path).read_bytes()).hexdigest()
-    store = StateStore(config.output.state_path)
+    try:
+        key = load_signing_key(config.output.attestation_key_path)
+    except ProvenanceError as error:
+        raise CycleAbortedError(f"cannot load the cycle key: {error}", check="config") from None
+    store = StateStore(config.output.state_path, key)
     with store.locked():
-        state = store.update(store.load().begin(config_sha256))
+        state = store.update(_current_state(store, config.output.work_dir, reinit).begin(config_sha256))
         tracker = CycleTracker.connect(
             config.tracking.experiment_name, config.tracking.registered_model_name, config.tracking.uri
         )
@@ -110,12 +125,50 @@ def run_cycle(config_path: Path) -> CycleOutcome:
         with tracker.cycle(f"{config.name}-cycle-{cycle.number}", params=config.resolved()) as parent:
             try:
                 return _run(cycle, parent)
-            except CycleAbortedError as error:
-                cycle.state = store.update(cycle.state.fail(str(error)))
-                cycle.report.update(status="failed", reason=str(error), failed_check=error.check)
+            except Exception as error:  # any failure ends the cycle as `failed`, recorded, with a one-line reason
+                aborted = _aborted(error)
+                cycle.state = store.update(cycle.state.fail(str(aborted)))
+                cycle.report.update(status="failed", reason=str(aborted), failed_check=aborted.check)
                 cycle.write_report()
-                parent.set_tags({"trainguard.status": "failed", "trainguard.reason": str(error)[:4000]})
-                raise
+                parent.set_tags({"trainguard.status": "failed", "trainguard.reason": str(aborted)[:4000]})
+                if aborted is error:
+                    raise
+                raise aborted from error
+
+
+def _aborted(error: Exception) -> CycleAbortedError:
+    """`error` as the cycle's failure: itself if it is one, else a CycleAbortedError naming what went wrong."""
+    if isinstance(error, CycleAbortedError):
+        return error
+    check = getattr(error, "reason", None) or "internal"
+    text = " ".join(str(error).split()) or type(error).__name__
+    return CycleAbortedError(f"{type(error).__name__}: {text[:1000]}", check=str(check))
+
+
+def _released_numbers(work_dir: Path) -> list[int]:
+    """Cycle numbers that left a released model or a report in `work_dir`."""
+    numbers = [int(p.name.removeprefix("cycle-")) for p in (work_dir / "models").glob("cycle-[0-9]*")]
+    numbers += [int(p.stem.removeprefix("cycle-")) for p in (work_dir / "reports").glob("cycle-[0-9]*.json")]
+    return numbers
+
+
+def _current_state(store: StateStore, work_dir: Path, reinit: bool) -> CycleState:
+    """The signed state, refused when it is older than what the cycles released (deleted or replayed); with
+    `reinit`, a new state numbered after every released cycle, only where no state exists."""
+    released = max(_released_numbers(work_dir), default=0)
+    if reinit:
+        if store.exists():
+            raise StateError(f"{store.path}: --reinit starts a new state; this one exists (move it aside first)")
+        return CycleState(first_cycle=released + 1)
+    state = store.load()
+    if released > state.last_number:
+        what = "is missing" if not store.exists() else f"ends at cycle {state.last_number}"
+        raise TamperedStateError(
+            f"{store.path}: the cycle state {what}, but {work_dir} holds cycle {released}'s model or report "
+            "(deleted or replayed state); run `trainguard cycle --reinit` to start a new state explicitly",
+            path=str(store.path),
+        )
+    return state
 
 
 def _tracking_status(tracker: CycleTracker) -> str:
@@ -127,30 +180,45 @@ def _tracking_status(tracker: CycleTracker) -> str:
 def _run(cycle: _Cycle, parent: TrackedRun) -> CycleOutcome:
     config = cycle.config
     with parent.stage("verification") as stage:
-        intake = verify_and_read(config)
+        intake = verify_and_read(config, cycle.state.rollback_records)
+        state = cycle.state
+        for manifest in intake.manifests:
+            state = state.accept_manifest(manifest.rollback_key, manifest.manifest.version, manifest.statement_sha256)
+        cycle.state = cycle.store.update(state)
         cycle.decide(intake.refused)
         _log_verification(cycle, intake, parent, stage)
     columns = feature_columns(intake.holdout[0].frame, config.validation)
     holdout = _labeled(intake.holdout, columns, config)
-    trusted_names = set(config.dataset.trusted_sources)
-    trusted = [s for s in intake.train if s.source in trusted_names]
-    if not trusted:
-        raise CycleAbortedError("no trusted training shard (dataset.trusted_sources) to calibrate RONI on", "verify")
+    if not intake.trusted:
+        raise CycleAbortedError(
+            "no trusted training shard: sign the base set with role `trusted` by a key set the trust policy grants it",
+            "verify",
+        )
 
     with parent.stage("screening") as stage:
         candidates = _screen_inputs(cycle, intake, stage)
-        model, previous = _incoming_model(cycle, _labeled(trusted, columns, config), intake.holdout_sha256)
+        model, previous = _incoming_model(cycle, _labeled(intake.trusted, columns, config), intake.holdout_sha256)
         _screen(cycle, model, holdout, candidates, columns, stage)
 
-    refused = [d.shard for d in cycle.state.current.shards if not d.accepted]
-    specs = [ManifestSpec(ref.manifest, ref.data_dir, ref.trust) for ref in config.dataset.training]
+    allow = _allow_list(cycle, intake)
+    cycle.report["allow_list"] = allow.to_json()
+    data = VerifiedDataModule.from_verified(
+        intake.manifests,
+        allow,
+        feature_columns=columns,
+        label_column=config.validation.label_column,
+        batch_size=config.training.batch_size,
+        num_workers=config.training.num_workers,
+        seed=config.training.seed,
+    )
     with parent.stage("training") as stage:
-        result = train(model, config, specs, refused, holdout, previous, columns, stage.lightning_logger())
+        result = train(model, config, data, holdout, previous, stage.lightning_logger())
+        read_log = _checked_read_log(cycle, allow, result)
         cycle.step("training", result.metrics)
         cycle.report["training"] = {
             "metrics": result.metrics,
             "robust_accuracy": result.robust_accuracy,
-            "read_log": {"sha256": result.read_log_sha256, "entries": result.read_log_entries},
+            "read_log": read_log,
         }
     with parent.stage("gate") as stage:
         accepted_model, reason = _judge(config, result)
@@ -158,7 +226,7 @@ def _run(cycle: _Cycle, parent: TrackedRun) -> CycleOutcome:
         stage.log_metrics({"gate/accuracy_after": result.verdict.after.accuracy})
         stage.set_tags({"trainguard.gate": "accepted" if accepted_model else "rejected", "trainguard.reason": reason})
         cycle.report["gate"] = {**result.verdict.to_dict(), "accepted": accepted_model, "reason": reason}
-        model_dir = _release(cycle, model, intake, result, parent) if accepted_model else None
+        model_dir = _release(cycle, model, intake, allow, result, parent) if accepted_model else None
         if not accepted_model:
             cycle.state = cycle.store.update(cycle.state.reject(reason))
     status = "accepted" if accepted_model else "rejected"
@@ -186,6 +254,25 @@ def _run(cycle: _Cycle, parent: TrackedRun) -> CycleOutcome:
         metrics=result.metrics,
         shards=cycle.state.cycles[-1].shards,
     )
+
+
+def _allow_list(cycle: _Cycle, intake: Intake) -> AllowList:
+    """The shards training may read: every trusted and train shard accepted in this cycle's decisions, and the
+    held-out shards it validates on, each as listed in the manifest the intake verified."""
+    accepted_keys = {d.key for d in cycle.state.current.shards if d.accepted}
+    chosen = [s for s in (*intake.trusted, *intake.train) if (s.key, s.sha256) in accepted_keys]
+    return AllowList.of(s.allowed for s in (*chosen, *intake.holdout))
+
+
+def _checked_read_log(cycle: _Cycle, allow: AllowList, result: TrainingResult) -> dict[str, Any]:
+    """Writes what training read, then refuses the cycle unless it is exactly the allow-list (before signing)."""
+    path = cycle.config.output.work_dir / "reads" / f"cycle-{cycle.number:04d}.jsonl"
+    atomic_write(path, result.read_log.to_json_lines())
+    try:
+        allow.check_reads(result.read_log)
+    except ProvenanceError as error:
+        raise CycleAbortedError(f"read log {path}: {error.reason}: {error}", check="read-log") from None
+    return {"path": str(path), "sha256": result.read_log.digest(), "entries": len(result.read_log.records)}
 
 
 def _labeled(shards: Sequence[SignedShard], columns: Sequence[str], config: CycleConfig) -> LabeledData:
@@ -221,10 +308,10 @@ def _log_verification(cycle: _Cycle, intake: Intake, parent: TrackedRun, stage: 
 def _screen_inputs(cycle: _Cycle, intake: Intake, stage: TrackedRun) -> list[SignedShard]:
     """Validation and source caps; returns the shards RONI must still judge (new content, not yet decided)."""
     config = cycle.config
-    trusted_names = set(config.dataset.trusted_sources)
-    valid, invalid = validate(list(intake.train), config.validation)
-    if any(d.source in trusted_names for d in invalid):
-        bad = next(d for d in invalid if d.source in trusted_names)
+    trusted_keys = {s.key for s in intake.trusted}
+    valid, invalid = validate([*intake.trusted, *intake.train], config.validation)
+    bad = next((d for d in invalid if d.shard in trusted_keys), None)
+    if bad is not None:
         raise CycleAbortedError(f"trusted shard {bad.shard} is invalid: {bad.reason}", "validate")
     kept, capped = cap_sources(valid, config.limits.max_fraction_per_source)
     cycle.decide([*invalid, *capped])
@@ -233,12 +320,14 @@ def _screen_inputs(cycle: _Cycle, intake: Intake, stage: TrackedRun) -> list[Sig
     cycle.report["limits"] = [d.model_dump() for d in capped]
     new = []
     reused = []
+    signers = {m.manifest_sha256: m.key_set.label for m in intake.manifests}
     for shard in kept:
-        if shard.source in trusted_names:
-            reused.append(accepted(shard, "trusted", f"signed by trusted source {shard.source}"))
+        if shard.role == "trusted":
+            reason = f"role trusted, granted to key set {signers[shard.manifest_sha256]} by the trust policy"
+            reused.append(accepted(shard, "trusted", reason))
             continue
         earlier = cycle.state.decided(shard.key, shard.sha256)
-        if earlier is not None and earlier.check in ("roni", "trusted"):
+        if earlier is not None and earlier.check == "roni":
             reused.append(earlier)
         else:
             new.append(shard)
@@ -363,11 +452,20 @@ def _judge(config: CycleConfig, result: TrainingResult) -> tuple[bool, str]:
 
 
 def _release(
-    cycle: _Cycle, model: pl.LightningModule, intake: Intake, result: TrainingResult, parent: TrackedRun
+    cycle: _Cycle,
+    model: pl.LightningModule,
+    intake: Intake,
+    allow: AllowList,
+    result: TrainingResult,
+    parent: TrackedRun,
 ) -> Path:
     """Signs the accepted model with its SLSA attestation, makes it the model the next cycle starts from, and
-    registers it in MLflow."""
+    registers it in MLflow. A released model directory is never overwritten."""
     config = cycle.config
+    directory = config.output.work_dir / "models" / f"cycle-{cycle.number:04d}"
+    if directory.exists() or directory.is_symlink():
+        raise CycleAbortedError(f"{directory} already holds a released model; it is never overwritten", "release")
+    data_dirs = {m.manifest_sha256: m.data_dir for m in intake.manifests}
     started = cycle.state.current.started
     manifests: list[Resource] = [
         Resource(uri=m.path.resolve().as_uri(), digest={"sha256": m.manifest_sha256}, name=m.manifest.dataset)
@@ -380,8 +478,16 @@ def _release(
         config=file_resource(cycle.config_path),
         resolved_config=config.resolved(),
         shards=cycle.state.current.shards,
-        read_log_sha256=result.read_log_sha256,
-        read_log_entries=result.read_log_entries,
+        read_log=read_log_resource(**cycle.report["training"]["read_log"]),
+        allowed=[
+            Resource(
+                uri=(data_dirs[s.manifest_sha256] / s.name).resolve().as_uri(),
+                digest={"sha256": s.sha256},
+                name=s.key,
+                annotations={"manifestSha256": s.manifest_sha256},
+            )
+            for s in sorted(allow.shards)
+        ],
         invocation_id=str(uuid.uuid4()),
         started=started,
         finished=utc_now(),
@@ -392,7 +498,6 @@ def _release(
         },
         gate=cycle.report["gate"],
     )
-    directory = config.output.work_dir / "models" / f"cycle-{cycle.number:04d}"
     files = write_signed_model(
         model,
         directory,

@@ -34,8 +34,9 @@ def create_keys(keys: Path) -> None:
 
 
 def sign_trusted(data: Path, keys: Path) -> Path:
-    """The curator signs `trusted/`: the base set (role train) and the held-out set (role holdout)."""
-    roles = {"holdout.parquet": "holdout", "base.parquet": "train"}
+    """The curator signs `trusted/`: the base set (role trusted) and the held-out set (role holdout), roles that
+    the trust policy grants the curator's key alone."""
+    roles = {"holdout.parquet": "holdout", "base.parquet": "trusted"}
     key = load_signing_key(keys / "curator.key")
     envelope, _ = sign_dataset(data / "trusted", key, dataset="digits-trusted", source=TRUSTED_SOURCE, roles=roles)
     return write_manifest(envelope, data / "trusted.manifest.json")

@@ -61,6 +61,13 @@ class StateError(PipelineError):
         self.path = path
 
 
+class TamperedStateError(StateError):
+    """The cycle state's signature does not verify, or the state is older than the cycles released beside it
+    (deleted or replayed): a failed check, not bad input."""
+
+    exit_code = 1
+
+
 class CycleAbortedError(PipelineError):
     """A check stopped the retraining cycle before it had effect; `check` names it (verify, gate, ...)."""
 

@@ -1,8 +1,12 @@
-"""The cycle's intake: verify every signed manifest, read its shards verify-on-read, validate them, cap sources.
+"""The cycle's intake: verify every signed manifest once, read its shards verify-on-read, validate them, cap
+sources.
 
-Manifest-level failures (signature, threshold, payload type, expiry, rollback) and any failure of the held-out
-manifest stop the cycle: nothing it measures could be trusted. A listed training shard that fails its hash, size
-or path check is refused by name and never read; the rest of the cycle goes on without it.
+Manifest-level failures (signature, threshold, authorisation, wrong dataset, payload type, expiry, rollback) and
+any failure of the held-out set or of a trusted shard stop the cycle: nothing it measures could be trusted. A
+training shard that fails its hash, size, path or decoding check is refused by name; the cycle goes on without it.
+What a shard is used for comes from its signed role, which the trust policy let its signers grant: `trusted`
+shards are the unscreened base, `train` shards are screened, `holdout` shards of the held-out manifest are
+measured on and never trained on.
 """
 
 from __future__ import annotations
@@ -18,35 +22,43 @@ import pandas as pd
 from trainguard.pipeline.config import CycleConfig, ManifestRef, ValidationSection
 from trainguard.pipeline.errors import CycleAbortedError
 from trainguard.pipeline.state import ShardDecision
+from trainguard.provenance.allowlist import AllowedShard
 from trainguard.provenance.errors import ProvenanceError
 from trainguard.provenance.reader import ReadLog, ShardReader
-from trainguard.provenance.state import RollbackState, default_state_path
-from trainguard.provenance.verify import VerificationReport, VerifiedManifest, open_manifest, verify_dataset
+from trainguard.provenance.state import RollbackCheck
+from trainguard.provenance.verify import VerificationReport, VerifiedManifest, open_manifest, verify_shards
 
 
 @dataclass(frozen=True)
 class SignedShard:
-    """A shard read verify-on-read: its frame, where it is listed, who contributed it and for what role."""
+    """A shard read verify-on-read: its frame, the manifest that listed it, who contributed it and its signed role."""
 
     name: str
     sha256: str
     source: str
     role: str
     dataset: str
+    manifest_sha256: str
     frame: pd.DataFrame
 
     @property
     def key(self) -> str:
-        """Unique across manifests: `dataset:name`, as `VerifiedDataModule(exclude=...)` takes it."""
+        """Unique across manifests: `dataset:name`, as decisions and reports name shards."""
         return f"{self.dataset}:{self.name}"
+
+    @property
+    def allowed(self) -> AllowedShard:
+        """This shard as an allow-list entry: exactly these bytes, as listed in exactly this manifest."""
+        return AllowedShard(self.manifest_sha256, self.dataset, self.name, self.sha256)
 
 
 @dataclass(frozen=True)
 class Intake:
-    """What the intake verified and read, and every shard it refused (with the check and the reason)."""
+    """What the intake verified and read (by signed role), and every shard it refused (with check and reason)."""
 
     manifests: tuple[VerifiedManifest, ...]
     reports: tuple[VerificationReport, ...]
+    trusted: tuple[SignedShard, ...]
     train: tuple[SignedShard, ...]
     holdout: tuple[SignedShard, ...]
     holdout_sha256: str
@@ -73,59 +85,82 @@ def feature_columns(frame: pd.DataFrame, section: ValidationSection) -> list[str
 
 
 def _verify(
-    ref: ManifestRef, config: CycleConfig, rollback: RollbackState
+    ref: ManifestRef, config: CycleConfig, rollback: RollbackCheck
 ) -> tuple[VerifiedManifest, VerificationReport]:
-    """Every check on one manifest; a manifest-level failure (or unusable input) aborts the cycle."""
+    """Every check on one manifest, read once; a manifest-level failure (or unusable input) aborts the cycle."""
     trust = ref.trust or config.dataset.trust
     data_dir = ref.data_dir or ref.manifest.parent
     try:
-        report = verify_dataset(
-            ref.manifest, trust, data_dir=data_dir, state=rollback, allow_extra=config.dataset.allow_extra, record=False
-        )
-        failed = next((f for f in report.failures if f.shard is None), None)
-        if failed is not None:
-            raise CycleAbortedError(f"verify {ref.manifest}: {failed.line()}", check="verify")
-        return open_manifest(ref.manifest, trust, data_dir=data_dir, state=rollback), report
+        verified = open_manifest(ref.manifest, trust, dataset=ref.dataset, data_dir=data_dir, state=rollback)
+        return verified, verify_shards(verified, allow_extra=config.dataset.allow_extra)
     except ProvenanceError as error:
         raise CycleAbortedError(f"verify {ref.manifest}: {error.reason}: {error}", check="verify") from None
 
 
-def verify_and_read(config: CycleConfig, log: ReadLog | None = None) -> Intake:
-    """Verifies every manifest, then reads each shard that passed (hash checked again on read)."""
-    rollback = RollbackState(config.dataset.state_file or default_state_path())
-    holdout_path = config.dataset.holdout.manifest.resolve()
-    manifests, reports, train, holdout, refused = [], [], [], [], []
+def verify_and_read(config: CycleConfig, rollback: RollbackCheck, log: ReadLog | None = None) -> Intake:
+    """Verifies every manifest (rollback checked against `rollback`), then reads each shard that passed, its hash
+    checked again on read. Recording the accepted manifest versions is the caller's (it owns the state)."""
+    holdout_ref = config.dataset.holdout
+    manifests, reports, refused = [], [], []
+    by_role: dict[str, list[SignedShard]] = defaultdict(list)
     for ref in manifest_refs(config):
         verified, report = _verify(ref, config, rollback)
-        failures = report.failures
         manifests.append(verified)
         reports.append(report)
+        is_holdout = ref.manifest.resolve() == holdout_ref.manifest.resolve()
         listed = {s.name: s for s in verified.manifest.shards}
-        for failure in failures:
-            if failure.shard not in listed or ref.manifest.resolve() == holdout_path:
+        for failure in report.failures:
+            shard = listed.get(failure.shard or "")
+            if shard is None or is_holdout or shard.role != "train":
                 raise CycleAbortedError(f"verify {ref.manifest}: {failure.line()}", check="verify")
-            shard = listed[failure.shard]
-            refused.append(
-                ShardDecision(
-                    shard=f"{verified.manifest.dataset}:{shard.name}",
-                    sha256=shard.sha256,
-                    source=shard.source,
-                    accepted=False,
-                    check="verify",
-                    reason=f"{failure.reason}: {failure.detail}",
+            refused.append(_refused_entry(verified, shard.name, "verify", f"{failure.reason}: {failure.detail}"))
+        failed = {f.shard for f in report.failures}
+        reader = ShardReader(verified, log)
+        for shard in verified.manifest.shards:
+            if shard.name in failed or (shard.role == "holdout" and not is_holdout):
+                continue
+            try:
+                frame = reader.read_frame(shard.name)
+            except ProvenanceError as error:
+                if shard.role != "train":
+                    raise CycleAbortedError(f"read {ref.manifest}: {error.reason}: {error}", check="verify") from None
+                refused.append(_refused_entry(verified, shard.name, "verify", f"{error.reason}: {error}"))
+                continue
+            by_role[shard.role].append(
+                SignedShard(
+                    shard.name,
+                    shard.sha256,
+                    shard.source,
+                    shard.role,
+                    verified.manifest.dataset,
+                    verified.manifest_sha256,
+                    frame,
                 )
             )
-        failed = {f.shard for f in failures}
-        reader = ShardReader(verified, log)
-        wanted = [s for s in verified.manifest.shards if s.name not in failed]
-        for shard, (name, frame) in zip(wanted, reader.frames(s.name for s in wanted), strict=True):
-            signed = SignedShard(name, shard.sha256, shard.source, shard.role, verified.manifest.dataset, frame)
-            (holdout if shard.role == "holdout" else train).append(signed)
-        rollback.record(verified.manifest.dataset, verified.manifest.version, verified.statement_sha256)
-    if not holdout:
-        raise CycleAbortedError(f"{config.dataset.holdout.manifest}: lists no role=holdout shard", check="verify")
-    holdout_sha256 = next(m.manifest_sha256 for m in manifests if m.path.resolve() == holdout_path)
-    return Intake(tuple(manifests), tuple(reports), tuple(train), tuple(holdout), holdout_sha256, tuple(refused))
+    if not by_role["holdout"]:
+        raise CycleAbortedError(f"{holdout_ref.manifest}: lists no role=holdout shard", check="verify")
+    holdout_sha256 = next(m.manifest_sha256 for m in manifests if m.path.resolve() == holdout_ref.manifest.resolve())
+    return Intake(
+        tuple(manifests),
+        tuple(reports),
+        tuple(by_role["trusted"]),
+        tuple(by_role["train"]),
+        tuple(by_role["holdout"]),
+        holdout_sha256,
+        tuple(refused),
+    )
+
+
+def _refused_entry(verified: VerifiedManifest, name: str, check: str, reason: str) -> ShardDecision:
+    shard = next(s for s in verified.manifest.shards if s.name == name)
+    return ShardDecision(
+        shard=f"{verified.manifest.dataset}:{name}",
+        sha256=shard.sha256,
+        source=shard.source,
+        accepted=False,
+        check=check,
+        reason=reason,
+    )
 
 
 def validate(

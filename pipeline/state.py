@@ -1,10 +1,12 @@
-"""The state kept across retraining cycles: the last accepted model, its held-out record, every shard decision.
+"""The state kept across retraining cycles: the last accepted model, its held-out record, every shard decision
+and the anti-rollback records of the manifests the cycles accepted.
 
 Pure transitions on immutable values (`CycleState.begin`, `.decide`, `.accept`, ...) are separate from storage
-(`StateStore`), which writes the whole state atomically (temp file, fsync, rename) after each decision. A process
-killed mid-cycle leaves a `running` cycle holding every decision made so far; re-running the same config resumes
-it (decided shards are not re-screened), a changed config abandons it and starts afresh. A rejected or failed
-cycle never touches the last accepted model.
+(`StateStore`), which writes the whole state atomically after each decision, as a DSSE envelope signed with the
+cycle's key: an edited, forged or foreign state is refused, never believed. A process killed mid-cycle leaves a
+`running` cycle holding every decision made so far; re-running the same config resumes it (decided shards are not
+re-screened), a changed config abandons it and starts afresh. A rejected or failed cycle never touches the last
+accepted model.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import contextlib
 import fcntl
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,9 +22,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from trainguard.pipeline.errors import StateError
+from trainguard.files import atomic_write, read_regular
+from trainguard.pipeline.errors import StateError, TamperedStateError
+from trainguard.provenance.dsse import Envelope, sign_envelope, verify_envelope
+from trainguard.provenance.errors import ProvenanceError
+from trainguard.provenance.keys import SigningKey
+from trainguard.provenance.state import Accepted, RollbackRecords
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+STATE_PAYLOAD_TYPE = "application/vnd.trainguard.cycle-state+json"
+STATE_LIMIT = 256 * 1024 * 1024
 Status = Literal["running", "accepted", "rejected", "failed", "abandoned"]
 
 
@@ -80,13 +88,42 @@ class CycleRecord(_Record):
     reason: str = ""
 
 
-class CycleState(_Record):
-    """Everything decided so far, across cycles."""
+class RollbackEntry(_Record):
+    """The highest manifest version accepted in one (key set, dataset) namespace, and its statement digest."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    version: int = Field(ge=0)
+    statement_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class CycleState(_Record):
+    """Everything decided so far, across cycles. `first_cycle` is where numbering starts: past every released
+    model and report when a state is re-initialised beside them."""
+
+    schema_version: Literal[2] = SCHEMA_VERSION
+    first_cycle: int = Field(default=1, ge=1)
     accepted_model: ModelRecord | None = None
     heldout: HeldoutRecord | None = None
+    rollback: dict[str, RollbackEntry] = Field(default_factory=dict)
     cycles: tuple[CycleRecord, ...] = ()
+
+    @property
+    def rollback_records(self) -> RollbackRecords:
+        """The anti-rollback records, for manifest verification."""
+        return RollbackRecords({k: Accepted(e.version, e.statement_sha256) for k, e in self.rollback.items()})
+
+    def accept_manifest(self, key: str, version: int, statement_sha256: str) -> CycleState:
+        """Records a manifest as accepted in its rollback namespace (refusing a rollback)."""
+        records = self.rollback_records.recorded(key, version, statement_sha256)
+        entries = {
+            k: RollbackEntry(version=a.version, statement_sha256=a.statement_sha256)
+            for k, a in records.accepted.items()
+        }
+        return self.model_copy(update={"rollback": entries})
+
+    @property
+    def last_number(self) -> int:
+        """The number of the latest cycle, or the one before `first_cycle` when none ran."""
+        return self.cycles[-1].cycle if self.cycles else self.first_cycle - 1
 
     @property
     def current(self) -> CycleRecord | None:
@@ -109,7 +146,7 @@ class CycleState(_Record):
                 update={"status": "abandoned", "finished": now or utc_now(), "reason": "config changed"}
             )
             cycles = (*cycles[:-1], abandoned)
-        number = cycles[-1].cycle + 1 if cycles else 1
+        number = cycles[-1].cycle + 1 if cycles else self.first_cycle
         fresh = CycleRecord(cycle=number, config_sha256=config_sha256, started=now or utc_now())
         return self.model_copy(update={"cycles": (*cycles, fresh)})
 
@@ -165,9 +202,15 @@ class CycleState(_Record):
 
 
 def state_from_json(text: str | bytes, source: str = "<state>") -> CycleState:
-    """Parses a persisted state; anything malformed is a StateError (never silently reset)."""
+    """Parses a state's JSON; anything malformed is a StateError (never silently reset)."""
+    from trainguard.strictjson import StrictJSONError, loads
+
     try:
-        return CycleState.model_validate_json(text)
+        document = loads(text)
+    except StrictJSONError as error:
+        raise StateError(f"{source}: malformed cycle state: {error}", path=source) from None
+    try:
+        return CycleState.model_validate(document)
     except ValidationError as error:
         first = error.errors(include_url=False)[0]
         where = ".".join(str(part) for part in first["loc"]) or "<root>"
@@ -179,40 +222,41 @@ def state_to_json(state: CycleState) -> str:
 
 
 class StateStore:
-    """The state file: atomic whole-file writes, and an exclusive lock so two cycles never interleave."""
+    """The state file, signed with the cycle's key: atomic whole-file writes, and an exclusive lock so two cycles
+    never interleave."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, key: SigningKey) -> None:
         self.path = Path(path)
+        self.key = key
+
+    def exists(self) -> bool:
+        return self.path.exists() or self.path.is_symlink()
 
     def load(self) -> CycleState:
-        """The persisted state, or an empty one if the file does not exist yet."""
+        """The persisted state (its signature checked), or an empty one if the file does not exist yet."""
         try:
-            data = self.path.read_bytes()
+            data = read_regular(self.path, limit=STATE_LIMIT, follow_symlinks=False)
         except FileNotFoundError:
             return CycleState()
         except OSError as error:
             raise StateError(f"{self.path}: cannot read cycle state: {error.strerror}", path=str(self.path)) from None
-        return state_from_json(data, str(self.path))
+        try:
+            envelope = Envelope.from_json(data)
+            if envelope.payload_type != STATE_PAYLOAD_TYPE:
+                raise StateError(f"{self.path}: not a trainguard cycle state (payloadType {envelope.payload_type!r})")
+            verify_envelope(envelope, (self.key.public,), 1)
+        except ProvenanceError as error:
+            raise TamperedStateError(
+                f"{self.path}: the cycle state does not carry a valid signature of the cycle key {self.key.keyid[:16]} "
+                f"({error.reason}): it was edited outside trainguard or belongs to another key; refusing it",
+                path=str(self.path),
+            ) from None
+        return state_from_json(envelope.payload, str(self.path))
 
     def save(self, state: CycleState) -> None:
-        """Writes the state so that a crash leaves either the old or the new file, never a torn one."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as stream:
-                stream.write(state_to_json(state))
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(temp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp)
-            raise
-        directory = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        """Signs and writes the state so that a crash leaves either the old or the new file, never a torn one."""
+        envelope = sign_envelope(STATE_PAYLOAD_TYPE, state_to_json(state).encode(), self.key)
+        atomic_write(self.path, envelope.to_json())
 
     def update(self, state: CycleState) -> CycleState:
         """Saves and returns `state` (for `state = store.update(state.decide(...))`)."""
@@ -224,12 +268,17 @@ class StateStore:
         """Holds an exclusive lock beside the state file; a second concurrent cycle fails at once."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lock_path = self.path.with_name(self.path.name + ".lock")
-        with lock_path.open("a") as lock:
+        try:
+            lock = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+        except OSError as error:
+            raise StateError(
+                f"{lock_path}: cannot open the cycle lock: {error.strerror}", path=str(lock_path)
+            ) from None
+        try:
             try:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise StateError(f"{self.path}: another cycle holds the lock", path=str(self.path)) from None
-            try:
-                yield self
-            finally:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+            yield self
+        finally:
+            os.close(lock)

@@ -14,8 +14,8 @@ from trainguard.defenses import AdversarialTraining, RobustAccuracy
 from trainguard.defenses.gate import GateVerdict, RONIGate
 from trainguard.defenses.heldout import HeldoutMetrics, LabeledData
 from trainguard.pipeline.config import CycleConfig
-from trainguard.provenance.callback import VerifyDatasetCallback
-from trainguard.provenance.dataset import ManifestSpec, VerifiedDataModule
+from trainguard.provenance.dataset import VerifiedDataModule
+from trainguard.provenance.reader import ReadLog
 
 
 @dataclass(frozen=True)
@@ -24,8 +24,7 @@ class TrainingResult:
 
     verdict: GateVerdict
     metrics: dict[str, float]
-    read_log_sha256: str
-    read_log_entries: int
+    read_log: ReadLog
     robust_accuracy: dict[str, float]
 
 
@@ -98,29 +97,15 @@ def defense_callbacks(config: CycleConfig, holdout: LabeledData, previous: Heldo
 def train(
     model: pl.LightningModule,
     config: CycleConfig,
-    specs: Sequence[ManifestSpec],
-    exclude: Sequence[str],
+    data: VerifiedDataModule,
     holdout: LabeledData,
     previous: HeldoutMetrics | None,
-    feature_columns: Sequence[str],
     logger: Any,
 ) -> TrainingResult:
-    """Fits `model` on every role=train shard but `exclude`, verified at fit start and again on read."""
-    common = {"trust": config.dataset.trust, "state_file": config.dataset.state_file}
-    data = VerifiedDataModule(
-        specs,
-        exclude=exclude,
-        feature_columns=feature_columns,
-        label_column=config.validation.label_column,
-        batch_size=config.training.batch_size,
-        num_workers=config.training.num_workers,
-        seed=config.training.seed,
-        **common,
-    )
-    verify = VerifyDatasetCallback(specs, exclude=exclude, allow_extra=config.dataset.allow_extra, **common)
+    """Fits `model` on the shards `data` reads (the cycle's allow-list, each verified on read) with the defenses."""
     defenses = defense_callbacks(config, holdout, previous)
     user = [component.instantiate() for component in config.callbacks]
-    fit = trainer(config, [verify, *defenses, *user], logger, config.training.max_epochs)
+    fit = trainer(config, [*defenses, *user], logger, config.training.max_epochs)
     fit.fit(model, datamodule=data)
     gate = next(c for c in defenses if isinstance(c, RONIGate))
     robust = next(c for c in defenses if isinstance(c, RobustAccuracy))
@@ -129,8 +114,7 @@ def train(
     return TrainingResult(
         verdict=gate.verdict,
         metrics=metrics,
-        read_log_sha256=data.read_log_digest(),
-        read_log_entries=len(data.read_log.records),
+        read_log=data.read_log,
         robust_accuracy={
             f"{e:g}": metrics.get(n, float("nan")) for e, n in zip(robust.eps, robust.metric_names(), strict=True)
         },

@@ -75,6 +75,7 @@ class VerifyDatasetCallback(pl.Callback):
         return verify_dataset(
             spec.manifest,
             trust,
+            dataset=spec.dataset,
             data_dir=spec.data_dir,
             state=self.state,
             allow_extra=self.allow_extra,
@@ -92,8 +93,8 @@ class VerifyDatasetCallback(pl.Callback):
         return replace(report, failures=kept)
 
     def _record(self, report: VerificationReport) -> None:
-        assert report.dataset is not None and report.version is not None and report.statement_sha256 is not None
-        self.state.record(report.dataset, report.version, report.statement_sha256)
+        assert report.rollback_key is not None and report.version is not None and report.statement_sha256 is not None
+        self.state.record(report.rollback_key, report.version, report.statement_sha256)
 
     def _log(self, trainer: pl.Trainer, reports: Sequence[VerificationReport]) -> None:
         if trainer.logger is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -16,6 +17,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from trainguard.provenance.allowlist import AllowList
 from trainguard.provenance.errors import MalformedError, ProvenanceError, ShardError
 from trainguard.provenance.manifest import ShardEntry
 from trainguard.provenance.policy import TrustPolicy
@@ -26,11 +28,13 @@ from trainguard.provenance.verify import VerifiedManifest, open_manifest
 
 @dataclass(frozen=True)
 class ManifestSpec:
-    """A manifest, the folder of its shards (default: the manifest's) and its trust (default: the caller's)."""
+    """A manifest, the dataset it must be, the folder of its shards (default: the manifest's) and its trust
+    (default: the caller's)."""
 
     manifest: Path
     data_dir: Path | None = None
     trust: Path | None = None
+    dataset: str | None = None
 
 
 ManifestLike = ManifestSpec | Path | str | Mapping[str, str]
@@ -40,13 +44,16 @@ def as_spec(item: ManifestLike) -> ManifestSpec:
     if isinstance(item, ManifestSpec):
         return item
     if isinstance(item, Mapping):
-        unknown = set(item) - {"manifest", "data_dir", "trust"}
+        unknown = set(item) - {"manifest", "data_dir", "trust", "dataset"}
         if "manifest" not in item or unknown:
-            raise MalformedError(f"a manifest entry needs 'manifest' (and optional data_dir, trust); got {dict(item)}")
+            raise MalformedError(
+                f"a manifest entry needs 'manifest' (and optional dataset, data_dir, trust); got {dict(item)}"
+            )
         return ManifestSpec(
             Path(item["manifest"]),
             Path(item["data_dir"]) if item.get("data_dir") else None,
             Path(item["trust"]) if item.get("trust") else None,
+            item.get("dataset") or None,
         )
     return ManifestSpec(Path(item))
 
@@ -60,7 +67,7 @@ def open_verified(
         policy = spec.trust or trust
         if policy is None:
             raise MalformedError(f"no trust policy for manifest {spec.manifest}")
-        opened.append(open_manifest(spec.manifest, policy, data_dir=spec.data_dir, state=state))
+        opened.append(open_manifest(spec.manifest, policy, dataset=spec.dataset, data_dir=spec.data_dir, state=state))
     return tuple(opened)
 
 
@@ -85,7 +92,7 @@ class ShardDataset(Dataset):
             selected = [
                 s
                 for s in reader.verified.manifest.select(roles, sources)
-                if s.name not in exclude and f"{dataset}:{s.name}" not in exclude
+                if s.name not in exclude and f"{dataset}:{s.name}" not in exclude and reader.permitted(s)
             ]
             entries = {s.name: s for s in selected}
             for name, frame in reader.frames(entries):
@@ -124,9 +131,11 @@ def _columns(
 
 
 class VerifiedDataModule(pl.LightningDataModule):
-    """Train on role `train` shards and validate on role `holdout` shards of signed manifests, verified on read.
+    """Train on role `train` and `trusted` shards and validate on role `holdout` shards of signed manifests,
+    verified on read.
 
-    `exclude` drops shards by name (or `dataset:name`), e.g. those a poisoning screen rejected.
+    `exclude` drops shards by name (or `dataset:name`), e.g. those a poisoning screen rejected. A module made by
+    `from_verified` reads through manifests already verified and an allow-list, never re-opening a manifest by path.
     """
 
     def __init__(
@@ -135,7 +144,7 @@ class VerifiedDataModule(pl.LightningDataModule):
         trust: Path | str | None = None,
         *,
         state_file: Path | str | None = None,
-        train_roles: Sequence[str] = ("train",),
+        train_roles: Sequence[str] = ("train", "trusted"),
         val_roles: Sequence[str] | None = ("holdout",),
         sources: Sequence[str] | None = None,
         exclude: Collection[str] = (),
@@ -156,8 +165,19 @@ class VerifiedDataModule(pl.LightningDataModule):
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.read_log = ReadLog()
         self.verified: tuple[VerifiedManifest, ...] = ()
+        self.allow: AllowList | None = None
         self.train_set: ShardDataset | None = None
         self.val_set: ShardDataset | None = None
+
+    @classmethod
+    def from_verified(
+        cls, verified: Sequence[VerifiedManifest], allow: AllowList, **options: Any
+    ) -> VerifiedDataModule:
+        """A module over statements already verified (e.g. a cycle's intake) that reads only the shards on `allow`,
+        each checked against its digest as it is read."""
+        module = cls((), **options)
+        module.verified, module.allow = tuple(verified), allow
+        return module
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -177,8 +197,9 @@ class VerifiedDataModule(pl.LightningDataModule):
             raise ProvenanceError("shard verification failed on another rank; training stopped")
 
     def _read(self) -> None:
-        self.verified = open_verified(self.specs, self.trust, self.state_file)
-        readers = [ShardReader(v, self.read_log) for v in self.verified]
+        if self.allow is None:
+            self.verified = open_verified(self.specs, self.trust, self.state_file)
+        readers = [ShardReader(v, self.read_log, self.allow) for v in self.verified]
         options = {
             "sources": self.sources,
             "exclude": self.exclude,

@@ -91,6 +91,37 @@ class ThresholdError(SignatureError):
     reason = "below-threshold"
 
 
+class AuthorizationError(ProvenanceError):
+    """The manifest's signers meet the threshold but are not authorised for what it claims (trust flows from keys:
+    a key set vouches only for the datasets, sources and roles its policy grants it)."""
+
+    reason = "unauthorized"
+
+
+class UnauthorizedDatasetError(AuthorizationError):
+    """The signing key set may not sign a dataset of this name."""
+
+    reason = "unauthorized-dataset"
+
+
+class UnauthorizedSourceError(AuthorizationError):
+    """A shard is attributed to a source the signing key set may not attribute."""
+
+    reason = "unauthorized-source"
+
+
+class UnauthorizedRoleError(AuthorizationError):
+    """A shard claims a role (trusted, holdout) the signing key set may not grant."""
+
+    reason = "unauthorized-role"
+
+
+class WrongDatasetError(ProvenanceError):
+    """A validly signed manifest of another dataset stands where the reference expects this one."""
+
+    reason = "wrong-dataset"
+
+
 class PayloadTypeError(ProvenanceError):
     """The envelope's payloadType is not the in-toto one."""
 
@@ -104,7 +135,8 @@ class ExpiredError(ProvenanceError):
 
 
 class RollbackError(ProvenanceError):
-    """The manifest is older than (or reuses the version of) one already accepted for this dataset."""
+    """The manifest is older than (or reuses the version of) one already accepted for this dataset from the same
+    key set."""
 
     reason = "rollback"
 
@@ -113,6 +145,18 @@ class ShardError(ProvenanceError):
     """One shard failed a check; `reason` says which (digest-mismatch, missing, symlink, ...)."""
 
     reason = "shard"
+
+
+class NotAllowedError(ShardError):
+    """A read of a shard that is not on the allow-list the reader was given (verified, but not accepted)."""
+
+    reason = "not-allowed"
+
+
+class ReadLogMismatchError(ProvenanceError):
+    """What training read differs from the allow-list: a stray read, or an accepted shard never read."""
+
+    reason = "read-log-mismatch"
 
 
 class DvcMismatchError(ProvenanceError):

@@ -18,7 +18,9 @@ from trainguard.provenance.errors import MalformedError
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 PREDICATE_TYPE = "https://trainguard.dev/dataset-manifest/v1"
-ROLES = ("train", "holdout")
+ROLES = ("train", "trusted", "holdout")
+"""`train`: screened before training; `trusted`: trained on unscreened (the base RONI and the gate start from);
+`holdout`: never trained on, the held-out set every check measures on. Only a key set granted a role may claim it."""
 DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _SOURCE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:+-]{0,127}")

@@ -1,69 +1,254 @@
-"""Trust policies: which public keys may sign a dataset and how many of them must (k of n).
+"""Trust policies: which keys may sign, how many of them must (k of n), and what their signatures vouch for.
 
-A policy is a JSON or YAML file `{"threshold": k, "keys": ["alice.pub", {"path": "bob.pub", "keyid": "..."}]}`
-(paths relative to the policy file); a single PEM `.pub` file is a 1-of-1 policy.
+Trust flows from keys. Each key set is granted the dataset names it may sign, the sources it may attribute shards
+to and the roles it may give them (`train`, `trusted`, `holdout`); a manifest is accepted only when a key set that
+meets its threshold is granted everything the manifest claims. A shard is never trusted or held out because of a
+string it declares.
+
+A policy file (JSON or YAML, paths relative to the file) is one key set or a list of them::
+
+    signers:
+      - name: curator
+        keys: [curator.pub]            # or {"path": ..., "keyid": ...} / {"pem": ...}
+        threshold: 1
+        datasets: [digits-trusted]     # fnmatch patterns; default: any
+        sources: [curator]             # default: any
+        roles: [trusted, holdout]      # default: [train]
+      - name: owner
+        keys: [owner.pub]
+        datasets: [digits-contributed]
+        sources: [alice, bob]
+
+A single PEM `.pub` file is a 1-of-1 key set granted any dataset, any source and the role `train` only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
+from typing import Any
 
-from trainguard.provenance.errors import KeyFileError, PolicyError
+from trainguard.files import read_regular
+from trainguard.provenance.dsse import Envelope, verify_envelope
+from trainguard.provenance.errors import (
+    AuthorizationError,
+    KeyFileError,
+    PolicyError,
+    SignatureError,
+    UnauthorizedDatasetError,
+    UnauthorizedRoleError,
+    UnauthorizedSourceError,
+)
 from trainguard.provenance.keys import VerifyingKey, load_verifying_key, verifying_key_from_pem
+from trainguard.provenance.manifest import ROLES, Manifest
+
+POLICY_LIMIT = 1024 * 1024
+_SET_FIELDS = {"name", "keys", "threshold", "datasets", "sources", "roles"}
 
 
 @dataclass(frozen=True)
-class TrustPolicy:
+class KeySet:
+    """Keys of which `threshold` must sign, and the datasets, sources and roles their signatures vouch for."""
+
     keys: tuple[VerifyingKey, ...]
     threshold: int = 1
+    name: str = ""
+    datasets: tuple[str, ...] = ("*",)
+    sources: tuple[str, ...] = ("*",)
+    roles: tuple[str, ...] = ("train",)
 
     def __post_init__(self) -> None:
-        distinct = {key.keyid for key in self.keys}
-        if len(distinct) != len(self.keys):
-            raise PolicyError("the trust policy lists the same key twice")
         if not self.keys:
-            raise PolicyError("the trust policy lists no keys")
+            raise PolicyError(f"key set {self.label} lists no keys")
+        if len({key.keyid for key in self.keys}) != len(self.keys):
+            raise PolicyError(f"key set {self.label} lists the same key twice")
         if not 1 <= self.threshold <= len(self.keys):
-            raise PolicyError(f"threshold {self.threshold} is out of range for {len(self.keys)} trusted key(s)")
+            raise PolicyError(f"key set {self.label}: threshold {self.threshold} is out of range for {len(self.keys)}")
+        unknown = sorted(set(self.roles) - set(ROLES))
+        if unknown:
+            raise PolicyError(f"key set {self.label}: unknown role {unknown[0]!r} (roles: {', '.join(ROLES)})")
+        for field, patterns in (("datasets", self.datasets), ("sources", self.sources)):
+            if not patterns or not all(isinstance(p, str) and p for p in patterns):
+                raise PolicyError(f"key set {self.label}: {field} must be a non-empty list of names or patterns")
 
     @property
     def keyids(self) -> tuple[str, ...]:
         return tuple(key.keyid for key in self.keys)
 
+    @property
+    def label(self) -> str:
+        """How messages name the set: its name, else its first keyid."""
+        return self.name or (f"keys {self.keys[0].keyid[:16]}" if self.keys else "<no keys>")
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 over the threshold and the sorted keyids: the namespace anti-rollback records are kept under,
+        so another key set signing the same dataset name can never lock this one out or replay into it."""
+        material = json.dumps([self.threshold, sorted(self.keyids)], separators=(",", ":"))
+        return hashlib.sha256(b"trainguard-keyset-v1\n" + material.encode()).hexdigest()
+
+    def unauthorized(self, manifest: Manifest) -> AuthorizationError | None:
+        """The first claim of `manifest` this key set is not granted (dataset, then each shard's source and role)."""
+        if not _matches(manifest.dataset, self.datasets):
+            return UnauthorizedDatasetError(
+                f"key set {self.label} may not sign dataset {manifest.dataset!r} (granted: {', '.join(self.datasets)})"
+            )
+        for shard in manifest.shards:
+            if not _matches(shard.source, self.sources):
+                return UnauthorizedSourceError(
+                    f"shard {shard.name} is attributed to source {shard.source!r}, which key set {self.label} may "
+                    f"not attribute (granted: {', '.join(self.sources)})",
+                    shard=shard.name,
+                )
+            if shard.role not in self.roles:
+                return UnauthorizedRoleError(
+                    f"shard {shard.name} claims role {shard.role!r}, which key set {self.label} may not grant "
+                    f"(granted: {', '.join(self.roles)})",
+                    shard=shard.name,
+                )
+        return None
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatchcase(name, pattern) for pattern in patterns)
+
+
+@dataclass(frozen=True)
+class TrustPolicy:
+    """The key sets a manifest may be signed by."""
+
+    key_sets: tuple[KeySet, ...]
+
+    def __post_init__(self) -> None:
+        if not self.key_sets:
+            raise PolicyError("the trust policy lists no key sets")
+
+    @classmethod
+    def of(cls, keys: Sequence[VerifyingKey], threshold: int = 1, **grants: Any) -> TrustPolicy:
+        """A policy of one key set (`grants`: name, datasets, sources, roles)."""
+        return cls((KeySet(tuple(keys), threshold, **grants),))
+
+    @property
+    def keyids(self) -> tuple[str, ...]:
+        return tuple(keyid for key_set in self.key_sets for keyid in key_set.keyids)
+
+    def signed_by(self, envelope: Envelope) -> tuple[Signed, ...]:
+        """The key sets whose threshold the envelope meets, each with the keyids that signed for it; raises the
+        first set's SignatureError when none is met."""
+        signed: list[Signed] = []
+        first_error: SignatureError | None = None
+        for key_set in self.key_sets:
+            try:
+                signed.append(Signed(key_set, verify_envelope(envelope, key_set.keys, key_set.threshold)))
+            except SignatureError as error:
+                first_error = first_error or error
+        if not signed:
+            assert first_error is not None
+            raise first_error
+        return tuple(signed)
+
+
+@dataclass(frozen=True)
+class Signed:
+    """A key set whose threshold an envelope met, and the keyids of its keys that signed."""
+
+    key_set: KeySet
+    signers: tuple[str, ...]
+
+
+def granted(signed: Sequence[Signed], manifest: Manifest) -> Signed:
+    """The first of the signing key sets granted everything the manifest claims; else the first refusal."""
+    refusals = []
+    for candidate in signed:
+        problem = candidate.key_set.unauthorized(manifest)
+        if problem is None:
+            return candidate
+        refusals.append(problem)
+    raise refusals[0]
+
 
 def load_trust(path: Path) -> TrustPolicy:
-    """A policy file or a single PEM public key (1 of 1)."""
+    """A policy file or a single PEM public key (1 of 1, role `train` only)."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        data = read_regular(path, limit=POLICY_LIMIT)
     except OSError as error:
         raise PolicyError(f"cannot read trust policy {path}: {error.strerror}", path=str(path)) from None
     if data.lstrip().startswith(b"-----BEGIN"):
-        return TrustPolicy((verifying_key_from_pem(data, str(path)),), 1)
+        return TrustPolicy.of((verifying_key_from_pem(data, str(path)),), 1, name=path.name)
     document = _parse(data, path)
-    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
-        raise PolicyError(f"{path}: a trust policy needs a 'keys' list", path=str(path))
-    threshold = document.get("threshold", 1)
-    if isinstance(threshold, bool) or not isinstance(threshold, int):
-        raise PolicyError(f"{path}: threshold must be an integer", path=str(path))
-    keys = tuple(_key(entry, path) for entry in document["keys"])
+    if not isinstance(document, dict):
+        raise PolicyError(f"{path}: a trust policy must be a mapping", path=str(path))
     try:
-        return TrustPolicy(keys, threshold)
+        if "signers" in document:
+            if set(document) != {"signers"} or not isinstance(document["signers"], list):
+                raise PolicyError("a policy with 'signers' holds only a list of key sets")
+            return TrustPolicy(tuple(_key_set(entry, path, index) for index, entry in enumerate(document["signers"])))
+        return TrustPolicy((_key_set(document, path, None),))
     except PolicyError as error:
-        raise PolicyError(f"{path}: {error}", path=str(path)) from None
+        raise PolicyError(f"{path}: {error}", path=str(path), keyid=error.keyid) from None
 
 
 def _parse(data: bytes, path: Path) -> object:
+    from trainguard.strictjson import StrictJSONError, loads
+
     try:
         if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            return yaml.safe_load(data)
-        return json.loads(data)
-    except Exception as error:  # yaml and json raise several unrelated types for bad input
+            return _strict_yaml(data)
+        return loads(data)
+    except (StrictJSONError, ValueError) as error:
         raise PolicyError(f"{path}: not a trust policy (JSON/YAML) nor a PEM key: {error}", path=str(path)) from None
+
+
+def _strict_yaml(data: bytes) -> object:
+    """YAML without duplicate keys (PyYAML keeps the last silently), so a policy means one thing."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+        keys = [loader.construct_object(key) for key, _ in node.value]
+        duplicates = sorted({str(k) for k in keys if keys.count(k) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate key {duplicates[0]!r}")
+        return loader.construct_mapping(node)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    try:
+        return yaml.load(data, Loader=Loader)
+    except yaml.YAMLError as error:
+        raise ValueError(str(error).splitlines()[0]) from None
+
+
+def _key_set(entry: object, policy: Path, index: int | None) -> KeySet:
+    where = "key set" if index is None else f"signers[{index}]"
+    if not isinstance(entry, dict):
+        raise PolicyError(f"{where} must be a mapping")
+    unknown = sorted(set(entry) - _SET_FIELDS)
+    if unknown:
+        raise PolicyError(f"{where}: unknown field {unknown[0]!r} (fields: {', '.join(sorted(_SET_FIELDS))})")
+    if not isinstance(entry.get("keys"), list):
+        raise PolicyError(f"{where} needs a 'keys' list")
+    threshold = entry.get("threshold", 1)
+    if isinstance(threshold, bool) or not isinstance(threshold, int):
+        raise PolicyError(f"{where}: threshold must be an integer")
+    name = entry.get("name", "" if index is None else f"signers[{index}]")
+    if not isinstance(name, str):
+        raise PolicyError(f"{where}: name must be a string")
+    grants = {field: _names(entry, field, where) for field in ("datasets", "sources", "roles") if field in entry}
+    return KeySet(tuple(_key(key, policy) for key in entry["keys"]), threshold, name, **grants)
+
+
+def _names(entry: Mapping[str, Any], field: str, where: str) -> tuple[str, ...]:
+    value = entry[field]
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise PolicyError(f"{where}: {field} must be a list of strings")
+    return tuple(value)
 
 
 def _key(entry: object, policy: Path) -> VerifyingKey:
@@ -75,13 +260,13 @@ def _key(entry: object, policy: Path) -> VerifyingKey:
         elif isinstance(entry.get("path"), str):
             key = _load(policy.parent / entry["path"])
         else:
-            raise PolicyError(f"{policy}: a key entry needs 'path' or 'pem'", path=str(policy))
+            raise PolicyError("a key entry needs 'path' or 'pem'")
     elif isinstance(entry, str):
         key = _load(policy.parent / entry)
     else:
-        raise PolicyError(f"{policy}: a key entry must be a path or an object", path=str(policy))
+        raise PolicyError("a key entry must be a path or a mapping")
     if pin is not None and pin != key.keyid:
-        raise PolicyError(f"{policy}: key has keyid {key.keyid}, the policy pins {pin}", keyid=key.keyid)
+        raise PolicyError(f"key has keyid {key.keyid}, the policy pins {pin}", keyid=key.keyid)
     return key
 
 

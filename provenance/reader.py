@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trainguard.provenance.errors import ShardError
+from trainguard.provenance.errors import NotAllowedError, ShardError
 from trainguard.provenance.hashing import open_regular
 from trainguard.provenance.manifest import ShardEntry
 from trainguard.provenance.paths import entry_problem, name_problem
@@ -25,9 +25,14 @@ if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
 
+    from trainguard.provenance.allowlist import AllowList
+
 
 @dataclass(frozen=True)
 class ReadRecord:
+    """One verified read: the shard, its content digest and size, and the digest of the manifest that listed it."""
+
+    manifest_sha256: str
     dataset: str
     name: str
     sha256: str
@@ -61,11 +66,13 @@ class ReadLog:
 
 
 class ShardReader:
-    """Reads the shards of one verified manifest from its data dir, each checked against its signed digest."""
+    """Reads the shards of one verified manifest from its data dir, each checked against its signed digest; with an
+    `allow` list, only the shards on it (any other read is refused as `not-allowed`)."""
 
-    def __init__(self, verified: VerifiedManifest, log: ReadLog | None = None) -> None:
+    def __init__(self, verified: VerifiedManifest, log: ReadLog | None = None, allow: AllowList | None = None) -> None:
         self.verified = verified
         self.log = log if log is not None else ReadLog()
+        self.allow = allow
         self._entries: dict[str, ShardEntry | None] = {}
         for shard in verified.manifest.shards:
             self._entries[shard.name] = None if shard.name in self._entries else shard
@@ -84,7 +91,25 @@ class ShardReader:
         problem = name_problem(name)
         if problem is not None:
             raise ShardError(f"shard {name}: unsafe name: {problem}", shard=name, reason="unsafe-path")
+        if not self.permitted(shard):
+            message = f"shard {name}: verified, but not on the allow-list this reader trains through"
+            raise NotAllowedError(message, shard=name)
         return shard
+
+    def permitted(self, shard: ShardEntry) -> bool:
+        """Whether the allow-list (if any) lets this reader read `shard`."""
+        if self.allow is None:
+            return True
+        from trainguard.provenance.allowlist import AllowedShard
+
+        manifest = self.verified
+        return self.allow.permits(
+            AllowedShard(manifest.manifest_sha256, manifest.manifest.dataset, shard.name, shard.sha256)
+        )
+
+    def _record(self, shard: ShardEntry, sha256: str) -> None:
+        manifest = self.verified
+        self.log.append(ReadRecord(manifest.manifest_sha256, manifest.manifest.dataset, shard.name, sha256, shard.size))
 
     def _open(self, shard: ShardEntry) -> int:
         problem = entry_problem(self.root, shard.name)
@@ -116,7 +141,7 @@ class ShardReader:
                 shard=name,
                 reason="digest-mismatch",
             )
-        self.log.append(ReadRecord(self.verified.manifest.dataset, name, digest, shard.size))
+        self._record(shard, digest)
         return data
 
     def read_chunk(self, name: str, index: int) -> bytes:
@@ -156,7 +181,7 @@ class ShardReader:
                 yield data
             if stream.read(1):
                 raise ShardError(f"shard {name}: grew while reading", shard=name, reason="appended")
-        self.log.append(ReadRecord(self.verified.manifest.dataset, name, whole.hexdigest(), shard.size))
+        self._record(shard, whole.hexdigest())
 
     def read_frame(self, name: str, columns: list[str] | None = None) -> pd.DataFrame:
         return parse_frame(name, self.read_bytes(name), columns)

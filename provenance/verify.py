@@ -9,14 +9,15 @@ import hashlib
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from trainguard.provenance.dsse import Envelope, verify_envelope
+from trainguard.provenance.dsse import Envelope
 from trainguard.provenance.errors import (
+    AuthorizationError,
     DataDirError,
     ExpiredError,
     MalformedError,
@@ -26,14 +27,15 @@ from trainguard.provenance.errors import (
     ShardError,
     SignatureError,
     VerificationFailed,
+    WrongDatasetError,
 )
 from trainguard.provenance.hashing import FileDigest, ProgressCallback, digest_chunks, digest_file, hash_in_threads
 from trainguard.provenance.manifest import PAYLOAD_TYPE, Manifest, ShardEntry, parse_statement, rfc3339
 from trainguard.provenance.paths import entry_problem, name_problem, walk_entries
-from trainguard.provenance.policy import TrustPolicy, load_trust
-from trainguard.provenance.state import RollbackState, default_state_path
+from trainguard.provenance.policy import KeySet, TrustPolicy, granted, load_trust
+from trainguard.provenance.state import RollbackCheck, RollbackState, default_state_path, rollback_key
 
-MANIFEST_LEVEL = (PayloadTypeError, SignatureError, ExpiredError, RollbackError)
+MANIFEST_LEVEL = (PayloadTypeError, SignatureError, AuthorizationError, WrongDatasetError, ExpiredError, RollbackError)
 CHUNK_RUN_BYTES = 64 * 1024 * 1024
 """Consecutive signed chunks of a shard are hashed as one task of about this size (fewer, larger tasks)."""
 
@@ -52,7 +54,8 @@ class ShardFailure:
 
 @dataclass(frozen=True)
 class VerifiedManifest:
-    """A manifest whose signatures meet the policy, unexpired and not rolled back (shards not yet hashed)."""
+    """A manifest signed by a key set of the policy that is granted all it claims, of the expected dataset,
+    unexpired and not rolled back (shards not yet hashed)."""
 
     path: Path
     manifest: Manifest
@@ -60,6 +63,12 @@ class VerifiedManifest:
     statement_sha256: str
     signers: tuple[str, ...]
     data_dir: Path
+    key_set: KeySet
+
+    @property
+    def rollback_key(self) -> str:
+        """This manifest's anti-rollback namespace: (signing key set, dataset)."""
+        return rollback_key(self.key_set.fingerprint, self.manifest.dataset)
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,7 @@ class VerificationReport:
     dataset: str | None = None
     version: int | None = None
     statement_sha256: str | None = None
+    rollback_key: str | None = None
     signers: tuple[str, ...] = ()
     shards: int = 0
     bytes_checked: int = 0
@@ -113,42 +123,55 @@ def open_manifest(
     path: Path,
     trust: TrustPolicy | Path,
     *,
+    dataset: str | None = None,
     data_dir: Path | None = None,
-    state: RollbackState | Path | None = None,
+    state: RollbackCheck | Path | None = None,
     now: datetime | None = None,
 ) -> VerifiedManifest:
-    """Checks payloadType, signatures (k of n), expiry and rollback; raises the failing check's error."""
+    """Checks payloadType, signatures (k of n) of a key set granted every claim (dataset, sources, roles), the
+    expected `dataset` name, expiry, then rollback in that key set's namespace; raises the failing check's error."""
     path = Path(path)
     policy = trust if isinstance(trust, TrustPolicy) else load_trust(trust)
     data, envelope = read_envelope(path)
     if envelope.payload_type != PAYLOAD_TYPE:
         raise PayloadTypeError(f"{path}: payloadType is {envelope.payload_type!r}, not {PAYLOAD_TYPE}", path=str(path))
-    signers = verify_envelope(envelope, policy.keys, policy.threshold)
+    signed = policy.signed_by(envelope)  # before parsing: nothing unsigned is read further
     try:
         manifest = parse_statement(envelope.payload)
     except MalformedError as error:
         raise MalformedError(f"{path}: {error}", path=str(path)) from None
+    try:
+        chosen = granted(signed, manifest)
+    except AuthorizationError as error:
+        raise type(error)(f"{path}: {error}", path=str(path), shard=error.shard) from None
+    if dataset is not None and manifest.dataset != dataset:
+        raise WrongDatasetError(
+            f"{path}: is a manifest of dataset {manifest.dataset!r}, expected {dataset!r}", path=str(path)
+        )
     moment = now or datetime.now(UTC)
     if moment >= manifest.expires:
         raise ExpiredError(f"{path}: manifest expired at {rfc3339(manifest.expires)}", path=str(path))
     statement_sha256 = hashlib.sha256(envelope.payload).hexdigest()
-    _state(state).check(manifest.dataset, manifest.version, statement_sha256)
-    return VerifiedManifest(
+    verified = VerifiedManifest(
         path=path,
         manifest=manifest,
         manifest_sha256=hashlib.sha256(data).hexdigest(),
         statement_sha256=statement_sha256,
-        signers=signers,
+        signers=chosen.signers,
         data_dir=Path(data_dir) if data_dir is not None else path.parent,
+        key_set=chosen.key_set,
     )
+    _state(state).check(verified.rollback_key, manifest.version, statement_sha256)
+    return verified
 
 
 def verify_dataset(
     path: Path,
     trust: TrustPolicy | Path,
     *,
+    dataset: str | None = None,
     data_dir: Path | None = None,
-    state: RollbackState | Path | None = None,
+    state: RollbackCheck | Path | None = None,
     allow_extra: bool = False,
     now: datetime | None = None,
     workers: int | None = None,
@@ -158,14 +181,15 @@ def verify_dataset(
 ) -> VerificationReport:
     """Every check on a manifest and its data dir; failed checks go into the report, unusable input raises.
 
-    When everything passes and `record` is set, the manifest's version is recorded in the rollback state.
+    `dataset` is the name the manifest must carry. When everything passes and `record` is set, the manifest's
+    version is recorded in a file-backed RollbackState (in-memory records are only checked: their owner records).
     """
     started = time.perf_counter()
     path = Path(path)
     rollback = _state(state)
     folder = Path(data_dir) if data_dir is not None else path.parent
     try:
-        verified = open_manifest(path, trust, data_dir=folder, state=rollback, now=now)
+        verified = open_manifest(path, trust, dataset=dataset, data_dir=folder, state=rollback, now=now)
     except MANIFEST_LEVEL as error:
         data, _ = read_envelope(path)
         failure = ShardFailure(None, error.reason, str(error).removeprefix(f"{path}: "))
@@ -176,6 +200,35 @@ def verify_dataset(
             failures=(failure,),
             seconds=time.perf_counter() - started,
         )
+    skip = [rollback.path, rollback.path.with_name(rollback.path.name + ".lock")]
+    report = verify_shards(
+        verified,
+        allow_extra=allow_extra,
+        workers=workers,
+        on_bytes=on_bytes,
+        dvc=dvc,
+        skip=skip if isinstance(rollback, RollbackState) else [],
+        started=started,
+    )
+    if report.ok and record and isinstance(rollback, RollbackState):
+        rollback.record(verified.rollback_key, verified.manifest.version, verified.statement_sha256)
+    return report
+
+
+def verify_shards(
+    verified: VerifiedManifest,
+    *,
+    allow_extra: bool = False,
+    workers: int | None = None,
+    on_bytes: ProgressCallback | None = None,
+    dvc: bool = False,
+    skip: Sequence[Path] = (),
+    started: float | None = None,
+) -> VerificationReport:
+    """Every shard check on a manifest already opened (no second read of the manifest file); failures go into the
+    report, an unusable data dir raises."""
+    started = time.perf_counter() if started is None else started
+    folder = verified.data_dir
     if not folder.is_dir():
         raise DataDirError(f"data dir {folder} does not exist or is not a directory", path=str(folder))
     dvc_md5 = None
@@ -183,33 +236,30 @@ def verify_dataset(
         from trainguard.provenance.dvc import dvc_tracked_md5
 
         dvc_md5 = dvc_tracked_md5(folder)
-    skip = [path, rollback.path, rollback.path.with_name(rollback.path.name + ".lock")]
     failures, hashed = check_shards(
         verified.manifest,
         folder,
         allow_extra=allow_extra,
         workers=workers,
         on_bytes=on_bytes,
-        skip=skip,
+        skip=[verified.path, *skip],
         dvc_md5=dvc_md5,
     )
     manifest = verified.manifest
-    report = VerificationReport(
-        manifest_path=str(path),
+    return VerificationReport(
+        manifest_path=str(verified.path),
         data_dir=str(folder),
         manifest_sha256=verified.manifest_sha256,
         dataset=manifest.dataset,
         version=manifest.version,
         statement_sha256=verified.statement_sha256,
+        rollback_key=verified.rollback_key,
         signers=verified.signers,
         shards=len(manifest.shards),
         bytes_checked=hashed,
         seconds=time.perf_counter() - started,
         failures=tuple(failures),
     )
-    if report.ok and record:
-        rollback.record(manifest.dataset, manifest.version, verified.statement_sha256)
-    return report
 
 
 def check_shards(
@@ -372,10 +422,10 @@ def _chunk_failure(
     )
 
 
-def _state(state: RollbackState | Path | None) -> RollbackState:
-    if isinstance(state, RollbackState):
-        return state
-    return RollbackState(Path(state) if state is not None else default_state_path())
+def _state(state: RollbackCheck | Path | None) -> RollbackCheck:
+    if state is None or isinstance(state, (str, Path)):
+        return RollbackState(Path(state) if state is not None else default_state_path())
+    return state
 
 
 def verify_or_raise(path: Path, trust: TrustPolicy | Path, **options: Any) -> VerificationReport:

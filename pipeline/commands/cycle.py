@@ -19,7 +19,12 @@ from trainguard.pipeline.commands import PATH
     help="Cycle config (YAML), e.g. configs/digits.yaml.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
-def cycle(config: Path, as_json: bool) -> None:
+@click.option(
+    "--reinit",
+    is_flag=True,
+    help="Start a new signed state where none exists beside released models (numbering continues after them).",
+)
+def cycle(config: Path, as_json: bool, reinit: bool) -> None:
     """Verify -> validate -> screen (RONI) -> train (adversarially) -> gate -> sign the model and its attestation."""
     from trainguard.pipeline.config import load_config
     from trainguard.pipeline.errors import CycleAbortedError
@@ -28,7 +33,7 @@ def cycle(config: Path, as_json: bool) -> None:
     from trainguard.pipeline.cycle import run_cycle
 
     try:
-        outcome = run_cycle(config)
+        outcome = run_cycle(config, reinit=reinit)
     except CycleAbortedError as error:
         if as_json:
             click.echo(json.dumps({"status": "failed", "check": error.check, "reason": str(error)}))

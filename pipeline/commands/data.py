@@ -50,7 +50,11 @@ def keygen(out: Path, key_type: str, force: bool) -> None:
 @click.option("--source", help="Contributor id of every shard not in --sources.")
 @click.option("--sources", help="JSON file or inline JSON: shard name, glob or folder/ -> contributor id.")
 @click.option(
-    "--role", default="train", show_default=True, help="Role of every shard not in --roles: train or holdout."
+    "--role",
+    default="train",
+    show_default=True,
+    help="Role of every shard not in --roles: train (screened), trusted or holdout (the signing key's trust policy "
+    "must grant it).",
 )
 @click.option("--roles", help="JSON file or inline JSON: shard name or glob -> role.")
 @click.option(
@@ -125,6 +129,7 @@ def cosign(manifest: Path, key: Path) -> None:
 @click.command()
 @click.argument("manifest", type=PATH)
 @click.option("--trust", type=PATH, required=True, help="Trust policy file (k of n) or a single .pub (1 of 1).")
+@click.option("--dataset", help="The dataset name the manifest must carry (refuses a validly signed other dataset).")
 @click.option("--data-dir", type=PATH, help="Shards root (default: the manifest's folder).")
 @click.option("--state", type=PATH, help="Anti-rollback state file (default under $TRAINGUARD_HOME).")
 @click.option("--allow-extra", is_flag=True, help="Ignore files the manifest does not list.")
@@ -134,6 +139,7 @@ def cosign(manifest: Path, key: Path) -> None:
 def verify(
     manifest: Path,
     trust: Path,
+    dataset: str | None,
     data_dir: Path | None,
     state: Path | None,
     allow_extra: bool,
@@ -148,6 +154,7 @@ def verify(
         report = verify_dataset(
             manifest,
             trust,
+            dataset=dataset,
             data_dir=data_dir,
             state=state,
             allow_extra=allow_extra,

@@ -17,6 +17,7 @@ from trainguard.pipeline.attestation import (
     cycle_record,
     file_resource,
     git_resource,
+    read_log_resource,
     sign_statement,
     statement_bytes,
     verify_attestation,
@@ -32,7 +33,7 @@ def _log_digest(entries: list[tuple[str, str]]) -> str:
     """The digest of a read log, as `trainguard.provenance.reader.ReadLog.digest` makes it."""
     log = ReadLog()
     for name, digest in entries:
-        log.append(ReadRecord("digits", name, digest, 1))
+        log.append(ReadRecord("ab" * 32, "digits", name, digest, 1))
     return log.digest()
 
 
@@ -66,8 +67,8 @@ def _facts(tmp_path: Path, **changes: object) -> CycleFacts:
         "config": file_resource(config, "config"),
         "resolved_config": {"name": "digits", "training": {"max_epochs": 3}},
         "shards": shards,
-        "read_log_sha256": _log_digest([("alice/s0.parquet", "01")]),
-        "read_log_entries": 1,
+        "read_log": read_log_resource(tmp_path / "reads.jsonl", _log_digest([("alice/s0.parquet", "01")]), 1),
+        "allowed": [Resource("file:///data/alice/s0.parquet", {"sha256": "01"}, "digits:alice/s0.parquet")],
         "invocation_id": "cycle-1",
         "started": "2026-01-01T00:00:00Z",
         "finished": "2026-01-01T00:01:00Z",
@@ -100,7 +101,7 @@ def test_the_record_lists_every_shard_decision_with_its_reason(tmp_path: Path) -
     rejected = {s["name"]: s for s in record["shards"]["rejected"]}
     assert rejected["bob/s0.parquet"]["reason"].startswith("held-out loss impact")
     assert rejected["carol/s1.parquet"]["check"] == "verify"
-    assert record["readLog"] == {"sha256": facts.read_log_sha256, "entries": 1}
+    assert record["readLog"] == {"sha256": facts.read_log.digest["sha256"], "entries": 1}
     assert record["roni"]["threshold"] == 0.12 and record["gate"]["accepted"] is True
 
 
@@ -108,7 +109,8 @@ def test_the_statement_is_deterministic_and_changes_with_any_fact(tmp_path: Path
     first = statement_bytes(build_statement(_facts(tmp_path)))
     assert statement_bytes(build_statement(_facts(tmp_path))) == first
     other_log = _log_digest([("alice/s0.parquet", "01"), ("bob/s0.parquet", "02")])
-    assert statement_bytes(build_statement(_facts(tmp_path, read_log_sha256=other_log))) != first
+    other = read_log_resource(tmp_path / "reads.jsonl", other_log, 2)
+    assert statement_bytes(build_statement(_facts(tmp_path, read_log=other))) != first
 
 
 def test_a_statement_needs_a_model(tmp_path: Path) -> None:

@@ -38,10 +38,12 @@ def _free_port() -> int:
 
 
 def _signed_digits(root: Path) -> tuple[Path, Path]:
-    """Digits shards under root/data, signed; returns the manifest and the trusted public key."""
+    """Digits shards under root/data, signed; returns the manifest and a trust policy granting its roles."""
     prepare_digits(root / "data", LAYOUT)
     key = generate_signing_key()
-    _, public = write_keypair(key, root / "keys" / "curator")
+    write_keypair(key, root / "keys" / "curator")
+    policy = root / "keys" / "trust.json"
+    policy.write_text(json.dumps({"keys": ["curator.pub"], "roles": ["train", "trusted", "holdout"]}))
     envelope, _ = sign_dataset(
         root / "data",
         key,
@@ -50,7 +52,7 @@ def _signed_digits(root: Path) -> tuple[Path, Path]:
         sources={"train/alice/": "alice"},
         roles={"trusted/holdout.parquet": "holdout"},
     )
-    return write_manifest(envelope, root / "manifest.json"), public
+    return write_manifest(envelope, root / "manifest.json"), policy
 
 
 def _job_environment(tmp_path: Path) -> dict[str, str]:
@@ -135,7 +137,7 @@ def test_ddp_ranks_agree_on_metrics_gate_verification_and_weights(tmp_path: Path
     assert [_without_timing(r) for r in zero["reports"]] == [_without_timing(r) for r in one["reports"]]
     (report,) = zero["reports"]
     assert report["ok"] and report["failures"] == []
-    assert report["shards"] == 4 and report["signers"] == [load_verifying_key(trust).keyid]
+    assert report["shards"] == 4 and report["signers"] == [load_verifying_key(trust.parent / "curator.pub").keyid]
     assert report["manifest_sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
 
     shards = {path.relative_to(tmp_path / "data").as_posix() for path in (tmp_path / "data").rglob("*.parquet")}

@@ -27,8 +27,7 @@ def _dvc(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def _install(repo: Path, with_code: bool = False) -> None:
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
     shutil.copy(ROOT / ".dvcignore", repo / ".dvcignore")
-    (repo / "configs").mkdir()
-    shutil.copy(ROOT / "configs" / "digits.yaml", repo / "configs" / "digits.yaml")
+    shutil.copytree(ROOT / "configs", repo / "configs")
     if with_code:  # the cycle stage depends on the code, so a code change reruns it
         for package in ("trainguard", "pipeline", "defenses", "provenance"):
             shutil.copytree(ROOT / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))

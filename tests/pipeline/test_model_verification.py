@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainguard.pipeline.attestation import CycleFacts, build_statement, file_resource, sign_statement
+from trainguard.pipeline.attestation import (
+    CycleFacts,
+    build_statement,
+    file_resource,
+    read_log_resource,
+    sign_statement,
+)
 from trainguard.pipeline.errors import AttestationError, AttestationMismatchError, ModelSignatureError
 from trainguard.pipeline.model_sign import ATTESTATION_FILE, MODEL_FILE, ModelFiles, write_signed_model
 from trainguard.pipeline.model_verification import verify_model
@@ -27,7 +33,7 @@ def _log_digest(entries: list[tuple[str, str]]) -> str:
     """The digest of a read log, as `trainguard.provenance.reader.ReadLog.digest` makes it."""
     log = ReadLog()
     for name, digest in entries:
-        log.append(ReadRecord("digits", name, digest, 1))
+        log.append(ReadRecord("ab" * 32, "digits", name, digest, 1))
     return log.digest()
 
 
@@ -53,8 +59,8 @@ def _release(tmp_path: Path, key: Path, name: str, value: float, attestation_key
             config=file_resource(config, "config"),
             resolved_config={"name": "test"},
             shards=[ShardDecision(shard="a", sha256="01", source="s", accepted=True, check="roni")],
-            read_log_sha256=_log_digest([("a", "01")]),
-            read_log_entries=1,
+            read_log=read_log_resource(tmp_path / "reads.jsonl", _log_digest([("a", "01")]), 1),
+            allowed=[],
             invocation_id=name,
             started="2026-01-01T00:00:00Z",
             finished="2026-01-01T00:00:01Z",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,13 @@ class Keys:
 
     def pub(self, name: str) -> Path:
         return self.folder / f"{name}.pub"
+
+    def trust(self, name: str) -> Path:
+        """A 1-of-1 policy for `name`'s key granting every dataset, source and role (a bare .pub grants `train`)."""
+        path = self.folder / f"{name}-policy.json"
+        policy = {"name": name, "keys": [f"{name}.pub"], "roles": ["train", "trusted", "holdout"]}
+        path.write_text(json.dumps(policy))
+        return path
 
     def private(self, name: str) -> Path:
         return self.folder / f"{name}.key"

@@ -28,7 +28,9 @@ def test_keygen_sign_cosign_verify_round_trip(data_dir: Path, tmp_path: Path) ->
     assert b"ENCRYPTED" in private and stat.S_IMODE((keys / "owner.key").stat().st_mode) == 0o600
     assert run("keygen", "--out", keys / "second", "--type", "ecdsa-p256").returncode == 0
     assert private.decode().splitlines()[1] not in done.stdout + done.stderr
-    (keys / "policy.json").write_text(json.dumps({"threshold": 2, "keys": ["owner.pub", "second.pub"]}))
+    (keys / "policy.json").write_text(
+        json.dumps({"threshold": 2, "keys": ["owner.pub", "second.pub"], "roles": ["train", "holdout"]})
+    )
 
     sources = tmp_path / "sources.json"
     sources.write_text(json.dumps({"alice/*": "alice", "bob/": "bob"}))
@@ -85,9 +87,9 @@ def test_tampered_data_exits_1_listing_every_failing_shard(data_dir: Path, tmp_p
 def test_unusable_input_exits_2_with_one_line(tmp_path: Path, manifest: Path, key_pairs) -> None:
     (tmp_path / "garbage.json").write_text("{not json")
     cases = [
-        ("verify", tmp_path / "garbage.json", "--trust", key_pairs.pub("alice")),
+        ("verify", tmp_path / "garbage.json", "--trust", key_pairs.trust("alice")),
         ("verify", manifest, "--trust", tmp_path / "missing.pub"),
-        ("verify", tmp_path / "missing.json", "--trust", key_pairs.pub("alice")),
+        ("verify", tmp_path / "missing.json", "--trust", key_pairs.trust("alice")),
         ("sign", tmp_path / "no-such-dir", "--key", key_pairs.private("alice"), "--out", tmp_path / "m.json"),
         (
             "sign",
@@ -117,7 +119,7 @@ def test_verify_command_does_not_import_torch(manifest: Path, key_pairs) -> None
         "print('torch' in sys.modules, code)"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code, str(manifest), str(key_pairs.pub("alice"))], capture_output=True, text=True
+        [sys.executable, "-c", code, str(manifest), str(key_pairs.trust("alice"))], capture_output=True, text=True
     )
     assert done.stdout.split()[-2:] == ["False", "0"], done.stderr
 
@@ -127,7 +129,7 @@ def test_progress_bar_only_on_a_terminal_and_never_with_json(manifest: Path, key
 
     def stderr_on_tty(*extra: str) -> bytes:
         master, slave = pty.openpty()
-        args = [TRAINGUARD, "verify", str(manifest), "--trust", str(key_pairs.pub("alice")), *extra]
+        args = [TRAINGUARD, "verify", str(manifest), "--trust", str(key_pairs.trust("alice")), *extra]
         done = subprocess.run(args, stdout=subprocess.PIPE, stderr=slave, timeout=120)
         os.close(slave)
         chunks = []

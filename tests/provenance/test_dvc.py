@@ -32,7 +32,7 @@ def test_dvc_tracked_dir_is_signed_and_cross_checked(
     manifest = signer(
         data, load_signing_key(key_pairs.private("alice")), dvc_repo / "data.manifest.json", dvc_md5=tracked
     )
-    assert verify_dataset(manifest, key_pairs.pub("alice"), data_dir=data, dvc=True).ok
+    assert verify_dataset(manifest, key_pairs.trust("alice"), data_dir=data, dvc=True).ok
 
     (data / "raw.bin").write_bytes(b"changed after dvc add")
     with pytest.raises(DvcMismatchError, match=r"raw\.bin"):
@@ -45,11 +45,11 @@ def test_dvc_tracked_dir_is_signed_and_cross_checked(
         dvc_md5=dvc_tracked_md5(data),
         previous=dvc_repo / "data.manifest.json",
     )
-    report = verify_dataset(resigned, key_pairs.pub("alice"), data_dir=data, dvc=True)
+    report = verify_dataset(resigned, key_pairs.trust("alice"), data_dir=data, dvc=True)
     assert report.ok and report.version == 2
 
     (data / "alice" / "shard-00.parquet").write_bytes(b"tampered")
-    report = verify_dataset(resigned, key_pairs.pub("alice"), data_dir=data, dvc=True)
+    report = verify_dataset(resigned, key_pairs.trust("alice"), data_dir=data, dvc=True)
     assert {f.shard: f.reason for f in report.failures} == {"alice/shard-00.parquet": "truncated"}
 
 
@@ -61,8 +61,8 @@ def test_dvc_lock_outs_are_cross_checked(dvc_repo: Path, data_dir: Path, key_pai
     subprocess.run([DVC, "repro", "-q"], cwd=dvc_repo, check=True, capture_output=True)
     tracked = dvc_tracked_md5(dvc_repo / "data")
     manifest = signer(dvc_repo / "data", key_pairs.alice, dvc_repo / "m.json", dvc_md5=tracked)
-    assert verify_dataset(manifest, key_pairs.pub("alice"), data_dir=dvc_repo / "data", dvc=True).ok
+    assert verify_dataset(manifest, key_pairs.trust("alice"), data_dir=dvc_repo / "data", dvc=True).ok
     extra = dvc_repo / "data" / "late.bin"
     extra.write_bytes(b"late")
-    report = verify_dataset(manifest, key_pairs.pub("alice"), data_dir=dvc_repo / "data", dvc=True, allow_extra=True)
+    report = verify_dataset(manifest, key_pairs.trust("alice"), data_dir=dvc_repo / "data", dvc=True, allow_extra=True)
     assert report.ok

@@ -53,7 +53,7 @@ def plain_loader() -> DataLoader:
 
 
 def test_data_module_reads_only_selected_shards_and_logs_them(manifest: Path, key_pairs: Any) -> None:
-    module = VerifiedDataModule([manifest], key_pairs.pub("alice"), sources=["alice", "curator"], batch_size=32)
+    module = VerifiedDataModule([manifest], key_pairs.trust("alice"), sources=["alice", "curator"], batch_size=32)
     model = Tiny()
     trainer().fit(model, datamodule=module)
     assert model.steps == 2
@@ -66,7 +66,7 @@ def test_data_module_reads_only_selected_shards_and_logs_them(manifest: Path, ke
 def test_data_module_excludes_rejected_shards(manifest: Path, key_pairs: Any) -> None:
     module = VerifiedDataModule(
         [{"manifest": str(manifest)}],
-        key_pairs.pub("alice"),
+        key_pairs.trust("alice"),
         exclude=["digits:alice/shard-01.parquet"],
         sources=["alice", "bob"],
         val_roles=None,
@@ -82,7 +82,7 @@ def test_data_module_excludes_rejected_shards(manifest: Path, key_pairs: Any) ->
 def test_callback_stops_the_fit_before_any_training_step(manifest: Path, key_pairs: Any) -> None:
     (manifest.parent / "alice" / "shard-00.parquet").write_bytes(b"poisoned rows")
     model = Tiny()
-    callback = VerifyDatasetCallback([manifest], key_pairs.pub("alice"))
+    callback = VerifyDatasetCallback([manifest], key_pairs.trust("alice"))
     with pytest.raises(VerificationFailed, match=r"alice/shard-00\.parquet: truncated") as caught:
         trainer(callbacks=[callback]).fit(model, plain_loader())
     assert isinstance(caught.value, ProvenanceError)
@@ -92,7 +92,7 @@ def test_callback_stops_the_fit_before_any_training_step(manifest: Path, key_pai
 def test_callback_stops_an_untrusted_manifest(manifest: Path, key_pairs: Any) -> None:
     model = Tiny()
     with pytest.raises(VerificationFailed, match="untrusted-signer"):
-        trainer(callbacks=[VerifyDatasetCallback([manifest], key_pairs.pub("bob"))]).fit(model, plain_loader())
+        trainer(callbacks=[VerifyDatasetCallback([manifest], key_pairs.trust("bob"))]).fit(model, plain_loader())
     assert model.steps == 0
 
 
@@ -103,7 +103,7 @@ def test_callback_records_the_dataset_as_mlflow_input_with_the_manifest_digest(
     from pytorch_lightning.loggers import MLFlowLogger
 
     logger = MLFlowLogger(experiment_name="provenance-callback", tracking_uri=mlflow_uri)
-    callback = VerifyDatasetCallback([manifest], key_pairs.pub("alice"))
+    callback = VerifyDatasetCallback([manifest], key_pairs.trust("alice"))
     trainer(callbacks=[callback], logger=logger).fit(Tiny(), plain_loader())
     run = MlflowClient(mlflow_uri).get_run(logger.run_id)
     digest = hashlib.sha256(manifest.read_bytes()).hexdigest()
@@ -120,12 +120,12 @@ def test_callback_records_the_dataset_as_mlflow_input_with_the_manifest_digest(
 
 def test_callback_tolerates_only_failures_of_excluded_shards(manifest: Path, key_pairs: Any) -> None:
     (manifest.parent / "bob" / "shard-00.parquet").write_bytes(b"refused earlier")
-    excluded = VerifyDatasetCallback([manifest], key_pairs.pub("alice"), exclude=["digits:bob/shard-00.parquet"])
+    excluded = VerifyDatasetCallback([manifest], key_pairs.trust("alice"), exclude=["digits:bob/shard-00.parquet"])
     model = Tiny()
     trainer(callbacks=[excluded]).fit(model, plain_loader())
     assert model.steps == 2
     assert [(f.shard, f.reason) for f in excluded.tolerated] == [("bob/shard-00.parquet", "truncated")]
     (manifest.parent / "raw.bin").write_bytes(b"tampered too")
-    again = VerifyDatasetCallback([manifest], key_pairs.pub("alice"), exclude=["bob/shard-00.parquet"])
+    again = VerifyDatasetCallback([manifest], key_pairs.trust("alice"), exclude=["bob/shard-00.parquet"])
     with pytest.raises(VerificationFailed, match=r"raw\.bin"):
         trainer(callbacks=[again]).fit(Tiny(), plain_loader())

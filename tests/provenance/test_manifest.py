@@ -139,7 +139,8 @@ def test_chunk_digest_count_is_bound_to_the_size() -> None:
 
 def test_single_pub_is_a_one_of_one_policy_and_bad_policies_are_bad_input(key_pairs, tmp_path: Path) -> None:
     policy = load_trust(key_pairs.pub("alice"))
-    assert (policy.keyids, policy.threshold) == ((key_pairs.alice.keyid,), 1)
+    (key_set,) = policy.key_sets
+    assert (key_set.keyids, key_set.threshold, key_set.roles) == ((key_pairs.alice.keyid,), 1, ("train",))
     bad = {
         "threshold-too-high.json": {"threshold": 3, "keys": [str(key_pairs.pub("alice"))]},
         "duplicate.json": {"threshold": 1, "keys": [str(key_pairs.pub("alice"))] * 2},

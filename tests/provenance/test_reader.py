@@ -14,7 +14,7 @@ from trainguard.provenance import ShardError, ShardReader, open_manifest
 
 
 def test_reading_untouched_shards_logs_each_read_in_order(manifest: Path, key_pairs: Any) -> None:
-    reader = ShardReader(open_manifest(manifest, key_pairs.pub("alice")))
+    reader = ShardReader(open_manifest(manifest, key_pairs.trust("alice")))
     names = ["bob/shard-00.parquet", "alice/shard-00.parquet"]
     frames = dict(reader.frames(names))
     assert list(frames) == names
@@ -28,7 +28,7 @@ def test_reading_untouched_shards_logs_each_read_in_order(manifest: Path, key_pa
 
 
 def test_shard_tampered_after_verification_is_refused_on_read(manifest: Path, key_pairs: Any) -> None:
-    reader = ShardReader(open_manifest(manifest, key_pairs.pub("alice")))
+    reader = ShardReader(open_manifest(manifest, key_pairs.trust("alice")))
     shard = manifest.parent / "alice" / "shard-01.parquet"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x40
@@ -41,14 +41,14 @@ def test_shard_tampered_after_verification_is_refused_on_read(manifest: Path, ke
 
 @pytest.mark.parametrize(("name", "reason"), [("not-listed.parquet", "unlisted"), ("manifest.json", "unlisted")])
 def test_only_listed_shards_can_be_read(manifest: Path, key_pairs: Any, name: str, reason: str) -> None:
-    reader = ShardReader(open_manifest(manifest, key_pairs.pub("alice")))
+    reader = ShardReader(open_manifest(manifest, key_pairs.trust("alice")))
     with pytest.raises(ShardError) as caught:
         reader.read_bytes(name)
     assert caught.value.reason == reason
 
 
 def test_symlinked_shard_is_refused_on_read(manifest: Path, key_pairs: Any, tmp_path: Path) -> None:
-    reader = ShardReader(open_manifest(manifest, key_pairs.pub("alice")))
+    reader = ShardReader(open_manifest(manifest, key_pairs.trust("alice")))
     shard = manifest.parent / "raw.bin"
     (tmp_path / "copy").write_bytes(shard.read_bytes())
     shard.unlink()
@@ -64,7 +64,7 @@ def test_large_shards_stream_and_seek_through_signed_chunks(tmp_path: Path, key_
     data = np.random.default_rng(1).bytes(5 * 1024 * 1024 + 123)
     (root / "big.bin").write_bytes(data)
     manifest = signer(root, key_pairs.alice, tmp_path / "m.json", chunk_size=1024 * 1024)
-    verified = open_manifest(manifest, key_pairs.pub("alice"), data_dir=root)
+    verified = open_manifest(manifest, key_pairs.trust("alice"), data_dir=root)
     assert len(verified.manifest.shards[0].chunks) == 6
     reader = ShardReader(verified)
     assert b"".join(reader.iter_chunks("big.bin")) == data
@@ -86,7 +86,7 @@ def test_npy_shards_load_without_pickle(tmp_path: Path, key_pairs: Any, signer: 
     np.save(root / "ok.npy", np.arange(12.0).reshape(3, 4))
     np.save(root / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     manifest = signer(root, key_pairs.alice, tmp_path / "m.json")
-    verified = open_manifest(manifest, key_pairs.pub("alice"), data_dir=root)
+    verified = open_manifest(manifest, key_pairs.trust("alice"), data_dir=root)
     assert {s.name: s.records for s in verified.manifest.shards} == {"objects.npy": 1, "ok.npy": 3}
     reader = ShardReader(verified)
     assert reader.read_array("ok.npy").shape == (3, 4)

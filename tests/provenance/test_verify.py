@@ -20,7 +20,9 @@ from trainguard.provenance import (
     verify_dataset,
     write_manifest,
 )
+from trainguard.provenance.errors import MalformedError
 from trainguard.provenance.manifest import statement_bytes
+from trainguard.provenance.policy import load_trust
 from trainguard.provenance.verify import CHUNK_RUN_BYTES, read_envelope
 
 if TYPE_CHECKING:
@@ -37,7 +39,7 @@ def reasons(report) -> dict[str | None, str]:
 
 
 def test_untouched_data_passes(manifest: Path, key_pairs: Keys) -> None:
-    report = verify_dataset(manifest, key_pairs.pub("alice"))
+    report = verify_dataset(manifest, key_pairs.trust("alice"))
     assert report.ok, report.failures
     assert report.shards == 5
     assert report.signers == (key_pairs.alice.keyid,)
@@ -51,30 +53,30 @@ def test_bit_flip_is_a_digest_mismatch(manifest: Path, key_pairs: Keys) -> None:
     data = bytearray(shard.read_bytes())
     data[1000] ^= 0x01
     shard.write_bytes(bytes(data))
-    assert reasons(verify_dataset(manifest, key_pairs.pub("alice"))) == {"raw.bin": "digest-mismatch"}
+    assert reasons(verify_dataset(manifest, key_pairs.trust("alice"))) == {"raw.bin": "digest-mismatch"}
 
 
 def test_truncated_shard_is_refused(manifest: Path, key_pairs: Keys) -> None:
     shard = manifest.parent / "alice" / "shard-01.parquet"
     shard.write_bytes(shard.read_bytes()[:-10])
-    assert reasons(verify_dataset(manifest, key_pairs.pub("alice"))) == {"alice/shard-01.parquet": "truncated"}
+    assert reasons(verify_dataset(manifest, key_pairs.trust("alice"))) == {"alice/shard-01.parquet": "truncated"}
 
 
 def test_appended_bytes_are_refused(manifest: Path, key_pairs: Keys) -> None:
     with (manifest.parent / "bob" / "shard-00.parquet").open("ab") as stream:
         stream.write(b"\x00")
-    assert reasons(verify_dataset(manifest, key_pairs.pub("alice"))) == {"bob/shard-00.parquet": "appended"}
+    assert reasons(verify_dataset(manifest, key_pairs.trust("alice"))) == {"bob/shard-00.parquet": "appended"}
 
 
 def test_removed_shard_is_missing(manifest: Path, key_pairs: Keys) -> None:
     (manifest.parent / "holdout.parquet").unlink()
-    assert reasons(verify_dataset(manifest, key_pairs.pub("alice"))) == {"holdout.parquet": "missing"}
+    assert reasons(verify_dataset(manifest, key_pairs.trust("alice"))) == {"holdout.parquet": "missing"}
 
 
 def test_extra_unlisted_file_is_refused_unless_allowed(manifest: Path, key_pairs: Keys) -> None:
     (manifest.parent / "bob" / "new.parquet").write_bytes(b"unsigned")
-    assert reasons(verify_dataset(manifest, key_pairs.pub("alice"))) == {"bob/new.parquet": "unlisted"}
-    assert verify_dataset(manifest, key_pairs.pub("alice"), allow_extra=True).ok
+    assert reasons(verify_dataset(manifest, key_pairs.trust("alice"))) == {"bob/new.parquet": "unlisted"}
+    assert verify_dataset(manifest, key_pairs.trust("alice"), allow_extra=True).ok
 
 
 def test_two_swapped_shards_are_refused(manifest: Path, key_pairs: Keys) -> None:
@@ -82,7 +84,7 @@ def test_two_swapped_shards_are_refused(manifest: Path, key_pairs: Keys) -> None
     data_a, data_b = a.read_bytes(), b.read_bytes()
     a.write_bytes(data_b)
     b.write_bytes(data_a)
-    report = verify_dataset(manifest, key_pairs.pub("alice"))
+    report = verify_dataset(manifest, key_pairs.trust("alice"))
     assert reasons(report) == {"alice/shard-00.parquet": "swapped", "bob/shard-00.parquet": "swapped"}
     assert "bob/shard-00.parquet" in report.failures[0].detail
 
@@ -95,17 +97,18 @@ def test_manifest_edited_without_resigning_is_a_bad_signature(manifest: Path, ke
 
     document["payload"] = base64.b64encode(json.dumps(payload).encode()).decode()
     manifest.write_text(json.dumps(document))
-    assert reasons(verify_dataset(manifest, key_pairs.pub("alice"))) == {None: "bad-signature"}
+    assert reasons(verify_dataset(manifest, key_pairs.trust("alice"))) == {None: "bad-signature"}
 
 
 def test_manifest_resigned_by_untrusted_key_is_refused(sign: Any, data_dir: Path, key_pairs: Keys) -> None:
     manifest = sign(data_dir, key_pairs.carol, data_dir / "manifest.json")
-    assert reasons(verify_dataset(manifest, key_pairs.pub("alice"))) == {None: "untrusted-signer"}
+    assert reasons(verify_dataset(manifest, key_pairs.trust("alice"))) == {None: "untrusted-signer"}
 
 
 def _policy(key_pairs: Keys, threshold: int) -> Path:
     path = key_pairs.folder / f"policy-{threshold}.json"
-    path.write_text(json.dumps({"threshold": threshold, "keys": ["alice.pub", "bob.pub", {"path": "carol.pub"}]}))
+    keys = ["alice.pub", "bob.pub", {"path": "carol.pub"}]
+    path.write_text(json.dumps({"threshold": threshold, "keys": keys, "roles": ["train", "trusted", "holdout"]}))
     return path
 
 
@@ -123,19 +126,19 @@ def test_below_threshold_signatures_are_refused_until_cosigned(manifest: Path, k
 def test_changed_payload_type_is_refused(manifest: Path, key_pairs: Keys) -> None:
     _, envelope = read_envelope(manifest)
     write_manifest(Envelope("application/json", envelope.payload, envelope.signatures), manifest)
-    assert reasons(verify_dataset(manifest, key_pairs.pub("alice"))) == {None: "payload-type"}
+    assert reasons(verify_dataset(manifest, key_pairs.trust("alice"))) == {None: "payload-type"}
     resigned = sign_envelope("application/json", envelope.payload, key_pairs.alice)
     write_manifest(resigned, manifest)
-    assert reasons(verify_dataset(manifest, key_pairs.pub("alice"))) == {None: "payload-type"}
+    assert reasons(verify_dataset(manifest, key_pairs.trust("alice"))) == {None: "payload-type"}
 
 
 def test_rollback_to_older_version_is_refused(sign: Any, data_dir: Path, key_pairs: Keys, tmp_path: Path) -> None:
     state = tmp_path / "state.json"
     old = sign(data_dir, key_pairs.alice, tmp_path / "v1.json", version=1, exclude=())
     new = sign(data_dir, key_pairs.alice, tmp_path / "v2.json", version=2, exclude=())
-    assert verify_dataset(old, key_pairs.pub("alice"), data_dir=data_dir, state=state).ok
-    assert verify_dataset(new, key_pairs.pub("alice"), data_dir=data_dir, state=state).ok
-    report = verify_dataset(old, key_pairs.pub("alice"), data_dir=data_dir, state=state)
+    assert verify_dataset(old, key_pairs.trust("alice"), data_dir=data_dir, state=state).ok
+    assert verify_dataset(new, key_pairs.trust("alice"), data_dir=data_dir, state=state).ok
+    report = verify_dataset(old, key_pairs.trust("alice"), data_dir=data_dir, state=state)
     assert reasons(report) == {None: "rollback"}
     assert "older than accepted version 2" in report.failures[0].detail
 
@@ -145,23 +148,80 @@ def test_reused_version_with_other_content_is_refused(
 ) -> None:
     state = tmp_path / "state.json"
     first = sign(data_dir, key_pairs.alice, tmp_path / "a.json", version=3, exclude=())
-    assert verify_dataset(first, key_pairs.pub("alice"), data_dir=data_dir, state=state).ok
+    assert verify_dataset(first, key_pairs.trust("alice"), data_dir=data_dir, state=state).ok
     (data_dir / "raw.bin").write_bytes(b"other data")
     second = sign(data_dir, key_pairs.alice, tmp_path / "b.json", version=3, exclude=())
-    assert reasons(verify_dataset(second, key_pairs.pub("alice"), data_dir=data_dir, state=state)) == {None: "rollback"}
+    assert reasons(verify_dataset(second, key_pairs.trust("alice"), data_dir=data_dir, state=state)) == {
+        None: "rollback"
+    }
 
 
 def test_default_state_lives_under_trainguard_home(manifest: Path, key_pairs: Keys) -> None:
-    assert verify_dataset(manifest, key_pairs.pub("alice")).ok
+    report = verify_dataset(manifest, key_pairs.trust("alice"))
+    assert report.ok
     state = Path(os.environ["TRAINGUARD_HOME"]) / "provenance-state.json"
-    assert json.loads(state.read_text())["datasets"]["digits"]["version"] == 1
+    fingerprint = load_trust(key_pairs.trust("alice")).key_sets[0].fingerprint
+    assert report.rollback_key == f"{fingerprint}/digits"
+    assert json.loads(state.read_text())["accepted"][report.rollback_key]["version"] == 1
+
+
+def test_a_manifest_of_another_dataset_is_refused_before_rollback(
+    sign: Any, data_dir: Path, key_pairs: Keys, tmp_path: Path
+) -> None:
+    state = tmp_path / "state.json"
+    other = sign(data_dir, key_pairs.alice, tmp_path / "other.json", dataset="digits-holdout", version=1)
+    report = verify_dataset(other, key_pairs.trust("alice"), dataset="digits", data_dir=data_dir, state=state)
+    assert reasons(report) == {None: "wrong-dataset"}
+    assert "'digits-holdout', expected 'digits'" in report.failures[0].detail
+    assert not state.exists(), "a refused manifest never touches the rollback state"
+
+
+def test_another_key_set_signing_the_same_dataset_cannot_lock_this_one_out(
+    sign: Any, data_dir: Path, key_pairs: Keys, tmp_path: Path
+) -> None:
+    state = tmp_path / "state.json"
+    both = tmp_path / "both.json"
+    both.write_text(
+        json.dumps(
+            {
+                "signers": [
+                    {"keys": [str(key_pairs.pub("alice"))], "roles": ["train", "holdout"]},
+                    {"keys": [str(key_pairs.pub("bob"))], "roles": ["train", "holdout"]},
+                ]
+            }
+        )
+    )
+    high = sign(data_dir, key_pairs.bob, tmp_path / "bob.json", version=99)
+    assert verify_dataset(high, both, data_dir=data_dir, state=state).ok
+    real = sign(data_dir, key_pairs.alice, tmp_path / "alice.json", version=1)
+    assert verify_dataset(real, both, data_dir=data_dir, state=state).ok
+    assert len(json.loads(state.read_text())["accepted"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("document", "problem"),
+    [
+        ({"datasets": {"digits": {"version": 1, "statement_sha256": "ab" * 32}}}, "schema-2"),
+        ('{"schema": 2, "accepted": {"%s/digits": {"version": 1e400, "statement_sha256": "%s"}}}', "overflows"),
+        ({"schema": 2, "accepted": {"digits": {"version": 1, "statement_sha256": "ab" * 32}}}, "corrupt"),
+    ],
+)
+def test_a_corrupt_or_old_rollback_state_is_refused_never_reset(
+    document: object, problem: str, manifest: Path, key_pairs: Keys, tmp_path: Path
+) -> None:
+    state = tmp_path / "state.json"
+    text = document % ("ab" * 32, "cd" * 32) if isinstance(document, str) else json.dumps(document)
+    state.write_text(text)
+    with pytest.raises(MalformedError, match=problem):
+        verify_dataset(manifest, key_pairs.trust("alice"), state=state)
+    assert state.read_text() == text
 
 
 def test_expired_manifest_is_refused(sign: Any, data_dir: Path, key_pairs: Keys) -> None:
     manifest = sign(data_dir, key_pairs.alice, data_dir / "manifest.json", expires="1h")
-    assert verify_dataset(manifest, key_pairs.pub("alice")).ok
+    assert verify_dataset(manifest, key_pairs.trust("alice")).ok
     later = datetime.now(UTC) + timedelta(hours=2)
-    assert reasons(verify_dataset(manifest, key_pairs.pub("alice"), now=later)) == {None: "expired"}
+    assert reasons(verify_dataset(manifest, key_pairs.trust("alice"), now=later)) == {None: "expired"}
 
 
 def _crafted(data_dir: Path, key_pairs: Keys, names: list[str]) -> Path:
@@ -180,7 +240,7 @@ def _crafted(data_dir: Path, key_pairs: Keys, names: list[str]) -> Path:
 def test_dotdot_absolute_and_duplicate_names_are_refused(data_dir: Path, key_pairs: Keys) -> None:
     names = ["../data/raw.bin", "/etc/hostname", "raw.bin", "raw.bin", "./raw.bin", "alice//shard-00.parquet"]
     report = verify_dataset(
-        _crafted(data_dir, key_pairs, names), key_pairs.pub("alice"), data_dir=data_dir, allow_extra=True
+        _crafted(data_dir, key_pairs, names), key_pairs.trust("alice"), data_dir=data_dir, allow_extra=True
     )
     assert reasons(report) == {
         "../data/raw.bin": "unsafe-path",
@@ -197,14 +257,14 @@ def test_shard_replaced_by_symlink_is_refused(manifest: Path, key_pairs: Keys, t
     outside.write_bytes(shard.read_bytes())
     shard.unlink()
     shard.symlink_to(outside)
-    assert reasons(verify_dataset(manifest, key_pairs.pub("alice"))) == {"raw.bin": "symlink"}
+    assert reasons(verify_dataset(manifest, key_pairs.trust("alice"))) == {"raw.bin": "symlink"}
 
 
 def test_folder_replaced_by_symlink_is_refused(manifest: Path, key_pairs: Keys, tmp_path: Path) -> None:
     folder = manifest.parent / "bob"
     folder.rename(tmp_path / "bob-elsewhere")
     folder.symlink_to(tmp_path / "bob-elsewhere")
-    report = verify_dataset(manifest, key_pairs.pub("alice"))
+    report = verify_dataset(manifest, key_pairs.trust("alice"))
     assert reasons(report) == {"bob/shard-00.parquet": "symlink", "bob": "unlisted"}
 
 
@@ -212,7 +272,7 @@ def test_fifo_in_place_of_a_shard_is_not_regular(manifest: Path, key_pairs: Keys
     shard = manifest.parent / "raw.bin"
     shard.unlink()
     os.mkfifo(shard)
-    assert reasons(verify_dataset(manifest, key_pairs.pub("alice"))) == {"raw.bin": "not-regular"}
+    assert reasons(verify_dataset(manifest, key_pairs.trust("alice"))) == {"raw.bin": "not-regular"}
 
 
 def test_every_failing_shard_is_listed(manifest: Path, key_pairs: Keys) -> None:
@@ -220,7 +280,7 @@ def test_every_failing_shard_is_listed(manifest: Path, key_pairs: Keys) -> None:
     (root / "raw.bin").write_bytes(b"x" * 3000)
     (root / "holdout.parquet").unlink()
     (root / "extra.txt").write_text("?")
-    assert reasons(verify_dataset(manifest, key_pairs.pub("alice"))) == {
+    assert reasons(verify_dataset(manifest, key_pairs.trust("alice"))) == {
         "raw.bin": "digest-mismatch",
         "holdout.parquet": "missing",
         "extra.txt": "unlisted",
@@ -231,7 +291,7 @@ def test_cosigned_manifest_keeps_both_signatures(manifest: Path, key_pairs: Keys
     _, envelope = read_envelope(manifest)
     write_manifest(add_signature(envelope, key_pairs.carol), manifest)
     assert len(read_envelope(manifest)[1].signatures) == 2
-    assert verify_dataset(manifest, key_pairs.pub("carol")).ok
+    assert verify_dataset(manifest, key_pairs.trust("carol")).ok
 
 
 def test_signing_refuses_symlinks_in_the_data_dir(sign: Any, data_dir: Path, key_pairs: Keys, tmp_path: Path) -> None:
@@ -245,17 +305,17 @@ def test_signing_refuses_symlinks_in_the_data_dir(sign: Any, data_dir: Path, key
 def test_raising_api_carries_the_first_failure_and_the_whole_report(manifest: Path, key_pairs: Keys) -> None:
     from trainguard.provenance import VerificationFailed, verify_or_raise
 
-    assert verify_or_raise(manifest, key_pairs.pub("alice")).ok
+    assert verify_or_raise(manifest, key_pairs.trust("alice")).ok
     (manifest.parent / "raw.bin").write_bytes(b"?" * 3000)
     with pytest.raises(VerificationFailed) as caught:
-        verify_or_raise(manifest, key_pairs.pub("alice"))
+        verify_or_raise(manifest, key_pairs.trust("alice"))
     assert (caught.value.reason, caught.value.shard, caught.value.exit_code) == ("digest-mismatch", "raw.bin", 1)
     assert not caught.value.report.ok
 
 
 def test_chunk_signed_shards_verify_chunk_by_chunk(sign: Any, data_dir: Path, key_pairs: Keys) -> None:
     manifest = sign(data_dir, key_pairs.alice, data_dir / "manifest.json", chunk_size=1024)
-    report = verify_dataset(manifest, key_pairs.pub("alice"))
+    report = verify_dataset(manifest, key_pairs.trust("alice"))
     assert report.ok, report.failures
     assert report.bytes_checked == sum(p.stat().st_size for p in data_dir.rglob("*.*") if p != manifest)
 
@@ -263,7 +323,7 @@ def test_chunk_signed_shards_verify_chunk_by_chunk(sign: Any, data_dir: Path, ke
     data = bytearray(shard.read_bytes())
     data[2100] ^= 0x01
     shard.write_bytes(bytes(data))
-    failure = verify_dataset(manifest, key_pairs.pub("alice")).failures[0]
+    failure = verify_dataset(manifest, key_pairs.trust("alice")).failures[0]
     assert (failure.shard, failure.reason) == ("raw.bin", "digest-mismatch")
     assert failure.detail.startswith("chunk 2 sha256 ")
 
@@ -276,7 +336,7 @@ def test_swapped_chunk_signed_shards_of_one_size_are_refused(sign: Any, data_dir
     data = first.read_bytes()
     first.write_bytes(second.read_bytes())
     second.write_bytes(data)
-    report = verify_dataset(manifest, key_pairs.pub("alice"))
+    report = verify_dataset(manifest, key_pairs.trust("alice"))
     assert reasons(report) == {"raw-a.bin": "swapped", "raw-b.bin": "swapped"}
 
 
@@ -298,5 +358,5 @@ def test_one_large_shard_is_hashed_on_two_threads_at_once(tmp_path: Path, key_pa
             threads.add(threading.current_thread().name)
             both_hashing.wait()
 
-    report = verify_dataset(manifest, key_pairs.pub("alice"), data_dir=root, workers=2, on_bytes=on_bytes)
+    report = verify_dataset(manifest, key_pairs.trust("alice"), data_dir=root, workers=2, on_bytes=on_bytes)
     assert report.ok and len(threads) == 2
