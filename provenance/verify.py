@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from trainguard.files import read_regular
 from trainguard.provenance.dsse import Envelope, verify_envelope
 from trainguard.provenance.errors import (
     DataDirError,
@@ -29,7 +30,7 @@ from trainguard.provenance.errors import (
 )
 from trainguard.provenance.hashing import FileDigest, ProgressCallback, digest_chunks, digest_file, hash_in_threads
 from trainguard.provenance.manifest import PAYLOAD_TYPE, Manifest, ShardEntry, parse_statement, rfc3339
-from trainguard.provenance.paths import entry_problem, name_problem, walk_entries
+from trainguard.provenance.paths import entry_problem, name_problem, printable, walk_entries
 from trainguard.provenance.policy import TrustPolicy, load_trust
 from trainguard.provenance.state import RollbackState, default_state_path
 
@@ -47,7 +48,8 @@ class ShardFailure:
     detail: str
 
     def line(self) -> str:
-        return f"{self.shard if self.shard is not None else 'manifest'}: {self.reason}: {self.detail}"
+        """`shard: reason: detail` on one line: control characters and non-UTF-8 bytes of a name are escaped."""
+        return printable(f"{self.shard if self.shard is not None else 'manifest'}: {self.reason}: {self.detail}")
 
 
 @dataclass(frozen=True)
@@ -98,9 +100,10 @@ class VerificationReport:
 
 
 def read_envelope(path: Path) -> tuple[bytes, Envelope]:
-    """The manifest file's bytes (read once) and the envelope parsed from them."""
+    """The manifest file's bytes (read once, a bounded regular file: a FIFO or device is refused, never read) and
+    the envelope parsed from them."""
     try:
-        data = Path(path).read_bytes()
+        data = read_regular(Path(path))
     except OSError as error:
         raise MalformedError(f"cannot read manifest {path}: {error.strerror}", path=str(path)) from None
     try:
