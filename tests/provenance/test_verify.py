@@ -22,7 +22,7 @@ from trainguard.provenance import (
 )
 from trainguard.provenance.errors import MalformedError
 from trainguard.provenance.manifest import statement_bytes, to_statement
-from trainguard.provenance.verify import CHUNK_RUN_BYTES, read_envelope
+from trainguard.provenance.verify import read_envelope
 
 if TYPE_CHECKING:
     from conftest import Keys
@@ -281,26 +281,67 @@ def test_swapped_chunk_signed_shards_of_one_size_are_refused(sign: Any, data_dir
     assert reasons(report) == {"raw-a.bin": "swapped", "raw-b.bin": "swapped"}
 
 
-def test_one_large_shard_is_hashed_on_two_threads_at_once(tmp_path: Path, key_pairs: Keys) -> None:
+def test_two_large_shards_are_hashed_on_two_threads_at_once(tmp_path: Path, key_pairs: Keys) -> None:
     import threading
 
     from trainguard.provenance import sign_dataset
 
     root = tmp_path / "data"
     root.mkdir()
-    (root / "huge.bin").write_bytes(os.urandom(CHUNK_RUN_BYTES + 1024 * 1024))
+    for name in ("huge-a.bin", "huge-b.bin"):
+        (root / name).write_bytes(os.urandom(3 * 1024 * 1024))
     envelope, _ = sign_dataset(root, key_pairs.alice, source="a", chunk_size=1024 * 1024)
     manifest = write_manifest(envelope, tmp_path / "m.json")
     both_hashing = threading.Barrier(2, timeout=30)
     threads: set[str] = set()
 
     def on_bytes(count: int) -> None:
-        if threading.current_thread().name not in threads:  # each thread's first chunk waits for the other's
+        if threading.current_thread().name not in threads:  # each thread's first span waits for the other's
             threads.add(threading.current_thread().name)
             both_hashing.wait()
 
     report = verify_dataset(manifest, key_pairs.pub("alice"), data_dir=root, workers=2, on_bytes=on_bytes)
     assert report.ok and len(threads) == 2
+
+
+def _resigned(manifest: Path, key_pairs: Keys, change: Any) -> Path:
+    """The manifest with each chunk-signed shard's entry passed through `change`, signed again by alice."""
+    from dataclasses import replace
+
+    from trainguard.provenance.manifest import parse_statement
+
+    signed = parse_statement(read_envelope(manifest)[1].payload)
+    shards = tuple(change(s) if s.chunks else s for s in signed.shards)
+    envelope = sign_envelope(PAYLOAD_TYPE, statement_bytes(replace(signed, shards=shards)), key_pairs.alice)
+    return write_manifest(envelope, manifest)
+
+
+def test_chunk_digests_of_other_bytes_than_the_subject_digest_are_refused(
+    sign: Any, data_dir: Path, key_pairs: Keys
+) -> None:
+    import hashlib
+    from dataclasses import replace
+
+    manifest = sign(data_dir, key_pairs.alice, data_dir / "manifest.json", chunk_size=1024)
+    other = os.urandom(3000)
+    chunks = tuple(hashlib.sha256(other[i : i + 1024]).hexdigest() for i in range(0, 3000, 1024))
+    _resigned(manifest, key_pairs, lambda s: replace(s, chunks=chunks) if s.name == "raw.bin" else s)
+    (data_dir / "raw.bin").write_bytes(other)  # the bytes the chunk digests describe, not the subject digest
+    failure = verify_dataset(manifest, key_pairs.pub("alice")).failures[0]
+    assert (failure.shard, failure.reason) == ("raw.bin", "digest-mismatch")
+    assert failure.detail.startswith("whole-file sha256 ")
+
+
+def test_a_subject_digest_with_chunk_digests_of_other_bytes_is_refused(
+    sign: Any, data_dir: Path, key_pairs: Keys
+) -> None:
+    from dataclasses import replace
+
+    manifest = sign(data_dir, key_pairs.alice, data_dir / "manifest.json", chunk_size=1024)
+    _resigned(manifest, key_pairs, lambda s: replace(s, chunks=(s.chunks[0], "0" * 64, *s.chunks[2:])))
+    report = verify_dataset(manifest, key_pairs.pub("alice"))
+    assert {f.reason for f in report.failures} == {"digest-mismatch"}
+    assert all(f.detail.startswith("chunk 1 sha256 ") for f in report.failures)
 
 
 def test_a_fifo_manifest_is_refused_without_hanging(tmp_path: Path) -> None:
