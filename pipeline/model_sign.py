@@ -294,8 +294,8 @@ def _fsync_dir(directory: Path) -> None:
 def _replace_directory(staging: Path, directory: Path) -> None:
     """Renames `staging` to `directory`; an existing one is moved aside first and removed after."""
     aside = None
-    if directory.exists():
-        aside = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+    if directory.exists():  # moved onto a fresh empty folder of unpredictable name: nothing planted is followed
+        aside = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
         os.replace(directory, aside)
     os.replace(staging, directory)
     _fsync_dir(directory.parent)
