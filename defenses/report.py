@@ -7,7 +7,6 @@ the plot as artifacts, all through `log_batch` (one call per 1,000 metrics / 100
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 import urllib.request
@@ -15,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from trainguard.defenses.roni import ScreeningReport
+from trainguard.files import atomic_write
 
 _KEY = re.compile(r"[^A-Za-z0-9_\-./ ]")
 
@@ -31,12 +31,6 @@ class ReportOutcome:
     @property
     def logged_to_mlflow(self) -> bool:
         return self.run_id is not None
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def plot_impacts(report: ScreeningReport, path: Path) -> Path:
@@ -157,7 +151,7 @@ def record_screening(
     """
     directory.mkdir(parents=True, exist_ok=True)
     json_path = directory / "roni-report.json"
-    _write_atomic(json_path, json.dumps(report.to_dict(), indent=2, allow_nan=False).encode())
+    atomic_write(json_path, json.dumps(report.to_dict(), indent=2, allow_nan=False).encode())
     plot_path = plot_impacts(report, directory / "roni-impacts.png")
     import mlflow
 

@@ -17,6 +17,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from trainguard import strictjson
+from trainguard.files import read_regular
 from trainguard.pipeline.errors import AttestationError, AttestationInputError
 from trainguard.pipeline.model_sign import ModelFiles
 from trainguard.pipeline.state import ShardDecision
@@ -225,13 +227,17 @@ def verify_attestation(path: Path, trusted: Sequence[Path], threshold: int = 1) 
     path = Path(path)
     try:
         keys = [load_verifying_key(key) for key in trusted]
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise AttestationInputError(f"{getattr(error, 'filename', None) or path}: cannot read: {error}") from None
     except ProvenanceError as error:
         raise AttestationInputError(f"cannot load a trusted key: {error}") from None
     try:
-        envelope = Envelope.from_json(text)
+        data = read_regular(path)
+    except OSError as error:
+        raise AttestationInputError(f"{path}: cannot read: {error.strerror}", path=str(path)) from None
+    try:
+        envelope = Envelope.from_json(data)
+    except ProvenanceError as error:
+        raise AttestationInputError(f"{path}: malformed attestation: {error}", path=str(path)) from None
+    try:
         keyids = tuple(verify_envelope(envelope, keys, threshold))
     except ProvenanceError as error:
         raise AttestationError(f"{path}: attestation signature check failed: {error}", path=str(path)) from None
@@ -241,18 +247,32 @@ def verify_attestation(path: Path, trusted: Sequence[Path], threshold: int = 1) 
 
 
 def _parse_statement(payload: bytes, path: Path) -> dict[str, Any]:
+    """The SLSA statement in a verified payload, as strict JSON with every field the verifier reads present and
+    typed; anything else is an AttestationInputError (exit 2) naming the file."""
     try:
-        statement = json.loads(payload)
-        if statement["_type"] != STATEMENT_TYPE or statement["predicateType"] != PREDICATE_TYPE:
-            raise ValueError(f"not an in-toto v1 SLSA provenance statement ({statement['predicateType']!r})")
+        statement = strictjson.loads(payload)
+        if not isinstance(statement, dict):
+            raise TypeError("the statement is not a JSON object")
+        if statement.get("_type") != STATEMENT_TYPE or statement.get("predicateType") != PREDICATE_TYPE:
+            raise ValueError(f"not an in-toto v1 SLSA provenance statement ({statement.get('predicateType')!r})")
         subjects = statement["subject"]
         if not isinstance(subjects, list) or not subjects:
             raise ValueError("no subject")
         for subject in subjects:
             if not (isinstance(subject["name"], str) and isinstance(subject["digest"]["sha256"], str)):
                 raise ValueError("a subject lacks a name or sha256")
+        predicate = statement["predicate"]
+        if not isinstance(predicate["buildDefinition"]["resolvedDependencies"], list):
+            raise TypeError("resolvedDependencies is not a list")
+        run = predicate["runDetails"]
+        if not isinstance(run["metadata"], dict) or not isinstance(run.get("byproducts", []), list):
+            raise TypeError("runDetails.metadata is not an object or byproducts not a list")
+        if not all(isinstance(product, dict) for product in run.get("byproducts", [])):
+            raise TypeError("a byproduct is not an object")
+    except strictjson.StrictJSONError as error:
+        raise AttestationInputError(f"{path}: statement is not strict JSON: {error}", path=str(path)) from None
     except (ValueError, KeyError, TypeError) as error:
-        raise AttestationError(f"{path}: malformed statement: {error}", path=str(path)) from None
+        raise AttestationInputError(f"{path}: malformed statement: {error}", path=str(path)) from None
     return statement
 
 

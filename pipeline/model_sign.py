@@ -3,24 +3,30 @@
 A model directory holds `model.safetensors` (weights, never a pickle), `model.json` (how to rebuild the module),
 `model.sig` (a Sigstore bundle made with an EC key; the library's own `model_signing verify key` accepts it) and
 `attestation.intoto.json` (the DSSE-signed SLSA provenance, bound to the weights by digest). The signature covers
-every file but itself and the attestation, and refuses any other file, so a swapped, edited or added file fails.
+every file but itself and the attestation (which carries its own DSSE signature), `.git*` files included, and
+verification refuses any other file or link, hidden ones too, so a swapped, edited or added file fails.
 The directory is built beside its destination and renamed into place: a crash never leaves half a model.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
+import errno
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from trainguard import strictjson
+from trainguard.files import read_regular
 from trainguard.pipeline.errors import ModelNotFoundError, ModelSignatureError
+from trainguard.provenance.paths import printable, walk_entries
 
 if TYPE_CHECKING:
     import torch
@@ -32,6 +38,9 @@ ATTESTATION_FILE = "attestation.intoto.json"
 UNSIGNED_FILES = (SIGNATURE_FILE, ATTESTATION_FILE)
 PASSPHRASE_ENV = "TRAINGUARD_KEY_PASSPHRASE"
 _MODEL_SIGNING_CURVES = ("secp256r1", "secp384r1", "secp521r1")
+BUNDLE_LIMIT = 16 * 1024 * 1024
+"""The largest signature bundle read (one digest per file: kilobytes in practice)."""
+KEY_LIMIT = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -107,7 +116,7 @@ def sign_model(directory: Path, signing_key: Path) -> Path:
     password = _check_signing_key(Path(signing_key))
     try:
         config = model_signing.signing.Config().use_elliptic_key_signer(private_key=signing_key, password=password)
-        config.set_hashing_config(model_signing.hashing.Config().set_ignored_paths(paths=list(UNSIGNED_FILES)))
+        config.set_hashing_config(_hashing_config())
         config.sign(directory, directory / SIGNATURE_FILE)
     except (OSError, ValueError, TypeError) as error:
         raise ModelSignatureError(
@@ -116,10 +125,14 @@ def sign_model(directory: Path, signing_key: Path) -> Path:
     return directory / SIGNATURE_FILE
 
 
-def verify_model_signature(directory: Path, public_key: Path) -> ModelFiles:
+def verify_model_signature(
+    directory: Path, public_key: Path, *, unsigned: Collection[str] = UNSIGNED_FILES
+) -> ModelFiles:
     """Checks `model.sig` against `public_key` and every file of `directory`; returns the signed digests.
 
-    The signature is read once into memory: the digests returned are those of the bytes that were verified.
+    Every regular file (recursively, hidden and `.git*` ones included) but those in `unsigned` must be covered by
+    the signature, and no symbolic link or special file may be present. The signature and key are read once into
+    memory: the digests returned are those of the bundle that was verified.
     """
     import model_signing
 
@@ -127,24 +140,63 @@ def verify_model_signature(directory: Path, public_key: Path) -> ModelFiles:
     signature = directory / SIGNATURE_FILE
     if not directory.is_dir():
         raise ModelNotFoundError(f"{directory}: no such model directory", path=str(directory))
-    if not signature.is_file():
-        raise ModelSignatureError(f"{signature}: the model is not signed (no {SIGNATURE_FILE})", path=str(signature))
-    if not Path(public_key).is_file():
-        raise ModelNotFoundError(f"{public_key}: no such public key file", path=str(public_key))
-    bundle = signature.read_bytes()
+    bundle = _read_control(signature, BUNDLE_LIMIT, f"the model is not signed (no {SIGNATURE_FILE})")
+    pem = _read_control(Path(public_key), KEY_LIMIT, "no such public key file", missing=ModelNotFoundError)
+    present = _present_files(directory)
     with tempfile.TemporaryDirectory() as scratch:
-        pinned = Path(scratch) / SIGNATURE_FILE
+        pinned, pinned_key = Path(scratch) / SIGNATURE_FILE, Path(scratch) / "key.pub"
         pinned.write_bytes(bundle)
+        pinned_key.write_bytes(pem)
         try:
-            model_signing.verifying.Config().use_elliptic_key_verifier(public_key=public_key).set_hashing_config(
-                model_signing.hashing.Config().set_ignored_paths(paths=list(UNSIGNED_FILES))
+            model_signing.verifying.Config().use_elliptic_key_verifier(public_key=pinned_key).set_hashing_config(
+                _hashing_config()
             ).verify(directory, pinned)
         except Exception as error:  # the library raises ValueError, InvalidSignature, protobuf and JSON errors
             raise ModelSignatureError(
                 f"{directory}: model signature check failed against {public_key}: {_one_line(error)}",
                 path=str(directory),
             ) from None
-    return ModelFiles(directory, _signed_digests(bundle))
+    digests = _signed_digests(bundle, signature)
+    extra = sorted(present - set(digests) - set(unsigned))
+    if extra:
+        raise ModelSignatureError(
+            f"{directory}: {printable(extra[0])} is not covered by the model signature", path=str(directory / extra[0])
+        )
+    return ModelFiles(directory, digests)
+
+
+def _hashing_config() -> Any:
+    """What the model signature covers: every file but the signature and attestation, `.git*` files included."""
+    import model_signing
+
+    return model_signing.hashing.Config().set_ignored_paths(paths=list(UNSIGNED_FILES), ignore_git_paths=False)
+
+
+def _present_files(directory: Path) -> set[str]:
+    """Names of the regular files under `directory`; a symbolic link or special file is a ModelSignatureError."""
+    present = set()
+    for name, kind in walk_entries(directory):
+        if kind != "file":
+            kind_text = "symbolic link" if kind == "symlink" else "special file"
+            raise ModelSignatureError(
+                f"{directory}: {printable(name)} is a {kind_text}, refused in a signed model",
+                path=str(directory / name),
+            )
+        present.add(name)
+    return present
+
+
+def _read_control(
+    path: Path, limit: int, absent: str, *, missing: type[ModelSignatureError] = ModelSignatureError
+) -> bytes:
+    """A small regular file's bytes (a FIFO or device is refused, never read); `absent` says what a missing one
+    means."""
+    try:
+        return read_regular(path, limit=limit)
+    except OSError as error:
+        if error.errno == errno.ENOENT:
+            raise missing(f"{path}: {absent}", path=str(path)) from None
+        raise ModelNotFoundError(f"{path}: cannot read: {error.strerror}", path=str(path)) from None
 
 
 def load_verified_state_dict(directory: Path, public_key: Path) -> dict[str, torch.Tensor]:
@@ -160,8 +212,15 @@ def load_verified_state_dict(directory: Path, public_key: Path) -> dict[str, tor
 
 
 def read_model_description(directory: Path) -> dict[str, Any]:
-    """The contents of `model.json` (class_path, init_args, metadata); check the signature first."""
-    return json.loads((Path(directory) / CONFIG_FILE).read_text())
+    """The contents of `model.json` (class_path, init_args, metadata) as strict JSON; check the signature first."""
+    path = Path(directory) / CONFIG_FILE
+    try:
+        description = strictjson.loads(_read_control(path, BUNDLE_LIMIT, "no model description"))
+    except strictjson.StrictJSONError as error:
+        raise ModelSignatureError(f"{path}: malformed model description: {error}", path=str(path)) from None
+    if not isinstance(description, dict):
+        raise ModelSignatureError(f"{path}: the model description is not a JSON object", path=str(path))
+    return description
 
 
 def _save_weights(model: Any, path: Path, metadata: Mapping[str, str]) -> None:
@@ -175,11 +234,18 @@ def _save_weights(model: Any, path: Path, metadata: Mapping[str, str]) -> None:
         save_file(tensors, str(path), metadata=dict(metadata))
 
 
-def _signed_digests(bundle: bytes) -> dict[str, str]:
-    """Resource name -> sha256 from a model-signing bundle's in-toto payload (call only once it verified)."""
-    envelope = json.loads(bundle)["dsseEnvelope"]
-    statement = json.loads(base64.b64decode(envelope["payload"]))
-    return {item["name"]: item["digest"] for item in statement["predicate"]["resources"]}
+def _signed_digests(bundle: bytes, where: Path) -> dict[str, str]:
+    """Resource name -> sha256 from a model-signing bundle's in-toto payload (call only once it verified), parsed
+    as strict JSON; anything else is a ModelSignatureError naming the bundle."""
+    try:
+        envelope = strictjson.loads(bundle)["dsseEnvelope"]
+        statement = strictjson.loads(base64.b64decode(envelope["payload"], validate=True))
+        digests = {item["name"]: item["digest"] for item in statement["predicate"]["resources"]}
+    except (ValueError, KeyError, TypeError, binascii.Error) as error:
+        raise ModelSignatureError(f"{where}: malformed signature bundle: {_one_line(error)}", path=str(where)) from None
+    if not all(isinstance(name, str) and isinstance(digest, str) for name, digest in digests.items()):
+        raise ModelSignatureError(f"{where}: malformed signature bundle: a resource is not a name and digest")
+    return digests
 
 
 def _check_signing_key(key: Path) -> bytes | None:
@@ -188,7 +254,7 @@ def _check_signing_key(key: Path) -> bytes | None:
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
     try:
-        pem = key.read_bytes()
+        pem = read_regular(key, limit=KEY_LIMIT)
     except OSError as error:
         raise ModelNotFoundError(f"cannot read model signing key {key}: {error.strerror}", path=str(key)) from None
     password = None
@@ -228,8 +294,8 @@ def _fsync_dir(directory: Path) -> None:
 def _replace_directory(staging: Path, directory: Path) -> None:
     """Renames `staging` to `directory`; an existing one is moved aside first and removed after."""
     aside = None
-    if directory.exists():
-        aside = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+    if directory.exists():  # moved onto a fresh empty folder of unpredictable name: nothing planted is followed
+        aside = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
         os.replace(directory, aside)
     os.replace(staging, directory)
     _fsync_dir(directory.parent)

@@ -3,12 +3,13 @@ same bytes (the attestation's subjects are exactly the signed files, digest for 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainguard.pipeline.attestation import cycle_record, verify_attestation
+from trainguard.pipeline.attestation import VerifiedAttestation, cycle_record, verify_attestation
 from trainguard.pipeline.errors import AttestationMismatchError
 from trainguard.pipeline.model_sign import ATTESTATION_FILE, MODEL_FILE, file_sha256, verify_model_signature
 
@@ -58,30 +59,14 @@ def verify_model(
     """
     model_dir = Path(model_dir)
     signed = verify_model_signature(model_dir, trusted_key)
-    attestation = verify_attestation(
-        Path(attestation_path) if attestation_path else model_dir / ATTESTATION_FILE,
-        list(attestation_keys or [trusted_key]),
-        threshold,
-    )
+    inside = model_dir / ATTESTATION_FILE
+    chosen = Path(attestation_path) if attestation_path else inside
+    keys = list(attestation_keys or [trusted_key])
+    attestation = verify_attestation(chosen, keys, threshold)
+    _check_subjects(attestation, signed.digests, model_dir)
+    if chosen != inside and os.path.lexists(inside):  # the model's own attestation is unsigned by model.sig: check it
+        _check_subjects(verify_attestation(inside, keys, threshold), signed.digests, model_dir)
     subjects = attestation.subjects
-    for name, digest in sorted(signed.digests.items()):
-        if name not in subjects:
-            raise AttestationMismatchError(
-                f"{attestation.path}: does not attest {model_dir / name} (attests {', '.join(sorted(subjects))})",
-                path=str(model_dir / name),
-            )
-        if subjects[name] != digest:
-            raise AttestationMismatchError(
-                f"{attestation.path}: attests {name} sha256 {subjects[name][:16]}..., but {model_dir / name} has "
-                f"{digest[:16]}...: the model or the attestation was swapped",
-                path=str(model_dir / name),
-            )
-    unsigned = sorted(set(subjects) - set(signed.digests))
-    if unsigned:
-        raise AttestationMismatchError(
-            f"{attestation.path}: attests {unsigned[0]}, which the model signature does not cover",
-            path=str(model_dir / unsigned[0]),
-        )
     model_sha256 = file_sha256(model_dir / MODEL_FILE)
     if model_sha256 != subjects.get(MODEL_FILE):
         raise AttestationMismatchError(f"{model_dir / MODEL_FILE}: changed during verification", path=str(model_dir))
@@ -99,3 +84,26 @@ def verify_model(
         rejected_shards=len(record.get("shards", {}).get("rejected", [])),
         read_log_sha256=str(record.get("readLog", {}).get("sha256", "")),
     )
+
+
+def _check_subjects(attestation: VerifiedAttestation, signed: Mapping[str, str], model_dir: Path) -> None:
+    """The attestation's subjects are exactly the signed files, digest for digest; else AttestationMismatchError."""
+    subjects = attestation.subjects
+    for name, digest in sorted(signed.items()):
+        if name not in subjects:
+            raise AttestationMismatchError(
+                f"{attestation.path}: does not attest {model_dir / name} (attests {', '.join(sorted(subjects))})",
+                path=str(model_dir / name),
+            )
+        if subjects[name] != digest:
+            raise AttestationMismatchError(
+                f"{attestation.path}: attests {name} sha256 {subjects[name][:16]}..., but {model_dir / name} has "
+                f"{digest[:16]}...: the model or the attestation was swapped",
+                path=str(model_dir / name),
+            )
+    unsigned = sorted(set(subjects) - set(signed))
+    if unsigned:
+        raise AttestationMismatchError(
+            f"{attestation.path}: attests {unsigned[0]}, which the model signature does not cover",
+            path=str(model_dir / unsigned[0]),
+        )

@@ -8,6 +8,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from trainguard import strictjson
 from trainguard.provenance.errors import (
     AlreadySignedError,
     BadSignatureError,
@@ -17,6 +18,9 @@ from trainguard.provenance.errors import (
     UntrustedSignerError,
 )
 from trainguard.provenance.keys import SigningKey, VerifyingKey
+
+MAX_SIGNATURES = 16
+"""The most signatures an envelope may carry: each one costs a signature check, so the count is bounded."""
 
 
 def pae(payload_type: str, payload: bytes) -> bytes:
@@ -47,11 +51,12 @@ class Envelope:
 
     @classmethod
     def from_json(cls, data: bytes | str) -> Envelope:
-        """Parses a DSSE JSON envelope; anything malformed raises MalformedError (exit 2)."""
+        """Parses a DSSE JSON envelope strictly (no duplicate keys, BOM, NaN, non-canonical base64, at most
+        MAX_SIGNATURES signatures); anything malformed raises MalformedError (exit 2)."""
         try:
-            document = json.loads(data)
-        except (ValueError, TypeError, RecursionError) as error:
-            raise MalformedError(f"envelope is not JSON: {error}") from None
+            document = strictjson.loads(data)
+        except strictjson.StrictJSONError as error:
+            raise MalformedError(f"envelope is not strict JSON: {error}") from None
         if not isinstance(document, dict):
             raise MalformedError("envelope is not a JSON object")
         payload_type = document.get("payloadType")
@@ -61,6 +66,7 @@ class Envelope:
         raw_signatures = document.get("signatures")
         if not isinstance(raw_signatures, list):
             raise MalformedError("envelope has no signatures list")
+        _check_count(len(raw_signatures))
         signatures = []
         for index, raw in enumerate(raw_signatures):
             if not isinstance(raw, dict):
@@ -73,15 +79,29 @@ class Envelope:
 
 
 def _b64(value: object, what: str) -> bytes:
+    """Canonical base64 only (standard or URL-safe alphabet, as DSSE allows): re-encoding the bytes must give back
+    exactly `value`, so one envelope has one spelling (no whitespace, padding variants or stray trailing bits)."""
     if not isinstance(value, str):
         raise MalformedError(f"envelope {what} is not a base64 string")
-    text = value.strip()
+    urlsafe = "-" in value or "_" in value
     try:
-        if "-" in text or "_" in text:
-            return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+        if not value.isascii() or (urlsafe and ("+" in value or "/" in value)):
+            raise ValueError("mixed alphabets or non-ASCII")
+        decoded = base64.b64decode(value.translate(_FROM_URLSAFE) if urlsafe else value, validate=True)
     except (binascii.Error, ValueError):
         raise MalformedError(f"envelope {what} is not valid base64") from None
+    encoded = base64.urlsafe_b64encode(decoded) if urlsafe else base64.b64encode(decoded)
+    if encoded.decode() != value:
+        raise MalformedError(f"envelope {what} is not canonical base64 (padding, whitespace or trailing bits)")
+    return decoded
+
+
+_FROM_URLSAFE = str.maketrans("-_", "+/")
+
+
+def _check_count(count: int) -> None:
+    if count > MAX_SIGNATURES:
+        raise MalformedError(f"envelope has {count} signatures, more than the {MAX_SIGNATURES} allowed")
 
 
 def sign_envelope(payload_type: str, payload: bytes, key: SigningKey) -> Envelope:
@@ -99,23 +119,26 @@ def add_signature(envelope: Envelope, key: SigningKey) -> Envelope:
 def verify_envelope(envelope: Envelope, trusted: Sequence[VerifyingKey], threshold: int) -> tuple[str, ...]:
     """Keyids of the distinct trusted keys whose signatures verify; raises when fewer than `threshold` do.
 
-    The reason says why: a trusted key's signature that fails (payload edited), no trusted signer at all, or too few.
+    A signature is checked only against the trusted key its keyid names (one check per signature, at most
+    MAX_SIGNATURES). The reason says why: a trusted key's signature that fails (payload edited), no trusted signer
+    at all, or too few.
     """
     keys = {key.keyid: key for key in trusted}
     if not keys:
         raise PolicyError("no trusted keys given")
     if not 1 <= threshold <= len(keys):
         raise PolicyError(f"threshold {threshold} is out of range for {len(keys)} trusted key(s)")
+    _check_count(len(envelope.signatures))
     message = pae(envelope.payload_type, envelope.payload)
     valid: list[str] = []
     failed: list[str] = []
     for signature in envelope.signatures:
-        candidates = [keys[signature.keyid]] if signature.keyid in keys else list(keys.values())
-        match = next((k.keyid for k in candidates if k.verify(signature.sig, message)), None)
-        if match is not None:
-            if match not in valid:
-                valid.append(match)
-        elif signature.keyid in keys:
+        key = keys.get(signature.keyid)
+        if key is None or signature.keyid in valid:
+            continue
+        if key.verify(signature.sig, message):
+            valid.append(signature.keyid)
+        else:
             failed.append(signature.keyid)
     if len(valid) >= threshold:
         return tuple(valid)

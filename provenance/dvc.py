@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import configparser
 import hashlib
-import json
+import re
 from pathlib import Path
 from typing import Any
 
-from trainguard.provenance.errors import DataDirError, DvcMismatchError
+from trainguard import strictjson
+from trainguard.files import read_regular
+from trainguard.provenance.errors import DataDirError, DvcMismatchError, MalformedError
+from trainguard.provenance.paths import name_problem, printable
+
+_MD5 = re.compile(r"[0-9a-f]{32}")
 
 
 def find_repo_root(start: Path) -> Path:
@@ -66,15 +71,27 @@ def _yaml(path: Path) -> dict[str, Any]:
     import yaml
 
     try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-        raise DataDirError(f"cannot read DVC file {path}: {error}", path=str(path)) from None
+        document = yaml.safe_load(read_regular(path).decode("utf-8"))
+    except OSError as error:
+        raise DataDirError(f"cannot read DVC file {path}: {error.strerror}", path=str(path)) from None
+    except (UnicodeDecodeError, yaml.YAMLError, RecursionError) as error:
+        raise DataDirError(f"cannot parse DVC file {path}: {' '.join(str(error).split())}", path=str(path)) from None
     return document if isinstance(document, dict) else {}
 
 
 def _cache_dir(root: Path) -> Path:
     config = configparser.ConfigParser()
-    config.read([root / ".dvc" / "config", root / ".dvc" / "config.local"])
+    for path in (root / ".dvc" / "config", root / ".dvc" / "config.local"):
+        try:
+            config.read_string(read_regular(path).decode("utf-8"), source=str(path))
+        except FileNotFoundError:
+            continue
+        except OSError as error:
+            raise DataDirError(f"cannot read DVC config {path}: {error.strerror}", path=str(path)) from None
+        except (UnicodeDecodeError, configparser.Error) as error:
+            raise DataDirError(
+                f"cannot parse DVC config {path}: {' '.join(str(error).split())}", path=str(path)
+            ) from None
     configured = config.get("cache", "dir", fallback=None)
     return (root / ".dvc" / configured).resolve() if configured else root / ".dvc" / "cache"
 
@@ -84,9 +101,37 @@ def _listing(root: Path, dir_md5: str) -> dict[str, str]:
     cache = _cache_dir(root)
     for candidate in (cache / "files" / "md5" / digest[:2] / (digest[2:] + ".dir"), cache / digest[:2] / digest[2:]):
         if candidate.is_file():
-            data = candidate.read_bytes()
+            try:
+                data = read_regular(candidate)
+            except OSError as error:
+                raise DataDirError(f"cannot read DVC cache listing {candidate}: {error.strerror}") from None
             if hashlib.md5(data, usedforsecurity=False).hexdigest() != digest:
                 raise DvcMismatchError(f"DVC cache listing {candidate} does not match its md5 {digest}")
-            entries = json.loads(data)
-            return {entry["relpath"]: entry["md5"] for entry in entries}
+            return _parse_listing(data, candidate)
     raise DataDirError(f"DVC cache has no listing for {dir_md5} under {cache}: run `dvc checkout` or `dvc pull`")
+
+
+def _parse_listing(data: bytes, where: Path) -> dict[str, str]:
+    """Relative name -> md5 from a DVC `.dir` listing: a strict JSON list of {relpath, md5} objects with safe,
+    distinct names and lowercase hex md5s; anything else is a MalformedError naming the listing."""
+    try:
+        entries = strictjson.loads(data)
+    except strictjson.StrictJSONError as error:
+        raise MalformedError(f"DVC cache listing {where} is not strict JSON: {error}", path=str(where)) from None
+    if not isinstance(entries, list):
+        raise MalformedError(f"DVC cache listing {where} is not a JSON list", path=str(where))
+    listing: dict[str, str] = {}
+    for index, entry in enumerate(entries):
+        relpath = entry.get("relpath") if isinstance(entry, dict) else None
+        md5 = entry.get("md5") if isinstance(entry, dict) else None
+        if not isinstance(relpath, str) or not isinstance(md5, str):
+            raise MalformedError(f"DVC cache listing {where}: entry {index} is not a {{relpath, md5}} object")
+        problem = name_problem(relpath)
+        if problem is not None:
+            raise MalformedError(f"DVC cache listing {where}: relpath {relpath!r} is unsafe: {problem}")
+        if not _MD5.fullmatch(md5):
+            raise MalformedError(f"DVC cache listing {where}: {printable(relpath)} has md5 {md5!r}, not 32 hex digits")
+        if relpath in listing:
+            raise MalformedError(f"DVC cache listing {where}: {printable(relpath)} is listed twice")
+        listing[relpath] = md5
+    return listing

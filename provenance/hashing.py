@@ -1,5 +1,5 @@
-"""Streaming SHA-256 of shard files: memory-mapped windows (constant memory, no copy), hashed in threads by file or
-by run of a large file's chunks.
+"""Streaming SHA-256 of shard files: memory-mapped windows (constant memory, no copy), hashed in threads by file;
+a large file's whole digest and its chunk digests come from the same single pass.
 
 hashlib releases the GIL on large updates, so threads use every core. Like git and b3sum, hashing reads mapped
 pages: a file truncated by another process *while* it is hashed kills the process with SIGBUS (exit 135), which
@@ -88,47 +88,27 @@ def digest_file(
     md5: bool = False,
     on_bytes: ProgressCallback | None = None,
 ) -> FileDigest:
-    """SHA-256 of the whole file, plus per-chunk SHA-256 when `chunk_size` is given and md5 when asked (DVC)."""
+    """SHA-256 of the whole file, plus per-chunk SHA-256 when `chunk_size` is given and md5 when asked (DVC).
+
+    One pass over the mapped bytes: with chunks, each window's chunk digests are computed on a second thread while
+    this one hashes the whole (hashlib releases the GIL), so both digests cost about the time of one.
+    """
     whole = hashlib.sha256()
     weak = hashlib.md5(usedforsecurity=False) if md5 else None
     chunks = ChunkDigests(chunk_size) if chunk_size else None
     size = 0
-    with _mapped(path, name) as fd:
+    with _mapped(path, name) as fd, ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainguard-chunks") as side:
         for span in _spans(fd, 0, os.fstat(fd).st_size):
+            pending = side.submit(chunks.update, span) if chunks is not None else None
             whole.update(span)
             if weak is not None:
                 weak.update(span)
-            if chunks is not None:
-                chunks.update(span)
+            if pending is not None:
+                pending.result()  # the window stays mapped until both digests have read it
             size += len(span)
             if on_bytes is not None:
                 on_bytes(len(span))
     return FileDigest(whole.hexdigest(), size, chunks.digests() if chunks else (), weak.hexdigest() if weak else None)
-
-
-def digest_chunks(
-    path: Path,
-    name: str,
-    offset: int,
-    length: int,
-    chunk_size: int,
-    *,
-    size: int,
-    on_bytes: ProgressCallback | None = None,
-) -> tuple[str, ...]:
-    """SHA-256 of each `chunk_size` chunk in `length` bytes at `offset` (a run of signed chunks) of a file that must
-    be `size` bytes long, so the chunks of one large shard can be hashed on every core."""
-    chunks = ChunkDigests(chunk_size)
-    with _mapped(path, name) as fd:
-        actual = os.fstat(fd).st_size
-        if actual != size:
-            reason = "truncated" if actual < size else "appended"
-            raise ShardError(f"shard {name}: {actual} bytes while hashed, signed {size}", shard=name, reason=reason)
-        for span in _spans(fd, offset, length):
-            chunks.update(span)
-            if on_bytes is not None:
-                on_bytes(len(span))
-    return chunks.digests()
 
 
 @contextmanager

@@ -15,11 +15,14 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
+from trainguard.files import atomic_write, read_regular
 from trainguard.provenance.errors import KeyFileError
 
 KeyType = Literal["ed25519", "ecdsa-p256"]
 KEY_TYPES: tuple[str, ...] = get_args(KeyType)
 PASSPHRASE_ENV = "TRAINGUARD_KEY_PASSPHRASE"
+KEY_FILE_LIMIT = 64 * 1024
+"""The largest PEM key file read: real keys are a few hundred bytes."""
 
 
 @dataclass(frozen=True)
@@ -103,24 +106,11 @@ def write_keypair(
     )
     pem = key._key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
     try:
-        private_path.parent.mkdir(parents=True, exist_ok=True)
-        _write_private(private_path, pem)
-        public_path.write_bytes(key.public.to_pem())
+        atomic_write(private_path, pem, mode=0o600)  # created 0600 by mkstemp: no window with wider permissions
+        atomic_write(public_path, key.public.to_pem())
     except OSError as error:
         raise KeyFileError(f"cannot write key pair {out_prefix}: {error.strerror}", path=str(out_prefix)) from None
     return private_path, public_path
-
-
-def _write_private(path: Path, pem: bytes) -> None:
-    """Creates the file 0600 from the start (no window with wider permissions)."""
-    if path.is_symlink():
-        path.unlink()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, pem)
-    finally:
-        os.close(fd)
 
 
 def load_signing_key(path: Path, passphrase: bytes | None = None) -> SigningKey:
@@ -170,8 +160,9 @@ def verifying_key_from_pem(data: bytes, where: str = "public key") -> VerifyingK
 
 
 def _read(path: Path, what: str) -> bytes:
+    """A key file's bytes: a regular file of at most KEY_FILE_LIMIT bytes (a FIFO or device is refused unread)."""
     try:
-        return path.read_bytes()
+        return read_regular(path, limit=KEY_FILE_LIMIT)
     except OSError as error:
         raise KeyFileError(f"cannot read {what} {path}: {error.strerror}", path=str(path)) from None
 

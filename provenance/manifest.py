@@ -10,9 +10,10 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+from trainguard import strictjson
 from trainguard.provenance.errors import MalformedError
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
@@ -24,6 +25,10 @@ ROLES = ("train", "trusted", "holdout")
 DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _SOURCE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:+-]{0,127}")
+_RFC3339 = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(?:([Zz])|([+-])(\d{2}):(\d{2}))",
+    re.ASCII,
+)
 
 
 @dataclass(frozen=True)
@@ -69,18 +74,30 @@ class Manifest:
 
 
 def rfc3339(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """`moment` in UTC as `YYYY-MM-DDTHH:MM:SSZ` (four-digit year even before 1000, so it parses back)."""
+    return moment.astimezone(UTC).replace(microsecond=0, tzinfo=None).isoformat() + "Z"
 
 
 def parse_rfc3339(text: str, what: str = "time") -> datetime:
-    """An RFC 3339 time with a zone (Z or +hh:mm); naive times are refused."""
+    """An RFC 3339 date-time with a zone (`YYYY-MM-DDTHH:MM:SS[.frac](Z|+hh:mm|-hh:mm)`), in UTC.
+
+    Only that grammar: no space separator, week or ordinal dates, naive times, leap seconds, or instants that fall
+    outside the years 1-9999 once moved to UTC.
+    """
+    match = _RFC3339.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise MalformedError(f"{what} {text!r} is not an RFC 3339 time (YYYY-MM-DDTHH:MM:SS[.frac]Z or +hh:mm)")
+    year, month, day, hour, minute, second, fraction, utc, sign, zone_h, zone_m = match.groups()
     try:
-        moment = datetime.fromisoformat(text.replace("z", "Z"))
-    except (ValueError, TypeError, AttributeError):
-        raise MalformedError(f"{what} {text!r} is not an RFC 3339 time") from None
-    if moment.tzinfo is None:
-        raise MalformedError(f"{what} {text!r} has no time zone")
-    return moment.astimezone(UTC)
+        if int(zone_h or 0) > 23 or int(zone_m or 0) > 59:
+            raise ValueError("zone offset out of range")
+        offset = timedelta(hours=int(zone_h or 0), minutes=int(zone_m or 0))
+        zone = UTC if utc else timezone(-offset if sign == "-" else offset)
+        micro = int((fraction or "0").ljust(6, "0")[:6])
+        moment = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), micro, zone)
+        return moment.astimezone(UTC)
+    except (ValueError, OverflowError) as error:
+        raise MalformedError(f"{what} {text!r} is not a valid RFC 3339 time: {error}") from None
 
 
 def to_statement(manifest: Manifest) -> dict[str, Any]:
@@ -117,14 +134,14 @@ def statement_bytes(manifest: Manifest) -> bytes:
 
 
 def parse_statement(payload: bytes) -> Manifest:
-    """The manifest in a signed payload; anything off-format raises MalformedError (exit 2).
+    """The manifest in a signed payload, parsed as strict JSON; anything off-format raises MalformedError (exit 2).
 
     Subject names are kept as written: unsafe or duplicate names are reported per shard by the verifier.
     """
     try:
-        statement = json.loads(payload)
-    except (ValueError, TypeError, RecursionError) as error:
-        raise MalformedError(f"statement is not JSON: {error}") from None
+        statement = strictjson.loads(payload)
+    except strictjson.StrictJSONError as error:
+        raise MalformedError(f"statement is not strict JSON: {error}") from None
     document = _mapping(statement, "statement")
     if document.get("_type") != STATEMENT_TYPE:
         raise MalformedError(f"statement _type is {document.get('_type')!r}, not {STATEMENT_TYPE}")

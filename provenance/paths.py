@@ -4,17 +4,31 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import stat
 from collections.abc import Collection, Iterator
 from pathlib import Path
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def printable(text: str) -> str:
+    """`text` with every non-printable character (C0, DEL, C1, line/paragraph separators, the surrogates that
+    stand for non-UTF-8 bytes of a file name) written as a Python escape, so it can never start a new output line."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def name_problem(name: str) -> str | None:
     """Why `name` is not a safe shard name (a short phrase), or None when it is safe."""
     if not name:
         return "empty name"
-    if "\x00" in name or "\\" in name:
-        return "contains NUL or backslash"
+    if _SURROGATE.search(name):
+        return "not valid UTF-8"
+    if _CONTROL.search(name):
+        return "contains a control character"
+    if "\\" in name:
+        return "contains a backslash"
     if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
         return "absolute path"
     parts = name.split("/")

@@ -1,5 +1,9 @@
 """Verify-on-read: a shard's bytes are read once, hashed, and parsed from that same buffer only if the digest
 matches, so nothing can change between check and use. Every verified read is appended to an exact read log.
+
+Decoding is bounded: a parquet footer or npy header is checked before any data is decoded, its row count against
+the shard's signed `records` and its decoded size against DECODE_RATIO times the file size and an absolute limit,
+so a small signed shard cannot decode to millions of rows or exhaust memory.
 """
 
 from __future__ import annotations
@@ -7,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import threading
 from collections.abc import Iterable, Iterator
@@ -26,6 +31,11 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from trainguard.provenance.allowlist import AllowList
+
+DECODE_RATIO = 64
+"""A shard may decode to at most this many times its file size."""
+DECODE_LIMIT = 4 * 1024**3
+"""A shard may decode to at most this many bytes (the default of `ShardReader(decode_limit=)`)."""
 
 
 @dataclass(frozen=True)
@@ -69,10 +79,18 @@ class ShardReader:
     """Reads the shards of one verified manifest from its data dir, each checked against its signed digest; with an
     `allow` list, only the shards on it (any other read is refused as `not-allowed`)."""
 
-    def __init__(self, verified: VerifiedManifest, log: ReadLog | None = None, allow: AllowList | None = None) -> None:
+    def __init__(
+        self,
+        verified: VerifiedManifest,
+        log: ReadLog | None = None,
+        allow: AllowList | None = None,
+        *,
+        decode_limit: int = DECODE_LIMIT,
+    ) -> None:
         self.verified = verified
         self.log = log if log is not None else ReadLog()
         self.allow = allow
+        self.decode_limit = decode_limit
         self._entries: dict[str, ShardEntry | None] = {}
         for shard in verified.manifest.shards:
             self._entries[shard.name] = None if shard.name in self._entries else shard
@@ -163,7 +181,8 @@ class ShardReader:
         return data
 
     def iter_chunks(self, name: str) -> Iterator[bytes]:
-        """The shard streamed chunk by chunk, each verified before it is yielded; logged once fully read."""
+        """The shard streamed chunk by chunk, each verified before it is yielded; at the end the whole-file digest
+        must match the signed subject digest too, and only then is the read logged."""
         shard = self.entry(name)
         if not shard.chunks:
             yield self.read_bytes(name)
@@ -181,13 +200,23 @@ class ShardReader:
                 yield data
             if stream.read(1):
                 raise ShardError(f"shard {name}: grew while reading", shard=name, reason="appended")
+        if whole.hexdigest() != shard.sha256:
+            raise ShardError(
+                f"shard {name}: whole-file sha256 {whole.hexdigest()} differs from the signed {shard.sha256}",
+                shard=name,
+                reason="digest-mismatch",
+            )
         self._record(shard, whole.hexdigest())
 
     def read_frame(self, name: str, columns: list[str] | None = None) -> pd.DataFrame:
-        return parse_frame(name, self.read_bytes(name), columns)
+        """The shard as a data frame, decoded only within its signed `records` and the decode limits."""
+        data = self.read_bytes(name)
+        return parse_frame(name, data, columns, records=self.entry(name).records, limit=self.decode_limit)
 
     def read_array(self, name: str) -> np.ndarray:
-        return parse_array(name, self.read_bytes(name))
+        """The `.npy` shard as an array, decoded only within its signed `records` and the decode limits."""
+        data = self.read_bytes(name)
+        return parse_array(name, data, records=self.entry(name).records, limit=self.decode_limit)
 
     def frames(self, names: Iterable[str], columns: list[str] | None = None) -> Iterator[tuple[str, pd.DataFrame]]:
         """Parsed shards in order; the next shard is read and hashed in a thread while this one is parsed."""
@@ -200,32 +229,93 @@ class ShardReader:
                 data = pending.result()
                 if index + 1 < len(ordered):
                     pending = pool.submit(self.read_bytes, ordered[index + 1])
-                yield name, parse_frame(name, data, columns)
+                records = self.entry(name).records
+                yield name, parse_frame(name, data, columns, records=records, limit=self.decode_limit)
 
 
-def parse_frame(name: str, data: bytes, columns: list[str] | None = None) -> pd.DataFrame:
-    """A data frame from verified parquet (or npy) bytes."""
+def parse_frame(
+    name: str,
+    data: bytes,
+    columns: list[str] | None = None,
+    *,
+    records: int | None = None,
+    limit: int = DECODE_LIMIT,
+) -> pd.DataFrame:
+    """A data frame from verified parquet (or npy) bytes: the footer is checked against `records` (when signed)
+    and the decode limits before any row group is decoded, and each decoded row group counts against them."""
     if name.endswith(".parquet"):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         try:
-            return pq.read_table(pa.BufferReader(data), columns=columns).to_pandas()
-        except (pa.ArrowException, ValueError) as error:
+            parquet = pq.ParquetFile(pa.BufferReader(data))
+            metadata = parquet.metadata
+            schema = parquet.schema_arrow
+            widths = sum(max(1, f.type.bit_width // 8) if _fixed_width(f.type) else 1 for f in schema)
+            uncompressed = sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
+            bound = _decode_bound(name, len(data), limit)
+            _check_decode(name, metadata.num_rows, max(uncompressed, metadata.num_rows * widths), records, bound)
+            tables, decoded = [], 0
+            for index in range(metadata.num_row_groups):
+                table = parquet.read_row_group(index, columns=columns)
+                decoded += table.nbytes
+                _check_decode(name, None, decoded, None, bound)
+                tables.append(table)
+            table = pa.concat_tables(tables) if tables else schema.empty_table().select(columns or schema.names)
+            _check_decode(name, table.num_rows, decoded, records, bound)
+            return table.to_pandas()
+        except (pa.ArrowException, ValueError, KeyError) as error:
             raise ShardError(f"shard {name}: not readable as parquet: {error}", shard=name, reason="format") from None
     if name.endswith(".npy"):
         import pandas as pd
 
-        frame = pd.DataFrame(parse_array(name, data))
+        frame = pd.DataFrame(parse_array(name, data, records=records, limit=limit))
         return frame if columns is None else frame[columns]
     raise ShardError(f"shard {name}: unsupported format (use .parquet or .npy)", shard=name, reason="format")
 
 
-def parse_array(name: str, data: bytes) -> np.ndarray:
-    """A numpy array from verified npy bytes; never unpickles."""
+def parse_array(name: str, data: bytes, *, records: int | None = None, limit: int = DECODE_LIMIT) -> np.ndarray:
+    """A numpy array from verified npy bytes: the header's shape is checked against `records` (when signed) and the
+    decode limits before the data is read; never unpickles."""
     import numpy as np
 
+    stream = io.BytesIO(data)
     try:
+        version = np.lib.format.read_magic(stream)
+        header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in header:
+            raise ValueError(f"npy format version {version} is not supported")
+        shape, _, dtype = header[version](stream)
+        if dtype.hasobject:
+            raise ValueError("object arrays need pickle, which is never used")
+        rows = int(shape[0]) if shape else 1
+        _check_decode(name, rows, math.prod(shape) * dtype.itemsize, records, _decode_bound(name, len(data), limit))
         return np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:
         raise ShardError(f"shard {name}: not a readable .npy array: {error}", shard=name, reason="format") from None
+
+
+def _fixed_width(kind: object) -> bool:
+    try:
+        return kind.bit_width > 0  # type: ignore[attr-defined]
+    except ValueError:  # variable-width types (strings, lists) have no bit width
+        return False
+
+
+def _decode_bound(name: str, size: int, limit: int) -> int:
+    """The most bytes a shard of `size` bytes may decode to."""
+    return min(limit, DECODE_RATIO * max(size, 1))
+
+
+def _check_decode(name: str, rows: int | None, decoded: int, records: int | None, bound: int) -> None:
+    """Refuses a row count other than the signed `records` and a decoded size over `bound`."""
+    if records is not None and rows is not None and rows != records:
+        raise ShardError(
+            f"shard {name}: decodes to {rows} rows, signed {records} records", shard=name, reason="records-mismatch"
+        )
+    if decoded > bound:
+        raise ShardError(
+            f"shard {name}: decodes to about {decoded} bytes, over the {bound}-byte limit",
+            shard=name,
+            reason="decode-limit",
+        )

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import os
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from trainguard.files import atomic_write, read_regular
 from trainguard.provenance.dsse import Envelope, add_signature, sign_envelope
 from trainguard.provenance.errors import DataDirError, MalformedError, ProvenanceError
 from trainguard.provenance.hashing import FileDigest, ProgressCallback, digest_files
@@ -48,9 +48,11 @@ def load_map(value: str | Mapping[str, str] | None, what: str) -> dict[str, str]
         document: object = dict(value)
     else:
         try:
-            text = value if value.lstrip().startswith("{") else Path(value).read_text(encoding="utf-8")
+            text = value if value.lstrip().startswith("{") else read_regular(Path(value)).decode("utf-8")
             document = json.loads(text)
-        except (OSError, ValueError) as error:
+        except OSError as error:
+            raise MalformedError(f"{what} {value!r}: cannot read: {error.strerror}") from None
+        except ValueError as error:
             raise MalformedError(f"{what} {value!r}: not a JSON object or JSON file: {error}") from None
     if not isinstance(document, dict) or not all(isinstance(v, str) for v in document.values()):
         raise MalformedError(f"{what} must map shard names or globs to strings")
@@ -109,11 +111,12 @@ def sign_dataset(
     source_map, role_map = load_map(sources, "--sources"), load_map(roles, "--roles")
     files: dict[str, Path] = {}
     for relative, kind in walk_entries(data_dir, exclude):
-        if kind != "file":
-            raise DataDirError(f"{data_dir / relative}: a {kind} cannot be signed as a shard", path=relative)
+        where = repr(str(data_dir / relative))
         problem = name_problem(relative)
         if problem is not None:
-            raise DataDirError(f"{data_dir / relative}: unsafe shard name: {problem}", path=relative)
+            raise DataDirError(f"{where}: unsafe shard name: {problem}", path=relative)
+        if kind != "file":
+            raise DataDirError(f"{where}: a {kind} cannot be signed as a shard", path=relative)
         files[relative] = data_dir / relative
     if not files:
         raise DataDirError(f"data dir {data_dir} holds no files to sign", path=str(data_dir))
@@ -200,10 +203,7 @@ def cosign_manifest(path: Path, key: SigningKey) -> Envelope:
 
 
 def write_manifest(envelope: Envelope, out: Path) -> Path:
-    """Writes the envelope atomically (temp file + rename)."""
+    """Writes the envelope atomically (unpredictable temp file + rename: a planted link is never followed)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    temporary.write_bytes(envelope.to_json())
-    os.replace(temporary, out)
+    atomic_write(out, envelope.to_json())
     return out

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from trainguard.files import read_regular
 from trainguard.provenance.dsse import Envelope
 from trainguard.provenance.errors import (
     AuthorizationError,
@@ -29,15 +30,13 @@ from trainguard.provenance.errors import (
     VerificationFailed,
     WrongDatasetError,
 )
-from trainguard.provenance.hashing import FileDigest, ProgressCallback, digest_chunks, digest_file, hash_in_threads
+from trainguard.provenance.hashing import FileDigest, ProgressCallback, digest_file, hash_in_threads
 from trainguard.provenance.manifest import PAYLOAD_TYPE, Manifest, ShardEntry, parse_statement, rfc3339
-from trainguard.provenance.paths import entry_problem, name_problem, walk_entries
+from trainguard.provenance.paths import entry_problem, name_problem, printable, walk_entries
 from trainguard.provenance.policy import KeySet, TrustPolicy, granted, load_trust
 from trainguard.provenance.state import RollbackCheck, RollbackState, default_state_path, rollback_key
 
 MANIFEST_LEVEL = (PayloadTypeError, SignatureError, AuthorizationError, WrongDatasetError, ExpiredError, RollbackError)
-CHUNK_RUN_BYTES = 64 * 1024 * 1024
-"""Consecutive signed chunks of a shard are hashed as one task of about this size (fewer, larger tasks)."""
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,8 @@ class ShardFailure:
     detail: str
 
     def line(self) -> str:
-        return f"{self.shard if self.shard is not None else 'manifest'}: {self.reason}: {self.detail}"
+        """`shard: reason: detail` on one line: control characters and non-UTF-8 bytes of a name are escaped."""
+        return printable(f"{self.shard if self.shard is not None else 'manifest'}: {self.reason}: {self.detail}")
 
 
 @dataclass(frozen=True)
@@ -108,9 +108,10 @@ class VerificationReport:
 
 
 def read_envelope(path: Path) -> tuple[bytes, Envelope]:
-    """The manifest file's bytes (read once) and the envelope parsed from them."""
+    """The manifest file's bytes (read once, a bounded regular file: a FIFO or device is refused, never read) and
+    the envelope parsed from them."""
     try:
-        data = Path(path).read_bytes()
+        data = read_regular(Path(path))
     except OSError as error:
         raise MalformedError(f"cannot read manifest {path}: {error.strerror}", path=str(path)) from None
     try:
@@ -276,8 +277,7 @@ def check_shards(
     failures: dict[str, ShardFailure] = {}
     counts = Counter(s.name for s in manifest.shards)
     sizes = Counter(s.size for s in manifest.shards)
-    whole: dict[str, int] = {}
-    chunked: list[ShardEntry] = []
+    hashed: dict[str, ShardEntry] = {}
     size_failures: dict[str, ShardFailure] = {}
     for shard in manifest.shards:
         if shard.name in failures:
@@ -298,22 +298,14 @@ def check_shards(
             size_failures[shard.name] = _size_failure(shard, size)
             if sizes[size] == 0:
                 continue
-        if shard.chunks and dvc_md5 is None and size == shard.size:
-            chunked.append(shard)
-        else:
-            whole[shard.name] = size
-    digests, chunk_digests = _hash(
-        root, whole, chunked, manifest.chunk_size, workers=workers, md5=dvc_md5 is not None, on_bytes=on_bytes
-    )
+        hashed[shard.name] = shard
+    digests = _hash(root, hashed, manifest.chunk_size, workers=workers, md5=dvc_md5 is not None, on_bytes=on_bytes)
     owner = {s.sha256: s.name for s in manifest.shards}
-    chunk_owner = {s.chunks: s.name for s in manifest.shards if s.chunks}
     for shard in manifest.shards:
         if shard.name in failures:
             continue
         if shard.name in digests:
             failure = _digest_failure(shard, digests[shard.name], owner, size_failures.get(shard.name), dvc_md5)
-        elif shard.name in chunk_digests:
-            failure = _chunk_failure(shard, chunk_digests[shard.name], chunk_owner)
         else:
             failure = size_failures.get(shard.name)
         if failure is not None:
@@ -324,46 +316,36 @@ def check_shards(
         for name, kind in walk_entries(root, skip or ()):
             if name not in listed:
                 ordered.append(ShardFailure(name, "unlisted", f"{_KIND[kind]} in the data dir is not in the manifest"))
-    hashed = sum(d.size for d in digests.values() if isinstance(d, FileDigest))
-    hashed += sum(s.size for s in chunked if not isinstance(chunk_digests[s.name], ShardError))
-    return ordered, hashed
+    return ordered, sum(d.size for d in digests.values() if isinstance(d, FileDigest))
 
 
 def _hash(
     root: Path,
-    whole: Mapping[str, int],
-    chunked: list[ShardEntry],
+    shards: Mapping[str, ShardEntry],
     chunk_size: int,
     *,
     workers: int | None,
     md5: bool,
     on_bytes: ProgressCallback | None,
-) -> tuple[dict[str, FileDigest | ShardError], dict[str, tuple[str, ...] | ShardError]]:
-    """Whole-file digests of the `whole` shards (name -> size) and every signed chunk's digest of the `chunked` ones,
-    in one pool: the chunks of a single huge shard are hashed on every core. Matching chunk digests and size prove
-    the same content as the whole-file digest (both are signed)."""
-    tasks: list[tuple[int, Callable[[], FileDigest | tuple[str, ...]]]] = [
-        (size, functools.partial(digest_file, root / name, name, md5=md5, on_bytes=on_bytes))
-        for name, size in whole.items()
+) -> dict[str, FileDigest | ShardError]:
+    """Digests of the shards, in parallel across shards. A chunk-signed shard's whole-file sha256 and its chunk
+    digests come from one pass over its bytes: both are signed and both must match, so chunk digests describing
+    other bytes than the subject digest never verify (the cost: one huge shard is hashed on one core)."""
+    tasks: list[tuple[int, Callable[[], FileDigest]]] = [
+        (
+            shard.size,
+            functools.partial(
+                digest_file,
+                root / name,
+                name,
+                chunk_size=chunk_size if shard.chunks else None,
+                md5=md5,
+                on_bytes=on_bytes,
+            ),
+        )
+        for name, shard in shards.items()
     ]
-    run = max(1, CHUNK_RUN_BYTES // chunk_size) * chunk_size
-    for shard in chunked:
-        for offset in range(0, shard.size, run):
-            length = min(run, shard.size - offset)
-            hash_run = functools.partial(digest_chunks, root / shard.name, shard.name, offset, length, chunk_size)
-            tasks.append((length, functools.partial(hash_run, size=shard.size, on_bytes=on_bytes)))
-    results = iter(hash_in_threads(tasks, workers))
-    digests = {name: next(results) for name in whole}
-    chunks = {shard.name: _joined([next(results) for _ in range(0, shard.size, run)]) for shard in chunked}
-    return digests, chunks  # type: ignore[return-value]
-
-
-def _joined(runs: list[tuple[str, ...] | ShardError]) -> tuple[str, ...] | ShardError:
-    """One shard's chunk digests from its runs, or the first run's error."""
-    for result in runs:
-        if isinstance(result, ShardError):
-            return result
-    return tuple(digest for result in runs for digest in result)  # type: ignore[union-attr]
+    return dict(zip(shards, hash_in_threads(tasks, workers), strict=True))
 
 
 _KIND = {"file": "file", "symlink": "symbolic link", "other": "non-regular file"}
@@ -395,8 +377,11 @@ def _digest_failure(
         return size_failure
     if result.size != shard.size:
         return _size_failure(shard, result.size)
+    chunk_failure = _chunk_failure(shard, result.chunks) if shard.chunks else None
+    if chunk_failure is not None:
+        return chunk_failure
     if result.sha256 != shard.sha256:
-        return ShardFailure(shard.name, "digest-mismatch", f"sha256 {result.sha256}, signed {shard.sha256}")
+        return ShardFailure(shard.name, "digest-mismatch", f"whole-file sha256 {result.sha256}, signed {shard.sha256}")
     if dvc_md5 is not None:
         tracked = dvc_md5.get(shard.name)
         if tracked is None:
@@ -406,20 +391,14 @@ def _digest_failure(
     return None
 
 
-def _chunk_failure(
-    shard: ShardEntry, result: tuple[str, ...] | ShardError, owner: Mapping[tuple[str, ...], str]
-) -> ShardFailure | None:
-    if isinstance(result, ProvenanceError):
-        return _error_failure(shard, result)
-    if result == shard.chunks:
-        return None
-    other = owner.get(result)
-    if other is not None and other != shard.name:
-        return ShardFailure(shard.name, "swapped", f"holds the signed content of shard {other}")
-    index = next(i for i, (got, signed) in enumerate(zip(result, shard.chunks, strict=True)) if got != signed)
-    return ShardFailure(
-        shard.name, "digest-mismatch", f"chunk {index} sha256 {result[index]}, signed {shard.chunks[index]}"
-    )
+def _chunk_failure(shard: ShardEntry, chunks: tuple[str, ...]) -> ShardFailure | None:
+    """The first chunk whose digest differs from the signed one, or None when all match."""
+    for index, (got, signed) in enumerate(zip(chunks, shard.chunks, strict=False)):
+        if got != signed:
+            return ShardFailure(shard.name, "digest-mismatch", f"chunk {index} sha256 {got}, signed {signed}")
+    if len(chunks) != len(shard.chunks):
+        return ShardFailure(shard.name, "digest-mismatch", f"{len(chunks)} chunks, signed {len(shard.chunks)}")
+    return None
 
 
 def _state(state: RollbackCheck | Path | None) -> RollbackCheck:

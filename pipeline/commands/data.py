@@ -81,6 +81,7 @@ def sign(
 ) -> None:
     """Hash every shard under DATA_DIR and write a signed manifest."""
     from trainguard.provenance.keys import load_signing_key
+    from trainguard.provenance.paths import printable
     from trainguard.provenance.signing import sign_dataset, write_manifest
 
     signing_key = load_signing_key(key)
@@ -109,7 +110,7 @@ def sign(
     write_manifest(envelope, out)
     click.echo(
         f"signed {len(manifest.shards)} shards ({manifest.total_bytes} bytes) of dataset {manifest.dataset!r} "
-        f"version {manifest.version} -> {out}; keyid {signing_key.keyid}"
+        f"version {manifest.version} -> {printable(str(out))}; keyid {signing_key.keyid}"
     )
 
 
@@ -119,11 +120,15 @@ def sign(
 def cosign(manifest: Path, key: Path) -> None:
     """Add a signature to an existing manifest (for k-of-n trust policies)."""
     from trainguard.provenance.keys import load_signing_key
+    from trainguard.provenance.paths import printable
     from trainguard.provenance.signing import cosign_manifest
 
     signing_key = load_signing_key(key)
     envelope = cosign_manifest(manifest, signing_key)
-    click.echo(f"added signature of keyid {signing_key.keyid} to {manifest} ({len(envelope.signatures)} signatures)")
+    click.echo(
+        f"added signature of keyid {signing_key.keyid} to {printable(str(manifest))} "
+        f"({len(envelope.signatures)} signatures)"
+    )
 
 
 @click.command()

@@ -69,3 +69,16 @@ def test_dead_tracking_server_keeps_the_local_report_and_says_so(tmp_path: Path)
     assert f"127.0.0.1:{port}" in outcome.mlflow_error
     assert json.loads(outcome.json_path.read_text())["decisions"][1]["name"] == "shard-m"
     assert outcome.plot_path.exists()
+
+
+def test_the_local_report_never_follows_a_symlink_planted_at_its_temp_name(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    folder, victim = tmp_path / "cycle-3", tmp_path / "victim"
+    folder.mkdir()
+    victim.write_bytes(b"precious")
+    (folder / ".roni-report.json.tmp").symlink_to(victim)
+    outcome = record_screening(_report(), folder, tracking_uri=f"http://127.0.0.1:{port}")
+    assert victim.read_bytes() == b"precious"
+    assert json.loads(outcome.json_path.read_text())["decisions"][0]["name"] == "shard-a"

@@ -152,3 +152,50 @@ def test_a_signed_statement_verifies_only_against_its_key(tmp_path: Path) -> Non
         verify_attestation(path, [public])
     with pytest.raises(AttestationInputError):
         verify_attestation(tmp_path / "absent.json", [public])
+
+
+def test_a_fifo_or_device_attestation_is_refused_without_hanging(tmp_path: Path) -> None:
+    import os
+
+    from trainguard.provenance.keys import generate_signing_key, write_keypair
+
+    _, public = write_keypair(generate_signing_key("ed25519"), tmp_path / "attest")
+    os.mkfifo(tmp_path / "fifo.json")
+    for path in (tmp_path / "fifo.json", Path("/dev/zero")):
+        with pytest.raises(AttestationInputError, match="not a regular file") as caught:
+            verify_attestation(path, [public])
+        assert caught.value.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        lambda text: text.replace('{"_type"', '{"_type":"x","_type"', 1),
+        lambda text: "\ufeff" + text,
+        lambda text: text.replace('"gate":{', '"gate":{"x":NaN,', 1),
+        lambda text: text.replace('"gate":{', '"gate":{"x":1e400,', 1),
+    ],
+    ids=["duplicate-key", "bom", "nan", "overflow"],
+)
+def test_an_ambiguous_signed_statement_is_malformed(tmp_path: Path, spoil: object) -> None:
+    from trainguard.provenance.dsse import sign_envelope
+    from trainguard.provenance.keys import generate_signing_key, load_signing_key, write_keypair
+
+    private, public = write_keypair(generate_signing_key("ed25519"), tmp_path / "attest")
+    payload = spoil(statement_bytes(build_statement(_facts(tmp_path))).decode()).encode()  # type: ignore[operator]
+    path = tmp_path / "attestation.json"
+    path.write_bytes(sign_envelope("application/vnd.in-toto+json", payload, load_signing_key(private)).to_json())
+    with pytest.raises(AttestationInputError, match="strict JSON") as caught:
+        verify_attestation(path, [public])
+    assert caught.value.exit_code == 2
+
+
+def test_an_ambiguous_attestation_envelope_is_malformed(tmp_path: Path) -> None:
+    from trainguard.provenance.keys import generate_signing_key, write_keypair
+
+    private, public = write_keypair(generate_signing_key("ed25519"), tmp_path / "attest")
+    path = tmp_path / "attestation.json"
+    text = sign_statement(build_statement(_facts(tmp_path)), private).decode()
+    path.write_text(text.replace('"payloadType"', '"payloadType": "x", "payloadType"', 1))
+    with pytest.raises(AttestationInputError, match="duplicate key"):
+        verify_attestation(path, [public])

@@ -161,3 +161,48 @@ def test_a_key_model_signing_cannot_use_is_refused_by_name(tmp_path: Path) -> No
     with pytest.raises(ModelNotFoundError, match=r"absent\.key"):
         write_signed_model({"w": torch.zeros(2)}, tmp_path / "m", tmp_path / "absent.key")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ed.key", "ed.pub"]
+
+
+@pytest.mark.parametrize("name", [".gitattributes", ".git/config", ".hidden", "sub/.env", "notes.txt"])
+def test_any_file_the_signature_does_not_cover_is_refused(tmp_path: Path, keys: tuple[Path, Path], name: str) -> None:
+    directory = _signed(tmp_path, keys)
+    (directory / name).parent.mkdir(parents=True, exist_ok=True)
+    (directory / name).write_bytes(b"*.safetensors filter=evil\n")
+    with pytest.raises(ModelSignatureError, match=name.replace(".", r"\.")) as caught:
+        verify_model_signature(directory, keys[1])
+    assert caught.value.exit_code == 1
+    with pytest.raises(ModelSignatureError):
+        load_verified_state_dict(directory, keys[1])
+
+
+def test_git_files_present_at_signing_are_covered_by_the_signature(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    from trainguard.pipeline.model_sign import sign_model
+
+    directory = _signed(tmp_path, keys)
+    (directory / ".gitattributes").write_text("* -text\n")
+    sign_model(directory, keys[0])
+    assert ".gitattributes" in verify_model_signature(directory, keys[1]).digests
+    (directory / ".gitattributes").write_text("* filter=evil\n")
+    with pytest.raises(ModelSignatureError, match=r"\.gitattributes"):
+        verify_model_signature(directory, keys[1])
+
+
+def test_a_symlink_in_a_signed_model_is_refused(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    directory = _signed(tmp_path, keys)
+    (directory / "link").symlink_to(directory / MODEL_FILE)
+    with pytest.raises(ModelSignatureError, match="link is a symbolic link"):
+        verify_model_signature(directory, keys[1])
+
+
+def test_a_fifo_signature_bundle_or_key_is_refused_without_hanging(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    import os
+
+    directory = _signed(tmp_path, keys)
+    (directory / SIGNATURE_FILE).unlink()
+    os.mkfifo(directory / SIGNATURE_FILE)
+    with pytest.raises(ModelSignatureError, match="not a regular file") as caught:
+        verify_model_signature(directory, keys[1])
+    assert caught.value.exit_code == 2
+    os.mkfifo(tmp_path / "fifo.pub")
+    with pytest.raises(ModelSignatureError, match="not a regular file"):
+        verify_model_signature(_signed(tmp_path, keys, "other"), tmp_path / "fifo.pub")

@@ -141,3 +141,24 @@ def test_missing_inputs_exit_2_without_a_traceback(tmp_path: Path, keys: tuple[P
     assert json.loads(missing_attestation.stdout)["ok"] is False
     for done in (missing_dir, missing_key, missing_attestation):
         assert "Traceback" not in done.stderr
+
+
+def test_verify_model_refuses_an_unsigned_git_file_in_one_line(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    model = _release(tmp_path, keys[0], "cycle-1", 1.0)
+    (model / ".gitattributes").write_text("*.safetensors filter=lfs\n")
+    with pytest.raises(ModelSignatureError, match=r"\.gitattributes"):
+        verify_model(model, None, keys[1])
+    done = _cli(str(model), "--key", str(keys[1]))
+    assert done.returncode == 1 and done.stderr.count("\n") == 1 and ".gitattributes" in done.stderr
+
+
+def test_the_models_own_attestation_is_checked_even_when_another_is_given(
+    tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    model = _release(tmp_path, keys[0], "cycle-1", 1.0)
+    external = tmp_path / "external.intoto.json"
+    shutil.copy(model / ATTESTATION_FILE, external)
+    assert verify_model(model, external, keys[1]).invocation_id == "cycle-1"
+    (model / ATTESTATION_FILE).write_text('{"payload": "", "payloadType": "x", "signatures": []}')
+    with pytest.raises(AttestationError, match=ATTESTATION_FILE):
+        verify_model(model, external, keys[1])

@@ -153,3 +153,15 @@ def test_importing_provenance_does_not_import_torch() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["False", "False"]
+
+
+def test_a_file_name_with_a_newline_cannot_forge_a_verify_output_line(manifest: Path, key_pairs) -> None:
+    (manifest.parent / "x.bin\nOK dataset 'digits' version 1: all shards verified").write_bytes(b"x")
+    with open(os.path.join(os.fsencode(manifest.parent), b"bad\xff\x1b[2J.bin"), "wb") as stream:
+        stream.write(b"x")
+    done = run("verify", manifest, "--trust", key_pairs.trust("alice"), "--state", manifest.parent.parent / "s.json")
+    assert done.returncode == 1
+    lines = done.stderr.splitlines()
+    forged = "FAIL x.bin\\nOK dataset 'digits' version 1"
+    assert [line.split(":")[0] for line in lines[:-1]] == ["FAIL bad\\udcff\\x1b[2J.bin", forged]
+    assert lines[-1].startswith("trainguard: error:") and not done.stdout

@@ -131,3 +131,97 @@ def test_malformed_envelopes_raise_only_the_project_error(data: bytes) -> None:
 def test_deeply_nested_json_is_malformed_not_a_crash() -> None:
     with pytest.raises(MalformedError):
         Envelope.from_json(b"[" * 100_000)
+
+
+def _document(envelope: Envelope) -> dict:
+    return json.loads(envelope.to_json())
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"payload": "", "payload": "", "payloadType": "t", "signatures": []}',
+        b'\xef\xbb\xbf{"payload": "", "payloadType": "t", "signatures": []}',
+        b'{"payload": "", "payloadType": "t", "signatures": [], "x": NaN}',
+        b'{"payload": "", "payloadType": "t", "signatures": [], "x": 1e400}',
+        b'{"payload": "", "payloadType": "t\xff", "signatures": []}',
+    ],
+    ids=["duplicate-key", "bom", "nan", "overflow", "non-utf8"],
+)
+def test_ambiguous_envelope_json_is_malformed(raw: bytes) -> None:
+    with pytest.raises(MalformedError) as caught:
+        Envelope.from_json(raw)
+    assert caught.value.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    ["eyJhIjogMX0", "eyJhIjogMX0===", " eyJhIjogMX0=", "eyJhIjog\nMX0=", "eyJhIjogMX1=", "eyJh-Ijog+MX0="],
+    ids=["missing-padding", "extra-padding", "whitespace", "newline", "trailing-bits", "mixed-alphabets"],
+)
+def test_non_canonical_base64_is_malformed(spelling: str) -> None:
+    document = _document(sign_envelope(TYPE, b'{"a": 1}', generate_signing_key()))
+    document["payload"] = spelling
+    with pytest.raises(MalformedError, match="base64"):
+        Envelope.from_json(json.dumps(document))
+
+
+def test_url_safe_base64_is_accepted_when_canonical() -> None:
+    payload = b"\xfb\xff\xfe-payload"
+    envelope = sign_envelope(TYPE, payload, generate_signing_key())
+    document = _document(envelope)
+    document["payload"] = base64.urlsafe_b64encode(payload).decode()
+    assert "-" in document["payload"] or "_" in document["payload"]
+    assert Envelope.from_json(json.dumps(document)).payload == payload
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=40), st.sampled_from(["", "=", "\n", " "]))
+def test_only_the_canonical_spelling_of_bytes_parses(data: bytes, suffix: str) -> None:
+    document = _document(sign_envelope(TYPE, b"x", generate_signing_key()))
+    document["payload"] = base64.b64encode(data).decode() + suffix
+    try:
+        parsed = Envelope.from_json(json.dumps(document))
+    except MalformedError:
+        assert suffix
+    else:
+        assert not suffix and parsed.payload == data
+
+
+def test_envelopes_with_too_many_signatures_are_malformed() -> None:
+    from trainguard.provenance.dsse import MAX_SIGNATURES
+
+    key = generate_signing_key()
+    document = _document(sign_envelope(TYPE, b"x", key))
+    document["signatures"] = document["signatures"] * (MAX_SIGNATURES + 1)
+    with pytest.raises(MalformedError, match=f"{MAX_SIGNATURES + 1} signatures"):
+        Envelope.from_json(json.dumps(document))
+    envelope = Envelope(TYPE, b"x", sign_envelope(TYPE, b"x", key).signatures * (MAX_SIGNATURES + 1))
+    with pytest.raises(MalformedError, match="signatures"):
+        verify_envelope(envelope, [key.public], 1)
+
+
+def test_a_signature_is_checked_only_against_the_key_its_keyid_names() -> None:
+    from dataclasses import replace
+
+    from trainguard.provenance.keys import VerifyingKey
+
+    trusted, stranger = generate_signing_key(), generate_signing_key()
+    checked: list[str] = []
+
+    class Counting(VerifyingKey):
+        def verify(self, signature: bytes, data: bytes) -> bool:
+            checked.append(self.keyid)
+            return super().verify(signature, data)
+
+    counting = Counting(trusted.public.keyid, trusted.key_type, trusted.public._key)
+    envelope = sign_envelope(TYPE, b"x", trusted)
+    unknown = replace(envelope.signatures[0], keyid="unknown")
+    with pytest.raises(UntrustedSignerError):
+        verify_envelope(replace(envelope, signatures=(unknown,) * 16), [counting], 1)
+    assert checked == []  # a trusted key's signature under an unknown keyid counts for nothing, and costs nothing
+    with pytest.raises(UntrustedSignerError):
+        verify_envelope(sign_envelope(TYPE, b"x", stranger), [counting], 1)
+    assert checked == []
+    assert verify_envelope(envelope, [counting], 1) == (trusted.keyid,)
+    assert checked == [trusted.keyid]

@@ -66,3 +66,59 @@ def test_dvc_lock_outs_are_cross_checked(dvc_repo: Path, data_dir: Path, key_pai
     extra.write_bytes(b"late")
     report = verify_dataset(manifest, key_pairs.trust("alice"), data_dir=dvc_repo / "data", dvc=True, allow_extra=True)
     assert report.ok
+
+
+def _fake_repo(tmp_path: Path, listing: bytes) -> Path:
+    """A DVC repository built by hand whose data dir's cache listing is `listing` (stored under its own md5)."""
+    import hashlib
+
+    digest = hashlib.md5(listing, usedforsecurity=False).hexdigest()
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data.dvc").write_text(f"outs:\n- path: data\n  md5: {digest}.dir\n")
+    cached = tmp_path / ".dvc" / "cache" / "files" / "md5" / digest[:2] / f"{digest[2:]}.dir"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(listing)
+    return tmp_path / "data"
+
+
+@pytest.mark.parametrize(
+    ("listing", "complaint"),
+    [
+        (b'{"relpath": "a", "md5": "00000000000000000000000000000000"}', "not a JSON list"),
+        (b'["a"]', "not a {relpath, md5} object"),
+        (b'[{"relpath": "a"}]', "not a {relpath, md5} object"),
+        (b'[{"relpath": "a", "md5": "not-hex"}]', "not 32 hex digits"),
+        (b'[{"relpath": "../escape", "md5": "00000000000000000000000000000000"}]', "unsafe"),
+        (b'[{"relpath": "a\\nb", "md5": "00000000000000000000000000000000"}]', "unsafe"),
+        (b'[{"relpath": "a", "relpath": "b", "md5": "00000000000000000000000000000000"}]', "strict JSON"),
+        (b"[" * 10_000, "strict JSON"),
+    ],
+    ids=["object", "string-entry", "no-md5", "non-hex-md5", "dotdot", "newline", "duplicate-key", "deep"],
+)
+def test_a_malformed_dvc_cache_listing_is_one_line_of_bad_input(tmp_path: Path, listing: bytes, complaint: str) -> None:
+    from trainguard.provenance import MalformedError
+
+    data = _fake_repo(tmp_path, listing)
+    with pytest.raises(MalformedError, match="DVC cache listing") as caught:
+        dvc_tracked_md5(data)
+    assert complaint in str(caught.value) and "\n" not in str(caught.value)
+    assert caught.value.exit_code == 2
+
+
+def test_a_well_formed_hand_made_listing_is_read(tmp_path: Path) -> None:
+    data = _fake_repo(tmp_path, b'[{"relpath": "a/b.bin", "md5": "0123456789abcdef0123456789abcdef"}]')
+    assert dvc_tracked_md5(data) == {"a/b.bin": "0123456789abcdef0123456789abcdef"}
+
+
+def test_a_fifo_dvc_file_is_refused_without_hanging(tmp_path: Path) -> None:
+    import os
+
+    from trainguard.provenance import DataDirError
+
+    data = _fake_repo(tmp_path, b"[]")
+    (tmp_path / "data.dvc").unlink()
+    os.mkfifo(tmp_path / "data.dvc")
+    with pytest.raises(DataDirError) as caught:
+        dvc_tracked_md5(data)
+    assert caught.value.exit_code == 2

@@ -89,3 +89,34 @@ def test_unreadable_or_garbage_key_files_are_bad_input(tmp_path: Path) -> None:
         with pytest.raises(KeyFileError) as caught:
             call()
         assert caught.value.exit_code == 2
+
+
+def test_a_fifo_or_device_key_file_is_refused_without_hanging(tmp_path: Path) -> None:
+    import os
+
+    os.mkfifo(tmp_path / "fifo.pub")
+    for call in (
+        lambda: load_verifying_key(tmp_path / "fifo.pub"),
+        lambda: load_signing_key(tmp_path / "fifo.pub"),
+        lambda: load_verifying_key(Path("/dev/zero")),
+    ):
+        with pytest.raises(KeyFileError, match="not a regular file") as caught:
+            call()
+        assert caught.value.exit_code == 2
+
+
+def test_an_oversized_key_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "huge.pub").write_bytes(b"A" * (1024 * 1024))
+    with pytest.raises(KeyFileError, match="limit"):
+        load_verifying_key(tmp_path / "huge.pub")
+
+
+def test_writing_a_key_pair_never_follows_a_planted_symlink(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    (tmp_path / "k.pub").symlink_to(victim)
+    (tmp_path / "k.key").symlink_to(victim)
+    private, public = write_keypair(generate_signing_key(), tmp_path / "k", overwrite=True)
+    assert victim.read_bytes() == b"precious"
+    assert not private.is_symlink() and not public.is_symlink()
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600 and load_signing_key(private)

@@ -164,3 +164,75 @@ def test_corrupt_state_file_is_never_reset_silently(tmp_path: Path) -> None:
     with pytest.raises(MalformedError, match="never reset silently"):
         RollbackState(path).check("digits", 1, "0" * 64)
     assert path.read_text() == "{not json"
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        lambda text: text.replace('{"_type"', '{"_type":"x","_type"', 1),
+        lambda text: "\ufeff" + text,
+        lambda text: text.replace('"version":', '"version":NaN,"v":', 1),
+        lambda text: text.replace('"version":', '"version":1e400,"v":', 1),
+    ],
+    ids=["duplicate-key", "bom", "nan", "overflow"],
+)
+def test_ambiguous_statement_json_is_malformed(spoil: object) -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    manifest = Manifest("digits", 1, now, now + timedelta(days=1), (ShardEntry("a", "0" * 64, 1, "s", "train"),))
+    text = statement_bytes(manifest).decode()
+    assert parse_statement(text.encode()) == manifest
+    with pytest.raises(MalformedError, match="strict JSON"):
+        parse_statement(spoil(text).encode())  # type: ignore[operator]
+    with pytest.raises(MalformedError, match="UTF-8"):
+        parse_statement(text.replace('"digits"', '"digits\xff"').encode("latin-1"))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2026-01-01 10:00:00+00:00",
+        "2026-01-01T10:00+00:00",
+        "2026-W01-1T10:00:00Z",
+        "2026-001T10:00:00Z",
+        "20260101T100000Z",
+        "2026-01-01T10:00:00",
+        "2026-01-01T10:00:00+0000",
+        "2026-02-30T10:00:00Z",
+        "2026-01-01T24:00:00Z",
+        "2026-01-01T10:00:00+24:00",
+        "0001-01-01T00:00:00+14:00",
+        "9999-12-31T23:59:59-14:00",
+        "\u0662\u0660\u0662\u0666-01-01T10:00:00Z",
+    ],
+)
+def test_only_rfc3339_times_parse_and_extreme_ones_are_malformed(text: str) -> None:
+    from trainguard.provenance.manifest import parse_rfc3339
+
+    with pytest.raises(MalformedError, match="RFC 3339"):
+        parse_rfc3339(text)
+
+
+def test_rfc3339_times_with_fractions_and_offsets_parse_to_utc() -> None:
+    from trainguard.provenance.manifest import parse_rfc3339, rfc3339
+
+    assert parse_rfc3339("2026-01-01T10:00:00.123456789+02:30") == datetime(2026, 1, 1, 7, 30, 0, 123456, UTC)
+    assert parse_rfc3339("2026-01-01t10:00:00z") == datetime(2026, 1, 1, 10, tzinfo=UTC)
+    early = datetime(1, 1, 1, tzinfo=UTC)
+    assert parse_rfc3339(rfc3339(early)) == early
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet="0123456789-+:.TZ tzW", max_size=32))
+def test_time_parsing_raises_only_malformed(text: str) -> None:
+    from trainguard.provenance.manifest import parse_rfc3339
+
+    try:
+        moment = parse_rfc3339(text)
+    except MalformedError:
+        return
+    assert moment.tzinfo is UTC
+
+
+@pytest.mark.parametrize("char", ["\n", "\r", "\x1b", "\x7f", "\x85", "\x9b", "\u2028", "\u2029", "\udcff"])
+def test_names_with_control_characters_or_non_utf8_bytes_are_unsafe(char: str) -> None:
+    assert name_problem(f"alice/shard{char}.parquet") is not None

@@ -6,15 +6,17 @@ import json
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
-from conftest import Keys
 
 from trainguard.provenance import verify_dataset
 from trainguard.provenance.errors import PolicyError, UnauthorizedRoleError
 from trainguard.provenance.policy import load_trust
 from trainguard.provenance.verify import open_manifest
+
+if TYPE_CHECKING:
+    from conftest import Keys
 
 ALL_ROLES = ["train", "trusted", "holdout"]
 
@@ -34,10 +36,10 @@ def project_policy(key_pairs: Keys) -> Path:
     )
 
 
-def _contribution(sign: Any, data_dir: Path, key_pairs: Keys, tmp_path: Path, **options: Any) -> Path:
+def _contribution(signer: Any, data_dir: Path, key_pairs: Keys, tmp_path: Path, **options: Any) -> Path:
     """Bob's contribution: the fixture's shards, by default attributed to alice and bob, role train."""
     settings = {"dataset": "contrib", "sources": {"*": "alice"}, "roles": {}} | options
-    return sign(data_dir, key_pairs.bob, tmp_path / "contrib.json", **settings)
+    return signer(data_dir, key_pairs.bob, tmp_path / "contrib.json", **settings)
 
 
 def _reasons(manifest: Path, policy: Path, data_dir: Path, tmp_path: Path) -> dict[str | None, str]:
@@ -46,18 +48,18 @@ def _reasons(manifest: Path, policy: Path, data_dir: Path, tmp_path: Path) -> di
 
 
 def test_a_contribution_key_may_offer_screened_training_data(
-    sign: Any, data_dir: Path, key_pairs: Keys, project_policy: Path, tmp_path: Path
+    signer: Any, data_dir: Path, key_pairs: Keys, project_policy: Path, tmp_path: Path
 ) -> None:
-    manifest = _contribution(sign, data_dir, key_pairs, tmp_path)
+    manifest = _contribution(signer, data_dir, key_pairs, tmp_path)
     verified = open_manifest(manifest, project_policy, dataset="contrib", data_dir=data_dir, state=tmp_path / "s")
     assert verified.key_set.name == "owner"
     assert {s.role for s in verified.manifest.shards} == {"train"}
 
 
 def test_contribution_key_cannot_grant_trusted_role(
-    sign: Any, data_dir: Path, key_pairs: Keys, project_policy: Path, tmp_path: Path
+    signer: Any, data_dir: Path, key_pairs: Keys, project_policy: Path, tmp_path: Path
 ) -> None:
-    manifest = _contribution(sign, data_dir, key_pairs, tmp_path, roles={"alice/*": "trusted"})
+    manifest = _contribution(signer, data_dir, key_pairs, tmp_path, roles={"alice/*": "trusted"})
     assert _reasons(manifest, project_policy, data_dir, tmp_path) == {None: "unauthorized-role"}
     with pytest.raises(UnauthorizedRoleError, match=r"claims role 'trusted', which key set owner may not grant") as e:
         open_manifest(manifest, project_policy, data_dir=data_dir, state=tmp_path / "s")
@@ -65,52 +67,52 @@ def test_contribution_key_cannot_grant_trusted_role(
 
 
 def test_contribution_key_cannot_add_to_the_holdout_set(
-    sign: Any, data_dir: Path, key_pairs: Keys, project_policy: Path, tmp_path: Path
+    signer: Any, data_dir: Path, key_pairs: Keys, project_policy: Path, tmp_path: Path
 ) -> None:
-    manifest = _contribution(sign, data_dir, key_pairs, tmp_path, roles={"holdout.parquet": "holdout"})
+    manifest = _contribution(signer, data_dir, key_pairs, tmp_path, roles={"holdout.parquet": "holdout"})
     assert _reasons(manifest, project_policy, data_dir, tmp_path) == {None: "unauthorized-role"}
 
 
 def test_contribution_key_cannot_grant_trusted_source(
-    sign: Any, data_dir: Path, key_pairs: Keys, project_policy: Path, tmp_path: Path
+    signer: Any, data_dir: Path, key_pairs: Keys, project_policy: Path, tmp_path: Path
 ) -> None:
-    manifest = _contribution(sign, data_dir, key_pairs, tmp_path, sources={"*": "curator"})
+    manifest = _contribution(signer, data_dir, key_pairs, tmp_path, sources={"*": "curator"})
     assert _reasons(manifest, project_policy, data_dir, tmp_path) == {None: "unauthorized-source"}
 
 
 def test_contribution_key_cannot_sign_the_curators_dataset(
-    sign: Any, data_dir: Path, key_pairs: Keys, project_policy: Path, tmp_path: Path
+    signer: Any, data_dir: Path, key_pairs: Keys, project_policy: Path, tmp_path: Path
 ) -> None:
-    manifest = _contribution(sign, data_dir, key_pairs, tmp_path, dataset="digits")
+    manifest = _contribution(signer, data_dir, key_pairs, tmp_path, dataset="digits")
     assert _reasons(manifest, project_policy, data_dir, tmp_path) == {None: "unauthorized-dataset"}
 
 
 def test_the_curator_may_grant_trusted_and_holdout(
-    sign: Any, data_dir: Path, key_pairs: Keys, project_policy: Path, tmp_path: Path
+    signer: Any, data_dir: Path, key_pairs: Keys, project_policy: Path, tmp_path: Path
 ) -> None:
     roles = {"holdout.parquet": "holdout", "alice/*": "trusted"}
-    manifest = sign(data_dir, key_pairs.alice, tmp_path / "m.json", dataset="digits", sources={}, roles=roles)
+    manifest = signer(data_dir, key_pairs.alice, tmp_path / "m.json", dataset="digits", sources={}, roles=roles)
     assert _reasons(manifest, project_policy, data_dir, tmp_path) == {}
 
 
 def test_a_bare_public_key_grants_the_train_role_only(
-    sign: Any, data_dir: Path, key_pairs: Keys, tmp_path: Path
+    signer: Any, data_dir: Path, key_pairs: Keys, tmp_path: Path
 ) -> None:
-    train_only = sign(data_dir, key_pairs.alice, tmp_path / "train.json", roles={})
+    train_only = signer(data_dir, key_pairs.alice, tmp_path / "train.json", roles={})
     assert _reasons(train_only, key_pairs.pub("alice"), data_dir, tmp_path) == {}
-    with_holdout = sign(data_dir, key_pairs.alice, tmp_path / "holdout.json", version=2)
+    with_holdout = signer(data_dir, key_pairs.alice, tmp_path / "holdout.json", version=2)
     assert _reasons(with_holdout, key_pairs.pub("alice"), data_dir, tmp_path) == {None: "unauthorized-role"}
 
 
 def test_the_first_key_set_granted_the_claims_is_chosen(
-    sign: Any, data_dir: Path, key_pairs: Keys, tmp_path: Path
+    signer: Any, data_dir: Path, key_pairs: Keys, tmp_path: Path
 ) -> None:
     policy = _policy(
         tmp_path / "policy.json",
         {"name": "narrow", "keys": [str(key_pairs.pub("alice"))], "datasets": ["other"]},
         {"name": "wide", "keys": [str(key_pairs.pub("alice")), str(key_pairs.pub("carol"))], "roles": ALL_ROLES},
     )
-    manifest = sign(data_dir, key_pairs.alice, tmp_path / "m.json")
+    manifest = signer(data_dir, key_pairs.alice, tmp_path / "m.json")
     assert open_manifest(manifest, policy, data_dir=data_dir, state=tmp_path / "s").key_set.name == "wide"
 
 

@@ -93,3 +93,103 @@ def test_npy_shards_load_without_pickle(tmp_path: Path, key_pairs: Any, signer: 
     with pytest.raises(ShardError) as caught:
         reader.read_array("objects.npy")
     assert caught.value.reason == "format"
+
+
+def _resign(manifest: Path, key: Any, change: Any) -> Path:
+    """The manifest with every shard entry passed through `change`, signed again by `key`."""
+    from dataclasses import replace
+
+    from trainguard.provenance import PAYLOAD_TYPE, sign_envelope, write_manifest
+    from trainguard.provenance.manifest import parse_statement, statement_bytes
+    from trainguard.provenance.verify import read_envelope
+
+    signed = parse_statement(read_envelope(manifest)[1].payload)
+    shards = tuple(change(s) for s in signed.shards)
+    return write_manifest(sign_envelope(PAYLOAD_TYPE, statement_bytes(replace(signed, shards=shards)), key), manifest)
+
+
+def test_a_parquet_shard_with_more_rows_than_its_signed_records_is_refused_before_decoding(
+    tmp_path: Path, key_pairs: Any, signer: Any
+) -> None:
+    from dataclasses import replace
+
+    import pandas as pd
+
+    root = tmp_path / "rows"
+    root.mkdir()
+    pd.DataFrame({"label": np.zeros(1000, dtype=np.int64)}).to_parquet(root / "s.parquet", index=False)
+    manifest = signer(root, key_pairs.alice, tmp_path / "m.json")
+    _resign(manifest, key_pairs.alice, lambda s: replace(s, records=10))
+    reader = ShardReader(open_manifest(manifest, key_pairs.pub("alice"), data_dir=root))
+    with pytest.raises(ShardError, match="1000 rows, signed 10 records") as caught:
+        reader.read_frame("s.parquet")
+    assert caught.value.reason == "records-mismatch"
+    with pytest.raises(ShardError, match="1000 rows, signed 10 records"):
+        list(reader.frames(["s.parquet"]))
+
+
+def test_a_tiny_parquet_shard_that_decodes_to_millions_of_rows_hits_the_decode_limit(
+    tmp_path: Path, key_pairs: Any, signer: Any
+) -> None:
+    import pandas as pd
+
+    root = tmp_path / "bomb"
+    root.mkdir()
+    pd.DataFrame({"x": np.zeros(3_000_000, dtype=np.int64)}).to_parquet(root / "bomb.parquet", index=False)
+    assert (root / "bomb.parquet").stat().st_size < 256 * 1024
+    manifest = signer(root, key_pairs.alice, tmp_path / "m.json")
+    verified = open_manifest(manifest, key_pairs.pub("alice"), data_dir=root)
+    assert verified.manifest.shards[0].records == 3_000_000  # honestly signed: the ratio still refuses it
+    with pytest.raises(ShardError, match="over the") as caught:
+        ShardReader(verified).read_frame("bomb.parquet")
+    assert caught.value.reason == "decode-limit"
+    small = ShardReader(verified, decode_limit=1024)
+    with pytest.raises(ShardError, match="1024-byte limit"):
+        small.read_frame("bomb.parquet")
+
+
+def test_an_npy_shard_is_checked_by_its_header_before_loading(tmp_path: Path, key_pairs: Any, signer: Any) -> None:
+    from dataclasses import replace
+
+    root = tmp_path / "npy"
+    root.mkdir()
+    np.save(root / "a.npy", np.arange(12.0).reshape(3, 4))
+    manifest = signer(root, key_pairs.alice, tmp_path / "m.json")
+    _resign(manifest, key_pairs.alice, lambda s: replace(s, records=2))
+    reader = ShardReader(open_manifest(manifest, key_pairs.pub("alice"), data_dir=root))
+    with pytest.raises(ShardError) as caught:
+        reader.read_array("a.npy")
+    assert caught.value.reason == "records-mismatch"
+    _resign(manifest, key_pairs.alice, lambda s: replace(s, records=3))
+    reader = ShardReader(open_manifest(manifest, key_pairs.pub("alice"), data_dir=root), decode_limit=64)
+    with pytest.raises(ShardError) as caught:
+        reader.read_array("a.npy")
+    assert caught.value.reason == "decode-limit"
+
+
+def test_an_npy_header_claiming_a_huge_shape_is_refused_without_allocating() -> None:
+    from trainguard.provenance.reader import parse_array
+
+    header = b"{'descr': '<f8', 'fortran_order': False, 'shape': (1000000000000,), }"
+    data = b"\x93NUMPY\x01\x00" + len(header.ljust(118)).to_bytes(2, "little") + header.ljust(117) + b"\n"
+    with pytest.raises(ShardError) as caught:
+        parse_array("huge.npy", data)
+    assert caught.value.reason == "decode-limit"
+
+
+def test_streamed_chunks_must_add_up_to_the_signed_subject_digest(tmp_path: Path, key_pairs: Any, signer: Any) -> None:
+    import hashlib
+    from dataclasses import replace
+
+    root = tmp_path / "big"
+    root.mkdir()
+    data, other = np.random.default_rng(2).bytes(3 * 1024), np.random.default_rng(3).bytes(3 * 1024)
+    (root / "big.bin").write_bytes(data)
+    manifest = signer(root, key_pairs.alice, tmp_path / "m.json", chunk_size=1024)
+    chunks = tuple(hashlib.sha256(other[i : i + 1024]).hexdigest() for i in range(0, len(other), 1024))
+    _resign(manifest, key_pairs.alice, lambda s: replace(s, chunks=chunks))  # chunk digests of other bytes
+    (root / "big.bin").write_bytes(other)
+    reader = ShardReader(open_manifest(manifest, key_pairs.pub("alice"), data_dir=root))
+    with pytest.raises(ShardError, match="whole-file sha256") as caught:
+        list(reader.iter_chunks("big.bin"))
+    assert caught.value.reason == "digest-mismatch" and reader.log.records == ()

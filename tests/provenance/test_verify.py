@@ -21,9 +21,9 @@ from trainguard.provenance import (
     write_manifest,
 )
 from trainguard.provenance.errors import MalformedError
-from trainguard.provenance.manifest import statement_bytes
+from trainguard.provenance.manifest import statement_bytes, to_statement
 from trainguard.provenance.policy import load_trust
-from trainguard.provenance.verify import CHUNK_RUN_BYTES, read_envelope
+from trainguard.provenance.verify import read_envelope
 
 if TYPE_CHECKING:
     from conftest import Keys
@@ -340,23 +340,130 @@ def test_swapped_chunk_signed_shards_of_one_size_are_refused(sign: Any, data_dir
     assert reasons(report) == {"raw-a.bin": "swapped", "raw-b.bin": "swapped"}
 
 
-def test_one_large_shard_is_hashed_on_two_threads_at_once(tmp_path: Path, key_pairs: Keys) -> None:
+def test_two_large_shards_are_hashed_on_two_threads_at_once(tmp_path: Path, key_pairs: Keys) -> None:
     import threading
 
     from trainguard.provenance import sign_dataset
 
     root = tmp_path / "data"
     root.mkdir()
-    (root / "huge.bin").write_bytes(os.urandom(CHUNK_RUN_BYTES + 1024 * 1024))
+    for name in ("huge-a.bin", "huge-b.bin"):
+        (root / name).write_bytes(os.urandom(3 * 1024 * 1024))
     envelope, _ = sign_dataset(root, key_pairs.alice, source="a", chunk_size=1024 * 1024)
     manifest = write_manifest(envelope, tmp_path / "m.json")
     both_hashing = threading.Barrier(2, timeout=30)
     threads: set[str] = set()
 
     def on_bytes(count: int) -> None:
-        if threading.current_thread().name not in threads:  # each thread's first chunk waits for the other's
+        if threading.current_thread().name not in threads:  # each thread's first span waits for the other's
             threads.add(threading.current_thread().name)
             both_hashing.wait()
 
     report = verify_dataset(manifest, key_pairs.trust("alice"), data_dir=root, workers=2, on_bytes=on_bytes)
     assert report.ok and len(threads) == 2
+
+
+def _resigned(manifest: Path, key_pairs: Keys, change: Any) -> Path:
+    """The manifest with each chunk-signed shard's entry passed through `change`, signed again by alice."""
+    from dataclasses import replace
+
+    from trainguard.provenance.manifest import parse_statement
+
+    signed = parse_statement(read_envelope(manifest)[1].payload)
+    shards = tuple(change(s) if s.chunks else s for s in signed.shards)
+    envelope = sign_envelope(PAYLOAD_TYPE, statement_bytes(replace(signed, shards=shards)), key_pairs.alice)
+    return write_manifest(envelope, manifest)
+
+
+def test_chunk_digests_of_other_bytes_than_the_subject_digest_are_refused(
+    sign: Any, data_dir: Path, key_pairs: Keys
+) -> None:
+    import hashlib
+    from dataclasses import replace
+
+    manifest = sign(data_dir, key_pairs.alice, data_dir / "manifest.json", chunk_size=1024)
+    other = os.urandom(3000)
+    chunks = tuple(hashlib.sha256(other[i : i + 1024]).hexdigest() for i in range(0, 3000, 1024))
+    _resigned(manifest, key_pairs, lambda s: replace(s, chunks=chunks) if s.name == "raw.bin" else s)
+    (data_dir / "raw.bin").write_bytes(other)  # the bytes the chunk digests describe, not the subject digest
+    failure = verify_dataset(manifest, key_pairs.trust("alice")).failures[0]
+    assert (failure.shard, failure.reason) == ("raw.bin", "digest-mismatch")
+    assert failure.detail.startswith("whole-file sha256 ")
+
+
+def test_a_subject_digest_with_chunk_digests_of_other_bytes_is_refused(
+    sign: Any, data_dir: Path, key_pairs: Keys
+) -> None:
+    from dataclasses import replace
+
+    manifest = sign(data_dir, key_pairs.alice, data_dir / "manifest.json", chunk_size=1024)
+    _resigned(manifest, key_pairs, lambda s: replace(s, chunks=(s.chunks[0], "0" * 64, *s.chunks[2:])))
+    report = verify_dataset(manifest, key_pairs.trust("alice"))
+    assert {f.reason for f in report.failures} == {"digest-mismatch"}
+    assert all(f.detail.startswith("chunk 1 sha256 ") for f in report.failures)
+
+
+def test_a_fifo_manifest_is_refused_without_hanging(tmp_path: Path) -> None:
+    fifo = tmp_path / "manifest.json"
+    os.mkfifo(fifo)
+    with pytest.raises(MalformedError, match="not a regular file") as caught:
+        read_envelope(fifo)
+    assert caught.value.exit_code == 2
+
+
+def test_a_device_as_manifest_is_refused_before_reading() -> None:
+    with pytest.raises(MalformedError, match=r"/dev/zero.*not a regular file"):
+        read_envelope(Path("/dev/zero"))
+
+
+def test_writing_a_manifest_never_follows_a_planted_symlink(manifest: Path, key_pairs: Keys, tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    envelope = read_envelope(manifest)[1]
+    out = tmp_path / "out" / "m.json"
+    out.parent.mkdir()
+    for planted in (out, out.with_name(f".{out.name}.{os.getpid()}.tmp"), out.with_name(f".{out.name}.tmp")):
+        planted.symlink_to(victim)
+    write_manifest(envelope, out)
+    assert victim.read_bytes() == b"precious"
+    assert not out.is_symlink() and read_envelope(out)[1] == envelope
+
+
+def test_non_utf8_and_control_character_names_in_the_data_dir_are_reported_on_one_line(
+    manifest: Path, key_pairs: Keys
+) -> None:
+    root = os.fsencode(manifest.parent)
+    for raw in (b"bad\xff.bin", b"two\nFAIL forged: ok.bin", b"esc\x1b[2J.bin"):
+        with open(os.path.join(root, raw), "wb") as stream:
+            stream.write(b"x")
+    report = verify_dataset(manifest, key_pairs.trust("alice"))
+    assert {f.reason for f in report.failures} == {"unlisted"}
+    lines = [f.line() for f in report.failures]
+    assert len(lines) == 3 and all("\n" not in line and "\x1b" not in line for line in lines)
+    assert "bad\\udcff.bin: unlisted" in "\n".join(lines) and "two\\nFAIL forged" in "\n".join(lines)
+    json.dumps(report.to_dict())  # the machine-readable report survives such names too
+
+
+@pytest.mark.parametrize("raw", [b"bad\xff.bin", b"new\nline.bin", b"c1\xc2\x85.bin", b"sep\xe2\x80\xa8.bin"])
+def test_signing_refuses_control_character_and_non_utf8_names(
+    sign: Any, data_dir: Path, key_pairs: Keys, raw: bytes
+) -> None:
+    from trainguard.provenance import DataDirError
+
+    with open(os.path.join(os.fsencode(data_dir), raw), "wb") as stream:
+        stream.write(b"x")
+    with pytest.raises(DataDirError, match="unsafe shard name") as caught:
+        sign(data_dir, key_pairs.alice, data_dir.parent / "m.json")
+    message = str(caught.value)
+    assert "\n" not in message and message.isprintable() and caught.value.exit_code == 2
+
+
+def test_signed_subject_names_with_control_characters_are_unsafe_paths(data_dir: Path, key_pairs: Keys) -> None:
+    names = ["raw.bin\nFAIL x", "a\u2028b", "a\udcffb"]  # JSON's \udcff escape decodes to a lone surrogate
+    now = datetime.now(UTC).replace(microsecond=0)
+    shards = tuple(ShardEntry(n, "0" * 64, 1, "alice", "train") for n in names)
+    payload = json.dumps(to_statement(Manifest("digits", 1, now, now + timedelta(days=1), shards))).encode()
+    crafted = write_manifest(sign_envelope(PAYLOAD_TYPE, payload, key_pairs.alice), data_dir.parent / "crafted.json")
+    report = verify_dataset(crafted, key_pairs.pub("alice"), data_dir=data_dir, allow_extra=True)
+    assert reasons(report) == dict.fromkeys(names, "unsafe-path")
+    assert all(f.line().isprintable() for f in report.failures)
