@@ -7,8 +7,9 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -105,3 +106,16 @@ def _quiet_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("TRAINGUARD_HOME", str(tmp_path / "trainguard-home"))
     monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'default-mlruns.db'}")
+
+
+@pytest.fixture
+def read_cycle_state() -> Callable[[Path], dict[str, Any]]:
+    """Reads the signed cycle state of a demo layout under `root` (checked with its cycle key) as JSON data."""
+    from trainguard.pipeline.state import StateStore
+    from trainguard.provenance.keys import load_signing_key
+
+    def read(root: Path) -> dict[str, Any]:
+        key = load_signing_key(root / "demo-work" / "keys" / "model.key")
+        return StateStore(root / "demo-work" / "cycle" / "state.json", key).load().model_dump(mode="json")
+
+    return read

@@ -10,6 +10,7 @@ import sys
 import textwrap
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -142,6 +143,8 @@ def _user_project(root: Path) -> Path:
         "init_args": {"report": str(root / "modules.json"), "channels": 8},
     }
     (root / "cycle.yaml").write_text(yaml.safe_dump(config))
+    (root / "configs").mkdir()
+    shutil.copy(REPO / "configs" / "digits-trust.yaml", root / "configs")
     keys = root / "demo-work" / "keys"
     data = root / "demo-work" / "data"
     create_keys(keys)
@@ -152,7 +155,7 @@ def _user_project(root: Path) -> Path:
 
 
 def test_a_cycle_runs_a_model_from_a_project_with_its_own_pipeline_and_provenance(
-    tmp_path: Path, mlflow_server: str
+    tmp_path: Path, mlflow_server: str, read_cycle_state: Any
 ) -> None:
     project = _user_project(tmp_path / "project")
     env = {**os.environ, "PYTHONPATH": str(project), "MLFLOW_TRACKING_URI": mlflow_server}
@@ -174,7 +177,7 @@ def test_a_cycle_runs_a_model_from_a_project_with_its_own_pipeline_and_provenanc
     for ours in ("trainguard.provenance", "trainguard.pipeline"):
         assert not modules[ours].is_relative_to(project), (ours, modules[ours])
         assert modules[ours].parent.name == ours.split(".")[1]
-    state = json.loads((project / "demo-work" / "cycle" / "state.json").read_text())
+    state = read_cycle_state(project)
     assert state["cycles"][-1]["status"] == "accepted"
 
 

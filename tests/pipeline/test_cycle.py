@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pytest
@@ -43,6 +44,8 @@ def _contributed(data: Path, source: str, batch: int) -> list[Path]:
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh directory to run cycles in (config paths are relative to it), with keys and signed batch 0."""
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").mkdir()
+    shutil.copy(REPO / "configs" / "digits-trust.yaml", tmp_path / "configs")
     root = tmp_path / "demo-work"
     create_keys(root / "keys")
     data = root / "data"
@@ -52,7 +55,9 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def test_two_cycles_refuse_tampered_and_poisoned_shards_and_log_everything(workdir: Path, mlflow_uri: str) -> None:
+def test_two_cycles_refuse_tampered_and_poisoned_shards_and_log_everything(
+    workdir: Path, mlflow_uri: str, read_cycle_state: Any
+) -> None:
     config = _config(workdir, "cycle-e2e")
     data = workdir / "demo-work" / "data"
 
@@ -112,7 +117,7 @@ def test_two_cycles_refuse_tampered_and_poisoned_shards_and_log_everything(workd
     report = json.loads(second.report.read_text())
     assert report["status"] == second.status
     assert report["training"]["read_log"]["entries"] > 0
-    state = json.loads((workdir / "demo-work" / "cycle" / "state.json").read_text())
+    state = read_cycle_state(workdir)
     assert [c["status"] for c in state["cycles"]] == ["accepted", second.status]
 
 
@@ -148,20 +153,22 @@ def test_signed_model_verifies_and_a_swapped_model_is_refused(workdir: Path, tmp
     assert "Traceback" not in done.stderr and "model" in done.stderr
 
 
-def test_a_manifest_signed_by_an_untrusted_key_stops_the_cycle_before_training(workdir: Path) -> None:
+def test_a_manifest_signed_by_an_untrusted_key_stops_the_cycle_before_training(
+    workdir: Path, read_cycle_state: Any
+) -> None:
     config = _config(workdir, "cycle-untrusted")
     keys = workdir / "demo-work" / "keys"
     shutil.copy(keys / "curator.pub", keys / "owner.pub")  # the trust anchor no longer matches the owner's key
     with pytest.raises(CycleAbortedError, match=r"untrusted|signature|threshold"):
         run_cycle(config)
-    state = json.loads((workdir / "demo-work" / "cycle" / "state.json").read_text())
+    state = read_cycle_state(workdir)
     assert state["cycles"][-1]["status"] == "failed"
     assert state["accepted_model"] is None
     assert json.loads((workdir / "demo-work" / "cycle" / "report.json").read_text())["failed_check"] == "verify"
 
 
 def test_an_unreachable_tracking_server_still_decides_and_keeps_the_local_report(
-    workdir: Path, monkeypatch: pytest.MonkeyPatch
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, read_cycle_state: Any
 ) -> None:
     import socket
 
@@ -174,5 +181,5 @@ def test_an_unreachable_tracking_server_still_decides_and_keeps_the_local_report
     assert "unreachable" in outcome.tracking
     report = json.loads(outcome.report.read_text())
     assert report["status"] == "accepted" and "unreachable" in report["tracking"]
-    state = json.loads((workdir / "demo-work" / "cycle" / "state.json").read_text())
+    state = read_cycle_state(workdir)
     assert state["accepted_model"]["path"] == str(outcome.model_dir)
