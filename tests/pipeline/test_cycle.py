@@ -3,6 +3,8 @@ tampered after signing; everything is read back through MlflowClient and checked
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import shutil
 import subprocess
@@ -183,3 +185,78 @@ def test_an_unreachable_tracking_server_still_decides_and_keeps_the_local_report
     assert report["status"] == "accepted" and "unreachable" in report["tracking"]
     state = read_cycle_state(workdir)
     assert state["accepted_model"]["path"] == str(outcome.model_dir)
+
+
+def test_a_newer_manifest_put_in_place_after_screening_is_never_read(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, mlflow_uri: str
+) -> None:
+    """Training reads through the statements the intake verified: a validly signed newer manifest that adds an
+    unscreened shard, swapped in between screening and training, contributes nothing."""
+    import trainguard.pipeline.cycle as cycle_module
+
+    data = workdir / "demo-work" / "data"
+    manifest = data / "train.manifest.json"
+    verified_digest = hashlib.sha256(manifest.read_bytes()).hexdigest()
+    smuggled = data / "train" / "dave" / "smuggled.parquet"
+    screen = cycle_module._screen
+
+    def screen_then_swap(*args: Any, **kwargs: Any) -> None:
+        screen(*args, **kwargs)
+        shutil.copy(_contributed(data, "alice", 0)[0], smuggled)
+        poison_shards([smuggled], 1.0, seed=5)
+        sources = {p.relative_to(data / "train").as_posix(): p.parent.name for p in (data / "train").rglob("*.parquet")}
+        sign_contributions(data, workdir / "demo-work" / "keys", sources)
+
+    monkeypatch.setattr(cycle_module, "_screen", screen_then_swap)
+    outcome = run_cycle(_config(workdir, "cycle-swap"))
+    assert hashlib.sha256(manifest.read_bytes()).hexdigest() != verified_digest, "the swap happened"
+    reads = [json.loads(line) for line in (workdir / "demo-work" / "cycle" / "reads" / "cycle-0001.jsonl").open()]
+    assert reads and {r["manifest_sha256"] for r in reads if r["dataset"] == "digits-contributed"} == {verified_digest}
+    assert hashlib.sha256(smuggled.read_bytes()).hexdigest() not in {r["sha256"] for r in reads}
+    assert outcome.status == "accepted"
+    statement = json.loads(
+        base64.b64decode(json.loads((outcome.model_dir / "attestation.intoto.json").read_text())["payload"])
+    )
+    dependencies = statement["predicate"]["buildDefinition"]["resolvedDependencies"]
+    assert {d["digest"]["sha256"] for d in dependencies if d.get("name") == "digits-contributed"} == {verified_digest}
+    shard_digests = {d["digest"]["sha256"] for d in dependencies if ":" in d.get("name", "")}
+    assert shard_digests == {r["sha256"] for r in reads}
+    byproduct = next(b for b in statement["predicate"]["runDetails"]["byproducts"] if b["name"] == "read-log")
+    log_path = workdir / "demo-work" / "cycle" / "reads" / "cycle-0001.jsonl"
+    assert byproduct["uri"] == log_path.resolve().as_uri()
+    assert byproduct["digest"]["sha256"] == hashlib.sha256(log_path.read_bytes()).hexdigest()
+
+
+def test_a_signed_but_undecodable_shard_is_refused_and_the_cycle_goes_on(workdir: Path, mlflow_uri: str) -> None:
+    data = workdir / "demo-work" / "data"
+    broken = _contributed(data, "bob", 0)[0]
+    broken.write_bytes(b"PAR1 this is not a parquet file PAR1")
+    sources = {p.relative_to(data / "train").as_posix(): p.parent.name for p in (data / "train").rglob("*.parquet")}
+    sign_contributions(data, workdir / "demo-work" / "keys", sources)
+    outcome = run_cycle(_config(workdir, "cycle-undecodable"))
+    decision = next(d for d in outcome.shards if d.shard.endswith(broken.relative_to(data / "train").as_posix()))
+    assert (decision.accepted, decision.check) == (False, "verify") and "format" in decision.reason
+    assert outcome.status == "accepted"
+
+
+def test_an_unexpected_error_ends_the_cycle_failed_with_a_one_line_reason(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, read_cycle_state: Any
+) -> None:
+    (workdir / "exploding.py").write_text(
+        "import pytorch_lightning as pl\n\n\n"
+        "class Exploding(pl.Callback):\n"
+        "    def on_train_start(self, trainer, module):\n"
+        "        raise RuntimeError('the user callback broke\\non two lines')\n"
+    )
+    monkeypatch.syspath_prepend(str(workdir))
+    config = _config(workdir, "cycle-exploding")
+    document = yaml.safe_load(config.read_text())
+    document["callbacks"] = [{"class_path": "exploding.Exploding"}]
+    config.write_text(yaml.safe_dump(document))
+    with pytest.raises(CycleAbortedError, match="RuntimeError: the user callback broke on two lines") as stopped:
+        run_cycle(config)
+    assert "\n" not in str(stopped.value)
+    state = read_cycle_state(workdir)
+    assert state["cycles"][-1]["status"] == "failed" and state["accepted_model"] is None
+    report = json.loads((workdir / "demo-work" / "cycle" / "report.json").read_text())
+    assert report["status"] == "failed" and report["failed_check"] == "internal"

@@ -1,0 +1,223 @@
+"""Each actor of SECURITY.md runs the CLI against a project whose first cycle released a model: a contributor with
+a valid key, a storage attacker with no key, and a replaying mirror. Nothing any of them does may get a byte into
+training or a model signed; each is refused in one line with its reason."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trainguard.pipeline.threats import poison_shards, tamper_file
+from trainguard.provenance.dsse import Envelope
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+DATA = Path("demo-work/data")
+KEYS = Path("demo-work/keys")
+CYCLE = Path("demo-work/cycle")
+PREPARE = ["--sources", "alice,bob,carol,dave", "--shards-per-source", "2", "--shard-size", "50", "--seed", "0"]
+
+
+def _trainguard(project: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    command = [str(BIN / "trainguard"), *map(str, args)]
+    return subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _ok(done: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def _sign_contributions(project: Path, *options: str) -> None:
+    """The data owner (or a contributor holding its key) signs train/ with the contributor map, plus `options`."""
+    _ok(
+        _trainguard(
+            project,
+            "sign",
+            DATA / "train",
+            "--key",
+            KEYS / "owner.key",
+            "--dataset",
+            "digits-contributed",
+            "--sources",
+            DATA / "train-sources.json",
+            "--out",
+            DATA / "train.manifest.json",
+            *options,
+        )
+    )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tracking(mlflow_server: str) -> Iterator[None]:
+    """Every cycle of this module logs to the session's MLflow server."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        yield
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project set up with the CLI alone, whose first cycle accepted and signed a model."""
+    project = tmp_path_factory.mktemp("released")
+    shutil.copytree(REPO / "configs", project / "configs")
+    config = yaml.safe_load((REPO / "configs" / "digits.yaml").read_text())
+    config["training"].update(max_epochs=2, bootstrap_epochs=15)
+    config["robust_eval"].update(subset_size=50, steps=2)
+    config["gate"].update(min_clean_accuracy=0.5, min_robust_accuracy=0.0, max_accuracy_drop=0.2)
+    config["roni"]["options"].update(calibration_shards=20)
+    config["tracking"] = {"experiment_name": "scenarios", "registered_model_name": "scenarios"}
+    (project / "cycle.yaml").write_text(yaml.safe_dump(config))
+    _ok(_trainguard(project, "prepare", DATA, "--batch", "0", *PREPARE))
+    for name in ("curator", "owner", "model"):
+        _ok(_trainguard(project, "keygen", "--type", "ecdsa-p256", "--out", KEYS / name))
+    roles = json.dumps({"holdout.parquet": "holdout"})
+    curator = ["--key", KEYS / "curator.key", "--dataset", "digits-trusted", "--source", "curator"]
+    trusted = [DATA / "trusted", *curator, "--role", "trusted", "--roles", roles]
+    _ok(_trainguard(project, "sign", *trusted, "--out", DATA / "trusted.manifest.json"))
+    _sign_contributions(project)
+    _ok(_trainguard(project, "cycle", "--config", "cycle.yaml"))
+    assert (project / CYCLE / "models" / "cycle-0001").is_dir()
+    return project
+
+
+@pytest.fixture
+def project(released: Path, tmp_path: Path) -> Path:
+    """A copy of the released project for one actor to attack."""
+    copy = tmp_path / "project"
+    shutil.copytree(released, copy, symlinks=True)
+    return copy
+
+
+def _next_batch(project: Path, poisoned: str | None = None) -> list[Path]:
+    """Writes the contributors' next batch; `poisoned` flips 30% of that source's labels. Returns its shards."""
+    _ok(_trainguard(project, "prepare", DATA, "--batch", "1", *PREPARE))
+    shards = sorted((project / DATA / "train").glob("*/b1-*.parquet"))
+    if poisoned is not None:
+        poison_shards([s for s in shards if s.parent.name == poisoned], 0.3, seed=1)
+    return shards
+
+
+def _digests(paths: list[Path]) -> frozenset[str]:
+    return frozenset(hashlib.sha256(p.read_bytes()).hexdigest() for p in paths)
+
+
+def _refused(project: Path, reason: str, attacker_bytes: frozenset[str] = frozenset()) -> None:
+    """The next cycle exits 1 with one line naming `reason`, signs nothing, and trained on none of those bytes."""
+    done = _trainguard(project, "cycle", "--config", "cycle.yaml")
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("trainguard: error:")]
+    assert len(errors) == 1 and reason in errors[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert sorted(p.name for p in (project / CYCLE / "models").iterdir()) == ["cycle-0001"]
+    read = set()
+    for log in (project / CYCLE / "reads").glob("*.jsonl"):
+        read |= {json.loads(line)["sha256"] for line in log.read_text().splitlines()}
+    assert not read & attacker_bytes
+
+
+# A contributor holding the data owner's valid key.
+
+
+@pytest.mark.parametrize(
+    ("claim", "reason"),
+    [
+        ({"roles": {"dave/b1-*": "trusted"}}, "unauthorized-role"),
+        ({"roles": {"dave/b1-*": "holdout"}}, "unauthorized-role"),
+        ({"sources": "curator"}, "unauthorized-source"),
+    ],
+    ids=["trusted-role", "holdout-role", "curator-source"],
+)
+def test_a_contributor_key_cannot_claim_trust_it_was_not_granted(
+    project: Path, claim: dict[str, object], reason: str
+) -> None:
+    shards = _next_batch(project, poisoned="dave")
+    if "sources" in claim:
+        sources = json.loads((project / DATA / "train-sources.json").read_text())
+        sources |= {s.relative_to(project / DATA / "train").as_posix(): claim["sources"] for s in shards}
+        (project / DATA / "train-sources.json").write_text(json.dumps(sources))
+        _sign_contributions(project)
+    else:
+        _sign_contributions(project, "--roles", json.dumps(claim["roles"]))
+    _refused(project, reason, _digests(shards))
+
+
+def test_a_contributor_key_cannot_sign_the_curators_dataset(project: Path) -> None:
+    shards = _next_batch(project, poisoned="dave")
+    trusted = project / DATA / "trusted.manifest.json"
+    owner = ["--key", KEYS / "owner.key", "--dataset", "digits-trusted", "--source", "curator"]
+    _ok(_trainguard(project, "sign", DATA / "trusted", *owner, "--role", "trusted", "--out", DATA / "forged.json"))
+    shutil.move(project / DATA / "forged.json", trusted)
+    _refused(project, "unauthorized-dataset", _digests(shards))
+
+
+# A storage attacker: write access to the files, no key.
+
+
+def test_another_signed_dataset_copied_over_a_manifest_path_is_refused(project: Path) -> None:
+    shutil.copy(project / DATA / "train.manifest.json", project / DATA / "trusted.manifest.json")
+    _refused(project, "wrong-dataset")
+
+
+def test_a_tampered_trusted_shard_stops_the_cycle(project: Path) -> None:
+    base = project / DATA / "trusted" / "base.parquet"
+    tamper_file(base)
+    _refused(project, "digest-mismatch", _digests([base]))
+
+
+def test_an_edited_verdict_in_the_cycle_state_is_refused(project: Path) -> None:
+    path = project / CYCLE / "state.json"
+    envelope = Envelope.from_json(path.read_bytes())
+    edited = envelope.payload.replace(b'"accepted": true', b'"accepted": false', 1)
+    path.write_bytes(Envelope(envelope.payload_type, edited, envelope.signatures).to_json())
+    _refused(project, "edited outside trainguard")
+
+
+def test_a_deleted_cycle_state_is_refused_until_reinitialised_and_no_model_is_overwritten(project: Path) -> None:
+    (project / CYCLE / "state.json").unlink()
+    _refused(project, "--reinit")
+    released = (project / CYCLE / "models" / "cycle-0001" / "model.safetensors").read_bytes()
+    done = _ok(_trainguard(project, "cycle", "--config", "cycle.yaml", "--reinit", "--json"))
+    assert json.loads(done.stdout)["cycle"] == 2
+    assert (project / CYCLE / "models" / "cycle-0001" / "model.safetensors").read_bytes() == released
+
+
+def test_a_fifo_planted_as_the_trust_policy_fails_without_hanging(project: Path) -> None:
+    policy = project / "configs" / "digits-trust.yaml"
+    policy.unlink()
+    os.mkfifo(policy)
+    _refused(project, "not a regular file")
+
+
+# A mirror replaying what it served before.
+
+
+def test_a_replaying_mirror_can_roll_back_neither_a_manifest_nor_the_state(project: Path) -> None:
+    old_manifest = (project / DATA / "train.manifest.json").read_bytes()
+    old_state = (project / CYCLE / "state.json").read_bytes()
+    _next_batch(project)
+    _sign_contributions(project)
+    second = _trainguard(project, "cycle", "--config", "cycle.yaml")
+    assert second.returncode in (0, 1) and "Traceback" not in second.stderr
+    models = sorted(p.name for p in (project / CYCLE / "models").iterdir())
+
+    (project / DATA / "train.manifest.json").write_bytes(old_manifest)
+    _replayed(project, "rollback", models)
+    (project / CYCLE / "state.json").write_bytes(old_state)
+    _replayed(project, "ends at cycle 1", models)
+
+
+def _replayed(project: Path, reason: str, models: list[str]) -> None:
+    done = _trainguard(project, "cycle", "--config", "cycle.yaml")
+    assert done.returncode == 1 and reason in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert sorted(p.name for p in (project / CYCLE / "models").iterdir()) == models
