@@ -145,7 +145,7 @@ def bench_read(root: Path, shards: int, rows: int, repeats: int) -> list[tuple[s
     key = generate_signing_key()
     envelope, manifest = sign_dataset(data, key, source="bench")
     path = write_manifest(envelope, root / "parquet.manifest.json")
-    verified = open_manifest(path, TrustPolicy((key.public,)), data_dir=data, state=root / "read-state.json")
+    verified = open_manifest(path, TrustPolicy.of((key.public,)), data_dir=data, state=root / "read-state.json")
     names = [s.name for s in manifest.shards]
 
     def plain() -> float:

@@ -20,9 +20,11 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
+from trainguard.files import read_regular
 from trainguard.pipeline.errors import ConfigError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
+CONFIG_LIMIT = 4 * 1024 * 1024
 _DOTTED = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$"
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -290,9 +292,11 @@ def check_config_components(
 
 def _read_yaml(path: Path) -> Any:
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path}: cannot read config: {error.__class__.__name__}: {error}") from None
+        text = read_regular(path, limit=CONFIG_LIMIT).decode("utf-8")
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read config: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: cannot read config: not UTF-8 ({error.reason})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:

@@ -25,6 +25,7 @@ from trainguard.pipeline.commands import PATH
 @click.option("--seed", type=int, default=0, show_default=True)
 def prepare(out: Path, sources: str, shards_per_source: int, shard_size: int, batch: int, seed: int) -> None:
     """Write digits shards: a trusted base and held-out set, and one batch of contributed shards."""
+    from trainguard.files import atomic_write
     from trainguard.pipeline.errors import ConfigError
     from trainguard.pipeline.prepare import Layout, prepare_digits
 
@@ -38,5 +39,5 @@ def prepare(out: Path, sources: str, shards_per_source: int, shard_size: int, ba
         raise ConfigError(str(error), key="batch") from error
     sources_file = out / "train-sources.json"
     known = json.loads(sources_file.read_text()) if sources_file.exists() else {}
-    sources_file.write_text(json.dumps(known | prepared.contributed(), indent=2, sort_keys=True) + "\n")
+    atomic_write(sources_file, (json.dumps(known | prepared.contributed(), indent=2, sort_keys=True) + "\n").encode())
     click.echo(f"wrote {len(prepared.shards)} shards under {out} (contributors in {sources_file})")

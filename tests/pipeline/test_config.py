@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,9 @@ def test_mlflow_tracking_uri_from_the_environment_wins(tmp_path: Path, monkeypat
 def test_unreadable_empty_and_invalid_yaml_are_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(tmp_path / "missing.yaml")
+    os.mkfifo(tmp_path / "fifo.yaml")
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_config(tmp_path / "fifo.yaml")
     with pytest.raises(ConfigError, match="empty"):
         load_config(_write(tmp_path, ""))
     with pytest.raises(ConfigError, match="not valid YAML at line 1"):
@@ -216,3 +220,16 @@ def test_a_datamodule_is_checked_like_the_model(tmp_path: Path) -> None:
     assert load_config(_write(tmp_path, data)).datamodule.class_path == "pytorch_lightning.LightningDataModule"
     error = _error(tmp_path, _with({("datamodule",): {"class_path": "trainguard.pipeline.models.DigitsClassifier"}}))
     assert error.key == "datamodule.class_path" and "LightningDataModule" in str(error)
+
+
+def test_trusted_sources_is_refused_with_the_way_to_grant_trust_by_key(tmp_path: Path) -> None:
+    error = _error(tmp_path, _with({("dataset", "trusted_sources"): ["curator"]}))
+    assert error.key == "dataset"
+    assert "trusted_sources was removed" in str(error) and "role `trusted`" in str(error)
+
+
+def test_every_manifest_reference_names_its_dataset(tmp_path: Path) -> None:
+    data = _with({})
+    del data["dataset"]["holdout"]["dataset"]
+    error = _error(tmp_path, data)
+    assert error.key == "dataset.holdout.dataset" and "Field required" in str(error)

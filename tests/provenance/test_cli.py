@@ -67,6 +67,11 @@ def test_keygen_sign_cosign_verify_round_trip(data_dir: Path, tmp_path: Path) ->
     assert document["ok"] and document["shards"] == 5 and len(document["signers"]) == 2
     assert report.stderr == ""
 
+    other = run("verify", manifest, "--trust", keys / "policy.json", "--data-dir", data_dir, "--dataset", "other")
+    assert other.returncode == 1 and "manifest: wrong-dataset" in other.stderr
+    named = run("verify", manifest, "--trust", keys / "policy.json", "--data-dir", data_dir, "--dataset", "data")
+    assert named.returncode == 0, named.stderr
+
 
 def test_tampered_data_exits_1_listing_every_failing_shard(data_dir: Path, tmp_path: Path) -> None:
     run("keygen", "--out", tmp_path / "k")
