@@ -6,8 +6,7 @@ Names are imported on first use, so `import trainguard.defenses.errors` (the CLI
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from trainguard.lazy import lazy_getattr
 
 _LAZY = {
     "AdversarialTraining": "trainguard.defenses.adversarial",
@@ -38,8 +37,4 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'trainguard.defenses' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -6,9 +6,7 @@ Torch- and Lightning-backed names (datasets, data module, callback) are imported
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
-
+from trainguard.lazy import lazy_getattr
 from trainguard.provenance.dsse import Envelope, Signature, add_signature, pae, sign_envelope, verify_envelope
 from trainguard.provenance.errors import (
     AlreadySignedError,
@@ -121,8 +119,4 @@ __all__ = [
     *_LAZY,
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'trainguard.provenance' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

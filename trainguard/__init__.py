@@ -6,8 +6,7 @@ need most are re-exported here and imported on first use, so `import trainguard`
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from trainguard.lazy import lazy_getattr
 
 _LAZY = {
     "AdversarialTraining": "trainguard.defenses",
@@ -34,11 +33,7 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'trainguard' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 def __dir__() -> list[str]:
