@@ -1,12 +1,14 @@
 """A torch Dataset and a LightningDataModule over signed manifests: only listed shards, each verified on read.
 
-Shards are parquet (or npy) tables with numeric feature columns and an integer label column. The read log of
-every shard actually read (dataset, name, sha256, in order) is exact, and its digest can go into an attestation.
+Tables (parquet, 2-D npy) give rows of numeric feature columns and an integer label column; any other format is
+decoded from the shard's verified bytes by a `Decoder` (`trainguard.provenance.formats`), and samples keep their
+shape (images (C, H, W), tensors), optionally through a per-sample transform. The read log of every shard actually
+read (manifest, dataset, name, sha256, in order) is exact, and its digest can go into an attestation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from trainguard.provenance.allowlist import AllowList
 from trainguard.provenance.errors import MalformedError, ProvenanceError, ShardError
+from trainguard.provenance.formats import Decoder, Samples, decoder_for
 from trainguard.provenance.manifest import ShardEntry
 from trainguard.provenance.policy import TrustPolicy
 from trainguard.provenance.reader import ReadLog, ShardReader
@@ -71,8 +74,13 @@ def open_verified(
     return tuple(opened)
 
 
+TABLE_SUFFIXES = (".parquet", ".npy")
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
 class ShardDataset(Dataset):
-    """Rows of the selected shards as (float32 features, int64 label), held in memory after a verified read."""
+    """The samples of the selected shards as (float32 input of the shard's shape, target), held in memory after a
+    verified read; tables through their feature and label columns, other formats through `decoders`."""
 
     def __init__(
         self,
@@ -83,9 +91,10 @@ class ShardDataset(Dataset):
         exclude: Collection[str] = (),
         feature_columns: Sequence[str] | None = None,
         label_column: str = "label",
+        decoders: Mapping[str, Decoder] | None = None,
+        transform: Transform | None = None,
     ) -> None:
-        features: list[np.ndarray] = []
-        labels: list[np.ndarray] = []
+        parts: list[Samples] = []
         shards: list[tuple[str, ShardEntry]] = []
         for reader in readers:
             dataset = reader.verified.manifest.dataset
@@ -94,23 +103,41 @@ class ShardDataset(Dataset):
                 for s in reader.verified.manifest.select(roles, sources)
                 if s.name not in exclude and f"{dataset}:{s.name}" not in exclude and reader.permitted(s)
             ]
-            entries = {s.name: s for s in selected}
-            for name, frame in reader.frames(entries):
-                x, y = _columns(name, frame, feature_columns, label_column)
-                features.append(x)
-                labels.append(y)
-                shards.append((dataset, entries[name]))
+            tables = {s.name: s for s in selected if s.name.endswith(TABLE_SUFFIXES) and not _decoded(s.name, decoders)}
+            for name, frame in reader.frames(tables):
+                parts.append(table_samples(name, frame, feature_columns, label_column))
+                shards.append((dataset, tables[name]))
+            for shard in (s for s in selected if s.name not in tables):
+                decode = decoder_for(shard.name, decoders or {})
+                parts.append(decode(shard.name, reader.read_bytes(shard.name)))
+                shards.append((dataset, shard))
         self.shards = tuple(shards)
-        self.row_shard = np.repeat(np.arange(len(labels)), [len(y) for y in labels]).astype(np.int64)
-        width = features[0].shape[1] if features else len(feature_columns or ())
-        self.features = torch.from_numpy(np.concatenate(features) if features else np.zeros((0, width), np.float32))
-        self.labels = torch.from_numpy(np.concatenate(labels) if labels else np.zeros(0, np.int64))
+        self.row_shard = np.repeat(np.arange(len(parts)), [len(p) for p in parts]).astype(np.int64)
+        empty = Samples(np.zeros((0, len(feature_columns or ())), np.float32), np.zeros(0, np.int64))
+        try:
+            merged = Samples.concat(parts) if parts else empty
+        except ValueError as error:
+            raise MalformedError(f"the selected shards cannot form one dataset: {error}") from None
+        self.features = torch.from_numpy(np.ascontiguousarray(merged.inputs, dtype=np.float32))
+        self.labels = torch.from_numpy(np.ascontiguousarray(merged.targets))
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.features[index], self.labels[index]
+        features = self.features[index]
+        return (self.transform(features) if self.transform is not None else features), self.labels[index]
+
+
+def _decoded(name: str, decoders: Mapping[str, Decoder] | None) -> bool:
+    """Whether a user decoder claims this name (it wins over the built-in table reading)."""
+    return bool(decoders) and any(name.endswith(suffix) for suffix in decoders or {})
+
+
+def table_samples(name: str, frame: pd.DataFrame, feature_columns: Sequence[str] | None, label_column: str) -> Samples:
+    """A table's rows as samples: float32 feature columns (all but the label by default), integer labels."""
+    return Samples(*_columns(name, frame, feature_columns, label_column))
 
 
 def _columns(
@@ -132,7 +159,8 @@ def _columns(
 
 class VerifiedDataModule(pl.LightningDataModule):
     """Train on role `train` and `trusted` shards and validate on role `holdout` shards of signed manifests,
-    verified on read.
+    verified on read. `decoders` (suffix -> `decode(name, data) -> Samples`) read formats other than tables;
+    `transform`/`val_transform` are per-sample callables (torchvision-style) applied as batches are drawn.
 
     `exclude` drops shards by name (or `dataset:name`), e.g. those a poisoning screen rejected. A module made by
     `from_verified` reads through manifests already verified and an allow-list, never re-opening a manifest by path.
@@ -150,6 +178,9 @@ class VerifiedDataModule(pl.LightningDataModule):
         exclude: Collection[str] = (),
         feature_columns: Sequence[str] | None = None,
         label_column: str = "label",
+        decoders: Mapping[str, Decoder] | None = None,
+        transform: Transform | None = None,
+        val_transform: Transform | None = None,
         batch_size: int = 64,
         num_workers: int = 0,
         seed: int = 0,
@@ -162,6 +193,8 @@ class VerifiedDataModule(pl.LightningDataModule):
         self.sources = None if sources is None else tuple(sources)
         self.exclude = frozenset(exclude)
         self.feature_columns, self.label_column = feature_columns, label_column
+        self.decoders = dict(decoders or {})
+        self.transform, self.val_transform = transform, val_transform
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.read_log = ReadLog()
         self.verified: tuple[VerifiedManifest, ...] = ()
@@ -205,12 +238,13 @@ class VerifiedDataModule(pl.LightningDataModule):
             "exclude": self.exclude,
             "feature_columns": self.feature_columns,
             "label_column": self.label_column,
+            "decoders": self.decoders,
         }
-        self.train_set = ShardDataset(readers, roles=self.train_roles, **options)
+        self.train_set = ShardDataset(readers, roles=self.train_roles, transform=self.transform, **options)
         if len(self.train_set) == 0:
             raise MalformedError("no shard of the manifests matches the training selection (roles, sources, exclude)")
         if self.val_roles:
-            self.val_set = ShardDataset(readers, roles=self.val_roles, **options)
+            self.val_set = ShardDataset(readers, roles=self.val_roles, transform=self.val_transform, **options)
 
     def read_log_digest(self) -> str:
         return self.read_log.digest()

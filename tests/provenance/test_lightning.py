@@ -7,12 +7,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from trainguard.provenance import ProvenanceError, VerificationFailed, VerifiedDataModule, VerifyDatasetCallback
+from trainguard.provenance.errors import ShardError
+from trainguard.provenance.formats import Samples
 
 
 class Tiny(pl.LightningModule):
@@ -129,3 +132,59 @@ def test_callback_tolerates_only_failures_of_excluded_shards(manifest: Path, key
     again = VerifyDatasetCallback([manifest], key_pairs.trust("alice"), exclude=["bob/shard-00.parquet"])
     with pytest.raises(VerificationFailed, match=r"raw\.bin"):
         trainer(callbacks=[again]).fit(Tiny(), plain_loader())
+
+
+def _raw_images(name: str, data: bytes) -> Samples:
+    """A user's own format: one label byte then 64 pixel bytes per sample, decoded to (N, 1, 8, 8)."""
+    rows = np.frombuffer(data, np.uint8).reshape(-1, 65)
+    return Samples(rows[:, 1:].reshape(-1, 1, 8, 8).astype(np.float32) / 255.0, rows[:, 0].astype(np.int64))
+
+
+def _flip(image: torch.Tensor) -> torch.Tensor:
+    return image.flip(-1)
+
+
+class TinyConv(Tiny):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(144, 10))
+
+
+def test_a_decoder_hook_yields_samples_of_their_own_shape_through_transforms_and_workers(
+    signer: Any, tmp_path: Path, key_pairs: Any
+) -> None:
+    root = tmp_path / "images"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(3):
+        rows = np.concatenate([rng.integers(0, 10, (20, 1)), rng.integers(0, 256, (20, 64))], axis=1)
+        (root / f"part-{index}.img").write_bytes(rows.astype(np.uint8).tobytes())
+    manifest = signer(root, key_pairs.alice, tmp_path / "images.json", sources={}, roles={})
+    module = VerifiedDataModule(
+        [{"manifest": str(manifest), "data_dir": str(root)}],
+        key_pairs.trust("alice"),
+        state_file=tmp_path / "state.json",
+        decoders={".img": _raw_images},
+        transform=_flip,
+        val_roles=None,
+        batch_size=8,
+        num_workers=2,
+    )
+    model = TinyConv()
+    trainer(limit_train_batches=3).fit(model, datamodule=module)
+    assert model.steps == 3
+    assert tuple(module.train_set.features.shape) == (60, 1, 8, 8)
+    x, _ = module.train_set[0]
+    assert torch.equal(x, module.train_set.features[0].flip(-1))
+    assert [r.name for r in module.read_log.records] == ["part-0.img", "part-1.img", "part-2.img"]
+
+
+def test_a_shard_with_no_decoder_is_refused_by_name(signer: Any, tmp_path: Path, key_pairs: Any) -> None:
+    root = tmp_path / "blobs"
+    root.mkdir()
+    (root / "a.bin").write_bytes(b"\x00" * 65)
+    manifest = signer(root, key_pairs.alice, tmp_path / "blobs.json", sources={}, roles={})
+    module = VerifiedDataModule([{"manifest": str(manifest), "data_dir": str(root)}], key_pairs.trust("alice"))
+    with pytest.raises(ShardError, match=r"shard a.bin: no decoder for this format") as refused:
+        module.setup("fit")
+    assert refused.value.reason == "format"
