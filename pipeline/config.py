@@ -91,25 +91,39 @@ class DatasetSection(_Section):
 
 
 class ValidationSection(_Section):
-    """Schema of a shard: which columns are features, their range, and the allowed labels."""
+    """Schema of a shard: for tables, which columns are features (default: all but the label); for every format,
+    the value range of inputs (table cells, pixels), the shape of one decoded input, and the allowed labels."""
 
     feature_columns: tuple[str, ...] = ()
     feature_pattern: str | None = Field(default=None, description="fnmatch pattern, e.g. 'pixel_*'.")
     label_column: str = "label"
     feature_min: float = 0.0
     feature_max: float = 1.0
+    input_shape: tuple[Annotated[int, Field(ge=1)], ...] | None = Field(
+        default=None, description="Shape of one decoded input, e.g. [1, 8, 8]; None: any, the same in every shard."
+    )
     labels: Annotated[tuple[int, ...], Field(min_length=2)]
     min_rows: Annotated[int, Field(ge=1)] = 1
 
     @model_validator(mode="after")
     def _consistent(self) -> ValidationSection:
-        if not self.feature_columns and not self.feature_pattern:
-            raise ValueError("give feature_columns or feature_pattern")
         if self.feature_min >= self.feature_max:
             raise ValueError(f"feature_min {self.feature_min} must be below feature_max {self.feature_max}")
         if len(set(self.labels)) != len(self.labels):
             raise ValueError("labels has duplicates")
         return self
+
+
+class DataSection(_Section):
+    """How shards that are not tables decode, and the per-sample transforms training applies. Tables (parquet,
+    2-D npy) need nothing here: they read through `validation`'s feature and label columns."""
+
+    decoders: dict[Annotated[str, Field(pattern=r"^\.[A-Za-z0-9.]+$")], Component] = Field(
+        default_factory=dict,
+        description="Suffix (.tar, .npz, ...) -> a decoder class, its instance called as decode(name, data).",
+    )
+    transform: Component | None = Field(default=None, description="Per-sample callable for training inputs.")
+    val_transform: Component | None = Field(default=None, description="Per-sample callable for held-out inputs.")
 
 
 class LimitsSection(_Section):
@@ -214,6 +228,7 @@ class CycleConfig(_Section):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
     dataset: DatasetSection
     validation: ValidationSection
+    data: DataSection = DataSection()
     limits: LimitsSection = LimitsSection()
     roni: RoniSection = RoniSection()
     adversarial: AdversarialSection = AdversarialSection()
@@ -232,7 +247,8 @@ class CycleConfig(_Section):
 
 
 # Which base class each pluggable component must derive from, and the constructor arguments the cycle injects.
-_COMPONENT_BASES = {
+_COMPONENT_BASES: dict[str, tuple[str, str] | None] = {
+    "data": None,  # decoders and transforms: any class whose instances are callable
     "model": ("pytorch_lightning", "LightningModule"),
     "datamodule": ("pytorch_lightning", "LightningDataModule"),
     "callbacks": ("pytorch_lightning", "Callback"),
@@ -278,6 +294,8 @@ def check_config_components(
     if config.datamodule is not None:
         named.append(("datamodule", "datamodule", config.datamodule))
     named += [(f"callbacks[{i}]", "callbacks", c) for i, c in enumerate(config.callbacks)]
+    named += [(f"data.decoders.{suffix}", "data", c) for suffix, c in config.data.decoders.items()]
+    named += [(f"data.{k}", "data", c) for k in ("transform", "val_transform") if (c := getattr(config.data, k))]
     for key, kind, component in named:
         supplied = tuple((injected or {}).get(kind, ()))
         _check_component(component, key, _COMPONENT_BASES[kind], supplied, source)
@@ -338,7 +356,7 @@ def _config_error(error: ValidationError, data: Any, source: str) -> ConfigError
 
 
 def _check_component(
-    component: Component, key: str, base: tuple[str, str], injected: tuple[str, ...], source: str
+    component: Component, key: str, base: tuple[str, str] | None, injected: tuple[str, ...], source: str
 ) -> None:
     module_name, _, attr = component.class_path.rpartition(".")
     where = f"{source}: {key}.class_path"
@@ -351,8 +369,10 @@ def _check_component(
     cls = getattr(module, attr, None)
     if not inspect.isclass(cls):
         raise ConfigError(f"{where}: {module_name!r} has no class {attr!r}", key=f"{key}.class_path")
-    expected = getattr(importlib.import_module(base[0]), base[1])
-    if not issubclass(cls, expected):
+    if base is None:
+        if not any("__call__" in vars(klass) for klass in cls.__mro__[:-1]):
+            raise ConfigError(f"{where}: {component.class_path} instances are not callable", key=f"{key}.class_path")
+    elif not issubclass(cls, getattr(importlib.import_module(base[0]), base[1])):
         raise ConfigError(f"{where}: {component.class_path} is not a {base[0]}.{base[1]}", key=f"{key}.class_path")
     _bind_init_args(cls, component, f"{key}.init_args", injected, source)
 

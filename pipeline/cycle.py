@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 
@@ -51,6 +50,7 @@ from trainguard.pipeline.training import TrainingResult, bootstrap, train
 from trainguard.provenance.allowlist import AllowList
 from trainguard.provenance.dataset import VerifiedDataModule
 from trainguard.provenance.errors import ProvenanceError
+from trainguard.provenance.formats import Decoder
 from trainguard.provenance.keys import load_signing_key
 
 
@@ -180,7 +180,7 @@ def _tracking_status(tracker: CycleTracker) -> str:
 def _run(cycle: _Cycle, parent: TrackedRun) -> CycleOutcome:
     config = cycle.config
     with parent.stage("verification") as stage:
-        intake = verify_and_read(config, cycle.state.rollback_records)
+        intake = verify_and_read(config, cycle.state.rollback_records, _decoders(config))
         state = cycle.state
         for manifest in intake.manifests:
             state = state.accept_manifest(manifest.rollback_key, manifest.manifest.version, manifest.statement_sha256)
@@ -188,7 +188,7 @@ def _run(cycle: _Cycle, parent: TrackedRun) -> CycleOutcome:
         cycle.decide(intake.refused)
         _log_verification(cycle, intake, parent, stage)
     columns = feature_columns(intake.holdout[0].frame, config.validation)
-    holdout = _labeled(intake.holdout, columns, config)
+    holdout = _labeled(intake.holdout)
     if not intake.trusted:
         raise CycleAbortedError(
             "no trusted training shard: sign the base set with role `trusted` by a key set the trust policy grants it",
@@ -197,8 +197,8 @@ def _run(cycle: _Cycle, parent: TrackedRun) -> CycleOutcome:
 
     with parent.stage("screening") as stage:
         candidates = _screen_inputs(cycle, intake, stage)
-        model, previous = _incoming_model(cycle, _labeled(intake.trusted, columns, config), intake.holdout_sha256)
-        _screen(cycle, model, holdout, candidates, columns, stage)
+        model, previous = _incoming_model(cycle, _labeled(intake.trusted), intake.holdout_sha256)
+        _screen(cycle, model, holdout, candidates, stage)
 
     allow = _allow_list(cycle, intake)
     cycle.report["allow_list"] = allow.to_json()
@@ -207,6 +207,9 @@ def _run(cycle: _Cycle, parent: TrackedRun) -> CycleOutcome:
         allow,
         feature_columns=columns,
         label_column=config.validation.label_column,
+        decoders=_decoders(config),
+        transform=config.data.transform.instantiate() if config.data.transform else None,
+        val_transform=config.data.val_transform.instantiate() if config.data.val_transform else None,
         batch_size=config.training.batch_size,
         num_workers=config.training.num_workers,
         seed=config.training.seed,
@@ -256,6 +259,11 @@ def _run(cycle: _Cycle, parent: TrackedRun) -> CycleOutcome:
     )
 
 
+def _decoders(config: CycleConfig) -> dict[str, Decoder]:
+    """The configured decoder of each suffix (tables need none)."""
+    return {suffix: component.instantiate() for suffix, component in config.data.decoders.items()}
+
+
 def _allow_list(cycle: _Cycle, intake: Intake) -> AllowList:
     """The shards training may read: every trusted and train shard accepted in this cycle's decisions, and the
     held-out shards it validates on, each as listed in the manifest the intake verified."""
@@ -275,9 +283,9 @@ def _checked_read_log(cycle: _Cycle, allow: AllowList, result: TrainingResult) -
     return {"path": str(path), "sha256": result.read_log.digest(), "entries": len(result.read_log.records)}
 
 
-def _labeled(shards: Sequence[SignedShard], columns: Sequence[str], config: CycleConfig) -> LabeledData:
-    frame = concat(shards)
-    return LabeledData.of(frame[list(columns)].to_numpy(np.float32), frame[config.validation.label_column].to_numpy())
+def _labeled(shards: Sequence[SignedShard]) -> LabeledData:
+    samples = concat(shards)
+    return LabeledData.of(samples.inputs, samples.targets)
 
 
 def _log_verification(cycle: _Cycle, intake: Intake, parent: TrackedRun, stage: TrackedRun) -> None:
@@ -370,7 +378,6 @@ def _screen(
     model: pl.LightningModule,
     holdout: LabeledData,
     shards: Sequence[SignedShard],
-    columns: Sequence[str],
     stage: TrackedRun,
 ) -> None:
     """RONI on the new shards (per shard, or per source) and the margin check; records every decision."""
@@ -382,13 +389,7 @@ def _screen(
     if not shards:
         cycle.report["roni"] = {"candidates": 0}
         return
-    label = config.validation.label_column
-    candidates = [
-        Candidate(
-            s.key, s.source, LabeledData.of(s.frame[list(columns)].to_numpy(np.float32), s.frame[label].to_numpy())
-        )
-        for s in shards
-    ]
+    candidates = [Candidate(s.key, s.source, LabeledData.of(s.samples.inputs, s.samples.targets)) for s in shards]
     if not config.roni.enabled:
         cycle.decide([accepted(s, "roni", "RONI screening disabled in the config") for s in shards])
         return
@@ -422,8 +423,8 @@ def _screen(
     margins = []
     if kept:
         rows = concat(kept)
-        sources = [s.source for s in kept for _ in range(len(s.frame))]
-        margins = check_margins(model, torch.as_tensor(rows[list(columns)].to_numpy(np.float32)), sources)
+        sources = [s.source for s in kept for _ in range(len(s.samples))]
+        margins = check_margins(model, torch.as_tensor(rows.inputs, dtype=torch.float32), sources)
     flagged = [m for m in margins if m.flagged]
     stage.set_tags({f"trainguard.margin.{m.source}": m.reason[:4000] for m in flagged})
     cycle.report["roni"] = {

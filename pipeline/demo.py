@@ -20,7 +20,7 @@ from trainguard.provenance.signing import sign_dataset, write_manifest
 
 POISONED_SOURCE = "dave"
 POISON_FRACTION = 0.3
-TAMPERED_SHARD = "carol/b0-shard-01.parquet"
+TAMPERED_SHARD = "carol/b0-shard-01"
 
 
 def _say(text: str) -> None:
@@ -36,7 +36,7 @@ def create_keys(keys: Path) -> None:
 def sign_trusted(data: Path, keys: Path) -> Path:
     """The curator signs `trusted/`: the base set (role trusted) and the held-out set (role holdout), roles that
     the trust policy grants the curator's key alone."""
-    roles = {"holdout.parquet": "holdout", "base.parquet": "trusted"}
+    roles = {"holdout.*": "holdout", "base.*": "trusted"}
     key = load_signing_key(keys / "curator.key")
     envelope, _ = sign_dataset(data / "trusted", key, dataset="digits-trusted", source=TRUSTED_SOURCE, roles=roles)
     return write_manifest(envelope, data / "trusted.manifest.json")
@@ -52,14 +52,15 @@ def sign_contributions(data: Path, keys: Path, sources: dict[str, str]) -> Path:
     return write_manifest(envelope, out)
 
 
-def stage_data(root: Path) -> None:
+def stage_data(root: Path, shard_format: str = "parquet") -> None:
     """Writes keys, shards (one source poisoned before signing), both signed manifests, then tampers a shard."""
     if root.exists():
         shutil.rmtree(root)
     create_keys(root / "keys")
     data = root / "data"
-    contributed = prepare_digits(data).contributed()
-    _say(f"prepared {len(contributed)} contributed shards from {len(set(contributed.values()))} sources")
+    contributed = prepare_digits(data, shard_format=shard_format).contributed()
+    kind = "WebDataset image tars" if shard_format == "images" else "parquet tables"
+    _say(f"prepared {len(contributed)} contributed shards ({kind}) from {len(set(contributed.values()))} sources")
     poisoned = [data / "train" / name for name, source in contributed.items() if source == POISONED_SOURCE]
     poison_shards(poisoned, POISON_FRACTION, seed=1)
     _say(
@@ -69,8 +70,9 @@ def stage_data(root: Path) -> None:
     sign_trusted(data, root / "keys")
     sign_contributions(data, root / "keys", contributed)
     _say("the curator signed the trusted base and held-out set; the data owner signed the contributions")
-    tamper_file(data / "train" / TAMPERED_SHARD)
-    _say(f"an attacker flipped one byte of train/{TAMPERED_SHARD} after signing")
+    tampered = next(name for name in contributed if name.startswith(TAMPERED_SHARD))
+    tamper_file(data / "train" / tampered)
+    _say(f"an attacker flipped one byte of train/{tampered} after signing")
 
 
 def run_demo(config_path: Path) -> int:
@@ -80,7 +82,7 @@ def run_demo(config_path: Path) -> int:
 
     config = load_config(config_path)
     root = config.output.work_dir.parent
-    stage_data(root)
+    stage_data(root, "images" if ".tar" in config.data.decoders else "parquet")
     public_key = root / "keys" / "model.pub"
     _say(f"running the retraining cycle: trainguard cycle --config {config_path}")
     outcome = run_cycle(config_path)

@@ -12,10 +12,11 @@ measured on and never trained on.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -23,7 +24,9 @@ from trainguard.pipeline.config import CycleConfig, ManifestRef, ValidationSecti
 from trainguard.pipeline.errors import CycleAbortedError
 from trainguard.pipeline.state import ShardDecision
 from trainguard.provenance.allowlist import AllowedShard
-from trainguard.provenance.errors import ProvenanceError
+from trainguard.provenance.dataset import TABLE_SUFFIXES, table_samples
+from trainguard.provenance.errors import ProvenanceError, ShardError
+from trainguard.provenance.formats import Decoder, Samples, decoder_for
 from trainguard.provenance.reader import ReadLog, ShardReader
 from trainguard.provenance.state import RollbackCheck
 from trainguard.provenance.verify import VerificationReport, VerifiedManifest, open_manifest, verify_shards
@@ -31,7 +34,8 @@ from trainguard.provenance.verify import VerificationReport, VerifiedManifest, o
 
 @dataclass(frozen=True)
 class SignedShard:
-    """A shard read verify-on-read: its frame, the manifest that listed it, who contributed it and its signed role."""
+    """A shard read verify-on-read: its decoded samples (and, for tables, the frame they came from), the manifest
+    that listed it, who contributed it and its signed role."""
 
     name: str
     sha256: str
@@ -39,7 +43,8 @@ class SignedShard:
     role: str
     dataset: str
     manifest_sha256: str
-    frame: pd.DataFrame
+    samples: Samples
+    frame: pd.DataFrame | None = None
 
     @property
     def key(self) -> str:
@@ -77,11 +82,15 @@ def manifest_refs(config: CycleConfig) -> list[ManifestRef]:
     return list(seen.values())
 
 
-def feature_columns(frame: pd.DataFrame, section: ValidationSection) -> list[str]:
-    """The configured feature columns, or those matching the configured pattern, in frame order."""
+def feature_columns(frame: pd.DataFrame | None, section: ValidationSection) -> list[str] | None:
+    """The configured feature columns, or those matching the configured pattern, in frame order (None for shards
+    that are not tables)."""
+    if frame is None:
+        return None
     if section.feature_columns:
         return list(section.feature_columns)
-    return [c for c in frame.columns if c != section.label_column and fnmatch(str(c), section.feature_pattern or "")]
+    pattern = section.feature_pattern or "*"
+    return [c for c in frame.columns if c != section.label_column and fnmatch(str(c), pattern)]
 
 
 def _verify(
@@ -97,9 +106,12 @@ def _verify(
         raise CycleAbortedError(f"verify {ref.manifest}: {error.reason}: {error}", check="verify") from None
 
 
-def verify_and_read(config: CycleConfig, rollback: RollbackCheck, log: ReadLog | None = None) -> Intake:
-    """Verifies every manifest (rollback checked against `rollback`), then reads each shard that passed, its hash
-    checked again on read. Recording the accepted manifest versions is the caller's (it owns the state)."""
+def verify_and_read(
+    config: CycleConfig, rollback: RollbackCheck, decoders: Mapping[str, Decoder], log: ReadLog | None = None
+) -> Intake:
+    """Verifies every manifest (rollback checked against `rollback`), then reads and decodes each shard that passed
+    (tables through their columns, other formats through `decoders`), its hash checked again on read. Recording the
+    accepted manifest versions is the caller's (it owns the state)."""
     holdout_ref = config.dataset.holdout
     manifests, reports, refused = [], [], []
     by_role: dict[str, list[SignedShard]] = defaultdict(list)
@@ -120,7 +132,7 @@ def verify_and_read(config: CycleConfig, rollback: RollbackCheck, log: ReadLog |
             if shard.name in failed or (shard.role == "holdout" and not is_holdout):
                 continue
             try:
-                frame = reader.read_frame(shard.name)
+                samples, frame = _decode(reader, shard.name, config.validation, decoders)
             except ProvenanceError as error:
                 if shard.role != "train":
                     raise CycleAbortedError(f"read {ref.manifest}: {error.reason}: {error}", check="verify") from None
@@ -134,6 +146,7 @@ def verify_and_read(config: CycleConfig, rollback: RollbackCheck, log: ReadLog |
                     shard.role,
                     verified.manifest.dataset,
                     verified.manifest_sha256,
+                    samples,
                     frame,
                 )
             )
@@ -151,6 +164,25 @@ def verify_and_read(config: CycleConfig, rollback: RollbackCheck, log: ReadLog |
     )
 
 
+def _decode(
+    reader: ShardReader, name: str, section: ValidationSection, decoders: Mapping[str, Decoder]
+) -> tuple[Samples, pd.DataFrame | None]:
+    """A shard's samples: through the configured decoder for its suffix, else as a table (feature and label
+    columns), else refused as a format with no decoder."""
+    if not any(name.endswith(suffix) for suffix in decoders) and name.endswith(TABLE_SUFFIXES):
+        frame = reader.read_frame(name)
+        return table_samples(name, frame, feature_columns(frame, section), section.label_column), frame
+    try:
+        decode = decoder_for(name, decoders)
+    except ShardError:
+        raise ShardError(
+            f"shard {name}: no decoder for this format (tables: {', '.join(TABLE_SUFFIXES)}; others: data.decoders)",
+            shard=name,
+            reason="format",
+        ) from None
+    return decode(name, reader.read_bytes(name)), None
+
+
 def _refused_entry(verified: VerifiedManifest, name: str, check: str, reason: str) -> ShardDecision:
     shard = next(s for s in verified.manifest.shards if s.name == name)
     return ShardDecision(
@@ -166,30 +198,50 @@ def _refused_entry(verified: VerifiedManifest, name: str, check: str, reason: st
 def validate(
     shards: Sequence[SignedShard], section: ValidationSection
 ) -> tuple[list[SignedShard], list[ShardDecision]]:
-    """Schema checks (dtypes, ranges, nulls, labels, cross-source duplicates): invalid shards are quarantined."""
+    """Schema checks (tables: dtypes, ranges, nulls, labels, cross-source duplicates; decoded samples: shape, range,
+    finiteness, labels): invalid shards are quarantined."""
+    verdicts = {**_table_verdicts([s for s in shards if s.frame is not None], section)}
+    verdicts |= _sample_verdicts([s for s in shards if s.frame is None], section)
+    kept, refused = [], []
+    for shard in shards:
+        verdict = verdicts[shard.key]
+        if verdict.accepted and len(shard.samples) >= section.min_rows:
+            kept.append(shard)
+            continue
+        rows = len(shard.samples)
+        reason = verdict.reason if not verdict.accepted else f"{rows} rows, fewer than {section.min_rows}"
+        refused.append(_refusal(shard, "validate", f"{verdict.check}: {reason}"))
+    return kept, refused
+
+
+def _sample_verdicts(shards: Sequence[SignedShard], section: ValidationSection) -> dict[str, Any]:
+    if not shards:
+        return {}
+    from trainguard.defenses.samples import SampleSchema, validate_samples
+
+    schema = SampleSchema(
+        shape=section.input_shape,
+        min_value=section.feature_min,
+        max_value=section.feature_max,
+        allowed_labels=tuple(section.labels),
+    )
+    return {s.key: validate_samples(s.key, s.samples, schema, source=s.source) for s in shards}
+
+
+def _table_verdicts(shards: Sequence[SignedShard], section: ValidationSection) -> dict[str, Any]:
     from trainguard.defenses.validation import Shard, ShardSchema, validate_shards
 
     if not shards:
-        return [], []
-    features = tuple(feature_columns(shards[0].frame, section))
+        return {}
     schema = ShardSchema(
-        features=features,
+        features=tuple(feature_columns(shards[0].frame, section) or ()),
         label=section.label_column,
         allowed_labels=tuple(section.labels),
         min_value=section.feature_min,
         max_value=section.feature_max,
     )
     result = validate_shards([Shard(s.key, s.source, s.frame) for s in shards], schema)
-    verdicts = {v.name: v for v in result.verdicts}
-    kept, refused = [], []
-    for shard in shards:
-        verdict = verdicts[shard.key]
-        if verdict.accepted and len(shard.frame) >= section.min_rows:
-            kept.append(shard)
-            continue
-        reason = verdict.reason if not verdict.accepted else f"{len(shard.frame)} rows, fewer than {section.min_rows}"
-        refused.append(_refusal(shard, "validate", f"{verdict.check}: {reason}"))
-    return kept, refused
+    return {v.name: v for v in result.verdicts}
 
 
 def cap_sources(shards: Sequence[SignedShard], max_fraction: float) -> tuple[list[SignedShard], list[ShardDecision]]:
@@ -198,13 +250,13 @@ def cap_sources(shards: Sequence[SignedShard], max_fraction: float) -> tuple[lis
 
     rows: dict[str, int] = defaultdict(int)
     for shard in shards:
-        rows[shard.source] += len(shard.frame)
+        rows[shard.source] += len(shard.samples)
     allowed = capped_rows(rows, max_fraction)
     used: dict[str, int] = defaultdict(int)
     kept, refused = [], []
     for shard in shards:
-        if used[shard.source] + len(shard.frame) <= allowed[shard.source]:
-            used[shard.source] += len(shard.frame)
+        if used[shard.source] + len(shard.samples) <= allowed[shard.source]:
+            used[shard.source] += len(shard.samples)
             kept.append(shard)
         else:
             share = rows[shard.source] / max(sum(rows.values()), 1)
@@ -229,6 +281,6 @@ def accepted(shard: SignedShard, check: str, reason: str) -> ShardDecision:
     )
 
 
-def concat(shards: Iterable[SignedShard]) -> pd.DataFrame:
-    frames = [s.frame for s in shards]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+def concat(shards: Iterable[SignedShard]) -> Samples:
+    """The samples of several shards, in order."""
+    return Samples.concat([s.samples for s in shards])

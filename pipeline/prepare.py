@@ -1,8 +1,9 @@
-"""Writes the embedded default data set: digits as parquet shards from a trusted curator and several contributors.
+"""Writes the embedded default data set: digits as shards from a trusted curator and several contributors, as
+parquet tables or as WebDataset tars of PNG images.
 
-Layout under the data root: `trusted/base.parquet` (trusted training data) and `trusted/holdout.parquet` (the
-held-out set, never trained on), signed by the curator; `train/<source>/b<batch>-shard-NN.parquet` from each
-contributor. Batches draw disjoint rows, so each retraining cycle can bring new shards.
+Layout under the data root: `trusted/base.<ext>` (trusted training data) and `trusted/holdout.<ext>` (the held-out
+set, never trained on), signed by the curator; `train/<source>/b<batch>-shard-NN.<ext>` from each contributor.
+Batches draw disjoint rows, so each retraining cycle can bring new shards.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 from trainguard.pipeline.digits import DigitsSplit, load_digits_split, split, write_shard
 
 DEFAULT_SOURCES = ("alice", "bob", "carol", "dave")
+FORMATS = {"parquet": "parquet", "images": "tar"}
+"""Shard format -> file extension: parquet tables, or WebDataset tars of 8x8 PNG digits."""
 TRUSTED_SOURCE = "curator"
 
 
@@ -61,19 +64,23 @@ def _contributed_batch(data: DigitsSplit, layout: Layout, batch: int) -> list[Di
     return split(data, sizes)[1:]
 
 
-def prepare_digits(root: Path, layout: Layout = Layout(), batch: int = 0, seed: int = 0) -> PreparedData:
-    """Writes the trusted shards (if missing) and contributed batch `batch`; returns what it wrote."""
+def prepare_digits(
+    root: Path, layout: Layout = Layout(), batch: int = 0, seed: int = 0, shard_format: str = "parquet"
+) -> PreparedData:
+    """Writes the trusted shards and contributed batch `batch` in `shard_format` (see FORMATS); returns what it
+    wrote."""
+    extension = FORMATS[shard_format]
     data = load_digits_split(seed)
     holdout, base = split(data, [layout.holdout_size, layout.base_size])
     written = [
-        PreparedShard("trusted/holdout.parquet", TRUSTED_SOURCE, "holdout", len(holdout)),
-        PreparedShard("trusted/base.parquet", TRUSTED_SOURCE, "train", len(base)),
+        PreparedShard(f"trusted/holdout.{extension}", TRUSTED_SOURCE, "holdout", len(holdout)),
+        PreparedShard(f"trusted/base.{extension}", TRUSTED_SOURCE, "trusted", len(base)),
     ]
     write_shard(holdout, root / written[0].name)
     write_shard(base, root / written[1].name)
     for index, piece in enumerate(_contributed_batch(data, layout, batch)):
         source = layout.sources[index // layout.shards_per_source]
-        name = f"train/{source}/b{batch}-shard-{index % layout.shards_per_source:02d}.parquet"
+        name = f"train/{source}/b{batch}-shard-{index % layout.shards_per_source:02d}.{extension}"
         write_shard(piece, root / name)
         written.append(PreparedShard(name, source, "train", len(piece)))
     return PreparedData(root=root, shards=tuple(written))

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from trainguard.pipeline.digits import LABEL, NUM_CLASSES
+from trainguard.pipeline.digits import LABEL, NUM_CLASSES, tar_bytes
 
 
 def flip_labels(frame: pd.DataFrame, fraction: float, rng: np.random.Generator) -> pd.DataFrame:
@@ -23,10 +24,27 @@ def flip_labels(frame: pd.DataFrame, fraction: float, rng: np.random.Generator) 
 
 
 def poison_shards(paths: list[Path], fraction: float, seed: int = 0) -> None:
-    """Flips labels in place in each parquet shard, as a malicious contributor would before signing."""
+    """Flips labels in place in each shard (parquet, or WebDataset tar), as a malicious contributor would before
+    signing."""
     rng = np.random.default_rng(seed)
     for path in paths:
-        flip_labels(pd.read_parquet(path), fraction, rng).to_parquet(path, index=False)
+        if path.suffix == ".tar":
+            _poison_tar(path, fraction, rng)
+        else:
+            flip_labels(pd.read_parquet(path), fraction, rng).to_parquet(path, index=False)
+
+
+def _poison_tar(path: Path, fraction: float, rng: np.random.Generator) -> None:
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for member in tar.getmembers():
+            key, _, extension = member.name.partition(".")
+            samples.setdefault(key, {})[extension] = tar.extractfile(member).read()
+    frame = pd.DataFrame({LABEL: [int(members["cls"]) for members in samples.values()]})
+    flipped = flip_labels(frame, fraction, rng)[LABEL].tolist()
+    for members, label in zip(samples.values(), flipped, strict=True):
+        members["cls"] = str(label).encode()
+    path.write_bytes(tar_bytes(samples))
 
 
 def tamper_file(path: Path, offset: int = -64) -> None:

@@ -14,7 +14,7 @@ from trainguard.pipeline.commands import PATH
     "--config",
     "-c",
     type=PATH,
-    default=Path("configs/digits.yaml"),
+    default=Path("configs/digits-images.yaml"),
     show_default=True,
     help="The demo's cycle config.",
 )

@@ -23,7 +23,17 @@ from trainguard.pipeline.commands import PATH
     help="Which batch of new contributions (one per cycle).",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
-def prepare(out: Path, sources: str, shards_per_source: int, shard_size: int, batch: int, seed: int) -> None:
+@click.option(
+    "--format",
+    "shard_format",
+    type=click.Choice(["parquet", "images"]),
+    default="parquet",
+    show_default=True,
+    help="parquet tables, or WebDataset tars of 8x8 PNG digits.",
+)
+def prepare(
+    out: Path, sources: str, shards_per_source: int, shard_size: int, batch: int, seed: int, shard_format: str
+) -> None:
     """Write digits shards: a trusted base and held-out set, and one batch of contributed shards."""
     from trainguard.files import atomic_write
     from trainguard.pipeline.errors import ConfigError
@@ -34,7 +44,7 @@ def prepare(out: Path, sources: str, shards_per_source: int, shard_size: int, ba
         raise ConfigError("--sources names no contributor", key="sources")
     layout = Layout(sources=names, shards_per_source=shards_per_source, shard_size=shard_size)
     try:
-        prepared = prepare_digits(out, layout, batch, seed)
+        prepared = prepare_digits(out, layout, batch, seed, shard_format)
     except ValueError as error:
         raise ConfigError(str(error), key="batch") from error
     sources_file = out / "train-sources.json"

@@ -26,9 +26,9 @@ REPO = Path(__file__).resolve().parents[2]
 TRAINGUARD = str(Path(sys.executable).parent / "trainguard")
 
 
-def _config(workdir: Path, experiment: str) -> Path:
-    """The digits demo config, shortened for tests and pointed at this test's experiment."""
-    config = yaml.safe_load((REPO / "configs" / "digits.yaml").read_text())
+def _config(workdir: Path, experiment: str, name: str = "digits.yaml") -> Path:
+    """A digits demo config, shortened for tests and pointed at this test's experiment."""
+    config = yaml.safe_load((REPO / "configs" / name).read_text())
     config["training"].update(max_epochs=3, bootstrap_epochs=25)
     config["robust_eval"].update(subset_size=100, steps=3)
     config["gate"].update(min_robust_accuracy=0.0)
@@ -38,8 +38,8 @@ def _config(workdir: Path, experiment: str) -> Path:
     return path
 
 
-def _contributed(data: Path, source: str, batch: int) -> list[Path]:
-    return sorted((data / "train" / source).glob(f"b{batch}-shard-*.parquet"))
+def _contributed(data: Path, source: str, batch: int, extension: str = ".parquet") -> list[Path]:
+    return sorted((data / "train" / source).glob(f"b{batch}-shard-*{extension}"))
 
 
 @pytest.fixture
@@ -260,3 +260,31 @@ def test_an_unexpected_error_ends_the_cycle_failed_with_a_one_line_reason(
     assert state["cycles"][-1]["status"] == "failed" and state["accepted_model"] is None
     report = json.loads((workdir / "demo-work" / "cycle" / "report.json").read_text())
     assert report["status"] == "failed" and report["failed_check"] == "internal"
+
+
+def test_a_cycle_trains_a_cnn_on_webdataset_image_shards(
+    tmp_path: Path, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The image demo's path: 8x8 PNG digits in WebDataset tars, one contributor poisoned before signing, one tar
+    tampered after; the CNN trains on (N, 1, 8, 8) images decoded from verified bytes."""
+    (tmp_path / "configs").mkdir()
+    shutil.copy(REPO / "configs" / "digits-trust.yaml", tmp_path / "configs")
+    keys, data = tmp_path / "demo-work" / "keys", tmp_path / "demo-work" / "data"
+    create_keys(keys)
+    contributed = prepare_digits(data, shard_format="images").contributed()
+    poisoned = _contributed(data, "dave", 0, ".tar")
+    poison_shards(poisoned, 0.3, seed=3)
+    sign_trusted(data, keys)
+    sign_contributions(data, keys, contributed)
+    tampered = _contributed(data, "carol", 0, ".tar")[0]
+    tamper_file(tampered)
+    monkeypatch.chdir(tmp_path)
+    outcome = run_cycle(_config(tmp_path, "cycle-images", "digits-images.yaml"))
+    decisions = {d.shard.split(":", 1)[1]: d for d in outcome.shards}
+    assert decisions[tampered.relative_to(data / "train").as_posix()].check == "verify"
+    for path in poisoned:
+        assert decisions[path.relative_to(data / "train").as_posix()].check == "roni"
+        assert not decisions[path.relative_to(data / "train").as_posix()].accepted
+    assert outcome.status == "accepted", outcome.reason
+    reads = (tmp_path / "demo-work" / "cycle" / "reads" / "cycle-0001.jsonl").read_text()
+    assert "alice/b0-shard-00.tar" in reads and "base.tar" in reads
