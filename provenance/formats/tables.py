@@ -123,7 +123,14 @@ class ParquetDecoder(BoundedDecoder):
                 f"shard {name}: column {column!r} has {values.null_count} null values", shard=name, reason="format"
             )
         if isinstance(kind, pa.FixedShapeTensorType):
-            array = values.to_numpy_ndarray()
+            try:
+                array = values.to_numpy_ndarray()
+            except pa.ArrowException as error:
+                raise ShardError(
+                    f"shard {name}: tensor column {column!r} ({kind}) does not convert: {error}",
+                    shard=name,
+                    reason="format",
+                ) from None
             if shape is not None and array.shape[1:] != tuple(shape):
                 raise ShardError(
                     f"shard {name}: tensor column {column!r} has shape {array.shape[1:]}, declared {tuple(shape)}",
