@@ -31,7 +31,8 @@ _COLUMN_ERROR = re.compile(r"In CSV column #(\d+)")
 @dataclass(frozen=True)
 class CsvDecoder(BoundedDecoder):
     """A CSV shard with a header row and the declared `columns` ({name: numpy dtype name}): targets are the `label`
-    column, inputs the other columns in declared order as (N, F)."""
+    column, inputs the other columns in declared order as (N, F), in the dtype numpy promotes theirs to (float32
+    when every feature is float32)."""
 
     columns: Mapping[str, str]
     label: str = "label"
@@ -117,7 +118,7 @@ class CsvDecoder(BoundedDecoder):
             what = "overflows" if overflow[row] else "cannot be held exactly by"
             raise ShardError(
                 f"shard {name}: column {column!r} holds float64 data, declared {declared}"
-                f"{'' if self.cast else ' with cast: false'}: row {row} value {values[row]!r} {what} {declared}",
+                f"{'' if self.cast else ' with cast: false'}: row {row} value {float(values[row])!r} {what} {declared}",
                 shard=name,
                 reason="format",
             )
