@@ -1,9 +1,9 @@
 """Verify-on-read: a shard's bytes are read once, hashed, and parsed from that same buffer only if the digest
 matches, so nothing can change between check and use. Every verified read is appended to an exact read log.
 
-Decoding is bounded: a parquet footer or npy header is checked before any data is decoded, its row count against
-the shard's signed `records` and its decoded size against DECODE_RATIO times the file size and an absolute limit,
-so a small signed shard cannot decode to millions of rows or exhaust memory.
+Decoding is bounded and lives in `trainguard.provenance.formats` (headers are checked against the signed `records`
+and the decode limits before any data is decoded); the reader hands each decoder the verified bytes only, and its
+callers a read-only file object over them where their own code wants a file.
 """
 
 from __future__ import annotations
@@ -11,16 +11,25 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trainguard.provenance.errors import NotAllowedError, ShardError
+from trainguard.lazy import lazy_getattr
+from trainguard.provenance.errors import NotAllowedError, ProvenanceError, ShardError
+from trainguard.provenance.formats import (
+    DECODE_LIMIT,
+    DECODE_RATIO,
+    BoundedDecoder,
+    Decoder,
+    Samples,
+    check_decode,
+    decoder_for,
+)
 from trainguard.provenance.hashing import open_regular
 from trainguard.provenance.manifest import ShardEntry
 from trainguard.provenance.paths import entry_problem, name_problem
@@ -32,10 +41,19 @@ if TYPE_CHECKING:
 
     from trainguard.provenance.allowlist import AllowList
 
-DECODE_RATIO = 64
-"""A shard may decode to at most this many times its file size."""
-DECODE_LIMIT = 4 * 1024**3
-"""A shard may decode to at most this many bytes (the default of `ShardReader(decode_limit=)`)."""
+# The parsers moved to the format modules; they stay importable from here, loaded (with numpy and pyarrow) on use.
+__getattr__ = lazy_getattr(
+    __name__,
+    {"parse_array": "trainguard.provenance.formats.arrays", "parse_frame": "trainguard.provenance.formats.tables"},
+)
+__all__ = [
+    "DECODE_LIMIT",
+    "DECODE_RATIO",
+    "ReadLog",
+    "ReadRecord",
+    "ShardReader",
+    "VerifiedFile",
+]
 
 
 @dataclass(frozen=True)
@@ -208,18 +226,51 @@ class ShardReader:
             )
         self._record(shard, whole.hexdigest())
 
+    def open(self, name: str) -> VerifiedFile:
+        """A read-only file object over the shard's verified bytes, for code that wants a file
+        (`PIL.Image.open(reader.open(name))`, `np.load(reader.open(name))`); the shard is read and checked once."""
+        return VerifiedFile(self.read_bytes(name), name)
+
+    def read_samples(self, name: str, decoder: Decoder | Mapping[str, Decoder]) -> Samples:
+        """The shard decoded by `decoder` (or the one a mapping holds for its suffix) from its verified bytes; the
+        samples must number the signed `records` and fit the decode limit, whatever decoder made them."""
+        decode = decoder_for(name, decoder) if isinstance(decoder, Mapping) else decoder
+        records = self.entry(name).records
+        data = self.read_bytes(name)
+        try:
+            if isinstance(decode, BoundedDecoder):
+                samples = decode(name, data, records=records, limit=self.decode_limit)
+            else:
+                samples = decode(name, data)
+        except ProvenanceError:
+            raise
+        except Exception as error:  # a user's decoder fails closed too: one line naming the shard
+            message = f"shard {name}: decoder {_describe(decode)} failed: {type(error).__name__}: {error}"
+            raise ShardError(message, shard=name, reason="format") from error
+        if not isinstance(samples, Samples):
+            message = f"shard {name}: decoder {_describe(decode)} returned {type(samples).__name__}, not Samples"
+            raise ShardError(message, shard=name, reason="format")
+        check_decode(name, len(samples), samples.inputs.nbytes + samples.targets.nbytes, records, self.decode_limit)
+        return samples
+
     def read_frame(self, name: str, columns: list[str] | None = None) -> pd.DataFrame:
         """The shard as a data frame, decoded only within its signed `records` and the decode limits."""
+        from trainguard.provenance.formats.tables import parse_frame
+
         data = self.read_bytes(name)
         return parse_frame(name, data, columns, records=self.entry(name).records, limit=self.decode_limit)
 
     def read_array(self, name: str) -> np.ndarray:
         """The `.npy` shard as an array, decoded only within its signed `records` and the decode limits."""
+        from trainguard.provenance.formats.arrays import parse_array
+
         data = self.read_bytes(name)
         return parse_array(name, data, records=self.entry(name).records, limit=self.decode_limit)
 
     def frames(self, names: Iterable[str], columns: list[str] | None = None) -> Iterator[tuple[str, pd.DataFrame]]:
         """Parsed shards in order; the next shard is read and hashed in a thread while this one is parsed."""
+        from trainguard.provenance.formats.tables import parse_frame
+
         ordered = list(names)
         if not ordered:
             return
@@ -233,89 +284,28 @@ class ShardReader:
                 yield name, parse_frame(name, data, columns, records=records, limit=self.decode_limit)
 
 
-def parse_frame(
-    name: str,
-    data: bytes,
-    columns: list[str] | None = None,
-    *,
-    records: int | None = None,
-    limit: int = DECODE_LIMIT,
-) -> pd.DataFrame:
-    """A data frame from verified parquet (or npy) bytes: the footer is checked against `records` (when signed)
-    and the decode limits before any row group is decoded, and each decoded row group counts against them."""
-    if name.endswith(".parquet"):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+class VerifiedFile(io.BytesIO):
+    """A read-only, seekable file over one shard's verified bytes; `name` is the shard's name."""
 
-        try:
-            parquet = pq.ParquetFile(pa.BufferReader(data))
-            metadata = parquet.metadata
-            schema = parquet.schema_arrow
-            widths = sum(max(1, f.type.bit_width // 8) if _fixed_width(f.type) else 1 for f in schema)
-            uncompressed = sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
-            bound = _decode_bound(name, len(data), limit)
-            _check_decode(name, metadata.num_rows, max(uncompressed, metadata.num_rows * widths), records, bound)
-            tables, decoded = [], 0
-            for index in range(metadata.num_row_groups):
-                table = parquet.read_row_group(index, columns=columns)
-                decoded += table.nbytes
-                _check_decode(name, None, decoded, None, bound)
-                tables.append(table)
-            table = pa.concat_tables(tables) if tables else schema.empty_table().select(columns or schema.names)
-            _check_decode(name, table.num_rows, decoded, records, bound)
-            return table.to_pandas()
-        except (pa.ArrowException, ValueError, KeyError) as error:
-            raise ShardError(f"shard {name}: not readable as parquet: {error}", shard=name, reason="format") from None
-    if name.endswith(".npy"):
-        import pandas as pd
+    def __init__(self, data: bytes, name: str) -> None:
+        super().__init__(data)
+        self.name = name
 
-        frame = pd.DataFrame(parse_array(name, data, records=records, limit=limit))
-        return frame if columns is None else frame[columns]
-    raise ShardError(f"shard {name}: unsupported format (use .parquet or .npy)", shard=name, reason="format")
-
-
-def parse_array(name: str, data: bytes, *, records: int | None = None, limit: int = DECODE_LIMIT) -> np.ndarray:
-    """A numpy array from verified npy bytes: the header's shape is checked against `records` (when signed) and the
-    decode limits before the data is read; never unpickles."""
-    import numpy as np
-
-    stream = io.BytesIO(data)
-    try:
-        version = np.lib.format.read_magic(stream)
-        header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-        if version not in header:
-            raise ValueError(f"npy format version {version} is not supported")
-        shape, _, dtype = header[version](stream)
-        if dtype.hasobject:
-            raise ValueError("object arrays need pickle, which is never used")
-        rows = int(shape[0]) if shape else 1
-        _check_decode(name, rows, math.prod(shape) * dtype.itemsize, records, _decode_bound(name, len(data), limit))
-        return np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
-        raise ShardError(f"shard {name}: not a readable .npy array: {error}", shard=name, reason="format") from None
-
-
-def _fixed_width(kind: object) -> bool:
-    try:
-        return kind.bit_width > 0  # type: ignore[attr-defined]
-    except ValueError:  # variable-width types (strings, lists) have no bit width
+    def writable(self) -> bool:
         return False
 
+    def write(self, data: object) -> int:
+        raise io.UnsupportedOperation(f"shard {self.name} is opened read-only")
 
-def _decode_bound(name: str, size: int, limit: int) -> int:
-    """The most bytes a shard of `size` bytes may decode to."""
-    return min(limit, DECODE_RATIO * max(size, 1))
+    def writelines(self, lines: object) -> None:
+        raise io.UnsupportedOperation(f"shard {self.name} is opened read-only")
+
+    def truncate(self, size: int | None = None) -> int:
+        raise io.UnsupportedOperation(f"shard {self.name} is opened read-only")
+
+    def getbuffer(self) -> memoryview:
+        raise io.UnsupportedOperation(f"shard {self.name} is opened read-only")
 
 
-def _check_decode(name: str, rows: int | None, decoded: int, records: int | None, bound: int) -> None:
-    """Refuses a row count other than the signed `records` and a decoded size over `bound`."""
-    if records is not None and rows is not None and rows != records:
-        raise ShardError(
-            f"shard {name}: decodes to {rows} rows, signed {records} records", shard=name, reason="records-mismatch"
-        )
-    if decoded > bound:
-        raise ShardError(
-            f"shard {name}: decodes to about {decoded} bytes, over the {bound}-byte limit",
-            shard=name,
-            reason="decode-limit",
-        )
+def _describe(decoder: object) -> str:
+    return getattr(decoder, "__qualname__", type(decoder).__qualname__)

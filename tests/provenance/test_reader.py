@@ -193,3 +193,135 @@ def test_streamed_chunks_must_add_up_to_the_signed_subject_digest(tmp_path: Path
     with pytest.raises(ShardError, match="whole-file sha256") as caught:
         list(reader.iter_chunks("big.bin"))
     assert caught.value.reason == "digest-mismatch" and reader.log.records == ()
+
+
+def _png_digits(root: Path, count: int) -> np.ndarray:
+    """`count` digits as PNG shards img-NNN.png and their labels as labels.npy; returns the labels."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    root.mkdir()
+    for index in range(count):
+        Image.fromarray((bunch.images[index] * 255 / 16).astype(np.uint8), "L").save(root / f"img-{index:03d}.png")
+    np.save(root / "labels.npy", bunch.target[:count].astype(np.int64))
+    return bunch.target[:count]
+
+
+def test_a_users_own_dataset_reads_verified_file_objects_and_trains(
+    tmp_path: Path, key_pairs: Any, signer: Any
+) -> None:
+    import pytorch_lightning as pl
+    import torch
+    from PIL import Image
+    from torch.utils.data import DataLoader, Dataset
+
+    class PngDigits(Dataset):
+        """A user's Dataset written against files; it gets them from the reader, verified."""
+
+        def __init__(self, reader: ShardReader, count: int) -> None:
+            self.reader, self.count = reader, count
+            self.labels = np.load(reader.open("labels.npy"))
+
+        def __len__(self) -> int:
+            return self.count
+
+        def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+            with Image.open(self.reader.open(f"img-{index:03d}.png")) as image:
+                pixels = np.asarray(image, dtype=np.float32) / 255
+            return torch.from_numpy(pixels).flatten(), int(self.labels[index])
+
+    class Linear(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(64, 10)
+
+        def training_step(self, batch: Any, _: int) -> torch.Tensor:
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.layer(x), y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    root = tmp_path / "pngs"
+    labels = _png_digits(root, 32)
+    reader = ShardReader(
+        open_manifest(signer(root, key_pairs.alice, tmp_path / "m.json"), key_pairs.trust("alice"), data_dir=root)
+    )
+    dataset = PngDigits(reader, 32)
+    assert [int(dataset[i][1]) for i in range(32)] == labels.tolist()
+    trainer = pl.Trainer(
+        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.fit(Linear(), DataLoader(dataset, batch_size=8))
+    assert trainer.global_step == 4
+    read = [r.name for r in reader.log.records]
+    assert read.count("img-005.png") == 2 and read[0] == "labels.npy"  # every open is a verified, logged read
+    tampered = bytearray((root / "img-005.png").read_bytes())
+    tampered[-20] ^= 0xFF
+    (root / "img-005.png").write_bytes(bytes(tampered))
+    with pytest.raises(ShardError) as caught:
+        dataset[5]
+    assert (caught.value.reason, caught.value.shard) == ("digest-mismatch", "img-005.png")
+
+
+def test_a_verified_file_object_reads_and_seeks_but_never_writes(manifest: Path, key_pairs: Any) -> None:
+    import io
+
+    reader = ShardReader(open_manifest(manifest, key_pairs.trust("alice")))
+    data = (manifest.parent / "raw.bin").read_bytes()
+    with reader.open("raw.bin") as stream:
+        assert stream.name == "raw.bin" and stream.readable() and stream.seekable() and not stream.writable()
+        assert stream.read(10) == data[:10]
+        stream.seek(-5, io.SEEK_END)
+        assert stream.read() == data[-5:]
+        for attempt in (lambda: stream.write(b"x"), lambda: stream.truncate(0), stream.getbuffer):
+            with pytest.raises(io.UnsupportedOperation):
+                attempt()
+        stream.seek(0)
+        assert stream.read() == data
+
+
+def test_a_users_decoder_wins_for_its_suffix_and_its_samples_are_checked_against_signed_records(
+    tmp_path: Path, key_pairs: Any, signer: Any
+) -> None:
+    import io
+
+    from trainguard.provenance.formats import Samples, decoder_for, default_decoders
+
+    def every_other_row(name: str, data: bytes) -> Samples:
+        table = np.load(io.BytesIO(data), allow_pickle=False)[::2]
+        return Samples(table[:, :-1], table[:, -1])
+
+    def whole(name: str, data: bytes) -> Samples:
+        table = np.load(io.BytesIO(data), allow_pickle=False)
+        return Samples(table[:, :-1], table[:, -1])
+
+    root = tmp_path / "arrays"
+    root.mkdir()
+    np.save(root / "t.npy", np.arange(12.0).reshape(3, 4))
+    reader = ShardReader(
+        open_manifest(signer(root, key_pairs.alice, tmp_path / "m.json"), key_pairs.pub("alice"), data_dir=root)
+    )
+    decoders = default_decoders({".npy": whole})
+    assert decoder_for("t.npy", decoders) is whole and ".npz" in decoders
+    assert reader.read_samples("t.npy", decoders).inputs.shape == (3, 3)
+    with pytest.raises(ShardError, match="2 rows, signed 3 records") as caught:
+        reader.read_samples("t.npy", every_other_row)
+    assert caught.value.reason == "records-mismatch"
+
+
+@pytest.mark.parametrize(
+    ("decoder", "message"),
+    [
+        (lambda name, data: 1 / 0, "decoder <lambda> failed: ZeroDivisionError"),
+        (lambda name, data: (np.zeros(3), np.zeros(3)), "returned tuple, not Samples"),
+    ],
+)
+def test_a_users_decoder_that_fails_fails_closed_naming_the_shard(
+    manifest: Path, key_pairs: Any, decoder: Any, message: str
+) -> None:
+    reader = ShardReader(open_manifest(manifest, key_pairs.trust("alice")))
+    with pytest.raises(ShardError, match=message) as caught:
+        reader.read_samples("raw.bin", decoder)
+    assert (caught.value.reason, caught.value.shard) == ("format", "raw.bin")
