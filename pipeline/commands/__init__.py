@@ -12,7 +12,7 @@ PATH = click.Path(path_type=Path)
 
 def register_all(app: click.Group) -> None:
     """Adds every sub-command to the root group."""
-    from trainguard.pipeline.commands import cycle, data, demo, model, prepare
+    from trainguard.pipeline.commands import cycle, data, demo, model, prepare, shard
 
     for command in (
         data.keygen,
@@ -23,6 +23,7 @@ def register_all(app: click.Group) -> None:
         cycle.cycle,
         demo.demo,
         model.verify_model,
+        shard.shard,
     ):
         app.add_command(command)
 

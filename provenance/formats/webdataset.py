@@ -1,0 +1,296 @@
+"""WebDataset tar shards: members grouped by key (`000001.png` + `000001.cls`) into one input and one target each,
+decoded from verified bytes only, by webdataset's own tar iteration fed an in-memory stream.
+
+`WebDatasetDecoder` is a `Decoder` (the whole shard's verified bytes); `read_webdataset` streams a shard from
+`ShardReader.iter_chunks`, so a tampered large tar stops at its first bad chunk. Every sample must hold exactly one
+input (.png/.jpg/.jpeg/.webp via Pillow, or .npy without pickle) and one target (.cls integer text, or .json
+`{"label": int}` or a list of numbers); any other member, a missing one, a truncated or compressed tar is refused.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from trainguard.provenance.errors import ShardError
+from trainguard.provenance.formats import Samples
+from trainguard.provenance.formats.images import MAX_PIXELS, ImageMode, decode_image
+from trainguard.provenance.reader import DECODE_LIMIT
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from trainguard.provenance.reader import ShardReader
+
+IMAGES = ("png", "jpg", "jpeg", "webp")
+INPUTS = (*IMAGES, "npy")
+TARGETS = ("cls", "json")
+_BLOCK = 512
+_END_OF_ARCHIVE = bytes(2 * _BLOCK)
+_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
+_CLASS = re.compile(rb"\s*(-?\d{1,18})\s*")
+
+
+@dataclass(frozen=True)
+class WebDatasetDecoder:
+    """Decodes a WebDataset tar into `Samples`: images as (N, C, H, W) float32 in [0, 1] in `mode`, .npy inputs of
+    `npy_dtype`; all inputs of one `shape` (the first sample's when None); at most `records` samples (exactly that
+    many when given) and `decode_limit` decoded bytes, each image at most `max_pixels` pixels."""
+
+    mode: ImageMode = "RGB"
+    shape: tuple[int, ...] | None = None
+    records: int | None = None
+    max_pixels: int = MAX_PIXELS
+    npy_dtype: str = "float32"
+    decode_limit: int = DECODE_LIMIT
+
+    def __call__(self, name: str, data: bytes) -> Samples:
+        return self.decode_chunks(name, (data,), records=self.records)
+
+    def decode_chunks(self, name: str, chunks: Iterable[bytes], *, records: int | None = None) -> Samples:
+        """The samples of a tar given as consecutive verified pieces; every piece is consumed (so a verifying
+        iterator reaches its whole-file digest check) before the samples are returned."""
+        stream = _VerifiedStream(name, chunks)
+        builder = _SampleBuilder(name, self, records)
+        try:
+            for sample in _grouped(name, stream):
+                builder.add(sample)
+        except Exception as error:
+            if stream.failure is not None:  # webdataset rewrites the message of an error raised through it
+                raise stream.failure from None
+            if isinstance(error, ShardError):
+                raise
+            if isinstance(error, (tarfile.TarError, ValueError, EOFError, OSError)):
+                detail = str(error.args[0] if error.args else error).split(" @ ")[0]
+                message = f"shard {name}: not a well-formed WebDataset tar: {detail}"
+                raise ShardError(message, shard=name, reason="format") from None
+            raise
+        stream.drain()
+        stream.check_end()
+        return builder.samples()
+
+
+def read_webdataset(reader: ShardReader, name: str, decoder: WebDatasetDecoder | None = None) -> Samples:
+    """The samples of tar shard `name`, streamed chunk by chunk from `reader` (each chunk verified before it is
+    parsed), within the shard's signed `records` and the reader's decode limit."""
+    chosen = decoder or WebDatasetDecoder()
+    signed = reader.entry(name).records
+    limited = replace(chosen, decode_limit=min(chosen.decode_limit, reader.decode_limit))
+    return limited.decode_chunks(name, reader.iter_chunks(name), records=chosen.records if signed is None else signed)
+
+
+def _grouped(name: str, stream: io.RawIOBase) -> Iterator[dict[str, Any]]:
+    """webdataset's own member iteration and grouping; a member name without a suffix keeps it as an empty
+    suffix (webdataset would skip it silently) so that it is refused as unknown."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    members = tar_file_expander([{"url": name, "stream": stream}], eof_value=None)
+    return group_by_keys(members, keys=_key_and_suffix)
+
+
+def _key_and_suffix(member: str) -> tuple[str, str]:
+    from webdataset.tariterators import base_plus_ext
+
+    key, suffix = base_plus_ext(member)
+    return (member, "") if key is None else (key, suffix)
+
+
+class _VerifiedStream(io.RawIOBase):
+    """A read-only file over verified pieces for tarfile's stream mode; keeps a copy of the error of a piece
+    that failed verification, and the last bytes seen, for the end-of-archive check."""
+
+    def __init__(self, name: str, chunks: Iterable[bytes]) -> None:
+        super().__init__()
+        self.name = name
+        self.failure: ShardError | None = None
+        self.size = 0
+        self.tail = b""
+        self._chunks = iter(chunks)
+        self._pending = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target: Any) -> int:
+        while not self._pending:
+            chunk = self._next()
+            if chunk is None:
+                return 0
+            self._pending = memoryview(chunk)
+        count = min(len(target), len(self._pending))
+        target[:count] = self._pending[:count]
+        self._pending = self._pending[count:]
+        return count
+
+    def drain(self) -> None:
+        """Consumes (and so verifies) every remaining piece."""
+        while self._next() is not None:
+            pass
+
+    def check_end(self) -> None:
+        """Refuses a tar that does not end in whole blocks and the end-of-archive marker: tarfile's stream mode
+        stops silently at a truncated header, which would drop the samples after it."""
+        if self.size % _BLOCK or self.tail != _END_OF_ARCHIVE:
+            message = f"shard {self.name}: truncated tar ({self.size} bytes, no end-of-archive marker)"
+            raise ShardError(message, shard=self.name, reason="format")
+
+    def _next(self) -> bytes | None:
+        try:
+            chunk = next(self._chunks)
+        except StopIteration:
+            return None
+        except ShardError as error:
+            self.failure = ShardError(str(error), shard=error.shard, reason=error.reason)
+            raise
+        if self.size == 0 and chunk.startswith(_COMPRESSED):
+            message = f"shard {self.name}: a compressed tar; sign and read uncompressed .tar shards"
+            self.failure = ShardError(message, shard=self.name, reason="format")
+            raise self.failure
+        self.size += len(chunk)
+        self.tail = (self.tail + chunk[-len(_END_OF_ARCHIVE) :])[-len(_END_OF_ARCHIVE) :]
+        return chunk
+
+
+class _SampleBuilder:
+    """Checks and decodes grouped samples one by one, refusing the first that breaks the format or a limit."""
+
+    def __init__(self, name: str, decoder: WebDatasetDecoder, records: int | None) -> None:
+        self.name = name
+        self.decoder = decoder
+        self.records = records
+        self.shape = decoder.shape
+        self.inputs: list[np.ndarray] = []
+        self.targets: list[np.ndarray] = []
+        self.seen: set[str] = set()
+        self.decoded = 0
+
+    def add(self, sample: dict[str, Any]) -> None:
+        key = sample["__key__"]
+        if key in self.seen:
+            self._refuse(f"sample {key} appears twice (a sample's members must be adjacent and unique)")
+        self.seen.add(key)
+        members = {suffix: data for suffix, data in sample.items() if not suffix.startswith("__")}
+        unknown = sorted(set(members) - set(INPUTS) - set(TARGETS))
+        if unknown:
+            expected = ", ".join(f".{s}" for s in (*INPUTS, *TARGETS))
+            member = f"{key}.{unknown[0]}" if unknown[0] else key
+            self._refuse(f"member {member}: unknown suffix (expected one of {expected})")
+        inputs = [s for s in INPUTS if s in members]
+        targets = [s for s in TARGETS if s in members]
+        if len(inputs) != 1:
+            self._refuse(f"sample {key} has {_count(inputs, 'input')} (expected one of .{', .'.join(INPUTS)})")
+        if len(targets) != 1:
+            self._refuse(f"sample {key} has {_count(targets, 'target')} (expected one .cls or .json)")
+        if self.records is not None and len(self.inputs) >= self.records:
+            message = f"shard {self.name}: holds more than the signed {self.records} records"
+            raise ShardError(message, shard=self.name, reason="records-mismatch")
+        member = f"{key}.{inputs[0]}"
+        features = self._input(member, inputs[0], members[inputs[0]])
+        target = self._target(f"{key}.{targets[0]}", targets[0], members[targets[0]])
+        self.decoded += features.nbytes + target.nbytes
+        if self.decoded > self.decoder.decode_limit:
+            message = f"shard {self.name}: decodes to over the {self.decoder.decode_limit}-byte limit at {member}"
+            raise ShardError(message, shard=self.name, reason="decode-limit")
+        self.inputs.append(features)
+        self.targets.append(target)
+
+    def samples(self) -> Samples:
+        import numpy as np
+
+        if not self.inputs:
+            self._refuse("holds no samples")
+        if self.records is not None and len(self.inputs) != self.records:
+            message = f"shard {self.name}: holds {len(self.inputs)} samples, signed {self.records} records"
+            raise ShardError(message, shard=self.name, reason="records-mismatch")
+        return Samples(np.stack(self.inputs), np.stack(self.targets))
+
+    def _input(self, member: str, suffix: str, data: bytes) -> np.ndarray:
+        options = self.decoder
+        if suffix == "npy":
+            features = _array(self.name, member, data, options.npy_dtype)
+        else:
+            features = decode_image(self.name, member, data, max_pixels=options.max_pixels, mode=options.mode)
+        if self.shape is None:
+            self.shape = features.shape
+        elif features.shape != self.shape:
+            self._refuse(f"member {member} has shape {features.shape}, expected {self.shape}")
+        return features
+
+    def _target(self, member: str, suffix: str, data: bytes) -> np.ndarray:
+        import numpy as np
+
+        if suffix == "cls":
+            match = _CLASS.fullmatch(data)
+            if match is None:
+                self._refuse(f"member {member} is not an integer class label")
+            target = np.asarray(int(match[1]), dtype=np.int64)
+        else:
+            target = _json_target(self.name, member, data)
+        if self.targets and (target.shape, target.dtype) != (self.targets[0].shape, self.targets[0].dtype):
+            first = self.targets[0]
+            self._refuse(
+                f"member {member} is a {target.dtype} target of shape {target.shape}, the first sample's "
+                f"is {first.dtype} of shape {first.shape}"
+            )
+        return target
+
+    def _refuse(self, problem: str) -> None:
+        raise ShardError(f"shard {self.name}: {problem}", shard=self.name, reason="format")
+
+
+def _count(found: list[str], what: str) -> str:
+    return f"no {what}" if not found else f"{len(found)} {what}s (.{', .'.join(found)})"
+
+
+def _array(name: str, member: str, data: bytes, dtype: str) -> np.ndarray:
+    """A .npy member's array: its header's dtype must be `dtype` and its declared size fit the member, checked
+    before any data is read; never unpickles."""
+    import numpy as np
+
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        headers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in headers:
+            raise ValueError(f"npy format version {version} is not supported")
+        shape, _, found = headers[version](stream)
+        if found != np.dtype(dtype):
+            message = f"shard {name}: member {member} holds {found} values, expected {dtype}"
+            raise ShardError(message, shard=name, reason="format")
+        if math.prod(shape) * found.itemsize > len(data) - stream.tell():
+            raise ValueError(f"its header declares {shape} values, more than it holds")
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        message = f"shard {name}: member {member} is not a readable .npy array: {error}"
+        raise ShardError(message, shard=name, reason="format") from None
+
+
+def _json_target(name: str, member: str, data: bytes) -> np.ndarray:
+    """`{"label": int}` as an int64 class label, or a list of numbers as a float32 (multi-label) target."""
+    import numpy as np
+
+    from trainguard.strictjson import StrictJSONError, loads
+
+    try:
+        document = loads(data)
+    except (StrictJSONError, ValueError, UnicodeDecodeError):
+        document = None
+    if isinstance(document, dict) and set(document) == {"label"} and _is_int(document["label"]):
+        return np.asarray(document["label"], dtype=np.int64)
+    if isinstance(document, list) and all(_is_number(v) for v in document):
+        return np.asarray(document, dtype=np.float32)
+    message = f'shard {name}: member {member} is not {{"label": <int>}} or a list of numbers'
+    raise ShardError(message, shard=name, reason="format")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**63
+
+
+def _is_number(value: object) -> bool:
+    return _is_int(value) or isinstance(value, float)

@@ -1,0 +1,167 @@
+"""`trainguard shard` through the CLI: labelled images become signed WebDataset tars and a CSV table parquet
+shards, which read back verified; unusable input exits 2 with one line."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from trainguard.provenance.formats.webdataset import WebDatasetDecoder, read_webdataset
+from trainguard.provenance.reader import ShardReader
+from trainguard.provenance.verify import open_manifest
+
+TRAINGUARD = str(Path(sys.executable).parent / "trainguard")
+
+
+def trainguard(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([TRAINGUARD, *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def digit_png(row: int) -> tuple[bytes, int]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    buffer = io.BytesIO()
+    Image.fromarray((bunch.images[row] * 255 / 16).astype(np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue(), int(bunch.target[row])
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """30 digit PNGs in class-per-sub-folder layout: images/<label>/<row>.png."""
+    root = tmp_path / "images"
+    for row in range(30):
+        data, label = digit_png(row)
+        (root / str(label)).mkdir(parents=True, exist_ok=True)
+        (root / str(label) / f"{row:04d}.png").write_bytes(data)
+    return root
+
+
+@pytest.fixture
+def alice(tmp_path: Path) -> tuple[Path, Path]:
+    """alice's private key and a trust policy granting her key."""
+    assert trainguard("keygen", "--out", tmp_path / "keys" / "alice").returncode == 0
+    policy = tmp_path / "keys" / "policy.json"
+    policy.write_text('{"keys": ["alice.pub"], "roles": ["train", "trusted", "holdout"]}')
+    return tmp_path / "keys" / "alice.key", policy
+
+
+def test_a_class_per_folder_of_images_becomes_signed_tars_that_read_back_verified(
+    tmp_path: Path, image_folder: Path, alice: tuple[Path, Path]
+) -> None:
+    out = tmp_path / "shards"
+    done = trainguard(
+        "shard", image_folder, "--out", out, "--shard-size", "8", "--key", alice[0], "--source", "alice",
+        "--dataset", "digits-wds",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "wrote 4 shards (30 samples, at most 8 each)" in done.stdout
+    names = sorted(p.name for p in out.glob("*.tar"))
+    assert names == [f"part-{i:05d}.tar" for i in range(4)]
+    reader = ShardReader(open_manifest(out / "manifest.json", alice[1], dataset="digits-wds"))
+    parts = [read_webdataset(reader, name, WebDatasetDecoder(mode="L")) for name in names]
+    assert [len(p) for p in parts] == [8, 8, 8, 6]
+    labels = sorted(int(label) for part in parts for label in part.targets)
+    assert labels == sorted(digit_png(row)[1] for row in range(30))
+    assert parts[0].inputs.shape[1:] == (1, 8, 8)
+
+
+def test_a_path_label_csv_with_named_classes_maps_them_to_sorted_ids(tmp_path: Path, image_folder: Path) -> None:
+    rows = sorted(p.relative_to(image_folder).as_posix() for p in image_folder.rglob("*.png"))[:5]
+    listing = tmp_path / "labels.csv"
+    listing.write_text("path,label\n" + "".join(f"{r},{'cat' if i % 2 else 'dog'}\n" for i, r in enumerate(rows)))
+    out = tmp_path / "shards"
+    done = trainguard("shard", image_folder, "--labels", listing, "--out", out, "--shard-size", "10")
+    assert done.returncode == 0, done.stderr
+    assert "classes: 0=cat, 1=dog" in done.stdout
+    samples = WebDatasetDecoder()("part-00000.tar", (out / "part-00000.tar").read_bytes())
+    assert samples.targets.tolist() == [1, 0, 1, 0, 1]
+
+
+def test_a_csv_table_becomes_signed_parquet_shards_of_n_rows(tmp_path: Path, alice: tuple[Path, Path]) -> None:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    frame = pd.DataFrame(bunch.data[:120] / 16, columns=[f"pixel_{i:02d}" for i in range(64)])
+    frame["y"] = bunch.target[:120]
+    table = tmp_path / "digits.csv"
+    frame.to_csv(table, index=False)
+    out = tmp_path / "tables"
+    done = trainguard(
+        "shard", "--from-csv", table, "--label-column", "y", "--shard-size", "50", "--out", out,
+        "--key", alice[0], "--source", "alice",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    reader = ShardReader(open_manifest(out / "manifest.json", alice[1]))
+    assert [s.records for s in reader.verified.manifest.shards] == [50, 50, 20]
+    back = pd.concat(reader.read_frame(s.name) for s in reader.verified.manifest.shards)
+    np.testing.assert_allclose(back.to_numpy(), frame.to_numpy())
+
+
+def _undecodable(root: Path) -> None:
+    (root / "3" / "0099.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+
+
+def _stray_file(root: Path) -> None:
+    (root / "notes.txt").write_text("hello")
+
+
+def _nested(root: Path) -> None:
+    (root / "3" / "deeper").mkdir()
+    (root / "3" / "deeper" / "0099.png").write_bytes(digit_png(0)[0])
+
+
+@pytest.mark.parametrize(
+    ("spoil", "says"),
+    [
+        (_undecodable, "0099.png: member 3/0099.png is not a decodable"),
+        (_stray_file, "notes.txt: expected only image files in <label>/ sub-folders"),
+        (_nested, "deeper/0099.png: expected only image files in <label>/ sub-folders"),
+    ],
+)
+def test_an_unusable_images_folder_exits_2_with_one_line(tmp_path, image_folder, spoil, says: str) -> None:
+    spoil(image_folder)
+    done = trainguard("shard", image_folder, "--out", tmp_path / "shards")
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert says in done.stderr
+    assert not list((tmp_path / "shards").glob("*.tar"))
+
+
+def test_a_labels_csv_naming_a_path_outside_the_folder_exits_2(tmp_path: Path, image_folder: Path) -> None:
+    listing = tmp_path / "labels.csv"
+    listing.write_text("path,label\n../secret.png,1\n")
+    done = trainguard("shard", image_folder, "--labels", listing, "--out", tmp_path / "shards")
+    assert done.returncode == 2
+    assert "'../secret.png' is not a safe relative image path" in done.stderr
+
+
+def test_a_table_without_the_label_column_exits_2(tmp_path: Path) -> None:
+    table = tmp_path / "t.csv"
+    table.write_text("a,b\n1,2\n")
+    done = trainguard("shard", "--from-csv", table, "--label-column", "y", "--out", tmp_path / "out")
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"trainguard: error: --from-csv {table}: no column 'y' (columns: a, b)"
+
+
+def test_a_non_empty_out_folder_exits_2_and_is_left_alone(tmp_path: Path, image_folder: Path) -> None:
+    out = tmp_path / "shards"
+    out.mkdir()
+    (out / "part-00000.tar").write_bytes(b"old")
+    done = trainguard("shard", image_folder, "--out", out)
+    assert done.returncode == 2
+    assert "exists and is not empty" in done.stderr
+    assert (out / "part-00000.tar").read_bytes() == b"old"
+
+
+def test_neither_images_nor_a_table_is_a_usage_error(tmp_path: Path) -> None:
+    done = trainguard("shard", "--out", tmp_path / "out")
+    assert done.returncode == 2
+    assert "give either IMAGES" in done.stderr
