@@ -25,8 +25,8 @@ from trainguard.pipeline.errors import CycleAbortedError
 from trainguard.pipeline.state import ShardDecision
 from trainguard.provenance.allowlist import AllowedShard
 from trainguard.provenance.dataset import TABLE_SUFFIXES, table_samples
-from trainguard.provenance.errors import ProvenanceError, ShardError
-from trainguard.provenance.formats import Decoder, Samples, decoder_for
+from trainguard.provenance.errors import ProvenanceError
+from trainguard.provenance.formats import Decoder, Samples, default_decoders
 from trainguard.provenance.reader import ReadLog, ShardReader
 from trainguard.provenance.state import RollbackCheck
 from trainguard.provenance.verify import VerificationReport, VerifiedManifest, open_manifest, verify_shards
@@ -172,15 +172,7 @@ def _decode(
     if not any(name.endswith(suffix) for suffix in decoders) and name.endswith(TABLE_SUFFIXES):
         frame = reader.read_frame(name)
         return table_samples(name, frame, feature_columns(frame, section), section.label_column), frame
-    try:
-        decode = decoder_for(name, decoders)
-    except ShardError:
-        raise ShardError(
-            f"shard {name}: no decoder for this format (tables: {', '.join(TABLE_SUFFIXES)}; others: data.decoders)",
-            shard=name,
-            reason="format",
-        ) from None
-    return decode(name, reader.read_bytes(name)), None
+    return reader.read_samples(name, default_decoders(decoders, label=section.label_column)), None
 
 
 def _refused_entry(verified: VerifiedManifest, name: str, check: str, reason: str) -> ShardDecision:

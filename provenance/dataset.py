@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from trainguard.provenance.allowlist import AllowList
 from trainguard.provenance.errors import MalformedError, ProvenanceError, ShardError
-from trainguard.provenance.formats import Decoder, Samples, decoder_for
+from trainguard.provenance.formats import Decoder, Samples, default_decoders
 from trainguard.provenance.manifest import ShardEntry
 from trainguard.provenance.policy import TrustPolicy
 from trainguard.provenance.reader import ReadLog, ShardReader
@@ -108,8 +108,7 @@ class ShardDataset(Dataset):
                 parts.append(table_samples(name, frame, feature_columns, label_column))
                 shards.append((dataset, tables[name]))
             for shard in (s for s in selected if s.name not in tables):
-                decode = decoder_for(shard.name, decoders or {})
-                parts.append(decode(shard.name, reader.read_bytes(shard.name)))
+                parts.append(reader.read_samples(shard.name, default_decoders(decoders, label=label_column)))
                 shards.append((dataset, shard))
         self.shards = tuple(shards)
         self.row_shard = np.repeat(np.arange(len(parts)), [len(p) for p in parts]).astype(np.int64)

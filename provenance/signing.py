@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import fnmatch
 import json
 import re
+import tarfile
+import zipfile
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -172,23 +175,51 @@ def _cross_check(relative: str, digest: FileDigest, dvc_md5: Mapping[str, str]) 
 
 
 def record_count(path: Path) -> int | None:
-    """Rows of a parquet file or first-axis length of an npy file, read from metadata; None for other formats."""
+    """How many samples a shard holds, read from its metadata where the format has it: parquet rows, the first
+    axis of an npy (or an npz's inputs), CSV data rows, WebDataset sample keys; None for other formats."""
+    counters = {".parquet": _parquet_rows, ".npy": _npy_rows, ".npz": _npz_rows, ".csv": _csv_rows, ".tar": _tar_keys}
+    count = counters.get(path.suffix)
     try:
-        if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
+        return count(path) if count is not None else None
+    except (OSError, ValueError, KeyError, tarfile.TarError, zipfile.BadZipFile):
+        return None  # a shard we cannot parse is still signed; its format is the owner's business
 
-            return int(pq.ParquetFile(path).metadata.num_rows)
-        if path.suffix == ".npy":
-            import numpy as np
 
-            with path.open("rb") as stream:
-                major, _ = np.lib.format.read_magic(stream)
-                reader = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-                shape = reader(stream)[0]
-            return int(shape[0]) if shape else 1
-    except (OSError, ValueError):  # a shard we cannot parse is still signed; its format is the owner's business
-        return None
-    return None
+def _parquet_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return int(pq.ParquetFile(path).metadata.num_rows)
+
+
+def _npy_rows(path: Path) -> int:
+    from trainguard.provenance.formats.arrays import read_npy_header
+
+    with path.open("rb") as stream:
+        shape = read_npy_header(stream).shape
+    return int(shape[0]) if shape else 1
+
+
+def _npz_rows(path: Path) -> int:
+    from trainguard.provenance.formats.arrays import NPZ_NAMES, read_npy_header
+
+    with zipfile.ZipFile(path) as archive:
+        members = set(archive.namelist())
+        inputs = next(f"{pair[0]}.npy" for pair in NPZ_NAMES if f"{pair[0]}.npy" in members)
+        with archive.open(inputs) as stream:
+            shape = read_npy_header(stream).shape  # type: ignore[arg-type]
+    return int(shape[0]) if shape else 1
+
+
+def _csv_rows(path: Path) -> int:
+    with path.open(newline="", encoding="utf-8") as stream:
+        return max(0, sum(1 for _ in csv.reader(stream)) - 1)
+
+
+def _tar_keys(path: Path) -> int:
+    """WebDataset samples: distinct keys (`dir/000001` of `dir/000001.png`) among the regular members."""
+    with tarfile.open(path, "r:") as tar:
+        names = [member.name for member in tar if member.isfile()]
+    return len({f"{folder}/{base.split('.', 1)[0]}" for folder, _, base in (n.rpartition("/") for n in names)})
 
 
 def cosign_manifest(path: Path, key: SigningKey) -> Envelope:

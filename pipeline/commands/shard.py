@@ -153,7 +153,7 @@ def _image_bytes(root: Path, relative: str) -> bytes:
 
     try:
         data = read_regular(root / relative, follow_symlinks=False, limit=1024**3)
-        decode_image(str(root), relative, data)
+        decode_image(str(root), f"member {relative}", data)
     except OSError as error:
         raise _bad_input(f"image {root / relative}: {error.strerror or error}") from None
     except ShardError as error:

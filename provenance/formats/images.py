@@ -12,48 +12,71 @@ from trainguard.provenance.errors import ShardError
 
 if TYPE_CHECKING:
     import numpy as np
+    from PIL import Image
 
 ImageMode = Literal["L", "RGB"]
+NATIVE_MODES = {"L": 1, "RGB": 3, "RGBA": 4}
+"""Image modes decoded with their own channels when no mode is asked for."""
 MAX_PIXELS = 4096 * 4096
 """The most pixels one image may declare by default."""
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
-"""The Pillow plugins an image member may use; any other format is refused before its plugin parses a byte."""
+"""The Pillow plugins an image may use; any other format is refused before its plugin parses a byte."""
 
 
 def decode_image(
-    name: str, member: str, data: bytes, *, max_pixels: int = MAX_PIXELS, mode: ImageMode = "RGB"
+    name: str, where: str, data: bytes, *, max_pixels: int = MAX_PIXELS, mode: ImageMode = "RGB"
 ) -> np.ndarray:
     """The image in `data` as (C, H, W) float32 in [0, 1], C = 1 for `L` and 3 for `RGB`; refuses undecodable
-    bytes (`format`) and images declaring more than `max_pixels` pixels (`decode-limit`), naming shard and member."""
-    import numpy as np
+    bytes (`format`) and images declaring more than `max_pixels` pixels (`decode-limit`), naming the shard and
+    `where` in it (`member 000001.png`, `column 'image' row 3`)."""
+    return image_pixels(name, where, open_image(name, where, data, max_pixels=max_pixels), mode)
+
+
+def open_image(name: str, where: str, data: bytes, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """The image's header, not its pixels: refuses formats other than IMAGE_FORMATS, unreadable headers, and
+    images declaring more than `max_pixels` pixels, so a caller can check many headers before decoding any."""
     from PIL import Image
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-            width, height = image.size
-            if width * height > max_pixels:
-                raise _too_large(name, member, width, height, max_pixels)
-            pixels = np.asarray(image.convert(mode), dtype=np.uint8)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        message = f"shard {name}: member {member} is a decompression bomb: {error}"
+        message = f"shard {name}: {where} is a decompression bomb: {error}"
         raise ShardError(message, shard=name, reason="decode-limit") from None
-    except ShardError:
-        raise
     except Exception as error:  # Pillow's plugins raise many kinds of error on malformed input; all mean the same
-        raise ShardError(
-            f"shard {name}: member {member} is not a decodable {'/'.join(IMAGE_FORMATS)} image: {error}",
-            shard=name,
-            reason="format",
-        ) from None
+        raise _undecodable(name, where, error) from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise _too_large(name, where, width, height, max_pixels)
+    return image
+
+
+def image_pixels(name: str, where: str, image: Image.Image, mode: ImageMode | None = None) -> np.ndarray:
+    """The decoded pixels as (C, H, W) float32 in [0, 1], converted to `mode` (None: the image's own L, RGB or
+    RGBA channels; any other mode as RGB)."""
+    import numpy as np
+
+    target = mode or (image.mode if image.mode in NATIVE_MODES else "RGB")
+    try:
+        pixels = np.asarray(image.convert(target), dtype=np.uint8)
+    except Exception as error:  # the header parsed, the pixel data does not
+        raise _undecodable(name, where, error) from None
     channels_last = pixels[:, :, None] if pixels.ndim == 2 else pixels
-    return channels_last.transpose(2, 0, 1).astype(np.float32) * np.float32(1 / 255)
+    return channels_last.transpose(2, 0, 1).astype(np.float32) / np.float32(255)
 
 
-def _too_large(name: str, member: str, width: int, height: int, max_pixels: int) -> ShardError:
+def _undecodable(name: str, where: str, error: Exception) -> ShardError:
     return ShardError(
-        f"shard {name}: member {member} declares {width} x {height} pixels, over the limit of {max_pixels}",
+        f"shard {name}: {where} is not a decodable {'/'.join(IMAGE_FORMATS)} image: {error}",
+        shard=name,
+        reason="format",
+    )
+
+
+def _too_large(name: str, where: str, width: int, height: int, max_pixels: int) -> ShardError:
+    return ShardError(
+        f"shard {name}: {where} declares {width} x {height} pixels, over the limit of {max_pixels}",
         shard=name,
         reason="decode-limit",
     )

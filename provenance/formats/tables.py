@@ -8,9 +8,7 @@ than DECODE_RATIO times their size as float32.
 
 from __future__ import annotations
 
-import io
 import math
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -20,15 +18,10 @@ import pyarrow as pa
 
 from trainguard.provenance.errors import ShardError
 from trainguard.provenance.formats import DECODE_LIMIT, BoundedDecoder, Samples, check_decode, decode_bound
+from trainguard.provenance.formats.images import MAX_PIXELS, NATIVE_MODES, image_pixels, open_image
 
 if TYPE_CHECKING:
     import pandas as pd
-    from PIL import Image
-
-MAX_PIXELS = 4096 * 4096
-"""The most pixels one image of an image-bytes column may have (a decompression bomb is refused from its header)."""
-_CHANNELS = {"L": 1, "RGB": 3, "RGBA": 4}
-_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error)
 
 
 def read_table(
@@ -162,8 +155,8 @@ class ParquetDecoder(BoundedDecoder):
 def _decode_images(name: str, column: str, blobs: list[bytes], max_pixels: int, limit: int) -> np.ndarray:
     """PNG/JPEG bytes, one image per row, as (N, C, H, W) float32 in [0, 1]; every header is checked (pixel cap,
     one common size, total decoded size) before any image is decoded."""
-    images = [_open_image(name, column, row, blob, max_pixels) for row, blob in enumerate(blobs)]
-    shapes = [(_CHANNELS.get(i.mode, 3), i.height, i.width) for i in images]
+    images = [open_image(name, _where(column, row), blob, max_pixels=max_pixels) for row, blob in enumerate(blobs)]
+    shapes = [(NATIVE_MODES.get(i.mode, 3), i.height, i.width) for i in images]
     if len(set(shapes)) > 1:
         row = next(r for r, s in enumerate(shapes) if s != shapes[0])
         raise ShardError(
@@ -174,47 +167,12 @@ def _decode_images(name: str, column: str, blobs: list[bytes], max_pixels: int, 
         )
     decoded = len(images) * math.prod(shapes[0]) * 4 if images else 0
     check_decode(name, None, decoded, None, limit)
-    pixels = [_pixels(name, column, row, image) for row, image in enumerate(images)]
+    pixels = [image_pixels(name, _where(column, row), image) for row, image in enumerate(images)]
     return np.stack(pixels) if pixels else np.zeros((0, 1, 0, 0), np.float32)
 
 
-def _open_image(name: str, column: str, row: int, blob: bytes, max_pixels: int) -> Image.Image:
-    """The image of one row, its header read (not its pixels): a PNG or JPEG within `max_pixels`."""
-    from PIL import Image
-
-    try:
-        image = Image.open(io.BytesIO(blob), formats=("PNG", "JPEG"))
-    except Image.DecompressionBombError as error:
-        raise ShardError(
-            f"shard {name}: column {column!r} row {row}: {error}", shard=name, reason="decode-limit"
-        ) from None
-    except _IMAGE_ERRORS as error:
-        raise ShardError(
-            f"shard {name}: column {column!r} row {row} is not a readable PNG or JPEG image: {error}",
-            shard=name,
-            reason="format",
-        ) from None
-    if image.width * image.height > max_pixels:
-        raise ShardError(
-            f"shard {name}: column {column!r} row {row} is a {image.width}x{image.height} image, over the "
-            f"{max_pixels}-pixel limit",
-            shard=name,
-            reason="decode-limit",
-        )
-    return image
-
-
-def _pixels(name: str, column: str, row: int, image: Image.Image) -> np.ndarray:
-    """The decoded pixels of one image as (C, H, W) float32 in [0, 1]."""
-    try:
-        array = np.asarray(image if image.mode in _CHANNELS else image.convert("RGB"), dtype=np.float32)
-    except _IMAGE_ERRORS as error:
-        raise ShardError(
-            f"shard {name}: column {column!r} row {row} does not decode as an image: {error}",
-            shard=name,
-            reason="format",
-        ) from None
-    return array.reshape(*array.shape[:2], -1).transpose(2, 0, 1) / np.float32(255)
+def _where(column: str, row: int) -> str:
+    return f"column {column!r} row {row}"
 
 
 def _numeric(kind: pa.DataType) -> bool:

@@ -214,7 +214,9 @@ class _SampleBuilder:
         if suffix == "npy":
             features = _array(self.name, member, data, options.npy_dtype)
         else:
-            features = decode_image(self.name, member, data, max_pixels=options.max_pixels, mode=options.mode)
+            features = decode_image(
+                self.name, f"member {member}", data, max_pixels=options.max_pixels, mode=options.mode
+            )
         if self.shape is None:
             self.shape = features.shape
         elif features.shape != self.shape:

@@ -236,3 +236,25 @@ def test_time_parsing_raises_only_malformed(text: str) -> None:
 @pytest.mark.parametrize("char", ["\n", "\r", "\x1b", "\x7f", "\x85", "\x9b", "\u2028", "\u2029", "\udcff"])
 def test_names_with_control_characters_or_non_utf8_bytes_are_unsafe(char: str) -> None:
     assert name_problem(f"alice/shard{char}.parquet") is not None
+
+
+def test_signing_records_the_sample_count_of_every_known_format(tmp_path: Path, key_pairs) -> None:
+    import io
+    import tarfile
+
+    import numpy as np
+
+    from trainguard.provenance import sign_dataset
+
+    root = tmp_path / "data"
+    root.mkdir()
+    np.savez(root / "a.npz", inputs=np.zeros((7, 1, 4, 4), np.float32), targets=np.zeros(7, np.int64))
+    (root / "b.csv").write_text('x,label\n"1\n2",0\n3,1\n')
+    with tarfile.open(root / "c.tar", "w") as tar:
+        for key in ("000001", "000002", "sub/000001"):
+            for extension in ("png", "cls"):
+                info = tarfile.TarInfo(f"{key}.{extension}")
+                tar.addfile(info, io.BytesIO(b""))
+    envelope, _ = sign_dataset(root, key_pairs.alice, source="alice")
+    records = {shard.name: shard.records for shard in parse_statement(envelope.payload).shards}
+    assert records == {"a.npz": 7, "b.csv": 2, "c.tar": 3}
