@@ -12,6 +12,8 @@ from pathlib import Path
 import litdata
 import numpy as np
 import pytest
+import pytorch_lightning as pl
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -298,3 +300,35 @@ def test_items_of_different_shapes_are_refused() -> None:
         decode_litdata_items("digits/train", items)
 
     assert refused.value.reason == "format"
+
+
+def as_example(item: dict[str, object]) -> tuple[torch.Tensor, int]:
+    """An item as (pixels scaled to [0, 1], flattened; label) for a linear model."""
+    return torch.as_tensor(item["image"], dtype=torch.float32).flatten() / 240, item["label"]
+
+
+class Linear(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(64, 10)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.layer(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+def test_a_lightning_trainer_fits_on_a_verified_litdata_loader(data: Path, key_pairs: object, tmp_path: Path) -> None:
+    verified = signed(data, key_pairs, tmp_path)
+    dataset = VerifiedStreamingDataset(verified, "train", cache_dir=tmp_path, transform=as_example)
+    model = Linear()
+    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+
+    trainer.fit(model, VerifiedStreamingDataLoader(dataset, batch_size=50, num_workers=1, persistent_workers=True))
+
+    assert trainer.state.finished and trainer.global_step == 3 * ITEMS // 50
+    chunks_read = [r.name for r in dataset.read_log().records if r.name != "train/index.json"]
+    assert sorted(set(chunks_read)) == sorted(chunk_names(data))
