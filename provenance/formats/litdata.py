@@ -20,7 +20,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from litdata import StreamingDataLoader, StreamingDataset
@@ -217,10 +217,22 @@ class VerifiedStreamingDataset(StreamingDataset):
         return "/".join(part for part in (self.source.verified.manifest.dataset, self.source.prefix) if part)
 
     def __next__(self) -> Any:
-        return _surfaced(super().__next__)
+        try:
+            return super().__next__()
+        except Exception as error:
+            refusal = _wrapped_refusal(error)
+            if refusal is None:
+                raise
+            raise refusal from None
 
     def __getitem__(self, index: Any) -> Any:
-        return _surfaced(lambda: super(VerifiedStreamingDataset, self).__getitem__(index))
+        try:
+            return super().__getitem__(index)
+        except Exception as error:
+            refusal = _wrapped_refusal(error)
+            if refusal is None:
+                raise
+            raise refusal from None
 
     def read_log(self) -> ReadLog:
         """Every verified read of this dataset, in every process (DataLoader workers included), in journal order."""
@@ -345,22 +357,13 @@ def _input_array(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-T = TypeVar("T")
-
-
-def _surfaced(call: Callable[[], T]) -> T:
-    """`call()`, with a ShardError that litdata wrapped (its prefetch thread re-raises as RuntimeError) unwrapped."""
-    try:
-        return call()
-    except StopIteration:
-        raise
-    except Exception as error:
-        cause: BaseException | None = error
-        while cause is not None and not isinstance(cause, ShardError):
-            cause = cause.__cause__ or cause.__context__
-        if cause is None or cause is error:
-            raise
-        raise cause from None
+def _wrapped_refusal(error: BaseException) -> ShardError | None:
+    """The ShardError behind `error` when litdata wrapped it (its prefetch thread's crash is re-raised as a
+    RuntimeError); None when `error` is itself a ShardError or has none behind it."""
+    cause = error.__cause__ or error.__context__
+    while cause is not None and not isinstance(cause, ShardError):
+        cause = cause.__cause__ or cause.__context__
+    return None if isinstance(error, ShardError) else cause
 
 
 def _refusal(error: ShardError) -> dict[str, str | None]:
