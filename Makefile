@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 	# The CPU wheel kept on these machines; any torch range that admits a newer release pulls CUDA.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# LitData declares torchvision, which it does not need here and whose only wheel for this torch breaks the
+	# import of torchmetrics (and so Lightning): install it without its declared dependencies, then the one it imports.
+	$(BIN)/pip install --quiet --no-deps litdata==0.2.76
+	$(BIN)/pip install --quiet 'boto3>=1.28'
 	touch $(STAMP)
 
 demo: $(STAMP)
