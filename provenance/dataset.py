@@ -8,7 +8,7 @@ read (manifest, dataset, name, sha256, in order) is exact, and its digest can go
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,14 +17,14 @@ import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from trainguard.provenance.allowlist import AllowList
 from trainguard.provenance.errors import MalformedError, ProvenanceError, ShardError
 from trainguard.provenance.formats import Decoder, Samples, default_decoders
 from trainguard.provenance.manifest import ShardEntry
 from trainguard.provenance.policy import TrustPolicy
-from trainguard.provenance.reader import ReadLog, ShardReader
+from trainguard.provenance.reader import ReadLog, ReadRecord, ShardReader
 from trainguard.provenance.state import RollbackState
 from trainguard.provenance.verify import VerifiedManifest, open_manifest
 
@@ -93,16 +93,25 @@ class ShardDataset(Dataset):
         label_column: str = "label",
         decoders: Mapping[str, Decoder] | None = None,
         transform: Transform | None = None,
+        part: tuple[int, int] | None = None,
     ) -> None:
+        chosen = [
+            (reader, s)
+            for reader in readers
+            for s in reader.verified.manifest.select(roles, sources)
+            if s.name not in exclude
+            and f"{reader.verified.manifest.dataset}:{s.name}" not in exclude
+            and reader.permitted(s)
+        ]
+        if part is not None:
+            rank, world = part
+            owners = balanced_owners([s.records if s.records is not None else s.size for _, s in chosen], world)
+            chosen = [pick for pick, owner in zip(chosen, owners, strict=True) if owner == rank]
         parts: list[Samples] = []
         shards: list[tuple[str, ShardEntry]] = []
         for reader in readers:
             dataset = reader.verified.manifest.dataset
-            selected = [
-                s
-                for s in reader.verified.manifest.select(roles, sources)
-                if s.name not in exclude and f"{dataset}:{s.name}" not in exclude and reader.permitted(s)
-            ]
+            selected = [s for r, s in chosen if r is reader]
             tables = {s.name: s for s in selected if s.name.endswith(TABLE_SUFFIXES) and not _decoded(s.name, decoders)}
             for name, frame in reader.frames(tables):
                 parts.append(table_samples(name, frame, feature_columns, label_column))
@@ -127,6 +136,38 @@ class ShardDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.features[index]
         return (self.transform(features) if self.transform is not None else features), self.labels[index]
+
+
+def balanced_owners(weights: Sequence[int], parts: int) -> list[int]:
+    """The part (0 .. parts-1) each item goes to: heaviest first to the lightest part so far, ties to the lower
+    part, so every rank computes the same split and the parts' total weights stay close."""
+    totals = [0] * parts
+    owners = [0] * len(weights)
+    for index in sorted(range(len(weights)), key=lambda i: (-weights[i], i)):
+        owner = min(range(parts), key=lambda p: (totals[p], p))
+        owners[index] = owner
+        totals[owner] += weights[index]
+    return owners
+
+
+class RankPartSampler(DistributedSampler):
+    """The indices of this rank's own part of the data, padded by repeats to `length` so that every rank runs the
+    same number of batches; a sampler of one replica, so Lightning does not split the part again."""
+
+    def __init__(self, dataset: Dataset, length: int, *, shuffle: bool, seed: int) -> None:
+        super().__init__(dataset, num_replicas=1, rank=0, shuffle=shuffle, seed=seed)
+        self.length = length
+
+    def __iter__(self) -> Iterator[int]:
+        size = len(self.dataset)
+        if self.shuffle:
+            order = torch.randperm(size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            order = torch.arange(size)
+        return iter(order.repeat(-(-self.length // max(size, 1)))[: self.length].tolist())
+
+    def __len__(self) -> int:
+        return self.length
 
 
 def _decoded(name: str, decoders: Mapping[str, Decoder] | None) -> bool:
@@ -163,6 +204,9 @@ class VerifiedDataModule(pl.LightningDataModule):
 
     `exclude` drops shards by name (or `dataset:name`), e.g. those a poisoning screen rejected. A module made by
     `from_verified` reads through manifests already verified and an allow-list, never re-opening a manifest by path.
+    Under DDP each rank reads only its own part of the training shards (balanced by signed record counts; held-out
+    shards are read by every rank, which Lightning's sampler splits) and `read_log` merges every rank's reads into
+    one exact log of the shards read, the same on every rank.
     """
 
     def __init__(
@@ -195,7 +239,7 @@ class VerifiedDataModule(pl.LightningDataModule):
         self.decoders = dict(decoders or {})
         self.transform, self.val_transform = transform, val_transform
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
-        self.read_log = ReadLog()
+        self.read_log = self.local_read_log = ReadLog()
         self.verified: tuple[VerifiedManifest, ...] = ()
         self.allow: AllowList | None = None
         self.train_set: ShardDataset | None = None
@@ -221,6 +265,33 @@ class VerifiedDataModule(pl.LightningDataModule):
             self._agree(False)
             raise
         self._agree(True)
+        self.read_log = self._merged(self.local_read_log)
+        self._train_length = self._longest(len(self.train_set))
+
+    def _part(self) -> tuple[int, int] | None:
+        """(rank, world size) when this rank reads a part of the shards, None when it reads them all."""
+        if self.trainer is None or self.trainer.world_size < 2:
+            return None
+        return self.trainer.global_rank, self.trainer.world_size
+
+    def _merged(self, local: ReadLog) -> ReadLog:
+        """Every rank's reads in rank order, each shard once (this rank's own log when it reads everything)."""
+        if self._part() is None:
+            return local
+        gathered: list[list[ReadRecord]] = [[] for _ in range(self.trainer.world_size)]
+        torch.distributed.all_gather_object(gathered, list(local.records))
+        merged = ReadLog()
+        for record in dict.fromkeys(r for records in gathered for r in records):
+            merged.append(record)
+        return merged
+
+    def _longest(self, length: int) -> int:
+        """The largest of every rank's part sizes, so each pads its part to the same number of batches."""
+        if self._part() is None:
+            return length
+        size = torch.tensor(length)
+        torch.distributed.all_reduce(size, op=torch.distributed.ReduceOp.MAX)
+        return int(size)
 
     def _agree(self, ok: bool) -> None:
         """Under DDP every rank learns whether all ranks read their shards: a failure on one stops all of them
@@ -231,7 +302,7 @@ class VerifiedDataModule(pl.LightningDataModule):
     def _read(self) -> None:
         if self.allow is None:
             self.verified = open_verified(self.specs, self.trust, self.state_file)
-        readers = [ShardReader(v, self.read_log, self.allow) for v in self.verified]
+        readers = [ShardReader(v, self.local_read_log, self.allow) for v in self.verified]
         options = {
             "sources": self.sources,
             "exclude": self.exclude,
@@ -239,9 +310,13 @@ class VerifiedDataModule(pl.LightningDataModule):
             "label_column": self.label_column,
             "decoders": self.decoders,
         }
-        self.train_set = ShardDataset(readers, roles=self.train_roles, transform=self.transform, **options)
+        part = self._part()
+        self.train_set = ShardDataset(readers, roles=self.train_roles, transform=self.transform, part=part, **options)
         if len(self.train_set) == 0:
-            raise MalformedError("no shard of the manifests matches the training selection (roles, sources, exclude)")
+            raise MalformedError(
+                "no shard of the manifests matches the training selection (roles, sources, exclude)"
+                + (" on this rank: fewer shards than ranks" if part else "")
+            )
         if self.val_roles:
             self.val_set = ShardDataset(readers, roles=self.val_roles, transform=self.val_transform, **options)
 
@@ -250,6 +325,9 @@ class VerifiedDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None, "setup() first"
+        if self._part() is not None:
+            sampler = RankPartSampler(self.train_set, self._train_length, shuffle=True, seed=self.seed)
+            return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
             self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator, num_workers=self.num_workers

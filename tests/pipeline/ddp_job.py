@@ -130,6 +130,7 @@ def main() -> int:
         "reports": [report.to_dict() for report in verify.reports],
         "read_log_sha256": data.read_log_digest(),
         "read_log": [record.name for record in data.read_log.records],
+        "local_read_log": [record.name for record in data.local_read_log.records],
         "parameters_sha256": parameters_sha256(model),
     }
     write_json(args.out_dir / f"rank{trainer.global_rank}.json", document)

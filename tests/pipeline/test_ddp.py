@@ -141,8 +141,12 @@ def test_ddp_ranks_agree_on_metrics_gate_verification_and_weights(tmp_path: Path
     assert report["manifest_sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
 
     shards = {path.relative_to(tmp_path / "data").as_posix() for path in (tmp_path / "data").rglob("*.parquet")}
-    assert zero["read_log"] == one["read_log"] and set(zero["read_log"]) == shards
+    assert zero["read_log"] == one["read_log"] and sorted(zero["read_log"]) == sorted(shards)
     assert zero["read_log_sha256"] == one["read_log_sha256"]
+    holdout = {name for name in shards if "holdout" in name}
+    own = [set(zero["local_read_log"]) - holdout, set(one["local_read_log"]) - holdout]
+    assert own[0] and own[1] and not own[0] & own[1], "each rank reads its own part of the training shards"
+    assert own[0] | own[1] == shards - holdout
 
     assert zero["parameters_sha256"] == one["parameters_sha256"]
     assert (out / "model.safetensors").exists()
@@ -168,11 +172,15 @@ def test_ddp_tampered_shard_stops_both_ranks_before_training(tmp_path: Path, cop
     assert result.returncode == 1, result.stderr[-3000:]
     zero, one = _rank_documents(out, result)
     assert zero["steps"] == one["steps"] == 0
-    tampered = [zero, one] if copies == "shared" else [one]
-    for document in tampered:
-        assert document["error_type"] == "ShardError" and TAMPERED in document["error"], document
+    # Each rank reads only its own part of the training shards: the rank that reads the tampered shard names it,
+    # every other rank stops saying so.
+    named = [d for d in (zero, one) if d["error_type"] == "ShardError"]
+    assert named and all(TAMPERED in d["error"] for d in named), (zero, one)
     if copies == "rank1":
-        assert zero["error"] == "shard verification failed on another rank; training stopped"
+        assert named == [one]
+    for document in (zero, one):
+        if document not in named:
+            assert document["error"] == "shard verification failed on another rank; training stopped"
     reasons = dict(re.findall(r"trainguard \(rank (\d)\): ([^\n]*)", result.stderr))
     assert reasons == {"0": zero["error"], "1": one["error"]}, result.stderr[-3000:]
     assert all("\n" not in d["error"] for d in (zero, one))

@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch.utils.data import DataLoader, TensorDataset
 
 from trainguard.provenance import ProvenanceError, VerificationFailed, VerifiedDataModule, VerifyDatasetCallback
+from trainguard.provenance.dataset import RankPartSampler, balanced_owners
 from trainguard.provenance.errors import ShardError
 from trainguard.provenance.formats import Samples
 
@@ -188,3 +191,20 @@ def test_a_shard_with_no_decoder_is_refused_by_name(signer: Any, tmp_path: Path,
     with pytest.raises(ShardError, match=r"shard a.bin: no decoder for this format") as refused:
         module.setup("fit")
     assert refused.value.reason == "format"
+
+
+@given(st.lists(st.integers(0, 10_000), max_size=40), st.integers(1, 8))
+def test_balanced_owners_split_every_item_once_and_keep_parts_within_one_item(weights: list[int], parts: int) -> None:
+    owners = balanced_owners(weights, parts)
+    assert len(owners) == len(weights) and set(owners) <= set(range(parts))
+    assert owners == balanced_owners(weights, parts), "every rank computes the same split"
+    totals = [sum(w for w, o in zip(weights, owners, strict=True) if o == p) for p in range(parts)]
+    assert max(totals) - min(totals) <= max(weights, default=0)
+
+
+def test_a_rank_part_sampler_pads_its_part_to_the_common_length() -> None:
+    sampler = RankPartSampler(list(range(5)), 12, shuffle=True, seed=3)
+    indices = list(sampler)
+    assert len(indices) == len(sampler) == 12 and set(indices) == set(range(5))
+    sampler.set_epoch(1)
+    assert list(sampler) != indices
