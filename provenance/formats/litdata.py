@@ -2,15 +2,17 @@
 
 The seam is litdata's downloader registry: `VerifiedStreamingDataset` is a `litdata.StreamingDataset` whose input
 dir is a `trainguard://` URL and whose local dir is a private cache folder. litdata fetches `index.json` and every
-chunk through `VerifyingDownloader.download_file`, which streams the shard's verified bytes (`ShardReader`) into
-the cache copy and publishes it only once the whole signed digest matched, so litdata only ever parses verified
-bytes and never opens the user's data dir. Downloads run inside litdata's prefetch threads, in each DataLoader
-worker; every verified read and every refusal is appended to a journal file that the main process reads back.
+chunk through `VerifyingDownloader.download_file`, which copies the shard into the cache in one pass (large reads,
+each block hashed and written) and publishes the copy only once the whole signed digest matched, so litdata only ever
+parses verified bytes and never opens the user's data dir. Downloads run in litdata's prefetch thread, one chunk at a
+time ahead of the reader (each readable as soon as it is verified), in each DataLoader worker; every verified read
+and every refusal is appended to a journal file that the main process reads back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from litdata import StreamingDataLoader, StreamingDataset
 from litdata.streaming.downloader import Downloader, register_downloader
+from litdata.streaming.reader import PrepareChunksThread
 from litdata.streaming.resolver import Dir
 
 from trainguard.provenance.errors import ShardError
@@ -43,6 +46,8 @@ SAFE_FORMATS = frozenset(
      "no_header_tensor"}
 )  # fmt: skip
 """litdata serializers that decode without pickle (`pickle`, `graph` and the `file`/media decoders are refused)."""
+COPY_BLOCK = 8 * 1024 * 1024
+"""Bytes read, hashed and written at a time when a chunk is copied into the private cache."""
 _SOURCE = "trainguard-source"
 _REFUSED_OPTIONS = frozenset({"input_dir", "cache_dir", "index_path", "storage_options", "window_direct_io"})
 
@@ -159,9 +164,7 @@ class VerifyingDownloader(Downloader):
             return
         temporary = f"{local_filepath}.tmp.{os.getpid()}.{threading.get_ident()}"
         try:
-            with open(temporary, "xb") as stream:
-                for block in self.reader().iter_chunks(name):
-                    stream.write(block)
+            copy_verified(self.reader(), name, temporary)
         except BaseException as error:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(temporary)
@@ -275,6 +278,37 @@ class VerifiedStreamingDataLoader(StreamingDataLoader):
             raise refusal from None
 
 
+def copy_verified(reader: ShardReader, name: str, target: str) -> None:
+    """Copies shard `name` into the new file `target` in one pass: `COPY_BLOCK` reads, each hashed and written, so
+    every byte is read and hashed once (a large shard's chunk digests are not needed: nothing reads `target` before
+    the caller publishes it). Only when exactly the signed size was read and the whole-file SHA-256 matches the
+    signed digest does this return, and log the read; otherwise it raises the ShardError and `target` must be
+    removed. The shard is opened as `ShardReader` opens it (listed, allowed, safe path, regular file, signed size)."""
+    shard = reader.entry(name)
+    digest = hashlib.sha256()
+    buffer = memoryview(bytearray(max(1, min(COPY_BLOCK, shard.size))))
+    remaining = shard.size
+    with os.fdopen(reader._open(shard), "rb", buffering=0) as source, open(target, "xb") as copy:
+        while remaining:
+            count = source.readinto(buffer[: min(len(buffer), remaining)])
+            if not count:
+                message = f"shard {name}: changed while reading ({shard.size - remaining} bytes, signed {shard.size})"
+                raise ShardError(message, shard=name, reason="truncated")
+            block = buffer[:count]
+            digest.update(block)
+            copy.write(block)
+            remaining -= count
+        if source.read(1):
+            raise ShardError(f"shard {name}: grew while reading", shard=name, reason="appended")
+    if digest.hexdigest() != shard.sha256:
+        raise ShardError(
+            f"shard {name}: sha256 {digest.hexdigest()} differs from the signed {shard.sha256}",
+            shard=name,
+            reason="digest-mismatch",
+        )
+    reader._record(shard, shard.sha256)
+
+
 def check_index(source: VerifiedSource, data: bytes) -> None:
     """Refuses a (verified) `index.json` that names a chunk the manifest does not list, a chunk of another size
     than signed, or items that litdata would decode with pickle or a media decoder outside trainguard's checks."""
@@ -375,4 +409,23 @@ def _remove_private(root: Path, owner: int) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _prefetch_verified_chunks_one_at_a_time() -> None:
+    """litdata's prefetch thread downloads the chunks of a remote dir in concurrent batches (up to 8) and marks none
+    readable until the whole batch is done. A trainguard:// "download" is hashing and copying a local file: CPU work
+    that concurrency on a few cores does not speed up, so the reader waited for 8 chunks to be verified before its
+    first item. For a VerifyingDownloader the thread downloads one chunk at a time instead, each readable as soon as
+    it is verified (still ahead of the reader); every other dataset keeps litdata's choice. Scheduling only: what is
+    published, and when, is still decided by `VerifyingDownloader.download_file`."""
+    gather = getattr(PrepareChunksThread, "_async_prefetch", None)
+    if not callable(gather) or getattr(gather, "trainguard", False):
+        return  # another litdata release (it keeps its own scheduling), or this module was loaded already
+
+    def _async_prefetch(self: PrepareChunksThread) -> bool:
+        return not isinstance(getattr(self._config, "_downloader", None), VerifyingDownloader) and gather(self)
+
+    _async_prefetch.trainguard = True  # type: ignore[attr-defined]
+    PrepareChunksThread._async_prefetch = _async_prefetch  # type: ignore[method-assign]
+
+
+_prefetch_verified_chunks_one_at_a_time()
 register_downloader(SCHEME, VerifyingDownloader, overwrite=True)

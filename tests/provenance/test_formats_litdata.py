@@ -8,6 +8,7 @@ import os
 import shutil
 from functools import cache
 from pathlib import Path
+from types import SimpleNamespace
 
 import litdata
 import numpy as np
@@ -16,18 +17,23 @@ import pytorch_lightning as pl
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from litdata.streaming.reader import PrepareChunksThread
 from PIL import Image
 
 from trainguard.provenance import sign_dataset, write_manifest
 from trainguard.provenance.errors import ShardError
+from trainguard.provenance.formats import litdata as litdata_format
 from trainguard.provenance.formats.litdata import (
     VerifiedSource,
     VerifiedStreamingDataLoader,
     VerifiedStreamingDataset,
     check_index,
+    copy_verified,
     decode_litdata_items,
     iter_samples,
 )
+from trainguard.provenance.manifest import DEFAULT_CHUNK_SIZE
+from trainguard.provenance.reader import ShardReader
 from trainguard.provenance.verify import VerifiedManifest, open_manifest, verify_dataset
 
 ITEMS = 300
@@ -64,8 +70,12 @@ def data(optimized: Path, tmp_path: Path) -> Path:
     return root
 
 
-def signed(data: Path, key_pairs: object, tmp_path: Path, *exclude: Path) -> VerifiedManifest:
-    envelope, _ = sign_dataset(data, key_pairs.alice, dataset="digits", source="alice", exclude=exclude)
+def signed(
+    data: Path, key_pairs: object, tmp_path: Path, *exclude: Path, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> VerifiedManifest:
+    envelope, _ = sign_dataset(
+        data, key_pairs.alice, dataset="digits", source="alice", exclude=exclude, chunk_size=chunk_size
+    )
     path = write_manifest(envelope, tmp_path / "digits.manifest.json")
     return open_manifest(path, key_pairs.trust("alice"), data_dir=data, state=tmp_path / "state.json")
 
@@ -151,6 +161,61 @@ def test_a_tampered_chunk_stops_iteration_before_any_of_its_items(
     assert second not in {r.name for r in dataset.read_log().records}
     assert dataset.refusal().shard == second
     assert first in {r.name for r in dataset.read_log().records} or not yielded
+
+
+@pytest.mark.parametrize(
+    ("block", "chunk_size"), [(7, DEFAULT_CHUNK_SIZE), (1 << 20, DEFAULT_CHUNK_SIZE), (4096, 1000)]
+)
+def test_a_chunk_is_copied_in_one_pass_and_logged_once_its_whole_digest_matches(
+    data: Path, key_pairs: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block: int, chunk_size: int
+) -> None:
+    monkeypatch.setattr(litdata_format, "COPY_BLOCK", block)
+    verified = signed(data, key_pairs, tmp_path, chunk_size=chunk_size)  # 1000: the chunks have chunk digests too
+    reader = ShardReader(verified)
+    name = chunk_names(data)[0]
+
+    copy_verified(reader, name, str(tmp_path / "copy"))
+
+    assert (tmp_path / "copy").read_bytes() == (data / name).read_bytes()
+    assert [(r.name, r.sha256) for r in reader.log.records] == [(name, reader.entry(name).sha256)]
+
+
+def test_a_chunk_changed_after_signing_is_refused_and_never_logged(
+    data: Path, key_pairs: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(litdata_format, "COPY_BLOCK", 1000)
+    verified = signed(data, key_pairs, tmp_path)
+    flipped, grown, cut = chunk_names(data)[:3]
+    flip_a_byte(data / flipped)
+    with (data / grown).open("ab") as stream:
+        stream.write(b"x")
+    os.truncate(data / cut, (data / cut).stat().st_size - 1)
+    reader = ShardReader(verified)
+
+    for name, reason in [(flipped, "digest-mismatch"), (grown, "appended"), (cut, "truncated")]:
+        with pytest.raises(ShardError) as refused:
+            copy_verified(reader, name, str(tmp_path / Path(name).name))
+        assert (refused.value.shard, refused.value.reason) == (name, reason)
+
+    assert reader.log.records == ()
+
+
+def test_verified_chunks_are_prefetched_one_at_a_time_and_other_datasets_keep_litdata_scheduling(
+    data: Path, key_pairs: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LITDATA_ASYNC_CHUNK_PREFETCH", raising=False)
+    dataset = VerifiedStreamingDataset(signed(data, key_pairs, tmp_path), "train", cache_dir=tmp_path)
+
+    seen = []
+    for item in dataset:
+        if not seen:
+            seen.append(dataset.cache._reader._prepare_thread._async_prefetch())
+        seen.append(item["index"])
+
+    assert seen == [False, *range(ITEMS)]
+    chunks = [{"chunk_bytes": 1 << 26}] * 4
+    s3 = SimpleNamespace(_config=SimpleNamespace(_downloader=object(), _remote_dir="s3://bucket/data", _chunks=chunks))
+    assert PrepareChunksThread._async_prefetch(s3) is True
 
 
 def test_a_tampered_index_is_refused_before_any_chunk_is_read(data: Path, key_pairs: object, tmp_path: Path) -> None:
