@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from trainguard.lazy import lazy_getattr
 from trainguard.provenance.errors import NotAllowedError, ProvenanceError, ShardError
@@ -91,6 +91,48 @@ class ReadLog:
     def digest(self) -> str:
         """SHA-256 of `to_json_lines()`."""
         return hashlib.sha256(self.to_json_lines()).hexdigest()
+
+
+class JournalLog(ReadLog):
+    """A ReadLog that also appends each record, with the reading process's id, as one JSON line in one `write` to a
+    journal file shared by a DataLoader's worker processes, so the main process can collect every worker's reads
+    (`journal_records`)."""
+
+    def __init__(self, journal: Path) -> None:
+        super().__init__()
+        self.journal = journal
+
+    def append(self, record: ReadRecord) -> None:
+        super().append(record)
+        journal_entry(self.journal, {"read": vars(record), "pid": os.getpid()})
+
+
+def journal_entry(path: Path, entry: dict[str, object]) -> None:
+    """Appends one JSON line to a journal in a single `write` (atomic for lines this short with O_APPEND)."""
+    line = (json.dumps(entry, sort_keys=True, separators=(",", ":")) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def journal_entries(path: Path) -> list[dict[str, Any]]:
+    """Every entry of a journal, in the order written (none when nothing was written yet)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def journal_records(path: Path) -> ReadLog:
+    """The reads a journal holds, as one ReadLog."""
+    log = ReadLog()
+    for entry in journal_entries(path):
+        if "read" in entry:
+            log.append(ReadRecord(**entry["read"]))
+    return log
 
 
 class ShardReader:
