@@ -51,6 +51,11 @@ class VerifyingKey:
     def to_pem(self) -> bytes:
         return self._key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
+    def __reduce__(self) -> tuple[Any, tuple[bytes]]:
+        """Pickles as its PEM (the library's key objects do not pickle), so verified statements reach spawned
+        DataLoader workers."""
+        return verifying_key_from_pem, (self.to_pem(),)
+
 
 @dataclass(frozen=True, repr=False)
 class SigningKey:

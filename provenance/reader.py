@@ -93,6 +93,10 @@ class ReadLog:
         return hashlib.sha256(self.to_json_lines()).hexdigest()
 
 
+COPY_BLOCK = 8 * 1024 * 1024
+"""Bytes read, hashed and written at a time when a chunk is copied into the private cache."""
+
+
 class JournalLog(ReadLog):
     """A ReadLog that also appends each record, with the reading process's id, as one JSON line in one `write` to a
     journal file shared by a DataLoader's worker processes, so the main process can collect every worker's reads
@@ -133,6 +137,21 @@ def journal_records(path: Path) -> ReadLog:
         if "read" in entry:
             log.append(ReadRecord(**entry["read"]))
     return log
+
+
+def journal_refusal(path: Path, error: ShardError) -> None:
+    """Journals a refusal, so the main process can raise it as it was (a worker's exception reaches it as text)."""
+    refusal = {"shard": error.shard, "reason": error.reason, "message": str(error)}
+    journal_entry(path, {"refusal": refusal, "pid": os.getpid()})
+
+
+def first_refusal(path: Path) -> ShardError | None:
+    """The first refusal a journal holds, as the ShardError that was raised."""
+    for entry in journal_entries(path):
+        if "refusal" in entry:
+            refused = entry["refusal"]
+            return ShardError(refused["message"], shard=refused["shard"], reason=refused["reason"])
+    return None
 
 
 class ShardReader:
@@ -272,6 +291,39 @@ class ShardReader:
         """A read-only file object over the shard's verified bytes, for code that wants a file
         (`PIL.Image.open(reader.open(name))`, `np.load(reader.open(name))`); the shard is read and checked once."""
         return VerifiedFile(self.read_bytes(name), name)
+
+    def copy_to(self, name: str, target: str) -> None:
+        """Copies shard `name` into the new file `target` in one pass: `COPY_BLOCK` reads, each hashed and written, so
+        every byte is read and hashed once (a large shard's chunk digests are not needed: nothing reads `target` before
+        the caller publishes it). Only when exactly the signed size was read and the whole-file SHA-256 matches the
+        signed digest does this return, and log the read; otherwise it raises the ShardError and `target` must be
+        removed. The shard is opened as every read opens it (listed, allowed, safe path, regular file, signed
+        size)."""
+        shard = self.entry(name)
+        digest = hashlib.sha256()
+        buffer = memoryview(bytearray(max(1, min(COPY_BLOCK, shard.size))))
+        remaining = shard.size
+        with os.fdopen(self._open(shard), "rb", buffering=0) as source, open(target, "xb") as copy:
+            while remaining:
+                count = source.readinto(buffer[: min(len(buffer), remaining)])
+                if not count:
+                    message = (
+                        f"shard {name}: changed while reading ({shard.size - remaining} bytes, signed {shard.size})"
+                    )
+                    raise ShardError(message, shard=name, reason="truncated")
+                block = buffer[:count]
+                digest.update(block)
+                copy.write(block)
+                remaining -= count
+            if source.read(1):
+                raise ShardError(f"shard {name}: grew while reading", shard=name, reason="appended")
+        if digest.hexdigest() != shard.sha256:
+            raise ShardError(
+                f"shard {name}: sha256 {digest.hexdigest()} differs from the signed {shard.sha256}",
+                shard=name,
+                reason="digest-mismatch",
+            )
+        self._record(shard, shard.sha256)
 
     def read_samples(self, name: str, decoder: Decoder | Mapping[str, Decoder]) -> Samples:
         """The shard decoded by `decoder` (or the one a mapping holds for its suffix) from its verified bytes; the

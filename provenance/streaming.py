@@ -3,13 +3,11 @@ only its own shards (split across DDP ranks, then across workers), so verificati
 
 Every read is journalled with the process that made it, and a refusal in a worker is journalled too, so the main
 process keeps one exact read log and re-raises the worker's `ShardError` as it was (a worker's exception otherwise
-crosses the process boundary as a multi-line text with its reason lost). Workers must be forked (Linux's default):
-verified statements hold key objects that do not pickle.
+crosses the process boundary as a multi-line text with its reason lost). Forked and spawned workers both work.
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -25,9 +23,9 @@ from trainguard.provenance.reader import (
     JournalLog,
     ReadLog,
     ShardReader,
-    journal_entries,
-    journal_entry,
+    first_refusal,
     journal_records,
+    journal_refusal,
 )
 from trainguard.provenance.verify import VerifiedManifest
 
@@ -73,11 +71,7 @@ class StreamingShards(IterableDataset):
 
     def refusal(self) -> ShardError | None:
         """The first refusal a worker journalled, as the ShardError it raised."""
-        for entry in journal_entries(self.journal):
-            if "refusal" in entry:
-                refused = entry["refusal"]
-                return ShardError(refused["message"], shard=refused["shard"], reason=refused["reason"])
-        return None
+        return first_refusal(self.journal)
 
     def own_shards(self) -> list[tuple[int, str]]:
         """This process's shards: the epoch's order, split by DDP rank, then by DataLoader worker."""
@@ -97,8 +91,7 @@ class StreamingShards(IterableDataset):
             try:
                 samples = reader.read_samples(name, self.decoders)
             except ShardError as error:
-                refusal = {"shard": error.shard, "reason": error.reason, "message": str(error)}
-                journal_entry(self.journal, {"refusal": refusal, "pid": os.getpid()})
+                journal_refusal(self.journal, error)
                 raise
             inputs, targets = torch.as_tensor(samples.inputs, dtype=torch.float32), torch.as_tensor(samples.targets)
             order = torch.randperm(len(samples)) if self.shuffle else torch.arange(len(samples))

@@ -12,7 +12,6 @@ and every refusal is appended to a journal file that the main process reads back
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -20,7 +19,7 @@ import tempfile
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +32,15 @@ from litdata.streaming.resolver import Dir
 from trainguard.provenance.errors import ShardError
 from trainguard.provenance.formats import Samples
 from trainguard.provenance.paths import name_problem
-from trainguard.provenance.reader import ReadLog, ReadRecord, ShardReader
+from trainguard.provenance.reader import (
+    JournalLog,
+    ReadLog,
+    ShardReader,
+    first_refusal,
+    journal_entries,
+    journal_records,
+    journal_refusal,
+)
 
 if TYPE_CHECKING:
     from trainguard.provenance.allowlist import AllowList
@@ -46,8 +53,6 @@ SAFE_FORMATS = frozenset(
      "no_header_tensor"}
 )  # fmt: skip
 """litdata serializers that decode without pickle (`pickle`, `graph` and the `file`/media decoders are refused)."""
-COPY_BLOCK = 8 * 1024 * 1024
-"""Bytes read, hashed and written at a time when a chunk is copied into the private cache."""
 _SOURCE = "trainguard-source"
 _REFUSED_OPTIONS = frozenset({"input_dir", "cache_dir", "index_path", "storage_options", "window_direct_io"})
 
@@ -88,36 +93,6 @@ def _rebuild_source(
 
     keys = KeySet(tuple(verifying_key_from_pem(pem) for pem in pems), *settings)
     return VerifiedSource(replace(verified, key_set=keys), prefix, journal, allow)
-
-
-class JournalLog(ReadLog):
-    """A ReadLog that also appends each record, with the reading process's id, as one JSON line in one `write` to
-    a journal file shared by the DataLoader's processes."""
-
-    def __init__(self, journal: Path) -> None:
-        super().__init__()
-        self.journal = journal
-
-    def append(self, record: ReadRecord) -> None:
-        super().append(record)
-        _journal(self.journal, {"read": asdict(record), "pid": os.getpid()})
-
-
-def _journal(path: Path, entry: Mapping[str, object]) -> None:
-    line = (json.dumps(entry, sort_keys=True, separators=(",", ":")) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
-
-
-def _journal_entries(path: Path) -> list[dict[str, Any]]:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return []
-    return [json.loads(line) for line in text.splitlines()]
 
 
 class VerifyingDownloader(Downloader):
@@ -164,12 +139,12 @@ class VerifyingDownloader(Downloader):
             return
         temporary = f"{local_filepath}.tmp.{os.getpid()}.{threading.get_ident()}"
         try:
-            copy_verified(self.reader(), name, temporary)
+            self.reader().copy_to(name, temporary)
         except BaseException as error:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(temporary)
             if isinstance(error, ShardError):
-                _journal(self._source.journal, {"refused": _refusal(error), "pid": os.getpid()})
+                journal_refusal(self._source.journal, error)
             raise
         self._publish_file(temporary, local_filepath)
 
@@ -239,27 +214,19 @@ class VerifiedStreamingDataset(StreamingDataset):
 
     def read_log(self) -> ReadLog:
         """Every verified read of this dataset, in every process (DataLoader workers included), in journal order."""
-        log = ReadLog()
-        for entry in _journal_entries(self.source.journal):
-            if "read" in entry:
-                log.append(ReadRecord(**entry["read"]))
-        return log
+        return journal_records(self.source.journal)
 
     def readers(self) -> dict[str, set[int]]:
         """Which processes verified each shard (the ids of DataLoader workers, or of this process)."""
         readers: dict[str, set[int]] = {}
-        for entry in _journal_entries(self.source.journal):
+        for entry in journal_entries(self.source.journal):
             if "read" in entry:
                 readers.setdefault(entry["read"]["name"], set()).add(entry["pid"])
         return readers
 
     def refusal(self) -> ShardError | None:
         """The first refusal of a chunk in any process, as the ShardError it raised there."""
-        for entry in _journal_entries(self.source.journal):
-            if "refused" in entry:
-                refused = entry["refused"]
-                return ShardError(refused["message"], shard=refused["shard"], reason=refused["reason"])
-        return None
+        return first_refusal(self.source.journal)
 
 
 class VerifiedStreamingDataLoader(StreamingDataLoader):
@@ -276,37 +243,6 @@ class VerifiedStreamingDataLoader(StreamingDataLoader):
             if refusal is None:
                 raise
             raise refusal from None
-
-
-def copy_verified(reader: ShardReader, name: str, target: str) -> None:
-    """Copies shard `name` into the new file `target` in one pass: `COPY_BLOCK` reads, each hashed and written, so
-    every byte is read and hashed once (a large shard's chunk digests are not needed: nothing reads `target` before
-    the caller publishes it). Only when exactly the signed size was read and the whole-file SHA-256 matches the
-    signed digest does this return, and log the read; otherwise it raises the ShardError and `target` must be
-    removed. The shard is opened as `ShardReader` opens it (listed, allowed, safe path, regular file, signed size)."""
-    shard = reader.entry(name)
-    digest = hashlib.sha256()
-    buffer = memoryview(bytearray(max(1, min(COPY_BLOCK, shard.size))))
-    remaining = shard.size
-    with os.fdopen(reader._open(shard), "rb", buffering=0) as source, open(target, "xb") as copy:
-        while remaining:
-            count = source.readinto(buffer[: min(len(buffer), remaining)])
-            if not count:
-                message = f"shard {name}: changed while reading ({shard.size - remaining} bytes, signed {shard.size})"
-                raise ShardError(message, shard=name, reason="truncated")
-            block = buffer[:count]
-            digest.update(block)
-            copy.write(block)
-            remaining -= count
-        if source.read(1):
-            raise ShardError(f"shard {name}: grew while reading", shard=name, reason="appended")
-    if digest.hexdigest() != shard.sha256:
-        raise ShardError(
-            f"shard {name}: sha256 {digest.hexdigest()} differs from the signed {shard.sha256}",
-            shard=name,
-            reason="digest-mismatch",
-        )
-    reader._record(shard, shard.sha256)
 
 
 def check_index(source: VerifiedSource, data: bytes) -> None:
@@ -398,10 +334,6 @@ def _wrapped_refusal(error: BaseException) -> ShardError | None:
     while cause is not None and not isinstance(cause, ShardError):
         cause = cause.__cause__ or cause.__context__
     return None if isinstance(error, ShardError) else cause
-
-
-def _refusal(error: ShardError) -> dict[str, str | None]:
-    return {"shard": error.shard, "reason": error.reason, "message": str(error)}
 
 
 def _remove_private(root: Path, owner: int) -> None:

@@ -20,15 +20,14 @@ from hypothesis import strategies as st
 from litdata.streaming.reader import PrepareChunksThread
 from PIL import Image
 
+from trainguard.provenance import reader as reader_module
 from trainguard.provenance import sign_dataset, write_manifest
 from trainguard.provenance.errors import ShardError
-from trainguard.provenance.formats import litdata as litdata_format
 from trainguard.provenance.formats.litdata import (
     VerifiedSource,
     VerifiedStreamingDataLoader,
     VerifiedStreamingDataset,
     check_index,
-    copy_verified,
     decode_litdata_items,
     iter_samples,
 )
@@ -169,12 +168,12 @@ def test_a_tampered_chunk_stops_iteration_before_any_of_its_items(
 def test_a_chunk_is_copied_in_one_pass_and_logged_once_its_whole_digest_matches(
     data: Path, key_pairs: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block: int, chunk_size: int
 ) -> None:
-    monkeypatch.setattr(litdata_format, "COPY_BLOCK", block)
+    monkeypatch.setattr(reader_module, "COPY_BLOCK", block)
     verified = signed(data, key_pairs, tmp_path, chunk_size=chunk_size)  # 1000: the chunks have chunk digests too
     reader = ShardReader(verified)
     name = chunk_names(data)[0]
 
-    copy_verified(reader, name, str(tmp_path / "copy"))
+    reader.copy_to(name, str(tmp_path / "copy"))
 
     assert (tmp_path / "copy").read_bytes() == (data / name).read_bytes()
     assert [(r.name, r.sha256) for r in reader.log.records] == [(name, reader.entry(name).sha256)]
@@ -183,7 +182,7 @@ def test_a_chunk_is_copied_in_one_pass_and_logged_once_its_whole_digest_matches(
 def test_a_chunk_changed_after_signing_is_refused_and_never_logged(
     data: Path, key_pairs: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(litdata_format, "COPY_BLOCK", 1000)
+    monkeypatch.setattr(reader_module, "COPY_BLOCK", 1000)
     verified = signed(data, key_pairs, tmp_path)
     flipped, grown, cut = chunk_names(data)[:3]
     flip_a_byte(data / flipped)
@@ -194,7 +193,7 @@ def test_a_chunk_changed_after_signing_is_refused_and_never_logged(
 
     for name, reason in [(flipped, "digest-mismatch"), (grown, "appended"), (cut, "truncated")]:
         with pytest.raises(ShardError) as refused:
-            copy_verified(reader, name, str(tmp_path / Path(name).name))
+            reader.copy_to(name, str(tmp_path / Path(name).name))
         assert (refused.value.shard, refused.value.reason) == (name, reason)
 
     assert reader.log.records == ()

@@ -120,3 +120,13 @@ def test_writing_a_key_pair_never_follows_a_planted_symlink(tmp_path: Path) -> N
     assert victim.read_bytes() == b"precious"
     assert not private.is_symlink() and not public.is_symlink()
     assert stat.S_IMODE(private.stat().st_mode) == 0o600 and load_signing_key(private)
+
+
+@pytest.mark.parametrize("key_type", KEY_TYPES)
+def test_a_verifying_key_pickles_as_its_pem_and_still_verifies(key_type: str) -> None:
+    import pickle
+
+    key = generate_signing_key(key_type)
+    copy = pickle.loads(pickle.dumps(key.public))
+    assert copy == key.public and copy.keyid == key.keyid
+    assert copy.verify(key.sign(b"shard"), b"shard") and not copy.verify(key.sign(b"shard"), b"other")
