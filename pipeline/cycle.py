@@ -31,6 +31,7 @@ from trainguard.pipeline.attestation import (
     read_log_resource,
 )
 from trainguard.pipeline.config import CycleConfig, load_config
+from trainguard.pipeline.distributed import Meeting, Stopped, join, launch_from_env, share
 from trainguard.pipeline.errors import CycleAbortedError, StateError, TamperedStateError
 from trainguard.pipeline.intake import (
     Intake,
@@ -52,6 +53,7 @@ from trainguard.provenance.dataset import VerifiedDataModule
 from trainguard.provenance.errors import ProvenanceError
 from trainguard.provenance.formats import Decoder
 from trainguard.provenance.keys import load_signing_key
+from trainguard.provenance.verify import VerifiedManifest
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ class _Cycle:
     state: CycleState
     tracker: CycleTracker
     report: dict[str, Any]
+    meeting: Meeting = field(default_factory=lambda: Meeting(None))
 
     @property
     def number(self) -> int:
@@ -106,9 +109,25 @@ class _Cycle:
 
 def run_cycle(config_path: Path, *, reinit: bool = False) -> CycleOutcome:
     """Runs one cycle of the config at `config_path`; raises CycleAbortedError when a check (or anything else)
-    stops it. `reinit` starts a new state where none exists beside released models, numbering after them."""
+    stops it. `reinit` starts a new state where none exists beside released models, numbering after them.
+
+    Started by a launcher (torchrun, SLURM), rank 0 runs the cycle and the other ranks only train their share."""
     config = load_config(config_path)
-    config_sha256 = hashlib.sha256(Path(config_path).read_bytes()).hexdigest()
+    launch = launch_from_env()
+    if launch is not None:
+        join(launch)
+        if not launch.leader:
+            return _follow(config)
+    meeting = Meeting(launch)
+    try:
+        return _lead(config, Path(config_path), reinit, meeting)
+    except Exception as error:
+        meeting.send(Stopped(" ".join(str(error).split())))  # the other ranks wait for a plan: say why none comes
+        raise
+
+
+def _lead(config: CycleConfig, config_path: Path, reinit: bool, meeting: Meeting) -> CycleOutcome:
+    config_sha256 = hashlib.sha256(config_path.read_bytes()).hexdigest()
     try:
         key = load_signing_key(config.output.attestation_key_path)
     except ProvenanceError as error:
@@ -119,7 +138,7 @@ def run_cycle(config_path: Path, *, reinit: bool = False) -> CycleOutcome:
         tracker = CycleTracker.connect(
             config.tracking.experiment_name, config.tracking.registered_model_name, config.tracking.uri
         )
-        cycle = _Cycle(config, Path(config_path), config_sha256, store, state, tracker, {})
+        cycle = _Cycle(config, config_path, config_sha256, store, state, tracker, {}, meeting)
         cycle.report = {"cycle": cycle.number, "config": str(config_path), "config_sha256": config_sha256}
         pl.seed_everything(config.training.seed, workers=True, verbose=False)
         with tracker.cycle(f"{config.name}-cycle-{cycle.number}", params=config.resolved()) as parent:
@@ -134,6 +153,53 @@ def run_cycle(config_path: Path, *, reinit: bool = False) -> CycleOutcome:
                 if aborted is error:
                     raise
                 raise aborted from error
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What every rank trains from: the statements rank 0 verified, the allow-list of the shards it accepted, the
+    held-out set and the gate's baseline."""
+
+    cycle: int
+    manifests: tuple[VerifiedManifest, ...]
+    allow: AllowList
+    holdout: LabeledData
+    previous: HeldoutMetrics | None
+    columns: list[str] | None
+
+
+def _training_data(config: CycleConfig, plan: TrainingPlan) -> VerifiedDataModule:
+    """The data module training reads through: the plan's verified statements and allow-list, nothing else."""
+    return VerifiedDataModule.from_verified(
+        plan.manifests,
+        plan.allow,
+        feature_columns=plan.columns,
+        label_column=config.validation.label_column,
+        decoders=_decoders(config),
+        transform=config.data.transform.instantiate() if config.data.transform else None,
+        val_transform=config.data.val_transform.instantiate() if config.data.val_transform else None,
+        batch_size=config.training.batch_size,
+        num_workers=config.training.num_workers,
+        seed=config.training.seed,
+    )
+
+
+def _follow(config: CycleConfig) -> CycleOutcome:
+    """A rank other than 0: trains its share of the plan rank 0 shares; rank 0 judges, signs and records."""
+    plan = share()
+    if isinstance(plan, Stopped):
+        raise CycleAbortedError(f"rank 0 stopped the cycle: {plan.reason}", check="rank-0")
+    pl.seed_everything(config.training.seed, workers=True, verbose=False)
+    result = train(config.model.instantiate(), config, _training_data(config, plan), plan.holdout, plan.previous, None)
+    return CycleOutcome(
+        cycle=plan.cycle,
+        status="follower",
+        reason="trained its share; rank 0 judges, signs and records the cycle",
+        report=config.output.work_dir / "reports" / f"cycle-{plan.cycle:04d}.json",
+        model_dir=None,
+        tracking="logged by rank 0",
+        metrics=result.metrics,
+    )
 
 
 def _aborted(error: Exception) -> CycleAbortedError:
@@ -202,18 +268,9 @@ def _run(cycle: _Cycle, parent: TrackedRun) -> CycleOutcome:
 
     allow = _allow_list(cycle, intake)
     cycle.report["allow_list"] = allow.to_json()
-    data = VerifiedDataModule.from_verified(
-        intake.manifests,
-        allow,
-        feature_columns=columns,
-        label_column=config.validation.label_column,
-        decoders=_decoders(config),
-        transform=config.data.transform.instantiate() if config.data.transform else None,
-        val_transform=config.data.val_transform.instantiate() if config.data.val_transform else None,
-        batch_size=config.training.batch_size,
-        num_workers=config.training.num_workers,
-        seed=config.training.seed,
-    )
+    plan = TrainingPlan(cycle.number, intake.manifests, allow, holdout, previous, columns)
+    cycle.meeting.send(plan)
+    data = _training_data(config, plan)
     with parent.stage("training") as stage:
         result = train(model, config, data, holdout, previous, stage.lightning_logger())
         read_log = _checked_read_log(cycle, allow, result)

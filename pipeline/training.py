@@ -28,14 +28,17 @@ class TrainingResult:
     robust_accuracy: dict[str, float]
 
 
-def trainer(config: CycleConfig, callbacks: Sequence[pl.Callback], logger: Any, max_epochs: int) -> pl.Trainer:
-    """A Trainer built from the config's training section (no checkpoints: the cycle saves signed models)."""
+def trainer(
+    config: CycleConfig, callbacks: Sequence[pl.Callback], logger: Any, max_epochs: int, *, alone: bool = False
+) -> pl.Trainer:
+    """A Trainer built from the config's training section (no checkpoints: the cycle saves signed models); `alone`
+    runs it in this process only, whatever the config's devices and strategy (rank 0's bootstrap)."""
     section = config.training
     return pl.Trainer(
         max_epochs=max_epochs,
         accelerator=section.accelerator,
-        devices=section.devices,
-        strategy=section.strategy,
+        devices=1 if alone else section.devices,
+        strategy="auto" if alone else section.strategy,
         deterministic=section.deterministic,
         callbacks=list(callbacks),
         logger=logger if logger is not None else False,
@@ -55,7 +58,7 @@ def bootstrap(model: pl.LightningModule, config: CycleConfig, trusted: LabeledDa
         shuffle=True,
         generator=torch.Generator().manual_seed(config.training.seed),
     )
-    trainer(config, [], None, config.training.bootstrap_epochs).fit(model, loader)
+    trainer(config, [], None, config.training.bootstrap_epochs, alone=True).fit(model, loader)
 
 
 def defense_callbacks(config: CycleConfig, holdout: LabeledData, previous: HeldoutMetrics | None) -> list[pl.Callback]:

@@ -55,7 +55,7 @@ def cycle(config: Path, as_json: bool, reinit: bool) -> None:
         )
     else:
         print_outcome(outcome)
-    if outcome.status != "accepted":
+    if outcome.status not in ("accepted", "follower"):
         raise SystemExit(1)
 
 
