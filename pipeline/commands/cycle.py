@@ -29,7 +29,10 @@ def cycle(config: Path, as_json: bool, reinit: bool) -> None:
     from trainguard.pipeline.config import load_config
     from trainguard.pipeline.errors import CycleAbortedError
 
-    load_config(config)  # a bad config fails here, before torch is even imported
+    loaded = load_config(config)  # a bad config fails here, before torch is even imported
+    processes = _processes(loaded.training.devices, loaded.training.strategy)
+    if processes > 1:
+        _relaunch(processes)
     from trainguard.pipeline.cycle import run_cycle
 
     try:
@@ -57,6 +60,25 @@ def cycle(config: Path, as_json: bool, reinit: bool) -> None:
         print_outcome(outcome)
     if outcome.status not in ("accepted", "follower"):
         raise SystemExit(1)
+
+
+def _processes(devices: object, strategy: str) -> int:
+    """How many processes a DDP config asks for on this node when no launcher started this one (else 1)."""
+    from trainguard.pipeline.distributed import launch_from_env
+
+    if launch_from_env() is not None or not strategy.startswith("ddp") or not isinstance(devices, int):
+        return 1
+    return devices
+
+
+def _relaunch(processes: int) -> None:
+    """Runs this same command as `processes` ranks under torch's launcher (one node), and exits with its code:
+    rank 0 leads the cycle, the others train their share."""
+    import os
+    import sys
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    os.execv(sys.executable, [*command, "-m", "trainguard.pipeline.cli", *sys.argv[1:]])
 
 
 def print_outcome(outcome: object) -> None:

@@ -91,3 +91,18 @@ def test_a_cycle_rank_zero_stops_ends_every_rank_with_its_reason(project: Path, 
     assert done.returncode != 0
     assert "rank 0 stopped the cycle: " in done.stderr and "digest-mismatch" in done.stderr
     assert not (project / "demo-work" / "cycle" / "models").exists()
+
+
+def test_a_ddp_config_started_plainly_runs_its_ranks_on_this_node(project: Path, mlflow_server: str) -> None:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "OMP_NUM_THREADS": "1"}
+    trainguard = str(Path(sys.executable).parent / "trainguard")
+    done = subprocess.run(
+        [trainguard, "cycle", "--config", "cycle.yaml"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "trained its share" in done.stdout and "cycle 1 accepted" in done.stdout
