@@ -231,14 +231,8 @@ class ShardReader:
                 shard=name,
                 reason="truncated" if len(data) < shard.size else "appended",
             )
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != shard.sha256:
-            raise ShardError(
-                f"shard {name}: sha256 {digest} differs from the signed {shard.sha256}",
-                shard=name,
-                reason="digest-mismatch",
-            )
-        self._record(shard, digest)
+        _check_digest(shard, hashlib.sha256(data).hexdigest())
+        self._record(shard, shard.sha256)
         return data
 
     def read_chunk(self, name: str, index: int) -> bytes:
@@ -279,13 +273,8 @@ class ShardReader:
                 yield data
             if stream.read(1):
                 raise ShardError(f"shard {name}: grew while reading", shard=name, reason="appended")
-        if whole.hexdigest() != shard.sha256:
-            raise ShardError(
-                f"shard {name}: whole-file sha256 {whole.hexdigest()} differs from the signed {shard.sha256}",
-                shard=name,
-                reason="digest-mismatch",
-            )
-        self._record(shard, whole.hexdigest())
+        _check_digest(shard, whole.hexdigest())
+        self._record(shard, shard.sha256)
 
     def open(self, name: str) -> VerifiedFile:
         """A read-only file object over the shard's verified bytes, for code that wants a file
@@ -317,12 +306,7 @@ class ShardReader:
                 remaining -= count
             if source.read(1):
                 raise ShardError(f"shard {name}: grew while reading", shard=name, reason="appended")
-        if digest.hexdigest() != shard.sha256:
-            raise ShardError(
-                f"shard {name}: sha256 {digest.hexdigest()} differs from the signed {shard.sha256}",
-                shard=name,
-                reason="digest-mismatch",
-            )
+        _check_digest(shard, digest.hexdigest())
         self._record(shard, shard.sha256)
 
     def read_samples(self, name: str, decoder: Decoder | Mapping[str, Decoder]) -> Samples:
@@ -376,6 +360,16 @@ class ShardReader:
                     pending = pool.submit(self.read_bytes, ordered[index + 1])
                 records = self.entry(name).records
                 yield name, parse_frame(name, data, columns, records=records, limit=self.decode_limit)
+
+
+def _check_digest(shard: ShardEntry, found: str) -> None:
+    """Refuses bytes whose whole-file SHA-256 is not the signed one."""
+    if found != shard.sha256:
+        raise ShardError(
+            f"shard {shard.name}: whole-file sha256 {found} differs from the signed {shard.sha256}",
+            shard=shard.name,
+            reason="digest-mismatch",
+        )
 
 
 class VerifiedFile(io.BytesIO):
