@@ -11,7 +11,7 @@ accumulation (parameter `.grad` untouched) and DDP (purely local work, no collec
 module that matches the batch's input tensor), not from an extra forward pass: the attack's own last logits belong
 to the point before its last step (and, for FGSM, to the clean or random-start point), while the training forward
 sees exactly the crafted batch. When `training_step` never calls the module on that tensor, an eval-mode forward
-counts the successes instead, with a warning.
+before the backward pass (same weights as the crafting) counts the successes instead, with a warning.
 """
 
 from __future__ import annotations
@@ -154,6 +154,7 @@ class AdversarialTraining(pl.Callback):
     ) -> None:
         if self.attack is None:
             raise AttackConfigError("AdversarialTraining was not set up: attach it to the Trainer's callbacks")
+        self._drop_watch()
         x, y = self.keys.get(batch)
         eps = self.current_eps(trainer, batch_idx)
         n = x.shape[0]
@@ -190,9 +191,7 @@ class AdversarialTraining(pl.Callback):
         logits = output.detach() if watch.rows is None else output.detach()[watch.rows]
         self._count_successes(logits, watch)
 
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         watch = self._watch
         if watch is None:
             return
@@ -205,8 +204,7 @@ class AdversarialTraining(pl.Callback):
 
     def _count_successes(self, logits: torch.Tensor, watch: _Watch) -> None:
         assert self.attack is not None
-        watch.hook.remove()
-        self._watch = None
+        self._drop_watch()
         predicted = logits.argmax(dim=1)
         hit = predicted == watch.target if self.attack.targeted else predicted != watch.target
         self._hits += hit.sum()
@@ -222,7 +220,11 @@ class AdversarialTraining(pl.Callback):
             pl_module.log("adv/success", hits[0] / hits[1], on_step=False, on_epoch=True)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._watch is not None:  # a training_step that raised leaves its batch unobserved
+        self._drop_watch()
+
+    def _drop_watch(self) -> None:
+        # Also drops the batch of a training_step that returned None (no backward) or raised: it was not trained on.
+        if self._watch is not None:
             self._watch.hook.remove()
             self._watch = None
 
