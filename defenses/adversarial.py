@@ -10,7 +10,8 @@ accumulation (parameter `.grad` untouched) and DDP (purely local work, no collec
 `adv/success` is read from the logits of the training forward on the adversarial batch (a forward hook on the
 module that matches the batch's input tensor), not from an extra forward pass: the attack's own last logits belong
 to the point before its last step (and, for FGSM, to the clean or random-start point), while the training forward
-sees exactly the crafted batch. When `training_step` never calls the module on that tensor, an eval-mode forward
+sees exactly the crafted batch (in train mode: with batch norm or dropout the count can differ slightly from an
+eval-mode one). When `training_step` never calls the module on that tensor, an eval-mode forward
 before the backward pass (same weights as the crafting) counts the successes instead, with a warning.
 """
 
