@@ -3,25 +3,47 @@
 Before each `training_step` (Lightning's `on_train_batch_start`, which receives the very batch object that
 `training_step` gets next) the callback crafts adversarial inputs against the current model and puts them into the
 batch in place: a new tensor in lists and dicts, overwritten values in immutable tuples. Crafting runs the module
-in eval mode, in the input's dtype outside any autocast, and differentiates w.r.t. the inputs only, so mixed
-precision, gradient accumulation (parameter `.grad` untouched) and DDP (purely local work, no collective) are safe.
+in eval mode, under the autocast of the trainer's precision plugin (or in float32 with `crafting="fp32"`), keeps
+the perturbation in the input's dtype and differentiates w.r.t. the inputs only, so mixed precision, gradient
+accumulation (parameter `.grad` untouched) and DDP (purely local work, no collective) are safe.
+
+`adv/success` is read from the logits of the training forward on the adversarial batch (a forward hook on the
+module that matches the batch's input tensor), not from an extra forward pass: the attack's own last logits belong
+to the point before its last step (and, for FGSM, to the clean or random-start point), while the training forward
+sees exactly the crafted batch (in train mode: with batch norm or dropout the count can differ slightly from an
+eval-mode one). When `training_step` never calls the module on that tensor, an eval-mode forward
+before the backward pass (same weights as the crafting) counts the successes instead, with a warning.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
+from torch.utils.hooks import RemovableHandle
 
-from trainguard.defenses.attacks import ATTACKS, crafting_mode, make_attack, parse_norm
+from trainguard.defenses.attacks import ATTACKS, crafting_autocast, make_attack, parse_crafting, parse_norm
 from trainguard.defenses.attacks.base import Attack, Bound, LossFn
 from trainguard.defenses.attacks.batches import BatchKeys, Key
 from trainguard.defenses.errors import AttackConfigError
 
 ModuleForward = Callable[[pl.LightningModule, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class _Watch:
+    """An adversarial batch awaiting its training forward: the tensor `training_step` gets, the attacked rows."""
+
+    batch_input: torch.Tensor
+    x_adv: torch.Tensor
+    target: torch.Tensor
+    rows: torch.Tensor | None
+    hook: RemovableHandle
 
 
 class AdversarialTraining(pl.Callback):
@@ -31,9 +53,9 @@ class AdversarialTraining(pl.Callback):
     epochs (step by step); `step_size` scales with the warmed-up eps. `loss(logits, target)` is what the attack
     maximises (default: summed cross-entropy); `forward(module, x)` how logits are obtained (default: `module(x)`).
     `input_key`/`target_key` locate the tensors in dict batches (tuples/lists default to positions 0 and 1).
-    Logs `adv/eps` (mean over the epoch's rows) and `adv/success` (fraction of attacked rows the model, in eval
-    mode, misclassifies after the attack; summed over DDP ranks) once per epoch; `log_success=False` saves the
-    extra forward pass that success costs.
+    `crafting="trainer"` crafts under the autocast of the trainer's precision (e.g. bf16 with
+    `precision="bf16-mixed"`), `"fp32"` in float32. Logs `adv/eps` (mean over the epoch's rows) and `adv/success`
+    (fraction of attacked rows the training forward misclassifies; summed over DDP ranks) once per epoch.
     """
 
     def __init__(
@@ -54,6 +76,7 @@ class AdversarialTraining(pl.Callback):
         forward: ModuleForward | None = None,
         seed: int | None = None,
         log_success: bool = True,
+        crafting: str = "trainer",
     ) -> None:
         if attack.lower() not in ATTACKS:
             raise AttackConfigError(f"unknown attack {attack!r}: choose one of {', '.join(ATTACKS)}")
@@ -77,10 +100,13 @@ class AdversarialTraining(pl.Callback):
         self.forward = forward
         self.seed = seed
         self.log_success = log_success
+        self.crafting = parse_crafting(crafting)
         self.attack: Attack | None = None
+        self._watch: _Watch | None = None
         self._pending_state: dict[str, Any] | None = None
         self._eps_sum, self._rows = 0.0, 0
-        self._hits = torch.zeros(2)
+        self._hits = torch.zeros(())
+        self._watched = 0
 
     @property
     def state_key(self) -> str:
@@ -104,6 +130,7 @@ class AdversarialTraining(pl.Callback):
             loss=self.loss,
             forward=(lambda x: forward(pl_module, x)) if forward is not None else None,
             seed=base + trainer.global_rank,
+            autocast=crafting_autocast(self.crafting, trainer),
         )
         if self._pending_state is not None:
             self.attack.load_state_dict(self._pending_state)
@@ -119,13 +146,16 @@ class AdversarialTraining(pl.Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._eps_sum, self._rows = 0.0, 0
-        self._hits = torch.zeros(2, device=pl_module.device)  # misclassified (or on-target) rows, attacked rows
+        # Successes stay on the device and attacked rows on the host: counting never waits for the device.
+        self._hits = torch.zeros((), device=pl_module.device)
+        self._watched = 0
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self.attack is None:
             raise AttackConfigError("AdversarialTraining was not set up: attach it to the Trainer's callbacks")
+        self._drop_watch()
         x, y = self.keys.get(batch)
         eps = self.current_eps(trainer, batch_idx)
         n = x.shape[0]
@@ -143,24 +173,61 @@ class AdversarialTraining(pl.Callback):
         else:
             x_new = x_adv = self.attack(x, y, eps=eps)
             y_attacked = y
-        if self.log_success and not y_attacked.is_floating_point():
-            self._hits += torch.stack([self._successes(pl_module, x_adv, y_attacked), self._hits.new_tensor(count)])
         self.keys.set_input(batch, x_new)
+        if self.log_success and not y_attacked.is_floating_point():
+            self._watch = _Watch(
+                batch_input=self.keys.get(batch)[0],
+                x_adv=x_adv,
+                target=y_attacked,
+                rows=rows if count < n else None,
+                hook=pl_module.register_forward_hook(self._on_module_forward),
+            )
+
+    def _on_module_forward(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        watch = self._watch
+        if watch is None or not args or args[0] is not watch.batch_input:
+            return
+        if not (isinstance(output, torch.Tensor) and output.dim() == 2 and len(output) == len(watch.batch_input)):
+            return
+        logits = output.detach() if watch.rows is None else output.detach()[watch.rows]
+        self._count_successes(logits, watch)
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        watch = self._watch
+        if watch is None:
+            return
+        assert self.attack is not None
+        rank_zero_warn(
+            "AdversarialTraining: training_step did not call the module on the batch's input tensor, so adv/success "
+            "costs an extra forward pass; call self(x) on the batch input or pass log_success=False"
+        )
+        self._count_successes(self.attack.predict(watch.x_adv), watch)
+
+    def _count_successes(self, logits: torch.Tensor, watch: _Watch) -> None:
+        assert self.attack is not None
+        self._drop_watch()
+        predicted = logits.argmax(dim=1)
+        hit = predicted == watch.target if self.attack.targeted else predicted != watch.target
+        self._hits += hit.sum()
+        self._watched += len(watch.target)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # One log call per metric and epoch: per-step `self.log` costs more than a forward pass of a small model.
-        hits = trainer.strategy.reduce(self._hits, reduce_op="sum")  # every rank joins, even one without batches
+        counts = torch.stack([self._hits, self._hits.new_tensor(self._watched)])
+        hits = trainer.strategy.reduce(counts, reduce_op="sum")  # every rank joins, even one without batches
         if self._rows > 0:
             pl_module.log("adv/eps", self._eps_sum / self._rows, on_step=False, on_epoch=True)
         if hits[1] > 0:
             pl_module.log("adv/success", hits[0] / hits[1], on_step=False, on_epoch=True)
 
-    def _successes(self, pl_module: pl.LightningModule, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        assert self.attack is not None
-        with torch.no_grad(), crafting_mode(pl_module), torch.autocast(x_adv.device.type, enabled=False):
-            predicted = self.attack.forward(x_adv).argmax(dim=1)
-        hit = predicted == y if self.attack.targeted else predicted != y
-        return hit.sum().to(self._hits.dtype)
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._drop_watch()
+
+    def _drop_watch(self) -> None:
+        # Also drops the batch of a training_step that returned None (no backward) or raised: it was not trained on.
+        if self._watch is not None:
+            self._watch.hook.remove()
+            self._watch = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"attack": self.attack.state_dict() if self.attack is not None else {"generator": None}}

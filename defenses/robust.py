@@ -4,6 +4,9 @@ The callback attacks the validation batches Lightning already loads (up to `max_
 the epoch) and logs `val/robust_acc@<eps>` at the end of the epoch through the module, hence through the trainer's
 logger. Lightning's MLFlowLogger strips characters MLflow refuses, so there the name reads `val/robust_acc0.1`;
 pass `name=` to choose another template. Counts are summed over DDP ranks before logging.
+
+Per eps and batch it costs the attack's `steps` forward-backward passes plus the one forward at the final point
+that PGD itself never evaluates (its last logits are those of the point before its last step); no clean forward.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from trainguard.defenses.attacks import PGD, crafting_mode
+from trainguard.defenses.attacks import PGD, crafting_autocast, parse_crafting
 from trainguard.defenses.attacks.base import Bound, LossFn
 from trainguard.defenses.attacks.batches import BatchKeys, Key
 from trainguard.defenses.errors import AttackConfigError
@@ -27,6 +30,7 @@ class RobustAccuracy(pl.Callback):
 
     `max_samples` bounds the cost (None: the whole validation set of `dataloader_idx`); the random starts are drawn
     from `seed` anew each epoch, so epochs are comparable. `name` is a format string with an `{eps}` field.
+    `crafting="trainer"` attacks and predicts under the autocast of the trainer's precision, `"fp32"` in float32.
     """
 
     def __init__(
@@ -45,6 +49,7 @@ class RobustAccuracy(pl.Callback):
         dataloader_idx: int = 0,
         seed: int = 0,
         name: str = "val/robust_acc@{eps:g}",
+        crafting: str = "trainer",
     ) -> None:
         self.eps = tuple(float(e) for e in (eps if isinstance(eps, Sequence) else (eps,)))
         if not self.eps or any(e < 0 for e in self.eps):
@@ -64,6 +69,7 @@ class RobustAccuracy(pl.Callback):
         self.dataloader_idx = dataloader_idx
         self.seed = seed
         self.name = name
+        self.crafting = parse_crafting(crafting)
         self.attack: PGD | None = None
         self._correct: torch.Tensor | None = None
         self._seen = 0
@@ -84,6 +90,7 @@ class RobustAccuracy(pl.Callback):
             loss=self.loss,
             forward=(lambda x: forward(pl_module, x)) if forward is not None else None,
             seed=self.seed + trainer.global_rank,
+            autocast=crafting_autocast(self.crafting, trainer),
         )
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -113,9 +120,7 @@ class RobustAccuracy(pl.Callback):
             if self._correct is None:
                 self._correct = torch.zeros(len(self.eps), dtype=torch.long, device=x.device)
             for i, eps in enumerate(self.eps):
-                x_adv = self.attack(x, y, eps=eps)
-                with torch.no_grad(), crafting_mode(pl_module):
-                    predicted = self.attack.forward(x_adv).argmax(dim=1)
+                predicted = self.attack.predict(self.attack(x, y, eps=eps)).argmax(dim=1)
                 self._correct[i] += (predicted == y).sum()
         self._seen += len(y)
 

@@ -11,6 +11,10 @@ The wrapper's `training_step` computes the TRADES loss from `module(x)` logits; 
 the wrapped module are not called. Its weights live under `module.` in the wrapper's checkpoint (with the
 attack's generator state, so a resumed run draws the same starts); save `wrapper.module.state_dict()` to get the
 bare model.
+
+A training step costs the clean forward, the attack's `steps` forward-backward passes and the adversarial forward:
+the attack maximises the divergence from the clean training forward's (detached) distribution instead of
+computing its own clean forward. It crafts under the trainer's autocast unless `crafting="fp32"`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from torch.nn import functional as F
 
 from trainguard.defenses.attacks.base import Attack, Bound
 from trainguard.defenses.attacks.batches import BatchKeys, Key
+from trainguard.defenses.attacks.precision import crafting_autocast, parse_crafting
 from trainguard.defenses.errors import AttackConfigError
 
 ModuleForward = Callable[[pl.LightningModule, torch.Tensor], torch.Tensor]
@@ -34,7 +39,11 @@ def _kl_to_clean(logits_adv: torch.Tensor, clean_probs: torch.Tensor) -> torch.T
 
 
 class TradesAttack(Attack):
-    """TRADES' inner maximisation: PGD on KL(f(x) || f(x')) from a Gaussian start of 0.001 eps (the KL is flat at x)."""
+    """TRADES' inner maximisation: PGD on KL(p || f(x')) from a Gaussian start of 0.001 eps (the KL is flat at x).
+
+    Called as `attack(x, p)` with `p` the clean class distribution (rows of probabilities), or as `attack(x, y)`
+    with labels, in which case `p = softmax(f(x))` costs one eval-mode forward.
+    """
 
     def __init__(
         self, model: torch.nn.Module, *, eps: float, steps: int = 10, step_size: float | None = None, **kw: Any
@@ -48,9 +57,7 @@ class TradesAttack(Attack):
     def _perturb(
         self, x: torch.Tensor, y: torch.Tensor, eps: float, lower: torch.Tensor, upper: torch.Tensor
     ) -> torch.Tensor:
-        """`y` is ignored: the target distribution is the model's own prediction on the clean input."""
-        with torch.no_grad():
-            clean_probs = F.softmax(self.forward(x), dim=1)
+        clean_probs = y if y.is_floating_point() else F.softmax(self.predict(x).float(), dim=1)
         gen = self.generator(x.device)
         start = x + 0.001 * eps * torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
         x_adv = self.project(start, x, eps, lower, upper)
@@ -82,6 +89,7 @@ class TRADES(pl.LightningModule):
         target_key: Key | None = None,
         forward: ModuleForward | None = None,
         seed: int | None = None,
+        crafting: str = "trainer",
     ) -> None:
         super().__init__()
         if beta < 0:
@@ -90,6 +98,7 @@ class TRADES(pl.LightningModule):
         self.beta = float(beta)
         self.keys = BatchKeys(input_key, target_key)
         self._forward = forward
+        self.crafting = parse_crafting(crafting)
         self.attack = TradesAttack(
             module, eps=eps, steps=steps, step_size=step_size, norm=norm, bounds=bounds, forward=self.forward, seed=seed
         )
@@ -97,12 +106,16 @@ class TRADES(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._forward(self.module, x) if self._forward is not None else self.module(x)
 
+    def setup(self, stage: str) -> None:
+        self.attack.autocast = crafting_autocast(self.crafting, self.trainer)
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = self.keys.get(batch)
-        x_adv = self.attack(x, y)
         logits = self(x)
+        clean_probs = F.softmax(logits.float(), dim=1)
+        x_adv = self.attack(x, clean_probs.detach())
         natural = F.cross_entropy(logits, y)
-        robust = F.kl_div(F.log_softmax(self(x_adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
+        robust = F.kl_div(F.log_softmax(self(x_adv), dim=1), clean_probs, reduction="batchmean")
         loss = natural + self.beta * robust
         n = x.shape[0]
         self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)

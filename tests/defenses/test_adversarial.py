@@ -147,16 +147,65 @@ class DtypeRecorder(Recorder):
         return out
 
 
-def test_mixed_precision_crafts_in_float32_and_trains_under_autocast() -> None:
+@pytest.mark.parametrize("crafting,crafted", [("trainer", torch.bfloat16), ("fp32", torch.float32)])
+def test_mixed_precision_crafts_at_the_trainers_autocast_or_in_float32(crafting, crafted) -> None:
     x, y = data()
     module = DtypeRecorder()
     module.dtypes = []
-    fit(module, DataLoader(TensorDataset(x, y), batch_size=16), [AdversarialTraining("pgd", eps=0.1, steps=2)],
-        precision="bf16-mixed")  # fmt: skip
-    crafting = {dtype for training, dtype in module.dtypes if not training}
-    training = {dtype for training, dtype in module.dtypes if training}
-    assert crafting == {torch.float32} and training == {torch.bfloat16}
-    assert all(r["x"].dtype == torch.float32 for r in module.seen)
+    callback = AdversarialTraining("pgd", eps=0.1, steps=2, crafting=crafting, seed=0)
+    fit(module, DataLoader(TensorDataset(x, y), batch_size=16), [callback], precision="bf16-mixed")
+    crafting_dtypes = {dtype for training, dtype in module.dtypes if not training}
+    training_dtypes = {dtype for training, dtype in module.dtypes if training}
+    assert crafting_dtypes == {crafted} and training_dtypes == {torch.bfloat16}
+    for i, record in enumerate(module.seen):
+        assert record["x"].dtype == torch.float32, "the perturbation stays in the input's float32"
+        delta = (record["x"] - x[16 * i : 16 * (i + 1)]).abs().max().item()
+        assert 0.099 < delta <= 0.1 + 1e-6, "steps and projection are exact in float32, not rounded to bf16"
+
+
+class CountingRecorder(Recorder):
+    """Counts forward calls per mode and records which rows its training forward misclassifies."""
+
+    def __init__(self, bypass: bool = False) -> None:
+        super().__init__()
+        self.bypass = bypass
+        self.calls = {True: 0, False: 0}
+        self.wrong = self.attacked = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls[self.net.training] += 1
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y, clean = batch
+        logits = self.net(x) if self.bypass else self(x)
+        attacked = (x != clean).any(dim=1)
+        self.wrong += int((logits.argmax(1) != y)[attacked].sum())
+        self.attacked += int(attacked.sum())
+        return F.cross_entropy(logits, y)
+
+
+@pytest.mark.parametrize("attack,ratio", [("pgd", 1.0), ("fgsm-rs", 0.5)])
+def test_success_comes_from_the_training_forward_without_an_extra_pass(attack, ratio) -> None:
+    x, y = data()
+    module = CountingRecorder()
+    callback = AdversarialTraining(attack, eps=0.3, steps=3, ratio=ratio, seed=0)
+    trainer = fit(module, DataLoader(TensorDataset(x, y, x.clone()), batch_size=16), [callback])
+
+    steps = 3 if attack == "pgd" else 1
+    assert module.calls == {True: 3, False: 3 * steps}, "crafting steps plus the training forward, nothing more"
+    assert module.attacked == round(ratio * 16) * 3
+    assert trainer.callback_metrics["adv/success"].item() == pytest.approx(module.wrong / module.attacked)
+
+
+def test_success_falls_back_to_an_eval_forward_when_training_step_bypasses_the_module() -> None:
+    x, y = data()
+    module = CountingRecorder(bypass=True)
+    callback = AdversarialTraining("fgsm", eps=0.3, seed=0)
+    with pytest.warns(UserWarning, match="extra forward pass"):
+        trainer = fit(module, DataLoader(TensorDataset(x, y, x.clone()), batch_size=16), [callback])
+    assert module.calls == {True: 0, False: 3 + 3}, "one crafting and one counting forward per batch"
+    assert trainer.callback_metrics["adv/success"].item() == pytest.approx(module.wrong / module.attacked)
 
 
 def _max_perturbation(module: Recorder, x: torch.Tensor, batch: int) -> list[float]:
@@ -201,7 +250,12 @@ def test_dict_batches_without_keys_fail_with_a_clear_error() -> None:
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [({"attack": "cw", "eps": 0.1}, "unknown attack"), ({"eps": 0.1, "ratio": 1.5}, "ratio"), ({"eps": -0.1}, "eps")],
+    [
+        ({"attack": "cw", "eps": 0.1}, "unknown attack"),
+        ({"eps": 0.1, "ratio": 1.5}, "ratio"),
+        ({"eps": -0.1}, "eps"),
+        ({"eps": 0.1, "crafting": "fp16"}, "crafting must be 'trainer' or 'fp32'"),
+    ],
 )
 def test_unusable_settings_are_refused_at_construction(kwargs, match) -> None:
     with pytest.raises(AttackConfigError, match=match):

@@ -209,6 +209,33 @@ def test_crafting_ignores_an_enclosing_autocast() -> None:
     assert adv.dtype == torch.float32 and set(dtypes) == {torch.float32}
 
 
+@pytest.mark.parametrize("norm,eps", [("inf", 0.1), ("2", 1.0)])
+def test_crafting_at_an_autocast_dtype_runs_forwards_in_it_and_keeps_the_perturbation_in_float32(
+    digits_model, norm, eps
+) -> None:
+    model, x, y = digits_model
+    dtypes: list[torch.dtype] = []
+    hook = model.register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
+    try:
+        adv = PGD(model, eps=eps, steps=5, norm=norm, autocast=torch.bfloat16, seed=0)(x, y)
+    finally:
+        hook.remove()
+    assert set(dtypes) == {torch.bfloat16} and adv.dtype == torch.float32
+    delta = adv - x
+    size = delta.abs().amax(1) if norm == "inf" else delta.norm(dim=1)
+    assert torch.all(size <= eps * (1 + 1e-6)) and adv.min() >= 0 and adv.max() <= 1
+    assert (delta.abs() > 0).float().mean() > 0.5, "fp32 steps: not rounded away as bf16 steps near 1.0 would be"
+
+
+@pytest.mark.parametrize("name", ["pgd", "fgsm-rs"])
+def test_bf16_crafting_is_about_as_strong_as_float32(digits_model, name) -> None:
+    model, x, y = digits_model
+    clean = accuracy(model, x, y)
+    fp32 = accuracy(model, make_attack(name, model, eps=0.1, steps=7, seed=0)(x, y), y)
+    bf16 = accuracy(model, make_attack(name, model, eps=0.1, steps=7, seed=0, autocast=torch.bfloat16)(x, y), y)
+    assert bf16 < clean - 0.2 and abs(bf16 - fp32) <= 0.05
+
+
 def test_inputs_outside_the_bounds_are_refused_with_exit_code_2() -> None:
     attack = PGD(_tiny_model(4), eps=0.1, steps=1)
     with pytest.raises(AttackInputError, match="outside the attack bounds") as info:
@@ -227,6 +254,7 @@ def test_inputs_outside_the_bounds_are_refused_with_exit_code_2() -> None:
         ({"eps": 0.1, "norm": "l1"}, "norm"),
         ({"eps": 0.1, "steps": 0}, "steps"),
         ({"eps": 0.1, "bounds": (1.0, 0.0)}, "lower"),
+        ({"eps": 0.1, "autocast": torch.float32}, "autocast must be"),
     ],
 )
 def test_unusable_configurations_are_refused(kwargs, match) -> None:

@@ -94,6 +94,30 @@ def test_robust_accuracy_reaches_mlflow_through_the_lightning_logger(classifier,
     assert all(0.0 <= m.value <= 1.0 for m in history)
 
 
+@pytest.mark.parametrize("crafting,crafted", [("trainer", torch.bfloat16), ("fp32", torch.float32)])
+def test_each_eps_costs_the_attack_steps_and_one_forward_at_its_final_point(
+    classifier, digits, crafting, crafted
+) -> None:
+    module = classifier()
+    calls: list[tuple[bool, torch.dtype]] = []
+    module.net.register_forward_hook(
+        lambda net, _i, out: None if net.training else calls.append((torch.is_grad_enabled(), out.dtype))
+    )
+    callback = RobustAccuracy((0.1, 0.2), steps=3, max_samples=None, crafting=crafting)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", precision="bf16-mixed", callbacks=[callback], logger=False,
+                         num_sanity_val_steps=0, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)  # fmt: skip
+    train, val = digits
+    trainer.fit(module, DataLoader(train, batch_size=100), DataLoader(val, batch_size=50))
+
+    batches, eps_count = 4, 2
+    crafting_calls = [dtype for grad, dtype in calls if grad]
+    assert len(crafting_calls) == batches * eps_count * 3 and set(crafting_calls) == {crafted}
+    no_grad_calls = [dtype for grad, dtype in calls if not grad]
+    assert len(no_grad_calls) == batches * (1 + eps_count), "validation_step's forward plus one per eps, no more"
+    assert 0.0 <= trainer.callback_metrics["val/robust_acc@0.2"] <= trainer.callback_metrics["val/robust_acc@0.1"]
+
+
 def test_unusable_settings_are_refused() -> None:
     with pytest.raises(AttackConfigError, match="eps"):
         RobustAccuracy(eps=(-0.1,))

@@ -95,6 +95,35 @@ def test_trades_is_more_robust_than_clean_training(classifier, digits) -> None:
     assert robust(trades.module) > robust(clean) + 0.1
 
 
+@pytest.mark.parametrize("crafting,crafted", [("trainer", torch.bfloat16), ("fp32", torch.float32)])
+def test_a_trades_step_costs_the_clean_forward_the_attack_steps_and_the_adversarial_forward(
+    classifier, digits, crafting, crafted
+) -> None:
+    inner = classifier()
+    calls: list[tuple[bool, torch.dtype]] = []
+    inner.net.register_forward_hook(lambda net, _i, out: calls.append((net.training, out.dtype)))
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", precision="bf16-mixed", logger=False, limit_val_batches=0,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    train, _ = digits
+    trainer.fit(TRADES(inner, eps=0.1, steps=4, seed=0, crafting=crafting), DataLoader(train, batch_size=100))
+
+    batches = 5
+    assert [dtype for training, dtype in calls if training] == [torch.bfloat16] * 2 * batches
+    assert [dtype for training, dtype in calls if not training] == [crafted] * 4 * batches
+    assert torch.isfinite(trainer.callback_metrics["train/trades_robust"])
+    assert trainer.callback_metrics["train/trades_robust"] > 0
+
+
+def test_the_trades_attack_given_labels_targets_the_models_own_clean_distribution(digits) -> None:
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    x, y = digits[0].tensors
+    with torch.no_grad():
+        probs = F.softmax(model(x[:50]), dim=1)
+    from_labels = TradesAttack(model, eps=0.1, steps=3, seed=0)(x[:50], y[:50])
+    assert torch.equal(TradesAttack(model, eps=0.1, steps=3, seed=0)(x[:50], probs), from_labels)
+
+
 def test_negative_beta_is_refused(classifier) -> None:
     with pytest.raises(AttackConfigError, match="beta"):
         TRADES(classifier(), eps=0.1, beta=-1.0)
