@@ -253,7 +253,19 @@ def adversarial_section(device: torch.device) -> tuple[str, list[Row]]:
     return title, bench_adversarial(device, 8, batch_size=16, batches=3, warmup=1, rounds=1)
 
 
-SECTIONS: dict[str, Callable[[torch.device], tuple[str, list[Row]]]] = {"adversarial": adversarial_section}
+def cycle_section(device: torch.device) -> tuple[str, list[Row]]:
+    """One images cycle on the device (the config's epochs on CUDA, two on CPU)."""
+    from gpu_cycle import bench_cycle
+
+    cuda = device.type == "cuda"
+    rows = bench_cycle("gpu" if cuda else "cpu", None if cuda else 2)
+    return "one-device cycle (images demo)", [Row(what, {"value": value, "note": note}) for what, value, note in rows]
+
+
+SECTIONS: dict[str, Callable[[torch.device], tuple[str, list[Row]]]] = {
+    "adversarial": adversarial_section,
+    "cycle": cycle_section,
+}
 
 
 def print_table(title: str, rows: list[Row]) -> None:
