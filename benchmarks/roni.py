@@ -301,8 +301,8 @@ def main() -> None:
     )
 
     scaling(reps[0], [10, 20, 40] if args.quick else [10, 20, 40, 80], config, tries=1 if args.quick else 3)
-    art_comparison(reps[0], points=300, flips={0: 5, 3: 10}, art_points=30 if args.quick else 60)
     head_scope(repeats=2 if args.quick else 5, epochs=8, width=16)
+    art_comparison(reps[0], points=300, flips={0: 5, 3: 10}, art_points=30 if args.quick else 60)
     print(f"\ntotal {time.perf_counter() - started:.0f} s; load after: {os.getloadavg()}")
 
 
