@@ -8,19 +8,19 @@ from torch.nn import functional as F
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 conv-BN layers with an identity (or 1x1 conv-BN projection) shortcut, as in He et al. (2016)."""
+    """Two 3x3 conv-BN layers with an identity (or 1x1 conv-BN) shortcut."""
 
-    def __init__(self, channels_in: int, channels: int, stride: int) -> None:
+    def __init__(self, inputs: int, outputs: int, stride: int) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(channels_in, channels, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or channels_in != channels:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(channels_in, channels, 1, stride=stride, bias=False), nn.BatchNorm2d(channels)
-            )
+        self.conv1 = nn.Conv2d(inputs, outputs, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(outputs)
+        self.conv2 = nn.Conv2d(outputs, outputs, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(outputs)
+        self.shortcut = (
+            nn.Sequential(nn.Conv2d(inputs, outputs, 1, stride, bias=False), nn.BatchNorm2d(outputs))
+            if stride != 1 or inputs != outputs
+            else nn.Identity()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -28,24 +28,29 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """ResNet-18 for 32x32 images: a 3x3 stem without max-pooling, four stages of two blocks, widths w..8w."""
+    """ResNet-18 for 32x32 inputs (3x3 stem, no max-pool); stages of width, 2, 4 and 8 times `width` channels.
+    Like torchvision's, the classifier is the `fc` attribute applied to the pooled `layer4` output."""
 
     def __init__(self, width: int = 64, num_classes: int = 10) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
-        stages: list[nn.Module] = []
-        channels_in = width
-        for i, stride in enumerate((1, 2, 2, 2)):
-            channels = width * 2**i
-            stages += [BasicBlock(channels_in, channels, stride), BasicBlock(channels, channels, 1)]
-            channels_in = channels
-        self.features = nn.Sequential(*stages, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.fc = nn.Linear(channels_in, num_classes)
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        widths = (width, 2 * width, 4 * width, 8 * width)
+        stages = []
+        inputs = width
+        for i, outputs in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            stages.append(nn.Sequential(BasicBlock(inputs, outputs, stride), BasicBlock(outputs, outputs, 1)))
+            inputs = outputs
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.fc = nn.Linear(widths[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(self.stem(x)))
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
 
 
 def resnet18(width: int = 64, num_classes: int = 10) -> ResNet18:
-    """The CIFAR ResNet-18 (11.2 M parameters at width 64); smaller widths for CPU smoke runs."""
+    """A CIFAR-style ResNet-18; width 64 is the standard one (11.2 M parameters)."""
     return ResNet18(width, num_classes)

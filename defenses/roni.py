@@ -4,27 +4,32 @@ Each candidate fine-tunes a copy of the current model for a fixed budget; its im
 accuracy (mean probability of the true class, overall and per class) drops. The soft accuracy is bounded per row, so
 a few hard held-out rows cannot dominate it as they dominate the cross-entropy. Calibration shards of the same size
 drawn from trusted data give the distribution of clean impacts; a candidate is rejected when an impact exceeds
-median + k * MAD of that distribution. All copies (calibration and candidates) train together: stacked parameters,
-`torch.func.functional_call` under `vmap`.
+median + k * MAD of that distribution. All copies (calibration and candidates) train together (`defenses.copies`).
+
+The scope is the whole network for small models and, for large ones, the last layer(s) on features computed once
+per row (`defenses.features`). The learning rate is the largest on a grid at which clean calibration copies stay
+finite and keep their held-out soft accuracy.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
-from torch.nn import functional as F
 
+from trainguard.defenses.copies import finetune_heldout_probabilities, true_class_probability
 from trainguard.defenses.errors import ScreeningInputError
+from trainguard.defenses.features import HeadSplit, head_features, parameter_count, split_head
 from trainguard.defenses.heldout import LabeledData, per_class_mean
 
 MAD_TO_SIGMA = 1.4826  # makes the MAD a consistent estimate of a normal standard deviation
+LR_GRID = (0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001)
 
 
 @dataclass(frozen=True)
@@ -38,37 +43,58 @@ class Candidate:
 
 @dataclass(frozen=True)
 class ScreeningConfig:
-    """Fine-tuning budget and decision rule of the screening.
+    """Fine-tuning budget, scope and decision rule of the screening.
 
-    `k` is how many robust standard deviations (1.4826 * MAD) above the median calibration impact the overall impact
-    may lie; `class_k` the same per class, in units of the median per-class robust deviation (pooled over classes,
-    since a class whose calibration impacts barely vary would otherwise flag every small change).
+    `k` is how many robust standard deviations (1.4826 * MAD, at least `min_scale`) above the median calibration
+    impact the overall impact may lie; `class_k` the same per class, in units of the median per-class robust
+    deviation (pooled over classes, since a class whose calibration impacts barely vary would otherwise flag every
+    small change). `min_scale` keeps a saturated model (clean impacts all ~0) from flagging every shard.
     `calibration_shards` clean shards are drawn (without replacement inside a shard) from the trusted data, each as
-    large as the smallest candidate unless `calibration_size` is set. `chunk_size` bounds how many copies train at
-    once (memory); `batched=False` trains them one after another (same results, for comparison).
+    large as the smallest candidate unless `calibration_size` is set.
+    `lr="auto"` takes the largest rate of `lr_grid` at which every calibration copy stays finite and the median one
+    loses at most `lr_tolerance` of held-out soft accuracy.
+    `scope` "full" fine-tunes every parameter; "head" only the last `head_layers` Linear layers (or the module named
+    by `feature_layer` and what follows it in its nn.Sequential) on frozen features; "auto" is "head" for models of
+    more than `head_above` parameters. `chunk_size` bounds how many copies train at once (None: measured from
+    memory on CUDA, 128 elsewhere); `batched=False` trains them one after another (same results, for comparison).
     """
 
     steps: int = 20
-    lr: float = 0.5
+    lr: float | Literal["auto"] = "auto"
+    lr_grid: tuple[float, ...] = LR_GRID
+    lr_tolerance: float = 0.05
     k: float = 5.0
     class_k: float = 18.0
+    min_scale: float = 1e-3
     per_class: bool = True
     calibration_shards: int = 40
     calibration_size: int | None = None
     num_classes: int | None = None
-    chunk_size: int = 128
+    scope: Literal["auto", "full", "head"] = "auto"
+    feature_layer: str | None = None
+    head_layers: int = 1
+    head_above: int = 500_000
+    chunk_size: int | None = None
     batched: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.lr <= 0 or self.k <= 0 or self.class_k <= 0:
-            raise ScreeningInputError("screening config: steps >= 1, lr > 0, k > 0 and class_k > 0 are required")
+        if self.steps < 1 or self.k <= 0 or self.class_k <= 0 or self.min_scale < 0:
+            raise ScreeningInputError(
+                "screening config: steps >= 1, k > 0, class_k > 0 and min_scale >= 0 are required"
+            )
+        if self.lr != "auto" and not (isinstance(self.lr, int | float) and self.lr > 0):
+            raise ScreeningInputError("screening config: lr must be > 0 or 'auto'")
+        if not self.lr_grid or min(self.lr_grid) <= 0 or not 0 < self.lr_tolerance <= 1:
+            raise ScreeningInputError("screening config: lr_grid needs rates > 0 and lr_tolerance must be in (0, 1]")
         if self.calibration_shards < 5:
             raise ScreeningInputError(
                 "screening config: at least 5 calibration shards are needed for robust statistics"
             )
-        if self.chunk_size < 1:
-            raise ScreeningInputError("screening config: chunk_size must be >= 1")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ScreeningInputError("screening config: chunk_size must be >= 1 (or None to size it from memory)")
+        if self.scope not in ("auto", "full", "head") or self.head_layers < 1:
+            raise ScreeningInputError("screening config: scope is 'auto', 'full' or 'head'; head_layers >= 1")
 
 
 @dataclass(frozen=True)
@@ -89,7 +115,9 @@ class CandidateDecision:
 
 @dataclass(frozen=True)
 class ScreeningReport:
-    """All decisions of one screening, with the calibration they were measured against."""
+    """All decisions of one screening, with the calibration they were measured against and how the copies trained:
+    `scope` "full" or "head" (then `head` names the module whose input was the frozen feature), the learning rate
+    used and the copies trained at once."""
 
     decisions: tuple[CandidateDecision, ...]
     threshold: float
@@ -99,6 +127,10 @@ class ScreeningReport:
     config: ScreeningConfig
     seconds: float
     base_soft_accuracy: float
+    scope: str
+    head: str | None
+    lr: float
+    chunk_size: int
 
     @property
     def accepted(self) -> tuple[CandidateDecision, ...]:
@@ -121,6 +153,10 @@ class ScreeningReport:
             "calibration_size": self.calibration_size,
             "base_soft_accuracy": self.base_soft_accuracy,
             "seconds": self.seconds,
+            "scope": self.scope,
+            "head": self.head,
+            "lr": self.lr,
+            "chunk_size": self.chunk_size,
             "config": asdict(self.config),
             "decisions": decisions,
         }
@@ -136,11 +172,11 @@ def robust_scale(values: Sequence[float]) -> float:
     return float(MAD_TO_SIGMA * np.median(np.abs(arr - np.median(arr))))
 
 
-def robust_threshold(values: Sequence[float], k: float) -> float:
-    """median + k * robust_scale: the largest impact still counted as clean."""
+def robust_threshold(values: Sequence[float], k: float, floor: float = 0.0) -> float:
+    """median + k * max(robust_scale, floor): the largest impact still counted as clean."""
     if len(values) == 0:
         raise ScreeningInputError("robust threshold of an empty calibration set")
-    return float(np.median(np.asarray(values, dtype=np.float64)) + k * robust_scale(values))
+    return float(np.median(np.asarray(values, dtype=np.float64)) + k * max(robust_scale(values), floor))
 
 
 def group_by_source(candidates: Sequence[Candidate]) -> list[Candidate]:
@@ -158,91 +194,13 @@ def group_by_source(candidates: Sequence[Candidate]) -> list[Candidate]:
     ]
 
 
-def _padded(shards: Sequence[LabeledData]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stacks shards of different sizes: features, labels and a 0/1 weight that masks the padding."""
-    n = max(len(s) for s in shards)
-    xs = torch.zeros((len(shards), n, *shards[0].x.shape[1:]), dtype=torch.float32)
-    ys = torch.zeros((len(shards), n), dtype=torch.int64)
-    ws = torch.zeros((len(shards), n), dtype=torch.float32)
-    for i, shard in enumerate(shards):
-        xs[i, : len(shard)] = shard.x
-        ys[i, : len(shard)] = shard.y
-        ws[i, : len(shard)] = 1.0
-    return xs, ys, ws
-
-
-def _step_function(
-    model: nn.Module, buffers: dict[str, torch.Tensor], lr: float
-) -> Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]:
-    """One full-batch gradient step of one model copy on one (padded, weighted) shard."""
-
-    def loss(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        logits = functional_call(model, (params, buffers), (x,))
-        return (F.cross_entropy(logits, y, reduction="none") * w).sum() / w.sum()
-
-    loss_grad = grad(loss)
-
-    def step(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, w: torch.Tensor):
-        grads = loss_grad(params, x, y, w)
-        return {name: p - lr * grads[name] for name, p in params.items()}
-
-    return step
-
-
-def finetune_heldout_probabilities(
-    model: nn.Module, shards: Sequence[LabeledData], holdout: LabeledData, config: ScreeningConfig
-) -> torch.Tensor:
-    """True-class probabilities per held-out row (K x H) of K copies of `model`, copy i fine-tuned on shard i.
-
-    Each copy takes `config.steps` full-batch gradient steps of size `config.lr` on its shard.
-
-    The model is used in eval mode (no dropout, frozen normalisation statistics) and left unchanged.
-    """
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        params = {n: p.detach() for n, p in model.named_parameters()}
-        buffers = {n: b.detach() for n, b in model.named_buffers()}
-        step = _step_function(model, buffers, config.lr)
-
-        def heldout_prob(p: dict[str, torch.Tensor]) -> torch.Tensor:
-            logits = functional_call(model, (p, buffers), (holdout.x.to(device),))
-            return _true_class_probability(logits, holdout.y.to(device))
-
-        out = []
-        for start in range(0, len(shards), config.chunk_size):
-            xs, ys, ws = (t.to(device) for t in _padded(shards[start : start + config.chunk_size]))
-            if config.batched:
-                stacked = {n: p.unsqueeze(0).expand(len(xs), *p.shape).clone() for n, p in params.items()}
-                batched_step = vmap(step, randomness="different")
-                for _ in range(config.steps):
-                    stacked = batched_step(stacked, xs, ys, ws)
-                with torch.no_grad():
-                    out.append(vmap(heldout_prob)(stacked).cpu())
-            else:
-                for x, y, w in zip(xs, ys, ws, strict=True):
-                    copy = dict(params)
-                    for _ in range(config.steps):
-                        copy = step(copy, x, y, w)
-                    with torch.no_grad():
-                        out.append(heldout_prob(copy).unsqueeze(0).cpu())
-        return torch.cat(out)
-    finally:
-        model.train(was_training)
-
-
-def _true_class_probability(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return logits.softmax(-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
-
-
 @torch.no_grad()
 def _heldout_probabilities(model: nn.Module, holdout: LabeledData) -> torch.Tensor:
     was_training = model.training
     model.eval()
     try:
         device = next(model.parameters()).device
-        return _true_class_probability(model(holdout.x.to(device)), holdout.y.to(device)).cpu()
+        return true_class_probability(model(holdout.x.to(device)), holdout.y.to(device)).cpu()
     finally:
         model.train(was_training)
 
@@ -258,17 +216,17 @@ def _calibration_shards(trusted: LabeledData, size: int, count: int, seed: int) 
     return shards
 
 
-def class_thresholds_of(values: np.ndarray, k: float) -> np.ndarray:
+def class_thresholds_of(values: np.ndarray, k: float, floor: float = 0.0) -> np.ndarray:
     """Per-class thresholds from calibration impacts (shards x classes): median_c + k * pooled robust scale.
 
-    The scale is the median over classes of each class's robust scale; a class absent from the held-out set (NaN)
-    gets +inf.
+    The scale is the median over classes of each class's robust scale (at least `floor`); a class absent from the
+    held-out set (NaN) gets +inf.
     """
     present = ~np.isnan(values).all(0)
     out = np.full(values.shape[1], math.inf)
     if present.any():
         medians = np.array([np.median(values[:, c]) for c in np.flatnonzero(present)])
-        scale = float(np.median([robust_scale(values[:, c]) for c in np.flatnonzero(present)]))
+        scale = max(floor, float(np.median([robust_scale(values[:, c]) for c in np.flatnonzero(present)])))
         out[present] = medians + k * scale
     return out
 
@@ -288,6 +246,74 @@ def _decide(impact: float, threshold: float, class_impacts: np.ndarray, class_th
             f"above its calibrated threshold {class_thresholds[worst]:.4f}"
         )
     return ""
+
+
+@dataclass(frozen=True)
+class _Scoped:
+    """The network each copy fine-tunes and the data in its input space (the frozen features for a head)."""
+
+    net: nn.Module
+    head: str | None
+    trusted: LabeledData
+    holdout: LabeledData
+    candidates: tuple[LabeledData, ...]
+
+
+def _scoped(
+    model: nn.Module,
+    trusted: LabeledData,
+    holdout: LabeledData,
+    candidates: Sequence[Candidate],
+    config: ScreeningConfig,
+) -> _Scoped:
+    scope = config.scope
+    if scope == "auto":
+        scope = "head" if parameter_count(model) > config.head_above else "full"
+    if scope == "full":
+        return _Scoped(model, None, trusted, holdout, tuple(c.data for c in candidates))
+    split: HeadSplit = split_head(model, config.feature_layer, config.head_layers)
+    pooled = torch.cat([c.data.x for c in candidates])
+    trusted_x, holdout_x, pooled_x = head_features(model, split, [trusted.x, holdout.x, pooled])
+    parts = pooled_x.split([len(c.data) for c in candidates])
+    return _Scoped(
+        split.head,
+        split.entry,
+        LabeledData(trusted_x, trusted.y),
+        LabeledData(holdout_x, holdout.y),
+        tuple(LabeledData(x, c.data.y) for x, c in zip(parts, candidates, strict=True)),
+    )
+
+
+@dataclass(frozen=True)
+class _Calibrated:
+    lr: float
+    probabilities: torch.Tensor
+    chunk_size: int
+
+
+def _calibrated(
+    net: nn.Module, shards: Sequence[LabeledData], holdout: LabeledData, base: torch.Tensor, config: ScreeningConfig
+) -> _Calibrated:
+    """Calibration copies fine-tuned at the configured rate, or at the largest stable rate of the grid ('auto')."""
+    rates = sorted(config.lr_grid, reverse=True) if config.lr == "auto" else [float(config.lr)]
+    for lr in rates:
+        run = finetune_heldout_probabilities(
+            net, shards, holdout, lr=lr, steps=config.steps, chunk_size=config.chunk_size, batched=config.batched
+        )
+        impacts = base.mean() - run.probabilities.double().mean(1)
+        if not torch.isfinite(impacts).all():
+            continue
+        if config.lr != "auto" or float(impacts.median()) <= config.lr_tolerance:
+            return _Calibrated(lr, run.probabilities, run.chunk_size)
+    if config.lr != "auto":
+        raise ScreeningInputError(
+            f"screening diverged: fine-tuning with lr={config.lr} for {config.steps} steps gave non-finite held-out "
+            "metrics on known-good calibration shards; lower ScreeningConfig.lr"
+        )
+    raise ScreeningInputError(
+        f"screening found no stable learning rate in lr_grid={config.lr_grid}: on known-good calibration shards "
+        f"every rate diverged or cost more than {config.lr_tolerance} held-out soft accuracy; add smaller rates"
+    )
 
 
 def screen_candidates(
@@ -315,29 +341,34 @@ def screen_candidates(
         config.num_classes or int(max(holdout.y.max(), base_data.y.max(), *(c.data.y.max() for c in candidates))) + 1
     )
     size = config.calibration_size or min(len(c.data) for c in candidates)
-    calibration = _calibration_shards(base_data, size, config.calibration_shards, config.seed)
+    scoped = _scoped(model, base_data, holdout, candidates, config)
+    calibration = _calibration_shards(scoped.trusted, size, config.calibration_shards, config.seed)
 
-    base = _heldout_probabilities(model, holdout).double()
-    probs = finetune_heldout_probabilities(model, [*calibration, *(c.data for c in candidates)], holdout, config)
-    probs = probs.double()
+    base = _heldout_probabilities(scoped.net, scoped.holdout).double()
+    calibrated = _calibrated(scoped.net, calibration, scoped.holdout, base, config)
+    tried = finetune_heldout_probabilities(
+        scoped.net,
+        scoped.candidates,
+        scoped.holdout,
+        lr=calibrated.lr,
+        steps=config.steps,
+        chunk_size=config.chunk_size or calibrated.chunk_size,
+        batched=config.batched,
+    )
+    probs = torch.cat([calibrated.probabilities, tried.probabilities]).double()
     impacts = (base.mean() - probs.mean(1)).numpy()
     class_impacts = (
         per_class_mean(base, holdout.y, num_classes) - per_class_mean(probs, holdout.y, num_classes)
     ).numpy()
 
     n_cal = len(calibration)
-    if not np.isfinite(impacts[:n_cal]).all():
-        raise ScreeningInputError(
-            f"screening diverged: fine-tuning with lr={config.lr} for {config.steps} steps gave non-finite held-out "
-            "metrics on known-good calibration shards; lower ScreeningConfig.lr"
-        )
-    threshold = robust_threshold(impacts[:n_cal], config.k)
+    threshold = robust_threshold(impacts[:n_cal], config.k, config.min_scale)
     class_thresholds = (
-        class_thresholds_of(class_impacts[:n_cal], config.class_k)
+        class_thresholds_of(class_impacts[:n_cal], config.class_k, config.min_scale)
         if config.per_class
         else np.full(num_classes, math.inf)
     )
-    overall_scale = robust_scale(impacts[:n_cal]) or 1e-12
+    overall_scale = max(robust_scale(impacts[:n_cal]), config.min_scale) or 1e-12
     decisions = []
     for i, candidate in enumerate(candidates):
         j = n_cal + i
@@ -365,4 +396,8 @@ def screen_candidates(
         config=config,
         seconds=time.perf_counter() - started,
         base_soft_accuracy=float(base.mean()),
+        scope="full" if scoped.head is None else "head",
+        head=scoped.head,
+        lr=calibrated.lr,
+        chunk_size=tried.chunk_size,
     )

@@ -17,6 +17,7 @@ from trainguard.defenses.heldout import LabeledData
 from trainguard.defenses.roni import (
     Candidate,
     ScreeningConfig,
+    _decide,
     class_thresholds_of,
     group_by_source,
     robust_scale,
@@ -202,3 +203,93 @@ def test_a_class_missing_from_the_holdout_never_rejects() -> None:
     thresholds = class_thresholds_of(values, 2.0)
     assert thresholds[1] == math.inf
     assert math.isclose(thresholds[0], 0.2 + 2.0 * robust_scale([0.1, 0.2, 0.3]))
+
+
+def test_auto_lr_is_the_largest_grid_rate_whose_calibration_copies_keep_their_soft_accuracy(
+    digits: Split, model: nn.Module
+) -> None:
+    candidates = [Candidate("s", "a", digits.shard(digits.pool[:40]))]
+    auto = ScreeningConfig(lr_grid=(20.0, 0.5, 0.05), calibration_shards=8)
+    too_large = ScreeningConfig(lr=20.0, calibration_shards=8)
+    assert screen_candidates(model, digits.trusted, digits.holdout, candidates, auto).lr == 0.5
+    collapsed = screen_candidates(model, digits.trusted, digits.holdout, candidates, too_large)
+    assert np.median(collapsed.calibration_impacts) > auto.lr_tolerance
+
+
+def test_auto_lr_refuses_when_no_rate_of_the_grid_is_stable(digits: Split, model: nn.Module) -> None:
+    candidate = Candidate("s", "a", digits.shard(digits.pool[:30]))
+    with pytest.raises(ScreeningInputError, match="no stable learning rate"):
+        screen_candidates(model, digits.trusted, digits.holdout, [candidate], ScreeningConfig(lr_grid=(1e30, 1e20)))
+
+
+def test_zero_spread_calibration_keeps_a_floor_between_the_median_and_the_threshold() -> None:
+    saturated = [0.0] * 40  # a saturated model: clean copies all keep held-out soft accuracy ~1
+    assert robust_threshold(saturated, 5.0) == 0.0
+    assert robust_threshold(saturated, 5.0, floor=1e-3) == pytest.approx(5e-3)
+    per_class = class_thresholds_of(np.zeros((40, 3)), 18.0, floor=1e-3)
+    assert per_class == pytest.approx([18e-3] * 3)
+    assert not _decide(1e-6, robust_threshold(saturated, 5.0, floor=1e-3), np.full(3, 1e-6), per_class)
+    assert _decide(1e-6, robust_threshold(saturated, 5.0), np.full(3, 1e-6), np.zeros(3))
+
+
+class BatchNormNet(nn.Module):
+    """A batch-norm CNN over 8x8 digits, torchvision-style: pooled features into an `fc` attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer1 = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.layer2 = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.fc = nn.Linear(32 * 16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layer2(self.layer1(x.reshape(-1, 1, 8, 8)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 4), 1))
+
+
+@pytest.fixture(scope="module")
+def bn_model(digits: Split) -> nn.Module:
+    torch.manual_seed(0)
+    net = BatchNormNet()
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        for idx in torch.randperm(len(digits.train), generator=generator).split(64):
+            opt.zero_grad()
+            F.cross_entropy(net(digits.train.x[idx]), digits.train.y[idx]).backward()
+            opt.step()
+    return net.eval()
+
+
+def test_head_scope_on_a_batch_norm_network_rejects_flipped_shards_and_accepts_clean_ones(
+    digits: Split, bn_model: nn.Module
+) -> None:
+    clean = [Candidate(f"clean-{i}", "alice", digits.shard(digits.pool[50 * i : 50 * (i + 1)])) for i in range(4)]
+    flipped = [
+        Candidate(f"flipped-{i}", "mallory", _flip(digits.shard(digits.pool[50 * i : 50 * (i + 1)]), 0.3, seed=i))
+        for i in range(4, 8)
+    ]
+    before = {k: v.clone() for k, v in bn_model.state_dict().items()}
+    report = screen_candidates(
+        bn_model, digits.trusted, digits.holdout, [*clean, *flipped], ScreeningConfig(scope="head")
+    )
+    assert (report.scope, report.head) == ("head", "fc")
+    assert [d.accepted for d in report.decisions] == [True] * 4 + [False] * 4
+    assert all(torch.equal(before[k], v) for k, v in bn_model.state_dict().items())
+
+
+def test_auto_scope_screens_the_head_of_models_above_the_size_threshold(digits: Split, bn_model: nn.Module) -> None:
+    candidate = [Candidate("s", "a", digits.shard(digits.pool[:40]))]
+    small = ScreeningConfig(steps=3, calibration_shards=5)
+    big = ScreeningConfig(steps=3, calibration_shards=5, head_above=1000)
+    assert screen_candidates(bn_model, digits.trusted, digits.holdout, candidate, small).scope == "full"
+    assert screen_candidates(bn_model, digits.trusted, digits.holdout, candidate, big).scope == "head"
+
+
+def test_full_scope_on_a_batch_norm_network_finds_a_finite_rate(digits: Split, bn_model: nn.Module) -> None:
+    candidates = [Candidate("flipped", "m", _flip(digits.shard(digits.pool[:50]), 0.3, seed=3))]
+    report = screen_candidates(
+        bn_model, digits.trusted, digits.holdout, candidates, ScreeningConfig(scope="full", calibration_shards=10)
+    )
+    assert report.scope == "full"
+    assert all(math.isfinite(v) for v in report.calibration_impacts)
+    assert np.median(report.calibration_impacts) <= report.config.lr_tolerance

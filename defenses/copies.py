@@ -1,0 +1,173 @@
+"""Many copies of one model, copy i fine-tuned on shard i: stacked parameters under `vmap`, in chunks of copies
+sized from the memory one copy measurably takes on the accelerator.
+
+The model runs in eval mode: dropout off and batch norm on its frozen running statistics, so a copy's forward pass
+is the deployed model's and no copy's statistics drift with its shard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.nn import functional as F
+
+from trainguard.defenses.heldout import LabeledData
+
+CPU_CHUNK = 128  # copies per chunk off CUDA, where memory is not the limit that matters
+MEMORY_SHARE = 0.5  # of the free CUDA memory one chunk may take: allocator fragmentation and cuDNN workspaces
+
+
+@dataclass(frozen=True)
+class Finetuned:
+    """True-class probabilities per held-out row (copies x rows) and the number of copies trained at once."""
+
+    probabilities: torch.Tensor
+    chunk_size: int
+
+
+def _padded(shards: Sequence[LabeledData]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stacks shards of different sizes: features, labels and a 0/1 weight that masks the padding."""
+    n = max(len(s) for s in shards)
+    xs = torch.zeros((len(shards), n, *shards[0].x.shape[1:]), dtype=torch.float32)
+    ys = torch.zeros((len(shards), n), dtype=torch.int64)
+    ws = torch.zeros((len(shards), n), dtype=torch.float32)
+    for i, shard in enumerate(shards):
+        xs[i, : len(shard)] = shard.x
+        ys[i, : len(shard)] = shard.y
+        ws[i, : len(shard)] = 1.0
+    return xs, ys, ws
+
+
+def _step_function(
+    model: nn.Module, buffers: dict[str, torch.Tensor], lr: float
+) -> Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]:
+    """One full-batch gradient step of one model copy on one (padded, weighted) shard."""
+
+    def loss(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(model, (params, buffers), (x,))
+        return (F.cross_entropy(logits, y, reduction="none") * w).sum() / w.sum()
+
+    loss_grad = grad(loss)
+
+    def step(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, w: torch.Tensor):
+        grads = loss_grad(params, x, y, w)
+        return {name: p - lr * grads[name] for name, p in params.items()}
+
+    return step
+
+
+def true_class_probability(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return logits.float().softmax(-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+
+
+def finetune_heldout_probabilities(
+    model: nn.Module,
+    shards: Sequence[LabeledData],
+    holdout: LabeledData,
+    *,
+    lr: float,
+    steps: int,
+    chunk_size: int | None = None,
+    batched: bool = True,
+) -> Finetuned:
+    """Held-out true-class probabilities of len(shards) copies of `model`, copy i after `steps` full-batch gradient
+    steps of size `lr` on shard i. The model is left unchanged.
+
+    `chunk_size` None: on CUDA the first copy trains alone while its peak memory is measured and the rest train in
+    chunks filling half the free memory; elsewhere 128 copies at a time. A chunk that still fails for memory (or
+    cuDNN refusing a batched convolution that large) is retried in halves.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        buffers = {n: b.detach() for n, b in model.named_buffers()}
+        step = _step_function(model, buffers, lr)
+        holdout_x, holdout_y = holdout.x.to(device), holdout.y.to(device)
+
+        def heldout_prob(p: dict[str, torch.Tensor]) -> torch.Tensor:
+            return true_class_probability(functional_call(model, (p, buffers), (holdout_x,)), holdout_y)
+
+        def train(chunk: Sequence[LabeledData]) -> torch.Tensor:
+            xs, ys, ws = (t.to(device) for t in _padded(chunk))
+            if batched:
+                stacked = {n: p.unsqueeze(0).expand(len(xs), *p.shape).clone() for n, p in params.items()}
+                batched_step = vmap(step, randomness="different")
+                for _ in range(steps):
+                    stacked = batched_step(stacked, xs, ys, ws)
+                with torch.no_grad():
+                    return vmap(heldout_prob)(stacked).cpu()
+            out = []
+            for x, y, w in zip(xs, ys, ws, strict=True):
+                copy = dict(params)
+                for _ in range(steps):
+                    copy = step(copy, x, y, w)
+                with torch.no_grad():
+                    out.append(heldout_prob(copy).unsqueeze(0).cpu())
+            return torch.cat(out)
+
+        return _in_chunks(train, shards, chunk_size, device)
+    finally:
+        model.train(was_training)
+
+
+def _in_chunks(
+    train: Callable[[Sequence[LabeledData]], torch.Tensor],
+    shards: Sequence[LabeledData],
+    chunk_size: int | None,
+    device: torch.device,
+) -> Finetuned:
+    done: list[torch.Tensor] = []
+    start = 0
+    if chunk_size is None and device.type == "cuda":
+        first = _measured(train, shards[:1], device)
+        done.append(first.probabilities)
+        start = 1
+        chunk_size = _fitting_chunk(first.per_copy, device)
+    size = chunk_size or CPU_CHUNK
+    while start < len(shards):
+        chunk = shards[start : start + size]
+        try:
+            done.append(train(chunk))
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as error:
+            if len(chunk) == 1 or not _out_of_room(error):
+                raise
+            torch.cuda.empty_cache()
+            size = max(1, len(chunk) // 2)
+            continue
+        start += len(chunk)
+    return Finetuned(torch.cat(done), size)
+
+
+@dataclass(frozen=True)
+class _Measured:
+    probabilities: torch.Tensor
+    per_copy: int
+
+
+def _measured(
+    train: Callable[[Sequence[LabeledData]], torch.Tensor], shards: Sequence[LabeledData], device: torch.device
+) -> _Measured:
+    """Trains `shards` while measuring the CUDA memory they take beyond what was allocated before (bytes per copy)."""
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    probabilities = train(shards)
+    torch.cuda.synchronize(device)
+    return _Measured(probabilities, max(1, (torch.cuda.max_memory_allocated(device) - before) // len(shards)))
+
+
+def _fitting_chunk(per_copy: int, device: torch.device) -> int:
+    """Copies per chunk that fit MEMORY_SHARE of the memory still free (cached-but-unused blocks count as free)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return max(1, int(MEMORY_SHARE * (free + cached)) // per_copy)
+
+
+def _out_of_room(error: BaseException) -> bool:
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "CUDNN_STATUS" in str(error)
