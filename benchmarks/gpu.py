@@ -253,6 +253,17 @@ def adversarial_section(device: torch.device) -> tuple[str, list[Row]]:
     return title, bench_adversarial(device, 8, batch_size=16, batches=3, warmup=1, rounds=1)
 
 
+def roni_section(device: torch.device) -> tuple[str, list[Row]]:
+    """RONI screening of 256 candidates on ResNet-18 on CUDA; 32 candidates at width 16 on CPU (smoke)."""
+    from gpu_roni import bench_roni
+
+    cuda = device.type == "cuda"
+    rows = bench_roni(device, 64 if cuda else 16, 256 if cuda else 32, fit_steps=300 if cuda else 60)
+    cells = {k: f"{v:.3f}" if isinstance(v, float) else str(v) for k, v in rows[0].items() if k != "case"}
+    title = "RONI screening, 30% label flips (goal on GPU: no error, TPR >= 0.95, FPR <= 0.03)"
+    return title, [Row(str(rows[0]["case"]), cells)]
+
+
 def cycle_section(device: torch.device) -> tuple[str, list[Row]]:
     """One images cycle on the device (the config's epochs on CUDA, two on CPU)."""
     from gpu_cycle import bench_cycle
@@ -264,6 +275,7 @@ def cycle_section(device: torch.device) -> tuple[str, list[Row]]:
 
 SECTIONS: dict[str, Callable[[torch.device], tuple[str, list[Row]]]] = {
     "adversarial": adversarial_section,
+    "roni": roni_section,
     "cycle": cycle_section,
 }
 

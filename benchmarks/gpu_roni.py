@@ -1,14 +1,11 @@
 """benchmarks/gpu.py's RONI section: screening of many candidates on a CIFAR-style ResNet-18 (time, peak memory,
 TPR/FPR on 30%-flipped shards). Synthetic 32x32 images: a fixed random pattern per class plus noise, so the base
-model fits in seconds and nothing downloads. On CPU it runs the same code at a small width (a smoke test).
-
-    .venv/bin/python benchmarks/gpu_roni.py                 # cuda if present: width 64, 256 candidates
-    .venv/bin/python benchmarks/gpu_roni.py --device cpu    # width 16 (head scope, as on GPU), 32 candidates
+model fits in seconds and nothing downloads. On CPU it runs the same code at a small width (a smoke test):
+`.venv/bin/python benchmarks/gpu.py --only roni [--device cpu]`.
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
@@ -99,27 +96,3 @@ def bench_roni(
             "fpr": float(rejected[bad:].mean()),
         }
     ]
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    on_gpu = device.type == "cuda"
-    if not on_gpu:
-        torch.set_num_threads(1)
-    rows = bench_roni(
-        device,
-        width=64 if on_gpu else 16,
-        candidates=256 if on_gpu else 32,
-        fit_steps=300 if on_gpu else 60,
-    )
-    for row in rows:
-        print(row["case"], f"on {row['device']}:")
-        print("  " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-    print("goal on GPU: finishes without error, TPR >= 0.95, FPR <= 0.03 at 30% flips")
-
-
-if __name__ == "__main__":
-    main()
