@@ -4,6 +4,8 @@ Sections (each a function returning table rows; `main()` prints them in order):
 - adversarial: `AdversarialTraining` in a Lightning Trainer vs a hand-written AMP loop doing the same work (same
   ResNet-18, optimizer and synthetic 32x32 batches already on the device), images/s for PGD-7 and FGSM-RS at
   8/255; bf16-mixed on CUDA, float32 on CPU. Times cover the batches after `warmup`, synchronised on CUDA.
+- roni: screening of 256 candidate shards on that ResNet-18 (time, peak memory, TPR/FPR at 30% label flips).
+- cycle: one images cycle (sign, verify, screen, train, gate, sign the model) on the device.
 
 `--only SECTION` runs one section; `--device cpu` forces the CPU smoke settings on a GPU machine.
 """
