@@ -29,6 +29,10 @@ def _report() -> ScreeningReport:
         config=ScreeningConfig(),
         seconds=0.1,
         base_soft_accuracy=0.9,
+        scope="full",
+        head=None,
+        lr=0.5,
+        chunk_size=128,
     )
 
 
