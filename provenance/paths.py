@@ -62,21 +62,28 @@ def entry_problem(root: Path, name: str) -> tuple[str, str] | None:
 
 
 def walk_entries(root: Path, skip: Collection[Path] = ()) -> Iterator[tuple[str, str]]:
-    """(relative POSIX name, kind) of every entry under `root`, not following symlinks; kind: file, symlink, other."""
+    """(relative POSIX name, kind) of every entry under `root`, not following symlinks; kind: file, symlink, other.
+
+    Kinds come from the directory listing itself (no stat per entry where the file system reports types)."""
     skipped = {os.path.abspath(p) for p in skip}
-    stack = [(root, "")]
+    stack = [(os.fspath(root), os.path.abspath(root), "")]
     while stack:
-        folder, prefix = stack.pop()
-        with os.scandir(folder) as entries:
-            for entry in sorted(entries, key=lambda e: e.name):
-                name = prefix + entry.name
-                if os.path.abspath(entry.path) in skipped:
-                    continue
-                if entry.is_symlink():
-                    yield name, "symlink"
-                elif entry.is_dir(follow_symlinks=False):
-                    stack.append((Path(entry.path), name + "/"))
-                elif entry.is_file(follow_symlinks=False):
-                    yield name, "file"
-                else:
-                    yield name, "other"
+        folder, absolute, prefix = stack.pop()
+        with os.scandir(folder) as listing:
+            entries = sorted(listing, key=_entry_name)
+        for entry in entries:
+            if skipped and os.path.join(absolute, entry.name) in skipped:
+                continue
+            name = prefix + entry.name
+            if entry.is_symlink():
+                yield name, "symlink"
+            elif entry.is_dir(follow_symlinks=False):
+                stack.append((entry.path, os.path.join(absolute, entry.name), name + "/"))
+            elif entry.is_file(follow_symlinks=False):
+                yield name, "file"
+            else:
+                yield name, "other"
+
+
+def _entry_name(entry: os.DirEntry[str]) -> str:
+    return entry.name

@@ -4,7 +4,6 @@ every shard (path safety, type, size, SHA-256) and every unlisted file. The repo
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import time
@@ -25,12 +24,11 @@ from trainguard.provenance.errors import (
     PayloadTypeError,
     ProvenanceError,
     RollbackError,
-    ShardError,
     SignatureError,
     VerificationFailed,
     WrongDatasetError,
 )
-from trainguard.provenance.hashing import FileDigest, ProgressCallback, digest_file, hash_in_threads
+from trainguard.provenance.hashing import FileDigest, FileSize, HashJob, HashOutcome, ProgressCallback, digest_jobs
 from trainguard.provenance.manifest import PAYLOAD_TYPE, Manifest, ShardEntry, parse_statement, rfc3339
 from trainguard.provenance.paths import entry_problem, name_problem, printable, walk_entries
 from trainguard.provenance.policy import KeySet, TrustPolicy, granted, load_trust
@@ -272,13 +270,20 @@ def check_shards(
     on_bytes: ProgressCallback | None = None,
     skip: list[Path] | None = None,
     dvc_md5: Mapping[str, str] | None = None,
+    holds: Callable[[str], bool] | None = None,
 ) -> tuple[list[ShardFailure], int]:
-    """Failures of the shards under `root` against the manifest (in manifest order, then unlisted entries)."""
+    """Failures of the shards under `root` against the manifest (name and entry checks in manifest order, then
+    content checks, then unlisted entries). `holds` says which unlisted names are this manifest's concern (a share
+    of a binned manifest answers only for its own bins); None: all of them.
+
+    One walk of the data dir gives every entry's kind; a shard it saw as a regular file is opened once without
+    following a final symlink and checked again with fstat, so only odd entries cost a per-component lstat."""
+    found = dict(walk_entries(root, skip or ()))
     failures: dict[str, ShardFailure] = {}
     counts = Counter(s.name for s in manifest.shards)
     sizes = Counter(s.size for s in manifest.shards)
-    hashed: dict[str, ShardEntry] = {}
-    size_failures: dict[str, ShardFailure] = {}
+    base = os.path.join(os.fspath(root), "")
+    jobs: list[HashJob] = []
     for shard in manifest.shards:
         if shard.name in failures:
             continue
@@ -289,63 +294,33 @@ def check_shards(
         if counts[shard.name] > 1:
             failures[shard.name] = ShardFailure(shard.name, "duplicate-name", f"listed {counts[shard.name]} times")
             continue
-        entry = entry_problem(root, shard.name)
-        if entry is not None:
-            failures[shard.name] = ShardFailure(shard.name, *entry)
-            continue
-        size = os.lstat(root / shard.name).st_size
-        if size != shard.size:
-            size_failures[shard.name] = _size_failure(shard, size)
-            if sizes[size] == 0:
+        if found.get(shard.name) != "file":
+            entry = entry_problem(root, shard.name)
+            if entry is not None:
+                failures[shard.name] = ShardFailure(shard.name, *entry)
                 continue
-        hashed[shard.name] = shard
-    digests = _hash(root, hashed, manifest.chunk_size, workers=workers, md5=dvc_md5 is not None, on_bytes=on_bytes)
+        chunk_size = manifest.chunk_size if shard.chunks else None
+        jobs.append(HashJob(shard.name, base + shard.name, shard.size, chunk_size))
+
+    def hash_if(job: HashJob, size: int) -> bool:
+        """A file of another size than signed is hashed only when it may hold another shard's content (swap)."""
+        return size == job.size_hint or sizes[size] > 0
+
+    md5 = dvc_md5 is not None
+    outcomes = digest_jobs(jobs, md5=md5, workers=workers, on_bytes=on_bytes, hash_if=hash_if)
+    results = {job.name: outcome for job, outcome in zip(jobs, outcomes, strict=True)}
     owner = {s.sha256: s.name for s in manifest.shards}
     for shard in manifest.shards:
-        if shard.name in failures:
-            continue
-        if shard.name in digests:
-            failure = _digest_failure(shard, digests[shard.name], owner, size_failures.get(shard.name), dvc_md5)
-        else:
-            failure = size_failures.get(shard.name)
-        if failure is not None:
-            failures[shard.name] = failure
+        if shard.name not in failures:
+            failure = _outcome_failure(shard, results[shard.name], owner, dvc_md5)
+            if failure is not None:
+                failures[shard.name] = failure
     ordered = list(failures.values())
     if not allow_extra:
-        listed = set(counts)
-        for name, kind in walk_entries(root, skip or ()):
-            if name not in listed:
+        for name, kind in found.items():
+            if name not in counts and (holds is None or holds(name)):
                 ordered.append(ShardFailure(name, "unlisted", f"{_KIND[kind]} in the data dir is not in the manifest"))
-    return ordered, sum(d.size for d in digests.values() if isinstance(d, FileDigest))
-
-
-def _hash(
-    root: Path,
-    shards: Mapping[str, ShardEntry],
-    chunk_size: int,
-    *,
-    workers: int | None,
-    md5: bool,
-    on_bytes: ProgressCallback | None,
-) -> dict[str, FileDigest | ShardError]:
-    """Digests of the shards, in parallel across shards. A chunk-signed shard's whole-file sha256 and its chunk
-    digests come from one pass over its bytes: both are signed and both must match, so chunk digests describing
-    other bytes than the subject digest never verify (the cost: one huge shard is hashed on one core)."""
-    tasks: list[tuple[int, Callable[[], FileDigest]]] = [
-        (
-            shard.size,
-            functools.partial(
-                digest_file,
-                root / name,
-                name,
-                chunk_size=chunk_size if shard.chunks else None,
-                md5=md5,
-                on_bytes=on_bytes,
-            ),
-        )
-        for name, shard in shards.items()
-    ]
-    return dict(zip(shards, hash_in_threads(tasks, workers), strict=True))
+    return ordered, sum(r.size for r in results.values() if isinstance(r, FileDigest))
 
 
 _KIND = {"file": "file", "symlink": "symbolic link", "other": "non-regular file"}
@@ -361,20 +336,19 @@ def _error_failure(shard: ShardEntry, error: ProvenanceError) -> ShardFailure:
     return ShardFailure(shard.name, error.reason, str(error).removeprefix(f"shard {shard.name}: "))
 
 
-def _digest_failure(
+def _outcome_failure(
     shard: ShardEntry,
-    result: FileDigest | ShardError,
+    result: HashOutcome,
     owner: Mapping[str, str],
-    size_failure: ShardFailure | None,
     dvc_md5: Mapping[str, str] | None,
 ) -> ShardFailure | None:
     if isinstance(result, ProvenanceError):
         return _error_failure(shard, result)
+    if isinstance(result, FileSize):
+        return _size_failure(shard, result.size)
     other = owner.get(result.sha256)
     if result.sha256 != shard.sha256 and other is not None and other != shard.name:
         return ShardFailure(shard.name, "swapped", f"holds the signed content of shard {other}")
-    if size_failure is not None:
-        return size_failure
     if result.size != shard.size:
         return _size_failure(shard, result.size)
     chunk_failure = _chunk_failure(shard, result.chunks) if shard.chunks else None
