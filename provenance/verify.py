@@ -9,15 +9,25 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from trainguard.files import read_regular
+from trainguard.provenance.bins import (
+    BinnedIndex,
+    BinShare,
+    bins_folder,
+    load_bin,
+    looks_binned,
+    parse_index,
+    share_bins,
+)
 from trainguard.provenance.dsse import Envelope
 from trainguard.provenance.errors import (
     AuthorizationError,
+    BinError,
     DataDirError,
     ExpiredError,
     MalformedError,
@@ -31,10 +41,18 @@ from trainguard.provenance.errors import (
 from trainguard.provenance.hashing import FileDigest, FileSize, HashJob, HashOutcome, ProgressCallback, digest_jobs
 from trainguard.provenance.manifest import PAYLOAD_TYPE, Manifest, ShardEntry, parse_statement, rfc3339
 from trainguard.provenance.paths import entry_problem, name_problem, printable, walk_entries
-from trainguard.provenance.policy import KeySet, TrustPolicy, granted, load_trust
+from trainguard.provenance.policy import KeySet, TrustPolicy, granted, granted_claims, load_trust
 from trainguard.provenance.state import RollbackCheck, RollbackState, default_state_path, rollback_key
 
-MANIFEST_LEVEL = (PayloadTypeError, SignatureError, AuthorizationError, WrongDatasetError, ExpiredError, RollbackError)
+MANIFEST_LEVEL = (
+    PayloadTypeError,
+    SignatureError,
+    AuthorizationError,
+    WrongDatasetError,
+    ExpiredError,
+    RollbackError,
+    BinError,
+)
 
 
 @dataclass(frozen=True)
@@ -62,6 +80,8 @@ class VerifiedManifest:
     signers: tuple[str, ...]
     data_dir: Path
     key_set: KeySet
+    share: BinShare | None = None
+    """The bins loaded from a binned manifest when only a share was asked for; None: every shard."""
 
     @property
     def rollback_key(self) -> str:
@@ -126,21 +146,32 @@ def open_manifest(
     data_dir: Path | None = None,
     state: RollbackCheck | Path | None = None,
     now: datetime | None = None,
+    share: tuple[int, int] | None = None,
 ) -> VerifiedManifest:
     """Checks payloadType, signatures (k of n) of a key set granted every claim (dataset, sources, roles), the
-    expected `dataset` name, expiry, then rollback in that key set's namespace; raises the failing check's error."""
+    expected `dataset` name, expiry, then rollback in that key set's namespace; raises the failing check's error.
+
+    A binned manifest's bins are loaded after those checks, each against its signed digest: all of them, or with
+    `share=(rank, world)` only that rank's bins (a single-file manifest has no shares: MalformedError)."""
     path = Path(path)
     policy = trust if isinstance(trust, TrustPolicy) else load_trust(trust)
     data, envelope = read_envelope(path)
     if envelope.payload_type != PAYLOAD_TYPE:
         raise PayloadTypeError(f"{path}: payloadType is {envelope.payload_type!r}, not {PAYLOAD_TYPE}", path=str(path))
     signed = policy.signed_by(envelope)  # before parsing: nothing unsigned is read further
+    binned = looks_binned(envelope.payload)
+    if share is not None and not binned:
+        raise MalformedError(f"{path}: a single-file manifest has no shares; sign it with bins", path=str(path))
     try:
-        manifest = parse_statement(envelope.payload)
+        index = parse_index(envelope.payload) if binned else None
+        manifest = index.header if index is not None else parse_statement(envelope.payload)
     except MalformedError as error:
         raise MalformedError(f"{path}: {error}", path=str(path)) from None
     try:
-        chosen = granted(signed, manifest)
+        if index is not None:
+            chosen = granted_claims(signed, manifest.dataset, index.sources, index.roles)
+        else:
+            chosen = granted(signed, manifest)
     except AuthorizationError as error:
         raise type(error)(f"{path}: {error}", path=str(path), shard=error.shard) from None
     if dataset is not None and manifest.dataset != dataset:
@@ -161,7 +192,28 @@ def open_manifest(
         key_set=chosen.key_set,
     )
     _state(state).check(verified.rollback_key, manifest.version, statement_sha256)
-    return verified
+    if index is None:
+        return verified
+    bin_share = BinShare.of_rank(*share, len(index.bins)) if share is not None else None
+    return replace(verified, manifest=_load_bins(path, index, bin_share, chosen.key_set), share=bin_share)
+
+
+def _load_bins(path: Path, index: BinnedIndex, share: BinShare | None, key_set: KeySet) -> Manifest:
+    """The top-level manifest with the shards of the share's bins (every bin without a share), each bin checked
+    against its signed digest and its shards against the key set's grants."""
+    shards: list[ShardEntry] = []
+    try:
+        for number in share_bins(index, share):
+            shards.extend(load_bin(path, index, number))
+    except MalformedError as error:
+        raise MalformedError(f"{path}: {error}", path=str(path)) from None
+    except BinError as error:
+        raise type(error)(f"{path}: {error}", path=error.path) from None
+    manifest = replace(index.header, shards=tuple(shards))
+    refusal = key_set.unauthorized(manifest)
+    if refusal is not None:
+        raise type(refusal)(f"{path}: {refusal}", path=str(path), shard=refusal.shard)
+    return manifest
 
 
 def verify_dataset(
@@ -177,8 +229,10 @@ def verify_dataset(
     on_bytes: ProgressCallback | None = None,
     record: bool = True,
     dvc: bool = False,
+    share: tuple[int, int] | None = None,
 ) -> VerificationReport:
     """Every check on a manifest and its data dir; failed checks go into the report, unusable input raises.
+    `share=(rank, world)` checks only that rank's bins of a binned manifest (and only unlisted files of those bins).
 
     `dataset` is the name the manifest must carry. When everything passes and `record` is set, the manifest's
     version is recorded in a file-backed RollbackState (in-memory records are only checked: their owner records).
@@ -188,7 +242,7 @@ def verify_dataset(
     rollback = _state(state)
     folder = Path(data_dir) if data_dir is not None else path.parent
     try:
-        verified = open_manifest(path, trust, dataset=dataset, data_dir=folder, state=rollback, now=now)
+        verified = open_manifest(path, trust, dataset=dataset, data_dir=folder, state=rollback, now=now, share=share)
     except MANIFEST_LEVEL as error:
         data, _ = read_envelope(path)
         failure = ShardFailure(None, error.reason, str(error).removeprefix(f"{path}: "))
@@ -241,8 +295,9 @@ def verify_shards(
         allow_extra=allow_extra,
         workers=workers,
         on_bytes=on_bytes,
-        skip=[verified.path, *skip],
+        skip=[verified.path, bins_folder(verified.path), *skip],
         dvc_md5=dvc_md5,
+        holds=verified.share.holds if verified.share is not None else None,
     )
     manifest = verified.manifest
     return VerificationReport(
