@@ -5,6 +5,11 @@ Goals (issue 3), measured side by side in one run and printed as ratios:
   bytes on a 2-core machine; peak RSS of verify < 200 MB;
 - verify-on-read of parquet shards <= 1.10 x reading the same shards with `pandas.read_parquet`, unverified.
 
+Issue 12, in the same run: 10,000 shards of 100 KB (1 GB) verified by `trainguard verify` <= 0.6 x a single-thread
+hashlib loop over the same files; and a binned manifest of 1,000,000 entries (synthetic: every entry is signed, but
+only rank 0's share of 64 exists as real 256-byte files): sign, verify all (top level and every bin), and verify
+rank 0's share (its bins and the hashing of its files), each in its own process with its peak RSS.
+
 Run: `.venv/bin/python benchmarks/verify.py [--gib 2] [--files 16] [--repeats 3] [--read-repeats 15]`. The ratios
 need a quiet machine: the script prints the load average before and after. `--files 1` measures one large shard,
 which verify hashes chunk by chunk on every core (its signed chunk digests), where sha256 of the whole is sequential.
@@ -122,6 +127,101 @@ def bench_verify(root: Path, gib: float, files: int, repeats: int) -> list[tuple
     ]  # fmt: skip
 
 
+def bench_small(root: Path, files: int, size: int, repeats: int) -> list[tuple[str, str, str, str]]:
+    from trainguard.provenance import generate_signing_key, sign_dataset, write_keypair, write_manifest
+
+    data = root / "small"
+    rng = np.random.default_rng(2)
+    paths = []
+    for index in range(files):
+        path = data / f"part-{index // 1000:03d}" / f"shard-{index:05d}.bin"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(rng.bytes(size))
+        paths.append(path)
+    key = generate_signing_key()
+    _, public = write_keypair(key, root / "small-owner")
+    envelope, _ = sign_dataset(data, key, source="bench")
+    manifest_path = write_manifest(envelope, root / "small.manifest.json")
+    hash_command = [sys.executable, "-c", HASH_ONE_THREAD, *map(str, paths)]
+    verify_command = [str(BIN / "trainguard"), "verify", str(manifest_path), "--trust", str(public),
+                      "--data-dir", str(data), "--state", str(root / "small-state.json")]  # fmt: skip
+    hashlib_times, verify_times = best_of(
+        repeats, lambda: run_timed(hash_command)[0], lambda: run_timed(verify_command)[0]
+    )
+    a, b = min(hashlib_times), min(verify_times)
+    median_ratio = statistics.median(verify_times) / statistics.median(hashlib_times)
+    overhead = (b - a / 2) / files * 1e6
+    label = f"{files} x {size // 1024} KB"
+    return [
+        (f"{label}: single-thread hashlib (e)", f"{a:.2f} s", "", f"median {statistics.median(hashlib_times):.2f} s"),
+        (f"{label}: trainguard verify (f)", f"{b:.2f} s", "", f"median {statistics.median(verify_times):.2f} s"),
+        ("ratio f/e (goal <= 0.60)", f"{b / a:.3f}", "", f"median {median_ratio:.3f}; {overhead:.0f} us/shard > e/2"),
+        ("single-file manifest size", f"{manifest_path.stat().st_size / 1e6:.1f} MB", "", f"{files} shards"),
+    ]
+
+
+MILLION_PHASE = """
+import hashlib, resource, sys, time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from trainguard.provenance import TrustPolicy, load_signing_key, verify_dataset
+from trainguard.provenance.bins import BinShare, sign_binned, write_binned
+from trainguard.provenance.manifest import Manifest, ShardEntry
+phase, root, count, world = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+key = load_signing_key(root / "owner.key")
+started = time.perf_counter()
+if phase == "sign":
+    now = datetime.now(UTC).replace(microsecond=0)
+    real = hashlib.sha256(bytes(256)).hexdigest()
+    names = [f"part-{i // 1000:04d}/shard-{i:07d}.bin" for i in range(count)]
+    shards = tuple(ShardEntry(n, real, 256, "bench", "train", 1) for n in names)
+    manifest = Manifest("million", 1, now, now + timedelta(days=1), shards)
+    write_binned(sign_binned(manifest, key), root / "million.manifest.json")
+    share = BinShare.of_rank(0, world, 256)
+    for name in names:
+        if share.holds(name):
+            (root / "data" / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / "data" / name).write_bytes(bytes(256))
+else:
+    share = (0, world) if phase == "share" else None
+    report = verify_dataset(root / "million.manifest.json", TrustPolicy.of((key.public,)), data_dir=root / "data",
+                            state=root / "state.json", record=False, share=share, allow_extra=share is None)
+    assert report.ok or share is None, report.failures[:3]
+    print("shards", report.shards, "failures", len(report.failures))
+print("seconds", time.perf_counter() - started, "rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def bench_million(root: Path, count: int, world: int) -> list[tuple[str, str, str, str]]:
+    from trainguard.provenance import generate_signing_key, write_keypair
+
+    root.mkdir()
+    (root / "data").mkdir()
+    write_keypair(generate_signing_key(), root / "owner")
+
+    def phase(name: str) -> tuple[float, float, str]:
+        done = subprocess.run([sys.executable, "-c", MILLION_PHASE, name, str(root), str(count), str(world)],
+                              capture_output=True, text=True, check=True)  # fmt: skip
+        lines = done.stdout.split()
+        return float(lines[lines.index("seconds") + 1]), int(lines[lines.index("rss") + 1]) / 1024, done.stdout
+
+    sign_s, sign_rss, _ = phase("sign")
+    all_s, all_rss, all_out = phase("all")
+    share_s, share_rss, share_out = phase("share")
+    folder = root / "million.manifest.json.bins"
+    bins = sorted(folder.iterdir())
+    top = (root / "million.manifest.json").stat().st_size
+    each = sum(b.stat().st_size for b in bins) / len(bins) / 1e3
+    return [
+        (f"{count:,} entries: sign (bins + write)", f"{sign_s:.2f} s", f"{sign_rss:.0f} MB", "synthetic, no hashing"),
+        ("verify all: top level + every bin", f"{all_s:.2f} s", f"{all_rss:.0f} MB",
+         f"{all_out.split()[1]} entries checked; only rank 0's files exist (reported missing)"),
+        (f"verify rank 0 of {world}: bins + files", f"{share_s:.2f} s", f"{share_rss:.0f} MB",
+         f"{share_out.split()[1]} shards, ok"),
+        ("top-level statement / bins", f"{top / 1e3:.0f} kB", "", f"{len(bins)} bins, {each:.0f} kB each"),
+    ]  # fmt: skip
+
+
 def bench_read(root: Path, shards: int, rows: int, repeats: int) -> list[tuple[str, str, str, str]]:
     import pandas as pd
 
@@ -188,10 +288,16 @@ def main() -> None:
     parser.add_argument("--parquet-shards", type=int, default=48, help="48 x ~2 MB: long enough runs to time")
     parser.add_argument("--parquet-rows", type=int, default=50_000)
     parser.add_argument("--read-repeats", type=int, default=15, help="reads are short (~0.1 s): more repeats")
+    parser.add_argument("--small-files", type=int, default=10_000)
+    parser.add_argument("--small-kib", type=int, default=100)
+    parser.add_argument("--million", type=int, default=1_000_000, help="entries of the binned manifest")
+    parser.add_argument("--world", type=int, default=64, help="ranks the binned manifest is shared among")
     options = parser.parse_args()
     print(f"cores: {os.cpu_count()}, load average before: {os.getloadavg()}")
     with tempfile.TemporaryDirectory(prefix="trainguard-bench-") as folder:
         rows = bench_verify(Path(folder), options.gib, options.files, options.repeats)
+        rows += bench_small(Path(folder), options.small_files, options.small_kib * 1024, options.repeats)
+        rows += bench_million(Path(folder) / "million", options.million, options.world)
         rows += bench_read(Path(folder), options.parquet_shards, options.parquet_rows, options.read_repeats)
     print(f"load average after: {os.getloadavg()}")
     width = max(len(r[0]) for r in rows)
