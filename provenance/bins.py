@@ -36,6 +36,7 @@ from trainguard.provenance.manifest import (
     is_simple_name,
     parse_header,
     parse_shards,
+    parse_statement,
     rfc3339,
     shard_documents,
 )
@@ -78,7 +79,7 @@ class BinShare:
     @classmethod
     def of_rank(cls, rank: int, world: int, count: int) -> BinShare:
         if not 0 <= rank < world:
-            raise ValueError(f"rank {rank} is not in 0..{world - 1}")
+            raise MalformedError(f"share: rank {rank} is not in 0..{world - 1} (world size {world})")
         return cls(count, frozenset(range(rank, count, world)))
 
     def holds(self, name: str) -> bool:
@@ -177,6 +178,11 @@ def looks_binned(payload: bytes) -> bool:
     return BINNED_PREDICATE_TYPE.encode() in payload
 
 
+def statement_header(payload: bytes) -> Manifest:
+    """The dataset, version and times a signed payload of either layout states (a binned one without its shards)."""
+    return parse_index(payload).header if looks_binned(payload) else parse_statement(payload)
+
+
 def parse_index(payload: bytes) -> BinnedIndex:
     """The signed top-level statement of a binned manifest; anything off-format raises MalformedError."""
     try:
@@ -269,6 +275,8 @@ def _bin_shards(data: bytes, index: BinnedIndex, number: int) -> tuple[ShardEntr
         document = strictjson.loads(data)
     except strictjson.StrictJSONError as error:
         raise MalformedError(f"signed bin {number} is not strict JSON: {error}") from None
+    if not isinstance(document, dict):
+        raise MalformedError(f"signed bin {number} is not a JSON object")
     facts = (document.get("_type"), document.get("dataset"), document.get("version"), document.get("bin"),
              document.get("bins"))  # fmt: skip
     if facts != (BIN_TYPE, header.dataset, header.version, number, len(index.bins)):

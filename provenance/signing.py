@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from trainguard.files import atomic_write, read_regular
-from trainguard.provenance.bins import sign_binned, uses_bins, write_binned
+from trainguard.provenance.bins import sign_binned, statement_header, uses_bins, write_binned
 from trainguard.provenance.dsse import Envelope, add_signature, sign_envelope
 from trainguard.provenance.errors import DataDirError, MalformedError, ProvenanceError
 from trainguard.provenance.hashing import FileDigest, ProgressCallback, digest_files
@@ -79,7 +79,7 @@ def previous_version(out: Path) -> int | None:
         return None
     try:
         _, envelope = read_envelope(out)
-        return parse_statement(envelope.payload).version
+        return statement_header(envelope.payload).version
     except ProvenanceError:
         return None
 
@@ -246,7 +246,7 @@ def cosign_manifest(path: Path, key: SigningKey) -> Envelope:
     _, envelope = read_envelope(path)
     if envelope.payload_type != PAYLOAD_TYPE:
         raise MalformedError(f"{path}: payloadType is {envelope.payload_type!r}, not {PAYLOAD_TYPE}")
-    parse_statement(envelope.payload)
+    statement_header(envelope.payload)  # either layout: a binned top level is co-signed like a single file
     signed = add_signature(envelope, key)
     write_manifest(signed, path)
     return signed

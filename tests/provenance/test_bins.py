@@ -119,3 +119,20 @@ def test_the_auto_layout_writes_bins_only_above_the_threshold() -> None:
     assert not uses_bins(BIN_THRESHOLD, "auto")
     assert uses_bins(BIN_THRESHOLD + 1, "auto")
     assert uses_bins(1, "bins") and not uses_bins(10**7, "single")
+
+
+def test_a_binned_manifest_is_co_signed_and_re_signing_it_grows_its_version(tmp_path: Path, key_pairs: Keys) -> None:
+    from trainguard.provenance import cosign_manifest
+    from trainguard.provenance.signing import previous_version
+
+    data = _data(tmp_path / "data")
+    path = _sign(data, key_pairs, tmp_path / "m.json", version=4)
+    cosign_manifest(path, key_pairs.bob)
+    both = TrustPolicy.of((key_pairs.alice.public, key_pairs.bob.public), threshold=2)
+    assert _verify(path, data, both).ok
+    assert previous_version(path) == 4
+
+
+def test_a_rank_outside_the_world_is_refused() -> None:
+    with pytest.raises(MalformedError, match="rank 3"):
+        BinShare.of_rank(3, 3, 8)
