@@ -40,7 +40,7 @@ from trainguard.provenance.errors import (
 )
 from trainguard.provenance.hashing import FileDigest, FileSize, HashJob, HashOutcome, ProgressCallback, digest_jobs
 from trainguard.provenance.manifest import PAYLOAD_TYPE, Manifest, ShardEntry, parse_statement, rfc3339
-from trainguard.provenance.paths import entry_problem, name_problem, printable, walk_entries
+from trainguard.provenance.paths import entry_problem, folder_entries, name_problem, printable, walk_entries
 from trainguard.provenance.policy import KeySet, TrustPolicy, granted, granted_claims, load_trust
 from trainguard.provenance.state import RollbackCheck, RollbackState, default_state_path, rollback_key
 
@@ -331,9 +331,13 @@ def check_shards(
     content checks, then unlisted entries). `holds` says which unlisted names are this manifest's concern (a share
     of a binned manifest answers only for its own bins); None: all of them.
 
-    One walk of the data dir gives every entry's kind; a shard it saw as a regular file is opened once without
-    following a final symlink and checked again with fstat, so only odd entries cost a per-component lstat."""
-    found = dict(walk_entries(root, skip or ()))
+    One walk of the data dir (with `allow_extra`, one listing of each folder holding shards) gives every entry's
+    kind; a shard seen as a regular file is opened once without following a final symlink and checked again with
+    fstat, so only odd entries cost a per-component lstat."""
+    if allow_extra:  # no unlisted check: list only the folders that hold shards
+        found = dict(folder_entries(root, (s.name for s in manifest.shards)))
+    else:
+        found = dict(walk_entries(root, skip or ()))
     failures: dict[str, ShardFailure] = {}
     counts = Counter(s.name for s in manifest.shards)
     sizes = Counter(s.size for s in manifest.shards)
