@@ -5,6 +5,11 @@ Goals (issue 3), measured side by side in one run and printed as ratios:
   bytes on a 2-core machine; peak RSS of verify < 200 MB;
 - verify-on-read of parquet shards <= 1.10 x reading the same shards with `pandas.read_parquet`, unverified.
 
+Issue 12, in the same run: 10,000 shards of 100 KB (1 GB) verified by `trainguard verify` <= 0.6 x a single-thread
+hashlib loop over the same files; and a binned manifest of 1,000,000 entries (synthetic: every entry is signed, but
+only rank 0's share of 64 exists as real 256-byte files): sign, verify all (top level and every bin), and verify
+rank 0's share (its bins and the hashing of its files), each in its own process with its peak RSS.
+
 Run: `.venv/bin/python benchmarks/verify.py [--gib 2] [--files 16] [--repeats 3] [--read-repeats 15]`. The ratios
 need a quiet machine: the script prints the load average before and after. `--files 1` measures one large shard,
 which verify hashes chunk by chunk on every core (its signed chunk digests), where sha256 of the whole is sequential.
@@ -122,6 +127,140 @@ def bench_verify(root: Path, gib: float, files: int, repeats: int) -> list[tuple
     ]  # fmt: skip
 
 
+def bench_small(root: Path, files: int, size: int, repeats: int) -> list[tuple[str, str, str, str]]:
+    from trainguard.provenance import generate_signing_key, sign_dataset, write_keypair, write_manifest
+
+    data = root / "small"
+    rng = np.random.default_rng(2)
+    paths = []
+    for index in range(files):
+        path = data / f"part-{index // 1000:03d}" / f"shard-{index:05d}.bin"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(rng.bytes(size))
+        paths.append(path)
+    key = generate_signing_key()
+    _, public = write_keypair(key, root / "small-owner")
+    envelope, _ = sign_dataset(data, key, source="bench")
+    manifest_path = write_manifest(envelope, root / "small.manifest.json")
+    hash_command = [sys.executable, "-c", HASH_ONE_THREAD, *map(str, paths)]
+    verify_command = [str(BIN / "trainguard"), "verify", str(manifest_path), "--trust", str(public),
+                      "--data-dir", str(data), "--state", str(root / "small-state.json")]  # fmt: skip
+    hashlib_times, verify_times = best_of(
+        repeats, lambda: run_timed(hash_command)[0], lambda: run_timed(verify_command)[0]
+    )
+    a, b = min(hashlib_times), min(verify_times)
+    median_ratio = statistics.median(verify_times) / statistics.median(hashlib_times)
+    hash_inline, verify_inline = best_of(
+        repeats, lambda: _hash_loop(paths), lambda: _verify_one_thread(manifest_path, public, data)
+    )
+    overhead = (min(verify_inline) - min(hash_inline)) / files * 1e6
+    label = f"{files} x {size // 1024} KB"
+    return [
+        (f"{label}: single-thread hashlib (e)", f"{a:.2f} s", "", f"median {statistics.median(hashlib_times):.2f} s"),
+        (f"{label}: trainguard verify (f)", f"{b:.2f} s", "", f"median {statistics.median(verify_times):.2f} s"),
+        ("ratio f/e (goal <= 0.60)", f"{b / a:.3f}", "", f"median ratio {median_ratio:.3f}"),
+        ("one thread, in-process: hashlib loop (g)", f"{min(hash_inline):.2f} s", "", ""),
+        (
+            "one thread, in-process: verify_shards (h)",
+            f"{min(verify_inline):.2f} s",
+            "",
+            f"(h-g)/shard {overhead:.1f} us",
+        ),
+        ("single-file manifest size", f"{manifest_path.stat().st_size / 1e6:.1f} MB", "", f"{files} shards"),
+    ]
+
+
+def _hash_loop(paths: list[Path]) -> float:
+    """Seconds of a single-thread hashlib loop over `paths` in this process (HASH_ONE_THREAD's loop)."""
+    import hashlib
+
+    started = time.perf_counter()
+    buffer = bytearray(4 * 1024 * 1024)
+    view = memoryview(buffer)
+    for path in paths:
+        digest = hashlib.sha256()
+        with path.open("rb", buffering=0) as stream:
+            while count := stream.readinto(buffer):
+                digest.update(view[:count])
+    return time.perf_counter() - started
+
+
+def _verify_one_thread(manifest_path: Path, public: Path, data: Path) -> float:
+    """Seconds of every shard check on one thread, the manifest already open: hashing plus per-shard work."""
+    from trainguard.provenance import open_manifest
+    from trainguard.provenance.verify import verify_shards
+
+    verified = open_manifest(manifest_path, public, data_dir=data, state=data.parent / "small-inline-state.json")
+    started = time.perf_counter()
+    report = verify_shards(verified, workers=1)
+    assert report.ok, report.failures[:3]
+    return time.perf_counter() - started
+
+
+MILLION_PHASE = """
+import hashlib, os, resource, sys, time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from trainguard.provenance import TrustPolicy, load_signing_key, verify_dataset
+from trainguard.provenance.bins import sign_binned, write_binned
+from trainguard.provenance.manifest import Manifest, ShardEntry
+phase, root, count, world = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+key = load_signing_key(root / "owner.key")
+names = [f"part-{i // 1000:04d}/shard-{i:07d}.bin" for i in range(count)]
+started = time.perf_counter()
+if phase == "sign":
+    now = datetime.now(UTC).replace(microsecond=0)
+    real = hashlib.sha256(bytes(256)).hexdigest()
+    shards = tuple(ShardEntry(n, real, 256, "bench", "train", 1) for n in names)
+    write_binned(sign_binned(Manifest("million", 1, now, now + timedelta(days=1), shards), key), root / "m.json")
+elif phase == "links":
+    for index, name in enumerate(names):
+        if index % 50_000 == 0:  # ext4 allows 65,000 links to one inode
+            (root / f"one-{index}.bin").write_bytes(bytes(256))
+            base = root / f"one-{index}.bin"
+        if index % 1000 == 0:
+            (root / "data" / name).parent.mkdir(parents=True)
+        os.link(base, root / "data" / name)
+else:
+    share = None if phase == "all" else (0, world)
+    report = verify_dataset(root / "m.json", TrustPolicy.of((key.public,)), data_dir=root / "data",
+                            state=root / "state.json", record=False, share=share, allow_extra=phase == "share-extra")
+    assert report.ok, report.failures[:3]
+    print("shards", report.shards)
+print("seconds", time.perf_counter() - started, "rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def bench_million(root: Path, count: int, world: int) -> list[tuple[str, str, str, str]]:
+    from trainguard.provenance import generate_signing_key, write_keypair
+
+    root.mkdir()
+    (root / "data").mkdir()
+    write_keypair(generate_signing_key(), root / "owner")
+
+    def phase(name: str) -> tuple[str, str, str]:
+        done = subprocess.run([sys.executable, "-c", MILLION_PHASE, name, str(root), str(count), str(world)],
+                              capture_output=True, text=True)  # fmt: skip
+        if done.returncode != 0:
+            raise SystemExit(f"million-entry phase {name} failed: {done.stderr[-1000:]}")
+        words = done.stdout.split()
+        seconds, rss = float(words[words.index("seconds") + 1]), int(words[words.index("rss") + 1]) / 1024
+        shards = f"{int(words[1]):,} shards" if words[0] == "shards" else ""
+        return f"{seconds:.2f} s", f"{rss:.0f} MB", shards
+
+    rows = [
+        (f"{count:,} entries: sign (bins + write)", *phase("sign")[:2], "entries given, no hashing"),
+        ("setup: a hard link per entry (256-byte files)", *phase("links")[:2], ""),
+        ("verify all: every bin, every file hashed", *phase("all")),
+        (f"verify rank 0 of {world}: its bins, its files", *phase("share")),
+        (f"verify rank 0 of {world}, --allow-extra (no walk)", *phase("share-extra")),
+    ]
+    bins = sorted((root / "m.json.bins").iterdir())
+    each = sum(b.stat().st_size for b in bins) / len(bins) / 1e3
+    top = (root / "m.json").stat().st_size / 1e3
+    return [*rows, ("top-level statement / bins", f"{top:.0f} kB", "", f"{len(bins)} bins, {each:.0f} kB each")]
+
+
 def bench_read(root: Path, shards: int, rows: int, repeats: int) -> list[tuple[str, str, str, str]]:
     import pandas as pd
 
@@ -188,10 +327,16 @@ def main() -> None:
     parser.add_argument("--parquet-shards", type=int, default=48, help="48 x ~2 MB: long enough runs to time")
     parser.add_argument("--parquet-rows", type=int, default=50_000)
     parser.add_argument("--read-repeats", type=int, default=15, help="reads are short (~0.1 s): more repeats")
+    parser.add_argument("--small-files", type=int, default=10_000)
+    parser.add_argument("--small-kib", type=int, default=100)
+    parser.add_argument("--million", type=int, default=1_000_000, help="entries of the binned manifest")
+    parser.add_argument("--world", type=int, default=64, help="ranks the binned manifest is shared among")
     options = parser.parse_args()
     print(f"cores: {os.cpu_count()}, load average before: {os.getloadavg()}")
     with tempfile.TemporaryDirectory(prefix="trainguard-bench-") as folder:
         rows = bench_verify(Path(folder), options.gib, options.files, options.repeats)
+        rows += bench_small(Path(folder), options.small_files, options.small_kib * 1024, options.repeats)
+        rows += bench_million(Path(folder) / "million", options.million, options.world)
         rows += bench_read(Path(folder), options.parquet_shards, options.parquet_rows, options.read_repeats)
     print(f"load average after: {os.getloadavg()}")
     width = max(len(r[0]) for r in rows)

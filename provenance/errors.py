@@ -141,6 +141,36 @@ class RollbackError(ProvenanceError):
     reason = "rollback"
 
 
+class BinError(ProvenanceError):
+    """A bin of a binned manifest does not match the digest its signed top-level statement lists for it."""
+
+    reason = "bin"
+
+
+class BinMissingError(BinError):
+    """A bin file the share needs is not there: re-copy the manifest's `.bins` folder beside it."""
+
+    reason = "bin-missing"
+
+
+class BinTamperedError(BinError):
+    """A bin's bytes differ from the signed digest (edited, truncated or grown)."""
+
+    reason = "bin-tampered"
+
+
+class BinSwappedError(BinError):
+    """A bin file holds another bin of the same manifest."""
+
+    reason = "bin-swapped"
+
+
+class BinRollbackError(BinError):
+    """A bin file holds the bin of an older version of the dataset than the signed top-level statement."""
+
+    reason = "bin-rollback"
+
+
 class ShardError(ProvenanceError):
     """One shard failed a check; `reason` says which (digest-mismatch, missing, symlink, ...)."""
 

@@ -1,5 +1,6 @@
-"""Streaming SHA-256 of shard files: memory-mapped windows (constant memory, no copy), hashed in threads by file;
-a large file's whole digest and its chunk digests come from the same single pass.
+"""SHA-256 of shard files in threads: small files read whole (one open, fstat and read each) in batches per thread
+task, large ones streamed as memory-mapped windows (constant memory, no copy), their whole digest and chunk digests
+from the same single pass.
 
 hashlib releases the GIL on large updates, so threads use every core. Like git and b3sum, hashing reads mapped
 pages: a file truncated by another process *while* it is hashed kills the process with SIGBUS (exit 135), which
@@ -9,23 +10,26 @@ fails closed. Training never parses mapped bytes: `reader.ShardReader` copies a 
 from __future__ import annotations
 
 import errno
-import functools
 import hashlib
 import mmap
 import os
 import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, cast
 
 from trainguard.provenance.errors import ShardError
 
 WINDOW = 16 * 1024 * 1024
+SMALL_FILE = 4 * 1024 * 1024
+"""Files up to this size are read with one `read` into memory instead of being mapped."""
+BATCH_BYTES = 16 * 1024 * 1024
+BATCH_OVERHEAD = 64 * 1024
+"""What one file costs a batch beyond its bytes (open, fstat, close, Python): a batch of empty files stays short."""
 ProgressCallback = Callable[[int], None]
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -36,20 +40,27 @@ class FileDigest:
     md5: str | None = None
 
 
-def open_regular(path: Path, name: str) -> int:
-    """A read-only descriptor of a regular file, refusing a symlink as the last component (no TOCTOU on it)."""
+def open_regular(path: Path | str, name: str) -> int:
+    """A read-only descriptor of a regular file, refusing a symlink as the last component (no TOCTOU on it);
+    opened non-blocking, so a FIFO put in a shard's place never hangs the reader."""
+    return _open_sized(path, name)[0]
+
+
+def _open_sized(path: Path | str, name: str) -> tuple[int, int]:
+    """`open_regular`'s descriptor and the file's size from the same fstat."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as error:
         if error.errno == errno.ELOOP:
             raise ShardError(f"shard {name}: is a symbolic link", shard=name, reason="symlink") from None
         if error.errno == errno.ENOENT:
             raise ShardError(f"shard {name}: does not exist", shard=name, reason="missing") from None
         raise ShardError(f"shard {name}: cannot open: {error.strerror}", shard=name, reason="unreadable") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    status = os.fstat(fd)
+    if not stat.S_ISREG(status.st_mode):
         os.close(fd)
         raise ShardError(f"shard {name}: is not a regular file", shard=name, reason="not-regular")
-    return fd
+    return fd, status.st_size
 
 
 class ChunkDigests:
@@ -88,38 +99,67 @@ def digest_file(
     md5: bool = False,
     on_bytes: ProgressCallback | None = None,
 ) -> FileDigest:
-    """SHA-256 of the whole file, plus per-chunk SHA-256 when `chunk_size` is given and md5 when asked (DVC).
+    """SHA-256 of the whole file, plus per-chunk SHA-256 when `chunk_size` is given and md5 when asked (DVC)."""
+    with _opened(path, name) as (fd, size):
+        return _digest_open(fd, size, chunk_size=chunk_size, md5=md5, on_bytes=on_bytes)
 
-    One pass over the mapped bytes: with chunks, each window's chunk digests are computed on a second thread while
-    this one hashes the whole (hashlib releases the GIL), so both digests cost about the time of one.
-    """
+
+def _digest_open(
+    fd: int, size: int, *, chunk_size: int | None, md5: bool, on_bytes: ProgressCallback | None
+) -> FileDigest:
+    """Digests of the first `size` bytes of an open file. A small file is read in one call (no mapping); a large one
+    is hashed in one pass over mapped windows, each window's chunk digests computed on a second thread while this
+    one hashes the whole (hashlib releases the GIL), so both digests cost about the time of one."""
     whole = hashlib.sha256()
     weak = hashlib.md5(usedforsecurity=False) if md5 else None
     chunks = ChunkDigests(chunk_size) if chunk_size else None
-    size = 0
-    with _mapped(path, name) as fd, ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainguard-chunks") as side:
-        for span in _spans(fd, 0, os.fstat(fd).st_size):
-            pending = side.submit(chunks.update, span) if chunks is not None else None
+    if size <= SMALL_FILE:
+        data = os.read(fd, size) if size else b""
+        if len(data) != size:
+            raise ValueError("short read")
+        for digest in (whole, weak, chunks):
+            if digest is not None:
+                digest.update(data)
+        if on_bytes is not None:
+            on_bytes(size)
+    else:
+        _digest_windows(fd, size, whole, weak, chunks, on_bytes)
+    return FileDigest(whole.hexdigest(), size, chunks.digests() if chunks else (), weak.hexdigest() if weak else None)
+
+
+def _digest_windows(
+    fd: int,
+    size: int,
+    whole: Any,
+    weak: Any | None,
+    chunks: ChunkDigests | None,
+    on_bytes: ProgressCallback | None,
+) -> None:
+    with ExitStack() as stack:
+        side = None
+        if chunks is not None:
+            side = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainguard-chunks"))
+        for span in _spans(fd, 0, size):
+            pending = side.submit(chunks.update, span) if side is not None and chunks is not None else None
             whole.update(span)
             if weak is not None:
                 weak.update(span)
             if pending is not None:
                 pending.result()  # the window stays mapped until both digests have read it
-            size += len(span)
             if on_bytes is not None:
                 on_bytes(len(span))
-    return FileDigest(whole.hexdigest(), size, chunks.digests() if chunks else (), weak.hexdigest() if weak else None)
 
 
 @contextmanager
-def _mapped(path: Path, name: str) -> Iterator[int]:
-    """A descriptor of the regular file `path`, closed after use; read failures become the shard's ShardError."""
-    fd = open_regular(path, name)
+def _opened(path: Path | str, name: str) -> Iterator[tuple[int, int]]:
+    """A descriptor of the regular file `path` and its size, closed after use; read failures become the shard's
+    ShardError."""
+    fd, size = _open_sized(path, name)
     try:
-        yield fd
+        yield fd, size
     except OSError as error:
         raise ShardError(f"shard {name}: read failed: {error.strerror}", shard=name, reason="unreadable") from None
-    except ValueError:  # mmap refuses a window past the end: the file shrank after it was opened
+    except ValueError:  # a short read or a window past the end: the file shrank after it was opened
         raise ShardError(f"shard {name}: truncated while it was hashed", shard=name, reason="truncated") from None
     finally:
         os.close(fd)
@@ -142,25 +182,86 @@ def _spans(fd: int, offset: int, length: int) -> Iterator[memoryview]:
         position = stop
 
 
-def hash_in_threads(tasks: Sequence[tuple[int, Callable[[], T]]], workers: int | None = None) -> list[T | ShardError]:
-    """Runs (bytes, task) pairs in threads, largest first for balance; a task's ShardError becomes its result.
-    Results come back in the order of `tasks`."""
+@dataclass(frozen=True)
+class HashJob:
+    """One file to digest: its shard name, its path, the size it should have (to balance threads) and its chunk
+    size (None: no chunk digests)."""
 
-    def run(index: int) -> T | ShardError:
-        try:
-            return tasks[index][1]()
-        except ShardError as error:
-            return error
+    name: str
+    path: str
+    size_hint: int
+    chunk_size: int | None = None
 
-    order = sorted(range(len(tasks)), key=lambda index: tasks[index][0], reverse=True)
-    workers = max(1, min(workers or os.cpu_count() or 1, len(order) or 1))
+
+@dataclass(frozen=True)
+class FileSize:
+    """A file left unhashed: its size alone decides its check."""
+
+    size: int
+
+
+HashOutcome = FileDigest | FileSize | ShardError
+SizeGate = Callable[[HashJob, int], bool]
+
+
+def digest_jobs(
+    jobs: Sequence[HashJob],
+    *,
+    md5: bool = False,
+    workers: int | None = None,
+    on_bytes: ProgressCallback | None = None,
+    hash_if: SizeGate | None = None,
+) -> list[HashOutcome]:
+    """Digests of many files in threads, in the order of `jobs`; a failing file yields its ShardError, a file whose
+    size `hash_if` rejects yields its FileSize unhashed. Small files go in batches (one thread task per batch, one
+    open + fstat + read each), large ones one per task, largest first."""
+    results: list[HashOutcome | None] = [None] * len(jobs)
+
+    def run(batch: Sequence[int]) -> None:
+        for index in batch:
+            results[index] = _run_job(jobs[index], md5, on_bytes, hash_if)
+
+    batches = _batches(jobs)
+    workers = max(1, min(workers or os.cpu_count() or 1, len(batches) or 1))
     if workers == 1:
-        outcomes = [run(index) for index in order]
+        for batch in batches:
+            run(batch)
     else:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="trainguard-hash") as pool:
-            outcomes = list(pool.map(run, order))
-    by_index = dict(zip(order, outcomes, strict=True))
-    return [by_index[index] for index in range(len(tasks))]
+            list(pool.map(run, batches))
+    return cast(list[HashOutcome], results)
+
+
+def _run_job(job: HashJob, md5: bool, on_bytes: ProgressCallback | None, hash_if: SizeGate | None) -> HashOutcome:
+    try:
+        with _opened(job.path, job.name) as (fd, size):
+            if hash_if is not None and not hash_if(job, size):
+                return FileSize(size)
+            return _digest_open(fd, size, chunk_size=job.chunk_size, md5=md5, on_bytes=on_bytes)
+    except ShardError as error:
+        return error
+
+
+def _batches(jobs: Sequence[HashJob]) -> list[list[int]]:
+    """Job indices grouped for threads: large or chunk-signed files alone, largest first; small ones up to
+    BATCH_BYTES a batch."""
+    order = sorted(range(len(jobs)), key=lambda index: jobs[index].size_hint, reverse=True)
+    batches: list[list[int]] = []
+    current: list[int] = []
+    filled = 0
+    for index in order:
+        size = jobs[index].size_hint
+        if size > SMALL_FILE or jobs[index].chunk_size is not None:
+            batches.append([index])
+            continue
+        current.append(index)
+        filled += size + BATCH_OVERHEAD
+        if filled >= BATCH_BYTES:
+            batches.append(current)
+            current, filled = [], 0
+    if current:
+        batches.append(current)
+    return batches
 
 
 def digest_files(
@@ -170,21 +271,11 @@ def digest_files(
     chunk_size: int | None = None,
     md5: bool = False,
     on_bytes: ProgressCallback | None = None,
+    sizes: Mapping[str, int] | None = None,
 ) -> dict[str, FileDigest | ShardError]:
-    """Digests of many files in parallel threads; a failing file yields its error."""
-
-    def size_of(name: str) -> int:
-        try:
-            return os.lstat(files[name]).st_size
-        except OSError:
-            return 0
-
+    """Digests of many files in parallel threads; a failing file yields its error. `sizes` (from a directory walk)
+    balance the threads; without them every file counts as small."""
     names = list(files)
-    tasks = [
-        (
-            size_of(name),
-            functools.partial(digest_file, files[name], name, chunk_size=chunk_size, md5=md5, on_bytes=on_bytes),
-        )
-        for name in names
-    ]
-    return dict(zip(names, hash_in_threads(tasks, workers), strict=True))
+    jobs = [HashJob(name, str(files[name]), (sizes or {}).get(name, 0), chunk_size) for name in names]
+    outcomes = digest_jobs(jobs, md5=md5, workers=workers, on_bytes=on_bytes)
+    return {name: outcome for name, outcome in zip(names, outcomes, strict=True) if not isinstance(outcome, FileSize)}

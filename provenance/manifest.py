@@ -100,9 +100,10 @@ def parse_rfc3339(text: str, what: str = "time") -> datetime:
         raise MalformedError(f"{what} {text!r} is not a valid RFC 3339 time: {error}") from None
 
 
-def to_statement(manifest: Manifest) -> dict[str, Any]:
-    shards = []
-    for shard in manifest.shards:
+def shard_documents(shards: Iterable[ShardEntry]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The in-toto subjects and the predicate facts of `shards`, as both manifest layouts write them."""
+    subjects, described = [], []
+    for shard in shards:
         entry: dict[str, Any] = {
             "name": shard.name,
             "size": shard.size,
@@ -112,10 +113,16 @@ def to_statement(manifest: Manifest) -> dict[str, Any]:
         }
         if shard.chunks:
             entry["chunks"] = list(shard.chunks)
-        shards.append(entry)
+        subjects.append({"name": shard.name, "digest": {"sha256": shard.sha256}})
+        described.append(entry)
+    return subjects, described
+
+
+def to_statement(manifest: Manifest) -> dict[str, Any]:
+    subjects, shards = shard_documents(manifest.shards)
     return {
         "_type": STATEMENT_TYPE,
-        "subject": [{"name": s.name, "digest": {"sha256": s.sha256}} for s in manifest.shards],
+        "subject": subjects,
         "predicateType": PREDICATE_TYPE,
         "predicate": {
             "dataset": manifest.dataset,
@@ -147,16 +154,14 @@ def parse_statement(payload: bytes) -> Manifest:
         raise MalformedError(f"statement _type is {document.get('_type')!r}, not {STATEMENT_TYPE}")
     if document.get("predicateType") != PREDICATE_TYPE:
         raise MalformedError(f"predicateType is {document.get('predicateType')!r}, not {PREDICATE_TYPE}")
-    subjects = _list(document.get("subject"), "subject")
     predicate = _mapping(document.get("predicate"), "predicate")
-    chunk_size = _int(predicate.get("chunkSize"), "predicate.chunkSize", minimum=1)
-    described = _list(predicate.get("shards"), "predicate.shards")
-    if len(described) != len(subjects):
-        raise MalformedError(f"{len(subjects)} subjects but {len(described)} predicate shards")
-    shards = tuple(
-        _shard(subject, facts, index, chunk_size)
-        for index, (subject, facts) in enumerate(zip(subjects, described, strict=True))
-    )
+    header = parse_header(predicate)
+    shards = parse_shards(document.get("subject"), predicate.get("shards"), header.chunk_size)
+    return Manifest(header.dataset, header.version, header.created, header.expires, shards, header.chunk_size)
+
+
+def parse_header(predicate: Mapping[str, Any]) -> Manifest:
+    """The dataset, version, times and chunk size of a predicate (shards left empty), as both layouts sign them."""
     dataset = predicate.get("dataset")
     if not isinstance(dataset, str) or not _SOURCE.fullmatch(dataset):
         raise MalformedError(f"predicate.dataset {dataset!r} is not a simple name")
@@ -165,9 +170,26 @@ def parse_statement(payload: bytes) -> Manifest:
         version=_int(predicate.get("version"), "predicate.version", minimum=0),
         created=parse_rfc3339(_str(predicate.get("created"), "predicate.created"), "predicate.created"),
         expires=parse_rfc3339(_str(predicate.get("expires"), "predicate.expires"), "predicate.expires"),
-        shards=shards,
-        chunk_size=chunk_size,
+        shards=(),
+        chunk_size=_int(predicate.get("chunkSize"), "predicate.chunkSize", minimum=1),
     )
+
+
+def parse_shards(subjects: object, described: object, chunk_size: int) -> tuple[ShardEntry, ...]:
+    """Shard entries from parallel lists of in-toto subjects and predicate facts."""
+    subjects = _list(subjects, "subject")
+    described = _list(described, "predicate.shards")
+    if len(described) != len(subjects):
+        raise MalformedError(f"{len(subjects)} subjects but {len(described)} predicate shards")
+    return tuple(
+        _shard(subject, facts, index, chunk_size)
+        for index, (subject, facts) in enumerate(zip(subjects, described, strict=True))
+    )
+
+
+def is_simple_name(text: object) -> bool:
+    """Whether `text` is a dataset or source id: a letter or digit, then up to 127 of `A-Za-z0-9._@:+-`."""
+    return isinstance(text, str) and _SOURCE.fullmatch(text) is not None
 
 
 def _shard(subject: object, facts: object, index: int, chunk_size: int) -> ShardEntry:

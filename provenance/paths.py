@@ -6,7 +6,7 @@ import os
 import posixpath
 import re
 import stat
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -62,21 +62,66 @@ def entry_problem(root: Path, name: str) -> tuple[str, str] | None:
 
 
 def walk_entries(root: Path, skip: Collection[Path] = ()) -> Iterator[tuple[str, str]]:
-    """(relative POSIX name, kind) of every entry under `root`, not following symlinks; kind: file, symlink, other."""
-    skipped = {os.path.abspath(p) for p in skip}
-    stack = [(root, "")]
+    """(relative POSIX name, kind) of every entry under `root`, not following symlinks; kind: file, symlink, other.
+
+    Kinds come from the directory listing itself (no stat per entry where the file system reports types)."""
+    top = os.path.abspath(root)
+    skipped = {os.path.relpath(os.path.abspath(p), top) for p in skip}
+    stack = [(os.fspath(root), "")]
     while stack:
         folder, prefix = stack.pop()
-        with os.scandir(folder) as entries:
-            for entry in sorted(entries, key=lambda e: e.name):
-                name = prefix + entry.name
-                if os.path.abspath(entry.path) in skipped:
-                    continue
-                if entry.is_symlink():
-                    yield name, "symlink"
-                elif entry.is_dir(follow_symlinks=False):
-                    stack.append((Path(entry.path), name + "/"))
-                elif entry.is_file(follow_symlinks=False):
-                    yield name, "file"
-                else:
-                    yield name, "other"
+        with os.scandir(folder) as listing:
+            entries = sorted(listing, key=_entry_name)
+        for entry in entries:
+            name = prefix + entry.name
+            if name in skipped:
+                continue
+            kind = _kind(entry)
+            if kind == "folder":
+                stack.append((entry.path, name + "/"))
+            else:
+                yield name, kind
+
+
+def folder_entries(root: Path, names: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """(relative name, kind) of the entries of just the folders that hold `names`, one listing each, not walking
+    the rest of `root`. A folder with an unsafe name, or reached through a symlink or a non-folder, is not listed:
+    its names are left to `entry_problem`."""
+    for folder in sorted({name.rpartition("/")[0] for name in names}):
+        if folder and (name_problem(folder) is not None or not _real_folder(root, folder)):
+            continue
+        prefix = folder + "/" if folder else ""
+        try:
+            listing = os.scandir(os.path.join(root, folder))
+        except OSError:
+            continue
+        with listing:
+            for entry in listing:
+                kind = _kind(entry)
+                if kind != "folder":
+                    yield prefix + entry.name, kind
+
+
+def _real_folder(root: Path, folder: str) -> bool:
+    """Whether every component of `folder` under `root` is a folder, none a symlink."""
+    current = os.fspath(root)
+    for part in folder.split("/"):
+        current = os.path.join(current, part)
+        try:
+            if not stat.S_ISDIR(os.lstat(current).st_mode):
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _kind(entry: os.DirEntry[str]) -> str:
+    if entry.is_symlink():
+        return "symlink"
+    if entry.is_dir(follow_symlinks=False):
+        return "folder"
+    return "file" if entry.is_file(follow_symlinks=False) else "other"
+
+
+def _entry_name(entry: os.DirEntry[str]) -> str:
+    return entry.name

@@ -28,6 +28,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,31 @@ class KeySet:
                 )
         return None
 
+    def unauthorized_claims(
+        self, dataset: str, sources: Iterable[str], roles: Iterable[str]
+    ) -> AuthorizationError | None:
+        """The first claim this key set is not granted among a binned manifest's declared dataset, sources and roles
+        (each bin's shards are checked against the same grants when the bin is loaded)."""
+        refusal = self.unauthorized(Manifest(dataset, 0, _EPOCH, _EPOCH, ()))
+        if refusal is not None:
+            return refusal
+        for source in sources:
+            if not _matches(source, self.sources):
+                return UnauthorizedSourceError(
+                    f"the manifest declares source {source!r}, which key set {self.label} may not attribute "
+                    f"(granted: {', '.join(self.sources)})"
+                )
+        for role in roles:
+            if role not in self.roles:
+                return UnauthorizedRoleError(
+                    f"the manifest declares role {role!r}, which key set {self.label} may not grant "
+                    f"(granted: {', '.join(self.roles)})"
+                )
+        return None
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatchcase(name, pattern) for pattern in patterns)
@@ -165,6 +191,17 @@ def granted(signed: Sequence[Signed], manifest: Manifest) -> Signed:
     refusals = []
     for candidate in signed:
         problem = candidate.key_set.unauthorized(manifest)
+        if problem is None:
+            return candidate
+        refusals.append(problem)
+    raise refusals[0]
+
+
+def granted_claims(signed: Sequence[Signed], dataset: str, sources: Iterable[str], roles: Iterable[str]) -> Signed:
+    """`granted` for a binned manifest: the first signing key set granted its declared dataset, sources, roles."""
+    refusals = []
+    for candidate in signed:
+        problem = candidate.key_set.unauthorized_claims(dataset, tuple(sources), tuple(roles))
         if problem is None:
             return candidate
         refusals.append(problem)

@@ -5,14 +5,17 @@ from __future__ import annotations
 import csv
 import fnmatch
 import json
+import os
 import re
 import tarfile
 import zipfile
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from trainguard.files import atomic_write, read_regular
+from trainguard.provenance.bins import sign_binned, statement_header, uses_bins, write_binned
 from trainguard.provenance.dsse import Envelope, add_signature, sign_envelope
 from trainguard.provenance.errors import DataDirError, MalformedError, ProvenanceError
 from trainguard.provenance.hashing import FileDigest, ProgressCallback, digest_files
@@ -76,14 +79,29 @@ def previous_version(out: Path) -> int | None:
         return None
     try:
         _, envelope = read_envelope(out)
-        return parse_statement(envelope.payload).version
+        return statement_header(envelope.payload).version
     except ProvenanceError:
         return None
 
 
-def sign_dataset(
+def sign_dataset(data_dir: Path, key: SigningKey, **options: Any) -> tuple[Envelope, Manifest]:
+    """`build_manifest` signed as one single-file DSSE envelope (write it with `write_manifest`)."""
+    manifest = build_manifest(data_dir, **options)
+    return sign_envelope(PAYLOAD_TYPE, statement_bytes(manifest), key), manifest
+
+
+def write_signed(
+    manifest: Manifest, key: SigningKey, out: Path, *, layout: str = "auto", bins: int | None = None
+) -> Path:
+    """Signs `manifest` and writes it at `out` in the chosen layout: `single` (one envelope), `bins` (a signed top
+    level and `bins` hashed bin files beside it) or `auto` (bins above BIN_THRESHOLD shards)."""
+    if uses_bins(len(manifest.shards), layout):
+        return write_binned(sign_binned(manifest, key, bins), out)
+    return write_manifest(sign_envelope(PAYLOAD_TYPE, statement_bytes(manifest), key), out)
+
+
+def build_manifest(
     data_dir: Path,
-    key: SigningKey,
     *,
     dataset: str | None = None,
     version: int | None = None,
@@ -99,8 +117,8 @@ def sign_dataset(
     on_bytes: ProgressCallback | None = None,
     dvc_md5: Mapping[str, str] | None = None,
     now: datetime | None = None,
-) -> tuple[Envelope, Manifest]:
-    """Hashes every regular file under `data_dir` and signs the manifest; refuses symlinks and special files.
+) -> Manifest:
+    """Hashes every regular file under `data_dir` into a manifest; refuses symlinks and special files.
 
     Sources and roles come from `sources`/`roles` maps (names or globs) with `source`/`role` as the fallback.
     The version defaults to one more than the manifest at `previous`, else 1.
@@ -123,7 +141,9 @@ def sign_dataset(
         files[relative] = data_dir / relative
     if not files:
         raise DataDirError(f"data dir {data_dir} holds no files to sign", path=str(data_dir))
-    digests = digest_files(files, workers=workers, chunk_size=chunk_size, md5=dvc_md5 is not None, on_bytes=on_bytes)
+    sizes = {relative: os.lstat(path).st_size for relative, path in files.items()}
+    md5 = dvc_md5 is not None
+    digests = digest_files(files, workers=workers, chunk_size=chunk_size, md5=md5, on_bytes=on_bytes, sizes=sizes)
     shards = []
     for relative in sorted(files):
         digest = digests[relative]
@@ -136,9 +156,8 @@ def sign_dataset(
         last = previous_version(previous) if previous is not None else None
         version = 1 if last is None else last + 1
     manifest = Manifest(name, version, moment, expiry, tuple(shards), chunk_size)
-    payload = statement_bytes(manifest)
-    parse_statement(payload)  # what we sign must parse back: names, sources and roles are valid
-    return sign_envelope(PAYLOAD_TYPE, payload, key), manifest
+    parse_statement(statement_bytes(manifest))  # what we sign must parse back: names, sources and roles are valid
+    return manifest
 
 
 def _entry(
@@ -227,7 +246,7 @@ def cosign_manifest(path: Path, key: SigningKey) -> Envelope:
     _, envelope = read_envelope(path)
     if envelope.payload_type != PAYLOAD_TYPE:
         raise MalformedError(f"{path}: payloadType is {envelope.payload_type!r}, not {PAYLOAD_TYPE}")
-    parse_statement(envelope.payload)
+    statement_header(envelope.payload)  # either layout: a binned top level is co-signed like a single file
     signed = add_signature(envelope, key)
     write_manifest(signed, path)
     return signed

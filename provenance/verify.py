@@ -4,39 +4,55 @@ every shard (path safety, type, size, SHA-256) and every unlisted file. The repo
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from trainguard.files import read_regular
+from trainguard.provenance.bins import (
+    BinnedIndex,
+    BinShare,
+    bins_folder,
+    load_bin,
+    looks_binned,
+    parse_index,
+    share_bins,
+)
 from trainguard.provenance.dsse import Envelope
 from trainguard.provenance.errors import (
     AuthorizationError,
+    BinError,
     DataDirError,
     ExpiredError,
     MalformedError,
     PayloadTypeError,
     ProvenanceError,
     RollbackError,
-    ShardError,
     SignatureError,
     VerificationFailed,
     WrongDatasetError,
 )
-from trainguard.provenance.hashing import FileDigest, ProgressCallback, digest_file, hash_in_threads
+from trainguard.provenance.hashing import FileDigest, FileSize, HashJob, HashOutcome, ProgressCallback, digest_jobs
 from trainguard.provenance.manifest import PAYLOAD_TYPE, Manifest, ShardEntry, parse_statement, rfc3339
-from trainguard.provenance.paths import entry_problem, name_problem, printable, walk_entries
-from trainguard.provenance.policy import KeySet, TrustPolicy, granted, load_trust
+from trainguard.provenance.paths import entry_problem, folder_entries, name_problem, printable, walk_entries
+from trainguard.provenance.policy import KeySet, TrustPolicy, granted, granted_claims, load_trust
 from trainguard.provenance.state import RollbackCheck, RollbackState, default_state_path, rollback_key
 
-MANIFEST_LEVEL = (PayloadTypeError, SignatureError, AuthorizationError, WrongDatasetError, ExpiredError, RollbackError)
+MANIFEST_LEVEL = (
+    PayloadTypeError,
+    SignatureError,
+    AuthorizationError,
+    WrongDatasetError,
+    ExpiredError,
+    RollbackError,
+    BinError,
+)
 
 
 @dataclass(frozen=True)
@@ -64,6 +80,8 @@ class VerifiedManifest:
     signers: tuple[str, ...]
     data_dir: Path
     key_set: KeySet
+    share: BinShare | None = None
+    """The bins loaded from a binned manifest when only a share was asked for; None: every shard."""
 
     @property
     def rollback_key(self) -> str:
@@ -128,21 +146,32 @@ def open_manifest(
     data_dir: Path | None = None,
     state: RollbackCheck | Path | None = None,
     now: datetime | None = None,
+    share: tuple[int, int] | None = None,
 ) -> VerifiedManifest:
     """Checks payloadType, signatures (k of n) of a key set granted every claim (dataset, sources, roles), the
-    expected `dataset` name, expiry, then rollback in that key set's namespace; raises the failing check's error."""
+    expected `dataset` name, expiry, then rollback in that key set's namespace; raises the failing check's error.
+
+    A binned manifest's bins are loaded after those checks, each against its signed digest: all of them, or with
+    `share=(rank, world)` only that rank's bins (a single-file manifest has no shares: MalformedError)."""
     path = Path(path)
     policy = trust if isinstance(trust, TrustPolicy) else load_trust(trust)
     data, envelope = read_envelope(path)
     if envelope.payload_type != PAYLOAD_TYPE:
         raise PayloadTypeError(f"{path}: payloadType is {envelope.payload_type!r}, not {PAYLOAD_TYPE}", path=str(path))
     signed = policy.signed_by(envelope)  # before parsing: nothing unsigned is read further
+    binned = looks_binned(envelope.payload)
+    if share is not None and not binned:
+        raise MalformedError(f"{path}: a single-file manifest has no shares; sign it with bins", path=str(path))
     try:
-        manifest = parse_statement(envelope.payload)
+        index = parse_index(envelope.payload) if binned else None
+        manifest = index.header if index is not None else parse_statement(envelope.payload)
     except MalformedError as error:
         raise MalformedError(f"{path}: {error}", path=str(path)) from None
     try:
-        chosen = granted(signed, manifest)
+        if index is not None:
+            chosen = granted_claims(signed, manifest.dataset, index.sources, index.roles)
+        else:
+            chosen = granted(signed, manifest)
     except AuthorizationError as error:
         raise type(error)(f"{path}: {error}", path=str(path), shard=error.shard) from None
     if dataset is not None and manifest.dataset != dataset:
@@ -163,7 +192,28 @@ def open_manifest(
         key_set=chosen.key_set,
     )
     _state(state).check(verified.rollback_key, manifest.version, statement_sha256)
-    return verified
+    if index is None:
+        return verified
+    bin_share = BinShare.of_rank(*share, len(index.bins)) if share is not None else None
+    return replace(verified, manifest=_load_bins(path, index, bin_share, chosen.key_set), share=bin_share)
+
+
+def _load_bins(path: Path, index: BinnedIndex, share: BinShare | None, key_set: KeySet) -> Manifest:
+    """The top-level manifest with the shards of the share's bins (every bin without a share), each bin checked
+    against its signed digest and its shards against the key set's grants."""
+    shards: list[ShardEntry] = []
+    try:
+        for number in share_bins(index, share):
+            shards.extend(load_bin(path, index, number))
+    except MalformedError as error:
+        raise MalformedError(f"{path}: {error}", path=str(path)) from None
+    except BinError as error:
+        raise type(error)(f"{path}: {error}", path=error.path) from None
+    manifest = replace(index.header, shards=tuple(shards))
+    refusal = key_set.unauthorized(manifest)
+    if refusal is not None:
+        raise type(refusal)(f"{path}: {refusal}", path=str(path), shard=refusal.shard)
+    return manifest
 
 
 def verify_dataset(
@@ -179,8 +229,10 @@ def verify_dataset(
     on_bytes: ProgressCallback | None = None,
     record: bool = True,
     dvc: bool = False,
+    share: tuple[int, int] | None = None,
 ) -> VerificationReport:
     """Every check on a manifest and its data dir; failed checks go into the report, unusable input raises.
+    `share=(rank, world)` checks only that rank's bins of a binned manifest (and only unlisted files of those bins).
 
     `dataset` is the name the manifest must carry. When everything passes and `record` is set, the manifest's
     version is recorded in a file-backed RollbackState (in-memory records are only checked: their owner records).
@@ -190,7 +242,7 @@ def verify_dataset(
     rollback = _state(state)
     folder = Path(data_dir) if data_dir is not None else path.parent
     try:
-        verified = open_manifest(path, trust, dataset=dataset, data_dir=folder, state=rollback, now=now)
+        verified = open_manifest(path, trust, dataset=dataset, data_dir=folder, state=rollback, now=now, share=share)
     except MANIFEST_LEVEL as error:
         data, _ = read_envelope(path)
         failure = ShardFailure(None, error.reason, str(error).removeprefix(f"{path}: "))
@@ -243,8 +295,9 @@ def verify_shards(
         allow_extra=allow_extra,
         workers=workers,
         on_bytes=on_bytes,
-        skip=[verified.path, *skip],
+        skip=[verified.path, bins_folder(verified.path), *skip],
         dvc_md5=dvc_md5,
+        holds=verified.share.holds if verified.share is not None else None,
     )
     manifest = verified.manifest
     return VerificationReport(
@@ -272,13 +325,24 @@ def check_shards(
     on_bytes: ProgressCallback | None = None,
     skip: list[Path] | None = None,
     dvc_md5: Mapping[str, str] | None = None,
+    holds: Callable[[str], bool] | None = None,
 ) -> tuple[list[ShardFailure], int]:
-    """Failures of the shards under `root` against the manifest (in manifest order, then unlisted entries)."""
+    """Failures of the shards under `root` against the manifest (name and entry checks in manifest order, then
+    content checks, then unlisted entries). `holds` says which unlisted names are this manifest's concern (a share
+    of a binned manifest answers only for its own bins); None: all of them.
+
+    One walk of the data dir (with `allow_extra`, one listing of each folder holding shards) gives every entry's
+    kind; a shard seen as a regular file is opened once without following a final symlink and checked again with
+    fstat, so only odd entries cost a per-component lstat."""
+    if allow_extra:  # no unlisted check: list only the folders that hold shards
+        found = dict(folder_entries(root, (s.name for s in manifest.shards)))
+    else:
+        found = dict(walk_entries(root, skip or ()))
     failures: dict[str, ShardFailure] = {}
     counts = Counter(s.name for s in manifest.shards)
     sizes = Counter(s.size for s in manifest.shards)
-    hashed: dict[str, ShardEntry] = {}
-    size_failures: dict[str, ShardFailure] = {}
+    base = os.path.join(os.fspath(root), "")
+    jobs: list[HashJob] = []
     for shard in manifest.shards:
         if shard.name in failures:
             continue
@@ -289,63 +353,33 @@ def check_shards(
         if counts[shard.name] > 1:
             failures[shard.name] = ShardFailure(shard.name, "duplicate-name", f"listed {counts[shard.name]} times")
             continue
-        entry = entry_problem(root, shard.name)
-        if entry is not None:
-            failures[shard.name] = ShardFailure(shard.name, *entry)
-            continue
-        size = os.lstat(root / shard.name).st_size
-        if size != shard.size:
-            size_failures[shard.name] = _size_failure(shard, size)
-            if sizes[size] == 0:
+        if found.get(shard.name) != "file":
+            entry = entry_problem(root, shard.name)
+            if entry is not None:
+                failures[shard.name] = ShardFailure(shard.name, *entry)
                 continue
-        hashed[shard.name] = shard
-    digests = _hash(root, hashed, manifest.chunk_size, workers=workers, md5=dvc_md5 is not None, on_bytes=on_bytes)
+        chunk_size = manifest.chunk_size if shard.chunks else None
+        jobs.append(HashJob(shard.name, base + shard.name, shard.size, chunk_size))
+
+    def hash_if(job: HashJob, size: int) -> bool:
+        """A file of another size than signed is hashed only when it may hold another shard's content (swap)."""
+        return size == job.size_hint or sizes[size] > 0
+
+    md5 = dvc_md5 is not None
+    outcomes = digest_jobs(jobs, md5=md5, workers=workers, on_bytes=on_bytes, hash_if=hash_if)
+    results = {job.name: outcome for job, outcome in zip(jobs, outcomes, strict=True)}
     owner = {s.sha256: s.name for s in manifest.shards}
     for shard in manifest.shards:
-        if shard.name in failures:
-            continue
-        if shard.name in digests:
-            failure = _digest_failure(shard, digests[shard.name], owner, size_failures.get(shard.name), dvc_md5)
-        else:
-            failure = size_failures.get(shard.name)
-        if failure is not None:
-            failures[shard.name] = failure
+        if shard.name not in failures:
+            failure = _outcome_failure(shard, results[shard.name], owner, dvc_md5)
+            if failure is not None:
+                failures[shard.name] = failure
     ordered = list(failures.values())
     if not allow_extra:
-        listed = set(counts)
-        for name, kind in walk_entries(root, skip or ()):
-            if name not in listed:
+        for name, kind in found.items():
+            if name not in counts and (holds is None or holds(name)):
                 ordered.append(ShardFailure(name, "unlisted", f"{_KIND[kind]} in the data dir is not in the manifest"))
-    return ordered, sum(d.size for d in digests.values() if isinstance(d, FileDigest))
-
-
-def _hash(
-    root: Path,
-    shards: Mapping[str, ShardEntry],
-    chunk_size: int,
-    *,
-    workers: int | None,
-    md5: bool,
-    on_bytes: ProgressCallback | None,
-) -> dict[str, FileDigest | ShardError]:
-    """Digests of the shards, in parallel across shards. A chunk-signed shard's whole-file sha256 and its chunk
-    digests come from one pass over its bytes: both are signed and both must match, so chunk digests describing
-    other bytes than the subject digest never verify (the cost: one huge shard is hashed on one core)."""
-    tasks: list[tuple[int, Callable[[], FileDigest]]] = [
-        (
-            shard.size,
-            functools.partial(
-                digest_file,
-                root / name,
-                name,
-                chunk_size=chunk_size if shard.chunks else None,
-                md5=md5,
-                on_bytes=on_bytes,
-            ),
-        )
-        for name, shard in shards.items()
-    ]
-    return dict(zip(shards, hash_in_threads(tasks, workers), strict=True))
+    return ordered, sum(r.size for r in results.values() if isinstance(r, FileDigest))
 
 
 _KIND = {"file": "file", "symlink": "symbolic link", "other": "non-regular file"}
@@ -361,20 +395,19 @@ def _error_failure(shard: ShardEntry, error: ProvenanceError) -> ShardFailure:
     return ShardFailure(shard.name, error.reason, str(error).removeprefix(f"shard {shard.name}: "))
 
 
-def _digest_failure(
+def _outcome_failure(
     shard: ShardEntry,
-    result: FileDigest | ShardError,
+    result: HashOutcome,
     owner: Mapping[str, str],
-    size_failure: ShardFailure | None,
     dvc_md5: Mapping[str, str] | None,
 ) -> ShardFailure | None:
     if isinstance(result, ProvenanceError):
         return _error_failure(shard, result)
+    if isinstance(result, FileSize):
+        return _size_failure(shard, result.size)
     other = owner.get(result.sha256)
     if result.sha256 != shard.sha256 and other is not None and other != shard.name:
         return ShardFailure(shard.name, "swapped", f"holds the signed content of shard {other}")
-    if size_failure is not None:
-        return size_failure
     if result.size != shard.size:
         return _size_failure(shard, result.size)
     chunk_failure = _chunk_failure(shard, result.chunks) if shard.chunks else None

@@ -12,7 +12,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trainguard.provenance.errors import ShardError
-from trainguard.provenance.hashing import WINDOW, ChunkDigests, digest_file, digest_files
+from trainguard.provenance.hashing import (
+    WINDOW,
+    ChunkDigests,
+    FileSize,
+    HashJob,
+    digest_file,
+    digest_files,
+    digest_jobs,
+)
 
 
 def reference_chunks(data: bytes, chunk_size: int) -> tuple[str, ...]:
@@ -73,3 +81,25 @@ def test_a_file_truncated_between_windows_is_refused_as_truncated(tmp_path: Path
     with pytest.raises(ShardError, match="truncated while it was hashed") as caught:
         digest_file(path, "big.bin", on_bytes=truncate_after_first_window)
     assert caught.value.reason == "truncated"
+
+
+def test_small_files_hashed_in_batches_come_back_in_job_order(tmp_path: Path) -> None:
+    contents = [os.urandom(size) for size in (0, 1, 5000, 70_000) * 20 + (5 * 1024 * 1024,)]
+    jobs = []
+    for index, data in enumerate(contents):
+        (tmp_path / f"{index}.bin").write_bytes(data)
+        jobs.append(HashJob(f"{index}.bin", str(tmp_path / f"{index}.bin"), len(data)))
+    outcomes = digest_jobs(jobs, workers=2)
+    assert [o.sha256 for o in outcomes] == [hashlib.sha256(data).hexdigest() for data in contents]
+
+
+def test_a_file_whose_size_the_gate_refuses_is_left_unhashed_with_its_size(tmp_path: Path) -> None:
+    (tmp_path / "a.bin").write_bytes(b"abc")
+    outcomes = digest_jobs([HashJob("a.bin", str(tmp_path / "a.bin"), 10)], hash_if=lambda job, size: False)
+    assert outcomes == [FileSize(3)]
+
+
+def test_a_fifo_in_a_shards_place_is_refused_as_not_regular_without_blocking(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "a.bin")
+    (outcome,) = digest_jobs([HashJob("a.bin", str(tmp_path / "a.bin"), 10)])
+    assert isinstance(outcome, ShardError) and outcome.reason == "not-regular"

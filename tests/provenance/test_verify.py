@@ -467,3 +467,25 @@ def test_signed_subject_names_with_control_characters_are_unsafe_paths(data_dir:
     report = verify_dataset(crafted, key_pairs.pub("alice"), data_dir=data_dir, allow_extra=True)
     assert reasons(report) == dict.fromkeys(names, "unsafe-path")
     assert all(f.line().isprintable() for f in report.failures)
+
+
+def test_with_allow_extra_a_shard_under_a_symlinked_folder_or_replaced_by_a_fifo_is_still_refused(
+    tmp_path: Path, key_pairs: Keys
+) -> None:
+    from trainguard.provenance.signing import build_manifest, write_signed
+
+    data = tmp_path / "data"
+    for name in ("a/one.bin", "b/two.bin", "three.bin"):
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        (data / name).write_bytes(name.encode())
+    path = write_signed(build_manifest(data, source="a"), key_pairs.alice, tmp_path / "m.json", layout="single")
+    (data / "a").rename(tmp_path / "elsewhere")
+    (data / "a").symlink_to(tmp_path / "elsewhere")
+    (data / "three.bin").unlink()
+    os.mkfifo(data / "three.bin")
+    (data / "extra.bin").write_bytes(b"allowed")
+    report = verify_dataset(path, key_pairs.trust("alice"), data_dir=data, state=tmp_path / "s.json", allow_extra=True)
+    assert sorted((f.shard, f.reason) for f in report.failures) == [
+        ("a/one.bin", "symlink"),
+        ("three.bin", "not-regular"),
+    ]
