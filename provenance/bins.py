@@ -37,7 +37,7 @@ from trainguard.provenance.manifest import (
     parse_header,
     parse_shards,
     parse_statement,
-    rfc3339,
+    predicate_header,
     shard_documents,
 )
 
@@ -140,11 +140,7 @@ def sign_binned(manifest: Manifest, key: SigningKey, count: int | None = None) -
         "subject": [{"name": f"{i:05d}.json", "digest": {"sha256": r["sha256"]}} for i, r in enumerate(refs)],
         "predicateType": BINNED_PREDICATE_TYPE,
         "predicate": {
-            "dataset": manifest.dataset,
-            "version": manifest.version,
-            "created": rfc3339(manifest.created),
-            "expires": rfc3339(manifest.expires),
-            "chunkSize": manifest.chunk_size,
+            **predicate_header(manifest),
             "shardCount": len(manifest.shards),
             "sources": sorted({s.source for s in manifest.shards}),
             "roles": sorted({s.role for s in manifest.shards}),

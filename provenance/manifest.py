@@ -124,14 +124,18 @@ def to_statement(manifest: Manifest) -> dict[str, Any]:
         "_type": STATEMENT_TYPE,
         "subject": subjects,
         "predicateType": PREDICATE_TYPE,
-        "predicate": {
-            "dataset": manifest.dataset,
-            "version": manifest.version,
-            "created": rfc3339(manifest.created),
-            "expires": rfc3339(manifest.expires),
-            "chunkSize": manifest.chunk_size,
-            "shards": shards,
-        },
+        "predicate": {**predicate_header(manifest), "shards": shards},
+    }
+
+
+def predicate_header(manifest: Manifest) -> dict[str, Any]:
+    """What every layout's predicate states of the dataset as a whole: name, version, lifetime and chunk size."""
+    return {
+        "dataset": manifest.dataset,
+        "version": manifest.version,
+        "created": rfc3339(manifest.created),
+        "expires": rfc3339(manifest.expires),
+        "chunkSize": manifest.chunk_size,
     }
 
 
