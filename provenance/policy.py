@@ -26,9 +26,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -94,49 +93,33 @@ class KeySet:
 
     def unauthorized(self, manifest: Manifest) -> AuthorizationError | None:
         """The first claim of `manifest` this key set is not granted (dataset, then each shard's source and role)."""
-        if not _matches(manifest.dataset, self.datasets):
+        claims = ((f"shard {s.name} claims", s.name, s.source, s.role) for s in manifest.shards)
+        return self.unauthorized_claims(manifest.dataset, claims)
+
+    def unauthorized_claims(self, dataset: str, claims: Iterable[Claim]) -> AuthorizationError | None:
+        """The first claim this key set is not granted: the dataset name, then each (who, shard, source, role)
+        claim, a shard's or, for a binned manifest, the sources and roles its top level declares."""
+        if not _matches(dataset, self.datasets):
             return UnauthorizedDatasetError(
-                f"key set {self.label} may not sign dataset {manifest.dataset!r} (granted: {', '.join(self.datasets)})"
+                f"key set {self.label} may not sign dataset {dataset!r} (granted: {', '.join(self.datasets)})"
             )
-        for shard in manifest.shards:
-            if not _matches(shard.source, self.sources):
+        for who, shard, source, role in claims:
+            if source is not None and not _matches(source, self.sources):
                 return UnauthorizedSourceError(
-                    f"shard {shard.name} is attributed to source {shard.source!r}, which key set {self.label} may "
-                    f"not attribute (granted: {', '.join(self.sources)})",
-                    shard=shard.name,
+                    f"{who} source {source!r}, which key set {self.label} may not attribute "
+                    f"(granted: {', '.join(self.sources)})",
+                    shard=shard,
                 )
-            if shard.role not in self.roles:
+            if role is not None and role not in self.roles:
                 return UnauthorizedRoleError(
-                    f"shard {shard.name} claims role {shard.role!r}, which key set {self.label} may not grant "
-                    f"(granted: {', '.join(self.roles)})",
-                    shard=shard.name,
-                )
-        return None
-
-    def unauthorized_claims(
-        self, dataset: str, sources: Iterable[str], roles: Iterable[str]
-    ) -> AuthorizationError | None:
-        """The first claim this key set is not granted among a binned manifest's declared dataset, sources and roles
-        (each bin's shards are checked against the same grants when the bin is loaded)."""
-        refusal = self.unauthorized(Manifest(dataset, 0, _EPOCH, _EPOCH, ()))
-        if refusal is not None:
-            return refusal
-        for source in sources:
-            if not _matches(source, self.sources):
-                return UnauthorizedSourceError(
-                    f"the manifest declares source {source!r}, which key set {self.label} may not attribute "
-                    f"(granted: {', '.join(self.sources)})"
-                )
-        for role in roles:
-            if role not in self.roles:
-                return UnauthorizedRoleError(
-                    f"the manifest declares role {role!r}, which key set {self.label} may not grant "
-                    f"(granted: {', '.join(self.roles)})"
+                    f"{who} role {role!r}, which key set {self.label} may not grant (granted: {', '.join(self.roles)})",
+                    shard=shard,
                 )
         return None
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+Claim = tuple[str, str | None, str | None, str | None]
+"""(who claims, shard name or None, source or None, role or None), as authorisation messages name them."""
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
@@ -188,20 +171,20 @@ class Signed:
 
 def granted(signed: Sequence[Signed], manifest: Manifest) -> Signed:
     """The first of the signing key sets granted everything the manifest claims; else the first refusal."""
-    refusals = []
-    for candidate in signed:
-        problem = candidate.key_set.unauthorized(manifest)
-        if problem is None:
-            return candidate
-        refusals.append(problem)
-    raise refusals[0]
+    return _first_granted(signed, lambda key_set: key_set.unauthorized(manifest))
 
 
 def granted_claims(signed: Sequence[Signed], dataset: str, sources: Iterable[str], roles: Iterable[str]) -> Signed:
     """`granted` for a binned manifest: the first signing key set granted its declared dataset, sources, roles."""
+    claims = [("the manifest declares", None, source, None) for source in sources]
+    claims += [("the manifest declares", None, None, role) for role in roles]
+    return _first_granted(signed, lambda key_set: key_set.unauthorized_claims(dataset, claims))
+
+
+def _first_granted(signed: Sequence[Signed], refusal: Callable[[KeySet], AuthorizationError | None]) -> Signed:
     refusals = []
     for candidate in signed:
-        problem = candidate.key_set.unauthorized_claims(dataset, tuple(sources), tuple(roles))
+        problem = refusal(candidate.key_set)
         if problem is None:
             return candidate
         refusals.append(problem)
