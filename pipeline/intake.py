@@ -24,7 +24,7 @@ from trainguard.pipeline.config import CycleConfig, ManifestRef, ValidationSecti
 from trainguard.pipeline.errors import CycleAbortedError
 from trainguard.pipeline.state import ShardDecision
 from trainguard.provenance.allowlist import AllowedShard
-from trainguard.provenance.dataset import TABLE_SUFFIXES, table_samples
+from trainguard.provenance.dataset import read_as_table, table_samples
 from trainguard.provenance.errors import ProvenanceError
 from trainguard.provenance.formats import Decoder, Samples, default_decoders
 from trainguard.provenance.reader import ReadLog, ShardReader
@@ -113,6 +113,7 @@ def verify_and_read(
     (tables through their columns, other formats through `decoders`), its hash checked again on read. Recording the
     accepted manifest versions is the caller's (it owns the state)."""
     holdout_ref = config.dataset.holdout
+    every_decoder = default_decoders(decoders, label=config.validation.label_column)
     manifests, reports, refused = [], [], []
     by_role: dict[str, list[SignedShard]] = defaultdict(list)
     for ref in manifest_refs(config):
@@ -132,7 +133,7 @@ def verify_and_read(
             if shard.name in failed or (shard.role == "holdout" and not is_holdout):
                 continue
             try:
-                samples, frame = _decode(reader, shard.name, config.validation, decoders)
+                samples, frame = _decode(reader, shard.name, config.validation, decoders, every_decoder)
             except ProvenanceError as error:
                 if shard.role != "train":
                     raise CycleAbortedError(f"read {ref.manifest}: {error.reason}: {error}", check="verify") from None
@@ -165,14 +166,18 @@ def verify_and_read(
 
 
 def _decode(
-    reader: ShardReader, name: str, section: ValidationSection, decoders: Mapping[str, Decoder]
+    reader: ShardReader,
+    name: str,
+    section: ValidationSection,
+    configured: Mapping[str, Decoder],
+    every_decoder: Mapping[str, Decoder],
 ) -> tuple[Samples, pd.DataFrame | None]:
-    """A shard's samples: through the configured decoder for its suffix, else as a table (feature and label
-    columns), else refused as a format with no decoder."""
-    if not any(name.endswith(suffix) for suffix in decoders) and name.endswith(TABLE_SUFFIXES):
+    """A shard's samples: as a table (feature and label columns) unless a configured decoder claims its suffix,
+    else through the decoder for its suffix, else refused as a format with no decoder."""
+    if read_as_table(name, configured):
         frame = reader.read_frame(name)
         return table_samples(name, frame, feature_columns(frame, section), section.label_column), frame
-    return reader.read_samples(name, default_decoders(decoders, label=section.label_column)), None
+    return reader.read_samples(name, every_decoder), None
 
 
 def _refused_entry(verified: VerifiedManifest, name: str, check: str, reason: str) -> ShardDecision:

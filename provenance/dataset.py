@@ -107,17 +107,18 @@ class ShardDataset(Dataset):
             rank, world = part
             owners = balanced_owners([s.records if s.records is not None else s.size for _, s in chosen], world)
             chosen = [pick for pick, owner in zip(chosen, owners, strict=True) if owner == rank]
+        every_decoder = default_decoders(decoders, label=label_column)
         parts: list[Samples] = []
         shards: list[tuple[str, ShardEntry]] = []
         for reader in readers:
             dataset = reader.verified.manifest.dataset
             selected = [s for r, s in chosen if r is reader]
-            tables = {s.name: s for s in selected if s.name.endswith(TABLE_SUFFIXES) and not _decoded(s.name, decoders)}
+            tables = {s.name: s for s in selected if read_as_table(s.name, decoders)}
             for name, frame in reader.frames(tables):
                 parts.append(table_samples(name, frame, feature_columns, label_column))
                 shards.append((dataset, tables[name]))
             for shard in (s for s in selected if s.name not in tables):
-                parts.append(reader.read_samples(shard.name, default_decoders(decoders, label=label_column)))
+                parts.append(reader.read_samples(shard.name, every_decoder))
                 shards.append((dataset, shard))
         self.shards = tuple(shards)
         self.row_shard = np.repeat(np.arange(len(parts)), [len(p) for p in parts]).astype(np.int64)
@@ -170,9 +171,9 @@ class RankPartSampler(DistributedSampler):
         return self.length
 
 
-def _decoded(name: str, decoders: Mapping[str, Decoder] | None) -> bool:
-    """Whether a user decoder claims this name (it wins over the built-in table reading)."""
-    return bool(decoders) and any(name.endswith(suffix) for suffix in decoders or {})
+def read_as_table(name: str, decoders: Mapping[str, Decoder] | None) -> bool:
+    """Whether a shard is read as a table (feature and label columns): a table suffix no caller decoder claims."""
+    return name.endswith(TABLE_SUFFIXES) and not any(name.endswith(suffix) for suffix in decoders or {})
 
 
 def table_samples(name: str, frame: pd.DataFrame, feature_columns: Sequence[str] | None, label_column: str) -> Samples:
