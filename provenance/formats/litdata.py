@@ -18,8 +18,8 @@ import shutil
 import tempfile
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -70,29 +70,6 @@ class VerifiedSource:
     def shard(self, filename: str) -> str:
         """The manifest name of an optimized dataset's file."""
         return f"{self.prefix}/{filename}" if self.prefix else filename
-
-    def __reduce__(self) -> tuple[Callable[..., VerifiedSource], tuple[Any, ...]]:
-        # Spawned DataLoader workers get the source pickled by this process; key objects do not pickle, their PEMs do.
-        keys = self.verified.key_set
-        settings = (keys.threshold, keys.name, keys.datasets, keys.sources, keys.roles)
-        verified = replace(self.verified, key_set=None)
-        pems = tuple(key.to_pem() for key in keys.keys)
-        return _rebuild_source, (verified, pems, settings, self.prefix, self.journal, self.allow)
-
-
-def _rebuild_source(
-    verified: VerifiedManifest,
-    pems: tuple[bytes, ...],
-    settings: tuple[Any, ...],
-    prefix: str,
-    journal: Path,
-    allow: AllowList | None,
-) -> VerifiedSource:
-    from trainguard.provenance.keys import verifying_key_from_pem
-    from trainguard.provenance.policy import KeySet
-
-    keys = KeySet(tuple(verifying_key_from_pem(pem) for pem in pems), *settings)
-    return VerifiedSource(replace(verified, key_set=keys), prefix, journal, allow)
 
 
 class VerifyingDownloader(Downloader):
