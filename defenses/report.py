@@ -1,13 +1,13 @@
 """Records a RONI screening: a local JSON report and PNG plot first, then the same to MLflow when it is reachable.
 
-Impacts go to MLflow as metrics, thresholds and config as params, decisions and reasons as tags, the JSON report and
-the plot as artifacts, all through `log_batch` (one call per 1,000 metrics / 100 params / 100 tags).
+MLflow gets a compact summary (threshold, counts, time) as metrics, the screening config as params, every candidate's
+decision as one table (`roni/decisions.json`, through `log_table`), and the JSON report and plot as artifacts: a
+fixed number of calls and keys however many shards are screened.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import time
 import urllib.request
 from dataclasses import asdict, dataclass
@@ -16,7 +16,7 @@ from pathlib import Path
 from trainguard.defenses.roni import ScreeningReport
 from trainguard.files import atomic_write
 
-_KEY = re.compile(r"[^A-Za-z0-9_\-./ ]")
+DECISIONS_TABLE = "roni/decisions.json"
 
 
 @dataclass(frozen=True)
@@ -71,10 +71,6 @@ def _reachable(uri: str) -> str | None:
         return f"{type(error).__name__}: {error}"
 
 
-def _chunks(items: list, size: int) -> list[list]:
-    return [items[i : i + size] for i in range(0, len(items), size)] or [[]]
-
-
 def _log_to_mlflow(
     report: ScreeningReport,
     json_path: Path,
@@ -86,7 +82,7 @@ def _log_to_mlflow(
 ) -> str:
     """Logs into `run_id` when given (the caller owns that run), else into a new run it finishes itself."""
     from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, Param
 
     client = MlflowClient(tracking_uri=uri)
     owned = run_id is None
@@ -96,34 +92,11 @@ def _log_to_mlflow(
         run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
     try:
         now = int(time.time() * 1000)
-        metrics = [Metric("roni.threshold", report.threshold, now, 0)]
-        params = [
-            Param("roni.threshold", repr(report.threshold)),
-            Param("roni.calibration_rows", str(report.calibration_size)),
-        ]
+        metrics = [Metric(name, float(value), now, 0) for name, value in screening_summary(report).items()]
+        params = [Param("roni.calibration_rows", str(report.calibration_size))]
         params += [Param(f"roni.{k}", str(v)) for k, v in asdict(report.config).items()]
-        tags = [
-            RunTag("roni.rejected", str(len(report.rejected))),
-            RunTag("roni.accepted", str(len(report.accepted))),
-        ]
-        for d in report.decisions:
-            key = _KEY.sub("_", d.name)
-            metrics.append(Metric(f"roni.impact.{key}", d.impact, now, 0))
-            metrics += [
-                Metric(f"roni.class_impact.{key}.{c}", v, now, 0) for c, v in enumerate(d.class_impacts) if v == v
-            ]
-            tags += [
-                RunTag(f"roni.decision.{key}", "accepted" if d.accepted else "rejected"),
-                RunTag(f"roni.reason.{key}", d.reason),
-                RunTag(f"roni.source.{key}", d.source),
-            ]
-        for i in range(max(len(_chunks(metrics, 1000)), len(_chunks(params, 100)), len(_chunks(tags, 100)))):
-            client.log_batch(
-                run_id,
-                metrics=metrics[i * 1000 : (i + 1) * 1000],
-                params=params[i * 100 : (i + 1) * 100],
-                tags=tags[i * 100 : (i + 1) * 100],
-            )
+        client.log_batch(run_id, metrics=metrics, params=params[:100])
+        client.log_table(run_id, decision_table(report), DECISIONS_TABLE)
         client.log_artifact(run_id, str(json_path), artifact_path="roni")
         client.log_artifact(run_id, str(plot_path), artifact_path="roni")
     except BaseException:
@@ -133,6 +106,25 @@ def _log_to_mlflow(
     if owned:
         client.set_terminated(run_id, "FINISHED")
     return run_id
+
+
+def screening_summary(report: ScreeningReport) -> dict[str, float]:
+    """The screening's headline numbers, the same in MLflow and in the local report."""
+    return {
+        "roni/threshold": report.threshold,
+        "roni/candidates": float(len(report.decisions)),
+        "roni/accepted": float(len(report.accepted)),
+        "roni/rejected": float(len(report.rejected)),
+        "roni/seconds": report.seconds,
+    }
+
+
+def decision_table(report: ScreeningReport) -> dict[str, list[object]]:
+    """One column per decision field, one row per candidate (for `log_table`: one artifact, not a metric each)."""
+    rows = report.to_dict()["decisions"]
+    assert isinstance(rows, list)
+    columns = list(rows[0]) if rows else []
+    return {column: [row[column] for row in rows] for column in columns}
 
 
 def record_screening(

@@ -1,9 +1,10 @@
 """`RobustAccuracy`: accuracy under PGD-k at one or more eps, measured during each validation epoch.
 
 The callback attacks the validation batches Lightning already loads (up to `max_samples` of them, the first ones of
-the epoch) and logs `val/robust_acc@<eps>` at the end of the epoch through the module, hence through the trainer's
-logger. Lightning's MLFlowLogger strips characters MLflow refuses, so there the name reads `val/robust_acc0.1`;
-pass `name=` to choose another template. Counts are summed over DDP ranks before logging.
+the epoch) and logs `val/robust_acc_eps<eps>` at the end of the epoch through the module, hence through the trainer's
+logger. The name uses only characters MLflow keeps (Lightning's MLFlowLogger would rewrite `@`), so it reads the same
+in MLflow, in DVC and in the cycle's report; pass `name=` to choose another template. Counts are summed over DDP
+ranks before logging.
 
 Per eps and batch it costs the attack's `steps` forward-backward passes plus the one forward at the final point
 that PGD itself never evaluates (its last logits are those of the point before its last step); no clean forward.
@@ -48,7 +49,7 @@ class RobustAccuracy(pl.Callback):
         forward: ModuleForward | None = None,
         dataloader_idx: int = 0,
         seed: int = 0,
-        name: str = "val/robust_acc@{eps:g}",
+        name: str = "val/robust_acc_eps{eps:g}",
         crafting: str = "trainer",
     ) -> None:
         self.eps = tuple(float(e) for e in (eps if isinstance(eps, Sequence) else (eps,)))

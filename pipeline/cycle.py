@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import torch
 
 from trainguard.defenses.heldout import HeldoutMetrics, LabeledData
 from trainguard.files import atomic_write
+from trainguard.pipeline import plots
 from trainguard.pipeline.attestation import (
     CycleFacts,
     Resource,
@@ -44,9 +46,17 @@ from trainguard.pipeline.intake import (
     validate,
     verify_and_read,
 )
-from trainguard.pipeline.model_sign import load_verified_state_dict, write_signed_model
-from trainguard.pipeline.state import CycleState, HeldoutRecord, ModelRecord, ShardDecision, StateStore, utc_now
-from trainguard.pipeline.tracking import CycleTracker, DatasetRef, TrackedRun, cycle_tags
+from trainguard.pipeline.model_sign import file_sha256, load_verified_state_dict, write_signed_model
+from trainguard.pipeline.state import (
+    CycleRecord,
+    CycleState,
+    HeldoutRecord,
+    ModelRecord,
+    ShardDecision,
+    StateStore,
+    utc_now,
+)
+from trainguard.pipeline.tracking import CycleTracker, ModelRelease, TrackedRun, cycle_tags
 from trainguard.pipeline.training import TrainingResult, bootstrap, train
 from trainguard.provenance.allowlist import AllowList
 from trainguard.provenance.dataset import VerifiedDataModule
@@ -54,6 +64,13 @@ from trainguard.provenance.errors import ProvenanceError
 from trainguard.provenance.formats import Decoder
 from trainguard.provenance.keys import load_signing_key
 from trainguard.provenance.verify import VerifiedManifest
+
+CHECKS = ("verify", "validate", "limits", "roni")
+"""The checks that refuse shards, each with a `shards/refused_<check>` metric even when it refused none (stable
+columns for `dvc exp show`); a check not listed here gets its metric when it refuses something."""
+DECISIONS_TABLE = "shards/decisions.json"
+METRICS_FILE = "metrics.json"
+"""The latest cycle's headline numbers, numbers only (DVC's metrics file, tracked by git so experiments compare)."""
 
 
 @dataclass(frozen=True)
@@ -99,17 +116,18 @@ class _Cycle:
         return self.config.output.work_dir / "reports" / f"cycle-{self.number:04d}.json"
 
     def write_report(self) -> Path:
-        """Writes the report atomically, as `reports/cycle-NNNN.json` and as the latest `report.json` (DVC's metrics
-        file): the local record never depends on MLflow."""
+        """Writes the report atomically, as `reports/cycle-NNNN.json` and as the latest `report.json`: the local
+        record never depends on MLflow."""
         text = (json.dumps(self.report, indent=2, sort_keys=True, default=str) + "\n").encode()
         for path in (self.report_path, self.config.output.work_dir / "report.json"):
             atomic_write(path, text)
         return self.report_path
 
 
-def run_cycle(config_path: Path, *, reinit: bool = False) -> CycleOutcome:
+def run_cycle(config_path: Path, *, reinit: bool = False, force: bool = False) -> CycleOutcome:
     """Runs one cycle of the config at `config_path`; raises CycleAbortedError when a check (or anything else)
-    stops it. `reinit` starts a new state where none exists beside released models, numbering after them.
+    stops it. `reinit` starts a new state where none exists beside released models, numbering after them. A cycle
+    with nothing new (the config and the manifests' digests of the last accepted cycle) is `skipped` unless `force`.
 
     Started by a launcher (torchrun, SLURM), rank 0 runs the cycle and the other ranks only train their share."""
     config = load_config(config_path)
@@ -120,13 +138,13 @@ def run_cycle(config_path: Path, *, reinit: bool = False) -> CycleOutcome:
             return _follow(config)
     meeting = Meeting(launch)
     try:
-        return _lead(config, Path(config_path), reinit, meeting)
+        return _lead(config, Path(config_path), reinit, force, meeting)
     except Exception as error:
         meeting.send(Stopped(" ".join(str(error).split())))  # the other ranks wait for a plan: say why none comes
         raise
 
 
-def _lead(config: CycleConfig, config_path: Path, reinit: bool, meeting: Meeting) -> CycleOutcome:
+def _lead(config: CycleConfig, config_path: Path, reinit: bool, force: bool, meeting: Meeting) -> CycleOutcome:
     config_sha256 = hashlib.sha256(config_path.read_bytes()).hexdigest()
     try:
         key = load_signing_key(config.output.attestation_key_path)
@@ -134,14 +152,20 @@ def _lead(config: CycleConfig, config_path: Path, reinit: bool, meeting: Meeting
         raise CycleAbortedError(f"cannot load the cycle key: {error}", check="config") from None
     store = StateStore(config.output.state_path, key)
     with store.locked():
-        state = store.update(_current_state(store, config.output.work_dir, reinit).begin(config_sha256))
+        current = _current_state(store, config.output.work_dir, reinit)
+        unchanged = None if force else _unchanged_since_accepted(config, config_sha256, current)
+        if unchanged is not None:
+            meeting.send(Stopped(f"nothing new since cycle {unchanged.cycle}"))
+            return _skipped(config, unchanged)
+        state = store.update(current.begin(config_sha256))
         tracker = CycleTracker.connect(
             config.tracking.experiment_name, config.tracking.registered_model_name, config.tracking.uri
         )
         cycle = _Cycle(config, config_path, config_sha256, store, state, tracker, {}, meeting)
         cycle.report = {"cycle": cycle.number, "config": str(config_path), "config_sha256": config_sha256}
         pl.seed_everything(config.training.seed, workers=True, verbose=False)
-        with tracker.cycle(f"{config.name}-cycle-{cycle.number}", params=config.resolved()) as parent:
+        run_name = f"{config.name}-cycle-{cycle.number}"
+        with tracker.cycle(run_name, params=config.resolved()) as parent:
             try:
                 return _run(cycle, parent)
             except Exception as error:  # any failure ends the cycle as `failed`, recorded, with a one-line reason
@@ -149,7 +173,7 @@ def _lead(config: CycleConfig, config_path: Path, reinit: bool, meeting: Meeting
                 cycle.state = store.update(cycle.state.fail(str(aborted)))
                 cycle.report.update(status="failed", reason=str(aborted), failed_check=aborted.check)
                 cycle.write_report()
-                parent.set_tags({"trainguard.status": "failed", "trainguard.reason": str(aborted)[:4000]})
+                parent.finish("failed", str(aborted), name=f"{run_name}-failed")
                 if aborted is error:
                     raise
                 raise aborted from error
@@ -237,6 +261,32 @@ def _current_state(store: StateStore, work_dir: Path, reinit: bool) -> CycleStat
     return state
 
 
+def _unchanged_since_accepted(config: CycleConfig, config_sha256: str, state: CycleState) -> CycleRecord | None:
+    """The last accepted cycle when it ran this config on the manifests now in place (same sha256 each), else None."""
+    if state.current is not None:
+        return None
+    last = next((c for c in reversed(state.cycles) if c.status == "accepted"), None)
+    if last is None or last.config_sha256 != config_sha256 or not last.manifests:
+        return None
+    paths = [ref.manifest.resolve() for ref in manifest_refs(config)]
+    if not all(path.is_file() for path in paths):
+        return None
+    return last if {str(path): file_sha256(path) for path in paths} == last.manifests else None
+
+
+def _skipped(config: CycleConfig, last: CycleRecord) -> CycleOutcome:
+    """The outcome of a cycle with nothing new: no state change, no run, the accepted model stays."""
+    return CycleOutcome(
+        cycle=last.cycle,
+        status="skipped",
+        reason=f"nothing new since cycle {last.cycle} (same config and manifests); `--force` retrains",
+        report=config.output.work_dir / "reports" / f"cycle-{last.cycle:04d}.json",
+        model_dir=Path(last.candidate.path) if last.candidate else None,
+        tracking="nothing logged",
+        metrics=dict(last.metrics),
+    )
+
+
 def _tracking_status(tracker: CycleTracker) -> str:
     if tracker.offline:
         return f"MLflow unreachable ({tracker.offline_reason}); decisions kept in the local report and state"
@@ -245,12 +295,14 @@ def _tracking_status(tracker: CycleTracker) -> str:
 
 def _run(cycle: _Cycle, parent: TrackedRun) -> CycleOutcome:
     config = cycle.config
+    prior = cycle.state.heldout  # the last accepted model's held-out record, for the plots
     with parent.stage("verification") as stage:
         intake = verify_and_read(config, cycle.state.rollback_records, _decoders(config))
         state = cycle.state
         for manifest in intake.manifests:
             state = state.accept_manifest(manifest.rollback_key, manifest.manifest.version, manifest.statement_sha256)
-        cycle.state = cycle.store.update(state)
+        digests = {str(m.path.resolve()): m.manifest_sha256 for m in intake.manifests}
+        cycle.state = cycle.store.update(state.read_manifests(digests))
         cycle.decide(intake.refused)
         _log_verification(cycle, intake, parent, stage)
     columns = feature_columns(intake.holdout[0].frame, config.validation)
@@ -264,7 +316,9 @@ def _run(cycle: _Cycle, parent: TrackedRun) -> CycleOutcome:
     with parent.stage("screening") as stage:
         candidates = _screen_inputs(cycle, intake, stage)
         model, previous = _incoming_model(cycle, _labeled(intake.trusted), intake.holdout_sha256)
+        started = time.monotonic()
         _screen(cycle, model, holdout, candidates, stage)
+        screening_seconds = time.monotonic() - started
 
     allow = _allow_list(cycle, intake)
     cycle.report["allow_list"] = allow.to_json()
@@ -286,19 +340,27 @@ def _run(cycle: _Cycle, parent: TrackedRun) -> CycleOutcome:
         stage.log_metrics({"gate/accuracy_after": result.verdict.after.accuracy})
         stage.set_tags({"trainguard.gate": "accepted" if accepted_model else "rejected", "trainguard.reason": reason})
         cycle.report["gate"] = {**result.verdict.to_dict(), "accepted": accepted_model, "reason": reason}
-        model_dir = _release(cycle, model, intake, allow, result, parent) if accepted_model else None
+        example = holdout.x[:5].numpy()
+        model_dir = _release(cycle, model, intake, allow, result, parent, example) if accepted_model else None
         if not accepted_model:
             cycle.state = cycle.store.update(cycle.state.reject(reason))
     status = "accepted" if accepted_model else "rejected"
+    headline = _headline(cycle, result, screening_seconds, status)
     cycle.report.update(
         status=status,
         reason=reason,
+        metrics=headline,
         model_dir=str(model_dir) if model_dir else None,
         tracking=_tracking_status(cycle.tracker),
     )
     report = cycle.write_report()  # before any upload: the local record never waits on the server
+    figures = _write_dvc_outputs(cycle, result, prior, headline)
+    parent.log_metrics(headline, step=cycle.number)
+    parent.log_table(_decision_table(cycle.state.latest.shards), DECISIONS_TABLE)
+    for name, figure in figures.items():
+        parent.log_figure(figure, f"plots/{name}.png")
     parent.log_artifact(report, "report")
-    parent.set_tags({"trainguard.status": status, "trainguard.reason": reason[:4000]})
+    parent.finish(status, reason)
     parent.flush()
     tracking = _tracking_status(cycle.tracker)
     if tracking != cycle.report["tracking"]:  # the uploads just now found the server gone
@@ -345,6 +407,59 @@ def _labeled(shards: Sequence[SignedShard]) -> LabeledData:
     return LabeledData.of(samples.inputs, samples.targets)
 
 
+def _headline(cycle: _Cycle, result: TrainingResult, screening_seconds: float, status: str) -> dict[str, float]:
+    """The cycle's numbers, named alike in MLflow, the JSON report and DVC's metrics file: clean and robust
+    held-out accuracy, shards offered, accepted and refused by check, and the screening's threshold and time."""
+    shards = cycle.state.latest.shards
+    refused = [d.check for d in shards if not d.accepted]
+    metrics = {
+        "cycle/number": float(cycle.number),
+        "cycle/accepted": float(status == "accepted"),
+        "val/acc": result.verdict.after.accuracy,
+        "gate/accuracy_before": result.verdict.before.accuracy,
+        **{f"{plots.ROBUST_PREFIX}{eps}": acc for eps, acc in result.robust_accuracy.items()},
+        "shards/offered": float(len(shards)),
+        "shards/accepted": float(len(shards) - len(refused)),
+        "shards/refused": float(len(refused)),
+        **{f"shards/refused_{check}": float(refused.count(check)) for check in (*CHECKS, *refused)},
+        "roni/seconds": screening_seconds,
+    }
+    threshold = cycle.report.get("roni", {}).get("threshold")
+    if isinstance(threshold, float):
+        metrics["roni/threshold"] = threshold
+    return {name: value for name, value in metrics.items() if value == value}  # NaN (not measured) left out
+
+
+def _decision_table(shards: Sequence[ShardDecision]) -> dict[str, list[Any]]:
+    """Every shard decision of the cycle, one column per ShardDecision field."""
+    columns = list(ShardDecision.model_fields)
+    rows = [d.model_dump(mode="json") for d in shards]
+    return {column: [row[column] for row in rows] for column in columns}
+
+
+def _write_dvc_outputs(
+    cycle: _Cycle, result: TrainingResult, prior: HeldoutRecord | None, headline: dict[str, float]
+) -> dict[str, Any]:
+    """Writes DVC's metrics file and the cycle's plot data (`plots/*.json`); returns the matching figures for
+    MLflow."""
+    work_dir = cycle.config.output.work_dir
+    atomic_write(work_dir / METRICS_FILE, (json.dumps(headline, indent=2, sort_keys=True) + "\n").encode())
+    folder = work_dir / "plots"
+    rows = {
+        "robust_accuracy": plots.robust_rows(result.robust_accuracy),
+        "gate_classes": plots.gate_rows(result.verdict.before, result.verdict.after),
+        "cycles": plots.cycle_rows(cycle.state.cycles),
+    }
+    for name, data in rows.items():
+        atomic_write(folder / f"{name}.json", (json.dumps(data, indent=1) + "\n").encode())
+    last = plots.robust_rows(prior.robust_accuracy) if prior is not None else []
+    return {
+        "robust_accuracy": plots.robust_figure(rows["robust_accuracy"], last, cycle.number),
+        "gate_classes": plots.gate_figure(rows["gate_classes"]),
+        "cycles": plots.cycles_figure(rows["cycles"]),
+    }
+
+
 def _log_verification(cycle: _Cycle, intake: Intake, parent: TrackedRun, stage: TrackedRun) -> None:
     digests = {m.manifest.dataset: m.manifest_sha256 for m in intake.manifests}
     commit = git_resource(Path.cwd())
@@ -359,9 +474,7 @@ def _log_verification(cycle: _Cycle, intake: Intake, parent: TrackedRun, stage: 
             "verify/refused": len(intake.refused),
         }
     )
-    parent.log_datasets(
-        [DatasetRef(m.manifest.dataset, m.manifest_sha256, str(m.path), context="training") for m in intake.manifests]
-    )
+    parent.log_datasets(intake.reports, context="training")
     cycle.report["verification"] = {
         "manifests": [r.to_dict() for r in intake.reports],
         "signers": list(intake.signer_keyids),
@@ -516,9 +629,10 @@ def _release(
     allow: AllowList,
     result: TrainingResult,
     parent: TrackedRun,
+    example: Any,
 ) -> Path:
     """Signs the accepted model with its SLSA attestation, makes it the model the next cycle starts from, and
-    registers it in MLflow. A released model directory is never overwritten."""
+    registers it in MLflow as the `champion`. A released model directory is never overwritten."""
     config = cycle.config
     directory = config.output.work_dir / "models" / f"cycle-{cycle.number:04d}"
     if directory.exists() or directory.is_symlink():
@@ -574,7 +688,7 @@ def _release(
         metrics=result.verdict.after.to_dict(),
     )
     cycle.state = cycle.store.update(cycle.state.accept(record, heldout))
-    version = parent.register_model(directory, tags={"trainguard.cycle": str(cycle.number)})
+    version = parent.register_model(_model_release(cycle, intake, directory, files.digests, example))
     cycle.report["model"] = {
         "dir": str(directory),
         "digests": dict(files.digests),
@@ -582,6 +696,46 @@ def _release(
         "registered_version": version,
     }
     return directory
+
+
+def _model_release(
+    cycle: _Cycle, intake: Intake, directory: Path, digests: dict[str, str], example: Any
+) -> ModelRelease:
+    """What the registered version says about itself: which cycle, which data (manifest digests), which checks."""
+    config = cycle.config
+    shards = cycle.state.latest.shards
+    refused: dict[str, int] = {}
+    for decision in shards:
+        if not decision.accepted:
+            refused[decision.check] = refused.get(decision.check, 0) + 1
+    data = ", ".join(f"{m.manifest.dataset} (manifest sha256 {m.manifest_sha256})" for m in intake.manifests)
+    refusals = ", ".join(f"{n} by {check}" for check, n in sorted(refused.items())) or "none"
+    gate = cycle.report["gate"]
+    tags = {
+        "trainguard.cycle": str(cycle.number),
+        "trainguard.config_sha256": cycle.config_sha256,
+        "trainguard.model_sha256": digests["model.safetensors"],
+        "trainguard.checks": ",".join((*cycle.state.latest.steps, "gate")),
+        "trainguard.shards_accepted": str(sum(d.accepted for d in shards)),
+        "trainguard.shards_refused": refusals,
+        "trainguard.gate": str(gate["reason"])[:4000],
+        **{f"trainguard.manifest.{m.manifest.dataset}.sha256": m.manifest_sha256 for m in intake.manifests},
+    }
+    description = (
+        f"Cycle {cycle.number} of `{config.name}`, accepted by the gate ({gate['reason']}). Data: {data}; "
+        f"{tags['trainguard.shards_accepted']} shards accepted, refused: {refusals}. Checks: verify (signatures, "
+        "digests, rollback), validate, source limits, RONI screening, adversarial training and the held-out gate. "
+        f"Weights sha256 {digests['model.safetensors']}, signed (OpenSSF model signing) with an SLSA attestation; "
+        "`mlflow.pyfunc.load_model` verifies both and refuses a model that does not check."
+    )
+    return ModelRelease(
+        model_dir=directory,
+        model_key=_public_key(config.output.model_signing_key),
+        attestation_key=_public_key(config.output.attestation_key_path),
+        example=example,
+        description=description,
+        tags=tags,
+    )
 
 
 __all__ = ["CycleOutcome", "manifest_refs", "run_cycle"]

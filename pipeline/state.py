@@ -86,6 +86,7 @@ class CycleRecord(_Record):
     candidate: ModelRecord | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
     reason: str = ""
+    manifests: dict[str, str] = Field(default_factory=dict, description="manifest path -> sha256 it verified")
 
 
 class RollbackEntry(_Record):
@@ -164,6 +165,11 @@ class CycleState(_Record):
         merged = {d.key: d for d in running.shards}
         merged.update({d.key: d for d in decisions})
         return self._replace_current(running.model_copy(update={"shards": tuple(merged.values())}))
+
+    def read_manifests(self, digests: Mapping[str, str]) -> CycleState:
+        """Records which manifests (path -> sha256) the running cycle verified and trains from."""
+        running = self._running()
+        return self._replace_current(running.model_copy(update={"manifests": dict(digests)}))
 
     def step_done(self, step: str, metrics: Mapping[str, float] | None = None) -> CycleState:
         """Marks a step of the running cycle complete, with the metrics it produced."""

@@ -2,15 +2,17 @@
 offline mode so an unreachable server never blocks a decision.
 
 Runs are created through `MlflowClient` (no global active run), so Lightning's `MLFlowLogger` can write into a
-stage's run by id. Any tracking failure switches the tracker offline: later calls are no-ops and `offline_reason`
-says why; the caller writes its local report first and tells the user. The model is registered only when the
-caller says the gate accepted it.
+stage's run by id; every run ends with `trainguard.status` and `trainguard.reason` tags. Any tracking failure
+switches the tracker offline: later calls are no-ops and `offline_reason` says why; the caller writes its local
+report first and tells the user. The model is registered (an MLflow 3 logged model, verified on load, see
+`mlflow_model`) and made the `champion` only when the caller says the gate accepted it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -18,13 +20,20 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from trainguard.provenance.verify import VerificationReport
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 MAX_PARAM_VALUE = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_KEY = 250  # MAX_ENTITY_KEY_LENGTH
 MAX_TAG_VALUE = 8000  # MAX_TAG_VAL_LENGTH
-MAX_DATASET_DIGEST = 36  # MAX_DATASET_DIGEST_SIZE: the full sha256 goes in an input tag and the source
+STATUS_TAG = "trainguard.status"
+REASON_TAG = "trainguard.reason"
+MAX_REASON = 4000
 PARAMS_PER_BATCH = 100
 METRICS_PER_BATCH = 1000
 PROBE_TIMEOUT = 3.0
@@ -37,13 +46,15 @@ _HTTP_DEFAULTS = {
 
 
 @dataclass(frozen=True)
-class DatasetRef:
-    """A dataset input: a signed manifest by name, its full sha256, where it is, and how it was used."""
+class ModelRelease:
+    """What registering an accepted model needs: the signed directory, the public keys it verifies against, an
+    input example (for the model's signature), and what the version says about itself."""
 
-    name: str
-    sha256: str
-    source: str
-    context: str = "training"
+    model_dir: Path
+    model_key: Path
+    attestation_key: Path
+    example: np.ndarray
+    description: str
     tags: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -158,13 +169,18 @@ class CycleTracker:
                 start_tags = {tag.key: tag.value for tag in _tags(start_tags)}
                 created = self._client.create_run(self._experiment_id, tags=start_tags, run_name=name)
                 run.run_id = created.info.run_id
-        status = "FAILED"
+        status, outcome = "FAILED", {STATUS_TAG: "failed"}
         try:
             yield run
-            status = "FINISHED"
+            status, outcome = "FINISHED", {STATUS_TAG: "done"}
+        except BaseException as error:
+            outcome[REASON_TAG] = " ".join(str(error).split()) or type(error).__name__
+            raise
         finally:
             run.flush()
             if run.active:
+                if parent is not None:  # a parent run's outcome is the cycle's: its owner tags it
+                    run.set_tags(outcome)
                 with self._guard(f"end run {name}"):
                     self._client.set_terminated(run.run_id, status)
 
@@ -257,20 +273,37 @@ class TrackedRun:
         with self.tracker._guard(f"upload {artifact_file}"):
             self.tracker._client.log_dict(self.run_id, dict(data), artifact_file)
 
-    def log_datasets(self, datasets: Sequence[DatasetRef]) -> None:
-        """Records signed datasets as MLflow dataset inputs; the full sha256 is in a tag and in the source."""
-        if not self.active or not datasets:
+    def log_datasets(self, reports: Sequence[VerificationReport], context: str = "training") -> None:
+        """Records verified manifests as MLflow dataset inputs (see `provenance.dataset_input`)."""
+        if not self.active or not reports:
             return
-        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from trainguard.provenance.dataset_input import dataset_input
 
-        inputs = []
-        for ref in datasets:
-            source = json.dumps({"uri": ref.source, "sha256": ref.sha256}, sort_keys=True)
-            dataset = Dataset(ref.name, ref.sha256[:MAX_DATASET_DIGEST], "trainguard-manifest", source)
-            tags = {"mlflow.data.context": ref.context, "trainguard.sha256": ref.sha256, **ref.tags}
-            inputs.append(DatasetInput(dataset, [InputTag(k, _cut(str(v), 500)) for k, v in tags.items()]))
+        inputs = [dataset_input(report, context) for report in reports]
         with self.tracker._guard(f"log dataset inputs to {self.name}"):
             self.tracker._client.log_inputs(self.run_id, datasets=inputs)
+
+    def log_table(self, table: Mapping[str, Sequence[Any]], artifact_file: str) -> None:
+        """One JSON table artifact (columns -> values), readable with `MlflowClient.load_table`."""
+        if not self.active:
+            return
+        with self.tracker._guard(f"upload {artifact_file}"):
+            self.tracker._client.log_table(self.run_id, {k: list(v) for k, v in table.items()}, artifact_file)
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        """A matplotlib figure as an image artifact."""
+        if not self.active:
+            return
+        with self.tracker._guard(f"upload {artifact_file}"):
+            self.tracker._client.log_figure(self.run_id, figure, artifact_file)
+
+    def finish(self, status: str, reason: str, name: str | None = None) -> None:
+        """Tags the run with the cycle's outcome (accepted, rejected, failed, ...) and why; renames it if asked."""
+        self.set_tags({STATUS_TAG: status, REASON_TAG: reason[:MAX_REASON]})
+        if name and self.active:
+            with self.tracker._guard(f"rename run {self.name}"):
+                self.tracker._client.update_run(self.run_id, name=name)
+                self.name = name
 
     def lightning_logger(self) -> Any:
         """A Lightning `MLFlowLogger` writing into this run (None offline: train with `logger=False`)."""
@@ -282,29 +315,46 @@ class TrackedRun:
             experiment_name=self.tracker.experiment_name, tracking_uri=self.tracker.uri, run_id=self.run_id
         )
 
-    def register_model(self, model_dir: Path, tags: Mapping[str, str] | None = None) -> str | None:
-        """Uploads the signed model directory and registers it as a new version; call only on acceptance.
+    def register_model(self, release: ModelRelease) -> str | None:
+        """Logs the accepted model as an MLflow 3 logged model of this run, registers it as a new version with its
+        description and tags, and moves the `champion` alias to it; call only on acceptance.
 
         Returns the version number, or None offline.
         """
         if not self.active:
             return None
-        self.log_artifact(model_dir, "model")
-        if not self.active:
-            return None
+        from mlflow.entities import LoggedModelOutput
+        from mlflow.exceptions import MlflowException
+
+        from trainguard.pipeline.mlflow_model import CHAMPION, save_pyfunc
+
         client = self.tracker._client
         name = self.tracker.registered_model_name
         version = None
-        with self.tracker._guard(f"register model {name}"):
-            from mlflow.exceptions import MlflowException
-
+        with self.tracker._guard(f"register model {name}"), tempfile.TemporaryDirectory() as scratch:
+            local = save_pyfunc(
+                release.model_dir, release.model_key, release.attestation_key, release.example, Path(scratch) / "m"
+            )
+            logged = client.create_logged_model(
+                self.tracker._experiment_id, name="model", source_run_id=self.run_id, tags=dict(release.tags)
+            )
+            client.log_model_artifacts(logged.model_id, str(local))
+            client.finalize_logged_model(logged.model_id, "READY")
+            client.log_outputs(self.run_id, [LoggedModelOutput(logged.model_id, 0)])
             try:
                 client.get_registered_model(name)
             except MlflowException:
                 client.create_registered_model(name)
-            source = f"{client.get_run(self.run_id).info.artifact_uri}/model"
-            created = client.create_model_version(name, source, run_id=self.run_id, tags=dict(tags or {}))
+            created = client.create_model_version(
+                name,
+                f"models:/{logged.model_id}",
+                run_id=self.run_id,
+                tags=dict(release.tags),
+                description=release.description,
+                model_id=logged.model_id,
+            )
             version = str(created.version)
+            client.set_registered_model_alias(name, CHAMPION, version)
         return None if self.tracker.offline else version
 
 

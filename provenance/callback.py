@@ -4,7 +4,6 @@ step if anything fails; it logs what it checked and records each dataset as an M
 
 from __future__ import annotations
 
-import json
 from collections.abc import Collection, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -14,13 +13,10 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_warn
 
 from trainguard.provenance.dataset import ManifestLike, as_spec
+from trainguard.provenance.dataset_input import dataset_input, verification_facts
 from trainguard.provenance.errors import MalformedError, ProvenanceError
 from trainguard.provenance.state import RollbackState, default_state_path
 from trainguard.provenance.verify import ShardFailure, VerificationReport, verify_dataset
-
-# MLflow caps a dataset digest at 36 characters (its store column is VARCHAR(36)): the input's digest is the first
-# 36 hex digits (144 bits) of the manifest's SHA-256; the full digest is in the input's source, profile and run tags.
-MLFLOW_DIGEST_CHARS = 36
 
 
 class VerifyDatasetCallback(pl.Callback):
@@ -112,35 +108,20 @@ class VerifyDatasetCallback(pl.Callback):
             if trainer.is_global_zero:
                 self._log_mlflow(trainer.logger, reports)
         else:
-            trainer.logger.log_hyperparams({"provenance": {r.dataset: _facts(r) for r in reports}})
+            trainer.logger.log_hyperparams({"provenance": {r.dataset: verification_facts(r) for r in reports}})
 
     def _log_mlflow(self, logger: Any, reports: Sequence[VerificationReport]) -> None:
         """One batch of tags and one `log_inputs` call; tracking trouble is warned about, never fatal."""
-        from mlflow.entities import Dataset, DatasetInput, InputTag, RunTag
+        from mlflow.entities import RunTag
 
-        tags, inputs = [], []
-        for report in reports:
-            for key, value in _facts(report).items():
-                tags.append(RunTag(f"trainguard.data.{report.dataset}.{key}", str(value)))
-            uri = Path(report.manifest_path).resolve().as_uri()
-            source = json.dumps({"uri": uri, "sha256": report.manifest_sha256})
-            profile = json.dumps(_facts(report))
-            digest = report.manifest_sha256[:MLFLOW_DIGEST_CHARS]
-            dataset = Dataset(str(report.dataset), digest, "local", source, None, profile)
-            inputs.append(DatasetInput(dataset, [InputTag("mlflow.data.context", self.mlflow_context)]))
+        tags = [
+            RunTag(f"trainguard.data.{report.dataset}.{key}", str(value))
+            for report in reports
+            for key, value in verification_facts(report).items()
+        ]
+        inputs = [dataset_input(report, self.mlflow_context) for report in reports]
         try:
             logger.experiment.log_batch(logger.run_id, tags=tags)
             logger.experiment.log_inputs(logger.run_id, datasets=inputs)
         except Exception as error:  # the tracking server is not a security check; the verification already passed
             rank_zero_warn(f"trainguard: could not log dataset verification to MLflow: {error}")
-
-
-def _facts(report: VerificationReport) -> dict[str, Any]:
-    return {
-        "manifest_sha256": report.manifest_sha256,
-        "statement_sha256": report.statement_sha256,
-        "version": report.version,
-        "shards": report.shards,
-        "bytes": report.bytes_checked,
-        "signers": ",".join(report.signers),
-    }

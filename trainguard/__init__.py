@@ -28,6 +28,7 @@ _LAZY = {
     "CycleConfig": "trainguard.pipeline.config",
     "PipelineError": "trainguard.pipeline.errors",
     "load_config": "trainguard.pipeline.config",
+    "load_model": "trainguard.pipeline.mlflow_model",
     "run_cycle": "trainguard.pipeline.cycle",
 }
 

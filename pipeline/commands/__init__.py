@@ -23,6 +23,7 @@ def register_all(app: click.Group) -> None:
         cycle.cycle,
         demo.demo,
         model.verify_model,
+        model.load_model,
         shard.shard,
     ):
         app.add_command(command)

@@ -24,7 +24,8 @@ from trainguard.pipeline.commands import PATH
     is_flag=True,
     help="Start a new signed state where none exists beside released models (numbering continues after them).",
 )
-def cycle(config: Path, as_json: bool, reinit: bool) -> None:
+@click.option("--force", is_flag=True, help="Train even when nothing is new since the last accepted cycle.")
+def cycle(config: Path, as_json: bool, reinit: bool, force: bool) -> None:
     """Verify -> validate -> screen (RONI) -> train (adversarially) -> gate -> sign the model and its attestation."""
     from trainguard.pipeline.config import load_config
     from trainguard.pipeline.errors import CycleAbortedError
@@ -36,7 +37,7 @@ def cycle(config: Path, as_json: bool, reinit: bool) -> None:
     from trainguard.pipeline.cycle import run_cycle
 
     try:
-        outcome = run_cycle(config, reinit=reinit)
+        outcome = run_cycle(config, reinit=reinit, force=force)
     except CycleAbortedError as error:
         if as_json:
             click.echo(json.dumps({"status": "failed", "check": error.check, "reason": str(error)}))
@@ -58,7 +59,7 @@ def cycle(config: Path, as_json: bool, reinit: bool) -> None:
         )
     else:
         print_outcome(outcome)
-    if outcome.status not in ("accepted", "follower"):
+    if outcome.status not in ("accepted", "follower", "skipped"):
         raise SystemExit(1)
 
 
@@ -86,6 +87,9 @@ def print_outcome(outcome: object) -> None:
     from trainguard.pipeline.cycle import CycleOutcome
 
     assert isinstance(outcome, CycleOutcome)
+    if outcome.status == "skipped":
+        click.echo(f"cycle skipped: {outcome.reason}")
+        return
     for decision in outcome.shards:
         if not decision.accepted:
             click.echo(f"  refused {decision.shard} ({decision.source}) by {decision.check}: {decision.reason}")

@@ -1,4 +1,5 @@
-"""`trainguard verify-model`: checks a released model's signature, its attestation, and that they agree."""
+"""`trainguard verify-model` checks a released model's signature, its attestation, and that they agree;
+`trainguard load-model` loads a registered model through MLflow, verified on load, and can predict with it."""
 
 from __future__ import annotations
 
@@ -45,3 +46,32 @@ def verify_model(
     click.echo(f"   signed files: {', '.join(sorted(result.files))}; attestation {result.attestation}")
     click.echo(f"   attestation keyids: {', '.join(k[:16] for k in result.attestation_keyids)}")
     click.echo(f"   trained on {result.accepted_shards} accepted shards ({result.rejected_shards} rejected)")
+
+
+@click.command("load-model")
+@click.argument("model")
+@click.option("--key", type=PATH, help="Public key (PEM) to verify with; default the key bundled with the model.")
+@click.option("--attestation-key", type=PATH, help="Public key for the attestation; default --key.")
+@click.option("--predict", "inputs", type=PATH, help="Predict on a table (.parquet/.csv; feature columns only).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def load_model(model: str, key: Path | None, attestation_key: Path | None, inputs: Path | None, as_json: bool) -> None:
+    """Load MODEL (a registered name, for its `champion`, or an MLflow model URI) through MLflow, verified on load."""
+    from trainguard.pipeline.mlflow_model import load_model as load
+    from trainguard.pipeline.mlflow_model import model_uri
+
+    loaded = load(model, key=key, attestation_key=attestation_key)
+    verification = loaded.unwrap_python_model().verification
+    result: dict[str, object] = {"model": model_uri(model), **verification.to_json()}
+    if inputs is not None:
+        import pandas as pd
+
+        table = pd.read_csv(inputs) if inputs.suffix == ".csv" else pd.read_parquet(inputs)
+        result["predictions"] = loaded.predict(table.to_numpy(dtype="float32"))["label"].tolist()
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=str))
+        return
+    click.echo(f"OK {result['model']}: model sha256 {verification.model_sha256}, verified on load")
+    shards = f"{verification.accepted_shards} accepted shards ({verification.rejected_shards} rejected)"
+    click.echo(f"   trained on {shards}")
+    if "predictions" in result:
+        click.echo(f"   predictions: {result['predictions']}")

@@ -36,7 +36,9 @@ def _report() -> ScreeningReport:
     )
 
 
-def test_decisions_are_logged_to_mlflow_and_kept_locally(mlflow_uri: str, tmp_path: Path) -> None:
+def test_decisions_are_logged_to_mlflow_as_one_table_and_a_summary_and_kept_locally(
+    mlflow_uri: str, tmp_path: Path
+) -> None:
     outcome = record_screening(_report(), tmp_path / "cycle-1", experiment="roni-tests", run_name="cycle-1")
     assert outcome.logged_to_mlflow, outcome.mlflow_error
     local = json.loads(outcome.json_path.read_text())
@@ -47,16 +49,20 @@ def test_decisions_are_logged_to_mlflow_and_kept_locally(mlflow_uri: str, tmp_pa
     client = MlflowClient(mlflow_uri)
     run = client.get_run(outcome.run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.metrics["roni.impact.shard-m"] == 0.2
-    assert run.data.metrics["roni.class_impact.shard-a.0"] == 0.01
-    assert run.data.params["roni.threshold"] == "0.05"
+    assert run.data.metrics == {
+        "roni/threshold": 0.05,
+        "roni/candidates": 2.0,
+        "roni/accepted": 1.0,
+        "roni/rejected": 1.0,
+        "roni/seconds": 0.1,
+    }
+    assert "roni.threshold" not in run.data.params and not any(k.startswith("roni.") for k in run.data.tags)
     assert run.data.params["roni.k"] == str(ScreeningConfig().k)
-    assert run.data.tags["roni.decision.shard-a"] == "accepted"
-    assert run.data.tags["roni.decision.shard-m"] == "rejected"
-    assert run.data.tags["roni.reason.shard-m"].startswith("held-out soft accuracy dropped")
-    assert run.data.tags["roni.rejected"] == "1"
+    table = client.load_table(run.info.experiment_id, "roni/decisions.json", run_ids=[outcome.run_id])
+    assert list(table["name"]) == ["shard-a", "shard-m"] and list(table["accepted"]) == [True, False]
+    assert table["reason"][1].startswith("held-out soft accuracy dropped")
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id, "roni")}
-    assert artifacts == {"roni/roni-report.json", "roni/roni-impacts.png"}
+    assert artifacts == {"roni/roni-report.json", "roni/roni-impacts.png", "roni/decisions.json"}
     logged = json.loads(
         Path(client.download_artifacts(outcome.run_id, "roni/roni-report.json", str(tmp_path))).read_text()
     )

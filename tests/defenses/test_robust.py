@@ -64,7 +64,7 @@ def test_robust_accuracy_is_logged_per_eps_and_is_at_least_as_strong_as_a_refere
     callback = RobustAccuracy(eps=(0.0, 0.05, 0.2), steps=5, max_samples=None)
     trainer, module = fit(classifier, callback, digits)
     metrics = trainer.callback_metrics
-    at_0, at_05, at_2 = (metrics[f"val/robust_acc@{e}"].item() for e in ("0", "0.05", "0.2"))
+    at_0, at_05, at_2 = (metrics[f"val/robust_acc_eps{e}"].item() for e in ("0", "0.05", "0.2"))
 
     assert at_0 == pytest.approx(metrics["val/acc"].item(), abs=1e-6)
     assert at_0 > 0.7 and at_2 < at_05 < at_0
@@ -78,18 +78,18 @@ def test_max_samples_limits_the_evaluation_to_the_first_validation_rows(classifi
     x, y = digits[1].tensors
     with torch.no_grad():
         expected = (module(x[:30]).argmax(1) == y[:30]).float().mean().item()
-    assert trainer.callback_metrics["val/robust_acc@0"].item() == pytest.approx(expected, abs=1e-6)
+    assert trainer.callback_metrics["val/robust_acc_eps0"].item() == pytest.approx(expected, abs=1e-6)
 
-    during_fit = trainer.callback_metrics["val/robust_acc@0.1"].item()
+    during_fit = trainer.callback_metrics["val/robust_acc_eps0.1"].item()
     (standalone,) = trainer.validate(module, DataLoader(digits[1], batch_size=50), verbose=False)
-    assert standalone["val/robust_acc@0.1"] == pytest.approx(during_fit, abs=1e-6), "same seed, same starts"
+    assert standalone["val/robust_acc_eps0.1"] == pytest.approx(during_fit, abs=1e-6), "same seed, same starts"
 
 
 def test_robust_accuracy_reaches_mlflow_through_the_lightning_logger(classifier, digits, mlflow_uri: str) -> None:
     logger = MLFlowLogger(experiment_name="robust-accuracy", tracking_uri=mlflow_uri)
     fit(classifier, RobustAccuracy(eps=(0.1,), steps=3, max_samples=100), digits, epochs=2, logger=logger)
 
-    history = mlflow.MlflowClient(mlflow_uri).get_metric_history(logger.run_id, "val/robust_acc0.1")
+    history = mlflow.MlflowClient(mlflow_uri).get_metric_history(logger.run_id, "val/robust_acc_eps0.1")
     assert len(history) == 2
     assert all(0.0 <= m.value <= 1.0 for m in history)
 
@@ -115,7 +115,7 @@ def test_each_eps_costs_the_attack_steps_and_one_forward_at_its_final_point(
     assert len(crafting_calls) == batches * eps_count * 3 and set(crafting_calls) == {crafted}
     no_grad_calls = [dtype for grad, dtype in calls if not grad]
     assert len(no_grad_calls) == batches * (1 + eps_count), "validation_step's forward plus one per eps, no more"
-    assert 0.0 <= trainer.callback_metrics["val/robust_acc@0.2"] <= trainer.callback_metrics["val/robust_acc@0.1"]
+    assert 0.0 <= trainer.callback_metrics["val/robust_acc_eps0.2"] <= trainer.callback_metrics["val/robust_acc_eps0.1"]
 
 
 def test_unusable_settings_are_refused() -> None:

@@ -123,7 +123,7 @@ def test_ddp_ranks_agree_on_metrics_gate_verification_and_weights(tmp_path: Path
     assert zero["steps"] == one["steps"] > 0
 
     metrics = zero["callback_metrics"]
-    assert {"train/loss", "val/acc", "adv/eps", "adv/success", "val/robust_acc@0.05"} <= metrics.keys()
+    assert {"train/loss", "val/acc", "adv/eps", "adv/success", "val/robust_acc_eps0.05"} <= metrics.keys()
     assert metrics.keys() == one["callback_metrics"].keys()
     for name, value in metrics.items():
         assert math.isclose(value, one["callback_metrics"][name], rel_tol=1e-5, abs_tol=1e-6), name

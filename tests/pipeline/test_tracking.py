@@ -1,20 +1,28 @@
-"""MLflow tracking of a cycle against a real server, read back with MlflowClient; offline when unreachable."""
+"""MLflow tracking of a cycle against a real server, read back with MlflowClient (and `mlflow.pyfunc`,
+`mlflow.data`); offline when unreachable."""
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import json
 import socket
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import mlflow.data
 import pytest
 from mlflow.tracking import MlflowClient
 
 from trainguard.pipeline.config import load_config
-from trainguard.pipeline.tracking import CycleTracker, DatasetRef, cycle_tags, flatten_params, resolve_tracking_uri
+from trainguard.pipeline.tracking import CycleTracker, cycle_tags, flatten_params, resolve_tracking_uri
+from trainguard.provenance.verify import VerificationReport
 
 DIGITS = Path(__file__).resolve().parents[2] / "configs" / "digits.yaml"
 SHA = "ab" * 32
@@ -23,6 +31,20 @@ SHA = "ab" * 32
 def _names() -> tuple[str, str]:
     tag = uuid.uuid4().hex[:8]
     return f"exp-{tag}", f"model-{tag}"
+
+
+def _report(folder: Path) -> VerificationReport:
+    """A verification report of a (pretend) manifest in `folder`."""
+    return VerificationReport(
+        manifest_path=str(folder / "train.manifest.json"),
+        data_dir=str(folder),
+        manifest_sha256=SHA,
+        dataset="train",
+        version=1,
+        statement_sha256=SHA,
+        signers=("k1",),
+        shards=14,
+    )
 
 
 def _fit_briefly(logger: object) -> None:
@@ -49,9 +71,6 @@ def test_a_cycle_lands_as_a_parent_run_with_nested_stage_runs(mlflow_uri: str, t
     config = load_config(DIGITS, check_components=False)
     report = tmp_path / "report.json"
     report.write_text(json.dumps({"decision": "accepted"}))
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    (model_dir / "model.safetensors").write_bytes(b"weights")
 
     tracker = CycleTracker.connect(experiment, registered)
     assert not tracker.offline, tracker.offline_reason
@@ -59,7 +78,7 @@ def test_a_cycle_lands_as_a_parent_run_with_nested_stage_runs(mlflow_uri: str, t
     tags = cycle_tags("abc", {"train": SHA}, ["k2", "k1", "k2"])
     with tracker.cycle("cycle-1", params=config.resolved(), tags=tags) as parent:
         with parent.stage("verification") as verification:
-            verification.log_datasets([DatasetRef("train", SHA, "file:///data/train.manifest.json")])
+            verification.log_datasets([_report(tmp_path)])
             verification.set_tags({"trainguard.manifest.train.sha256": SHA})
             verification.log_metrics({"verify/shards": 14, "verify/failed": 1})
         with parent.stage("training") as training:
@@ -69,7 +88,6 @@ def test_a_cycle_lands_as_a_parent_run_with_nested_stage_runs(mlflow_uri: str, t
         with parent.stage("gate") as gate:
             gate.log_metrics({"gate/clean_accuracy": 0.91})
         parent.log_artifact(report)
-        version = parent.register_model(model_dir, tags={"trainguard.model_sha256": SHA})
 
     client = MlflowClient(mlflow_uri)
     parent_run = client.get_run(parent.run_id)
@@ -87,21 +105,22 @@ def test_a_cycle_lands_as_a_parent_run_with_nested_stage_runs(mlflow_uri: str, t
     assert "train/loss" in client.get_run(training.run_id).data.metrics
     verified = client.get_run(verification.run_id)
     assert verified.data.metrics["verify/failed"] == 1
+    assert verified.data.tags["trainguard.status"] == "done"
     (dataset_input,) = verified.inputs.dataset_inputs
     assert {t.key: t.value for t in dataset_input.tags}["trainguard.sha256"] == SHA
+    assert mlflow.data.get_source(dataset_input).uri == (tmp_path / "train.manifest.json").resolve().as_uri()
     assert "report.json" in [a.path for a in client.list_artifacts(parent.run_id)]
-    assert version == "1"
-    (registered_version,) = client.search_model_versions(f"name = '{registered}'")
-    assert registered_version.run_id == parent.run_id and registered_version.tags["trainguard.model_sha256"] == SHA
 
 
 def test_a_failing_block_marks_the_run_failed_and_nothing_is_registered(mlflow_uri: str) -> None:
     experiment, registered = _names()
     tracker = CycleTracker.connect(experiment, registered)
-    with pytest.raises(RuntimeError), tracker.cycle("cycle-1") as parent, parent.stage("gate"):
+    with pytest.raises(RuntimeError), tracker.cycle("cycle-1") as parent, parent.stage("gate") as gate:
         raise RuntimeError("training crashed")
     client = MlflowClient(mlflow_uri)
     assert client.get_run(parent.run_id).info.status == "FAILED"
+    tags = client.get_run(gate.run_id).data.tags
+    assert (tags["trainguard.status"], tags["trainguard.reason"]) == ("failed", "training crashed")
     assert client.search_model_versions(f"name = '{registered}'") == []
 
 
@@ -116,10 +135,12 @@ def _exercise(tracker: CycleTracker, tmp_path: Path) -> list[str]:
     with tracker.cycle("cycle", params={"a": 1}) as parent:
         with parent.stage("training") as training:
             training.log_metrics({"x": 1.0})
-            training.log_datasets([DatasetRef("d", SHA, "file:///d")])
+            training.log_datasets([_report(tmp_path)])
+            training.log_table({"a": [1]}, "t.json")
             done.append("trained")
         parent.log_dict({"k": 1}, "report.json")
-        assert parent.register_model(tmp_path) is None
+        parent.finish("accepted", "ok", name="renamed")
+        assert parent.register_model(None) is None  # type: ignore[arg-type]
         done.append("decided")
     return done
 
@@ -178,3 +199,190 @@ def test_params_are_flattened_and_cut_to_mlflow_limits() -> None:
     assert flat["training.eps"] == "[0.1, 0.2]"
     assert len(flat["training.name"]) == 6000 and flat["training.name"].endswith("...")
     assert flat["empty"] == "{}" and flat["none"] == "null"
+
+
+@dataclass(frozen=True)
+class Released:
+    """A real cycle's output, accepted and registered: where it ran, its config, outcome and MLflow names."""
+
+    root: Path
+    config: Path
+    outcome: Any
+    experiment: str
+
+
+@pytest.fixture(scope="module")
+def released(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Released]:
+    """One short digits cycle against the session's MLflow server (shared by the tests that read it back)."""
+    import shutil
+
+    import yaml
+
+    from trainguard.pipeline.cycle import run_cycle
+    from trainguard.pipeline.demo import create_keys, sign_contributions, sign_trusted
+    from trainguard.pipeline.prepare import prepare_digits
+
+    root = tmp_path_factory.mktemp("released")
+    experiment, _ = _names()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        patch.setenv("TRAINGUARD_HOME", str(root / "home"))
+        (root / "configs").mkdir()
+        shutil.copy(DIGITS.parent / "digits-trust.yaml", root / "configs")
+        keys, data = root / "demo-work" / "keys", root / "demo-work" / "data"
+        create_keys(keys)
+        contributed = prepare_digits(data).contributed()
+        sign_trusted(data, keys)
+        sign_contributions(data, keys, contributed)
+        document = yaml.safe_load(DIGITS.read_text())
+        document["training"].update(max_epochs=2, bootstrap_epochs=20)
+        document["robust_eval"].update(subset_size=64, steps=2)
+        document["gate"].update(min_robust_accuracy=0.0, min_clean_accuracy=0.5)
+        document["tracking"] = {"experiment_name": experiment, "registered_model_name": experiment}
+        config = root / "cycle.yaml"
+        config.write_text(yaml.safe_dump(document))
+        outcome = run_cycle(config)
+        assert outcome.status == "accepted", outcome.reason
+        yield Released(root, config, outcome, experiment)
+
+
+def _parent(client: MlflowClient, released: Released) -> Any:
+    experiment = client.get_experiment_by_name(released.experiment)
+    runs = client.search_runs([experiment.experiment_id], "tags.`trainguard.status` = 'accepted'")
+    return next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+
+
+def _holdout(released: Released) -> tuple[Any, Any]:
+    import pandas as pd
+
+    frame = pd.read_parquet(released.root / "demo-work" / "data" / "trusted" / "holdout.parquet")
+    return frame.filter(like="pixel_").to_numpy(dtype="float32"), frame["label"].to_numpy()
+
+
+def test_the_champion_loads_through_mlflow_pyfunc_verified_and_predicts(released: Released, mlflow_uri: str) -> None:
+    import mlflow.pyfunc
+
+    import trainguard
+
+    model = mlflow.pyfunc.load_model(f"models:/{released.experiment}@champion")
+    x, y = _holdout(released)
+    predicted = model.predict(x)
+    assert list(predicted.columns) == ["label", "probability"]
+    assert (predicted["label"].to_numpy() == y).mean() > 0.5
+    assert model.metadata.get_input_schema().inputs[0].shape == (-1, 64)
+    verification = model.unwrap_python_model().verification
+    released_weights = (released.outcome.model_dir / "model.safetensors").read_bytes()
+    assert verification.model_sha256 == hashlib.sha256(released_weights).hexdigest()
+    key = released.root / "demo-work" / "keys" / "model.pub"
+    again = trainguard.load_model(released.experiment, key=key)  # one call, trust anchored in the caller's key
+    assert (again.predict(x[:20])["label"] == predicted["label"][:20]).all()
+
+    client = MlflowClient(mlflow_uri)
+    version = client.get_model_version_by_alias(released.experiment, "champion")
+    assert (
+        version.tags["trainguard.cycle"] == "1" and version.tags["trainguard.model_sha256"] == verification.model_sha256
+    )
+    assert "digits-contributed" in version.description and "screening" in version.tags["trainguard.checks"]
+    assert version.source.startswith("models:/m-") and version.run_id == _parent(client, released).info.run_id
+
+
+def test_loading_is_refused_after_a_weight_is_flipped(released: Released, mlflow_uri: str, tmp_path: Path) -> None:
+    import mlflow.artifacts
+    import mlflow.pyfunc
+
+    from trainguard.pipeline.errors import ModelSignatureError
+
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{released.experiment}@champion", dst_path=str(tmp_path)))
+    (weights,) = local.glob("artifacts/*/model.safetensors")
+    flipped = bytearray(weights.read_bytes())
+    flipped[-1] ^= 0x01
+    weights.write_bytes(bytes(flipped))
+    with pytest.raises(ModelSignatureError, match="signature check failed"):
+        mlflow.pyfunc.load_model(str(local))
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "trainguard"), "load-model", str(local)], capture_output=True, text=True
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr and "signature" in done.stderr
+
+
+def test_the_parent_run_has_headline_metrics_a_decision_table_and_plots(released: Released, mlflow_uri: str) -> None:
+    client = MlflowClient(mlflow_uri)
+    parent = _parent(client, released)
+    report = json.loads(released.outcome.report.read_text())
+    assert parent.data.metrics == pytest.approx(report["metrics"])  # the same names and numbers in both
+    for name in ("val/acc", "val/robust_acc_eps0.1", "shards/offered", "shards/refused_roni", "roni/threshold"):
+        assert name in parent.data.metrics
+    assert parent.data.metrics["shards/offered"] == len(released.outcome.shards)
+    assert not any(k.startswith("roni.") for k in parent.data.metrics)
+    assert parent.info.run_name == "digits-cycle-1" and parent.data.tags["trainguard.reason"]
+    table = client.load_table(parent.info.experiment_id, "shards/decisions.json", run_ids=[parent.info.run_id])
+    assert len(table) == len(released.outcome.shards)
+    assert {"shard", "sha256", "source", "accepted", "check", "reason"} <= set(table.columns)
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert plots == {f"plots/{n}.png" for n in ("robust_accuracy", "gate_classes", "cycles")}
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert {c.data.tags["trainguard.status"] for c in children} == {"done"}
+    screening = next(c for c in children if c.info.run_name == "screening")
+    assert len(screening.data.metrics) <= 10, "a compact summary, not a metric per shard and class"
+    training = next(c for c in children if c.info.run_name == "training")
+    assert "val/robust_acc_eps0.1" in training.data.metrics  # Lightning's logger keeps the name
+
+
+def test_every_dataset_input_resolves_through_mlflow_data(released: Released, mlflow_uri: str) -> None:
+    client = MlflowClient(mlflow_uri)
+    inputs = client.get_run(_parent(client, released).info.run_id).inputs.dataset_inputs
+    assert {i.dataset.name for i in inputs} == {"digits-trusted", "digits-contributed"}
+    for dataset_input in inputs:
+        source = mlflow.data.get_source(dataset_input)
+        path = Path(source.uri.removeprefix("file://"))
+        assert path.is_absolute() and path.is_file()
+        digest = json.loads(dataset_input.dataset.profile)["manifest_sha256"]
+        assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert dataset_input.dataset.digest == digest[:36]
+
+
+def test_a_cycle_with_nothing_new_is_skipped_and_force_retrains(released: Released, mlflow_uri: str) -> None:
+    from trainguard.pipeline.cycle import run_cycle
+
+    client = MlflowClient(mlflow_uri)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(released.root)
+        patch.setenv("TRAINGUARD_HOME", str(released.root / "home"))
+        skipped = run_cycle(released.config)
+        assert skipped.status == "skipped" and "nothing new since cycle 1" in skipped.reason
+        assert len(client.search_model_versions(f"name = '{released.experiment}'")) == 1
+        forced = run_cycle(released.config, force=True)
+    assert forced.cycle == 2
+    champion = client.get_model_version_by_alias(released.experiment, "champion")
+    assert champion.version == ("2" if forced.status == "accepted" else "1")
+    metrics = json.loads((released.root / "demo-work" / "cycle" / "metrics.json").read_text())
+    assert metrics["cycle/number"] == 2 and all(isinstance(v, float | int) for v in metrics.values())
+    cycles = json.loads((released.root / "demo-work" / "cycle" / "plots" / "cycles.json").read_text())
+    assert [row["cycle"] for row in cycles] == [1, 2]
+
+
+def test_a_failed_cycle_run_gets_its_own_name_and_status(released: Released, mlflow_uri: str, tmp_path: Path) -> None:
+    import shutil
+
+    from trainguard.pipeline.cycle import run_cycle
+    from trainguard.pipeline.errors import CycleAbortedError
+
+    root = tmp_path / "copy"
+    shutil.copytree(released.root / "configs", root / "configs")
+    shutil.copytree(released.root / "demo-work" / "data", root / "demo-work" / "data")
+    shutil.copytree(released.root / "demo-work" / "keys", root / "demo-work" / "keys")
+    keys = root / "demo-work" / "keys"
+    shutil.copy(keys / "curator.pub", keys / "owner.pub")  # the owner's manifest no longer verifies
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        with pytest.raises(CycleAbortedError):
+            run_cycle(released.config)
+    client = MlflowClient(mlflow_uri)
+    experiment = client.get_experiment_by_name(released.experiment)
+    runs = client.search_runs([experiment.experiment_id], "tags.`trainguard.status` = 'failed'")
+    (failed,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert failed.info.run_name == "digits-cycle-1-failed" and failed.info.status == "FAILED"
+    (stage,) = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == failed.info.run_id]
+    assert stage.info.run_name == "verification" and "untrusted" in stage.data.tags["trainguard.reason"]
+    assert failed.data.tags["trainguard.reason"] == stage.data.tags["trainguard.reason"]

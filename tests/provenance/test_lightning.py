@@ -116,7 +116,10 @@ def test_callback_records_the_dataset_as_mlflow_input_with_the_manifest_digest(
     (dataset_input,) = run.inputs.dataset_inputs
     assert dataset_input.dataset.name == "digits"
     assert dataset_input.dataset.digest == digest[:36]  # MLflow's limit; the full digest is beside it
-    assert json.loads(dataset_input.dataset.source)["sha256"] == digest
+    import mlflow.data
+
+    assert mlflow.data.get_source(dataset_input).uri == manifest.resolve().as_uri()  # MLflow resolves the source
+    assert {t.key: t.value for t in dataset_input.tags}["trainguard.sha256"] == digest
     assert json.loads(dataset_input.dataset.profile)["manifest_sha256"] == digest
     assert run.data.tags["trainguard.data.digits.manifest_sha256"] == digest
     assert run.data.tags["trainguard.data.digits.signers"] == key_pairs.alice.keyid
