@@ -105,9 +105,9 @@ def test_two_cycles_refuse_tampered_and_poisoned_shards_and_log_everything(
         for r in runs
         if r.info.run_name == "screening" and r.data.tags["mlflow.parentRunId"] == parents[1].info.run_id
     )
-    assert any(k.startswith("roni.impact.") for k in screening.data.metrics)
-    rejected_tags = [v for k, v in screening.data.tags.items() if k.startswith("roni.decision.") and v == "rejected"]
-    assert len(rejected_tags) == len(poisoned)
+    assert screening.data.metrics["roni/rejected"] == len(poisoned)
+    table = client.load_table(experiment.experiment_id, "roni/decisions.json", run_ids=[screening.info.run_id])
+    assert (~table["accepted"]).sum() == len(poisoned)
     training = next(
         r for r in runs if r.info.run_name == "training" and r.data.tags["mlflow.parentRunId"] == parents[1].info.run_id
     )

@@ -1,4 +1,5 @@
-"""The DVC pipeline (prepare -> sign -> cycle) parses in a real DVC repository and tracks the config's params."""
+"""The DVC pipeline (prepare -> sign -> cycle) parses in a real DVC repository, tracks the config's params, and works
+the way DVC users work: `dvc exp run -S`, `dvc exp show`, `dvc metrics diff`, `dvc plots show`."""
 
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ def _dvc(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _install(repo: Path, with_code: bool = False) -> None:
-    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
-    shutil.copy(ROOT / ".dvcignore", repo / ".dvcignore")
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(ROOT / name, repo / name)
     shutil.copytree(ROOT / "configs", repo / "configs")
     if with_code:  # the cycle stage depends on the code, so a code change reruns it
         for package in ("trainguard", "pipeline", "defenses", "provenance"):
@@ -50,8 +51,8 @@ def test_the_cycle_stage_tracks_params_that_exist_in_the_config() -> None:
     config = load_config(ROOT / params_file, check_components=False)
     assert set(keys) <= set(config.model_fields_set)
     assert f"--config {params_file}" in stages["cycle"]["cmd"]
-    report = f"{config.output.work_dir.as_posix()}/report.json"
-    assert stages["cycle"]["metrics"] == [{report: {"cache": False}}]
+    metrics = f"{config.output.work_dir.as_posix()}/metrics.json"
+    assert stages["cycle"]["metrics"] == [{metrics: {"cache": False, "persist": True}}]
 
 
 def _manifest_version(path: Path) -> int:
@@ -70,8 +71,8 @@ def test_dvc_repro_prepares_and_signs_then_reruns_only_on_a_change(dvc_repo: Pat
     assert (dvc_repo / "demo-work/keys/model.key").is_file()
     again = _dvc(dvc_repo, "repro", "sign")
     assert again.returncode == 0 and "Running stage" not in again.stdout
-    pipeline = dvc_repo / "dvc.yaml"
-    pipeline.write_text(pipeline.read_text().replace("batch: 0", "batch: 1", 1))
+    params = dvc_repo / "params.yaml"
+    params.write_text(params.read_text().replace("batch: 0", "batch: 1", 1))
     changed = _dvc(dvc_repo, "repro", "sign")
     assert changed.returncode == 0, changed.stdout + changed.stderr
     assert "Running stage 'prepare'" in changed.stdout and "Running stage 'sign'" in changed.stdout
@@ -102,3 +103,47 @@ def test_dvc_repro_runs_the_pipeline_then_reruns_only_what_changed(dvc_repo: Pat
     changed = _dvc(dvc_repo, "repro")
     assert changed.returncode == 0, changed.stdout + changed.stderr
     assert "Running stage 'cycle'" in changed.stdout and "Running stage 'prepare'" not in changed.stdout
+
+
+def test_the_template_for_users_parses_in_a_real_dvc_repository(dvc_repo: Path) -> None:
+    shutil.copy(ROOT / "examples" / "dvc" / "dvc.yaml", dvc_repo / "dvc.yaml")
+    done = _dvc(dvc_repo, "stage", "list", "--name-only")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["sign", "cycle"]
+
+
+def _git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True)
+
+
+@pytest.mark.slow
+def test_dvc_experiments_set_params_compare_cycles_and_show_plots(dvc_repo: Path) -> None:
+    _install(dvc_repo, with_code=True)
+    _shorten(dvc_repo / "configs" / "digits.yaml")
+    _git(dvc_repo, "add", "-A")
+    _git(dvc_repo, "commit", "-q", "-m", "pipeline")
+    for epochs in (1, 2):
+        done = _dvc(
+            dvc_repo, "exp", "run", "-S", f"configs/digits.yaml:training.max_epochs={epochs}", "-S", "prepare.seed=0"
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+    shown = _dvc(dvc_repo, "exp", "show", "--json")
+    assert shown.returncode == 0, shown.stderr
+    experiments = [e for row in json.loads(shown.stdout) for e in row.get("experiments") or []]
+    cycles = sorted(
+        (
+            exp["revs"][0]["data"]["params"]["configs/digits.yaml"]["data"]["training"]["max_epochs"],
+            exp["revs"][0]["data"]["metrics"]["demo-work/cycle/metrics.json"]["data"]["cycle/number"],
+        )
+        for exp in experiments
+    )
+    assert cycles == [(1, 1), (2, 2)]  # each experiment ran its own cycle, both compared in one table
+    first, second = (e["revs"][0]["data"]["rev"] for e in experiments)
+    diff = _dvc(dvc_repo, "metrics", "diff", first, second, "--json")
+    assert diff.returncode == 0 and "cycle/number" in json.loads(diff.stdout)["demo-work/cycle/metrics.json"]
+    plots = _dvc(dvc_repo, "plots", "show", "--json")
+    assert plots.returncode == 0, plots.stderr
+    shown_plots = json.loads(plots.stdout)
+    assert not shown_plots.get("errors"), shown_plots["errors"]
+    assert {"robust accuracy vs eps", "accuracy across cycles", "gate per-class accuracy"} <= set(shown_plots["data"])
+    assert all(shown_plots["data"].values()), "every plot found its data"
