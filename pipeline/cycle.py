@@ -354,11 +354,10 @@ def _run(cycle: _Cycle, parent: TrackedRun) -> CycleOutcome:
         tracking=_tracking_status(cycle.tracker),
     )
     report = cycle.write_report()  # before any upload: the local record never waits on the server
-    figures = _write_dvc_outputs(cycle, result, prior, headline)
+    rows = _write_dvc_outputs(cycle, result, headline)
     parent.log_metrics(headline, step=cycle.number)
     parent.log_table(_decision_table(cycle.state.latest.shards), DECISIONS_TABLE)
-    for name, figure in figures.items():
-        parent.log_figure(figure, f"plots/{name}.png")
+    _log_plots(parent, rows, prior, cycle.number)
     parent.log_artifact(report, "report")
     parent.finish(status, reason)
     parent.flush()
@@ -411,7 +410,7 @@ def _headline(cycle: _Cycle, result: TrainingResult, screening_seconds: float, s
     """The cycle's numbers, named alike in MLflow, the JSON report and DVC's metrics file: clean and robust
     held-out accuracy, shards offered, accepted and refused by check, and the screening's threshold and time."""
     shards = cycle.state.latest.shards
-    refused = [d.check for d in shards if not d.accepted]
+    refused = _refusals(shards)
     metrics = {
         "cycle/number": float(cycle.number),
         "cycle/accepted": float(status == "accepted"),
@@ -419,15 +418,24 @@ def _headline(cycle: _Cycle, result: TrainingResult, screening_seconds: float, s
         "gate/accuracy_before": result.verdict.before.accuracy,
         **{f"{plots.ROBUST_PREFIX}{eps}": acc for eps, acc in result.robust_accuracy.items()},
         "shards/offered": float(len(shards)),
-        "shards/accepted": float(len(shards) - len(refused)),
-        "shards/refused": float(len(refused)),
-        **{f"shards/refused_{check}": float(refused.count(check)) for check in (*CHECKS, *refused)},
+        "shards/accepted": float(len(shards) - sum(refused.values())),
+        "shards/refused": float(sum(refused.values())),
+        **{f"shards/refused_{check}": float(refused.get(check, 0)) for check in (*CHECKS, *refused)},
         "roni/seconds": screening_seconds,
     }
     threshold = cycle.report.get("roni", {}).get("threshold")
     if isinstance(threshold, float):
         metrics["roni/threshold"] = threshold
     return {name: value for name, value in metrics.items() if value == value}  # NaN (not measured) left out
+
+
+def _refusals(shards: Sequence[ShardDecision]) -> dict[str, int]:
+    """How many shards each check refused."""
+    refused: dict[str, int] = {}
+    for decision in shards:
+        if not decision.accepted:
+            refused[decision.check] = refused.get(decision.check, 0) + 1
+    return refused
 
 
 def _decision_table(shards: Sequence[ShardDecision]) -> dict[str, list[Any]]:
@@ -437,27 +445,35 @@ def _decision_table(shards: Sequence[ShardDecision]) -> dict[str, list[Any]]:
     return {column: [row[column] for row in rows] for column in columns}
 
 
-def _write_dvc_outputs(
-    cycle: _Cycle, result: TrainingResult, prior: HeldoutRecord | None, headline: dict[str, float]
-) -> dict[str, Any]:
-    """Writes DVC's metrics file and the cycle's plot data (`plots/*.json`); returns the matching figures for
-    MLflow."""
+def _write_dvc_outputs(cycle: _Cycle, result: TrainingResult, headline: dict[str, float]) -> dict[str, list[Any]]:
+    """Writes DVC's metrics file and the cycle's plot data (`plots/<name>.json`); returns the plot rows by name."""
     work_dir = cycle.config.output.work_dir
     atomic_write(work_dir / METRICS_FILE, (json.dumps(headline, indent=2, sort_keys=True) + "\n").encode())
-    folder = work_dir / "plots"
     rows = {
         "robust_accuracy": plots.robust_rows(result.robust_accuracy),
         "gate_classes": plots.gate_rows(result.verdict.before, result.verdict.after),
         "cycles": plots.cycle_rows(cycle.state.cycles),
     }
     for name, data in rows.items():
-        atomic_write(folder / f"{name}.json", (json.dumps(data, indent=1) + "\n").encode())
+        atomic_write(work_dir / "plots" / f"{name}.json", (json.dumps(data, indent=1) + "\n").encode())
+    return rows
+
+
+def _log_plots(parent: TrackedRun, rows: dict[str, list[Any]], prior: HeldoutRecord | None, number: int) -> None:
+    """The same plots as figures in MLflow (`plots/<name>.png`), drawn only when there is a run to log them to."""
+    if not parent.active:
+        return
+    import matplotlib.pyplot as plt
+
     last = plots.robust_rows(prior.robust_accuracy) if prior is not None else []
-    return {
-        "robust_accuracy": plots.robust_figure(rows["robust_accuracy"], last, cycle.number),
+    figures = {
+        "robust_accuracy": plots.robust_figure(rows["robust_accuracy"], last, number),
         "gate_classes": plots.gate_figure(rows["gate_classes"]),
         "cycles": plots.cycles_figure(rows["cycles"]),
     }
+    for name, figure in figures.items():
+        parent.log_figure(figure, f"plots/{name}.png")
+        plt.close(figure)
 
 
 def _log_verification(cycle: _Cycle, intake: Intake, parent: TrackedRun, stage: TrackedRun) -> None:
@@ -704,18 +720,16 @@ def _model_release(
     """What the registered version says about itself: which cycle, which data (manifest digests), which checks."""
     config = cycle.config
     shards = cycle.state.latest.shards
-    refused: dict[str, int] = {}
-    for decision in shards:
-        if not decision.accepted:
-            refused[decision.check] = refused.get(decision.check, 0) + 1
+    refused = _refusals(shards)
     data = ", ".join(f"{m.manifest.dataset} (manifest sha256 {m.manifest_sha256})" for m in intake.manifests)
     refusals = ", ".join(f"{n} by {check}" for check, n in sorted(refused.items())) or "none"
     gate = cycle.report["gate"]
+    checks = ", ".join((*cycle.state.latest.steps, "gate"))
     tags = {
         "trainguard.cycle": str(cycle.number),
         "trainguard.config_sha256": cycle.config_sha256,
         "trainguard.model_sha256": digests["model.safetensors"],
-        "trainguard.checks": ",".join((*cycle.state.latest.steps, "gate")),
+        "trainguard.checks": checks,
         "trainguard.shards_accepted": str(sum(d.accepted for d in shards)),
         "trainguard.shards_refused": refusals,
         "trainguard.gate": str(gate["reason"])[:4000],
@@ -723,8 +737,7 @@ def _model_release(
     }
     description = (
         f"Cycle {cycle.number} of `{config.name}`, accepted by the gate ({gate['reason']}). Data: {data}; "
-        f"{tags['trainguard.shards_accepted']} shards accepted, refused: {refusals}. Checks: verify (signatures, "
-        "digests, rollback), validate, source limits, RONI screening, adversarial training and the held-out gate. "
+        f"{tags['trainguard.shards_accepted']} shards accepted, refused: {refusals}. Checks passed: {checks}. "
         f"Weights sha256 {digests['model.safetensors']}, signed (OpenSSF model signing) with an SLSA attestation; "
         "`mlflow.pyfunc.load_model` verifies both and refuses a model that does not check."
     )

@@ -50,9 +50,9 @@ class VerifiedModel(mlflow.pyfunc.PythonModel):
         self.verification = verify_model(directory, None, self.keys[0], [self.keys[1]])
         self.module = _rebuild(directory, self.verification.model_sha256)
 
-    def predict(self, context, model_input, params=None):
-        """A DataFrame of `label` (int64) and `probability` (of that label) per input row; untyped on purpose:
-        MLflow would read type hints as a second schema beside the signature."""
+    def predict(self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """A DataFrame of `label` (int64) and `probability` (of that label) per input row (the input is checked
+        against the model's signature, a float32 tensor spec, before it gets here)."""
         import torch
 
         values = model_input.to_numpy() if isinstance(model_input, pd.DataFrame) else np.asarray(model_input)
