@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
-from torch.nn import functional as F
 
 from trainguard.defenses.heldout import LabeledData
+from trainguard.defenses.task import Task, as_task
 
 CPU_CHUNK = 128  # copies per chunk off CUDA, where memory is not the limit that matters
 MEMORY_SHARE = 0.5  # of the free CUDA memory one chunk may take: allocator fragmentation and cuDNN workspaces
@@ -23,17 +23,18 @@ MEMORY_SHARE = 0.5  # of the free CUDA memory one chunk may take: allocator frag
 
 @dataclass(frozen=True)
 class Finetuned:
-    """True-class probabilities per held-out row (copies x rows) and the number of copies trained at once."""
+    """Held-out soft scores per row (copies x rows; `Task.soft_correct`, the true-class probability for
+    classification) and the number of copies trained at once."""
 
     probabilities: torch.Tensor
     chunk_size: int
 
 
 def _padded(shards: Sequence[LabeledData]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stacks shards of different sizes: features, labels and a 0/1 weight that masks the padding."""
+    """Stacks shards of different sizes: features, targets and a 0/1 weight that masks the padding."""
     n = max(len(s) for s in shards)
     xs = torch.zeros((len(shards), n, *shards[0].x.shape[1:]), dtype=torch.float32)
-    ys = torch.zeros((len(shards), n), dtype=torch.int64)
+    ys = torch.zeros((len(shards), n, *shards[0].y.shape[1:]), dtype=shards[0].y.dtype)
     ws = torch.zeros((len(shards), n), dtype=torch.float32)
     for i, shard in enumerate(shards):
         xs[i, : len(shard)] = shard.x
@@ -43,13 +44,13 @@ def _padded(shards: Sequence[LabeledData]) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 def _step_function(
-    model: nn.Module, buffers: dict[str, torch.Tensor], lr: float
+    model: nn.Module, buffers: dict[str, torch.Tensor], lr: float, task: Task
 ) -> Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]:
-    """One full-batch gradient step of one model copy on one (padded, weighted) shard."""
+    """One full-batch gradient step on the task's loss of one model copy on one (padded, weighted) shard."""
 
     def loss(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        logits = functional_call(model, (params, buffers), (x,))
-        return (F.cross_entropy(logits, y, reduction="none") * w).sum() / w.sum()
+        outputs = functional_call(model, (params, buffers), (x,))
+        return (task.sample_loss(outputs, y) * w).sum() / w.sum()
 
     loss_grad = grad(loss)
 
@@ -58,10 +59,6 @@ def _step_function(
         return {name: p - lr * grads[name] for name, p in params.items()}
 
     return step
-
-
-def true_class_probability(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return logits.float().softmax(-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
 
 
 def finetune_heldout_probabilities(
@@ -73,9 +70,10 @@ def finetune_heldout_probabilities(
     steps: int,
     chunk_size: int | None = None,
     batched: bool = True,
+    task: Task | str | None = None,
 ) -> Finetuned:
-    """Held-out true-class probabilities of len(shards) copies of `model`, copy i after `steps` full-batch gradient
-    steps of size `lr` on shard i. The model is left unchanged.
+    """Held-out soft scores of len(shards) copies of `model`, copy i after `steps` full-batch gradient steps of size
+    `lr` on shard i, both on the `task`'s terms (default classification). The model is left unchanged.
 
     `chunk_size` None: on CUDA the first copy trains alone while its peak memory is measured and the rest train in
     chunks filling half the free memory; elsewhere 128 copies at a time. A chunk that still fails for memory (or
@@ -87,11 +85,12 @@ def finetune_heldout_probabilities(
     try:
         params = {n: p.detach() for n, p in model.named_parameters()}
         buffers = {n: b.detach() for n, b in model.named_buffers()}
-        step = _step_function(model, buffers, lr)
+        scoring = as_task(task)
+        step = _step_function(model, buffers, lr, scoring)
         holdout_x, holdout_y = holdout.x.to(device), holdout.y.to(device)
 
         def heldout_prob(p: dict[str, torch.Tensor]) -> torch.Tensor:
-            return true_class_probability(functional_call(model, (p, buffers), (holdout_x,)), holdout_y)
+            return scoring.soft_correct(functional_call(model, (p, buffers), (holdout_x,)), holdout_y)
 
         def train(chunk: Sequence[LabeledData]) -> torch.Tensor:
             xs, ys, ws = (t.to(device) for t in _padded(chunk))

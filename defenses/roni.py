@@ -2,7 +2,10 @@
 
 Each candidate fine-tunes a copy of the current model for a fixed budget; its impact is how much the held-out soft
 accuracy (mean probability of the true class, overall and per class) drops. The soft accuracy is bounded per row, so
-a few hard held-out rows cannot dominate it as they dominate the cross-entropy. Calibration shards of the same size
+a few hard held-out rows cannot dominate it as they dominate the cross-entropy. For other tasks (`task=`) the copies
+fine-tune on the task's loss and the soft accuracy is the task's `soft_correct` (label probabilities for multilabel,
+a Gaussian kernel of the error in tolerances for regression, a custom metric); the per-class rule is
+classification's, other tasks are screened on the overall impact. Calibration shards of the same size
 drawn from trusted data give the distribution of clean impacts; a candidate is rejected when an impact exceeds
 median + k * MAD of that distribution. All copies (calibration and candidates) train together (`defenses.copies`).
 
@@ -23,10 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainguard.defenses.copies import finetune_heldout_probabilities, true_class_probability
+from trainguard.defenses.copies import finetune_heldout_probabilities
 from trainguard.defenses.errors import ScreeningInputError
 from trainguard.defenses.features import HeadSplit, head_features, parameter_count, split_head
 from trainguard.defenses.heldout import LabeledData, per_class_mean
+from trainguard.defenses.task import Task, as_task
 
 MAD_TO_SIGMA = 1.4826  # makes the MAD a consistent estimate of a normal standard deviation
 LR_GRID = (0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001)
@@ -195,12 +199,12 @@ def group_by_source(candidates: Sequence[Candidate]) -> list[Candidate]:
 
 
 @torch.no_grad()
-def _heldout_probabilities(model: nn.Module, holdout: LabeledData) -> torch.Tensor:
+def _heldout_probabilities(model: nn.Module, holdout: LabeledData, task: Task) -> torch.Tensor:
     was_training = model.training
     model.eval()
     try:
         device = next(model.parameters()).device
-        return true_class_probability(model(holdout.x.to(device)), holdout.y.to(device)).cpu()
+        return task.soft_correct(model(holdout.x.to(device)), holdout.y.to(device)).cpu()
     finally:
         model.train(was_training)
 
@@ -292,13 +296,25 @@ class _Calibrated:
 
 
 def _calibrated(
-    net: nn.Module, shards: Sequence[LabeledData], holdout: LabeledData, base: torch.Tensor, config: ScreeningConfig
+    net: nn.Module,
+    shards: Sequence[LabeledData],
+    holdout: LabeledData,
+    base: torch.Tensor,
+    config: ScreeningConfig,
+    task: Task,
 ) -> _Calibrated:
     """Calibration copies fine-tuned at the configured rate, or at the largest stable rate of the grid ('auto')."""
     rates = sorted(config.lr_grid, reverse=True) if config.lr == "auto" else [float(config.lr)]
     for lr in rates:
         run = finetune_heldout_probabilities(
-            net, shards, holdout, lr=lr, steps=config.steps, chunk_size=config.chunk_size, batched=config.batched
+            net,
+            shards,
+            holdout,
+            lr=lr,
+            steps=config.steps,
+            chunk_size=config.chunk_size,
+            batched=config.batched,
+            task=task,
         )
         impacts = base.mean() - run.probabilities.double().mean(1)
         if not torch.isfinite(impacts).all():
@@ -322,13 +338,17 @@ def screen_candidates(
     holdout: LabeledData,
     candidates: Sequence[Candidate],
     config: ScreeningConfig | None = None,
+    *,
+    task: Task | str | None = None,
 ) -> ScreeningReport:
     """Screens each candidate against calibration shards drawn from `base_data` (trusted, known-good data).
 
     `base_data` should be data the current model has not been fitted on (e.g. a trusted calibration split): clean
     data it already fits moves the held-out loss less than new clean data, which makes the screening stricter.
+    `task` (default classification) sets the fine-tuning loss and the held-out soft accuracy.
     """
     config = config or ScreeningConfig()
+    task = as_task(task)
     if not candidates:
         raise ScreeningInputError("no candidates to screen")
     if len(holdout) == 0:
@@ -336,16 +356,27 @@ def screen_candidates(
     for candidate in candidates:
         if len(candidate.data) == 0:
             raise ScreeningInputError(f"candidate {candidate.name!r} from source {candidate.source!r} is empty")
+    for data in (holdout, base_data, *(c.data for c in candidates)):
+        task.check_targets(data.y)
+        if data.extras:
+            raise ScreeningInputError(
+                "RONI screening fine-tunes copies on the input tensor alone: data with extra model inputs "
+                f"({', '.join(data.extras)}) cannot be screened"
+            )
     started = time.perf_counter()
+    by_class = task.kind == "classification"
     num_classes = (
-        config.num_classes or int(max(holdout.y.max(), base_data.y.max(), *(c.data.y.max() for c in candidates))) + 1
+        (config.num_classes or int(max(holdout.y.max(), base_data.y.max(), *(c.data.y.max() for c in candidates))) + 1)
+        if by_class
+        else 1
     )
+    groups = holdout.y if by_class else torch.zeros(len(holdout), dtype=torch.int64)
     size = config.calibration_size or min(len(c.data) for c in candidates)
     scoped = _scoped(model, base_data, holdout, candidates, config)
     calibration = _calibration_shards(scoped.trusted, size, config.calibration_shards, config.seed)
 
-    base = _heldout_probabilities(scoped.net, scoped.holdout).double()
-    calibrated = _calibrated(scoped.net, calibration, scoped.holdout, base, config)
+    base = _heldout_probabilities(scoped.net, scoped.holdout, task).double()
+    calibrated = _calibrated(scoped.net, calibration, scoped.holdout, base, config, task)
     tried = finetune_heldout_probabilities(
         scoped.net,
         scoped.candidates,
@@ -354,18 +385,17 @@ def screen_candidates(
         steps=config.steps,
         chunk_size=config.chunk_size or calibrated.chunk_size,
         batched=config.batched,
+        task=task,
     )
     probs = torch.cat([calibrated.probabilities, tried.probabilities]).double()
     impacts = (base.mean() - probs.mean(1)).numpy()
-    class_impacts = (
-        per_class_mean(base, holdout.y, num_classes) - per_class_mean(probs, holdout.y, num_classes)
-    ).numpy()
+    class_impacts = (per_class_mean(base, groups, num_classes) - per_class_mean(probs, groups, num_classes)).numpy()
 
     n_cal = len(calibration)
     threshold = robust_threshold(impacts[:n_cal], config.k, config.min_scale)
     class_thresholds = (
         class_thresholds_of(class_impacts[:n_cal], config.class_k, config.min_scale)
-        if config.per_class
+        if config.per_class and by_class
         else np.full(num_classes, math.inf)
     )
     overall_scale = max(robust_scale(impacts[:n_cal]), config.min_scale) or 1e-12

@@ -22,6 +22,7 @@ from torch.nn import functional as F
 
 from trainguard.defenses.attacks.bounds import Bound, Bounds, RangeCheck
 from trainguard.defenses.errors import AttackConfigError
+from trainguard.defenses.task import Task, as_task
 
 Norm = Literal["inf", "2"]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -61,6 +62,7 @@ def crafting_mode(model: nn.Module) -> Iterator[None]:
 class Attack(ABC):
     """An evasion attack bound to `model`; subclasses implement `_perturb` on a detached, in-bounds batch.
 
+    It maximises `loss(outputs, y)` (default: the `task`'s summed per-sample loss, cross-entropy for classification).
     `defer_range_check=True` (for training loops) reads each batch's bounds check at the next call or at
     `range_check.raise_pending()`, so crafting never waits for the device.
     """
@@ -71,8 +73,9 @@ class Attack(ABC):
         *,
         eps: float,
         norm: str | float = "inf",
-        bounds: tuple[Bound, Bound] = (0.0, 1.0),
+        bounds: tuple[Bound, Bound] | None = (0.0, 1.0),
         loss: LossFn | None = None,
+        task: Task | str | None = None,
         targeted: bool = False,
         forward: ForwardFn | None = None,
         seed: int | None = None,
@@ -89,7 +92,8 @@ class Attack(ABC):
         self.norm = parse_norm(norm)
         self._bounds = Bounds(bounds)
         self.range_check = RangeCheck(deferred=defer_range_check)
-        self.loss = loss or sum_cross_entropy
+        self.task = as_task(task)
+        self.loss = loss or self.task.attack_loss
         self.targeted = targeted
         self.forward = forward or model
         self.seed = seed

@@ -17,8 +17,13 @@ from trainguard.defenses.errors import AttackConfigError, AttackInputError
 Bound = float | torch.Tensor
 
 
-def check_bounds(bounds: tuple[Bound, Bound]) -> tuple[Bound, Bound]:
-    """A `(lower, upper)` pair with `lower <= upper` everywhere."""
+def check_bounds(bounds: tuple[Bound, Bound] | None) -> tuple[Bound, Bound]:
+    """A `(lower, upper)` pair with `lower <= upper` everywhere; missing bounds are refused in one line."""
+    if bounds is None:
+        raise AttackConfigError(
+            "bounds=None: attacks need the data's value range; pass bounds=(low, high) that match the data "
+            "(YAML: adversarial.bounds)"
+        )
     if len(bounds) != 2:
         raise AttackConfigError(f"bounds must be a (lower, upper) pair, got {bounds!r}")
     lower, upper = bounds
@@ -30,7 +35,7 @@ def check_bounds(bounds: tuple[Bound, Bound]) -> tuple[Bound, Bound]:
 class Bounds:
     """An attack's `(lower, upper)` bounds, as tensors on each device and dtype they are asked for (made once)."""
 
-    def __init__(self, bounds: tuple[Bound, Bound]) -> None:
+    def __init__(self, bounds: tuple[Bound, Bound] | None) -> None:
         self.pair = check_bounds(bounds)
         self._tensors: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -101,5 +106,5 @@ def _refuse_outside(summary: torch.Tensor) -> None:
     if outside > 0:
         raise AttackInputError(
             f"{int(outside)} input values lie outside the attack bounds (batch min {low:.4g}, max {high:.4g}): "
-            "set the attack's bounds to the data's range"
+            "set the attack's bounds (YAML: adversarial.bounds) to the data's range"
         )
