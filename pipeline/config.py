@@ -144,6 +144,21 @@ class RoniSection(_Section):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class TaskSection(_Section):
+    """The supervised task the defenses serve (`trainguard.defenses.task.Task`): the loss attacks maximise and what
+    robust accuracy and the gate count as correct. `task: regression` is short for `task: {kind: regression}`."""
+
+    kind: Literal["classification", "multilabel", "regression"] = "classification"
+    tolerance: Positive = Field(default=0.5, description="Regression: an output within this of its target is right.")
+    regression_loss: Literal["mse", "l1"] = "mse"
+    multilabel_accuracy: Literal["exact", "per-label"] = "exact"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, data: Any) -> Any:
+        return {"kind": data} if isinstance(data, str) else data
+
+
 class AdversarialSection(_Section):
     """Adversarial training (`trainguard.defenses.adversarial.AdversarialTraining`, or the TRADES module with
     `trades`)."""
@@ -230,6 +245,7 @@ class CycleConfig(_Section):
     validation: ValidationSection
     data: DataSection = DataSection()
     limits: LimitsSection = LimitsSection()
+    task: TaskSection = TaskSection()
     roni: RoniSection = RoniSection()
     adversarial: AdversarialSection = AdversarialSection()
     robust_eval: RobustEvalSection = RobustEvalSection()
