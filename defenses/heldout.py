@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +36,16 @@ class LabeledData:
     def batch(self, rows: slice | torch.Tensor) -> dict[str, torch.Tensor]:
         """Rows as the dict batch a forward hook reads: `x`, `y` and the extras by name."""
         return {"x": self.x[rows], "y": self.y[rows], **{name: value[rows] for name, value in self.extras.items()}}
+
+    def take(self, rows: slice | torch.Tensor) -> LabeledData:
+        """The rows `rows`, extras included."""
+        return LabeledData(self.x[rows], self.y[rows], {name: value[rows] for name, value in self.extras.items()})
+
+    @classmethod
+    def concat(cls, parts: Sequence[LabeledData]) -> LabeledData:
+        """The parts' rows one after another, extras included (every part has the same extras)."""
+        extras = {name: torch.cat([p.extras[name] for p in parts]) for name in parts[0].extras}
+        return cls(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]), extras)
 
     @classmethod
     def of(cls, x: object, y: object, task: Task | str | None = None) -> LabeledData:

@@ -29,6 +29,7 @@ from torch import nn
 from trainguard.defenses.copies import finetune_heldout_probabilities
 from trainguard.defenses.errors import ScreeningInputError
 from trainguard.defenses.features import HeadSplit, head_features, parameter_count, split_head
+from trainguard.defenses.forward import ModuleForward, plain_forward
 from trainguard.defenses.heldout import LabeledData, per_class_mean
 from trainguard.defenses.task import Task, as_task
 
@@ -189,22 +190,21 @@ def group_by_source(candidates: Sequence[Candidate]) -> list[Candidate]:
     for candidate in candidates:
         groups.setdefault(candidate.source, []).append(candidate)
     return [
-        Candidate(
-            name="+".join(c.name for c in group),
-            source=source,
-            data=LabeledData(torch.cat([c.data.x for c in group]), torch.cat([c.data.y for c in group])),
-        )
+        Candidate(name="+".join(c.name for c in group), source=source, data=LabeledData.concat([c.data for c in group]))
         for source, group in groups.items()
     ]
 
 
 @torch.no_grad()
-def _heldout_probabilities(model: nn.Module, holdout: LabeledData, task: Task) -> torch.Tensor:
+def _heldout_probabilities(
+    model: nn.Module, holdout: LabeledData, task: Task, forward: ModuleForward | None
+) -> torch.Tensor:
     was_training = model.training
     model.eval()
     try:
         device = next(model.parameters()).device
-        return task.soft_correct(model(holdout.x.to(device)), holdout.y.to(device)).cpu()
+        batch = {name: value.to(device) for name, value in holdout.batch(slice(None)).items()}
+        return task.soft_correct((forward or plain_forward)(model, batch, batch["x"]), batch["y"]).cpu()
     finally:
         model.train(was_training)
 
@@ -216,7 +216,7 @@ def _calibration_shards(trusted: LabeledData, size: int, count: int, seed: int) 
     shards = []
     for _ in range(count):
         rows = torch.as_tensor(rng.choice(len(trusted), size=size, replace=False))
-        shards.append(LabeledData(trusted.x[rows], trusted.y[rows]))
+        shards.append(trusted.take(rows))
     return shards
 
 
@@ -275,6 +275,11 @@ def _scoped(
         scope = "head" if parameter_count(model) > config.head_above else "full"
     if scope == "full":
         return _Scoped(model, None, trusted, holdout, tuple(c.data for c in candidates))
+    if holdout.extras:
+        raise ScreeningInputError(
+            f"head-scope screening computes features from the input alone, but the model also takes "
+            f"{', '.join(holdout.extras)}: set scope='full'"
+        )
     split: HeadSplit = split_head(model, config.feature_layer, config.head_layers)
     pooled = torch.cat([c.data.x for c in candidates])
     trusted_x, holdout_x, pooled_x = head_features(model, split, [trusted.x, holdout.x, pooled])
@@ -302,6 +307,7 @@ def _calibrated(
     base: torch.Tensor,
     config: ScreeningConfig,
     task: Task,
+    forward: ModuleForward | None,
 ) -> _Calibrated:
     """Calibration copies fine-tuned at the configured rate, or at the largest stable rate of the grid ('auto')."""
     rates = sorted(config.lr_grid, reverse=True) if config.lr == "auto" else [float(config.lr)]
@@ -315,6 +321,7 @@ def _calibrated(
             chunk_size=config.chunk_size,
             batched=config.batched,
             task=task,
+            forward=forward,
         )
         impacts = base.mean() - run.probabilities.double().mean(1)
         if not torch.isfinite(impacts).all():
@@ -340,12 +347,14 @@ def screen_candidates(
     config: ScreeningConfig | None = None,
     *,
     task: Task | str | None = None,
+    forward: ModuleForward | None = None,
 ) -> ScreeningReport:
     """Screens each candidate against calibration shards drawn from `base_data` (trusted, known-good data).
 
     `base_data` should be data the current model has not been fitted on (e.g. a trusted calibration split): clean
     data it already fits moves the held-out loss less than new clean data, which makes the screening stricter.
-    `task` (default classification) sets the fine-tuning loss and the held-out soft accuracy.
+    `task` (default classification) sets the fine-tuning loss and the held-out soft accuracy; `forward(module,
+    batch, x)` reads the model's extra inputs from `LabeledData.batch` (every data set then carries the same extras).
     """
     config = config or ScreeningConfig()
     task = as_task(task)
@@ -356,13 +365,14 @@ def screen_candidates(
     for candidate in candidates:
         if len(candidate.data) == 0:
             raise ScreeningInputError(f"candidate {candidate.name!r} from source {candidate.source!r} is empty")
+    for data in (base_data, *(c.data for c in candidates)):
+        if sorted(data.extras) != sorted(holdout.extras):
+            raise ScreeningInputError(
+                f"the held-out set has extra inputs {sorted(holdout.extras)} but a screened data set has "
+                f"{sorted(data.extras)}: give every data set the same extras"
+            )
     for data in (holdout, base_data, *(c.data for c in candidates)):
         task.check_targets(data.y)
-        if data.extras:
-            raise ScreeningInputError(
-                "RONI screening fine-tunes copies on the input tensor alone: data with extra model inputs "
-                f"({', '.join(data.extras)}) cannot be screened"
-            )
     started = time.perf_counter()
     by_class = task.kind == "classification"
     num_classes = (
@@ -375,8 +385,9 @@ def screen_candidates(
     scoped = _scoped(model, base_data, holdout, candidates, config)
     calibration = _calibration_shards(scoped.trusted, size, config.calibration_shards, config.seed)
 
-    base = _heldout_probabilities(scoped.net, scoped.holdout, task).double()
-    calibrated = _calibrated(scoped.net, calibration, scoped.holdout, base, config, task)
+    hook = forward if scoped.head is None else None
+    base = _heldout_probabilities(scoped.net, scoped.holdout, task, hook).double()
+    calibrated = _calibrated(scoped.net, calibration, scoped.holdout, base, config, task, hook)
     tried = finetune_heldout_probabilities(
         scoped.net,
         scoped.candidates,
@@ -386,6 +397,7 @@ def screen_candidates(
         chunk_size=config.chunk_size or calibrated.chunk_size,
         batched=config.batched,
         task=task,
+        forward=hook,
     )
     probs = torch.cat([calibrated.probabilities, tried.probabilities]).double()
     impacts = (base.mean() - probs.mean(1)).numpy()
