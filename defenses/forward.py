@@ -42,14 +42,17 @@ class BatchForward:
             self.batch = None
 
 
-def batch_rows(batch: Any, rows: torch.Tensor | slice, n: int) -> Any:
+def batch_rows(batch: Any, rows: torch.Tensor | slice, n: int, *, copy: bool = False) -> Any:
     """`batch` restricted to `rows`: every tensor entry with `n` leading rows is indexed, other entries are kept, so
-    the extra inputs of an attacked subset stay aligned with its rows."""
+    the extra inputs of an attacked subset stay aligned with its rows. `copy` clones every tensor (inference-mode
+    tensors, as `Trainer.validate` makes them, cannot enter autograd)."""
 
     def pick(value: Any) -> Any:
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
-            return value[rows]
-        return value
+        if not isinstance(value, torch.Tensor):
+            return value
+        if value.dim() > 0 and value.shape[0] == n:
+            value = value[rows]
+        return value.clone() if copy else value
 
     if isinstance(batch, Mapping):
         return {key: pick(value) for key, value in batch.items()}

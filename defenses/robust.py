@@ -127,7 +127,7 @@ class RobustAccuracy(pl.Callback):
         self.task.check_targets(y)
         # `Trainer.validate` runs under inference mode; attacks need autograd on ordinary (cloned) tensors.
         with torch.inference_mode(False), torch.enable_grad():
-            subset = batch_rows(batch, slice(room), len(x))
+            subset = batch_rows(batch, slice(room), len(x), copy=True)
             x, y = x[:room].clone(), y[:room].clone()
             if self._correct is None:
                 self._correct = torch.zeros(len(self.eps), device=x.device)

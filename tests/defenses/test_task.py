@@ -345,6 +345,8 @@ def test_a_masked_input_model_is_attacked_measured_and_gated_with_its_mask() -> 
     assert gate.verdict is not None and gate.verdict.accepted, gate.verdict
     holdout_data = LabeledData(holdout.x, holdout.y, {"mask": holdout.mask})
     assert heldout_metrics(module, holdout_data, forward=masked_forward).accuracy == gate.verdict.after.accuracy
+    validated = trainer.validate(module, DataLoader(val, batch_size=32), verbose=False)[0]  # under inference mode
+    assert validated[robust.metric_names()[0]] == pytest.approx(clean)
 
 
 # --- the model gate ---------------------------------------------------------------------------------------------
