@@ -81,7 +81,13 @@ def defense_callbacks(config: CycleConfig, holdout: LabeledData, previous: Heldo
         )
     callbacks.append(
         RobustAccuracy(
-            robust.eps, steps=robust.steps, bounds=adversarial.bounds, max_samples=robust.subset_size, seed=0
+            robust.eps,
+            attacks=robust.attacks,
+            steps=robust.steps,
+            restarts=robust.restarts,
+            bounds=adversarial.bounds,
+            max_samples=robust.subset_size,
+            seed=0,
         )
     )
     callbacks.append(
