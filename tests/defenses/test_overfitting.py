@@ -43,7 +43,7 @@ def collapsed(digits) -> dict[str, torch.Tensor]:
 
 
 class PlantedCollapse(Classifier):
-    """A classifier whose weights turn into `weights` at the start of epoch `at` and stop training from then on."""
+    """A classifier whose weights turn into `weights` at the start of epoch `at` and stop learning from then on."""
 
     def __init__(self, weights: dict[str, torch.Tensor] | None = None, at: int = 0) -> None:
         super().__init__()
@@ -52,11 +52,8 @@ class PlantedCollapse(Classifier):
     def on_train_epoch_start(self) -> None:
         if self.weights is not None and self.current_epoch == self.at:
             self.net.load_state_dict(self.weights)
-
-    def training_step(self, batch, batch_idx):
-        if self.weights is not None and self.current_epoch >= self.at:
-            return None
-        return super().training_step(batch, batch_idx)
+            for group in self.trainer.optimizers[0].param_groups:
+                group["lr"] = 0.0
 
 
 class Snapshots(pl.Callback):
@@ -75,14 +72,16 @@ def fit(
     trainer = pl.Trainer(
         max_epochs=max_epochs,
         accelerator="cpu",
-        devices=1,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=callbacks,
-        **{"enable_checkpointing": False, **kwargs},
+        **{"enable_checkpointing": False, "devices": 1, **kwargs},
     )
-    loader = DataLoader(digits, batch_size=100, shuffle=True, generator=torch.Generator().manual_seed(0))
+    if "strategy" in kwargs:  # a torch.Generator cannot cross to spawned ranks; their samplers shuffle by seed
+        loader = DataLoader(digits, batch_size=100)
+    else:
+        loader = DataLoader(digits, batch_size=100, shuffle=True, generator=torch.Generator().manual_seed(0))
     trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
     return trainer
 
@@ -148,3 +147,13 @@ def test_only_fgsm_rs_is_guarded_by_default_and_bad_settings_are_refused() -> No
         OverfittingGuard(eps=0.1, max_drop=0.0)
     with pytest.raises(AttackConfigError, match="max_samples"):
         OverfittingGuard(eps=0.1, max_samples=0)
+
+
+def test_ddp_ranks_decide_together_and_all_roll_back(digits, collapsed) -> None:
+    module = PlantedCollapse(collapsed, at=4)
+    callback = AdversarialTraining("fgsm-rs", eps=EPS, seed=0)
+    trainer = fit(module, digits, [callback], max_epochs=7, strategy="ddp_spawn", devices=2)
+    # Had one rank stopped alone, the other would wait forever in its next collective; the fit returned instead.
+    assert trainer.callback_metrics["adv/guard_acc"].item() < 0.2, "the collapsed epoch was the last one measured"
+    weights = {k.removeprefix("net."): v for k, v in module.state_dict().items()}
+    assert not same_weights(weights, collapsed), "rank 0 came back with the restored weights, not the collapsed ones"
