@@ -10,7 +10,9 @@ from trainguard.lazy import lazy_getattr
 
 _LAZY = {
     "AdversarialTraining": "trainguard.defenses.adversarial",
+    "OverfittingGuard": "trainguard.defenses.overfitting",
     "RobustAccuracy": "trainguard.defenses.robust",
+    "correct_under_attacks": "trainguard.defenses.robust",
     "TRADES": "trainguard.defenses.trades",
     "GateVerdict": "trainguard.defenses.gate",
     "ModelGate": "trainguard.defenses.gate",

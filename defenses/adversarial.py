@@ -8,6 +8,10 @@ the perturbation in the input's dtype and differentiates w.r.t. the inputs only,
 accumulation (parameter `.grad` untouched) and DDP (purely local work, no collective) are safe. Nothing per batch
 waits for the device: a batch outside the attack's bounds stops the fit at the next batch (or at the epoch's end).
 
+With FGSM-RS ("fast" adversarial training, Wong et al. 2020) an `OverfittingGuard` runs by default: PGD accuracy
+on a fixed clean training batch after each epoch; on catastrophic overfitting (a drop of more than 0.2 from the best
+epoch) training stops and the best epoch's weights come back.
+
 `adv/success` is read from the logits of the training forward on the adversarial batch (a forward hook on the
 module that matches the batch's input tensor), not from an extra forward pass: the attack's own last logits belong
 to the point before its last step (and, for FGSM, to the clean or random-start point), while the training forward
@@ -34,6 +38,7 @@ from trainguard.defenses.attacks.batches import BatchKeys, Key
 from trainguard.defenses.attacks.bounds import check_bounds
 from trainguard.defenses.errors import AttackConfigError
 from trainguard.defenses.forward import BatchForward, ModuleForward, batch_rows
+from trainguard.defenses.overfitting import OverfittingGuard
 from trainguard.defenses.task import Task, as_task
 
 
@@ -62,6 +67,9 @@ class AdversarialTraining(pl.Callback):
     `crafting="trainer"` crafts under the autocast of the trainer's precision (e.g. bf16 with
     `precision="bf16-mixed"`), `"fp32"` in float32. Logs `adv/eps` (mean over the epoch's rows) and `adv/success`
     (fraction of attacked rows the training forward gets wrong; summed over DDP ranks) once per epoch.
+    `overfitting_guard` (None: on for `"fgsm-rs"` only) stops training at catastrophic overfitting and restores the
+    best epoch (see `OverfittingGuard`; its PGD runs at the full `eps` with `guard_steps` steps) and logs
+    `adv/guard_acc`.
     """
 
     def __init__(
@@ -84,6 +92,8 @@ class AdversarialTraining(pl.Callback):
         seed: int | None = None,
         log_success: bool = True,
         crafting: str = "trainer",
+        overfitting_guard: bool | None = None,
+        guard_steps: int = 5,
     ) -> None:
         if attack.lower() not in ATTACKS:
             raise AttackConfigError(f"unknown attack {attack!r}: choose one of {', '.join(ATTACKS)}")
@@ -109,6 +119,24 @@ class AdversarialTraining(pl.Callback):
         self.seed = seed
         self.log_success = log_success
         self.crafting = parse_crafting(crafting)
+        guarded = self.attack_name == "fgsm-rs" if overfitting_guard is None else overfitting_guard
+        self.guard = (
+            OverfittingGuard(
+                eps=self.eps,
+                steps=guard_steps,
+                norm=self.norm,
+                bounds=self.bounds,
+                loss=loss,
+                task=self.task,
+                input_key=input_key,
+                target_key=target_key,
+                forward=forward,
+                seed=seed if seed is not None else 0,
+                crafting=crafting,
+            )
+            if guarded
+            else None
+        )
         self.attack: Attack | None = None
         self._forward: BatchForward | None = None
         self._watch: _Watch | None = None
@@ -146,6 +174,8 @@ class AdversarialTraining(pl.Callback):
         if self._pending_state is not None:
             self.attack.load_state_dict(self._pending_state)
             self._pending_state = None
+        if self.guard is not None:
+            self.guard.setup(trainer, pl_module, stage)
 
     def current_eps(self, trainer: pl.Trainer, batch_idx: int) -> float:
         """eps after linear warm-up: reaches `eps` at the end of epoch `warmup_epochs` (from the trainer's progress)."""
@@ -167,6 +197,8 @@ class AdversarialTraining(pl.Callback):
         if self.attack is None or self._forward is None:
             raise AttackConfigError("AdversarialTraining was not set up: attach it to the Trainer's callbacks")
         self._drop_watch()
+        if self.guard is not None:
+            self.guard.on_train_batch_start(trainer, pl_module, batch, batch_idx)  # holds a clean batch
         x, y = self.keys.get(batch)
         self.task.check_targets(y)
         eps = self.current_eps(trainer, batch_idx)
@@ -238,6 +270,8 @@ class AdversarialTraining(pl.Callback):
             pl_module.log("adv/eps", self._eps_sum / self._rows, on_step=False, on_epoch=True)
         if hits[1] > 0:
             pl_module.log("adv/success", hits[0] / hits[1], on_step=False, on_epoch=True)
+        if self.guard is not None:
+            self.guard.on_train_epoch_end(trainer, pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._drop_watch()
@@ -249,9 +283,14 @@ class AdversarialTraining(pl.Callback):
             self._watch = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"attack": self.attack.state_dict() if self.attack is not None else {"generator": None}}
+        state: dict[str, Any] = {"attack": self.attack.state_dict() if self.attack is not None else {"generator": None}}
+        if self.guard is not None:
+            state["guard"] = self.guard.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.guard is not None and "guard" in state_dict:
+            self.guard.load_state_dict(state_dict["guard"])
         if self.attack is not None:
             self.attack.load_state_dict(state_dict["attack"])
         else:

@@ -21,6 +21,14 @@ class AttackInputError(DefenseError):
     exit_code = 2
 
 
+class TooFewClassesError(AttackConfigError):
+    """An attack's loss needs more classes than the model outputs (the DLR loss needs 3); `classes` is how many."""
+
+    def __init__(self, message: str, *, classes: int | None = None) -> None:
+        super().__init__(message)
+        self.classes = classes
+
+
 class BatchFormatError(DefenseError):
     """A training or validation batch does not have the layout the callback was told to expect (keys, indices)."""
 

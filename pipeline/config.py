@@ -182,12 +182,21 @@ class AdversarialSection(_Section):
 
 
 class RobustEvalSection(_Section):
-    """Robust accuracy (`trainguard.defenses.robust.RobustAccuracy`): PGD at each eps on up to `subset_size`
-    held-out rows."""
+    """Robust accuracy (`trainguard.defenses.robust.RobustAccuracy`) at each eps on up to `subset_size` held-out
+    rows: under PGD, or under the per-sample worst case of several attacks (APGD-CE and APGD-DLR, the core of
+    AutoAttack), which the gate's robust floor then applies to."""
 
     eps: Annotated[tuple[Annotated[float, Field(ge=0.0)], ...], Field(min_length=1)] = (0.0, 0.05, 0.1)
     subset_size: Annotated[int, Field(ge=1)] = 256
     steps: Annotated[int, Field(ge=1)] = 10
+    attacks: Annotated[tuple[Literal["pgd", "apgd-ce", "apgd-dlr"], ...], Field(min_length=1)] = ("pgd",)
+    restarts: Annotated[int, Field(ge=1, description="APGD's random restarts per sample.")] = 1
+
+    @model_validator(mode="after")
+    def _distinct_attacks(self) -> RobustEvalSection:
+        if len(set(self.attacks)) != len(self.attacks):
+            raise ValueError(f"attacks {list(self.attacks)} has duplicates")
+        return self
 
 
 class GateSection(_Section):
@@ -256,6 +265,13 @@ class CycleConfig(_Section):
     callbacks: tuple[Component, ...] = ()
     output: OutputSection
     tracking: TrackingSection = TrackingSection()
+
+    @model_validator(mode="after")
+    def _dlr_has_classes(self) -> CycleConfig:
+        classes = len(self.validation.labels)
+        if "apgd-dlr" in self.robust_eval.attacks and classes < 3:
+            raise ValueError(f"robust_eval.attacks: apgd-dlr needs 3 or more classes, validation.labels has {classes}")
+        return self
 
     def resolved(self) -> dict[str, Any]:
         """The whole config with defaults filled in, as JSON-ready data (for params and the attestation)."""

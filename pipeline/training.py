@@ -88,7 +88,9 @@ def defense_callbacks(config: CycleConfig, holdout: LabeledData, previous: Heldo
     callbacks.append(
         RobustAccuracy(
             robust.eps,
+            attacks=robust.attacks,
             steps=robust.steps,
+            restarts=robust.restarts,
             bounds=adversarial.bounds,
             task=task,
             max_samples=robust.subset_size,

@@ -152,8 +152,9 @@ class Attack(ABC):
         (grad,) = torch.autograd.grad(loss, x)
         return (-grad if self.targeted else grad), logits.detach()
 
-    def step(self, x_adv: torch.Tensor, grad: torch.Tensor, step_size: float) -> torch.Tensor:
-        """One steepest-ascent step of the attack's norm: sign for L-inf, unit L2 direction for L2."""
+    def step(self, x_adv: torch.Tensor, grad: torch.Tensor, step_size: float | torch.Tensor) -> torch.Tensor:
+        """One steepest-ascent step of the attack's norm: sign for L-inf, unit L2 direction for L2 (`step_size` may
+        be per sample, shaped to broadcast over the batch)."""
         if self.norm == "inf":
             return x_adv + step_size * grad.sign()
         return x_adv + step_size * grad / _per_sample_l2(grad).clamp_min(_TINY)

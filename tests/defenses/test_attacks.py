@@ -164,7 +164,7 @@ class WithBatchNorm(nn.Module):
         return self.head(self.frozen(self.body(x)))
 
 
-@pytest.mark.parametrize("name", ["fgsm", "pgd", "fgsm-rs"])
+@pytest.mark.parametrize("name", ["fgsm", "pgd", "fgsm-rs", "apgd-ce"])
 def test_crafting_leaves_batchnorm_modes_and_parameter_grads_untouched(name) -> None:
     torch.manual_seed(0)
     model = WithBatchNorm()
