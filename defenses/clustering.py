@@ -24,7 +24,8 @@ from trainguard.defenses.findings import Findings, check_inputs, findings
 
 @dataclass(frozen=True)
 class ClusteringConfig:
-    """Reduction, and the paper's two criteria for calling the smaller cluster poison."""
+    """Reduction, and the paper's two criteria for calling the smaller cluster poison. ICA's components are
+    whitened, which lowers silhouettes: pair it with a lower `min_silhouette` (about 0.1)."""
 
     reduction: Literal["pca", "ica"] = "pca"
     components: int = 10
