@@ -16,8 +16,10 @@ import pytest
 import yaml
 
 from trainguard.pipeline.attestation import cycle_record
+from trainguard.pipeline.config import load_config
 from trainguard.pipeline.cycle import run_cycle
 from trainguard.pipeline.demo import create_keys, sign_contributions, sign_trusted
+from trainguard.pipeline.errors import ConfigError
 from trainguard.pipeline.prepare import prepare_digits
 from trainguard.pipeline.threats import poison_shards
 from trainguard.provenance.allowlist import AllowedShard, AllowList
@@ -127,3 +129,21 @@ def test_the_data_module_never_serves_quarantined_rows_yet_reads_the_shard_whole
     assert len(module.train_set) == len(kept)
     assert np.array_equal(module.train_set.labels.numpy(), frame["label"].to_numpy()[kept])
     allow.check_reads(module.read_log)
+
+
+def test_detector_options_are_checked_when_the_config_loads(tmp_path: Path) -> None:
+    document = yaml.safe_load((REPO / "configs" / "digits.yaml").read_text())
+    for options, key in (
+        ({"spectral": {"rule": "top"}}, "detectors.spectral.rule"),
+        ({"clustering": {"k": 3}}, "detectors.clustering.k"),
+    ):
+        document["detectors"] = {"enabled": True, **options}
+        path = tmp_path / "cycle.yaml"
+        path.write_text(yaml.safe_dump(document))
+        with pytest.raises(ConfigError) as caught:
+            load_config(path)
+        assert caught.value.key == key
+    document["detectors"] = {"enabled": True, "action": "delete"}
+    path.write_text(yaml.safe_dump(document))
+    with pytest.raises(ConfigError, match=r"detectors\.action"):
+        load_config(path)
