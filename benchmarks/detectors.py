@@ -80,7 +80,7 @@ class Outcome:
     success: tuple[float, float] | None
 
 
-def run(scenario: str, seed: int) -> Outcome:
+def run(scenario: str, seed: int, config: DetectionConfig) -> Outcome:
     digits = load_digits_split(seed)
     rng = np.random.default_rng(seed)
     x, y = digits.x.copy(), digits.y.copy()
@@ -110,7 +110,7 @@ def run(scenario: str, seed: int) -> Outcome:
     (features,) = head_features(net, split_head(net), [torch.from_numpy(x[keep])])
     with torch.no_grad():
         probabilities = torch.softmax(net(torch.from_numpy(x[keep])), 1).numpy()
-    detections = detect(features.numpy(), y[keep], sources[keep], DetectionConfig(), pred_probs=probabilities)
+    detections = detect(features.numpy(), y[keep], sources[keep], config, pred_probs=probabilities)
     truth, names = poisoned[keep], sources[keep]
     candidate = names != REFERENCE
     clean_sources = sorted(set(names[candidate]) - set(attackers))
@@ -148,13 +148,17 @@ def interval(values: list[float], rng: np.random.Generator) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="5 seeds instead of 20")
-    seeds = range(5 if parser.parse_args().quick else 20)
+    parser.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=SCENARIOS)
+    arguments = parser.parse_args()
+    seeds = range(5 if arguments.quick else 20)
+    config = DetectionConfig()
     rng = np.random.default_rng(0)
     columns = ("poisoned rows flagged", "clean rows flagged", "poisoned sources flagged", "clean sources flagged")
-    for scenario in SCENARIOS:
+    for scenario in arguments.scenarios:
         started = time.perf_counter()
-        outcomes = [run(scenario, seed) for seed in seeds]
-        print(f"\n== {scenario} ({len(outcomes)} seeds, {time.perf_counter() - started:.0f} s)")
+        outcomes = [run(scenario, seed, config) for seed in seeds]
+        elapsed = time.perf_counter() - started
+        print(f"\n== {scenario} ({len(outcomes)} seeds, {elapsed:.0f} s)")
         print(f"{'detector':14s}" + "".join(f"{c:>40s}" for c in columns))
         for detector in outcomes[0].rates:
             cells = [interval([o.rates[detector][i] for o in outcomes], rng) for i in range(4)]
