@@ -1,6 +1,6 @@
-"""Training-time defenses: attacks and adversarial training, robust accuracy, RONI screening and gate, row-level
-poisoning detectors (spectral signatures, activation clustering, label issues), shard validation, per-source caps and
-margin checks.
+"""Training-time defenses for any supervised task: attacks and adversarial training, robust accuracy, RONI screening,
+the before/after model gate, row-level poisoning detectors (spectral signatures, activation clustering, label
+issues), shard validation, per-source caps and margin checks.
 
 Names are imported on first use, so `import trainguard.defenses.errors` (the CLI's error mapping) does not load torch.
 """
@@ -14,7 +14,7 @@ _LAZY = {
     "RobustAccuracy": "trainguard.defenses.robust",
     "TRADES": "trainguard.defenses.trades",
     "GateVerdict": "trainguard.defenses.gate",
-    "RONIGate": "trainguard.defenses.gate",
+    "ModelGate": "trainguard.defenses.gate",
     "ClusteringConfig": "trainguard.defenses.clustering",
     "detect_clustering": "trainguard.defenses.clustering",
     "DetectionConfig": "trainguard.defenses.detectors",
@@ -42,6 +42,8 @@ _LAZY = {
     "ScreeningConfig": "trainguard.defenses.roni",
     "ScreeningReport": "trainguard.defenses.roni",
     "screen_candidates": "trainguard.defenses.roni",
+    "Task": "trainguard.defenses.task",
+    "as_task": "trainguard.defenses.task",
     "Shard": "trainguard.defenses.validation",
     "ShardSchema": "trainguard.defenses.validation",
     "ShardVerdict": "trainguard.defenses.validation",

@@ -31,6 +31,17 @@ class BatchFormatError(DefenseError):
         self.key = key
 
 
+class TaskMismatchError(DefenseError):
+    """A model's outputs or a batch's targets do not fit the defense's task, or the defense cannot serve that task;
+    `task` names it."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, task: str | None = None) -> None:
+        super().__init__(message)
+        self.task = task
+
+
 class ScreeningInputError(DefenseError):
     """RONI screening cannot run on what it was given (no candidates, empty held-out set, bad config)."""
 
@@ -38,7 +49,8 @@ class ScreeningInputError(DefenseError):
 
 
 class ModelRejectedError(DefenseError):
-    """The RONI gate rejected a retrained model: its held-out metrics dropped; the previous weights were restored."""
+    """The model gate rejected a fitted model: its held-out metrics dropped below its baseline; the weights of fit
+    start were restored."""
 
 
 class QuarantinedShardError(DefenseError):

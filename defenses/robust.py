@@ -11,7 +11,7 @@ that PGD itself never evaluates (its last logits are those of the point before i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -20,9 +20,10 @@ import torch
 from trainguard.defenses.attacks import PGD, crafting_autocast, parse_crafting
 from trainguard.defenses.attacks.base import Bound, LossFn
 from trainguard.defenses.attacks.batches import BatchKeys, Key
+from trainguard.defenses.attacks.bounds import check_bounds
 from trainguard.defenses.errors import AttackConfigError
-
-ModuleForward = Callable[[pl.LightningModule, torch.Tensor], torch.Tensor]
+from trainguard.defenses.forward import BatchForward, ModuleForward, batch_rows
+from trainguard.defenses.task import Task, as_task
 
 
 class RobustAccuracy(pl.Callback):
@@ -31,6 +32,10 @@ class RobustAccuracy(pl.Callback):
     `max_samples` bounds the cost (None: the whole validation set of `dataloader_idx`); the random starts are drawn
     from `seed` anew each epoch, so epochs are comparable. `name` is a format string with an `{eps}` field.
     `crafting="trainer"` attacks and predicts under the autocast of the trainer's precision, `"fp32"` in float32.
+    `task` gives the loss PGD maximises and what a correct prediction is (argmax for classification, all labels
+    right for multilabel, every output within tolerance for regression): the logged value is the mean of
+    `Task.correct` under attack. `forward(module, batch, x)` reads extra model inputs from the batch; only `x` is
+    attacked. `bounds` is the data's value range (required).
     """
 
     def __init__(
@@ -40,8 +45,9 @@ class RobustAccuracy(pl.Callback):
         steps: int = 10,
         step_size: float | None = None,
         norm: str | float = "inf",
-        bounds: tuple[Bound, Bound] = (0.0, 1.0),
+        bounds: tuple[Bound, Bound] | None = (0.0, 1.0),
         loss: LossFn | None = None,
+        task: Task | str | None = None,
         max_samples: int | None = 512,
         input_key: Key | None = None,
         target_key: Key | None = None,
@@ -61,8 +67,9 @@ class RobustAccuracy(pl.Callback):
         self.steps = steps
         self.step_size = step_size
         self.norm = norm
-        self.bounds = bounds
+        self.bounds = check_bounds(bounds)
         self.loss = loss
+        self.task = as_task(task)
         self.max_samples = max_samples
         self.keys = BatchKeys(input_key, target_key)
         self.forward = forward
@@ -71,6 +78,7 @@ class RobustAccuracy(pl.Callback):
         self.name = name
         self.crafting = parse_crafting(crafting)
         self.attack: PGD | None = None
+        self._forward: BatchForward | None = None
         self._correct: torch.Tensor | None = None
         self._seen = 0
 
@@ -79,7 +87,7 @@ class RobustAccuracy(pl.Callback):
         return [self.name.format(eps=e) for e in self.eps]
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        forward = self.forward
+        self._forward = BatchForward(pl_module, self.forward)
         self.attack = PGD(
             pl_module,
             eps=max(self.eps),
@@ -88,7 +96,8 @@ class RobustAccuracy(pl.Callback):
             norm=self.norm,
             bounds=self.bounds,
             loss=self.loss,
-            forward=(lambda x: forward(pl_module, x)) if forward is not None else None,
+            task=self.task,
+            forward=self._forward,
             seed=self.seed + trainer.global_rank,
             autocast=crafting_autocast(self.crafting, trainer),
         )
@@ -110,18 +119,22 @@ class RobustAccuracy(pl.Callback):
     ) -> None:
         if trainer.sanity_checking or dataloader_idx != self.dataloader_idx or self.attack is None:
             return
+        assert self._forward is not None
         room = None if self.max_samples is None else self.max_samples - self._seen
         if room is not None and room <= 0:
             return
         x, y = self.keys.get(batch)
+        self.task.check_targets(y)
         # `Trainer.validate` runs under inference mode; attacks need autograd on ordinary (cloned) tensors.
         with torch.inference_mode(False), torch.enable_grad():
+            subset = batch_rows(batch, slice(room), len(x), copy=True)
             x, y = x[:room].clone(), y[:room].clone()
             if self._correct is None:
-                self._correct = torch.zeros(len(self.eps), dtype=torch.long, device=x.device)
-            for i, eps in enumerate(self.eps):
-                predicted = self.attack.predict(self.attack(x, y, eps=eps)).argmax(dim=1)
-                self._correct[i] += (predicted == y).sum()
+                self._correct = torch.zeros(len(self.eps), device=x.device)
+            with self._forward.on(subset):
+                for i, eps in enumerate(self.eps):
+                    outputs = self.attack.predict(self.attack(x, y, eps=eps))
+                    self._correct[i] += self.task.correct(outputs, y).sum()
         self._seen += len(y)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -166,6 +166,21 @@ class DetectorsSection(_Section):
     label_issues: dict[str, Any] = Field(default_factory=dict)
 
 
+class TaskSection(_Section):
+    """The supervised task the defenses serve (`trainguard.defenses.task.Task`): the loss attacks maximise and what
+    robust accuracy and the gate count as correct. `task: regression` is short for `task: {kind: regression}`."""
+
+    kind: Literal["classification", "multilabel", "regression"] = "classification"
+    tolerance: Positive = Field(default=0.5, description="Regression: an output within this of its target is right.")
+    regression_loss: Literal["mse", "l1"] = "mse"
+    multilabel_accuracy: Literal["exact", "per-label"] = "exact"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, data: Any) -> Any:
+        return {"kind": data} if isinstance(data, str) else data
+
+
 class AdversarialSection(_Section):
     """Adversarial training (`trainguard.defenses.adversarial.AdversarialTraining`, or the TRADES module with
     `trades`)."""
@@ -252,6 +267,7 @@ class CycleConfig(_Section):
     validation: ValidationSection
     data: DataSection = DataSection()
     limits: LimitsSection = LimitsSection()
+    task: TaskSection = TaskSection()
     roni: RoniSection = RoniSection()
     detectors: DetectorsSection = DetectorsSection()
     adversarial: AdversarialSection = AdversarialSection()
@@ -263,6 +279,12 @@ class CycleConfig(_Section):
     callbacks: tuple[Component, ...] = ()
     output: OutputSection
     tracking: TrackingSection = TrackingSection()
+
+    @model_validator(mode="after")
+    def _detectors_classify(self) -> CycleConfig:
+        if self.detectors.enabled and self.task.kind != "classification":
+            raise ValueError(f"detectors group rows by class label; task {self.task.kind} has none (disable them)")
+        return self
 
     def resolved(self) -> dict[str, Any]:
         """The whole config with defaults filled in, as JSON-ready data (for params and the attestation)."""

@@ -522,7 +522,7 @@ def _screen(
 
 
 def _judge(config: CycleConfig, result: TrainingResult) -> tuple[bool, str]:
-    """The RONI gate's verdict, then the config's absolute floors on clean and robust held-out accuracy."""
+    """The model gate's verdict, then the config's absolute floors on clean and robust held-out accuracy."""
     if not result.verdict.accepted:
         return False, result.verdict.reason
     gate = config.gate
