@@ -147,3 +147,8 @@ def test_detector_options_are_checked_when_the_config_loads(tmp_path: Path) -> N
     path.write_text(yaml.safe_dump(document))
     with pytest.raises(ConfigError, match=r"detectors\.action"):
         load_config(path)
+    document["detectors"] = {"enabled": True}
+    document["task"] = "regression"
+    path.write_text(yaml.safe_dump(document))
+    with pytest.raises(ConfigError, match="class label"):
+        load_config(path)
