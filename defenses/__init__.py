@@ -1,5 +1,6 @@
 """Training-time defenses for any supervised task: attacks and adversarial training, robust accuracy, RONI screening,
-the before/after model gate, shard validation, per-source caps and margin checks.
+the before/after model gate, row-level poisoning detectors (spectral signatures, activation clustering, label
+issues), shard validation, per-source caps and margin checks.
 
 Names are imported on first use, so `import trainguard.defenses.errors` (the CLI's error mapping) does not load torch.
 """
@@ -16,6 +17,18 @@ _LAZY = {
     "TRADES": "trainguard.defenses.trades",
     "GateVerdict": "trainguard.defenses.gate",
     "ModelGate": "trainguard.defenses.gate",
+    "ClusteringConfig": "trainguard.defenses.clustering",
+    "detect_clustering": "trainguard.defenses.clustering",
+    "DetectionConfig": "trainguard.defenses.detectors",
+    "Detections": "trainguard.defenses.detectors",
+    "detect": "trainguard.defenses.detectors",
+    "Findings": "trainguard.defenses.findings",
+    "RowFinding": "trainguard.defenses.findings",
+    "SourceFinding": "trainguard.defenses.findings",
+    "LabelIssuesConfig": "trainguard.defenses.label_issues",
+    "detect_label_issues": "trainguard.defenses.label_issues",
+    "SpectralConfig": "trainguard.defenses.spectral",
+    "detect_spectral": "trainguard.defenses.spectral",
     "HeldoutMetrics": "trainguard.defenses.heldout",
     "LabeledData": "trainguard.defenses.heldout",
     "heldout_metrics": "trainguard.defenses.heldout",

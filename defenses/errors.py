@@ -77,3 +77,9 @@ class SourceCapError(DefenseError):
     def __init__(self, message: str, source: str | None = None) -> None:
         super().__init__(message)
         self.source = source
+
+
+class DetectionInputError(DefenseError):
+    """A row-level detector cannot run on what it was given (shapes, no reference rows, bad config)."""
+
+    exit_code = 2

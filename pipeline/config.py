@@ -144,6 +144,28 @@ class RoniSection(_Section):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class DetectorsSection(_Section):
+    """Row-level poisoning detectors (`trainguard.defenses.detectors`) on the incoming model's penultimate features,
+    per source, each calibrated on the held-out rows. `action`: drop the flagged rows from training
+    (`quarantine-rows`), reject every shard of a flagged source (`reject-source`), or only `report`. `spectral`,
+    `clustering` and `label_issues` are fields of SpectralConfig, ClusteringConfig and LabelIssuesConfig."""
+
+    enabled: bool = False
+    detectors: Annotated[tuple[Literal["spectral", "clustering", "label-issues"], ...], Field(min_length=1)] = (
+        "spectral",
+        "clustering",
+        "label-issues",
+    )
+    action: Literal["quarantine-rows", "reject-source", "report"] = "quarantine-rows"
+    alpha: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
+        default=0.01, description="Budget of falsely flagged clean sources, shared by the detectors."
+    )
+    feature_layer: str | None = Field(default=None, description="Module whose input is the feature; None: last Linear.")
+    spectral: dict[str, Any] = Field(default_factory=dict)
+    clustering: dict[str, Any] = Field(default_factory=dict)
+    label_issues: dict[str, Any] = Field(default_factory=dict)
+
+
 class TaskSection(_Section):
     """The supervised task the defenses serve (`trainguard.defenses.task.Task`): the loss attacks maximise and what
     robust accuracy and the gate count as correct. `task: regression` is short for `task: {kind: regression}`."""
@@ -256,6 +278,7 @@ class CycleConfig(_Section):
     limits: LimitsSection = LimitsSection()
     task: TaskSection = TaskSection()
     roni: RoniSection = RoniSection()
+    detectors: DetectorsSection = DetectorsSection()
     adversarial: AdversarialSection = AdversarialSection()
     robust_eval: RobustEvalSection = RobustEvalSection()
     gate: GateSection = GateSection()
@@ -273,6 +296,12 @@ class CycleConfig(_Section):
             raise ValueError(f"robust_eval.attacks: apgd-dlr needs 3 or more classes, validation.labels has {classes}")
         return self
 
+    @model_validator(mode="after")
+    def _detectors_classify(self) -> CycleConfig:
+        if self.detectors.enabled and self.task.kind != "classification":
+            raise ValueError(f"detectors group rows by class label; task {self.task.kind} has none (disable them)")
+        return self
+
     def resolved(self) -> dict[str, Any]:
         """The whole config with defaults filled in, as JSON-ready data (for params and the attestation)."""
         return self.model_dump(mode="json")
@@ -286,6 +315,11 @@ _COMPONENT_BASES: dict[str, tuple[str, str] | None] = {
     "callbacks": ("pytorch_lightning", "Callback"),
 }
 _SCREENING_CONFIG = "trainguard.defenses.roni.ScreeningConfig"
+_DETECTOR_CONFIGS = {
+    "spectral": "trainguard.defenses.spectral.SpectralConfig",
+    "clustering": "trainguard.defenses.clustering.ClusteringConfig",
+    "label_issues": "trainguard.defenses.label_issues.LabelIssuesConfig",
+}
 
 
 def load_config(
@@ -338,6 +372,9 @@ def check_config_components(
         except (ImportError, AttributeError) as error:
             raise ConfigError(f"{source}: roni.options: cannot check: {error}", key="roni.options") from None
         _bind_init_args(screening_class, screening, "roni.options", (), source)
+    for name, class_path in _DETECTOR_CONFIGS.items():
+        options = Component(class_path=class_path, init_args=getattr(config.detectors, name))
+        _bind_init_args(options.resolve(), options, f"detectors.{name}", (), source)
 
 
 def _read_yaml(path: Path) -> Any:
