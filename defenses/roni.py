@@ -2,7 +2,10 @@
 
 Each candidate fine-tunes a copy of the current model for a fixed budget; its impact is how much the held-out soft
 accuracy (mean probability of the true class, overall and per class) drops. The soft accuracy is bounded per row, so
-a few hard held-out rows cannot dominate it as they dominate the cross-entropy. Calibration shards of the same size
+a few hard held-out rows cannot dominate it as they dominate the cross-entropy. For other tasks (`task=`) the copies
+fine-tune on the task's loss and the soft accuracy is the task's `soft_correct` (label probabilities for multilabel,
+a Gaussian kernel of the error in tolerances for regression, a custom metric); the per-class rule is
+classification's, other tasks are screened on the overall impact. Calibration shards of the same size
 drawn from trusted data give the distribution of clean impacts; a candidate is rejected when an impact exceeds
 median + k * MAD of that distribution. All copies (calibration and candidates) train together (`defenses.copies`).
 
@@ -23,10 +26,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainguard.defenses.copies import finetune_heldout_probabilities, true_class_probability
+from trainguard.defenses.copies import finetune_heldout_probabilities
 from trainguard.defenses.errors import ScreeningInputError
 from trainguard.defenses.features import HeadSplit, head_features, parameter_count, split_head
+from trainguard.defenses.forward import ModuleForward, plain_forward
 from trainguard.defenses.heldout import LabeledData, per_class_mean
+from trainguard.defenses.task import Task, as_task
 
 MAD_TO_SIGMA = 1.4826  # makes the MAD a consistent estimate of a normal standard deviation
 LR_GRID = (0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001)
@@ -185,22 +190,21 @@ def group_by_source(candidates: Sequence[Candidate]) -> list[Candidate]:
     for candidate in candidates:
         groups.setdefault(candidate.source, []).append(candidate)
     return [
-        Candidate(
-            name="+".join(c.name for c in group),
-            source=source,
-            data=LabeledData(torch.cat([c.data.x for c in group]), torch.cat([c.data.y for c in group])),
-        )
+        Candidate(name="+".join(c.name for c in group), source=source, data=LabeledData.concat([c.data for c in group]))
         for source, group in groups.items()
     ]
 
 
 @torch.no_grad()
-def _heldout_probabilities(model: nn.Module, holdout: LabeledData) -> torch.Tensor:
+def _heldout_probabilities(
+    model: nn.Module, holdout: LabeledData, task: Task, forward: ModuleForward | None
+) -> torch.Tensor:
     was_training = model.training
     model.eval()
     try:
         device = next(model.parameters()).device
-        return true_class_probability(model(holdout.x.to(device)), holdout.y.to(device)).cpu()
+        batch = {name: value.to(device) for name, value in holdout.batch(slice(None)).items()}
+        return task.soft_correct((forward or plain_forward)(model, batch, batch["x"]), batch["y"]).cpu()
     finally:
         model.train(was_training)
 
@@ -212,7 +216,7 @@ def _calibration_shards(trusted: LabeledData, size: int, count: int, seed: int) 
     shards = []
     for _ in range(count):
         rows = torch.as_tensor(rng.choice(len(trusted), size=size, replace=False))
-        shards.append(LabeledData(trusted.x[rows], trusted.y[rows]))
+        shards.append(trusted.take(rows))
     return shards
 
 
@@ -271,6 +275,11 @@ def _scoped(
         scope = "head" if parameter_count(model) > config.head_above else "full"
     if scope == "full":
         return _Scoped(model, None, trusted, holdout, tuple(c.data for c in candidates))
+    if holdout.extras:
+        raise ScreeningInputError(
+            f"head-scope screening computes features from the input alone, but the model also takes "
+            f"{', '.join(holdout.extras)}: set scope='full'"
+        )
     split: HeadSplit = split_head(model, config.feature_layer, config.head_layers)
     pooled = torch.cat([c.data.x for c in candidates])
     trusted_x, holdout_x, pooled_x = head_features(model, split, [trusted.x, holdout.x, pooled])
@@ -292,13 +301,27 @@ class _Calibrated:
 
 
 def _calibrated(
-    net: nn.Module, shards: Sequence[LabeledData], holdout: LabeledData, base: torch.Tensor, config: ScreeningConfig
+    net: nn.Module,
+    shards: Sequence[LabeledData],
+    holdout: LabeledData,
+    base: torch.Tensor,
+    config: ScreeningConfig,
+    task: Task,
+    forward: ModuleForward | None,
 ) -> _Calibrated:
     """Calibration copies fine-tuned at the configured rate, or at the largest stable rate of the grid ('auto')."""
     rates = sorted(config.lr_grid, reverse=True) if config.lr == "auto" else [float(config.lr)]
     for lr in rates:
         run = finetune_heldout_probabilities(
-            net, shards, holdout, lr=lr, steps=config.steps, chunk_size=config.chunk_size, batched=config.batched
+            net,
+            shards,
+            holdout,
+            lr=lr,
+            steps=config.steps,
+            chunk_size=config.chunk_size,
+            batched=config.batched,
+            task=task,
+            forward=forward,
         )
         impacts = base.mean() - run.probabilities.double().mean(1)
         if not torch.isfinite(impacts).all():
@@ -322,13 +345,19 @@ def screen_candidates(
     holdout: LabeledData,
     candidates: Sequence[Candidate],
     config: ScreeningConfig | None = None,
+    *,
+    task: Task | str | None = None,
+    forward: ModuleForward | None = None,
 ) -> ScreeningReport:
     """Screens each candidate against calibration shards drawn from `base_data` (trusted, known-good data).
 
     `base_data` should be data the current model has not been fitted on (e.g. a trusted calibration split): clean
     data it already fits moves the held-out loss less than new clean data, which makes the screening stricter.
+    `task` (default classification) sets the fine-tuning loss and the held-out soft accuracy; `forward(module,
+    batch, x)` reads the model's extra inputs from `LabeledData.batch` (every data set then carries the same extras).
     """
     config = config or ScreeningConfig()
+    task = as_task(task)
     if not candidates:
         raise ScreeningInputError("no candidates to screen")
     if len(holdout) == 0:
@@ -336,16 +365,29 @@ def screen_candidates(
     for candidate in candidates:
         if len(candidate.data) == 0:
             raise ScreeningInputError(f"candidate {candidate.name!r} from source {candidate.source!r} is empty")
+    for data in (base_data, *(c.data for c in candidates)):
+        if sorted(data.extras) != sorted(holdout.extras):
+            raise ScreeningInputError(
+                f"the held-out set has extra inputs {sorted(holdout.extras)} but a screened data set has "
+                f"{sorted(data.extras)}: give every data set the same extras"
+            )
+    for data in (holdout, base_data, *(c.data for c in candidates)):
+        task.check_targets(data.y)
     started = time.perf_counter()
+    by_class = task.kind == "classification"
     num_classes = (
-        config.num_classes or int(max(holdout.y.max(), base_data.y.max(), *(c.data.y.max() for c in candidates))) + 1
+        (config.num_classes or int(max(holdout.y.max(), base_data.y.max(), *(c.data.y.max() for c in candidates))) + 1)
+        if by_class
+        else 1
     )
+    groups = holdout.y if by_class else torch.zeros(len(holdout), dtype=torch.int64)
     size = config.calibration_size or min(len(c.data) for c in candidates)
     scoped = _scoped(model, base_data, holdout, candidates, config)
     calibration = _calibration_shards(scoped.trusted, size, config.calibration_shards, config.seed)
 
-    base = _heldout_probabilities(scoped.net, scoped.holdout).double()
-    calibrated = _calibrated(scoped.net, calibration, scoped.holdout, base, config)
+    hook = forward if scoped.head is None else None
+    base = _heldout_probabilities(scoped.net, scoped.holdout, task, hook).double()
+    calibrated = _calibrated(scoped.net, calibration, scoped.holdout, base, config, task, hook)
     tried = finetune_heldout_probabilities(
         scoped.net,
         scoped.candidates,
@@ -354,18 +396,18 @@ def screen_candidates(
         steps=config.steps,
         chunk_size=config.chunk_size or calibrated.chunk_size,
         batched=config.batched,
+        task=task,
+        forward=hook,
     )
     probs = torch.cat([calibrated.probabilities, tried.probabilities]).double()
     impacts = (base.mean() - probs.mean(1)).numpy()
-    class_impacts = (
-        per_class_mean(base, holdout.y, num_classes) - per_class_mean(probs, holdout.y, num_classes)
-    ).numpy()
+    class_impacts = (per_class_mean(base, groups, num_classes) - per_class_mean(probs, groups, num_classes)).numpy()
 
     n_cal = len(calibration)
     threshold = robust_threshold(impacts[:n_cal], config.k, config.min_scale)
     class_thresholds = (
         class_thresholds_of(class_impacts[:n_cal], config.class_k, config.min_scale)
-        if config.per_class
+        if config.per_class and by_class
         else np.full(num_classes, math.inf)
     )
     overall_scale = max(robust_scale(impacts[:n_cal]), config.min_scale) or 1e-12
