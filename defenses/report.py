@@ -1,12 +1,14 @@
 """Records a RONI screening: a local JSON report and PNG plot first, then the same to MLflow when it is reachable.
 
-Impacts go to MLflow as metrics, thresholds and config as params, decisions and reasons as tags, the JSON report and
-the plot as artifacts, all through `log_batch` (one call per 1,000 metrics / 100 params / 100 tags).
+Impacts and p-values (per shard and per source) go to MLflow as metrics, the level and config as params, decisions
+and reasons as tags, the JSON report and the plot as artifacts, all through `log_batch` (one call per 1,000
+metrics / 100 params / 100 tags).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 import urllib.request
@@ -34,7 +36,7 @@ class ReportOutcome:
 
 
 def plot_impacts(report: ScreeningReport, path: Path) -> Path:
-    """Bar chart of each candidate's impact (red when rejected) and the calibration impacts against the threshold."""
+    """Bar chart of each candidate's -log10 adjusted p-value (red when rejected) against the level."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -44,14 +46,13 @@ def plot_impacts(report: ScreeningReport, path: Path) -> Path:
     try:
         names = [d.name for d in report.decisions]
         colors = ["tab:green" if d.accepted else "tab:red" for d in report.decisions]
-        ax.bar(range(len(names)), [d.impact for d in report.decisions], color=colors, label="candidates")
-        ax.scatter(
-            [-1] * len(report.calibration_impacts), report.calibration_impacts, s=8, color="gray", label="calibration"
-        )
-        ax.axhline(report.threshold, color="black", linestyle="--", label=f"threshold {report.threshold:.4f}")
-        ax.set_xticks([-1, *range(len(names))], ["calib.", *names], rotation=90, fontsize=7)
-        ax.set_ylabel("held-out soft-accuracy drop")
-        ax.set_title("RONI screening: impact per candidate")
+        heights = [-math.log10(d.adjusted_p_value) for d in report.decisions]
+        ax.bar(range(len(names)), heights, color=colors, label="candidates")
+        level = report.config.level
+        ax.axhline(-math.log10(level), color="black", linestyle="--", label=f"level {level:g}")
+        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+        ax.set_ylabel("-log10 adjusted p-value")
+        ax.set_title(f"RONI screening: adjusted p-value per candidate ({report.config.error_control})")
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(path, dpi=100)
@@ -96,19 +97,24 @@ def _log_to_mlflow(
         run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
     try:
         now = int(time.time() * 1000)
-        metrics = [Metric("roni.threshold", report.threshold, now, 0)]
-        params = [
-            Param("roni.threshold", repr(report.threshold)),
-            Param("roni.calibration_rows", str(report.calibration_size)),
-        ]
+        metrics = [Metric("roni.flagged_sources", len(report.flagged), now, 0)]
+        params = [Param("roni.calibration_sizes", ",".join(str(c.size) for c in report.calibration.sizes))]
         params += [Param(f"roni.{k}", str(v)) for k, v in asdict(report.config).items()]
         tags = [
             RunTag("roni.rejected", str(len(report.rejected))),
             RunTag("roni.accepted", str(len(report.accepted))),
         ]
+        for s in report.sources:
+            key = _KEY.sub("_", s.source)
+            metrics.append(Metric(f"roni.source_p_value.{key}", s.p_value, now, 0))
+            tags.append(RunTag(f"roni.source.{key}.flagged", str(s.flagged).lower()))
         for d in report.decisions:
             key = _KEY.sub("_", d.name)
-            metrics.append(Metric(f"roni.impact.{key}", d.impact, now, 0))
+            metrics += [
+                Metric(f"roni.impact.{key}", d.impact, now, 0),
+                Metric(f"roni.p_value.{key}", d.p_value, now, 0),
+                Metric(f"roni.adjusted_p_value.{key}", d.adjusted_p_value, now, 0),
+            ]
             metrics += [
                 Metric(f"roni.class_impact.{key}.{c}", v, now, 0) for c, v in enumerate(d.class_impacts) if v == v
             ]
