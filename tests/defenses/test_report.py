@@ -9,30 +9,35 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
+from trainguard.defenses.conformal import Standardizer
 from trainguard.defenses.report import record_screening
-from trainguard.defenses.roni import CandidateDecision, ScreeningConfig, ScreeningReport
+from trainguard.defenses.roni import (
+    Calibration,
+    CandidateDecision,
+    ScreeningConfig,
+    ScreeningReport,
+    SizeCalibration,
+    SourceDecision,
+)
 
 
 def _report() -> ScreeningReport:
-    def decision(name: str, source: str, impact: float, accepted: bool) -> CandidateDecision:
-        reason = "impact within calibrated thresholds" if accepted else f"held-out soft accuracy dropped by {impact}"
+    def decision(name: str, source: str, impact: float, p: float, accepted: bool) -> CandidateDecision:
+        reason = "p-value above level" if accepted else f"p-value {p} <= level 0.01: held-out soft accuracy dropped"
         return CandidateDecision(
-            name, source, 50, impact, 0.05, (impact, math.nan), (0.3, math.inf), impact / 0.01, accepted, reason
+            name, source, 50, impact, (impact, math.nan), impact / 0.01, p, None, p, 50, accepted, reason
         )
 
+    calibration = SizeCalibration(50, Standardizer((0.0, 0.0), (0.01, 0.01)), (0.1, 0.5, 2.0), (0.0, 0.01, 0.02))
+    alice = SourceDecision("alice", ("shard-a",), 50, None, None, 0.4, 3, 0.4, 0.8, False, "source alice not flagged")
     return ScreeningReport(
-        decisions=(decision("shard-a", "alice", 0.01, True), decision("shard-m", "mallory", 0.2, False)),
-        threshold=0.05,
-        class_thresholds=(0.3, math.inf),
-        calibration_impacts=(0.0, 0.01, 0.02, 0.015, 0.005),
-        calibration_size=50,
+        decisions=(decision("shard-a", "alice", 0.01, 0.5, True), decision("shard-m", "mallory", 0.2, 0.002, False)),
+        sources=(alice,),
+        calibration=Calibration(0.5, 128, "full", (calibration,)),
         config=ScreeningConfig(),
         seconds=0.1,
         base_soft_accuracy=0.9,
-        scope="full",
         head=None,
-        lr=0.5,
-        chunk_size=128,
     )
 
 
@@ -41,7 +46,7 @@ def test_decisions_are_logged_to_mlflow_and_kept_locally(mlflow_uri: str, tmp_pa
     assert outcome.logged_to_mlflow, outcome.mlflow_error
     local = json.loads(outcome.json_path.read_text())
     assert [d["accepted"] for d in local["decisions"]] == [True, False]
-    assert local["decisions"][0]["class_thresholds"] == [0.3, None]  # strict JSON: no Infinity/NaN
+    assert local["decisions"][0]["class_impacts"] == [0.01, None]  # strict JSON: no Infinity/NaN
     assert outcome.plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     client = MlflowClient(mlflow_uri)
@@ -49,11 +54,15 @@ def test_decisions_are_logged_to_mlflow_and_kept_locally(mlflow_uri: str, tmp_pa
     assert run.info.status == "FINISHED"
     assert run.data.metrics["roni.impact.shard-m"] == 0.2
     assert run.data.metrics["roni.class_impact.shard-a.0"] == 0.01
-    assert run.data.params["roni.threshold"] == "0.05"
-    assert run.data.params["roni.k"] == str(ScreeningConfig().k)
+    assert run.data.metrics["roni.p_value.shard-m"] == 0.002
+    assert run.data.metrics["roni.adjusted_p_value.shard-a"] == 0.5
+    assert run.data.metrics["roni.source_p_value.alice"] == 0.4
+    assert run.data.params["roni.level"] == str(ScreeningConfig().level)
+    assert run.data.params["roni.calibration_sizes"] == "50"
+    assert run.data.tags["roni.source.alice.flagged"] == "false"
     assert run.data.tags["roni.decision.shard-a"] == "accepted"
     assert run.data.tags["roni.decision.shard-m"] == "rejected"
-    assert run.data.tags["roni.reason.shard-m"].startswith("held-out soft accuracy dropped")
+    assert run.data.tags["roni.reason.shard-m"].startswith("p-value 0.002 <= level")
     assert run.data.tags["roni.rejected"] == "1"
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id, "roni")}
     assert artifacts == {"roni/roni-report.json", "roni/roni-impacts.png"}
