@@ -23,6 +23,7 @@ from trainguard.defenses.roni import (
 from trainguard.pipeline.digits import load_digits_split
 
 FAST = {"level": 0.05, "calibration_draws": 99}  # the smallest calibration that can reject at level 0.05
+STRICT = {"calibration_draws": 399}  # level 0.01, the smallest calibration that can reject there
 
 
 class Split:
@@ -76,13 +77,13 @@ def test_label_flipped_shard_is_rejected_with_a_small_p_value_and_its_clean_twin
         digits.trusted,
         digits.holdout,
         [Candidate("shard-clean", "alice", clean), Candidate("shard-flipped", "mallory", poisoned)],
-        ScreeningConfig(**FAST),
+        ScreeningConfig(**STRICT),
     )
     clean_decision, poisoned_decision = report.decisions
     assert clean_decision.accepted, clean_decision.reason
     assert clean_decision.adjusted_p_value > report.config.level
     assert not poisoned_decision.accepted
-    assert poisoned_decision.p_value == pytest.approx(1 / (FAST["calibration_draws"] + 1))
+    assert poisoned_decision.p_value == pytest.approx(1 / (STRICT["calibration_draws"] + 1))
     assert poisoned_decision.adjusted_p_value <= report.config.level
     assert "soft accuracy" in poisoned_decision.reason and "p-value" in poisoned_decision.reason
     assert report.rejected == (poisoned_decision,)
@@ -93,11 +94,11 @@ def test_clean_candidates_are_accepted(digits: Split, model: nn.Module) -> None:
     candidates = [
         Candidate(f"shard-{i}", f"source-{i % 3}", digits.shard(digits.pool[50 * i : 50 * (i + 1)])) for i in range(10)
     ]
-    report = screen_candidates(model, digits.trusted, digits.holdout, candidates, ScreeningConfig(**FAST))
+    report = screen_candidates(model, digits.trusted, digits.holdout, candidates, ScreeningConfig(**STRICT))
     assert [d.reason for d in report.rejected] == []
     assert not report.flagged
-    assert [len(c.scores) for c in report.calibration.sizes] == [FAST["calibration_draws"]] * 2
-    assert sorted(c.size for c in report.calibration.sizes) == [50, 150]  # shards, and a source's union (3 x 50)
+    assert [len(c.scores) for c in report.calibration.sizes] == [STRICT["calibration_draws"]] * 3
+    assert sorted(c.size for c in report.calibration.sizes) == [50, 150, 200]  # shards, and sources of 3 and 4
 
 
 def test_class_targeted_poisoning_is_caught_by_the_per_class_metrics_within_the_same_budget(
@@ -110,9 +111,9 @@ def test_class_targeted_poisoning_is_caught_by_the_per_class_metrics_within_the_
     candidate = Candidate("shard-targeted", "mallory", targeted)
 
     overall_only = screen_candidates(
-        model, digits.trusted, digits.holdout, [candidate], ScreeningConfig(per_class=False, **FAST)
+        model, digits.trusted, digits.holdout, [candidate], ScreeningConfig(per_class=False, **STRICT)
     )
-    per_class = screen_candidates(model, digits.trusted, digits.holdout, [candidate], ScreeningConfig(**FAST))
+    per_class = screen_candidates(model, digits.trusted, digits.holdout, [candidate], ScreeningConfig(**STRICT))
 
     decision = per_class.decisions[0]
     assert overall_only.decisions[0].accepted, overall_only.decisions[0].reason
@@ -143,7 +144,7 @@ def test_screening_leaves_the_model_unchanged(digits: Split, model: nn.Module) -
 def test_each_candidate_is_held_to_clean_draws_of_its_own_size(digits: Split, model: nn.Module) -> None:
     small = Candidate("small", "a", digits.shard(digits.pool[:30]))
     large = Candidate("large", "b", _flip(digits.shard(digits.pool[30:430]), 0.1, seed=2))
-    report = screen_candidates(model, digits.trusted, digits.holdout, [small, large], ScreeningConfig(**FAST))
+    report = screen_candidates(model, digits.trusted, digits.holdout, [small, large], ScreeningConfig(**STRICT))
     assert [c.size for c in report.calibration.sizes] == [30, 400]  # 400 rows drawn from 300 trusted: bootstrap
     assert [d.calibration_size for d in report.decisions] == [30, 400]
     assert [d.accepted for d in report.decisions] == [True, False]
@@ -161,7 +162,7 @@ def test_a_large_source_is_flagged_where_its_union_judged_against_small_draws_wo
         Candidate(f"big-{i}", "big", LabeledData(source.x[50 * i : 50 * (i + 1)], source.y[50 * i : 50 * (i + 1)]))
         for i in range(8)
     ]
-    report = screen_candidates(model, digits.trusted, digits.holdout, shards)
+    report = screen_candidates(model, digits.trusted, digits.holdout, shards, ScreeningConfig(**STRICT))
     (judged,) = report.sources
     assert judged.flagged and judged.union_p_value is not None
     assert judged.union_p_value <= report.config.level / 4
@@ -183,10 +184,10 @@ def _diluted(digits: Split) -> list[Candidate]:
 def test_a_diluted_source_is_flagged_as_a_source_while_each_shard_alone_passes(digits: Split, model: nn.Module) -> None:
     shards = _diluted(digits)
     alone = [Candidate(c.name, f"own-{c.name}", c.data) for c in shards]  # one source per shard: no source test
-    separately = screen_candidates(model, digits.trusted, digits.holdout, alone)
+    separately = screen_candidates(model, digits.trusted, digits.holdout, alone, ScreeningConfig(**STRICT))
     assert all(d.accepted for d in separately.decisions), [d.reason for d in separately.rejected]
 
-    together = screen_candidates(model, digits.trusted, digits.holdout, shards)
+    together = screen_candidates(model, digits.trusted, digits.holdout, shards, ScreeningConfig(**STRICT))
     (source,) = together.sources
     assert source.flagged and source.combined_p_value < together.config.level / 4
     assert all(not d.accepted for d in together.decisions)
@@ -196,9 +197,9 @@ def test_a_diluted_source_is_flagged_as_a_source_while_each_shard_alone_passes(d
 
 def test_earlier_cycles_evidence_flags_a_source_whose_new_shard_alone_passes(digits: Split, model: nn.Module) -> None:
     shard = _diluted(digits)[0]
-    fresh = screen_candidates(model, digits.trusted, digits.holdout, [shard], ScreeningConfig(**FAST))
+    fresh = screen_candidates(model, digits.trusted, digits.holdout, [shard], ScreeningConfig(**STRICT))
     assert fresh.decisions[0].accepted and fresh.sources == ()
-    history = {"mallory": [0.03, 0.04, 0.02, 0.05, 0.03]}  # five earlier shards, each slightly harmful
+    history = {"mallory": [0.01, 0.02, 0.01, 0.03, 0.02]}  # five earlier shards, each slightly harmful
     later = screen_candidates(model, digits.trusted, digits.holdout, [shard], ScreeningConfig(**FAST), history=history)
     (source,) = later.sources
     assert source.earlier == 5 and source.union_p_value is None
@@ -346,7 +347,7 @@ def test_head_scope_on_a_batch_norm_network_rejects_flipped_shards_and_accepts_c
     ]
     before = {k: v.clone() for k, v in bn_model.state_dict().items()}
     report = screen_candidates(
-        bn_model, digits.trusted, digits.holdout, [*clean, *flipped], ScreeningConfig(scope="head", **FAST)
+        bn_model, digits.trusted, digits.holdout, [*clean, *flipped], ScreeningConfig(scope="head", **STRICT)
     )
     assert (report.scope, report.head) == ("head", "fc")
     assert [d.accepted for d in report.decisions] == [True] * 4 + [False] * 4
