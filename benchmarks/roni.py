@@ -108,9 +108,7 @@ def print_efficacy(title: str, counts: dict[float, list[int]], seconds: list[flo
 
 def scaling(rep: Repeat, sizes: list[int], config: ScreeningConfig, tries: int) -> None:
     """Wall time (best of `tries`, after a warm-up) for n candidates, all copies batched under vmap or one by one."""
-    print(
-        f"\ncost vs number of candidates (+{config.calibration_draws} calibration copies, {config.steps} steps each;"
-    )
+    print(f"\ncost vs number of candidates (+{config.calibration_draws} calibration copies, {config.steps} steps each;")
     print(f"best of {tries} after a warm-up; the machine is shared, see load)")
     print(f"{'candidates':>10} | {'batched vmap s':>14} | {'sequential s':>12} | {'ratio':>5}")
     pool = [c.data for c in rep.candidates]
