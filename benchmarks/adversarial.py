@@ -4,7 +4,9 @@ Prints (1) clean and PGD-20 accuracy at eps 0.1/0.2/0.3 on a held-out split for 
 callback-driven PGD-7 AT CNN and a hand-written PGD-7 AT loop; (2) the cost ratio AT fit time / clean fit time
 for the callback in a Lightning Trainer vs a hand-written torch loop doing the same work (same model, same batches,
 PGD-7), interleaved so that other load on the machine hits both alike; (3) ART's AdversarialTrainerMadryPGD on the
-same model, in both tables. `--quick` runs a smoke version; `--no-art` leaves ART out.
+same model, in both tables; (4) for each of those models and eps, PGD-20 beside APGD-CE, APGD-DLR (Croce & Hein,
+2020) and the per-sample worst case of the three, with the gap PGD-20 - worst case: how much PGD-20 alone
+overestimates robust accuracy. `--quick` runs a smoke version; `--no-art` leaves ART out; `--no-timing` skips (2).
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from trainguard.defenses import AdversarialTraining
-from trainguard.defenses.attacks import PGD
+from trainguard.defenses import AdversarialTraining, correct_under_attacks
+from trainguard.defenses.attacks import PGD, make_attack
 from trainguard.pipeline.digits import load_digits_split, split
 from trainguard.pipeline.models import DigitsClassifier, DigitsCNN
 
@@ -45,15 +47,17 @@ class Setup:
     train_steps: int
     timing_epochs: int
     timing_rounds: int
+    apgd_steps: int
+    apgd_restarts: int
 
 
 FULL = Setup(
     epochs=30, train_size=1297, test_size=500, batch_size=64, train_eps=0.2, train_steps=7,
-    timing_epochs=5, timing_rounds=3,
+    timing_epochs=5, timing_rounds=3, apgd_steps=100, apgd_restarts=1,
 )  # fmt: skip
 QUICK = Setup(
     epochs=2, train_size=400, test_size=200, batch_size=64, train_eps=0.2, train_steps=7,
-    timing_epochs=1, timing_rounds=1,
+    timing_epochs=1, timing_rounds=1, apgd_steps=25, apgd_restarts=1,
 )  # fmt: skip
 
 
@@ -183,6 +187,21 @@ def robustness_row(name: str, model: nn.Module, test: TensorDataset, seconds: fl
     return f"| {name} | " + " | ".join(cells) + f" | {seconds:.1f} |"
 
 
+def apgd_accuracies(model: nn.Module, test: TensorDataset, setup: Setup, eps: float) -> tuple[float, ...]:
+    """PGD-20 (the same starts as the efficacy table), APGD-CE, APGD-DLR and their per-sample worst case at `eps`."""
+    x, y = test.tensors
+    model.eval()
+    apgd = {"steps": setup.apgd_steps, "restarts": setup.apgd_restarts, "seed": 1}
+    attacks = {
+        "pgd-20": PGD(model, eps=eps, steps=20, seed=1),
+        "apgd-ce": make_attack("apgd-ce", model, eps=eps, **apgd),
+        "apgd-dlr": make_attack("apgd-dlr", model, eps=eps, **apgd),
+    }
+    correct = correct_under_attacks(attacks, x, y, eps)
+    worst = torch.stack(list(correct.values())).amin(dim=0)
+    return tuple(c.mean().item() for c in (*correct.values(), worst))
+
+
 def timing_row(label: str, lc: float, la: float, hc: float, ha: float, aa: float, ln: float) -> str:
     cells = (lc, la, la / lc, hc, ha, ha / hc, la / ha, aa, aa / ha, ln, ln / ha)
     return f"| {label} | " + " | ".join(f"{c:.2f}" for c in cells) + " |"
@@ -192,6 +211,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: few epochs, small splits")
     parser.add_argument("--no-art", action="store_true", help="skip ART's AdversarialTrainerMadryPGD")
+    parser.add_argument("--no-timing", action="store_true", help="skip the cost table (AT / clean fit time)")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: stable timings when other jobs share the cores)"
     )
@@ -218,9 +238,27 @@ def main() -> None:
     print(robustness_row("PGD-AT, AdversarialTraining callback", at, test, at_s), flush=True)
     hand, hand_s = fit_hand(train, setup, setup.epochs, adversarial=True, seed=0)
     print(robustness_row("PGD-AT, hand-written torch loop", hand, test, hand_s), flush=True)
+    models = {"clean-trained (Lightning)": clean, "PGD-AT, callback": at, "PGD-AT, hand-written": hand}
     if not args.no_art:
         art, art_s = fit_art(train, setup, setup.epochs, seed=0)
         print(robustness_row("PGD-AT, ART AdversarialTrainerMadryPGD", art, test, art_s), flush=True)
+        models["PGD-AT, ART"] = art
+
+    print(f"\n## PGD-20 vs APGD (APGD-{setup.apgd_steps}, {setup.apgd_restarts} restart(s); worst case per sample "
+          f"over the three; gap = PGD-20 - worst case, what PGD-20 alone overestimates)\n")  # fmt: skip
+    print("| model | eps | PGD-20 | APGD-CE | APGD-DLR | worst case | gap |")
+    print("| --- " * 7 + "|")
+    gaps = []
+    for name, model in models.items():
+        for eps in EVAL_EPS:
+            pgd, ce, dlr, worst = apgd_accuracies(model, test, setup, eps)
+            gaps.append(pgd - worst)
+            cells = " | ".join(f"{c:.3f}" for c in (pgd, ce, dlr, worst, pgd - worst))
+            print(f"| {name} | {eps:g} | {cells} |", flush=True)
+    print(f"\nlargest gap {max(gaps):.3f}, mean gap {statistics.mean(gaps):.3f} (accuracy points as fractions)")
+    if args.no_timing:
+        print(f"\nload after: {os.getloadavg()}")
+        return
 
     print(f"\n## cost: AT / clean fit time, {setup.timing_rounds} interleaved rounds of {setup.timing_epochs} epochs\n")
     print("| round | Lightning clean s | callback AT s | callback ratio | hand clean s | hand AT s | hand ratio "

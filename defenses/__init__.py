@@ -1,5 +1,6 @@
-"""Training-time defenses: attacks and adversarial training, robust accuracy, RONI screening and gate, shard
-validation, per-source caps and margin checks.
+"""Training-time defenses for any supervised task: attacks and adversarial training, robust accuracy, RONI screening,
+the before/after model gate, row-level poisoning detectors (spectral signatures, activation clustering, label
+issues), shard validation, per-source caps and margin checks.
 
 Names are imported on first use, so `import trainguard.defenses.errors` (the CLI's error mapping) does not load torch.
 """
@@ -10,10 +11,24 @@ from trainguard.lazy import lazy_getattr
 
 _LAZY = {
     "AdversarialTraining": "trainguard.defenses.adversarial",
+    "OverfittingGuard": "trainguard.defenses.overfitting",
     "RobustAccuracy": "trainguard.defenses.robust",
+    "correct_under_attacks": "trainguard.defenses.robust",
     "TRADES": "trainguard.defenses.trades",
     "GateVerdict": "trainguard.defenses.gate",
-    "RONIGate": "trainguard.defenses.gate",
+    "ModelGate": "trainguard.defenses.gate",
+    "ClusteringConfig": "trainguard.defenses.clustering",
+    "detect_clustering": "trainguard.defenses.clustering",
+    "DetectionConfig": "trainguard.defenses.detectors",
+    "Detections": "trainguard.defenses.detectors",
+    "detect": "trainguard.defenses.detectors",
+    "Findings": "trainguard.defenses.findings",
+    "RowFinding": "trainguard.defenses.findings",
+    "SourceFinding": "trainguard.defenses.findings",
+    "LabelIssuesConfig": "trainguard.defenses.label_issues",
+    "detect_label_issues": "trainguard.defenses.label_issues",
+    "SpectralConfig": "trainguard.defenses.spectral",
+    "detect_spectral": "trainguard.defenses.spectral",
     "HeldoutMetrics": "trainguard.defenses.heldout",
     "LabeledData": "trainguard.defenses.heldout",
     "heldout_metrics": "trainguard.defenses.heldout",
@@ -29,6 +44,8 @@ _LAZY = {
     "ScreeningConfig": "trainguard.defenses.roni",
     "ScreeningReport": "trainguard.defenses.roni",
     "screen_candidates": "trainguard.defenses.roni",
+    "Task": "trainguard.defenses.task",
+    "as_task": "trainguard.defenses.task",
     "Shard": "trainguard.defenses.validation",
     "ShardSchema": "trainguard.defenses.validation",
     "ShardVerdict": "trainguard.defenses.validation",

@@ -5,20 +5,25 @@ Before each `training_step` (Lightning's `on_train_batch_start`, which receives 
 batch in place: a new tensor in lists and dicts, overwritten values in immutable tuples. Crafting runs the module
 in eval mode, under the autocast of the trainer's precision plugin (or in float32 with `crafting="fp32"`), keeps
 the perturbation in the input's dtype and differentiates w.r.t. the inputs only, so mixed precision, gradient
-accumulation (parameter `.grad` untouched) and DDP (purely local work, no collective) are safe.
+accumulation (parameter `.grad` untouched) and DDP (purely local work, no collective) are safe. Nothing per batch
+waits for the device: a batch outside the attack's bounds stops the fit at the next batch (or at the epoch's end).
+
+With FGSM-RS ("fast" adversarial training, Wong et al. 2020) an `OverfittingGuard` runs by default: PGD accuracy
+on a fixed clean training batch after each epoch; on catastrophic overfitting (a drop of more than 0.2 from the best
+epoch) training stops and the best epoch's weights come back.
 
 `adv/success` is read from the logits of the training forward on the adversarial batch (a forward hook on the
 module that matches the batch's input tensor), not from an extra forward pass: the attack's own last logits belong
 to the point before its last step (and, for FGSM, to the clean or random-start point), while the training forward
 sees exactly the crafted batch (in train mode: with batch norm or dropout the count can differ slightly from an
 eval-mode one). When `training_step` never calls the module on that tensor, an eval-mode forward
-before the backward pass (same weights as the crafting) counts the successes instead, with a warning.
+before the backward pass (same weights as the crafting) counts the successes instead, with a warning. A success is
+an attacked row the task does not count as correct (`Task.correct`: wrong class, wrong labels, error beyond tolerance).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,9 +35,11 @@ from torch.utils.hooks import RemovableHandle
 from trainguard.defenses.attacks import ATTACKS, crafting_autocast, make_attack, parse_crafting, parse_norm
 from trainguard.defenses.attacks.base import Attack, Bound, LossFn
 from trainguard.defenses.attacks.batches import BatchKeys, Key
+from trainguard.defenses.attacks.bounds import check_bounds
 from trainguard.defenses.errors import AttackConfigError
-
-ModuleForward = Callable[[pl.LightningModule, torch.Tensor], torch.Tensor]
+from trainguard.defenses.forward import BatchForward, ModuleForward, batch_rows
+from trainguard.defenses.overfitting import OverfittingGuard
+from trainguard.defenses.task import Task, as_task
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,7 @@ class _Watch:
     """An adversarial batch awaiting its training forward: the tensor `training_step` gets, the attacked rows."""
 
     batch_input: torch.Tensor
+    batch: Any
     x_adv: torch.Tensor
     target: torch.Tensor
     rows: torch.Tensor | None
@@ -50,12 +58,18 @@ class AdversarialTraining(pl.Callback):
     """Replaces the inputs of each training batch (or a random fraction `ratio` of its rows) with adversarial ones.
 
     `attack` is `"pgd"`, `"fgsm"` or `"fgsm-rs"`; `eps` is warmed up linearly over the first `warmup_epochs`
-    epochs (step by step); `step_size` scales with the warmed-up eps. `loss(logits, target)` is what the attack
-    maximises (default: summed cross-entropy); `forward(module, x)` how logits are obtained (default: `module(x)`).
+    epochs (step by step); `step_size` scales with the warmed-up eps. `task` (a `Task` or "classification",
+    "multilabel", "regression") gives the loss the attack maximises and what a success is; `loss(outputs, target)`
+    overrides the loss. `forward(module, batch, x)` gives the outputs for inputs `x` (default: `module(x)`), reading
+    extra model inputs such as masks from `batch` (the attacked rows of it); only `x` is perturbed.
+    `bounds` is the data's value range (required: attacks clamp into it).
     `input_key`/`target_key` locate the tensors in dict batches (tuples/lists default to positions 0 and 1).
     `crafting="trainer"` crafts under the autocast of the trainer's precision (e.g. bf16 with
     `precision="bf16-mixed"`), `"fp32"` in float32. Logs `adv/eps` (mean over the epoch's rows) and `adv/success`
-    (fraction of attacked rows the training forward misclassifies; summed over DDP ranks) once per epoch.
+    (fraction of attacked rows the training forward gets wrong; summed over DDP ranks) once per epoch.
+    `overfitting_guard` (None: on for `"fgsm-rs"` only) stops training at catastrophic overfitting and restores the
+    best epoch (see `OverfittingGuard`; its PGD runs at the full `eps` with `guard_steps` steps) and logs
+    `adv/guard_acc`.
     """
 
     def __init__(
@@ -67,8 +81,9 @@ class AdversarialTraining(pl.Callback):
         step_size: float | None = None,
         norm: str | float = "inf",
         ratio: float = 1.0,
-        bounds: tuple[Bound, Bound] = (0.0, 1.0),
+        bounds: tuple[Bound, Bound] | None = (0.0, 1.0),
         loss: LossFn | None = None,
+        task: Task | str | None = None,
         warmup_epochs: float = 0.0,
         input_key: Key | None = None,
         target_key: Key | None = None,
@@ -77,6 +92,8 @@ class AdversarialTraining(pl.Callback):
         seed: int | None = None,
         log_success: bool = True,
         crafting: str = "trainer",
+        overfitting_guard: bool | None = None,
+        guard_steps: int = 5,
     ) -> None:
         if attack.lower() not in ATTACKS:
             raise AttackConfigError(f"unknown attack {attack!r}: choose one of {', '.join(ATTACKS)}")
@@ -92,8 +109,9 @@ class AdversarialTraining(pl.Callback):
         self.step_size = step_size
         self.norm = parse_norm(norm)
         self.ratio = float(ratio)
-        self.bounds = bounds
+        self.bounds = check_bounds(bounds)
         self.loss = loss
+        self.task = as_task(task)
         self.warmup_epochs = float(warmup_epochs)
         self.keys = BatchKeys(input_key, target_key)
         self.random_start = random_start
@@ -101,7 +119,26 @@ class AdversarialTraining(pl.Callback):
         self.seed = seed
         self.log_success = log_success
         self.crafting = parse_crafting(crafting)
+        guarded = self.attack_name == "fgsm-rs" if overfitting_guard is None else overfitting_guard
+        self.guard = (
+            OverfittingGuard(
+                eps=self.eps,
+                steps=guard_steps,
+                norm=self.norm,
+                bounds=self.bounds,
+                loss=loss,
+                task=self.task,
+                input_key=input_key,
+                target_key=target_key,
+                forward=forward,
+                seed=seed if seed is not None else 0,
+                crafting=crafting,
+            )
+            if guarded
+            else None
+        )
         self.attack: Attack | None = None
+        self._forward: BatchForward | None = None
         self._watch: _Watch | None = None
         self._pending_state: dict[str, Any] | None = None
         self._eps_sum, self._rows = 0.0, 0
@@ -117,7 +154,7 @@ class AdversarialTraining(pl.Callback):
             return
         # Each rank draws its own random starts; with seed=None the seed comes from torch's (seed_everything) RNG.
         base = self.seed if self.seed is not None else int(torch.randint(2**62, (1,)).item())
-        forward = self.forward
+        self._forward = BatchForward(pl_module, self.forward)
         self.attack = make_attack(
             self.attack_name,
             pl_module,
@@ -128,13 +165,17 @@ class AdversarialTraining(pl.Callback):
             norm=self.norm,
             bounds=self.bounds,
             loss=self.loss,
-            forward=(lambda x: forward(pl_module, x)) if forward is not None else None,
+            task=self.task,
+            forward=self._forward,
             seed=base + trainer.global_rank,
             autocast=crafting_autocast(self.crafting, trainer),
+            defer_range_check=True,
         )
         if self._pending_state is not None:
             self.attack.load_state_dict(self._pending_state)
             self._pending_state = None
+        if self.guard is not None:
+            self.guard.setup(trainer, pl_module, stage)
 
     def current_eps(self, trainer: pl.Trainer, batch_idx: int) -> float:
         """eps after linear warm-up: reaches `eps` at the end of epoch `warmup_epochs` (from the trainer's progress)."""
@@ -153,10 +194,13 @@ class AdversarialTraining(pl.Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self.attack is None:
+        if self.attack is None or self._forward is None:
             raise AttackConfigError("AdversarialTraining was not set up: attach it to the Trainer's callbacks")
         self._drop_watch()
+        if self.guard is not None:
+            self.guard.on_train_batch_start(trainer, pl_module, batch, batch_idx)  # holds a clean batch
         x, y = self.keys.get(batch)
+        self.task.check_targets(y)
         eps = self.current_eps(trainer, batch_idx)
         n = x.shape[0]
         self._eps_sum += eps * n
@@ -166,17 +210,22 @@ class AdversarialTraining(pl.Callback):
             return
         if count < n:
             rows = torch.randperm(n, generator=self.attack.generator(x.device), device=x.device)[:count]
-            x_adv = self.attack(x[rows], y[rows], eps=eps)
+            attacked = batch_rows(batch, rows, n)
+            with self._forward.on(attacked):
+                x_adv = self.attack(x[rows], y[rows], eps=eps)
             x_new = x.detach().clone()
             x_new[rows] = x_adv
             y_attacked = y[rows]
         else:
-            x_new = x_adv = self.attack(x, y, eps=eps)
+            attacked = batch
+            with self._forward.on(attacked):
+                x_new = x_adv = self.attack(x, y, eps=eps)
             y_attacked = y
         self.keys.set_input(batch, x_new)
-        if self.log_success and not y_attacked.is_floating_point():
+        if self.log_success:
             self._watch = _Watch(
                 batch_input=self.keys.get(batch)[0],
+                batch=attacked,
                 x_adv=x_adv,
                 target=y_attacked,
                 rows=rows if count < n else None,
@@ -187,7 +236,7 @@ class AdversarialTraining(pl.Callback):
         watch = self._watch
         if watch is None or not args or args[0] is not watch.batch_input:
             return
-        if not (isinstance(output, torch.Tensor) and output.dim() == 2 and len(output) == len(watch.batch_input)):
+        if not (isinstance(output, torch.Tensor) and output.dim() >= 1 and len(output) == len(watch.batch_input)):
             return
         logits = output.detach() if watch.rows is None else output.detach()[watch.rows]
         self._count_successes(logits, watch)
@@ -196,22 +245,24 @@ class AdversarialTraining(pl.Callback):
         watch = self._watch
         if watch is None:
             return
-        assert self.attack is not None
+        assert self.attack is not None and self._forward is not None
         rank_zero_warn(
             "AdversarialTraining: training_step did not call the module on the batch's input tensor, so adv/success "
             "costs an extra forward pass; call self(x) on the batch input or pass log_success=False"
         )
-        self._count_successes(self.attack.predict(watch.x_adv), watch)
+        with self._forward.on(watch.batch):
+            self._count_successes(self.attack.predict(watch.x_adv), watch)
 
     def _count_successes(self, logits: torch.Tensor, watch: _Watch) -> None:
         assert self.attack is not None
         self._drop_watch()
-        predicted = logits.argmax(dim=1)
-        hit = predicted == watch.target if self.attack.targeted else predicted != watch.target
-        self._hits += hit.sum()
+        correct = self.task.correct(logits, watch.target)
+        self._hits += (correct if self.attack.targeted else 1 - correct).sum()
         self._watched += len(watch.target)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.attack is not None:
+            self.attack.range_check.raise_pending()
         # One log call per metric and epoch: per-step `self.log` costs more than a forward pass of a small model.
         counts = torch.stack([self._hits, self._hits.new_tensor(self._watched)])
         hits = trainer.strategy.reduce(counts, reduce_op="sum")  # every rank joins, even one without batches
@@ -219,6 +270,8 @@ class AdversarialTraining(pl.Callback):
             pl_module.log("adv/eps", self._eps_sum / self._rows, on_step=False, on_epoch=True)
         if hits[1] > 0:
             pl_module.log("adv/success", hits[0] / hits[1], on_step=False, on_epoch=True)
+        if self.guard is not None:
+            self.guard.on_train_epoch_end(trainer, pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._drop_watch()
@@ -230,9 +283,14 @@ class AdversarialTraining(pl.Callback):
             self._watch = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"attack": self.attack.state_dict() if self.attack is not None else {"generator": None}}
+        state: dict[str, Any] = {"attack": self.attack.state_dict() if self.attack is not None else {"generator": None}}
+        if self.guard is not None:
+            state["guard"] = self.guard.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.guard is not None and "guard" in state_dict:
+            self.guard.load_state_dict(state_dict["guard"])
         if self.attack is not None:
             self.attack.load_state_dict(state_dict["attack"])
         else:

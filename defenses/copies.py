@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
-from torch.nn import functional as F
 
+from trainguard.defenses.forward import ModuleForward, plain_forward
 from trainguard.defenses.heldout import LabeledData
+from trainguard.defenses.task import Task, as_task
 
 CPU_CHUNK = 128  # copies per chunk off CUDA, where memory is not the limit that matters
 MEMORY_SHARE = 0.5  # of the free CUDA memory one chunk may take: allocator fragmentation and cuDNN workspaces
@@ -23,45 +24,64 @@ MEMORY_SHARE = 0.5  # of the free CUDA memory one chunk may take: allocator frag
 
 @dataclass(frozen=True)
 class Finetuned:
-    """True-class probabilities per held-out row (copies x rows) and the number of copies trained at once."""
+    """Held-out soft scores per row (copies x rows; `Task.soft_correct`, the true-class probability for
+    classification) and the number of copies trained at once."""
 
     probabilities: torch.Tensor
     chunk_size: int
 
 
-def _padded(shards: Sequence[LabeledData]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stacks shards of different sizes: features, labels and a 0/1 weight that masks the padding."""
+class _Hooked(nn.Module):
+    """The model behind a `forward(module, batch, x)` hook, as one module `functional_call` can swap weights into."""
+
+    def __init__(self, model: nn.Module, forward: ModuleForward | None) -> None:
+        super().__init__()
+        self.model = model
+        self.hook = forward or plain_forward
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.hook(self.model, batch, batch["x"])
+
+
+def _stacked(parts: Sequence[torch.Tensor], n: int) -> torch.Tensor:
+    """Parts of up to `n` rows stacked as (parts x n x ...), each padded with copies of its first row (inputs on
+    which the model runs as on real rows; a 0 weight drops them from the loss)."""
+    out = parts[0][:1].expand(len(parts), n, *parts[0].shape[1:]).clone()
+    for i, part in enumerate(parts):
+        out[i, : len(part)] = part
+    return out
+
+
+def _padded(shards: Sequence[LabeledData]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Stacks shards of different sizes: the batch (features, targets, extra inputs) and a 0/1 weight that masks
+    the padding."""
     n = max(len(s) for s in shards)
-    xs = torch.zeros((len(shards), n, *shards[0].x.shape[1:]), dtype=torch.float32)
-    ys = torch.zeros((len(shards), n), dtype=torch.int64)
-    ws = torch.zeros((len(shards), n), dtype=torch.float32)
-    for i, shard in enumerate(shards):
-        xs[i, : len(shard)] = shard.x
-        ys[i, : len(shard)] = shard.y
-        ws[i, : len(shard)] = 1.0
-    return xs, ys, ws
+    batch = {
+        "x": _stacked([s.x.float() for s in shards], n),
+        "y": _stacked([s.y for s in shards], n),
+        **{name: _stacked([s.extras[name] for s in shards], n) for name in shards[0].extras},
+    }
+    weights = (torch.arange(n) < torch.tensor([len(s) for s in shards]).unsqueeze(1)).float()
+    return batch, weights
 
 
-def _step_function(
-    model: nn.Module, buffers: dict[str, torch.Tensor], lr: float
-) -> Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]:
-    """One full-batch gradient step of one model copy on one (padded, weighted) shard."""
+Step = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor], dict[str, torch.Tensor]]
 
-    def loss(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        logits = functional_call(model, (params, buffers), (x,))
-        return (F.cross_entropy(logits, y, reduction="none") * w).sum() / w.sum()
+
+def _step_function(model: _Hooked, buffers: dict[str, torch.Tensor], lr: float, task: Task) -> Step:
+    """One full-batch gradient step on the task's loss of one model copy on one (padded, weighted) shard."""
+
+    def loss(params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+        outputs = functional_call(model, (params, buffers), (batch,))
+        return (task.sample_loss(outputs, batch["y"]) * w).sum() / w.sum()
 
     loss_grad = grad(loss)
 
-    def step(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, w: torch.Tensor):
-        grads = loss_grad(params, x, y, w)
+    def step(params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], w: torch.Tensor):
+        grads = loss_grad(params, batch, w)
         return {name: p - lr * grads[name] for name, p in params.items()}
 
     return step
-
-
-def true_class_probability(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return logits.float().softmax(-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
 
 
 def finetune_heldout_probabilities(
@@ -73,9 +93,12 @@ def finetune_heldout_probabilities(
     steps: int,
     chunk_size: int | None = None,
     batched: bool = True,
+    task: Task | str | None = None,
+    forward: ModuleForward | None = None,
 ) -> Finetuned:
-    """Held-out true-class probabilities of len(shards) copies of `model`, copy i after `steps` full-batch gradient
-    steps of size `lr` on shard i. The model is left unchanged.
+    """Held-out soft scores of len(shards) copies of `model`, copy i after `steps` full-batch gradient steps of size
+    `lr` on shard i, both on the `task`'s terms (default classification); `forward(module, batch, x)` reads extra
+    model inputs from `LabeledData.batch`. The model is left unchanged.
 
     `chunk_size` None: on CUDA the first copy trains alone while its peak memory is measured and the rest train in
     chunks filling half the free memory; elsewhere 128 copies at a time. A chunk that still fails for memory (or
@@ -84,29 +107,32 @@ def finetune_heldout_probabilities(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    hooked = _Hooked(model, forward)
     try:
-        params = {n: p.detach() for n, p in model.named_parameters()}
-        buffers = {n: b.detach() for n, b in model.named_buffers()}
-        step = _step_function(model, buffers, lr)
-        holdout_x, holdout_y = holdout.x.to(device), holdout.y.to(device)
+        params = {n: p.detach() for n, p in hooked.named_parameters()}
+        buffers = {n: b.detach() for n, b in hooked.named_buffers()}
+        scoring = as_task(task)
+        step = _step_function(hooked, buffers, lr, scoring)
+        heldout = {name: value.to(device) for name, value in holdout.batch(slice(None)).items()}
 
         def heldout_prob(p: dict[str, torch.Tensor]) -> torch.Tensor:
-            return true_class_probability(functional_call(model, (p, buffers), (holdout_x,)), holdout_y)
+            return scoring.soft_correct(functional_call(hooked, (p, buffers), (heldout,)), heldout["y"])
 
         def train(chunk: Sequence[LabeledData]) -> torch.Tensor:
-            xs, ys, ws = (t.to(device) for t in _padded(chunk))
+            padded, ws = _padded(chunk)
+            batch, ws = {name: value.to(device) for name, value in padded.items()}, ws.to(device)
             if batched:
-                stacked = {n: p.unsqueeze(0).expand(len(xs), *p.shape).clone() for n, p in params.items()}
+                stacked = {n: p.unsqueeze(0).expand(len(ws), *p.shape).clone() for n, p in params.items()}
                 batched_step = vmap(step, randomness="different")
                 for _ in range(steps):
-                    stacked = batched_step(stacked, xs, ys, ws)
+                    stacked = batched_step(stacked, batch, ws)
                 with torch.no_grad():
                     return vmap(heldout_prob)(stacked).cpu()
             out = []
-            for x, y, w in zip(xs, ys, ws, strict=True):
+            for i, w in enumerate(ws):
                 copy = dict(params)
                 for _ in range(steps):
-                    copy = step(copy, x, y, w)
+                    copy = step(copy, {name: value[i] for name, value in batch.items()}, w)
                 with torch.no_grad():
                     out.append(heldout_prob(copy).unsqueeze(0).cpu())
             return torch.cat(out)

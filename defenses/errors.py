@@ -21,6 +21,14 @@ class AttackInputError(DefenseError):
     exit_code = 2
 
 
+class TooFewClassesError(AttackConfigError):
+    """An attack's loss needs more classes than the model outputs (the DLR loss needs 3); `classes` is how many."""
+
+    def __init__(self, message: str, *, classes: int | None = None) -> None:
+        super().__init__(message)
+        self.classes = classes
+
+
 class BatchFormatError(DefenseError):
     """A training or validation batch does not have the layout the callback was told to expect (keys, indices)."""
 
@@ -31,6 +39,17 @@ class BatchFormatError(DefenseError):
         self.key = key
 
 
+class TaskMismatchError(DefenseError):
+    """A model's outputs or a batch's targets do not fit the defense's task, or the defense cannot serve that task;
+    `task` names it."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, task: str | None = None) -> None:
+        super().__init__(message)
+        self.task = task
+
+
 class ScreeningInputError(DefenseError):
     """RONI screening cannot run on what it was given (no candidates, empty held-out set, bad config)."""
 
@@ -38,7 +57,8 @@ class ScreeningInputError(DefenseError):
 
 
 class ModelRejectedError(DefenseError):
-    """The RONI gate rejected a retrained model: its held-out metrics dropped; the previous weights were restored."""
+    """The model gate rejected a fitted model: its held-out metrics dropped below its baseline; the weights of fit
+    start were restored."""
 
 
 class QuarantinedShardError(DefenseError):
@@ -57,3 +77,9 @@ class SourceCapError(DefenseError):
     def __init__(self, message: str, source: str | None = None) -> None:
         super().__init__(message)
         self.source = source
+
+
+class DetectionInputError(DefenseError):
+    """A row-level detector cannot run on what it was given (shapes, no reference rows, bad config)."""
+
+    exit_code = 2

@@ -1,21 +1,32 @@
-"""`RONIGate`: a Lightning callback that rejects a retrained model whose held-out metrics got worse.
+"""`ModelGate`: a Lightning callback that rejects a fitted model whose held-out metrics are worse than its baseline.
 
-At fit start it records the incoming model's held-out accuracy overall and per class (or takes the previous cycle's
-record) and keeps its weights; at fit end it measures the new model. If the overall accuracy, or any class's,
-drops by more than its threshold, the previous weights are put back, the verdict says why, and `ModelRejectedError`
-is raised (Lightning then finalizes its loggers, an MLflow run included, as failed).
+The baseline is the previous accepted model's record (`previous=`), else what `baseline=` says: the best constant
+predictor ("trivial": the class prior's majority class, the label frequencies, the target mean), for a first fit from
+scratch, whose random initialisation is no baseline (it may score well on a class by chance); or the incoming model
+measured at fit start ("incoming"), for a fine-tune of an accepted model whose record was not kept.
+
+Against a model record, the fit is rejected when the task's held-out accuracy (`Task.correct`), overall or of any
+class/label/output, drops by more than its threshold; against the trivial predictor, unless it beats its overall
+accuracy (a model no better than a constant has learnt nothing). On rejection the weights of fit start are put back,
+the verdict says why, and `ModelRejectedError` is raised (Lightning then finalizes its loggers, an MLflow run
+included, as failed).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import pytorch_lightning as pl
 import torch
 
-from trainguard.defenses.errors import ModelRejectedError
-from trainguard.defenses.heldout import HeldoutMetrics, LabeledData, heldout_metrics
+from trainguard.defenses.errors import ModelRejectedError, ScreeningInputError
+from trainguard.defenses.forward import ModuleForward
+from trainguard.defenses.heldout import HeldoutMetrics, LabeledData, heldout_metrics, trivial_metrics
+from trainguard.defenses.task import Task, as_task
+
+Baseline = Literal["trivial", "incoming"]
 
 
 @dataclass(frozen=True)
@@ -36,12 +47,16 @@ class GateVerdict:
         }
 
 
-def judge(before: HeldoutMetrics, after: HeldoutMetrics, max_drop: float, max_class_drop: float) -> GateVerdict:
-    """Rejects when overall accuracy drops by more than `max_drop` or any class's by more than `max_class_drop`."""
+def judge(
+    before: HeldoutMetrics, after: HeldoutMetrics, max_drop: float, max_class_drop: float, task: Task | None = None
+) -> GateVerdict:
+    """Rejects when overall accuracy drops by more than `max_drop` or any group's by more than `max_class_drop`."""
+    task = as_task(task)
+    metric, group = _metric(task), task.group_name
     drop = before.accuracy - after.accuracy
     if drop > max_drop:
         reason = (
-            f"held-out accuracy dropped by {drop:.4f} ({before.accuracy:.4f} -> {after.accuracy:.4f}), "
+            f"held-out {metric} dropped by {drop:.4f} ({before.accuracy:.4f} -> {after.accuracy:.4f}), "
             f"more than {max_drop}"
         )
         return GateVerdict(False, reason, before, after)
@@ -53,59 +68,98 @@ def judge(before: HeldoutMetrics, after: HeldoutMetrics, max_drop: float, max_cl
     worst, cls = max(class_drops, default=(0.0, -1))
     if worst > max_class_drop:
         reason = (
-            f"held-out accuracy of class {cls} dropped by {worst:.4f} "
+            f"held-out {metric} of {group} {cls} dropped by {worst:.4f} "
             f"({before.class_accuracy[cls]:.4f} -> {after.class_accuracy[cls]:.4f}), more than {max_class_drop}"
         )
         return GateVerdict(False, reason, before, after)
     return GateVerdict(
-        True, f"held-out accuracy {before.accuracy:.4f} -> {after.accuracy:.4f} within thresholds", before, after
+        True, f"held-out {metric} {before.accuracy:.4f} -> {after.accuracy:.4f} within thresholds", before, after
     )
 
 
-class RONIGate(pl.Callback):
-    """Gates a fit on held-out accuracy, overall and per class; restores the previous weights on rejection.
+def judge_first_fit(trivial: HeldoutMetrics, after: HeldoutMetrics, task: Task | None = None) -> GateVerdict:
+    """Accepts a first fit only when it beats the trivial predictor's overall accuracy (or is perfect)."""
+    metric = _metric(as_task(task))
+    if after.accuracy < 1.0 and after.accuracy <= trivial.accuracy:
+        reason = (
+            f"held-out {metric} {after.accuracy:.4f} is no better than the trivial predictor's {trivial.accuracy:.4f}"
+        )
+        return GateVerdict(False, reason, trivial, after)
+    reason = f"held-out {metric} {after.accuracy:.4f} beats the trivial predictor's {trivial.accuracy:.4f}"
+    return GateVerdict(True, reason, trivial, after)
 
-    `previous` is the record of the previous cycle's accepted model; without it the incoming model is measured at
-    fit start. With `raise_on_reject=False` the fit ends normally and only `verdict` says the model was rejected.
-    Every rank evaluates; rank 0's measurements are broadcast so all ranks take the same decision.
+
+def _metric(task: Task) -> str:
+    return "accuracy" if task.kind == "classification" else task.metric_name
+
+
+class ModelGate(pl.Callback):
+    """Gates a fit on the task's held-out accuracy, overall and per group; restores the fit's starting weights on
+    rejection.
+
+    `previous` is the record of the previous accepted model. Without it, `baseline="trivial"` (default) judges the
+    fit against the best constant predictor, so a first fit from scratch is not held to its random initialisation;
+    `baseline="incoming"` measures the incoming model at fit start. `task` sets what correct means (see `Task`);
+    `forward(module, batch, x)` reads extra model inputs from `LabeledData.batch`. With `raise_on_reject=False` the
+    fit ends normally and only `verdict` says the model was rejected. Every rank evaluates; rank 0's measurements are
+    broadcast so all ranks take the same decision.
     """
 
     def __init__(
         self,
         holdout: LabeledData,
-        num_classes: int,
+        num_classes: int | None = None,
         max_drop: float = 0.02,
         max_class_drop: float = 0.10,
         previous: HeldoutMetrics | None = None,
         raise_on_reject: bool = True,
+        *,
+        baseline: Baseline = "trivial",
+        task: Task | str | None = None,
+        forward: ModuleForward | None = None,
     ) -> None:
+        if baseline not in ("trivial", "incoming"):
+            raise ScreeningInputError(f"gate baseline must be 'trivial' or 'incoming', got {baseline!r}")
+        self.task = as_task(task)
+        if len(holdout) == 0:
+            raise ScreeningInputError("the gate's held-out set is empty")
+        self.task.check_targets(holdout.y)
         self.holdout = holdout
         self.num_classes = num_classes
         self.max_drop = max_drop
         self.max_class_drop = max_class_drop
         self.record = previous
         self.raise_on_reject = raise_on_reject
+        self.baseline = baseline
+        self.forward = forward
+        needs_trivial = baseline == "trivial" and previous is None
+        self.trivial = trivial_metrics(holdout, self.task, num_classes) if needs_trivial else None
         self.previous_weights: dict[str, torch.Tensor] | None = None
         self.verdict: GateVerdict | None = None
 
     @property
     def state_key(self) -> str:
-        return "RONIGate"
+        return "ModelGate"
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> HeldoutMetrics:
-        metrics = heldout_metrics(pl_module, self.holdout, self.num_classes)
+        metrics = heldout_metrics(pl_module, self.holdout, self.num_classes, task=self.task, forward=self.forward)
         return HeldoutMetrics.from_dict(trainer.strategy.broadcast(metrics.to_dict(), src=0))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.verdict = None
         if self.previous_weights is None:
             self.previous_weights = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
-        if self.record is None:
+        if self.record is None and self.baseline == "incoming":
             self.record = self._measure(trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        assert self.record is not None and self.previous_weights is not None
-        self.verdict = judge(self.record, self._measure(trainer, pl_module), self.max_drop, self.max_class_drop)
+        assert self.previous_weights is not None
+        after = self._measure(trainer, pl_module)
+        if self.record is not None:
+            self.verdict = judge(self.record, after, self.max_drop, self.max_class_drop, self.task)
+        else:
+            trivial = self.trivial or trivial_metrics(self.holdout, self.task, self.num_classes)
+            self.verdict = judge_first_fit(trivial, after, self.task)
         self._tag_loggers(trainer)
         if self.verdict.accepted:
             self.record = self.verdict.after

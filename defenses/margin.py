@@ -2,7 +2,8 @@
 
 A sample's margin is the gap between the model's top two class probabilities. Each source's margins are compared
 with those of all other sources by a one-sided Mann-Whitney U test (Bonferroni-corrected over sources), so a source
-is flagged only when its samples are closer as a whole, not because of a few hard ones.
+is flagged only when its samples are closer as a whole, not because of a few hard ones. Margins need class
+probabilities: other tasks are refused up front.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from scipy.stats import mannwhitneyu
 from torch import nn
 
 from trainguard.defenses.errors import ScreeningInputError
+from trainguard.defenses.task import Task, as_task
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,15 @@ def compare_margins(
 
 
 def check_margins(
-    model: nn.Module, x: torch.Tensor, sources: Sequence[str], alpha: float = 0.01, min_samples: int = 10
+    model: nn.Module,
+    x: torch.Tensor,
+    sources: Sequence[str],
+    alpha: float = 0.01,
+    min_samples: int = 10,
+    *,
+    task: Task | str | None = None,
 ) -> tuple[SourceMargin, ...]:
-    """`compare_margins` on the margins `model` gives to the rows `x`, each tagged with its source."""
+    """`compare_margins` on the margins `model` gives to the rows `x`, each tagged with its source (classification
+    only: a decision-boundary margin needs class probabilities)."""
+    as_task(task).refuse_unless(("classification",), "the margin check")
     return compare_margins(sample_margins(model, x), sources, alpha, min_samples)

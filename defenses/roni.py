@@ -2,8 +2,9 @@
 
 Each candidate fine-tunes a copy of the current model for a fixed budget; its impact is how much the held-out soft
 accuracy (mean probability of the true class, overall and per class) drops. The soft accuracy is bounded per row, so
-a few hard held-out rows cannot dominate it as they dominate the cross-entropy. All copies train together
-(`defenses.copies`).
+a few hard held-out rows cannot dominate it as they dominate the cross-entropy. For other tasks (`task=`) the copies
+fine-tune on the task's loss and the soft accuracy is the task's `soft_correct`; the per-class metrics are
+classification's, other tasks are screened on the overall impact. All copies train together (`defenses.copies`).
 
 The decision is a conformal test (`defenses.conformal`): a candidate of n rows is compared with clean calibration
 draws of n rows (size-matched: one fine-tune on 900 rows moves the model less than one on 50, so a big candidate is
@@ -47,10 +48,12 @@ from trainguard.defenses.conformal import (
     conformal_p_values,
     step_up_adjusted,
 )
-from trainguard.defenses.copies import finetune_heldout_probabilities, true_class_probability
+from trainguard.defenses.copies import finetune_heldout_probabilities
 from trainguard.defenses.errors import ScreeningInputError
 from trainguard.defenses.features import HeadSplit, head_features, parameter_count, split_head
+from trainguard.defenses.forward import ModuleForward, plain_forward
 from trainguard.defenses.heldout import LabeledData, per_class_mean
+from trainguard.defenses.task import Task, as_task
 
 LR_GRID = (0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001)
 LR_PROBE_DRAWS = 40  # calibration draws that try each rate of the grid ("auto" lr)
@@ -287,22 +290,21 @@ def group_by_source(candidates: Sequence[Candidate]) -> list[Candidate]:
     for candidate in candidates:
         groups.setdefault(candidate.source, []).append(candidate)
     return [
-        Candidate(
-            name="+".join(c.name for c in group),
-            source=source,
-            data=LabeledData(torch.cat([c.data.x for c in group]), torch.cat([c.data.y for c in group])),
-        )
+        Candidate(name="+".join(c.name for c in group), source=source, data=LabeledData.concat([c.data for c in group]))
         for source, group in groups.items()
     ]
 
 
 @torch.no_grad()
-def _heldout_probabilities(model: nn.Module, holdout: LabeledData) -> torch.Tensor:
+def _heldout_probabilities(
+    model: nn.Module, holdout: LabeledData, task: Task, forward: ModuleForward | None
+) -> torch.Tensor:
     was_training = model.training
     model.eval()
     try:
         device = next(model.parameters()).device
-        return true_class_probability(model(holdout.x.to(device)), holdout.y.to(device)).cpu()
+        batch = {name: value.to(device) for name, value in holdout.batch(slice(None)).items()}
+        return task.soft_correct((forward or plain_forward)(model, batch, batch["x"]), batch["y"]).cpu()
     finally:
         model.train(was_training)
 
@@ -325,8 +327,7 @@ class _Draws(Sequence[LabeledData]):
     def __getitem__(self, index: int | slice) -> LabeledData | list[LabeledData]:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        rows = torch.as_tensor(self.rows[index])
-        return LabeledData(self.trusted.x[rows], self.trusted.y[rows])
+        return self.trusted.take(torch.as_tensor(self.rows[index]))
 
 
 def bootstrap_draws(pool_size: int, size: int, count: int, seed: int, stream: int = 0) -> np.ndarray:
@@ -341,13 +342,30 @@ def bootstrap_draws(pool_size: int, size: int, count: int, seed: int, stream: in
 
 @dataclass(frozen=True)
 class _Scoped:
-    """The network each copy fine-tunes and the data in its input space (the frozen features for a head)."""
+    """The network each copy fine-tunes and the data in its input space (the frozen features for a head), with the
+    task it trains on and the forward hook (full scope only) that feeds it extra inputs."""
 
     net: nn.Module
     head: str | None
     trusted: LabeledData
     holdout: LabeledData
     candidates: tuple[LabeledData, ...]
+    task: Task
+    forward: ModuleForward | None
+
+    def finetuned(self, shards: Sequence[LabeledData], lr: float, config: ScreeningConfig, chunk_size: int | None):
+        """Held-out soft scores of one copy per shard (`defenses.copies`)."""
+        return finetune_heldout_probabilities(
+            self.net,
+            shards,
+            self.holdout,
+            lr=lr,
+            steps=config.steps,
+            chunk_size=chunk_size,
+            batched=config.batched,
+            task=self.task,
+            forward=self.forward,
+        )
 
 
 def _scoped(
@@ -356,12 +374,19 @@ def _scoped(
     holdout: LabeledData,
     candidates: Sequence[Candidate],
     config: ScreeningConfig,
+    task: Task,
+    forward: ModuleForward | None,
 ) -> _Scoped:
     scope = config.scope
     if scope == "auto":
         scope = "head" if parameter_count(model) > config.head_above else "full"
     if scope == "full":
-        return _Scoped(model, None, trusted, holdout, tuple(c.data for c in candidates))
+        return _Scoped(model, None, trusted, holdout, tuple(c.data for c in candidates), task, forward)
+    if holdout.extras:
+        raise ScreeningInputError(
+            f"head-scope screening computes features from the input alone, but the model also takes "
+            f"{', '.join(holdout.extras)}: set scope='full'"
+        )
     split: HeadSplit = split_head(model, config.feature_layer, config.head_layers)
     pooled = torch.cat([c.data.x for c in candidates])
     trusted_x, holdout_x, pooled_x = head_features(model, split, [trusted.x, holdout.x, pooled])
@@ -372,6 +397,8 @@ def _scoped(
         LabeledData(trusted_x, trusted.y),
         LabeledData(holdout_x, holdout.y),
         tuple(LabeledData(x, c.data.y) for x, c in zip(parts, candidates, strict=True)),
+        task,
+        None,
     )
 
 
@@ -401,15 +428,7 @@ def _learning_rate(scoped: _Scoped, size: int, impacts: _Impacts, config: Screen
     rates = sorted(config.lr_grid, reverse=True)
     probe = _Draws(scoped.trusted, bootstrap_draws(len(scoped.trusted), size, LR_PROBE_DRAWS, config.seed, stream=1))
     for lr in rates:
-        run = finetune_heldout_probabilities(
-            scoped.net,
-            probe,
-            scoped.holdout,
-            lr=lr,
-            steps=config.steps,
-            chunk_size=config.chunk_size,
-            batched=config.batched,
-        )
+        run = scoped.finetuned(probe, lr, config, config.chunk_size)
         overall = impacts.of(run.probabilities)[:, 0]
         if not np.isfinite(overall).all():
             continue
@@ -428,15 +447,7 @@ def _calibrate_size(
     max-statistics are the calibration scores (split conformal: the scores are exchangeable with a clean
     candidate's because the standardisation never saw them)."""
     rows = bootstrap_draws(len(scoped.trusted), size, SCALE_DRAWS + config.calibration_draws, config.seed)
-    run = finetune_heldout_probabilities(
-        scoped.net,
-        _Draws(scoped.trusted, rows),
-        scoped.holdout,
-        lr=lr,
-        steps=config.steps,
-        chunk_size=chunk_size,
-        batched=config.batched,
-    )
+    run = scoped.finetuned(_Draws(scoped.trusted, rows), lr, config, chunk_size)
     values = impacts.of(run.probabilities)
     if not np.isfinite(values[:, 0]).all():
         raise ScreeningInputError(
@@ -505,6 +516,8 @@ def screen_candidates(
     *,
     history: Mapping[str, Sequence[float]] | None = None,
     calibration: Calibration | None = None,
+    task: Task | str | None = None,
+    forward: ModuleForward | None = None,
 ) -> ScreeningReport:
     """Screens each candidate shard and each source against clean draws from `base_data` (trusted data).
 
@@ -512,9 +525,12 @@ def screen_candidates(
     representative of contributions: clean data the model already fits moves the held-out set less than new clean
     data, which makes the screening stricter. `history` maps a source to its shard p-values of earlier cycles (they
     join its combined p-value). `calibration`, from an earlier report on the same model, trusted and held-out data,
-    skips the draws it already holds.
+    skips the draws it already holds. `task` (default classification) sets the fine-tuning loss and the held-out
+    soft accuracy; `forward(module, batch, x)` reads the model's extra inputs from `LabeledData.batch` (every data
+    set then carries the same extras).
     """
     config = config or ScreeningConfig()
+    task = as_task(task)
     if not candidates:
         raise ScreeningInputError("no candidates to screen")
     if len(holdout) == 0:
@@ -524,26 +540,29 @@ def screen_candidates(
             raise ScreeningInputError(f"candidate {candidate.name!r} from source {candidate.source!r} is empty")
     if len({c.name for c in candidates}) != len(candidates):
         raise ScreeningInputError("candidate names must be unique")
+    for data in (base_data, *(c.data for c in candidates)):
+        if sorted(data.extras) != sorted(holdout.extras):
+            raise ScreeningInputError(
+                f"the held-out set has extra inputs {sorted(holdout.extras)} but a screened data set has "
+                f"{sorted(data.extras)}: give every data set the same extras"
+            )
+    for data in (holdout, base_data, *(c.data for c in candidates)):
+        task.check_targets(data.y)
     started = time.perf_counter()
+    by_class = task.kind == "classification"
     num_classes = (
-        config.num_classes or int(max(holdout.y.max(), base_data.y.max(), *(c.data.y.max() for c in candidates))) + 1
+        (config.num_classes or int(max(holdout.y.max(), base_data.y.max(), *(c.data.y.max() for c in candidates))) + 1)
+        if by_class
+        else 1
     )
     shards_of = Counter(c.source for c in candidates)
     unions = [u for u in group_by_source(candidates) if shards_of[u.source] > 1]
     tried = [*candidates, *unions]
-    scoped = _scoped(model, base_data, holdout, tried, config)
-    base = _heldout_probabilities(scoped.net, scoped.holdout).double()
-    impacts = _Impacts(base, holdout.y, num_classes, config.per_class)
+    scoped = _scoped(model, base_data, holdout, tried, config, task, forward)
+    base = _heldout_probabilities(scoped.net, scoped.holdout, task, scoped.forward).double()
+    impacts = _Impacts(base, holdout.y, num_classes, config.per_class and by_class)
     calibration = _calibrated(scoped, [len(c.data) for c in tried], impacts, config, calibration)
-    run = finetune_heldout_probabilities(
-        scoped.net,
-        scoped.candidates,
-        scoped.holdout,
-        lr=calibration.lr,
-        steps=config.steps,
-        chunk_size=calibration.chunk_size,
-        batched=config.batched,
-    )
+    run = scoped.finetuned(scoped.candidates, calibration.lr, config, calibration.chunk_size)
     values = impacts.of(run.probabilities)
     tests = [_tested(values[i], calibration.matching(len(c.data), config.size_tolerance)) for i, c in enumerate(tried)]
     shard_tests = tests[: len(candidates)]

@@ -1,8 +1,12 @@
 """TRADES (Zhang et al., 2019) without rewriting the user's module: a wrapper LightningModule.
 
 TRADES trains on `CE(f(x), y) + beta * KL(f(x) || f(x_adv))`, where `x_adv` maximises that KL term within the
-eps-ball. The extra loss term cannot be injected by a callback, so `TRADES(module, eps=...)` wraps an unmodified
-classifier module and is what you pass to `Trainer.fit`:
+eps-ball. For other tasks the natural term is the task's loss and the divergence follows the outputs: BCE between
+the adversarial and the clean sigmoid outputs for multilabel (the per-label KL plus a constant), squared error
+between adversarial and clean outputs for regression; a custom task has no divergence and is refused.
+
+The extra loss term cannot be injected by a callback, so `TRADES(module, eps=...)` wraps an unmodified module and is
+what you pass to `Trainer.fit`:
 
     trainer.fit(TRADES(DigitsClassifier(), eps=0.2, beta=6.0), datamodule)
 
@@ -19,36 +23,34 @@ computing its own clean forward. It crafts under the trainer's autocast unless `
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch.nn import functional as F
 
 from trainguard.defenses.attacks.base import Attack, Bound
 from trainguard.defenses.attacks.batches import BatchKeys, Key
 from trainguard.defenses.attacks.precision import crafting_autocast, parse_crafting
 from trainguard.defenses.errors import AttackConfigError
-
-ModuleForward = Callable[[pl.LightningModule, torch.Tensor], torch.Tensor]
-
-
-def _kl_to_clean(logits_adv: torch.Tensor, clean_probs: torch.Tensor) -> torch.Tensor:
-    return F.kl_div(F.log_softmax(logits_adv, dim=1), clean_probs, reduction="sum")
+from trainguard.defenses.forward import BatchForward, ModuleForward
+from trainguard.defenses.task import BUILT_IN, Task, as_task
 
 
 class TradesAttack(Attack):
-    """TRADES' inner maximisation: PGD on KL(p || f(x')) from a Gaussian start of 0.001 eps (the KL is flat at x).
+    """TRADES' inner maximisation: PGD on the task's divergence from the clean outputs (KL(p || f(x')) for
+    classification) from a Gaussian start of 0.001 eps (the divergence is flat at x).
 
-    Called as `attack(x, p)` with `p` the clean class distribution (rows of probabilities), or as `attack(x, y)`
-    with labels, in which case `p = softmax(f(x))` costs one eval-mode forward.
+    Called as `attack(x, p)` with `p` the clean reference (`Task.clean_reference`: class probabilities, label
+    probabilities or regression outputs), or, for classification, as `attack(x, y)` with integer labels, in which
+    case `p = softmax(f(x))` costs one eval-mode forward.
     """
 
     def __init__(
         self, model: torch.nn.Module, *, eps: float, steps: int = 10, step_size: float | None = None, **kw: Any
     ) -> None:
-        super().__init__(model, eps=eps, loss=_kl_to_clean, **kw)
+        task = as_task(kw.pop("task", None))
+        task.refuse_unless(BUILT_IN, "TRADES (a divergence between clean and adversarial outputs)")
+        super().__init__(model, eps=eps, loss=task.divergence, task=task, **kw)
         if steps < 1:
             raise AttackConfigError(f"steps must be >= 1, got {steps!r}")
         self.steps = steps
@@ -57,7 +59,7 @@ class TradesAttack(Attack):
     def _perturb(
         self, x: torch.Tensor, y: torch.Tensor, eps: float, lower: torch.Tensor, upper: torch.Tensor
     ) -> torch.Tensor:
-        clean_probs = y if y.is_floating_point() else F.softmax(self.predict(x).float(), dim=1)
+        clean_probs = y if y.is_floating_point() else self.task.clean_reference(self.predict(x))
         gen = self.generator(x.device)
         start = x + 0.001 * eps * torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
         x_adv = self.project(start, x, eps, lower, upper)
@@ -69,10 +71,12 @@ class TradesAttack(Attack):
 
 
 class TRADES(pl.LightningModule):
-    """Trains the wrapped classifier `module` with the TRADES objective; `beta` trades clean for robust accuracy.
+    """Trains the wrapped `module` with the TRADES objective; `beta` trades clean for robust accuracy.
 
-    `forward(module, x)` gives logits (default `module(x)`); `input_key`/`target_key` locate the tensors of dict
-    batches. Logs `train/loss`, `train/trades_natural`, `train/trades_robust` once per epoch.
+    `task` (default classification) sets the natural loss and the divergence. `forward(module, batch, x)` gives the
+    outputs (default `module(x)`), reading extra model inputs from the batch; `input_key`/`target_key` locate the
+    tensors of dict batches. `bounds` is the data's value range (required). Logs `train/loss`,
+    `train/trades_natural`, `train/trades_robust` once per epoch.
     """
 
     def __init__(
@@ -84,7 +88,8 @@ class TRADES(pl.LightningModule):
         steps: int = 10,
         step_size: float | None = None,
         norm: str | float = "inf",
-        bounds: tuple[Bound, Bound] = (0.0, 1.0),
+        bounds: tuple[Bound, Bound] | None = (0.0, 1.0),
+        task: Task | str | None = None,
         input_key: Key | None = None,
         target_key: Key | None = None,
         forward: ModuleForward | None = None,
@@ -96,28 +101,39 @@ class TRADES(pl.LightningModule):
             raise AttackConfigError(f"beta must be >= 0, got {beta!r}")
         self.module = module
         self.beta = float(beta)
+        self.task = as_task(task)
         self.keys = BatchKeys(input_key, target_key)
-        self._forward = forward
+        self._forward = BatchForward(module, forward)
         self.crafting = parse_crafting(crafting)
         self.attack = TradesAttack(
-            module, eps=eps, steps=steps, step_size=step_size, norm=norm, bounds=bounds, forward=self.forward, seed=seed
+            module,
+            eps=eps,
+            steps=steps,
+            step_size=step_size,
+            norm=norm,
+            bounds=bounds,
+            task=self.task,
+            forward=self._forward,
+            seed=seed,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._forward(self.module, x) if self._forward is not None else self.module(x)
+        return self._forward(x)
 
     def setup(self, stage: str) -> None:
         self.attack.autocast = crafting_autocast(self.crafting, self.trainer)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = self.keys.get(batch)
-        logits = self(x)
-        clean_probs = F.softmax(logits.float(), dim=1)
-        x_adv = self.attack(x, clean_probs.detach())
-        natural = F.cross_entropy(logits, y)
-        robust = F.kl_div(F.log_softmax(self(x_adv), dim=1), clean_probs, reduction="batchmean")
-        loss = natural + self.beta * robust
+        self.task.check_targets(y)
         n = x.shape[0]
+        with self._forward.on(batch):
+            outputs = self(x)
+            clean = self.task.clean_reference(outputs)
+            x_adv = self.attack(x, clean)
+            natural = self.task.sample_loss(outputs, y).mean()
+            robust = self.task.divergence(self(x_adv), clean) / n
+        loss = natural + self.beta * robust
         self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
         self.log("train/trades_natural", natural, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
         self.log("train/trades_robust", robust, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)

@@ -67,6 +67,7 @@ class CycleFacts:
     base_model: Resource | None = None
     roni: Mapping[str, Any] = field(default_factory=dict)
     gate: Mapping[str, Any] = field(default_factory=dict)
+    excluded_rows: Mapping[str, Sequence[int]] = field(default_factory=dict)  # shard key -> rows training skipped
 
 
 def read_log_resource(path: Path, sha256: str, entries: int) -> Resource:
@@ -120,6 +121,8 @@ def build_statement(facts: CycleFacts) -> dict[str, Any]:
         "roni": dict(facts.roni),
         "gate": dict(facts.gate),
     }
+    if facts.excluded_rows:
+        record["excludedRows"] = {key: list(rows) for key, rows in sorted(facts.excluded_rows.items())}
     return {
         "_type": STATEMENT_TYPE,
         "subject": [

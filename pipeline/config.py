@@ -170,6 +170,43 @@ class RoniSection(_Section):
         return {**self.options, **{key: getattr(self, key) for key in _ERROR_RATE_KEYS}}
 
 
+class DetectorsSection(_Section):
+    """Row-level poisoning detectors (`trainguard.defenses.detectors`) on the incoming model's penultimate features,
+    per source, each calibrated on the held-out rows. `action`: drop the flagged rows from training
+    (`quarantine-rows`), reject every shard of a flagged source (`reject-source`), or only `report`. `spectral`,
+    `clustering` and `label_issues` are fields of SpectralConfig, ClusteringConfig and LabelIssuesConfig."""
+
+    enabled: bool = False
+    detectors: Annotated[tuple[Literal["spectral", "clustering", "label-issues"], ...], Field(min_length=1)] = (
+        "spectral",
+        "clustering",
+        "label-issues",
+    )
+    action: Literal["quarantine-rows", "reject-source", "report"] = "quarantine-rows"
+    alpha: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
+        default=0.01, description="Budget of falsely flagged clean sources, shared by the detectors."
+    )
+    feature_layer: str | None = Field(default=None, description="Module whose input is the feature; None: last Linear.")
+    spectral: dict[str, Any] = Field(default_factory=dict)
+    clustering: dict[str, Any] = Field(default_factory=dict)
+    label_issues: dict[str, Any] = Field(default_factory=dict)
+
+
+class TaskSection(_Section):
+    """The supervised task the defenses serve (`trainguard.defenses.task.Task`): the loss attacks maximise and what
+    robust accuracy and the gate count as correct. `task: regression` is short for `task: {kind: regression}`."""
+
+    kind: Literal["classification", "multilabel", "regression"] = "classification"
+    tolerance: Positive = Field(default=0.5, description="Regression: an output within this of its target is right.")
+    regression_loss: Literal["mse", "l1"] = "mse"
+    multilabel_accuracy: Literal["exact", "per-label"] = "exact"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, data: Any) -> Any:
+        return {"kind": data} if isinstance(data, str) else data
+
+
 class AdversarialSection(_Section):
     """Adversarial training (`trainguard.defenses.adversarial.AdversarialTraining`, or the TRADES module with
     `trades`)."""
@@ -193,12 +230,21 @@ class AdversarialSection(_Section):
 
 
 class RobustEvalSection(_Section):
-    """Robust accuracy (`trainguard.defenses.robust.RobustAccuracy`): PGD at each eps on up to `subset_size`
-    held-out rows."""
+    """Robust accuracy (`trainguard.defenses.robust.RobustAccuracy`) at each eps on up to `subset_size` held-out
+    rows: under PGD, or under the per-sample worst case of several attacks (APGD-CE and APGD-DLR, the core of
+    AutoAttack), which the gate's robust floor then applies to."""
 
     eps: Annotated[tuple[Annotated[float, Field(ge=0.0)], ...], Field(min_length=1)] = (0.0, 0.05, 0.1)
     subset_size: Annotated[int, Field(ge=1)] = 256
     steps: Annotated[int, Field(ge=1)] = 10
+    attacks: Annotated[tuple[Literal["pgd", "apgd-ce", "apgd-dlr"], ...], Field(min_length=1)] = ("pgd",)
+    restarts: Annotated[int, Field(ge=1, description="APGD's random restarts per sample.")] = 1
+
+    @model_validator(mode="after")
+    def _distinct_attacks(self) -> RobustEvalSection:
+        if len(set(self.attacks)) != len(self.attacks):
+            raise ValueError(f"attacks {list(self.attacks)} has duplicates")
+        return self
 
 
 class GateSection(_Section):
@@ -256,7 +302,9 @@ class CycleConfig(_Section):
     validation: ValidationSection
     data: DataSection = DataSection()
     limits: LimitsSection = LimitsSection()
+    task: TaskSection = TaskSection()
     roni: RoniSection = RoniSection()
+    detectors: DetectorsSection = DetectorsSection()
     adversarial: AdversarialSection = AdversarialSection()
     robust_eval: RobustEvalSection = RobustEvalSection()
     gate: GateSection = GateSection()
@@ -266,6 +314,19 @@ class CycleConfig(_Section):
     callbacks: tuple[Component, ...] = ()
     output: OutputSection
     tracking: TrackingSection = TrackingSection()
+
+    @model_validator(mode="after")
+    def _dlr_has_classes(self) -> CycleConfig:
+        classes = len(self.validation.labels)
+        if "apgd-dlr" in self.robust_eval.attacks and classes < 3:
+            raise ValueError(f"robust_eval.attacks: apgd-dlr needs 3 or more classes, validation.labels has {classes}")
+        return self
+
+    @model_validator(mode="after")
+    def _detectors_classify(self) -> CycleConfig:
+        if self.detectors.enabled and self.task.kind != "classification":
+            raise ValueError(f"detectors group rows by class label; task {self.task.kind} has none (disable them)")
+        return self
 
     def resolved(self) -> dict[str, Any]:
         """The whole config with defaults filled in, as JSON-ready data (for params and the attestation)."""
@@ -280,6 +341,11 @@ _COMPONENT_BASES: dict[str, tuple[str, str] | None] = {
     "callbacks": ("pytorch_lightning", "Callback"),
 }
 _SCREENING_CONFIG = "trainguard.defenses.roni.ScreeningConfig"
+_DETECTOR_CONFIGS = {
+    "spectral": "trainguard.defenses.spectral.SpectralConfig",
+    "clustering": "trainguard.defenses.clustering.ClusteringConfig",
+    "label_issues": "trainguard.defenses.label_issues.LabelIssuesConfig",
+}
 
 
 def load_config(
@@ -332,6 +398,9 @@ def check_config_components(
         except (ImportError, AttributeError) as error:
             raise ConfigError(f"{source}: roni.options: cannot check: {error}", key="roni.options") from None
         _bind_init_args(screening_class, screening, "roni.options", (), source)
+    for name, class_path in _DETECTOR_CONFIGS.items():
+        options = Component(class_path=class_path, init_args=getattr(config.detectors, name))
+        _bind_init_args(options.resolve(), options, f"detectors.{name}", (), source)
 
 
 def _read_yaml(path: Path) -> Any:

@@ -1,4 +1,4 @@
-"""One defended retraining cycle: verify -> validate -> cap -> screen -> train -> gate -> sign and attest.
+"""One defended retraining cycle: verify -> validate -> cap -> detect -> screen -> train -> gate -> sign and attest.
 
 Every decision goes into the cross-cycle state (signed with the cycle's key) as soon as it is made and into a local
 JSON report before anything is sent to MLflow, so neither a crash nor an unreachable tracking server loses it.
@@ -158,7 +158,8 @@ def _lead(config: CycleConfig, config_path: Path, reinit: bool, meeting: Meeting
 @dataclass(frozen=True)
 class TrainingPlan:
     """What every rank trains from: the statements rank 0 verified, the allow-list of the shards it accepted, the
-    held-out set and the gate's baseline."""
+    held-out set and the gate's baseline, and the rows of allowed shards a detector quarantined (`dataset:name` ->
+    rows), which the data module drops after each shard's verified read."""
 
     cycle: int
     manifests: tuple[VerifiedManifest, ...]
@@ -166,6 +167,7 @@ class TrainingPlan:
     holdout: LabeledData
     previous: HeldoutMetrics | None
     columns: list[str] | None
+    excluded_rows: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 def _training_data(config: CycleConfig, plan: TrainingPlan) -> VerifiedDataModule:
@@ -173,6 +175,7 @@ def _training_data(config: CycleConfig, plan: TrainingPlan) -> VerifiedDataModul
     return VerifiedDataModule.from_verified(
         plan.manifests,
         plan.allow,
+        exclude_rows=plan.excluded_rows,
         feature_columns=plan.columns,
         label_column=config.validation.label_column,
         decoders=_decoders(config),
@@ -264,11 +267,14 @@ def _run(cycle: _Cycle, parent: TrackedRun) -> CycleOutcome:
     with parent.stage("screening") as stage:
         candidates = _screen_inputs(cycle, intake, stage)
         model, previous = _incoming_model(cycle, _labeled(intake.trusted), intake.holdout_sha256)
+        candidates, excluded_rows = _detect(cycle, model, intake, candidates, stage)
         _screen(cycle, model, holdout, candidates, stage)
 
     allow = _allow_list(cycle, intake)
     cycle.report["allow_list"] = allow.to_json()
-    plan = TrainingPlan(cycle.number, intake.manifests, allow, holdout, previous, columns)
+    allowed = {shard.key for shard in allow.shards}
+    excluded_rows = {key: rows for key, rows in excluded_rows.items() if key in allowed}
+    plan = TrainingPlan(cycle.number, intake.manifests, allow, holdout, previous, columns, excluded_rows)
     cycle.meeting.send(plan)
     data = _training_data(config, plan)
     with parent.stage("training") as stage:
@@ -279,6 +285,7 @@ def _run(cycle: _Cycle, parent: TrackedRun) -> CycleOutcome:
             "metrics": result.metrics,
             "robust_accuracy": result.robust_accuracy,
             "read_log": read_log,
+            "excluded_rows": {key: list(rows) for key, rows in sorted(plan.excluded_rows.items())},
         }
     with parent.stage("gate") as stage:
         accepted_model, reason = _judge(config, result)
@@ -401,6 +408,26 @@ def _screen_inputs(cycle: _Cycle, intake: Intake, stage: TrackedRun) -> list[Sig
     return new
 
 
+def _detect(
+    cycle: _Cycle, model: pl.LightningModule, intake: Intake, new: Sequence[SignedShard], stage: TrackedRun
+) -> tuple[list[SignedShard], dict[str, tuple[int, ...]]]:
+    """The row-level detectors on every contributed shard still in play (accepted before, or new); returns the new
+    shards left for RONI and the rows to quarantine (`dataset:name` -> rows)."""
+    section = cycle.config.detectors
+    if not section.enabled:
+        return list(new), {}
+    from trainguard.pipeline.detection import run_detection
+
+    before = {d.key for d in cycle.state.current.shards if d.accepted}
+    pool = [*(s for s in intake.train if (s.key, s.sha256) in before), *new]
+    outcome = run_detection(section, model, intake.holdout, pool, stage)
+    cycle.decide(outcome.rejected)
+    cycle.report["detection"] = outcome.report
+    cycle.step("detection", outcome.metrics)
+    refused = {d.key for d in outcome.rejected}
+    return [s for s in new if (s.key, s.sha256) not in refused], dict(outcome.excluded_rows)
+
+
 def _incoming_model(
     cycle: _Cycle, trusted: LabeledData, holdout_sha256: str
 ) -> tuple[pl.LightningModule, HeldoutMetrics | None]:
@@ -508,7 +535,7 @@ def _screen(
 
 
 def _judge(config: CycleConfig, result: TrainingResult) -> tuple[bool, str]:
-    """The RONI gate's verdict, then the config's absolute floors on clean and robust held-out accuracy."""
+    """The model gate's verdict, then the config's absolute floors on clean and robust held-out accuracy."""
     if not result.verdict.accepted:
         return False, result.verdict.reason
     gate = config.gate
@@ -570,6 +597,7 @@ def _release(
             if k in ("level", "error_control", "calibration", "decisions", "sources")
         },
         gate=cycle.report["gate"],
+        excluded_rows=cycle.report["training"]["excluded_rows"],
     )
     files = write_signed_model(
         model,

@@ -257,6 +257,13 @@ class TrackedRun:
         with self.tracker._guard(f"upload {artifact_file}"):
             self.tracker._client.log_dict(self.run_id, dict(data), artifact_file)
 
+    def log_table(self, columns: Mapping[str, Sequence[Any]], artifact_file: str) -> None:
+        """Uploads a table (column name -> values) as a JSON table artifact the MLflow UI shows and queries."""
+        if not self.active:
+            return
+        with self.tracker._guard(f"upload {artifact_file}"):
+            self.tracker._client.log_table(self.run_id, {k: list(v) for k, v in columns.items()}, artifact_file)
+
     def log_datasets(self, datasets: Sequence[DatasetRef]) -> None:
         """Records signed datasets as MLflow dataset inputs; the full sha256 is in a tag and in the source."""
         if not self.active or not datasets:

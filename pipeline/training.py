@@ -11,8 +11,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from trainguard.defenses import AdversarialTraining, RobustAccuracy
-from trainguard.defenses.gate import GateVerdict, RONIGate
+from trainguard.defenses.gate import GateVerdict, ModelGate
 from trainguard.defenses.heldout import HeldoutMetrics, LabeledData
+from trainguard.defenses.task import Task
 from trainguard.pipeline.config import CycleConfig
 from trainguard.provenance.dataset import VerifiedDataModule
 from trainguard.provenance.reader import ReadLog
@@ -62,8 +63,12 @@ def bootstrap(model: pl.LightningModule, config: CycleConfig, trusted: LabeledDa
 
 
 def defense_callbacks(config: CycleConfig, holdout: LabeledData, previous: HeldoutMetrics | None) -> list[pl.Callback]:
-    """Adversarial training, robust accuracy and the RONI gate, as the config sets them."""
+    """Adversarial training, robust accuracy and the model gate, as the config sets them, for the config's task.
+
+    The gate's baseline without a comparable record is the incoming model: the cycle's incoming model is the
+    champion or, on the first cycle, the model bootstrapped on the trusted data, never a random initialisation."""
     adversarial, robust, gate = config.adversarial, config.robust_eval, config.gate
+    task = Task(**config.task.model_dump())
     callbacks: list[pl.Callback] = []
     if adversarial.enabled and adversarial.attack != "trades":
         callbacks.append(
@@ -76,22 +81,32 @@ def defense_callbacks(config: CycleConfig, holdout: LabeledData, previous: Heldo
                 ratio=adversarial.ratio,
                 bounds=adversarial.bounds,
                 warmup_epochs=adversarial.warmup_epochs,
+                task=task,
                 seed=config.training.seed,
             )
         )
     callbacks.append(
         RobustAccuracy(
-            robust.eps, steps=robust.steps, bounds=adversarial.bounds, max_samples=robust.subset_size, seed=0
+            robust.eps,
+            attacks=robust.attacks,
+            steps=robust.steps,
+            restarts=robust.restarts,
+            bounds=adversarial.bounds,
+            task=task,
+            max_samples=robust.subset_size,
+            seed=0,
         )
     )
     callbacks.append(
-        RONIGate(
+        ModelGate(
             holdout,
-            num_classes=len(config.validation.labels),
+            num_classes=len(config.validation.labels) if task.kind == "classification" else None,
             max_drop=gate.max_accuracy_drop,
             max_class_drop=gate.max_class_drop,
             previous=previous,
             raise_on_reject=False,
+            baseline="incoming",
+            task=task,
         )
     )
     return callbacks
@@ -110,7 +125,7 @@ def train(
     user = [component.instantiate() for component in config.callbacks]
     fit = trainer(config, [*defenses, *user], logger, config.training.max_epochs)
     fit.fit(model, datamodule=data)
-    gate = next(c for c in defenses if isinstance(c, RONIGate))
+    gate = next(c for c in defenses if isinstance(c, ModelGate))
     robust = next(c for c in defenses if isinstance(c, RobustAccuracy))
     metrics = {k: float(v) for k, v in fit.callback_metrics.items() if v.numel() == 1}
     assert gate.verdict is not None, "the gate decides at fit end"

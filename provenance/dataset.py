@@ -80,7 +80,9 @@ Transform = Callable[[torch.Tensor], torch.Tensor]
 
 class ShardDataset(Dataset):
     """The samples of the selected shards as (float32 input of the shard's shape, target), held in memory after a
-    verified read; tables through their feature and label columns, other formats through `decoders`."""
+    verified read; tables through their feature and label columns, other formats through `decoders`. `exclude_rows`
+    (`dataset:name` -> row indices) drops rows of a shard after its verified read, e.g. rows a detector quarantined:
+    the shard is still read and logged whole, so its digest is checked, but those rows are never served."""
 
     def __init__(
         self,
@@ -89,6 +91,7 @@ class ShardDataset(Dataset):
         roles: Collection[str] | None = ("train",),
         sources: Collection[str] | None = None,
         exclude: Collection[str] = (),
+        exclude_rows: Mapping[str, Collection[int]] | None = None,
         feature_columns: Sequence[str] | None = None,
         label_column: str = "label",
         decoders: Mapping[str, Decoder] | None = None,
@@ -120,6 +123,8 @@ class ShardDataset(Dataset):
             for shard in (s for s in selected if s.name not in tables):
                 parts.append(reader.read_samples(shard.name, every_decoder))
                 shards.append((dataset, shard))
+        dropped = exclude_rows or {}
+        parts = [_without_rows(p, dropped.get(f"{d}:{s.name}", ())) for p, (d, s) in zip(parts, shards, strict=True)]
         self.shards = tuple(shards)
         self.row_shard = np.repeat(np.arange(len(parts)), [len(p) for p in parts]).astype(np.int64)
         empty = Samples(np.zeros((0, len(feature_columns or ())), np.float32), np.zeros(0, np.int64))
@@ -137,6 +142,17 @@ class ShardDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.features[index]
         return (self.transform(features) if self.transform is not None else features), self.labels[index]
+
+
+def _without_rows(samples: Samples, rows: Collection[int]) -> Samples:
+    if not rows:
+        return samples
+    keep = np.ones(len(samples), dtype=bool)
+    drop = np.fromiter(rows, dtype=np.int64)
+    if drop.min() < 0 or drop.max() >= len(samples):
+        raise MalformedError(f"rows to exclude {sorted(rows)[:3]}... lie outside a shard of {len(samples)} rows")
+    keep[drop] = False
+    return Samples(samples.inputs[keep], samples.targets[keep])
 
 
 def balanced_owners(weights: Sequence[int], parts: int) -> list[int]:
@@ -203,7 +219,8 @@ class VerifiedDataModule(pl.LightningDataModule):
     verified on read. `decoders` (suffix -> `decode(name, data) -> Samples`) read formats other than tables;
     `transform`/`val_transform` are per-sample callables (torchvision-style) applied as batches are drawn.
 
-    `exclude` drops shards by name (or `dataset:name`), e.g. those a poisoning screen rejected. A module made by
+    `exclude` drops shards by name (or `dataset:name`), e.g. those a poisoning screen rejected, and `exclude_rows`
+    single rows of shards (`dataset:name` -> row indices), e.g. those a row-level detector quarantined. A module made by
     `from_verified` reads through manifests already verified and an allow-list, never re-opening a manifest by path.
     Under DDP each rank reads only its own part of the training shards (balanced by signed record counts; held-out
     shards are read by every rank, which Lightning's sampler splits) and `read_log` merges every rank's reads into
@@ -220,6 +237,7 @@ class VerifiedDataModule(pl.LightningDataModule):
         val_roles: Sequence[str] | None = ("holdout",),
         sources: Sequence[str] | None = None,
         exclude: Collection[str] = (),
+        exclude_rows: Mapping[str, Collection[int]] | None = None,
         feature_columns: Sequence[str] | None = None,
         label_column: str = "label",
         decoders: Mapping[str, Decoder] | None = None,
@@ -236,6 +254,7 @@ class VerifiedDataModule(pl.LightningDataModule):
         self.train_roles, self.val_roles = tuple(train_roles), None if val_roles is None else tuple(val_roles)
         self.sources = None if sources is None else tuple(sources)
         self.exclude = frozenset(exclude)
+        self.exclude_rows = {key: frozenset(rows) for key, rows in (exclude_rows or {}).items()}
         self.feature_columns, self.label_column = feature_columns, label_column
         self.decoders = dict(decoders or {})
         self.transform, self.val_transform = transform, val_transform
@@ -312,7 +331,14 @@ class VerifiedDataModule(pl.LightningDataModule):
             "decoders": self.decoders,
         }
         part = self._part()
-        self.train_set = ShardDataset(readers, roles=self.train_roles, transform=self.transform, part=part, **options)
+        self.train_set = ShardDataset(
+            readers,
+            roles=self.train_roles,
+            transform=self.transform,
+            part=part,
+            exclude_rows=self.exclude_rows,
+            **options,
+        )
         if len(self.train_set) == 0:
             raise MalformedError(
                 "no shard of the manifests matches the training selection (roles, sources, exclude)"

@@ -11,10 +11,11 @@ from trainguard.lazy import lazy_getattr
 _LAZY = {
     "AdversarialTraining": "trainguard.defenses",
     "DefenseError": "trainguard.defenses.errors",
-    "RONIGate": "trainguard.defenses",
+    "ModelGate": "trainguard.defenses",
     "RobustAccuracy": "trainguard.defenses",
     "ScreeningConfig": "trainguard.defenses",
     "TRADES": "trainguard.defenses",
+    "Task": "trainguard.defenses",
     "screen_candidates": "trainguard.defenses",
     "ProvenanceError": "trainguard.provenance",
     "ShardDataset": "trainguard.provenance",

@@ -1,7 +1,9 @@
-"""Evasion attacks in torch, batched on the model's device: FGSM, PGD (L-inf / L2), FGSM with random start."""
+"""Evasion attacks in torch, batched on the model's device: FGSM, PGD (L-inf / L2), FGSM with random start, and
+APGD-CE / APGD-DLR (the core of AutoAttack)."""
 
 from __future__ import annotations
 
+from trainguard.defenses.attacks.apgd import APGD, APGDCE, APGDDLR, checkpoint_fractions, checkpoints, dlr_loss
 from trainguard.defenses.attacks.base import Attack, crafting_mode, parse_norm, sum_cross_entropy
 from trainguard.defenses.attacks.fgsm import FGSM
 from trainguard.defenses.attacks.fgsm_rs import FGSMRandomStart
@@ -10,14 +12,20 @@ from trainguard.defenses.attacks.precision import Crafting, crafting_autocast, p
 from trainguard.defenses.attacks.registry import ATTACKS, make_attack
 
 __all__ = [
+    "APGD",
+    "APGDCE",
+    "APGDDLR",
     "ATTACKS",
     "FGSM",
     "PGD",
     "Attack",
     "Crafting",
     "FGSMRandomStart",
+    "checkpoint_fractions",
+    "checkpoints",
     "crafting_autocast",
     "crafting_mode",
+    "dlr_loss",
     "make_attack",
     "parse_crafting",
     "parse_norm",

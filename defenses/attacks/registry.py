@@ -1,16 +1,23 @@
-"""Attacks by name (`"fgsm"`, `"pgd"`, `"fgsm-rs"`), as the callbacks and configs refer to them."""
+"""Attacks by name (`"fgsm"`, `"pgd"`, `"fgsm-rs"`, `"apgd-ce"`, `"apgd-dlr"`), as callbacks and configs name them."""
 
 from __future__ import annotations
 
 from torch import nn
 
+from trainguard.defenses.attacks.apgd import APGD, APGDCE, APGDDLR
 from trainguard.defenses.attacks.base import Attack
 from trainguard.defenses.attacks.fgsm import FGSM
 from trainguard.defenses.attacks.fgsm_rs import FGSMRandomStart
 from trainguard.defenses.attacks.pgd import PGD
 from trainguard.defenses.errors import AttackConfigError
 
-ATTACKS: dict[str, type[Attack]] = {"fgsm": FGSM, "pgd": PGD, "fgsm-rs": FGSMRandomStart}
+ATTACKS: dict[str, type[Attack]] = {
+    "fgsm": FGSM,
+    "pgd": PGD,
+    "fgsm-rs": FGSMRandomStart,
+    "apgd-ce": APGDCE,
+    "apgd-dlr": APGDDLR,
+}
 
 
 def make_attack(
@@ -21,12 +28,16 @@ def make_attack(
     steps: int = 10,
     step_size: float | None = None,
     random_start: bool = True,
+    restarts: int = 1,
     **common: object,
 ) -> Attack:
-    """Builds the named attack; `steps`/`step_size`/`random_start` only concern PGD, `step_size` FGSM-RS's alpha."""
+    """Builds the named attack; `steps` concerns PGD and APGD, `step_size`/`random_start` PGD (`step_size` is also
+    FGSM-RS's alpha), `restarts` APGD (parameter-free: it has no step size to set, and always starts at random)."""
     kind = ATTACKS.get(name.lower())
     if kind is None:
         raise AttackConfigError(f"unknown attack {name!r}: choose one of {', '.join(ATTACKS)}")
+    if issubclass(kind, APGD):
+        return kind(model, eps=eps, steps=steps, restarts=restarts, **common)
     if kind is PGD:
         return PGD(model, eps=eps, steps=steps, step_size=step_size, random_start=random_start, **common)
     if kind is FGSMRandomStart and step_size is not None:

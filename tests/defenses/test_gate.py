@@ -1,4 +1,4 @@
-"""RONIGate with real Lightning Trainers: bad retraining is rejected and rolled back, good retraining accepted."""
+"""ModelGate with real Lightning Trainers: bad retraining is rejected and rolled back, good retraining accepted."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pytorch_lightning.loggers import MLFlowLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from trainguard.defenses.errors import ModelRejectedError
-from trainguard.defenses.gate import RONIGate, judge
+from trainguard.defenses.gate import ModelGate, judge
 from trainguard.defenses.heldout import HeldoutMetrics, LabeledData, heldout_metrics
 from trainguard.pipeline.digits import load_digits_split
 from trainguard.pipeline.models import DigitsClassifier
@@ -73,7 +73,7 @@ def _same_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> b
 
 def test_good_retraining_is_accepted_and_becomes_the_new_record(data, pretrained) -> None:
     model = _model(pretrained)
-    gate = RONIGate(data["holdout"], num_classes=10)
+    gate = ModelGate(data["holdout"], num_classes=10, baseline="incoming")
     _trainer(2, [gate]).fit(model, _loader(data["retrain"]))
     assert gate.verdict is not None and gate.verdict.accepted, gate.verdict
     assert not _same_weights(model, pretrained)
@@ -82,7 +82,7 @@ def test_good_retraining_is_accepted_and_becomes_the_new_record(data, pretrained
 
 def test_poisoned_retraining_is_rejected_and_previous_weights_restored(data, pretrained) -> None:
     model = _model(pretrained)
-    gate = RONIGate(data["holdout"], num_classes=10)
+    gate = ModelGate(data["holdout"], num_classes=10, baseline="incoming")
     shifted = LabeledData(data["retrain"].x, (data["retrain"].y + 1) % 10)
     with pytest.raises(ModelRejectedError, match="held-out accuracy dropped"):
         _trainer(2, [gate]).fit(model, _loader(shifted))
@@ -93,7 +93,7 @@ def test_poisoned_retraining_is_rejected_and_previous_weights_restored(data, pre
 
 def test_class_targeted_retraining_is_rejected_by_the_per_class_threshold(data, pretrained) -> None:
     model = _model(pretrained)
-    gate = RONIGate(data["holdout"], num_classes=10, max_drop=0.15, raise_on_reject=False)
+    gate = ModelGate(data["holdout"], num_classes=10, baseline="incoming", max_drop=0.15, raise_on_reject=False)
     _trainer(3, [gate]).fit(model, _loader(_relabelled(data["retrain"], {3: 8})))
     verdict = gate.verdict
     assert verdict is not None and not verdict.accepted
@@ -106,18 +106,18 @@ def test_the_previous_cycles_record_is_the_bar(data, pretrained) -> None:
     model = _model(pretrained)
     measured = heldout_metrics(model, data["holdout"], 10)
     better = HeldoutMetrics(1.0, 1.0, measured.class_loss, tuple(1.0 for _ in measured.class_accuracy))
-    gate = RONIGate(data["holdout"], num_classes=10, max_drop=0.001, previous=better, raise_on_reject=False)
+    gate = ModelGate(data["holdout"], num_classes=10, max_drop=0.001, previous=better, raise_on_reject=False)
     _trainer(1, [gate]).fit(model, _loader(data["retrain"]))
     assert gate.verdict is not None and not gate.verdict.accepted
     assert gate.verdict.before == better
 
 
 def test_gate_state_survives_a_weights_only_checkpoint_round_trip(data, pretrained, tmp_path) -> None:
-    gate = RONIGate(data["holdout"], num_classes=10)
+    gate = ModelGate(data["holdout"], num_classes=10, baseline="incoming")
     gate.record = heldout_metrics(_model(pretrained), data["holdout"], 10)
     gate.previous_weights = dict(pretrained)
     torch.save(gate.state_dict(), tmp_path / "gate.pt")
-    restored = RONIGate(data["holdout"], num_classes=10)
+    restored = ModelGate(data["holdout"], num_classes=10, baseline="incoming")
     restored.load_state_dict(torch.load(tmp_path / "gate.pt", weights_only=True))
     assert restored.record == gate.record
     assert all(torch.equal(restored.previous_weights[k], v) for k, v in pretrained.items())
@@ -125,7 +125,7 @@ def test_gate_state_survives_a_weights_only_checkpoint_round_trip(data, pretrain
 
 def test_a_resumed_fit_is_judged_against_the_cycles_starting_model(data, pretrained, tmp_path) -> None:
     shifted = _loader(LabeledData(data["retrain"].x, (data["retrain"].y + 1) % 10))
-    first_gate = RONIGate(data["holdout"], num_classes=10, raise_on_reject=False)
+    first_gate = ModelGate(data["holdout"], num_classes=10, baseline="incoming", raise_on_reject=False)
     saver = ModelCheckpoint(dirpath=tmp_path, filename="mid-cycle", save_last=False)
     interrupted = pl.Trainer(
         max_epochs=1,
@@ -136,7 +136,7 @@ def test_a_resumed_fit_is_judged_against_the_cycles_starting_model(data, pretrai
         enable_model_summary=False,
     )
     interrupted.fit(_model(pretrained), shifted)
-    resumed_gate = RONIGate(data["holdout"], num_classes=10, raise_on_reject=False)
+    resumed_gate = ModelGate(data["holdout"], num_classes=10, baseline="incoming", raise_on_reject=False)
     model = _model(pretrained)
     with torch.no_grad():  # a different starting point: the gate must take the cycle's start from the checkpoint
         for p in model.parameters():
@@ -149,7 +149,7 @@ def test_a_resumed_fit_is_judged_against_the_cycles_starting_model(data, pretrai
 
 def test_rejection_marks_the_mlflow_run_failed_with_the_reason(data, pretrained, mlflow_uri) -> None:
     model = _model(pretrained)
-    gate = RONIGate(data["holdout"], num_classes=10)
+    gate = ModelGate(data["holdout"], num_classes=10, baseline="incoming")
     logger = MLFlowLogger(experiment_name="gate-tests", tracking_uri=mlflow_uri)
     shifted = LabeledData(data["retrain"].x, (data["retrain"].y + 1) % 10)
     with pytest.raises(ModelRejectedError):

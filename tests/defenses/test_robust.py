@@ -1,4 +1,5 @@
-"""RobustAccuracy: PGD accuracy per eps on the validation set, logged through the trainer (and to MLflow)."""
+"""RobustAccuracy: accuracy per eps under PGD or an APGD ensemble on the validation set, logged through the trainer
+(and to MLflow)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from trainguard.defenses import RobustAccuracy
+from trainguard.defenses.attacks import make_attack
 from trainguard.defenses.errors import AttackConfigError
 
 
@@ -118,8 +120,45 @@ def test_each_eps_costs_the_attack_steps_and_one_forward_at_its_final_point(
     assert 0.0 <= trainer.callback_metrics["val/robust_acc@0.2"] <= trainer.callback_metrics["val/robust_acc@0.1"]
 
 
+def test_the_ensemble_logs_the_per_sample_worst_case_and_each_attacks_own_accuracy(classifier, digits) -> None:
+    attacks = ("pgd", "apgd-ce", "apgd-dlr")
+    callback = RobustAccuracy(eps=(0.05, 0.1), attacks=attacks, steps=10, restarts=2, max_samples=None)
+    trainer, module = fit(classifier, callback, digits, epochs=2)
+    metrics = trainer.callback_metrics
+
+    # Recomputed outside the callback: same attacks, seeds and batches, in the same order.
+    module.eval()
+    fresh = {a: make_attack(a, module, eps=0.1, steps=10, restarts=2, seed=0) for a in attacks}
+    per_row: dict[tuple[float, str], list[torch.Tensor]] = {(e, a): [] for e in (0.05, 0.1) for a in attacks}
+    for x, y in DataLoader(digits[1], batch_size=50):
+        for eps in (0.05, 0.1):
+            for a, attack in fresh.items():
+                per_row[eps, a].append(attack.predict(attack(x, y, eps=eps)).argmax(1) == y)
+    for eps in (0.05, 0.1):
+        correct = {a: torch.cat(per_row[eps, a]) for a in attacks}
+        worst = torch.stack(list(correct.values())).all(0).float().mean().item()
+        assert metrics[f"val/robust_acc@{eps:g}"].item() == pytest.approx(worst, abs=1e-6)
+        for a in attacks:
+            own = metrics[f"val/robust_acc@{eps:g}/{a}"].item()
+            assert own == pytest.approx(correct[a].float().mean().item(), abs=1e-6)
+            assert worst <= own
+    assert worst < min(correct[a].float().mean().item() for a in attacks), "the attacks break different rows"
+
+
+def test_a_single_attack_keeps_the_metric_names_of_pgd_alone(classifier, digits) -> None:
+    callback = RobustAccuracy(eps=(0.1,), attacks=("apgd-ce",), steps=5, max_samples=100)
+    trainer, _ = fit(classifier, callback, digits, epochs=1)
+    assert callback.attack_metric_names() == {}
+    assert [k for k in trainer.callback_metrics if k.startswith("val/robust")] == ["val/robust_acc@0.1"]
+
+
 def test_unusable_settings_are_refused() -> None:
     with pytest.raises(AttackConfigError, match="eps"):
         RobustAccuracy(eps=(-0.1,))
     with pytest.raises(AttackConfigError, match="max_samples"):
         RobustAccuracy(eps=0.1, max_samples=0)
+    for attacks in (("cw",), ("pgd", "pgd"), ()):
+        with pytest.raises(AttackConfigError, match="attacks must be distinct names"):
+            RobustAccuracy(eps=0.1, attacks=attacks)
+    with pytest.raises(AttackConfigError, match="restarts"):
+        RobustAccuracy(eps=0.1, attacks=("apgd-ce",), restarts=0)

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from trainguard.defenses import AdversarialTraining, LabeledData, RobustAccuracy, heldout_metrics
 from trainguard.defenses.errors import DefenseError
-from trainguard.defenses.gate import RONIGate
+from trainguard.defenses.gate import ModelGate
 from trainguard.pipeline.digits import FEATURES, LABEL, NUM_CLASSES
 from trainguard.pipeline.models import DigitsClassifier
 from trainguard.provenance.callback import VerifyDatasetCallback
@@ -88,7 +88,9 @@ def main() -> int:
     holdout = holdout_data(spec, args.trust, args.state_file, skip=HOLDOUT_SKIP * launched_rank)
     data = VerifiedDataModule([spec], args.trust, state_file=args.state_file, batch_size=16)
     verify = VerifyDatasetCallback([spec], args.trust, state_file=args.state_file)
-    gate = RONIGate(holdout, NUM_CLASSES, max_drop=0.02, max_class_drop=1.0, raise_on_reject=False)
+    gate = ModelGate(
+        holdout, NUM_CLASSES, max_drop=0.02, max_class_drop=1.0, raise_on_reject=False, baseline="incoming"
+    )
     callbacks = [
         verify,
         AdversarialTraining("pgd", eps=0.05, steps=2, seed=0),

@@ -245,3 +245,13 @@ def test_every_manifest_reference_names_its_dataset(tmp_path: Path) -> None:
     del data["dataset"]["holdout"]["dataset"]
     error = _error(tmp_path, data)
     assert error.key == "dataset.holdout.dataset" and "Field required" in str(error)
+
+
+def test_the_task_key_takes_a_name_or_a_section(tmp_path: Path) -> None:
+    assert load_config(DIGITS).task.kind == "classification"
+    assert load_config(_write(tmp_path, _with({("task",): "regression"}))).task.kind == "regression"
+    section = load_config(_write(tmp_path, _with({("task",): {"kind": "regression", "tolerance": 0.1}}))).task
+    assert (section.kind, section.tolerance) == ("regression", 0.1)
+    error = _error(tmp_path, _with({("task",): "ranking"}))
+    assert error.key == "task" and "'classification', 'multilabel' or 'regression'" in str(error)
+    assert _error(tmp_path, _with({("task",): {"kind": "regression", "tolerance": 0}})).key == "task.tolerance"

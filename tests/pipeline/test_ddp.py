@@ -1,5 +1,5 @@
 """The Lightning callbacks under DDP: 2 CPU processes (gloo) with verification, adversarial training, robust
-accuracy and the RONI gate on; both ranks must agree on metrics, the gate's decision, the verification results and
+accuracy and the model gate on; both ranks must agree on metrics, the gate's decision, the verification results and
 the final weights, and a tampered shard must stop both ranks before any training step.
 """
 

@@ -1,0 +1,113 @@
+"""Activation clustering (Chen et al., "Detecting Backdoor Attacks on Deep Neural Networks by Activation
+Clustering", 2018): within one class, a backdoor's rows activate the last hidden layer differently from the clean
+rows, so two-means on the class's reduced activations splits them off as a small, well-separated cluster.
+
+Per class the activations are reduced to `components` dimensions (PCA, or ICA as in the paper), split by 2-means,
+and the smaller cluster is flagged when both of the paper's criteria hold: its relative size is at most
+`max_relative_size` and the split's silhouette score is at least `min_silhouette` (a clean class splits too, but
+into halves of similar size that overlap). On digits a clean class can split off a small, distinct writing style
+too, so trainguard adds a check against the clean reference rows (`max_reference_ratio`, None to drop it): a poison
+cluster holds almost no reference rows, a clean one about its share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from trainguard.defenses.errors import DetectionInputError
+from trainguard.defenses.findings import Findings, check_inputs, findings
+
+
+@dataclass(frozen=True)
+class ClusteringConfig:
+    """Reduction, and the paper's two criteria for calling the smaller cluster poison. ICA's components are
+    whitened, which lowers silhouettes: pair it with a lower `min_silhouette` (about 0.1)."""
+
+    reduction: Literal["pca", "ica"] = "pca"
+    components: int = 10
+    max_relative_size: float = 0.35
+    min_silhouette: float = 0.15
+    max_reference_ratio: float | None = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.reduction not in ("pca", "ica"):
+            raise DetectionInputError(f"clustering: reduction must be 'pca' or 'ica', not {self.reduction!r}")
+        if self.components < 1 or not 0 < self.max_relative_size < 1:
+            raise DetectionInputError("clustering: components must be >= 1 and max_relative_size in (0, 1)")
+
+
+@dataclass(frozen=True)
+class ClassSplit:
+    """One class's 2-means split: the rows of its smaller cluster, that cluster's relative size, the silhouette."""
+
+    label: int
+    rows: int
+    small: np.ndarray
+    relative_size: float
+    silhouette: float
+
+    def reference_ratio(self, is_reference: np.ndarray, members: np.ndarray) -> float:
+        """The reference rows' share in the smaller cluster over its share of all rows (about 1 for a clean split;
+        1 when the class has no reference rows, so the check cannot decide alone)."""
+        references = int(is_reference[members].sum())
+        if references == 0 or self.relative_size == 0:
+            return 1.0
+        return float(is_reference[self.small].sum()) / references / self.relative_size
+
+    def poisoned(self, config: ClusteringConfig, reference_ratio: float) -> bool:
+        paper = self.relative_size <= config.max_relative_size and self.silhouette >= config.min_silhouette
+        return paper and (config.max_reference_ratio is None or reference_ratio <= config.max_reference_ratio)
+
+
+def split_class(features: np.ndarray, label: int, members: np.ndarray, config: ClusteringConfig) -> ClassSplit:
+    """Reduces one class's activations and splits them in two; classes too small to split keep one cluster."""
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA, FastICA
+    from sklearn.metrics import silhouette_score
+
+    x = features[members].astype(np.float64)
+    dims = min(config.components, x.shape[1], len(members) - 1)
+    if dims < 1 or len(members) < 4 or np.allclose(x, x[0]):
+        return ClassSplit(label, len(members), members[:0], 0.0, 0.0)
+    if config.reduction == "ica":
+        reducer = FastICA(dims, random_state=config.seed, whiten="unit-variance", max_iter=500)
+    else:
+        reducer = PCA(dims, random_state=config.seed)
+    reduced = reducer.fit_transform(x - x.mean(axis=0))
+    assignment = KMeans(2, n_init=10, random_state=config.seed).fit_predict(reduced)
+    if len(np.unique(assignment)) < 2:
+        return ClassSplit(label, len(members), members[:0], 0.0, 0.0)
+    smaller = int(np.argmin(np.bincount(assignment, minlength=2)))
+    small = members[assignment == smaller]
+    silhouette = float(silhouette_score(reduced, assignment))
+    return ClassSplit(label, len(members), small, len(small) / len(members), silhouette)
+
+
+def class_splits(features: np.ndarray, labels: np.ndarray, config: ClusteringConfig) -> list[ClassSplit]:
+    return [split_class(features, int(c), np.flatnonzero(labels == c), config) for c in np.unique(labels)]
+
+
+def detect_clustering(
+    features: np.ndarray,
+    labels: np.ndarray,
+    sources: Sequence[str],
+    config: ClusteringConfig = ClusteringConfig(),
+    reference: str = "<reference>",
+    alpha: float = 0.01,
+) -> Findings:
+    """Activation-clustering findings on the rows whose source is not `reference` (those calibrate). A row's score
+    is its class's silhouette when it lies in the smaller cluster, else 0."""
+    labels = np.asarray(labels)
+    is_reference = check_inputs(features, labels, sources, reference)
+    scores = np.zeros(len(labels))
+    flagged = np.zeros(len(labels), dtype=bool)
+    for split in class_splits(features, labels, config):
+        ratio = split.reference_ratio(is_reference, np.flatnonzero(labels == split.label))
+        scores[split.small] = split.silhouette
+        flagged[split.small] = split.poisoned(config, ratio)
+    return findings("clustering", scores, flagged, labels, sources, is_reference, alpha)

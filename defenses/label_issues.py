@@ -1,0 +1,75 @@
+"""Confident learning (Northcutt, Jiang and Chuang, "Confident Learning: Estimating Uncertainty in Dataset
+Labels", JAIR 2021) through cleanlab: rows whose given label disagrees with out-of-sample predicted probabilities
+beyond what the estimated class-conditional noise explains are label issues, e.g. flipped labels.
+
+The probabilities must be out-of-sample: the model's own on rows it never trained on (a cycle's new candidates and
+held-out rows), or, by default, cross-validated predictions of a logistic regression on the features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from trainguard.defenses.errors import DetectionInputError
+from trainguard.defenses.findings import Findings, check_inputs, findings
+
+
+@dataclass(frozen=True)
+class LabelIssuesConfig:
+    """cleanlab's `filter_by` rule and the folds of the default cross-validated probabilities."""
+
+    filter_by: str = "prune_by_noise_rate"
+    folds: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.folds < 2:
+            raise DetectionInputError("label issues: folds must be >= 2")
+
+
+def cross_validated_probabilities(
+    features: np.ndarray, labels: np.ndarray, num_classes: int, config: LabelIssuesConfig
+) -> np.ndarray:
+    """Out-of-fold class probabilities (N, num_classes) of a standardised logistic regression on the features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    present = np.unique(labels)
+    smallest = int(np.bincount(labels)[present].min())
+    folds = max(2, min(config.folds, smallest))
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, C=0.1))
+    splitter = StratifiedKFold(folds, shuffle=True, random_state=config.seed)
+    predicted = cross_val_predict(model, features, labels, cv=splitter, method="predict_proba")
+    probabilities = np.full((len(labels), num_classes), 1e-6)
+    probabilities[:, present] = predicted
+    return probabilities / probabilities.sum(axis=1, keepdims=True)
+
+
+def detect_label_issues(
+    features: np.ndarray,
+    labels: np.ndarray,
+    sources: Sequence[str],
+    config: LabelIssuesConfig = LabelIssuesConfig(),
+    reference: str = "<reference>",
+    alpha: float = 0.01,
+    pred_probs: np.ndarray | None = None,
+) -> Findings:
+    """cleanlab's label issues among all rows; findings on the rows whose source is not `reference`. A row's score
+    is 1 - its label quality (cleanlab's self-confidence)."""
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    labels = np.asarray(labels, dtype=np.int64)
+    is_reference = check_inputs(features, labels, sources, reference)
+    if pred_probs is None:
+        pred_probs = cross_validated_probabilities(features, labels, int(labels.max()) + 1, config)
+    if pred_probs.shape[0] != len(labels) or labels.max() >= pred_probs.shape[1] or labels.min() < 0:
+        raise DetectionInputError(f"label issues: pred_probs {pred_probs.shape} do not cover {len(labels)} labels")
+    flagged = find_label_issues(labels, pred_probs, filter_by=config.filter_by)
+    scores = 1.0 - get_label_quality_scores(labels, pred_probs)
+    return findings("label-issues", scores, flagged, labels, sources, is_reference, alpha)

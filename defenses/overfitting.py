@@ -1,0 +1,156 @@
+"""`OverfittingGuard`: stops fast adversarial training at catastrophic overfitting and rolls back to the best epoch.
+
+FGSM-RS training ("fast" adversarial training: Wong, Rice & Kolter, 2020, "Fast is better than free: revisiting
+adversarial training", ICLR) can overfit catastrophically: within an epoch or two the model learns to defeat the
+single-step attack while its accuracy under PGD falls to about 0. Their reference guards against it by measuring
+PGD accuracy on a fixed batch after every epoch and stopping when it drops by more than 0.2; this guard does that
+against the best epoch so far, stops the trainer and restores that epoch's weights.
+
+The fixed batch is the first training batch the guard sees (clean: `AdversarialTraining` hands it over before
+crafting), kept for the whole run and in checkpoints. Every rank measures its own batch and the counts are summed
+over ranks, so all ranks decide alike; weights (identical across DDP ranks) are kept on the CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_warn
+
+from trainguard.defenses.attacks import PGD, crafting_autocast, parse_crafting
+from trainguard.defenses.attacks.base import Bound, LossFn
+from trainguard.defenses.attacks.batches import BatchKeys, Key
+from trainguard.defenses.attacks.bounds import check_bounds
+from trainguard.defenses.errors import AttackConfigError
+from trainguard.defenses.forward import BatchForward, ModuleForward, batch_rows
+from trainguard.defenses.task import Task, as_task
+
+
+class OverfittingGuard(pl.Callback):
+    """After each training epoch, PGD-`steps` accuracy at `eps` on a fixed batch of up to `max_samples` rows; a drop
+    of more than `max_drop` below the best epoch's stops training and restores the best epoch's weights.
+
+    `crafting`, `task` and `forward(module, batch, x)` are as for `AdversarialTraining` (the held rows keep their
+    extra inputs); accuracy is the mean of `Task.correct` under attack. Logs `adv/guard_acc` every epoch.
+    `rolled_back_from` is the epoch whose end triggered the rollback (else None), `best_epoch` the epoch whose
+    weights the module holds after a rollback. Used alone, put it before any callback that changes batches in place
+    (or it holds an attacked batch); `AdversarialTraining` drives one itself.
+    """
+
+    def __init__(
+        self,
+        *,
+        eps: float,
+        steps: int = 5,
+        max_drop: float = 0.2,
+        norm: str | float = "inf",
+        bounds: tuple[Bound, Bound] | None = (0.0, 1.0),
+        loss: LossFn | None = None,
+        task: Task | str | None = None,
+        max_samples: int | None = 512,
+        input_key: Key | None = None,
+        target_key: Key | None = None,
+        forward: ModuleForward | None = None,
+        seed: int = 0,
+        crafting: str = "trainer",
+    ) -> None:
+        if not 0.0 < max_drop <= 1.0:
+            raise AttackConfigError(f"max_drop must be within (0, 1], got {max_drop!r}")
+        if max_samples is not None and max_samples < 1:
+            raise AttackConfigError(f"max_samples must be >= 1 or None, got {max_samples!r}")
+        self.eps = eps
+        self.steps = steps
+        self.max_drop = float(max_drop)
+        self.norm = norm
+        self.bounds = check_bounds(bounds)
+        self.loss = loss
+        self.task = as_task(task)
+        self.max_samples = max_samples
+        self.keys = BatchKeys(input_key, target_key)
+        self.forward = forward
+        self.seed = seed
+        self.crafting = parse_crafting(crafting)
+        self.attack: PGD | None = None
+        self._forward: BatchForward | None = None
+        self.best_acc: float | None = None
+        self.best_epoch: int | None = None
+        self.rolled_back_from: int | None = None
+        self._held: Any = None
+        self._best_weights: dict[str, torch.Tensor] | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._forward = BatchForward(pl_module, self.forward)
+        self.attack = PGD(
+            pl_module,
+            eps=self.eps,
+            steps=self.steps,
+            norm=self.norm,
+            bounds=self.bounds,
+            loss=self.loss,
+            task=self.task,
+            forward=self._forward,
+            seed=self.seed + trainer.global_rank,
+            autocast=crafting_autocast(self.crafting, trainer),
+        )
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._held is None:
+            x, _ = self.keys.get(batch)
+            self._held = batch_rows(batch, slice(self.max_samples), len(x), copy=True)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        acc = self.held_accuracy(trainer, pl_module)
+        if acc is None:
+            return
+        pl_module.log("adv/guard_acc", acc, on_step=False, on_epoch=True)
+        epoch = trainer.current_epoch
+        if self.best_acc is None or acc >= self.best_acc:
+            self.best_acc, self.best_epoch = acc, epoch
+            self._best_weights = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
+        elif self.best_acc - acc > self.max_drop and self._best_weights is not None:
+            pl_module.load_state_dict(self._best_weights)
+            trainer.should_stop = True
+            self.rolled_back_from = epoch
+            rank_zero_warn(
+                f"OverfittingGuard: PGD accuracy on the held batch fell from {self.best_acc:.3f} (epoch "
+                f"{self.best_epoch}) to {acc:.3f} at epoch {epoch}: catastrophic overfitting; training stopped "
+                f"and the weights of epoch {self.best_epoch} restored"
+            )
+
+    def held_accuracy(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:
+        """PGD accuracy on the held batch, counts summed over ranks (same random starts every epoch); None before
+        any rank held a batch."""
+        if self.attack is None or self._forward is None:
+            raise AttackConfigError("OverfittingGuard was not set up: attach it to the Trainer's callbacks")
+        counts = torch.zeros(2, device=pl_module.device)
+        if self._held is not None:
+            held = pl_module.transfer_batch_to_device(self._held, pl_module.device, 0)
+            x, y = self.keys.get(held)
+            self.attack.reset_generator()
+            with torch.inference_mode(False), torch.enable_grad(), self._forward.on(held):
+                correct = self.task.correct(self.attack.predict(self.attack(x, y)), y)
+            counts = torch.stack([correct.sum().float(), counts.new_tensor(float(len(y)))])
+        counts = trainer.strategy.reduce(counts, reduce_op="sum")  # every rank joins, even one without batches
+        return float(counts[0] / counts[1]) if counts[1] > 0 else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "held": self._held,
+            "best_acc": self.best_acc,
+            "best_epoch": self.best_epoch,
+            "best_weights": self._best_weights,
+            "rolled_back_from": self.rolled_back_from,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._held = state_dict["held"]
+        self.best_acc = state_dict["best_acc"]
+        self.best_epoch = state_dict["best_epoch"]
+        self._best_weights = state_dict["best_weights"]
+        self.rolled_back_from = state_dict["rolled_back_from"]

@@ -1,0 +1,154 @@
+"""The cycle's detection stage: a contributor who flipped labels before signing is flagged as a source, its flagged
+rows are quarantined (never served to training, listed in the report, the attestation and MLflow) or all its shards
+rejected, depending on the configured action."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from trainguard.pipeline.attestation import cycle_record
+from trainguard.pipeline.config import load_config
+from trainguard.pipeline.cycle import run_cycle
+from trainguard.pipeline.demo import create_keys, sign_contributions, sign_trusted
+from trainguard.pipeline.errors import ConfigError
+from trainguard.pipeline.prepare import prepare_digits
+from trainguard.pipeline.threats import poison_shards
+from trainguard.provenance.allowlist import AllowedShard, AllowList
+from trainguard.provenance.dataset import VerifiedDataModule
+from trainguard.provenance.verify import open_manifest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def poisoned_workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, dict[str, set[int]]]:
+    """Signed digits where `dave` flipped 30% of the labels in each shard; returns the directory and, per shard key,
+    the rows he flipped."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").mkdir()
+    shutil.copy(REPO / "configs" / "digits-trust.yaml", tmp_path / "configs")
+    keys, data = tmp_path / "demo-work" / "keys", tmp_path / "demo-work" / "data"
+    create_keys(keys)
+    contributed = prepare_digits(data).contributed()
+    poisoned = sorted((data / "train" / "dave").glob("*.parquet"))
+    before = {p: pd.read_parquet(p)["label"].to_numpy() for p in poisoned}
+    poison_shards(poisoned, 0.3, seed=3)
+    flipped = {
+        f"digits-contributed:{p.relative_to(data / 'train').as_posix()}": set(
+            np.flatnonzero(pd.read_parquet(p)["label"].to_numpy() != before[p]).tolist()
+        )
+        for p in poisoned
+    }
+    sign_trusted(data, keys)
+    sign_contributions(data, keys, contributed)
+    return tmp_path, flipped
+
+
+def _config(workdir: Path, experiment: str, action: str) -> Path:
+    """The digits config, shortened, RONI off (detection alone decides), detectors on with `action`."""
+    config = yaml.safe_load((REPO / "configs" / "digits.yaml").read_text())
+    config["training"].update(max_epochs=2, bootstrap_epochs=25)
+    config["adversarial"]["enabled"] = False
+    config["robust_eval"].update(subset_size=50, steps=1)
+    config["gate"].update(min_robust_accuracy=0.0, min_clean_accuracy=0.5)
+    config["roni"]["enabled"] = False
+    config["detectors"] = {"enabled": True, "action": action}
+    config["tracking"] = {"experiment_name": experiment, "registered_model_name": experiment}
+    path = workdir / "cycle.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_flagged_rows_are_quarantined_reported_attested_and_logged(
+    poisoned_workdir: tuple[Path, dict[str, set[int]]], mlflow_uri: str
+) -> None:
+    workdir, flipped = poisoned_workdir
+    outcome = run_cycle(_config(workdir, "detect-rows", "quarantine-rows"))
+    assert outcome.status == "accepted", outcome.reason
+    report = json.loads(outcome.report.read_text())
+    detection = report["detection"]
+    assert detection["flagged_sources"] == ["dave"]
+    quarantined = detection["quarantined_rows"]
+    caught = sum(len(set(rows) & flipped.get(shard, set())) for shard, rows in quarantined.items())
+    clean_rows = detection["rows"] - sum(map(len, flipped.values()))
+    wrongly = sum(len(set(rows) - flipped.get(shard, set())) for shard, rows in quarantined.items())
+    assert caught >= 0.7 * sum(map(len, flipped.values()))
+    assert wrongly <= 0.05 * clean_rows
+    assert report["training"]["excluded_rows"] == quarantined
+    statement = json.loads(
+        base64.b64decode(json.loads((outcome.model_dir / "attestation.intoto.json").read_text())["payload"])
+    )
+    assert cycle_record(statement)["excludedRows"] == quarantined
+
+    client = mlflow.MlflowClient(mlflow_uri)
+    experiment = client.get_experiment_by_name("detect-rows")
+    screening = next(r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == "screening")
+    assert screening.data.metrics["detection/quarantined_rows"] == sum(map(len, quarantined.values()))
+    assert not any(k.startswith("detection/row") for k in screening.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(screening.info.run_id, "detection")}
+    assert artifacts == {f"detection/{name}.json" for name in ("spectral", "clustering", "label-issues")}
+
+
+def test_a_flagged_source_is_rejected_shard_by_shard(poisoned_workdir: tuple[Path, dict[str, set[int]]]) -> None:
+    workdir, flipped = poisoned_workdir
+    outcome = run_cycle(_config(workdir, "detect-source", "reject-source"))
+    rejected = {d.shard for d in outcome.shards if not d.accepted}
+    assert rejected == set(flipped)
+    assert all(d.check == "detection" and "dave" in d.reason for d in outcome.shards if d.shard in rejected)
+    report = json.loads(outcome.report.read_text())
+    assert report["training"]["excluded_rows"] == {}
+    assert not any("dave" in entry["name"] for entry in report["allow_list"])
+
+
+def test_the_data_module_never_serves_quarantined_rows_yet_reads_the_shard_whole(
+    poisoned_workdir: tuple[Path, dict[str, set[int]]],
+) -> None:
+    workdir, flipped = poisoned_workdir
+    data = workdir / "demo-work" / "data"
+    verified = open_manifest(
+        data / "train.manifest.json", workdir / "configs" / "digits-trust.yaml", data_dir=data / "train"
+    )
+    key, rows = next(iter(sorted(flipped.items())))
+    shard = next(s for s in verified.manifest.shards if f"digits-contributed:{s.name}" == key)
+    allow = AllowList.of([AllowedShard(verified.manifest_sha256, "digits-contributed", shard.name, shard.sha256)])
+    module = VerifiedDataModule.from_verified(
+        [verified], allow, exclude_rows={key: rows}, val_roles=None, feature_columns=None
+    )
+    module.setup()
+    frame = pd.read_parquet(data / "train" / shard.name)
+    kept = np.setdiff1d(np.arange(len(frame)), sorted(rows))
+    assert len(module.train_set) == len(kept)
+    assert np.array_equal(module.train_set.labels.numpy(), frame["label"].to_numpy()[kept])
+    allow.check_reads(module.read_log)
+
+
+def test_detector_options_are_checked_when_the_config_loads(tmp_path: Path) -> None:
+    document = yaml.safe_load((REPO / "configs" / "digits.yaml").read_text())
+    for options, key in (
+        ({"spectral": {"rule": "top"}}, "detectors.spectral.rule"),
+        ({"clustering": {"k": 3}}, "detectors.clustering.k"),
+    ):
+        document["detectors"] = {"enabled": True, **options}
+        path = tmp_path / "cycle.yaml"
+        path.write_text(yaml.safe_dump(document))
+        with pytest.raises(ConfigError) as caught:
+            load_config(path)
+        assert caught.value.key == key
+    document["detectors"] = {"enabled": True, "action": "delete"}
+    path.write_text(yaml.safe_dump(document))
+    with pytest.raises(ConfigError, match=r"detectors\.action"):
+        load_config(path)
+    document["detectors"] = {"enabled": True}
+    document["task"] = "regression"
+    path.write_text(yaml.safe_dump(document))
+    with pytest.raises(ConfigError, match="class label"):
+        load_config(path)
