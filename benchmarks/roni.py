@@ -108,9 +108,7 @@ def print_efficacy(title: str, counts: dict[float, list[int]], seconds: list[flo
 
 def scaling(rep: Repeat, sizes: list[int], config: ScreeningConfig, tries: int) -> None:
     """Wall time (best of `tries`, after a warm-up) for n candidates, all copies batched under vmap or one by one."""
-    print(
-        f"\ncost vs number of candidates (+{config.calibration_shards} calibration copies, {config.steps} steps each;"
-    )
+    print(f"\ncost vs number of candidates (+{config.calibration_draws} calibration copies, {config.steps} steps each;")
     print(f"best of {tries} after a warm-up; the machine is shared, see load)")
     print(f"{'candidates':>10} | {'batched vmap s':>14} | {'sequential s':>12} | {'ratio':>5}")
     pool = [c.data for c in rep.candidates]
@@ -248,7 +246,7 @@ def head_scope(repeats: int, epochs: int, width: int) -> None:
     tp, fn, fp, tn = counts
     first = reports[0]
     print(f"scope {first.scope} (head from {first.head!r}), auto lr {sorted({r.lr for r in reports})}, ", end="")
-    print(f"{first.config.calibration_shards} calibration + {shards} candidate copies per screening, {repeats} repeats")
+    print(f"{first.config.calibration_draws} calibration + {shards} candidate copies per screening, {repeats} repeats")
     print(f"{'flip rate':>9} | {'TPR':>5} {'(caught/poisoned)':>17} | {'FPR':>6} {'(flagged/clean)':>15} | goal")
     caught, flagged = f"({tp}/{tp + fn})", f"({fp}/{fp + tn})"
     print(f"{0.3:>9.0%} | {tp / (tp + fn):5.3f} {caught:>17} | {fp / (fp + tn):6.3f} {flagged:>15} | ", end="")
@@ -284,7 +282,7 @@ def main() -> None:
         f"{repeats * (SHARDS_PER_RATE - POISONED_PER_RATE)} clean shards per flip rate",
         counts,
         seconds,
-        config.calibration_shards + len(reps[0].candidates),
+        config.calibration_draws + len(reps[0].candidates),
     )
 
     cnn_repeats = 2 if args.quick else 5
@@ -297,7 +295,7 @@ def main() -> None:
         f"{cnn_repeats * (SHARDS_PER_RATE - POISONED_PER_RATE)} clean shards per flip rate",
         counts,
         seconds,
-        cnn_config.calibration_shards + len(cnn[0].candidates),
+        cnn_config.calibration_draws + len(cnn[0].candidates),
     )
 
     scaling(reps[0], [10, 20, 40] if args.quick else [10, 20, 40, 80], config, tries=1 if args.quick else 3)

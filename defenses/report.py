@@ -1,13 +1,15 @@
 """Records a RONI screening: a local JSON report and PNG plot first, then the same to MLflow when it is reachable.
 
-MLflow gets a compact summary (threshold, counts, time) as metrics, the screening config as params, every candidate's
-decision as one table (`roni/decisions.json`, through `log_table`), and the JSON report and plot as artifacts: a
-fixed number of calls and keys however many shards are screened.
+MLflow gets a compact summary (level, counts, flagged sources, time) as metrics, the screening config as params,
+every candidate's decision with its p-values as one table (`roni/decisions.json`) and every source's as another
+(`roni/sources.json`, through `log_table`), and the JSON report and plot as artifacts: a fixed number of calls and
+keys however many shards are screened.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 import urllib.request
 from dataclasses import asdict, dataclass
@@ -17,6 +19,7 @@ from trainguard.defenses.roni import ScreeningReport
 from trainguard.files import atomic_write
 
 DECISIONS_TABLE = "roni/decisions.json"
+SOURCES_TABLE = "roni/sources.json"
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,7 @@ class ReportOutcome:
 
 
 def plot_impacts(report: ScreeningReport, path: Path) -> Path:
-    """Bar chart of each candidate's impact (red when rejected) and the calibration impacts against the threshold."""
+    """Bar chart of each candidate's -log10 adjusted p-value (red when rejected) against the level."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -44,14 +47,13 @@ def plot_impacts(report: ScreeningReport, path: Path) -> Path:
     try:
         names = [d.name for d in report.decisions]
         colors = ["tab:green" if d.accepted else "tab:red" for d in report.decisions]
-        ax.bar(range(len(names)), [d.impact for d in report.decisions], color=colors, label="candidates")
-        ax.scatter(
-            [-1] * len(report.calibration_impacts), report.calibration_impacts, s=8, color="gray", label="calibration"
-        )
-        ax.axhline(report.threshold, color="black", linestyle="--", label=f"threshold {report.threshold:.4f}")
-        ax.set_xticks([-1, *range(len(names))], ["calib.", *names], rotation=90, fontsize=7)
-        ax.set_ylabel("held-out soft-accuracy drop")
-        ax.set_title("RONI screening: impact per candidate")
+        heights = [-math.log10(d.adjusted_p_value) for d in report.decisions]
+        ax.bar(range(len(names)), heights, color=colors, label="candidates")
+        level = report.config.level
+        ax.axhline(-math.log10(level), color="black", linestyle="--", label=f"level {level:g}")
+        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+        ax.set_ylabel("-log10 adjusted p-value")
+        ax.set_title(f"RONI screening: adjusted p-value per candidate ({report.config.error_control})")
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(path, dpi=100)
@@ -93,10 +95,11 @@ def _log_to_mlflow(
     try:
         now = int(time.time() * 1000)
         metrics = [Metric(name, float(value), now, 0) for name, value in screening_summary(report).items()]
-        params = [Param("roni.calibration_rows", str(report.calibration_size))]
+        params = [Param("roni.calibration_sizes", ",".join(str(c.size) for c in report.calibration.sizes))]
         params += [Param(f"roni.{k}", str(v)) for k, v in asdict(report.config).items()]
         client.log_batch(run_id, metrics=metrics, params=params[:100])
         client.log_table(run_id, decision_table(report), DECISIONS_TABLE)
+        client.log_table(run_id, source_table(report), SOURCES_TABLE)
         client.log_artifact(run_id, str(json_path), artifact_path="roni")
         client.log_artifact(run_id, str(plot_path), artifact_path="roni")
     except BaseException:
@@ -111,17 +114,26 @@ def _log_to_mlflow(
 def screening_summary(report: ScreeningReport) -> dict[str, float]:
     """The screening's headline numbers, the same in MLflow and in the local report."""
     return {
-        "roni/threshold": report.threshold,
+        "roni/level": report.config.level,
         "roni/candidates": float(len(report.decisions)),
         "roni/accepted": float(len(report.accepted)),
         "roni/rejected": float(len(report.rejected)),
+        "roni/flagged_sources": float(len(report.flagged)),
         "roni/seconds": report.seconds,
     }
 
 
 def decision_table(report: ScreeningReport) -> dict[str, list[object]]:
     """One column per decision field, one row per candidate (for `log_table`: one artifact, not a metric each)."""
-    rows = report.to_dict()["decisions"]
+    return _columns(report.to_dict()["decisions"])
+
+
+def source_table(report: ScreeningReport) -> dict[str, list[object]]:
+    """One column per source-decision field, one row per source."""
+    return _columns(report.to_dict()["sources"])
+
+
+def _columns(rows: object) -> dict[str, list[object]]:
     assert isinstance(rows, list)
     columns = list(rows[0]) if rows else []
     return {column: [row[column] for row in rows] for column in columns}

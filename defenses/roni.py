@@ -1,13 +1,25 @@
-"""Reject On Negative Impact (Nelson et al.) per candidate shard or source, calibrated on known-good data.
+"""Reject On Negative Impact (Nelson et al. 2009) per candidate shard and per source, with a stated error rate.
 
 Each candidate fine-tunes a copy of the current model for a fixed budget; its impact is how much the held-out soft
 accuracy (mean probability of the true class, overall and per class) drops. The soft accuracy is bounded per row, so
 a few hard held-out rows cannot dominate it as they dominate the cross-entropy. For other tasks (`task=`) the copies
-fine-tune on the task's loss and the soft accuracy is the task's `soft_correct` (label probabilities for multilabel,
-a Gaussian kernel of the error in tolerances for regression, a custom metric); the per-class rule is
-classification's, other tasks are screened on the overall impact. Calibration shards of the same size
-drawn from trusted data give the distribution of clean impacts; a candidate is rejected when an impact exceeds
-median + k * MAD of that distribution. All copies (calibration and candidates) train together (`defenses.copies`).
+fine-tune on the task's loss and the soft accuracy is the task's `soft_correct`; the per-class metrics are
+classification's, other tasks are screened on the overall impact. All copies train together (`defenses.copies`).
+
+The decision is a conformal test (`defenses.conformal`): a candidate of n rows is compared with clean calibration
+draws of n rows (size-matched: one fine-tune on 900 rows moves the model less than one on 50, so a big candidate is
+held to draws as big as itself). The overall and per-class impacts are reduced to one max-statistic, so the per-class
+rule spends the same budget. Calibration draws are a two-level bootstrap of the trusted data: the pool is resampled,
+then n rows are drawn with replacement from the resample. A fresh contribution differs from the trusted pool by its
+own sampling noise (variance ~ 1/n) plus the pool's (~ 1/N); drawing without replacement from the pool would have
+neither the pool's noise nor, once n nears N, the shard's: calibration tighter than fresh shards, and clean
+contributions rejected far more often than the level says.
+
+No dilution: a source's shards are also judged together, by screening their union (size-matched) and by combining
+the p-values of all its shard tests, earlier cycles' included (Fisher or Stouffer); a flagged source loses every
+shard. With `error_control="per-candidate"` (the default) every clean shard is rejected with probability at most
+`level` (its own test and its source's share the budget, Bonferroni); "bh" / "by" control the false discovery
+rate across the cycle's shard and source tests instead.
 
 The scope is the whole network for small models and, for large ones, the last layer(s) on features computed once
 per row (`defenses.features`). The learning rate is the largest on a grid at which clean calibration copies stay
@@ -18,14 +30,24 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Literal, overload
 
 import numpy as np
 import torch
 from torch import nn
 
+from trainguard.defenses.conformal import (
+    Combination,
+    ErrorControl,
+    Standardizer,
+    bonferroni_min,
+    combined,
+    conformal_p_values,
+    step_up_adjusted,
+)
 from trainguard.defenses.copies import finetune_heldout_probabilities
 from trainguard.defenses.errors import ScreeningInputError
 from trainguard.defenses.features import HeadSplit, head_features, parameter_count, split_head
@@ -33,8 +55,9 @@ from trainguard.defenses.forward import ModuleForward, plain_forward
 from trainguard.defenses.heldout import LabeledData, per_class_mean
 from trainguard.defenses.task import Task, as_task
 
-MAD_TO_SIGMA = 1.4826  # makes the MAD a consistent estimate of a normal standard deviation
 LR_GRID = (0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001)
+LR_PROBE_DRAWS = 40  # calibration draws that try each rate of the grid ("auto" lr)
+SCALE_DRAWS = 50  # extra draws per size that fit the standardisation, kept apart from the p-value draws
 
 
 @dataclass(frozen=True)
@@ -50,13 +73,16 @@ class Candidate:
 class ScreeningConfig:
     """Fine-tuning budget, scope and decision rule of the screening.
 
-    `k` is how many robust standard deviations (1.4826 * MAD, at least `min_scale`) above the median calibration
-    impact the overall impact may lie; `class_k` the same per class, in units of the median per-class robust
-    deviation (pooled over classes, since a class whose calibration impacts barely vary would otherwise flag every
-    small change). `min_scale` keeps a saturated model (clean impacts all ~0) from flagging every shard.
-    `calibration_shards` clean shards are drawn (without replacement inside a shard) from the trusted data, each as
-    large as the smallest candidate unless `calibration_size` is set.
-    `lr="auto"` takes the largest rate of `lr_grid` at which every calibration copy stays finite and the median one
+    `level`: with `error_control` "per-candidate", the probability that a clean shard is rejected (its own test and
+    its source's test get `level`/2 each where a source test exists); with "bh" / "by", the false discovery rate
+    across the cycle's shard and source tests. `calibration_draws` clean draws per candidate size give the p-values
+    (the smallest is 1 / (draws + 1), so `draws + 1 >= 4 / level` is required: a union test must be able to reject
+    under the 4-way split); `SCALE_DRAWS` more fit each metric's center and scale. Sizes within `size_tolerance`
+    share the draws of the smallest of them (smaller draws vary more: the shared test is, if anything, lenient).
+    `combination` merges a source's shard p-values (earlier cycles' included). `min_scale` keeps a saturated model
+    (clean impacts all ~0) from turning tiny changes into huge standardised ones. `per_class` adds one metric per
+    class to the max-statistic.
+    `lr="auto"` takes the largest rate of `lr_grid` at which every probe copy stays finite and the median one
     loses at most `lr_tolerance` of held-out soft accuracy.
     `scope` "full" fine-tunes every parameter; "head" only the last `head_layers` Linear layers (or the module named
     by `feature_layer` and what follows it in its nn.Sequential) on frozen features; "auto" is "head" for models of
@@ -68,12 +94,13 @@ class ScreeningConfig:
     lr: float | Literal["auto"] = "auto"
     lr_grid: tuple[float, ...] = LR_GRID
     lr_tolerance: float = 0.05
-    k: float = 5.0
-    class_k: float = 18.0
+    level: float = 0.01
+    error_control: ErrorControl = "per-candidate"
+    calibration_draws: int = 500
+    combination: Combination = "fisher"
+    size_tolerance: float = 0.1
     min_scale: float = 1e-3
     per_class: bool = True
-    calibration_shards: int = 40
-    calibration_size: int | None = None
     num_classes: int | None = None
     scope: Literal["auto", "full", "head"] = "auto"
     feature_layer: str | None = None
@@ -84,17 +111,25 @@ class ScreeningConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.k <= 0 or self.class_k <= 0 or self.min_scale < 0:
+        if self.steps < 1 or self.min_scale < 0 or not 0 <= self.size_tolerance < 1 or self.seed < 0:
             raise ScreeningInputError(
-                "screening config: steps >= 1, k > 0, class_k > 0 and min_scale >= 0 are required"
+                "screening config: steps >= 1, min_scale >= 0, size_tolerance in [0, 1) and seed >= 0 are required"
             )
         if self.lr != "auto" and not (isinstance(self.lr, int | float) and self.lr > 0):
             raise ScreeningInputError("screening config: lr must be > 0 or 'auto'")
         if not self.lr_grid or min(self.lr_grid) <= 0 or not 0 < self.lr_tolerance <= 1:
             raise ScreeningInputError("screening config: lr_grid needs rates > 0 and lr_tolerance must be in (0, 1]")
-        if self.calibration_shards < 5:
+        if not 0 < self.level < 1:
+            raise ScreeningInputError(f"screening config: level must be in (0, 1), got {self.level}")
+        if self.calibration_draws + 1 < 4 / self.level:
             raise ScreeningInputError(
-                "screening config: at least 5 calibration shards are needed for robust statistics"
+                f"screening config: {self.calibration_draws} calibration draws cannot reach p <= level/4 = "
+                f"{self.level / 4:g} (the smallest p-value is 1/(draws+1)); use at least "
+                f"{math.ceil(4 / self.level) - 1} draws or a larger level"
+            )
+        if self.error_control not in ("per-candidate", "bh", "by") or self.combination not in ("fisher", "stouffer"):
+            raise ScreeningInputError(
+                "screening config: error_control is 'per-candidate', 'bh' or 'by'; combination 'fisher' or 'stouffer'"
             )
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ScreeningInputError("screening config: chunk_size must be >= 1 (or None to size it from memory)")
@@ -103,39 +138,83 @@ class ScreeningConfig:
 
 
 @dataclass(frozen=True)
+class SizeCalibration:
+    """Clean draws of one size: the standardisation fitted on `SCALE_DRAWS` of them and the max-statistics (and
+    overall impacts) of the `calibration_draws` others, which the p-values count against."""
+
+    size: int
+    standardizer: Standardizer
+    scores: tuple[float, ...]
+    impacts: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The learning rate and the per-size calibrations of one model, trusted set and held-out set. A screening
+    returns the one it used (extended by any size it lacked), to pass to the next screening of the same three."""
+
+    lr: float
+    chunk_size: int | None
+    scope: str
+    sizes: tuple[SizeCalibration, ...] = ()
+
+    def matching(self, size: int, tolerance: float) -> SizeCalibration | None:
+        """The largest calibrated size <= `size` within `tolerance` of it (smaller draws: a lenient match)."""
+        fits = [c for c in self.sizes if c.size <= size and c.size >= size * (1 - tolerance)]
+        return max(fits, key=lambda c: c.size, default=None)
+
+
+@dataclass(frozen=True)
 class CandidateDecision:
-    """Drop of the held-out soft accuracy caused by one candidate, the thresholds it was held to, and the verdict."""
+    """One shard's test: its impacts, max-statistic and p-value against `calibration_size`-row draws, its source's
+    p-value, the adjusted p-value compared with the level, and the verdict with a one-line reason."""
 
     name: str
     source: str
     size: int
     impact: float
-    threshold: float
     class_impacts: tuple[float, ...]
-    class_thresholds: tuple[float, ...]
     score: float
+    p_value: float
+    source_p_value: float | None
+    adjusted_p_value: float
+    calibration_size: int
     accepted: bool
     reason: str
 
 
 @dataclass(frozen=True)
+class SourceDecision:
+    """A source judged as a whole: the union of its shards screened size-matched (when it has several this cycle),
+    the combination of all its shard p-values (`earlier` of them from previous cycles), and whether it is flagged
+    (then every shard of it is rejected)."""
+
+    source: str
+    shards: tuple[str, ...]
+    rows: int
+    union_impact: float | None
+    union_p_value: float | None
+    combined_p_value: float
+    earlier: int
+    p_value: float
+    adjusted_p_value: float
+    flagged: bool
+    reason: str
+
+
+@dataclass(frozen=True)
 class ScreeningReport:
-    """All decisions of one screening, with the calibration they were measured against and how the copies trained:
+    """All decisions of one screening, the calibration they were measured against and how the copies trained:
     `scope` "full" or "head" (then `head` names the module whose input was the frozen feature), the learning rate
     used and the copies trained at once."""
 
     decisions: tuple[CandidateDecision, ...]
-    threshold: float
-    class_thresholds: tuple[float, ...]
-    calibration_impacts: tuple[float, ...]
-    calibration_size: int
+    sources: tuple[SourceDecision, ...]
+    calibration: Calibration
     config: ScreeningConfig
     seconds: float
     base_soft_accuracy: float
-    scope: str
     head: str | None
-    lr: float
-    chunk_size: int
 
     @property
     def accepted(self) -> tuple[CandidateDecision, ...]:
@@ -145,43 +224,64 @@ class ScreeningReport:
     def rejected(self) -> tuple[CandidateDecision, ...]:
         return tuple(d for d in self.decisions if not d.accepted)
 
+    @property
+    def scope(self) -> str:
+        return self.calibration.scope
+
+    @property
+    def lr(self) -> float:
+        return self.calibration.lr
+
+    @property
+    def chunk_size(self) -> int | None:
+        return self.calibration.chunk_size
+
+    @property
+    def flagged(self) -> tuple[SourceDecision, ...]:
+        return tuple(s for s in self.sources if s.flagged)
+
     def to_dict(self) -> dict[str, object]:
         """Plain JSON-ready data; non-finite numbers (classes absent from the held-out set) become None."""
         decisions = [
-            {**asdict(d), "class_impacts": _finite(d.class_impacts), "class_thresholds": _finite(d.class_thresholds)}
-            for d in self.decisions
+            {**asdict(d), "class_impacts": _finite(d.class_impacts), "score": _number(d.score)} for d in self.decisions
+        ]
+        calibration = [
+            {
+                "size": c.size,
+                "draws": len(c.scores),
+                "impact_quantiles": _quantiles(c.impacts),
+                "score_quantiles": _quantiles(c.scores),
+            }
+            for c in self.calibration.sizes
         ]
         return {
-            "threshold": self.threshold,
-            "class_thresholds": _finite(self.class_thresholds),
-            "calibration_impacts": list(self.calibration_impacts),
-            "calibration_size": self.calibration_size,
+            "level": self.config.level,
+            "error_control": self.config.error_control,
+            "combination": self.config.combination,
+            "calibration": calibration,
             "base_soft_accuracy": self.base_soft_accuracy,
             "seconds": self.seconds,
-            "scope": self.scope,
+            "scope": self.calibration.scope,
             "head": self.head,
-            "lr": self.lr,
-            "chunk_size": self.chunk_size,
+            "lr": self.calibration.lr,
+            "chunk_size": self.calibration.chunk_size,
             "config": asdict(self.config),
             "decisions": decisions,
+            "sources": [{**asdict(s), "union_impact": _number(s.union_impact)} for s in self.sources],
         }
 
 
+def _number(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
 def _finite(values: Sequence[float]) -> list[float | None]:
-    return [v if math.isfinite(v) else None for v in values]
+    return [_number(v) for v in values]
 
 
-def robust_scale(values: Sequence[float]) -> float:
-    """1.4826 * median absolute deviation: a standard deviation that a minority of outliers cannot inflate."""
-    arr = np.asarray(values, dtype=np.float64)
-    return float(MAD_TO_SIGMA * np.median(np.abs(arr - np.median(arr))))
-
-
-def robust_threshold(values: Sequence[float], k: float, floor: float = 0.0) -> float:
-    """median + k * max(robust_scale, floor): the largest impact still counted as clean."""
-    if len(values) == 0:
-        raise ScreeningInputError("robust threshold of an empty calibration set")
-    return float(np.median(np.asarray(values, dtype=np.float64)) + k * max(robust_scale(values), floor))
+def _quantiles(values: Sequence[float]) -> dict[str, float]:
+    qs = np.quantile(np.asarray(values, dtype=np.float64), [0.5, 0.9, 0.99, 1.0])
+    return {"median": float(qs[0]), "q90": float(qs[1]), "q99": float(qs[2]), "max": float(qs[3])}
 
 
 def group_by_source(candidates: Sequence[Candidate]) -> list[Candidate]:
@@ -209,58 +309,63 @@ def _heldout_probabilities(
         model.train(was_training)
 
 
-def _calibration_shards(trusted: LabeledData, size: int, count: int, seed: int) -> list[LabeledData]:
-    if len(trusted) < size:
-        raise ScreeningInputError(f"calibration needs shards of {size} rows but the trusted data has {len(trusted)}")
-    rng = np.random.default_rng(seed)
-    shards = []
-    for _ in range(count):
-        rows = torch.as_tensor(rng.choice(len(trusted), size=size, replace=False))
-        shards.append(trusted.take(rows))
-    return shards
+class _Draws(Sequence[LabeledData]):
+    """Calibration shards as row indices into the trusted data, materialised a chunk at a time (thousands of large
+    draws of frozen features would not fit in memory at once)."""
+
+    def __init__(self, trusted: LabeledData, rows: np.ndarray) -> None:
+        self.trusted = trusted
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @overload
+    def __getitem__(self, index: int) -> LabeledData: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[LabeledData]: ...
+    def __getitem__(self, index: int | slice) -> LabeledData | list[LabeledData]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return self.trusted.take(torch.as_tensor(self.rows[index]))
 
 
-def class_thresholds_of(values: np.ndarray, k: float, floor: float = 0.0) -> np.ndarray:
-    """Per-class thresholds from calibration impacts (shards x classes): median_c + k * pooled robust scale.
-
-    The scale is the median over classes of each class's robust scale (at least `floor`); a class absent from the
-    held-out set (NaN) gets +inf.
-    """
-    present = ~np.isnan(values).all(0)
-    out = np.full(values.shape[1], math.inf)
-    if present.any():
-        medians = np.array([np.median(values[:, c]) for c in np.flatnonzero(present)])
-        scale = max(floor, float(np.median([robust_scale(values[:, c]) for c in np.flatnonzero(present)])))
-        out[present] = medians + k * scale
-    return out
-
-
-def _decide(impact: float, threshold: float, class_impacts: np.ndarray, class_thresholds: np.ndarray) -> str:
-    """'' when clean, else a one-line reason naming the metric that dropped too much (non-finite fails closed)."""
-    if not math.isfinite(impact):
-        return "held-out metrics became non-finite when fine-tuning on this candidate"
-    if impact > threshold:
-        return f"held-out soft accuracy dropped by {impact:.4f}, above the calibrated threshold {threshold:.4f}"
-    with np.errstate(invalid="ignore"):
-        over = np.nan_to_num(class_impacts - class_thresholds, nan=-math.inf)
-    worst = int(np.argmax(over))
-    if over[worst] > 0:
-        return (
-            f"held-out soft accuracy of class {worst} dropped by {class_impacts[worst]:.4f}, "
-            f"above its calibrated threshold {class_thresholds[worst]:.4f}"
-        )
-    return ""
+def bootstrap_draws(pool_size: int, size: int, count: int, seed: int, stream: int = 0) -> np.ndarray:
+    """Row indices (count x size) of clean draws: each resamples the pool, then draws `size` rows with replacement
+    from that resample, so a draw varies like a fresh shard compared with the pool (both noises, see the module)."""
+    if pool_size < 1:
+        raise ScreeningInputError("calibration needs trusted rows to draw from; the trusted data is empty")
+    rng = np.random.default_rng([stream, size, seed])
+    resampled = rng.integers(0, pool_size, size=(count, pool_size))
+    return np.take_along_axis(resampled, rng.integers(0, pool_size, size=(count, size)), axis=1)
 
 
 @dataclass(frozen=True)
 class _Scoped:
-    """The network each copy fine-tunes and the data in its input space (the frozen features for a head)."""
+    """The network each copy fine-tunes and the data in its input space (the frozen features for a head), with the
+    task it trains on and the forward hook (full scope only) that feeds it extra inputs."""
 
     net: nn.Module
     head: str | None
     trusted: LabeledData
     holdout: LabeledData
     candidates: tuple[LabeledData, ...]
+    task: Task
+    forward: ModuleForward | None
+
+    def finetuned(self, shards: Sequence[LabeledData], lr: float, config: ScreeningConfig, chunk_size: int | None):
+        """Held-out soft scores of one copy per shard (`defenses.copies`)."""
+        return finetune_heldout_probabilities(
+            self.net,
+            shards,
+            self.holdout,
+            lr=lr,
+            steps=config.steps,
+            chunk_size=chunk_size,
+            batched=config.batched,
+            task=self.task,
+            forward=self.forward,
+        )
 
 
 def _scoped(
@@ -269,12 +374,14 @@ def _scoped(
     holdout: LabeledData,
     candidates: Sequence[Candidate],
     config: ScreeningConfig,
+    task: Task,
+    forward: ModuleForward | None,
 ) -> _Scoped:
     scope = config.scope
     if scope == "auto":
         scope = "head" if parameter_count(model) > config.head_above else "full"
     if scope == "full":
-        return _Scoped(model, None, trusted, holdout, tuple(c.data for c in candidates))
+        return _Scoped(model, None, trusted, holdout, tuple(c.data for c in candidates), task, forward)
     if holdout.extras:
         raise ScreeningInputError(
             f"head-scope screening computes features from the input alone, but the model also takes "
@@ -290,53 +397,114 @@ def _scoped(
         LabeledData(trusted_x, trusted.y),
         LabeledData(holdout_x, holdout.y),
         tuple(LabeledData(x, c.data.y) for x, c in zip(parts, candidates, strict=True)),
+        task,
+        None,
     )
 
 
 @dataclass(frozen=True)
-class _Calibrated:
-    lr: float
-    probabilities: torch.Tensor
-    chunk_size: int
+class _Impacts:
+    """What fine-tuning did to the held-out set: the metrics each copy moved (copies x [overall, class...])."""
+
+    base: torch.Tensor
+    holdout_y: torch.Tensor
+    num_classes: int
+    per_class: bool
+
+    def of(self, probabilities: torch.Tensor) -> np.ndarray:
+        probs = probabilities.double()
+        overall = (self.base.mean() - probs.mean(1)).numpy()[:, None]
+        if not self.per_class:
+            return overall
+        per_class = per_class_mean(self.base, self.holdout_y, self.num_classes) - per_class_mean(
+            probs, self.holdout_y, self.num_classes
+        )
+        return np.concatenate([overall, per_class.numpy()], axis=1)
 
 
-def _calibrated(
-    net: nn.Module,
-    shards: Sequence[LabeledData],
-    holdout: LabeledData,
-    base: torch.Tensor,
-    config: ScreeningConfig,
-    task: Task,
-    forward: ModuleForward | None,
-) -> _Calibrated:
-    """Calibration copies fine-tuned at the configured rate, or at the largest stable rate of the grid ('auto')."""
-    rates = sorted(config.lr_grid, reverse=True) if config.lr == "auto" else [float(config.lr)]
+def _learning_rate(scoped: _Scoped, size: int, impacts: _Impacts, config: ScreeningConfig) -> tuple[float, int]:
+    """The largest rate of the grid at which probe copies stay finite and keep their held-out soft accuracy, with
+    the copies per chunk the probe measured."""
+    rates = sorted(config.lr_grid, reverse=True)
+    probe = _Draws(scoped.trusted, bootstrap_draws(len(scoped.trusted), size, LR_PROBE_DRAWS, config.seed, stream=1))
     for lr in rates:
-        run = finetune_heldout_probabilities(
-            net,
-            shards,
-            holdout,
-            lr=lr,
-            steps=config.steps,
-            chunk_size=config.chunk_size,
-            batched=config.batched,
-            task=task,
-            forward=forward,
-        )
-        impacts = base.mean() - run.probabilities.double().mean(1)
-        if not torch.isfinite(impacts).all():
+        run = scoped.finetuned(probe, lr, config, config.chunk_size)
+        overall = impacts.of(run.probabilities)[:, 0]
+        if not np.isfinite(overall).all():
             continue
-        if config.lr != "auto" or float(impacts.median()) <= config.lr_tolerance:
-            return _Calibrated(lr, run.probabilities, run.chunk_size)
-    if config.lr != "auto":
-        raise ScreeningInputError(
-            f"screening diverged: fine-tuning with lr={config.lr} for {config.steps} steps gave non-finite held-out "
-            "metrics on known-good calibration shards; lower ScreeningConfig.lr"
-        )
+        if float(np.median(overall)) <= config.lr_tolerance:
+            return lr, run.chunk_size
     raise ScreeningInputError(
         f"screening found no stable learning rate in lr_grid={config.lr_grid}: on known-good calibration shards "
         f"every rate diverged or cost more than {config.lr_tolerance} held-out soft accuracy; add smaller rates"
     )
+
+
+def _calibrate_size(
+    scoped: _Scoped, size: int, lr: float, chunk_size: int | None, impacts: _Impacts, config: ScreeningConfig
+) -> tuple[SizeCalibration, int]:
+    """`SCALE_DRAWS + calibration_draws` clean draws of `size` rows: the first fit the standardisation, the others'
+    max-statistics are the calibration scores (split conformal: the scores are exchangeable with a clean
+    candidate's because the standardisation never saw them)."""
+    rows = bootstrap_draws(len(scoped.trusted), size, SCALE_DRAWS + config.calibration_draws, config.seed)
+    run = scoped.finetuned(_Draws(scoped.trusted, rows), lr, config, chunk_size)
+    values = impacts.of(run.probabilities)
+    if not np.isfinite(values[:, 0]).all():
+        raise ScreeningInputError(
+            f"screening diverged: fine-tuning with lr={lr} for {config.steps} steps gave non-finite held-out metrics "
+            f"on known-good {size}-row calibration draws; lower ScreeningConfig.lr"
+        )
+    standardizer = Standardizer.fit(values[:SCALE_DRAWS], config.min_scale, shared_from=1)
+    scores = standardizer.score(values[SCALE_DRAWS:])
+    calibrated = SizeCalibration(size, standardizer, tuple(scores.tolist()), tuple(values[SCALE_DRAWS:, 0].tolist()))
+    return calibrated, run.chunk_size
+
+
+def _calibrated(
+    scoped: _Scoped, sizes: Sequence[int], impacts: _Impacts, config: ScreeningConfig, given: Calibration | None
+) -> Calibration:
+    """`given` (or a new calibration at the learning rate found for the smallest size) extended to every size."""
+    calibration = given
+    if calibration is None:
+        scope = "full" if scoped.head is None else "head"
+        if config.lr == "auto":
+            lr, chunk = _learning_rate(scoped, min(sizes), impacts, config)
+            calibration = Calibration(lr, config.chunk_size or chunk, scope)
+        else:
+            calibration = Calibration(float(config.lr), config.chunk_size, scope)
+    for size in sorted(sizes):
+        if calibration.matching(size, config.size_tolerance) is None:
+            fresh, chunk = _calibrate_size(scoped, size, calibration.lr, calibration.chunk_size, impacts, config)
+            ordered = tuple(sorted((*calibration.sizes, fresh), key=lambda c: c.size))
+            calibration = Calibration(calibration.lr, calibration.chunk_size or chunk, calibration.scope, ordered)
+    return calibration
+
+
+@dataclass(frozen=True)
+class _Tested:
+    """One fine-tuned candidate (a shard or a source's union) against its size's calibration."""
+
+    impacts: np.ndarray
+    score: float
+    p_value: float
+    calibration: SizeCalibration
+
+    @property
+    def finite(self) -> bool:
+        return bool(np.isfinite(self.impacts[0]))
+
+    def worst(self) -> str:
+        """Which metric gave the max-statistic, and by how much it dropped."""
+        z = self.calibration.standardizer.standardized(self.impacts[None, :])[0]
+        index = int(np.nanargmax(np.where(np.isnan(z), -math.inf, z)))
+        what = "held-out soft accuracy" if index == 0 else f"held-out soft accuracy of class {index - 1}"
+        return f"{what} dropped by {self.impacts[index]:.4f} ({z[index]:.1f} clean scales)"
+
+
+def _tested(values: np.ndarray, calibration: SizeCalibration) -> _Tested:
+    score = float(calibration.standardizer.score(values[None, :])[0])
+    p = float(conformal_p_values(calibration.scores, [score])[0])
+    return _Tested(values, score, p, calibration)
 
 
 def screen_candidates(
@@ -346,15 +514,20 @@ def screen_candidates(
     candidates: Sequence[Candidate],
     config: ScreeningConfig | None = None,
     *,
+    history: Mapping[str, Sequence[float]] | None = None,
+    calibration: Calibration | None = None,
     task: Task | str | None = None,
     forward: ModuleForward | None = None,
 ) -> ScreeningReport:
-    """Screens each candidate against calibration shards drawn from `base_data` (trusted, known-good data).
+    """Screens each candidate shard and each source against clean draws from `base_data` (trusted data).
 
-    `base_data` should be data the current model has not been fitted on (e.g. a trusted calibration split): clean
-    data it already fits moves the held-out loss less than new clean data, which makes the screening stricter.
-    `task` (default classification) sets the fine-tuning loss and the held-out soft accuracy; `forward(module,
-    batch, x)` reads the model's extra inputs from `LabeledData.batch` (every data set then carries the same extras).
+    `base_data` should be data the current model has not been fitted on (e.g. a trusted calibration split) and
+    representative of contributions: clean data the model already fits moves the held-out set less than new clean
+    data, which makes the screening stricter. `history` maps a source to its shard p-values of earlier cycles (they
+    join its combined p-value). `calibration`, from an earlier report on the same model, trusted and held-out data,
+    skips the draws it already holds. `task` (default classification) sets the fine-tuning loss and the held-out
+    soft accuracy; `forward(module, batch, x)` reads the model's extra inputs from `LabeledData.batch` (every data
+    set then carries the same extras).
     """
     config = config or ScreeningConfig()
     task = as_task(task)
@@ -365,6 +538,8 @@ def screen_candidates(
     for candidate in candidates:
         if len(candidate.data) == 0:
             raise ScreeningInputError(f"candidate {candidate.name!r} from source {candidate.source!r} is empty")
+    if len({c.name for c in candidates}) != len(candidates):
+        raise ScreeningInputError("candidate names must be unique")
     for data in (base_data, *(c.data for c in candidates)):
         if sorted(data.extras) != sorted(holdout.extras):
             raise ScreeningInputError(
@@ -380,66 +555,151 @@ def screen_candidates(
         if by_class
         else 1
     )
-    groups = holdout.y if by_class else torch.zeros(len(holdout), dtype=torch.int64)
-    size = config.calibration_size or min(len(c.data) for c in candidates)
-    scoped = _scoped(model, base_data, holdout, candidates, config)
-    calibration = _calibration_shards(scoped.trusted, size, config.calibration_shards, config.seed)
-
-    hook = forward if scoped.head is None else None
-    base = _heldout_probabilities(scoped.net, scoped.holdout, task, hook).double()
-    calibrated = _calibrated(scoped.net, calibration, scoped.holdout, base, config, task, hook)
-    tried = finetune_heldout_probabilities(
-        scoped.net,
-        scoped.candidates,
-        scoped.holdout,
-        lr=calibrated.lr,
-        steps=config.steps,
-        chunk_size=config.chunk_size or calibrated.chunk_size,
-        batched=config.batched,
-        task=task,
-        forward=hook,
+    shards_of = Counter(c.source for c in candidates)
+    unions = [u for u in group_by_source(candidates) if shards_of[u.source] > 1]
+    tried = [*candidates, *unions]
+    scoped = _scoped(model, base_data, holdout, tried, config, task, forward)
+    base = _heldout_probabilities(scoped.net, scoped.holdout, task, scoped.forward).double()
+    impacts = _Impacts(base, holdout.y, num_classes, config.per_class and by_class)
+    calibration = _calibrated(scoped, [len(c.data) for c in tried], impacts, config, calibration)
+    run = scoped.finetuned(scoped.candidates, calibration.lr, config, calibration.chunk_size)
+    values = impacts.of(run.probabilities)
+    tests = [_tested(values[i], calibration.matching(len(c.data), config.size_tolerance)) for i, c in enumerate(tried)]
+    shard_tests = tests[: len(candidates)]
+    union_tests = dict(zip([u.source for u in unions], tests[len(candidates) :], strict=True))
+    sources = _source_evidence(candidates, shard_tests, union_tests, history or {}, config)
+    decisions, source_decisions = _decide(candidates, shard_tests, sources, config)
+    return ScreeningReport(
+        decisions=decisions,
+        sources=source_decisions,
+        calibration=calibration,
+        config=config,
+        seconds=time.perf_counter() - started,
+        base_soft_accuracy=float(base.mean()),
+        head=scoped.head,
     )
-    probs = torch.cat([calibrated.probabilities, tried.probabilities]).double()
-    impacts = (base.mean() - probs.mean(1)).numpy()
-    class_impacts = (per_class_mean(base, groups, num_classes) - per_class_mean(probs, groups, num_classes)).numpy()
 
-    n_cal = len(calibration)
-    threshold = robust_threshold(impacts[:n_cal], config.k, config.min_scale)
-    class_thresholds = (
-        class_thresholds_of(class_impacts[:n_cal], config.class_k, config.min_scale)
-        if config.per_class and by_class
-        else np.full(num_classes, math.inf)
-    )
-    overall_scale = max(robust_scale(impacts[:n_cal]), config.min_scale) or 1e-12
+
+@dataclass(frozen=True)
+class _SourceEvidence:
+    source: str
+    shards: tuple[str, ...]
+    rows: int
+    union: _Tested | None
+    combined_p: float
+    earlier: int
+
+    @property
+    def p_value(self) -> float:
+        """Union and combination as one test (Bonferroni: they are far from independent)."""
+        tests = [self.combined_p] if self.union is None else [self.combined_p, self.union.p_value]
+        return bonferroni_min(tests)
+
+
+def _source_evidence(
+    candidates: Sequence[Candidate],
+    tests: Sequence[_Tested],
+    unions: Mapping[str, _Tested],
+    history: Mapping[str, Sequence[float]],
+    config: ScreeningConfig,
+) -> dict[str, _SourceEvidence]:
+    """Sources with more than one test so far (this cycle's shards plus earlier cycles'): a source judged whole."""
+    out = {}
+    for source in dict.fromkeys(c.source for c in candidates):
+        mine = [i for i, c in enumerate(candidates) if c.source == source]
+        earlier = [float(p) for p in history.get(source, ())]
+        if len(mine) + len(earlier) < 2:
+            continue
+        p_values = [*earlier, *(tests[i].p_value for i in mine)]
+        out[source] = _SourceEvidence(
+            source,
+            tuple(candidates[i].name for i in mine),
+            sum(len(candidates[i].data) for i in mine),
+            unions.get(source),
+            combined(p_values, config.combination),
+            len(earlier),
+        )
+    return out
+
+
+def _decide(
+    candidates: Sequence[Candidate],
+    tests: Sequence[_Tested],
+    sources: Mapping[str, _SourceEvidence],
+    config: ScreeningConfig,
+) -> tuple[tuple[CandidateDecision, ...], tuple[SourceDecision, ...]]:
+    """Adjusted p-values per shard and per source, compared with the level; non-finite impacts fail closed."""
+    shard_p = np.array([t.p_value for t in tests])
+    source_p = np.array([s.p_value for s in sources.values()])
+    if config.error_control == "per-candidate":
+        adjusted_sources = np.minimum(1.0, 2 * source_p)
+        adjusted_shards = np.array(
+            [min(1.0, 2 * p) if c.source in sources else p for p, c in zip(shard_p, candidates, strict=True)]
+        )
+    else:
+        adjusted = step_up_adjusted(np.concatenate([shard_p, source_p]), config.error_control)
+        adjusted_shards, adjusted_sources = adjusted[: len(shard_p)], adjusted[len(shard_p) :]
+    source_decisions = {
+        s.source: _source_decision(s, float(a), config) for s, a in zip(sources.values(), adjusted_sources, strict=True)
+    }
     decisions = []
-    for i, candidate in enumerate(candidates):
-        j = n_cal + i
-        reason = _decide(float(impacts[j]), threshold, class_impacts[j], class_thresholds)
+    for candidate, test, own in zip(candidates, tests, adjusted_shards, strict=True):
+        source = source_decisions.get(candidate.source)
+        adjusted = min(float(own), source.adjusted_p_value) if source else float(own)
+        if not test.finite:
+            reason = "held-out metrics became non-finite when fine-tuning on this candidate"
+        elif own <= config.level:
+            reason = (
+                f"p-value {test.p_value:.3g} (adjusted {own:.3g}) <= level {config.level:g}: "
+                f"{test.worst()} against {len(test.calibration.scores)} clean "
+                f"{test.calibration.size}-row draws"
+            )
+        elif source is not None and source.flagged:
+            reason = source.reason
+        else:
+            reason = f"p-value {test.p_value:.3g} (adjusted {adjusted:.3g}) above level {config.level:g}"
         decisions.append(
             CandidateDecision(
                 name=candidate.name,
                 source=candidate.source,
                 size=len(candidate.data),
-                impact=float(impacts[j]),
-                threshold=threshold,
-                class_impacts=tuple(float(v) for v in class_impacts[j]),
-                class_thresholds=tuple(float(v) for v in class_thresholds),
-                score=float((impacts[j] - np.median(impacts[:n_cal])) / overall_scale),
-                accepted=not reason,
-                reason=reason or "impact within calibrated thresholds",
+                impact=float(test.impacts[0]),
+                class_impacts=tuple(float(v) for v in test.impacts[1:]),
+                score=test.score,
+                p_value=test.p_value,
+                source_p_value=source.p_value if source else None,
+                adjusted_p_value=adjusted,
+                calibration_size=test.calibration.size,
+                accepted=test.finite and adjusted > config.level,
+                reason=reason,
             )
         )
-    return ScreeningReport(
-        decisions=tuple(decisions),
-        threshold=threshold,
-        class_thresholds=tuple(float(v) for v in class_thresholds),
-        calibration_impacts=tuple(float(v) for v in impacts[:n_cal]),
-        calibration_size=size,
-        config=config,
-        seconds=time.perf_counter() - started,
-        base_soft_accuracy=float(base.mean()),
-        scope="full" if scoped.head is None else "head",
-        head=scoped.head,
-        lr=calibrated.lr,
-        chunk_size=tried.chunk_size,
+    return tuple(decisions), tuple(source_decisions.values())
+
+
+def _source_decision(evidence: _SourceEvidence, adjusted: float, config: ScreeningConfig) -> SourceDecision:
+    union = evidence.union
+    broken = union is not None and not union.finite
+    flagged = broken or adjusted <= config.level
+    tested = len(evidence.shards) + evidence.earlier
+    parts = [f"{config.combination} over {tested} shard tests ({evidence.earlier} earlier) p={evidence.combined_p:.3g}"]
+    if union is not None:
+        parts.append(f"union of {evidence.rows} rows p={union.p_value:.3g}")
+    verdict = ("flagged", "<=") if flagged else ("not flagged", "above")
+    reason = (
+        f"source {evidence.source} {verdict[0]}: combined p-value {evidence.p_value:.3g} (adjusted {adjusted:.3g}) "
+        f"{verdict[1]} level {config.level:g}; {', '.join(parts)}"
+    )
+    return SourceDecision(
+        source=evidence.source,
+        shards=evidence.shards,
+        rows=evidence.rows,
+        union_impact=float(union.impacts[0]) if union is not None else None,
+        union_p_value=union.p_value if union is not None else None,
+        combined_p_value=evidence.combined_p,
+        earlier=evidence.earlier,
+        p_value=evidence.p_value,
+        adjusted_p_value=adjusted,
+        flagged=flagged,
+        reason=reason,
     )

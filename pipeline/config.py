@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import os
 import typing
 from collections.abc import Mapping, Sequence
@@ -130,18 +131,43 @@ class LimitsSection(_Section):
     max_fraction_per_source: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
 
 
+_ERROR_RATE_KEYS = ("level", "error_control", "calibration_draws", "combination")
+
+
 class RoniSection(_Section):
-    """RONI screening of new shards. `options` are `trainguard.defenses.roni.ScreeningConfig` fields (steps, lr, k,
-    class_k, calibration_shards, ...), checked against that signature with the components."""
+    """RONI screening of new shards, per shard and per source. `level` is the false-rejection rate: with
+    `error_control` "per-candidate" the probability that a clean shard is rejected, with "bh" / "by" the false
+    discovery rate across the cycle's tests. `calibration_draws` clean draws per candidate size give the p-values
+    (at least 4 / level - 1); `combination` merges a source's shard p-values across shards and cycles. `options` are
+    the other `trainguard.defenses.roni.ScreeningConfig` fields (steps, lr, ...), checked against that signature."""
 
     enabled: bool = True
-    group_by_source: bool = False
+    level: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.01
+    error_control: Literal["per-candidate", "bh", "by"] = "per-candidate"
+    calibration_draws: Annotated[int, Field(ge=1)] = 500
+    combination: Literal["fisher", "stouffer"] = "fisher"
     calibration_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
         default=0.4,
         description="Share of the held-out rows the clean-impact calibration draws from; RONI measures impacts on "
         "the rest. Both are never trained on, so clean candidates and calibration shards are alike to the model.",
     )
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_place_per_knob(self) -> RoniSection:
+        both = sorted(set(self.options) & set(_ERROR_RATE_KEYS))
+        if both:
+            raise ValueError(f"options.{both[0]} is a key of the roni section itself; set it there")
+        if self.calibration_draws + 1 < 4 / self.level:
+            raise ValueError(
+                f"calibration_draws {self.calibration_draws} cannot reach p <= level/4 (the smallest p-value is "
+                f"1/(draws+1)); use at least {math.ceil(4 / self.level) - 1}"
+            )
+        return self
+
+    def screening_options(self) -> dict[str, Any]:
+        """The ScreeningConfig keyword arguments: `options` plus the error-rate knobs."""
+        return {**self.options, **{key: getattr(self, key) for key in _ERROR_RATE_KEYS}}
 
 
 class DetectorsSection(_Section):
@@ -366,7 +392,7 @@ def check_config_components(
         supplied = tuple((injected or {}).get(kind, ()))
         _check_component(component, key, _COMPONENT_BASES[kind], supplied, source)
     if config.roni.options:
-        screening = Component(class_path=_SCREENING_CONFIG, init_args=config.roni.options)
+        screening = Component(class_path=_SCREENING_CONFIG, init_args=config.roni.screening_options())
         try:
             screening_class = screening.resolve()
         except (ImportError, AttributeError) as error:

@@ -415,7 +415,7 @@ def _labeled(shards: Sequence[SignedShard]) -> LabeledData:
 
 def _headline(cycle: _Cycle, result: TrainingResult, screening_seconds: float, status: str) -> dict[str, float]:
     """The cycle's numbers, named alike in MLflow, the JSON report and DVC's metrics file: clean and robust
-    held-out accuracy, shards offered, accepted and refused by check, and the screening's threshold and time."""
+    held-out accuracy, shards offered, accepted and refused by check, and the screening's error level and time."""
     shards = cycle.state.latest.shards
     refused = _refusals(shards)
     metrics = {
@@ -430,9 +430,8 @@ def _headline(cycle: _Cycle, result: TrainingResult, screening_seconds: float, s
         **{f"shards/refused_{check}": float(refused.get(check, 0)) for check in (*CHECKS, *refused)},
         "roni/seconds": screening_seconds,
     }
-    threshold = cycle.report.get("roni", {}).get("threshold")
-    if isinstance(threshold, float):
-        metrics["roni/threshold"] = threshold
+    if cycle.config.roni.enabled:
+        metrics["roni/level"] = cycle.config.roni.level
     return {name: value for name, value in metrics.items() if value == value}  # NaN (not measured) left out
 
 
@@ -593,10 +592,12 @@ def _screen(
     shards: Sequence[SignedShard],
     stage: TrackedRun,
 ) -> None:
-    """RONI on the new shards (per shard, or per source) and the margin check; records every decision."""
+    """RONI on the new shards, per shard and per source (with the sources' evidence from earlier cycles), and the
+    margin check; records every decision and each shard's p-value as its source's evidence. A flagged source loses
+    every shard this cycle, earlier-accepted ones included."""
     from trainguard.defenses.margin import check_margins
     from trainguard.defenses.report import record_screening
-    from trainguard.defenses.roni import Candidate, ScreeningConfig, group_by_source, screen_candidates
+    from trainguard.defenses.roni import Candidate, ScreeningConfig, screen_candidates
 
     config = cycle.config
     if not shards:
@@ -606,48 +607,59 @@ def _screen(
     if not config.roni.enabled:
         cycle.decide([accepted(s, "roni", "RONI screening disabled in the config") for s in shards])
         return
-    if config.roni.group_by_source:
-        candidates = group_by_source(candidates)
-    options = {"num_classes": len(config.validation.labels), **config.roni.options}
+    options = {"num_classes": len(config.validation.labels), **config.roni.screening_options()}
     calibration, impact_set = split_holdout(holdout, config.roni.calibration_fraction, config.training.seed)
-    screening = screen_candidates(model, calibration, impact_set, candidates, ScreeningConfig(**options))
+    history = cycle.state.earlier_evidence(s.sha256 for s in shards)
+    screening = screen_candidates(
+        model, calibration, impact_set, candidates, ScreeningConfig(**options), history=history
+    )
     verdict = {d.name: d for d in screening.decisions}
-    decisions = []
-    for shard in shards:
-        decision = verdict.get(shard.key) or verdict[shard.source]
-        decisions.append(
-            ShardDecision(
-                shard=shard.key,
-                sha256=shard.sha256,
-                source=shard.source,
-                accepted=decision.accepted,
-                check="roni",
-                reason=decision.reason,
-            )
+    flagged = {s.source: s for s in screening.flagged}
+    decisions = [
+        ShardDecision(
+            shard=shard.key,
+            sha256=shard.sha256,
+            source=shard.source,
+            accepted=verdict[shard.key].accepted,
+            check="roni",
+            reason=verdict[shard.key].reason,
         )
-    cycle.decide(decisions)
+        for shard in shards
+    ]
+    earlier = [
+        d.model_copy(update={"accepted": False, "check": "roni", "reason": flagged[d.source].reason})
+        for d in cycle.state.current.shards
+        if d.accepted and d.source in flagged and d.check == "roni"
+    ]
+    cycle.decide([*decisions, *earlier])
+    evidence = [(s.source, s.sha256, verdict[s.key].p_value) for s in shards]
+    cycle.state = cycle.store.update(cycle.state.record_evidence(evidence))
     outcome = record_screening(
         screening,
         cycle.config.output.work_dir / "roni" / f"cycle-{cycle.number:04d}",
         run_id=stage.run_id,
         tracking_uri=cycle.tracker.uri,
     )
-    kept = [s for s in shards if verdict.get(s.key, verdict.get(s.source)).accepted]
+    kept = [s for s in shards if verdict[s.key].accepted]
     margins = []
     if kept:
         rows = concat(kept)
         sources = [s.source for s in kept for _ in range(len(s.samples))]
         margins = check_margins(model, torch.as_tensor(rows.inputs, dtype=torch.float32), sources)
-    flagged = [m for m in margins if m.flagged]
-    stage.set_tags({f"trainguard.margin.{m.source}": m.reason[:4000] for m in flagged})
+    for_review = [m for m in margins if m.flagged]
+    stage.set_tags({f"trainguard.margin.{m.source}": m.reason[:4000] for m in for_review})
     cycle.report["roni"] = {
         **screening.to_dict(),
         "local_report": str(outcome.json_path),
         "plot": str(outcome.plot_path),
         "margin": [vars(m) for m in margins],
-        "flagged_for_review": [m.source for m in flagged],
+        "flagged_sources": sorted(flagged),
+        "flagged_for_review": [m.source for m in for_review],
     }
-    cycle.step("screening", {"roni/rejected": float(len(screening.rejected))})
+    cycle.step(
+        "screening",
+        {"roni/rejected": float(len(screening.rejected)), "roni/flagged_sources": float(len(flagged))},
+    )
 
 
 def _judge(config: CycleConfig, result: TrainingResult) -> tuple[bool, str]:
@@ -709,7 +721,9 @@ def _release(
         code=git_resource(Path.cwd()),
         base_model=Resource(uri=Path(base.path).resolve().as_uri(), digest={"sha256": base.sha256}) if base else None,
         roni={
-            k: v for k, v in cycle.report.get("roni", {}).items() if k in ("threshold", "calibration_size", "decisions")
+            k: v
+            for k, v in cycle.report.get("roni", {}).items()
+            if k in ("level", "error_control", "calibration", "decisions", "sources")
         },
         gate=cycle.report["gate"],
         excluded_rows=cycle.report["training"]["excluded_rows"],

@@ -1,5 +1,5 @@
-"""The state kept across retraining cycles: the last accepted model, its held-out record, every shard decision
-and the anti-rollback records of the manifests the cycles accepted.
+"""The state kept across retraining cycles: the last accepted model, its held-out record, every shard decision,
+the anti-rollback records of the manifests the cycles accepted and each source's RONI evidence.
 
 Pure transitions on immutable values (`CycleState.begin`, `.decide`, `.accept`, ...) are separate from storage
 (`StateStore`), which writes the whole state atomically after each decision, as a DSSE envelope signed with the
@@ -18,7 +18,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -96,6 +96,13 @@ class RollbackEntry(_Record):
     statement_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
+class SourceEvidence(_Record):
+    """A source's RONI p-values across cycles, one per shard content (sha256), so a source whose shards are each
+    slightly harmful accumulates evidence instead of starting afresh every cycle."""
+
+    p_values: dict[str, Annotated[float, Field(gt=0.0, le=1.0)]] = Field(default_factory=dict)
+
+
 class CycleState(_Record):
     """Everything decided so far, across cycles. `first_cycle` is where numbering starts: past every released
     model and report when a state is re-initialised beside them."""
@@ -106,6 +113,24 @@ class CycleState(_Record):
     heldout: HeldoutRecord | None = None
     rollback: dict[str, RollbackEntry] = Field(default_factory=dict)
     cycles: tuple[CycleRecord, ...] = ()
+    evidence: dict[str, SourceEvidence] = Field(default_factory=dict)
+
+    def earlier_evidence(self, exclude: Iterable[str] = ()) -> dict[str, list[float]]:
+        """Each source's recorded p-values, leaving out the shard digests in `exclude` (those being judged now)."""
+        skip = set(exclude)
+        return {
+            source: [p for digest, p in record.p_values.items() if digest not in skip]
+            for source, record in self.evidence.items()
+        }
+
+    def record_evidence(self, p_values: Iterable[tuple[str, str, float]]) -> CycleState:
+        """Adds (source, shard sha256, p-value) triples; the same content tested again keeps its latest p-value."""
+        evidence = {source: dict(record.p_values) for source, record in self.evidence.items()}
+        for source, digest, p in p_values:
+            evidence.setdefault(source, {})[digest] = p
+        return self.model_copy(
+            update={"evidence": {source: SourceEvidence(p_values=ps) for source, ps in evidence.items()}}
+        )
 
     @property
     def rollback_records(self) -> RollbackRecords:

@@ -9,30 +9,35 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
+from trainguard.defenses.conformal import Standardizer
 from trainguard.defenses.report import record_screening
-from trainguard.defenses.roni import CandidateDecision, ScreeningConfig, ScreeningReport
+from trainguard.defenses.roni import (
+    Calibration,
+    CandidateDecision,
+    ScreeningConfig,
+    ScreeningReport,
+    SizeCalibration,
+    SourceDecision,
+)
 
 
 def _report() -> ScreeningReport:
-    def decision(name: str, source: str, impact: float, accepted: bool) -> CandidateDecision:
-        reason = "impact within calibrated thresholds" if accepted else f"held-out soft accuracy dropped by {impact}"
+    def decision(name: str, source: str, impact: float, p: float, accepted: bool) -> CandidateDecision:
+        reason = "p-value above level" if accepted else f"p-value {p} <= level 0.01: held-out soft accuracy dropped"
         return CandidateDecision(
-            name, source, 50, impact, 0.05, (impact, math.nan), (0.3, math.inf), impact / 0.01, accepted, reason
+            name, source, 50, impact, (impact, math.nan), impact / 0.01, p, None, p, 50, accepted, reason
         )
 
+    calibration = SizeCalibration(50, Standardizer((0.0, 0.0), (0.01, 0.01)), (0.1, 0.5, 2.0), (0.0, 0.01, 0.02))
+    alice = SourceDecision("alice", ("shard-a",), 50, None, None, 0.4, 3, 0.4, 0.8, False, "source alice not flagged")
     return ScreeningReport(
-        decisions=(decision("shard-a", "alice", 0.01, True), decision("shard-m", "mallory", 0.2, False)),
-        threshold=0.05,
-        class_thresholds=(0.3, math.inf),
-        calibration_impacts=(0.0, 0.01, 0.02, 0.015, 0.005),
-        calibration_size=50,
+        decisions=(decision("shard-a", "alice", 0.01, 0.5, True), decision("shard-m", "mallory", 0.2, 0.002, False)),
+        sources=(alice,),
+        calibration=Calibration(0.5, 128, "full", (calibration,)),
         config=ScreeningConfig(),
         seconds=0.1,
         base_soft_accuracy=0.9,
-        scope="full",
         head=None,
-        lr=0.5,
-        chunk_size=128,
     )
 
 
@@ -43,26 +48,31 @@ def test_decisions_are_logged_to_mlflow_as_one_table_and_a_summary_and_kept_loca
     assert outcome.logged_to_mlflow, outcome.mlflow_error
     local = json.loads(outcome.json_path.read_text())
     assert [d["accepted"] for d in local["decisions"]] == [True, False]
-    assert local["decisions"][0]["class_thresholds"] == [0.3, None]  # strict JSON: no Infinity/NaN
+    assert local["decisions"][0]["class_impacts"] == [0.01, None]  # strict JSON: no Infinity/NaN
     assert outcome.plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     client = MlflowClient(mlflow_uri)
     run = client.get_run(outcome.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.metrics == {
-        "roni/threshold": 0.05,
+        "roni/level": ScreeningConfig().level,
         "roni/candidates": 2.0,
         "roni/accepted": 1.0,
         "roni/rejected": 1.0,
+        "roni/flagged_sources": 0.0,
         "roni/seconds": 0.1,
     }
-    assert "roni.threshold" not in run.data.params and not any(k.startswith("roni.") for k in run.data.tags)
-    assert run.data.params["roni.k"] == str(ScreeningConfig().k)
+    assert not any(k.startswith("roni.") for k in run.data.tags)
+    assert run.data.params["roni.level"] == str(ScreeningConfig().level)
+    assert run.data.params["roni.calibration_sizes"] == "50"
     table = client.load_table(run.info.experiment_id, "roni/decisions.json", run_ids=[outcome.run_id])
     assert list(table["name"]) == ["shard-a", "shard-m"] and list(table["accepted"]) == [True, False]
-    assert table["reason"][1].startswith("held-out soft accuracy dropped")
+    assert list(table["p_value"]) == [0.5, 0.002] and list(table["adjusted_p_value"]) == [0.5, 0.002]
+    assert table["reason"][1].startswith("p-value 0.002 <= level")
+    sources = client.load_table(run.info.experiment_id, "roni/sources.json", run_ids=[outcome.run_id])
+    assert list(sources["source"]) == ["alice"] and list(sources["flagged"]) == [False]
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id, "roni")}
-    assert artifacts == {"roni/roni-report.json", "roni/roni-impacts.png", "roni/decisions.json"}
+    assert artifacts == {"roni/roni-report.json", "roni/roni-impacts.png", "roni/decisions.json", "roni/sources.json"}
     logged = json.loads(
         Path(client.download_artifacts(outcome.run_id, "roni/roni-report.json", str(tmp_path))).read_text()
     )

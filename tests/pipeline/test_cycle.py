@@ -85,8 +85,11 @@ def test_two_cycles_refuse_tampered_and_poisoned_shards_and_log_everything(
         assert (decision.check, decision.accepted) == ("roni", False), decision
     clean_new = [n for n, d in decisions.items() if n.split("/")[0] in ("alice", "bob") and "/b1-" in n]
     assert clean_new and all(decisions[n].accepted for n in clean_new)
-    batch0 = [d for n, d in decisions.items() if "/b0-" in n]
-    assert batch0 and all(d.accepted for d in batch0), "cycle 1's accepted shards are not screened again"
+    batch0 = {n: d for n, d in decisions.items() if "/b0-" in n}
+    kept = [d for n, d in batch0.items() if not n.startswith("dave/")]
+    assert kept and all(d.accepted for d in kept), "cycle 1's accepted shards are not screened again"
+    dropped = [d for n, d in batch0.items() if n.startswith("dave/")]
+    assert dropped and all(not d.accepted and d.reason.startswith("source dave flagged") for d in dropped)
 
     client = mlflow.MlflowClient(mlflow_uri)
     experiment = client.get_experiment_by_name("cycle-e2e")
@@ -118,6 +121,10 @@ def test_two_cycles_refuse_tampered_and_poisoned_shards_and_log_everything(
 
     report = json.loads(second.report.read_text())
     assert report["status"] == second.status
+    p_values = {k.removeprefix("roni.p_value."): v for k, v in screening.data.metrics.items() if "roni.p_value." in k}
+    assert len(p_values) == len(report["roni"]["decisions"]) and all(0 < p <= 1 for p in p_values.values())
+    assert report["roni"]["flagged_sources"] == ["dave"]
+    assert screening.data.tags["roni.source.dave.flagged"] == "true"
     assert report["training"]["read_log"]["entries"] > 0
     state = read_cycle_state(workdir)
     assert [c["status"] for c in state["cycles"]] == ["accepted", second.status]

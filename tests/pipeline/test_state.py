@@ -196,3 +196,30 @@ def test_any_history_survives_a_round_trip(batches: list[list[ShardDecision]], a
     again = state_from_json(state_to_json(state))
     assert again == state
     assert json.loads(state_to_json(again)) == json.loads(state_to_json(state))
+
+
+def test_source_evidence_accumulates_across_cycles_and_survives_a_signed_reload(
+    tmp_path: Path, key: SigningKey
+) -> None:
+    store = StateStore(tmp_path / "state.json", key)
+    state = store.update(store.load().begin("c1").record_evidence([("mallory", "d1", 0.04), ("alice", "d2", 0.6)]))
+    state = store.update(state.step_done("screening").accept(MODEL_1, HELDOUT_1))
+    state = store.update(state.begin("c2").record_evidence([("mallory", "d3", 0.03), ("mallory", "d1", 0.05)]))
+
+    loaded = store.load()
+    assert loaded.evidence["mallory"].p_values == {"d1": 0.05, "d3": 0.03}  # the same content keeps one p-value
+    assert loaded.earlier_evidence(exclude=["d3"]) == {"mallory": [0.05], "alice": [0.6]}
+
+    envelope = Envelope.from_json((tmp_path / "state.json").read_bytes())
+    edited = envelope.payload.replace(b'"d3": 0.03', b'"d3": 0.9', 1)
+    assert edited != envelope.payload
+    (tmp_path / "state.json").write_bytes(Envelope(envelope.payload_type, edited, envelope.signatures).to_json())
+    with pytest.raises(TamperedStateError):
+        store.load()
+
+
+def test_evidence_outside_the_unit_interval_is_malformed() -> None:
+    document = json.loads(state_to_json(CycleState()))
+    document["evidence"] = {"mallory": {"p_values": {"d1": 0.0}}}
+    with pytest.raises(StateError, match="evidence"):
+        state_from_json(json.dumps(document))

@@ -311,7 +311,7 @@ def test_the_parent_run_has_headline_metrics_a_decision_table_and_plots(released
     parent = _parent(client, released)
     report = json.loads(released.outcome.report.read_text())
     assert parent.data.metrics == pytest.approx(report["metrics"])  # the same names and numbers in both
-    for name in ("val/acc", "val/robust_acc_eps0.1", "shards/offered", "shards/refused_roni", "roni/threshold"):
+    for name in ("val/acc", "val/robust_acc_eps0.1", "shards/offered", "shards/refused_roni", "roni/level"):
         assert name in parent.data.metrics
     assert parent.data.metrics["shards/offered"] == len(released.outcome.shards)
     assert not any(k.startswith("roni.") for k in parent.data.metrics)

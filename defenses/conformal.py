@@ -1,0 +1,153 @@
+"""The statistics of RONI's decisions: conformal p-values, a max-statistic over metrics, combined p-values and
+multiple-testing control. Pure functions on arrays (no torch), so each property can be tested on its own.
+
+- Conformal p-value (Vovk et al. 2005; Bates et al. 2023, "Testing for outliers with conformal p-values"): with n
+  calibration scores exchangeable with a clean candidate's score, p = (1 + #{calibration >= score}) / (n + 1)
+  satisfies P(p <= a) <= a for every a: a clean candidate is rejected at level a at most a of the time.
+- Max-statistic: several metrics (the overall impact and one per class) are standardised by a center and scale fitted
+  on separate draws and reduced to their maximum; the maximum is calibrated like any score, so the per-class rule
+  spends the same error budget as the overall one instead of adding its own (Westfall & Young 1993).
+- Fisher's and Stouffer's combinations merge the p-values of one source's tests into one.
+- Benjamini-Hochberg (1995) and Benjamini-Yekutieli (2001) step-up procedures control the false discovery rate;
+  BH is valid for conformal p-values sharing one calibration set (Bates et al. 2023: they are PRDS).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import Literal
+
+import numpy as np
+
+from trainguard.defenses.errors import ScreeningInputError
+
+MAD_TO_SIGMA = 1.4826  # makes the MAD a consistent estimate of a normal standard deviation
+Combination = Literal["fisher", "stouffer"]
+ErrorControl = Literal["per-candidate", "bh", "by"]
+
+
+def conformal_p_values(calibration: Sequence[float] | np.ndarray, scores: Sequence[float] | np.ndarray) -> np.ndarray:
+    """p = (1 + #{calibration >= score}) / (n + 1) per score; a NaN score counts as +inf (the most extreme)."""
+    cal = np.sort(np.asarray(calibration, dtype=np.float64))
+    if cal.size == 0 or not np.isfinite(cal).all():
+        raise ScreeningInputError("conformal p-values need at least one calibration score, all finite")
+    s = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=math.inf)
+    at_least = cal.size - np.searchsorted(cal, s, side="left")
+    return (1.0 + at_least) / (cal.size + 1.0)
+
+
+@dataclass(frozen=True)
+class Standardizer:
+    """Per-metric center (median) and scale (1.4826 * MAD, at least `floor`) of clean impacts; `score` is the
+    largest standardised metric of each row. A metric NaN in every clean draw (a class absent from the held-out
+    set) is left out; NaN or infinite where the clean draws had it (a diverged copy) scores +inf."""
+
+    center: tuple[float, ...]
+    scale: tuple[float, ...]
+
+    @classmethod
+    def fit(cls, values: np.ndarray, floor: float, shared_from: int | None = None) -> Standardizer:
+        """From clean impacts (draws x metrics); a metric that is NaN in every draw gets an infinite scale. Metrics
+        from index `shared_from` on share one scale, the median of theirs (per-class metrics: a class whose clean
+        impacts barely vary would otherwise turn any small change into a huge standardised one)."""
+        values = np.asarray(values, dtype=np.float64)
+        if values.ndim != 2 or values.shape[0] == 0:
+            raise ScreeningInputError("a standardizer needs a non-empty (draws x metrics) array")
+        centers, scales = [], []
+        for column in values.T:
+            column = column[~np.isnan(column)]
+            if column.size == 0:
+                centers.append(0.0)
+                scales.append(math.inf)
+                continue
+            median = float(np.median(column))
+            centers.append(median)
+            scales.append(max(MAD_TO_SIGMA * float(np.median(np.abs(column - median))), floor) or 1e-12)
+        if shared_from is not None:
+            finite = [v for v in scales[shared_from:] if math.isfinite(v)]
+            shared = float(np.median(finite)) if finite else math.inf
+            scales[shared_from:] = [shared if math.isfinite(v) else v for v in scales[shared_from:]]
+        return cls(tuple(centers), tuple(scales))
+
+    def standardized(self, values: np.ndarray) -> np.ndarray:
+        """(rows x metrics) in units of each metric's scale above its center; NaN stays NaN."""
+        return (np.asarray(values, dtype=np.float64) - np.asarray(self.center)) / np.asarray(self.scale)
+
+    def score(self, values: np.ndarray) -> np.ndarray:
+        """The max-statistic of each row; +inf where any present metric is non-finite (fails closed)."""
+        z = self.standardized(values)
+        broken = (np.isinf(z) | (np.isnan(z) & np.isfinite(self.scale))).any(1)
+        with np.errstate(invalid="ignore"):
+            best = np.nanmax(np.where(np.isnan(z), -math.inf, z), axis=1)
+        return np.where(broken, math.inf, best)
+
+
+def fisher(p_values: Sequence[float]) -> float:
+    """Fisher's combination: P(chi2 with 2k dof >= -2 sum log p), in closed form for even degrees of freedom
+    (exp(-x) * sum_{i<k} x^i / i! with x = -sum log p), summed in log space so no term over- or underflows."""
+    p = _checked(p_values)
+    x = float(-np.log(p).sum())
+    if x == 0.0:
+        return 1.0
+    logs = [i * math.log(x) - math.lgamma(i + 1) for i in range(len(p))]
+    top = max(logs)
+    return float(min(1.0, math.exp(-x + top + math.log(sum(math.exp(v - top) for v in logs)))))
+
+
+def stouffer(p_values: Sequence[float]) -> float:
+    """Stouffer's combination: 1 - Phi(sum of Phi^-1(1 - p) / sqrt(k))."""
+    p = np.clip(_checked(p_values), 1e-300, 1 - 1e-16)
+    normal = NormalDist()
+    z = sum(normal.inv_cdf(1 - float(v)) for v in p) / math.sqrt(len(p))
+    return max(float(normal.cdf(-z)), 1e-300)
+
+
+def combined(p_values: Sequence[float], method: Combination) -> float:
+    """One p-value for several tests of the same hypothesis (e.g. every shard of one source is clean)."""
+    if method == "fisher":
+        return fisher(p_values)
+    if method == "stouffer":
+        return stouffer(p_values)
+    raise ScreeningInputError(f"unknown combination {method!r}: 'fisher' or 'stouffer'")
+
+
+def _checked(p_values: Sequence[float]) -> np.ndarray:
+    p = np.asarray(p_values, dtype=np.float64)
+    if p.size == 0 or not ((p > 0) & (p <= 1)).all():
+        raise ScreeningInputError("combining p-values needs at least one, each in (0, 1]")
+    return p
+
+
+def bonferroni_min(p_values: Sequence[float]) -> float:
+    """min(1, k * min p): one p-value for 'any of these k tests' without assuming how they depend."""
+    p = _checked(p_values)
+    return float(min(1.0, len(p) * p.min()))
+
+
+def step_up_adjusted(p_values: Sequence[float], procedure: Literal["bh", "by"]) -> np.ndarray:
+    """BH (or BY) adjusted p-values: a test is rejected at FDR level q exactly when its adjusted p-value <= q."""
+    p = np.asarray(p_values, dtype=np.float64)
+    m = p.size
+    if m == 0:
+        return p
+    harmonic = sum(1.0 / i for i in range(1, m + 1)) if procedure == "by" else 1.0
+    order = np.argsort(p)
+    ranked = p[order] * m * harmonic / np.arange(1, m + 1)
+    monotone = np.minimum.accumulate(ranked[::-1])[::-1]
+    adjusted = np.empty(m)
+    adjusted[order] = np.minimum(monotone, 1.0)
+    return adjusted
+
+
+def rejected(p_values: Sequence[float], level: float, control: ErrorControl) -> np.ndarray:
+    """Which tests are rejected: each at `level` ("per-candidate": every clean one is falsely rejected with
+    probability <= level), or BH / BY across all of them (false discovery rate <= level)."""
+    p = np.asarray(p_values, dtype=np.float64)
+    if control == "per-candidate":
+        return p <= level
+    if control in ("bh", "by"):
+        return step_up_adjusted(p, control) <= level
+    raise ScreeningInputError(f"unknown error control {control!r}: 'per-candidate', 'bh' or 'by'")

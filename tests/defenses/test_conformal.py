@@ -1,0 +1,141 @@
+"""The statistics behind RONI's decisions: conformal p-values hold their level on clean data, the max-statistic
+spends one budget on all metrics, BH/BY and the combinations match their textbook values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from trainguard.defenses.conformal import (
+    Standardizer,
+    bonferroni_min,
+    combined,
+    conformal_p_values,
+    fisher,
+    rejected,
+    step_up_adjusted,
+    stouffer,
+)
+from trainguard.defenses.errors import ScreeningInputError
+
+
+def test_conformal_p_value_counts_calibration_scores_at_least_as_large() -> None:
+    calibration = [1.0, 2.0, 3.0, 4.0]
+    assert conformal_p_values(calibration, [0.0, 2.0, 2.5, 4.0, 9.0, math.nan]).tolist() == pytest.approx(
+        [1.0, 4 / 5, 3 / 5, 2 / 5, 1 / 5, 1 / 5]
+    )
+
+
+@given(
+    st.lists(st.floats(-1e6, 1e6), min_size=1, max_size=60),
+    st.floats(-1e6, 1e6),
+    st.floats(-1e6, 1e6),
+)
+def test_p_values_lie_in_their_range_and_fall_as_the_score_grows(calibration: list[float], a: float, b: float) -> None:
+    low, high = sorted((a, b))
+    p_low, p_high = conformal_p_values(calibration, [low, high])
+    assert 1 / (len(calibration) + 1) <= p_high <= p_low <= 1
+
+
+@pytest.mark.parametrize("tail", ["normal", "heavy"])
+def test_clean_candidates_are_rejected_at_most_at_the_level(tail: str) -> None:
+    """Many screenings of clean candidates: metrics exchangeable with the calibration draws (Gaussian, or heavy
+    Student-t tails with one noisy metric), a standardizer fitted on separate draws, the max-statistic's conformal
+    p-value; the share rejected stays at the level (up to Monte Carlo slack)."""
+    rng = np.random.default_rng(0)
+    level, draws, trials = 0.05, 99, 400
+
+    def impacts(n: int) -> np.ndarray:
+        noise = rng.standard_normal((n, 11)) if tail == "normal" else rng.standard_t(2, (n, 11))
+        return noise * np.array([1.0, *[0.2] * 9, 3.0])
+
+    rejections = []
+    for _ in range(trials):
+        standardizer = Standardizer.fit(impacts(50), floor=1e-3, shared_from=1)
+        calibration = standardizer.score(impacts(draws))
+        p = conformal_p_values(calibration, standardizer.score(impacts(20)))
+        rejections.append(p <= level)
+    rate = float(np.mean(rejections))
+    assert rate <= level + 0.01
+    assert rate >= level - 0.02  # and is not vacuously conservative
+
+
+def test_a_shift_in_one_metric_of_eleven_is_found_through_the_max_statistic() -> None:
+    rng = np.random.default_rng(1)
+    clean = rng.standard_normal((600, 11))
+    standardizer = Standardizer.fit(clean[:50], floor=1e-3)
+    shifted = rng.standard_normal((20, 11))
+    shifted[:, 4] += 6.0  # one class's soft accuracy dropped, the others did not
+    p = conformal_p_values(standardizer.score(clean[50:]), standardizer.score(shifted))
+    assert (p <= 0.01).mean() >= 0.9
+
+
+def test_absent_metrics_are_left_out_and_a_diverged_one_scores_infinite() -> None:
+    clean = np.column_stack([np.linspace(0, 1, 20), np.full(20, np.nan)])
+    standardizer = Standardizer.fit(clean, floor=1e-3)
+    assert standardizer.scale[1] == math.inf
+    scores = standardizer.score(np.array([[0.5, np.nan], [np.nan, np.nan], [np.inf, np.nan]]))
+    assert math.isfinite(scores[0]) and scores[1] == math.inf and scores[2] == math.inf
+
+
+def test_shared_scale_is_the_median_of_the_pooled_metrics() -> None:
+    values = np.column_stack([np.arange(9.0), np.arange(9.0) * 0.01, np.arange(9.0), np.arange(9.0) * 100])
+    standardizer = Standardizer.fit(values, floor=0.0, shared_from=1)
+    own = Standardizer.fit(values, floor=0.0)
+    assert standardizer.scale[0] == own.scale[0]
+    assert standardizer.scale[1:] == (own.scale[2],) * 3
+
+
+def test_benjamini_hochberg_and_yekutieli_match_known_adjusted_values() -> None:
+    p = [0.01, 0.04, 0.03, 0.005, 0.5]
+    assert step_up_adjusted(p, "bh") == pytest.approx([0.025, 0.05, 0.05, 0.025, 0.5])
+    harmonic = 1 + 1 / 2 + 1 / 3 + 1 / 4 + 1 / 5
+    assert step_up_adjusted(p, "by") == pytest.approx(
+        np.minimum(1, np.array([0.025, 0.05, 0.05, 0.025, 0.5]) * harmonic)
+    )
+    assert rejected(p, 0.05, "bh").tolist() == [True, True, True, True, False]
+    assert rejected(p, 0.04, "bh").tolist() == [True, False, False, True, False]
+    assert rejected(p, 0.03, "per-candidate").tolist() == [True, False, True, True, False]
+    with pytest.raises(ScreeningInputError):
+        rejected(p, 0.05, "holm")  # type: ignore[arg-type]
+
+
+@given(st.lists(st.floats(1e-12, 1.0), min_size=1, max_size=40), st.floats(1e-4, 0.5))
+def test_bh_rejects_exactly_the_step_up_set(p: list[float], level: float) -> None:
+    """BH rejects the k smallest p-values, k the largest index with p_(k) <= level * k / m."""
+    ordered = np.sort(p)
+    m = len(p)
+    passing = [k for k in range(1, m + 1) if ordered[k - 1] <= level * k / m * (1 + 1e-12)]
+    k = max(passing, default=0)
+    decided = rejected(p, level, "bh")
+    assert decided.sum() == k
+    if k:
+        assert np.asarray(p)[decided].max() <= ordered[k - 1]
+
+
+def test_fisher_and_stouffer_match_reference_values() -> None:
+    assert fisher([0.05, 0.05, 0.05]) == pytest.approx(0.006296506270915, rel=1e-9)
+    assert stouffer([0.05, 0.05, 0.05]) == pytest.approx(0.002193050439056868, rel=1e-6)
+    assert fisher([0.5]) == pytest.approx(0.5) and stouffer([0.5]) == pytest.approx(0.5)
+    assert 0 < fisher([1e-10] * 30) < 1e-200  # no underflow to 0, no overflow
+    assert combined([0.9, 0.01, 0.3], "fisher") == pytest.approx(0.06589398429103, rel=1e-9)
+    assert bonferroni_min([0.2, 0.01, 0.5]) == pytest.approx(0.03)
+    with pytest.raises(ScreeningInputError):
+        fisher([0.0])
+
+
+@pytest.mark.parametrize("method", ["fisher", "stouffer"])
+def test_combined_p_values_of_clean_sources_hold_the_level(method: str) -> None:
+    rng = np.random.default_rng(2)
+    combined_p = [combined(rng.uniform(size=8), method) for _ in range(4000)]  # type: ignore[arg-type]
+    assert np.mean(np.array(combined_p) <= 0.05) <= 0.06
+
+
+def test_many_slightly_small_p_values_combine_into_a_small_one() -> None:
+    """Dilution: 15 shards each at p = 0.1 pass one by one, their source does not."""
+    assert fisher([0.1] * 15) < 1e-4
+    assert stouffer([0.1] * 15) < 1e-5
