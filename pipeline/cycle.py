@@ -22,6 +22,7 @@ import torch
 
 from trainguard.defenses.heldout import HeldoutMetrics, LabeledData
 from trainguard.files import atomic_write
+from trainguard.pipeline import console
 from trainguard.pipeline.attestation import (
     CycleFacts,
     Resource,
@@ -45,6 +46,7 @@ from trainguard.pipeline.intake import (
     verify_and_read,
 )
 from trainguard.pipeline.model_sign import load_verified_state_dict, write_signed_model
+from trainguard.pipeline.preflight import preflight
 from trainguard.pipeline.state import CycleState, HeldoutRecord, ModelRecord, ShardDecision, StateStore, utc_now
 from trainguard.pipeline.tracking import CycleTracker, DatasetRef, TrackedRun, cycle_tags
 from trainguard.pipeline.training import TrainingResult, bootstrap, train
@@ -118,6 +120,7 @@ def run_cycle(config_path: Path, *, reinit: bool = False) -> CycleOutcome:
         join(launch)
         if not launch.leader:
             return _follow(config)
+    preflight(config)  # before the state records a running cycle: a mistake found here changes nothing
     meeting = Meeting(launch)
     try:
         return _lead(config, Path(config_path), reinit, meeting)
@@ -245,7 +248,7 @@ def _tracking_status(tracker: CycleTracker) -> str:
 
 def _run(cycle: _Cycle, parent: TrackedRun) -> CycleOutcome:
     config = cycle.config
-    with parent.stage("verification") as stage:
+    with parent.stage("verification") as stage, console.stage("verifying the signed shards"):
         intake = verify_and_read(config, cycle.state.rollback_records, _decoders(config))
         state = cycle.state
         for manifest in intake.manifests:
@@ -261,7 +264,7 @@ def _run(cycle: _Cycle, parent: TrackedRun) -> CycleOutcome:
             "verify",
         )
 
-    with parent.stage("screening") as stage:
+    with parent.stage("screening") as stage, console.stage("screening new shards (RONI)"):
         candidates = _screen_inputs(cycle, intake, stage)
         model, previous = _incoming_model(cycle, _labeled(intake.trusted), intake.holdout_sha256)
         _screen(cycle, model, holdout, candidates, stage)

@@ -133,7 +133,7 @@ def verify_and_read(
             if shard.name in failed or (shard.role == "holdout" and not is_holdout):
                 continue
             try:
-                samples, frame = _decode(reader, shard.name, config.validation, decoders, every_decoder)
+                samples, frame = decode_shard(reader, shard.name, config.validation, decoders, every_decoder)
             except ProvenanceError as error:
                 if shard.role != "train":
                     raise CycleAbortedError(f"read {ref.manifest}: {error.reason}: {error}", check="verify") from None
@@ -165,7 +165,7 @@ def verify_and_read(
     )
 
 
-def _decode(
+def decode_shard(
     reader: ShardReader,
     name: str,
     section: ValidationSection,

@@ -195,7 +195,9 @@ def _columns(
         raise ShardError(f"shard {name}: feature columns must be numeric", shard=name, reason="format")
     if not pd.api.types.is_integer_dtype(frame[label_column].dtype):
         raise ShardError(f"shard {name}: label column {label_column!r} is not integer", shard=name, reason="format")
-    return table.to_numpy(np.float32), frame[label_column].to_numpy(np.int64)
+    # Arrow-backed columns come out read-only; torch must not wrap a buffer it may not write (copied only then)
+    inputs, targets = table.to_numpy(np.float32), frame[label_column].to_numpy(np.int64)
+    return np.require(inputs, requirements="W"), np.require(targets, requirements="W")
 
 
 class VerifiedDataModule(pl.LightningDataModule):

@@ -12,7 +12,7 @@ PATH = click.Path(path_type=Path)
 
 def register_all(app: click.Group) -> None:
     """Adds every sub-command to the root group."""
-    from trainguard.pipeline.commands import cycle, data, demo, model, prepare, shard
+    from trainguard.pipeline.commands import check, cycle, data, demo, model, prepare, shard, status
 
     for command in (
         data.keygen,
@@ -20,7 +20,10 @@ def register_all(app: click.Group) -> None:
         data.cosign,
         data.verify,
         prepare.prepare,
+        check.check,
         cycle.cycle,
+        status.status,
+        status.history,
         demo.demo,
         model.verify_model,
         shard.shard,
