@@ -24,9 +24,10 @@ def bench_cycle(accelerator: str, epochs: int | None = None) -> list[tuple[str, 
         root = Path(scratch)
         shutil.copytree(REPO / "configs", root / "configs")  # its trust policy names keys relative to itself
         config = yaml.safe_load((REPO / "configs" / "digits-images.yaml").read_text())
-        config["training"].update(accelerator=accelerator, devices=1)
+        config["trainer"]["init_args"].update(accelerator=accelerator, devices=1)
         if epochs is not None:
-            config["training"].update(max_epochs=epochs, bootstrap_epochs=epochs * 4)
+            config["training"].update(bootstrap_epochs=epochs * 4)
+            config["trainer"]["init_args"].update(max_epochs=epochs)
         config["tracking"] = {"uri": f"sqlite:///{root / 'mlruns.db'}", "experiment_name": "gpu-bench"}
         (root / "cycle.yaml").write_text(yaml.safe_dump(config))
         previous = Path.cwd()

@@ -134,7 +134,8 @@ def _user_project(root: Path) -> Path:
     (root / "provenance").mkdir()
     (root / "provenance" / "__init__.py").write_text(_USER_PROVENANCE)
     config = yaml.safe_load((REPO / "configs" / "digits.yaml").read_text())
-    config["training"].update(max_epochs=2, bootstrap_epochs=10)
+    config["training"].update(bootstrap_epochs=10)
+    config["trainer"]["init_args"].update(max_epochs=2)
     config["robust_eval"].update(subset_size=50, steps=2)
     config["gate"].update(min_clean_accuracy=0.0, min_robust_accuracy=0.0, max_accuracy_drop=1.0)
     config["tracking"] = {"experiment_name": "user-project", "registered_model_name": "user-project"}

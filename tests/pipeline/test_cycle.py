@@ -29,7 +29,8 @@ TRAINGUARD = str(Path(sys.executable).parent / "trainguard")
 def _config(workdir: Path, experiment: str, name: str = "digits.yaml") -> Path:
     """A digits demo config, shortened for tests and pointed at this test's experiment."""
     config = yaml.safe_load((REPO / "configs" / name).read_text())
-    config["training"].update(max_epochs=3, bootstrap_epochs=25)
+    config["training"].update(bootstrap_epochs=25)
+    config["trainer"]["init_args"].update(max_epochs=3)
     config["robust_eval"].update(subset_size=100, steps=3)
     config["gate"].update(min_robust_accuracy=0.0)
     config["tracking"] = {"experiment_name": experiment, "registered_model_name": experiment}
@@ -96,7 +97,7 @@ def test_two_cycles_refuse_tampered_and_poisoned_shards_and_log_everything(
     for parent, status in zip(parents, ("accepted", second.status), strict=True):
         children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
         assert {"verification", "screening", "training", "gate"} <= children
-        assert parent.data.params["training.max_epochs"] == "3"
+        assert parent.data.params["trainer.init_args.max_epochs"] == "3"
         assert parent.data.tags["trainguard.status"] == status
         assert any(a.path == "report" for a in client.list_artifacts(parent.info.run_id))
         assert any(t.startswith("trainguard.manifest.") for t in parent.data.tags)

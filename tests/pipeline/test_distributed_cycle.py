@@ -38,7 +38,8 @@ def project(tmp_path: Path) -> Path:
     sign_trusted(data, keys)
     sign_contributions(data, keys, contributed)
     config = yaml.safe_load((REPO / "configs" / "digits.yaml").read_text())
-    config["training"].update(max_epochs=2, bootstrap_epochs=15, strategy="ddp", devices=2, accelerator="cpu")
+    config["training"].update(bootstrap_epochs=15)
+    config["trainer"]["init_args"].update(max_epochs=2, strategy="ddp", devices=2, accelerator="cpu")
     config["robust_eval"].update(subset_size=50, steps=2)
     config["gate"].update(min_clean_accuracy=0.5, min_robust_accuracy=0.0, max_accuracy_drop=0.2)
     config["tracking"] = {"experiment_name": "distributed", "registered_model_name": "distributed"}

@@ -82,7 +82,8 @@ def test_dvc_repro_prepares_and_signs_then_reruns_only_on_a_change(dvc_repo: Pat
 def _shorten(config: Path) -> None:
     """A quick cycle whose gate accepts any model, so each `dvc repro` here exits 0."""
     data = yaml.safe_load(config.read_text())
-    data["training"].update(max_epochs=2, bootstrap_epochs=15)
+    data["training"].update(bootstrap_epochs=15)
+    data["trainer"]["init_args"].update(max_epochs=2)
     data["robust_eval"].update(subset_size=64, steps=2)
     data["gate"].update(min_clean_accuracy=0.0, min_robust_accuracy=0.0, max_accuracy_drop=1.0, max_class_drop=1.0)
     config.write_text(yaml.safe_dump(data))
