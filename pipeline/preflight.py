@@ -147,6 +147,7 @@ def _model(config: CycleConfig, verified: dict[str, Any]) -> Passed:
         raise PreflightError(
             f"model: {name}({_args(config.model.init_args)}) failed: {_line(error)}", "model"
         ) from None
+    _has_validation_step(model, name)
     model.eval()
     x = torch.as_tensor(inputs, dtype=torch.float32).requires_grad_(True)
     y = torch.as_tensor(targets, dtype=torch.int64)
@@ -174,6 +175,19 @@ def _model(config: CycleConfig, verified: dict[str, Any]) -> Passed:
             check="model",
         )
     return Passed("model", f"{name} maps inputs {tuple(x.shape)} to {tuple(output.shape)}; loss and input gradient ok")
+
+
+def _has_validation_step(model: Any, name: str) -> None:
+    """Robust accuracy is measured in Lightning's validation loop, which runs only for a module with a
+    validation_step: without one every robust accuracy is NaN and the gate rejects each model after training."""
+    from pytorch_lightning.utilities.model_helpers import is_overridden
+
+    if not is_overridden("validation_step", model):
+        raise PreflightError(
+            f"model: {name} has no validation_step; robust accuracy is measured in the validation loop (add one, "
+            "e.g. logging val/loss)",
+            check="model",
+        )
 
 
 def _defense_loss(config: CycleConfig) -> tuple[Callable[..., Any], Callable[[int], tuple[int, ...]]]:

@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 TRAINGUARD = str(Path(sys.executable).parent / "trainguard")
 
 REGRESSION_MODEL = """
+import pytorch_lightning as pl
 import torch
 from trainguard.pipeline.models import DigitsClassifier
 
@@ -30,6 +31,10 @@ from trainguard.pipeline.models import DigitsClassifier
 class Regressor(DigitsClassifier):
     def forward(self, x):
         return super().forward(x)[:, :1]
+
+
+class NoValidation(DigitsClassifier):
+    validation_step = pl.LightningModule.validation_step
 
 
 class WrongWidth(DigitsClassifier):
@@ -85,6 +90,11 @@ MISTAKES = {
         {("model",): {"class_path": "brokenmodels.WrongWidth"}},
         1,
         "brokenmodels.WrongWidth cannot take a batch of inputs shaped (2, 64)",
+    ),
+    "a model without validation_step": (
+        {("model",): {"class_path": "brokenmodels.NoValidation"}},
+        1,
+        "brokenmodels.NoValidation has no validation_step",
     ),
     "an untrusted manifest signer": (
         {("dataset", "holdout", "trust"): "demo-work/keys/owner.pub"},
