@@ -5,7 +5,8 @@ Before each `training_step` (Lightning's `on_train_batch_start`, which receives 
 batch in place: a new tensor in lists and dicts, overwritten values in immutable tuples. Crafting runs the module
 in eval mode, under the autocast of the trainer's precision plugin (or in float32 with `crafting="fp32"`), keeps
 the perturbation in the input's dtype and differentiates w.r.t. the inputs only, so mixed precision, gradient
-accumulation (parameter `.grad` untouched) and DDP (purely local work, no collective) are safe.
+accumulation (parameter `.grad` untouched) and DDP (purely local work, no collective) are safe. Nothing per batch
+waits for the device: a batch outside the attack's bounds stops the fit at the next batch (or at the epoch's end).
 
 `adv/success` is read from the logits of the training forward on the adversarial batch (a forward hook on the
 module that matches the batch's input tensor), not from an extra forward pass: the attack's own last logits belong
@@ -131,6 +132,7 @@ class AdversarialTraining(pl.Callback):
             forward=(lambda x: forward(pl_module, x)) if forward is not None else None,
             seed=base + trainer.global_rank,
             autocast=crafting_autocast(self.crafting, trainer),
+            defer_range_check=True,
         )
         if self._pending_state is not None:
             self.attack.load_state_dict(self._pending_state)
@@ -212,6 +214,8 @@ class AdversarialTraining(pl.Callback):
         self._watched += len(watch.target)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.attack is not None:
+            self.attack.range_check.raise_pending()
         # One log call per metric and epoch: per-step `self.log` costs more than a forward pass of a small model.
         counts = torch.stack([self._hits, self._hits.new_tensor(self._watched)])
         hits = trainer.strategy.reduce(counts, reduce_op="sum")  # every rank joins, even one without batches

@@ -153,9 +153,11 @@ def record_screening(
     json_path = directory / "roni-report.json"
     atomic_write(json_path, json.dumps(report.to_dict(), indent=2, allow_nan=False).encode())
     plot_path = plot_impacts(report, directory / "roni-impacts.png")
-    import mlflow
+    if tracking_uri is None:
+        import mlflow
 
-    uri = tracking_uri or mlflow.get_tracking_uri()
+        tracking_uri = mlflow.get_tracking_uri()
+    uri: str = tracking_uri
     problem = _reachable(uri)
     if problem:
         return ReportOutcome(

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from trainguard.defenses.errors import AttackConfigError, AttackInputError
+from trainguard.defenses.attacks.bounds import Bound, Bounds, RangeCheck
+from trainguard.defenses.errors import AttackConfigError
 
 Norm = Literal["inf", "2"]
-Bound = float | torch.Tensor
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ForwardFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -59,7 +59,11 @@ def crafting_mode(model: nn.Module) -> Iterator[None]:
 
 
 class Attack(ABC):
-    """An evasion attack bound to `model`; subclasses implement `_perturb` on a detached, in-bounds batch."""
+    """An evasion attack bound to `model`; subclasses implement `_perturb` on a detached, in-bounds batch.
+
+    `defer_range_check=True` (for training loops) reads each batch's bounds check at the next call or at
+    `range_check.raise_pending()`, so crafting never waits for the device.
+    """
 
     def __init__(
         self,
@@ -74,6 +78,7 @@ class Attack(ABC):
         seed: int | None = None,
         generator: torch.Generator | None = None,
         autocast: torch.dtype | None = None,
+        defer_range_check: bool = False,
     ) -> None:
         if not math.isfinite(eps) or eps < 0:
             raise AttackConfigError(f"eps must be a finite number >= 0, got {eps!r}")
@@ -82,7 +87,8 @@ class Attack(ABC):
         self.model = model
         self.eps = float(eps)
         self.norm = parse_norm(norm)
-        self.bounds = _check_bounds(bounds)
+        self._bounds = Bounds(bounds)
+        self.range_check = RangeCheck(deferred=defer_range_check)
         self.loss = loss or sum_cross_entropy
         self.targeted = targeted
         self.forward = forward or model
@@ -96,8 +102,8 @@ class Attack(ABC):
         if not math.isfinite(eps) or eps < 0:
             raise AttackConfigError(f"eps must be a finite number >= 0, got {eps!r}")
         x = x.detach()
-        lower, upper = self._bounds_like(x)
-        _check_input(x, lower, upper)
+        lower, upper = self._bounds.like(x)
+        self.range_check(x, lower, upper)
         if eps == 0 or x.numel() == 0:
             return x.clone()
         with crafting_mode(self.model), torch.autocast(x.device.type, enabled=False), torch.enable_grad():
@@ -175,18 +181,6 @@ class Attack(ABC):
             delta = direction * radius * u.pow(1.0 / dims)
         return torch.minimum(torch.maximum(x + delta, lower), upper)
 
-    def _bounds_like(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        lower, upper = (torch.as_tensor(b, dtype=x.dtype, device=x.device) for b in self.bounds)
-        try:
-            torch.broadcast_shapes(lower.shape, x.shape[1:])
-            torch.broadcast_shapes(upper.shape, x.shape[1:])
-        except RuntimeError:
-            raise AttackInputError(
-                f"bounds of shape {tuple(lower.shape)}/{tuple(upper.shape)} do not broadcast to a sample "
-                f"of shape {tuple(x.shape[1:])}"
-            ) from None
-        return lower, upper
-
     def state_dict(self) -> dict[str, object]:
         """The generator state (None before first use), so a resumed run draws the same random starts."""
         if self._generator is None:
@@ -204,23 +198,3 @@ class Attack(ABC):
 
 def _per_sample_l2(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
-
-
-def _check_bounds(bounds: tuple[Bound, Bound]) -> tuple[Bound, Bound]:
-    if len(bounds) != 2:
-        raise AttackConfigError(f"bounds must be a (lower, upper) pair, got {bounds!r}")
-    lower, upper = bounds
-    if not bool(torch.all(torch.as_tensor(lower) <= torch.as_tensor(upper))):
-        raise AttackConfigError("bounds: lower must be <= upper everywhere")
-    return lower, upper
-
-
-def _check_input(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> None:
-    if not x.is_floating_point():
-        raise AttackInputError(f"attacks perturb float inputs, got dtype {x.dtype} (embed token ids first)")
-    outside = (x < lower) | (x > upper)
-    if bool(outside.any()):
-        raise AttackInputError(
-            f"{int(outside.sum())} input values lie outside the attack bounds "
-            f"(batch min {x.min().item():.4g}, max {x.max().item():.4g}): pass bounds= that match the data"
-        )

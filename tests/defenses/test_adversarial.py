@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from trainguard.defenses import AdversarialTraining
-from trainguard.defenses.errors import AttackConfigError, BatchFormatError
+from trainguard.defenses.errors import AttackConfigError, AttackInputError, BatchFormatError
 
 N, FEATURES = 48, 16
 
@@ -246,6 +246,17 @@ def test_eps_warms_up_and_a_resumed_run_repeats_the_uninterrupted_schedule(tmp_p
 def test_dict_batches_without_keys_fail_with_a_clear_error() -> None:
     with pytest.raises(BatchFormatError, match="input_key= and target_key="):
         fit(Recorder(), DataLoader(DictDigits(), batch_size=16), [AdversarialTraining("fgsm", eps=0.1)])
+
+
+@pytest.mark.parametrize("bad_batch", [0, 2])
+def test_a_batch_outside_the_bounds_stops_the_fit_at_the_next_batch_or_the_epochs_end(bad_batch) -> None:
+    x, y = data()
+    x[bad_batch * 16] = 2.0  # batches of 16: the first row of batch `bad_batch` (2 is the last batch)
+    module = Recorder()
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    with pytest.raises(AttackInputError, match="16 input values lie outside the attack bounds"):
+        fit(module, loader, [AdversarialTraining("fgsm-rs", eps=0.1)])
+    assert len(module.seen) == bad_batch + 1
 
 
 @pytest.mark.parametrize(

@@ -247,6 +247,18 @@ def test_inputs_outside_the_bounds_are_refused_with_exit_code_2() -> None:
         PGD(_tiny_model(4), eps=0.1, bounds=(torch.zeros(3), torch.ones(3)))(torch.rand(2, 4), torch.zeros(2).long())
 
 
+def test_a_deferred_range_check_refuses_the_batch_at_the_next_call() -> None:
+    attack = PGD(_tiny_model(4), eps=0.1, steps=1, defer_range_check=True)
+    labels = torch.zeros(2).long()
+    attack(torch.full((2, 4), 1.5), labels)  # read back later: crafting never waits for the device
+    with pytest.raises(AttackInputError, match="8 input values lie outside"):
+        attack(torch.rand(2, 4), labels)
+    attack(torch.full((2, 4), -0.5), labels)
+    with pytest.raises(AttackInputError, match=r"batch min -0\.5"):
+        attack.range_check.raise_pending()
+    attack.range_check.raise_pending()  # reported once
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
