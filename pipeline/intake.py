@@ -21,14 +21,14 @@ from typing import Any
 import pandas as pd
 
 from trainguard.pipeline.config import CycleConfig, ManifestRef, ValidationSection
+from trainguard.pipeline.cycle_state import ShardDecision
 from trainguard.pipeline.errors import CycleAbortedError
-from trainguard.pipeline.state import ShardDecision
 from trainguard.provenance.allowlist import AllowedShard
 from trainguard.provenance.dataset import read_as_table, table_samples
 from trainguard.provenance.errors import ProvenanceError
 from trainguard.provenance.formats import Decoder, Samples, default_decoders
 from trainguard.provenance.reader import ReadLog, ShardReader
-from trainguard.provenance.state import RollbackCheck
+from trainguard.provenance.rollback import RollbackCheck
 from trainguard.provenance.verify import VerificationReport, VerifiedManifest, open_manifest, verify_shards
 
 

@@ -109,7 +109,7 @@ def _manifests(config: CycleConfig) -> dict[str, Any]:
     """Each manifest opened as the cycle opens it (trust policy, signatures, granted claims, dataset, expiry);
     rollback is checked against the cycle's signed state when the cycle reads it."""
     from trainguard.provenance.policy import load_trust
-    from trainguard.provenance.state import RollbackRecords
+    from trainguard.provenance.rollback import RollbackRecords
     from trainguard.provenance.verify import open_manifest
 
     verified: dict[str, Any] = {}

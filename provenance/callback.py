@@ -15,7 +15,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from trainguard.provenance.dataset import ManifestLike, as_spec
 from trainguard.provenance.errors import MalformedError, ProvenanceError
-from trainguard.provenance.state import RollbackState, default_state_path
+from trainguard.provenance.rollback import RollbackState, default_state_path
 from trainguard.provenance.verify import ShardFailure, VerificationReport, verify_dataset
 
 # MLflow caps a dataset digest at 36 characters (its store column is VARCHAR(36)): the input's digest is the first

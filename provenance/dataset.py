@@ -25,7 +25,7 @@ from trainguard.provenance.formats import Decoder, Samples, default_decoders
 from trainguard.provenance.manifest import ShardEntry
 from trainguard.provenance.policy import TrustPolicy
 from trainguard.provenance.reader import ReadLog, ReadRecord, ShardReader
-from trainguard.provenance.state import RollbackState
+from trainguard.provenance.rollback import RollbackState
 from trainguard.provenance.verify import VerifiedManifest, open_manifest
 
 

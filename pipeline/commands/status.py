@@ -40,7 +40,7 @@ def history(config: Path) -> None:
 def _state(config: Path) -> tuple[Any, Any]:
     """The config and its signed cycle state (checked with the cycle's key; a missing state is an empty one)."""
     from trainguard.pipeline.config import load_config
-    from trainguard.pipeline.state import StateStore
+    from trainguard.pipeline.cycle_state import StateStore
     from trainguard.provenance.keys import load_signing_key
 
     loaded = load_config(config, check_components=False)
