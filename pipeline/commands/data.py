@@ -176,9 +176,12 @@ def verify(
     else:
         for failure in report.failures:
             click.echo(f"FAIL {failure.line()}", err=True)
-        if any(f.reason in ("missing", "unlisted") for f in report.failures):
+        if any(f.reason == "missing" for f in report.failures):
+            from trainguard.provenance.paths import printable
+
             where = "the manifest's folder" if data_dir is None else "--data"
-            click.echo(f"shards were looked for under {report.data_dir} ({where}; --data DIR to change)", err=True)
+            searched = printable(report.data_dir)
+            click.echo(f"shards were looked for under {searched} ({where}; --data DIR to change)", err=True)
         if report.ok:
             click.echo(
                 f"OK dataset {report.dataset!r} version {report.version}: {report.shards} shards, "

@@ -38,7 +38,7 @@ def test_a_cycle_on_the_demo_config_prints_no_third_party_chatter_and_verbose_sh
     config["training"].update(bootstrap_epochs=5)
     config["trainer"]["init_args"].update(max_epochs=1)
     config["robust_eval"].update(subset_size=50, steps=2)
-    config["gate"].update(min_clean_accuracy=0.0, min_robust_accuracy=0.0)
+    config["gate"].update(min_clean_accuracy=0.0, min_robust_accuracy=0.0, max_accuracy_drop=1.0, max_class_drop=1.0)
     (tmp_path / "cycle.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'fresh-mlruns.db'}"}
 

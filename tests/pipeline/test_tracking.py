@@ -74,7 +74,7 @@ def test_a_cycle_lands_as_a_parent_run_with_nested_stage_runs(mlflow_uri: str, t
     client = MlflowClient(mlflow_uri)
     parent_run = client.get_run(parent.run_id)
     assert parent_run.info.status == "FINISHED"
-    assert parent_run.data.params["training.max_epochs"] == str(config.training.max_epochs)
+    assert parent_run.data.params["trainer.init_args.max_epochs"] == str(config.trainer.arg("max_epochs"))
     assert parent_run.data.params["model.class_path"] == "trainguard.pipeline.models.DigitsClassifier"
     assert parent_run.data.tags["mlflow.source.git.commit"] == "abc"
     assert parent_run.data.tags["trainguard.signer_keyids"] == "k1,k2"
