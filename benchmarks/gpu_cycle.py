@@ -17,13 +17,15 @@ REPO = Path(__file__).resolve().parents[1]
 def bench_cycle(accelerator: str, epochs: int | None = None) -> list[tuple[str, str, str]]:
     """Runs one images cycle in a scratch project on `accelerator` ("gpu" or "cpu"), with the config's epochs unless
     `epochs` shortens it (a CPU smoke run); rows of (what, value, note)."""
+    from digits_demo.demo import stage_data
+
     from trainguard.pipeline.cycle import run_cycle
-    from trainguard.pipeline.demo import stage_data
 
     with tempfile.TemporaryDirectory(prefix="trainguard-gpu-cycle-") as scratch:
         root = Path(scratch)
         shutil.copytree(REPO / "configs", root / "configs")  # its trust policy names keys relative to itself
         config = yaml.safe_load((REPO / "configs" / "digits-images.yaml").read_text())
+        config["project"] = str(REPO / "examples")
         config["trainer"]["init_args"].update(accelerator=accelerator, devices=1)
         if epochs is not None:
             config["training"].update(bootstrap_epochs=epochs * 4)

@@ -338,6 +338,8 @@ def project_dir(config: CycleConfig, path: Path) -> Path:
 def use_project(config: CycleConfig, path: Path) -> Path:
     """Puts the config's project folder first on `sys.path` (once), so `class_path: mymodel.TabMLP` imports."""
     folder = project_dir(config, path)
+    if not folder.is_dir():
+        raise ConfigError(f"{path}: project: folder {folder} does not exist", key="project")
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
     return folder

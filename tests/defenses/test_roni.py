@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from digits_demo.digits import load_digits_split
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -24,7 +25,6 @@ from trainguard.defenses.roni import (
     robust_threshold,
     screen_candidates,
 )
-from trainguard.pipeline.digits import load_digits_split
 
 
 class Split:

@@ -17,6 +17,7 @@ from trainguard.pipeline.errors import ConfigError
 
 DIGITS = Path(__file__).resolve().parents[2] / "configs" / "digits.yaml"
 BASE: dict[str, Any] = yaml.safe_load(DIGITS.read_text())
+BASE["project"] = str(DIGITS.parents[1] / "examples")  # configs written to tmp_path still import the example
 
 
 def _write(tmp_path: Path, data: Any, name: str = "cycle.yaml") -> Path:
@@ -44,7 +45,7 @@ def _error(tmp_path: Path, data: Any) -> ConfigError:
 
 def test_the_digits_default_loads_and_builds_its_model() -> None:
     config = load_config(DIGITS)
-    assert config.model.class_path == "trainguard.pipeline.models.DigitsClassifier"
+    assert config.model.class_path == "digits_demo.models.DigitsClassifier"
     model = config.model.instantiate()
     assert model.hparams.channels == BASE["model"]["init_args"]["channels"]
     resolved = config.resolved()
@@ -82,14 +83,14 @@ def test_cross_field_rules_are_checked(tmp_path: Path) -> None:
 
 
 def test_a_class_that_does_not_exist_is_refused_before_anything_runs(tmp_path: Path) -> None:
-    error = _error(tmp_path, _with({("model", "class_path"): "trainguard.pipeline.models.NoSuchModel"}))
+    error = _error(tmp_path, _with({("model", "class_path"): "digits_demo.models.NoSuchModel"}))
     assert error.key == "model.class_path" and "NoSuchModel" in str(error)
     error = _error(tmp_path, _with({("model", "class_path"): "no_such_package.Model"}))
     assert error.key == "model.class_path" and "cannot import" in str(error)
 
 
 def test_a_class_of_the_wrong_kind_is_refused(tmp_path: Path) -> None:
-    error = _error(tmp_path, _with({("model", "class_path"): "trainguard.pipeline.models.DigitsCNN"}))
+    error = _error(tmp_path, _with({("model", "class_path"): "digits_demo.models.DigitsCNN"}))
     assert "is not a pytorch_lightning.LightningModule" in str(error)
 
 
@@ -218,7 +219,7 @@ def test_roni_options_are_checked_against_the_screening_config(tmp_path: Path) -
 def test_a_datamodule_is_checked_like_the_model(tmp_path: Path) -> None:
     data = _with({("datamodule",): {"class_path": "pytorch_lightning.LightningDataModule"}})
     assert load_config(_write(tmp_path, data)).datamodule.class_path == "pytorch_lightning.LightningDataModule"
-    error = _error(tmp_path, _with({("datamodule",): {"class_path": "trainguard.pipeline.models.DigitsClassifier"}}))
+    error = _error(tmp_path, _with({("datamodule",): {"class_path": "digits_demo.models.DigitsClassifier"}}))
     assert error.key == "datamodule.class_path" and "LightningDataModule" in str(error)
 
 
@@ -252,11 +253,12 @@ def test_trainer_keys_left_in_the_training_section_say_where_they_moved(tmp_path
 
 def test_a_class_path_imports_from_the_config_folder_without_pythonpath(tmp_path: Path) -> None:
     (tmp_path / "mymodel_fh.py").write_text(
-        "from trainguard.pipeline.models import DigitsClassifier\n\nclass TabMLP(DigitsClassifier):\n    pass\n"
+        "from digits_demo.models import DigitsClassifier\n\nclass TabMLP(DigitsClassifier):\n    pass\n"
     )
-    config = load_config(_write(tmp_path, _with({("model", "class_path"): "mymodel_fh.TabMLP"})))
+    own = {("project",): ".", ("model", "class_path"): "mymodel_fh.TabMLP"}
+    config = load_config(_write(tmp_path, _with(own)))
     assert type(config.model.instantiate()).__name__ == "TabMLP"
-    error = _error(tmp_path, _with({("model", "class_path"): "mymodle_fh.TabMLP"}))
+    error = _error(tmp_path, _with({("project",): ".", ("model", "class_path"): "mymodle_fh.TabMLP"}))
     assert "cannot import 'mymodle_fh'" in str(error) and "project:" in str(error)
 
 

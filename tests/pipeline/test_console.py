@@ -9,9 +9,8 @@ import sys
 from pathlib import Path
 
 import yaml
-
-from trainguard.pipeline.demo import create_keys, sign_contributions, sign_trusted
-from trainguard.pipeline.prepare import prepare_digits
+from digits_demo.demo import create_keys, sign_contributions, sign_trusted
+from digits_demo.prepare import prepare_digits
 
 REPO = Path(__file__).resolve().parents[2]
 TRAINGUARD = str(Path(sys.executable).parent / "trainguard")
@@ -35,6 +34,7 @@ def test_a_cycle_on_the_demo_config_prints_no_third_party_chatter_and_verbose_sh
     sign_trusted(data, keys)
     sign_contributions(data, keys, contributed)
     config = yaml.safe_load((REPO / "configs" / "digits.yaml").read_text())
+    config["project"] = str(REPO / "examples")  # the digits example, wherever this copy is written
     config["training"].update(bootstrap_epochs=5)
     config["trainer"]["init_args"].update(max_epochs=1)
     config["robust_eval"].update(subset_size=50, steps=2)

@@ -15,12 +15,12 @@ from typing import Any
 import mlflow
 import pytest
 import yaml
+from digits_demo.demo import create_keys, sign_contributions, sign_trusted
+from digits_demo.prepare import prepare_digits
+from digits_demo.threats import poison_shards, tamper_file
 
 from trainguard.pipeline.cycle import run_cycle
-from trainguard.pipeline.demo import create_keys, sign_contributions, sign_trusted
 from trainguard.pipeline.errors import CycleAbortedError
-from trainguard.pipeline.prepare import prepare_digits
-from trainguard.pipeline.threats import poison_shards, tamper_file
 
 REPO = Path(__file__).resolve().parents[2]
 TRAINGUARD = str(Path(sys.executable).parent / "trainguard")
@@ -29,6 +29,7 @@ TRAINGUARD = str(Path(sys.executable).parent / "trainguard")
 def _config(workdir: Path, experiment: str, name: str = "digits.yaml") -> Path:
     """A digits demo config, shortened for tests and pointed at this test's experiment."""
     config = yaml.safe_load((REPO / "configs" / name).read_text())
+    config["project"] = str(REPO / "examples")  # the digits example, wherever this copy is written
     config["training"].update(bootstrap_epochs=25)
     config["trainer"]["init_args"].update(max_epochs=3)
     config["robust_eval"].update(subset_size=100, steps=3)

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from digits_demo.demo import create_keys, sign_contributions, sign_trusted
+from digits_demo.prepare import prepare_digits
+from digits_demo.threats import tamper_file
 
-from trainguard.pipeline.demo import create_keys, sign_contributions, sign_trusted
 from trainguard.pipeline.distributed import Launch, launch_from_env
-from trainguard.pipeline.prepare import prepare_digits
-from trainguard.pipeline.threats import tamper_file
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -38,6 +38,7 @@ def project(tmp_path: Path) -> Path:
     sign_trusted(data, keys)
     sign_contributions(data, keys, contributed)
     config = yaml.safe_load((REPO / "configs" / "digits.yaml").read_text())
+    config["project"] = str(REPO / "examples")  # the digits example, wherever this copy is written
     config["training"].update(bootstrap_epochs=15)
     config["trainer"]["init_args"].update(max_epochs=2, strategy="ddp", devices=2, accelerator="cpu")
     config["robust_eval"].update(subset_size=50, steps=2)

@@ -28,6 +28,7 @@ def _install(repo: Path, with_code: bool = False) -> None:
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
     shutil.copy(ROOT / ".dvcignore", repo / ".dvcignore")
     shutil.copytree(ROOT / "configs", repo / "configs")
+    shutil.copytree(ROOT / "examples", repo / "examples", ignore=shutil.ignore_patterns("__pycache__"))
     if with_code:  # the cycle stage depends on the code, so a code change reruns it
         for package in ("trainguard", "pipeline", "defenses", "provenance"):
             shutil.copytree(ROOT / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 import yaml
+from digits_demo.demo import create_keys, sign_contributions, sign_trusted
+from digits_demo.prepare import prepare_digits
 
 from trainguard.pipeline.cli import main
-from trainguard.pipeline.demo import create_keys, sign_contributions, sign_trusted
-from trainguard.pipeline.prepare import prepare_digits
 from trainguard.provenance.keys import generate_signing_key, write_keypair
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,7 +25,7 @@ TRAINGUARD = str(Path(sys.executable).parent / "trainguard")
 REGRESSION_MODEL = """
 import pytorch_lightning as pl
 import torch
-from trainguard.pipeline.models import DigitsClassifier
+from digits_demo.models import DigitsClassifier
 
 
 class Regressor(DigitsClassifier):
@@ -65,6 +65,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _config(project: Path, change: dict[tuple[str, ...], Any]) -> Path:
     config = yaml.safe_load((REPO / "configs" / "digits.yaml").read_text())
+    config["project"] = str(REPO / "examples")  # the digits example, wherever this copy is written
     for keys, value in change.items():
         node = config
         for key in keys[:-1]:
