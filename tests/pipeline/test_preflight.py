@@ -65,7 +65,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _config(project: Path, change: dict[tuple[str, ...], Any]) -> Path:
     config = yaml.safe_load((REPO / "configs" / "digits.yaml").read_text())
-    config["project"] = str(REPO / "examples")  # the digits example, wherever this copy is written
+    config["project"] = "."  # brokenmodels.py beside it; the digits example comes from the test path (PYTHONPATH)
     for keys, value in change.items():
         node = config
         for key in keys[:-1]:
@@ -77,7 +77,12 @@ def _config(project: Path, change: dict[tuple[str, ...], Any]) -> Path:
 
 
 def _run(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(project), "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'ml.db'}"}
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(project),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'ml.db'}",
+        "PYTHONPATH": str(REPO / "examples"),
+    }
     return subprocess.run([TRAINGUARD, *args], cwd=project, capture_output=True, text=True, timeout=300, env=env)
 
 
