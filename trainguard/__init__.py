@@ -28,6 +28,7 @@ _LAZY = {
     "CycleConfig": "trainguard.pipeline.config",
     "PipelineError": "trainguard.pipeline.errors",
     "load_config": "trainguard.pipeline.config",
+    "preflight": "trainguard.pipeline.preflight",
     "run_cycle": "trainguard.pipeline.cycle",
 }
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from digits_demo.demo import create_keys, sign_contributions, sign_trusted
 from digits_demo.prepare import prepare_digits
@@ -25,6 +26,7 @@ THIRD_PARTY = (
 )
 
 
+@pytest.mark.timeout(600)  # two cycles, each its own process
 def test_a_cycle_on_the_demo_config_prints_no_third_party_chatter_and_verbose_shows_it(tmp_path: Path) -> None:
     (tmp_path / "configs").mkdir()
     shutil.copy(REPO / "configs" / "digits-trust.yaml", tmp_path / "configs")

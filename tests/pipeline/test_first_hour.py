@@ -170,6 +170,7 @@ def _trainguard(project_dir: Path, *args: str, ok: bool = True) -> str:
     return output
 
 
+@pytest.mark.timeout(900)  # a dozen CLI commands and two cycles, each its own process
 @pytest.mark.parametrize("project", [IMAGES], ids=lambda p: p.name)
 def test_a_new_project_signs_checks_runs_two_cycles_and_loads_its_model(tmp_path: Path, project: Project) -> None:
     root = tmp_path / "myproject"
