@@ -64,10 +64,12 @@ def _public_key(private_key: Path) -> Path:
 def _files(config: CycleConfig) -> Passed:
     named = list(_named_files(config))
     for key, path, folder in named:
-        if folder and not path.is_dir():
-            raise ConfigError(f"{key}: folder {path} does not exist (relative paths start at {Path.cwd()})", key=key)
-        if not folder and not path.is_file():
-            raise ConfigError(f"{key}: file {path} does not exist (relative paths start at {Path.cwd()})", key=key)
+        present = path.is_dir() if folder else path.is_file()
+        kind = "folder" if folder else "file"
+        if not present and path.exists():  # a FIFO or device planted where a file belongs: refused unread
+            raise PreflightError(f"{key}: {path} is not a regular {kind}", check="files")
+        if not present:
+            raise ConfigError(f"{key}: {kind} {path} does not exist (relative paths start at {Path.cwd()})", key=key)
     return Passed("files", f"{len(named)} files and folders the config names exist")
 
 
