@@ -1,4 +1,4 @@
-# Two commands: `make demo` and `make test`. Both bootstrap .venv on a fresh machine.
+# Two commands: `make demo` (the example in examples/digits_demo) and `make test`. Both bootstrap .venv on a fresh machine.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/trainguard demo
+	PYTHONPATH=examples $(BIN)/python -m digits_demo demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -32,7 +32,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
-	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
+	for b in benchmarks/*.py; do PYTHONPATH=examples $(BIN)/python $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) mlruns.db mlruns demo-work .pytest_cache

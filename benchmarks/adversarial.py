@@ -23,14 +23,14 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # ART's progress bars; read when tqd
 
 import pytorch_lightning as pl
 import torch
+from digits_demo.digits import load_digits_split, split
+from digits_demo.models import DigitsClassifier, DigitsCNN
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from trainguard.defenses import AdversarialTraining, correct_under_attacks
 from trainguard.defenses.attacks import PGD, make_attack
-from trainguard.pipeline.digits import load_digits_split, split
-from trainguard.pipeline.models import DigitsClassifier, DigitsCNN
 
 EVAL_EPS = (0.1, 0.2, 0.3)
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}

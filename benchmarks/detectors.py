@@ -21,12 +21,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from digits_demo.digits import load_digits_split
 from torch import nn
 from torch.nn import functional as F
 
 from trainguard.defenses.detectors import REFERENCE, DetectionConfig, detect
 from trainguard.defenses.features import head_features, split_head
-from trainguard.pipeline.digits import load_digits_split
 
 SOURCES = tuple(f"s{i}" for i in range(10))
 TARGET = 0

@@ -33,12 +33,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from digits_demo.digits import load_digits_split
 from torch import nn
 from torch.nn import functional as F
 
 from trainguard.defenses.heldout import LabeledData
 from trainguard.defenses.roni import Calibration, Candidate, ScreeningConfig, screen_candidates
-from trainguard.pipeline.digits import load_digits_split
 
 SHARD = 50
 TARGET = 0  # the backdoor's target class

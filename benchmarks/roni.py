@@ -20,14 +20,14 @@ import time
 
 import numpy as np
 import torch
+from digits_demo.digits import load_digits_split
+from digits_demo.models import DigitsCNN
 from models import resnet18
 from torch import nn
 from torch.nn import functional as F
 
 from trainguard.defenses.heldout import LabeledData
 from trainguard.defenses.roni import Candidate, ScreeningConfig, screen_candidates
-from trainguard.pipeline.digits import load_digits_split
-from trainguard.pipeline.models import DigitsCNN
 
 FLIP_RATES = (0.1, 0.2, 0.3)
 SHARD = 50

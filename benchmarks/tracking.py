@@ -139,8 +139,8 @@ def mlflow_server(root: Path) -> Iterator[str]:
 
 def prepare(work: Path, epochs: int | None) -> Path:
     """The digits demo's signed data and config in `work` (the config only points at this experiment)."""
-    from trainguard.pipeline.demo import create_keys, sign_contributions, sign_trusted
-    from trainguard.pipeline.prepare import prepare_digits
+    from digits_demo.demo import create_keys, sign_contributions, sign_trusted
+    from digits_demo.prepare import prepare_digits
 
     (work / "configs").mkdir()
     shutil.copy(ROOT / "configs" / "digits-trust.yaml", work / "configs")
@@ -150,8 +150,9 @@ def prepare(work: Path, epochs: int | None) -> Path:
     sign_trusted(data, keys)
     sign_contributions(data, keys, contributed)
     config = yaml.safe_load((ROOT / "configs" / "digits.yaml").read_text())
+    config["project"] = str(ROOT / "examples")
     if epochs is not None:
-        config["training"]["max_epochs"] = epochs
+        config["trainer"]["init_args"]["max_epochs"] = epochs
     config["tracking"] = {"experiment_name": "bench-tracking", "registered_model_name": "bench-tracking"}
     path = work / "cycle.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -160,7 +161,7 @@ def prepare(work: Path, epochs: int | None) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=None, help="training.max_epochs (default: the config's)")
+    parser.add_argument("--epochs", type=int, default=None, help="trainer.init_args.max_epochs (default: the config's)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)

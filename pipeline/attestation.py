@@ -19,9 +19,9 @@ from typing import Any
 
 from trainguard import strictjson
 from trainguard.files import read_regular
+from trainguard.pipeline.cycle_state import ShardDecision
 from trainguard.pipeline.errors import AttestationError, AttestationInputError
 from trainguard.pipeline.model_sign import ModelFiles
-from trainguard.pipeline.state import ShardDecision
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"

@@ -22,11 +22,16 @@ class _State:
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
-@click.option("--verbose", "-v", is_flag=True, help="Show details (tracebacks) on errors.")
+@click.option(
+    "--verbose", "-v", is_flag=True, help="Show Lightning's and MLflow's logs and warnings, and tracebacks on errors."
+)
 @click.version_option(package_name="trainguard", prog_name="trainguard", message="%(prog)s %(version)s")
 def app(verbose: bool) -> None:
     """Defense in depth for ML training pipelines: signed data shards, adversarial training, RONI checks."""
+    from trainguard.pipeline.console import quiet_console
+
     _State.verbose = verbose
+    quiet_console(verbose)
 
 
 register_all(app)
@@ -51,9 +56,13 @@ def main(argv: list[str] | None = None) -> int:
         return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     except Exception as error:
         code = _exit_code(error)
-        if code is None or _State.verbose:
+        if _State.verbose:
             raise
-        click.echo(f"trainguard: error: {error}", err=True)
+        if code is None:  # not a failure trainguard names: still one line, the traceback behind --verbose
+            text = " ".join(str(error).split())
+            click.echo(f"trainguard: error: {type(error).__name__}: {text} (--verbose shows the traceback)", err=True)
+            return 1
+        click.echo(f"trainguard: error: {' '.join(str(error).split())}", err=True)
         return code
     return 0
 

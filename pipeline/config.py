@@ -1,10 +1,11 @@
 """The typed schema of a retraining-cycle config (YAML), validated in full before anything runs.
 
-Pluggable parts (the LightningModule, an optional LightningDataModule, extra callbacks) are named LightningCLI-style
-by `class_path` + `init_args`; `load_config` imports each class and binds its `init_args` to the constructor's
-signature, so a typo fails with the key that holds it, never halfway through a cycle. Importing a `class_path`
-runs that module's code: a config is trusted input, like the training code it names.
-Relative paths are relative to the directory `trainguard` runs in (the repository root under DVC).
+Pluggable parts (the LightningModule, the Trainer, extra callbacks, decoders) are written as LightningCLI writes
+them, `class_path` + `init_args`; `load_config` imports each class with the config's project folder on `sys.path`
+and binds its `init_args` with jsonargparse (LightningCLI's parser), so a typo fails with the key that holds it,
+never halfway through a cycle. Importing a `class_path` runs that module's code: a config is trusted input, like
+the training code it names. Relative paths in the config are relative to the directory `trainguard` runs in (the
+repository root under DVC).
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ import importlib
 import inspect
 import math
 import os
-import typing
+import re
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from trainguard.files import read_regular
 from trainguard.pipeline.errors import ConfigError
@@ -37,7 +39,11 @@ class _Section(BaseModel):
 
 
 class Component(_Section):
-    """A class named by import path and the keyword arguments its constructor takes."""
+    """A class named by import path and the keyword arguments its constructor takes, as LightningCLI writes them.
+
+    The import runs with the config's project folder on `sys.path` (see `load_config`), and `init_args` are bound
+    and type-checked against the constructor by jsonargparse (LightningCLI's parser): YAML's `1e-3` string becomes
+    a float, a nested `class_path` becomes an instance."""
 
     class_path: Annotated[str, Field(pattern=_DOTTED)]
     init_args: dict[str, Any] = Field(default_factory=dict)
@@ -48,10 +54,9 @@ class Component(_Section):
         return getattr(importlib.import_module(module), name)
 
     def instantiate(self, **injected: Any) -> Any:
-        """A new instance built from `init_args` (coerced to the constructor's annotations, so YAML's `1e-3`
-        string becomes a float) plus what the cycle supplies itself (e.g. a verified dataset)."""
+        """A new instance built from `init_args` plus what the cycle supplies itself (e.g. a verified dataset)."""
         cls = self.resolve()
-        return cls(**_coerced(cls, self.init_args), **injected)
+        return cls(**bound_init_args(cls, self.init_args, skip=tuple(injected)), **injected)
 
 
 class ManifestRef(_Section):
@@ -128,6 +133,8 @@ class DataSection(_Section):
 
 
 class LimitsSection(_Section):
+    """Caps on one contributor's share of the accepted training shards (a flood of one source is refused)."""
+
     max_fraction_per_source: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
 
 
@@ -257,19 +264,58 @@ class GateSection(_Section):
     max_class_drop: Fraction = 0.1
 
 
+_MOVED_TRAINING_KEYS = ("max_epochs", "accelerator", "devices", "strategy", "deterministic")
+
+
 class TrainingSection(_Section):
-    max_epochs: Annotated[int, Field(ge=1)] = 5
+    """What trainguard itself needs to train: batch size, seed, loader workers and the first cycle's epochs on the
+    trusted base. Everything Lightning's Trainer takes goes in the `trainer:` block instead."""
+
     batch_size: Annotated[int, Field(ge=1)] = 64
     seed: int = 0
-    accelerator: str = "cpu"
-    devices: Annotated[int, Field(ge=1)] | Literal["auto"] | list[Annotated[int, Field(ge=0)]] = 1
-    strategy: str = "auto"
-    deterministic: bool = True
     num_workers: Annotated[int, Field(ge=0)] = 0
     bootstrap_epochs: Annotated[int, Field(ge=1, description="First cycle: epochs on the trusted data.")] = 5
 
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in _MOVED_TRAINING_KEYS:
+                if key in data:
+                    raise ValueError(f"{key} moved to the trainer block: trainer.init_args.{key} (as LightningCLI)")
+        return data
+
+
+TRAINER_CLASS = "pytorch_lightning.Trainer"
+TRAINER_DEFAULTS: dict[str, Any] = {"max_epochs": 5, "deterministic": True}
+TRAINER_SUPPLIED = ("callbacks", "logger", "enable_checkpointing", "enable_progress_bar", "enable_model_summary")
+"""Trainer arguments the cycle sets itself: its defenses and yours as callbacks, its MLflow logger, no checkpoints
+(it saves signed models), its own progress display."""
+
+
+class TrainerSection(Component):
+    """Lightning's Trainer, written as LightningCLI's `trainer:` block (`init_args` are `Trainer` arguments:
+    max_epochs, accelerator, devices, strategy, precision, ...). Unset, `max_epochs` is 5 and `deterministic` true;
+    the arguments in TRAINER_SUPPLIED are the cycle's."""
+
+    class_path: Annotated[str, Field(pattern=_DOTTED)] = TRAINER_CLASS
+    init_args: dict[str, Any] = Field(default_factory=lambda: dict(TRAINER_DEFAULTS))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("init_args", {}), dict):
+            return {**data, "init_args": TRAINER_DEFAULTS | data.get("init_args", {})}
+        return data
+
+    def arg(self, name: str, default: Any = None) -> Any:
+        """One Trainer argument as configured, else `default` (Lightning's own default)."""
+        return self.init_args.get(name, default)
+
 
 class OutputSection(_Section):
+    """Where the cycle writes (models, reports, read logs, its signed state) and the keys it signs with."""
+
     work_dir: Path
     model_signing_key: Path = Field(description="ECDSA P-256 (or P-384/P-521) private key, PEM.")
     attestation_key: Path | None = Field(default=None, description="DSSE signing key; default model_signing_key.")
@@ -285,6 +331,8 @@ class OutputSection(_Section):
 
 
 class TrackingSection(_Section):
+    """The MLflow experiment and registered model the cycle logs to."""
+
     experiment_name: str = "trainguard"
     registered_model_name: str = "trainguard-model"
     uri: str | None = Field(default=None, description=f"Default {DEFAULT_TRACKING_URI}; MLFLOW_TRACKING_URI wins.")
@@ -295,9 +343,15 @@ class TrackingSection(_Section):
 
 
 class CycleConfig(_Section):
-    """One retraining cycle: where the signed data is, how it is checked, how the model trains and is gated."""
+    """One retraining cycle: where the signed data is, how it is checked, how the model trains and is gated.
+
+    `model`, `callbacks` and `trainer` are written as LightningCLI writes them (`class_path` + `init_args`); their
+    class paths import with `project` (default: the config file's folder) on `sys.path`."""
 
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    project: Path | None = Field(
+        default=None, description="Folder your modules import from, relative to the config file; default its folder."
+    )
     dataset: DatasetSection
     validation: ValidationSection
     data: DataSection = DataSection()
@@ -309,6 +363,7 @@ class CycleConfig(_Section):
     robust_eval: RobustEvalSection = RobustEvalSection()
     gate: GateSection = GateSection()
     training: TrainingSection = TrainingSection()
+    trainer: TrainerSection = TrainerSection()
     model: Component
     datamodule: Component | None = None
     callbacks: tuple[Component, ...] = ()
@@ -339,6 +394,7 @@ _COMPONENT_BASES: dict[str, tuple[str, str] | None] = {
     "model": ("pytorch_lightning", "LightningModule"),
     "datamodule": ("pytorch_lightning", "LightningDataModule"),
     "callbacks": ("pytorch_lightning", "Callback"),
+    "trainer": ("pytorch_lightning", "Trainer"),
 }
 _SCREENING_CONFIG = "trainguard.defenses.roni.ScreeningConfig"
 _DETECTOR_CONFIGS = {
@@ -353,15 +409,32 @@ def load_config(
 ) -> CycleConfig:
     """Reads and validates a cycle config; any problem raises ConfigError naming the file and the key.
 
-    With `check_components`, every class_path is imported and its init_args bound to the constructor
-    (`injected[section]` names arguments the cycle supplies itself, e.g. a datamodule's manifest).
-    """
+    With `check_components`, the project folder goes on `sys.path`, every class_path is imported and its init_args
+    bound to the constructor (`injected[section]` names arguments the cycle supplies itself)."""
     path = Path(path)
     data = _read_yaml(path)
     config = parse_config(data, source=str(path))
+    _check_bounds(config, str(path))
     if check_components:
+        use_project(config, path)
         check_config_components(config, source=str(path), injected=injected)
     return config
+
+
+def project_dir(config: CycleConfig, path: Path) -> Path:
+    """The folder the config's own modules import from: `project` (relative to the config file), else its folder."""
+    folder = path.parent
+    return (folder / config.project if config.project is not None else folder).resolve()
+
+
+def use_project(config: CycleConfig, path: Path) -> Path:
+    """Puts the config's project folder first on `sys.path` (once), so `class_path: mymodel.TabMLP` imports."""
+    folder = project_dir(config, path)
+    if not folder.is_dir():
+        raise ConfigError(f"{path}: project: folder {folder} does not exist", key="project")
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    return folder
 
 
 def parse_config(data: Any, source: str = "<config>") -> CycleConfig:
@@ -376,31 +449,44 @@ def parse_config(data: Any, source: str = "<config>") -> CycleConfig:
         raise ConfigError(f"{source}: cannot validate: {type(error).__name__}: {error}") from None
 
 
+def _check_bounds(config: CycleConfig, source: str) -> None:
+    """The attacks clamp to `adversarial.bounds` (robust accuracy too): they must cover the data's declared range,
+    else every perturbed input is clipped into values the data never takes."""
+    low, high = config.adversarial.bounds
+    data_low, data_high = config.validation.feature_min, config.validation.feature_max
+    if low > data_low or high < data_high:
+        raise ConfigError(
+            f"{source}: adversarial.bounds [{low:g}, {high:g}] do not cover the data's declared range "
+            f"[{data_low:g}, {data_high:g}] (validation.feature_min/feature_max): set bounds to the data's range",
+            key="adversarial.bounds",
+        )
+
+
 def check_config_components(
     config: CycleConfig,
     source: str = "<config>",
     injected: Mapping[str, Sequence[str]] | None = None,
 ) -> None:
     """Imports every pluggable class, checks its base class and binds its init_args to its signature."""
-    named: list[tuple[str, str, Component]] = [("model", "model", config.model)]
+    named: list[tuple[str, str, Component]] = [("model", "model", config.model), ("trainer", "trainer", config.trainer)]
     if config.datamodule is not None:
         named.append(("datamodule", "datamodule", config.datamodule))
     named += [(f"callbacks[{i}]", "callbacks", c) for i, c in enumerate(config.callbacks)]
     named += [(f"data.decoders.{suffix}", "data", c) for suffix, c in config.data.decoders.items()]
     named += [(f"data.{k}", "data", c) for k in ("transform", "val_transform") if (c := getattr(config.data, k))]
+    supplied = {"trainer": TRAINER_SUPPLIED} | dict(injected or {})
     for key, kind, component in named:
-        supplied = tuple((injected or {}).get(kind, ()))
-        _check_component(component, key, _COMPONENT_BASES[kind], supplied, source)
+        _check_component(component, key, _COMPONENT_BASES[kind], tuple(supplied.get(kind, ())), source)
     if config.roni.options:
         screening = Component(class_path=_SCREENING_CONFIG, init_args=config.roni.screening_options())
         try:
             screening_class = screening.resolve()
         except (ImportError, AttributeError) as error:
             raise ConfigError(f"{source}: roni.options: cannot check: {error}", key="roni.options") from None
-        _bind_init_args(screening_class, screening, "roni.options", (), source)
+        _bind_checked(screening_class, screening, "roni.options", ("num_classes",), source)
     for name, class_path in _DETECTOR_CONFIGS.items():
         options = Component(class_path=class_path, init_args=getattr(config.detectors, name))
-        _bind_init_args(options.resolve(), options, f"detectors.{name}", (), source)
+        _bind_checked(options.resolve(), options, f"detectors.{name}", (), source)
 
 
 def _read_yaml(path: Path) -> Any:
@@ -458,8 +544,11 @@ def _check_component(
     try:
         module = importlib.import_module(module_name)
     except Exception as error:  # an import runs arbitrary module code; any failure is the config's problem
+        hint = ""
+        if isinstance(error, ModuleNotFoundError) and error.name == module_name.split(".")[0]:
+            hint = " (class paths import from the config's folder or its `project:` folder, then installed packages)"
         raise ConfigError(
-            f"{where}: cannot import {module_name!r}: {type(error).__name__}: {error}", key=f"{key}.class_path"
+            f"{where}: cannot import {module_name!r}: {type(error).__name__}: {error}{hint}", key=f"{key}.class_path"
         ) from None
     cls = getattr(module, attr, None)
     if not inspect.isclass(cls):
@@ -469,58 +558,65 @@ def _check_component(
             raise ConfigError(f"{where}: {component.class_path} instances are not callable", key=f"{key}.class_path")
     elif not issubclass(cls, getattr(importlib.import_module(base[0]), base[1])):
         raise ConfigError(f"{where}: {component.class_path} is not a {base[0]}.{base[1]}", key=f"{key}.class_path")
-    _bind_init_args(cls, component, f"{key}.init_args", injected, source)
+    _bind_checked(cls, component, f"{key}.init_args", injected, source)
 
 
-def _bind_init_args(cls: type, component: Component, args_key: str, injected: tuple[str, ...], source: str) -> None:
-    """Binds init_args (plus injected names) to the constructor, then checks each value against its annotation."""
-    try:
-        signature = inspect.signature(cls)
-    except (TypeError, ValueError):
-        return
-
-    def error(sub: str, message: str) -> ConfigError:
-        return ConfigError(f"{source}: {args_key}{sub}: {message}", key=f"{args_key}{sub}")
-
+def _bind_checked(cls: type, component: Component, args_key: str, injected: tuple[str, ...], source: str) -> None:
+    """Binds init_args to the constructor (jsonargparse), as a one-line ConfigError naming the argument."""
     clash = sorted(set(injected) & set(component.init_args))
     if clash:
-        raise error(f".{clash[0]}", "supplied by the cycle, remove it from the config")
+        raise ConfigError(
+            f"{source}: {args_key}.{clash[0]}: supplied by the cycle, remove it from the config",
+            key=f"{args_key}.{clash[0]}",
+        )
     try:
-        signature.bind(**component.init_args, **dict.fromkeys(injected))
-    except TypeError as problem:
-        unknown = sorted(set(component.init_args) - set(signature.parameters))
-        accepts_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
-        sub = f".{unknown[0]}" if unknown and not accepts_any else ""
-        raise error(sub, f"{problem} for {component.class_path}") from None
-    try:
-        _coerced(cls, component.init_args)
-    except _BadArgument as bad:
-        raise error(f".{bad.name}", bad.message) from None
+        bound_init_args(cls, component.init_args, skip=injected)
+    except BindError as error:
+        sub = f".{error.name}" if error.name else ""
+        raise ConfigError(f"{source}: {args_key}{sub}: {error.message}", key=f"{args_key}{sub}") from None
 
 
-class _BadArgument(Exception):
+class BindError(Exception):
+    """init_args that do not bind to a constructor; `name` is the argument at fault ("" when none is)."""
+
     def __init__(self, name: str, message: str) -> None:
         super().__init__(message)
         self.name = name
         self.message = message
 
 
-def _coerced(cls: type, init_args: Mapping[str, Any]) -> dict[str, Any]:
-    """init_args validated against the constructor's annotations; raises _BadArgument on the first misfit."""
+_PARSER_KEY = re.compile(r'Parser key "init_args\.([^"]+)":\s*(.*)', re.S)
+_UNKNOWN = re.compile(r"does not accept (?:option|nested key) '([^']+)'")
+
+
+def bound_init_args(cls: type, init_args: Mapping[str, Any], skip: Sequence[str] = ()) -> dict[str, Any]:
+    """`init_args` parsed against `cls`'s constructor by jsonargparse (as LightningCLI does): coerced to the
+    annotations, defaults left to the class, nested `class_path` values instantiated. Raises BindError."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
     try:
-        hints = typing.get_type_hints(cls.__init__)
-    except Exception:  # unresolvable annotations (forward refs to unimported names) are not checked
-        hints = {}
-    coerced = dict(init_args)
-    for name, value in init_args.items():
-        if name not in hints:
-            continue
-        try:
-            adapter = TypeAdapter(hints[name])
-        except Exception:  # a hint pydantic cannot build a validator for is left to the constructor
-            continue
-        try:
-            coerced[name] = adapter.validate_python(value)
-        except ValidationError as error:
-            raise _BadArgument(name, error.errors(include_url=False)[0]["msg"]) from None
-    return coerced
+        parser.add_class_arguments(cls, "init_args", skip=set(skip), fail_untyped=False, instantiate=False)
+    except Exception as error:  # a signature jsonargparse cannot read: the constructor checks its arguments itself
+        if isinstance(error, (KeyboardInterrupt, SystemExit)):
+            raise
+        return dict(init_args)
+    try:
+        parsed = parser.instantiate(parser.parse_object({"init_args": dict(init_args)}))
+    except Exception as error:  # jsonargparse raises ArgumentError, or the nested constructor's own error
+        raise _bind_error(cls, error) from None
+    values = getattr(parsed, "init_args", None)
+    chosen = {name: getattr(values, name) for name in init_args} if values is not None else {}
+    return {name: value.as_dict() if hasattr(value, "as_dict") else value for name, value in chosen.items()}
+
+
+def _bind_error(cls: type, error: Exception) -> BindError:
+    text = str(error)
+    unknown = _UNKNOWN.search(text)
+    if unknown:
+        accepted = ", ".join(p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs"))
+        return BindError(unknown.group(1), f"not an argument of {cls.__module__}.{cls.__qualname__} (takes {accepted})")
+    keyed = _PARSER_KEY.search(text)
+    if keyed:
+        return BindError(keyed.group(1).split(".")[0], " ".join(keyed.group(2).split()))
+    return BindError("", f"{cls.__qualname__}: " + " ".join(text.split()))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,18 +22,14 @@ import torch
 
 from trainguard.defenses.heldout import HeldoutMetrics, LabeledData
 from trainguard.files import atomic_write
-from trainguard.pipeline import plots
-from trainguard.pipeline.attestation import (
-    CycleFacts,
-    Resource,
-    attestor,
-    file_resource,
-    git_resource,
-    read_log_resource,
-)
+from trainguard.pipeline import console, plots
+from trainguard.pipeline.attestation import git_resource
 from trainguard.pipeline.config import CycleConfig, load_config
+from trainguard.pipeline.cycle_report import refusals, report_path
+from trainguard.pipeline.cycle_state import CycleRecord, CycleState, HeldoutRecord, ShardDecision, StateStore
 from trainguard.pipeline.distributed import Meeting, Stopped, join, launch_from_env, share
 from trainguard.pipeline.errors import CycleAbortedError, StateError, TamperedStateError
+from trainguard.pipeline.holdout_split import split_holdout
 from trainguard.pipeline.intake import (
     Intake,
     SignedShard,
@@ -46,23 +41,17 @@ from trainguard.pipeline.intake import (
     validate,
     verify_and_read,
 )
-from trainguard.pipeline.model_sign import file_sha256, load_verified_state_dict, write_signed_model
-from trainguard.pipeline.state import (
-    CycleRecord,
-    CycleState,
-    HeldoutRecord,
-    ModelRecord,
-    ShardDecision,
-    StateStore,
-    utc_now,
-)
-from trainguard.pipeline.tracking import CycleTracker, ModelRelease, TrackedRun, cycle_tags
+from trainguard.pipeline.model_sign import file_sha256, load_verified_state_dict
+from trainguard.pipeline.preflight import preflight
+from trainguard.pipeline.release import release
+from trainguard.pipeline.running_cycle import RunningCycle
+from trainguard.pipeline.tracking import CycleTracker, TrackedRun, cycle_tags
 from trainguard.pipeline.training import TrainingResult, bootstrap, train
 from trainguard.provenance.allowlist import AllowList
 from trainguard.provenance.dataset import VerifiedDataModule
 from trainguard.provenance.errors import ProvenanceError
 from trainguard.provenance.formats import Decoder
-from trainguard.provenance.keys import load_signing_key
+from trainguard.provenance.keys import load_signing_key, public_key_path
 from trainguard.provenance.verify import VerifiedManifest
 
 CHECKS = ("verify", "validate", "limits", "roni")
@@ -87,43 +76,6 @@ class CycleOutcome:
     shards: tuple[ShardDecision, ...] = ()
 
 
-@dataclass
-class _Cycle:
-    """The mutable context of one running cycle: config, persisted state and tracking."""
-
-    config: CycleConfig
-    config_path: Path
-    config_sha256: str
-    store: StateStore
-    state: CycleState
-    tracker: CycleTracker
-    report: dict[str, Any]
-    meeting: Meeting = field(default_factory=lambda: Meeting(None))
-
-    @property
-    def number(self) -> int:
-        """This cycle's number (the last cycle of the state: running, or just finished)."""
-        return self.state.latest.cycle
-
-    def decide(self, decisions: Sequence[ShardDecision]) -> None:
-        self.state = self.store.update(self.state.decide(decisions))
-
-    def step(self, name: str, metrics: dict[str, float] | None = None) -> None:
-        self.state = self.store.update(self.state.step_done(name, metrics))
-
-    @property
-    def report_path(self) -> Path:
-        return self.config.output.work_dir / "reports" / f"cycle-{self.number:04d}.json"
-
-    def write_report(self) -> Path:
-        """Writes the report atomically, as `reports/cycle-NNNN.json` and as the latest `report.json`: the local
-        record never depends on MLflow."""
-        text = (json.dumps(self.report, indent=2, sort_keys=True, default=str) + "\n").encode()
-        for path in (self.report_path, self.config.output.work_dir / "report.json"):
-            atomic_write(path, text)
-        return self.report_path
-
-
 def run_cycle(config_path: Path, *, reinit: bool = False, force: bool = False) -> CycleOutcome:
     """Runs one cycle of the config at `config_path`; raises CycleAbortedError when a check (or anything else)
     stops it. `reinit` starts a new state where none exists beside released models, numbering after them. A cycle
@@ -136,6 +88,7 @@ def run_cycle(config_path: Path, *, reinit: bool = False, force: bool = False) -
         join(launch)
         if not launch.leader:
             return _follow(config)
+    preflight(config)  # before the state records a running cycle: a mistake found here changes nothing
     meeting = Meeting(launch)
     try:
         return _lead(config, Path(config_path), reinit, force, meeting)
@@ -161,7 +114,7 @@ def _lead(config: CycleConfig, config_path: Path, reinit: bool, force: bool, mee
         tracker = CycleTracker.connect(
             config.tracking.experiment_name, config.tracking.registered_model_name, config.tracking.uri
         )
-        cycle = _Cycle(config, config_path, config_sha256, store, state, tracker, {}, meeting)
+        cycle = RunningCycle(config, config_path, config_sha256, store, state, tracker, {}, meeting)
         cycle.report = {"cycle": cycle.number, "config": str(config_path), "config_sha256": config_sha256}
         pl.seed_everything(config.training.seed, workers=True, verbose=False)
         run_name = f"{config.name}-cycle-{cycle.number}"
@@ -222,7 +175,7 @@ def _follow(config: CycleConfig) -> CycleOutcome:
         cycle=plan.cycle,
         status="follower",
         reason="trained its share; rank 0 judges, signs and records the cycle",
-        report=config.output.work_dir / "reports" / f"cycle-{plan.cycle:04d}.json",
+        report=report_path(config.output.work_dir, plan.cycle),
         model_dir=None,
         tracking="logged by rank 0",
         metrics=result.metrics,
@@ -296,10 +249,10 @@ def _tracking_status(tracker: CycleTracker) -> str:
     return f"logged to MLflow at {tracker.uri}"
 
 
-def _run(cycle: _Cycle, parent: TrackedRun) -> CycleOutcome:
+def _run(cycle: RunningCycle, parent: TrackedRun) -> CycleOutcome:
     config = cycle.config
     prior = cycle.state.heldout  # the last accepted model's held-out record, for the plots
-    with parent.stage("verification") as stage:
+    with parent.stage("verification") as stage, console.stage("verifying the signed shards"):
         intake = verify_and_read(config, cycle.state.rollback_records, _decoders(config))
         state = cycle.state
         for manifest in intake.manifests:
@@ -316,7 +269,7 @@ def _run(cycle: _Cycle, parent: TrackedRun) -> CycleOutcome:
             "verify",
         )
 
-    with parent.stage("screening") as stage:
+    with parent.stage("screening") as stage, console.stage("screening new shards (detectors, RONI)"):
         candidates = _screen_inputs(cycle, intake, stage)
         model, previous = _incoming_model(cycle, _labeled(intake.trusted), intake.holdout_sha256)
         candidates, excluded_rows = _detect(cycle, model, intake, candidates, stage)
@@ -348,7 +301,7 @@ def _run(cycle: _Cycle, parent: TrackedRun) -> CycleOutcome:
         stage.set_tags({"trainguard.gate": "accepted" if accepted_model else "rejected", "trainguard.reason": reason})
         cycle.report["gate"] = {**result.verdict.to_dict(), "accepted": accepted_model, "reason": reason}
         example = holdout.x[:5].numpy()
-        model_dir = _release(cycle, model, intake, allow, result, parent, example) if accepted_model else None
+        model_dir = release(cycle, model, intake, allow, result, parent, example) if accepted_model else None
         if not accepted_model:
             cycle.state = cycle.store.update(cycle.state.reject(reason))
     status = "accepted" if accepted_model else "rejected"
@@ -389,7 +342,7 @@ def _decoders(config: CycleConfig) -> dict[str, Decoder]:
     return {suffix: component.instantiate() for suffix, component in config.data.decoders.items()}
 
 
-def _allow_list(cycle: _Cycle, intake: Intake) -> AllowList:
+def _allow_list(cycle: RunningCycle, intake: Intake) -> AllowList:
     """The shards training may read: every trusted and train shard accepted in this cycle's decisions, and the
     held-out shards it validates on, each as listed in the manifest the intake verified."""
     accepted_keys = {d.key for d in cycle.state.current.shards if d.accepted}
@@ -397,7 +350,7 @@ def _allow_list(cycle: _Cycle, intake: Intake) -> AllowList:
     return AllowList.of(s.allowed for s in (*chosen, *intake.holdout))
 
 
-def _checked_read_log(cycle: _Cycle, allow: AllowList, result: TrainingResult) -> dict[str, Any]:
+def _checked_read_log(cycle: RunningCycle, allow: AllowList, result: TrainingResult) -> dict[str, Any]:
     """Writes what training read, then refuses the cycle unless it is exactly the allow-list (before signing)."""
     path = cycle.config.output.work_dir / "reads" / f"cycle-{cycle.number:04d}.jsonl"
     atomic_write(path, result.read_log.to_json_lines())
@@ -413,11 +366,11 @@ def _labeled(shards: Sequence[SignedShard]) -> LabeledData:
     return LabeledData.of(samples.inputs, samples.targets)
 
 
-def _headline(cycle: _Cycle, result: TrainingResult, screening_seconds: float, status: str) -> dict[str, float]:
+def _headline(cycle: RunningCycle, result: TrainingResult, screening_seconds: float, status: str) -> dict[str, float]:
     """The cycle's numbers, named alike in MLflow, the JSON report and DVC's metrics file: clean and robust
     held-out accuracy, shards offered, accepted and refused by check, and the screening's error level and time."""
     shards = cycle.state.latest.shards
-    refused = _refusals(shards)
+    refused = refusals(shards)
     metrics = {
         "cycle/number": float(cycle.number),
         "cycle/accepted": float(status == "accepted"),
@@ -435,15 +388,6 @@ def _headline(cycle: _Cycle, result: TrainingResult, screening_seconds: float, s
     return {name: value for name, value in metrics.items() if value == value}  # NaN (not measured) left out
 
 
-def _refusals(shards: Sequence[ShardDecision]) -> dict[str, int]:
-    """How many shards each check refused."""
-    refused: dict[str, int] = {}
-    for decision in shards:
-        if not decision.accepted:
-            refused[decision.check] = refused.get(decision.check, 0) + 1
-    return refused
-
-
 def _decision_table(shards: Sequence[ShardDecision]) -> dict[str, list[Any]]:
     """Every shard decision of the cycle, one column per ShardDecision field."""
     columns = list(ShardDecision.model_fields)
@@ -451,7 +395,7 @@ def _decision_table(shards: Sequence[ShardDecision]) -> dict[str, list[Any]]:
     return {column: [row[column] for row in rows] for column in columns}
 
 
-def _write_dvc_outputs(cycle: _Cycle, result: TrainingResult, headline: dict[str, float]) -> dict[str, list[Any]]:
+def _write_dvc_outputs(cycle: RunningCycle, result: TrainingResult, headline: dict[str, float]) -> dict[str, list[Any]]:
     """Writes DVC's metrics file and the cycle's plot data (`plots/<name>.json`); returns the plot rows by name."""
     work_dir = cycle.config.output.work_dir
     atomic_write(work_dir / METRICS_FILE, (json.dumps(headline, indent=2, sort_keys=True) + "\n").encode())
@@ -482,7 +426,7 @@ def _log_plots(parent: TrackedRun, rows: dict[str, list[Any]], prior: HeldoutRec
         plt.close(figure)
 
 
-def _log_verification(cycle: _Cycle, intake: Intake, parent: TrackedRun, stage: TrackedRun) -> None:
+def _log_verification(cycle: RunningCycle, intake: Intake, parent: TrackedRun, stage: TrackedRun) -> None:
     digests = {m.manifest.dataset: m.manifest_sha256 for m in intake.manifests}
     commit = git_resource(Path.cwd())
     tags = cycle_tags(commit.digest.get("gitCommit") if commit else None, digests, intake.signer_keyids)
@@ -505,7 +449,7 @@ def _log_verification(cycle: _Cycle, intake: Intake, parent: TrackedRun, stage: 
     cycle.step("verification")
 
 
-def _screen_inputs(cycle: _Cycle, intake: Intake, stage: TrackedRun) -> list[SignedShard]:
+def _screen_inputs(cycle: RunningCycle, intake: Intake, stage: TrackedRun) -> list[SignedShard]:
     """Validation and source caps; returns the shards RONI must still judge (new content, not yet decided)."""
     config = cycle.config
     trusted_keys = {s.key for s in intake.trusted}
@@ -537,7 +481,7 @@ def _screen_inputs(cycle: _Cycle, intake: Intake, stage: TrackedRun) -> list[Sig
 
 
 def _detect(
-    cycle: _Cycle, model: pl.LightningModule, intake: Intake, new: Sequence[SignedShard], stage: TrackedRun
+    cycle: RunningCycle, model: pl.LightningModule, intake: Intake, new: Sequence[SignedShard], stage: TrackedRun
 ) -> tuple[list[SignedShard], dict[str, tuple[int, ...]]]:
     """The row-level detectors on every contributed shard still in play (accepted before, or new); returns the new
     shards left for RONI and the rows to quarantine (`dataset:name` -> rows)."""
@@ -557,7 +501,7 @@ def _detect(
 
 
 def _incoming_model(
-    cycle: _Cycle, trusted: LabeledData, holdout_sha256: str
+    cycle: RunningCycle, trusted: LabeledData, holdout_sha256: str
 ) -> tuple[pl.LightningModule, HeldoutMetrics | None]:
     """The last accepted model (its signature checked before its weights are read), or on the first cycle a
     model fitted on the trusted data; with the held-out record to gate against, when it is comparable."""
@@ -567,26 +511,14 @@ def _incoming_model(
     if record is None:
         bootstrap(model, config, trusted)
         return model, None
-    model.load_state_dict(load_verified_state_dict(Path(record.path), _public_key(config.output.model_signing_key)))
+    model.load_state_dict(load_verified_state_dict(Path(record.path), public_key_path(config.output.model_signing_key)))
     heldout = cycle.state.heldout
     comparable = heldout is not None and heldout.metrics and heldout.manifest_sha256 == holdout_sha256
     return model, HeldoutMetrics.from_dict(heldout.metrics) if comparable else None
 
 
-def _public_key(private_key: Path) -> Path:
-    return private_key.with_suffix(".pub")
-
-
-def split_holdout(holdout: LabeledData, fraction: float, seed: int) -> tuple[LabeledData, LabeledData]:
-    """A seeded `fraction` of the held-out rows for RONI's calibration, the rest to measure impacts on."""
-    order = torch.randperm(len(holdout), generator=torch.Generator().manual_seed(seed))
-    cut = round(fraction * len(holdout))
-    pick = order[:cut], order[cut:]
-    return LabeledData(holdout.x[pick[0]], holdout.y[pick[0]]), LabeledData(holdout.x[pick[1]], holdout.y[pick[1]])
-
-
 def _screen(
-    cycle: _Cycle,
+    cycle: RunningCycle,
     model: pl.LightningModule,
     holdout: LabeledData,
     shards: Sequence[SignedShard],
@@ -675,122 +607,6 @@ def _judge(config: CycleConfig, result: TrainingResult) -> tuple[bool, str]:
     if not robust >= gate.min_robust_accuracy:
         return False, f"robust accuracy {robust:.4f} at eps {eps:g} is below the floor {gate.min_robust_accuracy}"
     return True, result.verdict.reason
-
-
-def _release(
-    cycle: _Cycle,
-    model: pl.LightningModule,
-    intake: Intake,
-    allow: AllowList,
-    result: TrainingResult,
-    parent: TrackedRun,
-    example: Any,
-) -> Path:
-    """Signs the accepted model with its SLSA attestation, makes it the model the next cycle starts from, and
-    registers it in MLflow as the `champion`. A released model directory is never overwritten."""
-    config = cycle.config
-    directory = config.output.work_dir / "models" / f"cycle-{cycle.number:04d}"
-    if directory.exists() or directory.is_symlink():
-        raise CycleAbortedError(f"{directory} already holds a released model; it is never overwritten", "release")
-    data_dirs = {m.manifest_sha256: m.data_dir for m in intake.manifests}
-    started = cycle.state.current.started
-    manifests: list[Resource] = [
-        Resource(uri=m.path.resolve().as_uri(), digest={"sha256": m.manifest_sha256}, name=m.manifest.dataset)
-        for m in intake.manifests
-    ]
-    base = cycle.state.accepted_model
-    facts = CycleFacts(
-        model_digests={},
-        manifests=manifests,
-        config=file_resource(cycle.config_path),
-        resolved_config=config.resolved(),
-        shards=cycle.state.current.shards,
-        read_log=read_log_resource(**cycle.report["training"]["read_log"]),
-        allowed=[
-            Resource(
-                uri=(data_dirs[s.manifest_sha256] / s.name).resolve().as_uri(),
-                digest={"sha256": s.sha256},
-                name=s.key,
-                annotations={"manifestSha256": s.manifest_sha256},
-            )
-            for s in sorted(allow.shards)
-        ],
-        invocation_id=str(uuid.uuid4()),
-        started=started,
-        finished=utc_now(),
-        code=git_resource(Path.cwd()),
-        base_model=Resource(uri=Path(base.path).resolve().as_uri(), digest={"sha256": base.sha256}) if base else None,
-        roni={
-            k: v
-            for k, v in cycle.report.get("roni", {}).items()
-            if k in ("level", "error_control", "calibration", "decisions", "sources")
-        },
-        gate=cycle.report["gate"],
-        excluded_rows=cycle.report["training"]["excluded_rows"],
-    )
-    files = write_signed_model(
-        model,
-        directory,
-        config.output.model_signing_key,
-        class_path=config.model.class_path,
-        init_args=config.model.init_args,
-        attest=attestor(facts, config.output.attestation_key_path),
-    )
-    record = ModelRecord(
-        path=str(directory), sha256=files.digests["model.safetensors"], attestation=str(files.attestation)
-    )
-    heldout = HeldoutRecord(
-        manifest_sha256=intake.holdout_sha256,
-        clean_accuracy=result.verdict.after.accuracy,
-        robust_accuracy=result.robust_accuracy,
-        metrics=result.verdict.after.to_dict(),
-    )
-    cycle.state = cycle.store.update(cycle.state.accept(record, heldout))
-    version = parent.register_model(_model_release(cycle, intake, directory, files.digests, example))
-    cycle.report["model"] = {
-        "dir": str(directory),
-        "digests": dict(files.digests),
-        "attestation": str(files.attestation),
-        "registered_version": version,
-    }
-    return directory
-
-
-def _model_release(
-    cycle: _Cycle, intake: Intake, directory: Path, digests: dict[str, str], example: Any
-) -> ModelRelease:
-    """What the registered version says about itself: which cycle, which data (manifest digests), which checks."""
-    config = cycle.config
-    shards = cycle.state.latest.shards
-    refused = _refusals(shards)
-    data = ", ".join(f"{m.manifest.dataset} (manifest sha256 {m.manifest_sha256})" for m in intake.manifests)
-    refusals = ", ".join(f"{n} by {check}" for check, n in sorted(refused.items())) or "none"
-    gate = cycle.report["gate"]
-    checks = ", ".join((*cycle.state.latest.steps, "gate"))
-    tags = {
-        "trainguard.cycle": str(cycle.number),
-        "trainguard.config_sha256": cycle.config_sha256,
-        "trainguard.model_sha256": digests["model.safetensors"],
-        "trainguard.checks": checks,
-        "trainguard.shards_accepted": str(sum(d.accepted for d in shards)),
-        "trainguard.shards_refused": refusals,
-        "trainguard.gate": str(gate["reason"])[:4000],
-        **{f"trainguard.manifest.{m.manifest.dataset}.sha256": m.manifest_sha256 for m in intake.manifests},
-    }
-    description = (
-        f"Cycle {cycle.number} of `{config.name}`, accepted by the gate ({gate['reason']}). Data: {data}; "
-        f"{tags['trainguard.shards_accepted']} shards accepted, refused: {refusals}. Checks passed: {checks}. "
-        f"Weights sha256 {digests['model.safetensors']}, signed (OpenSSF model signing) with an SLSA attestation; "
-        "`mlflow.pyfunc.load_model` verifies both and refuses a model that does not check."
-    )
-    return ModelRelease(
-        model_dir=directory,
-        model_key=_public_key(config.output.model_signing_key),
-        attestation_key=_public_key(config.output.attestation_key_path),
-        example=example,
-        description=description,
-        tags=tags,
-    )
 
 
 __all__ = ["CycleOutcome", "manifest_refs", "run_cycle"]

@@ -25,8 +25,8 @@ from trainguard.defenses.features import head_features, split_head
 from trainguard.defenses.label_issues import LabelIssuesConfig
 from trainguard.defenses.spectral import SpectralConfig
 from trainguard.pipeline.config import DetectorsSection
+from trainguard.pipeline.cycle_state import ShardDecision
 from trainguard.pipeline.intake import SignedShard
-from trainguard.pipeline.state import ShardDecision
 from trainguard.pipeline.tracking import TrackedRun
 
 

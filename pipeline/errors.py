@@ -74,3 +74,12 @@ class CycleAbortedError(PipelineError):
     def __init__(self, message: str, check: str) -> None:
         super().__init__(message)
         self.check = check
+
+
+class PreflightError(PipelineError):
+    """A check `trainguard check` (and the start of every cycle) runs before any training failed; `check` names it
+    (keys, manifests, model, ...)."""
+
+    def __init__(self, message: str, check: str) -> None:
+        super().__init__(message)
+        self.check = check

@@ -21,14 +21,14 @@ from typing import Any
 import pandas as pd
 
 from trainguard.pipeline.config import CycleConfig, ManifestRef, ValidationSection
+from trainguard.pipeline.cycle_state import ShardDecision
 from trainguard.pipeline.errors import CycleAbortedError
-from trainguard.pipeline.state import ShardDecision
 from trainguard.provenance.allowlist import AllowedShard
 from trainguard.provenance.dataset import read_as_table, table_samples
 from trainguard.provenance.errors import ProvenanceError
 from trainguard.provenance.formats import Decoder, Samples, default_decoders
 from trainguard.provenance.reader import ReadLog, ShardReader
-from trainguard.provenance.state import RollbackCheck
+from trainguard.provenance.rollback import RollbackCheck
 from trainguard.provenance.verify import VerificationReport, VerifiedManifest, open_manifest, verify_shards
 
 
@@ -133,7 +133,7 @@ def verify_and_read(
             if shard.name in failed or (shard.role == "holdout" and not is_holdout):
                 continue
             try:
-                samples, frame = _decode(reader, shard.name, config.validation, decoders, every_decoder)
+                samples, frame = decode_shard(reader, shard.name, config.validation, decoders, every_decoder)
             except ProvenanceError as error:
                 if shard.role != "train":
                     raise CycleAbortedError(f"read {ref.manifest}: {error.reason}: {error}", check="verify") from None
@@ -165,7 +165,7 @@ def verify_and_read(
     )
 
 
-def _decode(
+def decode_shard(
     reader: ShardReader,
     name: str,
     section: ValidationSection,

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from trainguard.defenses.heldout import HeldoutMetrics
-from trainguard.pipeline.state import CycleRecord
+from trainguard.pipeline.cycle_state import CycleRecord
 
 ROBUST_PREFIX = "val/robust_acc_eps"
 

@@ -32,21 +32,24 @@ class TrainingResult:
 def trainer(
     config: CycleConfig, callbacks: Sequence[pl.Callback], logger: Any, max_epochs: int, *, alone: bool = False
 ) -> pl.Trainer:
-    """A Trainer built from the config's training section (no checkpoints: the cycle saves signed models); `alone`
-    runs it in this process only, whatever the config's devices and strategy (rank 0's bootstrap)."""
-    section = config.training
-    return pl.Trainer(
-        max_epochs=max_epochs,
-        accelerator=section.accelerator,
-        devices=1 if alone else section.devices,
-        strategy="auto" if alone else section.strategy,
-        deterministic=section.deterministic,
-        callbacks=list(callbacks),
+    """The config's `trainer:` block with what the cycle supplies (its callbacks and logger, no checkpoints: the
+    cycle saves signed models; a progress bar only on a terminal); `alone` runs it in this process only, whatever
+    the config's devices and strategy (rank 0's bootstrap)."""
+    from trainguard.pipeline.console import epoch_progress
+
+    overrides: dict[str, Any] = {"max_epochs": max_epochs}
+    if alone:
+        overrides.update(devices=1, strategy="auto", num_nodes=1)
+    progress = epoch_progress()
+    settings = config.trainer.model_copy(
+        update={"init_args": {"log_every_n_steps": 1, **config.trainer.init_args, **overrides}}
+    )
+    return settings.instantiate(
+        callbacks=[*callbacks, *([progress] if progress is not None else [])],
         logger=logger if logger is not None else False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
+        enable_progress_bar=progress is not None,
         enable_model_summary=False,
-        log_every_n_steps=1,
     )
 
 
@@ -123,7 +126,7 @@ def train(
     """Fits `model` on the shards `data` reads (the cycle's allow-list, each verified on read) with the defenses."""
     defenses = defense_callbacks(config, holdout, previous)
     user = [component.instantiate() for component in config.callbacks]
-    fit = trainer(config, [*defenses, *user], logger, config.training.max_epochs)
+    fit = trainer(config, [*defenses, *user], logger, config.trainer.arg("max_epochs"))
     fit.fit(model, datamodule=data)
     gate = next(c for c in defenses if isinstance(c, ModelGate))
     robust = next(c for c in defenses if isinstance(c, RobustAccuracy))

@@ -45,8 +45,8 @@ from trainguard.provenance.manifest import (
 )
 from trainguard.provenance.policy import TrustPolicy, load_trust
 from trainguard.provenance.reader import ReadLog, ReadRecord, ShardReader
+from trainguard.provenance.rollback import RollbackState, default_state_path
 from trainguard.provenance.signing import cosign_manifest, sign_dataset, write_manifest
-from trainguard.provenance.state import RollbackState, default_state_path
 from trainguard.provenance.verify import (
     ShardFailure,
     VerificationReport,

@@ -15,7 +15,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from trainguard.provenance.dataset import ManifestLike, as_spec
 from trainguard.provenance.dataset_input import dataset_input, verification_facts
 from trainguard.provenance.errors import MalformedError, ProvenanceError
-from trainguard.provenance.state import RollbackState, default_state_path
+from trainguard.provenance.rollback import RollbackState, default_state_path
 from trainguard.provenance.verify import ShardFailure, VerificationReport, verify_dataset
 
 

@@ -25,7 +25,7 @@ from trainguard.provenance.formats import Decoder, Samples, default_decoders
 from trainguard.provenance.manifest import ShardEntry
 from trainguard.provenance.policy import TrustPolicy
 from trainguard.provenance.reader import ReadLog, ReadRecord, ShardReader
-from trainguard.provenance.state import RollbackState
+from trainguard.provenance.rollback import RollbackState
 from trainguard.provenance.verify import VerifiedManifest, open_manifest
 
 
@@ -211,7 +211,9 @@ def _columns(
         raise ShardError(f"shard {name}: feature columns must be numeric", shard=name, reason="format")
     if not pd.api.types.is_integer_dtype(frame[label_column].dtype):
         raise ShardError(f"shard {name}: label column {label_column!r} is not integer", shard=name, reason="format")
-    return table.to_numpy(np.float32), frame[label_column].to_numpy(np.int64)
+    # Arrow-backed columns come out read-only; torch must not wrap a buffer it may not write (copied only then)
+    inputs, targets = table.to_numpy(np.float32), frame[label_column].to_numpy(np.int64)
+    return np.require(inputs, requirements="W"), np.require(targets, requirements="W")
 
 
 class VerifiedDataModule(pl.LightningDataModule):

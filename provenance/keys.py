@@ -95,6 +95,11 @@ def generate_signing_key(key_type: KeyType = "ed25519") -> SigningKey:
     return SigningKey(public=VerifyingKey.from_public_key(private.public_key()), _key=private)
 
 
+def public_key_path(private_key: Path) -> Path:
+    """Where the public half of the private key file `NAME.key` lives: `NAME.pub` beside it."""
+    return Path(private_key).with_suffix(".pub")
+
+
 def write_keypair(
     key: SigningKey, out_prefix: Path, passphrase: bytes | None = None, *, overwrite: bool = False
 ) -> tuple[Path, Path]:

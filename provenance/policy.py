@@ -5,21 +5,8 @@ to and the roles it may give them (`train`, `trusted`, `holdout`); a manifest is
 meets its threshold is granted everything the manifest claims. A shard is never trusted or held out because of a
 string it declares.
 
-A policy file (JSON or YAML, paths relative to the file) is one key set or a list of them::
-
-    signers:
-      - name: curator
-        keys: [curator.pub]            # or {"path": ..., "keyid": ...} / {"pem": ...}
-        threshold: 1
-        datasets: [digits-trusted]     # fnmatch patterns; default: any
-        sources: [curator]             # default: any
-        roles: [trusted, holdout]      # default: [train]
-      - name: owner
-        keys: [owner.pub]
-        datasets: [digits-contributed]
-        sources: [alice, bob]
-
-A single PEM `.pub` file is a 1-of-1 key set granted any dataset, any source and the role `train` only.
+The policy file format (JSON or YAML: `signers`, each with `keys`, `threshold` and its grants) is described in
+the README's "Keys and trust policies". A single PEM `.pub` file is a 1-of-1 key set granted the role `train` only.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ from trainguard.provenance.hashing import FileDigest, FileSize, HashJob, HashOut
 from trainguard.provenance.manifest import PAYLOAD_TYPE, Manifest, ShardEntry, parse_statement, rfc3339
 from trainguard.provenance.paths import entry_problem, folder_entries, name_problem, printable, walk_entries
 from trainguard.provenance.policy import KeySet, TrustPolicy, granted, granted_claims, load_trust
-from trainguard.provenance.state import RollbackCheck, RollbackState, default_state_path, rollback_key
+from trainguard.provenance.rollback import RollbackCheck, RollbackState, default_state_path, rollback_key
 
 MANIFEST_LEVEL = (
     PayloadTypeError,

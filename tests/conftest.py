@@ -111,7 +111,7 @@ def _quiet_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 @pytest.fixture
 def read_cycle_state() -> Callable[[Path], dict[str, Any]]:
     """Reads the signed cycle state of a demo layout under `root` (checked with its cycle key) as JSON data."""
-    from trainguard.pipeline.state import StateStore
+    from trainguard.pipeline.cycle_state import StateStore
     from trainguard.provenance.keys import load_signing_key
 
     def read(root: Path) -> dict[str, Any]:

@@ -14,9 +14,8 @@ from typing import Any
 
 import pytest
 import yaml
-
-from trainguard.pipeline.demo import create_keys, sign_contributions, sign_trusted
-from trainguard.pipeline.prepare import prepare_digits
+from digits_demo.demo import create_keys, sign_contributions, sign_trusted
+from digits_demo.prepare import prepare_digits
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -110,11 +109,11 @@ import json
 import sys
 
 import provenance
-import trainguard.pipeline.models
+import digits_demo.models
 import trainguard.provenance
 
 
-class UserClassifier(trainguard.pipeline.models.DigitsClassifier):
+class UserClassifier(digits_demo.models.DigitsClassifier):
     def __init__(self, report: str, channels: int = 8, lr: float = 0.002) -> None:
         super().__init__(channels=channels, lr=lr)
         modules = {
@@ -134,7 +133,9 @@ def _user_project(root: Path) -> Path:
     (root / "provenance").mkdir()
     (root / "provenance" / "__init__.py").write_text(_USER_PROVENANCE)
     config = yaml.safe_load((REPO / "configs" / "digits.yaml").read_text())
-    config["training"].update(max_epochs=2, bootstrap_epochs=10)
+    config["project"] = str(REPO / "examples")  # the digits example, wherever this copy is written
+    config["training"].update(bootstrap_epochs=10)
+    config["trainer"]["init_args"].update(max_epochs=2)
     config["robust_eval"].update(subset_size=50, steps=2)
     config["gate"].update(min_clean_accuracy=0.0, min_robust_accuracy=0.0, max_accuracy_drop=1.0)
     config["tracking"] = {"experiment_name": "user-project", "registered_model_name": "user-project"}

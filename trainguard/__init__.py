@@ -30,6 +30,7 @@ _LAZY = {
     "PipelineError": "trainguard.pipeline.errors",
     "load_config": "trainguard.pipeline.config",
     "load_model": "trainguard.pipeline.mlflow_model",
+    "preflight": "trainguard.pipeline.preflight",
     "run_cycle": "trainguard.pipeline.cycle",
 }
 

@@ -12,16 +12,17 @@ PATH = click.Path(path_type=Path)
 
 def register_all(app: click.Group) -> None:
     """Adds every sub-command to the root group."""
-    from trainguard.pipeline.commands import cycle, data, demo, model, prepare, shard
+    from trainguard.pipeline.commands import check, cycle, data, model, shard, status
 
     for command in (
         data.keygen,
         data.sign,
         data.cosign,
         data.verify,
-        prepare.prepare,
+        check.check,
         cycle.cycle,
-        demo.demo,
+        status.status,
+        status.history,
         model.verify_model,
         model.load_model,
         shard.shard,

@@ -25,13 +25,20 @@ from trainguard.pipeline.commands import PATH
     help="Start a new signed state where none exists beside released models (numbering continues after them).",
 )
 @click.option("--force", is_flag=True, help="Train even when nothing is new since the last accepted cycle.")
-def cycle(config: Path, as_json: bool, reinit: bool, force: bool) -> None:
-    """Verify -> validate -> screen (RONI) -> train (adversarially) -> gate -> sign the model and its attestation."""
+@click.option("--print-config", is_flag=True, help="Print the config with every default filled in and exit.")
+def cycle(config: Path, as_json: bool, reinit: bool, force: bool, print_config: bool) -> None:
+    """Check the config (as `trainguard check`), then verify -> validate -> screen (RONI) -> train (adversarially)
+    -> gate -> sign the model and its attestation; a cycle with nothing new since the last accepted one is skipped."""
     from trainguard.pipeline.config import load_config
     from trainguard.pipeline.errors import CycleAbortedError
 
-    loaded = load_config(config)  # a bad config fails here, before torch is even imported
-    processes = _processes(loaded.training.devices, loaded.training.strategy)
+    loaded = load_config(config)  # a bad config fails here, before any training
+    if print_config:
+        from trainguard.pipeline.commands.check import resolved_yaml
+
+        click.echo(resolved_yaml(loaded), nl=False)
+        return
+    processes = _processes(loaded.trainer.arg("devices", "auto"), loaded.trainer.arg("strategy", "auto"))
     if processes > 1:
         _relaunch(processes)
     from trainguard.pipeline.cycle import run_cycle
@@ -58,16 +65,17 @@ def cycle(config: Path, as_json: bool, reinit: bool, force: bool) -> None:
             )
         )
     else:
-        print_outcome(outcome)
+        print_outcome(outcome, loaded.output.state_path)
     if outcome.status not in ("accepted", "follower", "skipped"):
         raise SystemExit(1)
 
 
-def _processes(devices: object, strategy: str) -> int:
+def _processes(devices: object, strategy: object) -> int:
     """How many processes a DDP config asks for on this node when no launcher started this one (else 1)."""
     from trainguard.pipeline.distributed import launch_from_env
 
-    if launch_from_env() is not None or not strategy.startswith("ddp") or not isinstance(devices, int):
+    ddp = isinstance(strategy, str) and strategy.startswith("ddp")
+    if launch_from_env() is not None or not ddp or not isinstance(devices, int):
         return 1
     return devices
 
@@ -82,8 +90,9 @@ def _relaunch(processes: int) -> None:
     os.execv(sys.executable, [*command, "-m", "trainguard.pipeline.cli", *sys.argv[1:]])
 
 
-def print_outcome(outcome: object) -> None:
-    """A short human summary of a cycle: refused shards by check, the gate's verdict, where things are."""
+def print_outcome(outcome: object, state_path: Path | None = None) -> None:
+    """A short human summary of a cycle: refused shards by check, then a table of the verdict and where things are."""
+    from trainguard.pipeline.console import table
     from trainguard.pipeline.cycle import CycleOutcome
 
     assert isinstance(outcome, CycleOutcome)
@@ -94,8 +103,19 @@ def print_outcome(outcome: object) -> None:
         if not decision.accepted:
             click.echo(f"  refused {decision.shard} ({decision.source}) by {decision.check}: {decision.reason}")
     accepted = sum(d.accepted for d in outcome.shards)
-    click.echo(f"cycle {outcome.cycle}: {accepted} shards accepted, {len(outcome.shards) - accepted} refused")
-    click.echo(f"cycle {outcome.cycle} {outcome.status}: {outcome.reason}")
-    if outcome.model_dir:
-        click.echo(f"signed model and attestation: {outcome.model_dir}")
-    click.echo(f"report: {outcome.report}; {outcome.tracking}")
+    metrics = outcome.metrics
+    rows = [
+        ("decision", f"{outcome.status}: {outcome.reason}"),
+        ("shards", f"{accepted} accepted, {len(outcome.shards) - accepted} refused"),
+    ]
+    if "val/acc" in metrics:
+        rows.append(("held-out accuracy", f"{metrics['val/acc']:.4f}"))
+    robust = {k.removeprefix("val/robust_acc@"): v for k, v in metrics.items() if k.startswith("val/robust_acc@")}
+    if robust:
+        rows.append(("robust accuracy", ", ".join(f"{v:.3f} at eps {k}" for k, v in robust.items())))
+    rows.append(("signed model", str(outcome.model_dir) if outcome.model_dir else "none (the last accepted stays)"))
+    rows.append(("report", str(outcome.report)))
+    if state_path is not None:
+        rows.append(("state", str(state_path)))
+    rows.append(("tracking", outcome.tracking))
+    table(f"cycle {outcome.cycle} {outcome.status}", rows)

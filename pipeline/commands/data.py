@@ -135,8 +135,12 @@ def cosign(manifest: Path, key: Path) -> None:
 @click.argument("manifest", type=PATH)
 @click.option("--trust", type=PATH, required=True, help="Trust policy file (k of n) or a single .pub (1 of 1).")
 @click.option("--dataset", help="The dataset name the manifest must carry (refuses a validly signed other dataset).")
-@click.option("--data-dir", type=PATH, help="Shards root (default: the manifest's folder).")
-@click.option("--state", type=PATH, help="Anti-rollback state file (default under $TRAINGUARD_HOME).")
+@click.option("--data-dir", "--data", "data_dir", type=PATH, help="Shards root (default: the manifest's folder).")
+@click.option(
+    "--state",
+    type=PATH,
+    help="Anti-rollback records (default: $TRAINGUARD_HOME, else .trainguard/provenance-state.json here).",
+)
 @click.option("--allow-extra", is_flag=True, help="Ignore files the manifest does not list.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
 @click.option("--dvc", is_flag=True, help="Also cross-check md5 against DVC's record of the data dir.")
@@ -172,6 +176,12 @@ def verify(
     else:
         for failure in report.failures:
             click.echo(f"FAIL {failure.line()}", err=True)
+        if any(f.reason == "missing" for f in report.failures):
+            from trainguard.provenance.paths import printable
+
+            where = "the manifest's folder" if data_dir is None else "--data"
+            searched = printable(report.data_dir)
+            click.echo(f"shards were looked for under {searched} ({where}; --data DIR to change)", err=True)
         if report.ok:
             click.echo(
                 f"OK dataset {report.dataset!r} version {report.version}: {report.shards} shards, "

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import pytorch_lightning as pl
 import torch
+from digits_demo.digits import load_digits_split
+from digits_demo.models import DigitsClassifier
 from mlflow import MlflowClient
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
@@ -13,8 +15,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from trainguard.defenses.errors import ModelRejectedError
 from trainguard.defenses.gate import ModelGate, judge
 from trainguard.defenses.heldout import HeldoutMetrics, LabeledData, heldout_metrics
-from trainguard.pipeline.digits import load_digits_split
-from trainguard.pipeline.models import DigitsClassifier
 
 
 @pytest.fixture(scope="module")

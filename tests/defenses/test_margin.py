@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from digits_demo.digits import load_digits_split
 from torch import nn
 from torch.nn import functional as F
 
 from trainguard.defenses.errors import ScreeningInputError
 from trainguard.defenses.margin import check_margins, compare_margins, sample_margins
-from trainguard.pipeline.digits import load_digits_split
 
 
 @pytest.fixture(scope="module")

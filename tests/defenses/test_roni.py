@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from digits_demo.digits import load_digits_split
 from torch import nn
 from torch.nn import functional as F
 
@@ -20,7 +21,6 @@ from trainguard.defenses.roni import (
     group_by_source,
     screen_candidates,
 )
-from trainguard.pipeline.digits import load_digits_split
 
 FAST = {"level": 0.05, "calibration_draws": 99}  # the smallest calibration that can reject at level 0.05
 STRICT = {"calibration_draws": 399}  # level 0.01, the smallest calibration that can reject there

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from digits_demo.digits import FEATURES, load_digits_split, split
 
 from trainguard.defenses.validation import Shard, ShardSchema, validate_shards
-from trainguard.pipeline.digits import FEATURES, load_digits_split, split
 
 SCHEMA = ShardSchema(features=FEATURES)
 

@@ -19,14 +19,14 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from digits_demo.digits import FEATURES, LABEL, NUM_CLASSES
+from digits_demo.models import DigitsClassifier
 from pytorch_lightning.loggers import CSVLogger
 from safetensors.torch import save_file
 
 from trainguard.defenses import AdversarialTraining, LabeledData, RobustAccuracy, heldout_metrics
 from trainguard.defenses.errors import DefenseError
 from trainguard.defenses.gate import ModelGate
-from trainguard.pipeline.digits import FEATURES, LABEL, NUM_CLASSES
-from trainguard.pipeline.models import DigitsClassifier
 from trainguard.provenance.callback import VerifyDatasetCallback
 from trainguard.provenance.dataset import ManifestSpec, VerifiedDataModule, open_verified
 from trainguard.provenance.errors import ProvenanceError

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from digits_demo.threats import poison_shards, tamper_file
 
-from trainguard.pipeline.threats import poison_shards, tamper_file
 from trainguard.provenance.dsse import Envelope
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,6 +30,13 @@ PREPARE = ["--sources", "alice,bob,carol,dave", "--shards-per-source", "2", "--s
 def _trainguard(project: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     command = [str(BIN / "trainguard"), *map(str, args)]
+    return subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _prepare(project: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    """The digits example's `prepare` (examples/digits_demo, not a trainguard command)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "examples")}
+    command = [str(BIN / "python"), "-m", "digits_demo", "prepare", *map(str, args)]
     return subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -72,12 +79,14 @@ def released(tmp_path_factory: pytest.TempPathFactory) -> Path:
     project = tmp_path_factory.mktemp("released")
     shutil.copytree(REPO / "configs", project / "configs")
     config = yaml.safe_load((REPO / "configs" / "digits.yaml").read_text())
-    config["training"].update(max_epochs=2, bootstrap_epochs=15)
+    config["project"] = str(REPO / "examples")  # the digits example, wherever this copy is written
+    config["training"].update(bootstrap_epochs=15)
+    config["trainer"]["init_args"].update(max_epochs=2)
     config["robust_eval"].update(subset_size=50, steps=2)
     config["gate"].update(min_clean_accuracy=0.5, min_robust_accuracy=0.0, max_accuracy_drop=0.2)
     config["tracking"] = {"experiment_name": "scenarios", "registered_model_name": "scenarios"}
     (project / "cycle.yaml").write_text(yaml.safe_dump(config))
-    _ok(_trainguard(project, "prepare", DATA, "--batch", "0", *PREPARE))
+    _ok(_prepare(project, DATA, "--batch", "0", *PREPARE))
     for name in ("curator", "owner", "model"):
         _ok(_trainguard(project, "keygen", "--type", "ecdsa-p256", "--out", KEYS / name))
     roles = json.dumps({"holdout.parquet": "holdout"})
@@ -100,7 +109,7 @@ def project(released: Path, tmp_path: Path) -> Path:
 
 def _next_batch(project: Path, poisoned: str | None = None) -> list[Path]:
     """Writes the contributors' next batch; `poisoned` flips 30% of that source's labels. Returns its shards."""
-    _ok(_trainguard(project, "prepare", DATA, "--batch", "1", *PREPARE))
+    _ok(_prepare(project, DATA, "--batch", "1", *PREPARE))
     shards = sorted((project / DATA / "train").glob("*/b1-*.parquet"))
     if poisoned is not None:
         poison_shards([s for s in shards if s.parent.name == poisoned], 0.3, seed=1)

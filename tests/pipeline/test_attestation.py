@@ -22,8 +22,8 @@ from trainguard.pipeline.attestation import (
     statement_bytes,
     verify_attestation,
 )
+from trainguard.pipeline.cycle_state import ShardDecision
 from trainguard.pipeline.errors import AttestationError, AttestationInputError
-from trainguard.pipeline.state import ShardDecision
 from trainguard.provenance.reader import ReadLog, ReadRecord
 
 MODEL = {"model.safetensors": "aa" * 32, "model.json": "bb" * 32}

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from digits_demo.prepare import Layout, prepare_digits
 
-from trainguard.pipeline.prepare import Layout, prepare_digits
 from trainguard.provenance import generate_signing_key, load_verifying_key, sign_dataset, write_keypair, write_manifest
 
 JOB = Path(__file__).with_name("ddp_job.py")
@@ -68,6 +68,7 @@ def _job_environment(tmp_path: Path) -> dict[str, str]:
         "CUDA_VISIBLE_DEVICES": "",
         "OMP_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "examples"),  # ddp_job.py builds digits data
         "TRAINGUARD_HOME": str(tmp_path / "trainguard-home"),
     }
 

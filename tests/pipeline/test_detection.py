@@ -14,14 +14,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from digits_demo.demo import create_keys, sign_contributions, sign_trusted
+from digits_demo.prepare import prepare_digits
+from digits_demo.threats import poison_shards
 
 from trainguard.pipeline.attestation import cycle_record
 from trainguard.pipeline.config import load_config
 from trainguard.pipeline.cycle import run_cycle
-from trainguard.pipeline.demo import create_keys, sign_contributions, sign_trusted
 from trainguard.pipeline.errors import ConfigError
-from trainguard.pipeline.prepare import prepare_digits
-from trainguard.pipeline.threats import poison_shards
 from trainguard.provenance.allowlist import AllowedShard, AllowList
 from trainguard.provenance.dataset import VerifiedDataModule
 from trainguard.provenance.verify import open_manifest

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from digits_demo.demo import create_keys, sign_contributions, sign_trusted
+from digits_demo.prepare import prepare_digits
+from digits_demo.threats import tamper_file
 
-from trainguard.pipeline.demo import create_keys, sign_contributions, sign_trusted
 from trainguard.pipeline.distributed import Launch, launch_from_env
-from trainguard.pipeline.prepare import prepare_digits
-from trainguard.pipeline.threats import tamper_file
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -38,7 +38,9 @@ def project(tmp_path: Path) -> Path:
     sign_trusted(data, keys)
     sign_contributions(data, keys, contributed)
     config = yaml.safe_load((REPO / "configs" / "digits.yaml").read_text())
-    config["training"].update(max_epochs=2, bootstrap_epochs=15, strategy="ddp", devices=2, accelerator="cpu")
+    config["project"] = str(REPO / "examples")  # the digits example, wherever this copy is written
+    config["training"].update(bootstrap_epochs=15)
+    config["trainer"]["init_args"].update(max_epochs=2, strategy="ddp", devices=2, accelerator="cpu")
     config["robust_eval"].update(subset_size=50, steps=2)
     config["gate"].update(min_clean_accuracy=0.5, min_robust_accuracy=0.0, max_accuracy_drop=0.2)
     config["tracking"] = {"experiment_name": "distributed", "registered_model_name": "distributed"}

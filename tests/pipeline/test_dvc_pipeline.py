@@ -29,6 +29,7 @@ def _install(repo: Path, with_code: bool = False) -> None:
     for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(ROOT / name, repo / name)
     shutil.copytree(ROOT / "configs", repo / "configs")
+    shutil.copytree(ROOT / "examples", repo / "examples", ignore=shutil.ignore_patterns("__pycache__"))
     if with_code:  # the cycle stage depends on the code, so a code change reruns it
         for package in ("trainguard", "pipeline", "defenses", "provenance"):
             shutil.copytree(ROOT / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
@@ -83,7 +84,8 @@ def test_dvc_repro_prepares_and_signs_then_reruns_only_on_a_change(dvc_repo: Pat
 def _shorten(config: Path) -> None:
     """A quick cycle whose gate accepts any model, so each `dvc repro` here exits 0."""
     data = yaml.safe_load(config.read_text())
-    data["training"].update(max_epochs=2, bootstrap_epochs=15)
+    data["training"].update(bootstrap_epochs=15)
+    data["trainer"]["init_args"].update(max_epochs=2)
     data["robust_eval"].update(subset_size=64, steps=2)
     data["gate"].update(min_clean_accuracy=0.0, min_robust_accuracy=0.0, max_accuracy_drop=1.0, max_class_drop=1.0)
     config.write_text(yaml.safe_dump(data))
@@ -124,7 +126,7 @@ def test_dvc_experiments_set_params_compare_cycles_and_show_plots(dvc_repo: Path
     _git(dvc_repo, "commit", "-q", "-m", "pipeline")
     for epochs in (1, 2):
         done = _dvc(
-            dvc_repo, "exp", "run", "-S", f"configs/digits.yaml:training.max_epochs={epochs}", "-S", "prepare.seed=0"
+            dvc_repo, "exp", "run", "-S", f"configs/digits.yaml:trainer.init_args.max_epochs={epochs}", "-S", "prepare.seed=0"
         )
         assert done.returncode == 0, done.stdout + done.stderr
     shown = _dvc(dvc_repo, "exp", "show", "--json")
@@ -132,7 +134,7 @@ def test_dvc_experiments_set_params_compare_cycles_and_show_plots(dvc_repo: Path
     experiments = [e for row in json.loads(shown.stdout) for e in row.get("experiments") or []]
     cycles = sorted(
         (
-            exp["revs"][0]["data"]["params"]["configs/digits.yaml"]["data"]["training"]["max_epochs"],
+            exp["revs"][0]["data"]["params"]["configs/digits.yaml"]["data"]["trainer"]["init_args"]["max_epochs"],
             exp["revs"][0]["data"]["metrics"]["demo-work/cycle/metrics.json"]["data"]["cycle/number"],
         )
         for exp in experiments

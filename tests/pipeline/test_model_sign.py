@@ -11,6 +11,7 @@ import pytest
 import torch
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from digits_demo.models import DigitsCNN
 
 from trainguard.pipeline.errors import ModelNotFoundError, ModelSignatureError
 from trainguard.pipeline.model_sign import (
@@ -24,7 +25,6 @@ from trainguard.pipeline.model_sign import (
     verify_model_signature,
     write_signed_model,
 )
-from trainguard.pipeline.models import DigitsCNN
 
 MODEL_SIGNING = str(Path(sys.executable).parent / "model_signing")
 
@@ -59,7 +59,7 @@ def _signed(tmp_path: Path, keys: tuple[Path, Path], name: str = "model", seed: 
         DigitsCNN(channels=2),
         directory,
         keys[0],
-        class_path="trainguard.pipeline.models.DigitsCNN",
+        class_path="digits_demo.models.DigitsCNN",
         init_args={"channels": 2},
         attest=lambda files: f'{{"model": "{files.digests[MODEL_FILE]}"}}'.encode(),
     )

@@ -19,10 +19,10 @@ from trainguard.pipeline.attestation import (
     read_log_resource,
     sign_statement,
 )
+from trainguard.pipeline.cycle_state import ShardDecision
 from trainguard.pipeline.errors import AttestationError, AttestationMismatchError, ModelSignatureError
 from trainguard.pipeline.model_sign import ATTESTATION_FILE, MODEL_FILE, ModelFiles, write_signed_model
 from trainguard.pipeline.model_verification import verify_model
-from trainguard.pipeline.state import ShardDecision
 from trainguard.provenance.keys import generate_signing_key, write_keypair
 from trainguard.provenance.reader import ReadLog, ReadRecord
 

@@ -51,9 +51,8 @@ def _fit_briefly(logger: object) -> None:
     """One epoch of the digits classifier on a few rows, logging through the given Lightning logger."""
     import pytorch_lightning as pl
     import torch
+    from digits_demo.models import DigitsClassifier
     from torch.utils.data import DataLoader, TensorDataset
-
-    from trainguard.pipeline.models import DigitsClassifier
 
     data = TensorDataset(torch.rand(32, 64), torch.randint(0, 10, (32,)))
     trainer = pl.Trainer(
@@ -92,8 +91,8 @@ def test_a_cycle_lands_as_a_parent_run_with_nested_stage_runs(mlflow_uri: str, t
     client = MlflowClient(mlflow_uri)
     parent_run = client.get_run(parent.run_id)
     assert parent_run.info.status == "FINISHED"
-    assert parent_run.data.params["training.max_epochs"] == str(config.training.max_epochs)
-    assert parent_run.data.params["model.class_path"] == "trainguard.pipeline.models.DigitsClassifier"
+    assert parent_run.data.params["trainer.init_args.max_epochs"] == str(config.trainer.arg("max_epochs"))
+    assert parent_run.data.params["model.class_path"] == "digits_demo.models.DigitsClassifier"
     assert parent_run.data.tags["mlflow.source.git.commit"] == "abc"
     assert parent_run.data.tags["trainguard.signer_keyids"] == "k1,k2"
     assert parent_run.data.tags["trainguard.manifest.train.sha256"] == SHA
@@ -217,10 +216,10 @@ def released(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> It
     import shutil
 
     import yaml
+    from digits_demo.demo import create_keys, sign_contributions, sign_trusted
+    from digits_demo.prepare import prepare_digits
 
     from trainguard.pipeline.cycle import run_cycle
-    from trainguard.pipeline.demo import create_keys, sign_contributions, sign_trusted
-    from trainguard.pipeline.prepare import prepare_digits
 
     root = tmp_path_factory.mktemp("released")
     experiment, _ = _names()

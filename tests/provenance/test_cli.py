@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 TRAINGUARD = str(Path(sys.executable).parent / "trainguard")
 
 
@@ -170,3 +172,32 @@ def test_a_file_name_with_a_newline_cannot_forge_a_verify_output_line(manifest: 
     forged = "FAIL x.bin\\nOK dataset 'digits' version 1"
     assert [line.split(":")[0] for line in lines[:-1]] == ["FAIL bad\\udcff\\x1b[2J.bin", forged]
     assert lines[-1].startswith("trainguard: error:") and not done.stdout
+
+
+def test_verify_names_the_folder_it_searched_and_keeps_rollback_records_in_the_project(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A manifest written outside its data folder: the misses name the folder searched; `--data` finds the shards;
+    without $TRAINGUARD_HOME the anti-rollback records land in the project's `.trainguard/`, not the user's home."""
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.delenv("TRAINGUARD_HOME")
+    assert run("keygen", "--out", project / "keys" / "owner").returncode == 0
+    manifest = project / "manifests" / "data.manifest.json"
+    signed = run("sign", data_dir, "--key", project / "keys" / "owner.key", "--out", manifest, "--source", "me")
+    assert signed.returncode == 0, signed.stderr
+    trust = project / "keys" / "owner.pub"
+    missed = subprocess.run(
+        [TRAINGUARD, "verify", str(manifest), "--trust", str(trust)], cwd=project, capture_output=True, text=True
+    )
+    assert missed.returncode == 1 and f"looked for under {manifest.parent}" in missed.stderr, missed.stderr
+    found = subprocess.run(
+        [TRAINGUARD, "verify", str(manifest), "--trust", str(trust), "--data", str(data_dir)],
+        cwd=project,
+        capture_output=True,
+        text=True,
+    )
+    assert found.returncode == 0, found.stderr
+    assert (project / ".trainguard" / "provenance-state.json").is_file()
+    gone = run("verify", project / "nope.json", "--trust", trust)
+    assert gone.returncode == 2 and len(gone.stderr.strip().splitlines()) == 1

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from trainguard.pipeline.digits import LABEL, NUM_CLASSES, tar_bytes
+from digits_demo.digits import LABEL, NUM_CLASSES, tar_bytes
 
 
 def flip_labels(frame: pd.DataFrame, fraction: float, rng: np.random.Generator) -> pd.DataFrame:

@@ -27,7 +27,7 @@ from trainguard.pipeline.errors import StateError, TamperedStateError
 from trainguard.provenance.dsse import Envelope, sign_envelope, verify_envelope
 from trainguard.provenance.errors import ProvenanceError
 from trainguard.provenance.keys import SigningKey
-from trainguard.provenance.state import Accepted, RollbackRecords
+from trainguard.provenance.rollback import Accepted, RollbackRecords
 
 SCHEMA_VERSION = 2
 STATE_PAYLOAD_TYPE = "application/vnd.trainguard.cycle-state+json"

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainguard.pipeline.digits import DigitsSplit, load_digits_split, split, write_shard
+from digits_demo.digits import DigitsSplit, load_digits_split, split, write_shard
 
 DEFAULT_SOURCES = ("alice", "bob", "carol", "dave")
 FORMATS = {"parquet": "parquet", "images": "tar"}

@@ -3,7 +3,8 @@
 Records are namespaced by the signing key set's fingerprint (`rollback_key`), so a second trusted key set that
 signs the same dataset name at version 99 cannot lock the first out, nor replay into its namespace.
 `RollbackRecords` is the pure, immutable map the checks run on; `RollbackState` keeps one per user in a JSON file
-(default `$TRAINGUARD_HOME/provenance-state.json`, else `~/.local/state/trainguard/provenance-state.json`),
+(default `$TRAINGUARD_HOME/provenance-state.json`, else `.trainguard/provenance-state.json` in the project folder
+it runs in: one project's records never lock out another's),
 updated under an exclusive lock with an atomic write. A retraining cycle keeps its records inside its own signed
 state instead.
 """
@@ -30,11 +31,11 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def default_state_path() -> Path:
+    """Where anti-rollback records live: `$TRAINGUARD_HOME`, else `.trainguard/` of the working (project) folder."""
     home = os.environ.get("TRAINGUARD_HOME")
     if home:
         return Path(home) / STATE_NAME
-    state_home = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(state_home) / "trainguard" / STATE_NAME
+    return Path(".trainguard") / STATE_NAME
 
 
 def rollback_key(key_set_fingerprint: str, dataset: str) -> str:

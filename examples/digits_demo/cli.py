@@ -1,4 +1,5 @@
-"""`trainguard prepare`: writes the embedded digits data set as curator and per-contributor parquet shards."""
+"""The digits example's commands: `demo` (the defended cycle with two attacks) and `prepare` (the digits shards),
+run as `python -m digits_demo demo|prepare` with `examples/` on the path (`make demo` does)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,24 @@ from pathlib import Path
 import click
 
 from trainguard.pipeline.commands import PATH
+
+
+@click.command()
+@click.option(
+    "--config",
+    "-c",
+    type=PATH,
+    default=Path("configs/digits-images.yaml"),
+    show_default=True,
+    help="The demo's cycle config.",
+)
+def demo(config: Path) -> None:
+    """Sign digits shards (one poisoned, one tampered), then run one defended cycle and sign the model."""
+    from digits_demo.demo import run_demo
+
+    code = run_demo(config)
+    if code:
+        raise SystemExit(code)
 
 
 @click.command()
@@ -35,9 +54,9 @@ def prepare(
     out: Path, sources: str, shards_per_source: int, shard_size: int, batch: int, seed: int, shard_format: str
 ) -> None:
     """Write digits shards: a trusted base and held-out set, and one batch of contributed shards."""
+    from digits_demo.prepare import Layout, prepare_digits
     from trainguard.files import atomic_write
     from trainguard.pipeline.errors import ConfigError
-    from trainguard.pipeline.prepare import Layout, prepare_digits
 
     names = tuple(s.strip() for s in sources.split(",") if s.strip())
     if not names:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from trainguard.pipeline.digits import IMAGE_SHAPE, NUM_CLASSES
+from digits_demo.digits import IMAGE_SHAPE, NUM_CLASSES
 
 
 class DigitsCNN(nn.Module):

@@ -12,9 +12,9 @@ import json
 import shutil
 from pathlib import Path
 
+from digits_demo.prepare import TRUSTED_SOURCE, prepare_digits
+from digits_demo.threats import poison_shards, tamper_file
 from trainguard.pipeline.config import load_config
-from trainguard.pipeline.prepare import TRUSTED_SOURCE, prepare_digits
-from trainguard.pipeline.threats import poison_shards, tamper_file
 from trainguard.provenance.keys import generate_signing_key, load_signing_key, write_keypair
 from trainguard.provenance.signing import sign_dataset, write_manifest
 

@@ -13,8 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainguard.pipeline.errors import StateError, TamperedStateError
-from trainguard.pipeline.state import (
+from trainguard.pipeline.cycle_state import (
     STATE_PAYLOAD_TYPE,
     CycleState,
     HeldoutRecord,
@@ -24,6 +23,7 @@ from trainguard.pipeline.state import (
     state_from_json,
     state_to_json,
 )
+from trainguard.pipeline.errors import StateError, TamperedStateError
 from trainguard.provenance.dsse import Envelope, sign_envelope
 from trainguard.provenance.errors import RollbackError
 from trainguard.provenance.keys import SigningKey, generate_signing_key, write_keypair
@@ -68,7 +68,7 @@ def test_a_cycle_killed_mid_way_resumes_with_its_decisions(tmp_path: Path, key: 
     private, _ = write_keypair(key, tmp_path / "keys" / "cycle")
     script = textwrap.dedent(f"""
         import os, signal
-        from trainguard.pipeline.state import StateStore, ShardDecision
+        from trainguard.pipeline.cycle_state import StateStore, ShardDecision
         from trainguard.provenance.keys import load_signing_key
         store = StateStore({str(path)!r}, load_signing_key({str(private)!r}))
         state = store.update(store.load().begin("cfg"))

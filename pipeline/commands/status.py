@@ -1,0 +1,64 @@
+"""`trainguard status` and `trainguard history`: the cycles a config ran, their decisions and models, and where
+the cycle's state, reports and models live."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from trainguard.pipeline.commands import PATH
+
+
+@click.command()
+@click.option("--config", "-c", type=PATH, required=True, help="The cycle config (YAML).")
+@click.option("--last", type=click.IntRange(min=1), default=5, show_default=True, help="How many cycles to show.")
+def status(config: Path, last: int) -> None:
+    """The last cycles (decision, reason, model), the accepted model, and where state and reports are."""
+    loaded, state = _state(config)
+    _cycles(state.cycles[-last:], loaded.output.work_dir)
+    accepted = state.accepted_model
+    click.echo(f"accepted model: {accepted.path if accepted else 'none yet'}")
+    click.echo(f"cycle state (signed; also holds the manifests' anti-rollback records): {loaded.output.state_path}")
+    click.echo(f"reports: {loaded.output.work_dir / 'reports'}; models: {loaded.output.work_dir / 'models'}")
+
+
+@click.command()
+@click.option("--config", "-c", type=PATH, required=True, help="The cycle config (YAML).")
+def history(config: Path) -> None:
+    """Every cycle of the config's state, with its shard decisions."""
+    loaded, state = _state(config)
+    _cycles(state.cycles, loaded.output.work_dir)
+    for record in state.cycles:
+        refused = [d for d in record.shards if not d.accepted]
+        click.echo(f"cycle {record.cycle}: {len(record.shards) - len(refused)} shards accepted, {len(refused)} refused")
+        for decision in refused:
+            click.echo(f"  refused {decision.shard} ({decision.source}) by {decision.check}: {decision.reason}")
+
+
+def _state(config: Path) -> tuple[Any, Any]:
+    """The config and its signed cycle state (checked with the cycle's key; a missing state is an empty one)."""
+    from trainguard.pipeline.config import load_config
+    from trainguard.pipeline.cycle_state import StateStore
+    from trainguard.provenance.keys import load_signing_key
+
+    loaded = load_config(config, check_components=False)
+    store = StateStore(loaded.output.state_path, load_signing_key(loaded.output.attestation_key_path))
+    return loaded, store.load()
+
+
+def _cycles(records: Any, work_dir: Path) -> None:
+    from trainguard.pipeline.console import rows_table
+
+    def model(record: Any) -> str:
+        released = work_dir / "models" / f"cycle-{record.cycle:04d}"
+        if record.status == "accepted" and released.is_dir():
+            return str(released)
+        return f"{record.candidate.path} (not released)" if record.candidate else "-"
+
+    rows = [(str(r.cycle), r.status, r.started, model(r), " ".join(r.reason.split())[:120]) for r in records]
+    if not rows:
+        click.echo("no cycle has run yet")
+        return
+    rows_table(("cycle", "decision", "started", "model", "reason"), rows)

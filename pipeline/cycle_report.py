@@ -1,0 +1,36 @@
+"""The cycle's local report: one JSON file per cycle and the latest as `report.json` (DVC's metrics file), written
+before anything is sent to MLflow, so the local record never depends on the tracking server."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from trainguard.files import atomic_write
+from trainguard.pipeline.cycle_state import ShardDecision
+
+
+def report_path(work_dir: Path, cycle: int) -> Path:
+    """Where cycle `cycle`'s report lives: `work_dir/reports/cycle-NNNN.json`."""
+    return work_dir / "reports" / f"cycle-{cycle:04d}.json"
+
+
+def write_report(work_dir: Path, cycle: int, report: dict[str, Any]) -> Path:
+    """Writes the report atomically, as `reports/cycle-NNNN.json` and as the latest `report.json`; returns the
+    first."""
+    text = (json.dumps(report, indent=2, sort_keys=True, default=str) + "\n").encode()
+    path = report_path(work_dir, cycle)
+    for target in (path, work_dir / "report.json"):
+        atomic_write(target, text)
+    return path
+
+
+def refusals(shards: Sequence[ShardDecision]) -> dict[str, int]:
+    """How many shards each check refused."""
+    refused: dict[str, int] = {}
+    for decision in shards:
+        if not decision.accepted:
+            refused[decision.check] = refused.get(decision.check, 0) + 1
+    return refused

@@ -1,0 +1,230 @@
+"""The checks a cycle runs before it begins (and `trainguard check` runs alone): every file, key, trust policy and
+manifest the config names, and one forward pass of the model, with the loss the defenses use, on one verified
+sample. Each failure is one line: a missing or unusable file is bad input (ConfigError, exit 2), a check that
+fails is a PreflightError (exit 1). Nothing here trains or writes state, so a failure leaves the project as it was.
+
+What cannot be known up front (the other shards' digests, a manifest swapped after this check, rollback against
+the cycle's signed state) is checked again where the cycle reads it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainguard.pipeline.config import CycleConfig, ManifestRef
+from trainguard.pipeline.errors import ConfigError, PreflightError
+from trainguard.provenance.errors import ProvenanceError
+from trainguard.provenance.keys import public_key_path
+
+
+@dataclass(frozen=True)
+class Passed:
+    """One check that passed, and what it established."""
+
+    check: str
+    detail: str
+
+
+def preflight(config: CycleConfig) -> tuple[Passed, ...]:
+    """Runs every up-front check in order (files, keys, trust, manifests, model); raises on the first failure."""
+    passed = [_files(config), *_keys(config)]
+    verified = _manifests(config)
+    passed.append(Passed("manifests", f"{len(verified)} signed manifests verify under their trust policies"))
+    passed.append(_model(config, verified))
+    return tuple(passed)
+
+
+def _named_files(config: CycleConfig) -> Iterator[tuple[str, Path, bool]]:
+    """(config key, path, is a folder) of everything the config names that must exist before a cycle."""
+    yield "dataset.trust", config.dataset.trust, False
+    for key, ref in _refs(config):
+        yield f"{key}.manifest", ref.manifest, False
+        if ref.data_dir is not None:
+            yield f"{key}.data_dir", ref.data_dir, True
+        if ref.trust is not None:
+            yield f"{key}.trust", ref.trust, False
+    yield "output.model_signing_key", config.output.model_signing_key, False
+    yield "output.model_signing_key (its .pub)", public_key_path(config.output.model_signing_key), False
+    if config.output.attestation_key is not None:
+        yield "output.attestation_key", config.output.attestation_key, False
+
+
+def _refs(config: CycleConfig) -> list[tuple[str, ManifestRef]]:
+    training = [(f"dataset.training[{i}]", ref) for i, ref in enumerate(config.dataset.training)]
+    return [*training, ("dataset.holdout", config.dataset.holdout)]
+
+
+def _files(config: CycleConfig) -> Passed:
+    named = list(_named_files(config))
+    for key, path, folder in named:
+        present = path.is_dir() if folder else path.is_file()
+        kind = "folder" if folder else "file"
+        if not present and path.exists():  # a FIFO or device planted where a file belongs: refused unread
+            raise PreflightError(f"{key}: {path} is not a regular {kind}", check="files")
+        if not present:
+            raise ConfigError(f"{key}: {kind} {path} does not exist (relative paths start at {Path.cwd()})", key=key)
+    return Passed("files", f"{len(named)} files and folders the config names exist")
+
+
+def _keys(config: CycleConfig) -> list[Passed]:
+    """The model-signing key must be ECDSA P-256 (OpenSSF model signing), its .pub its public half; the
+    attestation key any key trainguard signs with."""
+    from trainguard.provenance.keys import load_signing_key, load_verifying_key
+
+    def load(key: str, path: Path) -> Any:
+        try:
+            return load_signing_key(path)
+        except ProvenanceError as error:
+            raise PreflightError(f"{key}: {error}", check="keys") from None
+
+    model_key = load("output.model_signing_key", config.output.model_signing_key)
+    if model_key.key_type != "ecdsa-p256":
+        raise PreflightError(
+            f"output.model_signing_key: {config.output.model_signing_key} is an {model_key.key_type} key; model "
+            "signing needs ECDSA P-256 (make one with `trainguard keygen --type ecdsa-p256`)",
+            check="keys",
+        )
+    public = public_key_path(config.output.model_signing_key)
+    try:
+        matches = load_verifying_key(public).keyid == model_key.keyid
+    except ProvenanceError as error:
+        raise PreflightError(f"output.model_signing_key: {error}", check="keys") from None
+    if not matches:
+        raise PreflightError(f"output.model_signing_key: {public} is not the public half of the key", check="keys")
+    passed = [
+        Passed("keys", f"model signing key {config.output.model_signing_key}: ecdsa-p256, keyid {model_key.keyid[:16]}")
+    ]
+    if config.output.attestation_key is not None:
+        attestation = load("output.attestation_key", config.output.attestation_key)
+        passed.append(Passed("keys", f"attestation key {config.output.attestation_key}: {attestation.key_type}"))
+    return passed
+
+
+def _manifests(config: CycleConfig) -> dict[str, Any]:
+    """Each manifest opened as the cycle opens it (trust policy, signatures, granted claims, dataset, expiry);
+    rollback is checked against the cycle's signed state when the cycle reads it."""
+    from trainguard.provenance.policy import load_trust
+    from trainguard.provenance.rollback import RollbackRecords
+    from trainguard.provenance.verify import open_manifest
+
+    verified: dict[str, Any] = {}
+    for key, ref in _refs(config):
+        trust_key = f"{key}.trust" if ref.trust is not None else "dataset.trust"
+        try:
+            policy = load_trust(ref.trust or config.dataset.trust)
+        except ProvenanceError as error:
+            raise PreflightError(f"{trust_key}: {error}", check="trust") from None
+        try:
+            verified[key] = open_manifest(
+                ref.manifest, policy, dataset=ref.dataset, data_dir=ref.data_dir, state=RollbackRecords()
+            )
+        except ProvenanceError as error:
+            raise PreflightError(f"{key}.manifest: {error.reason}: {error}", check="manifests") from None
+    return verified
+
+
+def _model(config: CycleConfig, verified: dict[str, Any]) -> Passed:
+    """One held-out sample, read and hash-checked, through the model and the defenses' loss, down to the input
+    gradient the attacks follow."""
+    import torch
+
+    inputs, targets = _one_sample(config, verified["dataset.holdout"])
+    shape = tuple(config.validation.input_shape or ())
+    if shape and tuple(inputs.shape[1:]) != shape:
+        raise PreflightError(
+            f"validation.input_shape: the held-out data decodes to {tuple(inputs.shape[1:])}, not {shape}",
+            check="data",
+        )
+    name = config.model.class_path
+    try:
+        model = config.model.instantiate()
+    except Exception as error:  # the user's constructor: any failure is the config's
+        raise PreflightError(
+            f"model: {name}({_args(config.model.init_args)}) failed: {_line(error)}", "model"
+        ) from None
+    _has_validation_step(model, name)
+    model.eval()
+    x = torch.as_tensor(inputs, dtype=torch.float32).requires_grad_(True)
+    y = torch.as_tensor(targets, dtype=torch.int64)
+    try:
+        output = model(x)
+    except Exception as error:  # a forward that does not take the data's shape
+        raise PreflightError(
+            f"model: {name} cannot take a batch of inputs shaped {tuple(x.shape)}: {_line(error)}", check="model"
+        ) from None
+    loss, expected = _defense_loss(config)
+    if not isinstance(output, torch.Tensor) or tuple(output.shape) != expected(x.shape[0]):
+        got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise PreflightError(
+            f"model: {name} returns {got} for inputs shaped {tuple(x.shape)}; the defenses' cross-entropy needs "
+            f"{expected(x.shape[0])}, one logit per label of validation.labels",
+            check="model",
+        )
+    try:
+        loss(output, y).backward()
+    except Exception as error:
+        raise PreflightError(f"model: the defenses' loss fails on {name}'s output: {_line(error)}", "model") from None
+    if x.grad is None:
+        raise PreflightError(
+            f"model: no gradient reaches {name}'s input; the attacks need a forward that is differentiable in it",
+            check="model",
+        )
+    return Passed("model", f"{name} maps inputs {tuple(x.shape)} to {tuple(output.shape)}; loss and input gradient ok")
+
+
+def _has_validation_step(model: Any, name: str) -> None:
+    """Robust accuracy is measured in Lightning's validation loop, which runs only for a module with a
+    validation_step: without one every robust accuracy is NaN and the gate rejects each model after training."""
+    from pytorch_lightning.utilities.model_helpers import is_overridden
+
+    if not is_overridden("validation_step", model):
+        raise PreflightError(
+            f"model: {name} has no validation_step; robust accuracy is measured in the validation loop (add one, "
+            "e.g. logging val/loss)",
+            check="model",
+        )
+
+
+def _defense_loss(config: CycleConfig) -> tuple[Callable[..., Any], Callable[[int], tuple[int, ...]]]:
+    """The loss the attacks, robust accuracy and the gate compute, and the output shape it needs for n inputs."""
+    import torch.nn.functional as F
+
+    classes = len(config.validation.labels)
+    return F.cross_entropy, lambda n: (n, classes)
+
+
+def _one_sample(config: CycleConfig, holdout: Any) -> tuple[Any, Any]:
+    """Two rows of the first held-out shard, read through the verified manifest (its digest checked on read)."""
+    from trainguard.pipeline.intake import decode_shard
+    from trainguard.provenance.formats import default_decoders
+    from trainguard.provenance.reader import ShardReader
+
+    shards = [s for s in holdout.manifest.shards if s.role == "holdout"]
+    if not shards:
+        raise PreflightError(f"dataset.holdout.manifest: {holdout.path} lists no role=holdout shard", check="data")
+    decoders = {suffix: component.instantiate() for suffix, component in config.data.decoders.items()}
+    every = default_decoders(decoders, label=config.validation.label_column)
+    try:
+        samples, _ = decode_shard(ShardReader(holdout), shards[0].name, config.validation, decoders, every)
+    except ProvenanceError as error:
+        raise PreflightError(f"dataset.holdout: {error.reason}: {error}", check="data") from None
+    except (KeyError, ValueError) as error:  # feature or label columns the config names are not in the table
+        raise PreflightError(f"validation: held-out shard {shards[0].name}: {_line(error)}", check="data") from None
+    return samples.inputs[:2], samples.targets[:2]
+
+
+def _args(init_args: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in init_args.items())
+
+
+def _line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return f"{type(error).__name__}: {text[:500]}"
+
+
+def lines(passed: Sequence[Passed]) -> list[str]:
+    """The checks that passed, one line each, for `trainguard check`."""
+    return [f"ok  {p.check:<10} {p.detail}" for p in passed]

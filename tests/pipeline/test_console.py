@@ -1,0 +1,64 @@
+"""`trainguard cycle` on the demo config prints trainguard's lines only; `--verbose` brings the libraries' back."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from digits_demo.demo import create_keys, sign_contributions, sign_trusted
+from digits_demo.prepare import prepare_digits
+
+REPO = Path(__file__).resolve().parents[2]
+TRAINGUARD = str(Path(sys.executable).parent / "trainguard")
+THIRD_PARTY = (
+    "GPU available",
+    "TPU available",
+    "litlogger",
+    "deprecated",
+    "val_dataloader",
+    "Replacing",
+    "INFO mlflow",
+)
+
+
+@pytest.mark.timeout(600)  # two cycles, each its own process
+def test_a_cycle_on_the_demo_config_prints_no_third_party_chatter_and_verbose_shows_it(tmp_path: Path) -> None:
+    (tmp_path / "configs").mkdir()
+    shutil.copy(REPO / "configs" / "digits-trust.yaml", tmp_path / "configs")
+    keys, data = tmp_path / "demo-work" / "keys", tmp_path / "demo-work" / "data"
+    create_keys(keys)
+    contributed = prepare_digits(data).contributed()
+    sign_trusted(data, keys)
+    sign_contributions(data, keys, contributed)
+    config = yaml.safe_load((REPO / "configs" / "digits.yaml").read_text())
+    config["project"] = str(REPO / "examples")  # the digits example, wherever this copy is written
+    config["training"].update(bootstrap_epochs=5)
+    config["trainer"]["init_args"].update(max_epochs=1)
+    config["robust_eval"].update(subset_size=50, steps=2)
+    config["gate"].update(min_clean_accuracy=0.0, min_robust_accuracy=0.0, max_accuracy_drop=1.0, max_class_drop=1.0)
+    (tmp_path / "cycle.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'fresh-mlruns.db'}"}
+
+    def cycle(*flags: str) -> str:
+        done = subprocess.run(
+            [TRAINGUARD, *flags, "cycle", "--config", "cycle.yaml"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+        )
+        assert "Traceback" not in done.stderr
+        return done.stdout + done.stderr
+
+    quiet = cycle()
+    assert "cycle 1 accepted" in quiet, quiet
+    assert not [noise for noise in (*THIRD_PARTY, "Warning", "warn") if noise in quiet], quiet
+    assert "state" in quiet and "demo-work/cycle/state.json" in quiet  # the closing table says where things are
+    verbose = cycle("--verbose")
+    assert "GPU available" in verbose and "litlogger" in verbose, verbose

@@ -1,0 +1,253 @@
+"""A new user's first hour, scripted through the `trainguard` CLI in a fresh project folder: their own
+LightningModule, their own images sharded and signed, the config checked, two cycles run, the accepted model
+loaded back through its signature. Every command's output must be trainguard's alone: no traceback, no
+third-party chatter. Projects are parametrized, so other tasks (tabular regression, a masked-input model) add a
+`Project` with their model and data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+TRAINGUARD = str(Path(sys.executable).parent / "trainguard")
+CHATTER = (
+    "Traceback",
+    "GPU available",
+    "TPU available",
+    "litlogger",
+    "Warning",
+    "deprecated",
+    "val_dataloader",
+    "Replacing",
+    "mlflow.",
+    "INFO",
+    "not writable",
+)
+
+IMAGE_MODEL = '''
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class TinyDigitNet(pl.LightningModule):
+    """A user's own image classifier: (N, 1, 8, 8) grayscale digits, ten classes."""
+
+    def __init__(self, hidden: int = 64, lr: float = 0.01) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, hidden), nn.ReLU(),
+            nn.Linear(hidden, 10),
+        )
+
+    def forward(self, x):
+        return self.net(x.reshape(-1, 1, 8, 8))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train/loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val/loss", F.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+'''
+
+
+@dataclass(frozen=True)
+class Project:
+    """A user's project: its model module, how it writes its raw data, and the config sections that differ."""
+
+    name: str
+    model_source: str
+    class_path: str
+    write_data: Callable[[Path], None]
+    config: dict
+
+
+def _digit_images(root: Path) -> None:
+    """sklearn's digits as PNG files in <split>/<label>/ folders, as a user's image folder would be."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images / 16.0 * 255).astype(np.uint8)
+    order = np.random.default_rng(0).permutation(len(images))
+    splits = {"base": order[:500], "holdout": order[500:800], "alice": order[800:1000], "bob": order[1000:1200]}
+    for split, rows in splits.items():
+        for row in rows:
+            folder = root / split / str(digits.target[row])
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[row], mode="L").save(folder / f"{row:04d}.png")
+
+
+IMAGES = Project(
+    name="image-classification",
+    model_source=IMAGE_MODEL,
+    class_path="mymodel.TinyDigitNet",
+    write_data=_digit_images,
+    config={
+        "data": {
+            "decoders": {
+                ".tar": {
+                    "class_path": "trainguard.provenance.formats.webdataset.WebDatasetDecoder",
+                    "init_args": {"mode": "L", "shape": [1, 8, 8]},
+                }
+            }
+        },
+        "validation": {"input_shape": [1, 8, 8], "labels": list(range(10)), "min_rows": 10},
+    },
+)
+
+TRUST = """signers:
+  - name: curator
+    keys: [keys/curator.pub]
+    datasets: [digits-trusted]
+    sources: [curator]
+    roles: [trusted, holdout]
+  - name: owner
+    keys: [keys/owner.pub]
+    datasets: [digits-contributed]
+    sources: [alice, bob]
+    roles: [train]
+"""
+
+
+def _config(project: Project) -> dict:
+    return {
+        "name": "first-hour",
+        "dataset": {
+            "training": [
+                {"manifest": "data/trusted.manifest.json", "dataset": "digits-trusted", "data_dir": "data/trusted"},
+                {"manifest": "data/train.manifest.json", "dataset": "digits-contributed", "data_dir": "data/train"},
+            ],
+            "holdout": {
+                "manifest": "data/trusted.manifest.json",
+                "dataset": "digits-trusted",
+                "data_dir": "data/trusted",
+            },
+            "trust": "trust.yaml",
+        },
+        **project.config,
+        "roni": {"options": {"steps": 5, "calibration_shards": 8}},
+        "adversarial": {"attack": "fgsm", "eps": 0.1, "steps": 1},
+        "robust_eval": {"eps": [0.0, 0.1], "subset_size": 64, "steps": 2},
+        "limits": {"max_fraction_per_source": 0.9},
+        "gate": {"min_clean_accuracy": 0.3, "max_accuracy_drop": 0.5, "max_class_drop": 1.0},
+        "training": {"bootstrap_epochs": 15, "batch_size": 64},
+        "trainer": {"init_args": {"max_epochs": 4, "accelerator": "cpu", "devices": 1}},
+        "model": {"class_path": project.class_path, "init_args": {"lr": 0.005}},
+        "output": {"work_dir": "work", "model_signing_key": "keys/model.key"},
+        "tracking": {"experiment_name": "first-hour", "registered_model_name": "first-hour"},
+    }
+
+
+def _trainguard(project_dir: Path, *args: str, ok: bool = True) -> str:
+    """Runs one CLI command in the project as a user would (no PYTHONPATH), returning stdout + stderr after
+    checking it holds nothing but trainguard's own lines."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([TRAINGUARD, *args], cwd=project_dir, capture_output=True, text=True, timeout=600, env=env)
+    output = done.stdout + done.stderr
+    for noise in CHATTER:
+        assert noise not in output, f"`trainguard {' '.join(args)}` printed {noise!r}:\n{output}"
+    if ok:
+        assert done.returncode == 0, f"`trainguard {' '.join(args)}` exited {done.returncode}:\n{output}"
+    return output
+
+
+@pytest.mark.timeout(900)  # a dozen CLI commands and two cycles, each its own process
+@pytest.mark.parametrize("project", [IMAGES], ids=lambda p: p.name)
+def test_a_new_project_signs_checks_runs_two_cycles_and_loads_its_model(tmp_path: Path, project: Project) -> None:
+    root = tmp_path / "myproject"
+    root.mkdir()
+    (root / "mymodel.py").write_text(project.model_source)
+    project.write_data(root / "raw")
+    (root / "trust.yaml").write_text(TRUST)
+    (root / "cycle.yaml").write_text(yaml.safe_dump(_config(project)))
+
+    for name, kind in (("curator", "ed25519"), ("owner", "ed25519"), ("model", "ecdsa-p256")):
+        _trainguard(root, "keygen", "--out", f"keys/{name}", "--type", kind)
+    for split in ("base", "holdout"):
+        _trainguard(root, "shard", f"raw/{split}", "--out", f"data/trusted/{split}", "--shard-size", "100")
+    _trainguard(root, "shard", "raw/alice", "--out", "data/train/alice", "--shard-size", "50")
+    roles = json.dumps({"holdout/*": "holdout"})
+    _trainguard(
+        root,
+        "sign",
+        "data/trusted",
+        "--key",
+        "keys/curator.key",
+        "--out",
+        "data/trusted.manifest.json",
+        "--dataset",
+        "digits-trusted",
+        "--source",
+        "curator",
+        "--role",
+        "trusted",
+        "--roles",
+        roles,
+    )
+    sign_train = (
+        "sign",
+        "data/train",
+        "--key",
+        "keys/owner.key",
+        "--out",
+        "data/train.manifest.json",
+        "--dataset",
+        "digits-contributed",
+        "--sources",
+        json.dumps({"alice/": "alice", "bob/": "bob"}),
+    )
+    _trainguard(root, *sign_train)
+
+    checked = _trainguard(root, "check", "cycle.yaml")
+    assert "ok  model" in checked and "mymodel.TinyDigitNet" in checked
+    first = _trainguard(root, "cycle", "--config", "cycle.yaml")
+    assert "cycle 1 accepted" in first, first
+
+    _trainguard(root, "shard", "raw/bob", "--out", "data/train/bob", "--shard-size", "50")
+    _trainguard(root, *sign_train)
+    second = _trainguard(root, "cycle", "--config", "cycle.yaml", ok=False)
+    assert "cycle 2 " in second and "state" in second
+
+    status = _trainguard(root, "status", "--config", "cycle.yaml")
+    assert "work/state.json" in status and "work/models/cycle-0001" in status
+    history = _trainguard(root, "history", "--config", "cycle.yaml")
+    assert "cycle 2:" in history
+
+    sys.path.insert(0, str(root))
+    try:
+        import mymodel  # the user's own module, as their serving code would import it
+
+        from trainguard.pipeline.model_sign import load_verified_state_dict
+
+        accepted = sorted((root / "work" / "models").glob("cycle-*"))[-1]
+        model = mymodel.TinyDigitNet()
+        model.load_state_dict(load_verified_state_dict(accepted, root / "keys" / "model.pub"))
+        assert model(np_tensor(np.zeros((3, 1, 8, 8)))).shape == (3, 10)
+    finally:
+        sys.path.remove(str(root))
+        sys.modules.pop("mymodel", None)
+
+
+def np_tensor(array: np.ndarray):  # a torch tensor, imported late like the user's code
+    import torch
+
+    return torch.as_tensor(array, dtype=torch.float32)
