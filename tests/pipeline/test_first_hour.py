@@ -32,6 +32,7 @@ CHATTER = (
     "INFO",
     "not writable",
     "View run",
+    "Downloading artifacts",
 )
 
 IMAGE_MODEL = '''
@@ -83,6 +84,7 @@ class Project:
     shard: Callable[[str, str, int], tuple[str, ...]]
     example: Callable[[], np.ndarray]
     predicted: tuple[str, ...]
+    margin_check: bool = True
 
 
 def _image_shard(split: str, out: str, size: int) -> tuple[str, ...]:
@@ -195,6 +197,7 @@ TABULAR = Project(
     ),
     example=lambda: np.full((3, 6), 0.5, np.float32),
     predicted=("output",),
+    margin_check=False,  # class margins: classification only
 )
 
 MASKED_MODEL = '''
@@ -274,6 +277,7 @@ MASKED = Project(
     shard=_image_shard,
     example=lambda: np.ones((3, 2, 8, 8), np.float32),
     predicted=("label", "probability"),
+    margin_check=False,  # margins call the model on its inputs alone
 )
 
 TRUST = """signers:
@@ -385,6 +389,8 @@ def test_a_new_project_signs_checks_runs_two_cycles_and_loads_its_model(
     assert "ok  model" in checked and project.class_path in checked, checked
     first = _trainguard(root, "cycle", "--config", "cycle.yaml")
     assert "cycle 1 accepted" in first, first
+    margin = json.loads((root / "work" / "reports" / "cycle-0001.json").read_text())["roni"]["margin"]
+    assert isinstance(margin, list) if project.margin_check else margin.startswith("skipped: "), margin
 
     _trainguard(root, *project.shard("bob", "data/train/bob", 50))
     _trainguard(root, *sign_train)
