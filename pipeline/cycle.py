@@ -116,7 +116,12 @@ def _lead(config: CycleConfig, config_path: Path, reinit: bool, force: bool, mee
             config.tracking.experiment_name, config.tracking.registered_model_name, config.tracking.uri
         )
         cycle = RunningCycle(config, config_path, config_sha256, store, state, tracker, {}, meeting)
-        cycle.report = {"cycle": cycle.number, "config": str(config_path), "config_sha256": config_sha256}
+        cycle.report = {
+            "cycle": cycle.number,
+            "config": str(config_path),
+            "config_sha256": config_sha256,
+            "task": {"kind": config.task.kind, "accuracy_is": config.task.build().metric_name},
+        }
         pl.seed_everything(config.training.seed, workers=True, verbose=False)
         run_name = f"{config.name}-cycle-{cycle.number}"
         with tracker.cycle(run_name, params=config.resolved()) as parent:

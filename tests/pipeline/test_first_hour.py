@@ -389,8 +389,10 @@ def test_a_new_project_signs_checks_runs_two_cycles_and_loads_its_model(
     assert "ok  model" in checked and project.class_path in checked, checked
     first = _trainguard(root, "cycle", "--config", "cycle.yaml")
     assert "cycle 1 accepted" in first, first
-    margin = json.loads((root / "work" / "reports" / "cycle-0001.json").read_text())["roni"]["margin"]
+    report = json.loads((root / "work" / "reports" / "cycle-0001.json").read_text())
+    margin = report["roni"]["margin"]
     assert isinstance(margin, list) if project.margin_check else margin.startswith("skipped: "), margin
+    assert report["task"]["kind"] == project.config.get("task", {}).get("kind", "classification")
 
     _trainguard(root, *project.shard("bob", "data/train/bob", 50))
     _trainguard(root, *sign_train)
