@@ -369,8 +369,15 @@ def _checked_read_log(cycle: RunningCycle, allow: AllowList, result: TrainingRes
 
 
 def _labeled(shards: Sequence[SignedShard], task: Task) -> LabeledData:
-    """The shards' samples as tensors for `task` (validation, or preflight for the held-out set, has checked that
-    their targets are the task's: labels are not cast from real values)."""
+    """The shards' samples as tensors for `task`; real-valued targets are refused under a classification task,
+    never cast to labels."""
+    real = [s for s in shards if s.samples.targets.dtype.kind not in "iu"]
+    if task.kind == "classification" and real:
+        raise CycleAbortedError(
+            f"shard {real[0].key}: targets are {real[0].samples.targets.dtype}; a classification task needs integer "
+            "class labels (set task: regression or multilabel for real-valued targets)",
+            "validate",
+        )
     samples = concat(shards)
     return LabeledData.of(samples.inputs, samples.targets, task)
 
