@@ -404,7 +404,12 @@ def test_a_new_project_signs_checks_runs_two_cycles_and_loads_its_model(
     history = _trainguard(root, "history", "--config", "cycle.yaml")
     assert "cycle 2:" in history
 
+    import mlflow
+
     sys.path.insert(0, str(root))  # the user's own module, as their serving code would import it
+    earlier = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(mlflow_uri)  # the server the cycles registered with, whatever earlier tests set
+    mlflow.set_registry_uri(mlflow_uri)
     try:
         import trainguard
 
@@ -413,5 +418,7 @@ def test_a_new_project_signs_checks_runs_two_cycles_and_loads_its_model(
         assert tuple(predictions.columns) == project.predicted and len(predictions) == 3
         assert np.isfinite(predictions.to_numpy(np.float64)).all()
     finally:
+        mlflow.set_tracking_uri(earlier[0])
+        mlflow.set_registry_uri(earlier[1])
         sys.path.remove(str(root))
         sys.modules.pop("mymodel", None)
