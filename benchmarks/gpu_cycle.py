@@ -42,8 +42,9 @@ def bench_cycle(accelerator: str, epochs: int | None = None) -> list[tuple[str, 
         finally:
             os.chdir(previous)
     clean = outcome.metrics.get("val/acc", float("nan"))
+    epochs = config["trainer"]["init_args"]["max_epochs"]
     return [
-        ("cycle", outcome.status, f"{seconds:.1f} s on {accelerator}, {config['trainer']['init_args']['max_epochs']} epochs"),
+        ("cycle", outcome.status, f"{seconds:.1f} s on {accelerator}, {epochs} epochs"),
         ("cycle shards refused", str(sum(not d.accepted for d in outcome.shards)), "tampered + poisoned by RONI"),
         ("cycle clean held-out accuracy", f"{clean:.3f}", ""),
     ]

@@ -49,6 +49,7 @@ _LAZY = {
     "combined": "trainguard.defenses.conformal",
     "conformal_p_values": "trainguard.defenses.conformal",
     "rejected": "trainguard.defenses.conformal",
+    "batch_input": "trainguard.defenses.forward",
     "Task": "trainguard.defenses.task",
     "as_task": "trainguard.defenses.task",
     "Shard": "trainguard.defenses.validation",

@@ -234,7 +234,7 @@ class AdversarialTraining(pl.Callback):
 
     def _on_module_forward(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
         watch = self._watch
-        if watch is None or not args or args[0] is not watch.batch_input:
+        if watch is None or not args or not _same_storage(args[0], watch.batch_input):
             return
         if not (isinstance(output, torch.Tensor) and output.dim() >= 1 and len(output) == len(watch.batch_input)):
             return
@@ -295,3 +295,13 @@ class AdversarialTraining(pl.Callback):
             self.attack.load_state_dict(state_dict["attack"])
         else:
             self._pending_state = state_dict["attack"]
+
+
+def _same_storage(value: Any, batch_input: torch.Tensor) -> bool:
+    """Whether the module was called on the batch's input tensor or on a view of it (e.g. its image channels when
+    the rest are a mask), so the call's outputs are the training forward's on the adversarial batch."""
+    if not isinstance(value, torch.Tensor):
+        return False
+    return (value._base if value._base is not None else value) is (
+        batch_input._base if batch_input._base is not None else batch_input
+    )

@@ -21,6 +21,14 @@ def plain_forward(module: nn.Module, batch: Any, x: torch.Tensor) -> torch.Tenso
     return module(x)
 
 
+def batch_input(batch: Any) -> torch.Tensor:
+    """The clean input of a batch a hook is handed: `batch["x"]` of a held-out dict batch, else position 0 of a
+    (inputs, targets) tuple or list, as Lightning's loaders give it."""
+    if isinstance(batch, Mapping):
+        return batch["x"]
+    return batch[0]
+
+
 class BatchForward:
     """The one-argument forward an attack calls: the hook applied to the batch being attacked (`on(batch)`)."""
 

@@ -14,13 +14,15 @@ import numpy as np
 from trainguard.defenses.validation import ShardVerdict
 from trainguard.provenance.formats import Samples
 
-CHECK_ORDER = ("shape", "dtype", "finite", "range", "labels")
+CHECK_ORDER = ("shape", "dtype", "finite", "range", "labels", "targets")
 
 
 @dataclass(frozen=True)
 class SampleSchema:
     """What one shard's samples must be: inputs of one per-sample `shape` (or just `channels`, axis 1) and `dtype`,
-    finite and within [min_value, max_value]; class-label targets among `allowed_labels` (None: any targets)."""
+    finite and within [min_value, max_value]; class-label targets among `allowed_labels` (None: not class labels),
+    or, for regression and multi-label tasks, real targets of one per-sample `target_shape` within [target_min,
+    target_max] (each None: unchecked)."""
 
     shape: tuple[int, ...] | None = None
     channels: int | None = None
@@ -28,6 +30,9 @@ class SampleSchema:
     min_value: float = 0.0
     max_value: float = 1.0
     allowed_labels: tuple[int, ...] | None = tuple(range(10))
+    target_shape: tuple[int, ...] | None = None
+    target_min: float | None = None
+    target_max: float | None = None
 
 
 def validate_samples(name: str, samples: Samples, schema: SampleSchema, *, source: str = "") -> ShardVerdict:
@@ -39,6 +44,7 @@ def validate_samples(name: str, samples: Samples, schema: SampleSchema, *, sourc
         "finite": _finite,
         "range": _range,
         "labels": _labels,
+        "targets": _targets,
     }
     for check in CHECK_ORDER:
         problem = checks[check](samples, schema)
@@ -91,6 +97,21 @@ def _labels(samples: Samples, schema: SampleSchema) -> str | None:
         return None
     unexpected = ", ".join(str(v) for v in np.unique(targets[bad])[:5])
     return _where(bad, f"with labels not in the allowed set ({unexpected})")
+
+
+def _targets(samples: Samples, schema: SampleSchema) -> str | None:
+    if schema.target_shape is None:
+        return None
+    targets = samples.targets
+    if targets.shape[1:] != schema.target_shape or not np.issubdtype(targets.dtype, np.number):
+        return f"targets are {targets.dtype} of shape {targets.shape[1:]} per sample, expected {schema.target_shape}"
+    flat = targets.reshape(len(samples), -1).astype(np.float64)
+    low = -np.inf if schema.target_min is None else schema.target_min
+    high = np.inf if schema.target_max is None else schema.target_max
+    bad = ~(np.isfinite(flat) & (flat >= low) & (flat <= high)).all(axis=1)
+    if not bad.any():
+        return None
+    return _where(bad, f"with targets not finite within [{low:g}, {high:g}]")
 
 
 def _where(bad: np.ndarray, what: str) -> str:

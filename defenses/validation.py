@@ -12,28 +12,45 @@ from dataclasses import dataclass
 import pandas as pd
 import pandera.pandas as pa
 
-CHECK_ORDER = ("columns", "dtype", "nulls", "labels", "range", "duplicates")
+CHECK_ORDER = ("columns", "dtype", "nulls", "labels", "targets", "range", "duplicates")
 
 
 @dataclass(frozen=True)
 class ShardSchema:
-    """What a shard must look like: feature columns of one float dtype within bounds, an integer label column."""
+    """What a shard must look like: feature columns of one float dtype within bounds, and an integer label column
+    among `allowed_labels`, or (regression, multilabel: `allowed_labels` None) numeric `targets` columns (default:
+    the label column) within [target_min, target_max] (None: unbounded)."""
 
     features: tuple[str, ...]
     label: str = "label"
-    allowed_labels: tuple[int, ...] = tuple(range(10))
+    allowed_labels: tuple[int, ...] | None = tuple(range(10))
     min_value: float = 0.0
     max_value: float = 1.0
     feature_dtype: str = "float32"
     label_dtype: str = "int64"
+    targets: tuple[str, ...] = ()
+    target_min: float | None = None
+    target_max: float | None = None
 
     def pandera(self) -> pa.DataFrameSchema:
         columns = {
             name: pa.Column(self.feature_dtype, pa.Check.in_range(self.min_value, self.max_value), nullable=False)
             for name in self.features
         }
-        columns[self.label] = pa.Column(self.label_dtype, pa.Check.isin(list(self.allowed_labels)), nullable=False)
+        if self.allowed_labels is not None:
+            columns[self.label] = pa.Column(self.label_dtype, pa.Check.isin(list(self.allowed_labels)), nullable=False)
+            return pa.DataFrameSchema(columns, strict=True)
+        low = float("-inf") if self.target_min is None else self.target_min
+        high = float("inf") if self.target_max is None else self.target_max
+        for name in self.targets or (self.label,):
+            checks = [pa.Check(_is_real, name="targets"), pa.Check.in_range(low, high)]
+            columns[name] = pa.Column(None, checks, nullable=False)
         return pa.DataFrameSchema(columns, strict=True)
+
+
+def _is_real(column: pd.Series) -> bool:
+    """A numeric, non-boolean target column."""
+    return pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column)
 
 
 @dataclass(frozen=True)

@@ -96,19 +96,48 @@ class DatasetSection(_Section):
         return data
 
 
+class TargetsSection(_Section):
+    """Regression and multi-label targets, as validation checks them: the `shape` of one sample's target (`[]` one
+    value, `[3]` three outputs or labels) and the closed range [`min`, `max`] every target value lies in (None:
+    unbounded; multi-label targets are 0/1, so [0, 1])."""
+
+    shape: tuple[Annotated[int, Field(ge=1)], ...] = ()
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TargetsSection:
+        finite = all(v is None or math.isfinite(v) for v in (self.min, self.max))
+        if not finite or (self.min is not None and self.max is not None and self.min > self.max):
+            raise ValueError(f"targets min {self.min} and max {self.max} must be finite with min <= max")
+        return self
+
+
 class ValidationSection(_Section):
-    """Schema of a shard: for tables, which columns are features (default: all but the label); for every format,
-    the value range of inputs (table cells, pixels), the shape of one decoded input, and the allowed labels."""
+    """Schema of a shard: for tables, which columns are features (default: all but the targets) and which hold the
+    targets; for every format, the value range of inputs (table cells, pixels) and the shape of one decoded input.
+
+    Targets: a classification task lists its class `labels` (integer targets, (N,)); a regression or multi-label
+    task describes its targets in `targets` (shape and range; float targets stay float) and, for tables with more
+    than one target, names them in `target_columns` (default: `label_column` alone), e.g.
+
+        validation: {label_column: price, targets: {min: 0, max: 10}}                      # regression, one output
+        validation: {target_columns: [cat, dog], targets: {shape: [2], min: 0, max: 1}}    # multilabel, two labels
+    """
 
     feature_columns: tuple[str, ...] = ()
     feature_pattern: str | None = Field(default=None, description="fnmatch pattern, e.g. 'pixel_*'.")
     label_column: str = "label"
+    target_columns: tuple[str, ...] = Field(
+        default=(), description="Tables: the target columns of a regression or multi-label task (N, k) float."
+    )
     feature_min: float = 0.0
     feature_max: float = 1.0
     input_shape: tuple[Annotated[int, Field(ge=1)], ...] | None = Field(
         default=None, description="Shape of one decoded input, e.g. [1, 8, 8]; None: any, the same in every shard."
     )
-    labels: Annotated[tuple[int, ...], Field(min_length=2)]
+    labels: tuple[int, ...] = Field(default=(), description="Classification: the allowed class labels.")
+    targets: TargetsSection | None = Field(default=None, description="Regression / multilabel: target shape, range.")
     min_rows: Annotated[int, Field(ge=1)] = 1
 
     @model_validator(mode="after")
@@ -118,6 +147,16 @@ class ValidationSection(_Section):
         if len(set(self.labels)) != len(self.labels):
             raise ValueError("labels has duplicates")
         return self
+
+    @property
+    def table_targets(self) -> str | tuple[str, ...]:
+        """Where a table's targets are: the label column, or the target columns when there are several."""
+        return self.target_columns or self.label_column
+
+    @property
+    def target_names(self) -> tuple[str, ...]:
+        """The table columns that are targets (never features)."""
+        return self.target_columns or (self.label_column,)
 
 
 class DataSection(_Section):
@@ -212,6 +251,12 @@ class TaskSection(_Section):
     @classmethod
     def _from_name(cls, data: Any) -> Any:
         return {"kind": data} if isinstance(data, str) else data
+
+    def build(self) -> Any:
+        """The `trainguard.defenses.task.Task` this section describes."""
+        from trainguard.defenses.task import Task
+
+        return Task(**self.model_dump())
 
 
 class AdversarialSection(_Section):
@@ -346,7 +391,14 @@ class CycleConfig(_Section):
     """One retraining cycle: where the signed data is, how it is checked, how the model trains and is gated.
 
     `model`, `callbacks` and `trainer` are written as LightningCLI writes them (`class_path` + `init_args`); their
-    class paths import with `project` (default: the config file's folder) on `sys.path`."""
+    class paths import with `project` (default: the config file's folder) on `sys.path`.
+
+    A model whose `forward` takes extra inputs (masks, lengths) gets them packed into its signed inputs after the
+    features (extra channels or columns, so the same digest covers them and no format changes) and names a hook
+    `model_forward: mymodule.masked_forward`, imported like a class path. The defenses call
+    `hook(module, batch, x)`: `x` is the input they may perturb, `batch` the clean batch (`batch_input(batch)` gives
+    its packed input), so the hook takes the features from `x` and the extra inputs from the clean batch; the
+    served model calls it with the request's input as both."""
 
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
     project: Path | None = Field(
@@ -365,14 +417,47 @@ class CycleConfig(_Section):
     training: TrainingSection = TrainingSection()
     trainer: TrainerSection = TrainerSection()
     model: Component
+    model_forward: Annotated[str, Field(pattern=_DOTTED)] | None = Field(
+        default=None,
+        description="Import path of `forward(module, batch, x)`, for a model with extra inputs (see the docstring).",
+    )
     datamodule: Component | None = None
     callbacks: tuple[Component, ...] = ()
     output: OutputSection
     tracking: TrackingSection = TrackingSection()
 
     @model_validator(mode="after")
+    def _targets_fit_task(self) -> CycleConfig:
+        kind, section = self.task.kind, self.validation
+        if kind == "classification":
+            if len(section.labels) < 2:
+                raise ValueError("validation.labels: a classification task lists two or more class labels")
+            if section.targets is not None or section.target_columns:
+                raise ValueError(
+                    "validation.targets: a classification task's targets are its validation.labels; targets and "
+                    "target_columns describe regression or multilabel targets (set task:)"
+                )
+            return self
+        if section.labels:
+            raise ValueError(
+                f"validation.labels: a {kind} task has no class labels; describe its targets in validation.targets"
+            )
+        if section.targets is None:
+            raise ValueError(f"validation.targets: a {kind} task needs its targets' shape and range (shape, min, max)")
+        if kind == "multilabel" and len(section.targets.shape) != 1:
+            raise ValueError("validation.targets.shape: multilabel targets are one 0/1 vector per sample, e.g. [5]")
+        if section.target_columns and section.targets.shape != (len(section.target_columns),):
+            raise ValueError(
+                f"validation.targets.shape: {len(section.target_columns)} target_columns give targets of shape "
+                f"[{len(section.target_columns)}], not {list(section.targets.shape)}"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _dlr_has_classes(self) -> CycleConfig:
         classes = len(self.validation.labels)
+        if "apgd-dlr" in self.robust_eval.attacks and self.task.kind != "classification":
+            raise ValueError(f"robust_eval.attacks: apgd-dlr attacks class logits; task {self.task.kind} has none")
         if "apgd-dlr" in self.robust_eval.attacks and classes < 3:
             raise ValueError(f"robust_eval.attacks: apgd-dlr needs 3 or more classes, validation.labels has {classes}")
         return self
@@ -381,7 +466,16 @@ class CycleConfig(_Section):
     def _detectors_classify(self) -> CycleConfig:
         if self.detectors.enabled and self.task.kind != "classification":
             raise ValueError(f"detectors group rows by class label; task {self.task.kind} has none (disable them)")
+        if self.detectors.enabled and self.model_forward is not None:
+            raise ValueError("detectors read the model on its inputs alone; disable them with model_forward")
         return self
+
+    def forward_hook(self) -> Any:
+        """The `model_forward` hook (imported: `load_config` put the project on `sys.path`), else None."""
+        if self.model_forward is None:
+            return None
+        module, _, name = self.model_forward.rpartition(".")
+        return getattr(importlib.import_module(module), name)
 
     def resolved(self) -> dict[str, Any]:
         """The whole config with defaults filled in, as JSON-ready data (for params and the attestation)."""
@@ -477,6 +571,8 @@ def check_config_components(
     supplied = {"trainer": TRAINER_SUPPLIED} | dict(injected or {})
     for key, kind, component in named:
         _check_component(component, key, _COMPONENT_BASES[kind], tuple(supplied.get(kind, ())), source)
+    if config.model_forward is not None:
+        _check_function(config.model_forward, source)
     if config.roni.options:
         screening = Component(class_path=_SCREENING_CONFIG, init_args=config.roni.screening_options())
         try:
@@ -532,6 +628,9 @@ def _config_error(error: ValidationError, data: Any, source: str) -> ConfigError
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown key (not part of the schema)"
+    named = re.match(r"([a-z_]+(?:\.[a-z_]+)+): ", message) if key == "<root>" else None
+    if named:  # a check across sections names the key it is about first
+        key, message = named.group(1), message[named.end() :]
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return ConfigError(f"{source}: {key}: {message}{more}", key=key)
 
@@ -559,6 +658,21 @@ def _check_component(
     elif not issubclass(cls, getattr(importlib.import_module(base[0]), base[1])):
         raise ConfigError(f"{where}: {component.class_path} is not a {base[0]}.{base[1]}", key=f"{key}.class_path")
     _bind_checked(cls, component, f"{key}.init_args", injected, source)
+
+
+def _check_function(path: str, source: str) -> None:
+    """`model_forward` imports (from the project, like class paths) and names a function."""
+    module_name, _, attr = path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # an import runs arbitrary module code; any failure is the config's problem
+        hint = " (it imports like class paths, from the config's folder or its `project:` folder)"
+        raise ConfigError(
+            f"{source}: model_forward: cannot import {module_name!r}: {type(error).__name__}: {error}{hint}",
+            key="model_forward",
+        ) from None
+    if not callable(getattr(module, attr, None)) or inspect.isclass(getattr(module, attr)):
+        raise ConfigError(f"{source}: model_forward: {module_name!r} has no function {attr!r}", key="model_forward")
 
 
 def _bind_checked(cls: type, component: Component, args_key: str, injected: tuple[str, ...], source: str) -> None:

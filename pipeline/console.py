@@ -23,6 +23,8 @@ def quiet_console(verbose: bool = False) -> None:
     Lightning and MLflow set to INFO at import) propagate to one root handler that passes warnings and errors."""
     _Settings.verbose = verbose
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "false" if verbose else "true")  # "View run"
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true" if verbose else "false")
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)

@@ -21,6 +21,7 @@ import pytorch_lightning as pl
 import torch
 
 from trainguard.defenses.heldout import HeldoutMetrics, LabeledData
+from trainguard.defenses.task import Task
 from trainguard.files import atomic_write
 from trainguard.pipeline import console, plots
 from trainguard.pipeline.attestation import git_resource
@@ -115,7 +116,12 @@ def _lead(config: CycleConfig, config_path: Path, reinit: bool, force: bool, mee
             config.tracking.experiment_name, config.tracking.registered_model_name, config.tracking.uri
         )
         cycle = RunningCycle(config, config_path, config_sha256, store, state, tracker, {}, meeting)
-        cycle.report = {"cycle": cycle.number, "config": str(config_path), "config_sha256": config_sha256}
+        cycle.report = {
+            "cycle": cycle.number,
+            "config": str(config_path),
+            "config_sha256": config_sha256,
+            "task": {"kind": config.task.kind, "accuracy_is": config.task.build().metric_name},
+        }
         pl.seed_everything(config.training.seed, workers=True, verbose=False)
         run_name = f"{config.name}-cycle-{cycle.number}"
         with tracker.cycle(run_name, params=config.resolved()) as parent:
@@ -154,7 +160,7 @@ def _training_data(config: CycleConfig, plan: TrainingPlan) -> VerifiedDataModul
         plan.allow,
         exclude_rows=plan.excluded_rows,
         feature_columns=plan.columns,
-        label_column=config.validation.label_column,
+        label_column=config.validation.table_targets,
         decoders=_decoders(config),
         transform=config.data.transform.instantiate() if config.data.transform else None,
         val_transform=config.data.val_transform.instantiate() if config.data.val_transform else None,
@@ -262,7 +268,8 @@ def _run(cycle: RunningCycle, parent: TrackedRun) -> CycleOutcome:
         cycle.decide(intake.refused)
         _log_verification(cycle, intake, parent, stage)
     columns = feature_columns(intake.holdout[0].frame, config.validation)
-    holdout = _labeled(intake.holdout)
+    task = config.task.build()
+    holdout = _labeled(intake.holdout, task)
     if not intake.trusted:
         raise CycleAbortedError(
             "no trusted training shard: sign the base set with role `trusted` by a key set the trust policy grants it",
@@ -271,7 +278,7 @@ def _run(cycle: RunningCycle, parent: TrackedRun) -> CycleOutcome:
 
     with parent.stage("screening") as stage, console.stage("screening new shards (detectors, RONI)"):
         candidates = _screen_inputs(cycle, intake, stage)
-        model, previous = _incoming_model(cycle, _labeled(intake.trusted), intake.holdout_sha256)
+        model, previous = _incoming_model(cycle, _labeled(intake.trusted, task), intake.holdout_sha256)
         candidates, excluded_rows = _detect(cycle, model, intake, candidates, stage)
         started = time.monotonic()
         _screen(cycle, model, holdout, candidates, stage)
@@ -361,9 +368,18 @@ def _checked_read_log(cycle: RunningCycle, allow: AllowList, result: TrainingRes
     return {"path": str(path), "sha256": result.read_log.digest(), "entries": len(result.read_log.records)}
 
 
-def _labeled(shards: Sequence[SignedShard]) -> LabeledData:
+def _labeled(shards: Sequence[SignedShard], task: Task) -> LabeledData:
+    """The shards' samples as tensors for `task`; real-valued targets are refused under a classification task,
+    never cast to labels."""
+    real = [s for s in shards if s.samples.targets.dtype.kind not in "iu"]
+    if task.kind == "classification" and real:
+        raise CycleAbortedError(
+            f"shard {real[0].key}: targets are {real[0].samples.targets.dtype}; a classification task needs integer "
+            "class labels (set task: regression or multilabel for real-valued targets)",
+            "validate",
+        )
     samples = concat(shards)
-    return LabeledData.of(samples.inputs, samples.targets)
+    return LabeledData.of(samples.inputs, samples.targets, task)
 
 
 def _headline(cycle: RunningCycle, result: TrainingResult, screening_seconds: float, status: str) -> dict[str, float]:
@@ -535,15 +551,24 @@ def _screen(
     if not shards:
         cycle.report["roni"] = {"candidates": 0}
         return
-    candidates = [Candidate(s.key, s.source, LabeledData.of(s.samples.inputs, s.samples.targets)) for s in shards]
+    task, forward = config.task.build(), config.forward_hook()
+    candidates = [Candidate(s.key, s.source, LabeledData.of(s.samples.inputs, s.samples.targets, task)) for s in shards]
     if not config.roni.enabled:
         cycle.decide([accepted(s, "roni", "RONI screening disabled in the config") for s in shards])
         return
-    options = {"num_classes": len(config.validation.labels), **config.roni.screening_options()}
+    classes = {"num_classes": len(config.validation.labels)} if task.kind == "classification" else {}
+    options = {**classes, **config.roni.screening_options()}
     calibration, impact_set = split_holdout(holdout, config.roni.calibration_fraction, config.training.seed)
     history = cycle.state.earlier_evidence(s.sha256 for s in shards)
     screening = screen_candidates(
-        model, calibration, impact_set, candidates, ScreeningConfig(**options), history=history
+        model,
+        calibration,
+        impact_set,
+        candidates,
+        ScreeningConfig(**options),
+        history=history,
+        task=task,
+        forward=forward,
     )
     verdict = {d.name: d for d in screening.decisions}
     flagged = {s.source: s for s in screening.flagged}
@@ -574,17 +599,18 @@ def _screen(
     )
     kept = [s for s in shards if verdict[s.key].accepted]
     margins = []
-    if kept:
+    skipped = _margin_skipped(config)
+    if kept and skipped is None:
         rows = concat(kept)
         sources = [s.source for s in kept for _ in range(len(s.samples))]
-        margins = check_margins(model, torch.as_tensor(rows.inputs, dtype=torch.float32), sources)
+        margins = check_margins(model, torch.as_tensor(rows.inputs, dtype=torch.float32), sources, task=task)
     for_review = [m for m in margins if m.flagged]
     stage.set_tags({f"trainguard.margin.{m.source}": m.reason[:4000] for m in for_review})
     cycle.report["roni"] = {
         **screening.to_dict(),
         "local_report": str(outcome.json_path),
         "plot": str(outcome.plot_path),
-        "margin": [vars(m) for m in margins],
+        "margin": [vars(m) for m in margins] if skipped is None else skipped,
         "flagged_sources": sorted(flagged),
         "flagged_for_review": [m.source for m in for_review],
     }
@@ -592,6 +618,16 @@ def _screen(
         "screening",
         {"roni/rejected": float(len(screening.rejected)), "roni/flagged_sources": float(len(flagged))},
     )
+
+
+def _margin_skipped(config: CycleConfig) -> str | None:
+    """Why the margin check does not run for this config (None: it runs): it reads class probabilities of the model
+    on its inputs alone."""
+    if config.task.kind != "classification":
+        return f"skipped: the margin check needs class probabilities; task {config.task.kind} has none"
+    if config.model_forward is not None:
+        return "skipped: the margin check calls the model on its inputs alone; model_forward names extra inputs"
+    return None
 
 
 def _judge(config: CycleConfig, result: TrainingResult) -> tuple[bool, str]:

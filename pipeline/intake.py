@@ -90,7 +90,7 @@ def feature_columns(frame: pd.DataFrame | None, section: ValidationSection) -> l
     if section.feature_columns:
         return list(section.feature_columns)
     pattern = section.feature_pattern or "*"
-    return [c for c in frame.columns if c != section.label_column and fnmatch(str(c), pattern)]
+    return [c for c in frame.columns if c not in section.target_names and fnmatch(str(c), pattern)]
 
 
 def _verify(
@@ -176,7 +176,7 @@ def decode_shard(
     else through the decoder for its suffix, else refused as a format with no decoder."""
     if read_as_table(name, configured):
         frame = reader.read_frame(name)
-        return table_samples(name, frame, feature_columns(frame, section), section.label_column), frame
+        return table_samples(name, frame, feature_columns(frame, section), section.table_targets), frame
     return reader.read_samples(name, every_decoder), None
 
 
@@ -216,11 +216,15 @@ def _sample_verdicts(shards: Sequence[SignedShard], section: ValidationSection) 
         return {}
     from trainguard.defenses.samples import SampleSchema, validate_samples
 
+    targets = section.targets
     schema = SampleSchema(
         shape=section.input_shape,
         min_value=section.feature_min,
         max_value=section.feature_max,
-        allowed_labels=tuple(section.labels),
+        allowed_labels=tuple(section.labels) if targets is None else None,
+        target_shape=targets.shape if targets is not None else None,
+        target_min=targets.min if targets is not None else None,
+        target_max=targets.max if targets is not None else None,
     )
     return {s.key: validate_samples(s.key, s.samples, schema, source=s.source) for s in shards}
 
@@ -230,12 +234,16 @@ def _table_verdicts(shards: Sequence[SignedShard], section: ValidationSection) -
 
     if not shards:
         return {}
+    targets = section.targets
     schema = ShardSchema(
         features=tuple(feature_columns(shards[0].frame, section) or ()),
         label=section.label_column,
-        allowed_labels=tuple(section.labels),
+        allowed_labels=tuple(section.labels) if targets is None else None,
         min_value=section.feature_min,
         max_value=section.feature_max,
+        targets=section.target_columns,
+        target_min=targets.min if targets is not None else None,
+        target_max=targets.max if targets is not None else None,
     )
     result = validate_shards([Shard(s.key, s.source, s.frame) for s in shards], schema)
     return {v.name: v for v in result.verdicts}

@@ -38,29 +38,48 @@ CHAMPION = "champion"
 
 
 class VerifiedModel(mlflow.pyfunc.PythonModel):
-    """Predicts class labels (and the predicted class's probability) with a model verified when it loads."""
+    """Predicts with a model verified when it loads, as its signed `model.json` says: for its task (class labels
+    and their probability, 0/1 labels, real outputs) and through its `model_forward` hook when it has one."""
 
     verification: ModelVerification
     keys: tuple[Path, Path]
     module: Any
+    task: str = "classification"
+    forward: Any = None
 
     def load_context(self, context: Any) -> None:
         self.keys = trusted_keys(context.artifacts, context.model_config or {})
         directory = Path(context.artifacts[SIGNED_MODEL])
         self.verification = verify_model(directory, None, self.keys[0], [self.keys[1]])
         self.module = _rebuild(directory, self.verification.model_sha256)
+        self.task, self.forward = _serving(directory)
 
     def predict(self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        """A DataFrame of `label` (int64) and `probability` (of that label) per input row (the input is checked
-        against the model's signature, a float32 tensor spec, before it gets here)."""
+        """Per input row (checked against the model's signature, a float32 tensor spec, before it gets here): a
+        classifier's `label` (int64) and its `probability`; a multi-label model's `label_<i>` (0/1); a regression
+        model's `output` (or `output_<i>`)."""
         import torch
 
         values = model_input.to_numpy() if isinstance(model_input, pd.DataFrame) else np.asarray(model_input)
+        x = torch.as_tensor(values, dtype=torch.float32)
         with torch.no_grad():
-            logits = self.module(torch.as_tensor(values, dtype=torch.float32))
-            probabilities = torch.softmax(logits, dim=-1)
-            best, labels = probabilities.max(dim=-1)
+            outputs = self.forward(self.module, {"x": x}, x) if self.forward is not None else self.module(x)
+        return predictions(self.task, outputs)
+
+
+def predictions(task: str, outputs: Any) -> pd.DataFrame:
+    """The DataFrame a served model returns for its task's `outputs` (pure: see `VerifiedModel.predict`)."""
+    import torch
+
+    if task == "classification":
+        best, labels = torch.softmax(outputs, dim=-1).max(dim=-1)
         return pd.DataFrame({"label": labels.numpy().astype(np.int64), "probability": best.numpy()})
+    rows = outputs.reshape(outputs.shape[0], -1)
+    if task == "multilabel":
+        return pd.DataFrame({f"label_{i}": (rows[:, i] > 0).numpy().astype(np.int64) for i in range(rows.shape[1])})
+    if rows.shape[1] == 1:
+        return pd.DataFrame({"output": rows[:, 0].numpy()})
+    return pd.DataFrame({f"output_{i}": rows[:, i].numpy() for i in range(rows.shape[1])})
 
 
 def trusted_keys(artifacts: Mapping[str, str], model_config: Mapping[str, Any]) -> tuple[Path, Path]:
@@ -87,13 +106,31 @@ def _rebuild(directory: Path, model_sha256: str) -> Any:
     return module.eval()
 
 
+def _serving(directory: Path) -> tuple[str, Any]:
+    """The task and the `model_forward` hook (imported) the signed `model.json` names (older models: a classifier
+    called on its input)."""
+    import importlib
+
+    metadata = read_model_description(directory).get("metadata") or {}
+    hook = metadata.get("model_forward")
+    if not hook:
+        return str(metadata.get("task", "classification")), None
+    module, _, name = str(hook).rpartition(".")
+    return str(metadata.get("task", "classification")), getattr(importlib.import_module(module), name)
+
+
 def save_pyfunc(
     model_dir: Path, model_key: Path, attestation_key: Path, example: np.ndarray, destination: Path
 ) -> Path:
     """Writes the MLflow model for a signed model directory at `destination` (its input schema from `example`)."""
     from mlflow.models import infer_signature
 
-    output = pd.DataFrame({"label": np.zeros(1, dtype=np.int64), "probability": np.zeros(1, dtype=np.float32)})
+    task = (read_model_description(model_dir).get("metadata") or {}).get("task", "classification")
+    output = (  # other tasks' output columns depend on the model's output width: their signature is the input's
+        pd.DataFrame({"label": np.zeros(1, dtype=np.int64), "probability": np.zeros(1, dtype=np.float32)})
+        if task == "classification"
+        else None
+    )
     with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*input example was not provided.*")
         keys = {MODEL_KEY: Path(scratch) / "model-key.pub", ATTESTATION_KEY: Path(scratch) / "attestation-key.pub"}

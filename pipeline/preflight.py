@@ -9,7 +9,7 @@ the cycle's signed state) is checked again where the cycle reads it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,24 +147,19 @@ def _model(config: CycleConfig, verified: dict[str, Any]) -> Passed:
         ) from None
     _has_validation_step(model, name)
     model.eval()
+    task, forward = config.task.build(), config.forward_hook()
     x = torch.as_tensor(inputs, dtype=torch.float32).requires_grad_(True)
-    y = torch.as_tensor(targets, dtype=torch.int64)
+    y = _targets(config, task, targets)
     try:
-        output = model(x)
+        output = forward(model, {"x": x.detach(), "y": y}, x) if forward is not None else model(x)
     except Exception as error:  # a forward that does not take the data's shape
+        via = f" through model_forward {config.model_forward}" if forward is not None else ""
         raise PreflightError(
-            f"model: {name} cannot take a batch of inputs shaped {tuple(x.shape)}: {_line(error)}", check="model"
+            f"model: {name} cannot take a batch of inputs shaped {tuple(x.shape)}{via}: {_line(error)}", check="model"
         ) from None
-    loss, expected = _defense_loss(config)
-    if not isinstance(output, torch.Tensor) or tuple(output.shape) != expected(x.shape[0]):
-        got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-        raise PreflightError(
-            f"model: {name} returns {got} for inputs shaped {tuple(x.shape)}; the defenses' cross-entropy needs "
-            f"{expected(x.shape[0])}, one logit per label of validation.labels",
-            check="model",
-        )
+    loss = _defense_loss(config, task, name, x, y, output)
     try:
-        loss(output, y).backward()
+        loss.backward()
     except Exception as error:
         raise PreflightError(f"model: the defenses' loss fails on {name}'s output: {_line(error)}", "model") from None
     if x.grad is None:
@@ -172,7 +167,10 @@ def _model(config: CycleConfig, verified: dict[str, Any]) -> Passed:
             f"model: no gradient reaches {name}'s input; the attacks need a forward that is differentiable in it",
             check="model",
         )
-    return Passed("model", f"{name} maps inputs {tuple(x.shape)} to {tuple(output.shape)}; loss and input gradient ok")
+    return Passed(
+        "model",
+        f"{name} maps inputs {tuple(x.shape)} to {tuple(output.shape)}; {task.kind} loss and input gradient ok",
+    )
 
 
 def _has_validation_step(model: Any, name: str) -> None:
@@ -188,12 +186,52 @@ def _has_validation_step(model: Any, name: str) -> None:
         )
 
 
-def _defense_loss(config: CycleConfig) -> tuple[Callable[..., Any], Callable[[int], tuple[int, ...]]]:
-    """The loss the attacks, robust accuracy and the gate compute, and the output shape it needs for n inputs."""
-    import torch.nn.functional as F
+def _targets(config: CycleConfig, task: Any, targets: Any) -> Any:
+    """The held-out targets as the defenses take them, refused when they are not the task's (real values under a
+    classification task would be cast to labels) or not the shape `validation.targets` declares."""
+    import torch
 
-    classes = len(config.validation.labels)
-    return F.cross_entropy, lambda n: (n, classes)
+    from trainguard.defenses.errors import TaskMismatchError
+
+    declared = config.validation.targets
+    if declared is not None and tuple(targets.shape[1:]) != declared.shape:
+        raise PreflightError(
+            f"validation.targets.shape: the held-out targets are {list(targets.shape[1:])} per sample, not "
+            f"{list(declared.shape)}",
+            check="data",
+        )
+    dtype = None if task.kind == "classification" else torch.float32
+    y = torch.as_tensor(targets, dtype=dtype)
+    try:
+        task.check_targets(y)
+    except TaskMismatchError as error:
+        raise PreflightError(f"task: the held-out targets do not fit: {error}", check="data") from None
+    return y
+
+
+def _defense_loss(config: CycleConfig, task: Any, name: str, x: Any, y: Any, output: Any) -> Any:
+    """The loss the attacks, robust accuracy and the gate compute (the task's summed per-sample loss) on the
+    model's output, refused in one line when the output's shape is not what the task needs for these targets."""
+    import torch
+
+    from trainguard.defenses.errors import TaskMismatchError
+
+    got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+    if task.kind == "classification":
+        expected = (x.shape[0], len(config.validation.labels))
+        needs = f"{expected}, one logit per label of validation.labels"
+    else:
+        expected = None
+        needs = f"outputs shaped like its targets {tuple(y.shape)} (validation.targets.shape per sample)"
+    if isinstance(output, torch.Tensor) and expected in (None, got):
+        try:
+            return task.attack_loss(output, y)
+        except TaskMismatchError:
+            pass  # outputs that do not fit the targets: refused below, in the same words
+    raise PreflightError(
+        f"model: {name} returns {got} for inputs shaped {tuple(x.shape)}; the defenses' {task.kind} loss needs {needs}",
+        check="model",
+    )
 
 
 def _one_sample(config: CycleConfig, holdout: Any) -> tuple[Any, Any]:

@@ -18,6 +18,7 @@ from trainguard.pipeline.attestation import (
     git_resource,
     read_log_resource,
 )
+from trainguard.pipeline.config import CycleConfig
 from trainguard.pipeline.cycle_report import refusals
 from trainguard.pipeline.cycle_state import HeldoutRecord, ModelRecord, utc_now
 from trainguard.pipeline.errors import CycleAbortedError
@@ -87,6 +88,7 @@ def release(
         config.output.model_signing_key,
         class_path=config.model.class_path,
         init_args=config.model.init_args,
+        metadata=serving_metadata(config),
         attest=attestor(facts, config.output.attestation_key_path),
     )
     record = ModelRecord(
@@ -144,3 +146,10 @@ def _model_release(
         description=description,
         tags=tags,
     )
+
+
+def serving_metadata(config: CycleConfig) -> dict[str, str]:
+    """What a served model needs beyond its class: the task (how outputs become predictions) and the
+    `model_forward` hook that hands it its extra inputs, signed with the weights in `model.json`."""
+    hook = {"model_forward": config.model_forward} if config.model_forward is not None else {}
+    return {"task": config.task.kind, **hook}

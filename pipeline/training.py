@@ -13,7 +13,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from trainguard.defenses import AdversarialTraining, RobustAccuracy
 from trainguard.defenses.gate import GateVerdict, ModelGate
 from trainguard.defenses.heldout import HeldoutMetrics, LabeledData
-from trainguard.defenses.task import Task
 from trainguard.pipeline.config import CycleConfig
 from trainguard.provenance.dataset import VerifiedDataModule
 from trainguard.provenance.reader import ReadLog
@@ -66,12 +65,13 @@ def bootstrap(model: pl.LightningModule, config: CycleConfig, trusted: LabeledDa
 
 
 def defense_callbacks(config: CycleConfig, holdout: LabeledData, previous: HeldoutMetrics | None) -> list[pl.Callback]:
-    """Adversarial training, robust accuracy and the model gate, as the config sets them, for the config's task.
+    """Adversarial training, robust accuracy and the model gate, as the config sets them, for the config's task and
+    with its `model_forward` hook.
 
     The gate's baseline without a comparable record is the incoming model: the cycle's incoming model is the
     champion or, on the first cycle, the model bootstrapped on the trusted data, never a random initialisation."""
     adversarial, robust, gate = config.adversarial, config.robust_eval, config.gate
-    task = Task(**config.task.model_dump())
+    task, forward = config.task.build(), config.forward_hook()
     callbacks: list[pl.Callback] = []
     if adversarial.enabled and adversarial.attack != "trades":
         callbacks.append(
@@ -85,6 +85,7 @@ def defense_callbacks(config: CycleConfig, holdout: LabeledData, previous: Heldo
                 bounds=adversarial.bounds,
                 warmup_epochs=adversarial.warmup_epochs,
                 task=task,
+                forward=forward,
                 seed=config.training.seed,
             )
         )
@@ -96,6 +97,7 @@ def defense_callbacks(config: CycleConfig, holdout: LabeledData, previous: Heldo
             restarts=robust.restarts,
             bounds=adversarial.bounds,
             task=task,
+            forward=forward,
             max_samples=robust.subset_size,
             seed=0,
         )
@@ -110,6 +112,7 @@ def defense_callbacks(config: CycleConfig, holdout: LabeledData, previous: Heldo
             raise_on_reject=False,
             baseline="incoming",
             task=task,
+            forward=forward,
         )
     )
     return callbacks

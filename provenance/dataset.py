@@ -93,7 +93,7 @@ class ShardDataset(Dataset):
         exclude: Collection[str] = (),
         exclude_rows: Mapping[str, Collection[int]] | None = None,
         feature_columns: Sequence[str] | None = None,
-        label_column: str = "label",
+        label_column: str | Sequence[str] = "label",
         decoders: Mapping[str, Decoder] | None = None,
         transform: Transform | None = None,
         part: tuple[int, int] | None = None,
@@ -110,7 +110,7 @@ class ShardDataset(Dataset):
             rank, world = part
             owners = balanced_owners([s.records if s.records is not None else s.size for _, s in chosen], world)
             chosen = [pick for pick, owner in zip(chosen, owners, strict=True) if owner == rank]
-        every_decoder = default_decoders(decoders, label=label_column)
+        every_decoder = default_decoders(decoders, label=label_column if isinstance(label_column, str) else "label")
         parts: list[Samples] = []
         shards: list[tuple[str, ShardEntry]] = []
         for reader in readers:
@@ -192,27 +192,42 @@ def read_as_table(name: str, decoders: Mapping[str, Decoder] | None) -> bool:
     return name.endswith(TABLE_SUFFIXES) and not any(name.endswith(suffix) for suffix in decoders or {})
 
 
-def table_samples(name: str, frame: pd.DataFrame, feature_columns: Sequence[str] | None, label_column: str) -> Samples:
-    """A table's rows as samples: float32 feature columns (all but the label by default), integer labels."""
+def table_samples(
+    name: str, frame: pd.DataFrame, feature_columns: Sequence[str] | None, label_column: str | Sequence[str]
+) -> Samples:
+    """A table's rows as samples: float32 feature columns (all but the target columns by default); targets from
+    `label_column`, integer labels (N,) kept int64 and real values float32, or from several target columns
+    (N, k) float32 (regression outputs, multi-label 0/1 vectors)."""
     return Samples(*_columns(name, frame, feature_columns, label_column))
 
 
 def _columns(
-    name: str, frame: pd.DataFrame, feature_columns: Sequence[str] | None, label_column: str
+    name: str, frame: pd.DataFrame, feature_columns: Sequence[str] | None, label_column: str | Sequence[str]
 ) -> tuple[np.ndarray, np.ndarray]:
-    if label_column not in frame.columns:
-        raise ShardError(f"shard {name}: no label column {label_column!r}", shard=name, reason="format")
-    columns = list(feature_columns) if feature_columns else [c for c in frame.columns if c != label_column]
+    targets_named = [label_column] if isinstance(label_column, str) else list(label_column)
+    absent = [c for c in targets_named if c not in frame.columns]
+    if absent:
+        what = "label column" if isinstance(label_column, str) else "target columns"
+        shown = repr(absent[0]) if isinstance(label_column, str) else str(absent[:3])
+        raise ShardError(f"shard {name}: no {what} {shown}", shard=name, reason="format")
+    columns = list(feature_columns) if feature_columns else [c for c in frame.columns if c not in targets_named]
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise ShardError(f"shard {name}: missing feature columns {missing[:3]}", shard=name, reason="format")
     table = frame[columns]
     if not all(pd.api.types.is_numeric_dtype(t) for t in table.dtypes):
         raise ShardError(f"shard {name}: feature columns must be numeric", shard=name, reason="format")
-    if not pd.api.types.is_integer_dtype(frame[label_column].dtype):
-        raise ShardError(f"shard {name}: label column {label_column!r} is not integer", shard=name, reason="format")
+    kinds = [frame[c].dtype for c in targets_named]
+    if not all(pd.api.types.is_numeric_dtype(k) and not pd.api.types.is_bool_dtype(k) for k in kinds):
+        raise ShardError(f"shard {name}: targets {targets_named[:3]} must be numeric", shard=name, reason="format")
     # Arrow-backed columns come out read-only; torch must not wrap a buffer it may not write (copied only then)
-    inputs, targets = table.to_numpy(np.float32), frame[label_column].to_numpy(np.int64)
+    inputs = table.to_numpy(np.float32)
+    if not isinstance(label_column, str):
+        targets = frame[targets_named].to_numpy(np.float32)
+    elif pd.api.types.is_integer_dtype(kinds[0]):
+        targets = frame[label_column].to_numpy(np.int64)
+    else:
+        targets = frame[label_column].to_numpy(np.float32)
     return np.require(inputs, requirements="W"), np.require(targets, requirements="W")
 
 
@@ -241,7 +256,7 @@ class VerifiedDataModule(pl.LightningDataModule):
         exclude: Collection[str] = (),
         exclude_rows: Mapping[str, Collection[int]] | None = None,
         feature_columns: Sequence[str] | None = None,
-        label_column: str = "label",
+        label_column: str | Sequence[str] = "label",
         decoders: Mapping[str, Decoder] | None = None,
         transform: Transform | None = None,
         val_transform: Transform | None = None,

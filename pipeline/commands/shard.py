@@ -165,6 +165,7 @@ def _table_shards(table: Path, label_column: str, out: Path, shard_size: int) ->
     """Parquet files of `shard_size` rows each from a CSV table with a `label_column`."""
     import io
 
+    import numpy as np
     import pandas as pd
 
     from trainguard.files import atomic_write, read_regular
@@ -177,6 +178,8 @@ def _table_shards(table: Path, label_column: str, out: Path, shard_size: int) ->
         raise _bad_input(f"--from-csv {table}: no column {label_column!r} (columns: {', '.join(frame.columns)})")
     if frame.empty:
         raise _bad_input(f"--from-csv {table}: holds no rows")
+    # CSV numbers parse as float64; stored as float32, the precision training reads them at and validation expects
+    frame = frame.astype({c: np.float32 for c in frame.columns if frame[c].dtype == np.float64})
     written = []
     for part, start in enumerate(range(0, len(frame), shard_size)):
         buffer = io.BytesIO()

@@ -14,8 +14,9 @@ if TYPE_CHECKING:
     import numpy as np
     from PIL import Image
 
-ImageMode = Literal["L", "RGB"]
-NATIVE_MODES = {"L": 1, "RGB": 3, "RGBA": 4}
+ImageMode = Literal["L", "LA", "RGB", "RGBA"]
+"""Grayscale, grayscale with alpha, colour, colour with alpha: an alpha channel can carry a model's input mask."""
+NATIVE_MODES = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}
 """Image modes decoded with their own channels when no mode is asked for."""
 MAX_PIXELS = 4096 * 4096
 """The most pixels one image may declare by default."""
@@ -26,7 +27,7 @@ IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 def decode_image(
     name: str, where: str, data: bytes, *, max_pixels: int = MAX_PIXELS, mode: ImageMode = "RGB"
 ) -> np.ndarray:
-    """The image in `data` as (C, H, W) float32 in [0, 1], C = 1 for `L` and 3 for `RGB`; refuses undecodable
+    """The image in `data` as (C, H, W) float32 in [0, 1], C = 1 for `L`, 2 `LA`, 3 `RGB`, 4 `RGBA`; refuses undecodable
     bytes (`format`) and images declaring more than `max_pixels` pixels (`decode-limit`), naming the shard and
     `where` in it (`member 000001.png`, `column 'image' row 3`)."""
     return image_pixels(name, where, open_image(name, where, data, max_pixels=max_pixels), mode)
@@ -53,8 +54,8 @@ def open_image(name: str, where: str, data: bytes, *, max_pixels: int = MAX_PIXE
 
 
 def image_pixels(name: str, where: str, image: Image.Image, mode: ImageMode | None = None) -> np.ndarray:
-    """The decoded pixels as (C, H, W) float32 in [0, 1], converted to `mode` (None: the image's own L, RGB or
-    RGBA channels; any other mode as RGB)."""
+    """The decoded pixels as (C, H, W) float32 in [0, 1], converted to `mode` (None: the image's own L, LA, RGB
+    or RGBA channels; any other mode as RGB)."""
     import numpy as np
 
     target = mode or (image.mode if image.mode in NATIVE_MODES else "RGB")

@@ -209,6 +209,43 @@ def test_success_falls_back_to_an_eval_forward_when_training_step_bypasses_the_m
     assert trainer.callback_metrics["adv/success"].item() == pytest.approx(module.wrong / module.attacked)
 
 
+class MaskedRecorder(Recorder):
+    """A model with an extra input: `forward(features, mask)`, both packed in the batch input (features, then mask)."""
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.net(features * mask)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.seen.append({"x": x.detach().clone()})
+        return F.cross_entropy(self(x[:, :FEATURES], x[:, FEATURES:]), y)
+
+
+def masked_forward(module, batch, x):
+    from trainguard.defenses import batch_input
+
+    return module(x[:, :FEATURES], batch_input(batch)[:, FEATURES:])
+
+
+def test_a_masked_model_is_attacked_through_its_hook_and_success_read_from_its_training_forward() -> None:
+    """The hook perturbs the features only (the mask comes from the clean batch); a training forward on views of
+    the batch input (its feature and mask columns) counts as the training forward: no extra pass, no warning."""
+    import warnings
+
+    x, y = data()
+    mask = (torch.rand(N, FEATURES, generator=torch.Generator().manual_seed(1)) > 0.3).float()
+    packed = torch.cat([x, mask], 1)
+    callback = AdversarialTraining("fgsm", eps=0.2, ratio=1.0, forward=masked_forward, bounds=(0.0, 1.0), seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = fit(MaskedRecorder(), DataLoader(TensorDataset(packed, y), batch_size=16), [callback])
+    assert not [w for w in caught if "extra forward pass" in str(w.message)]
+    assert 0.0 <= trainer.callback_metrics["adv/success"].item() <= 1.0
+    seen = torch.cat([r["x"] for r in trainer.lightning_module.seen])
+    assert torch.equal(seen[:, FEATURES:], mask[: len(seen)]), "the mask is never perturbed"
+    assert (seen[:, :FEATURES] - x[: len(seen)]).abs().max() > 0.1
+
+
 def _max_perturbation(module: Recorder, x: torch.Tensor, batch: int) -> list[float]:
     per_epoch = N // batch
     return [(r["x"] - x[batch * (i % per_epoch) : batch * (i % per_epoch + 1)]).abs().max().item()

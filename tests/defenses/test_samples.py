@@ -104,3 +104,15 @@ def test_an_empty_shard_is_quarantined(digits: Samples) -> None:
     empty = Samples(digits.inputs[:0], digits.targets[:0])
     verdict = validate_samples("s", empty, SCHEMA)
     assert (verdict.check, verdict.reason) == ("shape", "shard s: shape check failed: holds no samples")
+
+
+def test_real_targets_are_checked_against_their_declared_shape_and_range(digits: Samples) -> None:
+    """Regression and multi-label shards: targets of the declared per-sample shape, finite, within the range."""
+    real = SampleSchema(shape=(1, 8, 8), allowed_labels=None, target_shape=(2,), target_min=0.0, target_max=1.0)
+    targets = np.full((len(digits), 2), 0.5, np.float32)
+    assert validate_samples("s", Samples(digits.inputs, targets), real).accepted
+    verdict = validate_samples("s", Samples(digits.inputs, targets[:, 0]), real)
+    assert verdict.check == "targets" and "expected (2,)" in verdict.reason
+    targets[[3, 7], 1] = [1.5, np.nan]
+    verdict = validate_samples("s", Samples(digits.inputs, targets), real)
+    assert verdict.check == "targets" and "2 of 50 samples" in verdict.reason and "(first at 3, 7)" in verdict.reason

@@ -86,3 +86,13 @@ def test_relabelled_copy_of_anothers_rows_is_a_duplicate(frames) -> None:
     relabelled["label"] = (relabelled["label"] + 1) % 10
     shards = [Shard("orig", "alice", frames[0]), Shard("flip", "mallory", relabelled)]
     assert _only_verdict(shards, "flip").check == "duplicates"
+
+
+def test_real_target_columns_are_checked_for_range_and_nulls_instead_of_labels(frames) -> None:
+    """A regression table: its target columns are any real numbers within [target_min, target_max], not labels."""
+    schema = ShardSchema(features=FEATURES, allowed_labels=None, targets=("price",), target_min=0.0, target_max=9.0)
+    good = frames[0].drop(columns="label").assign(price=frames[0]["label"] / 1.0)
+    assert validate_shards([Shard("s", "a", good)], schema).accepted == ("s",)
+    for bad, kind in ((good.assign(price=good["price"] + 10), "range"), (good.drop(columns="price"), "columns")):
+        verdict = validate_shards([Shard("s", "a", bad)], schema).verdicts[0]
+        assert (verdict.accepted, verdict.check) == (False, kind), verdict.reason

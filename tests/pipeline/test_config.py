@@ -248,14 +248,53 @@ def test_every_manifest_reference_names_its_dataset(tmp_path: Path) -> None:
     assert error.key == "dataset.holdout.dataset" and "Field required" in str(error)
 
 
+REGRESSION_TARGETS = {("validation", "labels"): [], ("validation", "targets"): {"min": 0, "max": 9}}
+
+
 def test_the_task_key_takes_a_name_or_a_section(tmp_path: Path) -> None:
     assert load_config(DIGITS).task.kind == "classification"
-    assert load_config(_write(tmp_path, _with({("task",): "regression"}))).task.kind == "regression"
-    section = load_config(_write(tmp_path, _with({("task",): {"kind": "regression", "tolerance": 0.1}}))).task
+    regression = _with({("task",): "regression", **REGRESSION_TARGETS})
+    assert load_config(_write(tmp_path, regression)).task.kind == "regression"
+    section = load_config(
+        _write(tmp_path, _with({("task",): {"kind": "regression", "tolerance": 0.1}, **REGRESSION_TARGETS}))
+    ).task
     assert (section.kind, section.tolerance) == ("regression", 0.1)
     error = _error(tmp_path, _with({("task",): "ranking"}))
     assert error.key == "task" and "'classification', 'multilabel' or 'regression'" in str(error)
     assert _error(tmp_path, _with({("task",): {"kind": "regression", "tolerance": 0}})).key == "task.tolerance"
+
+
+def test_the_validation_targets_must_fit_the_task(tmp_path: Path) -> None:
+    """Classification lists class labels; regression and multilabel describe real targets (shape, range) instead,
+    each mistake one line naming the key."""
+    error = _error(tmp_path, _with({("task",): "regression"}))
+    assert error.key == "validation.labels" and "describe its targets in validation.targets" in str(error)
+    error = _error(tmp_path, _with({("task",): "multilabel", ("validation", "labels"): []}))
+    assert error.key == "validation.targets" and "shape, min, max" in str(error)
+    error = _error(tmp_path, _with({("validation", "targets"): {"min": 0, "max": 1}}))
+    assert error.key == "validation.targets" and "classification task's targets" in str(error)
+    multilabel = {("task",): "multilabel", ("validation", "labels"): [], ("validation", "targets"): {"max": 1}}
+    assert _error(tmp_path, _with(multilabel)).key == "validation.targets.shape"
+    columns = {**REGRESSION_TARGETS, ("task",): "regression", ("validation", "target_columns"): ["a", "b"]}
+    error = _error(tmp_path, _with(columns))
+    assert error.key == "validation.targets.shape" and "2 target_columns" in str(error)
+    error = _error(tmp_path, _with({("validation", "targets"): {"min": 2, "max": 1}}))
+    assert error.key == "validation.targets"
+    section = load_config(_write(tmp_path, _with({**columns, ("validation", "targets", "shape"): [2]}))).validation
+    assert section.table_targets == ("a", "b") and section.target_names == ("a", "b")
+
+
+def test_model_forward_imports_a_function_from_the_project(tmp_path: Path) -> None:
+    (tmp_path / "hooks_fh.py").write_text("def masked(module, batch, x):\n    return module(x)\n\nclass NotOne: ...\n")
+    hook = {("project",): ".", ("model_forward",): "hooks_fh.masked"}
+    config = load_config(_write(tmp_path, _with(hook)))
+    assert config.forward_hook().__name__ == "masked" and load_config(DIGITS).forward_hook() is None
+    error = _error(tmp_path, _with({**hook, ("model_forward",): "hooks_fh.NotOne"}))
+    assert error.key == "model_forward" and "no function 'NotOne'" in str(error)
+    error = _error(tmp_path, _with({**hook, ("model_forward",): "nohooks_fh.masked"}))
+    assert error.key == "model_forward" and "project:" in str(error)
+    error = _error(tmp_path, _with({**hook, ("detectors",): {"enabled": True}}))
+    assert "disable them with model_forward" in str(error)
 
 
 def test_the_trainer_block_is_bound_to_lightnings_trainer(tmp_path: Path) -> None:

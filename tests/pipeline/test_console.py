@@ -44,9 +44,9 @@ def test_a_cycle_on_the_demo_config_prints_no_third_party_chatter_and_verbose_sh
     (tmp_path / "cycle.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'fresh-mlruns.db'}"}
 
-    def cycle(*flags: str) -> str:
+    def cycle(*flags: str, force: bool = False) -> str:
         done = subprocess.run(
-            [TRAINGUARD, *flags, "cycle", "--config", "cycle.yaml"],
+            [TRAINGUARD, *flags, "cycle", "--config", "cycle.yaml", *(["--force"] if force else [])],
             cwd=tmp_path,
             capture_output=True,
             text=True,
@@ -60,5 +60,5 @@ def test_a_cycle_on_the_demo_config_prints_no_third_party_chatter_and_verbose_sh
     assert "cycle 1 accepted" in quiet, quiet
     assert not [noise for noise in (*THIRD_PARTY, "Warning", "warn") if noise in quiet], quiet
     assert "state" in quiet and "demo-work/cycle/state.json" in quiet  # the closing table says where things are
-    verbose = cycle("--verbose")
+    verbose = cycle("--verbose", force=True)  # the same data again: only --force trains a second time
     assert "GPU available" in verbose and "litlogger" in verbose, verbose

@@ -123,10 +123,11 @@ def test_two_cycles_refuse_tampered_and_poisoned_shards_and_log_everything(
 
     report = json.loads(second.report.read_text())
     assert report["status"] == second.status
-    p_values = {k.removeprefix("roni.p_value."): v for k, v in screening.data.metrics.items() if "roni.p_value." in k}
-    assert len(p_values) == len(report["roni"]["decisions"]) and all(0 < p <= 1 for p in p_values.values())
+    assert list(table["name"]) == [d["name"] for d in report["roni"]["decisions"]]
+    assert all(0 < p <= 1 for p in table["p_value"])
     assert report["roni"]["flagged_sources"] == ["dave"]
-    assert screening.data.tags["roni.source.dave.flagged"] == "true"
+    sources = client.load_table(experiment.experiment_id, "roni/sources.json", run_ids=[screening.info.run_id])
+    assert list(sources.loc[sources["flagged"], "source"]) == ["dave"]
     assert report["training"]["read_log"]["entries"] > 0
     state = read_cycle_state(workdir)
     assert [c["status"] for c in state["cycles"]] == ["accepted", second.status]

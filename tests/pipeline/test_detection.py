@@ -56,7 +56,9 @@ def poisoned_workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[P
 def _config(workdir: Path, experiment: str, action: str) -> Path:
     """The digits config, shortened, RONI off (detection alone decides), detectors on with `action`."""
     config = yaml.safe_load((REPO / "configs" / "digits.yaml").read_text())
-    config["training"].update(max_epochs=2, bootstrap_epochs=25)
+    config["project"] = str(REPO / "examples")
+    config["training"].update(bootstrap_epochs=25)
+    config["trainer"]["init_args"].update(max_epochs=2)
     config["adversarial"]["enabled"] = False
     config["robust_eval"].update(subset_size=50, steps=1)
     config["gate"].update(min_robust_accuracy=0.0, min_clean_accuracy=0.5)
@@ -133,6 +135,7 @@ def test_the_data_module_never_serves_quarantined_rows_yet_reads_the_shard_whole
 
 def test_detector_options_are_checked_when_the_config_loads(tmp_path: Path) -> None:
     document = yaml.safe_load((REPO / "configs" / "digits.yaml").read_text())
+    document["project"] = str(REPO / "examples")
     for options, key in (
         ({"spectral": {"rule": "top"}}, "detectors.spectral.rule"),
         ({"clustering": {"k": 3}}, "detectors.clustering.k"),

@@ -108,7 +108,7 @@ def test_dvc_repro_runs_the_pipeline_then_reruns_only_what_changed(dvc_repo: Pat
 
 
 def test_the_template_for_users_parses_in_a_real_dvc_repository(dvc_repo: Path) -> None:
-    shutil.copy(ROOT / "examples" / "dvc" / "dvc.yaml", dvc_repo / "dvc.yaml")
+    shutil.copy(ROOT / "examples" / "dvc" / "dvc.template.yaml", dvc_repo / "dvc.yaml")
     done = _dvc(dvc_repo, "stage", "list", "--name-only")
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["sign", "cycle"]
@@ -125,9 +125,8 @@ def test_dvc_experiments_set_params_compare_cycles_and_show_plots(dvc_repo: Path
     _git(dvc_repo, "add", "-A")
     _git(dvc_repo, "commit", "-q", "-m", "pipeline")
     for epochs in (1, 2):
-        done = _dvc(
-            dvc_repo, "exp", "run", "-S", f"configs/digits.yaml:trainer.init_args.max_epochs={epochs}", "-S", "prepare.seed=0"
-        )
+        knob = f"configs/digits.yaml:trainer.init_args.max_epochs={epochs}"
+        done = _dvc(dvc_repo, "exp", "run", "-S", knob, "-S", "prepare.seed=0")
         assert done.returncode == 0, done.stdout + done.stderr
     shown = _dvc(dvc_repo, "exp", "show", "--json")
     assert shown.returncode == 0, shown.stderr

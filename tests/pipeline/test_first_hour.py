@@ -31,6 +31,8 @@ CHATTER = (
     "mlflow.",
     "INFO",
     "not writable",
+    "View run",
+    "Downloading artifacts",
 )
 
 IMAGE_MODEL = '''
@@ -71,13 +73,22 @@ class TinyDigitNet(pl.LightningModule):
 
 @dataclass(frozen=True)
 class Project:
-    """A user's project: its model module, how it writes its raw data, and the config sections that differ."""
+    """A user's project: its model module, how it writes its raw data and shards each split (`base`, `holdout`,
+    `alice`, `bob`), the config sections that differ, and an input the loaded champion predicts on."""
 
     name: str
     model_source: str
     class_path: str
     write_data: Callable[[Path], None]
     config: dict
+    shard: Callable[[str, str, int], tuple[str, ...]]
+    example: Callable[[], np.ndarray]
+    predicted: tuple[str, ...]
+    margin_check: bool = True
+
+
+def _image_shard(split: str, out: str, size: int) -> tuple[str, ...]:
+    return ("shard", f"raw/{split}", "--out", out, "--shard-size", str(size))
 
 
 def _digit_images(root: Path) -> None:
@@ -112,6 +123,161 @@ IMAGES = Project(
         },
         "validation": {"input_shape": [1, 8, 8], "labels": list(range(10)), "min_rows": 10},
     },
+    shard=_image_shard,
+    example=lambda: np.zeros((3, 1, 8, 8), np.float32),
+    predicted=("label", "probability"),
+)
+
+TABULAR_MODEL = '''
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class TabRegressor(pl.LightningModule):
+    """A user's own tabular regressor: six features in [0, 1] to one real target."""
+
+    def __init__(self, features: int = 6, hidden: int = 32, lr: float = 0.01) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def forward(self, x):
+        return self.net(x).squeeze(-1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.mse_loss(self(x), y)
+        self.log("train/loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val/loss", F.mse_loss(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+'''
+
+
+def _tabular_rows(root: Path) -> None:
+    """A user's CSV tables: six features in [0, 1] and a real target `price`, one table per split."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    weights = np.array([1.0, -0.5, 0.8, 0.3, 0.0, 0.6])
+    root.mkdir(parents=True)
+    for split, rows in {"base": 400, "holdout": 300, "alice": 200, "bob": 200}.items():
+        x = rng.random((rows, 6)).astype(np.float32)
+        price = x @ weights + 0.05 * rng.standard_normal(rows)
+        frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(6)]).assign(price=price.astype(np.float32))
+        frame.to_csv(root / f"{split}.csv", index=False)
+
+
+TABULAR = Project(
+    name="tabular-regression",
+    model_source=TABULAR_MODEL,
+    class_path="mymodel.TabRegressor",
+    write_data=_tabular_rows,
+    config={
+        "task": {"kind": "regression", "tolerance": 0.3},
+        "validation": {"label_column": "price", "targets": {"min": -2.0, "max": 4.0}, "min_rows": 10},
+    },
+    shard=lambda split, out, size: (
+        "shard",
+        "--from-csv",
+        f"raw/{split}.csv",
+        "--label-column",
+        "price",
+        "--out",
+        out,
+        "--shard-size",
+        str(size),
+    ),
+    example=lambda: np.full((3, 6), 0.5, np.float32),
+    predicted=("output",),
+    margin_check=False,  # class margins: classification only
+)
+
+MASKED_MODEL = '''
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from trainguard.defenses import batch_input
+
+
+class MaskedDigitNet(pl.LightningModule):
+    """A user's own classifier of partly hidden digits: forward(image, mask) sees only the pixels the mask shows."""
+
+    def __init__(self, hidden: int = 64, lr: float = 0.01) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(
+            nn.Conv2d(2, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, hidden), nn.ReLU(),
+            nn.Linear(hidden, 10),
+        )
+
+    def forward(self, image, mask):
+        return self.net(torch.cat([image * mask, mask], 1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch  # the signed PNGs' gray channel and their alpha mask
+        loss = F.cross_entropy(self(x[:, :1], x[:, 1:]), y)
+        self.log("train/loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val/loss", F.cross_entropy(self(x[:, :1], x[:, 1:]), y))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+
+def masked_forward(module, batch, x):
+    """The defenses' view: the pixels they may perturb from `x`, the mask from the clean batch."""
+    return module(x[:, :1], batch_input(batch)[:, 1:])
+'''
+
+
+def _masked_digit_images(root: Path) -> None:
+    """The digits with a hidden 3 x 3 patch each, as gray + alpha PNGs (alpha 0 where hidden), in class folders."""
+    from PIL import Image
+
+    _digit_images(root)
+    rng = np.random.default_rng(1)
+    for path in sorted(root.glob("*/*/*.png")):
+        alpha = np.full((8, 8), 255, np.uint8)
+        top, left = rng.integers(0, 6, size=2)
+        alpha[top : top + 3, left : left + 3] = 0
+        gray = np.asarray(Image.open(path).convert("L"))
+        Image.fromarray(np.stack([gray, alpha], -1), mode="LA").save(path)
+
+
+MASKED = Project(
+    name="masked-image-classification",
+    model_source=MASKED_MODEL,
+    class_path="mymodel.MaskedDigitNet",
+    write_data=_masked_digit_images,
+    config={
+        "model_forward": "mymodel.masked_forward",
+        "data": {
+            "decoders": {
+                ".tar": {
+                    "class_path": "trainguard.provenance.formats.webdataset.WebDatasetDecoder",
+                    "init_args": {"mode": "LA", "shape": [2, 8, 8]},
+                }
+            }
+        },
+        "validation": {"input_shape": [2, 8, 8], "labels": list(range(10)), "min_rows": 10},
+    },
+    shard=_image_shard,
+    example=lambda: np.ones((3, 2, 8, 8), np.float32),
+    predicted=("label", "probability"),
+    margin_check=False,  # margins call the model on its inputs alone
 )
 
 TRUST = """signers:
@@ -144,7 +310,7 @@ def _config(project: Project) -> dict:
             "trust": "trust.yaml",
         },
         **project.config,
-        "roni": {"options": {"steps": 5, "calibration_shards": 8}},
+        "roni": {"options": {"steps": 5}, "calibration_draws": 99, "level": 0.05},
         "adversarial": {"attack": "fgsm", "eps": 0.1, "steps": 1},
         "robust_eval": {"eps": [0.0, 0.1], "subset_size": 64, "steps": 2},
         "limits": {"max_fraction_per_source": 0.9},
@@ -153,7 +319,7 @@ def _config(project: Project) -> dict:
         "trainer": {"init_args": {"max_epochs": 4, "accelerator": "cpu", "devices": 1}},
         "model": {"class_path": project.class_path, "init_args": {"lr": 0.005}},
         "output": {"work_dir": "work", "model_signing_key": "keys/model.key"},
-        "tracking": {"experiment_name": "first-hour", "registered_model_name": "first-hour"},
+        "tracking": {"experiment_name": f"first-hour-{project.name}", "registered_model_name": project.name},
     }
 
 
@@ -171,8 +337,10 @@ def _trainguard(project_dir: Path, *args: str, ok: bool = True) -> str:
 
 
 @pytest.mark.timeout(900)  # a dozen CLI commands and two cycles, each its own process
-@pytest.mark.parametrize("project", [IMAGES], ids=lambda p: p.name)
-def test_a_new_project_signs_checks_runs_two_cycles_and_loads_its_model(tmp_path: Path, project: Project) -> None:
+@pytest.mark.parametrize("project", [IMAGES, TABULAR, MASKED], ids=lambda p: p.name)
+def test_a_new_project_signs_checks_runs_two_cycles_and_loads_its_model(
+    tmp_path: Path, project: Project, mlflow_uri: str
+) -> None:
     root = tmp_path / "myproject"
     root.mkdir()
     (root / "mymodel.py").write_text(project.model_source)
@@ -183,8 +351,8 @@ def test_a_new_project_signs_checks_runs_two_cycles_and_loads_its_model(tmp_path
     for name, kind in (("curator", "ed25519"), ("owner", "ed25519"), ("model", "ecdsa-p256")):
         _trainguard(root, "keygen", "--out", f"keys/{name}", "--type", kind)
     for split in ("base", "holdout"):
-        _trainguard(root, "shard", f"raw/{split}", "--out", f"data/trusted/{split}", "--shard-size", "100")
-    _trainguard(root, "shard", "raw/alice", "--out", "data/train/alice", "--shard-size", "50")
+        _trainguard(root, *project.shard(split, f"data/trusted/{split}", 100))
+    _trainguard(root, *project.shard("alice", "data/train/alice", 50))
     roles = json.dumps({"holdout/*": "holdout"})
     _trainguard(
         root,
@@ -218,11 +386,15 @@ def test_a_new_project_signs_checks_runs_two_cycles_and_loads_its_model(tmp_path
     _trainguard(root, *sign_train)
 
     checked = _trainguard(root, "check", "cycle.yaml")
-    assert "ok  model" in checked and "mymodel.TinyDigitNet" in checked
+    assert "ok  model" in checked and project.class_path in checked, checked
     first = _trainguard(root, "cycle", "--config", "cycle.yaml")
     assert "cycle 1 accepted" in first, first
+    report = json.loads((root / "work" / "reports" / "cycle-0001.json").read_text())
+    margin = report["roni"]["margin"]
+    assert isinstance(margin, list) if project.margin_check else margin.startswith("skipped: "), margin
+    assert report["task"]["kind"] == project.config.get("task", {}).get("kind", "classification")
 
-    _trainguard(root, "shard", "raw/bob", "--out", "data/train/bob", "--shard-size", "50")
+    _trainguard(root, *project.shard("bob", "data/train/bob", 50))
     _trainguard(root, *sign_train)
     second = _trainguard(root, "cycle", "--config", "cycle.yaml", ok=False)
     assert "cycle 2 " in second and "state" in second
@@ -232,22 +404,14 @@ def test_a_new_project_signs_checks_runs_two_cycles_and_loads_its_model(tmp_path
     history = _trainguard(root, "history", "--config", "cycle.yaml")
     assert "cycle 2:" in history
 
-    sys.path.insert(0, str(root))
+    sys.path.insert(0, str(root))  # the user's own module, as their serving code would import it
     try:
-        import mymodel  # the user's own module, as their serving code would import it
+        import trainguard
 
-        from trainguard.pipeline.model_sign import load_verified_state_dict
-
-        accepted = sorted((root / "work" / "models").glob("cycle-*"))[-1]
-        model = mymodel.TinyDigitNet()
-        model.load_state_dict(load_verified_state_dict(accepted, root / "keys" / "model.pub"))
-        assert model(np_tensor(np.zeros((3, 1, 8, 8)))).shape == (3, 10)
+        champion = trainguard.load_model(project.name, key=root / "keys" / "model.pub")
+        predictions = champion.predict(project.example())
+        assert tuple(predictions.columns) == project.predicted and len(predictions) == 3
+        assert np.isfinite(predictions.to_numpy(np.float64)).all()
     finally:
         sys.path.remove(str(root))
         sys.modules.pop("mymodel", None)
-
-
-def np_tensor(array: np.ndarray):  # a torch tensor, imported late like the user's code
-    import torch
-
-    return torch.as_tensor(array, dtype=torch.float32)

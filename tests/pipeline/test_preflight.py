@@ -60,7 +60,45 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     sign_trusted(data, keys)
     sign_contributions(data, keys, contributed)
     (root / "brokenmodels.py").write_text(REGRESSION_MODEL)
+    _sign_real_targets(data, keys)
     return root
+
+
+def _sign_real_targets(data: Path, keys: Path) -> None:
+    """The held-out rows with real-valued targets (label / 9), signed by the curator as `realheld/`: data for a
+    regression task, or for a classification config that does not fit it."""
+    import numpy as np
+    import pandas as pd
+
+    from trainguard.provenance.keys import load_signing_key
+    from trainguard.provenance.signing import sign_dataset, write_manifest
+
+    frame = pd.read_parquet(data / "trusted" / "holdout.parquet")
+    (data / "realheld").mkdir()
+    frame.assign(label=(frame["label"] / 9).astype(np.float32)).to_parquet(data / "realheld" / "holdout.parquet")
+    envelope, _ = sign_dataset(
+        data / "realheld",
+        load_signing_key(keys / "curator.key"),
+        dataset="digits-trusted",
+        source="curator",
+        roles={"holdout.*": "holdout"},
+    )
+    write_manifest(envelope, data / "realheld.manifest.json")
+
+
+REAL_HOLDOUT = {
+    ("dataset", "holdout"): {
+        "manifest": "demo-work/data/realheld.manifest.json",
+        "dataset": "digits-trusted",
+        "data_dir": "demo-work/data/realheld",
+    }
+}
+REGRESSION = {
+    **REAL_HOLDOUT,
+    ("task",): "regression",
+    ("validation", "labels"): [],
+    ("validation", "targets"): {"min": 0.0, "max": 1.0},
+}
 
 
 def _config(project: Path, change: dict[tuple[str, ...], Any]) -> Path:
@@ -102,6 +140,32 @@ MISTAKES = {
         1,
         "brokenmodels.NoValidation has no validation_step",
     ),
+    "a classification config on real-valued targets": (
+        REAL_HOLDOUT,
+        1,
+        "task: the held-out targets do not fit: classification task: targets must be integer class labels",
+    ),
+    "a regression model with the wrong output width": (
+        {**REGRESSION, ("model",): {"class_path": "digits_demo.models.DigitsClassifier"}},
+        1,
+        "returns (2, 10) for inputs shaped (2, 64); the defenses' regression loss needs outputs shaped like its "
+        "targets (2,)",
+    ),
+    "regression targets of another shape than declared": (
+        {**REGRESSION, ("validation", "targets"): {"shape": [3]}, ("model",): {"class_path": "brokenmodels.Regressor"}},
+        1,
+        "validation.targets.shape: the held-out targets are [] per sample, not [3]",
+    ),
+    "a multilabel task without its targets' schema": (
+        {("task",): "multilabel", ("validation", "labels"): []},
+        2,
+        "validation.targets: a multilabel task needs its targets' shape and range",
+    ),
+    "a multilabel model on scalar targets": (
+        {**REGRESSION, ("task",): "multilabel", ("validation", "targets"): {"shape": [1], "min": 0, "max": 1}},
+        1,
+        "validation.targets.shape: the held-out targets are [] per sample, not [1]",
+    ),
     "an untrusted manifest signer": (
         {("dataset", "holdout", "trust"): "demo-work/keys/owner.pub"},
         1,
@@ -133,6 +197,15 @@ def test_check_passes_a_good_config_naming_every_check(project: Path) -> None:
     checks = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("ok ")]
     assert checks == ["config", "files", "keys", "keys", "manifests", "model"]
     assert done.stderr == ""
+    assert not (project / "demo-work" / "cycle").exists()
+
+
+def test_check_passes_a_regression_config_with_real_targets(project: Path) -> None:
+    """A regression model (one output) on real-valued targets passes the model check under the regression loss."""
+    config = _config(project, {**REGRESSION, ("model",): {"class_path": "brokenmodels.Regressor"}})
+    done = _run(project, "check", str(config))
+    assert done.returncode == 0, done.stderr
+    assert "ok  model" in done.stdout and "regression loss and input gradient ok" in done.stdout
     assert not (project / "demo-work" / "cycle").exists()
 
 

@@ -235,7 +235,9 @@ def released(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> It
         sign_trusted(data, keys)
         sign_contributions(data, keys, contributed)
         document = yaml.safe_load(DIGITS.read_text())
-        document["training"].update(max_epochs=2, bootstrap_epochs=20)
+        document["project"] = str(DIGITS.parent.parent / "examples")
+        document["training"].update(bootstrap_epochs=20)
+        document["trainer"]["init_args"].update(max_epochs=2)
         document["robust_eval"].update(subset_size=64, steps=2)
         document["gate"].update(min_robust_accuracy=0.0, min_clean_accuracy=0.5)
         document["tracking"] = {"experiment_name": experiment, "registered_model_name": experiment}
@@ -371,8 +373,10 @@ def test_a_failed_cycle_run_gets_its_own_name_and_status(released: Released, mlf
     shutil.copytree(released.root / "configs", root / "configs")
     shutil.copytree(released.root / "demo-work" / "data", root / "demo-work" / "data")
     shutil.copytree(released.root / "demo-work" / "keys", root / "demo-work" / "keys")
-    keys = root / "demo-work" / "keys"
-    shutil.copy(keys / "curator.pub", keys / "owner.pub")  # the owner's manifest no longer verifies
+    trusted = sorted((root / "demo-work" / "data" / "trusted").rglob("*.parquet"))[0]
+    tampered = bytearray(trusted.read_bytes())
+    tampered[len(tampered) // 2] ^= 0xFF  # passes the up-front checks (signatures), stops the cycle's verification
+    trusted.write_bytes(bytes(tampered))
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
         with pytest.raises(CycleAbortedError):
@@ -383,5 +387,5 @@ def test_a_failed_cycle_run_gets_its_own_name_and_status(released: Released, mlf
     (failed,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert failed.info.run_name == "digits-cycle-1-failed" and failed.info.status == "FAILED"
     (stage,) = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == failed.info.run_id]
-    assert stage.info.run_name == "verification" and "untrusted" in stage.data.tags["trainguard.reason"]
+    assert stage.info.run_name == "verification" and trusted.name in stage.data.tags["trainguard.reason"]
     assert failed.data.tags["trainguard.reason"] == stage.data.tags["trainguard.reason"]

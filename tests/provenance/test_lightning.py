@@ -211,3 +211,21 @@ def test_a_rank_part_sampler_pads_its_part_to_the_common_length() -> None:
     assert len(indices) == len(sampler) == 12 and set(indices) == set(range(5))
     sampler.set_epoch(1)
     assert list(sampler) != indices
+
+
+def test_table_targets_keep_their_type_integer_labels_real_values_or_several_columns() -> None:
+    """Integer labels stay int64 (classification), a real target column stays float32 (regression), several target
+    columns give (N, k) float32 targets (multi-output regression, multi-label 0/1), never features."""
+    import pandas as pd
+
+    from trainguard.provenance.dataset import table_samples
+
+    frame = pd.DataFrame({"a": [0.1, 0.2], "b": [0.3, 0.4], "label": [1, 0], "price": [2.5, 3.0], "cat": [1, 0]})
+    labels = table_samples("t", frame, ["a", "b"], "label")
+    assert labels.targets.dtype == np.int64 and labels.inputs.shape == (2, 2)
+    real = table_samples("t", frame[["a", "b", "price"]], None, "price")
+    assert real.targets.dtype == np.float32 and real.inputs.shape == (2, 2)
+    several = table_samples("t", frame[["a", "b", "price", "cat"]], None, ("price", "cat"))
+    assert several.targets.shape == (2, 2) and several.targets.dtype == np.float32 and several.inputs.shape == (2, 2)
+    with pytest.raises(ShardError, match=r"no target columns \['dog'\]"):
+        table_samples("t", frame, None, ("price", "dog"))
