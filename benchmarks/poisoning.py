@@ -1,9 +1,10 @@
-"""Poisoning scenarios against RONI screening on scikit-learn digits: per-shard and per-source TPR, clean-shard FPR
-with a bootstrap interval, and backdoor attack success after screening, over many seeds.
+"""Poisoning scenarios against RONI screening alone and beside the cycle's row-level detectors, on scikit-learn
+digits: per-shard and per-source TPR, clean-shard FPR with a bootstrap interval, and backdoor attack success after
+screening, over many seeds.
 
 Per seed the digits are shuffled and split: 250 rows fit the current model (the MLP 64-64-10), 250 are the held-out
 set impacts are measured on, 400 the trusted pool calibration draws come from, and 897 the pool contributions come
-from. Every scenario offers 8 clean sources of 2 shards of 50 rows (rows drawn from the pool, distinct inside a
+from. Every scenario offers 24 clean sources of 2 shards of 50 rows (rows drawn from the pool, distinct inside a
 source; two sources may share rows) plus its attacker:
 
 - clean: nothing else; flip-10% / flip-20%: 2 sources of 2 shards with 10% / 20% of labels flipped to another class;
@@ -14,10 +15,18 @@ source; two sources may share rows) plus its attacker:
   large source clean: the same source, unflipped (a clean big source must pass: size-matched calibration).
 
 A source counts as caught when none of its poisoned shards is accepted. FPR counts the clean sources' shards; its
-interval is a bootstrap over seeds (shards of one seed share a model and calibration). Attack success: an MLP trained
-on the model's rows plus what was accepted, on patched held-out images of other classes, the share predicted 0.
-All scenarios of a seed share one calibration (one per candidate size). `DETECTORS` maps a column name to a
-function judging the same shards (True = rejected); RONI is the only one here.
+interval is a bootstrap over seeds (shards of one seed share a model and calibration). A seed's FPR moves in steps of
+one source (2 of 48 shards, 0.042): with 8 clean sources a single false source was 0.125, so "no seed above 0.10"
+failed at any level as soon as one seed in a few dozen had one. Attack success: an MLP trained on the model's rows
+plus what survived (shards not rejected, less their quarantined rows), on patched held-out images of other classes,
+the share predicted 0; "rows left out" is the share of poisoned rows, and of the clean sources' rows, not trained on.
+All scenarios of a seed share one calibration (one per candidate size).
+
+`DETECTORS` maps a column name to a judge of the same shards: RONI alone, and RONI beside the cycle's detection stage
+(`pipeline.detection`: the incoming model's penultimate features and probabilities, every held-out row as the clean
+reference, the default `detectors:` config) under each of its actions: `reject-source` (a flagged source loses every
+shard) and `quarantine-rows` (flagged rows are left out of training). In both, RONI's source test combines the
+label-issue detector's p-value of the source with its shard tests (`pipeline.detection.roni_evidence`).
 
     .venv/bin/python benchmarks/poisoning.py            # 20 seeds
     .venv/bin/python benchmarks/poisoning.py --quick    # 3 seeds, fewer draws (a smoke run)
@@ -28,7 +37,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,12 +46,16 @@ from digits_demo.digits import load_digits_split
 from torch import nn
 from torch.nn import functional as F
 
+from trainguard.defenses.detectors import REFERENCE, Detections, detect
 from trainguard.defenses.heldout import LabeledData
 from trainguard.defenses.roni import Calibration, Candidate, ScreeningConfig, screen_candidates
+from trainguard.pipeline.config import DetectorsSection
+from trainguard.pipeline.detection import detection_config, model_view, roni_evidence
 
 SHARD = 50
 TARGET = 0  # the backdoor's target class
 BACKDOOR_ROWS = 60
+CLEAN_SOURCES = 24  # of 2 shards: 48 clean shards per seed, so one falsely flagged source is 0.042 of a seed's FPR
 
 
 def mlp() -> nn.Module:
@@ -115,24 +128,43 @@ class World:
 
 @dataclass
 class Offer:
-    """A scenario's shards, which of them carry poison, and which sources are the attacker's."""
+    """A scenario's shards, which of their rows carry poison, and which sources are the attacker's; `found` and
+    `screened` keep the detectors' findings and RONI's verdict with their evidence, which both combined columns use."""
 
     candidates: list[Candidate] = field(default_factory=list)
-    poisoned: list[bool] = field(default_factory=list)
+    bad_rows: list[np.ndarray] = field(default_factory=list)
     attackers: set[str] = field(default_factory=set)
+    found: Detections | None = None
+    screened: Verdict | None = None
 
-    def add(self, name: str, source: str, data: LabeledData, poisoned: bool, attacker: bool) -> None:
+    @property
+    def poisoned(self) -> list[bool]:
+        return [bool(bad.any()) for bad in self.bad_rows]
+
+    def add(self, name: str, source: str, data: LabeledData, bad: np.ndarray, attacker: bool) -> None:
         self.candidates.append(Candidate(name, source, data))
-        self.poisoned.append(poisoned)
+        self.bad_rows.append(np.asarray(bad, dtype=bool))
         if attacker:
             self.attackers.add(source)
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """A judge's decisions on an offer: shards rejected, and rows quarantined (left out of training) per shard."""
+
+    rejected: list[bool]
+    quarantined: list[np.ndarray]
+
+    @classmethod
+    def shards(cls, rejected: list[bool], offer: Offer) -> Verdict:
+        return cls(rejected, [np.zeros(len(c.data), dtype=bool) for c in offer.candidates])
+
+
 def _clean(world: World, rng: np.random.Generator) -> Offer:
     offer = Offer()
-    for s in range(8):
+    for s in range(CLEAN_SOURCES):
         for name, rows in world.source(f"clean{s}", 2, rng):
-            offer.add(name, f"clean{s}", LabeledData(world.x[rows], world.y[rows]), False, False)
+            offer.add(name, f"clean{s}", LabeledData(world.x[rows], world.y[rows]), np.zeros(len(rows), bool), False)
     return offer
 
 
@@ -141,7 +173,8 @@ def _labels(relabel: Callable[[torch.Tensor, np.random.Generator], torch.Tensor]
         offer = _clean(world, rng)
         for s in range(sources):
             for name, rows in world.source(f"bad{s}", shards, rng):
-                offer.add(name, f"bad{s}", LabeledData(world.x[rows], relabel(world.y[rows], rng)), True, True)
+                labels = relabel(world.y[rows], rng)
+                offer.add(name, f"bad{s}", LabeledData(world.x[rows], labels), (labels != world.y[rows]).numpy(), True)
         return offer
 
     return build
@@ -161,7 +194,7 @@ def _backdoor(per_shard: tuple[int, ...], shards: int):
             count = per_shard[i] if i < len(per_shard) else 0
             victims = np.flatnonzero(y.numpy() != TARGET)[:count]
             x[victims], y[victims] = patched(x[victims]), TARGET
-            offer.add(name, "mallory", LabeledData(x, y), count > 0, True)
+            offer.add(name, "mallory", LabeledData(x, y), np.isin(np.arange(len(y)), victims), True)
         return offer
 
     return build
@@ -172,7 +205,7 @@ def _large(rate: float):
         offer = _clean(world, rng)
         for name, rows in world.source("big", 18, rng):
             labels = flipped(world.y[rows], rate, rng) if rate else world.y[rows]
-            offer.add(name, "big", LabeledData(world.x[rows], labels), rate > 0, rate > 0)
+            offer.add(name, "big", LabeledData(world.x[rows], labels), (labels != world.y[rows]).numpy(), rate > 0)
         return offer
 
     return build
@@ -191,22 +224,83 @@ SCENARIOS: dict[str, Callable[[World, np.random.Generator], Offer]] = {
 BACKDOORS = ("backdoor concentrated", "backdoor spread")
 
 
-def roni(world: World, offer: Offer, config: ScreeningConfig) -> list[bool]:
-    """RONI's verdicts (True = rejected); the world keeps the calibration for the seed's next scenario."""
+def screened(
+    world: World, offer: Offer, config: ScreeningConfig, evidence: Mapping[str, tuple[float, ...]] | None = None
+) -> Verdict:
+    """RONI's verdicts (with the detectors' evidence for its source tests, when given); the world keeps the
+    calibration for the seed's next screening."""
     report = screen_candidates(
-        world.model, world.trusted, world.holdout, offer.candidates, config, calibration=world.calibration
+        world.model,
+        world.trusted,
+        world.holdout,
+        offer.candidates,
+        config,
+        calibration=world.calibration,
+        evidence=evidence,
     )
     world.calibration = report.calibration
-    return [not d.accepted for d in report.decisions]
+    return Verdict.shards([not d.accepted for d in report.decisions], offer)
 
 
-# Column name -> judge of a scenario's shards (True = rejected). Row-level detectors plug in here.
-DETECTORS: dict[str, Callable[[World, Offer, ScreeningConfig], list[bool]]] = {"RONI": roni}
+def roni(world: World, offer: Offer, config: ScreeningConfig) -> Verdict:
+    return screened(world, offer, config)
 
 
-def attack_success(world: World, offer: Offer, rejected: list[bool]) -> float:
-    """Share of patched held-out images of other classes that a model trained on what survived predicts TARGET."""
-    kept = [c.data for c, r in zip(offer.candidates, rejected, strict=True) if not r]
+def detections(world: World, offer: Offer) -> Detections:
+    """The cycle's detection stage (`pipeline.detection`, its default config): features and probabilities of the
+    incoming model, every held-out row (the trusted and impact splits) as the clean reference."""
+    reference = [world.trusted.x.numpy(), world.holdout.x.numpy()]
+    pool = [c.data.x.numpy() for c in offer.candidates]
+    (ref_features, features), (ref_probs, probs) = model_view(world.model, [reference, pool], None)
+    labels = np.concatenate([world.trusted.y, world.holdout.y, *(c.data.y for c in offer.candidates)])
+    sources = [REFERENCE] * len(ref_features) + [c.source for c in offer.candidates for _ in range(len(c.data))]
+    return detect(
+        np.concatenate([ref_features, features]),
+        labels,
+        sources,
+        detection_config(DetectorsSection()),
+        pred_probs=np.concatenate([ref_probs, probs]),
+    )
+
+
+def combined(action: str) -> Callable[[World, Offer, ScreeningConfig], Verdict]:
+    """RONI and the detectors as a cycle with `detectors.action` set to `action` runs them: a shard is rejected by
+    RONI (its source tests combining the label-issue evidence) or, with reject-source, because the detectors flag
+    its source; with quarantine-rows the flagged rows are left out."""
+
+    def judge(world: World, offer: Offer, config: ScreeningConfig) -> Verdict:
+        if offer.found is None:
+            offer.found = detections(world, offer)
+            offer.screened = screened(world, offer, config, roni_evidence(offer.found))
+        found, roni_verdict = offer.found, offer.screened
+        if action == "reject-source":
+            flagged = set(found.flagged_sources)
+            rejected = [r or c.source in flagged for r, c in zip(roni_verdict.rejected, offer.candidates, strict=True)]
+            return Verdict.shards(rejected, offer)
+        rows = np.zeros(sum(len(c.data) for c in offer.candidates), dtype=bool)
+        rows[[r - len(world.trusted) - len(world.holdout) for r in found.flagged_rows]] = True
+        return Verdict(roni_verdict.rejected, np.split(rows, np.cumsum([len(c.data) for c in offer.candidates])[:-1]))
+
+    return judge
+
+
+# Column name -> judge of a scenario's shards. RONI alone, then RONI with the cycle's row-level detectors (same
+# features, reference and config as `pipeline.detection`) under each of the detection stage's actions.
+DETECTORS: dict[str, Callable[[World, Offer, ScreeningConfig], Verdict]] = {
+    "RONI": roni,
+    "RONI + detectors (reject-source)": combined("reject-source"),
+    "RONI + detectors (quarantine-rows)": combined("quarantine-rows"),
+}
+
+
+def attack_success(world: World, offer: Offer, verdict: Verdict) -> float:
+    """Share of patched held-out images of other classes that a model trained on the model's rows plus what survived
+    the verdict (shards not rejected, less their quarantined rows) predicts TARGET."""
+    kept = [
+        c.data.take(torch.as_tensor(np.flatnonzero(~quarantined)))
+        for c, rejected, quarantined in zip(offer.candidates, verdict.rejected, verdict.quarantined, strict=True)
+        if not rejected
+    ]
     data = LabeledData(
         torch.cat([world.train.x, *(d.x for d in kept)]), torch.cat([world.train.y, *(d.y for d in kept)])
     )
@@ -226,11 +320,15 @@ class Tally:
     sources: list[int] = field(default_factory=list)
     false: list[int] = field(default_factory=list)
     clean: list[int] = field(default_factory=list)
+    bad_dropped: list[int] = field(default_factory=list)
+    bad_rows: list[int] = field(default_factory=list)
+    clean_dropped: list[int] = field(default_factory=list)
+    clean_rows: list[int] = field(default_factory=list)
     success_before: list[float] = field(default_factory=list)
     success_after: list[float] = field(default_factory=list)
 
-    def add(self, offer: Offer, rejected: list[bool]) -> None:
-        rejected_ = np.array(rejected)
+    def add(self, offer: Offer, verdict: Verdict) -> None:
+        rejected_ = np.array(verdict.rejected)
         poisoned = np.array(offer.poisoned)
         attacker = np.array([c.source in offer.attackers for c in offer.candidates])
         self.caught.append(int(rejected_[poisoned].sum()))
@@ -242,6 +340,13 @@ class Tally:
         self.sources.append(len(offer.attackers))
         self.false.append(int(rejected_[~attacker].sum()))
         self.clean.append(int((~attacker).sum()))
+        dropped = [q | r for q, r in zip(verdict.quarantined, verdict.rejected, strict=True)]
+        bad, kept_out = np.concatenate(offer.bad_rows), np.concatenate(dropped)
+        clean = np.concatenate([np.full(len(q), not a) for q, a in zip(dropped, attacker, strict=True)])
+        self.bad_dropped.append(int(kept_out[bad].sum()))
+        self.bad_rows.append(int(bad.sum()))
+        self.clean_dropped.append(int(kept_out[clean].sum()))
+        self.clean_rows.append(int(clean.sum()))
 
 
 def bootstrap_interval(false: list[int], clean: list[int], rounds: int = 2000) -> tuple[float, float]:
@@ -257,11 +362,16 @@ def _ratio(a: list[int], b: list[int]) -> str:
     return f"{sum(a) / sum(b):.3f} ({sum(a)}/{sum(b)})" if sum(b) else "-"
 
 
+def _share(a: list[int], b: list[int]) -> str:
+    return f"{sum(a) / sum(b):.3f}" if sum(b) else "-"
+
+
 def print_table(name: str, tallies: dict[str, Tally]) -> None:
     print(f"\n{name}")
     header = (
         f"{'scenario':>22} | {'TPR shard':>16} | {'TPR source':>12} | {'FPR clean shard [95% CI]':>32} | "
-        f"{'max seed FPR':>12} | {'attack success no screen -> screened':>36}"
+        f"{'max seed FPR':>12} | {'attack success no screen -> screened':>36} | "
+        f"{'rows left out: poisoned, clean sources':>38}"
     )
     print(header)
     print("-" * len(header))
@@ -276,7 +386,8 @@ def print_table(name: str, tallies: dict[str, Tally]) -> None:
         )
         print(
             f"{scenario:>22} | {_ratio(t.caught, t.poisoned):>16} | {_ratio(t.sources_caught, t.sources):>12} | "
-            f"{fpr:>32} | {seed_max:>12.3f} | {success:>36}"
+            f"{fpr:>32} | {seed_max:>12.3f} | {success:>36} | "
+            f"{_share(t.bad_dropped, t.bad_rows):>18}, {_share(t.clean_dropped, t.clean_rows):>18}"
         )
     everything = Tally()
     for t in tallies.values():
@@ -306,19 +417,22 @@ def main() -> None:
     scenarios = {k: v for k, v in SCENARIOS.items() if args.only is None or k in args.only}
     print(f"torch threads: {torch.get_num_threads()}, cpus: {os.cpu_count()}, load before: {os.getloadavg()}")
     print(f"{seeds} seeds; config: {config}")
+    print(f"detectors (RONI + detectors columns): {detection_config(DetectorsSection())}")
     started = time.perf_counter()
     tallies = {column: {name: Tally() for name in scenarios} for column in DETECTORS}
     for seed in range(seeds):
         world = World.of(seed)
         for index, (name, build) in enumerate(scenarios.items()):
             offer = build(world, np.random.default_rng([seed, index]))
+            unscreened = Verdict.shards([False] * len(offer.candidates), offer)
+            before = attack_success(world, offer, unscreened) if name in BACKDOORS else None
             for column, judge in DETECTORS.items():
-                rejected = judge(world, offer, config)
+                verdict = judge(world, offer, config)
                 tally = tallies[column][name]
-                tally.add(offer, rejected)
-                if name in BACKDOORS:
-                    tally.success_before.append(attack_success(world, offer, [False] * len(rejected)))
-                    tally.success_after.append(attack_success(world, offer, rejected))
+                tally.add(offer, verdict)
+                if before is not None:
+                    tally.success_before.append(before)
+                    tally.success_after.append(attack_success(world, offer, verdict))
         print(f"seed {seed} done at {time.perf_counter() - started:.0f} s", flush=True)
     for column, by_scenario in tallies.items():
         print_table(f"{column}: {seeds} seeds, level {config.level}, {config.error_control}", by_scenario)

@@ -16,10 +16,12 @@ neither the pool's noise nor, once n nears N, the shard's: calibration tighter t
 contributions rejected far more often than the level says.
 
 No dilution: a source's shards are also judged together, by screening their union (size-matched) and by combining
-the p-values of all its shard tests, earlier cycles' included (Fisher or Stouffer); a flagged source loses every
-shard. With `error_control="per-candidate"` (the default) every clean shard is rejected with probability at most
-`level` (its own test and its source's share the budget, Bonferroni); "bh" / "by" control the false discovery
-rate across the cycle's shard and source tests instead.
+the p-values of all its shard tests, earlier cycles' included (Fisher or Stouffer), and of any other test of the
+source's rows this cycle (`evidence`, e.g. the label-issue detector's: flipped labels that each move the model a
+little are many rows the model confidently disagrees with); a flagged source loses every shard. With
+`error_control="per-candidate"` (the default) every clean shard is rejected with probability at most `level` (its
+own test and its source's share the budget, Bonferroni); "bh" / "by" control the false discovery rate across the
+cycle's shard and source tests instead.
 
 The scope is the whole network for small models and, for large ones, the last layer(s) on features computed once
 per row (`defenses.features`). The learning rate is the largest on a grid at which clean calibration copies stay
@@ -187,7 +189,7 @@ class CandidateDecision:
 class SourceDecision:
     """A source judged as a whole: the union of its shards screened size-matched (when it has several this cycle),
     the combination of all its shard p-values (`earlier` of them from previous cycles), and whether it is flagged
-    (then every shard of it is rejected)."""
+    (then every shard of it is rejected). `evidence`: the other tests' p-values that joined the combination."""
 
     source: str
     shards: tuple[str, ...]
@@ -200,6 +202,7 @@ class SourceDecision:
     adjusted_p_value: float
     flagged: bool
     reason: str
+    evidence: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -515,6 +518,7 @@ def screen_candidates(
     config: ScreeningConfig | None = None,
     *,
     history: Mapping[str, Sequence[float]] | None = None,
+    evidence: Mapping[str, Sequence[float]] | None = None,
     calibration: Calibration | None = None,
     task: Task | str | None = None,
     forward: ModuleForward | None = None,
@@ -524,10 +528,12 @@ def screen_candidates(
     `base_data` should be data the current model has not been fitted on (e.g. a trusted calibration split) and
     representative of contributions: clean data the model already fits moves the held-out set less than new clean
     data, which makes the screening stricter. `history` maps a source to its shard p-values of earlier cycles (they
-    join its combined p-value). `calibration`, from an earlier report on the same model, trusted and held-out data,
-    skips the draws it already holds. `task` (default classification) sets the fine-tuning loss and the held-out
-    soft accuracy; `forward(module, batch, x)` reads the model's extra inputs from `LabeledData.batch` (every data
-    set then carries the same extras).
+    join its combined p-value). `evidence` maps a source to p-values of other tests of its rows this cycle (the
+    label-issue detector's, `pipeline.detection`); they join the combination too, which for Fisher's method assumes
+    them independent of the fine-tuning impacts on clean data. `calibration`, from an earlier report on the same
+    model, trusted and held-out data, skips the draws it already holds. `task` (default classification) sets the
+    fine-tuning loss and the held-out soft accuracy; `forward(module, batch, x)` reads the model's extra inputs from
+    `LabeledData.batch` (every data set then carries the same extras).
     """
     config = config or ScreeningConfig()
     task = as_task(task)
@@ -567,7 +573,7 @@ def screen_candidates(
     tests = [_tested(values[i], calibration.matching(len(c.data), config.size_tolerance)) for i, c in enumerate(tried)]
     shard_tests = tests[: len(candidates)]
     union_tests = dict(zip([u.source for u in unions], tests[len(candidates) :], strict=True))
-    sources = _source_evidence(candidates, shard_tests, union_tests, history or {}, config)
+    sources = _source_evidence(candidates, shard_tests, union_tests, history or {}, evidence or {}, config)
     decisions, source_decisions = _decide(candidates, shard_tests, sources, config)
     return ScreeningReport(
         decisions=decisions,
@@ -588,6 +594,7 @@ class _SourceEvidence:
     union: _Tested | None
     combined_p: float
     earlier: int
+    other: tuple[float, ...]
 
     @property
     def p_value(self) -> float:
@@ -601,16 +608,18 @@ def _source_evidence(
     tests: Sequence[_Tested],
     unions: Mapping[str, _Tested],
     history: Mapping[str, Sequence[float]],
+    evidence: Mapping[str, Sequence[float]],
     config: ScreeningConfig,
 ) -> dict[str, _SourceEvidence]:
-    """Sources with more than one test so far (this cycle's shards plus earlier cycles'): a source judged whole."""
+    """Sources with more than one test (this cycle's shards, earlier cycles' and other evidence): judged whole."""
     out = {}
     for source in dict.fromkeys(c.source for c in candidates):
         mine = [i for i, c in enumerate(candidates) if c.source == source]
         earlier = [float(p) for p in history.get(source, ())]
-        if len(mine) + len(earlier) < 2:
+        other = tuple(float(p) for p in evidence.get(source, ()))
+        if len(mine) + len(earlier) + len(other) < 2:
             continue
-        p_values = [*earlier, *(tests[i].p_value for i in mine)]
+        p_values = [*earlier, *(tests[i].p_value for i in mine), *other]
         out[source] = _SourceEvidence(
             source,
             tuple(candidates[i].name for i in mine),
@@ -618,6 +627,7 @@ def _source_evidence(
             unions.get(source),
             combined(p_values, config.combination),
             len(earlier),
+            other,
         )
     return out
 
@@ -682,7 +692,11 @@ def _source_decision(evidence: _SourceEvidence, adjusted: float, config: Screeni
     broken = union is not None and not union.finite
     flagged = broken or adjusted <= config.level
     tested = len(evidence.shards) + evidence.earlier
-    parts = [f"{config.combination} over {tested} shard tests ({evidence.earlier} earlier) p={evidence.combined_p:.3g}"]
+    others = f" and {len(evidence.other)} other tests" if evidence.other else ""
+    parts = [
+        f"{config.combination} over {tested} shard tests ({evidence.earlier} earlier){others} "
+        f"p={evidence.combined_p:.3g}"
+    ]
     if union is not None:
         parts.append(f"union of {evidence.rows} rows p={union.p_value:.3g}")
     verdict = ("flagged", "<=") if flagged else ("not flagged", "above")
@@ -702,4 +716,5 @@ def _source_decision(evidence: _SourceEvidence, adjusted: float, config: Screeni
         adjusted_p_value=adjusted,
         flagged=flagged,
         reason=reason,
+        evidence=evidence.other,
     )

@@ -5,14 +5,16 @@ The pool is every contributed shard that may still be trained on (accepted in ea
 against a source accumulates across its shards and across cycles, and a quarantine is decided afresh each cycle
 with the current model. What the config's action does: `quarantine-rows` names the flagged rows training must skip
 (per shard; the data module drops them after the verified read, and the attestation lists them), `reject-source`
-refuses every shard of a flagged source, `report` changes nothing.
+refuses every shard of a flagged source, `report` changes nothing. Whatever the action, the label-issue detector's
+per-source p-values are `evidence` for RONI's source test (`screen_candidates(evidence=...)`): a source whose flips
+are too few for either test alone can fail their combination.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,12 +35,14 @@ from trainguard.pipeline.tracking import TrackedRun
 @dataclass(frozen=True)
 class DetectionOutcome:
     """The stage's decisions: shards refused (reject-source), rows to skip (quarantine-rows: shard key -> rows in
-    that shard), the report section and its summary metrics."""
+    that shard), the report section and its summary metrics, and per source the p-values RONI's source test
+    combines with its own (`roni_evidence`)."""
 
     rejected: tuple[ShardDecision, ...]
     excluded_rows: Mapping[str, tuple[int, ...]]
     report: dict[str, Any]
     metrics: dict[str, float]
+    evidence: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
 
 
 def detection_config(section: DetectorsSection) -> DetectionConfig:
@@ -49,6 +53,19 @@ def detection_config(section: DetectorsSection) -> DetectionConfig:
         label_issues=LabelIssuesConfig(**section.label_issues),
         alpha=section.alpha,
     )
+
+
+def roni_evidence(detections: Detections) -> dict[str, tuple[float, ...]]:
+    """Each source's label-issue p-value (its flagged share against the reference's), for RONI to combine with its
+    shard tests: flipped labels are what both tests see, each weakly when the flips are few. Spectral signatures and
+    activation clustering stay out: they look for backdoors the incoming model learned, which fine-tuning impacts do
+    not measure, and every added p-value that carries no signal dilutes Fisher's combination."""
+    return {
+        s.source: (s.p_value,)
+        for findings in detections.findings
+        if findings.detector == "label-issues"
+        for s in findings.sources
+    }
 
 
 def model_view(
@@ -117,7 +134,7 @@ def run_detection(
         "quarantined_rows": {k: list(v) for k, v in excluded.items()},
         "rejected": [d.model_dump() for d in rejected],
     }
-    return DetectionOutcome(tuple(rejected), excluded, report, metrics)
+    return DetectionOutcome(tuple(rejected), excluded, report, metrics, roni_evidence(detections))
 
 
 def _table(rows: Sequence[Any], owners: Sequence[tuple[SignedShard, int]], offset: int) -> dict[str, list[Any]]:

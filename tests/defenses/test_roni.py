@@ -17,6 +17,7 @@ from trainguard.defenses.heldout import LabeledData
 from trainguard.defenses.roni import (
     Candidate,
     ScreeningConfig,
+    ScreeningReport,
     bootstrap_draws,
     group_by_source,
     screen_candidates,
@@ -202,6 +203,26 @@ def test_earlier_cycles_evidence_flags_a_source_whose_new_shard_alone_passes(dig
     assert source.earlier == 5 and source.union_p_value is None
     assert source.flagged and not later.decisions[0].accepted
     assert later.decisions[0].reason.startswith("source mallory flagged: combined p-value")
+
+
+def test_a_detectors_evidence_joins_the_source_test_and_flags_what_the_shards_alone_do_not(
+    digits: Split, model: nn.Module
+) -> None:
+    shards, config = _diluted(digits)[:1], ScreeningConfig(**STRICT)
+    alone = screen_candidates(model, digits.trusted, digits.holdout, shards, config)
+    assert alone.decisions[0].accepted and alone.sources == ()  # one shard, slightly harmful: passes
+
+    def screened(p_value: float) -> ScreeningReport:
+        evidence = {"mallory": [p_value]}  # e.g. the label-issue detector's test of the source's rows
+        return screen_candidates(
+            model, digits.trusted, digits.holdout, shards, config, calibration=alone.calibration, evidence=evidence
+        )
+
+    joined = screened(1e-6)  # far more rows flagged than the clean rate
+    (source,) = joined.sources
+    assert source.evidence == (1e-6,) and source.flagged and "and 1 other tests" in source.reason
+    assert all(not d.accepted for d in joined.decisions)
+    assert not screened(1.0).flagged  # evidence of nothing flags nothing
 
 
 def test_fdr_control_rejects_no_more_than_per_candidate_control(digits: Split, model: nn.Module) -> None:

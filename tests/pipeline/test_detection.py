@@ -155,3 +155,25 @@ def test_detector_options_are_checked_when_the_config_loads(tmp_path: Path) -> N
     path.write_text(yaml.safe_dump(document))
     with pytest.raises(ConfigError, match="class label"):
         load_config(path)
+
+
+def test_roni_evidence_is_the_label_issue_p_value_of_each_source_small_for_flips() -> None:
+    from trainguard.defenses.detectors import REFERENCE, DetectionConfig, detect
+    from trainguard.pipeline.detection import roni_evidence
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, 600)
+    probs = np.full((600, 5), 0.02)
+    probs[np.arange(600), labels] = 0.92  # a confident model that agrees with every true label
+    given = labels.copy()
+    flipped = np.arange(500, 530)  # 30 of source "bad"'s 100 rows relabelled
+    given[flipped] = (given[flipped] + 1) % 5
+    sources = [REFERENCE] * 400 + ["good"] * 100 + ["bad"] * 100
+    features = rng.normal(size=(600, 8))
+
+    found = detect(features, given, sources, DetectionConfig(detectors=("label-issues",)), pred_probs=probs)
+    evidence = roni_evidence(found)
+    assert set(evidence) == {"good", "bad"}
+    assert evidence["bad"][0] < 1e-6 < 0.5 < evidence["good"][0]
+    spectral_only = detect(features, given, sources, DetectionConfig(detectors=("spectral",)))
+    assert roni_evidence(spectral_only) == {}  # only the label-issue test speaks to what fine-tuning measures
