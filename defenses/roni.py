@@ -692,7 +692,9 @@ def _source_decision(evidence: _SourceEvidence, adjusted: float, config: Screeni
     broken = union is not None and not union.finite
     flagged = broken or adjusted <= config.level
     tested = len(evidence.shards) + evidence.earlier
-    others = f" and {len(evidence.other)} other tests" if evidence.other else ""
+    others = (
+        f" and {len(evidence.other)} detector p-value{'s' if len(evidence.other) > 1 else ''}" if evidence.other else ""
+    )
     parts = [
         f"{config.combination} over {tested} shard tests ({evidence.earlier} earlier){others} "
         f"p={evidence.combined_p:.3g}"

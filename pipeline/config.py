@@ -220,9 +220,13 @@ class DetectorsSection(_Section):
     """Row-level poisoning detectors (`trainguard.defenses.detectors`) on the incoming model's penultimate features,
     per source, each calibrated on the held-out rows. `action`: drop the flagged rows from training
     (`quarantine-rows`), reject every shard of a flagged source (`reject-source`), or only `report`. `spectral`,
-    `clustering` and `label_issues` are fields of SpectralConfig, ClusteringConfig and LabelIssuesConfig."""
+    `clustering` and `label_issues` are fields of SpectralConfig, ClusteringConfig and LabelIssuesConfig. On by
+    default wherever they apply (a classification model read on its inputs alone): RONI alone misses thinly spread
+    backdoors and a tenth of flipped shards (benchmarks/poisoning.py)."""
 
-    enabled: bool = False
+    enabled: bool | None = Field(
+        default=None, description="None: on for classification without model_forward; true: required, else refused."
+    )
     detectors: Annotated[tuple[Literal["spectral", "clustering", "label-issues"], ...], Field(min_length=1)] = (
         "spectral",
         "clustering",
@@ -469,6 +473,13 @@ class CycleConfig(_Section):
         if self.detectors.enabled and self.model_forward is not None:
             raise ValueError("detectors read the model on its inputs alone; disable them with model_forward")
         return self
+
+    @property
+    def detectors_on(self) -> bool:
+        """Whether the cycle runs the row-level detectors: as the config says, else wherever they apply."""
+        if self.detectors.enabled is not None:
+            return self.detectors.enabled
+        return self.task.kind == "classification" and self.model_forward is None
 
     def forward_hook(self) -> Any:
         """The `model_forward` hook (imported: `load_config` put the project on `sys.path`), else None."""

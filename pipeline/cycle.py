@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -279,9 +279,9 @@ def _run(cycle: RunningCycle, parent: TrackedRun) -> CycleOutcome:
     with parent.stage("screening") as stage, console.stage("screening new shards (detectors, RONI)"):
         candidates = _screen_inputs(cycle, intake, stage)
         model, previous = _incoming_model(cycle, _labeled(intake.trusted, task), intake.holdout_sha256)
-        candidates, excluded_rows = _detect(cycle, model, intake, candidates, stage)
+        candidates, excluded_rows, evidence = _detect(cycle, model, intake, candidates, stage)
         started = time.monotonic()
-        _screen(cycle, model, holdout, candidates, stage)
+        _screen(cycle, model, holdout, candidates, evidence, stage)
         screening_seconds = time.monotonic() - started
 
     allow = _allow_list(cycle, intake)
@@ -498,12 +498,14 @@ def _screen_inputs(cycle: RunningCycle, intake: Intake, stage: TrackedRun) -> li
 
 def _detect(
     cycle: RunningCycle, model: pl.LightningModule, intake: Intake, new: Sequence[SignedShard], stage: TrackedRun
-) -> tuple[list[SignedShard], dict[str, tuple[int, ...]]]:
+) -> tuple[list[SignedShard], dict[str, tuple[int, ...]], Mapping[str, tuple[float, ...]]]:
     """The row-level detectors on every contributed shard still in play (accepted before, or new); returns the new
-    shards left for RONI and the rows to quarantine (`dataset:name` -> rows)."""
+    shards left for RONI, the rows to quarantine (`dataset:name` -> rows) and per source the detectors' p-values
+    RONI's source test combines with its own."""
     section = cycle.config.detectors
-    if not section.enabled:
-        return list(new), {}
+    if not cycle.config.detectors_on:
+        cycle.report["detection"] = {"enabled": False}
+        return list(new), {}, {}
     from trainguard.pipeline.detection import run_detection
 
     before = {d.key for d in cycle.state.current.shards if d.accepted}
@@ -513,7 +515,7 @@ def _detect(
     cycle.report["detection"] = outcome.report
     cycle.step("detection", outcome.metrics)
     refused = {d.key for d in outcome.rejected}
-    return [s for s in new if (s.key, s.sha256) not in refused], dict(outcome.excluded_rows)
+    return [s for s in new if (s.key, s.sha256) not in refused], dict(outcome.excluded_rows), outcome.evidence
 
 
 def _incoming_model(
@@ -538,11 +540,12 @@ def _screen(
     model: pl.LightningModule,
     holdout: LabeledData,
     shards: Sequence[SignedShard],
+    detected: Mapping[str, tuple[float, ...]],
     stage: TrackedRun,
 ) -> None:
-    """RONI on the new shards, per shard and per source (with the sources' evidence from earlier cycles), and the
-    margin check; records every decision and each shard's p-value as its source's evidence. A flagged source loses
-    every shard this cycle, earlier-accepted ones included."""
+    """RONI on the new shards, per shard and per source (with the sources' evidence from earlier cycles and the
+    detectors' p-values of this cycle), and the margin check; records every decision and each shard's p-value as
+    its source's evidence. A flagged source loses every shard this cycle, earlier-accepted ones included."""
     from trainguard.defenses.margin import check_margins
     from trainguard.defenses.report import record_screening
     from trainguard.defenses.roni import Candidate, ScreeningConfig, screen_candidates
@@ -567,6 +570,7 @@ def _screen(
         candidates,
         ScreeningConfig(**options),
         history=history,
+        evidence=detected,
         task=task,
         forward=forward,
     )

@@ -220,7 +220,7 @@ def test_a_detectors_evidence_joins_the_source_test_and_flags_what_the_shards_al
 
     joined = screened(1e-6)  # far more rows flagged than the clean rate
     (source,) = joined.sources
-    assert source.evidence == (1e-6,) and source.flagged and "and 1 other tests" in source.reason
+    assert source.evidence == (1e-6,) and source.flagged and "and 1 detector p-value " in source.reason
     assert all(not d.accepted for d in joined.decisions)
     assert not screened(1.0).flagged  # evidence of nothing flags nothing
 

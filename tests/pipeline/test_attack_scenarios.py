@@ -83,7 +83,7 @@ def released(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config["training"].update(bootstrap_epochs=15)
     config["trainer"]["init_args"].update(max_epochs=2)
     config["robust_eval"].update(subset_size=50, steps=2)
-    config["gate"].update(min_clean_accuracy=0.5, min_robust_accuracy=0.0, max_accuracy_drop=0.2)
+    config["gate"].update(min_clean_accuracy=0.5, min_robust_accuracy=0.0, max_accuracy_drop=0.2, max_class_drop=0.3)
     config["tracking"] = {"experiment_name": "scenarios", "registered_model_name": "scenarios"}
     (project / "cycle.yaml").write_text(yaml.safe_dump(config))
     _ok(_prepare(project, DATA, "--batch", "0", *PREPARE))

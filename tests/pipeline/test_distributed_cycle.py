@@ -42,7 +42,7 @@ def project(tmp_path: Path) -> Path:
     config["training"].update(bootstrap_epochs=15)
     config["trainer"]["init_args"].update(max_epochs=2, strategy="ddp", devices=2, accelerator="cpu")
     config["robust_eval"].update(subset_size=50, steps=2)
-    config["gate"].update(min_clean_accuracy=0.5, min_robust_accuracy=0.0, max_accuracy_drop=0.2)
+    config["gate"].update(min_clean_accuracy=0.5, min_robust_accuracy=0.0, max_accuracy_drop=0.2, max_class_drop=0.3)
     config["tracking"] = {"experiment_name": "distributed", "registered_model_name": "distributed"}
     (tmp_path / "cycle.yaml").write_text(yaml.safe_dump(config))
     return tmp_path
