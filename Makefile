@@ -24,7 +24,7 @@ demo: $(STAMP)
 	PYTHONPATH=examples $(BIN)/python -m digits_demo demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

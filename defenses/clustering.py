@@ -8,6 +8,12 @@ and the smaller cluster is flagged when both of the paper's criteria hold: its r
 into halves of similar size that overlap). On digits a clean class can split off a small, distinct writing style
 too, so trainguard adds a check against the clean reference rows (`max_reference_ratio`, None to drop it): a poison
 cluster holds almost no reference rows, a clean one about its share.
+
+Rows are flagged a cluster at a time, so a source is judged by where its rows fall, not only by how many are
+flagged: per flagged class, a hypergeometric test of the source's rows in the small cluster against the class's
+other candidate rows, combined over classes by Fisher's method (`findings`' concentration p-value). A clean source
+whose rows happen to fill a clean style's cluster is there in proportion to its rows; a backdoor's source is not. A
+source that is a flagged class's only contributor gets no concentration evidence: its rows are still flagged.
 """
 
 from __future__ import annotations
@@ -106,8 +112,35 @@ def detect_clustering(
     is_reference = check_inputs(features, labels, sources, reference)
     scores = np.zeros(len(labels))
     flagged = np.zeros(len(labels), dtype=bool)
+    poisoned = []
     for split in class_splits(features, labels, config):
         ratio = split.reference_ratio(is_reference, np.flatnonzero(labels == split.label))
         scores[split.small] = split.silhouette
-        flagged[split.small] = split.poisoned(config, ratio)
-    return findings("clustering", scores, flagged, labels, sources, is_reference, alpha)
+        if split.poisoned(config, ratio):
+            flagged[split.small] = True
+            poisoned.append(split.label)
+    concentration = concentration_p_values(flagged, labels, sources, is_reference, poisoned)
+    return findings("clustering", scores, flagged, labels, sources, is_reference, alpha, concentration)
+
+
+def concentration_p_values(
+    flagged: np.ndarray, labels: np.ndarray, sources: Sequence[str], is_reference: np.ndarray, classes: Sequence[int]
+) -> dict[str, float]:
+    """Per candidate source, Fisher's combination over the flagged `classes` it has rows in of the hypergeometric
+    P(at least its flagged count) when the class's flagged candidate rows were drawn at random from its candidate
+    rows; 1 for a source with no such class."""
+    from scipy.stats import hypergeom
+
+    from trainguard.defenses.conformal import fisher
+
+    names = np.asarray(sources, dtype=object)
+    per_source: dict[str, list[float]] = {str(s): [] for s in np.unique(names[~is_reference])}
+    for label in classes:
+        members = (labels == label) & ~is_reference
+        total, drawn = int(members.sum()), int((flagged & members).sum())
+        for source in np.unique(names[members]):
+            mine = members & (names == source)
+            rows, hits = int(mine.sum()), int((flagged & mine).sum())
+            p_value = float(hypergeom.sf(hits - 1, total, rows, drawn))
+            per_source[str(source)].append(min(1.0, max(p_value, np.finfo(np.float64).tiny)))
+    return {source: fisher(p) if p else 1.0 for source, p in per_source.items()}

@@ -5,11 +5,16 @@ A source is flagged when its share of flagged rows is significantly above the cl
 detector flags among reference rows known to be clean (the trusted held-out pool): a one-sided binomial test per
 source, then Benjamini-Hochberg across the cycle's sources, so the expected share of clean sources among those
 flagged stays at `alpha`. A detector's own row rule may flag clean rows; the source decision pays for that.
+
+A detector that flags rows together (activation clustering flags whole clusters) breaks the binomial test's
+independence: a clean source holding much of a flagged clean cluster would fail it. Such a detector also gives a
+`concentration` p-value per source (is the source over-represented among the flagged rows, against the other
+candidate sources?), and the source's p-value is the larger of the two: flagged only when both tests reject.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,8 +112,11 @@ def findings(
     sources: Sequence[str],
     is_reference: np.ndarray,
     alpha: float,
+    concentration: Mapping[str, float] | None = None,
 ) -> Findings:
-    """Row findings for the candidate rows and the per-source decisions, from a detector's scores and flags."""
+    """Row findings for the candidate rows and the per-source decisions, from a detector's scores and flags (and,
+    for a detector that flags rows in groups, each source's `concentration` p-value, which bounds its own from
+    below)."""
     from scipy.stats import binomtest, false_discovery_control
 
     names = np.asarray(sources, dtype=object)
@@ -122,6 +130,8 @@ def findings(
     order = sorted({str(names[i]) for i in candidates})
     counts = [(int((names == s).sum()), int((flagged & (names == s)).sum())) for s in order]
     p_values = np.array([binomtest(k, n, clean_rate, alternative="greater").pvalue for n, k in counts])
+    if concentration is not None:
+        p_values = np.maximum(p_values, [concentration.get(s, 1.0) for s in order])
     q_values = false_discovery_control(p_values) if len(p_values) else p_values
     sources_found = tuple(
         SourceFinding(s, n, k, k / n, float(p), float(q), bool(q <= alpha))

@@ -44,11 +44,12 @@ def _integer(text: str) -> int:
 
 
 def _depth(value: Any, level: int = 0) -> None:
+    """Refuses nesting deeper than MAX_DEPTH; descends into containers only (a manifest's leaves far outnumber them)."""
     if level > MAX_DEPTH:
         raise StrictJSONError(f"nested deeper than {MAX_DEPTH} levels")
-    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
-    for child in children:
-        _depth(child, level + 1)
+    for child in value.values() if isinstance(value, dict) else value:
+        if isinstance(child, dict | list):
+            _depth(child, level + 1)
 
 
 def loads(data: bytes | str) -> Any:
@@ -76,5 +77,6 @@ def loads(data: bytes | str) -> Any:
         raise
     except (ValueError, RecursionError) as error:
         raise StrictJSONError(str(error)) from None
-    _depth(document)
+    if isinstance(document, dict | list):
+        _depth(document)
     return document

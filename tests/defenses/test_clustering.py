@@ -47,6 +47,31 @@ def test_a_small_distinct_cluster_is_poison_only_when_the_reference_rows_avoid_i
     assert len(detect_clustering(features, labels, sources, paper_only).flagged_rows) == 32
 
 
+def _shared_cluster(small_blob: dict[str, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One class: 40 reference rows and 300 of `big`, 60 of `other` in the main blob; plus a distinct small blob
+    with no reference row, `small_blob` rows per source."""
+    rng = np.random.default_rng(1)
+    main = ["<reference>"] * 40 + ["big"] * 300 + ["other"] * 60
+    off = [source for source, count in small_blob.items() for _ in range(count)]
+    features = rng.normal(size=(len(main) + len(off), 12))
+    features[len(main) :] += 8.0
+    return features, np.zeros(len(features), dtype=np.int64), np.array(main + off, dtype=object)
+
+
+def test_a_source_filling_a_flagged_cluster_in_proportion_to_its_rows_is_not_flagged() -> None:
+    features, labels, sources = _shared_cluster({"big": 50, "other": 10})
+    found = detect_clustering(features, labels, sources)
+    assert len(found.flagged_rows) == 60  # the rows are still flagged (and quarantined by the cycle)
+    big = next(f for f in found.sources if f.source == "big")
+    assert big.flagged_rows == 50 and not big.flagged and found.flagged_sources == ()
+
+
+def test_a_source_concentrated_in_a_flagged_cluster_is_flagged() -> None:
+    features, labels, sources = _shared_cluster({"mallory": 40, "big": 2})
+    found = detect_clustering(features, labels, sources)
+    assert found.flagged_sources == ("mallory",)
+
+
 def test_ica_reduction_as_in_the_paper_splits_off_the_distinct_cluster_too() -> None:
     features, labels, sources = _two_blobs(reference_in_small=0)
     config = ClusteringConfig(reduction="ica", min_silhouette=0.1)  # whitened components dilute the silhouette
