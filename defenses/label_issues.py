@@ -70,6 +70,8 @@ def detect_label_issues(
         pred_probs = cross_validated_probabilities(features, labels, int(labels.max()) + 1, config)
     if pred_probs.shape[0] != len(labels) or labels.max() >= pred_probs.shape[1] or labels.min() < 0:
         raise DetectionInputError(f"label issues: pred_probs {pred_probs.shape} do not cover {len(labels)} labels")
-    flagged = find_label_issues(labels, pred_probs, filter_by=config.filter_by)
+    # n_jobs=1: cleanlab's worker pool forks this process (torch threads, a tracking client) and, under any start
+    # method but fork, loses the globals it shares with the workers; per class the work is milliseconds anyway.
+    flagged = find_label_issues(labels, pred_probs, filter_by=config.filter_by, n_jobs=1)
     scores = 1.0 - get_label_quality_scores(labels, pred_probs)
     return findings("label-issues", scores, flagged, labels, sources, is_reference, alpha)
