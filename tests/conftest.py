@@ -75,10 +75,23 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture
-def mlflow_uri(mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Points MLFLOW_TRACKING_URI at the session's server for one test."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    return mlflow_server
+def mlflow_uri(mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Points MLflow at the session's server for one test: MLFLOW_TRACKING_URI and MLflow's process-wide URIs
+    (which Lightning's logger and `mlflow.set_tracking_uri` set, and which win over the environment), each put back
+    exactly as it was afterwards, unset included, so no test reads another's server."""
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry
+    from mlflow.tracking._tracking_service import utils as tracking
+
+    earlier = tracking._tracking_uri, registry._registry_uri
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.setenv(name, mlflow_server)  # monkeypatch restores them, whatever set_*_uri did to them
+    mlflow.set_tracking_uri(mlflow_server)
+    mlflow.set_registry_uri(mlflow_server)
+    try:
+        yield mlflow_server
+    finally:
+        tracking._tracking_uri, registry._registry_uri = earlier
 
 
 def _run(cmd: list[str], cwd: Path) -> None:

@@ -404,16 +404,7 @@ def test_a_new_project_signs_checks_runs_two_cycles_and_loads_its_model(
     history = _trainguard(root, "history", "--config", "cycle.yaml")
     assert "cycle 2:" in history
 
-    import mlflow
-    from mlflow.tracking._model_registry import utils as registry
-    from mlflow.tracking._tracking_service import utils as tracking
-
     sys.path.insert(0, str(root))  # the user's own module, as their serving code would import it
-    # MLflow keeps process-wide URIs (Lightning's logger sets them): use the server the cycles registered with,
-    # then put back exactly what was there, unset included, so later tests resolve theirs from the environment.
-    earlier = tracking._tracking_uri, registry._registry_uri, dict(os.environ)
-    mlflow.set_tracking_uri(mlflow_uri)
-    mlflow.set_registry_uri(mlflow_uri)
     try:
         import trainguard
 
@@ -422,11 +413,5 @@ def test_a_new_project_signs_checks_runs_two_cycles_and_loads_its_model(
         assert tuple(predictions.columns) == project.predicted and len(predictions) == 3
         assert np.isfinite(predictions.to_numpy(np.float64)).all()
     finally:
-        tracking._tracking_uri, registry._registry_uri = earlier[0], earlier[1]
-        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-            if name in earlier[2]:
-                os.environ[name] = earlier[2][name]
-            else:
-                os.environ.pop(name, None)
         sys.path.remove(str(root))
         sys.modules.pop("mymodel", None)
