@@ -391,9 +391,11 @@ def _scoped(
             f"{', '.join(holdout.extras)}: set scope='full'"
         )
     split: HeadSplit = split_head(model, config.feature_layer, config.head_layers)
-    pooled = torch.cat([c.data.x for c in candidates])
-    trusted_x, holdout_x, pooled_x = head_features(model, split, [trusted.x, holdout.x, pooled])
-    parts = pooled_x.split([len(c.data) for c in candidates])
+    # One pass over every row in the same batches: cuDNN picks kernels (TF32 among them) per batch shape, and the
+    # calibration draws' features must come out of the same arithmetic as the candidates' to stay exchangeable.
+    everything = torch.cat([trusted.x, holdout.x, *(c.data.x for c in candidates)])
+    (features,) = head_features(model, split, [everything])
+    trusted_x, holdout_x, *parts = features.split([len(trusted), len(holdout), *(len(c.data) for c in candidates)])
     return _Scoped(
         split.head,
         split.entry,
