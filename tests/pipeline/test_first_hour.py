@@ -1,8 +1,8 @@
 """A new user's first hour, scripted through the `trainguard` CLI in a fresh project folder: their own
-LightningModule, their own images sharded and signed, the config checked, two cycles run, the accepted model
-loaded back through its signature. Every command's output must be trainguard's alone: no traceback, no
-third-party chatter. Projects are parametrized, so other tasks (tabular regression, a masked-input model) add a
-`Project` with their model and data."""
+LightningModule, their own images sharded and signed, the config checked, a cycle run (two for the images
+project), the accepted model loaded back through its signature. Every command's output must be trainguard's alone:
+no traceback, no third-party chatter. Projects are parametrized, so other tasks (tabular regression, a
+masked-input model) add a `Project` with their model and data."""
 
 from __future__ import annotations
 
@@ -85,6 +85,7 @@ class Project:
     example: Callable[[], np.ndarray]
     predicted: tuple[str, ...]
     margin_check: bool = True
+    second_cycle: bool = False  # the state across cycles is the same for every task: one project proves it
 
 
 def _image_shard(split: str, out: str, size: int) -> tuple[str, ...]:
@@ -126,6 +127,7 @@ IMAGES = Project(
     shard=_image_shard,
     example=lambda: np.zeros((3, 1, 8, 8), np.float32),
     predicted=("label", "probability"),
+    second_cycle=True,
 )
 
 TABULAR_MODEL = '''
@@ -338,7 +340,7 @@ def _trainguard(project_dir: Path, *args: str, ok: bool = True) -> str:
 
 @pytest.mark.timeout(900)  # a dozen CLI commands and two cycles, each its own process
 @pytest.mark.parametrize("project", [IMAGES, TABULAR, MASKED], ids=lambda p: p.name)
-def test_a_new_project_signs_checks_runs_two_cycles_and_loads_its_model(
+def test_a_new_project_signs_checks_runs_its_cycles_and_loads_its_model(
     tmp_path: Path, project: Project, mlflow_uri: str
 ) -> None:
     root = tmp_path / "myproject"
@@ -394,15 +396,15 @@ def test_a_new_project_signs_checks_runs_two_cycles_and_loads_its_model(
     assert isinstance(margin, list) if project.margin_check else margin.startswith("skipped: "), margin
     assert report["task"]["kind"] == project.config.get("task", {}).get("kind", "classification")
 
-    _trainguard(root, *project.shard("bob", "data/train/bob", 50))
-    _trainguard(root, *sign_train)
-    second = _trainguard(root, "cycle", "--config", "cycle.yaml", ok=False)
-    assert "cycle 2 " in second and "state" in second
-
+    if project.second_cycle:
+        _trainguard(root, *project.shard("bob", "data/train/bob", 50))
+        _trainguard(root, *sign_train)
+        second = _trainguard(root, "cycle", "--config", "cycle.yaml", ok=False)
+        assert "cycle 2 " in second and "state" in second
+        history = _trainguard(root, "history", "--config", "cycle.yaml")
+        assert "cycle 2:" in history
     status = _trainguard(root, "status", "--config", "cycle.yaml")
     assert "work/state.json" in status and "work/models/cycle-0001" in status
-    history = _trainguard(root, "history", "--config", "cycle.yaml")
-    assert "cycle 2:" in history
 
     sys.path.insert(0, str(root))  # the user's own module, as their serving code would import it
     try:
