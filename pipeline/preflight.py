@@ -167,10 +167,30 @@ def _model(config: CycleConfig, verified: dict[str, Any]) -> Passed:
             f"model: no gradient reaches {name}'s input; the attacks need a forward that is differentiable in it",
             check="model",
         )
+    head = (
+        f"; detectors read features at {_detector_features(config, model, x.detach())!r}" if config.detectors_on else ""
+    )
     return Passed(
         "model",
-        f"{name} maps inputs {tuple(x.shape)} to {tuple(output.shape)}; {task.kind} loss and input gradient ok",
+        f"{name} maps inputs {tuple(x.shape)} to {tuple(output.shape)}; {task.kind} loss and input gradient ok{head}",
     )
+
+
+def _detector_features(config: CycleConfig, model: Any, x: Any) -> str:
+    """The module whose input the detectors read as the model's features (`detectors.feature_layer`, else the last
+    Linear layer): the head from there must give the model's own output, or screening would fail mid-cycle."""
+    from trainguard.defenses.errors import ScreeningInputError
+    from trainguard.defenses.features import head_features, split_head
+
+    try:
+        split = split_head(model, config.detectors.feature_layer)
+        head_features(model, split, [x])
+    except ScreeningInputError as error:
+        raise PreflightError(
+            f"detectors: {str(error).removeprefix('head-scope screening: ')} (or set detectors.enabled: false)",
+            check="model",
+        ) from None
+    return split.entry
 
 
 def _has_validation_step(model: Any, name: str) -> None:

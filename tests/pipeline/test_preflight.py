@@ -37,6 +37,11 @@ class NoValidation(DigitsClassifier):
     validation_step = pl.LightningModule.validation_step
 
 
+class Tempered(DigitsClassifier):
+    def forward(self, x):
+        return super().forward(x) / 2.0  # after its last Linear layer: the detectors' head is not the whole tail
+
+
 class WrongWidth(DigitsClassifier):
     def __init__(self):
         super().__init__()
@@ -139,6 +144,11 @@ MISTAKES = {
         {("model",): {"class_path": "brokenmodels.NoValidation"}},
         1,
         "brokenmodels.NoValidation has no validation_step",
+    ),
+    "a model whose forward goes on after its last Linear layer": (
+        {("model",): {"class_path": "brokenmodels.Tempered"}},
+        1,
+        "detectors: the model's output is not the head from 'net.head.3' applied to that module's input",
     ),
     "a classification config on real-valued targets": (
         REAL_HOLDOUT,
