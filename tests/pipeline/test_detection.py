@@ -111,6 +111,23 @@ def test_a_flagged_source_is_rejected_shard_by_shard(poisoned_workdir: tuple[Pat
     assert not any("dave" in entry["name"] for entry in report["allow_list"])
 
 
+def test_each_sources_label_issue_p_value_joins_ronis_source_test(
+    poisoned_workdir: tuple[Path, dict[str, set[int]]], mlflow_uri: str
+) -> None:
+    workdir, _ = poisoned_workdir
+    path = _config(workdir, "detect-evidence", "report")
+    config = yaml.safe_load(path.read_text())
+    config["roni"]["enabled"] = True
+    path.write_text(yaml.safe_dump(config))
+    report = json.loads(run_cycle(path).report.read_text())
+    label_issues = {s["source"]: s["p_value"] for s in report["detection"]["detectors"]["label-issues"]["sources"]}
+    judged = {s["source"]: s for s in report["roni"]["sources"]}
+    assert set(judged) == set(label_issues)
+    for name, source in judged.items():
+        assert source["evidence"] == [label_issues[name]] and "detector p-value" in source["reason"], name
+    assert "dave" in report["roni"]["flagged_sources"]
+
+
 def test_the_data_module_never_serves_quarantined_rows_yet_reads_the_shard_whole(
     poisoned_workdir: tuple[Path, dict[str, set[int]]],
 ) -> None:
