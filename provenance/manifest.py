@@ -33,7 +33,8 @@ _RFC3339 = re.compile(
 
 @dataclass(frozen=True)
 class ShardEntry:
-    """One signed shard. `chunks` are SHA-256 digests of consecutive `chunk_size` pieces (large shards only)."""
+    """One signed shard. `chunks` are SHA-256 digests of consecutive `chunk_size` pieces (large shards only);
+    `blake3`, when signed, is a second whole-file digest that verification may check instead of `sha256`."""
 
     name: str
     sha256: str
@@ -42,6 +43,7 @@ class ShardEntry:
     role: str
     records: int | None = None
     chunks: tuple[str, ...] = ()
+    blake3: str | None = None
 
     def chunk_count(self, chunk_size: int) -> int:
         return math.ceil(self.size / chunk_size)
@@ -113,7 +115,8 @@ def shard_documents(shards: Iterable[ShardEntry]) -> tuple[list[dict[str, Any]],
         }
         if shard.chunks:
             entry["chunks"] = list(shard.chunks)
-        subjects.append({"name": shard.name, "digest": {"sha256": shard.sha256}})
+        digest = {"sha256": shard.sha256} if shard.blake3 is None else {"sha256": shard.sha256, "blake3": shard.blake3}
+        subjects.append({"name": shard.name, "digest": digest})
         described.append(entry)
     return subjects, described
 
@@ -197,34 +200,46 @@ def is_simple_name(text: object) -> bool:
 
 
 def _shard(subject: object, facts: object, index: int, chunk_size: int) -> ShardEntry:
-    where = f"subject[{index}]"
-    subject_map, facts_map = _mapping(subject, where), _mapping(facts, f"predicate.shards[{index}]")
-    name = _str(subject_map.get("name"), f"{where}.name")
-    digest = _mapping(subject_map.get("digest"), f"{where}.digest").get("sha256")
-    if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
-        raise MalformedError(f"{where} ({name!r}) has no lowercase hex sha256 digest")
+    """One entry; the common case runs without building any message (a manifest may hold millions of them)."""
+    subject_map = _mapping(subject, f"subject[{index}]") if type(subject) is not dict else subject
+    facts_map = _mapping(facts, f"predicate.shards[{index}]") if type(facts) is not dict else facts
+    name = subject_map.get("name")
+    if type(name) is not str:
+        raise MalformedError(f"subject[{index}].name is not a string")
+    digests = subject_map.get("digest")
+    if type(digests) is not dict:
+        raise MalformedError(f"subject[{index}].digest is not a JSON object")
+    digest, blake3 = digests.get("sha256"), digests.get("blake3")
+    if type(digest) is not str or not _HEX64.fullmatch(digest):
+        raise MalformedError(f"subject[{index}] ({name!r}) has no lowercase hex sha256 digest")
+    if blake3 is not None and not (type(blake3) is str and _HEX64.fullmatch(blake3)):
+        raise MalformedError(f"subject[{index}] ({name!r}) has a blake3 digest that is not 64 lowercase hex characters")
     if facts_map.get("name") != name:
         raise MalformedError(f"predicate.shards[{index}] names {facts_map.get('name')!r}, subject names {name!r}")
-    where = f"shard {name!r}"
-    size = _int(facts_map.get("size"), f"{where} size", minimum=0)
-    records = facts_map.get("records")
-    if records is not None:
-        records = _int(records, f"{where} records", minimum=0)
-    source = facts_map.get("source")
-    if not isinstance(source, str) or not _SOURCE.fullmatch(source):
-        raise MalformedError(f"{where} source {source!r} is not a simple id")
-    role = facts_map.get("role")
+    size, records = facts_map.get("size"), facts_map.get("records")
+    if type(size) is not int or size < 0:
+        size = _int(size, f"shard {name!r} size", minimum=0)
+    if records is not None and (type(records) is not int or records < 0):
+        records = _int(records, f"shard {name!r} records", minimum=0)
+    source, role = facts_map.get("source"), facts_map.get("role")
+    if type(source) is not str or not _SOURCE.fullmatch(source):
+        raise MalformedError(f"shard {name!r} source {source!r} is not a simple id")
     if role not in ROLES:
-        raise MalformedError(f"{where} role {role!r} is not one of {', '.join(ROLES)}")
-    chunks = tuple(_list(facts_map.get("chunks", []), f"{where} chunks"))
-    if chunks:
-        if len(chunks) != math.ceil(size / chunk_size):
-            raise MalformedError(
-                f"{where} has {len(chunks)} chunk digests for {size} bytes in {chunk_size}-byte chunks"
-            )
-        if not all(isinstance(c, str) and _HEX64.fullmatch(c) for c in chunks):
-            raise MalformedError(f"{where} has a chunk digest that is not lowercase hex sha256")
-    return ShardEntry(name, digest, size, source, str(role), records, chunks)
+        raise MalformedError(f"shard {name!r} role {role!r} is not one of {', '.join(ROLES)}")
+    chunks = _chunks(name, facts_map["chunks"], size, chunk_size) if "chunks" in facts_map else ()
+    return ShardEntry(name, digest, size, source, str(role), records, chunks, blake3)
+
+
+def _chunks(name: str, chunks: object, size: int, chunk_size: int) -> tuple[str, ...]:
+    where = f"shard {name!r}"
+    listed = tuple(_list(chunks, f"{where} chunks"))
+    if not listed:
+        return ()
+    if len(listed) != math.ceil(size / chunk_size):
+        raise MalformedError(f"{where} has {len(listed)} chunk digests for {size} bytes in {chunk_size}-byte chunks")
+    if not all(isinstance(c, str) and _HEX64.fullmatch(c) for c in listed):
+        raise MalformedError(f"{where} has a chunk digest that is not lowercase hex sha256")
+    return listed
 
 
 def _mapping(value: object, what: str) -> Mapping[str, Any]:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_PLAIN = re.compile(r"(?:[A-Za-z0-9_-][A-Za-z0-9_.-]*/)*[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+"""Names safe at a glance: segments of letters, digits, `_.-` that never start with a dot (so never `.` or `..`)."""
 
 
 def printable(text: str) -> str:
@@ -21,6 +23,8 @@ def printable(text: str) -> str:
 
 def name_problem(name: str) -> str | None:
     """Why `name` is not a safe shard name (a short phrase), or None when it is safe."""
+    if _PLAIN.fullmatch(name):
+        return None
     if not name:
         return "empty name"
     if _SURROGATE.search(name):
@@ -65,8 +69,7 @@ def walk_entries(root: Path, skip: Collection[Path] = ()) -> Iterator[tuple[str,
     """(relative POSIX name, kind) of every entry under `root`, not following symlinks; kind: file, symlink, other.
 
     Kinds come from the directory listing itself (no stat per entry where the file system reports types)."""
-    top = os.path.abspath(root)
-    skipped = {os.path.relpath(os.path.abspath(p), top) for p in skip}
+    skipped = skipped_names(root, skip)
     stack = [(os.fspath(root), "")]
     while stack:
         folder, prefix = stack.pop()
@@ -81,6 +84,18 @@ def walk_entries(root: Path, skip: Collection[Path] = ()) -> Iterator[tuple[str,
                 stack.append((entry.path, name + "/"))
             else:
                 yield name, kind
+
+
+def skipped_names(root: Path, skip: Collection[Path]) -> set[str]:
+    """The names under `root` (as `walk_entries` gives them) of the paths in `skip`."""
+    top = os.path.abspath(root)
+    return {os.path.relpath(os.path.abspath(p), top) for p in skip}
+
+
+def reached(names: Iterable[str], skipped: Collection[str]) -> list[str]:
+    """The `names` a walk that skips the names `skipped` (files, or folders with all below them) reaches."""
+    below = tuple(folder + "/" for folder in skipped)
+    return [name for name in names if name not in skipped and not name.startswith(below)]
 
 
 def folder_entries(root: Path, names: Iterable[str]) -> Iterator[tuple[str, str]]:

@@ -90,8 +90,11 @@ class KeySet:
             return UnauthorizedDatasetError(
                 f"key set {self.label} may not sign dataset {dataset!r} (granted: {', '.join(self.datasets)})"
             )
+        granted_sources: dict[str, bool] = {}  # a million shards name a handful of sources
         for who, shard, source, role in claims:
-            if source is not None and not _matches(source, self.sources):
+            if source is not None and source not in granted_sources:
+                granted_sources[source] = _matches(source, self.sources)
+            if source is not None and not granted_sources[source]:
                 return UnauthorizedSourceError(
                     f"{who} source {source!r}, which key set {self.label} may not attribute "
                     f"(granted: {', '.join(self.sources)})",

@@ -18,7 +18,7 @@ from trainguard.files import atomic_write, read_regular
 from trainguard.provenance.bins import sign_binned, statement_header, uses_bins, write_binned
 from trainguard.provenance.dsse import Envelope, add_signature, sign_envelope
 from trainguard.provenance.errors import DataDirError, MalformedError, ProvenanceError
-from trainguard.provenance.hashing import FileDigest, ProgressCallback, digest_files
+from trainguard.provenance.hashing import FileDigest, ProgressCallback, Whole, digest_files
 from trainguard.provenance.keys import SigningKey
 from trainguard.provenance.manifest import (
     DEFAULT_CHUNK_SIZE,
@@ -35,6 +35,8 @@ from trainguard.provenance.verify import read_envelope
 
 _DURATION = re.compile(r"(\d+)([mhdw])")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+SIGNED_WHOLE: tuple[Whole, ...] = ("sha256", "blake3")
+"""Every shard is signed with both whole-file digests: SHA-256 names it everywhere, BLAKE3 makes verifying it fast."""
 
 
 def parse_expiry(text: str, now: datetime) -> datetime:
@@ -143,7 +145,9 @@ def build_manifest(
         raise DataDirError(f"data dir {data_dir} holds no files to sign", path=str(data_dir))
     sizes = {relative: os.lstat(path).st_size for relative, path in files.items()}
     md5 = dvc_md5 is not None
-    digests = digest_files(files, workers=workers, chunk_size=chunk_size, md5=md5, on_bytes=on_bytes, sizes=sizes)
+    digests = digest_files(
+        files, workers=workers, chunk_size=chunk_size, md5=md5, on_bytes=on_bytes, sizes=sizes, whole=SIGNED_WHOLE
+    )
     shards = []
     for relative in sorted(files):
         digest = digests[relative]
@@ -177,7 +181,10 @@ def _entry(
     if shard_role not in ROLES:
         raise MalformedError(f"shard {relative}: role {shard_role!r} is not one of {', '.join(ROLES)}")
     chunks = digest.chunks if digest.size > chunk_size else ()
-    return ShardEntry(relative, digest.sha256, digest.size, shard_source, shard_role, record_count(path), chunks)
+    assert digest.sha256 is not None and digest.blake3 is not None  # SIGNED_WHOLE asks for both
+    return ShardEntry(
+        relative, digest.sha256, digest.size, shard_source, shard_role, record_count(path), chunks, digest.blake3
+    )
 
 
 def _cross_check(relative: str, digest: FileDigest, dvc_md5: Mapping[str, str]) -> None:

@@ -1,5 +1,6 @@
 """Verifying a signed dataset: envelope signatures against a trust policy, payload type, expiry, rollback, then
-every shard (path safety, type, size, SHA-256) and every unlisted file. The report names each failure and its reason.
+every shard (path safety, type, size, BLAKE3 or SHA-256) and every unlisted file. The report names each failure and
+its reason.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from trainguard.files import read_regular
+from trainguard.provenance.ahead import AHEAD, HashAhead
 from trainguard.provenance.bins import (
     BinnedIndex,
     BinShare,
@@ -38,7 +40,15 @@ from trainguard.provenance.errors import (
     VerificationFailed,
     WrongDatasetError,
 )
-from trainguard.provenance.hashing import FileDigest, FileSize, HashJob, HashOutcome, ProgressCallback, digest_jobs
+from trainguard.provenance.hashing import (
+    FileDigest,
+    FileSize,
+    HashJob,
+    HashOutcome,
+    ProgressCallback,
+    Whole,
+    digest_jobs,
+)
 from trainguard.provenance.manifest import PAYLOAD_TYPE, Manifest, ShardEntry, parse_statement, rfc3339
 from trainguard.provenance.paths import entry_problem, folder_entries, name_problem, printable, walk_entries
 from trainguard.provenance.policy import KeySet, TrustPolicy, granted, granted_claims, load_trust
@@ -230,9 +240,12 @@ def verify_dataset(
     record: bool = True,
     dvc: bool = False,
     share: tuple[int, int] | None = None,
+    ahead: HashAhead | None = None,
 ) -> VerificationReport:
     """Every check on a manifest and its data dir; failed checks go into the report, unusable input raises.
     `share=(rank, world)` checks only that rank's bins of a binned manifest (and only unlisted files of those bins).
+    `ahead`: a child process walking and hashing the data dir, started by a single-threaded caller (the CLI) before
+    it imported and read what this needs (`provenance.ahead`); it is stopped, or used, here.
 
     `dataset` is the name the manifest must carry. When everything passes and `record` is set, the manifest's
     version is recorded in a file-backed RollbackState (in-memory records are only checked: their owner records).
@@ -241,9 +254,15 @@ def verify_dataset(
     path = Path(path)
     rollback = _state(state)
     folder = Path(data_dir) if data_dir is not None else path.parent
+    skip = [rollback.path, rollback.path.with_name(rollback.path.name + ".lock")]
+    skip = skip if isinstance(rollback, RollbackState) else []
     try:
         verified = open_manifest(path, trust, dataset=dataset, data_dir=folder, state=rollback, now=now, share=share)
-    except MANIFEST_LEVEL as error:
+    except BaseException as error:
+        if ahead is not None:
+            ahead.close()
+        if not isinstance(error, MANIFEST_LEVEL):
+            raise
         data, _ = read_envelope(path)
         failure = ShardFailure(None, error.reason, str(error).removeprefix(f"{path}: "))
         return VerificationReport(
@@ -253,16 +272,20 @@ def verify_dataset(
             failures=(failure,),
             seconds=time.perf_counter() - started,
         )
-    skip = [rollback.path, rollback.path.with_name(rollback.path.name + ".lock")]
-    report = verify_shards(
-        verified,
-        allow_extra=allow_extra,
-        workers=workers,
-        on_bytes=on_bytes,
-        dvc=dvc,
-        skip=skip if isinstance(rollback, RollbackState) else [],
-        started=started,
-    )
+    try:
+        report = verify_shards(
+            verified,
+            allow_extra=allow_extra,
+            workers=workers,
+            on_bytes=on_bytes,
+            dvc=dvc,
+            skip=skip,
+            started=started,
+            ahead=ahead if share is None and not allow_extra and not dvc else None,
+        )
+    finally:
+        if ahead is not None:
+            ahead.close()
     if report.ok and record and isinstance(rollback, RollbackState):
         rollback.record(verified.rollback_key, verified.manifest.version, verified.statement_sha256)
     return report
@@ -277,9 +300,11 @@ def verify_shards(
     dvc: bool = False,
     skip: Sequence[Path] = (),
     started: float | None = None,
+    ahead: HashAhead | None = None,
 ) -> VerificationReport:
     """Every shard check on a manifest already opened (no second read of the manifest file); failures go into the
-    report, an unusable data dir raises."""
+    report, an unusable data dir raises. `ahead`: the data dir's walk and digests, started before the manifest was
+    opened."""
     started = time.perf_counter() if started is None else started
     folder = verified.data_dir
     if not folder.is_dir():
@@ -298,6 +323,7 @@ def verify_shards(
         skip=[verified.path, bins_folder(verified.path), *skip],
         dvc_md5=dvc_md5,
         holds=verified.share.holds if verified.share is not None else None,
+        ahead=ahead,
     )
     manifest = verified.manifest
     return VerificationReport(
@@ -326,6 +352,7 @@ def check_shards(
     skip: list[Path] | None = None,
     dvc_md5: Mapping[str, str] | None = None,
     holds: Callable[[str], bool] | None = None,
+    ahead: HashAhead | None = None,
 ) -> tuple[list[ShardFailure], int]:
     """Failures of the shards under `root` against the manifest (name and entry checks in manifest order, then
     content checks, then unlisted entries). `holds` says which unlisted names are this manifest's concern (a share
@@ -333,9 +360,15 @@ def check_shards(
 
     One walk of the data dir (with `allow_extra`, one listing of each folder holding shards) gives every entry's
     kind; a shard seen as a regular file is opened once without following a final symlink and checked again with
-    fstat, so only odd entries cost a per-component lstat."""
+    fstat, so only odd entries cost a per-component lstat. `ahead`, a child walking and hashing `root` (used
+    without `allow_extra` or `dvc_md5`), gives the walk and, where a shard is checked by that digest, its digest."""
+    problems = [name_problem(s.name) for s in manifest.shards]  # before waiting for the child, if there is one
+    walked = ahead.result() if ahead is not None and ahead.root == root else None
+    walked = walked.without(root, skip or ()) if walked is not None else None
     if allow_extra:  # no unlisted check: list only the folders that hold shards
         found = dict(folder_entries(root, (s.name for s in manifest.shards)))
+    elif walked is not None:
+        found = walked.entries
     else:
         found = dict(walk_entries(root, skip or ()))
     failures: dict[str, ShardFailure] = {}
@@ -343,10 +376,9 @@ def check_shards(
     sizes = Counter(s.size for s in manifest.shards)
     base = os.path.join(os.fspath(root), "")
     jobs: list[HashJob] = []
-    for shard in manifest.shards:
+    for shard, problem in zip(manifest.shards, problems, strict=True):
         if shard.name in failures:
             continue
-        problem = name_problem(shard.name)
         if problem is not None:
             failures[shard.name] = ShardFailure(shard.name, "unsafe-path", f"subject name is unsafe: {problem}")
             continue
@@ -359,16 +391,24 @@ def check_shards(
                 failures[shard.name] = ShardFailure(shard.name, *entry)
                 continue
         chunk_size = manifest.chunk_size if shard.chunks else None
-        jobs.append(HashJob(shard.name, base + shard.name, shard.size, chunk_size))
+        jobs.append(HashJob(shard.name, base + shard.name, shard.size, chunk_size, _checked_digest(shard)))
 
     def hash_if(job: HashJob, size: int) -> bool:
         """A file of another size than signed is hashed only when it may hold another shard's content (swap)."""
         return size == job.size_hint or sizes[size] > 0
 
     md5 = dvc_md5 is not None
+    hashed = walked.digests if walked is not None else {}
+    reused = {job.name: hashed[job.name] for job in jobs if job.whole == AHEAD and job.name in hashed}
+    jobs = [job for job in jobs if job.name not in reused]
+    if on_bytes is not None and reused:
+        on_bytes(sum(digest.size for digest in reused.values()))
     outcomes = digest_jobs(jobs, md5=md5, workers=workers, on_bytes=on_bytes, hash_if=hash_if)
-    results = {job.name: outcome for job, outcome in zip(jobs, outcomes, strict=True)}
-    owner = {s.sha256: s.name for s in manifest.shards}
+    results: dict[str, HashOutcome] = {
+        **reused,
+        **{job.name: outcome for job, outcome in zip(jobs, outcomes, strict=True)},
+    }
+    owner = {digest: s.name for s in manifest.shards for digest in (s.sha256, s.blake3) if digest is not None}
     for shard in manifest.shards:
         if shard.name not in failures:
             failure = _outcome_failure(shard, results[shard.name], owner, dvc_md5)
@@ -383,6 +423,12 @@ def check_shards(
 
 
 _KIND = {"file": "file", "symlink": "symbolic link", "other": "non-regular file"}
+
+
+def _checked_digest(shard: ShardEntry) -> tuple[Whole]:
+    """The whole-file digest verification computes: BLAKE3 where it is signed and no chunk digests are (those are
+    SHA-256, and the whole SHA-256 comes from the same pass), else SHA-256."""
+    return ("blake3",) if shard.blake3 is not None and not shard.chunks else ("sha256",)
 
 
 def _size_failure(shard: ShardEntry, size: int) -> ShardFailure:
@@ -405,16 +451,21 @@ def _outcome_failure(
         return _error_failure(shard, result)
     if isinstance(result, FileSize):
         return _size_failure(shard, result.size)
-    other = owner.get(result.sha256)
-    if result.sha256 != shard.sha256 and other is not None and other != shard.name:
+    algorithm, got, signed = (
+        ("blake3", result.blake3, shard.blake3)
+        if result.blake3 is not None
+        else ("sha256", result.sha256, shard.sha256)
+    )
+    other = owner.get(got or "")
+    if got != signed and other is not None and other != shard.name:
         return ShardFailure(shard.name, "swapped", f"holds the signed content of shard {other}")
     if result.size != shard.size:
         return _size_failure(shard, result.size)
     chunk_failure = _chunk_failure(shard, result.chunks) if shard.chunks else None
     if chunk_failure is not None:
         return chunk_failure
-    if result.sha256 != shard.sha256:
-        return ShardFailure(shard.name, "digest-mismatch", f"whole-file sha256 {result.sha256}, signed {shard.sha256}")
+    if got != signed:
+        return ShardFailure(shard.name, "digest-mismatch", f"whole-file {algorithm} {got}, signed {signed}")
     if dvc_md5 is not None:
         tracked = dvc_md5.get(shard.name)
         if tracked is None:

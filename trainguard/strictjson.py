@@ -18,11 +18,13 @@ class StrictJSONError(ValueError):
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    document: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in document:
-            raise StrictJSONError(f"duplicate key {key!r}")
-        document[key] = value
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise StrictJSONError(f"duplicate key {key!r}")
+            seen.add(key)
     return document
 
 
@@ -43,13 +45,20 @@ def _integer(text: str) -> int:
     return int(text)
 
 
-def _depth(value: Any, level: int = 0) -> None:
-    """Refuses nesting deeper than MAX_DEPTH; descends into containers only (a manifest's leaves far outnumber them)."""
-    if level > MAX_DEPTH:
-        raise StrictJSONError(f"nested deeper than {MAX_DEPTH} levels")
-    for child in value.values() if isinstance(value, dict) else value:
-        if isinstance(child, dict | list):
-            _depth(child, level + 1)
+def _depth(document: dict[str, Any] | list[Any]) -> None:
+    """Refuses nesting deeper than MAX_DEPTH, a level at a time (containers only: a manifest's leaves far outnumber
+    them, and one comprehension per level costs less than a call per container)."""
+    level: list[Any] = [document]
+    for _ in range(MAX_DEPTH + 1):
+        level = [
+            child
+            for value in level
+            for child in (value.values() if isinstance(value, dict) else value)
+            if isinstance(child, dict | list)
+        ]
+        if not level:
+            return
+    raise StrictJSONError(f"nested deeper than {MAX_DEPTH} levels")
 
 
 def loads(data: bytes | str) -> Any:

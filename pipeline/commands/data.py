@@ -157,7 +157,10 @@ def verify(
     workers: int | None,
 ) -> None:
     """Verify signatures, expiry, rollback and every shard; exit 1 listing each failing shard and its reason."""
-    from trainguard.provenance.verify import verify_dataset
+    from trainguard.provenance.ahead import HashAhead
+
+    ahead = None if allow_extra or dvc else HashAhead.start(data_dir or manifest.parent, workers)
+    from trainguard.provenance.verify import verify_dataset  # imported while the child walks and hashes
 
     with _progress("verifying", quiet=as_json) as advance:
         report = verify_dataset(
@@ -170,6 +173,7 @@ def verify(
             workers=workers,
             on_bytes=advance,
             dvc=dvc,
+            ahead=ahead,
         )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from trainguard.provenance import SigningKey, generate_signing_key, sign_dataset, write_keypair, write_manifest
+from trainguard.provenance import (
+    ShardEntry,
+    SigningKey,
+    generate_signing_key,
+    sign_dataset,
+    write_keypair,
+    write_manifest,
+)
 
 
 @dataclass(frozen=True)
@@ -92,3 +100,21 @@ def signer() -> object:
 def manifest(data_dir: Path, key_pairs: Keys) -> Path:
     """The dataset signed by alice, written in the data dir (the default data dir of `verify`)."""
     return sign(data_dir, key_pairs.alice, data_dir / "manifest.json", dataset="digits")
+
+
+def signed_again(manifest: Path, key: SigningKey, change: Callable[[ShardEntry], ShardEntry]) -> Path:
+    """The manifest with each shard's entry passed through `change`, signed again by `key`."""
+    from trainguard.provenance import PAYLOAD_TYPE, parse_statement, sign_envelope
+    from trainguard.provenance.manifest import statement_bytes
+    from trainguard.provenance.verify import read_envelope
+
+    signed = parse_statement(read_envelope(manifest)[1].payload)
+    shards = tuple(change(s) for s in signed.shards)
+    envelope = sign_envelope(PAYLOAD_TYPE, statement_bytes(replace(signed, shards=shards)), key)
+    return write_manifest(envelope, manifest)
+
+
+@pytest.fixture
+def resign() -> object:
+    """`resign(manifest, key, change)`: the manifest with each shard entry passed through `change`, signed again."""
+    return signed_again

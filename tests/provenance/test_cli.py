@@ -201,3 +201,31 @@ def test_verify_names_the_folder_it_searched_and_keeps_rollback_records_in_the_p
     assert (project / ".trainguard" / "provenance-state.json").is_file()
     gone = run("verify", project / "nope.json", "--trust", trust)
     assert gone.returncode == 2 and len(gone.stderr.strip().splitlines()) == 1
+
+
+def test_verify_hashing_ahead_refuses_a_changed_byte_and_names_swapped_shards(manifest: Path, key_pairs) -> None:
+    raw = manifest.parent / "raw.bin"
+    raw.write_bytes(bytes([raw.read_bytes()[0] ^ 1]) + raw.read_bytes()[1:])
+    a, b = manifest.parent / "alice" / "shard-00.parquet", manifest.parent / "alice" / "shard-01.parquet"
+    data_a, data_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(data_b)
+    b.write_bytes(data_a)
+    done = run("verify", manifest, "--trust", key_pairs.trust("alice"), "--json")
+    failures = {f["shard"]: (f["reason"], f["detail"]) for f in json.loads(done.stdout)["failures"]}
+    assert done.returncode == 1
+    assert failures["raw.bin"][0] == "digest-mismatch" and failures["raw.bin"][1].startswith("whole-file blake3 ")
+    assert failures["alice/shard-00.parquet"][0] == failures["alice/shard-01.parquet"][0] == "swapped"
+
+
+def test_verify_hashing_ahead_checks_sha256_where_the_manifest_signs_no_blake3(
+    manifest: Path, key_pairs, resign
+) -> None:
+    from dataclasses import replace
+
+    resign(manifest, key_pairs.alice, lambda s: replace(s, blake3=None))
+    assert run("verify", manifest, "--trust", key_pairs.trust("alice")).returncode == 0
+    raw = manifest.parent / "raw.bin"
+    raw.write_bytes(bytes([raw.read_bytes()[0] ^ 1]) + raw.read_bytes()[1:])
+    done = run("verify", manifest, "--trust", key_pairs.trust("alice"))
+    assert done.returncode == 1
+    assert "FAIL raw.bin: digest-mismatch: whole-file sha256 " in done.stderr

@@ -44,9 +44,22 @@ def test_a_file_over_several_mapped_windows_hashes_like_hashlib(tmp_path: Path) 
         tmp_path / "big.bin", "big.bin", chunk_size=3 * 1024 * 1024 + 1, md5=True, on_bytes=seen.append
     )
     assert digest.sha256 == hashlib.sha256(data).hexdigest()
+    assert digest.blake3 is None
     assert digest.md5 == hashlib.md5(data).hexdigest()
     assert digest.chunks == reference_chunks(data, 3 * 1024 * 1024 + 1)
     assert digest.size == sum(seen) == len(data)
+
+
+@pytest.mark.parametrize("size", [0, 100_000, WINDOW + 5])
+def test_blake3_alone_or_beside_sha256_equals_the_reference_over_the_same_bytes(tmp_path: Path, size: int) -> None:
+    import blake3
+
+    data = os.urandom(size)
+    (tmp_path / "f.bin").write_bytes(data)
+    both = digest_file(tmp_path / "f.bin", "f.bin", whole=("sha256", "blake3"))
+    alone = digest_file(tmp_path / "f.bin", "f.bin", whole=("blake3",))
+    assert (both.sha256, both.blake3) == (hashlib.sha256(data).hexdigest(), blake3.blake3(data).hexdigest())
+    assert (alone.sha256, alone.blake3) == (None, both.blake3)
 
 
 def test_an_empty_file_has_the_empty_digest_and_no_chunks(tmp_path: Path) -> None:

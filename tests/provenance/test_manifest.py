@@ -36,6 +36,7 @@ shards = st.builds(
     source=st.sampled_from(["alice", "bob", "curator"]),
     role=st.sampled_from(["train", "holdout"]),
     records=st.none() | st.integers(0, 1000),
+    blake3=st.none() | hexes,
 )
 manifests = st.builds(
     Manifest,
@@ -258,3 +259,12 @@ def test_signing_records_the_sample_count_of_every_known_format(tmp_path: Path, 
     envelope, _ = sign_dataset(root, key_pairs.alice, source="alice")
     records = {shard.name: shard.records for shard in parse_statement(envelope.payload).shards}
     assert records == {"a.npz": 7, "b.csv": 2, "c.tar": 3}
+
+
+@pytest.mark.parametrize("blake3", ["A" * 64, "0" * 63, 7])
+def test_a_blake3_digest_that_is_not_64_lowercase_hex_characters_is_refused(blake3: object) -> None:
+    statement = to_statement(Manifest("d", 1, datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 2, 1, tzinfo=UTC), ()))
+    statement["subject"] = [{"name": "a.bin", "digest": {"sha256": "0" * 64, "blake3": blake3}}]
+    statement["predicate"]["shards"] = [{"name": "a.bin", "size": 1, "source": "alice", "role": "train"}]
+    with pytest.raises(MalformedError, match="blake3 digest"):
+        parse_statement(json.dumps(statement).encode())

@@ -363,20 +363,8 @@ def test_two_large_shards_are_hashed_on_two_threads_at_once(tmp_path: Path, key_
     assert report.ok and len(threads) == 2
 
 
-def _resigned(manifest: Path, key_pairs: Keys, change: Any) -> Path:
-    """The manifest with each chunk-signed shard's entry passed through `change`, signed again by alice."""
-    from dataclasses import replace
-
-    from trainguard.provenance.manifest import parse_statement
-
-    signed = parse_statement(read_envelope(manifest)[1].payload)
-    shards = tuple(change(s) if s.chunks else s for s in signed.shards)
-    envelope = sign_envelope(PAYLOAD_TYPE, statement_bytes(replace(signed, shards=shards)), key_pairs.alice)
-    return write_manifest(envelope, manifest)
-
-
 def test_chunk_digests_of_other_bytes_than_the_subject_digest_are_refused(
-    sign: Any, data_dir: Path, key_pairs: Keys
+    sign: Any, data_dir: Path, key_pairs: Keys, resign: Any
 ) -> None:
     import hashlib
     from dataclasses import replace
@@ -384,7 +372,7 @@ def test_chunk_digests_of_other_bytes_than_the_subject_digest_are_refused(
     manifest = sign(data_dir, key_pairs.alice, data_dir / "manifest.json", chunk_size=1024)
     other = os.urandom(3000)
     chunks = tuple(hashlib.sha256(other[i : i + 1024]).hexdigest() for i in range(0, 3000, 1024))
-    _resigned(manifest, key_pairs, lambda s: replace(s, chunks=chunks) if s.name == "raw.bin" else s)
+    resign(manifest, key_pairs.alice, lambda s: replace(s, chunks=chunks) if s.name == "raw.bin" else s)
     (data_dir / "raw.bin").write_bytes(other)  # the bytes the chunk digests describe, not the subject digest
     failure = verify_dataset(manifest, key_pairs.trust("alice")).failures[0]
     assert (failure.shard, failure.reason) == ("raw.bin", "digest-mismatch")
@@ -392,12 +380,16 @@ def test_chunk_digests_of_other_bytes_than_the_subject_digest_are_refused(
 
 
 def test_a_subject_digest_with_chunk_digests_of_other_bytes_is_refused(
-    sign: Any, data_dir: Path, key_pairs: Keys
+    sign: Any, data_dir: Path, key_pairs: Keys, resign: Any
 ) -> None:
     from dataclasses import replace
 
     manifest = sign(data_dir, key_pairs.alice, data_dir / "manifest.json", chunk_size=1024)
-    _resigned(manifest, key_pairs, lambda s: replace(s, chunks=(s.chunks[0], "0" * 64, *s.chunks[2:])))
+    resign(
+        manifest,
+        key_pairs.alice,
+        lambda s: replace(s, chunks=(s.chunks[0], "0" * 64, *s.chunks[2:])) if s.chunks else s,
+    )
     report = verify_dataset(manifest, key_pairs.trust("alice"))
     assert {f.reason for f in report.failures} == {"digest-mismatch"}
     assert all(f.detail.startswith("chunk 1 sha256 ") for f in report.failures)
@@ -489,3 +481,38 @@ def test_with_allow_extra_a_shard_under_a_symlinked_folder_or_replaced_by_a_fifo
         ("a/one.bin", "symlink"),
         ("three.bin", "not-regular"),
     ]
+
+
+def test_every_shard_is_signed_with_the_sha256_and_blake3_of_its_bytes(manifest: Path) -> None:
+    import hashlib
+
+    import blake3
+
+    from trainguard.provenance.manifest import parse_statement
+
+    for shard in parse_statement(read_envelope(manifest)[1].payload).shards:
+        data = (manifest.parent / shard.name).read_bytes()
+        assert (shard.sha256, shard.blake3) == (hashlib.sha256(data).hexdigest(), blake3.blake3(data).hexdigest())
+
+
+def test_verify_checks_the_signed_blake3_so_bytes_it_does_not_describe_are_refused(
+    manifest: Path, key_pairs: Keys, resign: Any
+) -> None:
+    from dataclasses import replace
+
+    resign(manifest, key_pairs.alice, lambda s: replace(s, blake3="0" * 64) if s.name == "raw.bin" else s)
+    failure = verify_dataset(manifest, key_pairs.trust("alice")).failures[0]
+    assert (failure.shard, failure.reason) == ("raw.bin", "digest-mismatch")
+    assert failure.detail.startswith("whole-file blake3 ")
+
+
+def test_a_manifest_signed_without_blake3_is_verified_by_sha256(manifest: Path, key_pairs: Keys, resign: Any) -> None:
+    from dataclasses import replace
+
+    resign(manifest, key_pairs.alice, lambda s: replace(s, blake3=None))
+    assert verify_dataset(manifest, key_pairs.trust("alice")).ok
+    shard = manifest.parent / "raw.bin"
+    shard.write_bytes(b"\x00" + shard.read_bytes()[1:])
+    failure = verify_dataset(manifest, key_pairs.trust("alice")).failures[0]
+    assert (failure.shard, failure.reason) == ("raw.bin", "digest-mismatch")
+    assert failure.detail.startswith("whole-file sha256 ")
