@@ -147,7 +147,7 @@ def bench_small(root: Path, files: int, size: int, repeats: int) -> list[tuple[s
     verify_command = [str(BIN / "trainguard"), "verify", str(manifest_path), "--trust", str(public),
                       "--data-dir", str(data), "--state", str(root / "small-state.json")]  # fmt: skip
     sha256_path = _without_blake3(manifest_path, key, root / "small-sha256.manifest.json")
-    sha256_command = [*verify_command[:2], str(sha256_path), *verify_command[3:]]
+    sha256_command = [*verify_command[:2], str(sha256_path), *verify_command[3:-1], str(root / "sha256-state.json")]
     hashlib_times, verify_times, sha256_times = best_of(
         repeats,
         lambda: run_timed(hash_command)[0],

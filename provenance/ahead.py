@@ -14,32 +14,14 @@ import json
 import os
 import signal
 import threading
-from collections.abc import Collection
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
 from trainguard.provenance.hashing import SMALL_FILE, FileDigest, HashJob, Whole, digest_jobs
-from trainguard.provenance.paths import reached, skipped_names, walk_entries
+from trainguard.provenance.paths import walk_entries
 
 AHEAD: tuple[Whole, ...] = ("blake3",)
 """The digest hashed ahead: the one verification checks wherever the manifest signs it."""
-
-
-@dataclass(frozen=True)
-class Walked:
-    """A walk of the data dir (each entry's kind, as `walk_entries` gives them) and its small files' digests."""
-
-    entries: dict[str, str]
-    digests: dict[str, FileDigest]
-
-    def without(self, root: Path, skip: Collection[Path]) -> Walked:
-        """The walk as `walk_entries(root, skip)` would have made it."""
-        skipped = skipped_names(root, skip)
-        if not skipped:
-            return self
-        entries = {name: self.entries[name] for name in reached(self.entries, skipped)}
-        return Walked(entries, {name: digest for name, digest in self.digests.items() if name in entries})
 
 
 class HashAhead:
@@ -50,7 +32,8 @@ class HashAhead:
 
     def __init__(self, root: Path, entries: dict[str, str], children: list[tuple[int, int]]) -> None:
         self.root = root
-        self._entries = entries
+        self.entries = entries
+        """The walk of `root` (every entry's kind, as `walk_entries` gives them), done before the children forked."""
         self._children = children
         self._done = False
 
@@ -80,11 +63,10 @@ class HashAhead:
             children.append((pid, read_end))
         return cls(Path(root), entries, children)
 
-    def result(self) -> Walked | None:
-        """The walk and the children's digests, once all have finished; None when one failed (or already
-        collected)."""
+    def digests(self) -> dict[str, FileDigest]:
+        """The children's digests by name, once all have finished; none when one failed (or they were stopped)."""
         if self._done:
-            return None
+            return {}
         self._done = True
         reports, failed = [], False
         for pid, read_end in self._children:
@@ -92,15 +74,16 @@ class HashAhead:
                 reports.append(stream.read())
             failed = os.waitpid(pid, 0)[1] != 0 or failed
         if failed:
-            return None
+            return {}
         try:
             rows = [row for data in reports for row in json.loads(data)]
         except ValueError:
-            return None
-        return Walked(self._entries, {name: FileDigest(None, size, blake3=digest) for name, size, digest in rows})
+            return {}
+        return {name: FileDigest(None, size, blake3=digest) for name, size, digest in rows}
 
     def close(self) -> None:
-        """Stops children whose result was not collected (a refused manifest): none outlives the verification."""
+        """Stops children whose digests were not collected (a refused manifest, or one that signs no BLAKE3): none
+        outlives the verification."""
         if self._done:
             return
         self._done = True

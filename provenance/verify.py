@@ -50,7 +50,15 @@ from trainguard.provenance.hashing import (
     digest_jobs,
 )
 from trainguard.provenance.manifest import PAYLOAD_TYPE, Manifest, ShardEntry, parse_statement, rfc3339
-from trainguard.provenance.paths import entry_problem, folder_entries, name_problem, printable, walk_entries
+from trainguard.provenance.paths import (
+    entry_problem,
+    folder_entries,
+    name_problem,
+    printable,
+    reached,
+    skipped_names,
+    walk_entries,
+)
 from trainguard.provenance.policy import KeySet, TrustPolicy, granted, granted_claims, load_trust
 from trainguard.provenance.rollback import RollbackCheck, RollbackState, default_state_path, rollback_key
 
@@ -360,15 +368,13 @@ def check_shards(
 
     One walk of the data dir (with `allow_extra`, one listing of each folder holding shards) gives every entry's
     kind; a shard seen as a regular file is opened once without following a final symlink and checked again with
-    fstat, so only odd entries cost a per-component lstat. `ahead`, a child walking and hashing `root` (used
-    without `allow_extra` or `dvc_md5`), gives the walk and, where a shard is checked by that digest, its digest."""
-    problems = [name_problem(s.name) for s in manifest.shards]  # before waiting for the child, if there is one
-    walked = ahead.result() if ahead is not None and ahead.root == root else None
-    walked = walked.without(root, skip or ()) if walked is not None else None
+    fstat, so only odd entries cost a per-component lstat. `ahead`, children hashing `root` (used without
+    `allow_extra` or `dvc_md5`), gives the walk and, where a shard is checked by BLAKE3, its digest."""
+    ahead = ahead if ahead is not None and ahead.root == root and not allow_extra and dvc_md5 is None else None
     if allow_extra:  # no unlisted check: list only the folders that hold shards
         found = dict(folder_entries(root, (s.name for s in manifest.shards)))
-    elif walked is not None:
-        found = walked.entries
+    elif ahead is not None:
+        found = {name: ahead.entries[name] for name in reached(ahead.entries, skipped_names(root, skip or ()))}
     else:
         found = dict(walk_entries(root, skip or ()))
     failures: dict[str, ShardFailure] = {}
@@ -376,9 +382,10 @@ def check_shards(
     sizes = Counter(s.size for s in manifest.shards)
     base = os.path.join(os.fspath(root), "")
     jobs: list[HashJob] = []
-    for shard, problem in zip(manifest.shards, problems, strict=True):
+    for shard in manifest.shards:
         if shard.name in failures:
             continue
+        problem = name_problem(shard.name)
         if problem is not None:
             failures[shard.name] = ShardFailure(shard.name, "unsafe-path", f"subject name is unsafe: {problem}")
             continue
@@ -398,7 +405,11 @@ def check_shards(
         return size == job.size_hint or sizes[size] > 0
 
     md5 = dvc_md5 is not None
-    hashed = walked.digests if walked is not None else {}
+    hashed = {}
+    if ahead is not None and any(job.whole == AHEAD for job in jobs):
+        hashed = ahead.digests()
+    elif ahead is not None:
+        ahead.close()  # a manifest that signs no BLAKE3: their digests would be of no use
     reused = {job.name: hashed[job.name] for job in jobs if job.whole == AHEAD and job.name in hashed}
     jobs = [job for job in jobs if job.name not in reused]
     if on_bytes is not None and reused:
@@ -426,9 +437,10 @@ _KIND = {"file": "file", "symlink": "symbolic link", "other": "non-regular file"
 
 
 def _checked_digest(shard: ShardEntry) -> tuple[Whole]:
-    """The whole-file digest verification computes: BLAKE3 where it is signed and no chunk digests are (those are
-    SHA-256, and the whole SHA-256 comes from the same pass), else SHA-256."""
-    return ("blake3",) if shard.blake3 is not None and not shard.chunks else ("sha256",)
+    """The whole-file digest verification computes: BLAKE3 where it is signed (a DigestSet matches when any field it
+    accepts does, in-toto's rule), else SHA-256. Chunk digests, where signed, are SHA-256 of the same pass, which
+    binds them to the whole-file digest checked."""
+    return ("blake3",) if shard.blake3 is not None else ("sha256",)
 
 
 def _size_failure(shard: ShardEntry, size: int) -> ShardFailure:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import blake3
 
-from trainguard.provenance.ahead import HashAhead, Walked
+from trainguard.provenance.ahead import HashAhead
 from trainguard.provenance.hashing import SMALL_FILE
-from trainguard.provenance.paths import walk_entries
+from trainguard.provenance.paths import reached, skipped_names, walk_entries
 
 
 def _in_a_fresh_process(code: str, *args: str) -> str:
@@ -40,8 +40,7 @@ import json, sys
 from pathlib import Path
 from trainguard.provenance.ahead import HashAhead
 ahead = HashAhead.start(Path(sys.argv[1]), workers=2)
-walked = ahead.result()
-print(json.dumps([walked.entries, {name: [d.size, d.blake3] for name, d in walked.digests.items()}]))
+print(json.dumps([ahead.entries, {name: [d.size, d.blake3] for name, d in ahead.digests().items()}]))
 """
     entries, digests = json.loads(_in_a_fresh_process(code, str(root)))
     assert entries == dict(walk_entries(root))
@@ -63,9 +62,9 @@ try:
     os.waitpid(-1, os.WNOHANG)
 except ChildProcessError:
     print("no child left")
-print(ahead.result())
+print(ahead.digests())
 """
-    assert _in_a_fresh_process(code, str(root)).split("\n")[:2] == ["no child left", "None"]
+    assert _in_a_fresh_process(code, str(root)).split("\n")[:2] == ["no child left", "{}"]
 
 
 def test_a_process_with_threads_does_not_fork(tmp_path: Path) -> None:
@@ -80,12 +79,11 @@ def test_a_process_with_threads_does_not_fork(tmp_path: Path) -> None:
         other.join()
 
 
-def test_the_walk_without_skipped_paths_is_the_walk_that_skips_them(tmp_path: Path) -> None:
+def test_the_walk_ahead_less_the_skipped_paths_is_the_walk_that_skips_them(tmp_path: Path) -> None:
     root = _tree(tmp_path / "data")
     (root / "manifest.json").write_text("{}")
     (root / "manifest.json.bins").mkdir()
     (root / "manifest.json.bins" / "00000.json").write_text("{}")
     skip = [root / "manifest.json", root / "manifest.json.bins", tmp_path / "state.json"]
-    walked = Walked(dict(walk_entries(root)), {})
-    assert walked.without(root, skip).entries == dict(walk_entries(root, skip))
-    assert json.dumps(list(walked.without(root, skip).entries)) == json.dumps([n for n, _ in walk_entries(root, skip)])
+    names = [name for name, _ in walk_entries(root)]
+    assert reached(names, skipped_names(root, skip)) == [name for name, _ in walk_entries(root, skip)]

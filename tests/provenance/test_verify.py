@@ -376,7 +376,7 @@ def test_chunk_digests_of_other_bytes_than_the_subject_digest_are_refused(
     (data_dir / "raw.bin").write_bytes(other)  # the bytes the chunk digests describe, not the subject digest
     failure = verify_dataset(manifest, key_pairs.trust("alice")).failures[0]
     assert (failure.shard, failure.reason) == ("raw.bin", "digest-mismatch")
-    assert failure.detail.startswith("whole-file sha256 ")
+    assert failure.detail.startswith("whole-file blake3 ")
 
 
 def test_a_subject_digest_with_chunk_digests_of_other_bytes_is_refused(
