@@ -289,7 +289,7 @@ def verify_dataset(
             dvc=dvc,
             skip=skip,
             started=started,
-            ahead=ahead if share is None and not allow_extra and not dvc else None,
+            ahead=ahead,
         )
     finally:
         if ahead is not None:
@@ -436,11 +436,11 @@ def check_shards(
 _KIND = {"file": "file", "symlink": "symbolic link", "other": "non-regular file"}
 
 
-def _checked_digest(shard: ShardEntry) -> tuple[Whole]:
+def _checked_digest(shard: ShardEntry) -> tuple[Whole, ...]:
     """The whole-file digest verification computes: BLAKE3 where it is signed (a DigestSet matches when any field it
     accepts does, in-toto's rule), else SHA-256. Chunk digests, where signed, are SHA-256 of the same pass, which
     binds them to the whole-file digest checked."""
-    return ("blake3",) if shard.blake3 is not None else ("sha256",)
+    return AHEAD if shard.blake3 is not None else ("sha256",)
 
 
 def _size_failure(shard: ShardEntry, size: int) -> ShardFailure:

@@ -160,7 +160,7 @@ def verify(
     from trainguard.provenance.ahead import HashAhead
 
     ahead = None if allow_extra or dvc else HashAhead.start(data_dir or manifest.parent, workers)
-    from trainguard.provenance.verify import verify_dataset  # imported while the child walks and hashes
+    from trainguard.provenance.verify import verify_dataset  # imported while the children hash
 
     with _progress("verifying", quiet=as_json) as advance:
         report = verify_dataset(
