@@ -68,6 +68,7 @@ class CycleFacts:
     roni: Mapping[str, Any] = field(default_factory=dict)
     gate: Mapping[str, Any] = field(default_factory=dict)
     excluded_rows: Mapping[str, Sequence[int]] = field(default_factory=dict)  # shard key -> rows training skipped
+    state: Mapping[str, Any] = field(default_factory=dict)  # the signed state's link: pipeline, cycle, seq, link
 
 
 def read_log_resource(path: Path, sha256: str, entries: int) -> Resource:
@@ -133,7 +134,7 @@ def build_statement(facts: CycleFacts) -> dict[str, Any]:
             "buildDefinition": {
                 "buildType": BUILD_TYPE,
                 "externalParameters": {"config": dict(facts.resolved_config), "configUri": facts.config.uri},
-                "internalParameters": {"versions": _versions()},
+                "internalParameters": {"versions": _versions(), "cycleState": dict(facts.state)},
                 "resolvedDependencies": dependencies,
             },
             "runDetails": {

@@ -488,6 +488,12 @@ class CycleConfig(_Section):
         module, _, name = self.model_forward.rpartition(".")
         return getattr(importlib.import_module(module), name)
 
+    @property
+    def pipeline_identity(self) -> tuple[str, str]:
+        """What the cycle state is bound to: the config's name and its work folder as written (so a project moved
+        or cloned whole stays the same pipeline)."""
+        return (self.name, self.output.work_dir.as_posix())
+
     def resolved(self) -> dict[str, Any]:
         """The whole config with defaults filled in, as JSON-ready data (for params and the attestation)."""
         return self.model_dump(mode="json")

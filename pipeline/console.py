@@ -94,3 +94,8 @@ def rows_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
     for row in rows:
         listing.add_row(*row)
     Console(width=None if sys.stdout.isatty() else 160).print(listing)
+
+
+def note(message: str) -> None:
+    """One line of trainguard's own news on stderr (what a command did beyond its result), e.g. a rebuilt state."""
+    print(f"trainguard: {message}", file=sys.stderr)

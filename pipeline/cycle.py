@@ -27,9 +27,9 @@ from trainguard.pipeline import console, plots
 from trainguard.pipeline.attestation import git_resource
 from trainguard.pipeline.config import CycleConfig, load_config
 from trainguard.pipeline.cycle_report import refusals, report_path
-from trainguard.pipeline.cycle_state import CycleRecord, CycleState, HeldoutRecord, ShardDecision, StateStore
+from trainguard.pipeline.cycle_state import CycleRecord, CycleState, HeldoutRecord, ShardDecision
 from trainguard.pipeline.distributed import Meeting, Stopped, join, launch_from_env, share
-from trainguard.pipeline.errors import CycleAbortedError, StateError, TamperedStateError
+from trainguard.pipeline.errors import CycleAbortedError
 from trainguard.pipeline.holdout_split import split_holdout
 from trainguard.pipeline.intake import (
     Intake,
@@ -44,8 +44,10 @@ from trainguard.pipeline.intake import (
 )
 from trainguard.pipeline.model_sign import file_sha256, load_verified_state_dict
 from trainguard.pipeline.preflight import preflight
+from trainguard.pipeline.receipts import check_fresh, rebuild_state
 from trainguard.pipeline.release import release
 from trainguard.pipeline.running_cycle import RunningCycle
+from trainguard.pipeline.state_log import StateStore
 from trainguard.pipeline.tracking import CycleTracker, TrackedRun, cycle_tags
 from trainguard.pipeline.training import TrainingResult, bootstrap, train
 from trainguard.provenance.allowlist import AllowList
@@ -104,7 +106,7 @@ def _lead(config: CycleConfig, config_path: Path, reinit: bool, force: bool, mee
         key = load_signing_key(config.output.attestation_key_path)
     except ProvenanceError as error:
         raise CycleAbortedError(f"cannot load the cycle key: {error}", check="config") from None
-    store = StateStore(config.output.state_path, key)
+    store = StateStore(config.output.state_path, key, config.pipeline_identity)
     with store.locked():
         current = _current_state(store, config.output.work_dir, reinit)
         unchanged = None if force else _unchanged_since_accepted(config, config_sha256, current)
@@ -197,29 +199,16 @@ def _aborted(error: Exception) -> CycleAbortedError:
     return CycleAbortedError(f"{type(error).__name__}: {text[:1000]}", check=str(check))
 
 
-def _released_numbers(work_dir: Path) -> list[int]:
-    """Cycle numbers that left a released model or a report in `work_dir`."""
-    numbers = [int(p.name.removeprefix("cycle-")) for p in (work_dir / "models").glob("cycle-[0-9]*")]
-    numbers += [int(p.stem.removeprefix("cycle-")) for p in (work_dir / "reports").glob("cycle-[0-9]*.json")]
-    return numbers
-
-
 def _current_state(store: StateStore, work_dir: Path, reinit: bool) -> CycleState:
-    """The signed state, refused when it is older than what the cycles released (deleted or replayed); with
-    `reinit`, a new state numbered after every released cycle, only where no state exists."""
-    released = max(_released_numbers(work_dir), default=0)
+    """The signed state, checked (`StateStore.load`) and refused when a signed receipt beside it shows it is not
+    the newest link of its history; with `reinit`, a new history rebuilt from the signed log and receipts, only
+    where the state is lost (missing, stale, foreign or unreadable)."""
     if reinit:
-        if store.exists():
-            raise StateError(f"{store.path}: --reinit starts a new state; this one exists (move it aside first)")
-        return CycleState(first_cycle=released + 1)
+        state, carried = rebuild_state(store, work_dir)
+        console.note(carried)
+        return state
     state = store.load()
-    if released > state.last_number:
-        what = "is missing" if not store.exists() else f"ends at cycle {state.last_number}"
-        raise TamperedStateError(
-            f"{store.path}: the cycle state {what}, but {work_dir} holds cycle {released}'s model or report "
-            "(deleted or replayed state); run `trainguard cycle --reinit` to start a new state explicitly",
-            path=str(store.path),
-        )
+    check_fresh(state, store.link, work_dir, store.key)
     return state
 
 
@@ -281,7 +270,7 @@ def _run(cycle: RunningCycle, parent: TrackedRun) -> CycleOutcome:
         model, previous = _incoming_model(cycle, _labeled(intake.trusted, task), intake.holdout_sha256)
         candidates, excluded_rows, evidence = _detect(cycle, model, intake, candidates, stage)
         started = time.monotonic()
-        _screen(cycle, model, holdout, candidates, evidence, stage)
+        _screen(cycle, model, holdout, candidates, evidence, stage, offered=[s.sha256 for s in intake.train])
         screening_seconds = time.monotonic() - started
 
     allow = _allow_list(cycle, intake)
@@ -529,7 +518,8 @@ def _incoming_model(
     if record is None:
         bootstrap(model, config, trusted)
         return model, None
-    model.load_state_dict(load_verified_state_dict(Path(record.path), public_key_path(config.output.model_signing_key)))
+    key = public_key_path(config.output.model_signing_key)
+    model.load_state_dict(load_verified_state_dict(Path(record.path), key, expected_sha256=record.sha256))
     heldout = cycle.state.heldout
     comparable = heldout is not None and heldout.metrics and heldout.manifest_sha256 == holdout_sha256
     return model, HeldoutMetrics.from_dict(heldout.metrics) if comparable else None
@@ -542,6 +532,7 @@ def _screen(
     shards: Sequence[SignedShard],
     detected: Mapping[str, tuple[float, ...]],
     stage: TrackedRun,
+    offered: Sequence[str],
 ) -> None:
     """RONI on the new shards, per shard and per source (with the sources' evidence from earlier cycles and the
     detectors' p-values of this cycle), and the margin check; records every decision and each shard's p-value as
@@ -594,7 +585,7 @@ def _screen(
     ]
     cycle.decide([*decisions, *earlier])
     evidence = [(s.source, s.sha256, verdict[s.key].p_value) for s in shards]
-    cycle.state = cycle.store.update(cycle.state.record_evidence(evidence))
+    cycle.state = cycle.store.update(cycle.state.record_evidence(evidence, offered))
     outcome = record_screening(
         screening,
         cycle.config.output.work_dir / "roni" / f"cycle-{cycle.number:04d}",

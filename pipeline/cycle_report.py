@@ -3,6 +3,7 @@ before anything is sent to MLflow, so the local record never depends on the trac
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,14 +18,14 @@ def report_path(work_dir: Path, cycle: int) -> Path:
     return work_dir / "reports" / f"cycle-{cycle:04d}.json"
 
 
-def write_report(work_dir: Path, cycle: int, report: dict[str, Any]) -> Path:
+def write_report(work_dir: Path, cycle: int, report: dict[str, Any]) -> tuple[Path, str]:
     """Writes the report atomically, as `reports/cycle-NNNN.json` and as the latest `report.json`; returns the
-    first."""
+    first and the SHA-256 of the bytes written."""
     text = (json.dumps(report, indent=2, sort_keys=True, default=str) + "\n").encode()
     path = report_path(work_dir, cycle)
     for target in (path, work_dir / "report.json"):
         atomic_write(target, text)
-    return path
+    return path, hashlib.sha256(text).hexdigest()
 
 
 def refusals(shards: Sequence[ShardDecision]) -> dict[str, int]:

@@ -1,38 +1,37 @@
-"""The state kept across retraining cycles: the last accepted model, its held-out record, every shard decision,
-the anti-rollback records of the manifests the cycles accepted and each source's RONI evidence.
+"""The state kept across retraining cycles: the pipeline it belongs to, the last accepted model and its held-out
+record, the shard decisions, the anti-rollback records of the manifests the cycles accepted and each source's RONI
+evidence.
 
-Pure transitions on immutable values (`CycleState.begin`, `.decide`, `.accept`, ...) are separate from storage
-(`StateStore`), which writes the whole state atomically after each decision, as a DSSE envelope signed with the
-cycle's key: an edited, forged or foreign state is refused, never believed. A process killed mid-cycle leaves a
-`running` cycle holding every decision made so far; re-running the same config resumes it (decided shards are not
-re-screened), a changed config abandons it and starts afresh. A rejected or failed cycle never touches the last
-accepted model.
+Every change is an `Event` (begin a cycle, decide shards, accept a manifest version, ...) applied by one pure
+function, `apply`; the transitions (`CycleState.begin`, `.decide`, `.accept`, ...) build the event, apply it and
+keep it as `pending`, so storage (`trainguard.pipeline.state_log.StateStore`) appends exactly those events to the
+signed, chained log instead of re-signing the whole history. A process killed mid-cycle leaves a `running` cycle
+holding every decision made so far; re-running the same config resumes it (decided shards are not re-screened), a
+changed config abandons it and starts afresh. A rejected or failed cycle never touches the last accepted model.
+
+The state held in memory is bounded by one cycle, not by history: summaries of the last `RECENT` cycles, the
+decisions of the running cycle and of the last screened one (`reusable`), and the evidence of shards still offered.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
-import os
-from collections.abc import Iterable, Iterator, Mapping
+import uuid
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from trainguard.files import atomic_write, read_regular
-from trainguard.pipeline.errors import StateError, TamperedStateError
-from trainguard.provenance.dsse import Envelope, sign_envelope, verify_envelope
-from trainguard.provenance.errors import ProvenanceError
-from trainguard.provenance.keys import SigningKey
+from trainguard.pipeline.errors import StateError
 from trainguard.provenance.rollback import Accepted, RollbackRecords
 
-SCHEMA_VERSION = 2
-STATE_PAYLOAD_TYPE = "application/vnd.trainguard.cycle-state+json"
-STATE_LIMIT = 256 * 1024 * 1024
+SCHEMA_VERSION = 3
+RECENT = 50
+"""How many cycle summaries the state keeps (for `status` and the cycles plot); older ones stay in the log."""
 Status = Literal["running", "accepted", "rejected", "failed", "abandoned"]
+EventKind = Literal[
+    "genesis", "begin", "abandon", "decide", "manifests", "rollback", "rollback-reset", "step", "evidence", "finish"
+]
 
 
 def utc_now() -> str:
@@ -44,7 +43,7 @@ class _Record(BaseModel):
 
 
 class ShardDecision(_Record):
-    """Whether one shard (by name and content digest) may be trained on, which check decided, and why."""
+    """Whether one shard (by identity and content digest) may be trained on, which check decided, and why."""
 
     shard: str
     sha256: str
@@ -76,6 +75,9 @@ class HeldoutRecord(_Record):
 
 
 class CycleRecord(_Record):
+    """One cycle. Its `shards` are held for the latest cycle only (and the last screened one's as the state's
+    `reusable_shards`); the log has all."""
+
     cycle: int
     config_sha256: str
     status: Status = "running"
@@ -97,23 +99,72 @@ class RollbackEntry(_Record):
 
 
 class SourceEvidence(_Record):
-    """A source's RONI p-values across cycles, one per shard content (sha256), so a source whose shards are each
+    """A source's RONI p-values, one per shard content (sha256) still offered, so a source whose shards are each
     slightly harmful accumulates evidence instead of starting afresh every cycle."""
 
     p_values: dict[str, Annotated[float, Field(gt=0.0, le=1.0)]] = Field(default_factory=dict)
 
 
-class CycleState(_Record):
-    """Everything decided so far, across cycles. `first_cycle` is where numbering starts: past every released
-    model and report when a state is re-initialised beside them."""
+class Pipeline(_Record):
+    """Which pipeline a state belongs to: a random id fixed at its first cycle (or `--reinit`), and the identity of
+    the config it was made for (its `name` and its work folder relative to the config's folder)."""
 
-    schema_version: Literal[2] = SCHEMA_VERSION
+    id: str = Field(pattern=r"^[0-9a-f]{32}$")
+    name: str
+    work_dir: str
+
+    @classmethod
+    def new(cls, name: str, work_dir: str) -> Pipeline:
+        return cls(id=uuid.uuid4().hex, name=name, work_dir=work_dir)
+
+    def same_identity(self, name: str, work_dir: str) -> bool:
+        return (self.name, self.work_dir) == (name, work_dir)
+
+
+class Event(_Record):
+    """One change of the state, as the log records it."""
+
+    kind: EventKind
+    cycle: int = Field(ge=0)
+    body: dict[str, Any] = Field(default_factory=dict)
+
+
+class CycleState(_Record):
+    """Everything decided so far that the next cycle needs. `first_cycle` is where numbering starts: past every
+    cycle released before a state is re-initialised. `pending` holds the events not yet written to the log."""
+
+    schema_version: Literal[3] = SCHEMA_VERSION
+    pipeline: Pipeline | None = None
     first_cycle: int = Field(default=1, ge=1)
     accepted_model: ModelRecord | None = None
     heldout: HeldoutRecord | None = None
     rollback: dict[str, RollbackEntry] = Field(default_factory=dict)
     cycles: tuple[CycleRecord, ...] = ()
+    reusable: int | None = Field(default=None, description="the last screened cycle, whose decisions are reused")
+    reusable_shards: tuple[ShardDecision, ...] = ()
     evidence: dict[str, SourceEvidence] = Field(default_factory=dict)
+    evidence_cycle: int | None = None
+    pending: tuple[Event, ...] = ()
+
+    @classmethod
+    def genesis(
+        cls,
+        pipeline: Pipeline,
+        first_cycle: int = 1,
+        rollback: Mapping[str, RollbackEntry] | None = None,
+        accepted_model: ModelRecord | None = None,
+        heldout: HeldoutRecord | None = None,
+    ) -> CycleState:
+        """A new state of `pipeline`, numbering from `first_cycle`, keeping what a re-initialisation carries over:
+        the anti-rollback records and the model the next cycle starts from."""
+        body = {
+            "pipeline": pipeline.model_dump(),
+            "first_cycle": first_cycle,
+            "rollback": {k: e.model_dump() for k, e in (rollback or {}).items()},
+            "accepted_model": accepted_model.model_dump() if accepted_model else None,
+            "heldout": heldout.model_dump() if heldout else None,
+        }
+        return cls()._record("genesis", first_cycle, body)
 
     def earlier_evidence(self, exclude: Iterable[str] = ()) -> dict[str, list[float]]:
         """Each source's recorded p-values, leaving out the shard digests in `exclude` (those being judged now)."""
@@ -123,14 +174,18 @@ class CycleState(_Record):
             for source, record in self.evidence.items()
         }
 
-    def record_evidence(self, p_values: Iterable[tuple[str, str, float]]) -> CycleState:
-        """Adds (source, shard sha256, p-value) triples; the same content tested again keeps its latest p-value."""
-        evidence = {source: dict(record.p_values) for source, record in self.evidence.items()}
+    def record_evidence(self, p_values: Iterable[tuple[str, str, float]], offered: Iterable[str]) -> CycleState:
+        """Adds (source, shard sha256, p-value) triples and drops the p-values of shards no longer `offered` (by
+        sha256): a withdrawn shard's evidence leaves the combination; the same content tested again keeps its
+        latest p-value."""
+        keep = set(offered)
+        evidence = {
+            source: {d: p for d, p in record.p_values.items() if d in keep} for source, record in self.evidence.items()
+        }
         for source, digest, p in p_values:
             evidence.setdefault(source, {})[digest] = p
-        return self.model_copy(
-            update={"evidence": {source: SourceEvidence(p_values=ps) for source, ps in evidence.items()}}
-        )
+        body = {"evidence": {source: ps for source, ps in sorted(evidence.items()) if ps}}
+        return self._record("evidence", self._running().cycle, body)
 
     @property
     def rollback_records(self) -> RollbackRecords:
@@ -139,17 +194,30 @@ class CycleState(_Record):
 
     def accept_manifest(self, key: str, version: int, statement_sha256: str) -> CycleState:
         """Records a manifest as accepted in its rollback namespace (refusing a rollback)."""
-        records = self.rollback_records.recorded(key, version, statement_sha256)
-        entries = {
-            k: RollbackEntry(version=a.version, statement_sha256=a.statement_sha256)
-            for k, a in records.accepted.items()
-        }
-        return self.model_copy(update={"rollback": entries})
+        self.rollback_records.check(key, version, statement_sha256)
+        entry = self.rollback.get(key)
+        if entry is not None and (entry.version, entry.statement_sha256) == (version, statement_sha256):
+            return self
+        body = {"key": key, "version": version, "statement_sha256": statement_sha256}
+        return self._record("rollback", self.tail_cycle, body)
+
+    def reset_rollback(self, key: str, reason: str) -> CycleState:
+        """Forgets one namespace's anti-rollback record: an operator's explicit, logged decision to go back."""
+        if key not in self.rollback:
+            raise StateError(
+                f"no anti-rollback record {key!r} (recorded: {', '.join(sorted(self.rollback)) or 'none'})"
+            )
+        return self._record("rollback-reset", self.tail_cycle, {"key": key, "reason": reason, "at": utc_now()})
 
     @property
     def last_number(self) -> int:
         """The number of the latest cycle, or the one before `first_cycle` when none ran."""
         return self.cycles[-1].cycle if self.cycles else self.first_cycle - 1
+
+    @property
+    def tail_cycle(self) -> int:
+        """The cycle whose log segment an event outside any cycle's work goes to: the latest, else the first."""
+        return max(self.last_number, self.first_cycle)
 
     @property
     def current(self) -> CycleRecord | None:
@@ -166,61 +234,58 @@ class CycleState(_Record):
         running = self.current
         if running is not None and running.config_sha256 == config_sha256:
             return self
-        cycles = self.cycles
+        state = self
         if running is not None:
-            abandoned = running.model_copy(
-                update={"status": "abandoned", "finished": now or utc_now(), "reason": "config changed"}
-            )
-            cycles = (*cycles[:-1], abandoned)
-        number = cycles[-1].cycle + 1 if cycles else self.first_cycle
-        fresh = CycleRecord(cycle=number, config_sha256=config_sha256, started=now or utc_now())
-        return self.model_copy(update={"cycles": (*cycles, fresh)})
+            body = {"finished": now or utc_now(), "reason": "config changed"}
+            state = state._record("abandon", running.cycle, body)
+        return state._record(
+            "begin", state.last_number + 1, {"config_sha256": config_sha256, "started": now or utc_now()}
+        )
 
     def decided(self, shard: str, sha256: str) -> ShardDecision | None:
-        """The latest decision on this exact shard content, in this or any earlier cycle."""
-        for record in reversed(self.cycles):
-            for decision in reversed(record.shards):
+        """The latest decision on this exact shard content, in the running cycle or the last screened one."""
+        for shards in (self.current.shards if self.current else (), self.reusable_shards):
+            for decision in reversed(shards):
                 if decision.key == (shard, sha256):
                     return decision
         return None
 
     def decide(self, decisions: Iterable[ShardDecision]) -> CycleState:
         """Records shard decisions in the running cycle; a later decision on the same shard content replaces it."""
-        running = self._running()
-        merged = {d.key: d for d in running.shards}
-        merged.update({d.key: d for d in decisions})
-        return self._replace_current(running.model_copy(update={"shards": tuple(merged.values())}))
+        shards = [d.model_dump() for d in decisions]
+        return self._record("decide", self._running().cycle, {"shards": shards}) if shards else self
 
     def read_manifests(self, digests: Mapping[str, str]) -> CycleState:
         """Records which manifests (path -> sha256) the running cycle verified and trains from."""
-        running = self._running()
-        return self._replace_current(running.model_copy(update={"manifests": dict(digests)}))
+        return self._record("manifests", self._running().cycle, {"manifests": dict(digests)})
 
     def step_done(self, step: str, metrics: Mapping[str, float] | None = None) -> CycleState:
         """Marks a step of the running cycle complete, with the metrics it produced."""
-        running = self._running()
-        steps = running.steps if step in running.steps else (*running.steps, step)
-        update = {"steps": steps, "metrics": {**running.metrics, **(metrics or {})}}
-        return self._replace_current(running.model_copy(update=update))
+        return self._record("step", self._running().cycle, {"step": step, "metrics": dict(metrics or {})})
 
     def accept(self, model: ModelRecord, heldout: HeldoutRecord, now: str | None = None) -> CycleState:
         """The gate accepted the candidate: it becomes the model the next cycle starts from."""
-        running = self._running()
-        done = running.model_copy(update={"status": "accepted", "finished": now or utc_now(), "candidate": model})
-        return self._replace_current(done).model_copy(update={"accepted_model": model, "heldout": heldout})
+        return self._finish("accepted", "", now, model, heldout)
 
     def reject(self, reason: str, now: str | None = None, candidate: ModelRecord | None = None) -> CycleState:
         """The gate refused the candidate: the last accepted model stays."""
-        return self._finish("rejected", reason, now, candidate)
+        return self._finish("rejected", reason, now, candidate, None)
 
     def fail(self, reason: str, now: str | None = None) -> CycleState:
         """A check stopped the cycle (e.g. tampered data): nothing changes but the record of why."""
-        return self._finish("failed", reason, now, None)
+        return self._finish("failed", reason, now, None, None)
 
-    def _finish(self, status: Status, reason: str, now: str | None, candidate: ModelRecord | None) -> CycleState:
-        running = self._running()
-        update = {"status": status, "finished": now or utc_now(), "reason": reason, "candidate": candidate}
-        return self._replace_current(running.model_copy(update=update))
+    def _finish(
+        self, status: Status, reason: str, now: str | None, candidate: ModelRecord | None, heldout: HeldoutRecord | None
+    ) -> CycleState:
+        body = {
+            "status": status,
+            "finished": now or utc_now(),
+            "reason": reason,
+            "candidate": candidate.model_dump() if candidate else None,
+            "heldout": heldout.model_dump() if heldout else None,
+        }
+        return self._record("finish", self._running().cycle, body)
 
     def _running(self) -> CycleRecord:
         running = self.current
@@ -228,88 +293,105 @@ class CycleState(_Record):
             raise StateError("no cycle is running: call begin() first")
         return running
 
-    def _replace_current(self, record: CycleRecord) -> CycleState:
-        return self.model_copy(update={"cycles": (*self.cycles[:-1], record)})
+    def _record(self, kind: EventKind, cycle: int, body: dict[str, Any]) -> CycleState:
+        event = Event(kind=kind, cycle=cycle, body=body)
+        return apply(self, event).model_copy(update={"pending": (*self.pending, event)})
 
 
-def state_from_json(text: str | bytes, source: str = "<state>") -> CycleState:
-    """Parses a state's JSON; anything malformed is a StateError (never silently reset)."""
-    from trainguard.strictjson import StrictJSONError, loads
-
+def apply(state: CycleState, event: Event) -> CycleState:
+    """The state after `event`: the one definition of every transition, for new events and for the log replayed."""
     try:
-        document = loads(text)
-    except StrictJSONError as error:
-        raise StateError(f"{source}: malformed cycle state: {error}", path=source) from None
-    try:
-        return CycleState.model_validate(document)
-    except ValidationError as error:
-        first = error.errors(include_url=False)[0]
-        where = ".".join(str(part) for part in first["loc"]) or "<root>"
-        raise StateError(f"{source}: malformed cycle state at {where}: {first['msg']}", path=source) from None
+        return _APPLY[event.kind](state, event)
+    except (ValidationError, KeyError, TypeError) as error:
+        raise StateError(f"malformed {event.kind} event of cycle {event.cycle}: {error}") from None
 
 
-def state_to_json(state: CycleState) -> str:
-    return json.dumps(state.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+def _genesis(state: CycleState, event: Event) -> CycleState:
+    body = event.body
+    return CycleState(
+        pipeline=Pipeline.model_validate(body["pipeline"]),
+        first_cycle=body["first_cycle"],
+        rollback={k: RollbackEntry.model_validate(v) for k, v in body["rollback"].items()},
+        accepted_model=ModelRecord.model_validate(body["accepted_model"]) if body["accepted_model"] else None,
+        heldout=HeldoutRecord.model_validate(body["heldout"]) if body["heldout"] else None,
+    )
 
 
-class StateStore:
-    """The state file, signed with the cycle's key: atomic whole-file writes, and an exclusive lock so two cycles
-    never interleave."""
+def _begin(state: CycleState, event: Event) -> CycleState:
+    record = CycleRecord(cycle=event.cycle, config_sha256=event.body["config_sha256"], started=event.body["started"])
+    earlier = tuple(c.model_copy(update={"shards": ()}) if c.shards else c for c in state.cycles)
+    return state.model_copy(update={"cycles": (*earlier, record)[-RECENT:]})
 
-    def __init__(self, path: Path, key: SigningKey) -> None:
-        self.path = Path(path)
-        self.key = key
 
-    def exists(self) -> bool:
-        return self.path.exists() or self.path.is_symlink()
+def _abandon(state: CycleState, event: Event) -> CycleState:
+    running = state._running()
+    update = {"status": "abandoned", "finished": event.body["finished"], "reason": event.body["reason"]}
+    return _replace_current(state, running.model_copy(update=update))
 
-    def load(self) -> CycleState:
-        """The persisted state (its signature checked), or an empty one if the file does not exist yet."""
-        try:
-            data = read_regular(self.path, limit=STATE_LIMIT, follow_symlinks=False)
-        except FileNotFoundError:
-            return CycleState()
-        except OSError as error:
-            raise StateError(f"{self.path}: cannot read cycle state: {error.strerror}", path=str(self.path)) from None
-        try:
-            envelope = Envelope.from_json(data)
-            if envelope.payload_type != STATE_PAYLOAD_TYPE:
-                raise StateError(f"{self.path}: not a trainguard cycle state (payloadType {envelope.payload_type!r})")
-            verify_envelope(envelope, (self.key.public,), 1)
-        except ProvenanceError as error:
-            raise TamperedStateError(
-                f"{self.path}: the cycle state does not carry a valid signature of the cycle key {self.key.keyid[:16]} "
-                f"({error.reason}): it was edited outside trainguard or belongs to another key; refusing it",
-                path=str(self.path),
-            ) from None
-        return state_from_json(envelope.payload, str(self.path))
 
-    def save(self, state: CycleState) -> None:
-        """Signs and writes the state so that a crash leaves either the old or the new file, never a torn one."""
-        envelope = sign_envelope(STATE_PAYLOAD_TYPE, state_to_json(state).encode(), self.key)
-        atomic_write(self.path, envelope.to_json())
+def _decide(state: CycleState, event: Event) -> CycleState:
+    running = state._running()
+    merged = {d.key: d for d in running.shards}
+    merged.update({d.key: d for d in (ShardDecision.model_validate(s) for s in event.body["shards"])})
+    return _replace_current(state, running.model_copy(update={"shards": tuple(merged.values())}))
 
-    def update(self, state: CycleState) -> CycleState:
-        """Saves and returns `state` (for `state = store.update(state.decide(...))`)."""
-        self.save(state)
-        return state
 
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[StateStore]:
-        """Holds an exclusive lock beside the state file; a second concurrent cycle fails at once."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        try:
-            lock = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
-        except OSError as error:
-            raise StateError(
-                f"{lock_path}: cannot open the cycle lock: {error.strerror}", path=str(lock_path)
-            ) from None
-        try:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise StateError(f"{self.path}: another cycle holds the lock", path=str(self.path)) from None
-            yield self
-        finally:
-            os.close(lock)
+def _manifests(state: CycleState, event: Event) -> CycleState:
+    running = state._running()
+    return _replace_current(state, running.model_copy(update={"manifests": dict(event.body["manifests"])}))
+
+
+def _rollback(state: CycleState, event: Event) -> CycleState:
+    body = event.body
+    state.rollback_records.check(body["key"], body["version"], body["statement_sha256"])
+    entry = RollbackEntry(version=body["version"], statement_sha256=body["statement_sha256"])
+    return state.model_copy(update={"rollback": {**state.rollback, body["key"]: entry}})
+
+
+def _rollback_reset(state: CycleState, event: Event) -> CycleState:
+    return state.model_copy(update={"rollback": {k: e for k, e in state.rollback.items() if k != event.body["key"]}})
+
+
+def _step(state: CycleState, event: Event) -> CycleState:
+    running = state._running()
+    step = event.body["step"]
+    steps = running.steps if step in running.steps else (*running.steps, step)
+    update = {"steps": steps, "metrics": {**running.metrics, **event.body["metrics"]}}
+    return _replace_current(state, running.model_copy(update=update))
+
+
+def _evidence(state: CycleState, event: Event) -> CycleState:
+    evidence = {source: SourceEvidence(p_values=ps) for source, ps in event.body["evidence"].items()}
+    return state.model_copy(update={"evidence": evidence, "evidence_cycle": event.cycle})
+
+
+def _finish(state: CycleState, event: Event) -> CycleState:
+    body = event.body
+    running = state._running()
+    candidate = ModelRecord.model_validate(body["candidate"]) if body["candidate"] else None
+    update = {"status": body["status"], "finished": body["finished"], "reason": body["reason"], "candidate": candidate}
+    done = running.model_copy(update=update)
+    changes: dict[str, Any] = {}
+    if body["status"] == "accepted":
+        changes.update(accepted_model=candidate, heldout=HeldoutRecord.model_validate(body["heldout"]))
+    if body["status"] in ("accepted", "rejected"):
+        changes.update(reusable=done.cycle, reusable_shards=done.shards)
+    return _replace_current(state, done).model_copy(update=changes)
+
+
+def _replace_current(state: CycleState, record: CycleRecord) -> CycleState:
+    return state.model_copy(update={"cycles": (*state.cycles[:-1], record)})
+
+
+_APPLY = {
+    "genesis": _genesis,
+    "begin": _begin,
+    "abandon": _abandon,
+    "decide": _decide,
+    "manifests": _manifests,
+    "rollback": _rollback,
+    "rollback-reset": _rollback_reset,
+    "step": _step,
+    "evidence": _evidence,
+    "finish": _finish,
+}

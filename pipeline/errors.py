@@ -27,6 +27,12 @@ class ModelSignatureError(PipelineError):
         self.path = path
 
 
+class ModelIdentityError(ModelSignatureError):
+    """A validly signed model that is not the one recorded for this use (an older release copied over it)."""
+
+    reason = "model-mismatch"
+
+
 class ModelNotFoundError(ModelSignatureError):
     """The model directory or public key named does not exist (unusable input, not a failed check)."""
 
@@ -62,10 +68,25 @@ class StateError(PipelineError):
 
 
 class TamperedStateError(StateError):
-    """The cycle state's signature does not verify, or the state is older than the cycles released beside it
-    (deleted or replayed): a failed check, not bad input."""
+    """The cycle state's signature does not verify, or its log does not hold what its head commits to: a failed
+    check, not bad input."""
 
     exit_code = 1
+    reason = "tampered-state"
+
+
+class StaleStateError(TamperedStateError):
+    """The cycle state is not the newest link of its signed history: its own log, or a signed receipt of a later
+    cycle, holds more (an older or mid-cycle state put back, or a deleted one)."""
+
+    reason = "stale-state"
+
+
+class ForeignStateError(TamperedStateError):
+    """The cycle state belongs to another pipeline (another config name or work folder, or another history of
+    this one) that shares the cycle key."""
+
+    reason = "foreign-state"
 
 
 class CycleAbortedError(PipelineError):

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from trainguard import strictjson
 from trainguard.files import read_regular
-from trainguard.pipeline.errors import ModelNotFoundError, ModelSignatureError
+from trainguard.pipeline.errors import ModelIdentityError, ModelNotFoundError, ModelSignatureError
 from trainguard.provenance.paths import printable, walk_entries
 
 if TYPE_CHECKING:
@@ -199,14 +199,22 @@ def _read_control(
         raise ModelNotFoundError(f"{path}: cannot read: {error.strerror}", path=str(path)) from None
 
 
-def load_verified_state_dict(directory: Path, public_key: Path) -> dict[str, torch.Tensor]:
-    """The weights of a signed model: verifies the signature, then parses the weights from bytes whose digest
-    matches the signed one (read once, so nothing can swap the file between check and use)."""
+def load_verified_state_dict(directory: Path, public_key: Path, expected_sha256: str) -> dict[str, torch.Tensor]:
+    """The weights of a signed model that must be the one recorded (`expected_sha256`, e.g. in the signed cycle
+    state): verifies the signature, refuses any other validly signed model, then parses the weights from bytes
+    whose digest matches (read once, so nothing can swap the file between check and use)."""
     from safetensors.torch import load
 
     files = verify_model_signature(directory, public_key)
+    signed = files.digests.get(MODEL_FILE)
+    if signed != expected_sha256:
+        raise ModelIdentityError(
+            f"{directory}: holds a validly signed model with weights sha256 {str(signed)[:16]}…, not the recorded "
+            f"{expected_sha256[:16]}… (another release copied over it); refusing it",
+            path=str(directory),
+        )
     data = files.model_file.read_bytes()
-    if hashlib.sha256(data).hexdigest() != files.digests.get(MODEL_FILE):
+    if hashlib.sha256(data).hexdigest() != signed:
         raise ModelSignatureError(f"{files.model_file}: changed after its signature was checked", path=str(directory))
     return load(data)
 

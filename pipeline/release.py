@@ -81,6 +81,7 @@ def release(
         },
         gate=cycle.report["gate"],
         excluded_rows=cycle.report["training"]["excluded_rows"],
+        state=_state_link(cycle),
     )
     files = write_signed_model(
         model,
@@ -146,6 +147,14 @@ def _model_release(
         description=description,
         tags=tags,
     )
+
+
+def _state_link(cycle: RunningCycle) -> dict[str, Any]:
+    """Where in its pipeline's signed history the model was made: the pipeline, the cycle and the state's link."""
+    link, pipeline = cycle.store.link, cycle.state.pipeline
+    if link is None or pipeline is None:
+        raise CycleAbortedError("the cycle state has no link to attest the model under", "release")
+    return {"pipeline": pipeline.id, "cycle": cycle.number, "seq": link.seq, "link": link.digest}
 
 
 def serving_metadata(config: CycleConfig) -> dict[str, str]:

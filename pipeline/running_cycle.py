@@ -10,8 +10,10 @@ from typing import Any
 
 from trainguard.pipeline.config import CycleConfig
 from trainguard.pipeline.cycle_report import write_report
-from trainguard.pipeline.cycle_state import CycleState, ShardDecision, StateStore
+from trainguard.pipeline.cycle_state import CycleState, ShardDecision
 from trainguard.pipeline.distributed import Meeting
+from trainguard.pipeline.receipts import write_receipt
+from trainguard.pipeline.state_log import StateStore
 from trainguard.pipeline.tracking import CycleTracker
 
 
@@ -40,5 +42,14 @@ class RunningCycle:
         self.state = self.store.update(self.state.step_done(name, metrics))
 
     def write_report(self) -> Path:
-        """Writes this cycle's local report (see `cycle_report.write_report`)."""
-        return write_report(self.config.output.work_dir, self.number, self.report)
+        """Writes this cycle's local report (see `cycle_report.write_report`), naming the link of the signed state
+        it was made under, and the signed receipt that binds the two."""
+        link = self.store.link
+        pipeline = self.state.pipeline
+        if link is not None and pipeline is not None:
+            self.report["state"] = {"pipeline": pipeline.id, "seq": link.seq, "link": link.digest}
+        work_dir = self.config.output.work_dir
+        path, digest = write_report(work_dir, self.number, self.report)
+        if link is not None and self.state.current is None:
+            write_receipt(work_dir, self.state, link, digest, self.store.key)
+        return path

@@ -41,13 +41,16 @@ class Envelope:
     payload: bytes
     signatures: tuple[Signature, ...]
 
-    def to_json(self) -> bytes:
+    def to_json(self, indent: int | None = 2) -> bytes:
+        """The envelope as JSON: indented with a final newline, or on one line (`indent=None`, for logs)."""
         document = {
             "payload": base64.b64encode(self.payload).decode(),
             "payloadType": self.payload_type,
             "signatures": [{"keyid": s.keyid, "sig": base64.b64encode(s.sig).decode()} for s in self.signatures],
         }
-        return json.dumps(document, indent=2).encode() + b"\n"
+        if indent is None:
+            return json.dumps(document, separators=(",", ":")).encode()
+        return json.dumps(document, indent=indent).encode() + b"\n"
 
     @classmethod
     def from_json(cls, data: bytes | str) -> Envelope:

@@ -124,11 +124,16 @@ def _quiet_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 @pytest.fixture
 def read_cycle_state() -> Callable[[Path], dict[str, Any]]:
     """Reads the signed cycle state of a demo layout under `root` (checked with its cycle key) as JSON data."""
-    from trainguard.pipeline.cycle_state import StateStore
+    import json
+
+    from trainguard.pipeline.state_log import StateStore
+    from trainguard.provenance.dsse import Envelope
     from trainguard.provenance.keys import load_signing_key
 
     def read(root: Path) -> dict[str, Any]:
         key = load_signing_key(root / "demo-work" / "keys" / "model.key")
-        return StateStore(root / "demo-work" / "cycle" / "state.json", key).load().model_dump(mode="json")
+        path = root / "demo-work" / "cycle" / "state.json"
+        pipeline = json.loads(Envelope.from_json(path.read_bytes()).payload)["state"]["pipeline"]
+        return StateStore(path, key, (pipeline["name"], pipeline["work_dir"])).load().model_dump(mode="json")
 
     return read

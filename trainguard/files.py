@@ -77,3 +77,23 @@ def read_regular(path: Path, *, limit: int = CONTROL_FILE_LIMIT, follow_symlinks
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def append_line(path: Path, line: bytes) -> None:
+    """Appends `line` and a newline to an existing regular file and fsyncs it (a log's next record).
+
+    The file is opened without following a link and checked to be a regular file; one write call carries the whole
+    line, so a crash leaves at most a torn last line, which readers of such logs drop.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        os.set_blocking(fd, True)
+        data = line + b"\n"
+        written = os.write(fd, data)
+        if written != len(data):
+            raise OSError(errno.EIO, f"short write ({written} of {len(data)} bytes)", str(path))
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -16,10 +16,13 @@ from trainguard.pipeline.commands import PATH
 @click.option("--last", type=click.IntRange(min=1), default=5, show_default=True, help="How many cycles to show.")
 def status(config: Path, last: int) -> None:
     """The last cycles (decision, reason, model), the accepted model, and where state and reports are."""
-    loaded, state = _state(config)
+    loaded, store = _store(config)
+    state = store.load()
     _cycles(state.cycles[-last:], loaded.output.work_dir)
     accepted = state.accepted_model
     click.echo(f"accepted model: {accepted.path if accepted else 'none yet'}")
+    for namespace, entry in sorted(state.rollback.items()):
+        click.echo(f"anti-rollback: {namespace} at version {entry.version}")
     click.echo(f"cycle state (signed; also holds the manifests' anti-rollback records): {loaded.output.state_path}")
     click.echo(f"reports: {loaded.output.work_dir / 'reports'}; models: {loaded.output.work_dir / 'models'}")
 
@@ -28,24 +31,25 @@ def status(config: Path, last: int) -> None:
 @click.option("--config", "-c", type=PATH, required=True, help="The cycle config (YAML).")
 def history(config: Path) -> None:
     """Every cycle of the config's state, with its shard decisions."""
-    loaded, state = _state(config)
-    _cycles(state.cycles, loaded.output.work_dir)
-    for record in state.cycles:
+    loaded, store = _store(config)
+    records = store.history()
+    _cycles(records, loaded.output.work_dir)
+    for record in records:
         refused = [d for d in record.shards if not d.accepted]
         click.echo(f"cycle {record.cycle}: {len(record.shards) - len(refused)} shards accepted, {len(refused)} refused")
         for decision in refused:
             click.echo(f"  refused {decision.shard} ({decision.source}) by {decision.check}: {decision.reason}")
 
 
-def _state(config: Path) -> tuple[Any, Any]:
-    """The config and its signed cycle state (checked with the cycle's key; a missing state is an empty one)."""
+def _store(config: Path) -> tuple[Any, Any]:
+    """The config and its signed cycle state's store (checked with the cycle's key when read)."""
     from trainguard.pipeline.config import load_config
-    from trainguard.pipeline.cycle_state import StateStore
+    from trainguard.pipeline.state_log import StateStore
     from trainguard.provenance.keys import load_signing_key
 
     loaded = load_config(config, check_components=False)
-    store = StateStore(loaded.output.state_path, load_signing_key(loaded.output.attestation_key_path))
-    return loaded, store.load()
+    key = load_signing_key(loaded.output.attestation_key_path)
+    return loaded, StateStore(loaded.output.state_path, key, loaded.pipeline_identity)
 
 
 def _cycles(records: Any, work_dir: Path) -> None:
