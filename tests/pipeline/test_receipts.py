@@ -46,7 +46,7 @@ def _project(tmp_path: Path, key: SigningKey, cycles: int) -> tuple[StateStore, 
 
 
 def test_a_whole_state_put_back_is_refused_by_a_later_signed_receipt(tmp_path: Path, key: SigningKey) -> None:
-    _, _, work = _project(tmp_path, key, 1)
+    store, _, work = _project(tmp_path, key, 1)
     shutil.copytree(work, tmp_path / "snapshot")
     _finish(store, store.load(), work, 2)
     shutil.rmtree(work / "state-log")
