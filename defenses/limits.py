@@ -60,16 +60,20 @@ def enforce_source_caps(rows_by_source: Mapping[str, int], max_fraction: float) 
     return result
 
 
-def capped_rows(rows_by_source: Mapping[str, int], max_fraction: float) -> dict[str, int]:
-    """Rows each source may keep so that none exceeds `max_fraction` of the kept total; small sources keep all.
+def capped_rows(rows_by_source: Mapping[str, int], max_fraction: float, exempt_rows: int = 0) -> dict[str, int]:
+    """Rows each source may keep so that none exceeds `max_fraction` of the kept total (which includes
+    `exempt_rows`, rows no cap applies to, such as a trusted base); small sources keep all.
 
-    Finds the largest per-source ceiling c with c <= max_fraction * sum(min(rows, c)). The slack of that inequality
-    is concave in c and zero at c = 0, so the feasible ceilings form an interval and bisection finds its end.
+    Finds the largest per-source ceiling c with c <= max_fraction * (exempt_rows + sum(min(rows, c))). The slack of
+    that inequality is concave in c and non-negative at c = 0, so the feasible ceilings form an interval and
+    bisection finds its end.
     """
     _validated(rows_by_source, max_fraction)
+    if exempt_rows < 0:
+        raise ScreeningInputError("exempt rows must not be negative")
 
     def feasible(c: int) -> bool:
-        return c <= max_fraction * sum(min(n, c) for n in rows_by_source.values())
+        return c <= max_fraction * (exempt_rows + sum(min(n, c) for n in rows_by_source.values()))
 
     low, high = 0, max(rows_by_source.values(), default=0)
     while low < high:

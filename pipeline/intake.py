@@ -35,7 +35,7 @@ from trainguard.provenance.verify import VerificationReport, VerifiedManifest, o
 @dataclass(frozen=True)
 class SignedShard:
     """A shard read verify-on-read: its decoded samples (and, for tables, the frame they came from), the manifest
-    that listed it, who contributed it and its signed role."""
+    that listed it and the key set that signed it, the source it counts as and its signed role."""
 
     name: str
     sha256: str
@@ -45,11 +45,13 @@ class SignedShard:
     manifest_sha256: str
     samples: Samples
     frame: pd.DataFrame | None = None
+    key_set: str = ""
 
     @property
     def key(self) -> str:
-        """Unique across manifests: `dataset:name`, as decisions and reports name shards."""
-        return f"{self.dataset}:{self.name}"
+        """Its identity across manifests, as decisions and reports name it: `<key set>/<dataset>:<name>` (two key
+        sets may each sign a dataset of the same name)."""
+        return shard_key(self.key_set, self.dataset, self.name)
 
     @property
     def allowed(self) -> AllowedShard:
@@ -72,6 +74,11 @@ class Intake:
     @property
     def signer_keyids(self) -> tuple[str, ...]:
         return tuple(sorted({k for m in self.manifests for k in m.signers}))
+
+
+def shard_key(key_set: str, dataset: str, name: str) -> str:
+    """A shard's identity: which key set signed it, in which dataset, under which name."""
+    return f"{key_set}/{dataset}:{name}"
 
 
 def manifest_refs(config: CycleConfig) -> list[ManifestRef]:
@@ -118,6 +125,7 @@ def verify_and_read(
     by_role: dict[str, list[SignedShard]] = defaultdict(list)
     for ref in manifest_refs(config):
         verified, report = _verify(ref, config, rollback)
+        _refuse_shared_namespace(verified, manifests)
         manifests.append(verified)
         reports.append(report)
         is_holdout = ref.manifest.resolve() == holdout_ref.manifest.resolve()
@@ -143,12 +151,13 @@ def verify_and_read(
                 SignedShard(
                     shard.name,
                     shard.sha256,
-                    shard.source,
+                    verified.key_set.attributed_source(shard.source),
                     shard.role,
                     verified.manifest.dataset,
                     verified.manifest_sha256,
                     samples,
                     frame,
+                    verified.key_set.id,
                 )
             )
     if not by_role["holdout"]:
@@ -180,12 +189,23 @@ def decode_shard(
     return reader.read_samples(name, every_decoder), None
 
 
+def _refuse_shared_namespace(verified: VerifiedManifest, earlier: Sequence[VerifiedManifest]) -> None:
+    """Two manifests of one key set for one dataset would share shard identities and anti-rollback records."""
+    twin = next((m for m in earlier if m.rollback_key == verified.rollback_key), None)
+    if twin is not None:
+        raise CycleAbortedError(
+            f"verify {verified.path}: key set {verified.key_set.label} signs dataset {verified.manifest.dataset!r} in "
+            f"{twin.path} too; configure one manifest per key set and dataset",
+            check="verify",
+        )
+
+
 def _refused_entry(verified: VerifiedManifest, name: str, check: str, reason: str) -> ShardDecision:
     shard = next(s for s in verified.manifest.shards if s.name == name)
     return ShardDecision(
-        shard=f"{verified.manifest.dataset}:{name}",
+        shard=shard_key(verified.key_set.id, verified.manifest.dataset, name),
         sha256=shard.sha256,
-        source=shard.source,
+        source=verified.key_set.attributed_source(shard.source),
         accepted=False,
         check=check,
         reason=reason,
@@ -250,21 +270,26 @@ def _table_verdicts(shards: Sequence[SignedShard], section: ValidationSection) -
 
 
 def cap_sources(shards: Sequence[SignedShard], max_fraction: float) -> tuple[list[SignedShard], list[ShardDecision]]:
-    """Drops a source's latest shards beyond what `max_fraction` of the cycle's rows allows it."""
+    """Drops a source's latest shards beyond what `max_fraction` of the cycle's rows allows it. The trusted base is
+    never capped: its rows count in the total, and no source is measured against it."""
     from trainguard.defenses.limits import capped_rows
 
     rows: dict[str, int] = defaultdict(int)
     for shard in shards:
-        rows[shard.source] += len(shard.samples)
-    allowed = capped_rows(rows, max_fraction)
+        if shard.role != "trusted":
+            rows[shard.source] += len(shard.samples)
+    trusted = sum(len(s.samples) for s in shards if s.role == "trusted")
+    allowed = capped_rows(rows, max_fraction, exempt_rows=trusted)
     used: dict[str, int] = defaultdict(int)
     kept, refused = [], []
     for shard in shards:
-        if used[shard.source] + len(shard.samples) <= allowed[shard.source]:
+        if shard.role == "trusted":
+            kept.append(shard)
+        elif used[shard.source] + len(shard.samples) <= allowed[shard.source]:
             used[shard.source] += len(shard.samples)
             kept.append(shard)
         else:
-            share = rows[shard.source] / max(sum(rows.values()), 1)
+            share = rows[shard.source] / max(sum(rows.values()) + trusted, 1)
             reason = (
                 f"source {shard.source} offers {share:.1%} of this cycle's rows; the cap is {max_fraction:.1%} "
                 f"({allowed[shard.source]} rows)"

@@ -115,17 +115,21 @@ class ShardDataset(Dataset):
         shards: list[tuple[str, ShardEntry]] = []
         for reader in readers:
             dataset = reader.verified.manifest.dataset
+            signed_by = reader.verified.key_set.id
             selected = [s for r, s in chosen if r is reader]
             tables = {s.name: s for s in selected if read_as_table(s.name, decoders)}
             for name, frame in reader.frames(tables):
                 parts.append(table_samples(name, frame, feature_columns, label_column))
-                shards.append((dataset, tables[name]))
+                shards.append((signed_by, dataset, tables[name]))
             for shard in (s for s in selected if s.name not in tables):
                 parts.append(reader.read_samples(shard.name, every_decoder))
-                shards.append((dataset, shard))
+                shards.append((signed_by, dataset, shard))
         dropped = exclude_rows or {}
-        parts = [_without_rows(p, dropped.get(f"{d}:{s.name}", ())) for p, (d, s) in zip(parts, shards, strict=True)]
-        self.shards = tuple(shards)
+        parts = [
+            _without_rows(p, dropped.get(f"{k}/{d}:{s.name}", dropped.get(f"{d}:{s.name}", ())))
+            for p, (k, d, s) in zip(parts, shards, strict=True)
+        ]
+        self.shards = tuple((d, s) for _, d, s in shards)
         self.row_shard = np.repeat(np.arange(len(parts)), [len(p) for p in parts]).astype(np.int64)
         empty = Samples(np.zeros((0, len(feature_columns or ())), np.float32), np.zeros(0, np.int64))
         try:
@@ -237,7 +241,8 @@ class VerifiedDataModule(pl.LightningDataModule):
     `transform`/`val_transform` are per-sample callables (torchvision-style) applied as batches are drawn.
 
     `exclude` drops shards by name (or `dataset:name`), e.g. those a poisoning screen rejected, and `exclude_rows`
-    single rows of shards (`dataset:name` -> row indices), e.g. those a row-level detector quarantined. A module made by
+    single rows of shards (`dataset:name`, or `<key set>/dataset:name` for one signer's -> row indices), e.g. those a
+    row-level detector quarantined. A module made by
     `from_verified` reads through manifests already verified and an allow-list, never re-opening a manifest by path.
     Under DDP each rank reads only its own part of the training shards (balanced by signed record counts; held-out
     shards are read by every rank, which Lightning's sampler splits) and `read_log` merges every rank's reads into

@@ -72,6 +72,19 @@ class KeySet:
         return self.name or (f"keys {self.keys[0].keyid[:16]}" if self.keys else "<no keys>")
 
     @property
+    def id(self) -> str:
+        """The set's stable name in shard identities and attributed sources: its policy name, else its first key."""
+        return self.name or f"key-{self.keys[0].keyid[:16]}"
+
+    def attributed_source(self, declared: str) -> str:
+        """The source a shard this set signed counts as, for caps and evidence: the declared one when the policy
+        grants it by name, else the set itself (`<id>/*`): a pattern grant lets the key mint names, which must buy
+        it neither a larger cap nor fresh evidence."""
+        if declared in self.sources and not any(c in declared for c in "*?["):
+            return declared
+        return f"{self.id}/*"
+
+    @property
     def fingerprint(self) -> str:
         """SHA-256 over the threshold and the sorted keyids: the namespace anti-rollback records are kept under,
         so another key set signing the same dataset name can never lock this one out or replay into it."""
