@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -20,7 +20,7 @@ from trainguard import strictjson
 from trainguard.files import atomic_write, read_regular
 from trainguard.pipeline.cycle_state import CycleState, HeldoutRecord, ModelRecord, Pipeline, RollbackEntry
 from trainguard.pipeline.errors import ForeignStateError, StaleStateError, StateError
-from trainguard.pipeline.state_log import Link, StateStore
+from trainguard.pipeline.state_log import Checkpoint, Link, StateStore
 from trainguard.provenance.dsse import Envelope, sign_envelope, verify_envelope
 from trainguard.provenance.errors import ProvenanceError
 from trainguard.provenance.keys import SigningKey
@@ -129,9 +129,10 @@ def _read(path: Path, key: SigningKey) -> Receipt | None:
 
 def rebuild_state(store: StateStore, work_dir: Path) -> tuple[CycleState, str]:
     """A new history of the store's pipeline for `trainguard cycle --reinit`, where the state is missing, stale,
-    foreign or unreadable: numbered after every cycle found, keeping the newest anti-rollback record of every
-    namespace (from the signed receipts, the signed log and any head that still verifies) and the last accepted
-    model. Returns it (its genesis pending) and a line saying what it carried; refuses when the state is intact."""
+    foreign or unreadable: numbered after every cycle found, keeping the anti-rollback records of the newest history
+    (its newest signed receipt or verifiable head, then the events its signed log holds past that) and the last
+    accepted model. Returns it (its genesis pending) and a line saying what it carried; refuses when the state is
+    intact."""
     try:
         current = store.load()
         check_fresh(current, store.link, work_dir, store.key)
@@ -141,11 +142,8 @@ def rebuild_state(store: StateStore, work_dir: Path) -> tuple[CycleState, str]:
         if store.link is not None:
             raise StateError(f"{store.path}: the cycle state is intact and current; --reinit only rebuilds a lost one")
     found = list(receipts(work_dir, store.key, store.identity))
-    rollback: dict[str, RollbackEntry] = {}
-    for receipt in reversed(found):  # oldest first, so the newest receipt wins a tie
-        _merge(rollback, receipt.rollback)
-    for records in store.salvage():
-        _merge(rollback, records)
+    salvaged = store.salvage([Checkpoint(r.pipeline.id, r.seq, dict(r.rollback)) for r in found])
+    rollback = salvaged.rollback if salvaged else {}
     numbers = [r.cycle for r in found] + store.segments()
     numbers += [n for p in (work_dir / "models").glob("cycle-*") if (n := _number(p.name)) is not None]
     newest = found[0] if found else None
@@ -162,13 +160,6 @@ def rebuild_state(store: StateStore, work_dir: Path) -> tuple[CycleState, str]:
         f"{state.accepted_model.path if state.accepted_model else 'none'}"
     )
     return state, carried
-
-
-def _merge(into: dict[str, RollbackEntry], records: Mapping[str, RollbackEntry]) -> None:
-    """Keeps the higher version of each namespace."""
-    for key, entry in records.items():
-        if key not in into or entry.version >= into[key].version:
-            into[key] = entry
 
 
 def _number(name: str) -> int | None:

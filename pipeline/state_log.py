@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -81,6 +81,15 @@ class Chain:
     def from_json(cls, document: Any) -> Chain:
         ends = {int(c): Link(int(seq), str(digest)) for c, (seq, digest) in document["ends"].items()}
         return cls(str(document["pipeline"]), Link(int(document["seq"]), str(document["tip"])), ends)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A complete set of anti-rollback records as of one link of one history of the pipeline."""
+
+    pipeline: str
+    seq: int
+    rollback: dict[str, RollbackEntry]
 
 
 @dataclass(frozen=True)
@@ -202,27 +211,34 @@ class StateStore:
             records.append(replayed.current)
         return records
 
-    def salvage(self) -> Iterator[dict[str, RollbackEntry]]:
-        """The anti-rollback records still readable after a loss, for a rebuild: a head of this identity whose
-        signature verifies, and every rollback event in the log's verifiable lines of a history of this identity."""
+    def salvage(self, checkpoints: Sequence[Checkpoint]) -> Checkpoint | None:
+        """The anti-rollback records at the end of this identity's newest readable history, for a rebuild: from
+        the latest complete set of them (`checkpoints`, e.g. signed receipts, newest history first, and a head that
+        still verifies), then each rollback or reset event its log holds past that, in order."""
+        candidates = list(checkpoints)
         with contextlib.suppress(StateError):
-            state, _ = self._read_head()
+            state, chain = self._read_head()
             if state.pipeline is not None and state.pipeline.same_identity(*self.identity):
-                yield dict(state.rollback)
+                candidates.append(Checkpoint(chain.pipeline, chain.tip.seq, dict(state.rollback)))
         lines: list[Entry] = []
         for cycle in self.segments():
             with contextlib.suppress(StateError):
                 lines += self._read_segment(cycle, None)
-        ours = {
-            e.pipeline
-            for e in lines
-            if e.event.kind == "genesis"
-            and Pipeline.model_validate(e.event.body["pipeline"]).same_identity(*self.identity)
-        }
-        for entry in lines:
-            if entry.pipeline in ours and entry.event.kind == "rollback":
-                body = entry.event.body
-                yield {body["key"]: RollbackEntry(version=body["version"], statement_sha256=body["statement_sha256"])}
+        if not candidates:  # no complete set survives: the newest history of this identity, from its genesis
+            geneses = [e for e in lines if e.event.kind == "genesis" and _of(e, self.identity)]
+            candidates = [Checkpoint(e.pipeline, -1, {}) for e in geneses[-1:]]
+        if not candidates:
+            return None
+        history = candidates[0].pipeline
+        start = max((c for c in candidates if c.pipeline == history), key=lambda c: c.seq)
+        records = dict(start.rollback)
+        for entry in sorted((e for e in lines if e.pipeline == history and e.seq > start.seq), key=lambda e: e.seq):
+            body = entry.event.body
+            if entry.event.kind == "rollback":
+                records[body["key"]] = RollbackEntry(version=body["version"], statement_sha256=body["statement_sha256"])
+            elif entry.event.kind == "rollback-reset":
+                records.pop(body["key"], None)
+        return Checkpoint(history, max((e.seq for e in lines if e.pipeline == history), default=start.seq), records)
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[StateStore]:
@@ -411,6 +427,11 @@ class StateStore:
             if last:
                 state = apply(state, last[-1].event)
         return state
+
+
+def _of(entry: Entry, identity: tuple[str, str]) -> bool:
+    """Whether a genesis line starts a history of `identity`."""
+    return Pipeline.model_validate(entry.event.body["pipeline"]).same_identity(*identity)
 
 
 def _decisions(entries: list[Entry], cycle: int) -> dict[str, Any]:

@@ -23,6 +23,7 @@ def register_all(app: click.Group) -> None:
         cycle.cycle,
         status.status,
         status.history,
+        status.reset_rollback,
         model.verify_model,
         model.load_model,
         shard.shard,

@@ -1,5 +1,5 @@
 """`trainguard status` and `trainguard history`: the cycles a config ran, their decisions and models, and where
-the cycle's state, reports and models live."""
+the cycle's state, reports and models live; `trainguard reset-rollback`: the one, logged way back to older data."""
 
 from __future__ import annotations
 
@@ -39,6 +39,26 @@ def history(config: Path) -> None:
         click.echo(f"cycle {record.cycle}: {len(record.shards) - len(refused)} shards accepted, {len(refused)} refused")
         for decision in refused:
             click.echo(f"  refused {decision.shard} ({decision.source}) by {decision.check}: {decision.reason}")
+
+
+@click.command("reset-rollback")
+@click.option("--config", "-c", type=PATH, required=True, help="The cycle config (YAML).")
+@click.option("--reason", required=True, help="Why older data may be accepted again (recorded in the signed state).")
+@click.argument("namespace")
+def reset_rollback(config: Path, reason: str, namespace: str) -> None:
+    """Forgets the anti-rollback record NAMESPACE (as `trainguard status` lists it), so an older manifest version
+    of that key set and dataset is accepted again: an operator's decision, signed into the state's history."""
+    loaded, store = _store(config)
+    with store.locked():
+        state = store.load()
+        if state.current is not None:
+            raise click.UsageError(f"cycle {state.current.cycle} is running; reset anti-rollback between cycles")
+        entry = state.rollback.get(namespace)
+        store.update(state.reset_rollback(namespace, reason))
+    version = entry.version if entry else "?"
+    click.echo(
+        f"reset anti-rollback record {namespace} (was version {version}), recorded in {loaded.output.state_path}"
+    )
 
 
 def _store(config: Path) -> tuple[Any, Any]:

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -184,10 +185,18 @@ def test_a_tampered_trusted_shard_stops_the_cycle(project: Path) -> None:
 
 
 def test_an_edited_verdict_in_the_cycle_state_is_refused(project: Path) -> None:
-    path = project / CYCLE / "state.json"
-    envelope = Envelope.from_json(path.read_bytes())
-    edited = envelope.payload.replace(b'"accepted": true', b'"accepted": false', 1)
-    path.write_bytes(Envelope(envelope.payload_type, edited, envelope.signatures).to_json())
+    segment = project / CYCLE / "state-log" / "cycle-0001.jsonl"
+    lines = segment.read_bytes().splitlines()
+    edited_any = False
+    for index, line in enumerate(lines):
+        envelope = Envelope.from_json(line)
+        edited = envelope.payload.replace(b'"accepted":true', b'"accepted":false', 1)
+        if edited != envelope.payload:
+            lines[index] = Envelope(envelope.payload_type, edited, envelope.signatures).to_json(indent=None)
+            edited_any = True
+            break
+    assert edited_any
+    segment.write_bytes(b"\n".join(lines) + b"\n")
     _refused(project, "edited outside trainguard")
 
 
@@ -197,7 +206,55 @@ def test_a_deleted_cycle_state_is_refused_until_reinitialised_and_no_model_is_ov
     released = (project / CYCLE / "models" / "cycle-0001" / "model.safetensors").read_bytes()
     done = _ok(_trainguard(project, "cycle", "--config", "cycle.yaml", "--reinit", "--json"))
     assert json.loads(done.stdout)["cycle"] == 2
+    assert "anti-rollback record(s) kept" in done.stderr
     assert (project / CYCLE / "models" / "cycle-0001" / "model.safetensors").read_bytes() == released
+
+
+def test_reinit_after_a_deleted_state_keeps_refusing_an_older_manifest(project: Path) -> None:
+    old_manifest = (project / DATA / "train.manifest.json").read_bytes()
+    _next_batch(project)
+    _sign_contributions(project, "--version", "2")
+    _ok(_trainguard(project, "cycle", "--config", "cycle.yaml"))
+    shutil.rmtree(project / CYCLE / "state-log")
+    (project / CYCLE / "state.json").unlink()
+    (project / DATA / "train.manifest.json").write_bytes(old_manifest)
+    _refused(project, "--reinit")
+    done = _trainguard(project, "cycle", "--config", "cycle.yaml", "--reinit")
+    assert done.returncode == 1 and "rollback" in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert sorted(p.name for p in (project / CYCLE / "models").iterdir()) == ["cycle-0001", "cycle-0002"]
+
+
+def test_planted_report_and_model_names_neither_stop_a_cycle_nor_force_a_reset(project: Path) -> None:
+    for planted in ("reports/cycle-9999.json", "reports/cycle-1x.json", "reports/cycle-9999.receipt.json"):
+        (project / CYCLE / planted).write_text("")
+    (project / CYCLE / "models" / "cycle-0abc").mkdir()
+    done = _ok(_trainguard(project, "cycle", "--config", "cycle.yaml", "--force", "--json"))
+    assert json.loads(done.stdout)["cycle"] == 2
+
+
+def test_an_older_release_copied_over_the_newest_is_refused_as_the_starting_model(project: Path) -> None:
+    _ok(_trainguard(project, "cycle", "--config", "cycle.yaml", "--force"))
+    models = project / CYCLE / "models"
+    for file in (models / "cycle-0001").iterdir():
+        shutil.copy(file, models / "cycle-0002" / file.name)
+    done = _trainguard(project, "cycle", "--config", "cycle.yaml", "--force")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("trainguard: error:")]
+    assert len(errors) == 1 and "not the recorded" in errors[0], done.stderr[-2000:]
+    assert sorted(p.name for p in models.iterdir()) == ["cycle-0001", "cycle-0002"]
+
+
+def test_another_pipelines_state_sharing_the_cycle_key_is_refused(project: Path) -> None:
+    from trainguard.pipeline.cycle_state import CycleState, Pipeline
+    from trainguard.pipeline.state_log import StateStore
+    from trainguard.provenance.keys import load_signing_key
+
+    foreign = StateStore(project / "other" / "state.json", load_signing_key(project / KEYS / "model.key"))
+    foreign.update(CycleState.genesis(Pipeline.new("other-pipeline", "other")).begin("c").fail("x"))
+    shutil.rmtree(project / CYCLE / "state-log")
+    shutil.copy(foreign.path, project / CYCLE / "state.json")
+    shutil.copytree(foreign.log_dir, project / CYCLE / "state-log")
+    _refused(project, "belongs to pipeline 'other-pipeline'")
 
 
 def test_a_fifo_planted_as_the_trust_policy_fails_without_hanging(project: Path) -> None:
@@ -222,10 +279,48 @@ def test_a_replaying_mirror_can_roll_back_neither_a_manifest_nor_the_state(proje
     (project / DATA / "train.manifest.json").write_bytes(old_manifest)
     _replayed(project, "rollback", models)
     (project / CYCLE / "state.json").write_bytes(old_state)
-    _replayed(project, "ends at cycle 1", models)
+    _replayed(project, "mid-cycle state was put back", models)
+
+
+def test_a_mid_cycle_state_put_back_after_the_cycle_finished_is_refused(project: Path) -> None:
+    old_manifest = (project / DATA / "train.manifest.json").read_bytes()
+    _next_batch(project)
+    _sign_contributions(project, "--version", "2")
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    running = subprocess.Popen(
+        [str(BIN / "trainguard"), "cycle", "--config", "cycle.yaml"], cwd=project, env=env, stderr=subprocess.PIPE
+    )
+    segment, head = project / CYCLE / "state-log" / "cycle-0002.jsonl", project / CYCLE / "state.json"
+    mid_cycle = (b"", b"")
+    while running.poll() is None and not mid_cycle[0]:
+        if segment.is_file() and segment.read_bytes().count(b"\n") >= 3:  # begun, version 2 and manifests recorded
+            mid_cycle = (head.read_bytes(), segment.read_bytes())  # the head first: the log is never behind it
+        time.sleep(0.05)
+    assert running.wait(timeout=600) == 0 and mid_cycle[0], (
+        running.stderr.read().decode()[-2000:] if running.stderr else ""
+    )
+    models = sorted(p.name for p in (project / CYCLE / "models").iterdir())
+
+    head.write_bytes(mid_cycle[0])
+    _replayed(project, "mid-cycle state was put back", models)
+    segment.write_bytes(mid_cycle[1])  # the whole state as it stood mid-cycle, head and log
+    (project / DATA / "train.manifest.json").write_bytes(old_manifest)
+    _replayed(project, "mid-cycle state was put back", models)
 
 
 def _replayed(project: Path, reason: str, models: list[str]) -> None:
     done = _trainguard(project, "cycle", "--config", "cycle.yaml")
     assert done.returncode == 1 and reason in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert sorted(p.name for p in (project / CYCLE / "models").iterdir()) == models
+
+
+def test_only_the_operators_logged_command_resets_anti_rollback(project: Path) -> None:
+    status = _ok(_trainguard(project, "status", "--config", "cycle.yaml")).stdout
+    namespace = next(line.split()[1] for line in status.splitlines() if "/digits-contributed at version 1" in line)
+    unknown = _trainguard(project, "reset-rollback", "--config", "cycle.yaml", "--reason", "r", "nobody/nothing")
+    assert unknown.returncode == 2 and "no anti-rollback record" in unknown.stderr and "Traceback" not in unknown.stderr
+    done = _ok(_trainguard(project, "reset-rollback", "--config", "cycle.yaml", "--reason", "re-signed", namespace))
+    assert "was version 1" in done.stdout
+    assert namespace not in _ok(_trainguard(project, "status", "--config", "cycle.yaml")).stdout
+    history = (project / CYCLE / "state-log" / "cycle-0001.jsonl").read_bytes().splitlines()
+    assert json.loads(Envelope.from_json(history[-1]).payload)["event"]["body"]["reason"] == "re-signed"

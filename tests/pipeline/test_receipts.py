@@ -126,3 +126,12 @@ def test_a_rebuilt_state_runs_on_and_its_receipts_are_current(tmp_path: Path, ke
     assert state.latest.cycle == 3 and state.pipeline != Pipeline.new(*IDENTITY)
     again = StateStore(work / "state.json", key, IDENTITY)
     check_fresh(again.load(), again.link, work, key)
+
+
+def test_an_operators_rollback_reset_survives_a_rebuild(tmp_path: Path, key: SigningKey) -> None:
+    store, state, work = _project(tmp_path, key, 2)
+    store.update(state.reset_rollback(NAMESPACE, "the owner re-signs from scratch"))
+    (work / "state.json").unlink()
+    rebuilt, _ = rebuild_state(StateStore(work / "state.json", key, IDENTITY), work)
+    assert NAMESPACE not in rebuilt.rollback
+    rebuilt.accept_manifest(NAMESPACE, 1, "01" * 32)
