@@ -172,9 +172,12 @@ class DataSection(_Section):
 
 
 class LimitsSection(_Section):
-    """Caps on one contributor's share of the accepted training shards (a flood of one source is refused)."""
+    """Caps on one contributor's share of the accepted training shards (a flood of one source is refused), and on
+    the decoded data the intake holds at once: training shards past it are refused by name (`intake-ceiling`); a
+    trusted base or held-out set past it stops the cycle."""
 
     max_fraction_per_source: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
+    max_decoded_bytes: Annotated[int, Field(gt=0)] = 8 * 1024**3
 
 
 _ERROR_RATE_KEYS = ("level", "error_control", "calibration_draws", "combination")

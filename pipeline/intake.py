@@ -27,6 +27,7 @@ from trainguard.provenance.allowlist import AllowedShard
 from trainguard.provenance.dataset import read_as_table, table_samples
 from trainguard.provenance.errors import ProvenanceError
 from trainguard.provenance.formats import Decoder, Samples, default_decoders
+from trainguard.provenance.manifest import ShardEntry
 from trainguard.provenance.reader import ReadLog, ShardReader
 from trainguard.provenance.rollback import RollbackCheck
 from trainguard.provenance.verify import VerificationReport, VerifiedManifest, open_manifest, verify_shards
@@ -123,6 +124,7 @@ def verify_and_read(
     every_decoder = default_decoders(decoders, label=config.validation.label_column)
     manifests, reports, refused = [], [], []
     by_role: dict[str, list[SignedShard]] = defaultdict(list)
+    pending: list[tuple[ManifestRef, VerifiedManifest, ShardReader, ShardEntry]] = []
     for ref in manifest_refs(config):
         verified, report = _verify(ref, config, rollback)
         _refuse_shared_namespace(verified, manifests)
@@ -137,29 +139,41 @@ def verify_and_read(
             refused.append(_refused_entry(verified, shard.name, "verify", f"{failure.reason}: {failure.detail}"))
         failed = {f.shard for f in report.failures}
         reader = ShardReader(verified, log)
-        for shard in verified.manifest.shards:
-            if shard.name in failed or (shard.role == "holdout" and not is_holdout):
-                continue
-            try:
-                samples, frame = decode_shard(reader, shard.name, config.validation, decoders, every_decoder)
-            except ProvenanceError as error:
-                if shard.role != "train":
-                    raise CycleAbortedError(f"read {ref.manifest}: {error.reason}: {error}", check="verify") from None
-                refused.append(_refused_entry(verified, shard.name, "verify", f"{error.reason}: {error}"))
-                continue
-            by_role[shard.role].append(
-                SignedShard(
-                    shard.name,
-                    shard.sha256,
-                    verified.key_set.attributed_source(shard.source),
-                    shard.role,
-                    verified.manifest.dataset,
-                    verified.manifest_sha256,
-                    samples,
-                    frame,
-                    verified.key_set.id,
-                )
+        pending += [
+            (ref, verified, reader, shard)
+            for shard in verified.manifest.shards
+            if shard.name not in failed and (shard.role != "holdout" or is_holdout)
+        ]
+    ceiling, held = config.limits.max_decoded_bytes, 0
+    for ref, verified, reader, shard in sorted(pending, key=lambda p: p[3].role == "train"):  # base, held-out first
+        try:
+            samples, frame = decode_shard(reader, shard.name, config.validation, decoders, every_decoder)
+        except ProvenanceError as error:
+            if shard.role != "train":
+                raise CycleAbortedError(f"read {ref.manifest}: {error.reason}: {error}", check="verify") from None
+            refused.append(_refused_entry(verified, shard.name, "verify", f"{error.reason}: {error}"))
+            continue
+        size = decoded_bytes(samples, frame)
+        if held + size > ceiling:
+            message = f"decoding {shard.name} would hold {held + size} bytes, over limits.max_decoded_bytes {ceiling}"
+            if shard.role != "train":
+                raise CycleAbortedError(f"read {ref.manifest}: intake-ceiling: {message}", check="intake-ceiling")
+            refused.append(_refused_entry(verified, shard.name, "verify", f"intake-ceiling: {message}"))
+            continue
+        held += size
+        by_role[shard.role].append(
+            SignedShard(
+                shard.name,
+                shard.sha256,
+                verified.key_set.attributed_source(shard.source),
+                shard.role,
+                verified.manifest.dataset,
+                verified.manifest_sha256,
+                samples,
+                frame,
+                verified.key_set.id,
             )
+        )
     if not by_role["holdout"]:
         raise CycleAbortedError(f"{holdout_ref.manifest}: lists no role=holdout shard", check="verify")
     holdout_sha256 = next(m.manifest_sha256 for m in manifests if m.path.resolve() == holdout_ref.manifest.resolve())
@@ -172,6 +186,12 @@ def verify_and_read(
         holdout_sha256,
         tuple(refused),
     )
+
+
+def decoded_bytes(samples: Samples, frame: pd.DataFrame | None) -> int:
+    """The memory a decoded shard holds in the intake: its arrays, and its table when it has one."""
+    table = int(frame.memory_usage(index=True).sum()) if frame is not None else 0
+    return int(samples.inputs.nbytes) + int(samples.targets.nbytes) + table
 
 
 def decode_shard(

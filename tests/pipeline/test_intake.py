@@ -4,15 +4,32 @@ neither a minted source name nor a large trusted base can game."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
+import pytest
+import yaml
+from digits_demo.demo import create_keys, sign_contributions, sign_trusted
+from digits_demo.prepare import prepare_digits
 
-from trainguard.pipeline.config import TargetsSection, ValidationSection
-from trainguard.pipeline.intake import SignedShard, cap_sources, feature_columns, validate
+from trainguard.pipeline.config import LimitsSection, TargetsSection, ValidationSection, load_config
+from trainguard.pipeline.errors import CycleAbortedError
+from trainguard.pipeline.intake import (
+    SignedShard,
+    cap_sources,
+    decoded_bytes,
+    feature_columns,
+    validate,
+    verify_and_read,
+)
 from trainguard.provenance.dataset import table_samples
 from trainguard.provenance.keys import generate_signing_key
 from trainguard.provenance.policy import KeySet
+from trainguard.provenance.rollback import RollbackRecords
 
+REPO = Path(__file__).resolve().parents[2]
 MULTILABEL = ValidationSection(target_columns=("cat", "dog"), targets=TargetsSection(shape=(2,), min=0, max=1))
 
 
@@ -79,3 +96,32 @@ def test_the_trusted_base_is_never_capped() -> None:
     contributions = [_shard("c0", "alice", frame, section), _shard("c1", "bob", frame, section)]
     kept, refused = cap_sources([*base, *contributions], max_fraction=0.2)
     assert refused == [] and len(kept) == 10
+
+
+def test_the_intake_holds_at_most_its_ceiling_of_decoded_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").mkdir()
+    shutil.copy(REPO / "configs" / "digits-trust.yaml", tmp_path / "configs")
+    root = tmp_path / "demo-work"
+    create_keys(root / "keys")
+    data = root / "data"
+    contributed = prepare_digits(data).contributed()
+    sign_trusted(data, root / "keys")
+    sign_contributions(data, root / "keys", contributed)
+    document = yaml.safe_load((REPO / "configs" / "digits.yaml").read_text())
+    document["project"] = str(REPO / "examples")
+    (tmp_path / "cycle.yaml").write_text(yaml.safe_dump(document))
+    config = load_config(tmp_path / "cycle.yaml", check_components=False)
+
+    whole = verify_and_read(config, RollbackRecords(), {})
+    base = sum(decoded_bytes(s.samples, s.frame) for s in (*whole.trusted, *whole.holdout))
+    one = decoded_bytes(whole.train[0].samples, whole.train[0].frame)
+    limited = config.model_copy(update={"limits": LimitsSection(max_decoded_bytes=base + one)})
+    capped = verify_and_read(limited, RollbackRecords(), {})
+    assert len(capped.trusted) == len(whole.trusted) and len(capped.train) == 1
+    assert {d.reason.split(":")[0] for d in capped.refused} == {"intake-ceiling"}
+    assert len(capped.refused) == len(whole.train) - 1
+
+    too_small = config.model_copy(update={"limits": LimitsSection(max_decoded_bytes=base // 2)})
+    with pytest.raises(CycleAbortedError, match="intake-ceiling"):
+        verify_and_read(too_small, RollbackRecords(), {})
