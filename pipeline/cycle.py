@@ -274,6 +274,11 @@ def _run(cycle: RunningCycle, parent: TrackedRun) -> CycleOutcome:
     cycle.report["allow_list"] = allow.to_json()
     allowed = {shard.key for shard in allow.shards}
     excluded_rows = {key: rows for key, rows in excluded_rows.items() if key in allowed}
+    from trainguard.pipeline.detection import copied_rows, merged_rows
+
+    copies = copied_rows([s for s in (*intake.trusted, *intake.train) if s.key in allowed], cycle.state)
+    cycle.report["copied_rows"] = {key: list(rows) for key, rows in copies.items()}
+    excluded_rows = merged_rows(excluded_rows, copies)
     plan = TrainingPlan(cycle.number, intake.manifests, allow, holdout, previous, columns, excluded_rows)
     cycle.meeting.send(plan)
     data = _training_data(config, plan)
