@@ -1,7 +1,8 @@
-"""Schema checks on training shards (pandera) and duplicate rows across sources; failing shards are quarantined.
+"""Schema checks on training shards (pandera); failing shards are quarantined.
 
-Each shard gets one verdict naming the first failed check (`columns`, `dtype`, `nulls`, `labels`, `range`,
-`duplicates`) and where, so the quarantine record says what to fix.
+Each shard gets one verdict naming the first failed check (`columns`, `dtype`, `nulls`, `labels`, `range`) and
+where, so the quarantine record says what to fix. Rows several sources share are not a shard's fault: they are
+dropped row by row (`trainguard.defenses.duplicates`), never by quarantining a shard someone copied from.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 import pandas as pd
 import pandera.pandas as pa
 
-CHECK_ORDER = ("columns", "dtype", "nulls", "labels", "targets", "range", "duplicates")
+CHECK_ORDER = ("columns", "dtype", "nulls", "labels", "targets", "range")
 
 
 @dataclass(frozen=True)
@@ -116,38 +117,6 @@ def check_schema(shard: Shard, schema: ShardSchema) -> ShardVerdict:
     return ShardVerdict(shard.name, shard.source, True, "", "schema checks passed")
 
 
-def _duplicates_across_sources(shards: Sequence[Shard], features: Sequence[str]) -> dict[str, str]:
-    """Shard name -> reason, for shards sharing a feature row with a shard of another source."""
-    owner: dict[int, Shard] = {}
-    found: dict[str, str] = {}
-    for shard in shards:
-        clashes: dict[str, tuple[Shard, int]] = {}
-        for h in set(pd.util.hash_pandas_object(shard.frame[list(features)], index=False).tolist()):
-            first = owner.setdefault(h, shard)
-            if first.source != shard.source:
-                other, count = clashes.get(first.name, (first, 0))
-                clashes[first.name] = (other, count + 1)
-        for other, count in clashes.values():
-            found.setdefault(
-                shard.name,
-                f"shard {shard.name} from {shard.source}: duplicates check failed "
-                f"({count} rows also in shard {other.name} from {other.source})",
-            )
-            found.setdefault(
-                other.name,
-                f"shard {other.name} from {other.source}: duplicates check failed "
-                f"({count} rows also in shard {shard.name} from {shard.source})",
-            )
-    return found
-
-
 def validate_shards(shards: Sequence[Shard], schema: ShardSchema) -> ValidationResult:
-    """Schema checks per shard, then duplicate feature rows across sources among the shards that passed them.
-
-    Both shards of a cross-source duplicate are quarantined: which copy is the original is not knowable here.
-    """
-    verdicts = {s.name: check_schema(s, schema) for s in shards}
-    passed = [s for s in shards if verdicts[s.name].accepted]
-    for name, reason in _duplicates_across_sources(passed, schema.features).items():
-        verdicts[name] = ShardVerdict(name, verdicts[name].source, False, "duplicates", reason)
-    return ValidationResult(tuple(verdicts[s.name] for s in shards))
+    """Schema checks per shard."""
+    return ValidationResult(tuple(check_schema(s, schema) for s in shards))

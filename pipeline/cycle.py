@@ -28,7 +28,7 @@ from trainguard.pipeline.attestation import git_resource
 from trainguard.pipeline.config import CycleConfig, load_config
 from trainguard.pipeline.cycle_report import refusals, report_path
 from trainguard.pipeline.cycle_state import CycleRecord, CycleState, HeldoutRecord, ShardDecision
-from trainguard.pipeline.distributed import Meeting, Stopped, join, launch_from_env, share
+from trainguard.pipeline.distributed import Meeting, Stopped, follow, join, launch_from_env
 from trainguard.pipeline.errors import CycleAbortedError
 from trainguard.pipeline.holdout_split import split_holdout
 from trainguard.pipeline.intake import (
@@ -43,6 +43,7 @@ from trainguard.pipeline.intake import (
     verify_and_read,
 )
 from trainguard.pipeline.model_sign import file_sha256, load_verified_state_dict
+from trainguard.pipeline.plan import TrainingPlan
 from trainguard.pipeline.preflight import preflight
 from trainguard.pipeline.receipts import check_fresh, rebuild_state
 from trainguard.pipeline.release import release
@@ -55,7 +56,6 @@ from trainguard.provenance.dataset import VerifiedDataModule
 from trainguard.provenance.errors import ProvenanceError
 from trainguard.provenance.formats import Decoder
 from trainguard.provenance.keys import load_signing_key, public_key_path
-from trainguard.provenance.verify import VerifiedManifest
 
 CHECKS = ("verify", "validate", "limits", "roni")
 """The checks that refuse shards, each with a `shards/refused_<check>` metric even when it refused none (stable
@@ -140,23 +140,9 @@ def _lead(config: CycleConfig, config_path: Path, reinit: bool, force: bool, mee
                 raise aborted from error
 
 
-@dataclass(frozen=True)
-class TrainingPlan:
-    """What every rank trains from: the statements rank 0 verified, the allow-list of the shards it accepted, the
-    held-out set and the gate's baseline, and the rows of allowed shards a detector quarantined (`dataset:name` ->
-    rows), which the data module drops after each shard's verified read."""
-
-    cycle: int
-    manifests: tuple[VerifiedManifest, ...]
-    allow: AllowList
-    holdout: LabeledData
-    previous: HeldoutMetrics | None
-    columns: list[str] | None
-    excluded_rows: dict[str, tuple[int, ...]] = field(default_factory=dict)
-
-
 def _training_data(config: CycleConfig, plan: TrainingPlan) -> VerifiedDataModule:
-    """The data module training reads through: the plan's verified statements and allow-list, nothing else."""
+    """The data module training reads through: the plan's verified statements and allow-list, nothing else; a
+    training shard changed since the intake is refused by name and training goes on without it."""
     return VerifiedDataModule.from_verified(
         plan.manifests,
         plan.allow,
@@ -169,14 +155,14 @@ def _training_data(config: CycleConfig, plan: TrainingPlan) -> VerifiedDataModul
         batch_size=config.training.batch_size,
         num_workers=config.training.num_workers,
         seed=config.training.seed,
+        refuse_changed=True,
     )
 
 
 def _follow(config: CycleConfig) -> CycleOutcome:
-    """A rank other than 0: trains its share of the plan rank 0 shares; rank 0 judges, signs and records."""
-    plan = share()
-    if isinstance(plan, Stopped):
-        raise CycleAbortedError(f"rank 0 stopped the cycle: {plan.reason}", check="rank-0")
+    """A rank other than 0: trains its share of the plan rank 0 shares, rebuilt from the manifests and held-out
+    shards this rank verifies itself; rank 0 judges, signs and records."""
+    plan = follow(lambda message: TrainingPlan.rebuilt(config, message, _decoders(config)))
     pl.seed_everything(config.training.seed, workers=True, verbose=False)
     result = train(config.model.instantiate(), config, _training_data(config, plan), plan.holdout, plan.previous, None)
     return CycleOutcome(
@@ -277,6 +263,11 @@ def _run(cycle: RunningCycle, parent: TrackedRun) -> CycleOutcome:
     cycle.report["allow_list"] = allow.to_json()
     allowed = {shard.key for shard in allow.shards}
     excluded_rows = {key: rows for key, rows in excluded_rows.items() if key in allowed}
+    from trainguard.pipeline.detection import copied_rows, merged_rows
+
+    copies = copied_rows([s for s in (*intake.trusted, *intake.train) if s.key in allowed], cycle.state)
+    cycle.report["copied_rows"] = {key: list(rows) for key, rows in copies.items()}
+    excluded_rows = merged_rows(excluded_rows, copies)
     plan = TrainingPlan(cycle.number, intake.manifests, allow, holdout, previous, columns, excluded_rows)
     cycle.meeting.send(plan)
     data = _training_data(config, plan)
@@ -347,11 +338,12 @@ def _allow_list(cycle: RunningCycle, intake: Intake) -> AllowList:
 
 
 def _checked_read_log(cycle: RunningCycle, allow: AllowList, result: TrainingResult) -> dict[str, Any]:
-    """Writes what training read, then refuses the cycle unless it is exactly the allow-list (before signing)."""
+    """Writes what training read, then refuses the cycle unless it is exactly the allow-list less the shards
+    training refused at read (`result.refused`, changed after intake), before signing."""
     path = cycle.config.output.work_dir / "reads" / f"cycle-{cycle.number:04d}.jsonl"
     atomic_write(path, result.read_log.to_json_lines())
     try:
-        allow.check_reads(result.read_log)
+        allow.check_reads(result.read_log, [r.shard for r in result.refused])
     except ProvenanceError as error:
         raise CycleAbortedError(f"read log {path}: {error.reason}: {error}", check="read-log") from None
     return {"path": str(path), "sha256": result.read_log.digest(), "entries": len(result.read_log.records)}

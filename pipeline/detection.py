@@ -8,12 +8,15 @@ with the current model. What the config's action does: `quarantine-rows` names t
 refuses every shard of a flagged source, `report` changes nothing. Whatever the action, the label-issue detector's
 per-source p-values are `evidence` for RONI's source test (`screen_candidates(evidence=...)`): a source whose flips
 are too few for either test alone can fail their combination.
+
+Rows that shards of several sources share are skipped too (`copied_rows`), whether or not the detectors run: the
+copier's rows, and a copied shard's copied rows only, never a whole shard someone copied from.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,11 +26,12 @@ from torch import nn
 
 from trainguard.defenses.clustering import ClusteringConfig
 from trainguard.defenses.detectors import REFERENCE, DetectionConfig, Detections, detect
+from trainguard.defenses.duplicates import Rows, Standing, shared_rows
 from trainguard.defenses.features import head_features, split_head
 from trainguard.defenses.label_issues import LabelIssuesConfig
 from trainguard.defenses.spectral import SpectralConfig
 from trainguard.pipeline.config import DetectorsSection
-from trainguard.pipeline.cycle_state import ShardDecision
+from trainguard.pipeline.cycle_state import CycleState, ShardDecision
 from trainguard.pipeline.intake import SignedShard
 from trainguard.pipeline.tracking import TrackedRun
 
@@ -172,3 +176,29 @@ def _rejections(pool: Sequence[SignedShard], detections: Detections) -> tuple[Sh
         for s in pool
         if s.source in why
     )
+
+
+def copied_rows(shards: Sequence[SignedShard], state: CycleState) -> dict[str, tuple[int, ...]]:
+    """The rows of `shards` (`dataset:name` -> rows) training must skip because shards of other sources hold the
+    same inputs: trusted shards keep theirs, then shards whose content an earlier cycle accepted (of one source), and
+    every other holder drops them (`trainguard.defenses.duplicates`); a copy never evicts a shard."""
+    accepted = accepted_before(state)
+    return shared_rows([Rows(s.key, s.source, s.samples.inputs, _standing(s, accepted)) for s in shards])
+
+
+def merged_rows(*rows: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
+    """Rows to skip from several stages, per shard key: each row once, in order."""
+    keys = sorted({key for each in rows for key in each})
+    return {key: tuple(sorted({row for each in rows for row in each.get(key, ())})) for key in keys}
+
+
+def accepted_before(state: CycleState) -> Collection[tuple[str, str]]:
+    """(shard key, sha256) of each shard content whose latest decision before the running cycle accepted it."""
+    latest = {d.key: d.accepted for record in state.cycles[:-1] for d in record.shards}
+    return {key for key, accepted in latest.items() if accepted}
+
+
+def _standing(shard: SignedShard, accepted: Collection[tuple[str, str]]) -> Standing:
+    if shard.role == "trusted":
+        return Standing.TRUSTED
+    return Standing.ACCEPTED if (shard.key, shard.sha256) in accepted else Standing.NEW

@@ -1,17 +1,27 @@
 """The cycle on many processes, started by an external launcher (`torchrun`, or SLURM with MASTER_ADDR/PORT set).
 
 Rank 0 verifies, screens, gates, signs and writes the state; the other ranks only train. They meet once before
-training, when rank 0 shares the plan (the verified statements, the allow-list, the held-out set) or the reason it
-stopped, so every rank trains through verify-on-read of its own share and no rank waits forever.
+training, when rank 0 shares the plan or the reason it stopped, as JSON (`trainguard.ranks`: nothing crossing ranks
+is unpickled): the digests of the manifests it verified, the allow-list, the rows to skip. Each rank re-opens and
+verifies those manifests and the held-out shards itself, answers whether it could, then trains through
+verify-on-read of its own share; every collective has a timeout, so no rank waits forever.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from datetime import timedelta
+from typing import Any, Protocol, TypeVar
 
 import torch
+
+from trainguard.pipeline.errors import CycleAbortedError
+from trainguard.ranks import TIMEOUT, RankError, broadcast_json, gather_json
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -37,21 +47,45 @@ def launch_from_env(environ: dict[str, str] | None = None) -> Launch | None:
     return None
 
 
+MEETING_TIMEOUT = timedelta(hours=12)
+"""How long the other ranks wait for rank 0's plan: rank 0 verifies and screens first, which takes hours on large
+data; bounded all the same, so a rank 0 that died is noticed."""
+_MEETING_GROUP: list[Any] = []
+"""The gloo group the meeting runs on, once `join` made it (CPU tensors and its own timeout, whatever the training
+backend)."""
+
+
 def join(launch: Launch) -> None:
-    """Joins the job's process group (Lightning finds it initialised and uses it)."""
-    if torch.distributed.is_initialized():
-        return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(launch.local_rank)
-    torch.distributed.init_process_group(backend, rank=launch.rank, world_size=launch.world_size)
+    """Joins the job's process group (Lightning finds it initialised and uses it), every collective bounded by
+    `TIMEOUT`, so a rank that died or hangs stops the others rather than leaving them waiting; and the meeting's
+    group, bounded by `MEETING_TIMEOUT`."""
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(launch.local_rank)
+        torch.distributed.init_process_group(backend, rank=launch.rank, world_size=launch.world_size, timeout=TIMEOUT)
+    _MEETING_GROUP[:] = [torch.distributed.new_group(backend="gloo", timeout=MEETING_TIMEOUT)]
 
 
-def share(value: Any = None) -> Any:
-    """Rank 0's `value`, on every rank (the others pass nothing)."""
-    box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
+def _share(document: Any = None) -> Any:
+    """Rank 0's `document` on every rank, over the meeting's group."""
+    return broadcast_json(document, group=_meeting(), timeout=MEETING_TIMEOUT)
+
+
+def _answers(document: Any) -> list[Any]:
+    """Every rank's answer, over the meeting's group."""
+    return gather_json(document, group=_meeting(), timeout=MEETING_TIMEOUT)
+
+
+def _meeting() -> Any:
+    """The meeting's group; None (the job's default group) when this process never joined one."""
+    return _MEETING_GROUP[0] if _MEETING_GROUP else None
+
+
+class Message(Protocol):
+    """What rank 0 shares: a plan the other ranks rebuild, as JSON, from what they verify themselves."""
+
+    def message(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -61,15 +95,69 @@ class Stopped:
     reason: str
 
 
+READY = {"ready": True}
+
+
 @dataclass
 class Meeting:
-    """Rank 0's one message to the other ranks before training: the plan, or why none comes. Sent at most once;
-    nothing to send when the cycle runs alone."""
+    """Rank 0's one message to the other ranks before training, as JSON: the plan, or why none comes; then each
+    rank's answer, ready or its one-line refusal (a plan a rank cannot rebuild from what it verified stops the
+    cycle on rank 0 too). Sent at most once; nothing to send when the cycle runs alone."""
 
     launch: Launch | None
     held: bool = False
 
-    def send(self, value: Any) -> None:
-        if self.launch is not None and not self.held:
-            self.held = True
-            share(value)
+    def send(self, value: Message | Stopped) -> None:
+        if self.launch is None or self.held:
+            return
+        self.held = True
+        stopped = isinstance(value, Stopped)
+        try:
+            _share({"stopped": value.reason} if stopped else {"plan": value.message()})
+        except RankError as error:
+            if error.reason != "rank-wait":  # the others got a failed message and answer it: hear them out
+                _answer({"refused": str(error)})
+            raise
+        answers = _answers(READY)
+        if stopped:
+            return
+        for rank, answer in enumerate(answers[1:], start=1):
+            if answer != READY:
+                raise CycleAbortedError(f"rank {rank} refused the plan: {_refusal(answer)}", check="rank-plan")
+
+
+def follow(rebuild: Callable[[Any], T]) -> T:
+    """A rank other than 0: rank 0's plan, rebuilt by `rebuild` from its JSON and what this rank verifies itself;
+    rank 0 hears whether that worked, so no rank trains alone and none waits forever."""
+    try:
+        message = _share()
+    except RankError as error:
+        if error.reason != "rank-wait":  # the broadcast itself completed: rank 0 waits for the answer
+            _answer({"refused": str(error)})
+        raise CycleAbortedError(str(error), check=error.reason) from None
+    try:
+        if isinstance(message, dict) and set(message) == {"stopped"}:
+            raise CycleAbortedError(f"rank 0 stopped the cycle: {_refusal(message['stopped'])}", check="rank-0")
+        if not (isinstance(message, dict) and set(message) == {"plan"}):
+            raise CycleAbortedError("rank 0's message is neither a plan nor a stop", check="rank-message")
+        plan = rebuild(message["plan"])
+    except Exception as error:
+        _answer({"refused": " ".join(str(error).split()) or type(error).__name__})
+        raise
+    try:
+        _answers(READY)
+    except RankError as error:
+        raise CycleAbortedError(str(error), check=error.reason) from None
+    return plan
+
+
+def _answer(document: dict[str, Any]) -> None:
+    """A refusal sent back to rank 0 on the way out: this rank's own error is what it reports, not the answer's."""
+    with contextlib.suppress(RankError):
+        _answers(document)
+
+
+def _refusal(answer: Any) -> str:
+    """A rank's refusal as one line, whatever it sent."""
+    text = answer.get("refused") if isinstance(answer, dict) else answer
+    return " ".join(str(text).split())[:1000]

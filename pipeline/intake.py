@@ -235,7 +235,7 @@ def _refused_entry(verified: VerifiedManifest, name: str, check: str, reason: st
 def validate(
     shards: Sequence[SignedShard], section: ValidationSection
 ) -> tuple[list[SignedShard], list[ShardDecision]]:
-    """Schema checks (tables: dtypes, ranges, nulls, labels, cross-source duplicates; decoded samples: shape, range,
+    """Schema checks (tables: dtypes, ranges, nulls, labels; decoded samples: shape, range,
     finiteness, labels): invalid shards are quarantined."""
     verdicts = {**_table_verdicts([s for s in shards if s.frame is not None], section)}
     verdicts |= _sample_verdicts([s for s in shards if s.frame is None], section)

@@ -14,18 +14,21 @@ from trainguard.defenses import AdversarialTraining, RobustAccuracy
 from trainguard.defenses.gate import GateVerdict, ModelGate
 from trainguard.defenses.heldout import HeldoutMetrics, LabeledData
 from trainguard.pipeline.config import CycleConfig
+from trainguard.provenance.allowlist import RefusedRead
 from trainguard.provenance.dataset import VerifiedDataModule
 from trainguard.provenance.reader import ReadLog
 
 
 @dataclass(frozen=True)
 class TrainingResult:
-    """What the fit produced: the gate's verdict, the logged metrics and the digest of the shards it read."""
+    """What the fit produced: the gate's verdict, the logged metrics, the shards it read and the allowed shards it
+    refused at read (changed after intake: not trained on)."""
 
     verdict: GateVerdict
     metrics: dict[str, float]
     read_log: ReadLog
     robust_accuracy: dict[str, float]
+    refused: tuple[RefusedRead, ...] = ()
 
 
 def trainer(
@@ -139,6 +142,7 @@ def train(
         verdict=gate.verdict,
         metrics=metrics,
         read_log=data.read_log,
+        refused=data.refused,
         robust_accuracy={
             f"{e:g}": metrics.get(n, float("nan")) for e, n in zip(robust.eps, robust.metric_names(), strict=True)
         },

@@ -9,7 +9,7 @@ read (manifest, dataset, name, sha256, in order) is exact, and its digest can go
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from trainguard.provenance.allowlist import AllowList
+from trainguard.provenance.allowlist import AllowedShard, AllowList, RefusedRead
 from trainguard.provenance.errors import MalformedError, ProvenanceError, ShardError
 from trainguard.provenance.formats import Decoder, Samples, default_decoders
 from trainguard.provenance.manifest import ShardEntry
@@ -27,6 +27,7 @@ from trainguard.provenance.policy import TrustPolicy
 from trainguard.provenance.reader import ReadLog, ReadRecord, ShardReader
 from trainguard.provenance.rollback import RollbackState
 from trainguard.provenance.verify import VerifiedManifest, open_manifest
+from trainguard.ranks import gather_json
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,11 @@ class ShardDataset(Dataset):
     """The samples of the selected shards as (float32 input of the shard's shape, target), held in memory after a
     verified read; tables through their feature and label columns, other formats through `decoders`. `exclude_rows`
     (`dataset:name` -> row indices) drops rows of a shard after its verified read, e.g. rows a detector quarantined:
-    the shard is still read and logged whole, so its digest is checked, but those rows are never served."""
+    the shard is still read and logged whole, so its digest is checked, but those rows are never served.
+
+    A shard whose role is in `refusable` and whose read fails is refused by name (in `refused`) and left out, as
+    the cycle's intake refuses a training shard: that intake read the same signed bytes, so a failure now means the
+    file changed after it. A failed read of any other shard raises."""
 
     def __init__(
         self,
@@ -97,6 +102,7 @@ class ShardDataset(Dataset):
         decoders: Mapping[str, Decoder] | None = None,
         transform: Transform | None = None,
         part: tuple[int, int] | None = None,
+        refusable: Collection[str] = (),
     ) -> None:
         chosen = [
             (reader, s)
@@ -112,18 +118,24 @@ class ShardDataset(Dataset):
             chosen = [pick for pick, owner in zip(chosen, owners, strict=True) if owner == rank]
         every_decoder = default_decoders(decoders, label=label_column if isinstance(label_column, str) else "label")
         parts: list[Samples] = []
-        shards: list[tuple[str, ShardEntry]] = []
+        shards: list[tuple[str, str, ShardEntry]] = []
+        refused: list[RefusedRead] = []
         for reader in readers:
             dataset = reader.verified.manifest.dataset
             signed_by = reader.verified.key_set.id
             selected = [s for r, s in chosen if r is reader]
             tables = {s.name: s for s in selected if read_as_table(s.name, decoders)}
-            for name, frame in reader.frames(tables):
+            for name, frame in _frames(reader, tables, refusable, refused):
                 parts.append(table_samples(name, frame, feature_columns, label_column))
                 shards.append((signed_by, dataset, tables[name]))
             for shard in (s for s in selected if s.name not in tables):
-                parts.append(reader.read_samples(shard.name, every_decoder))
+                try:
+                    parts.append(reader.read_samples(shard.name, every_decoder))
+                except ShardError as error:
+                    refused.append(_refused(reader, shard, error, refusable))
+                    continue
                 shards.append((signed_by, dataset, shard))
+        self.refused = tuple(refused)
         dropped = exclude_rows or {}
         parts = [
             _without_rows(p, dropped.get(f"{k}/{d}:{s.name}", dropped.get(f"{d}:{s.name}", ())))
@@ -157,6 +169,63 @@ def _without_rows(samples: Samples, rows: Collection[int]) -> Samples:
         raise MalformedError(f"rows to exclude {sorted(rows)[:3]}... lie outside a shard of {len(samples)} rows")
     keep[drop] = False
     return Samples(samples.inputs[keep], samples.targets[keep])
+
+
+def _frames(
+    reader: ShardReader, tables: Mapping[str, ShardEntry], refusable: Collection[str], refused: list[RefusedRead]
+) -> Iterator[tuple[str, pd.DataFrame]]:
+    """The tables read in order (the next one read ahead while one is parsed); a refusable shard that fails is
+    added to `refused` and the reading goes on after it."""
+    names = list(tables)
+    done = 0
+    while done < len(names):
+        try:
+            for item in reader.frames(names[done:]):
+                done += 1
+                yield item
+        except ShardError as error:  # the reading fails on the shard it was about to yield
+            refused.append(_refused(reader, tables[names[done]], error, refusable))
+            done += 1
+
+
+def _refused(reader: ShardReader, shard: ShardEntry, error: ShardError, refusable: Collection[str]) -> RefusedRead:
+    """The refusal of `shard` whose read raised `error`; raised again when its role may not be refused."""
+    if shard.role not in refusable:
+        raise error
+    verified = reader.verified
+    allowed = AllowedShard(verified.manifest_sha256, verified.manifest.dataset, shard.name, shard.sha256)
+    detail = f"shard {allowed.key}: changed after intake ({error.reason}): {' '.join(str(error).split())}"
+    return RefusedRead(allowed, error.reason, detail)
+
+
+def _rank_reads(document: Any, rank: int) -> tuple[list[ReadRecord], list[RefusedRead]]:
+    """Rank `rank`'s reads and refusals from the JSON it sent; anything else is refused in one line."""
+    names = [f.name for f in fields(ReadRecord)]
+    if not isinstance(document, dict) or sorted(document) != ["reads", "refused"]:
+        raise MalformedError(f"rank {rank}'s read log: expected an object with reads and refused")
+    reads = document["reads"]
+    if not isinstance(reads, list) or not all(isinstance(r, dict) and sorted(r) == sorted(names) for r in reads):
+        raise MalformedError(f"rank {rank}'s read log: every read must have exactly {names}")
+    if not all(type(r["size"]) is int and all(isinstance(r[n], str) for n in names if n != "size") for r in reads):
+        raise MalformedError(f"rank {rank}'s read log: a read's fields have the wrong types")
+    refused = document["refused"]
+    if not isinstance(refused, list):
+        raise MalformedError(f"rank {rank}'s read log: refused must be a list")
+    where = f"rank {rank}'s refused read"
+    return [ReadRecord(**r) for r in reads], [RefusedRead.from_json(r, where) for r in refused]
+
+
+def _nothing_to_train(refused: Sequence[RefusedRead], ranked: bool) -> None:
+    """Raises why no training row was read: every shard refused at read, or none selected (on this rank)."""
+    where = " of this rank" if ranked else ""
+    if refused:
+        first = refused[0]
+        message = f"every training shard{where} was refused at read; first: {first.detail}"
+        raise ShardError(message, shard=first.shard.key, reason=first.reason)
+    raise MalformedError(
+        "no shard of the manifests matches the training selection (roles, sources, exclude)"
+        + (" on this rank: fewer shards than ranks" if ranked else "")
+    )
 
 
 def balanced_owners(weights: Sequence[int], parts: int) -> list[int]:
@@ -246,7 +315,11 @@ class VerifiedDataModule(pl.LightningDataModule):
     `from_verified` reads through manifests already verified and an allow-list, never re-opening a manifest by path.
     Under DDP each rank reads only its own part of the training shards (balanced by signed record counts; held-out
     shards are read by every rank, which Lightning's sampler splits) and `read_log` merges every rank's reads into
-    one exact log of the shards read, the same on every rank.
+    one exact log of the shards read, the same on every rank (ranks exchange them as JSON, never pickled).
+
+    With `refuse_changed`, a role-`train` shard whose read fails (its file changed after the intake that chose it)
+    is refused by name and training goes on without it; `refused` lists them, merged across ranks like the read
+    log. Trusted and held-out shards still stop the fit, as does any shard without it.
     """
 
     def __init__(
@@ -268,6 +341,7 @@ class VerifiedDataModule(pl.LightningDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         seed: int = 0,
+        refuse_changed: bool = False,
     ) -> None:
         super().__init__()
         self.specs = tuple(as_spec(m) for m in manifests)
@@ -281,7 +355,9 @@ class VerifiedDataModule(pl.LightningDataModule):
         self.decoders = dict(decoders or {})
         self.transform, self.val_transform = transform, val_transform
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.refusable = ("train",) if refuse_changed else ()
         self.read_log = self.local_read_log = ReadLog()
+        self.refused: tuple[RefusedRead, ...] = ()
         self.verified: tuple[VerifiedManifest, ...] = ()
         self.allow: AllowList | None = None
         self.train_set: ShardDataset | None = None
@@ -307,7 +383,7 @@ class VerifiedDataModule(pl.LightningDataModule):
             self._agree(False)
             raise
         self._agree(True)
-        self.read_log = self._merged(self.local_read_log)
+        self.read_log, self.refused = self._merged(self.local_read_log, self.train_set.refused)
         self._train_length = self._longest(len(self.train_set))
 
     def _part(self) -> tuple[int, int] | None:
@@ -316,16 +392,17 @@ class VerifiedDataModule(pl.LightningDataModule):
             return None
         return self.trainer.global_rank, self.trainer.world_size
 
-    def _merged(self, local: ReadLog) -> ReadLog:
-        """Every rank's reads in rank order, each shard once (this rank's own log when it reads everything)."""
+    def _merged(self, local: ReadLog, refused: tuple[RefusedRead, ...]) -> tuple[ReadLog, tuple[RefusedRead, ...]]:
+        """Every rank's reads in rank order, each shard once, and every rank's refusals (this rank's own when it
+        reads everything); the ranks exchange them as JSON."""
         if self._part() is None:
-            return local
-        gathered: list[list[ReadRecord]] = [[] for _ in range(self.trainer.world_size)]
-        torch.distributed.all_gather_object(gathered, list(local.records))
+            return local, refused
+        mine = {"reads": [vars(r) for r in local.records], "refused": [r.to_json() for r in refused]}
+        ranks = [_rank_reads(document, rank) for rank, document in enumerate(gather_json(mine))]
         merged = ReadLog()
-        for record in dict.fromkeys(r for records in gathered for r in records):
+        for record in dict.fromkeys(r for reads, _ in ranks for r in reads):
             merged.append(record)
-        return merged
+        return merged, tuple(dict.fromkeys(r for _, refusals in ranks for r in refusals))
 
     def _longest(self, length: int) -> int:
         """The largest of every rank's part sizes, so each pads its part to the same number of batches."""
@@ -359,13 +436,11 @@ class VerifiedDataModule(pl.LightningDataModule):
             transform=self.transform,
             part=part,
             exclude_rows=self.exclude_rows,
+            refusable=self.refusable,
             **options,
         )
         if len(self.train_set) == 0:
-            raise MalformedError(
-                "no shard of the manifests matches the training selection (roles, sources, exclude)"
-                + (" on this rank: fewer shards than ranks" if part else "")
-            )
+            _nothing_to_train(self.train_set.refused, part is not None)
         if self.val_roles:
             self.val_set = ShardDataset(readers, roles=self.val_roles, transform=self.val_transform, **options)
 

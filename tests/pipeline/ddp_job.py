@@ -1,6 +1,7 @@
 """A DDP training job for test_ddp.py: the digits classifier on 2 CPU processes (gloo) with every trainguard callback.
 
-Run as `ddp_job.py OUT_DIR MANIFEST DATA_DIR TRUST STATE_FILE [--epochs N] [--rank1-data-dir DIR]`; Lightning
+Run as `ddp_job.py OUT_DIR MANIFEST DATA_DIR TRUST STATE_FILE [--epochs N] [--rank1-data-dir DIR]
+[--refuse-changed]`; Lightning
 re-launches it for rank 1. Each rank writes `OUT_DIR/rank<N>.json` (metrics, gate verdict, verification reports,
 read-log digest, parameter checksum, or the error that stopped it); rank 0 writes `model.safetensors` when the gate
 accepts, then waits for rank 1 so the exit code covers both. A failed check exits with its `exit_code` after one
@@ -80,19 +81,22 @@ def main() -> int:
     parser.add_argument("state_file", type=Path)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--rank1-data-dir", type=Path, help="rank 1's own copy of the shards, as on another node")
+    parser.add_argument("--refuse-changed", action="store_true", help="refuse a changed training shard by name")
     args = parser.parse_args()
     pl.seed_everything(0, verbose=False)
     launched_rank = int(os.environ.get("LOCAL_RANK", "0"))  # set by Lightning for the ranks it re-launches
     data_dir = args.rank1_data_dir if launched_rank == 1 and args.rank1_data_dir else args.data_dir
     spec = ManifestSpec(args.manifest, data_dir)
     holdout = holdout_data(spec, args.trust, args.state_file, skip=HOLDOUT_SKIP * launched_rank)
-    data = VerifiedDataModule([spec], args.trust, state_file=args.state_file, batch_size=16)
+    data = VerifiedDataModule(
+        [spec], args.trust, state_file=args.state_file, batch_size=16, refuse_changed=args.refuse_changed
+    )
     verify = VerifyDatasetCallback([spec], args.trust, state_file=args.state_file)
     gate = ModelGate(
         holdout, NUM_CLASSES, max_drop=0.02, max_class_drop=1.0, raise_on_reject=False, baseline="incoming"
     )
     callbacks = [
-        verify,
+        *([] if args.refuse_changed else [verify]),  # as the cycle trains: verify-on-read alone, after its intake
         AdversarialTraining("pgd", eps=0.05, steps=2, seed=0),
         RobustAccuracy(eps=(0.05,), steps=2, max_samples=32, seed=0),
         gate,
@@ -133,6 +137,7 @@ def main() -> int:
         "read_log_sha256": data.read_log_digest(),
         "read_log": [record.name for record in data.read_log.records],
         "local_read_log": [record.name for record in data.local_read_log.records],
+        "refused": [refused.to_json() for refused in data.refused],
         "parameters_sha256": parameters_sha256(model),
     }
     write_json(args.out_dir / f"rank{trainer.global_rank}.json", document)

@@ -187,3 +187,23 @@ def test_ddp_tampered_shard_stops_both_ranks_before_training(tmp_path: Path, cop
     assert all("\n" not in d["error"] for d in (zero, one))
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert not (out / "model.safetensors").exists()
+
+
+def test_ddp_a_changed_training_shard_is_refused_by_name_on_every_rank_and_training_goes_on(tmp_path: Path) -> None:
+    """With `refuse_changed` (as the cycle trains), the rank that reads the changed shard refuses it; the ranks
+    exchange their reads and refusals as JSON, so both hold the same refusal and a read log without the shard."""
+    manifest, trust = _signed_digits(tmp_path)
+    shard = tmp_path / "data" / TAMPERED
+    content = bytearray(shard.read_bytes())
+    content[len(content) // 2] ^= 0xFF
+    shard.write_bytes(bytes(content))
+
+    result, out = _run_job(tmp_path, manifest, trust, "--epochs", "1", "--refuse-changed")
+    assert result.returncode == 0, result.stderr[-3000:]
+    zero, one = _rank_documents(out, result)
+    assert zero["steps"] == one["steps"] > 0
+    assert zero["refused"] == one["refused"] and [(r["name"], r["reason"]) for r in zero["refused"]] == [
+        (TAMPERED, "digest-mismatch")
+    ]
+    assert zero["read_log"] == one["read_log"] and TAMPERED not in zero["read_log"]
+    assert TAMPERED not in zero["local_read_log"] + one["local_read_log"]

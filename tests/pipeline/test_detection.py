@@ -150,6 +150,48 @@ def test_the_data_module_never_serves_quarantined_rows_yet_reads_the_shard_whole
     allow.check_reads(module.read_log)
 
 
+@pytest.fixture
+def decoy_workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, dict[str, list[int]]]:
+    """Signed digits where `dave`'s shard starts with one copied row of each of alice's, bob's and carol's shards;
+    returns the directory and, per shard key, the rows the copies share."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").mkdir()
+    shutil.copy(REPO / "configs" / "digits-trust.yaml", tmp_path / "configs")
+    keys, data = tmp_path / "demo-work" / "keys", tmp_path / "demo-work" / "data"
+    create_keys(keys)
+    contributed = prepare_digits(data).contributed()
+    victims = ("alice", "bob", "carol")
+    decoy = data / "train" / "dave" / "b0-shard-00.parquet"
+    copies = [pd.read_parquet(data / "train" / v / "b0-shard-00.parquet").iloc[[5]] for v in victims]
+    pd.concat([*copies, pd.read_parquet(decoy).iloc[3:]], ignore_index=True).to_parquet(decoy, index=False)
+    sign_trusted(data, keys)
+    sign_contributions(data, keys, contributed)
+    shared = {f"digits-contributed:{v}/b0-shard-00.parquet": [5] for v in victims}
+    return tmp_path, shared | {"digits-contributed:dave/b0-shard-00.parquet": [0, 1, 2]}
+
+
+def test_a_decoy_copying_a_row_of_each_honest_source_costs_them_only_the_copied_rows(
+    decoy_workdir: tuple[Path, dict[str, list[int]]],
+) -> None:
+    """One decoy shard must not take three honest sources' shards out of the cycle (as quarantining both sides of a
+    cross-source duplicate did): every shard is accepted and only the shared rows are skipped."""
+    workdir, shared = decoy_workdir
+    path = _config(workdir, "decoy", "report")
+    config = yaml.safe_load(path.read_text())
+    config["detectors"] = {"enabled": False}
+    path.write_text(yaml.safe_dump(config))
+    outcome = run_cycle(path)
+    assert outcome.status == "accepted", outcome.reason
+    assert [d.shard for d in outcome.shards if not d.accepted] == []
+    report = json.loads(outcome.report.read_text())
+    assert report["copied_rows"] == shared
+    assert report["training"]["excluded_rows"] == shared
+    statement = json.loads(
+        base64.b64decode(json.loads((outcome.model_dir / "attestation.intoto.json").read_text())["payload"])
+    )
+    assert cycle_record(statement)["excludedRows"] == shared
+
+
 def test_detector_options_are_checked_when_the_config_loads(tmp_path: Path) -> None:
     document = yaml.safe_load((REPO / "configs" / "digits.yaml").read_text())
     document["project"] = str(REPO / "examples")

@@ -4,6 +4,7 @@ rank 0 shares; one read log, one attestation; a cycle rank 0 stops ends every ra
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -12,12 +13,21 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from digits_demo.demo import create_keys, sign_contributions, sign_trusted
 from digits_demo.prepare import prepare_digits
 from digits_demo.threats import tamper_file
 
+from trainguard.defenses.heldout import HeldoutMetrics, LabeledData
+from trainguard.pipeline.config import CycleConfig, load_config
 from trainguard.pipeline.distributed import Launch, launch_from_env
+from trainguard.pipeline.errors import CycleAbortedError
+from trainguard.pipeline.intake import concat, verify_and_read
+from trainguard.pipeline.plan import TrainingPlan
+from trainguard.provenance.allowlist import AllowList
+from trainguard.provenance.rollback import RollbackRecords
+from trainguard.ranks import decode, encode
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -95,3 +105,69 @@ def test_a_ddp_config_runs_its_ranks_with_one_read_log_and_one_signed_model(proj
     allowed = {(a["manifest_sha256"], a["name"], a["sha256"]) for a in report["allow_list"]}
     assert {(r["manifest_sha256"], r["name"], r["sha256"]) for r in reads} == allowed
     assert len(reads) == len(allowed), "each shard read once across both ranks"
+
+
+@pytest.fixture
+def planned(project: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[CycleConfig, TrainingPlan]:
+    """Rank 0's plan for the project's first cycle: its intake's manifests, every shard it read allowed."""
+    monkeypatch.chdir(project)
+    config = load_config(project / "cycle.yaml")
+    intake = verify_and_read(config, RollbackRecords(), {})
+    samples = concat(intake.holdout)
+    holdout = LabeledData.of(samples.inputs, samples.targets, config.task.build())
+    allow = AllowList.of(s.allowed for s in (*intake.trusted, *intake.train, *intake.holdout))
+    nan = float("nan")
+    previous = HeldoutMetrics(0.3, 0.9, (0.2, float("inf")), (0.95, nan))  # a class absent from the held-out set
+    excluded = {intake.train[0].key: (0, 3)}
+    return config, TrainingPlan(1, intake.manifests, allow, holdout, previous, ["pixel_00"], excluded)
+
+
+def test_every_rank_rebuilds_the_plan_from_its_json_and_bytes_it_verifies_itself(
+    planned: tuple[CycleConfig, TrainingPlan],
+) -> None:
+    config, plan = planned
+    sent = decode(encode(plan.message()), 0)
+    rebuilt = TrainingPlan.rebuilt(config, sent, {})
+    assert [m.manifest_sha256 for m in rebuilt.manifests] == [m.manifest_sha256 for m in plan.manifests]
+    assert rebuilt.allow == plan.allow and rebuilt.excluded_rows == plan.excluded_rows
+    assert (rebuilt.cycle, rebuilt.columns) == (1, ["pixel_00"])
+    assert torch.equal(rebuilt.holdout.x, plan.holdout.x) and torch.equal(rebuilt.holdout.y, plan.holdout.y)
+    assert rebuilt.previous.class_loss[1] == float("inf") and math.isnan(rebuilt.previous.class_accuracy[1])
+    assert rebuilt.previous.accuracy == 0.9
+
+
+def test_a_rank_refuses_a_manifest_changed_since_rank_zero_verified_it(
+    planned: tuple[CycleConfig, TrainingPlan],
+) -> None:
+    config, plan = planned
+    sent = decode(encode(plan.message()), 0)
+    manifest = plan.manifests[1].path
+    manifest.write_bytes(manifest.read_bytes() + b"\n")  # still the same signed statement, other bytes
+    with pytest.raises(CycleAbortedError, match=r"manifest-changed: sha256 \w+\.\.\. is not the \w+\.\.\. rank 0"):
+        TrainingPlan.rebuilt(config, sent, {})
+
+
+def test_a_rank_refuses_a_held_out_shard_that_is_not_the_one_allowed(planned: tuple[CycleConfig, TrainingPlan]) -> None:
+    config, plan = planned
+    sent = decode(encode(plan.message()), 0)
+    tamper_file(config.dataset.holdout.data_dir / "holdout.parquet")
+    with pytest.raises(CycleAbortedError, match=r"holdout\.parquet.*digest-mismatch|digest-mismatch.*holdout"):
+        TrainingPlan.rebuilt(config, sent, {})
+
+
+@pytest.mark.parametrize(
+    ("change", "where"),
+    [
+        (lambda m: m | {"pickle": "gASV"}, "pickle: Extra inputs are not permitted"),
+        (lambda m: m | {"cycle": "1"}, "cycle: Input should be a valid integer"),
+        (lambda m: m | {"allow": [{"name": "x"}]}, "allow-list entry 0: expected an object with exactly"),
+        (lambda m: m | {"excluded_rows": {"k": [-1]}}, "excluded_rows.k.0: Input should be greater than or equal"),
+    ],
+    ids=["extra-key", "string-cycle", "allow-entry", "negative-row"],
+)
+def test_a_malformed_plan_is_refused_in_one_line(planned: tuple[CycleConfig, TrainingPlan], change, where) -> None:
+    config, plan = planned
+    with pytest.raises(CycleAbortedError) as refused:
+        TrainingPlan.rebuilt(config, change(decode(encode(plan.message()), 0)), {})
+    assert where in str(refused.value) and "\n" not in str(refused.value)
+    assert refused.value.check == "rank-message"

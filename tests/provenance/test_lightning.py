@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -16,9 +18,11 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader, TensorDataset
 
 from trainguard.provenance import ProvenanceError, VerificationFailed, VerifiedDataModule, VerifyDatasetCallback
+from trainguard.provenance.allowlist import AllowedShard, AllowList
 from trainguard.provenance.dataset import RankPartSampler, balanced_owners
-from trainguard.provenance.errors import ShardError
+from trainguard.provenance.errors import ReadLogMismatchError, ShardError
 from trainguard.provenance.formats import Samples
+from trainguard.provenance.verify import VerifiedManifest, open_manifest
 
 
 class Tiny(pl.LightningModule):
@@ -138,6 +142,65 @@ def test_callback_tolerates_only_failures_of_excluded_shards(manifest: Path, key
     again = VerifyDatasetCallback([manifest], key_pairs.trust("alice"), exclude=["bob/shard-00.parquet"])
     with pytest.raises(VerificationFailed, match=r"raw\.bin"):
         trainer(callbacks=[again]).fit(Tiny(), plain_loader())
+
+
+def _flip_a_byte(path: Path) -> None:
+    content = bytearray(path.read_bytes())
+    content[len(content) // 2] ^= 0xFF  # same size, other bytes
+    path.write_bytes(bytes(content))
+
+
+def _allowed(verified: VerifiedManifest) -> AllowList:
+    """What a cycle's intake would allow: every parquet shard of the manifest, as verified."""
+    dataset = verified.manifest.dataset
+    shards = [s for s in verified.manifest.shards if s.name.endswith(".parquet")]
+    return AllowList.of(AllowedShard(verified.manifest_sha256, dataset, s.name, s.sha256) for s in shards)
+
+
+def test_a_training_shard_changed_after_intake_is_refused_by_name_and_the_fit_goes_on_without_it(
+    manifest: Path, key_pairs: Any
+) -> None:
+    verified = open_manifest(manifest, key_pairs.trust("alice"))
+    allow = _allowed(verified)  # the intake's decision, made before the shard changed
+    changed = manifest.parent / "alice" / "shard-01.parquet"
+    before = torch.from_numpy(pd.read_parquet(changed).drop(columns="label").to_numpy(np.float32))
+    _flip_a_byte(changed)
+    module = VerifiedDataModule.from_verified([verified], allow, refuse_changed=True, batch_size=32)
+    model = Tiny()
+    trainer(limit_train_batches=None).fit(model, datamodule=module)
+
+    assert model.steps == 8  # 240 rows of the two unchanged training shards, in batches of 32
+    ((refused_shard, reason, detail),) = [(r.shard.name, r.reason, r.detail) for r in module.refused]
+    assert (refused_shard, reason) == ("alice/shard-01.parquet", "digest-mismatch")
+    assert detail.startswith("shard digits:alice/shard-01.parquet: changed after intake (digest-mismatch): ")
+    assert [r.name for r in module.read_log.records] == [
+        "alice/shard-00.parquet",
+        "bob/shard-00.parquet",
+        "holdout.parquet",
+    ]
+    assert [s.name for _, s in module.train_set.shards] == ["alice/shard-00.parquet", "bob/shard-00.parquet"]
+    trained = module.train_set.features
+    assert not (trained[:, None, :] == before[None, :, :]).all(-1).any(), "no row of the changed shard is served"
+    allow.check_reads(module.read_log, [r.shard for r in module.refused])
+    with pytest.raises(ReadLogMismatchError, match=r"alice/shard-01\.parquet is on the allow-list but training never"):
+        allow.check_reads(module.read_log)
+
+
+@pytest.mark.parametrize("role", ["trusted", "holdout"])
+def test_a_trusted_or_held_out_shard_changed_after_intake_still_stops_the_fit(
+    data_dir: Path, key_pairs: Any, signer: Any, role: str
+) -> None:
+    name = {"trusted": "alice/shard-00.parquet", "holdout": "holdout.parquet"}[role]
+    roles = {"holdout.parquet": "holdout", "alice/shard-00.parquet": "trusted"}
+    manifest = signer(data_dir, key_pairs.alice, data_dir / "manifest.json", dataset="digits", roles=roles)
+    verified = open_manifest(manifest, key_pairs.trust("alice"))
+    allow = _allowed(verified)
+    _flip_a_byte(data_dir / name)
+    module = VerifiedDataModule.from_verified([verified], allow, refuse_changed=True)
+    model = Tiny()
+    with pytest.raises(ShardError, match=rf"shard {re.escape(name)}: whole-file sha256 \w+ differs") as stopped:
+        trainer().fit(model, datamodule=module)
+    assert stopped.value.reason == "digest-mismatch" and model.steps == 0
 
 
 def _raw_images(name: str, data: bytes) -> Samples:
