@@ -213,6 +213,9 @@ class RollbackState:
             )
         return RollbackRecords.from_json(document.get("accepted"), str(self.path))
 
+    def check(self, key: str, version: int, statement_sha256: str) -> None:
+        self.load().check(key, version, statement_sha256)
+
     def check_scope(self, scope: RollbackScope, version: int, statement_sha256: str) -> None:
         self.load().check_scope(scope, version, statement_sha256)
 
