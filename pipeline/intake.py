@@ -171,7 +171,7 @@ def verify_and_read(
                 verified.manifest_sha256,
                 samples,
                 frame,
-                verified.key_set.id,
+                verified.key_set.namespace,
             )
         )
     if not by_role["holdout"]:
@@ -223,7 +223,7 @@ def _refuse_shared_namespace(verified: VerifiedManifest, earlier: Sequence[Verif
 def _refused_entry(verified: VerifiedManifest, name: str, check: str, reason: str) -> ShardDecision:
     shard = next(s for s in verified.manifest.shards if s.name == name)
     return ShardDecision(
-        shard=shard_key(verified.key_set.id, verified.manifest.dataset, name),
+        shard=shard_key(verified.key_set.namespace, verified.manifest.dataset, name),
         sha256=shard.sha256,
         source=verified.key_set.attributed_source(shard.source),
         accepted=False,

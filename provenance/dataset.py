@@ -122,7 +122,7 @@ class ShardDataset(Dataset):
         refused: list[RefusedRead] = []
         for reader in readers:
             dataset = reader.verified.manifest.dataset
-            signed_by = reader.verified.key_set.id
+            signed_by = reader.verified.key_set.namespace
             selected = [s for r, s in chosen if r is reader]
             tables = {s.name: s for s in selected if read_as_table(s.name, decoders)}
             for name, frame in _frames(reader, tables, refusable, refused):

@@ -7,6 +7,10 @@ string it declares.
 
 The policy file format (JSON or YAML: `signers`, each with `keys`, `threshold` and its grants) is described in
 the README's "Keys and trust policies". A single PEM `.pub` file is a 1-of-1 key set granted the role `train` only.
+
+A key set's name (unique in its policy; letters, digits, `.`, `_`, `-`) is where its anti-rollback records are
+kept, so adding, rotating or removing its keys and changing its threshold keep them; an unnamed key set (a bare
+`.pub`) is named after its first key (`key:<keyid>`). Names label, they never grant.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from trainguard.provenance.errors import (
 )
 from trainguard.provenance.keys import VerifyingKey, load_verifying_key, verifying_key_from_pem
 from trainguard.provenance.manifest import ROLES, Manifest
+from trainguard.provenance.rollback import KEY_SET_NAME, RollbackScope, key_name, rollback_key
 
 POLICY_LIMIT = 1024 * 1024
 _SET_FIELDS = {"name", "keys", "threshold", "datasets", "sources", "roles"}
@@ -53,6 +58,11 @@ class KeySet:
             raise PolicyError(f"key set {self.label} lists no keys")
         if len({key.keyid for key in self.keys}) != len(self.keys):
             raise PolicyError(f"key set {self.label} lists the same key twice")
+        if self.name and not KEY_SET_NAME.fullmatch(self.name):
+            raise PolicyError(
+                f"key set name {self.name!r} is not a safe name: up to 64 letters, digits, '.', '_' or '-', "
+                "starting with a letter (its anti-rollback records are kept under it)"
+            )
         if not 1 <= self.threshold <= len(self.keys):
             raise PolicyError(f"key set {self.label}: threshold {self.threshold} is out of range for {len(self.keys)}")
         unknown = sorted(set(self.roles) - set(ROLES))
@@ -72,22 +82,23 @@ class KeySet:
         return self.name or (f"keys {self.keys[0].keyid[:16]}" if self.keys else "<no keys>")
 
     @property
-    def id(self) -> str:
-        """The set's stable name in shard identities and attributed sources: its policy name, else its first key."""
-        return self.name or f"key-{self.keys[0].keyid[:16]}"
+    def namespace(self) -> str:
+        """The set's stable name, where its anti-rollback records are kept and how shard identities and attributed
+        sources name it: its policy name, else its first key's (`key:<keyid>`)."""
+        return self.name or key_name(self.keys[0].keyid)
 
     def attributed_source(self, declared: str) -> str:
         """The source a shard this set signed counts as, for caps and evidence: the declared one when the policy
-        grants it by name, else the set itself (`<id>/*`): a pattern grant lets the key mint names, which must buy
-        it neither a larger cap nor fresh evidence."""
+        grants it by name, else the set itself (`<namespace>/*`): a pattern grant lets the key mint names, which
+        must buy it neither a larger cap nor fresh evidence."""
         if declared in self.sources and not any(c in declared for c in "*?["):
             return declared
-        return f"{self.id}/*"
+        return f"{self.namespace}/*"
 
     @property
     def fingerprint(self) -> str:
-        """SHA-256 over the threshold and the sorted keyids: the namespace anti-rollback records are kept under,
-        so another key set signing the same dataset name can never lock this one out or replay into it."""
+        """SHA-256 over the threshold and the sorted keyids: the namespace anti-rollback records were kept under
+        before key sets had names, still consulted so records written then apply while the set is unchanged."""
         material = json.dumps([self.threshold, sorted(self.keyids)], separators=(",", ":"))
         return hashlib.sha256(b"trainguard-keyset-v1\n" + material.encode()).hexdigest()
 
@@ -138,6 +149,11 @@ class TrustPolicy:
     def __post_init__(self) -> None:
         if not self.key_sets:
             raise PolicyError("the trust policy lists no key sets")
+        namespaces = [key_set.namespace for key_set in self.key_sets]
+        twice = next((n for n in namespaces if namespaces.count(n) > 1), None)
+        if twice is not None:
+            named = repr(twice) if not twice.startswith("key:") else f"after their first key {twice[4:20]}; name them"
+            raise PolicyError(f"two key sets are named {named} (anti-rollback records are kept per key-set name)")
 
     @classmethod
     def of(cls, keys: Sequence[VerifyingKey], threshold: int = 1, **grants: Any) -> TrustPolicy:
@@ -162,6 +178,21 @@ class TrustPolicy:
             assert first_error is not None
             raise first_error
         return tuple(signed)
+
+    def rollback_scope(self, envelope: Envelope, key_set: KeySet, dataset: str) -> RollbackScope:
+        """Where a manifest of `dataset` that `key_set` accepted is checked for rollback: the namespaces of every
+        key set holding a key that signed it (a key in two sets resets neither), recorded in `key_set`'s."""
+        keys = {key.keyid: key for s in self.key_sets for key in s.keys}
+        signers = frozenset(verify_envelope(envelope, tuple(keys.values()), 1))
+        holding = [other for other in self.key_sets if not signers.isdisjoint(other.keyids)]
+        return RollbackScope(
+            dataset=dataset,
+            key=rollback_key(key_set.namespace, dataset),
+            keyids=frozenset(key_set.keyids),
+            namespaces=frozenset(n for s in (key_set, *holding) for n in (s.namespace, s.fingerprint)),
+            signers=signers,
+            names=frozenset(s.namespace for s in self.key_sets),
+        )
 
 
 @dataclass(frozen=True)
@@ -202,7 +233,7 @@ def load_trust(path: Path) -> TrustPolicy:
     except OSError as error:
         raise PolicyError(f"cannot read trust policy {path}: {error.strerror}", path=str(path)) from None
     if data.lstrip().startswith(b"-----BEGIN"):
-        return TrustPolicy.of((verifying_key_from_pem(data, str(path)),), 1, name=path.name)
+        return TrustPolicy.of((verifying_key_from_pem(data, str(path)),), 1)
     document = _parse(data, path)
     if not isinstance(document, dict):
         raise PolicyError(f"{path}: a trust policy must be a mapping", path=str(path))
@@ -260,7 +291,7 @@ def _key_set(entry: object, policy: Path, index: int | None) -> KeySet:
     threshold = entry.get("threshold", 1)
     if isinstance(threshold, bool) or not isinstance(threshold, int):
         raise PolicyError(f"{where}: threshold must be an integer")
-    name = entry.get("name", "" if index is None else f"signers[{index}]")
+    name = entry.get("name", "")
     if not isinstance(name, str):
         raise PolicyError(f"{where}: name must be a string")
     grants = {field: _names(entry, field, where) for field in ("datasets", "sources", "roles") if field in entry}

@@ -60,7 +60,7 @@ from trainguard.provenance.paths import (
     walk_entries,
 )
 from trainguard.provenance.policy import KeySet, TrustPolicy, granted, granted_claims, load_trust
-from trainguard.provenance.rollback import RollbackCheck, RollbackState, default_state_path, rollback_key
+from trainguard.provenance.rollback import RollbackCheck, RollbackScope, RollbackState, default_state_path
 
 MANIFEST_LEVEL = (
     PayloadTypeError,
@@ -98,13 +98,15 @@ class VerifiedManifest:
     signers: tuple[str, ...]
     data_dir: Path
     key_set: KeySet
+    rollback_scope: RollbackScope
+    """The records its version was checked against, and the namespace it is recorded in."""
     share: BinShare | None = None
     """The bins loaded from a binned manifest when only a share was asked for; None: every shard."""
 
     @property
     def rollback_key(self) -> str:
-        """This manifest's anti-rollback namespace: (signing key set, dataset)."""
-        return rollback_key(self.key_set.fingerprint, self.manifest.dataset)
+        """This manifest's anti-rollback namespace: (signing key set's name, dataset)."""
+        return self.rollback_scope.key
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,8 @@ class VerificationReport:
     version: int | None = None
     statement_sha256: str | None = None
     rollback_key: str | None = None
+    rollback_keyids: tuple[str, ...] = ()
+    """The keys of the key set whose namespace records the version (kept with it, so a renamed set finds it)."""
     signers: tuple[str, ...] = ()
     shards: int = 0
     bytes_checked: int = 0
@@ -130,6 +134,7 @@ class VerificationReport:
         document = asdict(self)
         document["ok"] = self.ok
         document["signers"] = list(self.signers)
+        document["rollback_keyids"] = list(self.rollback_keyids)
         document["failures"] = [asdict(f) for f in self.failures]
         return document
 
@@ -167,7 +172,8 @@ def open_manifest(
     share: tuple[int, int] | None = None,
 ) -> VerifiedManifest:
     """Checks payloadType, signatures (k of n) of a key set granted every claim (dataset, sources, roles), the
-    expected `dataset` name, expiry, then rollback in that key set's namespace; raises the failing check's error.
+    expected `dataset` name, expiry, then rollback against that key set's namespace and those of every key set
+    holding a key that signed it (`TrustPolicy.rollback_scope`); raises the failing check's error.
 
     A binned manifest's bins are loaded after those checks, each against its signed digest: all of them, or with
     `share=(rank, world)` only that rank's bins (a single-file manifest has no shares: MalformedError)."""
@@ -208,8 +214,9 @@ def open_manifest(
         signers=chosen.signers,
         data_dir=Path(data_dir) if data_dir is not None else path.parent,
         key_set=chosen.key_set,
+        rollback_scope=policy.rollback_scope(envelope, chosen.key_set, manifest.dataset),
     )
-    _state(state).check(verified.rollback_key, manifest.version, statement_sha256)
+    _state(state).check_scope(verified.rollback_scope, manifest.version, statement_sha256)
     if index is None:
         return verified
     bin_share = BinShare.of_rank(*share, len(index.bins)) if share is not None else None
@@ -295,7 +302,9 @@ def verify_dataset(
         if ahead is not None:
             ahead.close()
     if report.ok and record and isinstance(rollback, RollbackState):
-        rollback.record(verified.rollback_key, verified.manifest.version, verified.statement_sha256)
+        rollback.record(
+            verified.rollback_key, verified.manifest.version, verified.statement_sha256, verified.key_set.keyids
+        )
     return report
 
 
@@ -342,6 +351,7 @@ def verify_shards(
         version=manifest.version,
         statement_sha256=verified.statement_sha256,
         rollback_key=verified.rollback_key,
+        rollback_keyids=verified.key_set.keyids,
         signers=verified.signers,
         shards=len(manifest.shards),
         bytes_checked=hashed,

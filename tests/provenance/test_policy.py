@@ -125,6 +125,12 @@ def test_the_first_key_set_granted_the_claims_is_chosen(
         ({"keys": ["alice.pub"], "datasets": "digits"}, "datasets must be a list of strings"),
         ({"signers": [{"keys": ["alice.pub"]}], "threshold": 1}, "holds only a list of key sets"),
         ({"signers": []}, "lists no key sets"),
+        ({"name": "../curator", "keys": ["alice.pub"]}, "not a safe name"),
+        ({"name": "cur/ator", "keys": ["alice.pub"]}, "not a safe name"),
+        ({"name": "key:" + "ab" * 32, "keys": ["alice.pub"]}, "not a safe name"),
+        ({"name": "a" * 65, "keys": ["alice.pub"]}, "not a safe name"),
+        ({"signers": [{"name": "x", "keys": ["alice.pub"]}, {"name": "x", "keys": ["bob.pub"]}]}, "named 'x'"),
+        ({"signers": [{"keys": ["alice.pub"]}, {"keys": ["alice.pub", "bob.pub"]}]}, "first key .*; name them"),
     ],
 )
 def test_a_policy_that_does_not_say_one_thing_is_bad_input(
@@ -164,10 +170,14 @@ def test_a_fifo_as_trust_policy_is_refused_without_hanging(tmp_path: Path) -> No
     assert not worker.is_alive() and "not a regular file" in str(errors[0])
 
 
-def test_the_rollback_namespace_is_the_key_set_not_its_name(key_pairs: Keys, tmp_path: Path) -> None:
-    first = _policy(tmp_path / "a.json", {"name": "x", "keys": [str(key_pairs.pub("alice"))]})
-    renamed = _policy(tmp_path / "b.json", {"name": "y", "keys": [str(key_pairs.pub("alice"))], "roles": ALL_ROLES})
-    other = _policy(tmp_path / "c.json", {"name": "x", "keys": [str(key_pairs.pub("bob"))]})
-    fingerprint = load_trust(first).key_sets[0].fingerprint
-    assert load_trust(renamed).key_sets[0].fingerprint == fingerprint
-    assert load_trust(other).key_sets[0].fingerprint != fingerprint
+def test_the_rollback_namespace_is_the_key_set_name_and_an_unnamed_set_is_named_after_its_key(
+    key_pairs: Keys, tmp_path: Path
+) -> None:
+    alice, bob = str(key_pairs.pub("alice")), str(key_pairs.pub("bob"))
+    named = _policy(tmp_path / "a.json", {"name": "x", "keys": [alice]})
+    grown = _policy(tmp_path / "b.json", {"name": "x", "keys": [alice, bob], "threshold": 2, "roles": ALL_ROLES})
+    unnamed = _policy(tmp_path / "c.json", {"keys": [alice, bob]})
+    assert load_trust(named).key_sets[0].namespace == load_trust(grown).key_sets[0].namespace == "x"
+    key_name = f"key:{key_pairs.alice.keyid}"
+    assert load_trust(key_pairs.pub("alice")).key_sets[0].namespace == key_name
+    assert load_trust(unnamed).key_sets[0].namespace == key_name
