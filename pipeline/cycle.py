@@ -237,7 +237,8 @@ def _run(cycle: RunningCycle, parent: TrackedRun) -> CycleOutcome:
         intake = verify_and_read(config, cycle.state.rollback_records, _decoders(config))
         state = cycle.state
         for manifest in intake.manifests:
-            state = state.accept_manifest(manifest.rollback_key, manifest.manifest.version, manifest.statement_sha256)
+            version, statement = manifest.manifest.version, manifest.statement_sha256
+            state = state.accept_manifest(manifest.rollback_key, version, statement, manifest.key_set.keyids)
         digests = {str(m.path.resolve()): m.manifest_sha256 for m in intake.manifests}
         cycle.state = cycle.store.update(state.read_manifests(digests))
         cycle.decide(intake.refused)

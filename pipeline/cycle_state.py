@@ -92,10 +92,12 @@ class CycleRecord(_Record):
 
 
 class RollbackEntry(_Record):
-    """The highest manifest version accepted in one (key set, dataset) namespace, and its statement digest."""
+    """The highest manifest version accepted in one (key-set name, dataset) namespace, its statement digest, and
+    every key that key set held when it recorded (so its records are found again after a rename)."""
 
     version: int = Field(ge=0)
     statement_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    keyids: tuple[Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")], ...] = ()
 
 
 class SourceEvidence(_Record):
@@ -190,15 +192,24 @@ class CycleState(_Record):
     @property
     def rollback_records(self) -> RollbackRecords:
         """The anti-rollback records, for manifest verification."""
-        return RollbackRecords({k: Accepted(e.version, e.statement_sha256) for k, e in self.rollback.items()})
+        return RollbackRecords(
+            {k: Accepted(e.version, e.statement_sha256, frozenset(e.keyids)) for k, e in self.rollback.items()}
+        )
 
-    def accept_manifest(self, key: str, version: int, statement_sha256: str) -> CycleState:
-        """Records a manifest as accepted in its rollback namespace (refusing a rollback)."""
-        self.rollback_records.check(key, version, statement_sha256)
+    def accept_manifest(self, key: str, version: int, statement_sha256: str, keyids: Iterable[str] = ()) -> CycleState:
+        """Records a manifest as accepted in its rollback namespace by a key set of `keyids` (refusing a
+        rollback)."""
+        held = tuple(
+            sorted(self.rollback_records.recorded(key, version, statement_sha256, keyids).accepted[key].keyids)
+        )
         entry = self.rollback.get(key)
-        if entry is not None and (entry.version, entry.statement_sha256) == (version, statement_sha256):
+        if entry is not None and (entry.version, entry.statement_sha256, entry.keyids) == (
+            version,
+            statement_sha256,
+            held,
+        ):
             return self
-        body = {"key": key, "version": version, "statement_sha256": statement_sha256}
+        body = {"key": key, "version": version, "statement_sha256": statement_sha256, "keyids": list(held)}
         return self._record("rollback", self.tail_cycle, body)
 
     def reset_rollback(self, key: str, reason: str) -> CycleState:
@@ -344,7 +355,7 @@ def _manifests(state: CycleState, event: Event) -> CycleState:
 def _rollback(state: CycleState, event: Event) -> CycleState:
     body = event.body
     state.rollback_records.check(body["key"], body["version"], body["statement_sha256"])
-    entry = RollbackEntry(version=body["version"], statement_sha256=body["statement_sha256"])
+    entry = RollbackEntry.model_validate({k: v for k, v in body.items() if k != "key"})
     return state.model_copy(update={"rollback": {**state.rollback, body["key"]: entry}})
 
 

@@ -235,7 +235,7 @@ class StateStore:
         for entry in sorted((e for e in lines if e.pipeline == history and e.seq > start.seq), key=lambda e: e.seq):
             body = entry.event.body
             if entry.event.kind == "rollback":
-                records[body["key"]] = RollbackEntry(version=body["version"], statement_sha256=body["statement_sha256"])
+                records[body["key"]] = RollbackEntry.model_validate({k: v for k, v in body.items() if k != "key"})
             elif entry.event.kind == "rollback-reset":
                 records.pop(body["key"], None)
         return Checkpoint(history, max((e.seq for e in lines if e.pipeline == history), default=start.seq), records)

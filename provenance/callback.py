@@ -90,7 +90,7 @@ class VerifyDatasetCallback(pl.Callback):
 
     def _record(self, report: VerificationReport) -> None:
         assert report.rollback_key is not None and report.version is not None and report.statement_sha256 is not None
-        self.state.record(report.rollback_key, report.version, report.statement_sha256)
+        self.state.record(report.rollback_key, report.version, report.statement_sha256, report.rollback_keyids)
 
     def _log(self, trainer: pl.Trainer, reports: Sequence[VerificationReport]) -> None:
         if trainer.logger is None:
