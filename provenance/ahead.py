@@ -5,7 +5,9 @@ cores, `trainguard verify` of 10,000 small shards then costs little more than th
 
 Only a single-threaded process forks (the command line, before it starts anything else): in a threaded one a child
 could deadlock on a lock held by a thread that does not exist there. What the children report is only compared with
-the verified manifest; if one fails, none of it is used and the verifier hashes those files itself.
+the verified manifest; if one fails, none of it is used and the verifier hashes those files itself. They hash whole
+files by BLAKE3 only: they fork before the manifest says which shards are chunk-signed, so the verifier hashes those
+itself, chunk digests and all (`verify._hashed_ahead`).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from trainguard.provenance.allowlist import AllowedShard, AllowList, RefusedRead
 from trainguard.provenance.errors import MalformedError, ProvenanceError, ShardError
-from trainguard.provenance.formats import Decoder, Samples, default_decoders
+from trainguard.provenance.formats import Decoder, Samples, decoding, default_decoders
 from trainguard.provenance.manifest import ShardEntry
 from trainguard.provenance.policy import TrustPolicy
 from trainguard.provenance.reader import ReadLog, ReadRecord, ShardReader
@@ -271,7 +271,8 @@ def table_samples(
     """A table's rows as samples: float32 feature columns (all but the target columns by default); targets from
     `label_column`, integer labels (N,) kept int64 and real values float32, or from several target columns
     (N, k) float32 (regression outputs, multi-label 0/1 vectors)."""
-    return Samples(*_columns(name, frame, feature_columns, label_column))
+    with decoding(name):
+        return Samples(*_columns(name, frame, feature_columns, label_column))
 
 
 def _columns(

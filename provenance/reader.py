@@ -2,8 +2,9 @@
 matches, so nothing can change between check and use. Every verified read is appended to an exact read log.
 
 Decoding is bounded and lives in `trainguard.provenance.formats` (headers are checked against the signed `records`
-and the decode limits before any data is decoded); the reader hands each decoder the verified bytes only, and its
-callers a read-only file object over them where their own code wants a file.
+and the reader's `DecodeBound` before any data is decoded); the reader hands each decoder the verified bytes only,
+and its callers a read-only file object over them where their own code wants a file. Whatever a decoder raises
+reaches the caller as a ShardError naming the shard.
 """
 
 from __future__ import annotations
@@ -20,15 +21,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trainguard.lazy import lazy_getattr
-from trainguard.provenance.errors import NotAllowedError, ProvenanceError, ShardError
+from trainguard.provenance.errors import NotAllowedError, ShardError
 from trainguard.provenance.formats import (
     DECODE_LIMIT,
     DECODE_RATIO,
+    DEFAULT_BOUND,
     BoundedDecoder,
+    DecodeBound,
     Decoder,
     Samples,
     check_decode,
     decoder_for,
+    decoding,
 )
 from trainguard.provenance.hashing import open_regular
 from trainguard.provenance.manifest import ShardEntry
@@ -49,6 +53,7 @@ __getattr__ = lazy_getattr(
 __all__ = [
     "DECODE_LIMIT",
     "DECODE_RATIO",
+    "DecodeBound",
     "ReadLog",
     "ReadRecord",
     "ShardReader",
@@ -156,7 +161,8 @@ def first_refusal(path: Path) -> ShardError | None:
 
 class ShardReader:
     """Reads the shards of one verified manifest from its data dir, each checked against its signed digest; with an
-    `allow` list, only the shards on it (any other read is refused as `not-allowed`)."""
+    `allow` list, only the shards on it (any other read is refused as `not-allowed`). Every shard it decodes is held
+    to `bound` (decoded bytes at most its ratio times the shard's signed size, and at most its ceiling)."""
 
     def __init__(
         self,
@@ -164,12 +170,12 @@ class ShardReader:
         log: ReadLog | None = None,
         allow: AllowList | None = None,
         *,
-        decode_limit: int = DECODE_LIMIT,
+        bound: DecodeBound = DEFAULT_BOUND,
     ) -> None:
         self.verified = verified
         self.log = log if log is not None else ReadLog()
         self.allow = allow
-        self.decode_limit = decode_limit
+        self.bound = bound
         self._entries: dict[str, ShardEntry | None] = {}
         for shard in verified.manifest.shards:
             self._entries[shard.name] = None if shard.name in self._entries else shard
@@ -311,44 +317,37 @@ class ShardReader:
 
     def read_samples(self, name: str, decoder: Decoder | Mapping[str, Decoder]) -> Samples:
         """The shard decoded by `decoder` (or the one a mapping holds for its suffix) from its verified bytes; the
-        samples must number the signed `records` and fit the decode limit, whatever decoder made them."""
+        samples must number the signed `records` and fit the decode bound, whatever decoder made them."""
         decode = decoder_for(name, decoder) if isinstance(decoder, Mapping) else decoder
-        records = self.entry(name).records
+        shard = self.entry(name)
         data = self.read_bytes(name)
-        try:
+        with decoding(name, f"decoder {_describe(decode)}"):  # a user's decoder fails closed too
             if isinstance(decode, BoundedDecoder):
-                samples = decode(name, data, records=records, limit=self.decode_limit)
+                samples = decode(name, data, records=shard.records, bound=self.bound)
             else:
                 samples = decode(name, data)
-        except ProvenanceError:
-            raise
-        except Exception as error:  # a user's decoder fails closed too: one line naming the shard
-            message = f"shard {name}: decoder {_describe(decode)} failed: {type(error).__name__}: {error}"
-            raise ShardError(message, shard=name, reason="format") from error
         if not isinstance(samples, Samples):
             message = f"shard {name}: decoder {_describe(decode)} returned {type(samples).__name__}, not Samples"
             raise ShardError(message, shard=name, reason="format")
-        check_decode(name, len(samples), samples.inputs.nbytes + samples.targets.nbytes, records, self.decode_limit)
+        decoded = samples.inputs.nbytes + samples.targets.nbytes
+        check_decode(name, len(samples), decoded, shard.records, self.bound.limit(shard.size))
         return samples
 
     def read_frame(self, name: str, columns: list[str] | None = None) -> pd.DataFrame:
-        """The shard as a data frame, decoded only within its signed `records` and the decode limits."""
-        from trainguard.provenance.formats.tables import parse_frame
-
+        """The shard as a data frame, decoded only within its signed `records` and the decode bound."""
         data = self.read_bytes(name)
-        return parse_frame(name, data, columns, records=self.entry(name).records, limit=self.decode_limit)
+        return self._frame(name, data, columns)
 
     def read_array(self, name: str) -> np.ndarray:
-        """The `.npy` shard as an array, decoded only within its signed `records` and the decode limits."""
+        """The `.npy` shard as an array, decoded only within its signed `records` and the decode bound."""
         from trainguard.provenance.formats.arrays import parse_array
 
         data = self.read_bytes(name)
-        return parse_array(name, data, records=self.entry(name).records, limit=self.decode_limit)
+        with decoding(name):
+            return parse_array(name, data, records=self.entry(name).records, bound=self.bound)
 
     def frames(self, names: Iterable[str], columns: list[str] | None = None) -> Iterator[tuple[str, pd.DataFrame]]:
         """Parsed shards in order; the next shard is read and hashed in a thread while this one is parsed."""
-        from trainguard.provenance.formats.tables import parse_frame
-
         ordered = list(names)
         if not ordered:
             return
@@ -358,8 +357,13 @@ class ShardReader:
                 data = pending.result()
                 if index + 1 < len(ordered):
                     pending = pool.submit(self.read_bytes, ordered[index + 1])
-                records = self.entry(name).records
-                yield name, parse_frame(name, data, columns, records=records, limit=self.decode_limit)
+                yield name, self._frame(name, data, columns)
+
+    def _frame(self, name: str, data: bytes, columns: list[str] | None) -> pd.DataFrame:
+        from trainguard.provenance.formats.tables import parse_frame
+
+        with decoding(name):
+            return parse_frame(name, data, columns, records=self.entry(name).records, bound=self.bound)
 
 
 def _check_digest(shard: ShardEntry, found: str) -> None:

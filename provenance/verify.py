@@ -416,11 +416,11 @@ def check_shards(
 
     md5 = dvc_md5 is not None
     hashed = {}
-    if ahead is not None and any(job.whole == AHEAD for job in jobs):
+    if ahead is not None and any(_hashed_ahead(job) for job in jobs):
         hashed = ahead.digests()
     elif ahead is not None:
-        ahead.close()  # a manifest that signs no BLAKE3: their digests would be of no use
-    reused = {job.name: hashed[job.name] for job in jobs if job.whole == AHEAD and job.name in hashed}
+        ahead.close()  # no shard checked by BLAKE3 alone (none signed, or all chunk-signed): no use for their digests
+    reused = {job.name: hashed[job.name] for job in jobs if _hashed_ahead(job) and job.name in hashed}
     jobs = [job for job in jobs if job.name not in reused]
     if on_bytes is not None and reused:
         on_bytes(sum(digest.size for digest in reused.values()))
@@ -451,6 +451,12 @@ def _checked_digest(shard: ShardEntry) -> tuple[Whole, ...]:
     accepts does, in-toto's rule), else SHA-256. Chunk digests, where signed, are SHA-256 of the same pass, which
     binds them to the whole-file digest checked."""
     return AHEAD if shard.blake3 is not None else ("sha256",)
+
+
+def _hashed_ahead(job: HashJob) -> bool:
+    """Whether the children's digest can stand for this job's: its BLAKE3 only, never chunk digests (the children
+    fork before the manifest says which shards are chunk-signed, so they hash none of them)."""
+    return job.whole == AHEAD and job.chunk_size is None
 
 
 def _size_failure(shard: ShardEntry, size: int) -> ShardFailure:

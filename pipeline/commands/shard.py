@@ -3,6 +3,9 @@ shards, of a chosen number of samples each, written atomically and optionally si
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +15,8 @@ import click
 from trainguard.pipeline.commands import PATH
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+IMAGE_LIMIT = 1024**3
+"""The largest image file read."""
 
 
 @dataclass(frozen=True)
@@ -146,19 +151,56 @@ def _is_int(text: str) -> bool:
 
 
 def _image_bytes(root: Path, relative: str) -> bytes:
-    """The image file's bytes, refused unless it is a regular file that decodes within the default pixel limit."""
-    from trainguard.files import read_regular
+    """The image file's bytes, refused unless it is a regular file inside `root` that decodes within the default
+    pixel limit."""
     from trainguard.provenance.errors import ShardError
     from trainguard.provenance.formats.images import decode_image
 
     try:
-        data = read_regular(root / relative, follow_symlinks=False, limit=1024**3)
+        data = _read_inside(root, relative)
         decode_image(str(root), f"member {relative}", data)
     except OSError as error:
         raise _bad_input(f"image {root / relative}: {error.strerror or error}") from None
     except ShardError as error:
         raise _bad_input(f"image {root / relative}: {str(error).split(': ', 1)[1]}") from None
     return data
+
+
+def _read_inside(root: Path, relative: str) -> bytes:
+    """The bytes of the regular file `root/relative` (at most IMAGE_LIMIT), opened one component at a time from
+    `root` without following a symbolic link, so no link (a class folder or image, planted before or during the
+    run) can make a file outside IMAGES a shard's member."""
+    nofollow = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+    *folders, name = relative.split("/")
+    where = os.open(root, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY)
+    try:
+        for index, part in enumerate(folders):
+            inner = _open_component(part, nofollow | os.O_DIRECTORY, where, "/".join(folders[: index + 1]))
+            os.close(where)
+            where = inner
+        fd = _open_component(name, nofollow | os.O_NONBLOCK, where, relative)
+    finally:
+        os.close(where)
+    with os.fdopen(fd, "rb") as stream:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        data = stream.read(IMAGE_LIMIT + 1) if info.st_size <= IMAGE_LIMIT else b""
+    if info.st_size > IMAGE_LIMIT or len(data) > IMAGE_LIMIT:
+        raise OSError(errno.EFBIG, f"larger than the {IMAGE_LIMIT}-byte limit")
+    return data
+
+
+def _open_component(part: str, flags: int, where: int, shown: str) -> int:
+    """`part` of the folder open as `where`, refusing a symbolic link by name (`shown`, relative to IMAGES)."""
+    try:
+        return os.open(part, flags, dir_fd=where)
+    except OSError as error:
+        if error.errno in (errno.ELOOP, errno.ENOTDIR) and stat.S_ISLNK(
+            os.stat(part, dir_fd=where, follow_symlinks=False).st_mode
+        ):
+            raise OSError(errno.ELOOP, f"{shown} is a symbolic link, refused (it may lead outside IMAGES)") from None
+        raise
 
 
 def _table_shards(table: Path, label_column: str, out: Path, shard_size: int) -> tuple[list[Path], int]:

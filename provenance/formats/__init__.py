@@ -5,31 +5,62 @@ One module per format (tables, arrays, WebDataset tars, LitData chunks); a decod
 `decode(name, data) -> Samples`, so a user's own format plugs in the same way. `decoder_for` picks the decoder of a
 shard by its name's suffix; `default_decoders` builds the built-in mapping a caller extends or overrides.
 
-Decoding is bounded: a built-in decoder reads headers first (parquet footer, npy header, zip directory) and checks
-the row count against the shard's signed `records` and the decoded size against DECODE_RATIO times the file size
-and an absolute limit before it decodes, so a small signed shard cannot decode to millions of rows or exhaust memory.
+Decoding is bounded by one `DecodeBound`: a shard may decode to at most `ratio` times its signed size and never past
+an absolute `ceiling`, whatever its format. A built-in decoder reads headers first (parquet footer and dictionaries,
+npy header, zip directory, image headers in a tar) and checks the row count against the shard's signed `records` and
+the decoded size against that bound before it decodes, so a small signed shard cannot decode to millions of rows or
+exhaust memory; `ShardReader.read_samples` checks any other decoder's output against the same bound. Whatever a
+decoder raises on verified bytes surfaces as a ShardError naming the shard (`decoding`), so a caller can refuse that
+shard by name and go on.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from trainguard.provenance.errors import ShardError
+from trainguard.provenance.errors import ProvenanceError, ShardError
+from trainguard.provenance.paths import printable
 
 if TYPE_CHECKING:
     import numpy as np
 
-DECODE_RATIO = 64
-"""A shard may decode to at most this many times its file size."""
+DECODE_RATIO = 256
+"""A shard may decode to at most this many times its signed size by default: room for photos as JPEG decoded to
+float32 (50 to 180 times their size at quality 75 to 50), none for a small shard that decodes to gigabytes."""
 DECODE_LIMIT = 4 * 1024**3
-"""A shard may decode to at most this many bytes (the default of `ShardReader(decode_limit=)`)."""
+"""A shard may decode to at most this many bytes by default, however large it is."""
+
+
+@dataclass(frozen=True)
+class DecodeBound:
+    """How far one shard may decode: to at most `ratio` times its signed size and never past `ceiling` bytes, so
+    that neither one small shard nor many of them together can exhaust memory."""
+
+    ratio: float = DECODE_RATIO
+    ceiling: int = DECODE_LIMIT
+
+    def __post_init__(self) -> None:
+        if not (0 < self.ratio < math.inf and self.ceiling > 0):
+            raise ValueError(
+                f"a decode bound needs a positive, finite ratio and ceiling, not {self.ratio}, {self.ceiling}"
+            )
+
+    def limit(self, size: int) -> int:
+        """The most bytes a shard of `size` signed bytes may decode to."""
+        return min(self.ceiling, math.floor(self.ratio * max(size, 1)))
+
+
+DEFAULT_BOUND = DecodeBound()
 
 Decoder = Callable[[str, bytes], "Samples"]
 """`decode(name, data) -> Samples`: decodes one shard's verified bytes; raises ShardError (reason `format`,
-`records-mismatch`, `decode-limit`, ...) naming the shard on anything it cannot decode safely."""
+`records-mismatch`, `decode-limit`, ...) naming the shard on anything it cannot decode safely (anything else it
+raises is turned into one by `decoding`)."""
 
 
 @dataclass(frozen=True)
@@ -70,12 +101,14 @@ def decoder_for(name: str, decoders: Mapping[str, Decoder]) -> Decoder:
 
 
 class BoundedDecoder(ABC):
-    """A decoder that checks the shard's signed `records` and the decode limits itself, from headers, before it
+    """A decoder that checks the shard's signed `records` and the decode bound itself, from headers, before it
     decodes; `ShardReader.read_samples` passes both (any other decoder is checked on its output only)."""
 
     @abstractmethod
-    def __call__(self, name: str, data: bytes, *, records: int | None = None, limit: int = DECODE_LIMIT) -> Samples:
-        """The samples of one shard's verified bytes, within `records` (when signed) and `limit`."""
+    def __call__(
+        self, name: str, data: bytes, *, records: int | None = None, bound: DecodeBound = DEFAULT_BOUND
+    ) -> Samples:
+        """The samples of one shard's verified bytes, within `records` (when signed) and `bound.limit(len(data))`."""
 
 
 def default_decoders(
@@ -97,20 +130,42 @@ def default_decoders(
     return decoders | dict(overrides or {})
 
 
-def decode_bound(size: int, limit: int) -> int:
-    """The most bytes a shard of `size` bytes may decode to."""
-    return min(limit, DECODE_RATIO * max(size, 1))
-
-
-def check_decode(name: str, rows: int | None, decoded: int, records: int | None, bound: int) -> None:
-    """Refuses a row count other than the signed `records` and a decoded size over `bound`."""
+def check_decode(
+    name: str, rows: int | None, decoded: int, records: int | None, limit: int, *, where: str | None = None
+) -> None:
+    """Refuses a row count other than the signed `records` and a decoded size over `limit` (reached at `where` in
+    the shard, when a decoder counts as it goes)."""
     if records is not None and rows is not None and rows != records:
         raise ShardError(
             f"shard {name}: decodes to {rows} rows, signed {records} records", shard=name, reason="records-mismatch"
         )
-    if decoded > bound:
+    if decoded > limit:
+        at = f" at {where}" if where else ""
         raise ShardError(
-            f"shard {name}: decodes to about {decoded} bytes, over the {bound}-byte limit",
+            f"shard {name}: decodes to about {decoded} bytes{at}, over the {limit}-byte limit",
             shard=name,
             reason="decode-limit",
         )
+
+
+@contextmanager
+def decoding(name: str, what: str = "decoding") -> Iterator[None]:
+    """Whatever a decoder raises on shard `name`'s verified bytes (pyarrow, Pillow, numpy, tarfile, json, litdata, a
+    user's code) raised as `undecodable` makes it, so a caller refuses that shard by name instead of failing on it."""
+    try:
+        yield
+    except ProvenanceError:
+        raise
+    except Exception as error:
+        raise undecodable(name, error, what) from error
+
+
+def undecodable(name: str, error: Exception, what: str = "decoding") -> ShardError:
+    """The refusal of shard `name` whose decoding raised `error`, in one line: `decode-limit` for memory it could not
+    get, `format` for anything else."""
+    if isinstance(error, MemoryError):
+        return ShardError(f"shard {name}: {what} ran out of memory", shard=name, reason="decode-limit")
+    first = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)  # not what libraries add
+    text = first.strip()
+    detail = f": {printable(text.splitlines()[0])}" if text else ""
+    return ShardError(f"shard {name}: {what} failed: {type(error).__name__}{detail}", shard=name, reason="format")

@@ -1,5 +1,5 @@
 """NumPy shards from verified bytes: `.npy` holds one table, `.npz` holds an inputs array of any shape and its
-targets. Headers are checked (shape, dtype, signed records, decode limits) before any data is read; never unpickles.
+targets. Headers are checked (shape, dtype, signed records, decode bound) before any data is read; never unpickles.
 
 `.npy` is a table: a structured array whose `label` field is the target and whose other fields are the features,
 or a 2-D array whose `label_column` is the target. Arrays of other shapes go in a `.npz` of two members, inputs
@@ -20,7 +20,7 @@ from typing import BinaryIO
 import numpy as np
 
 from trainguard.provenance.errors import ShardError
-from trainguard.provenance.formats import DECODE_LIMIT, BoundedDecoder, Samples, check_decode, decode_bound
+from trainguard.provenance.formats import DEFAULT_BOUND, BoundedDecoder, DecodeBound, Samples, check_decode
 
 NPZ_NAMES = (("inputs", "targets"), ("x", "y"))
 """The member pairs an `.npz` shard may hold by default (exactly one pair, nothing else)."""
@@ -57,12 +57,14 @@ def read_npy_header(stream: BinaryIO) -> NpyHeader:
     return NpyHeader(tuple(int(n) for n in shape), dtype, stream.tell())
 
 
-def parse_array(name: str, data: bytes, *, records: int | None = None, limit: int = DECODE_LIMIT) -> np.ndarray:
+def parse_array(
+    name: str, data: bytes, *, records: int | None = None, bound: DecodeBound = DEFAULT_BOUND
+) -> np.ndarray:
     """A numpy array from verified npy bytes: the header's shape is checked against `records` (when signed) and the
-    decode limits before the data is read; never unpickles."""
+    decode bound before the data is read; never unpickles."""
     try:
         header = read_npy_header(io.BytesIO(data))
-        check_decode(name, header.rows, header.nbytes, records, decode_bound(len(data), limit))
+        check_decode(name, header.rows, header.nbytes, records, bound.limit(len(data)))
         return np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:
         raise ShardError(f"shard {name}: not a readable .npy array: {error}", shard=name, reason="format") from None
@@ -76,8 +78,10 @@ class NpyDecoder(BoundedDecoder):
     label: str = "label"
     label_column: int = -1
 
-    def __call__(self, name: str, data: bytes, *, records: int | None = None, limit: int = DECODE_LIMIT) -> Samples:
-        table = parse_array(name, data, records=records, limit=limit)
+    def __call__(
+        self, name: str, data: bytes, *, records: int | None = None, bound: DecodeBound = DEFAULT_BOUND
+    ) -> Samples:
+        table = parse_array(name, data, records=records, bound=bound)
         if table.dtype.names is not None:
             return self._structured(name, table)
         if table.ndim != 2 or table.dtype.kind not in "biuf" or table.shape[1] < 2:
@@ -111,11 +115,13 @@ class NpyDecoder(BoundedDecoder):
 @dataclass(frozen=True)
 class NpzDecoder(BoundedDecoder):
     """A `.npz` of exactly one inputs/targets pair of `names` (N, ...) and (N,) or (N, ...): every member's header
-    is checked (name, dtype, shape, signed records, decode limits) before any member is decompressed."""
+    is checked (name, dtype, shape, signed records, decode bound) before any member is decompressed."""
 
     names: Sequence[tuple[str, str]] = NPZ_NAMES
 
-    def __call__(self, name: str, data: bytes, *, records: int | None = None, limit: int = DECODE_LIMIT) -> Samples:
+    def __call__(
+        self, name: str, data: bytes, *, records: int | None = None, bound: DecodeBound = DEFAULT_BOUND
+    ) -> Samples:
         try:
             with zipfile.ZipFile(io.BytesIO(data)) as archive:
                 inputs, targets = self._members(name, archive)
@@ -128,7 +134,7 @@ class NpzDecoder(BoundedDecoder):
                         reason="records-mismatch",
                     )
                 decoded = sum(h.nbytes for h in headers)
-                check_decode(name, headers[0].rows, decoded, records, decode_bound(len(data), limit))
+                check_decode(name, headers[0].rows, decoded, records, bound.limit(len(data)))
                 arrays = []
                 for member in (inputs, targets):
                     with archive.open(member) as stream:

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from trainguard.provenance.errors import MalformedError, ShardError
-from trainguard.provenance.formats import DECODE_LIMIT, BoundedDecoder, Samples, check_decode, decode_bound
+from trainguard.provenance.formats import DEFAULT_BOUND, BoundedDecoder, DecodeBound, Samples, check_decode
 
 _DTYPES = frozenset(
     ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16", "float32", "float64"]
@@ -46,7 +46,9 @@ class CsvDecoder(BoundedDecoder):
         if self.label not in self.columns or len(self.columns) < 2:
             raise MalformedError(f"CSV schema: declare the label column {self.label!r} and at least one feature column")
 
-    def __call__(self, name: str, data: bytes, *, records: int | None = None, limit: int = DECODE_LIMIT) -> Samples:
+    def __call__(
+        self, name: str, data: bytes, *, records: int | None = None, bound: DecodeBound = DEFAULT_BOUND
+    ) -> Samples:
         parse = pacsv.ParseOptions(delimiter=self.delimiter)
         header = self._header(name, data, parse)
         types = {c: pa.float64() if t in _NARROW else pa.from_numpy_dtype(np.dtype(t)) for c, t in self.columns.items()}
@@ -59,7 +61,7 @@ class CsvDecoder(BoundedDecoder):
             raise self._misfit(name, data, parse, header, error) from None
         # Parsed numbers take at most 8 bytes per value of at least 2 bytes of text, so this check after parsing
         # cannot be preceded by a larger allocation than about four times the verified bytes.
-        check_decode(name, table.num_rows, table.nbytes, records, decode_bound(len(data), limit))
+        check_decode(name, table.num_rows, table.nbytes, records, bound.limit(len(data)))
         arrays = {c: self._narrow(name, c, table.column(c).to_numpy()) for c in self.columns}
         features = [arrays[c] for c in self.columns if c != self.label]
         return Samples(np.column_stack(features), arrays[self.label])

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import threading
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +30,7 @@ from litdata.streaming.reader import PrepareChunksThread
 from litdata.streaming.resolver import Dir
 
 from trainguard.provenance.errors import ShardError
-from trainguard.provenance.formats import Samples
+from trainguard.provenance.formats import DEFAULT_BOUND, DecodeBound, Samples, check_decode, decoding, undecodable
 from trainguard.provenance.paths import name_problem
 from trainguard.provenance.reader import (
     JournalLog,
@@ -140,6 +140,8 @@ class VerifiedStreamingDataset(StreamingDataset):
 
     `options` are StreamingDataset's (shuffle, seed, drop_last, max_cache_size, transform, ...); the cache lives in
     a fresh private folder under `cache_dir` (default: the system temp dir), removed when the dataset is collected.
+    Each item litdata decodes is held to `bound` against the largest signed chunk (an item comes from one chunk), and
+    whatever litdata raises decoding verified chunks is refused as a ShardError naming the dataset.
     """
 
     def __init__(
@@ -149,6 +151,7 @@ class VerifiedStreamingDataset(StreamingDataset):
         *,
         allow: AllowList | None = None,
         cache_dir: Path | None = None,
+        bound: DecodeBound = DEFAULT_BOUND,
         **options: Any,
     ) -> None:
         refused = sorted(_REFUSED_OPTIONS & options.keys())
@@ -164,7 +167,8 @@ class VerifiedStreamingDataset(StreamingDataset):
         url = f"{SCHEME}{verified.manifest_sha256[:16]}"
         super().__init__(Dir(path=str(chunks), url=url), storage_options={_SOURCE: self.source}, **options)
         self.posix_fast = None  # litdata maps local chunks in place; these must be read from the verified copies
-        check_index(self.source, (chunks / INDEX).read_bytes())
+        self.item_limit = bound.limit(check_index(self.source, (chunks / INDEX).read_bytes()))
+        """The most bytes one item may decode to."""
 
     @property
     def dataset_name(self) -> str:
@@ -172,22 +176,28 @@ class VerifiedStreamingDataset(StreamingDataset):
         return "/".join(part for part in (self.source.verified.manifest.dataset, self.source.prefix) if part)
 
     def __next__(self) -> Any:
-        try:
-            return super().__next__()
-        except Exception as error:
-            refusal = _wrapped_refusal(error)
-            if refusal is None:
-                raise
-            raise refusal from None
+        return self._served(super().__next__)
 
     def __getitem__(self, index: Any) -> Any:
+        return self._served(lambda: super(VerifiedStreamingDataset, self).__getitem__(index))
+
+    def _served(self, fetch: Callable[[], Any]) -> Any:
+        """The item `fetch` gets from litdata, within the item limit; a chunk's refusal that litdata wrapped is raised
+        as it was, and anything else litdata raised as the dataset's refusal, journalled for the main process."""
         try:
-            return super().__getitem__(index)
+            item = fetch()
+        except (StopIteration, ShardError):
+            raise
         except Exception as error:
-            refusal = _wrapped_refusal(error)
-            if refusal is None:
-                raise
+            refusal = _wrapped_refusal(error) or undecodable(self.dataset_name, error, "litdata decoding")
+            journal_refusal(self.source.journal, refusal)
             raise refusal from None
+        try:
+            check_decode(self.dataset_name, None, _item_nbytes(item), None, self.item_limit, where="an item")
+        except ShardError as refusal:
+            journal_refusal(self.source.journal, refusal)
+            raise
+        return item
 
     def read_log(self) -> ReadLog:
         """Every verified read of this dataset, in every process (DataLoader workers included), in journal order."""
@@ -222,9 +232,10 @@ class VerifiedStreamingDataLoader(StreamingDataLoader):
             raise refusal from None
 
 
-def check_index(source: VerifiedSource, data: bytes) -> None:
+def check_index(source: VerifiedSource, data: bytes) -> int:
     """Refuses a (verified) `index.json` that names a chunk the manifest does not list, a chunk of another size
-    than signed, or items that litdata would decode with pickle or a media decoder outside trainguard's checks."""
+    than signed, or items that litdata would decode with pickle or a media decoder outside trainguard's checks;
+    returns the signed size of its largest chunk."""
     name = source.shard(INDEX)
     try:
         index = json.loads(data)
@@ -243,6 +254,7 @@ def check_index(source: VerifiedSource, data: bytes) -> None:
             reason="format",
         )
     reader = ShardReader(source.verified, ReadLog(), source.allow)
+    largest = 0
     for filename, size in listed:
         chunk = source.shard(filename)
         try:
@@ -255,6 +267,8 @@ def check_index(source: VerifiedSource, data: bytes) -> None:
         if not compressed and entry.size != size:
             message = f"shard {chunk}: {name} gives {size} bytes, the manifest signed {entry.size}"
             raise ShardError(message, shard=chunk, reason="format")
+        largest = max(largest, entry.size)
+    return largest
 
 
 def decode_litdata_items(
@@ -262,6 +276,11 @@ def decode_litdata_items(
 ) -> Samples:
     """`Samples` of litdata items such as `{"image": ndarray | PIL image | tensor, "label": int}`: arrays and tensors
     keep their shape, PIL images become (C, H, W); every input must share one shape."""
+    with decoding(name):
+        return _samples(name, items, inputs, targets)
+
+
+def _samples(name: str, items: Iterable[Mapping[str, Any]], inputs: str, targets: str) -> Samples:
     xs, ys = [], []
     for position, item in enumerate(items):
         try:
@@ -302,6 +321,24 @@ def _input_array(value: Any) -> np.ndarray:
         pixels = np.asarray(value)
         return pixels[np.newaxis] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
     return np.asarray(value)
+
+
+def _item_nbytes(value: Any) -> int:
+    """The bytes an item litdata decoded takes: its arrays, tensors, images, bytes and text, in any nesting."""
+    from PIL import Image
+
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, (bytes, bytearray, str)):
+        return len(value)
+    if isinstance(value, Image.Image):
+        return value.width * value.height * len(value.getbands())
+    if isinstance(value, Mapping):
+        return sum(_item_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_item_nbytes(v) for v in value)
+    nbytes = getattr(value, "nbytes", 0)  # torch tensors
+    return nbytes if isinstance(nbytes, int) else 0
 
 
 def _wrapped_refusal(error: BaseException) -> ShardError | None:

@@ -1,9 +1,10 @@
 """Parquet shards from verified bytes: numeric feature columns, fixed-shape tensor columns and image-bytes columns,
-each decoded only after the footer is checked against the signed `records` and the decode limits.
+each decoded only after the footer is checked against the signed `records` and the decode bound.
 
-Image columns (PNG/JPEG bytes per row) are bounded per image by `max_pixels`, read from each image's header before
-any pixel is decoded, and in total by the absolute decode limit only: compressed images legitimately decode to more
-than DECODE_RATIO times their size as float32.
+Byte-array columns are read dictionary-encoded and counted at their decoded size before they are decoded, so a
+small dictionary value repeated over many rows cannot expand unchecked; image columns (PNG/JPEG bytes per row) are
+bounded per image by `max_pixels` and together by the same decode bound, both read from each image's header before
+any pixel is decoded.
 """
 
 from __future__ import annotations
@@ -17,39 +18,102 @@ import numpy as np
 import pyarrow as pa
 
 from trainguard.provenance.errors import ShardError
-from trainguard.provenance.formats import DECODE_LIMIT, BoundedDecoder, Samples, check_decode, decode_bound
+from trainguard.provenance.formats import DEFAULT_BOUND, BoundedDecoder, DecodeBound, Samples, check_decode
 from trainguard.provenance.formats.images import MAX_PIXELS, NATIVE_MODES, image_pixels, open_image
 
 if TYPE_CHECKING:
     import pandas as pd
+    import pyarrow.parquet as pq
+
+_LEAF_BYTES = {"BOOLEAN": 1, "INT32": 4, "INT64": 8, "INT96": 12, "FLOAT": 4, "DOUBLE": 8}
+"""Decoded bytes per value of each fixed-width parquet physical type (booleans as numpy holds them)."""
 
 
 def read_table(
-    name: str, data: bytes, columns: list[str] | None = None, *, records: int | None = None, limit: int = DECODE_LIMIT
+    name: str,
+    data: bytes,
+    columns: list[str] | None = None,
+    *,
+    records: int | None = None,
+    bound: DecodeBound = DEFAULT_BOUND,
 ) -> pa.Table:
     """An arrow table from verified parquet bytes: the footer is checked against `records` (when signed) and the
-    decode limits before any row group is decoded, and each decoded row group counts against them."""
+    decode bound before any row group is decoded, and each row group counts against it as decoded, its dictionary
+    columns at the size they will take decoded, before they are."""
     import pyarrow.parquet as pq
 
+    limit = bound.limit(len(data))
     try:
-        parquet = pq.ParquetFile(pa.BufferReader(data))
-        metadata = parquet.metadata
-        schema = parquet.schema_arrow
-        widths = sum(max(1, f.type.bit_width // 8) if _fixed_width(f.type) else 1 for f in schema)
-        uncompressed = sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
-        bound = decode_bound(len(data), limit)
-        check_decode(name, metadata.num_rows, max(uncompressed, metadata.num_rows * widths), records, bound)
+        metadata = pq.read_metadata(pa.BufferReader(data))
+        stored = metadata.schema.to_arrow_schema()
+        expanded = [f.name for f in stored if _byte_array(f.type)]
+        parquet = pq.ParquetFile(pa.BufferReader(data), metadata=metadata, read_dictionary=expanded)
+        check_decode(name, metadata.num_rows, _declared_nbytes(metadata), records, limit)
         tables, decoded = [], 0
         for index in range(metadata.num_row_groups):
             table = parquet.read_row_group(index, columns=columns)
-            decoded += table.nbytes
-            check_decode(name, None, decoded, None, bound)
+            decoded += _decoded_nbytes(table)
+            check_decode(name, None, decoded, None, limit)
             tables.append(table)
-        table = pa.concat_tables(tables) if tables else schema.empty_table().select(columns or schema.names)
-        check_decode(name, table.num_rows, decoded, records, bound)
-        return table
+        table = pa.concat_tables(tables) if tables else stored.empty_table().select(columns or stored.names)
+        check_decode(name, table.num_rows, decoded, records, limit)
+        return _decode_dictionaries(table, stored, expanded)
     except (pa.ArrowException, ValueError, KeyError) as error:
         raise ShardError(f"shard {name}: not readable as parquet: {error}", shard=name, reason="format") from None
+
+
+def _declared_nbytes(metadata: pq.FileMetaData) -> int:
+    """What the footer says the shard decodes to: its uncompressed size, or its values at their width (run-length
+    and dictionary encodings make many values of a few bytes; byte arrays count one byte each here, their real size
+    when read), whichever is larger."""
+    widths = [
+        metadata.schema.column(i).length or 1
+        if metadata.schema.column(i).physical_type == "FIXED_LEN_BYTE_ARRAY"
+        else _LEAF_BYTES.get(metadata.schema.column(i).physical_type, 1)
+        for i in range(metadata.num_columns)
+    ]
+    uncompressed, values = 0, 0
+    for index in range(metadata.num_row_groups):
+        group = metadata.row_group(index)
+        uncompressed += group.total_byte_size
+        values += sum(group.column(i).num_values * widths[i] for i in range(group.num_columns))
+    return max(uncompressed, values)
+
+
+def _decoded_nbytes(table: pa.Table) -> int:
+    """The bytes `table` takes once its dictionary columns are decoded, computed from the dictionaries and their
+    indices without decoding them."""
+    import pyarrow.compute as pc
+
+    total = 0
+    for column in table.columns:
+        for chunk in column.chunks:
+            if not pa.types.is_dictionary(chunk.type):
+                total += chunk.nbytes
+            elif _byte_array(chunk.type.value_type):
+                lengths = pc.take(pc.binary_length(chunk.dictionary), chunk.indices)
+                total += 8 * len(chunk) + (pc.sum(lengths).as_py() or 0)
+            elif _fixed_width(chunk.type.value_type):
+                total += len(chunk) * max(1, chunk.type.value_type.bit_width // 8)
+            else:  # a dictionary of nested values: at most the whole dictionary per row
+                total += len(chunk) * chunk.dictionary.nbytes
+    return total
+
+
+def _decode_dictionaries(table: pa.Table, stored: pa.Schema, expanded: list[str]) -> pa.Table:
+    """`table` with the columns read dictionary-encoded only for counting back in their stored type."""
+    for column in expanded:
+        if column in table.column_names:
+            index = table.column_names.index(column)
+            table = table.set_column(index, column, table.column(column).cast(stored.field(column).type))
+    return table
+
+
+def _byte_array(kind: pa.DataType) -> bool:
+    return any(
+        check(kind)
+        for check in (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_string, pa.types.is_large_string)
+    )
 
 
 def parse_frame(
@@ -58,17 +122,17 @@ def parse_frame(
     columns: list[str] | None = None,
     *,
     records: int | None = None,
-    limit: int = DECODE_LIMIT,
+    bound: DecodeBound = DEFAULT_BOUND,
 ) -> pd.DataFrame:
-    """A data frame from verified parquet (or npy) bytes, decoded within `records` and the decode limits."""
+    """A data frame from verified parquet (or npy) bytes, decoded within `records` and the decode bound."""
     if name.endswith(".parquet"):
-        return read_table(name, data, columns, records=records, limit=limit).to_pandas()
+        return read_table(name, data, columns, records=records, bound=bound).to_pandas()
     if name.endswith(".npy"):
         import pandas as pd
 
         from trainguard.provenance.formats.arrays import parse_array
 
-        frame = pd.DataFrame(parse_array(name, data, records=records, limit=limit))
+        frame = pd.DataFrame(parse_array(name, data, records=records, bound=bound))
         return frame if columns is None else frame[columns]
     raise ShardError(f"shard {name}: unsupported format (use .parquet or .npy)", shard=name, reason="format")
 
@@ -84,14 +148,18 @@ class ParquetDecoder(BoundedDecoder):
     shape: tuple[int, ...] | None = None
     max_pixels: int = MAX_PIXELS
 
-    def __call__(self, name: str, data: bytes, *, records: int | None = None, limit: int = DECODE_LIMIT) -> Samples:
-        table = read_table(name, data, records=records, limit=limit)
+    def __call__(
+        self, name: str, data: bytes, *, records: int | None = None, bound: DecodeBound = DEFAULT_BOUND
+    ) -> Samples:
+        limit = bound.limit(len(data))
+        table = read_table(name, data, records=records, bound=bound)
         targets = self._column(name, table, self.label, None, limit)
         if isinstance(self.inputs, str):
             return Samples(self._column(name, table, self.inputs, self.shape, limit), targets)
         names = list(self.inputs) if self.inputs is not None else [c for c in table.column_names if c != self.label]
         if not names:
             raise ShardError(f"shard {name}: no feature columns besides {self.label!r}", shard=name, reason="format")
+        check_decode(name, None, 4 * table.num_rows * len(names), None, limit)  # as float32 features
         features = [self._column(name, table, c, None, limit) for c in names]
         odd = [f"{c} {f.shape[1:]}" for c, f in zip(names, features, strict=True) if f.ndim != 1]
         if odd:

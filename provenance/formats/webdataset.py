@@ -12,15 +12,13 @@ from __future__ import annotations
 import io
 import math
 import re
-import tarfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from trainguard.provenance.errors import ShardError
-from trainguard.provenance.formats import Samples
-from trainguard.provenance.formats.images import MAX_PIXELS, ImageMode, decode_image
-from trainguard.provenance.reader import DECODE_LIMIT
+from trainguard.provenance.formats import DEFAULT_BOUND, BoundedDecoder, DecodeBound, Samples, check_decode, decoding
+from trainguard.provenance.formats.images import MAX_PIXELS, NATIVE_MODES, ImageMode, image_pixels, open_image
 
 if TYPE_CHECKING:
     import numpy as np
@@ -37,38 +35,44 @@ _CLASS = re.compile(rb"\s*(-?\d{1,18})\s*")
 
 
 @dataclass(frozen=True)
-class WebDatasetDecoder:
+class WebDatasetDecoder(BoundedDecoder):
     """Decodes a WebDataset tar into `Samples`: images as (N, C, H, W) float32 in [0, 1] in `mode`, .npy inputs of
     `npy_dtype`; all inputs of one `shape` (the first sample's when None); at most `records` samples (exactly that
-    many when given) and `decode_limit` decoded bytes, each image at most `max_pixels` pixels."""
+    many when given, or when the reader passes the signed count), each image at most `max_pixels` pixels, all of
+    them within the decode bound, each image counted from its header before its pixels are decoded."""
 
     mode: ImageMode = "RGB"
     shape: tuple[int, ...] | None = None
     records: int | None = None
     max_pixels: int = MAX_PIXELS
     npy_dtype: str = "float32"
-    decode_limit: int = DECODE_LIMIT
 
-    def __call__(self, name: str, data: bytes) -> Samples:
-        return self.decode_chunks(name, (data,), records=self.records)
+    def __call__(
+        self, name: str, data: bytes, *, records: int | None = None, bound: DecodeBound = DEFAULT_BOUND
+    ) -> Samples:
+        counted = self.records if records is None else records
+        return self.decode_chunks(name, (data,), size=len(data), records=counted, bound=bound)
 
-    def decode_chunks(self, name: str, chunks: Iterable[bytes], *, records: int | None = None) -> Samples:
-        """The samples of a tar given as consecutive verified pieces; every piece is consumed (so a verifying
-        iterator reaches its whole-file digest check) before the samples are returned."""
+    def decode_chunks(
+        self,
+        name: str,
+        chunks: Iterable[bytes],
+        *,
+        size: int,
+        records: int | None = None,
+        bound: DecodeBound = DEFAULT_BOUND,
+    ) -> Samples:
+        """The samples of a tar of `size` signed bytes given as consecutive verified pieces; every piece is
+        consumed (so a verifying iterator reaches its whole-file digest check) before the samples are returned."""
         stream = _VerifiedStream(name, chunks)
-        builder = _SampleBuilder(name, self, records)
+        builder = _SampleBuilder(name, self, records, bound.limit(size))
         try:
-            for sample in _grouped(name, stream):
-                builder.add(sample)
-        except Exception as error:
+            with decoding(name):
+                for sample in _grouped(name, stream):
+                    builder.add(sample)
+        except ShardError:
             if stream.failure is not None:  # webdataset rewrites the message of an error raised through it
                 raise stream.failure from None
-            if isinstance(error, ShardError):
-                raise
-            if isinstance(error, (tarfile.TarError, ValueError, EOFError, OSError)):
-                detail = str(error.args[0] if error.args else error).split(" @ ")[0]
-                message = f"shard {name}: not a well-formed WebDataset tar: {detail}"
-                raise ShardError(message, shard=name, reason="format") from None
             raise
         stream.drain()
         stream.check_end()
@@ -77,11 +81,12 @@ class WebDatasetDecoder:
 
 def read_webdataset(reader: ShardReader, name: str, decoder: WebDatasetDecoder | None = None) -> Samples:
     """The samples of tar shard `name`, streamed chunk by chunk from `reader` (each chunk verified before it is
-    parsed), within the shard's signed `records` and the reader's decode limit."""
+    parsed), within the shard's signed `records` and the reader's decode bound."""
     chosen = decoder or WebDatasetDecoder()
-    signed = reader.entry(name).records
-    limited = replace(chosen, decode_limit=min(chosen.decode_limit, reader.decode_limit))
-    return limited.decode_chunks(name, reader.iter_chunks(name), records=chosen.records if signed is None else signed)
+    shard = reader.entry(name)
+    records = chosen.records if shard.records is None else shard.records
+    chunks = reader.iter_chunks(name)
+    return chosen.decode_chunks(name, chunks, size=shard.size, records=records, bound=reader.bound)
 
 
 def _grouped(name: str, stream: io.RawIOBase) -> Iterator[dict[str, Any]]:
@@ -115,6 +120,9 @@ class _VerifiedStream(io.RawIOBase):
 
     def readable(self) -> bool:
         return True
+
+    def __repr__(self) -> str:  # webdataset names the stream in the errors it re-raises: the shard, not an address
+        return self.name
 
     def readinto(self, target: Any) -> int:
         while not self._pending:
@@ -159,10 +167,11 @@ class _VerifiedStream(io.RawIOBase):
 class _SampleBuilder:
     """Checks and decodes grouped samples one by one, refusing the first that breaks the format or a limit."""
 
-    def __init__(self, name: str, decoder: WebDatasetDecoder, records: int | None) -> None:
+    def __init__(self, name: str, decoder: WebDatasetDecoder, records: int | None, limit: int) -> None:
         self.name = name
         self.decoder = decoder
         self.records = records
+        self.limit = limit
         self.shape = decoder.shape
         self.inputs: list[np.ndarray] = []
         self.targets: list[np.ndarray] = []
@@ -189,13 +198,10 @@ class _SampleBuilder:
         if self.records is not None and len(self.inputs) >= self.records:
             message = f"shard {self.name}: holds more than the signed {self.records} records"
             raise ShardError(message, shard=self.name, reason="records-mismatch")
-        member = f"{key}.{inputs[0]}"
-        features = self._input(member, inputs[0], members[inputs[0]])
-        target = self._target(f"{key}.{targets[0]}", targets[0], members[targets[0]])
-        self.decoded += features.nbytes + target.nbytes
-        if self.decoded > self.decoder.decode_limit:
-            message = f"shard {self.name}: decodes to over the {self.decoder.decode_limit}-byte limit at {member}"
-            raise ShardError(message, shard=self.name, reason="decode-limit")
+        features = self._input(f"{key}.{inputs[0]}", inputs[0], members[inputs[0]])
+        target_member = f"{key}.{targets[0]}"
+        target = self._target(target_member, targets[0], members[targets[0]])
+        self._count(target_member, target.nbytes)
         self.inputs.append(features)
         self.targets.append(target)
 
@@ -210,13 +216,17 @@ class _SampleBuilder:
         return Samples(np.stack(self.inputs), np.stack(self.targets))
 
     def _input(self, member: str, suffix: str, data: bytes) -> np.ndarray:
+        """The member's input, counted against the decode bound before it is decoded: an image by its header, an
+        array by its header too (`_array` refuses one that declares more than the member holds)."""
         options = self.decoder
         if suffix == "npy":
             features = _array(self.name, member, data, options.npy_dtype)
+            self._count(member, features.nbytes)
         else:
-            features = decode_image(
-                self.name, f"member {member}", data, max_pixels=options.max_pixels, mode=options.mode
-            )
+            where = f"member {member}"
+            image = open_image(self.name, where, data, max_pixels=options.max_pixels)
+            self._count(member, 4 * NATIVE_MODES[options.mode] * image.width * image.height)
+            features = image_pixels(self.name, where, image, options.mode)
         if self.shape is None:
             self.shape = features.shape
         elif features.shape != self.shape:
@@ -240,6 +250,11 @@ class _SampleBuilder:
                 f"is {first.dtype} of shape {first.shape}"
             )
         return target
+
+    def _count(self, member: str, nbytes: int) -> None:
+        """Counts `nbytes` more decoded bytes, refusing the shard at `member` once they pass the decode bound."""
+        self.decoded += nbytes
+        check_decode(self.name, None, self.decoded, None, self.limit, where=f"member {member}")
 
     def _refuse(self, problem: str) -> None:
         raise ShardError(f"shard {self.name}: {problem}", shard=self.name, reason="format")

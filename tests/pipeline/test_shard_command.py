@@ -143,6 +143,47 @@ def test_a_labels_csv_naming_a_path_outside_the_folder_exits_2(tmp_path: Path, i
     assert "'../secret.png' is not a safe relative image path" in done.stderr
 
 
+def _outside(tmp_path: Path) -> Path:
+    """A folder outside IMAGES holding a secret image."""
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "0001.png").write_bytes(digit_png(1)[0])
+    return secret
+
+
+@pytest.mark.parametrize(
+    ("plant", "listed", "refused"),
+    [
+        (lambda root, secret: (root / "leak").symlink_to(secret, True), "leak/0001.png", "leak is a symbolic"),
+        (
+            lambda root, secret: (root / "3" / "x.png").symlink_to(secret / "0001.png"),
+            "3/x.png",
+            "3/x.png is a symbolic",
+        ),
+    ],
+    ids=["class-folder", "image"],
+)
+def test_a_labels_csv_through_a_symlink_leading_outside_the_images_folder_exits_2_naming_it(
+    tmp_path: Path, image_folder: Path, plant, listed: str, refused: str
+) -> None:
+    plant(image_folder, _outside(tmp_path))
+    listing = tmp_path / "labels.csv"
+    inside = sorted(p.relative_to(image_folder).as_posix() for p in (image_folder / "0").glob("*.png"))
+    listing.write_text("path,label\n" + "".join(f"{r},0\n" for r in inside) + f"{listed},1\n")
+    done = trainguard("shard", image_folder, "--labels", listing, "--out", tmp_path / "shards")
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and f"{refused} link, refused (it may lead outside IMAGES)" in done.stderr
+    assert not list((tmp_path / "shards").glob("*.tar"))
+
+
+def test_a_symlinked_class_folder_leading_outside_the_images_folder_exits_2(tmp_path: Path, image_folder: Path) -> None:
+    (image_folder / "leak").symlink_to(_outside(tmp_path), target_is_directory=True)
+    done = trainguard("shard", image_folder, "--out", tmp_path / "shards")
+    assert done.returncode == 2
+    assert "leak: expected only image files in <label>/ sub-folders (symlink)" in done.stderr
+    assert not list((tmp_path / "shards").glob("*.tar"))
+
+
 def test_a_table_without_the_label_column_exits_2(tmp_path: Path) -> None:
     table = tmp_path / "t.csv"
     table.write_text("a,b\n1,2\n")

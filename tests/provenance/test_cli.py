@@ -229,3 +229,24 @@ def test_verify_hashing_ahead_checks_sha256_where_the_manifest_signs_no_blake3(
     done = run("verify", manifest, "--trust", key_pairs.trust("alice"))
     assert done.returncode == 1
     assert "FAIL raw.bin: digest-mismatch: whole-file sha256 " in done.stderr
+
+
+def test_verify_hashing_ahead_accepts_chunk_signed_shards_of_4_mib_or_less_and_checks_their_chunks(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    small = data / "three-chunks.bin"
+    small.write_bytes(os.urandom(3 * 1024 * 1024 - 5))  # chunk-signed at 1 MiB, small enough for the children
+    (data / "tiny.bin").write_bytes(b"not chunked")
+    run("keygen", "--out", tmp_path / "k")
+    signed = run("sign", data, "--key", tmp_path / "k.key", "--out", data / "m.json", "--source", "a", "--chunk-mib", 1)
+    assert signed.returncode == 0, signed.stderr
+    honest = run("verify", data / "m.json", "--trust", tmp_path / "k.pub")
+    assert honest.returncode == 0, honest.stderr
+    spoiled = bytearray(small.read_bytes())
+    spoiled[1024 * 1024 + 7] ^= 1
+    small.write_bytes(bytes(spoiled))
+    done = run("verify", data / "m.json", "--trust", tmp_path / "k.pub")
+    assert done.returncode == 1
+    assert "FAIL three-chunks.bin: digest-mismatch: chunk 1 sha256 " in done.stderr

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from trainguard.provenance import ShardError, ShardReader, open_manifest
-from trainguard.provenance.formats import Samples, default_decoders
+from trainguard.provenance.formats import DecodeBound, Samples, default_decoders
 from trainguard.provenance.formats.arrays import NpyDecoder, NpzDecoder
 
 
@@ -181,7 +181,9 @@ def test_an_npy_decodes_within_the_readers_decode_limit(tmp_path: Path, key_pair
     np.save(stream, np.zeros((100, 3)))
     root = shards(tmp_path, t__npy=stream.getvalue())
     with pytest.raises(ShardError, match="1000-byte limit") as caught:
-        signed_reader(root, key_pairs, signer, decode_limit=1000).read_samples("t.npy", default_decoders())
+        signed_reader(root, key_pairs, signer, bound=DecodeBound(ceiling=1000)).read_samples(
+            "t.npy", default_decoders()
+        )
     assert caught.value.reason == "decode-limit"
 
 

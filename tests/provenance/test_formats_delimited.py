@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from trainguard.provenance import MalformedError, ShardError, ShardReader, open_manifest
-from trainguard.provenance.formats import default_decoders
+from trainguard.provenance.formats import DecodeBound, default_decoders
 from trainguard.provenance.formats.delimited import CsvDecoder
 
 SCHEMA = {"a": "float32", "b": "int32", "label": "int64"}
@@ -126,7 +126,7 @@ def test_a_csv_whose_rows_differ_from_its_signed_records_is_refused(
 
 def test_a_csv_decodes_within_the_decode_limit() -> None:
     with pytest.raises(ShardError, match="over the 16-byte limit") as caught:
-        CsvDecoder(SCHEMA)("d.csv", csv("0.5,1,2", "0.5,1,2"), limit=16)
+        CsvDecoder(SCHEMA)("d.csv", csv("0.5,1,2", "0.5,1,2"), bound=DecodeBound(ceiling=16))
     assert caught.value.reason == "decode-limit"
 
 

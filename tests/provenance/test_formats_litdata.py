@@ -23,6 +23,7 @@ from PIL import Image
 from trainguard.provenance import reader as reader_module
 from trainguard.provenance import sign_dataset, write_manifest
 from trainguard.provenance.errors import ShardError
+from trainguard.provenance.formats import DecodeBound
 from trainguard.provenance.formats.litdata import (
     VerifiedSource,
     VerifiedStreamingDataLoader,
@@ -396,3 +397,37 @@ def test_a_lightning_trainer_fits_on_a_verified_litdata_loader(data: Path, key_p
     assert trainer.state.finished and trainer.global_step == 3 * ITEMS // 50
     chunks_read = [r.name for r in dataset.read_log().records if r.name != "train/index.json"]
     assert sorted(set(chunks_read)) == sorted(chunk_names(data))
+
+
+def test_a_signed_chunk_whose_items_do_not_decode_is_refused_naming_the_dataset(
+    data: Path, key_pairs: object, tmp_path: Path
+) -> None:
+    first = data / chunk_names(data)[0]
+    content = bytearray(first.read_bytes())
+    items_start = 4 + 4 * (int.from_bytes(content[:4], "little") + 1)  # after the item count and offsets
+    content[items_start:] = b"\xff" * (len(content) - items_start)
+    first.write_bytes(bytes(content))
+    dataset = VerifiedStreamingDataset(signed(data, key_pairs, tmp_path), "train", cache_dir=tmp_path)
+
+    with pytest.raises(ShardError) as refused:
+        list(dataset)
+
+    assert (refused.value.shard, refused.value.reason) == ("digits/train", "format")
+    assert "litdata decoding failed" in str(refused.value) and "\n" not in str(refused.value)
+    assert dataset.refusal().reason == "format"
+
+
+def test_an_item_decoding_past_the_decode_bound_of_its_chunk_is_refused(
+    data: Path, key_pairs: object, tmp_path: Path
+) -> None:
+    verified = signed(data, key_pairs, tmp_path)
+    largest = max(s.size for s in verified.manifest.shards if s.name.endswith(".bin"))
+    tight = DecodeBound(ratio=100 / largest)  # an item may decode to 100 bytes; each holds two 64-pixel images
+    dataset = VerifiedStreamingDataset(verified, "train", cache_dir=tmp_path, bound=tight)
+
+    with pytest.raises(ShardError) as refused:
+        next(iter(dataset))
+
+    assert (refused.value.shard, refused.value.reason) == ("digits/train", "decode-limit")
+    assert f"at an item, over the {tight.limit(largest)}-byte limit" in str(refused.value)
+    assert len(list(VerifiedStreamingDataset(verified, "train", cache_dir=tmp_path))) == ITEMS

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from trainguard.provenance import ShardError, ShardReader, open_manifest
-from trainguard.provenance.formats import Samples, default_decoders
+from trainguard.provenance.formats import DecodeBound, Samples, default_decoders
 from trainguard.provenance.formats.tables import ParquetDecoder
 
 
@@ -115,7 +115,7 @@ def test_images_together_over_the_decode_limit_are_refused_before_decoding(
     (root / "i.parquet").write_bytes(image_table([png(np.zeros((64, 64), np.uint8))] * 10))
     reader = ShardReader(
         open_manifest(signer(root, key_pairs.alice, tmp_path / "m.json"), key_pairs.trust("alice"), data_dir=root),
-        decode_limit=100_000,
+        bound=DecodeBound(ceiling=100_000),
     )
     with pytest.raises(ShardError, match="163840 bytes, over the 100000-byte limit") as caught:
         reader.read_samples("i.parquet", {".parquet": ParquetDecoder(inputs="image")})
@@ -179,3 +179,38 @@ def test_any_bytes_in_an_image_column_decode_or_fail_closed(blobs: list[bytes]) 
         assert error.shard == "f.parquet"
     else:
         assert isinstance(samples, Samples)
+
+
+def test_a_small_signed_parquet_whose_dictionary_column_expands_hugely_is_refused_before_it_is_expanded(
+    tmp_path: Path, key_pairs: Any, signer: Any
+) -> None:
+    import subprocess
+    import sys
+
+    root = tmp_path / "data"
+    root.mkdir()
+    blob = pa.array([bytes(100_000)] * 2000, pa.binary())  # one dictionary value on 2000 rows: 200 MB decoded
+    pq.write_table(pa.table({"blob": blob, "label": np.arange(2000)}), root / "d.parquet", compression="zstd")
+    assert (root / "d.parquet").stat().st_size < 16 * 1024
+    manifest = signer(root, key_pairs.alice, tmp_path / "m.json")
+    read = (  # a fresh process, so the memory pool's peak is this read's alone
+        "import sys, pyarrow as pa\n"
+        "from pathlib import Path\n"
+        "from trainguard.provenance import ShardError, ShardReader, open_manifest\n"
+        "reader = ShardReader(open_manifest(Path(sys.argv[1]), Path(sys.argv[2]), data_dir=Path(sys.argv[3])))\n"
+        "for read in (lambda: reader.read_frame('d.parquet'), lambda: list(reader.frames(['d.parquet']))):\n"
+        "    try:\n"
+        "        read()\n"
+        "    except ShardError as error:\n"
+        "        print(error.reason, error.shard)\n"
+        "print(pa.default_memory_pool().max_memory())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", read, str(manifest), str(key_pairs.trust("alice")), str(root)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    *refusals, peak = done.stdout.split("\n")[:-1]
+    assert refusals == ["decode-limit d.parquet"] * 2, done.stderr
+    assert int(peak) < 16 * 1024**2

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from trainguard.provenance.errors import ShardError
-from trainguard.provenance.formats import decoder_for
+from trainguard.provenance.formats import DecodeBound, decoder_for
 from trainguard.provenance.formats.webdataset import WebDatasetDecoder, read_webdataset
 from trainguard.provenance.reader import ShardReader
 from trainguard.provenance.signing import sign_dataset, write_manifest
@@ -204,8 +204,11 @@ def test_more_or_fewer_samples_than_the_signed_records_are_refused(digits) -> No
 
 
 def test_decoding_past_the_decode_limit_is_refused(digits) -> None:
-    error = refusal(tar_of(digit_members(digits, range(5))), WebDatasetDecoder(mode="L", decode_limit=1000))
-    assert error.reason == "decode-limit"
+    with pytest.raises(ShardError) as caught:
+        WebDatasetDecoder(mode="L")(
+            "part-0.tar", tar_of(digit_members(digits, range(5))), bound=DecodeBound(ceiling=1000)
+        )
+    assert (caught.value.reason, caught.value.shard) == ("decode-limit", "part-0.tar")
 
 
 @pytest.mark.parametrize("cut", [512, 1000, 1536, 4096, "after-the-last-member"])
@@ -331,3 +334,27 @@ def test_a_signed_tar_with_a_bad_member_is_refused_after_verification(tmp_path, 
     with pytest.raises(ShardError) as caught:
         read_webdataset(reader, "part-0.tar", WebDatasetDecoder(mode="L"))
     assert str(caught.value) == "shard part-0.tar: sample 000007 has no target (expected one .cls or .json)"
+
+
+def test_a_small_signed_tar_of_compressible_images_is_refused_at_its_first_image_before_any_pixel_is_decoded(
+    tmp_path: Path, key_pairs: Any
+) -> None:
+    root = tmp_path / "bomb"
+    root.mkdir()
+    black = png(np.zeros((2048, 2048), np.uint8))  # a few kB that decode to 16 MiB of float32
+    members = [m for row in range(2) for m in [(f"{row:06d}.png", black), (f"{row:06d}.cls", b"0")]]
+    (root / "part-0.tar").write_bytes(tar_of(members))
+    envelope, _ = sign_dataset(root, key_pairs.alice, dataset="bomb", source="alice")
+    reader = reader_of((root, write_manifest(envelope, tmp_path / "manifest.json")), key_pairs)
+    size = reader.entry("part-0.tar").size
+    assert size < 64 * 1024 and DecodeBound().limit(size) < 4 * 2048 * 2048
+    for read in (
+        lambda: read_webdataset(reader, "part-0.tar", WebDatasetDecoder(mode="L")),
+        lambda: reader.read_samples("part-0.tar", WebDatasetDecoder(mode="L")),
+    ):
+        with pytest.raises(ShardError) as caught:
+            read()
+        assert (caught.value.reason, caught.value.shard) == ("decode-limit", "part-0.tar")
+        assert f"at member 000000.png, over the {DecodeBound().limit(size)}-byte limit" in str(caught.value)
+    generous = ShardReader(reader.verified, bound=DecodeBound(ratio=4096))
+    assert read_webdataset(generous, "part-0.tar", WebDatasetDecoder(mode="L")).inputs.shape == (2, 1, 2048, 2048)

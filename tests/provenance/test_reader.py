@@ -9,8 +9,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from trainguard.provenance import ShardError, ShardReader, open_manifest
+from trainguard.provenance.formats import DecodeBound
 
 
 def test_reading_untouched_shards_logs_each_read_in_order(manifest: Path, key_pairs: Any) -> None:
@@ -146,7 +149,7 @@ def test_a_tiny_parquet_shard_that_decodes_to_millions_of_rows_hits_the_decode_l
     with pytest.raises(ShardError, match="over the") as caught:
         ShardReader(verified).read_frame("bomb.parquet")
     assert caught.value.reason == "decode-limit"
-    small = ShardReader(verified, decode_limit=1024)
+    small = ShardReader(verified, bound=DecodeBound(ceiling=1024))
     with pytest.raises(ShardError, match="1024-byte limit"):
         small.read_frame("bomb.parquet")
 
@@ -164,7 +167,7 @@ def test_an_npy_shard_is_checked_by_its_header_before_loading(tmp_path: Path, ke
         reader.read_array("a.npy")
     assert caught.value.reason == "records-mismatch"
     _resign(manifest, key_pairs.alice, lambda s: replace(s, records=3))
-    reader = ShardReader(open_manifest(manifest, key_pairs.pub("alice"), data_dir=root), decode_limit=64)
+    reader = ShardReader(open_manifest(manifest, key_pairs.pub("alice"), data_dir=root), bound=DecodeBound(ceiling=64))
     with pytest.raises(ShardError) as caught:
         reader.read_array("a.npy")
     assert caught.value.reason == "decode-limit"
@@ -328,3 +331,69 @@ def test_a_users_decoder_that_fails_fails_closed_naming_the_shard(
     with pytest.raises(ShardError, match=message) as caught:
         reader.read_samples("raw.bin", decoder)
     assert (caught.value.reason, caught.value.shard) == ("format", "raw.bin")
+
+
+def _garbage(parquet: bytes) -> bytes:
+    return bytes(range(256)) * (len(parquet) // 256 + 1)
+
+
+def _broken_pages(parquet: bytes) -> bytes:
+    """The parquet with its first page header overwritten: the footer still reads, the pages raise pyarrow's
+    OSError ("Couldn't deserialize thrift")."""
+    return parquet[:4] + b"\xff" * 24 + parquet[28:]
+
+
+@pytest.mark.parametrize("spoil", [_garbage, _broken_pages])
+def test_a_signed_parquet_that_does_not_decode_is_refused_by_name_on_every_read_path(
+    tmp_path: Path, key_pairs: Any, signer: Any, spoil: Any
+) -> None:
+    import io
+
+    import pandas as pd
+
+    from trainguard.provenance.dataset import ShardDataset
+    from trainguard.provenance.formats import default_decoders
+
+    buffer = io.BytesIO()
+    pd.DataFrame({"x": np.arange(50, dtype=np.float32), "label": np.arange(50)}).to_parquet(buffer, index=False)
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "s.parquet").write_bytes(spoil(buffer.getvalue()))
+    reader = ShardReader(
+        open_manifest(signer(root, key_pairs.alice, tmp_path / "m.json"), key_pairs.trust("alice"), data_dir=root)
+    )
+    for read in (
+        lambda: reader.read_frame("s.parquet"),
+        lambda: list(reader.frames(["s.parquet"])),
+        lambda: reader.read_samples("s.parquet", default_decoders()),
+        lambda: ShardDataset([reader], roles=None),
+    ):
+        with pytest.raises(ShardError) as caught:
+            read()
+        assert (caught.value.reason, caught.value.shard) == ("format", "s.parquet")
+        assert str(caught.value).startswith("shard s.parquet: ") and "\n" not in str(caught.value)
+
+
+def test_a_users_decoder_is_held_to_the_decode_ratio_of_the_shards_signed_size(manifest: Path, key_pairs: Any) -> None:
+    from trainguard.provenance.formats import Samples
+
+    def inflate(name: str, data: bytes) -> Samples:
+        return Samples(np.zeros((len(data), 256), np.uint8), np.zeros(len(data), np.uint8))
+
+    reader = ShardReader(open_manifest(manifest, key_pairs.trust("alice")))
+    with pytest.raises(ShardError, match=f"over the {256 * 3000}-byte limit") as caught:
+        reader.read_samples("raw.bin", inflate)
+    assert (caught.value.reason, caught.value.shard) == ("decode-limit", "raw.bin")
+    generous = ShardReader(reader.verified, bound=DecodeBound(ratio=300))
+    assert len(generous.read_samples("raw.bin", inflate)) == 3000
+
+
+@given(ratio=st.floats(0.01, 10_000), ceiling=st.integers(1, 2**40), size=st.integers(0, 2**40))
+def test_the_decode_bound_is_the_smaller_of_ratio_times_size_and_the_ceiling(
+    ratio: float, ceiling: int, size: int
+) -> None:
+    limit = DecodeBound(ratio, ceiling).limit(size)
+    assert 0 <= limit <= ceiling and limit <= ratio * max(size, 1)
+    assert limit in (ceiling, int(ratio * max(size, 1)))
+    with pytest.raises(ValueError, match="positive"):
+        DecodeBound(ratio, 0)
