@@ -1,26 +1,37 @@
-"""The accepted model as an MLflow pyfunc model, from code (never a pickle), that verifies itself when loaded.
+"""The accepted model in MLflow, and loading a registered version with trust anchored in a key the caller pins.
 
-The MLflow model holds the signed model directory (safetensors weights, `model.json`, the OpenSSF model signature and
-the SLSA attestation) and the public keys as artifacts, the input/output schema as its signature, and
-`mlflow_model_code.py` as its code. `load_context` runs the same checks as `trainguard verify-model` (signature,
-attestation, subjects) and raises, so `mlflow.pyfunc.load_model` refuses a model whose bytes do not check. The
-bundled keys prove integrity; to anchor trust in a key you hold, pass `model_config={"public_key": PATH}` (or set
-TRAINGUARD_MODEL_KEY).
+`trainguard.load_model(NAME, key=PUB)` (and `trainguard load-model`) is the safe way to load a registered model. It
+downloads the version's signed model directory as plain files, verifies it against the caller's key (never a key
+shipped with the artifacts) and its attestation, checks that its weights are the ones the registry recorded for the
+version (`trainguard.model_sha256`) and that the attestation's cycle is the version's (`trainguard.cycle`), refuses
+a `champion` alias that points behind the newest version trainguard registered, and only then builds the module
+with trainguard's installed code (the class the signed `model.json` names, safetensors weights). Nothing from the
+artifact store is imported, executed or unpickled.
+
+`mlflow.pyfunc.load_model(URI)` keeps working as a convenience, but it trusts the artifact store, by MLflow's
+design: it reads the `MLmodel` file from the artifacts and imports or runs what that file names (a loader module,
+`code` paths put first on `sys.path`, a python_model from code or from a pickle) before trainguard gets control.
+trainguard logs the model with `loader_module` naming this installed module (no code in the artifact store), which
+verifies the signed directory on load, with the caller's key when one is given (`model_config={"public_key": PATH}`
+or TRAINGUARD_MODEL_KEY) and else with the key bundled in the artifacts. Whoever can write the artifact store can
+rewrite `MLmodel` to run their own code, or re-sign the model and bundle their key; and nothing ties what
+`mlflow.pyfunc` loads to the version the registry recorded.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
@@ -28,36 +39,73 @@ from trainguard.pipeline.errors import ModelSignatureError
 from trainguard.pipeline.model_sign import MODEL_FILE, read_model_description
 from trainguard.pipeline.model_verification import ModelVerification, verify_model
 
-CODE_FILE = Path(__file__).with_name("mlflow_model_code.py")
+DATA = "trainguard"  # the pyfunc's data directory, data/trainguard: the signed model and the keys beside it
 SIGNED_MODEL = "signed_model"
-MODEL_KEY = "model_key"
-ATTESTATION_KEY = "attestation_key"
+SIGNED_PATH = f"data/{DATA}/{SIGNED_MODEL}"
+MODEL_KEY_FILE = "model-key.pub"
+ATTESTATION_KEY_FILE = "attestation-key.pub"
 KEY_ENV = "TRAINGUARD_MODEL_KEY"
 CONFIG_KEYS = ("public_key", "attestation_key")
 CHAMPION = "champion"
+MODEL_SHA256_TAG = "trainguard.model_sha256"
+CYCLE_TAG = "trainguard.cycle"
+_MODEL_REF = re.compile(r"models:/(?P<name>[^/:@]+)(?:@(?P<alias>[^/:@]+)|/(?P<version>[1-9][0-9]*))")
 
 
-class VerifiedModel(mlflow.pyfunc.PythonModel):
-    """Predicts with a model verified when it loads, as its signed `model.json` says: for its task (class labels
-    and their probability, 0/1 labels, real outputs) and through its `model_forward` hook when it has one."""
+class RegistryError(ModelSignatureError):
+    """A registered version that is not the one asked for or not the one the registry recorded; `reason` names
+    the check (champion-rollback, digest-mismatch, cycle-mismatch, not-trainguard, not-registered, model-ref)."""
+
+    def __init__(self, where: str, reason: str, detail: str, *, exit_code: int = 1) -> None:
+        super().__init__(f"{where}: {reason}: {detail}", path=where)
+        self.reason = reason
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A registered model version as asked for: through an alias (a bare name means its `champion`) or by number."""
+
+    name: str
+    alias: str | None = None
+    version: int | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}@{self.alias}" if self.alias else f"models:/{self.name}/{self.version}"
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    """What the registry recorded for a version trainguard registered: its weights' digest and its cycle."""
+
+    name: str
+    version: int
+    cycle: int
+    model_sha256: str
+
+
+@dataclass(frozen=True)
+class VerifiedModel:
+    """A model built by trainguard's installed code from a signed directory that verified, predicting as its signed
+    `model.json` says: for its task and through its `model_forward` hook when it has one. `registered` is the
+    registry version it was checked against (None when `mlflow.pyfunc` loaded it); `load_model` verified a copy in
+    a temporary directory, gone once it returns (the weights are in memory)."""
 
     verification: ModelVerification
-    keys: tuple[Path, Path]
     module: Any
-    task: str = "classification"
-    forward: Any = None
+    task: str
+    forward: Any
+    registered: RegisteredVersion | None = None
 
-    def load_context(self, context: Any) -> None:
-        self.keys = trusted_keys(context.artifacts, context.model_config or {})
-        directory = Path(context.artifacts[SIGNED_MODEL])
-        self.verification = verify_model(directory, None, self.keys[0], [self.keys[1]])
-        self.module = _rebuild(directory, self.verification.model_sha256)
-        self.task, self.forward = _serving(directory)
+    @property
+    def python_model(self) -> VerifiedModel:
+        """This model, so that `PyFuncModel.unwrap_python_model()` returns it."""
+        return self
 
-    def predict(self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        """Per input row (checked against the model's signature, a float32 tensor spec, before it gets here): a
-        classifier's `label` (int64) and its `probability`; a multi-label model's `label_<i>` (0/1); a regression
-        model's `output` (or `output_<i>`)."""
+    def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """Per input row (float32 features): a classifier's `label` (int64) and its `probability`; a multi-label
+        model's `label_<i>` (0/1); a regression model's `output` (or `output_<i>`)."""
         import torch
 
         values = model_input.to_numpy() if isinstance(model_input, pd.DataFrame) else np.asarray(model_input)
@@ -82,47 +130,176 @@ def predictions(task: str, outputs: Any) -> pd.DataFrame:
     return pd.DataFrame({f"output_{i}": rows[:, i].numpy() for i in range(rows.shape[1])})
 
 
-def trusted_keys(artifacts: Mapping[str, str], model_config: Mapping[str, Any]) -> tuple[Path, Path]:
-    """The model-signing and attestation public keys to verify against: the caller's (model_config, then
-    TRAINGUARD_MODEL_KEY), else the ones bundled with the model."""
-    chosen = model_config.get("public_key") or os.environ.get(KEY_ENV)
-    model_key = Path(chosen) if chosen else Path(artifacts[MODEL_KEY])
-    attestation = model_config.get("attestation_key") or (chosen or artifacts.get(ATTESTATION_KEY))
-    return model_key, Path(attestation) if attestation else model_key
+def parse_model_ref(model: str) -> ModelRef:
+    """NAME (its champion), `models:/NAME@ALIAS` or `models:/NAME/VERSION`; anything else (paths, `runs:/`,
+    logged-model ids) is refused: only a registry version has a recorded digest to check against."""
+    if model and not set(model) & set("/:@") and model.strip() == model:
+        return ModelRef(model, alias=CHAMPION)
+    matched = _MODEL_REF.fullmatch(model)
+    if matched is None:
+        raise RegistryError(
+            model, "model-ref", "not a registered model (NAME, models:/NAME@ALIAS or models:/NAME/VERSION)", exit_code=2
+        )
+    number = matched["version"]
+    return ModelRef(matched["name"], alias=matched["alias"], version=int(number) if number else None)
 
 
-def _rebuild(directory: Path, model_sha256: str) -> Any:
-    """The module named by the signed `model.json`, with the verified weights (read once, digest rechecked)."""
+def load_model(model: str, *, key: Path | str, attestation_key: Path | str | None = None) -> VerifiedModel:
+    """Loads a registered model version (a bare name: its `champion`) verified against `key` (and
+    `attestation_key`, default `key`) and against what the registry recorded; see the module docstring.
+
+    Raises RegistryError (with its `reason`), ModelSignatureError or AttestationError before anything from the
+    artifact store is used.
+    """
+    from mlflow.tracking import MlflowClient
+
+    ref = parse_model_ref(model)
+    client = MlflowClient()
+    chosen = _version(client, ref)
+    if ref.alias == CHAMPION:
+        _check_newest(client, ref, chosen)
+    with tempfile.TemporaryDirectory(prefix="trainguard-model-") as scratch:
+        directory = _download(client, ref, chosen, Path(scratch))
+        verification = verify_model(directory, None, Path(key), [Path(attestation_key or key)])
+        _check_recorded(ref, chosen, verification)
+        return _built(directory, verification, chosen)
+
+
+def _version(client: Any, ref: ModelRef) -> RegisteredVersion:
+    """The registry's record of the version `ref` names; a version trainguard did not register is refused."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = (
+            client.get_model_version_by_alias(ref.name, ref.alias)
+            if ref.alias
+            else client.get_model_version(ref.name, str(ref.version))
+        )
+    except MlflowException as error:
+        raise RegistryError(ref.uri, "not-registered", " ".join(error.message.split())[:300], exit_code=2) from None
+    recorded = _registered(found)
+    if recorded is None:
+        raise RegistryError(
+            ref.uri, "not-trainguard", f"version {found.version} has no {MODEL_SHA256_TAG} and {CYCLE_TAG} tags"
+        )
+    return recorded
+
+
+def _registered(found: Any) -> RegisteredVersion | None:
+    """A registry ModelVersion as trainguard recorded it (None without its digest and cycle tags)."""
+    digest, cycle = found.tags.get(MODEL_SHA256_TAG, ""), found.tags.get(CYCLE_TAG, "")
+    if not re.fullmatch(r"[0-9a-f]{64}", digest) or not re.fullmatch(r"[0-9]{1,9}", cycle):
+        return None
+    return RegisteredVersion(found.name, int(found.version), int(cycle), digest)
+
+
+def _check_newest(client: Any, ref: ModelRef, chosen: RegisteredVersion) -> None:
+    """Refuses a champion alias behind a version trainguard registered later (by version number or cycle)."""
+    quote = '"' if "'" in ref.name else "'"
+    found, token = [], None
+    while True:
+        page = client.search_model_versions(f"name = {quote}{ref.name}{quote}", page_token=token)
+        found += [v for v in map(_registered, page) if v is not None]
+        token = page.token
+        if not token:
+            break
+    ahead = [v for v in found if v.version > chosen.version or v.cycle > chosen.cycle]
+    if ahead:
+        newest = max(ahead, key=lambda v: (v.version, v.cycle))
+        raise RegistryError(
+            ref.uri,
+            "champion-rollback",
+            f"points to version {chosen.version} (cycle {chosen.cycle}), behind version {newest.version} "
+            f"(cycle {newest.cycle}) that trainguard registered later; load models:/{ref.name}/{chosen.version} "
+            "to use it on purpose",
+        )
+
+
+def _download(client: Any, ref: ModelRef, chosen: RegisteredVersion, scratch: Path) -> Path:
+    """The version's signed model directory, copied as plain files into `scratch` (nothing else is fetched)."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    try:
+        location = client.get_model_version_download_uri(chosen.name, str(chosen.version))
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{location.rstrip('/')}/{SIGNED_PATH}", dst_path=str(scratch / "download")
+        )
+    except (MlflowException, OSError) as error:
+        detail = " ".join(str(error).split())[:300]
+        raise RegistryError(ref.uri, "no-artifacts", f"cannot download {SIGNED_PATH}: {detail}") from None
+    return scratch / "download" / SIGNED_MODEL
+
+
+def _check_recorded(ref: ModelRef, chosen: RegisteredVersion, verification: ModelVerification) -> None:
+    """The verified weights are the ones the registry recorded for the version, and the attestation's cycle is its
+    cycle: an older signed model put in its place is refused."""
+    if verification.model_sha256 != chosen.model_sha256:
+        raise RegistryError(
+            ref.uri,
+            "digest-mismatch",
+            f"the artifacts of version {chosen.version} hold weights sha256 {verification.model_sha256[:16]}..., "
+            f"the registry recorded {chosen.model_sha256[:16]}...: another signed model was put in its place",
+        )
+    if verification.cycle is not None and verification.cycle != chosen.cycle:
+        raise RegistryError(
+            ref.uri,
+            "cycle-mismatch",
+            f"the attestation of version {chosen.version} is of cycle {verification.cycle}, the registry recorded "
+            f"cycle {chosen.cycle}",
+        )
+
+
+def _built(
+    directory: Path, verification: ModelVerification, registered: RegisteredVersion | None = None
+) -> VerifiedModel:
+    """The module named by the verified `model.json`, with the verified weights (read once, digest rechecked),
+    its task and its `model_forward` hook (older models: a classifier called on its input)."""
+    import importlib
+
     from safetensors.torch import load
 
     from trainguard.pipeline.config import Component
 
     data = (directory / MODEL_FILE).read_bytes()
-    if hashlib.sha256(data).hexdigest() != model_sha256:
+    if hashlib.sha256(data).hexdigest() != verification.model_sha256:
         raise ModelSignatureError(f"{directory / MODEL_FILE}: changed after it was verified", path=str(directory))
     description = read_model_description(directory)
     module = Component(class_path=description["class_path"], init_args=description["init_args"]).instantiate()
     module.load_state_dict(load(data))
-    return module.eval()
+    metadata = description.get("metadata") or {}
+    hook = str(metadata.get("model_forward") or "")
+    forward = None
+    if hook:
+        owner, _, name = hook.rpartition(".")
+        forward = getattr(importlib.import_module(owner), name)
+    return VerifiedModel(verification, module.eval(), str(metadata.get("task", "classification")), forward, registered)
 
 
-def _serving(directory: Path) -> tuple[str, Any]:
-    """The task and the `model_forward` hook (imported) the signed `model.json` names (older models: a classifier
-    called on its input)."""
-    import importlib
+def _load_pyfunc(data_path: str, model_config: Mapping[str, Any] | None = None) -> VerifiedModel:
+    """MLflow's entry point (the pyfunc's `loader_module`): the signed model under `data_path`, verified with the
+    caller's keys (model_config, then TRAINGUARD_MODEL_KEY), else with the ones bundled beside it."""
+    data = Path(data_path)
+    model_key, attestation_key = trusted_keys(data, model_config or {})
+    directory = data / SIGNED_MODEL
+    return _built(directory, verify_model(directory, None, model_key, [attestation_key]))
 
-    metadata = read_model_description(directory).get("metadata") or {}
-    hook = metadata.get("model_forward")
-    if not hook:
-        return str(metadata.get("task", "classification")), None
-    module, _, name = str(hook).rpartition(".")
-    return str(metadata.get("task", "classification")), getattr(importlib.import_module(module), name)
+
+def trusted_keys(data: Path, model_config: Mapping[str, Any]) -> tuple[Path, Path]:
+    """The model-signing and attestation public keys `mlflow.pyfunc` verifies against: the caller's (model_config,
+    then TRAINGUARD_MODEL_KEY), else the ones bundled in the artifacts (which prove integrity, not origin)."""
+    chosen = model_config.get("public_key") or os.environ.get(KEY_ENV)
+    model_key = Path(chosen) if chosen else data / MODEL_KEY_FILE
+    attestation = model_config.get("attestation_key") or chosen
+    return model_key, Path(attestation) if attestation else data / ATTESTATION_KEY_FILE
 
 
 def save_pyfunc(
     model_dir: Path, model_key: Path, attestation_key: Path, example: np.ndarray, destination: Path
 ) -> Path:
-    """Writes the MLflow model for a signed model directory at `destination` (its input schema from `example`)."""
+    """Writes the MLflow model for a signed model directory at `destination` (its input schema from `example`):
+    the signed directory and the public keys as its data, this installed module as its loader."""
+    import mlflow.pyfunc
     from mlflow.models import infer_signature
 
     task = (read_model_description(model_dir).get("metadata") or {}).get("task", "classification")
@@ -133,14 +310,15 @@ def save_pyfunc(
     )
     with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*input example was not provided.*")
-        keys = {MODEL_KEY: Path(scratch) / "model-key.pub", ATTESTATION_KEY: Path(scratch) / "attestation-key.pub"}
-        shutil.copyfile(model_key, keys[MODEL_KEY])
-        shutil.copyfile(attestation_key, keys[ATTESTATION_KEY])
+        data = Path(scratch) / DATA
+        shutil.copytree(model_dir, data / SIGNED_MODEL)
+        shutil.copyfile(model_key, data / MODEL_KEY_FILE)
+        shutil.copyfile(attestation_key, data / ATTESTATION_KEY_FILE)
         mlflow.pyfunc.save_model(
             path=str(destination),
-            python_model=str(CODE_FILE),
+            loader_module=__name__,
+            data_path=str(data),
             model_config=dict.fromkeys(CONFIG_KEYS, ""),  # declared, so a loader may override them
-            artifacts={SIGNED_MODEL: str(model_dir), **{name: str(path) for name, path in keys.items()}},
             signature=infer_signature(np.asarray(example, dtype=np.float32), output),
             pip_requirements=_requirements(),
         )
@@ -156,26 +334,3 @@ def _requirements() -> list[str]:
         except PackageNotFoundError:
             pins.append(package)
     return pins
-
-
-def model_uri(model: str) -> str:
-    """`models:/NAME@champion` for a bare registered-model name; URIs and paths as given."""
-    if "://" in model or model.startswith(("models:/", "runs:/")) or Path(model).exists():
-        return model
-    return f"models:/{model}@{CHAMPION}"
-
-
-def load_model(
-    model: str, *, key: Path | str | None = None, attestation_key: Path | str | None = None
-) -> mlflow.pyfunc.PyFuncModel:
-    """Loads a trainguard model (registered name -> its champion, or any MLflow model URI), verified on load with
-    `key` (default: the bundled key); raises ModelSignatureError or AttestationError when it does not check."""
-    asked = {"public_key": key, "attestation_key": attestation_key or key}
-    config = {name: str(path) for name, path in asked.items() if path is not None}
-    loaded = mlflow.pyfunc.load_model(model_uri(model), model_config=config or None)
-    used = loaded.unwrap_python_model()
-    if not isinstance(used, VerifiedModel):
-        raise ModelSignatureError(f"{model}: not a trainguard model (no verify-on-load)", path=model)
-    if key is not None and used.keys != (Path(key), Path(attestation_key or key)):
-        raise ModelSignatureError(f"{model}: was not verified with {key} (the model ignores caller keys)", path=model)
-    return loaded

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from trainguard.pipeline.attestation import VerifiedAttestation, cycle_record, verify_attestation
-from trainguard.pipeline.errors import AttestationMismatchError
+from trainguard.pipeline.errors import AttestationError, AttestationMismatchError
 from trainguard.pipeline.model_sign import ATTESTATION_FILE, MODEL_FILE, file_sha256, verify_model_signature
 
 
@@ -28,6 +28,7 @@ class ModelVerification:
     accepted_shards: int
     rejected_shards: int
     read_log_sha256: str
+    cycle: int | None = None  # the cycle number the attestation records (attestations made before it: None)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -42,6 +43,7 @@ class ModelVerification:
             "accepted_shards": self.accepted_shards,
             "rejected_shards": self.rejected_shards,
             "read_log_sha256": self.read_log_sha256,
+            "cycle": self.cycle,
         }
 
 
@@ -83,7 +85,18 @@ def verify_model(
         accepted_shards=len(record.get("shards", {}).get("accepted", [])),
         rejected_shards=len(record.get("shards", {}).get("rejected", [])),
         read_log_sha256=str(record.get("readLog", {}).get("sha256", "")),
+        cycle=_attested_cycle(record, attestation.path),
     )
+
+
+def _attested_cycle(record: Mapping[str, Any], path: Path) -> int | None:
+    """The cycle number in the attestation's trainguard record, if it has one; anything but an integer is refused."""
+    cycle = record.get("cycle")
+    if cycle is None:
+        return None
+    if not isinstance(cycle, int) or isinstance(cycle, bool) or cycle < 0:
+        raise AttestationError(f"{path}: the attested cycle {cycle!r} is not a cycle number", path=str(path))
+    return cycle
 
 
 def _check_subjects(attestation: VerifiedAttestation, signed: Mapping[str, str], model_dir: Path) -> None:

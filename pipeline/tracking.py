@@ -4,8 +4,9 @@ offline mode so an unreachable server never blocks a decision.
 Runs are created through `MlflowClient` (no global active run), so Lightning's `MLFlowLogger` can write into a
 stage's run by id; every run ends with `trainguard.status` and `trainguard.reason` tags. Any tracking failure
 switches the tracker offline: later calls are no-ops and `offline_reason` says why; the caller writes its local
-report first and tells the user. The model is registered (an MLflow 3 logged model, verified on load, see
-`mlflow_model`) and made the `champion` only when the caller says the gate accepted it.
+report first and tells the user. The model is registered (an MLflow 3 logged model whose loader is trainguard's
+installed code, see `mlflow_model`) and made the `champion` only when the caller says the gate accepted it; its
+version's `trainguard.model_sha256` and `trainguard.cycle` tags are what `trainguard.load_model` checks it against.
 """
 
 from __future__ import annotations
@@ -317,7 +318,8 @@ class TrackedRun:
 
     def register_model(self, release: ModelRelease) -> str | None:
         """Logs the accepted model as an MLflow 3 logged model of this run, registers it as a new version with its
-        description and tags, and moves the `champion` alias to it; call only on acceptance.
+        description and tags (which must hold the weights' `trainguard.model_sha256` and the `trainguard.cycle`:
+        loading checks them), and moves the `champion` alias to it; call only on acceptance.
 
         Returns the version number, or None offline.
         """

@@ -1,5 +1,6 @@
 """`trainguard verify-model` checks a released model's signature, its attestation, and that they agree;
-`trainguard load-model` loads a registered model through MLflow, verified on load, and can predict with it."""
+`trainguard load-model` loads a registered model version verified against a pinned key and the registry's record,
+and can predict with it."""
 
 from __future__ import annotations
 
@@ -50,28 +51,40 @@ def verify_model(
 
 @click.command("load-model")
 @click.argument("model")
-@click.option("--key", type=PATH, help="Public key (PEM) to verify with; default the key bundled with the model.")
+@click.option(
+    "--key",
+    type=PATH,
+    required=True,
+    envvar="TRAINGUARD_MODEL_KEY",
+    help="Public key (PEM) the model must be signed with (never a key shipped with the model).",
+)
 @click.option("--attestation-key", type=PATH, help="Public key for the attestation; default --key.")
 @click.option("--predict", "inputs", type=PATH, help="Predict on a table (.parquet/.csv; feature columns only).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def load_model(model: str, key: Path | None, attestation_key: Path | None, inputs: Path | None, as_json: bool) -> None:
-    """Load MODEL (a registered name, for its `champion`, or an MLflow model URI) through MLflow, verified on load."""
+def load_model(model: str, key: Path, attestation_key: Path | None, inputs: Path | None, as_json: bool) -> None:
+    """Load MODEL (a registered name, for its `champion`, models:/NAME@ALIAS or models:/NAME/VERSION) verified
+    against --key and the registry's record of the version; nothing from the artifact store runs."""
     from trainguard.pipeline.mlflow_model import load_model as load
-    from trainguard.pipeline.mlflow_model import model_uri
+    from trainguard.pipeline.mlflow_model import parse_model_ref
 
     loaded = load(model, key=key, attestation_key=attestation_key)
-    verification = loaded.unwrap_python_model().verification
-    result: dict[str, object] = {"model": model_uri(model), **verification.to_json()}
+    verification, registered = loaded.verification, loaded.registered
+    assert registered is not None  # load() always checks the model against its registry version
+    shown = {k: v for k, v in verification.to_json().items() if k not in ("model_dir", "attestation")}
+    result: dict[str, object] = {"model": parse_model_ref(model).uri, "version": registered.version, **shown}
     if inputs is not None:
         import pandas as pd
 
         table = pd.read_csv(inputs) if inputs.suffix == ".csv" else pd.read_parquet(inputs)
-        result["predictions"] = loaded.predict(table.to_numpy(dtype="float32"))["label"].tolist()
+        result["predictions"] = loaded.predict(table.to_numpy(dtype="float32")).to_dict("list")
     if as_json:
         click.echo(json.dumps(result, indent=2, default=str))
         return
-    click.echo(f"OK {result['model']}: model sha256 {verification.model_sha256}, verified on load")
+    click.echo(
+        f"OK {result['model']}: version {registered.version} (cycle {registered.cycle}), model sha256 "
+        f"{verification.model_sha256}, verified with {key}"
+    )
     shards = f"{verification.accepted_shards} accepted shards ({verification.rejected_shards} rejected)"
     click.echo(f"   trained on {shards}")
-    if "predictions" in result:
-        click.echo(f"   predictions: {result['predictions']}")
+    for column, values in dict(result.get("predictions") or {}).items():
+        click.echo(f"   {column}: {values}")

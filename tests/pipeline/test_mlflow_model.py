@@ -1,11 +1,279 @@
-"""What a served trainguard model returns for each task (the pure part of `VerifiedModel.predict`)."""
+"""Loading a registered trainguard model against a real MLflow server: `trainguard.load_model` trusts the key the
+caller pins and the registry's record of the version, never the artifact store; and what a served model returns."""
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
 
-from trainguard.pipeline.mlflow_model import predictions
+import mlflow.pyfunc
+import numpy as np
+import pytest
+import torch
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+from mlflow.tracking import MlflowClient
+
+import trainguard
+from trainguard.pipeline.attestation import CycleFacts, build_statement, file_resource, read_log_resource
+from trainguard.pipeline.cycle_state import ShardDecision
+from trainguard.pipeline.errors import ModelSignatureError
+from trainguard.pipeline.mlflow_model import (
+    SIGNED_PATH,
+    ModelRef,
+    RegistryError,
+    parse_model_ref,
+    predictions,
+)
+from trainguard.pipeline.model_sign import MODEL_FILE, write_signed_model
+from trainguard.pipeline.tracking import CycleTracker, ModelRelease
+from trainguard.provenance.keys import generate_signing_key, write_keypair
+
+TRAINGUARD = str(Path(sys.executable).parent / "trainguard")
+FEATURES = 4
+X = np.random.default_rng(0).random((5, FEATURES), dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Signed:
+    """Signed models of cycles 1 and 2 (each predicting its cycle number as the label) and the key pair."""
+
+    private: Path
+    public: Path
+    models: dict[int, Path]
+
+
+def _attested(directory: Path, cycle: int, private: Path) -> None:
+    """Signs a linear classifier that answers `cycle` for every row, with an attestation of that cycle."""
+    from trainguard.pipeline.attestation import sign_statement
+
+    config = directory.parent / "cycle.yaml"
+    config.write_text("name: test\n")
+    module = torch.nn.Linear(FEATURES, 3)
+    with torch.no_grad():
+        module.weight.zero_()
+        module.bias.copy_(torch.nn.functional.one_hot(torch.tensor(cycle), 3).float() * 5)
+
+    def attest(files: object) -> bytes:
+        facts = CycleFacts(
+            model_digests=files.digests,  # type: ignore[attr-defined]
+            manifests=[],
+            config=file_resource(config, "config"),
+            resolved_config={"name": "test"},
+            shards=[ShardDecision(shard="a", sha256="01", source="s", accepted=True, check="roni")],
+            read_log=read_log_resource(directory.parent / "reads.jsonl", "00" * 32, 0),
+            allowed=[],
+            invocation_id=f"cycle-{cycle}",
+            started="2026-01-01T00:00:00Z",
+            finished="2026-01-01T00:00:01Z",
+        )
+        statement = build_statement(facts)
+        statement["predicate"]["runDetails"]["byproducts"][0]["annotations"]["cycle"] = cycle
+        return sign_statement(statement, private)
+
+    write_signed_model(
+        module,
+        directory,
+        private,
+        class_path="torch.nn.Linear",
+        init_args={"in_features": FEATURES, "out_features": 3},
+        metadata={"task": "classification"},
+        attest=attest,
+    )
+
+
+@pytest.fixture(scope="module")
+def signed(tmp_path_factory: pytest.TempPathFactory) -> Signed:
+    root = tmp_path_factory.mktemp("signed")
+    private, public = write_keypair(generate_signing_key("ecdsa-p256"), root / "model")
+    models = {cycle: root / f"cycle-{cycle}" for cycle in (1, 2)}
+    for cycle, directory in models.items():
+        _attested(directory, cycle, private)
+    return Signed(private, public, models)
+
+
+def _digest(directory: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256((directory / MODEL_FILE).read_bytes()).hexdigest()
+
+
+def _register(name: str, signed: Signed, directory: Path, cycle: int) -> None:
+    """Registers a signed model as a cycle does: a new version tagged with its cycle and weights' digest, which
+    becomes the champion."""
+    tracker = CycleTracker.connect(name, name)
+    assert not tracker.offline, tracker.offline_reason
+    tags = {"trainguard.cycle": str(cycle), "trainguard.model_sha256": _digest(directory)}
+    release = ModelRelease(directory, signed.public, signed.public, X, f"cycle {cycle}", tags)
+    with tracker.cycle(f"cycle-{cycle}") as parent:
+        assert parent.register_model(release) is not None
+
+
+@pytest.fixture
+def registered(mlflow_uri: str, signed: Signed) -> str:
+    """A fresh registered model with versions 1 and 2 (cycles 1 and 2); the champion is version 2."""
+    name = f"model-{uuid.uuid4().hex[:8]}"
+    for cycle, directory in signed.models.items():
+        _register(name, signed, directory, cycle)
+    return name
+
+
+def _on_disk(tmp_path_factory: pytest.TempPathFactory, name: str, version: int) -> Path:
+    """Where the server's --artifacts-destination (conftest's `mlflow_server`: its `mlflow*` session folder) keeps
+    a version's artifacts: what an attacker with write access to the artifact store edits."""
+    location = MlflowClient().get_model_version_download_uri(name, str(version))
+    relative = location.removeprefix("mlflow-artifacts:/").strip("/")
+    (found,) = {p.resolve() for p in tmp_path_factory.getbasetemp().glob(f"mlflow*/artifacts/{relative}")}
+    return found
+
+
+def test_the_honest_champion_loads_verified_and_predicts(registered: str, signed: Signed) -> None:
+    champion = trainguard.load_model(registered, key=signed.public)
+    assert champion.registered is not None and (champion.registered.version, champion.registered.cycle) == (2, 2)
+    assert champion.verification.model_sha256 == _digest(signed.models[2]) and champion.verification.cycle == 2
+    predicted = champion.predict(X)
+    assert list(predicted.columns) == ["label", "probability"] and predicted["label"].tolist() == [2] * len(X)
+    served = mlflow.pyfunc.load_model(f"models:/{registered}@champion")  # the convenience path still works
+    assert served.predict(X)["label"].tolist() == [2] * len(X)
+    assert served.unwrap_python_model().verification.model_sha256 == champion.verification.model_sha256
+    assert served.metadata.get_input_schema().inputs[0].shape == (-1, FEATURES)
+
+
+def test_an_attacker_rewriting_the_model_code_in_the_artifact_store_cannot_run_it(
+    registered: str, signed: Signed, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    marker = tmp_path / "attacker-code-ran"
+    artifacts = _on_disk(tmp_path_factory, registered, 2)
+    (artifacts / "evil.py").write_text(
+        textwrap.dedent(f"""
+            from pathlib import Path
+
+            import mlflow.pyfunc
+            import pandas as pd
+            from mlflow.models import set_model
+
+            Path({str(marker)!r}).write_text("ran")
+
+
+            class Seven(mlflow.pyfunc.PythonModel):
+                def predict(self, context, model_input: pd.DataFrame, params=None):
+                    return pd.DataFrame({{"label": [7] * len(model_input)}})
+
+
+            set_model(Seven())
+        """)
+    )
+    mlmodel = yaml.safe_load((artifacts / "MLmodel").read_text())
+    flavor = mlmodel["flavors"]["python_function"]
+    del flavor["data"]
+    flavor.update(loader_module="mlflow.pyfunc.model", model_code_path="evil.py")  # models-from-code, theirs
+    (artifacts / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+
+    champion = trainguard.load_model(registered, key=signed.public)
+    assert not marker.exists()
+    assert champion.predict(X)["label"].tolist() == [2] * len(X)
+    attacked = mlflow.pyfunc.load_model(f"models:/{registered}@champion")  # MLflow runs what MLmodel names
+    assert marker.exists() and attacked.predict(X)["label"].tolist() == [7] * len(X)
+
+
+def test_an_attacker_re_signing_the_champion_with_their_own_key_is_refused(
+    registered: str, signed: Signed, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    artifacts = _on_disk(tmp_path_factory, registered, 2)
+    private, public = write_keypair(generate_signing_key("ecdsa-p256"), tmp_path / "attacker")
+    _attested(tmp_path / "forged", 2, private)
+    shutil.rmtree(artifacts / SIGNED_PATH)
+    shutil.copytree(tmp_path / "forged", artifacts / SIGNED_PATH)
+    for bundled in ("model-key.pub", "attestation-key.pub"):
+        shutil.copyfile(public, artifacts / SIGNED_PATH.rpartition("/")[0] / bundled)
+    with pytest.raises(ModelSignatureError, match="signature check failed"):
+        trainguard.load_model(registered, key=signed.public)
+    assert mlflow.pyfunc.load_model(f"models:/{registered}@champion")  # the bundled key proves nothing
+
+
+def test_an_older_signed_model_copied_over_the_champion_is_refused_by_digest(
+    registered: str, signed: Signed, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    signed_dir = _on_disk(tmp_path_factory, registered, 2) / SIGNED_PATH
+    shutil.rmtree(signed_dir)
+    shutil.copytree(signed.models[1], signed_dir)
+    with pytest.raises(RegistryError, match="digest-mismatch") as refused:
+        trainguard.load_model(registered, key=signed.public)
+    assert refused.value.reason == "digest-mismatch" and "version 2" in str(refused.value)
+
+
+def test_the_champion_alias_moved_to_an_older_version_is_refused(registered: str, signed: Signed) -> None:
+    MlflowClient().set_registered_model_alias(registered, "champion", "1")
+    with pytest.raises(RegistryError, match="champion-rollback") as refused:
+        trainguard.load_model(registered, key=signed.public)
+    assert "version 1 (cycle 1)" in str(refused.value) and "version 2 (cycle 2)" in str(refused.value)
+    explicit = trainguard.load_model(f"models:/{registered}/1", key=signed.public)  # a rollback on purpose
+    assert explicit.predict(X)["label"].tolist() == [1] * len(X)
+
+    done = subprocess.run(
+        [TRAINGUARD, "load-model", registered, "--key", str(signed.public)], capture_output=True, text=True
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.count("\n") == 1 and "champion-rollback" in done.stderr
+
+
+def test_a_version_whose_attested_cycle_is_not_its_recorded_cycle_is_refused(mlflow_uri: str, signed: Signed) -> None:
+    name = f"model-{uuid.uuid4().hex[:8]}"
+    _register(name, signed, signed.models[1], cycle=3)  # the registry says cycle 3, the attestation cycle 1
+    with pytest.raises(RegistryError, match="cycle-mismatch"):
+        trainguard.load_model(name, key=signed.public)
+
+
+def test_a_version_trainguard_did_not_register_is_refused(registered: str, signed: Signed) -> None:
+    client = MlflowClient()
+    client.delete_model_version_tag(registered, "2", "trainguard.model_sha256")
+    with pytest.raises(RegistryError, match="not-trainguard"):
+        trainguard.load_model(f"models:/{registered}/2", key=signed.public)
+
+
+def test_the_cli_loads_the_champion_and_refuses_what_is_not_registered(
+    registered: str, signed: Signed, tmp_path: Path
+) -> None:
+    import pandas as pd
+
+    table = tmp_path / "rows.csv"
+    pd.DataFrame(X).to_csv(table, index=False)
+    done = subprocess.run(
+        [TRAINGUARD, "load-model", registered, "--key", str(signed.public), "--predict", str(table), "--json"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["version"] == 2 and result["predictions"]["label"] == [2] * len(X)
+    local = subprocess.run(
+        [TRAINGUARD, "load-model", str(tmp_path), "--key", str(signed.public)], capture_output=True, text=True
+    )
+    assert local.returncode == 2 and "model-ref" in local.stderr and "Traceback" not in local.stderr
+
+
+@given(
+    name=st.from_regex(r"[A-Za-z0-9_.-]{1,20}", fullmatch=True),
+    alias=st.from_regex(r"[A-Za-z][A-Za-z0-9_]{0,10}", fullmatch=True),
+    number=st.integers(1, 10**6),
+)
+def test_model_references_name_a_registry_version_or_are_refused(name: str, alias: str, number: int) -> None:
+    assert parse_model_ref(name) == ModelRef(name, alias="champion")
+    assert parse_model_ref(f"models:/{name}@{alias}") == ModelRef(name, alias=alias)
+    assert parse_model_ref(f"models:/{name}/{number}") == ModelRef(name, version=number)
+    for ref in (ModelRef(name, alias=alias), ModelRef(name, version=number)):
+        assert parse_model_ref(ref.uri) == ref
+    for other in (f"runs:/{name}/model", f"/tmp/{name}", f"models:/{name}", f"models:/{name}/0", f"{name}@{alias}"):
+        with pytest.raises(RegistryError) as refused:
+            parse_model_ref(other)
+        assert refused.value.exit_code == 2 and refused.value.reason == "model-ref"
 
 
 def test_a_served_model_predicts_what_its_task_means() -> None:

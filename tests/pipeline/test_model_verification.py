@@ -47,8 +47,10 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return _keypair(tmp_path_factory.mktemp("keys"), "model")
 
 
-def _release(tmp_path: Path, key: Path, name: str, value: float, attestation_key: Path | None = None) -> Path:
-    """A signed model directory with its signed attestation, as a cycle writes it."""
+def _release(
+    tmp_path: Path, key: Path, name: str, value: float, attestation_key: Path | None = None, cycle: object = None
+) -> Path:
+    """A signed model directory with its signed attestation, as a cycle writes it (recording `cycle` if given)."""
     config = tmp_path / "cycle.yaml"
     config.write_text("name: test\n")
 
@@ -65,7 +67,10 @@ def _release(tmp_path: Path, key: Path, name: str, value: float, attestation_key
             started="2026-01-01T00:00:00Z",
             finished="2026-01-01T00:00:01Z",
         )
-        return sign_statement(build_statement(facts), attestation_key or key)
+        statement = build_statement(facts)
+        if cycle is not None:
+            statement["predicate"]["runDetails"]["byproducts"][0]["annotations"]["cycle"] = cycle
+        return sign_statement(statement, attestation_key or key)
 
     directory = tmp_path / name
     write_signed_model({"w": torch.full((4,), value)}, directory, key, attest=attest)
@@ -162,3 +167,14 @@ def test_the_models_own_attestation_is_checked_even_when_another_is_given(
     (model / ATTESTATION_FILE).write_text('{"payload": "", "payloadType": "x", "signatures": []}')
     with pytest.raises(AttestationError, match=ATTESTATION_FILE):
         verify_model(model, external, keys[1])
+
+
+def test_the_attested_cycle_is_reported_and_a_signed_non_number_is_refused(
+    tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    assert verify_model(_release(tmp_path, keys[0], "unnumbered", 1.0), None, keys[1]).cycle is None
+    assert verify_model(_release(tmp_path, keys[0], "cycle-4", 1.0, cycle=4), None, keys[1]).cycle == 4
+    for odd in ("4", True, -1, 4.0):
+        model = _release(tmp_path, keys[0], f"odd-{odd}", 1.0, cycle=odd)
+        with pytest.raises(AttestationError, match="not a cycle number"):
+            verify_model(model, None, keys[1])
