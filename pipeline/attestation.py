@@ -122,6 +122,9 @@ def build_statement(facts: CycleFacts) -> dict[str, Any]:
         "roni": dict(facts.roni),
         "gate": dict(facts.gate),
     }
+    if facts.state:  # where in its pipeline's signed history the model was made
+        record["cycle"] = facts.state["cycle"]
+        record["state"] = {k: v for k, v in facts.state.items() if k != "cycle"}
     if facts.excluded_rows:
         record["excludedRows"] = {key: list(rows) for key, rows in sorted(facts.excluded_rows.items())}
     return {
@@ -134,7 +137,7 @@ def build_statement(facts: CycleFacts) -> dict[str, Any]:
             "buildDefinition": {
                 "buildType": BUILD_TYPE,
                 "externalParameters": {"config": dict(facts.resolved_config), "configUri": facts.config.uri},
-                "internalParameters": {"versions": _versions(), "cycleState": dict(facts.state)},
+                "internalParameters": {"versions": _versions()},
                 "resolvedDependencies": dependencies,
             },
             "runDetails": {

@@ -33,6 +33,16 @@ class ModelIdentityError(ModelSignatureError):
     reason = "model-mismatch"
 
 
+class RegistryError(ModelSignatureError):
+    """A registered version that is not the one asked for or not the one the registry recorded; `reason` names
+    the check (champion-rollback, digest-mismatch, cycle-mismatch, not-trainguard, not-registered, model-ref)."""
+
+    def __init__(self, where: str, reason: str, detail: str, *, exit_code: int = 1) -> None:
+        super().__init__(f"{where}: {reason}: {detail}", path=where)
+        self.reason = reason
+        self.exit_code = exit_code
+
+
 class ModelNotFoundError(ModelSignatureError):
     """The model directory or public key named does not exist (unusable input, not a failed check)."""
 

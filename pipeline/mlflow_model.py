@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from trainguard.pipeline.errors import ModelSignatureError
+from trainguard.pipeline.errors import ModelSignatureError, RegistryError
 from trainguard.pipeline.model_sign import MODEL_FILE, read_model_description
 from trainguard.pipeline.model_verification import ModelVerification, verify_model
 
@@ -50,16 +50,6 @@ CHAMPION = "champion"
 MODEL_SHA256_TAG = "trainguard.model_sha256"
 CYCLE_TAG = "trainguard.cycle"
 _MODEL_REF = re.compile(r"models:/(?P<name>[^/:@]+)(?:@(?P<alias>[^/:@]+)|/(?P<version>[1-9][0-9]*))")
-
-
-class RegistryError(ModelSignatureError):
-    """A registered version that is not the one asked for or not the one the registry recorded; `reason` names
-    the check (champion-rollback, digest-mismatch, cycle-mismatch, not-trainguard, not-registered, model-ref)."""
-
-    def __init__(self, where: str, reason: str, detail: str, *, exit_code: int = 1) -> None:
-        super().__init__(f"{where}: {reason}: {detail}", path=where)
-        self.reason = reason
-        self.exit_code = exit_code
 
 
 @dataclass(frozen=True)

@@ -137,7 +137,7 @@ def _model_release(
         f"Cycle {cycle.number} of `{config.name}`, accepted by the gate ({gate['reason']}). Data: {data}; "
         f"{tags['trainguard.shards_accepted']} shards accepted, refused: {refused_by}. Checks passed: {checks}. "
         f"Weights sha256 {digests['model.safetensors']}, signed (OpenSSF model signing) with an SLSA attestation; "
-        "`mlflow.pyfunc.load_model` verifies both and refuses a model that does not check."
+        "`trainguard.load_model(NAME, key=...)` verifies both against your key and this version's recorded digest."
     )
     return ModelRelease(
         model_dir=directory,

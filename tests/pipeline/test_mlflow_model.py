@@ -24,11 +24,10 @@ from mlflow.tracking import MlflowClient
 import trainguard
 from trainguard.pipeline.attestation import CycleFacts, build_statement, file_resource, read_log_resource
 from trainguard.pipeline.cycle_state import ShardDecision
-from trainguard.pipeline.errors import ModelSignatureError
+from trainguard.pipeline.errors import ModelSignatureError, RegistryError
 from trainguard.pipeline.mlflow_model import (
     SIGNED_PATH,
     ModelRef,
-    RegistryError,
     parse_model_ref,
     predictions,
 )
@@ -73,10 +72,9 @@ def _attested(directory: Path, cycle: int, private: Path) -> None:
             invocation_id=f"cycle-{cycle}",
             started="2026-01-01T00:00:00Z",
             finished="2026-01-01T00:00:01Z",
+            state={"pipeline": "0f" * 16, "cycle": cycle, "seq": 3 * cycle, "link": "ab" * 32},
         )
-        statement = build_statement(facts)
-        statement["predicate"]["runDetails"]["byproducts"][0]["annotations"]["cycle"] = cycle
-        return sign_statement(statement, private)
+        return sign_statement(build_statement(facts), private)
 
     write_signed_model(
         module,

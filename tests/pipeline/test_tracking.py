@@ -7,8 +7,6 @@ import hashlib
 import http.server
 import json
 import socket
-import subprocess
-import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -295,16 +293,12 @@ def test_loading_is_refused_after_a_weight_is_flipped(released: Released, mlflow
     from trainguard.pipeline.errors import ModelSignatureError
 
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{released.experiment}@champion", dst_path=str(tmp_path)))
-    (weights,) = local.glob("artifacts/*/model.safetensors")
+    (weights,) = local.glob("data/trainguard/signed_model/model.safetensors")
     flipped = bytearray(weights.read_bytes())
     flipped[-1] ^= 0x01
     weights.write_bytes(bytes(flipped))
     with pytest.raises(ModelSignatureError, match="signature check failed"):
         mlflow.pyfunc.load_model(str(local))
-    done = subprocess.run(
-        [str(Path(sys.executable).parent / "trainguard"), "load-model", str(local)], capture_output=True, text=True
-    )
-    assert done.returncode == 1 and "Traceback" not in done.stderr and "signature" in done.stderr
 
 
 def test_the_parent_run_has_headline_metrics_a_decision_table_and_plots(released: Released, mlflow_uri: str) -> None:
