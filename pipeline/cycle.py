@@ -262,7 +262,7 @@ def _run(cycle: RunningCycle, parent: TrackedRun) -> CycleOutcome:
 
     allow = _allow_list(cycle, intake)
     cycle.report["allow_list"] = allow.to_json()
-    allowed = {shard.key for shard in allow.shards}
+    allowed = {s.key for s in (*intake.trusted, *intake.train) if s.allowed in allow.shards}
     excluded_rows = {key: rows for key, rows in excluded_rows.items() if key in allowed}
     from trainguard.pipeline.detection import copied_rows, merged_rows
 
@@ -275,6 +275,7 @@ def _run(cycle: RunningCycle, parent: TrackedRun) -> CycleOutcome:
     with parent.stage("training") as stage:
         result = train(model, config, data, holdout, previous, stage.lightning_logger())
         read_log = _checked_read_log(cycle, allow, result)
+        trained = _refused_at_read(cycle, intake, allow, result)
         cycle.step("training", result.metrics)
         cycle.report["training"] = {
             "metrics": result.metrics,
@@ -289,7 +290,7 @@ def _run(cycle: RunningCycle, parent: TrackedRun) -> CycleOutcome:
         stage.set_tags({"trainguard.gate": "accepted" if accepted_model else "rejected", "trainguard.reason": reason})
         cycle.report["gate"] = {**result.verdict.to_dict(), "accepted": accepted_model, "reason": reason}
         example = holdout.x[:5].numpy()
-        model_dir = release(cycle, model, intake, allow, result, parent, example) if accepted_model else None
+        model_dir = release(cycle, model, intake, trained, result, parent, example) if accepted_model else None
         if not accepted_model:
             cycle.state = cycle.store.update(cycle.state.reject(reason))
     status = "accepted" if accepted_model else "rejected"
@@ -348,6 +349,28 @@ def _checked_read_log(cycle: RunningCycle, allow: AllowList, result: TrainingRes
     except ProvenanceError as error:
         raise CycleAbortedError(f"read log {path}: {error.reason}: {error}", check="read-log") from None
     return {"path": str(path), "sha256": result.read_log.digest(), "entries": len(result.read_log.records)}
+
+
+def _refused_at_read(cycle: RunningCycle, intake: Intake, allow: AllowList, result: TrainingResult) -> AllowList:
+    """Records the shards training refused at read (changed after intake) as refused by `verify`; returns the
+    allow-list of what training did read, which the attestation names."""
+    if not result.refused:
+        return allow
+    signed = {s.allowed: s for s in intake.train}
+    cycle.decide(
+        [
+            ShardDecision(
+                shard=signed[r.shard].key,
+                sha256=r.shard.sha256,
+                source=signed[r.shard].source,
+                accepted=False,
+                check="verify",
+                reason=f"changed after intake: {r.reason}: {r.detail}",
+            )
+            for r in result.refused
+        ]
+    )
+    return AllowList.of(allow.shards - {r.shard for r in result.refused})
 
 
 def _labeled(shards: Sequence[SignedShard], task: Task) -> LabeledData:
