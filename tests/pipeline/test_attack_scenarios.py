@@ -13,7 +13,9 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import pandas as pd
 import pytest
 import yaml
 from digits_demo.threats import poison_shards, tamper_file
@@ -323,3 +325,72 @@ def test_only_the_operators_logged_command_resets_anti_rollback(project: Path) -
     assert namespace not in _ok(_trainguard(project, "status", "--config", "cycle.yaml")).stdout
     history = (project / CYCLE / "state-log" / "cycle-0001.jsonl").read_bytes().splitlines()
     assert json.loads(Envelope.from_json(history[-1]).payload)["event"]["body"]["reason"] == "re-signed"
+
+
+# A second contributor key set, granted any source name of the same dataset.
+
+
+@pytest.fixture(scope="module")
+def partnered(released: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """The released project after a cycle with a second key set `partner`, granted `sources: ["*"]` on
+    digits-contributed, that signs 15 fresh shards (450 rows: over the 0.4 cap as one source) under minted sources
+    dave-00..dave-14, and a shard named like one of the data owner's with pixels out of range. Returns the project
+    and the cycle's report."""
+    project = tmp_path_factory.mktemp("partnered") / "project"
+    shutil.copytree(released, project, symlinks=True)
+    _ok(_trainguard(project, "keygen", "--type", "ecdsa-p256", "--out", KEYS / "partner"))
+    policy = yaml.safe_load((project / "configs" / "digits-trust.yaml").read_text())
+    policy["signers"].append(
+        {
+            "name": "partner",
+            "keys": ["../demo-work/keys/partner.pub"],
+            "datasets": ["digits-contributed"],
+            "sources": ["*"],
+            "roles": ["train"],
+        }
+    )
+    (project / "configs" / "digits-trust.yaml").write_text(yaml.safe_dump(policy))
+    fresh = project / "fresh"
+    _ok(_prepare(project, fresh, "--batch", "1", "--sources", "p", "--shards-per-source", "15", "--shard-size", "30"))
+    partner = project / DATA / "partner"
+    sources = {}
+    for i, shard in enumerate(sorted((fresh / "train" / "p").glob("*.parquet"))):
+        (partner / f"dave-{i:02d}").mkdir(parents=True)
+        shutil.copy(shard, partner / f"dave-{i:02d}" / shard.name)
+        sources[f"dave-{i:02d}/{shard.name}"] = f"dave-{i:02d}"
+    namesake = sorted((project / DATA / "train" / "alice").glob("b0-*.parquet"))[0]
+    (partner / "alice").mkdir()
+    frame = pd.read_parquet(namesake)
+    frame.assign(pixel_0=5.0).to_parquet(partner / "alice" / namesake.name)
+    sources[f"alice/{namesake.name}"] = "alice"
+    (project / DATA / "partner-sources.json").write_text(json.dumps(sources))
+    sign = ["sign", DATA / "partner", "--key", KEYS / "partner.key", "--dataset", "digits-contributed"]
+    _ok(
+        _trainguard(project, *sign, "--sources", DATA / "partner-sources.json", "--out", DATA / "partner.manifest.json")
+    )
+    config = yaml.safe_load((project / "cycle.yaml").read_text())
+    config["dataset"]["training"].append(
+        {"manifest": str(DATA / "partner.manifest.json"), "dataset": "digits-contributed", "data_dir": str(partner)}
+    )
+    (project / "cycle.yaml").write_text(yaml.safe_dump(config))
+    done = _trainguard(project, "cycle", "--config", "cycle.yaml", "--json")
+    assert done.returncode in (0, 1) and "Traceback" not in done.stderr, done.stderr[-3000:]
+    return project, json.loads((project / CYCLE / "reports" / "cycle-0002.json").read_text())
+
+
+def test_a_namesake_shard_in_another_key_sets_manifest_gets_its_own_verdict(
+    partnered: tuple[Path, dict[str, Any]],
+) -> None:
+    project, report = partnered
+    name = next(p.name for p in (project / DATA / "partner" / "alice").iterdir())
+    refused = {d["shard"]: d for d in report["validation"]}
+    assert f"partner/digits-contributed:alice/{name}" in refused
+    assert f"data-owner/digits-contributed:alice/{name}" not in refused
+    assert any(e["name"] == f"alice/{name}" and e["dataset"] == "digits-contributed" for e in report["allow_list"])
+
+
+def test_minting_source_names_under_one_key_buys_no_larger_cap(partnered: tuple[Path, dict[str, Any]]) -> None:
+    _, report = partnered
+    capped = report["limits"]
+    assert capped and {d["source"] for d in capped} == {"partner/*"}
+    assert all(d["shard"].startswith("partner/digits-contributed:dave-") for d in capped)

@@ -234,13 +234,16 @@ def test_a_newer_manifest_put_in_place_after_screening_is_never_read(
 
 def test_a_signed_but_undecodable_shard_is_refused_and_the_cycle_goes_on(workdir: Path, mlflow_uri: str) -> None:
     data = workdir / "demo-work" / "data"
-    broken = _contributed(data, "bob", 0)[0]
-    broken.write_bytes(b"PAR1 this is not a parquet file PAR1")
+    garbage, pages = _contributed(data, "bob", 0)[:2]
+    garbage.write_bytes(b"PAR1 this is not a parquet file PAR1")
+    parquet = pages.read_bytes()
+    pages.write_bytes(parquet[:4] + b"\xff" * 24 + parquet[28:])  # the footer reads; the pages raise pyarrow's OSError
     sources = {p.relative_to(data / "train").as_posix(): p.parent.name for p in (data / "train").rglob("*.parquet")}
     sign_contributions(data, workdir / "demo-work" / "keys", sources)
     outcome = run_cycle(_config(workdir, "cycle-undecodable"))
-    decision = next(d for d in outcome.shards if d.shard.endswith(broken.relative_to(data / "train").as_posix()))
-    assert (decision.accepted, decision.check) == (False, "verify") and "format" in decision.reason
+    for broken in (garbage, pages):
+        decision = next(d for d in outcome.shards if d.shard.endswith(broken.relative_to(data / "train").as_posix()))
+        assert (decision.accepted, decision.check) == (False, "verify") and "format" in decision.reason
     assert outcome.status == "accepted"
 
 
