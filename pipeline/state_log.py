@@ -164,9 +164,10 @@ class StateStore:
                 f"{self.identity[1]!r}: refusing another pipeline's state",
                 path=str(self.path),
             )
-        state, chain = self._roll_forward(state, chain)
+        read: dict[int, list[Entry]] = {}  # each segment is read and verified once per load
+        state, chain = self._roll_forward(state, chain, read)
         self.chain = chain
-        return self._with_decisions(state, chain)
+        return self._with_decisions(state, chain, read)
 
     def update(self, state: CycleState) -> CycleState:
         """Appends `state`'s pending events to the log, rewrites the head, and returns `state` with none pending
@@ -356,11 +357,11 @@ class StateStore:
         except (strictjson.StrictJSONError, ValidationError, KeyError, TypeError, ValueError) as error:
             raise StateError(f"{path}: malformed cycle log line: {error}", path=str(path)) from None
 
-    def _roll_forward(self, state: CycleState, chain: Chain) -> tuple[CycleState, Chain]:
+    def _roll_forward(self, state: CycleState, chain: Chain, read: dict[int, list[Entry]]) -> tuple[CycleState, Chain]:
         """Checks that the head is the newest link of its log (step 4), rolling forward the one event a crash can
         leave past it."""
         tail = max(chain.ends) if chain.ends else state.first_cycle
-        entries = self._read_segment(tail, chain.pipeline)
+        entries = read[tail] = self._read_segment(tail, chain.pipeline)
         position = next(
             (i for i, e in enumerate(entries) if (e.seq, e.digest) == (chain.tip.seq, chain.tip.digest)), None
         )
@@ -396,32 +397,34 @@ class StateStore:
             return []
         return entries if entries and entries[0].prev == tip else []
 
-    def _with_decisions(self, state: CycleState, chain: Chain) -> CycleState:
-        """The head's state with what it leaves in the log: the running cycle's decisions, the last screened
+    def _with_decisions(self, state: CycleState, chain: Chain, read: dict[int, list[Entry]]) -> CycleState:
+        """The head's state with what it leaves in the log: the latest cycle's decisions, the last screened
         cycle's decisions and the sources' evidence, each read from a segment bound to the head's links."""
-        cache: dict[int, list[Entry]] = {}
+        decided: dict[int, dict[str, Any]] = {}
 
         def bound(cycle: int) -> list[Entry]:
-            if cycle not in cache:
-                end = chain.ends.get(cycle)
-                entries = self._read_segment(cycle, chain.pipeline)
-                kept = [e for e in entries if end is not None and e.seq <= end.seq]
-                if end is None or not kept or (kept[-1].seq, kept[-1].digest) != (end.seq, end.digest):
-                    raise TamperedStateError(
-                        f"{self.segment(cycle)}: the log segment does not end where the cycle state says",
-                        path=str(self.path),
-                    )
-                cache[cycle] = kept
-            return cache[cycle]
+            end = chain.ends.get(cycle)
+            if cycle not in read:
+                read[cycle] = self._read_segment(cycle, chain.pipeline)
+            kept = [e for e in read[cycle] if end is not None and e.seq <= end.seq]
+            if end is None or not kept or (kept[-1].seq, kept[-1].digest) != (end.seq, end.digest):
+                raise TamperedStateError(
+                    f"{self.segment(cycle)}: the log segment does not end where the cycle state says",
+                    path=str(self.path),
+                )
+            return kept
+
+        def decisions(cycle: int) -> dict[str, Any]:
+            if cycle not in decided:
+                decided[cycle] = _decisions(bound(cycle), cycle)
+            return decided[cycle]
 
         latest = state.latest
         if latest is not None:
-            decided = _decisions(bound(latest.cycle), latest.cycle)
-            state = state.model_copy(update={"cycles": (*state.cycles[:-1], latest.model_copy(update=decided))})
+            update = decisions(latest.cycle)
+            state = state.model_copy(update={"cycles": (*state.cycles[:-1], latest.model_copy(update=update))})
         if state.reusable is not None:
-            state = state.model_copy(
-                update={"reusable_shards": _decisions(bound(state.reusable), state.reusable)["shards"]}
-            )
+            state = state.model_copy(update={"reusable_shards": decisions(state.reusable)["shards"]})
         if state.evidence_cycle is not None:
             last = [e for e in bound(state.evidence_cycle) if e.event.kind == "evidence"]
             if last:
