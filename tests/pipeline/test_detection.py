@@ -43,7 +43,7 @@ def poisoned_workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[P
     before = {p: pd.read_parquet(p)["label"].to_numpy() for p in poisoned}
     poison_shards(poisoned, 0.3, seed=3)
     flipped = {
-        f"digits-contributed:{p.relative_to(data / 'train').as_posix()}": set(
+        f"data-owner/digits-contributed:{p.relative_to(data / 'train').as_posix()}": set(
             np.flatnonzero(pd.read_parquet(p)["label"].to_numpy() != before[p]).tolist()
         )
         for p in poisoned
@@ -137,7 +137,7 @@ def test_the_data_module_never_serves_quarantined_rows_yet_reads_the_shard_whole
         data / "train.manifest.json", workdir / "configs" / "digits-trust.yaml", data_dir=data / "train"
     )
     key, rows = next(iter(sorted(flipped.items())))
-    shard = next(s for s in verified.manifest.shards if f"digits-contributed:{s.name}" == key)
+    shard = next(s for s in verified.manifest.shards if f"data-owner/digits-contributed:{s.name}" == key)
     allow = AllowList.of([AllowedShard(verified.manifest_sha256, "digits-contributed", shard.name, shard.sha256)])
     module = VerifiedDataModule.from_verified(
         [verified], allow, exclude_rows={key: rows}, val_roles=None, feature_columns=None
@@ -166,8 +166,8 @@ def decoy_workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path
     pd.concat([*copies, pd.read_parquet(decoy).iloc[3:]], ignore_index=True).to_parquet(decoy, index=False)
     sign_trusted(data, keys)
     sign_contributions(data, keys, contributed)
-    shared = {f"digits-contributed:{v}/b0-shard-00.parquet": [5] for v in victims}
-    return tmp_path, shared | {"digits-contributed:dave/b0-shard-00.parquet": [0, 1, 2]}
+    shared = {f"data-owner/digits-contributed:{v}/b0-shard-00.parquet": [5] for v in victims}
+    return tmp_path, shared | {"data-owner/digits-contributed:dave/b0-shard-00.parquet": [0, 1, 2]}
 
 
 def test_a_decoy_copying_a_row_of_each_honest_source_costs_them_only_the_copied_rows(

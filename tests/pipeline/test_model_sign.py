@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from digits_demo.models import DigitsCNN
 
-from trainguard.pipeline.errors import ModelNotFoundError, ModelSignatureError
+from trainguard.pipeline.errors import ModelIdentityError, ModelNotFoundError, ModelSignatureError
 from trainguard.pipeline.model_sign import (
     ATTESTATION_FILE,
     CONFIG_FILE,
@@ -77,7 +77,7 @@ def test_a_signed_model_verifies_with_the_standard_cli_and_the_api(tmp_path: Pat
     assert files.digests == {name: file_sha256(directory / name) for name in (MODEL_FILE, CONFIG_FILE)}
     assert files.digests[MODEL_FILE] in (directory / ATTESTATION_FILE).read_text()
     net = DigitsCNN(channels=2)
-    net.load_state_dict(load_verified_state_dict(directory, keys[1]))
+    net.load_state_dict(load_verified_state_dict(directory, keys[1], files.digests[MODEL_FILE]))
     assert read_model_description(directory)["init_args"] == {"channels": 2}
 
 
@@ -90,7 +90,7 @@ def test_an_edited_weights_file_is_refused_by_both(tmp_path: Path, keys: tuple[P
     with pytest.raises(ModelSignatureError, match=rf"{directory}: model signature check failed.*{MODEL_FILE}"):
         verify_model_signature(directory, keys[1])
     with pytest.raises(ModelSignatureError):
-        load_verified_state_dict(directory, keys[1])
+        load_verified_state_dict(directory, keys[1], file_sha256(directory / MODEL_FILE))
 
 
 def test_a_weights_file_swapped_from_another_signed_model_is_refused(tmp_path: Path, keys: tuple[Path, Path]) -> None:
@@ -172,7 +172,7 @@ def test_any_file_the_signature_does_not_cover_is_refused(tmp_path: Path, keys: 
         verify_model_signature(directory, keys[1])
     assert caught.value.exit_code == 1
     with pytest.raises(ModelSignatureError):
-        load_verified_state_dict(directory, keys[1])
+        load_verified_state_dict(directory, keys[1], file_sha256(directory / MODEL_FILE))
 
 
 def test_git_files_present_at_signing_are_covered_by_the_signature(tmp_path: Path, keys: tuple[Path, Path]) -> None:
@@ -206,3 +206,13 @@ def test_a_fifo_signature_bundle_or_key_is_refused_without_hanging(tmp_path: Pat
     os.mkfifo(tmp_path / "fifo.pub")
     with pytest.raises(ModelSignatureError, match="not a regular file"):
         verify_model_signature(_signed(tmp_path, keys, "other"), tmp_path / "fifo.pub")
+
+
+def test_a_validly_signed_model_other_than_the_recorded_one_is_refused(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    older = _signed(tmp_path / "older", keys)
+    newer = write_signed_model({"w": torch.ones(2)}, tmp_path / "newer", keys[0])
+    for file in older.iterdir():
+        shutil.copy(file, newer.directory / file.name)
+    with pytest.raises(ModelIdentityError, match="not the recorded") as refused:
+        load_verified_state_dict(newer.directory, keys[1], newer.digests[MODEL_FILE])
+    assert refused.value.reason == "model-mismatch"
