@@ -35,4 +35,4 @@ bench: $(STAMP)
 	for b in benchmarks/*.py; do PYTHONPATH=examples $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) mlruns.db mlruns demo-work .pytest_cache
+	rm -rf $(VENV) mlflow.db mlruns demo-work .pytest_cache

@@ -94,9 +94,7 @@ def main() -> None:
         sizes = {n: (built[n][0].path.stat().st_size, _size(built[n][0].log_dir)) for n in args.cycles}
     rows = [(n, statistics.median(timings[n][0]), statistics.median(timings[n][1]), *sizes[n]) for n in args.cycles]
     base_save, base_load = rows[0][1], rows[0][2]
-    print(
-        f"\nstate save and load per cycle, {args.decisions} decisions a cycle (median of {args.rounds} interleaved rounds)"
-    )
+    print(f"\nstate save and load per cycle, {args.decisions} decisions a cycle, median of {args.rounds} rounds")
     print(f"{'cycles':>8} {'save/cycle':>11} {'ratio':>6} {'load':>9} {'ratio':>6} {'head':>9} {'log on disk':>12}")
     for cycles, save, load, head, log in rows:
         saved, loaded_ = (

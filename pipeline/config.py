@@ -26,7 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from trainguard.files import read_regular
 from trainguard.pipeline.errors import ConfigError
 
-DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+"""MLflow 3's own default store: what `mlflow ui` opens, `trainguard load-model` reads and the cycle writes."""
 CONFIG_LIMIT = 4 * 1024 * 1024
 _DOTTED = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$"
 
@@ -382,6 +383,11 @@ class OutputSection(_Section):
         return self.attestation_key or self.model_signing_key
 
 
+def resolve_tracking_uri(configured: str | None = None) -> str:
+    """MLFLOW_TRACKING_URI wins, then the config's URI, then MLflow's own default store (`mlflow.db` here)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or configured or DEFAULT_TRACKING_URI
+
+
 class TrackingSection(_Section):
     """The MLflow experiment and registered model the cycle logs to."""
 
@@ -390,8 +396,8 @@ class TrackingSection(_Section):
     uri: str | None = Field(default=None, description=f"Default {DEFAULT_TRACKING_URI}; MLFLOW_TRACKING_URI wins.")
 
     def resolved_uri(self) -> str:
-        """MLFLOW_TRACKING_URI if set, else this config's `uri`, else the local sqlite default."""
-        return os.environ.get("MLFLOW_TRACKING_URI") or self.uri or DEFAULT_TRACKING_URI
+        """MLFLOW_TRACKING_URI if set, else this config's `uri`, else MLflow's own default store."""
+        return resolve_tracking_uri(self.uri)
 
 
 class CycleConfig(_Section):

@@ -39,6 +39,7 @@ from trainguard.pipeline.intake import (
     concat,
     feature_columns,
     manifest_refs,
+    refusal,
     validate,
     verify_and_read,
 )
@@ -358,17 +359,7 @@ def _refused_at_read(cycle: RunningCycle, intake: Intake, allow: AllowList, resu
         return allow
     signed = {s.allowed: s for s in intake.train}
     cycle.decide(
-        [
-            ShardDecision(
-                shard=signed[r.shard].key,
-                sha256=r.shard.sha256,
-                source=signed[r.shard].source,
-                accepted=False,
-                check="verify",
-                reason=f"changed after intake: {r.reason}: {r.detail}",
-            )
-            for r in result.refused
-        ]
+        [refusal(signed[r.shard], "verify", f"changed after intake: {r.reason}: {r.detail}") for r in result.refused]
     )
     return AllowList.of(allow.shards - {r.shard for r in result.refused})
 
@@ -486,10 +477,15 @@ def _screen_inputs(cycle: RunningCycle, intake: Intake, stage: TrackedRun) -> li
     new = []
     reused = []
     signers = {m.manifest_sha256: m.key_set.label for m in intake.manifests}
+    quarantined = cycle.state.quarantined
     for shard in kept:
         if shard.role == "trusted":
             reason = f"role trusted, granted to key set {signers[shard.manifest_sha256]} by the trust policy"
             reused.append(accepted(shard, "trusted", reason))
+            continue
+        if shard.source in quarantined:
+            why = f"source {shard.source} is quarantined by the operator: {quarantined[shard.source]}"
+            reused.append(refusal(shard, "operator", why))
             continue
         earlier = cycle.state.decided(shard.key, shard.sha256)
         if earlier is not None and earlier.check == "roni":

@@ -30,8 +30,19 @@ RECENT = 50
 """How many cycle summaries the state keeps (for `status` and the cycles plot); older ones stay in the log."""
 Status = Literal["running", "accepted", "rejected", "failed", "abandoned"]
 EventKind = Literal[
-    "genesis", "begin", "abandon", "decide", "manifests", "rollback", "rollback-reset", "step", "evidence", "finish"
+    "genesis",
+    "begin",
+    "abandon",
+    "decide",
+    "manifests",
+    "rollback",
+    "rollback-reset",
+    "step",
+    "evidence",
+    "finish",
+    "source",
 ]
+SourceAction = Literal["clear", "quarantine", "release"]
 
 
 def utc_now() -> str:
@@ -146,6 +157,8 @@ class CycleState(_Record):
     reusable_shards: tuple[ShardDecision, ...] = ()
     evidence: dict[str, SourceEvidence] = Field(default_factory=dict)
     evidence_cycle: int | None = None
+    cleared: tuple[str, ...] = Field(default=(), description="sources the operator cleared since the last screening")
+    quarantined: dict[str, str] = Field(default_factory=dict, description="source -> why the operator quarantined it")
     pending: tuple[Event, ...] = ()
 
     @classmethod
@@ -220,6 +233,23 @@ class CycleState(_Record):
             )
         return self._record("rollback-reset", self.tail_cycle, {"key": key, "reason": reason, "at": utc_now()})
 
+    def operate_source(self, source: str, action: SourceAction, reason: str) -> CycleState:
+        """An operator's signed decision on a source, between cycles: `clear` forgets its evidence and earlier
+        verdicts so the next cycle screens its shards afresh; `quarantine` refuses every shard of it until
+        `release`, which also clears it."""
+        if self.current is not None:
+            raise StateError(f"cycle {self.current.cycle} is running; act on sources between cycles")
+        if action == "release" and source not in self.quarantined:
+            raise StateError(
+                f"source {source!r} is not quarantined (quarantined: {', '.join(self.quarantined) or 'none'})"
+            )
+        body = {"source": source, "action": action, "reason": reason, "at": utc_now()}
+        state = self._record("source", self.tail_cycle, body)
+        if action == "quarantine" or source not in self.evidence:
+            return state
+        kept = {k: dict(v.p_values) for k, v in sorted(self.evidence.items()) if k != source}
+        return state._record("evidence", self.tail_cycle, {"evidence": kept})
+
     @property
     def last_number(self) -> int:
         """The number of the latest cycle, or the one before `first_cycle` when none ran."""
@@ -257,7 +287,7 @@ class CycleState(_Record):
         """The latest decision on this exact shard content, in the running cycle or the last screened one."""
         for shards in (self.current.shards if self.current else (), self.reusable_shards):
             for decision in reversed(shards):
-                if decision.key == (shard, sha256):
+                if decision.key == (shard, sha256) and decision.source not in self.cleared:
                     return decision
         return None
 
@@ -386,8 +416,17 @@ def _finish(state: CycleState, event: Event) -> CycleState:
     if body["status"] == "accepted":
         changes.update(accepted_model=candidate, heldout=HeldoutRecord.model_validate(body["heldout"]))
     if body["status"] in ("accepted", "rejected"):
-        changes.update(reusable=done.cycle, reusable_shards=done.shards)
+        changes.update(reusable=done.cycle, reusable_shards=done.shards, cleared=())
     return _replace_current(state, done).model_copy(update=changes)
+
+
+def _source(state: CycleState, event: Event) -> CycleState:
+    source, action = event.body["source"], event.body["action"]
+    quarantined = {k: v for k, v in state.quarantined.items() if k != source}
+    if action == "quarantine":
+        quarantined[source] = event.body["reason"]
+    cleared = state.cleared if action == "quarantine" or source in state.cleared else (*state.cleared, source)
+    return state.model_copy(update={"quarantined": quarantined, "cleared": cleared})
 
 
 def _replace_current(state: CycleState, record: CycleRecord) -> CycleState:
@@ -405,4 +444,5 @@ _APPLY = {
     "step": _step,
     "evidence": _evidence,
     "finish": _finish,
+    "source": _source,
 }

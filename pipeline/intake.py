@@ -247,7 +247,7 @@ def validate(
             continue
         rows = len(shard.samples)
         reason = verdict.reason if not verdict.accepted else f"{rows} rows, fewer than {section.min_rows}"
-        refused.append(_refusal(shard, "validate", f"{verdict.check}: {reason}"))
+        refused.append(refusal(shard, "validate", f"{verdict.check}: {reason}"))
     return kept, refused
 
 
@@ -314,11 +314,12 @@ def cap_sources(shards: Sequence[SignedShard], max_fraction: float) -> tuple[lis
                 f"source {shard.source} offers {share:.1%} of this cycle's rows; the cap is {max_fraction:.1%} "
                 f"({allowed[shard.source]} rows)"
             )
-            refused.append(_refusal(shard, "limits", reason))
+            refused.append(refusal(shard, "limits", reason))
     return kept, refused
 
 
-def _refusal(shard: SignedShard, check: str, reason: str) -> ShardDecision:
+def refusal(shard: SignedShard, check: str, reason: str) -> ShardDecision:
+    """The decision that `shard` may not be trained on, by `check`."""
     return ShardDecision(
         shard=shard.key, sha256=shard.sha256, source=shard.source, accepted=False, check=check, reason=reason
     )

@@ -23,12 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from trainguard.pipeline.config import resolve_tracking_uri
+
 if TYPE_CHECKING:
     import numpy as np
 
     from trainguard.provenance.verify import VerificationReport
 
-DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 MAX_PARAM_VALUE = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_KEY = 250  # MAX_ENTITY_KEY_LENGTH
 MAX_TAG_VALUE = 8000  # MAX_TAG_VAL_LENGTH
@@ -57,11 +58,6 @@ class ModelRelease:
     example: np.ndarray
     description: str
     tags: Mapping[str, str] = field(default_factory=dict)
-
-
-def resolve_tracking_uri(configured: str | None = None) -> str:
-    """MLFLOW_TRACKING_URI wins, then the config's URI, then the local sqlite default."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or configured or DEFAULT_TRACKING_URI
 
 
 def cycle_tags(git_commit: str | None, manifests: Mapping[str, str], signer_keyids: Sequence[str]) -> dict[str, str]:

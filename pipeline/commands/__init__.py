@@ -24,6 +24,7 @@ def register_all(app: click.Group) -> None:
         status.status,
         status.history,
         status.reset_rollback,
+        status.sources,
         model.verify_model,
         model.load_model,
         shard.shard,

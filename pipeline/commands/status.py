@@ -4,11 +4,14 @@ the cycle's state, reports and models live; `trainguard reset-rollback`: the one
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import click
 
 from trainguard.pipeline.commands import PATH
+
+if TYPE_CHECKING:
+    from trainguard.pipeline.cycle_state import SourceAction
 
 
 @click.command()
@@ -18,7 +21,7 @@ def status(config: Path, last: int) -> None:
     """The last cycles (decision, reason, model), the accepted model, and where state and reports are."""
     loaded, store = _store(config)
     state = store.load()
-    _cycles(state.cycles[-last:], loaded.output.work_dir)
+    _cycles(state.cycles[-last:], loaded.output.work_dir, interrupted=state.current is not None and _unlocked(store))
     accepted = state.accepted_model
     click.echo(f"accepted model: {accepted.path if accepted else 'none yet'}")
     for namespace, entry in sorted(state.rollback.items()):
@@ -61,6 +64,30 @@ def reset_rollback(config: Path, reason: str, namespace: str) -> None:
     )
 
 
+@click.command()
+@click.option("--config", "-c", type=PATH, required=True, help="The cycle config (YAML).")
+@click.option("--reason", default="", help="Why (recorded in the signed state); required to act on a source.")
+@click.argument("action", type=click.Choice(["list", "clear", "quarantine", "release"]))
+@click.argument("source", required=False)
+def sources(config: Path, reason: str, action: str, source: str | None) -> None:
+    """The sources' standing, and the operator's signed decisions on one: `clear` forgets its evidence and earlier
+    verdicts, so the next cycle screens its shards afresh; `quarantine` refuses all its shards until `release`."""
+    loaded, store = _store(config)
+    if action == "list":
+        state = store.load()
+        for name, record in sorted(state.evidence.items()):
+            low = min(record.p_values.values(), default=1.0)
+            click.echo(f"{name}: {len(record.p_values)} screened shard(s) offered, lowest p-value {low:.3g}")
+        for name, why in sorted(state.quarantined.items()):
+            click.echo(f"{name}: quarantined by the operator: {why}")
+        return
+    if source is None or not reason:
+        raise click.UsageError(f"`sources {action}` needs a SOURCE and --reason")
+    with store.locked():
+        store.update(store.load().operate_source(source, cast("SourceAction", action), reason))
+    click.echo(f"source {source}: {action} recorded in the signed state {loaded.output.state_path}")
+
+
 def _store(config: Path) -> tuple[Any, Any]:
     """The config and its signed cycle state's store (checked with the cycle's key when read)."""
     from trainguard.pipeline.config import load_config
@@ -72,7 +99,19 @@ def _store(config: Path) -> tuple[Any, Any]:
     return loaded, StateStore(loaded.output.state_path, key, loaded.pipeline_identity)
 
 
-def _cycles(records: Any, work_dir: Path) -> None:
+def _unlocked(store: Any) -> bool:
+    """Whether no process holds the cycle lock: a `running` cycle then was interrupted (killed, ctrl-C)."""
+    from trainguard.pipeline.errors import StateError
+
+    try:
+        with store.locked():
+            return True
+    except StateError:
+        return False
+
+
+def _cycles(records: Any, work_dir: Path, *, interrupted: bool = False) -> None:
+    """A table of `records`; the last one, when `interrupted`, says so and how to go on."""
     from trainguard.pipeline.console import rows_table
 
     def model(record: Any) -> str:
@@ -82,6 +121,9 @@ def _cycles(records: Any, work_dir: Path) -> None:
         return f"{record.candidate.path} (not released)" if record.candidate else "-"
 
     rows = [(str(r.cycle), r.status, r.started, model(r), " ".join(r.reason.split())[:120]) for r in records]
+    if rows and interrupted:
+        cycle, _, started, candidate, _ = rows[-1]
+        rows[-1] = (cycle, "interrupted", started, candidate, "no process runs it: the same config resumes it")
     if not rows:
         click.echo("no cycle has run yet")
         return

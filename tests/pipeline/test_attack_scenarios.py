@@ -394,3 +394,46 @@ def test_minting_source_names_under_one_key_buys_no_larger_cap(partnered: tuple[
     capped = report["limits"]
     assert capped and {d["source"] for d in capped} == {"partner/*"}
     assert all(d["shard"].startswith("partner/digits-contributed:dave-") for d in capped)
+
+
+def test_a_source_the_operator_cleared_is_screened_afresh_in_the_next_cycle(project: Path) -> None:
+    shards = _next_batch(project, poisoned="dave")
+    _sign_contributions(project)
+    _trainguard(project, "cycle", "--config", "cycle.yaml")
+    dave = {f"data-owner/digits-contributed:{s.relative_to(project / DATA / 'train').as_posix()}" for s in shards}
+    dave = {key for key in dave if ":dave/" in key}
+
+    def screened(cycle: int) -> set[str]:
+        report = json.loads((project / CYCLE / "reports" / f"cycle-{cycle:04d}.json").read_text())
+        return {d["name"] for d in report["roni"].get("decisions", [])} & dave
+
+    assert screened(2) == dave
+    done = _ok(_trainguard(project, "sources", "--config", "cycle.yaml", "--reason", "reshuffled", "clear", "dave"))
+    assert "clear recorded in the signed state" in done.stdout
+    _trainguard(project, "cycle", "--config", "cycle.yaml", "--force")
+    assert screened(3) == dave  # judged afresh, not reused from cycle 2
+    _trainguard(project, "cycle", "--config", "cycle.yaml", "--force")
+    assert screened(4) == set()  # without a new clear, cycle 3's verdicts stand
+    events = [json.loads(Envelope.from_json(line).payload)["event"] for line in _log_lines(project)]
+    assert any(e["kind"] == "source" and e["body"]["action"] == "clear" for e in events)
+
+
+def _log_lines(project: Path) -> list[bytes]:
+    return [
+        line
+        for path in sorted((project / CYCLE / "state-log").glob("*.jsonl"))
+        for line in path.read_bytes().splitlines()
+    ]
+
+
+def test_status_marks_a_cycle_no_process_runs_as_interrupted(project: Path) -> None:
+    from trainguard.pipeline.state_log import StateStore
+    from trainguard.provenance.keys import load_signing_key
+
+    store = StateStore(project / CYCLE / "state.json", load_signing_key(project / KEYS / "model.key"))
+    store.identity = ("digits", CYCLE.as_posix())
+    store.update(store.load().begin("a config killed mid-cycle"))
+    status = _ok(_trainguard(project, "status", "--config", "cycle.yaml")).stdout
+    assert "interrupted" in status and "resumes it" in status
+    with store.locked():
+        assert "interrupted" not in _ok(_trainguard(project, "status", "--config", "cycle.yaml")).stdout

@@ -374,3 +374,35 @@ def test_a_whole_copied_project_keeps_its_state(tmp_path: Path, key: SigningKey)
     _cycles(store, 2)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     assert _store(tmp_path / "b" / "state.json", key).load().latest.cycle == 2
+
+
+def test_an_operator_cleared_source_is_judged_afresh_and_its_evidence_forgotten(
+    tmp_path: Path, key: SigningKey
+) -> None:
+    store = _store(tmp_path / "state.json", key)
+    refused = ShardDecision(shard="d:bob-1", sha256="bb", source="bob", accepted=False, check="roni", reason="p")
+    state = store.update(store.load().begin("c").decide([refused, _decision("a-1")]))
+    state = store.update(state.record_evidence([("bob", "bb", 0.001), ("alice", "aa", 0.5)], ["aa", "bb"]))
+    state = store.update(state.accept(MODEL_1, HELDOUT_1))
+    assert state.decided("d:bob-1", "bb") is not None
+
+    cleared = store.update(state.operate_source("bob", "clear", "the label detector misfired on a reshuffle"))
+    for view in (cleared, _store(store.path, key).load()):
+        assert view.decided("d:bob-1", "bb") is None and view.decided("a-1", "aa") is not None
+        assert "bob" not in view.evidence and "alice" in view.evidence
+    again = store.update(cleared.begin("c").decide([refused.model_copy(update={"accepted": True})]))
+    later = store.update(again.accept(MODEL_1, HELDOUT_1))
+    assert later.cleared == () and later.decided("d:bob-1", "bb").accepted
+
+
+def test_an_operator_quarantine_holds_until_released_and_is_refused_mid_cycle(tmp_path: Path, key: SigningKey) -> None:
+    store = _store(tmp_path / "state.json", key)
+    state = _cycles(store, 1)
+    state = store.update(state.operate_source("mallory", "quarantine", "key reported stolen"))
+    assert _store(store.path, key).load().quarantined == {"mallory": "key reported stolen"}
+    with pytest.raises(StateError, match="not quarantined"):
+        state.operate_source("alice", "release", "x")
+    with pytest.raises(StateError, match="between cycles"):
+        state.begin("c").operate_source("mallory", "release", "x")
+    released = store.update(state.operate_source("mallory", "release", "key rotated"))
+    assert _store(store.path, key).load().quarantined == {} and released.cleared == ("mallory",)

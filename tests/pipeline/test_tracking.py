@@ -18,8 +18,8 @@ import mlflow.data
 import pytest
 from mlflow.tracking import MlflowClient
 
-from trainguard.pipeline.config import load_config
-from trainguard.pipeline.tracking import CycleTracker, cycle_tags, flatten_params, resolve_tracking_uri
+from trainguard.pipeline.config import load_config, resolve_tracking_uri
+from trainguard.pipeline.tracking import CycleTracker, cycle_tags, flatten_params
 from trainguard.provenance.verify import VerificationReport
 
 DIGITS = Path(__file__).resolve().parents[2] / "configs" / "digits.yaml"
@@ -185,7 +185,7 @@ def test_a_server_failing_after_the_probe_also_switches_offline(
 
 def test_the_default_uri_is_local_sqlite_and_the_environment_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    assert resolve_tracking_uri() == "sqlite:///mlruns.db"
+    assert resolve_tracking_uri() == "sqlite:///mlflow.db"  # what `mlflow ui` opens by default
     assert resolve_tracking_uri("http://configured") == "http://configured"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env")
     assert resolve_tracking_uri("http://configured") == "http://env"
