@@ -328,6 +328,11 @@ class TrainingSection(_Section):
     seed: int = 0
     num_workers: Annotated[int, Field(ge=0)] = 0
     bootstrap_epochs: Annotated[int, Field(ge=1, description="First cycle: epochs on the trusted data.")] = 5
+    rank_timeout: Positive = Field(
+        default=1800.0,
+        description="Under DDP: seconds a rank waits for the others in a collective (Lightning's too) before the "
+        "cycle stops on every rank, naming a rank that did not arrive; the wait for rank 0's plan is at least 12 h.",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -14,6 +14,7 @@ import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,7 @@ def run_cycle(config_path: Path, *, reinit: bool = False, force: bool = False) -
     config = load_config(config_path)
     launch = launch_from_env()
     if launch is not None:
-        join(launch)
+        join(launch, timedelta(seconds=config.training.rank_timeout))
         if not launch.leader:
             return _follow(config)
     preflight(config)  # before the state records a running cycle: a mistake found here changes nothing

@@ -4,22 +4,26 @@ Rank 0 verifies, screens, gates, signs and writes the state; the other ranks onl
 training, when rank 0 shares the plan or the reason it stopped, as JSON (`trainguard.ranks`: nothing crossing ranks
 is unpickled): the digests of the manifests it verified, the allow-list, the rows to skip. Each rank re-opens and
 verifies those manifests and the held-out shards itself, answers whether it could, then trains through
-verify-on-read of its own share; every collective has a timeout, so no rank waits forever.
+verify-on-read of its own share. Every wait is bounded by the configured rank timeout (`training.rank_timeout`:
+the job's process group, so Lightning's collectives in the DDP fit too), except the wait for rank 0's plan, which
+may take hours; at the answers and at the start of training the ranks take a roll call, so a rank that does not
+arrive is named on every rank that did.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Protocol, TypeVar
 
 import torch
 
 from trainguard.pipeline.errors import CycleAbortedError
-from trainguard.ranks import TIMEOUT, RankError, broadcast_json, gather_json
+from trainguard.ranks import TIMEOUT, RankError, arrive, broadcast_json, gather_json
 
 T = TypeVar("T")
 
@@ -48,38 +52,70 @@ def launch_from_env(environ: dict[str, str] | None = None) -> Launch | None:
 
 
 MEETING_TIMEOUT = timedelta(hours=12)
-"""How long the other ranks wait for rank 0's plan: rank 0 verifies and screens first, which takes hours on large
-data; bounded all the same, so a rank 0 that died is noticed."""
-_MEETING_GROUP: list[Any] = []
-"""The gloo group the meeting runs on, once `join` made it (CPU tensors and its own timeout, whatever the training
-backend)."""
+"""How long the other ranks wait for rank 0's plan, at least: rank 0 verifies and screens first, which takes hours
+on large data; bounded all the same, so a rank 0 that died is noticed."""
 
 
-def join(launch: Launch) -> None:
+@dataclass(frozen=True)
+class _Joined:
+    """The gloo group the meeting runs on (CPU tensors, whatever the training backend), how long a rank waits for
+    the others, and the job's store with this process's count of roll calls (every rank calls them in order)."""
+
+    group: Any
+    timeout: timedelta
+    store: Any
+    calls: Iterator[int] = field(default_factory=itertools.count)
+
+
+_JOINED: list[_Joined] = []
+"""This process's place in the job, once `join` made it."""
+
+
+def join(launch: Launch, timeout: timedelta) -> None:
     """Joins the job's process group (Lightning finds it initialised and uses it), every collective bounded by
-    `TIMEOUT`, so a rank that died or hangs stops the others rather than leaving them waiting; and the meeting's
-    group, bounded by `MEETING_TIMEOUT`."""
+    `timeout`, so a rank that died or hangs stops the others rather than leaving them waiting; and the meeting's
+    group, whose wait for rank 0's plan is bounded by `MEETING_TIMEOUT` or `timeout`, the longer."""
     if not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(launch.local_rank)
-        torch.distributed.init_process_group(backend, rank=launch.rank, world_size=launch.world_size, timeout=TIMEOUT)
-    _MEETING_GROUP[:] = [torch.distributed.new_group(backend="gloo", timeout=MEETING_TIMEOUT)]
+        torch.distributed.init_process_group(backend, rank=launch.rank, world_size=launch.world_size, timeout=timeout)
+    group = torch.distributed.new_group(backend="gloo", timeout=max(MEETING_TIMEOUT, timeout))
+    job_store = torch.distributed.distributed_c10d._get_default_store()  # the process group's own; no public getter
+    store = torch.distributed.PrefixStore("trainguard/arrive", job_store)
+    _JOINED[:] = [_Joined(group, timeout, store)]
+
+
+def arrive_at(where: str) -> None:
+    """Waits for every rank at `where` (a place all ranks reach, in the same order); a rank that does not arrive
+    within the timeout stops the cycle on every rank that did, named (`rank-wait`). Nothing to wait for when this
+    process runs alone."""
+    if not _JOINED:
+        return
+    joined = _JOINED[0]
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    try:
+        arrive(joined.store, str(next(joined.calls)), rank, world, joined.timeout)
+    except RankError as error:
+        raise CycleAbortedError(f"at {where}, {error}", check=error.reason) from None
 
 
 def _share(document: Any = None) -> Any:
     """Rank 0's `document` on every rank, over the meeting's group."""
-    return broadcast_json(document, group=_meeting(), timeout=MEETING_TIMEOUT)
+    group, timeout = _meeting()
+    return broadcast_json(document, group=group, timeout=max(MEETING_TIMEOUT, timeout))
 
 
 def _answers(document: Any) -> list[Any]:
-    """Every rank's answer, over the meeting's group."""
-    return gather_json(document, group=_meeting(), timeout=MEETING_TIMEOUT)
+    """Every rank's answer, over the meeting's group, once every rank has arrived to answer."""
+    arrive_at("the answers to rank 0's plan")
+    group, timeout = _meeting()
+    return gather_json(document, group=group, timeout=timeout)
 
 
-def _meeting() -> Any:
-    """The meeting's group; None (the job's default group) when this process never joined one."""
-    return _MEETING_GROUP[0] if _MEETING_GROUP else None
+def _meeting() -> tuple[Any, timedelta]:
+    """The meeting's group and timeout; the job's default group and `TIMEOUT` when this process never joined one."""
+    return (_JOINED[0].group, _JOINED[0].timeout) if _JOINED else (None, TIMEOUT)
 
 
 class Message(Protocol):
@@ -118,7 +154,10 @@ class Meeting:
             if error.reason != "rank-wait":  # the others got a failed message and answer it: hear them out
                 _answer({"refused": str(error)})
             raise
-        answers = _answers(READY)
+        try:
+            answers = _answers(READY)
+        except RankError as error:
+            raise CycleAbortedError(str(error), check=error.reason) from None
         if stopped:
             return
         for rank, answer in enumerate(answers[1:], start=1):
@@ -153,7 +192,7 @@ def follow(rebuild: Callable[[Any], T]) -> T:
 
 def _answer(document: dict[str, Any]) -> None:
     """A refusal sent back to rank 0 on the way out: this rank's own error is what it reports, not the answer's."""
-    with contextlib.suppress(RankError):
+    with contextlib.suppress(RankError, CycleAbortedError):
         _answers(document)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +14,7 @@ from trainguard.defenses import AdversarialTraining, RobustAccuracy
 from trainguard.defenses.gate import GateVerdict, ModelGate
 from trainguard.defenses.heldout import HeldoutMetrics, LabeledData
 from trainguard.pipeline.config import CycleConfig
+from trainguard.pipeline.distributed import arrive_at
 from trainguard.provenance.allowlist import RefusedRead
 from trainguard.provenance.dataset import VerifiedDataModule
 from trainguard.provenance.reader import ReadLog
@@ -36,12 +37,13 @@ def trainer(
 ) -> pl.Trainer:
     """The config's `trainer:` block with what the cycle supplies (its callbacks and logger, no checkpoints: the
     cycle saves signed models; a progress bar only on a terminal); `alone` runs it in this process only, whatever
-    the config's devices and strategy (rank 0's bootstrap)."""
+    the config's devices and strategy and whether other ranks wait elsewhere (rank 0's bootstrap)."""
     from trainguard.pipeline.console import epoch_progress
 
     overrides: dict[str, Any] = {"max_epochs": max_epochs}
     if alone:
         overrides.update(devices=1, strategy="auto", num_nodes=1)
+        callbacks = [*callbacks, MetricsAlone()]
     progress = epoch_progress()
     settings = config.trainer.model_copy(
         update={"init_args": {"log_every_n_steps": 1, **config.trainer.init_args, **overrides}}
@@ -53,6 +55,35 @@ def trainer(
         enable_progress_bar=progress is not None,
         enable_model_summary=False,
     )
+
+
+def _not_distributed() -> bool:
+    return False
+
+
+class MetricsAlone(pl.Callback):
+    """For a fit in this process alone while the job's process group is up: the module's torchmetrics metrics
+    compute on this process's data without syncing, as they would otherwise wait in a collective for ranks that
+    are not fitting; each gets its own setting back when the fit ends or fails (a DDP fit later syncs them)."""
+
+    def __init__(self) -> None:
+        self.saved: list[tuple[Any, Callable[[], bool] | None]] = []
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from torchmetrics import Metric
+
+        for metric in pl_module.modules():
+            if isinstance(metric, Metric):
+                self.saved.append((metric, metric.distributed_available_fn))
+                metric.distributed_available_fn = _not_distributed
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for metric, available in self.saved:
+            metric.distributed_available_fn = available
+        self.saved.clear()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.teardown(trainer, pl_module, "fit")
 
 
 def bootstrap(model: pl.LightningModule, config: CycleConfig, trusted: LabeledData) -> None:
@@ -133,6 +164,7 @@ def train(
     defenses = defense_callbacks(config, holdout, previous)
     user = [component.instantiate() for component in config.callbacks]
     fit = trainer(config, [*defenses, *user], logger, config.trainer.arg("max_epochs"))
+    arrive_at("the start of training")
     fit.fit(model, datamodule=data)
     gate = next(c for c in defenses if isinstance(c, ModelGate))
     robust = next(c for c in defenses if isinstance(c, RobustAccuracy))

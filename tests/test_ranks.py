@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trainguard.ranks import MAX_BYTES, RankError, broadcast_json, decode, encode, gather_json
+from trainguard.ranks import MAX_BYTES, RankError, arrive, broadcast_json, decode, encode, gather_json
 
 REPO = Path(__file__).resolve().parents[1]
 json_values = st.recursive(
@@ -106,3 +106,22 @@ def test_two_gloo_ranks_exchange_json_and_refuse_what_is_not(tmp_path: Path) -> 
     assert one["malformed"].startswith("the message from rank 0 is not strict JSON: duplicate key 'plan'")
     assert zero["not_sent"] == "rank 1 could not send its message (it says why)"
     assert one["not_sent"].startswith("cannot send a message between ranks: Object of type set")
+
+
+def _roll_call(rank: int, store: str, out: str) -> None:
+    """One rank of a 3-process job: a roll call every rank answers, then one rank 2 stays away from."""
+    roll = torch.distributed.FileStore(store, 3)
+    arrive(roll, "everyone", rank, 3, timedelta(seconds=60))
+    if rank == 2:
+        return
+    try:
+        arrive(roll, "without-2", rank, 3, timedelta(seconds=2))
+    except RankError as error:
+        Path(out, f"rank{rank}.json").write_text(json.dumps({"error": str(error), "reason": error.reason}))
+
+
+def test_a_rank_that_does_not_arrive_in_time_is_named_on_every_rank_that_did(tmp_path: Path) -> None:
+    mp.start_processes(_roll_call, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=3, start_method="spawn")
+    zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert zero["error"] == one["error"] == "rank 2 did not arrive within 0:00:02"
+    assert zero["reason"] == one["reason"] == "rank-wait"

@@ -1,11 +1,13 @@
 """Messages between the ranks of a job, as JSON: a document crosses as its canonical JSON bytes in a uint8 tensor
 (its length first) and is parsed on arrival by the strict parser, so nothing one process tells another is ever
-unpickled (`broadcast_object_list` and `all_gather_object` pickle). Every collective here waits at most `TIMEOUT`.
+unpickled (`broadcast_object_list` and `all_gather_object` pickle). Every collective here waits at most `TIMEOUT`,
+unless the caller says otherwise; `arrive` names the ranks that did not come in time.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -20,6 +22,8 @@ MAX_BYTES = 256 * 1024 * 1024
 """The largest message: an allow-list of a million shards fits; a corrupted length is refused before allocation."""
 NOT_SENT = -1
 """The length a rank announces when it has no message to send (it failed to encode one), so no rank waits on it."""
+ARRIVAL_POLL = (0.01, 1.0)
+"""How often `arrive` looks for the other ranks, in seconds: first, then at most (doubling in between)."""
 
 
 class RankError(Exception):
@@ -82,6 +86,26 @@ def gather_json(document: Any, *, group: Any = None, timeout: timedelta = TIMEOU
     _wait(torch.distributed.all_gather(payloads, payload, group=group, async_op=True), timeout)
     received = zip(payloads, sizes, strict=True)
     return [decode(p[:size].cpu().numpy().tobytes(), rank) for rank, (p, size) in enumerate(received)]
+
+
+def arrive(store: Any, name: str, rank: int, world: int, timeout: timedelta = TIMEOUT) -> None:
+    """Returns once each of the job's `world` ranks has arrived at the roll call `name` (each rank calls this with
+    the same `name`); else raises RankError (rank-wait) naming the ranks that did not within `timeout` of this
+    rank's arrival. Through the job's key-value `store`, not a process group: a collective that timed out leaves
+    its gloo group broken, never the store."""
+    keys = [f"{name}/{peer}" for peer in range(world)]
+    store.set(keys[rank], "here")
+    deadline = time.monotonic() + timeout.total_seconds()
+    pause = ARRIVAL_POLL[0]
+    while not store.check(keys):  # polled: the store's own timed wait logs a warning of its own
+        if time.monotonic() >= deadline:
+            missing = [peer for peer, key in enumerate(keys) if not store.check([key])]
+            if not missing:  # the last came just now
+                return
+            named = f"rank {missing[0]}" if len(missing) == 1 else "ranks " + ", ".join(map(str, missing))
+            raise RankError(f"{named} did not arrive within {timeout}", reason="rank-wait")
+        time.sleep(min(pause, max(deadline - time.monotonic(), 0.0)))
+        pause = min(2 * pause, ARRIVAL_POLL[1])
 
 
 def _encoded(document: Any) -> tuple[bytes, RankError | None]:

@@ -81,13 +81,22 @@ def _processes(devices: object, strategy: object) -> int:
 
 
 def _relaunch(processes: int) -> None:
-    """Runs this same command as `processes` ranks under torch's launcher (one node), and exits with its code:
-    rank 0 leads the cycle, the others train their share."""
-    import os
+    """Runs this same command as `processes` ranks under torch's launcher (one node), and exits with its outcome:
+    rank 0 leads the cycle, the others train their share. A rank that fails says why in one line and the launcher
+    stops the others; this process then names that rank and exits with its code, without the launcher's traceback."""
     import sys
 
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
-    os.execv(sys.executable, [*command, "-m", "trainguard.pipeline.cli", *sys.argv[1:]])
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    command = ["--standalone", f"--nproc-per-node={processes}", "-m", "trainguard.pipeline.cli", *sys.argv[1:]]
+    try:
+        run(parse_args(command))
+    except ChildFailedError as error:
+        rank, failure = error.get_first_failure()
+        click.echo(f"trainguard: rank {rank} stopped (exit code {failure.exitcode}); the other ranks with it", err=True)
+        raise SystemExit(failure.exitcode if failure.exitcode > 0 else 1) from None
+    raise SystemExit(0)
 
 
 def print_outcome(outcome: object, state_path: Path | None = None) -> None:

@@ -1,5 +1,7 @@
 """`trainguard cycle` under torchrun: rank 0 verifies, screens, gates and signs; rank 1 trains its share of the plan
-rank 0 shares; one read log, one attestation; a cycle rank 0 stops ends every rank with its reason, never a hang."""
+rank 0 shares; one read log, one attestation; a cycle rank 0 stops ends every rank with its reason, never a hang; a
+module logging torchmetrics metrics bootstraps on rank 0 alone without waiting for the others; a rank that never
+arrives ends the cycle, named, within the configured timeout."""
 
 from __future__ import annotations
 
@@ -7,16 +9,18 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from digits_demo.demo import create_keys, sign_contributions, sign_trusted
-from digits_demo.prepare import prepare_digits
+from digits_demo.prepare import Layout, prepare_digits
 from digits_demo.threats import tamper_file
 
 from trainguard.defenses.heldout import HeldoutMetrics, LabeledData
@@ -30,6 +34,42 @@ from trainguard.provenance.rollback import RollbackRecords
 from trainguard.ranks import decode, encode
 
 REPO = Path(__file__).resolve().parents[2]
+JOB_TIMEOUT = 240  # seconds: a hung collective fails the test instead of hanging the suite
+METRICS_MODEL = textwrap.dedent(
+    """
+    import os
+    import threading
+
+    from torch.nn import functional as F
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from digits_demo.models import DigitsClassifier
+
+
+    class MetricsClassifier(DigitsClassifier):
+        \"\"\"The usual Lightning idiom: torchmetrics Metric objects logged with self.log. `stall_rank` never
+        returns from construction on that rank, as a rank stuck in user code.\"\"\"
+
+        def __init__(self, channels: int = 8, lr: float = 0.02, stall_rank: int | None = None) -> None:
+            super().__init__(channels, lr)
+            if stall_rank is not None and os.environ.get("RANK") == str(stall_rank):
+                threading.Event().wait()
+            self.train_acc = MulticlassAccuracy(num_classes=10)
+            self.val_acc = MulticlassAccuracy(num_classes=10)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            logits = self(x)
+            self.train_acc(logits, y)
+            self.log("train/acc_metric", self.train_acc, on_step=False, on_epoch=True)
+            return F.cross_entropy(logits, y)
+
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.val_acc.update(self(x), y)
+            self.log("val/acc_metric", self.val_acc, on_step=False, on_epoch=True)
+    """
+)
 
 
 def test_the_launch_is_read_from_torchrun_or_slurm_and_a_world_of_one_runs_alone() -> None:
@@ -171,3 +211,94 @@ def test_a_malformed_plan_is_refused_in_one_line(planned: tuple[CycleConfig, Tra
         TrainingPlan.rebuilt(config, change(decode(encode(plan.message()), 0)), {})
     assert where in str(refused.value) and "\n" not in str(refused.value)
     assert refused.value.check == "rank-message"
+
+
+def _metrics_project(root: Path, rank_timeout: float | None = None, **model_args: object) -> Path:
+    """A small digits project whose module logs torchmetrics metrics, with DDP on two CPU ranks (gloo): only what
+    these tests need runs (no screening, no adversarial training, few epochs)."""
+    shutil.copytree(REPO / "configs", root / "configs")
+    keys, data = root / "demo-work" / "keys", root / "demo-work" / "data"
+    create_keys(keys)
+    layout = Layout(sources=("alice", "bob"), shards_per_source=1, shard_size=30, holdout_size=100, base_size=100)
+    contributed = prepare_digits(data, layout).contributed()
+    sign_trusted(data, keys)
+    sign_contributions(data, keys, contributed)
+    (root / "metrics_model.py").write_text(METRICS_MODEL)
+    config = yaml.safe_load((REPO / "configs" / "digits.yaml").read_text())
+    config["project"] = str(root)
+    config["model"] = {"class_path": "metrics_model.MetricsClassifier", "init_args": model_args}
+    config["training"].update(bootstrap_epochs=2, batch_size=32)
+    if rank_timeout is not None:
+        config["training"]["rank_timeout"] = rank_timeout
+    config["trainer"]["init_args"].update(max_epochs=1, strategy="ddp", devices=2, accelerator="cpu")
+    config["roni"]["enabled"] = False
+    config["detectors"] = {"enabled": False}
+    config["adversarial"]["enabled"] = False
+    config["robust_eval"].update(eps=[0.0], subset_size=20, steps=1)
+    config["gate"].update(min_clean_accuracy=0.0, min_robust_accuracy=0.0, max_accuracy_drop=1.0, max_class_drop=1.0)
+    (root / "cycle.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+def _job(project: Path, command: list[str]) -> subprocess.CompletedProcess[str]:
+    """Runs `command` in `project` in its own process group, killed whole when it outlives JOB_TIMEOUT."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": dead, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "examples")}
+    proc = subprocess.Popen(
+        command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=JOB_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"the DDP cycle did not end within {JOB_TIMEOUT} s (a rank waits forever?)\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+def test_a_module_logging_torchmetrics_metrics_trains_on_both_ranks_without_a_solo_collective(tmp_path: Path) -> None:
+    """Rank 0 bootstraps alone while rank 1 waits for the plan: its metrics must not wait for rank 1 in a
+    collective; the DDP fit that follows syncs them on both ranks."""
+    project = _metrics_project(tmp_path)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    logs = project / "rank-logs"  # each rank's stdout: its outcome as JSON
+    done = _job(
+        project,
+        [
+            *(sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1"),
+            *("--master-port", str(port), "--log-dir", str(logs), "--redirects", "0:1,1:1", "--tee", "0:2,1:2"),
+            *("-m", "trainguard.pipeline.cli", "cycle", "--config", "cycle.yaml", "--json"),
+        ],
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    outputs = {int(path.parent.name): path.read_text() for path in logs.rglob("stdout.log")}
+    leader, follower = (json.loads(outputs[rank]) for rank in (0, 1))
+    assert (leader["cycle"], leader["status"]) == (1, "accepted") and leader["model_dir"]
+    assert (follower["cycle"], follower["status"]) == (1, "follower")
+    assert {"train/acc_metric", "val/acc_metric"} <= leader["metrics"].keys()
+    assert leader["metrics"] == follower["metrics"], "the DDP fit synced every metric across the ranks"
+    report = json.loads((project / "demo-work" / "cycle" / "reports" / "cycle-0001.json").read_text())
+    assert report["status"] == "accepted" and report["gate"]["accepted"]
+    reads = (project / "demo-work" / "cycle" / "reads" / "cycle-0001.jsonl").read_text().splitlines()
+    assert len(reads) == len(report["allow_list"]), "each allowed shard read once across both ranks"
+
+
+def test_a_rank_that_never_arrives_ends_the_cycle_with_one_line_naming_it(tmp_path: Path) -> None:
+    """Rank 1 never gets past building its model: rank 0 waits the configured rank_timeout (10 s), not the
+    default half hour, then stops the cycle saying which rank did not arrive; the launcher stops rank 1. Started
+    plainly: the cycle relaunches itself as two ranks."""
+    project = _metrics_project(tmp_path, rank_timeout=10, stall_rank=1)
+    done = _job(project, [str(Path(sys.executable).parent / "trainguard"), "cycle", "--config", "cycle.yaml", "--json"])
+    assert done.returncode == 1, done.stderr[-3000:]
+    reason = "at the start of training, rank 1 did not arrive within 0:00:10"
+    assert json.loads(done.stdout) == {"status": "failed", "check": "rank-wait", "reason": reason}
+    assert [line for line in done.stderr.splitlines() if "did not arrive" in line] == [f"trainguard: error: {reason}"]
+    assert "trainguard: rank 0 stopped (exit code 1); the other ranks with it" in done.stderr
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    report = json.loads((project / "demo-work" / "cycle" / "reports" / "cycle-0001.json").read_text())
+    assert (report["status"], report["reason"]) == ("failed", reason)
