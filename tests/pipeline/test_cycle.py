@@ -44,21 +44,6 @@ def _contributed(data: Path, source: str, batch: int, extension: str = ".parquet
     return sorted((data / "train" / source).glob(f"b{batch}-shard-*{extension}"))
 
 
-@pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fresh directory to run cycles in (config paths are relative to it), with keys and signed batch 0."""
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "configs").mkdir()
-    shutil.copy(REPO / "configs" / "digits-trust.yaml", tmp_path / "configs")
-    root = tmp_path / "demo-work"
-    create_keys(root / "keys")
-    data = root / "data"
-    contributed = prepare_digits(data).contributed()
-    sign_trusted(data, root / "keys")
-    sign_contributions(data, root / "keys", contributed)
-    return tmp_path
-
-
 def test_two_cycles_refuse_tampered_and_poisoned_shards_and_log_everything(
     workdir: Path, mlflow_uri: str, read_cycle_state: Any
 ) -> None:

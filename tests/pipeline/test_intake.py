@@ -4,15 +4,12 @@ neither a minted source name nor a large trusted base can game."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from digits_demo.demo import create_keys, sign_contributions, sign_trusted
-from digits_demo.prepare import prepare_digits
 
 from trainguard.pipeline.config import LimitsSection, TargetsSection, ValidationSection, load_config
 from trainguard.pipeline.errors import CycleAbortedError
@@ -98,20 +95,11 @@ def test_the_trusted_base_is_never_capped() -> None:
     assert refused == [] and len(kept) == 10
 
 
-def test_the_intake_holds_at_most_its_ceiling_of_decoded_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "configs").mkdir()
-    shutil.copy(REPO / "configs" / "digits-trust.yaml", tmp_path / "configs")
-    root = tmp_path / "demo-work"
-    create_keys(root / "keys")
-    data = root / "data"
-    contributed = prepare_digits(data).contributed()
-    sign_trusted(data, root / "keys")
-    sign_contributions(data, root / "keys", contributed)
+def test_the_intake_holds_at_most_its_ceiling_of_decoded_data(workdir: Path) -> None:
     document = yaml.safe_load((REPO / "configs" / "digits.yaml").read_text())
     document["project"] = str(REPO / "examples")
-    (tmp_path / "cycle.yaml").write_text(yaml.safe_dump(document))
-    config = load_config(tmp_path / "cycle.yaml", check_components=False)
+    (workdir / "cycle.yaml").write_text(yaml.safe_dump(document))
+    config = load_config(workdir / "cycle.yaml", check_components=False)
 
     whole = verify_and_read(config, RollbackRecords(), {})
     base = sum(decoded_bytes(s.samples, s.frame) for s in (*whole.trusted, *whole.holdout))
