@@ -142,6 +142,9 @@ def rebuild_state(store: StateStore, work_dir: Path) -> tuple[CycleState, str]:
         if store.link is not None:
             raise StateError(f"{store.path}: the cycle state is intact and current; --reinit only rebuilds a lost one")
     found = list(receipts(work_dir, store.key, store.identity))
+    legacy = _legacy(store) if not found else None
+    if legacy is not None:  # a state of the trainguard before receipts: its records and model carry over
+        found = [legacy]
     salvaged = store.salvage([Checkpoint(r.pipeline.id, r.seq, dict(r.rollback)) for r in found])
     rollback = salvaged.rollback if salvaged else {}
     numbers = [r.cycle for r in found] + store.segments()
@@ -160,6 +163,28 @@ def rebuild_state(store: StateStore, work_dir: Path) -> tuple[CycleState, str]:
         f"{state.accepted_model.path if state.accepted_model else 'none'}"
     )
     return state, carried
+
+
+def _legacy(store: StateStore) -> Receipt | None:
+    """A schema-2 state (one signed document, before the chained log) read as the receipt of its last cycle."""
+    document = store.legacy()
+    if document is None:
+        return None
+    try:
+        cycles = document.get("cycles") or []
+        return Receipt(
+            pipeline=Pipeline.new(*store.identity),
+            cycle=max([c["cycle"] for c in cycles], default=document.get("first_cycle", 1) - 1) or 1,
+            status=cycles[-1]["status"] if cycles else "none",
+            seq=0,
+            link="0" * 64,
+            report_sha256="0" * 64,
+            rollback=document.get("rollback") or {},
+            accepted_model=document.get("accepted_model"),
+            heldout=document.get("heldout"),
+        )
+    except (ValidationError, KeyError, TypeError):
+        return None
 
 
 def _number(name: str) -> int | None:

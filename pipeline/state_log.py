@@ -212,6 +212,18 @@ class StateStore:
             records.append(replayed.current)
         return records
 
+    def legacy(self) -> dict[str, Any] | None:
+        """The state trainguard wrote before the chained log (schema 2: one signed document), when its signature
+        verifies; a rebuild carries its anti-rollback records, accepted model and numbering over."""
+        try:
+            envelope = self._verified(
+                read_regular(self.path, limit=HEAD_LIMIT, follow_symlinks=False), STATE_PAYLOAD_TYPE, self.path
+            )
+            document = strictjson.loads(envelope.payload)
+        except (StateError, OSError, strictjson.StrictJSONError):
+            return None
+        return document if isinstance(document, dict) and document.get("schema_version") == 2 else None
+
     def salvage(self, checkpoints: Sequence[Checkpoint]) -> Checkpoint | None:
         """The anti-rollback records at the end of this identity's newest readable history, for a rebuild: from
         the latest complete set of them (`checkpoints`, e.g. signed receipts, newest history first, and a head that
@@ -292,7 +304,10 @@ class StateStore:
         try:
             document = strictjson.loads(envelope.payload)
             if document.get("schema") != SCHEMA_VERSION:
-                raise ValueError(f"schema {document.get('schema')!r}, this trainguard reads {SCHEMA_VERSION}")
+                raise ValueError(
+                    f"schema {document.get('schema', document.get('schema_version'))!r}, this trainguard reads "
+                    f"{SCHEMA_VERSION} (`trainguard cycle --reinit` carries an earlier state's records over)"
+                )
             return CycleState.model_validate(document["state"]), Chain.from_json(document["chain"])
         except ValidationError as error:
             first = error.errors(include_url=False)[0]

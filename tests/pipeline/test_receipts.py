@@ -135,3 +135,30 @@ def test_an_operators_rollback_reset_survives_a_rebuild(tmp_path: Path, key: Sig
     rebuilt, _ = rebuild_state(StateStore(work / "state.json", key, IDENTITY), work)
     assert NAMESPACE not in rebuilt.rollback
     rebuilt.accept_manifest(NAMESPACE, 1, "01" * 32)
+
+
+def test_a_state_of_the_trainguard_before_the_chained_log_carries_its_records_over(
+    tmp_path: Path, key: SigningKey
+) -> None:
+    import json
+
+    from trainguard.pipeline.state_log import STATE_PAYLOAD_TYPE
+    from trainguard.provenance.dsse import sign_envelope
+
+    work = tmp_path / "work"
+    work.mkdir()
+    old = {
+        "schema_version": 2,
+        "first_cycle": 1,
+        "accepted_model": MODEL.model_dump(),
+        "heldout": HELDOUT.model_dump(),
+        "rollback": {NAMESPACE: {"version": 4, "statement_sha256": "04" * 32}},
+        "cycles": [{"cycle": 3, "config_sha256": "c", "status": "accepted", "started": "2026-01-01T00:00:00Z"}],
+        "evidence": {},
+    }
+    (work / "state.json").write_bytes(sign_envelope(STATE_PAYLOAD_TYPE, json.dumps(old).encode(), key).to_json())
+    store = StateStore(work / "state.json", key, IDENTITY)
+    with pytest.raises(StateError, match="--reinit"):
+        store.load()
+    rebuilt, _ = rebuild_state(store, work)
+    assert rebuilt.first_cycle == 4 and rebuilt.accepted_model == MODEL and rebuilt.rollback[NAMESPACE].version == 4
