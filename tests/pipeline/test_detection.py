@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from digits_demo.demo import create_keys, sign_contributions, sign_trusted
-from digits_demo.prepare import prepare_digits
 from digits_demo.threats import poison_shards
 
 from trainguard.pipeline.attestation import cycle_record
@@ -30,15 +28,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def poisoned_workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, dict[str, set[int]]]:
+def poisoned_workdir(digits_project: Any) -> tuple[Path, dict[str, set[int]]]:
     """Signed digits where `dave` flipped 30% of the labels in each shard; returns the directory and, per shard key,
     the rows he flipped."""
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "configs").mkdir()
-    shutil.copy(REPO / "configs" / "digits-trust.yaml", tmp_path / "configs")
-    keys, data = tmp_path / "demo-work" / "keys", tmp_path / "demo-work" / "data"
-    create_keys(keys)
-    contributed = prepare_digits(data).contributed()
+    data = digits_project.data
     poisoned = sorted((data / "train" / "dave").glob("*.parquet"))
     before = {p: pd.read_parquet(p)["label"].to_numpy() for p in poisoned}
     poison_shards(poisoned, 0.3, seed=3)
@@ -48,9 +41,8 @@ def poisoned_workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[P
         )
         for p in poisoned
     }
-    sign_trusted(data, keys)
-    sign_contributions(data, keys, contributed)
-    return tmp_path, flipped
+    digits_project.sign()
+    return digits_project.root, flipped
 
 
 def _config(workdir: Path, experiment: str, action: str) -> Path:
@@ -151,23 +143,17 @@ def test_the_data_module_never_serves_quarantined_rows_yet_reads_the_shard_whole
 
 
 @pytest.fixture
-def decoy_workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, dict[str, list[int]]]:
+def decoy_workdir(digits_project: Any) -> tuple[Path, dict[str, list[int]]]:
     """Signed digits where `dave`'s shard starts with one copied row of each of alice's, bob's and carol's shards;
     returns the directory and, per shard key, the rows the copies share."""
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "configs").mkdir()
-    shutil.copy(REPO / "configs" / "digits-trust.yaml", tmp_path / "configs")
-    keys, data = tmp_path / "demo-work" / "keys", tmp_path / "demo-work" / "data"
-    create_keys(keys)
-    contributed = prepare_digits(data).contributed()
+    data = digits_project.data
     victims = ("alice", "bob", "carol")
     decoy = data / "train" / "dave" / "b0-shard-00.parquet"
     copies = [pd.read_parquet(data / "train" / v / "b0-shard-00.parquet").iloc[[5]] for v in victims]
     pd.concat([*copies, pd.read_parquet(decoy).iloc[3:]], ignore_index=True).to_parquet(decoy, index=False)
-    sign_trusted(data, keys)
-    sign_contributions(data, keys, contributed)
+    digits_project.sign()
     shared = {f"data-owner/digits-contributed:{v}/b0-shard-00.parquet": [5] for v in victims}
-    return tmp_path, shared | {"data-owner/digits-contributed:dave/b0-shard-00.parquet": [0, 1, 2]}
+    return digits_project.root, shared | {"data-owner/digits-contributed:dave/b0-shard-00.parquet": [0, 1, 2]}
 
 
 def test_a_decoy_copying_a_row_of_each_honest_source_costs_them_only_the_copied_rows(
