@@ -92,6 +92,7 @@ def _shorten(config: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # two full cycles through `dvc repro`: 77 s quiet, over 300 s on a loaded machine
 def test_dvc_repro_runs_the_pipeline_then_reruns_only_what_changed(dvc_repo: Path) -> None:
     _install(dvc_repo, with_code=True)
     _shorten(dvc_repo / "configs" / "digits.yaml")
@@ -119,6 +120,7 @@ def _git(repo: Path, *args: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # two full cycles through `dvc repro`: 77 s quiet, over 300 s on a loaded machine
 def test_dvc_experiments_set_params_compare_cycles_and_show_plots(dvc_repo: Path) -> None:
     _install(dvc_repo, with_code=True)
     _shorten(dvc_repo / "configs" / "digits.yaml")
