@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +15,7 @@ from trainguard.defenses import AdversarialTraining, RobustAccuracy
 from trainguard.defenses.gate import GateVerdict, ModelGate
 from trainguard.defenses.heldout import HeldoutMetrics, LabeledData
 from trainguard.pipeline.config import CycleConfig
-from trainguard.pipeline.distributed import arrive_at
+from trainguard.pipeline.distributed import Launch, arrive_at, launch_from_env
 from trainguard.provenance.allowlist import RefusedRead
 from trainguard.provenance.dataset import VerifiedDataModule
 from trainguard.provenance.reader import ReadLog
@@ -41,9 +42,12 @@ def trainer(
     from trainguard.pipeline.console import epoch_progress
 
     overrides: dict[str, Any] = {"max_epochs": max_epochs}
+    launch = launch_from_env()
     if alone:
         overrides.update(devices=1, strategy="auto", num_nodes=1)
         callbacks = [*callbacks, MetricsAlone()]
+    elif launch is not None:
+        overrides.update(_launched_world(launch, config.trainer.init_args.get("strategy", "auto")))
     progress = epoch_progress()
     settings = config.trainer.model_copy(
         update={"init_args": {"log_every_n_steps": 1, **config.trainer.init_args, **overrides}}
@@ -55,6 +59,18 @@ def trainer(
         enable_progress_bar=progress is not None,
         enable_model_summary=False,
     )
+
+
+def _launched_world(launch: Launch, strategy: Any) -> dict[str, Any]:
+    """Under an external launcher the job's size decides the Trainer's: its processes per node as `devices`, its
+    nodes as `num_nodes` (Lightning refuses any other product), and DDP where the config leaves the strategy to
+    Lightning, so the README's `torchrun` line runs a config written for one device."""
+    stated = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+    per_node = int(stated) if stated.isdigit() else launch.world_size
+    world: dict[str, Any] = {"devices": per_node, "num_nodes": max(1, launch.world_size // per_node)}
+    if strategy in (None, "auto"):
+        world["strategy"] = "ddp"
+    return world
 
 
 def _not_distributed() -> bool:
