@@ -23,9 +23,9 @@ little are many rows the model confidently disagrees with); a flagged source los
 own test and its source's share the budget, Bonferroni); "bh" / "by" control the false discovery rate across the
 cycle's shard and source tests instead.
 
-The scope is the whole network for small models and, for large ones, the last layer(s) on features computed once
-per row (`defenses.features`). The learning rate is the largest on a grid at which clean calibration copies stay
-finite and keep their held-out soft accuracy.
+The scope is by default the last layer(s) on features computed once per row (`defenses.features`), and the whole
+network only for a model with no Linear head (or with extra inputs) or when asked (`scope="full"`). The learning
+rate is the largest on a grid at which clean calibration copies stay finite and keep their held-out soft accuracy.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from trainguard.defenses.conformal import (
 )
 from trainguard.defenses.copies import finetune_heldout_probabilities
 from trainguard.defenses.errors import ScreeningInputError
-from trainguard.defenses.features import HeadSplit, head_features, parameter_count, split_head
+from trainguard.defenses.features import HeadSplit, has_head, head_features, split_head
 from trainguard.defenses.forward import ModuleForward, plain_forward
 from trainguard.defenses.heldout import LabeledData, per_class_mean
 from trainguard.defenses.task import Task, as_task
@@ -87,9 +87,12 @@ class ScreeningConfig:
     `lr="auto"` takes the largest rate of `lr_grid` at which every probe copy stays finite and the median one
     loses at most `lr_tolerance` of held-out soft accuracy.
     `scope` "full" fine-tunes every parameter; "head" only the last `head_layers` Linear layers (or the module named
-    by `feature_layer` and what follows it in its nn.Sequential) on frozen features; "auto" is "head" for models of
-    more than `head_above` parameters. `chunk_size` bounds how many copies train at once (None: measured from
-    memory on CUDA, 128 elsewhere); `batched=False` trains them one after another (same results, for comparison).
+    by `feature_layer` and what follows it in its nn.Sequential) on frozen features; "auto" (the default) is "head"
+    wherever there is one (an nn.Linear, or `feature_layer`) and the model reads its input alone, else "full" (no
+    Linear head, or extra inputs). The head is the default whatever the model's size: full scope trains every copy
+    through the whole network (issue #28: a first digits cycle took 41 minutes on two cores). `chunk_size` bounds
+    how many copies train at once (None: measured from memory on CUDA, 128 elsewhere); `batched=False` trains them
+    one after another (same results, for comparison).
     """
 
     steps: int = 20
@@ -107,7 +110,6 @@ class ScreeningConfig:
     scope: Literal["auto", "full", "head"] = "auto"
     feature_layer: str | None = None
     head_layers: int = 1
-    head_above: int = 500_000
     chunk_size: int | None = None
     batched: bool = True
     seed: int = 0
@@ -382,7 +384,7 @@ def _scoped(
 ) -> _Scoped:
     scope = config.scope
     if scope == "auto":
-        scope = "head" if parameter_count(model) > config.head_above else "full"
+        scope = "head" if has_head(model, config.feature_layer) and not holdout.extras else "full"
     if scope == "full":
         return _Scoped(model, None, trusted, holdout, tuple(c.data for c in candidates), task, forward)
     if holdout.extras:
