@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal, overload
 
@@ -345,6 +345,33 @@ def bootstrap_draws(pool_size: int, size: int, count: int, seed: int, stream: in
     return np.take_along_axis(resampled, rng.integers(0, pool_size, size=(count, size)), axis=1)
 
 
+ScreeningProgress = Callable[[int, int], None]
+"""Told (copies fine-tuned, copies planned) as a screening goes; the plan grows when the rate search tries another
+rate."""
+
+
+class _Count:
+    """The copies a screening has planned and trained, told to its progress callback at each change (mutable: the
+    one running tally of a screening)."""
+
+    def __init__(self, progress: ScreeningProgress | None) -> None:
+        self.progress = progress
+        self.done = 0
+        self.total = 0
+
+    def plan(self, copies: int) -> None:
+        self.total += copies
+        self._tell()
+
+    def trained(self, copies: int) -> None:
+        self.done += copies
+        self._tell()
+
+    def _tell(self) -> None:
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+
 @dataclass(frozen=True)
 class _Scoped:
     """The network each copy fine-tunes and the data in its input space (the frozen features for a head), with the
@@ -357,6 +384,7 @@ class _Scoped:
     candidates: tuple[LabeledData, ...]
     task: Task
     forward: ModuleForward | None
+    count: _Count
 
     def finetuned(self, shards: Sequence[LabeledData], lr: float, config: ScreeningConfig, chunk_size: int | None):
         """Held-out soft scores of one copy per shard (`defenses.copies`)."""
@@ -370,6 +398,7 @@ class _Scoped:
             batched=config.batched,
             task=self.task,
             forward=self.forward,
+            progress=self.count.trained,
         )
 
 
@@ -381,12 +410,13 @@ def _scoped(
     config: ScreeningConfig,
     task: Task,
     forward: ModuleForward | None,
+    count: _Count,
 ) -> _Scoped:
     scope = config.scope
     if scope == "auto":
         scope = "head" if has_head(model, config.feature_layer) and not holdout.extras else "full"
     if scope == "full":
-        return _Scoped(model, None, trusted, holdout, tuple(c.data for c in candidates), task, forward)
+        return _Scoped(model, None, trusted, holdout, tuple(c.data for c in candidates), task, forward, count)
     if holdout.extras:
         raise ScreeningInputError(
             f"head-scope screening computes features from the input alone, but the model also takes "
@@ -406,6 +436,7 @@ def _scoped(
         tuple(LabeledData(x, c.data.y) for x, c in zip(parts, candidates, strict=True)),
         task,
         None,
+        count,
     )
 
 
@@ -434,7 +465,9 @@ def _learning_rate(scoped: _Scoped, size: int, impacts: _Impacts, config: Screen
     the copies per chunk the probe measured."""
     rates = sorted(config.lr_grid, reverse=True)
     probe = _Draws(scoped.trusted, bootstrap_draws(len(scoped.trusted), size, LR_PROBE_DRAWS, config.seed, stream=1))
-    for lr in rates:
+    for tried, lr in enumerate(rates):
+        if tried:
+            scoped.count.plan(LR_PROBE_DRAWS)  # the first rate's probe was planned with the screening
         run = scoped.finetuned(probe, lr, config, config.chunk_size)
         overall = impacts.of(run.probabilities)[:, 0]
         if not np.isfinite(overall).all():
@@ -479,12 +512,22 @@ def _calibrated(
             calibration = Calibration(lr, config.chunk_size or chunk, scope)
         else:
             calibration = Calibration(float(config.lr), config.chunk_size, scope)
-    for size in sorted(sizes):
-        if calibration.matching(size, config.size_tolerance) is None:
-            fresh, chunk = _calibrate_size(scoped, size, calibration.lr, calibration.chunk_size, impacts, config)
-            ordered = tuple(sorted((*calibration.sizes, fresh), key=lambda c: c.size))
-            calibration = Calibration(calibration.lr, calibration.chunk_size or chunk, calibration.scope, ordered)
+    for size in _fresh_sizes([c.size for c in calibration.sizes], sizes, config.size_tolerance):
+        fresh, chunk = _calibrate_size(scoped, size, calibration.lr, calibration.chunk_size, impacts, config)
+        ordered = tuple(sorted((*calibration.sizes, fresh), key=lambda c: c.size))
+        calibration = Calibration(calibration.lr, calibration.chunk_size or chunk, calibration.scope, ordered)
     return calibration
+
+
+def _fresh_sizes(calibrated: Sequence[int], sizes: Sequence[int], tolerance: float) -> list[int]:
+    """The sizes that need clean draws of their own, smallest first: those no calibrated (or earlier fresh) size
+    matches (`Calibration.matching`)."""
+    held, fresh = list(calibrated), []
+    for size in sorted(sizes):
+        if not any(size * (1 - tolerance) <= c <= size for c in held):
+            held.append(size)
+            fresh.append(size)
+    return fresh
 
 
 @dataclass(frozen=True)
@@ -526,6 +569,7 @@ def screen_candidates(
     calibration: Calibration | None = None,
     task: Task | str | None = None,
     forward: ModuleForward | None = None,
+    progress: ScreeningProgress | None = None,
 ) -> ScreeningReport:
     """Screens each candidate shard and each source against clean draws from `base_data` (trusted data).
 
@@ -537,7 +581,8 @@ def screen_candidates(
     them independent of the fine-tuning impacts on clean data. `calibration`, from an earlier report on the same
     model, trusted and held-out data, skips the draws it already holds. `task` (default classification) sets the
     fine-tuning loss and the held-out soft accuracy; `forward(module, batch, x)` reads the model's extra inputs from
-    `LabeledData.batch` (every data set then carries the same extras).
+    `LabeledData.batch` (every data set then carries the same extras). `progress(done, planned)` counts the
+    fine-tuned copies (calibration draws and candidates) for a display.
     """
     config = config or ScreeningConfig()
     task = as_task(task)
@@ -568,10 +613,16 @@ def screen_candidates(
     shards_of = Counter(c.source for c in candidates)
     unions = [u for u in group_by_source(candidates) if shards_of[u.source] > 1]
     tried = [*candidates, *unions]
-    scoped = _scoped(model, base_data, holdout, tried, config, task, forward)
+    count = _Count(progress)
+    sizes = [len(c.data) for c in tried]
+    held = [c.size for c in calibration.sizes] if calibration is not None else []
+    probing = calibration is None and config.lr == "auto"
+    drawn = len(_fresh_sizes(held, sizes, config.size_tolerance)) * (SCALE_DRAWS + config.calibration_draws)
+    count.plan(probing * LR_PROBE_DRAWS + drawn + len(tried))
+    scoped = _scoped(model, base_data, holdout, tried, config, task, forward, count)
     base = _heldout_probabilities(scoped.net, scoped.holdout, task, scoped.forward).double()
     impacts = _Impacts(base, holdout.y, num_classes, config.per_class and by_class)
-    calibration = _calibrated(scoped, [len(c.data) for c in tried], impacts, config, calibration)
+    calibration = _calibrated(scoped, sizes, impacts, config, calibration)
     run = scoped.finetuned(scoped.candidates, calibration.lr, config, calibration.chunk_size)
     values = impacts.of(run.probabilities)
     tests = [_tested(values[i], calibration.matching(len(c.data), config.size_tolerance)) for i, c in enumerate(tried)]

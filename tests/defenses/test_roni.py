@@ -15,6 +15,7 @@ from torch.nn import functional as F
 from trainguard.defenses.errors import ScreeningInputError
 from trainguard.defenses.heldout import LabeledData
 from trainguard.defenses.roni import (
+    SCALE_DRAWS,
     Candidate,
     ScreeningConfig,
     ScreeningReport,
@@ -133,6 +134,16 @@ def test_batched_and_sequential_training_give_the_same_p_values(digits: Split, m
     assert np.allclose([d.impact for d in batched.decisions], [d.impact for d in sequential.decisions], atol=1e-5)
     assert [d.p_value for d in batched.decisions] == [d.p_value for d in sequential.decisions]
     assert np.allclose(batched.calibration.sizes[0].impacts, sequential.calibration.sizes[0].impacts, atol=1e-5)
+
+
+def test_progress_counts_every_copy_fine_tuned_up_to_the_plan(digits: Split, model: nn.Module) -> None:
+    told: list[tuple[int, int]] = []
+    candidates = [Candidate(f"s{i}", "a", digits.shard(digits.pool[40 * i : 40 * (i + 1)])) for i in range(2)]
+    config = ScreeningConfig(steps=3, lr=0.01, chunk_size=64, **FAST)
+    screen_candidates(model, digits.trusted, digits.holdout, candidates, config, progress=lambda *n: told.append(n))
+    planned = 2 * (SCALE_DRAWS + config.calibration_draws) + 3  # draws of 40 and 80 rows, two shards and their union
+    assert told[0] == (0, planned) and told[-1] == (planned, planned)
+    assert [done for done, _ in told] == sorted(done for done, _ in told) and len(told) > 3  # chunk by chunk
 
 
 def test_screening_leaves_the_model_unchanged(digits: Split, model: nn.Module) -> None:
