@@ -191,7 +191,8 @@ class CandidateDecision:
 class SourceDecision:
     """A source judged as a whole: the union of its shards screened size-matched (when it has several this cycle),
     the combination of all its shard p-values (`earlier` of them from previous cycles), and whether it is flagged
-    (then every shard of it is rejected). `evidence`: the other tests' p-values that joined the combination."""
+    (then every shard of it is rejected). `evidence`: the other tests' p-values that joined the combination;
+    `class_impacts`: the union's per-class drops of held-out soft accuracy (empty without a union)."""
 
     source: str
     shards: tuple[str, ...]
@@ -205,6 +206,7 @@ class SourceDecision:
     flagged: bool
     reason: str
     evidence: tuple[float, ...] = ()
+    class_impacts: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -272,7 +274,10 @@ class ScreeningReport:
             "chunk_size": self.calibration.chunk_size,
             "config": asdict(self.config),
             "decisions": decisions,
-            "sources": [{**asdict(s), "union_impact": _number(s.union_impact)} for s in self.sources],
+            "sources": [
+                {**asdict(s), "union_impact": _number(s.union_impact), "class_impacts": _finite(s.class_impacts)}
+                for s in self.sources
+            ],
         }
 
 
@@ -774,4 +779,5 @@ def _source_decision(evidence: _SourceEvidence, adjusted: float, config: Screeni
         flagged=flagged,
         reason=reason,
         evidence=evidence.other,
+        class_impacts=tuple(float(v) for v in union.impacts[1:]) if union is not None else (),
     )

@@ -50,6 +50,7 @@ from trainguard.pipeline.preflight import preflight
 from trainguard.pipeline.receipts import check_fresh, rebuild_state
 from trainguard.pipeline.release import release
 from trainguard.pipeline.running_cycle import RunningCycle
+from trainguard.pipeline.source_lines import source_lines
 from trainguard.pipeline.state_log import StateStore
 from trainguard.pipeline.tracking import CycleTracker, TrackedRun, cycle_tags
 from trainguard.pipeline.training import TrainingResult, bootstrap, train
@@ -79,6 +80,8 @@ class CycleOutcome:
     tracking: str
     metrics: dict[str, float] = field(default_factory=dict)
     shards: tuple[ShardDecision, ...] = ()
+    sources: tuple[str, ...] = ()
+    """One line per source that lost shards or rows (`source_lines`), what the console prints."""
 
 
 def run_cycle(config_path: Path, *, reinit: bool = False, force: bool = False) -> CycleOutcome:
@@ -301,7 +304,9 @@ def _run(cycle: RunningCycle, parent: TrackedRun) -> CycleOutcome:
             cycle.state = cycle.store.update(cycle.state.reject(reason))
     status = "accepted" if accepted_model else "rejected"
     headline = _headline(cycle, result, screening_seconds, status)
+    lines = source_lines(cycle.state.latest.shards, cycle.report)
     cycle.report.update(
+        source_lines=list(lines),
         status=status,
         reason=reason,
         metrics=headline,
@@ -329,6 +334,7 @@ def _run(cycle: RunningCycle, parent: TrackedRun) -> CycleOutcome:
         tracking=tracking,
         metrics=result.metrics,
         shards=cycle.state.cycles[-1].shards,
+        sources=lines,
     )
 
 
