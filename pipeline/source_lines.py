@@ -24,6 +24,17 @@ FIXES = {
     "detection": "review the source's flagged rows (report: detection) before it contributes again",
     "roni": "review the source's rows (report: roni) before it contributes again; `trainguard sources` lists it",
 }
+VERIFY_WORDS = {
+    "digest-mismatch": "its bytes differ from the signed digest (changed after signing)",
+    "size-mismatch": "its size differs from the signed size (changed after signing)",
+    "truncated": "it is shorter than signed",
+    "appended": "bytes were appended after signing",
+    "chunk": "a signed chunk's digest differs (changed after signing)",
+    "missing": "the signed file is missing",
+    "format": "it cannot be decoded",
+    "intake-ceiling": "decoding it would pass limits.max_decoded_bytes",
+}
+"""What a verify refusal's reason (its first word) means; the digests and details stay in the report."""
 CHECK_WORDS = {
     "verify": "signature or read check",
     "validate": "validation",
@@ -40,6 +51,7 @@ def source_lines(shards: Sequence[ShardDecision], report: Mapping[str, Any]) -> 
         if decision.check != "trusted":
             offered[decision.source].append(decision)
     detected = _detector_findings(report.get("detection", {}))
+    left_out = _rows_left_out(shards, report)
     lines = []
     for source, decisions in offered.items():
         refused = [d for d in decisions if not d.accepted]
@@ -49,8 +61,10 @@ def source_lines(shards: Sequence[ShardDecision], report: Mapping[str, Any]) -> 
         evidence = [_evidence(check, source, refused, detected, report.get("roni", {})) for check in checks]
         whole = "refused" if len(refused) == len(decisions) else f"{len(refused)} of {len(decisions)} shards refused"
         fix = FIXES.get(checks[0], "see the report")
-        lines.append(f"{source} {whole}: {'; '.join(evidence)}. Fix: {fix}")
-    return (*lines, *_rows_left_out(shards, report))
+        rows = left_out.pop(source, None)
+        also = f"; from its accepted shards, {rows}" if rows else ""
+        lines.append(f"{source} {whole}: {'; '.join(evidence)}{also}. Fix: {fix}")
+    return (*lines, *(f"{source} accepted, {rows}" for source, rows in left_out.items()))
 
 
 def _evidence(
@@ -68,7 +82,10 @@ def _evidence(
         return "; ".join(parts) if parts else f"{check}: {mine[0].reason}"
     words = CHECK_WORDS.get(check, check)
     more = f" (and {len(mine) - 1} more shards)" if len(mine) > 1 else ""
-    return f"{words}: {mine[0].reason}{more}"
+    reason = mine[0].reason
+    if check == "verify":  # at intake, or at training's read ("changed after intake: <reason>: ...")
+        reason = VERIFY_WORDS.get(reason.removeprefix("changed after intake: ").split(":", 1)[0], reason)
+    return f"{words}: {reason}{more}"
 
 
 def _detector_findings(detection: Mapping[str, Any]) -> dict[str, list[str]]:
@@ -117,9 +134,9 @@ def _finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
 
 
-def _rows_left_out(shards: Sequence[ShardDecision], report: Mapping[str, Any]) -> list[str]:
-    """Per source still trained on, the rows training skips: flagged by the detectors (quarantine-rows) or copied
-    from another source's shard."""
+def _rows_left_out(shards: Sequence[ShardDecision], report: Mapping[str, Any]) -> dict[str, str]:
+    """Per source still trained on, the rows training skips in words: flagged by the detectors (quarantine-rows) or
+    copied from another source's shard."""
     source_of = {d.shard: d.source for d in shards if d.accepted}
     flagged = report.get("detection", {}).get("quarantined_rows", {})
     copied = report.get("copied_rows", {})
@@ -128,10 +145,10 @@ def _rows_left_out(shards: Sequence[ShardDecision], report: Mapping[str, Any]) -
         for shard, listed in rows.items():
             if shard in source_of:
                 counts[source_of[shard]][index] += len(listed)
-    lines = []
+    words = {}
     for source, (by_detectors, by_copy) in counts.items():
         parts = [f"{by_detectors} flagged by the detectors"] * bool(by_detectors)
         parts += [f"{by_copy} copied from another source's shard"] * bool(by_copy)
         if parts:
-            lines.append(f"{source} accepted, {by_detectors + by_copy} rows left out of training: {', '.join(parts)}")
-    return lines
+            words[source] = f"{by_detectors + by_copy} rows left out of training ({', '.join(parts)})"
+    return words

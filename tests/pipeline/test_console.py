@@ -60,7 +60,7 @@ def test_a_cycle_on_the_demo_config_prints_no_third_party_chatter_and_verbose_sh
 
     quiet = cycle()
     assert "cycle 1 accepted" in quiet, quiet
-    for stage in ("verifying the signed shards", "fitting the first model", "screening 6 new shards", "training on"):
+    for stage in ("verifying the signed shards", "fitting the first model", "screening 12 new shards", "training on"):
         assert f"trainguard: {stage}" in quiet, quiet  # off a terminal each stage says it started and ended
     assert quiet.count(" done in ") == 4, quiet
     assert not [noise for noise in (*THIRD_PARTY, "Warning", "warn") if noise in quiet], quiet
