@@ -150,5 +150,6 @@ def _rows_left_out(shards: Sequence[ShardDecision], report: Mapping[str, Any]) -
         parts = [f"{by_detectors} flagged by the detectors"] * bool(by_detectors)
         parts += [f"{by_copy} copied from another source's shard"] * bool(by_copy)
         if parts:
-            words[source] = f"{by_detectors + by_copy} rows left out of training ({', '.join(parts)})"
+            total = by_detectors + by_copy
+            words[source] = f"{total} row{'s' * (total != 1)} left out of training ({', '.join(parts)})"
     return words
