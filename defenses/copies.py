@@ -144,12 +144,16 @@ def finetune_heldout_probabilities(
         model.train(was_training)
 
 
+def _untold(copies: int) -> None:
+    """No one counts the copies."""
+
+
 def _in_chunks(
     train: Callable[[Sequence[LabeledData]], torch.Tensor],
     shards: Sequence[LabeledData],
     chunk_size: int | None,
     device: torch.device,
-    progress: Callable[[int], None],
+    progress: Callable[[int], None] = _untold,
 ) -> Finetuned:
     done: list[torch.Tensor] = []
     start = 0
@@ -173,10 +177,6 @@ def _in_chunks(
         start += len(chunk)
         progress(len(chunk))
     return Finetuned(torch.cat(done), size)
-
-
-def _untold(copies: int) -> None:
-    """No one counts the copies."""
 
 
 @dataclass(frozen=True)
