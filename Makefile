@@ -15,9 +15,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
 	# LitData declares torchvision, which it does not need here and whose only wheel for this torch breaks the
-	# import of torchmetrics (and so Lightning): install it without its declared dependencies, then the one it imports.
-	$(BIN)/pip install --quiet --no-deps litdata==0.2.76
+	# import of torchmetrics (and so Lightning): install the one dependency it imports first, then LitData without
+	# its declared ones (a --no-deps install skips pip's conflict check, which would otherwise name torchvision).
 	$(BIN)/pip install --quiet 'boto3>=1.28'
+	$(BIN)/pip install --quiet --no-deps litdata==0.2.76
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -24,6 +24,7 @@ an attacked row the task does not count as correct (`Task.correct`: wrong class,
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,7 +63,9 @@ class AdversarialTraining(pl.Callback):
     "multilabel", "regression") gives the loss the attack maximises and what a success is; `loss(outputs, target)`
     overrides the loss. `forward(module, batch, x)` gives the outputs for inputs `x` (default: `module(x)`), reading
     extra model inputs such as masks from `batch` (the attacked rows of it); only `x` is perturbed.
-    `bounds` is the data's value range (required: attacks clamp into it).
+    `bounds` is the data's value range, (0, 1) by default: set it to match the data (attacks clamp into it).
+    `ratio` 1.0 (the default) attacks every row, so no clean loss is trained on: a warning says clean accuracy may
+    drop and suggests 0.5 (the cycle config's default).
     `input_key`/`target_key` locate the tensors in dict batches (tuples/lists default to positions 0 and 1).
     `crafting="trainer"` crafts under the autocast of the trainer's precision (e.g. bf16 with
     `precision="bf16-mixed"`), `"fp32"` in float32. Logs `adv/eps` (mean over the epoch's rows) and `adv/success`
@@ -103,6 +106,13 @@ class AdversarialTraining(pl.Callback):
             raise AttackConfigError(f"eps must be a finite number >= 0, got {eps!r}")
         if warmup_epochs < 0:
             raise AttackConfigError(f"warmup_epochs must be >= 0, got {warmup_epochs!r}")
+        if ratio == 1.0 and eps > 0:
+            warnings.warn(
+                f"adversarial training with ratio={ratio:g} trains on attacked rows only (no clean loss): clean "
+                "accuracy may drop; ratio=0.5 keeps half of each batch clean",
+                UserWarning,
+                stacklevel=2,
+            )
         self.attack_name = attack.lower()
         self.eps = float(eps)
         self.steps = steps

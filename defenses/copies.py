@@ -95,10 +95,12 @@ def finetune_heldout_probabilities(
     batched: bool = True,
     task: Task | str | None = None,
     forward: ModuleForward | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> Finetuned:
     """Held-out soft scores of len(shards) copies of `model`, copy i after `steps` full-batch gradient steps of size
     `lr` on shard i, both on the `task`'s terms (default classification); `forward(module, batch, x)` reads extra
-    model inputs from `LabeledData.batch`. The model is left unchanged.
+    model inputs from `LabeledData.batch`. The model is left unchanged. `progress(copies)` is told each chunk's
+    copies as they finish (a screening's progress display counts them).
 
     `chunk_size` None: on CUDA the first copy trains alone while its peak memory is measured and the rest train in
     chunks filling half the free memory; elsewhere 128 copies at a time. A chunk that still fails for memory (or
@@ -137,9 +139,13 @@ def finetune_heldout_probabilities(
                     out.append(heldout_prob(copy).unsqueeze(0).cpu())
             return torch.cat(out)
 
-        return _in_chunks(train, shards, chunk_size, device)
+        return _in_chunks(train, shards, chunk_size, device, progress or _untold)
     finally:
         model.train(was_training)
+
+
+def _untold(copies: int) -> None:
+    """No one counts the copies."""
 
 
 def _in_chunks(
@@ -147,12 +153,14 @@ def _in_chunks(
     shards: Sequence[LabeledData],
     chunk_size: int | None,
     device: torch.device,
+    progress: Callable[[int], None] = _untold,
 ) -> Finetuned:
     done: list[torch.Tensor] = []
     start = 0
     if chunk_size is None and device.type == "cuda":
         first = _measured(train, shards[:1], device)
         done.append(first.probabilities)
+        progress(1)
         start = 1
         chunk_size = _fitting_chunk(first.per_copy, device)
     size = chunk_size or CPU_CHUNK
@@ -167,6 +175,7 @@ def _in_chunks(
             size = max(1, len(chunk) // 2)
             continue
         start += len(chunk)
+        progress(len(chunk))
     return Finetuned(torch.cat(done), size)
 
 

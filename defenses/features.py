@@ -23,8 +23,11 @@ class HeadSplit:
     head: nn.Module
 
 
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def has_head(model: nn.Module, feature_layer: str | None = None) -> bool:
+    """Whether `split_head` finds a head: the named `feature_layer`, or any nn.Linear."""
+    if feature_layer is not None:
+        return True  # split_head refuses a name the model lacks, in words
+    return any(isinstance(m, nn.Linear) for m in model.modules())
 
 
 def split_head(model: nn.Module, feature_layer: str | None = None, head_layers: int = 1) -> HeadSplit:

@@ -23,9 +23,9 @@ little are many rows the model confidently disagrees with); a flagged source los
 own test and its source's share the budget, Bonferroni); "bh" / "by" control the false discovery rate across the
 cycle's shard and source tests instead.
 
-The scope is the whole network for small models and, for large ones, the last layer(s) on features computed once
-per row (`defenses.features`). The learning rate is the largest on a grid at which clean calibration copies stay
-finite and keep their held-out soft accuracy.
+The scope is by default the last layer(s) on features computed once per row (`defenses.features`), and the whole
+network only for a model with no Linear head (or with extra inputs) or when asked (`scope="full"`). The learning
+rate is the largest on a grid at which clean calibration copies stay finite and keep their held-out soft accuracy.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal, overload
 
@@ -52,7 +52,7 @@ from trainguard.defenses.conformal import (
 )
 from trainguard.defenses.copies import finetune_heldout_probabilities
 from trainguard.defenses.errors import ScreeningInputError
-from trainguard.defenses.features import HeadSplit, head_features, parameter_count, split_head
+from trainguard.defenses.features import HeadSplit, has_head, head_features, split_head
 from trainguard.defenses.forward import ModuleForward, plain_forward
 from trainguard.defenses.heldout import LabeledData, per_class_mean
 from trainguard.defenses.task import Task, as_task
@@ -87,9 +87,12 @@ class ScreeningConfig:
     `lr="auto"` takes the largest rate of `lr_grid` at which every probe copy stays finite and the median one
     loses at most `lr_tolerance` of held-out soft accuracy.
     `scope` "full" fine-tunes every parameter; "head" only the last `head_layers` Linear layers (or the module named
-    by `feature_layer` and what follows it in its nn.Sequential) on frozen features; "auto" is "head" for models of
-    more than `head_above` parameters. `chunk_size` bounds how many copies train at once (None: measured from
-    memory on CUDA, 128 elsewhere); `batched=False` trains them one after another (same results, for comparison).
+    by `feature_layer` and what follows it in its nn.Sequential) on frozen features; "auto" (the default) is "head"
+    wherever there is one (an nn.Linear, or `feature_layer`) and the model reads its input alone, else "full" (no
+    Linear head, or extra inputs). The head is the default whatever the model's size: full scope trains every copy
+    through the whole network (issue #28: a first digits cycle took 41 minutes on two cores). `chunk_size` bounds
+    how many copies train at once (None: measured from memory on CUDA, 128 elsewhere); `batched=False` trains them
+    one after another (same results, for comparison).
     """
 
     steps: int = 20
@@ -107,7 +110,6 @@ class ScreeningConfig:
     scope: Literal["auto", "full", "head"] = "auto"
     feature_layer: str | None = None
     head_layers: int = 1
-    head_above: int = 500_000
     chunk_size: int | None = None
     batched: bool = True
     seed: int = 0
@@ -189,7 +191,8 @@ class CandidateDecision:
 class SourceDecision:
     """A source judged as a whole: the union of its shards screened size-matched (when it has several this cycle),
     the combination of all its shard p-values (`earlier` of them from previous cycles), and whether it is flagged
-    (then every shard of it is rejected). `evidence`: the other tests' p-values that joined the combination."""
+    (then every shard of it is rejected). `evidence`: the other tests' p-values that joined the combination;
+    `class_impacts`: the union's per-class drops of held-out soft accuracy (empty without a union)."""
 
     source: str
     shards: tuple[str, ...]
@@ -203,6 +206,7 @@ class SourceDecision:
     flagged: bool
     reason: str
     evidence: tuple[float, ...] = ()
+    class_impacts: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -270,7 +274,10 @@ class ScreeningReport:
             "chunk_size": self.calibration.chunk_size,
             "config": asdict(self.config),
             "decisions": decisions,
-            "sources": [{**asdict(s), "union_impact": _number(s.union_impact)} for s in self.sources],
+            "sources": [
+                {**asdict(s), "union_impact": _number(s.union_impact), "class_impacts": _finite(s.class_impacts)}
+                for s in self.sources
+            ],
         }
 
 
@@ -343,6 +350,33 @@ def bootstrap_draws(pool_size: int, size: int, count: int, seed: int, stream: in
     return np.take_along_axis(resampled, rng.integers(0, pool_size, size=(count, size)), axis=1)
 
 
+ScreeningProgress = Callable[[int, int], None]
+"""Told (copies fine-tuned, copies planned) as a screening goes; the plan grows when the rate search tries another
+rate."""
+
+
+class _Count:
+    """The copies a screening has planned and trained, told to its progress callback at each change (mutable: the
+    one running tally of a screening)."""
+
+    def __init__(self, progress: ScreeningProgress | None) -> None:
+        self.progress = progress
+        self.done = 0
+        self.total = 0
+
+    def plan(self, copies: int) -> None:
+        self.total += copies
+        self._tell()
+
+    def trained(self, copies: int) -> None:
+        self.done += copies
+        self._tell()
+
+    def _tell(self) -> None:
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+
 @dataclass(frozen=True)
 class _Scoped:
     """The network each copy fine-tunes and the data in its input space (the frozen features for a head), with the
@@ -355,6 +389,7 @@ class _Scoped:
     candidates: tuple[LabeledData, ...]
     task: Task
     forward: ModuleForward | None
+    count: _Count
 
     def finetuned(self, shards: Sequence[LabeledData], lr: float, config: ScreeningConfig, chunk_size: int | None):
         """Held-out soft scores of one copy per shard (`defenses.copies`)."""
@@ -368,6 +403,7 @@ class _Scoped:
             batched=config.batched,
             task=self.task,
             forward=self.forward,
+            progress=self.count.trained,
         )
 
 
@@ -379,12 +415,13 @@ def _scoped(
     config: ScreeningConfig,
     task: Task,
     forward: ModuleForward | None,
+    count: _Count,
 ) -> _Scoped:
     scope = config.scope
     if scope == "auto":
-        scope = "head" if parameter_count(model) > config.head_above else "full"
+        scope = "head" if has_head(model, config.feature_layer) and not holdout.extras else "full"
     if scope == "full":
-        return _Scoped(model, None, trusted, holdout, tuple(c.data for c in candidates), task, forward)
+        return _Scoped(model, None, trusted, holdout, tuple(c.data for c in candidates), task, forward, count)
     if holdout.extras:
         raise ScreeningInputError(
             f"head-scope screening computes features from the input alone, but the model also takes "
@@ -404,6 +441,7 @@ def _scoped(
         tuple(LabeledData(x, c.data.y) for x, c in zip(parts, candidates, strict=True)),
         task,
         None,
+        count,
     )
 
 
@@ -432,7 +470,9 @@ def _learning_rate(scoped: _Scoped, size: int, impacts: _Impacts, config: Screen
     the copies per chunk the probe measured."""
     rates = sorted(config.lr_grid, reverse=True)
     probe = _Draws(scoped.trusted, bootstrap_draws(len(scoped.trusted), size, LR_PROBE_DRAWS, config.seed, stream=1))
-    for lr in rates:
+    for tried, lr in enumerate(rates):
+        if tried:
+            scoped.count.plan(LR_PROBE_DRAWS)  # the first rate's probe was planned with the screening
         run = scoped.finetuned(probe, lr, config, config.chunk_size)
         overall = impacts.of(run.probabilities)[:, 0]
         if not np.isfinite(overall).all():
@@ -477,12 +517,22 @@ def _calibrated(
             calibration = Calibration(lr, config.chunk_size or chunk, scope)
         else:
             calibration = Calibration(float(config.lr), config.chunk_size, scope)
-    for size in sorted(sizes):
-        if calibration.matching(size, config.size_tolerance) is None:
-            fresh, chunk = _calibrate_size(scoped, size, calibration.lr, calibration.chunk_size, impacts, config)
-            ordered = tuple(sorted((*calibration.sizes, fresh), key=lambda c: c.size))
-            calibration = Calibration(calibration.lr, calibration.chunk_size or chunk, calibration.scope, ordered)
+    for size in _fresh_sizes([c.size for c in calibration.sizes], sizes, config.size_tolerance):
+        fresh, chunk = _calibrate_size(scoped, size, calibration.lr, calibration.chunk_size, impacts, config)
+        ordered = tuple(sorted((*calibration.sizes, fresh), key=lambda c: c.size))
+        calibration = Calibration(calibration.lr, calibration.chunk_size or chunk, calibration.scope, ordered)
     return calibration
+
+
+def _fresh_sizes(calibrated: Sequence[int], sizes: Sequence[int], tolerance: float) -> list[int]:
+    """The sizes that need clean draws of their own, smallest first: those no calibrated (or earlier fresh) size
+    matches (`Calibration.matching`)."""
+    held, fresh = list(calibrated), []
+    for size in sorted(sizes):
+        if not any(size * (1 - tolerance) <= c <= size for c in held):
+            held.append(size)
+            fresh.append(size)
+    return fresh
 
 
 @dataclass(frozen=True)
@@ -524,6 +574,7 @@ def screen_candidates(
     calibration: Calibration | None = None,
     task: Task | str | None = None,
     forward: ModuleForward | None = None,
+    progress: ScreeningProgress | None = None,
 ) -> ScreeningReport:
     """Screens each candidate shard and each source against clean draws from `base_data` (trusted data).
 
@@ -535,7 +586,8 @@ def screen_candidates(
     them independent of the fine-tuning impacts on clean data. `calibration`, from an earlier report on the same
     model, trusted and held-out data, skips the draws it already holds. `task` (default classification) sets the
     fine-tuning loss and the held-out soft accuracy; `forward(module, batch, x)` reads the model's extra inputs from
-    `LabeledData.batch` (every data set then carries the same extras).
+    `LabeledData.batch` (every data set then carries the same extras). `progress(done, planned)` counts the
+    fine-tuned copies (calibration draws and candidates) for a display.
     """
     config = config or ScreeningConfig()
     task = as_task(task)
@@ -566,10 +618,16 @@ def screen_candidates(
     shards_of = Counter(c.source for c in candidates)
     unions = [u for u in group_by_source(candidates) if shards_of[u.source] > 1]
     tried = [*candidates, *unions]
-    scoped = _scoped(model, base_data, holdout, tried, config, task, forward)
+    count = _Count(progress)
+    sizes = [len(c.data) for c in tried]
+    held = [c.size for c in calibration.sizes] if calibration is not None else []
+    probing = calibration is None and config.lr == "auto"
+    drawn = len(_fresh_sizes(held, sizes, config.size_tolerance)) * (SCALE_DRAWS + config.calibration_draws)
+    count.plan(probing * LR_PROBE_DRAWS + drawn + len(tried))
+    scoped = _scoped(model, base_data, holdout, tried, config, task, forward, count)
     base = _heldout_probabilities(scoped.net, scoped.holdout, task, scoped.forward).double()
     impacts = _Impacts(base, holdout.y, num_classes, config.per_class and by_class)
-    calibration = _calibrated(scoped, [len(c.data) for c in tried], impacts, config, calibration)
+    calibration = _calibrated(scoped, sizes, impacts, config, calibration)
     run = scoped.finetuned(scoped.candidates, calibration.lr, config, calibration.chunk_size)
     values = impacts.of(run.probabilities)
     tests = [_tested(values[i], calibration.matching(len(c.data), config.size_tolerance)) for i, c in enumerate(tried)]
@@ -721,4 +779,5 @@ def _source_decision(evidence: _SourceEvidence, adjusted: float, config: Screeni
         flagged=flagged,
         reason=reason,
         evidence=evidence.other,
+        class_impacts=tuple(float(v) for v in union.impacts[1:]) if union is not None else (),
     )

@@ -6,8 +6,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -60,16 +61,50 @@ def epoch_progress() -> Any:
     return RichProgressBar(leave=False)
 
 
+Progress = Callable[[int, int], None]
+"""Told (done, total) as a stage advances, e.g. RONI's copies trained of those planned."""
+
+
 @contextmanager
-def stage(label: str) -> Iterator[None]:
-    """A spinner naming a long stage (verifying, screening) while it runs, on a terminal; nothing otherwise."""
+def stage(label: str, *, counting: str | None = None, display: bool = True) -> Iterator[Progress]:
+    """A long stage (verifying, screening, training) shown while it runs. On a terminal: a spinner, or with
+    `counting` (what is counted, e.g. "copies") a bar with the count and the time left, fed by the progress callback
+    this yields; `display=False` leaves the terminal to a display of its own (Lightning's epoch bar). Off a terminal
+    (pipes, CI): one line when the stage starts and one when it ends, with its time, so a log never sits silent."""
+    started = time.monotonic()
     if not interactive():
-        yield
+        note(f"{label} ...")
+        try:
+            yield _ignored
+        except BaseException:
+            note(f"{label} stopped after {_seconds(time.monotonic() - started)}")
+            raise
+        note(f"{label} done in {_seconds(time.monotonic() - started)}")
+        return
+    if not display:
+        yield _ignored
         return
     from rich.console import Console
 
-    with Console(stderr=True).status(label):
-        yield
+    if counting is None:
+        with Console(stderr=True).status(label):
+            yield _ignored
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeRemainingColumn
+    from rich.progress import Progress as Bar
+
+    columns = (SpinnerColumn(), TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn(counting))
+    with Bar(*columns, TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def _ignored(done: int, total: int) -> None:
+    """The progress callback where nothing shows the count (off a terminal, or another display owns it)."""
+
+
+def _seconds(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def table(title: str, rows: list[tuple[str, str]]) -> None:

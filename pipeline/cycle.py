@@ -50,6 +50,7 @@ from trainguard.pipeline.preflight import preflight
 from trainguard.pipeline.receipts import check_fresh, rebuild_state
 from trainguard.pipeline.release import release
 from trainguard.pipeline.running_cycle import RunningCycle
+from trainguard.pipeline.source_lines import source_lines
 from trainguard.pipeline.state_log import StateStore
 from trainguard.pipeline.tracking import CycleTracker, TrackedRun, cycle_tags
 from trainguard.pipeline.training import TrainingResult, bootstrap, train
@@ -79,6 +80,8 @@ class CycleOutcome:
     tracking: str
     metrics: dict[str, float] = field(default_factory=dict)
     shards: tuple[ShardDecision, ...] = ()
+    sources: tuple[str, ...] = ()
+    """One line per source that lost shards or rows (`source_lines`), what the console prints."""
 
 
 def run_cycle(config_path: Path, *, reinit: bool = False, force: bool = False) -> CycleOutcome:
@@ -254,13 +257,16 @@ def _run(cycle: RunningCycle, parent: TrackedRun) -> CycleOutcome:
             "verify",
         )
 
-    with parent.stage("screening") as stage, console.stage("screening new shards (detectors, RONI)"):
+    with parent.stage("screening") as stage:
         candidates = _screen_inputs(cycle, intake, stage)
         model, previous = _incoming_model(cycle, _labeled(intake.trusted, task), intake.holdout_sha256)
-        candidates, excluded_rows, evidence = _detect(cycle, model, intake, candidates, stage)
-        started = time.monotonic()
-        _screen(cycle, model, holdout, candidates, evidence, stage, offered=[s.sha256 for s in intake.train])
-        screening_seconds = time.monotonic() - started
+        label = f"screening {_counted(len(candidates), 'new shard')} (detectors, RONI)"
+        with console.stage(label, counting="copies fine-tuned") as progress:
+            candidates, excluded_rows, evidence = _detect(cycle, model, intake, candidates, stage)
+            started = time.monotonic()
+            offered = [s.sha256 for s in intake.train]
+            _screen(cycle, model, holdout, candidates, evidence, stage, offered=offered, progress=progress)
+            screening_seconds = time.monotonic() - started
 
     allow = _allow_list(cycle, intake)
     cycle.report["allow_list"] = allow.to_json()
@@ -274,7 +280,8 @@ def _run(cycle: RunningCycle, parent: TrackedRun) -> CycleOutcome:
     plan = TrainingPlan(cycle.number, intake.manifests, allow, holdout, previous, columns, excluded_rows)
     cycle.meeting.send(plan)
     data = _training_data(config, plan)
-    with parent.stage("training") as stage:
+    training = f"training on {_counted(len(allowed), 'shard')}"
+    with parent.stage("training") as stage, console.stage(training, display=False):
         result = train(model, config, data, holdout, previous, stage.lightning_logger())
         read_log = _checked_read_log(cycle, allow, result)
         trained = _refused_at_read(cycle, intake, allow, result)
@@ -297,7 +304,9 @@ def _run(cycle: RunningCycle, parent: TrackedRun) -> CycleOutcome:
             cycle.state = cycle.store.update(cycle.state.reject(reason))
     status = "accepted" if accepted_model else "rejected"
     headline = _headline(cycle, result, screening_seconds, status)
+    lines = source_lines(cycle.state.latest.shards, cycle.report)
     cycle.report.update(
+        source_lines=list(lines),
         status=status,
         reason=reason,
         metrics=headline,
@@ -325,6 +334,7 @@ def _run(cycle: RunningCycle, parent: TrackedRun) -> CycleOutcome:
         tracking=tracking,
         metrics=result.metrics,
         shards=cycle.state.cycles[-1].shards,
+        sources=lines,
     )
 
 
@@ -529,7 +539,8 @@ def _incoming_model(
     model = config.model.instantiate()
     record = cycle.state.accepted_model
     if record is None:
-        bootstrap(model, config, trusted)
+        with console.stage(f"fitting the first model on {len(trusted)} trusted rows", display=False):
+            bootstrap(model, config, trusted)
         return model, None
     key = public_key_path(config.output.model_signing_key)
     model.load_state_dict(load_verified_state_dict(Path(record.path), key, expected_sha256=record.sha256))
@@ -546,6 +557,7 @@ def _screen(
     detected: Mapping[str, tuple[float, ...]],
     stage: TrackedRun,
     offered: Sequence[str],
+    progress: console.Progress,
 ) -> None:
     """RONI on the new shards, per shard and per source (with the sources' evidence from earlier cycles and the
     detectors' p-values of this cycle), and the margin check; records every decision and each shard's p-value as
@@ -577,7 +589,13 @@ def _screen(
         evidence=detected,
         task=task,
         forward=forward,
+        progress=progress,
     )
+    if screening.scope == "full" and config.roni.options.get("scope", "auto") == "auto":
+        console.note(
+            "RONI fine-tuned every parameter: the model has no nn.Linear head (or takes extra inputs); name its "
+            "head's first module as roni.options.feature_layer for a faster screening"
+        )
     verdict = {d.name: d for d in screening.decisions}
     flagged = {s.source: s for s in screening.flagged}
     decisions = [
@@ -626,6 +644,10 @@ def _screen(
         "screening",
         {"roni/rejected": float(len(screening.rejected)), "roni/flagged_sources": float(len(flagged))},
     )
+
+
+def _counted(count: int, thing: str) -> str:
+    return f"{count} {thing}{'' if count == 1 else 's'}"
 
 
 def _margin_skipped(config: CycleConfig) -> str | None:

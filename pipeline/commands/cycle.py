@@ -100,17 +100,21 @@ def _relaunch(processes: int) -> None:
 
 
 def print_outcome(outcome: object, state_path: Path | None = None) -> None:
-    """A short human summary of a cycle: refused shards by check, then a table of the verdict and where things are."""
-    from trainguard.pipeline.console import table
+    """A short human summary of a cycle: one line per source that lost shards or rows (each refused shard's
+    statistics too with `--verbose`), then a table of the verdict and where things are."""
+    from trainguard.pipeline.console import is_verbose, table
     from trainguard.pipeline.cycle import CycleOutcome
 
     assert isinstance(outcome, CycleOutcome)
     if outcome.status == "skipped":
         click.echo(f"cycle skipped: {outcome.reason}")
         return
-    for decision in outcome.shards:
-        if not decision.accepted:
-            click.echo(f"  refused {decision.shard} ({decision.source}) by {decision.check}: {decision.reason}")
+    for line in outcome.sources:
+        click.echo(f"  {line}")
+    if is_verbose():
+        for decision in outcome.shards:
+            if not decision.accepted:
+                click.echo(f"    refused {decision.shard} ({decision.source}) by {decision.check}: {decision.reason}")
     accepted = sum(d.accepted for d in outcome.shards)
     metrics = outcome.metrics
     rows = [

@@ -55,7 +55,7 @@ def test_quarantined_rows_land_on_the_patched_rows_of_the_right_shards(monkeypat
     offer = poisoning.SCENARIOS["backdoor spread"](world, np.random.default_rng(0))
     offer.found = poisoning.detections(world, offer)
     offer.screened = poisoning.Verdict.shards([False] * len(offer.candidates), offer)  # the detectors alone
-    verdict = poisoning.combined("quarantine-rows")(world, offer, poisoning.ScreeningConfig())
+    verdict = poisoning.combined("quarantine-rows")(world, offer, poisoning.ScreeningConfig(scope="full"))
 
     quarantined, bad = np.concatenate(verdict.quarantined), np.concatenate(offer.bad_rows)
     assert not any(verdict.rejected)

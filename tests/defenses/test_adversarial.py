@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -309,6 +310,15 @@ def test_a_batch_outside_the_bounds_stops_the_fit_at_the_next_batch_or_the_epoch
 def test_unusable_settings_are_refused_at_construction(kwargs, match) -> None:
     with pytest.raises(AttackConfigError, match=match):
         AdversarialTraining(**kwargs)
+
+
+def test_attacking_every_row_warns_that_clean_accuracy_may_drop_and_a_mixed_batch_does_not() -> None:
+    with pytest.warns(UserWarning, match="clean accuracy may drop; ratio=0.5") as every_row:
+        AdversarialTraining("pgd", eps=0.1)
+    assert len(every_row) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AdversarialTraining("pgd", eps=0.1, ratio=0.5)
 
 
 def test_ddp_ranks_craft_locally_and_log_success_summed_over_ranks() -> None:

@@ -58,7 +58,9 @@ def test_a_chunk_that_runs_out_of_memory_is_retried_in_halves() -> None:
         return torch.stack([shard.y.float()[:1] for shard in chunk])
 
     shards = [LabeledData(torch.zeros(1, 1), torch.tensor([i])) for i in range(5)]
-    done = _in_chunks(train, shards, 8, torch.device("cpu"))
+    told: list[int] = []
+    done = _in_chunks(train, shards, 8, torch.device("cpu"), told.append)
     assert seen == [5, 2, 2, 1]
+    assert told == [2, 2, 1]  # progress counts the copies that finished, not the chunk that ran out
     assert done.chunk_size == 2
     assert done.probabilities.squeeze(1).tolist() == [0, 1, 2, 3, 4]

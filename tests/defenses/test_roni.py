@@ -15,6 +15,7 @@ from torch.nn import functional as F
 from trainguard.defenses.errors import ScreeningInputError
 from trainguard.defenses.heldout import LabeledData
 from trainguard.defenses.roni import (
+    SCALE_DRAWS,
     Candidate,
     ScreeningConfig,
     ScreeningReport,
@@ -23,8 +24,9 @@ from trainguard.defenses.roni import (
     screen_candidates,
 )
 
-FAST = {"level": 0.05, "calibration_draws": 99}  # the smallest calibration that can reject at level 0.05
-STRICT = {"calibration_draws": 399}  # level 0.01, the smallest calibration that can reject there
+# The statistics are the subject: every parameter fine-tunes (the default scope would screen the MLP's last layer).
+FAST = {"level": 0.05, "calibration_draws": 99, "scope": "full"}  # the smallest calibration rejecting at level 0.05
+STRICT = {"calibration_draws": 399, "scope": "full"}  # level 0.01, the smallest calibration that can reject there
 
 
 class Split:
@@ -132,6 +134,16 @@ def test_batched_and_sequential_training_give_the_same_p_values(digits: Split, m
     assert np.allclose([d.impact for d in batched.decisions], [d.impact for d in sequential.decisions], atol=1e-5)
     assert [d.p_value for d in batched.decisions] == [d.p_value for d in sequential.decisions]
     assert np.allclose(batched.calibration.sizes[0].impacts, sequential.calibration.sizes[0].impacts, atol=1e-5)
+
+
+def test_progress_counts_every_copy_fine_tuned_up_to_the_plan(digits: Split, model: nn.Module) -> None:
+    told: list[tuple[int, int]] = []
+    candidates = [Candidate(f"s{i}", "a", digits.shard(digits.pool[40 * i : 40 * (i + 1)])) for i in range(2)]
+    config = ScreeningConfig(steps=3, lr=0.01, chunk_size=64, **FAST)
+    screen_candidates(model, digits.trusted, digits.holdout, candidates, config, progress=lambda *n: told.append(n))
+    planned = 2 * (SCALE_DRAWS + config.calibration_draws) + 3  # draws of 40 and 80 rows, two shards and their union
+    assert told[0] == (0, planned) and told[-1] == (planned, planned)
+    assert [done for done, _ in told] == sorted(done for done, _ in told) and len(told) > 3  # chunk by chunk
 
 
 def test_screening_leaves_the_model_unchanged(digits: Split, model: nn.Module) -> None:
@@ -365,19 +377,24 @@ def test_head_scope_on_a_batch_norm_network_rejects_flipped_shards_and_accepts_c
     ]
     before = {k: v.clone() for k, v in bn_model.state_dict().items()}
     report = screen_candidates(
-        bn_model, digits.trusted, digits.holdout, [*clean, *flipped], ScreeningConfig(scope="head", **STRICT)
+        bn_model, digits.trusted, digits.holdout, [*clean, *flipped], ScreeningConfig(**{**STRICT, "scope": "head"})
     )
     assert (report.scope, report.head) == ("head", "fc")
     assert [d.accepted for d in report.decisions] == [True] * 4 + [False] * 4
     assert all(torch.equal(before[k], v) for k, v in bn_model.state_dict().items())
 
 
-def test_auto_scope_screens_the_head_of_models_above_the_size_threshold(digits: Split, bn_model: nn.Module) -> None:
+def test_auto_scope_screens_the_linear_head_and_the_whole_of_a_model_without_one(
+    digits: Split, bn_model: nn.Module
+) -> None:
     candidate = [Candidate("s", "a", digits.shard(digits.pool[:40]))]
-    small = ScreeningConfig(steps=3, **FAST)
-    big = ScreeningConfig(steps=3, head_above=1000, **FAST)
-    assert screen_candidates(bn_model, digits.trusted, digits.holdout, candidate, small).scope == "full"
-    assert screen_candidates(bn_model, digits.trusted, digits.holdout, candidate, big).scope == "head"
+    auto = ScreeningConfig(steps=3, lr=0.01, **{**FAST, "scope": "auto"})
+    report = screen_candidates(bn_model, digits.trusted, digits.holdout, candidate, auto)
+    assert (report.scope, report.head) == ("head", "fc")
+    torch.manual_seed(0)
+    convolutional = nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 10, 8), nn.Flatten())  # no nn.Linear
+    report = screen_candidates(convolutional, digits.trusted, digits.holdout, candidate, auto)
+    assert (report.scope, report.head) == ("full", None)
 
 
 def test_full_scope_on_a_batch_norm_network_finds_a_finite_rate(digits: Split, bn_model: nn.Module) -> None:

@@ -443,7 +443,7 @@ def test_roni_flags_a_regression_shard_with_shifted_targets() -> None:
     shards = [LabeledData(x[760 + 35 * i : 795 + 35 * i], y[760 + 35 * i : 795 + 35 * i]) for i in range(4)]
     shards[3] = LabeledData(shards[3].x, shards[3].y + 1.5)
     candidates = [Candidate(f"shard-{i}", f"source-{i}", shard) for i, shard in enumerate(shards)]
-    config = ScreeningConfig(level=0.05, calibration_draws=99, steps=10)
+    config = ScreeningConfig(level=0.05, calibration_draws=99, steps=10, scope="full")
     report = screen_candidates(net, trusted, holdout, candidates, config, task=Task("regression", tolerance=0.3))
     assert [d.accepted for d in report.decisions] == [True, True, True, False], [d.reason for d in report.decisions]
     assert "soft accuracy dropped" in report.decisions[3].reason

@@ -13,6 +13,8 @@ import yaml
 from digits_demo.demo import create_keys, sign_contributions, sign_trusted
 from digits_demo.prepare import prepare_digits
 
+from trainguard.pipeline import console
+
 REPO = Path(__file__).resolve().parents[2]
 TRAINGUARD = str(Path(sys.executable).parent / "trainguard")
 THIRD_PARTY = (
@@ -58,7 +60,23 @@ def test_a_cycle_on_the_demo_config_prints_no_third_party_chatter_and_verbose_sh
 
     quiet = cycle()
     assert "cycle 1 accepted" in quiet, quiet
+    for stage in ("verifying the signed shards", "fitting the first model", "screening 12 new shards", "training on"):
+        assert f"trainguard: {stage}" in quiet, quiet  # off a terminal each stage says it started and ended
+    assert quiet.count(" done in ") == 4, quiet
     assert not [noise for noise in (*THIRD_PARTY, "Warning", "warn") if noise in quiet], quiet
     assert "state" in quiet and "demo-work/cycle/state.json" in quiet  # the closing table says where things are
     verbose = cycle("--verbose", force=True)  # the same data again: only --force trains a second time
     assert "GPU available" in verbose and "litlogger" in verbose, verbose
+
+
+def test_off_a_terminal_a_stage_prints_a_line_when_it_starts_and_when_it_ends(capsys: pytest.CaptureFixture) -> None:
+    with console.stage("screening 6 shards", counting="copies") as progress:
+        progress(3, 10)  # counted only where a bar shows it
+        print("work", file=sys.stderr)
+    with pytest.raises(RuntimeError), console.stage("training on 7 shards", display=False):
+        raise RuntimeError("stopped")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[:2] == ["trainguard: screening 6 shards ...", "work"]
+    assert lines[2].startswith("trainguard: screening 6 shards done in ") and lines[2].endswith(" s")
+    assert lines[3] == "trainguard: training on 7 shards ..."
+    assert lines[4].startswith("trainguard: training on 7 shards stopped after ")
