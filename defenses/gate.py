@@ -75,6 +75,12 @@ def resolvable_drop(accuracy: float, rows: int, z: float = Z95) -> float:
     return z * math.sqrt(2 * p * (1 - p) / rows)
 
 
+def rows_to_resolve(drop: float, accuracy: float, z: float = Z95) -> int:
+    """The held-out rows at which `resolvable_drop(accuracy, rows)` comes down to `drop`."""
+    p = min(max(accuracy, 0.0), 1.0)
+    return math.ceil(2 * p * (1 - p) * (z / drop) ** 2)
+
+
 def _stated(accuracy: float, rows: int | None) -> str:
     """`accuracy` with its Wilson 95% interval when the rows are known."""
     if rows is None:

@@ -357,11 +357,9 @@ def _holdout_size(config: CycleConfig, holdout: Sequence[Any]) -> list[Passed]:
     """Whether the held-out set can resolve the gate's thresholds: the 95% half-width of the difference of two
     accuracies near `gate.min_clean_accuracy` (at least 0.5) measured on its rows, overall and in its smallest class,
     against `max_accuracy_drop` and `max_class_drop`. A threshold below it refuses clean models by chance."""
-    import math
-
     import numpy as np
 
-    from trainguard.defenses.gate import Z95, resolvable_drop
+    from trainguard.defenses.gate import resolvable_drop, rows_to_resolve
 
     gate = config.gate
     p = max(gate.min_clean_accuracy, 0.5)
@@ -371,9 +369,7 @@ def _holdout_size(config: CycleConfig, holdout: Sequence[Any]) -> list[Passed]:
         targets = np.concatenate([np.asarray(s.samples.targets).reshape(-1) for s in holdout])
         counts = {label: int((targets == label).sum()) for label in config.validation.labels}
         smallest = min(counts, key=lambda label: counts[label])
-        groups.append(
-            (f"class {smallest}, the smallest", counts[smallest], gate.max_class_drop, "max_class_drop")
-        )
+        groups.append((f"class {smallest}, the smallest", counts[smallest], gate.max_class_drop, "max_class_drop"))
     found = []
     for what, n, threshold, key in groups:
         resolvable = resolvable_drop(p, n)
@@ -381,7 +377,7 @@ def _holdout_size(config: CycleConfig, holdout: Sequence[Any]) -> list[Passed]:
             detail = f"{n} held-out rows ({what}) resolve drops of {resolvable:.3f} at 95%, within gate.{key}"
             found.append(Passed("gate", f"{detail} {threshold}"))
             continue
-        needed = math.ceil(2 * p * (1 - p) * (Z95 / threshold) ** 2)
+        needed = rows_to_resolve(threshold, p)
         found.append(
             Passed(
                 "gate",

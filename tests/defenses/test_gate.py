@@ -13,7 +13,14 @@ from pytorch_lightning.loggers import MLFlowLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from trainguard.defenses.errors import ModelRejectedError
-from trainguard.defenses.gate import HeldoutSize, ModelGate, judge, resolvable_drop, wilson_interval
+from trainguard.defenses.gate import (
+    HeldoutSize,
+    ModelGate,
+    judge,
+    resolvable_drop,
+    rows_to_resolve,
+    wilson_interval,
+)
 from trainguard.defenses.heldout import HeldoutMetrics, LabeledData, heldout_metrics
 
 
@@ -183,6 +190,8 @@ def test_the_drop_a_holdout_can_resolve_shrinks_with_its_size() -> None:
     assert resolvable_drop(0.8, 300) == pytest.approx(1.96 * (2 * 0.16 / 300) ** 0.5, rel=1e-3)
     assert resolvable_drop(0.8, 300) > 0.02 > resolvable_drop(0.8, 20_000)
     assert resolvable_drop(0.8, 30) > 0.1 > resolvable_drop(0.8, 200)
+    needed = rows_to_resolve(0.02, 0.8)
+    assert resolvable_drop(0.8, needed) <= 0.02 < resolvable_drop(0.8, needed - 1)
 
 
 def test_a_rejection_states_each_interval_and_the_resolvable_drop() -> None:
