@@ -10,6 +10,12 @@ class/label/output, drops by more than its threshold; against the trivial predic
 accuracy (a model no better than a constant has learnt nothing). On rejection the weights of fit start are put back,
 the verdict says why, and `ModelRejectedError` is raised (Lightning then finalizes its loggers, an MLflow run
 included, as failed).
+
+The held-out set measures accuracy only to within its sampling error, and the verdict says how much: each accuracy
+comes with its Wilson 95% interval, and each drop with `resolvable_drop`, the 95% half-width of the difference of two
+accuracies measured on that many rows. The rule is not loosened by it (a drop past its threshold is refused as
+configured: fail closed); a threshold smaller than the resolvable drop refuses clean models by chance, which
+`trainguard check` warns about before a cycle runs (`undersized`).
 """
 
 from __future__ import annotations
@@ -27,6 +33,66 @@ from trainguard.defenses.heldout import HeldoutMetrics, LabeledData, heldout_met
 from trainguard.defenses.task import Task, as_task
 
 Baseline = Literal["trivial", "incoming"]
+Z95 = 1.959963984540054
+"""The standard normal quantile of a two-sided 95% interval."""
+
+
+@dataclass(frozen=True)
+class HeldoutSize:
+    """How many held-out rows the gate measures on: in all, and per group (a class's rows; every row counts for
+    each label or output of other tasks)."""
+
+    rows: int
+    group_rows: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, holdout: LabeledData, task: Task, num_classes: int | None) -> HeldoutSize:
+        if task.kind != "classification":
+            return cls(len(holdout))
+        counts = torch.bincount(holdout.y.long().flatten(), minlength=num_classes or 0)
+        return cls(len(holdout), tuple(int(c) for c in counts))
+
+    def group(self, index: int) -> int:
+        return self.group_rows[index] if index < len(self.group_rows) else self.rows
+
+
+def wilson_interval(accuracy: float, rows: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of an accuracy measured on `rows` rows (sound near 0 and 1, unlike the normal one)."""
+    if rows <= 0 or math.isnan(accuracy):
+        return 0.0, 1.0
+    centre = (accuracy + z * z / (2 * rows)) / (1 + z * z / rows)
+    half = z * math.sqrt(accuracy * (1 - accuracy) / rows + z * z / (4 * rows * rows)) / (1 + z * z / rows)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def resolvable_drop(accuracy: float, rows: int, z: float = Z95) -> float:
+    """The 95% half-width of the difference of two accuracies near `accuracy` measured on `rows` rows each,
+    z * sqrt(2 p (1 - p) / n): a smaller drop is within what the held-out set cannot tell from chance. It treats the
+    two measurements as independent, an upper bound for two models whose errors agree more often than chance."""
+    if rows <= 0:
+        return math.inf
+    p = min(max(accuracy, 0.0), 1.0)
+    return z * math.sqrt(2 * p * (1 - p) / rows)
+
+
+def rows_to_resolve(drop: float, accuracy: float, z: float = Z95) -> int:
+    """The held-out rows at which `resolvable_drop(accuracy, rows)` comes down to `drop`."""
+    p = min(max(accuracy, 0.0), 1.0)
+    return math.ceil(2 * p * (1 - p) * (z / drop) ** 2)
+
+
+def _stated(accuracy: float, rows: int | None) -> str:
+    """`accuracy` with its Wilson 95% interval when the rows are known."""
+    if rows is None:
+        return f"{accuracy:.4f}"
+    low, high = wilson_interval(accuracy, rows)
+    return f"{accuracy:.4f} [95% CI {low:.3f}, {high:.3f}; n={rows}]"
+
+
+def _resolution(before: float, after: float, rows: int | None) -> str:
+    if rows is None:
+        return ""
+    return f"; drops under {resolvable_drop((before + after) / 2, rows):.4f} are within chance at n={rows}"
 
 
 @dataclass(frozen=True)
@@ -48,16 +114,24 @@ class GateVerdict:
 
 
 def judge(
-    before: HeldoutMetrics, after: HeldoutMetrics, max_drop: float, max_class_drop: float, task: Task | None = None
+    before: HeldoutMetrics,
+    after: HeldoutMetrics,
+    max_drop: float,
+    max_class_drop: float,
+    task: Task | None = None,
+    size: HeldoutSize | None = None,
 ) -> GateVerdict:
-    """Rejects when overall accuracy drops by more than `max_drop` or any group's by more than `max_class_drop`."""
+    """Rejects when overall accuracy drops by more than `max_drop` or any group's by more than `max_class_drop`;
+    with the held-out `size`, the reason states each accuracy's 95% interval and the drop the set can resolve."""
     task = as_task(task)
     metric, group = _metric(task), task.group_name
+    rows = None if size is None else size.rows
     drop = before.accuracy - after.accuracy
     if drop > max_drop:
+        shown = f"{_stated(before.accuracy, rows)} -> {_stated(after.accuracy, rows)}"
         reason = (
-            f"held-out {metric} dropped by {drop:.4f} ({before.accuracy:.4f} -> {after.accuracy:.4f}), "
-            f"more than {max_drop}"
+            f"held-out {metric} dropped by {drop:.4f} ({shown}), more than {max_drop}"
+            f"{_resolution(before.accuracy, after.accuracy, rows)}"
         )
         return GateVerdict(False, reason, before, after)
     class_drops = [
@@ -67,25 +141,30 @@ def judge(
     ]
     worst, cls = max(class_drops, default=(0.0, -1))
     if worst > max_class_drop:
+        b, a = before.class_accuracy[cls], after.class_accuracy[cls]
+        n = None if size is None else size.group(cls)
         reason = (
-            f"held-out {metric} of {group} {cls} dropped by {worst:.4f} "
-            f"({before.class_accuracy[cls]:.4f} -> {after.class_accuracy[cls]:.4f}), more than {max_class_drop}"
+            f"held-out {metric} of {group} {cls} dropped by {worst:.4f} ({_stated(b, n)} -> {_stated(a, n)}), "
+            f"more than {max_class_drop}{_resolution(b, a, n)}"
         )
         return GateVerdict(False, reason, before, after)
-    return GateVerdict(
-        True, f"held-out {metric} {before.accuracy:.4f} -> {after.accuracy:.4f} within thresholds", before, after
+    reason = (
+        f"held-out {metric} {_stated(before.accuracy, rows)} -> {_stated(after.accuracy, rows)} within thresholds"
+        f"{_resolution(before.accuracy, after.accuracy, rows)}"
     )
+    return GateVerdict(True, reason, before, after)
 
 
-def judge_first_fit(trivial: HeldoutMetrics, after: HeldoutMetrics, task: Task | None = None) -> GateVerdict:
+def judge_first_fit(
+    trivial: HeldoutMetrics, after: HeldoutMetrics, task: Task | None = None, size: HeldoutSize | None = None
+) -> GateVerdict:
     """Accepts a first fit only when it beats the trivial predictor's overall accuracy (or is perfect)."""
     metric = _metric(as_task(task))
+    shown = _stated(after.accuracy, None if size is None else size.rows)
     if after.accuracy < 1.0 and after.accuracy <= trivial.accuracy:
-        reason = (
-            f"held-out {metric} {after.accuracy:.4f} is no better than the trivial predictor's {trivial.accuracy:.4f}"
-        )
+        reason = f"held-out {metric} {shown} is no better than the trivial predictor's {trivial.accuracy:.4f}"
         return GateVerdict(False, reason, trivial, after)
-    reason = f"held-out {metric} {after.accuracy:.4f} beats the trivial predictor's {trivial.accuracy:.4f}"
+    reason = f"held-out {metric} {shown} beats the trivial predictor's {trivial.accuracy:.4f}"
     return GateVerdict(True, reason, trivial, after)
 
 
@@ -125,6 +204,7 @@ class ModelGate(pl.Callback):
             raise ScreeningInputError("the gate's held-out set is empty")
         self.task.check_targets(holdout.y)
         self.holdout = holdout
+        self.size = HeldoutSize.of(holdout, self.task, num_classes)
         self.num_classes = num_classes
         self.max_drop = max_drop
         self.max_class_drop = max_class_drop
@@ -156,10 +236,10 @@ class ModelGate(pl.Callback):
         assert self.previous_weights is not None
         after = self._measure(trainer, pl_module)
         if self.record is not None:
-            self.verdict = judge(self.record, after, self.max_drop, self.max_class_drop, self.task)
+            self.verdict = judge(self.record, after, self.max_drop, self.max_class_drop, self.task, self.size)
         else:
             trivial = self.trivial or trivial_metrics(self.holdout, self.task, self.num_classes)
-            self.verdict = judge_first_fit(trivial, after, self.task)
+            self.verdict = judge_first_fit(trivial, after, self.task, self.size)
         self._tag_loggers(trainer)
         if self.verdict.accepted:
             self.record = self.verdict.after

@@ -36,12 +36,11 @@ from trainguard.pipeline.intake import (
     Intake,
     SignedShard,
     accepted,
-    cap_sources,
+    admit,
     concat,
     feature_columns,
     manifest_refs,
     refusal,
-    validate,
     verify_and_read,
 )
 from trainguard.pipeline.model_sign import file_sha256, load_verified_state_dict
@@ -251,11 +250,6 @@ def _run(cycle: RunningCycle, parent: TrackedRun) -> CycleOutcome:
     columns = feature_columns(intake.holdout[0].frame, config.validation)
     task = config.task.build()
     holdout = _labeled(intake.holdout, task)
-    if not intake.trusted:
-        raise CycleAbortedError(
-            "no trusted training shard: sign the base set with role `trusted` by a key set the trust policy grants it",
-            "verify",
-        )
 
     with parent.stage("screening") as stage:
         candidates = _screen_inputs(cycle, intake, stage)
@@ -475,12 +469,7 @@ def _log_verification(cycle: RunningCycle, intake: Intake, parent: TrackedRun, s
 def _screen_inputs(cycle: RunningCycle, intake: Intake, stage: TrackedRun) -> list[SignedShard]:
     """Validation and source caps; returns the shards RONI must still judge (new content, not yet decided)."""
     config = cycle.config
-    trusted_keys = {s.key for s in intake.trusted}
-    valid, invalid = validate([*intake.trusted, *intake.train], config.validation)
-    bad = next((d for d in invalid if d.shard in trusted_keys), None)
-    if bad is not None:
-        raise CycleAbortedError(f"trusted shard {bad.shard} is invalid: {bad.reason}", "validate")
-    kept, capped = cap_sources(valid, config.limits.max_fraction_per_source)
+    kept, invalid, capped = admit(intake, config)
     cycle.decide([*invalid, *capped])
     stage.log_metrics({"validate/quarantined": len(invalid), "limits/refused": len(capped)})
     cycle.report["validation"] = [d.model_dump() for d in invalid]

@@ -289,6 +289,24 @@ def _table_verdicts(shards: Sequence[SignedShard], section: ValidationSection) -
     return {v.name: v for v in result.verdicts}
 
 
+def admit(intake: Intake, config: CycleConfig) -> tuple[list[SignedShard], list[ShardDecision], list[ShardDecision]]:
+    """The cycle's rules before screening: validation (a trusted shard that fails it stops the cycle), then the
+    per-source caps. Returns the shards kept, those validation quarantined and those over a source's cap; no trusted
+    shard at all stops the cycle."""
+    if not intake.trusted:
+        raise CycleAbortedError(
+            "no trusted training shard: sign the base set with role `trusted` by a key set the trust policy grants it",
+            "verify",
+        )
+    trusted_keys = {s.key for s in intake.trusted}
+    valid, invalid = validate([*intake.trusted, *intake.train], config.validation)
+    bad = next((d for d in invalid if d.shard in trusted_keys), None)
+    if bad is not None:
+        raise CycleAbortedError(f"trusted shard {bad.shard} is invalid: {bad.reason}", "validate")
+    kept, capped = cap_sources(valid, config.limits.max_fraction_per_source)
+    return kept, invalid, capped
+
+
 def cap_sources(shards: Sequence[SignedShard], max_fraction: float) -> tuple[list[SignedShard], list[ShardDecision]]:
     """Drops a source's latest shards beyond what `max_fraction` of the cycle's rows allows it. The trusted base is
     never capped: its rows count in the total, and no source is measured against it."""

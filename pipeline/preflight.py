@@ -5,6 +5,10 @@ fails is a PreflightError (exit 1). Nothing here trains or writes state, so a fa
 
 What cannot be known up front (the other shards' digests, a manifest swapped after this check, rollback against
 the cycle's signed state) is checked again where the cycle reads it.
+
+`foresee` (run by `trainguard check`, after these) applies the cycle's own refusals that need no training to the data
+now in place: rollback against the cycle's signed state, the intake, validation and the per-source caps, and says what
+the cycle would refuse; it warns where class coverage or the held-out set's size leave the gate blind.
 """
 
 from __future__ import annotations
@@ -15,17 +19,19 @@ from pathlib import Path
 from typing import Any
 
 from trainguard.pipeline.config import CycleConfig, ManifestRef
-from trainguard.pipeline.errors import ConfigError, PreflightError
+from trainguard.pipeline.errors import ConfigError, CycleAbortedError, PreflightError
 from trainguard.provenance.errors import ProvenanceError
 from trainguard.provenance.keys import public_key_path
 
 
 @dataclass(frozen=True)
 class Passed:
-    """One check that passed, and what it established."""
+    """One check and what it established: `ok`; `refuse`, a shard the cycle would refuse while going on; or `warn`,
+    something that does not stop the cycle but weakens it."""
 
     check: str
     detail: str
+    verdict: str = "ok"
 
 
 def preflight(config: CycleConfig) -> tuple[Passed, ...]:
@@ -263,7 +269,7 @@ def _one_sample(config: CycleConfig, holdout: Any) -> tuple[Any, Any]:
     shards = [s for s in holdout.manifest.shards if s.role == "holdout"]
     if not shards:
         raise PreflightError(f"dataset.holdout.manifest: {holdout.path} lists no role=holdout shard", check="data")
-    decoders = {suffix: component.instantiate() for suffix, component in config.data.decoders.items()}
+    decoders = _decoders(config)
     every = default_decoders(decoders, label=config.validation.label_column)
     try:
         samples, _ = decode_shard(ShardReader(holdout), shards[0].name, config.validation, decoders, every)
@@ -272,6 +278,116 @@ def _one_sample(config: CycleConfig, holdout: Any) -> tuple[Any, Any]:
     except (KeyError, ValueError) as error:  # feature or label columns the config names are not in the table
         raise PreflightError(f"validation: held-out shard {shards[0].name}: {_line(error)}", check="data") from None
     return samples.inputs[:2], samples.targets[:2]
+
+
+def _decoders(config: CycleConfig) -> dict[str, Any]:
+    """The decoders `data.decoders` names, by suffix."""
+    return {suffix: component.instantiate() for suffix, component in config.data.decoders.items()}
+
+
+def foresee(config: CycleConfig) -> tuple[Passed, ...]:
+    """What the cycle would decide before training, from the cycle's own functions on the data now in place: the
+    signed state's anti-rollback records (a manifest behind them stops the cycle), the intake (every shard read and
+    hash-checked, as the cycle reads it), validation and the per-source caps (shards the cycle would refuse), class
+    coverage and whether the held-out set is large enough for the gate's thresholds (warnings). Raises
+    PreflightError where the cycle would stop."""
+    from trainguard.pipeline.intake import admit, verify_and_read
+
+    state = _cycle_state(config)
+    try:
+        intake = verify_and_read(config, state.rollback_records, _decoders(config))
+        kept, invalid, capped = admit(intake, config)
+    except CycleAbortedError as error:
+        raise PreflightError(f"the cycle would stop: {error}", check=error.check) from None
+    records = state.rollback_records.accepted
+    held = (
+        f"{len(intake.manifests)} manifests at or past the {len(records)} anti-rollback records of"
+        if records
+        else "no anti-rollback record yet in"
+    )
+    found = [Passed("rollback", f"{held} the cycle state {config.output.state_path}")]
+    for decision in [*intake.refused, *invalid, *capped]:
+        found.append(
+            Passed(decision.check, f"would refuse {decision.shard} ({decision.source}): {decision.reason}", "refuse")
+        )
+    refused = len(found) - 1
+    found.append(Passed("admit", f"{len(kept)} shards pass the intake, validation and source caps; {refused} refused"))
+    if config.task.kind == "classification":
+        found += _coverage(config, [s for s in kept if s.role == "trusted"], intake.holdout)
+    found += _holdout_size(config, intake.holdout)
+    return tuple(found)
+
+
+def _cycle_state(config: CycleConfig) -> Any:
+    """The cycle's signed state as the cycle loads it (checked, fresh against its receipts); a new one, unwritten,
+    when no cycle has run."""
+    from trainguard.pipeline.errors import PipelineError
+    from trainguard.pipeline.receipts import check_fresh
+    from trainguard.pipeline.state_log import StateStore
+    from trainguard.provenance.keys import load_signing_key
+
+    try:
+        key = load_signing_key(config.output.attestation_key_path)
+        store = StateStore(config.output.state_path, key, config.pipeline_identity)
+        state = store.load()
+        check_fresh(state, store.link, config.output.work_dir, key)
+    except (PipelineError, ProvenanceError) as error:
+        raise PreflightError(f"state: {error}", check="state") from None
+    return state
+
+
+def _coverage(config: CycleConfig, trusted: Sequence[Any], holdout: Sequence[Any]) -> list[Passed]:
+    """Whether the trusted base and the held-out set each hold every class of `validation.labels`: a class the base
+    lacks is never learnt from trusted data, one the held-out set lacks is never measured by the gate or RONI."""
+    import numpy as np
+
+    labels = set(config.validation.labels)
+    found = []
+    for what, shards in (("trusted base", trusted), ("held-out set", holdout)):
+        held = {int(v) for s in shards for v in np.unique(np.asarray(s.samples.targets))}
+        missing = sorted(labels - held)
+        if missing:
+            found.append(Passed("coverage", f"the {what} holds no row of class(es) {missing}", "warn"))
+        else:
+            found.append(Passed("coverage", f"the {what} holds every class of validation.labels"))
+    return found
+
+
+def _holdout_size(config: CycleConfig, holdout: Sequence[Any]) -> list[Passed]:
+    """Whether the held-out set can resolve the gate's thresholds: the 95% half-width of the difference of two
+    accuracies near `gate.min_clean_accuracy` (at least 0.5) measured on its rows, overall and in its smallest class,
+    against `max_accuracy_drop` and `max_class_drop`. A threshold below it refuses clean models by chance."""
+    import numpy as np
+
+    from trainguard.defenses.gate import resolvable_drop, rows_to_resolve
+
+    gate = config.gate
+    p = max(gate.min_clean_accuracy, 0.5)
+    rows = sum(len(s.samples) for s in holdout)
+    groups = [("overall", rows, gate.max_accuracy_drop, "max_accuracy_drop")]
+    if config.task.kind == "classification":
+        targets = np.concatenate([np.asarray(s.samples.targets).reshape(-1) for s in holdout])
+        counts = {label: int((targets == label).sum()) for label in config.validation.labels}
+        smallest = min(counts, key=lambda label: counts[label])
+        groups.append((f"class {smallest}, the smallest", counts[smallest], gate.max_class_drop, "max_class_drop"))
+    found = []
+    for what, n, threshold, key in groups:
+        resolvable = resolvable_drop(p, n)
+        if resolvable <= threshold:
+            detail = f"{n} held-out rows ({what}) resolve drops of {resolvable:.3f} at 95%, within gate.{key}"
+            found.append(Passed("gate", f"{detail} {threshold}"))
+            continue
+        needed = rows_to_resolve(threshold, p)
+        found.append(
+            Passed(
+                "gate",
+                f"the held-out set is too small for gate.{key} {threshold}: {n} rows ({what}) resolve only drops of "
+                f"{resolvable:.3f} at 95% near accuracy {p:.2f}, so clean models may be refused by chance (about "
+                f"{needed} rows resolve {threshold}, or raise the threshold)",
+                "warn",
+            )
+        )
+    return found
 
 
 def _args(init_args: dict[str, Any]) -> str:
@@ -284,5 +400,6 @@ def _line(error: BaseException) -> str:
 
 
 def lines(passed: Sequence[Passed]) -> list[str]:
-    """The checks that passed, one line each, for `trainguard check`."""
-    return [f"ok  {p.check:<10} {p.detail}" for p in passed]
+    """The checks, one line each, for `trainguard check`: `ok`, `refuse` (the cycle would refuse a shard and go on)
+    or `warn`."""
+    return [f"{p.verdict}  {p.check:<10} {p.detail}" for p in passed]

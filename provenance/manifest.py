@@ -57,6 +57,9 @@ class Manifest:
     expires: datetime
     shards: tuple[ShardEntry, ...]
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    shuffle_seed: int | None = None
+    """The seed of the permutation the rows were dealt across the shards with (`trainguard shard`), signed so the
+    order can be reproduced; None when the rows kept their source order or the shards were made elsewhere."""
 
     def select(
         self, roles: Iterable[str] | None = None, sources: Iterable[str] | None = None
@@ -132,14 +135,18 @@ def to_statement(manifest: Manifest) -> dict[str, Any]:
 
 
 def predicate_header(manifest: Manifest) -> dict[str, Any]:
-    """What every layout's predicate states of the dataset as a whole: name, version, lifetime and chunk size."""
-    return {
+    """What every layout's predicate states of the dataset as a whole: name, version, lifetime and chunk size, and
+    the shuffle seed where the rows were shuffled across shards."""
+    header: dict[str, Any] = {
         "dataset": manifest.dataset,
         "version": manifest.version,
         "created": rfc3339(manifest.created),
         "expires": rfc3339(manifest.expires),
         "chunkSize": manifest.chunk_size,
     }
+    if manifest.shuffle_seed is not None:
+        header["shuffle"] = {"seed": manifest.shuffle_seed}
+    return header
 
 
 def statement_bytes(manifest: Manifest) -> bytes:
@@ -164,7 +171,9 @@ def parse_statement(payload: bytes) -> Manifest:
     predicate = _mapping(document.get("predicate"), "predicate")
     header = parse_header(predicate)
     shards = parse_shards(document.get("subject"), predicate.get("shards"), header.chunk_size)
-    return Manifest(header.dataset, header.version, header.created, header.expires, shards, header.chunk_size)
+    return Manifest(
+        header.dataset, header.version, header.created, header.expires, shards, header.chunk_size, header.shuffle_seed
+    )
 
 
 def parse_header(predicate: Mapping[str, Any]) -> Manifest:
@@ -179,7 +188,17 @@ def parse_header(predicate: Mapping[str, Any]) -> Manifest:
         expires=parse_rfc3339(_str(predicate.get("expires"), "predicate.expires"), "predicate.expires"),
         shards=(),
         chunk_size=_int(predicate.get("chunkSize"), "predicate.chunkSize", minimum=1),
+        shuffle_seed=_shuffle_seed(predicate.get("shuffle")),
     )
+
+
+def _shuffle_seed(shuffle: object) -> int | None:
+    """`predicate.shuffle.seed` (absent: the rows kept their order)."""
+    if shuffle is None:
+        return None
+    if not isinstance(shuffle, dict) or set(shuffle) != {"seed"}:
+        raise MalformedError("predicate.shuffle is not a JSON object holding only a seed")
+    return _int(shuffle["seed"], "predicate.shuffle.seed", minimum=0)
 
 
 def parse_shards(subjects: object, described: object, chunk_size: int) -> tuple[ShardEntry, ...]:

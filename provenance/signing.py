@@ -119,11 +119,13 @@ def build_manifest(
     on_bytes: ProgressCallback | None = None,
     dvc_md5: Mapping[str, str] | None = None,
     now: datetime | None = None,
+    shuffle_seed: int | None = None,
 ) -> Manifest:
     """Hashes every regular file under `data_dir` into a manifest; refuses symlinks and special files.
 
     Sources and roles come from `sources`/`roles` maps (names or globs) with `source`/`role` as the fallback.
-    The version defaults to one more than the manifest at `previous`, else 1.
+    The version defaults to one more than the manifest at `previous`, else 1. `shuffle_seed` records the seed the
+    rows were dealt across the shards with (`trainguard shard`).
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
@@ -159,7 +161,7 @@ def build_manifest(
     if version is None:
         last = previous_version(previous) if previous is not None else None
         version = 1 if last is None else last + 1
-    manifest = Manifest(name, version, moment, expiry, tuple(shards), chunk_size)
+    manifest = Manifest(name, version, moment, expiry, tuple(shards), chunk_size, shuffle_seed)
     parse_statement(statement_bytes(manifest))  # what we sign must parse back: names, sources and roles are valid
     return manifest
 

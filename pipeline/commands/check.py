@@ -13,10 +13,13 @@ from trainguard.pipeline.commands import PATH
 @click.argument("config", type=PATH)
 @click.option("--print-config", is_flag=True, help="Print the config with every default filled in, then check it.")
 def check(config: Path, print_config: bool) -> None:
-    """Check CONFIG: schema, class paths and init_args, files, keys, trust policies, manifests, and one forward
-    pass of the model on one verified sample with the defenses' loss."""
+    """Check CONFIG: schema, class paths and init_args, files, keys, trust policies, manifests, one forward pass of
+    the model on one verified sample with the defenses' loss; then every refusal of the cycle that needs no training,
+    on the data in place: rollback against the cycle's state, every shard's digest, validation and source caps, class
+    coverage and the held-out set's size for the gate. Exit 1 only where the cycle would stop; a shard it would
+    refuse and go on without is a `refuse` line, a weakness a `warn` line."""
     from trainguard.pipeline.config import load_config
-    from trainguard.pipeline.preflight import lines, preflight
+    from trainguard.pipeline.preflight import foresee, lines, preflight
 
     loaded = load_config(config)
     if print_config:
@@ -24,7 +27,13 @@ def check(config: Path, print_config: bool) -> None:
     click.echo(f"ok  {'config':<10} {config}: schema, class paths and init_args")
     for line in lines(preflight(loaded)):
         click.echo(line)
-    click.echo(f"{config}: ready for `trainguard cycle --config {config}`")
+    found = foresee(loaded)
+    for line in lines(found):
+        click.echo(line)
+    refused = sum(p.verdict == "refuse" for p in found)
+    warned = sum(p.verdict == "warn" for p in found)
+    notes = [f"{n} {what}" for n, what in ((refused, "shard(s) it would refuse"), (warned, "warning(s)")) if n]
+    click.echo(f"{config}: ready for `trainguard cycle --config {config}`{'; ' + ', '.join(notes) if notes else ''}")
 
 
 def resolved_yaml(config: object) -> str:

@@ -14,6 +14,19 @@ import click
 from trainguard.pipeline.commands import PATH
 
 
+def role_options(command: Callable[..., None]) -> Callable[..., None]:
+    """`--role` and `--roles`, the roles a signed manifest gives its shards (`sign` and `shard` take the same)."""
+    roles = click.option("--roles", help="JSON file or inline JSON: shard name or glob -> role.")
+    role = click.option(
+        "--role",
+        default="train",
+        show_default=True,
+        help="Role of every shard not in --roles: train (screened), trusted or holdout (the signing key's trust "
+        "policy must grant it).",
+    )
+    return role(roles(command))
+
+
 @click.command()
 @click.option("--out", type=PATH, required=True, help="Writes OUT.key (mode 0600) and OUT.pub, e.g. keys/alice.")
 @click.option(
@@ -49,14 +62,7 @@ def keygen(out: Path, key_type: str, force: bool) -> None:
 @click.option("--expires", default="30d", show_default=True, help="Lifetime (30d, 12h, 2w) or an RFC 3339 time.")
 @click.option("--source", help="Contributor id of every shard not in --sources.")
 @click.option("--sources", help="JSON file or inline JSON: shard name, glob or folder/ -> contributor id.")
-@click.option(
-    "--role",
-    default="train",
-    show_default=True,
-    help="Role of every shard not in --roles: train (screened), trusted or holdout (the signing key's trust policy "
-    "must grant it).",
-)
-@click.option("--roles", help="JSON file or inline JSON: shard name or glob -> role.")
+@role_options
 @click.option(
     "--chunk-mib",
     type=click.IntRange(min=1),

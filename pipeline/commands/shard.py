@@ -5,14 +5,23 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from trainguard.pipeline.commands import PATH
+from trainguard.pipeline.commands.data import role_options
+from trainguard.provenance.paths import printable
+
+if TYPE_CHECKING:
+    from trainguard.provenance.keys import SigningKey
+    from trainguard.provenance.manifest import Manifest
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 IMAGE_LIMIT = 1024**3
@@ -29,7 +38,13 @@ class LabelledImage:
 
 @click.command()
 @click.argument("images", type=PATH, required=False)
-@click.option("--out", type=PATH, required=True, help="Folder to write the shards to (must be empty or new).")
+@click.option(
+    "--out",
+    type=PATH,
+    required=True,
+    help="Folder to write the shards to: empty, new, or this command's earlier output signed by --key (re-sharding "
+    "replaces its shards and signs the next version).",
+)
 @click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True, help="Samples per shard.")
 @click.option(
     "--labels",
@@ -39,10 +54,28 @@ class LabelledImage:
 )
 @click.option("--from-csv", "table", type=PATH, help="Shard this CSV table into parquet files instead of images.")
 @click.option("--label-column", default="label", show_default=True, help="The label column of --from-csv.")
+@click.option(
+    "--seed",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Seed of the permutation that deals the rows across shards (signed into the manifest).",
+)
+@click.option(
+    "--keep-order",
+    is_flag=True,
+    help="Keep the rows in their source order (a class-per-folder tree then fills each shard with few classes).",
+)
 @click.option("--key", type=PATH, help="Sign the shards with this private key (PEM), writing --manifest.")
-@click.option("--manifest", type=PATH, help="Manifest to write with --key (default: OUT/manifest.json).")
+@click.option(
+    "--manifest",
+    type=PATH,
+    help="Manifest to write with --key (default: OUT/manifest.json); one there already, signed by --key, is "
+    "followed by the next version.",
+)
 @click.option("--dataset", help="Dataset name for the manifest (default: the out folder's name).")
 @click.option("--source", help="Contributor id of every shard in the manifest.")
+@role_options
 def shard(
     images: Path | None,
     out: Path,
@@ -50,32 +83,116 @@ def shard(
     labels: Path | None,
     table: Path | None,
     label_column: str,
+    seed: int,
+    keep_order: bool,
     key: Path | None,
     manifest: Path | None,
     dataset: str | None,
     source: str | None,
+    role: str,
+    roles: str | None,
 ) -> None:
     """Write IMAGES (class-per-sub-folder, or listed in --labels) as WebDataset .tar shards, or a --from-csv table
-    as .parquet shards, SHARD_SIZE samples each; with --key, sign them like `trainguard sign`."""
-    from trainguard.provenance.errors import DataDirError
-    from trainguard.provenance.paths import printable
+    as .parquet shards, SHARD_SIZE samples each, the rows shuffled across shards (--seed; --keep-order to keep
+    them in order); with --key, sign them like `trainguard sign`, the next version of a manifest already there."""
+    from trainguard.provenance.keys import load_signing_key
 
     if (images is None) == (table is None):
         raise click.UsageError("give either IMAGES (a folder of images) or --from-csv TABLE")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataDirError(f"out folder {printable(str(out))} exists and is not empty", path=str(out))
-    if images is not None:
-        written, samples = _image_shards(images, labels, out, shard_size)
-    else:
-        written, samples = _table_shards(table, label_column, out, shard_size)  # type: ignore[arg-type]
-    click.echo(f"wrote {len(written)} shards ({samples} samples, at most {shard_size} each) to {printable(str(out))}")
-    if key is not None:
-        _sign(out, key, manifest or out / "manifest.json", dataset, source)
+    signing_key = load_signing_key(key) if key is not None else None
+    manifest = manifest or out / "manifest.json"
+    replaced = _replaceable(out, manifest, signing_key)
+    order = None if keep_order else seed
+    staging = out if not replaced else Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        if images is not None:
+            written, samples = _image_shards(images, labels, staging, shard_size, order)
+        else:
+            written, samples = _table_shards(table, label_column, staging, shard_size, order)  # type: ignore[arg-type]
+        if replaced:
+            _swap_in(out, staging, replaced, written)
+    finally:
+        if staging != out:
+            shutil.rmtree(staging, ignore_errors=True)
+    shuffled = "in source order" if order is None else f"shuffled with seed {order}"
+    click.echo(
+        f"wrote {len(written)} shards ({samples} samples, at most {shard_size} each, {shuffled}) to "
+        f"{printable(str(out))}"
+    )
+    if signing_key is not None:
+        _sign(out, signing_key, manifest, dataset, source, role, roles, order)
 
 
-def _image_shards(root: Path, labels: Path | None, out: Path, shard_size: int) -> tuple[list[Path], int]:
-    """WebDataset tars of `shard_size` images each: `<index>.<suffix>` holds the image's own bytes (checked to
-    decode), `<index>.cls` its label."""
+def _replaceable(out: Path, manifest: Path, key: SigningKey | None) -> tuple[str, ...]:
+    """The shards of an earlier run to replace: `out` may be new or empty, or hold exactly the shards the manifest
+    at `manifest` lists (and that manifest), when `key` signed it. Anything else in `out` is refused unread."""
+    from trainguard.provenance.errors import DataDirError
+    from trainguard.provenance.paths import printable, walk_entries
+
+    earlier = _earlier(manifest, key)
+    if not out.exists():
+        return ()
+    if not out.is_dir():
+        raise DataDirError(f"out folder {printable(str(out))} exists and is not a folder", path=str(out))
+    present = {name for name, _ in walk_entries(out, (manifest,))}
+    if not present:
+        return ()
+    listed = {s.name for s in earlier.shards} if earlier is not None else set()
+    if earlier is None or not present <= listed:
+        why = "" if earlier is None else f" beyond the shards {printable(str(manifest))} lists"
+        raise DataDirError(
+            f"out folder {printable(str(out))} exists and is not empty{why} (re-sharding replaces only the shards "
+            "of a manifest signed by --key)",
+            path=str(out),
+        )
+    return tuple(sorted(present))
+
+
+def _earlier(manifest: Path, key: SigningKey | None) -> Manifest | None:
+    """The manifest already at `manifest`, when there is one and `key` signed it (refused otherwise: its version
+    is the one re-signing must follow, and its shards are the ones re-sharding may replace)."""
+    from trainguard.provenance.dsse import verify_envelope
+    from trainguard.provenance.errors import DataDirError, ProvenanceError
+    from trainguard.provenance.manifest import PAYLOAD_TYPE, parse_statement
+    from trainguard.provenance.paths import printable
+    from trainguard.provenance.verify import read_envelope
+
+    if key is None or not (manifest.exists() or manifest.is_symlink()):
+        return None
+    try:
+        _, envelope = read_envelope(manifest)
+        if envelope.payload_type != PAYLOAD_TYPE:
+            raise DataDirError(f"payloadType is {envelope.payload_type!r}")
+        verify_envelope(envelope, [key.public], 1)
+        return parse_statement(envelope.payload)
+    except ProvenanceError as error:
+        raise DataDirError(
+            f"{printable(str(manifest))} is not a manifest signed by --key ({error}); move it away or pass another "
+            "--manifest",
+            path=str(manifest),
+        ) from None
+
+
+def _swap_in(out: Path, staging: Path, old: Sequence[str], written: Sequence[Path]) -> None:
+    """Replaces the earlier run's shards in `out` with the new ones written to `staging` (same file system)."""
+    for name in old:
+        (out / name).unlink()
+    for path in written:
+        os.replace(path, out / path.name)
+
+
+def _dealt(count: int, seed: int | None) -> list[int]:
+    """The order rows are written in: a permutation drawn from `seed`, or the source order for None."""
+    import numpy as np
+
+    return list(range(count)) if seed is None else np.random.default_rng(seed).permutation(count).tolist()
+
+
+def _image_shards(
+    root: Path, labels: Path | None, out: Path, shard_size: int, seed: int | None
+) -> tuple[list[Path], int]:
+    """WebDataset tars of `shard_size` images each, in the order `_dealt` draws: `<index>.<suffix>` holds the
+    image's own bytes (checked to decode), `<index>.cls` its label."""
     import io
 
     from webdataset import TarWriter
@@ -85,6 +202,7 @@ def _image_shards(root: Path, labels: Path | None, out: Path, shard_size: int) -
     listed = _listed(root, labels) if labels is not None else _by_folder(root)
     if not listed:
         raise _bad_input(f"images folder {root} holds no {'/'.join(IMAGE_SUFFIXES)} images")
+    listed = [listed[i] for i in _dealt(len(listed), seed)]
     written = []
     for part, start in enumerate(range(0, len(listed), shard_size)):
         buffer = io.BytesIO()
@@ -203,8 +321,11 @@ def _open_component(part: str, flags: int, where: int, shown: str) -> int:
         raise
 
 
-def _table_shards(table: Path, label_column: str, out: Path, shard_size: int) -> tuple[list[Path], int]:
-    """Parquet files of `shard_size` rows each from a CSV table with a `label_column`."""
+def _table_shards(
+    table: Path, label_column: str, out: Path, shard_size: int, seed: int | None
+) -> tuple[list[Path], int]:
+    """Parquet files of `shard_size` rows each, in the order `_dealt` draws, from a CSV table with a
+    `label_column`."""
     import io
 
     import numpy as np
@@ -222,6 +343,7 @@ def _table_shards(table: Path, label_column: str, out: Path, shard_size: int) ->
         raise _bad_input(f"--from-csv {table}: holds no rows")
     # CSV numbers parse as float64; stored as float32, the precision training reads them at and validation expects
     frame = frame.astype({c: np.float32 for c in frame.columns if frame[c].dtype == np.float64})
+    frame = frame.iloc[_dealt(len(frame), seed)]
     written = []
     for part, start in enumerate(range(0, len(frame), shard_size)):
         buffer = io.BytesIO()
@@ -232,17 +354,34 @@ def _table_shards(table: Path, label_column: str, out: Path, shard_size: int) ->
     return written, len(frame)
 
 
-def _sign(out: Path, key: Path, manifest: Path, dataset: str | None, source: str | None) -> None:
-    from trainguard.provenance.keys import load_signing_key
-    from trainguard.provenance.paths import printable
+def _sign(
+    out: Path,
+    key: SigningKey,
+    manifest: Path,
+    dataset: str | None,
+    source: str | None,
+    role: str,
+    roles: str | None,
+    seed: int | None,
+) -> None:
+    """Signs `out` as `trainguard sign` does, the version one past the manifest already at `manifest`."""
     from trainguard.provenance.signing import sign_dataset, write_manifest
 
-    signing_key = load_signing_key(key)
-    envelope, signed = sign_dataset(out, signing_key, dataset=dataset, source=source, exclude=(manifest,))
+    envelope, signed = sign_dataset(
+        out,
+        key,
+        dataset=dataset,
+        source=source,
+        role=role,
+        roles=roles,
+        previous=manifest,
+        exclude=(manifest,),
+        shuffle_seed=seed,
+    )
     write_manifest(envelope, manifest)
     click.echo(
         f"signed {len(signed.shards)} shards of dataset {signed.dataset!r} version {signed.version} -> "
-        f"{printable(str(manifest))}; keyid {signing_key.keyid}"
+        f"{printable(str(manifest))}; keyid {key.keyid}"
     )
 
 

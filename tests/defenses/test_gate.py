@@ -13,7 +13,14 @@ from pytorch_lightning.loggers import MLFlowLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from trainguard.defenses.errors import ModelRejectedError
-from trainguard.defenses.gate import ModelGate, judge
+from trainguard.defenses.gate import (
+    HeldoutSize,
+    ModelGate,
+    judge,
+    resolvable_drop,
+    rows_to_resolve,
+    wilson_interval,
+)
 from trainguard.defenses.heldout import HeldoutMetrics, LabeledData, heldout_metrics
 
 
@@ -99,6 +106,8 @@ def test_class_targeted_retraining_is_rejected_by_the_per_class_threshold(data, 
     assert verdict is not None and not verdict.accepted
     assert verdict.before.accuracy - verdict.after.accuracy <= 0.15
     assert "class 3" in verdict.reason
+    class_rows = int((data["holdout"].y == 3).sum())
+    assert f"; n={class_rows}]" in verdict.reason and f"within chance at n={class_rows}" in verdict.reason
     assert _same_weights(model, pretrained)
 
 
@@ -165,3 +174,35 @@ def test_judge_ignores_classes_absent_from_the_holdout() -> None:
     before = HeldoutMetrics(0.1, 0.9, (0.1, nan), (0.9, nan))
     after = HeldoutMetrics(0.1, 0.9, (0.1, nan), (0.9, nan))
     assert judge(before, after, 0.02, 0.1).accepted
+
+
+@pytest.mark.parametrize(("correct", "rows"), [(270, 300), (29, 30), (0, 12), (500, 500)])
+def test_the_gate_states_accuracy_with_its_wilson_interval(correct: int, rows: int) -> None:
+    from scipy.stats import binomtest
+
+    expected = binomtest(correct, rows).proportion_ci(method="wilson")
+    assert wilson_interval(correct / rows, rows) == pytest.approx((expected.low, expected.high))
+
+
+def test_the_drop_a_holdout_can_resolve_shrinks_with_its_size() -> None:
+    """At 300 rows near 80% accuracy, two measurements differ by up to 0.064 by chance: a 0.02 threshold is below
+    what the set resolves; at 20,000 rows it is not. A class of 30 rows cannot resolve a 0.1 drop either."""
+    assert resolvable_drop(0.8, 300) == pytest.approx(1.96 * (2 * 0.16 / 300) ** 0.5, rel=1e-3)
+    assert resolvable_drop(0.8, 300) > 0.02 > resolvable_drop(0.8, 20_000)
+    assert resolvable_drop(0.8, 30) > 0.1 > resolvable_drop(0.8, 200)
+    needed = rows_to_resolve(0.02, 0.8)
+    assert resolvable_drop(0.8, needed) <= 0.02 < resolvable_drop(0.8, needed - 1)
+
+
+def test_a_rejection_states_each_interval_and_the_resolvable_drop() -> None:
+    """The rule stays as configured (fail closed): a drop past the threshold is refused even when the held-out
+    set cannot resolve it, and the reason says so with the numbers."""
+    before = HeldoutMetrics(0.3, 0.9, (0.3, 0.3), (0.9, 0.9))
+    after = HeldoutMetrics(0.4, 0.87, (0.4, 0.4), (0.87, 0.87))
+    verdict = judge(before, after, max_drop=0.02, max_class_drop=0.1, size=HeldoutSize(300, (150, 150)))
+    assert not verdict.accepted
+    low, high = wilson_interval(0.9, 300)
+    assert f"0.9000 [95% CI {low:.3f}, {high:.3f}; n=300]" in verdict.reason
+    assert f"drops under {resolvable_drop(0.885, 300):.4f} are within chance at n=300" in verdict.reason
+    unsized = judge(before, after, max_drop=0.02, max_class_drop=0.1)
+    assert not unsized.accepted and "CI" not in unsized.reason

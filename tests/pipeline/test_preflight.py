@@ -8,9 +8,12 @@ import shutil
 import subprocess
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from digits_demo.demo import create_keys, sign_contributions, sign_trusted
@@ -65,39 +68,59 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     sign_trusted(data, keys)
     sign_contributions(data, keys, contributed)
     (root / "brokenmodels.py").write_text(REGRESSION_MODEL)
-    _sign_real_targets(data, keys)
+    _sign_curated(data, keys, "realheld", _real_targets)
+    _sign_curated(data, keys, "nineless", _no_nines)
     return root
 
 
-def _sign_real_targets(data: Path, keys: Path) -> None:
-    """The held-out rows with real-valued targets (label / 9), signed by the curator as `realheld/`: data for a
-    regression task, or for a classification config that does not fit it."""
-    import numpy as np
-    import pandas as pd
-
+def _sign_curated(data: Path, keys: Path, name: str, change: Callable[[pd.DataFrame, bool], pd.DataFrame]) -> None:
+    """The curator's trusted base and held-out set, each table changed by `change(frame, is_holdout)`, signed as
+    `name/` (dataset digits-trusted, so a config names it instead of `trusted/`, never beside it)."""
     from trainguard.provenance.keys import load_signing_key
     from trainguard.provenance.signing import sign_dataset, write_manifest
 
-    frame = pd.read_parquet(data / "trusted" / "holdout.parquet")
-    (data / "realheld").mkdir()
-    frame.assign(label=(frame["label"] / 9).astype(np.float32)).to_parquet(data / "realheld" / "holdout.parquet")
+    (data / name).mkdir()
+    for table in ("base", "holdout"):
+        frame = pd.read_parquet(data / "trusted" / f"{table}.parquet")
+        change(frame, table == "holdout").to_parquet(data / name / f"{table}.parquet")
     envelope, _ = sign_dataset(
-        data / "realheld",
+        data / name,
         load_signing_key(keys / "curator.key"),
         dataset="digits-trusted",
         source="curator",
+        role="trusted",
         roles={"holdout.*": "holdout"},
     )
-    write_manifest(envelope, data / "realheld.manifest.json")
+    write_manifest(envelope, data / f"{name}.manifest.json")
 
 
-REAL_HOLDOUT = {
-    ("dataset", "holdout"): {
-        "manifest": "demo-work/data/realheld.manifest.json",
+def _real_targets(frame: pd.DataFrame, holdout: bool) -> pd.DataFrame:
+    """Real-valued targets (label / 9): data for a regression task, or for a classification config that does not
+    fit it."""
+    return frame.assign(label=(frame["label"] / 9).astype(np.float32))
+
+
+def _no_nines(frame: pd.DataFrame, holdout: bool) -> pd.DataFrame:
+    """A held-out set the gate cannot measure class 9 on."""
+    return frame[frame["label"] != 9] if holdout else frame
+
+
+def _curated(name: str) -> dict[tuple[str, ...], Any]:
+    """A config's trusted base and held-out set from `_sign_curated`'s `name/`, the contributions as before."""
+    ref = {
+        "manifest": f"demo-work/data/{name}.manifest.json",
         "dataset": "digits-trusted",
-        "data_dir": "demo-work/data/realheld",
+        "data_dir": f"demo-work/data/{name}",
     }
-}
+    contributed = {
+        "manifest": "demo-work/data/train.manifest.json",
+        "dataset": "digits-contributed",
+        "data_dir": "demo-work/data/train",
+    }
+    return {("dataset", "training"): [ref, contributed], ("dataset", "holdout"): ref}
+
+
+REAL_HOLDOUT = _curated("realheld")
 REGRESSION = {
     **REAL_HOLDOUT,
     ("task",): "regression",
@@ -205,7 +228,10 @@ def test_check_passes_a_good_config_naming_every_check(project: Path) -> None:
     done = _run(project, "check", str(_config(project, {})))
     assert done.returncode == 0, done.stderr
     checks = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("ok ")]
-    assert checks == ["config", "files", "keys", "keys", "manifests", "model"]
+    assert checks == [
+        "config", "files", "keys", "keys", "manifests", "model", "rollback", "admit", "coverage", "coverage",
+    ]  # fmt: skip
+    assert "no anti-rollback record yet" in done.stdout and "13 shards pass" in done.stdout
     assert done.stderr == ""
     assert not (project / "demo-work" / "cycle").exists()
 
@@ -225,3 +251,79 @@ def test_print_config_shows_the_defaults_filled_in(project: Path) -> None:
     printed = yaml.safe_load(done.stdout)
     assert printed["trainer"]["class_path"] == "pytorch_lightning.Trainer"
     assert printed["gate"]["max_class_drop"] == 0.1 and printed["output"]["state_file"] is None
+
+
+def _state_holding(project: Path, config: Path, manifest: str, version: int) -> Path:
+    """A signed cycle state, as the cycle keeps it, whose anti-rollback record for `manifest`'s key set and dataset
+    is at `version` (what a cycle that accepted that version leaves)."""
+    from trainguard.pipeline.config import load_config
+    from trainguard.pipeline.cycle_state import CycleState, Pipeline, RollbackEntry
+    from trainguard.pipeline.state_log import StateStore
+    from trainguard.provenance.keys import load_signing_key
+    from trainguard.provenance.verify import open_manifest
+
+    loaded = load_config(config, check_components=False)
+    verified = open_manifest(project / manifest, project / "configs" / "digits-trust.yaml")
+    record = RollbackEntry(
+        version=version, statement_sha256=verified.statement_sha256, keyids=tuple(verified.key_set.keyids)
+    )
+    state_path = project / loaded.output.state_path
+    key = load_signing_key(project / loaded.output.attestation_key_path)
+    store = StateStore(state_path, key, loaded.pipeline_identity)
+    store.update(CycleState.genesis(Pipeline.new(*loaded.pipeline_identity), rollback={verified.rollback_key: record}))
+    return state_path
+
+
+def test_check_reports_a_manifest_the_cycle_would_refuse_as_rollback(project: Path) -> None:
+    """A cycle accepted version 2 of the contributions; the version 1 in place stops the cycle, so check exits 1
+    naming the manifest and `rollback`, and leaves the state as it was."""
+    config = _config(project, {("output", "work_dir"): "rollback-work"})
+    state = _state_holding(project, config, "demo-work/data/train.manifest.json", 2)
+    before = state.read_bytes()
+    done = _run(project, "check", str(config))
+    assert done.returncode == 1, done.stdout
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "the cycle would stop" in lines[0], lines
+    assert "train.manifest.json: rollback:" in lines[0]
+    assert state.read_bytes() == before
+
+
+def test_check_passes_a_manifest_at_the_states_version(project: Path) -> None:
+    config = _config(project, {("output", "work_dir"): "current-work"})
+    _state_holding(project, config, "demo-work/data/train.manifest.json", 1)
+    done = _run(project, "check", str(config))
+    assert done.returncode == 0, done.stderr
+    assert "ok  rollback   2 manifests at or past the 1 anti-rollback records" in done.stdout
+
+
+def test_check_lists_the_shards_the_cycle_would_refuse_by_source_cap_and_exits_0(project: Path) -> None:
+    """Capped at 10% a source, each contributor loses shards: the cycle refuses them and goes on, so check says
+    `refuse` for each, naming the cap, and exits 0."""
+    done = _run(project, "check", str(_config(project, {("limits", "max_fraction_per_source"): 0.1})))
+    assert done.returncode == 0, done.stderr
+    refused = [line for line in done.stdout.splitlines() if line.startswith("refuse  limits")]
+    assert refused and all("the cap is 10.0%" in line for line in refused), done.stdout
+    assert f"; {len(refused)} shard(s) it would refuse" in done.stdout.splitlines()[-1]
+
+
+def test_check_warns_when_the_holdout_is_too_small_for_the_gate(project: Path) -> None:
+    """The digits held-out set (350 rows, 27 in its smallest class) cannot resolve a 0.03 overall or 0.1 per-class
+    drop: one warning each, exit 0; thresholds it can resolve draw none."""
+    tight = _run(project, "check", str(_config(project, {("gate", "max_accuracy_drop"): 0.03})))
+    assert tight.returncode == 0, tight.stderr
+    warned = [line for line in tight.stdout.splitlines() if line.startswith("warn  gate")]
+    assert len(warned) == 2, tight.stdout
+    assert "too small for gate.max_accuracy_drop 0.03: 350 rows (overall)" in warned[0]
+    assert "too small for gate.max_class_drop 0.1: 27 rows (class 0, the smallest)" in warned[1]
+    loose = {("gate", "max_accuracy_drop"): 0.1, ("gate", "max_class_drop"): 0.4}
+    done = _run(project, "check", str(_config(project, loose)))
+    assert done.returncode == 0, done.stderr
+    assert not [line for line in done.stdout.splitlines() if line.startswith("warn")], done.stdout
+    assert done.stdout.count("ok  gate") == 2
+
+
+def test_check_warns_when_the_holdout_lacks_a_class(project: Path) -> None:
+    done = _run(project, "check", str(_config(project, _curated("nineless"))))
+    assert done.returncode == 0, done.stderr
+    assert "warn  coverage   the held-out set holds no row of class(es) [9]" in done.stdout
+    assert "ok  coverage   the trusted base holds every class" in done.stdout

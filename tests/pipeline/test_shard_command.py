@@ -62,7 +62,7 @@ def test_a_class_per_folder_of_images_becomes_signed_tars_that_read_back_verifie
         "--dataset", "digits-wds",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert "wrote 4 shards (30 samples, at most 8 each)" in done.stdout
+    assert "wrote 4 shards (30 samples, at most 8 each, shuffled with seed 0)" in done.stdout
     names = sorted(p.name for p in out.glob("*.tar"))
     assert names == [f"part-{i:05d}.tar" for i in range(4)]
     reader = ShardReader(open_manifest(out / "manifest.json", alice[1], dataset="digits-wds"))
@@ -78,7 +78,7 @@ def test_a_path_label_csv_with_named_classes_maps_them_to_sorted_ids(tmp_path: P
     listing = tmp_path / "labels.csv"
     listing.write_text("path,label\n" + "".join(f"{r},{'cat' if i % 2 else 'dog'}\n" for i, r in enumerate(rows)))
     out = tmp_path / "shards"
-    done = trainguard("shard", image_folder, "--labels", listing, "--out", out, "--shard-size", "10")
+    done = trainguard("shard", image_folder, "--labels", listing, "--out", out, "--shard-size", "10", "--keep-order")
     assert done.returncode == 0, done.stderr
     assert "classes: 0=cat, 1=dog" in done.stdout
     samples = WebDatasetDecoder()("part-00000.tar", (out / "part-00000.tar").read_bytes())
@@ -102,7 +102,94 @@ def test_a_csv_table_becomes_signed_parquet_shards_of_n_rows(tmp_path: Path, ali
     reader = ShardReader(open_manifest(out / "manifest.json", alice[1]))
     assert [s.records for s in reader.verified.manifest.shards] == [50, 50, 20]
     back = pd.concat(reader.read_frame(s.name) for s in reader.verified.manifest.shards)
-    np.testing.assert_allclose(back.to_numpy(), frame.to_numpy())
+    assert reader.verified.manifest.shuffle_seed == 0
+    assert not np.array_equal(back["y"].to_numpy(), frame["y"].to_numpy())  # dealt in another order
+    np.testing.assert_allclose(_sorted_rows(back.to_numpy()), _sorted_rows(frame.to_numpy()), rtol=1e-6)
+    kept = tmp_path / "kept"
+    done = trainguard(
+        "shard", "--from-csv", table, "--label-column", "y", "--shard-size", "50", "--out", kept, "--keep-order",
+        "--key", alice[0], "--source", "alice",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    reader = ShardReader(open_manifest(kept / "manifest.json", alice[1]))
+    assert reader.verified.manifest.shuffle_seed is None
+    back = pd.concat(reader.read_frame(s.name) for s in reader.verified.manifest.shards)
+    np.testing.assert_allclose(back.to_numpy(), frame.to_numpy(), rtol=1e-6)
+
+
+def _sorted_rows(rows: np.ndarray) -> np.ndarray:
+    return rows[np.lexsort(rows.T[::-1])]
+
+
+def _shard_labels(out: Path, policy: Path) -> list[list[int]]:
+    """The labels of each tar shard under `out`, in shard order, read through its verified manifest."""
+    reader = ShardReader(open_manifest(out / "manifest.json", policy))
+    names = [s.name for s in reader.verified.manifest.shards]
+    return [[int(t) for t in read_webdataset(reader, n, WebDatasetDecoder(mode="L")).targets] for n in names]
+
+
+def test_shard_shuffles_by_default_and_records_the_seed(
+    tmp_path: Path, image_folder: Path, alice: tuple[Path, Path]
+) -> None:
+    """A class-per-folder tree dealt in order fills each shard with 2-4 classes; shuffled (seed 0 unless --seed),
+    each shard mixes more, the seed is signed into the manifest, and the same seed deals the same shards."""
+    runs = {"seed0": ["--seed", "0"], "again": [], "seed7": ["--seed", "7"], "kept": ["--keep-order"]}
+    for name, extra in runs.items():
+        done = trainguard(
+            "shard", image_folder, "--out", tmp_path / name, "--shard-size", "8", "--key", alice[0],
+            "--source", "alice", *extra,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    kept = _shard_labels(tmp_path / "kept", alice[1])
+    assert [len(set(labels)) for labels in kept] == [3, 4, 3, 2]  # 3 images a class, 8 a shard, in folder order
+    shuffled = _shard_labels(tmp_path / "seed0", alice[1])
+    assert sum(len(set(labels)) for labels in shuffled) > 12
+    assert sorted(x for labels in shuffled for x in labels) == sorted(x for labels in kept for x in labels)
+    assert _shard_labels(tmp_path / "again", alice[1]) == shuffled
+    assert _shard_labels(tmp_path / "seed7", alice[1]) != shuffled
+    seeds = {name: open_manifest(tmp_path / name / "manifest.json", alice[1]).manifest.shuffle_seed for name in runs}
+    assert seeds == {"seed0": 0, "again": 0, "seed7": 7, "kept": None}
+
+
+def test_reshard_signs_the_next_version(tmp_path: Path, image_folder: Path, alice: tuple[Path, Path]) -> None:
+    """Re-sharding into the same folder replaces the earlier run's shards and signs version 2, which the cycle's
+    anti-rollback accepts after version 1."""
+    out = tmp_path / "shards"
+    for size, version in (("8", 1), ("10", 2), ("30", 3)):
+        done = trainguard(
+            "shard", image_folder, "--out", out, "--shard-size", size, "--key", alice[0], "--source", "alice",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert f"version {version} ->" in done.stdout
+        verified = open_manifest(out / "manifest.json", alice[1])
+        assert verified.manifest.version == version
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "part-00000.tar"]
+    assert [s.records for s in verified.manifest.shards] == [30]
+
+
+def test_reshard_refuses_a_folder_another_key_signed_and_leaves_it_alone(
+    tmp_path: Path, image_folder: Path, alice: tuple[Path, Path]
+) -> None:
+    out = tmp_path / "shards"
+    done = trainguard("shard", image_folder, "--out", out, "--key", alice[0], "--source", "alice")
+    assert done.returncode == 0, done.stderr
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert trainguard("keygen", "--out", tmp_path / "keys" / "bob").returncode == 0
+    done = trainguard("shard", image_folder, "--out", out, "--key", tmp_path / "keys" / "bob.key", "--source", "bob")
+    assert done.returncode == 2
+    assert "is not a manifest signed by --key" in done.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_shard_gives_the_roles_sign_gives(tmp_path: Path, image_folder: Path, alice: tuple[Path, Path]) -> None:
+    out = tmp_path / "shards"
+    done = trainguard(
+        "shard", image_folder, "--out", out, "--shard-size", "8", "--key", alice[0], "--source", "curator",
+        "--role", "trusted", "--roles", '{"part-00003.tar": "holdout"}',
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    shards = open_manifest(out / "manifest.json", alice[1]).manifest.shards
+    assert [s.role for s in shards] == ["trusted", "trusted", "trusted", "holdout"]
 
 
 def _undecodable(root: Path) -> None:

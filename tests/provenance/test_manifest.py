@@ -45,6 +45,7 @@ manifests = st.builds(
     created=st.just(datetime(2026, 1, 1, tzinfo=UTC)),
     expires=st.just(datetime(2026, 2, 1, tzinfo=UTC)),
     shards=st.lists(shards, max_size=4).map(tuple),
+    shuffle_seed=st.none() | st.integers(0, 2**32),
 )
 
 
@@ -129,6 +130,16 @@ def test_safe_names_are_relative_normalized_and_never_escape(name: str) -> None:
         assert not name.startswith("/") and ".." not in name.split("/")
         assert Path("/root", name).resolve().is_relative_to("/root")
         assert "//" not in name and not name.endswith("/") and "." not in name.split("/")
+
+
+@pytest.mark.parametrize("shuffle", [{"seed": -1}, {"seed": "0"}, {"seed": 0, "order": [1]}, [0], True])
+def test_a_shuffle_record_other_than_a_seed_is_malformed(shuffle: object) -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    statement = to_statement(Manifest("digits", 1, now, now, (), shuffle_seed=3))
+    assert statement["predicate"]["shuffle"] == {"seed": 3}
+    statement["predicate"]["shuffle"] = shuffle
+    with pytest.raises(MalformedError, match="shuffle"):
+        parse_statement(json.dumps(statement).encode())
 
 
 def test_chunk_digest_count_is_bound_to_the_size() -> None:
