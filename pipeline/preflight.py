@@ -382,8 +382,8 @@ def _holdout_size(config: CycleConfig, holdout: Sequence[Any]) -> list[Passed]:
             Passed(
                 "gate",
                 f"the held-out set is too small for gate.{key} {threshold}: {n} rows ({what}) resolve only drops of "
-                f"{resolvable:.3f} at 95% near accuracy {p:.2f}, so clean models may be refused by chance (about "
-                f"{needed} rows resolve {threshold}, or raise the threshold)",
+                f"{resolvable:.3f} at 95% near accuracy {p:.2f}, so the gate refuses only drops past them (about "
+                f"{needed} rows resolve {threshold})",
                 "warn",
             )
         )

@@ -194,15 +194,28 @@ def test_the_drop_a_holdout_can_resolve_shrinks_with_its_size() -> None:
     assert resolvable_drop(0.8, needed) <= 0.02 < resolvable_drop(0.8, needed - 1)
 
 
-def test_a_rejection_states_each_interval_and_the_resolvable_drop() -> None:
-    """The rule stays as configured (fail closed): a drop past the threshold is refused even when the held-out
-    set cannot resolve it, and the reason says so with the numbers."""
+def test_a_drop_the_holdout_cannot_resolve_is_not_refused_and_the_verdict_says_so() -> None:
+    """0.03 past a 0.02 threshold is within chance on 300 rows: accepted, the reason stating the intervals; the same
+    drop on 20,000 rows is refused, as is a 0.2 class drop on 150 rows. Without sizes the thresholds apply as set."""
     before = HeldoutMetrics(0.3, 0.9, (0.3, 0.3), (0.9, 0.9))
     after = HeldoutMetrics(0.4, 0.87, (0.4, 0.4), (0.87, 0.87))
     verdict = judge(before, after, max_drop=0.02, max_class_drop=0.1, size=HeldoutSize(300, (150, 150)))
-    assert not verdict.accepted
+    assert verdict.accepted, verdict.reason
     low, high = wilson_interval(0.9, 300)
     assert f"0.9000 [95% CI {low:.3f}, {high:.3f}; n=300]" in verdict.reason
     assert f"drops under {resolvable_drop(0.885, 300):.4f} are within chance at n=300" in verdict.reason
+    large = judge(before, after, max_drop=0.02, max_class_drop=0.1, size=HeldoutSize(20_000, (10_000, 10_000)))
+    assert not large.accepted and "dropped by 0.0300" in large.reason
+    class_drop = HeldoutMetrics(0.4, 0.8, (0.4, 0.4), (0.9, 0.7))
+    refused = judge(before, class_drop, max_drop=0.2, max_class_drop=0.1, size=HeldoutSize(300, (150, 150)))
+    assert not refused.accepted and "class 1 dropped by 0.2000" in refused.reason
     unsized = judge(before, after, max_drop=0.02, max_class_drop=0.1)
     assert not unsized.accepted and "CI" not in unsized.reason
+
+
+def test_a_class_drop_past_its_threshold_but_within_chance_is_named_in_the_acceptance() -> None:
+    before = HeldoutMetrics(0.3, 0.9, (0.3, 0.3), (0.925, 0.9))
+    after = HeldoutMetrics(0.35, 0.88, (0.35, 0.35), (0.8, 0.92))
+    verdict = judge(before, after, max_drop=0.05, max_class_drop=0.1, size=HeldoutSize(80, (40, 40)))
+    assert verdict.accepted, verdict.reason
+    assert "class 0 dropped by 0.1250, past 0.1 but within chance at n=40" in verdict.reason
