@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Literal
 
 import pytorch_lightning as pl
@@ -35,6 +36,12 @@ from trainguard.defenses.task import Task, as_task
 Baseline = Literal["trivial", "incoming"]
 Z95 = 1.959963984540054
 """The standard normal quantile of a two-sided 95% interval."""
+
+
+def family_z(groups: int) -> float:
+    """The normal quantile that keeps 95% for `groups` drops tested at once (Bonferroni): every class is compared,
+    so at 1.96 each a ten-class gate would refuse one clean retrain in three by chance."""
+    return NormalDist().inv_cdf(1 - 0.025 / max(groups, 1))
 
 
 @dataclass(frozen=True)
@@ -89,15 +96,15 @@ def _stated(accuracy: float, rows: int | None) -> str:
     return f"{accuracy:.4f} [95% CI {low:.3f}, {high:.3f}; n={rows}]"
 
 
-def _resolvable(before: float, after: float, rows: int | None) -> float:
+def _resolvable(before: float, after: float, rows: int | None, z: float = Z95) -> float:
     """The drop the held-out rows can tell from chance between two accuracies (0 when their number is unknown)."""
-    return 0.0 if rows is None else resolvable_drop((before + after) / 2, rows)
+    return 0.0 if rows is None else resolvable_drop((before + after) / 2, rows, z)
 
 
-def _resolution(before: float, after: float, rows: int | None) -> str:
+def _resolution(before: float, after: float, rows: int | None, z: float = Z95) -> str:
     if rows is None:
         return ""
-    return f"; drops under {_resolvable(before, after, rows):.4f} are within chance at n={rows}"
+    return f"; drops under {_resolvable(before, after, rows, z):.4f} are within chance at n={rows}"
 
 
 @dataclass(frozen=True)
@@ -127,8 +134,8 @@ def judge(
     size: HeldoutSize | None = None,
 ) -> GateVerdict:
     """Rejects when overall accuracy drops by more than `max_drop` or any group's by more than `max_class_drop`;
-    with the held-out `size`, only by more than the set can resolve too, and the reason states each accuracy's 95%
-    interval and that resolvable drop."""
+    with the held-out `size`, only by more than the set can resolve too (for groups, at 95% over all of them), and
+    the reason states each accuracy's 95% interval and that resolvable drop."""
     task = as_task(task)
     metric, group = _metric(task), task.group_name
     rows = None if size is None else size.rows
@@ -145,29 +152,33 @@ def judge(
         for c, (b, a) in enumerate(zip(before.class_accuracy, after.class_accuracy, strict=True))
         if not (math.isnan(b) or math.isnan(a))
     ]
-    groups = None if size is None else size.group
-    resolved = [
-        (d, c)
-        for d, c in class_drops
-        if d > max_class_drop
-        and d > _resolvable(before.class_accuracy[c], after.class_accuracy[c], groups and groups(c))
-    ]
+    z = family_z(len(class_drops))
+
+    def rows_of(index: int) -> int | None:
+        return None if size is None else size.group(index)
+
+    def past(drop: float, index: int) -> bool:
+        b, a = before.class_accuracy[index], after.class_accuracy[index]
+        return drop > max_class_drop and drop > _resolvable(b, a, rows_of(index), z)
+
+    resolved = [(d, c) for d, c in class_drops if past(d, c)]
     if resolved:
         worst, cls = max(resolved)
         b, a = before.class_accuracy[cls], after.class_accuracy[cls]
-        n = None if size is None else size.group(cls)
+        n = rows_of(cls)
         reason = (
             f"held-out {metric} of {group} {cls} dropped by {worst:.4f} ({_stated(b, n)} -> {_stated(a, n)}), "
-            f"more than {max_class_drop}{_resolution(b, a, n)}"
+            f"more than {max_class_drop}{_resolution(b, a, n, z)} (95% over {len(class_drops)} {group} drops)"
         )
         return GateVerdict(False, reason, before, after)
     unresolved = [(d, c) for d, c in class_drops if d > max_class_drop]
     within = ""
     if unresolved and size is not None:
         worst, cls = max(unresolved)
+        b, a = before.class_accuracy[cls], after.class_accuracy[cls]
         within = (
-            f"; {group} {cls} dropped by {worst:.4f}, past {max_class_drop} but within chance at "
-            f"n={size.group(cls)} (resolvable {resolvable_drop(before.class_accuracy[cls], size.group(cls)):.4f})"
+            f"; {group} {cls} dropped by {worst:.4f}, past {max_class_drop} but within chance at n={size.group(cls)} "
+            f"(resolvable {_resolvable(b, a, size.group(cls), z):.4f}, 95% over {len(class_drops)} {group} drops)"
         )
     reason = (
         f"held-out {metric} {_stated(before.accuracy, rows)} -> {_stated(after.accuracy, rows)} within thresholds"

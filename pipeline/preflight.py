@@ -355,29 +355,31 @@ def _coverage(config: CycleConfig, trusted: Sequence[Any], holdout: Sequence[Any
 
 def _holdout_size(config: CycleConfig, holdout: Sequence[Any]) -> list[Passed]:
     """Whether the held-out set can resolve the gate's thresholds: the 95% half-width of the difference of two
-    accuracies near `gate.min_clean_accuracy` (at least 0.5) measured on its rows, overall and in its smallest class,
-    against `max_accuracy_drop` and `max_class_drop`. A threshold below it refuses clean models by chance."""
+    accuracies near `gate.min_clean_accuracy` (at least 0.5) measured on its rows, overall and in its smallest class
+    (95% over every class, as the gate tests them), against `max_accuracy_drop` and `max_class_drop`. A threshold
+    below it is in effect raised to it."""
     import numpy as np
 
-    from trainguard.defenses.gate import resolvable_drop, rows_to_resolve
+    from trainguard.defenses.gate import Z95, family_z, resolvable_drop, rows_to_resolve
 
     gate = config.gate
     p = max(gate.min_clean_accuracy, 0.5)
     rows = sum(len(s.samples) for s in holdout)
-    groups = [("overall", rows, gate.max_accuracy_drop, "max_accuracy_drop")]
+    groups = [("overall", rows, gate.max_accuracy_drop, "max_accuracy_drop", Z95)]
     if config.task.kind == "classification":
         targets = np.concatenate([np.asarray(s.samples.targets).reshape(-1) for s in holdout])
         counts = {label: int((targets == label).sum()) for label in config.validation.labels}
         smallest = min(counts, key=lambda label: counts[label])
-        groups.append((f"class {smallest}, the smallest", counts[smallest], gate.max_class_drop, "max_class_drop"))
+        z = family_z(len(counts))
+        groups.append((f"class {smallest}, the smallest", counts[smallest], gate.max_class_drop, "max_class_drop", z))
     found = []
-    for what, n, threshold, key in groups:
-        resolvable = resolvable_drop(p, n)
+    for what, n, threshold, key, z in groups:
+        resolvable = resolvable_drop(p, n, z)
         if resolvable <= threshold:
             detail = f"{n} held-out rows ({what}) resolve drops of {resolvable:.3f} at 95%, within gate.{key}"
             found.append(Passed("gate", f"{detail} {threshold}"))
             continue
-        needed = rows_to_resolve(threshold, p)
+        needed = rows_to_resolve(threshold, p, z)
         found.append(
             Passed(
                 "gate",
