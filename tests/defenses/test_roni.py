@@ -168,8 +168,8 @@ def test_a_large_source_is_judged_against_draws_of_its_own_size_and_flagged(digi
     report = screen_candidates(model, digits.trusted, digits.holdout, shards, ScreeningConfig(**STRICT))
     (judged,) = report.sources
     assert judged.flagged and judged.union_p_value is not None
-    union_draws = report.calibration.matching(400, report.config.size_tolerance)
-    assert union_draws is not None and union_draws.size == 400
+    union = torch.bincount(source.y, minlength=10).tolist()
+    assert [s.size for s in report.calibration.strata if s.counts == tuple(union)] == [400]
     assert judged.combined_p_value <= report.config.level / 4
     assert all(not d.accepted for d in report.decisions)
 
@@ -232,7 +232,7 @@ def test_a_detectors_evidence_joins_the_source_test_and_flags_what_the_shards_al
 
 def test_fdr_control_rejects_no_more_than_per_candidate_control(digits: Split, model: nn.Module) -> None:
     candidates = [
-        Candidate(f"c{i}", f"s{i}", _flip(digits.shard(digits.pool[50 * i : 50 * (i + 1)]), 0.2 if i < 2 else 0.0, i))
+        Candidate(f"c{i}", f"s{i}", _flip(digits.shard(digits.pool[50 * i : 50 * (i + 1)]), 0.3 if i < 2 else 0.0, i))
         for i in range(6)
     ]
     per_candidate = screen_candidates(model, digits.trusted, digits.holdout, candidates, ScreeningConfig(**FAST))
@@ -361,7 +361,7 @@ def test_auto_lr_is_the_largest_grid_rate_whose_calibration_copies_keep_their_so
     too_large = ScreeningConfig(lr=20.0, **FAST)
     assert screen_candidates(model, digits.trusted, digits.holdout, candidates, auto).lr == 0.5
     collapsed = screen_candidates(model, digits.trusted, digits.holdout, candidates, too_large)
-    assert np.median(collapsed.calibration.sizes[0].impacts) > auto.lr_tolerance
+    assert np.median(collapsed.calibration.strata[0].impacts) > auto.lr_tolerance
 
 
 def test_auto_lr_refuses_when_no_rate_of_the_grid_is_stable(digits: Split, model: nn.Module) -> None:
@@ -440,6 +440,6 @@ def test_full_scope_on_a_batch_norm_network_finds_a_finite_rate(digits: Split, b
     config = ScreeningConfig(scope="full", level=0.2, calibration_draws=19)  # the rate search is the subject
     report = screen_candidates(bn_model, digits.trusted, digits.holdout, candidates, config)
     assert report.scope == "full"
-    impacts = report.calibration.sizes[0].impacts
+    impacts = report.calibration.strata[0].impacts
     assert all(math.isfinite(v) for v in impacts)
     assert np.median(impacts) <= report.config.lr_tolerance
