@@ -19,14 +19,18 @@ valid whatever fixed score is used, since the candidate and its histogram's draw
 The p-value is sequential (Besag & Clifford 1991): a histogram's draws are fine-tuned in stages, in batches, until
 every candidate of that histogram has `sequential_hits` draws scoring at least its own or `calibration_draws` were
 drawn, so a clearly clean candidate costs a few dozen draws. A class the trusted rows lack is drawn from all of
-them (the draw keeps the candidate's size; such a candidate's test is only approximate, and the report's counts
-show it). Draws are a two-level bootstrap of the trusted data (per class when stratified): the pool is resampled,
+them (a fallback rather than a refusal, which would let one rare label stop the cycle; the draw keeps the
+candidate's size, and that candidate's test is only approximate). On digits with ~40 trusted rows per class, clean
+shards of 2-4 classes were still refused more often than the level (0.042 at level 0.01, against 0.63 with
+all-class draws; `benchmarks/poisoning.py`), likely because bootstrapping few rows per class understates how
+fresh shards vary.
+Draws are a two-level bootstrap of the trusted data (per class when stratified): the pool is resampled,
 then rows are drawn with replacement from the resample. A fresh contribution differs from the trusted pool by its
 own sampling noise (variance ~ 1/n) plus the pool's (~ 1/N); drawing without replacement from the pool would have
 neither the pool's noise nor, once n nears N, the shard's: calibration tighter than fresh shards, and clean
 contributions rejected far more often than the level says.
 
-No dilution: a source's shards are also judged together, by screening their union (size-matched) and by combining
+No dilution: a source's shards are also judged together, by screening their union (histogram-matched) and by combining
 the p-values of all its shard tests, earlier cycles' included (Fisher or Stouffer), and of any other test of the
 source's rows this cycle (`evidence`, e.g. the label-issue detector's: flipped labels that each move the model a
 little are many rows the model confidently disagrees with); a flagged source loses every shard. With
