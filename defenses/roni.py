@@ -22,8 +22,9 @@ drawn, so a clearly clean candidate costs a few dozen draws. A class the trusted
 them (a fallback rather than a refusal, which would let one rare label stop the cycle; the draw keeps the
 candidate's size, and that candidate's test is only approximate). On digits with ~40 trusted rows per class, clean
 shards of 2-4 classes were still refused more often than the level (0.042 at level 0.01, against 0.63 with
-all-class draws; `benchmarks/poisoning.py`), likely because bootstrapping few rows per class understates how
-fresh shards vary.
+all-class draws; `benchmarks/poisoning.py`): their own tests held the level (0.010), their sources' did not (the
+union's draws bootstrap more rows of a class than the trusted set holds, and a source's shard p-values lean on the
+same few trusted rows per class, which Fisher's combination takes for independent).
 Draws are a two-level bootstrap of the trusted data (per class when stratified): the pool is resampled,
 then rows are drawn with replacement from the resample. A fresh contribution differs from the trusted pool by its
 own sampling noise (variance ~ 1/n) plus the pool's (~ 1/N); drawing without replacement from the pool would have
