@@ -22,7 +22,7 @@ drawn, so a clearly clean candidate costs a few dozen draws. A class the trusted
 them (a fallback rather than a refusal, which would let one rare label stop the cycle; the draw keeps the
 candidate's size, and that candidate's test is only approximate). On digits with ~40 trusted rows per class, clean
 shards of 2-4 classes were still refused more often than the level (0.042 at level 0.01, against 0.63 with
-all-class draws; `benchmarks/poisoning.py`): their own tests held the level (0.010), their sources' did not (the
+all-class draws; `benchmarks/poisoning.py`): their own tests held the level (0.010), their sources' did not (likely: the
 union's draws bootstrap more rows of a class than the trusted set holds, and a source's shard p-values lean on the
 same few trusted rows per class, which Fisher's combination takes for independent).
 Draws are a two-level bootstrap of the trusted data (per class when stratified): the pool is resampled,
