@@ -12,7 +12,10 @@ source; two sources may share rows) plus its attacker:
 - backdoor concentrated: one source, 60 rows of other classes with a 2x2 corner patch relabelled 0, in 2 shards;
 - backdoor spread: the same 60 rows at 4 per shard over 15 of one source's 18 shards;
 - large source 10%: one source of 18 shards (900 rows: the pool and 3 repeats) with 10% flips;
-  large source clean: the same source, unflipped (a clean big source must pass: size-matched calibration).
+  large source clean: the same source, unflipped (a clean big source must pass: size-matched calibration);
+- clean class-skewed: instead of the 24 clean sources, 24 clean sources that each hold only 2-4 classes (random per
+  source and seed, a clinic that sees a few conditions), 2 shards of 50 rows; they must pass as often as balanced
+  ones (RONI's draws match each candidate's label histogram, the detectors' clean rates are per class).
 
 A source counts as caught when none of its poisoned shards is accepted. FPR counts the clean sources' shards; its
 interval is a bootstrap over seeds (shards of one seed share a model and calibration). A seed's FPR moves in steps of
@@ -30,6 +33,7 @@ label-issue detector's p-value of the source with its shard tests (`pipeline.det
 
     .venv/bin/python benchmarks/poisoning.py            # 20 seeds
     .venv/bin/python benchmarks/poisoning.py --quick    # 3 seeds, fewer draws (a smoke run)
+    .venv/bin/python benchmarks/poisoning.py --unstratified --only "clean class-skewed"   # RONI's draws unstratified
 """
 
 from __future__ import annotations
@@ -168,6 +172,21 @@ def _clean(world: World, rng: np.random.Generator) -> Offer:
     return offer
 
 
+def _skewed(world: World, rng: np.random.Generator) -> Offer:
+    """Clean sources of 2 shards that each hold 2-4 classes: rows of those classes only, distinct in the source."""
+    offer = Offer()
+    labels = world.y[world.pool].numpy()
+    for s in range(CLEAN_SOURCES):
+        classes = rng.choice(10, int(rng.integers(2, 5)), replace=False)
+        rows = rng.permutation(world.pool[np.isin(labels, classes)])[: 2 * SHARD]
+        for i in range(2):
+            part = rows[i * SHARD : (i + 1) * SHARD]
+            offer.add(
+                f"skewed{s}-{i}", f"skewed{s}", LabeledData(world.x[part], world.y[part]), np.zeros(SHARD, bool), False
+            )
+    return offer
+
+
 def _labels(relabel: Callable[[torch.Tensor, np.random.Generator], torch.Tensor], shards: int, sources: int = 2):
     def build(world: World, rng: np.random.Generator) -> Offer:
         offer = _clean(world, rng)
@@ -220,6 +239,7 @@ SCENARIOS: dict[str, Callable[[World, np.random.Generator], Offer]] = {
     "backdoor spread": _backdoor((4,) * 15, 18),
     "large source 10%": _large(0.1),
     "large source clean": _large(0.0),
+    "clean class-skewed": _skewed,
 }
 BACKDOORS = ("backdoor concentrated", "backdoor spread")
 
@@ -404,6 +424,7 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=None, help="calibration draws per size (default: config's)")
     parser.add_argument("--error-control", default="per-candidate", choices=("per-candidate", "bh", "by"))
     parser.add_argument("--only", nargs="*", default=None, help="scenario names to run")
+    parser.add_argument("--unstratified", action="store_true", help="RONI's draws across all classes (before #28)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -414,6 +435,8 @@ def main() -> None:
         options.update(level=0.05, calibration_draws=99)
     if args.draws:
         options["calibration_draws"] = args.draws
+    if args.unstratified:
+        options["stratify"] = False
     config = ScreeningConfig(**options)
     scenarios = {k: v for k, v in SCENARIOS.items() if args.only is None or k in args.only}
     print(f"torch threads: {torch.get_num_threads()}, cpus: {os.cpu_count()}, load before: {os.getloadavg()}")

@@ -4,6 +4,10 @@ multiple-testing control. Pure functions on arrays (no torch), so each property 
 - Conformal p-value (Vovk et al. 2005; Bates et al. 2023, "Testing for outliers with conformal p-values"): with n
   calibration scores exchangeable with a clean candidate's score, p = (1 + #{calibration >= score}) / (n + 1)
   satisfies P(p <= a) <= a for every a: a clean candidate is rejected at level a at most a of the time.
+- Sequential Monte-Carlo p-value (Besag & Clifford 1991, "Sequential Monte Carlo p-values"): clean draws are scored
+  one after another and the count stops once `hits` of them score at least the candidate, at draw l: p = hits / l;
+  if `limit` draws pass with g < hits such draws, p = (g + 1) / (limit + 1). Equally valid, and a clearly clean
+  candidate costs about hits / p draws instead of `limit`.
 - Max-statistic: several metrics (the overall impact and one per class) are standardised by a center and scale fitted
   on separate draws and reduced to their maximum; the maximum is calibrated like any score, so the per-class rule
   spends the same error budget as the overall one instead of adding its own (Westfall & Young 1993).
@@ -37,6 +41,24 @@ def conformal_p_values(calibration: Sequence[float] | np.ndarray, scores: Sequen
     s = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=math.inf)
     at_least = cal.size - np.searchsorted(cal, s, side="left")
     return (1.0 + at_least) / (cal.size + 1.0)
+
+
+def sequential_p_value(calibration: Sequence[float] | np.ndarray, score: float, hits: int, limit: int) -> float | None:
+    """Besag & Clifford's p-value of `score` against clean scores in the order they were drawn (only the first
+    `limit` count), or None while undecided (fewer than `limit` draws and fewer than `hits` at least the score). A
+    NaN score counts as +inf."""
+    if hits < 1 or limit < hits:
+        raise ScreeningInputError(f"a sequential p-value needs 1 <= hits <= limit, got hits={hits}, limit={limit}")
+    cal = np.asarray(calibration, dtype=np.float64)[:limit]
+    if not np.isfinite(cal).all():
+        raise ScreeningInputError("sequential p-values need finite calibration scores")
+    at_least = np.cumsum(cal >= (math.inf if math.isnan(score) else score))
+    reached = np.flatnonzero(at_least >= hits)
+    if reached.size:
+        return hits / float(reached[0] + 1)
+    if cal.size == limit:
+        return (float(at_least[-1]) + 1.0) / (limit + 1.0)
+    return None
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """The row-level poisoning detectors side by side: spectral signatures, activation clustering and confident-learning
-label issues, run on one set of features, labels and sources, with reference rows that calibrate each clean rate.
+label issues, run on one set of features, labels and sources, with reference rows that calibrate each detector's
+clean rate per class (`defenses.findings`: a source is held to the rates of the classes it holds).
 
 `alpha` is the budget of falsely flagged clean sources for all detectors together: each detector's source test runs
 at alpha / (number of detectors) (Bonferroni), since a source flagged by any of them is acted on.

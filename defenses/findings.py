@@ -1,12 +1,19 @@
 """What a row-level poisoning detector found: per-row scores and flags, and per-source decisions held to an error
 budget.
 
-A source is flagged when its share of flagged rows is significantly above the clean rate, the share the same
-detector flags among reference rows known to be clean (the trusted held-out pool): a one-sided binomial test per
-source, then Benjamini-Hochberg across the cycle's sources, so the expected share of clean sources among those
-flagged stays at `alpha`. A detector's own row rule may flag clean rows; the source decision pays for that.
+A source is flagged when it holds significantly more flagged rows than clean rows of its classes would: the clean
+rate is measured per class, on the reference rows known to be clean (the trusted held-out pool), since detectors flag
+hard classes more often and a clean source holding only hard classes (a clinic that sees a few conditions) must not
+pay for its composition. Per class the rate is smoothed towards the pooled one, r = (flagged + 1) / (rows + 2): its
+prior is Beta(1, 1/r - 1) (one pseudo-flag in 1/r pseudo-rows, so a class without reference flags is not taken for
+flawless and one flag never condemns a source), its posterior Beta(1 + k, 1/r - 1 + n - k) after k of the class's n
+reference rows were flagged. The source's flagged count of each class is that posterior's Beta-binomial predictive
+(a class with few reference rows is uncertain, which a plug-in binomial would hide), and the source's p-value is the
+upper tail of their exact convolution. Then Benjamini-Hochberg across the cycle's sources keeps the expected share
+of clean sources among those flagged at `alpha`. A detector's own row rule may flag clean rows; the source decision
+pays for that.
 
-A detector that flags rows together (activation clustering flags whole clusters) breaks the binomial test's
+A detector that flags rows together (activation clustering flags whole clusters) breaks the per-row test's
 independence: a clean source holding much of a flagged clean cluster would fail it. Such a detector also gives a
 `concentration` p-value per source (is the source over-represented among the flagged rows, against the other
 candidate sources?), and the source's p-value is the larger of the two: flagged only when both tests reject.
@@ -36,13 +43,14 @@ class RowFinding:
 
 @dataclass(frozen=True)
 class SourceFinding:
-    """One source's flagged share, its binomial p-value against the clean rate, the BH-adjusted q-value, and the
-    decision (`flagged` when q <= alpha)."""
+    """One source's flagged share, the flagged rows expected of a clean source of its classes, its p-value against
+    the per-class clean rates, the BH-adjusted q-value, and the decision (`flagged` when q <= alpha)."""
 
     source: str
     rows: int
     flagged_rows: int
     fraction: float
+    expected: float
     p_value: float
     q_value: float
     flagged: bool
@@ -50,7 +58,8 @@ class SourceFinding:
 
 @dataclass(frozen=True)
 class Findings:
-    """One detector's findings on the candidate rows (reference rows only calibrate the clean rate)."""
+    """One detector's findings on the candidate rows (reference rows only calibrate the clean rates); `clean_rate`
+    is the reference's pooled rate (Laplace's rule), for reports; sources are tested per class."""
 
     detector: str
     rows: tuple[RowFinding, ...]
@@ -104,6 +113,28 @@ def conformal_p_values(scores: np.ndarray, is_reference: np.ndarray) -> np.ndarr
     return (1.0 + above) / (len(calibration) + 1.0)
 
 
+def clean_flag_tail(
+    source_labels: np.ndarray, flagged: int, reference_labels: np.ndarray, reference_flagged: np.ndarray
+) -> tuple[float, float]:
+    """P(a clean source of these labels has at least `flagged` flagged rows) and the expected count: per class, the
+    Beta-binomial predictive of its rows under the Beta(1 + k, 1/r - 1 + n - k) posterior of the reference's rate
+    (k of its n reference rows of that class flagged, r the pooled rate), convolved over classes exactly."""
+    from scipy.stats import betabinom
+
+    size = int(max(source_labels.max(), reference_labels.max(initial=0))) + 1
+    rows = np.bincount(source_labels, minlength=size)
+    references = np.bincount(reference_labels, minlength=size)
+    hits = np.bincount(reference_labels[reference_flagged], minlength=size)
+    pooled = (hits.sum() + 1) / (references.sum() + 2)
+    pmf, expected = np.ones(1), 0.0
+    for label in np.flatnonzero(rows):
+        a, b = 1.0 + hits[label], 1.0 / pooled - 1.0 + references[label] - hits[label]
+        pmf = np.convolve(pmf, betabinom.pmf(np.arange(rows[label] + 1), rows[label], a, b))
+        expected += rows[label] * a / (a + b)
+    tail = float(min(1.0, pmf[flagged:].sum()))
+    return max(tail, np.finfo(np.float64).tiny), expected
+
+
 def findings(
     detector: str,
     scores: np.ndarray,
@@ -117,24 +148,29 @@ def findings(
     """Row findings for the candidate rows and the per-source decisions, from a detector's scores and flags (and,
     for a detector that flags rows in groups, each source's `concentration` p-value, which bounds its own from
     below)."""
-    from scipy.stats import binomtest, false_discovery_control
+    from scipy.stats import false_discovery_control
 
     names = np.asarray(sources, dtype=object)
     reference_flags = int(flagged[is_reference].sum())
     reference_rows = int(is_reference.sum())
-    clean_rate = (reference_flags + 1) / (reference_rows + 2)  # never 0: one flag must not condemn a source
+    clean_rate = (reference_flags + 1) / (reference_rows + 2)
     candidates = np.flatnonzero(~is_reference)
     rows = tuple(
         RowFinding(int(i), str(names[i]), int(labels[i]), float(scores[i]), bool(flagged[i])) for i in candidates
     )
+    labels = np.asarray(labels, dtype=np.int64)
     order = sorted({str(names[i]) for i in candidates})
     counts = [(int((names == s).sum()), int((flagged & (names == s)).sum())) for s in order]
-    p_values = np.array([binomtest(k, n, clean_rate, alternative="greater").pvalue for n, k in counts])
+    tails = [
+        clean_flag_tail(labels[names == s], k, labels[is_reference], flagged[is_reference])
+        for s, (_, k) in zip(order, counts, strict=True)
+    ]
+    p_values = np.array([p for p, _ in tails])
     if concentration is not None:
         p_values = np.maximum(p_values, [concentration.get(s, 1.0) for s in order])
     q_values = false_discovery_control(p_values) if len(p_values) else p_values
     sources_found = tuple(
-        SourceFinding(s, n, k, k / n, float(p), float(q), bool(q <= alpha))
-        for s, (n, k), p, q in zip(order, counts, p_values, q_values, strict=True)
+        SourceFinding(s, n, k, k / n, expected, float(p), float(q), bool(q <= alpha))
+        for s, (n, k), (_, expected), p, q in zip(order, counts, tails, p_values, q_values, strict=True)
     )
     return Findings(detector, rows, sources_found, clean_rate, reference_rows, alpha)

@@ -95,7 +95,12 @@ def _log_to_mlflow(
     try:
         now = int(time.time() * 1000)
         metrics = [Metric(name, float(value), now, 0) for name, value in screening_summary(report).items()]
-        params = [Param("roni.calibration_sizes", ",".join(str(c.size) for c in report.calibration.sizes))]
+        params = [
+            Param(
+                "roni.calibration_sizes",
+                ",".join(str(size) for size in sorted({c.size for c in report.calibration.strata})),
+            )
+        ]
         params += [Param(f"roni.{k}", str(v)) for k, v in asdict(report.config).items()]
         client.log_batch(run_id, metrics=metrics, params=params[:100])
         client.log_table(run_id, decision_table(report), DECISIONS_TABLE)

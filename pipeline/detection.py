@@ -60,7 +60,8 @@ def detection_config(section: DetectorsSection) -> DetectionConfig:
 
 
 def roni_evidence(detections: Detections) -> dict[str, tuple[float, ...]]:
-    """Each source's label-issue p-value (its flagged share against the reference's), for RONI to combine with its
+    """Each source's label-issue p-value (its flagged rows against the reference's per-class rates, so a clean
+    source of a few hard classes adds no false evidence), for RONI to combine with its
     shard tests: flipped labels are what both tests see, each weakly when the flips are few. Spectral signatures and
     activation clustering stay out: they look for backdoors the incoming model learned, which fine-tuning impacts do
     not measure, and every added p-value that carries no signal dilutes Fisher's combination."""
@@ -162,7 +163,7 @@ def _rejections(pool: Sequence[SignedShard], detections: Detections) -> tuple[Sh
             if source.flagged:
                 why[source.source].append(
                     f"{findings.detector} flagged {source.flagged_rows}/{source.rows} rows "
-                    f"(clean rate {findings.clean_rate:.3f}, q={source.q_value:.2g})"
+                    f"({source.expected:.1f} expected of clean rows of its classes, q={source.q_value:.2g})"
                 )
     return tuple(
         ShardDecision(

@@ -17,6 +17,7 @@ from trainguard.defenses.conformal import (
     conformal_p_values,
     fisher,
     rejected,
+    sequential_p_value,
     step_up_adjusted,
     stouffer,
 )
@@ -39,6 +40,45 @@ def test_p_values_lie_in_their_range_and_fall_as_the_score_grows(calibration: li
     low, high = sorted((a, b))
     p_low, p_high = conformal_p_values(calibration, [low, high])
     assert 1 / (len(calibration) + 1) <= p_high <= p_low <= 1
+
+
+def test_sequential_p_value_stops_at_the_hits_th_draw_at_least_the_score() -> None:
+    assert sequential_p_value([5.0, 1.0, 7.0, 3.0, 9.0], 4.0, hits=2, limit=5) == pytest.approx(2 / 3)
+    assert sequential_p_value([1.0, 2.0], 4.0, hits=2, limit=5) is None  # undecided: draw more
+    assert sequential_p_value([1.0, 2.0, 3.0, 5.0, 1.0], 4.0, hits=2, limit=5) == pytest.approx(2 / 6)
+    assert sequential_p_value([1.0, 2.0, 3.0, 5.0, 1.0, 9.0], math.nan, hits=2, limit=5) == pytest.approx(1 / 6)
+    assert sequential_p_value([4.0, 4.0], 4.0, hits=2, limit=5) == 1.0  # ties count against the candidate
+    with pytest.raises(ScreeningInputError):
+        sequential_p_value([1.0], 0.0, hits=0, limit=5)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_sequential_p_values_of_exchangeable_scores_are_super_uniform(ties: bool) -> None:
+    """Candidate and draws from one distribution (continuous, or coarse with many ties): P(p <= a) <= a at every a,
+    and close to a where a is a value the p-value takes (the test is not vacuously conservative)."""
+    rng = np.random.default_rng(0)
+    trials, hits, limit = 20_000, 5, 99
+    draws = rng.random((trials, limit))
+    scores = rng.random(trials)
+    if ties:
+        draws, scores = np.floor(draws * 8), np.floor(scores * 8)
+    p = np.array([sequential_p_value(d, s, hits, limit) for d, s in zip(draws, scores, strict=True)])
+    for a in (0.01, 0.02, 0.05, 0.1, 0.25, 0.5):
+        assert np.mean(p <= a) <= a + 3 * math.sqrt(a * (1 - a) / trials)
+    if not ties:
+        assert np.mean(p <= 0.05) >= 0.05 - 3 * math.sqrt(0.05 * 0.95 / trials)
+    consulted = np.where(p > hits / (limit + 1), hits / p, limit)  # draws scored before it stopped
+    assert consulted.mean() < 0.3 * limit  # a clean candidate stops early
+
+
+@given(st.lists(st.floats(-1e6, 1e6), min_size=20, max_size=20), st.floats(-1e6, 1e6), st.floats(-1e6, 1e6))
+def test_sequential_p_values_lie_in_their_range_and_fall_as_the_score_grows(
+    calibration: list[float], a: float, b: float
+) -> None:
+    low, high = sorted((a, b))
+    p_low, p_high = (sequential_p_value(calibration, s, hits=3, limit=20) for s in (low, high))
+    assert p_low is not None and p_high is not None
+    assert 1 / 21 <= p_high <= p_low <= 1
 
 
 @pytest.mark.parametrize("tail", ["normal", "heavy"])

@@ -16,8 +16,8 @@ from trainguard.defenses.roni import (
     CandidateDecision,
     ScreeningConfig,
     ScreeningReport,
-    SizeCalibration,
     SourceDecision,
+    Stratum,
 )
 
 
@@ -28,12 +28,13 @@ def _report() -> ScreeningReport:
             name, source, 50, impact, (impact, math.nan), impact / 0.01, p, None, p, 50, accepted, reason
         )
 
-    calibration = SizeCalibration(50, Standardizer((0.0, 0.0), (0.01, 0.01)), (0.1, 0.5, 2.0), (0.0, 0.01, 0.02))
+    counts = (25, 25, *[0] * 8)
+    calibration = Stratum(50, counts, Standardizer((0.0, 0.0), (0.01, 0.01)), (0.1, 0.5, 2.0), (0.0, 0.01, 0.02))
     alice = SourceDecision("alice", ("shard-a",), 50, None, None, 0.4, 3, 0.4, 0.8, False, "source alice not flagged")
     return ScreeningReport(
         decisions=(decision("shard-a", "alice", 0.01, 0.5, True), decision("shard-m", "mallory", 0.2, 0.002, False)),
         sources=(alice,),
-        calibration=Calibration(0.5, 128, "full", (calibration,)),
+        calibration=Calibration(0.5, 128, "full", strata=(calibration,)),
         config=ScreeningConfig(),
         seconds=0.1,
         base_soft_accuracy=0.9,

@@ -22,6 +22,7 @@ from trainguard.defenses.roni import (
     bootstrap_draws,
     group_by_source,
     screen_candidates,
+    stratified_draws,
 )
 
 # The statistics are the subject: every parameter fine-tunes (the default scope would screen the MLP's last layer).
@@ -100,8 +101,13 @@ def test_clean_candidates_are_accepted(digits: Split, model: nn.Module) -> None:
     report = screen_candidates(model, digits.trusted, digits.holdout, candidates, ScreeningConfig(**STRICT))
     assert [d.reason for d in report.rejected] == []
     assert not report.flagged
-    assert [len(c.scores) for c in report.calibration.sizes] == [STRICT["calibration_draws"]] * 3
-    assert sorted(c.size for c in report.calibration.sizes) == [50, 150, 200]  # shards, and sources of 3 and 4
+    histograms = {
+        tuple(torch.bincount(c.data.y, minlength=10).tolist()) for c in [*candidates, *group_by_source(candidates)]
+    }
+    assert {s.counts for s in report.calibration.strata} == histograms  # each tested against its own histogram
+    assert sorted({c.size for c in report.calibration.scales}) == [50, 150, 200]  # shards, and sources of 3 and 4
+    draws = [len(s.scores) for s in report.calibration.strata]
+    assert max(draws) <= STRICT["calibration_draws"] and np.median(draws) < 100  # clean ones stop early
 
 
 def test_class_targeted_poisoning_is_caught_by_the_per_class_metrics_within_the_same_budget(
@@ -133,7 +139,7 @@ def test_batched_and_sequential_training_give_the_same_p_values(digits: Split, m
     )
     assert np.allclose([d.impact for d in batched.decisions], [d.impact for d in sequential.decisions], atol=1e-5)
     assert [d.p_value for d in batched.decisions] == [d.p_value for d in sequential.decisions]
-    assert np.allclose(batched.calibration.sizes[0].impacts, sequential.calibration.sizes[0].impacts, atol=1e-5)
+    assert np.allclose(batched.calibration.strata[0].impacts, sequential.calibration.strata[0].impacts, atol=1e-5)
 
 
 def test_progress_counts_every_copy_fine_tuned_up_to_the_plan(digits: Split, model: nn.Module) -> None:
@@ -157,11 +163,10 @@ def test_each_candidate_is_held_to_clean_draws_of_its_own_size(digits: Split, mo
     small = Candidate("small", "a", digits.shard(digits.pool[:30]))
     large = Candidate("large", "b", _flip(digits.shard(digits.pool[30:430]), 0.3, seed=2))
     report = screen_candidates(model, digits.trusted, digits.holdout, [small, large], ScreeningConfig(**STRICT))
-    assert [c.size for c in report.calibration.sizes] == [30, 400]  # 400 rows drawn from 300 trusted: bootstrap
+    assert [c.size for c in report.calibration.strata] == [30, 400]  # 400 rows drawn from 300 trusted: bootstrap
     assert [d.calibration_size for d in report.decisions] == [30, 400]
     assert [d.accepted for d in report.decisions] == [True, False]
-    big = report.calibration.sizes[1]
-    small_draws = report.calibration.sizes[0]
+    small_draws, big = report.calibration.strata
     assert np.std(big.impacts) < np.std(small_draws.impacts)  # bigger clean draws move the model less variably
 
 
@@ -175,8 +180,8 @@ def test_a_large_source_is_judged_against_draws_of_its_own_size_and_flagged(digi
     report = screen_candidates(model, digits.trusted, digits.holdout, shards, ScreeningConfig(**STRICT))
     (judged,) = report.sources
     assert judged.flagged and judged.union_p_value is not None
-    union_draws = report.calibration.matching(400, report.config.size_tolerance)
-    assert union_draws is not None and union_draws.size == 400
+    union = torch.bincount(source.y, minlength=10).tolist()
+    assert [s.size for s in report.calibration.strata if s.counts == tuple(union)] == [400]
     assert judged.combined_p_value <= report.config.level / 4
     assert all(not d.accepted for d in report.decisions)
 
@@ -239,7 +244,7 @@ def test_a_detectors_evidence_joins_the_source_test_and_flags_what_the_shards_al
 
 def test_fdr_control_rejects_no_more_than_per_candidate_control(digits: Split, model: nn.Module) -> None:
     candidates = [
-        Candidate(f"c{i}", f"s{i}", _flip(digits.shard(digits.pool[50 * i : 50 * (i + 1)]), 0.2 if i < 2 else 0.0, i))
+        Candidate(f"c{i}", f"s{i}", _flip(digits.shard(digits.pool[50 * i : 50 * (i + 1)]), 0.3 if i < 2 else 0.0, i))
         for i in range(6)
     ]
     per_candidate = screen_candidates(model, digits.trusted, digits.holdout, candidates, ScreeningConfig(**FAST))
@@ -263,12 +268,18 @@ def test_calibration_from_an_earlier_report_is_reused_and_extended(digits: Split
         model,
         digits.trusted,
         digits.holdout,
-        [Candidate("b", "b", digits.shard(digits.pool[50:100])), Candidate("c", "c", digits.shard(digits.pool[:80]))],
+        [
+            Candidate("a-again", "b", digits.shard(digits.pool[:50])),
+            Candidate("c", "c", digits.shard(digits.pool[:80])),
+        ],
         ScreeningConfig(**FAST),
         calibration=first.calibration,
     )
-    assert second.calibration.sizes[0] is first.calibration.sizes[0]
-    assert [c.size for c in second.calibration.sizes] == [50, 80]
+    assert second.calibration.scales[0] is first.calibration.scales[0]
+    assert [c.size for c in second.calibration.scales] == [50, 80]
+    (again,) = [s for s in second.calibration.strata if s.size == 50]  # the same histogram: its draws, extended
+    assert again.scores[: len(first.calibration.strata[0].scores)] == first.calibration.strata[0].scores
+    assert second.decisions[0].p_value == first.decisions[0].p_value
 
 
 def test_bootstrap_draws_resample_the_pool_before_drawing() -> None:
@@ -277,6 +288,49 @@ def test_bootstrap_draws_resample_the_pool_before_drawing() -> None:
     distinct = np.array([len(np.unique(r)) for r in rows])
     assert distinct.mean() < 0.63 * 300  # at most what one resample of the pool holds
     assert np.array_equal(rows, bootstrap_draws(300, 400, 200, seed=0))
+
+
+def test_stratified_draws_hold_the_candidates_count_of_each_class_from_that_classs_trusted_rows(
+    digits: Split,
+) -> None:
+    labels = digits.trusted.y.numpy()
+    counts = (0, 0, 20, 0, 5, 0, 0, 25, 0, 0)
+    rows = stratified_draws(labels, counts, count=30, seed=0)
+    assert rows.shape == (30, 50)
+    assert all(np.bincount(labels[r], minlength=10).tolist() == list(counts) for r in rows)
+    assert np.array_equal(rows, stratified_draws(labels, counts, count=30, seed=0))
+    assert not np.array_equal(rows[:20], stratified_draws(labels, counts, count=20, seed=0, start=10))  # next stage
+    lacking = np.where(labels == 7, 8, labels)  # no trusted 7s: the candidate's 7s come from all trusted rows
+    fallback = stratified_draws(lacking, counts, count=30, seed=0)
+    assert np.bincount(lacking[fallback[:, 25:]].ravel(), minlength=10)[[2, 4]].sum() > 0
+
+
+def _three_class_shards(digits: Split, count: int, flip: float) -> list[Candidate]:
+    """`count` shards of 50 pool rows of 3 random classes each (a clinic that sees a few conditions), each its own
+    source, `flip` of their labels flipped."""
+    labels = digits.y[digits.pool].numpy()
+    shards = []
+    for seed in range(count):
+        rng = np.random.default_rng(seed)
+        rows = rng.choice(digits.pool[np.isin(labels, rng.choice(10, 3, replace=False))], 50, replace=False)
+        data = _flip(digits.shard(rows), flip, seed) if flip else digits.shard(rows)
+        shards.append(Candidate(f"{'flipped' if flip else 'clean'}-{seed}", f"{flip}-{seed}", data))
+    return shards
+
+
+def test_clean_shards_of_three_classes_are_accepted_and_flipped_ones_rejected(digits: Split, model: nn.Module) -> None:
+    """Held to draws of their own label histogram, clean 3-class shards are rejected at most at the level (8 of
+    them at level 0.05: at most one); held to all-class draws they are not. 30% flips in such shards are caught."""
+    clean, flipped = _three_class_shards(digits, 8, 0.0), _three_class_shards(digits, 8, 0.3)
+    config = {"steps": 10, **FAST}
+    report = screen_candidates(model, digits.trusted, digits.holdout, [*clean, *flipped], ScreeningConfig(**config))
+    rejected = {d.name for d in report.rejected}
+    assert len(rejected & {c.name for c in clean}) <= 1
+    assert len(rejected & {c.name for c in flipped}) >= 6
+    unstratified = screen_candidates(
+        model, digits.trusted, digits.holdout, clean, ScreeningConfig(stratify=False, **config)
+    )
+    assert len(unstratified.rejected) >= 2  # what stratification fixes
 
 
 def test_group_by_source_concatenates_each_sources_shards(digits: Split) -> None:
@@ -319,7 +373,7 @@ def test_auto_lr_is_the_largest_grid_rate_whose_calibration_copies_keep_their_so
     too_large = ScreeningConfig(lr=20.0, **FAST)
     assert screen_candidates(model, digits.trusted, digits.holdout, candidates, auto).lr == 0.5
     collapsed = screen_candidates(model, digits.trusted, digits.holdout, candidates, too_large)
-    assert np.median(collapsed.calibration.sizes[0].impacts) > auto.lr_tolerance
+    assert np.median(collapsed.calibration.strata[0].impacts) > auto.lr_tolerance
 
 
 def test_auto_lr_refuses_when_no_rate_of_the_grid_is_stable(digits: Split, model: nn.Module) -> None:
@@ -335,7 +389,8 @@ def test_the_report_carries_each_candidates_p_value_as_strict_json(digits: Split
     data = screen_candidates(model, digits.trusted, digits.holdout, candidates, ScreeningConfig(**FAST)).to_dict()
     assert [set(d) >= {"p_value", "adjusted_p_value", "source_p_value", "calibration_size"} for d in data["decisions"]]
     assert data["sources"][0]["source"] == "alice" and 0 < data["sources"][0]["p_value"] <= 1
-    assert [c["size"] for c in data["calibration"]] == [50, 100]
+    assert sorted({c["size"] for c in data["calibration"]}) == [50, 100]
+    assert all(sum(c["counts"]) == c["size"] for c in data["calibration"])
     assert data["level"] == 0.05 and data["error_control"] == "per-candidate"
 
 
@@ -402,6 +457,5 @@ def test_full_scope_on_a_batch_norm_network_finds_a_finite_rate(digits: Split, b
     config = ScreeningConfig(scope="full", level=0.2, calibration_draws=19)  # the rate search is the subject
     report = screen_candidates(bn_model, digits.trusted, digits.holdout, candidates, config)
     assert report.scope == "full"
-    impacts = report.calibration.sizes[0].impacts
-    assert all(math.isfinite(v) for v in impacts)
-    assert np.median(impacts) <= report.config.lr_tolerance
+    assert report.lr in config.lr_grid
+    assert all(math.isfinite(v) for v in report.calibration.strata[0].impacts)  # the shard's histogram's draws
