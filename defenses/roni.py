@@ -20,11 +20,13 @@ The p-value is sequential (Besag & Clifford 1991): a histogram's draws are fine-
 every candidate of that histogram has `sequential_hits` draws scoring at least its own or `calibration_draws` were
 drawn, so a clearly clean candidate costs a few dozen draws. A class the trusted rows lack is drawn from all of
 them (a fallback rather than a refusal, which would let one rare label stop the cycle; the draw keeps the
-candidate's size, and that candidate's test is only approximate). On digits with ~40 trusted rows per class, clean
-shards of 2-4 classes were still refused more often than the level (0.042 at level 0.01, against 0.63 with
-all-class draws; `benchmarks/poisoning.py`): their own tests held the level (0.010), their sources' did not (likely: the
-union's draws bootstrap more rows of a class than the trusted set holds, and a source's shard p-values lean on the
-same few trusted rows per class, which Fisher's combination takes for independent).
+candidate's size, and that candidate's test is only approximate). Draws can only stand for fresh rows while they
+need a small share of the trusted rows of a class: a draw of 50 rows of a class from 40 trusted ones repeats rows,
+fine-tunes on fewer distinct examples and moves the model less than 50 fresh rows do, so a clean candidate's impact
+looks large next to its draws (on digits with ~40 trusted rows per class, clean shards of 2-4 classes, tested whole,
+were refused at 0.042 at level 0.01, their sources' unions at 8 times the level). A stratified candidate holding more
+than `pool_fraction` of the trusted rows of a class is therefore tested on a seeded subsample with that many rows of
+the class: the rate of any poison in it is kept, and its draws are as diverse as the candidate.
 Draws are a two-level bootstrap of the trusted data (per class when stratified): the pool is resampled,
 then rows are drawn with replacement from the resample. A fresh contribution differs from the trusted pool by its
 own sampling noise (variance ~ 1/n) plus the pool's (~ 1/N); drawing without replacement from the pool would have
@@ -98,7 +100,9 @@ class ScreeningConfig:
     sequential p-values, which stop once `sequential_hits` draws score at least the candidate (the smallest p-value
     is 1 / (draws + 1), so `draws + 1 >= 4 / level` is required: a union test must be able to reject under the
     4-way split); `SCALE_DRAWS` more per size and class set fit each metric's center and scale. `stratify` draws
-    each class's share of the candidate from that class's trusted rows (classification only). Unstratified, and
+    each class's share of the candidate from that class's trusted rows (classification only); `pool_fraction`
+    tests a stratified candidate on at most that share of the trusted rows of each class it holds (a seeded
+    subsample; None: whole candidates). Unstratified, and
     for the scales, sizes within `size_tolerance` share the draws of the smallest of them (smaller draws vary more:
     the shared test is, if anything, lenient).
     `combination` merges a source's shard p-values (earlier cycles' included). `min_scale` keeps a saturated model
@@ -124,6 +128,7 @@ class ScreeningConfig:
     calibration_draws: int = 500
     sequential_hits: int = 10
     stratify: bool = True
+    pool_fraction: float | None = 0.25
     combination: Combination = "fisher"
     size_tolerance: float = 0.1
     min_scale: float = 1e-3
@@ -153,6 +158,8 @@ class ScreeningConfig:
                 f"{self.level / 4:g} (the smallest p-value is 1/(draws+1)); use at least "
                 f"{math.ceil(4 / self.level) - 1} draws or a larger level"
             )
+        if self.pool_fraction is not None and not 0 < self.pool_fraction <= 1:
+            raise ScreeningInputError("screening config: pool_fraction must be in (0, 1] or None")
         if not 1 <= self.sequential_hits <= self.calibration_draws:
             raise ScreeningInputError("screening config: sequential_hits must be in [1, calibration_draws]")
         if self.error_control not in ("per-candidate", "bh", "by") or self.combination not in ("fisher", "stouffer"):
@@ -570,6 +577,22 @@ def _key(data: LabeledData, num_classes: int | None) -> _Key:
     return _Key(len(data), tuple(int(k) for k in torch.bincount(data.y.long(), minlength=num_classes).tolist()))
 
 
+def _within_pool(candidate: Candidate, pool: np.ndarray, fraction: float, seed: int) -> Candidate:
+    """The candidate, or a seeded subsample holding at most `fraction` of the trusted rows (`pool`: per class) of
+    each class: what clean draws of the trusted rows can stand for (see the module docstring)."""
+    labels = candidate.data.y.long().numpy()
+    rng = np.random.default_rng([seed, *candidate.name.encode()])
+    keep = []
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        limit = max(1, int(fraction * (pool[label] if label < len(pool) else 0)))
+        keep.append(rows if len(rows) <= limit else np.sort(rng.choice(rows, limit, replace=False)))
+    rows = np.concatenate(keep)
+    if len(rows) == len(labels):
+        return candidate
+    return Candidate(candidate.name, candidate.source, candidate.data.take(torch.as_tensor(np.sort(rows))))
+
+
 def _clean_impacts(
     scoped: _Scoped,
     rows: Sequence[np.ndarray],
@@ -787,6 +810,9 @@ def screen_candidates(
     shards_of = Counter(c.source for c in candidates)
     unions = [u for u in group_by_source(candidates) if shards_of[u.source] > 1]
     tried = [*candidates, *unions]
+    if by_class and config.stratify and config.pool_fraction is not None:
+        pool = np.bincount(base_data.y.long().numpy(), minlength=num_classes)
+        tried = [_within_pool(c, pool, config.pool_fraction, config.seed) for c in tried]
     count = _Count(progress)
     probing = calibration is None and config.lr == "auto"
     count.plan(probing * LR_PROBE_DRAWS + len(tried))  # clean draws are planned stage by stage, as they are drawn

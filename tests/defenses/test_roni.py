@@ -25,9 +25,10 @@ from trainguard.defenses.roni import (
     stratified_draws,
 )
 
-# The statistics are the subject: every parameter fine-tunes (the default scope would screen the MLP's last layer).
-FAST = {"level": 0.05, "calibration_draws": 99, "scope": "full"}  # the smallest calibration rejecting at level 0.05
-STRICT = {"calibration_draws": 399, "scope": "full"}  # level 0.01, the smallest calibration that can reject there
+# The statistics are the subject: every parameter fine-tunes (the default scope would screen the MLP's last layer) and
+# candidates are tested whole (by default one holding more than a quarter of the trusted rows of a class is subsampled).
+FAST = {"level": 0.05, "calibration_draws": 99, "scope": "full", "pool_fraction": None}  # whole candidates
+STRICT = {"calibration_draws": 399, "scope": "full", "pool_fraction": None}  # level 0.01: the least draws to reject
 
 
 class Split:
@@ -147,9 +148,11 @@ def test_progress_counts_every_copy_fine_tuned_up_to_the_plan(digits: Split, mod
     candidates = [Candidate(f"s{i}", "a", digits.shard(digits.pool[40 * i : 40 * (i + 1)])) for i in range(2)]
     config = ScreeningConfig(steps=3, lr=0.01, chunk_size=64, **FAST)
     screen_candidates(model, digits.trusted, digits.holdout, candidates, config, progress=lambda *n: told.append(n))
-    planned = 2 * (SCALE_DRAWS + config.calibration_draws) + 3  # draws of 40 and 80 rows, two shards and their union
-    assert told[0] == (0, planned) and told[-1] == (planned, planned)
-    assert [done for done, _ in told] == sorted(done for done, _ in told) and len(told) > 3  # chunk by chunk
+    assert told[0] == (0, 3)  # two shards and their union up front; clean draws are planned as they are drawn
+    done, planned = told[-1]
+    assert done == planned >= 3 + 2 * SCALE_DRAWS + 2 * 2 * config.sequential_hits  # scales, a first stage each
+    assert [d for d, _ in told] == sorted(d for d, _ in told) and [p for _, p in told] == sorted(p for _, p in told)
+    assert all(d <= p for d, p in told) and len(told) > 3  # chunk by chunk, never past the plan
 
 
 def test_screening_leaves_the_model_unchanged(digits: Split, model: nn.Module) -> None:
@@ -331,6 +334,26 @@ def test_clean_shards_of_three_classes_are_accepted_and_flipped_ones_rejected(di
         model, digits.trusted, digits.holdout, clean, ScreeningConfig(stratify=False, **config)
     )
     assert len(unstratified.rejected) >= 2  # what stratification fixes
+
+
+def test_a_candidate_past_the_pool_share_is_tested_on_a_subsample_its_draws_can_match(
+    digits: Split, model: nn.Module
+) -> None:
+    """Draws of more rows of a class than a quarter of the trusted rows of it repeat rows; such a candidate is tested
+    on a seeded subsample holding at most that share of each class, and 30% flips in it are still caught."""
+    clean, flipped = _three_class_shards(digits, 4, 0.0), _three_class_shards(digits, 4, 0.3)
+    config = ScreeningConfig(steps=10, level=0.05, calibration_draws=99, scope="full", pool_fraction=0.25)
+    report = screen_candidates(model, digits.trusted, digits.holdout, [*clean, *flipped], config)
+    trusted = np.bincount(digits.trusted.y.numpy(), minlength=10)
+    for stratum in report.calibration.strata:
+        assert stratum.counts is not None
+        assert all(k <= max(1, int(0.25 * trusted[c])) for c, k in enumerate(stratum.counts))
+    assert {d.size for d in report.decisions} == {50}  # decisions name the whole shard
+    assert max(d.calibration_size for d in report.decisions) < 50
+    rejected = {d.name for d in report.rejected}
+    assert len(rejected & {c.name for c in flipped}) >= 3 and len(rejected & {c.name for c in clean}) <= 1
+    again = screen_candidates(model, digits.trusted, digits.holdout, [*clean, *flipped], config)
+    assert [d.p_value for d in again.decisions] == [d.p_value for d in report.decisions]  # seeded subsamples
 
 
 def test_group_by_source_concatenates_each_sources_shards(digits: Split) -> None:
