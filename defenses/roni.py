@@ -593,6 +593,11 @@ def _within_pool(candidate: Candidate, pool: np.ndarray, fraction: float, seed: 
     return Candidate(candidate.name, candidate.source, candidate.data.take(torch.as_tensor(np.sort(rows))))
 
 
+def _subsampled(size: int, tested: int) -> str:
+    """How a reason says that a candidate was tested on a subsample (`pool_fraction`)."""
+    return f" (tested on a seeded {tested}-row subsample of its {size} rows)" if tested < size else ""
+
+
 def _clean_impacts(
     scoped: _Scoped,
     rows: Sequence[np.ndarray],
@@ -827,7 +832,8 @@ def screen_candidates(
     shard_tests = tests[: len(candidates)]
     union_tests = dict(zip([u.source for u in unions], tests[len(candidates) :], strict=True))
     sources = _source_evidence(candidates, shard_tests, union_tests, history or {}, evidence or {}, config)
-    decisions, source_decisions = _decide(candidates, shard_tests, sources, config)
+    tested = [len(c.data) for c in tried[: len(candidates)]]
+    decisions, source_decisions = _decide(candidates, tested, shard_tests, sources, config)
     return ScreeningReport(
         decisions=decisions,
         sources=source_decisions,
@@ -887,11 +893,13 @@ def _source_evidence(
 
 def _decide(
     candidates: Sequence[Candidate],
+    tested: Sequence[int],
     tests: Sequence[_Tested],
     sources: Mapping[str, _SourceEvidence],
     config: ScreeningConfig,
 ) -> tuple[tuple[CandidateDecision, ...], tuple[SourceDecision, ...]]:
-    """Adjusted p-values per shard and per source, compared with the level; non-finite impacts fail closed."""
+    """Adjusted p-values per shard and per source, compared with the level; non-finite impacts fail closed.
+    `tested`: the rows each candidate was fine-tuned on (fewer than its own when subsampled)."""
     shard_p = np.array([t.p_value for t in tests])
     source_p = np.array([s.p_value for s in sources.values()])
     if config.error_control == "per-candidate":
@@ -906,7 +914,7 @@ def _decide(
         s.source: _source_decision(s, float(a), config) for s, a in zip(sources.values(), adjusted_sources, strict=True)
     }
     decisions = []
-    for candidate, test, own in zip(candidates, tests, adjusted_shards, strict=True):
+    for candidate, rows, test, own in zip(candidates, tested, tests, adjusted_shards, strict=True):
         source = source_decisions.get(candidate.source)
         adjusted = min(float(own), source.adjusted_p_value) if source else float(own)
         if not test.finite:
@@ -916,6 +924,7 @@ def _decide(
                 f"p-value {test.p_value:.3g} (adjusted {own:.3g}) <= level {config.level:g}: "
                 f"{test.worst()} against clean {test.calibration.size}-row draws"
                 f"{'' if test.calibration.counts is None else ' of its label histogram'}"
+                f"{_subsampled(len(candidate.data), rows)}"
             )
         elif source is not None and source.flagged:
             reason = source.reason

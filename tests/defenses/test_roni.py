@@ -352,6 +352,7 @@ def test_a_candidate_past_the_pool_share_is_tested_on_a_subsample_its_draws_can_
     assert max(d.calibration_size for d in report.decisions) < 50
     rejected = {d.name for d in report.rejected}
     assert len(rejected & {c.name for c in flipped}) >= 3 and len(rejected & {c.name for c in clean}) <= 1
+    assert all("subsample of its 50 rows" in d.reason for d in report.rejected)
     again = screen_candidates(model, digits.trusted, digits.holdout, [*clean, *flipped], config)
     assert [d.p_value for d in again.decisions] == [d.p_value for d in report.decisions]  # seeded subsamples
 
