@@ -254,8 +254,13 @@ class ModelGate(pl.Callback):
         return "ModelGate"
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> HeldoutMetrics:
+        """Rank 0's measurements and held-out size on every rank (a rank may hold another share of the set)."""
         metrics = heldout_metrics(pl_module, self.holdout, self.num_classes, task=self.task, forward=self.forward)
-        return HeldoutMetrics.from_dict(trainer.strategy.broadcast(metrics.to_dict(), src=0))
+        shared = trainer.strategy.broadcast(
+            {"metrics": metrics.to_dict(), "rows": self.size.rows, "groups": list(self.size.group_rows)}, src=0
+        )
+        self.size = HeldoutSize(int(shared["rows"]), tuple(int(n) for n in shared["groups"]))
+        return HeldoutMetrics.from_dict(shared["metrics"])
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.verdict = None

@@ -582,8 +582,8 @@ def _screen(
     )
     if screening.scope == "full" and config.roni.options.get("scope", "auto") == "auto":
         console.note(
-            "RONI fine-tuned every parameter: the model has no nn.Linear head (or takes extra inputs); name its "
-            "head's first module as roni.options.feature_layer for a faster screening"
+            "RONI fine-tuned every parameter: no nn.Linear head gives the model's output (or it takes extra "
+            "inputs); name its head's first module as roni.options.feature_layer for a faster screening"
         )
     verdict = {d.name: d for d in screening.decisions}
     flagged = {s.source: s for s in screening.flagged}

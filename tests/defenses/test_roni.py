@@ -4,6 +4,7 @@ shards accepted; a source is judged whole (its union size-matched, its shard p-v
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -474,6 +475,33 @@ def test_auto_scope_screens_the_linear_head_and_the_whole_of_a_model_without_one
     convolutional = nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 10, 8), nn.Flatten())  # no nn.Linear
     report = screen_candidates(convolutional, digits.trusted, digits.holdout, candidate, auto)
     assert (report.scope, report.head) == ("full", None)
+
+
+class ScaledOutput(nn.Module):
+    """An MLP whose forward does more after its last Linear: no head from there gives the model's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) * 2.0
+
+
+def test_auto_scope_screens_the_whole_model_where_no_head_gives_its_output_or_a_hook_feeds_it(
+    digits: Split, model: nn.Module
+) -> None:
+    candidate = [Candidate("s", "a", digits.shard(digits.pool[:40]))]
+    auto = ScreeningConfig(steps=3, lr=0.01, **{**FAST, "scope": "auto"})
+    torch.manual_seed(0)
+    report = screen_candidates(ScaledOutput(), digits.trusted, digits.holdout, candidate, auto)
+    assert (report.scope, report.head) == ("full", None)
+    with pytest.raises(ScreeningInputError, match="not the head"):
+        screen_candidates(ScaledOutput(), digits.trusted, digits.holdout, candidate, replace(auto, scope="head"))
+    hooked = screen_candidates(
+        model, digits.trusted, digits.holdout, candidate, auto, forward=lambda module, batch, x: module(x)
+    )
+    assert hooked.scope == "full"
 
 
 def test_full_scope_on_a_batch_norm_network_finds_a_finite_rate(digits: Split, bn_model: nn.Module) -> None:
