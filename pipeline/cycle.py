@@ -40,6 +40,7 @@ from trainguard.pipeline.intake import (
     concat,
     feature_columns,
     manifest_refs,
+    quarantined_by_operator,
     refusal,
     verify_and_read,
 )
@@ -483,9 +484,9 @@ def _screen_inputs(cycle: RunningCycle, intake: Intake, stage: TrackedRun) -> li
             reason = f"role trusted, granted to key set {signers[shard.manifest_sha256]} by the trust policy"
             reused.append(accepted(shard, "trusted", reason))
             continue
-        if shard.source in quarantined:
-            why = f"source {shard.source} is quarantined by the operator: {quarantined[shard.source]}"
-            reused.append(refusal(shard, "operator", why))
+        operator = quarantined_by_operator(shard, quarantined)
+        if operator is not None:
+            reused.append(operator)
             continue
         earlier = cycle.state.decided(shard.key, shard.sha256)
         if earlier is not None and earlier.check == "roni":

@@ -336,6 +336,15 @@ def cap_sources(shards: Sequence[SignedShard], max_fraction: float) -> tuple[lis
     return kept, refused
 
 
+def quarantined_by_operator(shard: SignedShard, quarantined: Mapping[str, str]) -> ShardDecision | None:
+    """The operator's refusal of a shard whose source is quarantined (`trainguard sources quarantine`); None for a
+    trusted shard or another source."""
+    if shard.role == "trusted" or shard.source not in quarantined:
+        return None
+    why = f"source {shard.source} is quarantined by the operator: {quarantined[shard.source]}"
+    return refusal(shard, "operator", why)
+
+
 def refusal(shard: SignedShard, check: str, reason: str) -> ShardDecision:
     """The decision that `shard` may not be trained on, by `check`."""
     return ShardDecision(

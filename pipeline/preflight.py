@@ -288,10 +288,11 @@ def _decoders(config: CycleConfig) -> dict[str, Any]:
 def foresee(config: CycleConfig) -> tuple[Passed, ...]:
     """What the cycle would decide before training, from the cycle's own functions on the data now in place: the
     signed state's anti-rollback records (a manifest behind them stops the cycle), the intake (every shard read and
-    hash-checked, as the cycle reads it), validation and the per-source caps (shards the cycle would refuse), class
+    hash-checked, as the cycle reads it), validation, the per-source caps and the operator's quarantines (shards the
+    cycle would refuse), class
     coverage and whether the held-out set is large enough for the gate's thresholds (warnings). Raises
     PreflightError where the cycle would stop."""
-    from trainguard.pipeline.intake import admit, verify_and_read
+    from trainguard.pipeline.intake import admit, quarantined_by_operator, verify_and_read
 
     state = _cycle_state(config)
     try:
@@ -306,12 +307,16 @@ def foresee(config: CycleConfig) -> tuple[Passed, ...]:
         else "no anti-rollback record yet in"
     )
     found = [Passed("rollback", f"{held} the cycle state {config.output.state_path}")]
-    for decision in [*intake.refused, *invalid, *capped]:
+    operator = [d for d in (quarantined_by_operator(s, state.quarantined) for s in kept) if d is not None]
+    for decision in [*intake.refused, *invalid, *capped, *operator]:
         found.append(
             Passed(decision.check, f"would refuse {decision.shard} ({decision.source}): {decision.reason}", "refuse")
         )
     refused = len(found) - 1
-    found.append(Passed("admit", f"{len(kept)} shards pass the intake, validation and source caps; {refused} refused"))
+    passing = len(kept) - len(operator)
+    found.append(
+        Passed("admit", f"{passing} shards pass the intake, validation, source caps and quarantines; {refused} refused")
+    )
     if config.task.kind == "classification":
         found += _coverage(config, [s for s in kept if s.role == "trusted"], intake.holdout)
     found += _holdout_size(config, intake.holdout)

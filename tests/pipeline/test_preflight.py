@@ -327,3 +327,17 @@ def test_check_warns_when_the_holdout_lacks_a_class(project: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "warn  coverage   the held-out set holds no row of class(es) [9]" in done.stdout
     assert "ok  coverage   the trusted base holds every class" in done.stdout
+
+
+def test_check_lists_the_shards_of_a_source_the_operator_quarantined(project: Path, tmp_path: Path) -> None:
+    """A quarantine signed into the state (`trainguard sources quarantine`) refuses the source's shards in the
+    cycle; check names each of them, with the operator's reason, and exits 0 (the cycle goes on without them)."""
+    mine = shutil.copytree(project, tmp_path / "project", symlinks=True)
+    config = str(_config(mine, {}))
+    held = _run(mine, "sources", "--config", config, "--reason", "audit pending", "quarantine", "dave")
+    assert held.returncode == 0, held.stderr
+    done = _run(mine, "check", config)
+    assert done.returncode == 0, done.stdout + done.stderr
+    refused = [line for line in done.stdout.splitlines() if line.startswith("refuse  operator")]
+    assert refused and all("(dave)" in line and "audit pending" in line for line in refused), done.stdout
+    assert not [line for line in done.stdout.splitlines() if "operator" in line and "(dave)" not in line]
