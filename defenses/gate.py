@@ -157,11 +157,11 @@ def judge(
     def rows_of(index: int) -> int | None:
         return None if size is None else size.group(index)
 
-    def past(drop: float, index: int) -> bool:
-        b, a = before.class_accuracy[index], after.class_accuracy[index]
-        return drop > max_class_drop and drop > _resolvable(b, a, rows_of(index), z)
+    def resolvable(index: int) -> float:
+        return _resolvable(before.class_accuracy[index], after.class_accuracy[index], rows_of(index), z)
 
-    resolved = [(d, c) for d, c in class_drops if past(d, c)]
+    over = [(d, c) for d, c in class_drops if d > max_class_drop]
+    resolved = [(d, c) for d, c in over if d > resolvable(c)]
     if resolved:
         worst, cls = max(resolved)
         b, a = before.class_accuracy[cls], after.class_accuracy[cls]
@@ -171,14 +171,12 @@ def judge(
             f"more than {max_class_drop}{_resolution(b, a, n, z)} (95% over {len(class_drops)} {group} drops)"
         )
         return GateVerdict(False, reason, before, after)
-    unresolved = [(d, c) for d, c in class_drops if d > max_class_drop]
     within = ""
-    if unresolved and size is not None:
-        worst, cls = max(unresolved)
-        b, a = before.class_accuracy[cls], after.class_accuracy[cls]
+    if over and size is not None:
+        worst, cls = max(over)
         within = (
-            f"; {group} {cls} dropped by {worst:.4f}, past {max_class_drop} but within chance at n={size.group(cls)} "
-            f"(resolvable {_resolvable(b, a, size.group(cls), z):.4f}, 95% over {len(class_drops)} {group} drops)"
+            f"; {group} {cls} dropped by {worst:.4f}, past {max_class_drop} but within chance at n={rows_of(cls)} "
+            f"(resolvable {resolvable(cls):.4f}, 95% over {len(class_drops)} {group} drops)"
         )
     reason = (
         f"held-out {metric} {_stated(before.accuracy, rows)} -> {_stated(after.accuracy, rows)} within thresholds"

@@ -43,7 +43,8 @@ own test and its source's share the budget, Bonferroni); "bh" / "by" control the
 cycle's shard and source tests instead.
 
 The scope is by default the last layer(s) on features computed once per row (`defenses.features`), and the whole
-network only for a model with no Linear head (or with extra inputs) or when asked (`scope="full"`). The learning
+network only where no Linear head gives the model's output, the model takes extra inputs or a forward hook, or when
+asked (`scope="full"`). The learning
 rate is the largest on a grid at which clean calibration copies stay finite and keep their held-out soft accuracy.
 """
 
@@ -502,37 +503,31 @@ def _scoped(
             f"{', '.join(reads_more)}: set scope='full'"
         )
     try:
-        return _head_scoped(model, trusted, holdout, candidates, config, task, count)
+        return _head_scoped(model, full, config)
     except ScreeningInputError:
         if config.scope == "auto":  # no head from there gives the model's own output (more code after it)
             return full
         raise
 
 
-def _head_scoped(
-    model: nn.Module,
-    trusted: LabeledData,
-    holdout: LabeledData,
-    candidates: Sequence[Candidate],
-    config: ScreeningConfig,
-    task: Task,
-    count: _Count,
-) -> _Scoped:
+def _head_scoped(model: nn.Module, full: _Scoped, config: ScreeningConfig) -> _Scoped:
+    """`full`'s data as the head's input features: the head alone fine-tunes, on features computed once per row."""
     split: HeadSplit = split_head(model, config.feature_layer, config.head_layers)
     # One pass over every row in the same batches: cuDNN picks kernels (TF32 among them) per batch shape, and the
     # calibration draws' features must come out of the same arithmetic as the candidates' to stay exchangeable.
-    everything = torch.cat([trusted.x, holdout.x, *(c.data.x for c in candidates)])
+    everything = torch.cat([full.trusted.x, full.holdout.x, *(c.x for c in full.candidates)])
     (features,) = head_features(model, split, [everything])
-    trusted_x, holdout_x, *parts = features.split([len(trusted), len(holdout), *(len(c.data) for c in candidates)])
+    sizes = [len(full.trusted), len(full.holdout), *(len(c) for c in full.candidates)]
+    trusted_x, holdout_x, *parts = features.split(sizes)
     return _Scoped(
         split.head,
         split.entry,
-        LabeledData(trusted_x, trusted.y),
-        LabeledData(holdout_x, holdout.y),
-        tuple(LabeledData(x, c.data.y) for x, c in zip(parts, candidates, strict=True)),
-        task,
+        LabeledData(trusted_x, full.trusted.y),
+        LabeledData(holdout_x, full.holdout.y),
+        tuple(LabeledData(x, c.y) for x, c in zip(parts, full.candidates, strict=True)),
+        full.task,
         None,
-        count,
+        full.count,
     )
 
 
