@@ -41,7 +41,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,6 +60,13 @@ SHARD = 50
 TARGET = 0  # the backdoor's target class
 BACKDOOR_ROWS = 60
 CLEAN_SOURCES = 24  # of 2 shards: 48 clean shards per seed, so one falsely flagged source is 0.042 of a seed's FPR
+ALPHA = 0.15  # the blended trigger's weight
+PATTERN = torch.rand(
+    64, generator=torch.Generator().manual_seed(26)
+)  # the blended trigger: one noise image, every seed
+SYBILS = 12
+DRIP_CYCLES = 5
+DRIP_FLIPS = 0.2  # of the slow drip's one shard per cycle
 
 
 def mlp() -> nn.Module:
@@ -79,11 +86,20 @@ def fit(data: LabeledData, epochs: int, seed: int) -> nn.Module:
     return model.eval()
 
 
+Trigger = Callable[[torch.Tensor], torch.Tensor]
+
+
 def patched(x: torch.Tensor) -> torch.Tensor:
     """BadNets-style trigger: the bottom-right 2x2 pixels of the 8x8 image at full intensity."""
     x = x.clone().reshape(-1, 8, 8)
     x[:, 6:, 6:] = 1.0
     return x.reshape(-1, 64)
+
+
+def blended(x: torch.Tensor) -> torch.Tensor:
+    """Blended trigger (Chen et al. 2017): the fixed noise image `PATTERN` over the whole image at weight `ALPHA`;
+    pixels stay in [0, 1]."""
+    return (1 - ALPHA) * x + ALPHA * PATTERN
 
 
 def flipped(y: torch.Tensor, rate: float, rng: np.random.Generator) -> torch.Tensor:
@@ -133,11 +149,13 @@ class World:
 @dataclass
 class Offer:
     """A scenario's shards, which of their rows carry poison, and which sources are the attacker's; `found` and
-    `screened` keep the detectors' findings and RONI's verdict with their evidence, which both combined columns use."""
+    `screened` keep the detectors' findings and RONI's verdict with their evidence, which both combined columns use.
+    `history`: each source's shard p-values of earlier cycles, as the cycle's signed state carries them."""
 
     candidates: list[Candidate] = field(default_factory=list)
     bad_rows: list[np.ndarray] = field(default_factory=list)
     attackers: set[str] = field(default_factory=set)
+    history: dict[str, list[float]] = field(default_factory=dict)
     found: Detections | None = None
     screened: Verdict | None = None
 
@@ -154,14 +172,16 @@ class Offer:
 
 @dataclass(frozen=True)
 class Verdict:
-    """A judge's decisions on an offer: shards rejected, and rows quarantined (left out of training) per shard."""
+    """A judge's decisions on an offer: shards rejected, rows quarantined (left out of training) per shard, and
+    RONI's shard p-values (what the cycle records as each source's evidence for later cycles)."""
 
     rejected: list[bool]
     quarantined: list[np.ndarray]
+    p_values: tuple[float, ...] = ()
 
     @classmethod
-    def shards(cls, rejected: list[bool], offer: Offer) -> Verdict:
-        return cls(rejected, [np.zeros(len(c.data), dtype=bool) for c in offer.candidates])
+    def shards(cls, rejected: list[bool], offer: Offer, p_values: tuple[float, ...] = ()) -> Verdict:
+        return cls(rejected, [np.zeros(len(c.data), dtype=bool) for c in offer.candidates], p_values)
 
 
 def _clean(world: World, rng: np.random.Generator) -> Offer:
@@ -203,8 +223,9 @@ def _three_to_eight(y: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     return torch.where(y == 3, torch.tensor(8), y)
 
 
-def _backdoor(per_shard: tuple[int, ...], shards: int):
-    """One attacker source of `shards` shards; shard i carries per_shard[i] patched rows relabelled TARGET."""
+def _backdoor(per_shard: tuple[int, ...], shards: int, trigger: Trigger = patched):
+    """One attacker source of `shards` shards; shard i carries per_shard[i] rows of other classes with the trigger,
+    relabelled TARGET."""
 
     def build(world: World, rng: np.random.Generator) -> Offer:
         offer = _clean(world, rng)
@@ -212,8 +233,66 @@ def _backdoor(per_shard: tuple[int, ...], shards: int):
             x, y = world.x[rows].clone(), world.y[rows].clone()
             count = per_shard[i] if i < len(per_shard) else 0
             victims = np.flatnonzero(y.numpy() != TARGET)[:count]
-            x[victims], y[victims] = patched(x[victims]), TARGET
+            x[victims], y[victims] = trigger(x[victims]), TARGET
             offer.add(name, "mallory", LabeledData(x, y), np.isin(np.arange(len(y)), victims), True)
+        return offer
+
+    return build
+
+
+def _with_targets(world: World, rows: np.ndarray, count: int, source: np.ndarray, rng: np.random.Generator):
+    """`rows` with other classes' rows swapped for TARGET rows of the pool until `count` of them are TARGET; the
+    swapped-in rows come from outside the attacker's `source` rows first (distinct), then from outside the shard."""
+    labels = world.y.numpy()
+    short = count - int((labels[rows] == TARGET).sum())
+    if short <= 0:
+        return rows
+    targets = rng.permutation(world.pool[labels[world.pool] == TARGET])
+    targets = targets[~np.isin(targets, rows)]
+    targets = targets[np.argsort(np.isin(targets, source), kind="stable")][:short]
+    rows = rows.copy()
+    rows[rng.choice(np.flatnonzero(labels[rows] != TARGET), len(targets), replace=False)] = targets
+    return rows
+
+
+def _clean_label(per_shard: tuple[int, ...], shards: int):
+    """Label-consistent backdoor (Turner et al. 2019, without their perturbation): one attacker source of `shards`
+    shards; shard i carries per_shard[i] rows of class TARGET with the patch, labels untouched (rows of other classes
+    swapped for pool TARGET rows where the shard holds too few)."""
+
+    def build(world: World, rng: np.random.Generator) -> Offer:
+        offer = _clean(world, rng)
+        parts = world.source("mallory", shards, rng)
+        source = np.concatenate([rows for _, rows in parts])
+        for i, (name, rows) in enumerate(parts):
+            count = per_shard[i] if i < len(per_shard) else 0
+            rows = _with_targets(world, rows, count, source, rng)
+            x, y = world.x[rows].clone(), world.y[rows]
+            victims = np.flatnonzero(y.numpy() == TARGET)[:count]
+            x[victims] = patched(x[victims])
+            offer.add(name, "mallory", LabeledData(x, y), np.isin(np.arange(len(y)), victims), True)
+        return offer
+
+    return build
+
+
+def _plausible(rate: float, sources: int = 2):
+    """Adaptive, white-box flips the label-issue detector should miss: in each of 2 shards of each source, the `rate`
+    of rows whose likeliest other class (the current model's runner-up where it is right) is likeliest, relabelled to
+    that class."""
+
+    def build(world: World, rng: np.random.Generator) -> Offer:
+        offer = _clean(world, rng)
+        with torch.no_grad():
+            probabilities = torch.softmax(world.model(world.x), 1)
+        for s in range(sources):
+            for name, rows in world.source(f"bad{s}", 2, rng):
+                y = world.y[rows].clone()
+                others = probabilities[rows].scatter(1, y[:, None], -1.0)
+                best, runner_up = others.max(1)
+                chosen = best.argsort(descending=True)[: round(rate * len(y))]
+                y[chosen] = runner_up[chosen]
+                offer.add(name, f"bad{s}", LabeledData(world.x[rows], y), (y != world.y[rows]).numpy(), True)
         return offer
 
     return build
@@ -240,26 +319,68 @@ SCENARIOS: dict[str, Callable[[World, np.random.Generator], Offer]] = {
     "large source 10%": _large(0.1),
     "large source clean": _large(0.0),
     "clean class-skewed": _skewed,
+    "blended concentrated": _backdoor((30, 30), 2, blended),
+    "blended spread": _backdoor((4,) * 15, 18, blended),
+    "clean-label concentrated": _clean_label((30, 30), 2),
+    "clean-label spread": _clean_label((4,) * 15, 18),
+    f"sybil {SYBILS}x10%": _labels(lambda y, rng: flipped(y, 0.1, rng), 1, SYBILS),
+    "adaptive flip-10%": _plausible(0.1),
+    "adaptive flip-20%": _plausible(0.2),
 }
-BACKDOORS = ("backdoor concentrated", "backdoor spread")
+# backdoor scenario -> the trigger its attack success is measured with
+BACKDOORS: dict[str, Trigger] = {
+    "backdoor concentrated": patched,
+    "backdoor spread": patched,
+    "blended concentrated": blended,
+    "blended spread": blended,
+    "clean-label concentrated": patched,
+    "clean-label spread": patched,
+}
+
+
+def _drip(world: World, rng: np.random.Generator) -> list[Offer]:
+    """`DRIP_CYCLES` cycles' offers: each cycle the same clean sources send one new shard each, and the source "drip"
+    one shard with `DRIP_FLIPS` of its labels flipped."""
+    offers = []
+    for cycle in range(1, DRIP_CYCLES + 1):
+        offer = Offer()
+        for s in range(CLEAN_SOURCES):
+            [(_, rows)] = world.source(f"clean{s}", 1, rng)
+            offer.add(
+                f"clean{s}-c{cycle}",
+                f"clean{s}",
+                LabeledData(world.x[rows], world.y[rows]),
+                np.zeros(SHARD, bool),
+                False,
+            )
+        [(_, rows)] = world.source("drip", 1, rng)
+        labels = flipped(world.y[rows], DRIP_FLIPS, rng)
+        offer.add(f"drip-c{cycle}", "drip", LabeledData(world.x[rows], labels), (labels != world.y[rows]).numpy(), True)
+        offers.append(offer)
+    return offers
+
+
+# Scenarios over several cycles: a source's earlier shard p-values join its test (`screen_candidates(history=)`).
+CYCLED: dict[str, Callable[[World, np.random.Generator], list[Offer]]] = {"slow drip": _drip}
 
 
 def screened(
     world: World, offer: Offer, config: ScreeningConfig, evidence: Mapping[str, tuple[float, ...]] | None = None
 ) -> Verdict:
-    """RONI's verdicts (with the detectors' evidence for its source tests, when given); the world keeps the
-    calibration for the seed's next screening."""
+    """RONI's verdicts (with the offer's earlier cycles and the detectors' evidence for its source tests, when
+    given); the world keeps the calibration for the seed's next screening."""
     report = screen_candidates(
         world.model,
         world.trusted,
         world.holdout,
         offer.candidates,
         config,
-        calibration=world.calibration,
+        history=offer.history,
         evidence=evidence,
+        calibration=world.calibration,
     )
     world.calibration = report.calibration
-    return Verdict.shards([not d.accepted for d in report.decisions], offer)
+    return Verdict.shards([not d.accepted for d in report.decisions], offer, tuple(d.p_value for d in report.decisions))
 
 
 def roni(world: World, offer: Offer, config: ScreeningConfig) -> Verdict:
@@ -296,10 +417,11 @@ def combined(action: str) -> Callable[[World, Offer, ScreeningConfig], Verdict]:
         if action == "reject-source":
             flagged = set(found.flagged_sources)
             rejected = [r or c.source in flagged for r, c in zip(roni_verdict.rejected, offer.candidates, strict=True)]
-            return Verdict.shards(rejected, offer)
+            return Verdict.shards(rejected, offer, roni_verdict.p_values)
         rows = np.zeros(sum(len(c.data) for c in offer.candidates), dtype=bool)
         rows[[r - len(world.trusted) - len(world.holdout) for r in found.flagged_rows]] = True
-        return Verdict(roni_verdict.rejected, np.split(rows, np.cumsum([len(c.data) for c in offer.candidates])[:-1]))
+        quarantined = np.split(rows, np.cumsum([len(c.data) for c in offer.candidates])[:-1])
+        return Verdict(roni_verdict.rejected, quarantined, roni_verdict.p_values)
 
     return judge
 
@@ -311,11 +433,12 @@ DETECTORS: dict[str, Callable[[World, Offer, ScreeningConfig], Verdict]] = {
     "RONI + detectors (reject-source)": combined("reject-source"),
     "RONI + detectors (quarantine-rows)": combined("quarantine-rows"),
 }
+DEFAULT_COMBINATION = f"RONI + detectors ({DetectorsSection().action})"  # the column a cycle's defaults give
 
 
-def attack_success(world: World, offer: Offer, verdict: Verdict) -> float:
-    """Share of patched held-out images of other classes that a model trained on the model's rows plus what survived
-    the verdict (shards not rejected, less their quarantined rows) predicts TARGET."""
+def attack_success(world: World, offer: Offer, verdict: Verdict, trigger: Trigger) -> float:
+    """Share of held-out images of other classes with the trigger that a model trained on the model's rows plus what
+    survived the verdict (shards not rejected, less their quarantined rows) predicts TARGET."""
     kept = [
         c.data.take(torch.as_tensor(np.flatnonzero(~quarantined)))
         for c, rejected, quarantined in zip(offer.candidates, verdict.rejected, verdict.quarantined, strict=True)
@@ -327,12 +450,13 @@ def attack_success(world: World, offer: Offer, verdict: Verdict) -> float:
     model = fit(data, 30, world.seed)
     others = world.holdout.y != TARGET
     with torch.no_grad():
-        return float((model(patched(world.holdout.x[others])).argmax(1) == TARGET).float().mean())
+        return float((model(trigger(world.holdout.x[others])).argmax(1) == TARGET).float().mean())
 
 
 @dataclass
 class Tally:
-    """One scenario's counts, per seed."""
+    """One scenario's counts, one entry per seed (a cycled scenario's cycles summed); `first_flagged`: per seed, the
+    first cycle at which an attacker's shard was rejected (None: never)."""
 
     caught: list[int] = field(default_factory=list)
     poisoned: list[int] = field(default_factory=list)
@@ -346,6 +470,12 @@ class Tally:
     clean_rows: list[int] = field(default_factory=list)
     success_before: list[float] = field(default_factory=list)
     success_after: list[float] = field(default_factory=list)
+    first_flagged: list[int | None] = field(default_factory=list)
+
+    def fold(self, cycles: Tally) -> None:
+        """Adds one seed's cycles (each an entry of `cycles`) as one entry."""
+        for name in COUNTS:
+            getattr(self, name).append(sum(getattr(cycles, name)))
 
     def add(self, offer: Offer, verdict: Verdict) -> None:
         rejected_ = np.array(verdict.rejected)
@@ -367,6 +497,51 @@ class Tally:
         self.bad_rows.append(int(bad.sum()))
         self.clean_dropped.append(int(kept_out[clean].sum()))
         self.clean_rows.append(int(clean.sum()))
+
+
+COUNTS = (
+    "caught",
+    "poisoned",
+    "sources_caught",
+    "sources",
+    "false",
+    "clean",
+    "bad_dropped",
+    "bad_rows",
+    "clean_dropped",
+    "clean_rows",
+)
+
+
+def judge_offer(world: World, name: str, offer: Offer, config: ScreeningConfig, tallies: Mapping[str, Tally]) -> None:
+    """Every column's verdict on one offer, tallied; for a backdoor, its attack success unscreened and after."""
+    trigger = BACKDOORS.get(name)
+    unscreened = Verdict.shards([False] * len(offer.candidates), offer)
+    before = attack_success(world, offer, unscreened, trigger) if trigger else None
+    for column, judge in DETECTORS.items():
+        verdict = judge(world, offer, config)
+        tallies[column].add(offer, verdict)
+        if trigger is not None and before is not None:
+            tallies[column].success_before.append(before)
+            tallies[column].success_after.append(attack_success(world, offer, verdict, trigger))
+
+
+def judge_cycles(world: World, offers: list[Offer], config: ScreeningConfig, tallies: Mapping[str, Tally]) -> None:
+    """Every column judges the offers cycle after cycle, each source's shard p-values of the earlier cycles carried
+    into its test as the cycle's signed state carries them (RONI's p-value of every shard, accepted or not)."""
+    for column, judge in DETECTORS.items():
+        history: dict[str, list[float]] = {}
+        cycles, first = Tally(), None
+        for number, offer in enumerate(offers, start=1):
+            offer.history = {source: list(p_values) for source, p_values in history.items()}
+            verdict = judge(world, offer, config)
+            cycles.add(offer, verdict)
+            if first is None and any(r and p for r, p in zip(verdict.rejected, offer.poisoned, strict=True)):
+                first = number
+            for candidate, p_value in zip(offer.candidates, verdict.p_values, strict=True):
+                history.setdefault(candidate.source, []).append(p_value)
+        tallies[column].fold(cycles)
+        tallies[column].first_flagged.append(first)
 
 
 def bootstrap_interval(false: list[int], clean: list[int], rounds: int = 2000) -> tuple[float, float]:
@@ -409,12 +584,65 @@ def print_table(name: str, tallies: dict[str, Tally]) -> None:
             f"{fpr:>32} | {seed_max:>12.3f} | {success:>36} | "
             f"{_share(t.bad_dropped, t.bad_rows):>18}, {_share(t.clean_dropped, t.clean_rows):>18}"
         )
-    everything = Tally()
-    for t in tallies.values():
-        everything.false += t.false
-        everything.clean += t.clean
-    low, high = bootstrap_interval(everything.false, everything.clean)
-    print(f"all scenarios: FPR {_ratio(everything.false, everything.clean)} [{low:.3f}, {high:.3f}]")
+    print(f"all scenarios: FPR {_pooled_fpr(tallies.values())}")
+
+
+def _pooled_fpr(tallies: Iterable[Tally]) -> str:
+    """Clean-shard FPR over the scenarios, its interval resampling seeds (a seed's scenarios share its model)."""
+    tallies = list(tallies)
+    false = [sum(by_seed) for by_seed in zip(*(t.false for t in tallies), strict=True)]
+    clean = [sum(by_seed) for by_seed in zip(*(t.clean for t in tallies), strict=True)]
+    low, high = bootstrap_interval(false, clean)
+    return f"{_ratio(false, clean)} [{low:.3f}, {high:.3f}]"
+
+
+def _caught(t: Tally) -> str:
+    if t.first_flagged:
+        return f"by cycle 3: {sum(f is not None and f <= 3 for f in t.first_flagged)}/{len(t.first_flagged)}"
+    return _ratio(t.caught, t.poisoned)
+
+
+def _fpr(t: Tally) -> str:
+    low, high = bootstrap_interval(t.false, t.clean)
+    return f"{sum(t.false) / sum(t.clean):.3f} [{low:.3f}, {high:.3f}]"
+
+
+def _success(t: Tally) -> str:
+    return f"{np.mean(t.success_after):.2f} (max {max(t.success_after):.2f})" if t.success_after else "-"
+
+
+def print_summary(tallies: Mapping[str, Mapping[str, Tally]], columns: tuple[str, str]) -> None:
+    """One row per scenario, RONI alone beside the cycle's combination: shards caught (a cycled scenario: seeds whose
+    attacker is flagged by its third cycle), clean-shard FPR, attack success after screening (backdoors), and the
+    share of poisoned and of clean sources' rows not trained on."""
+    a, b = (tallies[c] for c in columns)
+    print(f"\nsummary: A = {columns[0]}, B = {columns[1]}")
+    header = (
+        f"{'scenario':>24} | {'caught A':>18} | {'caught B':>18} | {'clean FPR A [95% CI]':>20} | "
+        f"{'clean FPR B [95% CI]':>20} | {'success A':>16} | {'success B':>16} | {'poison out A, B':>15} | "
+        f"{'clean lost A, B':>15}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, t in a.items():
+        u = b[name]
+        poison = f"{_share(t.bad_dropped, t.bad_rows)}, {_share(u.bad_dropped, u.bad_rows)}"
+        lost = f"{_percent(t.clean_dropped, t.clean_rows)}, {_percent(u.clean_dropped, u.clean_rows)}"
+        print(
+            f"{name:>24} | {_caught(t):>18} | {_caught(u):>18} | {_fpr(t):>20} | {_fpr(u):>20} | "
+            f"{_success(t):>16} | {_success(u):>16} | {poison:>15} | {lost:>15}"
+        )
+    for name, t in a.items():
+        if t.first_flagged:
+            cycles = {c: " ".join(str(f or "-") for f in tallies[c][name].first_flagged) for c in columns}
+            print(f"{name}: first cycle flagged per seed: A {cycles[columns[0]]}; B {cycles[columns[1]]}")
+    unscreened = {n: f"{np.mean(t.success_before):.2f}" for n, t in a.items() if t.success_before}
+    print(f"attack success unscreened: {unscreened}")
+    print(f"pooled clean FPR over all scenarios: A {_pooled_fpr(a.values())}; B {_pooled_fpr(b.values())}")
+
+
+def _percent(a: list[int], b: list[int]) -> str:
+    return f"{100 * sum(a) / sum(b):.1f}%" if sum(b) else "-"
 
 
 def main() -> None:
@@ -423,7 +651,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 seeds, 99 draws at level 0.05 (a smoke run)")
     parser.add_argument("--draws", type=int, default=None, help="calibration draws per size (default: config's)")
     parser.add_argument("--error-control", default="per-candidate", choices=("per-candidate", "bh", "by"))
-    parser.add_argument("--only", nargs="*", default=None, help="scenario names to run")
+    names = [*SCENARIOS, *CYCLED]
+    parser.add_argument("--only", nargs="*", default=None, choices=names, metavar="SCENARIO", help=", ".join(names))
     parser.add_argument("--unstratified", action="store_true", help="RONI's draws across all classes (before #28)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     args = parser.parse_args()
@@ -438,32 +667,35 @@ def main() -> None:
     if args.unstratified:
         options["stratify"] = False
     config = ScreeningConfig(**options)
-    scenarios = {k: v for k, v in SCENARIOS.items() if args.only is None or k in args.only}
+    chosen = [n for n in names if args.only is None or n in args.only]
     print(f"torch threads: {torch.get_num_threads()}, cpus: {os.cpu_count()}, load before: {os.getloadavg()}")
     print(f"{seeds} seeds; config: {config}")
     print(f"detectors (RONI + detectors columns): {detection_config(DetectorsSection())}")
     started = time.perf_counter()
-    tallies = {column: {name: Tally() for name in scenarios} for column in DETECTORS}
+    seconds = dict.fromkeys(chosen, 0.0)
+    tallies = {column: {name: Tally() for name in chosen} for column in DETECTORS}
     for seed in range(seeds):
         world = World.of(seed)
-        for index, (name, build) in enumerate(scenarios.items()):
-            offer = build(world, np.random.default_rng([seed, index]))
-            unscreened = Verdict.shards([False] * len(offer.candidates), offer)
-            before = attack_success(world, offer, unscreened) if name in BACKDOORS else None
-            for column, judge in DETECTORS.items():
-                verdict = judge(world, offer, config)
-                tally = tallies[column][name]
-                tally.add(offer, verdict)
-                if before is not None:
-                    tally.success_before.append(before)
-                    tally.success_after.append(attack_success(world, offer, verdict))
+        for name in chosen:
+            begun = time.perf_counter()
+            rng = np.random.default_rng([seed, names.index(name)])  # the same rows whichever scenarios run
+            by_column = {column: tallies[column][name] for column in DETECTORS}
+            if name in CYCLED:
+                judge_cycles(world, CYCLED[name](world, rng), config, by_column)
+            else:
+                judge_offer(world, name, SCENARIOS[name](world, rng), config, by_column)
+            seconds[name] += time.perf_counter() - begun
         print(f"seed {seed} done at {time.perf_counter() - started:.0f} s", flush=True)
     for column, by_scenario in tallies.items():
         print_table(f"{column}: {seeds} seeds, level {config.level}, {config.error_control}", by_scenario)
+    print_summary(tallies, ("RONI", DEFAULT_COMBINATION))
     print(
-        "\ngoals: FPR <= 0.02 with the interval's upper end <= 0.04 and no seed above 0.10; TPR >= 0.95 at 20% "
-        "flips, >= 0.90 at 10%; attack success after screening <= 0.10 (concentrated and spread)"
+        "\ngoals: FPR <= 0.02 with the interval's upper end <= 0.04; RONI alone: TPR >= 0.90 at 20% flips, >= 0.75 at "
+        "10%, >= 0.90 targeted 3->8, backdoor success <= 0.30; combined: every backdoor's success <= 0.10, Sybil TPR "
+        ">= 0.90, the slow drip flagged by cycle 3, clean rows lost <= 3%"
     )
+    per_seed = {name: round(s / seeds, 1) for name, s in seconds.items()}
+    print(f"seconds per seed: {sum(seconds.values()) / seeds:.0f} ({per_seed})")
     print(f"total {time.perf_counter() - started:.0f} s; load after: {os.getloadavg()}")
 
 
