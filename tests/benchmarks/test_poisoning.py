@@ -5,7 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -61,3 +63,92 @@ def test_quarantined_rows_land_on_the_patched_rows_of_the_right_shards(monkeypat
     assert not any(verdict.rejected)
     assert quarantined[bad].mean() >= 0.8  # the patched rows, relabelled 0, are found where they are
     assert quarantined[~bad].mean() <= 0.1  # and few of the others
+
+
+@pytest.fixture(scope="module")
+def poisoning():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import poisoning
+
+        yield poisoning
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+@pytest.fixture(scope="module")
+def world(poisoning):
+    return poisoning.World.of(0)
+
+
+def _attacker_shards(offer):
+    return [(c, bad) for c, bad in zip(offer.candidates, offer.bad_rows, strict=True) if c.source in offer.attackers]
+
+
+def test_the_blended_trigger_is_one_fixed_pattern_at_alpha_that_keeps_pixels_in_range(poisoning, world) -> None:
+    x = world.x[:100]
+    triggered = poisoning.blended(x)
+
+    assert 0.1 <= poisoning.ALPHA <= 0.2
+    assert triggered.min() >= 0.0 and triggered.max() <= 1.0
+    assert torch.allclose(triggered - (1 - poisoning.ALPHA) * x, (poisoning.ALPHA * poisoning.PATTERN).expand_as(x))
+    assert (triggered - x).abs().max() <= poisoning.ALPHA  # a faint blend, not a patch
+
+
+@pytest.mark.parametrize("scenario", ["blended concentrated", "blended spread"])
+def test_blended_rows_are_other_classes_relabelled_to_the_target(poisoning, world, scenario) -> None:
+    offer = poisoning.SCENARIOS[scenario](world, np.random.default_rng(0))
+    shards = _attacker_shards(offer)
+    assert sum(int(bad.sum()) for _, bad in shards) == poisoning.BACKDOOR_ROWS
+    assert poisoning.BACKDOORS[scenario] is poisoning.blended
+    for candidate, bad in shards:
+        assert (candidate.data.y[torch.as_tensor(bad)] == poisoning.TARGET).all()
+
+
+@pytest.mark.parametrize(("scenario", "shards"), [("clean-label concentrated", 2), ("clean-label spread", 18)])
+def test_clean_label_rows_all_carry_the_target_label_and_the_patch(poisoning, world, scenario, shards) -> None:
+    offer = poisoning.SCENARIOS[scenario](world, np.random.default_rng(0))
+    attacker = _attacker_shards(offer)
+    assert len(attacker) == shards
+    assert sum(int(bad.sum()) for _, bad in attacker) == poisoning.BACKDOOR_ROWS
+    for candidate, bad in attacker:
+        poisoned = candidate.data.take(torch.as_tensor(np.flatnonzero(bad)))
+        assert (poisoned.y == poisoning.TARGET).all()  # no relabelling: the labels are the rows' own
+        assert torch.equal(poisoning.patched(poisoned.x), poisoned.x)  # the trigger is on them
+        others = candidate.data.x[torch.as_tensor(np.flatnonzero(~bad))].reshape(-1, 8, 8)[:, 6:, 6:]
+        assert not (others == 1.0).all(dim=(1, 2)).any()
+
+
+def test_sybil_sources_are_distinct_with_one_shard_of_ten_percent_flips_each(poisoning, world) -> None:
+    offer = poisoning.SCENARIOS[f"sybil {poisoning.SYBILS}x10%"](world, np.random.default_rng(0))
+    attacker = _attacker_shards(offer)
+
+    assert len(offer.attackers) == poisoning.SYBILS == 12
+    assert sorted(c.source for c, _ in attacker) == sorted(offer.attackers)  # one shard each
+    assert [int(bad.sum()) for _, bad in attacker] == [round(0.1 * poisoning.SHARD)] * poisoning.SYBILS
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.2])
+def test_adaptive_flips_relabel_the_rows_the_model_finds_likeliest_to_be_another_class(poisoning, world, rate) -> None:
+    offer = poisoning.SCENARIOS[f"adaptive flip-{round(100 * rate)}%"](world, np.random.default_rng(0))
+    with torch.no_grad():
+        probabilities = torch.softmax(world.model(world.x), 1)
+    for candidate, bad in _attacker_shards(offer):
+        assert int(bad.sum()) == round(rate * poisoning.SHARD)
+        rows = [int(np.flatnonzero((world.x == x).all(1))[0]) for x in candidate.data.x]
+        others = probabilities[rows].scatter(1, world.y[rows][:, None], -1.0)
+        best, runner_up = others.max(1)
+        assert torch.equal(candidate.data.y[torch.as_tensor(bad)], runner_up[torch.as_tensor(bad)])
+        assert best[torch.as_tensor(bad)].min() >= best[torch.as_tensor(~bad)].max()  # the most plausible flips
+
+
+def test_the_slow_drip_sends_one_flipped_shard_per_cycle_beside_the_same_clean_sources(poisoning, world) -> None:
+    offers = poisoning.CYCLED["slow drip"](world, np.random.default_rng(0))
+
+    assert len(offers) == poisoning.DRIP_CYCLES
+    for offer in offers:
+        drip = _attacker_shards(offer)
+        assert offer.attackers == {"drip"} and len(drip) == 1
+        assert int(drip[0][1].sum()) == round(poisoning.DRIP_FLIPS * poisoning.SHARD)
+        assert {c.source for c in offer.candidates} == {f"clean{s}" for s in range(poisoning.CLEAN_SOURCES)} | {"drip"}
+    assert len({c.name for offer in offers for c in offer.candidates}) == sum(len(o.candidates) for o in offers)
