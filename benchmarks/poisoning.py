@@ -66,7 +66,8 @@ PATTERN = torch.rand(
 )  # the blended trigger: one noise image, every seed
 SYBILS = 12
 DRIP_CYCLES = 5
-DRIP_FLIPS = 0.2  # of the slow drip's one shard per cycle
+DRIP_FLIPS = 0.1  # of the slow drip's one shard per cycle: little enough that one cycle's tests may miss it
+HARDENING = 0.2  # L-inf PGD budget of the clean-label adv rows (plain clean-label rows barely implant the trigger)
 
 
 def mlp() -> nn.Module:
@@ -179,6 +180,12 @@ class Verdict:
     quarantined: list[np.ndarray]
     p_values: tuple[float, ...] = ()
 
+    @property
+    def left_out(self) -> np.ndarray:
+        """Per row of the offer (shards in order), whether training leaves it out: its shard rejected or the row
+        quarantined."""
+        return np.concatenate([q | r for q, r in zip(self.quarantined, self.rejected, strict=True)])
+
     @classmethod
     def shards(cls, rejected: list[bool], offer: Offer, p_values: tuple[float, ...] = ()) -> Verdict:
         return cls(rejected, [np.zeros(len(c.data), dtype=bool) for c in offer.candidates], p_values)
@@ -255,10 +262,20 @@ def _with_targets(world: World, rows: np.ndarray, count: int, source: np.ndarray
     return rows
 
 
-def _clean_label(per_shard: tuple[int, ...], shards: int):
-    """Label-consistent backdoor (Turner et al. 2019, without their perturbation): one attacker source of `shards`
-    shards; shard i carries per_shard[i] rows of class TARGET with the patch, labels untouched (rows of other classes
-    swapped for pool TARGET rows where the shard holds too few)."""
+def hardened(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilon: float, steps: int = 20) -> torch.Tensor:
+    """`x` moved by L-inf PGD within `epsilon` (pixels kept in [0, 1]) to raise the model's loss on its true labels `y`:
+    Turner et al.'s hard examples, which a model learns through the trigger rather than their content."""
+    delta = torch.zeros_like(x, requires_grad=True)
+    for _ in range(steps):
+        (grad,) = torch.autograd.grad(F.cross_entropy(model((x + delta).clamp(0, 1)), y), delta)
+        delta = (delta + epsilon / 4 * grad.sign()).clamp(-epsilon, epsilon).detach().requires_grad_(True)
+    return (x + delta).clamp(0, 1).detach()
+
+
+def _clean_label(per_shard: tuple[int, ...], shards: int, epsilon: float = 0.0):
+    """Label-consistent backdoor (Turner et al. 2019): one attacker source of `shards` shards; shard i carries
+    per_shard[i] rows of class TARGET with the patch, labels untouched (rows of other classes swapped for pool TARGET
+    rows where the shard holds too few). With `epsilon`, the rows are first `hardened` against the current model."""
 
     def build(world: World, rng: np.random.Generator) -> Offer:
         offer = _clean(world, rng)
@@ -269,6 +286,8 @@ def _clean_label(per_shard: tuple[int, ...], shards: int):
             rows = _with_targets(world, rows, count, source, rng)
             x, y = world.x[rows].clone(), world.y[rows]
             victims = np.flatnonzero(y.numpy() == TARGET)[:count]
+            if epsilon:
+                x[victims] = hardened(world.model, x[victims], y[victims], epsilon)
             x[victims] = patched(x[victims])
             offer.add(name, "mallory", LabeledData(x, y), np.isin(np.arange(len(y)), victims), True)
         return offer
@@ -323,6 +342,8 @@ SCENARIOS: dict[str, Callable[[World, np.random.Generator], Offer]] = {
     "blended spread": _backdoor((4,) * 15, 18, blended),
     "clean-label concentrated": _clean_label((30, 30), 2),
     "clean-label spread": _clean_label((4,) * 15, 18),
+    "clean-label adv concentrated": _clean_label((30, 30), 2, HARDENING),
+    "clean-label adv spread": _clean_label((4,) * 15, 18, HARDENING),
     f"sybil {SYBILS}x10%": _labels(lambda y, rng: flipped(y, 0.1, rng), 1, SYBILS),
     "adaptive flip-10%": _plausible(0.1),
     "adaptive flip-20%": _plausible(0.2),
@@ -335,6 +356,8 @@ BACKDOORS: dict[str, Trigger] = {
     "blended spread": blended,
     "clean-label concentrated": patched,
     "clean-label spread": patched,
+    "clean-label adv concentrated": patched,
+    "clean-label adv spread": patched,
 }
 
 
@@ -439,15 +462,8 @@ DEFAULT_COMBINATION = f"RONI + detectors ({DetectorsSection().action})"  # the c
 def attack_success(world: World, offer: Offer, verdict: Verdict, trigger: Trigger) -> float:
     """Share of held-out images of other classes with the trigger that a model trained on the model's rows plus what
     survived the verdict (shards not rejected, less their quarantined rows) predicts TARGET."""
-    kept = [
-        c.data.take(torch.as_tensor(np.flatnonzero(~quarantined)))
-        for c, rejected, quarantined in zip(offer.candidates, verdict.rejected, verdict.quarantined, strict=True)
-        if not rejected
-    ]
-    data = LabeledData(
-        torch.cat([world.train.x, *(d.x for d in kept)]), torch.cat([world.train.y, *(d.y for d in kept)])
-    )
-    model = fit(data, 30, world.seed)
+    kept = LabeledData.concat([c.data for c in offer.candidates]).take(torch.as_tensor(~verdict.left_out))
+    model = fit(LabeledData.concat([world.train, kept]), 30, world.seed)
     others = world.holdout.y != TARGET
     with torch.no_grad():
         return float((model(trigger(world.holdout.x[others])).argmax(1) == TARGET).float().mean())
@@ -490,9 +506,8 @@ class Tally:
         self.sources.append(len(offer.attackers))
         self.false.append(int(rejected_[~attacker].sum()))
         self.clean.append(int((~attacker).sum()))
-        dropped = [q | r for q, r in zip(verdict.quarantined, verdict.rejected, strict=True)]
-        bad, kept_out = np.concatenate(offer.bad_rows), np.concatenate(dropped)
-        clean = np.concatenate([np.full(len(q), not a) for q, a in zip(dropped, attacker, strict=True)])
+        bad, kept_out = np.concatenate(offer.bad_rows), verdict.left_out
+        clean = np.concatenate([np.full(len(c.data), not a) for c, a in zip(offer.candidates, attacker, strict=True)])
         self.bad_dropped.append(int(kept_out[bad].sum()))
         self.bad_rows.append(int(bad.sum()))
         self.clean_dropped.append(int(kept_out[clean].sum()))
@@ -514,16 +529,22 @@ COUNTS = (
 
 
 def judge_offer(world: World, name: str, offer: Offer, config: ScreeningConfig, tallies: Mapping[str, Tally]) -> None:
-    """Every column's verdict on one offer, tallied; for a backdoor, its attack success unscreened and after."""
-    trigger = BACKDOORS.get(name)
-    unscreened = Verdict.shards([False] * len(offer.candidates), offer)
-    before = attack_success(world, offer, unscreened, trigger) if trigger else None
-    for column, judge in DETECTORS.items():
-        verdict = judge(world, offer, config)
+    """Every column's verdict on one offer, tallied; for a backdoor, its attack success unscreened and after each
+    verdict (one model per set of rows left out: columns that leave out the same rows train alike)."""
+    verdicts = {column: judge(world, offer, config) for column, judge in DETECTORS.items()}
+    for column, verdict in verdicts.items():
         tallies[column].add(offer, verdict)
-        if trigger is not None and before is not None:
-            tallies[column].success_before.append(before)
-            tallies[column].success_after.append(attack_success(world, offer, verdict, trigger))
+    trigger = BACKDOORS.get(name)
+    if trigger is None:
+        return
+    unscreened = Verdict.shards([False] * len(offer.candidates), offer)
+    successes: dict[bytes, float] = {}
+    for verdict in (unscreened, *verdicts.values()):
+        if verdict.left_out.tobytes() not in successes:
+            successes[verdict.left_out.tobytes()] = attack_success(world, offer, verdict, trigger)
+    for column, verdict in verdicts.items():
+        tallies[column].success_before.append(successes[unscreened.left_out.tobytes()])
+        tallies[column].success_after.append(successes[verdict.left_out.tobytes()])
 
 
 def judge_cycles(world: World, offers: list[Offer], config: ScreeningConfig, tallies: Mapping[str, Tally]) -> None:
