@@ -17,13 +17,32 @@ source; two sources may share rows) plus its attacker:
   source and seed, a clinic that sees a few conditions), 2 shards of 50 rows; they must pass as often as balanced
   ones (RONI's draws match each candidate's label histogram, the detectors' clean rates are per class).
 
+Attacks the detectors were not tuned for (issue #26), each beside the 24 clean sources:
+
+- blended concentrated / spread: as the backdoor rows, the trigger a fixed noise image (seeded, the same every seed)
+  blended over the whole image at alpha 0.15;
+- clean-label concentrated / spread: 60 rows that already carry the target 0 get the patch, labels untouched; the
+  concentrated source's 2 shards hold 30 of them each (other rows swapped for the pool's 0s), the spread one 4 per
+  shard over 15 of 18. Unscreened they barely implant the trigger (the MLP reads a 0 from its strokes), so
+  clean-label adv does the same to 0s first moved by L-inf PGD (0.2) against the current model (Turner et al. 2019);
+- sybil 12x10%: 12 sources of one shard each, 10% flips in each;
+- adaptive flip-10% / 20%: 2 sources of 2 shards; white-box, in each shard the rows whose likeliest other class (the
+  current model's runner-up) is likeliest are relabelled to it: plausible flips the label-issue detector scores low;
+- slow drip: 5 cycles; each cycle the 24 clean sources send one new shard each and the source "drip" one shard with
+  10% flips (little enough that one cycle's tests may miss it). Each source's shard p-values of earlier cycles join
+  its test (`screen_candidates(history=)`, as the cycle's signed state carries them); the model and calibration stay
+  those of the seed. Reported: per seed, the first cycle at which a drip shard is rejected.
+
 A source counts as caught when none of its poisoned shards is accepted. FPR counts the clean sources' shards; its
 interval is a bootstrap over seeds (shards of one seed share a model and calibration). A seed's FPR moves in steps of
 one source (2 of 48 shards, 0.042): with 8 clean sources a single false source was 0.125, so "no seed above 0.10"
 failed at any level as soon as one seed in a few dozen had one. Attack success: an MLP trained on the model's rows
 plus what survived (shards not rejected, less their quarantined rows), on patched held-out images of other classes,
-the share predicted 0; "rows left out" is the share of poisoned rows, and of the clean sources' rows, not trained on.
-All scenarios of a seed share one calibration (one per candidate size).
+the share predicted 0 (the blended rows: with the blended trigger); "rows left out" is the share of poisoned rows,
+and of the clean sources' rows, not trained on. All scenarios of a seed share one calibration (one per candidate size
+and label histogram): per seed the cost is mostly the draws for shards that do not look clean, up to 500 each.
+After the per-column tables, a summary puts RONI alone beside RONI + detectors under the default action, and pools
+the clean FPR over every scenario (its interval resampling seeds).
 
 `DETECTORS` maps a column name to a judge of the same shards: RONI alone, and RONI beside the cycle's detection stage
 (`pipeline.detection`: the incoming model's penultimate features and probabilities, every held-out row as the clean
@@ -34,6 +53,7 @@ label-issue detector's p-value of the source with its shard tests (`pipeline.det
     .venv/bin/python benchmarks/poisoning.py            # 20 seeds
     .venv/bin/python benchmarks/poisoning.py --quick    # 3 seeds, fewer draws (a smoke run)
     .venv/bin/python benchmarks/poisoning.py --unstratified --only "clean class-skewed"   # RONI's draws unstratified
+    .venv/bin/python benchmarks/poisoning.py --seeds 2 --only "sybil 12x10%" "slow drip"     # some rows
 """
 
 from __future__ import annotations
