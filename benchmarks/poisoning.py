@@ -549,9 +549,9 @@ COUNTS = (
 
 
 def judge_offer(world: World, name: str, offer: Offer, config: ScreeningConfig, tallies: Mapping[str, Tally]) -> None:
-    """Every column's verdict on one offer, tallied; for a backdoor, its attack success unscreened and after each
-    verdict (one model per set of rows left out: columns that leave out the same rows train alike)."""
-    verdicts = {column: judge(world, offer, config) for column, judge in DETECTORS.items()}
+    """The verdict of every column in `tallies` on one offer, tallied; for a backdoor, its attack success unscreened
+    and after each verdict (one model per set of rows left out: columns that leave out the same rows train alike)."""
+    verdicts = {column: DETECTORS[column](world, offer, config) for column in tallies}
     for column, verdict in verdicts.items():
         tallies[column].add(offer, verdict)
     trigger = BACKDOORS.get(name)
@@ -568,21 +568,22 @@ def judge_offer(world: World, name: str, offer: Offer, config: ScreeningConfig, 
 
 
 def judge_cycles(world: World, offers: list[Offer], config: ScreeningConfig, tallies: Mapping[str, Tally]) -> None:
-    """Every column judges the offers cycle after cycle, each source's shard p-values of the earlier cycles carried
-    into its test as the cycle's signed state carries them (RONI's p-value of every shard, accepted or not)."""
-    for column, judge in DETECTORS.items():
+    """Every column in `tallies` judges the offers cycle after cycle, each source's shard p-values of the earlier
+    cycles carried into its test as the cycle's signed state carries them (RONI's p-value of every shard, accepted or
+    not); the two combined columns share a cycle's screening, whose history is the same for both."""
+    for column, tally in tallies.items():
         history: dict[str, list[float]] = {}
         cycles, first = Tally(), None
         for number, offer in enumerate(offers, start=1):
             offer.history = {source: list(p_values) for source, p_values in history.items()}
-            verdict = judge(world, offer, config)
+            verdict = DETECTORS[column](world, offer, config)
             cycles.add(offer, verdict)
             if first is None and any(r and p for r, p in zip(verdict.rejected, offer.poisoned, strict=True)):
                 first = number
             for candidate, p_value in zip(offer.candidates, verdict.p_values, strict=True):
                 history.setdefault(candidate.source, []).append(p_value)
-        tallies[column].fold(cycles)
-        tallies[column].first_flagged.append(first)
+        tally.fold(cycles)
+        tally.first_flagged.append(first)
 
 
 def bootstrap_interval(false: list[int], clean: list[int], rounds: int = 2000) -> tuple[float, float]:
