@@ -1,4 +1,5 @@
-"""`benchmarks/poisoning.py --quick` runs end to end on a scenario of each kind, so the benchmark cannot rot."""
+"""`benchmarks/poisoning.py --quick` runs end to end on a scenario of each kind, so the benchmark cannot rot; each
+attack the detectors were not tuned for is built as its row says (issue #26), and the slow drip carries its history."""
 
 from __future__ import annotations
 
@@ -105,7 +106,10 @@ def test_blended_rows_are_other_classes_relabelled_to_the_target(poisoning, worl
         assert (candidate.data.y[torch.as_tensor(bad)] == poisoning.TARGET).all()
 
 
-@pytest.mark.parametrize(("scenario", "shards"), [("clean-label concentrated", 2), ("clean-label spread", 18)])
+@pytest.mark.parametrize(
+    ("scenario", "shards"),
+    [("clean-label concentrated", 2), ("clean-label spread", 18), ("clean-label adv concentrated", 2)],
+)
 def test_clean_label_rows_all_carry_the_target_label_and_the_patch(poisoning, world, scenario, shards) -> None:
     offer = poisoning.SCENARIOS[scenario](world, np.random.default_rng(0))
     attacker = _attacker_shards(offer)
@@ -117,6 +121,19 @@ def test_clean_label_rows_all_carry_the_target_label_and_the_patch(poisoning, wo
         assert torch.equal(poisoning.patched(poisoned.x), poisoned.x)  # the trigger is on them
         others = candidate.data.x[torch.as_tensor(np.flatnonzero(~bad))].reshape(-1, 8, 8)[:, 6:, 6:]
         assert not (others == 1.0).all(dim=(1, 2)).any()
+
+
+def test_hardened_rows_stay_within_epsilon_and_the_current_model_no_longer_reads_their_class(poisoning, world) -> None:
+    zeros = world.y == poisoning.TARGET
+    x, y = world.x[zeros][:40], world.y[zeros][:40]
+    hard = poisoning.hardened(world.model, x, y, poisoning.HARDENING)
+
+    assert (hard - x).abs().max() <= poisoning.HARDENING + 1e-6
+    assert hard.min() >= 0.0 and hard.max() <= 1.0
+    with torch.no_grad():
+        before = (world.model(x).argmax(1) == y).float().mean()
+        after = (world.model(hard).argmax(1) == y).float().mean()
+    assert before >= 0.9 and after <= 0.5
 
 
 def test_sybil_sources_are_distinct_with_one_shard_of_ten_percent_flips_each(poisoning, world) -> None:
@@ -152,3 +169,17 @@ def test_the_slow_drip_sends_one_flipped_shard_per_cycle_beside_the_same_clean_s
         assert int(drip[0][1].sum()) == round(poisoning.DRIP_FLIPS * poisoning.SHARD)
         assert {c.source for c in offer.candidates} == {f"clean{s}" for s in range(poisoning.CLEAN_SOURCES)} | {"drip"}
     assert len({c.name for offer in offers for c in offer.candidates}) == sum(len(o.candidates) for o in offers)
+
+
+def test_each_cycle_of_the_slow_drip_carries_every_source_s_earlier_shard_p_values(poisoning, world) -> None:
+    offers = poisoning.CYCLED["slow drip"](world, np.random.default_rng(0))
+    tally = poisoning.Tally()
+    config = poisoning.ScreeningConfig(scope="head", level=0.2, calibration_draws=19, steps=5)
+    poisoning.judge_cycles(world, offers, config, {"RONI": tally})
+
+    for cycle, offer in enumerate(offers):
+        sources = {c.source for c in offer.candidates}
+        assert set(offer.history) == (sources if cycle else set())
+        assert all(len(p_values) == cycle and all(0 < p <= 1 for p in p_values) for p_values in offer.history.values())
+    assert offers[-1].history["drip"][:3] == offers[3].history["drip"]  # the same p-values, carried on
+    assert len(tally.first_flagged) == 1 and tally.poisoned == [poisoning.DRIP_CYCLES]
