@@ -606,7 +606,7 @@ def _share(a: list[int], b: list[int]) -> str:
 def print_table(name: str, tallies: dict[str, Tally]) -> None:
     print(f"\n{name}")
     header = (
-        f"{'scenario':>22} | {'TPR shard':>16} | {'TPR source':>12} | {'FPR clean shard [95% CI]':>32} | "
+        f"{'scenario':>28} | {'TPR shard':>16} | {'TPR source':>12} | {'FPR clean shard [95% CI]':>32} | "
         f"{'max seed FPR':>12} | {'attack success no screen -> screened':>36} | "
         f"{'rows left out: poisoned, clean sources':>38}"
     )
@@ -622,7 +622,7 @@ def print_table(name: str, tallies: dict[str, Tally]) -> None:
             else "-"
         )
         print(
-            f"{scenario:>22} | {_ratio(t.caught, t.poisoned):>16} | {_ratio(t.sources_caught, t.sources):>12} | "
+            f"{scenario:>28} | {_ratio(t.caught, t.poisoned):>16} | {_ratio(t.sources_caught, t.sources):>12} | "
             f"{fpr:>32} | {seed_max:>12.3f} | {success:>36} | "
             f"{_share(t.bad_dropped, t.bad_rows):>18}, {_share(t.clean_dropped, t.clean_rows):>18}"
         )
@@ -654,33 +654,33 @@ def _success(t: Tally) -> str:
 
 
 def print_summary(tallies: Mapping[str, Mapping[str, Tally]], columns: tuple[str, str]) -> None:
-    """One row per scenario, RONI alone beside the cycle's combination: shards caught (a cycled scenario: seeds whose
-    attacker is flagged by its third cycle), clean-shard FPR, attack success after screening (backdoors), and the
-    share of poisoned and of clean sources' rows not trained on."""
-    a, b = (tallies[c] for c in columns)
+    """One row per scenario, RONI alone (A) beside the cycle's combination (B): shards caught (a cycled scenario: seeds
+    whose attacker is flagged by its third cycle), clean-shard FPR, attack success after screening (backdoors), and the
+    share of poisoned rows and of clean sources' rows not trained on."""
+    alone, together = (tallies[c] for c in columns)
     print(f"\nsummary: A = {columns[0]}, B = {columns[1]}")
     header = (
-        f"{'scenario':>24} | {'caught A':>18} | {'caught B':>18} | {'clean FPR A [95% CI]':>20} | "
+        f"{'scenario':>28} | {'caught A':>18} | {'caught B':>18} | {'clean FPR A [95% CI]':>20} | "
         f"{'clean FPR B [95% CI]':>20} | {'success A':>16} | {'success B':>16} | {'poison out A, B':>15} | "
         f"{'clean lost A, B':>15}"
     )
     print(header)
     print("-" * len(header))
-    for name, t in a.items():
-        u = b[name]
-        poison = f"{_share(t.bad_dropped, t.bad_rows)}, {_share(u.bad_dropped, u.bad_rows)}"
-        lost = f"{_percent(t.clean_dropped, t.clean_rows)}, {_percent(u.clean_dropped, u.clean_rows)}"
+    for name in alone:
+        pair = (alone[name], together[name])
+        poison = ", ".join(_share(t.bad_dropped, t.bad_rows) for t in pair)
+        lost = ", ".join(_percent(t.clean_dropped, t.clean_rows) for t in pair)
         print(
-            f"{name:>24} | {_caught(t):>18} | {_caught(u):>18} | {_fpr(t):>20} | {_fpr(u):>20} | "
-            f"{_success(t):>16} | {_success(u):>16} | {poison:>15} | {lost:>15}"
+            f"{name:>28} | {_caught(pair[0]):>18} | {_caught(pair[1]):>18} | {_fpr(pair[0]):>20} | "
+            f"{_fpr(pair[1]):>20} | {_success(pair[0]):>16} | {_success(pair[1]):>16} | {poison:>15} | {lost:>15}"
         )
-    for name, t in a.items():
-        if t.first_flagged:
-            cycles = {c: " ".join(str(f or "-") for f in tallies[c][name].first_flagged) for c in columns}
-            print(f"{name}: first cycle flagged per seed: A {cycles[columns[0]]}; B {cycles[columns[1]]}")
-    unscreened = {n: f"{np.mean(t.success_before):.2f}" for n, t in a.items() if t.success_before}
+    for name in alone:
+        if alone[name].first_flagged:
+            first = [" ".join(str(f or "-") for f in t[name].first_flagged) for t in (alone, together)]
+            print(f"{name}: first cycle a shard is rejected, per seed: A {first[0]}; B {first[1]}")
+    unscreened = {name: round(float(np.mean(t.success_before)), 3) for name, t in alone.items() if t.success_before}
     print(f"attack success unscreened: {unscreened}")
-    print(f"pooled clean FPR over all scenarios: A {_pooled_fpr(a.values())}; B {_pooled_fpr(b.values())}")
+    print(f"pooled clean FPR over all scenarios: A {_pooled_fpr(alone.values())}; B {_pooled_fpr(together.values())}")
 
 
 def _percent(a: list[int], b: list[int]) -> str:
