@@ -14,7 +14,7 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def _tables(out: str, columns: list[str]) -> dict[str, dict[str, list[str]]]:
-    """Each column's table: scenario -> its cells."""
+    """Each heading's table (a column's, or the summary's): scenario -> its cells."""
     tables: dict[str, dict[str, list[str]]] = {}
     current = None
     for line in out.splitlines():
@@ -33,20 +33,28 @@ def test_the_quick_run_prints_each_column_with_rates_intervals_and_attack_succes
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import poisoning
 
-    argv = ["poisoning.py", "--quick", "--seeds", "1", "--only", "flip-20%", "backdoor concentrated"]
+    argv = ["poisoning.py", "--quick", "--seeds", "1", "--only", "flip-20%", "backdoor concentrated", "slow drip"]
     monkeypatch.setattr(sys, "argv", argv)
     poisoning.main()
 
-    tables = _tables(capsys.readouterr().out, list(poisoning.DETECTORS))
+    out = capsys.readouterr().out
+    tables = _tables(out, [*poisoning.DETECTORS, "summary"])
+    summary = tables.pop("summary")
     assert set(tables) == set(poisoning.DETECTORS)
     for rows in tables.values():
-        assert set(rows) >= {"flip-20%", "backdoor concentrated"}
+        assert set(rows) >= {"flip-20%", "backdoor concentrated", "slow drip"}
         assert "[" in rows["flip-20%"][3]  # FPR with its bootstrap interval
         assert "->" in rows["backdoor concentrated"][5]  # attack success before -> after screening
         assert float(rows["flip-20%"][1].split()[0]) >= 0.5  # 20% flips: caught
     # the detectors' quarantine leaves most of the patched, relabelled rows out of training
     quarantined = tables["RONI + detectors (quarantine-rows)"]["backdoor concentrated"][6]
     assert float(quarantined.split(",")[0]) >= 0.5
+    # the summary: RONI alone beside the default combination, the drip's first flagged cycle, a pooled FPR
+    assert "[" in summary["flip-20%"][3] and "[" in summary["flip-20%"][4]
+    assert summary["backdoor concentrated"][5] != "-" and summary["backdoor concentrated"][6] != "-"
+    assert summary["slow drip"][1].startswith("by cycle 3: ")
+    assert "slow drip: first cycle a shard is rejected, per seed: A " in out
+    assert "pooled clean FPR over all scenarios: A " in out
 
 
 def test_quarantined_rows_land_on_the_patched_rows_of_the_right_shards(monkeypatch: pytest.MonkeyPatch) -> None:
