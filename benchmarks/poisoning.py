@@ -81,9 +81,8 @@ TARGET = 0  # the backdoor's target class
 BACKDOOR_ROWS = 60
 CLEAN_SOURCES = 24  # of 2 shards: 48 clean shards per seed, so one falsely flagged source is 0.042 of a seed's FPR
 ALPHA = 0.15  # the blended trigger's weight
-PATTERN = torch.rand(
-    64, generator=torch.Generator().manual_seed(26)
-)  # the blended trigger: one noise image, every seed
+# the blended trigger: one noise image, the same every seed
+PATTERN = torch.rand(64, generator=torch.Generator().manual_seed(26))
 SYBILS = 12
 DRIP_CYCLES = 5
 DRIP_FLIPS = 0.1  # of the slow drip's one shard per cycle: little enough that one cycle's tests may miss it
