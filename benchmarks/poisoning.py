@@ -696,17 +696,21 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, choices=names, metavar="SCENARIO", help=", ".join(names))
     parser.add_argument("--unstratified", action="store_true", help="RONI's draws across all classes (before #28)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--pool-fraction", type=float, default=None, help="RONI's pool_fraction (default: config's)")
+    parser.add_argument("--scope", default="auto", choices=("auto", "head", "full"), help="RONI's scope (default auto)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     seeds = args.seeds or (3 if args.quick else 20)
-    # The whole MLP fine-tunes, as when these figures were measured (the default scope screens its last layer).
-    options: dict[str, object] = {"error_control": args.error_control, "scope": "full"}
+    # configs/digits.yaml's screening: the default (head) scope, 400 calibration draws.
+    options: dict[str, object] = {"error_control": args.error_control, "scope": args.scope, "calibration_draws": 400}
     if args.quick:
         options.update(level=0.05, calibration_draws=99)
     if args.draws:
         options["calibration_draws"] = args.draws
     if args.unstratified:
         options["stratify"] = False
+    if args.pool_fraction is not None:
+        options["pool_fraction"] = args.pool_fraction if args.pool_fraction > 0 else None
     config = ScreeningConfig(**options)
     chosen = [n for n in names if args.only is None or n in args.only]
     print(f"torch threads: {torch.get_num_threads()}, cpus: {os.cpu_count()}, load before: {os.getloadavg()}")

@@ -37,7 +37,7 @@ def _cycle(store: StateStore, state: CycleState, number: int, decisions: int) ->
             source=f"src{i % 24}",
             accepted=i % 10 != 0,
             check="roni",
-            reason="" if i % 10 else "p-value 0.004 <= level 0.01: held-out soft accuracy of class 3 dropped",
+            reason="" if i % 10 else "p-value 0.004 <= level 0.01: held-out margin of class 3 pushed down",
         )
         for i in range(decisions)
     ]

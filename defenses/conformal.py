@@ -8,9 +8,10 @@ multiple-testing control. Pure functions on arrays (no torch), so each property 
   one after another and the count stops once `hits` of them score at least the candidate, at draw l: p = hits / l;
   if `limit` draws pass with g < hits such draws, p = (g + 1) / (limit + 1). Equally valid, and a clearly clean
   candidate costs about hits / p draws instead of `limit`.
-- Max-statistic: several metrics (the overall impact and one per class) are standardised by a center and scale fitted
-  on separate draws and reduced to their maximum; the maximum is calibrated like any score, so the per-class rule
-  spends the same error budget as the overall one instead of adding its own (Westfall & Young 1993).
+- One statistic from many metrics: the overall impact and one per class, at several checkpoints, are standardised by
+  a center and scale fitted on separate draws and reduced to one score (the largest over checkpoints of the norm of
+  the positive parts); the score is calibrated like any score, so the per-class and per-checkpoint readings spend
+  the same error budget as one metric would instead of adding their own (Westfall & Young 1993).
 - Fisher's and Stouffer's combinations merge the p-values of one source's tests into one.
 - Benjamini-Hochberg (1995) and Benjamini-Yekutieli (2001) step-up procedures control the false discovery rate;
   BH is valid for conformal p-values sharing one calibration set (Bates et al. 2023: they are PRDS).
@@ -63,21 +64,29 @@ def sequential_p_value(calibration: Sequence[float] | np.ndarray, score: float, 
 
 @dataclass(frozen=True)
 class Standardizer:
-    """Per-metric center (median) and scale (1.4826 * MAD, at least `floor`) of clean impacts; `score` is the
-    largest standardised metric of each row. A metric NaN in every clean draw (a class absent from the held-out
-    set) is left out; NaN or infinite where the clean draws had it (a diverged copy) scores +inf."""
+    """Per-metric center (median) and scale (1.4826 * MAD, at least `floor`) of clean impacts, in blocks of `width`
+    metrics (one block per checkpoint: the overall impact, then one per class). `score` is, for each row, the largest
+    over blocks of the Euclidean norm of the block's positive standardised impacts: one class pushed far and several
+    pushed some way both count, and a push that shows early or late in fine-tuning both count. Impacts are compared
+    in steps of `floor` (the measurable floor): smaller differences are ties, which count against the candidate. A
+    metric NaN in every clean draw (a class absent from the held-out set) is left out; NaN or infinite where the
+    clean draws had it (a diverged copy) scores +inf."""
 
     center: tuple[float, ...]
     scale: tuple[float, ...]
+    width: int = 1
+    floor: float = 0.0
 
     @classmethod
-    def fit(cls, values: np.ndarray, floor: float, shared_from: int | None = None) -> Standardizer:
-        """From clean impacts (draws x metrics); a metric that is NaN in every draw gets an infinite scale. Metrics
-        from index `shared_from` on share one scale, the median of theirs (per-class metrics: a class whose clean
-        impacts barely vary would otherwise turn any small change into a huge standardised one)."""
+    def fit(cls, values: np.ndarray, floor: float, width: int = 1) -> Standardizer:
+        """From clean impacts (draws x metrics, in blocks of `width`); a metric that is NaN in every draw gets an
+        infinite scale. Within a block, metrics after the first share one scale, the median of theirs (per-class
+        metrics: a class whose clean impacts barely vary would otherwise turn any small change into a huge
+        standardised one)."""
         values = np.asarray(values, dtype=np.float64)
-        if values.ndim != 2 or values.shape[0] == 0:
-            raise ScreeningInputError("a standardizer needs a non-empty (draws x metrics) array")
+        if values.ndim != 2 or values.shape[0] == 0 or width < 1 or values.shape[1] % width:
+            raise ScreeningInputError("a standardizer needs a non-empty (draws x metrics) array in whole blocks")
+        values = _quantized(values, floor)
         centers, scales = [], []
         for column in values.T:
             column = column[~np.isnan(column)]
@@ -88,23 +97,34 @@ class Standardizer:
             median = float(np.median(column))
             centers.append(median)
             scales.append(max(MAD_TO_SIGMA * float(np.median(np.abs(column - median))), floor) or 1e-12)
-        if shared_from is not None:
-            finite = [v for v in scales[shared_from:] if math.isfinite(v)]
+        for start in range(0, len(scales), width):
+            block = scales[start + 1 : start + width]
+            finite = [v for v in block if math.isfinite(v)]
             shared = float(np.median(finite)) if finite else math.inf
-            scales[shared_from:] = [shared if math.isfinite(v) else v for v in scales[shared_from:]]
-        return cls(tuple(centers), tuple(scales))
+            scales[start + 1 : start + width] = [shared if math.isfinite(v) else v for v in block]
+        return cls(tuple(centers), tuple(scales), width, floor)
 
     def standardized(self, values: np.ndarray) -> np.ndarray:
         """(rows x metrics) in units of each metric's scale above its center; NaN stays NaN."""
-        return (np.asarray(values, dtype=np.float64) - np.asarray(self.center)) / np.asarray(self.scale)
+        return (_quantized(np.asarray(values, dtype=np.float64), self.floor) - np.asarray(self.center)) / np.asarray(
+            self.scale
+        )
 
     def score(self, values: np.ndarray) -> np.ndarray:
-        """The max-statistic of each row; +inf where any present metric is non-finite (fails closed)."""
+        """The statistic of each row; +inf where any present metric is non-finite (fails closed)."""
         z = self.standardized(values)
         broken = (np.isinf(z) | (np.isnan(z) & np.isfinite(self.scale))).any(1)
-        with np.errstate(invalid="ignore"):
-            best = np.nanmax(np.where(np.isnan(z), -math.inf, z), axis=1)
-        return np.where(broken, math.inf, best)
+        pushed = np.where(np.isnan(z), 0.0, np.clip(z, 0.0, None))
+        blocks = np.sqrt(np.square(pushed).reshape(len(z), -1, self.width).sum(-1))
+        return np.where(broken, math.inf, blocks.max(1))
+
+
+def _quantized(values: np.ndarray, step: float) -> np.ndarray:
+    """`values` rounded to multiples of `step` (unchanged for step 0); NaN and infinities stay."""
+    if step <= 0:
+        return values
+    with np.errstate(invalid="ignore"):
+        return np.where(np.isfinite(values), np.round(values / step) * step, values)
 
 
 def fisher(p_values: Sequence[float]) -> float:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from trainguard.defenses.errors import ScreeningInputError
 from trainguard.defenses.forward import ModuleForward, plain_forward
 from trainguard.defenses.heldout import LabeledData
 from trainguard.defenses.task import Task, as_task
@@ -22,12 +23,16 @@ CPU_CHUNK = 128  # copies per chunk off CUDA, where memory is not the limit that
 MEMORY_SHARE = 0.5  # of the free CUDA memory one chunk may take: allocator fragmentation and cuDNN workspaces
 
 
+Readout = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""What is read off the held-out outputs of a copy: (outputs, targets) -> (rows, k) per-row scores."""
+
+
 @dataclass(frozen=True)
 class Finetuned:
-    """Held-out soft scores per row (copies x rows; `Task.soft_correct`, the true-class probability for
-    classification) and the number of copies trained at once."""
+    """Held-out scores (copies x checkpoints x rows x k: the readout after each checkpoint's step; by default
+    `Task.soft_correct`, the true-class probability for classification, k = 1) and the copies trained at once."""
 
-    probabilities: torch.Tensor
+    scores: torch.Tensor
     chunk_size: int
 
 
@@ -84,23 +89,26 @@ def _step_function(model: _Hooked, buffers: dict[str, torch.Tensor], lr: float, 
     return step
 
 
-def finetune_heldout_probabilities(
+def finetune_heldout_scores(
     model: nn.Module,
     shards: Sequence[LabeledData],
     holdout: LabeledData,
     *,
     lr: float,
     steps: int,
+    checkpoints: Sequence[int] | None = None,
+    readout: Readout | None = None,
     chunk_size: int | None = None,
     batched: bool = True,
     task: Task | str | None = None,
     forward: ModuleForward | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Finetuned:
-    """Held-out soft scores of len(shards) copies of `model`, copy i after `steps` full-batch gradient steps of size
-    `lr` on shard i, both on the `task`'s terms (default classification); `forward(module, batch, x)` reads extra
-    model inputs from `LabeledData.batch`. The model is left unchanged. `progress(copies)` is told each chunk's
-    copies as they finish (a screening's progress display counts them).
+    """Held-out scores of len(shards) copies of `model`, copy i read after each of `checkpoints` (default: `steps`
+    alone) of its `steps` full-batch gradient steps of size `lr` on shard i, on the `task`'s terms (default
+    classification); `readout(outputs, targets)` gives the per-row scores (default the task's `soft_correct`).
+    `forward(module, batch, x)` reads extra model inputs from `LabeledData.batch`. The model is left unchanged.
+    `progress(copies)` is told each chunk's copies as they finish (a screening's progress display counts them).
 
     `chunk_size` None: on CUDA the first copy trains alone while its peak memory is measured and the rest train in
     chunks filling half the free memory; elsewhere 128 copies at a time. A chunk that still fails for memory (or
@@ -114,11 +122,15 @@ def finetune_heldout_probabilities(
         params = {n: p.detach() for n, p in hooked.named_parameters()}
         buffers = {n: b.detach() for n, b in hooked.named_buffers()}
         scoring = as_task(task)
+        read = readout or (lambda outputs, y: scoring.soft_correct(outputs, y).unsqueeze(-1))
+        marks = sorted(set(checkpoints or (steps,)))
+        if not marks or marks[0] < 1 or marks[-1] > steps:
+            raise ScreeningInputError(f"checkpoints must be steps in [1, {steps}], got {checkpoints!r}")
         step = _step_function(hooked, buffers, lr, scoring)
         heldout = {name: value.to(device) for name, value in holdout.batch(slice(None)).items()}
 
-        def heldout_prob(p: dict[str, torch.Tensor]) -> torch.Tensor:
-            return scoring.soft_correct(functional_call(hooked, (p, buffers), (heldout,)), heldout["y"])
+        def heldout_scores(p: dict[str, torch.Tensor]) -> torch.Tensor:
+            return read(functional_call(hooked, (p, buffers), (heldout,)), heldout["y"])
 
         def train(chunk: Sequence[LabeledData]) -> torch.Tensor:
             padded, ws = _padded(chunk)
@@ -126,17 +138,23 @@ def finetune_heldout_probabilities(
             if batched:
                 stacked = {n: p.unsqueeze(0).expand(len(ws), *p.shape).clone() for n, p in params.items()}
                 batched_step = vmap(step, randomness="different")
-                for _ in range(steps):
+                read_all = vmap(heldout_scores)
+                seen = []
+                for done in range(1, steps + 1):
                     stacked = batched_step(stacked, batch, ws)
-                with torch.no_grad():
-                    return vmap(heldout_prob)(stacked).cpu()
+                    if done in marks:
+                        with torch.no_grad():
+                            seen.append(read_all(stacked).cpu())
+                return torch.stack(seen, 1)
             out = []
             for i, w in enumerate(ws):
-                copy = dict(params)
-                for _ in range(steps):
+                copy, seen = dict(params), []
+                for done in range(1, steps + 1):
                     copy = step(copy, {name: value[i] for name, value in batch.items()}, w)
-                with torch.no_grad():
-                    out.append(heldout_prob(copy).unsqueeze(0).cpu())
+                    if done in marks:
+                        with torch.no_grad():
+                            seen.append(heldout_scores(copy).cpu())
+                out.append(torch.stack(seen).unsqueeze(0))
             return torch.cat(out)
 
         return _in_chunks(train, shards, chunk_size, device, progress or _untold)
@@ -159,7 +177,7 @@ def _in_chunks(
     start = 0
     if chunk_size is None and device.type == "cuda":
         first = _measured(train, shards[:1], device)
-        done.append(first.probabilities)
+        done.append(first.scores)
         progress(1)
         start = 1
         chunk_size = _fitting_chunk(first.per_copy, device)
@@ -181,7 +199,7 @@ def _in_chunks(
 
 @dataclass(frozen=True)
 class _Measured:
-    probabilities: torch.Tensor
+    scores: torch.Tensor
     per_copy: int
 
 
@@ -192,9 +210,9 @@ def _measured(
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    probabilities = train(shards)
+    scores = train(shards)
     torch.cuda.synchronize(device)
-    return _Measured(probabilities, max(1, (torch.cuda.max_memory_allocated(device) - before) // len(shards)))
+    return _Measured(scores, max(1, (torch.cuda.max_memory_allocated(device) - before) // len(shards)))
 
 
 def _fitting_chunk(per_copy: int, device: torch.device) -> int:

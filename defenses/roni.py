@@ -1,10 +1,13 @@
 """Reject On Negative Impact (Nelson et al. 2009) per candidate shard and per source, with a stated error rate.
 
-Each candidate fine-tunes a copy of the current model for a fixed budget; its impact is how much the held-out soft
-accuracy (mean probability of the true class, overall and per class) drops. The soft accuracy is bounded per row, so
-a few hard held-out rows cannot dominate it as they dominate the cross-entropy. For other tasks (`task=`) the copies
-fine-tune on the task's loss and the soft accuracy is the task's `soft_correct`; the per-class metrics are
-classification's, other tasks are screened on the overall impact. All copies train together (`defenses.copies`).
+Each candidate fine-tunes a copy of the current model for a fixed budget; its impact is how far the mean held-out
+margin (the true class's logit over the best other: `Task.margin`), overall and per class, is pushed down, read at
+several checkpoints of the fine-tuning. The margin is linear in the outputs where the true-class probability
+saturates on a confident model, so a few flipped labels register; the checkpoints matter because clean rows are fit
+within a few steps while flipped ones keep pushing, and a concentrated push (a targeted flip, a backdoor) shows early
+while later steps add the noise of the copy forgetting. For other tasks (`task=`) the copies fine-tune on the task's
+loss and the margin is the task's; the per-class metrics are classification's, other tasks are screened on the
+overall impact. All copies train together (`defenses.copies`).
 
 The decision is a conformal test (`defenses.conformal`): a candidate is compared with clean calibration draws of
 its own label histogram (stratified: per class, as many trusted rows of that class as the candidate holds). Size
@@ -12,10 +15,12 @@ matters (one fine-tune on 900 rows moves the model less than one on 50) and so d
 of 3 classes moves the other classes' held-out accuracy far more than an all-class draw does, and held to all-class
 draws a clinic that sees a few conditions would be refused for what it is. Other tasks (`task=`), and
 `stratify=False`, draw n rows from the whole pool instead, shared by sizes within `size_tolerance`. The overall and
-per-class impacts are reduced to one max-statistic, so the per-class rule spends the same budget. Its center and
-scale are fitted per candidate size and class set, on `SCALE_DRAWS` separate draws of that size from the trusted
-rows of those classes (not per histogram: that would double the cost of every distinct histogram; the p-value stays
-valid whatever fixed score is used, since the candidate and its histogram's draws are exchangeable under the null).
+per-class impacts at every checkpoint are reduced to one statistic (`conformal.Standardizer`: the largest, over
+checkpoints, norm of the metrics pushed down), so per-class and per-checkpoint readings spend the same budget. Its
+center and scale are fitted per candidate size and class set, on `SCALE_DRAWS` separate draws of that size from the
+trusted rows of those classes (not per histogram: that would double the cost of every distinct histogram; the p-value
+stays valid whatever fixed score is used, since the candidate and its histogram's draws are exchangeable under the
+null).
 The p-value is sequential (Besag & Clifford 1991): a histogram's draws are fine-tuned in stages, in batches, until
 every candidate of that histogram has `sequential_hits` draws scoring at least its own or `calibration_draws` were
 drawn, so a clearly clean candidate costs a few dozen draws. A class the trusted rows lack is drawn from all of
@@ -45,7 +50,11 @@ cycle's shard and source tests instead.
 The scope is by default the last layer(s) on features computed once per row (`defenses.features`), and the whole
 network only where no Linear head gives the model's output, the model takes extra inputs or a forward hook, or when
 asked (`scope="full"`). The learning
-rate is the largest on a grid at which clean calibration copies stay finite and keep their held-out soft accuracy.
+rate ("auto") is tuned on the trusted rows alone: of the rates on a grid at which clean probe copies stay finite and
+keep their held-out soft accuracy, the one at which probe draws with a tenth of their labels flipped stand furthest
+above clean ones. The rate decides most of the power: too large and the copies forget, which is noise in every
+impact (digits CNN, head scope, stratified: 10%-flipped shards caught at 0.28-0.55 at rate 0.05, 0.80-0.93 at 0.02;
+targeted 3->8 flips at 0.00-0.07 against 0.97-0.98).
 """
 
 from __future__ import annotations
@@ -54,7 +63,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal, overload
 
 import numpy as np
@@ -70,7 +79,7 @@ from trainguard.defenses.conformal import (
     sequential_p_value,
     step_up_adjusted,
 )
-from trainguard.defenses.copies import finetune_heldout_probabilities
+from trainguard.defenses.copies import finetune_heldout_scores
 from trainguard.defenses.errors import ScreeningInputError
 from trainguard.defenses.features import HeadSplit, has_head, head_features, split_head
 from trainguard.defenses.forward import ModuleForward, plain_forward
@@ -79,7 +88,9 @@ from trainguard.defenses.task import Task, as_task
 
 LR_GRID = (0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001)
 LR_PROBE_DRAWS = 40  # calibration draws that try each rate of the grid ("auto" lr)
+PROBE_FLIPS = 0.1  # labels moved in the probe's poisoned draws (classification): at random, or one class to another
 SCALE_DRAWS = 50  # draws per size and class set that fit the standardisation, kept apart from the p-value draws
+MIN_POOL_ROWS = 10  # trusted rows of a class below which its bootstrap draws stand for fresh rows only roughly
 SCALE_STREAM, PROBE_STREAM, DRAW_STREAM = 0, 1, 2  # independent random streams; class c's part of a draw: 3 + c
 
 
@@ -107,11 +118,16 @@ class ScreeningConfig:
     subsample; None: whole candidates). Unstratified, and
     for the scales, sizes within `size_tolerance` share the draws of the smallest of them (smaller draws vary more:
     the shared test is, if anything, lenient).
-    `combination` merges a source's shard p-values (earlier cycles' included). `min_scale` keeps a saturated model
-    (clean impacts all ~0) from turning tiny changes into huge standardised ones. `per_class` adds one metric per
-    class to the max-statistic.
-    `lr="auto"` takes the largest rate of `lr_grid` at which every probe copy stays finite and the median one
-    loses at most `lr_tolerance` of held-out soft accuracy.
+    `combination` merges a source's shard p-values (earlier cycles' included). `min_scale` is the measurable floor,
+    in margin units: impacts are compared in steps of it (smaller differences tie, against the candidate) and no
+    scale is below it, so a saturated model (clean impacts all ~0) does not turn rounding into evidence. `per_class`
+    adds one metric per class to the statistic; `checkpoints` reads the held-out margins after that many steps,
+    halving from `steps` (`marks`), and the statistic takes the worst of them.
+    `lr="auto"` tries every rate of `lr_grid` on probe draws of the trusted rows; of the rates at which every probe
+    copy stays finite and the median one loses at most `lr_tolerance` of held-out soft accuracy (the mean
+    true-class probability), it takes the one at which the same draws with a tenth of their labels flipped stand
+    furthest above the clean ones (classification; other tasks: the largest). Only trusted rows choose it, so
+    candidates and their calibration draws stay exchangeable.
     `scope` "full" fine-tunes every parameter; "head" only the last `head_layers` Linear layers (or the module named
     by `feature_layer` and what follows it in its nn.Sequential) on frozen features; "auto" (the default) is "head"
     wherever there is one whose output is the model's (an nn.Linear, or `feature_layer`, with nothing after it in
@@ -123,9 +139,10 @@ class ScreeningConfig:
     """
 
     steps: int = 20
+    checkpoints: int = 4
     lr: float | Literal["auto"] = "auto"
     lr_grid: tuple[float, ...] = LR_GRID
-    lr_tolerance: float = 0.05
+    lr_tolerance: float = 0.02
     level: float = 0.01
     error_control: ErrorControl = "per-candidate"
     calibration_draws: int = 500
@@ -145,10 +162,13 @@ class ScreeningConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.min_scale < 0 or not 0 <= self.size_tolerance < 1 or self.seed < 0:
+        if self.steps < 1 or self.checkpoints < 1 or self.min_scale < 0 or not 0 <= self.size_tolerance < 1:
             raise ScreeningInputError(
-                "screening config: steps >= 1, min_scale >= 0, size_tolerance in [0, 1) and seed >= 0 are required"
+                "screening config: steps >= 1, checkpoints >= 1, min_scale >= 0 and size_tolerance in [0, 1) are "
+                "required"
             )
+        if self.seed < 0:
+            raise ScreeningInputError("screening config: seed must be >= 0")
         if self.lr != "auto" and not (isinstance(self.lr, int | float) and self.lr > 0):
             raise ScreeningInputError("screening config: lr must be > 0 or 'auto'")
         if not self.lr_grid or min(self.lr_grid) <= 0 or not 0 < self.lr_tolerance <= 1:
@@ -174,6 +194,12 @@ class ScreeningConfig:
         if self.scope not in ("auto", "full", "head") or self.head_layers < 1:
             raise ScreeningInputError("screening config: scope is 'auto', 'full' or 'head'; head_layers >= 1")
 
+    @property
+    def marks(self) -> tuple[int, ...]:
+        """The steps after which each copy's held-out margins are read: `checkpoints` of them, halving from `steps`
+        (20 steps, 4 checkpoints: 3, 5, 10, 20)."""
+        return tuple(sorted({math.ceil(self.steps / 2**k) for k in range(self.checkpoints)}))
+
 
 @dataclass(frozen=True)
 class ScaleCalibration:
@@ -188,7 +214,8 @@ class ScaleCalibration:
 @dataclass(frozen=True)
 class Stratum:
     """Clean draws of one label histogram (`counts[c]` rows of class c; None: `size` rows of any class), their
-    max-statistics (and overall impacts) in the order drawn: a sequential p-value counts a prefix of them."""
+    statistics (and overall impacts after the last step) in the order drawn: a sequential p-value counts a prefix of
+    them."""
 
     size: int
     counts: tuple[int, ...] | None
@@ -200,13 +227,15 @@ class Stratum:
 @dataclass(frozen=True)
 class Calibration:
     """The learning rate, the scales and the strata of one model, trusted set and held-out set. A screening returns
-    the one it used (extended by what it lacked), to pass to the next screening of the same three."""
+    the one it used (extended by what it lacked), to pass to the next screening of the same three. `probed`: each
+    rate the "auto" probe tried with its poisoned draws' separation (None: unstable, or not measured)."""
 
     lr: float
     chunk_size: int | None
     scope: str
     scales: tuple[ScaleCalibration, ...] = ()
     strata: tuple[Stratum, ...] = ()
+    probed: tuple[tuple[float, float | None], ...] = ()
 
     def scale(self, size: int, classes: tuple[int, ...] | None, tolerance: float) -> ScaleCalibration | None:
         """The largest calibrated size <= `size` within `tolerance` of it, same classes (a lenient match)."""
@@ -227,8 +256,9 @@ def _stratum_match(
 
 @dataclass(frozen=True)
 class CandidateDecision:
-    """One shard's test: its impacts, max-statistic and p-value against `calibration_size`-row draws, its source's
-    p-value, the adjusted p-value compared with the level, and the verdict with a one-line reason."""
+    """One shard's test: its impacts after the last step (`impact` overall, `class_impacts` per class: how far the
+    mean held-out margin was pushed down), its statistic (`score`) and p-value against `calibration_size`-row draws,
+    its source's p-value, the adjusted p-value compared with the level, and the verdict with a one-line reason."""
 
     name: str
     source: str
@@ -249,7 +279,7 @@ class SourceDecision:
     """A source judged as a whole: the union of its shards screened size-matched (when it has several this cycle),
     the combination of all its shard p-values (`earlier` of them from previous cycles), and whether it is flagged
     (then every shard of it is rejected). `evidence`: the other tests' p-values that joined the combination;
-    `class_impacts`: the union's per-class drops of held-out soft accuracy (empty without a union)."""
+    `class_impacts`: the union's per-class drops of the held-out margin (empty without a union)."""
 
     source: str
     shards: tuple[str, ...]
@@ -329,6 +359,7 @@ class ScreeningReport:
             "scope": self.calibration.scope,
             "head": self.head,
             "lr": self.calibration.lr,
+            "lr_probe": [{"lr": lr, "separation": separation} for lr, separation in self.calibration.probed],
             "chunk_size": self.calibration.chunk_size,
             "config": asdict(self.config),
             "decisions": decisions,
@@ -363,16 +394,24 @@ def group_by_source(candidates: Sequence[Candidate]) -> list[Candidate]:
     ]
 
 
+def _readout(task: Task) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Per held-out row: the soft accuracy (the learning-rate probe's) and the margin (the impacts')."""
+
+    def read(outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.stack([task.soft_correct(outputs, y), task.margin(outputs, y)], -1)
+
+    return read
+
+
 @torch.no_grad()
-def _heldout_probabilities(
-    model: nn.Module, holdout: LabeledData, task: Task, forward: ModuleForward | None
-) -> torch.Tensor:
+def _heldout_scores(model: nn.Module, holdout: LabeledData, task: Task, forward: ModuleForward | None) -> torch.Tensor:
+    """The deployed model's readout of every held-out row (rows x 2)."""
     was_training = model.training
     model.eval()
     try:
         device = next(model.parameters()).device
         batch = {name: value.to(device) for name, value in holdout.batch(slice(None)).items()}
-        return task.soft_correct((forward or plain_forward)(model, batch, batch["x"]), batch["y"]).cpu()
+        return _readout(task)((forward or plain_forward)(model, batch, batch["x"]), batch["y"]).cpu()
     finally:
         model.train(was_training)
 
@@ -466,13 +505,15 @@ class _Scoped:
     count: _Count
 
     def finetuned(self, shards: Sequence[LabeledData], lr: float, config: ScreeningConfig, chunk_size: int | None):
-        """Held-out soft scores of one copy per shard (`defenses.copies`)."""
-        return finetune_heldout_probabilities(
+        """Held-out soft accuracy and margin of one copy per shard at each checkpoint (`defenses.copies`)."""
+        return finetune_heldout_scores(
             self.net,
             shards,
             self.holdout,
             lr=lr,
             steps=config.steps,
+            checkpoints=config.marks,
+            readout=_readout(self.task),
             chunk_size=chunk_size,
             batched=config.batched,
             task=self.task,
@@ -533,44 +574,104 @@ def _head_scoped(model: nn.Module, full: _Scoped, config: ScreeningConfig) -> _S
 
 @dataclass(frozen=True)
 class _Impacts:
-    """What fine-tuning did to the held-out set: the metrics each copy moved (copies x [overall, class...])."""
+    """What fine-tuning did to the held-out set: per checkpoint, how far each copy pushed the mean held-out margin
+    down, overall and per class (copies x checkpoints * [overall, class...]); `base` is the deployed model's
+    readout (rows x [soft accuracy, margin])."""
 
     base: torch.Tensor
     holdout_y: torch.Tensor
     num_classes: int
     per_class: bool
 
-    def of(self, probabilities: torch.Tensor) -> np.ndarray:
-        probs = probabilities.double()
-        overall = (self.base.mean() - probs.mean(1)).numpy()[:, None]
-        if not self.per_class:
-            return overall
-        per_class = per_class_mean(self.base, self.holdout_y, self.num_classes) - per_class_mean(
-            probs, self.holdout_y, self.num_classes
-        )
-        return np.concatenate([overall, per_class.numpy()], axis=1)
+    @property
+    def width(self) -> int:
+        """Metrics per checkpoint."""
+        return 1 + self.num_classes if self.per_class else 1
+
+    def of(self, scores: torch.Tensor) -> np.ndarray:
+        drops = self.base[:, 1].double() - scores[..., 1].double()  # copies x checkpoints x rows
+        overall = drops.mean(-1, keepdim=True)
+        if self.per_class:
+            flat = drops.flatten(0, 1)
+            per_class = per_class_mean(flat, self.holdout_y, self.num_classes).view(*drops.shape[:2], -1)
+            overall = torch.cat([overall, per_class], -1)
+        return overall.flatten(1).numpy()
+
+    def soft_drop(self, scores: torch.Tensor) -> np.ndarray:
+        """How much held-out soft accuracy each copy lost by its last step (the learning-rate probe's yardstick)."""
+        return (self.base[:, 0].double().mean() - scores[:, -1, :, 0].double().mean(-1)).numpy()
 
 
-def _learning_rate(scoped: _Scoped, size: int, impacts: _Impacts, config: ScreeningConfig) -> tuple[float, int]:
-    """The largest rate of the grid at which probe copies stay finite and keep their held-out soft accuracy, with
-    the copies per chunk the probe measured."""
-    rates = sorted(config.lr_grid, reverse=True)
-    probe = _Draws(
-        scoped.trusted, bootstrap_draws(len(scoped.trusted), size, LR_PROBE_DRAWS, config.seed, PROBE_STREAM)
-    )
-    for tried, lr in enumerate(rates):
-        if tried:
-            scoped.count.plan(LR_PROBE_DRAWS)  # the first rate's probe was planned with the screening
+def _learning_rate(
+    scoped: _Scoped, size: int, impacts: _Impacts, config: ScreeningConfig
+) -> tuple[float, int, tuple[tuple[float, float | None], ...]]:
+    """The rate of the grid at which probe copies stay finite and keep their held-out soft accuracy (within
+    `lr_tolerance`) and, for classification, at which poisoned probe draws (`_poisoned`) stand furthest above clean
+    draws of the same label histograms (else the largest such rate), with the copies per chunk the probe measured
+    and each rate's separation."""
+    labels = scoped.trusted.y.numpy()
+    drawn = bootstrap_draws(len(labels), size, LR_PROBE_DRAWS, config.seed, PROBE_STREAM)
+    probe: list[LabeledData] = list(_Draws(scoped.trusted, drawn))
+    if impacts.per_class:
+        rng = np.random.default_rng([PROBE_STREAM, config.seed, size])
+        poisoned = [_poisoned(draw, impacts.num_classes, rng, i % 2 == 1) for i, draw in enumerate(probe)]
+        twins = [_clean_twins(labels, draw.y, impacts.num_classes, config, i) for i, draw in enumerate(poisoned)]
+        probe = [*_Draws(scoped.trusted, [t[0] for t in twins]), *_Draws(scoped.trusted, [t[1] for t in twins])]
+        probe += poisoned
+    best: tuple[float, float, int] | None = None
+    probed: list[tuple[float, float | None]] = []
+    for tried, lr in enumerate(sorted(config.lr_grid, reverse=True)):
+        scoped.count.plan(len(probe) - (0 if tried else LR_PROBE_DRAWS))  # one probe was planned with the screening
         run = scoped.finetuned(probe, lr, config, config.chunk_size)
-        overall = impacts.of(run.probabilities)[:, 0]
-        if not np.isfinite(overall).all():
+        lost = impacts.soft_drop(run.scores[:LR_PROBE_DRAWS])
+        if not np.isfinite(lost).all() or float(np.median(lost)) > config.lr_tolerance:
+            probed.append((lr, None))
             continue
-        if float(np.median(overall)) <= config.lr_tolerance:
-            return lr, run.chunk_size
-    raise ScreeningInputError(
-        f"screening found no stable learning rate in lr_grid={config.lr_grid}: on known-good calibration shards "
-        f"every rate diverged or cost more than {config.lr_tolerance} held-out soft accuracy; add smaller rates"
-    )
+        if len(probe) == LR_PROBE_DRAWS:
+            return lr, run.chunk_size, (*probed, (lr, None))
+        separation = _separation(impacts.of(run.scores), impacts.width, config.min_scale)
+        probed.append((lr, separation))
+        if best is None or separation > best[0]:
+            best = (separation, lr, run.chunk_size)
+    if best is None:
+        raise ScreeningInputError(
+            f"screening found no stable learning rate in lr_grid={config.lr_grid}: on known-good calibration shards "
+            f"every rate diverged or cost more than {config.lr_tolerance} held-out soft accuracy; add smaller rates"
+        )
+    return best[1], best[2], tuple(probed)
+
+
+def _poisoned(draw: LabeledData, num_classes: int, rng: np.random.Generator, targeted: bool) -> LabeledData:
+    """`draw` with `PROBE_FLIPS` of its labels (at least one) moved to other classes: at random, or `targeted`, rows
+    of one class present all moved to one other class."""
+    y = draw.y.clone()
+    budget = max(1, round(PROBE_FLIPS * len(y)))
+    if targeted:
+        source = int(rng.choice(np.unique(y.numpy())))
+        rows = torch.as_tensor(np.flatnonzero(y.numpy() == source)[:budget])
+        y[rows] = (source + int(rng.integers(1, num_classes))) % num_classes
+    else:
+        rows = torch.as_tensor(rng.choice(len(y), budget, replace=False))
+        y[rows] = (y[rows] + torch.as_tensor(rng.integers(1, num_classes, len(rows)))) % num_classes
+    return LabeledData(draw.x, y, draw.extras)
+
+
+def _clean_twins(labels: np.ndarray, y: torch.Tensor, num_classes: int, config: ScreeningConfig, i: int) -> np.ndarray:
+    """Trusted row indices (2 x len(y)) of two clean draws with the label histogram of `y` (stratified, as the test
+    compares; else of its size)."""
+    if not config.stratify:
+        return bootstrap_draws(len(labels), len(y), 2, config.seed, PROBE_STREAM + 1, 2 * i)
+    counts = torch.bincount(y.long(), minlength=num_classes).tolist()
+    return stratified_draws(labels, counts, 2, config.seed + PROBE_STREAM, 2 * i)
+
+
+def _separation(values: np.ndarray, width: int, floor: float) -> float:
+    """How far poisoned probe draws stand above clean draws of their own label histograms, in clean scales. `values`
+    holds three equal parts: clean twins A, clean twins B, poisoned draws; B - A is the clean spread within a
+    histogram, poisoned - A the poison's push. The median push's score less the clean spread's 90th percentile."""
+    first, second, poisoned = np.split(values, 3)
+    standardizer = Standardizer.fit(second - first, floor, width)
+    return float(np.median(standardizer.score(poisoned - first)) - np.quantile(standardizer.score(second - first), 0.9))
 
 
 @dataclass(frozen=True)
@@ -592,6 +693,12 @@ def _key(data: LabeledData, num_classes: int | None) -> _Key:
     return _Key(len(data), tuple(int(k) for k in torch.bincount(data.y.long(), minlength=num_classes).tolist()))
 
 
+def class_cap(pool_rows: int, fraction: float) -> int:
+    """The most rows of one class a stratified candidate is tested on, with `pool_rows` trusted rows of that class
+    (`ScreeningConfig.pool_fraction`: draws can stand for fresh rows only while they need a small share of them)."""
+    return max(1, int(fraction * pool_rows))
+
+
 def _within_pool(candidate: Candidate, pool: np.ndarray, fraction: float, seed: int) -> Candidate:
     """The candidate, or a seeded subsample holding at most `fraction` of the trusted rows (`pool`: per class) of
     each class: what clean draws of the trusted rows can stand for (see the module docstring)."""
@@ -600,7 +707,7 @@ def _within_pool(candidate: Candidate, pool: np.ndarray, fraction: float, seed: 
     keep = []
     for label in np.unique(labels):
         rows = np.flatnonzero(labels == label)
-        limit = max(1, int(fraction * (pool[label] if label < len(pool) else 0)))
+        limit = class_cap(int(pool[label]) if label < len(pool) else 0, fraction)
         keep.append(rows if len(rows) <= limit else np.sort(rng.choice(rows, limit, replace=False)))
     rows = np.concatenate(keep)
     if len(rows) == len(labels):
@@ -624,8 +731,8 @@ def _clean_impacts(
     """The impacts of clean draws (trusted row indices), failing closed when a copy diverged."""
     scoped.count.plan(len(rows))
     run = scoped.finetuned(_Draws(scoped.trusted, rows), lr, config, chunk_size)
-    values = impacts.of(run.probabilities)
-    if not np.isfinite(values[:, 0]).all():
+    values = impacts.of(run.scores)
+    if not np.isfinite(values[:, :: impacts.width]).all():
         raise ScreeningInputError(
             f"screening diverged: fine-tuning with lr={lr} for {config.steps} steps gave non-finite held-out metrics "
             f"on known-good calibration draws; lower ScreeningConfig.lr"
@@ -658,12 +765,12 @@ def _with_scales(
         ScaleCalibration(
             key.size,
             key.classes,
-            Standardizer.fit(values[i * SCALE_DRAWS : (i + 1) * SCALE_DRAWS], config.min_scale, shared_from=1),
+            Standardizer.fit(values[i * SCALE_DRAWS : (i + 1) * SCALE_DRAWS], config.min_scale, impacts.width),
         )
         for i, key in enumerate(fresh)
     ]
     ordered = tuple(sorted((*calibration.scales, *fitted), key=lambda c: (c.size, c.classes or ())))
-    return Calibration(calibration.lr, calibration.chunk_size or chunk, calibration.scope, ordered, calibration.strata)
+    return replace(calibration, chunk_size=calibration.chunk_size or chunk, scales=ordered)
 
 
 def _calibrated(
@@ -674,8 +781,8 @@ def _calibrated(
     if calibration is None:
         scope = "full" if scoped.head is None else "head"
         if config.lr == "auto":
-            lr, chunk = _learning_rate(scoped, min(k.size for k in keys), impacts, config)
-            calibration = Calibration(lr, config.chunk_size or chunk, scope)
+            lr, chunk, probed = _learning_rate(scoped, min(k.size for k in keys), impacts, config)
+            calibration = Calibration(lr, config.chunk_size or chunk, scope, probed=probed)
         else:
             calibration = Calibration(float(config.lr), config.chunk_size, scope)
     return _with_scales(scoped, keys, calibration, impacts, config)
@@ -711,14 +818,24 @@ class _Tested:
 
     @property
     def finite(self) -> bool:
-        return bool(np.isfinite(self.impacts[0]))
+        return bool(np.isfinite(self.impacts[:: self.calibration.standardizer.width]).all())
 
-    def worst(self) -> str:
-        """Which metric gave the max-statistic, and by how much it dropped."""
+    @property
+    def last(self) -> np.ndarray:
+        """The impacts after the last step: overall, then per class."""
+        return self.impacts[-self.calibration.standardizer.width :]
+
+    def worst(self, marks: Sequence[int]) -> str:
+        """Which metric, after how many of the steps (`marks`: the checkpoints), was pushed furthest."""
+        width = self.calibration.standardizer.width
         z = self.calibration.standardizer.standardized(self.impacts[None, :])[0]
         index = int(np.nanargmax(np.where(np.isnan(z), -math.inf, z)))
-        what = "held-out soft accuracy" if index == 0 else f"held-out soft accuracy of class {index - 1}"
-        return f"{what} dropped by {self.impacts[index]:.4f} ({z[index]:.1f} clean scales)"
+        mark, metric = divmod(index, width)
+        what = "held-out margin" if metric == 0 else f"held-out margin of class {metric - 1}"
+        return (
+            f"{what} pushed down by {self.impacts[index]:.4f} ({z[index]:.1f} clean scales) after {marks[mark]} of "
+            f"{marks[-1]} steps"
+        )
 
 
 def _sequential(
@@ -764,14 +881,14 @@ def _sequential(
                 stratum.counts,
                 stratum.standardizer,
                 (*stratum.scores, *stratum.standardizer.score(part).tolist()),
-                (*stratum.impacts, *part[:, 0].tolist()),
+                (*stratum.impacts, *part[:, -impacts.width].tolist()),
             )
     tests = [
         _Tested(values[i], scores[i], float(sequential_p_value(strata[s].scores, scores[i], hits, limit)), strata[s])
         for i, s in enumerate(where)
     ]
     ordered = tuple(sorted(strata, key=lambda s: (s.size, s.counts or ())))
-    return Calibration(calibration.lr, chunk, calibration.scope, calibration.scales, ordered), tests
+    return replace(calibration, chunk_size=chunk, strata=ordered), tests
 
 
 def screen_candidates(
@@ -837,12 +954,12 @@ def screen_candidates(
     probing = calibration is None and config.lr == "auto"
     count.plan(probing * LR_PROBE_DRAWS + len(tried))  # clean draws are planned stage by stage, as they are drawn
     scoped = _scoped(model, base_data, holdout, tried, config, task, forward, count)
-    base = _heldout_probabilities(scoped.net, scoped.holdout, task, scoped.forward).double()
+    base = _heldout_scores(scoped.net, scoped.holdout, task, scoped.forward).double()
     impacts = _Impacts(base, holdout.y, num_classes, config.per_class and by_class)
     keys = [_key(c.data, num_classes if by_class and config.stratify else None) for c in tried]
     calibration = _calibrated(scoped, keys, impacts, config, calibration)
     run = scoped.finetuned(scoped.candidates, calibration.lr, config, calibration.chunk_size)
-    values = impacts.of(run.probabilities)
+    values = impacts.of(run.scores)
     calibration, tests = _sequential(scoped, keys, values, calibration, impacts, config)
     shard_tests = tests[: len(candidates)]
     union_tests = dict(zip([u.source for u in unions], tests[len(candidates) :], strict=True))
@@ -855,7 +972,7 @@ def screen_candidates(
         calibration=calibration,
         config=config,
         seconds=time.perf_counter() - started,
-        base_soft_accuracy=float(base.mean()),
+        base_soft_accuracy=float(base[:, 0].mean()),
         head=scoped.head,
     )
 
@@ -937,7 +1054,7 @@ def _decide(
         elif own <= config.level:
             reason = (
                 f"p-value {test.p_value:.3g} (adjusted {own:.3g}) <= level {config.level:g}: "
-                f"{test.worst()} against clean {test.calibration.size}-row draws"
+                f"{test.worst(config.marks)} against clean {test.calibration.size}-row draws"
                 f"{'' if test.calibration.counts is None else ' of its label histogram'}"
                 f"{_subsampled(len(candidate.data), rows)}"
             )
@@ -950,8 +1067,8 @@ def _decide(
                 name=candidate.name,
                 source=candidate.source,
                 size=len(candidate.data),
-                impact=float(test.impacts[0]),
-                class_impacts=tuple(float(v) for v in test.impacts[1:]),
+                impact=float(test.last[0]),
+                class_impacts=tuple(float(v) for v in test.last[1:]),
                 score=test.score,
                 p_value=test.p_value,
                 source_p_value=source.p_value if source else None,
@@ -987,7 +1104,7 @@ def _source_decision(evidence: _SourceEvidence, adjusted: float, config: Screeni
         source=evidence.source,
         shards=evidence.shards,
         rows=evidence.rows,
-        union_impact=float(union.impacts[0]) if union is not None else None,
+        union_impact=float(union.last[0]) if union is not None else None,
         union_p_value=union.p_value if union is not None else None,
         combined_p_value=evidence.combined_p,
         earlier=evidence.earlier,
@@ -996,5 +1113,5 @@ def _source_decision(evidence: _SourceEvidence, adjusted: float, config: Screeni
         flagged=flagged,
         reason=reason,
         evidence=evidence.other,
-        class_impacts=tuple(float(v) for v in union.impacts[1:]) if union is not None else (),
+        class_impacts=tuple(float(v) for v in union.last[1:]) if union is not None else (),
     )

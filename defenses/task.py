@@ -155,6 +155,24 @@ class Task:
         assert self.metric is not None
         return self._per_sample(self.metric(outputs, y), outputs, "metric").float()
 
+    def margin(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """An unbounded per-sample fit (N,), higher is better, that RONI's impacts are measured in: linear in the
+        outputs where `soft_correct` saturates, so a confident model's held-out rows still register a push.
+
+        The true class's logit minus the largest other; the mean logit signed by each label's true value; the mean
+        log Gaussian kernel `-(error / tolerance)^2 / 2`; a custom task's metric.
+        """
+        outputs, y = self._aligned(outputs.float(), y)
+        if self.kind == "classification":
+            true = outputs.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+            others = outputs.scatter(-1, y.unsqueeze(-1), -torch.inf).amax(-1)
+            return true - others
+        if self.kind == "multilabel":
+            return torch.where(y > 0.5, outputs, -outputs).mean(-1)
+        if self.kind == "regression":
+            return _rows(-0.5 * ((outputs - y) / self.tolerance).square()).mean(1)
+        return self.soft_correct(outputs, y)
+
     def group_metrics(
         self, outputs: torch.Tensor, y: torch.Tensor, num_classes: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:

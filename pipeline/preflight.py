@@ -13,6 +13,7 @@ the cycle would refuse; it warns where class coverage or the held-out set's size
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -320,6 +321,8 @@ def foresee(config: CycleConfig) -> tuple[Passed, ...]:
     if config.task.kind == "classification":
         found += _coverage(config, [s for s in kept if s.role == "trusted"], intake.holdout)
     found += _holdout_size(config, intake.holdout)
+    if config.roni.enabled and config.task.kind == "classification":
+        found += _roni_pool(config, intake.holdout, [s for s in kept if s.role == "train"])
     return tuple(found)
 
 
@@ -394,6 +397,65 @@ def _holdout_size(config: CycleConfig, holdout: Sequence[Any]) -> list[Passed]:
                 "warn",
             )
         )
+    return found
+
+
+def _roni_pool(config: CycleConfig, holdout: Sequence[Any], offered: Sequence[Any]) -> list[Passed]:
+    """Whether RONI's trusted calibration rows (`roni.calibration_fraction` of the held-out set) can stand for the
+    shards offered: a class with fewer than `MIN_POOL_ROWS` of them is drawn from a pool too small to stand for fresh
+    rows, so clean shards may be refused more often than `roni.level`; a shard holding more rows of a class than
+    `pool_fraction` of them is tested on a subsample (less power against its poison)."""
+    import numpy as np
+
+    from trainguard.defenses.roni import MIN_POOL_ROWS, ScreeningConfig, class_cap
+
+    screening = ScreeningConfig(**config.roni.screening_options())
+    if not screening.stratify:
+        return []
+    targets = np.concatenate([np.asarray(s.samples.targets).reshape(-1) for s in holdout])
+    pool = {
+        label: round(config.roni.calibration_fraction * int((targets == label).sum()))
+        for label in config.validation.labels
+    }
+    found = []
+    thin = sorted(label for label, rows in pool.items() if rows < MIN_POOL_ROWS)
+    if thin:
+        rows = ", ".join(f"class {label}: {pool[label]}" for label in thin)
+        found.append(
+            Passed(
+                "roni",
+                f"RONI draws clean calibration shards from about {sum(pool.values())} trusted rows ({rows}): under "
+                f"{MIN_POOL_ROWS} rows of a class, draws stand for fresh rows only roughly and clean shards may be "
+                f"refused more often than roni.level {config.roni.level:g}; add held-out rows of those classes",
+                "warn",
+            )
+        )
+    if screening.pool_fraction is None:
+        return found
+    cut = []
+    for shard in offered:
+        labels, counts = np.unique(np.asarray(shard.samples.targets).reshape(-1), return_counts=True)
+        over = [
+            (int(c), int(k))
+            for c, k in zip(labels, counts, strict=True)
+            if k > class_cap(pool.get(int(c), 0), screening.pool_fraction)
+        ]
+        if over:
+            cut.append((shard.key, over))
+    if cut:
+        label, most = max(((c, k) for _, over in cut for c, k in over), key=lambda ck: ck[1])
+        needed = math.ceil(most / screening.pool_fraction / config.roni.calibration_fraction)
+        found.append(
+            Passed(
+                "roni",
+                f"{len(cut)} shard(s) hold more rows of a class than RONI's trusted rows can test whole (e.g. "
+                f"{cut[0][0]}, class {cut[0][1][0][0]}): they are tested on a seeded subsample, with less power "
+                f"against poison; about {needed} held-out rows of class {label} would test the largest whole",
+                "warn",
+            )
+        )
+    else:
+        found.append(Passed("roni", f"RONI's trusted rows test every offered shard whole ({len(offered)} shards)"))
     return found
 
 

@@ -102,8 +102,8 @@ def _detector_findings(detection: Mapping[str, Any]) -> dict[str, list[str]]:
 
 
 def _roni_words(source: str, refused: Sequence[ShardDecision], roni: Mapping[str, Any]) -> str:
-    """RONI's clearest figure: the largest drop of held-out soft accuracy (a class's, else overall) that fine-tuning
-    on the source's shards caused, with the p-value that decided."""
+    """RONI's clearest figure: the largest drop of the held-out margin (a class's, else overall) that fine-tuning on
+    the source's shards caused, with the p-value that decided."""
     judged = next((s for s in roni.get("sources", ()) if s["source"] == source and s["flagged"]), None)
     names = {d.shard for d in refused}
     decisions = [d for d in roni.get("decisions", ()) if d["name"] in names]
@@ -123,11 +123,11 @@ def _roni_words(source: str, refused: Sequence[ShardDecision], roni: Mapping[str
 
 
 def _worst(overall: float | None, classes: Sequence[float | None]) -> tuple[str, float]:
-    """The metric that dropped most: a class's held-out soft accuracy, or the overall one."""
-    drops = [(f"class {k} held-out soft accuracy", v) for k, v in enumerate(classes) if _finite(v)]
+    """The metric that dropped most: a class's held-out margin, or the overall one."""
+    drops = [(f"class {k} held-out margin", v) for k, v in enumerate(classes) if _finite(v)]
     if _finite(overall):
-        drops.append(("held-out soft accuracy", float(overall)))
-    return max(drops, key=lambda d: d[1], default=("held-out soft accuracy", math.nan))
+        drops.append(("held-out margin", float(overall)))
+    return max(drops, key=lambda d: d[1], default=("held-out margin", math.nan))
 
 
 def _finite(value: float | None) -> bool:

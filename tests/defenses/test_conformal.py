@@ -1,4 +1,4 @@
-"""The statistics behind RONI's decisions: conformal p-values hold their level on clean data, the max-statistic
+"""The statistics behind RONI's decisions: conformal p-values hold their level on clean data, the one statistic
 spends one budget on all metrics, BH/BY and the combinations match their textbook values."""
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def test_sequential_p_values_lie_in_their_range_and_fall_as_the_score_grows(
 @pytest.mark.parametrize("tail", ["normal", "heavy"])
 def test_clean_candidates_are_rejected_at_most_at_the_level(tail: str) -> None:
     """Many screenings of clean candidates: metrics exchangeable with the calibration draws (Gaussian, or heavy
-    Student-t tails with one noisy metric), a standardizer fitted on separate draws, the max-statistic's conformal
+    Student-t tails with one noisy metric), a standardizer fitted on separate draws, the statistic's conformal
     p-value; the share rejected stays at the level (up to Monte Carlo slack)."""
     rng = np.random.default_rng(0)
     level, draws, trials = 0.05, 99, 400
@@ -95,7 +95,7 @@ def test_clean_candidates_are_rejected_at_most_at_the_level(tail: str) -> None:
 
     rejections = []
     for _ in range(trials):
-        standardizer = Standardizer.fit(impacts(50), floor=1e-3, shared_from=1)
+        standardizer = Standardizer.fit(impacts(50), floor=1e-3, width=11)
         calibration = standardizer.score(impacts(draws))
         p = conformal_p_values(calibration, standardizer.score(impacts(20)))
         rejections.append(p <= level)
@@ -104,12 +104,12 @@ def test_clean_candidates_are_rejected_at_most_at_the_level(tail: str) -> None:
     assert rate >= level - 0.02  # and is not vacuously conservative
 
 
-def test_a_shift_in_one_metric_of_eleven_is_found_through_the_max_statistic() -> None:
+def test_a_shift_in_one_metric_of_eleven_is_found_through_the_statistic() -> None:
     rng = np.random.default_rng(1)
     clean = rng.standard_normal((600, 11))
     standardizer = Standardizer.fit(clean[:50], floor=1e-3)
     shifted = rng.standard_normal((20, 11))
-    shifted[:, 4] += 6.0  # one class's soft accuracy dropped, the others did not
+    shifted[:, 4] += 6.0  # one class's margin dropped, the others did not
     p = conformal_p_values(standardizer.score(clean[50:]), standardizer.score(shifted))
     assert (p <= 0.01).mean() >= 0.9
 
@@ -124,10 +124,40 @@ def test_absent_metrics_are_left_out_and_a_diverged_one_scores_infinite() -> Non
 
 def test_shared_scale_is_the_median_of_the_pooled_metrics() -> None:
     values = np.column_stack([np.arange(9.0), np.arange(9.0) * 0.01, np.arange(9.0), np.arange(9.0) * 100])
-    standardizer = Standardizer.fit(values, floor=0.0, shared_from=1)
+    standardizer = Standardizer.fit(values, floor=0.0, width=4)
     own = Standardizer.fit(values, floor=0.0)
     assert standardizer.scale[0] == own.scale[0]
     assert standardizer.scale[1:] == (own.scale[2],) * 3
+
+
+def test_classes_share_a_scale_within_each_checkpoint_only() -> None:
+    early, late = np.column_stack([np.arange(9.0)] * 3), np.column_stack([np.arange(9.0) * 10] * 3)
+    standardizer = Standardizer.fit(np.hstack([early, late]), floor=0.0, width=3)
+    assert standardizer.scale[1:3] == (standardizer.scale[0],) * 2
+    assert standardizer.scale[4:6] == (standardizer.scale[3],) * 2 == (10 * standardizer.scale[0],) * 2
+
+
+def test_several_classes_pushed_some_way_score_like_one_pushed_far() -> None:
+    standardizer = Standardizer((0.0,) * 5, (1.0,) * 5, width=5)
+    one_far, four_some, pulled_up = [[0, 4, 0, 0, 0]], [[0, 2, 2, 2, 2]], [[0, -9, -9, -9, 0]]
+    assert standardizer.score(np.array(four_some))[0] == pytest.approx(standardizer.score(np.array(one_far))[0])
+    assert standardizer.score(np.array(pulled_up))[0] == 0.0  # only pushes down count
+
+
+def test_the_worst_checkpoint_decides_the_score() -> None:
+    standardizer = Standardizer((0.0,) * 4, (1.0,) * 4, width=2)
+    assert standardizer.score(np.array([[3.0, 0, 0, 0], [0, 0, 0, 5.0]])).tolist() == [3.0, 5.0]
+
+
+def test_impacts_below_the_measurable_floor_tie_and_count_against_the_candidate() -> None:
+    """A saturated model: clean impacts and a candidate's differ only by rounding; the candidate is not rejected."""
+    rng = np.random.default_rng(2)
+    clean = rng.normal(0.0, 1e-7, (400, 3))
+    candidate = np.full((1, 3), 5e-7)  # 5 'clean scales' above, all below the floor
+    exact = Standardizer.fit(clean[:50], floor=0.0, width=3)
+    floored = Standardizer.fit(clean[:50], floor=1e-3, width=3)
+    assert conformal_p_values(exact.score(clean[50:]), exact.score(candidate))[0] < 0.01
+    assert conformal_p_values(floored.score(clean[50:]), floored.score(candidate))[0] == 1.0
 
 
 def test_benjamini_hochberg_and_yekutieli_match_known_adjusted_values() -> None:

@@ -23,7 +23,7 @@ from trainguard.defenses.roni import (
 
 def _report() -> ScreeningReport:
     def decision(name: str, source: str, impact: float, p: float, accepted: bool) -> CandidateDecision:
-        reason = "p-value above level" if accepted else f"p-value {p} <= level 0.01: held-out soft accuracy dropped"
+        reason = "p-value above level" if accepted else f"p-value {p} <= level 0.01: held-out margin pushed down"
         return CandidateDecision(
             name, source, 50, impact, (impact, math.nan), impact / 0.01, p, None, p, 50, accepted, reason
         )

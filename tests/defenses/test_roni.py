@@ -91,7 +91,7 @@ def test_label_flipped_shard_is_rejected_with_a_small_p_value_and_its_clean_twin
     assert not poisoned_decision.accepted
     assert poisoned_decision.p_value == pytest.approx(1 / (STRICT["calibration_draws"] + 1))
     assert poisoned_decision.adjusted_p_value <= report.config.level
-    assert "soft accuracy" in poisoned_decision.reason and "p-value" in poisoned_decision.reason
+    assert "margin" in poisoned_decision.reason and "p-value" in poisoned_decision.reason
     assert report.rejected == (poisoned_decision,)
     assert report.sources == ()  # one shard per source: nothing more to judge
 
@@ -191,9 +191,9 @@ def test_a_large_source_is_judged_against_draws_of_its_own_size_and_flagged(digi
 
 
 def _diluted(digits: Split) -> list[Candidate]:
-    """One source's 10 shards, each with 2 of 50 labels flipped: slightly harmful, most alone within the noise."""
+    """One source's 10 shards, each with 1 of 50 labels flipped: slightly harmful, most alone within the noise."""
     return [
-        Candidate(f"m-{i}", "mallory", _flip(digits.shard(digits.pool[50 * i : 50 * (i + 1)]), 0.04, seed=10 + i))
+        Candidate(f"m-{i}", "mallory", _flip(digits.shard(digits.pool[50 * i : 50 * (i + 1)]), 0.02, seed=10 + i))
         for i in range(10)
     ]
 
@@ -390,15 +390,20 @@ def test_diverging_fine_tuning_fails_closed(digits: Split, model: nn.Module) -> 
         screen_candidates(model, digits.trusted, digits.holdout, [candidate], config)
 
 
-def test_auto_lr_is_the_largest_grid_rate_whose_calibration_copies_keep_their_soft_accuracy(
+def test_auto_lr_takes_a_stable_rate_where_poisoned_probe_draws_stand_out_most(
     digits: Split, model: nn.Module
 ) -> None:
+    """Rate 20 wrecks clean copies (never taken); of the stable rates, the probe's poisoned draws (a tenth of their
+    labels moved) stand further above their clean twins at the one taken."""
     candidates = [Candidate("s", "a", digits.shard(digits.pool[:40]))]
     auto = ScreeningConfig(lr_grid=(20.0, 0.5, 0.05), **FAST)
-    too_large = ScreeningConfig(lr=20.0, **FAST)
-    assert screen_candidates(model, digits.trusted, digits.holdout, candidates, auto).lr == 0.5
-    collapsed = screen_candidates(model, digits.trusted, digits.holdout, candidates, too_large)
-    assert np.median(collapsed.calibration.strata[0].impacts) > auto.lr_tolerance
+    report = screen_candidates(model, digits.trusted, digits.holdout, candidates, auto)
+    chosen = report.lr
+    assert chosen in (0.5, 0.05)
+    other = 0.05 if chosen == 0.5 else 0.5
+    probed = dict(report.calibration.probed)
+    assert probed[20.0] is None and probed[other] is not None
+    assert probed[chosen] >= probed[other]
 
 
 def test_auto_lr_refuses_when_no_rate_of_the_grid_is_stable(digits: Split, model: nn.Module) -> None:

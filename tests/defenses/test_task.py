@@ -446,7 +446,7 @@ def test_roni_flags_a_regression_shard_with_shifted_targets() -> None:
     config = ScreeningConfig(level=0.05, calibration_draws=99, steps=10, scope="full")
     report = screen_candidates(net, trusted, holdout, candidates, config, task=Task("regression", tolerance=0.3))
     assert [d.accepted for d in report.decisions] == [True, True, True, False], [d.reason for d in report.decisions]
-    assert "soft accuracy dropped" in report.decisions[3].reason
+    assert "margin pushed down" in report.decisions[3].reason
 
 
 class MaskedNet(nn.Module):

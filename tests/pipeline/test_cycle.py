@@ -79,7 +79,7 @@ def test_two_cycles_refuse_tampered_and_poisoned_shards_and_log_everything(
     assert dropped and all(not d.accepted and d.reason.startswith("source dave flagged") for d in dropped)
     (dave,) = [line for line in second.sources if line.startswith("dave ")]  # one line for all its shards
     assert dave.startswith("dave refused: ") and "label detector: " in dave and " rows look mislabelled" in dave
-    assert "RONI: class " in dave and "held-out soft accuracy -0." in dave and "(p " in dave, dave
+    assert "RONI: class " in dave and "held-out margin -" in dave and "(p " in dave, dave
     assert "fisher over" not in dave and "Fix: " in dave
     (carol,) = [line for line in second.sources if line.startswith("carol ")]
     assert carol.startswith("carol 1 of 6 shards refused: signature or read check: its bytes differ from the signed")

@@ -318,8 +318,20 @@ def test_check_warns_when_the_holdout_is_too_small_for_the_gate(project: Path) -
     loose = {("gate", "max_accuracy_drop"): 0.1, ("gate", "max_class_drop"): 0.4}
     done = _run(project, "check", str(_config(project, loose)))
     assert done.returncode == 0, done.stderr
-    assert not [line for line in done.stdout.splitlines() if line.startswith("warn")], done.stdout
+    assert not [line for line in done.stdout.splitlines() if line.startswith("warn  gate")], done.stdout
     assert done.stdout.count("ok  gate") == 2
+
+
+def test_check_warns_when_ronis_trusted_rows_cannot_stand_for_the_shards(project: Path) -> None:
+    """A tenth of the 350 held-out rows left to RONI's calibration: about 3 rows a class, too few for bootstrap draws
+    to stand for fresh rows, and every contributed shard holds more of a class than a quarter of them (tested on a
+    subsample): one warning each, exit 0."""
+    done = _run(project, "check", str(_config(project, {("roni", "calibration_fraction"): 0.1})))
+    assert done.returncode == 0, done.stderr
+    warned = [line for line in done.stdout.splitlines() if line.startswith("warn  roni")]
+    assert len(warned) == 2, done.stdout
+    assert "clean shards may be refused more often than roni.level 0.01" in warned[0]
+    assert "tested on a seeded subsample, with less power against poison" in warned[1]
 
 
 def test_check_warns_when_the_holdout_lacks_a_class(project: Path) -> None:
