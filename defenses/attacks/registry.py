@@ -1,10 +1,10 @@
-"""Attacks by name (`"fgsm"`, `"pgd"`, `"fgsm-rs"`, `"apgd-ce"`, `"apgd-dlr"`), as callbacks and configs name them."""
+"""Attacks by name (`"fgsm"`, `"pgd"`, `"fgsm-rs"`, `"apgd-ce"`, `"apgd-dlr"`, `"apgd-t"`), as callbacks and configs name them."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from trainguard.defenses.attacks.apgd import APGD, APGDCE, APGDDLR
+from trainguard.defenses.attacks.apgd import APGD, APGDCE, APGDDLR, APGDT
 from trainguard.defenses.attacks.base import Attack
 from trainguard.defenses.attacks.fgsm import FGSM
 from trainguard.defenses.attacks.fgsm_rs import FGSMRandomStart
@@ -17,6 +17,7 @@ ATTACKS: dict[str, type[Attack]] = {
     "fgsm-rs": FGSMRandomStart,
     "apgd-ce": APGDCE,
     "apgd-dlr": APGDDLR,
+    "apgd-t": APGDT,
 }
 
 
