@@ -109,7 +109,8 @@ class APGD(Attack):
 
     Restarts after the first run only on the samples not yet misclassified; a sample keeps a misclassified point as
     soon as one run finds it, else the highest-loss point of all runs (so more restarts never raise robust accuracy).
-    The loss is the attack's own (per sample, in float32 at least); `loss=` is refused. APGD-DLR and APGD-T are untargeted.
+    The loss is the attack's own (per sample, in float32 at least); `loss=` is refused.
+    APGD-DLR and APGD-T are untargeted.
     """
 
     objective: ClassVar[Objective] = "ce"
@@ -203,10 +204,7 @@ class APGD(Attack):
         with self.precision(x.device):
             logits = self.forward(x)
         logits32 = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        if target is None:
-            loss = _OBJECTIVES[self.objective](logits32, y)
-        else:
-            loss = dlr_loss_targeted(logits32, y, target)
+        loss = _OBJECTIVES[self.objective](logits32, y) if target is None else dlr_loss_targeted(logits32, y, target)
         if self.targeted:
             loss = -loss
         (grad,) = torch.autograd.grad(loss.sum(), x)

@@ -1,4 +1,5 @@
-"""Attacks by name (`"fgsm"`, `"pgd"`, `"fgsm-rs"`, `"apgd-ce"`, `"apgd-dlr"`, `"apgd-t"`), as callbacks and configs name them."""
+"""Attacks by name (`"fgsm"`, `"pgd"`, `"fgsm-rs"`, `"apgd-ce"`, `"apgd-dlr"`, `"apgd-t"`), as callbacks and configs
+name them."""
 
 from __future__ import annotations
 
