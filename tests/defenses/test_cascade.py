@@ -61,7 +61,7 @@ def test_each_attack_receives_only_the_rows_every_earlier_attack_left_correct(ml
 
     with torch.no_grad():
         clean = mlp(x).argmax(1) == y
-    assert torch.equal(result.clean, clean) and 0 < (~clean).sum()
+    assert torch.equal(result.clean, clean) and (~clean).sum() > 0
     assert torch.equal(first.received[0], x[clean]), "the first attack gets the clean-correct rows only"
     after_first = clean & ~result.broken_by["pgd-a"]
     assert result.broken_by["pgd-a"].sum() > 0 and result.broken_by["pgd-b"].sum() > 0
