@@ -63,10 +63,11 @@ class RobustAccuracy(pl.Callback):
     `attacks` are attack names, e.g. `"pgd"`, `"apgd-ce"`, `"apgd-dlr"`, or a preset name run as a cascade
     (`"autoattack"`, `"autoattack-fast"`); each runs `steps` iterations (None: 10, or AutoAttack's 100 for a
     preset; APGD from each of `restarts` random starts; `step_size` and `loss` are PGD's, APGD has its own).
-    `masking_check` (presets only) adds the large-eps run of the white-box attacks that the masking flag needs.
+    `large_eps_check` (presets only) adds the masking check's run of the white-box attacks at half the bounds' range
+    (the Square check reads the cascade itself and costs nothing more).
     `max_samples` bounds the cost (None: the whole validation set of `dataloader_idx`); the random starts are drawn
-    from `seed` anew each epoch, so epochs are comparable. `name` is a format string with an `{eps}` field; with several attacks each one's accuracy
-    is also logged, as `name` + `/<attack>`.
+    from `seed` anew each epoch, so epochs are comparable. `name` is a format string with an `{eps}` field; with
+    several attacks each one's accuracy is also logged, as `name` + `/<attack>`.
     `crafting="trainer"` attacks and predicts under the autocast of the trainer's precision, `"fp32"` in float32.
     `task` gives the loss PGD maximises and what a correct prediction is (argmax for classification, all labels
     right for multilabel, every output within tolerance for regression): the logged value is the mean of
@@ -94,7 +95,7 @@ class RobustAccuracy(pl.Callback):
         seed: int = 0,
         name: str = "val/robust_acc_eps{eps:g}",
         crafting: str = "trainer",
-        masking_check: bool = True,
+        large_eps_check: bool = True,
     ) -> None:
         self.eps = tuple(float(e) for e in (eps if isinstance(eps, Sequence) else (eps,)))
         if not self.eps or any(e < 0 for e in self.eps):
@@ -132,7 +133,7 @@ class RobustAccuracy(pl.Callback):
         self.seed = seed
         self.name = name
         self.crafting = parse_crafting(crafting)
-        self.masking_check = masking_check and self.preset is not None
+        self.large_eps_check = large_eps_check and self.preset is not None
         self.attacks: dict[str, Attack] = {}
         self.costs: dict[str, AttackCost] = {}
         self.masking: MaskingCheck | None = None
@@ -230,7 +231,7 @@ class RobustAccuracy(pl.Callback):
             self._correct[i, 1:] += torch.stack(list(result.broken_by.values())).sum(dim=1)
             for name, cost in result.costs.items():
                 self.costs[name] = self.costs.get(name, AttackCost()) + cost
-        if self.masking_check:
+        if self.large_eps_check:
             lower, upper = Bounds(self.bounds).like(x)
             self._large_eps = large_eps(lower, upper, x, parse_norm(self.norm))
             check = cascade(x, y, self._large_eps, skip=BLACK_BOX)
@@ -264,20 +265,19 @@ class RobustAccuracy(pl.Callback):
             name = name.replace(" ", "_")
             pl_module.log(f"val/robust_cost/{name}/seconds", cost.seconds, on_step=False, on_epoch=True)
             pl_module.log(f"val/robust_cost/{name}/gradients", float(cost.gradients), on_step=False, on_epoch=True)
-        if not self.masking_check:
-            return
         black_box = [j for j, a in enumerate(self.attack_names, start=1) if a in BLACK_BOX]
         self.masking = MaskingCheck(
             rows=seen,
             black_box_rows=int(counts[:, black_box].sum(dim=1).max()) if black_box else None,
-            large_eps=self._large_eps,
-            large_eps_robust_rows=large_robust,
+            large_eps=self._large_eps if self.large_eps_check else None,
+            large_eps_robust_rows=large_robust if self.large_eps_check else None,
         )
         values = {
             "val/gradient_masking": float(self.masking.flagged),
             "val/gradient_masking/black_box": float(self.masking.black_box),
             "val/gradient_masking/large_eps": float(self.masking.large_eps_robust),
-            "val/robust_acc_large_eps": large_robust / seen,
         }
+        if self.large_eps_check:
+            values["val/robust_acc_large_eps"] = large_robust / seen
         for name, value in values.items():
             pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=False)

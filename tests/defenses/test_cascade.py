@@ -150,11 +150,21 @@ def test_the_fast_preset_runs_as_a_cascade_and_logs_what_each_attack_broke_and_c
 
 
 def test_a_model_with_masked_gradients_is_flagged(digits) -> None:
-    callback = RobustAccuracy(eps=(0.1,), attacks="autoattack-fast", steps=10, max_samples=100)
+    callback = RobustAccuracy(eps=(0.1,), attacks="autoattack-fast", steps=3, max_samples=100)
     metrics = fit(Quantised(2), callback, digits).callback_metrics
     assert metrics["val/gradient_masking"].item() == 1 and metrics["val/gradient_masking/large_eps"].item() == 1
     assert callback.masking is not None and callback.masking.large_eps == 0.5
     assert "half the bounds' range" in callback.masking.reasons()[0]
+
+
+def test_square_breaking_rows_the_white_box_attacks_left_robust_is_flagged(digits) -> None:
+    # 4 steps: APGD and FAB iterations, and 200 Square queries; enough for Square on a model the gradients mislead.
+    callback = RobustAccuracy(eps=(0.2,), attacks="autoattack", steps=4, max_samples=100, large_eps_check=False)
+    metrics = fit(Quantised(2), callback, digits).callback_metrics
+    square = metrics["val/robust_acc_eps0.2/broken_by/square"].item()
+    assert square > 0.03 and metrics["val/gradient_masking/black_box"].item() == 1
+    assert callback.masking is not None and "Square broke" in callback.masking.reasons()[0]
+    assert callback.costs["square"].gradients == 0 and callback.costs["square"].forwards > 0
 
 
 @pytest.mark.parametrize("count,rows,flag", [(2, 100, False), (3, 100, True), (3, 400, False), (5, 400, True)])

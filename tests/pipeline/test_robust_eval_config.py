@@ -52,7 +52,7 @@ def test_a_preset_reaches_the_callback_as_a_cascade_at_autoattacks_100_steps(pre
     config = _config({"attacks": preset, "steps": None})  # digits.yaml sets steps: 5
     assert config.robust_eval.attacks == preset
     robust = _robust(config)
-    assert robust.preset == preset and robust.steps == 100 and robust.masking_check
+    assert robust.preset == preset and robust.steps == 100 and robust.large_eps_check
     assert robust.attack_names == (
         ("apgd-ce", "apgd-t", "fab-t", "square") if preset == "autoattack" else robust.attack_names
     )
