@@ -5,7 +5,7 @@ torchattacks' APGD (ce), APGDT, FAB (multi-targeted) and Square at the paper's s
 5,000 queries; not its `AutoAttack` class, whose attacks take 10 steps), composed as the reference composes them:
 each attack only on the rows every earlier one left correctly classified. Reads `job.pt` (a TorchScript model file
 name, inputs, labels, eps list, class count) from the folder given, writes `peer.json` there: per eps the robust
-rows and, per attack, the rows attacked and the process CPU seconds.
+rows and, per attack, the rows attacked and the process CPU seconds (`peer.partial.json` after each eps until then).
 """
 
 from __future__ import annotations
@@ -54,8 +54,9 @@ def main() -> None:
                 robust[todo[~still]] = False
             costs[name] = {"rows": len(todo), "seconds": time.process_time() - start}
         out["eps"][str(eps)] = {"robust": robust.float().mean().item(), "rows": robust.tolist(), "costs": costs}
-        print(f"peer eps {eps:g}: robust {robust.float().mean().item():.4f}", file=sys.stderr, flush=True)
-    (folder / "peer.json").write_text(json.dumps(out))
+        partial = folder / "peer.partial.json"
+        partial.write_text(json.dumps(out))
+        partial.replace(folder / ("peer.json" if len(out["eps"]) == len(job["eps"]) else "peer.partial.json"))
 
 
 if __name__ == "__main__":
