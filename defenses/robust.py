@@ -15,10 +15,11 @@ attacks run as AutoAttack's cascade (`trainguard.defenses.attacks.cascade`): eac
 robust, so the worst case costs what the rows still standing cost. Its own accuracy is then not measured for the
 later attacks; `val/robust_acc_eps<eps>/broken_by/<attack>` is the share of rows each attack broke first (clean
 errors + these shares + the worst case = 1), `val/robust_cost/<attack>/seconds` and `.../gradients` what each
-attack cost in the epoch (wall seconds, rows through the model with an input gradient; `costs` keeps the full
-count). A preset also checks for gradient masking (`trainguard.defenses.masking`): `val/gradient_masking` is 1
-when Square breaks more than a few rows the white-box attacks left robust, or when more than a few rows resist the
-white-box attacks at half the bounds' range (`val/robust_acc_large_eps`); `masking` keeps the last epoch's check.
+attack cost in the epoch on this rank (wall seconds, rows through the model with an input gradient; `costs`
+keeps the full count, the masking check's run included). A preset also checks for gradient masking
+(`trainguard.defenses.masking`): `val/gradient_masking` is 1 when Square breaks more than a few rows the white-box
+attacks left robust, or when more than a few rows resist the white-box attacks at half the bounds' range
+(`val/robust_acc_large_eps`); `masking` keeps the last epoch's check.
 
 Per eps, attack and batch it costs the attack's forward-backward passes (PGD: `steps`; APGD: `steps + 1` per
 restart) plus the one forward at the final point that the attack itself never evaluates; no clean forward.
