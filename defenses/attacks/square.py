@@ -14,6 +14,7 @@ shape is treated as one channel of a flat vector, whose windows are contiguous r
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import nn
@@ -71,26 +72,30 @@ class Square(Attack):
         lo, hi = _as_image(lower.expand_as(x)), _as_image(upper.expand_as(x))
         gen = self.generator(x.device)
         rows = (self._margin(x, y) > 0).nonzero().squeeze(1)
-        x0, y0 = image[rows], y[rows]
+        if len(rows) == 0:
+            return x.clone()
+        x0 = image[rows]
         low, high = torch.maximum(x0 - eps, lo[rows]), torch.minimum(x0 + eps, hi[rows])
         n, channels, height, width = x0.shape
-        stripes = self._signs((n, channels, 1, width), gen, x.dtype)
-        best = (x0 + eps * stripes).clamp(low, high)
-        best_margin = self._margin(best.view((n, *x.shape[1:])), y0)
+        start = (x0 + eps * self._signs((n, channels, 1, width), gen, x.dtype)).clamp(low, high)
+        search = _Search(rows, y[rows], low, high, start, self._margin(start.view(n, *x.shape[1:]), y[rows]))
+        out = image.clone()
         for query in range(self.queries):
-            todo = (best_margin > 0).nonzero().squeeze(1)
-            if len(todo) == 0:
+            broken = search.margin <= 0
+            if broken.any():
+                out[search.at[broken]] = search.best[broken]
+                search = search.keep(~broken)
+            if len(search.at) == 0:
                 break
-            window = self._window(len(todo), height, width, square_fraction(query, self.queries, self.p_init), gen)
-            signs = self._signs((len(todo), channels, 1, 1), gen, x.dtype)
-            candidate = torch.where(window, best[todo] + 2 * eps * signs, best[todo]).clamp(low[todo], high[todo])
-            found = self._margin(candidate.view((len(todo), *x.shape[1:])), y0[todo])
-            better = found < best_margin[todo]
-            best[todo[better]] = candidate[better]
-            best_margin[todo[better]] = found[better]
-        out = x.clone()
-        out[rows] = best.view((n, *x.shape[1:]))
-        return out
+            window = self._window(len(search.at), height, width, square_fraction(query, self.queries, self.p_init), gen)
+            signs = self._signs((len(search.at), channels, 1, 1), gen, x.dtype)
+            candidate = torch.where(window, search.best + 2 * eps * signs, search.best).clamp(search.low, search.high)
+            found = self._margin(candidate.view(len(search.at), *x.shape[1:]), search.y)
+            better = found < search.margin
+            best = torch.where(better.view(-1, 1, 1, 1), candidate, search.best)
+            search = replace(search, best=best, margin=torch.where(better, found, search.margin))
+        out[search.at] = search.best
+        return out.reshape(x.shape)
 
     def _margin(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The margin of each row, from a forward pass without autograd at the attack's precision."""
@@ -122,6 +127,22 @@ class Square(Attack):
         ys = torch.arange(height, device=gen.device).view(1, 1, -1, 1)
         xs = torch.arange(width, device=gen.device).view(1, 1, 1, -1)
         return (ys >= top) & (ys < top + tall) & (xs >= left) & (xs < left + wide)
+
+
+@dataclass(frozen=True)
+class _Search:
+    """The rows still searched: their places in the batch, labels, the box they may move in, best point and margin."""
+
+    at: torch.Tensor
+    y: torch.Tensor
+    low: torch.Tensor
+    high: torch.Tensor
+    best: torch.Tensor
+    margin: torch.Tensor
+
+    def keep(self, rows: torch.Tensor) -> _Search:
+        """The search on the rows selected by the boolean mask `rows` only."""
+        return _Search(*(getattr(self, field.name)[rows] for field in fields(self)))
 
 
 def _as_image(x: torch.Tensor) -> torch.Tensor:
