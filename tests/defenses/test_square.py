@@ -14,7 +14,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from trainguard.defenses.attacks import PGD, Square, make_attack, margin_loss, square_fraction
-from trainguard.defenses.errors import AttackConfigError, TaskMismatchError
+from trainguard.defenses.attacks.square import square_pattern
+from trainguard.defenses.errors import AttackConfigError, AttackInputError, TaskMismatchError
 
 # The paper's schedule for 10,000 queries (and its reference code's): p = p_init / 2**k after the k-th of these.
 PAPER_HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
@@ -49,6 +50,22 @@ def test_margin_loss_is_the_true_logit_minus_the_best_other_one(logits, labels) 
         others = [logits[4 * row + j] for j in range(4) if j != label]
         assert ours[row].item() == logits[4 * row + label] - max(others)
     assert margin_loss(z.float(), torch.tensor(labels)).dtype == torch.float32
+
+
+def reference_rectangles(rows: int, cols: int) -> torch.Tensor:
+    """The paper's code for half an L2 window: rings of 1 / (k + 1)^2 grown from the centre, scaled to unit norm."""
+    delta = torch.zeros(rows, cols, dtype=torch.float64)
+    top, left = rows // 2, cols // 2
+    for k in range(max(rows // 2 + 1, cols // 2 + 1)):
+        delta[max(top, 0) : min(top + 2 * k + 1, rows), max(left, 0) : min(left + 2 * k + 1, cols)] += 1 / (k + 1) ** 2
+        top, left = top - 1, left - 1
+    return delta / delta.norm() if delta.numel() else delta
+
+
+@pytest.mark.parametrize("side", range(1, 13))
+def test_the_l2_window_pattern_is_the_papers(side) -> None:
+    reference = torch.cat([reference_rectangles(side // 2, side), -reference_rectangles(side - side // 2, side)])
+    assert torch.allclose(square_pattern(side), reference / reference.norm(), atol=1e-15)
 
 
 class Quantised(nn.Module):
@@ -90,13 +107,14 @@ def correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return model(x).argmax(1) == y
 
 
-def test_square_breaks_a_quantised_model_on_the_rows_where_gradient_attacks_fail(digits) -> None:
+@pytest.mark.parametrize("norm,eps", [("inf", 0.15), ("2", 1.5)])
+def test_square_breaks_a_quantised_model_on_the_rows_where_gradient_attacks_fail(digits, norm, eps) -> None:
     model = fit_linear(digits, Quantised(4))
     x, y = digits[0][1000:1080], digits[1][1000:1080]
     clean = correct(model, x, y)
-    pgd = correct(model, PGD(model, eps=0.15, steps=20, seed=0)(x, y), y)
-    apgd = correct(model, make_attack("apgd-ce", model, eps=0.15, steps=50, seed=0)(x, y), y)
-    square = correct(model, Square(model, eps=0.15, queries=500, seed=0)(x, y), y)
+    pgd = correct(model, PGD(model, eps=eps, norm=norm, steps=20, seed=0)(x, y), y)
+    apgd = correct(model, make_attack("apgd-ce", model, eps=eps, norm=norm, steps=50, seed=0)(x, y), y)
+    square = correct(model, Square(model, eps=eps, norm=norm, queries=500, seed=0)(x, y), y)
     assert clean.float().mean() > 0.9
     assert pgd.float().mean() > clean.float().mean() - 0.1 and apgd.float().mean() > clean.float().mean() - 0.1
     assert square.float().mean() < 0.2
@@ -161,24 +179,28 @@ def test_each_row_is_queried_until_its_first_misclassified_point_and_no_further(
 @settings(max_examples=25, deadline=None)
 @given(
     image=st.booleans(),
+    l2=st.booleans(),
     eps=st.floats(0.0, 2.0),
     rows=st.integers(1, 6),
     classes=st.integers(2, 4),
     seed=st.integers(0, 2**16),
 )
-def test_square_stays_within_eps_and_per_feature_bounds(image, eps, rows, classes, seed) -> None:
+def test_square_stays_within_eps_and_per_feature_bounds(image, l2, eps, rows, classes, seed) -> None:
     gen = torch.Generator().manual_seed(seed)
-    shape = (2, 3, 3) if image else (6,)
+    image = image or l2  # L2 windows need images
+    shape = (2, 7, 5) if image else (6,)
     lower = torch.rand(shape, generator=gen) * 4 - 2
     upper = lower + torch.rand(shape, generator=gen) * 3
     x = lower + (upper - lower) * torch.rand((rows, *shape), generator=gen)
     y = torch.randint(0, classes, (rows,), generator=gen)
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(shape)), 8), nn.Tanh(), nn.Linear(8, classes))
-    adv = Square(model, eps=eps, queries=20, bounds=(lower, upper), seed=seed)(x, y)
+    adv = Square(model, eps=eps, norm="2" if l2 else "inf", queries=20, bounds=(lower, upper), seed=seed)(x, y)
     assert adv.shape == x.shape and adv.dtype == x.dtype
     assert torch.all(adv >= lower) and torch.all(adv <= upper)
-    assert torch.all((adv - x).abs() <= eps * (1 + 1e-5) + 1e-6)
+    delta = (adv - x).flatten(1)
+    sizes = delta.norm(dim=1) if l2 else delta.abs().amax(1)
+    assert torch.all(sizes <= eps * (1 + 1e-5) + 1e-6)
 
 
 def test_the_seed_decides_the_search(digits) -> None:
@@ -193,10 +215,14 @@ def test_make_attack_gives_square_fifty_queries_per_step() -> None:
     assert isinstance(attack, Square) and attack.queries == 5000 and attack.p_init == 0.8
 
 
+def test_square_l2_refuses_inputs_that_are_not_images() -> None:
+    with pytest.raises(AttackInputError, match=r"\(N, C, H, W\)"):
+        Square(nn.Linear(6, 3), eps=0.5, norm="2")(torch.rand(4, 6), torch.zeros(4).long())
+
+
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [
-        ({"norm": "2"}, AttackConfigError, "L-inf only"),
         ({"queries": 0}, AttackConfigError, "queries"),
         ({"p_init": 0.0}, AttackConfigError, "p_init"),
         ({"loss": F.cross_entropy}, AttackConfigError, "loss= cannot be set"),
@@ -207,3 +233,15 @@ def test_make_attack_gives_square_fifty_queries_per_step() -> None:
 def test_unusable_square_settings_are_refused(kwargs, error, match) -> None:
     with pytest.raises(error, match=match):
         Square(nn.Linear(4, 3), eps=0.1, **kwargs)
+
+
+def test_square_l2_searches_on_the_eps_sphere_where_the_bounds_allow() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(2 * 9 * 9, 3))
+    x = torch.rand(30, 2, 9, 9)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    adv = Square(model, eps=0.05, norm="2", queries=40, bounds=(-10.0, 10.0), seed=0)(x, y)
+    unbroken = correct(model, adv, y)
+    assert unbroken.sum() > 10
+    assert torch.allclose((adv - x)[unbroken].flatten(1).norm(dim=1), torch.tensor(0.05), rtol=1e-4)
