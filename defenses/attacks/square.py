@@ -83,7 +83,7 @@ class Square(Attack):
             start = (x0 + eps * _signs((len(rows), x0.shape[1], 1, x0.shape[3]), gen, x.dtype)).clamp(low, high)
         else:
             start = (x0 + eps * _unit(_stacked_patterns(x0.shape, gen, x.dtype))).clamp(low, high)
-        start_margin = self._margin(start.view(len(rows), *x.shape[1:]), y[rows])
+        start_margin = self._margin(start.reshape(len(rows), *x.shape[1:]), y[rows])
         search = _Search(rows, x0, y[rows], low, high, start, start_margin)
         out = image.clone()
         for query in range(self.queries):
@@ -95,7 +95,7 @@ class Square(Attack):
                 break
             p = square_fraction(query, self.queries, self.p_init)
             candidate = _step_inf(search, p, eps, gen) if self.norm == "inf" else _step_l2(search, p, eps, gen)
-            found = self._margin(candidate.view(len(search.at), *x.shape[1:]), search.y)
+            found = self._margin(candidate.reshape(len(search.at), *x.shape[1:]), search.y)
             better = found < search.margin
             best = torch.where(better.view(-1, 1, 1, 1), candidate, search.best)
             search = replace(search, best=best, margin=torch.where(better, found, search.margin))
