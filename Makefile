@@ -4,7 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench venv clean
+PEER := .venv-peer
+
+.PHONY: demo test lint bench bench-peer venv clean
 
 venv: $(STAMP)
 
@@ -31,9 +33,18 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-bench: $(STAMP)
+# The peer AutoAttack (torchattacks) of benchmarks/adversarial.py, in its own virtualenv: it pins requests 2.25,
+# which breaks mlflow in .venv.
+bench-peer: $(PEER)/.installed
+
+$(PEER)/.installed: benchmarks/peer/requirements.txt
+	test -x $(PEER)/bin/python || $(PYTHON) -m venv $(PEER)
+	$(PEER)/bin/pip install --quiet -r benchmarks/peer/requirements.txt
+	touch $@
+
+bench: $(STAMP) $(PEER)/.installed
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	for b in benchmarks/*.py; do PYTHONPATH=examples $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) mlflow.db mlruns demo-work .pytest_cache
+	rm -rf $(VENV) $(PEER) mlflow.db mlruns demo-work .pytest_cache

@@ -10,6 +10,17 @@ With several attacks (e.g. PGD, APGD-CE and APGD-DLR, the core of AutoAttack: Cr
 as robust only if every attack leaves it correctly classified, as in AutoAttack's ensemble: `val/robust_acc_eps<eps>`
 is that worst case, and `val/robust_acc_eps<eps>/<attack>` each attack's own accuracy.
 
+With a preset (`attacks="autoattack"`: APGD-CE, APGD-T, FAB-T, Square; `"autoattack-fast"`: APGD-CE, APGD-T) the
+attacks run as AutoAttack's cascade (`trainguard.defenses.attacks.cascade`): each attack only on the rows still
+robust, so the worst case costs what the rows still standing cost. Its own accuracy is then not measured for the
+later attacks; `val/robust_acc_eps<eps>/broken_by/<attack>` is the share of rows each attack broke first (clean
+errors + these shares + the worst case = 1), `val/robust_cost/<attack>/seconds` and `.../gradients` what each
+attack cost in the epoch on this rank (wall seconds, rows through the model with an input gradient; `costs`
+keeps the full count, the masking check's run included). A preset also checks for gradient masking
+(`trainguard.defenses.masking`): `val/gradient_masking` is 1 when Square breaks more than a few rows the white-box
+attacks left robust, or when more than a few rows resist the white-box attacks at half the bounds' range
+(`val/robust_acc_large_eps`); `masking` keeps the last epoch's check.
+
 Per eps, attack and batch it costs the attack's forward-backward passes (PGD: `steps`; APGD: `steps + 1` per
 restart) plus the one forward at the final point that the attack itself never evaluates; no clean forward.
 """
@@ -22,13 +33,17 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from trainguard.defenses.attacks import ATTACKS, crafting_autocast, make_attack, parse_crafting
+from trainguard.defenses.attacks import ATTACKS, crafting_autocast, make_attack, parse_crafting, parse_norm
 from trainguard.defenses.attacks.base import Attack, Bound, LossFn
 from trainguard.defenses.attacks.batches import BatchKeys, Key
-from trainguard.defenses.attacks.bounds import check_bounds
+from trainguard.defenses.attacks.bounds import Bounds, check_bounds
+from trainguard.defenses.attacks.cascade import BLACK_BOX, PRESETS, AttackCost, Cascade
 from trainguard.defenses.errors import AttackConfigError
 from trainguard.defenses.forward import BatchForward, ModuleForward, batch_rows
+from trainguard.defenses.masking import MaskingCheck, large_eps
 from trainguard.defenses.task import Task, as_task
+
+LARGE_EPS_CHECK = "large-eps check"  # the masking check's run, in `RobustAccuracy.costs`
 
 
 def correct_under_attacks(
@@ -46,11 +61,14 @@ def correct_under_attacks(
 class RobustAccuracy(pl.Callback):
     """Logs the accuracy of the model under `attacks` (default PGD alone) at each of `eps` on the validation set.
 
-    `attacks` are attack names, e.g. `"pgd"`, `"apgd-ce"`, `"apgd-dlr"`; each runs `steps` iterations (APGD from each
-    of `restarts` random starts; `step_size` and `loss` are PGD's, APGD has its own). `max_samples` bounds the cost
-    (None: the whole validation set of `dataloader_idx`); the random starts are drawn from `seed` anew each epoch, so
-    epochs are comparable. `name` is a format string with an `{eps}` field; with several attacks each one's accuracy
-    is also logged, as `name` + `/<attack>`.
+    `attacks` are attack names, e.g. `"pgd"`, `"apgd-ce"`, `"apgd-dlr"`, or a preset name run as a cascade
+    (`"autoattack"`, `"autoattack-fast"`); each runs `steps` iterations (None: 10, or AutoAttack's 100 for a
+    preset; APGD from each of `restarts` random starts; `step_size` and `loss` are PGD's, APGD has its own).
+    `large_eps_check` (presets only) adds the masking check's run of the white-box attacks at half the bounds' range
+    (the Square check reads the cascade itself and costs nothing more).
+    `max_samples` bounds the cost (None: the whole validation set of `dataloader_idx`); the random starts are drawn
+    from `seed` anew each epoch, so epochs are comparable. `name` is a format string with an `{eps}` field; with
+    several attacks each one's accuracy is also logged, as `name` + `/<attack>`.
     `crafting="trainer"` attacks and predicts under the autocast of the trainer's precision, `"fp32"` in float32.
     `task` gives the loss PGD maximises and what a correct prediction is (argmax for classification, all labels
     right for multilabel, every output within tolerance for regression): the logged value is the mean of
@@ -62,8 +80,8 @@ class RobustAccuracy(pl.Callback):
         self,
         eps: float | Sequence[float] = (8 / 255,),
         *,
-        attacks: Sequence[str] = ("pgd",),
-        steps: int = 10,
+        attacks: Sequence[str] | str = ("pgd",),
+        steps: int | None = None,
         restarts: int = 1,
         step_size: float | None = None,
         norm: str | float = "inf",
@@ -78,6 +96,7 @@ class RobustAccuracy(pl.Callback):
         seed: int = 0,
         name: str = "val/robust_acc_eps{eps:g}",
         crafting: str = "trainer",
+        large_eps_check: bool = True,
     ) -> None:
         self.eps = tuple(float(e) for e in (eps if isinstance(eps, Sequence) else (eps,)))
         if not self.eps or any(e < 0 for e in self.eps):
@@ -86,16 +105,23 @@ class RobustAccuracy(pl.Callback):
             raise AttackConfigError(f"max_samples must be >= 1 or None, got {max_samples!r}")
         if step_size is not None and len(self.eps) > 1:
             raise AttackConfigError("step_size applies to one eps; leave it None (2.5 eps / steps) for several eps")
-        self.attack_names = tuple(a.lower() for a in ([attacks] if isinstance(attacks, str) else attacks))
+        self.preset = attacks.lower() if isinstance(attacks, str) and attacks.lower() in PRESETS else None
+        names = PRESETS[self.preset] if self.preset else [attacks] if isinstance(attacks, str) else attacks
+        self.attack_names = tuple(a.lower() for a in names)
         unknown = [a for a in self.attack_names if a not in ATTACKS]
+        if self.preset and unknown:
+            raise AttackConfigError(f"preset {self.preset!r} needs {', '.join(unknown)}, which this install lacks")
         if not self.attack_names or unknown or len(set(self.attack_names)) < len(self.attack_names):
-            raise AttackConfigError(f"attacks must be distinct names among {', '.join(ATTACKS)}, got {attacks!r}")
+            raise AttackConfigError(
+                f"attacks must be distinct names among {', '.join(ATTACKS)} or a preset among {', '.join(PRESETS)}, "
+                f"got {attacks!r}"
+            )
         if restarts < 1:
             raise AttackConfigError(f"restarts must be >= 1, got {restarts!r}")
         self.task = as_task(task)
         if self.task.kind != "classification" and any(a.startswith("apgd") for a in self.attack_names):
             self.task.refuse_unless(("classification",), "APGD")
-        self.steps = steps
+        self.steps = steps if steps is not None else 100 if self.preset else 10
         self.restarts = restarts
         self.step_size = step_size
         self.norm = norm
@@ -108,9 +134,15 @@ class RobustAccuracy(pl.Callback):
         self.seed = seed
         self.name = name
         self.crafting = parse_crafting(crafting)
+        self.large_eps_check = large_eps_check and self.preset is not None
         self.attacks: dict[str, Attack] = {}
+        self.costs: dict[str, AttackCost] = {}
+        self.masking: MaskingCheck | None = None
+        self._cascade: Cascade | None = None
         self._forward: BatchForward | None = None
         self._correct: torch.Tensor | None = None
+        self._large_robust = 0
+        self._large_eps: float | None = None
         self._seen = 0
 
     def metric_names(self) -> list[str]:
@@ -118,7 +150,10 @@ class RobustAccuracy(pl.Callback):
         return [self.name.format(eps=e) for e in self.eps]
 
     def attack_metric_names(self) -> dict[str, list[str]]:
-        """Per attack, its own metric names, one per eps (logged only when there are several attacks)."""
+        """Per attack, its metric names, one per eps: its own accuracy (logged only when there are several attacks),
+        or for a preset's cascade the share of rows it broke first."""
+        if self.preset:
+            return {a: [f"{n}/broken_by/{a}" for n in self.metric_names()] for a in self.attack_names}
         if len(self.attack_names) == 1:
             return {}
         return {a: [f"{n}/{a}" for n in self.metric_names()] for a in self.attack_names}
@@ -143,10 +178,13 @@ class RobustAccuracy(pl.Callback):
             )
             for name in self.attack_names
         }
+        self._cascade = Cascade(self.attacks) if self.preset else None
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._correct = None
         self._seen = 0
+        self._large_robust = 0
+        self.costs = {}
         for attack in self.attacks.values():
             attack.reset_generator()
 
@@ -175,11 +213,31 @@ class RobustAccuracy(pl.Callback):
                 # Per eps: the worst case over the attacks, then each attack's own count.
                 self._correct = torch.zeros(len(self.eps), 1 + len(self.attacks), device=x.device)
             with self._forward.on(subset):
-                for i, eps in enumerate(self.eps):
-                    correct = torch.stack(list(correct_under_attacks(self.attacks, x, y, eps).values()))
-                    self._correct[i, 0] += correct.amin(dim=0).sum()
-                    self._correct[i, 1:] += correct.sum(dim=1)
+                if self._cascade is not None:
+                    self._run_cascade(self._cascade, x, y)
+                else:
+                    for i, eps in enumerate(self.eps):
+                        correct = torch.stack(list(correct_under_attacks(self.attacks, x, y, eps).values()))
+                        self._correct[i, 0] += correct.amin(dim=0).sum()
+                        self._correct[i, 1:] += correct.sum(dim=1)
         self._seen += len(y)
+
+    def _run_cascade(self, cascade: Cascade, x: torch.Tensor, y: torch.Tensor) -> None:
+        """The preset's cascade at each eps (counts: robust rows, rows each attack broke, costs), then the white-box
+        attacks at the large eps of the masking check."""
+        assert self._correct is not None
+        for i, eps in enumerate(self.eps):
+            result = cascade(x, y, eps)
+            self._correct[i, 0] += result.robust.sum()
+            self._correct[i, 1:] += torch.stack(list(result.broken_by.values())).sum(dim=1)
+            for name, cost in result.costs.items():
+                self.costs[name] = self.costs.get(name, AttackCost()) + cost
+        if self.large_eps_check:
+            lower, upper = Bounds(self.bounds).like(x)
+            self._large_eps = large_eps(lower, upper, x, parse_norm(self.norm))
+            check = cascade(x, y, self._large_eps, skip=BLACK_BOX)
+            self._large_robust += int(check.robust.sum())
+            self.costs[LARGE_EPS_CHECK] = sum(check.costs.values(), self.costs.get(LARGE_EPS_CHECK, AttackCost()))
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -187,14 +245,40 @@ class RobustAccuracy(pl.Callback):
         correct = self._correct
         if correct is None:
             correct = torch.zeros(len(self.eps), 1 + len(self.attack_names), device=pl_module.device)
-        counts = torch.cat([correct.flatten().float(), correct.new_tensor([self._seen]).float()])
+        extra = [self._large_robust, self._seen]
+        counts = torch.cat([correct.flatten().float(), correct.new_tensor(extra).float()])
         counts = trainer.strategy.reduce(counts, reduce_op="sum")
         seen = counts[-1]
         if seen == 0:
             return
-        rates = (counts[:-1] / seen).view(len(self.eps), -1)
+        rates = (counts[:-2] / seen).view(len(self.eps), -1)
         for name, rate in zip(self.metric_names(), rates[:, 0], strict=True):
             pl_module.log(name, rate, on_step=False, on_epoch=True, sync_dist=False)
         for j, names in enumerate(self.attack_metric_names().values(), start=1):
             for name, rate in zip(names, rates[:, j], strict=True):
                 pl_module.log(name, rate, on_step=False, on_epoch=True, sync_dist=False)
+        if self.preset:
+            self._log_preset(pl_module, counts[:-2].view(len(self.eps), -1), int(counts[-2]), int(seen))
+
+    def _log_preset(self, pl_module: pl.LightningModule, counts: torch.Tensor, large_robust: int, seen: int) -> None:
+        """The cascade's cost per attack and the gradient-masking flags, from the epoch's counts over all ranks."""
+        for name, cost in self.costs.items():
+            name = name.replace(" ", "_")
+            pl_module.log(f"val/robust_cost/{name}/seconds", cost.seconds, on_step=False, on_epoch=True)
+            pl_module.log(f"val/robust_cost/{name}/gradients", float(cost.gradients), on_step=False, on_epoch=True)
+        black_box = [j for j, a in enumerate(self.attack_names, start=1) if a in BLACK_BOX]
+        self.masking = MaskingCheck(
+            rows=seen,
+            black_box_rows=int(counts[:, black_box].sum(dim=1).max()) if black_box else None,
+            large_eps=self._large_eps if self.large_eps_check else None,
+            large_eps_robust_rows=large_robust if self.large_eps_check else None,
+        )
+        values = {
+            "val/gradient_masking": float(self.masking.flagged),
+            "val/gradient_masking/black_box": float(self.masking.black_box),
+            "val/gradient_masking/large_eps": float(self.masking.large_eps_robust),
+        }
+        if self.large_eps_check:
+            values["val/robust_acc_large_eps"] = large_robust / seen
+        for name, value in values.items():
+            pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=False)

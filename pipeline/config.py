@@ -291,18 +291,30 @@ class AdversarialSection(_Section):
 
 class RobustEvalSection(_Section):
     """Robust accuracy (`trainguard.defenses.robust.RobustAccuracy`) at each eps on up to `subset_size` held-out
-    rows: under PGD, or under the per-sample worst case of several attacks (APGD-CE and APGD-DLR, the core of
-    AutoAttack), which the gate's robust floor then applies to."""
+    rows: under PGD, under the per-sample worst case of several attacks (e.g. APGD-CE and APGD-DLR), or under a
+    preset run as AutoAttack's cascade (`autoattack`: APGD-CE, APGD-T, FAB-T, Square; `autoattack-fast`: APGD-CE
+    and APGD-T; with the gradient-masking check), which the gate's robust floor then applies to."""
 
     eps: Annotated[tuple[Annotated[float, Field(ge=0.0)], ...], Field(min_length=1)] = (0.0, 0.05, 0.1)
     subset_size: Annotated[int, Field(ge=1)] = 256
-    steps: Annotated[int, Field(ge=1)] = 10
-    attacks: Annotated[tuple[Literal["pgd", "apgd-ce", "apgd-dlr"], ...], Field(min_length=1)] = ("pgd",)
+    steps: Annotated[int, Field(ge=1, description="None: 10, or AutoAttack's 100 for a preset.")] | None = None
+    attacks: (
+        Annotated[tuple[Literal["pgd", "apgd-ce", "apgd-dlr", "apgd-t"], ...], Field(min_length=1)]
+        | Literal["autoattack", "autoattack-fast"]
+    ) = ("pgd",)
     restarts: Annotated[int, Field(ge=1, description="APGD's random restarts per sample.")] = 1
+
+    def attack_names(self) -> tuple[str, ...]:
+        """The attacks run, a preset's spelled out."""
+        if isinstance(self.attacks, str):
+            from trainguard.defenses.attacks.cascade import PRESETS
+
+            return PRESETS[self.attacks]
+        return self.attacks
 
     @model_validator(mode="after")
     def _distinct_attacks(self) -> RobustEvalSection:
-        if len(set(self.attacks)) != len(self.attacks):
+        if not isinstance(self.attacks, str) and len(set(self.attacks)) != len(self.attacks):
             raise ValueError(f"attacks {list(self.attacks)} has duplicates")
         return self
 
@@ -473,11 +485,14 @@ class CycleConfig(_Section):
 
     @model_validator(mode="after")
     def _dlr_has_classes(self) -> CycleConfig:
-        classes = len(self.validation.labels)
-        if "apgd-dlr" in self.robust_eval.attacks and self.task.kind != "classification":
-            raise ValueError(f"robust_eval.attacks: apgd-dlr attacks class logits; task {self.task.kind} has none")
-        if "apgd-dlr" in self.robust_eval.attacks and classes < 3:
-            raise ValueError(f"robust_eval.attacks: apgd-dlr needs 3 or more classes, validation.labels has {classes}")
+        classes, names = len(self.validation.labels), self.robust_eval.attack_names()
+        for name, least in (("apgd-dlr", 3), ("apgd-t", 4)):
+            if name in names and self.task.kind != "classification":
+                raise ValueError(f"robust_eval.attacks: {name} attacks class logits; task {self.task.kind} has none")
+            if name in names and classes < least:
+                raise ValueError(
+                    f"robust_eval.attacks: {name} needs {least} or more classes, validation.labels has {classes}"
+                )
         return self
 
     @model_validator(mode="after")

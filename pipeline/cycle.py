@@ -284,6 +284,8 @@ def _run(cycle: RunningCycle, parent: TrackedRun) -> CycleOutcome:
         cycle.report["training"] = {
             "metrics": result.metrics,
             "robust_accuracy": result.robust_accuracy,
+            **({"gradient_masking": result.gradient_masking} if result.gradient_masking is not None else {}),
+            **({"robust_cost": result.robust_cost} if result.robust_cost is not None else {}),
             "read_log": read_log,
             "excluded_rows": {key: list(rows) for key, rows in sorted(plan.excluded_rows.items())},
         }
@@ -401,6 +403,8 @@ def _headline(cycle: RunningCycle, result: TrainingResult, screening_seconds: fl
         **{f"shards/refused_{check}": float(refused.get(check, 0)) for check in (*CHECKS, *refused)},
         "roni/seconds": screening_seconds,
     }
+    if result.gradient_masking is not None:
+        metrics["val/gradient_masking"] = float(bool(result.gradient_masking["flagged"]))
     if cycle.config.roni.enabled:
         metrics["roni/level"] = cycle.config.roni.level
     return {name: value for name, value in metrics.items() if value == value}  # NaN (not measured) left out

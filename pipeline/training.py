@@ -31,6 +31,8 @@ class TrainingResult:
     read_log: ReadLog
     robust_accuracy: dict[str, float]
     refused: tuple[RefusedRead, ...] = ()
+    gradient_masking: dict[str, object] | None = None
+    robust_cost: dict[str, dict[str, float]] | None = None
 
 
 def trainer(
@@ -194,4 +196,6 @@ def train(
         robust_accuracy={
             f"{e:g}": metrics.get(n, float("nan")) for e, n in zip(robust.eps, robust.metric_names(), strict=True)
         },
+        gradient_masking=robust.masking.to_dict() if robust.masking is not None else None,
+        robust_cost={name: cost.to_dict() for name, cost in robust.costs.items()} if robust.preset else None,
     )

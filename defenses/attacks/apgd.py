@@ -1,7 +1,8 @@
 """APGD, the parameter-free core of AutoAttack (Croce & Hein, 2020, "Reliable evaluation of adversarial robustness
 with an ensemble of diverse parameter-free attacks", ICML): PGD with momentum whose step size starts at 2 eps and
 halves at fixed checkpoints when progress stalls, restarting from the best point found; on cross-entropy (APGD-CE)
-or on the Difference of Logits Ratio loss (APGD-DLR), which is invariant to shifting and rescaling the logits.
+or on the Difference of Logits Ratio loss (APGD-DLR), which is invariant to shifting and rescaling the logits; and
+APGD-T, AutoAttack's targeted APGD on the targeted DLR loss, run against each of the top-k non-true classes in turn.
 
 The algorithm follows the paper (Algorithm 1 and Section 3): checkpoints w_j = ceil(p_j * N) with p_0 = 0,
 p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06); at each checkpoint the step size of a sample halves, and
@@ -24,7 +25,7 @@ from torch.nn import functional as F
 from trainguard.defenses.attacks.base import Attack
 from trainguard.defenses.errors import AttackConfigError, TooFewClassesError
 
-Objective = Literal["ce", "dlr"]
+Objective = Literal["ce", "dlr", "dlr-targeted"]
 
 RHO = 0.75
 MOMENTUM = 0.75
@@ -63,6 +64,20 @@ def dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return -(true - other) / (ordered[:, 0] - ordered[:, 2] + 1e-12)
 
 
+def dlr_loss_targeted(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample targeted DLR loss -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2) (AutoAttack's APGD-T): positive
+    once the target's logit passes the true one; needs 4 or more classes."""
+    if logits.dim() != 2 or logits.shape[1] < 4:
+        raise TooFewClassesError(
+            f"the targeted DLR loss needs logits of shape (batch, classes >= 4), got {tuple(logits.shape)}",
+            classes=logits.shape[1] if logits.dim() == 2 else None,
+        )
+    ordered = logits.sort(dim=1, descending=True).values
+    true = logits.gather(1, y.view(-1, 1)).squeeze(1)
+    aimed = logits.gather(1, target.view(-1, 1)).squeeze(1)
+    return -(true - aimed) / (ordered[:, 0] - (ordered[:, 2] + ordered[:, 3]) / 2 + 1e-12)
+
+
 def _ce_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, y, reduction="none")
 
@@ -78,13 +93,24 @@ class _Run:
     fooled: torch.Tensor
     loss: torch.Tensor
 
+    def merge(self, rows: torch.Tensor, run: _Run) -> _Run:
+        """This result with `run` (a run on `rows` of it) taken where it fooled the model or reached a higher loss."""
+        take = run.fooled | (run.loss > self.loss[rows])
+        rows = rows[take]
+        return _Run(
+            x=self.x.index_copy(0, rows, run.x[take]),
+            fooled=self.fooled.index_copy(0, rows, run.fooled[take]),
+            loss=self.loss.index_copy(0, rows, run.loss[take]),
+        )
+
 
 class APGD(Attack):
     """APGD on `objective` (`"ce"` or `"dlr"`) for `steps` iterations from each of `restarts` random starts.
 
     Restarts after the first run only on the samples not yet misclassified; a sample keeps a misclassified point as
     soon as one run finds it, else the highest-loss point of all runs (so more restarts never raise robust accuracy).
-    The loss is the attack's own (per sample, in float32 at least); `loss=` is refused. APGD-DLR is untargeted only.
+    The loss is the attack's own (per sample, in float32 at least); `loss=` is refused.
+    APGD-DLR and APGD-T are untargeted.
     """
 
     objective: ClassVar[Objective] = "ce"
@@ -97,8 +123,10 @@ class APGD(Attack):
         checkpoints(steps)
         if restarts < 1:
             raise AttackConfigError(f"restarts must be >= 1, got {restarts!r}")
-        if self.targeted and self.objective == "dlr":
-            raise AttackConfigError("APGD-DLR is untargeted (AutoAttack's targeted DLR variant is not implemented)")
+        if self.targeted and self.objective != "ce":
+            raise AttackConfigError(
+                f"APGD-{self.objective.upper()} is untargeted: it takes true labels (APGD-T picks its own targets)"
+            )
         self.steps = int(steps)
         self.restarts = int(restarts)
 
@@ -115,14 +143,7 @@ class APGD(Attack):
             todo = (~best.fooled).nonzero().squeeze(1)
             if len(todo) == 0:
                 break
-            run = self._run(x[todo], y[todo], start[todo], eps, lower, upper)
-            take = run.fooled | (run.loss > best.loss[todo])
-            rows = todo[take]
-            best = _Run(
-                x=best.x.index_copy(0, rows, run.x[take]),
-                fooled=best.fooled.index_copy(0, rows, run.fooled[take]),
-                loss=best.loss.index_copy(0, rows, run.loss[take]),
-            )
+            best = best.merge(todo, self._run(x[todo], y[todo], start[todo], eps, lower, upper))
         assert best is not None
         return best.x
 
@@ -134,9 +155,11 @@ class APGD(Attack):
         eps: float,
         lower: torch.Tensor,
         upper: torch.Tensor,
+        target: torch.Tensor | None = None,
     ) -> _Run:
-        """Algorithm 1 of the paper from `start`, every sample with its own step size, best point and checkpoints."""
-        loss, grad, fooled = self._evaluate(start, y)
+        """Algorithm 1 of the paper from `start`, every sample with its own step size, best point and checkpoints
+        (`target`: the class APGD-T aims each sample at)."""
+        loss, grad, fooled = self._evaluate(start, y, target)
         x_fooled, x_max, f_max, grad_max = start, start, loss, grad
         step = torch.full_like(loss, INITIAL_STEP * eps)
         x_prev = x_cur = start
@@ -153,7 +176,7 @@ class APGD(Attack):
                 x_next = self.project(moved, x, eps, lower, upper)
             x_prev, x_cur = x_cur, x_next
             previous = loss
-            loss, grad, wrong = self._evaluate(x_cur, y)
+            loss, grad, wrong = self._evaluate(x_cur, y, target)
             x_fooled = torch.where(_rows(wrong, x), x_cur, x_fooled)
             fooled = fooled | wrong
             increases += loss > previous
@@ -173,12 +196,15 @@ class APGD(Attack):
                 last_mark, f_max_at_mark, halved_at_mark = k + 1, f_max, halve
         return _Run(x=torch.where(_rows(fooled, x), x_fooled, x_max), fooled=fooled, loss=f_max)
 
-    def _evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _evaluate(
+        self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-sample objective (to raise), its gradient w.r.t. `x` only, and which samples the model gets wrong."""
         x = x.detach().requires_grad_(True)
         with self.precision(x.device):
             logits = self.forward(x)
-        loss = _OBJECTIVES[self.objective](logits.to(torch.promote_types(logits.dtype, torch.float32)), y)
+        logits32 = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        loss = _OBJECTIVES[self.objective](logits32, y) if target is None else dlr_loss_targeted(logits32, y, target)
         if self.targeted:
             loss = -loss
         (grad,) = torch.autograd.grad(loss.sum(), x)
@@ -197,6 +223,54 @@ class APGDDLR(APGD):
     """APGD on the DLR loss (untargeted; needs 3 or more classes, refused with TooFewClassesError otherwise)."""
 
     objective: ClassVar[Objective] = "dlr"
+
+
+class APGDT(APGD):
+    """AutoAttack's APGD-T: APGD on the targeted DLR loss against each of the `target_classes` highest-scoring
+    non-true classes (9 by default; all of them when the model has fewer) in turn, `restarts` runs per target.
+
+    `y` are true labels. Only samples still correctly classified go on to the next target or restart; a sample
+    keeps the first misclassified point found, else its highest-loss point. Needs 4 or more classes
+    (TooFewClassesError otherwise, at the first forward).
+    """
+
+    objective: ClassVar[Objective] = "dlr-targeted"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        eps: float,
+        steps: int = 100,
+        restarts: int = 1,
+        target_classes: int = 9,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(model, eps=eps, steps=steps, restarts=restarts, **kwargs)
+        if target_classes < 1:
+            raise AttackConfigError(f"target_classes must be >= 1, got {target_classes!r}")
+        self.target_classes = int(target_classes)
+
+    def _perturb(
+        self, x: torch.Tensor, y: torch.Tensor, eps: float, lower: torch.Tensor, upper: torch.Tensor
+    ) -> torch.Tensor:
+        with torch.no_grad(), self.precision(x.device):
+            logits = self.forward(x)
+        if logits.dim() != 2 or logits.shape[1] < 4:
+            dlr_loss_targeted(logits, y, y)  # raises TooFewClassesError before any step
+        ranked = logits.argsort(dim=1, descending=True)
+        wrong = ranked[:, 0] != y
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        best = _Run(x=x, fooled=wrong, loss=torch.full(wrong.shape, -math.inf, dtype=dtype, device=x.device))
+        for k in range(1, min(self.target_classes, logits.shape[1] - 1) + 1):
+            for _ in range(self.restarts):
+                start = self.random_start(x, eps, lower, upper)
+                todo = (~best.fooled).nonzero().squeeze(1)
+                if len(todo) == 0:
+                    return best.x
+                run = self._run(x[todo], y[todo], start[todo], eps, lower, upper, target=ranked[todo, k])
+                best = best.merge(todo, run)
+        return best.x
 
 
 def _rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -126,6 +126,9 @@ def print_outcome(outcome: object, state_path: Path | None = None) -> None:
     robust = {k.removeprefix("val/robust_acc@"): v for k, v in metrics.items() if k.startswith("val/robust_acc@")}
     if robust:
         rows.append(("robust accuracy", ", ".join(f"{v:.3f} at eps {k}" for k, v in robust.items())))
+    if "val/gradient_masking" in metrics:
+        seen = "suspected: see gradient_masking in the report" if metrics["val/gradient_masking"] else "none seen"
+        rows.append(("gradient masking", seen))
     rows.append(("signed model", str(outcome.model_dir) if outcome.model_dir else "none (the last accepted stays)"))
     rows.append(("report", str(outcome.report)))
     if state_path is not None:

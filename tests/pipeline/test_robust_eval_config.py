@@ -47,14 +47,35 @@ def test_an_apgd_ensemble_with_restarts_reaches_the_callback() -> None:
     assert robust.attack_metric_names()["apgd-dlr"][-1] == "val/robust_acc_eps0.1/apgd-dlr"
 
 
+@pytest.mark.parametrize("preset", ["autoattack-fast", "autoattack"])
+def test_a_preset_reaches_the_callback_as_a_cascade_at_autoattacks_100_steps(preset) -> None:
+    config = _config({"attacks": preset, "steps": None})  # digits.yaml sets steps: 5
+    assert config.robust_eval.attacks == preset
+    robust = _robust(config)
+    assert robust.preset == preset and robust.steps == 100 and robust.large_eps_check
+    assert robust.attack_names == (
+        ("apgd-ce", "apgd-t", "fab-t", "square") if preset == "autoattack" else robust.attack_names
+    )
+    assert robust.attack_metric_names()["apgd-t"][-1] == "val/robust_acc_eps0.1/broken_by/apgd-t"
+    assert robust.metric_names()[-1] == "val/robust_acc_eps0.1", "the gate's floor reads the cascade's worst case"
+
+
+def test_apgd_t_can_join_an_attack_list_and_steps_stay_as_configured() -> None:
+    robust = _robust(_config({"attacks": ["pgd", "apgd-t"], "steps": 20}))
+    assert robust.attack_names == ("pgd", "apgd-t") and robust.steps == 20 and robust.preset is None
+
+
 @pytest.mark.parametrize(
     "robust_eval,labels,match",
     [
-        ({"attacks": ["cw"]}, None, "robust_eval.attacks.0"),
+        ({"attacks": ["cw"]}, None, "robust_eval.attacks: Input should be .pgd."),
         ({"attacks": []}, None, "robust_eval.attacks"),
         ({"attacks": ["apgd-ce", "apgd-ce"]}, None, "duplicates"),
         ({"restarts": 0}, None, "robust_eval.restarts"),
         ({"attacks": ["pgd", "apgd-dlr"]}, [0, 1], "apgd-dlr needs 3 or more classes"),
+        ({"attacks": "autoattack-fast"}, [0, 1, 2], "apgd-t needs 4 or more classes"),
+        ({"attacks": ["apgd-t"]}, [0, 1, 2], "apgd-t needs 4 or more classes"),
+        ({"attacks": "autoattack-slow"}, None, "robust_eval.attacks"),
     ],
 )
 def test_unusable_robust_eval_settings_are_refused_before_anything_runs(robust_eval, labels, match) -> None:
