@@ -65,6 +65,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+import yaml
 import torch
 from digits_demo.digits import load_digits_split
 from torch import nn
@@ -697,6 +698,7 @@ def main() -> None:
     parser.add_argument("--unstratified", action="store_true", help="RONI's draws across all classes (before #28)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--pool-fraction", type=float, default=None, help="RONI's pool_fraction (default: config's)")
+    parser.add_argument("--option", action="append", default=[], help="another ScreeningConfig field, as key=value")
     parser.add_argument("--scope", default="auto", choices=("auto", "head", "full"), help="RONI's scope (default auto)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -709,6 +711,9 @@ def main() -> None:
         options["calibration_draws"] = args.draws
     if args.unstratified:
         options["stratify"] = False
+    for option in args.option:
+        key, value = option.split("=", 1)
+        options[key] = yaml.safe_load(value)
     if args.pool_fraction is not None:
         options["pool_fraction"] = args.pool_fraction if args.pool_fraction > 0 else None
     config = ScreeningConfig(**options)
@@ -730,7 +735,8 @@ def main() -> None:
             else:
                 judge_offer(world, name, SCENARIOS[name](world, rng), config, by_column)
             seconds[name] += time.process_time() - begun
-        print(f"seed {seed} done at {time.perf_counter() - started:.0f} s", flush=True)
+        rate = world.calibration.lr if world.calibration else None
+        print(f"seed {seed} done at {time.perf_counter() - started:.0f} s (RONI's rate {rate})", flush=True)
     for column, by_scenario in tallies.items():
         print_table(f"{column}: {seeds} seeds, level {config.level}, {config.error_control}", by_scenario)
     print_summary(tallies, ("RONI", DEFAULT_COMBINATION))
