@@ -65,8 +65,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-import yaml
 import torch
+import yaml
 from digits_demo.digits import load_digits_split
 from torch import nn
 from torch.nn import functional as F
