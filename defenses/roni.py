@@ -88,6 +88,7 @@ from trainguard.defenses.task import Task, as_task
 
 LR_GRID = (0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001)
 LR_PROBE_DRAWS = 40  # calibration draws that try each rate of the grid ("auto" lr)
+PROBE_PATIENCE = 2  # stable rates in a row below the best separation that end the search
 PROBE_FLIPS = 0.1  # labels moved in the probe's poisoned draws (classification): at random, or one class to another
 SCALE_DRAWS = 50  # draws per size and class set that fit the standardisation, kept apart from the p-value draws
 MIN_POOL_ROWS = 10  # trusted rows of a class below which its bootstrap draws stand for fresh rows only roughly
@@ -633,6 +634,8 @@ def _learning_rate(
         probed.append((lr, separation))
         if best is None or separation > best[0]:
             best = (separation, lr, run.chunk_size)
+        elif all(v is not None and v < best[0] for _, v in probed[-PROBE_PATIENCE:]):
+            break  # smaller rates only move the copies less: the separation has peaked
     if best is None:
         raise ScreeningInputError(
             f"screening found no stable learning rate in lr_grid={config.lr_grid}: on known-good calibration shards "

@@ -511,7 +511,8 @@ def test_auto_scope_screens_the_whole_model_where_no_head_gives_its_output_or_a_
 
 def test_full_scope_on_a_batch_norm_network_finds_a_finite_rate(digits: Split, bn_model: nn.Module) -> None:
     candidates = [Candidate("flipped", "m", _flip(digits.shard(digits.pool[:50]), 0.3, seed=3))]
-    config = ScreeningConfig(scope="full", level=0.2, calibration_draws=19)  # the rate search is the subject
+    # the rate search is the subject: a coarse grid keeps full scope's probe (120 copies per rate) within the budget
+    config = ScreeningConfig(scope="full", level=0.2, calibration_draws=19, lr_grid=(0.5, 0.05, 0.005))
     report = screen_candidates(bn_model, digits.trusted, digits.holdout, candidates, config)
     assert report.scope == "full"
     assert report.lr in config.lr_grid
