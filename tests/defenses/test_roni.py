@@ -390,9 +390,7 @@ def test_diverging_fine_tuning_fails_closed(digits: Split, model: nn.Module) -> 
         screen_candidates(model, digits.trusted, digits.holdout, [candidate], config)
 
 
-def test_auto_lr_takes_a_stable_rate_where_poisoned_probe_draws_stand_out_most(
-    digits: Split, model: nn.Module
-) -> None:
+def test_auto_lr_takes_a_stable_rate_where_poisoned_probe_draws_stand_out_most(digits: Split, model: nn.Module) -> None:
     """Rate 20 wrecks clean copies (never taken); of the stable rates, the probe's poisoned draws (a tenth of their
     labels moved) stand further above their clean twins at the one taken."""
     candidates = [Candidate("s", "a", digits.shard(digits.pool[:40]))]
