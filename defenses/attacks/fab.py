@@ -64,7 +64,7 @@ def boundary_step(w: torch.Tensor, r: torch.Tensor, low: torch.Tensor, high: tor
 
 class FABT(Attack):
     """Targeted FAB (AutoAttack's FAB-T): `steps` iterations per target and restart, against each of the top
-    `targets` non-true classes in turn (fewer if the model has fewer classes).
+    `target_classes` non-true classes in turn (fewer if the model has fewer classes).
 
     The first run per target starts at the input; `restarts - 1` more start at a uniform random point of the eps/2
     ball (AutoAttack: of its surface). `y` are the true labels: FAB-T picks its own targets, so `targeted=True` and
@@ -80,7 +80,7 @@ class FABT(Attack):
         eps: float,
         steps: int = 100,
         restarts: int = 1,
-        targets: int = TARGETS,
+        target_classes: int = TARGETS,
         **kwargs: object,
     ) -> None:
         if kwargs.get("loss") is not None:
@@ -89,12 +89,12 @@ class FABT(Attack):
             raise AttackConfigError("FAB-T picks its own targets (the top non-true classes); pass true labels")
         super().__init__(model, eps=eps, **kwargs)
         self.task.refuse_unless(("classification",), "FAB-T")
-        for name, value in (("steps", steps), ("restarts", restarts), ("targets", targets)):
+        for name, value in (("steps", steps), ("restarts", restarts), ("target_classes", target_classes)):
             if value < 1:
                 raise AttackConfigError(f"{name} must be >= 1, got {value!r}")
         self.steps = int(steps)
         self.restarts = int(restarts)
-        self.targets = int(targets)
+        self.target_classes = int(target_classes)
 
     def _perturb(
         self, x: torch.Tensor, y: torch.Tensor, eps: float, lower: torch.Tensor, upper: torch.Tensor
@@ -112,7 +112,7 @@ class FABT(Attack):
         ranked = logits.argsort(dim=1, descending=True)
         robust = ranked[:, 0] == y
         out = x0.clone()
-        for rank in range(1, min(self.targets, logits.shape[1] - 1) + 1):
+        for rank in range(1, min(self.target_classes, logits.shape[1] - 1) + 1):
             for restart in range(self.restarts):
                 rows = robust.nonzero().squeeze(1)
                 if len(rows) == 0:

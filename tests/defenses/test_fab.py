@@ -179,7 +179,7 @@ def digits_mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 def test_batched_fab_t_matches_the_papers_algorithm_run_one_row_at_a_time(digits_mlp, norm, eps) -> None:
     model, x, y = digits_mlp
     model, x, y = copy.deepcopy(model).double(), x[:12].double(), y[:12]
-    ours = FABT(model, eps=eps, norm=norm, steps=20, targets=3)(x, y)
+    ours = FABT(model, eps=eps, norm=norm, steps=20, target_classes=3)(x, y)
     reference = reference_fab_t(model, x, y, eps, norm, steps=20, targets=3)
     assert torch.allclose(ours, reference, atol=1e-8)
     broken = (model(ours).argmax(1) != y).sum()
@@ -251,7 +251,7 @@ def test_every_row_comes_back_unchanged_or_misclassified_within_eps_and_bounds(
     [
         ({"steps": 0}, AttackConfigError, "steps"),
         ({"restarts": 0}, AttackConfigError, "restarts"),
-        ({"targets": 0}, AttackConfigError, "targets"),
+        ({"target_classes": 0}, AttackConfigError, "target_classes"),
         ({"loss": F.cross_entropy}, AttackConfigError, "loss= cannot be set"),
         ({"targeted": True}, AttackConfigError, "picks its own targets"),
         ({"task": "regression"}, TaskMismatchError, "classification"),
@@ -264,7 +264,7 @@ def test_unusable_fab_t_settings_are_refused(kwargs, error, match) -> None:
 
 def test_make_attack_gives_fab_t_its_steps_and_restarts() -> None:
     attack = make_attack("fab-t", nn.Linear(4, 3), eps=0.1, steps=7, restarts=3)
-    assert isinstance(attack, FABT) and (attack.steps, attack.restarts, attack.targets) == (7, 3, 9)
+    assert isinstance(attack, FABT) and (attack.steps, attack.restarts, attack.target_classes) == (7, 3, 9)
 
 
 def test_fab_t_refuses_a_model_with_one_output() -> None:
