@@ -697,8 +697,12 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, choices=names, metavar="SCENARIO", help=", ".join(names))
     parser.add_argument("--unstratified", action="store_true", help="RONI's draws across all classes (before #28)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    parser.add_argument("--pool-fraction", type=float, default=None, help="RONI's pool_fraction (default: config's)")
-    parser.add_argument("--option", action="append", default=[], help="another ScreeningConfig field, as key=value")
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        help="another ScreeningConfig field, key=YAML value (pool_fraction=null)",
+    )
     parser.add_argument("--scope", default="auto", choices=("auto", "head", "full"), help="RONI's scope (default auto)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -714,8 +718,6 @@ def main() -> None:
     for option in args.option:
         key, value = option.split("=", 1)
         options[key] = yaml.safe_load(value)
-    if args.pool_fraction is not None:
-        options["pool_fraction"] = args.pool_fraction if args.pool_fraction > 0 else None
     config = ScreeningConfig(**options)
     chosen = [n for n in names if args.only is None or n in args.only]
     print(f"torch threads: {torch.get_num_threads()}, cpus: {os.cpu_count()}, load before: {os.getloadavg()}")
