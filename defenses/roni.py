@@ -697,6 +697,13 @@ def _key(data: LabeledData, num_classes: int | None) -> _Key:
     return _Key(len(data), tuple(int(k) for k in torch.bincount(data.y.long(), minlength=num_classes).tolist()))
 
 
+def supported_level(pool_rows: int) -> float:
+    """The smallest error rate calibration draws from `pool_rows` trusted rows of a class can stand for, at best: a
+    fresh row lies beyond all of them (on any one reading) with probability 1 / (pool_rows + 1), and no draw of
+    them ever does."""
+    return 1.0 / (pool_rows + 1)
+
+
 def class_cap(pool_rows: int, fraction: float) -> int:
     """The most rows of one class a stratified candidate is tested on, with `pool_rows` trusted rows of that class
     (`ScreeningConfig.pool_fraction`: draws can stand for fresh rows only while they need a small share of them)."""

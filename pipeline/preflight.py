@@ -407,7 +407,7 @@ def _roni_pool(config: CycleConfig, holdout: Sequence[Any], offered: Sequence[An
     `pool_fraction` of them is tested on a subsample (less power against its poison)."""
     import numpy as np
 
-    from trainguard.defenses.roni import MIN_POOL_ROWS, ScreeningConfig, class_cap
+    from trainguard.defenses.roni import MIN_POOL_ROWS, ScreeningConfig, class_cap, supported_level
 
     screening = ScreeningConfig(**config.roni.screening_options())
     if not screening.stratify:
@@ -421,12 +421,14 @@ def _roni_pool(config: CycleConfig, holdout: Sequence[Any], offered: Sequence[An
     thin = sorted(label for label, rows in pool.items() if rows < MIN_POOL_ROWS)
     if thin:
         rows = ", ".join(f"class {label}: {pool[label]}" for label in thin)
+        fewest = min(pool[label] for label in thin)
         found.append(
             Passed(
                 "roni",
                 f"RONI draws clean calibration shards from about {sum(pool.values())} trusted rows ({rows}): under "
                 f"{MIN_POOL_ROWS} rows of a class, draws stand for fresh rows only roughly and clean shards may be "
-                f"refused more often than roni.level {config.roni.level:g}; add held-out rows of those classes",
+                f"refused more often than roni.level {config.roni.level:g}; {fewest} rows support a level of about "
+                f"{supported_level(fewest):.2g} at best; add held-out rows of those classes",
                 "warn",
             )
         )

@@ -6,7 +6,7 @@ import pytest
 
 from trainguard.defenses.detectors import DetectionConfig, detect
 from trainguard.defenses.errors import DetectionInputError
-from trainguard.defenses.label_issues import detect_label_issues
+from trainguard.defenses.label_issues import LabelIssuesConfig, detect_label_issues
 
 
 def test_flipped_labels_are_found_with_cross_validated_probabilities(flipped_digits) -> None:
@@ -48,3 +48,21 @@ def test_probabilities_that_do_not_cover_the_labels_are_refused(flipped_digits) 
         detect_label_issues(s.features, s.labels, s.sources, pred_probs=s.pred_probs[:, :5])
     with pytest.raises(DetectionInputError, match="unknown detectors"):
         DetectionConfig(detectors=("roni",))
+
+
+def test_row_flags_cost_at_most_row_alpha_of_clean_rows(flipped_digits) -> None:
+    s = flipped_digits
+    cleanlab_alone = detect_label_issues(
+        s.features, s.labels, s.sources, LabelIssuesConfig(row_alpha=1.0), pred_probs=s.pred_probs
+    )
+    calibrated = detect_label_issues(s.features, s.labels, s.sources, pred_probs=s.pred_probs)
+    assert set(calibrated.flagged_rows) <= set(cleanlab_alone.flagged_rows)
+    clean_lost = s.rate(calibrated.flagged_rows, poisoned=False)
+    assert clean_lost <= 0.015
+    assert clean_lost < s.rate(cleanlab_alone.flagged_rows, poisoned=False)
+    assert s.rate(calibrated.flagged_rows, poisoned=True) >= 0.8
+
+
+def test_a_row_alpha_outside_0_1_is_refused() -> None:
+    with pytest.raises(DetectionInputError, match="row_alpha"):
+        LabelIssuesConfig(row_alpha=0.0)

@@ -331,6 +331,7 @@ def test_check_warns_when_ronis_trusted_rows_cannot_stand_for_the_shards(project
     warned = [line for line in done.stdout.splitlines() if line.startswith("warn  roni")]
     assert len(warned) == 2, done.stdout
     assert "clean shards may be refused more often than roni.level 0.01" in warned[0]
+    assert "rows support a level of about 0.2" in warned[0]  # 1 / (3 + 1) in the thinnest class, at best
     assert "tested on a seeded subsample, with less power against poison" in warned[1]
 
 
