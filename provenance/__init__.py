@@ -122,7 +122,6 @@ _LAZY = {
     "VerifiedDataModule": "trainguard.provenance.dataset",
     "VerifyDatasetCallback": "trainguard.provenance.callback",
     "dvc_tracked_md5": "trainguard.provenance.dvc",
-    "dataset_input": "trainguard.provenance.dataset_input",
 }
 
 __all__ = [
