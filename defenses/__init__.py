@@ -10,6 +10,8 @@ from __future__ import annotations
 from trainguard.lazy import lazy_getattr
 
 _LAZY = {
+    "TrainguardError": "trainguard.errors",
+    "DefenseError": "trainguard.defenses.errors",
     "AdversarialTraining": "trainguard.defenses.adversarial",
     "OverfittingGuard": "trainguard.defenses.overfitting",
     "RobustAccuracy": "trainguard.defenses.robust",

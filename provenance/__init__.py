@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from trainguard.errors import TrainguardError
 from trainguard.lazy import lazy_getattr
 from trainguard.provenance.errors import (
     AlreadySignedError,
@@ -165,6 +166,7 @@ __all__ = [
     "SignatureError",
     "SigningKey",
     "ThresholdError",
+    "TrainguardError",
     "UntrustedSignerError",
     "VerificationFailed",
     "VerifyingKey",
