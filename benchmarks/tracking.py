@@ -4,7 +4,7 @@ Goal (issue 14): all MLflow logging of a cycle (runs, params, metrics, dataset i
 figures, the MLflow 3 logged model, its registration and alias, Lightning's logger) <= 2% of the cycle's wall time.
 
 One digits cycle (configs/digits.yaml, unchanged) runs against a real `mlflow server` started here. Every call of
-every `MlflowClient` (trainguard's, Lightning's MLFlowLogger's, the screening report's) is timed where it is made
+every `MlflowClient` (trainguard's tracker's and Lightning's MLFlowLogger's) is timed where it is made
 (outermost call only, so nested calls count once), as are writing the pyfunc model and drawing the figures MLflow
 gets. Printed: the cycle's wall time, its training stage, the logging time by call, and the logging fraction.
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from trainguard.lazy import lazy_getattr
 
 _LAZY = {
+    "TrainguardError": "trainguard.errors",
+    "DefenseError": "trainguard.defenses.errors",
     "AdversarialTraining": "trainguard.defenses.adversarial",
     "OverfittingGuard": "trainguard.defenses.overfitting",
     "RobustAccuracy": "trainguard.defenses.robust",
@@ -37,8 +39,8 @@ _LAZY = {
     "enforce_source_caps": "trainguard.defenses.limits",
     "check_margins": "trainguard.defenses.margin",
     "compare_margins": "trainguard.defenses.margin",
-    "ReportOutcome": "trainguard.defenses.report",
-    "record_screening": "trainguard.defenses.report",
+    "ScreeningFiles": "trainguard.defenses.report",
+    "write_screening": "trainguard.defenses.report",
     "Calibration": "trainguard.defenses.roni",
     "Candidate": "trainguard.defenses.roni",
     "CandidateDecision": "trainguard.defenses.roni",

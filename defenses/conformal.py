@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from statistics import NormalDist
 from typing import Literal
 
 import numpy as np
@@ -128,23 +127,19 @@ def _quantized(values: np.ndarray, step: float) -> np.ndarray:
 
 
 def fisher(p_values: Sequence[float]) -> float:
-    """Fisher's combination: P(chi2 with 2k dof >= -2 sum log p), in closed form for even degrees of freedom
-    (exp(-x) * sum_{i<k} x^i / i! with x = -sum log p), summed in log space so no term over- or underflows."""
-    p = _checked(p_values)
-    x = float(-np.log(p).sum())
-    if x == 0.0:
-        return 1.0
-    logs = [i * math.log(x) - math.lgamma(i + 1) for i in range(len(p))]
-    top = max(logs)
-    return float(min(1.0, math.exp(-x + top + math.log(sum(math.exp(v - top) for v in logs)))))
+    """Fisher's combination: P(chi2 with 2k dof >= -2 sum log p), through `scipy.stats.combine_pvalues`."""
+    from scipy.stats import combine_pvalues
+
+    return float(min(1.0, combine_pvalues(_checked(p_values), method="fisher").pvalue))
 
 
 def stouffer(p_values: Sequence[float]) -> float:
-    """Stouffer's combination: 1 - Phi(sum of Phi^-1(1 - p) / sqrt(k))."""
+    """Stouffer's combination: 1 - Phi(sum of Phi^-1(1 - p) / sqrt(k)), through `scipy.stats.combine_pvalues`; a
+    p-value of 1 counts as 1 - 1e-16 (not as infinite evidence of a clean source) and the result stays >= 1e-300."""
+    from scipy.stats import combine_pvalues
+
     p = np.clip(_checked(p_values), 1e-300, 1 - 1e-16)
-    normal = NormalDist()
-    z = sum(normal.inv_cdf(1 - float(v)) for v in p) / math.sqrt(len(p))
-    return max(float(normal.cdf(-z)), 1e-300)
+    return max(float(combine_pvalues(p, method="stouffer").pvalue), 1e-300)
 
 
 def combined(p_values: Sequence[float], method: Combination) -> float:
@@ -170,18 +165,12 @@ def bonferroni_min(p_values: Sequence[float]) -> float:
 
 
 def step_up_adjusted(p_values: Sequence[float], procedure: Literal["bh", "by"]) -> np.ndarray:
-    """BH (or BY) adjusted p-values: a test is rejected at FDR level q exactly when its adjusted p-value <= q."""
+    """BH (or BY) adjusted p-values, through `scipy.stats.false_discovery_control`: a test is rejected at FDR level
+    q exactly when its adjusted p-value <= q."""
+    from scipy.stats import false_discovery_control
+
     p = np.asarray(p_values, dtype=np.float64)
-    m = p.size
-    if m == 0:
-        return p
-    harmonic = sum(1.0 / i for i in range(1, m + 1)) if procedure == "by" else 1.0
-    order = np.argsort(p)
-    ranked = p[order] * m * harmonic / np.arange(1, m + 1)
-    monotone = np.minimum.accumulate(ranked[::-1])[::-1]
-    adjusted = np.empty(m)
-    adjusted[order] = np.minimum(monotone, 1.0)
-    return adjusted
+    return false_discovery_control(p, method=procedure) if p.size else p
 
 
 def rejected(p_values: Sequence[float], level: float, control: ErrorControl) -> np.ndarray:

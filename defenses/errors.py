@@ -1,12 +1,12 @@
-"""Errors of the training-time defenses: one base, a subclass per failure kind."""
+"""Errors of the training-time defenses: one family under `TrainguardError`, a subclass per failure kind."""
 
 from __future__ import annotations
 
+from trainguard.errors import TrainguardError
 
-class DefenseError(Exception):
+
+class DefenseError(TrainguardError):
     """Base of every defense failure; `exit_code` 1 = failed check, 2 = bad input."""
-
-    exit_code = 1
 
 
 class AttackConfigError(DefenseError):

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from trainguard.defenses.conformal import step_up_adjusted
 from trainguard.defenses.errors import DetectionInputError
 
 
@@ -105,14 +106,6 @@ def check_inputs(features: np.ndarray, labels: np.ndarray, sources: Sequence[str
     return is_reference
 
 
-def conformal_p_values(scores: np.ndarray, is_reference: np.ndarray) -> np.ndarray:
-    """Each row's conformal p-value against the reference rows' scores: (1 + #reference >= score) / (n + 1), valid
-    for a clean row exchangeable with the reference, so flagging at p <= a flags at most a share a of clean rows."""
-    calibration = np.sort(scores[is_reference])
-    above = len(calibration) - np.searchsorted(calibration, scores, side="left")
-    return (1.0 + above) / (len(calibration) + 1.0)
-
-
 def clean_flag_tail(
     source_labels: np.ndarray, flagged: int, reference_labels: np.ndarray, reference_flagged: np.ndarray
 ) -> tuple[float, float]:
@@ -148,8 +141,6 @@ def findings(
     """Row findings for the candidate rows and the per-source decisions, from a detector's scores and flags (and,
     for a detector that flags rows in groups, each source's `concentration` p-value, which bounds its own from
     below)."""
-    from scipy.stats import false_discovery_control
-
     names = np.asarray(sources, dtype=object)
     reference_flags = int(flagged[is_reference].sum())
     reference_rows = int(is_reference.sum())
@@ -168,7 +159,7 @@ def findings(
     p_values = np.array([p for p, _ in tails])
     if concentration is not None:
         p_values = np.maximum(p_values, [concentration.get(s, 1.0) for s in order])
-    q_values = false_discovery_control(p_values) if len(p_values) else p_values
+    q_values = step_up_adjusted(p_values, "bh")
     sources_found = tuple(
         SourceFinding(s, n, k, k / n, expected, float(p), float(q), bool(q <= alpha))
         for s, (n, k), (_, expected), p, q in zip(order, counts, tails, p_values, q_values, strict=True)

@@ -1,17 +1,13 @@
-"""Records a RONI screening: a local JSON report and PNG plot first, then the same to MLflow when it is reachable.
-
-MLflow gets a compact summary (level, counts, flagged sources, time) as metrics, the screening config as params,
-every candidate's decision with its p-values as one table (`roni/decisions.json`) and every source's as another
-(`roni/sources.json`, through `log_table`), and the JSON report and plot as artifacts: a fixed number of calls and
-keys however many shards are screened.
+"""Records a RONI screening locally (a JSON report and a PNG plot) and shapes it for a tracker: a compact summary
+(level, counts, flagged sources, time), the screening config as params, and every candidate's and every source's
+decision as one table each; `pipeline.tracking` sends them to MLflow in a fixed number of calls however many shards
+were screened.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import time
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,17 +19,11 @@ SOURCES_TABLE = "roni/sources.json"
 
 
 @dataclass(frozen=True)
-class ReportOutcome:
-    """Where the report went: always the local files; the MLflow run id, or why MLflow was not reached."""
+class ScreeningFiles:
+    """The local record of one screening: the JSON report and the impacts plot."""
 
     json_path: Path
     plot_path: Path
-    run_id: str | None
-    mlflow_error: str | None
-
-    @property
-    def logged_to_mlflow(self) -> bool:
-        return self.run_id is not None
 
 
 def plot_impacts(report: ScreeningReport, path: Path) -> Path:
@@ -62,58 +52,12 @@ def plot_impacts(report: ScreeningReport, path: Path) -> Path:
     return path
 
 
-def _reachable(uri: str) -> str | None:
-    """None when an HTTP tracking server answers /health, else why not (non-HTTP stores are assumed local)."""
-    if not uri.startswith(("http://", "https://")):
-        return None
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=3) as response:
-            return None if response.status == 200 else f"health check answered {response.status}"
-    except OSError as error:
-        return f"{type(error).__name__}: {error}"
-
-
-def _log_to_mlflow(
-    report: ScreeningReport,
-    json_path: Path,
-    plot_path: Path,
-    uri: str,
-    experiment: str,
-    run_name: str,
-    run_id: str | None = None,
-) -> str:
-    """Logs into `run_id` when given (the caller owns that run), else into a new run it finishes itself."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param
-
-    client = MlflowClient(tracking_uri=uri)
-    owned = run_id is None
-    if owned:
-        found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-        run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
-    try:
-        now = int(time.time() * 1000)
-        metrics = [Metric(name, float(value), now, 0) for name, value in screening_summary(report).items()]
-        params = [
-            Param(
-                "roni.calibration_sizes",
-                ",".join(str(size) for size in sorted({c.size for c in report.calibration.strata})),
-            )
-        ]
-        params += [Param(f"roni.{k}", str(v)) for k, v in asdict(report.config).items()]
-        client.log_batch(run_id, metrics=metrics, params=params[:100])
-        client.log_table(run_id, decision_table(report), DECISIONS_TABLE)
-        client.log_table(run_id, source_table(report), SOURCES_TABLE)
-        client.log_artifact(run_id, str(json_path), artifact_path="roni")
-        client.log_artifact(run_id, str(plot_path), artifact_path="roni")
-    except BaseException:
-        if owned:
-            client.set_terminated(run_id, "FAILED")
-        raise
-    if owned:
-        client.set_terminated(run_id, "FINISHED")
-    return run_id
+def write_screening(report: ScreeningReport, directory: Path) -> ScreeningFiles:
+    """Writes `roni-report.json` (strict JSON, written atomically) and `roni-impacts.png` into `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    json_path = directory / "roni-report.json"
+    atomic_write(json_path, json.dumps(report.to_dict(), indent=2, allow_nan=False).encode())
+    return ScreeningFiles(json_path, plot_impacts(report, directory / "roni-impacts.png"))
 
 
 def screening_summary(report: ScreeningReport) -> dict[str, float]:
@@ -126,6 +70,12 @@ def screening_summary(report: ScreeningReport) -> dict[str, float]:
         "roni/flagged_sources": float(len(report.flagged)),
         "roni/seconds": report.seconds,
     }
+
+
+def screening_params(report: ScreeningReport) -> dict[str, object]:
+    """The screening config and the calibration sizes it used, as `roni.<field>` params."""
+    sizes = ",".join(str(size) for size in sorted({c.size for c in report.calibration.strata}))
+    return {"roni.calibration_sizes": sizes, **{f"roni.{k}": v for k, v in asdict(report.config).items()}}
 
 
 def decision_table(report: ScreeningReport) -> dict[str, list[object]]:
@@ -142,40 +92,3 @@ def _columns(rows: object) -> dict[str, list[object]]:
     assert isinstance(rows, list)
     columns = list(rows[0]) if rows else []
     return {column: [row[column] for row in rows] for column in columns}
-
-
-def record_screening(
-    report: ScreeningReport,
-    directory: Path,
-    tracking_uri: str | None = None,
-    experiment: str = "trainguard-roni",
-    run_name: str = "roni-screening",
-    run_id: str | None = None,
-) -> ReportOutcome:
-    """Writes `roni-report.json` and `roni-impacts.png` into `directory`, then logs both to MLflow.
-
-    MLflow being unreachable or failing does not raise: the outcome says why and the local files remain.
-    `tracking_uri` defaults to MLflow's own resolution (MLFLOW_TRACKING_URI); with `run_id` the results go into
-    that existing run (e.g. a pipeline's screening stage), which is left open for its owner.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    json_path = directory / "roni-report.json"
-    atomic_write(json_path, json.dumps(report.to_dict(), indent=2, allow_nan=False).encode())
-    plot_path = plot_impacts(report, directory / "roni-impacts.png")
-    if tracking_uri is None:
-        import mlflow
-
-        tracking_uri = mlflow.get_tracking_uri()
-    uri: str = tracking_uri
-    problem = _reachable(uri)
-    if problem:
-        return ReportOutcome(
-            json_path, plot_path, None, f"MLflow at {uri} unreachable ({problem}); report kept locally"
-        )
-    try:
-        run_id = _log_to_mlflow(report, json_path, plot_path, uri, experiment, run_name, run_id)
-    except Exception as error:
-        return ReportOutcome(
-            json_path, plot_path, None, f"MLflow logging to {uri} failed ({error}); report kept locally"
-        )
-    return ReportOutcome(json_path, plot_path, run_id, None)

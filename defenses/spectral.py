@@ -17,8 +17,9 @@ from typing import Literal
 
 import numpy as np
 
+from trainguard.defenses.conformal import conformal_p_values
 from trainguard.defenses.errors import DetectionInputError
-from trainguard.defenses.findings import Findings, check_inputs, conformal_p_values, findings
+from trainguard.defenses.findings import Findings, check_inputs, findings
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def spectral_flags(
         members = labels == label
         median = np.median(scores[members])
         scaled[members] = scores[members] / median if median > 0 else 0.0
-    return conformal_p_values(scaled, is_reference) <= config.row_alpha
+    return conformal_p_values(scaled[is_reference], scaled) <= config.row_alpha
 
 
 def detect_spectral(

@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from trainguard.errors import TrainguardError
 from trainguard.pipeline.commands import register_all
 
 
@@ -38,11 +39,9 @@ register_all(app)
 
 
 def _exit_code(error: BaseException) -> int | None:
-    """The exit code for a project error (its `exit_code`), 2 for unusable input, None if not ours."""
-    from trainguard.pipeline.commands import project_errors
-
-    if isinstance(error, project_errors()):
-        return int(getattr(error, "exit_code", 1))
+    """The exit code for a trainguard error (its `exit_code`), 2 for unusable input, None if not ours."""
+    if isinstance(error, TrainguardError):
+        return error.exit_code
     if isinstance(error, (FileNotFoundError, IsADirectoryError, PermissionError, UnicodeDecodeError)):
         return 2
     return None

@@ -557,7 +557,7 @@ def _screen(
     detectors' p-values of this cycle), and the margin check; records every decision and each shard's p-value as
     its source's evidence. A flagged source loses every shard this cycle, earlier-accepted ones included."""
     from trainguard.defenses.margin import check_margins
-    from trainguard.defenses.report import record_screening
+    from trainguard.defenses.report import write_screening
     from trainguard.defenses.roni import Candidate, ScreeningConfig, screen_candidates
 
     config = cycle.config
@@ -611,12 +611,8 @@ def _screen(
     cycle.decide([*decisions, *earlier])
     evidence = [(s.source, s.sha256, verdict[s.key].p_value) for s in shards]
     cycle.state = cycle.store.update(cycle.state.record_evidence(evidence, offered))
-    outcome = record_screening(
-        screening,
-        cycle.config.output.work_dir / "roni" / f"cycle-{cycle.number:04d}",
-        run_id=stage.run_id,
-        tracking_uri=cycle.tracker.uri,
-    )
+    files = write_screening(screening, cycle.config.output.work_dir / "roni" / f"cycle-{cycle.number:04d}")
+    stage.log_screening(screening, files)
     kept = [s for s in shards if verdict[s.key].accepted]
     margins = []
     skipped = _margin_skipped(config)
@@ -628,8 +624,8 @@ def _screen(
     stage.set_tags({f"trainguard.margin.{m.source}": m.reason[:4000] for m in for_review})
     cycle.report["roni"] = {
         **screening.to_dict(),
-        "local_report": str(outcome.json_path),
-        "plot": str(outcome.plot_path),
+        "local_report": str(files.json_path),
+        "plot": str(files.plot_path),
         "margin": [vars(m) for m in margins] if skipped is None else skipped,
         "flagged_sources": sorted(flagged),
         "flagged_for_review": [m.source for m in for_review],

@@ -23,7 +23,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 
 from trainguard.pipeline.errors import CycleAbortedError
-from trainguard.ranks import TIMEOUT, RankError, arrive, broadcast_json, gather_json
+from trainguard.ranks import TIMEOUT, RankError, RankWaitError, arrive, broadcast_json, gather_json
 
 T = TypeVar("T")
 
@@ -151,7 +151,7 @@ class Meeting:
         try:
             _share({"stopped": value.reason} if stopped else {"plan": value.message()})
         except RankError as error:
-            if error.reason != "rank-wait":  # the others got a failed message and answer it: hear them out
+            if not isinstance(error, RankWaitError):  # the others got a failed message and answer it: hear them out
                 _answer({"refused": str(error)})
             raise
         try:
@@ -171,7 +171,7 @@ def follow(rebuild: Callable[[Any], T]) -> T:
     try:
         message = _share()
     except RankError as error:
-        if error.reason != "rank-wait":  # the broadcast itself completed: rank 0 waits for the answer
+        if not isinstance(error, RankWaitError):  # the broadcast itself completed: rank 0 waits for the answer
             _answer({"refused": str(error)})
         raise CycleAbortedError(str(error), check=error.reason) from None
     try:

@@ -1,12 +1,12 @@
-"""Errors of the retraining pipeline: one base, a subclass per failure kind."""
+"""Errors of the retraining pipeline: one family under `TrainguardError`, a subclass per failure kind."""
 
 from __future__ import annotations
 
+from trainguard.errors import TrainguardError
 
-class PipelineError(Exception):
+
+class PipelineError(TrainguardError):
     """Base of every pipeline failure; `exit_code` is what the CLI exits with (1: a failed check)."""
-
-    exit_code = 1
 
 
 class ConfigError(PipelineError):

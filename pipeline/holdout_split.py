@@ -8,8 +8,8 @@ from trainguard.defenses.heldout import LabeledData
 
 
 def split_holdout(holdout: LabeledData, fraction: float, seed: int) -> tuple[LabeledData, LabeledData]:
-    """A seeded `fraction` of the held-out rows for RONI's calibration, the rest to measure impacts on."""
+    """A seeded `fraction` of the held-out rows for RONI's calibration, the rest to measure impacts on (the model's
+    extra inputs split with their rows)."""
     order = torch.randperm(len(holdout), generator=torch.Generator().manual_seed(seed))
     cut = round(fraction * len(holdout))
-    pick = order[:cut], order[cut:]
-    return LabeledData(holdout.x[pick[0]], holdout.y[pick[0]]), LabeledData(holdout.x[pick[1]], holdout.y[pick[1]])
+    return holdout.take(order[:cut]), holdout.take(order[cut:])

@@ -1,5 +1,6 @@
 """MLflow tracking for a retraining cycle: one parent run, a nested run per stage, batched logging, and an
-offline mode so an unreachable server never blocks a decision.
+offline mode so an unreachable server never blocks a decision. The one place trainguard writes to MLflow: the
+defenses and provenance return what they found (a screening report, verification reports) and a run logs it here.
 
 Runs are created through `MlflowClient` (no global active run), so Lightning's `MLFlowLogger` can write into a
 stage's run by id; every run ends with `trainguard.status` and `trainguard.reason` tags. Any tracking failure
@@ -28,6 +29,8 @@ from trainguard.pipeline.config import resolve_tracking_uri
 if TYPE_CHECKING:
     import numpy as np
 
+    from trainguard.defenses.report import ScreeningFiles
+    from trainguard.defenses.roni import ScreeningReport
     from trainguard.provenance.verify import VerificationReport
 
 MAX_PARAM_VALUE = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
@@ -39,6 +42,12 @@ MAX_REASON = 4000
 PARAMS_PER_BATCH = 100
 METRICS_PER_BATCH = 1000
 PROBE_TIMEOUT = 3.0
+MLFLOW_DIGEST_CHARS = 36
+"""MLflow's cap on a dataset digest (its store column): an input's digest is the manifest SHA-256's first 36 hex
+digits; the full digest is in the input's profile and tags."""
+DATASET_SOURCE_TYPE = "local"
+"""MLflow's registered source type for local files (`LocalArtifactDatasetSource`): resolvable without plugins."""
+INPUT_TAG_LIMIT = 500
 # Fail fast instead of MLflow's default 7 retries with exponential backoff (minutes on a dead server).
 _HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
@@ -271,11 +280,9 @@ class TrackedRun:
             self.tracker._client.log_dict(self.run_id, dict(data), artifact_file)
 
     def log_datasets(self, reports: Sequence[VerificationReport], context: str = "training") -> None:
-        """Records verified manifests as MLflow dataset inputs (see `provenance.dataset_input`)."""
+        """Records verified manifests as MLflow dataset inputs (see `dataset_input`)."""
         if not self.active or not reports:
             return
-        from trainguard.provenance.dataset_input import dataset_input
-
         inputs = [dataset_input(report, context) for report in reports]
         with self.tracker._guard(f"log dataset inputs to {self.name}"):
             self.tracker._client.log_inputs(self.run_id, datasets=inputs)
@@ -286,6 +293,25 @@ class TrackedRun:
             return
         with self.tracker._guard(f"upload {artifact_file}"):
             self.tracker._client.log_table(self.run_id, {k: list(v) for k, v in table.items()}, artifact_file)
+
+    def log_screening(self, report: ScreeningReport, files: ScreeningFiles) -> None:
+        """A RONI screening: its summary as metrics, its config as params, every candidate's and every source's
+        decision as one table each, and its local JSON report and plot under `roni/`."""
+        from trainguard.defenses.report import (
+            DECISIONS_TABLE,
+            SOURCES_TABLE,
+            decision_table,
+            screening_params,
+            screening_summary,
+            source_table,
+        )
+
+        self.log_metrics(screening_summary(report))
+        self.log_params(screening_params(report))
+        self.log_table(decision_table(report), DECISIONS_TABLE)
+        self.log_table(source_table(report), SOURCES_TABLE)
+        self.log_artifact(files.json_path, "roni")
+        self.log_artifact(files.plot_path, "roni")
 
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         """A matplotlib figure as an image artifact."""
@@ -360,3 +386,18 @@ def _tags(tags: Mapping[str, str]) -> list[Any]:
     from mlflow.entities import RunTag
 
     return [RunTag(_cut(k, MAX_KEY), _cut(str(v), MAX_TAG_VALUE)) for k, v in tags.items()]
+
+
+def dataset_input(report: VerificationReport, context: str, tags: Mapping[str, str] | None = None) -> Any:
+    """An `mlflow.entities.DatasetInput` for a verified manifest, used as `context` (training, holdout, ...): the one
+    way trainguard records what data a run used. Its source is MLflow's `local` type with an absolute `file://` URI,
+    so `mlflow.data.get_source(input)` resolves it anywhere."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    source = json.dumps({"uri": Path(report.manifest_path).resolve().as_uri()})
+    profile = json.dumps(report.facts(), sort_keys=True)
+    name = str(report.dataset or Path(report.manifest_path).name)
+    digest = report.manifest_sha256[:MLFLOW_DIGEST_CHARS]
+    dataset = Dataset(name, digest, DATASET_SOURCE_TYPE, source, None, profile)
+    every = {"mlflow.data.context": context, "trainguard.sha256": report.manifest_sha256, **(tags or {})}
+    return DatasetInput(dataset, [InputTag(k, str(v)[:INPUT_TAG_LIMIT]) for k, v in every.items()])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from trainguard.errors import TrainguardError
 from trainguard.lazy import lazy_getattr
 from trainguard.provenance.errors import (
     AlreadySignedError,
@@ -122,7 +123,6 @@ _LAZY = {
     "VerifiedDataModule": "trainguard.provenance.dataset",
     "VerifyDatasetCallback": "trainguard.provenance.callback",
     "dvc_tracked_md5": "trainguard.provenance.dvc",
-    "dataset_input": "trainguard.provenance.dataset_input",
 }
 
 __all__ = [
@@ -166,6 +166,7 @@ __all__ = [
     "SignatureError",
     "SigningKey",
     "ThresholdError",
+    "TrainguardError",
     "UntrustedSignerError",
     "VerificationFailed",
     "VerifyingKey",

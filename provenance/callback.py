@@ -1,5 +1,6 @@
 """A Lightning callback that verifies the signed manifests when the fit starts and stops it before any training
-step if anything fails; it logs what it checked and records each dataset as an MLflow dataset input.
+step if anything fails; it logs what it checked through the trainer's logger, whichever it is (a cycle records the
+manifests as MLflow dataset inputs itself, see `pipeline.tracking`).
 """
 
 from __future__ import annotations
@@ -10,10 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.utilities import rank_zero_warn
 
 from trainguard.provenance.dataset import ManifestLike, as_spec
-from trainguard.provenance.dataset_input import dataset_input, verification_facts
 from trainguard.provenance.errors import MalformedError, ProvenanceError
 from trainguard.provenance.rollback import RollbackState, default_state_path
 from trainguard.provenance.verify import ShardFailure, VerificationReport, verify_dataset
@@ -37,14 +36,12 @@ class VerifyDatasetCallback(pl.Callback):
         exclude: Collection[str] = (),
         dvc: bool = False,
         workers: int | None = None,
-        mlflow_context: str = "training",
     ) -> None:
         self.specs = tuple(as_spec(m) for m in manifests)
         self.trust = Path(trust) if trust is not None else None
         self.state = RollbackState(Path(state_file) if state_file is not None else default_state_path())
         self.allow_extra, self.dvc, self.workers = allow_extra, dvc, workers
         self.exclude = frozenset(exclude)
-        self.mlflow_context = mlflow_context
         self.reports: tuple[VerificationReport, ...] = ()
         self.tolerated: tuple[ShardFailure, ...] = ()
 
@@ -102,26 +99,4 @@ class VerifyDatasetCallback(pl.Callback):
             "provenance/excluded_failures": float(len(self.tolerated)),
         }
         trainer.logger.log_metrics(metrics, step=0)
-        from pytorch_lightning.loggers import MLFlowLogger
-
-        if isinstance(trainer.logger, MLFlowLogger):
-            if trainer.is_global_zero:
-                self._log_mlflow(trainer.logger, reports)
-        else:
-            trainer.logger.log_hyperparams({"provenance": {r.dataset: verification_facts(r) for r in reports}})
-
-    def _log_mlflow(self, logger: Any, reports: Sequence[VerificationReport]) -> None:
-        """One batch of tags and one `log_inputs` call; tracking trouble is warned about, never fatal."""
-        from mlflow.entities import RunTag
-
-        tags = [
-            RunTag(f"trainguard.data.{report.dataset}.{key}", str(value))
-            for report in reports
-            for key, value in verification_facts(report).items()
-        ]
-        inputs = [dataset_input(report, self.mlflow_context) for report in reports]
-        try:
-            logger.experiment.log_batch(logger.run_id, tags=tags)
-            logger.experiment.log_inputs(logger.run_id, datasets=inputs)
-        except Exception as error:  # the tracking server is not a security check; the verification already passed
-            rank_zero_warn(f"trainguard: could not log dataset verification to MLflow: {error}")
+        trainer.logger.log_hyperparams({"provenance": {r.dataset: r.facts() for r in reports}})

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from trainguard.provenance.allowlist import AllowedShard, AllowList, RefusedRead
-from trainguard.provenance.errors import MalformedError, ProvenanceError, ShardError
+from trainguard.provenance.errors import MalformedError, ProvenanceError, ShardError, ShardFormatError, shard_error
 from trainguard.provenance.formats import Decoder, Samples, decoding, default_decoders
 from trainguard.provenance.manifest import ShardEntry
 from trainguard.provenance.policy import TrustPolicy
@@ -221,7 +221,7 @@ def _nothing_to_train(refused: Sequence[RefusedRead], ranked: bool) -> None:
     if refused:
         first = refused[0]
         message = f"every training shard{where} was refused at read; first: {first.detail}"
-        raise ShardError(message, shard=first.shard.key, reason=first.reason)
+        raise shard_error(first.reason, message, shard=first.shard.key)
     raise MalformedError(
         "no shard of the manifests matches the training selection (roles, sources, exclude)"
         + (" on this rank: fewer shards than ranks" if ranked else "")
@@ -283,17 +283,17 @@ def _columns(
     if absent:
         what = "label column" if isinstance(label_column, str) else "target columns"
         shown = repr(absent[0]) if isinstance(label_column, str) else str(absent[:3])
-        raise ShardError(f"shard {name}: no {what} {shown}", shard=name, reason="format")
+        raise ShardFormatError(f"shard {name}: no {what} {shown}", shard=name)
     columns = list(feature_columns) if feature_columns else [c for c in frame.columns if c not in targets_named]
     missing = [c for c in columns if c not in frame.columns]
     if missing:
-        raise ShardError(f"shard {name}: missing feature columns {missing[:3]}", shard=name, reason="format")
+        raise ShardFormatError(f"shard {name}: missing feature columns {missing[:3]}", shard=name)
     table = frame[columns]
     if not all(pd.api.types.is_numeric_dtype(t) for t in table.dtypes):
-        raise ShardError(f"shard {name}: feature columns must be numeric", shard=name, reason="format")
+        raise ShardFormatError(f"shard {name}: feature columns must be numeric", shard=name)
     kinds = [frame[c].dtype for c in targets_named]
     if not all(pd.api.types.is_numeric_dtype(k) and not pd.api.types.is_bool_dtype(k) for k in kinds):
-        raise ShardError(f"shard {name}: targets {targets_named[:3]} must be numeric", shard=name, reason="format")
+        raise ShardFormatError(f"shard {name}: targets {targets_named[:3]} must be numeric", shard=name)
     # Arrow-backed columns come out read-only; torch must not wrap a buffer it may not write (copied only then)
     inputs = table.to_numpy(np.float32)
     if not isinstance(label_column, str):

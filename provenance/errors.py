@@ -1,29 +1,24 @@
-"""Errors of data provenance, after python-tuf's exceptions: one base, a subclass per failure kind."""
+"""Errors of data provenance, after python-tuf's exceptions: one family under `TrainguardError`, a subclass per
+failure kind, each with a stable `reason` code (what reports, receipts and the CLI print)."""
 
 from __future__ import annotations
 
+from trainguard.errors import TrainguardError
 
-class ProvenanceError(Exception):
+
+class ProvenanceError(TrainguardError):
     """Base of every provenance failure. `reason` is a stable code; `exit_code` 1 = failed check, 2 = bad input."""
 
     reason = "provenance"
     exit_code = 1
 
     def __init__(
-        self,
-        message: str,
-        *,
-        shard: str | None = None,
-        keyid: str | None = None,
-        path: str | None = None,
-        reason: str | None = None,
+        self, message: str, *, shard: str | None = None, keyid: str | None = None, path: str | None = None
     ) -> None:
         super().__init__(message)
         self.shard = shard
         self.keyid = keyid
         self.path = path
-        if reason is not None:
-            self.reason = reason
 
 
 # Unusable input (exit 2)
@@ -172,15 +167,133 @@ class BinRollbackError(BinError):
 
 
 class ShardError(ProvenanceError):
-    """One shard failed a check; `reason` says which (digest-mismatch, missing, symlink, ...)."""
+    """One shard failed a check; the subclass, and its `reason`, says which (digest-mismatch, missing, format, ...)."""
 
     reason = "shard"
+
+
+class MissingShardError(ShardError):
+    """The shard file, or a folder on its path, does not exist."""
+
+    reason = "missing"
+
+
+class SymlinkShardError(ShardError):
+    """The shard, or a folder on its path, is a symbolic link (never followed)."""
+
+    reason = "symlink"
+
+
+class NotRegularShardError(ShardError):
+    """The shard is not a regular file (a FIFO, device or folder stands at its path)."""
+
+    reason = "not-regular"
+
+
+class UnreadableShardError(ShardError):
+    """The shard cannot be opened or read."""
+
+    reason = "unreadable"
+
+
+class TruncatedShardError(ShardError):
+    """The shard holds fewer bytes than signed, or shrank while it was read."""
+
+    reason = "truncated"
+
+
+class AppendedShardError(ShardError):
+    """The shard holds more bytes than signed, or grew while it was read."""
+
+    reason = "appended"
+
+
+class DigestMismatchError(ShardError):
+    """The shard's bytes differ from its signed digest."""
+
+    reason = "digest-mismatch"
+
+
+class ChunkMismatchError(ShardError):
+    """A chunk of the shard is missing from the signed chunk digests or differs from its digest."""
+
+    reason = "chunk"
+
+
+class UnlistedShardError(ShardError):
+    """The shard (or a chunk its index names) is not listed in the manifest."""
+
+    reason = "unlisted"
+
+
+class DuplicateShardError(ShardError):
+    """The manifest lists the shard's name more than once."""
+
+    reason = "duplicate-name"
+
+
+class UnsafePathError(ShardError):
+    """A shard's name would leave its data folder (absolute, `..`, or otherwise unsafe)."""
+
+    reason = "unsafe-path"
+
+
+class ShardFormatError(ShardError):
+    """The shard's verified bytes do not decode as its format (a corrupt file, a missing column, a wrong type)."""
+
+    reason = "format"
+
+
+class RecordsMismatchError(ShardError):
+    """The shard decodes to another number of records than its manifest entry signs."""
+
+    reason = "records-mismatch"
+
+
+class DecodeLimitError(ShardError):
+    """Decoding the shard would pass a size limit (pixels, memory) set to refuse decompression bombs."""
+
+    reason = "decode-limit"
 
 
 class NotAllowedError(ShardError):
     """A read of a shard that is not on the allow-list the reader was given (verified, but not accepted)."""
 
     reason = "not-allowed"
+
+
+SHARD_ERRORS: dict[str, type[ShardError]] = {
+    kind.reason: kind
+    for kind in (
+        MissingShardError,
+        SymlinkShardError,
+        NotRegularShardError,
+        UnreadableShardError,
+        TruncatedShardError,
+        AppendedShardError,
+        DigestMismatchError,
+        ChunkMismatchError,
+        UnlistedShardError,
+        DuplicateShardError,
+        UnsafePathError,
+        ShardFormatError,
+        RecordsMismatchError,
+        DecodeLimitError,
+        NotAllowedError,
+    )
+}
+"""Each shard failure's `reason` code -> its ShardError subclass."""
+
+
+def shard_error(reason: str, message: str, *, shard: str | None) -> ShardError:
+    """The ShardError of a failure known by its `reason` code only (a refusal a worker journalled, a read refused
+    earlier, a path check's verdict); a code of no known kind (from an older journal) is kept on a plain ShardError."""
+    kind = SHARD_ERRORS.get(reason)
+    if kind is not None:
+        return kind(message, shard=shard)
+    error = ShardError(message, shard=shard)
+    error.reason = reason
+    return error
 
 
 class ReadLogMismatchError(ProvenanceError):
@@ -201,5 +314,7 @@ class VerificationFailed(ProvenanceError):
     reason = "verification-failed"
 
     def __init__(self, message: str, report: object, *, shard: str | None = None, reason: str | None = None) -> None:
-        super().__init__(message, shard=shard, reason=reason)
+        super().__init__(message, shard=shard)
         self.report = report
+        if reason is not None:
+            self.reason = reason

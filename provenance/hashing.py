@@ -26,7 +26,14 @@ from typing import Any, Literal, cast
 
 import blake3
 
-from trainguard.provenance.errors import ShardError
+from trainguard.provenance.errors import (
+    MissingShardError,
+    NotRegularShardError,
+    ShardError,
+    SymlinkShardError,
+    TruncatedShardError,
+    UnreadableShardError,
+)
 
 WINDOW = 16 * 1024 * 1024
 SMALL_FILE = 4 * 1024 * 1024
@@ -63,14 +70,14 @@ def _open_sized(path: Path | str, name: str) -> tuple[int, int]:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as error:
         if error.errno == errno.ELOOP:
-            raise ShardError(f"shard {name}: is a symbolic link", shard=name, reason="symlink") from None
+            raise SymlinkShardError(f"shard {name}: is a symbolic link", shard=name) from None
         if error.errno == errno.ENOENT:
-            raise ShardError(f"shard {name}: does not exist", shard=name, reason="missing") from None
-        raise ShardError(f"shard {name}: cannot open: {error.strerror}", shard=name, reason="unreadable") from None
+            raise MissingShardError(f"shard {name}: does not exist", shard=name) from None
+        raise UnreadableShardError(f"shard {name}: cannot open: {error.strerror}", shard=name) from None
     status = os.fstat(fd)
     if not stat.S_ISREG(status.st_mode):
         os.close(fd)
-        raise ShardError(f"shard {name}: is not a regular file", shard=name, reason="not-regular")
+        raise NotRegularShardError(f"shard {name}: is not a regular file", shard=name)
     return fd, status.st_size
 
 
@@ -195,8 +202,8 @@ def _read_failure(name: str, error: OSError | ValueError) -> ShardError:
     """A failed read as the shard's error; ValueError is a short read or a window past the end (the file shrank
     after it was opened)."""
     if isinstance(error, OSError):
-        return ShardError(f"shard {name}: read failed: {error.strerror}", shard=name, reason="unreadable")
-    return ShardError(f"shard {name}: truncated while it was hashed", shard=name, reason="truncated")
+        return UnreadableShardError(f"shard {name}: read failed: {error.strerror}", shard=name)
+    return TruncatedShardError(f"shard {name}: truncated while it was hashed", shard=name)
 
 
 def _spans(fd: int, offset: int, length: int) -> Iterator[memoryview]:

@@ -21,7 +21,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trainguard.lazy import lazy_getattr
-from trainguard.provenance.errors import NotAllowedError, ShardError
+from trainguard.provenance.errors import (
+    AppendedShardError,
+    ChunkMismatchError,
+    DigestMismatchError,
+    DuplicateShardError,
+    NotAllowedError,
+    ShardError,
+    ShardFormatError,
+    TruncatedShardError,
+    UnlistedShardError,
+    UnsafePathError,
+    shard_error,
+)
 from trainguard.provenance.formats import (
     DECODE_LIMIT,
     DECODE_RATIO,
@@ -155,7 +167,7 @@ def first_refusal(path: Path) -> ShardError | None:
     for entry in journal_entries(path):
         if "refusal" in entry:
             refused = entry["refusal"]
-            return ShardError(refused["message"], shard=refused["shard"], reason=refused["reason"])
+            return shard_error(refused["reason"], refused["message"], shard=refused["shard"])
     return None
 
 
@@ -187,13 +199,13 @@ class ShardReader:
     def entry(self, name: str) -> ShardEntry:
         """The signed entry for `name`; refuses unlisted, duplicate and unsafe names."""
         if name not in self._entries:
-            raise ShardError(f"shard {name}: not listed in the manifest", shard=name, reason="unlisted")
+            raise UnlistedShardError(f"shard {name}: not listed in the manifest", shard=name)
         shard = self._entries[name]
         if shard is None:
-            raise ShardError(f"shard {name}: listed more than once", shard=name, reason="duplicate-name")
+            raise DuplicateShardError(f"shard {name}: listed more than once", shard=name)
         problem = name_problem(name)
         if problem is not None:
-            raise ShardError(f"shard {name}: unsafe name: {problem}", shard=name, reason="unsafe-path")
+            raise UnsafePathError(f"shard {name}: unsafe name: {problem}", shard=name)
         if not self.permitted(shard):
             message = f"shard {name}: verified, but not on the allow-list this reader trains through"
             raise NotAllowedError(message, shard=name)
@@ -217,13 +229,13 @@ class ShardReader:
     def _open(self, shard: ShardEntry) -> int:
         problem = entry_problem(self.root, shard.name)
         if problem is not None:
-            raise ShardError(f"shard {shard.name}: {problem[1]}", shard=shard.name, reason=problem[0])
+            raise shard_error(problem[0], f"shard {shard.name}: {problem[1]}", shard=shard.name)
         fd = open_regular(self.root / shard.name, shard.name)
         size = os.fstat(fd).st_size
         if size != shard.size:
             os.close(fd)
-            reason = "truncated" if size < shard.size else "appended"
-            raise ShardError(f"shard {shard.name}: {size} bytes, signed {shard.size}", shard=shard.name, reason=reason)
+            kind = TruncatedShardError if size < shard.size else AppendedShardError
+            raise kind(f"shard {shard.name}: {size} bytes, signed {shard.size}", shard=shard.name)
         return fd
 
     def read_bytes(self, name: str) -> bytes:
@@ -232,11 +244,8 @@ class ShardReader:
         with os.fdopen(self._open(shard), "rb") as stream:
             data = stream.read(shard.size + 1)
         if len(data) != shard.size:
-            raise ShardError(
-                f"shard {name}: changed while reading ({len(data)} bytes, signed {shard.size})",
-                shard=name,
-                reason="truncated" if len(data) < shard.size else "appended",
-            )
+            kind = TruncatedShardError if len(data) < shard.size else AppendedShardError
+            raise kind(f"shard {name}: changed while reading ({len(data)} bytes, signed {shard.size})", shard=name)
         _check_digest(shard, hashlib.sha256(data).hexdigest())
         self._record(shard, shard.sha256)
         return data
@@ -246,9 +255,9 @@ class ShardReader:
         shard = self.entry(name)
         chunk_size = self.verified.manifest.chunk_size
         if not shard.chunks:
-            raise ShardError(f"shard {name}: has no chunk digests (smaller than one chunk)", shard=name, reason="chunk")
+            raise ChunkMismatchError(f"shard {name}: has no chunk digests (smaller than one chunk)", shard=name)
         if not 0 <= index < len(shard.chunks):
-            raise ShardError(f"shard {name}: no chunk {index}", shard=name, reason="chunk")
+            raise ChunkMismatchError(f"shard {name}: no chunk {index}", shard=name)
         fd = self._open(shard)
         try:
             data = os.pread(fd, chunk_size, index * chunk_size)
@@ -256,7 +265,7 @@ class ShardReader:
             os.close(fd)
         expected = min(chunk_size, shard.size - index * chunk_size)
         if len(data) != expected or hashlib.sha256(data).hexdigest() != shard.chunks[index]:
-            raise ShardError(f"shard {name}: chunk {index} differs from its signed digest", shard=name, reason="chunk")
+            raise ChunkMismatchError(f"shard {name}: chunk {index} differs from its signed digest", shard=name)
         return data
 
     def iter_chunks(self, name: str) -> Iterator[bytes]:
@@ -272,13 +281,11 @@ class ShardReader:
             for index, expected in enumerate(shard.chunks):
                 data = stream.read(chunk_size)
                 if hashlib.sha256(data).hexdigest() != expected:
-                    raise ShardError(
-                        f"shard {name}: chunk {index} differs from its signed digest", shard=name, reason="chunk"
-                    )
+                    raise ChunkMismatchError(f"shard {name}: chunk {index} differs from its signed digest", shard=name)
                 whole.update(data)
                 yield data
             if stream.read(1):
-                raise ShardError(f"shard {name}: grew while reading", shard=name, reason="appended")
+                raise AppendedShardError(f"shard {name}: grew while reading", shard=name)
         _check_digest(shard, whole.hexdigest())
         self._record(shard, shard.sha256)
 
@@ -305,13 +312,13 @@ class ShardReader:
                     message = (
                         f"shard {name}: changed while reading ({shard.size - remaining} bytes, signed {shard.size})"
                     )
-                    raise ShardError(message, shard=name, reason="truncated")
+                    raise TruncatedShardError(message, shard=name)
                 block = buffer[:count]
                 digest.update(block)
                 copy.write(block)
                 remaining -= count
             if source.read(1):
-                raise ShardError(f"shard {name}: grew while reading", shard=name, reason="appended")
+                raise AppendedShardError(f"shard {name}: grew while reading", shard=name)
         _check_digest(shard, digest.hexdigest())
         self._record(shard, shard.sha256)
 
@@ -328,7 +335,7 @@ class ShardReader:
                 samples = decode(name, data)
         if not isinstance(samples, Samples):
             message = f"shard {name}: decoder {_describe(decode)} returned {type(samples).__name__}, not Samples"
-            raise ShardError(message, shard=name, reason="format")
+            raise ShardFormatError(message, shard=name)
         decoded = samples.inputs.nbytes + samples.targets.nbytes
         check_decode(name, len(samples), decoded, shard.records, self.bound.limit(shard.size))
         return samples
@@ -369,10 +376,9 @@ class ShardReader:
 def _check_digest(shard: ShardEntry, found: str) -> None:
     """Refuses bytes whose whole-file SHA-256 is not the signed one."""
     if found != shard.sha256:
-        raise ShardError(
+        raise DigestMismatchError(
             f"shard {shard.name}: whole-file sha256 {found} differs from the signed {shard.sha256}",
             shard=shard.name,
-            reason="digest-mismatch",
         )
 
 

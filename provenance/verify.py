@@ -130,6 +130,18 @@ class VerificationReport:
     def ok(self) -> bool:
         return not self.failures
 
+    def facts(self) -> dict[str, Any]:
+        """What the verification established about the manifest: its digests, version, size and signers (what a
+        run logs about the data it used)."""
+        return {
+            "manifest_sha256": self.manifest_sha256,
+            "statement_sha256": self.statement_sha256,
+            "version": self.version,
+            "shards": self.shards,
+            "bytes": self.bytes_checked,
+            "signers": ",".join(self.signers),
+        }
+
     def to_dict(self) -> dict[str, Any]:
         document = asdict(self)
         document["ok"] = self.ok

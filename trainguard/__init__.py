@@ -28,6 +28,7 @@ _LAZY = {
     "verify_dataset": "trainguard.provenance",
     "CycleConfig": "trainguard.pipeline.config",
     "PipelineError": "trainguard.pipeline.errors",
+    "TrainguardError": "trainguard.errors",
     "load_config": "trainguard.pipeline.config",
     "load_model": "trainguard.pipeline.mlflow_model",
     "preflight": "trainguard.pipeline.preflight",

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from trainguard import strictjson
+from trainguard.errors import TrainguardError
 
 TIMEOUT = timedelta(minutes=30)
 """The longest one rank waits for the others in a collective, unless the caller says otherwise (the group's own
@@ -26,13 +27,17 @@ ARRIVAL_POLL = (0.01, 1.0)
 """How often `arrive` looks for the other ranks, in seconds: first, then at most (doubling in between)."""
 
 
-class RankError(Exception):
-    """A message between ranks was malformed, not sent or not answered in time; `reason` says which (rank-message,
-    rank-wait)."""
+class RankError(TrainguardError):
+    """A message between ranks was malformed or not sent (`reason` rank-message); `RankWaitError`: not answered in
+    time."""
 
-    def __init__(self, message: str, *, reason: str = "rank-message") -> None:
-        super().__init__(message)
-        self.reason = reason
+    reason = "rank-message"
+
+
+class RankWaitError(RankError):
+    """A rank did not arrive, or a collective between ranks did not complete, in time."""
+
+    reason = "rank-wait"
 
 
 def encode(document: Any) -> bytes:
@@ -103,7 +108,7 @@ def arrive(store: Any, name: str, rank: int, world: int, timeout: timedelta = TI
             if not missing:  # the last came just now
                 return
             named = f"rank {missing[0]}" if len(missing) == 1 else "ranks " + ", ".join(map(str, missing))
-            raise RankError(f"{named} did not arrive within {timeout}", reason="rank-wait")
+            raise RankWaitError(f"{named} did not arrive within {timeout}")
         time.sleep(min(pause, max(deadline - time.monotonic(), 0.0)))
         pause = min(2 * pause, ARRIVAL_POLL[1])
 
@@ -138,7 +143,7 @@ def _wait(work: Any, timeout: timedelta) -> None:
         work.wait(timeout)
     except RuntimeError as error:
         message = f"a collective between ranks failed (each waits at most {timeout}): {_line(error)}"
-        raise RankError(message, reason="rank-wait") from None
+        raise RankWaitError(message) from None
 
 
 def _device(group: Any) -> torch.device:

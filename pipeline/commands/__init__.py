@@ -30,13 +30,3 @@ def register_all(app: click.Group) -> None:
         shard.shard,
     ):
         app.add_command(command)
-
-
-def project_errors() -> tuple[type[Exception], ...]:
-    """The base error of every trainguard package already imported (one never imported raised nothing), for the
-    CLI's exit-code mapping; importing `defenses` here would pull in torch on every error path."""
-    import sys
-
-    modules = ("trainguard.pipeline.errors", "trainguard.provenance.errors", "trainguard.defenses.errors")
-    bases = ("PipelineError", "ProvenanceError", "DefenseError")
-    return tuple(getattr(sys.modules[m], b) for m, b in zip(modules, bases, strict=True) if m in sys.modules)

@@ -23,7 +23,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from trainguard.provenance.errors import ProvenanceError, ShardError
+from trainguard.provenance.errors import (
+    DecodeLimitError,
+    ProvenanceError,
+    RecordsMismatchError,
+    ShardError,
+    ShardFormatError,
+)
 from trainguard.provenance.paths import printable
 
 if TYPE_CHECKING:
@@ -58,8 +64,8 @@ class DecodeBound:
 DEFAULT_BOUND = DecodeBound()
 
 Decoder = Callable[[str, bytes], "Samples"]
-"""`decode(name, data) -> Samples`: decodes one shard's verified bytes; raises ShardError (reason `format`,
-`records-mismatch`, `decode-limit`, ...) naming the shard on anything it cannot decode safely (anything else it
+"""`decode(name, data) -> Samples`: decodes one shard's verified bytes; raises a ShardError (ShardFormatError,
+RecordsMismatchError, DecodeLimitError, ...) naming the shard on anything it cannot decode safely (anything else it
 raises is turned into one by `decoding`)."""
 
 
@@ -97,7 +103,7 @@ def decoder_for(name: str, decoders: Mapping[str, Decoder]) -> Decoder:
         if name.endswith(suffix):
             return decoders[suffix]
     known = ", ".join(sorted(decoders)) or "none"
-    raise ShardError(f"shard {name}: no decoder for this format (decoders for: {known})", shard=name, reason="format")
+    raise ShardFormatError(f"shard {name}: no decoder for this format (decoders for: {known})", shard=name)
 
 
 class BoundedDecoder(ABC):
@@ -136,15 +142,12 @@ def check_decode(
     """Refuses a row count other than the signed `records` and a decoded size over `limit` (reached at `where` in
     the shard, when a decoder counts as it goes)."""
     if records is not None and rows is not None and rows != records:
-        raise ShardError(
-            f"shard {name}: decodes to {rows} rows, signed {records} records", shard=name, reason="records-mismatch"
-        )
+        raise RecordsMismatchError(f"shard {name}: decodes to {rows} rows, signed {records} records", shard=name)
     if decoded > limit:
         at = f" at {where}" if where else ""
-        raise ShardError(
+        raise DecodeLimitError(
             f"shard {name}: decodes to about {decoded} bytes{at}, over the {limit}-byte limit",
             shard=name,
-            reason="decode-limit",
         )
 
 
@@ -164,8 +167,8 @@ def undecodable(name: str, error: Exception, what: str = "decoding") -> ShardErr
     """The refusal of shard `name` whose decoding raised `error`, in one line: `decode-limit` for memory it could not
     get, `format` for anything else."""
     if isinstance(error, MemoryError):
-        return ShardError(f"shard {name}: {what} ran out of memory", shard=name, reason="decode-limit")
+        return DecodeLimitError(f"shard {name}: {what} ran out of memory", shard=name)
     first = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)  # not what libraries add
     text = first.strip()
     detail = f": {printable(text.splitlines()[0])}" if text else ""
-    return ShardError(f"shard {name}: {what} failed: {type(error).__name__}{detail}", shard=name, reason="format")
+    return ShardFormatError(f"shard {name}: {what} failed: {type(error).__name__}{detail}", shard=name)

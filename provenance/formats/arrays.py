@@ -19,7 +19,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from trainguard.provenance.errors import ShardError
+from trainguard.provenance.errors import RecordsMismatchError, ShardFormatError
 from trainguard.provenance.formats import DEFAULT_BOUND, BoundedDecoder, DecodeBound, Samples, check_decode
 
 NPZ_NAMES = (("inputs", "targets"), ("x", "y"))
@@ -67,7 +67,7 @@ def parse_array(
         check_decode(name, header.rows, header.nbytes, records, bound.limit(len(data)))
         return np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:
-        raise ShardError(f"shard {name}: not a readable .npy array: {error}", shard=name, reason="format") from None
+        raise ShardFormatError(f"shard {name}: not a readable .npy array: {error}", shard=name) from None
 
 
 @dataclass(frozen=True)
@@ -85,11 +85,10 @@ class NpyDecoder(BoundedDecoder):
         if table.dtype.names is not None:
             return self._structured(name, table)
         if table.ndim != 2 or table.dtype.kind not in "biuf" or table.shape[1] < 2:
-            raise ShardError(
+            raise ShardFormatError(
                 f"shard {name}: a .npy shard is a table (structured, or 2-D numeric with a label column); this one is "
                 f"{table.dtype} of shape {table.shape} (put arrays of other shapes in a .npz of inputs and targets)",
                 shard=name,
-                reason="format",
             )
         column = self.label_column % table.shape[1]
         return Samples(np.delete(table, column, axis=1).astype(np.float32), table[:, column])
@@ -99,15 +98,14 @@ class NpyDecoder(BoundedDecoder):
 
         fields = [f for f in table.dtype.names or () if f != self.label]
         if self.label not in (table.dtype.names or ()) or not fields:
-            raise ShardError(
+            raise ShardFormatError(
                 f"shard {name}: needs a field {self.label!r} and feature fields; has {list(table.dtype.names or ())}",
                 shard=name,
-                reason="format",
             )
         kinds = {f: table.dtype.fields[f][0] for f in [*fields, self.label]}  # type: ignore[index]
         odd = [f"{f} ({kind})" for f, kind in kinds.items() if kind.kind not in "biuf" or kind.shape]
         if odd:
-            raise ShardError(f"shard {name}: fields must be numeric scalars: {odd[:3]}", shard=name, reason="format")
+            raise ShardFormatError(f"shard {name}: fields must be numeric scalars: {odd[:3]}", shard=name)
         inputs = recfunctions.structured_to_unstructured(table[fields], dtype=np.float32)
         return Samples(inputs, table[self.label].copy())
 
@@ -127,11 +125,10 @@ class NpzDecoder(BoundedDecoder):
                 inputs, targets = self._members(name, archive)
                 headers = [_member_header(name, archive, m) for m in (inputs, targets)]
                 if headers[0].rows != headers[1].rows:
-                    raise ShardError(
+                    raise RecordsMismatchError(
                         f"shard {name}: {headers[0].rows} inputs ({inputs.filename}) but {headers[1].rows} targets "
                         f"({targets.filename})",
                         shard=name,
-                        reason="records-mismatch",
                     )
                 decoded = sum(h.nbytes for h in headers)
                 check_decode(name, headers[0].rows, decoded, records, bound.limit(len(data)))
@@ -140,9 +137,7 @@ class NpzDecoder(BoundedDecoder):
                     with archive.open(member) as stream:
                         arrays.append(np.lib.format.read_array(stream, allow_pickle=False))
         except _NPZ_ERRORS as error:
-            raise ShardError(
-                f"shard {name}: not a readable .npz archive: {error}", shard=name, reason="format"
-            ) from None
+            raise ShardFormatError(f"shard {name}: not a readable .npz archive: {error}", shard=name) from None
         return Samples(*arrays)
 
     def _members(self, name: str, archive: zipfile.ZipFile) -> tuple[zipfile.ZipInfo, zipfile.ZipInfo]:
@@ -157,8 +152,8 @@ class NpzDecoder(BoundedDecoder):
         pairs = " or ".join("/".join(pair) for pair in self.names)
         unexpected = sorted(set(present) - {f"{n}.npy" for pair in self.names for n in pair})
         detail = f"unexpected members {unexpected[:5]}" if unexpected else f"members {present[:5]}"
-        raise ShardError(
-            f"shard {name}: a .npz shard holds exactly the arrays {pairs}; found {detail}", shard=name, reason="format"
+        raise ShardFormatError(
+            f"shard {name}: a .npz shard holds exactly the arrays {pairs}; found {detail}", shard=name
         )
 
 
@@ -175,11 +170,10 @@ def _member_header(name: str, archive: zipfile.ZipFile, member: zipfile.ZipInfo)
         except ValueError as error:
             raise ValueError(f"member {member.filename}: {error}") from None
     if not header.shape or header.dtype.kind not in "biufc":
-        raise ShardError(
+        raise ShardFormatError(
             f"shard {name}: member {member.filename} is {header.dtype} of shape {header.shape}; expected a numeric "
             "array of shape (N, ...)",
             shard=name,
-            reason="format",
         )
     if member.file_size != header.offset + header.nbytes:
         raise ValueError(

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from trainguard.provenance.errors import MalformedError, ShardError
+from trainguard.provenance.errors import MalformedError, ShardError, ShardFormatError
 from trainguard.provenance.formats import DEFAULT_BOUND, BoundedDecoder, DecodeBound, Samples, check_decode
 
 _DTYPES = frozenset(
@@ -73,14 +73,14 @@ class CsvDecoder(BoundedDecoder):
         try:
             header = pacsv.open_csv(io.BytesIO(data), parse_options=parse, convert_options=as_text).schema.names
         except pa.ArrowException as error:
-            raise ShardError(f"shard {name}: not readable as CSV: {error}", shard=name, reason="format") from None
+            raise ShardFormatError(f"shard {name}: not readable as CSV: {error}", shard=name) from None
         missing = [c for c in self.columns if c not in header]
         unexpected = [c for c in header if c not in self.columns]
         duplicated = sorted({c for c in header if header.count(c) > 1})
         if missing or unexpected or duplicated:
             problems = {"missing": missing, "undeclared": unexpected, "repeated": duplicated}
             detail = "; ".join(f"{k} columns {v[:5]}" for k, v in problems.items() if v)
-            raise ShardError(f"shard {name}: header does not match the schema: {detail}", shard=name, reason="format")
+            raise ShardFormatError(f"shard {name}: header does not match the schema: {detail}", shard=name)
         return header
 
     def _misfit(
@@ -89,7 +89,7 @@ class CsvDecoder(BoundedDecoder):
         """The refusal of a value that does not convert: its column, the dtype its data has and the declared one."""
         found = _COLUMN_ERROR.search(str(error))
         if found is None:
-            return ShardError(f"shard {name}: not readable as CSV: {error}", shard=name, reason="format")
+            return ShardFormatError(f"shard {name}: not readable as CSV: {error}", shard=name)
         column = header[int(found.group(1))]
         try:
             only = pacsv.ConvertOptions(include_columns=[column])
@@ -98,10 +98,9 @@ class CsvDecoder(BoundedDecoder):
         except pa.ArrowException:
             holds = "unreadable"
         detail = str(error).split(": ", 1)[-1]
-        return ShardError(
+        return ShardFormatError(
             f"shard {name}: column {column!r} holds {holds} data, declared {self.columns[column]} ({detail})",
             shard=name,
-            reason="format",
         )
 
     def _narrow(self, name: str, column: str, values: np.ndarray) -> np.ndarray:
@@ -118,11 +117,10 @@ class CsvDecoder(BoundedDecoder):
         if bad.any():
             row = int(np.argmax(bad))
             what = "overflows" if overflow[row] else "cannot be held exactly by"
-            raise ShardError(
+            raise ShardFormatError(
                 f"shard {name}: column {column!r} holds float64 data, declared {declared}"
                 f"{'' if self.cast else ' with cast: false'}: row {row} value {float(values[row])!r} {what} {declared}",
                 shard=name,
-                reason="format",
             )
         return narrowed
 

@@ -8,7 +8,7 @@ import io
 import warnings
 from typing import TYPE_CHECKING, Literal
 
-from trainguard.provenance.errors import ShardError
+from trainguard.provenance.errors import DecodeLimitError, ShardError, ShardFormatError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -44,7 +44,7 @@ def open_image(name: str, where: str, data: bytes, *, max_pixels: int = MAX_PIXE
             image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         message = f"shard {name}: {where} is a decompression bomb: {error}"
-        raise ShardError(message, shard=name, reason="decode-limit") from None
+        raise DecodeLimitError(message, shard=name) from None
     except Exception as error:  # Pillow's plugins raise many kinds of error on malformed input; all mean the same
         raise _undecodable(name, where, error) from None
     width, height = image.size
@@ -68,16 +68,14 @@ def image_pixels(name: str, where: str, image: Image.Image, mode: ImageMode | No
 
 
 def _undecodable(name: str, where: str, error: Exception) -> ShardError:
-    return ShardError(
+    return ShardFormatError(
         f"shard {name}: {where} is not a decodable {'/'.join(IMAGE_FORMATS)} image: {error}",
         shard=name,
-        reason="format",
     )
 
 
 def _too_large(name: str, where: str, width: int, height: int, max_pixels: int) -> ShardError:
-    return ShardError(
+    return DecodeLimitError(
         f"shard {name}: {where} declares {width} x {height} pixels, over the limit of {max_pixels}",
         shard=name,
-        reason="decode-limit",
     )

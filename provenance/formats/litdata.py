@@ -29,7 +29,13 @@ from litdata.streaming.downloader import Downloader, register_downloader
 from litdata.streaming.reader import PrepareChunksThread
 from litdata.streaming.resolver import Dir
 
-from trainguard.provenance.errors import ShardError
+from trainguard.provenance.errors import (
+    RecordsMismatchError,
+    ShardError,
+    ShardFormatError,
+    UnlistedShardError,
+    UnsafePathError,
+)
 from trainguard.provenance.formats import DEFAULT_BOUND, DecodeBound, Samples, check_decode, decoding, undecodable
 from trainguard.provenance.paths import name_problem
 from trainguard.provenance.reader import (
@@ -130,7 +136,7 @@ class VerifyingDownloader(Downloader):
         filename = remote_filepath[len(base) :] if remote_filepath.startswith(base) else ""
         problem = name_problem(filename) or ("not a file of this dataset" if not filename else None)
         if problem is not None:
-            raise ShardError(f"shard {filename!r}: {problem}", shard=filename, reason="unsafe-path")
+            raise UnsafePathError(f"shard {filename!r}: {problem}", shard=filename)
         return filename
 
 
@@ -244,14 +250,13 @@ def check_index(source: VerifiedSource, data: bytes) -> int:
         compressed = bool(config.get("compression"))
         listed = [(str(chunk["filename"]), int(chunk["chunk_bytes"])) for chunk in chunks]
     except (ValueError, KeyError, TypeError) as error:
-        raise ShardError(f"shard {name}: not a litdata index: {error!r}", shard=name, reason="format") from None
+        raise ShardFormatError(f"shard {name}: not a litdata index: {error!r}", shard=name) from None
     unsafe = sorted(formats - SAFE_FORMATS)
     if unsafe:
-        raise ShardError(
+        raise ShardFormatError(
             f"shard {name}: items use litdata serializer(s) {', '.join(unsafe)}, which trainguard does not decode "
             f"(optimize items of {', '.join(sorted(SAFE_FORMATS))})",
             shard=name,
-            reason="format",
         )
     reader = ShardReader(source.verified, ReadLog(), source.allow)
     largest = 0
@@ -259,14 +264,12 @@ def check_index(source: VerifiedSource, data: bytes) -> int:
         chunk = source.shard(filename)
         try:
             entry = reader.entry(chunk)
-        except ShardError as error:
-            if error.reason != "unlisted":
-                raise
+        except UnlistedShardError:
             message = f"shard {chunk}: named by {name} but not listed in the manifest (re-sign the optimized dataset)"
-            raise ShardError(message, shard=chunk, reason="unlisted") from None
+            raise UnlistedShardError(message, shard=chunk) from None
         if not compressed and entry.size != size:
             message = f"shard {chunk}: {name} gives {size} bytes, the manifest signed {entry.size}"
-            raise ShardError(message, shard=chunk, reason="format")
+            raise ShardFormatError(message, shard=chunk)
         largest = max(largest, entry.size)
     return largest
 
@@ -288,15 +291,15 @@ def _samples(name: str, items: Iterable[Mapping[str, Any]], inputs: str, targets
         except (KeyError, TypeError):
             keys = sorted(item) if isinstance(item, Mapping) else type(item).__name__
             message = f"shard {name}: item {position} has no {inputs!r} and {targets!r} fields (it has {keys})"
-            raise ShardError(message, shard=name, reason="format") from None
+            raise ShardFormatError(message, shard=name) from None
         xs.append(_input_array(x))
         ys.append(np.asarray(y))
     if not xs:
-        raise ShardError(f"shard {name}: no items to decode", shard=name, reason="records-mismatch")
+        raise RecordsMismatchError(f"shard {name}: no items to decode", shard=name)
     shapes = sorted({x.shape for x in xs})
     if len(shapes) > 1:
         message = f"shard {name}: items have inputs of different shapes {shapes[:3]}; samples need one shape"
-        raise ShardError(message, shard=name, reason="format")
+        raise ShardFormatError(message, shard=name)
     return Samples(np.stack(xs), np.stack(ys))
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from trainguard.provenance.errors import ShardError
+from trainguard.provenance.errors import ShardFormatError
 from trainguard.provenance.formats import DEFAULT_BOUND, BoundedDecoder, DecodeBound, Samples, check_decode
 from trainguard.provenance.formats.images import MAX_PIXELS, NATIVE_MODES, image_pixels, open_image
 
@@ -59,7 +59,7 @@ def read_table(
         check_decode(name, table.num_rows, decoded, records, limit)
         return _decode_dictionaries(table, stored, expanded)
     except (pa.ArrowException, ValueError, KeyError) as error:
-        raise ShardError(f"shard {name}: not readable as parquet: {error}", shard=name, reason="format") from None
+        raise ShardFormatError(f"shard {name}: not readable as parquet: {error}", shard=name) from None
 
 
 def _declared_nbytes(metadata: pq.FileMetaData) -> int:
@@ -134,7 +134,7 @@ def parse_frame(
 
         frame = pd.DataFrame(parse_array(name, data, records=records, bound=bound))
         return frame if columns is None else frame[columns]
-    raise ShardError(f"shard {name}: unsupported format (use .parquet or .npy)", shard=name, reason="format")
+    raise ShardFormatError(f"shard {name}: unsupported format (use .parquet or .npy)", shard=name)
 
 
 @dataclass(frozen=True)
@@ -158,65 +158,56 @@ class ParquetDecoder(BoundedDecoder):
             return Samples(self._column(name, table, self.inputs, self.shape, limit), targets)
         names = list(self.inputs) if self.inputs is not None else [c for c in table.column_names if c != self.label]
         if not names:
-            raise ShardError(f"shard {name}: no feature columns besides {self.label!r}", shard=name, reason="format")
+            raise ShardFormatError(f"shard {name}: no feature columns besides {self.label!r}", shard=name)
         check_decode(name, None, 4 * table.num_rows * len(names), None, limit)  # as float32 features
         features = [self._column(name, table, c, None, limit) for c in names]
         odd = [f"{c} {f.shape[1:]}" for c, f in zip(names, features, strict=True) if f.ndim != 1]
         if odd:
-            raise ShardError(
+            raise ShardFormatError(
                 f"shard {name}: feature columns must be numeric scalars (name one tensor or image column as `inputs`): "
                 f"{odd[:3]}",
                 shard=name,
-                reason="format",
             )
         return Samples(np.column_stack(features).astype(np.float32), targets)
 
     def _column(self, name: str, table: pa.Table, column: str, shape: tuple[int, ...] | None, limit: int) -> np.ndarray:
         """One column as an array (N, ...) by its arrow type."""
         if column not in table.column_names:
-            raise ShardError(
-                f"shard {name}: no column {column!r} (has {table.column_names[:8]})", shard=name, reason="format"
-            )
+            raise ShardFormatError(f"shard {name}: no column {column!r} (has {table.column_names[:8]})", shard=name)
         values = table.column(column).combine_chunks()
         kind = values.type
         if values.null_count:
-            raise ShardError(
-                f"shard {name}: column {column!r} has {values.null_count} null values", shard=name, reason="format"
-            )
+            raise ShardFormatError(f"shard {name}: column {column!r} has {values.null_count} null values", shard=name)
         if isinstance(kind, pa.FixedShapeTensorType):
             try:
                 array = values.to_numpy_ndarray()
             except pa.ArrowException as error:
-                raise ShardError(
+                raise ShardFormatError(
                     f"shard {name}: tensor column {column!r} ({kind}) does not convert: {error}",
                     shard=name,
-                    reason="format",
                 ) from None
             if shape is not None and array.shape[1:] != tuple(shape):
-                raise ShardError(
+                raise ShardFormatError(
                     f"shard {name}: tensor column {column!r} has shape {array.shape[1:]}, declared {tuple(shape)}",
                     shard=name,
-                    reason="format",
                 )
             return array
         if pa.types.is_fixed_size_list(kind) and _numeric(kind.value_type):
             dims = tuple(shape) if shape is not None else (kind.list_size,)
             if math.prod(dims) != kind.list_size:
-                raise ShardError(
+                raise ShardFormatError(
                     f"shard {name}: column {column!r} holds {kind.list_size} values per row, declared shape {dims}",
                     shard=name,
-                    reason="format",
                 )
             return values.flatten().to_numpy(zero_copy_only=False).reshape(len(values), *dims)
         if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
             return _decode_images(name, column, values.to_pylist(), self.max_pixels, limit)
         if _numeric(kind):
             return values.to_numpy(zero_copy_only=False)
-        raise ShardError(
+        raise ShardFormatError(
             f"shard {name}: column {column!r} is {kind}; expected numbers, a fixed-shape tensor, a fixed_size_list "
             "of numbers or image bytes",
             shard=name,
-            reason="format",
         )
 
 
@@ -227,11 +218,10 @@ def _decode_images(name: str, column: str, blobs: list[bytes], max_pixels: int, 
     shapes = [(NATIVE_MODES.get(i.mode, 3), i.height, i.width) for i in images]
     if len(set(shapes)) > 1:
         row = next(r for r, s in enumerate(shapes) if s != shapes[0])
-        raise ShardError(
+        raise ShardFormatError(
             f"shard {name}: images of column {column!r} differ in shape: row 0 is {shapes[0]}, row {row} is "
             f"{shapes[row]} (C, H, W)",
             shard=name,
-            reason="format",
         )
     decoded = len(images) * math.prod(shapes[0]) * 4 if images else 0
     check_decode(name, None, decoded, None, limit)

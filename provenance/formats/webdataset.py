@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from trainguard.provenance.errors import ShardError
+from trainguard.provenance.errors import RecordsMismatchError, ShardError, ShardFormatError, shard_error
 from trainguard.provenance.formats import DEFAULT_BOUND, BoundedDecoder, DecodeBound, Samples, check_decode, decoding
 from trainguard.provenance.formats.images import MAX_PIXELS, NATIVE_MODES, ImageMode, image_pixels, open_image
 
@@ -145,7 +145,7 @@ class _VerifiedStream(io.RawIOBase):
         stops silently at a truncated header, which would drop the samples after it."""
         if self.size % _BLOCK or self.tail != _END_OF_ARCHIVE:
             message = f"shard {self.name}: truncated tar ({self.size} bytes, no end-of-archive marker)"
-            raise ShardError(message, shard=self.name, reason="format")
+            raise ShardFormatError(message, shard=self.name)
 
     def _next(self) -> bytes | None:
         try:
@@ -153,11 +153,11 @@ class _VerifiedStream(io.RawIOBase):
         except StopIteration:
             return None
         except ShardError as error:
-            self.failure = ShardError(str(error), shard=error.shard, reason=error.reason)
+            self.failure = shard_error(error.reason, str(error), shard=error.shard)
             raise
         if self.size == 0 and chunk.startswith(_COMPRESSED):
             message = f"shard {self.name}: a compressed tar; sign and read uncompressed .tar shards"
-            self.failure = ShardError(message, shard=self.name, reason="format")
+            self.failure = ShardFormatError(message, shard=self.name)
             raise self.failure
         self.size += len(chunk)
         self.tail = (self.tail + chunk[-len(_END_OF_ARCHIVE) :])[-len(_END_OF_ARCHIVE) :]
@@ -197,7 +197,7 @@ class _SampleBuilder:
             self._refuse(f"sample {key} has {_count(targets, 'target')} (expected one .cls or .json)")
         if self.records is not None and len(self.inputs) >= self.records:
             message = f"shard {self.name}: holds more than the signed {self.records} records"
-            raise ShardError(message, shard=self.name, reason="records-mismatch")
+            raise RecordsMismatchError(message, shard=self.name)
         features = self._input(f"{key}.{inputs[0]}", inputs[0], members[inputs[0]])
         target_member = f"{key}.{targets[0]}"
         target = self._target(target_member, targets[0], members[targets[0]])
@@ -212,7 +212,7 @@ class _SampleBuilder:
             self._refuse("holds no samples")
         if self.records is not None and len(self.inputs) != self.records:
             message = f"shard {self.name}: holds {len(self.inputs)} samples, signed {self.records} records"
-            raise ShardError(message, shard=self.name, reason="records-mismatch")
+            raise RecordsMismatchError(message, shard=self.name)
         return Samples(np.stack(self.inputs), np.stack(self.targets))
 
     def _input(self, member: str, suffix: str, data: bytes) -> np.ndarray:
@@ -257,7 +257,7 @@ class _SampleBuilder:
         check_decode(self.name, None, self.decoded, None, self.limit, where=f"member {member}")
 
     def _refuse(self, problem: str) -> None:
-        raise ShardError(f"shard {self.name}: {problem}", shard=self.name, reason="format")
+        raise ShardFormatError(f"shard {self.name}: {problem}", shard=self.name)
 
 
 def _count(found: list[str], what: str) -> str:
@@ -278,13 +278,13 @@ def _array(name: str, member: str, data: bytes, dtype: str) -> np.ndarray:
         shape, _, found = headers[version](stream)
         if found != np.dtype(dtype):
             message = f"shard {name}: member {member} holds {found} values, expected {dtype}"
-            raise ShardError(message, shard=name, reason="format")
+            raise ShardFormatError(message, shard=name)
         if math.prod(shape) * found.itemsize > len(data) - stream.tell():
             raise ValueError(f"its header declares {shape} values, more than it holds")
         return np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:
         message = f"shard {name}: member {member} is not a readable .npy array: {error}"
-        raise ShardError(message, shard=name, reason="format") from None
+        raise ShardFormatError(message, shard=name) from None
 
 
 def _json_target(name: str, member: str, data: bytes) -> np.ndarray:
@@ -302,7 +302,7 @@ def _json_target(name: str, member: str, data: bytes) -> np.ndarray:
     if isinstance(document, list) and all(_is_number(v) for v in document):
         return np.asarray(document, dtype=np.float32)
     message = f'shard {name}: member {member} is not {{"label": <int>}} or a list of numbers'
-    raise ShardError(message, shard=name, reason="format")
+    raise ShardFormatError(message, shard=name)
 
 
 def _is_int(value: object) -> bool:

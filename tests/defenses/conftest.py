@@ -1,8 +1,10 @@
-"""Shared by the defenses tests: an ordinary classifier that knows nothing of the defenses applied to it, and digits
-scenarios (a BadNets backdoor, flipped labels, clean data) for the row-level detectors."""
+"""Shared by the defenses tests: an ordinary classifier that knows nothing of the defenses applied to it, digits
+scenarios (a BadNets backdoor, flipped labels, clean data) for the row-level detectors, and a two-candidate
+screening report (for the local record and its tracking)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -12,6 +14,16 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from trainguard.defenses.conformal import Standardizer
+from trainguard.defenses.roni import (
+    Calibration,
+    CandidateDecision,
+    ScreeningConfig,
+    ScreeningReport,
+    SourceDecision,
+    Stratum,
+)
 
 
 class Classifier(pl.LightningModule):
@@ -164,3 +176,26 @@ def clean_digits() -> DetectionScenario:
 @pytest.fixture(scope="session")
 def flipped_digits() -> DetectionScenario:
     return flipped_scenario(0.2)
+
+
+def screening_report() -> ScreeningReport:
+    """alice's shard accepted (p 0.5), mallory's rejected (p 0.002), alice not flagged; one 50-row stratum."""
+
+    def decision(name: str, source: str, impact: float, p: float, accepted: bool) -> CandidateDecision:
+        reason = "p-value above level" if accepted else f"p-value {p} <= level 0.01: held-out margin pushed down"
+        return CandidateDecision(
+            name, source, 50, impact, (impact, math.nan), impact / 0.01, p, None, p, 50, accepted, reason
+        )
+
+    counts = (25, 25, *[0] * 8)
+    calibration = Stratum(50, counts, Standardizer((0.0, 0.0), (0.01, 0.01)), (0.1, 0.5, 2.0), (0.0, 0.01, 0.02))
+    alice = SourceDecision("alice", ("shard-a",), 50, None, None, 0.4, 3, 0.4, 0.8, False, "source alice not flagged")
+    return ScreeningReport(
+        decisions=(decision("shard-a", "alice", 0.01, 0.5, True), decision("shard-m", "mallory", 0.2, 0.002, False)),
+        sources=(alice,),
+        calibration=Calibration(0.5, 128, "full", strata=(calibration,)),
+        config=ScreeningConfig(),
+        seconds=0.1,
+        base_soft_accuracy=0.9,
+        head=None,
+    )

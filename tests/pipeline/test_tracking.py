@@ -18,6 +18,9 @@ import mlflow.data
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.defenses.conftest import screening_report
+from trainguard.defenses.report import write_screening
+from trainguard.defenses.roni import ScreeningConfig
 from trainguard.pipeline.config import load_config, resolve_tracking_uri
 from trainguard.pipeline.tracking import CycleTracker, cycle_tags, flatten_params
 from trainguard.provenance.verify import VerificationReport
@@ -109,6 +112,41 @@ def test_a_cycle_lands_as_a_parent_run_with_nested_stage_runs(mlflow_uri: str, t
     assert "report.json" in [a.path for a in client.list_artifacts(parent.run_id)]
 
 
+def test_a_screening_lands_in_its_run_as_a_summary_two_tables_and_the_local_files(
+    mlflow_uri: str, tmp_path: Path
+) -> None:
+    experiment, registered = _names()
+    files = write_screening(screening_report(), tmp_path / "cycle-1")
+    tracker = CycleTracker.connect(experiment, registered)
+    with tracker.cycle("cycle-1") as parent, parent.stage("screening") as screening:
+        screening.log_screening(screening_report(), files)
+
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(screening.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics == {
+        "roni/level": ScreeningConfig().level,
+        "roni/candidates": 2.0,
+        "roni/accepted": 1.0,
+        "roni/rejected": 1.0,
+        "roni/flagged_sources": 0.0,
+        "roni/seconds": 0.1,
+    }
+    assert not any(k.startswith("roni.") for k in run.data.tags)
+    assert run.data.params["roni.level"] == str(ScreeningConfig().level)
+    assert run.data.params["roni.calibration_sizes"] == "50"
+    table = client.load_table(run.info.experiment_id, "roni/decisions.json", run_ids=[screening.run_id])
+    assert list(table["name"]) == ["shard-a", "shard-m"] and list(table["accepted"]) == [True, False]
+    assert list(table["p_value"]) == [0.5, 0.002] and list(table["adjusted_p_value"]) == [0.5, 0.002]
+    assert table["reason"][1].startswith("p-value 0.002 <= level")
+    sources = client.load_table(run.info.experiment_id, "roni/sources.json", run_ids=[screening.run_id])
+    assert list(sources["source"]) == ["alice"] and list(sources["flagged"]) == [False]
+    artifacts = {a.path for a in client.list_artifacts(screening.run_id, "roni")}
+    assert artifacts == {"roni/roni-report.json", "roni/roni-impacts.png", "roni/decisions.json", "roni/sources.json"}
+    logged = client.download_artifacts(screening.run_id, "roni/roni-report.json", str(tmp_path))
+    assert Path(logged).read_bytes() == files.json_path.read_bytes()
+
+
 def test_a_failing_block_marks_the_run_failed_and_nothing_is_registered(mlflow_uri: str) -> None:
     experiment, registered = _names()
     tracker = CycleTracker.connect(experiment, registered)
@@ -135,6 +173,9 @@ def _exercise(tracker: CycleTracker, tmp_path: Path) -> list[str]:
             training.log_datasets([_report(tmp_path)])
             training.log_table({"a": [1]}, "t.json")
             done.append("trained")
+        with parent.stage("screening") as screening:
+            screening.log_screening(screening_report(), write_screening(screening_report(), tmp_path / "roni"))
+            done.append("screened")
         parent.log_dict({"k": 1}, "report.json")
         parent.finish("accepted", "ok", name="renamed")
         assert parent.register_model(None) is None  # type: ignore[arg-type]
@@ -148,7 +189,8 @@ def test_an_unreachable_server_switches_to_offline_and_the_cycle_goes_on(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
     tracker = CycleTracker.connect("exp", "model")
     assert tracker.offline and "unreachable" in tracker.offline_reason
-    assert _exercise(tracker, tmp_path) == ["trained", "decided"]
+    assert _exercise(tracker, tmp_path) == ["trained", "screened", "decided"]
+    assert json.loads((tmp_path / "roni" / "roni-report.json").read_text())["decisions"][1]["name"] == "shard-m"
 
 
 @pytest.fixture
@@ -180,7 +222,7 @@ def test_a_server_failing_after_the_probe_also_switches_offline(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", healthy_but_broken_server)
     tracker = CycleTracker.connect("exp", "model")
     assert tracker.offline and "open the experiment" in tracker.offline_reason
-    assert _exercise(tracker, tmp_path) == ["trained", "decided"]
+    assert _exercise(tracker, tmp_path) == ["trained", "screened", "decided"]
 
 
 def test_the_default_uri_is_local_sqlite_and_the_environment_wins(monkeypatch: pytest.MonkeyPatch) -> None:
