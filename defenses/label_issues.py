@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from trainguard.defenses.conformal import conformal_p_values
 from trainguard.defenses.errors import DetectionInputError
-from trainguard.defenses.findings import Findings, check_inputs, conformal_p_values, findings
+from trainguard.defenses.findings import Findings, check_inputs, findings
 
 
 @dataclass(frozen=True)
@@ -83,5 +84,5 @@ def detect_label_issues(
     # method but fork, loses the globals it shares with the workers; per class the work is milliseconds anyway.
     issues = find_label_issues(labels, pred_probs, filter_by=config.filter_by, n_jobs=1)
     scores = 1.0 - get_label_quality_scores(labels, pred_probs)
-    flagged = issues & (conformal_p_values(scores, is_reference) <= config.row_alpha)
+    flagged = issues & (conformal_p_values(scores[is_reference], scores) <= config.row_alpha)
     return findings("label-issues", scores, flagged, labels, sources, is_reference, alpha)
