@@ -117,8 +117,10 @@ class TRADES(pl.LightningModule):
             seed=seed,
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._forward(x)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped module's own forward, so a `forward(module, batch, x)` hook handed the wrapper (as callbacks
+        see it) calls the module as it would unwrapped."""
+        return self.module(*args, **kwargs)
 
     def setup(self, stage: str) -> None:
         self.attack.autocast = crafting_autocast(self.crafting, self.trainer)
@@ -128,11 +130,11 @@ class TRADES(pl.LightningModule):
         self.task.check_targets(y)
         n = x.shape[0]
         with self._forward.on(batch):
-            outputs = self(x)
+            outputs = self._forward(x)
             clean = self.task.clean_reference(outputs)
             x_adv = self.attack(x, clean)
             natural = self.task.sample_loss(outputs, y).mean()
-            robust = self.task.divergence(self(x_adv), clean) / n
+            robust = self.task.divergence(self._forward(x_adv), clean) / n
         loss = natural + self.beta * robust
         self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
         self.log("train/trades_natural", natural, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)

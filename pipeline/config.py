@@ -267,9 +267,15 @@ class TaskSection(_Section):
         return Task(**self.model_dump())
 
 
+_NOT_TRADES = ("ratio", "warmup_epochs")
+"""AdversarialTraining's knobs that TRADES has no counterpart for: it trains every row on both terms, at full eps."""
+
+
 class AdversarialSection(_Section):
-    """Adversarial training (`trainguard.defenses.adversarial.AdversarialTraining`, or the TRADES module with
-    `trades`)."""
+    """Adversarial training: `fgsm`, `pgd`, `fgsm-rs` run `trainguard.defenses.adversarial.AdversarialTraining`;
+    `trades` trains the model inside `trainguard.defenses.trades.TRADES` (eps, steps, step_size, norm, bounds and
+    `trades_beta`; `ratio` and `warmup_epochs` are AdversarialTraining's and refused with it, `trades_beta` is
+    refused with the others)."""
 
     enabled: bool = True
     attack: Literal["fgsm", "pgd", "fgsm-rs", "trades"] = "pgd"
@@ -286,6 +292,16 @@ class AdversarialSection(_Section):
     def _bounds_ordered(self) -> AdversarialSection:
         if self.bounds[0] >= self.bounds[1]:
             raise ValueError(f"bounds {list(self.bounds)} must be [low, high] with low < high")
+        return self
+
+    @model_validator(mode="after")
+    def _options_of_the_attack(self) -> AdversarialSection:
+        if self.attack == "trades":
+            unused = [key for key in _NOT_TRADES if key in self.model_fields_set]
+            if unused:
+                raise ValueError(f"adversarial.{unused[0]}: TRADES has no {unused[0]} (remove it, or use pgd)")
+        elif "trades_beta" in self.model_fields_set:
+            raise ValueError(f"adversarial.trades_beta: only attack trades uses it, not {self.attack} (remove it)")
         return self
 
 
@@ -674,8 +690,8 @@ def _config_error(error: ValidationError, data: Any, source: str) -> ConfigError
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown key (not part of the schema)"
-    named = re.match(r"([a-z_]+(?:\.[a-z_]+)+): ", message) if key == "<root>" else None
-    if named:  # a check across sections names the key it is about first
+    named = re.match(r"([a-z_]+(?:\.[a-z_]+)+): ", message)
+    if named and (key == "<root>" or named.group(1).startswith(f"{key}.")):  # a check across keys names its key first
         key, message = named.group(1), message[named.end() :]
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return ConfigError(f"{source}: {key}: {message}{more}", key=key)

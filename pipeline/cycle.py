@@ -282,6 +282,7 @@ def _run(cycle: RunningCycle, parent: TrackedRun) -> CycleOutcome:
         trained = _refused_at_read(cycle, intake, allow, result)
         cycle.step("training", result.metrics)
         cycle.report["training"] = {
+            "adversarial": result.adversarial,
             "metrics": result.metrics,
             "robust_accuracy": result.robust_accuracy,
             **({"gradient_masking": result.gradient_masking} if result.gradient_masking is not None else {}),
