@@ -20,9 +20,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from trainguard import strictyaml
 from trainguard.files import read_regular
 from trainguard.pipeline.errors import ConfigError
 
@@ -655,14 +655,9 @@ def _read_yaml(path: Path) -> Any:
     except UnicodeDecodeError as error:
         raise ConfigError(f"{path}: cannot read config: not UTF-8 ({error.reason})") from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        where = getattr(error, "problem_mark", None)
-        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise ConfigError(f"{path}: not valid YAML{at}: {problem}") from None
-    except (RecursionError, ValueError, TypeError, OverflowError) as error:
-        raise ConfigError(f"{path}: not valid YAML: {type(error).__name__}: {error}") from None
+        data = strictyaml.loads(text)
+    except strictyaml.StrictYAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML{error.where}: {error.problem}") from None
     if data is None:
         raise ConfigError(f"{path}: the config is empty")
     return data
