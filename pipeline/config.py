@@ -38,6 +38,12 @@ Positive = Annotated[float, Field(gt=0.0)]
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    def _refuse_set(self, keys: Sequence[str], where: str, why: str) -> None:
+        """Refuses the first of `keys` the config wrote here: with the rest of the section it would reach nothing."""
+        written = [key for key in keys if key in self.model_fields_set]
+        if written:
+            raise ValueError(f"{where}.{written[0]}: {why} (remove it)")
+
 
 class Component(_Section):
     """A class named by import path and the keyword arguments its constructor takes, as LightningCLI writes them.
@@ -260,6 +266,14 @@ class TaskSection(_Section):
     def _from_name(cls, data: Any) -> Any:
         return {"kind": data} if isinstance(data, str) else data
 
+    @model_validator(mode="after")
+    def _options_of_the_kind(self) -> TaskSection:
+        if self.kind != "regression":
+            self._refuse_set(("tolerance", "regression_loss"), "task", f"a regression task's, not {self.kind}'s")
+        if self.kind != "multilabel":
+            self._refuse_set(("multilabel_accuracy",), "task", f"a multilabel task's, not {self.kind}'s")
+        return self
+
     def build(self) -> Any:
         """The `trainguard.defenses.task.Task` this section describes."""
         from trainguard.defenses.task import Task
@@ -297,12 +311,17 @@ class AdversarialSection(_Section):
     @model_validator(mode="after")
     def _options_of_the_attack(self) -> AdversarialSection:
         if self.attack == "trades":
-            unused = [key for key in _NOT_TRADES if key in self.model_fields_set]
-            if unused:
-                raise ValueError(f"adversarial.{unused[0]}: TRADES has no {unused[0]} (remove it, or use pgd)")
-        elif "trades_beta" in self.model_fields_set:
-            raise ValueError(f"adversarial.trades_beta: only attack trades uses it, not {self.attack} (remove it)")
+            self._refuse_set(_NOT_TRADES, "adversarial", "AdversarialTraining's; TRADES has none")
+        else:
+            self._refuse_set(("trades_beta",), "adversarial", f"only attack trades uses it, not {self.attack}")
+        if self.attack == "fgsm":
+            self._refuse_set(("steps", "step_size"), "adversarial", "FGSM takes one step of eps")
+        if self.attack == "fgsm-rs":
+            self._refuse_set(("steps",), "adversarial", "FGSM-RS takes one step (its step_size sets it)")
         return self
+
+
+_RESTARTING = {"apgd-ce", "apgd-dlr", "apgd-t", "fab-t"}
 
 
 class RobustEvalSection(_Section):
@@ -332,6 +351,8 @@ class RobustEvalSection(_Section):
     def _distinct_attacks(self) -> RobustEvalSection:
         if not isinstance(self.attacks, str) and len(set(self.attacks)) != len(self.attacks):
             raise ValueError(f"attacks {list(self.attacks)} has duplicates")
+        if not set(self.attack_names()) & _RESTARTING:
+            self._refuse_set(("restarts",), "robust_eval", "only APGD and FAB-T restart; attacks has neither")
         return self
 
 
@@ -467,10 +488,30 @@ class CycleConfig(_Section):
         default=None,
         description="Import path of `forward(module, batch, x)`, for a model with extra inputs (see the docstring).",
     )
-    datamodule: Component | None = None
     callbacks: tuple[Component, ...] = ()
     output: OutputSection
     tracking: TrackingSection = TrackingSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "datamodule" in data:
+            raise ValueError(
+                "datamodule: the cycle trains through its own verified data module (signed, screened shards only) "
+                "and never used this one; per-sample transforms go in data.transform (remove it)"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _robust_floor_is_measured(self) -> CycleConfig:
+        eps = self.gate.robust_eps
+        if eps is not None and eps not in self.robust_eval.eps:
+            measured = ", ".join(f"{e:g}" for e in self.robust_eval.eps)
+            raise ValueError(
+                f"gate.robust_eps: {eps:g} is not among robust_eval.eps [{measured}], where robust accuracy is "
+                "measured (the floor would reject every model)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _targets_fit_task(self) -> CycleConfig:
@@ -548,7 +589,6 @@ class CycleConfig(_Section):
 _COMPONENT_BASES: dict[str, tuple[str, str] | None] = {
     "data": None,  # decoders and transforms: any class whose instances are callable
     "model": ("pytorch_lightning", "LightningModule"),
-    "datamodule": ("pytorch_lightning", "LightningDataModule"),
     "callbacks": ("pytorch_lightning", "Callback"),
     "trainer": ("pytorch_lightning", "Trainer"),
 }
@@ -625,8 +665,6 @@ def check_config_components(
 ) -> None:
     """Imports every pluggable class, checks its base class and binds its init_args to its signature."""
     named: list[tuple[str, str, Component]] = [("model", "model", config.model), ("trainer", "trainer", config.trainer)]
-    if config.datamodule is not None:
-        named.append(("datamodule", "datamodule", config.datamodule))
     named += [(f"callbacks[{i}]", "callbacks", c) for i, c in enumerate(config.callbacks)]
     named += [(f"data.decoders.{suffix}", "data", c) for suffix, c in config.data.decoders.items()]
     named += [(f"data.{k}", "data", c) for k in ("transform", "val_transform") if (c := getattr(config.data, k))]
@@ -678,6 +716,14 @@ def _key_path(loc: tuple[int | str, ...], data: Any, error_type: str) -> str:
     return "".join(parts).lstrip(".") or "<root>"
 
 
+def _names_its_key(named: str, key: str, data: Any) -> bool:
+    """Whether a validator's message starts with the key it is about: one inside the section that failed, or from
+    the root a dotted key or a top-level key the config wrote."""
+    if named.startswith(f"{key}."):
+        return True
+    return key == "<root>" and ("." in named or (isinstance(data, dict) and named in data))
+
+
 def _config_error(error: ValidationError, data: Any, source: str) -> ConfigError:
     errors = error.errors(include_url=False, include_input=False)
     first = errors[0]
@@ -685,8 +731,8 @@ def _config_error(error: ValidationError, data: Any, source: str) -> ConfigError
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown key (not part of the schema)"
-    named = re.match(r"([a-z_]+(?:\.[a-z_]+)+): ", message)
-    if named and (key == "<root>" or named.group(1).startswith(f"{key}.")):  # a check across keys names its key first
+    named = re.match(r"([a-z_]+(?:\.[a-z_]+)*): ", message)
+    if named and _names_its_key(named.group(1), key, data):  # a check across keys names its key first
         key, message = named.group(1), message[named.end() :]
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return ConfigError(f"{source}: {key}: {message}{more}", key=key)

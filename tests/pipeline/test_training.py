@@ -86,5 +86,5 @@ def test_trades_refuses_the_options_it_has_no_use_for(tmp_path: Path) -> None:
         assert caught.value.key == expected and f"{expected}: " in str(caught.value) and "\n" not in str(caught.value)
     document["adversarial"] = {"attack": "trades", "warmup_epochs": 1.0}
     path.write_text(yaml.safe_dump(document))
-    with pytest.raises(ConfigError, match=r"adversarial\.warmup_epochs: TRADES has no warmup_epochs"):
+    with pytest.raises(ConfigError, match=r"adversarial\.warmup_epochs: AdversarialTraining's; TRADES has none"):
         load_config(path, check_components=False)
