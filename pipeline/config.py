@@ -93,6 +93,10 @@ class DatasetSection(_Section):
     trust: Path = Field(description="Trust policy file (key sets and their grants) or a single .pub (train only).")
     allow_extra: bool = False
 
+    def trust_of(self, ref: ManifestRef) -> Path:
+        """The trust a manifest is verified against: its own, else the section's."""
+        return ref.trust or self.trust
+
     @model_validator(mode="before")
     @classmethod
     def _removed_keys(cls, data: Any) -> Any:

@@ -105,16 +105,18 @@ class MetricsAlone(pl.Callback):
         self.teardown(trainer, pl_module, "fit")
 
 
-def bootstrap(model: pl.LightningModule, config: CycleConfig, trusted: LabeledData) -> None:
+def bootstrap(model: pl.LightningModule, config: CycleConfig, trusted: LabeledData) -> pl.Trainer:
     """First cycle only: fits `model` on the curator's trusted training data, so RONI has a model to measure
-    candidates against and the gate has a baseline."""
+    candidates against and the gate has a baseline; returns the Trainer that fitted it."""
     loader = DataLoader(
         TensorDataset(trusted.x, trusted.y),
         batch_size=config.training.batch_size,
         shuffle=True,
         generator=torch.Generator().manual_seed(config.training.seed),
     )
-    trainer(config, [], None, config.training.bootstrap_epochs, alone=True).fit(model, loader)
+    fit = trainer(config, [], None, config.training.bootstrap_epochs, alone=True)
+    fit.fit(model, loader)
+    return fit
 
 
 def adversarial_method(config: CycleConfig) -> str:
@@ -197,6 +199,11 @@ def defense_callbacks(config: CycleConfig, holdout: LabeledData, previous: Heldo
     return callbacks
 
 
+def user_callbacks(config: CycleConfig) -> list[pl.Callback]:
+    """The config's own `callbacks`, new instances, run after the defenses."""
+    return [component.instantiate() for component in config.callbacks]
+
+
 def train(
     model: pl.LightningModule,
     config: CycleConfig,
@@ -207,8 +214,7 @@ def train(
 ) -> TrainingResult:
     """Fits `model` on the shards `data` reads (the cycle's allow-list, each verified on read) with the defenses."""
     defenses = defense_callbacks(config, holdout, previous)
-    user = [component.instantiate() for component in config.callbacks]
-    fit = trainer(config, [*defenses, *user], logger, config.trainer.arg("max_epochs"))
+    fit = trainer(config, [*defenses, *user_callbacks(config)], logger, config.trainer.arg("max_epochs"))
     arrive_at("the start of training")
     fit.fit(fitted_module(config, model), datamodule=data)
     gate = next(c for c in defenses if isinstance(c, ModelGate))
