@@ -258,7 +258,9 @@ class DetectorsSection(_Section):
 
 class TaskSection(_Section):
     """The supervised task the defenses serve (`trainguard.defenses.task.Task`): the loss attacks maximise and what
-    robust accuracy and the gate count as correct. `task: regression` is short for `task: {kind: regression}`."""
+    robust accuracy and the gate count as correct. `task: regression` is short for `task: {kind: regression}`.
+    `tolerance` and `regression_loss` are a regression task's, `multilabel_accuracy` a multilabel task's: written
+    for another kind they are refused."""
 
     kind: Literal["classification", "multilabel", "regression"] = "classification"
     tolerance: Positive = Field(default=0.5, description="Regression: an output within this of its target is right.")
@@ -292,8 +294,8 @@ _NOT_TRADES = ("ratio", "warmup_epochs")
 class AdversarialSection(_Section):
     """Adversarial training: `fgsm`, `pgd`, `fgsm-rs` run `trainguard.defenses.adversarial.AdversarialTraining`;
     `trades` trains the model inside `trainguard.defenses.trades.TRADES` (eps, steps, step_size, norm, bounds and
-    `trades_beta`; `ratio` and `warmup_epochs` are AdversarialTraining's and refused with it, `trades_beta` is
-    refused with the others)."""
+    `trades_beta`). A key the chosen attack has no use for is refused, not ignored: `ratio` and `warmup_epochs` with
+    `trades`, `trades_beta` with the others, `steps` with `fgsm` and `fgsm-rs` (one step), `step_size` with `fgsm`."""
 
     enabled: bool = True
     attack: Literal["fgsm", "pgd", "fgsm-rs", "trades"] = "pgd"
@@ -341,7 +343,7 @@ class RobustEvalSection(_Section):
         Annotated[tuple[Literal["pgd", "apgd-ce", "apgd-dlr", "apgd-t"], ...], Field(min_length=1)]
         | Literal["autoattack", "autoattack-fast"]
     ) = ("pgd",)
-    restarts: Annotated[int, Field(ge=1, description="APGD's random restarts per sample.")] = 1
+    restarts: Annotated[int, Field(ge=1, description="APGD's and FAB-T's random restarts (refused without them).")] = 1
 
     def attack_names(self) -> tuple[str, ...]:
         """The attacks run, a preset's spelled out."""
@@ -365,7 +367,9 @@ class GateSection(_Section):
 
     min_clean_accuracy: Fraction = 0.8
     min_robust_accuracy: Fraction = 0.0
-    robust_eps: Annotated[float, Field(ge=0.0)] | None = Field(default=None, description="None: largest eval eps.")
+    robust_eps: Annotated[float, Field(ge=0.0)] | None = Field(
+        default=None, description="One of robust_eval.eps; None: the largest."
+    )
     max_accuracy_drop: Fraction = 0.02
     max_class_drop: Fraction = 0.1
 
