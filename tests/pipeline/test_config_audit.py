@@ -241,7 +241,7 @@ PROBES: dict[str, Probe] = {
 }
 
 READ_AS_IS: dict[str, str] = {
-    "dataset.allow_extra": "verify_shards(allow_extra=...) in the intake (tests/pipeline/test_intake.py)",
+    "dataset.allow_extra": "intake._verify passes it to verify_shards (tests/provenance/test_verify.py)",
     "limits.max_decoded_bytes": "verify_and_read's decoding ceiling (tests/pipeline/test_intake.py)",
     "training.rank_timeout": "distributed.join's timeout under a launcher (tests/pipeline/test_distributed_cycle.py)",
     "tracking.experiment_name": "CycleTracker.connect (tests/pipeline/test_tracking.py)",
