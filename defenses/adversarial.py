@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytorch_lightning as pl
@@ -33,14 +33,14 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.hooks import RemovableHandle
 
-from trainguard.defenses.attacks import ATTACKS, crafting_autocast, make_attack, parse_crafting, parse_norm
+from trainguard.defenses.attacks import ATTACKS, make_attack
 from trainguard.defenses.attacks.base import Attack, Bound, LossFn
-from trainguard.defenses.attacks.batches import BatchKeys, Key
-from trainguard.defenses.attacks.bounds import check_bounds
+from trainguard.defenses.attacks.batches import Key
+from trainguard.defenses.attacks.options import AttackOptions, AttackSettings
 from trainguard.defenses.errors import AttackConfigError
 from trainguard.defenses.forward import BatchForward, ModuleForward, batch_rows
 from trainguard.defenses.overfitting import OverfittingGuard
-from trainguard.defenses.task import Task, as_task
+from trainguard.defenses.task import Task
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class _Watch:
     hook: RemovableHandle
 
 
-class AdversarialTraining(pl.Callback):
+class AdversarialTraining(AttackSettings, pl.Callback):
     """Replaces the inputs of each training batch (or a random fraction `ratio` of its rows) with adversarial ones.
 
     `attack` is `"pgd"`, `"fgsm"` or `"fgsm-rs"`; `eps` is warmed up linearly over the first `warmup_epochs`
@@ -68,7 +68,8 @@ class AdversarialTraining(pl.Callback):
     drop and suggests 0.5 (the cycle config's default).
     `input_key`/`target_key` locate the tensors in dict batches (tuples/lists default to positions 0 and 1).
     `crafting="trainer"` crafts under the autocast of the trainer's precision (e.g. bf16 with
-    `precision="bf16-mixed"`), `"fp32"` in float32. Logs `adv/eps` (mean over the epoch's rows) and `adv/success`
+    `precision="bf16-mixed"`), `"fp32"` in float32. The attack settings are checked and kept as one
+    `AttackOptions` (`options`), which the guard shares. Logs `adv/eps` (mean over the epoch's rows) and `adv/success`
     (fraction of attacked rows the training forward gets wrong; summed over DDP ranks) once per epoch.
     `overfitting_guard` (None: on for `"fgsm-rs"` only) stops training at catastrophic overfitting and restores the
     best epoch (see `OverfittingGuard`; its PGD runs at the full `eps` with `guard_steps` steps) and logs
@@ -113,40 +114,28 @@ class AdversarialTraining(pl.Callback):
                 UserWarning,
                 stacklevel=2,
             )
+        self.options = AttackOptions.of(
+            steps=steps,
+            step_size=step_size,
+            norm=norm,
+            bounds=bounds,
+            loss=loss,
+            task=task,
+            input_key=input_key,
+            target_key=target_key,
+            forward=forward,
+            seed=seed,
+            crafting=crafting,
+        )
         self.attack_name = attack.lower()
         self.eps = float(eps)
-        self.steps = steps
-        self.step_size = step_size
-        self.norm = parse_norm(norm)
         self.ratio = float(ratio)
-        self.bounds = check_bounds(bounds)
-        self.loss = loss
-        self.task = as_task(task)
         self.warmup_epochs = float(warmup_epochs)
-        self.keys = BatchKeys(input_key, target_key)
         self.random_start = random_start
-        self.forward = forward
-        self.seed = seed
         self.log_success = log_success
-        self.crafting = parse_crafting(crafting)
         guarded = self.attack_name == "fgsm-rs" if overfitting_guard is None else overfitting_guard
-        self.guard = (
-            OverfittingGuard(
-                eps=self.eps,
-                steps=guard_steps,
-                norm=self.norm,
-                bounds=self.bounds,
-                loss=loss,
-                task=self.task,
-                input_key=input_key,
-                target_key=target_key,
-                forward=forward,
-                seed=seed if seed is not None else 0,
-                crafting=crafting,
-            )
-            if guarded
-            else None
-        )
+        guard_options = replace(self.options, steps=guard_steps, step_size=None, seed=seed if seed is not None else 0)
+        self.guard = OverfittingGuard(eps=self.eps, **guard_options.keywords()) if guarded else None
         self.attack: Attack | None = None
         self._forward: BatchForward | None = None
         self._watch: _Watch | None = None
@@ -172,14 +161,10 @@ class AdversarialTraining(pl.Callback):
             steps=self.steps,
             step_size=self.step_size,
             random_start=self.random_start,
-            norm=self.norm,
-            bounds=self.bounds,
             loss=self.loss,
-            task=self.task,
-            forward=self._forward,
             seed=base + trainer.global_rank,
-            autocast=crafting_autocast(self.crafting, trainer),
             defer_range_check=True,
+            **self.options.attack_arguments(self._forward, trainer),
         )
         if self._pending_state is not None:
             self.attack.load_state_dict(self._pending_state)

@@ -19,21 +19,22 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 
-from trainguard.defenses.attacks import PGD, crafting_autocast, parse_crafting
+from trainguard.defenses.attacks import PGD
 from trainguard.defenses.attacks.base import Bound, LossFn
-from trainguard.defenses.attacks.batches import BatchKeys, Key
-from trainguard.defenses.attacks.bounds import check_bounds
+from trainguard.defenses.attacks.batches import Key
+from trainguard.defenses.attacks.options import AttackOptions, AttackSettings
 from trainguard.defenses.errors import AttackConfigError
 from trainguard.defenses.forward import BatchForward, ModuleForward, batch_rows
-from trainguard.defenses.task import Task, as_task
+from trainguard.defenses.task import Task
 
 
-class OverfittingGuard(pl.Callback):
+class OverfittingGuard(AttackSettings, pl.Callback):
     """After each training epoch, PGD-`steps` accuracy at `eps` on a fixed batch of up to `max_samples` rows; a drop
     of more than `max_drop` below the best epoch's stops training and restores the best epoch's weights.
 
-    `crafting`, `task` and `forward(module, batch, x)` are as for `AdversarialTraining` (the held rows keep their
-    extra inputs); accuracy is the mean of `Task.correct` under attack. Logs `adv/guard_acc` every epoch.
+    The attack settings (`step_size`, `crafting`, `task`, `forward(module, batch, x)`, ...) are `AttackOptions`, as
+    for `AdversarialTraining` (the held rows keep their extra inputs); accuracy is the mean of `Task.correct` under
+    attack. Logs `adv/guard_acc` every epoch.
     `rolled_back_from` is the epoch whose end triggered the rollback (else None), `best_epoch` the epoch whose
     weights the module holds after a rollback. Used alone, put it before any callback that changes batches in place
     (or it holds an attacked batch); `AdversarialTraining` drives one itself.
@@ -44,6 +45,7 @@ class OverfittingGuard(pl.Callback):
         *,
         eps: float,
         steps: int = 5,
+        step_size: float | None = None,
         max_drop: float = 0.2,
         norm: str | float = "inf",
         bounds: tuple[Bound, Bound] | None = (0.0, 1.0),
@@ -60,18 +62,22 @@ class OverfittingGuard(pl.Callback):
             raise AttackConfigError(f"max_drop must be within (0, 1], got {max_drop!r}")
         if max_samples is not None and max_samples < 1:
             raise AttackConfigError(f"max_samples must be >= 1 or None, got {max_samples!r}")
+        self.options = AttackOptions.of(
+            steps=steps,
+            step_size=step_size,
+            norm=norm,
+            bounds=bounds,
+            loss=loss,
+            task=task,
+            input_key=input_key,
+            target_key=target_key,
+            forward=forward,
+            seed=seed,
+            crafting=crafting,
+        )
         self.eps = eps
-        self.steps = steps
         self.max_drop = float(max_drop)
-        self.norm = norm
-        self.bounds = check_bounds(bounds)
-        self.loss = loss
-        self.task = as_task(task)
         self.max_samples = max_samples
-        self.keys = BatchKeys(input_key, target_key)
-        self.forward = forward
-        self.seed = seed
-        self.crafting = parse_crafting(crafting)
         self.attack: PGD | None = None
         self._forward: BatchForward | None = None
         self.best_acc: float | None = None
@@ -88,13 +94,10 @@ class OverfittingGuard(pl.Callback):
             pl_module,
             eps=self.eps,
             steps=self.steps,
-            norm=self.norm,
-            bounds=self.bounds,
+            step_size=self.step_size,
             loss=self.loss,
-            task=self.task,
-            forward=self._forward,
-            seed=self.seed + trainer.global_rank,
-            autocast=crafting_autocast(self.crafting, trainer),
+            seed=(self.seed or 0) + trainer.global_rank,
+            **self.options.attack_arguments(self._forward, trainer),
         )
 
     def on_train_batch_start(

@@ -33,15 +33,16 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from trainguard.defenses.attacks import ATTACKS, crafting_autocast, make_attack, parse_crafting, parse_norm
+from trainguard.defenses.attacks import ATTACKS, make_attack
 from trainguard.defenses.attacks.base import Attack, Bound, LossFn
-from trainguard.defenses.attacks.batches import BatchKeys, Key
-from trainguard.defenses.attacks.bounds import Bounds, check_bounds
+from trainguard.defenses.attacks.batches import Key
+from trainguard.defenses.attacks.bounds import Bounds
 from trainguard.defenses.attacks.cascade import BLACK_BOX, PRESETS, AttackCost, Cascade
+from trainguard.defenses.attacks.options import AttackOptions, AttackSettings
 from trainguard.defenses.errors import AttackConfigError
 from trainguard.defenses.forward import BatchForward, ModuleForward, batch_rows
 from trainguard.defenses.masking import MaskingCheck, large_eps
-from trainguard.defenses.task import Task, as_task
+from trainguard.defenses.task import Task
 
 LARGE_EPS_CHECK = "large-eps check"  # the masking check's run, in `RobustAccuracy.costs`
 
@@ -58,7 +59,7 @@ def correct_under_attacks(
     }
 
 
-class RobustAccuracy(pl.Callback):
+class RobustAccuracy(AttackSettings, pl.Callback):
     """Logs the accuracy of the model under `attacks` (default PGD alone) at each of `eps` on the validation set.
 
     `attacks` are attack names, e.g. `"pgd"`, `"apgd-ce"`, `"apgd-dlr"`, or a preset name run as a cascade
@@ -73,7 +74,8 @@ class RobustAccuracy(pl.Callback):
     `task` gives the loss PGD maximises and what a correct prediction is (argmax for classification, all labels
     right for multilabel, every output within tolerance for regression): the logged value is the mean of
     `Task.correct` under attack. `forward(module, batch, x)` reads extra model inputs from the batch; only `x` is
-    attacked. `bounds` is the data's value range (required).
+    attacked. `bounds` is the data's value range (required). The attack settings are kept as one `AttackOptions`
+    (`options`).
     """
 
     def __init__(
@@ -118,22 +120,25 @@ class RobustAccuracy(pl.Callback):
             )
         if restarts < 1:
             raise AttackConfigError(f"restarts must be >= 1, got {restarts!r}")
-        self.task = as_task(task)
+        self.options = AttackOptions.of(
+            steps=steps if steps is not None else 100 if self.preset else 10,
+            step_size=step_size,
+            norm=norm,
+            bounds=bounds,
+            loss=loss,
+            task=task,
+            input_key=input_key,
+            target_key=target_key,
+            forward=forward,
+            seed=seed,
+            crafting=crafting,
+        )
         if self.task.kind != "classification" and any(a.startswith("apgd") for a in self.attack_names):
             self.task.refuse_unless(("classification",), "APGD")
-        self.steps = steps if steps is not None else 100 if self.preset else 10
         self.restarts = restarts
-        self.step_size = step_size
-        self.norm = norm
-        self.bounds = check_bounds(bounds)
-        self.loss = loss
         self.max_samples = max_samples
-        self.keys = BatchKeys(input_key, target_key)
-        self.forward = forward
         self.dataloader_idx = dataloader_idx
-        self.seed = seed
         self.name = name
-        self.crafting = parse_crafting(crafting)
         self.large_eps_check = large_eps_check and self.preset is not None
         self.attacks: dict[str, Attack] = {}
         self.costs: dict[str, AttackCost] = {}
@@ -168,13 +173,9 @@ class RobustAccuracy(pl.Callback):
                 steps=self.steps,
                 step_size=self.step_size if name == "pgd" else None,
                 restarts=self.restarts,
-                norm=self.norm,
-                bounds=self.bounds,
                 loss=self.loss if name == "pgd" else None,
-                task=self.task,
-                forward=self._forward,
-                seed=self.seed + trainer.global_rank,
-                autocast=crafting_autocast(self.crafting, trainer),
+                seed=(self.seed or 0) + trainer.global_rank,
+                **self.options.attack_arguments(self._forward, trainer),
             )
             for name in self.attack_names
         }
@@ -234,7 +235,7 @@ class RobustAccuracy(pl.Callback):
                 self.costs[name] = self.costs.get(name, AttackCost()) + cost
         if self.large_eps_check:
             lower, upper = Bounds(self.bounds).like(x)
-            self._large_eps = large_eps(lower, upper, x, parse_norm(self.norm))
+            self._large_eps = large_eps(lower, upper, x, self.norm)
             check = cascade(x, y, self._large_eps, skip=BLACK_BOX)
             self._large_robust += int(check.robust.sum())
             self.costs[LARGE_EPS_CHECK] = sum(check.costs.values(), self.costs.get(LARGE_EPS_CHECK, AttackCost()))

@@ -29,8 +29,9 @@ import pytorch_lightning as pl
 import torch
 
 from trainguard.defenses.attacks.base import Attack, Bound
-from trainguard.defenses.attacks.batches import BatchKeys, Key
-from trainguard.defenses.attacks.precision import crafting_autocast, parse_crafting
+from trainguard.defenses.attacks.batches import Key
+from trainguard.defenses.attacks.options import AttackOptions
+from trainguard.defenses.attacks.precision import crafting_autocast
 from trainguard.defenses.errors import AttackConfigError
 from trainguard.defenses.forward import BatchForward, ModuleForward
 from trainguard.defenses.task import BUILT_IN, Task, as_task
@@ -75,8 +76,8 @@ class TRADES(pl.LightningModule):
 
     `task` (default classification) sets the natural loss and the divergence. `forward(module, batch, x)` gives the
     outputs (default `module(x)`), reading extra model inputs from the batch; `input_key`/`target_key` locate the
-    tensors of dict batches. `bounds` is the data's value range (required). Logs `train/loss`,
-    `train/trades_natural`, `train/trades_robust` once per epoch.
+    tensors of dict batches. `bounds` is the data's value range (required). The attack settings are kept as one
+    `AttackOptions` (`options`). Logs `train/loss`, `train/trades_natural`, `train/trades_robust` once per epoch.
     """
 
     def __init__(
@@ -101,38 +102,51 @@ class TRADES(pl.LightningModule):
             raise AttackConfigError(f"beta must be >= 0, got {beta!r}")
         self.module = module
         self.beta = float(beta)
-        self.task = as_task(task)
-        self.keys = BatchKeys(input_key, target_key)
+        self.options = AttackOptions.of(
+            steps=steps,
+            step_size=step_size,
+            norm=norm,
+            bounds=bounds,
+            task=task,
+            input_key=input_key,
+            target_key=target_key,
+            forward=forward,
+            seed=seed,
+            crafting=crafting,
+        )
+        self.task = self.options.task
+        self.keys = self.options.keys
         self._forward = BatchForward(module, forward)
-        self.crafting = parse_crafting(crafting)
         self.attack = TradesAttack(
             module,
             eps=eps,
             steps=steps,
             step_size=step_size,
-            norm=norm,
-            bounds=bounds,
+            norm=self.options.norm,
+            bounds=self.options.bounds,
             task=self.task,
             forward=self._forward,
             seed=seed,
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._forward(x)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped module's own forward, so a `forward(module, batch, x)` hook handed the wrapper (as callbacks
+        see it) calls the module as it would unwrapped."""
+        return self.module(*args, **kwargs)
 
     def setup(self, stage: str) -> None:
-        self.attack.autocast = crafting_autocast(self.crafting, self.trainer)
+        self.attack.autocast = crafting_autocast(self.options.crafting, self.trainer)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = self.keys.get(batch)
         self.task.check_targets(y)
         n = x.shape[0]
         with self._forward.on(batch):
-            outputs = self(x)
+            outputs = self._forward(x)
             clean = self.task.clean_reference(outputs)
             x_adv = self.attack(x, clean)
             natural = self.task.sample_loss(outputs, y).mean()
-            robust = self.task.divergence(self(x_adv), clean) / n
+            robust = self.task.divergence(self._forward(x_adv), clean) / n
         loss = natural + self.beta * robust
         self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
         self.log("train/trades_natural", natural, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)

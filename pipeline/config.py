@@ -20,9 +20,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from trainguard import strictyaml
 from trainguard.files import read_regular
 from trainguard.pipeline.errors import ConfigError
 
@@ -37,6 +37,12 @@ Positive = Annotated[float, Field(gt=0.0)]
 
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def _refuse_set(self, keys: Sequence[str], where: str, why: str) -> None:
+        """Refuses the first of `keys` the config wrote here: with the rest of the section it would reach nothing."""
+        written = [key for key in keys if key in self.model_fields_set]
+        if written:
+            raise ValueError(f"{where}.{written[0]}: {why} (remove it)")
 
 
 class Component(_Section):
@@ -86,6 +92,10 @@ class DatasetSection(_Section):
     holdout: ManifestRef
     trust: Path = Field(description="Trust policy file (key sets and their grants) or a single .pub (train only).")
     allow_extra: bool = False
+
+    def trust_of(self, ref: ManifestRef) -> Path:
+        """The trust a manifest is verified against: its own, else the section's."""
+        return ref.trust or self.trust
 
     @model_validator(mode="before")
     @classmethod
@@ -248,7 +258,9 @@ class DetectorsSection(_Section):
 
 class TaskSection(_Section):
     """The supervised task the defenses serve (`trainguard.defenses.task.Task`): the loss attacks maximise and what
-    robust accuracy and the gate count as correct. `task: regression` is short for `task: {kind: regression}`."""
+    robust accuracy and the gate count as correct. `task: regression` is short for `task: {kind: regression}`.
+    `tolerance` and `regression_loss` are a regression task's, `multilabel_accuracy` a multilabel task's: written
+    for another kind they are refused."""
 
     kind: Literal["classification", "multilabel", "regression"] = "classification"
     tolerance: Positive = Field(default=0.5, description="Regression: an output within this of its target is right.")
@@ -260,6 +272,14 @@ class TaskSection(_Section):
     def _from_name(cls, data: Any) -> Any:
         return {"kind": data} if isinstance(data, str) else data
 
+    @model_validator(mode="after")
+    def _options_of_the_kind(self) -> TaskSection:
+        if self.kind != "regression":
+            self._refuse_set(("tolerance", "regression_loss"), "task", f"a regression task's, not {self.kind}'s")
+        if self.kind != "multilabel":
+            self._refuse_set(("multilabel_accuracy",), "task", f"a multilabel task's, not {self.kind}'s")
+        return self
+
     def build(self) -> Any:
         """The `trainguard.defenses.task.Task` this section describes."""
         from trainguard.defenses.task import Task
@@ -267,9 +287,15 @@ class TaskSection(_Section):
         return Task(**self.model_dump())
 
 
+_NOT_TRADES = ("ratio", "warmup_epochs")
+"""AdversarialTraining's knobs that TRADES has no counterpart for: it trains every row on both terms, at full eps."""
+
+
 class AdversarialSection(_Section):
-    """Adversarial training (`trainguard.defenses.adversarial.AdversarialTraining`, or the TRADES module with
-    `trades`)."""
+    """Adversarial training: `fgsm`, `pgd`, `fgsm-rs` run `trainguard.defenses.adversarial.AdversarialTraining`;
+    `trades` trains the model inside `trainguard.defenses.trades.TRADES` (eps, steps, step_size, norm, bounds and
+    `trades_beta`). A key the chosen attack has no use for is refused, not ignored: `ratio` and `warmup_epochs` with
+    `trades`, `trades_beta` with the others, `steps` with `fgsm` and `fgsm-rs` (one step), `step_size` with `fgsm`."""
 
     enabled: bool = True
     attack: Literal["fgsm", "pgd", "fgsm-rs", "trades"] = "pgd"
@@ -288,6 +314,21 @@ class AdversarialSection(_Section):
             raise ValueError(f"bounds {list(self.bounds)} must be [low, high] with low < high")
         return self
 
+    @model_validator(mode="after")
+    def _options_of_the_attack(self) -> AdversarialSection:
+        if self.attack == "trades":
+            self._refuse_set(_NOT_TRADES, "adversarial", "AdversarialTraining's; TRADES has none")
+        else:
+            self._refuse_set(("trades_beta",), "adversarial", f"only attack trades uses it, not {self.attack}")
+        if self.attack == "fgsm":
+            self._refuse_set(("steps", "step_size"), "adversarial", "FGSM takes one step of eps")
+        if self.attack == "fgsm-rs":
+            self._refuse_set(("steps",), "adversarial", "FGSM-RS takes one step (its step_size sets it)")
+        return self
+
+
+_RESTARTING = {"apgd-ce", "apgd-dlr", "apgd-t", "fab-t"}
+
 
 class RobustEvalSection(_Section):
     """Robust accuracy (`trainguard.defenses.robust.RobustAccuracy`) at each eps on up to `subset_size` held-out
@@ -302,7 +343,7 @@ class RobustEvalSection(_Section):
         Annotated[tuple[Literal["pgd", "apgd-ce", "apgd-dlr", "apgd-t"], ...], Field(min_length=1)]
         | Literal["autoattack", "autoattack-fast"]
     ) = ("pgd",)
-    restarts: Annotated[int, Field(ge=1, description="APGD's random restarts per sample.")] = 1
+    restarts: Annotated[int, Field(ge=1, description="APGD's and FAB-T's random restarts (refused without them).")] = 1
 
     def attack_names(self) -> tuple[str, ...]:
         """The attacks run, a preset's spelled out."""
@@ -316,6 +357,8 @@ class RobustEvalSection(_Section):
     def _distinct_attacks(self) -> RobustEvalSection:
         if not isinstance(self.attacks, str) and len(set(self.attacks)) != len(self.attacks):
             raise ValueError(f"attacks {list(self.attacks)} has duplicates")
+        if not set(self.attack_names()) & _RESTARTING:
+            self._refuse_set(("restarts",), "robust_eval", "only APGD and FAB-T restart; attacks has neither")
         return self
 
 
@@ -324,7 +367,9 @@ class GateSection(_Section):
 
     min_clean_accuracy: Fraction = 0.8
     min_robust_accuracy: Fraction = 0.0
-    robust_eps: Annotated[float, Field(ge=0.0)] | None = Field(default=None, description="None: largest eval eps.")
+    robust_eps: Annotated[float, Field(ge=0.0)] | None = Field(
+        default=None, description="One of robust_eval.eps; None: the largest."
+    )
     max_accuracy_drop: Fraction = 0.02
     max_class_drop: Fraction = 0.1
 
@@ -451,10 +496,30 @@ class CycleConfig(_Section):
         default=None,
         description="Import path of `forward(module, batch, x)`, for a model with extra inputs (see the docstring).",
     )
-    datamodule: Component | None = None
     callbacks: tuple[Component, ...] = ()
     output: OutputSection
     tracking: TrackingSection = TrackingSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "datamodule" in data:
+            raise ValueError(
+                "datamodule: the cycle trains through its own verified data module (signed, screened shards only) "
+                "and never used this one; per-sample transforms go in data.transform (remove it)"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _robust_floor_is_measured(self) -> CycleConfig:
+        eps = self.gate.robust_eps
+        if eps is not None and eps not in self.robust_eval.eps:
+            measured = ", ".join(f"{e:g}" for e in self.robust_eval.eps)
+            raise ValueError(
+                f"gate.robust_eps: {eps:g} is not among robust_eval.eps [{measured}], where robust accuracy is "
+                "measured (the floor would reject every model)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _targets_fit_task(self) -> CycleConfig:
@@ -532,7 +597,6 @@ class CycleConfig(_Section):
 _COMPONENT_BASES: dict[str, tuple[str, str] | None] = {
     "data": None,  # decoders and transforms: any class whose instances are callable
     "model": ("pytorch_lightning", "LightningModule"),
-    "datamodule": ("pytorch_lightning", "LightningDataModule"),
     "callbacks": ("pytorch_lightning", "Callback"),
     "trainer": ("pytorch_lightning", "Trainer"),
 }
@@ -609,8 +673,6 @@ def check_config_components(
 ) -> None:
     """Imports every pluggable class, checks its base class and binds its init_args to its signature."""
     named: list[tuple[str, str, Component]] = [("model", "model", config.model), ("trainer", "trainer", config.trainer)]
-    if config.datamodule is not None:
-        named.append(("datamodule", "datamodule", config.datamodule))
     named += [(f"callbacks[{i}]", "callbacks", c) for i, c in enumerate(config.callbacks)]
     named += [(f"data.decoders.{suffix}", "data", c) for suffix, c in config.data.decoders.items()]
     named += [(f"data.{k}", "data", c) for k in ("transform", "val_transform") if (c := getattr(config.data, k))]
@@ -639,14 +701,9 @@ def _read_yaml(path: Path) -> Any:
     except UnicodeDecodeError as error:
         raise ConfigError(f"{path}: cannot read config: not UTF-8 ({error.reason})") from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        where = getattr(error, "problem_mark", None)
-        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise ConfigError(f"{path}: not valid YAML{at}: {problem}") from None
-    except (RecursionError, ValueError, TypeError, OverflowError) as error:
-        raise ConfigError(f"{path}: not valid YAML: {type(error).__name__}: {error}") from None
+        data = strictyaml.loads(text)
+    except strictyaml.StrictYAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML{error.where}: {error.problem}") from None
     if data is None:
         raise ConfigError(f"{path}: the config is empty")
     return data
@@ -667,6 +724,14 @@ def _key_path(loc: tuple[int | str, ...], data: Any, error_type: str) -> str:
     return "".join(parts).lstrip(".") or "<root>"
 
 
+def _names_its_key(named: str, key: str, data: Any) -> bool:
+    """Whether a validator's message starts with the key it is about: one inside the section that failed, or from
+    the root a dotted key or a top-level key the config wrote."""
+    if named.startswith(f"{key}."):
+        return True
+    return key == "<root>" and ("." in named or (isinstance(data, dict) and named in data))
+
+
 def _config_error(error: ValidationError, data: Any, source: str) -> ConfigError:
     errors = error.errors(include_url=False, include_input=False)
     first = errors[0]
@@ -674,8 +739,8 @@ def _config_error(error: ValidationError, data: Any, source: str) -> ConfigError
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown key (not part of the schema)"
-    named = re.match(r"([a-z_]+(?:\.[a-z_]+)+): ", message) if key == "<root>" else None
-    if named:  # a check across sections names the key it is about first
+    named = re.match(r"([a-z_]+(?:\.[a-z_]+)*): ", message)
+    if named and _names_its_key(named.group(1), key, data):  # a check across keys names its key first
         key, message = named.group(1), message[named.end() :]
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return ConfigError(f"{source}: {key}: {message}{more}", key=key)

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 import torch
@@ -59,6 +59,9 @@ from trainguard.provenance.dataset import VerifiedDataModule
 from trainguard.provenance.errors import ProvenanceError
 from trainguard.provenance.formats import Decoder
 from trainguard.provenance.keys import load_signing_key, public_key_path
+
+if TYPE_CHECKING:
+    from trainguard.defenses.roni import ScreeningConfig
 
 CHECKS = ("verify", "validate", "limits", "roni")
 """The checks that refuse shards, each with a `shards/refused_<check>` metric even when it refused none (stable
@@ -282,6 +285,7 @@ def _run(cycle: RunningCycle, parent: TrackedRun) -> CycleOutcome:
         trained = _refused_at_read(cycle, intake, allow, result)
         cycle.step("training", result.metrics)
         cycle.report["training"] = {
+            "adversarial": result.adversarial,
             "metrics": result.metrics,
             "robust_accuracy": result.robust_accuracy,
             **({"gradient_masking": result.gradient_masking} if result.gradient_masking is not None else {}),
@@ -558,7 +562,7 @@ def _screen(
     its source's evidence. A flagged source loses every shard this cycle, earlier-accepted ones included."""
     from trainguard.defenses.margin import check_margins
     from trainguard.defenses.report import write_screening
-    from trainguard.defenses.roni import Candidate, ScreeningConfig, screen_candidates
+    from trainguard.defenses.roni import Candidate, screen_candidates
 
     config = cycle.config
     if not shards:
@@ -566,19 +570,18 @@ def _screen(
         return
     task, forward = config.task.build(), config.forward_hook()
     candidates = [Candidate(s.key, s.source, LabeledData.of(s.samples.inputs, s.samples.targets, task)) for s in shards]
-    if not config.roni.enabled:
+    settings = screening_config(config)
+    if settings is None:
         cycle.decide([accepted(s, "roni", "RONI screening disabled in the config") for s in shards])
         return
-    classes = {"num_classes": len(config.validation.labels)} if task.kind == "classification" else {}
-    options = {**classes, **config.roni.screening_options()}
-    calibration, impact_set = split_holdout(holdout, config.roni.calibration_fraction, config.training.seed)
+    calibration, impact_set = roni_holdout(config, holdout)
     history = cycle.state.earlier_evidence(s.sha256 for s in shards)
     screening = screen_candidates(
         model,
         calibration,
         impact_set,
         candidates,
-        ScreeningConfig(**options),
+        settings,
         history=history,
         evidence=detected,
         task=task,
@@ -634,6 +637,22 @@ def _screen(
         "screening",
         {"roni/rejected": float(len(screening.rejected)), "roni/flagged_sources": float(len(flagged))},
     )
+
+
+def screening_config(config: CycleConfig) -> ScreeningConfig | None:
+    """RONI's settings from the roni section (its options, error-rate knobs and the task's class count); None when
+    screening is disabled."""
+    from trainguard.defenses.roni import ScreeningConfig
+
+    if not config.roni.enabled:
+        return None
+    classes = {"num_classes": len(config.validation.labels)} if config.task.kind == "classification" else {}
+    return ScreeningConfig(**{**classes, **config.roni.screening_options()})
+
+
+def roni_holdout(config: CycleConfig, holdout: LabeledData) -> tuple[LabeledData, LabeledData]:
+    """The held-out rows RONI calibrates on (`roni.calibration_fraction` of them) and those it measures impacts on."""
+    return split_holdout(holdout, config.roni.calibration_fraction, config.training.seed)
 
 
 def _counted(count: int, thing: str) -> str:

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -31,6 +31,10 @@ from trainguard.provenance.manifest import ShardEntry
 from trainguard.provenance.reader import ReadLog, ShardReader
 from trainguard.provenance.rollback import RollbackCheck
 from trainguard.provenance.verify import VerificationReport, VerifiedManifest, open_manifest, verify_shards
+
+if TYPE_CHECKING:
+    from trainguard.defenses.samples import SampleSchema
+    from trainguard.defenses.validation import ShardSchema
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,7 @@ def _verify(
     ref: ManifestRef, config: CycleConfig, rollback: RollbackCheck
 ) -> tuple[VerifiedManifest, VerificationReport]:
     """Every check on one manifest, read once; a manifest-level failure (or unusable input) aborts the cycle."""
-    trust = ref.trust or config.dataset.trust
+    trust = config.dataset.trust_of(ref)
     data_dir = ref.data_dir or ref.manifest.parent
     try:
         verified = open_manifest(ref.manifest, trust, dataset=ref.dataset, data_dir=data_dir, state=rollback)
@@ -254,10 +258,18 @@ def validate(
 def _sample_verdicts(shards: Sequence[SignedShard], section: ValidationSection) -> dict[str, Any]:
     if not shards:
         return {}
-    from trainguard.defenses.samples import SampleSchema, validate_samples
+    from trainguard.defenses.samples import validate_samples
+
+    schema = sample_schema(section)
+    return {s.key: validate_samples(s.key, s.samples, schema, source=s.source) for s in shards}
+
+
+def sample_schema(section: ValidationSection) -> SampleSchema:
+    """What a decoded (not table) shard's samples must be: shape, value range, labels or targets."""
+    from trainguard.defenses.samples import SampleSchema
 
     targets = section.targets
-    schema = SampleSchema(
+    return SampleSchema(
         shape=section.input_shape,
         min_value=section.feature_min,
         max_value=section.feature_max,
@@ -266,17 +278,25 @@ def _sample_verdicts(shards: Sequence[SignedShard], section: ValidationSection) 
         target_min=targets.min if targets is not None else None,
         target_max=targets.max if targets is not None else None,
     )
-    return {s.key: validate_samples(s.key, s.samples, schema, source=s.source) for s in shards}
 
 
 def _table_verdicts(shards: Sequence[SignedShard], section: ValidationSection) -> dict[str, Any]:
-    from trainguard.defenses.validation import Shard, ShardSchema, validate_shards
+    from trainguard.defenses.validation import Shard, validate_shards
 
     if not shards:
         return {}
+    schema = table_schema(shards[0].frame, section)
+    result = validate_shards([Shard(s.key, s.source, s.frame) for s in shards], schema)
+    return {v.name: v for v in result.verdicts}
+
+
+def table_schema(frame: pd.DataFrame | None, section: ValidationSection) -> ShardSchema:
+    """What a table shard must be: its feature columns (as `frame`'s columns give them), labels or targets, range."""
+    from trainguard.defenses.validation import ShardSchema
+
     targets = section.targets
-    schema = ShardSchema(
-        features=tuple(feature_columns(shards[0].frame, section) or ()),
+    return ShardSchema(
+        features=tuple(feature_columns(frame, section) or ()),
         label=section.label_column,
         allowed_labels=tuple(section.labels) if targets is None else None,
         min_value=section.feature_min,
@@ -285,8 +305,6 @@ def _table_verdicts(shards: Sequence[SignedShard], section: ValidationSection) -
         target_min=targets.min if targets is not None else None,
         target_max=targets.max if targets is not None else None,
     )
-    result = validate_shards([Shard(s.key, s.source, s.frame) for s in shards], schema)
-    return {v.name: v for v in result.verdicts}
 
 
 def admit(intake: Intake, config: CycleConfig) -> tuple[list[SignedShard], list[ShardDecision], list[ShardDecision]]:

@@ -147,9 +147,7 @@ def _reopened(config: CycleConfig, sent: Sequence[SentManifest]) -> tuple[Verifi
 
 def _reopen(ref: ManifestRef, config: CycleConfig, sha256: str) -> VerifiedManifest:
     try:
-        verified = open_manifest(
-            ref.manifest, ref.trust or config.dataset.trust, dataset=ref.dataset, data_dir=ref.data_dir
-        )
+        verified = open_manifest(ref.manifest, config.dataset.trust_of(ref), dataset=ref.dataset, data_dir=ref.data_dir)
     except ProvenanceError as error:
         raise CycleAbortedError(f"verify {ref.manifest}: {error.reason}: {error}", check="verify") from None
     if verified.manifest_sha256 != sha256:

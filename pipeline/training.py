@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from trainguard.defenses import AdversarialTraining, RobustAccuracy
+from trainguard.defenses import TRADES, AdversarialTraining, RobustAccuracy
 from trainguard.defenses.gate import GateVerdict, ModelGate
 from trainguard.defenses.heldout import HeldoutMetrics, LabeledData
 from trainguard.pipeline.config import CycleConfig
@@ -23,8 +23,8 @@ from trainguard.provenance.reader import ReadLog
 
 @dataclass(frozen=True)
 class TrainingResult:
-    """What the fit produced: the gate's verdict, the logged metrics, the shards it read and the allowed shards it
-    refused at read (changed after intake: not trained on)."""
+    """What the fit produced: the gate's verdict, the logged metrics, the shards it read, the allowed shards it
+    refused at read (changed after intake: not trained on) and the adversarial training it ran (`adversarial`)."""
 
     verdict: GateVerdict
     metrics: dict[str, float]
@@ -33,6 +33,7 @@ class TrainingResult:
     refused: tuple[RefusedRead, ...] = ()
     gradient_masking: dict[str, object] | None = None
     robust_cost: dict[str, dict[str, float]] | None = None
+    adversarial: str = "off"
 
 
 def trainer(
@@ -104,28 +105,56 @@ class MetricsAlone(pl.Callback):
         self.teardown(trainer, pl_module, "fit")
 
 
-def bootstrap(model: pl.LightningModule, config: CycleConfig, trusted: LabeledData) -> None:
+def bootstrap(model: pl.LightningModule, config: CycleConfig, trusted: LabeledData) -> pl.Trainer:
     """First cycle only: fits `model` on the curator's trusted training data, so RONI has a model to measure
-    candidates against and the gate has a baseline."""
+    candidates against and the gate has a baseline; returns the Trainer that fitted it."""
     loader = DataLoader(
         TensorDataset(trusted.x, trusted.y),
         batch_size=config.training.batch_size,
         shuffle=True,
         generator=torch.Generator().manual_seed(config.training.seed),
     )
-    trainer(config, [], None, config.training.bootstrap_epochs, alone=True).fit(model, loader)
+    fit = trainer(config, [], None, config.training.bootstrap_epochs, alone=True)
+    fit.fit(model, loader)
+    return fit
+
+
+def adversarial_method(config: CycleConfig) -> str:
+    """What adversarial training the cycle runs: the config's attack (`trades`: the TRADES objective), or `off`."""
+    return config.adversarial.attack if config.adversarial.enabled else "off"
+
+
+def fitted_module(config: CycleConfig, model: pl.LightningModule) -> pl.LightningModule:
+    """The module the Trainer fits: `model` itself, or with `adversarial.attack: trades` the TRADES wrapper that
+    trains `model` (in place) on TRADES' objective with the adversarial section's eps, steps, step size, norm,
+    bounds and `trades_beta`."""
+    if adversarial_method(config) != "trades":
+        return model
+    adversarial = config.adversarial
+    return TRADES(
+        model,
+        eps=adversarial.eps,
+        beta=adversarial.trades_beta,
+        steps=adversarial.steps,
+        step_size=adversarial.step_size,
+        norm=adversarial.norm,
+        bounds=adversarial.bounds,
+        task=config.task.build(),
+        forward=config.forward_hook(),
+        seed=config.training.seed,
+    )
 
 
 def defense_callbacks(config: CycleConfig, holdout: LabeledData, previous: HeldoutMetrics | None) -> list[pl.Callback]:
-    """Adversarial training, robust accuracy and the model gate, as the config sets them, for the config's task and
-    with its `model_forward` hook.
+    """Adversarial training (unless TRADES trains through `fitted_module`), robust accuracy and the model gate, as
+    the config sets them, for the config's task and with its `model_forward` hook.
 
     The gate's baseline without a comparable record is the incoming model: the cycle's incoming model is the
     champion or, on the first cycle, the model bootstrapped on the trusted data, never a random initialisation."""
     adversarial, robust, gate = config.adversarial, config.robust_eval, config.gate
     task, forward = config.task.build(), config.forward_hook()
     callbacks: list[pl.Callback] = []
-    if adversarial.enabled and adversarial.attack != "trades":
+    if adversarial_method(config) in ("fgsm", "pgd", "fgsm-rs"):
         callbacks.append(
             AdversarialTraining(
                 adversarial.attack,
@@ -170,6 +199,11 @@ def defense_callbacks(config: CycleConfig, holdout: LabeledData, previous: Heldo
     return callbacks
 
 
+def user_callbacks(config: CycleConfig) -> list[pl.Callback]:
+    """The config's own `callbacks`, new instances, run after the defenses."""
+    return [component.instantiate() for component in config.callbacks]
+
+
 def train(
     model: pl.LightningModule,
     config: CycleConfig,
@@ -180,10 +214,9 @@ def train(
 ) -> TrainingResult:
     """Fits `model` on the shards `data` reads (the cycle's allow-list, each verified on read) with the defenses."""
     defenses = defense_callbacks(config, holdout, previous)
-    user = [component.instantiate() for component in config.callbacks]
-    fit = trainer(config, [*defenses, *user], logger, config.trainer.arg("max_epochs"))
+    fit = trainer(config, [*defenses, *user_callbacks(config)], logger, config.trainer.arg("max_epochs"))
     arrive_at("the start of training")
-    fit.fit(model, datamodule=data)
+    fit.fit(fitted_module(config, model), datamodule=data)
     gate = next(c for c in defenses if isinstance(c, ModelGate))
     robust = next(c for c in defenses if isinstance(c, RobustAccuracy))
     metrics = {k: float(v) for k, v in fit.callback_metrics.items() if v.numel() == 1}
@@ -198,4 +231,5 @@ def train(
         },
         gradient_masking=robust.masking.to_dict() if robust.masking is not None else None,
         robust_cost={name: cost.to_dict() for name, cost in robust.costs.items()} if robust.preset else None,
+        adversarial=adversarial_method(config),
     )

@@ -248,35 +248,15 @@ def load_trust(path: Path) -> TrustPolicy:
 
 
 def _parse(data: bytes, path: Path) -> object:
+    from trainguard import strictyaml
     from trainguard.strictjson import StrictJSONError, loads
 
     try:
         if path.suffix in (".yaml", ".yml"):
-            return _strict_yaml(data)
+            return strictyaml.loads(data)
         return loads(data)
     except (StrictJSONError, ValueError) as error:
         raise PolicyError(f"{path}: not a trust policy (JSON/YAML) nor a PEM key: {error}", path=str(path)) from None
-
-
-def _strict_yaml(data: bytes) -> object:
-    """YAML without duplicate keys (PyYAML keeps the last silently), so a policy means one thing."""
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-        keys = [loader.construct_object(key) for key, _ in node.value]
-        duplicates = sorted({str(k) for k in keys if keys.count(k) > 1})
-        if duplicates:
-            raise ValueError(f"duplicate key {duplicates[0]!r}")
-        return loader.construct_mapping(node)
-
-    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
-    try:
-        return yaml.load(data, Loader=Loader)
-    except yaml.YAMLError as error:
-        raise ValueError(str(error).splitlines()[0]) from None
 
 
 def _key_set(entry: object, policy: Path, index: int | None) -> KeySet:

@@ -18,6 +18,7 @@ from trainguard.defenses.attacks.base import Attack, crafting_mode, parse_norm, 
 from trainguard.defenses.attacks.fab import FABT, boundary_step
 from trainguard.defenses.attacks.fgsm import FGSM
 from trainguard.defenses.attacks.fgsm_rs import FGSMRandomStart
+from trainguard.defenses.attacks.options import AttackOptions
 from trainguard.defenses.attacks.pgd import PGD
 from trainguard.defenses.attacks.precision import Crafting, crafting_autocast, parse_crafting, trainer_autocast
 from trainguard.defenses.attacks.registry import ATTACKS, make_attack
@@ -33,6 +34,7 @@ __all__ = [
     "FGSM",
     "PGD",
     "Attack",
+    "AttackOptions",
     "Crafting",
     "FGSMRandomStart",
     "Square",

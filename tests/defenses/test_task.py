@@ -349,6 +349,21 @@ def test_a_masked_input_model_is_attacked_measured_and_gated_with_its_mask() -> 
     assert validated[robust.metric_names()[0]] == pytest.approx(clean)
 
 
+def test_a_masked_input_model_trained_by_trades_is_measured_and_gated_with_its_mask() -> None:
+    """The callbacks see the TRADES wrapper: the hook calls it as it would the module, with the mask."""
+    train, val, holdout = MaskedRows(256, 0), MaskedRows(64, 1), MaskedRows(128, 2)
+    module = MaskedClassifier()
+    wrapper = TRADES(module, eps=0.05, steps=2, beta=1.0, input_key="x", target_key="y", forward=masked_forward)
+    robust = RobustAccuracy((0.0, 0.1), steps=2, input_key="x", target_key="y", forward=masked_forward)
+    holdout_data = LabeledData(holdout.x, holdout.y, {"mask": holdout.mask})
+    gate = ModelGate(holdout_data, forward=masked_forward)
+    trainer = fit(wrapper, DataLoader(train, batch_size=32), [robust, gate], DataLoader(val, batch_size=32))
+    clean, attacked = (float(trainer.callback_metrics[name]) for name in robust.metric_names())
+    assert float(trainer.callback_metrics["train/trades_robust"]) > 0 and attacked <= clean
+    assert gate.verdict is not None
+    assert heldout_metrics(module, holdout_data, forward=masked_forward).accuracy == gate.verdict.after.accuracy
+
+
 # --- the model gate ---------------------------------------------------------------------------------------------
 
 

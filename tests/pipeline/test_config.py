@@ -144,6 +144,20 @@ def test_unreadable_empty_and_invalid_yaml_are_config_errors(tmp_path: Path) -> 
         load_config(_write(tmp_path, "- a list\n"))
 
 
+def _duplicated(text: str) -> tuple[str, int]:
+    """The digits config with a second `enabled: false` in its roni section, and that line's number."""
+    lines = text.splitlines()
+    at = lines.index("  enabled: true", lines.index("roni:")) + 1
+    lines.insert(at + 1, "  enabled: false")
+    return "\n".join(lines) + "\n", at + 2
+
+
+def test_a_repeated_key_is_refused_naming_the_key_and_its_line(tmp_path: Path) -> None:
+    text, line = _duplicated(DIGITS.read_text())
+    error = _error(tmp_path, text.replace("project: ../examples", f"project: {BASE['project']}"))
+    assert f"not valid YAML at line {line}, column 3: duplicate key 'enabled'" in str(error)
+
+
 _json = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
@@ -228,11 +242,9 @@ def test_roni_error_rate_knobs_live_in_the_roni_section_and_must_be_able_to_reje
     assert error.key == "roni.combination"
 
 
-def test_a_datamodule_is_checked_like_the_model(tmp_path: Path) -> None:
-    data = _with({("datamodule",): {"class_path": "pytorch_lightning.LightningDataModule"}})
-    assert load_config(_write(tmp_path, data)).datamodule.class_path == "pytorch_lightning.LightningDataModule"
-    error = _error(tmp_path, _with({("datamodule",): {"class_path": "digits_demo.models.DigitsClassifier"}}))
-    assert error.key == "datamodule.class_path" and "LightningDataModule" in str(error)
+def test_a_datamodule_is_refused_as_the_cycle_trains_on_its_verified_data_only(tmp_path: Path) -> None:
+    error = _error(tmp_path, _with({("datamodule",): {"class_path": "pytorch_lightning.LightningDataModule"}}))
+    assert error.key == "datamodule" and "verified data module" in str(error)
 
 
 def test_trusted_sources_is_refused_with_the_way_to_grant_trust_by_key(tmp_path: Path) -> None:

@@ -313,7 +313,7 @@ def _config(project: Project) -> dict:
         },
         **project.config,
         "roni": {"options": {"steps": 5}, "calibration_draws": 99, "level": 0.05},
-        "adversarial": {"attack": "fgsm", "eps": 0.1, "steps": 1},
+        "adversarial": {"attack": "fgsm", "eps": 0.1},
         "robust_eval": {"eps": [0.0, 0.1], "subset_size": 64, "steps": 2},
         "limits": {"max_fraction_per_source": 0.9},
         "gate": {"min_clean_accuracy": 0.3, "max_accuracy_drop": 0.5, "max_class_drop": 1.0},

@@ -1,4 +1,4 @@
-"""The cycle's training step builds its defenses for the config's task."""
+"""The cycle's training step builds its defenses for the config's task and trains with the configured method."""
 
 from __future__ import annotations
 
@@ -6,11 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from trainguard.defenses import AdversarialTraining, ModelGate, RobustAccuracy
 from trainguard.defenses.heldout import LabeledData
 from trainguard.pipeline.config import load_config
-from trainguard.pipeline.training import defense_callbacks, trainer
+from trainguard.pipeline.errors import ConfigError
+from trainguard.pipeline.training import defense_callbacks, train, trainer
+from trainguard.provenance.dataset import ManifestSpec, VerifiedDataModule
 
 DIGITS = Path(__file__).resolve().parents[2] / "configs" / "digits.yaml"
 
@@ -36,3 +39,49 @@ def test_a_torchrun_launch_sizes_a_trainer_configured_for_one_device(monkeypatch
     assert type(launched.strategy).__name__ == "DDPStrategy"
     alone = trainer(config, [], None, max_epochs=1, alone=True)
     assert (alone.num_devices, alone.world_size) == (1, 1)
+
+
+def test_attack_trades_trains_the_cycles_model_on_the_trades_objective(workdir: Path) -> None:
+    """`adversarial.attack: trades` runs TRADES through the cycle's training step: the loss trained on is TRADES'
+    natural term plus beta times a positive divergence term, the gate and robust accuracy measure the wrapped
+    model, and the result says what trained. (The held-out set is noise: the gate may keep the incoming weights.)"""
+    document = yaml.safe_load(DIGITS.read_text())
+    document["project"] = str(DIGITS.parents[1] / "examples")
+    document["adversarial"] = {"attack": "trades", "eps": 0.1, "steps": 2, "trades_beta": 3.0}
+    document["trainer"]["init_args"]["max_epochs"] = 1
+    document["robust_eval"] = {"eps": [0.0, 0.1], "subset_size": 32, "steps": 2}
+    path = workdir / "trades.yaml"
+    path.write_text(yaml.safe_dump(document))
+    config = load_config(path)
+    trusted = workdir / "demo-work" / "data"
+    spec = ManifestSpec(trusted / "trusted.manifest.json", trusted / "trusted", dataset="digits-trusted")
+    data = VerifiedDataModule([spec], config.dataset.trust, train_roles=("trusted",))
+    holdout = LabeledData(torch.rand(64, 64, generator=torch.Generator().manual_seed(0)), torch.arange(64) % 10)
+    result = train(config.model.instantiate(), config, data, holdout, previous=None, logger=None)
+
+    metrics = result.metrics
+    assert result.adversarial == "trades"
+    assert metrics["train/trades_robust"] > 0
+    assert metrics["train/loss"] == pytest.approx(
+        metrics["train/trades_natural"] + 3.0 * metrics["train/trades_robust"], rel=1e-4
+    )
+    assert "adv/eps" not in metrics, "AdversarialTraining does not also run"
+    assert set(result.robust_accuracy) == {"0", "0.1"} and result.verdict is not None
+
+
+def test_trades_refuses_the_options_it_has_no_use_for(tmp_path: Path) -> None:
+    """ratio and warmup_epochs are AdversarialTraining's, trades_beta is TRADES': each with the other is refused."""
+    document = yaml.safe_load(DIGITS.read_text())
+    document["project"] = str(DIGITS.parents[1] / "examples")
+    for section, key in (({"attack": "trades", "ratio": 0.5}, "ratio"), ({"attack": "pgd", "trades_beta": 1.0}, "")):
+        document["adversarial"] = section
+        path = tmp_path / "cycle.yaml"
+        path.write_text(yaml.safe_dump(document))
+        with pytest.raises(ConfigError) as caught:
+            load_config(path, check_components=False)
+        expected = f"adversarial.{key or 'trades_beta'}"
+        assert caught.value.key == expected and f"{expected}: " in str(caught.value) and "\n" not in str(caught.value)
+    document["adversarial"] = {"attack": "trades", "warmup_epochs": 1.0}
+    path.write_text(yaml.safe_dump(document))
+    with pytest.raises(ConfigError, match=r"adversarial\.warmup_epochs: AdversarialTraining's; TRADES has none"):
+        load_config(path, check_components=False)
