@@ -59,10 +59,14 @@ label-issue detector's p-value of the source with its shard tests (`pipeline.det
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import multiprocessing
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -508,6 +512,11 @@ class Tally:
     success_after: list[float] = field(default_factory=list)
     first_flagged: list[int | None] = field(default_factory=list)
 
+    def extend(self, other: Tally) -> None:
+        """Appends `other`'s seeds (a seed judged in another process)."""
+        for name in (f.name for f in fields(self)):
+            getattr(self, name).extend(getattr(other, name))
+
     def fold(self, cycles: Tally) -> None:
         """Adds one seed's cycles (each an entry of `cycles`) as one entry."""
         for name in COUNTS:
@@ -546,6 +555,27 @@ COUNTS = (
     "clean_dropped",
     "clean_rows",
 )
+
+
+def judge_seed(
+    seed: int, chosen: Sequence[str], config: ScreeningConfig
+) -> tuple[dict[str, dict[str, Tally]], dict[str, float], float | None]:
+    """Every chosen scenario of one seed under every column: the tallies, the CPU seconds per scenario and RONI's
+    rate (one seed per process with `--jobs`)."""
+    world = World.of(seed)
+    names = list(SCENARIOS) + list(CYCLED)
+    tallies = {column: {name: Tally() for name in chosen} for column in DETECTORS}
+    seconds = dict.fromkeys(chosen, 0.0)
+    for name in chosen:
+        begun = time.process_time()
+        rng = np.random.default_rng([seed, names.index(name)])  # the same rows whichever scenarios run
+        by_column = {column: tallies[column][name] for column in DETECTORS}
+        if name in CYCLED:
+            judge_cycles(world, CYCLED[name](world, rng), config, by_column)
+        else:
+            judge_offer(world, name, SCENARIOS[name](world, rng), config, by_column)
+        seconds[name] += time.process_time() - begun
+    return tallies, seconds, world.calibration.lr if world.calibration else None
 
 
 def judge_offer(world: World, name: str, offer: Offer, config: ScreeningConfig, tallies: Mapping[str, Tally]) -> None:
@@ -697,6 +727,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, choices=names, metavar="SCENARIO", help=", ".join(names))
     parser.add_argument("--unstratified", action="store_true", help="RONI's draws across all classes (before #28)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds judged at once, one process each (default 1)")
     parser.add_argument(
         "--option",
         action="append",
@@ -723,22 +754,22 @@ def main() -> None:
     print(f"torch threads: {torch.get_num_threads()}, cpus: {os.cpu_count()}, load before: {os.getloadavg()}")
     print(f"{seeds} seeds; config: {config}")
     print(f"detectors (RONI + detectors columns): {detection_config(DetectorsSection())}")
-    started, cpu_started = time.perf_counter(), time.process_time()
+    started = time.perf_counter()
     seconds = dict.fromkeys(chosen, 0.0)  # CPU seconds: other jobs on the machine stretch wall time
     tallies = {column: {name: Tally() for name in chosen} for column in DETECTORS}
-    for seed in range(seeds):
-        world = World.of(seed)
-        for name in chosen:
-            begun = time.process_time()
-            rng = np.random.default_rng([seed, names.index(name)])  # the same rows whichever scenarios run
-            by_column = {column: tallies[column][name] for column in DETECTORS}
-            if name in CYCLED:
-                judge_cycles(world, CYCLED[name](world, rng), config, by_column)
-            else:
-                judge_offer(world, name, SCENARIOS[name](world, rng), config, by_column)
-            seconds[name] += time.process_time() - begun
-        rate = world.calibration.lr if world.calibration else None
-        print(f"seed {seed} done at {time.perf_counter() - started:.0f} s (RONI's rate {rate})", flush=True)
+    run = functools.partial(judge_seed, chosen=chosen, config=config)
+    with contextlib.ExitStack() as stack:
+        judged: Iterable[tuple[dict[str, dict[str, Tally]], dict[str, float], float | None]] = map(run, range(seeds))
+        if args.jobs > 1:
+            fork = multiprocessing.get_context("fork")
+            judged = stack.enter_context(ProcessPoolExecutor(args.jobs, mp_context=fork)).map(run, range(seeds))
+        for seed, (found, spent, rate) in enumerate(judged):
+            for column, by_scenario in found.items():
+                for name, tally in by_scenario.items():
+                    tallies[column][name].extend(tally)
+            for name, cpu in spent.items():
+                seconds[name] += cpu
+            print(f"seed {seed} done at {time.perf_counter() - started:.0f} s (RONI's rate {rate})", flush=True)
     for column, by_scenario in tallies.items():
         print_table(f"{column}: {seeds} seeds, level {config.level}, {config.error_control}", by_scenario)
     print_summary(tallies, ("RONI", DEFAULT_COMBINATION))
@@ -749,8 +780,8 @@ def main() -> None:
     )
     per_seed = {name: round(s / seeds, 1) for name, s in seconds.items()}
     print(f"CPU seconds per seed: {sum(seconds.values()) / seeds:.0f} ({per_seed})")
-    wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-    print(f"total {wall:.0f} s wall, {cpu:.0f} s CPU; load after: {os.getloadavg()}")
+    wall = time.perf_counter() - started
+    print(f"total {wall:.0f} s wall, {sum(seconds.values()):.0f} s CPU judging; load after: {os.getloadavg()}")
 
 
 if __name__ == "__main__":
