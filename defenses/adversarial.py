@@ -34,9 +34,9 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.hooks import RemovableHandle
 
 from trainguard.defenses.attacks import ATTACKS, crafting_autocast, make_attack, parse_crafting, parse_norm
-from trainguard.defenses.attacks.base import Attack, Bound, LossFn
+from trainguard.defenses.attacks.base import Attack, LossFn
 from trainguard.defenses.attacks.batches import BatchKeys, Key
-from trainguard.defenses.attacks.bounds import check_bounds
+from trainguard.defenses.attacks.bounds import Bound, check_bounds
 from trainguard.defenses.errors import AttackConfigError
 from trainguard.defenses.forward import BatchForward, ModuleForward, batch_rows
 from trainguard.defenses.overfitting import OverfittingGuard

@@ -82,7 +82,9 @@ def _step_function(model: _Hooked, buffers: dict[str, torch.Tensor], lr: float, 
 
     loss_grad = grad(loss)
 
-    def step(params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], w: torch.Tensor):
+    def step(
+        params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], w: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         grads = loss_grad(params, batch, w)
         return {name: p - lr * grads[name] for name, p in params.items()}
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Literal
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -254,11 +254,11 @@ class ModelGate(pl.Callback):
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> HeldoutMetrics:
         """Rank 0's measurements and held-out size on every rank (a rank may hold another share of the set)."""
         metrics = heldout_metrics(pl_module, self.holdout, self.num_classes, task=self.task, forward=self.forward)
-        shared = trainer.strategy.broadcast(
-            {"metrics": metrics.to_dict(), "rows": self.size.rows, "groups": list(self.size.group_rows)}, src=0
+        shared, rows, groups = trainer.strategy.broadcast(
+            (metrics.to_dict(), self.size.rows, list(self.size.group_rows)), src=0
         )
-        self.size = HeldoutSize(int(shared["rows"]), tuple(int(n) for n in shared["groups"]))
-        return HeldoutMetrics.from_dict(shared["metrics"])
+        self.size = HeldoutSize(int(rows), tuple(int(n) for n in groups))
+        return HeldoutMetrics.from_dict(shared)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.verdict = None
@@ -305,7 +305,7 @@ class ModelGate(pl.Callback):
             "previous_weights": self.previous_weights,
         }
 
-    def load_state_dict(self, state_dict: dict[str, object]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         record = state_dict.get("record")
         self.record = None if record is None else HeldoutMetrics.from_dict(record)
         self.previous_weights = state_dict.get("previous_weights")

@@ -20,9 +20,9 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 
 from trainguard.defenses.attacks import PGD, crafting_autocast, parse_crafting
-from trainguard.defenses.attacks.base import Bound, LossFn
+from trainguard.defenses.attacks.base import LossFn
 from trainguard.defenses.attacks.batches import BatchKeys, Key
-from trainguard.defenses.attacks.bounds import check_bounds
+from trainguard.defenses.attacks.bounds import Bound, check_bounds
 from trainguard.defenses.errors import AttackConfigError
 from trainguard.defenses.forward import BatchForward, ModuleForward, batch_rows
 from trainguard.defenses.task import Task, as_task

@@ -88,7 +88,7 @@ def _log_to_mlflow(
 
     client = MlflowClient(tracking_uri=uri)
     owned = run_id is None
-    if owned:
+    if run_id is None:
         found = client.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found else client.create_experiment(experiment)
         run_id = client.create_run(experiment_id, run_name=run_name).info.run_id

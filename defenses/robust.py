@@ -34,9 +34,9 @@ import pytorch_lightning as pl
 import torch
 
 from trainguard.defenses.attacks import ATTACKS, crafting_autocast, make_attack, parse_crafting, parse_norm
-from trainguard.defenses.attacks.base import Attack, Bound, LossFn
+from trainguard.defenses.attacks.base import Attack, LossFn
 from trainguard.defenses.attacks.batches import BatchKeys, Key
-from trainguard.defenses.attacks.bounds import Bounds, check_bounds
+from trainguard.defenses.attacks.bounds import Bound, Bounds, check_bounds
 from trainguard.defenses.attacks.cascade import BLACK_BOX, PRESETS, AttackCost, Cascade
 from trainguard.defenses.errors import AttackConfigError
 from trainguard.defenses.forward import BatchForward, ModuleForward, batch_rows

@@ -64,7 +64,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Literal, overload
+from typing import Literal, cast, overload
 
 import numpy as np
 import torch
@@ -79,7 +79,7 @@ from trainguard.defenses.conformal import (
     sequential_p_value,
     step_up_adjusted,
 )
-from trainguard.defenses.copies import finetune_heldout_scores
+from trainguard.defenses.copies import Finetuned, finetune_heldout_scores
 from trainguard.defenses.errors import ScreeningInputError
 from trainguard.defenses.features import HeadSplit, has_head, head_features, split_head
 from trainguard.defenses.forward import ModuleForward, plain_forward
@@ -421,7 +421,7 @@ class _Draws(Sequence[LabeledData]):
     """Calibration shards as row indices into the trusted data, materialised a chunk at a time (thousands of large
     draws of frozen features would not fit in memory at once)."""
 
-    def __init__(self, trusted: LabeledData, rows: Sequence[np.ndarray]) -> None:
+    def __init__(self, trusted: LabeledData, rows: Sequence[np.ndarray] | np.ndarray) -> None:
         self.trusted = trusted
         self.rows = rows
 
@@ -505,7 +505,9 @@ class _Scoped:
     forward: ModuleForward | None
     count: _Count
 
-    def finetuned(self, shards: Sequence[LabeledData], lr: float, config: ScreeningConfig, chunk_size: int | None):
+    def finetuned(
+        self, shards: Sequence[LabeledData], lr: float, config: ScreeningConfig, chunk_size: int | None
+    ) -> Finetuned:
         """Held-out soft accuracy and margin of one copy per shard at each checkpoint (`defenses.copies`)."""
         return finetune_heldout_scores(
             self.net,
@@ -560,7 +562,7 @@ def _head_scoped(model: nn.Module, full: _Scoped, config: ScreeningConfig) -> _S
     everything = torch.cat([full.trusted.x, full.holdout.x, *(c.x for c in full.candidates)])
     (features,) = head_features(model, split, [everything])
     sizes = [len(full.trusted), len(full.holdout), *(len(c) for c in full.candidates)]
-    trusted_x, holdout_x, *parts = features.split(sizes)
+    trusted_x, holdout_x, *parts = torch.split(features, sizes)
     return _Scoped(
         split.head,
         split.entry,
@@ -888,7 +890,12 @@ def _sequential(
                 (*stratum.impacts, *part[:, -impacts.width].tolist()),
             )
     tests = [
-        _Tested(values[i], scores[i], float(sequential_p_value(strata[s].scores, scores[i], hits, limit)), strata[s])
+        _Tested(
+            values[i],
+            scores[i],
+            float(cast(float, sequential_p_value(strata[s].scores, scores[i], hits, limit))),
+            strata[s],
+        )
         for i, s in enumerate(where)
     ]
     ordered = tuple(sorted(strata, key=lambda s: (s.size, s.counts or ())))
@@ -1044,8 +1051,8 @@ def _decide(
             [min(1.0, 2 * p) if c.source in sources else p for p, c in zip(shard_p, candidates, strict=True)]
         )
     else:
-        adjusted = step_up_adjusted(np.concatenate([shard_p, source_p]), config.error_control)
-        adjusted_shards, adjusted_sources = adjusted[: len(shard_p)], adjusted[len(shard_p) :]
+        both = step_up_adjusted(np.concatenate([shard_p, source_p]), config.error_control)
+        adjusted_shards, adjusted_sources = both[: len(shard_p)], both[len(shard_p) :]
     source_decisions = {
         s.source: _source_decision(s, float(a), config) for s, a in zip(sources.values(), adjusted_sources, strict=True)
     }

@@ -28,8 +28,9 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from trainguard.defenses.attacks.base import Attack, Bound
+from trainguard.defenses.attacks.base import Attack
 from trainguard.defenses.attacks.batches import BatchKeys, Key
+from trainguard.defenses.attacks.bounds import Bound
 from trainguard.defenses.attacks.precision import crafting_autocast, parse_crafting
 from trainguard.defenses.errors import AttackConfigError
 from trainguard.defenses.forward import BatchForward, ModuleForward

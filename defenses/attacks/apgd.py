@@ -16,13 +16,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, Unpack
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from trainguard.defenses.attacks.base import Attack
+from trainguard.defenses.attacks.base import Attack, AttackOptions
 from trainguard.defenses.errors import AttackConfigError, TooFewClassesError
 
 Objective = Literal["ce", "dlr", "dlr-targeted"]
@@ -115,7 +115,9 @@ class APGD(Attack):
 
     objective: ClassVar[Objective] = "ce"
 
-    def __init__(self, model: nn.Module, *, eps: float, steps: int = 100, restarts: int = 1, **kwargs: object) -> None:
+    def __init__(
+        self, model: nn.Module, *, eps: float, steps: int = 100, restarts: int = 1, **kwargs: Unpack[AttackOptions]
+    ) -> None:
         if kwargs.get("loss") is not None:
             raise AttackConfigError(f"APGD maximises its own {self.objective} loss; loss= cannot be set")
         super().__init__(model, eps=eps, **kwargs)
@@ -244,7 +246,7 @@ class APGDT(APGD):
         steps: int = 100,
         restarts: int = 1,
         target_classes: int = 9,
-        **kwargs: object,
+        **kwargs: Unpack[AttackOptions],
     ) -> None:
         super().__init__(model, eps=eps, steps=steps, restarts=restarts, **kwargs)
         if target_classes < 1:

@@ -14,10 +14,12 @@ in AutoAttack) at a norm <= eps; rows FAB cannot break within eps are returned u
 
 from __future__ import annotations
 
+from typing import Unpack
+
 import torch
 from torch import nn
 
-from trainguard.defenses.attacks.base import Attack, Norm
+from trainguard.defenses.attacks.base import Attack, AttackOptions, Norm
 from trainguard.defenses.errors import AttackConfigError, TooFewClassesError
 
 ALPHA_MAX = 0.1
@@ -81,7 +83,7 @@ class FABT(Attack):
         steps: int = 100,
         restarts: int = 1,
         target_classes: int = TARGETS,
-        **kwargs: object,
+        **kwargs: Unpack[AttackOptions],
     ) -> None:
         if kwargs.get("loss") is not None:
             raise AttackConfigError("FAB-T steps to the linearised class boundary; loss= cannot be set")

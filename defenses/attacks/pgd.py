@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Unpack
+
 import torch
 from torch import nn
 
-from trainguard.defenses.attacks.base import Attack
+from trainguard.defenses.attacks.base import Attack, AttackOptions
 from trainguard.defenses.errors import AttackConfigError
 
 
@@ -20,7 +22,7 @@ class PGD(Attack):
         steps: int = 10,
         step_size: float | None = None,
         random_start: bool = True,
-        **kwargs: object,
+        **kwargs: Unpack[AttackOptions],
     ) -> None:
         super().__init__(model, eps=eps, **kwargs)
         if steps < 1:
