@@ -49,7 +49,9 @@ class VerifyingKey:
         return True
 
     def to_pem(self) -> bytes:
-        return self._key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        return bytes(
+            self._key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        )
 
     def __reduce__(self) -> tuple[Any, tuple[bytes]]:
         """Pickles as its PEM (the library's key objects do not pickle), so verified statements reach spawned
@@ -74,8 +76,8 @@ class SigningKey:
 
     def sign(self, data: bytes) -> bytes:
         if self.key_type == "ed25519":
-            return self._key.sign(data)
-        return self._key.sign(data, ec.ECDSA(hashes.SHA256()))
+            return bytes(self._key.sign(data))
+        return bytes(self._key.sign(data, ec.ECDSA(hashes.SHA256())))
 
     def __repr__(self) -> str:
         return f"SigningKey(keyid={self.keyid!r}, key_type={self.key_type!r})"

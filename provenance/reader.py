@@ -323,12 +323,10 @@ class ShardReader:
         data = self.read_bytes(name)
         with decoding(name, f"decoder {_describe(decode)}"):  # a user's decoder fails closed too
             if isinstance(decode, BoundedDecoder):
-                samples = decode(name, data, records=shard.records, bound=self.bound)
+                returned = decode(name, data, records=shard.records, bound=self.bound)
             else:
-                samples = decode(name, data)
-        if not isinstance(samples, Samples):
-            message = f"shard {name}: decoder {_describe(decode)} returned {type(samples).__name__}, not Samples"
-            raise ShardError(message, shard=name, reason="format")
+                returned = decode(name, data)
+        samples = _decoded_samples(name, decode, returned)
         decoded = samples.inputs.nbytes + samples.targets.nbytes
         check_decode(name, len(samples), decoded, shard.records, self.bound.limit(shard.size))
         return samples
@@ -397,6 +395,14 @@ class VerifiedFile(io.BytesIO):
 
     def getbuffer(self) -> memoryview:
         raise io.UnsupportedOperation(f"shard {self.name} is opened read-only")
+
+
+def _decoded_samples(name: str, decoder: object, returned: object) -> Samples:
+    """What a decoder returned, refused unless it is Samples (a user's decoder may return anything)."""
+    if not isinstance(returned, Samples):
+        message = f"shard {name}: decoder {_describe(decoder)} returned {type(returned).__name__}, not Samples"
+        raise ShardError(message, shard=name, reason="format")
+    return returned
 
 
 def _describe(decoder: object) -> str:

@@ -32,7 +32,7 @@ from trainguard.provenance.verify import VerifiedManifest
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
-class StreamingShards(IterableDataset):
+class StreamingShards(IterableDataset[tuple[torch.Tensor, torch.Tensor]]):
     """(input, target) samples streamed from the selected shards of verified manifests, verified and decoded in the
     worker that reads each shard; shard order (and sample order within a shard) reshuffled every epoch."""
 
@@ -99,10 +99,10 @@ class StreamingShards(IterableDataset):
                 yield (self.transform(inputs[i]) if self.transform else inputs[i]), targets[i]
 
 
-class StreamingLoader(DataLoader):
+class StreamingLoader(DataLoader[tuple[torch.Tensor, torch.Tensor]]):
     """A DataLoader over `StreamingShards` that re-raises a worker's refusal as the ShardError it was."""
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]  # torch annotates its own iterator class
         try:
             yield from super().__iter__()
         except Exception:  # a worker's error arrives rebuilt from text: the journal holds the refusal as it was

@@ -65,7 +65,7 @@ def parse_array(
     try:
         header = read_npy_header(io.BytesIO(data))
         check_decode(name, header.rows, header.nbytes, records, bound.limit(len(data)))
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        return np.asarray(np.load(io.BytesIO(data), allow_pickle=False))
     except (ValueError, OSError, EOFError) as error:
         raise ShardError(f"shard {name}: not a readable .npy array: {error}", shard=name, reason="format") from None
 

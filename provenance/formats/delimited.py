@@ -71,7 +71,9 @@ class CsvDecoder(BoundedDecoder):
         is converted."""
         as_text = pacsv.ConvertOptions(column_types=dict.fromkeys(self.columns, pa.string()))
         try:
-            header = pacsv.open_csv(io.BytesIO(data), parse_options=parse, convert_options=as_text).schema.names
+            header: list[str] = pacsv.open_csv(
+                io.BytesIO(data), parse_options=parse, convert_options=as_text
+            ).schema.names
         except pa.ArrowException as error:
             raise ShardError(f"shard {name}: not readable as CSV: {error}", shard=name, reason="format") from None
         missing = [c for c in self.columns if c not in header]
@@ -132,6 +134,6 @@ def _dtype_name(kind: pa.DataType) -> str:
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
         return "text"
     try:
-        return np.dtype(kind.to_pandas_dtype()).name
+        return str(np.dtype(kind.to_pandas_dtype()).name)
     except (NotImplementedError, TypeError):
         return str(kind)

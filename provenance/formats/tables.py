@@ -185,7 +185,7 @@ class ParquetDecoder(BoundedDecoder):
             )
         if isinstance(kind, pa.FixedShapeTensorType):
             try:
-                array = values.to_numpy_ndarray()
+                array: np.ndarray = values.to_numpy_ndarray()
             except pa.ArrowException as error:
                 raise ShardError(
                     f"shard {name}: tensor column {column!r} ({kind}) does not convert: {error}",
@@ -207,11 +207,11 @@ class ParquetDecoder(BoundedDecoder):
                     shard=name,
                     reason="format",
                 )
-            return values.flatten().to_numpy(zero_copy_only=False).reshape(len(values), *dims)
+            return np.asarray(values.flatten().to_numpy(zero_copy_only=False).reshape(len(values), *dims))
         if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
             return _decode_images(name, column, values.to_pylist(), self.max_pixels, limit)
         if _numeric(kind):
-            return values.to_numpy(zero_copy_only=False)
+            return np.asarray(values.to_numpy(zero_copy_only=False))
         raise ShardError(
             f"shard {name}: column {column!r} is {kind}; expected numbers, a fixed-shape tensor, a fixed_size_list "
             "of numbers or image bytes",
@@ -244,11 +244,11 @@ def _where(column: str, row: int) -> str:
 
 
 def _numeric(kind: pa.DataType) -> bool:
-    return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
+    return bool(pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind))
 
 
-def _fixed_width(kind: object) -> bool:
+def _fixed_width(kind: pa.DataType) -> bool:
     try:
-        return kind.bit_width > 0  # type: ignore[attr-defined]
+        return bool(kind.bit_width > 0)
     except ValueError:  # variable-width types (strings, lists) have no bit width
         return False

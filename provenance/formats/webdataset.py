@@ -14,7 +14,7 @@ import math
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from trainguard.provenance.errors import ShardError
 from trainguard.provenance.formats import DEFAULT_BOUND, BoundedDecoder, DecodeBound, Samples, check_decode, decoding
@@ -95,7 +95,8 @@ def _grouped(name: str, stream: io.RawIOBase) -> Iterator[dict[str, Any]]:
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
     members = tar_file_expander([{"url": name, "stream": stream}], eof_value=None)
-    return group_by_keys(members, keys=_key_and_suffix)
+    samples: Iterator[dict[str, Any]] = group_by_keys(members, keys=_key_and_suffix)
+    return samples
 
 
 def _key_and_suffix(member: str) -> tuple[str, str]:
@@ -256,7 +257,7 @@ class _SampleBuilder:
         self.decoded += nbytes
         check_decode(self.name, None, self.decoded, None, self.limit, where=f"member {member}")
 
-    def _refuse(self, problem: str) -> None:
+    def _refuse(self, problem: str) -> NoReturn:
         raise ShardError(f"shard {self.name}: {problem}", shard=self.name, reason="format")
 
 
@@ -281,7 +282,7 @@ def _array(name: str, member: str, data: bytes, dtype: str) -> np.ndarray:
             raise ShardError(message, shard=name, reason="format")
         if math.prod(shape) * found.itemsize > len(data) - stream.tell():
             raise ValueError(f"its header declares {shape} values, more than it holds")
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        return np.asarray(np.load(io.BytesIO(data), allow_pickle=False))
     except (ValueError, OSError, EOFError) as error:
         message = f"shard {name}: member {member} is not a readable .npy array: {error}"
         raise ShardError(message, shard=name, reason="format") from None
