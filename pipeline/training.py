@@ -54,13 +54,14 @@ def trainer(
     settings = config.trainer.model_copy(
         update={"init_args": {"log_every_n_steps": 1, **config.trainer.init_args, **overrides}}
     )
-    return settings.instantiate(
+    trainer: pl.Trainer = settings.instantiate(
         callbacks=[*callbacks, *([progress] if progress is not None else [])],
         logger=logger if logger is not None else False,
         enable_checkpointing=False,
         enable_progress_bar=progress is not None,
         enable_model_summary=False,
     )
+    return trainer
 
 
 def _launched_world(launch: Launch, strategy: Any) -> dict[str, Any]:
