@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
+from typing_extensions import override
 
 from trainguard.defenses.errors import ModelRejectedError, ScreeningInputError
 from trainguard.defenses.forward import ModuleForward
@@ -248,6 +249,7 @@ class ModelGate(pl.Callback):
         self.verdict: GateVerdict | None = None
 
     @property
+    @override
     def state_key(self) -> str:
         return "ModelGate"
 
@@ -260,6 +262,7 @@ class ModelGate(pl.Callback):
         self.size = HeldoutSize(int(rows), tuple(int(n) for n in groups))
         return HeldoutMetrics.from_dict(shared)
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.verdict = None
         if self.previous_weights is None:
@@ -267,6 +270,7 @@ class ModelGate(pl.Callback):
         if self.record is None and self.baseline == "incoming":
             self.record = self._measure(trainer, pl_module)
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.previous_weights is not None
         after = self._measure(trainer, pl_module)
@@ -299,12 +303,14 @@ class ModelGate(pl.Callback):
                 )
                 logger.experiment.set_tag(logger.run_id, "trainguard.gate.reason", self.verdict.reason)
 
+    @override
     def state_dict(self) -> dict[str, object]:
         return {
             "record": None if self.record is None else self.record.to_dict(),
             "previous_weights": self.previous_weights,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         record = state_dict.get("record")
         self.record = None if record is None else HeldoutMetrics.from_dict(record)

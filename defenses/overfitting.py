@@ -18,6 +18,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
+from typing_extensions import override
 
 from trainguard.defenses.attacks import PGD, crafting_autocast, parse_crafting
 from trainguard.defenses.attacks.base import LossFn
@@ -80,6 +81,7 @@ class OverfittingGuard(pl.Callback):
         self._held: Any = None
         self._best_weights: dict[str, torch.Tensor] | None = None
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -97,6 +99,7 @@ class OverfittingGuard(pl.Callback):
             autocast=crafting_autocast(self.crafting, trainer),
         )
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -104,6 +107,7 @@ class OverfittingGuard(pl.Callback):
             x, _ = self.keys.get(batch)
             self._held = batch_rows(batch, slice(self.max_samples), len(x), copy=True)
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         acc = self.held_accuracy(trainer, pl_module)
         if acc is None:
@@ -139,6 +143,7 @@ class OverfittingGuard(pl.Callback):
         counts = trainer.strategy.reduce(counts, reduce_op="sum")  # every rank joins, even one without batches
         return float(counts[0] / counts[1]) if counts[1] > 0 else None
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "held": self._held,
@@ -148,6 +153,7 @@ class OverfittingGuard(pl.Callback):
             "rolled_back_from": self.rolled_back_from,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._held = state_dict["held"]
         self.best_acc = state_dict["best_acc"]

@@ -32,6 +32,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from typing_extensions import override
 
 from trainguard.defenses.attacks import ATTACKS, crafting_autocast, make_attack, parse_crafting, parse_norm
 from trainguard.defenses.attacks.base import Attack, LossFn
@@ -158,6 +159,7 @@ class RobustAccuracy(pl.Callback):
             return {}
         return {a: [f"{n}/{a}" for n in self.metric_names()] for a in self.attack_names}
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._forward = BatchForward(pl_module, self.forward)
         self.attacks = {
@@ -180,6 +182,7 @@ class RobustAccuracy(pl.Callback):
         }
         self._cascade = Cascade(self.attacks) if self.preset else None
 
+    @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._correct = None
         self._seen = 0
@@ -188,6 +191,7 @@ class RobustAccuracy(pl.Callback):
         for attack in self.attacks.values():
             attack.reset_generator()
 
+    @override
     def on_validation_batch_end(
         self,
         trainer: pl.Trainer,
@@ -239,6 +243,7 @@ class RobustAccuracy(pl.Callback):
             self._large_robust += int(check.robust.sum())
             self.costs[LARGE_EPS_CHECK] = sum(check.costs.values(), self.costs.get(LARGE_EPS_CHECK, AttackCost()))
 
+    @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return

@@ -69,6 +69,7 @@ from typing import Literal, cast, overload
 import numpy as np
 import torch
 from torch import nn
+from typing_extensions import override
 
 from trainguard.defenses.conformal import (
     Combination,
@@ -425,6 +426,7 @@ class _Draws(Sequence[LabeledData]):
         self.trusted = trusted
         self.rows = rows
 
+    @override
     def __len__(self) -> int:
         return len(self.rows)
 
@@ -432,6 +434,7 @@ class _Draws(Sequence[LabeledData]):
     def __getitem__(self, index: int) -> LabeledData: ...
     @overload
     def __getitem__(self, index: slice) -> list[LabeledData]: ...
+    @override
     def __getitem__(self, index: int | slice) -> LabeledData | list[LabeledData]:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_warn
+from typing_extensions import override
 
 from trainguard.provenance.dataset import ManifestLike, as_spec
 from trainguard.provenance.dataset_input import dataset_input, verification_facts
@@ -48,6 +49,7 @@ class VerifyDatasetCallback(pl.Callback):
         self.reports: tuple[VerificationReport, ...] = ()
         self.tolerated: tuple[ShardFailure, ...] = ()
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.reports:
             return

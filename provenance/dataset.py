@@ -19,6 +19,7 @@ import pandas as pd
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from typing_extensions import override
 
 from trainguard.provenance.allowlist import AllowedShard, AllowList, RefusedRead
 from trainguard.provenance.errors import MalformedError, ProvenanceError, ShardError
@@ -157,6 +158,7 @@ class ShardDataset(Dataset[Sample]):
     def __len__(self) -> int:
         return len(self.labels)
 
+    @override
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.features[index]
         return (self.transform(features) if self.transform is not None else features), self.labels[index]
@@ -251,6 +253,7 @@ class RankPartSampler(DistributedSampler[int]):
         self.part = dataset
         self.length = length
 
+    @override
     def __iter__(self) -> Iterator[int]:
         size = len(self.part)
         if self.shuffle:
@@ -259,6 +262,7 @@ class RankPartSampler(DistributedSampler[int]):
             order = torch.arange(size)
         return iter(order.repeat(-(-self.length // max(size, 1)))[: self.length].tolist())
 
+    @override
     def __len__(self) -> int:
         return self.length
 
@@ -377,6 +381,7 @@ class VerifiedDataModule(pl.LightningDataModule):
         module.verified, module.allow = tuple(verified), allow
         return module
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
@@ -453,6 +458,7 @@ class VerifiedDataModule(pl.LightningDataModule):
     def read_log_digest(self) -> str:
         return self.read_log.digest()
 
+    @override
     def train_dataloader(self) -> DataLoader[Sample]:
         assert self.train_set is not None, "setup() first"
         if self._part() is not None:
@@ -463,6 +469,7 @@ class VerifiedDataModule(pl.LightningDataModule):
             self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator, num_workers=self.num_workers
         )
 
+    @override
     def val_dataloader(self) -> DataLoader[Sample] | list[DataLoader[Sample]]:
         if self.val_set is None or len(self.val_set) == 0:
             return []

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from typing_extensions import override
+
 from trainguard.lazy import lazy_getattr
 from trainguard.provenance.errors import NotAllowedError, ShardError
 from trainguard.provenance.formats import (
@@ -111,6 +113,7 @@ class JournalLog(ReadLog):
         super().__init__()
         self.journal = journal
 
+    @override
     def append(self, record: ReadRecord) -> None:
         super().append(record)
         journal_entry(self.journal, {"read": vars(record), "pid": os.getpid()})
@@ -381,18 +384,23 @@ class VerifiedFile(io.BytesIO):
         super().__init__(data)
         self.name = name
 
+    @override
     def writable(self) -> bool:
         return False
 
+    @override
     def write(self, data: object) -> int:
         raise io.UnsupportedOperation(f"shard {self.name} is opened read-only")
 
+    @override
     def writelines(self, lines: object) -> None:
         raise io.UnsupportedOperation(f"shard {self.name} is opened read-only")
 
+    @override
     def truncate(self, size: int | None = None) -> int:
         raise io.UnsupportedOperation(f"shard {self.name} is opened read-only")
 
+    @override
     def getbuffer(self) -> memoryview:
         raise io.UnsupportedOperation(f"shard {self.name} is opened read-only")
 

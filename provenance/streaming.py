@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from typing_extensions import override
 
 from trainguard.provenance.allowlist import AllowList
 from trainguard.provenance.errors import ShardError
@@ -84,6 +85,7 @@ class StreamingShards(IterableDataset[tuple[torch.Tensor, torch.Tensor]]):
         workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
         return order[rank::world][worker_id::workers]
 
+    @override
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         log = JournalLog(self.journal)
         for index, name in self.own_shards():
@@ -102,6 +104,7 @@ class StreamingShards(IterableDataset[tuple[torch.Tensor, torch.Tensor]]):
 class StreamingLoader(DataLoader[tuple[torch.Tensor, torch.Tensor]]):
     """A DataLoader over `StreamingShards` that re-raises a worker's refusal as the ShardError it was."""
 
+    @override
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]  # torch annotates its own iterator class
         try:
             yield from super().__iter__()

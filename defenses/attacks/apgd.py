@@ -21,6 +21,7 @@ from typing import ClassVar, Literal, Unpack
 import torch
 from torch import nn
 from torch.nn import functional as F
+from typing_extensions import override
 
 from trainguard.defenses.attacks.base import Attack, AttackOptions
 from trainguard.defenses.errors import AttackConfigError, TooFewClassesError
@@ -132,6 +133,7 @@ class APGD(Attack):
         self.steps = int(steps)
         self.restarts = int(restarts)
 
+    @override
     def _perturb(
         self, x: torch.Tensor, y: torch.Tensor, eps: float, lower: torch.Tensor, upper: torch.Tensor
     ) -> torch.Tensor:
@@ -253,6 +255,7 @@ class APGDT(APGD):
             raise AttackConfigError(f"target_classes must be >= 1, got {target_classes!r}")
         self.target_classes = int(target_classes)
 
+    @override
     def _perturb(
         self, x: torch.Tensor, y: torch.Tensor, eps: float, lower: torch.Tensor, upper: torch.Tensor
     ) -> torch.Tensor:

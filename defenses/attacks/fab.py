@@ -18,6 +18,7 @@ from typing import Unpack
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 from trainguard.defenses.attacks.base import Attack, AttackOptions, Norm
 from trainguard.defenses.errors import AttackConfigError, TooFewClassesError
@@ -98,6 +99,7 @@ class FABT(Attack):
         self.restarts = int(restarts)
         self.target_classes = int(target_classes)
 
+    @override
     def _perturb(
         self, x: torch.Tensor, y: torch.Tensor, eps: float, lower: torch.Tensor, upper: torch.Tensor
     ) -> torch.Tensor:

@@ -6,6 +6,7 @@ from typing import Unpack
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 from trainguard.defenses.attacks.base import Attack, AttackOptions
 from trainguard.defenses.errors import AttackConfigError
@@ -20,6 +21,7 @@ class FGSMRandomStart(Attack):
             raise AttackConfigError(f"alpha must be > 0, got {alpha!r}")
         self.alpha = float(alpha)
 
+    @override
     def _perturb(
         self, x: torch.Tensor, y: torch.Tensor, eps: float, lower: torch.Tensor, upper: torch.Tensor
     ) -> torch.Tensor:

@@ -6,6 +6,7 @@ from typing import Unpack
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 from trainguard.defenses.attacks.base import Attack, AttackOptions
 from trainguard.defenses.errors import AttackConfigError
@@ -39,6 +40,7 @@ class PGD(Attack):
             return 2.5 * eps / self.steps
         return self.step_size * eps / self.eps if self.eps > 0 else self.step_size
 
+    @override
     def _perturb(
         self, x: torch.Tensor, y: torch.Tensor, eps: float, lower: torch.Tensor, upper: torch.Tensor
     ) -> torch.Tensor:

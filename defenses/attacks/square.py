@@ -21,6 +21,7 @@ from typing import Unpack
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 from trainguard.defenses.attacks.base import Attack, AttackOptions
 from trainguard.defenses.errors import AttackConfigError, AttackInputError, TooFewClassesError
@@ -73,6 +74,7 @@ class Square(Attack):
         self.queries = int(queries)
         self.p_init = float(p_init)
 
+    @override
     def _perturb(
         self, x: torch.Tensor, y: torch.Tensor, eps: float, lower: torch.Tensor, upper: torch.Tensor
     ) -> torch.Tensor:

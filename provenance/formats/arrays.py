@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 import numpy as np
+from typing_extensions import override
 
 from trainguard.provenance.errors import ShardError
 from trainguard.provenance.formats import DEFAULT_BOUND, BoundedDecoder, DecodeBound, Samples, check_decode
@@ -78,6 +79,7 @@ class NpyDecoder(BoundedDecoder):
     label: str = "label"
     label_column: int = -1
 
+    @override
     def __call__(
         self, name: str, data: bytes, *, records: int | None = None, bound: DecodeBound = DEFAULT_BOUND
     ) -> Samples:
@@ -119,6 +121,7 @@ class NpzDecoder(BoundedDecoder):
 
     names: Sequence[tuple[str, str]] = NPZ_NAMES
 
+    @override
     def __call__(
         self, name: str, data: bytes, *, records: int | None = None, bound: DecodeBound = DEFAULT_BOUND
     ) -> Samples:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
+from typing_extensions import override
 
 from trainguard.provenance.errors import MalformedError, ShardError
 from trainguard.provenance.formats import DEFAULT_BOUND, BoundedDecoder, DecodeBound, Samples, check_decode
@@ -46,6 +47,7 @@ class CsvDecoder(BoundedDecoder):
         if self.label not in self.columns or len(self.columns) < 2:
             raise MalformedError(f"CSV schema: declare the label column {self.label!r} and at least one feature column")
 
+    @override
     def __call__(
         self, name: str, data: bytes, *, records: int | None = None, bound: DecodeBound = DEFAULT_BOUND
     ) -> Samples:

@@ -28,6 +28,7 @@ from litdata import StreamingDataLoader, StreamingDataset
 from litdata.streaming.downloader import Downloader, register_downloader
 from litdata.streaming.reader import PrepareChunksThread
 from litdata.streaming.resolver import Dir
+from typing_extensions import override
 
 from trainguard.provenance.errors import ShardError
 from trainguard.provenance.formats import DEFAULT_BOUND, DecodeBound, Samples, check_decode, decoding, undecodable
@@ -91,6 +92,7 @@ class VerifyingDownloader(Downloader):  # type: ignore[misc]  # litdata ships no
         self._reader_pid = 0
         self._lock = threading.Lock()
 
+    @override
     def __getstate__(self) -> dict[str, Any]:
         state: dict[str, Any] = super().__getstate__()
         state.pop("_reader", None)

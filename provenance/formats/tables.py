@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
+from typing_extensions import override
 
 from trainguard.provenance.errors import ShardError
 from trainguard.provenance.formats import DEFAULT_BOUND, BoundedDecoder, DecodeBound, Samples, check_decode
@@ -148,6 +149,7 @@ class ParquetDecoder(BoundedDecoder):
     shape: tuple[int, ...] | None = None
     max_pixels: int = MAX_PIXELS
 
+    @override
     def __call__(
         self, name: str, data: bytes, *, records: int | None = None, bound: DecodeBound = DEFAULT_BOUND
     ) -> Samples:

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from typing_extensions import override
+
 from trainguard.provenance.errors import ShardError
 from trainguard.provenance.formats import DEFAULT_BOUND, BoundedDecoder, DecodeBound, Samples, check_decode, decoding
 from trainguard.provenance.formats.images import MAX_PIXELS, NATIVE_MODES, ImageMode, image_pixels, open_image
@@ -47,6 +49,7 @@ class WebDatasetDecoder(BoundedDecoder):
     max_pixels: int = MAX_PIXELS
     npy_dtype: str = "float32"
 
+    @override
     def __call__(
         self, name: str, data: bytes, *, records: int | None = None, bound: DecodeBound = DEFAULT_BOUND
     ) -> Samples:
@@ -119,12 +122,15 @@ class _VerifiedStream(io.RawIOBase):
         self._chunks = iter(chunks)
         self._pending = memoryview(b"")
 
+    @override
     def readable(self) -> bool:
         return True
 
+    @override
     def __repr__(self) -> str:  # webdataset names the stream in the errors it re-raises: the shard, not an address
         return self.name
 
+    @override
     def readinto(self, target: Any) -> int:
         while not self._pending:
             chunk = self._next()
