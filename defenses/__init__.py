@@ -7,7 +7,58 @@ Names are imported on first use, so `import trainguard.defenses.errors` (the CLI
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from trainguard.lazy import lazy_getattr
+
+# What each lazy name is, for type checkers and IDEs (to them `__getattr__` alone makes every name Any).
+if TYPE_CHECKING:
+    from trainguard.defenses.adversarial import AdversarialTraining as AdversarialTraining
+    from trainguard.defenses.clustering import ClusteringConfig as ClusteringConfig
+    from trainguard.defenses.clustering import detect_clustering as detect_clustering
+    from trainguard.defenses.conformal import combined as combined
+    from trainguard.defenses.conformal import conformal_p_values as conformal_p_values
+    from trainguard.defenses.conformal import rejected as rejected
+    from trainguard.defenses.detectors import DetectionConfig as DetectionConfig
+    from trainguard.defenses.detectors import Detections as Detections
+    from trainguard.defenses.detectors import detect as detect
+    from trainguard.defenses.findings import Findings as Findings
+    from trainguard.defenses.findings import RowFinding as RowFinding
+    from trainguard.defenses.findings import SourceFinding as SourceFinding
+    from trainguard.defenses.forward import batch_input as batch_input
+    from trainguard.defenses.gate import GateVerdict as GateVerdict
+    from trainguard.defenses.gate import ModelGate as ModelGate
+    from trainguard.defenses.heldout import HeldoutMetrics as HeldoutMetrics
+    from trainguard.defenses.heldout import LabeledData as LabeledData
+    from trainguard.defenses.heldout import heldout_metrics as heldout_metrics
+    from trainguard.defenses.label_issues import LabelIssuesConfig as LabelIssuesConfig
+    from trainguard.defenses.label_issues import detect_label_issues as detect_label_issues
+    from trainguard.defenses.limits import capped_rows as capped_rows
+    from trainguard.defenses.limits import check_source_caps as check_source_caps
+    from trainguard.defenses.limits import enforce_source_caps as enforce_source_caps
+    from trainguard.defenses.margin import check_margins as check_margins
+    from trainguard.defenses.margin import compare_margins as compare_margins
+    from trainguard.defenses.overfitting import OverfittingGuard as OverfittingGuard
+    from trainguard.defenses.report import ReportOutcome as ReportOutcome
+    from trainguard.defenses.report import record_screening as record_screening
+    from trainguard.defenses.robust import RobustAccuracy as RobustAccuracy
+    from trainguard.defenses.robust import correct_under_attacks as correct_under_attacks
+    from trainguard.defenses.roni import Calibration as Calibration
+    from trainguard.defenses.roni import Candidate as Candidate
+    from trainguard.defenses.roni import CandidateDecision as CandidateDecision
+    from trainguard.defenses.roni import ScreeningConfig as ScreeningConfig
+    from trainguard.defenses.roni import ScreeningReport as ScreeningReport
+    from trainguard.defenses.roni import SourceDecision as SourceDecision
+    from trainguard.defenses.roni import screen_candidates as screen_candidates
+    from trainguard.defenses.spectral import SpectralConfig as SpectralConfig
+    from trainguard.defenses.spectral import detect_spectral as detect_spectral
+    from trainguard.defenses.task import Task as Task
+    from trainguard.defenses.task import as_task as as_task
+    from trainguard.defenses.trades import TRADES as TRADES
+    from trainguard.defenses.validation import Shard as Shard
+    from trainguard.defenses.validation import ShardSchema as ShardSchema
+    from trainguard.defenses.validation import ShardVerdict as ShardVerdict
+    from trainguard.defenses.validation import validate_shards as validate_shards
 
 _LAZY = {
     "TrainguardError": "trainguard.errors",

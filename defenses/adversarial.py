@@ -32,6 +32,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
 
 from trainguard.defenses.attacks import ATTACKS, make_attack
 from trainguard.defenses.attacks.base import Attack, Bound, LossFn
@@ -145,9 +146,11 @@ class AdversarialTraining(AttackSettings, pl.Callback):
         self._watched = 0
 
     @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(attack=self.attack_name, eps=self.eps, norm=self.norm, ratio=self.ratio)
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -180,12 +183,14 @@ class AdversarialTraining(AttackSettings, pl.Callback):
         within = (batch_idx + 1) / batches if math.isfinite(batches) and batches > 0 else 1.0
         return self.eps * min(1.0, (trainer.current_epoch + within) / self.warmup_epochs)
 
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._eps_sum, self._rows = 0.0, 0
         # Successes stay on the device and attacked rows on the host: counting never waits for the device.
         self._hits = torch.zeros((), device=pl_module.device)
         self._watched = 0
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -236,6 +241,7 @@ class AdversarialTraining(AttackSettings, pl.Callback):
         logits = output.detach() if watch.rows is None else output.detach()[watch.rows]
         self._count_successes(logits, watch)
 
+    @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         watch = self._watch
         if watch is None:
@@ -255,6 +261,7 @@ class AdversarialTraining(AttackSettings, pl.Callback):
         self._hits += (correct if self.attack.targeted else 1 - correct).sum()
         self._watched += len(watch.target)
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.attack is not None:
             self.attack.range_check.raise_pending()
@@ -268,6 +275,7 @@ class AdversarialTraining(AttackSettings, pl.Callback):
         if self.guard is not None:
             self.guard.on_train_epoch_end(trainer, pl_module)
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._drop_watch()
 
@@ -277,12 +285,14 @@ class AdversarialTraining(AttackSettings, pl.Callback):
             self._watch.hook.remove()
             self._watch = None
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"attack": self.attack.state_dict() if self.attack is not None else {"generator": None}}
         if self.guard is not None:
             state["guard"] = self.guard.state_dict()
         return state
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self.guard is not None and "guard" in state_dict:
             self.guard.load_state_dict(state_dict["guard"])

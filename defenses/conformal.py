@@ -105,8 +105,9 @@ class Standardizer:
 
     def standardized(self, values: np.ndarray) -> np.ndarray:
         """(rows x metrics) in units of each metric's scale above its center; NaN stays NaN."""
-        return (_quantized(np.asarray(values, dtype=np.float64), self.floor) - np.asarray(self.center)) / np.asarray(
-            self.scale
+        return np.asarray(
+            (_quantized(np.asarray(values, dtype=np.float64), self.floor) - np.asarray(self.center))
+            / np.asarray(self.scale)
         )
 
     def score(self, values: np.ndarray) -> np.ndarray:
@@ -164,7 +165,7 @@ def bonferroni_min(p_values: Sequence[float]) -> float:
     return float(min(1.0, len(p) * p.min()))
 
 
-def step_up_adjusted(p_values: Sequence[float], procedure: Literal["bh", "by"]) -> np.ndarray:
+def step_up_adjusted(p_values: Sequence[float] | np.ndarray, procedure: Literal["bh", "by"]) -> np.ndarray:
     """BH (or BY) adjusted p-values, through `scipy.stats.false_discovery_control`: a test is rejected at FDR level
     q exactly when its adjusted p-value <= q."""
     from scipy.stats import false_discovery_control

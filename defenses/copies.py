@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
+from typing_extensions import override
 
 from trainguard.defenses.errors import ScreeningInputError
 from trainguard.defenses.forward import ModuleForward, plain_forward
@@ -44,6 +45,7 @@ class _Hooked(nn.Module):
         self.model = model
         self.hook = forward or plain_forward
 
+    @override
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.hook(self.model, batch, batch["x"])
 
@@ -82,7 +84,9 @@ def _step_function(model: _Hooked, buffers: dict[str, torch.Tensor], lr: float, 
 
     loss_grad = grad(loss)
 
-    def step(params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], w: torch.Tensor):
+    def step(
+        params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], w: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         grads = loss_grad(params, batch, w)
         return {name: p - lr * grads[name] for name, p in params.items()}
 

@@ -80,12 +80,16 @@ def detect(
     features = np.asarray(features, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
     alpha = config.alpha / len(config.detectors)
-    shared = {"reference": config.reference, "alpha": alpha}
+    reference = config.reference
     runs = {
-        "spectral": lambda: detect_spectral(features, labels, sources, config.spectral, **shared),
-        "clustering": lambda: detect_clustering(features, labels, sources, config.clustering, **shared),
+        "spectral": lambda: detect_spectral(
+            features, labels, sources, config.spectral, reference=reference, alpha=alpha
+        ),
+        "clustering": lambda: detect_clustering(
+            features, labels, sources, config.clustering, reference=reference, alpha=alpha
+        ),
         "label-issues": lambda: detect_label_issues(
-            features, labels, sources, config.label_issues, pred_probs=pred_probs, **shared
+            features, labels, sources, config.label_issues, pred_probs=pred_probs, reference=reference, alpha=alpha
         ),
     }
     return Detections(tuple(runs[name]() for name in config.detectors))

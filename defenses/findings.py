@@ -98,7 +98,7 @@ def check_inputs(features: np.ndarray, labels: np.ndarray, sources: Sequence[str
             f"detection needs (N, D) features, N labels and N sources; got {features.shape}, {len(labels)} labels, "
             f"{len(sources)} sources"
         )
-    is_reference = np.asarray(sources, dtype=object) == reference
+    is_reference: np.ndarray = np.asarray(sources, dtype=object) == reference
     if not is_reference.any() or is_reference.all():
         raise DetectionInputError(f"detection needs reference rows (source {reference!r}) and candidate rows")
     if not np.isfinite(features).all():

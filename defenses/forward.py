@@ -18,15 +18,15 @@ ModuleForward = Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]
 
 def plain_forward(module: nn.Module, batch: Any, x: torch.Tensor) -> torch.Tensor:
     """The default: the model on the input alone."""
-    return module(x)
+    output: torch.Tensor = module(x)
+    return output
 
 
 def batch_input(batch: Any) -> torch.Tensor:
     """The clean input of a batch a hook is handed: `batch["x"]` of a held-out dict batch, else position 0 of a
     (inputs, targets) tuple or list, as Lightning's loaders give it."""
-    if isinstance(batch, Mapping):
-        return batch["x"]
-    return batch[0]
+    x: torch.Tensor = batch["x"] if isinstance(batch, Mapping) else batch[0]
+    return x
 
 
 class BatchForward:

@@ -23,10 +23,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Literal
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
+from typing_extensions import override
 
 from trainguard.defenses.errors import ModelRejectedError, ScreeningInputError
 from trainguard.defenses.forward import ModuleForward
@@ -248,18 +249,20 @@ class ModelGate(pl.Callback):
         self.verdict: GateVerdict | None = None
 
     @property
+    @override
     def state_key(self) -> str:
         return "ModelGate"
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> HeldoutMetrics:
         """Rank 0's measurements and held-out size on every rank (a rank may hold another share of the set)."""
         metrics = heldout_metrics(pl_module, self.holdout, self.num_classes, task=self.task, forward=self.forward)
-        shared = trainer.strategy.broadcast(
-            {"metrics": metrics.to_dict(), "rows": self.size.rows, "groups": list(self.size.group_rows)}, src=0
+        shared, rows, groups = trainer.strategy.broadcast(
+            (metrics.to_dict(), self.size.rows, list(self.size.group_rows)), src=0
         )
-        self.size = HeldoutSize(int(shared["rows"]), tuple(int(n) for n in shared["groups"]))
-        return HeldoutMetrics.from_dict(shared["metrics"])
+        self.size = HeldoutSize(int(rows), tuple(int(n) for n in groups))
+        return HeldoutMetrics.from_dict(shared)
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.verdict = None
         if self.previous_weights is None:
@@ -267,6 +270,7 @@ class ModelGate(pl.Callback):
         if self.record is None and self.baseline == "incoming":
             self.record = self._measure(trainer, pl_module)
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.previous_weights is not None
         after = self._measure(trainer, pl_module)
@@ -299,13 +303,15 @@ class ModelGate(pl.Callback):
                 )
                 logger.experiment.set_tag(logger.run_id, "trainguard.gate.reason", self.verdict.reason)
 
+    @override
     def state_dict(self) -> dict[str, object]:
         return {
             "record": None if self.record is None else self.record.to_dict(),
             "previous_weights": self.previous_weights,
         }
 
-    def load_state_dict(self, state_dict: dict[str, object]) -> None:
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         record = state_dict.get("record")
         self.record = None if record is None else HeldoutMetrics.from_dict(record)
         self.previous_weights = state_dict.get("previous_weights")

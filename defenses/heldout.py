@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -75,7 +76,7 @@ class HeldoutMetrics:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, object]) -> HeldoutMetrics:
+    def from_dict(cls, data: Mapping[str, Any]) -> HeldoutMetrics:
         return cls(
             loss=float(data["loss"]),
             accuracy=float(data["accuracy"]),

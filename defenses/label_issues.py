@@ -57,7 +57,8 @@ def cross_validated_probabilities(
     predicted = cross_val_predict(model, features, labels, cv=splitter, method="predict_proba")
     probabilities = np.full((len(labels), num_classes), 1e-6)
     probabilities[:, present] = predicted
-    return probabilities / probabilities.sum(axis=1, keepdims=True)
+    normalised: np.ndarray = probabilities / probabilities.sum(axis=1, keepdims=True)
+    return normalised
 
 
 def detect_label_issues(

@@ -18,6 +18,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
+from typing_extensions import override
 
 from trainguard.defenses.attacks import PGD
 from trainguard.defenses.attacks.base import Bound, LossFn
@@ -86,6 +87,7 @@ class OverfittingGuard(AttackSettings, pl.Callback):
         self._held: Any = None
         self._best_weights: dict[str, torch.Tensor] | None = None
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -100,6 +102,7 @@ class OverfittingGuard(AttackSettings, pl.Callback):
             **self.options.attack_arguments(self._forward, trainer),
         )
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -107,6 +110,7 @@ class OverfittingGuard(AttackSettings, pl.Callback):
             x, _ = self.keys.get(batch)
             self._held = batch_rows(batch, slice(self.max_samples), len(x), copy=True)
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         acc = self.held_accuracy(trainer, pl_module)
         if acc is None:
@@ -142,6 +146,7 @@ class OverfittingGuard(AttackSettings, pl.Callback):
         counts = trainer.strategy.reduce(counts, reduce_op="sum")  # every rank joins, even one without batches
         return float(counts[0] / counts[1]) if counts[1] > 0 else None
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "held": self._held,
@@ -151,6 +156,7 @@ class OverfittingGuard(AttackSettings, pl.Callback):
             "rolled_back_from": self.rolled_back_from,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._held = state_dict["held"]
         self.best_acc = state_dict["best_acc"]

@@ -32,6 +32,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from typing_extensions import override
 
 from trainguard.defenses.attacks import ATTACKS, make_attack
 from trainguard.defenses.attacks.base import Attack, Bound, LossFn
@@ -163,6 +164,7 @@ class RobustAccuracy(AttackSettings, pl.Callback):
             return {}
         return {a: [f"{n}/{a}" for n in self.metric_names()] for a in self.attack_names}
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._forward = BatchForward(pl_module, self.forward)
         self.attacks = {
@@ -181,6 +183,7 @@ class RobustAccuracy(AttackSettings, pl.Callback):
         }
         self._cascade = Cascade(self.attacks) if self.preset else None
 
+    @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._correct = None
         self._seen = 0
@@ -189,6 +192,7 @@ class RobustAccuracy(AttackSettings, pl.Callback):
         for attack in self.attacks.values():
             attack.reset_generator()
 
+    @override
     def on_validation_batch_end(
         self,
         trainer: pl.Trainer,
@@ -240,6 +244,7 @@ class RobustAccuracy(AttackSettings, pl.Callback):
             self._large_robust += int(check.robust.sum())
             self.costs[LARGE_EPS_CHECK] = sum(check.costs.values(), self.costs.get(LARGE_EPS_CHECK, AttackCost()))
 
+    @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return

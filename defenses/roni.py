@@ -67,11 +67,12 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Literal, overload
+from typing import Literal, cast, overload
 
 import numpy as np
 import torch
 from torch import nn
+from typing_extensions import override
 
 from trainguard.defenses.conformal import (
     Combination,
@@ -82,7 +83,7 @@ from trainguard.defenses.conformal import (
     sequential_p_value,
     step_up_adjusted,
 )
-from trainguard.defenses.copies import finetune_heldout_scores
+from trainguard.defenses.copies import Finetuned, finetune_heldout_scores
 from trainguard.defenses.errors import ScreeningInputError
 from trainguard.defenses.features import HeadSplit, has_head, head_features, split_head
 from trainguard.defenses.forward import ModuleForward, plain_forward
@@ -424,10 +425,11 @@ class _Draws(Sequence[LabeledData]):
     """Calibration shards as row indices into the trusted data, materialised a chunk at a time (thousands of large
     draws of frozen features would not fit in memory at once)."""
 
-    def __init__(self, trusted: LabeledData, rows: Sequence[np.ndarray]) -> None:
+    def __init__(self, trusted: LabeledData, rows: Sequence[np.ndarray] | np.ndarray) -> None:
         self.trusted = trusted
         self.rows = rows
 
+    @override
     def __len__(self) -> int:
         return len(self.rows)
 
@@ -435,6 +437,7 @@ class _Draws(Sequence[LabeledData]):
     def __getitem__(self, index: int) -> LabeledData: ...
     @overload
     def __getitem__(self, index: slice) -> list[LabeledData]: ...
+    @override
     def __getitem__(self, index: int | slice) -> LabeledData | list[LabeledData]:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
@@ -508,7 +511,9 @@ class _Scoped:
     forward: ModuleForward | None
     count: _Count
 
-    def finetuned(self, shards: Sequence[LabeledData], lr: float, config: ScreeningConfig, chunk_size: int | None):
+    def finetuned(
+        self, shards: Sequence[LabeledData], lr: float, config: ScreeningConfig, chunk_size: int | None
+    ) -> Finetuned:
         """Held-out soft accuracy and margin of one copy per shard at each checkpoint (`defenses.copies`)."""
         return finetune_heldout_scores(
             self.net,
@@ -563,7 +568,7 @@ def _head_scoped(model: nn.Module, full: _Scoped, config: ScreeningConfig) -> _S
     everything = torch.cat([full.trusted.x, full.holdout.x, *(c.x for c in full.candidates)])
     (features,) = head_features(model, split, [everything])
     sizes = [len(full.trusted), len(full.holdout), *(len(c) for c in full.candidates)]
-    trusted_x, holdout_x, *parts = features.split(sizes)
+    trusted_x, holdout_x, *parts = torch.split(features, sizes)
     return _Scoped(
         split.head,
         split.entry,
@@ -898,7 +903,12 @@ def _sequential(
                 (*stratum.impacts, *part[:, -impacts.width].tolist()),
             )
     tests = [
-        _Tested(values[i], scores[i], float(sequential_p_value(strata[s].scores, scores[i], hits, limit)), strata[s])
+        _Tested(
+            values[i],
+            scores[i],
+            float(cast(float, sequential_p_value(strata[s].scores, scores[i], hits, limit))),
+            strata[s],
+        )
         for i, s in enumerate(where)
     ]
     ordered = tuple(sorted(strata, key=lambda s: (s.size, s.counts or ())))
@@ -1054,8 +1064,8 @@ def _decide(
             [min(1.0, 2 * p) if c.source in sources else p for p, c in zip(shard_p, candidates, strict=True)]
         )
     else:
-        adjusted = step_up_adjusted(np.concatenate([shard_p, source_p]), config.error_control)
-        adjusted_shards, adjusted_sources = adjusted[: len(shard_p)], adjusted[len(shard_p) :]
+        both = step_up_adjusted(np.concatenate([shard_p, source_p]), config.error_control)
+        adjusted_shards, adjusted_sources = both[: len(shard_p)], both[len(shard_p) :]
     source_decisions = {
         s.source: _source_decision(s, float(a), config) for s, a in zip(sources.values(), adjusted_sources, strict=True)
     }

@@ -108,7 +108,7 @@ def _targets(samples: Samples, schema: SampleSchema) -> str | None:
     flat = targets.reshape(len(samples), -1).astype(np.float64)
     low = -np.inf if schema.target_min is None else schema.target_min
     high = np.inf if schema.target_max is None else schema.target_max
-    bad = ~(np.isfinite(flat) & (flat >= low) & (flat <= high)).all(axis=1)
+    bad = np.asarray(~(np.isfinite(flat) & (flat >= low) & (flat <= high)).all(axis=1))
     if not bad.any():
         return None
     return _where(bad, f"with targets not finite within [{low:g}, {high:g}]")

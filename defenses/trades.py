@@ -27,6 +27,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from typing_extensions import override
 
 from trainguard.defenses.attacks.base import Attack, Bound
 from trainguard.defenses.attacks.batches import Key
@@ -57,6 +58,7 @@ class TradesAttack(Attack):
         self.steps = steps
         self.step_size = step_size
 
+    @override
     def _perturb(
         self, x: torch.Tensor, y: torch.Tensor, eps: float, lower: torch.Tensor, upper: torch.Tensor
     ) -> torch.Tensor:
@@ -129,14 +131,17 @@ class TRADES(pl.LightningModule):
             seed=seed,
         )
 
+    @override
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The wrapped module's own forward, so a `forward(module, batch, x)` hook handed the wrapper (as callbacks
         see it) calls the module as it would unwrapped."""
         return self.module(*args, **kwargs)
 
+    @override
     def setup(self, stage: str) -> None:
         self.attack.autocast = crafting_autocast(self.options.crafting, self.trainer)
 
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = self.keys.get(batch)
         self.task.check_targets(y)
@@ -158,21 +163,27 @@ class TRADES(pl.LightningModule):
         self.module._current_fx_name = self._current_fx_name
         return getattr(self.module, hook)(*args)
 
+    @override
     def validation_step(self, batch: Any, batch_idx: int, *args: Any) -> Any:
         return self._delegate("validation_step", batch, batch_idx, *args)
 
+    @override
     def test_step(self, batch: Any, batch_idx: int, *args: Any) -> Any:
         return self._delegate("test_step", batch, batch_idx, *args)
 
+    @override
     def predict_step(self, batch: Any, batch_idx: int, *args: Any) -> Any:
         return self._delegate("predict_step", batch, batch_idx, *args)
 
+    @override
     def configure_optimizers(self) -> Any:
         return self.module.configure_optimizers()
 
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["trades_attack"] = self.attack.state_dict()
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "trades_attack" in checkpoint:
             self.attack.load_state_dict(checkpoint["trades_attack"])

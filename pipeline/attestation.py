@@ -165,7 +165,8 @@ def cycle_record(statement: Mapping[str, Any]) -> dict[str, Any]:
     """The trainguard byproduct (shard decisions, read log, RONI, gate) of a statement."""
     for product in statement["predicate"]["runDetails"].get("byproducts", []):
         if product.get("name") == RECORD_NAME:
-            return product.get("annotations", {})
+            annotations: dict[str, Any] = product.get("annotations", {})
+            return annotations
     raise AttestationError(f"the statement has no {RECORD_NAME} byproduct")
 
 

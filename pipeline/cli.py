@@ -63,7 +63,6 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         click.echo(f"trainguard: error: {' '.join(str(error).split())}", err=True)
         return code
-    return 0
 
 
 if __name__ == "__main__":

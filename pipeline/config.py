@@ -58,7 +58,8 @@ class Component(_Section):
     def resolve(self) -> type:
         """Imports and returns the class (no checks: `load_config` has done them)."""
         module, _, name = self.class_path.rpartition(".")
-        return getattr(importlib.import_module(module), name)
+        resolved: type = getattr(importlib.import_module(module), name)
+        return resolved
 
     def instantiate(self, **injected: Any) -> Any:
         """A new instance built from `init_args` plus what the cycle supplies itself (e.g. a verified dataset)."""

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -31,8 +31,8 @@ def quiet_console(verbose: bool = False) -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
         root.addHandler(handler)
-    for handler in root.handlers:
-        handler.setLevel(logging.INFO if verbose else logging.ERROR)
+    for each in root.handlers:
+        each.setLevel(logging.INFO if verbose else logging.ERROR)
     root.setLevel(logging.INFO if verbose else logging.WARNING)
     for name in _LIBRARY_LOGGERS:
         logger = logging.getLogger(name)
@@ -120,7 +120,7 @@ def table(title: str, rows: list[tuple[str, str]]) -> None:
     Console(width=None if sys.stdout.isatty() else 120).print(summary)
 
 
-def rows_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+def rows_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
     """A table with a header row on stdout (plain text when stdout is not a terminal)."""
     from rich.console import Console
     from rich.table import Table

@@ -61,6 +61,7 @@ from trainguard.provenance.formats import Decoder
 from trainguard.provenance.keys import load_signing_key, public_key_path
 
 if TYPE_CHECKING:
+    from trainguard.defenses.margin import SourceMargin
     from trainguard.defenses.roni import ScreeningConfig
 
 CHECKS = ("verify", "validate", "limits", "roni")
@@ -305,7 +306,7 @@ def _run(cycle: RunningCycle, parent: TrackedRun) -> CycleOutcome:
             cycle.state = cycle.store.update(cycle.state.reject(reason))
     status = "accepted" if accepted_model else "rejected"
     headline = _headline(cycle, result, screening_seconds, status)
-    lines = source_lines(cycle.state.latest.shards, cycle.report)
+    lines = source_lines(cycle.record.shards, cycle.report)
     cycle.report.update(
         source_lines=list(lines),
         status=status,
@@ -317,7 +318,7 @@ def _run(cycle: RunningCycle, parent: TrackedRun) -> CycleOutcome:
     report = cycle.write_report()  # before any upload: the local record never waits on the server
     rows = _write_dvc_outputs(cycle, result, headline)
     parent.log_metrics(headline, step=cycle.number)
-    parent.log_table(_decision_table(cycle.state.latest.shards), DECISIONS_TABLE)
+    parent.log_table(_decision_table(cycle.record.shards), DECISIONS_TABLE)
     _log_plots(parent, rows, prior, cycle.number)
     parent.log_artifact(report, "report")
     parent.finish(status, reason)
@@ -347,7 +348,7 @@ def _decoders(config: CycleConfig) -> dict[str, Decoder]:
 def _allow_list(cycle: RunningCycle, intake: Intake) -> AllowList:
     """The shards training may read: every trusted and train shard accepted in this cycle's decisions, and the
     held-out shards it validates on, each as listed in the manifest the intake verified."""
-    accepted_keys = {d.key for d in cycle.state.current.shards if d.accepted}
+    accepted_keys = {d.key for d in cycle.running.shards if d.accepted}
     chosen = [s for s in (*intake.trusted, *intake.train) if (s.key, s.sha256) in accepted_keys]
     return AllowList.of(s.allowed for s in (*chosen, *intake.holdout))
 
@@ -393,7 +394,7 @@ def _labeled(shards: Sequence[SignedShard], task: Task) -> LabeledData:
 def _headline(cycle: RunningCycle, result: TrainingResult, screening_seconds: float, status: str) -> dict[str, float]:
     """The cycle's numbers, named alike in MLflow, the JSON report and DVC's metrics file: clean and robust
     held-out accuracy, shards offered, accepted and refused by check, and the screening's error level and time."""
-    shards = cycle.state.latest.shards
+    shards = cycle.record.shards
     refused = refusals(shards)
     metrics = {
         "cycle/number": float(cycle.number),
@@ -518,7 +519,7 @@ def _detect(
         return list(new), {}, {}
     from trainguard.pipeline.detection import run_detection
 
-    before = {d.key for d in cycle.state.current.shards if d.accepted}
+    before = {d.key for d in cycle.running.shards if d.accepted}
     pool = [*(s for s in intake.train if (s.key, s.sha256) in before), *new]
     outcome = run_detection(section, model, intake.holdout, pool, stage)
     cycle.decide(outcome.rejected)
@@ -543,8 +544,9 @@ def _incoming_model(
     key = public_key_path(config.output.model_signing_key)
     model.load_state_dict(load_verified_state_dict(Path(record.path), key, expected_sha256=record.sha256))
     heldout = cycle.state.heldout
-    comparable = heldout is not None and heldout.metrics and heldout.manifest_sha256 == holdout_sha256
-    return model, HeldoutMetrics.from_dict(heldout.metrics) if comparable else None
+    if heldout is not None and heldout.metrics and heldout.manifest_sha256 == holdout_sha256:
+        return model, HeldoutMetrics.from_dict(heldout.metrics)
+    return model, None
 
 
 def _screen(
@@ -608,7 +610,7 @@ def _screen(
     ]
     earlier = [
         d.model_copy(update={"accepted": False, "check": "roni", "reason": flagged[d.source].reason})
-        for d in cycle.state.current.shards
+        for d in cycle.running.shards
         if d.accepted and d.source in flagged and d.check == "roni"
     ]
     cycle.decide([*decisions, *earlier])
@@ -617,7 +619,7 @@ def _screen(
     files = write_screening(screening, cycle.config.output.work_dir / "roni" / f"cycle-{cycle.number:04d}")
     stage.log_screening(screening, files)
     kept = [s for s in shards if verdict[s.key].accepted]
-    margins = []
+    margins: Sequence[SourceMargin] = ()
     skipped = _margin_skipped(config)
     if kept and skipped is None:
         rows = concat(kept)

@@ -18,14 +18,14 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from trainguard.pipeline.errors import StateError
 from trainguard.provenance.rollback import Accepted, RollbackRecords
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION: Final = 3
 RECENT = 50
 """How many cycle summaries the state keeps (for `status` and the cycles plot); older ones stay in the log."""
 Status = Literal["running", "accepted", "rejected", "failed", "abandoned"]

@@ -82,7 +82,7 @@ def join(launch: Launch, timeout: timedelta) -> None:
         torch.distributed.init_process_group(backend, rank=launch.rank, world_size=launch.world_size, timeout=timeout)
     group = torch.distributed.new_group(backend="gloo", timeout=max(MEETING_TIMEOUT, timeout))
     job_store = torch.distributed.distributed_c10d._get_default_store()  # the process group's own; no public getter
-    store = torch.distributed.PrefixStore("trainguard/arrive", job_store)
+    store = torch.distributed.distributed_c10d.PrefixStore("trainguard/arrive", job_store)
     _JOINED[:] = [_Joined(group, timeout, store)]
 
 
@@ -149,7 +149,7 @@ class Meeting:
         self.held = True
         stopped = isinstance(value, Stopped)
         try:
-            _share({"stopped": value.reason} if stopped else {"plan": value.message()})
+            _share({"stopped": value.reason} if isinstance(value, Stopped) else {"plan": value.message()})
         except RankError as error:
             if not isinstance(error, RankWaitError):  # the others got a failed message and answer it: hear them out
                 _answer({"refused": str(error)})

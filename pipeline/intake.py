@@ -126,7 +126,9 @@ def verify_and_read(
     accepted manifest versions is the caller's (it owns the state)."""
     holdout_ref = config.dataset.holdout
     every_decoder = default_decoders(decoders, label=config.validation.label_column)
-    manifests, reports, refused = [], [], []
+    manifests: list[VerifiedManifest] = []
+    reports: list[VerificationReport] = []
+    refused: list[ShardDecision] = []
     by_role: dict[str, list[SignedShard]] = defaultdict(list)
     pending: list[tuple[ManifestRef, VerifiedManifest, ShardReader, ShardEntry]] = []
     for ref in manifest_refs(config):

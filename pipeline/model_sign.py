@@ -115,7 +115,11 @@ def sign_model(directory: Path, signing_key: Path) -> Path:
 
     password = _check_signing_key(Path(signing_key))
     try:
-        config = model_signing.signing.Config().use_elliptic_key_signer(private_key=signing_key, password=password)
+        # model-signing annotates password as str but hands it to cryptography, which takes bytes
+        config = model_signing.signing.Config().use_elliptic_key_signer(  # type: ignore[no-untyped-call]
+            private_key=signing_key,
+            password=password,  # type: ignore[arg-type]
+        )
         config.set_hashing_config(_hashing_config())
         config.sign(directory, directory / SIGNATURE_FILE)
     except (OSError, ValueError, TypeError) as error:
@@ -148,9 +152,9 @@ def verify_model_signature(
         pinned.write_bytes(bundle)
         pinned_key.write_bytes(pem)
         try:
-            model_signing.verifying.Config().use_elliptic_key_verifier(public_key=pinned_key).set_hashing_config(
-                _hashing_config()
-            ).verify(directory, pinned)
+            model_signing.verifying.Config().use_elliptic_key_verifier(  # type: ignore[no-untyped-call]
+                public_key=pinned_key
+            ).set_hashing_config(_hashing_config()).verify(directory, pinned)
         except Exception as error:  # the library raises ValueError, InvalidSignature, protobuf and JSON errors
             raise ModelSignatureError(
                 f"{directory}: model signature check failed against {public_key}: {_one_line(error)}",
@@ -169,7 +173,9 @@ def _hashing_config() -> Any:
     """What the model signature covers: every file but the signature and attestation, `.git*` files included."""
     import model_signing
 
-    return model_signing.hashing.Config().set_ignored_paths(paths=list(UNSIGNED_FILES), ignore_git_paths=False)
+    return model_signing.hashing.Config().set_ignored_paths(  # type: ignore[no-untyped-call]
+        paths=list(UNSIGNED_FILES), ignore_git_paths=False
+    )
 
 
 def _present_files(directory: Path) -> set[str]:

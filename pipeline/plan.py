@@ -84,7 +84,9 @@ Number = float | Literal["nan", "inf", "-inf"]
 
 
 def _number(value: float) -> Number:
-    return value if math.isfinite(value) else repr(value)
+    if math.isfinite(value):
+        return value
+    return "nan" if math.isnan(value) else "inf" if value > 0 else "-inf"
 
 
 def _metrics_json(metrics: HeldoutMetrics) -> dict[str, Any]:

@@ -5,6 +5,7 @@ checks. A released model directory is never overwritten."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ def release(
     if directory.exists() or directory.is_symlink():
         raise CycleAbortedError(f"{directory} already holds a released model; it is never overwritten", "release")
     data_dirs = {m.manifest_sha256: m.data_dir for m in intake.manifests}
-    started = cycle.state.current.started
+    started = cycle.running.started
     manifests: list[Resource] = [
         Resource(uri=m.path.resolve().as_uri(), digest={"sha256": m.manifest_sha256}, name=m.manifest.dataset)
         for m in intake.manifests
@@ -58,7 +59,7 @@ def release(
         manifests=manifests,
         config=file_resource(cycle.config_path),
         resolved_config=config.resolved(),
-        shards=cycle.state.current.shards,
+        shards=cycle.running.shards,
         read_log=read_log_resource(**cycle.report["training"]["read_log"]),
         allowed=[
             Resource(
@@ -113,16 +114,16 @@ def release(
 
 
 def _model_release(
-    cycle: RunningCycle, intake: Intake, directory: Path, digests: dict[str, str], example: Any
+    cycle: RunningCycle, intake: Intake, directory: Path, digests: Mapping[str, str], example: Any
 ) -> ModelRelease:
     """What the registered version says about itself: which cycle, which data (manifest digests), which checks."""
     config = cycle.config
-    shards = cycle.state.latest.shards
+    shards = cycle.record.shards
     refused = refusals(shards)
     data = ", ".join(f"{m.manifest.dataset} (manifest sha256 {m.manifest_sha256})" for m in intake.manifests)
     refused_by = ", ".join(f"{n} by {check}" for check, n in sorted(refused.items())) or "none"
     gate = cycle.report["gate"]
-    checks = ", ".join((*cycle.state.latest.steps, "gate"))
+    checks = ", ".join((*cycle.record.steps, "gate"))
     tags = {
         "trainguard.cycle": str(cycle.number),
         "trainguard.config_sha256": cycle.config_sha256,

@@ -10,8 +10,9 @@ from typing import Any
 
 from trainguard.pipeline.config import CycleConfig
 from trainguard.pipeline.cycle_report import write_report
-from trainguard.pipeline.cycle_state import CycleState, ShardDecision
+from trainguard.pipeline.cycle_state import CycleRecord, CycleState, ShardDecision
 from trainguard.pipeline.distributed import Meeting
+from trainguard.pipeline.errors import StateError
 from trainguard.pipeline.receipts import write_receipt
 from trainguard.pipeline.state_log import StateStore
 from trainguard.pipeline.tracking import CycleTracker
@@ -33,7 +34,23 @@ class RunningCycle:
     @property
     def number(self) -> int:
         """This cycle's number (the last cycle of the state: running, or just finished)."""
-        return self.state.latest.cycle
+        return self.record.cycle
+
+    @property
+    def record(self) -> CycleRecord:
+        """This cycle's record: the last of the state, running or just finished."""
+        latest = self.state.latest
+        if latest is None:
+            raise StateError("the cycle state holds no cycle while one runs", path=str(self.store.path))
+        return latest
+
+    @property
+    def running(self) -> CycleRecord:
+        """This cycle's record while it runs (before the gate's decision finishes it)."""
+        current = self.state.current
+        if current is None:
+            raise StateError(f"cycle {self.number} is no longer running", path=str(self.store.path))
+        return current
 
     def decide(self, decisions: Sequence[ShardDecision]) -> None:
         self.state = self.store.update(self.state.decide(decisions))

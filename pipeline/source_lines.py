@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 from trainguard.pipeline.cycle_state import ShardDecision
 
@@ -116,7 +116,7 @@ def _roni_words(source: str, refused: Sequence[ShardDecision], roni: Mapping[str
         drop = _worst(worst["impact"], worst["class_impacts"])
         p = judged["adjusted_p_value"] if judged is not None else worst["adjusted_p_value"]
         what = "shards" if judged is not None else "shard" if len(decisions) == 1 else "worst shard"
-    else:
+    elif judged is not None:
         return f"RONI: {judged['reason']}"
     metric, value = drop
     return f"RONI: {metric} {-value:+.2f} with this source's {what} (p {p:.1g})"
@@ -130,7 +130,7 @@ def _worst(overall: float | None, classes: Sequence[float | None]) -> tuple[str,
     return max(drops, key=lambda d: d[1], default=("held-out margin", math.nan))
 
 
-def _finite(value: float | None) -> bool:
+def _finite(value: float | None) -> TypeGuard[float]:
     return value is not None and math.isfinite(value)
 
 

@@ -181,6 +181,7 @@ class StateStore:
             if chain is None:
                 raise StateError(f"{self.path}: the first event of a state must be its genesis, not {event.kind}")
             chain = self._append(chain, event)
+        assert chain is not None, "state.pending is not empty: the loop appended to a chain"
         saved = state.model_copy(update={"pending": ()})
         self.chain = _pruned(chain, saved)
         self._write_head(saved, self.chain)

@@ -248,7 +248,7 @@ class TrackedRun:
         flat = sorted(flatten_params(params).items())
         for start in range(0, len(flat), PARAMS_PER_BATCH):
             chunk = [Param(k, v) for k, v in flat[start : start + PARAMS_PER_BATCH]]
-            if not self.active:
+            if self.tracker.offline:  # a failed batch takes the tracker offline
                 return
             with self.tracker._guard(f"log params to {self.name}"):
                 self.tracker._client.log_batch(self.run_id, params=chunk)
@@ -258,7 +258,7 @@ class TrackedRun:
             return
         items = _tags(tags)
         for start in range(0, len(items), PARAMS_PER_BATCH):
-            if not self.active:
+            if self.tracker.offline:  # a failed batch takes the tracker offline
                 return
             with self.tracker._guard(f"set tags on {self.name}"):
                 self.tracker._client.log_batch(self.run_id, tags=items[start : start + PARAMS_PER_BATCH])

@@ -10,6 +10,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+from typing_extensions import override
 
 from trainguard.defenses import TRADES, AdversarialTraining, RobustAccuracy
 from trainguard.defenses.gate import GateVerdict, ModelGate
@@ -55,13 +56,14 @@ def trainer(
     settings = config.trainer.model_copy(
         update={"init_args": {"log_every_n_steps": 1, **config.trainer.init_args, **overrides}}
     )
-    return settings.instantiate(
+    trainer: pl.Trainer = settings.instantiate(
         callbacks=[*callbacks, *([progress] if progress is not None else [])],
         logger=logger if logger is not None else False,
         enable_checkpointing=False,
         enable_progress_bar=progress is not None,
         enable_model_summary=False,
     )
+    return trainer
 
 
 def _launched_world(launch: Launch, strategy: Any) -> dict[str, Any]:
@@ -88,6 +90,7 @@ class MetricsAlone(pl.Callback):
     def __init__(self) -> None:
         self.saved: list[tuple[Any, Callable[[], bool] | None]] = []
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from torchmetrics import Metric
 
@@ -96,11 +99,13 @@ class MetricsAlone(pl.Callback):
                 self.saved.append((metric, metric.distributed_available_fn))
                 metric.distributed_available_fn = _not_distributed
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for metric, available in self.saved:
             metric.distributed_available_fn = available
         self.saved.clear()
 
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.teardown(trainer, pl_module, "fit")
 

@@ -29,58 +29,49 @@ from trainguard.provenance.errors import (
     VerificationFailed,
 )
 
+# What each lazy name is, for type checkers and IDEs (to them `__getattr__` alone makes every name Any).
 if TYPE_CHECKING:
-    from trainguard.provenance.dsse import (
-        Envelope,
-        Signature,
-        add_signature,
-        pae,
-        sign_envelope,
-        verify_envelope,
-    )
-    from trainguard.provenance.keys import (
-        KeyType,
-        SigningKey,
-        VerifyingKey,
-        generate_signing_key,
-        load_signing_key,
-        load_verifying_key,
-        write_keypair,
-    )
-    from trainguard.provenance.manifest import (
-        PAYLOAD_TYPE,
-        PREDICATE_TYPE,
-        STATEMENT_TYPE,
-        Manifest,
-        ShardEntry,
-        parse_statement,
-    )
-    from trainguard.provenance.policy import (
-        TrustPolicy,
-        load_trust,
-    )
-    from trainguard.provenance.reader import (
-        ReadLog,
-        ReadRecord,
-        ShardReader,
-    )
-    from trainguard.provenance.rollback import (
-        RollbackState,
-        default_state_path,
-    )
-    from trainguard.provenance.signing import (
-        cosign_manifest,
-        sign_dataset,
-        write_manifest,
-    )
-    from trainguard.provenance.verify import (
-        ShardFailure,
-        VerificationReport,
-        VerifiedManifest,
-        open_manifest,
-        verify_dataset,
-        verify_or_raise,
-    )
+    from trainguard.provenance.callback import VerifyDatasetCallback as VerifyDatasetCallback
+    from trainguard.provenance.dataset import ManifestSpec as ManifestSpec
+    from trainguard.provenance.dataset import ShardDataset as ShardDataset
+    from trainguard.provenance.dataset import VerifiedDataModule as VerifiedDataModule
+    from trainguard.provenance.dataset_input import dataset_input as dataset_input
+    from trainguard.provenance.dsse import Envelope as Envelope
+    from trainguard.provenance.dsse import Signature as Signature
+    from trainguard.provenance.dsse import add_signature as add_signature
+    from trainguard.provenance.dsse import pae as pae
+    from trainguard.provenance.dsse import sign_envelope as sign_envelope
+    from trainguard.provenance.dsse import verify_envelope as verify_envelope
+    from trainguard.provenance.dvc import dvc_tracked_md5 as dvc_tracked_md5
+    from trainguard.provenance.keys import KeyType as KeyType
+    from trainguard.provenance.keys import SigningKey as SigningKey
+    from trainguard.provenance.keys import VerifyingKey as VerifyingKey
+    from trainguard.provenance.keys import generate_signing_key as generate_signing_key
+    from trainguard.provenance.keys import load_signing_key as load_signing_key
+    from trainguard.provenance.keys import load_verifying_key as load_verifying_key
+    from trainguard.provenance.keys import write_keypair as write_keypair
+    from trainguard.provenance.manifest import PAYLOAD_TYPE as PAYLOAD_TYPE
+    from trainguard.provenance.manifest import PREDICATE_TYPE as PREDICATE_TYPE
+    from trainguard.provenance.manifest import STATEMENT_TYPE as STATEMENT_TYPE
+    from trainguard.provenance.manifest import Manifest as Manifest
+    from trainguard.provenance.manifest import ShardEntry as ShardEntry
+    from trainguard.provenance.manifest import parse_statement as parse_statement
+    from trainguard.provenance.policy import TrustPolicy as TrustPolicy
+    from trainguard.provenance.policy import load_trust as load_trust
+    from trainguard.provenance.reader import ReadLog as ReadLog
+    from trainguard.provenance.reader import ReadRecord as ReadRecord
+    from trainguard.provenance.reader import ShardReader as ShardReader
+    from trainguard.provenance.rollback import RollbackState as RollbackState
+    from trainguard.provenance.rollback import default_state_path as default_state_path
+    from trainguard.provenance.signing import cosign_manifest as cosign_manifest
+    from trainguard.provenance.signing import sign_dataset as sign_dataset
+    from trainguard.provenance.signing import write_manifest as write_manifest
+    from trainguard.provenance.verify import ShardFailure as ShardFailure
+    from trainguard.provenance.verify import VerificationReport as VerificationReport
+    from trainguard.provenance.verify import VerifiedManifest as VerifiedManifest
+    from trainguard.provenance.verify import open_manifest as open_manifest
+    from trainguard.provenance.verify import verify_dataset as verify_dataset
+    from trainguard.provenance.verify import verify_or_raise as verify_or_raise
 
 _LAZY = {
     "Envelope": "trainguard.provenance.dsse",

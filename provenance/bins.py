@@ -20,6 +20,7 @@ from trainguard import strictjson
 from trainguard.files import atomic_write, read_regular
 from trainguard.provenance.dsse import Envelope, sign_envelope
 from trainguard.provenance.errors import (
+    BinError,
     BinMissingError,
     BinRollbackError,
     BinSwappedError,
@@ -247,7 +248,7 @@ def load_bin(manifest_path: Path, index: BinnedIndex, number: int) -> tuple[Shar
     return _bin_shards(data, index, number)
 
 
-def _mismatch(path: Path, data: bytes, header: Manifest, number: int) -> BinMissingError | BinTamperedError:
+def _mismatch(path: Path, data: bytes, header: Manifest, number: int) -> BinError:
     """Why a bin's bytes differ from the signed digest: another bin or an older version, when it says so."""
     try:
         document = strictjson.loads(data)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from typing_extensions import override
 
 from trainguard.provenance.dataset import ManifestLike, as_spec
 from trainguard.provenance.errors import MalformedError, ProvenanceError
@@ -45,6 +46,7 @@ class VerifyDatasetCallback(pl.Callback):
         self.reports: tuple[VerificationReport, ...] = ()
         self.tolerated: tuple[ShardFailure, ...] = ()
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.reports:
             return

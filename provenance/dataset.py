@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import pandas as pd
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from typing_extensions import override
 
 from trainguard.provenance.allowlist import AllowedShard, AllowList, RefusedRead
 from trainguard.provenance.errors import MalformedError, ProvenanceError, ShardError, ShardFormatError, shard_error
@@ -77,9 +79,10 @@ def open_verified(
 
 TABLE_SUFFIXES = (".parquet", ".npy")
 Transform = Callable[[torch.Tensor], torch.Tensor]
+Sample = tuple[torch.Tensor, torch.Tensor]
 
 
-class ShardDataset(Dataset):
+class ShardDataset(Dataset[Sample]):
     """The samples of the selected shards as (float32 input of the shard's shape, target), held in memory after a
     verified read; tables through their feature and label columns, other formats through `decoders`. `exclude_rows`
     (`dataset:name` -> row indices) drops rows of a shard after its verified read, e.g. rows a detector quarantined:
@@ -155,6 +158,7 @@ class ShardDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    @override
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.features[index]
         return (self.transform(features) if self.transform is not None else features), self.labels[index]
@@ -240,22 +244,25 @@ def balanced_owners(weights: Sequence[int], parts: int) -> list[int]:
     return owners
 
 
-class RankPartSampler(DistributedSampler):
+class RankPartSampler(DistributedSampler[int]):
     """The indices of this rank's own part of the data, padded by repeats to `length` so that every rank runs the
     same number of batches; a sampler of one replica, so Lightning does not split the part again."""
 
-    def __init__(self, dataset: Dataset, length: int, *, shuffle: bool, seed: int) -> None:
+    def __init__(self, dataset: ShardDataset, length: int, *, shuffle: bool, seed: int) -> None:
         super().__init__(dataset, num_replicas=1, rank=0, shuffle=shuffle, seed=seed)
+        self.part = dataset
         self.length = length
 
+    @override
     def __iter__(self) -> Iterator[int]:
-        size = len(self.dataset)
+        size = len(self.part)
         if self.shuffle:
             order = torch.randperm(size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         else:
             order = torch.arange(size)
         return iter(order.repeat(-(-self.length // max(size, 1)))[: self.length].tolist())
 
+    @override
     def __len__(self) -> int:
         return self.length
 
@@ -374,18 +381,19 @@ class VerifiedDataModule(pl.LightningDataModule):
         module.verified, module.allow = tuple(verified), allow
         return module
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         try:
-            self._read()
+            train_set = self._read()
         except ProvenanceError:
             self.train_set = self.val_set = None
             self._agree(False)
             raise
         self._agree(True)
-        self.read_log, self.refused = self._merged(self.local_read_log, self.train_set.refused)
-        self._train_length = self._longest(len(self.train_set))
+        self.read_log, self.refused = self._merged(self.local_read_log, train_set.refused)
+        self._train_length = self._longest(len(train_set))
 
     def _part(self) -> tuple[int, int] | None:
         """(rank, world size) when this rank reads a part of the shards, None when it reads them all."""
@@ -419,36 +427,39 @@ class VerifiedDataModule(pl.LightningDataModule):
         if self.trainer is not None and not self.trainer.strategy.reduce_boolean_decision(ok, all=True) and ok:
             raise ProvenanceError("shard verification failed on another rank; training stopped")
 
-    def _read(self) -> None:
+    def _read(self) -> ShardDataset:
+        """Reads the training (and validation) shards into `train_set` (and `val_set`); returns `train_set`."""
         if self.allow is None:
             self.verified = open_verified(self.specs, self.trust, self.state_file)
         readers = [ShardReader(v, self.local_read_log, self.allow) for v in self.verified]
-        options = {
-            "sources": self.sources,
-            "exclude": self.exclude,
-            "feature_columns": self.feature_columns,
-            "label_column": self.label_column,
-            "decoders": self.decoders,
-        }
-        part = self._part()
-        self.train_set = ShardDataset(
+        dataset = partial(
+            ShardDataset,
             readers,
+            sources=self.sources,
+            exclude=self.exclude,
+            feature_columns=self.feature_columns,
+            label_column=self.label_column,
+            decoders=self.decoders,
+        )
+        part = self._part()
+        self.train_set = dataset(
             roles=self.train_roles,
             transform=self.transform,
             part=part,
             exclude_rows=self.exclude_rows,
             refusable=self.refusable,
-            **options,
         )
         if len(self.train_set) == 0:
             _nothing_to_train(self.train_set.refused, part is not None)
         if self.val_roles:
-            self.val_set = ShardDataset(readers, roles=self.val_roles, transform=self.val_transform, **options)
+            self.val_set = dataset(roles=self.val_roles, transform=self.val_transform)
+        return self.train_set
 
     def read_log_digest(self) -> str:
         return self.read_log.digest()
 
-    def train_dataloader(self) -> DataLoader:
+    @override
+    def train_dataloader(self) -> DataLoader[Sample]:
         assert self.train_set is not None, "setup() first"
         if self._part() is not None:
             sampler = RankPartSampler(self.train_set, self._train_length, shuffle=True, seed=self.seed)
@@ -458,7 +469,8 @@ class VerifiedDataModule(pl.LightningDataModule):
             self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator, num_workers=self.num_workers
         )
 
-    def val_dataloader(self) -> DataLoader | list:
+    @override
+    def val_dataloader(self) -> DataLoader[Sample] | list[DataLoader[Sample]]:
         if self.val_set is None or len(self.val_set) == 0:
             return []
         return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)

@@ -14,6 +14,7 @@ from typing import Any, Literal, get_args
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from typing_extensions import override
 
 from trainguard.files import atomic_write, read_regular
 from trainguard.provenance.errors import KeyFileError
@@ -49,8 +50,11 @@ class VerifyingKey:
         return True
 
     def to_pem(self) -> bytes:
-        return self._key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        return bytes(
+            self._key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        )
 
+    @override
     def __reduce__(self) -> tuple[Any, tuple[bytes]]:
         """Pickles as its PEM (the library's key objects do not pickle), so verified statements reach spawned
         DataLoader workers."""
@@ -74,12 +78,14 @@ class SigningKey:
 
     def sign(self, data: bytes) -> bytes:
         if self.key_type == "ed25519":
-            return self._key.sign(data)
-        return self._key.sign(data, ec.ECDSA(hashes.SHA256()))
+            return bytes(self._key.sign(data))
+        return bytes(self._key.sign(data, ec.ECDSA(hashes.SHA256())))
 
+    @override
     def __repr__(self) -> str:
         return f"SigningKey(keyid={self.keyid!r}, key_type={self.key_type!r})"
 
+    @override
     def __reduce__(self) -> Any:
         raise TypeError("a SigningKey is not picklable: it would copy private key material")
 

@@ -210,7 +210,7 @@ def granted(signed: Sequence[Signed], manifest: Manifest) -> Signed:
 
 def granted_claims(signed: Sequence[Signed], dataset: str, sources: Iterable[str], roles: Iterable[str]) -> Signed:
     """`granted` for a binned manifest: the first signing key set granted its declared dataset, sources, roles."""
-    claims = [("the manifest declares", None, source, None) for source in sources]
+    claims: list[Claim] = [("the manifest declares", None, source, None) for source in sources]
     claims += [("the manifest declares", None, None, role) for role in roles]
     return _first_granted(signed, lambda key_set: key_set.unauthorized_claims(dataset, claims))
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from typing_extensions import override
+
 from trainguard.lazy import lazy_getattr
 from trainguard.provenance.errors import (
     AppendedShardError,
@@ -123,6 +125,7 @@ class JournalLog(ReadLog):
         super().__init__()
         self.journal = journal
 
+    @override
     def append(self, record: ReadRecord) -> None:
         super().append(record)
         journal_entry(self.journal, {"read": vars(record), "pid": os.getpid()})
@@ -330,12 +333,10 @@ class ShardReader:
         data = self.read_bytes(name)
         with decoding(name, f"decoder {_describe(decode)}"):  # a user's decoder fails closed too
             if isinstance(decode, BoundedDecoder):
-                samples = decode(name, data, records=shard.records, bound=self.bound)
+                returned = decode(name, data, records=shard.records, bound=self.bound)
             else:
-                samples = decode(name, data)
-        if not isinstance(samples, Samples):
-            message = f"shard {name}: decoder {_describe(decode)} returned {type(samples).__name__}, not Samples"
-            raise ShardFormatError(message, shard=name)
+                returned = decode(name, data)
+        samples = _decoded_samples(name, decode, returned)
         decoded = samples.inputs.nbytes + samples.targets.nbytes
         check_decode(name, len(samples), decoded, shard.records, self.bound.limit(shard.size))
         return samples
@@ -389,20 +390,33 @@ class VerifiedFile(io.BytesIO):
         super().__init__(data)
         self.name = name
 
+    @override
     def writable(self) -> bool:
         return False
 
+    @override
     def write(self, data: object) -> int:
         raise io.UnsupportedOperation(f"shard {self.name} is opened read-only")
 
+    @override
     def writelines(self, lines: object) -> None:
         raise io.UnsupportedOperation(f"shard {self.name} is opened read-only")
 
+    @override
     def truncate(self, size: int | None = None) -> int:
         raise io.UnsupportedOperation(f"shard {self.name} is opened read-only")
 
+    @override
     def getbuffer(self) -> memoryview:
         raise io.UnsupportedOperation(f"shard {self.name} is opened read-only")
+
+
+def _decoded_samples(name: str, decoder: object, returned: object) -> Samples:
+    """What a decoder returned, refused unless it is Samples (a user's decoder may return anything)."""
+    if not isinstance(returned, Samples):
+        message = f"shard {name}: decoder {_describe(decoder)} returned {type(returned).__name__}, not Samples"
+        raise ShardFormatError(message, shard=name)
+    return returned
 
 
 def _describe(decoder: object) -> str:

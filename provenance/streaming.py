@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from typing_extensions import override
 
 from trainguard.provenance.allowlist import AllowList
 from trainguard.provenance.errors import ShardError
@@ -32,7 +33,7 @@ from trainguard.provenance.verify import VerifiedManifest
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
-class StreamingShards(IterableDataset):
+class StreamingShards(IterableDataset[tuple[torch.Tensor, torch.Tensor]]):
     """(input, target) samples streamed from the selected shards of verified manifests, verified and decoded in the
     worker that reads each shard; shard order (and sample order within a shard) reshuffled every epoch."""
 
@@ -84,6 +85,7 @@ class StreamingShards(IterableDataset):
         workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
         return order[rank::world][worker_id::workers]
 
+    @override
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         log = JournalLog(self.journal)
         for index, name in self.own_shards():
@@ -99,10 +101,11 @@ class StreamingShards(IterableDataset):
                 yield (self.transform(inputs[i]) if self.transform else inputs[i]), targets[i]
 
 
-class StreamingLoader(DataLoader):
+class StreamingLoader(DataLoader[tuple[torch.Tensor, torch.Tensor]]):
     """A DataLoader over `StreamingShards` that re-raises a worker's refusal as the ShardError it was."""
 
-    def __iter__(self) -> Iterator[Any]:
+    @override
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]  # torch annotates its own iterator class
         try:
             yield from super().__iter__()
         except Exception:  # a worker's error arrives rebuilt from text: the journal holds the refusal as it was

@@ -281,8 +281,11 @@ def verify_dataset(
     path = Path(path)
     rollback = _state(state)
     folder = Path(data_dir) if data_dir is not None else path.parent
-    skip = [rollback.path, rollback.path.with_name(rollback.path.name + ".lock")]
-    skip = skip if isinstance(rollback, RollbackState) else []
+    skip = (
+        [rollback.path, rollback.path.with_name(rollback.path.name + ".lock")]
+        if isinstance(rollback, RollbackState)
+        else []
+    )
     try:
         verified = open_manifest(path, trust, dataset=dataset, data_dir=folder, state=rollback, now=now, share=share)
     except BaseException as error:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -53,6 +54,7 @@ def test_the_wheel_has_one_top_level_package_trainguard(wheel: Path) -> None:
     assert top_level == {"trainguard"}
     for module in ("provenance/verify.py", "defenses/roni.py", "defenses/attacks/pgd.py", "pipeline/commands/data.py"):
         assert f"trainguard/{module}" in names
+    assert "trainguard/py.typed" in names
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "trainguard = trainguard.pipeline.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
@@ -190,3 +192,74 @@ def test_importing_trainguard_loads_no_torch_until_a_name_is_used() -> None:
     done = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "True", "False"]
+
+
+def test_a_type_checker_sees_the_lazy_names_of_an_installed_wheel(wheel: Path, tmp_path: Path) -> None:
+    """py.typed ships and the TYPE_CHECKING re-exports name what `__getattr__` imports: mypy, reading the wheel
+    installed in a bare virtualenv (no torch), resolves `trainguard.AdversarialTraining` to the class, not Any."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    purelib = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    installed = subprocess.run(
+        [str(BIN / "pip"), "install", "--quiet", "--no-deps", "--no-index", "--target", purelib, str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert installed.returncode == 0, installed.stderr
+    snippet = (
+        "import trainguard, trainguard.defenses, trainguard.provenance\n"
+        "reveal_type(trainguard.AdversarialTraining)\n"
+        "reveal_type(trainguard.defenses.ModelGate)\n"
+        "reveal_type(trainguard.provenance.VerifiedDataModule)\n"
+        "reveal_type(trainguard.verify_dataset)\n"
+    )
+    (tmp_path / "empty.ini").write_text("[mypy]\n")
+    python = str(venv / "bin" / "python")
+    done = subprocess.run(
+        [
+            str(BIN / "mypy"),
+            "--config-file",
+            "empty.ini",
+            "--no-incremental",
+            "--python-executable",
+            python,
+            "-c",
+            snippet,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    revealed = [line for line in done.stdout.splitlines() if "Revealed type" in line]
+    assert len(revealed) == 4, done.stdout + done.stderr
+    assert "trainguard.defenses.adversarial.AdversarialTraining" in revealed[0]
+    assert "trainguard.defenses.gate.ModelGate" in revealed[1]
+    assert "trainguard.provenance.dataset.VerifiedDataModule" in revealed[2]
+    assert "trainguard.provenance.verify.VerificationReport" in revealed[3]
+    assert not any('Revealed type is "Any"' in line for line in revealed), revealed
+
+
+def _type_checking_names(package: Path) -> set[str]:
+    """The names a package's `__init__` imports under `if TYPE_CHECKING:`."""
+    tree = ast.parse((package / "__init__.py").read_text())
+    blocks = [node for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"]
+    return {alias.asname or alias.name for block in blocks for node in block.body for alias in node.names}
+
+
+@pytest.mark.parametrize("package", ["trainguard", "provenance", "defenses"])
+def test_every_lazy_name_has_a_type_checking_import(package: str) -> None:
+    """A name added to `_LAZY` without its TYPE_CHECKING import would be Any to type checkers and IDEs."""
+    tree = ast.parse((REPO / package / "__init__.py").read_text())
+    lazy = next(
+        ast.literal_eval(node.value)
+        for node in tree.body
+        if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "_LAZY"
+    )
+    assert _type_checking_names(REPO / package) == set(lazy)

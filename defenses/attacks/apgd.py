@@ -16,13 +16,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, Unpack
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from typing_extensions import override
 
-from trainguard.defenses.attacks.base import Attack
+from trainguard.defenses.attacks.base import Attack, AttackKeywords
 from trainguard.defenses.errors import AttackConfigError, TooFewClassesError
 
 Objective = Literal["ce", "dlr", "dlr-targeted"]
@@ -115,7 +116,9 @@ class APGD(Attack):
 
     objective: ClassVar[Objective] = "ce"
 
-    def __init__(self, model: nn.Module, *, eps: float, steps: int = 100, restarts: int = 1, **kwargs: object) -> None:
+    def __init__(
+        self, model: nn.Module, *, eps: float, steps: int = 100, restarts: int = 1, **kwargs: Unpack[AttackKeywords]
+    ) -> None:
         if kwargs.get("loss") is not None:
             raise AttackConfigError(f"APGD maximises its own {self.objective} loss; loss= cannot be set")
         super().__init__(model, eps=eps, **kwargs)
@@ -130,6 +133,7 @@ class APGD(Attack):
         self.steps = int(steps)
         self.restarts = int(restarts)
 
+    @override
     def _perturb(
         self, x: torch.Tensor, y: torch.Tensor, eps: float, lower: torch.Tensor, upper: torch.Tensor
     ) -> torch.Tensor:
@@ -244,13 +248,14 @@ class APGDT(APGD):
         steps: int = 100,
         restarts: int = 1,
         target_classes: int = 9,
-        **kwargs: object,
+        **kwargs: Unpack[AttackKeywords],
     ) -> None:
         super().__init__(model, eps=eps, steps=steps, restarts=restarts, **kwargs)
         if target_classes < 1:
             raise AttackConfigError(f"target_classes must be >= 1, got {target_classes!r}")
         self.target_classes = int(target_classes)
 
+    @override
     def _perturb(
         self, x: torch.Tensor, y: torch.Tensor, eps: float, lower: torch.Tensor, upper: torch.Tensor
     ) -> torch.Tensor:

@@ -14,7 +14,7 @@ import contextlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from typing import Literal
+from typing import Literal, TypedDict
 
 import torch
 from torch import nn
@@ -27,6 +27,22 @@ from trainguard.defenses.task import Task, as_task
 Norm = Literal["inf", "2"]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ForwardFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class AttackKeywords(TypedDict, total=False):
+    """The keyword options of `Attack.__init__` besides `eps`, which every attack passes on to it unchanged."""
+
+    norm: str | float
+    bounds: tuple[Bound, Bound] | None
+    loss: LossFn | None
+    task: Task | str | None
+    targeted: bool
+    forward: ForwardFn | None
+    seed: int | None
+    generator: torch.Generator | None
+    autocast: torch.dtype | None
+    defer_range_check: bool
+
 
 _TINY = 1e-12
 _AUTOCAST_DTYPES = (torch.float16, torch.bfloat16)
@@ -194,12 +210,18 @@ class Attack(ABC):
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         """Restores a generator saved by `state_dict`."""
-        if state.get("generator") is None:
+        generator = state.get("generator")
+        if generator is None:
             return
+        if not isinstance(generator, torch.Tensor):
+            raise AttackConfigError(
+                f"attack state: the generator state must be a tensor, got {type(generator).__name__}"
+            )
         device = torch.device(str(state["device"]))
         self._generator = torch.Generator(device=device)
-        self._generator.set_state(state["generator"])
+        self._generator.set_state(generator)
 
 
 def _per_sample_l2(t: torch.Tensor) -> torch.Tensor:
-    return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
+    norms: torch.Tensor = t.flatten(1).norm(dim=1)  # Tensor.norm is unannotated
+    return norms.view(-1, *([1] * (t.dim() - 1)))

@@ -41,10 +41,13 @@ class BatchKeys:
         Lists and dicts get a new tensor; an immutable tuple keeps its tensor, whose values are overwritten.
         """
         ikey, _ = self.resolve(batch)
-        if isinstance(batch, MutableMapping | MutableSequence):
+        if isinstance(batch, MutableMapping):
             batch[ikey] = x_new
-        else:
-            _entry(batch, ikey).copy_(x_new)
+            return
+        if isinstance(batch, MutableSequence) and isinstance(ikey, int):
+            batch[ikey] = x_new
+            return
+        _entry(batch, ikey).copy_(x_new)
 
 
 def _entry(batch: object, key: Key) -> torch.Tensor:

@@ -46,8 +46,8 @@ class Bounds:
             self._tensors[key] = tuple(torch.as_tensor(b, dtype=x.dtype, device=x.device) for b in self.pair)  # type: ignore[assignment]
         lower, upper = self._tensors[key]
         try:
-            torch.broadcast_shapes(lower.shape, x.shape[1:])
-            torch.broadcast_shapes(upper.shape, x.shape[1:])
+            torch.broadcast_shapes(lower.shape, x.shape[1:])  # type: ignore[no-untyped-call]
+            torch.broadcast_shapes(upper.shape, x.shape[1:])  # type: ignore[no-untyped-call]
         except RuntimeError:
             raise AttackInputError(
                 f"bounds of shape {tuple(lower.shape)}/{tuple(upper.shape)} do not broadcast to a sample "
@@ -85,7 +85,7 @@ class RangeCheck:
         if summary.is_cuda:
             host = torch.empty(3, dtype=torch.float64, pin_memory=True)
             host.copy_(summary, non_blocking=True)
-            ready = torch.cuda.Event()
+            ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
             ready.record()
             self._pending = _Pending(host, ready)
         else:

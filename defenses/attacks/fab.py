@@ -14,10 +14,13 @@ in AutoAttack) at a norm <= eps; rows FAB cannot break within eps are returned u
 
 from __future__ import annotations
 
+from typing import Unpack
+
 import torch
 from torch import nn
+from typing_extensions import override
 
-from trainguard.defenses.attacks.base import Attack, Norm
+from trainguard.defenses.attacks.base import Attack, AttackKeywords, Norm
 from trainguard.defenses.errors import AttackConfigError, TooFewClassesError
 
 ALPHA_MAX = 0.1
@@ -81,7 +84,7 @@ class FABT(Attack):
         steps: int = 100,
         restarts: int = 1,
         target_classes: int = TARGETS,
-        **kwargs: object,
+        **kwargs: Unpack[AttackKeywords],
     ) -> None:
         if kwargs.get("loss") is not None:
             raise AttackConfigError("FAB-T steps to the linearised class boundary; loss= cannot be set")
@@ -96,6 +99,7 @@ class FABT(Attack):
         self.restarts = int(restarts)
         self.target_classes = int(target_classes)
 
+    @override
     def _perturb(
         self, x: torch.Tensor, y: torch.Tensor, eps: float, lower: torch.Tensor, upper: torch.Tensor
     ) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from typing_extensions import override
 
 from trainguard.defenses.attacks.base import Attack
 
@@ -10,6 +11,7 @@ from trainguard.defenses.attacks.base import Attack
 class FGSM(Attack):
     """`x + eps * sign(grad)` for L-inf, `x + eps * grad / ||grad||` for L2, projected into bounds."""
 
+    @override
     def _perturb(
         self, x: torch.Tensor, y: torch.Tensor, eps: float, lower: torch.Tensor, upper: torch.Tensor
     ) -> torch.Tensor:

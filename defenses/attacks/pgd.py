@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Unpack
+
 import torch
 from torch import nn
+from typing_extensions import override
 
-from trainguard.defenses.attacks.base import Attack
+from trainguard.defenses.attacks.base import Attack, AttackKeywords
 from trainguard.defenses.errors import AttackConfigError
 
 
@@ -20,7 +23,7 @@ class PGD(Attack):
         steps: int = 10,
         step_size: float | None = None,
         random_start: bool = True,
-        **kwargs: object,
+        **kwargs: Unpack[AttackKeywords],
     ) -> None:
         super().__init__(model, eps=eps, **kwargs)
         if steps < 1:
@@ -37,6 +40,7 @@ class PGD(Attack):
             return 2.5 * eps / self.steps
         return self.step_size * eps / self.eps if self.eps > 0 else self.step_size
 
+    @override
     def _perturb(
         self, x: torch.Tensor, y: torch.Tensor, eps: float, lower: torch.Tensor, upper: torch.Tensor
     ) -> torch.Tensor:

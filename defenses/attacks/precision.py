@@ -6,7 +6,7 @@ slower, numerically conservative choice. Either way the perturbation itself stay
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -23,7 +23,7 @@ def parse_crafting(crafting: str) -> Crafting:
     """Checks a `crafting=` setting."""
     if crafting not in CRAFTING:
         raise AttackConfigError(f"crafting must be 'trainer' or 'fp32', got {crafting!r}")
-    return cast(Crafting, crafting)
+    return crafting
 
 
 def trainer_autocast(trainer: pl.Trainer) -> torch.dtype | None:

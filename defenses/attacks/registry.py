@@ -3,10 +3,12 @@ callbacks and configs name them."""
 
 from __future__ import annotations
 
+from typing import Unpack
+
 from torch import nn
 
 from trainguard.defenses.attacks.apgd import APGD, APGDCE, APGDDLR, APGDT
-from trainguard.defenses.attacks.base import Attack
+from trainguard.defenses.attacks.base import Attack, AttackKeywords
 from trainguard.defenses.attacks.fab import FABT
 from trainguard.defenses.attacks.fgsm import FGSM
 from trainguard.defenses.attacks.fgsm_rs import FGSMRandomStart
@@ -37,7 +39,7 @@ def make_attack(
     step_size: float | None = None,
     random_start: bool = True,
     restarts: int = 1,
-    **common: object,
+    **common: Unpack[AttackKeywords],
 ) -> Attack:
     """Builds the named attack; `steps` concerns PGD, APGD and FAB-T (its iterations per target), and Square as
     `SQUARE_QUERIES_PER_STEP` queries per step (steps=100: AutoAttack's 5,000 queries); `step_size`/`random_start`

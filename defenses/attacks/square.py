@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
+from typing import Unpack
 
 import torch
 from torch import nn
+from typing_extensions import override
 
-from trainguard.defenses.attacks.base import Attack
+from trainguard.defenses.attacks.base import Attack, AttackKeywords
 from trainguard.defenses.errors import AttackConfigError, AttackInputError, TooFewClassesError
 
 P_INIT = 0.8
@@ -34,7 +36,7 @@ _SCHEDULE_QUERIES = 10_000
 def square_fraction(query: int, queries: int, p_init: float = P_INIT) -> float:
     """The share p of the image the window covers at (0-based) `query` of `queries`, on the published schedule."""
     scaled = int(query / queries * _SCHEDULE_QUERIES)
-    return p_init / 2 ** sum(scaled > mark for mark in HALVINGS)
+    return p_init / 2.0 ** sum(scaled > mark for mark in HALVINGS)
 
 
 def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -51,7 +53,13 @@ class Square(Attack):
     (the margin loss is its own)."""
 
     def __init__(
-        self, model: nn.Module, *, eps: float, queries: int = QUERIES, p_init: float = P_INIT, **kwargs: object
+        self,
+        model: nn.Module,
+        *,
+        eps: float,
+        queries: int = QUERIES,
+        p_init: float = P_INIT,
+        **kwargs: Unpack[AttackKeywords],
     ) -> None:
         if kwargs.get("loss") is not None:
             raise AttackConfigError("Square minimises its own margin loss; loss= cannot be set")
@@ -66,6 +74,7 @@ class Square(Attack):
         self.queries = int(queries)
         self.p_init = float(p_init)
 
+    @override
     def _perturb(
         self, x: torch.Tensor, y: torch.Tensor, eps: float, lower: torch.Tensor, upper: torch.Tensor
     ) -> torch.Tensor:
@@ -186,7 +195,8 @@ def square_pattern(side: int) -> torch.Tensor:
         half = tail[torch.maximum(r, c)]
         halves.append(sign * half / half.norm().clamp_min(1e-300))
     pattern = torch.cat(halves)
-    return pattern / pattern.norm()
+    norm: torch.Tensor = pattern.norm()  # Tensor.norm is unannotated
+    return pattern / norm
 
 
 def _patterns(n: int, side: int, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
@@ -239,7 +249,8 @@ def _signs(shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype) -> 
 
 def _l2(t: torch.Tensor) -> torch.Tensor:
     """Per-row L2 norm, shaped (n, 1, 1, 1)."""
-    return t.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    norms: torch.Tensor = t.flatten(1).norm(dim=1)  # Tensor.norm is unannotated
+    return norms.view(-1, 1, 1, 1)
 
 
 def _unit(t: torch.Tensor) -> torch.Tensor:

@@ -91,7 +91,7 @@ def _relaunch(processes: int) -> None:
 
     command = ["--standalone", f"--nproc-per-node={processes}", "-m", "trainguard.pipeline.cli", *sys.argv[1:]]
     try:
-        run(parse_args(command))
+        run(parse_args(command))  # type: ignore[no-untyped-call]  # torch's launcher is unannotated
     except ChildFailedError as error:
         rank, failure = error.get_first_failure()
         click.echo(f"trainguard: rank {rank} stopped (exit code {failure.exitcode}); the other ranks with it", err=True)

@@ -8,10 +8,14 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from trainguard.pipeline.commands import PATH
+
+if TYPE_CHECKING:
+    from trainguard.provenance.keys import KeyType
 
 
 def role_options(command: Callable[..., None]) -> Callable[..., None]:
@@ -38,7 +42,7 @@ def role_options(command: Callable[..., None]) -> Callable[..., None]:
     help="ecdsa-p256 for Sigstore / OpenSSF model-signing tooling.",
 )
 @click.option("--force", is_flag=True, help="Overwrite an existing key pair.")
-def keygen(out: Path, key_type: str, force: bool) -> None:
+def keygen(out: Path, key_type: KeyType, force: bool) -> None:
     """Generate a signing key pair; the private key is encrypted when $TRAINGUARD_KEY_PASSPHRASE is set."""
     from trainguard.provenance.keys import PASSPHRASE_ENV, generate_signing_key, write_keypair
 

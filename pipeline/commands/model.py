@@ -5,6 +5,7 @@ and can predict with it."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import click
@@ -86,5 +87,6 @@ def load_model(model: str, key: Path, attestation_key: Path | None, inputs: Path
     )
     shards = f"{verification.accepted_shards} accepted shards ({verification.rejected_shards} rejected)"
     click.echo(f"   trained on {shards}")
-    for column, values in dict(result.get("predictions") or {}).items():
+    predictions = result.get("predictions")
+    for column, values in (predictions if isinstance(predictions, Mapping) else {}).items():
         click.echo(f"   {column}: {values}")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 import numpy as np
+from typing_extensions import override
 
 from trainguard.provenance.errors import RecordsMismatchError, ShardFormatError
 from trainguard.provenance.formats import DEFAULT_BOUND, BoundedDecoder, DecodeBound, Samples, check_decode
@@ -65,7 +66,7 @@ def parse_array(
     try:
         header = read_npy_header(io.BytesIO(data))
         check_decode(name, header.rows, header.nbytes, records, bound.limit(len(data)))
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        return np.asarray(np.load(io.BytesIO(data), allow_pickle=False))
     except (ValueError, OSError, EOFError) as error:
         raise ShardFormatError(f"shard {name}: not a readable .npy array: {error}", shard=name) from None
 
@@ -78,6 +79,7 @@ class NpyDecoder(BoundedDecoder):
     label: str = "label"
     label_column: int = -1
 
+    @override
     def __call__(
         self, name: str, data: bytes, *, records: int | None = None, bound: DecodeBound = DEFAULT_BOUND
     ) -> Samples:
@@ -117,6 +119,7 @@ class NpzDecoder(BoundedDecoder):
 
     names: Sequence[tuple[str, str]] = NPZ_NAMES
 
+    @override
     def __call__(
         self, name: str, data: bytes, *, records: int | None = None, bound: DecodeBound = DEFAULT_BOUND
     ) -> Samples:

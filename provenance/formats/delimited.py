@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
+from typing_extensions import override
 
 from trainguard.provenance.errors import MalformedError, ShardError, ShardFormatError
 from trainguard.provenance.formats import DEFAULT_BOUND, BoundedDecoder, DecodeBound, Samples, check_decode
@@ -46,6 +47,7 @@ class CsvDecoder(BoundedDecoder):
         if self.label not in self.columns or len(self.columns) < 2:
             raise MalformedError(f"CSV schema: declare the label column {self.label!r} and at least one feature column")
 
+    @override
     def __call__(
         self, name: str, data: bytes, *, records: int | None = None, bound: DecodeBound = DEFAULT_BOUND
     ) -> Samples:
@@ -71,7 +73,9 @@ class CsvDecoder(BoundedDecoder):
         is converted."""
         as_text = pacsv.ConvertOptions(column_types=dict.fromkeys(self.columns, pa.string()))
         try:
-            header = pacsv.open_csv(io.BytesIO(data), parse_options=parse, convert_options=as_text).schema.names
+            header: list[str] = pacsv.open_csv(
+                io.BytesIO(data), parse_options=parse, convert_options=as_text
+            ).schema.names
         except pa.ArrowException as error:
             raise ShardFormatError(f"shard {name}: not readable as CSV: {error}", shard=name) from None
         missing = [c for c in self.columns if c not in header]
@@ -130,6 +134,6 @@ def _dtype_name(kind: pa.DataType) -> str:
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
         return "text"
     try:
-        return np.dtype(kind.to_pandas_dtype()).name
+        return str(np.dtype(kind.to_pandas_dtype()).name)
     except (NotImplementedError, TypeError):
         return str(kind)

@@ -28,6 +28,7 @@ from litdata import StreamingDataLoader, StreamingDataset
 from litdata.streaming.downloader import Downloader, register_downloader
 from litdata.streaming.reader import PrepareChunksThread
 from litdata.streaming.resolver import Dir
+from typing_extensions import override
 
 from trainguard.provenance.errors import (
     RecordsMismatchError,
@@ -78,7 +79,7 @@ class VerifiedSource:
         return f"{self.prefix}/{filename}" if self.prefix else filename
 
 
-class VerifyingDownloader(Downloader):
+class VerifyingDownloader(Downloader):  # type: ignore[misc]  # litdata ships no annotations
     """litdata's downloader for `trainguard://` dirs: writes a shard's verified bytes into litdata's cache."""
 
     def __init__(
@@ -86,7 +87,7 @@ class VerifyingDownloader(Downloader):
         remote_dir: str,
         cache_dir: str,
         chunks: list[dict[str, Any]],
-        storage_options: dict | None = None,
+        storage_options: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(remote_dir, cache_dir, chunks, storage_options)
@@ -97,8 +98,9 @@ class VerifyingDownloader(Downloader):
         self._reader_pid = 0
         self._lock = threading.Lock()
 
+    @override
     def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
+        state: dict[str, Any] = super().__getstate__()
         state.pop("_reader", None)
         state.pop("_lock", None)
         return state
@@ -140,7 +142,7 @@ class VerifyingDownloader(Downloader):
         return filename
 
 
-class VerifiedStreamingDataset(StreamingDataset):
+class VerifiedStreamingDataset(StreamingDataset):  # type: ignore[misc]  # litdata ships no annotations
     """A `litdata.StreamingDataset` over the optimized dataset at `prefix` in a verified manifest's data dir: its
     index and every chunk are verified as litdata fetches them, and litdata parses only the verified cache copies.
 
@@ -222,7 +224,7 @@ class VerifiedStreamingDataset(StreamingDataset):
         return first_refusal(self.source.journal)
 
 
-class VerifiedStreamingDataLoader(StreamingDataLoader):
+class VerifiedStreamingDataLoader(StreamingDataLoader):  # type: ignore[misc]  # litdata ships no annotations
     """litdata's StreamingDataLoader over a VerifiedStreamingDataset; a refusal in a worker surfaces as its own
     ShardError (torch re-raises a worker's error rebuilt from its traceback text, without `shard` and `reason`)."""
 
@@ -373,7 +375,7 @@ def _prefetch_verified_chunks_one_at_a_time() -> None:
         return not isinstance(getattr(self._config, "_downloader", None), VerifyingDownloader) and gather(self)
 
     _async_prefetch.trainguard = True  # type: ignore[attr-defined]
-    PrepareChunksThread._async_prefetch = _async_prefetch  # type: ignore[method-assign]
+    PrepareChunksThread._async_prefetch = _async_prefetch
 
 
 _prefetch_verified_chunks_one_at_a_time()

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
+from typing_extensions import override
 
 from trainguard.provenance.errors import ShardFormatError
 from trainguard.provenance.formats import DEFAULT_BOUND, BoundedDecoder, DecodeBound, Samples, check_decode
@@ -148,6 +149,7 @@ class ParquetDecoder(BoundedDecoder):
     shape: tuple[int, ...] | None = None
     max_pixels: int = MAX_PIXELS
 
+    @override
     def __call__(
         self, name: str, data: bytes, *, records: int | None = None, bound: DecodeBound = DEFAULT_BOUND
     ) -> Samples:
@@ -180,7 +182,7 @@ class ParquetDecoder(BoundedDecoder):
             raise ShardFormatError(f"shard {name}: column {column!r} has {values.null_count} null values", shard=name)
         if isinstance(kind, pa.FixedShapeTensorType):
             try:
-                array = values.to_numpy_ndarray()
+                array: np.ndarray = values.to_numpy_ndarray()
             except pa.ArrowException as error:
                 raise ShardFormatError(
                     f"shard {name}: tensor column {column!r} ({kind}) does not convert: {error}",
@@ -199,11 +201,11 @@ class ParquetDecoder(BoundedDecoder):
                     f"shard {name}: column {column!r} holds {kind.list_size} values per row, declared shape {dims}",
                     shard=name,
                 )
-            return values.flatten().to_numpy(zero_copy_only=False).reshape(len(values), *dims)
+            return np.asarray(values.flatten().to_numpy(zero_copy_only=False).reshape(len(values), *dims))
         if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
             return _decode_images(name, column, values.to_pylist(), self.max_pixels, limit)
         if _numeric(kind):
-            return values.to_numpy(zero_copy_only=False)
+            return np.asarray(values.to_numpy(zero_copy_only=False))
         raise ShardFormatError(
             f"shard {name}: column {column!r} is {kind}; expected numbers, a fixed-shape tensor, a fixed_size_list "
             "of numbers or image bytes",
@@ -234,11 +236,11 @@ def _where(column: str, row: int) -> str:
 
 
 def _numeric(kind: pa.DataType) -> bool:
-    return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
+    return bool(pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind))
 
 
-def _fixed_width(kind: object) -> bool:
+def _fixed_width(kind: pa.DataType) -> bool:
     try:
-        return kind.bit_width > 0  # type: ignore[attr-defined]
+        return bool(kind.bit_width > 0)
     except ValueError:  # variable-width types (strings, lists) have no bit width
         return False

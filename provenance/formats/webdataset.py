@@ -14,7 +14,9 @@ import math
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from typing_extensions import override
 
 from trainguard.provenance.errors import RecordsMismatchError, ShardError, ShardFormatError, shard_error
 from trainguard.provenance.formats import DEFAULT_BOUND, BoundedDecoder, DecodeBound, Samples, check_decode, decoding
@@ -47,6 +49,7 @@ class WebDatasetDecoder(BoundedDecoder):
     max_pixels: int = MAX_PIXELS
     npy_dtype: str = "float32"
 
+    @override
     def __call__(
         self, name: str, data: bytes, *, records: int | None = None, bound: DecodeBound = DEFAULT_BOUND
     ) -> Samples:
@@ -95,7 +98,8 @@ def _grouped(name: str, stream: io.RawIOBase) -> Iterator[dict[str, Any]]:
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
     members = tar_file_expander([{"url": name, "stream": stream}], eof_value=None)
-    return group_by_keys(members, keys=_key_and_suffix)
+    samples: Iterator[dict[str, Any]] = group_by_keys(members, keys=_key_and_suffix)
+    return samples
 
 
 def _key_and_suffix(member: str) -> tuple[str, str]:
@@ -118,12 +122,15 @@ class _VerifiedStream(io.RawIOBase):
         self._chunks = iter(chunks)
         self._pending = memoryview(b"")
 
+    @override
     def readable(self) -> bool:
         return True
 
+    @override
     def __repr__(self) -> str:  # webdataset names the stream in the errors it re-raises: the shard, not an address
         return self.name
 
+    @override
     def readinto(self, target: Any) -> int:
         while not self._pending:
             chunk = self._next()
@@ -256,7 +263,7 @@ class _SampleBuilder:
         self.decoded += nbytes
         check_decode(self.name, None, self.decoded, None, self.limit, where=f"member {member}")
 
-    def _refuse(self, problem: str) -> None:
+    def _refuse(self, problem: str) -> NoReturn:
         raise ShardFormatError(f"shard {self.name}: {problem}", shard=self.name)
 
 
@@ -281,7 +288,7 @@ def _array(name: str, member: str, data: bytes, dtype: str) -> np.ndarray:
             raise ShardFormatError(message, shard=name)
         if math.prod(shape) * found.itemsize > len(data) - stream.tell():
             raise ValueError(f"its header declares {shape} values, more than it holds")
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        return np.asarray(np.load(io.BytesIO(data), allow_pickle=False))
     except (ValueError, OSError, EOFError) as error:
         message = f"shard {name}: member {member} is not a readable .npy array: {error}"
         raise ShardFormatError(message, shard=name) from None

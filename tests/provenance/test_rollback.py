@@ -235,3 +235,19 @@ def test_a_recorded_version_survives_its_json_form_and_bounds_older_ones(
     if version:
         with pytest.raises(RollbackError):
             again.check(key, version - 1, "11" * 32)
+
+
+def test_verify_dataset_checks_in_memory_records_and_writes_no_state_file(
+    signed: Any, data_dir: Path, key_pairs: Keys, tmp_path: Path
+) -> None:
+    """`state=RollbackRecords(...)` (records a caller keeps itself) is checked, not recorded: verification used to
+    read the file path that only a RollbackState has and raised AttributeError."""
+    policy = _policy(tmp_path / "p.json", key_pairs, {"name": "curator", "keys": ["alice"]})
+    old, new = signed("alice", 1), signed("alice", 2)
+    files = sorted(tmp_path.rglob("*"))
+    assert verify_dataset(new, policy, data_dir=data_dir, state=RollbackRecords()).ok
+    verified = open_manifest(new, policy, data_dir=data_dir, state=RollbackRecords())
+    records = RollbackRecords({verified.rollback_key: Accepted(2, verified.statement_sha256)})
+    report = verify_dataset(old, policy, data_dir=data_dir, state=records)
+    assert [f.reason for f in report.failures] == ["rollback"]
+    assert sorted(tmp_path.rglob("*")) == files
