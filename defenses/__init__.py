@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from trainguard.defenses.detectors import DetectionConfig as DetectionConfig
     from trainguard.defenses.detectors import Detections as Detections
     from trainguard.defenses.detectors import detect as detect
+    from trainguard.defenses.errors import DefenseError as DefenseError
     from trainguard.defenses.findings import Findings as Findings
     from trainguard.defenses.findings import RowFinding as RowFinding
     from trainguard.defenses.findings import SourceFinding as SourceFinding
@@ -39,8 +40,8 @@ if TYPE_CHECKING:
     from trainguard.defenses.margin import check_margins as check_margins
     from trainguard.defenses.margin import compare_margins as compare_margins
     from trainguard.defenses.overfitting import OverfittingGuard as OverfittingGuard
-    from trainguard.defenses.report import ReportOutcome as ReportOutcome
-    from trainguard.defenses.report import record_screening as record_screening
+    from trainguard.defenses.report import ScreeningFiles as ScreeningFiles
+    from trainguard.defenses.report import write_screening as write_screening
     from trainguard.defenses.robust import RobustAccuracy as RobustAccuracy
     from trainguard.defenses.robust import correct_under_attacks as correct_under_attacks
     from trainguard.defenses.roni import Calibration as Calibration
@@ -59,6 +60,7 @@ if TYPE_CHECKING:
     from trainguard.defenses.validation import ShardSchema as ShardSchema
     from trainguard.defenses.validation import ShardVerdict as ShardVerdict
     from trainguard.defenses.validation import validate_shards as validate_shards
+    from trainguard.errors import TrainguardError as TrainguardError
 
 _LAZY = {
     "TrainguardError": "trainguard.errors",

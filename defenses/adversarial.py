@@ -35,8 +35,9 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from trainguard.defenses.attacks import ATTACKS, make_attack
-from trainguard.defenses.attacks.base import Attack, Bound, LossFn
+from trainguard.defenses.attacks.base import Attack, LossFn
 from trainguard.defenses.attacks.batches import Key
+from trainguard.defenses.attacks.bounds import Bound
 from trainguard.defenses.attacks.options import AttackOptions, AttackSettings
 from trainguard.defenses.errors import AttackConfigError
 from trainguard.defenses.forward import BatchForward, ModuleForward, batch_rows

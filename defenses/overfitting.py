@@ -21,8 +21,9 @@ from pytorch_lightning.utilities import rank_zero_warn
 from typing_extensions import override
 
 from trainguard.defenses.attacks import PGD
-from trainguard.defenses.attacks.base import Bound, LossFn
+from trainguard.defenses.attacks.base import LossFn
 from trainguard.defenses.attacks.batches import Key
+from trainguard.defenses.attacks.bounds import Bound
 from trainguard.defenses.attacks.options import AttackOptions, AttackSettings
 from trainguard.defenses.errors import AttackConfigError
 from trainguard.defenses.forward import BatchForward, ModuleForward, batch_rows

@@ -35,9 +35,9 @@ import torch
 from typing_extensions import override
 
 from trainguard.defenses.attacks import ATTACKS, make_attack
-from trainguard.defenses.attacks.base import Attack, Bound, LossFn
+from trainguard.defenses.attacks.base import Attack, LossFn
 from trainguard.defenses.attacks.batches import Key
-from trainguard.defenses.attacks.bounds import Bounds
+from trainguard.defenses.attacks.bounds import Bound, Bounds
 from trainguard.defenses.attacks.cascade import BLACK_BOX, PRESETS, AttackCost, Cascade
 from trainguard.defenses.attacks.options import AttackOptions, AttackSettings
 from trainguard.defenses.errors import AttackConfigError

@@ -29,8 +29,9 @@ import pytorch_lightning as pl
 import torch
 from typing_extensions import override
 
-from trainguard.defenses.attacks.base import Attack, Bound
+from trainguard.defenses.attacks.base import Attack
 from trainguard.defenses.attacks.batches import Key
+from trainguard.defenses.attacks.bounds import Bound
 from trainguard.defenses.attacks.options import AttackOptions
 from trainguard.defenses.attacks.precision import crafting_autocast
 from trainguard.defenses.errors import AttackConfigError

@@ -35,7 +35,6 @@ if TYPE_CHECKING:
     from trainguard.provenance.dataset import ManifestSpec as ManifestSpec
     from trainguard.provenance.dataset import ShardDataset as ShardDataset
     from trainguard.provenance.dataset import VerifiedDataModule as VerifiedDataModule
-    from trainguard.provenance.dataset_input import dataset_input as dataset_input
     from trainguard.provenance.dsse import Envelope as Envelope
     from trainguard.provenance.dsse import Signature as Signature
     from trainguard.provenance.dsse import add_signature as add_signature

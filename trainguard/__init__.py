@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from trainguard.defenses import Task as Task
     from trainguard.defenses import screen_candidates as screen_candidates
     from trainguard.defenses.errors import DefenseError as DefenseError
+    from trainguard.errors import TrainguardError as TrainguardError
     from trainguard.pipeline.config import CycleConfig as CycleConfig
     from trainguard.pipeline.config import load_config as load_config
     from trainguard.pipeline.cycle import run_cycle as run_cycle

@@ -81,7 +81,10 @@ class AttackOptions:
         """The options from keyword arguments as users write them (`"linf"`, a task's name, `bounds=None` refused
         in one line): `__post_init__` normalises them."""
         loose: Any = cls
-        return loose(steps, step_size, norm, bounds, loss, task, input_key, target_key, forward, seed, crafting)
+        options: AttackOptions = loose(
+            steps, step_size, norm, bounds, loss, task, input_key, target_key, forward, seed, crafting
+        )
+        return options
 
     @property
     def keys(self) -> BatchKeys:

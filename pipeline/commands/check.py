@@ -43,4 +43,4 @@ def resolved_yaml(config: object) -> str:
     from trainguard.pipeline.config import CycleConfig
 
     assert isinstance(config, CycleConfig)
-    return yaml.safe_dump(config.resolved(), sort_keys=False)
+    return str(yaml.safe_dump(config.resolved(), sort_keys=False))
