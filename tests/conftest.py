@@ -52,7 +52,8 @@ class _Server:
 
 
 def _start_server(root: Path) -> _Server:
-    """Starts a real `mlflow server` on 127.0.0.1 with a sqlite store under `root`, and waits until it answers."""
+    """Starts a real `mlflow server` on 127.0.0.1 with a sqlite store under `root`, without the job runners that
+    GenAI evaluation uses, and waits until it answers."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     with (root / "server.log").open("wb") as log:
@@ -74,6 +75,8 @@ def _start_server(root: Path) -> _Server:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # No job runners: eight huey consumers that the tests never use would double the start on two cores.
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         )
     try:
         _wait_until_up(url, proc, timeout=180)
