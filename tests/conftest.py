@@ -22,6 +22,11 @@ import pytest
 
 BIN = Path(sys.executable).parent
 
+# One intra-op thread per test process and per process a test starts (CLI cycles, torchrun ranks): the suite runs a
+# worker per core, and torch's default of a thread per core makes their threads spin against each other (a digits
+# CNN step went from 30 ms to 0.3-0.8 s on two busy cores). Set before torch is imported, so its pools start so.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -121,6 +126,12 @@ def _exited(pid: int) -> bool:
 
 SHARED_SERVER = pytest.StashKey[Path]()
 SHARED_OPTION = "trainguard_mlflow_dir"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Where a plugin imported torch before this file set OMP_NUM_THREADS, its thread count is set here."""
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.hookimpl(optionalhook=True)
