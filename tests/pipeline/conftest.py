@@ -3,14 +3,51 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 from digits_demo.demo import create_keys, sign_contributions, sign_trusted
 from digits_demo.prepare import prepare_digits
 
 REPO = Path(__file__).resolve().parents[2]
+
+# What a test cycle changes in configs/<name>: every stage runs (bootstrap, detectors, RONI with its rate probe,
+# adversarial training, robust accuracy, gate, signing, MLflow), each at the least statistical cost that still
+# exercises it. RONI tests at level 0.1 with 39 draws, the fewest its union test can reject with
+# (draws + 1 >= 4 / level); the demo's 0.01 and 400 draws are for its error rates, which tests/defenses measure.
+QUICK_CYCLE: dict[str, dict[str, Any]] = {
+    "training": {"bootstrap_epochs": 15},
+    "trainer": {"init_args": {"max_epochs": 2}},
+    "roni": {"level": 0.1, "calibration_draws": 39},
+    "robust_eval": {"subset_size": 50, "steps": 2},
+    "gate": {"min_clean_accuracy": 0.5, "min_robust_accuracy": 0.0, "max_accuracy_drop": 0.2, "max_class_drop": 0.3},
+}
+
+
+def quick_cycle(experiment: str, changes: dict[str, Any] | None = None, name: str = "digits.yaml") -> dict[str, Any]:
+    """configs/`name` as a test cycle runs it (`QUICK_CYCLE`), logging to MLflow as `experiment` (also the
+    registered model's name), with `changes` merged in (nested mappings key by key, anything else replaced)."""
+    config = yaml.safe_load((REPO / "configs" / name).read_text())
+    config["project"] = str(REPO / "examples")  # the digits example, wherever the config is written
+    config["tracking"] = {"experiment_name": experiment, "registered_model_name": experiment}
+    return _merged(_merged(config, QUICK_CYCLE), changes or {})
+
+
+def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    nested = {
+        k: _merged(base[k], v) for k, v in changes.items() if isinstance(v, dict) and isinstance(base.get(k), dict)
+    }
+    return {**base, **changes, **nested}
+
+
+@pytest.fixture(scope="session")
+def cycle_config() -> Callable[..., dict[str, Any]]:
+    """`cycle_config(experiment, changes=None, name="digits.yaml")`: a test cycle's config as data (`quick_cycle`)."""
+    return quick_cycle
 
 
 @dataclass(frozen=True)
