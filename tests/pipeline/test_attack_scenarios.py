@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,6 @@ import pytest
 import yaml
 from digits_demo.threats import poison_shards, tamper_file
 
-from trainguard.pipeline.cli import main
 from trainguard.provenance.dsse import Envelope
 
 REPO = Path(__file__).resolve().parents[2]
@@ -110,34 +107,9 @@ Cycle = Callable[..., subprocess.CompletedProcess[str]]
 
 
 @pytest.fixture
-def cycle(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cycle:
-    """`cycle(project, *options)`: `trainguard cycle --config cycle.yaml` through the CLI's own entry point in this
-    process, in `project`: the command's exit code, output and one-line errors without a process start each. The
-    settings the CLI makes for its process (logging levels, MLflow's environment) are put back afterwards."""
-
-    def run(project: Path, *options: str) -> subprocess.CompletedProcess[str]:
-        monkeypatch.chdir(project)
-        for name in (
-            "MLFLOW_LOGGING_LEVEL",
-            "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT",
-            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
-        ):
-            monkeypatch.delenv(name, raising=False)  # restored as it was once the test ends
-        root = logging.getLogger()
-        levels = (root.level, [(handler, handler.level) for handler in root.handlers])
-        args = ["cycle", "--config", "cycle.yaml", *options]
-        capsys.readouterr()
-        try:
-            with warnings.catch_warnings():
-                code = main(args)
-        finally:
-            root.setLevel(levels[0])
-            for handler, level in levels[1]:
-                handler.setLevel(level)
-        out = capsys.readouterr()
-        return subprocess.CompletedProcess(["trainguard", *args], code, out.out, out.err)
-
-    return run
+def cycle(cli: Callable[..., subprocess.CompletedProcess[str]]) -> Cycle:
+    """`cycle(project, *options)`: `trainguard cycle --config cycle.yaml` in `project`, in this process (`cli`)."""
+    return lambda project, *options: cli(project, "cycle", "--config", "cycle.yaml", *options)
 
 
 def _next_batch(project: Path, poisoned: str | None = None) -> list[Path]:
