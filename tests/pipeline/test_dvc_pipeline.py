@@ -82,14 +82,13 @@ def test_dvc_repro_prepares_and_signs_then_reruns_only_on_a_change(dvc_repo: Pat
 
 
 def _shorten(config: Path, experiment: str) -> None:
-    """A quick cycle whose gate accepts any model, so each `dvc repro` here exits 0 (RONI at level 0.1 with the
-    fewest draws that can reject there, as tests/pipeline/conftest.py's QUICK_CYCLE), logging to the session's
-    MLflow server as `experiment`."""
+    """A quick cycle whose gate accepts any model, so each `dvc repro` here exits 0 (RONI as tests/pipeline/
+    conftest.py's QUICK_CYCLE screens), logging to the session's MLflow server as `experiment`."""
     data = yaml.safe_load(config.read_text())
     data["tracking"] = {"experiment_name": experiment, "registered_model_name": experiment}
     data["training"].update(bootstrap_epochs=15)
     data["trainer"]["init_args"].update(max_epochs=2)
-    data["roni"].update(level=0.1, calibration_draws=39)
+    data["roni"].update(level=0.02, calibration_draws=199)
     data["robust_eval"].update(subset_size=50, steps=2)
     data["gate"].update(min_clean_accuracy=0.0, min_robust_accuracy=0.0, max_accuracy_drop=1.0, max_class_drop=1.0)
     config.write_text(yaml.safe_dump(data))

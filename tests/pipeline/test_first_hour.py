@@ -312,7 +312,7 @@ def _config(project: Project) -> dict:
             "trust": "trust.yaml",
         },
         **project.config,
-        "roni": {"options": {"steps": 5}, "calibration_draws": 39, "level": 0.1},  # the fewest draws at 0.1
+        "roni": {"options": {"steps": 5}, "calibration_draws": 99, "level": 0.05},
         "adversarial": {"attack": "fgsm", "eps": 0.1, "steps": 1},
         "robust_eval": {"eps": [0.0, 0.1], "subset_size": 64, "steps": 2},
         "limits": {"max_fraction_per_source": 0.9},
