@@ -120,7 +120,7 @@ def test_two_cycles_refuse_tampered_and_poisoned_shards_and_log_everything(
 
 
 def test_signed_model_verifies_and_a_swapped_model_is_refused(
-    workdir: Path, tmp_path: Path, cycle_config: Callable[..., dict[str, Any]]
+    workdir: Path, tmp_path: Path, mlflow_uri: str, cycle_config: Callable[..., dict[str, Any]]
 ) -> None:
     config = _config(workdir, cycle_config("cycle-model"))
     outcome = run_cycle(config)
@@ -240,7 +240,11 @@ def test_a_signed_but_undecodable_shard_is_refused_and_the_cycle_goes_on(
 
 
 def test_an_unexpected_error_ends_the_cycle_failed_with_a_one_line_reason(
-    workdir: Path, monkeypatch: pytest.MonkeyPatch, read_cycle_state: Any, cycle_config: Callable[..., dict[str, Any]]
+    workdir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    read_cycle_state: Any,
+    mlflow_uri: str,
+    cycle_config: Callable[..., dict[str, Any]],
 ) -> None:
     (workdir / "exploding.py").write_text(
         "import pytorch_lightning as pl\n\n\n"

@@ -95,7 +95,7 @@ def test_flagged_rows_are_quarantined_reported_attested_and_logged(
 
 
 def test_a_flagged_source_is_rejected_shard_by_shard(
-    poisoned_workdir: tuple[Path, dict[str, set[int]]], cycle_config: Callable[..., dict[str, Any]]
+    poisoned_workdir: tuple[Path, dict[str, set[int]]], cycle_config: Callable[..., dict[str, Any]], mlflow_uri: str
 ) -> None:
     workdir, flipped = poisoned_workdir
     outcome = run_cycle(_config(workdir, cycle_config, "detect-source", "reject-source"))
@@ -161,7 +161,7 @@ def decoy_workdir(digits_project: Any) -> tuple[Path, dict[str, list[int]]]:
 
 
 def test_a_decoy_copying_a_row_of_each_honest_source_costs_them_only_the_copied_rows(
-    decoy_workdir: tuple[Path, dict[str, list[int]]], cycle_config: Callable[..., dict[str, Any]]
+    decoy_workdir: tuple[Path, dict[str, list[int]]], cycle_config: Callable[..., dict[str, Any]], mlflow_uri: str
 ) -> None:
     """One decoy shard must not take three honest sources' shards out of the cycle (as quarantining both sides of a
     cross-source duplicate did): every shard is accepted and only the shared rows are skipped."""
