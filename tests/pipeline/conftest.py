@@ -1,4 +1,5 @@
-"""Fixtures the pipeline tests share: a folder laid out as the digits demo leaves it, keys and signed data."""
+"""Fixtures the pipeline tests share: a folder laid out as the digits demo leaves it, keys and signed data, a test
+cycle's config (`cycle_config`) and a trainguard command run in this process (`cli`)."""
 
 from __future__ import annotations
 
