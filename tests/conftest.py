@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 BIN = Path(sys.executable).parent
+
+# One intra-op thread per test process and per process a test starts (CLI cycles, torchrun ranks): the suite runs a
+# worker per core, and torch's default of a thread per core makes their threads spin against each other (a digits
+# CNN step went from 30 ms to 0.3-0.8 s on two busy cores). Set before torch is imported, so its pools start so.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def _free_port() -> int:
@@ -36,42 +48,133 @@ def _wait_until_up(url: str, proc: subprocess.Popen, timeout: float) -> None:
     raise RuntimeError(f"mlflow server at {url} did not answer within {timeout:.0f} s")
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real `mlflow server` on 127.0.0.1 with a sqlite store; yields its tracking URI."""
-    root = tmp_path_factory.mktemp("mlflow")
+@dataclass(frozen=True)
+class _Server:
+    """A started `mlflow server`: its tracking URI and process id (the leader of its own process group)."""
+
+    url: str
+    pid: int
+
+
+def _start_server(root: Path) -> _Server:
+    """Starts a real `mlflow server` on 127.0.0.1 with a sqlite store under `root`, without the job runners that
+    GenAI evaluation uses, and waits until it answers."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    log = (root / "server.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            str(BIN / "mlflow"),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    with (root / "server.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{root / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(root / "artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            # No job runners: eight huey consumers that the tests never use would double the start on two cores.
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        )
     try:
         _wait_until_up(url, proc, timeout=180)
-        yield url
-    finally:
-        proc.terminate()
+    except BaseException:
+        _stop_server(proc.pid)
+        raise
+    return _Server(url, proc.pid)
+
+
+def _stop_server(pid: int) -> None:
+    """Ends the server's process group (the server and the workers it forked), killing what outlives 20 s."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not _exited(pid):
+            time.sleep(0.2)
+        if _exited(pid):
+            return
+
+
+def _exited(pid: int) -> bool:
+    """Whether process `pid` has ended: reaped where it is this process's child (the server a fixture started),
+    else no longer there or a zombie (a server an xdist worker started, stopped by the controller)."""
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] == pid
+    except ChildProcessError:
+        pass
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+    except OSError:  # no /proc: whether it can still be signalled
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+
+SHARED_SERVER = pytest.StashKey[Path]()
+SHARED_OPTION = "trainguard_mlflow_dir"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Where a plugin imported torch before this file set OMP_NUM_THREADS, its thread count is set here."""
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """xdist's controller, for each worker it starts: the folder where the session's one MLflow server is recorded."""
+    config = node.config
+    if SHARED_SERVER not in config.stash:
+        config.stash[SHARED_SERVER] = Path(tempfile.mkdtemp(prefix="trainguard-mlflow-"))
+    node.workerinput[SHARED_OPTION] = str(config.stash[SHARED_SERVER])
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """xdist's controller, once every worker is done: stops the shared server, if a worker started one."""
+    shared = config.stash.get(SHARED_SERVER, None)
+    if shared is None:
+        return
+    record = shared / "server.json"
+    if record.is_file():
+        _stop_server(json.loads(record.read_text())["pid"])
+    shutil.rmtree(shared, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1 with a sqlite store; yields its tracking URI. Under xdist one server
+    serves every worker: the first to ask starts it under a file lock and records it, the others reuse it, and the
+    controller stops it when the session ends (it takes ~30 s to answer the first time)."""
+    shared = getattr(request.config, "workerinput", {}).get(SHARED_OPTION)
+    if shared is None:
+        server = _start_server(tmp_path_factory.mktemp("mlflow"))
+        try:
+            yield server.url
+        finally:
+            _stop_server(server.pid)
+        return
+    root = Path(shared)
+    record = root / "server.json"
+    with (root / "server.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes; the holder waits at most 180 s for its server
+        if not record.is_file():
+            server = _start_server(root)
+            record.write_text(json.dumps({"url": server.url, "pid": server.pid}))
+    yield json.loads(record.read_text())["url"]
 
 
 @pytest.fixture

@@ -138,6 +138,7 @@ def _user_project(root: Path) -> Path:
     config["project"] = str(REPO / "examples")  # the digits example, wherever this copy is written
     config["training"].update(bootstrap_epochs=10)
     config["trainer"]["init_args"].update(max_epochs=2)
+    config["roni"].update(level=0.02, calibration_draws=199)  # as tests/pipeline/conftest.py's QUICK_CYCLE
     config["robust_eval"].update(subset_size=50, steps=2)
     config["gate"].update(min_clean_accuracy=0.0, min_robust_accuracy=0.0, max_accuracy_drop=1.0)
     config["tracking"] = {"experiment_name": "user-project", "registered_model_name": "user-project"}

@@ -1,16 +1,58 @@
-"""Fixtures the pipeline tests share: a folder laid out as the digits demo leaves it, keys and signed data."""
+"""Fixtures the pipeline tests share: a folder laid out as the digits demo leaves it, keys and signed data, a test
+cycle's config (`cycle_config`) and a trainguard command run in this process (`cli`)."""
 
 from __future__ import annotations
 
+import logging
 import shutil
+import subprocess
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 from digits_demo.demo import create_keys, sign_contributions, sign_trusted
 from digits_demo.prepare import prepare_digits
 
 REPO = Path(__file__).resolve().parents[2]
+
+# What a test cycle changes in configs/<name>: every stage runs (bootstrap, detectors, RONI with its rate probe,
+# adversarial training, robust accuracy, gate, signing, MLflow), each at a small statistical cost that still
+# exercises it. RONI tests at level 0.02 with 199 draws, the fewest its union test can reject with there
+# (draws + 1 >= 4 / level): at 0.1 (39 draws) a clean source was flagged in a scenario that needs it accepted,
+# and clean shards stop drawing early, so only refused ones pay for the draws.
+QUICK_CYCLE: dict[str, dict[str, Any]] = {
+    "training": {"bootstrap_epochs": 15},
+    "trainer": {"init_args": {"max_epochs": 2}},
+    "roni": {"level": 0.02, "calibration_draws": 199},
+    "robust_eval": {"subset_size": 50, "steps": 2},
+    "gate": {"min_clean_accuracy": 0.5, "min_robust_accuracy": 0.0, "max_accuracy_drop": 0.2, "max_class_drop": 0.3},
+}
+
+
+def quick_cycle(experiment: str, changes: dict[str, Any] | None = None, name: str = "digits.yaml") -> dict[str, Any]:
+    """configs/`name` as a test cycle runs it (`QUICK_CYCLE`), logging to MLflow as `experiment` (also the
+    registered model's name), with `changes` merged in (nested mappings key by key, anything else replaced)."""
+    config = yaml.safe_load((REPO / "configs" / name).read_text())
+    config["project"] = str(REPO / "examples")  # the digits example, wherever the config is written
+    config["tracking"] = {"experiment_name": experiment, "registered_model_name": experiment}
+    return _merged(_merged(config, QUICK_CYCLE), changes or {})
+
+
+def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    nested = {
+        k: _merged(base[k], v) for k, v in changes.items() if isinstance(v, dict) and isinstance(base.get(k), dict)
+    }
+    return {**base, **changes, **nested}
+
+
+@pytest.fixture(scope="session")
+def cycle_config() -> Callable[..., dict[str, Any]]:
+    """`cycle_config(experiment, changes=None, name="digits.yaml")`: a test cycle's config as data (`quick_cycle`)."""
+    return quick_cycle
 
 
 @dataclass(frozen=True)
@@ -45,3 +87,37 @@ def workdir(digits_project: DigitsProject) -> Path:
     """A fresh directory to run cycles in, with keys and signed batch 0."""
     digits_project.sign()
     return digits_project.root
+
+
+@pytest.fixture
+def cli(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Callable[..., subprocess.CompletedProcess]:
+    """`cli(project, *args)`: `trainguard *args` run in `project` by the CLI's own entry point in this process: the
+    command's exit code, output and one-line errors without a process start (a second or more on two busy cores,
+    before the command's own imports). What the CLI sets up for its process (logging levels, MLflow's environment,
+    warning filters) is put back afterwards. Each command keeps one test that starts it as its own process."""
+    from trainguard.pipeline.cli import main
+
+    def run(project: Path, *args: str) -> subprocess.CompletedProcess:
+        monkeypatch.chdir(project)
+        for name in (
+            "MLFLOW_LOGGING_LEVEL",
+            "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT",
+            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
+        ):
+            monkeypatch.delenv(name, raising=False)  # the CLI sets them if unset; monkeypatch puts them back
+        root = logging.getLogger()
+        levels = (root.level, [(handler, handler.level) for handler in root.handlers])
+        capsys.readouterr()
+        try:
+            with warnings.catch_warnings():
+                code = main([str(arg) for arg in args])
+        finally:
+            root.setLevel(levels[0])
+            for handler, level in levels[1]:
+                handler.setLevel(level)
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(["trainguard", *args], code, out.out, out.err)
+
+    return run

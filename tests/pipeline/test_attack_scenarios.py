@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,18 +77,11 @@ def tracking(mlflow_server: str) -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def released(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def released(tmp_path_factory: pytest.TempPathFactory, cycle_config: Callable[..., dict[str, Any]]) -> Path:
     """A project set up with the CLI alone, whose first cycle accepted and signed a model."""
     project = tmp_path_factory.mktemp("released")
     shutil.copytree(REPO / "configs", project / "configs")
-    config = yaml.safe_load((REPO / "configs" / "digits.yaml").read_text())
-    config["project"] = str(REPO / "examples")  # the digits example, wherever this copy is written
-    config["training"].update(bootstrap_epochs=15)
-    config["trainer"]["init_args"].update(max_epochs=2)
-    config["robust_eval"].update(subset_size=50, steps=2)
-    config["gate"].update(min_clean_accuracy=0.5, min_robust_accuracy=0.0, max_accuracy_drop=0.2, max_class_drop=0.3)
-    config["tracking"] = {"experiment_name": "scenarios", "registered_model_name": "scenarios"}
-    (project / "cycle.yaml").write_text(yaml.safe_dump(config))
+    (project / "cycle.yaml").write_text(yaml.safe_dump(cycle_config("scenarios")))
     _ok(_prepare(project, DATA, "--batch", "0", *PREPARE))
     for name in ("curator", "owner", "model"):
         _ok(_trainguard(project, "keygen", "--type", "ecdsa-p256", "--out", KEYS / name))
@@ -103,16 +96,27 @@ def released(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def project(released: Path, tmp_path: Path) -> Path:
-    """A copy of the released project for one actor to attack."""
+def project(released: Path, tmp_path: Path, mlflow_uri: str) -> Path:
+    """A copy of the released project for one actor to attack (its cycles log to the session's MLflow server)."""
     copy = tmp_path / "project"
     shutil.copytree(released, copy, symlinks=True)
     return copy
 
 
+Cycle = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture
+def cycle(cli: Callable[..., subprocess.CompletedProcess[str]]) -> Cycle:
+    """`cycle(project, *options)`: `trainguard cycle --config cycle.yaml` in `project`, in this process (`cli`)."""
+    return lambda project, *options: cli(project, "cycle", "--config", "cycle.yaml", *options)
+
+
 def _next_batch(project: Path, poisoned: str | None = None) -> list[Path]:
     """Writes the contributors' next batch; `poisoned` flips 30% of that source's labels. Returns its shards."""
-    _ok(_prepare(project, DATA, "--batch", "1", *PREPARE))
+    from digits_demo.cli import prepare  # the example's `prepare` command, in this process
+
+    prepare.main([str(project / DATA), "--batch", "1", *PREPARE], standalone_mode=False)
     shards = sorted((project / DATA / "train").glob("*/b1-*.parquet"))
     if poisoned is not None:
         poison_shards([s for s in shards if s.parent.name == poisoned], 0.3, seed=1)
@@ -123,9 +127,12 @@ def _digests(paths: list[Path]) -> frozenset[str]:
     return frozenset(hashlib.sha256(p.read_bytes()).hexdigest() for p in paths)
 
 
-def _refused(project: Path, reason: str, attacker_bytes: frozenset[str] = frozenset()) -> None:
-    """The next cycle exits 1 with one line naming `reason`, signs nothing, and trained on none of those bytes."""
-    done = _trainguard(project, "cycle", "--config", "cycle.yaml")
+def _refused(
+    project: Path, reason: str, attacker_bytes: frozenset[str] = frozenset(), cycle: Cycle | None = None
+) -> None:
+    """The next cycle exits 1 with one line naming `reason`, signs nothing, and trained on none of those bytes; run
+    by `cycle` in this process, or as its own `trainguard cycle` process (the command's smoke test)."""
+    done = cycle(project) if cycle is not None else _trainguard(project, "cycle", "--config", "cycle.yaml")
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("trainguard: error:")]
     assert len(errors) == 1 and reason in errors[0], done.stderr[-2000:]
@@ -150,7 +157,7 @@ def _refused(project: Path, reason: str, attacker_bytes: frozenset[str] = frozen
     ids=["trusted-role", "holdout-role", "curator-source"],
 )
 def test_a_contributor_key_cannot_claim_trust_it_was_not_granted(
-    project: Path, claim: dict[str, object], reason: str
+    project: Path, claim: dict[str, object], reason: str, cycle: Cycle
 ) -> None:
     shards = _next_batch(project, poisoned="dave")
     if "sources" in claim:
@@ -160,33 +167,33 @@ def test_a_contributor_key_cannot_claim_trust_it_was_not_granted(
         _sign_contributions(project)
     else:
         _sign_contributions(project, "--roles", json.dumps(claim["roles"]))
-    _refused(project, reason, _digests(shards))
+    _refused(project, reason, _digests(shards), cycle=cycle)
 
 
-def test_a_contributor_key_cannot_sign_the_curators_dataset(project: Path) -> None:
+def test_a_contributor_key_cannot_sign_the_curators_dataset(project: Path, cycle: Cycle) -> None:
     shards = _next_batch(project, poisoned="dave")
     trusted = project / DATA / "trusted.manifest.json"
     owner = ["--key", KEYS / "owner.key", "--dataset", "digits-trusted", "--source", "curator"]
     _ok(_trainguard(project, "sign", DATA / "trusted", *owner, "--role", "trusted", "--out", DATA / "forged.json"))
     shutil.move(project / DATA / "forged.json", trusted)
-    _refused(project, "unauthorized-dataset", _digests(shards))
+    _refused(project, "unauthorized-dataset", _digests(shards), cycle=cycle)
 
 
 # A storage attacker: write access to the files, no key.
 
 
-def test_another_signed_dataset_copied_over_a_manifest_path_is_refused(project: Path) -> None:
+def test_another_signed_dataset_copied_over_a_manifest_path_is_refused(project: Path, cycle: Cycle) -> None:
     shutil.copy(project / DATA / "train.manifest.json", project / DATA / "trusted.manifest.json")
-    _refused(project, "wrong-dataset")
+    _refused(project, "wrong-dataset", cycle=cycle)
 
 
 def test_a_tampered_trusted_shard_stops_the_cycle(project: Path) -> None:
     base = project / DATA / "trusted" / "base.parquet"
     tamper_file(base)
-    _refused(project, "digest-mismatch", _digests([base]))
+    _refused(project, "digest-mismatch", _digests([base]))  # as its own process: the CLI smoke test
 
 
-def test_an_edited_verdict_in_the_cycle_state_is_refused(project: Path) -> None:
+def test_an_edited_verdict_in_the_cycle_state_is_refused(project: Path, cycle: Cycle) -> None:
     segment = project / CYCLE / "state-log" / "cycle-0001.jsonl"
     lines = segment.read_bytes().splitlines()
     edited_any = False
@@ -199,53 +206,55 @@ def test_an_edited_verdict_in_the_cycle_state_is_refused(project: Path) -> None:
             break
     assert edited_any
     segment.write_bytes(b"\n".join(lines) + b"\n")
-    _refused(project, "edited outside trainguard")
+    _refused(project, "edited outside trainguard", cycle=cycle)
 
 
-def test_a_deleted_cycle_state_is_refused_until_reinitialised_and_no_model_is_overwritten(project: Path) -> None:
+def test_a_deleted_cycle_state_is_refused_until_reinitialised_and_no_model_is_overwritten(
+    project: Path, cycle: Cycle
+) -> None:
     (project / CYCLE / "state.json").unlink()
-    _refused(project, "--reinit")
+    _refused(project, "--reinit", cycle=cycle)
     released = (project / CYCLE / "models" / "cycle-0001" / "model.safetensors").read_bytes()
-    done = _ok(_trainguard(project, "cycle", "--config", "cycle.yaml", "--reinit", "--json"))
+    done = _ok(cycle(project, "--reinit", "--json"))
     assert json.loads(done.stdout)["cycle"] == 2
     assert "anti-rollback record(s) kept" in done.stderr
     assert (project / CYCLE / "models" / "cycle-0001" / "model.safetensors").read_bytes() == released
 
 
-def test_reinit_after_a_deleted_state_keeps_refusing_an_older_manifest(project: Path) -> None:
+def test_reinit_after_a_deleted_state_keeps_refusing_an_older_manifest(project: Path, cycle: Cycle) -> None:
     old_manifest = (project / DATA / "train.manifest.json").read_bytes()
     _next_batch(project)
     _sign_contributions(project, "--version", "2")
-    _ok(_trainguard(project, "cycle", "--config", "cycle.yaml"))
+    _ok(cycle(project))
     shutil.rmtree(project / CYCLE / "state-log")
     (project / CYCLE / "state.json").unlink()
     (project / DATA / "train.manifest.json").write_bytes(old_manifest)
     models = ["cycle-0001", "cycle-0002"]
-    _replayed(project, "--reinit", models)
-    _replayed(project, "rollback", models, "--reinit")
+    _replayed(cycle, project, "--reinit", models)
+    _replayed(cycle, project, "rollback", models, "--reinit")
 
 
-def test_planted_report_and_model_names_neither_stop_a_cycle_nor_force_a_reset(project: Path) -> None:
+def test_planted_report_and_model_names_neither_stop_a_cycle_nor_force_a_reset(project: Path, cycle: Cycle) -> None:
     for planted in ("reports/cycle-9999.json", "reports/cycle-1x.json", "reports/cycle-9999.receipt.json"):
         (project / CYCLE / planted).write_text("")
     (project / CYCLE / "models" / "cycle-0abc").mkdir()
-    done = _ok(_trainguard(project, "cycle", "--config", "cycle.yaml", "--force", "--json"))
+    done = _ok(cycle(project, "--force", "--json"))
     assert json.loads(done.stdout)["cycle"] == 2
 
 
-def test_an_older_release_copied_over_the_newest_is_refused_as_the_starting_model(project: Path) -> None:
-    _ok(_trainguard(project, "cycle", "--config", "cycle.yaml", "--force"))
+def test_an_older_release_copied_over_the_newest_is_refused_as_the_starting_model(project: Path, cycle: Cycle) -> None:
+    _ok(cycle(project, "--force"))
     models = project / CYCLE / "models"
     for file in (models / "cycle-0001").iterdir():
         shutil.copy(file, models / "cycle-0002" / file.name)
-    done = _trainguard(project, "cycle", "--config", "cycle.yaml", "--force")
+    done = cycle(project, "--force")
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("trainguard: error:")]
     assert len(errors) == 1 and "not the recorded" in errors[0], done.stderr[-2000:]
     assert sorted(p.name for p in models.iterdir()) == ["cycle-0001", "cycle-0002"]
 
 
-def test_another_pipelines_state_sharing_the_cycle_key_is_refused(project: Path) -> None:
+def test_another_pipelines_state_sharing_the_cycle_key_is_refused(project: Path, cycle: Cycle) -> None:
     from trainguard.pipeline.cycle_state import CycleState, Pipeline
     from trainguard.pipeline.state_log import StateStore
     from trainguard.provenance.keys import load_signing_key
@@ -255,35 +264,35 @@ def test_another_pipelines_state_sharing_the_cycle_key_is_refused(project: Path)
     shutil.rmtree(project / CYCLE / "state-log")
     shutil.copy(foreign.path, project / CYCLE / "state.json")
     shutil.copytree(foreign.log_dir, project / CYCLE / "state-log")
-    _refused(project, "belongs to pipeline 'other-pipeline'")
+    _refused(project, "belongs to pipeline 'other-pipeline'", cycle=cycle)
 
 
-def test_a_fifo_planted_as_the_trust_policy_fails_without_hanging(project: Path) -> None:
+def test_a_fifo_planted_as_the_trust_policy_fails_without_hanging(project: Path, cycle: Cycle) -> None:
     policy = project / "configs" / "digits-trust.yaml"
     policy.unlink()
     os.mkfifo(policy)
-    _refused(project, "not a regular file")
+    _refused(project, "not a regular file", cycle=cycle)
 
 
 # A mirror replaying what it served before.
 
 
-def test_a_replaying_mirror_can_roll_back_neither_a_manifest_nor_the_state(project: Path) -> None:
+def test_a_replaying_mirror_can_roll_back_neither_a_manifest_nor_the_state(project: Path, cycle: Cycle) -> None:
     old_manifest = (project / DATA / "train.manifest.json").read_bytes()
     old_state = (project / CYCLE / "state.json").read_bytes()
     _next_batch(project)
     _sign_contributions(project)
-    second = _trainguard(project, "cycle", "--config", "cycle.yaml")
+    second = cycle(project)
     assert second.returncode in (0, 1) and "Traceback" not in second.stderr
     models = sorted(p.name for p in (project / CYCLE / "models").iterdir())
 
     (project / DATA / "train.manifest.json").write_bytes(old_manifest)
-    _replayed(project, "rollback", models)
+    _replayed(cycle, project, "rollback", models)
     (project / CYCLE / "state.json").write_bytes(old_state)
-    _replayed(project, "mid-cycle state was put back", models)
+    _replayed(cycle, project, "mid-cycle state was put back", models)
 
 
-def test_a_mid_cycle_state_put_back_after_the_cycle_finished_is_refused(project: Path) -> None:
+def test_a_mid_cycle_state_put_back_after_the_cycle_finished_is_refused(project: Path, cycle: Cycle) -> None:
     old_manifest = (project / DATA / "train.manifest.json").read_bytes()
     _next_batch(project)
     _sign_contributions(project, "--version", "2")
@@ -303,14 +312,14 @@ def test_a_mid_cycle_state_put_back_after_the_cycle_finished_is_refused(project:
     models = sorted(p.name for p in (project / CYCLE / "models").iterdir())
 
     head.write_bytes(mid_cycle[0])
-    _replayed(project, "mid-cycle state was put back", models)
+    _replayed(cycle, project, "mid-cycle state was put back", models)
     segment.write_bytes(mid_cycle[1])  # the whole state as it stood mid-cycle, head and log
     (project / DATA / "train.manifest.json").write_bytes(old_manifest)
-    _replayed(project, "mid-cycle state was put back", models)
+    _replayed(cycle, project, "mid-cycle state was put back", models)
 
 
-def _replayed(project: Path, reason: str, models: list[str], *options: str) -> None:
-    done = _trainguard(project, "cycle", "--config", "cycle.yaml", *options)
+def _replayed(cycle: Cycle, project: Path, reason: str, models: list[str], *options: str) -> None:
+    done = cycle(project, *options)
     assert done.returncode == 1 and reason in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert sorted(p.name for p in (project / CYCLE / "models").iterdir()) == models
 
@@ -396,10 +405,10 @@ def test_minting_source_names_under_one_key_buys_no_larger_cap(partnered: tuple[
     assert all(d["shard"].startswith("partner/digits-contributed:dave-") for d in capped)
 
 
-def test_a_source_the_operator_cleared_is_screened_afresh_in_the_next_cycle(project: Path) -> None:
+def test_a_source_the_operator_cleared_is_screened_afresh_in_the_next_cycle(project: Path, cycle: Cycle) -> None:
     shards = _next_batch(project, poisoned="dave")
     _sign_contributions(project)
-    _trainguard(project, "cycle", "--config", "cycle.yaml")
+    cycle(project)
     dave = {f"data-owner/digits-contributed:{s.relative_to(project / DATA / 'train').as_posix()}" for s in shards}
     dave = {key for key in dave if ":dave/" in key}
 
@@ -410,9 +419,9 @@ def test_a_source_the_operator_cleared_is_screened_afresh_in_the_next_cycle(proj
     assert screened(2) == dave
     done = _ok(_trainguard(project, "sources", "--config", "cycle.yaml", "--reason", "reshuffled", "clear", "dave"))
     assert "clear recorded in the signed state" in done.stdout
-    _trainguard(project, "cycle", "--config", "cycle.yaml", "--force")
+    cycle(project, "--force")
     assert screened(3) == dave  # judged afresh, not reused from cycle 2
-    _trainguard(project, "cycle", "--config", "cycle.yaml", "--force")
+    cycle(project, "--force")
     assert screened(4) == set()  # without a new clear, cycle 3's verdicts stand
     events = [json.loads(Envelope.from_json(line).payload)["event"] for line in _log_lines(project)]
     assert any(e["kind"] == "source" and e["body"]["action"] == "clear" for e in events)

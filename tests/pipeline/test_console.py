@@ -6,7 +6,9 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -29,7 +31,9 @@ THIRD_PARTY = (
 
 
 @pytest.mark.timeout(600)  # two cycles, each its own process
-def test_a_cycle_on_the_demo_config_prints_no_third_party_chatter_and_verbose_shows_it(tmp_path: Path) -> None:
+def test_a_cycle_on_the_demo_config_prints_no_third_party_chatter_and_verbose_shows_it(
+    tmp_path: Path, cycle_config: Callable[..., dict[str, Any]]
+) -> None:
     (tmp_path / "configs").mkdir()
     shutil.copy(REPO / "configs" / "digits-trust.yaml", tmp_path / "configs")
     keys, data = tmp_path / "demo-work" / "keys", tmp_path / "demo-work" / "data"
@@ -37,13 +41,9 @@ def test_a_cycle_on_the_demo_config_prints_no_third_party_chatter_and_verbose_sh
     contributed = prepare_digits(data).contributed()
     sign_trusted(data, keys)
     sign_contributions(data, keys, contributed)
-    config = yaml.safe_load((REPO / "configs" / "digits.yaml").read_text())
-    config["project"] = str(REPO / "examples")  # the digits example, wherever this copy is written
-    config["training"].update(bootstrap_epochs=5)
-    config["trainer"]["init_args"].update(max_epochs=1)
-    config["robust_eval"].update(subset_size=50, steps=2)
-    config["gate"].update(min_clean_accuracy=0.0, min_robust_accuracy=0.0, max_accuracy_drop=1.0, max_class_drop=1.0)
-    (tmp_path / "cycle.yaml").write_text(yaml.safe_dump(config))
+    any_model = {"min_clean_accuracy": 0.0, "min_robust_accuracy": 0.0, "max_accuracy_drop": 1.0, "max_class_drop": 1.0}
+    changes = {"training": {"bootstrap_epochs": 5}, "trainer": {"init_args": {"max_epochs": 1}}, "gate": any_model}
+    (tmp_path / "cycle.yaml").write_text(yaml.safe_dump(cycle_config("console", changes)))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'fresh-mlruns.db'}"}
 
     def cycle(*flags: str, force: bool = False) -> str:

@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +27,8 @@ REPO = Path(__file__).resolve().parents[2]
 TRAINGUARD = str(Path(sys.executable).parent / "trainguard")
 
 
-def _config(workdir: Path, experiment: str, name: str = "digits.yaml") -> Path:
-    """A digits demo config, shortened for tests and pointed at this test's experiment."""
-    config = yaml.safe_load((REPO / "configs" / name).read_text())
-    config["project"] = str(REPO / "examples")  # the digits example, wherever this copy is written
-    config["training"].update(bootstrap_epochs=25)
-    config["trainer"]["init_args"].update(max_epochs=3)
-    config["robust_eval"].update(subset_size=100, steps=3)
-    config["gate"].update(min_robust_accuracy=0.0)
-    config["tracking"] = {"experiment_name": experiment, "registered_model_name": experiment}
+def _config(workdir: Path, config: dict[str, Any]) -> Path:
+    """Writes a test cycle's config (the `cycle_config` fixture's) where the cycle runs."""
     path = workdir / "cycle.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -45,9 +39,9 @@ def _contributed(data: Path, source: str, batch: int, extension: str = ".parquet
 
 
 def test_two_cycles_refuse_tampered_and_poisoned_shards_and_log_everything(
-    workdir: Path, mlflow_uri: str, read_cycle_state: Any
+    workdir: Path, mlflow_uri: str, read_cycle_state: Any, cycle_config: Callable[..., dict[str, Any]]
 ) -> None:
-    config = _config(workdir, "cycle-e2e")
+    config = _config(workdir, cycle_config("cycle-e2e"))
     data = workdir / "demo-work" / "data"
 
     first = run_cycle(config)
@@ -93,7 +87,7 @@ def test_two_cycles_refuse_tampered_and_poisoned_shards_and_log_everything(
     for parent, status in zip(parents, ("accepted", second.status), strict=True):
         children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
         assert {"verification", "screening", "training", "gate"} <= children
-        assert parent.data.params["trainer.init_args.max_epochs"] == "3"
+        assert parent.data.params["trainer.init_args.max_epochs"] == "2"
         assert parent.data.tags["trainguard.status"] == status
         assert any(a.path == "report" for a in client.list_artifacts(parent.info.run_id))
         assert any(t.startswith("trainguard.manifest.") for t in parent.data.tags)
@@ -125,8 +119,10 @@ def test_two_cycles_refuse_tampered_and_poisoned_shards_and_log_everything(
     assert [c["status"] for c in state["cycles"]] == ["accepted", second.status]
 
 
-def test_signed_model_verifies_and_a_swapped_model_is_refused(workdir: Path, tmp_path: Path) -> None:
-    config = _config(workdir, "cycle-model")
+def test_signed_model_verifies_and_a_swapped_model_is_refused(
+    workdir: Path, tmp_path: Path, mlflow_uri: str, cycle_config: Callable[..., dict[str, Any]]
+) -> None:
+    config = _config(workdir, cycle_config("cycle-model"))
     outcome = run_cycle(config)
     assert outcome.status == "accepted" and outcome.model_dir is not None
     public = workdir / "demo-work" / "keys" / "model.pub"
@@ -157,8 +153,10 @@ def test_signed_model_verifies_and_a_swapped_model_is_refused(workdir: Path, tmp
     assert "Traceback" not in done.stderr and "model" in done.stderr
 
 
-def test_a_manifest_signed_by_an_untrusted_key_stops_the_cycle_before_training(workdir: Path) -> None:
-    config = _config(workdir, "cycle-untrusted")
+def test_a_manifest_signed_by_an_untrusted_key_stops_the_cycle_before_training(
+    workdir: Path, cycle_config: Callable[..., dict[str, Any]]
+) -> None:
+    config = _config(workdir, cycle_config("cycle-untrusted"))
     keys = workdir / "demo-work" / "keys"
     shutil.copy(keys / "curator.pub", keys / "owner.pub")  # the trust anchor no longer matches the owner's key
     with pytest.raises(PreflightError, match=r"dataset\.training\[1\]\.manifest: .*(untrusted|signature|threshold)"):
@@ -167,7 +165,7 @@ def test_a_manifest_signed_by_an_untrusted_key_stops_the_cycle_before_training(w
 
 
 def test_an_unreachable_tracking_server_still_decides_and_keeps_the_local_report(
-    workdir: Path, monkeypatch: pytest.MonkeyPatch, read_cycle_state: Any
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, read_cycle_state: Any, cycle_config: Callable[..., dict[str, Any]]
 ) -> None:
     import socket
 
@@ -175,7 +173,7 @@ def test_an_unreachable_tracking_server_still_decides_and_keeps_the_local_report
         sock.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
-    outcome = run_cycle(_config(workdir, "cycle-offline"))
+    outcome = run_cycle(_config(workdir, cycle_config("cycle-offline")))
     assert outcome.status == "accepted" and outcome.model_dir is not None
     assert "unreachable" in outcome.tracking
     report = json.loads(outcome.report.read_text())
@@ -185,7 +183,7 @@ def test_an_unreachable_tracking_server_still_decides_and_keeps_the_local_report
 
 
 def test_a_newer_manifest_put_in_place_after_screening_is_never_read(
-    workdir: Path, monkeypatch: pytest.MonkeyPatch, mlflow_uri: str
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, mlflow_uri: str, cycle_config: Callable[..., dict[str, Any]]
 ) -> None:
     """Training reads through the statements the intake verified: a validly signed newer manifest that adds an
     unscreened shard, swapped in between screening and training, contributes nothing."""
@@ -205,7 +203,7 @@ def test_a_newer_manifest_put_in_place_after_screening_is_never_read(
         sign_contributions(data, workdir / "demo-work" / "keys", sources)
 
     monkeypatch.setattr(cycle_module, "_screen", screen_then_swap)
-    outcome = run_cycle(_config(workdir, "cycle-swap"))
+    outcome = run_cycle(_config(workdir, cycle_config("cycle-swap")))
     assert hashlib.sha256(manifest.read_bytes()).hexdigest() != verified_digest, "the swap happened"
     reads = [json.loads(line) for line in (workdir / "demo-work" / "cycle" / "reads" / "cycle-0001.jsonl").open()]
     assert reads and {r["manifest_sha256"] for r in reads if r["dataset"] == "digits-contributed"} == {verified_digest}
@@ -224,7 +222,9 @@ def test_a_newer_manifest_put_in_place_after_screening_is_never_read(
     assert byproduct["digest"]["sha256"] == hashlib.sha256(log_path.read_bytes()).hexdigest()
 
 
-def test_a_signed_but_undecodable_shard_is_refused_and_the_cycle_goes_on(workdir: Path, mlflow_uri: str) -> None:
+def test_a_signed_but_undecodable_shard_is_refused_and_the_cycle_goes_on(
+    workdir: Path, mlflow_uri: str, cycle_config: Callable[..., dict[str, Any]]
+) -> None:
     data = workdir / "demo-work" / "data"
     garbage, pages = _contributed(data, "bob", 0)[:2]
     garbage.write_bytes(b"PAR1 this is not a parquet file PAR1")
@@ -232,7 +232,7 @@ def test_a_signed_but_undecodable_shard_is_refused_and_the_cycle_goes_on(workdir
     pages.write_bytes(parquet[:4] + b"\xff" * 24 + parquet[28:])  # the footer reads; the pages raise pyarrow's OSError
     sources = {p.relative_to(data / "train").as_posix(): p.parent.name for p in (data / "train").rglob("*.parquet")}
     sign_contributions(data, workdir / "demo-work" / "keys", sources)
-    outcome = run_cycle(_config(workdir, "cycle-undecodable"))
+    outcome = run_cycle(_config(workdir, cycle_config("cycle-undecodable")))
     for broken in (garbage, pages):
         decision = next(d for d in outcome.shards if d.shard.endswith(broken.relative_to(data / "train").as_posix()))
         assert (decision.accepted, decision.check) == (False, "verify") and "format" in decision.reason
@@ -240,7 +240,11 @@ def test_a_signed_but_undecodable_shard_is_refused_and_the_cycle_goes_on(workdir
 
 
 def test_an_unexpected_error_ends_the_cycle_failed_with_a_one_line_reason(
-    workdir: Path, monkeypatch: pytest.MonkeyPatch, read_cycle_state: Any
+    workdir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    read_cycle_state: Any,
+    mlflow_uri: str,
+    cycle_config: Callable[..., dict[str, Any]],
 ) -> None:
     (workdir / "exploding.py").write_text(
         "import pytorch_lightning as pl\n\n\n"
@@ -249,7 +253,7 @@ def test_an_unexpected_error_ends_the_cycle_failed_with_a_one_line_reason(
         "        raise RuntimeError('the user callback broke\\non two lines')\n"
     )
     monkeypatch.syspath_prepend(str(workdir))
-    config = _config(workdir, "cycle-exploding")
+    config = _config(workdir, cycle_config("cycle-exploding"))
     document = yaml.safe_load(config.read_text())
     document["callbacks"] = [{"class_path": "exploding.Exploding"}]
     config.write_text(yaml.safe_dump(document))
@@ -263,7 +267,7 @@ def test_an_unexpected_error_ends_the_cycle_failed_with_a_one_line_reason(
 
 
 def test_a_cycle_trains_a_cnn_on_webdataset_image_shards(
-    tmp_path: Path, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch, cycle_config: Callable[..., dict[str, Any]]
 ) -> None:
     """The image demo's path: 8x8 PNG digits in WebDataset tars, one contributor poisoned before signing, one tar
     tampered after; the CNN trains on (N, 1, 8, 8) images decoded from verified bytes."""
@@ -279,7 +283,7 @@ def test_a_cycle_trains_a_cnn_on_webdataset_image_shards(
     tampered = _contributed(data, "carol", 0, ".tar")[0]
     tamper_file(tampered)
     monkeypatch.chdir(tmp_path)
-    outcome = run_cycle(_config(tmp_path, "cycle-images", "digits-images.yaml"))
+    outcome = run_cycle(_config(tmp_path, cycle_config("cycle-images", name="digits-images.yaml")))
     decisions = {d.shard.split(":", 1)[1]: d for d in outcome.shards}
     assert decisions[tampered.relative_to(data / "train").as_posix()].check == "verify"
     for path in poisoned:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,28 +46,29 @@ def poisoned_workdir(digits_project: Any) -> tuple[Path, dict[str, set[int]]]:
     return digits_project.root, flipped
 
 
-def _config(workdir: Path, experiment: str, action: str) -> Path:
-    """The digits config, shortened, RONI off (detection alone decides), detectors on with `action`."""
-    config = yaml.safe_load((REPO / "configs" / "digits.yaml").read_text())
-    config["project"] = str(REPO / "examples")
-    config["training"].update(bootstrap_epochs=25)
-    config["trainer"]["init_args"].update(max_epochs=2)
-    config["adversarial"]["enabled"] = False
-    config["robust_eval"].update(subset_size=50, steps=1)
-    config["gate"].update(min_robust_accuracy=0.0, min_clean_accuracy=0.5)
-    config["roni"]["enabled"] = False
-    config["detectors"] = {"enabled": True, "action": action}
-    config["tracking"] = {"experiment_name": experiment, "registered_model_name": experiment}
+def _config(workdir: Path, cycle_config: Callable[..., dict[str, Any]], experiment: str, action: str) -> Path:
+    """A test cycle's digits config, RONI off (detection alone decides), detectors on with `action`; the detectors
+    read the bootstrapped model's probabilities, so it trains 25 epochs."""
+    config = cycle_config(
+        experiment,
+        {
+            "training": {"bootstrap_epochs": 25},
+            "adversarial": {"enabled": False},
+            "robust_eval": {"steps": 1},
+            "roni": {"enabled": False},
+            "detectors": {"enabled": True, "action": action},
+        },
+    )
     path = workdir / "cycle.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
 def test_flagged_rows_are_quarantined_reported_attested_and_logged(
-    poisoned_workdir: tuple[Path, dict[str, set[int]]], mlflow_uri: str
+    poisoned_workdir: tuple[Path, dict[str, set[int]]], mlflow_uri: str, cycle_config: Callable[..., dict[str, Any]]
 ) -> None:
     workdir, flipped = poisoned_workdir
-    outcome = run_cycle(_config(workdir, "detect-rows", "quarantine-rows"))
+    outcome = run_cycle(_config(workdir, cycle_config, "detect-rows", "quarantine-rows"))
     assert outcome.status == "accepted", outcome.reason
     report = json.loads(outcome.report.read_text())
     detection = report["detection"]
@@ -92,9 +94,11 @@ def test_flagged_rows_are_quarantined_reported_attested_and_logged(
     assert artifacts == {f"detection/{name}.json" for name in ("spectral", "clustering", "label-issues")}
 
 
-def test_a_flagged_source_is_rejected_shard_by_shard(poisoned_workdir: tuple[Path, dict[str, set[int]]]) -> None:
+def test_a_flagged_source_is_rejected_shard_by_shard(
+    poisoned_workdir: tuple[Path, dict[str, set[int]]], cycle_config: Callable[..., dict[str, Any]], mlflow_uri: str
+) -> None:
     workdir, flipped = poisoned_workdir
-    outcome = run_cycle(_config(workdir, "detect-source", "reject-source"))
+    outcome = run_cycle(_config(workdir, cycle_config, "detect-source", "reject-source"))
     rejected = {d.shard for d in outcome.shards if not d.accepted}
     assert rejected == set(flipped)
     assert all(d.check == "detection" and "dave" in d.reason for d in outcome.shards if d.shard in rejected)
@@ -104,10 +108,10 @@ def test_a_flagged_source_is_rejected_shard_by_shard(poisoned_workdir: tuple[Pat
 
 
 def test_each_sources_label_issue_p_value_joins_ronis_source_test(
-    poisoned_workdir: tuple[Path, dict[str, set[int]]], mlflow_uri: str
+    poisoned_workdir: tuple[Path, dict[str, set[int]]], mlflow_uri: str, cycle_config: Callable[..., dict[str, Any]]
 ) -> None:
     workdir, _ = poisoned_workdir
-    path = _config(workdir, "detect-evidence", "report")
+    path = _config(workdir, cycle_config, "detect-evidence", "report")
     config = yaml.safe_load(path.read_text())
     config["roni"]["enabled"] = True
     path.write_text(yaml.safe_dump(config))
@@ -157,12 +161,12 @@ def decoy_workdir(digits_project: Any) -> tuple[Path, dict[str, list[int]]]:
 
 
 def test_a_decoy_copying_a_row_of_each_honest_source_costs_them_only_the_copied_rows(
-    decoy_workdir: tuple[Path, dict[str, list[int]]],
+    decoy_workdir: tuple[Path, dict[str, list[int]]], cycle_config: Callable[..., dict[str, Any]], mlflow_uri: str
 ) -> None:
     """One decoy shard must not take three honest sources' shards out of the cycle (as quarantining both sides of a
     cross-source duplicate did): every shard is accepted and only the shared rows are skipped."""
     workdir, shared = decoy_workdir
-    path = _config(workdir, "decoy", "report")
+    path = _config(workdir, cycle_config, "decoy", "report")
     config = yaml.safe_load(path.read_text())
     config["detectors"] = {"enabled": False}
     path.write_text(yaml.safe_dump(config))

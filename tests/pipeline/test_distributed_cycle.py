@@ -14,7 +14,9 @@ import socket
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -80,21 +82,15 @@ def test_the_launch_is_read_from_torchrun_or_slurm_and_a_world_of_one_runs_alone
 
 
 @pytest.fixture
-def project(tmp_path: Path) -> Path:
+def project(tmp_path: Path, cycle_config: Callable[..., dict[str, Any]]) -> Path:
     shutil.copytree(REPO / "configs", tmp_path / "configs")
     keys, data = tmp_path / "demo-work" / "keys", tmp_path / "demo-work" / "data"
     create_keys(keys)
     contributed = prepare_digits(data).contributed()
     sign_trusted(data, keys)
     sign_contributions(data, keys, contributed)
-    config = yaml.safe_load((REPO / "configs" / "digits.yaml").read_text())
-    config["project"] = str(REPO / "examples")  # the digits example, wherever this copy is written
-    config["training"].update(bootstrap_epochs=15)
-    config["trainer"]["init_args"].update(max_epochs=2, strategy="ddp", devices=2, accelerator="cpu")
-    config["robust_eval"].update(subset_size=50, steps=2)
-    config["gate"].update(min_clean_accuracy=0.5, min_robust_accuracy=0.0, max_accuracy_drop=0.2, max_class_drop=0.3)
-    config["tracking"] = {"experiment_name": "distributed", "registered_model_name": "distributed"}
-    (tmp_path / "cycle.yaml").write_text(yaml.safe_dump(config))
+    ddp = {"trainer": {"init_args": {"strategy": "ddp", "devices": 2, "accelerator": "cpu"}}}
+    (tmp_path / "cycle.yaml").write_text(yaml.safe_dump(cycle_config("distributed", ddp)))
     return tmp_path
 
 

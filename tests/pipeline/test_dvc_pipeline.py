@@ -81,21 +81,24 @@ def test_dvc_repro_prepares_and_signs_then_reruns_only_on_a_change(dvc_repo: Pat
     assert _manifest_version(train_manifest) == 2  # persisted, so the re-sign bumps the version
 
 
-def _shorten(config: Path) -> None:
-    """A quick cycle whose gate accepts any model, so each `dvc repro` here exits 0."""
+def _shorten(config: Path, experiment: str) -> None:
+    """A quick cycle whose gate accepts any model, so each `dvc repro` here exits 0 (RONI as tests/pipeline/
+    conftest.py's QUICK_CYCLE screens), logging to the session's MLflow server as `experiment`."""
     data = yaml.safe_load(config.read_text())
+    data["tracking"] = {"experiment_name": experiment, "registered_model_name": experiment}
     data["training"].update(bootstrap_epochs=15)
     data["trainer"]["init_args"].update(max_epochs=2)
-    data["robust_eval"].update(subset_size=64, steps=2)
+    data["roni"].update(level=0.02, calibration_draws=199)
+    data["robust_eval"].update(subset_size=50, steps=2)
     data["gate"].update(min_clean_accuracy=0.0, min_robust_accuracy=0.0, max_accuracy_drop=1.0, max_class_drop=1.0)
     config.write_text(yaml.safe_dump(data))
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # two full cycles through `dvc repro`: 77 s quiet, over 300 s on a loaded machine
-def test_dvc_repro_runs_the_pipeline_then_reruns_only_what_changed(dvc_repo: Path) -> None:
+def test_dvc_repro_runs_the_pipeline_then_reruns_only_what_changed(dvc_repo: Path, mlflow_uri: str) -> None:
     _install(dvc_repo, with_code=True)
-    _shorten(dvc_repo / "configs" / "digits.yaml")
+    _shorten(dvc_repo / "configs" / "digits.yaml", "dvc-repro")
     first = _dvc(dvc_repo, "repro")
     assert first.returncode == 0, first.stdout + first.stderr
     assert (dvc_repo / "demo-work" / "cycle" / "report.json").is_file()
@@ -121,9 +124,9 @@ def _git(repo: Path, *args: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # two full cycles through `dvc repro`: 77 s quiet, over 300 s on a loaded machine
-def test_dvc_experiments_set_params_compare_cycles_and_show_plots(dvc_repo: Path) -> None:
+def test_dvc_experiments_set_params_compare_cycles_and_show_plots(dvc_repo: Path, mlflow_uri: str) -> None:
     _install(dvc_repo, with_code=True)
-    _shorten(dvc_repo / "configs" / "digits.yaml")
+    _shorten(dvc_repo / "configs" / "digits.yaml", "dvc-experiments")
     _git(dvc_repo, "add", "-A")
     _git(dvc_repo, "commit", "-q", "-m", "pipeline")
     for epochs in (1, 2):

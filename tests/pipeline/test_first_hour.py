@@ -318,7 +318,7 @@ def _config(project: Project) -> dict:
         "limits": {"max_fraction_per_source": 0.9},
         "gate": {"min_clean_accuracy": 0.3, "max_accuracy_drop": 0.5, "max_class_drop": 1.0},
         "training": {"bootstrap_epochs": 15, "batch_size": 64},
-        "trainer": {"init_args": {"max_epochs": 4, "accelerator": "cpu", "devices": 1}},
+        "trainer": {"init_args": {"max_epochs": 2, "accelerator": "cpu", "devices": 1}},
         "model": {"class_path": project.class_path, "init_args": {"lr": 0.005}},
         "output": {"work_dir": "work", "model_signing_key": "keys/model.key"},
         "tracking": {"experiment_name": f"first-hour-{project.name}", "registered_model_name": project.name},

@@ -23,6 +23,7 @@ from trainguard.pipeline.cli import main
 from trainguard.provenance.keys import generate_signing_key, write_keypair
 
 REPO = Path(__file__).resolve().parents[2]
+Cli = Callable[..., subprocess.CompletedProcess[str]]
 TRAINGUARD = str(Path(sys.executable).parent / "trainguard")
 
 REGRESSION_MODEL = """
@@ -211,7 +212,7 @@ MISTAKES = {
 def test_a_config_mistake_stops_check_and_cycle_before_training_in_one_line(
     project: Path, mistake: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """In process (the CLI's own `main`), to keep each case to a second; the subprocess tests below cover start-up."""
+    """In process (the CLI's own `main`), to keep each case to a second; one subprocess test below covers start-up."""
     change, code, message = MISTAKES[mistake]
     config = _config(project, change)
     monkeypatch.chdir(project)
@@ -225,6 +226,7 @@ def test_a_config_mistake_stops_check_and_cycle_before_training_in_one_line(
 
 
 def test_check_passes_a_good_config_naming_every_check(project: Path) -> None:
+    """As its own process (the other checks run in this one, by the `cli` fixture)."""
     done = _run(project, "check", str(_config(project, {})))
     assert done.returncode == 0, done.stderr
     checks = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("ok ")]
@@ -236,10 +238,10 @@ def test_check_passes_a_good_config_naming_every_check(project: Path) -> None:
     assert not (project / "demo-work" / "cycle").exists()
 
 
-def test_check_passes_a_regression_config_with_real_targets(project: Path) -> None:
+def test_check_passes_a_regression_config_with_real_targets(project: Path, cli: Cli) -> None:
     """A regression model (one output) on real-valued targets passes the model check under the regression loss."""
     config = _config(project, {**REGRESSION, ("model",): {"class_path": "brokenmodels.Regressor"}})
-    done = _run(project, "check", str(config))
+    done = cli(project, "check", str(config))
     assert done.returncode == 0, done.stderr
     assert "ok  model" in done.stdout and "regression loss and input gradient ok" in done.stdout
     assert not (project / "demo-work" / "cycle").exists()
@@ -274,13 +276,13 @@ def _state_holding(project: Path, config: Path, manifest: str, version: int) -> 
     return state_path
 
 
-def test_check_reports_a_manifest_the_cycle_would_refuse_as_rollback(project: Path) -> None:
+def test_check_reports_a_manifest_the_cycle_would_refuse_as_rollback(project: Path, cli: Cli) -> None:
     """A cycle accepted version 2 of the contributions; the version 1 in place stops the cycle, so check exits 1
     naming the manifest and `rollback`, and leaves the state as it was."""
     config = _config(project, {("output", "work_dir"): "rollback-work"})
     state = _state_holding(project, config, "demo-work/data/train.manifest.json", 2)
     before = state.read_bytes()
-    done = _run(project, "check", str(config))
+    done = cli(project, "check", str(config))
     assert done.returncode == 1, done.stdout
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "the cycle would stop" in lines[0], lines
@@ -288,45 +290,45 @@ def test_check_reports_a_manifest_the_cycle_would_refuse_as_rollback(project: Pa
     assert state.read_bytes() == before
 
 
-def test_check_passes_a_manifest_at_the_states_version(project: Path) -> None:
+def test_check_passes_a_manifest_at_the_states_version(project: Path, cli: Cli) -> None:
     config = _config(project, {("output", "work_dir"): "current-work"})
     _state_holding(project, config, "demo-work/data/train.manifest.json", 1)
-    done = _run(project, "check", str(config))
+    done = cli(project, "check", str(config))
     assert done.returncode == 0, done.stderr
     assert "ok  rollback   2 manifests at or past the 1 anti-rollback records" in done.stdout
 
 
-def test_check_lists_the_shards_the_cycle_would_refuse_by_source_cap_and_exits_0(project: Path) -> None:
+def test_check_lists_the_shards_the_cycle_would_refuse_by_source_cap_and_exits_0(project: Path, cli: Cli) -> None:
     """Capped at 10% a source, each contributor loses shards: the cycle refuses them and goes on, so check says
     `refuse` for each, naming the cap, and exits 0."""
-    done = _run(project, "check", str(_config(project, {("limits", "max_fraction_per_source"): 0.1})))
+    done = cli(project, "check", str(_config(project, {("limits", "max_fraction_per_source"): 0.1})))
     assert done.returncode == 0, done.stderr
     refused = [line for line in done.stdout.splitlines() if line.startswith("refuse  limits")]
     assert refused and all("the cap is 10.0%" in line for line in refused), done.stdout
     assert f"; {len(refused)} shard(s) it would refuse" in done.stdout.splitlines()[-1]
 
 
-def test_check_warns_when_the_holdout_is_too_small_for_the_gate(project: Path) -> None:
+def test_check_warns_when_the_holdout_is_too_small_for_the_gate(project: Path, cli: Cli) -> None:
     """The digits held-out set (350 rows, 27 in its smallest class) cannot resolve a 0.03 overall or 0.1 per-class
     drop: one warning each, exit 0; thresholds it can resolve draw none."""
-    tight = _run(project, "check", str(_config(project, {("gate", "max_accuracy_drop"): 0.03})))
+    tight = cli(project, "check", str(_config(project, {("gate", "max_accuracy_drop"): 0.03})))
     assert tight.returncode == 0, tight.stderr
     warned = [line for line in tight.stdout.splitlines() if line.startswith("warn  gate")]
     assert len(warned) == 2, tight.stdout
     assert "too small for gate.max_accuracy_drop 0.03: 350 rows (overall)" in warned[0]
     assert "too small for gate.max_class_drop 0.1: 27 rows (class 0, the smallest)" in warned[1]
     loose = {("gate", "max_accuracy_drop"): 0.1, ("gate", "max_class_drop"): 0.4}
-    done = _run(project, "check", str(_config(project, loose)))
+    done = cli(project, "check", str(_config(project, loose)))
     assert done.returncode == 0, done.stderr
     assert not [line for line in done.stdout.splitlines() if line.startswith("warn  gate")], done.stdout
     assert done.stdout.count("ok  gate") == 2
 
 
-def test_check_warns_when_ronis_trusted_rows_cannot_stand_for_the_shards(project: Path) -> None:
+def test_check_warns_when_ronis_trusted_rows_cannot_stand_for_the_shards(project: Path, cli: Cli) -> None:
     """A tenth of the 350 held-out rows left to RONI's calibration: about 3 rows a class, too few for bootstrap draws
     to stand for fresh rows, and every contributed shard holds more of a class than a quarter of them (tested on a
     subsample): one warning each, exit 0."""
-    done = _run(project, "check", str(_config(project, {("roni", "calibration_fraction"): 0.1})))
+    done = cli(project, "check", str(_config(project, {("roni", "calibration_fraction"): 0.1})))
     assert done.returncode == 0, done.stderr
     warned = [line for line in done.stdout.splitlines() if line.startswith("warn  roni")]
     assert len(warned) == 2, done.stdout
@@ -335,21 +337,21 @@ def test_check_warns_when_ronis_trusted_rows_cannot_stand_for_the_shards(project
     assert "tested on a seeded subsample, with less power against poison" in warned[1]
 
 
-def test_check_warns_when_the_holdout_lacks_a_class(project: Path) -> None:
-    done = _run(project, "check", str(_config(project, _curated("nineless"))))
+def test_check_warns_when_the_holdout_lacks_a_class(project: Path, cli: Cli) -> None:
+    done = cli(project, "check", str(_config(project, _curated("nineless"))))
     assert done.returncode == 0, done.stderr
     assert "warn  coverage   the held-out set holds no row of class(es) [9]" in done.stdout
     assert "ok  coverage   the trusted base holds every class" in done.stdout
 
 
-def test_check_lists_the_shards_of_a_source_the_operator_quarantined(project: Path, tmp_path: Path) -> None:
+def test_check_lists_the_shards_of_a_source_the_operator_quarantined(project: Path, tmp_path: Path, cli: Cli) -> None:
     """A quarantine signed into the state (`trainguard sources quarantine`) refuses the source's shards in the
     cycle; check names each of them, with the operator's reason, and exits 0 (the cycle goes on without them)."""
     mine = shutil.copytree(project, tmp_path / "project", symlinks=True)
     config = str(_config(mine, {}))
     held = _run(mine, "sources", "--config", config, "--reason", "audit pending", "quarantine", "dave")
     assert held.returncode == 0, held.stderr
-    done = _run(mine, "check", config)
+    done = cli(mine, "check", config)
     assert done.returncode == 0, done.stdout + done.stderr
     refused = [line for line in done.stdout.splitlines() if line.startswith("refuse  operator")]
     assert refused and all("(dave)" in line and "audit pending" in line for line in refused), done.stdout

@@ -9,7 +9,7 @@ import json
 import socket
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -251,7 +251,9 @@ class Released:
 
 
 @pytest.fixture(scope="module")
-def released(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Released]:
+def released(
+    mlflow_server: str, tmp_path_factory: pytest.TempPathFactory, cycle_config: Callable[..., dict[str, Any]]
+) -> Iterator[Released]:
     """One short digits cycle against the session's MLflow server (shared by the tests that read it back)."""
     import shutil
 
@@ -274,15 +276,8 @@ def released(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> It
         contributed = prepare_digits(data).contributed()
         sign_trusted(data, keys)
         sign_contributions(data, keys, contributed)
-        document = yaml.safe_load(DIGITS.read_text())
-        document["project"] = str(DIGITS.parent.parent / "examples")
-        document["training"].update(bootstrap_epochs=20)
-        document["trainer"]["init_args"].update(max_epochs=2)
-        document["robust_eval"].update(subset_size=64, steps=2)
-        document["gate"].update(min_robust_accuracy=0.0, min_clean_accuracy=0.5)
-        document["tracking"] = {"experiment_name": experiment, "registered_model_name": experiment}
         config = root / "cycle.yaml"
-        config.write_text(yaml.safe_dump(document))
+        config.write_text(yaml.safe_dump(cycle_config(experiment)))
         outcome = run_cycle(config)
         assert outcome.status == "accepted", outcome.reason
         yield Released(root, config, outcome, experiment)
