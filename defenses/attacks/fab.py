@@ -127,7 +127,12 @@ class FABT(Attack):
                 out[rows[won]] = best[won]
                 robust[rows[won]] = False
         # Casting back to a narrower input dtype may round a point just past eps: project (a no-op otherwise).
-        return self.project(out.to(x.dtype), x, eps, lower, upper)
+        adv = self.project(out.to(x.dtype), x, eps, lower, upper)
+        # A point found on the boundary can tie there: judged again in the batch the caller gave, it may read as
+        # its own class. Such a row comes back unchanged, so a changed row is always a misclassified one.
+        with torch.no_grad():
+            kept = self.forward(adv).argmax(1) == y
+        return torch.where(kept.view(-1, *[1] * (x.dim() - 1)), x, adv)
 
     def _run(
         self,
