@@ -154,6 +154,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(shared, ignore_errors=True)
 
 
+ARTIFACTS: dict[str, Path] = {}  # tracking URI -> its server's artifact folder
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real `mlflow server` on 127.0.0.1 with a sqlite store; yields its tracking URI. Under xdist one server
@@ -161,7 +164,9 @@ def mlflow_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
     controller stops it when the session ends (it takes ~30 s to answer the first time)."""
     shared = getattr(request.config, "workerinput", {}).get(SHARED_OPTION)
     if shared is None:
-        server = _start_server(tmp_path_factory.mktemp("mlflow"))
+        root = tmp_path_factory.mktemp("mlflow")
+        server = _start_server(root)
+        ARTIFACTS[server.url] = root / "artifacts"
         try:
             yield server.url
         finally:
@@ -174,7 +179,16 @@ def mlflow_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
         if not record.is_file():
             server = _start_server(root)
             record.write_text(json.dumps({"url": server.url, "pid": server.pid}))
-    yield json.loads(record.read_text())["url"]
+    url = json.loads(record.read_text())["url"]
+    ARTIFACTS[url] = root / "artifacts"
+    yield url
+
+
+@pytest.fixture(scope="session")
+def mlflow_artifacts(mlflow_server: str) -> Path:
+    """The session server's --artifacts-destination folder: what an attacker with write access to the artifact
+    store edits."""
+    return ARTIFACTS[mlflow_server]
 
 
 @pytest.fixture

@@ -21,7 +21,9 @@ from typing import Any
 import pytest
 from digits_demo.prepare import Layout, prepare_digits
 
+from trainguard.provenance import errors as provenance_errors
 from trainguard.provenance import generate_signing_key, load_verifying_key, sign_dataset, write_keypair, write_manifest
+from trainguard.provenance.errors import ShardError
 
 JOB = Path(__file__).with_name("ddp_job.py")
 TIMEOUT = 240  # seconds; a hung collective must fail the test, not the suite
@@ -175,7 +177,7 @@ def test_ddp_tampered_shard_stops_both_ranks_before_training(tmp_path: Path, cop
     assert zero["steps"] == one["steps"] == 0
     # Each rank reads only its own part of the training shards: the rank that reads the tampered shard names it,
     # every other rank stops saying so.
-    named = [d for d in (zero, one) if d["error_type"] == "ShardError"]
+    named = [d for d in (zero, one) if issubclass(getattr(provenance_errors, d["error_type"], Exception), ShardError)]
     assert named and all(TAMPERED in d["error"] for d in named), (zero, one)
     if copies == "rank1":
         assert named == [one]

@@ -123,12 +123,12 @@ def registered(mlflow_uri: str, signed: Signed) -> str:
     return name
 
 
-def _on_disk(tmp_path_factory: pytest.TempPathFactory, name: str, version: int) -> Path:
-    """Where the server's --artifacts-destination (conftest's `mlflow_server`: its `mlflow*` session folder) keeps
-    a version's artifacts: what an attacker with write access to the artifact store edits."""
+def _on_disk(artifacts: Path, name: str, version: int) -> Path:
+    """Where the server's --artifacts-destination (conftest's `mlflow_artifacts`) keeps a version's artifacts: what
+    an attacker with write access to the artifact store edits."""
     location = MlflowClient().get_model_version_download_uri(name, str(version))
-    relative = location.removeprefix("mlflow-artifacts:/").strip("/")
-    (found,) = {p.resolve() for p in tmp_path_factory.getbasetemp().glob(f"mlflow*/artifacts/{relative}")}
+    found = artifacts / location.removeprefix("mlflow-artifacts:/").strip("/")
+    assert found.is_dir(), found
     return found
 
 
@@ -145,10 +145,10 @@ def test_the_honest_champion_loads_verified_and_predicts(registered: str, signed
 
 
 def test_an_attacker_rewriting_the_model_code_in_the_artifact_store_cannot_run_it(
-    registered: str, signed: Signed, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+    registered: str, signed: Signed, tmp_path: Path, mlflow_artifacts: Path
 ) -> None:
     marker = tmp_path / "attacker-code-ran"
-    artifacts = _on_disk(tmp_path_factory, registered, 2)
+    artifacts = _on_disk(mlflow_artifacts, registered, 2)
     (artifacts / "evil.py").write_text(
         textwrap.dedent(f"""
             from pathlib import Path
@@ -182,9 +182,9 @@ def test_an_attacker_rewriting_the_model_code_in_the_artifact_store_cannot_run_i
 
 
 def test_an_attacker_re_signing_the_champion_with_their_own_key_is_refused(
-    registered: str, signed: Signed, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+    registered: str, signed: Signed, tmp_path: Path, mlflow_artifacts: Path
 ) -> None:
-    artifacts = _on_disk(tmp_path_factory, registered, 2)
+    artifacts = _on_disk(mlflow_artifacts, registered, 2)
     private, public = write_keypair(generate_signing_key("ecdsa-p256"), tmp_path / "attacker")
     _attested(tmp_path / "forged", 2, private)
     shutil.rmtree(artifacts / SIGNED_PATH)
@@ -197,9 +197,9 @@ def test_an_attacker_re_signing_the_champion_with_their_own_key_is_refused(
 
 
 def test_an_older_signed_model_copied_over_the_champion_is_refused_by_digest(
-    registered: str, signed: Signed, tmp_path_factory: pytest.TempPathFactory
+    registered: str, signed: Signed, mlflow_artifacts: Path
 ) -> None:
-    signed_dir = _on_disk(tmp_path_factory, registered, 2) / SIGNED_PATH
+    signed_dir = _on_disk(mlflow_artifacts, registered, 2) / SIGNED_PATH
     shutil.rmtree(signed_dir)
     shutil.copytree(signed.models[1], signed_dir)
     with pytest.raises(RegistryError, match="digest-mismatch") as refused:
