@@ -33,8 +33,8 @@ were refused at 0.042 at level 0.01, their sources' unions at 8 times the level)
 than `pool_fraction` of the trusted rows of a class is therefore tested on a seeded subsample with that many rows of
 the class: the rate of any poison in it is kept, and its draws are as diverse as the candidate (clean 2-4 class
 shards on digits, full scope: refused at 0.007, 2/288 over 6 seeds). The default share, 0.4, tests a targeted
-shard whole where a quarter cut it (digits CNN, 30 trusted rows a class: 3->8 flips caught at 0.85 with 0.25, 1.0
-with 0.4 on seed 0); at the head scope's tuned rate on the MLP, clean 2-4 class shards are refused at 0.05-0.14
+shard whole where a quarter cut it (digits CNN, 30 trusted rows a class, 2 seeds: 3->8 flips caught at 0.85 with
+0.25, 0.925 with 0.4); at the head scope's tuned rate on the MLP, clean 2-4 class shards are refused at 0.05-0.14
 whatever the share (0.1 to whole): the rate, not the share, drives that mismatch.
 Draws are a two-level bootstrap of the trusted data (per class when stratified): the pool is resampled,
 then rows are drawn with replacement from the resample. A fresh contribution differs from the trusted pool by its

@@ -326,7 +326,7 @@ def test_check_warns_when_the_holdout_is_too_small_for_the_gate(project: Path, c
 
 def test_check_warns_when_ronis_trusted_rows_cannot_stand_for_the_shards(project: Path, cli: Cli) -> None:
     """A tenth of the 350 held-out rows left to RONI's calibration: about 3 rows a class, too few for bootstrap draws
-    to stand for fresh rows, and every contributed shard holds more of a class than a quarter of them (tested on a
+    to stand for fresh rows, and every contributed shard holds more of a class than 40% of them (tested on a
     subsample): one warning each, exit 0."""
     done = cli(project, "check", str(_config(project, {("roni", "calibration_fraction"): 0.1})))
     assert done.returncode == 0, done.stderr
