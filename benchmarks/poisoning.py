@@ -409,6 +409,7 @@ def _drip(world: World, rng: np.random.Generator) -> list[Offer]:
 
 # Scenarios over several cycles: a source's earlier shard p-values join its test (`screen_candidates(history=)`).
 CYCLED: dict[str, Callable[[World, np.random.Generator], list[Offer]]] = {"slow drip": _drip}
+NAMES = (*SCENARIOS, *CYCLED)  # every scenario, in table order; a scenario's index seeds its rows
 
 
 def screened(
@@ -563,12 +564,11 @@ def judge_seed(
     """Every chosen scenario of one seed under every column: the tallies, the CPU seconds per scenario and RONI's
     rate (one seed per process with `--jobs`)."""
     world = World.of(seed)
-    names = list(SCENARIOS) + list(CYCLED)
     tallies = {column: {name: Tally() for name in chosen} for column in DETECTORS}
     seconds = dict.fromkeys(chosen, 0.0)
     for name in chosen:
         begun = time.process_time()
-        rng = np.random.default_rng([seed, names.index(name)])  # the same rows whichever scenarios run
+        rng = np.random.default_rng([seed, NAMES.index(name)])  # the same rows whichever scenarios run
         by_column = {column: tallies[column][name] for column in DETECTORS}
         if name in CYCLED:
             judge_cycles(world, CYCLED[name](world, rng), config, by_column)
@@ -723,8 +723,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 seeds, 99 draws at level 0.05 (a smoke run)")
     parser.add_argument("--draws", type=int, default=None, help="calibration draws per size (default: config's)")
     parser.add_argument("--error-control", default="per-candidate", choices=("per-candidate", "bh", "by"))
-    names = [*SCENARIOS, *CYCLED]
-    parser.add_argument("--only", nargs="*", default=None, choices=names, metavar="SCENARIO", help=", ".join(names))
+    parser.add_argument("--only", nargs="*", default=None, choices=NAMES, metavar="SCENARIO", help=", ".join(NAMES))
     parser.add_argument("--unstratified", action="store_true", help="RONI's draws across all classes (before #28)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--jobs", type=int, default=1, help="seeds judged at once, one process each (default 1)")
@@ -750,7 +749,7 @@ def main() -> None:
         key, value = option.split("=", 1)
         options[key] = yaml.safe_load(value)
     config = ScreeningConfig(**options)
-    chosen = [n for n in names if args.only is None or n in args.only]
+    chosen = [n for n in NAMES if args.only is None or n in args.only]
     print(f"torch threads: {torch.get_num_threads()}, cpus: {os.cpu_count()}, load before: {os.getloadavg()}")
     print(f"{seeds} seeds; config: {config}")
     print(f"detectors (RONI + detectors columns): {detection_config(DetectorsSection())}")
