@@ -43,9 +43,10 @@ neither the pool's noise nor, once n nears N, the shard's: calibration tighter t
 contributions rejected far more often than the level says.
 
 No dilution: a source's shards are also judged together, by screening their union (histogram-matched) and by combining
-the p-values of all its shard tests, earlier cycles' included (Fisher or Stouffer), and of any other test of the
-source's rows this cycle (`evidence`, e.g. the label-issue detector's: flipped labels that each move the model a
-little are many rows the model confidently disagrees with); a flagged source loses every shard. With
+the p-values of all its shard tests, earlier cycles' included (Brown's method: Fisher's for tests that share the
+trusted sample, see `conformal`), and of any other test of the source's rows this cycle (`evidence`, e.g. the
+label-issue detector's: flipped labels that each move the model a little are many rows the model confidently
+disagrees with); a flagged source loses every shard. With
 `error_control="per-candidate"` (the default) every clean shard is rejected with probability at most `level` (its
 own test and its source's share the budget, Bonferroni); "bh" / "by" control the false discovery rate across the
 cycle's shard and source tests instead.
@@ -67,7 +68,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Literal, cast, overload
+from typing import Literal, cast, get_args, overload
 
 import numpy as np
 import torch
@@ -154,7 +155,7 @@ class ScreeningConfig:
     sequential_hits: int = 10
     stratify: bool = True
     pool_fraction: float | None = 0.4
-    combination: Combination = "fisher"
+    combination: Combination = "brown"
     size_tolerance: float = 0.1
     min_scale: float = 1e-3
     per_class: bool = True
@@ -190,9 +191,10 @@ class ScreeningConfig:
             raise ScreeningInputError("screening config: pool_fraction must be in (0, 1] or None")
         if not 1 <= self.sequential_hits <= self.calibration_draws:
             raise ScreeningInputError("screening config: sequential_hits must be in [1, calibration_draws]")
-        if self.error_control not in ("per-candidate", "bh", "by") or self.combination not in ("fisher", "stouffer"):
+        if self.error_control not in get_args(ErrorControl) or self.combination not in get_args(Combination):
             raise ScreeningInputError(
-                "screening config: error_control is 'per-candidate', 'bh' or 'by'; combination 'fisher' or 'stouffer'"
+                f"screening config: error_control is one of {get_args(ErrorControl)}; combination one of "
+                f"{get_args(Combination)}"
             )
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ScreeningInputError("screening config: chunk_size must be >= 1 (or None to size it from memory)")
@@ -935,8 +937,8 @@ def screen_candidates(
     representative of contributions: clean data the model already fits moves the held-out set less than new clean
     data, which makes the screening stricter. `history` maps a source to its shard p-values of earlier cycles (they
     join its combined p-value). `evidence` maps a source to p-values of other tests of its rows this cycle (the
-    label-issue detector's, `pipeline.detection`); they join the combination too, which for Fisher's method assumes
-    them independent of the fine-tuning impacts on clean data. `calibration`, from an earlier report on the same
+    label-issue detector's, `pipeline.detection`); they join the combination too (Brown's method assumes them correlated
+    with the shard tests as those are with each other). `calibration`, from an earlier report on the same
     model, trusted and held-out data, skips the draws it already holds. `task` (default classification) sets the
     fine-tuning loss and the held-out soft accuracy; `forward(module, batch, x)` reads the model's extra inputs from
     `LabeledData.batch` (every data set then carries the same extras). `progress(done, planned)` counts the
@@ -987,8 +989,10 @@ def screen_candidates(
     calibration, tests = _sequential(scoped, keys, values, calibration, impacts, config)
     shard_tests = tests[: len(candidates)]
     union_tests = dict(zip([u.source for u in unions], tests[len(candidates) :], strict=True))
-    sources = _source_evidence(candidates, shard_tests, union_tests, history or {}, evidence or {}, config)
     tested = [len(c.data) for c in tried[: len(candidates)]]
+    sources = _source_evidence(
+        candidates, tested, len(base_data), shard_tests, union_tests, history or {}, evidence or {}, config
+    )
     decisions, source_decisions = _decide(candidates, tested, shard_tests, sources, config)
     return ScreeningReport(
         decisions=decisions,
@@ -1020,13 +1024,17 @@ class _SourceEvidence:
 
 def _source_evidence(
     candidates: Sequence[Candidate],
+    tested: Sequence[int],
+    trusted_rows: int,
     tests: Sequence[_Tested],
     unions: Mapping[str, _Tested],
     history: Mapping[str, Sequence[float]],
     evidence: Mapping[str, Sequence[float]],
     config: ScreeningConfig,
 ) -> dict[str, _SourceEvidence]:
-    """Sources with more than one test (this cycle's shards, earlier cycles' and other evidence): judged whole."""
+    """Sources with more than one test (this cycle's shards, earlier cycles' and other evidence): judged whole.
+    `tested`: the rows each candidate was fine-tuned on; with `trusted_rows` they give the correlation Brown's method
+    assumes between a source's tests (a shard of n rows shares the trusted sample's noise: n / (n + trusted_rows))."""
     out = {}
     for source in dict.fromkeys(c.source for c in candidates):
         mine = [i for i, c in enumerate(candidates) if c.source == source]
@@ -1035,12 +1043,13 @@ def _source_evidence(
         if len(mine) + len(earlier) + len(other) < 2:
             continue
         p_values = [*earlier, *(tests[i].p_value for i in mine), *other]
+        rows = float(np.median([tested[i] for i in mine]))
         out[source] = _SourceEvidence(
             source,
             tuple(candidates[i].name for i in mine),
             sum(len(candidates[i].data) for i in mine),
             unions.get(source),
-            combined(p_values, config.combination),
+            combined(p_values, config.combination, rows / (rows + trusted_rows)),
             len(earlier),
             other,
         )

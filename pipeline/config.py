@@ -206,7 +206,7 @@ class RoniSection(_Section):
     level: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.01
     error_control: Literal["per-candidate", "bh", "by"] = "per-candidate"
     calibration_draws: Annotated[int, Field(ge=1)] = 500
-    combination: Literal["fisher", "stouffer"] = "fisher"
+    combination: Literal["brown", "simes", "fisher", "stouffer"] = "brown"
     calibration_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
         default=0.4,
         description="Share of the held-out rows the clean-impact calibration draws from; RONI measures impacts on "

@@ -64,7 +64,7 @@ def roni_evidence(detections: Detections) -> dict[str, tuple[float, ...]]:
     source of a few hard classes adds no false evidence), for RONI to combine with its
     shard tests: flipped labels are what both tests see, each weakly when the flips are few. Spectral signatures and
     activation clustering stay out: they look for backdoors the incoming model learned, which fine-tuning impacts do
-    not measure, and every added p-value that carries no signal dilutes Fisher's combination."""
+    not measure, and every added p-value that carries no signal weakens the combination."""
     return {
         s.source: (s.p_value,)
         for findings in detections.findings

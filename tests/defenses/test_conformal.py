@@ -11,13 +11,16 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from trainguard.defenses.conformal import (
+    Combination,
     Standardizer,
     bonferroni_min,
+    brown,
     combined,
     conformal_p_values,
     fisher,
     rejected,
     sequential_p_value,
+    simes,
     step_up_adjusted,
     stouffer,
 )
@@ -189,6 +192,23 @@ def test_bh_rejects_exactly_the_step_up_set(p: list[float], level: float) -> Non
         assert np.asarray(p)[decided].max() <= ordered[k - 1]
 
 
+def test_brown_is_fisher_without_correlation_and_weaker_with_it() -> None:
+    p = [0.04, 0.01, 0.5, 0.2]
+    assert brown(p, 0.0) == pytest.approx(fisher(p), rel=1e-12)
+    assert fisher(p) < brown(p, 0.1) < brown(p, 0.5) < 1
+    assert brown([0.3], 0.4) == pytest.approx(0.3, rel=1e-9)  # one test: its own p-value
+    with pytest.raises(ScreeningInputError):
+        brown(p, 1.0)
+
+
+def test_simes_matches_its_definition() -> None:
+    assert simes([0.04, 0.01, 0.5]) == pytest.approx(0.03)  # min(3 * 0.01 / 1, 3 * 0.04 / 2, 3 * 0.5 / 3)
+    assert simes([0.02, 0.02, 0.02]) == pytest.approx(0.02)
+    assert combined([0.5], "simes") == pytest.approx(0.5)
+    with pytest.raises(ScreeningInputError):
+        simes([1.5])
+
+
 def test_fisher_and_stouffer_match_reference_values() -> None:
     assert fisher([0.05, 0.05, 0.05]) == pytest.approx(0.006296506270915, rel=1e-9)
     assert stouffer([0.05, 0.05, 0.05]) == pytest.approx(0.002193050439056868, rel=1e-6)
@@ -200,11 +220,32 @@ def test_fisher_and_stouffer_match_reference_values() -> None:
         fisher([0.0])
 
 
-@pytest.mark.parametrize("method", ["fisher", "stouffer"])
+@pytest.mark.parametrize("method", ["brown", "simes", "fisher", "stouffer"])
 def test_combined_p_values_of_clean_sources_hold_the_level(method: str) -> None:
     rng = np.random.default_rng(2)
     combined_p = [combined(rng.uniform(size=8), method) for _ in range(4000)]  # type: ignore[arg-type]
     assert np.mean(np.array(combined_p) <= 0.05) <= 0.06
+
+
+def test_brown_and_simes_hold_the_level_for_a_many_shard_source_where_fisher_does_not() -> None:
+    """A source's shards are all judged against draws from one finite trusted pool: where the pool happens to move
+    the model less than fresh rows do, every shard's p-value is a little low at once. Fisher multiplies that into
+    rejections of clean sources at three times the level; Brown's method with the correlation the design implies
+    (shards of 5 rows, a pool of 40: 5 / 45) and Simes' stay near it, and Brown's keeps more power than Simes'."""
+    rng = np.random.default_rng(0)
+    methods: tuple[Combination, ...] = ("brown", "simes", "fisher")
+    clean, shifted = dict.fromkeys(methods, 0), dict.fromkeys(methods, 0)
+    for _ in range(1000):
+        pool = rng.normal(size=40)  # row effects of the trusted rows; calibration draws resample them
+        calibration = pool[rng.integers(0, 40, size=(199, 5))].mean(axis=1)
+        fresh = rng.normal(size=(18, 5)).mean(axis=1)  # 18 shards of 5 fresh rows each
+        p, harmful = conformal_p_values(calibration, fresh), conformal_p_values(calibration, fresh + 0.25)
+        for method in methods:
+            clean[method] += combined(p, method, 5 / 45) <= 0.05
+            shifted[method] += combined(harmful, method, 5 / 45) <= 0.05
+    assert clean["fisher"] >= 120
+    assert clean["brown"] <= 75 and clean["simes"] <= 60
+    assert shifted["brown"] >= 1.5 * shifted["simes"]
 
 
 def test_many_slightly_small_p_values_combine_into_a_small_one() -> None:
