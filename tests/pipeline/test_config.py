@@ -233,7 +233,7 @@ def test_roni_options_are_checked_against_the_screening_config(tmp_path: Path) -
 def test_roni_error_rate_knobs_live_in_the_roni_section_and_must_be_able_to_reject(tmp_path: Path) -> None:
     config = load_config(_write(tmp_path, _with({("roni", "level"): 0.05, ("roni", "calibration_draws"): 99})))
     assert config.roni.screening_options()["level"] == 0.05
-    assert config.roni.screening_options()["combination"] == "simes"
+    assert config.roni.screening_options()["combination"] == "brown"
     error = _error(tmp_path, _with({("roni", "options"): {"level": 0.05}}))
     assert error.key.startswith("roni") and "roni section itself" in str(error)
     error = _error(tmp_path, _with({("roni", "calibration_draws"): 50}))
