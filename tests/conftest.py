@@ -1,9 +1,11 @@
-"""Session fixtures with real parts: an MLflow tracking server and DVC repositories."""
+"""Session fixtures with real parts: an MLflow tracking server and DVC repositories; and a trainguard command run in
+this process (`cli`)."""
 
 from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import shutil
 import signal
@@ -13,6 +15,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,6 +212,43 @@ def mlflow_uri(mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[
         yield mlflow_server
     finally:
         tracking._tracking_uri, registry._registry_uri = earlier
+
+
+@pytest.fixture
+def cli(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Callable[..., subprocess.CompletedProcess]:
+    """`cli(project, *args, env=None)`: `trainguard *args` run in `project` by the CLI's own entry point in this
+    process, with `env`'s variables set for this one command: the command's exit code, output and one-line errors
+    without a process start (a second or more on two busy cores, before the command's own imports). What the CLI
+    sets up for its process (logging levels, MLflow's environment, warning filters) is put back afterwards. Each
+    command keeps one test that starts it as its own process."""
+    from trainguard.pipeline.cli import main
+
+    def run(project: Path, *args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        monkeypatch.chdir(project)
+        for name in (
+            "MLFLOW_LOGGING_LEVEL",
+            "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT",
+            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
+        ):
+            monkeypatch.delenv(name, raising=False)  # the CLI sets them if unset; monkeypatch puts them back
+        root = logging.getLogger()
+        levels = (root.level, [(handler, handler.level) for handler in root.handlers])
+        capsys.readouterr()
+        try:
+            with warnings.catch_warnings(), pytest.MonkeyPatch.context() as scoped:
+                for name, value in (env or {}).items():
+                    scoped.setenv(name, value)
+                code = main([str(arg) for arg in args])
+        finally:
+            root.setLevel(levels[0])
+            for handler, level in levels[1]:
+                handler.setLevel(level)
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(["trainguard", *map(str, args)], code, out.out, out.err)
+
+    return run
 
 
 def _run(cmd: list[str], cwd: Path) -> None:

@@ -1,12 +1,9 @@
-"""Fixtures the pipeline tests share: a folder laid out as the digits demo leaves it, keys and signed data, a test
-cycle's config (`cycle_config`) and a trainguard command run in this process (`cli`)."""
+"""Fixtures the pipeline tests share: a folder laid out as the digits demo leaves it, keys and signed data, and a test
+cycle's config (`cycle_config`). A trainguard command run in this process (`cli`) is in tests/conftest.py."""
 
 from __future__ import annotations
 
-import logging
 import shutil
-import subprocess
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,37 +84,3 @@ def workdir(digits_project: DigitsProject) -> Path:
     """A fresh directory to run cycles in, with keys and signed batch 0."""
     digits_project.sign()
     return digits_project.root
-
-
-@pytest.fixture
-def cli(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> Callable[..., subprocess.CompletedProcess]:
-    """`cli(project, *args)`: `trainguard *args` run in `project` by the CLI's own entry point in this process: the
-    command's exit code, output and one-line errors without a process start (a second or more on two busy cores,
-    before the command's own imports). What the CLI sets up for its process (logging levels, MLflow's environment,
-    warning filters) is put back afterwards. Each command keeps one test that starts it as its own process."""
-    from trainguard.pipeline.cli import main
-
-    def run(project: Path, *args: str) -> subprocess.CompletedProcess:
-        monkeypatch.chdir(project)
-        for name in (
-            "MLFLOW_LOGGING_LEVEL",
-            "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT",
-            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
-        ):
-            monkeypatch.delenv(name, raising=False)  # the CLI sets them if unset; monkeypatch puts them back
-        root = logging.getLogger()
-        levels = (root.level, [(handler, handler.level) for handler in root.handlers])
-        capsys.readouterr()
-        try:
-            with warnings.catch_warnings():
-                code = main([str(arg) for arg in args])
-        finally:
-            root.setLevel(levels[0])
-            for handler, level in levels[1]:
-                handler.setLevel(level)
-        out = capsys.readouterr()
-        return subprocess.CompletedProcess(["trainguard", *args], code, out.out, out.err)
-
-    return run

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,6 +209,8 @@ def test_an_older_signed_model_copied_over_the_champion_is_refused_by_digest(
 
 
 def test_the_champion_alias_moved_to_an_older_version_is_refused(registered: str, signed: Signed) -> None:
+    """`trainguard load-model` as its own process here (the console script's start and one-line refusal); the other
+    CLI test runs it in this process, by `cli`."""
     MlflowClient().set_registered_model_alias(registered, "champion", "1")
     with pytest.raises(RegistryError, match="champion-rollback") as refused:
         trainguard.load_model(registered, key=signed.public)
@@ -237,23 +240,17 @@ def test_a_version_trainguard_did_not_register_is_refused(registered: str, signe
 
 
 def test_the_cli_loads_the_champion_and_refuses_what_is_not_registered(
-    registered: str, signed: Signed, tmp_path: Path
+    registered: str, signed: Signed, tmp_path: Path, cli: Callable[..., subprocess.CompletedProcess[str]]
 ) -> None:
     import pandas as pd
 
     table = tmp_path / "rows.csv"
     pd.DataFrame(X).to_csv(table, index=False)
-    done = subprocess.run(
-        [TRAINGUARD, "load-model", registered, "--key", str(signed.public), "--predict", str(table), "--json"],
-        capture_output=True,
-        text=True,
-    )
+    done = cli(tmp_path, "load-model", registered, "--key", signed.public, "--predict", table, "--json")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["version"] == 2 and result["predictions"]["label"] == [2] * len(X)
-    local = subprocess.run(
-        [TRAINGUARD, "load-model", str(tmp_path), "--key", str(signed.public)], capture_output=True, text=True
-    )
+    local = cli(tmp_path, "load-model", tmp_path, "--key", signed.public)
     assert local.returncode == 2 and "model-ref" in local.stderr and "Traceback" not in local.stderr
 
 

@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from trainguard.provenance.keys import generate_signing_key, write_keypair
 from trainguard.provenance.reader import ReadLog, ReadRecord
 
 TRAINGUARD = str(Path(sys.executable).parent / "trainguard")
+Run = Callable[..., subprocess.CompletedProcess[str]]
 
 
 def _log_digest(entries: list[tuple[str, str]]) -> str:
@@ -77,41 +79,47 @@ def _release(
     return directory
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([TRAINGUARD, "verify-model", *args], capture_output=True, text=True, timeout=120)
+@pytest.fixture
+def verify_cli(cli: Run, tmp_path: Path) -> Run:
+    """`verify_cli(*args)`: `trainguard verify-model *args` in this process (`cli`); one test below starts it as its
+    own process."""
+    return lambda *args: cli(tmp_path, "verify-model", *args)
 
 
-def test_a_released_model_verifies(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+def test_a_released_model_verifies(tmp_path: Path, keys: tuple[Path, Path], verify_cli: Run) -> None:
     model = _release(tmp_path, keys[0], "cycle-1", 1.0)
     result = verify_model(model, None, keys[1])
     assert result.invocation_id == "cycle-1" and result.accepted_shards == 1
     assert result.model_sha256 == result.files[MODEL_FILE]
-    done = _cli(str(model), "--key", str(keys[1]), "--attestation", str(model / ATTESTATION_FILE), "--json")
+    done = verify_cli(str(model), "--key", str(keys[1]), "--attestation", str(model / ATTESTATION_FILE), "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["model_sha256"] == result.model_sha256
 
 
 def test_an_edited_weights_file_fails_the_model_signature(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    """The CLI as its own process: `trainguard verify-model` starts and ends in one line (the other tests run it in
+    this process, by `cli`)."""
     model = _release(tmp_path, keys[0], "cycle-1", 1.0)
     data = bytearray((model / MODEL_FILE).read_bytes())
     data[-1] ^= 0x01
     (model / MODEL_FILE).write_bytes(bytes(data))
     with pytest.raises(ModelSignatureError):
         verify_model(model, None, keys[1])
-    done = _cli(str(model), "--key", str(keys[1]))
+    command = [TRAINGUARD, "verify-model", str(model), "--key", str(keys[1])]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1 and MODEL_FILE in done.stderr and "Traceback" not in done.stderr
 
 
 def test_a_whole_other_signed_model_under_this_attestation_is_a_mismatch(
-    tmp_path: Path, keys: tuple[Path, Path]
+    tmp_path: Path, keys: tuple[Path, Path], verify_cli: Run
 ) -> None:
     accepted = _release(tmp_path, keys[0], "accepted", 1.0)
     rejected = _release(tmp_path, keys[0], "rejected", 2.0)
     shutil.copy(accepted / ATTESTATION_FILE, rejected / ATTESTATION_FILE)  # validly signed model, wrong record
     with pytest.raises(AttestationMismatchError, match=MODEL_FILE):
         verify_model(rejected, None, keys[1])
-    done = _cli(str(rejected), "--key", str(keys[1]), "--json")
+    done = verify_cli(str(rejected), "--key", str(keys[1]), "--json")
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert json.loads(done.stdout)["error"] == "AttestationMismatchError" and "swapped" in done.stdout
 
@@ -134,26 +142,28 @@ def test_an_edited_or_foreign_attestation_is_refused(tmp_path: Path, keys: tuple
         verify_model(foreign, None, keys[1])
 
 
-def test_missing_inputs_exit_2_without_a_traceback(tmp_path: Path, keys: tuple[Path, Path]) -> None:
-    missing_dir = _cli(str(tmp_path / "nowhere"), "--key", str(keys[1]), "--json")
+def test_missing_inputs_exit_2_without_a_traceback(tmp_path: Path, keys: tuple[Path, Path], verify_cli: Run) -> None:
+    missing_dir = verify_cli(str(tmp_path / "nowhere"), "--key", str(keys[1]), "--json")
     assert missing_dir.returncode == 2 and "nowhere" in missing_dir.stdout
     model = _release(tmp_path, keys[0], "cycle-1", 1.0)
-    missing_key = _cli(str(model), "--key", str(tmp_path / "absent.pub"), "--json")
+    missing_key = verify_cli(str(model), "--key", str(tmp_path / "absent.pub"), "--json")
     assert missing_key.returncode == 2 and "absent.pub" in missing_key.stdout
     (model / ATTESTATION_FILE).unlink()
-    missing_attestation = _cli(str(model), "--key", str(keys[1]), "--json")
+    missing_attestation = verify_cli(str(model), "--key", str(keys[1]), "--json")
     assert missing_attestation.returncode == 2
     assert json.loads(missing_attestation.stdout)["ok"] is False
     for done in (missing_dir, missing_key, missing_attestation):
         assert "Traceback" not in done.stderr
 
 
-def test_verify_model_refuses_an_unsigned_git_file_in_one_line(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+def test_verify_model_refuses_an_unsigned_git_file_in_one_line(
+    tmp_path: Path, keys: tuple[Path, Path], verify_cli: Run
+) -> None:
     model = _release(tmp_path, keys[0], "cycle-1", 1.0)
     (model / ".gitattributes").write_text("*.safetensors filter=lfs\n")
     with pytest.raises(ModelSignatureError, match=r"\.gitattributes"):
         verify_model(model, None, keys[1])
-    done = _cli(str(model), "--key", str(keys[1]))
+    done = verify_cli(str(model), "--key", str(keys[1]))
     assert done.returncode == 1 and done.stderr.count("\n") == 1 and ".gitattributes" in done.stderr
 
 

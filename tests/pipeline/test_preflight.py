@@ -247,8 +247,8 @@ def test_check_passes_a_regression_config_with_real_targets(project: Path, cli: 
     assert not (project / "demo-work" / "cycle").exists()
 
 
-def test_print_config_shows_the_defaults_filled_in(project: Path) -> None:
-    done = _run(project, "cycle", "--config", str(_config(project, {})), "--print-config")
+def test_print_config_shows_the_defaults_filled_in(project: Path, cli: Cli) -> None:
+    done = cli(project, "cycle", "--config", str(_config(project, {})), "--print-config")
     assert done.returncode == 0, done.stderr
     printed = yaml.safe_load(done.stdout)
     assert printed["trainer"]["class_path"] == "pytorch_lightning.Trainer"
@@ -349,7 +349,7 @@ def test_check_lists_the_shards_of_a_source_the_operator_quarantined(project: Pa
     cycle; check names each of them, with the operator's reason, and exits 0 (the cycle goes on without them)."""
     mine = shutil.copytree(project, tmp_path / "project", symlinks=True)
     config = str(_config(mine, {}))
-    held = _run(mine, "sources", "--config", config, "--reason", "audit pending", "quarantine", "dave")
+    held = cli(mine, "sources", "--config", config, "--reason", "audit pending", "quarantine", "dave")
     assert held.returncode == 0, held.stderr
     done = cli(mine, "check", config)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +19,14 @@ from trainguard.provenance.reader import ShardReader
 from trainguard.provenance.verify import open_manifest
 
 TRAINGUARD = str(Path(sys.executable).parent / "trainguard")
+Run = Callable[..., subprocess.CompletedProcess[str]]
 
 
-def trainguard(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([TRAINGUARD, *map(str, args)], capture_output=True, text=True, timeout=300)
+@pytest.fixture
+def trainguard(cli: Run, tmp_path: Path) -> Run:
+    """`trainguard(*args)`: the command run in the test's folder by the CLI's entry point in this process (`cli`);
+    one test below starts `trainguard shard` as its own process."""
+    return lambda *args: cli(tmp_path, *args)
 
 
 def digit_png(row: int) -> tuple[bytes, int]:
@@ -45,7 +50,7 @@ def image_folder(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def alice(tmp_path: Path) -> tuple[Path, Path]:
+def alice(tmp_path: Path, trainguard: Run) -> tuple[Path, Path]:
     """alice's private key and a trust policy granting her key."""
     assert trainguard("keygen", "--out", tmp_path / "keys" / "alice").returncode == 0
     policy = tmp_path / "keys" / "policy.json"
@@ -54,7 +59,7 @@ def alice(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_a_class_per_folder_of_images_becomes_signed_tars_that_read_back_verified(
-    tmp_path: Path, image_folder: Path, alice: tuple[Path, Path]
+    tmp_path: Path, image_folder: Path, alice: tuple[Path, Path], trainguard: Run
 ) -> None:
     out = tmp_path / "shards"
     done = trainguard(
@@ -73,7 +78,9 @@ def test_a_class_per_folder_of_images_becomes_signed_tars_that_read_back_verifie
     assert parts[0].inputs.shape[1:] == (1, 8, 8)
 
 
-def test_a_path_label_csv_with_named_classes_maps_them_to_sorted_ids(tmp_path: Path, image_folder: Path) -> None:
+def test_a_path_label_csv_with_named_classes_maps_them_to_sorted_ids(
+    tmp_path: Path, image_folder: Path, trainguard: Run
+) -> None:
     rows = sorted(p.relative_to(image_folder).as_posix() for p in image_folder.rglob("*.png"))[:5]
     listing = tmp_path / "labels.csv"
     listing.write_text("path,label\n" + "".join(f"{r},{'cat' if i % 2 else 'dog'}\n" for i, r in enumerate(rows)))
@@ -85,7 +92,9 @@ def test_a_path_label_csv_with_named_classes_maps_them_to_sorted_ids(tmp_path: P
     assert samples.targets.tolist() == [1, 0, 1, 0, 1]
 
 
-def test_a_csv_table_becomes_signed_parquet_shards_of_n_rows(tmp_path: Path, alice: tuple[Path, Path]) -> None:
+def test_a_csv_table_becomes_signed_parquet_shards_of_n_rows(
+    tmp_path: Path, alice: tuple[Path, Path], trainguard: Run
+) -> None:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -129,7 +138,7 @@ def _shard_labels(out: Path, policy: Path) -> list[list[int]]:
 
 
 def test_shard_shuffles_by_default_and_records_the_seed(
-    tmp_path: Path, image_folder: Path, alice: tuple[Path, Path]
+    tmp_path: Path, image_folder: Path, alice: tuple[Path, Path], trainguard: Run
 ) -> None:
     """A class-per-folder tree dealt in order fills each shard with 2-4 classes; shuffled (seed 0 unless --seed),
     each shard mixes more, the seed is signed into the manifest, and the same seed deals the same shards."""
@@ -151,7 +160,9 @@ def test_shard_shuffles_by_default_and_records_the_seed(
     assert seeds == {"seed0": 0, "again": 0, "seed7": 7, "kept": None}
 
 
-def test_reshard_signs_the_next_version(tmp_path: Path, image_folder: Path, alice: tuple[Path, Path]) -> None:
+def test_reshard_signs_the_next_version(
+    tmp_path: Path, image_folder: Path, alice: tuple[Path, Path], trainguard: Run
+) -> None:
     """Re-sharding into the same folder replaces the earlier run's shards and signs version 2, which the cycle's
     anti-rollback accepts after version 1."""
     out = tmp_path / "shards"
@@ -168,7 +179,7 @@ def test_reshard_signs_the_next_version(tmp_path: Path, image_folder: Path, alic
 
 
 def test_reshard_refuses_a_folder_another_key_signed_and_leaves_it_alone(
-    tmp_path: Path, image_folder: Path, alice: tuple[Path, Path]
+    tmp_path: Path, image_folder: Path, alice: tuple[Path, Path], trainguard: Run
 ) -> None:
     out = tmp_path / "shards"
     done = trainguard("shard", image_folder, "--out", out, "--key", alice[0], "--source", "alice")
@@ -181,7 +192,9 @@ def test_reshard_refuses_a_folder_another_key_signed_and_leaves_it_alone(
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-def test_shard_gives_the_roles_sign_gives(tmp_path: Path, image_folder: Path, alice: tuple[Path, Path]) -> None:
+def test_shard_gives_the_roles_sign_gives(
+    tmp_path: Path, image_folder: Path, alice: tuple[Path, Path], trainguard: Run
+) -> None:
     out = tmp_path / "shards"
     done = trainguard(
         "shard", image_folder, "--out", out, "--shard-size", "8", "--key", alice[0], "--source", "curator",
@@ -213,7 +226,9 @@ def _nested(root: Path) -> None:
         (_nested, "deeper/0099.png: expected only image files in <label>/ sub-folders"),
     ],
 )
-def test_an_unusable_images_folder_exits_2_with_one_line(tmp_path, image_folder, spoil, says: str) -> None:
+def test_an_unusable_images_folder_exits_2_with_one_line(
+    tmp_path, image_folder, spoil, says: str, trainguard: Run
+) -> None:
     spoil(image_folder)
     done = trainguard("shard", image_folder, "--out", tmp_path / "shards")
     assert done.returncode == 2
@@ -222,7 +237,9 @@ def test_an_unusable_images_folder_exits_2_with_one_line(tmp_path, image_folder,
     assert not list((tmp_path / "shards").glob("*.tar"))
 
 
-def test_a_labels_csv_naming_a_path_outside_the_folder_exits_2(tmp_path: Path, image_folder: Path) -> None:
+def test_a_labels_csv_naming_a_path_outside_the_folder_exits_2(
+    tmp_path: Path, image_folder: Path, trainguard: Run
+) -> None:
     listing = tmp_path / "labels.csv"
     listing.write_text("path,label\n../secret.png,1\n")
     done = trainguard("shard", image_folder, "--labels", listing, "--out", tmp_path / "shards")
@@ -251,7 +268,7 @@ def _outside(tmp_path: Path) -> Path:
     ids=["class-folder", "image"],
 )
 def test_a_labels_csv_through_a_symlink_leading_outside_the_images_folder_exits_2_naming_it(
-    tmp_path: Path, image_folder: Path, plant, listed: str, refused: str
+    tmp_path: Path, image_folder: Path, plant, listed: str, refused: str, trainguard: Run
 ) -> None:
     plant(image_folder, _outside(tmp_path))
     listing = tmp_path / "labels.csv"
@@ -263,7 +280,9 @@ def test_a_labels_csv_through_a_symlink_leading_outside_the_images_folder_exits_
     assert not list((tmp_path / "shards").glob("*.tar"))
 
 
-def test_a_symlinked_class_folder_leading_outside_the_images_folder_exits_2(tmp_path: Path, image_folder: Path) -> None:
+def test_a_symlinked_class_folder_leading_outside_the_images_folder_exits_2(
+    tmp_path: Path, image_folder: Path, trainguard: Run
+) -> None:
     (image_folder / "leak").symlink_to(_outside(tmp_path), target_is_directory=True)
     done = trainguard("shard", image_folder, "--out", tmp_path / "shards")
     assert done.returncode == 2
@@ -272,14 +291,17 @@ def test_a_symlinked_class_folder_leading_outside_the_images_folder_exits_2(tmp_
 
 
 def test_a_table_without_the_label_column_exits_2(tmp_path: Path) -> None:
+    """As its own process: the `trainguard` console script starts `shard` and ends in one line (the other tests run
+    the command in this process, by `cli`)."""
     table = tmp_path / "t.csv"
     table.write_text("a,b\n1,2\n")
-    done = trainguard("shard", "--from-csv", table, "--label-column", "y", "--out", tmp_path / "out")
+    command = [TRAINGUARD, "shard", "--from-csv", str(table), "--label-column", "y", "--out", str(tmp_path / "out")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert done.stderr.strip() == f"trainguard: error: --from-csv {table}: no column 'y' (columns: a, b)"
 
 
-def test_a_non_empty_out_folder_exits_2_and_is_left_alone(tmp_path: Path, image_folder: Path) -> None:
+def test_a_non_empty_out_folder_exits_2_and_is_left_alone(tmp_path: Path, image_folder: Path, trainguard: Run) -> None:
     out = tmp_path / "shards"
     out.mkdir()
     (out / "part-00000.tar").write_bytes(b"old")
@@ -289,7 +311,7 @@ def test_a_non_empty_out_folder_exits_2_and_is_left_alone(tmp_path: Path, image_
     assert (out / "part-00000.tar").read_bytes() == b"old"
 
 
-def test_neither_images_nor_a_table_is_a_usage_error(tmp_path: Path) -> None:
+def test_neither_images_nor_a_table_is_a_usage_error(tmp_path: Path, trainguard: Run) -> None:
     done = trainguard("shard", "--out", tmp_path / "out")
     assert done.returncode == 2
     assert "give either IMAGES" in done.stderr

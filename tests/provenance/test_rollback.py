@@ -6,8 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +22,6 @@ from trainguard.provenance.verify import open_manifest, read_envelope
 if TYPE_CHECKING:
     from conftest import Keys
 
-TRAINGUARD = str(Path(sys.executable).parent / "trainguard")
 ALL_ROLES = ["train", "trusted", "holdout"]
 
 
@@ -51,21 +49,22 @@ def signed(signer: Any, data_dir: Path, key_pairs: Keys, tmp_path: Path) -> Any:
 
 
 def test_adding_a_backup_key_keeps_the_records_so_an_older_version_is_refused(
-    signed: Any, data_dir: Path, key_pairs: Keys, tmp_path: Path
+    signed: Any, data_dir: Path, key_pairs: Keys, tmp_path: Path, cli: Callable[..., Any]
 ) -> None:
-    """The finding: a backup key added to a 1-of-1 key set used to open a fresh namespace; `trainguard verify`."""
+    """The finding: a backup key added to a 1-of-1 key set used to open a fresh namespace; `trainguard verify` (in
+    this process, by `cli`)."""
     state = tmp_path / "state.json"
     before = _policy(tmp_path / "before.json", key_pairs, {"name": "curator", "keys": ["alice"]})
     old, new = signed("alice", 1), signed("alice", 2)
     assert _reasons(old, before, data_dir, state) == {} and _reasons(new, before, data_dir, state) == {}
     after = _policy(tmp_path / "after.json", key_pairs, {"name": "curator", "keys": ["alice", "bob"]})
     args = ["--trust", str(after), "--data-dir", str(data_dir), "--state", str(state)]
-    replayed = subprocess.run([TRAINGUARD, "verify", str(old), *args], capture_output=True, text=True, timeout=120)
+    replayed = cli(tmp_path, "verify", old, *args)
     assert replayed.returncode == 1 and "Traceback" not in replayed.stderr
     assert "manifest: rollback: dataset 'digits': manifest version 1 is older than accepted version 2" in (
         replayed.stderr
     )
-    assert subprocess.run([TRAINGUARD, "verify", str(new), *args], capture_output=True).returncode == 0
+    assert cli(tmp_path, "verify", new, *args).returncode == 0
 
 
 def test_rotating_a_key_keeps_the_records(signed: Any, data_dir: Path, key_pairs: Keys, tmp_path: Path) -> None:
