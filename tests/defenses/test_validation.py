@@ -61,6 +61,25 @@ def test_each_kind_of_bad_shard_is_quarantined_with_its_reason(frames, kind: str
     assert result.accepted == ("good",)
 
 
+def test_a_shard_is_judged_in_its_own_dtypes_not_those_it_would_take_beside_others(frames) -> None:
+    """Shards of one layout are validated in one call; an int32 label column would become int64 concatenated with
+    int64 ones and pass, so it is a layout of its own and fails its dtype check."""
+    narrow = frames[0].astype({"label": np.int32})
+    shards = [Shard("a", "alice", frames[1]), Shard("narrow", "mallory", narrow), Shard("b", "bob", frames[2])]
+    result = validate_shards(shards, SCHEMA)
+    assert result.accepted == ("a", "b")
+    (verdict,) = result.quarantined
+    assert (verdict.name, verdict.check) == ("narrow", "dtype") and "label" in verdict.reason
+
+
+def test_many_good_shards_and_one_bad_get_a_verdict_each_in_their_order(frames) -> None:
+    shards = [Shard(f"s{i}", f"src{i}", f) for i, f in enumerate(frames[:6])]
+    shards.insert(3, Shard("bad", "mallory", _bad(frames, "range")))
+    result = validate_shards(shards, SCHEMA)
+    assert [v.name for v in result.verdicts] == [s.name for s in shards]
+    assert [v.name for v in result.quarantined] == ["bad"] and result.quarantined[0].check == "range"
+
+
 def test_rows_another_source_copied_quarantine_no_shard(frames) -> None:
     """Which copy is the original is not knowable from the rows: the shared rows are dropped row by row later
     (`trainguard.defenses.duplicates`), and no shard, least of all the one copied from, is quarantined for them."""
