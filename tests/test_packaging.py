@@ -52,7 +52,12 @@ def test_the_wheel_has_one_top_level_package_trainguard(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top_level == {"trainguard"}
-    for module in ("provenance/verify.py", "defenses/roni.py", "defenses/attacks/pgd.py", "pipeline/commands/data.py"):
+    for module in (
+        "provenance/verify.py",
+        "defenses/roni/screening.py",
+        "defenses/attacks/pgd.py",
+        "pipeline/commands/data.py",
+    ):
         assert f"trainguard/{module}" in names
     assert "trainguard/py.typed" in names
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
