@@ -54,7 +54,7 @@ def test_the_wheel_has_one_top_level_package_trainguard(wheel: Path) -> None:
     assert top_level == {"trainguard"}
     modules = (
         "provenance/verify.py",
-        "defenses/roni.py",
+        "defenses/roni/screening.py",
         "defenses/attacks/pgd.py",
         "pipeline/commands/data.py",
         "pipeline/config/schema.py",
