@@ -3,9 +3,10 @@
 Before each `training_step` (Lightning's `on_train_batch_start`, which receives the very batch object that
 `training_step` gets next) the callback crafts adversarial inputs against the current model and puts them into the
 batch in place: a new tensor in lists and dicts, overwritten values in immutable tuples. Crafting runs the module
-in eval mode, under the autocast of the trainer's precision plugin (or in float32 with `crafting="fp32"`), keeps
-the perturbation in the input's dtype and differentiates w.r.t. the inputs only, so mixed precision, gradient
-accumulation (parameter `.grad` untouched) and DDP (purely local work, no collective) are safe. Nothing per batch
+in eval mode at the crafting precision: under the autocast of the trainer's precision plugin (or in float32 with
+`crafting_precision="fp32"`); it keeps the perturbation in the input's dtype and differentiates w.r.t. the inputs
+only, so mixed precision, gradient accumulation (parameter `.grad` untouched) and DDP (purely local work, no
+collective) are safe. Nothing per batch
 waits for the device: a batch outside the attack's bounds stops the fit at the next batch (or at the epoch's end).
 
 With FGSM-RS ("fast" adversarial training, Wong et al. 2020) an `OverfittingGuard` runs by default: PGD accuracy
@@ -32,17 +33,14 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.hooks import RemovableHandle
-from typing_extensions import override
+from typing_extensions import Unpack, override
 
 from trainguard.defenses.attacks import ATTACKS, make_attack
-from trainguard.defenses.attacks.base import Attack, LossFn
-from trainguard.defenses.attacks.batches import Key
-from trainguard.defenses.attacks.bounds import Bound
-from trainguard.defenses.attacks.options import AttackOptions, AttackSettings
+from trainguard.defenses.attacks.base import Attack
+from trainguard.defenses.attacks.options import AttackOptionKeywords, AttackOptions, AttackSettings
 from trainguard.defenses.errors import AttackConfigError
-from trainguard.defenses.forward import BatchForward, ModuleForward, batch_rows
+from trainguard.defenses.forward import BatchForward, batch_rows
 from trainguard.defenses.overfitting import OverfittingGuard
-from trainguard.defenses.task import Task
 
 
 @dataclass(frozen=True)
@@ -60,22 +58,45 @@ class _Watch:
 class AdversarialTraining(AttackSettings, pl.Callback):
     """Replaces the inputs of each training batch (or a random fraction `ratio` of its rows) with adversarial ones.
 
-    `attack` is `"pgd"`, `"fgsm"` or `"fgsm-rs"`; `eps` is warmed up linearly over the first `warmup_epochs`
-    epochs (step by step); `step_size` scales with the warmed-up eps. `task` (a `Task` or "classification",
-    "multilabel", "regression") gives the loss the attack maximises and what a success is; `loss(outputs, target)`
-    overrides the loss. `forward(module, batch, x)` gives the outputs for inputs `x` (default: `module(x)`), reading
-    extra model inputs such as masks from `batch` (the attacked rows of it); only `x` is perturbed.
-    `bounds` is the data's value range, (0, 1) by default: set it to match the data (attacks clamp into it).
-    `ratio` 1.0 (the default) attacks every row, so no clean loss is trained on: a warning says clean accuracy may
-    drop and suggests 0.5 (the cycle config's default).
-    `input_key`/`target_key` locate the tensors in dict batches (tuples/lists default to positions 0 and 1).
-    `crafting="trainer"` crafts under the autocast of the trainer's precision (e.g. bf16 with
-    `precision="bf16-mixed"`), `"fp32"` in float32. The attack settings are checked and kept as one
-    `AttackOptions` (`options`), which the guard shares. Logs `adv/eps` (mean over the epoch's rows) and `adv/success`
-    (fraction of attacked rows the training forward gets wrong; summed over DDP ranks) once per epoch.
-    `overfitting_guard` (None: on for `"fgsm-rs"` only) stops training at catastrophic overfitting and restores the
-    best epoch (see `OverfittingGuard`; its PGD runs at the full `eps` with `guard_steps` steps) and logs
-    `adv/guard_acc`.
+    Before each `training_step` the callback crafts adversarial inputs against the current model (in eval mode, at
+    the crafting precision) and puts them into the batch in place. It logs `adv/eps` (mean over the epoch's rows)
+    and `adv/success` (fraction of attacked rows the training forward gets wrong; summed over DDP ranks) once per
+    epoch, and `adv/guard_acc` while an `OverfittingGuard` runs.
+
+    Args:
+        attack: `"pgd"`, `"fgsm"` or `"fgsm-rs"` (FGSM with a random start, "fast" adversarial training).
+        eps: The attack's budget, warmed up linearly over the first `warmup_epochs` epochs (step by step); the
+            step size scales with the warmed-up eps.
+        ratio: The fraction of each batch's rows attacked, in [0, 1]. 1.0 attacks every row, so no clean loss is
+            trained on: a warning says clean accuracy may drop and suggests 0.5 (the cycle config's default).
+        warmup_epochs: Epochs (>= 0, fractions allowed) over which eps grows from 0.
+        random_start: Whether PGD starts from a random point of the eps-ball.
+        log_success: Whether to log `adv/success`, read from the training forward's logits (a forward hook on the
+            module; without a module call on the batch's input tensor, an extra forward with a warning).
+        overfitting_guard: Whether an `OverfittingGuard` stops training at catastrophic overfitting and restores
+            the best epoch; None: on for `"fgsm-rs"` only. Its PGD runs at the full eps with `guard_steps` steps
+            and shares the other attack settings.
+        guard_steps: The guard's PGD steps.
+        options: The attack settings as one `AttackOptions` (e.g. shared with `RobustAccuracy`); or pass them as
+            keywords instead.
+        **settings: The attack settings as keywords (`AttackOptionKeywords`: `steps` (10), `step_size`, `norm`,
+            `bounds` (the data's value range, (0, 1) by default: set it to match the data), `loss`, `task`,
+            `input_key`, `target_key`, `forward`, `seed`, `crafting_precision` (`"trainer"`: the autocast of the
+            trainer's precision, e.g. bf16 with `precision="bf16-mixed"`; `"fp32"`)). Kept as `options`.
+
+    Raises:
+        AttackConfigError: An unknown attack, `ratio` outside [0, 1], eps or `warmup_epochs` negative, an attack
+            setting out of range, or both `options` and attack keywords.
+        TaskMismatchError: An unknown task name.
+        TypeError: A keyword that is no argument and no attack setting.
+
+    Example::
+
+        from pytorch_lightning import Trainer
+        from trainguard.defenses import AdversarialTraining
+
+        adversarial = AdversarialTraining("pgd", eps=8 / 255, steps=7, ratio=0.5, warmup_epochs=2)
+        Trainer(max_epochs=10, callbacks=[adversarial]).fit(model, datamodule)
     """
 
     def __init__(
@@ -83,23 +104,14 @@ class AdversarialTraining(AttackSettings, pl.Callback):
         attack: str = "pgd",
         *,
         eps: float,
-        steps: int = 10,
-        step_size: float | None = None,
-        norm: str | float = "inf",
         ratio: float = 1.0,
-        bounds: tuple[Bound, Bound] | None = (0.0, 1.0),
-        loss: LossFn | None = None,
-        task: Task | str | None = None,
         warmup_epochs: float = 0.0,
-        input_key: Key | None = None,
-        target_key: Key | None = None,
         random_start: bool = True,
-        forward: ModuleForward | None = None,
-        seed: int | None = None,
         log_success: bool = True,
-        crafting: str = "trainer",
         overfitting_guard: bool | None = None,
         guard_steps: int = 5,
+        options: AttackOptions | None = None,
+        **settings: Unpack[AttackOptionKeywords],
     ) -> None:
         if attack.lower() not in ATTACKS:
             raise AttackConfigError(f"unknown attack {attack!r}: choose one of {', '.join(ATTACKS)}")
@@ -109,6 +121,7 @@ class AdversarialTraining(AttackSettings, pl.Callback):
             raise AttackConfigError(f"eps must be a finite number >= 0, got {eps!r}")
         if warmup_epochs < 0:
             raise AttackConfigError(f"warmup_epochs must be >= 0, got {warmup_epochs!r}")
+        self.options = AttackOptions.given(options, settings)
         if ratio == 1.0 and eps > 0:
             warnings.warn(
                 f"adversarial training with ratio={ratio:g} trains on attacked rows only (no clean loss): clean "
@@ -116,19 +129,6 @@ class AdversarialTraining(AttackSettings, pl.Callback):
                 UserWarning,
                 stacklevel=2,
             )
-        self.options = AttackOptions.of(
-            steps=steps,
-            step_size=step_size,
-            norm=norm,
-            bounds=bounds,
-            loss=loss,
-            task=task,
-            input_key=input_key,
-            target_key=target_key,
-            forward=forward,
-            seed=seed,
-            crafting=crafting,
-        )
         self.attack_name = attack.lower()
         self.eps = float(eps)
         self.ratio = float(ratio)
@@ -136,8 +136,9 @@ class AdversarialTraining(AttackSettings, pl.Callback):
         self.random_start = random_start
         self.log_success = log_success
         guarded = self.attack_name == "fgsm-rs" if overfitting_guard is None else overfitting_guard
-        guard_options = replace(self.options, steps=guard_steps, step_size=None, seed=seed if seed is not None else 0)
-        self.guard = OverfittingGuard(eps=self.eps, **guard_options.keywords()) if guarded else None
+        guard_seed = self.seed if self.seed is not None else 0
+        guard_options = replace(self.options, steps=guard_steps, step_size=None, seed=guard_seed)
+        self.guard = OverfittingGuard(eps=self.eps, options=guard_options) if guarded else None
         self.attack: Attack | None = None
         self._forward: BatchForward | None = None
         self._watch: _Watch | None = None

@@ -47,8 +47,19 @@ def family_z(groups: int) -> float:
 
 @dataclass(frozen=True)
 class HeldoutSize:
-    """How many held-out rows the gate measures on: in all, and per group (a class's rows; every row counts for
-    each label or output of other tasks)."""
+    """How many held-out rows the gate measures on: in all, and per group.
+
+    A group is a class's rows for classification; for other tasks every row counts for each label or output.
+
+    Args:
+        rows: The held-out rows in all.
+        group_rows: Rows per group (empty: every group has `rows`).
+
+    Example::
+
+        size = HeldoutSize.of(holdout, Task("classification"), num_classes=10)
+        resolvable_drop(0.9, size.group(3))  # the drop class 3's rows can tell from chance
+    """
 
     rows: int
     group_rows: tuple[int, ...] = ()
@@ -110,7 +121,22 @@ def _resolution(before: float, after: float, rows: int | None, z: float = Z95) -
 
 @dataclass(frozen=True)
 class GateVerdict:
-    """The gate's decision on one fit, with the metrics before and after it."""
+    """The gate's decision on one fit, with the metrics before and after it.
+
+    Args:
+        accepted: Whether the fitted model passed.
+        reason: Why, with each accuracy's 95% interval and the drop the held-out set can resolve.
+        before: The baseline's held-out metrics (the previous record, the incoming model's or the trivial
+            predictor's).
+        after: The fitted model's held-out metrics.
+
+    Example::
+
+        gate = ModelGate(holdout, num_classes=10, raise_on_reject=False)
+        Trainer(callbacks=[gate]).fit(model, datamodule)
+        verdict = gate.verdict
+        print(verdict.accepted, verdict.reason, verdict.to_dict()["after"])
+    """
 
     accepted: bool
     reason: str
@@ -204,15 +230,43 @@ def _metric(task: Task) -> str:
 
 
 class ModelGate(pl.Callback):
-    """Gates a fit on the task's held-out accuracy, overall and per group; restores the fit's starting weights on
-    rejection.
+    """Gates a fit on the task's held-out accuracy, overall and per group, and restores the fit's starting weights
+    on rejection.
 
-    `previous` is the record of the previous accepted model. Without it, `baseline="trivial"` (default) judges the
-    fit against the best constant predictor, so a first fit from scratch is not held to its random initialisation;
-    `baseline="incoming"` measures the incoming model at fit start. `task` sets what correct means (see `Task`);
-    `forward(module, batch, x)` reads extra model inputs from `LabeledData.batch`. With `raise_on_reject=False` the
-    fit ends normally and only `verdict` says the model was rejected. Every rank evaluates; rank 0's measurements are
-    broadcast so all ranks take the same decision.
+    At fit start it keeps the module's weights (and with `baseline="incoming"` and no `previous`, measures the
+    incoming model); at fit end it measures the fitted model on `holdout` and sets `verdict`. Every rank evaluates;
+    rank 0's measurements are broadcast so all ranks take the same decision. An MLflow logger gets the verdict as
+    the tags `trainguard.gate` and `trainguard.gate.reason`.
+
+    Args:
+        holdout: The held-out rows the fit never trains on (not empty).
+        num_classes: The classes of a classification task (None: the width of the model's outputs).
+        max_drop: The overall accuracy drop, as a fraction, that rejects the fit (when the held-out set can
+            resolve it).
+        max_class_drop: The drop of any class's (label's, output's) accuracy that rejects the fit.
+        previous: The record of the previous accepted model: the baseline.
+        raise_on_reject: Whether a rejection raises `ModelRejectedError` (Lightning then finalizes its loggers as
+            failed); False: the fit ends normally and only `verdict` says the model was rejected.
+        baseline: Without `previous`: `"trivial"` judges the fit against the best constant predictor (a first fit
+            from scratch is not held to its random initialisation); `"incoming"` measures the incoming model at fit
+            start (a fine-tune of an accepted model whose record was not kept).
+        task: A `Task` or its name: what correct means (default classification).
+        forward: `forward(module, batch, x)` reads extra model inputs from `LabeledData.batch`.
+
+    Raises:
+        ScreeningInputError: An unknown `baseline` or an empty `holdout`.
+        TaskMismatchError: Held-out targets that do not fit the task.
+        ModelRejectedError: At fit end, on rejection with `raise_on_reject=True`.
+
+    Example::
+
+        from pytorch_lightning import Trainer
+        from trainguard.defenses import ModelGate
+
+        gate = ModelGate(holdout, num_classes=10, max_drop=0.02, previous=last_record, raise_on_reject=False)
+        Trainer(callbacks=[gate]).fit(model, datamodule)
+        if not gate.verdict.accepted:
+            print("rejected:", gate.verdict.reason)  # the weights of fit start are back in `model`
     """
 
     def __init__(

@@ -10,6 +10,20 @@ from trainguard.defenses.errors import ScreeningInputError, SourceCapError
 
 @dataclass(frozen=True)
 class SourceShare:
+    """One source's share of a cycle's rows.
+
+    Args:
+        source: The source's name.
+        rows: Its rows.
+        fraction: Its rows over all rows (0 when there are none).
+        allowed: Whether the fraction is within the cap.
+
+    Example::
+
+        share = check_source_caps({"alice": 80, "bob": 20}, 0.5).shares[0]
+        assert (share.source, share.fraction, share.allowed) == ("alice", 0.8, False)
+    """
+
     source: str
     rows: int
     fraction: float
@@ -18,13 +32,26 @@ class SourceShare:
 
 @dataclass(frozen=True)
 class CapCheck:
-    """Each source's share of the cycle's rows against `max_fraction`."""
+    """Each source's share of the cycle's rows against `max_fraction`; `over` names the sources past it.
+
+    Made by `check_source_caps` (which reports) or `enforce_source_caps` (which raises `SourceCapError` instead).
+
+    Args:
+        shares: One `SourceShare` per source, in the order given.
+        max_fraction: The cap, a fraction in (0, 1].
+
+    Example::
+
+        check = check_source_caps({"alice": 80, "bob": 20}, max_fraction=0.5)
+        assert check.over == ("alice",)
+    """
 
     shares: tuple[SourceShare, ...]
     max_fraction: float
 
     @property
     def over(self) -> tuple[str, ...]:
+        """The sources over the cap."""
         return tuple(s.source for s in self.shares if not s.allowed)
 
 

@@ -18,65 +18,65 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
-from typing_extensions import override
+from typing_extensions import Unpack, override
 
 from trainguard.defenses.attacks import PGD
-from trainguard.defenses.attacks.base import LossFn
-from trainguard.defenses.attacks.batches import Key
-from trainguard.defenses.attacks.bounds import Bound
-from trainguard.defenses.attacks.options import AttackOptions, AttackSettings
+from trainguard.defenses.attacks.options import AttackOptionKeywords, AttackOptions, AttackSettings
 from trainguard.defenses.errors import AttackConfigError
-from trainguard.defenses.forward import BatchForward, ModuleForward, batch_rows
-from trainguard.defenses.task import Task
+from trainguard.defenses.forward import BatchForward, batch_rows
 
 
 class OverfittingGuard(AttackSettings, pl.Callback):
-    """After each training epoch, PGD-`steps` accuracy at `eps` on a fixed batch of up to `max_samples` rows; a drop
-    of more than `max_drop` below the best epoch's stops training and restores the best epoch's weights.
+    """Stops training at catastrophic overfitting and restores the best epoch's weights.
 
-    The attack settings (`step_size`, `crafting`, `task`, `forward(module, batch, x)`, ...) are `AttackOptions`, as
-    for `AdversarialTraining` (the held rows keep their extra inputs); accuracy is the mean of `Task.correct` under
-    attack. Logs `adv/guard_acc` every epoch.
-    `rolled_back_from` is the epoch whose end triggered the rollback (else None), `best_epoch` the epoch whose
-    weights the module holds after a rollback. Used alone, put it before any callback that changes batches in place
-    (or it holds an attacked batch); `AdversarialTraining` drives one itself.
+    After each training epoch it measures PGD accuracy at `eps` on a fixed batch of up to `max_samples` rows (the
+    first training batch it sees, kept for the whole run and in checkpoints) and logs it as `adv/guard_acc`;
+    accuracy is the mean of `Task.correct` under attack. A drop of more than `max_drop` below the best epoch's stops
+    the trainer and loads the best epoch's weights. `rolled_back_from` is then the epoch whose end triggered the
+    rollback (else None), `best_epoch` the epoch whose weights the module holds. Used alone, put it before any
+    callback that changes batches in place (or it holds an attacked batch); `AdversarialTraining` drives one itself
+    (`overfitting_guard=`).
+
+    Args:
+        eps: The PGD budget the held batch is attacked at.
+        max_drop: The accuracy drop below the best epoch's, in (0, 1], that counts as catastrophic overfitting.
+        max_samples: At most this many rows of the first batch are held (None: the whole batch).
+        options: The attack settings as one `AttackOptions`, as `AdversarialTraining` hands them over (the held
+            rows keep their extra inputs for `forward`); or pass them as keywords instead.
+        **settings: The attack settings as keywords (`AttackOptionKeywords`; here `steps` defaults to 5 and `seed`
+            to 0, so every epoch attacks from the same random starts).
+
+    Raises:
+        AttackConfigError: `max_drop` outside (0, 1], `max_samples` < 1, an attack setting out of range, both
+            `options` and attack keywords, or (at the first epoch's end) a guard that was not set up by a Trainer.
+        TaskMismatchError: An unknown task name.
+        TypeError: A keyword that is no argument and no attack setting.
+
+    Example::
+
+        from pytorch_lightning import Trainer
+        from trainguard.defenses import OverfittingGuard
+
+        guard = OverfittingGuard(eps=8 / 255, steps=10, max_drop=0.2)
+        Trainer(callbacks=[guard, *other_callbacks]).fit(model, datamodule)
+        if guard.rolled_back_from is not None:
+            print(f"stopped at epoch {guard.rolled_back_from}, kept epoch {guard.best_epoch}")
     """
 
     def __init__(
         self,
         *,
         eps: float,
-        steps: int = 5,
-        step_size: float | None = None,
         max_drop: float = 0.2,
-        norm: str | float = "inf",
-        bounds: tuple[Bound, Bound] | None = (0.0, 1.0),
-        loss: LossFn | None = None,
-        task: Task | str | None = None,
         max_samples: int | None = 512,
-        input_key: Key | None = None,
-        target_key: Key | None = None,
-        forward: ModuleForward | None = None,
-        seed: int = 0,
-        crafting: str = "trainer",
+        options: AttackOptions | None = None,
+        **settings: Unpack[AttackOptionKeywords],
     ) -> None:
         if not 0.0 < max_drop <= 1.0:
             raise AttackConfigError(f"max_drop must be within (0, 1], got {max_drop!r}")
         if max_samples is not None and max_samples < 1:
             raise AttackConfigError(f"max_samples must be >= 1 or None, got {max_samples!r}")
-        self.options = AttackOptions.of(
-            steps=steps,
-            step_size=step_size,
-            norm=norm,
-            bounds=bounds,
-            loss=loss,
-            task=task,
-            input_key=input_key,
-            target_key=target_key,
-            forward=forward,
-            seed=seed,
-            crafting=crafting,
-        )
+        self.options = AttackOptions.given(options, settings, steps=5, seed=0)
         self.eps = eps
         self.max_drop = float(max_drop)
         self.max_samples = max_samples

@@ -32,18 +32,16 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from typing_extensions import override
+from typing_extensions import Unpack, override
 
 from trainguard.defenses.attacks import ATTACKS, make_attack
-from trainguard.defenses.attacks.base import Attack, LossFn
-from trainguard.defenses.attacks.batches import Key
-from trainguard.defenses.attacks.bounds import Bound, Bounds
+from trainguard.defenses.attacks.base import Attack
+from trainguard.defenses.attacks.bounds import Bounds
 from trainguard.defenses.attacks.cascade import BLACK_BOX, PRESETS, AttackCost, Cascade
-from trainguard.defenses.attacks.options import AttackOptions, AttackSettings
+from trainguard.defenses.attacks.options import AttackOptionKeywords, AttackOptions, AttackSettings
 from trainguard.defenses.errors import AttackConfigError
-from trainguard.defenses.forward import BatchForward, ModuleForward, batch_rows
+from trainguard.defenses.forward import BatchForward, batch_rows
 from trainguard.defenses.masking import MaskingCheck, large_eps
-from trainguard.defenses.task import Task
 
 LARGE_EPS_CHECK = "large-eps check"  # the masking check's run, in `RobustAccuracy.costs`
 
@@ -63,20 +61,48 @@ def correct_under_attacks(
 class RobustAccuracy(AttackSettings, pl.Callback):
     """Logs the accuracy of the model under `attacks` (default PGD alone) at each of `eps` on the validation set.
 
-    `attacks` are attack names, e.g. `"pgd"`, `"apgd-ce"`, `"apgd-dlr"`, or a preset name run as a cascade
-    (`"autoattack"`, `"autoattack-fast"`); each runs `steps` iterations (None: 10, or AutoAttack's 100 for a
-    preset; APGD from each of `restarts` random starts; `step_size` and `loss` are PGD's, APGD has its own).
-    `large_eps_check` (presets only) adds the masking check's run of the white-box attacks at half the bounds' range
-    (the Square check reads the cascade itself and costs nothing more).
-    `max_samples` bounds the cost (None: the whole validation set of `dataloader_idx`); the random starts are drawn
-    from `seed` anew each epoch, so epochs are comparable. `name` is a format string with an `{eps}` field; with
-    several attacks each one's accuracy is also logged, as `name` + `/<attack>`.
-    `crafting="trainer"` attacks and predicts under the autocast of the trainer's precision, `"fp32"` in float32.
-    `task` gives the loss PGD maximises and what a correct prediction is (argmax for classification, all labels
-    right for multilabel, every output within tolerance for regression): the logged value is the mean of
-    `Task.correct` under attack. `forward(module, batch, x)` reads extra model inputs from the batch; only `x` is
-    attacked. `bounds` is the data's value range (required). The attack settings are kept as one `AttackOptions`
-    (`options`).
+    The callback attacks the validation batches Lightning already loads (up to `max_samples` rows, the first ones of
+    the epoch) and logs `name` per eps at the epoch's end (counts summed over DDP ranks). The logged value is the
+    mean of `Task.correct` under attack (argmax for classification, all labels right for multilabel, every output
+    within tolerance for regression); with several attacks a row counts as robust only if every attack leaves it
+    correct, and each attack's own accuracy is also logged, as `name` + `/<attack>`. A preset runs as AutoAttack's
+    cascade, logs what each attack broke first and what it cost, and checks for gradient masking (`masking`).
+
+    Args:
+        eps: One budget or several, each >= 0.
+        attacks: Attack names, e.g. `"pgd"`, `"apgd-ce"`, `"apgd-dlr"`, or a preset name (`"autoattack"`,
+            `"autoattack-fast"`).
+        restarts: APGD's (and FAB-T's) random starts, >= 1.
+        max_samples: Rows attacked per epoch, which bounds the cost (None: the whole validation set).
+        dataloader_idx: The validation dataloader whose batches are attacked.
+        name: A format string with an `{eps}` field: the logged metric's name.
+        large_eps_check: Presets only: adds the masking check's run of the white-box attacks at half the bounds'
+            range (the Square check reads the cascade itself and costs nothing more).
+        options: The attack settings as one `AttackOptions` (e.g. shared with `AdversarialTraining`); or pass them
+            as keywords instead.
+        **settings: The attack settings as keywords (`AttackOptionKeywords`: `steps` (None: 10, or AutoAttack's
+            100 for a preset), `step_size` and `loss` (PGD's; APGD has its own), `norm`, `bounds` (the
+            data's value range, required), `task`, `input_key`, `target_key`, `forward`, `seed` (0 here:
+            the random starts are drawn from it anew each epoch, so epochs are comparable), `crafting_precision`
+            (`"trainer"`: attacks and predictions under the autocast of the trainer's precision; `"fp32"`)). Kept
+            as `options`.
+
+    Raises:
+        AttackConfigError: No eps or a negative one, `max_samples` < 1, `step_size` with several eps, unknown or
+            repeated attacks, `restarts` < 1, an attack setting out of range, or both `options` and attack
+            keywords.
+        TaskMismatchError: An unknown task name, or APGD for a task other than classification.
+        TypeError: A keyword that is no argument and no attack setting.
+
+    Example::
+
+        from pytorch_lightning import Trainer
+        from trainguard.defenses import RobustAccuracy
+
+        robust = RobustAccuracy(eps=(4 / 255, 8 / 255), attacks="autoattack-fast", max_samples=1000)
+        trainer = Trainer(callbacks=[robust])
+        trainer.validate(model, datamodule)
+        print(robust.metric_names(), trainer.callback_metrics[robust.metric_names()[-1]])
     """
 
     def __init__(
@@ -84,30 +110,19 @@ class RobustAccuracy(AttackSettings, pl.Callback):
         eps: float | Sequence[float] = (8 / 255,),
         *,
         attacks: Sequence[str] | str = ("pgd",),
-        steps: int | None = None,
         restarts: int = 1,
-        step_size: float | None = None,
-        norm: str | float = "inf",
-        bounds: tuple[Bound, Bound] | None = (0.0, 1.0),
-        loss: LossFn | None = None,
-        task: Task | str | None = None,
         max_samples: int | None = 512,
-        input_key: Key | None = None,
-        target_key: Key | None = None,
-        forward: ModuleForward | None = None,
         dataloader_idx: int = 0,
-        seed: int = 0,
         name: str = "val/robust_acc_eps{eps:g}",
-        crafting: str = "trainer",
         large_eps_check: bool = True,
+        options: AttackOptions | None = None,
+        **settings: Unpack[AttackOptionKeywords],
     ) -> None:
         self.eps = tuple(float(e) for e in (eps if isinstance(eps, Sequence) else (eps,)))
         if not self.eps or any(e < 0 for e in self.eps):
             raise AttackConfigError(f"eps must be one or more numbers >= 0, got {eps!r}")
         if max_samples is not None and max_samples < 1:
             raise AttackConfigError(f"max_samples must be >= 1 or None, got {max_samples!r}")
-        if step_size is not None and len(self.eps) > 1:
-            raise AttackConfigError("step_size applies to one eps; leave it None (2.5 eps / steps) for several eps")
         self.preset = attacks.lower() if isinstance(attacks, str) and attacks.lower() in PRESETS else None
         names = PRESETS[self.preset] if self.preset else [attacks] if isinstance(attacks, str) else attacks
         self.attack_names = tuple(a.lower() for a in names)
@@ -121,19 +136,9 @@ class RobustAccuracy(AttackSettings, pl.Callback):
             )
         if restarts < 1:
             raise AttackConfigError(f"restarts must be >= 1, got {restarts!r}")
-        self.options = AttackOptions.of(
-            steps=steps if steps is not None else 100 if self.preset else 10,
-            step_size=step_size,
-            norm=norm,
-            bounds=bounds,
-            loss=loss,
-            task=task,
-            input_key=input_key,
-            target_key=target_key,
-            forward=forward,
-            seed=seed,
-            crafting=crafting,
-        )
+        self.options = AttackOptions.given(options, settings, steps=100 if self.preset else 10, seed=0)
+        if self.step_size is not None and len(self.eps) > 1:
+            raise AttackConfigError("step_size applies to one eps; leave it None (2.5 eps / steps) for several eps")
         if self.task.kind != "classification" and any(a.startswith("apgd") for a in self.attack_names):
             self.task.refuse_unless(("classification",), "APGD")
         self.restarts = restarts

@@ -18,7 +18,7 @@ bare model.
 
 A training step costs the clean forward, the attack's `steps` forward-backward passes and the adversarial forward:
 the attack maximises the divergence from the clean training forward's (detached) distribution instead of
-computing its own clean forward. It crafts under the trainer's autocast unless `crafting="fp32"`.
+computing its own clean forward. It crafts under the trainer's autocast unless `crafting_precision="fp32"`.
 """
 
 from __future__ import annotations
@@ -27,25 +27,40 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from typing_extensions import override
+from typing_extensions import Unpack, override
 
 from trainguard.defenses.attacks.base import Attack
-from trainguard.defenses.attacks.batches import Key
-from trainguard.defenses.attacks.bounds import Bound
-from trainguard.defenses.attacks.options import AttackOptions
-from trainguard.defenses.attacks.precision import crafting_autocast
+from trainguard.defenses.attacks.options import AttackOptionKeywords, AttackOptions
+from trainguard.defenses.attacks.precision import resolve_crafting_precision
 from trainguard.defenses.errors import AttackConfigError
-from trainguard.defenses.forward import BatchForward, ModuleForward
-from trainguard.defenses.task import BUILT_IN, Task, as_task
+from trainguard.defenses.forward import BatchForward
+from trainguard.defenses.task import BUILT_IN, as_task
 
 
 class TradesAttack(Attack):
-    """TRADES' inner maximisation: PGD on the task's divergence from the clean outputs (KL(p || f(x')) for
-    classification) from a Gaussian start of 0.001 eps (the divergence is flat at x).
+    """TRADES' inner maximisation: PGD on the task's divergence from the clean outputs.
 
-    Called as `attack(x, p)` with `p` the clean reference (`Task.clean_reference`: class probabilities, label
-    probabilities or regression outputs), or, for classification, as `attack(x, y)` with integer labels, in which
-    case `p = softmax(f(x))` costs one eval-mode forward.
+    For classification that is KL(p || f(x')). It starts from a Gaussian of 0.001 eps around `x` (the divergence is
+    flat at x). Called as `attack(x, p)` with `p` the clean reference (`Task.clean_reference`: class probabilities,
+    label probabilities or regression outputs), or, for classification, as `attack(x, y)` with integer labels, in
+    which case `p = softmax(f(x))` costs one eval-mode forward.
+
+    Args:
+        model: The module attacked.
+        eps: The budget (finite, >= 0).
+        steps: PGD iterations, >= 1.
+        step_size: Each step's size; None: 2.5 eps / steps.
+        **kw: The other `Attack` keywords (`norm`, `bounds`, `task`, `forward`, `seed`, `crafting_precision`, ...);
+            the loss is always the task's divergence.
+
+    Raises:
+        AttackConfigError: `steps` < 1 or eps out of range.
+        TaskMismatchError: A task without a divergence (a custom one).
+
+    Example::
+
+        attack = TradesAttack(model, eps=0.1, steps=10, bounds=(0.0, 1.0), seed=0)
+        x_adv = attack(x, model(x).softmax(-1))
     """
 
     def __init__(
@@ -77,10 +92,36 @@ class TradesAttack(Attack):
 class TRADES(pl.LightningModule):
     """Trains the wrapped `module` with the TRADES objective; `beta` trades clean for robust accuracy.
 
-    `task` (default classification) sets the natural loss and the divergence. `forward(module, batch, x)` gives the
-    outputs (default `module(x)`), reading extra model inputs from the batch; `input_key`/`target_key` locate the
-    tensors of dict batches. `bounds` is the data's value range (required). The attack settings are kept as one
-    `AttackOptions` (`options`). Logs `train/loss`, `train/trades_natural`, `train/trades_robust` once per epoch.
+    Pass the wrapper to `Trainer.fit`: its `training_step` trains `module` (in place) on the natural loss plus
+    `beta` times the divergence between clean and adversarial outputs; validation, test, predict steps and the
+    optimizers are the module's own. Logs `train/loss`, `train/trades_natural`, `train/trades_robust` once per
+    epoch.
+
+    Args:
+        module: The LightningModule trained (unmodified).
+        eps: The inner maximisation's budget.
+        beta: The weight of the robust (divergence) term, >= 0.
+        options: The attack settings as one `AttackOptions` (its `loss` must be None: TRADES maximises its
+            divergence); or pass them as keywords instead.
+        **settings: The attack settings as keywords (`AttackOptionKeywords` except `loss`: `steps` (10),
+            `step_size`, `norm`, `bounds` (the data's value range, required), `task` (the natural loss and the
+            divergence; default classification), `input_key`, `target_key`, `forward`, `seed`,
+            `crafting_precision`). Kept as `options`.
+
+    Raises:
+        AttackConfigError: `beta` < 0, an attack setting out of range, a `loss`, or both `options` and attack
+            keywords.
+        TaskMismatchError: An unknown task name, or a task without a divergence (a custom one).
+        TypeError: A keyword that is no argument and no attack setting.
+
+    Example::
+
+        from pytorch_lightning import Trainer
+        from trainguard.defenses import TRADES
+
+        trades = TRADES(DigitsClassifier(), eps=0.2, beta=6.0, steps=10)
+        Trainer(max_epochs=10).fit(trades, datamodule)
+        torch.save(trades.module.state_dict(), "model.pt")
     """
 
     def __init__(
@@ -89,47 +130,30 @@ class TRADES(pl.LightningModule):
         *,
         eps: float,
         beta: float = 6.0,
-        steps: int = 10,
-        step_size: float | None = None,
-        norm: str | float = "inf",
-        bounds: tuple[Bound, Bound] | None = (0.0, 1.0),
-        task: Task | str | None = None,
-        input_key: Key | None = None,
-        target_key: Key | None = None,
-        forward: ModuleForward | None = None,
-        seed: int | None = None,
-        crafting: str = "trainer",
+        options: AttackOptions | None = None,
+        **settings: Unpack[AttackOptionKeywords],
     ) -> None:
         super().__init__()
         if beta < 0:
             raise AttackConfigError(f"beta must be >= 0, got {beta!r}")
         self.module = module
         self.beta = float(beta)
-        self.options = AttackOptions.of(
-            steps=steps,
-            step_size=step_size,
-            norm=norm,
-            bounds=bounds,
-            task=task,
-            input_key=input_key,
-            target_key=target_key,
-            forward=forward,
-            seed=seed,
-            crafting=crafting,
-        )
+        self.options = AttackOptions.given(options, settings)
+        if self.options.loss is not None:
+            raise AttackConfigError("TRADES maximises the divergence from the clean outputs: it takes no loss")
         self.task = self.options.task
         self.keys = self.options.keys
-        self._forward = BatchForward(module, forward)
+        self._forward = BatchForward(module, self.options.forward)
         self.attack = TradesAttack(
             module,
             eps=eps,
-            steps=steps,
-            step_size=step_size,
+            steps=self.options.steps,
+            step_size=self.options.step_size,
             norm=self.options.norm,
             bounds=self.options.bounds,
             task=self.task,
             forward=self._forward,
-            seed=seed,
+            seed=self.options.seed,
         )
 
     @override
@@ -140,7 +164,7 @@ class TRADES(pl.LightningModule):
 
     @override
     def setup(self, stage: str) -> None:
-        self.attack.autocast = crafting_autocast(self.options.crafting, self.trainer)
+        self.attack.crafting_precision = resolve_crafting_precision(self.options.crafting_precision, self.trainer)
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

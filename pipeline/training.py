@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
 from trainguard.defenses import TRADES, AdversarialTraining, RobustAccuracy
+from trainguard.defenses.attacks.options import AttackOptionKeywords, AttackOptions
 from trainguard.defenses.gate import GateVerdict, ModelGate
 from trainguard.defenses.heldout import HeldoutMetrics, LabeledData
 from trainguard.pipeline.config import CycleConfig
@@ -129,25 +130,34 @@ def adversarial_method(config: CycleConfig) -> str:
     return config.adversarial.attack if config.adversarial.enabled else "off"
 
 
+def model_attack_keywords(config: CycleConfig) -> AttackOptionKeywords:
+    """What every attack of the cycle takes from the config, whatever it is for: the data's value range (the
+    adversarial section's `bounds`), the task and the `model_forward` hook."""
+    return {"bounds": config.adversarial.bounds, "task": config.task.build(), "forward": config.forward_hook()}
+
+
+def adversarial_options(config: CycleConfig) -> AttackOptions:
+    """The attack settings of adversarial training, TRADES or not: the adversarial section's steps, step size and
+    norm, the training seed and `model_attack_keywords`."""
+    adversarial = config.adversarial
+    settings: AttackOptionKeywords = {
+        "steps": adversarial.steps,
+        "step_size": adversarial.step_size,
+        "norm": adversarial.norm,
+        "seed": config.training.seed,
+        **model_attack_keywords(config),
+    }
+    return AttackOptions.of(**settings)
+
+
 def fitted_module(config: CycleConfig, model: pl.LightningModule) -> pl.LightningModule:
     """The module the Trainer fits: `model` itself, or with `adversarial.attack: trades` the TRADES wrapper that
-    trains `model` (in place) on TRADES' objective with the adversarial section's eps, steps, step size, norm,
-    bounds and `trades_beta`."""
+    trains `model` (in place) on TRADES' objective with the adversarial section's eps, `trades_beta` and
+    `adversarial_options`."""
     if adversarial_method(config) != "trades":
         return model
     adversarial = config.adversarial
-    return TRADES(
-        model,
-        eps=adversarial.eps,
-        beta=adversarial.trades_beta,
-        steps=adversarial.steps,
-        step_size=adversarial.step_size,
-        norm=adversarial.norm,
-        bounds=adversarial.bounds,
-        task=config.task.build(),
-        forward=config.forward_hook(),
-        seed=config.training.seed,
-    )
+    return TRADES(model, eps=adversarial.eps, beta=adversarial.trades_beta, options=adversarial_options(config))
 
 
 def defense_callbacks(config: CycleConfig, holdout: LabeledData, previous: HeldoutMetrics | None) -> list[pl.Callback]:
@@ -164,28 +174,15 @@ def defense_callbacks(config: CycleConfig, holdout: LabeledData, previous: Heldo
             AdversarialTraining(
                 adversarial.attack,
                 eps=adversarial.eps,
-                steps=adversarial.steps,
-                step_size=adversarial.step_size,
-                norm=adversarial.norm,
                 ratio=adversarial.ratio,
-                bounds=adversarial.bounds,
                 warmup_epochs=adversarial.warmup_epochs,
-                task=task,
-                forward=forward,
-                seed=config.training.seed,
+                options=adversarial_options(config),
             )
         )
+    settings: AttackOptionKeywords = {"steps": robust.steps, "seed": 0, **model_attack_keywords(config)}
     callbacks.append(
         RobustAccuracy(
-            robust.eps,
-            attacks=robust.attacks,
-            steps=robust.steps,
-            restarts=robust.restarts,
-            bounds=adversarial.bounds,
-            task=task,
-            forward=forward,
-            max_samples=robust.subset_size,
-            seed=0,
+            robust.eps, attacks=robust.attacks, restarts=robust.restarts, max_samples=robust.subset_size, **settings
         )
     )
     callbacks.append(

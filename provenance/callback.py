@@ -22,9 +22,35 @@ from trainguard.provenance.verify import ShardFailure, VerificationReport, verif
 class VerifyDatasetCallback(pl.Callback):
     """Verifies every manifest (signatures, expiry, rollback, all shards) in `setup("fit")`, on every rank.
 
-    All ranks must pass (one boolean reduction), so a failure on any rank stops all of them with a ProvenanceError.
-    `exclude` names shards (`name` or `dataset:name`) the training will not read, e.g. ones a cycle already
-    refused: their shard-level failures are tolerated; signature, expiry and rollback failures never are.
+    All ranks must pass (one boolean reduction), so a failure on any rank stops all of them before any training
+    step. Each verified manifest's version is recorded in the rollback state; `reports` keeps what was checked,
+    `tolerated` the shard failures `exclude` allowed. Logs `provenance/shards`, `provenance/bytes`,
+    `provenance/seconds`, `provenance/excluded_failures` and each dataset's facts through the trainer's logger.
+
+    Args:
+        manifests: Manifest paths, `ManifestSpec`s or mappings with `manifest` (and optional `dataset`,
+            `data_dir`, `trust`).
+        trust: The trust policy for manifests that name none of their own.
+        state_file: The rollback state (None: the default state path).
+        allow_extra: Whether files in a data folder that its manifest does not list are tolerated.
+        exclude: Shards (`name` or `dataset:name`) the training will not read, e.g. ones a cycle already refused:
+            their shard-level failures are tolerated; signature, expiry and rollback failures never are.
+        dvc: Whether shards are also checked against the md5 digests DVC tracks for the data folder.
+        workers: Parallel hashing workers (None: one per CPU).
+
+    Raises:
+        MalformedError: A manifest entry without `manifest` or with unknown keys; at setup, a manifest without a
+            trust policy.
+        ProvenanceError: At setup, any verification failure (its subclass says which), or a failure on another
+            rank.
+
+    Example::
+
+        from pytorch_lightning import Trainer
+        from trainguard.provenance.callback import VerifyDatasetCallback
+
+        verify = VerifyDatasetCallback(["data/digits.manifest.json"], trust="trust/policy.json")
+        Trainer(callbacks=[verify]).fit(model, datamodule)  # raises before the first step on a tampered shard
     """
 
     def __init__(

@@ -18,9 +18,14 @@ from trainguard.defenses.attacks.base import Attack, crafting_mode, parse_norm, 
 from trainguard.defenses.attacks.fab import FABT, boundary_step
 from trainguard.defenses.attacks.fgsm import FGSM
 from trainguard.defenses.attacks.fgsm_rs import FGSMRandomStart
-from trainguard.defenses.attacks.options import AttackOptions
+from trainguard.defenses.attacks.options import AttackOptionKeywords, AttackOptions
 from trainguard.defenses.attacks.pgd import PGD
-from trainguard.defenses.attacks.precision import Crafting, crafting_autocast, parse_crafting, trainer_autocast
+from trainguard.defenses.attacks.precision import (
+    CraftingPrecision,
+    parse_crafting_precision,
+    resolve_crafting_precision,
+    trainer_autocast,
+)
 from trainguard.defenses.attacks.registry import ATTACKS, make_attack
 from trainguard.defenses.attacks.square import Square, margin_loss, square_fraction
 
@@ -34,21 +39,22 @@ __all__ = [
     "FGSM",
     "PGD",
     "Attack",
+    "AttackOptionKeywords",
     "AttackOptions",
-    "Crafting",
+    "CraftingPrecision",
     "FGSMRandomStart",
     "Square",
     "boundary_step",
     "checkpoint_fractions",
     "checkpoints",
-    "crafting_autocast",
     "crafting_mode",
     "dlr_loss",
     "dlr_loss_targeted",
     "make_attack",
     "margin_loss",
-    "parse_crafting",
+    "parse_crafting_precision",
     "parse_norm",
+    "resolve_crafting_precision",
     "square_fraction",
     "sum_cross_entropy",
     "trainer_autocast",

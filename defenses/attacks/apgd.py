@@ -205,7 +205,7 @@ class APGD(Attack):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-sample objective (to raise), its gradient w.r.t. `x` only, and which samples the model gets wrong."""
         x = x.detach().requires_grad_(True)
-        with self.precision(x.device):
+        with self.at_crafting_precision(x.device):
             logits = self.forward(x)
         logits32 = logits.to(torch.promote_types(logits.dtype, torch.float32))
         loss = _OBJECTIVES[self.objective](logits32, y) if target is None else dlr_loss_targeted(logits32, y, target)
@@ -259,7 +259,7 @@ class APGDT(APGD):
     def _perturb(
         self, x: torch.Tensor, y: torch.Tensor, eps: float, lower: torch.Tensor, upper: torch.Tensor
     ) -> torch.Tensor:
-        with torch.no_grad(), self.precision(x.device):
+        with torch.no_grad(), self.at_crafting_precision(x.device):
             logits = self.forward(x)
         if logits.dim() != 2 or logits.shape[1] < 4:
             dlr_loss_targeted(logits, y, y)  # raises TooFewClassesError before any step

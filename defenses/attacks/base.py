@@ -4,8 +4,8 @@ An attack is bound to a model (torchattacks style) and called on a batch: `x_adv
 within `eps` of `x` (L-inf or L2) and within `bounds`; the model is crafted against in eval mode and restored
 afterwards; gradients are taken w.r.t. the input only, so parameter `.grad` (e.g. accumulated by Lightning) and
 BatchNorm statistics are left untouched. Random starts draw from a seedable `torch.Generator` on the input's device.
-Forward passes run under `torch.autocast` at the attack's `autocast` dtype (None: float32, whatever autocast
-encloses the call); the perturbation, the steps and the projection stay in the input's dtype.
+Forward passes run at the attack's crafting precision, `torch.autocast` at its `crafting_precision` dtype (None:
+float32, whatever autocast encloses the call); the perturbation, the steps and the projection stay in the input's dtype.
 """
 
 from __future__ import annotations
@@ -40,12 +40,12 @@ class AttackKeywords(TypedDict, total=False):
     forward: ForwardFn | None
     seed: int | None
     generator: torch.Generator | None
-    autocast: torch.dtype | None
+    crafting_precision: torch.dtype | None
     defer_range_check: bool
 
 
 _TINY = 1e-12
-_AUTOCAST_DTYPES = (torch.float16, torch.bfloat16)
+_CRAFTING_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def parse_norm(norm: str | float) -> Norm:
@@ -96,13 +96,15 @@ class Attack(ABC):
         forward: ForwardFn | None = None,
         seed: int | None = None,
         generator: torch.Generator | None = None,
-        autocast: torch.dtype | None = None,
+        crafting_precision: torch.dtype | None = None,
         defer_range_check: bool = False,
     ) -> None:
         if not math.isfinite(eps) or eps < 0:
             raise AttackConfigError(f"eps must be a finite number >= 0, got {eps!r}")
-        if autocast is not None and autocast not in _AUTOCAST_DTYPES:
-            raise AttackConfigError(f"autocast must be torch.float16, torch.bfloat16 or None, got {autocast!r}")
+        if crafting_precision is not None and crafting_precision not in _CRAFTING_DTYPES:
+            raise AttackConfigError(
+                f"crafting_precision must be torch.float16, torch.bfloat16 or None, got {crafting_precision!r}"
+            )
         self.model = model
         self.eps = float(eps)
         self.norm = parse_norm(norm)
@@ -114,7 +116,7 @@ class Attack(ABC):
         self.forward = forward or model
         self.seed = seed
         self._generator = generator
-        self.autocast = autocast
+        self.crafting_precision = crafting_precision
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, *, eps: float | None = None) -> torch.Tensor:
         """Adversarial version of `x` (same shape, dtype, device); `y` are true labels, or targets if `targeted`."""
@@ -148,19 +150,20 @@ class Attack(ABC):
         """Forgets the generator: the next random start draws again from `seed` (same starts at every evaluation)."""
         self._generator = None
 
-    def precision(self, device: torch.device) -> torch.autocast:
-        """The autocast region forward passes run in: the attack's `autocast` dtype, or none (float32)."""
-        return torch.autocast(device.type, dtype=self.autocast, enabled=self.autocast is not None)
+    def at_crafting_precision(self, device: torch.device) -> torch.autocast:
+        """The autocast region forward passes run in: the attack's `crafting_precision` dtype, or none (float32)."""
+        return torch.autocast(device.type, dtype=self.crafting_precision, enabled=self.crafting_precision is not None)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of the model in eval mode at the attack's precision, without autograd (e.g. on a crafted batch)."""
-        with torch.no_grad(), crafting_mode(self.model), self.precision(x.device):
+        """Logits of the model in eval mode at the attack's crafting precision, without autograd (e.g. on a crafted
+        batch)."""
+        with torch.no_grad(), crafting_mode(self.model), self.at_crafting_precision(x.device):
             return self.forward(x)
 
     def input_gradient(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Gradient of the crafting loss w.r.t. `x` only (ascent direction; descent if targeted), and the logits."""
         x = x.detach().requires_grad_(True)
-        with self.precision(x.device):
+        with self.at_crafting_precision(x.device):
             logits = self.forward(x)
             loss = self.loss(logits, y)
         if loss.dim() > 0:

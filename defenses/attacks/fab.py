@@ -71,9 +71,9 @@ class FABT(Attack):
 
     The first run per target starts at the input; `restarts - 1` more start at a uniform random point of the eps/2
     ball (AutoAttack: of its surface). `y` are the true labels: FAB-T picks its own targets, so `targeted=True` and
-    `loss=` are refused. It ignores the attack's `autocast`: its step divides a logit difference by a gradient norm
-    near the boundary, where half precision's error is as large as that difference; it runs in the input's dtype
-    (float32 at least).
+    `loss=` are refused. It ignores the attack's `crafting_precision`: its step divides a logit difference by a
+    gradient norm near the boundary, where half precision's error is as large as that difference; it runs in the
+    input's dtype (float32 at least).
     """
 
     def __init__(

@@ -1,7 +1,10 @@
-"""The precision attacks craft at: the autocast of the trainer's forward passes (`"trainer"`) or float32 (`"fp32"`).
+"""Crafting precision: the precision attacks craft at.
 
-Crafting under the trainer's mixed precision costs what a hand-written AMP loop costs; float32 crafting is the
-slower, numerically conservative choice. Either way the perturbation itself stays in the input's dtype.
+The callbacks take it as a setting, `crafting_precision="trainer"` (the autocast of the trainer's forward passes,
+e.g. bf16 under `Trainer(precision="bf16-mixed")`) or `"fp32"`; an `Attack` takes what that resolves to in a run, an
+autocast dtype (`torch.float16`, `torch.bfloat16`) or None for float32. Crafting under the trainer's mixed precision
+costs what a hand-written AMP loop costs; float32 crafting is the slower, numerically conservative choice. Either way
+the perturbation itself stays in the input's dtype.
 """
 
 from __future__ import annotations
@@ -15,15 +18,15 @@ from trainguard.defenses.errors import AttackConfigError
 if TYPE_CHECKING:
     import pytorch_lightning as pl
 
-Crafting = Literal["trainer", "fp32"]
-CRAFTING: tuple[Crafting, ...] = ("trainer", "fp32")
+CraftingPrecision = Literal["trainer", "fp32"]
+CRAFTING_PRECISIONS: tuple[CraftingPrecision, ...] = ("trainer", "fp32")
 
 
-def parse_crafting(crafting: str) -> Crafting:
-    """Checks a `crafting=` setting."""
-    if crafting not in CRAFTING:
-        raise AttackConfigError(f"crafting must be 'trainer' or 'fp32', got {crafting!r}")
-    return crafting
+def parse_crafting_precision(crafting_precision: str) -> CraftingPrecision:
+    """Checks a `crafting_precision=` setting; raises AttackConfigError for anything but `"trainer"` or `"fp32"`."""
+    if crafting_precision not in CRAFTING_PRECISIONS:
+        raise AttackConfigError(f"crafting_precision must be 'trainer' or 'fp32', got {crafting_precision!r}")
+    return crafting_precision
 
 
 def trainer_autocast(trainer: pl.Trainer) -> torch.dtype | None:
@@ -33,6 +36,6 @@ def trainer_autocast(trainer: pl.Trainer) -> torch.dtype | None:
         return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
-def crafting_autocast(crafting: Crafting, trainer: pl.Trainer) -> torch.dtype | None:
-    """The `autocast` dtype for an attack crafting at `crafting` precision in `trainer`'s run."""
-    return trainer_autocast(trainer) if crafting == "trainer" else None
+def resolve_crafting_precision(crafting_precision: CraftingPrecision, trainer: pl.Trainer) -> torch.dtype | None:
+    """What a `crafting_precision` setting is in `trainer`'s run: the `Attack`'s `crafting_precision` dtype."""
+    return trainer_autocast(trainer) if crafting_precision == "trainer" else None

@@ -112,8 +112,8 @@ class Square(Attack):
         return out.reshape(x.shape)
 
     def _margin(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The margin of each row, from a forward pass without autograd at the attack's precision."""
-        with torch.no_grad(), self.precision(x.device):
+        """The margin of each row, from a forward pass without autograd at the attack's crafting precision."""
+        with torch.no_grad(), self.at_crafting_precision(x.device):
             logits = self.forward(x)
         if logits.dim() != 2 or logits.shape[1] < 2:
             raise TooFewClassesError(

@@ -148,12 +148,12 @@ class DtypeRecorder(Recorder):
         return out
 
 
-@pytest.mark.parametrize("crafting,crafted", [("trainer", torch.bfloat16), ("fp32", torch.float32)])
-def test_mixed_precision_crafts_at_the_trainers_autocast_or_in_float32(crafting, crafted) -> None:
+@pytest.mark.parametrize("crafting_precision,crafted", [("trainer", torch.bfloat16), ("fp32", torch.float32)])
+def test_mixed_precision_crafts_at_the_trainers_autocast_or_in_float32(crafting_precision, crafted) -> None:
     x, y = data()
     module = DtypeRecorder()
     module.dtypes = []
-    callback = AdversarialTraining("pgd", eps=0.1, steps=2, crafting=crafting, seed=0)
+    callback = AdversarialTraining("pgd", eps=0.1, steps=2, crafting_precision=crafting_precision, seed=0)
     fit(module, DataLoader(TensorDataset(x, y), batch_size=16), [callback], precision="bf16-mixed")
     crafting_dtypes = {dtype for training, dtype in module.dtypes if not training}
     training_dtypes = {dtype for training, dtype in module.dtypes if training}
@@ -304,7 +304,7 @@ def test_a_batch_outside_the_bounds_stops_the_fit_at_the_next_batch_or_the_epoch
         ({"attack": "cw", "eps": 0.1}, "unknown attack"),
         ({"eps": 0.1, "ratio": 1.5}, "ratio"),
         ({"eps": -0.1}, "eps"),
-        ({"eps": 0.1, "crafting": "fp16"}, "crafting must be 'trainer' or 'fp32'"),
+        ({"eps": 0.1, "crafting_precision": "fp16"}, "crafting_precision must be 'trainer' or 'fp32'"),
     ],
 )
 def test_unusable_settings_are_refused_at_construction(kwargs, match) -> None:

@@ -217,7 +217,7 @@ def test_crafting_at_an_autocast_dtype_runs_forwards_in_it_and_keeps_the_perturb
     dtypes: list[torch.dtype] = []
     hook = model.register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
     try:
-        adv = PGD(model, eps=eps, steps=5, norm=norm, autocast=torch.bfloat16, seed=0)(x, y)
+        adv = PGD(model, eps=eps, steps=5, norm=norm, crafting_precision=torch.bfloat16, seed=0)(x, y)
     finally:
         hook.remove()
     assert set(dtypes) == {torch.bfloat16} and adv.dtype == torch.float32
@@ -232,7 +232,9 @@ def test_bf16_crafting_is_about_as_strong_as_float32(digits_model, name) -> None
     model, x, y = digits_model
     clean = accuracy(model, x, y)
     fp32 = accuracy(model, make_attack(name, model, eps=0.1, steps=7, seed=0)(x, y), y)
-    bf16 = accuracy(model, make_attack(name, model, eps=0.1, steps=7, seed=0, autocast=torch.bfloat16)(x, y), y)
+    bf16 = accuracy(
+        model, make_attack(name, model, eps=0.1, steps=7, seed=0, crafting_precision=torch.bfloat16)(x, y), y
+    )
     assert bf16 < clean - 0.2 and abs(bf16 - fp32) <= 0.05
 
 
@@ -266,7 +268,7 @@ def test_a_deferred_range_check_refuses_the_batch_at_the_next_call() -> None:
         ({"eps": 0.1, "norm": "l1"}, "norm"),
         ({"eps": 0.1, "steps": 0}, "steps"),
         ({"eps": 0.1, "bounds": (1.0, 0.0)}, "lower"),
-        ({"eps": 0.1, "autocast": torch.float32}, "autocast must be"),
+        ({"eps": 0.1, "crafting_precision": torch.float32}, "crafting_precision must be"),
     ],
 )
 def test_unusable_configurations_are_refused(kwargs, match) -> None:

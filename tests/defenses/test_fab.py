@@ -205,12 +205,12 @@ def test_later_restarts_keep_every_row_the_first_run_broke_and_follow_the_seed(d
     assert torch.equal(runs[1], runs[2])
 
 
-def test_fab_t_ignores_autocast_and_the_autocast_around_it(digits_mlp) -> None:
+def test_fab_t_ignores_its_crafting_precision_and_the_autocast_around_it(digits_mlp) -> None:
     model, x, y = digits_mlp
     x, y = x[:50], y[:50]
     plain = FABT(model, eps=0.1, steps=20)(x, y)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        half = FABT(model, eps=0.1, steps=20, autocast=torch.bfloat16)(x, y)
+        half = FABT(model, eps=0.1, steps=20, crafting_precision=torch.bfloat16)(x, y)
     assert torch.equal(plain, half)
 
 

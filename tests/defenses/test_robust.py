@@ -96,16 +96,16 @@ def test_robust_accuracy_reaches_mlflow_through_the_lightning_logger(classifier,
     assert all(0.0 <= m.value <= 1.0 for m in history)
 
 
-@pytest.mark.parametrize("crafting,crafted", [("trainer", torch.bfloat16), ("fp32", torch.float32)])
+@pytest.mark.parametrize("crafting_precision,crafted", [("trainer", torch.bfloat16), ("fp32", torch.float32)])
 def test_each_eps_costs_the_attack_steps_and_one_forward_at_its_final_point(
-    classifier, digits, crafting, crafted
+    classifier, digits, crafting_precision, crafted
 ) -> None:
     module = classifier()
     calls: list[tuple[bool, torch.dtype]] = []
     module.net.register_forward_hook(
         lambda net, _i, out: None if net.training else calls.append((torch.is_grad_enabled(), out.dtype))
     )
-    callback = RobustAccuracy((0.1, 0.2), steps=3, max_samples=None, crafting=crafting)
+    callback = RobustAccuracy((0.1, 0.2), steps=3, max_samples=None, crafting_precision=crafting_precision)
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", precision="bf16-mixed", callbacks=[callback], logger=False,
                          num_sanity_val_steps=0, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False)  # fmt: skip

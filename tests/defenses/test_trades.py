@@ -95,9 +95,9 @@ def test_trades_is_more_robust_than_clean_training(classifier, digits) -> None:
     assert robust(trades.module) > robust(clean) + 0.1
 
 
-@pytest.mark.parametrize("crafting,crafted", [("trainer", torch.bfloat16), ("fp32", torch.float32)])
+@pytest.mark.parametrize("crafting_precision,crafted", [("trainer", torch.bfloat16), ("fp32", torch.float32)])
 def test_a_trades_step_costs_the_clean_forward_the_attack_steps_and_the_adversarial_forward(
-    classifier, digits, crafting, crafted
+    classifier, digits, crafting_precision, crafted
 ) -> None:
     inner = classifier()
     calls: list[tuple[bool, torch.dtype]] = []
@@ -105,7 +105,10 @@ def test_a_trades_step_costs_the_clean_forward_the_attack_steps_and_the_adversar
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", precision="bf16-mixed", logger=False, limit_val_batches=0,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     train, _ = digits
-    trainer.fit(TRADES(inner, eps=0.1, steps=4, seed=0, crafting=crafting), DataLoader(train, batch_size=100))
+    trainer.fit(
+        TRADES(inner, eps=0.1, steps=4, seed=0, crafting_precision=crafting_precision),
+        DataLoader(train, batch_size=100),
+    )
 
     batches = 5
     assert [dtype for training, dtype in calls if training] == [torch.bfloat16] * 2 * batches

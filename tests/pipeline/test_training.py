@@ -8,11 +8,11 @@ import pytest
 import torch
 import yaml
 
-from trainguard.defenses import AdversarialTraining, ModelGate, RobustAccuracy
+from trainguard.defenses import TRADES, AdversarialTraining, ModelGate, RobustAccuracy
 from trainguard.defenses.heldout import LabeledData
 from trainguard.pipeline.config import load_config
 from trainguard.pipeline.errors import ConfigError
-from trainguard.pipeline.training import defense_callbacks, train, trainer
+from trainguard.pipeline.training import defense_callbacks, fitted_module, train, trainer
 from trainguard.provenance.dataset import ManifestSpec, VerifiedDataModule
 
 DIGITS = Path(__file__).resolve().parents[2] / "configs" / "digits.yaml"
@@ -26,6 +26,26 @@ def test_the_cycles_defenses_serve_the_configs_task() -> None:
     assert all(c.task.kind == "regression" and c.task.tolerance == 0.2 for c in callbacks)
     gate = next(c for c in callbacks if isinstance(c, ModelGate))
     assert gate.baseline == "incoming" and gate.num_classes is None
+
+
+def test_trades_and_adversarial_training_take_the_same_attack_options_from_the_config() -> None:
+    config = load_config(DIGITS)
+    section = {"eps": 0.1, "steps": 3, "step_size": 0.02, "norm": "2", "bounds": (-1.0, 1.0)}
+    built = []
+    for attack in ("trades", "pgd"):
+        adversarial = config.adversarial.model_copy(update={**section, "attack": attack})
+        chosen = config.model_copy(update={"adversarial": adversarial})
+        if attack == "trades":
+            trades = fitted_module(chosen, chosen.model.instantiate())
+            assert isinstance(trades, TRADES)
+            built.append(trades.options)
+        else:
+            holdout = LabeledData(torch.rand(8, 64), torch.arange(8))
+            callbacks = defense_callbacks(chosen, holdout, previous=None)
+            built.append(next(c for c in callbacks if isinstance(c, AdversarialTraining)).options)
+    fields = ("steps", "step_size", "norm", "bounds", "seed", "crafting_precision")
+    assert [tuple(getattr(o, f) for f in fields) for o in built] == [(3, 0.02, "2", (-1.0, 1.0), 0, "trainer")] * 2
+    assert built[0].task == built[1].task
 
 
 def test_a_torchrun_launch_sizes_a_trainer_configured_for_one_device(monkeypatch: pytest.MonkeyPatch) -> None:
