@@ -31,12 +31,13 @@ is importable from here.
 
 from trainguard.pipeline.cycle.orchestration import run_cycle
 from trainguard.pipeline.cycle.outcome import CycleOutcome
-from trainguard.pipeline.cycle.outputs import CHECKS, DECISIONS_TABLE, METRICS_FILE
+from trainguard.pipeline.cycle.outputs import CHECKS, DECISIONS_TABLE
 from trainguard.pipeline.cycle.reads import _training_data as _training_data
 from trainguard.pipeline.cycle.stages import _decoders as _decoders
 from trainguard.pipeline.cycle.stages import _judge as _judge
 from trainguard.pipeline.cycle.stages import roni_holdout, screening_config
 from trainguard.pipeline.intake import manifest_refs
+from trainguard.pipeline.workdir import METRICS_FILE
 
 __all__ = [
     "CHECKS",

@@ -33,7 +33,6 @@ from trainguard.pipeline.cycle.stages import (
     _screen,
     _screen_inputs,
 )
-from trainguard.pipeline.cycle_report import report_path
 from trainguard.pipeline.distributed import Meeting, Stopped, follow, join, launch_from_env
 from trainguard.pipeline.errors import CycleAbortedError
 from trainguard.pipeline.intake import feature_columns, verify_and_read
@@ -120,7 +119,7 @@ def _follow(config: CycleConfig) -> CycleOutcome:
         cycle=plan.cycle,
         status="follower",
         reason="trained its share; rank 0 judges, signs and records the cycle",
-        report=report_path(config.output.work_dir, plan.cycle),
+        report=config.output.paths.report(plan.cycle),
         model_dir=None,
         tracking="logged by rank 0",
         metrics=result.metrics,

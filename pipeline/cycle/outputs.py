@@ -22,8 +22,6 @@ CHECKS = ("verify", "validate", "limits", "roni")
 """The checks that refuse shards, each with a `shards/refused_<check>` metric even when it refused none (stable
 columns for `dvc exp show`); a check not listed here gets its metric when it refuses something."""
 DECISIONS_TABLE = "shards/decisions.json"
-METRICS_FILE = "metrics.json"
-"""The latest cycle's headline numbers, numbers only (DVC's metrics file, tracked by git so experiments compare)."""
 
 
 def _tracking_status(tracker: CycleTracker) -> str:
@@ -65,15 +63,15 @@ def _decision_table(shards: Sequence[ShardDecision]) -> dict[str, list[Any]]:
 
 def _write_dvc_outputs(cycle: RunningCycle, result: TrainingResult, headline: dict[str, float]) -> dict[str, list[Any]]:
     """Writes DVC's metrics file and the cycle's plot data (`plots/<name>.json`); returns the plot rows by name."""
-    work_dir = cycle.config.output.work_dir
-    atomic_write(work_dir / METRICS_FILE, (json.dumps(headline, indent=2, sort_keys=True) + "\n").encode())
+    paths = cycle.config.output.paths
+    atomic_write(paths.metrics, (json.dumps(headline, indent=2, sort_keys=True) + "\n").encode())
     rows = {
         "robust_accuracy": plots.robust_rows(result.robust_accuracy),
         "gate_classes": plots.gate_rows(result.verdict.before, result.verdict.after),
         "cycles": plots.cycle_rows(cycle.state.cycles),
     }
     for name, data in rows.items():
-        atomic_write(work_dir / "plots" / f"{name}.json", (json.dumps(data, indent=1) + "\n").encode())
+        atomic_write(paths.plot(name), (json.dumps(data, indent=1) + "\n").encode())
     return rows
 
 

@@ -48,7 +48,7 @@ def _allow_list(cycle: RunningCycle, intake: Intake) -> AllowList:
 def _checked_read_log(cycle: RunningCycle, allow: AllowList, result: TrainingResult) -> dict[str, Any]:
     """Writes what training read, then refuses the cycle unless it is exactly the allow-list less the shards
     training refused at read (`result.refused`, changed after intake), before signing."""
-    path = cycle.config.output.work_dir / "reads" / f"cycle-{cycle.number:04d}.jsonl"
+    path = cycle.config.output.paths.read_log(cycle.number)
     atomic_write(path, result.read_log.to_json_lines())
     try:
         allow.check_reads(result.read_log, [r.shard for r in result.refused])

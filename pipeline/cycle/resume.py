@@ -47,7 +47,7 @@ def _skipped(config: CycleConfig, last: CycleRecord) -> CycleOutcome:
         cycle=last.cycle,
         status="skipped",
         reason=f"nothing new since cycle {last.cycle} (same config and manifests); `--force` retrains",
-        report=config.output.work_dir / "reports" / f"cycle-{last.cycle:04d}.json",
+        report=config.output.paths.report(last.cycle),
         model_dir=Path(last.candidate.path) if last.candidate else None,
         tracking="nothing logged",
         metrics=dict(last.metrics),

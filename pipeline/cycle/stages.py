@@ -189,7 +189,7 @@ def _screen(
     cycle.decide([*decisions, *earlier])
     evidence = [(s.source, s.sha256, verdict[s.key].p_value) for s in shards]
     cycle.state = cycle.store.update(cycle.state.record_evidence(evidence, offered))
-    files = write_screening(screening, cycle.config.output.work_dir / "roni" / f"cycle-{cycle.number:04d}")
+    files = write_screening(screening, cycle.config.output.paths.screening(cycle.number))
     stage.log_screening(screening, files)
     kept = [s for s in shards if verdict[s.key].accepted]
     margins: Sequence[SourceMargin] = ()
