@@ -175,7 +175,7 @@ def main() -> None:
 
             watch = Stopwatch()
             training = Stopwatch()
-            import trainguard.pipeline.cycle as cycle_module
+            import trainguard.pipeline.cycle.orchestration as cycle_module
 
             with timed_tracking(watch):
                 original_train = cycle_module.train

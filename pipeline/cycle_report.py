@@ -11,19 +11,16 @@ from typing import Any
 
 from trainguard.files import atomic_write
 from trainguard.pipeline.cycle_state import ShardDecision
-
-
-def report_path(work_dir: Path, cycle: int) -> Path:
-    """Where cycle `cycle`'s report lives: `work_dir/reports/cycle-NNNN.json`."""
-    return work_dir / "reports" / f"cycle-{cycle:04d}.json"
+from trainguard.pipeline.workdir import WorkDir
 
 
 def write_report(work_dir: Path, cycle: int, report: dict[str, Any]) -> tuple[Path, str]:
     """Writes the report atomically, as `reports/cycle-NNNN.json` and as the latest `report.json`; returns the
     first and the SHA-256 of the bytes written."""
     text = (json.dumps(report, indent=2, sort_keys=True, default=str) + "\n").encode()
-    path = report_path(work_dir, cycle)
-    for target in (path, work_dir / "report.json"):
+    paths = WorkDir(work_dir)
+    path = paths.report(cycle)
+    for target in (path, paths.latest_report):
         atomic_write(target, text)
     return path, hashlib.sha256(text).hexdigest()
 

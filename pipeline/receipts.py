@@ -10,7 +10,6 @@ signature verifies counts: a file planted under a receipt's name is ignored, nev
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,13 +20,13 @@ from trainguard.files import atomic_write, read_regular
 from trainguard.pipeline.cycle_state import CycleState, HeldoutRecord, ModelRecord, Pipeline, RollbackEntry
 from trainguard.pipeline.errors import ForeignStateError, StaleStateError, StateError
 from trainguard.pipeline.state_log import Checkpoint, Link, StateStore
+from trainguard.pipeline.workdir import RECEIPT_SUFFIX, WorkDir, cycle_number
 from trainguard.provenance.dsse import Envelope, sign_envelope, verify_envelope
 from trainguard.provenance.errors import ProvenanceError
 from trainguard.provenance.keys import SigningKey
 
 RECEIPT_PAYLOAD_TYPE = "application/vnd.trainguard.cycle-receipt+json"
 RECEIPT_LIMIT = 16 * 1024 * 1024
-_NAME = re.compile(r"cycle-(\d{4,9})\.receipt\.json")
 
 
 class Receipt(BaseModel):
@@ -47,7 +46,7 @@ class Receipt(BaseModel):
 
 
 def receipt_path(work_dir: Path, cycle: int) -> Path:
-    return work_dir / "reports" / f"cycle-{cycle:04d}.receipt.json"
+    return WorkDir(work_dir).receipt(cycle)
 
 
 def write_receipt(work_dir: Path, state: CycleState, link: Link, report_sha256: str, key: SigningKey) -> Path:
@@ -75,9 +74,13 @@ def write_receipt(work_dir: Path, state: CycleState, link: Link, report_sha256: 
 def receipts(work_dir: Path, key: SigningKey, identity: tuple[str, str], *, since: int = 0) -> Iterator[Receipt]:
     """The valid receipts of this identity (any history of it) numbered `since` or later, newest first; the
     highest-numbered valid one always comes first, even when older than `since`."""
-    folder = work_dir / "reports"
+    folder = WorkDir(work_dir).reports
     names = sorted(
-        ((int(m.group(1)), p) for p in (folder.iterdir() if folder.is_dir() else ()) if (m := _NAME.fullmatch(p.name))),
+        (
+            (n, p)
+            for p in (folder.iterdir() if folder.is_dir() else ())
+            if (n := cycle_number(p.name, RECEIPT_SUFFIX)) is not None
+        ),
         reverse=True,
     )
     first = True
@@ -148,7 +151,7 @@ def rebuild_state(store: StateStore, work_dir: Path) -> tuple[CycleState, str]:
     salvaged = store.salvage([Checkpoint(r.pipeline.id, r.seq, dict(r.rollback)) for r in found])
     rollback = salvaged.rollback if salvaged else {}
     numbers = [r.cycle for r in found] + store.segments()
-    numbers += [n for p in (work_dir / "models").glob("cycle-*") if (n := _number(p.name)) is not None]
+    numbers += [n for p in WorkDir(work_dir).models.glob("cycle-*") if (n := cycle_number(p.name)) is not None]
     newest = found[0] if found else None
     state = CycleState.genesis(
         Pipeline.new(*store.identity),
@@ -185,8 +188,3 @@ def _legacy(store: StateStore) -> Receipt | None:
         )
     except (ValidationError, KeyError, TypeError):
         return None
-
-
-def _number(name: str) -> int | None:
-    match = re.fullmatch(r"cycle-(\d{4,9})", name)
-    return int(match.group(1)) if match else None

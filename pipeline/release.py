@@ -44,7 +44,7 @@ def release(
     """Signs the accepted model with its SLSA attestation, makes it the model the next cycle starts from, and
     registers it in MLflow as the `champion`. A released model directory is never overwritten."""
     config = cycle.config
-    directory = config.output.work_dir / "models" / f"cycle-{cycle.number:04d}"
+    directory = config.output.paths.model(cycle.number)
     if directory.exists() or directory.is_symlink():
         raise CycleAbortedError(f"{directory} already holds a released model; it is never overwritten", "release")
     data_dirs = {m.manifest_sha256: m.data_dir for m in intake.manifests}

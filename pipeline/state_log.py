@@ -21,7 +21,6 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -41,6 +40,7 @@ from trainguard.pipeline.cycle_state import (
     apply,
 )
 from trainguard.pipeline.errors import ForeignStateError, StaleStateError, StateError, TamperedStateError
+from trainguard.pipeline.workdir import cycle_name, cycle_number
 from trainguard.provenance.dsse import Envelope, sign_envelope, verify_envelope
 from trainguard.provenance.errors import ProvenanceError
 from trainguard.provenance.keys import SigningKey
@@ -49,7 +49,6 @@ STATE_PAYLOAD_TYPE = "application/vnd.trainguard.cycle-state+json"
 ENTRY_PAYLOAD_TYPE = "application/vnd.trainguard.cycle-event+json"
 HEAD_LIMIT = 64 * 1024 * 1024
 SEGMENT_LIMIT = 8 * 1024 * 1024 * 1024
-_SEGMENT = re.compile(r"cycle-(\d{4,9})\.jsonl")
 _HEAD_EXCLUDE: Any = {"pending": True, "reusable_shards": True, "evidence": True, "cycles": {"__all__": {"shards"}}}
 
 
@@ -105,8 +104,7 @@ class Entry:
 
 def segment_number(name: str) -> int | None:
     """The cycle number of a segment file name, or None for any other name."""
-    match = _SEGMENT.fullmatch(name)
-    return int(match.group(1)) if match else None
+    return cycle_number(name, ".jsonl")
 
 
 class StateStore:
@@ -131,7 +129,7 @@ class StateStore:
         return self.path.exists() or self.path.is_symlink()
 
     def segment(self, cycle: int) -> Path:
-        return self.log_dir / f"cycle-{cycle:04d}.jsonl"
+        return self.log_dir / f"{cycle_name(cycle)}.jsonl"
 
     def segments(self) -> list[int]:
         """The cycle numbers of the segment files in the log folder (names only: their content is not read)."""

@@ -12,6 +12,7 @@ from trainguard.pipeline.commands import PATH
 
 if TYPE_CHECKING:
     from trainguard.pipeline.cycle_state import SourceAction
+    from trainguard.pipeline.workdir import WorkDir
 
 
 @click.command()
@@ -21,13 +22,13 @@ def status(config: Path, last: int) -> None:
     """The last cycles (decision, reason, model), the accepted model, and where state and reports are."""
     loaded, store = _store(config)
     state = store.load()
-    _cycles(state.cycles[-last:], loaded.output.work_dir, interrupted=state.current is not None and _unlocked(store))
+    _cycles(state.cycles[-last:], loaded.output.paths, interrupted=state.current is not None and _unlocked(store))
     accepted = state.accepted_model
     click.echo(f"accepted model: {accepted.path if accepted else 'none yet'}")
     for namespace, entry in sorted(state.rollback.items()):
         click.echo(f"anti-rollback: {namespace} at version {entry.version}")
     click.echo(f"cycle state (signed; also holds the manifests' anti-rollback records): {loaded.output.state_path}")
-    click.echo(f"reports: {loaded.output.work_dir / 'reports'}; models: {loaded.output.work_dir / 'models'}")
+    click.echo(f"reports: {loaded.output.paths.reports}; models: {loaded.output.paths.models}")
 
 
 @click.command()
@@ -36,7 +37,7 @@ def history(config: Path) -> None:
     """Every cycle of the config's state, with its shard decisions."""
     loaded, store = _store(config)
     records = store.history()
-    _cycles(records, loaded.output.work_dir)
+    _cycles(records, loaded.output.paths)
     for record in records:
         refused = [d for d in record.shards if not d.accepted]
         click.echo(f"cycle {record.cycle}: {len(record.shards) - len(refused)} shards accepted, {len(refused)} refused")
@@ -110,12 +111,12 @@ def _unlocked(store: Any) -> bool:
         return False
 
 
-def _cycles(records: Any, work_dir: Path, *, interrupted: bool = False) -> None:
+def _cycles(records: Any, paths: WorkDir, *, interrupted: bool = False) -> None:
     """A table of `records`; the last one, when `interrupted`, says so and how to go on."""
     from trainguard.pipeline.console import rows_table
 
     def model(record: Any) -> str:
-        released = work_dir / "models" / f"cycle-{record.cycle:04d}"
+        released = paths.model(record.cycle)
         if record.status == "accepted" and released.is_dir():
             return str(released)
         return f"{record.candidate.path} (not released)" if record.candidate else "-"

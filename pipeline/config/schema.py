@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from trainguard.pipeline.config.binding import bound_init_args
+from trainguard.pipeline.workdir import WorkDir
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 """MLflow 3's own default store: what `mlflow ui` opens, `trainguard load-model` reads and the cycle writes."""
@@ -425,7 +426,12 @@ class OutputSection(_Section):
 
     @property
     def state_path(self) -> Path:
-        return self.state_file or self.work_dir / "state.json"
+        return self.state_file or self.paths.state
+
+    @property
+    def paths(self) -> WorkDir:
+        """Every path the cycle builds under `work_dir`."""
+        return WorkDir(self.work_dir)
 
     @property
     def attestation_key_path(self) -> Path:

@@ -187,7 +187,7 @@ def test_a_newer_manifest_put_in_place_after_screening_is_never_read(
 ) -> None:
     """Training reads through the statements the intake verified: a validly signed newer manifest that adds an
     unscreened shard, swapped in between screening and training, contributes nothing."""
-    import trainguard.pipeline.cycle as cycle_module
+    import trainguard.pipeline.cycle.orchestration as cycle_module
 
     data = workdir / "demo-work" / "data"
     manifest = data / "train.manifest.json"

@@ -1,0 +1,115 @@
+"""What a cycle leaves besides its state: the headline numbers, DVC's metrics file and plot data, and what it logs to
+MLflow (verification tags and metrics, the decision table, the plots)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from trainguard.files import atomic_write
+from trainguard.pipeline import plots
+from trainguard.pipeline.attestation import git_resource
+from trainguard.pipeline.cycle_report import refusals
+from trainguard.pipeline.cycle_state import HeldoutRecord, ShardDecision
+from trainguard.pipeline.intake import Intake
+from trainguard.pipeline.running_cycle import RunningCycle
+from trainguard.pipeline.tracking import CycleTracker, TrackedRun, cycle_tags
+from trainguard.pipeline.training import TrainingResult
+
+CHECKS = ("verify", "validate", "limits", "roni")
+"""The checks that refuse shards, each with a `shards/refused_<check>` metric even when it refused none (stable
+columns for `dvc exp show`); a check not listed here gets its metric when it refuses something."""
+DECISIONS_TABLE = "shards/decisions.json"
+
+
+def _tracking_status(tracker: CycleTracker) -> str:
+    if tracker.offline:
+        return f"MLflow unreachable ({tracker.offline_reason}); decisions kept in the local report and state"
+    return f"logged to MLflow at {tracker.uri}"
+
+
+def _headline(cycle: RunningCycle, result: TrainingResult, screening_seconds: float, status: str) -> dict[str, float]:
+    """The cycle's numbers, named alike in MLflow, the JSON report and DVC's metrics file: clean and robust
+    held-out accuracy, shards offered, accepted and refused by check, and the screening's error level and time."""
+    shards = cycle.record.shards
+    refused = refusals(shards)
+    metrics = {
+        "cycle/number": float(cycle.number),
+        "cycle/accepted": float(status == "accepted"),
+        "val/acc": result.verdict.after.accuracy,
+        "gate/accuracy_before": result.verdict.before.accuracy,
+        **{f"{plots.ROBUST_PREFIX}{eps}": acc for eps, acc in result.robust_accuracy.items()},
+        "shards/offered": float(len(shards)),
+        "shards/accepted": float(len(shards) - sum(refused.values())),
+        "shards/refused": float(sum(refused.values())),
+        **{f"shards/refused_{check}": float(refused.get(check, 0)) for check in (*CHECKS, *refused)},
+        "roni/seconds": screening_seconds,
+    }
+    if result.gradient_masking is not None:
+        metrics["val/gradient_masking"] = float(bool(result.gradient_masking["flagged"]))
+    if cycle.config.roni.enabled:
+        metrics["roni/level"] = cycle.config.roni.level
+    return {name: value for name, value in metrics.items() if value == value}  # NaN (not measured) left out
+
+
+def _decision_table(shards: Sequence[ShardDecision]) -> dict[str, list[Any]]:
+    """Every shard decision of the cycle, one column per ShardDecision field."""
+    columns = list(ShardDecision.model_fields)
+    rows = [d.model_dump(mode="json") for d in shards]
+    return {column: [row[column] for row in rows] for column in columns}
+
+
+def _write_dvc_outputs(cycle: RunningCycle, result: TrainingResult, headline: dict[str, float]) -> dict[str, list[Any]]:
+    """Writes DVC's metrics file and the cycle's plot data (`plots/<name>.json`); returns the plot rows by name."""
+    paths = cycle.config.output.paths
+    atomic_write(paths.metrics, (json.dumps(headline, indent=2, sort_keys=True) + "\n").encode())
+    rows = {
+        "robust_accuracy": plots.robust_rows(result.robust_accuracy),
+        "gate_classes": plots.gate_rows(result.verdict.before, result.verdict.after),
+        "cycles": plots.cycle_rows(cycle.state.cycles),
+    }
+    for name, data in rows.items():
+        atomic_write(paths.plot(name), (json.dumps(data, indent=1) + "\n").encode())
+    return rows
+
+
+def _log_plots(parent: TrackedRun, rows: dict[str, list[Any]], prior: HeldoutRecord | None, number: int) -> None:
+    """The same plots as figures in MLflow (`plots/<name>.png`), drawn only when there is a run to log them to."""
+    if not parent.active:
+        return
+    import matplotlib.pyplot as plt
+
+    last = plots.robust_rows(prior.robust_accuracy) if prior is not None else []
+    figures = {
+        "robust_accuracy": plots.robust_figure(rows["robust_accuracy"], last, number),
+        "gate_classes": plots.gate_figure(rows["gate_classes"]),
+        "cycles": plots.cycles_figure(rows["cycles"]),
+    }
+    for name, figure in figures.items():
+        parent.log_figure(figure, f"plots/{name}.png")
+        plt.close(figure)
+
+
+def _log_verification(cycle: RunningCycle, intake: Intake, parent: TrackedRun, stage: TrackedRun) -> None:
+    digests = {m.manifest.dataset: m.manifest_sha256 for m in intake.manifests}
+    commit = git_resource(Path.cwd())
+    tags = cycle_tags(commit.digest.get("gitCommit") if commit else None, digests, intake.signer_keyids)
+    parent.set_tags(tags)
+    stage.set_tags(tags)
+    stage.log_metrics(
+        {
+            "verify/manifests": len(intake.manifests),
+            "verify/shards": sum(r.shards for r in intake.reports),
+            "verify/bytes": sum(r.bytes_checked for r in intake.reports),
+            "verify/refused": len(intake.refused),
+        }
+    )
+    parent.log_datasets(intake.reports, context="training")
+    cycle.report["verification"] = {
+        "manifests": [r.to_dict() for r in intake.reports],
+        "signers": list(intake.signer_keyids),
+        "refused": [d.model_dump() for d in intake.refused],
+    }
+    cycle.step("verification")
