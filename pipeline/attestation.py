@@ -71,7 +71,7 @@ class CycleFacts:
     state: Mapping[str, Any] = field(default_factory=dict)  # the signed state's link: pipeline, cycle, seq, link
 
 
-def read_log_resource(path: Path, sha256: str, entries: int) -> Resource:
+def read_log_resource(path: str | Path, sha256: str, entries: int) -> Resource:
     """The training read log, written beside the cycle's report, as an attested byproduct."""
     return Resource(Path(path).resolve().as_uri(), {"sha256": sha256}, "read-log", {"entries": entries})
 

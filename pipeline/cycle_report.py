@@ -1,5 +1,13 @@
 """The cycle's local report: one JSON file per cycle and the latest as `report.json` (DVC's metrics file), written
-before anything is sent to MLflow, so the local record never depends on the tracking server."""
+before anything is sent to MLflow, so the local record never depends on the tracking server.
+
+Its structure is `CycleReportDict` (the sections below, `TypedDict`s: JSON as written, the keys of a section that is
+not always written `NotRequired`), so where a shard or source is refused reads off the types: `verification.refused`
+(signature or digest), `validation` (schema), `limits` (source caps), `detection.rejected` (reject-source) and
+`detection.quarantined_rows` (rows), `roni.decisions` / `roni.sources` (RONI), `copied_rows` (rows shared across
+sources), then `gate` (the model) and `source_lines` (all of it in words). Sections made by `trainguard.defenses` and
+`trainguard.provenance` (`to_dict` of their reports, plain dicts there) enter the report through the `*_section`
+functions here, which declare their shape without changing a value."""
 
 from __future__ import annotations
 
@@ -7,14 +15,303 @@ import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NotRequired, TypedDict, cast
 
 from trainguard.files import atomic_write
 from trainguard.pipeline.cycle_state import ShardDecision
 from trainguard.pipeline.workdir import WorkDir
 
+if TYPE_CHECKING:
+    from trainguard.defenses.detectors import Detections
+    from trainguard.defenses.gate import GateVerdict
+    from trainguard.defenses.margin import SourceMargin
+    from trainguard.defenses.roni import ScreeningReport
 
-def write_report(work_dir: Path, cycle: int, report: dict[str, Any]) -> tuple[Path, str]:
+
+class TaskReport(TypedDict):
+    """The task the cycle trained for and what its `accuracy` means."""
+
+    kind: str
+    accuracy_is: str
+
+
+class ShardDecisionRow(TypedDict):
+    """One `ShardDecision` as JSON (`model_dump()`): which check refused or accepted the shard, and why."""
+
+    shard: str
+    sha256: str
+    source: str
+    accepted: bool
+    check: str
+    reason: str
+
+
+class VerificationSection(TypedDict):
+    """The intake: each manifest's verification (`provenance.verify.VerificationReport.to_dict`, the format of
+    `trainguard data verify --json`), the signers' key ids and the shards refused by `verify`."""
+
+    manifests: list[dict[str, Any]]
+    signers: list[str]
+    refused: list[ShardDecisionRow]
+
+
+class SourceFindingRow(TypedDict):
+    """One source's figures from one detector (`defenses.findings.SourceFinding`)."""
+
+    source: str
+    rows: int
+    flagged_rows: int
+    fraction: float
+    expected: float
+    p_value: float
+    q_value: float
+    flagged: bool
+
+
+class DetectorSummary(TypedDict):
+    """One detector's findings (`defenses.findings.Findings.summary`)."""
+
+    detector: str
+    rows: int
+    flagged_rows: int
+    clean_rate: float
+    reference_rows: int
+    alpha: float
+    flagged_sources: list[str]
+    sources: list[SourceFindingRow]
+
+
+class DetectionSection(TypedDict):
+    """The row-level detectors, in one of three shapes: `{"enabled": False}` when they are off; `action` and
+    `shards` (0) when no shard was left to examine; else everything below, `flagged_sources`, `flagged_rows` (a
+    count) and `detectors` from `defenses.detectors.Detections.to_dict`. `quarantined_rows` (shard key -> rows) are
+    the rows training skips (action `quarantine-rows`), `rejected` the shards refused (`reject-source`)."""
+
+    enabled: NotRequired[bool]
+    action: NotRequired[str]
+    shards: NotRequired[int]
+    rows: NotRequired[int]
+    reference_rows: NotRequired[int]
+    flagged_sources: NotRequired[list[str]]
+    flagged_rows: NotRequired[int]
+    detectors: NotRequired[dict[str, DetectorSummary]]
+    flagged: NotRequired[dict[str, list[int]]]
+    quarantined_rows: NotRequired[dict[str, list[int]]]
+    rejected: NotRequired[list[ShardDecisionRow]]
+
+
+class Quantiles(TypedDict):
+    median: float
+    q90: float
+    q99: float
+    max: float
+
+
+class CalibrationStratum(TypedDict):
+    """One stratum of RONI's calibration: its draws' size and class counts, and their impacts' and scores' spread."""
+
+    size: int
+    counts: list[int] | None
+    draws: int
+    impact_quantiles: Quantiles
+    score_quantiles: Quantiles
+
+
+class LrProbe(TypedDict):
+    """A learning rate RONI's "auto" probe tried, with its poisoned draws' separation (None: unstable, or not
+    measured)."""
+
+    lr: float
+    separation: float | None
+
+
+class CandidateDecisionRow(TypedDict):
+    """RONI's test of one shard (`defenses.roni.CandidateDecision`; non-finite numbers as None)."""
+
+    name: str
+    source: str
+    size: int
+    impact: float
+    class_impacts: list[float | None]
+    score: float | None
+    p_value: float
+    source_p_value: float | None
+    adjusted_p_value: float
+    calibration_size: int
+    accepted: bool
+    reason: str
+
+
+class SourceDecisionRow(TypedDict):
+    """RONI's test of one source as a whole (`defenses.roni.SourceDecision`; non-finite numbers as None): `flagged`
+    refuses every shard of the source this cycle."""
+
+    source: str
+    shards: Sequence[str]
+    rows: int
+    union_impact: float | None
+    union_p_value: float | None
+    combined_p_value: float
+    earlier: int
+    p_value: float
+    adjusted_p_value: float
+    flagged: bool
+    reason: str
+    evidence: Sequence[float]
+    class_impacts: list[float | None]
+
+
+class MarginRow(TypedDict):
+    """The margin check of one source (`defenses.margin.SourceMargin`); `flagged` is for review, not a refusal."""
+
+    source: str
+    count: int
+    median_margin: float
+    population_median: float
+    p_value: float
+    flagged: bool
+    reason: str
+
+
+class RoniSection(TypedDict):
+    """RONI's screening, absent when it is disabled; `{"candidates": 0}` when no new shard was left to screen, else
+    its report (`level` to `sources`: `defenses.roni.ScreeningReport.to_dict`, with each shard's test in `decisions`
+    and each source's in `sources`), the files it wrote, the margin check (rows, or why it was skipped) and the
+    sources flagged (every shard refused) or flagged for review."""
+
+    candidates: NotRequired[int]
+    level: NotRequired[float]
+    error_control: NotRequired[str]
+    combination: NotRequired[str]
+    calibration: NotRequired[list[CalibrationStratum]]
+    base_soft_accuracy: NotRequired[float]
+    seconds: NotRequired[float]
+    scope: NotRequired[str]
+    head: NotRequired[str | None]
+    lr: NotRequired[float]
+    lr_probe: NotRequired[list[LrProbe]]
+    chunk_size: NotRequired[int | None]
+    config: NotRequired[dict[str, Any]]
+    decisions: NotRequired[list[CandidateDecisionRow]]
+    sources: NotRequired[list[SourceDecisionRow]]
+    local_report: NotRequired[str]
+    plot: NotRequired[str]
+    margin: NotRequired[list[MarginRow] | str]
+    flagged_sources: NotRequired[list[str]]
+    flagged_for_review: NotRequired[list[str]]
+
+
+class ReadLogSection(TypedDict):
+    """The training read log: where it is written, its digest and how many reads it records."""
+
+    path: str
+    sha256: str
+    entries: int
+
+
+class TrainingSection(TypedDict):
+    """Training: its adversarial method, last metrics, robust accuracy per eps, what it read and the rows it
+    skipped (shard key -> rows); the gradient-masking check and each attack's cost only when they ran."""
+
+    adversarial: str
+    metrics: dict[str, float]
+    robust_accuracy: dict[str, float]
+    gradient_masking: NotRequired[dict[str, object]]
+    robust_cost: NotRequired[dict[str, dict[str, float]]]
+    read_log: ReadLogSection
+    excluded_rows: dict[str, list[int]]
+
+
+class HeldoutMetricsDict(TypedDict):
+    """`defenses.heldout.HeldoutMetrics.to_dict`."""
+
+    loss: float
+    accuracy: float
+    class_loss: list[float]
+    class_accuracy: list[float]
+
+
+class GateSection(TypedDict):
+    """The gate's verdict on the model (`defenses.gate.GateVerdict.to_dict`), `accepted` and `reason` after the
+    config's accuracy floors too."""
+
+    accepted: bool
+    reason: str
+    before: HeldoutMetricsDict
+    after: HeldoutMetricsDict
+
+
+class ModelSection(TypedDict):
+    """The released model: its directory, the signed files' digests, its attestation and registered version."""
+
+    dir: str
+    digests: dict[str, str]
+    attestation: str
+    registered_version: str | None
+
+
+class StateLink(TypedDict):
+    """The signed state's link the report was written under."""
+
+    pipeline: str
+    seq: int
+    link: str
+
+
+class CycleReportDict(TypedDict):
+    """The cycle's report (`report.json`), in the order its sections are written; a section is absent when the
+    cycle ended (`status` `failed`, with `reason` and `failed_check`) before it."""
+
+    cycle: int
+    config: str
+    config_sha256: str
+    task: TaskReport
+    verification: NotRequired[VerificationSection]
+    validation: NotRequired[list[ShardDecisionRow]]
+    limits: NotRequired[list[ShardDecisionRow]]
+    detection: NotRequired[DetectionSection]
+    roni: NotRequired[RoniSection]
+    allow_list: NotRequired[list[dict[str, str]]]
+    copied_rows: NotRequired[dict[str, list[int]]]
+    training: NotRequired[TrainingSection]
+    gate: NotRequired[GateSection]
+    model: NotRequired[ModelSection]
+    source_lines: NotRequired[list[str]]
+    status: NotRequired[str]
+    reason: NotRequired[str]
+    failed_check: NotRequired[str]
+    metrics: NotRequired[dict[str, float]]
+    model_dir: NotRequired[str | None]
+    tracking: NotRequired[str]
+    state: NotRequired[StateLink]
+
+
+def decision_rows(decisions: Sequence[ShardDecision]) -> list[ShardDecisionRow]:
+    """The decisions as the report lists them (`model_dump()`)."""
+    return [cast(ShardDecisionRow, d.model_dump()) for d in decisions]
+
+
+def detections_section(detections: Detections) -> DetectionSection:
+    """The detectors' findings (`flagged_sources`, `flagged_rows`, `detectors`) as the detection section holds them."""
+    return cast(DetectionSection, detections.to_dict())
+
+
+def screening_section(screening: ScreeningReport) -> RoniSection:
+    """RONI's report (`level` to `sources`) as the roni section holds it."""
+    return cast(RoniSection, screening.to_dict())
+
+
+def margin_rows(margins: Sequence[SourceMargin]) -> list[MarginRow]:
+    """The margin check's sources as the report's roni section lists them (`vars`)."""
+    return [cast(MarginRow, vars(m)) for m in margins]
+
+
+def gate_section(verdict: GateVerdict, accepted: bool, reason: str) -> GateSection:
+    """The gate's verdict with the cycle's decision (`accepted`, `reason`) after the accuracy floors."""
+    return {**cast(GateSection, verdict.to_dict()), "accepted": accepted, "reason": reason}
+
+
+def write_report(work_dir: Path, cycle: int, report: CycleReportDict) -> tuple[Path, str]:
     """Writes the report atomically, as `reports/cycle-NNNN.json` and as the latest `report.json`; returns the
     first and the SHA-256 of the bytes written."""
     text = (json.dumps(report, indent=2, sort_keys=True, default=str) + "\n").encode()

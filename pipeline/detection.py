@@ -31,6 +31,7 @@ from trainguard.defenses.features import head_features, split_head
 from trainguard.defenses.label_issues import LabelIssuesConfig
 from trainguard.defenses.spectral import SpectralConfig
 from trainguard.pipeline.config import DetectorsSection
+from trainguard.pipeline.cycle_report import DetectionSection, decision_rows, detections_section
 from trainguard.pipeline.cycle_state import CycleState, ShardDecision
 from trainguard.pipeline.intake import SignedShard
 from trainguard.pipeline.tracking import TrackedRun
@@ -44,7 +45,7 @@ class DetectionOutcome:
 
     rejected: tuple[ShardDecision, ...]
     excluded_rows: Mapping[str, tuple[int, ...]]
-    report: dict[str, Any]
+    report: DetectionSection
     metrics: dict[str, float]
     evidence: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
 
@@ -129,16 +130,20 @@ def run_detection(
         "detection/rejected_shards": float(len(rejected)),
     }
     stage.log_metrics(metrics)
-    report = {
+    report: DetectionSection = {
         "action": section.action,
         "shards": len(pool),
         "rows": len(owners),
         "reference_rows": offset,
-        **detections.to_dict(),
-        "flagged": {k: list(v) for k, v in sorted(flagged.items())},
-        "quarantined_rows": {k: list(v) for k, v in excluded.items()},
-        "rejected": [d.model_dump() for d in rejected],
     }
+    report.update(detections_section(detections))
+    report.update(
+        {
+            "flagged": {k: list(v) for k, v in sorted(flagged.items())},
+            "quarantined_rows": {k: list(v) for k, v in excluded.items()},
+            "rejected": decision_rows(rejected),
+        }
+    )
     return DetectionOutcome(tuple(rejected), excluded, report, metrics, roni_evidence(detections))
 
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from trainguard.pipeline.config import CycleConfig
-from trainguard.pipeline.cycle_report import write_report
+from trainguard.pipeline.cycle_report import CycleReportDict, write_report
 from trainguard.pipeline.cycle_state import CycleRecord, CycleState, ShardDecision
 from trainguard.pipeline.distributed import Meeting
 from trainguard.pipeline.errors import StateError
@@ -20,7 +19,7 @@ from trainguard.pipeline.tracking import CycleTracker
 
 @dataclass
 class RunningCycle:
-    """The mutable context of one running cycle: config, persisted state and tracking."""
+    """The mutable context of one running cycle: config, persisted state, tracking and the report it builds."""
 
     config: CycleConfig
     config_path: Path
@@ -28,8 +27,9 @@ class RunningCycle:
     store: StateStore
     state: CycleState
     tracker: CycleTracker
-    report: dict[str, Any]
     meeting: Meeting = field(default_factory=lambda: Meeting(None))
+    report: CycleReportDict = field(init=False)
+    """The report this cycle builds, section by section (set as the cycle starts, when its number is known)."""
 
     @property
     def number(self) -> int:

@@ -7,8 +7,9 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from typing import Any, TypeGuard
+from typing import TypeGuard
 
+from trainguard.pipeline.cycle_report import CycleReportDict, DetectionSection, RoniSection
 from trainguard.pipeline.cycle_state import ShardDecision
 
 DETECTOR_WORDS = {
@@ -43,7 +44,7 @@ CHECK_WORDS = {
 }
 
 
-def source_lines(shards: Sequence[ShardDecision], report: Mapping[str, Any]) -> tuple[str, ...]:
+def source_lines(shards: Sequence[ShardDecision], report: CycleReportDict) -> tuple[str, ...]:
     """One line per source with a refused shard this cycle (then per source with rows left out of training), from
     the cycle's decisions and the report's detection, RONI and row sections."""
     offered: dict[str, list[ShardDecision]] = defaultdict(list)
@@ -72,7 +73,7 @@ def _evidence(
     source: str,
     refused: Sequence[ShardDecision],
     detected: Mapping[str, list[str]],
-    roni: Mapping[str, Any],
+    roni: RoniSection,
 ) -> str:
     mine = [d for d in refused if d.check == check]
     if check in ("roni", "detection"):
@@ -88,7 +89,7 @@ def _evidence(
     return f"{words}: {reason}{more}"
 
 
-def _detector_findings(detection: Mapping[str, Any]) -> dict[str, list[str]]:
+def _detector_findings(detection: DetectionSection) -> dict[str, list[str]]:
     """Per source, a phrase for each detector that flagged it: '<detector>: 85 of 90 rows look mislabelled'."""
     found: dict[str, list[str]] = defaultdict(list)
     for name, summary in detection.get("detectors", {}).items():
@@ -101,7 +102,7 @@ def _detector_findings(detection: Mapping[str, Any]) -> dict[str, list[str]]:
     return found
 
 
-def _roni_words(source: str, refused: Sequence[ShardDecision], roni: Mapping[str, Any]) -> str:
+def _roni_words(source: str, refused: Sequence[ShardDecision], roni: RoniSection) -> str:
     """RONI's clearest figure: the largest drop of the held-out margin (a class's, else overall) that fine-tuning on
     the source's shards caused, with the p-value that decided."""
     judged = next((s for s in roni.get("sources", ()) if s["source"] == source and s["flagged"]), None)
@@ -134,7 +135,7 @@ def _finite(value: float | None) -> TypeGuard[float]:
     return value is not None and math.isfinite(value)
 
 
-def _rows_left_out(shards: Sequence[ShardDecision], report: Mapping[str, Any]) -> dict[str, str]:
+def _rows_left_out(shards: Sequence[ShardDecision], report: CycleReportDict) -> dict[str, str]:
     """Per source still trained on, the rows training skips in words: flagged by the detectors (quarantine-rows) or
     copied from another source's shard."""
     source_of = {d.shard: d.source for d in shards if d.accepted}

@@ -33,6 +33,7 @@ from trainguard.pipeline.cycle.stages import (
     _screen,
     _screen_inputs,
 )
+from trainguard.pipeline.cycle_report import TrainingSection, gate_section
 from trainguard.pipeline.distributed import Meeting, Stopped, follow, join, launch_from_env
 from trainguard.pipeline.errors import CycleAbortedError
 from trainguard.pipeline.intake import feature_columns, verify_and_read
@@ -86,7 +87,7 @@ def _lead(config: CycleConfig, config_path: Path, reinit: bool, force: bool, mee
         tracker = CycleTracker.connect(
             config.tracking.experiment_name, config.tracking.registered_model_name, config.tracking.uri
         )
-        cycle = RunningCycle(config, config_path, config_sha256, store, state, tracker, {}, meeting)
+        cycle = RunningCycle(config, config_path, config_sha256, store, state, tracker, meeting)
         cycle.report = {
             "cycle": cycle.number,
             "config": str(config_path),
@@ -101,7 +102,7 @@ def _lead(config: CycleConfig, config_path: Path, reinit: bool, force: bool, mee
             except Exception as error:  # any failure ends the cycle as `failed`, recorded, with a one-line reason
                 aborted = _aborted(error)
                 cycle.state = store.update(cycle.state.fail(str(aborted)))
-                cycle.report.update(status="failed", reason=str(aborted), failed_check=aborted.check)
+                cycle.report.update({"status": "failed", "reason": str(aborted), "failed_check": aborted.check})
                 cycle.write_report()
                 parent.finish("failed", str(aborted), name=f"{run_name}-failed")
                 if aborted is error:
@@ -181,21 +182,24 @@ def _run(cycle: RunningCycle, parent: TrackedRun) -> CycleOutcome:
         read_log = _checked_read_log(cycle, allow, result)
         trained = _refused_at_read(cycle, intake, allow, result)
         cycle.step("training", result.metrics)
-        cycle.report["training"] = {
+        training_section: TrainingSection = {
             "adversarial": result.adversarial,
             "metrics": result.metrics,
             "robust_accuracy": result.robust_accuracy,
-            **({"gradient_masking": result.gradient_masking} if result.gradient_masking is not None else {}),
-            **({"robust_cost": result.robust_cost} if result.robust_cost is not None else {}),
             "read_log": read_log,
             "excluded_rows": {key: list(rows) for key, rows in sorted(plan.excluded_rows.items())},
         }
+        if result.gradient_masking is not None:
+            training_section["gradient_masking"] = result.gradient_masking
+        if result.robust_cost is not None:
+            training_section["robust_cost"] = result.robust_cost
+        cycle.report["training"] = training_section
     with parent.stage("gate") as stage:
         accepted_model, reason = _judge(config, result)
         stage.log_metrics({"gate/accuracy_before": result.verdict.before.accuracy})
         stage.log_metrics({"gate/accuracy_after": result.verdict.after.accuracy})
         stage.set_tags({"trainguard.gate": "accepted" if accepted_model else "rejected", "trainguard.reason": reason})
-        cycle.report["gate"] = {**result.verdict.to_dict(), "accepted": accepted_model, "reason": reason}
+        cycle.report["gate"] = gate_section(result.verdict, accepted_model, reason)
         example = holdout.x[:5].numpy()
         model_dir = release(cycle, model, intake, trained, result, parent, example) if accepted_model else None
         if not accepted_model:
@@ -204,12 +208,14 @@ def _run(cycle: RunningCycle, parent: TrackedRun) -> CycleOutcome:
     headline = _headline(cycle, result, screening_seconds, status)
     lines = source_lines(cycle.record.shards, cycle.report)
     cycle.report.update(
-        source_lines=list(lines),
-        status=status,
-        reason=reason,
-        metrics=headline,
-        model_dir=str(model_dir) if model_dir else None,
-        tracking=_tracking_status(cycle.tracker),
+        {
+            "source_lines": list(lines),
+            "status": status,
+            "reason": reason,
+            "metrics": headline,
+            "model_dir": str(model_dir) if model_dir else None,
+            "tracking": _tracking_status(cycle.tracker),
+        }
     )
     report = cycle.write_report()  # before any upload: the local record never waits on the server
     rows = _write_dvc_outputs(cycle, result, headline)

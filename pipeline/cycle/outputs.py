@@ -11,7 +11,7 @@ from typing import Any
 from trainguard.files import atomic_write
 from trainguard.pipeline import plots
 from trainguard.pipeline.attestation import git_resource
-from trainguard.pipeline.cycle_report import refusals
+from trainguard.pipeline.cycle_report import decision_rows, refusals
 from trainguard.pipeline.cycle_state import HeldoutRecord, ShardDecision
 from trainguard.pipeline.intake import Intake
 from trainguard.pipeline.running_cycle import RunningCycle
@@ -110,6 +110,6 @@ def _log_verification(cycle: RunningCycle, intake: Intake, parent: TrackedRun, s
     cycle.report["verification"] = {
         "manifests": [r.to_dict() for r in intake.reports],
         "signers": list(intake.signer_keyids),
-        "refused": [d.model_dump() for d in intake.refused],
+        "refused": decision_rows(intake.refused),
     }
     cycle.step("verification")

@@ -3,11 +3,10 @@ log checked against it before anything is signed."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from trainguard.files import atomic_write
 from trainguard.pipeline.config import CycleConfig
 from trainguard.pipeline.cycle.stages import _decoders
+from trainguard.pipeline.cycle_report import ReadLogSection
 from trainguard.pipeline.errors import CycleAbortedError
 from trainguard.pipeline.intake import Intake, refusal
 from trainguard.pipeline.plan import TrainingPlan
@@ -45,7 +44,7 @@ def _allow_list(cycle: RunningCycle, intake: Intake) -> AllowList:
     return AllowList.of(s.allowed for s in (*chosen, *intake.holdout))
 
 
-def _checked_read_log(cycle: RunningCycle, allow: AllowList, result: TrainingResult) -> dict[str, Any]:
+def _checked_read_log(cycle: RunningCycle, allow: AllowList, result: TrainingResult) -> ReadLogSection:
     """Writes what training read, then refuses the cycle unless it is exactly the allow-list less the shards
     training refused at read (`result.refused`, changed after intake), before signing."""
     path = cycle.config.output.paths.read_log(cycle.number)

@@ -14,6 +14,7 @@ from trainguard.defenses.heldout import HeldoutMetrics, LabeledData
 from trainguard.defenses.task import Task
 from trainguard.pipeline import console
 from trainguard.pipeline.config import CycleConfig
+from trainguard.pipeline.cycle_report import RoniSection, decision_rows, margin_rows, screening_section
 from trainguard.pipeline.cycle_state import ShardDecision
 from trainguard.pipeline.errors import CycleAbortedError
 from trainguard.pipeline.holdout_split import split_holdout
@@ -55,8 +56,8 @@ def _screen_inputs(cycle: RunningCycle, intake: Intake, stage: TrackedRun) -> li
     kept, invalid, capped = admit(intake, config)
     cycle.decide([*invalid, *capped])
     stage.log_metrics({"validate/quarantined": len(invalid), "limits/refused": len(capped)})
-    cycle.report["validation"] = [d.model_dump() for d in invalid]
-    cycle.report["limits"] = [d.model_dump() for d in capped]
+    cycle.report["validation"] = decision_rows(invalid)
+    cycle.report["limits"] = decision_rows(capped)
     new = []
     reused = []
     signers = {m.manifest_sha256: m.key_set.label for m in intake.manifests}
@@ -200,14 +201,18 @@ def _screen(
         margins = check_margins(model, torch.as_tensor(rows.inputs, dtype=torch.float32), sources, task=task)
     for_review = [m for m in margins if m.flagged]
     stage.set_tags({f"trainguard.margin.{m.source}": m.reason[:4000] for m in for_review})
-    cycle.report["roni"] = {
-        **screening.to_dict(),
-        "local_report": str(files.json_path),
-        "plot": str(files.plot_path),
-        "margin": [vars(m) for m in margins] if skipped is None else skipped,
-        "flagged_sources": sorted(flagged),
-        "flagged_for_review": [m.source for m in for_review],
-    }
+    roni: RoniSection = {}
+    roni.update(screening_section(screening))
+    roni.update(
+        {
+            "local_report": str(files.json_path),
+            "plot": str(files.plot_path),
+            "margin": margin_rows(margins) if skipped is None else skipped,
+            "flagged_sources": sorted(flagged),
+            "flagged_for_review": [m.source for m in for_review],
+        }
+    )
+    cycle.report["roni"] = roni
     cycle.step(
         "screening",
         {"roni/rejected": float(len(screening.rejected)), "roni/flagged_sources": float(len(flagged))},

@@ -9,9 +9,11 @@ import json
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, is_typeddict
 
 import mlflow
 import pytest
@@ -21,6 +23,7 @@ from digits_demo.prepare import prepare_digits
 from digits_demo.threats import poison_shards, tamper_file
 
 from trainguard.pipeline.cycle import run_cycle
+from trainguard.pipeline.cycle_report import CycleReportDict
 from trainguard.pipeline.errors import CycleAbortedError, PreflightError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,6 +35,44 @@ def _config(workdir: Path, config: dict[str, Any]) -> Path:
     path = workdir / "cycle.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def _mismatches(value: Any, hint: Any, where: str = "report") -> list[str]:
+    """Where `value` (a report read back from JSON) departs from its declared type `hint`: a key missing, one not
+    declared, or a value of another type (a JSON number may be an int where a float is declared)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint in (Any, object):
+        return []
+    if is_typeddict(hint):
+        if not isinstance(value, dict):
+            return [f"{where}: {type(value).__name__}, not an object"]
+        hints = typing.get_type_hints(hint, include_extras=True)
+        found = [f"{where}: {key!r} is not declared" for key in value if key not in hints]
+        for key, declared in hints.items():
+            optional = typing.get_origin(declared) is NotRequired
+            declared = typing.get_args(declared)[0] if optional else declared
+            if key in value:
+                found += _mismatches(value[key], declared, f"{where}.{key}")
+            elif not optional:
+                found.append(f"{where}: required {key!r} is missing")
+        return found
+    if origin in (typing.Union, types.UnionType):
+        each = [_mismatches(value, arg, where) for arg in args]
+        return [] if any(not found for found in each) else [f"{where}: {value!r} is none of {args}"]
+    if origin in (list, Sequence):
+        if not isinstance(value, list):
+            return [f"{where}: {type(value).__name__}, not a list"]
+        return [m for i, item in enumerate(value) for m in _mismatches(item, args[0], f"{where}[{i}]")]
+    if origin in (dict, Mapping):
+        if not isinstance(value, dict):
+            return [f"{where}: {type(value).__name__}, not an object"]
+        return [m for key, item in value.items() for m in _mismatches(item, args[1], f"{where}.{key}")]
+    if hint is type(None):
+        return [] if value is None else [f"{where}: {value!r} is not null"]
+    allowed = (int, float) if hint is float else (hint,)
+    if isinstance(value, bool) != (hint is bool) or not isinstance(value, allowed):
+        return [f"{where}: {value!r} is not {hint.__name__}"]
+    return []
 
 
 def _contributed(data: Path, source: str, batch: int, extension: str = ".parquet") -> list[Path]:
@@ -109,6 +150,9 @@ def test_two_cycles_refuse_tampered_and_poisoned_shards_and_log_everything(
 
     report = json.loads(second.report.read_text())
     assert report["status"] == second.status
+    for written in (json.loads(first.report.read_text()), report):  # the report's keys and values as typed
+        assert _mismatches(written, CycleReportDict) == [], "\n".join(_mismatches(written, CycleReportDict))
+    assert "detectors" in report["detection"] and "sources" in report["roni"], "the sections checked hold rows"
     assert list(table["name"]) == [d["name"] for d in report["roni"]["decisions"]]
     assert all(0 < p <= 1 for p in table["p_value"])
     assert report["roni"]["flagged_sources"] == ["dave"]
@@ -264,6 +308,7 @@ def test_an_unexpected_error_ends_the_cycle_failed_with_a_one_line_reason(
     assert state["cycles"][-1]["status"] == "failed" and state["accepted_model"] is None
     report = json.loads((workdir / "demo-work" / "cycle" / "report.json").read_text())
     assert report["status"] == "failed" and report["failed_check"] == "internal"
+    assert _mismatches(report, CycleReportDict) == []
 
 
 def test_a_cycle_trains_a_cnn_on_webdataset_image_shards(
