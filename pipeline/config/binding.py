@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -42,12 +43,34 @@ def bound_init_args(cls: type, init_args: Mapping[str, Any], skip: Sequence[str]
     return {name: value.as_dict() if hasattr(value, "as_dict") else value for name, value in chosen.items()}
 
 
+def _accepted(cls: type) -> list[str]:
+    """The keyword names `cls` takes: its named parameters and the keys of a `**kwargs: Unpack[SomeTypedDict]`."""
+    from typing import get_args, get_type_hints
+
+    names = []
+    for parameter in inspect.signature(cls).parameters.values():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            hint = get_type_hints(cls.__init__).get(parameter.name)
+            names += [key for typed in get_args(hint) for key in getattr(typed, "__annotations__", {})]
+        elif parameter.kind is not inspect.Parameter.VAR_POSITIONAL and parameter.name != "self":
+            names.append(parameter.name)
+    return names
+
+
+def _public_name(cls: type) -> str:
+    """`cls`'s dotted name as users write it in a `class_path`: its package's, where that package re-exports it."""
+    package = cls.__module__.rpartition(".")[0]
+    if package and getattr(sys.modules.get(package), cls.__qualname__, None) is cls:
+        return f"{package}.{cls.__qualname__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def _bind_error(cls: type, error: Exception) -> BindError:
     text = str(error)
     unknown = _UNKNOWN.search(text)
     if unknown:
-        accepted = ", ".join(p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs"))
-        return BindError(unknown.group(1), f"not an argument of {cls.__module__}.{cls.__qualname__} (takes {accepted})")
+        accepted = ", ".join(_accepted(cls))
+        return BindError(unknown.group(1), f"not an argument of {_public_name(cls)} (takes {accepted})")
     keyed = _PARSER_KEY.search(text)
     if keyed:
         return BindError(keyed.group(1).split(".")[0], " ".join(keyed.group(2).split()))
