@@ -1,9 +1,11 @@
 """Session fixtures with real parts: an MLflow tracking server and DVC repositories; and a trainguard command run in
-this process (`cli`)."""
+this process (`cli` in a test, `setup_cli` in a fixture wider than one test)."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import io
 import json
 import logging
 import os
@@ -247,6 +249,47 @@ def cli(
                 handler.setLevel(level)
         out = capsys.readouterr()
         return subprocess.CompletedProcess(["trainguard", *map(str, args)], code, out.out, out.err)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def setup_cli() -> Callable[..., subprocess.CompletedProcess]:
+    """`setup_cli(project, *args, env=None)`: `cli` for a fixture wider than one test (a module's prepared project),
+    where `capsys` and `monkeypatch` are not at hand: the command's output is read by redirecting sys.stdout and
+    sys.stderr, and what it changes for its process (working directory, environment, logging levels, warning
+    filters, MLflow's process-wide URIs) is put back after each command, as if it had run as its own process."""
+    from mlflow.tracking._model_registry import utils as registry
+    from mlflow.tracking._tracking_service import utils as tracking
+
+    from trainguard.pipeline.cli import main
+
+    def run(project: Path, *args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        cwd, environ = Path.cwd(), dict(os.environ)
+        root = logging.getLogger()
+        levels = (root.level, [(handler, handler.level) for handler in root.handlers])
+        uris = tracking._tracking_uri, registry._registry_uri
+        out, err = io.StringIO(), io.StringIO()
+        try:
+            os.chdir(project)
+            for name in (
+                "MLFLOW_LOGGING_LEVEL",
+                "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT",
+                "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
+            ):
+                os.environ.pop(name, None)  # the CLI sets them if unset
+            os.environ.update(env or {})
+            with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = main([str(arg) for arg in args])
+        finally:
+            os.chdir(cwd)
+            os.environ.clear()
+            os.environ.update(environ)
+            root.setLevel(levels[0])
+            for handler, level in levels[1]:
+                handler.setLevel(level)
+            tracking._tracking_uri, registry._registry_uri = uris
+        return subprocess.CompletedProcess(["trainguard", *map(str, args)], code, out.getvalue(), err.getvalue())
 
     return run
 

@@ -30,17 +30,22 @@ CYCLE = Path("demo-work/cycle")
 PREPARE = ["--sources", "alice,bob,carol,dave", "--shards-per-source", "2", "--shard-size", "50", "--seed", "0"]
 
 
+Run = Callable[..., subprocess.CompletedProcess[str]]
+
+
 def _trainguard(project: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    """`trainguard *args` as its own process in `project`: a command's smoke test here, or where the process is the
+    subject (a cycle killed mid-way, a status no process holds the lock for)."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     command = [str(BIN / "trainguard"), *map(str, args)]
     return subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=600)
 
 
-def _prepare(project: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
-    """The digits example's `prepare` (examples/digits_demo, not a trainguard command)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO / "examples")}
-    command = [str(BIN / "python"), "-m", "digits_demo", "prepare", *map(str, args)]
-    return subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=600)
+def _prepare(out: Path, *args: str) -> None:
+    """The digits example's `prepare` command (examples/digits_demo, not a trainguard command), in this process."""
+    from digits_demo.cli import prepare
+
+    prepare.main([str(out), *args], standalone_mode=False)
 
 
 def _ok(done: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
@@ -48,10 +53,11 @@ def _ok(done: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[s
     return done
 
 
-def _sign_contributions(project: Path, *options: str) -> None:
-    """The data owner (or a contributor holding its key) signs train/ with the contributor map, plus `options`."""
+def _sign_contributions(run: Run, project: Path, *options: str) -> None:
+    """The data owner (or a contributor holding its key) signs train/ with the contributor map, plus `options`, by
+    `run` (`cli` or `setup_cli`)."""
     _ok(
-        _trainguard(
+        run(
             project,
             "sign",
             DATA / "train",
@@ -77,20 +83,23 @@ def tracking(mlflow_server: str) -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def released(tmp_path_factory: pytest.TempPathFactory, cycle_config: Callable[..., dict[str, Any]]) -> Path:
-    """A project set up with the CLI alone, whose first cycle accepted and signed a model."""
+def released(
+    tmp_path_factory: pytest.TempPathFactory, cycle_config: Callable[..., dict[str, Any]], setup_cli: Run
+) -> Path:
+    """A project set up with the CLI alone (its commands run in this process), whose first cycle accepted and
+    signed a model."""
     project = tmp_path_factory.mktemp("released")
     shutil.copytree(REPO / "configs", project / "configs")
     (project / "cycle.yaml").write_text(yaml.safe_dump(cycle_config("scenarios")))
-    _ok(_prepare(project, DATA, "--batch", "0", *PREPARE))
+    _prepare(project / DATA, "--batch", "0", *PREPARE)
     for name in ("curator", "owner", "model"):
-        _ok(_trainguard(project, "keygen", "--type", "ecdsa-p256", "--out", KEYS / name))
+        _ok(setup_cli(project, "keygen", "--type", "ecdsa-p256", "--out", KEYS / name))
     roles = json.dumps({"holdout.parquet": "holdout"})
     curator = ["--key", KEYS / "curator.key", "--dataset", "digits-trusted", "--source", "curator"]
     trusted = [DATA / "trusted", *curator, "--role", "trusted", "--roles", roles]
-    _ok(_trainguard(project, "sign", *trusted, "--out", DATA / "trusted.manifest.json"))
-    _sign_contributions(project)
-    _ok(_trainguard(project, "cycle", "--config", "cycle.yaml"))
+    _ok(setup_cli(project, "sign", *trusted, "--out", DATA / "trusted.manifest.json"))
+    _sign_contributions(setup_cli, project)
+    _ok(setup_cli(project, "cycle", "--config", "cycle.yaml"))
     assert (project / CYCLE / "models" / "cycle-0001").is_dir()
     return project
 
@@ -114,9 +123,7 @@ def cycle(cli: Callable[..., subprocess.CompletedProcess[str]]) -> Cycle:
 
 def _next_batch(project: Path, poisoned: str | None = None) -> list[Path]:
     """Writes the contributors' next batch; `poisoned` flips 30% of that source's labels. Returns its shards."""
-    from digits_demo.cli import prepare  # the example's `prepare` command, in this process
-
-    prepare.main([str(project / DATA), "--batch", "1", *PREPARE], standalone_mode=False)
+    _prepare(project / DATA, "--batch", "1", *PREPARE)
     shards = sorted((project / DATA / "train").glob("*/b1-*.parquet"))
     if poisoned is not None:
         poison_shards([s for s in shards if s.parent.name == poisoned], 0.3, seed=1)
@@ -157,24 +164,24 @@ def _refused(
     ids=["trusted-role", "holdout-role", "curator-source"],
 )
 def test_a_contributor_key_cannot_claim_trust_it_was_not_granted(
-    project: Path, claim: dict[str, object], reason: str, cycle: Cycle
+    project: Path, claim: dict[str, object], reason: str, cli: Run, cycle: Cycle
 ) -> None:
     shards = _next_batch(project, poisoned="dave")
     if "sources" in claim:
         sources = json.loads((project / DATA / "train-sources.json").read_text())
         sources |= {s.relative_to(project / DATA / "train").as_posix(): claim["sources"] for s in shards}
         (project / DATA / "train-sources.json").write_text(json.dumps(sources))
-        _sign_contributions(project)
+        _sign_contributions(cli, project)
     else:
-        _sign_contributions(project, "--roles", json.dumps(claim["roles"]))
+        _sign_contributions(cli, project, "--roles", json.dumps(claim["roles"]))
     _refused(project, reason, _digests(shards), cycle=cycle)
 
 
-def test_a_contributor_key_cannot_sign_the_curators_dataset(project: Path, cycle: Cycle) -> None:
+def test_a_contributor_key_cannot_sign_the_curators_dataset(project: Path, cli: Run, cycle: Cycle) -> None:
     shards = _next_batch(project, poisoned="dave")
     trusted = project / DATA / "trusted.manifest.json"
     owner = ["--key", KEYS / "owner.key", "--dataset", "digits-trusted", "--source", "curator"]
-    _ok(_trainguard(project, "sign", DATA / "trusted", *owner, "--role", "trusted", "--out", DATA / "forged.json"))
+    _ok(cli(project, "sign", DATA / "trusted", *owner, "--role", "trusted", "--out", DATA / "forged.json"))
     shutil.move(project / DATA / "forged.json", trusted)
     _refused(project, "unauthorized-dataset", _digests(shards), cycle=cycle)
 
@@ -221,10 +228,10 @@ def test_a_deleted_cycle_state_is_refused_until_reinitialised_and_no_model_is_ov
     assert (project / CYCLE / "models" / "cycle-0001" / "model.safetensors").read_bytes() == released
 
 
-def test_reinit_after_a_deleted_state_keeps_refusing_an_older_manifest(project: Path, cycle: Cycle) -> None:
+def test_reinit_after_a_deleted_state_keeps_refusing_an_older_manifest(project: Path, cli: Run, cycle: Cycle) -> None:
     old_manifest = (project / DATA / "train.manifest.json").read_bytes()
     _next_batch(project)
-    _sign_contributions(project, "--version", "2")
+    _sign_contributions(cli, project, "--version", "2")
     _ok(cycle(project))
     shutil.rmtree(project / CYCLE / "state-log")
     (project / CYCLE / "state.json").unlink()
@@ -277,11 +284,13 @@ def test_a_fifo_planted_as_the_trust_policy_fails_without_hanging(project: Path,
 # A mirror replaying what it served before.
 
 
-def test_a_replaying_mirror_can_roll_back_neither_a_manifest_nor_the_state(project: Path, cycle: Cycle) -> None:
+def test_a_replaying_mirror_can_roll_back_neither_a_manifest_nor_the_state(
+    project: Path, cli: Run, cycle: Cycle
+) -> None:
     old_manifest = (project / DATA / "train.manifest.json").read_bytes()
     old_state = (project / CYCLE / "state.json").read_bytes()
     _next_batch(project)
-    _sign_contributions(project)
+    _sign_contributions(cli, project)
     second = cycle(project)
     assert second.returncode in (0, 1) and "Traceback" not in second.stderr
     models = sorted(p.name for p in (project / CYCLE / "models").iterdir())
@@ -292,10 +301,10 @@ def test_a_replaying_mirror_can_roll_back_neither_a_manifest_nor_the_state(proje
     _replayed(cycle, project, "mid-cycle state was put back", models)
 
 
-def test_a_mid_cycle_state_put_back_after_the_cycle_finished_is_refused(project: Path, cycle: Cycle) -> None:
+def test_a_mid_cycle_state_put_back_after_the_cycle_finished_is_refused(project: Path, cli: Run, cycle: Cycle) -> None:
     old_manifest = (project / DATA / "train.manifest.json").read_bytes()
     _next_batch(project)
-    _sign_contributions(project, "--version", "2")
+    _sign_contributions(cli, project, "--version", "2")
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     running = subprocess.Popen(
         [str(BIN / "trainguard"), "cycle", "--config", "cycle.yaml"], cwd=project, env=env, stderr=subprocess.PIPE
@@ -324,14 +333,15 @@ def _replayed(cycle: Cycle, project: Path, reason: str, models: list[str], *opti
     assert sorted(p.name for p in (project / CYCLE / "models").iterdir()) == models
 
 
-def test_only_the_operators_logged_command_resets_anti_rollback(project: Path) -> None:
-    status = _ok(_trainguard(project, "status", "--config", "cycle.yaml")).stdout
+def test_only_the_operators_logged_command_resets_anti_rollback(project: Path, cli: Run) -> None:
+    status = _ok(cli(project, "status", "--config", "cycle.yaml")).stdout
     namespace = next(line.split()[1] for line in status.splitlines() if "/digits-contributed at version 1" in line)
+    # As its own process: reset-rollback's smoke test.
     unknown = _trainguard(project, "reset-rollback", "--config", "cycle.yaml", "--reason", "r", "nobody/nothing")
     assert unknown.returncode == 2 and "no anti-rollback record" in unknown.stderr and "Traceback" not in unknown.stderr
-    done = _ok(_trainguard(project, "reset-rollback", "--config", "cycle.yaml", "--reason", "re-signed", namespace))
+    done = _ok(cli(project, "reset-rollback", "--config", "cycle.yaml", "--reason", "re-signed", namespace))
     assert "was version 1" in done.stdout
-    assert namespace not in _ok(_trainguard(project, "status", "--config", "cycle.yaml")).stdout
+    assert namespace not in _ok(cli(project, "status", "--config", "cycle.yaml")).stdout
     history = (project / CYCLE / "state-log" / "cycle-0001.jsonl").read_bytes().splitlines()
     assert json.loads(Envelope.from_json(history[-1]).payload)["event"]["body"]["reason"] == "re-signed"
 
@@ -340,14 +350,14 @@ def test_only_the_operators_logged_command_resets_anti_rollback(project: Path) -
 
 
 @pytest.fixture(scope="module")
-def partnered(released: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+def partnered(released: Path, tmp_path_factory: pytest.TempPathFactory, setup_cli: Run) -> tuple[Path, dict[str, Any]]:
     """The released project after a cycle with a second key set `partner`, granted `sources: ["*"]` on
     digits-contributed, that signs 15 fresh shards (450 rows: over the 0.4 cap as one source) under minted sources
     dave-00..dave-14, and a shard named like one of the data owner's with pixels out of range. Returns the project
     and the cycle's report."""
     project = tmp_path_factory.mktemp("partnered") / "project"
     shutil.copytree(released, project, symlinks=True)
-    _ok(_trainguard(project, "keygen", "--type", "ecdsa-p256", "--out", KEYS / "partner"))
+    _ok(setup_cli(project, "keygen", "--type", "ecdsa-p256", "--out", KEYS / "partner"))
     policy = yaml.safe_load((project / "configs" / "digits-trust.yaml").read_text())
     policy["signers"].append(
         {
@@ -360,7 +370,7 @@ def partnered(released: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
     )
     (project / "configs" / "digits-trust.yaml").write_text(yaml.safe_dump(policy))
     fresh = project / "fresh"
-    _ok(_prepare(project, fresh, "--batch", "1", "--sources", "p", "--shards-per-source", "15", "--shard-size", "30"))
+    _prepare(fresh, "--batch", "1", "--sources", "p", "--shards-per-source", "15", "--shard-size", "30")
     partner = project / DATA / "partner"
     sources = {}
     for i, shard in enumerate(sorted((fresh / "train" / "p").glob("*.parquet"))):
@@ -374,15 +384,13 @@ def partnered(released: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
     sources[f"alice/{namesake.name}"] = "alice"
     (project / DATA / "partner-sources.json").write_text(json.dumps(sources))
     sign = ["sign", DATA / "partner", "--key", KEYS / "partner.key", "--dataset", "digits-contributed"]
-    _ok(
-        _trainguard(project, *sign, "--sources", DATA / "partner-sources.json", "--out", DATA / "partner.manifest.json")
-    )
+    _ok(setup_cli(project, *sign, "--sources", DATA / "partner-sources.json", "--out", DATA / "partner.manifest.json"))
     config = yaml.safe_load((project / "cycle.yaml").read_text())
     config["dataset"]["training"].append(
         {"manifest": str(DATA / "partner.manifest.json"), "dataset": "digits-contributed", "data_dir": str(partner)}
     )
     (project / "cycle.yaml").write_text(yaml.safe_dump(config))
-    done = _trainguard(project, "cycle", "--config", "cycle.yaml", "--json")
+    done = setup_cli(project, "cycle", "--config", "cycle.yaml", "--json")
     assert done.returncode in (0, 1) and "Traceback" not in done.stderr, done.stderr[-3000:]
     return project, json.loads((project / CYCLE / "reports" / "cycle-0002.json").read_text())
 
@@ -405,9 +413,11 @@ def test_minting_source_names_under_one_key_buys_no_larger_cap(partnered: tuple[
     assert all(d["shard"].startswith("partner/digits-contributed:dave-") for d in capped)
 
 
-def test_a_source_the_operator_cleared_is_screened_afresh_in_the_next_cycle(project: Path, cycle: Cycle) -> None:
+def test_a_source_the_operator_cleared_is_screened_afresh_in_the_next_cycle(
+    project: Path, cli: Run, cycle: Cycle
+) -> None:
     shards = _next_batch(project, poisoned="dave")
-    _sign_contributions(project)
+    _sign_contributions(cli, project)
     cycle(project)
     dave = {f"data-owner/digits-contributed:{s.relative_to(project / DATA / 'train').as_posix()}" for s in shards}
     dave = {key for key in dave if ":dave/" in key}
@@ -417,6 +427,7 @@ def test_a_source_the_operator_cleared_is_screened_afresh_in_the_next_cycle(proj
         return {d["name"] for d in report["roni"].get("decisions", [])} & dave
 
     assert screened(2) == dave
+    # As its own process: the sources command's smoke test.
     done = _ok(_trainguard(project, "sources", "--config", "cycle.yaml", "--reason", "reshuffled", "clear", "dave"))
     assert "clear recorded in the signed state" in done.stdout
     cycle(project, "--force")
@@ -436,6 +447,7 @@ def _log_lines(project: Path) -> list[bytes]:
 
 
 def test_status_marks_a_cycle_no_process_runs_as_interrupted(project: Path) -> None:
+    """`status` as its own process: whether a process holds the cycle's lock is its subject."""
     from trainguard.pipeline.state_log import StateStore
     from trainguard.provenance.keys import load_signing_key
 

@@ -2,7 +2,9 @@
 torchmetrics metrics, `trainguard shard` with its defaults, a curator (trusted base and held-out set), two clean
 contributors who each see only some classes, and one who flips 30 % of its labels. `check`, then two cycles (each
 contributor adds a batch before the second), on one process and as two gloo ranks under torchrun: every cycle
-accepts both clean contributors and refuses the flipper. The wall time of each step is printed (`-s` shows it)."""
+accepts both clean contributors and refuses the flipper. On one process the commands run in this process (the
+CLI's own entry point, `cli`); under torchrun each is its own process, as the user starts it. The wall time of each
+step is printed (`-s` shows it)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -166,11 +168,18 @@ def _add_batch(project: Path, who: str, batch: int) -> None:
 
 
 class Steps:
-    """Runs the user's commands in the project folder, as they would type them, timing each."""
+    """Runs the user's commands in the project folder, as they would type them, timing each: by `cli` in this
+    process where it is given, else each as its own process (`launcher` starts the cycles)."""
 
-    def __init__(self, project: Path, launcher: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        project: Path,
+        launcher: tuple[str, ...] = (),
+        cli: Callable[..., subprocess.CompletedProcess[str]] | None = None,
+    ) -> None:
         self.project = project
         self.launcher = launcher
+        self.cli = cli
         self.times: list[tuple[str, float]] = []
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHONPATH", "MLFLOW_"))}
         self.env["OMP_NUM_THREADS"] = "1"
@@ -178,7 +187,10 @@ class Steps:
     def run(self, *args: str, ok: bool = True, launched: bool = False) -> str:
         command = [*(self.launcher if launched else (str(BIN / "trainguard"),)), *args]
         started = time.monotonic()
-        done = subprocess.run(command, cwd=self.project, capture_output=True, text=True, timeout=1200, env=self.env)
+        if self.cli is not None and not launched:
+            done = self.cli(self.project, *args)
+        else:
+            done = subprocess.run(command, cwd=self.project, capture_output=True, text=True, timeout=1200, env=self.env)
         self.times.append((" ".join(args[:2]), time.monotonic() - started))
         output = done.stdout + done.stderr
         assert "Traceback" not in output, output
@@ -243,8 +255,10 @@ def _keys_and_shards(steps: Steps) -> None:
         steps.shard(who)
 
 
-def _first_project(project: Path, launcher: tuple[str, ...] = ()) -> Steps:
-    steps = Steps(project, launcher)
+def _first_project(
+    project: Path, launcher: tuple[str, ...] = (), cli: Callable[..., subprocess.CompletedProcess[str]] | None = None
+) -> Steps:
+    steps = Steps(project, launcher, cli)
     _keys_and_shards(steps)
     checked = steps.run("check", "cycle.yaml")
     assert "mymodel.PhotoNet" in checked, checked
@@ -262,12 +276,31 @@ def _first_project(project: Path, launcher: tuple[str, ...] = ()) -> Steps:
     return steps
 
 
-@pytest.mark.timeout(2400)  # eight commands and two cycles, each its own process, on two shared cores
+@pytest.fixture
+def as_a_fresh_user(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """This process as a user's shell leaves a command run in it: no MLflow variables or process-wide URIs (the
+    cycle logs to MLflow's own default store), and afterwards no trace of the user's module (`mymodel`, imported
+    from the project folder the config puts on `sys.path`)."""
+    from mlflow.tracking._model_registry import utils as registry
+    from mlflow.tracking._tracking_service import utils as tracking
+
+    for name in [k for k in os.environ if k.startswith("MLFLOW_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(tracking, "_tracking_uri", None)
+    monkeypatch.setattr(registry, "_registry_uri", None)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    try:
+        yield
+    finally:
+        sys.modules.pop("mymodel", None)
+
+
+@pytest.mark.timeout(2400)  # eight commands and two cycles on two shared cores
 def test_a_first_project_accepts_skewed_clean_contributors_and_refuses_the_flipper(
-    first_project: Path, tmp_path: Path
+    first_project: Path, tmp_path: Path, as_a_fresh_user: None, cli: Callable[..., subprocess.CompletedProcess[str]]
 ) -> None:
     project = shutil.copytree(first_project, tmp_path / "photos")
-    steps = _first_project(project)
+    steps = _first_project(project, cli=cli)
     assert (project / "mlflow.db").is_file(), "the cycle logs to MLflow's own default store"
     steps.report("one process")
 
