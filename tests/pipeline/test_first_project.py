@@ -306,12 +306,16 @@ def test_a_first_project_accepts_skewed_clean_contributors_and_refuses_the_flipp
 
 
 @pytest.mark.timeout(2400)
-def test_a_first_project_runs_the_same_under_a_two_rank_torchrun(first_project: Path, tmp_path: Path) -> None:
+def test_a_first_project_runs_the_same_under_a_two_rank_torchrun(
+    first_project: Path, tmp_path: Path, as_a_fresh_user: None, cli: Callable[..., subprocess.CompletedProcess[str]]
+) -> None:
+    """The cycles run as two gloo ranks under torchrun; the commands around them (keygen, shard, check, status) in
+    this process, as the plain test runs them."""
     project = shutil.copytree(first_project, tmp_path / "photos")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     torchrun = (str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-addr", "127.0.0.1")
     launcher = (*torchrun, "--master-port", str(port), "-m", "trainguard.pipeline.cli")
-    steps = _first_project(project, launcher)
+    steps = _first_project(project, launcher, cli)
     steps.report("torchrun, 2 gloo ranks")
