@@ -24,11 +24,12 @@ from trainguard.defenses.findings import Findings, check_inputs, findings
 
 @dataclass(frozen=True)
 class SpectralConfig:
-    """`calibrated`: flag rows with conformal p <= `row_alpha`; `fraction`: the paper's top
-    `removal_factor` x `expected_fraction` of each class."""
+    """`calibrated`: flag rows with conformal p <= `row_alpha` (0.5%, as label issues': see
+    `trainguard.defenses.label_issues`); `fraction`: the paper's top `removal_factor` x `expected_fraction` of each
+    class."""
 
     rule: Literal["calibrated", "fraction"] = "calibrated"
-    row_alpha: float = 0.01
+    row_alpha: float = 0.005
     expected_fraction: float = 0.1
     removal_factor: float = 1.5
 
