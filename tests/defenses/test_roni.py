@@ -510,8 +510,10 @@ def test_auto_scope_screens_the_whole_model_where_no_head_gives_its_output_or_a_
 @pytest.mark.timeout(900)  # 120 whole-network copies per rate: 60 s alone, past 300 s on two loaded cores
 def test_full_scope_on_a_batch_norm_network_finds_a_finite_rate(digits: Split, bn_model: nn.Module) -> None:
     candidates = [Candidate("flipped", "m", _flip(digits.shard(digits.pool[:50]), 0.3, seed=3))]
-    # the rate search is the subject: a coarse grid keeps full scope's probe (120 copies per rate) within the budget
-    config = ScreeningConfig(scope="full", level=0.2, calibration_draws=19, lr_grid=(0.5, 0.05, 0.005))
+    # the rate search is the subject: a coarse grid and 5 steps keep full scope's probe (120 copies a rate) cheap
+    config = ScreeningConfig(
+        scope="full", steps=5, checkpoints=2, level=0.2, calibration_draws=19, lr_grid=(0.5, 0.05, 0.005)
+    )
     report = screen_candidates(bn_model, digits.trusted, digits.holdout, candidates, config)
     assert report.scope == "full"
     assert report.lr in config.lr_grid
