@@ -44,14 +44,19 @@ def bound_init_args(cls: type, init_args: Mapping[str, Any], skip: Sequence[str]
 
 
 def _accepted(cls: type) -> list[str]:
-    """The keyword names `cls` takes: its named parameters and the keys of a `**kwargs: Unpack[SomeTypedDict]`."""
-    from typing import get_args, get_type_hints
+    """The keyword names `cls` takes: its named parameters and the keys of a `**kwargs: Unpack[SomeTypedDict]`
+    (annotations that do not resolve are left unexpanded)."""
+    from typing import get_args
 
+    try:
+        signature = inspect.signature(cls, eval_str=True)
+    except NameError:
+        signature = inspect.signature(cls)
     names = []
-    for parameter in inspect.signature(cls).parameters.values():
+    for parameter in signature.parameters.values():
         if parameter.kind is inspect.Parameter.VAR_KEYWORD:
-            hint = get_type_hints(cls.__init__).get(parameter.name)
-            names += [key for typed in get_args(hint) for key in getattr(typed, "__annotations__", {})]
+            typed = get_args(parameter.annotation)
+            names += [key for hint in typed for key in getattr(hint, "__annotations__", {})]
         elif parameter.kind is not inspect.Parameter.VAR_POSITIONAL and parameter.name != "self":
             names.append(parameter.name)
     return names

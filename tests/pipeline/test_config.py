@@ -338,3 +338,14 @@ def test_a_class_path_imports_from_the_config_folder_without_pythonpath(tmp_path
 def test_attack_bounds_must_cover_the_data_range(tmp_path: Path) -> None:
     error = _error(tmp_path, _with({("validation", "feature_max"): 255.0}))
     assert error.key == "adversarial.bounds" and "[0, 255]" in str(error)
+
+
+def test_an_unknown_init_arg_names_the_class_as_a_class_path_and_the_settings_it_takes() -> None:
+    from trainguard.defenses.adversarial import AdversarialTraining
+    from trainguard.pipeline.config.binding import BindError, bound_init_args
+
+    with pytest.raises(BindError) as raised:
+        bound_init_args(AdversarialTraining, {"eps": 0.1, "stpes": 3})
+    assert raised.value.name == "stpes"
+    assert "not an argument of trainguard.defenses.AdversarialTraining" in raised.value.message
+    assert "step_size" in raised.value.message and "settings" not in raised.value.message
