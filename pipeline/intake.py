@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from trainguard.pipeline.config import CycleConfig, ManifestRef, ValidationSection
+from trainguard.pipeline.config import CycleConfig, ValidationSection
 from trainguard.pipeline.cycle_state import ShardDecision
 from trainguard.pipeline.errors import CycleAbortedError
 from trainguard.provenance.allowlist import AllowedShard
@@ -28,6 +28,7 @@ from trainguard.provenance.dataset import read_as_table, table_samples
 from trainguard.provenance.errors import ProvenanceError
 from trainguard.provenance.formats import Decoder, Samples, default_decoders
 from trainguard.provenance.manifest import ShardEntry
+from trainguard.provenance.manifest_ref import ManifestRef
 from trainguard.provenance.reader import ReadLog, ShardReader
 from trainguard.provenance.rollback import RollbackCheck
 from trainguard.provenance.verify import VerificationReport, VerifiedManifest, open_manifest, verify_shards

@@ -17,12 +17,13 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from trainguard.defenses.heldout import HeldoutMetrics, LabeledData
-from trainguard.pipeline.config import CycleConfig, ManifestRef
+from trainguard.pipeline.config import CycleConfig
 from trainguard.pipeline.errors import CycleAbortedError
 from trainguard.pipeline.intake import decode_shard, manifest_refs
 from trainguard.provenance.allowlist import AllowList
 from trainguard.provenance.errors import ProvenanceError
 from trainguard.provenance.formats import Decoder, Samples, default_decoders
+from trainguard.provenance.manifest_ref import ManifestRef
 from trainguard.provenance.reader import ShardReader
 from trainguard.provenance.verify import VerifiedManifest, open_manifest
 

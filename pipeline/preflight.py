@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainguard.pipeline.config import CycleConfig, ManifestRef
+from trainguard.pipeline.config import CycleConfig
 from trainguard.pipeline.errors import ConfigError, CycleAbortedError, PreflightError
 from trainguard.provenance.errors import ProvenanceError
 from trainguard.provenance.keys import public_key_path
+from trainguard.provenance.manifest_ref import ManifestRef
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,6 @@ from trainguard.provenance.errors import (
 # What each lazy name is, for type checkers and IDEs (to them `__getattr__` alone makes every name Any).
 if TYPE_CHECKING:
     from trainguard.provenance.callback import VerifyDatasetCallback as VerifyDatasetCallback
-    from trainguard.provenance.dataset import ManifestSpec as ManifestSpec
     from trainguard.provenance.dataset import ShardDataset as ShardDataset
     from trainguard.provenance.dataset import VerifiedDataModule as VerifiedDataModule
     from trainguard.provenance.dsse import Envelope as Envelope
@@ -55,6 +54,7 @@ if TYPE_CHECKING:
     from trainguard.provenance.manifest import Manifest as Manifest
     from trainguard.provenance.manifest import ShardEntry as ShardEntry
     from trainguard.provenance.manifest import parse_statement as parse_statement
+    from trainguard.provenance.manifest_ref import ManifestRef as ManifestRef
     from trainguard.provenance.policy import TrustPolicy as TrustPolicy
     from trainguard.provenance.policy import load_trust as load_trust
     from trainguard.provenance.reader import ReadLog as ReadLog
@@ -108,7 +108,7 @@ _LAZY = {
     "open_manifest": "trainguard.provenance.verify",
     "verify_dataset": "trainguard.provenance.verify",
     "verify_or_raise": "trainguard.provenance.verify",
-    "ManifestSpec": "trainguard.provenance.dataset",
+    "ManifestRef": "trainguard.provenance.manifest_ref",
     "ShardDataset": "trainguard.provenance.dataset",
     "VerifiedDataModule": "trainguard.provenance.dataset",
     "VerifyDatasetCallback": "trainguard.provenance.callback",

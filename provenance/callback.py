@@ -8,13 +8,12 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytorch_lightning as pl
 from typing_extensions import override
 
-from trainguard.provenance.dataset import ManifestLike, as_spec
 from trainguard.provenance.errors import MalformedError, ProvenanceError
+from trainguard.provenance.manifest_ref import ManifestLike, ManifestRef, as_ref
 from trainguard.provenance.rollback import RollbackState, default_state_path
 from trainguard.provenance.verify import ShardFailure, VerificationReport, verify_dataset
 
@@ -28,7 +27,7 @@ class VerifyDatasetCallback(pl.Callback):
     `provenance/seconds`, `provenance/excluded_failures` and each dataset's facts through the trainer's logger.
 
     Args:
-        manifests: Manifest paths, `ManifestSpec`s or mappings with `manifest` (and optional `dataset`,
+        manifests: Manifest paths, `ManifestRef`s or mappings with `manifest` (and optional `dataset`,
             `data_dir`, `trust`).
         trust: The trust policy for manifests that name none of their own.
         state_file: The rollback state (None: the default state path).
@@ -64,7 +63,7 @@ class VerifyDatasetCallback(pl.Callback):
         dvc: bool = False,
         workers: int | None = None,
     ) -> None:
-        self.specs = tuple(as_spec(m) for m in manifests)
+        self.refs = tuple(as_ref(m) for m in manifests)
         self.trust = Path(trust) if trust is not None else None
         self.state = RollbackState(Path(state_file) if state_file is not None else default_state_path())
         self.allow_extra, self.dvc, self.workers = allow_extra, dvc, workers
@@ -76,7 +75,7 @@ class VerifyDatasetCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.reports:
             return
-        full = [self._verify(spec) for spec in self.specs]
+        full = [self._verify(ref) for ref in self.refs]
         reports = tuple(self._without_excluded(r) for r in full)
         failed = [r for r in reports if not r.ok]
         if not trainer.strategy.reduce_boolean_decision(not failed, all=True):
@@ -89,15 +88,15 @@ class VerifyDatasetCallback(pl.Callback):
         self.tolerated = tuple(f for r in full for f in r.failures if f not in self._without_excluded(r).failures)
         self._log(trainer, reports)
 
-    def _verify(self, spec: Any) -> VerificationReport:
-        trust = spec.trust or self.trust
+    def _verify(self, ref: ManifestRef) -> VerificationReport:
+        trust = ref.trust or self.trust
         if trust is None:
-            raise MalformedError(f"no trust policy for manifest {spec.manifest}")
+            raise MalformedError(f"no trust policy for manifest {ref.manifest}")
         return verify_dataset(
-            spec.manifest,
+            ref.manifest,
             trust,
-            dataset=spec.dataset,
-            data_dir=spec.data_dir,
+            dataset=ref.dataset,
+            data_dir=ref.data_dir,
             state=self.state,
             allow_extra=self.allow_extra,
             workers=self.workers,

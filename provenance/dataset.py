@@ -9,7 +9,7 @@ read (manifest, dataset, name, sha256, in order) is exact, and its digest can go
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from trainguard.provenance.allowlist import AllowedShard, AllowList, RefusedRead
 from trainguard.provenance.errors import MalformedError, ProvenanceError, ShardError, ShardFormatError, shard_error
 from trainguard.provenance.formats import Decoder, Samples, decoding, default_decoders
 from trainguard.provenance.manifest import ShardEntry
+from trainguard.provenance.manifest_ref import ManifestLike, as_ref
 from trainguard.provenance.policy import TrustPolicy
 from trainguard.provenance.reader import ReadLog, ReadRecord, ShardReader
 from trainguard.provenance.rollback import RollbackState
@@ -32,48 +33,16 @@ from trainguard.provenance.verify import VerifiedManifest, open_manifest
 from trainguard.ranks import gather_json
 
 
-@dataclass(frozen=True)
-class ManifestSpec:
-    """A manifest, the dataset it must be, the folder of its shards (default: the manifest's) and its trust
-    (default: the caller's)."""
-
-    manifest: Path
-    data_dir: Path | None = None
-    trust: Path | None = None
-    dataset: str | None = None
-
-
-ManifestLike = ManifestSpec | Path | str | Mapping[str, str]
-
-
-def as_spec(item: ManifestLike) -> ManifestSpec:
-    if isinstance(item, ManifestSpec):
-        return item
-    if isinstance(item, Mapping):
-        unknown = set(item) - {"manifest", "data_dir", "trust", "dataset"}
-        if "manifest" not in item or unknown:
-            raise MalformedError(
-                f"a manifest entry needs 'manifest' (and optional dataset, data_dir, trust); got {dict(item)}"
-            )
-        return ManifestSpec(
-            Path(item["manifest"]),
-            Path(item["data_dir"]) if item.get("data_dir") else None,
-            Path(item["trust"]) if item.get("trust") else None,
-            item.get("dataset") or None,
-        )
-    return ManifestSpec(Path(item))
-
-
 def open_verified(
-    specs: Iterable[ManifestLike], trust: TrustPolicy | Path | None, state: RollbackState | Path | None = None
+    refs: Iterable[ManifestLike], trust: TrustPolicy | Path | None, state: RollbackState | Path | None = None
 ) -> tuple[VerifiedManifest, ...]:
     """Each manifest checked for signatures, payload type, expiry and rollback (shards are checked on read)."""
     opened = []
-    for spec in map(as_spec, specs):
-        policy = spec.trust or trust
+    for ref in map(as_ref, refs):
+        policy = ref.trust or trust
         if policy is None:
-            raise MalformedError(f"no trust policy for manifest {spec.manifest}")
-        opened.append(open_manifest(spec.manifest, policy, dataset=spec.dataset, data_dir=spec.data_dir, state=state))
+            raise MalformedError(f"no trust policy for manifest {ref.manifest}")
+        opened.append(open_manifest(ref.manifest, policy, dataset=ref.dataset, data_dir=ref.data_dir, state=state))
     return tuple(opened)
 
 
@@ -352,7 +321,7 @@ class VerifiedDataModule(pl.LightningDataModule):
         refuse_changed: bool = False,
     ) -> None:
         super().__init__()
-        self.specs = tuple(as_spec(m) for m in manifests)
+        self.refs = tuple(as_ref(m) for m in manifests)
         self.trust = Path(trust) if trust is not None else None
         self.state_file = Path(state_file) if state_file is not None else None
         self.train_roles, self.val_roles = tuple(train_roles), None if val_roles is None else tuple(val_roles)
@@ -430,7 +399,7 @@ class VerifiedDataModule(pl.LightningDataModule):
     def _read(self) -> ShardDataset:
         """Reads the training (and validation) shards into `train_set` (and `val_set`); returns `train_set`."""
         if self.allow is None:
-            self.verified = open_verified(self.specs, self.trust, self.state_file)
+            self.verified = open_verified(self.refs, self.trust, self.state_file)
         readers = [ShardReader(v, self.local_read_log, self.allow) for v in self.verified]
         dataset = partial(
             ShardDataset,

@@ -105,9 +105,9 @@ def _config_error(error: ValidationError, data: Any, source: str) -> ConfigError
     first = errors[0]
     key = _key_path(tuple(first["loc"]), data, first["type"])
     message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
+    if first["type"] in ("extra_forbidden", "unexpected_keyword_argument"):  # a section's, a dataclass's
         message = "unknown key (not part of the schema)"
-    named = re.match(r"([a-z_]+(?:\.[a-z_]+)*): ", message)
+    named = re.match(r"([a-z_]+(?:\.(?:[a-z_]+|[0-9]+))*): ", message)
     if named and _names_its_key(named.group(1), key, data):  # a check across keys names its key first
         key, message = named.group(1), message[named.end() :]
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -13,9 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from trainguard.pipeline.config.binding import bound_init_args
 from trainguard.pipeline.workdir import WorkDir
+from trainguard.provenance.manifest_ref import ManifestRef
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 """MLflow 3's own default store: what `mlflow ui` opens, `trainguard load-model` reads and the cycle writes."""
+_DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:+-]{0,127}")
 _DOTTED = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$"
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -54,17 +57,6 @@ class Component(_Section):
         return cls(**bound_init_args(cls, self.init_args, skip=tuple(injected)), **injected)
 
 
-class ManifestRef(_Section):
-    """A signed data manifest, the dataset it must be, the directory its shards live in (default: the manifest's
-    folder) and its trust. The dataset name is checked before anything else is believed: a validly signed manifest
-    of another dataset copied over this path is refused."""
-
-    manifest: Path
-    dataset: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@:+-]{0,127}$")]
-    data_dir: Path | None = None
-    trust: Path | None = Field(default=None, description="Policy or .pub for this manifest; default dataset.trust.")
-
-
 _REMOVED_DATASET_KEYS = {
     "trusted_sources": "trust comes from keys: grant the role `trusted` to the curator's key set in the trust "
     "policy and sign the base shards with that role",
@@ -84,6 +76,21 @@ class DatasetSection(_Section):
     def trust_of(self, ref: ManifestRef) -> Path:
         """The trust a manifest is verified against: its own, else the section's."""
         return ref.trust or self.trust
+
+    @model_validator(mode="after")
+    def _datasets_named(self) -> DatasetSection:
+        """Each manifest names the dataset it must be, checked before anything else in it is believed: a validly
+        signed manifest of another dataset copied over its path is refused."""
+        named = [*((f"training.{i}", ref) for i, ref in enumerate(self.training)), ("holdout", self.holdout)]
+        for where, ref in named:
+            if ref.dataset is None:
+                raise ValueError(f"dataset.{where}.dataset: required: the dataset its manifest must be")
+            if not _DATASET_NAME.fullmatch(ref.dataset):
+                raise ValueError(
+                    f"dataset.{where}.dataset: {ref.dataset!r} is not a dataset name (a letter or digit, then up to "
+                    "127 of letters, digits and ._@:+-)"
+                )
+        return self
 
     @model_validator(mode="before")
     @classmethod

@@ -29,15 +29,16 @@ from trainguard.defenses import AdversarialTraining, LabeledData, RobustAccuracy
 from trainguard.defenses.errors import DefenseError
 from trainguard.defenses.gate import ModelGate
 from trainguard.provenance.callback import VerifyDatasetCallback
-from trainguard.provenance.dataset import ManifestSpec, VerifiedDataModule, open_verified
+from trainguard.provenance.dataset import VerifiedDataModule, open_verified
 from trainguard.provenance.errors import ProvenanceError
+from trainguard.provenance.manifest_ref import ManifestRef
 from trainguard.provenance.reader import ShardReader
 
 MODEL_FILE = "model.safetensors"
 HOLDOUT_SKIP = 15  # rows of the held-out set rank r leaves out: HOLDOUT_SKIP * r
 
 
-def holdout_data(spec: ManifestSpec, trust: Path, state: Path, skip: int) -> LabeledData:
+def holdout_data(spec: ManifestRef, trust: Path, state: Path, skip: int) -> LabeledData:
     """The gate's held-out set: the manifest's role=holdout shards, verified on read, without the first `skip` rows.
 
     Each rank skips a different number of rows, so the ranks' own measurements differ: only the gate's broadcast of
@@ -86,7 +87,7 @@ def main() -> int:
     pl.seed_everything(0, verbose=False)
     launched_rank = int(os.environ.get("LOCAL_RANK", "0"))  # set by Lightning for the ranks it re-launches
     data_dir = args.rank1_data_dir if launched_rank == 1 and args.rank1_data_dir else args.data_dir
-    spec = ManifestSpec(args.manifest, data_dir)
+    spec = ManifestRef(args.manifest, data_dir)
     holdout = holdout_data(spec, args.trust, args.state_file, skip=HOLDOUT_SKIP * launched_rank)
     data = VerifiedDataModule(
         [spec], args.trust, state_file=args.state_file, batch_size=16, refuse_changed=args.refuse_changed

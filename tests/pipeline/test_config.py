@@ -257,7 +257,14 @@ def test_every_manifest_reference_names_its_dataset(tmp_path: Path) -> None:
     data = _with({})
     del data["dataset"]["holdout"]["dataset"]
     error = _error(tmp_path, data)
-    assert error.key == "dataset.holdout.dataset" and "Field required" in str(error)
+    assert error.key == "dataset.holdout.dataset" and "required" in str(error)
+    error = _error(tmp_path, _with({("dataset", "training", 0, "dataset"): "../other"}))
+    assert error.key == "dataset.training.0.dataset" and "'../other' is not a dataset name" in str(error)
+
+
+def test_a_manifest_reference_refuses_a_key_it_does_not_know(tmp_path: Path) -> None:
+    error = _error(tmp_path, _with({("dataset", "holdout", "datset"): "digits-trusted"}))
+    assert error.key == "dataset.holdout.datset" and "unknown key" in str(error)
 
 
 REGRESSION_TARGETS = {("validation", "labels"): [], ("validation", "targets"): {"min": 0, "max": 9}}

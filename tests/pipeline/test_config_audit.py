@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from trainguard.defenses import AdversarialTraining, ModelGate, RobustAccuracy
 from trainguard.defenses.gate import GateVerdict
 from trainguard.defenses.heldout import HeldoutMetrics, LabeledData
-from trainguard.pipeline.config import Component, CycleConfig, ManifestRef, parse_config, project_dir
+from trainguard.pipeline.config import Component, CycleConfig, parse_config, project_dir
 from trainguard.pipeline.cycle import _decoders, _judge, _training_data, roni_holdout, screening_config
 from trainguard.pipeline.detection import detection_config, run_detection
 from trainguard.pipeline.errors import ConfigError
@@ -272,7 +272,7 @@ def schema_fields(model: type[BaseModel] = CycleConfig, prefix: str = "") -> Ite
         sections = [
             t
             for t in (info.annotation, *get_args(info.annotation))
-            if isinstance(t, type) and issubclass(t, BaseModel) and not issubclass(t, Component | ManifestRef)
+            if isinstance(t, type) and issubclass(t, BaseModel) and not issubclass(t, Component)
         ]
         if sections:
             yield from schema_fields(sections[0], f"{prefix}{name}.")

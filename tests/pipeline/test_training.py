@@ -13,7 +13,8 @@ from trainguard.defenses.heldout import LabeledData
 from trainguard.pipeline.config import load_config
 from trainguard.pipeline.errors import ConfigError
 from trainguard.pipeline.training import defense_callbacks, fitted_module, train, trainer
-from trainguard.provenance.dataset import ManifestSpec, VerifiedDataModule
+from trainguard.provenance.dataset import VerifiedDataModule
+from trainguard.provenance.manifest_ref import ManifestRef
 
 DIGITS = Path(__file__).resolve().parents[2] / "configs" / "digits.yaml"
 
@@ -74,7 +75,7 @@ def test_attack_trades_trains_the_cycles_model_on_the_trades_objective(workdir: 
     path.write_text(yaml.safe_dump(document))
     config = load_config(path)
     trusted = workdir / "demo-work" / "data"
-    spec = ManifestSpec(trusted / "trusted.manifest.json", trusted / "trusted", dataset="digits-trusted")
+    spec = ManifestRef(trusted / "trusted.manifest.json", trusted / "trusted", dataset="digits-trusted")
     data = VerifiedDataModule([spec], config.dataset.trust, train_roles=("trusted",))
     holdout = LabeledData(torch.rand(64, 64, generator=torch.Generator().manual_seed(0)), torch.arange(64) % 10)
     result = train(config.model.instantiate(), config, data, holdout, previous=None, logger=None)
