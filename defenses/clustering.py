@@ -31,7 +31,20 @@ from trainguard.defenses.findings import Findings, check_inputs, findings
 @dataclass(frozen=True)
 class ClusteringConfig:
     """Reduction, and the paper's two criteria for calling the smaller cluster poison. ICA's components are
-    whitened, which lowers silhouettes: pair it with a lower `min_silhouette` (about 0.1)."""
+    whitened, which lowers silhouettes: pair it with a lower `min_silhouette` (about 0.1).
+
+    Attributes:
+        reduction: `"pca"` (the default) or `"ica"` (the paper's).
+        components: Dimensions each class's activations are reduced to (>= 1).
+        max_relative_size: The largest share of its class the smaller cluster may hold to be flagged, in (0, 1).
+        min_silhouette: The smallest silhouette score of the split that flags it.
+        max_reference_ratio: The largest ratio of the reference rows' share in the smaller cluster to its share of
+            all rows that flags it; None: no reference check.
+        seed: Seeds the reduction and 2-means.
+
+    Raises:
+        DetectionInputError: An unknown reduction, components < 1, or `max_relative_size` outside (0, 1).
+    """
 
     reduction: Literal["pca", "ica"] = "pca"
     components: int = 10
@@ -107,7 +120,23 @@ def detect_clustering(
     alpha: float = 0.01,
 ) -> Findings:
     """Activation-clustering findings on the rows whose source is not `reference` (those calibrate). A row's score
-    is its class's silhouette when it lies in the smaller cluster, else 0."""
+    is its class's silhouette when it lies in the smaller cluster, else 0.
+
+    Args:
+        features: Penultimate-layer representations (N, D), finite.
+        labels: Integer labels (N,).
+        sources: Each row's source; rows of `reference` are clean and only calibrate.
+        config: The detector's settings.
+        reference: The source name that marks the clean reference rows.
+        alpha: The false discovery rate the per-source decisions are held to.
+
+    Returns:
+        The `"clustering"` findings; a source's p-value is at least its concentration p-value among the flagged
+        rows.
+
+    Raises:
+        DetectionInputError: Shapes that disagree, no reference or no candidate rows, or non-finite features.
+    """
     labels = np.asarray(labels)
     is_reference = check_inputs(features, labels, sources, reference)
     scores = np.zeros(len(labels))

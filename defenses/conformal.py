@@ -41,7 +41,20 @@ ErrorControl = Literal["per-candidate", "bh", "by"]
 
 
 def conformal_p_values(calibration: Sequence[float] | np.ndarray, scores: Sequence[float] | np.ndarray) -> np.ndarray:
-    """p = (1 + #{calibration >= score}) / (n + 1) per score; a NaN score counts as +inf (the most extreme)."""
+    """p = (1 + #{calibration >= score}) / (n + 1) per score; a NaN score counts as +inf (the most extreme).
+
+    Valid when a clean score is exchangeable with the calibration scores: P(p <= a) <= a for every level a.
+
+    Args:
+        calibration: Scores of clean draws (finite, at least one).
+        scores: The scores to test; larger is more extreme.
+
+    Returns:
+        One p-value per score, in (0, 1].
+
+    Raises:
+        ScreeningInputError: No calibration scores, or a non-finite one.
+    """
     cal = np.sort(np.asarray(calibration, dtype=np.float64))
     if cal.size == 0 or not np.isfinite(cal).all():
         raise ScreeningInputError("conformal p-values need at least one calibration score, all finite")
@@ -174,7 +187,20 @@ def stouffer(p_values: Sequence[float]) -> float:
 
 def combined(p_values: Sequence[float], method: Combination, correlation: float = 0.0) -> float:
     """One p-value for several tests of the same hypothesis (e.g. every shard of one source is clean); `correlation`
-    is what Brown's method assumes between any two of them."""
+    is what Brown's method assumes between any two of them.
+
+    Args:
+        p_values: The tests' p-values, each in (0, 1].
+        method: `"brown"`, `"simes"`, `"fisher"` or `"stouffer"` (see the module docstring).
+        correlation: Brown's method only: the correlation between any two tests, in [0, 1).
+
+    Returns:
+        The combined p-value.
+
+    Raises:
+        ScreeningInputError: An unknown method, no p-values or one outside (0, 1], or a correlation outside
+            [0, 1) for Brown's.
+    """
     if method == "brown":
         return brown(p_values, correlation)
     if method == "simes":
@@ -210,7 +236,19 @@ def step_up_adjusted(p_values: Sequence[float] | np.ndarray, procedure: Literal[
 
 def rejected(p_values: Sequence[float], level: float, control: ErrorControl) -> np.ndarray:
     """Which tests are rejected: each at `level` ("per-candidate": every clean one is falsely rejected with
-    probability <= level), or BH / BY across all of them (false discovery rate <= level)."""
+    probability <= level), or BH / BY across all of them (false discovery rate <= level).
+
+    Args:
+        p_values: The tests' p-values.
+        level: The per-test error rate, or the false discovery rate for `"bh"` / `"by"`.
+        control: `"per-candidate"`, `"bh"` (Benjamini-Hochberg) or `"by"` (Benjamini-Yekutieli).
+
+    Returns:
+        A boolean array, True where the test is rejected.
+
+    Raises:
+        ScreeningInputError: An unknown error control.
+    """
     p = np.asarray(p_values, dtype=np.float64)
     if control == "per-candidate":
         return p <= level

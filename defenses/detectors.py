@@ -27,7 +27,20 @@ REFERENCE = "<reference>"
 
 @dataclass(frozen=True)
 class DetectionConfig:
-    """Which detectors run, each one's settings, the overall per-source error budget and the reference's name."""
+    """Which detectors run, each one's settings, the overall per-source error budget and the reference's name.
+
+    Attributes:
+        detectors: The detectors to run, from `"spectral"`, `"clustering"` and `"label-issues"` (default all).
+        spectral: The spectral-signature detector's settings.
+        clustering: The activation-clustering detector's settings.
+        label_issues: The label-issue detector's settings.
+        alpha: The false discovery rate of flagged sources for all detectors together, in (0, 1); each detector
+            runs at alpha / (number of detectors).
+        reference: The source name that marks clean reference rows.
+
+    Raises:
+        DetectionInputError: An unknown detector, none, or alpha outside (0, 1).
+    """
 
     detectors: tuple[str, ...] = DETECTORS
     spectral: SpectralConfig = field(default_factory=SpectralConfig)
@@ -46,7 +59,11 @@ class DetectionConfig:
 
 @dataclass(frozen=True)
 class Detections:
-    """Every configured detector's findings, and their union: rows and sources flagged by any of them."""
+    """Every configured detector's findings, and their union: rows and sources flagged by any of them.
+
+    Attributes:
+        findings: One `Findings` per detector, in the configured order.
+    """
 
     findings: tuple[Findings, ...]
 
@@ -76,7 +93,22 @@ def detect(
 ) -> Detections:
     """Runs the configured detectors on penultimate-layer `features` (N, D) with their `labels` (N,) and `sources`
     (N,); rows whose source is `config.reference` are clean reference rows that calibrate. `pred_probs` (N, K), the
-    model's out-of-sample probabilities, feed the label-issue detector (default: cross-validated on the features)."""
+    model's out-of-sample probabilities, feed the label-issue detector (default: cross-validated on the features).
+
+    Args:
+        features: Penultimate-layer representations (N, D), finite.
+        labels: Integer labels (N,).
+        sources: Each row's source; `config.reference` marks the clean reference rows.
+        config: Which detectors run and their settings.
+        pred_probs: Out-of-sample class probabilities (N, K) for the label-issue detector.
+
+    Returns:
+        Each detector's findings and their union.
+
+    Raises:
+        DetectionInputError: Shapes that disagree, no reference or no candidate rows, non-finite features, or
+            `pred_probs` that do not cover the labels.
+    """
     features = np.asarray(features, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
     alpha = config.alpha / len(config.detectors)

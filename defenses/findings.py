@@ -33,7 +33,15 @@ from trainguard.defenses.errors import DetectionInputError
 
 @dataclass(frozen=True)
 class RowFinding:
-    """One row of the candidates: `row` is its index in the arrays the detector was given."""
+    """One row of the candidates: `row` is its index in the arrays the detector was given.
+
+    Attributes:
+        row: The row's index in the features, labels and sources the detector was given.
+        source: Its source.
+        label: Its label.
+        score: The detector's score (higher: more suspect).
+        flagged: Whether the detector's row rule flags it.
+    """
 
     row: int
     source: str
@@ -45,7 +53,19 @@ class RowFinding:
 @dataclass(frozen=True)
 class SourceFinding:
     """One source's flagged share, the flagged rows expected of a clean source of its classes, its p-value against
-    the per-class clean rates, the BH-adjusted q-value, and the decision (`flagged` when q <= alpha)."""
+    the per-class clean rates, the BH-adjusted q-value, and the decision (`flagged` when q <= alpha).
+
+    Attributes:
+        source: The source.
+        rows: Its candidate rows.
+        flagged_rows: How many of them the detector flagged.
+        fraction: `flagged_rows / rows`.
+        expected: The flagged rows expected of a clean source with its classes.
+        p_value: P(a clean source of its classes has at least `flagged_rows` flagged), for a detector that flags
+            rows in groups at least its concentration p-value.
+        q_value: The Benjamini-Hochberg adjusted p-value across the sources.
+        flagged: Whether `q_value <= alpha`.
+    """
 
     source: str
     rows: int
@@ -60,7 +80,16 @@ class SourceFinding:
 @dataclass(frozen=True)
 class Findings:
     """One detector's findings on the candidate rows (reference rows only calibrate the clean rates); `clean_rate`
-    is the reference's pooled rate (Laplace's rule), for reports; sources are tested per class."""
+    is the reference's pooled rate (Laplace's rule), for reports; sources are tested per class.
+
+    Attributes:
+        detector: `"spectral"`, `"clustering"` or `"label-issues"`.
+        rows: One finding per candidate row.
+        sources: One decision per candidate source, sorted by name.
+        clean_rate: The reference rows' pooled flag rate, (flagged + 1) / (rows + 2).
+        reference_rows: How many reference rows calibrated it.
+        alpha: The false discovery rate the source decisions were held to.
+    """
 
     detector: str
     rows: tuple[RowFinding, ...]

@@ -24,7 +24,16 @@ def plain_forward(module: nn.Module, batch: Any, x: torch.Tensor) -> torch.Tenso
 
 def batch_input(batch: Any) -> torch.Tensor:
     """The clean input of a batch a hook is handed: `batch["x"]` of a held-out dict batch, else position 0 of a
-    (inputs, targets) tuple or list, as Lightning's loaders give it."""
+    (inputs, targets) tuple or list, as Lightning's loaders give it.
+
+    A `forward(module, batch, x)` hook calls it where it needs the clean input beside the perturbed `x`.
+
+    Args:
+        batch: A mapping with `"x"`, or a sequence whose first item is the input.
+
+    Returns:
+        The batch's input tensor.
+    """
     x: torch.Tensor = batch["x"] if isinstance(batch, Mapping) else batch[0]
     return x
 

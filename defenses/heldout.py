@@ -18,7 +18,18 @@ __all__ = ["HeldoutMetrics", "LabeledData", "heldout_metrics", "metrics_of", "pe
 @dataclass(frozen=True)
 class LabeledData:
     """Features (N x ...) and targets (N x ...) as tensors: integer labels, 0/1 label vectors or real values; `extras`
-    are the model's other inputs (masks, lengths), N rows each, handed to a `forward(module, batch, x)` hook."""
+    are the model's other inputs (masks, lengths), N rows each, handed to a `forward(module, batch, x)` hook.
+
+    The labelled data the gate, RONI and the held-out metrics take; `LabeledData.of` builds one from arrays.
+
+    Attributes:
+        x: The inputs, one row per sample.
+        y: The targets, one row per sample.
+        extras: The model's other inputs by name, N rows each (default none).
+
+    Raises:
+        ValueError: `x`, `y` or an extra input have different numbers of rows.
+    """
 
     x: torch.Tensor
     y: torch.Tensor
@@ -60,7 +71,14 @@ class LabeledData:
 @dataclass(frozen=True)
 class HeldoutMetrics:
     """Mean loss and accuracy (the task's `correct`), overall and per group: per class (NaN for a class absent from
-    the held-out set), per label for multilabel, per output for regression, none for a custom task."""
+    the held-out set), per label for multilabel, per output for regression, none for a custom task.
+
+    Attributes:
+        loss: The mean per-sample loss of the task.
+        accuracy: The mean of the task's per-sample correctness.
+        class_loss: The mean loss per group (class, label or output).
+        class_accuracy: The mean correctness per group.
+    """
 
     loss: float
     accuracy: float
@@ -126,7 +144,22 @@ def heldout_metrics(
     forward: ModuleForward | None = None,
 ) -> HeldoutMetrics:
     """Evaluates `model` in eval mode on `data` (its train/eval mode is restored afterwards); `forward(module, batch,
-    x)` reads extra inputs from `LabeledData.batch` (default `model(x)`); `num_classes` defaults to the outputs'."""
+    x)` reads extra inputs from `LabeledData.batch` (default `model(x)`); `num_classes` defaults to the outputs'.
+
+    Args:
+        model: The model, evaluated without gradients on the device of its parameters.
+        data: The held-out rows.
+        num_classes: Classification: how many per-class entries to report (None: the outputs' width).
+        batch_size: Rows per forward pass.
+        task: The task (a `Task` or a built-in's name; None: classification).
+        forward: `forward(module, batch, x)` for a model with extra inputs (None: `model(x)`).
+
+    Returns:
+        The overall and per-group loss and accuracy.
+
+    Raises:
+        TaskMismatchError: The outputs or targets do not fit the task, or an unknown task name.
+    """
     forward = forward or plain_forward
     was_training = model.training
     model.eval()

@@ -29,7 +29,17 @@ from trainguard.defenses.findings import Findings, check_inputs, findings
 @dataclass(frozen=True)
 class LabelIssuesConfig:
     """cleanlab's `filter_by` rule, the share of clean rows a row flag may cost (`row_alpha`, calibrated on the
-    reference rows) and the folds of the default cross-validated probabilities."""
+    reference rows) and the folds of the default cross-validated probabilities.
+
+    Attributes:
+        filter_by: cleanlab's `find_label_issues` rule, e.g. `"prune_by_noise_rate"`.
+        row_alpha: The largest conformal p-value against the reference rows' scores that flags an issue, in (0, 1].
+        folds: Cross-validation folds of the default probabilities (>= 2; fewer where a class has fewer rows).
+        seed: Seeds the folds.
+
+    Raises:
+        DetectionInputError: Fewer than 2 folds, or `row_alpha` outside (0, 1].
+    """
 
     filter_by: str = "prune_by_noise_rate"
     row_alpha: float = 0.005
@@ -74,7 +84,25 @@ def detect_label_issues(
     pred_probs: np.ndarray | None = None,
 ) -> Findings:
     """cleanlab's label issues among all rows; findings on the rows whose source is not `reference`. A row's score
-    is 1 - its label quality (cleanlab's self-confidence)."""
+    is 1 - its label quality (cleanlab's self-confidence).
+
+    Args:
+        features: Penultimate-layer representations (N, D), finite.
+        labels: Integer labels (N,).
+        sources: Each row's source; rows of `reference` are clean and only calibrate.
+        config: The detector's settings.
+        reference: The source name that marks the clean reference rows.
+        alpha: The false discovery rate the per-source decisions are held to.
+        pred_probs: Out-of-sample class probabilities (N, K); None: a cross-validated logistic regression's on the
+            features.
+
+    Returns:
+        The `"label-issues"` findings.
+
+    Raises:
+        DetectionInputError: Shapes that disagree, no reference or no candidate rows, non-finite features, or
+            `pred_probs` that do not cover the labels.
+    """
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
 

@@ -64,7 +64,18 @@ def _validated(rows_by_source: Mapping[str, int], max_fraction: float) -> int:
 
 
 def check_source_caps(rows_by_source: Mapping[str, int], max_fraction: float) -> CapCheck:
-    """Each source's fraction of all rows, and whether it is within `max_fraction`."""
+    """Each source's fraction of all rows, and whether it is within `max_fraction` (no source may flood a cycle).
+
+    Args:
+        rows_by_source: Rows each source contributes.
+        max_fraction: The cap on one source's share of all rows, in (0, 1].
+
+    Returns:
+        Each source's share, in the order given; `over` names those past the cap.
+
+    Raises:
+        ScreeningInputError: A cap outside (0, 1], or a negative row count.
+    """
     total = _validated(rows_by_source, max_fraction)
     shares = tuple(
         SourceShare(source, n, n / total if total else 0.0, n <= max_fraction * total)
@@ -74,7 +85,19 @@ def check_source_caps(rows_by_source: Mapping[str, int], max_fraction: float) ->
 
 
 def enforce_source_caps(rows_by_source: Mapping[str, int], max_fraction: float) -> CapCheck:
-    """Like `check_source_caps`, but raises `SourceCapError` naming the largest source over the cap."""
+    """Like `check_source_caps`, but raises `SourceCapError` naming the largest source over the cap.
+
+    Args:
+        rows_by_source: Rows each source contributes.
+        max_fraction: The cap on one source's share of all rows, in (0, 1].
+
+    Returns:
+        Each source's share, all within the cap.
+
+    Raises:
+        SourceCapError: A source is over the cap (the largest one is named).
+        ScreeningInputError: A cap outside (0, 1], or a negative row count.
+    """
     result = check_source_caps(rows_by_source, max_fraction)
     over = [s for s in result.shares if not s.allowed]
     if over:
@@ -94,6 +117,17 @@ def capped_rows(rows_by_source: Mapping[str, int], max_fraction: float, exempt_r
     Finds the largest per-source ceiling c with c <= max_fraction * (exempt_rows + sum(min(rows, c))). The slack of
     that inequality is concave in c and non-negative at c = 0, so the feasible ceilings form an interval and
     bisection finds its end.
+
+    Args:
+        rows_by_source: Rows each source offers.
+        max_fraction: The cap on one source's share of the kept rows, in (0, 1].
+        exempt_rows: Rows that count in the total but are not capped (>= 0).
+
+    Returns:
+        Rows each source may keep (at most what it offered), in the order given.
+
+    Raises:
+        ScreeningInputError: A cap outside (0, 1], or a negative row count.
     """
     _validated(rows_by_source, max_fraction)
     if exempt_rows < 0:

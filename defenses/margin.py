@@ -22,6 +22,8 @@ from trainguard.defenses.task import Task, as_task
 
 @dataclass(frozen=True)
 class SourceMargin:
+    """One source's margins against the other sources' and whether it is flagged for review."""
+
     source: str
     count: int
     median_margin: float
@@ -53,6 +55,18 @@ def compare_margins(
     """Per source: its median margin against the rest, and whether it is flagged for review.
 
     Sources with fewer than `min_samples` rows are not tested (reported, never flagged).
+
+    Args:
+        margins: One margin per row (top-1 minus top-2 class probability).
+        sources: The source of each row.
+        alpha: The level of the one-sided Mann-Whitney U test, Bonferroni-corrected over the sources.
+        min_samples: Fewest rows a source (and the rest) needs to be tested.
+
+    Returns:
+        One result per source, in first-seen order.
+
+    Raises:
+        ScreeningInputError: `margins` and `sources` differ in length.
     """
     labels = np.asarray(sources)
     if len(labels) != len(margins):
@@ -87,6 +101,22 @@ def check_margins(
     task: Task | str | None = None,
 ) -> tuple[SourceMargin, ...]:
     """`compare_margins` on the margins `model` gives to the rows `x`, each tagged with its source (classification
-    only: a decision-boundary margin needs class probabilities)."""
+    only: a decision-boundary margin needs class probabilities).
+
+    Args:
+        model: The classifier, run in eval mode (its mode is restored).
+        x: The rows' inputs.
+        sources: The source of each row.
+        alpha: The level of each source's test, Bonferroni-corrected over the sources.
+        min_samples: Fewest rows a source (and the rest) needs to be tested.
+        task: The task; anything but classification is refused.
+
+    Returns:
+        One result per source, in first-seen order.
+
+    Raises:
+        TaskMismatchError: A task other than classification.
+        ScreeningInputError: `x` and `sources` differ in length.
+    """
     as_task(task).refuse_unless(("classification",), "the margin check")
     return compare_margins(sample_margins(model, x), sources, alpha, min_samples)

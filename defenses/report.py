@@ -20,7 +20,12 @@ SOURCES_TABLE = "roni/sources.json"
 
 @dataclass(frozen=True)
 class ScreeningFiles:
-    """The local record of one screening: the JSON report and the impacts plot."""
+    """The local record of one screening: the JSON report and the impacts plot.
+
+    Attributes:
+        json_path: `roni-report.json`: the report's `to_dict()`, strict JSON.
+        plot_path: `roni-impacts.png`: each candidate's -log10 adjusted p-value against the level.
+    """
 
     json_path: Path
     plot_path: Path
@@ -53,7 +58,15 @@ def plot_impacts(report: ScreeningReport, path: Path) -> Path:
 
 
 def write_screening(report: ScreeningReport, directory: Path) -> ScreeningFiles:
-    """Writes `roni-report.json` (strict JSON, written atomically) and `roni-impacts.png` into `directory`."""
+    """Writes `roni-report.json` (strict JSON, written atomically) and `roni-impacts.png` into `directory`.
+
+    Args:
+        report: What `screen_candidates` returned.
+        directory: The folder to write into (created if missing; existing files of those names are replaced).
+
+    Returns:
+        The paths of the two files.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     json_path = directory / "roni-report.json"
     atomic_write(json_path, json.dumps(report.to_dict(), indent=2, allow_nan=False).encode())

@@ -52,6 +52,20 @@ def correct_under_attacks(
     """Per attack, which rows of `x` the model still gets right (its task's `correct`) at the attack's final point.
 
     A row's score against the ensemble is its worst over the attacks: `torch.stack([...]).amin(0)`.
+
+    Args:
+        attacks: Attacks by name, each bound to the model (`make_attack`).
+        x: The clean inputs.
+        y: Their targets.
+        eps: The budget every attack runs at (>= 0).
+
+    Returns:
+        Per attack name, the per-row correctness (N,) as floats in [0, 1].
+
+    Raises:
+        AttackConfigError: `eps` negative or not finite.
+        AttackInputError: Inputs outside an attack's bounds, or not floating point.
+        TaskMismatchError: Outputs or targets that do not fit an attack's task.
     """
     return {
         name: attack.task.correct(attack.predict(attack(x, y, eps=eps)), y).float() for name, attack in attacks.items()

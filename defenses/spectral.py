@@ -26,7 +26,17 @@ from trainguard.defenses.findings import Findings, check_inputs, findings
 class SpectralConfig:
     """`calibrated`: flag rows with conformal p <= `row_alpha` (0.5%, as label issues': see
     `trainguard.defenses.label_issues`); `fraction`: the paper's top `removal_factor` x `expected_fraction` of each
-    class."""
+    class.
+
+    Attributes:
+        rule: `"calibrated"` (the default) or `"fraction"`.
+        row_alpha: `calibrated`: the largest conformal p-value against the reference rows that flags a row, in (0, 1).
+        expected_fraction: `fraction`: the expected poison share of a class, in (0, 1).
+        removal_factor: `fraction`: how many times `expected_fraction` of each class is flagged.
+
+    Raises:
+        DetectionInputError: An unknown rule, or `row_alpha` or `expected_fraction` outside (0, 1).
+    """
 
     rule: Literal["calibrated", "fraction"] = "calibrated"
     row_alpha: float = 0.005
@@ -80,7 +90,23 @@ def detect_spectral(
     reference: str = "<reference>",
     alpha: float = 0.01,
 ) -> Findings:
-    """Spectral-signature findings on the rows whose source is not `reference` (those calibrate)."""
+    """Spectral-signature findings on the rows whose source is not `reference` (those calibrate).
+
+    Args:
+        features: Penultimate-layer representations (N, D), finite.
+        labels: Integer labels (N,).
+        sources: Each row's source; rows of `reference` are clean and only calibrate.
+        config: The detector's settings.
+        reference: The source name that marks the clean reference rows.
+        alpha: The false discovery rate the per-source decisions are held to.
+
+    Returns:
+        The `"spectral"` findings: each candidate row's score (its squared projection on its class's top singular
+        vector) and flag, and each candidate source's decision.
+
+    Raises:
+        DetectionInputError: Shapes that disagree, no reference or no candidate rows, or non-finite features.
+    """
     labels = np.asarray(labels)
     is_reference = check_inputs(features, labels, sources, reference)
     scores = spectral_scores(features, labels)

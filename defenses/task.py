@@ -37,6 +37,26 @@ class Task:
       absolute (`"l1"`) error summed over outputs; a sample is correct when every output is within `tolerance`.
     - custom: `loss(outputs, targets)` and `metric(outputs, targets)` return per-sample values (N,), the metric in
       [0, 1] (1 = correct); it has no per-group breakdown, no trivial predictor and no TRADES divergence.
+
+    Attributes:
+        kind: `"classification"` (the default), `"multilabel"`, `"regression"` or `"custom"` (use `Task.custom`).
+        tolerance: Regression: the largest absolute error per output that still counts as correct (> 0).
+        regression_loss: Regression: `"mse"` (squared error) or `"l1"` (absolute error).
+        multilabel_accuracy: Multilabel: `"exact"` (every label right) or `"per-label"` (the fraction right).
+        loss: Custom tasks only: the per-sample loss `loss(outputs, targets) -> (N,)` attacks maximise.
+        metric: Custom tasks only: the per-sample score `metric(outputs, targets) -> (N,)` in [0, 1].
+
+    Raises:
+        TaskMismatchError: An unknown kind, a tolerance that is not finite and > 0, an unknown regression loss or
+            multilabel accuracy, or `loss`/`metric` given without a custom kind (or missing with it).
+
+    Example::
+
+        from trainguard import AdversarialTraining, Task
+
+        task = Task("regression", tolerance=0.1, regression_loss="l1")
+        adversarial = AdversarialTraining("pgd", eps=0.05, ratio=0.5, task=task)
+        custom = Task.custom(loss=my_per_sample_loss, metric=my_per_sample_score)
     """
 
     kind: TaskKind = "classification"
@@ -264,7 +284,17 @@ CLASSIFICATION = Task()
 
 def as_task(task: Task | str | None) -> Task:
     """A `Task` from a Task, a built-in's name (`"classification"`, `"multilabel"`, `"regression"`) or None
-    (classification)."""
+    (classification): what every defense's `task=` argument goes through.
+
+    Args:
+        task: A `Task` (returned as it is), a built-in task's name, or None.
+
+    Returns:
+        The task; a name gives that built-in with its default settings.
+
+    Raises:
+        TaskMismatchError: An unknown task name.
+    """
     if task is None:
         return CLASSIFICATION
     if isinstance(task, Task):

@@ -25,7 +25,21 @@ PASSED = "schema checks passed"
 class ShardSchema:
     """What a shard must look like: feature columns of one float dtype within bounds, and an integer label column
     among `allowed_labels`, or (regression, multilabel: `allowed_labels` None) numeric `targets` columns (default:
-    the label column) within [target_min, target_max] (None: unbounded)."""
+    the label column) within [target_min, target_max] (None: unbounded). No other column is allowed.
+
+    Attributes:
+        features: The feature columns.
+        label: The label column (classification), and the target column when `targets` is empty.
+        allowed_labels: The labels a classification shard may hold (digits' 0-9 by default); None: real or 0/1
+            targets instead.
+        min_value: The smallest feature value allowed.
+        max_value: The largest feature value allowed.
+        feature_dtype: The dtype every feature column must have.
+        label_dtype: The dtype the label column must have (classification).
+        targets: The target columns when `allowed_labels` is None (empty: `label`).
+        target_min: The smallest target value allowed (None: unbounded).
+        target_max: The largest target value allowed (None: unbounded).
+    """
 
     features: tuple[str, ...]
     label: str = "label"
@@ -70,7 +84,13 @@ def _is_real(column: pd.Series) -> bool:
 
 @dataclass(frozen=True)
 class Shard:
-    """A shard's rows with the source that signed it and its name in the manifest."""
+    """A shard's rows with the source that signed it and its name in the manifest.
+
+    Attributes:
+        name: The shard's name in the manifest.
+        source: Its source.
+        frame: Its rows, as read from its verified bytes.
+    """
 
     name: str
     source: str
@@ -79,7 +99,16 @@ class Shard:
 
 @dataclass(frozen=True)
 class ShardVerdict:
-    """Accepted, or quarantined because of `check` (one of CHECK_ORDER), with a one-line reason."""
+    """Accepted, or quarantined because of `check` (one of CHECK_ORDER), with a one-line reason.
+
+    Attributes:
+        name: The shard's name.
+        source: Its source.
+        accepted: Whether it passed every check.
+        check: The first failed kind of check (`columns`, `dtype`, `nulls`, `labels`, `targets`, `range`); empty
+            when accepted.
+        reason: One line: what failed and in which columns, or that the checks passed.
+    """
 
     name: str
     source: str
@@ -146,7 +175,16 @@ def _passes_together(frames: Sequence[pd.DataFrame], schema: ShardSchema) -> boo
 
 
 def validate_shards(shards: Sequence[Shard], schema: ShardSchema) -> ValidationResult:
-    """Schema checks per shard: one pandera call per layout, and one per shard of a layout whose call failed."""
+    """Schema checks per shard: one pandera call per layout, and one per shard of a layout whose call failed.
+
+    Args:
+        shards: The shards to check.
+        schema: What each must look like.
+
+    Returns:
+        One verdict per shard, in the order given; `accepted` names the shards that passed and `quarantined` holds
+        the verdicts of the others.
+    """
     by_layout: dict[tuple[tuple[str, str], ...], list[int]] = {}
     for i, shard in enumerate(shards):
         by_layout.setdefault(_layout(shard.frame), []).append(i)

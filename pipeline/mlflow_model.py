@@ -140,6 +140,30 @@ def load_model(model: str, *, key: Path | str, attestation_key: Path | str | Non
 
     Raises RegistryError (with its `reason`), ModelSignatureError or AttestationError before anything from the
     artifact store is used.
+
+    Args:
+        model: A registered model's name (its `champion`), `models:/NAME@ALIAS` or `models:/NAME/VERSION`.
+        key: The model-signing public key (PEM) the caller pins; never one shipped with the artifacts.
+        attestation_key: The key the attestation must be signed by (None: `key`).
+
+    Returns:
+        The model, built by trainguard's installed code from the verified files; `predict` serves it.
+
+    Raises:
+        RegistryError: Not a registered model reference, a version that is not registered (or not by trainguard),
+            a champion alias behind a newer version, artifacts that cannot be downloaded, or weights or an attested
+            cycle other than the ones the registry recorded.
+        ModelSignatureError: The model's signature is missing, unreadable or does not match its files, or `key`
+            cannot be read.
+        AttestationError: The attestation or its key cannot be read, is malformed, is not signed by a trusted key,
+            or names other files.
+
+    Example::
+
+        from trainguard import load_model
+
+        model = load_model("digits-model", key="keys/model-signing.pub")  # the champion, verified
+        predictions = model.predict(features)  # a DataFrame: `label` and `probability` per row
     """
     from mlflow.tracking import MlflowClient
 

@@ -37,7 +37,29 @@ class Passed:
 
 
 def preflight(config: CycleConfig) -> tuple[Passed, ...]:
-    """Runs every up-front check in order (files, keys, trust, manifests, model); raises on the first failure."""
+    """Runs every up-front check in order (files, keys, trust, manifests, model); raises on the first failure.
+
+    Nothing is trained or written, so a failure leaves the project as it was; `run_cycle` runs it first.
+
+    Args:
+        config: The cycle config (`load_config`).
+
+    Returns:
+        What each check established, in order.
+
+    Raises:
+        ConfigError: A file or folder the config names does not exist.
+        PreflightError: A check failed (`check` names it: files, keys, trust, manifests, model).
+
+    Example::
+
+        from trainguard import PipelineError, load_config, preflight
+
+        try:
+            passed = preflight(load_config("configs/digits.yaml"))
+        except PipelineError as error:
+            print("not ready:", error)
+    """
     passed = [_files(config), *_keys(config)]
     verified = _manifests(config)
     passed.append(Passed("manifests", f"{len(verified)} signed manifests verify under their trust policies"))

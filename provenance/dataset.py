@@ -59,7 +59,40 @@ class ShardDataset(Dataset[Sample]):
 
     A shard whose role is in `refusable` and whose read fails is refused by name (in `refused`) and left out, as
     the cycle's intake refuses a training shard: that intake read the same signed bytes, so a failure now means the
-    file changed after it. A failed read of any other shard raises."""
+    file changed after it. A failed read of any other shard raises.
+
+    Every selected shard is read (and verified) when the dataset is built.
+
+    Args:
+        readers: One `ShardReader` per verified manifest; shards a reader's allow-list does not permit are skipped.
+        roles: The shard roles selected (None: any).
+        sources: The sources selected (None: any).
+        exclude: Shards left out, by `name` or `dataset:name`.
+        exclude_rows: `dataset:name` (or `<key set>/dataset:name`, one signer's) -> row indices never served.
+        feature_columns: The table columns read as features (None: all but the target columns).
+        label_column: The target column (integer labels stay int64, real values become float32), or several
+            target columns read as one (N, k) float32 target.
+        decoders: Suffix -> decoder for formats other than tables; laid over the built-in ones, and a decoder for
+            `.parquet` or `.npy` reads those shards instead of the table path.
+        transform: A per-sample callable applied to each input as it is served.
+        part: `(rank, world)`: only this rank's part of the selected shards, balanced by signed record counts.
+        refusable: Roles whose shards are refused by name (in `refused`) when their read fails, instead of raising.
+
+    Raises:
+        ShardError: A selected shard's read or decoding failed and its role is not `refusable`.
+        MalformedError: The shards cannot form one dataset (inputs of different shapes), or a row to exclude lies
+            outside its shard.
+
+    Example::
+
+        from pathlib import Path
+        from trainguard import ShardDataset, ShardReader
+        from trainguard.provenance import open_manifest
+
+        verified = open_manifest(Path("data/train.manifest.json"), Path("trust.yaml"), dataset="digits-contributed")
+        dataset = ShardDataset([ShardReader(verified)], roles=("train",), exclude=("bob/part-2.parquet",))
+        x, y = dataset[0]
+    """
 
     def __init__(
         self,
@@ -297,6 +330,49 @@ class VerifiedDataModule(pl.LightningDataModule):
     With `refuse_changed`, a role-`train` shard whose read fails (its file changed after the intake that chose it)
     is refused by name and training goes on without it; `refused` lists them, merged across ranks like the read
     log. Trusted and held-out shards still stop the fit, as does any shard without it.
+
+    Manifests are opened (signatures, expiry, rollback) and shards read in `setup`, not in the constructor.
+
+    Args:
+        manifests: Manifest paths, `ManifestRef`s or mappings with `manifest` (and optional `dataset`,
+            `data_dir`, `trust`).
+        trust: The trust policy (or `.pub` key) for manifests that name none of their own.
+        state_file: The rollback state the manifests are checked against (None: `default_state_path()`); checked
+            only, never recorded.
+        train_roles: The shard roles trained on.
+        val_roles: The shard roles validated on (None or empty: no validation loader).
+        sources: The sources selected (None: any).
+        exclude: Shards left out, by `name` or `dataset:name`.
+        exclude_rows: `dataset:name` (or `<key set>/dataset:name`) -> row indices of training shards never served.
+        feature_columns: The table columns read as features (None: all but the target columns).
+        label_column: The target column, or several target columns read as one (N, k) float32 target.
+        decoders: Suffix -> `decode(name, data) -> Samples` for formats other than tables.
+        transform: A per-sample callable applied to training inputs.
+        val_transform: A per-sample callable applied to validation inputs.
+        batch_size: Rows per batch of both loaders.
+        num_workers: DataLoader worker processes.
+        seed: Seeds the training loader's shuffle.
+        refuse_changed: Whether a role-`train` shard whose read fails is refused (see above) instead of raising.
+
+    Raises:
+        MalformedError: A manifest entry without `manifest` or with unknown keys; at setup, a manifest without a
+            trust policy, or no training shard selected.
+        ProvenanceError: At setup, a manifest that does not verify or a shard read that fails (its subclass says
+            which), or a failure on another rank.
+
+    Example::
+
+        from pytorch_lightning import Trainer
+        from trainguard import VerifiedDataModule
+
+        data = VerifiedDataModule(
+            [{"manifest": "data/train.manifest.json", "dataset": "digits-contributed"}],
+            trust="configs/digits-trust.yaml",
+            exclude={"digits-contributed:bob/part-2.parquet"},
+            batch_size=128,
+        )
+        Trainer(max_epochs=5).fit(model, datamodule=data)
+        print(data.read_log.digest())  # the exact shards read, for an attestation
     """
 
     def __init__(

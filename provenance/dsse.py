@@ -24,19 +24,42 @@ MAX_SIGNATURES = 16
 
 
 def pae(payload_type: str, payload: bytes) -> bytes:
-    """DSSEv1 pre-authentication encoding: what is actually signed, binding the payload type to the payload."""
+    """DSSEv1 pre-authentication encoding: what is actually signed, binding the payload type to the payload.
+
+    Args:
+        payload_type: The envelope's payloadType (encoded as UTF-8).
+        payload: The payload bytes.
+
+    Returns:
+        `b"DSSEv1 <len(type)> <type> <len(payload)> <payload>"`, the message every signature is made over.
+    """
     kind = payload_type.encode("utf-8")
     return b"DSSEv1 %d %b %d %b" % (len(kind), kind, len(payload), payload)
 
 
 @dataclass(frozen=True)
 class Signature:
+    """One signature of a DSSE envelope, over `pae(payload_type, payload)`.
+
+    Attributes:
+        keyid: The keyid of the key that made it (`VerifyingKey.keyid`); empty when the JSON gave none.
+        sig: The raw signature bytes (base64 in the envelope's JSON).
+    """
+
     keyid: str
     sig: bytes
 
 
 @dataclass(frozen=True)
 class Envelope:
+    """A DSSE envelope: a typed payload and the signatures over its pre-authentication encoding (`pae`).
+
+    Attributes:
+        payload_type: The payload's media type; a manifest's is `PAYLOAD_TYPE` (in-toto JSON).
+        payload: The signed bytes (for a manifest, its canonical in-toto statement).
+        signatures: The signatures; `from_json` and `verify_envelope` refuse more than MAX_SIGNATURES.
+    """
+
     payload_type: str
     payload: bytes
     signatures: tuple[Signature, ...]
@@ -108,11 +131,32 @@ def _check_count(count: int) -> None:
 
 
 def sign_envelope(payload_type: str, payload: bytes, key: SigningKey) -> Envelope:
+    """Signs a payload into a new envelope, so its type and bytes cannot change without breaking the signature.
+
+    Args:
+        payload_type: The payload's media type (`PAYLOAD_TYPE` for a manifest).
+        payload: The bytes to sign.
+        key: The private key that signs.
+
+    Returns:
+        An envelope whose only signature is `key`'s over `pae(payload_type, payload)`.
+    """
     return Envelope(payload_type, payload, (Signature(key.keyid, key.sign(pae(payload_type, payload))),))
 
 
 def add_signature(envelope: Envelope, key: SigningKey) -> Envelope:
-    """The envelope with one more signature; a key signs an envelope at most once."""
+    """The envelope with one more signature (co-signing, for k-of-n policies); a key signs an envelope at most once.
+
+    Args:
+        envelope: The envelope to co-sign; it is not changed.
+        key: The private key whose signature is added.
+
+    Returns:
+        A copy of `envelope` with `key`'s signature after the existing ones.
+
+    Raises:
+        AlreadySignedError: The envelope already holds a signature with `key`'s keyid.
+    """
     if any(s.keyid == key.keyid for s in envelope.signatures):
         raise AlreadySignedError(f"the envelope is already signed by key {key.keyid}", keyid=key.keyid)
     signature = Signature(key.keyid, key.sign(pae(envelope.payload_type, envelope.payload)))
@@ -125,6 +169,21 @@ def verify_envelope(envelope: Envelope, trusted: Sequence[VerifyingKey], thresho
     A signature is checked only against the trusted key its keyid names (one check per signature, at most
     MAX_SIGNATURES). The reason says why: a trusted key's signature that fails (payload edited), no trusted signer
     at all, or too few.
+
+    Args:
+        envelope: The signed envelope.
+        trusted: The keys whose signatures count; signatures by any other keyid are skipped.
+        threshold: How many distinct trusted keys must have signed, from 1 to the number of trusted keys.
+
+    Returns:
+        The keyids of the trusted keys whose signatures verify, in signature order.
+
+    Raises:
+        PolicyError: No trusted keys, or `threshold` out of range.
+        MalformedError: The envelope holds more than MAX_SIGNATURES signatures.
+        BadSignatureError: Below the threshold, and a trusted key's signature does not verify.
+        UntrustedSignerError: No signature is by a trusted key.
+        ThresholdError: Fewer trusted keys signed than `threshold`.
     """
     keys = {key.keyid: key for key in trusted}
     if not keys:

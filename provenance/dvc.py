@@ -28,7 +28,23 @@ def find_repo_root(start: Path) -> Path:
 
 
 def dvc_tracked_md5(data_dir: Path) -> dict[str, str]:
-    """Relative POSIX name -> md5 of every file DVC tracks under `data_dir`; refuses disagreeing records."""
+    """Relative POSIX name -> md5 of every file DVC tracks under `data_dir`; refuses disagreeing records.
+
+    The md5s are only compared beside the signed digests (signing and verifying with `dvc`), never trusted alone.
+
+    Args:
+        data_dir: A folder DVC tracks as a directory (`DIR.dvc` beside it, or an out of a `dvc.lock` up to the
+            repository root).
+
+    Returns:
+        Each tracked file's path relative to `data_dir` mapped to its md5, from the DVC cache's `.dir` listing.
+
+    Raises:
+        DataDirError: Not inside a DVC repository, not tracked (as a directory), a DVC file or config that cannot
+            be read or parsed, or no listing in the cache.
+        DvcMismatchError: DVC's records of the folder disagree, or the cache listing does not match its md5.
+        MalformedError: The cache listing is malformed (not a list of safe, distinct names with md5s).
+    """
     data_dir = Path(data_dir).resolve()
     root = find_repo_root(data_dir)
     dir_md5s = {md5 for _, md5 in _records(data_dir, root)}

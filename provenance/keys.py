@@ -20,6 +20,7 @@ from trainguard.files import atomic_write, read_regular
 from trainguard.provenance.errors import KeyFileError
 
 KeyType = Literal["ed25519", "ecdsa-p256"]
+"""The key types trainguard signs and verifies with: Ed25519 (the default) and ECDSA over P-256."""
 KEY_TYPES: tuple[str, ...] = get_args(KeyType)
 PASSPHRASE_ENV = "TRAINGUARD_KEY_PASSPHRASE"
 KEY_FILE_LIMIT = 64 * 1024
@@ -28,7 +29,15 @@ KEY_FILE_LIMIT = 64 * 1024
 
 @dataclass(frozen=True)
 class VerifyingKey:
-    """A public key that checks signatures; equal keys have equal keyids."""
+    """A public key that checks signatures; equal keys have equal keyids.
+
+    Made by `load_verifying_key` (a PEM file), or taken from a `SigningKey`'s `public`; it pickles as its PEM.
+
+    Attributes:
+        keyid: Hex SHA-256 of the key's DER SubjectPublicKeyInfo.
+        key_type: `"ed25519"` or `"ecdsa-p256"`.
+        _key: The `cryptography` public key object (private: not compared, not in the repr).
+    """
 
     keyid: str
     key_type: KeyType
@@ -63,7 +72,14 @@ class VerifyingKey:
 
 @dataclass(frozen=True, repr=False)
 class SigningKey:
-    """A private key. Its repr and str show the keyid only, never key material."""
+    """A private key. Its repr and str show the keyid only, never key material, and pickling it raises TypeError.
+
+    Made by `generate_signing_key` or `load_signing_key`.
+
+    Attributes:
+        public: Its public half; `keyid` and `key_type` are the public half's.
+        _key: The `cryptography` private key object (private: not compared).
+    """
 
     public: VerifyingKey
     _key: Any = field(compare=False)
@@ -91,7 +107,17 @@ class SigningKey:
 
 
 def generate_signing_key(key_type: KeyType = "ed25519") -> SigningKey:
-    """A fresh private key of the given type."""
+    """A fresh private key of the given type, made in memory (`write_keypair` stores it).
+
+    Args:
+        key_type: `"ed25519"` (the default) or `"ecdsa-p256"`.
+
+    Returns:
+        The new key.
+
+    Raises:
+        KeyFileError: An unsupported key type.
+    """
     if key_type == "ed25519":
         private: Any = ed25519.Ed25519PrivateKey.generate()
     elif key_type == "ecdsa-p256":
@@ -109,7 +135,22 @@ def public_key_path(private_key: Path) -> Path:
 def write_keypair(
     key: SigningKey, out_prefix: Path, passphrase: bytes | None = None, *, overwrite: bool = False
 ) -> tuple[Path, Path]:
-    """Writes `NAME.key` (PKCS#8 PEM, mode 0600, encrypted when a passphrase is given) and `NAME.pub`."""
+    """Writes `NAME.key` (PKCS#8 PEM, mode 0600, encrypted when a passphrase is given) and `NAME.pub`.
+
+    Both files are written atomically; the private one is created with mode 0600, never wider.
+
+    Args:
+        key: The key pair to write.
+        out_prefix: `NAME`, the path both files are named after (`NAME.key`, `NAME.pub`).
+        passphrase: Encrypts the private key file (the best encryption available) when given.
+        overwrite: Whether existing files (or links) at those paths are replaced instead of refused.
+
+    Returns:
+        The paths of the private and the public key file.
+
+    Raises:
+        KeyFileError: A file exists at either path (without `overwrite`), or the pair cannot be written.
+    """
     out_prefix = Path(out_prefix)
     private_path = out_prefix.with_name(out_prefix.name + ".key")
     public_path = out_prefix.with_name(out_prefix.name + ".pub")
@@ -130,7 +171,20 @@ def write_keypair(
 
 
 def load_signing_key(path: Path, passphrase: bytes | None = None) -> SigningKey:
-    """Reads a PEM private key; the passphrase defaults to $TRAINGUARD_KEY_PASSPHRASE."""
+    """Reads a PEM private key; the passphrase defaults to $TRAINGUARD_KEY_PASSPHRASE.
+
+    Args:
+        path: A PEM private key file (a regular file of at most 64 KiB).
+        passphrase: The key's passphrase; None: $TRAINGUARD_KEY_PASSPHRASE where set (an unencrypted key then
+            loads too).
+
+    Returns:
+        The key.
+
+    Raises:
+        KeyFileError: The file cannot be read or is no PEM private key, the passphrase is wrong or missing, one was
+            passed for an unencrypted key, or the key type is not supported.
+    """
     path = Path(path)
     from_env = passphrase is None
     if from_env and os.environ.get(PASSPHRASE_ENV):
@@ -161,7 +215,17 @@ def _load_unencrypted(data: bytes, path: Path) -> Any:
 
 
 def load_verifying_key(path: Path) -> VerifyingKey:
-    """Reads a PEM public key (SubjectPublicKeyInfo)."""
+    """Reads a PEM public key (SubjectPublicKeyInfo), e.g. the `.pub` that `write_keypair` wrote.
+
+    Args:
+        path: The PEM public key file (a regular file of at most 64 KiB).
+
+    Returns:
+        The key.
+
+    Raises:
+        KeyFileError: The file cannot be read, is no PEM public key, or holds an unsupported key type.
+    """
     path = Path(path)
     return verifying_key_from_pem(_read(path, "public key"), str(path))
 

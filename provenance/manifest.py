@@ -17,8 +17,11 @@ from trainguard import strictjson
 from trainguard.provenance.errors import MalformedError
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+"""The `_type` of every manifest statement: in-toto Statement v1."""
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
+"""The payloadType of a manifest's DSSE envelope; verification refuses any other (PayloadTypeError)."""
 PREDICATE_TYPE = "https://trainguard.dev/dataset-manifest/v1"
+"""The predicateType of trainguard's dataset predicate (name, version, lifetime, chunk size, shard facts)."""
 ROLES = ("train", "trusted", "holdout")
 """`train`: screened before training; `trusted`: trained on unscreened (the base RONI and the gate start from);
 `holdout`: never trained on, the held-out set every check measures on. Only a key set granted a role may claim it."""
@@ -33,8 +36,19 @@ _RFC3339 = re.compile(
 
 @dataclass(frozen=True)
 class ShardEntry:
-    """One signed shard. `chunks` are SHA-256 digests of consecutive `chunk_size` pieces (large shards only);
-    `blake3`, when signed, is a second whole-file digest that verification may check instead of `sha256`."""
+    """One signed shard: an in-toto subject (name and digests) and the facts the predicate states about it.
+
+    Attributes:
+        name: The shard's path relative to its data folder (POSIX separators).
+        sha256: Hex SHA-256 of the whole file.
+        size: Its size in bytes.
+        source: Who contributed it: a letter or digit, then up to 127 of `A-Za-z0-9._@:+-`.
+        role: `train`, `trusted` or `holdout` (`ROLES`); only a key set granted the role may claim it.
+        records: How many samples it holds, where its format's metadata says (None otherwise).
+        chunks: SHA-256 digests of consecutive `chunk_size` pieces (large shards only; empty otherwise).
+        blake3: A second whole-file digest (hex BLAKE3) that verification may check instead of `sha256`; None
+            when not signed.
+    """
 
     name: str
     sha256: str
@@ -51,6 +65,20 @@ class ShardEntry:
 
 @dataclass(frozen=True)
 class Manifest:
+    """A dataset as signed: its name, version and lifetime, and every shard with its digests, source and role.
+
+    Attributes:
+        dataset: The dataset's name (a simple name, as a source id), which a verifier can require (`dataset=`).
+        version: The version (>= 0); anti-rollback refuses a lower one, or the same one with other content.
+        created: When it was signed (UTC).
+        expires: When it stops verifying (ExpiredError from then on).
+        shards: One entry per shard, in manifest order.
+        chunk_size: The bytes of each chunk the `chunks` digests of large shards cover (8 MiB by default).
+        shuffle_seed: The seed of the permutation the rows were dealt across the shards with (`trainguard
+            shard`), signed so the order can be reproduced; None when the rows kept their source order or the
+            shards were made elsewhere.
+    """
+
     dataset: str
     version: int
     created: datetime
@@ -58,8 +86,6 @@ class Manifest:
     shards: tuple[ShardEntry, ...]
     chunk_size: int = DEFAULT_CHUNK_SIZE
     shuffle_seed: int | None = None
-    """The seed of the permutation the rows were dealt across the shards with (`trainguard shard`), signed so the
-    order can be reproduced; None when the rows kept their source order or the shards were made elsewhere."""
 
     def select(
         self, roles: Iterable[str] | None = None, sources: Iterable[str] | None = None
@@ -157,7 +183,17 @@ def statement_bytes(manifest: Manifest) -> bytes:
 def parse_statement(payload: bytes) -> Manifest:
     """The manifest in a signed payload, parsed as strict JSON; anything off-format raises MalformedError (exit 2).
 
-    Subject names are kept as written: unsafe or duplicate names are reported per shard by the verifier.
+    Subject names are kept as written: unsafe or duplicate names are reported per shard by the verifier. Parse only
+    a payload whose signature was checked (`open_manifest` does both).
+
+    Args:
+        payload: A single-file manifest envelope's payload: the in-toto statement's JSON bytes.
+
+    Returns:
+        The manifest it states.
+
+    Raises:
+        MalformedError: Not strict JSON, another statement or predicate type, or a field missing or malformed.
     """
     try:
         statement = strictjson.loads(payload)

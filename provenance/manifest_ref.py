@@ -17,7 +17,14 @@ from trainguard.provenance.errors import MalformedError
 class ManifestRef:
     """A signed manifest, the dataset it must be, the folder of its shards (default: the manifest's) and its trust
     policy or key (default: the caller's). The one manifest reference: the API takes it, and a cycle config's
-    `dataset.training` and `dataset.holdout` entries are parsed into it (unknown keys refused)."""
+    `dataset.training` and `dataset.holdout` entries are parsed into it (unknown keys refused).
+
+    Attributes:
+        manifest: The signed manifest file.
+        data_dir: The folder its shard names are relative to; None: the manifest's folder.
+        trust: Its trust policy file or `.pub` key; None: the one the caller passes (`trust=`).
+        dataset: The dataset name the manifest must carry (WrongDatasetError otherwise); None: any name.
+    """
 
     manifest: Path
     data_dir: Path | None = None

@@ -142,7 +142,27 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
 
 @dataclass(frozen=True)
 class TrustPolicy:
-    """The key sets a manifest may be signed by."""
+    """The key sets a manifest may be signed by: it is accepted when one of them meets its threshold and is granted
+    everything the manifest claims (dataset name, each shard's source and role).
+
+    Attributes:
+        key_sets: One or more `KeySet`s (keys, threshold, and the datasets, sources and roles granted), each under
+            its own name (a set without one is named after its first key).
+
+    Raises:
+        PolicyError: No key sets, or two under the same name; with `of`, also an invalid key set (no keys, a
+            threshold out of range, an unknown role).
+
+    Example::
+
+        from pathlib import Path
+        from trainguard import TrustPolicy, load_trust
+        from trainguard.provenance import load_verifying_key
+
+        policy = load_trust(Path("configs/digits-trust.yaml"))  # the usual way: a policy file
+        curator = load_verifying_key(Path("keys/curator.pub"))
+        policy = TrustPolicy.of([curator], threshold=1, name="curator", roles=("trusted", "holdout"))
+    """
 
     key_sets: tuple[KeySet, ...]
 
@@ -226,7 +246,29 @@ def _first_granted(signed: Sequence[Signed], refusal: Callable[[KeySet], Authori
 
 
 def load_trust(path: Path) -> TrustPolicy:
-    """A policy file or a single PEM public key (1 of 1, role `train` only)."""
+    """A trust policy from a policy file or a single PEM public key (1 of 1, role `train` only).
+
+    Args:
+        path: A policy in JSON (YAML for `.yaml`/`.yml`): a `signers` list of key sets, or one key set's fields
+            (`keys`, `threshold`, `name`, `datasets`, `sources`, `roles`) at the top; key paths are relative to
+            its folder. Or a PEM `.pub` file.
+
+    Returns:
+        The policy.
+
+    Raises:
+        PolicyError: The file cannot be read or parsed, or the policy is invalid (an unknown field, a bad
+            threshold, a key that cannot be loaded or does not match the keyid pinned for it).
+        KeyFileError: A PEM file that holds no usable public key.
+
+    Example::
+
+        from pathlib import Path
+        from trainguard import load_trust, verify_dataset
+
+        policy = load_trust(Path("configs/digits-trust.yaml"))
+        report = verify_dataset(Path("data/train.manifest.json"), policy, dataset="digits-contributed")
+    """
     path = Path(path)
     try:
         data = read_regular(path, limit=POLICY_LIMIT)

@@ -77,7 +77,15 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ReadRecord:
-    """One verified read: the shard, its content digest and size, and the digest of the manifest that listed it."""
+    """One verified read: the shard, its content digest and size, and the digest of the manifest that listed it.
+
+    Attributes:
+        manifest_sha256: SHA-256 of the manifest file that listed the shard.
+        dataset: The manifest's dataset name.
+        name: The shard's name in the manifest.
+        sha256: The shard's whole-file SHA-256 (the signed one, which its bytes matched).
+        size: The shard's size in bytes.
+    """
 
     manifest_sha256: str
     dataset: str
@@ -87,7 +95,11 @@ class ReadRecord:
 
 
 class ReadLog:
-    """The shards actually read, in order (thread-safe); its digest goes into the model attestation."""
+    """The shards actually read, in order (thread-safe); its digest goes into the model attestation.
+
+    It takes no arguments: a `ShardReader` appends a `ReadRecord` for each verified read, and `records`,
+    `to_json_lines()` and `digest()` give them back.
+    """
 
     def __init__(self) -> None:
         self._records: list[ReadRecord] = []
@@ -177,7 +189,34 @@ def first_refusal(path: Path) -> ShardError | None:
 class ShardReader:
     """Reads the shards of one verified manifest from its data dir, each checked against its signed digest; with an
     `allow` list, only the shards on it (any other read is refused as `not-allowed`). Every shard it decodes is held
-    to `bound` (decoded bytes at most its ratio times the shard's signed size, and at most its ceiling)."""
+    to `bound` (decoded bytes at most its ratio times the shard's signed size, and at most its ceiling).
+
+    Each read opens the file once, hashes the bytes it read and hands them on only when they match their signed
+    digest (the whole file's, or a chunk's), so a file swapped after verification is never used; every verified
+    read of a whole shard is appended to `log`.
+
+    Args:
+        verified: A manifest `open_manifest` verified (signatures, expiry, rollback).
+        log: Where verified reads are recorded; None: a new `ReadLog`.
+        allow: The shards this reader may read (a cycle's accepted ones); None: every listed shard.
+        bound: How far a shard may decode (`DecodeBound`: a ratio of its signed size and a ceiling in bytes).
+
+    Raises:
+        ShardError: (from its reads) A shard that is unlisted, listed twice, unsafely named, not allowed, missing,
+            not a regular file, of another size or digest than signed, or that does not decode within its signed
+            `records` and the bound; the subclass and its `reason` say which.
+
+    Example::
+
+        from pathlib import Path
+        from trainguard import ShardReader
+        from trainguard.provenance import open_manifest
+
+        verified = open_manifest(Path("data/train.manifest.json"), Path("trust.yaml"), dataset="digits-contributed")
+        reader = ShardReader(verified)
+        frame = reader.read_frame("alice/part-0.parquet")  # only if its bytes match the signed digest
+        print(reader.log.digest())
+    """
 
     def __init__(
         self,

@@ -42,7 +42,12 @@ _KEY_NAME = re.compile(r"key:[0-9a-f]{64}")
 
 
 def default_state_path() -> Path:
-    """Where anti-rollback records live: `$TRAINGUARD_HOME`, else `.trainguard/` of the working (project) folder."""
+    """Where anti-rollback records live: `$TRAINGUARD_HOME`, else `.trainguard/` of the working (project) folder.
+
+    Returns:
+        `$TRAINGUARD_HOME/provenance-state.json` when that variable is set, else the relative path
+        `.trainguard/provenance-state.json`.
+    """
     home = os.environ.get("TRAINGUARD_HOME")
     if home:
         return Path(home) / STATE_NAME
@@ -184,7 +189,20 @@ def _shown(namespace: str) -> str:
 
 @dataclass(frozen=True)
 class RollbackState:
-    """A user's rollback records in a JSON file (a missing file is empty: verification on a new machine)."""
+    """A user's rollback records in a JSON file (a missing file is empty: verification on a new machine).
+
+    `verify_dataset` checks a manifest's version against it and records the version when everything passed;
+    `record` updates the file under an exclusive lock with an atomic write.
+
+    Attributes:
+        path: The JSON state file, e.g. `default_state_path()`; its folder is created on the first record.
+
+    Raises:
+        MalformedError: (from `load` and the checks) The file cannot be read, is not strict JSON, or is not a
+            state of a known schema.
+        RollbackError: (from the checks and `record`) A version lower than one accepted, or an accepted version
+            with different content.
+    """
 
     path: Path
 

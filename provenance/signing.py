@@ -87,7 +87,43 @@ def previous_version(out: Path) -> int | None:
 
 
 def sign_dataset(data_dir: Path, key: SigningKey, **options: Any) -> tuple[Envelope, Manifest]:
-    """`build_manifest` signed as one single-file DSSE envelope (write it with `write_manifest`)."""
+    """Hashes every file of a data folder into a manifest and signs it, so training can verify each shard later.
+
+    The manifest is `build_manifest`'s, signed as one single-file DSSE envelope (write it with `write_manifest`; the
+    CLI's `trainguard sign` also writes binned manifests for very many shards).
+
+    Args:
+        data_dir: The folder of shards; every regular file under it is signed (symlinks and special files are
+            refused).
+        key: The private key that signs.
+        **options: `build_manifest`'s keywords: `dataset` (default: the folder's name), `version` (default: one
+            more than the manifest at `previous`, else 1), `expires` (`"30d"`, `"12h"`, ... or an RFC 3339 time;
+            default 30 days), `source`/`role` (every shard's, role default `train`) and `sources`/`roles` (maps
+            from names or globs, as mappings, inline JSON or JSON files), `exclude` (paths left out), `chunk_size`,
+            `workers`, `on_bytes`, `dvc_md5` (cross-check against DVC's md5s), `now` and `shuffle_seed`.
+
+    Returns:
+        The signed envelope and the manifest it holds.
+
+    Raises:
+        DataDirError: The folder is missing or empty, or holds an unsafe name, a link, a special file or an
+            unreadable file.
+        MalformedError: An option is invalid (an expiry not in the future, a map that is not JSON, a shard
+            without a source, an unknown role, a dataset or source that is not a simple name).
+        DvcMismatchError: With `dvc_md5`, a shard DVC does not track or whose md5 differs.
+
+    Example::
+
+        from pathlib import Path
+        from trainguard import sign_dataset
+        from trainguard.provenance import load_signing_key, write_manifest
+
+        key = load_signing_key(Path("keys/owner.key"))
+        envelope, manifest = sign_dataset(
+            Path("data/train"), key, dataset="digits-contributed", sources={"alice/*": "alice"}, expires="90d"
+        )
+        write_manifest(envelope, Path("data/train.manifest.json"))
+    """
     manifest = build_manifest(data_dir, **options)
     return sign_envelope(PAYLOAD_TYPE, statement_bytes(manifest), key), manifest
 
@@ -251,7 +287,20 @@ def _tar_keys(path: Path) -> int:
 
 
 def cosign_manifest(path: Path, key: SigningKey) -> Envelope:
-    """Adds `key`'s signature to the manifest at `path` (rewritten atomically)."""
+    """Adds `key`'s signature to the manifest at `path` (rewritten atomically), for k-of-n trust policies.
+
+    Args:
+        path: A signed manifest file, single-file or the top level of a binned manifest.
+        key: The private key that co-signs.
+
+    Returns:
+        The envelope as written, with `key`'s signature added.
+
+    Raises:
+        MalformedError: The file cannot be read or parsed, its payloadType is not a manifest's, or its statement
+            is malformed.
+        AlreadySignedError: `key` has already signed it.
+    """
     _, envelope = read_envelope(path)
     if envelope.payload_type != PAYLOAD_TYPE:
         raise MalformedError(f"{path}: payloadType is {envelope.payload_type!r}, not {PAYLOAD_TYPE}")
@@ -262,7 +311,15 @@ def cosign_manifest(path: Path, key: SigningKey) -> Envelope:
 
 
 def write_manifest(envelope: Envelope, out: Path) -> Path:
-    """Writes the envelope atomically (unpredictable temp file + rename: a planted link is never followed)."""
+    """Writes the envelope atomically (unpredictable temp file + rename: a planted link is never followed).
+
+    Args:
+        envelope: The signed envelope, e.g. from `sign_dataset` or `add_signature`.
+        out: The manifest file to write (replaced if it exists).
+
+    Returns:
+        `out`, as a Path.
+    """
     out = Path(out)
     atomic_write(out, envelope.to_json())
     return out

@@ -75,7 +75,13 @@ MANIFEST_LEVEL = (
 
 @dataclass(frozen=True)
 class ShardFailure:
-    """One failed check: `shard` None means the manifest itself."""
+    """One failed check of a verification, as a `VerificationReport` lists it.
+
+    Attributes:
+        shard: The shard (or unlisted file) that failed; None: the manifest itself (signature, expiry, rollback...).
+        reason: A stable code: `digest-mismatch`, `missing`, `unlisted`, `truncated`, `expired`, ...
+        detail: What was found, in one line.
+    """
 
     shard: str | None
     reason: str
@@ -89,7 +95,19 @@ class ShardFailure:
 @dataclass(frozen=True)
 class VerifiedManifest:
     """A manifest signed by a key set of the policy that is granted all it claims, of the expected dataset,
-    unexpired and not rolled back (shards not yet hashed)."""
+    unexpired and not rolled back (shards not yet hashed). Made by `open_manifest`; `ShardReader` reads through it.
+
+    Attributes:
+        path: The manifest file.
+        manifest: What it signs (for a binned manifest, the shards of the bins loaded).
+        manifest_sha256: SHA-256 of the manifest file's bytes.
+        statement_sha256: SHA-256 of the signed payload.
+        signers: The keyids of the chosen key set's keys that signed.
+        data_dir: The folder its shard names are relative to.
+        key_set: The key set whose threshold and grants accepted it.
+        rollback_scope: The records its version was checked against, and the namespace it is recorded in.
+        share: The bins loaded from a binned manifest when only a share was asked for; None: every shard.
+    """
 
     path: Path
     manifest: Manifest
@@ -99,9 +117,7 @@ class VerifiedManifest:
     data_dir: Path
     key_set: KeySet
     rollback_scope: RollbackScope
-    """The records its version was checked against, and the namespace it is recorded in."""
     share: BinShare | None = None
-    """The bins loaded from a binned manifest when only a share was asked for; None: every shard."""
 
     @property
     def rollback_key(self) -> str:
@@ -111,6 +127,28 @@ class VerifiedManifest:
 
 @dataclass(frozen=True)
 class VerificationReport:
+    """What `verify_dataset` checked and every failure it found; `ok` when there is none.
+
+    A manifest-level failure (signature, authorisation, dataset, expiry, rollback, bins) is the only failure and
+    leaves `dataset` to `bytes_checked` at their defaults: nothing in the manifest was believed.
+
+    Attributes:
+        manifest_path: The manifest file.
+        data_dir: The folder the shards were checked in.
+        manifest_sha256: SHA-256 of the manifest file's bytes.
+        dataset: The dataset name it signs.
+        version: Its version.
+        statement_sha256: SHA-256 of the signed payload.
+        rollback_key: The anti-rollback namespace its version is recorded under (key set name / dataset).
+        rollback_keyids: The keys of the key set whose namespace records the version (kept with it, so a renamed
+            set finds it).
+        signers: The keyids that signed for the accepting key set.
+        shards: How many shards the manifest lists (those of the share checked, for a share of a binned one).
+        bytes_checked: Bytes hashed.
+        seconds: Wall time of the verification.
+        failures: Every failed check, shard checks in manifest order, then unlisted files.
+    """
+
     manifest_path: str
     data_dir: str
     manifest_sha256: str
@@ -119,7 +157,6 @@ class VerificationReport:
     statement_sha256: str | None = None
     rollback_key: str | None = None
     rollback_keyids: tuple[str, ...] = ()
-    """The keys of the key set whose namespace records the version (kept with it, so a renamed set finds it)."""
     signers: tuple[str, ...] = ()
     shards: int = 0
     bytes_checked: int = 0
@@ -188,7 +225,35 @@ def open_manifest(
     holding a key that signed it (`TrustPolicy.rollback_scope`); raises the failing check's error.
 
     A binned manifest's bins are loaded after those checks, each against its signed digest: all of them, or with
-    `share=(rank, world)` only that rank's bins (a single-file manifest has no shares: MalformedError)."""
+    `share=(rank, world)` only that rank's bins (a single-file manifest has no shares: MalformedError).
+
+    Args:
+        path: The manifest file.
+        trust: A trust policy, or the path of a policy file or `.pub` key (`load_trust`).
+        dataset: The dataset name the manifest must carry; None: any.
+        data_dir: The folder of its shards; None: the manifest's folder.
+        state: Anti-rollback records: a `RollbackState` or other checker, or a state file's path; None:
+            `default_state_path()`. Only checked here, never recorded.
+        now: The time expiry is judged at; None: the current time.
+        share: `(rank, world)`: load only that rank's bins of a binned manifest.
+
+    Returns:
+        The verified manifest, its shards not yet hashed (`verify_shards`, or a `ShardReader` checks them on
+        read).
+
+    Raises:
+        MalformedError: The manifest or the rollback state file cannot be read or parsed, or a share was asked of a
+            single-file manifest.
+        PolicyError: `trust` names a policy that cannot be loaded.
+        KeyFileError: `trust` names a PEM file that holds no usable public key.
+        PayloadTypeError: The envelope's payloadType is not a manifest's.
+        SignatureError: No key set's threshold is met (BadSignatureError, UntrustedSignerError, ThresholdError).
+        AuthorizationError: The signing key sets are not granted the dataset, a source or a role it claims.
+        WrongDatasetError: It is a manifest of another dataset than `dataset`.
+        ExpiredError: It has expired.
+        RollbackError: Its version is older than one accepted, or reuses one with other content.
+        BinError: A binned manifest's bin is missing or differs from its signed digest.
+    """
     path = Path(path)
     policy = trust if isinstance(trust, TrustPolicy) else load_trust(trust)
     data, envelope = read_envelope(path)
@@ -276,6 +341,45 @@ def verify_dataset(
 
     `dataset` is the name the manifest must carry. When everything passes and `record` is set, the manifest's
     version is recorded in a file-backed RollbackState (in-memory records are only checked: their owner records).
+
+    Args:
+        path: The manifest file.
+        trust: A trust policy, or the path of a policy file or `.pub` key (`load_trust`).
+        dataset: The dataset name the manifest must carry; None: any.
+        data_dir: The folder of its shards; None: the manifest's folder.
+        state: Anti-rollback records: a `RollbackState` or other checker, or a state file's path; None:
+            `default_state_path()`.
+        allow_extra: Whether files in the data folder that the manifest does not list are tolerated.
+        now: The time expiry is judged at; None: the current time.
+        workers: Parallel hashing workers (None: one per CPU).
+        on_bytes: Called with each count of bytes hashed, for a progress display.
+        record: Whether a passing manifest's version is recorded in a file-backed state.
+        dvc: Whether each shard's md5 is also checked against what DVC tracks for the data folder.
+        share: `(rank, world)`: check only that rank's bins of a binned manifest.
+        ahead: The data folder's walk and digests, started early by the CLI; None for other callers.
+
+    Returns:
+        The report: every failed check, manifest-level ones (signature, authorisation, dataset, expiry,
+        rollback, bins) included; `report.ok` when there is none.
+
+    Raises:
+        MalformedError: The manifest or the rollback state file cannot be read or parsed, or a share was asked of a
+            single-file manifest.
+        PolicyError: `trust` names a policy that cannot be loaded.
+        KeyFileError: `trust` names a PEM file that holds no usable public key.
+        DataDirError: The data folder does not exist (with `dvc`: DVC does not track it usably).
+        DvcMismatchError: With `dvc`, DVC's records of the folder disagree, or its cache listing does not match.
+
+    Example::
+
+        from pathlib import Path
+        from trainguard import load_trust, verify_dataset
+
+        policy = load_trust(Path("configs/digits-trust.yaml"))
+        report = verify_dataset(Path("data/train.manifest.json"), policy, dataset="digits-contributed")
+        for failure in report.failures:
+            print(failure.line())  # e.g. `alice/part-3.parquet: digest-mismatch: whole-file blake3 ..., signed ...`
+        report.raise_for_failures()  # VerificationFailed, with the report, when anything failed
     """
     started = time.perf_counter()
     path = Path(path)
@@ -535,7 +639,21 @@ def _state(state: RollbackCheck | Path | None) -> RollbackCheck:
 
 
 def verify_or_raise(path: Path, trust: TrustPolicy | Path, **options: Any) -> VerificationReport:
-    """`verify_dataset`, raising VerificationFailed (with the report) when anything fails."""
+    """`verify_dataset`, raising VerificationFailed (with the report) when anything fails.
+
+    Args:
+        path: The manifest file.
+        trust: A trust policy, or the path of a policy file or `.pub` key.
+        **options: `verify_dataset`'s keywords (`dataset`, `data_dir`, `state`, `allow_extra`, `workers`, ...).
+
+    Returns:
+        The report of a verification that found no failure.
+
+    Raises:
+        VerificationFailed: Any check failed; `report` lists every failure, `reason` and `shard` the first.
+        MalformedError: Unusable input, as `verify_dataset` raises it (so are PolicyError, KeyFileError,
+            DataDirError and DvcMismatchError).
+    """
     report = verify_dataset(path, trust, **options)
     report.raise_for_failures()
     return report

@@ -46,7 +46,16 @@ class Stratum:
 class Calibration:
     """The learning rate, the scales and the strata of one model, trusted set and held-out set. A screening returns
     the one it used (extended by what it lacked), to pass to the next screening of the same three. `probed`: each
-    rate the "auto" probe tried with its poisoned draws' separation (None: unstable, or not measured)."""
+    rate the "auto" probe tried with its poisoned draws' separation (None: unstable, or not measured).
+
+    Attributes:
+        lr: The learning rate the copies fine-tune at.
+        chunk_size: How many copies train at once (None: not fixed).
+        scope: `"full"` or `"head"`: what the copies fine-tune.
+        scales: The standardisation of each candidate size and class set, fitted on separate clean draws.
+        strata: The clean draws of each label histogram (or size) and their statistics, in the order drawn.
+        probed: Each rate the "auto" probe tried, with its poisoned draws' separation.
+    """
 
     lr: float
     chunk_size: int | None

@@ -14,7 +14,13 @@ from trainguard.defenses.heldout import LabeledData
 
 @dataclass(frozen=True)
 class Candidate:
-    """One shard (or the concatenated shards of one source) offered for this cycle's training."""
+    """One shard (or the concatenated shards of one source) offered for this cycle's training.
+
+    Attributes:
+        name: A name unique among the candidates of a screening (e.g. the shard's).
+        source: Its source: a source's candidates are also judged together.
+        data: Its rows.
+    """
 
     name: str
     source: str

@@ -23,35 +23,65 @@ SCALE_STREAM, PROBE_STREAM, DRAW_STREAM = 0, 1, 2  # independent random streams;
 class ScreeningConfig:
     """Fine-tuning budget, scope and decision rule of the screening.
 
-    `level`: with `error_control` "per-candidate", the probability that a clean shard is rejected (its own test and
-    its source's test get `level`/2 each where a source test exists); with "bh" / "by", the false discovery rate
-    across the cycle's shard and source tests. At most `calibration_draws` clean draws per label histogram give the
-    sequential p-values, which stop once `sequential_hits` draws score at least the candidate (the smallest p-value
-    is 1 / (draws + 1), so `draws + 1 >= 4 / level` is required: a union test must be able to reject under the
-    4-way split); `SCALE_DRAWS` more per size and class set fit each metric's center and scale. `stratify` draws
-    each class's share of the candidate from that class's trusted rows (classification only); `pool_fraction`
-    tests a stratified candidate on at most that share of the trusted rows of each class it holds (a seeded
-    subsample; None: whole candidates). Unstratified, and
-    for the scales, sizes within `size_tolerance` share the draws of the smallest of them (smaller draws vary more:
-    the shared test is, if anything, lenient).
-    `combination` merges a source's shard p-values (earlier cycles' included). `min_scale` is the measurable floor,
-    in margin units: impacts are compared in steps of it (smaller differences tie, against the candidate) and no
-    scale is below it, so a saturated model (clean impacts all ~0) does not turn rounding into evidence. `per_class`
-    adds one metric per class to the statistic; `checkpoints` reads the held-out margins after that many steps,
-    halving from `steps` (`marks`), and the statistic takes the worst of them.
     `lr="auto"` tries every rate of `lr_grid` on probe draws of the trusted rows; of the rates at which every probe
     copy stays finite and the median one loses at most `lr_tolerance` of held-out soft accuracy (the mean
     true-class probability), it takes the one at which the same draws with a tenth of their labels flipped stand
     furthest above the clean ones (classification; other tasks: the largest). Only trusted rows choose it, so
-    candidates and their calibration draws stay exchangeable.
-    `scope` "full" fine-tunes every parameter; "head" only the last `head_layers` Linear layers (or the module named
-    by `feature_layer` and what follows it in its nn.Sequential) on frozen features; "auto" (the default) is "head"
-    wherever there is one whose output is the model's (an nn.Linear, or `feature_layer`, with nothing after it in
-    `forward`) and the model reads its input alone, else "full" (no such head, extra inputs or a forward hook). The
-    head is the default whatever the model's size: full scope trains every copy through the whole network (issue
-    #28: a first digits cycle took 41 minutes on two cores). `chunk_size` bounds how many copies train at once
-    (None: measured from memory on CUDA, 128 elsewhere); `batched=False` trains them one after another (same
-    results, for comparison).
+    candidates and their calibration draws stay exchangeable. `SCALE_DRAWS` more clean draws per size and class set
+    fit each metric's center and scale. The head scope is the default whatever the model's size: full scope trains
+    every copy through the whole network (issue #28: a first digits cycle took 41 minutes on two cores).
+
+    Attributes:
+        steps: Fine-tuning steps per copy (>= 1).
+        checkpoints: How many times the held-out margins are read, halving from `steps` (`marks`: 20 steps, 4
+            checkpoints: 3, 5, 10, 20); the statistic takes the worst of them (>= 1).
+        lr: The fine-tuning learning rate (> 0), or `"auto"` (see above).
+        lr_grid: The rates `"auto"` tries (each > 0).
+        lr_tolerance: The held-out soft accuracy a probe copy may lose at an `"auto"` rate, in (0, 1].
+        level: With `error_control` "per-candidate", the probability that a clean shard is rejected (its own test
+            and its source's test get `level`/2 each where a source test exists); with "bh" / "by", the false
+            discovery rate across the cycle's shard and source tests. In (0, 1).
+        error_control: `"per-candidate"`, `"bh"` or `"by"`.
+        calibration_draws: The most clean draws per label histogram behind the sequential p-values; the smallest
+            p-value is 1 / (draws + 1), so `draws + 1 >= 4 / level` is required (a union test must be able to
+            reject under the 4-way split).
+        sequential_hits: Draws scoring at least the candidate that stop its sequential p-value, in [1,
+            `calibration_draws`].
+        stratify: Whether each class's share of the candidate is drawn from that class's trusted rows
+            (classification only).
+        pool_fraction: A stratified candidate is tested on at most this share of the trusted rows of each class it
+            holds (a seeded subsample), in (0, 1]; None: whole candidates.
+        combination: How a source's shard p-values (earlier cycles' included) merge: `"brown"`, `"simes"`,
+            `"fisher"` or `"stouffer"`.
+        size_tolerance: Unstratified, and for the scales, sizes within this fraction share the draws of the
+            smallest of them (smaller draws vary more: the shared test is, if anything, lenient); in [0, 1).
+        min_scale: The measurable floor, in margin units (>= 0): impacts are compared in steps of it (smaller
+            differences tie, against the candidate) and no scale is below it, so a saturated model (clean impacts
+            all ~0) does not turn rounding into evidence.
+        per_class: Whether the statistic adds one metric per class.
+        num_classes: Classification: the number of classes (None: one more than the largest label seen).
+        scope: `"full"` fine-tunes every parameter; `"head"` only the last `head_layers` Linear layers (or the
+            module named by `feature_layer` and what follows it in its nn.Sequential) on frozen features; `"auto"`
+            (the default) is "head" wherever there is one whose output is the model's (an nn.Linear, or
+            `feature_layer`, with nothing after it in `forward`) and the model reads its input alone, else "full"
+            (no such head, extra inputs or a forward hook).
+        feature_layer: The module whose input is the frozen feature, named by its path in the model (a later
+            sibling in its nn.Sequential belongs to the head too); None: the last `head_layers` Linear layers.
+        head_layers: How many Linear layers the head holds (>= 1).
+        chunk_size: How many copies train at once (>= 1; None: measured from memory on CUDA, 128 elsewhere).
+        batched: Whether the copies train together; False trains them one after another (same results, for
+            comparison).
+        seed: Seeds the draws, probes and subsamples (>= 0).
+
+    Raises:
+        ScreeningInputError: A value out of the ranges above, or an unknown error control or combination.
+
+    Example::
+
+        from trainguard import ScreeningConfig, screen_candidates
+
+        config = ScreeningConfig(level=0.01, error_control="bh", steps=20, scope="head", seed=1)
+        report = screen_candidates(model, trusted, holdout, candidates, config)
     """
 
     steps: int = 20

@@ -19,7 +19,22 @@ from trainguard.defenses.roni.sequential import _Tested
 class CandidateDecision:
     """One shard's test: its impacts after the last step (`impact` overall, `class_impacts` per class: how far the
     mean held-out margin was pushed down), its statistic (`score`) and p-value against `calibration_size`-row draws,
-    its source's p-value, the adjusted p-value compared with the level, and the verdict with a one-line reason."""
+    its source's p-value, the adjusted p-value compared with the level, and the verdict with a one-line reason.
+
+    Attributes:
+        name: The candidate's name.
+        source: Its source.
+        size: Its rows.
+        impact: How far the mean held-out margin was pushed down after the last step.
+        class_impacts: The same per class (empty unless per-class metrics were measured).
+        score: The statistic over all metrics and checkpoints, tested against clean draws.
+        p_value: Its sequential p-value against clean draws.
+        source_p_value: Its source's p-value when the source was judged whole, else None.
+        adjusted_p_value: The p-value compared with the level: its own adjusted one, or its source's if lower.
+        calibration_size: The rows of the clean draws it was compared with.
+        accepted: Whether it is accepted for training.
+        reason: Why, in one line.
+    """
 
     name: str
     source: str
@@ -40,7 +55,23 @@ class SourceDecision:
     """A source judged as a whole: the union of its shards screened size-matched (when it has several this cycle),
     the combination of all its shard p-values (`earlier` of them from previous cycles), and whether it is flagged
     (then every shard of it is rejected). `evidence`: the other tests' p-values that joined the combination;
-    `class_impacts`: the union's per-class drops of the held-out margin (empty without a union)."""
+    `class_impacts`: the union's per-class drops of the held-out margin (empty without a union).
+
+    Attributes:
+        source: The source.
+        shards: The names of its shards screened this cycle.
+        rows: Their rows.
+        union_impact: The overall impact of the union of its shards (None without a union).
+        union_p_value: The union's p-value (None without a union).
+        combined_p_value: The combination of all its shard p-values and `evidence`.
+        earlier: How many of the combined p-values came from earlier cycles.
+        p_value: The union and the combination as one test (Bonferroni).
+        adjusted_p_value: `p_value` adjusted for the cycle's tests, compared with the level.
+        flagged: Whether the source is flagged (then every shard of it is rejected).
+        reason: Why, in one line.
+        evidence: The other tests' p-values that joined the combination.
+        class_impacts: The union's per-class drops of the held-out margin.
+    """
 
     source: str
     shards: tuple[str, ...]

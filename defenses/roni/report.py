@@ -18,7 +18,18 @@ from trainguard.defenses.roni.decision import CandidateDecision, SourceDecision
 class ScreeningReport:
     """All decisions of one screening, the calibration they were measured against and how the copies trained:
     `scope` "full" or "head" (then `head` names the module whose input was the frozen feature), the learning rate
-    used and the copies trained at once."""
+    used and the copies trained at once.
+
+    Attributes:
+        decisions: One decision per candidate, in the order given.
+        sources: One decision per source judged whole (several tests this cycle or across cycles).
+        calibration: What the decisions were measured against; pass it to the next screening of the same model,
+            trusted and held-out data.
+        config: The screening's config.
+        seconds: The screening's wall time.
+        base_soft_accuracy: The deployed model's held-out soft accuracy before any fine-tuning.
+        head: The module whose input was the frozen feature (head scope), else None.
+    """
 
     decisions: tuple[CandidateDecision, ...]
     sources: tuple[SourceDecision, ...]

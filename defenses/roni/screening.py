@@ -60,6 +60,39 @@ def screen_candidates(
     fine-tuning loss and the held-out soft accuracy; `forward(module, batch, x)` reads the model's extra inputs from
     `LabeledData.batch` (every data set then carries the same extras). `progress(done, planned)` counts the
     fine-tuned copies (calibration draws and candidates) for a display.
+
+    The model itself is not changed: copies of it (or of its head) are fine-tuned.
+
+    Args:
+        model: The current (deployed) model.
+        base_data: Trusted rows the clean calibration draws come from.
+        holdout: Held-out rows the impacts are measured on.
+        candidates: The shards offered, uniquely named, none empty.
+        config: Budget, scope and decision rule (None: `ScreeningConfig()`).
+        history: Source -> its shard p-values of earlier cycles.
+        evidence: Source -> p-values of other tests of its rows this cycle.
+        calibration: An earlier report's calibration of the same model, trusted and held-out data.
+        task: The task (a `Task` or a built-in's name; None: classification).
+        forward: `forward(module, batch, x)` for a model with extra inputs (None: `model(x)`).
+        progress: `progress(done, planned)`, called as copies are fine-tuned.
+
+    Returns:
+        Every candidate's and every source's decision, and the calibration used.
+
+    Raises:
+        ScreeningInputError: No candidates, an empty held-out set or candidate, names not unique, extra inputs
+            that differ between data sets, or a head-scope model whose head cannot be found or checked.
+        TaskMismatchError: Targets or outputs that do not fit the task, or an unknown task name.
+
+    Example::
+
+        from trainguard import ScreeningConfig, screen_candidates
+        from trainguard.defenses import Candidate, LabeledData
+
+        candidates = [Candidate(name, source, LabeledData.of(x, y)) for name, source, x, y in offered]
+        report = screen_candidates(model, trusted, holdout, candidates, ScreeningConfig(level=0.01))
+        for decision in report.rejected:
+            print(decision.name, decision.reason)
     """
     config = config or ScreeningConfig()
     task = as_task(task)

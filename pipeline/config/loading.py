@@ -25,7 +25,29 @@ def load_config(
     """Reads and validates a cycle config; any problem raises ConfigError naming the file and the key.
 
     With `check_components`, the project folder goes on `sys.path`, every class_path is imported and its init_args
-    bound to the constructor (`injected[section]` names arguments the cycle supplies itself)."""
+    bound to the constructor (`injected[section]` names arguments the cycle supplies itself).
+
+    Args:
+        path: The YAML config file.
+        check_components: Whether class paths are imported and their `init_args` bound (False: the schema only,
+            nothing imported and `sys.path` unchanged).
+        injected: Section -> the constructor arguments the cycle supplies itself, left out of the binding.
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ConfigError: The file cannot be read, is not YAML or is empty, a key is unknown, missing or invalid, the
+            attack bounds do not cover the data's range, or a component cannot be imported or bound.
+
+    Example::
+
+        from trainguard import load_config, preflight
+
+        config = load_config("configs/digits.yaml")
+        for passed in preflight(config):
+            print(passed.check, passed.detail)
+    """
     path = Path(path)
     data = _read_yaml(path)
     config = parse_config(data, source=str(path))

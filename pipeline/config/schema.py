@@ -473,7 +473,43 @@ class CycleConfig(_Section):
     `model_forward: mymodule.masked_forward`, imported like a class path. The defenses call
     `hook(module, batch, x)`: `x` is the input they may perturb, `batch` the clean batch (`batch_input(batch)` gives
     its packed input), so the hook takes the features from `x` and the extra inputs from the clean batch; the
-    served model calls it with the request's input as both."""
+    served model calls it with the request's input as both.
+
+    Built by `load_config` from a YAML file (unknown keys are refused); every section is frozen.
+
+    Attributes:
+        name: The pipeline's name (a letter or digit, then letters, digits, `_`, `.`, `-`).
+        project: The folder the config's modules import from, relative to the config file (None: its folder).
+        dataset: The signed training and held-out manifests (each naming its dataset) and the trust policy.
+        validation: The shard schema: feature and target columns, value ranges, class labels or target shapes.
+        data: Decoders for formats other than tables, and the per-sample transforms.
+        limits: The cap on one source's share of the accepted training shards, and on decoded bytes held at once.
+        task: The supervised task the defenses serve (classification, multilabel, regression).
+        roni: RONI screening: on or off, level, error control, calibration draws, combination, ScreeningConfig
+            options.
+        detectors: The row-level poisoning detectors, their action and error budget.
+        adversarial: Adversarial training: the attack (`fgsm`, `pgd`, `fgsm-rs`, `trades`) and its settings.
+        robust_eval: Robust accuracy: the eps, held-out subset, attacks and restarts.
+        gate: What a candidate model must reach on the held-out set to replace the last accepted one.
+        training: Batch size, seed, loader workers, the first cycle's epochs on the trusted base, rank timeout.
+        trainer: Lightning's Trainer as LightningCLI's `trainer:` block.
+        model: The LightningModule (`class_path` and `init_args`).
+        model_forward: Import path of `forward(module, batch, x)` for a model with extra inputs (see above).
+        callbacks: More Lightning callbacks, as `class_path` and `init_args`.
+        output: The work folder the cycle writes to, and its signing keys.
+        tracking: The MLflow experiment, registered model name and tracking URI.
+
+    Raises:
+        pydantic.ValidationError: A value of the wrong type or out of range, an unknown or removed key, or
+            sections that contradict each other (`load_config` turns it into a ConfigError naming the key).
+
+    Example::
+
+        from trainguard import load_config
+
+        config = load_config("configs/digits.yaml")  # a CycleConfig, validated, its class paths importable
+        print(config.roni.level, config.gate.max_accuracy_drop, config.output.work_dir)
+    """
 
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
     project: Path | None = Field(

@@ -54,7 +54,31 @@ def run_cycle(config_path: Path, *, reinit: bool = False, force: bool = False) -
     stops it. `reinit` starts a new state where none exists beside released models, numbering after them. A cycle
     with nothing new (the config and the manifests' digests of the last accepted cycle) is `skipped` unless `force`.
 
-    Started by a launcher (torchrun, SLURM), rank 0 runs the cycle and the other ranks only train their share."""
+    Started by a launcher (torchrun, SLURM), rank 0 runs the cycle and the other ranks only train their share.
+
+    Args:
+        config_path: The cycle's YAML config.
+        reinit: Whether a new signed state is rebuilt from the signed log and receipts where the state is lost.
+        force: Whether a cycle with nothing new still runs.
+
+    Returns:
+        How the cycle ended (`status`: accepted, rejected, skipped, or follower on a rank other than 0), its
+        report, its model folder and its metrics.
+
+    Raises:
+        ConfigError: The config is invalid, or a file it names does not exist.
+        PreflightError: An up-front check failed; nothing was changed.
+        StateError: The cycle's signed state is unreadable, tampered with, stale or another pipeline's.
+        CycleAbortedError: A check (or anything else) stopped the cycle after it began; the failure is recorded.
+
+    Example::
+
+        from pathlib import Path
+        from trainguard import run_cycle
+
+        outcome = run_cycle(Path("configs/digits.yaml"))
+        print(outcome.status, outcome.reason, outcome.model_dir)
+    """
     config = load_config(config_path)
     launch = launch_from_env()
     if launch is not None:
