@@ -54,6 +54,7 @@ label-issue detector's p-value of the source with its shard tests (`pipeline.det
     .venv/bin/python benchmarks/poisoning.py --quick    # 3 seeds, fewer draws (a smoke run)
     .venv/bin/python benchmarks/poisoning.py --unstratified --only "clean class-skewed"   # RONI's draws unstratified
     .venv/bin/python benchmarks/poisoning.py --seeds 2 --only "sybil 12x10%" "slow drip"     # some rows
+    .venv/bin/python benchmarks/poisoning.py --quick --seeds 1 --clean-sources 4   # a smoke run: 4 clean sources
 """
 
 from __future__ import annotations
@@ -136,7 +137,8 @@ def flipped(y: torch.Tensor, rate: float, rng: np.random.Generator) -> torch.Ten
 
 @dataclass
 class World:
-    """One seed: the split, the current model, and the calibration its screenings share."""
+    """One seed: the split, the current model, and the calibration its screenings share; `clean_sources`: how many
+    clean sources each scenario offers beside its attacker (`CLEAN_SOURCES`; fewer only for a smoke run)."""
 
     seed: int
     x: torch.Tensor
@@ -147,9 +149,10 @@ class World:
     pool: np.ndarray
     model: nn.Module
     calibration: Calibration | None = None
+    clean_sources: int = CLEAN_SOURCES
 
     @classmethod
-    def of(cls, seed: int) -> World:
+    def of(cls, seed: int, clean_sources: int = CLEAN_SOURCES) -> World:
         digits = load_digits_split(seed)
         x, y = torch.tensor(digits.x), torch.tensor(digits.y)
         train = LabeledData(x[:250], y[:250])
@@ -162,6 +165,7 @@ class World:
             LabeledData(x[500:900], y[500:900]),
             np.arange(900, len(y)),
             fit(train, 60, seed),
+            clean_sources=clean_sources,
         )
 
     def source(self, name: str, shards: int, rng: np.random.Generator) -> list[tuple[str, np.ndarray]]:
@@ -217,7 +221,7 @@ class Verdict:
 
 def _clean(world: World, rng: np.random.Generator) -> Offer:
     offer = Offer()
-    for s in range(CLEAN_SOURCES):
+    for s in range(world.clean_sources):
         for name, rows in world.source(f"clean{s}", 2, rng):
             offer.add(name, f"clean{s}", LabeledData(world.x[rows], world.y[rows]), np.zeros(len(rows), bool), False)
     return offer
@@ -227,7 +231,7 @@ def _skewed(world: World, rng: np.random.Generator) -> Offer:
     """Clean sources of 2 shards that each hold 2-4 classes: rows of those classes only, distinct in the source."""
     offer = Offer()
     labels = world.y[world.pool].numpy()
-    for s in range(CLEAN_SOURCES):
+    for s in range(world.clean_sources):
         classes = rng.choice(10, int(rng.integers(2, 5)), replace=False)
         rows = rng.permutation(world.pool[np.isin(labels, classes)])[: 2 * SHARD]
         for i in range(2):
@@ -391,7 +395,7 @@ def _drip(world: World, rng: np.random.Generator) -> list[Offer]:
     offers = []
     for cycle in range(1, DRIP_CYCLES + 1):
         offer = Offer()
-        for s in range(CLEAN_SOURCES):
+        for s in range(world.clean_sources):
             [(_, rows)] = world.source(f"clean{s}", 1, rng)
             offer.add(
                 f"clean{s}-c{cycle}",
@@ -559,11 +563,11 @@ COUNTS = (
 
 
 def judge_seed(
-    seed: int, chosen: Sequence[str], config: ScreeningConfig
+    seed: int, chosen: Sequence[str], config: ScreeningConfig, clean_sources: int = CLEAN_SOURCES
 ) -> tuple[dict[str, dict[str, Tally]], dict[str, float], float | None]:
     """Every chosen scenario of one seed under every column: the tallies, the CPU seconds per scenario and RONI's
     rate (one seed per process with `--jobs`)."""
-    world = World.of(seed)
+    world = World.of(seed, clean_sources)
     tallies = {column: {name: Tally() for name in chosen} for column in DETECTORS}
     seconds = dict.fromkeys(chosen, 0.0)
     for name in chosen:
@@ -734,6 +738,12 @@ def main() -> None:
         help="another ScreeningConfig field, key=YAML value (pool_fraction=null)",
     )
     parser.add_argument("--scope", default="auto", choices=("auto", "head", "full"), help="RONI's scope (default auto)")
+    parser.add_argument(
+        "--clean-sources",
+        type=int,
+        default=CLEAN_SOURCES,
+        help=f"clean sources beside each attacker (default {CLEAN_SOURCES}; fewer: a smoke run, rates not comparable)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     seeds = args.seeds or (3 if args.quick else 20)
@@ -752,11 +762,13 @@ def main() -> None:
     chosen = [n for n in NAMES if args.only is None or n in args.only]
     print(f"torch threads: {torch.get_num_threads()}, cpus: {os.cpu_count()}, load before: {os.getloadavg()}")
     print(f"{seeds} seeds; config: {config}")
+    if args.clean_sources != CLEAN_SOURCES:
+        print(f"{args.clean_sources} clean sources per scenario (a smoke run: not the benchmark's {CLEAN_SOURCES})")
     print(f"detectors (RONI + detectors columns): {detection_config(DetectorsSection())}")
     started = time.perf_counter()
     seconds = dict.fromkeys(chosen, 0.0)  # CPU seconds: other jobs on the machine stretch wall time
     tallies = {column: {name: Tally() for name in chosen} for column in DETECTORS}
-    run = functools.partial(judge_seed, chosen=chosen, config=config)
+    run = functools.partial(judge_seed, chosen=chosen, config=config, clean_sources=args.clean_sources)
     with contextlib.ExitStack() as stack:
         judged: Iterable[tuple[dict[str, dict[str, Tally]], dict[str, float], float | None]] = map(run, range(seeds))
         if args.jobs > 1:

@@ -1,5 +1,9 @@
 """The DVC pipeline (prepare -> sign -> cycle) parses in a real DVC repository, tracks the config's params, and works
-the way DVC users work: `dvc exp run -S`, `dvc exp show`, `dvc metrics diff`, `dvc plots show`."""
+the way DVC users work: `dvc repro`, `dvc exp run -S`, `dvc exp show`, `dvc metrics diff`, `dvc plots show`.
+
+Each trainguard command a stage runs is its own process (a cycle imports torch, Lightning and MLflow: most of its
+cost), so the repository is prepared once for the module (`prepared`): the pipeline installed and committed, with
+prepare and sign run by `dvc repro sign`; each test works in its own copy."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -25,6 +30,10 @@ def _dvc(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(BIN / "dvc"), *args], cwd=repo, capture_output=True, text=True, env=env, timeout=600)
 
 
+def _git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True)
+
+
 def _install(repo: Path, with_code: bool = False) -> None:
     for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(ROOT / name, repo / name)
@@ -35,12 +44,69 @@ def _install(repo: Path, with_code: bool = False) -> None:
             shutil.copytree(ROOT / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
 
 
-def test_dvc_lists_the_three_stages_in_order(dvc_repo: Path) -> None:
-    _install(dvc_repo)
-    done = _dvc(dvc_repo, "stage", "list", "--name-only")
+def _shorten(config: Path, experiment: str) -> None:
+    """A quick cycle whose gate accepts any model, so each `dvc repro` here exits 0, logging to the session's MLflow
+    server as `experiment`. Every stage runs at its smallest cost: what these tests check is DVC's view of the cycle
+    (which stages run, the params, metrics and plots it leaves), not what the cycle decides."""
+    data = yaml.safe_load(config.read_text())
+    data["tracking"] = {"experiment_name": experiment, "registered_model_name": experiment}
+    data["training"].update(bootstrap_epochs=2)
+    data["trainer"]["init_args"].update(max_epochs=2)
+    # RONI at level 0.2 with 19 draws: the fewest it takes there (draws + 1 >= 4 / level)
+    data["roni"].update(level=0.2, calibration_draws=19)
+    data["roni"]["options"].update(steps=5)
+    data["adversarial"].update(steps=1)
+    data["robust_eval"].update(subset_size=50, steps=1)
+    data["gate"].update(min_clean_accuracy=0.0, min_robust_accuracy=0.0, max_accuracy_drop=1.0, max_class_drop=1.0)
+    config.write_text(yaml.safe_dump(data))
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """`bare`: a fresh git + DVC repository; `repo`: one with the pipeline installed (the code included, the cycle
+    shortened) where `dvc repro sign` ran (`first`, before anything else) and everything is committed."""
+
+    bare: Path
+    repo: Path
+    first: subprocess.CompletedProcess[str]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Prepared:
+    root = tmp_path_factory.mktemp("dvc-pipeline")
+    bare, repo = root / "bare", root / "repo"
+    bare.mkdir()
+    with pytest.MonkeyPatch.context() as env:  # as tests/conftest.py's per-test environment, which is not set up yet
+        env.setenv("DVC_NO_ANALYTICS", "1")
+        env.setenv("TRAINGUARD_HOME", str(root / "trainguard-home"))
+        _git(bare, "init", "-q", "-b", "main")
+        _git(bare, "config", "user.email", "ci@trainguard.invalid")
+        _git(bare, "config", "user.name", "trainguard tests")
+        for args in (("init", "-q"), ("config", "core.analytics", "false")):
+            done = _dvc(bare, *args)
+            assert done.returncode == 0, done.stderr
+        _git(bare, "add", "-A")
+        _git(bare, "commit", "-q", "-m", "init")
+        shutil.copytree(bare, repo, symlinks=True)
+        _install(repo, with_code=True)
+        _shorten(repo / "configs" / "digits.yaml", "dvc-pipeline")
+        first = _dvc(repo, "repro", "sign")
+        _git(repo, "add", "-A")
+        _git(repo, "commit", "-q", "-m", "pipeline")
+    return Prepared(bare, repo, first)
+
+
+def _copy(source: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(source, tmp_path / "repo", symlinks=True))
+
+
+def test_dvc_lists_the_three_stages_in_order(prepared: Prepared, tmp_path: Path) -> None:
+    repo = _copy(prepared.bare, tmp_path)
+    _install(repo)
+    done = _dvc(repo, "stage", "list", "--name-only")
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["prepare", "sign", "cycle"]
-    dag = _dvc(dvc_repo, "dag", "--dot")
+    dag = _dvc(repo, "dag", "--dot")
     assert dag.returncode == 0, dag.stderr
     assert '"prepare" -> "sign"' in dag.stdout and '"sign" -> "cycle"' in dag.stdout
 
@@ -63,77 +129,59 @@ def _manifest_version(path: Path) -> int:
     return statement["predicate"]["version"]
 
 
-def test_dvc_repro_prepares_and_signs_then_reruns_only_on_a_change(dvc_repo: Path) -> None:
-    _install(dvc_repo)
-    first = _dvc(dvc_repo, "repro", "sign")
+def test_dvc_repro_prepares_and_signs_then_reruns_only_on_a_change(prepared: Prepared, tmp_path: Path) -> None:
+    first = prepared.first  # `dvc repro sign` in the freshly installed pipeline
     assert first.returncode == 0, first.stdout + first.stderr
-    train_manifest = dvc_repo / "demo-work/data/train.manifest.json"
+    assert "Running stage 'prepare'" in first.stdout and "Running stage 'sign'" in first.stdout
+    repo = _copy(prepared.repo, tmp_path)
+    train_manifest = repo / "demo-work/data/train.manifest.json"
     assert _manifest_version(train_manifest) == 1
-    assert (dvc_repo / "demo-work/keys/model.key").is_file()
-    again = _dvc(dvc_repo, "repro", "sign")
+    assert (repo / "demo-work/keys/model.key").is_file()
+    again = _dvc(repo, "repro", "sign")
     assert again.returncode == 0 and "Running stage" not in again.stdout
-    params = dvc_repo / "params.yaml"
+    params = repo / "params.yaml"
     params.write_text(params.read_text().replace("batch: 0", "batch: 1", 1))
-    changed = _dvc(dvc_repo, "repro", "sign")
+    changed = _dvc(repo, "repro", "sign")
     assert changed.returncode == 0, changed.stdout + changed.stderr
     assert "Running stage 'prepare'" in changed.stdout and "Running stage 'sign'" in changed.stdout
-    assert (dvc_repo / "demo-work/data/train/alice/b1-shard-00.parquet").is_file()
+    assert (repo / "demo-work/data/train/alice/b1-shard-00.parquet").is_file()
     assert _manifest_version(train_manifest) == 2  # persisted, so the re-sign bumps the version
 
 
-def _shorten(config: Path, experiment: str) -> None:
-    """A quick cycle whose gate accepts any model, so each `dvc repro` here exits 0 (RONI as tests/pipeline/
-    conftest.py's QUICK_CYCLE screens), logging to the session's MLflow server as `experiment`."""
-    data = yaml.safe_load(config.read_text())
-    data["tracking"] = {"experiment_name": experiment, "registered_model_name": experiment}
-    data["training"].update(bootstrap_epochs=15)
-    data["trainer"]["init_args"].update(max_epochs=2)
-    data["roni"].update(level=0.02, calibration_draws=199)
-    data["robust_eval"].update(subset_size=50, steps=2)
-    data["gate"].update(min_clean_accuracy=0.0, min_robust_accuracy=0.0, max_accuracy_drop=1.0, max_class_drop=1.0)
-    config.write_text(yaml.safe_dump(data))
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)  # two full cycles through `dvc repro`: 77 s quiet, over 300 s on a loaded machine
-def test_dvc_repro_runs_the_pipeline_then_reruns_only_what_changed(dvc_repo: Path, mlflow_uri: str) -> None:
-    _install(dvc_repo, with_code=True)
-    _shorten(dvc_repo / "configs" / "digits.yaml", "dvc-repro")
-    first = _dvc(dvc_repo, "repro")
-    assert first.returncode == 0, first.stdout + first.stderr
-    assert (dvc_repo / "demo-work" / "cycle" / "report.json").is_file()
-    again = _dvc(dvc_repo, "repro")
-    assert again.returncode == 0 and "Running stage" not in again.stdout
-    config = dvc_repo / "configs" / "digits.yaml"
-    config.write_text(re.sub(r"max_epochs: \d+", "max_epochs: 1", config.read_text()))
-    changed = _dvc(dvc_repo, "repro")
-    assert changed.returncode == 0, changed.stdout + changed.stderr
-    assert "Running stage 'cycle'" in changed.stdout and "Running stage 'prepare'" not in changed.stdout
-
-
-def test_the_template_for_users_parses_in_a_real_dvc_repository(dvc_repo: Path) -> None:
-    shutil.copy(ROOT / "examples" / "dvc" / "dvc.template.yaml", dvc_repo / "dvc.yaml")
-    done = _dvc(dvc_repo, "stage", "list", "--name-only")
+def test_the_template_for_users_parses_in_a_real_dvc_repository(prepared: Prepared, tmp_path: Path) -> None:
+    repo = _copy(prepared.bare, tmp_path)
+    shutil.copy(ROOT / "examples" / "dvc" / "dvc.template.yaml", repo / "dvc.yaml")
+    done = _dvc(repo, "stage", "list", "--name-only")
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["sign", "cycle"]
 
 
-def _git(repo: Path, *args: str) -> None:
-    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True)
-
-
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # two full cycles through `dvc repro`: 77 s quiet, over 300 s on a loaded machine
-def test_dvc_experiments_set_params_compare_cycles_and_show_plots(dvc_repo: Path, mlflow_uri: str) -> None:
-    _install(dvc_repo, with_code=True)
-    _shorten(dvc_repo / "configs" / "digits.yaml", "dvc-experiments")
-    _git(dvc_repo, "add", "-A")
-    _git(dvc_repo, "commit", "-q", "-m", "pipeline")
-    for epochs in (1, 2):
-        knob = f"configs/digits.yaml:trainer.init_args.max_epochs={epochs}"
-        done = _dvc(dvc_repo, "exp", "run", "-S", knob, "-S", "prepare.seed=0")
-        assert done.returncode == 0, done.stdout + done.stderr
-    shown = _dvc(dvc_repo, "exp", "show", "--json")
+@pytest.mark.timeout(900)  # two cycles through DVC: a few minutes on a loaded machine
+def test_dvc_repro_reruns_only_what_changed_and_experiments_set_params_compare_cycles_and_show_plots(
+    prepared: Prepared, tmp_path: Path, mlflow_uri: str
+) -> None:
+    """Two cycles, each with its own epochs, compared as experiments: the first run by `dvc exp run -S` (prepare and
+    sign are up to date from `prepared`, so only the cycle runs), the second by `dvc repro` once the config changed by
+    hand (nothing reruns before the change; after it, the cycle and not prepare), saved with `dvc exp save`."""
+    repo = _copy(prepared.repo, tmp_path)
+    config = repo / "configs" / "digits.yaml"
+    knob = "configs/digits.yaml:trainer.init_args.max_epochs=1"
+    done = _dvc(repo, "exp", "run", "-S", knob, "-S", "prepare.seed=0")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Running stage 'cycle'" in done.stdout and "Running stage 'prepare'" not in done.stdout  # signed already
+    assert (repo / "demo-work" / "cycle" / "report.json").is_file()
+    again = _dvc(repo, "repro")
+    assert again.returncode == 0 and "Running stage" not in again.stdout
+    config.write_text(re.sub(r"max_epochs: \d+", "max_epochs: 2", config.read_text()))
+    changed = _dvc(repo, "repro")
+    assert changed.returncode == 0, changed.stdout + changed.stderr
+    assert "Running stage 'cycle'" in changed.stdout and "Running stage 'prepare'" not in changed.stdout
+    # the cycle's metrics and plots are untracked here (no cycle ran in the commit): the experiment takes them along
+    saved = _dvc(repo, "exp", "save", "-I", "demo-work/cycle/metrics.json", "-I", "demo-work/cycle/plots")
+    assert saved.returncode == 0, saved.stdout + saved.stderr
+
+    shown = _dvc(repo, "exp", "show", "--json")
     assert shown.returncode == 0, shown.stderr
     experiments = [e for row in json.loads(shown.stdout) for e in row.get("experiments") or []]
     cycles = sorted(
@@ -145,9 +193,9 @@ def test_dvc_experiments_set_params_compare_cycles_and_show_plots(dvc_repo: Path
     )
     assert cycles == [(1, 1), (2, 2)]  # each experiment ran its own cycle, both compared in one table
     first, second = (e["revs"][0]["data"]["rev"] for e in experiments)
-    diff = _dvc(dvc_repo, "metrics", "diff", first, second, "--json")
+    diff = _dvc(repo, "metrics", "diff", first, second, "--json")
     assert diff.returncode == 0 and "cycle/number" in json.loads(diff.stdout)["demo-work/cycle/metrics.json"]
-    plots = _dvc(dvc_repo, "plots", "show", "--json")
+    plots = _dvc(repo, "plots", "show", "--json")
     assert plots.returncode == 0, plots.stderr
     shown_plots = json.loads(plots.stdout)
     assert not shown_plots.get("errors"), shown_plots["errors"]

@@ -1,4 +1,8 @@
-"""Signing a DVC-tracked data dir and cross-checking it against DVC's md5 record, in a real DVC repository."""
+"""Signing a DVC-tracked data dir and cross-checking it against DVC's md5 record, in a real DVC repository.
+
+DVC runs through its Python API in this process (`dvc.repo.Repo`, what the `dvc` command calls): what these tests
+check is what DVC writes (its .dvc files, dvc.lock and cache), and each `dvc` process would spend a second on its
+imports."""
 
 from __future__ import annotations
 
@@ -12,7 +16,35 @@ import pytest
 
 from trainguard.provenance import DvcMismatchError, dvc_tracked_md5, load_signing_key, verify_dataset
 
-DVC = str(Path(sys.executable).parent / "dvc")
+
+def _git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
+
+
+@pytest.fixture
+def dvc_repo(tmp_path: Path) -> Path:
+    """A fresh git + DVC repository, as tests/conftest.py's (`git init`, `dvc init`, analytics off), with DVC's
+    init in this process."""
+    from dvc.repo import Repo
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q", "-b", "main")
+    _git(repo, "config", "user.email", "ci@trainguard.invalid")
+    _git(repo, "config", "user.name", "trainguard tests")
+    with Repo.init(str(repo)) as dvc, dvc.config.edit() as config:
+        config["core"]["analytics"] = False
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "init")
+    return repo
+
+
+def _dvc_add(repo: Path, target: Path) -> None:
+    """`dvc add target`."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc:
+        dvc.add(str(target))
 
 
 def test_dvc_tracked_dir_is_signed_and_cross_checked(
@@ -20,7 +52,7 @@ def test_dvc_tracked_dir_is_signed_and_cross_checked(
 ) -> None:
     data = dvc_repo / "data"
     shutil.copytree(data_dir, data)
-    subprocess.run([DVC, "add", "data"], cwd=dvc_repo, check=True, capture_output=True)
+    _dvc_add(dvc_repo, data)
     tracked = dvc_tracked_md5(data)
     assert set(tracked) == {
         "alice/shard-00.parquet",
@@ -37,7 +69,7 @@ def test_dvc_tracked_dir_is_signed_and_cross_checked(
     (data / "raw.bin").write_bytes(b"changed after dvc add")
     with pytest.raises(DvcMismatchError, match=r"raw\.bin"):
         signer(data, key_pairs.alice, dvc_repo / "again.json", dvc_md5=dvc_tracked_md5(data))
-    subprocess.run([DVC, "add", "data"], cwd=dvc_repo, check=True, capture_output=True)
+    _dvc_add(dvc_repo, data)
     resigned = signer(
         data,
         key_pairs.alice,
@@ -58,7 +90,10 @@ def test_dvc_lock_outs_are_cross_checked(dvc_repo: Path, data_dir: Path, key_pai
         f"stages:\n  copy:\n    cmd: {sys.executable} -c \"import shutil; shutil.copytree('{data_dir}', 'data')\"\n"
         "    outs:\n      - data\n"
     )
-    subprocess.run([DVC, "repro", "-q"], cwd=dvc_repo, check=True, capture_output=True)
+    from dvc.repo import Repo
+
+    with Repo(str(dvc_repo)) as dvc:  # `dvc repro` in the repository (a target names its dvc.yaml, not ours here)
+        dvc.reproduce(str(dvc_repo / "dvc.yaml"))
     tracked = dvc_tracked_md5(dvc_repo / "data")
     manifest = signer(dvc_repo / "data", key_pairs.alice, dvc_repo / "m.json", dvc_md5=tracked)
     assert verify_dataset(manifest, key_pairs.trust("alice"), data_dir=dvc_repo / "data", dvc=True).ok
