@@ -99,7 +99,8 @@ def _rank(rank: int, store: str, out: str) -> None:
 
 
 def test_two_gloo_ranks_exchange_json_and_refuse_what_is_not(tmp_path: Path) -> None:
-    mp.start_processes(_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, start_method="spawn")
+    # Ranks forked from this process: a spawned one imports torch and this module again (~3 CPU s) for the same job.
+    mp.start_processes(_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, start_method="fork")
     zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert zero["broadcast"] == one["broadcast"] == {"plan": {"cycle": 3, "rows": [1, 2]}}
     assert zero["gathered"] == one["gathered"] == [{"ready": True, "rank": 0}, {"ready": True, "rank": 1}]
@@ -121,7 +122,7 @@ def _roll_call(rank: int, store: str, out: str) -> None:
 
 
 def test_a_rank_that_does_not_arrive_in_time_is_named_on_every_rank_that_did(tmp_path: Path) -> None:
-    mp.start_processes(_roll_call, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=3, start_method="spawn")
+    mp.start_processes(_roll_call, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=3, start_method="fork")
     zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert zero["error"] == one["error"] == "rank 2 did not arrive within 0:00:02"
     assert zero["reason"] == one["reason"] == "rank-wait"

@@ -322,9 +322,11 @@ def test_attacking_every_row_warns_that_clean_accuracy_may_drop_and_a_mixed_batc
 
 
 def test_ddp_ranks_craft_locally_and_log_success_summed_over_ranks() -> None:
+    """Two CPU ranks (gloo) forked from this process, which has torch and Lightning imported already: a spawned rank
+    would import them again (~7 CPU s each) for the same DDP fit."""
     x, y = data()
     callback = AdversarialTraining("pgd", eps=0.2, steps=2, seed=0)
     trainer = fit(Recorder(), DataLoader(TensorDataset(x, y), batch_size=8), [callback], max_epochs=1,
-                  strategy="ddp_spawn", devices=2)  # fmt: skip
+                  strategy="ddp_fork", devices=2)  # fmt: skip
     assert trainer.callback_metrics["adv/eps"] == pytest.approx(0.2)
     assert 0.0 <= trainer.callback_metrics["adv/success"].item() <= 1.0

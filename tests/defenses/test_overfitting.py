@@ -78,7 +78,7 @@ def fit(
         callbacks=callbacks,
         **{"enable_checkpointing": False, "devices": 1, **kwargs},
     )
-    if "strategy" in kwargs:  # a torch.Generator cannot cross to spawned ranks; their samplers shuffle by seed
+    if "strategy" in kwargs:  # DDP: each rank reads its share through Lightning's DistributedSampler, in order
         loader = DataLoader(digits, batch_size=100)
     else:
         loader = DataLoader(digits, batch_size=100, shuffle=True, generator=torch.Generator().manual_seed(0))
@@ -150,9 +150,11 @@ def test_only_fgsm_rs_is_guarded_by_default_and_bad_settings_are_refused() -> No
 
 
 def test_ddp_ranks_decide_together_and_all_roll_back(digits, collapsed) -> None:
+    """Two CPU ranks (gloo) forked from this process, which has torch and Lightning imported already: a spawned rank
+    would import them again (~7 CPU s each) for the same DDP fit; rank 0's weights come back as with spawn."""
     module = PlantedCollapse(collapsed, at=4)
     callback = AdversarialTraining("fgsm-rs", eps=EPS, seed=0)
-    trainer = fit(module, digits, [callback], max_epochs=7, strategy="ddp_spawn", devices=2)
+    trainer = fit(module, digits, [callback], max_epochs=7, strategy="ddp_fork", devices=2)
     # Had one rank stopped alone, the other would wait forever in its next collective; the fit returned instead.
     assert trainer.callback_metrics["adv/guard_acc"].item() < 0.2, "the collapsed epoch was the last one measured"
     weights = {k.removeprefix("net."): v for k, v in module.state_dict().items()}

@@ -1,22 +1,30 @@
 """A DDP training job for test_ddp.py: the digits classifier on 2 CPU processes (gloo) with every trainguard callback.
 
 Run as `ddp_job.py OUT_DIR MANIFEST DATA_DIR TRUST STATE_FILE [--epochs N] [--rank1-data-dir DIR]
-[--refuse-changed]`; Lightning
-re-launches it for rank 1. Each rank writes `OUT_DIR/rank<N>.json` (metrics, gate verdict, verification reports,
-read-log digest, parameter checksum, or the error that stopped it); rank 0 writes `model.safetensors` when the gate
-accepts, then waits for rank 1 so the exit code covers both. A failed check exits with its `exit_code` after one
-line on stderr.
+[--refuse-changed]`; Lightning re-launches it for rank 1 (test_ddp.py starts both ranks with `--serve` instead).
+Each rank writes `OUT_DIR/rank<N>.json` (metrics, gate verdict, verification reports, read-log digest, parameter
+checksum, or the error that stopped it); rank 0 writes `model.safetensors` when the gate accepts, then waits for
+rank 1 so the exit code covers both. A failed check exits with its `exit_code` after one line on stderr.
+
+`ddp_job.py --serve [MODULE ...]` is a launcher for the tests that start DDP jobs, this one or `trainguard` (see
+`serve`): it imports torch, Lightning, trainguard and the MODULEs once, then forks each job's ranks from itself, as
+torchrun would start them but without a fresh interpreter per rank that imports them all again (~8 CPU s a rank,
+most of a small job's cost).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import os
 import sys
+import traceback
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytorch_lightning as pl
 import torch
@@ -73,7 +81,86 @@ def wait_for_other_ranks(trainer: pl.Trainer) -> int:
     return max((abs(proc.wait()) for proc in procs), default=0)
 
 
-def main() -> int:
+def serve(modules: list[str]) -> NoReturn:
+    """The launcher: imports `modules`, then runs one job per line on stdin, a JSON object: `target` ("job": this
+    file's `main`; "trainguard": the CLI's), `argv`, `cwd`, `env`, and `ranks`, a list with each rank's `env` (its
+    RANK, LOCAL_RANK, ... as its launcher sets them) and the files its `stdout` and `stderr` go to. The job is a
+    process in a session of its own that forks its ranks and exits with their worst exit code. Answers a line each
+    on stdout: the job's process id once it started, then its exit code. Ends when stdin closes."""
+    for module in modules:
+        importlib.import_module(module)
+    for line in sys.stdin:
+        job = _fork(partial(_job, json.loads(line)))
+        _answer(job)
+        _answer(_exit_code(job))
+    os._exit(0)  # nothing left to write: skips the interpreter's teardown of torch and Lightning (seconds)
+
+
+def _answer(value: int) -> None:
+    sys.stdout.write(f"{value}\n")
+    sys.stdout.flush()
+
+
+def _exit_code(pid: int) -> int:
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def _fork(run: Callable[[], int]) -> int:
+    """A forked process that exits with `run()`'s code (1, after its traceback, if it raised); its id, here."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        code = run()
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else 0 if done.code is None else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # nothing of the launcher runs again in a job or a rank
+
+
+def _job(request: dict[str, Any]) -> int:
+    os.setsid()  # the job and its ranks: one process group, killed whole on a timeout
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    ranks = [_fork(partial(_rank, request, rank)) for rank in request["ranks"]]
+    return max(abs(_exit_code(pid)) for pid in ranks)
+
+
+def _rank(request: dict[str, Any], rank: dict[str, Any]) -> int:
+    os.environ.update(rank["env"])
+    for fd, path, flags in (
+        (0, os.devnull, os.O_RDONLY),  # the launcher's requests are not the rank's to read
+        (1, rank["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+        (2, rank["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+    ):
+        opened = os.open(path, flags, 0o600)
+        os.dup2(opened, fd)
+        os.close(opened)
+    sys.stdin = open(0, closefd=False)  # noqa: SIM115 # the process's own standard streams, never closed
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    # What a fresh interpreter reads from its environment when it imports Lightning: which rank logs.
+    from lightning_fabric.utilities.rank_zero import _get_rank, rank_zero_only
+
+    rank_zero_only.rank = _get_rank() or 0
+    if request["target"] == "trainguard":
+        from trainguard.pipeline.cli import main as trainguard
+
+        sys.argv = ["trainguard", *request["argv"]]
+        return trainguard(request["argv"])
+    sys.argv = [__file__, *request["argv"]]
+    return main(request["argv"])
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("manifest", type=Path)
@@ -83,9 +170,9 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--rank1-data-dir", type=Path, help="rank 1's own copy of the shards, as on another node")
     parser.add_argument("--refuse-changed", action="store_true", help="refuse a changed training shard by name")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     pl.seed_everything(0, verbose=False)
-    launched_rank = int(os.environ.get("LOCAL_RANK", "0"))  # set by Lightning for the ranks it re-launches
+    launched_rank = int(os.environ.get("LOCAL_RANK", "0"))  # set by the launcher: Lightning's, or `serve`
     data_dir = args.rank1_data_dir if launched_rank == 1 and args.rank1_data_dir else args.data_dir
     spec = ManifestRef(args.manifest, data_dir)
     holdout = holdout_data(spec, args.trust, args.state_file, skip=HOLDOUT_SKIP * launched_rank)
@@ -148,4 +235,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--serve"]:
+        serve(sys.argv[2:])
     sys.exit(main())

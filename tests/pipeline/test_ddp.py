@@ -15,6 +15,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,54 +59,79 @@ def _signed_digits(root: Path) -> tuple[Path, Path]:
     return write_manifest(envelope, root / "manifest.json"), policy
 
 
-def _job_environment(tmp_path: Path) -> dict[str, str]:
-    """This machine only (loopback, a free port), no inherited cluster settings, one thread per rank."""
+def _environment() -> dict[str, str]:
+    """This machine only (loopback), no inherited cluster settings, one thread per rank."""
     inherited = ("SLURM_", "TORCHELASTIC_", "LSB_", "OMPI_", "PMI_")
     cluster = {"RANK", "LOCAL_RANK", "GROUP_RANK", "NODE_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "PL_GLOBAL_SEED"}
     env = {k: v for k, v in os.environ.items() if k not in cluster and not k.startswith(inherited)}
     return env | {
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
         "GLOO_SOCKET_IFNAME": "lo",
         "PL_DISABLE_FORK": "1",
         "CUDA_VISIBLE_DEVICES": "",
         "OMP_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
         "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "examples"),  # ddp_job.py builds digits data
-        "TRAINGUARD_HOME": str(tmp_path / "trainguard-home"),
     }
 
 
-def _run_job(tmp_path: Path, manifest: Path, trust: Path, *options: str) -> tuple[subprocess.CompletedProcess, Path]:
-    """Runs the DDP job in its own process group; on timeout the whole group (rank 0 and rank 1) is killed."""
+@pytest.fixture(scope="module")
+def launcher() -> Iterator[subprocess.Popen]:
+    """`ddp_job.py --serve`: this module's jobs, their ranks forked from one process that imported torch,
+    Lightning and trainguard once (a fresh interpreter per rank imports them again, ~8 CPU s each)."""
+    server = subprocess.Popen(
+        [sys.executable, str(JOB), "--serve"], env=_environment(), stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    yield server
+    server.stdin.close()
+    server.wait(timeout=60)
+
+
+def _answer(launcher: subprocess.Popen) -> int:
+    line = launcher.stdout.readline()
+    if not line:
+        raise RuntimeError(f"the launcher ended (exit code {launcher.wait()}); its stderr is in the test's output")
+    return int(line)
+
+
+def _run_job(
+    launcher: subprocess.Popen, tmp_path: Path, manifest: Path, trust: Path, *options: str
+) -> tuple[subprocess.CompletedProcess, Path]:
+    """Runs the DDP job as two ranks that Lightning finds started for it (LOCAL_RANK, WORLD_SIZE and NODE_RANK, as
+    its own launcher sets them), in a process group of its own; on timeout the whole group is killed."""
     out = tmp_path / "out"
     out.mkdir()
-    command = [
-        sys.executable,
-        str(JOB),
-        str(out),
-        str(manifest),
-        str(tmp_path / "data"),
-        str(trust),
-        str(tmp_path / "state.json"),
-        *options,
+    argv = [str(out), str(manifest), str(tmp_path / "data"), str(trust), str(tmp_path / "state.json"), *options]
+    env = _environment() | {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "TRAINGUARD_HOME": str(tmp_path / "trainguard-home"),
+    }
+    ranks = [
+        {
+            "env": {"LOCAL_RANK": str(rank), "NODE_RANK": "0", "WORLD_SIZE": str(len(RANKS))},
+            "stdout": str(tmp_path / f"rank{rank}.stdout"),
+            "stderr": str(tmp_path / f"rank{rank}.stderr"),
+        }
+        for rank in RANKS
     ]
-    proc = subprocess.Popen(
-        command,
-        cwd=tmp_path,
-        env=_job_environment(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
+    request = {"target": "job", "argv": argv, "cwd": str(tmp_path), "env": env, "ranks": ranks}
+    launcher.stdin.write(json.dumps(request).encode() + b"\n")
+    launcher.stdin.flush()
+    job = _answer(launcher)
+    killed = threading.Event()
+
+    def kill() -> None:
+        killed.set()
+        os.killpg(job, signal.SIGKILL)
+
+    timer = threading.Timer(TIMEOUT, kill)
+    timer.start()
+    returncode = _answer(launcher)
+    timer.cancel()
+    stdout, stderr = ("".join(Path(r[stream]).read_text() for r in ranks) for stream in ("stdout", "stderr"))
+    if killed.is_set():
         pytest.fail(f"DDP job did not finish within {TIMEOUT} s (hung collective?)\n{stderr[-3000:]}")
-    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr), out
+    return subprocess.CompletedProcess([str(JOB), *argv], returncode, stdout, stderr), out
 
 
 def _rank_documents(out: Path, result: subprocess.CompletedProcess) -> list[dict[str, Any]]:
@@ -117,9 +144,9 @@ def _without_timing(report: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in report.items() if k != "seconds"}
 
 
-def test_ddp_ranks_agree_on_metrics_gate_verification_and_weights(tmp_path: Path) -> None:
+def test_ddp_ranks_agree_on_metrics_gate_verification_and_weights(launcher: subprocess.Popen, tmp_path: Path) -> None:
     manifest, trust = _signed_digits(tmp_path)
-    result, out = _run_job(tmp_path, manifest, trust, "--epochs", "3")
+    result, out = _run_job(launcher, tmp_path, manifest, trust, "--epochs", "3")
     assert result.returncode == 0, result.stderr[-3000:]
     zero, one = _rank_documents(out, result)
     assert (zero["rank"], one["rank"]) == RANKS and zero["world_size"] == one["world_size"] == 2
@@ -156,7 +183,9 @@ def test_ddp_ranks_agree_on_metrics_gate_verification_and_weights(tmp_path: Path
 
 
 @pytest.mark.parametrize("copies", ["shared", "rank1"])
-def test_ddp_tampered_shard_stops_both_ranks_before_training(tmp_path: Path, copies: str) -> None:
+def test_ddp_tampered_shard_stops_both_ranks_before_training(
+    launcher: subprocess.Popen, tmp_path: Path, copies: str
+) -> None:
     """`shared`: both ranks read the tampered folder. `rank1`: each rank has its own copy of the shards (as nodes
     pulling from a DVC remote do) and only rank 1's is tampered: rank 0 must stop too, saying why, not hang."""
     manifest, trust = _signed_digits(tmp_path)
@@ -171,7 +200,7 @@ def test_ddp_tampered_shard_stops_both_ranks_before_training(tmp_path: Path, cop
     content[len(content) // 2] ^= 0xFF  # same size, other bytes
     shard.write_bytes(bytes(content))
 
-    result, out = _run_job(tmp_path, manifest, trust, *options)
+    result, out = _run_job(launcher, tmp_path, manifest, trust, *options)
     assert result.returncode == 1, result.stderr[-3000:]
     zero, one = _rank_documents(out, result)
     assert zero["steps"] == one["steps"] == 0
@@ -191,7 +220,9 @@ def test_ddp_tampered_shard_stops_both_ranks_before_training(tmp_path: Path, cop
     assert not (out / "model.safetensors").exists()
 
 
-def test_ddp_a_changed_training_shard_is_refused_by_name_on_every_rank_and_training_goes_on(tmp_path: Path) -> None:
+def test_ddp_a_changed_training_shard_is_refused_by_name_on_every_rank_and_training_goes_on(
+    launcher: subprocess.Popen, tmp_path: Path
+) -> None:
     """With `refuse_changed` (as the cycle trains), the rank that reads the changed shard refuses it; the ranks
     exchange their reads and refusals as JSON, so both hold the same refusal and a read log without the shard."""
     manifest, trust = _signed_digits(tmp_path)
@@ -200,7 +231,7 @@ def test_ddp_a_changed_training_shard_is_refused_by_name_on_every_rank_and_train
     content[len(content) // 2] ^= 0xFF
     shard.write_bytes(bytes(content))
 
-    result, out = _run_job(tmp_path, manifest, trust, "--epochs", "1", "--refuse-changed")
+    result, out = _run_job(launcher, tmp_path, manifest, trust, "--epochs", "1", "--refuse-changed")
     assert result.returncode == 0, result.stderr[-3000:]
     zero, one = _rank_documents(out, result)
     assert zero["steps"] == one["steps"] > 0

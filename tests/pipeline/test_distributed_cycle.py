@@ -1,7 +1,11 @@
-"""`trainguard cycle` under torchrun: rank 0 verifies, screens, gates and signs; rank 1 trains its share of the plan
+"""`trainguard cycle` as two ranks: rank 0 verifies, screens, gates and signs; rank 1 trains its share of the plan
 rank 0 shares; one read log, one attestation; a cycle rank 0 stops ends every rank with its reason, never a hang; a
 module logging torchmetrics metrics bootstraps on rank 0 alone without waiting for the others; a rank that never
-arrives ends the cycle, named, within the configured timeout."""
+arrives ends the cycle, named, within the configured timeout.
+
+Started plainly, the cycle relaunches itself under torchrun, whose ranks are fresh interpreters (~9 CPU s each to
+import torch, Lightning and MLflow); the other cycles here run their ranks with torchrun's environment, forked from a
+launcher that imported those once (`launcher`)."""
 
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ import socket
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,46 +86,108 @@ def test_the_launch_is_read_from_torchrun_or_slurm_and_a_world_of_one_runs_alone
     assert launch_from_env({}) is None
 
 
-@pytest.fixture
-def project(tmp_path: Path, cycle_config: Callable[..., dict[str, Any]]) -> Path:
-    shutil.copytree(REPO / "configs", tmp_path / "configs")
-    keys, data = tmp_path / "demo-work" / "keys", tmp_path / "demo-work" / "data"
+@pytest.fixture(scope="module")
+def signed_project(tmp_path_factory: pytest.TempPathFactory, cycle_config: Callable[..., dict[str, Any]]) -> Path:
+    """The digits demo's data with two contributors of two shards each (the demo has four of three): every stage of
+    the test cycle runs, on half the rows to screen and train. Prepared and signed once; each test has a copy."""
+    root = tmp_path_factory.mktemp("distributed-project")
+    shutil.copytree(REPO / "configs", root / "configs")
+    keys, data = root / "demo-work" / "keys", root / "demo-work" / "data"
     create_keys(keys)
-    contributed = prepare_digits(data).contributed()
+    contributed = prepare_digits(data, Layout(sources=("alice", "bob"), shards_per_source=2)).contributed()
     sign_trusted(data, keys)
     sign_contributions(data, keys, contributed)
     ddp = {"trainer": {"init_args": {"strategy": "ddp", "devices": 2, "accelerator": "cpu"}}}
-    (tmp_path / "cycle.yaml").write_text(yaml.safe_dump(cycle_config("distributed", ddp)))
+    (root / "cycle.yaml").write_text(yaml.safe_dump(cycle_config("distributed", ddp)))
+    return root
+
+
+@pytest.fixture
+def project(signed_project: Path, tmp_path: Path) -> Path:
+    """This test's own copy of the signed project (tests change its files and run cycles in it)."""
+    shutil.copytree(signed_project, tmp_path, dirs_exist_ok=True)
     return tmp_path
 
 
-def _torchrun(project: Path, tracking: str) -> subprocess.CompletedProcess[str]:
+def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(port),
-        "-m",
-        "trainguard.pipeline.cli",
-        "cycle",
-        "--config",
-        "cycle.yaml",
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def launcher() -> Iterator[subprocess.Popen[bytes]]:
+    """`ddp_job.py --serve` (test_ddp.py's launcher): each cycle's ranks forked from one process that imported
+    trainguard, Lightning, MLflow and torchmetrics once."""
+    modules = ["trainguard.pipeline.cli", "trainguard.pipeline.cycle", "mlflow", "torchmetrics", "digits_demo.models"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "examples")}
+    server = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("ddp_job.py")), "--serve", *modules],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    yield server
+    server.stdin.close()
+    server.wait(timeout=60)
+
+
+def _answer(launcher: subprocess.Popen[bytes]) -> int:
+    line = launcher.stdout.readline()
+    if not line:
+        raise RuntimeError(f"the launcher ended (exit code {launcher.wait()}); its stderr is in the test's output")
+    return int(line)
+
+
+def _cycle_ranks(
+    launcher: subprocess.Popen[bytes], project: Path, tracking: str, *options: str
+) -> tuple[subprocess.CompletedProcess[str], dict[int, str]]:
+    """`trainguard cycle --config cycle.yaml *options` in `project` as two ranks with the environment torchrun gives
+    its ranks (its own store on rank 0), in a process group of its own, killed whole when it outlives JOB_TIMEOUT:
+    the job's exit code (its ranks' worst), their stderr, rank 0's then rank 1's; and each rank's stdout."""
+    world, port = 2, str(_free_port())
+    ranks = [
+        {
+            "env": {
+                **{"RANK": str(rank), "LOCAL_RANK": str(rank), "ROLE_RANK": str(rank), "GROUP_RANK": "0"},
+                **{"WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "ROLE_WORLD_SIZE": str(world)},
+                **{"GROUP_WORLD_SIZE": "1", "ROLE_NAME": "default", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
+                **{"TORCHELASTIC_RUN_ID": "none", "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "0"},
+                "TORCHELASTIC_USE_AGENT_STORE": "False",
+            },
+            "stdout": str(project / f"rank{rank}.stdout"),
+            "stderr": str(project / f"rank{rank}.stderr"),
+        }
+        for rank in range(world)
     ]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "examples")}
+    argv = ["cycle", "--config", "cycle.yaml", *options]
+    request = {"target": "trainguard", "argv": argv, "cwd": str(project), "env": env, "ranks": ranks}
+    launcher.stdin.write(json.dumps(request).encode() + b"\n")
+    launcher.stdin.flush()
+    job = _answer(launcher)
+    killed = threading.Event()
+
+    def kill() -> None:
+        killed.set()
+        os.killpg(job, signal.SIGKILL)
+
+    timer = threading.Timer(JOB_TIMEOUT, kill)
+    timer.start()
+    returncode = _answer(launcher)
+    timer.cancel()
+    stderr = "".join(Path(rank["stderr"]).read_text() for rank in ranks)
+    if killed.is_set():
+        pytest.fail(f"the DDP cycle did not end within {JOB_TIMEOUT} s (a rank waits forever?)\n{stderr[-3000:]}")
+    stdout = {rank: Path(ranks[rank]["stdout"]).read_text() for rank in range(world)}
+    return subprocess.CompletedProcess(["trainguard", *argv], returncode, "".join(stdout.values()), stderr), stdout
 
 
-def test_a_cycle_rank_zero_stops_ends_every_rank_with_its_reason(project: Path, mlflow_server: str) -> None:
+def test_a_cycle_rank_zero_stops_ends_every_rank_with_its_reason(
+    project: Path, mlflow_server: str, launcher: subprocess.Popen[bytes]
+) -> None:
     tamper_file(project / "demo-work" / "data" / "trusted" / "base.parquet")
-    done = _torchrun(project, mlflow_server)
+    done, _ = _cycle_ranks(launcher, project, mlflow_server)
     assert done.returncode != 0
     assert "rank 0 stopped the cycle: " in done.stderr and "digest-mismatch" in done.stderr
     assert not (project / "demo-work" / "cycle" / "models").exists()
@@ -236,11 +303,14 @@ def _metrics_project(root: Path, rank_timeout: float | None = None, **model_args
     return root
 
 
+def _dead_tracking() -> str:
+    """A tracking URI nothing answers at."""
+    return f"http://127.0.0.1:{_free_port()}"
+
+
 def _job(project: Path, command: list[str]) -> subprocess.CompletedProcess[str]:
     """Runs `command` in `project` in its own process group, killed whole when it outlives JOB_TIMEOUT."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    dead = _dead_tracking()
     env = {**os.environ, "MLFLOW_TRACKING_URI": dead, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "examples")}
     proc = subprocess.Popen(
         command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
@@ -254,25 +324,15 @@ def _job(project: Path, command: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
-def test_a_module_logging_torchmetrics_metrics_trains_on_both_ranks_without_a_solo_collective(tmp_path: Path) -> None:
+def test_a_module_logging_torchmetrics_metrics_trains_on_both_ranks_without_a_solo_collective(
+    tmp_path: Path, launcher: subprocess.Popen[bytes]
+) -> None:
     """Rank 0 bootstraps alone while rank 1 waits for the plan: its metrics must not wait for rank 1 in a
     collective; the DDP fit that follows syncs them on both ranks."""
     project = _metrics_project(tmp_path)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    logs = project / "rank-logs"  # each rank's stdout: its outcome as JSON
-    done = _job(
-        project,
-        [
-            *(sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1"),
-            *("--master-port", str(port), "--log-dir", str(logs), "--redirects", "0:1,1:1", "--tee", "0:2,1:2"),
-            *("-m", "trainguard.pipeline.cli", "cycle", "--config", "cycle.yaml", "--json"),
-        ],
-    )
+    done, outputs = _cycle_ranks(launcher, project, _dead_tracking(), "--json")  # each rank's outcome as JSON
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
-    outputs = {int(path.parent.name): path.read_text() for path in logs.rglob("stdout.log")}
     leader, follower = (json.loads(outputs[rank]) for rank in (0, 1))
     assert (leader["cycle"], leader["status"]) == (1, "accepted") and leader["model_dir"]
     assert (follower["cycle"], follower["status"]) == (1, "follower")
@@ -285,13 +345,13 @@ def test_a_module_logging_torchmetrics_metrics_trains_on_both_ranks_without_a_so
 
 
 def test_a_rank_that_never_arrives_ends_the_cycle_with_one_line_naming_it(tmp_path: Path) -> None:
-    """Rank 1 never gets past building its model: rank 0 waits the configured rank_timeout (10 s), not the
+    """Rank 1 never gets past building its model: rank 0 waits the configured rank_timeout (6 s), not the
     default half hour, then stops the cycle saying which rank did not arrive; the launcher stops rank 1. Started
     plainly: the cycle relaunches itself as two ranks."""
-    project = _metrics_project(tmp_path, rank_timeout=10, stall_rank=1)
+    project = _metrics_project(tmp_path, rank_timeout=6, stall_rank=1)
     done = _job(project, [str(Path(sys.executable).parent / "trainguard"), "cycle", "--config", "cycle.yaml", "--json"])
     assert done.returncode == 1, done.stderr[-3000:]
-    reason = "at the start of training, rank 1 did not arrive within 0:00:10"
+    reason = "at the start of training, rank 1 did not arrive within 0:00:06"
     assert json.loads(done.stdout) == {"status": "failed", "check": "rank-wait", "reason": reason}
     assert [line for line in done.stderr.splitlines() if "did not arrive" in line] == [f"trainguard: error: {reason}"]
     assert "trainguard: rank 0 stopped (exit code 1); the other ranks with it" in done.stderr

@@ -4,6 +4,7 @@ fetches them (in DataLoader workers too), refusals as ShardErrors naming the chu
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 from functools import cache
@@ -13,7 +14,6 @@ from types import SimpleNamespace
 import litdata
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -56,9 +56,21 @@ def digit(index: int) -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def optimized(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """300 digits optimized by litdata into several chunks of about 12 kB."""
+    """300 digits optimized by litdata into several chunks of about 12 kB.
+
+    litdata's worker is forked (a spawned one imports this module again: several CPU s), and the process-wide start
+    method that `optimize` sets (`force=True`) is put back: left at litdata's `spawn`, every later DataLoader in this
+    process (other test files' too) would spawn its workers, unless it names its start method."""
     out = tmp_path_factory.mktemp("optimized") / "digits"
-    litdata.optimize(fn=digit, inputs=list(range(ITEMS)), output_dir=str(out), chunk_bytes=12_000, num_workers=1)
+    digits()  # loaded here once: the forked worker finds them, and so do the tests that build items themselves
+    before = multiprocessing.get_start_method(allow_none=True)
+    try:
+        litdata.optimize(
+            fn=digit, inputs=list(range(ITEMS)), output_dir=str(out), chunk_bytes=12_000, num_workers=1,
+            start_method="fork",
+        )  # fmt: skip
+    finally:
+        multiprocessing.set_start_method(before, force=True)
     return out
 
 
@@ -303,9 +315,10 @@ def signed_once(data: Path, key_pairs: object, tmp_path: Path) -> VerifiedManife
 def test_dataloader_workers_verify_the_chunks_and_the_main_process_collects_their_reads(
     data: Path, key_pairs: object, tmp_path: Path
 ) -> None:
+    """Forked workers (Linux's default), each building its own reader; spawned ones: the next test."""
     verified = signed(data, key_pairs, tmp_path)
     dataset = VerifiedStreamingDataset(verified, "train", cache_dir=tmp_path, transform=without_pil)
-    loader = VerifiedStreamingDataLoader(dataset, batch_size=32, num_workers=2)
+    loader = VerifiedStreamingDataLoader(dataset, batch_size=32, num_workers=2, multiprocessing_context="fork")
 
     indexes = sorted(int(i) for batch in loader for i in batch["index"])
 
@@ -320,13 +333,16 @@ def test_dataloader_workers_verify_the_chunks_and_the_main_process_collects_thei
 def test_a_tampered_chunk_in_a_worker_surfaces_as_its_shard_error(
     data: Path, key_pairs: object, tmp_path: Path
 ) -> None:
+    """A spawned worker (the dataset crosses pickled, its downloader rebuilt without a reader); one is enough: it
+    reads every chunk, the tampered one among them, and each spawned worker imports this module again."""
     verified = signed(data, key_pairs, tmp_path)
     tampered = chunk_names(data)[2]
     flip_a_byte(data / tampered)
     loader = VerifiedStreamingDataLoader(
         VerifiedStreamingDataset(verified, "train", cache_dir=tmp_path, transform=without_pil),
         batch_size=32,
-        num_workers=2,
+        num_workers=1,
+        multiprocessing_context="spawn",
     )
 
     with pytest.raises(ShardError) as refused:
@@ -372,20 +388,22 @@ def as_example(item: dict[str, object]) -> tuple[torch.Tensor, int]:
     return torch.as_tensor(item["image"], dtype=torch.float32).flatten() / 240, item["label"]
 
 
-class Linear(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer = torch.nn.Linear(64, 10)
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
-        x, y = batch
-        return torch.nn.functional.cross_entropy(self.layer(x), y)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.5)
-
-
 def test_a_lightning_trainer_fits_on_a_verified_litdata_loader(data: Path, key_pairs: object, tmp_path: Path) -> None:
+    # Lightning is imported here, not by the module: a spawned DataLoader worker imports this module again.
+    import pytorch_lightning as pl
+
+    class Linear(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(64, 10)
+
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.layer(x), y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
     verified = signed(data, key_pairs, tmp_path)
     dataset = VerifiedStreamingDataset(verified, "train", cache_dir=tmp_path, transform=as_example)
     model = Linear()
