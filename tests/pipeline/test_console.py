@@ -42,7 +42,16 @@ def test_a_cycle_on_the_demo_config_prints_no_third_party_chatter_and_verbose_sh
     sign_trusted(data, keys)
     sign_contributions(data, keys, contributed)
     any_model = {"min_clean_accuracy": 0.0, "min_robust_accuracy": 0.0, "max_accuracy_drop": 1.0, "max_class_drop": 1.0}
-    changes = {"training": {"bootstrap_epochs": 5}, "trainer": {"init_args": {"max_epochs": 1}}, "gate": any_model}
+    # The cheapest cycle through every stage and line: one epoch each, RONI at a set rate (no rate probe) with the
+    # fewest draws its level allows (draws + 1 >= 4 / level), one attack step; the verdicts are not under test.
+    changes = {
+        "training": {"bootstrap_epochs": 1},
+        "trainer": {"init_args": {"max_epochs": 1}},
+        "gate": any_model,
+        "roni": {"level": 0.2, "calibration_draws": 19, "options": {"steps": 2, "checkpoints": 1, "lr": 0.05}},
+        "adversarial": {"steps": 1},
+        "robust_eval": {"subset_size": 16, "steps": 1},
+    }
     (tmp_path / "cycle.yaml").write_text(yaml.safe_dump(cycle_config("console", changes)))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'fresh-mlruns.db'}"}
 

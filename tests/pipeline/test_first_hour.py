@@ -2,15 +2,22 @@
 LightningModule, their own images sharded and signed, the config checked, a cycle run (two for the images
 project), the accepted model loaded back through its signature. Every command's output must be trainguard's alone:
 no traceback, no third-party chatter. Projects are parametrized, so other tasks (tabular regression, a
-masked-input model) add a `Project` with their model and data."""
+masked-input model) add a `Project` with their model and data. The image project starts every command as its own
+process, as the user types it. The others add their model, task and decoder to `check` and `cycle`, which run in this
+process (`cli`; a process of their own would spend 5-7 CPU s importing Lightning), their output checked with what their
+own process would print beyond stdout and stderr (the root logger's handler, the warnings let through); a command the
+image project does not start (`shard --from-csv`) starts as its own process."""
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,7 +81,8 @@ class TinyDigitNet(pl.LightningModule):
 @dataclass(frozen=True)
 class Project:
     """A user's project: its model module, how it writes its raw data and shards each split (`base`, `holdout`,
-    `alice`, `bob`), the config sections that differ, and an input the loaded champion predicts on."""
+    `alice`; `bob` for a second cycle), the config sections that differ, an input the loaded champion predicts on,
+    and which commands start as their own process."""
 
     name: str
     model_source: str
@@ -86,6 +94,9 @@ class Project:
     predicted: tuple[str, ...]
     margin_check: bool = True
     second_cycle: bool = False  # the state across cycles is the same for every task: one project proves it
+    # The commands started as their own process (None: every one); the others run in this process (`cli`). A `cycle`
+    # of its own costs ~10 CPU s more than one here, most of it imports.
+    fresh: frozenset[str] | None = frozenset()
 
 
 def _image_shard(split: str, out: str, size: int) -> tuple[str, ...]:
@@ -100,7 +111,7 @@ def _digit_images(root: Path) -> None:
     digits = load_digits()
     images = (digits.images / 16.0 * 255).astype(np.uint8)
     order = np.random.default_rng(0).permutation(len(images))
-    splits = {"base": order[:500], "holdout": order[500:800], "alice": order[800:1000], "bob": order[1000:1200]}
+    splits = {"base": order[:300], "holdout": order[300:500], "alice": order[500:600], "bob": order[600:700]}
     for split, rows in splits.items():
         for row in rows:
             folder = root / split / str(digits.target[row])
@@ -128,6 +139,7 @@ IMAGES = Project(
     example=lambda: np.zeros((3, 1, 8, 8), np.float32),
     predicted=("label", "probability"),
     second_cycle=True,
+    fresh=None,
 )
 
 TABULAR_MODEL = '''
@@ -170,7 +182,7 @@ def _tabular_rows(root: Path) -> None:
     rng = np.random.default_rng(0)
     weights = np.array([1.0, -0.5, 0.8, 0.3, 0.0, 0.6])
     root.mkdir(parents=True)
-    for split, rows in {"base": 400, "holdout": 300, "alice": 200, "bob": 200}.items():
+    for split, rows in {"base": 200, "holdout": 200, "alice": 100}.items():
         x = rng.random((rows, 6)).astype(np.float32)
         price = x @ weights + 0.05 * rng.standard_normal(rows)
         frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(6)]).assign(price=price.astype(np.float32))
@@ -200,6 +212,7 @@ TABULAR = Project(
     example=lambda: np.full((3, 6), 0.5, np.float32),
     predicted=("output",),
     margin_check=False,  # class margins: classification only
+    fresh=frozenset({"shard"}),
 )
 
 MASKED_MODEL = '''
@@ -312,24 +325,51 @@ def _config(project: Project) -> dict:
             "trust": "trust.yaml",
         },
         **project.config,
-        "roni": {"options": {"steps": 5}, "calibration_draws": 99, "level": 0.05},
+        # Every stage at a small cost: the fewest draws level 0.05 allows (draws + 1 >= 4 / level), and three rates
+        # for the "auto" rate probe (120 copies each, which fine-tune every parameter of the masked model).
+        "roni": {
+            "options": {"steps": 3, "checkpoints": 2, "lr_grid": [0.1, 0.02, 0.005]},
+            "calibration_draws": 79,
+            "level": 0.05,
+        },
         "adversarial": {"attack": "fgsm", "eps": 0.1},
-        "robust_eval": {"eps": [0.0, 0.1], "subset_size": 64, "steps": 2},
+        "robust_eval": {"eps": [0.0, 0.1], "subset_size": 32, "steps": 1},
         "limits": {"max_fraction_per_source": 0.9},
         "gate": {"min_clean_accuracy": 0.3, "max_accuracy_drop": 0.5, "max_class_drop": 1.0},
-        "training": {"bootstrap_epochs": 15, "batch_size": 64},
-        "trainer": {"init_args": {"max_epochs": 2, "accelerator": "cpu", "devices": 1}},
+        "training": {"bootstrap_epochs": 8, "batch_size": 64},
+        "trainer": {"init_args": {"max_epochs": 1, "accelerator": "cpu", "devices": 1}},
         "model": {"class_path": project.class_path, "init_args": {"lr": 0.005}},
         "output": {"work_dir": "work", "model_signing_key": "keys/model.key"},
         "tracking": {"experiment_name": f"first-hour-{project.name}", "registered_model_name": project.name},
     }
 
 
-def _trainguard(project_dir: Path, *args: str, ok: bool = True) -> str:
-    """Runs one CLI command in the project as a user would (no PYTHONPATH), returning stdout + stderr after
-    checking it holds nothing but trainguard's own lines."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([TRAINGUARD, *args], cwd=project_dir, capture_output=True, text=True, timeout=600, env=env)
+Cli = Callable[..., subprocess.CompletedProcess[str]]
+
+
+def _trainguard(project_dir: Path, *args: str, ok: bool = True, cli: Cli | None = None) -> str:
+    """Runs one CLI command in the project as a user would (its own process, no PYTHONPATH), or in this process
+    where `cli` is given, returning stdout + stderr after checking it holds nothing but trainguard's own lines."""
+    if cli is not None:
+        # What its own process would print besides its stdout and stderr: the root logger's stream handler (which
+        # quiet_console adds where the root has none, here beside pytest's, and sets to ERROR as it does every root
+        # handler) and the warnings its filters let through.
+        logged = io.StringIO()
+        handler = logging.StreamHandler(logged)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        logging.getLogger().addHandler(handler)
+        try:
+            with warnings.catch_warnings(record=True) as shown:
+                done = cli(project_dir, *args)
+        finally:
+            logging.getLogger().removeHandler(handler)
+        printed = [warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line) for w in shown]
+        done.stderr += logged.getvalue() + "".join(printed)
+    else:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        done = subprocess.run(
+            [TRAINGUARD, *args], cwd=project_dir, capture_output=True, text=True, timeout=600, env=env
+        )
     output = done.stdout + done.stderr
     for noise in CHATTER:
         assert noise not in output, f"`trainguard {' '.join(args)}` printed {noise!r}:\n{output}"
@@ -338,10 +378,21 @@ def _trainguard(project_dir: Path, *args: str, ok: bool = True) -> str:
     return output
 
 
+@pytest.fixture
+def own_module(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """`sys.path` put back after the test (a `check` or `cycle` in this process puts the project on it, as does the
+    user's serving code) and no user module `mymodel` left imported for the next project's."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    try:
+        yield
+    finally:
+        sys.modules.pop("mymodel", None)
+
+
 @pytest.mark.timeout(900)  # a dozen CLI commands and two cycles, each its own process
 @pytest.mark.parametrize("project", [IMAGES, TABULAR, MASKED], ids=lambda p: p.name)
 def test_a_new_project_signs_checks_runs_its_cycles_and_loads_its_model(
-    tmp_path: Path, project: Project, mlflow_uri: str
+    tmp_path: Path, project: Project, mlflow_uri: str, cli: Cli, own_module: None
 ) -> None:
     root = tmp_path / "myproject"
     root.mkdir()
@@ -350,14 +401,17 @@ def test_a_new_project_signs_checks_runs_its_cycles_and_loads_its_model(
     (root / "trust.yaml").write_text(TRUST)
     (root / "cycle.yaml").write_text(yaml.safe_dump(_config(project)))
 
+    def trainguard(*args: str, ok: bool = True) -> str:
+        fresh = project.fresh is None or args[0] in project.fresh
+        return _trainguard(root, *args, ok=ok, cli=None if fresh else cli)
+
     for name, kind in (("curator", "ed25519"), ("owner", "ed25519"), ("model", "ecdsa-p256")):
-        _trainguard(root, "keygen", "--out", f"keys/{name}", "--type", kind)
+        trainguard("keygen", "--out", f"keys/{name}", "--type", kind)
     for split in ("base", "holdout"):
-        _trainguard(root, *project.shard(split, f"data/trusted/{split}", 100))
-    _trainguard(root, *project.shard("alice", "data/train/alice", 50))
+        trainguard(*project.shard(split, f"data/trusted/{split}", 100))
+    trainguard(*project.shard("alice", "data/train/alice", 50))
     roles = json.dumps({"holdout/*": "holdout"})
-    _trainguard(
-        root,
+    trainguard(
         "sign",
         "data/trusted",
         "--key",
@@ -385,11 +439,11 @@ def test_a_new_project_signs_checks_runs_its_cycles_and_loads_its_model(
         "--sources",
         json.dumps({"alice/": "alice", "bob/": "bob"}),
     )
-    _trainguard(root, *sign_train)
+    trainguard(*sign_train)
 
-    checked = _trainguard(root, "check", "cycle.yaml")
+    checked = trainguard("check", "cycle.yaml")
     assert "ok  model" in checked and project.class_path in checked, checked
-    first = _trainguard(root, "cycle", "--config", "cycle.yaml")
+    first = trainguard("cycle", "--config", "cycle.yaml")
     assert "cycle 1 accepted" in first, first
     report = json.loads((root / "work" / "reports" / "cycle-0001.json").read_text())
     margin = report["roni"]["margin"]
@@ -397,23 +451,19 @@ def test_a_new_project_signs_checks_runs_its_cycles_and_loads_its_model(
     assert report["task"]["kind"] == project.config.get("task", {}).get("kind", "classification")
 
     if project.second_cycle:
-        _trainguard(root, *project.shard("bob", "data/train/bob", 50))
-        _trainguard(root, *sign_train)
-        second = _trainguard(root, "cycle", "--config", "cycle.yaml", ok=False)
+        trainguard(*project.shard("bob", "data/train/bob", 50))
+        trainguard(*sign_train)
+        second = trainguard("cycle", "--config", "cycle.yaml", ok=False)
         assert "cycle 2 " in second and "state" in second
-        history = _trainguard(root, "history", "--config", "cycle.yaml")
+        history = trainguard("history", "--config", "cycle.yaml")
         assert "cycle 2:" in history
-    status = _trainguard(root, "status", "--config", "cycle.yaml")
+    status = trainguard("status", "--config", "cycle.yaml")
     assert "work/state.json" in status and "work/models/cycle-0001" in status
 
     sys.path.insert(0, str(root))  # the user's own module, as their serving code would import it
-    try:
-        import trainguard
+    import trainguard
 
-        champion = trainguard.load_model(project.name, key=root / "keys" / "model.pub")
-        predictions = champion.predict(project.example())
-        assert tuple(predictions.columns) == project.predicted and len(predictions) == 3
-        assert np.isfinite(predictions.to_numpy(np.float64)).all()
-    finally:
-        sys.path.remove(str(root))
-        sys.modules.pop("mymodel", None)
+    champion = trainguard.load_model(project.name, key=root / "keys" / "model.pub")
+    predictions = champion.predict(project.example())
+    assert tuple(predictions.columns) == project.predicted and len(predictions) == 3
+    assert np.isfinite(predictions.to_numpy(np.float64)).all()
