@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,39 @@ def project(released: Path, tmp_path: Path, mlflow_uri: str) -> Path:
     return copy
 
 
+@dataclass(frozen=True)
+class Advanced:
+    """The released project after a second cycle on the contributors' next batch (signed as version 2): the
+    project, that cycle's run, and the manifest and state as they stood before it (what a mirror replays)."""
+
+    project: Path
+    second: subprocess.CompletedProcess[str]
+    old_manifest: bytes
+    old_state: bytes
+
+
+@pytest.fixture(scope="module")
+def advanced(released: Path, tmp_path_factory: pytest.TempPathFactory, setup_cli: Run) -> Advanced:
+    """Shared by the scenarios that begin after a second cycle on new, clean data: one cycle for all of them (each
+    judges the run itself, as it did its own)."""
+    project = tmp_path_factory.mktemp("advanced") / "project"
+    shutil.copytree(released, project, symlinks=True)
+    old_manifest = (project / DATA / "train.manifest.json").read_bytes()
+    old_state = (project / CYCLE / "state.json").read_bytes()
+    _next_batch(project)
+    _sign_contributions(setup_cli, project, "--version", "2")
+    second = setup_cli(project, "cycle", "--config", "cycle.yaml")
+    return Advanced(project, second, old_manifest, old_state)
+
+
+@pytest.fixture
+def advanced_project(advanced: Advanced, tmp_path: Path, mlflow_uri: str) -> Path:
+    """A copy of the `advanced` project for one actor to attack (its cycles log to the session's MLflow server)."""
+    copy = tmp_path / "project"
+    shutil.copytree(advanced.project, copy, symlinks=True)
+    return copy
+
+
 Cycle = Callable[..., subprocess.CompletedProcess[str]]
 
 
@@ -134,12 +168,10 @@ def _digests(paths: list[Path]) -> frozenset[str]:
     return frozenset(hashlib.sha256(p.read_bytes()).hexdigest() for p in paths)
 
 
-def _refused(
-    project: Path, reason: str, attacker_bytes: frozenset[str] = frozenset(), cycle: Cycle | None = None
-) -> None:
-    """The next cycle exits 1 with one line naming `reason`, signs nothing, and trained on none of those bytes; run
-    by `cycle` in this process, or as its own `trainguard cycle` process (the command's smoke test)."""
-    done = cycle(project) if cycle is not None else _trainguard(project, "cycle", "--config", "cycle.yaml")
+def _refused(project: Path, reason: str, attacker_bytes: frozenset[str] = frozenset(), *, cycle: Cycle) -> None:
+    """The next cycle, run by `cycle` in this process, exits 1 with one line naming `reason`, signs nothing, and
+    trained on none of those bytes."""
+    done = cycle(project)
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("trainguard: error:")]
     assert len(errors) == 1 and reason in errors[0], done.stderr[-2000:]
@@ -194,10 +226,11 @@ def test_another_signed_dataset_copied_over_a_manifest_path_is_refused(project: 
     _refused(project, "wrong-dataset", cycle=cycle)
 
 
-def test_a_tampered_trusted_shard_stops_the_cycle(project: Path) -> None:
+def test_a_tampered_trusted_shard_stops_the_cycle(project: Path, cycle: Cycle) -> None:
     base = project / DATA / "trusted" / "base.parquet"
     tamper_file(base)
-    _refused(project, "digest-mismatch", _digests([base]))  # as its own process: the CLI smoke test
+    # In this process: `trainguard cycle` starts as its own process in the mid-cycle scenario below.
+    _refused(project, "digest-mismatch", _digests([base]), cycle=cycle)
 
 
 def test_an_edited_verdict_in_the_cycle_state_is_refused(project: Path, cycle: Cycle) -> None:
@@ -228,14 +261,14 @@ def test_a_deleted_cycle_state_is_refused_until_reinitialised_and_no_model_is_ov
     assert (project / CYCLE / "models" / "cycle-0001" / "model.safetensors").read_bytes() == released
 
 
-def test_reinit_after_a_deleted_state_keeps_refusing_an_older_manifest(project: Path, cli: Run, cycle: Cycle) -> None:
-    old_manifest = (project / DATA / "train.manifest.json").read_bytes()
-    _next_batch(project)
-    _sign_contributions(cli, project, "--version", "2")
-    _ok(cycle(project))
+def test_reinit_after_a_deleted_state_keeps_refusing_an_older_manifest(
+    advanced: Advanced, advanced_project: Path, cycle: Cycle
+) -> None:
+    project = advanced_project  # the next batch signed as version 2 and its cycle run
+    _ok(advanced.second)
     shutil.rmtree(project / CYCLE / "state-log")
     (project / CYCLE / "state.json").unlink()
-    (project / DATA / "train.manifest.json").write_bytes(old_manifest)
+    (project / DATA / "train.manifest.json").write_bytes(advanced.old_manifest)
     models = ["cycle-0001", "cycle-0002"]
     _replayed(cycle, project, "--reinit", models)
     _replayed(cycle, project, "rollback", models, "--reinit")
@@ -249,8 +282,11 @@ def test_planted_report_and_model_names_neither_stop_a_cycle_nor_force_a_reset(p
     assert json.loads(done.stdout)["cycle"] == 2
 
 
-def test_an_older_release_copied_over_the_newest_is_refused_as_the_starting_model(project: Path, cycle: Cycle) -> None:
-    _ok(cycle(project, "--force"))
+def test_an_older_release_copied_over_the_newest_is_refused_as_the_starting_model(
+    advanced: Advanced, advanced_project: Path, cycle: Cycle
+) -> None:
+    project = advanced_project  # released, then a second cycle released cycle-0002
+    _ok(advanced.second)
     models = project / CYCLE / "models"
     for file in (models / "cycle-0001").iterdir():
         shutil.copy(file, models / "cycle-0002" / file.name)
@@ -285,19 +321,15 @@ def test_a_fifo_planted_as_the_trust_policy_fails_without_hanging(project: Path,
 
 
 def test_a_replaying_mirror_can_roll_back_neither_a_manifest_nor_the_state(
-    project: Path, cli: Run, cycle: Cycle
+    advanced: Advanced, advanced_project: Path, cycle: Cycle
 ) -> None:
-    old_manifest = (project / DATA / "train.manifest.json").read_bytes()
-    old_state = (project / CYCLE / "state.json").read_bytes()
-    _next_batch(project)
-    _sign_contributions(cli, project)
-    second = cycle(project)
+    project, second = advanced_project, advanced.second  # the next batch, signed and cycled
     assert second.returncode in (0, 1) and "Traceback" not in second.stderr
     models = sorted(p.name for p in (project / CYCLE / "models").iterdir())
 
-    (project / DATA / "train.manifest.json").write_bytes(old_manifest)
+    (project / DATA / "train.manifest.json").write_bytes(advanced.old_manifest)
     _replayed(cycle, project, "rollback", models)
-    (project / CYCLE / "state.json").write_bytes(old_state)
+    (project / CYCLE / "state.json").write_bytes(advanced.old_state)
     _replayed(cycle, project, "mid-cycle state was put back", models)
 
 

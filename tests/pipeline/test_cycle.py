@@ -12,6 +12,7 @@ import sys
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NotRequired, is_typeddict
 
@@ -22,7 +23,7 @@ from digits_demo.demo import create_keys, sign_contributions, sign_trusted
 from digits_demo.prepare import prepare_digits
 from digits_demo.threats import poison_shards, tamper_file
 
-from trainguard.pipeline.cycle import run_cycle
+from trainguard.pipeline.cycle import CycleOutcome, run_cycle
 from trainguard.pipeline.cycle_report import CycleReportDict
 from trainguard.pipeline.errors import CycleAbortedError, PreflightError
 
@@ -79,13 +80,61 @@ def _contributed(data: Path, source: str, batch: int, extension: str = ".parquet
     return sorted((data / "train" / source).glob(f"b{batch}-shard-*{extension}"))
 
 
+@dataclass(frozen=True)
+class FirstCycle:
+    """A signed digits project (the `workdir` layout) whose first cycle, logged to the session's MLflow server as
+    experiment cycle-e2e, accepted and signed a model: where it ran and its outcome (paths relative to it)."""
+
+    root: Path
+    outcome: CycleOutcome
+
+
+@pytest.fixture(scope="module")
+def first_cycle(
+    mlflow_server: str, tmp_path_factory: pytest.TempPathFactory, cycle_config: Callable[..., dict[str, Any]]
+) -> FirstCycle:
+    """One first cycle for the tests that go on from it, each in its own copy (`first_project`); the working
+    directory, the environment and MLflow's process-wide URIs are put back afterwards, as for one test."""
+    from mlflow.tracking._model_registry import utils as registry
+    from mlflow.tracking._tracking_service import utils as tracking
+
+    root = tmp_path_factory.mktemp("first-cycle")
+    uris = tracking._tracking_uri, registry._registry_uri
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        patch.setenv("TRAINGUARD_HOME", str(root / "trainguard-home"))
+        (root / "configs").mkdir()
+        shutil.copy(REPO / "configs" / "digits-trust.yaml", root / "configs")
+        keys, data = root / "demo-work" / "keys", root / "demo-work" / "data"
+        create_keys(keys)
+        contributed = prepare_digits(data).contributed()
+        sign_trusted(data, keys)
+        sign_contributions(data, keys, contributed)
+        try:
+            outcome = run_cycle(_config(root, cycle_config("cycle-e2e")))
+        finally:
+            tracking._tracking_uri, registry._registry_uri = uris
+    return FirstCycle(root, outcome)
+
+
+@pytest.fixture
+def first_project(first_cycle: FirstCycle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_uri: str) -> Path:
+    """A copy of the first cycle's project, the directory the test runs in (its config, cycle.yaml, logs to the
+    session's MLflow server as cycle-e2e)."""
+    copy = tmp_path / "project"
+    shutil.copytree(first_cycle.root, copy, symlinks=True)
+    monkeypatch.chdir(copy)
+    return copy
+
+
 def test_two_cycles_refuse_tampered_and_poisoned_shards_and_log_everything(
-    workdir: Path, mlflow_uri: str, read_cycle_state: Any, cycle_config: Callable[..., dict[str, Any]]
+    first_cycle: FirstCycle, first_project: Path, mlflow_uri: str, read_cycle_state: Any
 ) -> None:
-    config = _config(workdir, cycle_config("cycle-e2e"))
+    workdir, config = first_project, first_project / "cycle.yaml"
     data = workdir / "demo-work" / "data"
 
-    first = run_cycle(config)
+    first = first_cycle.outcome
     assert first.status == "accepted", first.reason
     assert all(d.accepted for d in first.shards), [d for d in first.shards if not d.accepted]
 
@@ -163,18 +212,16 @@ def test_two_cycles_refuse_tampered_and_poisoned_shards_and_log_everything(
     assert [c["status"] for c in state["cycles"]] == ["accepted", second.status]
 
 
-def test_signed_model_verifies_and_a_swapped_model_is_refused(
-    workdir: Path, tmp_path: Path, mlflow_uri: str, cycle_config: Callable[..., dict[str, Any]]
-) -> None:
-    config = _config(workdir, cycle_config("cycle-model"))
-    outcome = run_cycle(config)
+def test_signed_model_verifies_and_a_swapped_model_is_refused(first_cycle: FirstCycle, first_project: Path) -> None:
+    outcome = first_cycle.outcome  # the first cycle's, its model in this copy at the same relative path
     assert outcome.status == "accepted" and outcome.model_dir is not None
-    public = workdir / "demo-work" / "keys" / "model.pub"
-    attestation = outcome.model_dir / "attestation.intoto.json"
+    model_dir = first_project / outcome.model_dir
+    public = first_project / "demo-work" / "keys" / "model.pub"
+    attestation = model_dir / "attestation.intoto.json"
     command = [
         TRAINGUARD,
         "verify-model",
-        str(outcome.model_dir),
+        str(model_dir),
         "--attestation",
         str(attestation),
         "--key",
@@ -188,7 +235,7 @@ def test_signed_model_verifies_and_a_swapped_model_is_refused(
     record = json.dumps(statement)
     assert "readLog" in record
 
-    weights = outcome.model_dir / "model.safetensors"
+    weights = model_dir / "model.safetensors"
     swapped = bytearray(weights.read_bytes())
     swapped[-1] ^= 0x01
     weights.write_bytes(bytes(swapped))
