@@ -2,9 +2,9 @@
 torchmetrics metrics, `trainguard shard` with its defaults, a curator (trusted base and held-out set), two clean
 contributors who each see only some classes, and one who flips 30 % of its labels. `check`, then two cycles (each
 contributor adds a batch before the second), on one process and as two gloo ranks under torchrun: every cycle
-accepts both clean contributors and refuses the flipper. On one process the commands run in this process (the
-CLI's own entry point, `cli`); under torchrun each is its own process, as the user starts it. The wall time of each
-step is printed (`-s` shows it)."""
+accepts both clean contributors and refuses the flipper. The commands run in this process (the CLI's own entry point,
+`cli`), the keys and first shards once for both tests; under torchrun the cycles run as two gloo ranks, as the user
+starts them. The wall time of each step is printed (`-s` shows it)."""
 
 from __future__ import annotations
 
@@ -115,11 +115,16 @@ def _config() -> dict:
         },
         "validation": {"input_shape": [1, 8, 8], "labels": list(range(10))},
         "model": {"class_path": "mymodel.PhotoNet", "init_args": {"channels": 16, "lr": 0.005}},
-        "trainer": {"init_args": {"max_epochs": 4, "accelerator": "cpu", "devices": 1, "precision": 32}},
+        "trainer": {"init_args": {"max_epochs": 2, "accelerator": "cpu", "devices": 1, "precision": 32}},
         "training": {"bootstrap_epochs": 15, "batch_size": 64, "seed": 0},
         "adversarial": {"attack": "pgd", "eps": 0.1, "bounds": [0.0, 1.0]},
         "output": {"work_dir": "work", "model_signing_key": "keys/model.key"},
     }
+
+
+# Photos per class: the curator's base and held-out set, each clean contributor's two batches, and at most BOB of
+# the rest for bob's two (a few hundred photos more change no verdict, and every rank decodes them each cycle).
+BASE, HOLDOUT, OWN, BOB = 50, 40, (36, 24), 24
 
 
 def _photos(root: Path) -> None:
@@ -136,14 +141,15 @@ def _photos(root: Path) -> None:
     splits: dict[str, list[tuple[int, int]]] = {"base": [], "holdout": []}
     per_class = {c: [int(i) for i in order if digits.target[i] == c] for c in range(10)}
     for label, rows in per_class.items():
-        splits["base"] += [(row, label) for row in rows[:50]]
-        splits["holdout"] += [(row, label) for row in rows[50:90]]
-        rest = rows[90:]
+        splits["base"] += [(row, label) for row in rows[:BASE]]
+        splits["holdout"] += [(row, label) for row in rows[BASE : BASE + HOLDOUT]]
+        rest = rows[BASE + HOLDOUT :]
         owner = "alice" if label <= 3 else "carol" if label in (5, 6, 7) else None
         if owner is not None:
-            take, rest = rest[:60], rest[60:]
-            splits[f"{owner}-1"] = splits.get(f"{owner}-1", []) + [(row, label) for row in take[:36]]
-            splits[f"{owner}-2"] = splits.get(f"{owner}-2", []) + [(row, label) for row in take[36:]]
+            take, rest = rest[: sum(OWN)], rest[sum(OWN) :]
+            splits[f"{owner}-1"] = splits.get(f"{owner}-1", []) + [(row, label) for row in take[: OWN[0]]]
+            splits[f"{owner}-2"] = splits.get(f"{owner}-2", []) + [(row, label) for row in take[OWN[0] :]]
+        rest = rest[:BOB]
         for batch, rows_of in (("bob-1", rest[: len(rest) // 2]), ("bob-2", rest[len(rest) // 2 :])):
             splits[batch] = splits.get(batch, []) + [(row, label) for row in rows_of]
     for batch in ("bob-1", "bob-2"):
@@ -230,8 +236,11 @@ def _verdicts(project: Path, number: int) -> dict[str, set[bool]]:
 
 
 @pytest.fixture(scope="module")
-def first_project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The project as the user leaves it before the first cycle: keys, photos, trust policy, config, model."""
+def first_project(
+    tmp_path_factory: pytest.TempPathFactory, setup_cli: Callable[..., subprocess.CompletedProcess[str]]
+) -> Iterator[Path]:
+    """The project as the user leaves it before `check`: photos, trust policy, config, model, keys made and the first
+    batch sharded and signed by `trainguard keygen` and `trainguard shard` (in this process, once for both tests)."""
     root = tmp_path_factory.mktemp("first") / "photos"
     root.mkdir()
     (root / "mymodel.py").write_text(USER_MODEL)
@@ -240,6 +249,9 @@ def first_project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     _photos(root / "raw")
     for who in CONTRIBUTORS:
         _add_batch(root, who, 1)
+    steps = Steps(root, cli=setup_cli)
+    _keys_and_shards(steps)
+    steps.report("keys and first shards")
     yield root
 
 
@@ -259,7 +271,6 @@ def _first_project(
     project: Path, launcher: tuple[str, ...] = (), cli: Callable[..., subprocess.CompletedProcess[str]] | None = None
 ) -> Steps:
     steps = Steps(project, launcher, cli)
-    _keys_and_shards(steps)
     checked = steps.run("check", "cycle.yaml")
     assert "mymodel.PhotoNet" in checked, checked
     for number in (1, 2):
