@@ -17,6 +17,7 @@ from trainguard.defenses.errors import ScreeningInputError
 from trainguard.defenses.heldout import LabeledData
 from trainguard.defenses.roni import (
     SCALE_DRAWS,
+    Calibration,
     Candidate,
     ScreeningConfig,
     ScreeningReport,
@@ -65,6 +66,23 @@ def model(digits: Split) -> nn.Module:
     return net
 
 
+@pytest.fixture(scope="module")
+def first_screening(digits: Split, model: nn.Module) -> ScreeningReport:
+    """A first screening of one clean 50-row shard (FAST, "auto" learning rate): the calibration a next screening of
+    the same model, trusted and held-out data may start from."""
+    candidate = Candidate("a", "a", digits.shard(digits.pool[:50]))
+    return screen_candidates(model, digits.trusted, digits.holdout, [candidate], ScreeningConfig(**FAST))
+
+
+@pytest.fixture(scope="module")
+def searched(first_screening: ScreeningReport) -> Calibration:
+    """The first screening's calibration with its learning rate alone (no scales, no draws), for screenings whose
+    "auto" rate search would be the very same (default grid, 20 steps, 4 checkpoints, per-class metrics, stratified,
+    smallest candidate 50 rows: the search probes at that size), so the search (four rates, 120 probe copies each)
+    runs once for all of them."""
+    return replace(first_screening.calibration, scales=(), strata=())
+
+
 def _flip(data: LabeledData, fraction: float, seed: int) -> LabeledData:
     rng = np.random.default_rng(seed)
     rows = rng.choice(len(data), round(fraction * len(data)), replace=False)
@@ -74,7 +92,7 @@ def _flip(data: LabeledData, fraction: float, seed: int) -> LabeledData:
 
 
 def test_label_flipped_shard_is_rejected_with_a_small_p_value_and_its_clean_twin_accepted(
-    digits: Split, model: nn.Module
+    digits: Split, model: nn.Module, searched: Calibration
 ) -> None:
     clean = digits.shard(digits.pool[:50])
     poisoned = _flip(clean, 0.2, seed=1)
@@ -84,6 +102,7 @@ def test_label_flipped_shard_is_rejected_with_a_small_p_value_and_its_clean_twin
         digits.holdout,
         [Candidate("shard-clean", "alice", clean), Candidate("shard-flipped", "mallory", poisoned)],
         ScreeningConfig(**STRICT),
+        calibration=searched,
     )
     clean_decision, poisoned_decision = report.decisions
     assert clean_decision.accepted, clean_decision.reason
@@ -100,7 +119,8 @@ def test_clean_candidates_are_accepted(digits: Split, model: nn.Module) -> None:
     candidates = [
         Candidate(f"shard-{i}", f"source-{i % 3}", digits.shard(digits.pool[50 * i : 50 * (i + 1)])) for i in range(10)
     ]
-    report = screen_candidates(model, digits.trusted, digits.holdout, candidates, ScreeningConfig(**STRICT))
+    config = ScreeningConfig(steps=10, **STRICT)  # half the steps: the smallest adjusted p-value 0.09+ (level 0.01)
+    report = screen_candidates(model, digits.trusted, digits.holdout, candidates, config)
     assert [d.reason for d in report.rejected] == []
     assert not report.flagged
     histograms = {
@@ -136,8 +156,9 @@ def test_batched_and_sequential_training_give_the_same_p_values(digits: Split, m
     candidates = [Candidate(f"s{i}", "a", digits.shard(digits.pool[40 * i : 40 * (i + 1)])) for i in range(3)]
     config = {"steps": 5, "chunk_size": 16, **FAST}
     batched = screen_candidates(model, digits.trusted, digits.holdout, candidates, ScreeningConfig(**config))
+    rate = replace(batched.calibration, scales=(), strata=())  # the rate found batched: not searched again copy by copy
     sequential = screen_candidates(
-        model, digits.trusted, digits.holdout, candidates, ScreeningConfig(batched=False, **config)
+        model, digits.trusted, digits.holdout, candidates, ScreeningConfig(batched=False, **config), calibration=rate
     )
     assert np.allclose([d.impact for d in batched.decisions], [d.impact for d in sequential.decisions], atol=1e-5)
     assert [d.p_value for d in batched.decisions] == [d.p_value for d in sequential.decisions]
@@ -166,7 +187,8 @@ def test_screening_leaves_the_model_unchanged(digits: Split, model: nn.Module) -
 def test_each_candidate_is_held_to_clean_draws_of_its_own_size(digits: Split, model: nn.Module) -> None:
     small = Candidate("small", "a", digits.shard(digits.pool[:30]))
     large = Candidate("large", "b", _flip(digits.shard(digits.pool[30:430]), 0.3, seed=2))
-    report = screen_candidates(model, digits.trusted, digits.holdout, [small, large], ScreeningConfig(**STRICT))
+    config = ScreeningConfig(steps=10, **STRICT)  # 399 draws of 400 rows at half the steps: p-values 0.45+ and 0.0025
+    report = screen_candidates(model, digits.trusted, digits.holdout, [small, large], config)
     assert [c.size for c in report.calibration.strata] == [30, 400]  # 400 rows drawn from 300 trusted: bootstrap
     assert [d.calibration_size for d in report.decisions] == [30, 400]
     assert [d.accepted for d in report.decisions] == [True, False]
@@ -174,14 +196,18 @@ def test_each_candidate_is_held_to_clean_draws_of_its_own_size(digits: Split, mo
     assert np.std(big.impacts) < np.std(small_draws.impacts)  # bigger clean draws move the model less variably
 
 
-def test_a_large_source_is_judged_against_draws_of_its_own_size_and_flagged(digits: Split, model: nn.Module) -> None:
+def test_a_large_source_is_judged_against_draws_of_its_own_size_and_flagged(
+    digits: Split, model: nn.Module, searched: Calibration
+) -> None:
     """A 400-row source with 6% flips: its union is held to 400-row draws, its shards' p-values are combined."""
     source = _flip(digits.shard(digits.pool[:400]), 0.06, seed=4)
     shards = [
         Candidate(f"big-{i}", "big", LabeledData(source.x[50 * i : 50 * (i + 1)], source.y[50 * i : 50 * (i + 1)]))
         for i in range(8)
     ]
-    report = screen_candidates(model, digits.trusted, digits.holdout, shards, ScreeningConfig(**STRICT))
+    report = screen_candidates(
+        model, digits.trusted, digits.holdout, shards, ScreeningConfig(**STRICT), calibration=searched
+    )
     (judged,) = report.sources
     assert judged.flagged and judged.union_p_value is not None
     union = torch.bincount(source.y, minlength=10).tolist()
@@ -198,15 +224,21 @@ def _diluted(digits: Split) -> list[Candidate]:
     ]
 
 
-def test_a_diluted_source_is_flagged_as_a_source_while_each_shard_alone_passes(digits: Split, model: nn.Module) -> None:
+def test_a_diluted_source_is_flagged_as_a_source_while_each_shard_alone_passes(
+    digits: Split, model: nn.Module, searched: Calibration
+) -> None:
     offered = _diluted(digits)
     alone = [Candidate(c.name, f"own-{c.name}", c.data) for c in offered]  # one source per shard: no source test
-    separately = screen_candidates(model, digits.trusted, digits.holdout, alone, ScreeningConfig(**STRICT))
+    config = ScreeningConfig(**STRICT)
+    separately = screen_candidates(model, digits.trusted, digits.holdout, alone, config, calibration=searched)
     passing = {d.name for d in separately.accepted}
     shards = [c for c in offered if c.name in passing]  # the attacker keeps the shards that pass one by one
     assert len(shards) >= 6
 
-    together = screen_candidates(model, digits.trusted, digits.holdout, shards, ScreeningConfig(**STRICT))
+    # the same model, trusted and held-out data: the shards' draws are reused, the union draws its own
+    together = screen_candidates(
+        model, digits.trusted, digits.holdout, shards, config, calibration=separately.calibration
+    )
     (source,) = together.sources
     assert source.flagged and source.combined_p_value < together.config.level / 4
     assert all(not d.accepted for d in together.decisions)
@@ -214,12 +246,18 @@ def test_a_diluted_source_is_flagged_as_a_source_while_each_shard_alone_passes(d
     assert flagged_by_source and all("combined p-value" in d.reason for d in flagged_by_source)
 
 
-def test_earlier_cycles_evidence_flags_a_source_whose_new_shard_alone_passes(digits: Split, model: nn.Module) -> None:
+def test_earlier_cycles_evidence_flags_a_source_whose_new_shard_alone_passes(
+    digits: Split, model: nn.Module, searched: Calibration
+) -> None:
     shard = _diluted(digits)[0]
-    fresh = screen_candidates(model, digits.trusted, digits.holdout, [shard], ScreeningConfig(**STRICT))
+    fresh = screen_candidates(
+        model, digits.trusted, digits.holdout, [shard], ScreeningConfig(**STRICT), calibration=searched
+    )
     assert fresh.decisions[0].accepted and fresh.sources == ()
     history = {"mallory": [0.01, 0.02, 0.01, 0.03, 0.02]}  # five earlier shards, each slightly harmful
-    later = screen_candidates(model, digits.trusted, digits.holdout, [shard], ScreeningConfig(**FAST), history=history)
+    later = screen_candidates(
+        model, digits.trusted, digits.holdout, [shard], ScreeningConfig(**FAST), history=history, calibration=searched
+    )
     (source,) = later.sources
     assert source.earlier == 5 and source.union_p_value is None
     assert source.flagged and not later.decisions[0].accepted
@@ -227,10 +265,10 @@ def test_earlier_cycles_evidence_flags_a_source_whose_new_shard_alone_passes(dig
 
 
 def test_a_detectors_evidence_joins_the_source_test_and_flags_what_the_shards_alone_do_not(
-    digits: Split, model: nn.Module
+    digits: Split, model: nn.Module, searched: Calibration
 ) -> None:
     shards, config = _diluted(digits)[:1], ScreeningConfig(**STRICT)
-    alone = screen_candidates(model, digits.trusted, digits.holdout, shards, config)
+    alone = screen_candidates(model, digits.trusted, digits.holdout, shards, config, calibration=searched)
     assert alone.decisions[0].accepted and alone.sources == ()  # one shard, slightly harmful: passes
 
     def screened(p_value: float) -> ScreeningReport:
@@ -246,28 +284,33 @@ def test_a_detectors_evidence_joins_the_source_test_and_flags_what_the_shards_al
     assert not screened(1.0).flagged  # evidence of nothing flags nothing
 
 
-def test_fdr_control_rejects_no_more_than_per_candidate_control(digits: Split, model: nn.Module) -> None:
+def test_fdr_control_rejects_no_more_than_per_candidate_control(
+    digits: Split, model: nn.Module, searched: Calibration
+) -> None:
     candidates = [
         Candidate(f"c{i}", f"s{i}", _flip(digits.shard(digits.pool[50 * i : 50 * (i + 1)]), 0.3 if i < 2 else 0.0, i))
         for i in range(6)
     ]
-    per_candidate = screen_candidates(model, digits.trusted, digits.holdout, candidates, ScreeningConfig(**FAST))
-    bh = screen_candidates(
-        model, digits.trusted, digits.holdout, candidates, ScreeningConfig(error_control="bh", **FAST)
+    per_candidate = screen_candidates(
+        model, digits.trusted, digits.holdout, candidates, ScreeningConfig(**FAST), calibration=searched
+    )
+    bh = screen_candidates(  # the same model, data and draws: the first screening's calibration
+        model,
+        digits.trusted,
+        digits.holdout,
+        candidates,
+        ScreeningConfig(error_control="bh", **FAST),
+        calibration=per_candidate.calibration,
     )
     assert [d.p_value for d in bh.decisions] == [d.p_value for d in per_candidate.decisions]
     assert {d.name for d in bh.rejected} <= {d.name for d in per_candidate.rejected}
     assert {"c0", "c1"} <= {d.name for d in per_candidate.rejected}
 
 
-def test_calibration_from_an_earlier_report_is_reused_and_extended(digits: Split, model: nn.Module) -> None:
-    first = screen_candidates(
-        model,
-        digits.trusted,
-        digits.holdout,
-        [Candidate("a", "a", digits.shard(digits.pool[:50]))],
-        ScreeningConfig(**FAST),
-    )
+def test_calibration_from_an_earlier_report_is_reused_and_extended(
+    digits: Split, model: nn.Module, first_screening: ScreeningReport
+) -> None:
+    first = first_screening  # candidate "a": the first 50 pool rows
     second = screen_candidates(
         model,
         digits.trusted,
@@ -354,7 +397,10 @@ def test_a_candidate_past_the_pool_share_is_tested_on_a_subsample_its_draws_can_
     rejected = {d.name for d in report.rejected}
     assert len(rejected & {c.name for c in flipped}) >= 3 and len(rejected & {c.name for c in clean}) <= 1
     assert all("subsample of its 50 rows" in d.reason for d in report.rejected)
-    again = screen_candidates(model, digits.trusted, digits.holdout, [*clean, *flipped], config)
+    # screened again on the first screening's draws: the same subsamples score the same
+    again = screen_candidates(
+        model, digits.trusted, digits.holdout, [*clean, *flipped], config, calibration=report.calibration
+    )
     assert [d.p_value for d in again.decisions] == [d.p_value for d in report.decisions]  # seeded subsamples
 
 
@@ -412,9 +458,12 @@ def test_auto_lr_refuses_when_no_rate_of_the_grid_is_stable(digits: Split, model
         )
 
 
-def test_the_report_carries_each_candidates_p_value_as_strict_json(digits: Split, model: nn.Module) -> None:
+def test_the_report_carries_each_candidates_p_value_as_strict_json(
+    digits: Split, model: nn.Module, searched: Calibration
+) -> None:
     candidates = [Candidate(f"s{i}", "alice", digits.shard(digits.pool[50 * i : 50 * (i + 1)])) for i in range(2)]
-    data = screen_candidates(model, digits.trusted, digits.holdout, candidates, ScreeningConfig(**FAST)).to_dict()
+    config = ScreeningConfig(**FAST)
+    data = screen_candidates(model, digits.trusted, digits.holdout, candidates, config, calibration=searched).to_dict()
     assert [set(d) >= {"p_value", "adjusted_p_value", "source_p_value", "calibration_size"} for d in data["decisions"]]
     assert data["sources"][0]["source"] == "alice" and 0 < data["sources"][0]["p_value"] <= 1
     assert sorted({c["size"] for c in data["calibration"]}) == [50, 100]
@@ -459,9 +508,8 @@ def test_head_scope_on_a_batch_norm_network_rejects_flipped_shards_and_accepts_c
         for i in range(4, 8)
     ]
     before = {k: v.clone() for k, v in bn_model.state_dict().items()}
-    report = screen_candidates(
-        bn_model, digits.trusted, digits.holdout, [*clean, *flipped], ScreeningConfig(**{**STRICT, "scope": "head"})
-    )
+    config = ScreeningConfig(**{**STRICT, "scope": "head", "steps": 10})  # half the steps: clean p 0.4+, flipped 0.0025
+    report = screen_candidates(bn_model, digits.trusted, digits.holdout, [*clean, *flipped], config)
     assert (report.scope, report.head) == ("head", "fc")
     assert [d.accepted for d in report.decisions] == [True] * 4 + [False] * 4
     assert all(torch.equal(before[k], v) for k, v in bn_model.state_dict().items())
@@ -507,14 +555,16 @@ def test_auto_scope_screens_the_whole_model_where_no_head_gives_its_output_or_a_
     assert hooked.scope == "full"
 
 
-@pytest.mark.timeout(900)  # 120 whole-network copies per rate: 60 s alone, past 300 s on two loaded cores
+@pytest.mark.timeout(900)  # 120 whole-network copies per rate: 5 s alone, several times that on two loaded cores
 def test_full_scope_on_a_batch_norm_network_finds_a_finite_rate(digits: Split, bn_model: nn.Module) -> None:
-    candidates = [Candidate("flipped", "m", _flip(digits.shard(digits.pool[:50]), 0.3, seed=3))]
-    # the rate search is the subject: a coarse grid and 5 steps keep full scope's probe (120 copies a rate) cheap
+    candidates = [Candidate("flipped", "m", _flip(digits.shard(digits.pool[:10]), 0.3, seed=3))]
+    # the rate search is the subject: a coarse grid, 5 steps, 10-row probe draws (the candidate's size) and a sixth of
+    # the held-out rows keep full scope's probe (120 copies a rate) cheap; only 0.005 of the grid is stable
     config = ScreeningConfig(
         scope="full", steps=5, checkpoints=2, level=0.2, calibration_draws=19, lr_grid=(0.5, 0.05, 0.005)
     )
-    report = screen_candidates(bn_model, digits.trusted, digits.holdout, candidates, config)
+    holdout = LabeledData(digits.holdout.x[:60], digits.holdout.y[:60])
+    report = screen_candidates(bn_model, digits.trusted, holdout, candidates, config)
     assert report.scope == "full"
     assert report.lr in config.lr_grid
     assert all(math.isfinite(v) for v in report.calibration.strata[0].impacts)  # the shard's histogram's draws
