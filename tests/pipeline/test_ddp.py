@@ -11,11 +11,9 @@ import math
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from typing import Any
 import pytest
 from digits_demo.prepare import Layout, prepare_digits
 
+from tests.pipeline.launcher import run_ranks
 from trainguard.provenance import errors as provenance_errors
 from trainguard.provenance import generate_signing_key, load_verifying_key, sign_dataset, write_keypair, write_manifest
 from trainguard.provenance.errors import ShardError
@@ -86,13 +85,6 @@ def launcher() -> Iterator[subprocess.Popen]:
     server.wait(timeout=60)
 
 
-def _answer(launcher: subprocess.Popen) -> int:
-    line = launcher.stdout.readline()
-    if not line:
-        raise RuntimeError(f"the launcher ended (exit code {launcher.wait()}); its stderr is in the test's output")
-    return int(line)
-
-
 def _run_job(
     launcher: subprocess.Popen, tmp_path: Path, manifest: Path, trust: Path, *options: str
 ) -> tuple[subprocess.CompletedProcess, Path]:
@@ -115,21 +107,9 @@ def _run_job(
         for rank in RANKS
     ]
     request = {"target": "job", "argv": argv, "cwd": str(tmp_path), "env": env, "ranks": ranks}
-    launcher.stdin.write(json.dumps(request).encode() + b"\n")
-    launcher.stdin.flush()
-    job = _answer(launcher)
-    killed = threading.Event()
-
-    def kill() -> None:
-        killed.set()
-        os.killpg(job, signal.SIGKILL)
-
-    timer = threading.Timer(TIMEOUT, kill)
-    timer.start()
-    returncode = _answer(launcher)
-    timer.cancel()
+    returncode, killed = run_ranks(launcher, request, TIMEOUT)
     stdout, stderr = ("".join(Path(r[stream]).read_text() for r in ranks) for stream in ("stdout", "stderr"))
-    if killed.is_set():
+    if killed:
         pytest.fail(f"DDP job did not finish within {TIMEOUT} s (hung collective?)\n{stderr[-3000:]}")
     return subprocess.CompletedProcess([str(JOB), *argv], returncode, stdout, stderr), out
 

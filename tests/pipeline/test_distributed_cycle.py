@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from digits_demo.demo import create_keys, sign_contributions, sign_trusted
 from digits_demo.prepare import Layout, prepare_digits
 from digits_demo.threats import tamper_file
 
+from tests.pipeline.launcher import run_ranks
 from trainguard.defenses.heldout import HeldoutMetrics, LabeledData
 from trainguard.pipeline.config import CycleConfig, load_config
 from trainguard.pipeline.distributed import Launch, launch_from_env
@@ -132,13 +132,6 @@ def launcher() -> Iterator[subprocess.Popen[bytes]]:
     server.wait(timeout=60)
 
 
-def _answer(launcher: subprocess.Popen[bytes]) -> int:
-    line = launcher.stdout.readline()
-    if not line:
-        raise RuntimeError(f"the launcher ended (exit code {launcher.wait()}); its stderr is in the test's output")
-    return int(line)
-
-
 def _cycle_ranks(
     launcher: subprocess.Popen[bytes], project: Path, tracking: str, *options: str
 ) -> tuple[subprocess.CompletedProcess[str], dict[int, str]]:
@@ -163,21 +156,9 @@ def _cycle_ranks(
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "examples")}
     argv = ["cycle", "--config", "cycle.yaml", *options]
     request = {"target": "trainguard", "argv": argv, "cwd": str(project), "env": env, "ranks": ranks}
-    launcher.stdin.write(json.dumps(request).encode() + b"\n")
-    launcher.stdin.flush()
-    job = _answer(launcher)
-    killed = threading.Event()
-
-    def kill() -> None:
-        killed.set()
-        os.killpg(job, signal.SIGKILL)
-
-    timer = threading.Timer(JOB_TIMEOUT, kill)
-    timer.start()
-    returncode = _answer(launcher)
-    timer.cancel()
+    returncode, killed = run_ranks(launcher, request, JOB_TIMEOUT)
     stderr = "".join(Path(rank["stderr"]).read_text() for rank in ranks)
-    if killed.is_set():
+    if killed:
         pytest.fail(f"the DDP cycle did not end within {JOB_TIMEOUT} s (a rank waits forever?)\n{stderr[-3000:]}")
     stdout = {rank: Path(ranks[rank]["stdout"]).read_text() for rank in range(world)}
     return subprocess.CompletedProcess(["trainguard", *argv], returncode, "".join(stdout.values()), stderr), stdout
