@@ -18,6 +18,8 @@ import yaml
 from digits_demo.demo import create_keys, sign_contributions, sign_trusted
 from digits_demo.prepare import prepare_digits
 
+from tests.pipeline.conftest import smallest_cycle
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -144,15 +146,8 @@ def _user_project(root: Path) -> Path:
     (root / "provenance" / "__init__.py").write_text(_USER_PROVENANCE)
     config = yaml.safe_load((REPO / "configs" / "digits.yaml").read_text())
     config["project"] = str(REPO / "examples")  # the digits example, wherever this copy is written
-    # every stage at its smallest cost, the gate open: what this test checks is where the modules come from
-    config["training"].update(bootstrap_epochs=2)
+    config = smallest_cycle(config)  # what this test checks is where the modules come from
     config["trainer"]["init_args"].update(max_epochs=1)
-    # RONI at level 0.2 with 19 draws: the fewest it takes there (draws + 1 >= 4 / level)
-    config["roni"].update(level=0.2, calibration_draws=19)
-    config["roni"]["options"].update(steps=5)
-    config["adversarial"].update(steps=1)
-    config["robust_eval"].update(subset_size=50, steps=1)
-    config["gate"].update(min_clean_accuracy=0.0, min_robust_accuracy=0.0, max_accuracy_drop=1.0, max_class_drop=1.0)
     config["tracking"] = {"experiment_name": "user-project", "registered_model_name": "user-project"}
     config["model"] = {
         "class_path": "pipeline.models.UserClassifier",

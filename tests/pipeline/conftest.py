@@ -33,6 +33,23 @@ QUICK_CYCLE: dict[str, dict[str, Any]] = {
 }
 
 
+# Every stage at its smallest cost and the gate open, for tests of what surrounds a cycle (DVC's view of it, where a
+# project's modules come from), not of what it decides. RONI at level 0.2 takes 19 draws (draws + 1 >= 4 / level).
+SMALLEST_CYCLE: dict[str, dict[str, Any]] = {
+    "training": {"bootstrap_epochs": 2},
+    "trainer": {"init_args": {"max_epochs": 2}},
+    "roni": {"level": 0.2, "calibration_draws": 19, "options": {"steps": 5}},
+    "adversarial": {"steps": 1},
+    "robust_eval": {"subset_size": 50, "steps": 1},
+    "gate": {"min_clean_accuracy": 0.0, "min_robust_accuracy": 0.0, "max_accuracy_drop": 1.0, "max_class_drop": 1.0},
+}
+
+
+def smallest_cycle(config: dict[str, Any]) -> dict[str, Any]:
+    """`config` with `SMALLEST_CYCLE` merged in."""
+    return _merged(config, SMALLEST_CYCLE)
+
+
 def quick_cycle(experiment: str, changes: dict[str, Any] | None = None, name: str = "digits.yaml") -> dict[str, Any]:
     """configs/`name` as a test cycle runs it (`QUICK_CYCLE`), logging to MLflow as `experiment` (also the
     registered model's name), with `changes` merged in (nested mappings key by key, anything else replaced)."""

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.pipeline.conftest import smallest_cycle
 from trainguard.pipeline.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,15 +50,8 @@ def _shorten(config: Path, experiment: str) -> None:
     server as `experiment`. Every stage runs at its smallest cost: what these tests check is DVC's view of the cycle
     (which stages run, the params, metrics and plots it leaves), not what the cycle decides."""
     data = yaml.safe_load(config.read_text())
+    data = smallest_cycle(data)
     data["tracking"] = {"experiment_name": experiment, "registered_model_name": experiment}
-    data["training"].update(bootstrap_epochs=2)
-    data["trainer"]["init_args"].update(max_epochs=2)
-    # RONI at level 0.2 with 19 draws: the fewest it takes there (draws + 1 >= 4 / level)
-    data["roni"].update(level=0.2, calibration_draws=19)
-    data["roni"]["options"].update(steps=5)
-    data["adversarial"].update(steps=1)
-    data["robust_eval"].update(subset_size=50, steps=1)
-    data["gate"].update(min_clean_accuracy=0.0, min_robust_accuracy=0.0, max_accuracy_drop=1.0, max_class_drop=1.0)
     config.write_text(yaml.safe_dump(data))
 
 
