@@ -306,7 +306,7 @@ def as_a_fresh_user(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         sys.modules.pop("mymodel", None)
 
 
-@pytest.mark.timeout(2400)  # eight commands and two cycles on two shared cores
+@pytest.mark.timeout(2400)  # check, two cycles, three shards and status on two shared cores
 def test_a_first_project_accepts_skewed_clean_contributors_and_refuses_the_flipper(
     first_project: Path, tmp_path: Path, as_a_fresh_user: None, cli: Callable[..., subprocess.CompletedProcess[str]]
 ) -> None:
