@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import math
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -14,11 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from trainguard.pipeline.config.binding import bound_init_args
 from trainguard.pipeline.workdir import WorkDir
+from trainguard.provenance.manifest import is_simple_name
 from trainguard.provenance.manifest_ref import ManifestRef
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 """MLflow 3's own default store: what `mlflow ui` opens, `trainguard load-model` reads and the cycle writes."""
-_DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:+-]{0,127}")
 _DOTTED = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$"
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -85,7 +84,7 @@ class DatasetSection(_Section):
         for where, ref in named:
             if ref.dataset is None:
                 raise ValueError(f"dataset.{where}.dataset: required: the dataset its manifest must be")
-            if not _DATASET_NAME.fullmatch(ref.dataset):
+            if not is_simple_name(ref.dataset):
                 raise ValueError(
                     f"dataset.{where}.dataset: {ref.dataset!r} is not a dataset name (a letter or digit, then up to "
                     "127 of letters, digits and ._@:+-)"
