@@ -226,8 +226,8 @@ class RoniSection(_Section):
 
 class DetectorsSection(_Section):
     """Row-level poisoning detectors (`trainguard.defenses.detectors`) on the incoming model's penultimate features,
-    per source, each calibrated on the held-out rows. `action`: drop the flagged rows from training
-    (`quarantine-rows`), reject every shard of a flagged source (`reject-source`), or only `report`. `spectral`,
+    per source, each calibrated on the held-out rows. `action`: reject every shard of a flagged source
+    (`reject-source`, the default), drop only the flagged rows from training (`quarantine-rows`), or only `report`. `spectral`,
     `clustering` and `label_issues` are fields of SpectralConfig, ClusteringConfig and LabelIssuesConfig. On by
     default wherever they apply (a classification model read on its inputs alone): RONI alone misses thinly spread
     backdoors and a tenth of flipped shards (benchmarks/poisoning.py)."""
@@ -240,7 +240,7 @@ class DetectorsSection(_Section):
         "clustering",
         "label-issues",
     )
-    action: Literal["quarantine-rows", "reject-source", "report"] = "quarantine-rows"
+    action: Literal["quarantine-rows", "reject-source", "report"] = "reject-source"
     alpha: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
         default=0.01, description="Budget of falsely flagged clean sources, shared by the detectors."
     )
