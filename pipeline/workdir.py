@@ -54,6 +54,12 @@ class WorkDir:
         """The cross-cycle state when the config names no `state_file`."""
         return self.root / "state.json"
 
+    @property
+    def overridden_config(self) -> Path:
+        """The config as the command line overrode it (`trainguard cycle --trainer.max_epochs=2`): the cycle runs
+        from it, so its report and attestation name the config that ran."""
+        return self.root / "config-overridden.yaml"
+
     def report(self, cycle: int) -> Path:
         return self.reports / f"{cycle_name(cycle)}.json"
 

@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
 PATH = click.Path(path_type=Path)
 """A path option or argument, as a `pathlib.Path`; existence is checked where the path is used."""
+
+OVERRIDABLE: dict[str, Any] = {"ignore_unknown_options": True}
+"""The context settings of a command that takes config overrides: options it does not know are overrides."""
+OVERRIDES_HELP = (
+    "Any key of the config can be set on the command line, as LightningCLI does: "
+    "--trainer.max_epochs=2, --model.lr 0.01, --roni.level=0.05, --trainer.callbacks+=pkg.MyCallback; "
+    "--print-config shows the result."
+)
+_Command = TypeVar("_Command", bound=Callable[..., Any])
+
+
+def config_overrides(command: _Command) -> _Command:
+    """Adds the `overrides` argument: every argument the command does not know, left for the config's parser
+    (jsonargparse, `load_config(overrides=...)`), which names the key of any it cannot apply. The command needs
+    `context_settings=OVERRIDABLE`."""
+    return click.argument("overrides", nargs=-1, type=click.UNPROCESSED, metavar="[--SECTION.KEY=VALUE]...")(command)
 
 
 def register_all(app: click.Group) -> None:

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import click
 
-from trainguard.pipeline.commands import PATH
+from trainguard.pipeline.commands import OVERRIDABLE, OVERRIDES_HELP, PATH, config_overrides
 
 
-@click.command()
+@click.command(context_settings=OVERRIDABLE, epilog=OVERRIDES_HELP)
 @click.argument("config", type=PATH)
 @click.option("--print-config", is_flag=True, help="Print the config with every default filled in, then check it.")
-def check(config: Path, print_config: bool) -> None:
+@config_overrides
+def check(config: Path, print_config: bool, overrides: tuple[str, ...]) -> None:
     """Check CONFIG: schema, class paths and init_args, files, keys, trust policies, manifests, one forward pass of
     the model on one verified sample with the defenses' loss; then every refusal of the cycle that needs no training,
     on the data in place: rollback against the cycle's state, every shard's digest, validation and source caps, class
@@ -21,7 +22,7 @@ def check(config: Path, print_config: bool) -> None:
     from trainguard.pipeline.config import load_config
     from trainguard.pipeline.preflight import foresee, lines, preflight
 
-    loaded = load_config(config)
+    loaded = load_config(config, overrides=overrides)
     if print_config:
         click.echo(resolved_yaml(loaded), nl=False)
     click.echo(f"ok  {'config':<10} {config}: schema, class paths and init_args")
@@ -33,7 +34,8 @@ def check(config: Path, print_config: bool) -> None:
     refused = sum(p.verdict == "refuse" for p in found)
     warned = sum(p.verdict == "warn" for p in found)
     notes = [f"{n} {what}" for n, what in ((refused, "shard(s) it would refuse"), (warned, "warning(s)")) if n]
-    click.echo(f"{config}: ready for `trainguard cycle --config {config}`{'; ' + ', '.join(notes) if notes else ''}")
+    command = " ".join(("trainguard cycle --config", str(config), *overrides))
+    click.echo(f"{config}: ready for `{command}`{'; ' + ', '.join(notes) if notes else ''}")
 
 
 def resolved_yaml(config: object) -> str:

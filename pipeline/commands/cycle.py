@@ -7,10 +7,10 @@ from pathlib import Path
 
 import click
 
-from trainguard.pipeline.commands import PATH
+from trainguard.pipeline.commands import OVERRIDABLE, OVERRIDES_HELP, PATH, config_overrides
 
 
-@click.command()
+@click.command(context_settings=OVERRIDABLE, epilog=OVERRIDES_HELP)
 @click.option(
     "--config",
     "-c",
@@ -25,14 +25,19 @@ from trainguard.pipeline.commands import PATH
     help="Start a new signed state where none exists beside released models (numbering continues after them).",
 )
 @click.option("--force", is_flag=True, help="Train even when nothing is new since the last accepted cycle.")
-@click.option("--print-config", is_flag=True, help="Print the config with every default filled in and exit.")
-def cycle(config: Path, as_json: bool, reinit: bool, force: bool, print_config: bool) -> None:
+@click.option(
+    "--print-config", is_flag=True, help="Print the config, overrides merged and every default filled in, and exit."
+)
+@config_overrides
+def cycle(
+    config: Path, as_json: bool, reinit: bool, force: bool, print_config: bool, overrides: tuple[str, ...]
+) -> None:
     """Check the config (as `trainguard check`), then verify -> validate -> screen (RONI) -> train (adversarially)
     -> gate -> sign the model and its attestation; a cycle with nothing new since the last accepted one is skipped."""
     from trainguard.pipeline.config import load_config
     from trainguard.pipeline.errors import CycleAbortedError
 
-    loaded = load_config(config)  # a bad config fails here, before any training
+    loaded = load_config(config, overrides=overrides)  # a bad config or override fails here, before any training
     if print_config:
         from trainguard.pipeline.commands.check import resolved_yaml
 
@@ -44,7 +49,7 @@ def cycle(config: Path, as_json: bool, reinit: bool, force: bool, print_config: 
     from trainguard.pipeline.cycle import run_cycle
 
     try:
-        outcome = run_cycle(config, reinit=reinit, force=force)
+        outcome = run_cycle(_overridden(loaded, config) if overrides else config, reinit=reinit, force=force)
     except CycleAbortedError as error:
         if as_json:
             click.echo(json.dumps({"status": "failed", "check": error.check, "reason": str(error)}))
@@ -68,6 +73,23 @@ def cycle(config: Path, as_json: bool, reinit: bool, force: bool, print_config: 
         print_outcome(outcome, loaded.output.state_path)
     if outcome.status not in ("accepted", "follower", "skipped"):
         raise SystemExit(1)
+
+
+def _overridden(loaded: object, config: Path) -> Path:
+    """Writes the config as overridden to the work folder and returns its path. The cycle runs from that file, so
+    its digest (what "nothing new" compares), its report and its attestation are of the config that ran; `project`
+    is written as the folder it named, as it is relative to the config file."""
+    import yaml
+
+    from trainguard.files import atomic_write
+    from trainguard.pipeline.config import CycleConfig, project_dir
+
+    assert isinstance(loaded, CycleConfig)
+    written = loaded.model_dump(mode="json", exclude_unset=True) | {"project": str(project_dir(loaded, config))}
+    path = loaded.output.paths.overridden_config
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, yaml.safe_dump(written, sort_keys=False).encode())
+    return path
 
 
 def _processes(devices: object, strategy: object) -> int:
@@ -123,7 +145,7 @@ def print_outcome(outcome: object, state_path: Path | None = None) -> None:
     ]
     if "val/acc" in metrics:
         rows.append(("held-out accuracy", f"{metrics['val/acc']:.4f}"))
-    robust = {k.removeprefix("val/robust_acc@"): v for k, v in metrics.items() if k.startswith("val/robust_acc@")}
+    robust = robust_accuracy(metrics)
     if robust:
         rows.append(("robust accuracy", ", ".join(f"{v:.3f} at eps {k}" for k, v in robust.items())))
     if "val/gradient_masking" in metrics:
@@ -135,3 +157,22 @@ def print_outcome(outcome: object, state_path: Path | None = None) -> None:
         rows.append(("state", str(state_path)))
     rows.append(("tracking", outcome.tracking))
     table(f"cycle {outcome.cycle} {outcome.status}", rows)
+
+
+def robust_accuracy(metrics: dict[str, float]) -> dict[str, float]:
+    """eps (as the metric names it) -> robust accuracy, from a cycle's metrics (`val/robust_acc_eps<eps>`; each
+    attack's own accuracy, breaks and costs under it left out)."""
+    from trainguard.pipeline.plots import ROBUST_PREFIX
+
+    found = {
+        name.removeprefix(ROBUST_PREFIX): value for name, value in metrics.items() if name.startswith(ROBUST_PREFIX)
+    }
+    return {eps: value for eps, value in found.items() if _is_number(eps)}
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

@@ -30,8 +30,21 @@ _DETECTOR_CONFIGS = {
 
 def project_dir(config: CycleConfig, path: Path) -> Path:
     """The folder the config's own modules import from: `project` (relative to the config file), else its folder."""
+    return project_folder(config.project, path)
+
+
+def project_folder(project: Path | str | None, path: Path) -> Path:
+    """The folder a config file at `path` imports from, as its `project` value names it (None: the file's folder).
+
+    Args:
+        project: The config's `project`, relative to the config file.
+        path: The config file.
+
+    Returns:
+        The folder, resolved.
+    """
     folder = path.parent
-    return (folder / config.project if config.project is not None else folder).resolve()
+    return (folder / project if project is not None else folder).resolve()
 
 
 def use_project(config: CycleConfig, path: Path) -> Path:

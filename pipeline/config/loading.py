@@ -4,6 +4,7 @@ ConfigError naming the file and the key, then (optionally) the component checks.
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,9 @@ from pydantic import ValidationError
 
 from trainguard import strictyaml
 from trainguard.files import read_regular
-from trainguard.pipeline.config.components import check_config_components, use_project
+from trainguard.pipeline.config.components import check_config_components, project_folder, use_project
+from trainguard.pipeline.config.layout import lightning_layout
+from trainguard.pipeline.config.overrides import with_overrides
 from trainguard.pipeline.config.schema import CycleConfig
 from trainguard.pipeline.errors import ConfigError
 
@@ -20,25 +23,32 @@ CONFIG_LIMIT = 4 * 1024 * 1024
 
 
 def load_config(
-    path: Path | str, *, check_components: bool = True, injected: Mapping[str, Sequence[str]] | None = None
+    path: Path | str,
+    *,
+    check_components: bool = True,
+    injected: Mapping[str, Sequence[str]] | None = None,
+    overrides: Sequence[str] = (),
 ) -> CycleConfig:
     """Reads and validates a cycle config; any problem raises ConfigError naming the file and the key.
 
     With `check_components`, the project folder goes on `sys.path`, every class_path is imported and its init_args
-    bound to the constructor (`injected[section]` names arguments the cycle supplies itself).
+    bound to the constructor (`injected[section]` names arguments the cycle supplies itself). `overrides` are
+    LightningCLI's dotted command-line arguments (`--trainer.max_epochs=2`), merged in before validation.
 
     Args:
         path: The YAML config file.
         check_components: Whether class paths are imported and their `init_args` bound (False: the schema only,
-            nothing imported and `sys.path` unchanged).
+            nothing imported and `sys.path` unchanged, unless `overrides` name the Trainer's or model's arguments).
         injected: Section -> the constructor arguments the cycle supplies itself, left out of the binding.
+        overrides: Command-line overrides, each `--section.key=value` (`with_overrides`).
 
     Returns:
         The validated config.
 
     Raises:
         ConfigError: The file cannot be read, is not YAML or is empty, a key is unknown, missing or invalid, the
-            attack bounds do not cover the data's range, or a component cannot be imported or bound.
+            attack bounds do not cover the data's range, a component cannot be imported or bound, or an override
+            names no key or has the wrong type.
 
     Example::
 
@@ -50,12 +60,26 @@ def load_config(
     """
     path = Path(path)
     data = _read_yaml(path)
-    config = parse_config(data, source=str(path))
-    _check_bounds(config, str(path))
+    source = str(path)
+    if overrides:
+        _import_from_project(data, path)
+        data = with_overrides(data, overrides, source)
+        source = f"{path} {' '.join(overrides)}"
+    config = parse_config(data, source=source)
+    _check_bounds(config, source)
     if check_components:
         use_project(config, path)
-        check_config_components(config, source=str(path), injected=injected)
+        check_config_components(config, source=source, injected=injected)
     return config
+
+
+def _import_from_project(data: Any, path: Path) -> None:
+    """Puts the folder the config's class paths import from on `sys.path` before it is validated, for the
+    overrides' parser to import the model it configures (`use_project` checks the folder once it is)."""
+    project = data.get("project") if isinstance(data, dict) else None
+    folder = project_folder(project if isinstance(project, str) else None, path)
+    if folder.is_dir() and str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
 
 def parse_config(data: Any, source: str = "<config>") -> CycleConfig:
@@ -65,7 +89,7 @@ def parse_config(data: Any, source: str = "<config>") -> CycleConfig:
     try:
         return CycleConfig.model_validate(data)
     except ValidationError as error:
-        raise _config_error(error, data, source) from None
+        raise _config_error(error, _as_validated(data), source) from None
     except (RecursionError, TypeError, ValueError) as error:
         raise ConfigError(f"{source}: cannot validate: {type(error).__name__}: {error}") from None
 
@@ -97,6 +121,14 @@ def _read_yaml(path: Path) -> Any:
     if data is None:
         raise ConfigError(f"{path}: the config is empty")
     return data
+
+
+def _as_validated(data: dict[str, Any]) -> Any:
+    """The config in the schema's layout, as pydantic's error locations follow it (as written where it cannot be)."""
+    try:
+        return lightning_layout(data)
+    except ValueError:
+        return data
 
 
 def _key_path(loc: tuple[int | str, ...], data: Any, error_type: str) -> str:

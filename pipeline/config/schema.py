@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from trainguard.pipeline.config.binding import bound_init_args
+from trainguard.pipeline.config.layout import lightning_layout
 from trainguard.pipeline.workdir import WorkDir
 from trainguard.provenance.manifest import is_simple_name
 from trainguard.provenance.manifest_ref import ManifestRef
@@ -227,10 +228,10 @@ class RoniSection(_Section):
 class DetectorsSection(_Section):
     """Row-level poisoning detectors (`trainguard.defenses.detectors`) on the incoming model's penultimate features,
     per source, each calibrated on the held-out rows. `action`: reject every shard of a flagged source
-    (`reject-source`, the default), drop only the flagged rows from training (`quarantine-rows`), or only `report`. `spectral`,
-    `clustering` and `label_issues` are fields of SpectralConfig, ClusteringConfig and LabelIssuesConfig. On by
-    default wherever they apply (a classification model read on its inputs alone): RONI alone misses thinly spread
-    backdoors and a tenth of flipped shards (benchmarks/poisoning.py)."""
+    (`reject-source`, the default), drop only the flagged rows from training (`quarantine-rows`), or only `report`.
+    `spectral`, `clustering` and `label_issues` are fields of SpectralConfig, ClusteringConfig and
+    LabelIssuesConfig. On by default wherever they apply (a classification model read on its inputs alone): RONI
+    alone misses thinly spread backdoors and a tenth of flipped shards (benchmarks/poisoning.py)."""
 
     enabled: bool | None = Field(
         default=None, description="None: on for classification without model_forward; true: required, else refused."
@@ -391,7 +392,10 @@ class TrainingSection(_Section):
         if isinstance(data, dict):
             for key in _MOVED_TRAINING_KEYS:
                 if key in data:
-                    raise ValueError(f"{key} moved to the trainer block: trainer.init_args.{key} (as LightningCLI)")
+                    raise ValueError(
+                        f"{key} moved to the trainer block: trainer.{key} (LightningCLI's layout) or "
+                        f"trainer.init_args.{key}"
+                    )
         return data
 
 
@@ -403,9 +407,10 @@ TRAINER_SUPPLIED = ("callbacks", "logger", "enable_checkpointing", "enable_progr
 
 
 class TrainerSection(Component):
-    """Lightning's Trainer, written as LightningCLI's `trainer:` block (`init_args` are `Trainer` arguments:
-    max_epochs, accelerator, devices, strategy, precision, ...). Unset, `max_epochs` is 5 and `deterministic` true;
-    the arguments in TRAINER_SUPPLIED are the cycle's."""
+    """Lightning's Trainer: `init_args` are `Trainer` arguments (max_epochs, accelerator, devices, strategy,
+    precision, ...); LightningCLI's flat `trainer:` block is read as them (`layout`). Unset, `max_epochs` is 5 and
+    `deterministic` true; the arguments in TRAINER_SUPPLIED are the cycle's (`trainer.callbacks` are read as the
+    config's `callbacks`, which the cycle runs after its defenses)."""
 
     class_path: Annotated[str, Field(pattern=_DOTTED)] = TRAINER_CLASS
     init_args: dict[str, Any] = Field(default_factory=lambda: dict(TRAINER_DEFAULTS))
@@ -465,7 +470,9 @@ class CycleConfig(_Section):
     """One retraining cycle: where the signed data is, how it is checked, how the model trains and is gated.
 
     `model`, `callbacks` and `trainer` are written as LightningCLI writes them (`class_path` + `init_args`); their
-    class paths import with `project` (default: the config file's folder) on `sys.path`.
+    class paths import with `project` (default: the config file's folder) on `sys.path`. LightningCLI's own layout
+    is read too (`layout.lightning_layout`): a flat `trainer:` block, `trainer.callbacks`, and `data:` as the
+    cycle's data module (`class_path: trainguard.provenance.VerifiedDataModule`, the section's keys as init_args).
 
     A model whose `forward` takes extra inputs (masks, lengths) gets them packed into its signed inputs after the
     features (extra channels or columns, so the same digest covers them and no format changes) and names a hook
@@ -534,6 +541,11 @@ class CycleConfig(_Section):
     callbacks: tuple[Component, ...] = ()
     output: OutputSection
     tracking: TrackingSection = TrackingSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lightning_layout(cls, data: Any) -> Any:
+        return lightning_layout(data)
 
     @model_validator(mode="before")
     @classmethod

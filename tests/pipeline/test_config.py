@@ -322,8 +322,8 @@ def test_the_trainer_block_is_bound_to_lightnings_trainer(tmp_path: Path) -> Non
     assert config.trainer.instantiate(logger=False).max_epochs == 3
     error = _error(tmp_path, _with({("trainer", "init_args", "max_epoch"): 3}))
     assert error.key == "trainer.init_args.max_epoch" and "max_epochs" in str(error)
-    error = _error(tmp_path, _with({("trainer", "init_args", "callbacks"): []}))
-    assert error.key == "trainer.init_args.callbacks" and "supplied by the cycle" in str(error)
+    error = _error(tmp_path, _with({("trainer", "init_args", "logger"): False}))
+    assert error.key == "trainer.init_args.logger" and "supplied by the cycle" in str(error)
 
 
 def test_trainer_keys_left_in_the_training_section_say_where_they_moved(tmp_path: Path) -> None:
@@ -356,3 +356,83 @@ def test_an_unknown_init_arg_names_the_class_as_a_class_path_and_the_settings_it
     assert raised.value.name == "stpes"
     assert "not an argument of trainguard.defenses.AdversarialTraining" in raised.value.message
     assert "step_size" in raised.value.message and "settings" not in raised.value.message
+
+
+def _lightning_layout() -> dict[str, Any]:
+    """The digits config as LightningCLI writes one: flat Trainer arguments with the callbacks among them, and the
+    data module named under `data:` (tables need no decoders, so its init_args are empty)."""
+    data = copy.deepcopy(BASE)
+    monitor = {
+        "class_path": "pytorch_lightning.callbacks.LearningRateMonitor",
+        "init_args": {"logging_interval": "step"},
+    }
+    data["trainer"] = {**data["trainer"]["init_args"], "max_epochs": 3, "callbacks": [monitor]}
+    data["data"] = {"class_path": "trainguard.provenance.VerifiedDataModule", "init_args": {}}
+    del data["callbacks"]
+    return data
+
+
+def test_a_config_in_lightningclis_layout_loads_as_the_same_config(tmp_path: Path) -> None:
+    lightning = load_config(_write(tmp_path, _lightning_layout()))
+    ours = load_config(
+        _write(
+            tmp_path,
+            _with({("trainer", "init_args", "max_epochs"): 3, ("callbacks",): lightning.resolved()["callbacks"]}),
+        )
+    )
+    assert lightning == ours and lightning.trainer.arg("max_epochs") == 3
+    assert [c.class_path for c in lightning.callbacks] == ["pytorch_lightning.callbacks.LearningRateMonitor"]
+    assert lightning.trainer.instantiate(logger=False).max_epochs == 3
+
+
+def test_lightningclis_layout_mixed_with_the_schemas_or_another_data_module_is_refused_naming_the_key(
+    tmp_path: Path,
+) -> None:
+    mixed = _lightning_layout()
+    mixed["trainer"]["init_args"] = {"devices": 1}
+    error = _error(tmp_path, mixed)
+    assert error.key == "trainer.accelerator" and "not both" in str(error)
+    twice = _lightning_layout() | {"callbacks": [{"class_path": "pytorch_lightning.callbacks.LearningRateMonitor"}]}
+    error = _error(tmp_path, twice)
+    assert error.key == "trainer.callbacks" and "one place" in str(error)
+    own = _lightning_layout() | {"data": {"class_path": "mydata.DigitsData", "init_args": {"root": "digits/"}}}
+    error = _error(tmp_path, own)
+    assert error.key == "data.class_path" and "trainguard.provenance.VerifiedDataModule" in str(error)
+    sized = _lightning_layout()
+    sized["data"]["init_args"] = {"batch_size": 32}
+    error = _error(tmp_path, sized)
+    assert error.key == "data.init_args.batch_size" and "training.batch_size" in str(error)
+    typo = _lightning_layout()
+    typo["data"]["init_args"] = {"transfrom": {"class_path": "a.B"}}
+    assert _error(tmp_path, typo).key == "data.transfrom"
+    assert _error(tmp_path, _lightning_layout() | {"trainer": {"max_epoch": 3}}).key == "trainer.init_args.max_epoch"
+
+
+def test_dotted_overrides_set_any_section_and_the_trainers_and_models_arguments(tmp_path: Path) -> None:
+    overrides = ["--trainer.max_epochs", "2", "--model.lr=0.01", "--roni.options.steps=7", "--gate.robust_eps=0.05"]
+    overrides.append("--trainer.callbacks+=pytorch_lightning.callbacks.LearningRateMonitor")
+    config = load_config(_write(tmp_path, _lightning_layout()), overrides=overrides)
+    assert config.trainer.arg("max_epochs") == 2 and config.trainer.arg("accelerator") == "cpu"
+    assert config.model.init_args["lr"] == 0.01 and config.model.init_args["channels"] == 16
+    assert config.roni.options == {"steps": 7, "lr": "auto"} and config.gate.robust_eps == 0.05
+    assert [c.class_path.rpartition(".")[2] for c in config.callbacks] == ["LearningRateMonitor"] * 2
+    assert load_config(DIGITS, overrides=["--training.batch_size=8"]).training.batch_size == 8
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "says"),
+    [
+        ("--trainer.max_epoch=1", "trainer.max_epoch", "not an argument of pytorch_lightning.Trainer"),
+        ("--trainer.max_epochs=many", "trainer.max_epochs", "expected int or null, got 'many'"),
+        ("--model.lr=fast", "model.lr", "expected float, got 'fast'"),
+        ("--roni.levle=0.1", "roni.levle", "unknown key"),
+        ("--roni.level=0.5x", "roni.level", "Input should be a valid number"),
+        ("--gate.robust_eps=0.3", "gate.robust_eps", "0.3 is not among robust_eval.eps"),
+        ("--trainer.logger=false", "trainer.init_args.logger", "supplied by the cycle"),
+    ],
+)
+def test_a_bad_override_is_refused_in_one_line_naming_its_key(override: str, key: str, says: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(DIGITS, overrides=[override])
+    assert caught.value.key == key and says in str(caught.value) and "\n" not in str(caught.value)
+    assert str(caught.value).startswith(f"{DIGITS} {override}: ")
