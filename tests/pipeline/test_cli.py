@@ -92,6 +92,10 @@ def test_a_lightningcli_config_runs_a_cycle_with_a_dotted_override_shown_by_prin
     assert [c["class_path"] for c in printed["callbacks"]] == ["epochs_run.EpochsRun"]
     assert not (workdir / "demo-work" / "cycle").exists()
 
+    checked = cli(workdir, "check", "cycle.yaml", "--trainer.max_epochs=1")
+    assert checked.returncode == 0, checked.stderr
+    assert "ready for `trainguard cycle --config cycle.yaml --trainer.max_epochs=1`" in checked.stdout
+
     typo = cli(workdir, "cycle", "--config", "cycle.yaml", "--trainer.max_epoch=1")
     assert typo.returncode == 2 and typo.stderr.count("\n") == 1 and "Traceback" not in typo.stderr
     assert "trainer.max_epoch: not an argument of pytorch_lightning.Trainer" in typo.stderr
@@ -111,3 +115,14 @@ def test_a_lightningcli_config_runs_a_cycle_with_a_dotted_override_shown_by_prin
     ran = (workdir / report["config"]).read_bytes()
     assert report["config_sha256"] == hashlib.sha256(ran).hexdigest()
     assert yaml.safe_load(ran)["trainer"]["init_args"]["max_epochs"] == 1
+
+
+def test_the_cycle_summary_reads_robust_accuracy_by_the_names_the_callback_logs_it_under() -> None:
+    from trainguard.defenses import RobustAccuracy
+    from trainguard.pipeline.commands.cycle import robust_accuracy
+
+    logged = RobustAccuracy(eps=(0.0, 0.05, 0.1), attacks="autoattack-fast")
+    names = logged.metric_names()
+    per_attack = [name for names in logged.attack_metric_names().values() for name in names]
+    metrics = {**dict.fromkeys(names, 0.5), **dict.fromkeys(per_attack, 0.25), "val/robust_acc_large_eps": 0.0}
+    assert robust_accuracy(metrics) == {"0": 0.5, "0.05": 0.5, "0.1": 0.5}
