@@ -15,7 +15,26 @@ from typing import Any
 DATA_MODULE = "trainguard.provenance.VerifiedDataModule"
 """The data module a cycle trains through, as a LightningCLI `data.class_path` names it."""
 _DATA_MODULE_PATHS = (DATA_MODULE, "trainguard.provenance.dataset.VerifiedDataModule")
-_DATA_MODULE_KNOBS = {"batch_size": "training.batch_size", "num_workers": "training.num_workers"}
+_DATA_MODULE_KNOBS = {
+    "batch_size": "training.batch_size",
+    "num_workers": "training.num_workers",
+    "seed": "training.seed",
+    "manifests": "dataset.training",
+    "trust": "dataset.trust",
+    "feature_columns": "validation.feature_columns",
+    "label_column": "validation.label_column",
+}
+"""VerifiedDataModule's arguments that the config sets in another section, and where."""
+_DATA_MODULE_SUPPLIED = (
+    "state_file",
+    "train_roles",
+    "val_roles",
+    "sources",
+    "exclude",
+    "exclude_rows",
+    "refuse_changed",
+)
+"""VerifiedDataModule's arguments the cycle sets from what it verified and screened."""
 _COMPONENT_KEYS = ("class_path", "init_args")
 
 
@@ -86,4 +105,9 @@ def _data_module_layout(section: dict[str, Any]) -> Any:
         for key, where in _DATA_MODULE_KNOBS.items():
             if key in init_args:
                 raise ValueError(f"data.init_args.{key}: the cycle's data module takes it from {where}; set it there")
+        supplied = [key for key in _DATA_MODULE_SUPPLIED if key in init_args]
+        if supplied:
+            raise ValueError(
+                f"data.init_args.{supplied[0]}: set by the cycle from what it verified and screened (remove it)"
+            )
     return init_args

@@ -59,7 +59,7 @@ def load_config(
             print(passed.check, passed.detail)
     """
     path = Path(path)
-    data = _read_yaml(path)
+    data = written = _read_yaml(path)
     source = str(path)
     if overrides:
         _import_from_project(data, path)
@@ -69,8 +69,22 @@ def load_config(
     _check_bounds(config, source)
     if check_components:
         use_project(config, path)
-        check_config_components(config, source=source, injected=injected)
+        try:
+            check_config_components(config, source=source, injected=injected)
+        except ConfigError as error:
+            raise _as_written(error, written) from None
     return config
+
+
+def _as_written(error: ConfigError, written: Any) -> ConfigError:
+    """A Trainer argument's error named as the config wrote it: `trainer.max_epoch` in LightningCLI's flat layout,
+    where the schema holds it as `trainer.init_args.max_epoch`."""
+    trainer = written.get("trainer") if isinstance(written, dict) else None
+    flat = isinstance(trainer, dict) and not {"class_path", "init_args"} & set(trainer)
+    if not flat or error.key is None or not error.key.startswith("trainer.init_args."):
+        return error
+    key = error.key.replace("trainer.init_args.", "trainer.", 1)
+    return ConfigError(str(error).replace(f": {error.key}", f": {key}", 1), key=key)
 
 
 def _import_from_project(data: Any, path: Path) -> None:

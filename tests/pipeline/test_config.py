@@ -402,10 +402,14 @@ def test_lightningclis_layout_mixed_with_the_schemas_or_another_data_module_is_r
     sized["data"]["init_args"] = {"batch_size": 32}
     error = _error(tmp_path, sized)
     assert error.key == "data.init_args.batch_size" and "training.batch_size" in str(error)
+    sized["data"]["init_args"] = {"exclude_rows": {}}
+    error = _error(tmp_path, sized)
+    assert error.key == "data.init_args.exclude_rows" and "set by the cycle" in str(error)
     typo = _lightning_layout()
     typo["data"]["init_args"] = {"transfrom": {"class_path": "a.B"}}
     assert _error(tmp_path, typo).key == "data.transfrom"
-    assert _error(tmp_path, _lightning_layout() | {"trainer": {"max_epoch": 3}}).key == "trainer.init_args.max_epoch"
+    error = _error(tmp_path, _lightning_layout() | {"trainer": {"max_epoch": 3}})
+    assert error.key == "trainer.max_epoch" and ": trainer.max_epoch: not an argument of" in str(error)
 
 
 def test_dotted_overrides_set_any_section_and_the_trainers_and_models_arguments(tmp_path: Path) -> None:
