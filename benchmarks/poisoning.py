@@ -2,7 +2,8 @@
 digits: per-shard and per-source TPR, clean-shard FPR with a bootstrap interval, and backdoor attack success after
 screening, over many seeds.
 
-Per seed the digits are shuffled and split: 250 rows fit the current model (the MLP 64-64-10), 250 are the held-out
+Per seed the digits are shuffled and split: 250 rows fit the current model (the MLP 64-64-10; `--arch cnn`: the
+pipeline's DigitsCNN with 8 channels, the model the digits demo trains), 250 are the held-out
 set impacts are measured on, 400 the trusted pool calibration draws come from, and 897 the pool contributions come
 from. Every scenario offers 24 clean sources of 2 shards of 50 rows (rows drawn from the pool, distinct inside a
 source; two sources may share rows) plus its attacker:
@@ -55,6 +56,7 @@ label-issue detector's p-value of the source with its shard tests (`pipeline.det
     .venv/bin/python benchmarks/poisoning.py --unstratified --only "clean class-skewed"   # RONI's draws unstratified
     .venv/bin/python benchmarks/poisoning.py --seeds 2 --only "sybil 12x10%" "slow drip"     # some rows
     .venv/bin/python benchmarks/poisoning.py --quick --seeds 1 --clean-sources 4   # a smoke run: 4 clean sources
+    .venv/bin/python benchmarks/poisoning.py --arch cnn --seeds 4 --only clean flip-10%   # on the CNN
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ import numpy as np
 import torch
 import yaml
 from digits_demo.digits import load_digits_split
+from digits_demo.models import DigitsCNN
 from torch import nn
 from torch.nn import functional as F
 
@@ -99,11 +102,19 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
 
 
-def fit(data: LabeledData, epochs: int, seed: int) -> nn.Module:
+# Each architecture: its constructor, Adam's rate and the epochs that fit the current model (attack success: 30).
+ARCHS: dict[str, tuple[Callable[[], nn.Module], float, int]] = {
+    "mlp": (mlp, 1e-2, 60),
+    "cnn": (functools.partial(DigitsCNN, channels=8), 3e-3, 30),  # the pipeline's CNN, as benchmarks/roni.py fits it
+}
+
+
+def fit(data: LabeledData, epochs: int, seed: int, arch: str = "mlp") -> nn.Module:
     torch.manual_seed(seed)
-    model = mlp()
+    build, rate, _ = ARCHS[arch]
+    model = build()
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=rate)
     for _ in range(epochs):
         for idx in torch.randperm(len(data), generator=generator).split(64):
             optimizer.zero_grad()
@@ -150,9 +161,10 @@ class World:
     model: nn.Module
     calibration: Calibration | None = None
     clean_sources: int = CLEAN_SOURCES
+    arch: str = "mlp"
 
     @classmethod
-    def of(cls, seed: int, clean_sources: int = CLEAN_SOURCES) -> World:
+    def of(cls, seed: int, clean_sources: int = CLEAN_SOURCES, arch: str = "mlp") -> World:
         digits = load_digits_split(seed)
         x, y = torch.tensor(digits.x), torch.tensor(digits.y)
         train = LabeledData(x[:250], y[:250])
@@ -164,8 +176,9 @@ class World:
             LabeledData(x[250:500], y[250:500]),
             LabeledData(x[500:900], y[500:900]),
             np.arange(900, len(y)),
-            fit(train, 60, seed),
+            fit(train, ARCHS[arch][2], seed, arch),
             clean_sources=clean_sources,
+            arch=arch,
         )
 
     def source(self, name: str, shards: int, rng: np.random.Generator) -> list[tuple[str, np.ndarray]]:
@@ -492,7 +505,7 @@ def attack_success(world: World, offer: Offer, verdict: Verdict, trigger: Trigge
     """Share of held-out images of other classes with the trigger that a model trained on the model's rows plus what
     survived the verdict (shards not rejected, less their quarantined rows) predicts TARGET."""
     kept = LabeledData.concat([c.data for c in offer.candidates]).take(torch.as_tensor(~verdict.left_out))
-    model = fit(LabeledData.concat([world.train, kept]), 30, world.seed)
+    model = fit(LabeledData.concat([world.train, kept]), 30, world.seed, world.arch)
     others = world.holdout.y != TARGET
     with torch.no_grad():
         return float((model(trigger(world.holdout.x[others])).argmax(1) == TARGET).float().mean())
@@ -563,11 +576,11 @@ COUNTS = (
 
 
 def judge_seed(
-    seed: int, chosen: Sequence[str], config: ScreeningConfig, clean_sources: int = CLEAN_SOURCES
+    seed: int, chosen: Sequence[str], config: ScreeningConfig, clean_sources: int = CLEAN_SOURCES, arch: str = "mlp"
 ) -> tuple[dict[str, dict[str, Tally]], dict[str, float], float | None]:
     """Every chosen scenario of one seed under every column: the tallies, the CPU seconds per scenario and RONI's
     rate (one seed per process with `--jobs`)."""
-    world = World.of(seed, clean_sources)
+    world = World.of(seed, clean_sources, arch)
     tallies = {column: {name: Tally() for name in chosen} for column in DETECTORS}
     seconds = dict.fromkeys(chosen, 0.0)
     for name in chosen:
@@ -744,6 +757,9 @@ def main() -> None:
         default=CLEAN_SOURCES,
         help=f"clean sources beside each attacker (default {CLEAN_SOURCES}; fewer: a smoke run, rates not comparable)",
     )
+    parser.add_argument(
+        "--arch", default="mlp", choices=tuple(ARCHS), help="the current model: the MLP (default) or the pipeline's CNN"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     seeds = args.seeds or (3 if args.quick else 20)
@@ -761,14 +777,14 @@ def main() -> None:
     config = ScreeningConfig(**options)
     chosen = [n for n in NAMES if args.only is None or n in args.only]
     print(f"torch threads: {torch.get_num_threads()}, cpus: {os.cpu_count()}, load before: {os.getloadavg()}")
-    print(f"{seeds} seeds; config: {config}")
+    print(f"{seeds} seeds, {args.arch}; config: {config}")
     if args.clean_sources != CLEAN_SOURCES:
         print(f"{args.clean_sources} clean sources per scenario (a smoke run: not the benchmark's {CLEAN_SOURCES})")
     print(f"detectors (RONI + detectors columns): {detection_config(DetectorsSection())}")
     started = time.perf_counter()
     seconds = dict.fromkeys(chosen, 0.0)  # CPU seconds: other jobs on the machine stretch wall time
     tallies = {column: {name: Tally() for name in chosen} for column in DETECTORS}
-    run = functools.partial(judge_seed, chosen=chosen, config=config, clean_sources=args.clean_sources)
+    run = functools.partial(judge_seed, chosen=chosen, config=config, clean_sources=args.clean_sources, arch=args.arch)
     with contextlib.ExitStack() as stack:
         judged: Iterable[tuple[dict[str, dict[str, Tally]], dict[str, float], float | None]] = map(run, range(seeds))
         if args.jobs > 1:
