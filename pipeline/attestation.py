@@ -15,13 +15,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trainguard import strictjson
 from trainguard.files import read_regular
 from trainguard.pipeline.cycle_state import ShardDecision
 from trainguard.pipeline.errors import AttestationError, AttestationInputError
-from trainguard.pipeline.model_sign import ModelFiles
+from trainguard.pipeline.model_sign import Attestation, ModelFiles
+
+if TYPE_CHECKING:
+    from trainguard.provenance.dsse import Envelope
+    from trainguard.provenance.keys import SigningKey
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
@@ -189,11 +193,16 @@ def _versions() -> dict[str, str]:
     return {package: _version(package) for package in packages}
 
 
-def attestor(facts: CycleFacts, signing_key: Path) -> Callable[[ModelFiles], bytes]:
-    """The `attest` hook of `write_signed_model`: states `facts` about the files just signed, signed with the key."""
+def attestor(facts: CycleFacts, signing_key: Path) -> Callable[[ModelFiles], Attestation]:
+    """The `attest` hook of `write_signed_model`: states `facts` about the files just signed, signed with the key,
+    as a DSSE envelope and the Sigstore bundle of the same signature."""
 
-    def attest(files: ModelFiles) -> bytes:
-        return sign_statement(build_statement(replace(facts, model_digests=dict(files.digests))), signing_key)
+    def attest(files: ModelFiles) -> Attestation:
+        from trainguard.provenance.sigstore_bundle import bundle_json
+
+        statement = build_statement(replace(facts, model_digests=dict(files.digests)))
+        envelope, key = _signed_envelope(statement, signing_key)
+        return Attestation(_as_bytes(envelope.to_json()), bundle_json(envelope, key.public))
 
     return attest
 
@@ -214,6 +223,11 @@ class VerifiedAttestation:
 
 def sign_statement(statement: Mapping[str, Any], signing_key: Path) -> bytes:
     """The statement in a DSSE envelope signed with a provenance key file (PEM), as JSON bytes."""
+    envelope, _ = _signed_envelope(statement, signing_key)
+    return _as_bytes(envelope.to_json())
+
+
+def _signed_envelope(statement: Mapping[str, Any], signing_key: Path) -> tuple[Envelope, SigningKey]:
     from trainguard.provenance.dsse import sign_envelope
     from trainguard.provenance.errors import ProvenanceError
     from trainguard.provenance.keys import load_signing_key
@@ -222,8 +236,7 @@ def sign_statement(statement: Mapping[str, Any], signing_key: Path) -> bytes:
         key = load_signing_key(signing_key)
     except ProvenanceError as error:
         raise AttestationError(f"cannot load attestation key {signing_key}: {error}", path=str(signing_key)) from None
-    envelope = sign_envelope(PAYLOAD_TYPE, statement_bytes(statement), key)
-    return _as_bytes(envelope.to_json())
+    return sign_envelope(PAYLOAD_TYPE, statement_bytes(statement), key), key
 
 
 def verify_attestation(path: Path, trusted: Sequence[Path], threshold: int = 1) -> VerifiedAttestation:

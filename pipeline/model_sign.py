@@ -1,11 +1,13 @@
 """Signed model directories: safetensors weights signed in the OpenSSF Model Signing format (`model-signing`).
 
 A model directory holds `model.safetensors` (weights, never a pickle), `model.json` (how to rebuild the module),
-`model.sig` (a Sigstore bundle made with an EC key; the library's own `model_signing verify key` accepts it) and
-`attestation.intoto.json` (the DSSE-signed SLSA provenance, bound to the weights by digest). The signature covers
-every file but itself and the attestation (which carries its own DSSE signature), `.git*` files included, and
+`model.sig` (a Sigstore bundle made with an EC key; the library's own `model_signing verify key` accepts it),
+`attestation.intoto.json` (the DSSE-signed SLSA provenance, bound to the weights by digest) and
+`attestation.intoto.sigstore.json` (the same attestation signature as a Sigstore bundle). The model signature covers
+every file but itself and the attestation's two files (which carry their own signature), `.git*` files included, and
 verification refuses any other file or link, hidden ones too, so a swapped, edited or added file fails.
-The directory is built beside its destination and renamed into place: a crash never leaves half a model.
+The directory is built under its final name in a private folder beside its destination (so `model.sig` names the
+released directory) and renamed into place: a crash never leaves half a model.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from trainguard import strictjson
 from trainguard.files import read_regular
 from trainguard.pipeline.errors import ModelIdentityError, ModelNotFoundError, ModelSignatureError
 from trainguard.provenance.paths import printable, walk_entries
+from trainguard.provenance.sigstore_bundle import bundle_path
 
 if TYPE_CHECKING:
     import torch
@@ -35,7 +38,8 @@ MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "model.json"
 SIGNATURE_FILE = "model.sig"
 ATTESTATION_FILE = "attestation.intoto.json"
-UNSIGNED_FILES = (SIGNATURE_FILE, ATTESTATION_FILE)
+ATTESTATION_BUNDLE_FILE = bundle_path(Path(ATTESTATION_FILE)).name
+UNSIGNED_FILES = (SIGNATURE_FILE, ATTESTATION_FILE, ATTESTATION_BUNDLE_FILE)
 PASSPHRASE_ENV = "TRAINGUARD_KEY_PASSPHRASE"
 _MODEL_SIGNING_CURVES = ("secp256r1", "secp384r1", "secp521r1")
 BUNDLE_LIMIT = 16 * 1024 * 1024
@@ -63,6 +67,14 @@ class ModelFiles:
         return self.directory / ATTESTATION_FILE
 
 
+@dataclass(frozen=True)
+class Attestation:
+    """What an `attest` hook of `write_signed_model` returns: the DSSE envelope and its Sigstore bundle, as bytes."""
+
+    envelope: bytes
+    bundle: bytes
+
+
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     """Hex SHA-256 of a file, streamed in large reads."""
     digest = hashlib.sha256()
@@ -80,19 +92,22 @@ def write_signed_model(
     class_path: str | None = None,
     init_args: Mapping[str, Any] | None = None,
     metadata: Mapping[str, str] | None = None,
-    attest: Callable[[ModelFiles], bytes] | None = None,
+    attest: Callable[[ModelFiles], bytes | Attestation] | None = None,
 ) -> ModelFiles:
     """Saves `model` as safetensors, signs the directory and (with `attest`) writes its attestation, atomically.
 
-    `attest` gets the signed files and returns the attestation bytes to store beside them. An existing
-    `directory` (a re-run of the same cycle) is replaced only once the new one is complete.
+    `attest` gets the signed files and returns the attestation to store beside them: an `Attestation` (envelope and
+    Sigstore bundle), or the envelope's bytes alone. An existing `directory` (a re-run of the same cycle) is replaced
+    only once the new one is complete.
     """
     directory = Path(directory)
     _check_signing_key(Path(signing_key))
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    staging.chmod(0o755)
+    private = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    staging = private / directory.name  # signed under the name it is released as: model.sig's subject is that name
     try:
+        staging.mkdir()
+        staging.chmod(0o755)
         _save_weights(model, staging / MODEL_FILE, metadata or {})
         description = {"format": "safetensors", "class_path": class_path, "init_args": dict(init_args or {})}
         description["metadata"] = dict(metadata or {})
@@ -100,17 +115,26 @@ def write_signed_model(
         sign_model(staging, signing_key)
         files = ModelFiles(directory, {name: file_sha256(staging / name) for name in (CONFIG_FILE, MODEL_FILE)})
         if attest is not None:
-            (staging / ATTESTATION_FILE).write_bytes(attest(files))
+            _write_attestation(staging, attest(files))
         _fsync_tree(staging)
         _replace_directory(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    finally:
+        shutil.rmtree(private, ignore_errors=True)  # empty once the model is in place; the partial model otherwise
     return files
 
 
+def _write_attestation(directory: Path, attestation: bytes | Attestation) -> None:
+    if isinstance(attestation, Attestation):
+        (directory / ATTESTATION_FILE).write_bytes(attestation.envelope)
+        (directory / ATTESTATION_BUNDLE_FILE).write_bytes(attestation.bundle)
+    else:
+        (directory / ATTESTATION_FILE).write_bytes(attestation)
+
+
 def sign_model(directory: Path, signing_key: Path) -> Path:
-    """Signs every file of `directory` but the signature and attestation; returns the signature path."""
+    """Signs every file of `directory` but the signature and attestation files; returns the signature path.
+
+    The signature's subject is the directory's name: sign a directory under the name it is released as."""
     import model_signing
 
     password = _check_signing_key(Path(signing_key))
@@ -170,7 +194,8 @@ def verify_model_signature(
 
 
 def _hashing_config() -> Any:
-    """What the model signature covers: every file but the signature and attestation, `.git*` files included."""
+    """What the model signature covers: every file but the signature and the attestation's envelope and bundle,
+    `.git*` files included."""
     import model_signing
 
     return model_signing.hashing.Config().set_ignored_paths(  # type: ignore[no-untyped-call]

@@ -1,4 +1,5 @@
-"""Signed, hash-verified training-data shards: keys, DSSE envelopes, in-toto manifests, verify and verify-on-read.
+"""Signed, hash-verified training-data shards: keys, DSSE envelopes (and their Sigstore bundles), in-toto manifests,
+verify and verify-on-read.
 
 Every name but the errors is imported on first use, so a command that needs only part of the package (`trainguard
 verify` needs no reader, signer or torch) does not pay for the rest.
@@ -65,6 +66,9 @@ if TYPE_CHECKING:
     from trainguard.provenance.signing import cosign_manifest as cosign_manifest
     from trainguard.provenance.signing import sign_dataset as sign_dataset
     from trainguard.provenance.signing import write_manifest as write_manifest
+    from trainguard.provenance.sigstore_bundle import bundle_json as bundle_json
+    from trainguard.provenance.sigstore_bundle import bundle_path as bundle_path
+    from trainguard.provenance.sigstore_bundle import write_bundle as write_bundle
     from trainguard.provenance.verify import ShardFailure as ShardFailure
     from trainguard.provenance.verify import VerificationReport as VerificationReport
     from trainguard.provenance.verify import VerifiedManifest as VerifiedManifest
@@ -99,6 +103,9 @@ _LAZY = {
     "ShardReader": "trainguard.provenance.reader",
     "RollbackState": "trainguard.provenance.rollback",
     "default_state_path": "trainguard.provenance.rollback",
+    "bundle_json": "trainguard.provenance.sigstore_bundle",
+    "bundle_path": "trainguard.provenance.sigstore_bundle",
+    "write_bundle": "trainguard.provenance.sigstore_bundle",
     "cosign_manifest": "trainguard.provenance.signing",
     "sign_dataset": "trainguard.provenance.signing",
     "write_manifest": "trainguard.provenance.signing",

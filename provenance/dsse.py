@@ -42,7 +42,8 @@ class Signature:
     """One signature of a DSSE envelope, over `pae(payload_type, payload)`.
 
     Attributes:
-        keyid: The keyid of the key that made it (`VerifyingKey.keyid`); empty when the JSON gave none.
+        keyid: The label of the key that made it: trainguard signs with `VerifyingKey.sslib_keyid`, as
+            securesystemslib does; a key's `keyid` (older envelopes) is accepted too. Empty when the JSON gave none.
         sig: The raw signature bytes (base64 in the envelope's JSON).
     """
 
@@ -141,7 +142,7 @@ def sign_envelope(payload_type: str, payload: bytes, key: SigningKey) -> Envelop
     Returns:
         An envelope whose only signature is `key`'s over `pae(payload_type, payload)`.
     """
-    return Envelope(payload_type, payload, (Signature(key.keyid, key.sign(pae(payload_type, payload))),))
+    return Envelope(payload_type, payload, (_signature(payload_type, payload, key),))
 
 
 def add_signature(envelope: Envelope, key: SigningKey) -> Envelope:
@@ -155,20 +156,25 @@ def add_signature(envelope: Envelope, key: SigningKey) -> Envelope:
         A copy of `envelope` with `key`'s signature after the existing ones.
 
     Raises:
-        AlreadySignedError: The envelope already holds a signature with `key`'s keyid.
+        AlreadySignedError: The envelope already holds a signature labelled with either of `key`'s keyids.
     """
-    if any(s.keyid == key.keyid for s in envelope.signatures):
+    if any(s.keyid in key.public.keyids for s in envelope.signatures):
         raise AlreadySignedError(f"the envelope is already signed by key {key.keyid}", keyid=key.keyid)
-    signature = Signature(key.keyid, key.sign(pae(envelope.payload_type, envelope.payload)))
+    signature = _signature(envelope.payload_type, envelope.payload, key)
     return replace(envelope, signatures=(*envelope.signatures, signature))
+
+
+def _signature(payload_type: str, payload: bytes, key: SigningKey) -> Signature:
+    """`key`'s signature over the PAE, labelled with securesystemslib's keyid so its verifier finds it."""
+    return Signature(key.public.sslib_keyid, key.sign(pae(payload_type, payload)))
 
 
 def verify_envelope(envelope: Envelope, trusted: Sequence[VerifyingKey], threshold: int) -> tuple[str, ...]:
     """Keyids of the distinct trusted keys whose signatures verify; raises when fewer than `threshold` do.
 
-    A signature is checked only against the trusted key its keyid names (one check per signature, at most
-    MAX_SIGNATURES). The reason says why: a trusted key's signature that fails (payload edited), no trusted signer
-    at all, or too few.
+    A signature is checked only against the trusted key its keyid names, by either of the key's keyids (one check
+    per signature, at most MAX_SIGNATURES; a key counts once however its signatures are labelled). The reason says
+    why: a trusted key's signature that fails (payload edited), no trusted signer at all, or too few.
 
     Args:
         envelope: The signed envelope.
@@ -176,7 +182,7 @@ def verify_envelope(envelope: Envelope, trusted: Sequence[VerifyingKey], thresho
         threshold: How many distinct trusted keys must have signed, from 1 to the number of trusted keys.
 
     Returns:
-        The keyids of the trusted keys whose signatures verify, in signature order.
+        The keyids (`VerifyingKey.keyid`) of the trusted keys whose signatures verify, in signature order.
 
     Raises:
         PolicyError: No trusted keys, or `threshold` out of range.
@@ -185,23 +191,24 @@ def verify_envelope(envelope: Envelope, trusted: Sequence[VerifyingKey], thresho
         UntrustedSignerError: No signature is by a trusted key.
         ThresholdError: Fewer trusted keys signed than `threshold`.
     """
-    keys = {key.keyid: key for key in trusted}
-    if not keys:
+    distinct = {key.keyid: key for key in trusted}
+    if not distinct:
         raise PolicyError("no trusted keys given")
-    if not 1 <= threshold <= len(keys):
-        raise PolicyError(f"threshold {threshold} is out of range for {len(keys)} trusted key(s)")
+    if not 1 <= threshold <= len(distinct):
+        raise PolicyError(f"threshold {threshold} is out of range for {len(distinct)} trusted key(s)")
     _check_count(len(envelope.signatures))
+    keys = {label: key for key in distinct.values() for label in key.keyids}
     message = pae(envelope.payload_type, envelope.payload)
     valid: list[str] = []
     failed: list[str] = []
     for signature in envelope.signatures:
         key = keys.get(signature.keyid)
-        if key is None or signature.keyid in valid:
+        if key is None or key.keyid in valid:
             continue
         if key.verify(signature.sig, message):
-            valid.append(signature.keyid)
+            valid.append(key.keyid)
         else:
-            failed.append(signature.keyid)
+            failed.append(key.keyid)
     if len(valid) >= threshold:
         return tuple(valid)
     if failed:

@@ -1,6 +1,9 @@
-"""Signing keys: Ed25519 (default) and ECDSA P-256 in PEM files; keyid = hex SHA-256 of the DER SubjectPublicKeyInfo.
+"""Signing keys: Ed25519 (default) and ECDSA P-256 in PEM files, each with two keyids.
 
-ECDSA signatures are DER-encoded over SHA-256, as Sigstore and OpenSSF model-signing make them.
+`keyid` (hex SHA-256 of the DER SubjectPublicKeyInfo) is trainguard's name for a key: trust-policy pins, anti-rollback
+namespaces and the signed cycle state hold it. `sslib_keyid` is the one securesystemslib (and so in-toto and TUF
+tooling) computes for the same key; DSSE signatures are labelled with it, so `securesystemslib.dsse.Envelope.verify`
+finds them. ECDSA signatures are DER-encoded over SHA-256, as Sigstore and OpenSSF model-signing make them.
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -34,7 +38,7 @@ class VerifyingKey:
     Made by `load_verifying_key` (a PEM file), or taken from a `SigningKey`'s `public`; it pickles as its PEM.
 
     Attributes:
-        keyid: Hex SHA-256 of the key's DER SubjectPublicKeyInfo.
+        keyid: Hex SHA-256 of the key's DER SubjectPublicKeyInfo: what policies pin and anti-rollback records hold.
         key_type: `"ed25519"` or `"ecdsa-p256"`.
         _key: The `cryptography` public key object (private: not compared, not in the repr).
     """
@@ -46,6 +50,17 @@ class VerifyingKey:
     @classmethod
     def from_public_key(cls, key: Any) -> VerifyingKey:
         return cls(keyid=_keyid(key), key_type=_key_type(key), _key=key)
+
+    @cached_property
+    def sslib_keyid(self) -> str:
+        """securesystemslib's default keyid of the key (`SSlibKey.from_crypto(key).keyid`): the label of the
+        signatures it makes in DSSE envelopes."""
+        return _sslib_keyid(self._key, self.key_type)
+
+    @property
+    def keyids(self) -> tuple[str, str]:
+        """Both names of the key, `keyid` first: a DSSE signature labelled with either is this key's to check."""
+        return self.keyid, self.sslib_keyid
 
     def verify(self, signature: bytes, data: bytes) -> bool:
         """True when `signature` is this key's signature over `data`; False for any bad or malformed signature."""
@@ -250,6 +265,23 @@ def _read(path: Path, what: str) -> bytes:
 def _keyid(public: Any) -> str:
     der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(der).hexdigest()
+
+
+def _sslib_keyid(public: Any, key_type: KeyType) -> str:
+    """securesystemslib's `compute_default_keyid`: SHA-256 of the canonical JSON of keytype, scheme and the public
+    value (raw hex for Ed25519, PEM for ECDSA). Its canonical encoder is imported alone: the signer package that holds
+    the function costs a quarter of a second to import, on every key load."""
+    from securesystemslib.formats import encode_canonical
+
+    if key_type == "ed25519":
+        raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        document = {"keytype": "ed25519", "scheme": "ed25519", "keyval": {"public": raw.hex()}}
+    else:
+        pem = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        document = {"keytype": "ecdsa", "scheme": "ecdsa-sha2-nistp256", "keyval": {"public": pem.decode()}}
+    canonical = encode_canonical(document)
+    assert isinstance(canonical, str)  # it returns None only when given an output function
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _key_type(public: Any, where: object = "key") -> KeyType:

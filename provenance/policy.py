@@ -341,7 +341,7 @@ def _key(entry: object, policy: Path) -> VerifyingKey:
         key = _load(policy.parent / entry)
     else:
         raise PolicyError("a key entry must be a path or a mapping")
-    if pin is not None and pin != key.keyid:
+    if pin is not None and pin not in key.keyids:  # trainguard's keyid, or securesystemslib's (the envelope's label)
         raise PolicyError(f"key has keyid {key.keyid}, the policy pins {pin}", keyid=key.keyid)
     return key
 

@@ -1,4 +1,5 @@
-"""Signing a dataset directory: hash every shard, build the manifest, sign it in a DSSE envelope; co-signing."""
+"""Signing a dataset directory: hash every shard, build the manifest, sign it in a DSSE envelope (and a Sigstore
+bundle beside it); co-signing."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from trainguard.provenance.bins import sign_binned, statement_header, uses_bins,
 from trainguard.provenance.dsse import Envelope, add_signature, sign_envelope
 from trainguard.provenance.errors import DataDirError, MalformedError, ProvenanceError
 from trainguard.provenance.hashing import FileDigest, ProgressCallback, Whole, digest_files
-from trainguard.provenance.keys import SigningKey
+from trainguard.provenance.keys import SigningKey, VerifyingKey
 from trainguard.provenance.manifest import (
     DEFAULT_CHUNK_SIZE,
     PAYLOAD_TYPE,
@@ -31,6 +32,7 @@ from trainguard.provenance.manifest import (
     statement_bytes,
 )
 from trainguard.provenance.paths import name_problem, walk_entries
+from trainguard.provenance.sigstore_bundle import bundle_json, bundle_path, write_bundle
 from trainguard.provenance.verify import read_envelope
 
 _DURATION = re.compile(r"(\d+)([mhdw])")
@@ -122,7 +124,7 @@ def sign_dataset(data_dir: Path, key: SigningKey, **options: Any) -> tuple[Envel
         envelope, manifest = sign_dataset(
             Path("data/train"), key, dataset="digits-contributed", sources={"alice/*": "alice"}, expires="90d"
         )
-        write_manifest(envelope, Path("data/train.manifest.json"))
+        write_manifest(envelope, Path("data/train.manifest.json"), key.public)
     """
     manifest = build_manifest(data_dir, **options)
     return sign_envelope(PAYLOAD_TYPE, statement_bytes(manifest), key), manifest
@@ -132,10 +134,14 @@ def write_signed(
     manifest: Manifest, key: SigningKey, out: Path, *, layout: str = "auto", bins: int | None = None
 ) -> Path:
     """Signs `manifest` and writes it at `out` in the chosen layout: `single` (one envelope), `bins` (a signed top
-    level and `bins` hashed bin files beside it) or `auto` (bins above BIN_THRESHOLD shards)."""
+    level and `bins` hashed bin files beside it) or `auto` (bins above BIN_THRESHOLD shards); either way with the
+    signed envelope's Sigstore bundle beside it."""
     if uses_bins(len(manifest.shards), layout):
-        return write_binned(sign_binned(manifest, key, bins), out)
-    return write_manifest(sign_envelope(PAYLOAD_TYPE, statement_bytes(manifest), key), out)
+        binned = sign_binned(manifest, key, bins)
+        write_binned(binned, out)
+        write_bundle(binned.envelope, key.public, out)
+        return Path(out)
+    return write_manifest(sign_envelope(PAYLOAD_TYPE, statement_bytes(manifest), key), out, key.public)
 
 
 def build_manifest(
@@ -161,7 +167,8 @@ def build_manifest(
 
     Sources and roles come from `sources`/`roles` maps (names or globs) with `source`/`role` as the fallback.
     The version defaults to one more than the manifest at `previous`, else 1. `shuffle_seed` records the seed the
-    rows were dealt across the shards with (`trainguard shard`).
+    rows were dealt across the shards with (`trainguard shard`). An excluded manifest's Sigstore bundle is excluded
+    with it (both are written beside each other, maybe inside the data folder).
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
@@ -171,7 +178,7 @@ def build_manifest(
     name = dataset or data_dir.resolve().name
     source_map, role_map = load_map(sources, "--sources"), load_map(roles, "--roles")
     files: dict[str, Path] = {}
-    for relative, kind in walk_entries(data_dir, exclude):
+    for relative, kind in walk_entries(data_dir, (*exclude, *(bundle_path(path) for path in exclude))):
         where = repr(str(data_dir / relative))
         problem = name_problem(relative)
         if problem is not None:
@@ -289,6 +296,9 @@ def _tar_keys(path: Path) -> int:
 def cosign_manifest(path: Path, key: SigningKey) -> Envelope:
     """Adds `key`'s signature to the manifest at `path` (rewritten atomically), for k-of-n trust policies.
 
+    The Sigstore bundle beside it is left as it is: it carries one signature (the first signer's), which the
+    unchanged payload keeps valid.
+
     Args:
         path: A signed manifest file, single-file or the top level of a binned manifest.
         key: The private key that co-signs.
@@ -310,16 +320,24 @@ def cosign_manifest(path: Path, key: SigningKey) -> Envelope:
     return signed
 
 
-def write_manifest(envelope: Envelope, out: Path) -> Path:
-    """Writes the envelope atomically (unpredictable temp file + rename: a planted link is never followed).
+def write_manifest(envelope: Envelope, out: Path, signer: VerifyingKey | None = None) -> Path:
+    """Writes the envelope atomically (unpredictable temp file + rename: a planted link is never followed), and
+    with `signer` the Sigstore bundle of its signature beside it (`NAME.json` -> `NAME.sigstore.json`).
 
     Args:
         envelope: The signed envelope, e.g. from `sign_dataset` or `add_signature`.
         out: The manifest file to write (replaced if it exists).
+        signer: The public key whose signature the bundle carries; None writes the envelope alone.
 
     Returns:
         `out`, as a Path.
+
+    Raises:
+        UntrustedSignerError: `signer` has no valid signature in the envelope (nothing is written).
     """
     out = Path(out)
+    bundle = bundle_json(envelope, signer) if signer is not None else None
     atomic_write(out, envelope.to_json())
+    if bundle is not None:
+        atomic_write(bundle_path(out), bundle)
     return out

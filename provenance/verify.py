@@ -61,6 +61,7 @@ from trainguard.provenance.paths import (
 )
 from trainguard.provenance.policy import KeySet, TrustPolicy, granted, granted_claims, load_trust
 from trainguard.provenance.rollback import RollbackCheck, RollbackScope, RollbackState, default_state_path
+from trainguard.provenance.sigstore_bundle import bundle_path
 
 MANIFEST_LEVEL = (
     PayloadTypeError,
@@ -456,7 +457,7 @@ def verify_shards(
         allow_extra=allow_extra,
         workers=workers,
         on_bytes=on_bytes,
-        skip=[verified.path, bins_folder(verified.path), *skip],
+        skip=[verified.path, bundle_path(verified.path), bins_folder(verified.path), *skip],
         dvc_md5=dvc_md5,
         holds=verified.share.holds if verified.share is not None else None,
         ahead=ahead,

@@ -39,7 +39,7 @@ def sign_trusted(data: Path, keys: Path) -> Path:
     roles = {"holdout.*": "holdout", "base.*": "trusted"}
     key = load_signing_key(keys / "curator.key")
     envelope, _ = sign_dataset(data / "trusted", key, dataset="digits-trusted", source=TRUSTED_SOURCE, roles=roles)
-    return write_manifest(envelope, data / "trusted.manifest.json")
+    return write_manifest(envelope, data / "trusted.manifest.json", key.public)
 
 
 def sign_contributions(data: Path, keys: Path, sources: dict[str, str]) -> Path:
@@ -49,7 +49,7 @@ def sign_contributions(data: Path, keys: Path, sources: dict[str, str]) -> Path:
     envelope, _ = sign_dataset(
         data / "train", key, dataset="digits-contributed", sources=sources, previous=out if out.exists() else None
     )
-    return write_manifest(envelope, out)
+    return write_manifest(envelope, out, key.public)
 
 
 def stage_data(root: Path, shard_format: str = "parquet") -> None:

@@ -117,7 +117,7 @@ def sign(
             on_bytes=advance,
             dvc_md5=dvc_md5,
         )
-    write_manifest(envelope, out)
+    write_manifest(envelope, out, signing_key.public)
     click.echo(
         f"signed {len(manifest.shards)} shards ({manifest.total_bytes} bytes) of dataset {manifest.dataset!r} "
         f"version {manifest.version} -> {printable(str(out))}; keyid {signing_key.keyid}"

@@ -378,7 +378,7 @@ def _sign(
         exclude=(manifest,),
         shuffle_seed=seed,
     )
-    write_manifest(envelope, manifest)
+    write_manifest(envelope, manifest, key.public)
     click.echo(
         f"signed {len(signed.shards)} shards of dataset {signed.dataset!r} version {signed.version} -> "
         f"{printable(str(manifest))}; keyid {key.keyid}"

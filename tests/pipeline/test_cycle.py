@@ -229,7 +229,15 @@ def test_signed_model_verifies_and_a_swapped_model_is_refused(first_cycle: First
     ]
     assert subprocess.run(command, capture_output=True, text=True, timeout=120).returncode == 0
 
-    statement = json.loads(__import__("base64").b64decode(json.loads(attestation.read_text())["payload"]))
+    payload = base64.b64decode(json.loads(attestation.read_text())["payload"])
+    signed = json.loads(base64.b64decode(json.loads((model_dir / "model.sig").read_text())["dsseEnvelope"]["payload"]))
+    assert [subject["name"] for subject in signed["subject"]] == [model_dir.name]  # the released directory's name
+    from model_signing._signing import sign_ec_key, sign_sigstore_pb  # its key verifier reads Sigstore bundles
+
+    bundle = sign_sigstore_pb.Signature.read(model_dir / "attestation.intoto.sigstore.json")
+    assert sign_ec_key.Verifier(public)._verify_signed_content(bundle)[1] == payload
+
+    statement = json.loads(payload)
     dependencies = statement["predicate"]["buildDefinition"]["resolvedDependencies"]
     assert any(d.get("name") == "digits-contributed" for d in dependencies)
     record = json.dumps(statement)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import shutil
 import subprocess
 import sys
@@ -15,10 +17,12 @@ from digits_demo.models import DigitsCNN
 
 from trainguard.pipeline.errors import ModelIdentityError, ModelNotFoundError, ModelSignatureError
 from trainguard.pipeline.model_sign import (
+    ATTESTATION_BUNDLE_FILE,
     ATTESTATION_FILE,
     CONFIG_FILE,
     MODEL_FILE,
     SIGNATURE_FILE,
+    Attestation,
     file_sha256,
     load_verified_state_dict,
     read_model_description,
@@ -61,7 +65,7 @@ def _signed(tmp_path: Path, keys: tuple[Path, Path], name: str = "model", seed: 
         keys[0],
         class_path="digits_demo.models.DigitsCNN",
         init_args={"channels": 2},
-        attest=lambda files: f'{{"model": "{files.digests[MODEL_FILE]}"}}'.encode(),
+        attest=lambda files: Attestation(f'{{"model": "{files.digests[MODEL_FILE]}"}}'.encode(), b'{"bundle": 1}'),
     )
     return directory
 
@@ -69,8 +73,12 @@ def _signed(tmp_path: Path, keys: tuple[Path, Path], name: str = "model", seed: 
 def test_a_signed_model_verifies_with_the_standard_cli_and_the_api(tmp_path: Path, keys: tuple[Path, Path]) -> None:
     directory = _signed(tmp_path, keys)
     assert sorted(p.name for p in directory.iterdir()) == sorted(
-        [MODEL_FILE, CONFIG_FILE, SIGNATURE_FILE, ATTESTATION_FILE]
+        [MODEL_FILE, CONFIG_FILE, SIGNATURE_FILE, ATTESTATION_FILE, ATTESTATION_BUNDLE_FILE]
     )
+    signed = json.loads(
+        base64.b64decode(json.loads((directory / SIGNATURE_FILE).read_text())["dsseEnvelope"]["payload"])
+    )
+    assert [subject["name"] for subject in signed["subject"]] == [directory.name]  # the released name, not staging
     done = _cli_verify(directory, keys[1])
     assert done.returncode == 0, done.stderr
     files = verify_model_signature(directory, keys[1])

@@ -43,6 +43,17 @@ def test_keyid_is_sha256_of_der_subject_public_key_info(tmp_path: Path) -> None:
     assert key.keyid == hashlib.sha256(der).hexdigest()
 
 
+@pytest.mark.parametrize("key_type", KEY_TYPES)
+def test_sslib_keyid_is_the_one_securesystemslib_computes_for_the_key(tmp_path: Path, key_type: str) -> None:
+    from securesystemslib.signer import SSlibKey
+
+    key = generate_signing_key(key_type)
+    _, public = write_keypair(key, tmp_path / "k")
+    expected = SSlibKey.from_crypto(serialization.load_pem_public_key(public.read_bytes())).keyid
+    assert load_verifying_key(public).sslib_keyid == key.public.sslib_keyid == expected != key.keyid
+    assert load_verifying_key(public).keyids == (key.keyid, expected)
+
+
 def test_ecdsa_signatures_are_der_over_sha256() -> None:
     key = generate_signing_key("ecdsa-p256")
     public = serialization.load_pem_public_key(key.public.to_pem())
