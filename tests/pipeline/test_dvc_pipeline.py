@@ -145,11 +145,17 @@ def _manifest_version(path: Path) -> int:
 def test_a_published_batch_adds_to_the_training_data_and_bumps_only_its_manifest(
     prepared: Prepared, tmp_path: Path
 ) -> None:
-    from trainguard.provenance import dvc_tracked_md5
+    from trainguard.provenance import KeyFileError, dvc_tracked_md5
 
     repo = _copy(prepared.repo, tmp_path)
     data = repo / "demo-work" / "data"
     trusted = (data / "trusted.manifest.json").read_bytes()
+    owner_key = repo / "demo-work" / "keys" / "owner.key"
+    owner_key.rename(tmp_path / "owner.key")
+    with pytest.raises(KeyFileError, match=r"owner\.key: make it once with `trainguard keygen"):
+        publish(repo / "demo-work", batch=1)  # only who holds the keys publishes; nothing is written first
+    assert not (data / "train" / "alice" / "b1-shard-00.parquet").exists()
+    (tmp_path / "owner.key").rename(owner_key)
     assert _manifest_version(data / "train.manifest.json") == 1
     publish(repo / "demo-work", batch=1)
     shards = sorted(p.name for p in (data / "train" / "alice").iterdir())
