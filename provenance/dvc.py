@@ -125,7 +125,7 @@ def dvc_record(start: Path, paths: Sequence[Path] = ()) -> DvcRecord | None:
         The record, or None when `start` is not in a DVC repository.
 
     Raises:
-        DataDirError: `dvc.lock` or DVC's config cannot be read.
+        DataDirError: `dvc.lock`, DVC's config or its DVC files cannot be read.
     """
     try:
         root = find_repo_root(Path(start).resolve())
@@ -142,7 +142,8 @@ def dvc_record(start: Path, paths: Sequence[Path] = ()) -> DvcRecord | None:
         with Repo(str(root)) as repo:
             remotes = {name: _without_userinfo(str(conf["url"])) for name, conf in repo.config["remote"].items()}
             outs = [Path(out.fs_path) for out in repo.index.outs if out.use_cache]
-    return DvcRecord(root, lock_sha256, remotes, _remote_urls(root, outs, paths) if remotes else {})
+        data = _remote_urls(root, outs, paths) if remotes else {}
+    return DvcRecord(root, lock_sha256, remotes, data)
 
 
 def _remote_urls(root: Path, outs: Sequence[Path], paths: Sequence[Path]) -> dict[Path, str]:
@@ -154,9 +155,7 @@ def _remote_urls(root: Path, outs: Sequence[Path], paths: Sequence[Path]) -> dic
     for path in paths:
         resolved = Path(path).resolve()
         out = next((o for o in outs if o == resolved or o in resolved.parents), None)
-        if out is None:
-            continue
-        if out in urls:
+        if out is None or out in urls:
             continue
         try:
             urls[out] = _without_userinfo(dvc.api.get_url(out.relative_to(root).as_posix(), repo=str(root)))

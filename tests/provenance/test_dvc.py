@@ -180,6 +180,7 @@ def test_a_listing_only_the_remote_holds_is_read_with_the_global_config_and_the_
         dvc.add(str(data))
         with dvc.config.edit() as config:
             config["remote"]["store"] = {"url": str(remote)}
+            config["remote"]["web"] = {"url": "https://user:secret@example.invalid:8443/dvc"}
             config["core"]["remote"] = "store"
     with Repo(str(dvc_repo)) as dvc:
         dvc.push()
@@ -193,7 +194,8 @@ def test_a_listing_only_the_remote_holds_is_read_with_the_global_config_and_the_
     assert dvc_tracked_md5(data / "alice") == {k.removeprefix("alice/"): v for k, v in tracked.items() if "alice" in k}
 
     record = dvc_record(dvc_repo / "data", [data / "alice"])
-    assert record is not None and record.remotes == {"store": str(remote)} and record.lock_sha256 is None
+    assert record is not None and record.lock_sha256 is None
+    assert record.remotes == {"store": str(remote), "web": "https://example.invalid:8443/dvc"}  # no credentials
     assert record.data.keys() == {data}  # the DVC out that holds it
     assert record.data[data].startswith(f"{remote}/files/md5/") and record.data[data].endswith(".dir")
     assert dvc_record(tmp_path / "global") is None
