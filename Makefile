@@ -23,7 +23,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps litdata==0.2.76
 	touch $(STAMP)
 
+# The demo rebuilds demo-work/ from scratch: it refuses a checkout where the DVC pipeline's data owner published there.
 demo: $(STAMP)
+	@test ! -e demo-work/data.dvc || { echo "make demo: demo-work/ holds the DVC pipeline's data and keys" \
+		"(demo-work/data.dvc), which the demo would wipe: run it in another checkout" >&2; exit 2; }
 	PYTHONPATH=examples $(BIN)/python -m digits_demo demo
 
 test: $(STAMP)

@@ -1,9 +1,11 @@
 """SLSA v1 provenance for a trained model: an in-toto Statement in a DSSE envelope, signed with provenance's keys.
 
 The subject is the signed model's files (name + sha256). `resolvedDependencies` are the signed data manifests (by
-digest), the code commit and the config file (and the model the cycle started from); `externalParameters` holds
-the resolved config. A `trainguard` byproduct records every shard decision with its reason, the RONI summary, the
-gate's figures and the sha256 of the exact log of shards training read, so the model can be traced to its data.
+digest), the code commit, the config file by absolute URI, in a DVC repository the `dvc.lock` the run started from
+(with the DVC remotes and where the data lives in the default one), and the model the cycle started from;
+`externalParameters` holds the resolved config. A `trainguard` byproduct records every shard decision with its
+reason, the RONI summary, the gate's figures and the sha256 of the exact log of shards training read, so the model
+can be traced to its data.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class CycleFacts:
     gate: Mapping[str, Any] = field(default_factory=dict)
     excluded_rows: Mapping[str, Sequence[int]] = field(default_factory=dict)  # shard key -> rows training skipped
     state: Mapping[str, Any] = field(default_factory=dict)  # the signed state's link: pipeline, cycle, seq, link
+    dvc: Resource | None = None  # the DVC record of the repository the cycle ran in (`dvc_resource`)
 
 
 def read_log_resource(path: str | Path, sha256: str, entries: int) -> Resource:
@@ -89,8 +92,41 @@ def sha256_file(path: Path) -> str:
 
 
 def file_resource(path: Path, name: str | None = None, annotations: Mapping[str, Any] | None = None) -> Resource:
-    """A local file as a dependency: `file:` URI of the path as given, and its sha256."""
-    return Resource(f"file:{Path(path).as_posix()}", {"sha256": sha256_file(path)}, name, annotations or {})
+    """A local file as a dependency: its absolute `file://` URI (wherever the cycle ran from), and its sha256."""
+    return Resource(Path(path).resolve().as_uri(), {"sha256": sha256_file(path)}, name, annotations or {})
+
+
+def dvc_resource(directory: Path, data: Sequence[Path] = ()) -> Resource | None:
+    """The DVC repository `directory` is in, as a dependency: its `dvc.lock` (absolute URI and sha256; no digest
+    before the first `dvc repro` wrote one), annotated with each DVC remote's URL and, for each DVC out holding
+    some of `data`, the URL of its content in the default remote. None outside a DVC repository.
+
+    Args:
+        directory: Where the cycle runs (inside the repository).
+        data: The data dirs and manifests the cycle read.
+
+    Returns:
+        The resource, or None outside a DVC repository.
+
+    Raises:
+        AttestationInputError: DVC cannot read the repository's config or DVC files.
+    """
+    from trainguard.provenance.dvc import LOCK_FILE, dvc_record
+    from trainguard.provenance.errors import ProvenanceError
+
+    try:
+        record = dvc_record(directory, data)
+    except ProvenanceError as error:
+        raise AttestationInputError(f"cannot record the DVC repository: {error}", path=str(directory)) from None
+    if record is None:
+        return None
+    where = {path.resolve().relative_to(record.root).as_posix(): url for path, url in record.data.items()}
+    return Resource(
+        (record.root / LOCK_FILE).as_uri(),
+        {"sha256": record.lock_sha256} if record.lock_sha256 else {},
+        "dvc.lock",
+        {"remotes": dict(sorted(record.remotes.items())), "dataRemoteUris": dict(sorted(where.items()))},
+    )
 
 
 def git_resource(directory: Path) -> Resource | None:
@@ -116,7 +152,7 @@ def build_statement(facts: CycleFacts) -> dict[str, Any]:
     if not facts.model_digests:
         raise AttestationError("an attestation needs at least one model file as subject")
     dependencies = [m.to_json() for m in facts.manifests] + [facts.config.to_json()]
-    dependencies += [r.to_json() for r in (facts.code, facts.base_model) if r is not None]
+    dependencies += [r.to_json() for r in (facts.code, facts.dvc, facts.base_model) if r is not None]
     dependencies += [shard.to_json() for shard in facts.allowed]
     accepted = [_shard(d) for d in facts.shards if d.accepted]
     rejected = [_shard(d) for d in facts.shards if not d.accepted]

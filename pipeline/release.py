@@ -15,6 +15,7 @@ from trainguard.pipeline.attestation import (
     CycleFacts,
     Resource,
     attestor,
+    dvc_resource,
     file_resource,
     git_resource,
     read_log_resource,
@@ -74,6 +75,7 @@ def release(
         started=started,
         finished=utc_now(),
         code=git_resource(Path.cwd()),
+        dvc=dvc_resource(Path.cwd(), [p for m in intake.manifests for p in (m.path, m.data_dir)]),
         base_model=Resource(uri=Path(base.path).resolve().as_uri(), digest={"sha256": base.sha256}) if base else None,
         roni={
             k: v

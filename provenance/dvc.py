@@ -1,4 +1,7 @@
-"""DVC cross-check: the md5 DVC records for each file of a tracked data dir (`DIR.dvc` or `dvc.lock` outs).
+"""What DVC records about a repository's data, read through DVC's own API (`dvc.repo.Repo`, `DVCFileSystem`,
+`dvc.api`): the md5 of each file of a tracked data dir, the remotes, and where a tracked path's content lives in
+the default remote. DVC applies its whole configuration (system, global, repository, local) and reads a listing
+from the cache or, when only the remote holds it, from the remote.
 
 md5 is never a security decision here: it is only compared beside the signed SHA-256, to catch a data dir that
 drifted from what DVC tracks (or a manifest signed over different files than the ones DVC versions).
@@ -6,21 +9,48 @@ drifted from what DVC tracks (or a manifest signed over different files than the
 
 from __future__ import annotations
 
-import configparser
 import hashlib
+import posixpath
 import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
-from trainguard import strictjson
 from trainguard.files import read_regular
-from trainguard.provenance.errors import DataDirError, DvcMismatchError, MalformedError
+from trainguard.provenance.errors import DataDirError, MalformedError
 from trainguard.provenance.paths import name_problem, printable
 
 _MD5 = re.compile(r"[0-9a-f]{32}")
+LOCK_FILE = "dvc.lock"
+
+
+@dataclass(frozen=True)
+class DvcRecord:
+    """What DVC records for a repository when a cycle runs in it: the `dvc.lock` the run starts from (its sha256,
+    None without one), each remote's URL, and for each DVC out holding a path asked about, the URL of its content
+    in the default remote (none without a default remote)."""
+
+    root: Path
+    lock_sha256: str | None
+    remotes: dict[str, str]
+    data: dict[Path, str]
 
 
 def find_repo_root(start: Path) -> Path:
+    """The DVC repository `start` is in (the nearest folder above it with a `.dvc` folder).
+
+    Args:
+        start: A path inside the repository.
+
+    Returns:
+        The repository's root folder.
+
+    Raises:
+        DataDirError: No folder at or above `start` holds `.dvc`.
+    """
     for folder in (start, *start.parents):
         if (folder / ".dvc").is_dir():
             return folder
@@ -28,126 +58,137 @@ def find_repo_root(start: Path) -> Path:
 
 
 def dvc_tracked_md5(data_dir: Path) -> dict[str, str]:
-    """Relative POSIX name -> md5 of every file DVC tracks under `data_dir`; refuses disagreeing records.
+    """Relative POSIX name -> md5 of every file DVC tracks under `data_dir`, from DVC's records (not the files).
 
     The md5s are only compared beside the signed digests (signing and verifying with `dvc`), never trusted alone.
 
     Args:
-        data_dir: A folder DVC tracks as a directory (`DIR.dvc` beside it, or an out of a `dvc.lock` up to the
-            repository root).
+        data_dir: A folder DVC tracks as a directory, or a folder inside one (a `.dvc` file's or a stage's out).
 
     Returns:
-        Each tracked file's path relative to `data_dir` mapped to its md5, from the DVC cache's `.dir` listing.
+        Each tracked file's path relative to `data_dir` mapped to its md5, as DVC's listing of it says.
 
     Raises:
-        DataDirError: Not inside a DVC repository, not tracked (as a directory), a DVC file or config that cannot
-            be read or parsed, or no listing in the cache.
-        DvcMismatchError: DVC's records of the folder disagree, or the cache listing does not match its md5.
-        MalformedError: The cache listing is malformed (not a list of safe, distinct names with md5s).
+        DataDirError: Not inside a DVC repository, not tracked (as a directory), DVC's files or config cannot be
+            read, or neither the cache nor a remote holds the listing.
+        MalformedError: The listing names a file unsafely or gives it a malformed md5.
     """
     data_dir = Path(data_dir).resolve()
     root = find_repo_root(data_dir)
-    dir_md5s = {md5 for _, md5 in _records(data_dir, root)}
-    if not dir_md5s:
-        raise DataDirError(f"{data_dir} is not tracked by DVC (no {data_dir.name}.dvc nor dvc.lock out)")
-    if len(dir_md5s) > 1:
-        raise DvcMismatchError(f"DVC records of {data_dir} disagree ({', '.join(sorted(dir_md5s))}): run `dvc status`")
-    return _listing(root, dir_md5s.pop())
+    relative = data_dir.relative_to(root).as_posix()
+    with _dvc_errors(root):
+        from dvc.fs import DVCFileSystem
 
-
-def _records(data_dir: Path, root: Path) -> list[tuple[Path, str]]:
-    found = []
-    dvc_file = data_dir.parent / f"{data_dir.name}.dvc"
-    if dvc_file.is_file():
-        found += _outs(_yaml(dvc_file).get("outs"), dvc_file, data_dir)
-    for folder in (data_dir.parent, *data_dir.parent.parents):
-        lock = folder / "dvc.lock"
-        if lock.is_file():
-            for stage in (_yaml(lock).get("stages") or {}).values():
-                found += _outs((stage or {}).get("outs"), lock, data_dir)
-        if folder == root:
-            break
-    return found
-
-
-def _outs(outs: Any, record: Path, data_dir: Path) -> list[tuple[Path, str]]:
-    found = []
-    for out in outs or []:
-        if not isinstance(out, dict) or not isinstance(out.get("path"), str):
-            continue
-        if (record.parent / out["path"]).resolve() == data_dir:
-            md5 = out.get("md5")
-            if not isinstance(md5, str) or not md5.endswith(".dir"):
-                raise DataDirError(f"{record}: {out['path']} is not tracked as a directory by DVC", path=str(record))
-            found.append((record, md5))
-    return found
-
-
-def _yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
-    try:
-        document = yaml.safe_load(read_regular(path).decode("utf-8"))
-    except OSError as error:
-        raise DataDirError(f"cannot read DVC file {path}: {error.strerror}", path=str(path)) from None
-    except (UnicodeDecodeError, yaml.YAMLError, RecursionError) as error:
-        raise DataDirError(f"cannot parse DVC file {path}: {' '.join(str(error).split())}", path=str(path)) from None
-    return document if isinstance(document, dict) else {}
-
-
-def _cache_dir(root: Path) -> Path:
-    config = configparser.ConfigParser()
-    for path in (root / ".dvc" / "config", root / ".dvc" / "config.local"):
+        fs = DVCFileSystem(repo=str(root))
         try:
-            config.read_string(read_regular(path).decode("utf-8"), source=str(path))
+            tracked = fs.info(relative).get("dvc_info")
         except FileNotFoundError:
-            continue
-        except OSError as error:
-            raise DataDirError(f"cannot read DVC config {path}: {error.strerror}", path=str(path)) from None
-        except (UnicodeDecodeError, configparser.Error) as error:
-            raise DataDirError(
-                f"cannot parse DVC config {path}: {' '.join(str(error).split())}", path=str(path)
-            ) from None
-    configured = config.get("cache", "dir", fallback=None)
-    return (root / ".dvc" / configured).resolve() if configured else root / ".dvc" / "cache"
-
-
-def _listing(root: Path, dir_md5: str) -> dict[str, str]:
-    digest = dir_md5.removesuffix(".dir")
-    cache = _cache_dir(root)
-    for candidate in (cache / "files" / "md5" / digest[:2] / (digest[2:] + ".dir"), cache / digest[:2] / digest[2:]):
-        if candidate.is_file():
-            try:
-                data = read_regular(candidate)
-            except OSError as error:
-                raise DataDirError(f"cannot read DVC cache listing {candidate}: {error.strerror}") from None
-            if hashlib.md5(data, usedforsecurity=False).hexdigest() != digest:
-                raise DvcMismatchError(f"DVC cache listing {candidate} does not match its md5 {digest}")
-            return _parse_listing(data, candidate)
-    raise DataDirError(f"DVC cache has no listing for {dir_md5} under {cache}: run `dvc checkout` or `dvc pull`")
-
-
-def _parse_listing(data: bytes, where: Path) -> dict[str, str]:
-    """Relative name -> md5 from a DVC `.dir` listing: a strict JSON list of {relpath, md5} objects with safe,
-    distinct names and lowercase hex md5s; anything else is a MalformedError naming the listing."""
-    try:
-        entries = strictjson.loads(data)
-    except strictjson.StrictJSONError as error:
-        raise MalformedError(f"DVC cache listing {where} is not strict JSON: {error}", path=str(where)) from None
-    if not isinstance(entries, list):
-        raise MalformedError(f"DVC cache listing {where} is not a JSON list", path=str(where))
-    listing: dict[str, str] = {}
-    for index, entry in enumerate(entries):
-        relpath = entry.get("relpath") if isinstance(entry, dict) else None
-        md5 = entry.get("md5") if isinstance(entry, dict) else None
-        if not isinstance(relpath, str) or not isinstance(md5, str):
-            raise MalformedError(f"DVC cache listing {where}: entry {index} is not a {{relpath, md5}} object")
-        problem = name_problem(relpath)
-        if problem is not None:
-            raise MalformedError(f"DVC cache listing {where}: relpath {relpath!r} is unsafe: {problem}")
-        if not _MD5.fullmatch(md5):
-            raise MalformedError(f"DVC cache listing {where}: {printable(relpath)} has md5 {md5!r}, not 32 hex digits")
-        if relpath in listing:
-            raise MalformedError(f"DVC cache listing {where}: {printable(relpath)} is listed twice")
-        listing[relpath] = md5
+            tracked = None
+        if not tracked:
+            raise DataDirError(f"{data_dir} is not tracked by DVC (no .dvc file nor dvc.lock out holds it)")
+        if tracked.get("type") != "directory":
+            how = "as a file, not as a directory" if tracked.get("md5") else "with no record yet (run `dvc repro`)"
+            raise DataDirError(f"{data_dir} is tracked by DVC {how}", path=str(data_dir))
+        listing = _listing(fs.walk(relative, detail=True), relative, data_dir)
+    if not listing:
+        raise DataDirError(f"DVC has no listing of {data_dir} in its cache or remote: run `dvc pull`")
     return listing
+
+
+def _listing(walk: Iterator[Any], top: str, data_dir: Path) -> dict[str, str]:
+    """Relative name -> md5 of the tracked files of a `DVCFileSystem.walk` (files only in the workspace left out)."""
+    listing: dict[str, str] = {}
+    for folder, _, files in walk:
+        for name, entry in files.items():
+            md5 = (entry.get("dvc_info") or {}).get("md5")
+            if md5 is None:
+                continue
+            relpath = posixpath.relpath(posixpath.join(folder, name), top)
+            problem = name_problem(relpath)
+            if problem is not None:
+                raise MalformedError(f"DVC's listing of {data_dir}: {printable(relpath)} is unsafe: {problem}")
+            if not isinstance(md5, str) or not _MD5.fullmatch(md5):
+                raise MalformedError(f"DVC's listing of {data_dir}: {printable(relpath)} has md5 {md5!r}")
+            listing[relpath] = md5
+    return listing
+
+
+def dvc_record(start: Path, paths: Sequence[Path] = ()) -> DvcRecord | None:
+    """DVC's record of the repository `start` is in, and the remote URL of each DVC out holding one of `paths`;
+    None outside DVC.
+
+    Args:
+        start: A folder inside the repository (a cycle's working folder).
+        paths: Paths (data dirs, manifests) whose DVC outs' URLs in the default remote to give.
+
+    Returns:
+        The record, or None when `start` is not in a DVC repository.
+
+    Raises:
+        DataDirError: `dvc.lock`, DVC's config or its DVC files cannot be read.
+    """
+    try:
+        root = find_repo_root(Path(start).resolve())
+    except DataDirError:
+        return None
+    lock = root / LOCK_FILE
+    try:
+        lock_sha256 = hashlib.sha256(read_regular(lock)).hexdigest() if lock.exists() else None
+    except OSError as error:
+        raise DataDirError(f"cannot read {lock}: {error.strerror}", path=str(lock)) from None
+    with _dvc_errors(root):
+        from dvc.repo import Repo
+
+        with Repo(str(root)) as repo:
+            remotes = {name: _without_userinfo(str(conf["url"])) for name, conf in repo.config["remote"].items()}
+            outs = [Path(out.fs_path) for out in repo.index.outs if out.use_cache]
+        data = _remote_urls(root, outs, paths) if remotes else {}
+    return DvcRecord(root, lock_sha256, remotes, data)
+
+
+def _remote_urls(root: Path, outs: Sequence[Path], paths: Sequence[Path]) -> dict[Path, str]:
+    """Each DVC out holding one of `paths` -> its default remote's URL (its object, or its `.dir` listing)."""
+    import dvc.api
+    from dvc.config import NoRemoteError
+
+    urls: dict[Path, str] = {}
+    for path in paths:
+        resolved = Path(path).resolve()
+        out = next((o for o in outs if o == resolved or o in resolved.parents), None)
+        if out is None or out in urls:
+            continue
+        try:
+            urls[out] = _without_userinfo(dvc.api.get_url(out.relative_to(root).as_posix(), repo=str(root)))
+        except NoRemoteError:
+            return {}
+    return urls
+
+
+def _without_userinfo(url: str) -> str:
+    """A remote URL with any user name and password taken out (they do not belong in a statement)."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=(parts.hostname or "") + (f":{parts.port}" if parts.port else "")))
+
+
+@contextmanager
+def _dvc_errors(root: Path) -> Iterator[None]:
+    """DVC's own failures (config, DVC files, overlapping outs, a listing missing or malformed) as one-line
+    DataDirErrors naming the repository."""
+    from dvc.exceptions import DvcException
+    from dvc_data.index.index import DataIndexError
+
+    try:
+        yield
+    except DataIndexError as error:
+        cause = error.__cause__
+        why = f"{type(cause).__name__}: {' '.join(str(cause).split())}"[:200] if cause else "missing"
+        raise DataDirError(
+            f"DVC cannot load its listing in {root} ({why}): run `dvc pull`, or `dvc add` the data again",
+            path=str(root),
+        ) from None
+    except (DvcException, RecursionError) as error:
+        raise DataDirError(f"DVC cannot read {root}: {' '.join(str(error).split())}", path=str(root)) from None
+    except OSError as error:
+        raise DataDirError(f"DVC cannot read {root}: {error.strerror or error}", path=str(root)) from None

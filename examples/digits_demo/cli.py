@@ -1,5 +1,6 @@
-"""The digits example's commands: `demo` (the defended cycle with two attacks) and `prepare` (the digits shards),
-run as `python -m digits_demo demo|prepare` with `examples/` on the path (`make demo` does)."""
+"""The digits example's commands: `demo` (the defended cycle with two attacks), `prepare` (the digits shards) and
+`publish` (the data owner's step of the DVC pipeline), run as `python -m digits_demo demo|prepare|publish` with
+`examples/` on the path (`make demo` does)."""
 
 from __future__ import annotations
 
@@ -70,3 +71,18 @@ def prepare(
     known = json.loads(sources_file.read_text()) if sources_file.exists() else {}
     atomic_write(sources_file, (json.dumps(known | prepared.contributed(), indent=2, sort_keys=True) + "\n").encode())
     click.echo(f"wrote {len(prepared.shards)} shards under {out} (contributors in {sources_file})")
+
+
+@click.command()
+@click.argument("root", type=PATH, default=Path("demo-work"))
+@click.option("--batch", type=click.IntRange(min=0), required=True, help="Which batch of contributions to add.")
+@click.option("--seed", type=int, default=0, show_default=True, help="The digits shuffle; keep it across batches.")
+def publish(root: Path, batch: int, seed: int) -> None:
+    """The data owner's step: add a batch of contributed shards to ROOT/data, sign, and `dvc add` it."""
+    from digits_demo.owner import publish as publish_batch
+
+    published = publish_batch(root, batch, seed=seed)
+    click.echo(
+        f"published batch {batch}: {published.contributed} contributed shards under {published.data}, signed; "
+        f"now `git add {published.dvc_file}`, commit, and `dvc push`"
+    )

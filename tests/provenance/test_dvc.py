@@ -110,7 +110,7 @@ def _fake_repo(tmp_path: Path, listing: bytes) -> Path:
     digest = hashlib.md5(listing, usedforsecurity=False).hexdigest()
     (tmp_path / ".dvc").mkdir()
     (tmp_path / "data").mkdir()
-    (tmp_path / "data.dvc").write_text(f"outs:\n- path: data\n  md5: {digest}.dir\n")
+    (tmp_path / "data.dvc").write_text(f"outs:\n- path: data\n  md5: {digest}.dir\n  hash: md5\n")
     cached = tmp_path / ".dvc" / "cache" / "files" / "md5" / digest[:2] / f"{digest[2:]}.dir"
     cached.parent.mkdir(parents=True)
     cached.write_bytes(listing)
@@ -118,24 +118,26 @@ def _fake_repo(tmp_path: Path, listing: bytes) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("listing", "complaint"),
+    ("listing", "error", "complaint"),
     [
-        (b'{"relpath": "a", "md5": "00000000000000000000000000000000"}', "not a JSON list"),
-        (b'["a"]', "not a {relpath, md5} object"),
-        (b'[{"relpath": "a"}]', "not a {relpath, md5} object"),
-        (b'[{"relpath": "a", "md5": "not-hex"}]', "not 32 hex digits"),
-        (b'[{"relpath": "../escape", "md5": "00000000000000000000000000000000"}]', "unsafe"),
-        (b'[{"relpath": "a\\nb", "md5": "00000000000000000000000000000000"}]', "unsafe"),
-        (b'[{"relpath": "a", "relpath": "b", "md5": "00000000000000000000000000000000"}]', "strict JSON"),
-        (b"[" * 10_000, "strict JSON"),
+        (b'{"relpath": "a", "md5": "00000000000000000000000000000000"}', "DataDirError", "cannot load its listing"),
+        (b'["a"]', "DataDirError", "cannot load its listing"),
+        (b'[{"relpath": "a"}]', "DataDirError", "no listing"),
+        (b'[{"relpath": "a", "md5": "not-hex"}]', "MalformedError", "has md5 'not-hex'"),
+        (b'[{"relpath": "../escape", "md5": "00000000000000000000000000000000"}]', "DataDirError", "cannot read"),
+        (b'[{"relpath": "a\\nb", "md5": "00000000000000000000000000000000"}]', "MalformedError", "unsafe"),
+        (b"[" * 10_000, "DataDirError", "cannot load its listing"),
     ],
-    ids=["object", "string-entry", "no-md5", "non-hex-md5", "dotdot", "newline", "duplicate-key", "deep"],
+    ids=["object", "string-entry", "no-md5", "non-hex-md5", "dotdot", "newline", "deep"],
 )
-def test_a_malformed_dvc_cache_listing_is_one_line_of_bad_input(tmp_path: Path, listing: bytes, complaint: str) -> None:
-    from trainguard.provenance import MalformedError
+def test_a_malformed_dvc_cache_listing_is_one_line_of_bad_input(
+    tmp_path: Path, listing: bytes, error: str, complaint: str
+) -> None:
+    """DVC parses its listing; what it cannot load, or loads with an unsafe name or a malformed md5, is refused."""
+    from trainguard import provenance
 
     data = _fake_repo(tmp_path, listing)
-    with pytest.raises(MalformedError, match="DVC cache listing") as caught:
+    with pytest.raises(getattr(provenance, error)) as caught:
         dvc_tracked_md5(data)
     assert complaint in str(caught.value) and "\n" not in str(caught.value)
     assert caught.value.exit_code == 2
@@ -157,3 +159,43 @@ def test_a_fifo_dvc_file_is_refused_without_hanging(tmp_path: Path) -> None:
     with pytest.raises(DataDirError) as caught:
         dvc_tracked_md5(data)
     assert caught.value.exit_code == 2
+
+
+def test_a_listing_only_the_remote_holds_is_read_with_the_global_config_and_the_record_names_the_remote(
+    dvc_repo: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DVC reads the listing wherever its whole config says: a cache dir set in the user's global config, then the
+    default remote once the cache is gone; `dvc_record` names that remote and the URL of the data's listing."""
+    from dvc.repo import Repo
+
+    from trainguard.provenance.dvc import dvc_record
+
+    global_dir, cache, remote = tmp_path / "global", tmp_path / "cache", tmp_path / "remote"
+    global_dir.mkdir()
+    (global_dir / "config").write_text(f"[cache]\n    dir = {cache}\n")
+    monkeypatch.setenv("DVC_GLOBAL_CONFIG_DIR", str(global_dir))
+    data = dvc_repo / "data"
+    shutil.copytree(data_dir, data)
+    with Repo(str(dvc_repo)) as dvc:
+        dvc.add(str(data))
+        with dvc.config.edit() as config:
+            config["remote"]["store"] = {"url": str(remote)}
+            config["remote"]["web"] = {"url": "https://user:secret@example.invalid:8443/dvc"}
+            config["core"]["remote"] = "store"
+    with Repo(str(dvc_repo)) as dvc:
+        dvc.push()
+    assert not (dvc_repo / ".dvc" / "cache").exists() and cache.is_dir()
+    tracked = dvc_tracked_md5(data)
+    assert set(tracked) == {"alice/shard-00.parquet", "alice/shard-01.parquet", "bob/shard-00.parquet"} | {
+        "holdout.parquet",
+        "raw.bin",
+    }
+    shutil.rmtree(cache)
+    assert dvc_tracked_md5(data / "alice") == {k.removeprefix("alice/"): v for k, v in tracked.items() if "alice" in k}
+
+    record = dvc_record(dvc_repo / "data", [data / "alice"])
+    assert record is not None and record.lock_sha256 is None
+    assert record.remotes == {"store": str(remote), "web": "https://example.invalid:8443/dvc"}  # no credentials
+    assert record.data.keys() == {data}  # the DVC out that holds it
+    assert record.data[data].startswith(f"{remote}/files/md5/") and record.data[data].endswith(".dir")
+    assert dvc_record(tmp_path / "global") is None
