@@ -151,9 +151,10 @@ def test_two_cycles_refuse_tampered_and_poisoned_shards_and_log_everything(
     tampered_name = tampered.relative_to(data / "train").as_posix()
     assert decisions[tampered_name].check == "verify" and not decisions[tampered_name].accepted
     assert "digest-mismatch" in decisions[tampered_name].reason
-    for path in poisoned:
+    for path in poisoned:  # the detectors flag dave's rows and refuse his source (the default action) before RONI
         decision = decisions[path.relative_to(data / "train").as_posix()]
-        assert (decision.check, decision.accepted) == ("roni", False), decision
+        assert (decision.check, decision.accepted) == ("detection", False), decision
+        assert decision.reason.startswith("source dave: ") and "flagged" in decision.reason
     clean_new = [n for n, d in decisions.items() if n.split("/")[0] in ("alice", "bob") and "/b1-" in n]
     assert clean_new and all(decisions[n].accepted for n in clean_new)
     batch0 = {n: d for n, d in decisions.items() if "/b0-" in n}
@@ -386,8 +387,8 @@ def test_a_cycle_trains_a_cnn_on_webdataset_image_shards(
     outcome = run_cycle(_config(tmp_path, cycle_config("cycle-images", name="digits-images.yaml")))
     decisions = {d.shard.split(":", 1)[1]: d for d in outcome.shards}
     assert decisions[tampered.relative_to(data / "train").as_posix()].check == "verify"
-    for path in poisoned:
-        assert decisions[path.relative_to(data / "train").as_posix()].check == "roni"
+    for path in poisoned:  # refused with dave's source by the detectors (the default action), before RONI
+        assert decisions[path.relative_to(data / "train").as_posix()].check == "detection"
         assert not decisions[path.relative_to(data / "train").as_posix()].accepted
     assert outcome.status == "accepted", outcome.reason
     reads = (tmp_path / "demo-work" / "cycle" / "reads" / "cycle-0001.jsonl").read_text()
