@@ -351,12 +351,12 @@ def save_pyfunc(
             code_paths=[str(path) for path in _trainguard_code(Path(scratch) / "code")],
             model_config=dict.fromkeys(CONFIG_KEYS, ""),  # declared, so a loader may override them
             signature=infer_signature(np.asarray(example, dtype=np.float32), output),
-            pip_requirements=requirements(model.requirements),
+            pip_requirements=serving_requirements(model.requirements),
         )
     return destination
 
 
-def requirements(model: Iterable[str] = ()) -> list[str]:
+def serving_requirements(model: Iterable[str] = ()) -> list[str]:
     """What serving needs installed (no inference subprocess): trainguard's own requirements (its code is bundled:
     trainguard is on no package index) and the model's installed packages, pinned to the versions here.
 
