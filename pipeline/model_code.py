@@ -131,7 +131,8 @@ def _in_site_packages(path: str) -> bool:
 
 def use_verified_code(directory: Path, digests: Mapping[str, str]) -> None:
     """Puts a verified model directory's `code/` first on `sys.path`, from a private copy (kept until the process
-    exits: the model's modules may import more later) whose files are rechecked against the verified digests.
+    exits: the model's modules may import more later) whose files are rechecked against the verified digests. A
+    module of the same name this process already imported (the project's own, where a cycle ran) stays in use.
 
     Args:
         directory: The signed model directory, verified.
