@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 PEER := .venv-peer
 
-.PHONY: demo test lint typecheck-tree bench bench-peer venv clean
+.PHONY: demo test check-serve lint typecheck-tree bench bench-peer venv clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadfile
+
+# Opt-in (minutes, needs the package index): a cycle's champion served by `mlflow models serve --env-manager
+# virtualenv` from an environment built from the model's own requirements (MLflow needs pyenv for it).
+check-serve: $(STAMP)
+	$(BIN)/python -m pytest -m serve -p no:cacheprovider -rP tests/pipeline/test_model_serving.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -5,17 +5,21 @@ downloads the version's signed model directory as plain files, verifies it again
 shipped with the artifacts) and its attestation, checks that its weights are the ones the registry recorded for the
 version (`trainguard.model_sha256`) and that the attestation's cycle is the version's (`trainguard.cycle`), refuses
 a `champion` alias that points behind the newest version trainguard registered, and only then builds the module
-with trainguard's installed code (the class the signed `model.json` names, safetensors weights). Nothing from the
-artifact store is imported, executed or unpickled.
+(the class the signed `model.json` names, safetensors weights). The model's own code travels signed in the
+directory's `code/` (see `trainguard.pipeline.model_code`) and goes on `sys.path` only once it verified; nothing
+else from the artifact store is imported or executed, and nothing is unpickled.
 
-`mlflow.pyfunc.load_model(URI)` keeps working as a convenience, but it trusts the artifact store, by MLflow's
-design: it reads the `MLmodel` file from the artifacts and imports or runs what that file names (a loader module,
-`code` paths put first on `sys.path`, a python_model from code or from a pickle) before trainguard gets control.
-trainguard logs the model with `loader_module` naming this installed module (no code in the artifact store), which
-verifies the signed directory on load, with the caller's key when one is given (`model_config={"public_key": PATH}`
-or TRAINGUARD_MODEL_KEY) and else with the key bundled in the artifacts. Whoever can write the artifact store can
-rewrite `MLmodel` to run their own code, or re-sign the model and bundle their key; and nothing ties what
-`mlflow.pyfunc` loads to the version the registry recorded.
+`mlflow.pyfunc.load_model(URI)` (and `mlflow models serve`/`predict`) keeps working as a convenience, also where
+neither trainguard nor the project is installed, but it trusts the artifact store, by MLflow's design: it reads the
+`MLmodel` file from the artifacts and imports or runs what that file names (a loader module, `code` paths put first
+on `sys.path`, a python_model from code or from a pickle) before trainguard gets control. trainguard logs the model
+with trainguard's own code in its `code` folder (`trainguard.pipeline.mlflow_loader`: an installed trainguard
+first, else the bundled copy; the requirements, pinned, are trainguard's) and this module's loader, which
+verifies the signed directory before the model's code runs, with the caller's key when one is given
+(`model_config={"public_key": PATH}` or TRAINGUARD_MODEL_KEY) and else with the key bundled in the artifacts.
+Whoever can write the artifact store can rewrite `MLmodel` or the bundled trainguard to run their own code, or
+re-sign the model and bundle their key; and nothing ties what `mlflow.pyfunc` loads to the version the registry
+recorded.
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import requires as distribution_requires
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from trainguard.pipeline.errors import ModelSignatureError, RegistryError
+from trainguard.pipeline.model_code import find_model_code, model_imports, module_sources, pinned, use_verified_code
 from trainguard.pipeline.model_sign import MODEL_FILE, read_model_description
 from trainguard.pipeline.model_verification import ModelVerification, verify_model
 
@@ -49,6 +54,9 @@ CONFIG_KEYS = ("public_key", "attestation_key")
 CHAMPION = "champion"
 MODEL_SHA256_TAG = "trainguard.model_sha256"
 CYCLE_TAG = "trainguard.cycle"
+# The package roots pyproject maps (package-dir): an editable install finds them in separate folders, so walking
+# trainguard/ alone would miss them.
+_PACKAGES = ("trainguard", "trainguard.provenance", "trainguard.defenses", "trainguard.pipeline")
 _MODEL_REF = re.compile(r"models:/(?P<name>[^/:@]+)(?:@(?P<alias>[^/:@]+)|/(?P<version>[1-9][0-9]*))")
 
 
@@ -279,6 +287,7 @@ def _built(
     if hashlib.sha256(data).hexdigest() != verification.model_sha256:
         raise ModelSignatureError(f"{directory / MODEL_FILE}: changed after it was verified", path=str(directory))
     description = read_model_description(directory)
+    use_verified_code(directory, verification.files)
     module = Component(class_path=description["class_path"], init_args=description["init_args"]).instantiate()
     module.load_state_dict(load(data))
     metadata = description.get("metadata") or {}
@@ -291,8 +300,9 @@ def _built(
 
 
 def _load_pyfunc(data_path: str, model_config: Mapping[str, Any] | None = None) -> VerifiedModel:
-    """MLflow's entry point (the pyfunc's `loader_module`): the signed model under `data_path`, verified with the
-    caller's keys (model_config, then TRAINGUARD_MODEL_KEY), else with the ones bundled beside it."""
+    """MLflow's entry point (through `trainguard_mlflow_loader`, and the `loader_module` of versions logged before
+    it): the signed model under `data_path`, verified with the caller's keys (model_config, then
+    TRAINGUARD_MODEL_KEY), else with the ones bundled beside it."""
     data = Path(data_path)
     model_key, attestation_key = trusted_keys(data, model_config or {})
     directory = data / SIGNED_MODEL
@@ -312,16 +322,22 @@ def save_pyfunc(
     model_dir: Path, model_key: Path, attestation_key: Path, example: np.ndarray, destination: Path
 ) -> Path:
     """Writes the MLflow model for a signed model directory at `destination` (its input schema from `example`):
-    the signed directory and the public keys as its data, this installed module as its loader."""
+    the signed directory and the public keys as its data, this module as its loader with trainguard's code bundled,
+    and requirements a package index resolves."""
     import mlflow.pyfunc
     from mlflow.models import infer_signature
 
-    task = (read_model_description(model_dir).get("metadata") or {}).get("task", "classification")
+    from trainguard.pipeline import mlflow_loader
+
+    description = read_model_description(model_dir)
+    metadata = description.get("metadata") or {}
+    task = metadata.get("task", "classification")
     output = (  # other tasks' output columns depend on the model's output width: their signature is the input's
         pd.DataFrame({"label": np.zeros(1, dtype=np.int64), "probability": np.zeros(1, dtype=np.float32)})
         if task == "classification"
         else None
     )
+    model = find_model_code(model_imports(description.get("class_path"), metadata.get("model_forward")))
     with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*input example was not provided.*")
         data = Path(scratch) / DATA
@@ -330,21 +346,51 @@ def save_pyfunc(
         shutil.copyfile(attestation_key, data / ATTESTATION_KEY_FILE)
         mlflow.pyfunc.save_model(
             path=str(destination),
-            loader_module=__name__,
+            loader_module=mlflow_loader.MODULE,
             data_path=str(data),
+            code_paths=[str(path) for path in _trainguard_code(Path(scratch) / "code")],
             model_config=dict.fromkeys(CONFIG_KEYS, ""),  # declared, so a loader may override them
             signature=infer_signature(np.asarray(example, dtype=np.float32), output),
-            pip_requirements=_requirements(),
+            pip_requirements=serving_requirements(model.requirements),
         )
     return destination
 
 
-def _requirements() -> list[str]:
-    """Pinned requirements (no inference subprocess): trainguard and the libraries the model code imports."""
-    pins = []
-    for package in ("trainguard", "torch", "safetensors", "model-signing", "mlflow"):
-        try:
-            pins.append(f"{package}=={version(package)}")
-        except PackageNotFoundError:
-            pins.append(package)
-    return pins
+def serving_requirements(model: Iterable[str] = ()) -> list[str]:
+    """What serving needs installed (no inference subprocess): trainguard's own requirements (its code is bundled:
+    trainguard is on no package index) and the model's installed packages, pinned to the versions here.
+
+    Args:
+        model: The model's own pinned requirements (`ModelCode.requirements`).
+
+    Returns:
+        Sorted `NAME==VERSION` requirements, none with a local version label.
+    """
+    from packaging.requirements import Requirement
+
+    pins = {}
+    for line in distribution_requires("trainguard") or []:
+        needed = Requirement(line)
+        if needed.marker is None or needed.marker.evaluate({"extra": ""}):
+            pins[needed.name.lower()] = pinned(needed.name, needed.extras)
+    for pin in model:
+        pins.setdefault(pin.split("==")[0].lower(), pin)
+    return sorted(pins.values())
+
+
+def _trainguard_code(destination: Path) -> list[Path]:
+    """The MLflow model's `code` paths: trainguard's modules zipped as they install (`trainguard/pipeline/...`,
+    wherever each lies) and the loader that imports them where trainguard is not installed."""
+    import zipfile
+
+    from trainguard.pipeline import mlflow_loader
+
+    sources = {name: path for package in _PACKAGES for name, path in module_sources(package).items()}
+    destination.mkdir(parents=True)
+    bundle = destination / mlflow_loader.BUNDLE
+    with zipfile.ZipFile(bundle, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, path in sorted(sources.items()):
+            archive.writestr(zipfile.ZipInfo(name), path.read_bytes(), zipfile.ZIP_DEFLATED)
+    loader = destination / f"{mlflow_loader.MODULE}.py"
+    shutil.copyfile(mlflow_loader.__file__, loader)
+    return [bundle, loader]

@@ -2,8 +2,9 @@
 
 A model directory holds `model.safetensors` (weights, never a pickle), `model.json` (how to rebuild the module),
 `model.sig` (a Sigstore bundle made with an EC key; the library's own `model_signing verify key` accepts it),
-`attestation.intoto.json` (the DSSE-signed SLSA provenance, bound to the weights by digest) and
-`attestation.intoto.sigstore.json` (the same attestation signature as a Sigstore bundle). The model signature covers
+`attestation.intoto.json` (the DSSE-signed SLSA provenance, bound to the weights by digest),
+`attestation.intoto.sigstore.json` (the same attestation signature as a Sigstore bundle) and, in `code/`, the model's
+own modules where they are not an installed package (`trainguard.pipeline.model_code`). The model signature covers
 every file but itself and the attestation's two files (which carry their own signature), `.git*` files included, and
 verification refuses any other file or link, hidden ones too, so a swapped, edited or added file fails.
 The directory is built under its final name in a private folder beside its destination (so `model.sig` names the
@@ -39,6 +40,7 @@ CONFIG_FILE = "model.json"
 SIGNATURE_FILE = "model.sig"
 ATTESTATION_FILE = "attestation.intoto.json"
 ATTESTATION_BUNDLE_FILE = bundle_path(Path(ATTESTATION_FILE)).name
+CODE_DIR = "code"  # the model's own code (trainguard.pipeline.model_code), signed with the weights
 UNSIGNED_FILES = (SIGNATURE_FILE, ATTESTATION_FILE, ATTESTATION_BUNDLE_FILE)
 PASSPHRASE_ENV = "TRAINGUARD_KEY_PASSPHRASE"
 _MODEL_SIGNING_CURVES = ("secp256r1", "secp384r1", "secp521r1")
@@ -93,11 +95,13 @@ def write_signed_model(
     init_args: Mapping[str, Any] | None = None,
     metadata: Mapping[str, str] | None = None,
     attest: Callable[[ModelFiles], bytes | Attestation] | None = None,
+    code: Mapping[str, Path] | None = None,
 ) -> ModelFiles:
     """Saves `model` as safetensors, signs the directory and (with `attest`) writes its attestation, atomically.
 
     `attest` gets the signed files and returns the attestation to store beside them: an `Attestation` (envelope and
-    Sigstore bundle), or the envelope's bytes alone. An existing `directory` (a re-run of the same cycle) is replaced
+    Sigstore bundle), or the envelope's bytes alone. `code` (name under `code/` -> source file) is the model's own
+    code, copied in and signed with the weights. An existing `directory` (a re-run of the same cycle) is replaced
     only once the new one is complete.
     """
     directory = Path(directory)
@@ -112,8 +116,12 @@ def write_signed_model(
         description = {"format": "safetensors", "class_path": class_path, "init_args": dict(init_args or {})}
         description["metadata"] = dict(metadata or {})
         (staging / CONFIG_FILE).write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
+        for name, source in (code or {}).items():
+            (staging / CODE_DIR / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, staging / CODE_DIR / name)
         sign_model(staging, signing_key)
-        files = ModelFiles(directory, {name: file_sha256(staging / name) for name in (CONFIG_FILE, MODEL_FILE)})
+        signed = [CONFIG_FILE, MODEL_FILE, *(f"{CODE_DIR}/{name}" for name in code or {})]
+        files = ModelFiles(directory, {name: file_sha256(staging / name) for name in signed})
         if attest is not None:
             _write_attestation(staging, attest(files))
         _fsync_tree(staging)
@@ -317,6 +325,9 @@ def _check_signing_key(key: Path) -> bytes | None:
 
 def _fsync_tree(directory: Path) -> None:
     for path in directory.iterdir():
+        if path.is_dir():  # the model's `code/`
+            _fsync_tree(path)
+            continue
         with path.open("rb") as stream:
             os.fsync(stream.fileno())
     _fsync_dir(directory)

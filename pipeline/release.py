@@ -1,6 +1,6 @@
 """Releasing an accepted model: signed (OpenSSF model signing) with its SLSA attestation, recorded as the model the
 next cycle starts from, and registered in MLflow as the `champion`, with a description of its cycle, data and
-checks. A released model directory is never overwritten."""
+checks; the model's own code is signed with it. A released model directory is never overwritten."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from trainguard.pipeline.cycle_report import refusals
 from trainguard.pipeline.cycle_state import HeldoutRecord, ModelRecord, utc_now
 from trainguard.pipeline.errors import CycleAbortedError
 from trainguard.pipeline.intake import Intake
+from trainguard.pipeline.model_code import find_model_code, model_imports
 from trainguard.pipeline.model_sign import write_signed_model
 from trainguard.pipeline.running_cycle import RunningCycle
 from trainguard.pipeline.tracking import ModelRelease, TrackedRun
@@ -94,6 +95,7 @@ def release(
         init_args=config.model.init_args,
         metadata=serving_metadata(config),
         attest=attestor(facts, config.output.attestation_key_path),
+        code=find_model_code(model_imports(config.model.class_path, config.model_forward)).files,
     )
     record = ModelRecord(
         path=str(directory), sha256=files.digests["model.safetensors"], attestation=str(files.attestation)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -211,6 +212,46 @@ def test_two_cycles_refuse_tampered_and_poisoned_shards_and_log_everything(
     assert report["training"]["read_log"]["entries"] > 0
     state = read_cycle_state(workdir)
     assert [c["status"] for c in state["cycles"]] == ["accepted", second.status]
+
+
+# Run by a fresh interpreter in an empty folder, without PYTHONPATH: neither the project nor examples/ is on its path.
+_LOAD_ELSEWHERE = """
+import json, sys
+import mlflow.pyfunc
+import numpy as np
+
+rows = np.asarray(json.loads(sys.argv[1]), dtype=np.float32)
+served = mlflow.pyfunc.load_model("models:/cycle-e2e@champion").predict(rows)
+import trainguard
+
+verified = trainguard.load_model("cycle-e2e", key=sys.argv[2]).predict(rows)
+code = sys.modules["digits_demo"].__file__  # imported by the loaders, from the model's verified code/
+print(json.dumps({"served": served.to_dict("list"), "verified": verified.to_dict("list"), "code": code}))
+"""
+
+
+def test_the_champion_loads_in_a_fresh_process_outside_the_project_with_either_loader(
+    first_cycle: FirstCycle, first_project: Path, tmp_path: Path, mlflow_uri: str
+) -> None:
+    """The champion's own code (digits_demo) travels signed with it: a process that never saw the project loads it
+    through `mlflow.pyfunc` and through `trainguard.load_model`, and both predict what it predicts here."""
+    import numpy as np
+
+    import trainguard
+
+    public = first_project / "demo-work" / "keys" / "model.pub"
+    rows = np.random.default_rng(0).random((6, 64), dtype=np.float32)
+    here = trainguard.load_model("cycle-e2e", key=public).predict(rows)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"MLFLOW_TRACKING_URI": mlflow_uri}
+    command = [sys.executable, "-c", _LOAD_ELSEWHERE, json.dumps(rows.tolist()), str(public)]
+    done = subprocess.run(command, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = json.loads(done.stdout.splitlines()[-1])
+    assert loaded["served"]["label"] == loaded["verified"]["label"] == here["label"].tolist()
+    assert np.allclose(loaded["verified"]["probability"], here["probability"], atol=1e-6)
+    assert not Path(loaded["code"]).is_relative_to(REPO), loaded["code"]  # the verified copy of the signed code/
 
 
 def test_signed_model_verifies_and_a_swapped_model_is_refused(first_cycle: FirstCycle, first_project: Path) -> None:

@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 
 import trainguard
 from trainguard.pipeline.attestation import CycleFacts, build_statement, file_resource, read_log_resource
+from trainguard.pipeline.config import Component
 from trainguard.pipeline.cycle_state import ShardDecision
 from trainguard.pipeline.errors import ModelSignatureError, RegistryError
 from trainguard.pipeline.mlflow_model import (
@@ -32,6 +33,7 @@ from trainguard.pipeline.mlflow_model import (
     parse_model_ref,
     predictions,
 )
+from trainguard.pipeline.model_code import find_model_code, model_imports
 from trainguard.pipeline.model_sign import MODEL_FILE, write_signed_model
 from trainguard.pipeline.tracking import CycleTracker, ModelRelease
 from trainguard.provenance.keys import generate_signing_key, write_keypair
@@ -50,13 +52,14 @@ class Signed:
     models: dict[int, Path]
 
 
-def _attested(directory: Path, cycle: int, private: Path) -> None:
-    """Signs a linear classifier that answers `cycle` for every row, with an attestation of that cycle."""
+def _attested(directory: Path, cycle: int, private: Path, class_path: str = "torch.nn.Linear") -> None:
+    """Signs a linear classifier (`class_path`: torch's or a subclass) that answers `cycle` for every row, with its
+    code as a release finds it and an attestation of that cycle."""
     from trainguard.pipeline.attestation import sign_statement
 
     config = directory.parent / "cycle.yaml"
     config.write_text("name: test\n")
-    module = torch.nn.Linear(FEATURES, 3)
+    module = Component(class_path=class_path, init_args={"in_features": FEATURES, "out_features": 3}).instantiate()
     with torch.no_grad():
         module.weight.zero_()
         module.bias.copy_(torch.nn.functional.one_hot(torch.tensor(cycle), 3).float() * 5)
@@ -81,10 +84,11 @@ def _attested(directory: Path, cycle: int, private: Path) -> None:
         module,
         directory,
         private,
-        class_path="torch.nn.Linear",
+        class_path=class_path,
         init_args={"in_features": FEATURES, "out_features": 3},
         metadata={"task": "classification"},
         attest=attest,
+        code=find_model_code(model_imports(class_path, None)).files,
     )
 
 
@@ -133,7 +137,9 @@ def _on_disk(artifacts: Path, name: str, version: int) -> Path:
     return found
 
 
-def test_the_honest_champion_loads_verified_and_predicts(registered: str, signed: Signed) -> None:
+def test_the_honest_champion_loads_verified_and_predicts(
+    registered: str, signed: Signed, mlflow_artifacts: Path
+) -> None:
     champion = trainguard.load_model(registered, key=signed.public)
     assert champion.registered is not None and (champion.registered.version, champion.registered.cycle) == (2, 2)
     assert champion.verification.model_sha256 == _digest(signed.models[2]) and champion.verification.cycle == 2
@@ -143,6 +149,14 @@ def test_the_honest_champion_loads_verified_and_predicts(registered: str, signed
     assert served.predict(X)["label"].tolist() == [2] * len(X)
     assert served.unwrap_python_model().verification.model_sha256 == champion.verification.model_sha256
     assert served.metadata.get_input_schema().inputs[0].shape == (-1, FEATURES)
+
+    artifacts = _on_disk(mlflow_artifacts, registered, 2)  # what serving elsewhere installs and imports
+    needed = (artifacts / "requirements.txt").read_text().split()
+    assert f"torch=={torch.__version__.split('+')[0]}" in needed and "mlflow==" in " ".join(needed)
+    assert not [r for r in needed if "+" in r or r.startswith("trainguard")], needed  # none an index lacks
+    flavor = yaml.safe_load((artifacts / "MLmodel").read_text())["flavors"]["python_function"]
+    assert flavor["loader_module"] == "trainguard_mlflow_loader"
+    assert {p.name for p in (artifacts / flavor["code"]).iterdir()} == {"trainguard.zip", "trainguard_mlflow_loader.py"}
 
 
 def test_an_attacker_rewriting_the_model_code_in_the_artifact_store_cannot_run_it(
@@ -195,6 +209,34 @@ def test_an_attacker_re_signing_the_champion_with_their_own_key_is_refused(
     with pytest.raises(ModelSignatureError, match="signature check failed"):
         trainguard.load_model(registered, key=signed.public)
     assert mlflow.pyfunc.load_model(f"models:/{registered}@champion")  # the bundled key proves nothing
+
+
+def test_the_model_code_travels_signed_and_an_edit_to_it_in_the_artifact_store_is_refused_before_it_runs(
+    mlflow_uri: str, signed: Signed, tmp_path: Path, mlflow_artifacts: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name, module = f"model-{uuid.uuid4().hex[:8]}", f"usermodel_{uuid.uuid4().hex[:8]}"
+    project = tmp_path / "project"  # the config's folder: the only place the user's module is found at release
+    project.mkdir()
+    (project / f"{module}.py").write_text("import torch\n\n\nclass Answer(torch.nn.Linear):\n    pass\n")
+    monkeypatch.syspath_prepend(str(project))
+    _attested(tmp_path / "model", 1, signed.private, class_path=f"{module}.Answer")
+    _register(name, signed, tmp_path / "model", 1)
+    sys.path.remove(str(project))
+    sys.modules.pop(module, None)
+
+    loaded = trainguard.load_model(name, key=signed.public)
+    assert loaded.predict(X)["label"].tolist() == [1] * len(X) and type(loaded.module).__module__ == module
+    assert not Path(sys.modules[module].__file__ or "").is_relative_to(project)  # the verified copy of code/
+
+    marker = tmp_path / "edited-code-ran"
+    code = _on_disk(mlflow_artifacts, name, 1) / SIGNED_PATH / "code" / f"{module}.py"
+    code.write_text(f"from pathlib import Path\n\nPath({str(marker)!r}).write_text('ran')\n" + code.read_text())
+    sys.modules.pop(module)
+    with pytest.raises(ModelSignatureError, match="signature check failed"):
+        trainguard.load_model(name, key=signed.public)
+    with pytest.raises(ModelSignatureError, match="signature check failed"):  # MLflow's path: the bundled key
+        mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    assert not marker.exists() and module not in sys.modules
 
 
 def test_an_older_signed_model_copied_over_the_champion_is_refused_by_digest(
