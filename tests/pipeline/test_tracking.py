@@ -22,7 +22,7 @@ from tests.defenses.conftest import screening_report
 from trainguard.defenses.report import write_screening
 from trainguard.defenses.roni import ScreeningConfig
 from trainguard.pipeline.config import load_config, resolve_tracking_uri
-from trainguard.pipeline.tracking import CycleTracker, cycle_tags, flatten_params
+from trainguard.pipeline.tracking import CycleTracker, cycle_tags, dataset_source, flatten_params
 from trainguard.provenance.verify import VerificationReport
 
 DIGITS = Path(__file__).resolve().parents[2] / "configs" / "digits.yaml"
@@ -235,6 +235,29 @@ def test_the_default_uri_is_local_sqlite_and_the_environment_wins(monkeypatch: p
     assert resolve_tracking_uri("http://configured") == "http://configured"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env")
     assert resolve_tracking_uri("http://configured") == "http://env"
+
+
+def test_a_dataset_source_is_the_dvc_remote_url_of_its_data_else_the_logged_manifest_served_over_http(
+    dvc_repo: Path,
+) -> None:
+    from dvc.repo import Repo
+
+    data = dvc_repo / "data"
+    data.mkdir()
+    (data / "shard-0.parquet").write_bytes(b"rows")
+    repo = Repo(str(dvc_repo))
+    repo.add(str(data))
+    logged = "mlflow-artifacts:/1/run/artifacts/datasets/train/train.manifest.json"
+    served = (
+        "http://127.0.0.1:5000/api/2.0/mlflow-artifacts/artifacts/1/run/artifacts/datasets/train/train.manifest.json"
+    )
+    assert dataset_source(data, logged, "http://127.0.0.1:5000") == served  # no remote: DVC's answer is its cache
+    with repo.config.edit() as config:  # as `dvc remote add -d store URL` (nothing is pushed: no network)
+        config["remote"]["store"] = {"url": "https://data.example.org/dvc"}
+        config["core"]["remote"] = "store"
+    source = dataset_source(data, logged, "http://127.0.0.1:5000")
+    assert source.startswith("https://data.example.org/dvc/files/md5/") and source.endswith(".dir")
+    assert dataset_source(dvc_repo.parent, logged, "http://127.0.0.1:5000") == served  # not in a DVC repository
 
 
 def test_params_are_flattened_and_cut_to_mlflow_limits() -> None:
