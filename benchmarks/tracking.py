@@ -1,14 +1,20 @@
 """Benchmark: what MLflow tracking costs a retraining cycle, beside its training, measured in one run.
 
-Goal (issue 14): all MLflow logging of a cycle (runs, params, metrics, dataset inputs, the decision tables, the
-figures, the MLflow 3 logged model, its registration and alias, Lightning's logger) <= 2% of the cycle's wall time.
+Goal (issue 23): the MLflow logging a cycle waits for (runs, params, metrics, dataset inputs, the decision tables,
+the figures, the MLflow 3 logged model with its metrics, params and datasets, its registration, alias and
+description, Lightning's metrics) <= 1% of the cycle's wall time. The tracker queues every MLflow call for its
+background thread, so the cycle's share is what queueing costs it; the calls themselves still run, beside it.
 
-One digits cycle (configs/digits.yaml, unchanged) runs against a real `mlflow server` started here. Every call of
-every `MlflowClient` (trainguard's tracker's and Lightning's MLFlowLogger's) is timed where it is made
-(outermost call only, so nested calls count once), as are writing the pyfunc model and drawing the figures MLflow
-gets. Printed: the cycle's wall time, its training stage, the logging time by call, and the logging fraction.
+One digits cycle (configs/digits.yaml, unchanged) runs against a real `mlflow server` started here, as
+`trainguard cycle` runs it (`wait_for_mlflow=False`: the outcome first, the uploads finished before the process
+exits). Timed, outermost call per thread only (nested calls count once): every `MlflowClient` call, writing the
+pyfunc model and drawing the figures MLflow gets, and every call of trainguard's tracker (`CycleTracker`,
+`TrackedRun`, the Lightning `RunLogger`). Printed: the cycle's wall time, its training stage, the time by call on
+the cycle's (main) thread and on the tracker's thread, the wait for the uploads left when the cycle returned, and
+the fraction of the cycle spent on its own thread logging (the `wait` after it returned is listed, not counted).
 
-Run: `.venv/bin/python benchmarks/tracking.py [--epochs N]`. A busy machine slows training and logging alike.
+Run: `PYTHONPATH=examples .venv/bin/python benchmarks/tracking.py [--epochs N]`. A busy machine slows training and
+logging alike.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections import defaultdict
@@ -57,59 +64,84 @@ CLIENT_CALLS = (
     "create_registered_model",
     "create_model_version",
     "set_registered_model_alias",
+    "update_registered_model",
     "get_run",
+)
+TRACKER_CALLS = (
+    "log_metrics",
+    "flush",
+    "log_params",
+    "set_tags",
+    "log_artifact",
+    "log_dict",
+    "log_datasets",
+    "log_table",
+    "log_screening",
+    "log_figure",
+    "finish",
+    "lightning_logger",
+    "register_model",
 )
 
 
 class Stopwatch:
-    """Seconds spent per named call, counting only the outermost timed call on the stack."""
+    """Seconds spent per named call and thread (the cycle's own, or the tracker's), counting only the outermost
+    timed call on each thread's stack."""
 
     def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.calls: dict[str, int] = defaultdict(int)
-        self._depth = 0
+        self.seconds: dict[tuple[str, str], float] = defaultdict(float)
+        self.calls: dict[tuple[str, str], int] = defaultdict(int)
+        self._stack = threading.local()
 
     def wrap(self, name: str, function: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(function)
         def timed(*args: Any, **kwargs: Any) -> Any:
-            self._depth += 1
+            depth = getattr(self._stack, "depth", 0)
+            self._stack.depth = depth + 1
             started = time.perf_counter()
             try:
                 return function(*args, **kwargs)
             finally:
-                self._depth -= 1
-                if self._depth == 0:
-                    self.seconds[name] += time.perf_counter() - started
-                    self.calls[name] += 1
+                self._stack.depth = depth
+                if depth == 0:
+                    where = "cycle" if threading.current_thread() is threading.main_thread() else "tracker"
+                    self.seconds[where, name] += time.perf_counter() - started
+                    self.calls[where, name] += 1
 
         return timed
 
-    @property
-    def total(self) -> float:
-        return sum(self.seconds.values())
+    def total(self, where: str) -> float:
+        return sum(seconds for (thread, _), seconds in self.seconds.items() if thread == where)
 
 
 @contextmanager
 def timed_tracking(watch: Stopwatch) -> Iterator[None]:
-    """Times every MlflowClient call, the pyfunc model's writing and the figures drawn for MLflow."""
+    """Times every MlflowClient call, the pyfunc model's writing, the figures drawn for MLflow and every call of
+    the tracker, its runs and its Lightning logger."""
     from mlflow.tracking import MlflowClient
 
     import trainguard.pipeline.mlflow_model as mlflow_model
     import trainguard.pipeline.plots as plots
+    from trainguard.pipeline.run_logger import RunLogger
+    from trainguard.pipeline.tracking import CycleTracker, TrackedRun
 
-    patched: list[tuple[Any, str, Any]] = []
     targets = [(MlflowClient, name) for name in CLIENT_CALLS]
     targets += [(mlflow_model, "save_pyfunc")]
     targets += [(plots, name) for name in ("robust_figure", "gate_figure", "cycles_figure")]
+    targets += [(TrackedRun, name) for name in TRACKER_CALLS]
+    targets += [(CycleTracker, name) for name in ("connect", "wait", "_submit")]
+    targets += [(RunLogger, name) for name in ("log_metrics", "log_hyperparams")]
+    patched: list[tuple[Any, str, Any]] = []
     for owner, name in targets:
-        original = getattr(owner, name)
-        patched.append((owner, name, original))
-        setattr(owner, name, watch.wrap(name, original))
+        raw = vars(owner)[name] if isinstance(owner, type) else getattr(owner, name)
+        patched.append((owner, name, raw))
+        timed = watch.wrap(name, getattr(owner, name))
+        setattr(owner, name, staticmethod(timed) if isinstance(raw, classmethod) else timed)
     try:
         yield
     finally:
-        for owner, name, original in patched:
-            setattr(owner, name, original)
+        for owner, name, raw in patched:
+            setattr(owner, name, raw)
 
 
 @contextmanager
@@ -172,6 +204,7 @@ def main() -> None:
         with mlflow_server(work / "mlflow") as url:
             os.environ["MLFLOW_TRACKING_URI"] = url
             from trainguard.pipeline.cycle import run_cycle
+            from trainguard.pipeline.tracking import wait_for_uploads
 
             watch = Stopwatch()
             training = Stopwatch()
@@ -182,21 +215,27 @@ def main() -> None:
                 cycle_module.train = training.wrap("train", original_train)
                 started = time.perf_counter()
                 try:
-                    outcome = run_cycle(config)
+                    outcome = run_cycle(config, wait_for_mlflow=False)
+                    wall = time.perf_counter() - started
+                    on_path = watch.total("cycle")  # before the wait below, which the cycle has returned from
+                    offline = wait_for_uploads()
+                    drained = time.perf_counter() - started - wall
                 finally:
                     cycle_module.train = original_train
-                wall = time.perf_counter() - started
     print(f"cycle {outcome.cycle} {outcome.status}: {outcome.tracking}")
+    print(f"MLflow after the uploads: {'; '.join(offline) or 'has everything'}")
     print(f"load average {os.getloadavg()[0]:.1f}")
-    print(f"{'call':<28}{'calls':>6}{'seconds':>10}")
-    for name, seconds in sorted(watch.seconds.items(), key=lambda item: -item[1]):
-        print(f"{name:<28}{watch.calls[name]:>6}{seconds:>10.3f}")
-    print(f"cycle wall time                {wall:8.2f} s")
-    print(f"  training stage (fit)         {training.total:8.2f} s  (MLflow calls inside it included)")
-    print(f"  MLflow logging, all calls    {watch.total:8.2f} s")
-    fraction = watch.total / wall
-    print(f"MLflow logging / cycle time    {fraction:8.2%}  (goal <= 2%: {'met' if fraction <= 0.02 else 'NOT met'})")
-    print(f"MLflow logging / training time {watch.total / training.total:8.2%}")
+    print(f"{'thread':<9}{'call':<28}{'calls':>6}{'seconds':>10}")
+    for (where, name), seconds in sorted(watch.seconds.items(), key=lambda item: (item[0][0], -item[1])):
+        print(f"{where:<9}{name:<28}{watch.calls[where, name]:>6}{seconds:>10.3f}")
+    beside = watch.total("tracker")
+    print(f"cycle wall time                          {wall:8.2f} s")
+    print(f"  training stage (fit)                   {training.total('cycle'):8.2f} s")
+    print(f"  MLflow logging on the cycle's thread   {on_path:8.3f} s")
+    print(f"MLflow calls on the tracker's thread     {beside:8.2f} s  (beside the cycle)")
+    print(f"uploads left when the cycle returned     {drained:8.2f} s  (waited for before the process exits)")
+    fraction = on_path / wall
+    print(f"MLflow logging / cycle time    {fraction:8.2%}  (goal <= 1%: {'met' if fraction <= 0.01 else 'NOT met'})")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from trainguard.pipeline.errors import CycleAbortedError
 from trainguard.pipeline.intake import Intake
 from trainguard.pipeline.model_code import find_model_code, model_imports
 from trainguard.pipeline.model_sign import write_signed_model
+from trainguard.pipeline.plots import ROBUST_PREFIX
 from trainguard.pipeline.running_cycle import RunningCycle
 from trainguard.pipeline.tracking import ModelRelease, TrackedRun
 from trainguard.pipeline.training import TrainingResult
@@ -107,20 +108,28 @@ def release(
         metrics=result.verdict.after.to_dict(),
     )
     cycle.state = cycle.store.update(cycle.state.accept(record, heldout))
-    version = parent.register_model(_model_release(cycle, intake, directory, files.digests, example))
+    heldout_metrics = {"val/acc", "val/gradient_masking", "gate/accuracy_before"}  # as the headline names them
+    heldout_metrics |= {f"{ROBUST_PREFIX}{eps}" for eps in result.robust_accuracy}
+    parent.register_model(_model_release(cycle, intake, directory, files.digests, example, heldout_metrics))
     cycle.report["model"] = {
         "dir": str(directory),
         "digests": dict(files.digests),
         "attestation": str(files.attestation),
-        "registered_version": version,
+        "registered_version": None,  # MLflow's number, recorded once the registration is done
     }
     return directory
 
 
 def _model_release(
-    cycle: RunningCycle, intake: Intake, directory: Path, digests: Mapping[str, str], example: Any
+    cycle: RunningCycle,
+    intake: Intake,
+    directory: Path,
+    digests: Mapping[str, str],
+    example: Any,
+    heldout_metrics: set[str],
 ) -> ModelRelease:
-    """What the registered version says about itself: which cycle, which data (manifest digests), which checks."""
+    """What the registered version says about itself: which cycle, which data (manifest digests), which checks; its
+    params (the resolved config) and which of the cycle's metrics were measured on the held-out set."""
     config = cycle.config
     shards = cycle.record.shards
     refused = refusals(shards)
@@ -151,6 +160,8 @@ def _model_release(
         example=example,
         description=description,
         tags=tags,
+        params=config.resolved(),
+        evaluated=frozenset(heldout_metrics),
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -48,12 +49,33 @@ def cycle(
         _relaunch(processes)
     from trainguard.pipeline.cycle import run_cycle
 
-    try:
-        outcome = run_cycle(_overridden(loaded, config) if overrides else config, reinit=reinit, force=force)
+    try:  # the outcome is printed first; MLflow's uploads finish after it, before the process exits
+        outcome = run_cycle(
+            _overridden(loaded, config) if overrides else config, reinit=reinit, force=force, wait_for_mlflow=False
+        )
     except CycleAbortedError as error:
         if as_json:
             click.echo(json.dumps({"status": "failed", "check": error.check, "reason": str(error)}))
+        _finish_uploads()
         raise
+    try:
+        _print(outcome, loaded.output.state_path, as_json)
+    finally:
+        _finish_uploads()
+    if outcome.status not in ("accepted", "follower", "skipped"):
+        raise SystemExit(1)
+
+
+def _finish_uploads() -> None:
+    """Waits for the cycle's MLflow uploads; says on stderr if MLflow was lost on the way (the decisions are in the
+    local report and state regardless)."""
+    from trainguard.pipeline.tracking import wait_for_uploads
+
+    for reason in wait_for_uploads():
+        click.echo(f"trainguard: MLflow incomplete ({reason}); decisions kept in the local report and state", err=True)
+
+
+def _print(outcome: Any, state_path: Path, as_json: bool) -> None:
     if as_json:
         click.echo(
             json.dumps(
@@ -70,9 +92,7 @@ def cycle(
             )
         )
     else:
-        print_outcome(outcome, loaded.output.state_path)
-    if outcome.status not in ("accepted", "follower", "skipped"):
-        raise SystemExit(1)
+        print_outcome(outcome, state_path)
 
 
 def _overridden(loaded: object, config: Path) -> Path:

@@ -19,6 +19,7 @@ from trainguard.pipeline.cycle.outputs import (
     _headline,
     _log_plots,
     _log_verification,
+    _settled,
     _tracking_status,
     _write_dvc_outputs,
 )
@@ -49,7 +50,9 @@ from trainguard.provenance.errors import ProvenanceError
 from trainguard.provenance.keys import load_signing_key
 
 
-def run_cycle(config_path: Path, *, reinit: bool = False, force: bool = False) -> CycleOutcome:
+def run_cycle(
+    config_path: Path, *, reinit: bool = False, force: bool = False, wait_for_mlflow: bool = True
+) -> CycleOutcome:
     """Runs one cycle of the config at `config_path`; raises CycleAbortedError when a check (or anything else)
     stops it. `reinit` starts a new state where none exists beside released models, numbering after them. A cycle
     with nothing new (the config and the manifests' digests of the last accepted cycle) is `skipped` unless `force`.
@@ -60,6 +63,9 @@ def run_cycle(config_path: Path, *, reinit: bool = False, force: bool = False) -
         config_path: The cycle's YAML config.
         reinit: Whether a new signed state is rebuilt from the signed log and receipts where the state is lost.
         force: Whether a cycle with nothing new still runs.
+        wait_for_mlflow: Whether it returns only once MLflow has everything; if not, it returns once the decision is
+            recorded locally and the uploads finish in the background (`tracking.wait_for_uploads`, and before the
+            process exits), as the `trainguard cycle` command runs it.
 
     Returns:
         How the cycle ended (`status`: accepted, rejected, skipped, or follower on a rank other than 0), its
@@ -88,13 +94,15 @@ def run_cycle(config_path: Path, *, reinit: bool = False, force: bool = False) -
     preflight(config)  # before the state records a running cycle: a mistake found here changes nothing
     meeting = Meeting(launch)
     try:
-        return _lead(config, Path(config_path), reinit, force, meeting)
+        return _lead(config, Path(config_path), reinit, force, meeting, wait_for_mlflow)
     except Exception as error:
         meeting.send(Stopped(" ".join(str(error).split())))  # the other ranks wait for a plan: say why none comes
         raise
 
 
-def _lead(config: CycleConfig, config_path: Path, reinit: bool, force: bool, meeting: Meeting) -> CycleOutcome:
+def _lead(
+    config: CycleConfig, config_path: Path, reinit: bool, force: bool, meeting: Meeting, wait_for_mlflow: bool
+) -> CycleOutcome:
     config_sha256 = hashlib.sha256(config_path.read_bytes()).hexdigest()
     try:
         key = load_signing_key(config.output.attestation_key_path)
@@ -109,7 +117,10 @@ def _lead(config: CycleConfig, config_path: Path, reinit: bool, force: bool, mee
             return _skipped(config, unchanged)
         state = store.update(current.begin(config_sha256))
         tracker = CycleTracker.connect(
-            config.tracking.experiment_name, config.tracking.registered_model_name, config.tracking.uri
+            config.tracking.experiment_name,
+            config.tracking.registered_model_name,
+            config.tracking.uri,
+            wait_at_end=wait_for_mlflow,
         )
         cycle = RunningCycle(config, config_path, config_sha256, store, state, tracker, meeting)
         cycle.report = {
@@ -122,7 +133,7 @@ def _lead(config: CycleConfig, config_path: Path, reinit: bool, force: bool, mee
         run_name = f"{config.name}-cycle-{cycle.number}"
         with tracker.cycle(run_name, params=config.resolved()) as parent:
             try:
-                return _run(cycle, parent)
+                outcome = _run(cycle, parent)
             except Exception as error:  # any failure ends the cycle as `failed`, recorded, with a one-line reason
                 aborted = _aborted(error)
                 cycle.state = store.update(cycle.state.fail(str(aborted)))
@@ -132,6 +143,7 @@ def _lead(config: CycleConfig, config_path: Path, reinit: bool, force: bool, mee
                 if aborted is error:
                     raise
                 raise aborted from error
+        return _settled(cycle, parent, outcome)
 
 
 def _follow(config: CycleConfig) -> CycleOutcome:
@@ -248,18 +260,13 @@ def _run(cycle: RunningCycle, parent: TrackedRun) -> CycleOutcome:
     _log_plots(parent, rows, prior, cycle.number)
     parent.log_artifact(report, "report")
     parent.finish(status, reason)
-    parent.flush()
-    tracking = _tracking_status(cycle.tracker)
-    if tracking != cycle.report["tracking"]:  # the uploads just now found the server gone
-        cycle.report["tracking"] = tracking
-        cycle.write_report()
     return CycleOutcome(
         cycle=cycle.number,
         status=status,
         reason=reason,
         report=report,
         model_dir=model_dir,
-        tracking=tracking,
+        tracking=cycle.report["tracking"],
         metrics=result.metrics,
         shards=cycle.state.cycles[-1].shards,
         sources=lines,

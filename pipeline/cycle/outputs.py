@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from trainguard.files import atomic_write
 from trainguard.pipeline import plots
 from trainguard.pipeline.attestation import git_resource
+from trainguard.pipeline.cycle.outcome import CycleOutcome
 from trainguard.pipeline.cycle_report import decision_rows, refusals
 from trainguard.pipeline.cycle_state import HeldoutRecord, ShardDecision
 from trainguard.pipeline.intake import Intake
@@ -27,7 +30,24 @@ DECISIONS_TABLE = "shards/decisions.json"
 def _tracking_status(tracker: CycleTracker) -> str:
     if tracker.offline:
         return f"MLflow unreachable ({tracker.offline_reason}); decisions kept in the local report and state"
+    if not tracker.wait_at_end:
+        return f"logging to MLflow at {tracker.uri} in the background (done before the process exits)"
     return f"logged to MLflow at {tracker.uri}"
+
+
+def _settled(cycle: RunningCycle, parent: TrackedRun, outcome: CycleOutcome) -> CycleOutcome:
+    """The outcome once MLflow has everything (when the tracker waited for it): the report names the registered
+    version and says whether MLflow has it all (rewritten if the uploads found the server gone)."""
+    if not cycle.tracker.wait_at_end:
+        return outcome
+    tracking = _tracking_status(cycle.tracker)
+    model = cycle.report.get("model")
+    if model is not None:
+        model["registered_version"] = parent.registered_version
+    if model is not None or tracking != cycle.report["tracking"]:
+        cycle.report["tracking"] = tracking
+        cycle.write_report()
+    return replace(outcome, tracking=tracking)
 
 
 def _headline(cycle: RunningCycle, result: TrainingResult, screening_seconds: float, status: str) -> dict[str, float]:
@@ -76,20 +96,16 @@ def _write_dvc_outputs(cycle: RunningCycle, result: TrainingResult, headline: di
 
 
 def _log_plots(parent: TrackedRun, rows: dict[str, list[Any]], prior: HeldoutRecord | None, number: int) -> None:
-    """The same plots as figures in MLflow (`plots/<name>.png`), drawn only when there is a run to log them to."""
-    if not parent.active:
-        return
-    import matplotlib.pyplot as plt
-
+    """The same plots as figures in MLflow (`plots/<name>.png`), drawn off the cycle's path by the tracker (only
+    when there is a run to log them to)."""
     last = plots.robust_rows(prior.robust_accuracy) if prior is not None else []
     figures = {
-        "robust_accuracy": plots.robust_figure(rows["robust_accuracy"], last, number),
-        "gate_classes": plots.gate_figure(rows["gate_classes"]),
-        "cycles": plots.cycles_figure(rows["cycles"]),
+        "robust_accuracy": partial(plots.robust_figure, rows["robust_accuracy"], last, number),
+        "gate_classes": partial(plots.gate_figure, rows["gate_classes"]),
+        "cycles": partial(plots.cycles_figure, rows["cycles"]),
     }
-    for name, figure in figures.items():
-        parent.log_figure(figure, f"plots/{name}.png")
-        plt.close(figure)
+    for name, draw in figures.items():
+        parent.log_figure(draw, f"plots/{name}.png")
 
 
 def _log_verification(cycle: RunningCycle, intake: Intake, parent: TrackedRun, stage: TrackedRun) -> None:
@@ -106,7 +122,11 @@ def _log_verification(cycle: RunningCycle, intake: Intake, parent: TrackedRun, s
             "verify/refused": len(intake.refused),
         }
     )
-    parent.log_datasets(intake.reports, context="training")
+    training = {ref.manifest.resolve() for ref in cycle.config.dataset.training}
+    parent.log_datasets(
+        [r for r in intake.reports if Path(r.manifest_path).resolve() in training],
+        evaluation=next(r for r in intake.reports if r.manifest_sha256 == intake.holdout_sha256),
+    )
     cycle.report["verification"] = {
         "manifests": [r.to_dict() for r in intake.reports],
         "signers": list(intake.signer_keyids),

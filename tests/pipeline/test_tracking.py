@@ -22,7 +22,7 @@ from tests.defenses.conftest import screening_report
 from trainguard.defenses.report import write_screening
 from trainguard.defenses.roni import ScreeningConfig
 from trainguard.pipeline.config import load_config, resolve_tracking_uri
-from trainguard.pipeline.tracking import CycleTracker, cycle_tags, flatten_params
+from trainguard.pipeline.tracking import CycleTracker, cycle_tags, dataset_source, flatten_params
 from trainguard.provenance.verify import VerificationReport
 
 DIGITS = Path(__file__).resolve().parents[2] / "configs" / "digits.yaml"
@@ -35,7 +35,8 @@ def _names() -> tuple[str, str]:
 
 
 def _report(folder: Path) -> VerificationReport:
-    """A verification report of a (pretend) manifest in `folder`."""
+    """A verification report of a (pretend) manifest in `folder`, written there."""
+    (folder / "train.manifest.json").write_text('{"pretend": "manifest"}')
     return VerificationReport(
         manifest_path=str(folder / "train.manifest.json"),
         data_dir=str(folder),
@@ -108,7 +109,10 @@ def test_a_cycle_lands_as_a_parent_run_with_nested_stage_runs(mlflow_uri: str, t
     assert verified.data.tags["trainguard.status"] == "done"
     (dataset_input,) = verified.inputs.dataset_inputs
     assert {t.key: t.value for t in dataset_input.tags}["trainguard.sha256"] == SHA
-    assert mlflow.data.get_source(dataset_input).uri == (tmp_path / "train.manifest.json").resolve().as_uri()
+    source = mlflow.data.get_source(dataset_input)  # the manifest as logged, served by the tracking server
+    assert source.url.startswith(f"{mlflow_uri}/api/2.0/mlflow-artifacts/artifacts/")
+    (tmp_path / "loaded").mkdir()
+    assert Path(source.load(str(tmp_path / "loaded"))).read_bytes() == (tmp_path / "train.manifest.json").read_bytes()
     assert "report.json" in [a.path for a in client.list_artifacts(parent.run_id)]
 
 
@@ -178,7 +182,7 @@ def _exercise(tracker: CycleTracker, tmp_path: Path) -> list[str]:
             done.append("screened")
         parent.log_dict({"k": 1}, "report.json")
         parent.finish("accepted", "ok", name="renamed")
-        assert parent.register_model(None) is None  # type: ignore[arg-type]
+        parent.register_model(None)  # type: ignore[arg-type]
         done.append("decided")
     return done
 
@@ -221,7 +225,7 @@ def test_a_server_failing_after_the_probe_also_switches_offline(
 ) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", healthy_but_broken_server)
     tracker = CycleTracker.connect("exp", "model")
-    assert tracker.offline and "open the experiment" in tracker.offline_reason
+    assert tracker.wait() is not None and "open the experiment" in tracker.offline_reason
     assert _exercise(tracker, tmp_path) == ["trained", "screened", "decided"]
 
 
@@ -231,6 +235,29 @@ def test_the_default_uri_is_local_sqlite_and_the_environment_wins(monkeypatch: p
     assert resolve_tracking_uri("http://configured") == "http://configured"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env")
     assert resolve_tracking_uri("http://configured") == "http://env"
+
+
+def test_a_dataset_source_is_the_dvc_remote_url_of_its_data_else_the_logged_manifest_served_over_http(
+    dvc_repo: Path,
+) -> None:
+    from dvc.repo import Repo
+
+    data = dvc_repo / "data"
+    data.mkdir()
+    (data / "shard-0.parquet").write_bytes(b"rows")
+    repo = Repo(str(dvc_repo))
+    repo.add(str(data))
+    logged = "mlflow-artifacts:/1/run/artifacts/datasets/train/train.manifest.json"
+    served = (
+        "http://127.0.0.1:5000/api/2.0/mlflow-artifacts/artifacts/1/run/artifacts/datasets/train/train.manifest.json"
+    )
+    assert dataset_source(data, logged, "http://127.0.0.1:5000") == served  # no remote: DVC's answer is its cache
+    with repo.config.edit() as config:  # as `dvc remote add -d store URL` (nothing is pushed: no network)
+        config["remote"]["store"] = {"url": "https://data.example.org/dvc"}
+        config["core"]["remote"] = "store"
+    source = dataset_source(data, logged, "http://127.0.0.1:5000")
+    assert source.startswith("https://data.example.org/dvc/files/md5/") and source.endswith(".dir")
+    assert dataset_source(dvc_repo.parent, logged, "http://127.0.0.1:5000") == served  # not in a DVC repository
 
 
 def test_params_are_flattened_and_cut_to_mlflow_limits() -> None:
@@ -321,6 +348,35 @@ def test_the_champion_loads_through_mlflow_pyfunc_verified_and_predicts(released
     )
     assert "digits-contributed" in version.description and "screening" in version.tags["trainguard.checks"]
     assert version.source.startswith("models:/m-") and version.run_id == _parent(client, released).info.run_id
+    description = client.get_registered_model(released.experiment).description
+    assert description.startswith(f"`champion` is version {version.version}. Cycle 1 of `digits`, accepted by the gate")
+    trusted = version.tags["trainguard.manifest.digits-trusted.sha256"]
+    assert f"digits-trusted (manifest sha256 {trusted})" in description
+
+
+def test_the_champion_is_a_logged_model_with_its_metrics_params_and_eval_dataset(
+    released: Released, mlflow_uri: str
+) -> None:
+    client = MlflowClient(mlflow_uri)
+    experiment = client.get_experiment_by_name(released.experiment).experiment_id
+    (found,) = client.search_logged_models([experiment], filter_string="metrics.`val/acc` > 0.5")
+    assert f"models:/{found.model_id}" == client.get_model_version_by_alias(released.experiment, "champion").source
+    report = json.loads(released.outcome.report.read_text())
+    assert report["model"]["registered_version"] == "1"
+    metrics = {m.key: m for m in found.metrics}
+    assert metrics["val/acc"].value == pytest.approx(report["metrics"]["val/acc"])
+    holdout = next(i for i in _parent(client, released).inputs.dataset_inputs if i.dataset.name.endswith("-holdout"))
+    assert {t.key: t.value for t in holdout.tags}["mlflow.data.context"] == "eval"
+    assert (metrics["val/acc"].dataset_name, metrics["val/acc"].dataset_digest) == (
+        holdout.dataset.name,
+        holdout.dataset.digest,
+    )
+    assert metrics["shards/offered"].dataset_name is None  # the model's, not measured on the held-out set
+    on_holdout = {"dataset_name": holdout.dataset.name, "dataset_digest": holdout.dataset.digest}
+    assert [m.model_id for m in client.search_logged_models([experiment], datasets=[on_holdout])] == [found.model_id]
+    assert found.params["trainer.init_args.max_epochs"] == "2" and found.params["model.class_path"].endswith(
+        "DigitsClassifier"
+    )
 
 
 def test_loading_is_refused_after_a_weight_is_flipped(released: Released, mlflow_uri: str, tmp_path: Path) -> None:
@@ -364,16 +420,24 @@ def test_the_parent_run_has_headline_metrics_a_decision_table_and_plots(released
     assert "val/robust_acc_eps0.1" in training.data.metrics  # Lightning's logger keeps the name
 
 
-def test_every_dataset_input_resolves_through_mlflow_data(released: Released, mlflow_uri: str) -> None:
+def test_every_dataset_input_resolves_from_another_machine_through_mlflow_data(
+    released: Released, mlflow_uri: str, tmp_path: Path
+) -> None:
     client = MlflowClient(mlflow_uri)
     inputs = client.get_run(_parent(client, released).info.run_id).inputs.dataset_inputs
-    assert {i.dataset.name for i in inputs} == {"digits-trusted", "digits-contributed"}
-    for dataset_input in inputs:
-        source = mlflow.data.get_source(dataset_input)
-        path = Path(source.uri.removeprefix("file://"))
-        assert path.is_absolute() and path.is_file()
+    contexts = {i.dataset.name: {t.key: t.value for t in i.tags}["mlflow.data.context"] for i in inputs}
+    assert contexts == {
+        "digits-trusted": "training",
+        "digits-contributed": "training",
+        "digits-trusted-holdout": "eval",
+    }
+    for number, dataset_input in enumerate(inputs):
+        source = mlflow.data.get_source(dataset_input)  # the manifest as logged, served by the tracking server
+        assert dataset_input.dataset.source_type == "http" and source.url.startswith(f"{mlflow_uri}/api/2.0/")
+        (tmp_path / str(number)).mkdir()
+        manifest = Path(source.load(str(tmp_path / str(number)))).read_bytes()
         digest = json.loads(dataset_input.dataset.profile)["manifest_sha256"]
-        assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert digest == hashlib.sha256(manifest).hexdigest()
         assert dataset_input.dataset.digest == digest[:36]
 
 
