@@ -300,7 +300,7 @@ def test_a_cycle_rank_zero_stops_ends_every_rank_with_its_reason(
     ],
     ids=["sbatch-without-srun", "torchrun-uneven"],
 )
-def test_a_cycle_started_as_no_launch_can_run_says_what_to_run_and_exits_2_before_any_work(
+def test_a_cycle_in_a_batch_step_or_an_uneven_launch_says_what_to_run_and_exits_2_before_any_work(
     project: Path, cli, env: dict[str, str], refusal: str
 ) -> None:
     """`trainguard cycle` in an `sbatch --ntasks=2` script without `srun`: one line, exit code 2, nothing done."""
