@@ -1,4 +1,5 @@
-"""The cycle on many processes, started by an external launcher (`torchrun`, or SLURM with MASTER_ADDR/PORT set).
+"""The cycle on many processes, started by an external launcher (`torchrun`, or SLURM's `srun`), as Lightning's
+cluster environments read them.
 
 Rank 0 verifies, screens, gates, signs and writes the state; the other ranks only train. They meet once before
 training, when rank 0 shares the plan or the reason it stopped, as JSON (`trainguard.ranks`: nothing crossing ranks
@@ -21,34 +22,154 @@ from datetime import timedelta
 from typing import Any, Protocol, TypeVar
 
 import torch
+from lightning_fabric.plugins.environments.cluster_environment import ClusterEnvironment
+from lightning_fabric.plugins.environments.slurm import SLURMEnvironment
+from lightning_fabric.plugins.environments.torchelastic import TorchElasticEnvironment
 
-from trainguard.pipeline.errors import CycleAbortedError
+from trainguard.pipeline.errors import CycleAbortedError, PipelineError
 from trainguard.ranks import TIMEOUT, RankError, RankWaitError, arrive, broadcast_json, gather_json
 
 T = TypeVar("T")
 
 
+class LaunchError(PipelineError):
+    """This process was started in a way the cycle cannot run as: the batch step of a SLURM allocation of many
+    tasks, tasks spread unevenly over the nodes, a launcher trainguard does not know, or GPUs a task cannot use.
+    Exit code 2: how the job was started is the input to fix, no check failed."""
+
+    exit_code = 2
+    reason = "launch"
+
+
 @dataclass(frozen=True)
 class Launch:
-    """This process's place in a launched job."""
+    """This process's place in a launched job, as the launcher's Lightning cluster environment reads it: its rank,
+    the job's size, its rank on its node and its node's rank, the processes per node (the Trainer's `devices`) and
+    the nodes (`num_nodes`), and where rank 0's store listens (`address`, `port`). `environment` is the Lightning
+    `ClusterEnvironment` itself, for the Trainer."""
 
     rank: int
     world_size: int
     local_rank: int
+    node_rank: int
+    devices: int
+    num_nodes: int
+    address: str
+    port: int
+    environment: ClusterEnvironment = field(compare=False, repr=False)
 
     @property
     def leader(self) -> bool:
+        """Whether this process is rank 0, which leads the cycle."""
         return self.rank == 0
 
 
-def launch_from_env(environ: dict[str, str] | None = None) -> Launch | None:
-    """The job this process belongs to, from torchrun's (RANK, WORLD_SIZE, LOCAL_RANK) or SLURM's variables; None
-    when it runs alone (a world of one is alone too)."""
-    env = os.environ if environ is None else environ
-    for rank, world, local in (("RANK", "WORLD_SIZE", "LOCAL_RANK"), ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")):
-        if rank in env and world in env and int(env[world]) > 1:
-            return Launch(int(env[rank]), int(env[world]), int(env.get(local, "0")))
-    return None
+SRUN_HINT = "run `srun trainguard cycle …`"
+"""What to run instead, in a refusal under SLURM: `srun` starts one task per rank, each with its step's variables."""
+
+
+def launch_from_env() -> Launch | None:
+    """The job this process belongs to, from Lightning's cluster environments in Lightning's own order: torchrun
+    (`TorchElasticEnvironment`, first: it runs inside SLURM allocations too), then SLURM (`SLURMEnvironment`:
+    ranks from SLURM_PROCID/LOCALID/NODEID, rank 0's address from SLURM_NODELIST and its port from the job id, where
+    MASTER_ADDR/MASTER_PORT do not say).
+
+    Returns:
+        This process's place in the job; None when it runs alone (a world of one is alone too).
+
+    Raises:
+        LaunchError: The batch step of a SLURM allocation of many tasks (only `srun` starts the ranks), tasks spread
+            unevenly over the nodes, a size the cluster contradicts, or WORLD_SIZE > 1 with neither launcher.
+    """
+    if TorchElasticEnvironment.detect():
+        environment: ClusterEnvironment = TorchElasticEnvironment()
+        devices = int(os.environ.get("LOCAL_WORLD_SIZE", environment.world_size()))
+    elif SLURMEnvironment.detect():
+        per_node = _slurm_step_tasks_per_node()
+        if per_node is None:
+            return None
+        environment, devices = SLURMEnvironment(), per_node
+    else:
+        world = os.environ.get("WORLD_SIZE", "1")
+        if world.isdigit() and int(world) > 1:
+            raise LaunchError(
+                f"WORLD_SIZE={world} but neither torchrun nor SLURM's srun started this process: run "
+                "`torchrun --nproc-per-node N -m trainguard.pipeline.cli cycle …` or `srun trainguard cycle …`"
+            )
+        return None
+    world_size = environment.world_size()
+    if world_size < 2:
+        return None
+    num_nodes, spare = divmod(world_size, devices)
+    if spare or num_nodes < 1:
+        raise LaunchError(f"{world_size} ranks do not make whole nodes of {devices}: start as many on every node")
+    try:
+        environment.validate_settings(num_devices=devices, num_nodes=num_nodes)
+    except ValueError as error:
+        raise LaunchError(" ".join(str(error).split())) from None
+    return Launch(
+        rank=environment.global_rank(),
+        world_size=world_size,
+        local_rank=environment.local_rank(),
+        node_rank=environment.node_rank(),
+        devices=devices,
+        num_nodes=num_nodes,
+        address=environment.main_address,
+        port=environment.main_port,
+        environment=environment,
+    )
+
+
+def _slurm_step_tasks_per_node() -> int | None:
+    """The tasks per node of the SLURM step this process is a task of; None for a job of one task. Lightning's
+    `SLURMEnvironment` wants them stated as `--ntasks-per-node` does (SLURM_NTASKS_PER_NODE): an `sbatch --ntasks=N`
+    job leaves it unset, so it is set here from the step's own spread (SLURM_STEP_TASKS_PER_NODE, e.g. `2(x3)`)
+    when that is even, which every Trainer Lightning builds in this process then reads.
+
+    Raises:
+        LaunchError: The batch step of an allocation of many tasks, or a step spread unevenly over its nodes.
+    """
+    tasks = os.environ["SLURM_NTASKS"]
+    if not tasks.isdigit() or int(tasks) < 2:
+        return None
+    step = os.environ.get("SLURM_STEP_NUM_TASKS")  # set by srun for each task of a step, never in the batch step
+    if step is None:
+        raise LaunchError(f"SLURM allocated {tasks} tasks but this is the batch step: {SRUN_HINT}")
+    if step != tasks:
+        raise LaunchError(f"this SLURM step runs {step} tasks, not the job's {tasks}: {SRUN_HINT}")
+    stated = os.environ.get("SLURM_NTASKS_PER_NODE")
+    if stated is not None and stated.isdigit():
+        return int(stated)
+    spread = os.environ.get("SLURM_STEP_TASKS_PER_NODE", tasks)
+    counts = {int(part.split("(")[0]) for part in spread.split(",") if part.split("(")[0].isdigit()}
+    if len(counts) != 1:
+        raise LaunchError(
+            f"SLURM spread the step's {tasks} tasks unevenly over its nodes ({spread}) and Lightning's DDP runs as "
+            "many on each: ask for `--ntasks-per-node`"
+        )
+    per_node = counts.pop()
+    os.environ["SLURM_NTASKS_PER_NODE"] = str(per_node)
+    return per_node
+
+
+def check_gpus(launch: Launch, visible: int) -> None:
+    """Refuses, in one line, a task that cannot have its own GPU under Lightning's DDP, which gives local rank r the
+    node's GPU r: each task must see its node's `devices` GPUs (`--gpus-per-node`, `--gres=gpu:N`), not only its own
+    (`--gpus-per-task`, which hides the others from it).
+
+    Args:
+        launch: This process's place in the job.
+        visible: How many GPUs this process sees.
+
+    Raises:
+        LaunchError: The task sees fewer GPUs than tasks run on its node.
+    """
+    if visible < launch.devices:
+        raise LaunchError(
+            f"rank {launch.rank} sees {visible} GPU(s) but {launch.devices} tasks share its node and Lightning's DDP "
+            f"gives each the node's GPU of its local rank: ask for `--gpus-per-node={launch.devices}` (or "
+            f"`--gres=gpu:{launch.devices}`) instead of `--gpus-per-task`"
+        )
 
 
 MEETING_TIMEOUT = timedelta(hours=12)
@@ -78,7 +199,9 @@ def join(launch: Launch, timeout: timedelta) -> None:
     if not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
+            check_gpus(launch, torch.cuda.device_count())
             torch.cuda.set_device(launch.local_rank)
+        os.environ.update(MASTER_ADDR=launch.address, MASTER_PORT=str(launch.port))  # as Lightning's own join does
         torch.distributed.init_process_group(backend, rank=launch.rank, world_size=launch.world_size, timeout=timeout)
     group = torch.distributed.new_group(backend="gloo", timeout=max(MEETING_TIMEOUT, timeout))
     job_store = torch.distributed.distributed_c10d._get_default_store()  # the process group's own; no public getter

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,17 +41,20 @@ def trainer(
     config: CycleConfig, callbacks: Sequence[pl.Callback], logger: Any, max_epochs: int, *, alone: bool = False
 ) -> pl.Trainer:
     """The config's `trainer:` block with what the cycle supplies (its callbacks and logger, no checkpoints: the
-    cycle saves signed models; a progress bar only on a terminal); `alone` runs it in this process only, whatever
-    the config's devices and strategy and whether other ranks wait elsewhere (rank 0's bootstrap)."""
+    cycle saves signed models; a progress bar only on a terminal); under a launcher, the launch's size and its
+    Lightning cluster environment (`launch_from_env`). `alone` runs it in this process only, whatever the config's
+    devices and strategy and whether other ranks wait elsewhere (rank 0's bootstrap)."""
     from trainguard.pipeline.console import epoch_progress
 
     overrides: dict[str, Any] = {"max_epochs": max_epochs}
-    launch = launch_from_env()
+    injected: dict[str, Any] = {}
     if alone:
         overrides.update(devices=1, strategy="auto", num_nodes=1)
         callbacks = [*callbacks, MetricsAlone()]
-    elif launch is not None:
+    elif (launch := launch_from_env()) is not None:
         overrides.update(_launched_world(launch, config.trainer.init_args.get("strategy", "auto")))
+        if "plugins" not in config.trainer.init_args:  # else Lightning detects the same environment itself
+            injected["plugins"] = [launch.environment]
     progress = epoch_progress()
     settings = config.trainer.model_copy(
         update={"init_args": {"log_every_n_steps": 1, **config.trainer.init_args, **overrides}}
@@ -63,6 +65,7 @@ def trainer(
         enable_checkpointing=False,
         enable_progress_bar=progress is not None,
         enable_model_summary=False,
+        **injected,
     )
     return trainer
 
@@ -71,9 +74,7 @@ def _launched_world(launch: Launch, strategy: Any) -> dict[str, Any]:
     """Under an external launcher the job's size decides the Trainer's: its processes per node as `devices`, its
     nodes as `num_nodes` (Lightning refuses any other product), and DDP where the config leaves the strategy to
     Lightning, so the README's `torchrun` line runs a config written for one device."""
-    stated = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
-    per_node = int(stated) if stated.isdigit() else launch.world_size
-    world: dict[str, Any] = {"devices": per_node, "num_nodes": max(1, launch.world_size // per_node)}
+    world: dict[str, Any] = {"devices": launch.devices, "num_nodes": launch.num_nodes}
     if strategy in (None, "auto"):
         world["strategy"] = "ddp"
     return world

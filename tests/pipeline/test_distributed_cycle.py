@@ -3,15 +3,20 @@ rank 0 shares; one read log, one attestation; a cycle rank 0 stops ends every ra
 module logging torchmetrics metrics bootstraps on rank 0 alone without waiting for the others; a rank that never
 arrives ends the cycle, named, within the configured timeout.
 
+The launch is read by Lightning's cluster environments: torchrun's ranks, or the tasks `srun` starts in an `sbatch`
+job; the batch step of such a job, or a launch the cycle cannot run as, is refused in one line before any work.
+
 Started plainly, the cycle relaunches itself under torchrun, whose ranks are fresh interpreters (~9 CPU s each to
-import torch, Lightning and MLflow); the other cycles here run their ranks with torchrun's environment, forked from a
-launcher that imported those once (`launcher`)."""
+import torch, Lightning and MLflow); the other cycles here run their ranks with torchrun's or srun's environment,
+forked from a launcher that imported those once (`launcher`)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import random
 import shutil
 import signal
 import socket
@@ -28,11 +33,12 @@ import yaml
 from digits_demo.demo import create_keys, sign_contributions, sign_trusted
 from digits_demo.prepare import Layout, prepare_digits
 from digits_demo.threats import tamper_file
+from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
 from tests.pipeline.launcher import run_ranks
 from trainguard.defenses.heldout import HeldoutMetrics, LabeledData
 from trainguard.pipeline.config import CycleConfig, load_config
-from trainguard.pipeline.distributed import Launch, launch_from_env
+from trainguard.pipeline.distributed import Launch, LaunchError, check_gpus, launch_from_env
 from trainguard.pipeline.errors import CycleAbortedError
 from trainguard.pipeline.intake import concat, verify_and_read
 from trainguard.pipeline.plan import TrainingPlan
@@ -79,11 +85,113 @@ METRICS_MODEL = textwrap.dedent(
 )
 
 
-def test_the_launch_is_read_from_torchrun_or_slurm_and_a_world_of_one_runs_alone() -> None:
-    assert launch_from_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}) == Launch(1, 2, 1)
-    assert launch_from_env({"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1"}) == Launch(3, 4, 1)
-    assert launch_from_env({"RANK": "0", "WORLD_SIZE": "1"}) is None
-    assert launch_from_env({}) is None
+def _torchrun(rank: int, world: int, per_node: int, port: str) -> dict[str, str]:
+    """The variables torchrun gives rank `rank` of `world` ranks, `per_node` to a node (its own store on rank 0)."""
+    local, node = rank % per_node, rank // per_node
+    return {
+        **{"RANK": str(rank), "LOCAL_RANK": str(local), "ROLE_RANK": str(rank), "GROUP_RANK": str(node)},
+        **{"WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(per_node), "ROLE_WORLD_SIZE": str(world)},
+        **{"GROUP_WORLD_SIZE": str(world // per_node), "ROLE_NAME": "default", "MASTER_ADDR": "127.0.0.1"},
+        **{"MASTER_PORT": port, "TORCHELASTIC_RUN_ID": "none", "TORCHELASTIC_RESTART_COUNT": "0"},
+        **{"TORCHELASTIC_MAX_RESTARTS": "0", "TORCHELASTIC_USE_AGENT_STORE": "False"},
+    }
+
+
+def _sbatch(tasks: int, nodes: str, job_id: str, *, nnodes: int = 1) -> dict[str, str]:
+    """What `sbatch --ntasks=TASKS` gives its batch script (no --ntasks-per-node, so no SLURM_NTASKS_PER_NODE)."""
+    return {
+        **{"SLURM_JOB_ID": job_id, "SLURM_JOBID": job_id, "SLURM_JOB_NAME": "cycle", "SLURM_NTASKS": str(tasks)},
+        **{"SLURM_NPROCS": str(tasks), "SLURM_NNODES": str(nnodes), "SLURM_JOB_NUM_NODES": str(nnodes)},
+        **{"SLURM_NODELIST": nodes, "SLURM_JOB_NODELIST": nodes, "SLURM_PROCID": "0", "SLURM_LOCALID": "0"},
+        "SLURM_NODEID": "0",
+    }
+
+
+def _srun(batch: dict[str, str], rank: int, spread: str, local: int, node: int) -> dict[str, str]:
+    """What `srun` adds for task `rank` of its step, whose tasks per node are `spread` (e.g. `2(x2)`)."""
+    return batch | {
+        **{"SLURM_PROCID": str(rank), "SLURM_LOCALID": str(local), "SLURM_NODEID": str(node), "SLURM_STEP_ID": "0"},
+        **{"SLURM_STEP_NUM_TASKS": batch["SLURM_NTASKS"], "SLURM_STEP_TASKS_PER_NODE": spread},
+        **{"SLURM_STEP_NUM_NODES": batch["SLURM_NNODES"], "SLURM_STEP_NODELIST": batch["SLURM_NODELIST"]},
+    }
+
+
+CLUSTER = ("SLURM_", "TORCHELASTIC_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_")
+
+
+@pytest.fixture
+def launched(monkeypatch: pytest.MonkeyPatch) -> Callable[[dict[str, str]], Launch | None]:
+    """`launched(env)`: `launch_from_env()` in this process with `env` as its only cluster variables; what Lightning
+    and the launch write to the environment (MASTER_ADDR, SLURM_NTASKS_PER_NODE, ...) is put back afterwards."""
+
+    def launch(env: dict[str, str]) -> Launch | None:
+        for name in [n for n in os.environ if n.startswith(CLUSTER)]:
+            monkeypatch.delenv(name)
+        for name in ("MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS_PER_NODE", *env):
+            monkeypatch.setenv(name, env.get(name, ""))  # recorded, so that teardown restores it
+            if name not in env:
+                monkeypatch.delenv(name)
+        return launch_from_env()
+
+    return launch
+
+
+def test_torchrun_ranks_are_read_from_its_elastic_environment_across_nodes(launched) -> None:
+    launch = launched(_torchrun(rank=3, world=4, per_node=2, port="29511"))
+    assert launch == Launch(3, 4, 1, 1, devices=2, num_nodes=2, address="127.0.0.1", port=29511, environment=None)
+    assert isinstance(launch.environment, TorchElasticEnvironment)
+
+
+def test_srun_ranks_take_rank_zeros_node_from_the_nodelist_and_its_port_from_the_job_id(launched) -> None:
+    batch = _sbatch(4, "gpu[07-08]", "7123456", nnodes=2)
+    launch = launched(_srun(batch, rank=3, spread="2(x2)", local=1, node=1))
+    assert launch == Launch(3, 4, 1, 1, devices=2, num_nodes=2, address="gpu07", port=15000 + 3456, environment=None)
+    assert isinstance(launch.environment, SLURMEnvironment)
+    assert os.environ["MASTER_ADDR"] == "gpu07", "every Trainer in this process meets rank 0 there"
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{}, {"RANK": "0", "WORLD_SIZE": "1"}, _sbatch(1, "node01", "42")],
+    ids=["no-launcher", "torchrun-world-of-one", "sbatch-one-task"],
+)
+def test_a_process_without_a_launcher_or_in_a_world_of_one_runs_alone(launched, env: dict[str, str]) -> None:
+    assert launched(env) is None
+
+
+@pytest.mark.parametrize(
+    ("env", "refusal"),
+    [
+        (
+            _sbatch(2, "node01", "42"),
+            "SLURM allocated 2 tasks but this is the batch step: run `srun trainguard cycle …`",
+        ),
+        (
+            _srun(_sbatch(3, "node[01-02]", "42", nnodes=2), 0, "2,1", 0, 0),
+            "SLURM spread the step's 3 tasks unevenly over its nodes (2,1)",
+        ),
+        (
+            _srun(_sbatch(2, "node01", "42"), 0, "1", 0, 0) | {"SLURM_STEP_NUM_TASKS": "1"},
+            "this SLURM step runs 1 tasks, not the job's 2: run `srun trainguard cycle …`",
+        ),
+        (_torchrun(rank=0, world=3, per_node=2, port="29511"), "3 ranks do not make whole nodes of 2"),
+        ({"RANK": "1", "WORLD_SIZE": "2"}, "WORLD_SIZE=2 but neither torchrun nor SLURM's srun started this process"),
+    ],
+    ids=["sbatch-batch-step", "srun-uneven", "srun-step-of-fewer-tasks", "torchrun-uneven", "unknown-launcher"],
+)
+def test_a_launch_the_cycle_cannot_run_as_is_refused_in_one_line(launched, env: dict[str, str], refusal: str) -> None:
+    with pytest.raises(LaunchError) as refused:
+        launched(env)
+    assert str(refused.value).startswith(refusal) and "\n" not in str(refused.value)
+    assert refused.value.exit_code == 2
+
+
+def test_a_task_that_sees_only_its_own_gpu_is_refused_with_what_to_ask_slurm_for(launched) -> None:
+    launch = launched(_srun(_sbatch(2, "node01", "42"), rank=1, spread="2", local=1, node=0))
+    assert launch is not None
+    check_gpus(launch, visible=2)
+    with pytest.raises(LaunchError, match=r"^rank 1 sees 1 GPU\(s\) but 2 tasks .* `--gpus-per-node=2`"):
+        check_gpus(launch, visible=1)
 
 
 @pytest.fixture(scope="module")
@@ -132,22 +240,26 @@ def launcher() -> Iterator[subprocess.Popen[bytes]]:
     server.wait(timeout=60)
 
 
+def _free_job_id() -> str:
+    """A SLURM job id whose port (Lightning's: 15000 + its last four digits) is free here."""
+    for last in random.sample(range(10000), 200):
+        with socket.socket() as sock, contextlib.suppress(OSError):
+            sock.bind(("127.0.0.1", 15000 + last))
+            return f"9{last:04d}"
+    raise RuntimeError("no free port in 15000-24999")
+
+
 def _cycle_ranks(
-    launcher: subprocess.Popen[bytes], project: Path, tracking: str, *options: str
+    launcher: subprocess.Popen[bytes], project: Path, tracking: str, *options: str, started_by: str = "torchrun"
 ) -> tuple[subprocess.CompletedProcess[str], dict[int, str]]:
-    """`trainguard cycle --config cycle.yaml *options` in `project` as two ranks with the environment torchrun gives
-    its ranks (its own store on rank 0), in a process group of its own, killed whole when it outlives JOB_TIMEOUT:
-    the job's exit code (its ranks' worst), their stderr, rank 0's then rank 1's; and each rank's stdout."""
-    world, port = 2, str(_free_port())
+    """`trainguard cycle --config cycle.yaml *options` in `project` as two ranks with the environment their launcher
+    gives them (`started_by`: torchrun, its own store on rank 0; or srun in an `sbatch --ntasks=2` job, which names
+    no address or port), in a process group of its own, killed whole when it outlives JOB_TIMEOUT: the job's exit
+    code (its ranks' worst), their stderr, rank 0's then rank 1's; and each rank's stdout."""
+    world, port, job = 2, str(_free_port()), _sbatch(2, "localhost", _free_job_id())
     ranks = [
         {
-            "env": {
-                **{"RANK": str(rank), "LOCAL_RANK": str(rank), "ROLE_RANK": str(rank), "GROUP_RANK": "0"},
-                **{"WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "ROLE_WORLD_SIZE": str(world)},
-                **{"GROUP_WORLD_SIZE": "1", "ROLE_NAME": "default", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
-                **{"TORCHELASTIC_RUN_ID": "none", "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "0"},
-                "TORCHELASTIC_USE_AGENT_STORE": "False",
-            },
+            "env": _torchrun(rank, world, world, port) if started_by == "torchrun" else _srun(job, rank, "2", rank, 0),
             "stdout": str(project / f"rank{rank}.stdout"),
             "stderr": str(project / f"rank{rank}.stderr"),
         }
@@ -172,6 +284,30 @@ def test_a_cycle_rank_zero_stops_ends_every_rank_with_its_reason(
     assert done.returncode != 0
     assert "rank 0 stopped the cycle: " in done.stderr and "digest-mismatch" in done.stderr
     assert not (project / "demo-work" / "cycle" / "models").exists()
+
+
+@pytest.mark.parametrize(
+    ("env", "refusal"),
+    [
+        (
+            _sbatch(2, "node01", "42"),
+            "SLURM allocated 2 tasks but this is the batch step: run `srun trainguard cycle …`",
+        ),
+        (
+            _torchrun(rank=0, world=3, per_node=2, port="29511"),
+            "3 ranks do not make whole nodes of 2: start as many on every node",
+        ),
+    ],
+    ids=["sbatch-without-srun", "torchrun-uneven"],
+)
+def test_a_cycle_in_a_batch_step_or_an_uneven_launch_says_what_to_run_and_exits_2_before_any_work(
+    project: Path, cli, env: dict[str, str], refusal: str
+) -> None:
+    """`trainguard cycle` in an `sbatch --ntasks=2` script without `srun`: one line, exit code 2, nothing done."""
+    done = cli(project, "cycle", "--config", "cycle.yaml", env=env)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.splitlines() == [f"trainguard: error: {refusal}"]
+    assert not (project / "demo-work" / "cycle").exists(), "refused before the cycle did anything"
 
 
 def test_a_ddp_config_runs_its_ranks_with_one_read_log_and_one_signed_model(project: Path, mlflow_server: str) -> None:
@@ -305,13 +441,15 @@ def _job(project: Path, command: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
-def test_a_module_logging_torchmetrics_metrics_trains_on_both_ranks_without_a_solo_collective(
+def test_a_module_logging_torchmetrics_metrics_trains_on_both_srun_tasks_without_a_solo_collective(
     tmp_path: Path, launcher: subprocess.Popen[bytes]
 ) -> None:
-    """Rank 0 bootstraps alone while rank 1 waits for the plan: its metrics must not wait for rank 1 in a
+    """The two ranks are the tasks `srun` starts in an `sbatch --ntasks=2` job (no MASTER_ADDR/PORT, no
+    --ntasks-per-node: Lightning's SLURM environment finds rank 0 from the node list and the job id), on gloo.
+    Rank 0 bootstraps alone while rank 1 waits for the plan: its metrics must not wait for rank 1 in a
     collective; the DDP fit that follows syncs them on both ranks."""
     project = _metrics_project(tmp_path)
-    done, outputs = _cycle_ranks(launcher, project, _dead_tracking(), "--json")  # each rank's outcome as JSON
+    done, outputs = _cycle_ranks(launcher, project, _dead_tracking(), "--json", started_by="srun")  # JSON outcomes
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     leader, follower = (json.loads(outputs[rank]) for rank in (0, 1))

@@ -53,7 +53,8 @@ def test_a_torchrun_launch_sizes_a_trainer_configured_for_one_device(monkeypatch
     """The README's torchrun line with the README's `devices: 1` config: the launch's size wins (Lightning refuses
     devices x nodes that differ from the world size), and the rank-0-alone fit stays on one device."""
     config = load_config(DIGITS)
-    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}.items():
+    torchrun = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "x"}
+    for name, value in (torchrun | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}).items():
         monkeypatch.setenv(name, value)
     launched = trainer(config, [], None, max_epochs=1)
     assert (launched.num_devices, launched.num_nodes, launched.world_size) == (2, 1, 2)
