@@ -55,6 +55,11 @@ class ScreeningConfig:
             `"fisher"` or `"stouffer"`.
         size_tolerance: Unstratified, and for the scales, sizes within this fraction share the draws of the
             smallest of them (smaller draws vary more: the shared test is, if anything, lenient); in [0, 1).
+        trim: The share of each shard's rows (rounded down, at least one, never all) left out of its copy's fine-tuning:
+            those the deployed model contradicts most (lowest margin). Calibration draws are trimmed alike, so the
+            test stays exchangeable. In [0, 0.5); 0: none. One atypical clean row (an 8 the model gives
+            probability 0) otherwise pushes a shard of a few classes past its draws, which come from a trusted pool
+            too small to hold such rows.
         min_scale: The measurable floor, in margin units (>= 0): impacts are compared in steps of it (smaller
             differences tie, against the candidate) and no scale is below it, so a saturated model (clean impacts
             all ~0) does not turn rounding into evidence.
@@ -97,6 +102,7 @@ class ScreeningConfig:
     pool_fraction: float | None = 0.4
     combination: Combination = "brown"
     size_tolerance: float = 0.1
+    trim: float = 0.02
     min_scale: float = 1e-3
     per_class: bool = True
     num_classes: int | None = None
@@ -127,6 +133,8 @@ class ScreeningConfig:
                 f"{self.level / 4:g} (the smallest p-value is 1/(draws+1)); use at least "
                 f"{math.ceil(4 / self.level) - 1} draws or a larger level"
             )
+        if not 0 <= self.trim < 0.5:
+            raise ScreeningInputError("screening config: trim must be in [0, 0.5)")
         if self.pool_fraction is not None and not 0 < self.pool_fraction <= 1:
             raise ScreeningInputError("screening config: pool_fraction must be in (0, 1] or None")
         if not 1 <= self.sequential_hits <= self.calibration_draws:
@@ -140,6 +148,11 @@ class ScreeningConfig:
             raise ScreeningInputError("screening config: chunk_size must be >= 1 (or None to size it from memory)")
         if self.scope not in ("auto", "full", "head") or self.head_layers < 1:
             raise ScreeningInputError("screening config: scope is 'auto', 'full' or 'head'; head_layers >= 1")
+
+    def trimmed(self, rows: int) -> int:
+        """How many of a shard's `rows` its copy leaves out (`trim`): whole shares of `trim`, at least one row,
+        never all."""
+        return min(max(1, math.floor(self.trim * rows)), rows - 1) if self.trim else 0
 
     @property
     def marks(self) -> tuple[int, ...]:

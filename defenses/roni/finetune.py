@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 import numpy as np
 import torch
 from torch import nn
+from typing_extensions import override
 
 from trainguard.defenses.copies import Finetuned, finetune_heldout_scores
 from trainguard.defenses.errors import ScreeningInputError
@@ -86,10 +88,11 @@ class _Scoped:
     def finetuned(
         self, shards: Sequence[LabeledData], lr: float, config: ScreeningConfig, chunk_size: int | None
     ) -> Finetuned:
-        """Held-out soft accuracy and margin of one copy per shard at each checkpoint (`defenses.copies`)."""
+        """Held-out soft accuracy and margin of one copy per shard at each checkpoint (`defenses.copies`), each shard
+        trimmed as `config.trim` asks."""
         return finetune_heldout_scores(
             self.net,
-            shards,
+            _Trimmed(shards, self, config) if config.trim else shards,
             self.holdout,
             lr=lr,
             steps=config.steps,
@@ -101,6 +104,36 @@ class _Scoped:
             forward=self.forward,
             progress=self.count.trained,
         )
+
+
+class _Trimmed(Sequence[LabeledData]):
+    """Shards less their rows the deployed network contradicts most (`ScreeningConfig.trim`), trimmed as they are
+    read: candidates and calibration draws go through the same rule."""
+
+    def __init__(self, shards: Sequence[LabeledData], scoped: _Scoped, config: ScreeningConfig) -> None:
+        self.shards = shards
+        self.scoped = scoped
+        self.config = config
+
+    @override
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    @overload
+    def __getitem__(self, index: int) -> LabeledData: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[LabeledData]: ...
+    @override
+    def __getitem__(self, index: int | slice) -> LabeledData | list[LabeledData]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        shard = self.shards[index]
+        drop = self.config.trimmed(len(shard))
+        if not drop:
+            return shard
+        margins = _heldout_scores(self.scoped.net, shard, self.scoped.task, self.scoped.forward)[:, 1]
+        keep = torch.sort(torch.argsort(margins, stable=True)[drop:]).values
+        return shard.take(keep)
 
 
 def _scoped(
