@@ -288,8 +288,7 @@ def test_an_older_release_copied_over_the_newest_is_refused_as_the_starting_mode
     project = advanced_project  # released, then a second cycle released cycle-0002
     _ok(advanced.second)
     models = project / CYCLE / "models"
-    for file in (models / "cycle-0001").iterdir():
-        shutil.copy(file, models / "cycle-0002" / file.name)
+    shutil.copytree(models / "cycle-0001", models / "cycle-0002", dirs_exist_ok=True)  # its code/ folder too
     done = cycle(project, "--force")
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("trainguard: error:")]
@@ -455,8 +454,10 @@ def test_a_source_the_operator_cleared_is_screened_afresh_in_the_next_cycle(
     dave = {key for key in dave if ":dave/" in key}
 
     def screened(cycle: int) -> set[str]:
+        """dave's shards judged in that cycle: by RONI, or refused with his source by the detectors first."""
         report = json.loads((project / CYCLE / "reports" / f"cycle-{cycle:04d}.json").read_text())
-        return {d["name"] for d in report["roni"].get("decisions", [])} & dave
+        detected = {d["shard"] for d in report["detection"].get("rejected", [])}
+        return ({d["name"] for d in report["roni"].get("decisions", [])} | detected) & dave
 
     assert screened(2) == dave
     # As its own process: the sources command's smoke test.
