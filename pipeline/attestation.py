@@ -3,9 +3,13 @@
 The subject is the signed model's files (name + sha256). `resolvedDependencies` are the signed data manifests (by
 digest), the code commit, the config file by absolute URI, in a DVC repository the `dvc.lock` the run started from
 (with the DVC remotes and where the data lives in the default one), and the model the cycle started from;
-`externalParameters` holds the resolved config. A `trainguard` byproduct records every shard decision with its
-reason, the RONI summary, the gate's figures and the sha256 of the exact log of shards training read, so the model
-can be traced to its data.
+`externalParameters` holds the resolved config. A `trainguard` byproduct names the training data by the manifests'
+digests and two Merkle roots (`trainguard.provenance.merkle`, RFC 9162 over sorted `[name, sha256]` leaves): of the
+allow-list training read (`dataset:name` keys) and of the shards this cycle accepted (decision names); it counts the
+decisions and lists the refused ones with their reasons (at most `LISTED_REFUSALS`, and RONI's refused tests alike),
+with the RONI summary, the gate's figures and the sha256 of the exact log of shards training read. Its size does not
+grow with the shard count beyond those bounded lists: every decision is in the cycle's decision table
+(`shards-NNNN.parquet` beside the report), and any shard's place in a root is proven by `merkle.inclusion_proof`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from trainguard.files import read_regular
 from trainguard.pipeline.cycle_state import ShardDecision
 from trainguard.pipeline.errors import AttestationError, AttestationInputError
 from trainguard.pipeline.model_sign import Attestation, ModelFiles
+from trainguard.provenance.merkle import ALGORITHM, merkle_root, shard_leaves
 
 if TYPE_CHECKING:
     from trainguard.provenance.dsse import Envelope
@@ -35,6 +40,8 @@ PAYLOAD_TYPE = "application/vnd.in-toto+json"
 BUILD_TYPE = "https://github.com/trainguard/trainguard/cycle/v1"
 BUILDER_ID = "https://github.com/trainguard/trainguard/trainguard-cycle"
 RECORD_NAME = "trainguard-cycle-record"
+LISTED_REFUSALS = 1000
+"""The most refused shards (and RONI tests) the record lists by name and reason; the counts are always complete."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +72,7 @@ class CycleFacts:
     resolved_config: Mapping[str, Any]
     shards: Sequence[ShardDecision]
     read_log: Resource
-    allowed: Sequence[Resource]
+    allowed: Sequence[tuple[str, str]]  # the allow-list as (`dataset:name`, sha256): what training could read
     invocation_id: str
     started: str
     finished: str
@@ -153,13 +160,16 @@ def build_statement(facts: CycleFacts) -> dict[str, Any]:
         raise AttestationError("an attestation needs at least one model file as subject")
     dependencies = [m.to_json() for m in facts.manifests] + [facts.config.to_json()]
     dependencies += [r.to_json() for r in (facts.code, facts.dvc, facts.base_model) if r is not None]
-    dependencies += [shard.to_json() for shard in facts.allowed]
-    accepted = [_shard(d) for d in facts.shards if d.accepted]
-    rejected = [_shard(d) for d in facts.shards if not d.accepted]
+    refused = [_shard(d) for d in facts.shards if not d.accepted]
     record = {
-        "shards": {"accepted": accepted, "rejected": rejected},
+        "data": data_record(facts),
+        "shards": {
+            "acceptedCount": sum(d.accepted for d in facts.shards),
+            "rejectedCount": len(refused),
+            "rejected": refused[:LISTED_REFUSALS],
+        },
         "readLog": {"sha256": facts.read_log.digest["sha256"], **facts.read_log.annotations},
-        "roni": dict(facts.roni),
+        "roni": _roni(facts.roni),
         "gate": dict(facts.gate),
     }
     if facts.state:  # where in its pipeline's signed history the model was made
@@ -196,13 +206,49 @@ def build_statement(facts: CycleFacts) -> dict[str, Any]:
     }
 
 
+def data_record(facts: CycleFacts) -> dict[str, Any]:
+    """The training data by digest: each manifest's sha256 and the Merkle roots (hex) and sizes of the allow-list and
+    of this cycle's accepted shards, so the record stays the same size whatever the shard count.
+
+    Args:
+        facts: The cycle's facts.
+
+    Returns:
+        The record's `data` entry.
+    """
+    accepted = [(d.shard, d.sha256) for d in facts.shards if d.accepted]
+    return {
+        "algorithm": ALGORITHM,
+        "manifests": sorted(
+            ({"name": m.name, "sha256": m.digest["sha256"]} for m in facts.manifests),
+            key=lambda m: (m["name"] or "", m["sha256"]),
+        ),
+        "allowed": _tree(facts.allowed),
+        "accepted": _tree(accepted),
+    }
+
+
+def _tree(shards: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    leaves = shard_leaves(shards)
+    return {"merkleRoot": merkle_root(leaves).hex(), "shards": len(leaves)}
+
+
+def _roni(roni: Mapping[str, Any]) -> dict[str, Any]:
+    """RONI's summary with only its refused tests listed (at most `LISTED_REFUSALS`) and every test counted."""
+    out = {key: value for key, value in roni.items() if key != "decisions"}
+    if "decisions" in roni:
+        refused = [d for d in roni["decisions"] if not d.get("accepted")]
+        out.update(tested=len(roni["decisions"]), refusedCount=len(refused), refused=refused[:LISTED_REFUSALS])
+    return out
+
+
 def statement_bytes(statement: Mapping[str, Any]) -> bytes:
     """Canonical JSON (sorted keys, no spaces) of a statement: the DSSE payload."""
     return json.dumps(statement, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def cycle_record(statement: Mapping[str, Any]) -> dict[str, Any]:
-    """The trainguard byproduct (shard decisions, read log, RONI, gate) of a statement."""
+    """The trainguard byproduct (data by digest, decision counts and refusals, read log, RONI, gate) of a statement."""
     for product in statement["predicate"]["runDetails"].get("byproducts", []):
         if product.get("name") == RECORD_NAME:
             annotations: dict[str, Any] = product.get("annotations", {})

@@ -5,7 +5,9 @@ Its structure is `CycleReportDict` (the sections below, `TypedDict`s: JSON as wr
 not always written `NotRequired`), so where a shard or source is refused reads off the types: `verification.refused`
 (signature or digest), `validation` (schema), `limits` (source caps), `detection.rejected` (reject-source) and
 `detection.quarantined_rows` (rows), `roni.decisions` / `roni.sources` (RONI), `copied_rows` (rows shared across
-sources), then `gate` (the model) and `source_lines` (all of it in words). Sections made by `trainguard.defenses` and
+sources), then `gate` (the model) and `source_lines` (all of it in words). What the cycle trained on is named in `data`
+by digest (manifests, Merkle roots), its rows kept in parquet files beside the report (the allow-list, every shard
+decision), so the report does not grow with the pipeline's history. Sections made by `trainguard.defenses` and
 `trainguard.provenance` (`to_dict` of their reports, plain dicts there) enter the report through the `*_section`
 functions here, which declare their shape without changing a value."""
 
@@ -13,19 +15,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NotRequired, TypedDict, cast
 
 from trainguard.files import atomic_write
 from trainguard.pipeline.cycle_state import ShardDecision
-from trainguard.pipeline.workdir import WorkDir
+from trainguard.pipeline.workdir import WorkDir, cycle_name
+from trainguard.provenance.merkle import ALGORITHM, merkle_root, shard_leaves
 
 if TYPE_CHECKING:
+    import pyarrow as pa
+
     from trainguard.defenses.detectors import Detections
     from trainguard.defenses.gate import GateVerdict
     from trainguard.defenses.margin import SourceMargin
     from trainguard.defenses.roni import ScreeningReport
+    from trainguard.provenance.allowlist import AllowList
 
 
 class TaskReport(TypedDict):
@@ -258,6 +264,43 @@ class StateLink(TypedDict):
     link: str
 
 
+class ManifestDigest(TypedDict):
+    """A data manifest by its dataset name and the sha256 of its signed bytes."""
+
+    name: str
+    sha256: str
+
+
+class MerkleTreeRef(TypedDict):
+    """A set of shards by the RFC 9162 root (hex) of its sorted `[name, sha256]` leaves (`provenance.merkle`): a
+    verifier proves one shard in it with `merkle.inclusion_proof` over the rows of the matching table."""
+
+    merkle_root: str
+    shards: int
+
+
+class TableFile(TypedDict):
+    """A parquet file beside the report: where it is (`path`, relative to the work dir, e.g.
+    `reports/cycle-0001.decisions.parquet`), the sha256 of its bytes and how many rows it holds."""
+
+    path: str
+    sha256: str
+    rows: int
+
+
+class DataSection(TypedDict):
+    """The data, by digest: the manifests, the allow-list training read (its root over `dataset:name` keys, and its
+    rows in `allow_list`); once the cycle decided, the shards it accepted (root over decision names) and every shard
+    decision (`decisions`, the table MLflow gets). Its size is independent of the shard count."""
+
+    algorithm: str
+    manifests: list[ManifestDigest]
+    allowed: MerkleTreeRef
+    allow_list: TableFile
+    accepted: NotRequired[MerkleTreeRef]
+    decisions: NotRequired[TableFile]
+
+
 class CycleReportDict(TypedDict):
     """The cycle's report (`report.json`), in the order its sections are written; a section is absent when the
     cycle ended (`status` `failed`, with `reason` and `failed_check`) before it."""
@@ -271,7 +314,7 @@ class CycleReportDict(TypedDict):
     limits: NotRequired[list[ShardDecisionRow]]
     detection: NotRequired[DetectionSection]
     roni: NotRequired[RoniSection]
-    allow_list: NotRequired[list[dict[str, str]]]
+    data: NotRequired[DataSection]
     copied_rows: NotRequired[dict[str, list[int]]]
     training: NotRequired[TrainingSection]
     gate: NotRequired[GateSection]
@@ -329,3 +372,82 @@ def refusals(shards: Sequence[ShardDecision]) -> dict[str, int]:
         if not decision.accepted:
             refused[decision.check] = refused.get(decision.check, 0) + 1
     return refused
+
+
+def data_section(work_dir: Path, cycle: int, manifests: Sequence[tuple[str, str]], allow: AllowList) -> DataSection:
+    """The report's `data`: the manifests by digest and the allow-list by its Merkle root, its rows written to
+    `reports/cycle-NNNN.allow.parquet` (columns of `AllowedShard`).
+
+    Args:
+        work_dir: The cycle's work dir.
+        cycle: The cycle's number.
+        manifests: (dataset name, sha256) of each manifest the cycle verified.
+        allow: The allow-list training reads from.
+
+    Returns:
+        The section, without the decisions (see `decided`).
+    """
+    import pyarrow as pa
+
+    rows = [vars(shard) for shard in sorted(allow.shards)]
+    schema = pa.schema([(name, pa.string()) for name in ("manifest_sha256", "dataset", "name", "sha256")])
+    return {
+        "algorithm": ALGORITHM,
+        "manifests": [{"name": name, "sha256": digest} for name, digest in sorted(manifests)],
+        "allowed": _tree([(s.key, s.sha256) for s in allow.shards]),
+        "allow_list": write_table(work_dir, f"{cycle_name(cycle)}.allow.parquet", rows, schema),
+    }
+
+
+def decided(work_dir: Path, cycle: int, section: DataSection, shards: Sequence[ShardDecision]) -> DataSection:
+    """The data section with the cycle's accepted shards by Merkle root and every decision written to
+    `reports/cycle-NNNN.decisions.parquet` (one column per `ShardDecision` field).
+
+    Args:
+        work_dir: The cycle's work dir.
+        cycle: The cycle's number.
+        section: The section `data_section` made.
+        shards: Every shard decision of the cycle.
+
+    Returns:
+        The completed section.
+    """
+    import pyarrow as pa
+
+    types = {"accepted": pa.bool_()}
+    schema = pa.schema([(name, types.get(name, pa.string())) for name in ShardDecision.model_fields])
+    rows = [d.model_dump(mode="json") for d in shards]
+    return {
+        **section,
+        "accepted": _tree([d.key for d in shards if d.accepted]),
+        "decisions": write_table(work_dir, f"{cycle_name(cycle)}.decisions.parquet", rows, schema),
+    }
+
+
+def write_table(work_dir: Path, name: str, rows: Sequence[Mapping[str, Any]], schema: pa.Schema) -> TableFile:
+    """Writes rows as one parquet file in the work dir's reports folder, atomically.
+
+    Args:
+        work_dir: The cycle's work dir.
+        name: The file's name.
+        rows: The rows, keyed by the schema's column names.
+        schema: The columns and their types.
+
+    Returns:
+        Where it is (relative to `work_dir`), its sha256 and its row count.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    paths = WorkDir(work_dir)
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(list(rows), schema=schema), sink)
+    data = sink.getvalue().to_pybytes()
+    atomic_write(paths.reports / name, data)
+    path = (paths.reports / name).relative_to(paths.root).as_posix()
+    return {"path": path, "sha256": hashlib.sha256(data).hexdigest(), "rows": len(rows)}
+
+
+def _tree(shards: Sequence[tuple[str, str]]) -> MerkleTreeRef:
+    leaves = shard_leaves(shards)
+    return {"merkle_root": merkle_root(leaves).hex(), "shards": len(leaves)}

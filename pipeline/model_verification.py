@@ -82,8 +82,8 @@ def verify_model(
         attestation_keyids=attestation.keyids,
         invocation_id=str(predicate["runDetails"]["metadata"].get("invocationId", "")),
         dependencies=tuple(predicate["buildDefinition"]["resolvedDependencies"]),
-        accepted_shards=len(record.get("shards", {}).get("accepted", [])),
-        rejected_shards=len(record.get("shards", {}).get("rejected", [])),
+        accepted_shards=int(record.get("shards", {}).get("acceptedCount", 0)),
+        rejected_shards=int(record.get("shards", {}).get("rejectedCount", 0)),
         read_log_sha256=str(record.get("readLog", {}).get("sha256", "")),
         cycle=_attested_cycle(record, attestation.path),
     )

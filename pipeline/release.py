@@ -50,7 +50,6 @@ def release(
     directory = config.output.paths.model(cycle.number)
     if directory.exists() or directory.is_symlink():
         raise CycleAbortedError(f"{directory} already holds a released model; it is never overwritten", "release")
-    data_dirs = {m.manifest_sha256: m.data_dir for m in intake.manifests}
     started = cycle.running.started
     manifests: list[Resource] = [
         Resource(uri=m.path.resolve().as_uri(), digest={"sha256": m.manifest_sha256}, name=m.manifest.dataset)
@@ -64,15 +63,7 @@ def release(
         resolved_config=config.resolved(),
         shards=cycle.running.shards,
         read_log=read_log_resource(**cycle.report["training"]["read_log"]),
-        allowed=[
-            Resource(
-                uri=(data_dirs[s.manifest_sha256] / s.name).resolve().as_uri(),
-                digest={"sha256": s.sha256},
-                name=s.key,
-                annotations={"manifestSha256": s.manifest_sha256},
-            )
-            for s in sorted(allow.shards)
-        ],
+        allowed=[(s.key, s.sha256) for s in allow.shards],
         invocation_id=str(uuid.uuid4()),
         started=started,
         finished=utc_now(),

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from trainguard.pipeline.config import resolve_tracking_uri
@@ -458,6 +458,21 @@ class TrackedRun:
             columns = {k: list(v) for k, v in table.items()}
             call = functools.partial(self._client_call, "log_table", columns, artifact_file)
             self.tracker._submit(f"upload {artifact_file}", call)
+
+    def log_table_file(self, path: Path, artifact_file: str) -> None:
+        """A columnar table file (parquet) as it is now, as the artifact `artifact_file`; read it back with pyarrow
+        (`MlflowClient.load_table` reads JSON tables only). A decision per shard stays one file, not a JSON blob.
+
+        Args:
+            path: The local file (e.g. the decision table beside the cycle's report).
+            artifact_file: Its name in the run's artifacts (`folder/name.parquet`).
+        """
+        copy = self.tracker._snapshot(Path(path)) if self.active else None
+        if copy is not None:
+            target = PurePosixPath(artifact_file)
+            named = copy.rename(copy.with_name(target.name))
+            folder = str(target.parent) if target.parent != PurePosixPath(".") else None
+            self.tracker._submit(f"upload {artifact_file}", functools.partial(self._upload, named, folder))
 
     def log_screening(self, report: ScreeningReport, files: ScreeningFiles) -> None:
         """A RONI screening: its summary as metrics, its config as params, every candidate's and every source's

@@ -15,12 +15,12 @@ from trainguard.pipeline.config import CycleConfig, load_config
 from trainguard.pipeline.cycle.outcome import CycleOutcome
 from trainguard.pipeline.cycle.outputs import (
     DECISIONS_TABLE,
-    _decision_table,
     _headline,
     _log_plots,
     _log_verification,
     _settled,
     _tracking_status,
+    _write_decisions,
     _write_dvc_outputs,
 )
 from trainguard.pipeline.cycle.reads import _allow_list, _checked_read_log, _refused_at_read, _training_data
@@ -34,7 +34,7 @@ from trainguard.pipeline.cycle.stages import (
     _screen,
     _screen_inputs,
 )
-from trainguard.pipeline.cycle_report import TrainingSection, gate_section
+from trainguard.pipeline.cycle_report import TrainingSection, data_section, gate_section
 from trainguard.pipeline.distributed import Meeting, Stopped, follow, join, launch_from_env
 from trainguard.pipeline.errors import CycleAbortedError
 from trainguard.pipeline.intake import feature_columns, verify_and_read
@@ -201,7 +201,8 @@ def _run(cycle: RunningCycle, parent: TrackedRun) -> CycleOutcome:
             screening_seconds = time.monotonic() - started
 
     allow = _allow_list(cycle, intake)
-    cycle.report["allow_list"] = allow.to_json()
+    manifests = [(m.manifest.dataset, m.manifest_sha256) for m in intake.manifests]
+    cycle.report["data"] = data_section(config.output.work_dir, cycle.number, manifests, allow)
     allowed = {s.key for s in (*intake.trusted, *intake.train) if s.allowed in allow.shards}
     excluded_rows = {key: rows for key, rows in excluded_rows.items() if key in allowed}
     from trainguard.pipeline.detection import copied_rows, merged_rows
@@ -253,10 +254,12 @@ def _run(cycle: RunningCycle, parent: TrackedRun) -> CycleOutcome:
             "tracking": _tracking_status(cycle.tracker),
         }
     )
+    decisions = _write_decisions(cycle)
     report = cycle.write_report()  # before any upload: the local record never waits on the server
     rows = _write_dvc_outputs(cycle, result, headline)
     parent.log_metrics(headline, step=cycle.number)
-    parent.log_table(_decision_table(cycle.record.shards), DECISIONS_TABLE)
+    if decisions is not None:
+        parent.log_table_file(decisions, DECISIONS_TABLE)
     _log_plots(parent, rows, prior, cycle.number)
     parent.log_artifact(report, "report")
     parent.finish(status, reason)

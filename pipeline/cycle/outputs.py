@@ -1,10 +1,9 @@
-"""What a cycle leaves besides its state: the headline numbers, DVC's metrics file and plot data, and what it logs to
-MLflow (verification tags and metrics, the decision table, the plots)."""
+"""What a cycle leaves besides its state: the headline numbers, DVC's metrics file and plot data, the decision table
+(parquet, beside the report) and what it logs to MLflow (verification tags and metrics, that table, the plots)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -14,8 +13,8 @@ from trainguard.files import atomic_write
 from trainguard.pipeline import plots
 from trainguard.pipeline.attestation import git_resource
 from trainguard.pipeline.cycle.outcome import CycleOutcome
-from trainguard.pipeline.cycle_report import decision_rows, refusals
-from trainguard.pipeline.cycle_state import HeldoutRecord, ShardDecision
+from trainguard.pipeline.cycle_report import decided, decision_rows, refusals
+from trainguard.pipeline.cycle_state import HeldoutRecord
 from trainguard.pipeline.intake import Intake
 from trainguard.pipeline.running_cycle import RunningCycle
 from trainguard.pipeline.tracking import CycleTracker, TrackedRun, cycle_tags
@@ -24,7 +23,8 @@ from trainguard.pipeline.training import TrainingResult
 CHECKS = ("verify", "validate", "limits", "roni")
 """The checks that refuse shards, each with a `shards/refused_<check>` metric even when it refused none (stable
 columns for `dvc exp show`); a check not listed here gets its metric when it refuses something."""
-DECISIONS_TABLE = "shards/decisions.json"
+DECISIONS_TABLE = "shards/decisions.parquet"
+"""The MLflow artifact of the cycle's decision table: one row per shard decision (columns of `ShardDecision`)."""
 
 
 def _tracking_status(tracker: CycleTracker) -> str:
@@ -74,11 +74,16 @@ def _headline(cycle: RunningCycle, result: TrainingResult, screening_seconds: fl
     return {name: value for name, value in metrics.items() if value == value}  # NaN (not measured) left out
 
 
-def _decision_table(shards: Sequence[ShardDecision]) -> dict[str, list[Any]]:
-    """Every shard decision of the cycle, one column per ShardDecision field."""
-    columns = list(ShardDecision.model_fields)
-    rows = [d.model_dump(mode="json") for d in shards]
-    return {column: [row[column] for row in rows] for column in columns}
+def _write_decisions(cycle: RunningCycle) -> Path | None:
+    """Writes every shard decision of the cycle as a parquet file beside the report and names it (with the accepted
+    shards' Merkle root) in the report's data section; returns the file (None when the cycle has no data section)."""
+    section = cycle.report.get("data")
+    if section is None:
+        return None
+    work_dir = cycle.config.output.work_dir
+    data = decided(work_dir, cycle.number, section, cycle.record.shards)
+    cycle.report["data"] = data
+    return work_dir / data["decisions"]["path"]
 
 
 def _write_dvc_outputs(cycle: RunningCycle, result: TrainingResult, headline: dict[str, float]) -> dict[str, list[Any]]:

@@ -1,4 +1,5 @@
-"""The SLSA v1 provenance statement of a cycle: subject, dependencies, parameters and the shard record."""
+"""The SLSA v1 provenance statement of a cycle: subject, dependencies, parameters and the shard record (the data by
+manifest digests and Merkle roots, the refusals listed up to a bound)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from trainguard.pipeline.attestation import (
+    LISTED_REFUSALS,
     PREDICATE_TYPE,
     STATEMENT_TYPE,
     CycleFacts,
@@ -24,6 +26,7 @@ from trainguard.pipeline.attestation import (
 )
 from trainguard.pipeline.cycle_state import ShardDecision
 from trainguard.pipeline.errors import AttestationError, AttestationInputError
+from trainguard.provenance.merkle import inclusion_proof, shard_leaf, shard_leaves, verify_inclusion
 from trainguard.provenance.reader import ReadLog, ReadRecord
 
 MODEL = {"model.safetensors": "aa" * 32, "model.json": "bb" * 32}
@@ -68,7 +71,7 @@ def _facts(tmp_path: Path, **changes: object) -> CycleFacts:
         "resolved_config": {"name": "digits", "training": {"max_epochs": 3}},
         "shards": shards,
         "read_log": read_log_resource(tmp_path / "reads.jsonl", _log_digest([("alice/s0.parquet", "01")]), 1),
-        "allowed": [Resource("file:///data/alice/s0.parquet", {"sha256": "01"}, "digits:alice/s0.parquet")],
+        "allowed": [("digits:alice/s0.parquet", "01"), ("digits:trusted/t0.parquet", "0a")],
         "invocation_id": "cycle-1",
         "started": "2026-01-01T00:00:00Z",
         "finished": "2026-01-01T00:01:00Z",
@@ -94,15 +97,51 @@ def test_the_statement_is_slsa_provenance_about_the_model_files(tmp_path: Path) 
     assert statement["predicate"]["runDetails"]["metadata"]["invocationId"] == "cycle-1"
 
 
-def test_the_record_lists_every_shard_decision_with_its_reason(tmp_path: Path) -> None:
+def test_the_record_names_the_data_by_digests_and_roots_and_lists_refusals_with_reasons(tmp_path: Path) -> None:
     facts = _facts(tmp_path)
     record = cycle_record(json.loads(statement_bytes(build_statement(facts))))
-    assert [s["name"] for s in record["shards"]["accepted"]] == ["alice/s0.parquet"]
+    data = record["data"]
+    assert data["algorithm"] == "rfc9162-sha256"
+    assert data["manifests"] == [{"name": "train", "sha256": facts.manifests[0].digest["sha256"]}]
+    assert data["allowed"]["shards"] == 2 and data["accepted"]["shards"] == 1
+    leaves = shard_leaves(facts.allowed)
+    root = bytes.fromhex(data["allowed"]["merkleRoot"])
+    at = leaves.index(shard_leaf("digits:trusted/t0.parquet", "0a"))
+    assert verify_inclusion(leaves[at], inclusion_proof(leaves, at), root)
+    assert not verify_inclusion(shard_leaf("digits:trusted/t0.parquet", "0b"), inclusion_proof(leaves, at), root)
+    assert record["shards"]["acceptedCount"] == 1 and record["shards"]["rejectedCount"] == 2
     rejected = {s["name"]: s for s in record["shards"]["rejected"]}
     assert rejected["bob/s0.parquet"]["reason"].startswith("held-out loss impact")
     assert rejected["carol/s1.parquet"]["check"] == "verify"
     assert record["readLog"] == {"sha256": facts.read_log.digest["sha256"], "entries": 1}
     assert record["roni"]["threshold"] == 0.12 and record["gate"]["accepted"] is True
+
+
+def test_the_statement_does_not_grow_with_the_accepted_shards_and_bounds_the_refusals(tmp_path: Path) -> None:
+    def statement(accepted: int, refused: int) -> bytes:
+        decisions = [
+            ShardDecision(shard=f"a/{i:06d}", sha256=f"{i:064x}", source="a", accepted=True, check="roni")
+            for i in range(accepted)
+        ]
+        decisions += [
+            ShardDecision(
+                shard=f"r/{i:06d}", sha256=f"{i:064x}", source="r", accepted=False, check="roni", reason="refused"
+            )
+            for i in range(refused)
+        ]
+        allowed = [(f"digits:{d.shard}", d.sha256) for d in decisions if d.accepted]
+        return statement_bytes(build_statement(_facts(tmp_path, shards=decisions, allowed=allowed)))
+
+    assert len(statement(1000, 0)) == len(statement(9000, 0))  # counts of as many digits: the same size
+    record = cycle_record(json.loads(statement(1, LISTED_REFUSALS + 5)))
+    assert record["shards"]["rejectedCount"] == LISTED_REFUSALS + 5
+    assert len(record["shards"]["rejected"]) == LISTED_REFUSALS
+
+
+def test_the_record_lists_ronis_refused_tests_only_and_counts_them_all(tmp_path: Path) -> None:
+    tests = [{"name": "a", "accepted": True}, {"name": "b", "accepted": False, "reason": "impact"}]
+    roni = cycle_record(build_statement(_facts(tmp_path, roni={"level": 0.05, "decisions": tests})))["roni"]
+    assert roni == {"level": 0.05, "tested": 2, "refusedCount": 1, "refused": [tests[1]]}
 
 
 def test_the_statement_is_deterministic_and_changes_with_any_fact(tmp_path: Path) -> None:

@@ -24,9 +24,11 @@ from digits_demo.demo import create_keys, sign_contributions, sign_trusted
 from digits_demo.prepare import prepare_digits
 from digits_demo.threats import poison_shards, tamper_file
 
+from trainguard.pipeline.attestation import cycle_record
 from trainguard.pipeline.cycle import CycleOutcome, run_cycle
 from trainguard.pipeline.cycle_report import CycleReportDict
 from trainguard.pipeline.errors import CycleAbortedError, PreflightError
+from trainguard.provenance.merkle import merkle_root, shard_leaves
 
 REPO = Path(__file__).resolve().parents[2]
 TRAINGUARD = str(Path(sys.executable).parent / "trainguard")
@@ -356,8 +358,8 @@ def test_a_newer_manifest_put_in_place_after_screening_is_never_read(
     )
     dependencies = statement["predicate"]["buildDefinition"]["resolvedDependencies"]
     assert {d["digest"]["sha256"] for d in dependencies if d.get("name") == "digits-contributed"} == {verified_digest}
-    shard_digests = {d["digest"]["sha256"] for d in dependencies if ":" in d.get("name", "")}
-    assert shard_digests == {r["sha256"] for r in reads}
+    read = shard_leaves((f"{r['dataset']}:{r['name']}", r["sha256"]) for r in reads)
+    assert cycle_record(statement)["data"]["allowed"]["merkleRoot"] == merkle_root(read).hex()
     byproduct = next(b for b in statement["predicate"]["runDetails"]["byproducts"] if b["name"] == "read-log")
     log_path = workdir / "demo-work" / "cycle" / "reads" / "cycle-0001.jsonl"
     assert byproduct["uri"] == log_path.resolve().as_uri()

@@ -13,6 +13,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from digits_demo.threats import poison_shards
@@ -104,7 +105,8 @@ def test_a_flagged_source_is_rejected_shard_by_shard(
     assert all(d.check == "detection" and "dave" in d.reason for d in outcome.shards if d.shard in rejected)
     report = json.loads(outcome.report.read_text())
     assert report["training"]["excluded_rows"] == {}
-    assert not any("dave" in entry["name"] for entry in report["allow_list"])
+    allowed = pq.read_table(outcome.report.parent.parent / report["data"]["allow_list"]["path"]).to_pylist()
+    assert allowed and not any("dave" in entry["name"] for entry in allowed)
 
 
 def test_each_sources_label_issue_p_value_joins_ronis_source_test(

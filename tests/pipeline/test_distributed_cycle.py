@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
@@ -322,7 +323,8 @@ def test_a_ddp_config_runs_its_ranks_with_one_read_log_and_one_signed_model(proj
     assert sorted(p.name for p in (cycle / "models").iterdir()) == ["cycle-0001"]
     report = json.loads((cycle / "reports" / "cycle-0001.json").read_text())
     reads = [json.loads(line) for line in (cycle / "reads" / "cycle-0001.jsonl").read_text().splitlines()]
-    allowed = {(a["manifest_sha256"], a["name"], a["sha256"]) for a in report["allow_list"]}
+    allow_list = pq.read_table(cycle / report["data"]["allow_list"]["path"]).to_pylist()
+    allowed = {(a["manifest_sha256"], a["name"], a["sha256"]) for a in allow_list}
     assert {(r["manifest_sha256"], r["name"], r["sha256"]) for r in reads} == allowed
     assert len(reads) == len(allowed), "each shard read once across both ranks"
 
@@ -460,7 +462,7 @@ def test_a_module_logging_torchmetrics_metrics_trains_on_both_srun_tasks_without
     report = json.loads((project / "demo-work" / "cycle" / "reports" / "cycle-0001.json").read_text())
     assert report["status"] == "accepted" and report["gate"]["accepted"]
     reads = (project / "demo-work" / "cycle" / "reads" / "cycle-0001.jsonl").read_text().splitlines()
-    assert len(reads) == len(report["allow_list"]), "each allowed shard read once across both ranks"
+    assert len(reads) == report["data"]["allow_list"]["rows"], "each allowed shard read once across both ranks"
 
 
 def test_a_rank_that_never_arrives_ends_the_cycle_with_one_line_naming_it(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.server
 import json
@@ -15,14 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import mlflow.data
+import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.defenses.conftest import screening_report
 from trainguard.defenses.report import write_screening
 from trainguard.defenses.roni import ScreeningConfig
+from trainguard.pipeline.attestation import cycle_record
 from trainguard.pipeline.config import load_config, resolve_tracking_uri
+from trainguard.pipeline.model_sign import ATTESTATION_FILE
 from trainguard.pipeline.tracking import CycleTracker, cycle_tags, dataset_source, flatten_params
+from trainguard.provenance.merkle import inclusion_proof, merkle_root, shard_leaves, verify_inclusion
 from trainguard.provenance.verify import VerificationReport
 
 DIGITS = Path(__file__).resolve().parents[2] / "configs" / "digits.yaml"
@@ -394,7 +399,9 @@ def test_loading_is_refused_after_a_weight_is_flipped(released: Released, mlflow
         mlflow.pyfunc.load_model(str(local))
 
 
-def test_the_parent_run_has_headline_metrics_a_decision_table_and_plots(released: Released, mlflow_uri: str) -> None:
+def test_the_parent_run_has_headline_metrics_a_parquet_decision_table_and_plots(
+    released: Released, mlflow_uri: str
+) -> None:
     client = MlflowClient(mlflow_uri)
     parent = _parent(client, released)
     report = json.loads(released.outcome.report.read_text())
@@ -404,9 +411,15 @@ def test_the_parent_run_has_headline_metrics_a_decision_table_and_plots(released
     assert parent.data.metrics["shards/offered"] == len(released.outcome.shards)
     assert not any(k.startswith("roni.") for k in parent.data.metrics)
     assert parent.info.run_name == "digits-cycle-1" and parent.data.tags["trainguard.reason"]
-    table = client.load_table(parent.info.experiment_id, "shards/decisions.json", run_ids=[parent.info.run_id])
-    assert len(table) == len(released.outcome.shards)
-    assert {"shard", "sha256", "source", "accepted", "check", "reason"} <= set(table.columns)
+    work = released.outcome.report.parent.parent
+    data = report["data"]
+    local = work / data["decisions"]["path"]
+    assert hashlib.sha256(local.read_bytes()).hexdigest() == data["decisions"]["sha256"]
+    logged = Path(client.download_artifacts(parent.info.run_id, "shards/decisions.parquet", str(work / "download")))
+    assert logged.read_bytes() == local.read_bytes()  # the file beside the report, not a JSON table
+    table = pq.read_table(logged).to_pylist()
+    assert table == [d.model_dump(mode="json") for d in released.outcome.shards]
+    assert len(table) == data["decisions"]["rows"]
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert plots == {f"plots/{n}.png" for n in ("robust_accuracy", "gate_classes", "cycles")}
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
@@ -418,6 +431,27 @@ def test_the_parent_run_has_headline_metrics_a_decision_table_and_plots(released
         assert len([n for n in screening.data.metrics if n.startswith(f"{family}/")]) <= 12, family
     training = next(c for c in children if c.info.run_name == "training")
     assert "val/robust_acc_eps0.1" in training.data.metrics  # Lightning's logger keeps the name
+
+
+def test_the_report_and_the_attestation_name_the_data_by_manifest_digests_and_merkle_roots(released: Released) -> None:
+    """The report's and the attestation's roots are those of the parquet rows beside the report, and each allowed
+    shard's inclusion proof verifies against the root (the report lists no shard)."""
+    report = json.loads(released.outcome.report.read_text())
+    work, data = released.outcome.report.parent.parent, report["data"]
+    table = pq.read_table(work / data["decisions"]["path"]).to_pylist()
+    accepted = shard_leaves((row["shard"], row["sha256"]) for row in table if row["accepted"])
+    assert merkle_root(accepted).hex() == data["accepted"]["merkle_root"]
+    assert data["accepted"]["shards"] == len(accepted)
+    allowed = pq.read_table(work / data["allow_list"]["path"]).to_pylist()
+    leaves = shard_leaves((f"{a['dataset']}:{a['name']}", a["sha256"]) for a in allowed)
+    root = bytes.fromhex(data["allowed"]["merkle_root"])
+    assert all(verify_inclusion(leaf, inclusion_proof(leaves, at), root) for at, leaf in enumerate(leaves))
+    envelope = json.loads((released.outcome.model_dir / ATTESTATION_FILE).read_text())
+    statement = json.loads(base64.b64decode(envelope["payload"]))
+    attested = cycle_record(statement)["data"]
+    assert attested["allowed"]["merkleRoot"] == data["allowed"]["merkle_root"]
+    assert attested["accepted"]["merkleRoot"] == data["accepted"]["merkle_root"]
+    assert attested["manifests"] == data["manifests"] and "allow_list" not in report
 
 
 def test_every_dataset_input_resolves_from_another_machine_through_mlflow_data(
