@@ -174,7 +174,7 @@ def test_reshard_signs_the_next_version(
         assert f"version {version} ->" in done.stdout
         verified = open_manifest(out / "manifest.json", alice[1])
         assert verified.manifest.version == version
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "part-00000.tar"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "manifest.sigstore.json", "part-00000.tar"]
     assert [s.records for s in verified.manifest.shards] == [30]
 
 
