@@ -3,6 +3,7 @@ replacement from the resample), per class when stratified, kept as row indices u
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Sequence
 from typing import overload
 
@@ -15,17 +16,16 @@ from trainguard.defenses.heldout import LabeledData
 from trainguard.defenses.roni.config import DRAW_STREAM, SCALE_STREAM
 
 
-class _Draws(Sequence[LabeledData]):
-    """Calibration shards as row indices into the trusted data, materialised a chunk at a time (thousands of large
-    draws of frozen features would not fit in memory at once)."""
+class _LazyShards(Sequence[LabeledData]):
+    """Shards made one at a time as they are read (`_shard`), so a chunk of them is in memory at once: thousands of
+    large draws of frozen features would not fit together."""
 
-    def __init__(self, trusted: LabeledData, rows: Sequence[np.ndarray] | np.ndarray) -> None:
-        self.trusted = trusted
-        self.rows = rows
+    def __init__(self, length: int) -> None:
+        self.length = length
 
     @override
     def __len__(self) -> int:
-        return len(self.rows)
+        return self.length
 
     @overload
     def __getitem__(self, index: int) -> LabeledData: ...
@@ -35,6 +35,23 @@ class _Draws(Sequence[LabeledData]):
     def __getitem__(self, index: int | slice) -> LabeledData | list[LabeledData]:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
+        return self._shard(index)
+
+    @abstractmethod
+    def _shard(self, index: int) -> LabeledData:
+        """Shard `index`, made now."""
+
+
+class _Draws(_LazyShards):
+    """Calibration shards as row indices into the trusted data, materialised as they are read."""
+
+    def __init__(self, trusted: LabeledData, rows: Sequence[np.ndarray] | np.ndarray) -> None:
+        super().__init__(len(rows))
+        self.trusted = trusted
+        self.rows = rows
+
+    @override
+    def _shard(self, index: int) -> LabeledData:
         return self.trusted.take(torch.as_tensor(self.rows[index]))
 
 

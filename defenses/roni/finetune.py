@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import overload
 
 import numpy as np
 import torch
@@ -20,6 +19,7 @@ from trainguard.defenses.forward import ModuleForward, plain_forward
 from trainguard.defenses.heldout import LabeledData, per_class_mean
 from trainguard.defenses.roni.candidates import Candidate
 from trainguard.defenses.roni.config import ScreeningConfig
+from trainguard.defenses.roni.draws import _LazyShards
 from trainguard.defenses.task import Task
 
 ScreeningProgress = Callable[[int, int], None]
@@ -106,27 +106,18 @@ class _Scoped:
         )
 
 
-class _Trimmed(Sequence[LabeledData]):
+class _Trimmed(_LazyShards):
     """Shards less their rows the deployed network contradicts most (`ScreeningConfig.trim`), trimmed as they are
     read: candidates and calibration draws go through the same rule."""
 
     def __init__(self, shards: Sequence[LabeledData], scoped: _Scoped, config: ScreeningConfig) -> None:
+        super().__init__(len(shards))
         self.shards = shards
         self.scoped = scoped
         self.config = config
 
     @override
-    def __len__(self) -> int:
-        return len(self.shards)
-
-    @overload
-    def __getitem__(self, index: int) -> LabeledData: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[LabeledData]: ...
-    @override
-    def __getitem__(self, index: int | slice) -> LabeledData | list[LabeledData]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
+    def _shard(self, index: int) -> LabeledData:
         shard = self.shards[index]
         drop = self.config.trimmed(len(shard))
         if not drop:
