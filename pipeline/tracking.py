@@ -620,10 +620,10 @@ def dataset_input(report: VerificationReport, context: str, source_uri: str, nam
 
 
 def dataset_source(data_dir: Path, logged_uri: str, tracking_uri: str) -> str:
-    """Where another machine finds a dataset: the DVC remote URL of its data folder where DVC tracks the folder and
-    has a remote for it (`dvc.api.get_url`), else the URL of its manifest as logged to MLflow (`logged_uri`, an
-    artifact URI; `mlflow-artifacts:` ones as the tracking server's HTTP URL). A local path only where MLflow itself
-    keeps its artifacts locally.
+    """Where another machine finds a dataset: the DVC remote URL of the DVC out holding its data folder where DVC
+    tracks the folder and has a remote for it (`provenance.dvc.remote_url`, without credentials), else the URL of its
+    manifest as logged to MLflow (`logged_uri`, an artifact URI; `mlflow-artifacts:` ones as the tracking server's
+    HTTP URL). A local path only where MLflow itself keeps its artifacts locally.
 
     Args:
         data_dir: The folder the manifest's shards were read from.
@@ -637,24 +637,17 @@ def dataset_source(data_dir: Path, logged_uri: str, tracking_uri: str) -> str:
 
 
 def _dvc_remote_url(data_dir: Path) -> str | None:
-    """The URL of `data_dir` in its DVC repository's remote; None where DVC does not track it or has no (reachable
-    by plugin) remote: without one, DVC answers with its local cache, no place another machine can read."""
-    from trainguard.provenance.dvc import find_repo_root
+    """The URL of the DVC out holding `data_dir` in its repository's remote (`provenance.dvc.remote_url`, without
+    credentials); None where there is none, where DVC cannot answer (the logged manifest is the source then, and
+    tracking goes on), or where it is a local path: no place another machine can read."""
+    from trainguard.provenance.dvc import remote_url
     from trainguard.provenance.errors import DataDirError
 
-    folder = data_dir.resolve()
     try:
-        root = find_repo_root(folder)
+        url = remote_url(data_dir)
     except DataDirError:
         return None
-    import dvc.api
-    from dvc.exceptions import DvcException
-
-    try:
-        url = str(dvc.api.get_url(folder.relative_to(root).as_posix(), repo=str(root)))
-    except (DvcException, ImportError, OSError):  # not tracked, or a remote whose plugin is not installed
-        return None
-    return None if urllib.parse.urlparse(url).scheme in ("", "file") else url
+    return None if url is None or urllib.parse.urlparse(url).scheme in ("", "file") else url
 
 
 def _artifact_url(uri: str, tracking_uri: str) -> str:

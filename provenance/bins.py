@@ -41,6 +41,7 @@ from trainguard.provenance.manifest import (
     predicate_header,
     shard_documents,
 )
+from trainguard.provenance.sigstore_bundle import bundle_path
 
 BINNED_PREDICATE_TYPE = "https://trainguard.dev/dataset-manifest-bins/v1"
 BIN_TYPE = "https://trainguard.dev/dataset-manifest-bin/v1"
@@ -117,6 +118,21 @@ def uses_bins(shards: int, layout: str) -> bool:
 def bins_folder(manifest_path: Path) -> Path:
     """Where a binned manifest's bin files live: `<manifest file name>.bins/` beside it."""
     return manifest_path.with_name(manifest_path.name + ".bins")
+
+
+def manifest_files(manifest_path: Path) -> tuple[Path, Path, Path]:
+    """A manifest's own files, which are never shards of the data it signs, wherever it lies in its data folder: one
+    rule for signing (`build_manifest`'s `exclude`), verifying (`verify_dataset`'s walk) and re-sharding
+    (`trainguard shard`). Its bins folder is among them in every layout: its bin files are unsigned and rewritten
+    at each signing, so signing them as shards would sign files the next signing replaces.
+
+    Args:
+        manifest_path: The manifest's file (its signed envelope).
+
+    Returns:
+        The manifest file, its Sigstore bundle and its bins folder (any of them may not exist).
+    """
+    return manifest_path, bundle_path(manifest_path), bins_folder(manifest_path)
 
 
 def bin_file(manifest_path: Path, index: int) -> Path:

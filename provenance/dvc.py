@@ -125,7 +125,8 @@ def dvc_record(start: Path, paths: Sequence[Path] = ()) -> DvcRecord | None:
         The record, or None when `start` is not in a DVC repository.
 
     Raises:
-        DataDirError: `dvc.lock`, DVC's config or its DVC files cannot be read.
+        DataDirError: `dvc.lock`, DVC's config or its DVC files cannot be read, or the default remote needs a DVC
+            plugin that is not installed.
     """
     try:
         root = find_repo_root(Path(start).resolve())
@@ -136,6 +137,37 @@ def dvc_record(start: Path, paths: Sequence[Path] = ()) -> DvcRecord | None:
         lock_sha256 = hashlib.sha256(read_regular(lock)).hexdigest() if lock.exists() else None
     except OSError as error:
         raise DataDirError(f"cannot read {lock}: {error.strerror}", path=str(lock)) from None
+    remotes, data = _remotes_and_urls(root, paths)
+    return DvcRecord(root, lock_sha256, remotes, data)
+
+
+def remote_url(path: Path) -> str | None:
+    """The URL, in its repository's default DVC remote, of the DVC out holding `path` (its object, or its `.dir`
+    listing), with any credentials taken out: where another machine finds the data. None outside DVC, where no DVC
+    out holds `path`, or without a remote.
+
+    Args:
+        path: A data dir or file inside a DVC repository.
+
+    Returns:
+        The URL, or None.
+
+    Raises:
+        DataDirError: DVC cannot read the repository's config, its DVC files or the out's listing, or the remote
+            needs a DVC plugin that is not installed.
+    """
+    resolved = Path(path).resolve()
+    try:
+        root = find_repo_root(resolved)
+    except DataDirError:
+        return None
+    _, urls = _remotes_and_urls(root, [resolved])
+    return next(iter(urls.values()), None)
+
+
+def _remotes_and_urls(root: Path, paths: Sequence[Path]) -> tuple[dict[str, str], dict[Path, str]]:
+    """The repository's remotes (name -> URL) and the default remote's URL of each DVC out holding one of `paths`,
+    all without credentials."""
     with _dvc_errors(root):
         from dvc.repo import Repo
 
@@ -143,7 +175,7 @@ def dvc_record(start: Path, paths: Sequence[Path] = ()) -> DvcRecord | None:
             remotes = {name: _without_userinfo(str(conf["url"])) for name, conf in repo.config["remote"].items()}
             outs = [Path(out.fs_path) for out in repo.index.outs if out.use_cache]
         data = _remote_urls(root, outs, paths) if remotes else {}
-    return DvcRecord(root, lock_sha256, remotes, data)
+    return remotes, data
 
 
 def _remote_urls(root: Path, outs: Sequence[Path], paths: Sequence[Path]) -> dict[Path, str]:
@@ -174,8 +206,8 @@ def _without_userinfo(url: str) -> str:
 
 @contextmanager
 def _dvc_errors(root: Path) -> Iterator[None]:
-    """DVC's own failures (config, DVC files, overlapping outs, a listing missing or malformed) as one-line
-    DataDirErrors naming the repository."""
+    """DVC's own failures (config, DVC files, overlapping outs, a listing missing or malformed, a remote's plugin
+    missing) as one-line DataDirErrors naming the repository."""
     from dvc.exceptions import DvcException
     from dvc_data.index.index import DataIndexError
 
@@ -192,3 +224,5 @@ def _dvc_errors(root: Path) -> Iterator[None]:
         raise DataDirError(f"DVC cannot read {root}: {' '.join(str(error).split())}", path=str(root)) from None
     except OSError as error:
         raise DataDirError(f"DVC cannot read {root}: {error.strerror or error}", path=str(root)) from None
+    except ImportError as error:  # a remote whose plugin (dvc-s3, dvc-gs, ...) is not installed
+        raise DataDirError(f"DVC cannot read {root}: {error}", path=str(root)) from None

@@ -25,7 +25,13 @@ _NODE = b"\x01"
 
 @dataclass(frozen=True)
 class InclusionProof:
-    """That the leaf at `index` is in a tree of `size` leaves: the sibling hashes from the leaf up (RFC 9162 2.1.3)."""
+    """That the leaf at `index` is in a tree of `size` leaves: the sibling hashes from the leaf up (RFC 9162 2.1.3).
+
+    Attributes:
+        index: The leaf's place among the tree's leaves (0-based).
+        size: How many leaves the tree has.
+        path: The audit path: the sibling subtree hashes, nearest the leaf first.
+    """
 
     index: int
     size: int

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from trainguard.files import atomic_write, read_regular
-from trainguard.provenance.bins import sign_binned, statement_header, uses_bins, write_binned
+from trainguard.provenance.bins import manifest_files, sign_binned, statement_header, uses_bins, write_binned
 from trainguard.provenance.dsse import Envelope, add_signature, sign_envelope
 from trainguard.provenance.errors import DataDirError, MalformedError, ProvenanceError
 from trainguard.provenance.hashing import FileDigest, ProgressCallback, Whole, digest_files
@@ -167,8 +167,8 @@ def build_manifest(
 
     Sources and roles come from `sources`/`roles` maps (names or globs) with `source`/`role` as the fallback.
     The version defaults to one more than the manifest at `previous`, else 1. `shuffle_seed` records the seed the
-    rows were dealt across the shards with (`trainguard shard`). An excluded manifest's Sigstore bundle is excluded
-    with it (both are written beside each other, maybe inside the data folder).
+    rows were dealt across the shards with (`trainguard shard`). An excluded manifest's own files (`manifest_files`:
+    its Sigstore bundle and bins folder, written beside it, maybe inside the data folder) are excluded with it.
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
@@ -178,7 +178,7 @@ def build_manifest(
     name = dataset or data_dir.resolve().name
     source_map, role_map = load_map(sources, "--sources"), load_map(roles, "--roles")
     files: dict[str, Path] = {}
-    for relative, kind in walk_entries(data_dir, (*exclude, *(bundle_path(path) for path in exclude))):
+    for relative, kind in walk_entries(data_dir, tuple(own for path in exclude for own in manifest_files(path))):
         where = repr(str(data_dir / relative))
         problem = name_problem(relative)
         if problem is not None:

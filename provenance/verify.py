@@ -20,9 +20,9 @@ from trainguard.provenance.ahead import AHEAD, HashAhead
 from trainguard.provenance.bins import (
     BinnedIndex,
     BinShare,
-    bins_folder,
     load_bin,
     looks_binned,
+    manifest_files,
     parse_index,
     share_bins,
 )
@@ -61,7 +61,6 @@ from trainguard.provenance.paths import (
 )
 from trainguard.provenance.policy import KeySet, TrustPolicy, granted, granted_claims, load_trust
 from trainguard.provenance.rollback import RollbackCheck, RollbackScope, RollbackState, default_state_path
-from trainguard.provenance.sigstore_bundle import bundle_path
 
 MANIFEST_LEVEL = (
     PayloadTypeError,
@@ -355,7 +354,8 @@ def verify_dataset(
         workers: Parallel hashing workers (None: one per CPU).
         on_bytes: Called with each count of bytes hashed, for a progress display.
         record: Whether a passing manifest's version is recorded in a file-backed state.
-        dvc: Whether each shard's md5 is also checked against what DVC tracks for the data folder.
+        dvc: Whether each shard's md5 is also checked against what DVC tracks for the data folder (a shard DVC does
+            not track, or whose md5 differs, is a `dvc-untracked` or `dvc-mismatch` failure in the report).
         share: `(rank, world)`: check only that rank's bins of a binned manifest.
         ahead: The data folder's walk and digests, started early by the CLI; None for other callers.
 
@@ -364,12 +364,13 @@ def verify_dataset(
         rollback, bins) included; `report.ok` when there is none.
 
     Raises:
-        MalformedError: The manifest or the rollback state file cannot be read or parsed, or a share was asked of a
-            single-file manifest.
+        MalformedError: The manifest or the rollback state file cannot be read or parsed, a share was asked of a
+            single-file manifest, or (with `dvc`) DVC's listing of the folder names a file unsafely or gives it a
+            malformed md5.
         PolicyError: `trust` names a policy that cannot be loaded.
         KeyFileError: `trust` names a PEM file that holds no usable public key.
-        DataDirError: The data folder does not exist (with `dvc`: DVC does not track it usably).
-        DvcMismatchError: With `dvc`, DVC's records of the folder disagree, or its cache listing does not match.
+        DataDirError: The data folder does not exist, or (with `dvc`) DVC does not track it as a directory, cannot
+            read its records or load its listing, or has no listing of it in its cache or remote.
 
     Example::
 
@@ -457,7 +458,7 @@ def verify_shards(
         allow_extra=allow_extra,
         workers=workers,
         on_bytes=on_bytes,
-        skip=[verified.path, bundle_path(verified.path), bins_folder(verified.path), *skip],
+        skip=[*manifest_files(verified.path), *skip],
         dvc_md5=dvc_md5,
         holds=verified.share.holds if verified.share is not None else None,
         ahead=ahead,
@@ -652,8 +653,8 @@ def verify_or_raise(path: Path, trust: TrustPolicy | Path, **options: Any) -> Ve
 
     Raises:
         VerificationFailed: Any check failed; `report` lists every failure, `reason` and `shard` the first.
-        MalformedError: Unusable input, as `verify_dataset` raises it (so are PolicyError, KeyFileError,
-            DataDirError and DvcMismatchError).
+        MalformedError: Unusable input, as `verify_dataset` raises it (so are PolicyError, KeyFileError and
+            DataDirError).
     """
     report = verify_dataset(path, trust, **options)
     report.raise_for_failures()

@@ -125,18 +125,18 @@ def shard(
 
 def _replaceable(out: Path, manifest: Path, key: SigningKey | None) -> tuple[str, ...]:
     """The shards of an earlier run to replace: `out` may be new or empty, or hold exactly the shards the manifest
-    at `manifest` lists (and that manifest and its Sigstore bundle), when `key` signed it. Anything else in `out` is
-    refused unread."""
+    at `manifest` lists (and that manifest's own files, `manifest_files`), when `key` signed it. Anything else in
+    `out` is refused unread."""
+    from trainguard.provenance.bins import manifest_files
     from trainguard.provenance.errors import DataDirError
     from trainguard.provenance.paths import printable, walk_entries
-    from trainguard.provenance.sigstore_bundle import bundle_path
 
     earlier = _earlier(manifest, key)
     if not out.exists():
         return ()
     if not out.is_dir():
         raise DataDirError(f"out folder {printable(str(out))} exists and is not a folder", path=str(out))
-    present = {name for name, _ in walk_entries(out, (manifest, bundle_path(manifest)))}
+    present = {name for name, _ in walk_entries(out, manifest_files(manifest))}
     if not present:
         return ()
     listed = {s.name for s in earlier.shards} if earlier is not None else set()

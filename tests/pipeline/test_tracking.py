@@ -248,8 +248,9 @@ def test_a_dataset_source_is_the_dvc_remote_url_of_its_data_else_the_logged_mani
     from dvc.repo import Repo
 
     data = dvc_repo / "data"
-    data.mkdir()
+    (data / "part").mkdir(parents=True)
     (data / "shard-0.parquet").write_bytes(b"rows")
+    (data / "part" / "shard-1.parquet").write_bytes(b"more rows")
     repo = Repo(str(dvc_repo))
     repo.add(str(data))
     logged = "mlflow-artifacts:/1/run/artifacts/datasets/train/train.manifest.json"
@@ -263,6 +264,13 @@ def test_a_dataset_source_is_the_dvc_remote_url_of_its_data_else_the_logged_mani
     source = dataset_source(data, logged, "http://127.0.0.1:5000")
     assert source.startswith("https://data.example.org/dvc/files/md5/") and source.endswith(".dir")
     assert dataset_source(dvc_repo.parent, logged, "http://127.0.0.1:5000") == served  # not in a DVC repository
+    (listing,) = (dvc_repo / ".dvc" / "cache").rglob("*.dir")
+    listing.write_bytes(b'["a"]')  # a listing DVC cannot load: a folder inside the out has the out's URL
+    assert dataset_source(data / "part", logged, "http://127.0.0.1:5000") == source
+    with repo.config.edit() as config:  # a remote URL's credentials stay out of MLflow
+        config["remote"]["store"] = {"url": "https://user:secret@data.example.org:8443/dvc"}
+    with_port = source.replace("data.example.org", "data.example.org:8443")
+    assert dataset_source(data, logged, "http://127.0.0.1:5000") == with_port
 
 
 def test_params_are_flattened_and_cut_to_mlflow_limits() -> None:

@@ -136,3 +136,18 @@ def test_a_binned_manifest_is_co_signed_and_re_signing_it_grows_its_version(tmp_
 def test_a_rank_outside_the_world_is_refused() -> None:
     with pytest.raises(MalformedError, match="rank 3"):
         BinShare.of_rank(3, 3, 8)
+
+
+def test_re_signing_a_folder_that_holds_its_binned_manifest_signs_none_of_the_manifests_own_files(
+    tmp_path: Path, key_pairs: Keys
+) -> None:
+    """The bins folder (unsigned, rewritten at each signing) is the manifest's, as its bundle is: never a shard."""
+    data = _data(tmp_path / "data")
+    path = data / "m.json"
+    first = build_manifest(data, source="a", now=NOW, exclude=(path,))
+    write_signed(first, key_pairs.alice, path, layout="bins", bins=8)
+    assert (data / "m.json.bins").is_dir() and (data / "m.sigstore.json").is_file()
+    second = build_manifest(data, source="a", version=2, now=NOW, exclude=(path,))
+    assert [s.name for s in second.shards] == [s.name for s in first.shards]
+    write_signed(second, key_pairs.alice, path, layout="bins", bins=8)
+    assert _verify(path, data, TrustPolicy.of((key_pairs.alice.public,))).ok
