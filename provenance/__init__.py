@@ -56,12 +56,9 @@ if TYPE_CHECKING:
     from trainguard.provenance.manifest import ShardEntry as ShardEntry
     from trainguard.provenance.manifest import parse_statement as parse_statement
     from trainguard.provenance.manifest_ref import ManifestRef as ManifestRef
-    from trainguard.provenance.merkle import ALGORITHM as ALGORITHM
     from trainguard.provenance.merkle import InclusionProof as InclusionProof
     from trainguard.provenance.merkle import inclusion_proof as inclusion_proof
-    from trainguard.provenance.merkle import leaf_hash as leaf_hash
     from trainguard.provenance.merkle import merkle_root as merkle_root
-    from trainguard.provenance.merkle import node_hash as node_hash
     from trainguard.provenance.merkle import shard_leaf as shard_leaf
     from trainguard.provenance.merkle import shard_leaves as shard_leaves
     from trainguard.provenance.merkle import verify_inclusion as verify_inclusion
@@ -105,12 +102,9 @@ _LAZY = {
     "Manifest": "trainguard.provenance.manifest",
     "ShardEntry": "trainguard.provenance.manifest",
     "parse_statement": "trainguard.provenance.manifest",
-    "ALGORITHM": "trainguard.provenance.merkle",
     "InclusionProof": "trainguard.provenance.merkle",
     "inclusion_proof": "trainguard.provenance.merkle",
-    "leaf_hash": "trainguard.provenance.merkle",
     "merkle_root": "trainguard.provenance.merkle",
-    "node_hash": "trainguard.provenance.merkle",
     "shard_leaf": "trainguard.provenance.merkle",
     "shard_leaves": "trainguard.provenance.merkle",
     "verify_inclusion": "trainguard.provenance.merkle",
