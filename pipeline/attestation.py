@@ -25,10 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 from trainguard import strictjson
 from trainguard.files import read_regular
+from trainguard.pipeline.cycle_report import MerkleTreeRef, manifest_digests
 from trainguard.pipeline.cycle_state import ShardDecision
 from trainguard.pipeline.errors import AttestationError, AttestationInputError
 from trainguard.pipeline.model_sign import Attestation, ModelFiles
-from trainguard.provenance.merkle import ALGORITHM, merkle_root, shard_leaves
+from trainguard.provenance.merkle import ALGORITHM
 
 if TYPE_CHECKING:
     from trainguard.provenance.dsse import Envelope
@@ -72,7 +73,8 @@ class CycleFacts:
     resolved_config: Mapping[str, Any]
     shards: Sequence[ShardDecision]
     read_log: Resource
-    allowed: Sequence[tuple[str, str]]  # the allow-list as (`dataset:name`, sha256): what training could read
+    allowed: MerkleTreeRef  # the allow-list training read, by root (`cycle_report.allowed_tree`)
+    accepted: MerkleTreeRef  # the shards of `shards` accepted, by root (`cycle_report.accepted_tree`)
     invocation_id: str
     started: str
     finished: str
@@ -208,7 +210,8 @@ def build_statement(facts: CycleFacts) -> dict[str, Any]:
 
 def data_record(facts: CycleFacts) -> dict[str, Any]:
     """The training data by digest: each manifest's sha256 and the Merkle roots (hex) and sizes of the allow-list and
-    of this cycle's accepted shards, so the record stays the same size whatever the shard count.
+    of this cycle's accepted shards (the roots the report's data section names), so the record stays the same size
+    whatever the shard count.
 
     Args:
         facts: The cycle's facts.
@@ -216,21 +219,17 @@ def data_record(facts: CycleFacts) -> dict[str, Any]:
     Returns:
         The record's `data` entry.
     """
-    accepted = [(d.shard, d.sha256) for d in facts.shards if d.accepted]
     return {
         "algorithm": ALGORITHM,
-        "manifests": sorted(
-            ({"name": m.name, "sha256": m.digest["sha256"]} for m in facts.manifests),
-            key=lambda m: (m["name"] or "", m["sha256"]),
-        ),
+        "manifests": manifest_digests((m.name or "", m.digest["sha256"]) for m in facts.manifests),
         "allowed": _tree(facts.allowed),
-        "accepted": _tree(accepted),
+        "accepted": _tree(facts.accepted),
     }
 
 
-def _tree(shards: Sequence[tuple[str, str]]) -> dict[str, Any]:
-    leaves = shard_leaves(shards)
-    return {"merkleRoot": merkle_root(leaves).hex(), "shards": len(leaves)}
+def _tree(tree: MerkleTreeRef) -> dict[str, Any]:
+    """A root as the record names it (camelCase, as SLSA's fields are)."""
+    return {"merkleRoot": tree["merkle_root"], "shards": tree["shards"]}
 
 
 def _roni(roni: Mapping[str, Any]) -> dict[str, Any]:

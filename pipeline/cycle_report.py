@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NotRequired, TypedDict, cast
 
 from trainguard.files import atomic_write
 from trainguard.pipeline.cycle_state import ShardDecision
-from trainguard.pipeline.workdir import WorkDir, cycle_name
+from trainguard.pipeline.workdir import WorkDir
 from trainguard.provenance.merkle import ALGORITHM, merkle_root, shard_leaves
 
 if TYPE_CHECKING:
@@ -393,13 +394,15 @@ def data_section(work_dir: Path, cycle: int, manifests: Sequence[tuple[str, str]
     schema = pa.schema([(name, pa.string()) for name in ("manifest_sha256", "dataset", "name", "sha256")])
     return {
         "algorithm": ALGORITHM,
-        "manifests": [{"name": name, "sha256": digest} for name, digest in sorted(manifests)],
-        "allowed": _tree([(s.key, s.sha256) for s in allow.shards]),
-        "allow_list": write_table(work_dir, f"{cycle_name(cycle)}.allow.parquet", rows, schema),
+        "manifests": manifest_digests(manifests),
+        "allowed": allowed_tree(allow),
+        "allow_list": write_table(work_dir, WorkDir(work_dir).allow_table(cycle), rows, schema),
     }
 
 
-def decided(work_dir: Path, cycle: int, section: DataSection, shards: Sequence[ShardDecision]) -> DataSection:
+def decided(
+    work_dir: Path, cycle: int, section: DataSection, shards: Sequence[ShardDecision], accepted: MerkleTreeRef
+) -> DataSection:
     """The data section with the cycle's accepted shards by Merkle root and every decision written to
     `reports/cycle-NNNN.decisions.parquet` (one column per `ShardDecision` field).
 
@@ -408,6 +411,7 @@ def decided(work_dir: Path, cycle: int, section: DataSection, shards: Sequence[S
         cycle: The cycle's number.
         section: The section `data_section` made.
         shards: Every shard decision of the cycle.
+        accepted: `accepted_tree(shards)`, computed once for the report and the attestation.
 
     Returns:
         The completed section.
@@ -419,17 +423,17 @@ def decided(work_dir: Path, cycle: int, section: DataSection, shards: Sequence[S
     rows = [d.model_dump(mode="json") for d in shards]
     return {
         **section,
-        "accepted": _tree([d.key for d in shards if d.accepted]),
-        "decisions": write_table(work_dir, f"{cycle_name(cycle)}.decisions.parquet", rows, schema),
+        "accepted": accepted,
+        "decisions": write_table(work_dir, WorkDir(work_dir).decisions_table(cycle), rows, schema),
     }
 
 
-def write_table(work_dir: Path, name: str, rows: Sequence[Mapping[str, Any]], schema: pa.Schema) -> TableFile:
-    """Writes rows as one parquet file in the work dir's reports folder, atomically.
+def write_table(work_dir: Path, path: Path, rows: Sequence[Mapping[str, Any]], schema: pa.Schema) -> TableFile:
+    """Writes rows as one parquet file under the work dir, atomically.
 
     Args:
         work_dir: The cycle's work dir.
-        name: The file's name.
+        path: The file (a `WorkDir` table path under `work_dir`).
         rows: The rows, keyed by the schema's column names.
         schema: The columns and their types.
 
@@ -439,15 +443,54 @@ def write_table(work_dir: Path, name: str, rows: Sequence[Mapping[str, Any]], sc
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    paths = WorkDir(work_dir)
     sink = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist(list(rows), schema=schema), sink)
     data = sink.getvalue().to_pybytes()
-    atomic_write(paths.reports / name, data)
-    path = (paths.reports / name).relative_to(paths.root).as_posix()
-    return {"path": path, "sha256": hashlib.sha256(data).hexdigest(), "rows": len(rows)}
+    atomic_write(path, data)
+    where = path.relative_to(work_dir).as_posix()
+    return {"path": where, "sha256": hashlib.sha256(data).hexdigest(), "rows": len(rows)}
 
 
-def _tree(shards: Sequence[tuple[str, str]]) -> MerkleTreeRef:
-    leaves = shard_leaves(shards)
+def merkle_tree(shards: Iterable[tuple[str, str]]) -> MerkleTreeRef:
+    """A set of shards by the Merkle root of its sorted `[name, sha256]` leaves and its size: the one computation
+    of the roots the report's data section and the attestation's record name.
+
+    Args:
+        shards: (name, sha256) of each shard.
+
+    Returns:
+        The root (hex) and the shard count.
+    """
+    leaves = shard_leaves(list(shards))
     return {"merkle_root": merkle_root(leaves).hex(), "shards": len(leaves)}
+
+
+@dataclass(frozen=True)
+class DataRoots:
+    """What a cycle trained on by Merkle root, computed once: the allow-list training read (`allowed_tree`) and the
+    shards it accepted (`accepted_tree`), for the attestation's record and the report's data section."""
+
+    allowed: MerkleTreeRef
+    accepted: MerkleTreeRef
+
+
+def allowed_tree(allow: AllowList) -> MerkleTreeRef:
+    """An allow-list by its root over `dataset:name` keys (`merkle_tree`)."""
+    return merkle_tree((s.key, s.sha256) for s in allow.shards)
+
+
+def accepted_tree(shards: Sequence[ShardDecision]) -> MerkleTreeRef:
+    """The shards a cycle accepted by their root over decision names (`merkle_tree`)."""
+    return merkle_tree(d.key for d in shards if d.accepted)
+
+
+def manifest_digests(manifests: Iterable[tuple[str, str]]) -> list[ManifestDigest]:
+    """The manifests by (dataset name, sha256), sorted by name then digest, as the report and attestation list them.
+
+    Args:
+        manifests: (dataset name, sha256) of each manifest.
+
+    Returns:
+        The sorted `{"name", "sha256"}` entries.
+    """
+    return [{"name": name, "sha256": digest} for name, digest in sorted(manifests)]

@@ -26,19 +26,10 @@ from lightning_fabric.plugins.environments.cluster_environment import ClusterEnv
 from lightning_fabric.plugins.environments.slurm import SLURMEnvironment
 from lightning_fabric.plugins.environments.torchelastic import TorchElasticEnvironment
 
-from trainguard.pipeline.errors import CycleAbortedError, PipelineError
+from trainguard.pipeline.errors import CycleAbortedError, LaunchError
 from trainguard.ranks import TIMEOUT, RankError, RankWaitError, arrive, broadcast_json, gather_json
 
 T = TypeVar("T")
-
-
-class LaunchError(PipelineError):
-    """This process was started in a way the cycle cannot run as: the batch step of a SLURM allocation of many
-    tasks, tasks spread unevenly over the nodes, a launcher trainguard does not know, or GPUs a task cannot use.
-    Exit code 2: how the job was started is the input to fix, no check failed."""
-
-    exit_code = 2
-    reason = "launch"
 
 
 @dataclass(frozen=True)

@@ -107,6 +107,15 @@ class CycleAbortedError(PipelineError):
         self.check = check
 
 
+class LaunchError(PipelineError):
+    """This process was started in a way the cycle cannot run as: the batch step of a SLURM allocation of many
+    tasks, tasks spread unevenly over the nodes, a launcher trainguard does not know, or GPUs a task cannot use.
+    Exit code 2: how the job was started is the input to fix, no check failed."""
+
+    exit_code = 2
+    reason = "launch"
+
+
 class PreflightError(PipelineError):
     """A check `trainguard check` (and the start of every cycle) runs before any training failed; `check` names it
     (keys, manifests, model, ...)."""

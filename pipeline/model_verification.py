@@ -82,11 +82,19 @@ def verify_model(
         attestation_keyids=attestation.keyids,
         invocation_id=str(predicate["runDetails"]["metadata"].get("invocationId", "")),
         dependencies=tuple(predicate["buildDefinition"]["resolvedDependencies"]),
-        accepted_shards=int(record.get("shards", {}).get("acceptedCount", 0)),
-        rejected_shards=int(record.get("shards", {}).get("rejectedCount", 0)),
+        accepted_shards=_shard_count(record, "accepted"),
+        rejected_shards=_shard_count(record, "rejected"),
         read_log_sha256=str(record.get("readLog", {}).get("sha256", "")),
         cycle=_attested_cycle(record, attestation.path),
     )
+
+
+def _shard_count(record: Mapping[str, Any], kind: str) -> int:
+    """The number of shards the attested cycle `kind` ("accepted" or "rejected"): the record's `<kind>Count`, or, in an
+    attestation made before the counts (which lists every decision), the length of its `<kind>` list."""
+    shards = record.get("shards", {})
+    count = shards.get(f"{kind}Count")
+    return int(count) if count is not None else len(shards.get(kind, []))
 
 
 def _attested_cycle(record: Mapping[str, Any], path: Path) -> int | None:

@@ -21,17 +21,15 @@ from trainguard.pipeline.attestation import (
     read_log_resource,
 )
 from trainguard.pipeline.config import CycleConfig
-from trainguard.pipeline.cycle_report import refusals
+from trainguard.pipeline.cycle_report import DataRoots, refusals
 from trainguard.pipeline.cycle_state import HeldoutRecord, ModelRecord, utc_now
 from trainguard.pipeline.errors import CycleAbortedError
 from trainguard.pipeline.intake import Intake
 from trainguard.pipeline.model_code import find_model_code, model_imports
 from trainguard.pipeline.model_sign import write_signed_model
-from trainguard.pipeline.plots import ROBUST_PREFIX
 from trainguard.pipeline.running_cycle import RunningCycle
 from trainguard.pipeline.tracking import ModelRelease, TrackedRun
 from trainguard.pipeline.training import TrainingResult
-from trainguard.provenance.allowlist import AllowList
 from trainguard.provenance.keys import public_key_path
 
 
@@ -39,13 +37,14 @@ def release(
     cycle: RunningCycle,
     model: pl.LightningModule,
     intake: Intake,
-    allow: AllowList,
+    roots: DataRoots,
     result: TrainingResult,
     parent: TrackedRun,
     example: Any,
 ) -> Path:
     """Signs the accepted model with its SLSA attestation, makes it the model the next cycle starts from, and
-    registers it in MLflow as the `champion`. A released model directory is never overwritten."""
+    registers it in MLflow as the `champion`; the attestation names the data by `roots`. A released model directory
+    is never overwritten."""
     config = cycle.config
     directory = config.output.paths.model(cycle.number)
     if directory.exists() or directory.is_symlink():
@@ -63,7 +62,8 @@ def release(
         resolved_config=config.resolved(),
         shards=cycle.running.shards,
         read_log=read_log_resource(**cycle.report["training"]["read_log"]),
-        allowed=[(s.key, s.sha256) for s in allow.shards],
+        allowed=roots.allowed,
+        accepted=roots.accepted,
         invocation_id=str(uuid.uuid4()),
         started=started,
         finished=utc_now(),
@@ -99,9 +99,10 @@ def release(
         metrics=result.verdict.after.to_dict(),
     )
     cycle.state = cycle.store.update(cycle.state.accept(record, heldout))
-    heldout_metrics = {"val/acc", "val/gradient_masking", "gate/accuracy_before"}  # as the headline names them
-    heldout_metrics |= {f"{ROBUST_PREFIX}{eps}" for eps in result.robust_accuracy}
-    parent.register_model(_model_release(cycle, intake, directory, files.digests, example, heldout_metrics))
+    from trainguard.pipeline.cycle.outputs import heldout_metrics  # here: the cycle package imports this module
+
+    evaluated = heldout_metrics(result.robust_accuracy)
+    parent.register_model(_model_release(cycle, intake, directory, files.digests, example, evaluated))
     cycle.report["model"] = {
         "dir": str(directory),
         "digests": dict(files.digests),
@@ -117,7 +118,7 @@ def _model_release(
     directory: Path,
     digests: Mapping[str, str],
     example: Any,
-    heldout_metrics: set[str],
+    evaluated: frozenset[str],
 ) -> ModelRelease:
     """What the registered version says about itself: which cycle, which data (manifest digests), which checks; its
     params (the resolved config) and which of the cycle's metrics were measured on the held-out set."""
@@ -152,7 +153,7 @@ def _model_release(
         description=description,
         tags=tags,
         params=config.resolved(),
-        evaluated=frozenset(heldout_metrics),
+        evaluated=evaluated,
     )
 
 

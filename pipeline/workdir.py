@@ -66,6 +66,14 @@ class WorkDir:
     def receipt(self, cycle: int) -> Path:
         return self.reports / f"{cycle_name(cycle)}{RECEIPT_SUFFIX}"
 
+    def allow_table(self, cycle: int) -> Path:
+        """Cycle `cycle`'s allow-list, one parquet row per shard training could read (beside its report)."""
+        return self.reports / f"{cycle_name(cycle)}.allow.parquet"
+
+    def decisions_table(self, cycle: int) -> Path:
+        """Every shard decision of cycle `cycle`, one parquet row each (beside its report)."""
+        return self.reports / f"{cycle_name(cycle)}.decisions.parquet"
+
     def model(self, cycle: int) -> Path:
         """Where cycle `cycle`'s model is released (never overwritten)."""
         return self.models / cycle_name(cycle)

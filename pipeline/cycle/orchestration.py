@@ -34,7 +34,14 @@ from trainguard.pipeline.cycle.stages import (
     _screen,
     _screen_inputs,
 )
-from trainguard.pipeline.cycle_report import TrainingSection, data_section, gate_section
+from trainguard.pipeline.cycle_report import (
+    DataRoots,
+    TrainingSection,
+    accepted_tree,
+    allowed_tree,
+    data_section,
+    gate_section,
+)
 from trainguard.pipeline.distributed import Meeting, Stopped, follow, join, launch_from_env
 from trainguard.pipeline.errors import CycleAbortedError
 from trainguard.pipeline.intake import feature_columns, verify_and_read
@@ -46,6 +53,7 @@ from trainguard.pipeline.source_lines import source_lines
 from trainguard.pipeline.state_log import StateStore
 from trainguard.pipeline.tracking import CycleTracker, TrackedRun
 from trainguard.pipeline.training import train
+from trainguard.provenance.allowlist import AllowList
 from trainguard.provenance.errors import ProvenanceError
 from trainguard.provenance.keys import load_signing_key
 
@@ -218,6 +226,7 @@ def _run(cycle: RunningCycle, parent: TrackedRun) -> CycleOutcome:
         result = train(model, config, data, holdout, previous, stage.lightning_logger())
         read_log = _checked_read_log(cycle, allow, result)
         trained = _refused_at_read(cycle, intake, allow, result)
+        roots = _data_roots(cycle, allow, trained)
         cycle.step("training", result.metrics)
         training_section: TrainingSection = {
             "adversarial": result.adversarial,
@@ -238,7 +247,7 @@ def _run(cycle: RunningCycle, parent: TrackedRun) -> CycleOutcome:
         stage.set_tags({"trainguard.gate": "accepted" if accepted_model else "rejected", "trainguard.reason": reason})
         cycle.report["gate"] = gate_section(result.verdict, accepted_model, reason)
         example = holdout.x[:5].numpy()
-        model_dir = release(cycle, model, intake, trained, result, parent, example) if accepted_model else None
+        model_dir = release(cycle, model, intake, roots, result, parent, example) if accepted_model else None
         if not accepted_model:
             cycle.state = cycle.store.update(cycle.state.reject(reason))
     status = "accepted" if accepted_model else "rejected"
@@ -254,7 +263,7 @@ def _run(cycle: RunningCycle, parent: TrackedRun) -> CycleOutcome:
             "tracking": _tracking_status(cycle.tracker),
         }
     )
-    decisions = _write_decisions(cycle)
+    decisions = _write_decisions(cycle, roots.accepted)
     report = cycle.write_report()  # before any upload: the local record never waits on the server
     rows = _write_dvc_outputs(cycle, result, headline)
     parent.log_metrics(headline, step=cycle.number)
@@ -274,6 +283,15 @@ def _run(cycle: RunningCycle, parent: TrackedRun) -> CycleOutcome:
         shards=cycle.state.cycles[-1].shards,
         sources=lines,
     )
+
+
+def _data_roots(cycle: RunningCycle, allow: AllowList, trained: AllowList) -> DataRoots:
+    """The Merkle roots of what training read and of the shards accepted, once the cycle's decisions are final (after
+    training): the attestation and the report's data section both name them. The allow-list's root is the data
+    section's when training read all of it."""
+    planned = cycle.report["data"]["allowed"]
+    allowed = planned if trained.shards == allow.shards else allowed_tree(trained)
+    return DataRoots(allowed=allowed, accepted=accepted_tree(cycle.running.shards))
 
 
 def _counted(count: int, thing: str) -> str:

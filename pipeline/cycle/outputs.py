@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -13,7 +14,7 @@ from trainguard.files import atomic_write
 from trainguard.pipeline import plots
 from trainguard.pipeline.attestation import git_resource
 from trainguard.pipeline.cycle.outcome import CycleOutcome
-from trainguard.pipeline.cycle_report import decided, decision_rows, refusals
+from trainguard.pipeline.cycle_report import MerkleTreeRef, decided, decision_rows, refusals
 from trainguard.pipeline.cycle_state import HeldoutRecord
 from trainguard.pipeline.intake import Intake
 from trainguard.pipeline.running_cycle import RunningCycle
@@ -50,16 +51,34 @@ def _settled(cycle: RunningCycle, parent: TrackedRun, outcome: CycleOutcome) -> 
     return replace(outcome, tracking=tracking)
 
 
+HELDOUT_METRICS = ("val/acc", "gate/accuracy_before", "val/gradient_masking")
+"""The headline's metrics measured on the held-out set (clean accuracy after and before training, the gradient-masking
+flag); its robust accuracies, also measured there, are named `plots.ROBUST_PREFIX` + epsilon (`heldout_metrics`)."""
+
+
+def heldout_metrics(epsilons: Iterable[str]) -> frozenset[str]:
+    """The names of the headline's metrics measured on the held-out set, given the epsilons of its robust accuracy.
+
+    Args:
+        epsilons: The perturbation sizes robust accuracy was measured at, as its metrics name them.
+
+    Returns:
+        `HELDOUT_METRICS` and a `plots.ROBUST_PREFIX` name per epsilon.
+    """
+    return frozenset((*HELDOUT_METRICS, *(f"{plots.ROBUST_PREFIX}{eps}" for eps in epsilons)))
+
+
 def _headline(cycle: RunningCycle, result: TrainingResult, screening_seconds: float, status: str) -> dict[str, float]:
     """The cycle's numbers, named alike in MLflow, the JSON report and DVC's metrics file: clean and robust
     held-out accuracy, shards offered, accepted and refused by check, and the screening's error level and time."""
     shards = cycle.record.shards
     refused = refusals(shards)
+    accuracy, accuracy_before, gradient_masking = HELDOUT_METRICS
     metrics = {
         "cycle/number": float(cycle.number),
         "cycle/accepted": float(status == "accepted"),
-        "val/acc": result.verdict.after.accuracy,
-        "gate/accuracy_before": result.verdict.before.accuracy,
+        accuracy: result.verdict.after.accuracy,
+        accuracy_before: result.verdict.before.accuracy,
         **{f"{plots.ROBUST_PREFIX}{eps}": acc for eps, acc in result.robust_accuracy.items()},
         "shards/offered": float(len(shards)),
         "shards/accepted": float(len(shards) - sum(refused.values())),
@@ -68,20 +87,21 @@ def _headline(cycle: RunningCycle, result: TrainingResult, screening_seconds: fl
         "roni/seconds": screening_seconds,
     }
     if result.gradient_masking is not None:
-        metrics["val/gradient_masking"] = float(bool(result.gradient_masking["flagged"]))
+        metrics[gradient_masking] = float(bool(result.gradient_masking["flagged"]))
     if cycle.config.roni.enabled:
         metrics["roni/level"] = cycle.config.roni.level
     return {name: value for name, value in metrics.items() if value == value}  # NaN (not measured) left out
 
 
-def _write_decisions(cycle: RunningCycle) -> Path | None:
+def _write_decisions(cycle: RunningCycle, accepted: MerkleTreeRef) -> Path | None:
     """Writes every shard decision of the cycle as a parquet file beside the report and names it (with the accepted
-    shards' Merkle root) in the report's data section; returns the file (None when the cycle has no data section)."""
+    shards' Merkle root, `accepted`) in the report's data section; returns the file (None when the cycle has no data
+    section)."""
     section = cycle.report.get("data")
     if section is None:
         return None
     work_dir = cycle.config.output.work_dir
-    data = decided(work_dir, cycle.number, section, cycle.record.shards)
+    data = decided(work_dir, cycle.number, section, cycle.record.shards, accepted)
     cycle.report["data"] = data
     return work_dir / data["decisions"]["path"]
 

@@ -24,12 +24,14 @@ from trainguard.pipeline.attestation import (
     statement_bytes,
     verify_attestation,
 )
+from trainguard.pipeline.cycle_report import accepted_tree, merkle_tree
 from trainguard.pipeline.cycle_state import ShardDecision
 from trainguard.pipeline.errors import AttestationError, AttestationInputError
 from trainguard.provenance.merkle import inclusion_proof, shard_leaf, shard_leaves, verify_inclusion
 from trainguard.provenance.reader import ReadLog, ReadRecord
 
 MODEL = {"model.safetensors": "aa" * 32, "model.json": "bb" * 32}
+ALLOWED = [("digits:alice/s0.parquet", "01"), ("digits:trusted/t0.parquet", "0a")]
 
 
 def _log_digest(entries: list[tuple[str, str]]) -> str:
@@ -71,7 +73,7 @@ def _facts(tmp_path: Path, **changes: object) -> CycleFacts:
         "resolved_config": {"name": "digits", "training": {"max_epochs": 3}},
         "shards": shards,
         "read_log": read_log_resource(tmp_path / "reads.jsonl", _log_digest([("alice/s0.parquet", "01")]), 1),
-        "allowed": [("digits:alice/s0.parquet", "01"), ("digits:trusted/t0.parquet", "0a")],
+        "allowed": merkle_tree(ALLOWED),
         "invocation_id": "cycle-1",
         "started": "2026-01-01T00:00:00Z",
         "finished": "2026-01-01T00:01:00Z",
@@ -80,6 +82,7 @@ def _facts(tmp_path: Path, **changes: object) -> CycleFacts:
         "gate": {"accepted": True, "clean_accuracy": 0.93},
     }
     values.update(changes)
+    values.setdefault("accepted", accepted_tree(values["shards"]))  # type: ignore[arg-type]
     return CycleFacts(**values)
 
 
@@ -104,7 +107,7 @@ def test_the_record_names_the_data_by_digests_and_roots_and_lists_refusals_with_
     assert data["algorithm"] == "rfc9162-sha256"
     assert data["manifests"] == [{"name": "train", "sha256": facts.manifests[0].digest["sha256"]}]
     assert data["allowed"]["shards"] == 2 and data["accepted"]["shards"] == 1
-    leaves = shard_leaves(facts.allowed)
+    leaves = shard_leaves(ALLOWED)
     root = bytes.fromhex(data["allowed"]["merkleRoot"])
     at = leaves.index(shard_leaf("digits:trusted/t0.parquet", "0a"))
     assert verify_inclusion(leaves[at], inclusion_proof(leaves, at), root)
@@ -130,7 +133,7 @@ def test_the_statement_does_not_grow_with_the_accepted_shards_and_bounds_the_ref
             for i in range(refused)
         ]
         allowed = [(f"digits:{d.shard}", d.sha256) for d in decisions if d.accepted]
-        return statement_bytes(build_statement(_facts(tmp_path, shards=decisions, allowed=allowed)))
+        return statement_bytes(build_statement(_facts(tmp_path, shards=decisions, allowed=merkle_tree(allowed))))
 
     assert len(statement(1000, 0)) == len(statement(9000, 0))  # counts of as many digits: the same size
     record = cycle_record(json.loads(statement(1, LISTED_REFUSALS + 5)))

@@ -39,8 +39,8 @@ from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElastic
 from tests.pipeline.launcher import run_ranks
 from trainguard.defenses.heldout import HeldoutMetrics, LabeledData
 from trainguard.pipeline.config import CycleConfig, load_config
-from trainguard.pipeline.distributed import Launch, LaunchError, check_gpus, launch_from_env
-from trainguard.pipeline.errors import CycleAbortedError
+from trainguard.pipeline.distributed import Launch, check_gpus, launch_from_env
+from trainguard.pipeline.errors import CycleAbortedError, LaunchError
 from trainguard.pipeline.intake import concat, verify_and_read
 from trainguard.pipeline.plan import TrainingPlan
 from trainguard.provenance.allowlist import AllowList

@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 import trainguard
 from trainguard.pipeline.attestation import CycleFacts, build_statement, file_resource, read_log_resource
 from trainguard.pipeline.config import Component
+from trainguard.pipeline.cycle_report import accepted_tree, merkle_tree
 from trainguard.pipeline.cycle_state import ShardDecision
 from trainguard.pipeline.errors import ModelSignatureError, RegistryError
 from trainguard.pipeline.mlflow_model import (
@@ -65,14 +66,16 @@ def _attested(directory: Path, cycle: int, private: Path, class_path: str = "tor
         module.bias.copy_(torch.nn.functional.one_hot(torch.tensor(cycle), 3).float() * 5)
 
     def attest(files: object) -> bytes:
+        decisions = [ShardDecision(shard="a", sha256="01", source="s", accepted=True, check="roni")]
         facts = CycleFacts(
             model_digests=files.digests,  # type: ignore[attr-defined]
             manifests=[],
             config=file_resource(config, "config"),
             resolved_config={"name": "test"},
-            shards=[ShardDecision(shard="a", sha256="01", source="s", accepted=True, check="roni")],
+            shards=decisions,
             read_log=read_log_resource(directory.parent / "reads.jsonl", "00" * 32, 0),
-            allowed=[],
+            allowed=merkle_tree([]),
+            accepted=accepted_tree(decisions),
             invocation_id=f"cycle-{cycle}",
             started="2026-01-01T00:00:00Z",
             finished="2026-01-01T00:00:01Z",

@@ -20,6 +20,7 @@ from trainguard.pipeline.attestation import (
     read_log_resource,
     sign_statement,
 )
+from trainguard.pipeline.cycle_report import accepted_tree, merkle_tree
 from trainguard.pipeline.cycle_state import ShardDecision
 from trainguard.pipeline.errors import AttestationError, AttestationMismatchError, ModelSignatureError
 from trainguard.pipeline.model_sign import ATTESTATION_FILE, MODEL_FILE, ModelFiles, write_signed_model
@@ -50,21 +51,30 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def _release(
-    tmp_path: Path, key: Path, name: str, value: float, attestation_key: Path | None = None, cycle: object = None
+    tmp_path: Path,
+    key: Path,
+    name: str,
+    value: float,
+    attestation_key: Path | None = None,
+    cycle: object = None,
+    shards: dict[str, object] | None = None,
 ) -> Path:
-    """A signed model directory with its signed attestation, as a cycle writes it (recording `cycle` if given)."""
+    """A signed model directory with its signed attestation, as a cycle writes it (recording `cycle` if given, and
+    `shards` as the record's shard entry if given)."""
     config = tmp_path / "cycle.yaml"
     config.write_text("name: test\n")
 
     def attest(files: ModelFiles) -> bytes:
+        decisions = [ShardDecision(shard="a", sha256="01", source="s", accepted=True, check="roni")]
         facts = CycleFacts(
             model_digests=files.digests,
             manifests=[],
             config=file_resource(config, "config"),
             resolved_config={"name": "test"},
-            shards=[ShardDecision(shard="a", sha256="01", source="s", accepted=True, check="roni")],
+            shards=decisions,
             read_log=read_log_resource(tmp_path / "reads.jsonl", _log_digest([("a", "01")]), 1),
-            allowed=[],
+            allowed=merkle_tree([]),
+            accepted=accepted_tree(decisions),
             invocation_id=name,
             started="2026-01-01T00:00:00Z",
             finished="2026-01-01T00:00:01Z",
@@ -72,6 +82,8 @@ def _release(
         statement = build_statement(facts)
         if cycle is not None:
             statement["predicate"]["runDetails"]["byproducts"][0]["annotations"]["cycle"] = cycle
+        if shards is not None:
+            statement["predicate"]["runDetails"]["byproducts"][0]["annotations"]["shards"] = shards
         return sign_statement(statement, attestation_key or key)
 
     directory = tmp_path / name
@@ -94,6 +106,18 @@ def test_a_released_model_verifies(tmp_path: Path, keys: tuple[Path, Path], veri
     done = verify_cli(str(model), "--key", str(keys[1]), "--attestation", str(model / ATTESTATION_FILE), "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["model_sha256"] == result.model_sha256
+
+
+def test_a_model_attested_before_the_shard_counts_counts_its_listed_decisions(
+    tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    """Attestations made before `acceptedCount`/`rejectedCount` list every decision: their lists are counted."""
+    listed = {
+        "accepted": [{"name": n, "sha256": "01", "source": "s", "check": "roni"} for n in ("a", "b")],
+        "rejected": [{"name": "c", "sha256": "02", "source": "s", "check": "roni", "reason": "impact"}],
+    }
+    result = verify_model(_release(tmp_path, keys[0], "cycle-1", 1.0, shards=listed), None, keys[1])
+    assert (result.accepted_shards, result.rejected_shards) == (2, 1)
 
 
 def test_an_edited_weights_file_fails_the_model_signature(tmp_path: Path, keys: tuple[Path, Path]) -> None:

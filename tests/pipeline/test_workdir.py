@@ -15,8 +15,12 @@ def test_every_numbered_path_of_a_cycle_parses_back_to_its_number() -> None:
         assert cycle_number(work.report(cycle).name, ".json") == cycle
         assert cycle_number(work.read_log(cycle).name, ".jsonl") == cycle
         assert cycle_number(work.screening(cycle).name) == cycle
+        assert cycle_number(work.allow_table(cycle).name, ".allow.parquet") == cycle
+        assert cycle_number(work.decisions_table(cycle).name, ".decisions.parquet") == cycle
     assert work.report(7) == Path("work/reports/cycle-0007.json")
     assert work.model(7).parent == work.models and work.receipt(7).parent == work.reports
+    assert work.decisions_table(7) == Path("work/reports/cycle-0007.decisions.parquet")
+    assert work.allow_table(7).parent == work.reports
 
 
 def test_names_not_built_by_cycle_name_are_no_cycle() -> None:
