@@ -290,8 +290,9 @@ class TableFile(TypedDict):
 
 
 class DataSection(TypedDict):
-    """The data, by digest: the manifests, the allow-list training read (its root over `dataset:name` keys, and its
-    rows in `allow_list`); once the cycle decided, the shards it accepted (root over decision names) and every shard
+    """The data, by digest: the manifests, the allow-list planned for training (its root over `dataset:name` keys,
+    and its rows in `allow_list`; where training refused a shard at read, the attestation's root names only what it
+    read); once the cycle decided, the shards it accepted (root over decision names) and every shard
     decision (`decisions`, the table MLflow gets). Its size is independent of the shard count."""
 
     algorithm: str
