@@ -55,11 +55,11 @@ class ScreeningConfig:
             `"fisher"` or `"stouffer"`.
         size_tolerance: Unstratified, and for the scales, sizes within this fraction share the draws of the
             smallest of them (smaller draws vary more: the shared test is, if anything, lenient); in [0, 1).
-        trim: The share of each shard's rows (rounded down, at least one, never all) left out of its copy's fine-tuning:
-            those the deployed model contradicts most (lowest margin). Calibration draws are trimmed alike, so the
-            test stays exchangeable. In [0, 0.5); 0: none. One atypical clean row (an 8 the model gives
-            probability 0) otherwise pushes a shard of a few classes past its draws, which come from a trusted pool
-            too small to hold such rows.
+        trim: The share of each shard's rows (rounded down, at least one, never all) left out of its copy's
+            fine-tuning: those the deployed model contradicts most (lowest margin). Calibration draws are trimmed
+            alike, so the test stays exchangeable. In [0, 0.5); 0 (the default): none. For contributors of a few
+            classes: one atypical clean row (an 8 the model gives probability 0) pushes such a shard past draws from
+            a trusted pool too small to hold such rows. It costs power against few-row attacks (README).
         min_scale: The measurable floor, in margin units (>= 0): impacts are compared in steps of it (smaller
             differences tie, against the candidate) and no scale is below it, so a saturated model (clean impacts
             all ~0) does not turn rounding into evidence.
@@ -102,7 +102,7 @@ class ScreeningConfig:
     pool_fraction: float | None = 0.4
     combination: Combination = "brown"
     size_tolerance: float = 0.1
-    trim: float = 0.02
+    trim: float = 0.0
     min_scale: float = 1e-3
     per_class: bool = True
     num_classes: int | None = None

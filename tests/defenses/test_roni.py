@@ -140,12 +140,11 @@ def test_class_targeted_poisoning_is_caught_by_the_per_class_metrics_within_the_
     targeted = digits.shard(np.concatenate([threes, others]))
     targeted.y[: len(threes)] = 8  # 3 of 60 rows: every 3 in the shard now says 8
     candidate = Candidate("shard-targeted", "mallory", targeted)
-    untrimmed = {"trim": 0.0, **STRICT}  # the statistic itself: trimmed, 2 of the 3 rows are left (p 0.03 here)
 
     overall_only = screen_candidates(
-        model, digits.trusted, digits.holdout, [candidate], ScreeningConfig(per_class=False, **untrimmed)
+        model, digits.trusted, digits.holdout, [candidate], ScreeningConfig(per_class=False, **STRICT)
     )
-    per_class = screen_candidates(model, digits.trusted, digits.holdout, [candidate], ScreeningConfig(**untrimmed))
+    per_class = screen_candidates(model, digits.trusted, digits.holdout, [candidate], ScreeningConfig(**STRICT))
 
     decision = per_class.decisions[0]
     assert not decision.accepted
@@ -228,12 +227,9 @@ def _diluted(digits: Split) -> list[Candidate]:
 def test_a_diluted_source_is_flagged_as_a_source_while_each_shard_alone_passes(
     digits: Split, model: nn.Module, searched: Calibration
 ) -> None:
-    """The combination itself, untrimmed: one flipped row a shard is what `trim` (default 0.02) leaves out of each
-    shard, as clean shards hold such rows; the default leaves poison that thin to the label-issue detector's evidence
-    (`test_a_detectors_evidence_joins_the_source_test_and_flags_what_the_shards_alone_do_not`)."""
     offered = _diluted(digits)
     alone = [Candidate(c.name, f"own-{c.name}", c.data) for c in offered]  # one source per shard: no source test
-    config = ScreeningConfig(trim=0.0, **STRICT)
+    config = ScreeningConfig(**STRICT)
     separately = screen_candidates(model, digits.trusted, digits.holdout, alone, config, calibration=searched)
     passing = {d.name for d in separately.accepted}
     shards = [c for c in offered if c.name in passing]  # the attacker keeps the shards that pass one by one
@@ -379,9 +375,9 @@ def test_clean_shards_of_three_classes_are_accepted_and_flipped_ones_rejected(di
     assert len(rejected & {c.name for c in clean}) <= 1
     assert len(rejected & {c.name for c in flipped}) >= 6
     unstratified = screen_candidates(
-        model, digits.trusted, digits.holdout, clean, ScreeningConfig(stratify=False, trim=0.0, **config)
+        model, digits.trusted, digits.holdout, clean, ScreeningConfig(stratify=False, **config)
     )
-    assert len(unstratified.rejected) >= 2  # what stratification fixes (untrimmed: trimming hides some of it too)
+    assert len(unstratified.rejected) >= 2  # what stratification fixes
 
 
 def _two_class_shard_with_one_stranger(digits: Split, seed: int) -> LabeledData:
@@ -395,14 +391,17 @@ def _two_class_shard_with_one_stranger(digits: Split, seed: int) -> LabeledData:
     return shard
 
 
-def test_one_row_the_model_contradicts_does_not_refuse_a_shard_of_two_classes(digits: Split, model: nn.Module) -> None:
-    """Trimming (`trim`, default 0.02: a 32-row shard's most contradicted row, its draws' alike) bounds what one row
-    can do: four such shards pass, where fine-tuning on every row refuses at least three of them at the floor."""
+def test_with_trim_one_row_the_model_contradicts_does_not_refuse_a_shard_of_two_classes(
+    digits: Split, model: nn.Module
+) -> None:
+    """Trimming (`trim=0.02`: a 32-row shard's most contradicted row, its draws' alike) bounds what one row can do:
+    four such shards pass, where fine-tuning on every row (the default) refuses at least three of them at the floor."""
     shards = [Candidate(f"s{k}", f"s{k}", _two_class_shard_with_one_stranger(digits, k)) for k in range(4)]
     config = {"level": 0.05, "calibration_draws": 99, "pool_fraction": None}  # whole shards, the head scope
-    trimmed = screen_candidates(model, digits.trusted, digits.holdout, shards, ScreeningConfig(**config))
-    assert trimmed.config.trim == 0.02 and trimmed.rejected == ()
-    untrimmed = screen_candidates(model, digits.trusted, digits.holdout, shards, ScreeningConfig(trim=0.0, **config))
+    trimmed = screen_candidates(model, digits.trusted, digits.holdout, shards, ScreeningConfig(trim=0.02, **config))
+    assert trimmed.rejected == ()
+    untrimmed = screen_candidates(model, digits.trusted, digits.holdout, shards, ScreeningConfig(**config))
+    assert untrimmed.config.trim == 0.0
     assert sum(d.p_value == pytest.approx(0.01) for d in untrimmed.decisions) >= 3
 
 
