@@ -81,6 +81,15 @@ class DigitsProject:
     data: Path
     contributed: dict[str, str]
 
+    @classmethod
+    def laid_out(cls, root: Path) -> DigitsProject:
+        """The trust policy, fresh keys and batch 0 written under `root`, not yet signed."""
+        (root / "configs").mkdir()
+        shutil.copy(REPO / "configs" / "digits-trust.yaml", root / "configs")
+        keys, data = root / "demo-work" / "keys", root / "demo-work" / "data"
+        create_keys(keys)
+        return cls(root, keys, data, prepare_digits(data).contributed())
+
     def sign(self) -> None:
         """The curator signs the trusted base and held-out set, the data owner the contributions."""
         sign_trusted(self.data, self.keys)
@@ -92,11 +101,7 @@ def digits_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> DigitsPro
     """The digits layout in a fresh directory the test runs in (config paths are relative to it), not yet signed:
     a test may change the data first."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "configs").mkdir()
-    shutil.copy(REPO / "configs" / "digits-trust.yaml", tmp_path / "configs")
-    keys, data = tmp_path / "demo-work" / "keys", tmp_path / "demo-work" / "data"
-    create_keys(keys)
-    return DigitsProject(tmp_path, keys, data, prepare_digits(data).contributed())
+    return DigitsProject.laid_out(tmp_path)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -12,9 +11,8 @@ from typing import Any
 
 import pytest
 import yaml
-from digits_demo.demo import create_keys, sign_contributions, sign_trusted
-from digits_demo.prepare import prepare_digits
 
+from tests.pipeline.conftest import DigitsProject
 from trainguard.pipeline import console
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,13 +32,7 @@ THIRD_PARTY = (
 def test_a_cycle_on_the_demo_config_prints_no_third_party_chatter_and_verbose_shows_it(
     tmp_path: Path, cycle_config: Callable[..., dict[str, Any]]
 ) -> None:
-    (tmp_path / "configs").mkdir()
-    shutil.copy(REPO / "configs" / "digits-trust.yaml", tmp_path / "configs")
-    keys, data = tmp_path / "demo-work" / "keys", tmp_path / "demo-work" / "data"
-    create_keys(keys)
-    contributed = prepare_digits(data).contributed()
-    sign_trusted(data, keys)
-    sign_contributions(data, keys, contributed)
+    DigitsProject.laid_out(tmp_path).sign()
     any_model = {"min_clean_accuracy": 0.0, "min_robust_accuracy": 0.0, "max_accuracy_drop": 1.0, "max_class_drop": 1.0}
     # The cheapest cycle through every stage and line: one epoch each, RONI at a set rate (no rate probe) with the
     # fewest draws its level allows (draws + 1 >= 4 / level), one attack step; the verdicts are not under test.

@@ -24,6 +24,7 @@ from digits_demo.demo import create_keys, sign_contributions, sign_trusted
 from digits_demo.prepare import prepare_digits
 from digits_demo.threats import poison_shards, tamper_file
 
+from tests.pipeline.conftest import DigitsProject
 from trainguard.pipeline.attestation import cycle_record
 from trainguard.pipeline.cycle import CycleOutcome, run_cycle
 from trainguard.pipeline.cycle_report import CycleReportDict
@@ -107,13 +108,7 @@ def first_cycle(
         patch.chdir(root)
         patch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
         patch.setenv("TRAINGUARD_HOME", str(root / "trainguard-home"))
-        (root / "configs").mkdir()
-        shutil.copy(REPO / "configs" / "digits-trust.yaml", root / "configs")
-        keys, data = root / "demo-work" / "keys", root / "demo-work" / "data"
-        create_keys(keys)
-        contributed = prepare_digits(data).contributed()
-        sign_trusted(data, keys)
-        sign_contributions(data, keys, contributed)
+        DigitsProject.laid_out(root).sign()
         try:
             outcome = run_cycle(_config(root, cycle_config("cycle-e2e")))
         finally:
